@@ -1,0 +1,58 @@
+#include <chrono>
+#include <iostream>
+
+#include "command.h"
+#include "core/error.h"
+#include "core/progress.h"
+#include "io/output_dir.h"
+#include "pipeline/hf_sink.h"
+#include "pipeline/report.h"
+
+namespace moe::app {
+
+void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
+  struct Opts {
+    std::string in, out, dtype, shard = "5GB";
+    bool force = false, json = false;
+  };
+  auto o = std::make_shared<Opts>();
+  sub.add_option("IN", o->in, "Input checkpoint folder")->required();
+  sub.add_option("OUT", o->out, "Output folder (built in a temporary sibling, renamed on success)")->required();
+  sub.add_option("--dtype", o->dtype, "Convert float tensors to bf16, f16 or f32 (F8 and integer tensors are kept)");
+  sub.add_option("--max-shard-size", o->shard, "Largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)");
+  sub.add_flag("--force", o->force, "Replace a non-empty output folder");
+  sub.add_flag("--json", o->json, "Print the result as JSON");
+  sub.callback([o, &handler, &flags] {
+    handler = [o, &flags] {
+      const auto t0 = std::chrono::steady_clock::now();
+      pipeline::HfSinkOptions opts;
+      opts.quiet = flags.quiet;
+      if (!o->dtype.empty()) {
+        opts.dtype = core::parse_user_dtype(o->dtype);
+        if (!opts.dtype) throw core::Error::invalid("--dtype: '" + o->dtype + "' is not one of bf16, f16, f32");
+      }
+      opts.max_shard_bytes = core::with_context("--max-shard-size", [&] { return io::parse_size(o->shard); });
+      auto& env = io::Env::posix();
+      auto ckpt = io::Checkpoint::open(env, o->in);
+      auto model = model::Model::load(ckpt);
+      io::OutputDir out(env, o->out, {o->in}, o->force);
+      auto r = pipeline::write_hf_checkpoint(env, model, ckpt, out.path(), opts);
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      nlohmann::json report = pipeline::make_report("convert", ckpt, model, model, r, secs);
+      report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->shard}};
+      pipeline::write_report(env, out.path(), report);
+      out.commit();
+      nlohmann::json result = {{"output", o->out}, {"tensors", r.tensors}, {"shards", r.shards},
+                               {"bytes_before", ckpt.total_tensor_bytes()}, {"bytes_after", r.tensor_bytes},
+                               {"seconds", secs}};
+      if (o->json) std::cout << result.dump(2) << "\n";
+      else
+        std::cout << "wrote " << o->out << ": " << r.tensors << " tensors in " << r.shards << " shard(s), "
+                  << core::format_bytes(static_cast<double>(ckpt.total_tensor_bytes())) << " -> "
+                  << core::format_bytes(static_cast<double>(r.tensor_bytes)) << " in " << secs << " s\n";
+      return 0;
+    };
+  });
+}
+
+}  // namespace moe::app

@@ -1,0 +1,30 @@
+#include <iostream>
+
+#include "command.h"
+#include "io/checkpoint.h"
+#include "model/summary.h"
+
+namespace moe::app {
+
+void setup_inspect(CLI::App& sub, Handler& handler, const GlobalFlags&) {
+  struct Opts {
+    std::string model;
+    bool json = false, tensors = false;
+  };
+  auto o = std::make_shared<Opts>();
+  sub.add_option("MODEL", o->model, "Checkpoint folder (config.json + safetensors)")->required();
+  sub.add_flag("--json", o->json, "Print JSON");
+  sub.add_flag("--tensors", o->tensors, "List every tensor with dtype, shape and shard");
+  sub.callback([o, &handler] {
+    handler = [o] {
+      auto ckpt = io::Checkpoint::open(io::Env::posix(), o->model);
+      auto model = model::Model::load(ckpt);
+      auto s = model::summarize(ckpt, model, o->tensors);
+      if (o->json) std::cout << s.dump(2) << "\n";
+      else std::cout << model::render_summary(s);
+      return 0;
+    };
+  });
+}
+
+}  // namespace moe::app

@@ -1,0 +1,26 @@
+// The subcommand table (ninja's kTools): each entry is a name, a one-line description and a setup
+// function that declares its flags on a CLI11 subcommand and sets the handler to run.
+// main.cpp owns the table, dispatch, and the one place that maps errors to exit codes.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace moe::app {
+
+struct GlobalFlags {
+  bool quiet = false;
+};
+
+using Handler = std::function<int()>;
+
+struct Command {
+  const char* name;
+  const char* description;
+  void (*setup)(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+};
+
+void setup_inspect(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+
+}  // namespace moe::app

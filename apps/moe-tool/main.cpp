@@ -1,0 +1,63 @@
+// moe-tool: compress and transform Mixture-of-Experts checkpoints.
+#include <cstdio>
+#include <iostream>
+
+#include "command.h"
+#include "core/error.h"
+#include "core/progress.h"
+
+namespace moe::app {
+
+const Command kCommands[] = {
+    {"inspect", "Describe a checkpoint: family, layers, experts, parameters, bytes", setup_inspect},
+    {"convert", "Rewrite a checkpoint: re-shard, change dtype (bit-identical otherwise)", setup_convert},
+};
+
+int run_main(int argc, char** argv) {
+  CLI::App app{"moe-tool: compress and transform Mixture-of-Experts checkpoints", "moe-tool"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("moe-tool ") + MOE_TOOL_VERSION);
+  GlobalFlags flags;
+  app.add_flag("-q,--quiet", flags.quiet, "No progress output on stderr");
+  Handler handler;
+  for (const auto& c : kCommands) {
+    CLI::App* sub = app.add_subcommand(c.name, c.description);
+    sub->fallthrough();
+    c.setup(*sub, handler, flags);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::string msg = e.what();
+    if (msg.find("subcommand") != std::string::npos && argc > 1 && argv[1][0] != '-') {
+      msg = std::string("unknown command '") + argv[1] + "' (commands:";
+      for (const auto& c : kCommands) msg += std::string(" ") + c.name;
+      msg += ")";
+    }
+    std::fprintf(stderr, "moe-tool: error: %s\n", msg.c_str());
+    return 2;
+  }
+  core::Progress::global_quiet() = flags.quiet;
+  try {
+    return handler ? handler() : 2;
+  } catch (const core::Error& e) {
+    std::fprintf(stderr, "moe-tool: error: %s\n", e.message().c_str());
+    return e.exit_code();
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "moe-tool: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe-tool: internal error: %s\n", e.what());
+    return 1;
+  }
+}
+
+}  // namespace moe::app
+
+int main(int argc, char** argv) { return moe::app::run_main(argc, argv); }

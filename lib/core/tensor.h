@@ -1,0 +1,62 @@
+// A tensor: dtype, shape (row-major, HF orientation [out, in] for weights) and a byte range.
+// The bytes are either a zero-copy view into a mapped file or an owned buffer; `owner` keeps
+// whichever it is alive. Tensors are cheap to copy (shared ownership of the bytes).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace moe::core {
+
+using Shape = std::vector<int64_t>;
+
+// Product of dims; throws Error::corruption on negative dims or overflow past 2^62.
+int64_t shape_numel(const Shape& shape);
+std::string shape_str(const Shape& shape);  // "[8, 128]"
+
+class Tensor {
+ public:
+  Tensor() = default;
+  // A view of `nbytes` at `data`, kept alive by `owner`.
+  Tensor(DType dtype, Shape shape, const uint8_t* data, std::shared_ptr<const void> owner);
+  // A new zero-filled tensor owning its bytes.
+  static Tensor zeros(DType dtype, Shape shape);
+  // A new F32 tensor holding a copy of `values` (size must equal numel(shape)).
+  static Tensor from_f32(const std::vector<float>& values, Shape shape);
+
+  DType dtype() const { return dtype_; }
+  const Shape& shape() const { return shape_; }
+  int64_t dim(size_t i) const { return shape_.at(i); }
+  size_t rank() const { return shape_.size(); }
+  int64_t numel() const { return numel_; }
+  size_t nbytes() const { return static_cast<size_t>(numel_) * dtype_size(dtype_); }
+  const uint8_t* data() const { return data_; }
+  // Writable bytes; only valid for tensors created by zeros()/from_f32()/converted().
+  uint8_t* mutable_data();
+  bool valid() const { return data_ != nullptr || numel_ == 0; }
+  bool owns_data() const { return owned_; }
+
+  // Rows [begin, end) along dimension 0, zero-copy, shape [end-begin, rest...].
+  Tensor slice0(int64_t begin, int64_t end) const;
+  // Same bytes seen with another shape of equal numel.
+  Tensor reshaped(Shape shape) const;
+  // All elements as f32 (exact for bf16/f16/f8).
+  std::vector<float> to_f32() const;
+  void to_f32(float* dst) const;
+  // A new tensor of dtype `to` (round to nearest even); returns *this when dtype matches.
+  Tensor converted(DType to) const;
+
+ private:
+  DType dtype_ = DType::F32;
+  Shape shape_;
+  int64_t numel_ = 0;
+  const uint8_t* data_ = nullptr;
+  std::shared_ptr<const void> owner_;
+  bool owned_ = false;
+};
+
+}  // namespace moe::core

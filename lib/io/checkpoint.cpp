@@ -1,0 +1,165 @@
+#include "io/checkpoint.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+
+#include "core/error.h"
+
+namespace moe::io {
+
+using core::Error;
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kIndexName = "model.safetensors.index.json";
+constexpr const char* kSingleName = "model.safetensors";
+
+uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+}  // namespace
+
+json parse_json_file_text(const std::string& text, const std::string& what) {
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error::corruption(what + ": not valid JSON: " + e.what());
+  }
+}
+
+Checkpoint Checkpoint::open(Env& env, const fs::path& dir) {
+  Checkpoint c;
+  c.dir_ = dir;
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) throw Error::not_found(dir.string() + ": no such checkpoint folder");
+  if (!fs::is_directory(dir, ec)) throw Error::invalid(dir.string() + ": not a folder (expected a checkpoint folder)");
+
+  const fs::path config_path = dir / "config.json";
+  c.config_text_ = env.read_text(config_path);
+  c.config_ = parse_json_file_text(c.config_text_, config_path.string());
+  if (!c.config_.is_object()) throw Error::corruption(config_path.string() + ": top level is not a JSON object");
+
+  const fs::path index_path = dir / kIndexName;
+  std::vector<std::string> shard_names;
+  json weight_map;
+  if (env.exists(index_path)) {
+    json index = parse_json_file_text(env.read_text(index_path), index_path.string());
+    auto wm = index.find("weight_map");
+    if (!index.is_object() || wm == index.end() || !wm->is_object())
+      throw Error::corruption(index_path.string() + ": weight_map: missing or not an object");
+    weight_map = *wm;
+    std::set<std::string> seen;
+    for (const auto& [name, shard] : weight_map.items()) {
+      if (!shard.is_string())
+        throw Error::corruption(index_path.string() + ": weight_map." + name + ": not a string");
+      const auto& s = shard.get_ref<const std::string&>();
+      if (s.empty() || s.find('/') != std::string::npos || s == "." || s == "..")
+        throw Error::corruption(index_path.string() + ": weight_map." + name + ": bad shard file name '" + s + "'");
+      if (seen.insert(s).second) shard_names.push_back(s);
+    }
+    std::sort(shard_names.begin(), shard_names.end());
+    if (shard_names.empty()) throw Error::corruption(index_path.string() + ": weight_map is empty");
+  } else if (env.exists(dir / kSingleName)) {
+    shard_names.push_back(kSingleName);
+  } else {
+    throw Error::not_found(dir.string() + ": no model.safetensors or " + kIndexName);
+  }
+
+  for (const auto& s : shard_names) {
+    auto shard = SafetensorsFile::open(env, dir / s);
+    const size_t si = c.shards_.size();
+    c.shards_.push_back(shard);
+    for (const auto& t : shard->header().tensors) {
+      if (c.index_.count(t.name))
+        throw Error::corruption((dir / s).string() + ": tensor " + t.name + " also stored in " +
+                                c.shards_[c.index_[t.name].first]->path().string());
+      if (!weight_map.is_null()) {
+        auto it = weight_map.find(t.name);
+        if (it == weight_map.end())
+          throw Error::corruption((dir / s).string() + ": tensor " + t.name + " is missing from " + kIndexName);
+        if (it->get<std::string>() != s)
+          throw Error::corruption(index_path.string() + ": weight_map." + t.name + ": says " +
+                                  it->get<std::string>() + " but the tensor is in " + s);
+      }
+      c.index_[t.name] = {si, &t};
+      c.names_.push_back(t.name);
+    }
+  }
+  if (!weight_map.is_null()) {
+    for (const auto& [name, shard] : weight_map.items()) {
+      if (!c.index_.count(name))
+        throw Error::corruption(index_path.string() + ": weight_map." + name + ": tensor not found in " +
+                                shard.get<std::string>());
+    }
+  }
+
+  std::set<std::string> weights(shard_names.begin(), shard_names.end());
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    if (!entry.is_regular_file()) continue;
+    const std::string fname = entry.path().filename().string();
+    if (weights.count(fname) || fname == kIndexName) continue;
+    if (entry.path().extension() == ".safetensors") continue;  // stray shard not in the index
+    c.side_files_.push_back(entry.path());
+  }
+  std::sort(c.side_files_.begin(), c.side_files_.end());
+  return c;
+}
+
+const TensorInfo& Checkpoint::info(std::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw Error::not_found(dir_.string() + ": tensor " + std::string(name) + " not found");
+  return *it->second.second;
+}
+
+core::Tensor Checkpoint::tensor(std::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw Error::not_found(dir_.string() + ": tensor " + std::string(name) + " not found");
+  return shards_[it->second.first]->tensor(*it->second.second);
+}
+
+void Checkpoint::release(std::string_view name) const {
+  auto it = index_.find(name);
+  if (it != index_.end()) shards_[it->second.first]->release(*it->second.second);
+}
+
+void Checkpoint::release_range(const uint8_t* p, uint64_t n) const {
+  for (const auto& s : shards_)
+    if (s->release_range(p, n)) return;
+}
+
+const fs::path& Checkpoint::shard_path(std::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw Error::not_found(dir_.string() + ": tensor " + std::string(name) + " not found");
+  return shards_[it->second.first]->path();
+}
+
+uint64_t Checkpoint::total_tensor_bytes() const {
+  uint64_t n = 0;
+  for (const auto& s : shards_) n += s->header().data_size;
+  return n;
+}
+
+std::string Checkpoint::fingerprint() const {
+  uint64_t h = 1469598103934665603ull;
+  h = fnv1a(h, config_text_.data(), config_text_.size());
+  for (const auto& s : shards_) {
+    for (const auto& t : s->header().tensors) {
+      h = fnv1a(h, t.name.data(), t.name.size());
+      h = fnv1a(h, core::dtype_name(t.dtype), std::char_traits<char>::length(core::dtype_name(t.dtype)));
+      h = fnv1a(h, t.shape.data(), t.shape.size() * sizeof(int64_t));
+    }
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+}  // namespace moe::io

@@ -1,0 +1,55 @@
+// A Hugging Face checkpoint folder: config.json, one or more safetensors shards (with
+// model.safetensors.index.json when sharded), tokenizer and other side files.
+// Opening validates every shard header and the index against the shards.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace moe::io {
+
+class Checkpoint {
+ public:
+  // Reads config.json and the tensor headers (no tensor data is touched).
+  static Checkpoint open(Env& env, const fs::path& dir);
+
+  const fs::path& dir() const { return dir_; }
+  const nlohmann::json& config() const { return config_; }
+  const std::string& config_text() const { return config_text_; }
+
+  bool has(std::string_view name) const { return index_.count(std::string(name)) != 0; }
+  const TensorInfo& info(std::string_view name) const;
+  core::Tensor tensor(std::string_view name) const;
+  void release(std::string_view name) const;
+  // Releases the mapped pages of [p, p+n) if they belong to one of the shards.
+  void release_range(const uint8_t* p, uint64_t n) const;
+  // All tensor names in storage order (shard by shard, by offset).
+  const std::vector<std::string>& names() const { return names_; }
+  const std::vector<std::shared_ptr<SafetensorsFile>>& shards() const { return shards_; }
+  // Path of the shard holding `name`.
+  const fs::path& shard_path(std::string_view name) const;
+  // Files of the folder that are not weights (config, tokenizer, generation config, ...).
+  const std::vector<fs::path>& side_files() const { return side_files_; }
+  uint64_t total_tensor_bytes() const;
+  // Hex fingerprint of config.json and every shard header (not the data).
+  std::string fingerprint() const;
+
+ private:
+  fs::path dir_;
+  nlohmann::json config_;
+  std::string config_text_;
+  std::vector<std::shared_ptr<SafetensorsFile>> shards_;
+  std::map<std::string, std::pair<size_t, const TensorInfo*>, std::less<>> index_;
+  std::vector<std::string> names_;
+  std::vector<fs::path> side_files_;
+};
+
+// Parses JSON text; errors name `what` (usually the file) and the parse problem.
+nlohmann::json parse_json_file_text(const std::string& text, const std::string& what);
+
+}  // namespace moe::io

@@ -1,0 +1,250 @@
+#include "model/family.h"
+
+#include "core/error.h"
+
+namespace moe::model {
+
+using core::Error;
+
+const char* routing_name(Routing r) {
+  switch (r) {
+    case Routing::None: return "none (dense)";
+    case Routing::SoftmaxTopK: return "softmax -> top-k";
+    case Routing::DeepSeekV2: return "deepseek-v2 (softmax, group-limited, scaled)";
+    case Routing::DeepSeekV3: return "deepseek-v3 (sigmoid + bias, group-limited, scaled)";
+    case Routing::SparseMixer: return "sparsemixer top-2";
+    case Routing::TopKSoftmax: return "top-k -> softmax";
+  }
+  return "?";
+}
+
+bool Presence::required(const Config& c) const {
+  switch (kind) {
+    case Required: return true;
+    case Optional: return false;
+    case IfConfig: return c.get_bool_or(key, fallback) != negate;
+  }
+  return true;
+}
+
+std::string expand(const std::string& tmpl, int layer, int expert) {
+  std::string out;
+  out.reserve(tmpl.size() + 8);
+  for (size_t i = 0; i < tmpl.size(); ++i) {
+    if (tmpl.compare(i, 3, "{l}") == 0) {
+      out += std::to_string(layer);
+      i += 2;
+    } else if (tmpl.compare(i, 3, "{e}") == 0) {
+      out += std::to_string(expert);
+      i += 2;
+    } else {
+      out += tmpl[i];
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// The llama layout every family starts from.
+FamilyDesc llama_base(const std::string& type, const std::string& arch) {
+  FamilyDesc f;
+  f.model_type = type;
+  f.architectures = {arch};
+  f.layer_roles = {
+      {"q_proj", "self_attn.q_proj.weight"},
+      {"k_proj", "self_attn.k_proj.weight"},
+      {"v_proj", "self_attn.v_proj.weight"},
+      {"o_proj", "self_attn.o_proj.weight"},
+      {"q_bias", "self_attn.q_proj.bias", if_config("attention_bias", false)},
+      {"k_bias", "self_attn.k_proj.bias", if_config("attention_bias", false)},
+      {"v_bias", "self_attn.v_proj.bias", if_config("attention_bias", false)},
+      {"o_bias", "self_attn.o_proj.bias", if_config("attention_bias", false)},
+      {"input_norm", "input_layernorm.weight"},
+      {"post_attn_norm", "post_attention_layernorm.weight"},
+  };
+  f.globals = {
+      {"embed", "model.embed_tokens.weight"},
+      {"final_norm", "model.norm.weight"},
+      {"lm_head", "lm_head.weight", unless_config("tie_word_embeddings", false)},
+  };
+  return f;
+}
+
+void set_role(FamilyDesc& f, const std::string& role, const std::string& name, Presence p) {
+  for (auto& r : f.layer_roles)
+    if (r.role == role) {
+      r.name = name;
+      r.presence = p;
+      return;
+    }
+  f.layer_roles.push_back({role, name, p});
+}
+
+void qkv_bias_always(FamilyDesc& f) {
+  set_role(f, "q_bias", "self_attn.q_proj.bias", kRequired);
+  set_role(f, "k_bias", "self_attn.k_proj.bias", kRequired);
+  set_role(f, "v_bias", "self_attn.v_proj.bias", kRequired);
+  std::erase_if(f.layer_roles, [](const RoleName& r) { return r.role == "o_bias"; });
+}
+
+void qk_norm(FamilyDesc& f, QKNorm kind) {
+  f.qk_norm = kind;
+  set_role(f, "q_norm", "self_attn.q_norm.weight", kRequired);
+  set_role(f, "k_norm", "self_attn.k_norm.weight", kRequired);
+}
+
+// Per-expert split tensors under mlp.experts.{e}.{gate,up,down}_proj with router mlp.gate.
+void qwen_style_experts(FamilyDesc& f, const std::string& count_key, const std::string& width_key) {
+  f.moe = true;
+  f.expert_count_key = count_key;
+  f.expert_width_key = width_key;
+  f.routing = Routing::SoftmaxTopK;
+  f.router = "mlp.gate.weight";
+  f.expert_gate = "mlp.experts.{e}.gate_proj.weight";
+  f.expert_up = "mlp.experts.{e}.up_proj.weight";
+  f.expert_down = "mlp.experts.{e}.down_proj.weight";
+}
+
+std::vector<FamilyDesc> build_families() {
+  std::vector<FamilyDesc> v;
+
+  v.push_back(llama_base("llama", "LlamaForCausalLM"));
+  v.push_back(llama_base("mistral", "MistralForCausalLM"));
+  {
+    FamilyDesc f = llama_base("qwen2", "Qwen2ForCausalLM");
+    qkv_bias_always(f);
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("qwen3", "Qwen3ForCausalLM");
+    qk_norm(f, QKNorm::PerHead);
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("mixtral", "MixtralForCausalLM");
+    f.moe = true;
+    f.expert_count_key = "num_local_experts";
+    f.expert_width_key = "intermediate_size";
+    f.routing = Routing::SoftmaxTopK;
+    f.norm_topk_default = true;
+    f.norm_topk_forced = true;
+    f.router = "block_sparse_moe.gate.weight";
+    f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
+    f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
+    f.expert_down = "block_sparse_moe.experts.{e}.w2.weight";
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("qwen2_moe", "Qwen2MoeForCausalLM");
+    qkv_bias_always(f);
+    qwen_style_experts(f, "num_experts", "moe_intermediate_size");
+    f.moe_layers = MoeLayerRule::SparseStep;
+    f.shared_gate = "mlp.shared_expert.gate_proj.weight";
+    f.shared_up = "mlp.shared_expert.up_proj.weight";
+    f.shared_down = "mlp.shared_expert.down_proj.weight";
+    f.shared_expert_gate = "mlp.shared_expert_gate.weight";
+    f.shared_width_key = "shared_expert_intermediate_size";
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("qwen3_moe", "Qwen3MoeForCausalLM");
+    qk_norm(f, QKNorm::PerHead);
+    qwen_style_experts(f, "num_experts", "moe_intermediate_size");
+    f.moe_layers = MoeLayerRule::SparseStep;
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("olmoe", "OlmoeForCausalLM");
+    qk_norm(f, QKNorm::Full);
+    qwen_style_experts(f, "num_experts", "intermediate_size");
+    v.push_back(f);
+  }
+  for (const char* type : {"deepseek_v2", "deepseek_v3"}) {
+    const bool v3 = std::string(type) == "deepseek_v3";
+    FamilyDesc f = llama_base(type, v3 ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM");
+    f.attention = AttentionKind::MLA;
+    // MLA: q is either one projection (q_lora_rank null) or a low-rank pair with a norm.
+    f.layer_roles = {
+        {"q_proj", "self_attn.q_proj.weight", kOptional},
+        {"q_a_proj", "self_attn.q_a_proj.weight", kOptional},
+        {"q_a_norm", "self_attn.q_a_layernorm.weight", kOptional},
+        {"q_b_proj", "self_attn.q_b_proj.weight", kOptional},
+        {"kv_a_proj", "self_attn.kv_a_proj_with_mqa.weight"},
+        {"kv_a_norm", "self_attn.kv_a_layernorm.weight"},
+        {"kv_b_proj", "self_attn.kv_b_proj.weight"},
+        {"o_proj", "self_attn.o_proj.weight"},
+        {"input_norm", "input_layernorm.weight"},
+        {"post_attn_norm", "post_attention_layernorm.weight"},
+    };
+    qwen_style_experts(f, "n_routed_experts", "moe_intermediate_size");
+    f.routing = v3 ? Routing::DeepSeekV3 : Routing::DeepSeekV2;
+    f.moe_layers = MoeLayerRule::FirstKDense;
+    if (v3) f.router_bias = "mlp.gate.e_score_correction_bias";
+    f.shared_gate = "mlp.shared_experts.gate_proj.weight";
+    f.shared_up = "mlp.shared_experts.up_proj.weight";
+    f.shared_down = "mlp.shared_experts.down_proj.weight";
+    f.shared_count_key = "n_shared_experts";
+    f.extra_layers_allowed = v3;  // multi-token-prediction layers follow the decoder layers
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("phimoe", "PhiMoEForCausalLM");
+    f.moe = true;
+    f.expert_count_key = "num_local_experts";
+    f.expert_width_key = "intermediate_size";
+    f.routing = Routing::SparseMixer;
+    f.layer_norm = true;
+    f.router = "block_sparse_moe.gate.weight";
+    f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
+    f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
+    f.expert_down = "block_sparse_moe.experts.{e}.w2.weight";
+    set_role(f, "input_norm_bias", "input_layernorm.bias", kRequired);
+    set_role(f, "post_attn_norm_bias", "post_attention_layernorm.bias", kRequired);
+    f.globals.push_back({"final_norm_bias", "model.norm.bias"});
+    f.globals.push_back({"lm_head_bias", "lm_head.bias", if_config("lm_head_bias", false)});
+    v.push_back(f);
+  }
+  {
+    FamilyDesc f = llama_base("granitemoe", "GraniteMoeForCausalLM");
+    f.moe = true;
+    f.expert_count_key = "num_local_experts";
+    f.expert_width_key = "intermediate_size";
+    f.routing = Routing::TopKSoftmax;
+    f.router = "block_sparse_moe.router.layer.weight";
+    f.fused_gate_up = "block_sparse_moe.input_linear.weight";
+    f.fused_down = "block_sparse_moe.output_linear.weight";
+    v.push_back(f);
+  }
+  return v;
+}
+
+}  // namespace
+
+const std::vector<FamilyDesc>& all_families() {
+  static const std::vector<FamilyDesc> families = build_families();
+  return families;
+}
+
+std::string supported_families() {
+  std::string s;
+  for (const auto& f : all_families()) {
+    if (!s.empty()) s += ", ";
+    s += f.model_type;
+  }
+  return s;
+}
+
+const FamilyDesc& family_for(const Config& config) {
+  const std::string type = config.get_string_or("model_type", "");
+  for (const auto& f : all_families())
+    if (f.model_type == type) return f;
+  std::string arch = config.has("architectures") ? config.json().at("architectures").dump() : "(none)";
+  if (type.empty())
+    throw Error::unsupported(config.source() + ": model_type: missing (architectures " + arch +
+                             "); supported: " + supported_families());
+  throw Error::unsupported(config.source() + ": model_type: unknown family '" + type + "' (architectures " + arch +
+                           "); supported: " + supported_families());
+}
+
+}  // namespace moe::model

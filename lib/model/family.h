@@ -1,0 +1,95 @@
+// Family descriptors: how a model_type's logical parts map to on-disk tensor names and config
+// keys, as data. Adding a family is a table entry built from a shared base (see family.cpp);
+// only where the math differs (routing, q/k norms, attention kind) does the runtime branch.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace moe::model {
+
+// How router logits become per-token expert weights (METHODS.md §1).
+enum class Routing {
+  None,            // dense model
+  SoftmaxTopK,     // softmax(all) -> top-k -> renormalise iff norm_topk_prob (mixtral: always)
+  DeepSeekV2,      // softmax, greedy or group-limited (group max), x routed_scaling_factor
+  DeepSeekV3,      // sigmoid + bias for choice, group-limited top-2 sums, renorm, x scaling
+  SparseMixer,     // phimoe top-2 sparsemixer
+  TopKSoftmax,     // granitemoe: top-k of logits, softmax over the k
+};
+const char* routing_name(Routing r);
+
+enum class AttentionKind { Standard, MLA };
+enum class QKNorm { None, PerHead, Full };  // qwen3: per head over d; olmoe: whole projection
+enum class MoeLayerRule { All, SparseStep, FirstKDense };
+
+// Whether a tensor must be present.
+struct Presence {
+  enum Kind { Required, Optional, IfConfig } kind = Required;
+  const char* key = nullptr;  // IfConfig: config key
+  bool fallback = false;      // IfConfig: value when the key is absent
+  bool negate = false;        // IfConfig: required when the key is false
+  bool required(const Config& c) const;
+};
+inline constexpr Presence kRequired{};
+inline constexpr Presence kOptional{Presence::Optional};
+inline constexpr Presence if_config(const char* key, bool fallback) { return {Presence::IfConfig, key, fallback, false}; }
+inline constexpr Presence unless_config(const char* key, bool fallback) { return {Presence::IfConfig, key, fallback, true}; }
+
+// A named part of a layer (relative to "model.layers.{l}.") or of the model (absolute).
+struct RoleName {
+  std::string role;  // logical name used by the runtime and passes, e.g. "q_proj"
+  std::string name;  // on-disk name, e.g. "self_attn.q_proj.weight"
+  Presence presence = kRequired;
+};
+
+struct FamilyDesc {
+  std::string model_type;
+  std::vector<std::string> architectures;
+  bool moe = false;
+  std::string expert_count_key;  // e.g. num_local_experts
+  std::string expert_width_key;  // e.g. intermediate_size
+  std::string topk_key = "num_experts_per_tok";
+  Routing routing = Routing::None;
+  bool norm_topk_default = false;  // value of norm_topk_prob when absent (mixtral: always true)
+  bool norm_topk_forced = false;   // mixtral: renormalises regardless of config
+  AttentionKind attention = AttentionKind::Standard;
+  QKNorm qk_norm = QKNorm::None;
+  bool layer_norm = false;  // phimoe: LayerNorm with bias instead of RMSNorm
+  MoeLayerRule moe_layers = MoeLayerRule::All;
+  bool extra_layers_allowed = false;  // deepseek_v3 multi-token-prediction layers past L
+
+  std::string layer_prefix = "model.layers.{l}.";
+  std::vector<RoleName> layer_roles;  // attention and norms
+  std::vector<RoleName> globals;      // embed, final norm, lm_head
+
+  // MoE block, relative to the layer prefix; {e} is the expert index.
+  std::string router;
+  std::string router_bias;  // deepseek_v3 e_score_correction_bias ("" if none)
+  std::string expert_gate, expert_up, expert_down;
+  std::string fused_gate_up, fused_down;  // granitemoe: [E,2I,H] and [E,H,I]
+  std::string shared_gate, shared_up, shared_down, shared_expert_gate;
+  std::string shared_width_key;         // qwen2_moe: shared_expert_intermediate_size
+  std::string shared_count_key;         // deepseek: n_shared_experts (width = count x expert width)
+  // Dense MLP (dense families, dense layers of MoE families).
+  std::string dense_gate = "mlp.gate_proj.weight";
+  std::string dense_up = "mlp.up_proj.weight";
+  std::string dense_down = "mlp.down_proj.weight";
+  std::string dense_width_key = "intermediate_size";
+
+  bool fused() const { return !fused_gate_up.empty(); }
+  bool has_shared() const { return !shared_gate.empty(); }
+};
+
+// The family for a config (by model_type); throws NotSupported naming the model_type, the
+// architectures value and the supported list.
+const FamilyDesc& family_for(const Config& config);
+const std::vector<FamilyDesc>& all_families();
+std::string supported_families();
+
+// Replaces {l} and {e} in a template.
+std::string expand(const std::string& tmpl, int layer, int expert = -1);
+
+}  // namespace moe::model

@@ -1,0 +1,105 @@
+// The logical view every pass works on: per layer {attention tensors and norms by role, MoE block
+// (router, experts {gate, up, down}, shared expert(s) and gate) or dense MLP}, plus globals.
+// Tensors are lazy views into the mapped checkpoint until a pass replaces them.
+// Passes never see on-disk names; the family descriptor maps both ways.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+#include "model/config.h"
+#include "model/family.h"
+
+namespace moe::model {
+
+using core::Tensor;
+
+struct Mlp {  // an expert or a dense MLP: down(silu(gate x) * up x)
+  Tensor gate, up, down;  // [I,H], [I,H], [H,I]
+  int64_t width() const { return gate.dim(0); }
+  int64_t params() const { return gate.numel() + up.numel() + down.numel(); }
+};
+
+struct MoeBlock {
+  Tensor router;                      // [E,H]
+  std::optional<Tensor> router_bias;  // [E] (deepseek_v3)
+  std::vector<Mlp> experts;
+  std::optional<Mlp> shared;          // qwen2_moe shared_expert / deepseek shared_experts
+  std::optional<Tensor> shared_gate;  // [1,H] sigmoid gate (qwen2_moe)
+  int64_t num_experts() const { return static_cast<int64_t>(experts.size()); }
+};
+
+struct Layer {
+  int index = 0;
+  std::map<std::string, Tensor> tensors;  // attention and norms by role ("q_proj", "input_norm", ...)
+  std::optional<MoeBlock> moe;
+  std::optional<Mlp> mlp;  // dense layers
+  const Tensor* find(const std::string& role) const {
+    auto it = tensors.find(role);
+    return it == tensors.end() ? nullptr : &it->second;
+  }
+};
+
+// Dimensions read from the config and checked against the tensors.
+struct Dims {
+  int64_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
+  int64_t top_k = 0;
+};
+
+// One output tensor: its on-disk name, dtype and shape, and how to produce it (a view of the
+// source, or a computed tensor for families fused on disk).
+struct OutTensor {
+  std::string name;
+  core::DType dtype;
+  core::Shape shape;
+  std::function<Tensor()> make;
+  std::vector<std::string> sources;  // source tensor names (to release their pages after writing)
+};
+
+class Model {
+ public:
+  // Builds the view and checks every tensor and shape against config and family.
+  static Model load(const io::Checkpoint& ckpt);
+
+  const FamilyDesc& family() const { return *family_; }
+  const Config& config() const { return config_; }
+  Config& mutable_config() { return config_; }
+  const Dims& dims() const { return dims_; }
+  std::vector<Layer>& layers() { return layers_; }
+  const std::vector<Layer>& layers() const { return layers_; }
+  std::map<std::string, Tensor>& globals() { return globals_; }
+  const std::map<std::string, Tensor>& globals() const { return globals_; }
+  bool tied_embeddings() const { return !globals_.count("lm_head"); }
+  // Tensors the family does not describe, written back unchanged (e.g. MTP layers).
+  const std::vector<std::pair<std::string, Tensor>>& extras() const { return extras_; }
+
+  // Output tensors in write order: globals first (embed), then layer by layer, then the rest.
+  // Float tensors are written as `dtype` when given.
+  std::vector<OutTensor> outputs(std::optional<core::DType> dtype = std::nullopt) const;
+  std::vector<OutTensor> layer_outputs(int layer, std::optional<core::DType> dtype = std::nullopt) const;
+  // config.json for the current state: expert counts and widths per family keys (all MoE
+  // layers must agree), num_experts_per_tok clamped, torch_dtype. Throws if layers disagree.
+  nlohmann::json rewritten_config(std::optional<core::DType> dtype = std::nullopt) const;
+
+  int64_t total_params() const;
+  int64_t active_params() const;  // per token: everything but the unselected routed experts
+
+ private:
+  const FamilyDesc* family_ = nullptr;
+  Config config_;
+  Dims dims_;
+  std::vector<Layer> layers_;
+  std::map<std::string, Tensor> globals_;
+  std::map<std::string, std::string> global_names_;  // role -> on-disk name
+  std::vector<std::pair<std::string, Tensor>> extras_;
+};
+
+// Whether layer l of this config is an MoE layer.
+bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer);
+
+}  // namespace moe::model

@@ -1,0 +1,127 @@
+#include "model/summary.h"
+
+#include <map>
+#include <sstream>
+
+#include "core/progress.h"
+
+namespace moe::model {
+
+using nlohmann::json;
+
+json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors) {
+  const FamilyDesc& f = model.family();
+  const Dims& d = model.dims();
+  json s;
+  s["path"] = ckpt.dir().string();
+  s["family"] = f.model_type;
+  s["architectures"] = model.config().json().value("architectures", json::array());
+  s["layers"] = d.layers;
+  s["hidden_size"] = d.hidden;
+  s["attention_heads"] = d.heads;
+  s["kv_heads"] = d.kv_heads;
+  s["head_dim"] = d.head_dim;
+  s["vocab_size"] = d.vocab;
+  s["tied_embeddings"] = model.tied_embeddings();
+  s["attention"] = f.attention == AttentionKind::MLA ? "mla" : "standard";
+  std::vector<int64_t> experts_per_layer, widths, dense_layers, moe_layers;
+  int64_t shared = 0, shared_width = 0;
+  for (const auto& l : model.layers()) {
+    if (l.moe) {
+      moe_layers.push_back(l.index);
+      experts_per_layer.push_back(l.moe->num_experts());
+      widths.push_back(l.moe->experts.empty() ? 0 : l.moe->experts[0].width());
+      if (l.moe->shared) {
+        shared = f.shared_count_key.empty() ? 1 : model.config().get_int_or(f.shared_count_key, 1);
+        shared_width = l.moe->shared->width();
+      }
+    } else {
+      dense_layers.push_back(l.index);
+    }
+  }
+  s["moe"] = f.moe;
+  if (f.moe) {
+    s["routing"] = routing_name(f.routing);
+    bool uniform = true;
+    for (auto e : experts_per_layer) uniform = uniform && e == experts_per_layer.front();
+    if (uniform && !experts_per_layer.empty()) s["experts_per_layer"] = experts_per_layer.front();
+    else s["experts_per_layer"] = experts_per_layer;
+    s["experts_per_token"] = d.top_k;
+    s["expert_width"] = widths.empty() ? 0 : widths.front();
+    s["shared_experts"] = shared;
+    if (shared) s["shared_expert_width"] = shared_width;
+    s["moe_layers"] = moe_layers.size();
+  }
+  s["dense_layers"] = dense_layers;
+  s["params_total"] = model.total_params();
+  s["params_active_per_token"] = model.active_params();
+  std::map<std::string, uint64_t> by_dtype;
+  for (const auto& name : ckpt.names()) {
+    const auto& info = ckpt.info(name);
+    by_dtype[core::dtype_name(info.dtype)] += info.nbytes();
+  }
+  s["bytes_by_dtype"] = by_dtype;
+  s["bytes_total"] = ckpt.total_tensor_bytes();
+  s["tensors"] = ckpt.names().size();
+  s["shards"] = ckpt.shards().size();
+  if (with_tensors) {
+    json list = json::array();
+    for (const auto& name : ckpt.names()) {
+      const auto& info = ckpt.info(name);
+      list.push_back({{"name", name}, {"dtype", core::dtype_name(info.dtype)}, {"shape", info.shape},
+                      {"shard", ckpt.shard_path(name).filename().string()}});
+    }
+    s["tensor_list"] = list;
+  }
+  return s;
+}
+
+namespace {
+std::string human_count(int64_t n) {
+  std::ostringstream o;
+  o.precision(3);
+  if (n >= 1'000'000'000) o << n / 1e9 << "B";
+  else if (n >= 1'000'000) o << n / 1e6 << "M";
+  else if (n >= 1'000) o << n / 1e3 << "K";
+  else o << n;
+  return o.str();
+}
+}  // namespace
+
+std::string render_summary(const json& s) {
+  std::ostringstream o;
+  auto row = [&](const std::string& k, const std::string& v) { o << "  " << k << std::string(k.size() < 24 ? 24 - k.size() : 1, ' ') << v << "\n"; };
+  o << s["path"].get<std::string>() << "\n";
+  row("family", s["family"].get<std::string>() + " " + s["architectures"].dump());
+  row("layers", std::to_string(s["layers"].get<int64_t>()));
+  row("hidden size", std::to_string(s["hidden_size"].get<int64_t>()));
+  row("heads / kv heads", std::to_string(s["attention_heads"].get<int64_t>()) + " / " +
+                              std::to_string(s["kv_heads"].get<int64_t>()) + " (head dim " +
+                              std::to_string(s["head_dim"].get<int64_t>()) + ", " + s["attention"].get<std::string>() + ")");
+  row("vocabulary", std::to_string(s["vocab_size"].get<int64_t>()) + (s["tied_embeddings"].get<bool>() ? " (tied lm head)" : ""));
+  if (s["moe"].get<bool>()) {
+    row("experts per layer", s["experts_per_layer"].dump());
+    row("experts per token", std::to_string(s["experts_per_token"].get<int64_t>()));
+    row("expert width", std::to_string(s["expert_width"].get<int64_t>()));
+    row("shared experts", std::to_string(s["shared_experts"].get<int64_t>()) +
+                              (s.contains("shared_expert_width") ? " (width " + std::to_string(s["shared_expert_width"].get<int64_t>()) + ")" : ""));
+    row("routing", s["routing"].get<std::string>());
+    row("MoE layers", std::to_string(s["moe_layers"].get<int64_t>()));
+  }
+  row("dense layers", s["dense_layers"].empty() ? "none" : s["dense_layers"].dump());
+  row("parameters", human_count(s["params_total"].get<int64_t>()) + " total, " +
+                        human_count(s["params_active_per_token"].get<int64_t>()) + " active per token");
+  std::string bytes;
+  for (const auto& [k, v] : s["bytes_by_dtype"].items()) bytes += (bytes.empty() ? "" : ", ") + k + " " + core::format_bytes(v.get<double>());
+  row("bytes", core::format_bytes(s["bytes_total"].get<double>()) + " (" + bytes + ")");
+  row("tensors / shards", std::to_string(s["tensors"].get<int64_t>()) + " / " + std::to_string(s["shards"].get<int64_t>()));
+  if (s.contains("tensor_list")) {
+    o << "tensors:\n";
+    for (const auto& t : s["tensor_list"])
+      o << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << " " << t["shape"].dump()
+        << "  " << t["shard"].get<std::string>() << "\n";
+  }
+  return o.str();
+}
+
+}  // namespace moe::model
