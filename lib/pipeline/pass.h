@@ -1,0 +1,69 @@
+// One interface for every pass (prune, merge, factorize, quantize, upcycle, ...). A pass is built
+// from its JSON options (the recipe's pass object, or the flags of its subcommand), may plan
+// across layers (global budgets) once before the layer loop, then runs on one MoE layer at a time.
+// Passes see the logical Model only: never tensor names or file formats.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "calib/stats.h"
+#include "model/model.h"
+#include "runtime/routing.h"
+#include "runtime/weights.h"
+
+namespace moe::pipeline {
+
+// What a pass needs from the runner before its layers run.
+struct Requirements {
+  std::vector<std::string> stats_fields;  // e.g. {"count"}, {"out_mean"}, {"gram_in"}; empty: no stats
+  bool block_inputs = false;  // the MoE block inputs x [N,H] of the calibration tokens at this layer
+};
+
+struct LayerContext {
+  int layer = 0;
+  model::Model& model;
+  model::Layer& target;                         // the layer being changed (target.moe is set)
+  const calib::LayerStats* stats = nullptr;     // set when Requirements::stats_fields is not empty
+  const runtime::MatrixRM* block_inputs = nullptr;  // set when Requirements::block_inputs
+  runtime::RoutingRule routing;                 // the family's routing rule for this layer
+  uint64_t seed = 0;                            // per-layer seed derived from the recipe seed
+  nlohmann::json& report;                       // this layer's entry in moe_tool_report.json
+};
+
+class Pass {
+ public:
+  virtual ~Pass() = default;
+  virtual std::string name() const = 0;    // "prune"
+  virtual std::string method() const = 0;  // "reap"
+  // Parameters as they will be recorded in the report (after defaults are applied).
+  virtual nlohmann::json params() const = 0;
+  virtual Requirements requirements() const = 0;
+  // Global planning over all layers' statistics (budgets across layers). Default: nothing.
+  virtual void plan(const model::Model& /*model*/, const calib::Stats* /*stats*/) {}
+  // Experts each MoE layer will have after this pass (for --dry-run and budget checks), given the
+  // count before. Throws Error::invalid for impossible budgets.
+  virtual int64_t experts_after(int layer, int64_t experts_before, int64_t top_k) const = 0;
+  // Changes ctx.target in place: replaces experts, router rows, shared parts as the method says.
+  virtual void run_layer(LayerContext& ctx) = 0;
+};
+
+// Builds a pass from its JSON object (recipe "passes"[i] or the subcommand's flags), e.g.
+// {"pass": "prune", "method": "reap", "keep": 6}. `json_path` is used in error messages
+// ("passes[0].keep: expected an integer >= 1, found \"six\""). Unknown pass, method or key →
+// Error::invalid listing what is allowed (with "did you mean ...").
+std::unique_ptr<Pass> make_pass(const nlohmann::json& spec, const std::string& json_path);
+
+// The registry (generated from passes.def): pass names, their methods and one-line descriptions.
+struct PassInfo {
+  const char* pass;
+  const char* method;
+  const char* description;
+};
+const std::vector<PassInfo>& registered_passes();
+
+}  // namespace moe::pipeline

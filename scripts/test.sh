@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set-up (scripts/setup.sh), then every test through CTest; then the parser and CLI tests again
+# under AddressSanitizer + UndefinedBehaviorSanitizer; then a short libFuzzer run of each fuzz
+# target. FUZZ_SECONDS (default 20) sets the fuzzing time per target; 0 skips fuzzing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+echo "== tests (Release -O2)"
+ctest --test-dir build --output-on-failure -j2 --timeout 600
+
+echo "== parser and CLI tests under ASan+UBSan"
+BUILD_DIR=build-asan EXTRA_CMAKE="-DMOE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
+  BUILD_TARGETS="moe-tool test_core test_io test_model test_cli test_tokenizer" scripts/setup.sh
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-asan --output-on-failure -j2 --timeout 900 -L '^(core|io|model|cli|tokenizer)$'
+
+if [ "${FUZZ_SECONDS:-20}" != "0" ] && [ -x tests/fuzz/run.sh ]; then
+  echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)"
+  tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"
+fi
