@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -64,7 +65,7 @@ void fill(std::vector<uint8_t>& buf, uint64_t& state) {
 uint64_t make_checkpoint(const fs::path& dir, double size_gb) {
   const int64_t H = 2048, I = 5632, E = 8, V = 32000, heads = 16, kv = 8;
   const uint64_t per_layer = (E * 3 * H * I + 2 * H * H + 2 * H * (H / heads * kv) + E * H + 2 * H) * 2;
-  const int64_t L = std::max<int64_t>(1, static_cast<int64_t>(size_gb * 1e9 / static_cast<double>(per_layer)));
+  const int64_t L = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(size_gb * 1e9 / static_cast<double>(per_layer))));
   fs::remove_all(dir);
   fs::create_directories(dir);
   std::vector<moe::io::TensorSpec> plan;

@@ -10,6 +10,7 @@ namespace moe::app {
 
 struct GlobalFlags {
   bool quiet = false;
+  std::string command_line;  // argv joined, for reports
 };
 
 using Handler = std::function<int()>;
@@ -22,5 +23,13 @@ struct Command {
 
 void setup_inspect(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_tokenize(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_stats(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_prune(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 
 }  // namespace moe::app

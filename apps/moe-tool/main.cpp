@@ -11,6 +11,14 @@ namespace moe::app {
 const Command kCommands[] = {
     {"inspect", "Describe a checkpoint: family, layers, experts, parameters, bytes", setup_inspect},
     {"convert", "Rewrite a checkpoint: re-shard, change dtype (bit-identical otherwise)", setup_convert},
+    {"eval", "Perplexity of a model over a text, or KL/top-1 agreement against a reference", setup_eval},
+    {"tokenize", "Token ids of a text with a model's tokenizer", setup_tokenize},
+    {"calibrate", "Routing statistics of a model over calibration text (stats file for the passes)", setup_calibrate},
+    {"stats", "Show or plot a stats file: expert usage, similar experts, super experts", setup_stats},
+    {"prune", "Drop experts by a routing score (frequency, soft, reap, enumerate, random)", setup_prune},
+    {"merge", "Merge experts into fewer (msmoe, hcsmoe, submoe) with a router for the merged experts", setup_merge},
+    {"run", "Run a JSON recipe: calibration, a pipeline of passes, output, evaluation", setup_run},
+    {"list", "List every pass and method", setup_list},
 };
 
 int run_main(int argc, char** argv) {
@@ -18,6 +26,8 @@ int run_main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("moe-tool ") + MOE_TOOL_VERSION);
   GlobalFlags flags;
+  flags.command_line = "moe-tool";
+  for (int i = 1; i < argc; ++i) flags.command_line += std::string(" ") + argv[i];
   app.add_flag("-q,--quiet", flags.quiet, "No progress output on stderr");
   Handler handler;
   for (const auto& c : kCommands) {

@@ -82,6 +82,11 @@ struct Stats {
   // Flags super experts (METHODS §2): out_absmax above the 99.5th percentile of all (layer,
   // expert) values and above a tenth of the global max, only in layers < 0.75 * num_layers.
   void flag_super_experts(int num_layers);
+  // The two thresholds of that rule over the current out_absmax values.
+  struct SuperThresholds {
+    double p99_5 = 0, tenth_of_max = 0;
+  };
+  SuperThresholds super_thresholds() const;
 
   // Metadata helpers: the value or `fallback` when absent.
   std::string meta(const std::string& key, const std::string& fallback = "") const;

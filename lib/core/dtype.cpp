@@ -40,14 +40,14 @@ float float_of(uint32_t u) {
 // Generic round-to-nearest-even encoder for small float formats with `ebits` exponent bits,
 // `mbits` mantissa bits. `ieee_inf` selects whether the all-ones exponent encodes inf/nan (E5M2,
 // F16) or, as in E4M3 (fn variant), only S.1111.111 is NaN and there is no infinity.
-uint32_t encode_small_float(float f, int ebits, int mbits, bool ieee_inf) {
-  const uint32_t sign = (bits_of(f) >> 31) & 1u;
+uint32_t encode_small_float(double f, int ebits, int mbits, bool ieee_inf) {
+  const uint32_t sign = std::signbit(f) ? 1u : 0u;
   const int bias = (1 << (ebits - 1)) - 1;
   const uint32_t sign_bit = sign << (ebits + mbits);
   if (std::isnan(f)) {
     return sign_bit | ((1u << (ebits + mbits)) - 1u);  // all ones: NaN in both conventions
   }
-  double a = std::fabs(static_cast<double>(f));
+  double a = std::fabs(f);
   // Largest finite value.
   double max_finite;
   if (ieee_inf) {
@@ -206,6 +206,19 @@ void convert(DType from, const void* src, DType to, void* dst, size_t n) {
     return;
   }
   if (!dtype_info(to).is_float) throw Error::unsupported(std::string("cannot convert ") + dtype_name(from) + " to " + dtype_name(to));
+  if (from == DType::F64 && to != DType::F32) {
+    // Round once, from the double value (going through f32 would round twice).
+    struct Fmt { int ebits, mbits; bool ieee_inf; };
+    const Fmt fmt = to == DType::BF16 ? Fmt{8, 7, true} : to == DType::F16 ? Fmt{5, 10, true}
+                  : to == DType::F8_E5M2 ? Fmt{5, 2, true} : Fmt{4, 3, false};
+    auto p = static_cast<const double*>(src);
+    for (size_t i = 0; i < n; ++i) {
+      const uint32_t v = encode_small_float(p[i], fmt.ebits, fmt.mbits, fmt.ieee_inf);
+      if (core::dtype_size(to) == 2) static_cast<uint16_t*>(dst)[i] = static_cast<uint16_t>(v);
+      else static_cast<uint8_t*>(dst)[i] = static_cast<uint8_t>(v);
+    }
+    return;
+  }
   if (from == DType::F64 && to == DType::F32) {
     auto p = static_cast<const double*>(src);
     auto q = static_cast<float*>(dst);

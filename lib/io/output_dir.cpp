@@ -14,7 +14,8 @@ namespace {
 fs::path resolved(const fs::path& p) {
   std::error_code ec;
   fs::path r = fs::weakly_canonical(fs::absolute(p, ec), ec);
-  return ec ? fs::absolute(p).lexically_normal() : r;
+  if (ec) r = fs::absolute(p).lexically_normal();
+  return r.has_filename() || !r.has_relative_path() ? r : r.parent_path();  // "out/" is the folder out
 }
 
 bool is_within(const fs::path& inner, const fs::path& outer) {

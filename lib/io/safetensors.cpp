@@ -51,6 +51,8 @@ TensorInfo parse_entry(const std::string& name, const json& v) {
     throw Error::corruption("data_offsets end " + std::to_string(info.end) + " before begin " +
                             std::to_string(info.begin));
   const int64_t numel = core::shape_numel(info.shape);
+  if (static_cast<uint64_t>(numel) > UINT64_MAX / core::dtype_size(info.dtype))
+    throw Error::corruption("shape " + core::shape_str(info.shape) + " of " + core::dtype_name(info.dtype) + " exceeds 2^64 bytes");
   const uint64_t expect = static_cast<uint64_t>(numel) * core::dtype_size(info.dtype);
   if (info.end - info.begin != expect)
     throw Error::corruption("data_offsets span " + std::to_string(info.end - info.begin) +
@@ -73,6 +75,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, u
                             std::to_string(file_size) + " bytes)");
   if (8 + n > size) throw Error::corruption("header truncated");
   if (n == 0 || data[8] != '{') throw Error::corruption("header does not start with '{'");
+  if (std::memchr(data + 8, '\0', n) != nullptr) throw Error::corruption("header is not valid JSON: it contains a NUL byte");
 
   // Parse with a callback that catches duplicate keys at the top level (nlohmann would keep the
   // last silently).
@@ -108,7 +111,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, u
       }
       continue;
     }
-    out.tensors.push_back(core::with_context("tensor " + key, [&] { return parse_entry(key, value); }));
+    out.tensors.push_back(core::with_context("tensor " + key, [&k = key, &v = value] { return parse_entry(k, v); }));
   }
   std::sort(out.tensors.begin(), out.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;

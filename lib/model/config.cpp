@@ -6,6 +6,10 @@ namespace moe::model {
 
 using core::Error;
 
+// Sizes and counts in config.json are far below 2^31; the bound keeps products of two of them
+// (heads x head_dim, experts x width, ...) inside int64 and int casts in the runtime exact.
+constexpr int64_t kMaxConfigInt = 2147483647;
+
 void Config::fail(const std::string& key, const std::string& expected) const {
   std::string found = j_.contains(key) ? j_.at(key).dump() : "nothing";
   if (found.size() > 60) found = found.substr(0, 57) + "...";
@@ -16,6 +20,7 @@ int64_t Config::get_int(const std::string& key) const {
   if (!has(key)) throw Error::corruption(source_ + ": " + key + ": missing (required)");
   const auto& v = j_.at(key);
   if (!v.is_number_integer() || v.get<int64_t>() <= 0) fail(key, "a positive integer");
+  if (v.get<int64_t>() > kMaxConfigInt) fail(key, "at most " + std::to_string(kMaxConfigInt));
   return v.get<int64_t>();
 }
 
@@ -24,6 +29,7 @@ int64_t Config::get_int_or(const std::string& key, int64_t fallback, bool allow_
   const auto& v = j_.at(key);
   if (!v.is_number_integer() || v.get<int64_t>() < (allow_zero ? 0 : 1))
     fail(key, allow_zero ? "a non-negative integer" : "a positive integer");
+  if (v.get<int64_t>() > kMaxConfigInt) fail(key, "at most " + std::to_string(kMaxConfigInt));
   return v.get<int64_t>();
 }
 

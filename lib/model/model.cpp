@@ -317,7 +317,9 @@ std::vector<OutTensor> Model::outputs(std::optional<DType> dtype) const {
   }
   for (const auto& [role, t] : globals_)
     if (role != "embed") out.push_back(view_out(global_names_.at(role), t, dtype));
-  for (const auto& [name, t] : extras_) out.push_back(view_out(name, t, dtype));
+  // Extras keep DeepSeek-V3's F32 e_score_correction_bias (MTP layers) as the decoder layers do.
+  for (const auto& [name, t] : extras_)
+    out.push_back(view_out(name, t, name.ends_with("e_score_correction_bias") ? std::nullopt : dtype));
   return out;
 }
 

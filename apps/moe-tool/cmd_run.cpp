@@ -1,0 +1,145 @@
+// `run RECIPE.json`, and the one-pass subcommands `prune` and `merge`, which build a recipe from
+// their flags: every way in goes through the same validation and runner.
+#include <iostream>
+
+#include "command.h"
+#include "core/error.h"
+#include "pipeline/recipe.h"
+#include "pipeline/runner.h"
+
+namespace moe::app {
+
+namespace {
+
+// Flags shared by the one-pass subcommands.
+struct OnePass {
+  std::string model, out, method, stats, text, dtype, shard = "5GB", eval_text;
+  int64_t ctx = 512, windows = 0, seed = 0, eval_ctx = 512;
+  bool force = false, dry_run = false, json = false, no_propagate = false;
+};
+
+void add_common(CLI::App& sub, OnePass& o) {
+  sub.add_option("MODEL", o.model, "Input checkpoint folder")->required();
+  sub.add_option("OUT", o.out, "Output folder")->required();
+  sub.add_option("--method", o.method, "Method (see moe-tool list)")->required();
+  sub.add_option("--stats", o.stats, "Routing statistics from moe-tool calibrate");
+  sub.add_option("--text", o.text, "Calibration text (statistics and block inputs computed on the fly)");
+  sub.add_option("--ctx", o.ctx, "Calibration window length (default 512)");
+  sub.add_option("--windows", o.windows, "Calibration windows (default all)");
+  sub.add_option("--seed", o.seed, "Seed for random choices (default 0)");
+  sub.add_flag("--no-propagate", o.no_propagate, "Calibrate every layer on the input model's hidden states");
+  sub.add_option("--dtype", o.dtype, "Output dtype for float tensors: bf16, f16, f32");
+  sub.add_option("--max-shard-size", o.shard, "Largest shard (default 5GB)");
+  sub.add_option("--eval", o.eval_text, "Evaluate the output against the input on this text");
+  sub.add_option("--eval-ctx", o.eval_ctx, "Evaluation window length (default 512)");
+  sub.add_flag("--force", o.force, "Replace a non-empty output folder");
+  sub.add_flag("--dry-run", o.dry_run, "Print the plan; compute and write nothing");
+  sub.add_flag("--json", o.json, "Print the result as JSON");
+}
+
+nlohmann::json recipe_json(const OnePass& o, nlohmann::json pass) {
+  nlohmann::json r;
+  r["model"] = o.model;
+  r["seed"] = o.seed;
+  nlohmann::json cal = {{"ctx", o.ctx}, {"propagate", !o.no_propagate}};
+  if (!o.text.empty()) cal["text"] = o.text;
+  if (!o.stats.empty()) cal["stats"] = o.stats;
+  if (o.windows > 0) cal["windows"] = o.windows;
+  r["calibration"] = cal;
+  pass["method"] = o.method;
+  r["passes"] = nlohmann::json::array({pass});
+  r["output"] = {{"path", o.out}, {"max_shard_size", o.shard}, {"force", o.force}};
+  if (!o.dtype.empty()) r["output"]["dtype"] = o.dtype;
+  if (!o.eval_text.empty()) r["eval"] = {{"text", o.eval_text}, {"ctx", o.eval_ctx}, {"against_input", true}};
+  return r;
+}
+
+int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const std::string& command) {
+  pipeline::RunOptions opts;
+  opts.dry_run = dry_run;
+  opts.quiet = quiet;
+  opts.command = command;
+  const auto summary = pipeline::run_recipe(recipe, opts);
+  if (json) std::cout << summary.dump(2) << "\n";
+  else std::cout << pipeline::render_run_summary(summary);
+  return 0;
+}
+
+}  // namespace
+
+void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
+  struct Opts {
+    std::string recipe;
+    std::vector<std::string> sets;
+    bool dry_run = false, json = false;
+  };
+  auto o = std::make_shared<Opts>();
+  sub.add_option("RECIPE", o->recipe, "Recipe JSON file")->required();
+  sub.add_option("--set", o->sets, "Override a recipe value: path=value (e.g. passes[0].keep=4), repeatable");
+  sub.add_flag("--dry-run", o->dry_run, "Validate and print the plan; compute and write nothing");
+  sub.add_flag("--json", o->json, "Print the result as JSON");
+  sub.callback([o, &handler, &flags] {
+    handler = [o, &flags] {
+      auto recipe = pipeline::load_recipe(o->recipe, o->sets);
+      return execute(recipe, o->dry_run, o->json, flags.quiet, "moe-tool run " + o->recipe);
+    };
+  });
+}
+
+void setup_prune(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
+  auto o = std::make_shared<OnePass>();
+  auto keep = std::make_shared<int64_t>(0);
+  auto ratio = std::make_shared<double>(0);
+  auto protect = std::make_shared<bool>(false);
+  add_common(sub, *o);
+  auto* k = sub.add_option("--keep", *keep, "Experts to keep in every MoE layer");
+  auto* r = sub.add_option("--keep-ratio", *ratio, "Fraction of all experts to keep, ranked across layers");
+  k->excludes(r);
+  sub.add_flag("--protect-super-experts", *protect, "Never drop an expert flagged super");
+  sub.callback([o, keep, ratio, protect, &handler, &flags] {
+    handler = [o, keep, ratio, protect, &flags] {
+      nlohmann::json pass = {{"pass", "prune"}};
+      if (*keep > 0) pass["keep"] = *keep;
+      else if (*ratio > 0) pass["keep_ratio"] = *ratio;
+      else throw core::Error::invalid("prune: give --keep N or --keep-ratio R");
+      if (*protect) pass["protect_super_experts"] = true;
+      auto recipe = pipeline::parse_recipe(recipe_json(*o, pass), ".", "prune");
+      return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
+    };
+  });
+}
+
+void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
+  auto o = std::make_shared<OnePass>();
+  auto experts = std::make_shared<int64_t>(0);
+  auto router = std::make_shared<std::string>();
+  add_common(sub, *o);
+  sub.add_option("--experts", *experts, "Experts per MoE layer after merging")->required();
+  sub.add_option("--router", *router, "Router rows for merged experts: dominant, mean or refit");
+  sub.callback([o, experts, router, &handler, &flags] {
+    handler = [o, experts, router, &flags] {
+      nlohmann::json pass = {{"pass", "merge"}, {"experts", *experts}};
+      if (!router->empty()) pass["router"] = *router;
+      auto recipe = pipeline::parse_recipe(recipe_json(*o, pass), ".", "merge");
+      return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
+    };
+  });
+}
+
+void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags&) {
+  auto json = std::make_shared<bool>(false);
+  sub.add_flag("--json", *json, "Print JSON");
+  sub.callback([json, &handler] {
+    handler = [json] {
+      nlohmann::json out = nlohmann::json::array();
+      for (const auto& p : pipeline::registered_passes()) {
+        if (*json) out.push_back({{"pass", p.pass}, {"method", p.method}, {"description", p.description}});
+        else std::cout << p.pass << " " << p.method << std::string(std::max<size_t>(1, 12 - std::string(p.method).size()), ' ') << p.description << "\n";
+      }
+      if (*json) std::cout << out.dump(2) << "\n";
+      return 0;
+    };
+  });
+}
+
+}  // namespace moe::app

@@ -1,0 +1,94 @@
+// `moe-tool calibrate`: routing statistics of a model over calibration text.
+//
+// Windows: the text is tokenized once (no BOS/EOS) and cut into non-overlapping windows of ctx
+// tokens (a tail shorter than ctx is dropped). `first` takes windows 0..n-1; `random` takes n
+// windows chosen with a seeded partial Fisher-Yates shuffle driven by splitmix64 (documented so
+// scripts can reproduce it: state = seed; next() = splitmix64; for i in 0..n-1:
+// j = i + next() % (M - i), swap(ids[i], ids[j]); the chosen ids are then sorted ascending).
+//
+// Execution is layer-sequential (DESIGN.md): the hidden states of all chosen windows are kept
+// ([windows*ctx, H] fp32), each layer is converted to f32 once and applied to the windows in
+// batches of batch_windows, the StatsObserver watches, and the finished layer's statistics are
+// streamed into the stats file before the next layer loads. Memory: one layer's f32 weights +
+// the hidden states + one batch's activations (incl. two [batch tokens, I] buffers for the
+// all-token expert pass) + the statistics (out_cos keeps E*out_cos_tokens*H*4 bytes of expert
+// outputs while the first batch runs; with --gram: one layer's Gram matrices, E*H^2*8 + E*I^2*8
+// bytes for an MoE layer plus the attention's).
+//
+// Determinism: the forward is deterministic for a fixed batch_windows (OpenBLAS splits a GEMM
+// between threads by shape, never by timing, and every output element is reduced by one thread),
+// and all statistics are summed in a fixed order on one thread, so a rerun gives a byte-identical
+// file (checked by the tests and by bench_calibrate on the d=1024 model, 1 and 2 threads). A
+// different batch_windows changes the last bits (GEMM shapes change); it is recorded in the file.
+// Files made with 1 and 2 OpenBLAS threads were identical on the fixtures, but OpenBLAS does not
+// promise that across thread counts.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "calib/stats.h"
+#include "calib/stats_file.h"
+#include "io/checkpoint.h"
+#include "model/model.h"
+
+namespace moe::calib {
+
+enum class Sample { First, Random };
+
+struct CalibrateOptions {
+  int64_t ctx = 512;
+  int64_t windows = 0;  // 0: every window of the text
+  int64_t batch_windows = 8;
+  bool gram = false;
+  bool routed_only = false;  // skip out_mean/out_cos (every expert on every token)
+  Sample sample = Sample::First;
+  uint64_t seed = 0;
+  int64_t out_cos_tokens = 512;
+  bool quiet = false;
+  // With gram: also keep every layer's Gram matrices in the returned Stats (they always go to the
+  // file; in memory they cost gram_total_bytes, so only for pipelines on models that fit).
+  bool keep_grams = false;
+};
+
+// Indices of the chosen windows among `available`, ascending. Throws Error::invalid when more
+// windows are asked for than the text has.
+std::vector<int64_t> choose_windows(int64_t available, int64_t n, Sample sample, uint64_t seed);
+
+// Everything decided before the forward runs.
+struct CalibrationPlan {
+  int64_t windows_available = 0;
+  std::vector<int64_t> window_ids;
+  int64_t tokens = 0;
+  std::vector<LayerLayout> layout;
+  uint64_t gram_peak_bytes = 0;   // Gram matrices resident at once (the largest layer)
+  uint64_t gram_total_bytes = 0;  // all Gram matrices (their share of the stats file)
+  uint64_t hidden_bytes = 0;      // hidden states of all windows
+  uint64_t layer_weight_bytes = 0;  // the largest layer in f32
+};
+
+// Throws Error::invalid for bad options (ctx < 2, too few tokens, ...), naming the flag.
+CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens, const CalibrateOptions& o);
+
+struct CalibrateResult {
+  Stats stats;  // Gram matrices only with keep_grams (they always go to the file); super experts flagged
+  CalibrationPlan plan;
+  double seconds = 0;
+  uint64_t file_bytes = 0;
+};
+
+// Runs the calibration and writes the stats file `out` (atomically: temporary sibling + rename).
+// `tokens`: the whole text, tokenized once without special tokens. `text_sha256` goes into the
+// metadata.
+CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model, std::span<const int32_t> tokens,
+                          const std::string& text_sha256, const CalibrateOptions& o, const std::filesystem::path& out);
+
+// The metadata calibrate() records (exposed for tests).
+std::map<std::string, std::string> stats_metadata(const io::Checkpoint& ckpt, const model::Model& model,
+                                                  const CalibrationPlan& plan, const std::string& text_sha256,
+                                                  const CalibrateOptions& o);
+
+}  // namespace moe::calib

@@ -1,0 +1,126 @@
+#include "calib/report.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <numeric>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace moe::calib {
+
+namespace {
+
+nlohmann::ordered_json top_pairs_of(const MatrixF& m, int n) {
+  struct P {
+    int i, j;
+    float v;
+  };
+  std::vector<P> ps;
+  for (int i = 0; i < m.rows(); ++i)
+    for (int j = i + 1; j < m.cols(); ++j) ps.push_back({i, j, m(i, j)});
+  std::stable_sort(ps.begin(), ps.end(), [](const P& a, const P& b) { return a.v > b.v; });
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (int k = 0; k < n && k < static_cast<int>(ps.size()); ++k)
+    out.push_back({{"a", ps[k].i}, {"b", ps[k].j}, {"value", ps[k].v}});
+  return out;
+}
+
+std::string fmt(const char* f, double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, f, v);
+  return b;
+}
+
+}  // namespace
+
+nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, int top_pairs) {
+  nlohmann::ordered_json j;
+  nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+  for (const auto& [k, v] : s.metadata)
+    if (k != "window_ids") meta[k] = v;
+  j["file"] = s.source.string();
+  j["metadata"] = meta;
+  nlohmann::ordered_json supers = nlohmann::ordered_json::array();
+  for (const auto& [l, st] : s.layers)
+    for (size_t e = 0; e < st.super_expert.size(); ++e)
+      if (st.super_expert[e]) supers.push_back({{"layer", l}, {"expert", e}, {"out_absmax", st.out_absmax[e]}});
+  j["super_experts"] = supers;
+  nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+  if (layer) s.layer(*layer, "count");  // throws naming the MoE layers
+  for (const auto& [l, st] : s.layers) {
+    if (layer && l != *layer) continue;
+    const int64_t E = st.num_experts();
+    const double csum = std::accumulate(st.count.begin(), st.count.end(), 0.0);
+    const double wsum = std::accumulate(st.weight_sum.begin(), st.weight_sum.end(), 0.0);
+    const double cmax = E ? *std::max_element(st.count.begin(), st.count.end()) : 0.0;
+    const double cmean = E ? csum / static_cast<double>(E) : 0.0;
+    nlohmann::ordered_json L;
+    L["layer"] = l;
+    L["tokens"] = st.tokens;
+    L["experts"] = E;
+    L["top_k"] = st.tokens > 0 ? csum / static_cast<double>(st.tokens) : 0.0;
+    L["load_imbalance"] = cmean > 0 ? cmax / cmean : 0.0;
+    nlohmann::ordered_json ex = nlohmann::ordered_json::array();
+    for (int64_t e = 0; e < E; ++e)
+      ex.push_back({{"expert", e},
+                    {"count", st.count[e]},
+                    {"count_share", csum > 0 ? st.count[e] / csum : 0.0},
+                    {"weight_share", wsum > 0 ? st.weight_sum[e] / wsum : 0.0},
+                    {"prob_mean", st.tokens > 0 ? st.prob_sum[e] / static_cast<double>(st.tokens) : 0.0},
+                    {"reap", st.reap[e]},
+                    {"out_absmax", st.out_absmax[e]},
+                    {"super", static_cast<bool>(st.super_expert[e])}});
+    L["expert_usage"] = ex;
+    L["similar_by_logit_sim"] = top_pairs_of(st.logit_sim, top_pairs);
+    if (st.out_cos.size()) L["similar_by_out_cos"] = top_pairs_of(st.out_cos, top_pairs);
+    layers.push_back(L);
+  }
+  j["layers"] = layers;
+  return j;
+}
+
+std::string render_stats_summary(const nlohmann::ordered_json& j) {
+  std::ostringstream o;
+  const auto& m = j["metadata"];
+  auto mv = [&](const char* k) { return m.contains(k) ? m[k].get<std::string>() : std::string("?"); };
+  o << "stats " << j["file"].get<std::string>() << ": " << mv("family") << ", " << mv("num_layers") << " layers, "
+    << mv("tokens") << " tokens (" << mv("windows") << " windows x " << mv("ctx") << ", " << mv("sample");
+  if (mv("sample") == "random") o << " seed " << mv("seed");
+  o << "), model " << mv("model_fingerprint") << ", text sha256 " << mv("text_sha256").substr(0, 16) << "...";
+  if (mv("gram") == "true") o << ", with Gram matrices";
+  if (mv("routed_only") == "true") o << ", routed statistics only";
+  o << "\n";
+  o << "super experts:";
+  if (j["super_experts"].empty()) o << " none";
+  for (const auto& s : j["super_experts"])
+    o << " layer " << s["layer"].get<int>() << " expert " << s["expert"].get<int>() << " (out_absmax "
+      << fmt("%.4g", s["out_absmax"].get<double>()) << ");";
+  o << "\n";
+  for (const auto& L : j["layers"]) {
+    o << "\nlayer " << L["layer"].get<int>() << ": " << L["experts"].get<int>() << " experts, top-"
+      << fmt("%.3g", L["top_k"].get<double>()) << ", " << L["tokens"].get<int64_t>()
+      << " tokens, load imbalance (max/mean count) " << fmt("%.3f", L["load_imbalance"].get<double>()) << "\n";
+    o << "  expert   count%  weight%        reap  out_absmax  super\n";
+    for (const auto& e : L["expert_usage"]) {
+      char b[160];
+      std::snprintf(b, sizeof b, "  %6d  %7.2f  %7.2f  %10.4g  %10.4g  %s\n", e["expert"].get<int>(),
+                    100.0 * e["count_share"].get<double>(), 100.0 * e["weight_share"].get<double>(),
+                    e["reap"].get<double>(), e["out_absmax"].get<double>(), e["super"].get<bool>() ? "yes" : "");
+      o << b;
+    }
+    auto pairs = [&](const char* key, const char* label) {
+      if (!L.contains(key)) return;
+      o << "  most similar by " << label << ":";
+      for (const auto& p : L[key])
+        o << " " << p["a"].get<int>() << "-" << p["b"].get<int>() << " " << fmt("%.4f", p["value"].get<double>())
+          << ";";
+      o << "\n";
+    };
+    pairs("similar_by_logit_sim", "logit_sim");
+    pairs("similar_by_out_cos", "out_cos  ");
+  }
+  return o.str();
+}
+
+}  // namespace moe::calib

@@ -1,0 +1,301 @@
+#include "calib/stats_observer.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "runtime/ops.h"
+
+namespace moe::calib {
+
+using core::Error;
+using runtime::MatrixRM;
+
+void gram_update(MatrixD& G, const float* A, int64_t n, int64_t d) {
+  if (G.rows() != d || G.cols() != d) throw Error::internal("gram_update: size mismatch");
+  if (n == 0 || d == 0) return;
+  // Convert a block of rows to double, then one DSYRK per block (C += B^T B, upper triangle).
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(1) << 22) / std::max<int64_t>(d, 1)));
+  std::vector<double> buf(static_cast<size_t>(std::min(block, n) * d));
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t m = std::min(block, n - r0);
+    for (int64_t i = 0; i < m * d; ++i) buf[i] = static_cast<double>(A[r0 * d + i]);
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(d), int(m), 1.0, buf.data(), int(d), 1.0, G.data(), int(d));
+  }
+}
+
+void gram_symmetrize(MatrixD& G) {
+  for (int64_t i = 0; i < G.rows(); ++i)
+    for (int64_t j = 0; j < i; ++j) G(i, j) = G(j, i);
+}
+
+struct StatsObserver::MoeAcc {
+  int64_t E = 0, H = 0, tokens = 0, cos_tokens = 0;
+  std::vector<double> count, prob_sum, weight_sum, reap_sum;
+  std::vector<float> absmax;
+  MatrixD out_sum;     // [E,H] sum over tokens of expert_e(x)
+  MatrixD logit_gram;  // [E,E] upper triangle: sum over tokens of logit_i logit_j
+  MatrixD cos_sum;     // [E,E] sum over sampled tokens of cos(y_i, y_j)
+  MatrixD coact;       // [E,E]
+  std::vector<MatrixD> gram_in, gram_mid;
+};
+
+StatsObserver::StatsObserver(ObserverOptions o) : opt_(o) {}
+StatsObserver::~StatsObserver() = default;
+
+void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
+  const int64_t N = t.x.rows(), H = t.x.cols(), E = t.logits.cols(), k = t.routing.ids.cols();
+  if (t.weights.num_experts() != E || static_cast<int64_t>(t.tokens.size()) != E)
+    throw Error::internal("stats observer: layer " + std::to_string(layer) + ": expert count mismatch");
+  auto [it, fresh] = moe_.try_emplace(layer);
+  MoeAcc& a = it->second;
+  if (fresh) {
+    a.E = E;
+    a.H = H;
+    a.count.assign(E, 0.0);
+    a.prob_sum.assign(E, 0.0);
+    a.weight_sum.assign(E, 0.0);
+    a.reap_sum.assign(E, 0.0);
+    a.absmax.assign(E, 0.0f);
+    a.logit_gram = MatrixD::Zero(E, E);
+    a.coact = MatrixD::Zero(E, E);
+    if (opt_.all_token_stats) {
+      a.out_sum = MatrixD::Zero(E, H);
+      a.cos_sum = MatrixD::Zero(E, E);
+    }
+    if (opt_.gram) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t I = t.weights.experts[e].width();
+        a.gram_in.push_back(MatrixD::Zero(H, H));
+        a.gram_mid.push_back(MatrixD::Zero(I, I));
+      }
+    }
+  } else if (a.E != E || a.H != H) {
+    throw Error::internal("stats observer: layer " + std::to_string(layer) + " changed shape between batches");
+  }
+  a.tokens += N;
+
+  // Routing: count, weight_sum, coact, and the applied weight of every (expert, routed token).
+  std::vector<std::vector<float>> wt(E);
+  for (int64_t e = 0; e < E; ++e) wt[e].reserve(t.tokens[e].size());
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t s = 0; s < k; ++s) {
+      const int32_t e = t.routing.ids(n, s);
+      const float w = t.routing.weights(n, s);
+      a.count[e] += 1.0;
+      a.weight_sum[e] += static_cast<double>(w);
+      wt[e].push_back(w);
+      a.coact(e, e) += 1.0;
+      for (int64_t s2 = 0; s2 < s; ++s2) {
+        const int32_t e2 = t.routing.ids(n, s2);
+        a.coact(e, e2) += 1.0;
+        a.coact(e2, e) += 1.0;
+      }
+    }
+  }
+  for (int64_t e = 0; e < E; ++e)
+    if (wt[e].size() != t.tokens[e].size() || t.y[e].rows() != static_cast<int64_t>(t.tokens[e].size()))
+      throw Error::internal("stats observer: layer " + std::to_string(layer) + ": trace of expert " +
+                            std::to_string(e) + " disagrees with the routing");
+
+  // prob_sum: softmax over all E logits.
+  if (t.routing.probs.rows() == N && t.routing.probs.cols() == E) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t e = 0; e < E; ++e) a.prob_sum[e] += static_cast<double>(t.routing.probs(n, e));
+  } else {
+    std::vector<double> p(E);
+    for (int64_t n = 0; n < N; ++n) {
+      double m = -INFINITY, sum = 0;
+      for (int64_t e = 0; e < E; ++e) m = std::max(m, double(t.logits(n, e)));
+      for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(double(t.logits(n, e)) - m));
+      for (int64_t e = 0; e < E; ++e) a.prob_sum[e] += p[e] / sum;
+    }
+  }
+
+  // logit_sim: Gram of the logit columns.
+  gram_update(a.logit_gram, t.logits.data(), N, E);
+
+  // REAP and out_absmax on the routed tokens.
+  for (int64_t e = 0; e < E; ++e) {
+    const MatrixRM& y = t.y[e];
+    for (int64_t j = 0; j < y.rows(); ++j) {
+      double ss = 0;
+      float mx = a.absmax[e];
+      const float* r = y.data() + j * H;
+      for (int64_t i = 0; i < H; ++i) {
+        ss += double(r[i]) * double(r[i]);
+        mx = std::max(mx, std::fabs(r[i]));
+      }
+      a.absmax[e] = mx;
+      a.reap_sum[e] += double(wt[e][j]) * std::sqrt(ss);
+    }
+  }
+
+  // --gram: per-expert Gram matrices over the routed tokens.
+  if (opt_.gram) {
+    MatrixRM xe;
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& tok = t.tokens[e];
+      const int64_t ne = static_cast<int64_t>(tok.size());
+      xe.resize(ne, H);
+      for (int64_t j = 0; j < ne; ++j) xe.row(j) = t.x.row(tok[j]);
+      gram_update(a.gram_in[e], xe.data(), ne, H);
+      gram_update(a.gram_mid[e], t.h[e].data(), t.h[e].rows(), t.h[e].cols());
+    }
+  }
+
+  if (!opt_.all_token_stats) return;
+  // Every expert on every token. Rows routed to e reuse the forward's h; the others run here.
+  const int64_t ns = std::clamp<int64_t>(opt_.out_cos_tokens - offset_, 0, N);  // sampled rows of this batch
+  std::vector<MatrixRM> ys(E);
+  std::vector<int32_t> pos(N);
+  std::vector<int32_t> other;
+  MatrixRM xo, g, u, hs;
+  std::vector<double> hsum;
+  for (int64_t e = 0; e < E; ++e) {
+    const runtime::MlpWeights& W = t.weights.experts[e];
+    const int64_t I = W.width();
+    const auto& tok = t.tokens[e];
+    // pos[n] >= 0: row of t.h[e]; < 0: row -(pos+1) of the locally computed block.
+    other.clear();
+    size_t j = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      if (j < tok.size() && tok[j] == n) {
+        pos[n] = static_cast<int32_t>(j++);
+      } else {
+        pos[n] = -static_cast<int32_t>(other.size()) - 1;
+        other.push_back(static_cast<int32_t>(n));
+      }
+    }
+    const int64_t no = static_cast<int64_t>(other.size());
+    xo.resize(no, H);
+    for (int64_t r = 0; r < no; ++r) xo.row(r) = t.x.row(other[r]);
+    g.resize(no, I);
+    u.resize(no, I);
+    runtime::gemm_nt(no, I, H, 1.0f, xo.data(), H, W.gate.data(), H, 0.0f, g.data(), I);
+    runtime::gemm_nt(no, I, H, 1.0f, xo.data(), H, W.up.data(), H, 0.0f, u.data(), I);
+    if (no) runtime::silu_mul_inplace(g, u);
+    auto hrow = [&](int64_t n) -> const float* {
+      return pos[n] >= 0 ? t.h[e].data() + int64_t(pos[n]) * I : g.data() + int64_t(-pos[n] - 1) * I;
+    };
+    // Sum of h over the batch in token order, then down (linear) applied to the sum.
+    hsum.assign(I, 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      const float* r = hrow(n);
+      for (int64_t c = 0; c < I; ++c) hsum[c] += double(r[c]);
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      const float* wd = W.down.data() + i * I;
+      double acc = 0;
+      for (int64_t c = 0; c < I; ++c) acc += double(wd[c]) * hsum[c];
+      a.out_sum(e, i) += acc;
+    }
+    if (ns > 0) {
+      hs.resize(ns, I);
+      for (int64_t n = 0; n < ns; ++n) std::copy(hrow(n), hrow(n) + I, hs.data() + n * I);
+      ys[e].resize(ns, H);
+      runtime::gemm_nt(ns, H, I, 1.0f, hs.data(), I, W.down.data(), I, 0.0f, ys[e].data(), H);
+    }
+  }
+  // out_cos on the sampled tokens: normalise every expert's output row, then for a block of tokens
+  // the rows of V [E, block*H] are the experts' concatenated unit outputs, and (V V^T)(i,j) is the
+  // sum over the block's tokens of cos(y_i, y_j); blocks are summed in double. A zero output
+  // counts as cosine 0.
+  if (ns > 0) {
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < ns; ++n) {
+        float* r = ys[e].data() + n * H;
+        double ss = 0;
+        for (int64_t i = 0; i < H; ++i) ss += double(r[i]) * double(r[i]);
+        const float inv = ss > 0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
+        for (int64_t i = 0; i < H; ++i) r[i] *= inv;
+      }
+    const int64_t block = 32;
+    MatrixRM V(E, std::min(block, ns) * H), G(E, E);
+    for (int64_t s0 = 0; s0 < ns; s0 += block) {
+      const int64_t nb = std::min(block, ns - s0), width = nb * H;
+      for (int64_t e = 0; e < E; ++e) std::copy(ys[e].data() + s0 * H, ys[e].data() + (s0 + nb) * H, V.data() + e * V.cols());
+      runtime::gemm_nt(E, E, width, 1.0f, V.data(), V.cols(), V.data(), V.cols(), 0.0f, G.data(), E);
+      for (int64_t i = 0; i < E; ++i)
+        for (int64_t j2 = i + 1; j2 < E; ++j2) a.cos_sum(i, j2) += double(G(i, j2));
+    }
+    a.cos_tokens += ns;
+  }
+}
+
+void StatsObserver::on_attention(int layer, const runtime::AttnTrace& t) {
+  if (!opt_.gram) return;
+  LayerGrams& g = grams_[layer];
+  g.layer = layer;
+  if (g.attn_qkv.size() == 0) {
+    g.attn_qkv = MatrixD::Zero(t.x.cols(), t.x.cols());
+    g.attn_o = MatrixD::Zero(t.o_input.cols(), t.o_input.cols());
+  }
+  gram_update(g.attn_qkv, t.x.data(), t.x.rows(), t.x.cols());
+  gram_update(g.attn_o, t.o_input.data(), t.o_input.rows(), t.o_input.cols());
+}
+
+void StatsObserver::on_dense_mlp(int layer, const runtime::DenseMlpTrace& t) {
+  if (!opt_.gram) return;
+  LayerGrams& g = grams_[layer];
+  g.layer = layer;
+  if (g.mlp_in.size() == 0) {
+    g.mlp_in = MatrixD::Zero(t.x.cols(), t.x.cols());
+    g.mlp_mid = MatrixD::Zero(t.h.cols(), t.h.cols());
+  }
+  gram_update(g.mlp_in, t.x.data(), t.x.rows(), t.x.cols());
+  gram_update(g.mlp_mid, t.h.data(), t.h.rows(), t.h.cols());
+}
+
+std::optional<LayerStats> StatsObserver::take_layer(int l) {
+  auto it = moe_.find(l);
+  if (it == moe_.end()) return std::nullopt;
+  MoeAcc& a = it->second;
+  const int64_t E = a.E;
+  LayerStats s;
+  s.layer = l;
+  s.tokens = a.tokens;
+  s.count = a.count;
+  s.prob_sum = a.prob_sum;
+  s.weight_sum = a.weight_sum;
+  s.reap.assign(E, 0.0);
+  for (int64_t e = 0; e < E; ++e) s.reap[e] = a.count[e] > 0 ? a.reap_sum[e] / a.count[e] : 0.0;
+  s.out_absmax = a.absmax;
+  // logit_sim = (cos + 1) / 2 with exact unit diagonal and exact symmetry.
+  s.logit_sim = MatrixF::Ones(E, E);
+  for (int64_t i = 0; i < E; ++i)
+    for (int64_t j = i + 1; j < E; ++j) {
+      const double d = std::sqrt(a.logit_gram(i, i)) * std::sqrt(a.logit_gram(j, j));
+      const double c = d > 0 ? a.logit_gram(i, j) / d : 0.0;
+      s.logit_sim(i, j) = s.logit_sim(j, i) = static_cast<float>((c + 1.0) / 2.0);
+    }
+  if (opt_.all_token_stats) {
+    s.out_mean = (a.out_sum / static_cast<double>(std::max<int64_t>(a.tokens, 1))).cast<float>();
+    s.out_cos = MatrixF::Ones(E, E);
+    for (int64_t i = 0; i < E; ++i)
+      for (int64_t j = i + 1; j < E; ++j)
+        s.out_cos(i, j) = s.out_cos(j, i) =
+            static_cast<float>(a.cos_tokens > 0 ? a.cos_sum(i, j) / static_cast<double>(a.cos_tokens) : 0.0);
+  }
+  s.coact = a.coact;
+  for (auto& g : a.gram_in) gram_symmetrize(g);
+  for (auto& g : a.gram_mid) gram_symmetrize(g);
+  s.gram_in = std::move(a.gram_in);
+  s.gram_mid = std::move(a.gram_mid);
+  s.super_expert.assign(E, false);
+  moe_.erase(it);
+  return s;
+}
+
+std::optional<LayerGrams> StatsObserver::take_grams(int l) {
+  auto it = grams_.find(l);
+  if (it == grams_.end()) return std::nullopt;
+  LayerGrams g = std::move(it->second);
+  grams_.erase(it);
+  for (MatrixD* m : {&g.attn_qkv, &g.attn_o, &g.mlp_in, &g.mlp_mid}) gram_symmetrize(*m);
+  return g;
+}
+
+}  // namespace moe::calib

@@ -1,0 +1,74 @@
+// The observer that computes the routing statistics of METHODS.md §2 while the layer-sequential
+// forward runs (calib/calibrate.h drives it). It may see a layer in several batches of windows:
+// set_token_offset() before each batch tells it where the batch sits in the token stream, and
+// take_layer() / take_grams() after the last batch of a layer finish that layer.
+//
+// Every sum is accumulated in double, token by token in stream order (one thread), so the
+// result depends only on the forward's numbers, not on timing.
+//
+// What each statistic uses (trace = runtime::MoeTrace):
+//   count, weight_sum, coact   trace.routing (the family's own ids and applied weights)
+//   prob_sum                    trace.routing.probs (softmax over all logits); for routers that do
+//                               not produce it (sigmoid, top-k-softmax) the softmax over all E
+//                               logits is computed here, so sum(prob_sum) = tokens for every family
+//   reap, out_absmax            trace.y (routed tokens only) and the applied weights
+//   logit_sim                   trace.logits: sum over tokens of logit_i * logit_j
+//   out_mean                    every expert on every token: the routed rows of trace.h are
+//                               reused, the other rows run through gate/up here (two GEMMs per
+//                               expert); since down is linear, out_mean = down(mean h)
+//   out_cos                     every expert on the first out_cos_tokens tokens of the stream
+//   gram_in / gram_mid          (--gram) routed rows of trace.x / trace.h, fp64 DSYRK
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+
+#include "calib/stats.h"
+#include "runtime/observer.h"
+
+namespace moe::calib {
+
+struct ObserverOptions {
+  bool all_token_stats = true;  // out_mean, out_cos (false: --routed-only)
+  bool gram = false;
+  int64_t out_cos_tokens = 512;
+};
+
+class StatsObserver : public runtime::Observer {
+ public:
+  explicit StatsObserver(ObserverOptions o);
+  ~StatsObserver() override;
+  StatsObserver(const StatsObserver&) = delete;
+  StatsObserver& operator=(const StatsObserver&) = delete;
+
+  bool wants_attention_trace() const override { return opt_.gram; }
+  bool wants_moe_trace() const override { return true; }
+  bool wants_dense_mlp_trace() const override { return opt_.gram; }
+
+  // Index in the whole token stream of row 0 of the next batch.
+  void set_token_offset(int64_t first) { offset_ = first; }
+
+  void on_attention(int layer, const runtime::AttnTrace& t) override;
+  void on_moe(int layer, const runtime::MoeTrace& t) override;
+  void on_dense_mlp(int layer, const runtime::DenseMlpTrace& t) override;
+
+  // Finishes layer l and forgets its accumulators. take_layer: nullopt for layers without an MoE
+  // block; take_grams: nullopt without --gram.
+  std::optional<LayerStats> take_layer(int l);
+  std::optional<LayerGrams> take_grams(int l);
+
+ private:
+  struct MoeAcc;
+  ObserverOptions opt_;
+  int64_t offset_ = 0;
+  std::map<int, MoeAcc> moe_;
+  std::map<int, LayerGrams> grams_;
+};
+
+// G += A^T A (upper triangle only) for A [n, d] fp32 row-major, in fp64.
+void gram_update(MatrixD& G, const float* A, int64_t n, int64_t d);
+// Copies the upper triangle into the lower one.
+void gram_symmetrize(MatrixD& G);
+
+}  // namespace moe::calib

@@ -1,0 +1,214 @@
+#include "eval/eval.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include <Eigen/Core>
+
+#include "core/error.h"
+#include "core/progress.h"
+#include "runtime/forward.h"
+
+namespace moe::eval {
+
+using core::Error;
+using runtime::MatrixRM;
+
+std::string read_text(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) throw Error::not_found(path.string() + ": text file not found");
+  if (std::filesystem::is_directory(path, ec)) throw Error::invalid(path.string() + ": is a directory, not a text file");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error::io(path.string() + ": cannot read the text file");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  if (f.bad()) throw Error::io(path.string() + ": read error");
+  std::string s = ss.str();
+  if (s.empty()) throw Error::invalid(path.string() + ": text file is empty");
+  return s;
+}
+
+tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir) {
+  std::error_code ec;
+  if (!std::filesystem::exists(model_dir / "tokenizer.json", ec))
+    throw Error::not_found(model_dir.string() + ": no tokenizer (tokenizer.json missing in the model folder)");
+  return tokenizer::Tokenizer::load(model_dir);
+}
+
+Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, const EvalOptions& o) {
+  if (o.ctx < 2) throw Error::invalid("--ctx must be at least 2, got " + std::to_string(o.ctx));
+  if (o.llama_cpp && o.ctx < 3) throw Error::invalid("--llama-cpp-compatible needs --ctx of at least 3");
+  if (o.max_windows < 0) throw Error::invalid("--max-windows must be positive");
+  if (o.batch_windows < 0) throw Error::invalid("--batch-windows must be positive");
+  Windows w;
+  w.ctx = o.ctx;
+  std::vector<int32_t> all = tok.encode(text, /*add_special=*/o.llama_cpp);
+  w.text_tokens = static_cast<int64_t>(all.size());
+  if (w.text_tokens < o.ctx)
+    throw Error::invalid("text has " + std::to_string(w.text_tokens) + " tokens, fewer than one window of --ctx " +
+                         std::to_string(o.ctx));
+  w.windows = w.text_tokens / o.ctx;
+  if (o.max_windows > 0) w.windows = std::min(w.windows, o.max_windows);
+  w.tokens.assign(all.begin(), all.begin() + w.windows * o.ctx);
+  if (o.llama_cpp) {
+    const bool bos = tok.adds_bos() && tok.bos_id().has_value();
+    if (bos)
+      for (int64_t i = 0; i < w.windows; ++i) w.tokens[i * o.ctx] = *tok.bos_id();
+    w.score_begin = o.ctx / 2;
+    w.convention = "llama.cpp: text tokenized with special tokens, " +
+                   std::string(bos ? "first token of each window replaced by BOS, " : "no BOS (tokenizer adds none), ") +
+                   "second half of each window scored (" + std::to_string(w.scored_per_window()) + " per window)";
+  } else {
+    w.score_begin = 0;
+    w.convention = "every predictable position scored: token t+1 from tokens 0..t, " +
+                   std::to_string(w.scored_per_window()) + " per window of " + std::to_string(o.ctx) +
+                   "; no BOS; non-overlapping windows, tail dropped";
+  }
+  return w;
+}
+
+void check_context(const model::Model& m, int64_t ctx, bool force) {
+  const int64_t maxp = m.config().get_int_or("max_position_embeddings", 0);
+  if (maxp > 0 && ctx > maxp) {
+    const std::string msg = "--ctx " + std::to_string(ctx) + " exceeds max_position_embeddings " + std::to_string(maxp) +
+                            " of " + m.config().source();
+    if (!force) throw Error::invalid(msg + " (use --force to evaluate anyway)");
+    std::fprintf(stderr, "moe-tool: warning: %s (--force)\n", msg.c_str());
+  }
+}
+
+double PerplexityResult::perplexity() const {
+  return tokens_scored ? std::exp(nll_sum / double(tokens_scored)) : 0.0;
+}
+
+namespace {
+
+// log sum_v exp(x_v) in double (KL needs every term exactly).
+double log_sum_exp(const float* x, int64_t V, int64_t* argmax = nullptr) {
+  int64_t best = 0;
+  for (int64_t v = 1; v < V; ++v)
+    if (x[v] > x[best]) best = v;
+  const double m = x[best];
+  double s = 0;
+  for (int64_t v = 0; v < V; ++v) s += std::exp(double(x[v]) - m);
+  if (argmax) *argmax = best;
+  return m + std::log(s);
+}
+
+// The same for NLL scoring: exp(x - max) vectorised in float (relative error ~1e-7 per term),
+// summed in double; the NLL itself is accumulated in double by the callers.
+double log_sum_exp_fast(const float* x, int64_t V) {
+  Eigen::Map<const Eigen::ArrayXf> a(x, V);
+  const float m = a.maxCoeff();
+  const double s = (a - m).exp().cast<double>().sum();
+  return double(m) + std::log(s);
+}
+
+int64_t auto_batch(const EvalOptions& o, int64_t ctx, int64_t vocab, int64_t windows, int models) {
+  if (o.batch_windows > 0) return std::min(o.batch_windows, windows);
+  // Up to 4096 tokens per batch, logits of all models under ~1 GB.
+  const int64_t by_logits = (int64_t{1} << 30) / (vocab * 4 * models);
+  const int64_t tokens = std::max<int64_t>(ctx, std::min<int64_t>(4096, by_logits));
+  return std::clamp<int64_t>(tokens / ctx, 1, windows);
+}
+
+int64_t vocab_of(const model::Model& m) {
+  const auto& g = m.globals();
+  return (g.count("lm_head") ? g.at("lm_head") : g.at("embed")).dim(0);
+}
+
+}  // namespace
+
+double nll_of_row(const float* logits, int64_t V, int32_t target) {
+  if (target < 0 || target >= V)
+    throw Error::invalid("token id " + std::to_string(target) + " outside the model's vocabulary (" + std::to_string(V) + ")");
+  return log_sum_exp_fast(logits, V) - double(logits[target]);
+}
+
+PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalOptions& o) {
+  runtime::Forward fwd(m);
+  PerplexityResult r;
+  r.windows = w.windows;
+  r.ctx = w.ctx;
+  r.convention = w.convention;
+  const int64_t V = vocab_of(m);
+  const int64_t B = auto_batch(o, w.ctx, V, w.windows, 1);
+  core::Progress prog("eval", static_cast<uint64_t>(w.windows), "windows", o.quiet || core::Progress::global_quiet());
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t b0 = 0; b0 < w.windows; b0 += B) {
+    const int64_t nb = std::min(B, w.windows - b0);
+    std::span<const int32_t> toks(w.tokens.data() + b0 * w.ctx, static_cast<size_t>(nb * w.ctx));
+    MatrixRM logits = fwd.run(toks, w.ctx);
+    for (int64_t i = 0; i < nb; ++i)
+      for (int64_t p = w.score_begin; p + 1 < w.ctx; ++p) {
+        r.nll_sum += nll_of_row(logits.data() + (i * w.ctx + p) * V, V, toks[i * w.ctx + p + 1]);
+        ++r.tokens_scored;
+      }
+    prog.add(static_cast<uint64_t>(nb));
+  }
+  prog.finish();
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.tokens_per_second = r.seconds > 0 ? double(w.windows * w.ctx) / r.seconds : 0.0;
+  return r;
+}
+
+CompareResult compare(const model::Model& reference, const model::Model& m, const Windows& w, const EvalOptions& o) {
+  const int64_t V = vocab_of(m), Vr = vocab_of(reference);
+  if (V != Vr)
+    throw Error::invalid("--against: vocabulary sizes differ (model " + std::to_string(V) + ", reference " +
+                         std::to_string(Vr) + "): the models must share a tokenizer");
+  runtime::Forward fm(m), fr(reference);
+  CompareResult c;
+  for (PerplexityResult* r : {&c.model, &c.reference}) {
+    r->windows = w.windows;
+    r->ctx = w.ctx;
+    r->convention = w.convention;
+  }
+  const int64_t B = auto_batch(o, w.ctx, V, w.windows, 2);
+  core::Progress prog("eval", static_cast<uint64_t>(w.windows), "windows", o.quiet || core::Progress::global_quiet());
+  double secs_m = 0, secs_r = 0;
+  for (int64_t b0 = 0; b0 < w.windows; b0 += B) {
+    const int64_t nb = std::min(B, w.windows - b0);
+    std::span<const int32_t> toks(w.tokens.data() + b0 * w.ctx, static_cast<size_t>(nb * w.ctx));
+    auto t0 = std::chrono::steady_clock::now();
+    MatrixRM lr = fr.run(toks, w.ctx);
+    auto t1 = std::chrono::steady_clock::now();
+    MatrixRM lm = fm.run(toks, w.ctx);
+    auto t2 = std::chrono::steady_clock::now();
+    secs_r += std::chrono::duration<double>(t1 - t0).count();
+    secs_m += std::chrono::duration<double>(t2 - t1).count();
+    for (int64_t i = 0; i < nb; ++i)
+      for (int64_t p = w.score_begin; p + 1 < w.ctx; ++p) {
+        const float* a = lr.data() + (i * w.ctx + p) * V;
+        const float* q = lm.data() + (i * w.ctx + p) * V;
+        const int32_t target = toks[i * w.ctx + p + 1];
+        int64_t am_r = 0, am_m = 0;
+        const double lse_r = log_sum_exp(a, V, &am_r), lse_m = log_sum_exp(q, V, &am_m);
+        if (target < 0 || target >= V) throw Error::invalid("token id " + std::to_string(target) + " outside the vocabulary");
+        c.reference.nll_sum += lse_r - a[target];
+        c.model.nll_sum += lse_m - q[target];
+        double kl = 0;
+        for (int64_t v = 0; v < V; ++v) {
+          const double lr_v = double(a[v]) - lse_r, lm_v = double(q[v]) - lse_m;
+          kl += std::exp(lr_v) * (lr_v - lm_v);
+        }
+        c.kl_sum += std::max(0.0, kl);
+        c.top1_agree += am_r == am_m;
+        ++c.tokens;
+      }
+    prog.add(static_cast<uint64_t>(nb));
+  }
+  prog.finish();
+  c.model.tokens_scored = c.reference.tokens_scored = c.tokens;
+  c.model.seconds = secs_m;
+  c.reference.seconds = secs_r;
+  c.model.tokens_per_second = secs_m > 0 ? double(w.windows * w.ctx) / secs_m : 0;
+  c.reference.tokens_per_second = secs_r > 0 ? double(w.windows * w.ctx) / secs_r : 0;
+  return c;
+}
+
+}  // namespace moe::eval

@@ -1,0 +1,79 @@
+// Perplexity and model-vs-reference comparison over a text (METHODS.md §9).
+//
+// Windows: the whole text is tokenized once; non-overlapping windows of ctx tokens from token 0;
+// the incomplete tail is dropped. Positions restart at 0 in each window.
+// Default convention: every predictable position of each window is scored (ctx-1 per window:
+// token t+1 is predicted from tokens 0..t), text tokenized without special tokens.
+// llama.cpp convention (`--llama-cpp-compatible`, as llama-perplexity): text tokenized with the
+// tokenizer's special tokens (BOS when it adds one), the first token of every window replaced by
+// BOS when the tokenizer adds one, only the second half scored: logits at positions
+// ctx/2 .. ctx-2 predicting tokens ctx/2+1 .. ctx-1 (ctx-1-ctx/2 per window).
+// NLL and softmax are computed in double.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moe::eval {
+
+struct EvalOptions {
+  int64_t ctx = 512;
+  int64_t max_windows = 0;    // 0: all
+  int64_t batch_windows = 0;  // 0: automatic (memory-bounded)
+  bool llama_cpp = false;
+  bool force = false;         // allow ctx beyond max_position_embeddings
+  bool quiet = false;         // no progress on stderr
+};
+
+struct Windows {
+  std::vector<int32_t> tokens;  // windows * ctx, window-major
+  int64_t ctx = 0, windows = 0;
+  int64_t text_tokens = 0;      // tokens of the whole text
+  int64_t score_begin = 0;      // scored: logits at positions [score_begin, ctx-1) predict the next token
+  std::string convention;       // human-readable description
+  int64_t scored_per_window() const { return ctx - 1 - score_begin; }
+};
+
+// Reads the text file; Error::invalid/io for an unreadable or empty file.
+std::string read_text(const std::filesystem::path& path);
+// Loads the tokenizer of a model folder; Error::not_found naming the folder when absent.
+tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir);
+// Tokenizes and cuts windows. Error::invalid when fewer tokens than one window.
+Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, const EvalOptions& o);
+// Checks ctx against the model's max_position_embeddings: Error::invalid beyond it unless
+// force (then a warning on stderr).
+void check_context(const model::Model& m, int64_t ctx, bool force);
+
+struct PerplexityResult {
+  double nll_sum = 0;
+  int64_t tokens_scored = 0;
+  int64_t windows = 0, ctx = 0;
+  double seconds = 0;            // forward + scoring wall time
+  double tokens_per_second = 0;  // tokens forwarded (windows*ctx) per second
+  std::string convention;
+  double perplexity() const;
+};
+
+struct CompareResult {
+  PerplexityResult model, reference;
+  double kl_sum = 0;  // sum over scored tokens of KL(ref || model), nats
+  int64_t top1_agree = 0;
+  int64_t tokens = 0;
+  double mean_kl() const { return tokens ? kl_sum / double(tokens) : 0.0; }
+  double top1_agreement() const { return tokens ? double(top1_agree) / double(tokens) : 0.0; }
+};
+
+PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalOptions& o);
+// Same windows through both models; vocab sizes (lm_head rows) must agree (Error::invalid).
+CompareResult compare(const model::Model& reference, const model::Model& m, const Windows& w, const EvalOptions& o);
+
+// Scores rows of logits [rows, V]: nll += -log softmax(row)[target] (double); returns nll.
+double nll_of_row(const float* logits, int64_t V, int32_t target);
+
+}  // namespace moe::eval

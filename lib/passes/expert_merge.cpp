@@ -1,0 +1,109 @@
+#include "passes/expert_merge.h"
+
+#include <Eigen/Cholesky>
+#include <algorithm>
+#include <cmath>
+#include <lapacke.h>
+
+#include "core/error.h"
+
+namespace moe::passes {
+
+using core::Error;
+using MatD = MatrixXdRM;
+
+std::vector<int> align_neurons(const MlpWeights& ref, const MlpWeights& e) {
+  if (ref.gate.rows() != e.gate.rows() || ref.gate.cols() != e.gate.cols() || ref.down.cols() != e.down.cols())
+    throw Error::invalid("M-SMoE alignment needs experts of equal shape (widths " + std::to_string(ref.width()) +
+                         " and " + std::to_string(e.width()) + ")");
+  // Products in f32 (BLAS; no f64 copies of the weights), the assignment in f64.
+  MatrixRM C = ref.gate * e.gate.transpose();
+  C.noalias() += ref.up * e.up.transpose();
+  C.noalias() += ref.down.transpose() * e.down;
+  return assign_max(C.cast<double>());
+}
+
+MlpWeights permute_neurons(const MlpWeights& e, const std::vector<int>& perm) {
+  const int64_t I = e.width();
+  if (static_cast<int64_t>(perm.size()) != I) throw Error::internal("permute_neurons: permutation size != width");
+  MlpWeights out{MatrixRM(I, e.gate.cols()), MatrixRM(I, e.up.cols()), MatrixRM(e.down.rows(), I)};
+  for (int64_t i = 0; i < I; ++i) {
+    out.gate.row(i) = e.gate.row(perm[i]);
+    out.up.row(i) = e.up.row(perm[i]);
+    out.down.col(i) = e.down.col(perm[i]);
+  }
+  return out;
+}
+
+MatrixRM weighted_sum(const std::vector<const MatrixRM*>& ms, const std::vector<double>& w) {
+  MatrixRM out = MatrixRM::Zero(ms.at(0)->rows(), ms[0]->cols());
+  for (size_t i = 0; i < ms.size(); ++i) {
+    if (ms[i]->rows() != out.rows() || ms[i]->cols() != out.cols())
+      throw Error::invalid("merge: experts of a group differ in shape");
+    out += static_cast<float>(w[i]) * *ms[i];
+  }
+  return out;
+}
+
+MlpWeights weighted_average(const std::vector<const MlpWeights*>& ms, const std::vector<double>& w) {
+  std::vector<const MatrixRM*> g, u, d;
+  for (const auto* m : ms) {
+    g.push_back(&m->gate);
+    u.push_back(&m->up);
+    d.push_back(&m->down);
+  }
+  return {weighted_sum(g, w), weighted_sum(u, w), weighted_sum(d, w)};
+}
+
+namespace {
+
+// Lower Cholesky factor S of gram + damp·mean(diag)·I (gram = S Sᵀ); damping grows tenfold until
+// the factorisation succeeds. Identity for an all-zero Gram (the expert saw no tokens).
+MatD whitening_factor(const calib::MatrixD& gram, double damp) {
+  const int64_t c = gram.rows();
+  const double mean_diag = gram.diagonal().mean();
+  if (!(mean_diag > 0)) return MatD::Identity(c, c);
+  for (double d = damp; d < 1e6; d *= 10) {
+    MatD g = gram;
+    g.diagonal().array() += d * mean_diag;
+    Eigen::LLT<MatD> llt(g);
+    if (llt.info() == Eigen::Success) return llt.matrixL();
+  }
+  throw Error::invalid("Sub-MoE whitening: the Gram matrix is not positive definite at any damping");
+}
+
+}  // namespace
+
+MatrixRM joint_svd_merge(const std::vector<const MatrixRM*>& ms, const std::vector<double>& w, double rank_ratio,
+                         const std::vector<const calib::MatrixD*>* grams, double damp) {
+  const int64_t k = static_cast<int64_t>(ms.size()), m = ms.at(0)->rows(), c = ms[0]->cols();
+  const int64_t n = k * c, full = std::min(m, n);
+  // A = [W_1 S_1 | W_2 S_2 | ...], f64.
+  MatD A(m, n);
+  for (int64_t e = 0; e < k; ++e) {
+    if (ms[e]->rows() != m || ms[e]->cols() != c) throw Error::invalid("merge: experts of a group differ in shape");
+    if (grams) {
+      const calib::MatrixD& G = *grams->at(e);
+      if (G.rows() != c || G.cols() != c)
+        throw Error::invalid("Sub-MoE whitening: Gram matrix is " + std::to_string(G.rows()) + "x" +
+                             std::to_string(G.cols()) + ", expected " + std::to_string(c) + "x" + std::to_string(c));
+      A.middleCols(e * c, c) = ms[e]->cast<double>() * whitening_factor(G, damp);
+    } else {
+      A.middleCols(e * c, c) = ms[e]->cast<double>();
+    }
+  }
+  // A = U Σ Vᵀ (thin); only U is needed for the rebuild (see the header).
+  std::vector<double> s(full);
+  MatD U(m, full), Vt(full, n);
+  const lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', m, n, A.data(), n, s.data(), U.data(), full,
+                                         Vt.data(), n);
+  if (info != 0) throw Error::internal("Sub-MoE: SVD failed (LAPACKE_dgesdd info " + std::to_string(info) + ")");
+  const int64_t r = std::clamp<int64_t>(std::llround(rank_ratio * static_cast<double>(full)), 1, full);
+  const auto Ur = U.leftCols(r);
+  MatD merged = MatD::Zero(m, c);  // Σ_e w_e W_e
+  for (int64_t e = 0; e < k; ++e) merged += w[e] * ms[e]->cast<double>();
+  const MatD coeff = Ur.transpose() * merged;  // V_mergedᵀ scaled by Σ_r: Σ_e w_e U_rᵀ W_e
+  return (Ur * coeff).cast<float>();
+}
+
+}  // namespace moe::passes

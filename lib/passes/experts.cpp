@@ -1,0 +1,81 @@
+#include "passes/experts.h"
+
+#include <cstring>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace moe::passes {
+
+using core::Error;
+
+core::Tensor take_rows(const core::Tensor& t, const std::vector<int>& rows) {
+  if (t.rank() < 1) throw Error::internal("take_rows: scalar tensor");
+  core::Shape shape = t.shape();
+  const int64_t n = shape[0];
+  const size_t row_bytes = t.numel() == 0 ? 0 : t.nbytes() / static_cast<size_t>(n);
+  shape[0] = static_cast<int64_t>(rows.size());
+  core::Tensor out = core::Tensor::zeros(t.dtype(), shape);
+  uint8_t* dst = out.mutable_data();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || rows[i] >= n) throw Error::internal("take_rows: row " + std::to_string(rows[i]) + " of " + std::to_string(n));
+    std::memcpy(dst + i * row_bytes, t.data() + static_cast<size_t>(rows[i]) * row_bytes, row_bytes);
+  }
+  return out;
+}
+
+core::Tensor to_tensor(const MatrixRM& m, core::DType dtype) {
+  std::vector<float> v(m.data(), m.data() + m.size());
+  return core::Tensor::from_f32(v, {m.rows(), m.cols()}).converted(dtype);
+}
+
+core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype) {
+  return core::Tensor::from_f32(v, {static_cast<int64_t>(v.size())}).converted(dtype);
+}
+
+void keep_experts(model::MoeBlock& block, const std::vector<int>& kept) {
+  std::vector<model::Mlp> experts;
+  experts.reserve(kept.size());
+  for (int e : kept) experts.push_back(block.experts.at(e));
+  block.experts = std::move(experts);
+  block.router = take_rows(block.router, kept);
+  if (block.router_bias) block.router_bias = take_rows(*block.router_bias, kept);
+}
+
+std::vector<double> frequency_weights(const std::vector<double>& count, const std::vector<int>& members) {
+  std::vector<double> w(members.size());
+  double total = 0;
+  for (size_t i = 0; i < members.size(); ++i) total += (w[i] = count.at(members[i]));
+  for (double& x : w) x = total > 0 ? x / total : 1.0 / static_cast<double>(members.size());
+  return w;
+}
+
+void check_stat_size(int64_t size, int64_t experts, const char* field, int layer) {
+  if (size != experts)
+    throw Error::invalid("layer " + std::to_string(layer) + ": statistics field '" + field + "' has " +
+                         std::to_string(size) + " entries for " + std::to_string(experts) +
+                         " experts (stats from another model or an earlier pass changed the layer; "
+                         "run moe-tool calibrate on this model)");
+}
+
+void check_stats(const calib::LayerStats* stats, int layer, const std::string& pass) {
+  if (!stats)
+    throw Error::invalid("layer " + std::to_string(layer) + ": " + pass +
+                         " needs routing statistics (run moe-tool calibrate first)");
+}
+
+const std::vector<bool>& super_flags(const calib::LayerStats& s, int64_t experts, int layer) {
+  if (s.super_expert.empty())
+    throw Error::invalid("layer " + std::to_string(layer) +
+                         ": protect_super_experts needs super-expert flags (statistics with out_absmax)");
+  check_stat_size(static_cast<int64_t>(s.super_expert.size()), experts, "super_expert", layer);
+  return s.super_expert;
+}
+
+nlohmann::json ids_json(const std::vector<int>& ids) {
+  nlohmann::json a = nlohmann::json::array();
+  for (int i : ids) a.push_back(i);
+  return a;
+}
+
+}  // namespace moe::passes

@@ -1,0 +1,44 @@
+// Small operations shared by the expert passes: selecting experts of a block, writing f32 results
+// back as tensors of the checkpoint's dtype, frequency weights, and checks on statistics.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "calib/stats.h"
+#include "core/tensor.h"
+#include "model/model.h"
+#include "runtime/weights.h"
+
+namespace moe::passes {
+
+using runtime::MatrixRM;
+
+// Rows `rows` of t (along dim 0, in the given order) as a new tensor of t's dtype (byte copy:
+// exact for every dtype). Works for 1-D tensors (one element per row).
+core::Tensor take_rows(const core::Tensor& t, const std::vector<int>& rows);
+
+// An f32 result stored as `dtype` (round to nearest even), shape [rows, cols].
+core::Tensor to_tensor(const MatrixRM& m, core::DType dtype);
+// A vector result stored as `dtype`, shape [n].
+core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype);
+
+// Keeps the experts `kept` (ascending original ids) of a block: their tensors unchanged (views
+// stay lazy), router rows and router_bias entries sliced in the same order.
+void keep_experts(model::MoeBlock& block, const std::vector<int>& kept);
+
+// f_e / Σ f over `members` (f = count[e]); equal weights when every count is 0.
+std::vector<double> frequency_weights(const std::vector<double>& count, const std::vector<int>& members);
+
+// Statistics checks: a field with one entry (or row) per expert. Error::invalid naming the layer
+// and field, and how to produce it, when the stats do not match the layer.
+void check_stat_size(int64_t size, int64_t experts, const char* field, int layer);
+void check_stats(const calib::LayerStats* stats, int layer, const std::string& pass);
+
+// Super-expert flags of a layer (size E), or Error::invalid when the stats carry none.
+const std::vector<bool>& super_flags(const calib::LayerStats& s, int64_t experts, int layer);
+
+// JSON array of ints.
+nlohmann::json ids_json(const std::vector<int>& ids);
+
+}  // namespace moe::passes

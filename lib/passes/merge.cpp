@@ -1,0 +1,272 @@
+#include "passes/merge.h"
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <optional>
+
+#include "core/error.h"
+#include "passes/experts.h"
+#include "passes/expert_merge.h"
+#include "passes/options.h"
+#include "passes/passes.h"
+#include "passes/router_merge.h"
+#include "runtime/weights.h"
+
+namespace moe::passes {
+
+using core::Error;
+using nlohmann::json;
+
+Groups msmoe_groups(const std::vector<double>& count, const calib::MatrixF& logit_sim, int n,
+                    std::vector<int>& dominant) {
+  const int E = static_cast<int>(count.size());
+  std::vector<int> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return count[a] > count[b]; });
+  dominant.assign(order.begin(), order.begin() + n);
+  std::sort(dominant.begin(), dominant.end());
+  Groups groups(n);
+  for (int e = 0; e < E; ++e) {
+    int best = 0;
+    for (int g = 0; g < n; ++g) {
+      if (dominant[g] == e) {
+        best = g;
+        break;
+      }
+      if (logit_sim(e, dominant[g]) > logit_sim(e, dominant[best])) best = g;
+    }
+    groups[best].push_back(e);
+  }
+  return groups;
+}
+
+std::vector<int> most_frequent(const Groups& groups, const std::vector<double>& count) {
+  std::vector<int> dom;
+  for (const auto& members : groups) {
+    int best = members.at(0);
+    for (int e : members)
+      if (count[e] > count[best]) best = e;
+    dom.push_back(best);
+  }
+  return dom;
+}
+
+namespace {
+
+enum class Method { MSMoE, HCSMoE, SubMoE };
+
+Method parse_method(const std::string& m) {
+  if (m == "msmoe") return Method::MSMoE;
+  if (m == "hcsmoe") return Method::HCSMoE;
+  if (m == "submoe") return Method::SubMoE;
+  throw Error::internal("merge: method " + m + " not handled");
+}
+
+calib::MatrixD as_double(const calib::MatrixF& m) { return m.cast<double>(); }
+
+class MergePass final : public pipeline::Pass {
+ public:
+  MergePass(const json& spec, const std::string& method, const std::string& path)
+      : method_name_(method), method_(parse_method(method)) {
+    Options o(spec, path, "merge/" + method);
+    o.allow({"pass", "method"});
+    seed_ = o.opt_uint64("seed");
+    const auto n = o.opt_int("experts", 1, 1 << 20);
+    router_ = o.get_enum("router", "refit", {"dominant", "mean", "refit"});
+    router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
+    if (method_ == Method::SubMoE) {
+      rank_ratio_ = o.get_number("rank_ratio", 1.0, 0.0, 1.0, /*min_open=*/true);
+      whiten_ = o.get_bool("whiten", false);
+      damp_ = o.get_number("damp", 1e-2, 0.0, 1e3, /*min_open=*/true);  // used when whitening
+    }
+    o.finish();
+    if (!n) throw Error::invalid(path + ": missing key \"experts\" (experts per layer after merging, an integer >= 1)");
+    experts_ = *n;
+  }
+
+  std::string name() const override { return "merge"; }
+  std::string method() const override { return method_name_; }
+
+  json params() const override {
+    json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_},
+              {"router", router_}, {"router_bias", router_bias_}};
+    if (method_ == Method::SubMoE) {
+      p["rank_ratio"] = rank_ratio_;
+      p["whiten"] = whiten_;
+      if (whiten_) p["damp"] = damp_;
+    }
+    if (seed_) p["seed"] = *seed_;
+    return p;
+  }
+
+  pipeline::Requirements requirements() const override {
+    pipeline::Requirements r;
+    r.stats_fields = {"count"};
+    switch (method_) {
+      case Method::MSMoE: r.stats_fields.push_back("logit_sim"); break;
+      case Method::HCSMoE: r.stats_fields.push_back("out_mean"); break;
+      case Method::SubMoE:
+        r.stats_fields.push_back("out_cos");
+        if (whiten_) {
+          r.stats_fields.push_back("gram_in");
+          r.stats_fields.push_back("gram_mid");
+        }
+        break;
+    }
+    r.block_inputs = router_ == "refit";
+    return r;
+  }
+
+  int64_t experts_after(int layer, int64_t before, int64_t top_k) const override {
+    if (experts_ > before)
+      throw Error::invalid("layer " + std::to_string(layer) + ": merge to " + std::to_string(experts_) +
+                           " experts, but the layer has only " + std::to_string(before));
+    if (experts_ < top_k)
+      throw Error::invalid("layer " + std::to_string(layer) + ": merge to " + std::to_string(experts_) +
+                           " experts is below num_experts_per_tok " + std::to_string(top_k));
+    return experts_;
+  }
+
+  void run_layer(pipeline::LayerContext& ctx) override {
+    model::MoeBlock& block = *ctx.target.moe;
+    const int64_t E = block.num_experts();
+    const int L = ctx.layer;
+    const int n = static_cast<int>(experts_after(L, E, ctx.routing.top_k));
+    check_stats(ctx.stats, L, "merge/" + method_name_);
+    const calib::LayerStats& st = *ctx.stats;
+    check_stat_size(static_cast<int64_t>(st.count.size()), E, "count", L);
+
+    // 1. Groups (and each group's dominant member).
+    Groups groups;
+    std::vector<int> dominant;
+    switch (method_) {
+      case Method::MSMoE:
+        check_stat_size(st.logit_sim.rows(), E, "logit_sim", L);
+        groups = msmoe_groups(st.count, st.logit_sim, n, dominant);
+        break;
+      case Method::HCSMoE:
+        check_stat_size(st.out_mean.rows(), E, "out_mean", L);
+        groups = agglomerative_average(as_double(st.out_mean), n);
+        dominant = most_frequent(groups, st.count);
+        break;
+      case Method::SubMoE:
+        check_stat_size(st.out_cos.rows(), E, "out_cos", L);
+        groups = kmeans(as_double(st.out_cos), n, layer_seed(seed_, ctx.seed, L));
+        dominant = most_frequent(groups, st.count);
+        break;
+    }
+    std::vector<std::vector<double>> weights;
+    for (const auto& members : groups) weights.push_back(frequency_weights(st.count, members));
+
+    // 2. Merged expert weights (f32).
+    const runtime::MoeWeights w = runtime::convert_moe(block);
+    std::vector<runtime::MlpWeights> merged;
+    for (size_t g = 0; g < groups.size(); ++g) merged.push_back(merge_group(w, st, groups[g], weights[g], dominant[g], L));
+
+    // 3. Router rows (and deepseek_v3 bias) of the merged experts.
+    MatrixRM router;
+    if (router_ == "dominant") {
+      router = router_dominant(w.router, groups, dominant);
+    } else if (router_ == "mean") {
+      router = router_mean(w.router, groups, weights);
+    } else {
+      if (!ctx.block_inputs) throw Error::internal("merge router refit: the runner gave no block inputs");
+      router = core::with_context("layer " + std::to_string(L), [&] { return router_refit(w.router, *ctx.block_inputs, groups); });
+    }
+    std::optional<core::Tensor> bias;
+    if (w.router_bias) {
+      std::vector<float> b(groups.size());
+      for (size_t g = 0; g < groups.size(); ++g) {
+        double acc = router_bias_ == "max" ? -std::numeric_limits<double>::infinity() : 0.0;
+        for (size_t i = 0; i < groups[g].size(); ++i) {
+          const double v = (*w.router_bias)(groups[g][i]);
+          acc = router_bias_ == "max" ? std::max(acc, v) : acc + weights[g][i] * v;
+        }
+        b[g] = static_cast<float>(acc);
+      }
+      bias = to_tensor(b, block.router_bias->dtype());
+    }
+
+    // 4. Back into the block, in the checkpoint's dtypes.
+    std::vector<model::Mlp> experts;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const model::Mlp& like = block.experts[dominant[g]];
+      experts.push_back({to_tensor(merged[g].gate, like.gate.dtype()), to_tensor(merged[g].up, like.up.dtype()),
+                         to_tensor(merged[g].down, like.down.dtype())});
+    }
+    block.router = to_tensor(router, block.router.dtype());
+    block.router_bias = bias;
+    block.experts = std::move(experts);
+
+    json jg = json::array(), jw = json::array();
+    for (size_t g = 0; g < groups.size(); ++g) {
+      jg.push_back(ids_json(groups[g]));
+      jw.push_back(weights[g]);
+    }
+    ctx.report["groups"] = std::move(jg);
+    ctx.report["weights"] = std::move(jw);
+    ctx.report["dominant"] = ids_json(dominant);
+    ctx.report["router"] = router_;
+    if (bias) ctx.report["router_bias"] = router_bias_;
+  }
+
+ private:
+  runtime::MlpWeights merge_group(const runtime::MoeWeights& w, const calib::LayerStats& st, const std::vector<int>& members,
+                                  const std::vector<double>& wts, int dom, int layer) const {
+    std::vector<const runtime::MlpWeights*> ms;
+    for (int e : members) ms.push_back(&w.experts[e]);
+    switch (method_) {
+      case Method::MSMoE: {
+        // Align every member's neurons to the dominant expert, then average.
+        std::vector<runtime::MlpWeights> aligned(members.size());
+        for (size_t i = 0; i < members.size(); ++i) {
+          if (members[i] == dom) continue;
+          aligned[i] = permute_neurons(*ms[i], align_neurons(w.experts[dom], *ms[i]));
+          ms[i] = &aligned[i];
+        }
+        return weighted_average(ms, wts);
+      }
+      case Method::HCSMoE:
+        return weighted_average(ms, wts);
+      case Method::SubMoE: {
+        std::vector<const MatrixRM*> gate, up, down;
+        std::vector<const calib::MatrixD*> gin, gmid;
+        for (size_t i = 0; i < members.size(); ++i) {
+          gate.push_back(&ms[i]->gate);
+          up.push_back(&ms[i]->up);
+          down.push_back(&ms[i]->down);
+          if (whiten_) {
+            check_stat_size(static_cast<int64_t>(st.gram_in.size()), w.num_experts(), "gram_in", layer);
+            check_stat_size(static_cast<int64_t>(st.gram_mid.size()), w.num_experts(), "gram_mid", layer);
+            gin.push_back(&st.gram_in[members[i]]);
+            gmid.push_back(&st.gram_mid[members[i]]);
+          }
+        }
+        return core::with_context("layer " + std::to_string(layer), [&] {
+          return runtime::MlpWeights{joint_svd_merge(gate, wts, rank_ratio_, whiten_ ? &gin : nullptr, damp_),
+                                     joint_svd_merge(up, wts, rank_ratio_, whiten_ ? &gin : nullptr, damp_),
+                                     joint_svd_merge(down, wts, rank_ratio_, whiten_ ? &gmid : nullptr, damp_)};
+        });
+      }
+    }
+    throw Error::internal("merge: method not handled");
+  }
+
+  std::string method_name_;
+  Method method_;
+  std::optional<uint64_t> seed_;
+  int64_t experts_ = 0;
+  std::string router_, router_bias_;
+  double rank_ratio_ = 1.0;
+  bool whiten_ = false;
+  double damp_ = 1e-2;
+};
+
+}  // namespace
+
+std::unique_ptr<pipeline::Pass> make_merge(const json& spec, const std::string& method, const std::string& path) {
+  return std::make_unique<MergePass>(spec, method, path);
+}
+
+}  // namespace moe::passes

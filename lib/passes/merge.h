@@ -1,0 +1,41 @@
+// Expert merging (METHODS.md §4): group the experts of each MoE layer into N groups, merge each
+// group into one expert and one router row. The shared expert is untouched.
+//
+// Options (besides "pass", "method", "seed"):
+//   "experts": N          experts per layer after merging (top_k <= N <= E), required
+//   "router": "refit"     router rows of the merged experts: "dominant" | "mean" | "refit"
+//                         (passes/router_merge.h); default refit (to be confirmed by measurement)
+//   "router_bias": "max"  deepseek_v3 e_score_correction_bias of a merged expert: the max of its
+//                         members' biases (default: the merged expert stays as attractive to the
+//                         choice as its most favoured member) or their frequency-weighted "mean"
+//   submoe only: "rank_ratio" (0, 1], default 1 (no truncation); "whiten" bool, default false
+//                (SVD-LLM whitening with gram_in for gate/up and gram_mid for down; needs
+//                calibrate --gram); "damp" (whitening damping relative to mean(diag), default 0.01)
+// Methods:
+//   msmoe:  dominant experts = top-N by count (ties: lower id); every other expert joins the
+//           dominant expert with the highest logit_sim (ties: lower id); members' neurons aligned
+//           to the dominant one (Hungarian), then W = Σ f_e W_e / Σ f_e (f = count).
+//   hcsmoe: average-linkage agglomerative clustering of the out_mean rows (Euclidean) into N
+//           groups, frequency-weighted average, no alignment.
+//   submoe: k-means (k-means++ from the layer's seed) of the out_cos rows into N groups; per group
+//           and matrix type the joint SVD merge (passes/expert_merge.h).
+// Frequency weights: count normalised within the group, equal when every count is 0.
+// Merged experts are ordered by group: msmoe by dominant id, the others by smallest member id.
+// Report per layer: {"groups": [[members]], "weights": [[f_e / Σ f]], "dominant": [id per group],
+// "router": mode} (+ "router_bias": mode when the layer has one).
+#pragma once
+
+#include <vector>
+
+#include "calib/stats.h"
+#include "passes/clustering.h"
+
+namespace moe::passes {
+
+// M-SMoE grouping; `dominant` receives the dominant expert of each group.
+Groups msmoe_groups(const std::vector<double>& count, const calib::MatrixF& logit_sim, int n,
+                    std::vector<int>& dominant);
+// The most frequent member of each group (ties: lower id).
+std::vector<int> most_frequent(const Groups& groups, const std::vector<double>& count);
+
+}  // namespace moe::passes

@@ -1,0 +1,293 @@
+#include "passes/prune.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <optional>
+#include <random>
+
+#include "core/error.h"
+#include "passes/experts.h"
+#include "passes/naee.h"
+#include "passes/options.h"
+#include "passes/passes.h"
+#include "runtime/weights.h"
+
+namespace moe::passes {
+
+using core::Error;
+using nlohmann::json;
+
+std::vector<int> select_top(const std::vector<double>& score, int64_t keep, const std::vector<bool>* protect,
+                            int layer) {
+  const int E = static_cast<int>(score.size());
+  auto prot = [&](int e) { return protect && !protect->empty() && (*protect)[e]; };
+  std::vector<int> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    if (prot(a) != prot(b)) return prot(a);
+    return score[a] > score[b];
+  });
+  int64_t n_prot = 0;
+  for (int e = 0; e < E; ++e) n_prot += prot(e);
+  if (n_prot > keep)
+    throw Error::invalid("layer " + std::to_string(layer) + ": " + std::to_string(n_prot) +
+                         " super experts are protected but only " + std::to_string(keep) +
+                         " experts are kept; raise keep or set protect_super_experts to false");
+  std::vector<int> kept(order.begin(), order.begin() + keep);
+  std::sort(kept.begin(), kept.end());
+  return kept;
+}
+
+std::map<int, int64_t> plan_keep_ratio(const std::vector<LayerScores>& layers, double ratio, int64_t top_k,
+                                       bool uniform) {
+  struct Entry {
+    double score;
+    bool prot;
+    int layer;
+    int expert;
+  };
+  std::vector<Entry> ranked;
+  std::map<int, int64_t> count, minimum;
+  int64_t ranked_total = 0;
+  for (const auto& l : layers) {
+    int64_t n_prot = 0;
+    for (int64_t e = 0; e < l.experts; ++e) n_prot += !l.protect.empty() && l.protect[e];
+    minimum[l.layer] = std::min(l.experts, std::max(top_k, n_prot));
+    if (l.score.empty()) {  // no cross-layer information: the ratio within the layer
+      count[l.layer] = std::llround(ratio * static_cast<double>(l.experts));
+      continue;
+    }
+    count[l.layer] = 0;
+    ranked_total += l.experts;
+    double sum = 0;
+    for (double s : l.score) sum += s;
+    for (int64_t e = 0; e < l.experts; ++e)
+      ranked.push_back({sum > 0 ? l.score[e] / sum : 1.0 / static_cast<double>(l.experts),
+                        !l.protect.empty() && l.protect[e], l.layer, static_cast<int>(e)});
+  }
+  std::stable_sort(ranked.begin(), ranked.end(), [](const Entry& a, const Entry& b) {
+    if (a.prot != b.prot) return a.prot;
+    return a.score > b.score;
+  });
+  const int64_t budget = std::llround(ratio * static_cast<double>(ranked_total));
+  for (int64_t i = 0; i < budget && i < static_cast<int64_t>(ranked.size()); ++i) ++count[ranked[i].layer];
+  int64_t most = 0;
+  for (const auto& l : layers) {
+    int64_t& c = count[l.layer];
+    c = std::clamp(c, minimum[l.layer], l.experts);
+    most = std::max(most, c);
+  }
+  if (uniform)
+    for (const auto& l : layers) count[l.layer] = std::min(most, l.experts);
+  return count;
+}
+
+namespace {
+
+enum class Method { Frequency, Soft, Reap, Random, Enumerate };
+
+Method parse_method(const std::string& m) {
+  if (m == "frequency") return Method::Frequency;
+  if (m == "soft") return Method::Soft;
+  if (m == "reap") return Method::Reap;
+  if (m == "random") return Method::Random;
+  if (m == "enumerate") return Method::Enumerate;
+  throw Error::internal("prune: method " + m + " not handled");
+}
+
+// The statistics field a method ranks by ("" for none).
+const char* score_field(Method m) {
+  switch (m) {
+    case Method::Frequency: return "count";
+    case Method::Soft: return "weight_sum";
+    case Method::Reap: return "reap";
+    default: return "";
+  }
+}
+
+const std::vector<double>& stat_scores(const calib::LayerStats& s, Method m) {
+  switch (m) {
+    case Method::Frequency: return s.count;
+    case Method::Soft: return s.weight_sum;
+    default: return s.reap;
+  }
+}
+
+class PrunePass final : public pipeline::Pass {
+ public:
+  PrunePass(const json& spec, const std::string& method, const std::string& path)
+      : method_name_(method), method_(parse_method(method)) {
+    Options o(spec, path, "prune/" + method);
+    o.allow({"pass", "method"});
+    seed_ = o.opt_uint64("seed");
+    keep_ = o.opt_int("keep", 1, 1 << 20);
+    keep_ratio_ = o.opt_number("keep_ratio", 0.0, 1.0, /*min_open=*/true);
+    const std::optional<bool> uniform = o.opt_bool("uniform");
+    protect_ = o.get_bool("protect_super_experts", false);
+    if (method_ == Method::Enumerate) max_subsets_ = static_cast<uint64_t>(o.get_int("max_subsets", 5000, 1, int64_t{1} << 40));
+    o.finish();  // unknown keys first: a misspelt "keep" reads better as such than as a missing budget
+
+    if (keep_.has_value() == keep_ratio_.has_value())
+      throw Error::invalid(path + ": give exactly one of \"keep\" (experts per layer) or \"keep_ratio\" (global share)" +
+                           std::string(keep_ ? ", not both" : ""));
+    if (uniform) {
+      if (keep_) throw Error::invalid(o.key_path("uniform") + ": applies only with \"keep_ratio\" (\"keep\" is uniform)");
+      uniform_ = *uniform;
+    }
+    if (method_ == Method::Enumerate && keep_ratio_)
+      throw Error::invalid(o.key_path("keep_ratio") +
+                           ": enumerate cannot rank experts across layers (its losses need each layer's block "
+                           "inputs); use \"keep\", or method \"reap\" with keep_ratio");
+  }
+
+  std::string name() const override { return "prune"; }
+  std::string method() const override { return method_name_; }
+
+  json params() const override {
+    json p = {{"pass", "prune"}, {"method", method_name_}};
+    if (keep_) p["keep"] = *keep_;
+    if (keep_ratio_) {
+      p["keep_ratio"] = *keep_ratio_;
+      p["uniform"] = uniform_;
+    }
+    p["protect_super_experts"] = protect_;
+    if (method_ == Method::Enumerate) p["max_subsets"] = max_subsets_;
+    if (seed_) p["seed"] = *seed_;
+    return p;
+  }
+
+  pipeline::Requirements requirements() const override {
+    pipeline::Requirements r;
+    if (*score_field(method_)) r.stats_fields.push_back(score_field(method_));
+    if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
+    r.block_inputs = method_ == Method::Enumerate;
+    return r;
+  }
+
+  void plan(const model::Model& model, const calib::Stats* stats) override {
+    if (!keep_ratio_) return;
+    const bool need_stats = *score_field(method_) || protect_;
+    if (need_stats && !stats)
+      throw Error::invalid("prune/" + method_name_ + " keep_ratio needs routing statistics (run moe-tool calibrate)");
+    std::vector<LayerScores> layers;
+    for (const auto& layer : model.layers()) {
+      if (!layer.moe) continue;
+      LayerScores ls;
+      ls.layer = layer.index;
+      ls.experts = layer.moe->num_experts();
+      if (need_stats) {
+        const calib::LayerStats& s = stats->layer(layer.index, *score_field(method_) ? score_field(method_) : "out_absmax");
+        if (*score_field(method_)) {
+          ls.score = stat_scores(s, method_);
+          check_stat_size(static_cast<int64_t>(ls.score.size()), ls.experts, score_field(method_), layer.index);
+        }
+        if (protect_) ls.protect = super_flags(s, ls.experts, layer.index);
+      }
+      layers.push_back(std::move(ls));
+    }
+    planned_ = plan_keep_ratio(layers, *keep_ratio_, model.dims().top_k, uniform_);
+  }
+
+  int64_t experts_after(int layer, int64_t before, int64_t top_k) const override {
+    if (keep_) {
+      check_keep(*keep_, before, top_k, layer);
+      return *keep_;
+    }
+    auto it = planned_.find(layer);
+    if (it != planned_.end()) return it->second;
+    // Before planning: the ratio within the layer (an estimate; the plan ranks across layers).
+    return std::clamp<int64_t>(std::llround(*keep_ratio_ * static_cast<double>(before)), std::min(top_k, before), before);
+  }
+
+  void run_layer(pipeline::LayerContext& ctx) override {
+    model::MoeBlock& block = *ctx.target.moe;
+    const int64_t E = block.num_experts();
+    const int L = ctx.layer;
+    int64_t keep;
+    if (keep_) {
+      keep = *keep_;
+    } else {
+      auto it = planned_.find(L);
+      if (it == planned_.end()) throw Error::internal("prune keep_ratio: plan() did not cover layer " + std::to_string(L));
+      keep = it->second;
+    }
+    check_keep(keep, E, ctx.routing.top_k, L);
+
+    const std::vector<bool>* protect = nullptr;
+    if (protect_) {
+      check_stats(ctx.stats, L, "protect_super_experts");
+      protect = &super_flags(*ctx.stats, E, L);
+    }
+
+    std::vector<double> scores;
+    std::vector<int> kept;
+    json extra = json::object();
+    std::string score_kind;
+    if (method_ == Method::Enumerate) {
+      if (!ctx.block_inputs) throw Error::internal("prune/enumerate: the runner gave no block inputs");
+      const runtime::MoeWeights w = runtime::convert_moe(block);
+      const EnumerateResult r = naee_enumerate(w, ctx.routing, *ctx.block_inputs, static_cast<int>(keep), max_subsets_, protect);
+      for (int e = 0; e < E; ++e)
+        if (std::find(r.dropped.begin(), r.dropped.end(), e) == r.dropped.end()) kept.push_back(e);
+      scores = r.min_loss_dropping;
+      score_kind = "least block-output loss of a subset dropping the expert (null: never dropped)";
+      extra = {{"loss", r.loss}, {"subsets", r.subsets}};
+    } else {
+      if (method_ == Method::Random) {
+        std::mt19937_64 rng(layer_seed(seed_, ctx.seed, L));
+        scores.resize(E);
+        for (auto& s : scores) s = unit_double(rng());
+        score_kind = "random";
+      } else {
+        check_stats(ctx.stats, L, "prune/" + method_name_);
+        scores = stat_scores(*ctx.stats, method_);
+        check_stat_size(static_cast<int64_t>(scores.size()), E, score_field(method_), L);
+        score_kind = score_field(method_);
+      }
+      kept = select_top(scores, keep, protect, L);
+    }
+
+    std::vector<int> dropped;
+    for (int e = 0; e < E; ++e)
+      if (!std::binary_search(kept.begin(), kept.end(), e)) dropped.push_back(e);
+    keep_experts(block, kept);
+
+    json sc = json::array();
+    for (double s : scores) sc.push_back(std::isfinite(s) ? json(s) : json(nullptr));
+    ctx.report["kept"] = ids_json(kept);
+    ctx.report["dropped"] = ids_json(dropped);
+    ctx.report["scores"] = std::move(sc);
+    ctx.report["score"] = score_kind;
+    for (auto& [k, v] : extra.items()) ctx.report[k] = v;
+  }
+
+ private:
+  static void check_keep(int64_t keep, int64_t experts, int64_t top_k, int layer) {
+    if (keep > experts)
+      throw Error::invalid("layer " + std::to_string(layer) + ": keep " + std::to_string(keep) + " exceeds the layer's " +
+                           std::to_string(experts) + " experts");
+    if (keep < top_k)
+      throw Error::invalid("layer " + std::to_string(layer) + ": keep " + std::to_string(keep) +
+                           " is below num_experts_per_tok " + std::to_string(top_k) +
+                           " (every token routes to that many experts)");
+  }
+
+  std::string method_name_;
+  Method method_;
+  std::optional<uint64_t> seed_;
+  std::optional<int64_t> keep_;
+  std::optional<double> keep_ratio_;
+  bool uniform_ = true;
+  bool protect_ = false;
+  uint64_t max_subsets_ = 5000;
+  std::map<int, int64_t> planned_;
+};
+
+}  // namespace
+
+std::unique_ptr<pipeline::Pass> make_prune(const json& spec, const std::string& method, const std::string& path) {
+  return std::make_unique<PrunePass>(spec, method, path);
+}
+
+}  // namespace moe::passes

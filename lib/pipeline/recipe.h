@@ -1,0 +1,76 @@
+// A recipe is the pipeline written as JSON:
+// {
+//   "model": "path/to/checkpoint",
+//   "seed": 0,
+//   "calibration": {"text": "calib.txt", "ctx": 512, "windows": 64, "batch_windows": 8,
+//                   "stats": "stats.safetensors", "propagate": true},
+//   "passes": [{"pass": "merge", "method": "hcsmoe", "experts": 6}],
+//   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false},
+//   "eval": {"text": "heldout.txt", "ctx": 512, "max_windows": 0, "against_input": true}
+// }
+// Relative paths resolve against the recipe's folder. Validation happens before any work:
+// unknown keys, wrong types, unknown passes/methods, impossible budgets → Error::invalid with
+// the JSON path, what was found and what is allowed.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "pipeline/pass.h"
+
+namespace moe::pipeline {
+
+namespace fs = std::filesystem;
+
+struct CalibrationSpec {
+  fs::path text;           // empty: none
+  fs::path stats;          // empty: compute on the fly when a pass needs statistics
+  int64_t ctx = 512;
+  int64_t windows = 0;     // 0: all windows of the text
+  int64_t batch_windows = 8;
+  bool propagate = true;   // calibrate each layer on the outputs of the already-compressed layers
+};
+
+struct OutputSpec {
+  fs::path path;
+  std::optional<core::DType> dtype;
+  uint64_t max_shard_bytes = 5'000'000'000ull;
+  bool force = false;
+};
+
+struct EvalSpec {
+  fs::path text;
+  int64_t ctx = 512;
+  int64_t max_windows = 0;
+  bool against_input = true;
+};
+
+struct Recipe {
+  fs::path model;
+  uint64_t seed = 0;
+  CalibrationSpec calibration;
+  std::vector<std::unique_ptr<Pass>> passes;
+  nlohmann::json pass_specs = nlohmann::json::array();
+  OutputSpec output;
+  std::optional<EvalSpec> eval;
+  std::string source;  // recipe file (for messages and the report)
+  nlohmann::json json; // the validated recipe, paths resolved
+};
+
+// Parses and validates; `base` resolves relative paths; `source` names the file in errors.
+Recipe parse_recipe(const nlohmann::json& j, const fs::path& base, const std::string& source);
+// Reads a recipe file, applies `--set path=value` overrides (value parsed as JSON when it is
+// valid JSON, else taken as a string), then parse_recipe().
+Recipe load_recipe(const fs::path& file, const std::vector<std::string>& overrides);
+// Applies one "a.b[2].c=value" override to j (creating objects as needed).
+void apply_override(nlohmann::json& j, const std::string& assignment);
+
+// Edit distance suggestions: "did you mean 'keep'?" or "".
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& choices);
+
+}  // namespace moe::pipeline

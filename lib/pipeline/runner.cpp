@@ -1,0 +1,317 @@
+#include "pipeline/runner.h"
+
+#include <chrono>
+#include <sstream>
+
+#include "calib/stats.h"
+#include "core/error.h"
+#include "core/progress.h"
+#include "eval/eval.h"
+#include "io/checkpoint_writer.h"
+#include "io/output_dir.h"
+#include "pipeline/calibration_text.h"
+#include "pipeline/report.h"
+#include "runtime/forward.h"
+
+namespace moe::pipeline {
+
+using core::Error;
+using nlohmann::json;
+
+namespace {
+
+// Captures the MoE block input x of the layer being run.
+class BlockInputCapture final : public runtime::Observer {
+ public:
+  bool wants_moe_trace() const override { return true; }
+  void on_moe(int, const runtime::MoeTrace& t) override { x = t.x; }
+  runtime::MatrixRM x;
+};
+
+// The model as it will be after the passes, shapes only (expert lists truncated to the planned
+// counts; views, nothing computed): the writer's plan and the dry run's numbers come from it.
+model::Model planned_model(const model::Model& m, const std::vector<std::vector<int64_t>>& experts_after) {
+  model::Model p = m;
+  for (auto& layer : p.layers()) {
+    if (!layer.moe) continue;
+    const int64_t e = experts_after.back().at(static_cast<size_t>(layer.index));
+    auto& b = *layer.moe;
+    b.experts.resize(static_cast<size_t>(e));
+    b.router = b.router.slice0(0, e);
+    if (b.router_bias) *b.router_bias = b.router_bias->reshaped({b.router_bias->numel(), 1}).slice0(0, e).reshaped({e});
+  }
+  return p;
+}
+
+uint64_t bytes_of(const std::vector<model::OutTensor>& outs) {
+  uint64_t n = 0;
+  for (const auto& o : outs) n += io::TensorSpec{o.name, o.dtype, o.shape}.nbytes();
+  return n;
+}
+
+int64_t params_of(const std::vector<model::OutTensor>& outs) {
+  int64_t n = 0;
+  for (const auto& o : outs) n += core::shape_numel(o.shape);
+  return n;
+}
+
+// Expert counts per layer before each pass and after the last: [passes+1][layers] (0 for dense).
+std::vector<std::vector<int64_t>> plan_expert_counts(const Recipe& r, const model::Model& m) {
+  std::vector<std::vector<int64_t>> counts;
+  std::vector<int64_t> cur;
+  for (const auto& l : m.layers()) cur.push_back(l.moe ? l.moe->num_experts() : 0);
+  counts.push_back(cur);
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    for (const auto& l : m.layers()) {
+      if (!l.moe) continue;
+      auto& c = cur[static_cast<size_t>(l.index)];
+      c = core::with_context("passes[" + std::to_string(i) + "]", [&] { return r.passes[i]->experts_after(l.index, c, m.dims().top_k); });
+    }
+    counts.push_back(cur);
+  }
+  return counts;
+}
+
+}  // namespace
+
+json run_recipe(Recipe& r, const RunOptions& opts) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto& env = io::Env::posix();
+  const io::Checkpoint ckpt = io::Checkpoint::open(env, r.model);
+  model::Model model = model::Model::load(ckpt);
+  const model::Model original = model;
+  if (!model.family().moe)
+    throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
+                         " is dense: the passes of this recipe work on MoE layers");
+  for (size_t i = 1; i < r.passes.size(); ++i)
+    if (!r.passes[i]->requirements().stats_fields.empty())
+      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
+                           "' needs routing statistics of the experts left by the earlier passes; statistics are "
+                           "collected on the input model, so put this pass first (or run two recipes)");
+
+  const auto counts = plan_expert_counts(r, model);
+  const model::Model planned = planned_model(model, counts);
+  const auto outs_before = original.outputs();
+  const auto outs_after = planned.outputs(r.output.dtype);
+
+  json summary;
+  summary["model"] = r.model.string();
+  summary["family"] = model.family().model_type;
+  summary["output"] = r.output.path.string();
+  json passes = json::array();
+  for (const auto& p : r.passes) passes.push_back({{"pass", p->name()}, {"method", p->method()}, {"params", p->params()}});
+  summary["passes"] = passes;
+  json layers = json::array();
+  for (const auto& l : model.layers()) {
+    if (!l.moe) continue;
+    layers.push_back({{"layer", l.index}, {"experts_before", counts.front()[static_cast<size_t>(l.index)]},
+                      {"experts_after", counts.back()[static_cast<size_t>(l.index)]}});
+  }
+  summary["layers"] = layers;
+  summary["params"] = {{"before", params_of(outs_before)}, {"after", params_of(outs_after)},
+                       {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
+  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", bytes_of(outs_after)}};
+
+  bool needs_inputs = false, needs_stats = false;
+  std::vector<std::string> fields;
+  for (const auto& p : r.passes) {
+    const auto req = p->requirements();
+    needs_inputs = needs_inputs || req.block_inputs;
+    needs_stats = needs_stats || !req.stats_fields.empty();
+    fields.insert(fields.end(), req.stats_fields.begin(), req.stats_fields.end());
+  }
+  std::vector<std::string> compute;
+  if (needs_stats)
+    compute.push_back(!r.calibration.stats.empty() ? "statistics read from " + r.calibration.stats.string()
+                                                   : "statistics collected on " + r.calibration.text.string());
+  if (needs_inputs)
+    compute.push_back(std::string("MoE block inputs of the calibration windows, layer by layer") +
+                      (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
+  summary["computes"] = compute;
+  if (opts.dry_run) {
+    summary["dry_run"] = true;
+    return summary;
+  }
+
+  // Statistics: from the file (checked against this model) or collected on the calibration text.
+  std::optional<calib::Stats> stats;
+  if (needs_stats) {
+    if (!r.calibration.stats.empty()) {
+      stats = calib::Stats::load(r.calibration.stats);
+      stats->check_model(ckpt.fingerprint(), r.calibration.stats);
+    } else {
+      stats = collect_stats(ckpt, model, r.calibration, r.seed, opts.quiet);
+    }
+    for (const auto& l : model.layers())
+      if (l.moe)
+        for (const auto& f : fields) stats->layer(l.index, f);
+  }
+  for (auto& p : r.passes) p->plan(model, stats ? &*stats : nullptr);
+
+  // Calibration hidden states when a pass runs the block on real inputs.
+  std::optional<runtime::Forward> fwd;
+  runtime::MatrixRM X;
+  int64_t T = 0;
+  if (needs_inputs) {
+    const CalibrationTokens ct = calibration_tokens(r.model, r.calibration);
+    T = ct.ctx;
+    fwd.emplace(model);
+    X = fwd->embed(ct.tokens);
+  }
+
+  io::OutputDir out(env, r.output.path, {r.model}, r.output.force);
+  std::vector<io::TensorSpec> plan;
+  for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
+  io::CheckpointWriter writer(env, out.path(), plan, r.output.max_shard_bytes);
+  auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
+    for (const auto& o : list) {
+      core::Tensor t = o.make();
+      if (t.dtype() != o.dtype) t = t.converted(o.dtype);
+      writer.write(o.name, t);
+      ckpt.release_range(t.data(), t.nbytes());
+    }
+  };
+
+  json layer_reports = json::array();
+  core::Progress progress("layers", static_cast<uint64_t>(model.layers().size()), "layers", opts.quiet);
+  for (auto& layer : model.layers()) {
+    const int l = layer.index;
+    json lr = {{"layer", l}};
+    if (layer.moe) {
+      BlockInputCapture capture;
+      runtime::MatrixRM X_in;
+      if (fwd) {
+        if (r.calibration.propagate) X_in = X;
+        runtime::Observer* obs[] = {&capture};
+        fwd->apply_layer(fwd->load_layer(l), X, T, obs);
+      }
+      json pass_reports = json::array();
+      for (size_t i = 0; i < r.passes.size(); ++i) {
+        json pr;
+        LayerContext ctx{l, model, layer, stats && !r.passes[i]->requirements().stats_fields.empty() ? &stats->layers.at(l) : nullptr,
+                         fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
+                         r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr};
+        core::with_context("layer " + std::to_string(l) + ": " + r.passes[i]->name() + " " + r.passes[i]->method(),
+                           [&] { r.passes[i]->run_layer(ctx); });
+        pr["pass"] = r.passes[i]->name();
+        pr["method"] = r.passes[i]->method();
+        pass_reports.push_back(pr);
+        if (layer.moe->num_experts() != counts[i + 1][static_cast<size_t>(l)])
+          throw Error::internal("layer " + std::to_string(l) + ": pass " + r.passes[i]->name() + " left " +
+                                std::to_string(layer.moe->num_experts()) + " experts, planned " +
+                                std::to_string(counts[i + 1][static_cast<size_t>(l)]));
+      }
+      lr["passes"] = pass_reports;
+      lr["experts_before"] = counts.front()[static_cast<size_t>(l)];
+      lr["experts_after"] = layer.moe->num_experts();
+      if (fwd && r.calibration.propagate) {
+        X = std::move(X_in);
+        fwd->apply_layer(fwd->load_layer(l), X, T);
+      }
+    } else if (fwd) {
+      fwd->apply_layer(fwd->load_layer(l), X, T);
+    }
+    write_outputs(model.layer_outputs(l, r.output.dtype));
+    // The layer is on disk: drop its computed tensors (memory stays one layer).
+    if (layer.moe) {
+      for (auto& e : layer.moe->experts) e = model::Mlp{};
+    }
+    layer_reports.push_back(lr);
+    progress.add(1);
+  }
+  progress.finish();
+  // Globals and pass-through tensors (everything not written with a layer).
+  {
+    std::vector<model::OutTensor> rest;
+    for (const auto& o : outs_after) {
+      bool in_layer = o.name.rfind("model.layers.", 0) == 0;
+      if (in_layer) {
+        const int64_t idx = std::stoll(o.name.substr(13));
+        in_layer = idx < static_cast<int64_t>(model.layers().size());
+      }
+      if (!in_layer) rest.push_back(o);
+    }
+    write_outputs(rest);
+  }
+  writer.finish();
+  // config.json and side files.
+  for (const auto& f : ckpt.side_files()) {
+    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
+    env.copy_file(f, out.path() / f.filename());
+  }
+  env.write_text(out.path() / "config.json", planned.rewritten_config(r.output.dtype).dump(2) + "\n");
+
+  // Evaluate the written checkpoint (still in the temporary folder) against the input.
+  json eval_json;
+  if (r.eval) {
+    const io::Checkpoint written_ckpt = io::Checkpoint::open(env, out.path());
+    const model::Model written_model = model::Model::load(written_ckpt);
+    eval::EvalOptions eo;
+    eo.ctx = r.eval->ctx;
+    eo.max_windows = r.eval->max_windows;
+    eo.quiet = opts.quiet;
+    eval::check_context(original, eo.ctx, false);
+    const auto windows = eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
+    if (r.eval->against_input) {
+      const auto c = eval::compare(original, written_model, windows, eo);
+      eval_json = {{"text", r.eval->text.string()}, {"ctx", eo.ctx}, {"windows", windows.windows},
+                   {"tokens_scored", c.tokens}, {"perplexity_before", c.reference.perplexity()},
+                   {"perplexity_after", c.model.perplexity()}, {"kl_mean", c.mean_kl()},
+                   {"top1_agreement", c.top1_agreement()}, {"convention", windows.convention}};
+    } else {
+      const auto p = eval::perplexity(written_model, windows, eo);
+      eval_json = {{"text", r.eval->text.string()}, {"ctx", eo.ctx}, {"windows", windows.windows},
+                   {"tokens_scored", p.tokens_scored}, {"perplexity_after", p.perplexity()}, {"convention", windows.convention}};
+    }
+  }
+
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  HfSinkResult written{bytes_of(outs_after), plan.size(), writer.shard_count()};
+  json report = make_report(opts.command, ckpt, original, planned, written, secs);
+  report["recipe"] = r.json;
+  report["passes"] = passes;
+  report["layers"] = layer_reports;
+  report["calibration"] = {{"text", r.calibration.text.string()}, {"stats", r.calibration.stats.string()},
+                           {"ctx", r.calibration.ctx}, {"windows", r.calibration.windows},
+                           {"propagate", r.calibration.propagate}, {"seed", r.seed}};
+  if (!eval_json.is_null()) report["eval"] = eval_json;
+  write_report(env, out.path(), report);
+  out.commit();
+  if (!eval_json.is_null()) summary["eval"] = eval_json;
+  summary["layers"] = layer_reports;
+  summary["seconds"] = secs;
+  summary["report"] = (r.output.path / "moe_tool_report.json").string();
+  return summary;
+}
+
+std::string render_run_summary(const json& s) {
+  std::ostringstream o;
+  const bool dry = s.value("dry_run", false);
+  o << (dry ? "plan (dry run, nothing computed or written)\n" : "done\n");
+  o << "  model    " << s["model"].get<std::string>() << " (" << s["family"].get<std::string>() << ")\n";
+  for (const auto& p : s["passes"]) o << "  pass     " << p["pass"].get<std::string>() << " " << p["method"].get<std::string>() << " " << p["params"].dump() << "\n";
+  o << "  experts  ";
+  for (const auto& l : s["layers"]) o << "L" << l["layer"].get<int>() << " " << l["experts_before"].get<int64_t>() << "->" << l["experts_after"].get<int64_t>() << "  ";
+  o << "\n";
+  o << "  params   " << s["params"]["before"].get<int64_t>() << " -> " << s["params"]["after"].get<int64_t>()
+    << " (active per token " << s["params"]["active_before"].get<int64_t>() << " -> " << s["params"]["active_after"].get<int64_t>() << ")\n";
+  o << "  bytes    " << core::format_bytes(s["bytes"]["before"].get<double>()) << " -> " << core::format_bytes(s["bytes"]["after"].get<double>()) << "\n";
+  for (const auto& c : s["computes"]) o << "  computes " << c.get<std::string>() << "\n";
+  if (!dry) o << "  output   " << s["output"].get<std::string>() << " (report: " << s["report"].get<std::string>() << ")\n";
+  if (s.contains("eval")) {
+    const auto& e = s["eval"];
+    char buf[256];
+    if (e.contains("perplexity_before"))
+      std::snprintf(buf, sizeof buf, "perplexity %.3f -> %.3f (%+.2f%%), KL %.4g nats/token, top-1 agreement %.2f%%",
+                    e["perplexity_before"].get<double>(), e["perplexity_after"].get<double>(),
+                    100.0 * (e["perplexity_after"].get<double>() / e["perplexity_before"].get<double>() - 1.0),
+                    e["kl_mean"].get<double>(), 100.0 * e["top1_agreement"].get<double>());
+    else
+      std::snprintf(buf, sizeof buf, "perplexity %.3f", e["perplexity_after"].get<double>());
+    o << "  eval     " << buf << "\n           on " << e["tokens_scored"].get<int64_t>() << " tokens of "
+      << e["text"].get<std::string>() << " (ctx " << e["ctx"].get<int64_t>() << ", " << e["convention"].get<std::string>() << ")\n";
+  }
+  return o.str();
+}
+
+}  // namespace moe::pipeline

@@ -1,0 +1,95 @@
+#include "runtime/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/error.h"
+
+namespace moe::runtime {
+
+namespace {
+
+// Causal softmax of a block of score rows in place. Row r (query position q0 + r) sees keys
+// [lo(q), q]; everything else is set to 0. S is [rows, ldS].
+void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0, int64_t window) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = q0 + r;
+    float* s = S + r * ldS;
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, q - window + 1) : 0;
+    const int64_t a = lo - k0, b = q - k0 + 1;  // valid [a, b) in block coordinates
+    Eigen::Map<Eigen::ArrayXf> v(s + a, b - a);
+    const float m = v.maxCoeff();
+    v = (v - m).exp();
+    v *= 1.0f / v.sum();
+    std::fill(s, s + a, 0.0f);
+    std::fill(s + b, s + ldS, 0.0f);
+  }
+}
+
+}  // namespace
+
+AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
+                     int64_t T) {
+  const int64_t N = x.rows(), nH = spec.heads, nKV = spec.kv_heads, d = spec.head_dim;
+  if (T <= 0 || N % T != 0) throw core::Error::internal("attention: rows not a multiple of the window");
+  const int64_t windows = N / T;
+  MatrixRM q = linear(x, w.q, w.q_bias ? &*w.q_bias : nullptr);
+  MatrixRM k = linear(x, w.k, w.k_bias ? &*w.k_bias : nullptr);
+  MatrixRM v = linear(x, w.v, w.v_bias ? &*w.v_bias : nullptr);
+  if (q.cols() != nH * d || k.cols() != nKV * d || v.cols() != nKV * d)
+    throw core::Error::corruption("attention: projection widths do not match heads x head_dim");
+  switch (spec.qk_norm) {
+    case model::QKNorm::None: break;
+    case model::QKNorm::PerHead:
+      if (!w.q_norm || !w.k_norm) throw core::Error::corruption("attention: q_norm/k_norm missing");
+      rms_norm_groups_inplace(q, *w.q_norm, spec.eps);
+      rms_norm_groups_inplace(k, *w.k_norm, spec.eps);
+      break;
+    case model::QKNorm::Full:
+      if (!w.q_norm || !w.k_norm) throw core::Error::corruption("attention: q_norm/k_norm missing");
+      rms_norm_groups_inplace(q, *w.q_norm, spec.eps);  // one group: the whole projection
+      rms_norm_groups_inplace(k, *w.k_norm, spec.eps);
+      break;
+  }
+  if (spec.clip_qkv) {
+    const float c = *spec.clip_qkv;
+    q = q.cwiseMax(-c).cwiseMin(c);
+    k = k.cwiseMax(-c).cwiseMin(c);
+    v = v.cwiseMax(-c).cwiseMin(c);
+  }
+  rope.apply(q, nH);
+  rope.apply(k, nKV);
+
+  AttnOutput out;
+  out.o_input.resize(N, nH * d);
+  const int64_t rep = nH / nKV;
+  const float scale = static_cast<float>(1.0 / std::sqrt(double(d)));
+  // Query blocks: block b only needs keys [lo, end of block) (causal), halving the work.
+  const int64_t B = std::min<int64_t>(T, 128);
+  std::vector<float> S(static_cast<size_t>(B * T));
+  const int64_t ldq = q.cols(), ldk = k.cols(), ldo = out.o_input.cols();
+  for (int64_t wi = 0; wi < windows; ++wi) {
+    const int64_t r0 = wi * T;
+    for (int64_t h = 0; h < nH; ++h) {
+      const int64_t g = h / rep;
+      for (int64_t q0 = 0; q0 < T; q0 += B) {
+        const int64_t rows = std::min(B, T - q0);
+        const int64_t kend = q0 + rows;
+        const int64_t k0 = spec.sliding_window > 0 ? std::max<int64_t>(0, q0 - spec.sliding_window + 1) : 0;
+        const int64_t nk = kend - k0;
+        // S = scale * Q_blk K^T  [rows, nk]
+        gemm_nt(rows, nk, d, scale, q.data() + (r0 + q0) * ldq + h * d, ldq, k.data() + (r0 + k0) * ldk + g * d,
+                ldk, 0.0f, S.data(), nk);
+        masked_softmax(S.data(), rows, nk, q0, k0, spec.sliding_window);
+        // O_blk = P V  [rows, d]
+        gemm_nn(rows, d, nk, 1.0f, S.data(), nk, v.data() + (r0 + k0) * ldk + g * d, ldk, 0.0f,
+                out.o_input.data() + (r0 + q0) * ldo + h * d, ldo);
+      }
+    }
+  }
+  out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);
+  return out;
+}
+
+}  // namespace moe::runtime

@@ -1,0 +1,196 @@
+#include "runtime/forward.h"
+
+#include <algorithm>
+#include <set>
+
+#include "core/error.h"
+#include "runtime/moe_block.h"
+
+namespace moe::runtime {
+
+using core::Error;
+
+namespace {
+
+const std::set<std::string> kForwardFamilies = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                                "llama",   "mistral",   "qwen2",     "qwen3"};
+
+RopeScaling read_rope_scaling(const model::Config& c) {
+  RopeScaling s;
+  if (!c.has("rope_scaling")) return s;
+  const auto& j = c.json().at("rope_scaling");
+  if (!j.is_object()) throw Error::corruption(c.source() + ": rope_scaling: expected an object or null");
+  std::string type = j.value("rope_type", j.value("type", std::string("default")));
+  s.type = type;
+  auto num = [&](const char* key, double fallback) {
+    if (!j.contains(key) || j.at(key).is_null()) return fallback;
+    if (!j.at(key).is_number()) throw Error::corruption(c.source() + ": rope_scaling." + key + ": expected a number");
+    return j.at(key).get<double>();
+  };
+  s.factor = num("factor", 1.0);
+  if (type == "default") return s;
+  if (type == "linear" || type == "dynamic") {
+    s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
+    return s;
+  }
+  if (type == "llama3") {
+    s.low_freq_factor = num("low_freq_factor", 1.0);
+    s.high_freq_factor = num("high_freq_factor", 4.0);
+    s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 8192));
+    return s;
+  }
+  throw Error::unsupported(c.source() + ": rope_scaling type '" + type +
+                           "' not implemented by the forward (implemented: default, linear, dynamic, llama3)");
+}
+
+}  // namespace
+
+ForwardSpec ForwardSpec::from_model(const model::Model& m) {
+  const auto& f = m.family();
+  const auto& c = m.config();
+  if (!kForwardFamilies.count(f.model_type))
+    throw Error::unsupported("forward not implemented for " + f.model_type +
+                             " (implemented: mixtral, qwen2_moe, qwen3_moe, olmoe, llama, mistral, qwen2, qwen3)");
+  ForwardSpec s;
+  s.family = f.model_type;
+  const auto& d = m.dims();
+  s.layers = static_cast<int64_t>(m.layers().size());
+  s.hidden = d.hidden;
+  s.vocab = m.globals().at("embed").dim(0);
+  s.max_positions = c.get_int_or("max_position_embeddings", 0);
+  s.eps = c.get_double_or("rms_norm_eps", 1e-6);
+  s.rope_theta = c.get_double_or("rope_theta", 10000.0);
+  const std::string act = c.get_string_or("hidden_act", "silu");
+  if (act != "silu" && act != "swish")
+    throw Error::unsupported(c.source() + ": hidden_act '" + act + "' not implemented by the forward (silu only)");
+  if (c.get_bool_or("mlp_bias", false))
+    throw Error::unsupported(c.source() + ": mlp_bias not implemented by the forward");
+  if (c.get_double_or("partial_rotary_factor", 1.0) != 1.0)
+    throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward");
+  s.rope_scaling = read_rope_scaling(c);
+  s.attn.heads = d.heads;
+  s.attn.kv_heads = d.kv_heads;
+  s.attn.head_dim = d.head_dim;
+  s.attn.eps = s.eps;
+  s.attn.qk_norm = f.qk_norm;
+  if (f.model_type == "olmoe" && c.has("clip_qkv")) s.attn.clip_qkv = static_cast<float>(c.get_double_or("clip_qkv", 0));
+  if (f.model_type == "mistral" || f.model_type == "mixtral") {
+    s.attn.sliding_window = c.get_int_or("sliding_window", 0);
+  } else if (c.get_bool_or("use_sliding_window", false) && c.has("sliding_window")) {
+    throw Error::unsupported(c.source() + ": use_sliding_window with " + f.model_type +
+                             " (per-layer sliding windows) not implemented by the forward");
+  }
+  if (d.heads <= 0 || d.kv_heads <= 0 || d.heads % d.kv_heads != 0)
+    throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
+  s.routing = RoutingRule::from_model(m);
+  return s;
+}
+
+Forward::Forward(const model::Model& m) : model_(m), spec_(ForwardSpec::from_model(m)) {
+  final_norm_w_ = to_row(m.globals().at("final_norm"));
+}
+
+const RopeTable& Forward::rope(int64_t T) const {
+  if (rope_.T != T)
+    rope_ = RopeTable::make(T, spec_.attn.head_dim, spec_.rope_theta, spec_.rope_scaling, spec_.max_positions);
+  return rope_;
+}
+
+MatrixRM Forward::embed(std::span<const int32_t> tokens) const {
+  const core::Tensor& E = model_.globals().at("embed");
+  const int64_t V = E.dim(0), H = E.dim(1);
+  MatrixRM X(static_cast<int64_t>(tokens.size()), H);
+  for (size_t n = 0; n < tokens.size(); ++n) {
+    const int32_t id = tokens[n];
+    if (id < 0 || id >= V)
+      throw Error::invalid("token id " + std::to_string(id) + " outside the embedding (vocab " + std::to_string(V) + ")");
+    E.slice0(id, id + 1).to_f32(X.data() + n * H);
+  }
+  return X;
+}
+
+LayerWeights Forward::load_layer(int l) const { return convert_layer(model_.layers().at(l)); }
+
+void Forward::load_layer_into(int l, LayerWeights& w) const { convert_layer_into(model_.layers().at(l), w); }
+
+void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {
+  const int l = w.index;
+  bool want_attn = false, want_moe = false, want_mlp = false;
+  for (Observer* o : observers) {
+    want_attn |= o->wants_attention_trace();
+    want_moe |= o->wants_moe_trace();
+    want_mlp |= o->wants_dense_mlp_trace();
+  }
+  for (Observer* o : observers) o->on_layer_input(l, X);
+
+  {
+    MatrixRM xn = rms_norm(X, w.input_norm, spec_.eps);
+    AttnOutput a = attention(spec_.attn, w.attn, rope(T), xn, T);
+    if (want_attn) {
+      const AttnTrace t{xn, a.o_input, a.out, w.attn};
+      for (Observer* o : observers)
+        if (o->wants_attention_trace()) o->on_attention(l, t);
+    }
+    X += a.out;
+  }
+  MatrixRM x2 = rms_norm(X, w.post_attn_norm, spec_.eps);
+  if (w.moe) {
+    MoeDetail det;
+    MatrixRM out = moe_forward(*w.moe, spec_.routing, x2, &det, want_moe);
+    if (want_moe) {
+      const MoeTrace t{x2, det.logits, det.routing, det.tokens, det.h, det.y, det.shared_out, det.shared_gate, out,
+                       *w.moe};
+      for (Observer* o : observers)
+        if (o->wants_moe_trace()) o->on_moe(l, t);
+    }
+    X += out;
+  } else if (w.mlp) {
+    MatrixRM h;
+    MatrixRM out = mlp_forward(*w.mlp, x2, want_mlp ? &h : nullptr);
+    if (want_mlp) {
+      const DenseMlpTrace t{x2, h, out, *w.mlp};
+      for (Observer* o : observers)
+        if (o->wants_dense_mlp_trace()) o->on_dense_mlp(l, t);
+    }
+    X += out;
+  } else {
+    throw Error::internal("layer " + std::to_string(l) + ": neither MoE block nor MLP");
+  }
+  for (Observer* o : observers) o->on_layer_output(l, X);
+}
+
+void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {
+  LayerWeights w;  // one layer resident; its buffers are reused by the next layer
+  for (int l = 0; l < static_cast<int>(spec_.layers); ++l) {
+    load_layer_into(l, w);
+    apply_layer(w, X, T, observers);
+  }
+}
+
+MatrixRM Forward::final_norm(const MatrixRM& X) const { return rms_norm(X, final_norm_w_, spec_.eps); }
+
+MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
+  const auto& g = model_.globals();
+  const core::Tensor& W = g.count("lm_head") ? g.at("lm_head") : g.at("embed");
+  const int64_t V = W.dim(0), H = W.dim(1), N = Xn.rows();
+  if (Xn.cols() != H) throw Error::internal("lm_head: width mismatch");
+  MatrixRM out(N, V);
+  const int64_t chunk = std::min<int64_t>(V, 4096);
+  std::vector<float> w(static_cast<size_t>(chunk * H));
+  for (int64_t r0 = 0; r0 < V; r0 += chunk) {
+    const int64_t r1 = std::min(V, r0 + chunk);
+    W.slice0(r0, r1).to_f32(w.data());
+    gemm_nt(N, r1 - r0, H, 1.0f, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
+  }
+  return out;
+}
+
+MatrixRM Forward::run(std::span<const int32_t> tokens, int64_t T, std::span<Observer* const> observers) const {
+  if (T <= 0 || tokens.size() % static_cast<size_t>(T) != 0)
+    throw Error::internal("Forward::run: token count not a multiple of the window length");
+  MatrixRM X = embed(tokens);
+  run_layers(X, T, observers);
+  return logits(X);
+}
+
+}  // namespace moe::runtime

@@ -1,0 +1,82 @@
+// Faithful fp32 CPU forward of a decoder-only (MoE or dense) model, layer-sequential:
+// the hidden states of a batch of windows [windows*T, H] are kept; each layer's weights are
+// dequantised to f32 once, applied to every window of the batch, then released. Memory is one
+// layer in f32 plus the hidden states (plus, for logits, [N, V]).
+//
+// Families with a forward: mixtral, qwen2_moe, qwen3_moe, olmoe, llama, mistral, qwen2, qwen3.
+// Others (deepseek MLA, phimoe, granitemoe) throw Error::unsupported when a Forward is built.
+//
+// Step-by-step use (what calibration and compression pipelines do):
+//   Forward f(model);
+//   MatrixRM X = f.embed(tokens);                       // tokens window-major, windows*T ids
+//   for l: LayerWeights w = f.load_layer(l); f.apply_layer(w, X, T, observers); (release w)
+//   MatrixRM logits = f.logits(X);                      // final norm + lm_head
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "runtime/attention.h"
+#include "runtime/observer.h"
+#include "runtime/ops.h"
+#include "runtime/routing.h"
+#include "runtime/weights.h"
+
+namespace moe::runtime {
+
+struct ForwardSpec {
+  std::string family;
+  int64_t layers = 0, hidden = 0, vocab = 0, max_positions = 0;
+  double eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  AttnSpec attn;
+  RoutingRule routing;
+  // Reads every hyper-parameter from the model's config; throws Error::unsupported for families
+  // or settings the forward does not implement (hidden_act other than silu, yarn RoPE, ...).
+  static ForwardSpec from_model(const model::Model& m);
+};
+
+class Forward {
+ public:
+  explicit Forward(const model::Model& m);
+
+  const ForwardSpec& spec() const { return spec_; }
+  const model::Model& model() const { return model_; }
+
+  // Residual stream after the embedding, [tokens.size(), H]. Throws Error::invalid for ids
+  // outside the embedding.
+  MatrixRM embed(std::span<const int32_t> tokens) const;
+  // The layer's weights as f32.
+  LayerWeights load_layer(int l) const;
+  // The same into `w`, reusing its buffers (see convert_layer_into).
+  void load_layer_into(int l, LayerWeights& w) const;
+  // Applies one decoder layer to X in place (N = windows*T rows, T = window length).
+  void apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers = {}) const;
+  // Every layer in turn: convert, apply, release.
+  void run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> observers = {}) const;
+  // Final norm.
+  MatrixRM final_norm(const MatrixRM& X) const;
+  // lm_head (tied: the embedding) on final-normed rows: [N, V]. The head is dequantised in
+  // slices of vocabulary rows, never whole.
+  MatrixRM lm_head(const MatrixRM& Xn) const;
+  MatrixRM logits(const MatrixRM& X) const { return lm_head(final_norm(X)); }
+
+  // Everything: tokens window-major (size divisible by T) -> logits [N, V].
+  MatrixRM run(std::span<const int32_t> tokens, int64_t T, std::span<Observer* const> observers = {}) const;
+
+  // The RoPE table for windows of T tokens (cached for the last T).
+  const RopeTable& rope(int64_t T) const;
+
+ private:
+  const model::Model& model_;
+  ForwardSpec spec_;
+  RowVector final_norm_w_;
+  mutable RopeTable rope_;
+};
+
+}  // namespace moe::runtime

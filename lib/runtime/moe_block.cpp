@@ -1,0 +1,88 @@
+#include "runtime/moe_block.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "runtime/ops.h"
+
+namespace moe::runtime {
+
+MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out) {
+  MatrixRM g = linear(x, w.gate);
+  silu_mul_inplace(g, linear(x, w.up));
+  MatrixRM y = linear(g, w.down);
+  if (h_out) *h_out = std::move(g);
+  return y;
+}
+
+std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int64_t E) {
+  std::vector<std::vector<int32_t>> t(E);
+  for (int64_t n = 0; n < r.ids.rows(); ++n)
+    for (int64_t j = 0; j < r.ids.cols(); ++j) {
+      const int32_t e = r.ids(n, j);
+      if (e < 0 || e >= E) throw core::Error::internal("routing chose expert " + std::to_string(e));
+      t[e].push_back(static_cast<int32_t>(n));
+    }
+  return t;
+}
+
+MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail,
+                     bool keep_intermediates, const std::vector<bool>* active) {
+  const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
+  MoeDetail local;
+  MoeDetail& d = detail ? *detail : local;
+  d.logits = linear(x, w.router);
+  d.routing = route(rule, d.logits, w.router_bias ? &*w.router_bias : nullptr, active);
+  d.tokens = tokens_per_expert(d.routing, E);
+  if (keep_intermediates) {
+    d.h.assign(E, MatrixRM());
+    d.y.assign(E, MatrixRM());
+  }
+  // Experts in index order (as transformers accumulates): gather, GEMMs, scatter-add weighted.
+  MatrixRM out = MatrixRM::Zero(N, H);
+  MatrixRM xe, h;
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& tok = d.tokens[e];
+    const int64_t ne = static_cast<int64_t>(tok.size());
+    if (ne == 0) {
+      if (keep_intermediates) {
+        d.h[e].resize(0, w.experts[e].width());
+        d.y[e].resize(0, H);
+      }
+      continue;
+    }
+    xe.resize(ne, H);
+    for (int64_t j = 0; j < ne; ++j) xe.row(j) = x.row(tok[j]);
+    MatrixRM y = mlp_forward(w.experts[e], xe, &h);
+    for (int64_t j = 0; j < ne; ++j) {
+      const int32_t n = tok[j];
+      float wt = 0;
+      for (int64_t s = 0; s < k; ++s)
+        if (d.routing.ids(n, s) == e) wt = d.routing.weights(n, s);
+      out.row(n) += wt * y.row(j);
+    }
+    if (keep_intermediates) {
+      d.h[e] = std::move(h);
+      d.y[e] = std::move(y);
+      h = MatrixRM();
+    }
+  }
+  if (w.shared) {
+    MatrixRM so = mlp_forward(*w.shared, x);
+    MatrixRM sg(N, 1);
+    if (w.shared_gate) {
+      gemm_nt(N, 1, H, 1.0f, x.data(), H, w.shared_gate->data(), H, 0.0f, sg.data(), 1);
+      sg = (1.0f / (1.0f + (-sg.array()).exp())).matrix();
+    } else {
+      sg.setOnes();  // deepseek shared experts: added ungated
+    }
+    for (int64_t n = 0; n < N; ++n) out.row(n) += sg(n, 0) * so.row(n);
+    if (keep_intermediates) {
+      d.shared_out = std::move(so);
+      d.shared_gate = std::move(sg);
+    }
+  }
+  return out;
+}
+
+}  // namespace moe::runtime

@@ -1,0 +1,36 @@
+// The MoE block and the dense MLP on a batch of token rows. Experts run only on the tokens routed
+// to them: gather the rows, two GEMMs (gate, up), SiLU-GLU, one GEMM (down), scatter-add weighted.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/observer.h"
+#include "runtime/routing.h"
+#include "runtime/weights.h"
+
+namespace moe::runtime {
+
+// What the block computed besides its output. logits/routing/tokens are always filled; h/y
+// (per-expert intermediates and outputs) and shared_out/shared_gate only when keep_intermediates.
+struct MoeDetail {
+  MatrixRM logits;                           // [N,E]
+  RoutingResult routing;                     // ids/weights [N,k], probs [N,E]
+  std::vector<std::vector<int32_t>> tokens;  // per expert, ascending
+  std::vector<MatrixRM> h, y;                // per expert [n_e,I], [n_e,H]
+  MatrixRM shared_out, shared_gate;          // [N,H], [N,1]
+};
+
+// Output [N,H] of the MoE block on x [N,H] (post_attention_layernorm output).
+// active (size E, optional): experts marked false are never routed to (see route()).
+MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail = nullptr,
+                     bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
+
+// One expert / dense MLP on all rows of x: down(silu(gate x) * up x). h_out receives the
+// intermediate activations when given.
+MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out = nullptr);
+
+// Per-expert token lists (ascending) of a routing result over E experts.
+std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int64_t E);
+
+}  // namespace moe::runtime

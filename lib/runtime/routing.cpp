@@ -1,0 +1,185 @@
+#include "runtime/routing.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace moe::runtime {
+
+using core::Error;
+using model::Routing;
+
+RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Config& c) {
+  RoutingRule r;
+  r.family = f.model_type;
+  r.kind = f.routing;
+  if (!f.moe) return r;
+  r.top_k = static_cast<int>(c.get_int(f.topk_key));
+  r.num_experts = static_cast<int>(c.get_int(f.expert_count_key));
+  r.renormalize = f.norm_topk_forced || c.get_bool_or("norm_topk_prob", f.norm_topk_default);
+  if (f.routing == Routing::DeepSeekV2 || f.routing == Routing::DeepSeekV3) {
+    r.n_group = static_cast<int>(c.get_int_or("n_group", 1, false));
+    r.topk_group = static_cast<int>(c.get_int_or("topk_group", 1, false));
+    r.routed_scaling_factor = c.get_double_or("routed_scaling_factor", 1.0);
+    if (f.routing == Routing::DeepSeekV3) {
+      r.group_limited = true;
+    } else {
+      r.group_limited = c.get_string_or("topk_method", "greedy") == "group_limited_greedy";
+    }
+    if (r.num_experts % r.n_group != 0)
+      throw Error::corruption(c.source() + ": n_group " + std::to_string(r.n_group) +
+                              " does not divide the expert count " + std::to_string(r.num_experts));
+  }
+  return r;
+}
+
+bool RoutingRule::has_probs() const {
+  return kind == Routing::SoftmaxTopK || kind == Routing::DeepSeekV2;
+}
+
+namespace {
+
+// Indices of the k largest scores, descending; ties: lower index first.
+void top_k_indices(const float* s, int E, int k, int* out, std::vector<int>& scratch) {
+  scratch.resize(E);
+  std::iota(scratch.begin(), scratch.end(), 0);
+  std::partial_sort(scratch.begin(), scratch.begin() + k, scratch.end(), [s](int a, int b) {
+    return s[a] > s[b] || (s[a] == s[b] && a < b);
+  });
+  std::copy(scratch.begin(), scratch.begin() + k, out);
+}
+
+void softmax_row(const float* x, float* p, int E) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int e = 0; e < E; ++e) m = std::max(m, double(x[e]));
+  double sum = 0;
+  for (int e = 0; e < E; ++e) sum += std::exp(double(x[e]) - m);
+  for (int e = 0; e < E; ++e) p[e] = static_cast<float>(std::exp(double(x[e]) - m) / sum);
+}
+
+// DeepSeek group limitation: keep the topk_group best groups (group score = max (v2) or sum of
+// the top-2 (v3) of its members' choice scores), zero the others' choice scores (as transformers'
+// masked_fill(~mask, 0.0) does).
+void limit_groups(std::vector<float>& choice, const RoutingRule& r, bool v3, std::vector<int>& scratch) {
+  const int G = r.n_group, per = r.num_experts / G;
+  if (G <= 1) return;
+  std::vector<float> gs(G);
+  for (int g = 0; g < G; ++g) {
+    const float* s = choice.data() + g * per;
+    if (v3) {
+      float a = -std::numeric_limits<float>::infinity(), b = a;
+      for (int i = 0; i < per; ++i) {
+        if (s[i] > a) { b = a; a = s[i]; } else if (s[i] > b) { b = s[i]; }
+      }
+      gs[g] = per >= 2 ? a + b : a;
+    } else {
+      gs[g] = *std::max_element(s, s + per);
+    }
+  }
+  std::vector<int> keep(r.topk_group);
+  top_k_indices(gs.data(), G, std::min(r.topk_group, G), keep.data(), scratch);
+  std::vector<bool> kept(G, false);
+  for (int g : keep) kept[g] = true;
+  for (int g = 0; g < G; ++g)
+    if (!kept[g])
+      for (int i = 0; i < per; ++i) choice[g * per + i] = 0.0f;
+}
+
+}  // namespace
+
+RoutingResult route(const RoutingRule& rule, const MatrixRM& logits, const RowVector* bias,
+                    const std::vector<bool>* active) {
+  const int64_t N = logits.rows();
+  const int E = static_cast<int>(logits.cols());
+  const int k = rule.top_k;
+  if (rule.kind == Routing::None) throw Error::internal("route(): " + rule.family + " is a dense family");
+  // E comes from the logits (experts may have been pruned since the config was read).
+  if (k <= 0 || k > E)
+    throw Error::invalid(rule.family + ": num_experts_per_tok " + std::to_string(k) + " not in [1, " +
+                         std::to_string(E) + "] experts");
+  if (active) {
+    if (static_cast<int>(active->size()) != E) throw Error::internal("route(): active mask size != experts");
+    if (std::count(active->begin(), active->end(), true) < k)
+      throw Error::invalid(rule.family + ": fewer active experts than num_experts_per_tok");
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  RoutingResult r;
+  r.ids.resize(N, k);
+  r.weights.resize(N, k);
+  if (rule.has_probs()) r.probs.resize(N, E);
+  std::vector<float> row(E), p(E);
+  std::vector<int> scratch, top(k);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int e = 0; e < E; ++e) row[e] = (active && !(*active)[e]) ? ninf : logits(n, e);
+    switch (rule.kind) {
+      case Routing::SoftmaxTopK: {
+        softmax_row(row.data(), p.data(), E);
+        top_k_indices(p.data(), E, k, top.data(), scratch);
+        float sum = 0;
+        for (int j = 0; j < k; ++j) sum += p[top[j]];
+        for (int j = 0; j < k; ++j) {
+          r.ids(n, j) = top[j];
+          r.weights(n, j) = rule.renormalize ? p[top[j]] / sum : p[top[j]];
+        }
+        break;
+      }
+      case Routing::TopKSoftmax: {  // granitemoe: top-k of the logits, softmax over the k
+        top_k_indices(row.data(), E, k, top.data(), scratch);
+        std::vector<float> sel(k), w(k);
+        for (int j = 0; j < k; ++j) sel[j] = row[top[j]];
+        softmax_row(sel.data(), w.data(), k);
+        for (int j = 0; j < k; ++j) {
+          r.ids(n, j) = top[j];
+          r.weights(n, j) = w[j];
+        }
+        break;
+      }
+      case Routing::DeepSeekV2: {
+        softmax_row(row.data(), p.data(), E);
+        std::vector<float> choice(p);
+        if (rule.group_limited) limit_groups(choice, rule, false, scratch);
+        top_k_indices(choice.data(), E, k, top.data(), scratch);
+        float sum = 0;
+        for (int j = 0; j < k; ++j) sum += p[top[j]];
+        const bool norm = k > 1 && rule.renormalize;
+        for (int j = 0; j < k; ++j) {
+          r.ids(n, j) = top[j];
+          r.weights(n, j) = norm ? p[top[j]] / (sum + 1e-20f)
+                                 : static_cast<float>(p[top[j]] * rule.routed_scaling_factor);
+        }
+        break;
+      }
+      case Routing::DeepSeekV3: {
+        std::vector<float> s(E), choice(E);
+        for (int e = 0; e < E; ++e) {
+          s[e] = row[e] == ninf ? 0.0f : 1.0f / (1.0f + std::exp(-row[e]));
+          choice[e] = row[e] == ninf ? ninf : s[e] + (bias ? (*bias)(e) : 0.0f);
+        }
+        limit_groups(choice, rule, true, scratch);
+        if (active)  // a dropped expert in a kept group must stay unchosen
+          for (int e = 0; e < E; ++e)
+            if (!(*active)[e]) choice[e] = ninf;
+        top_k_indices(choice.data(), E, k, top.data(), scratch);
+        float sum = 0;
+        for (int j = 0; j < k; ++j) sum += s[top[j]];
+        for (int j = 0; j < k; ++j) {
+          float w = rule.renormalize ? s[top[j]] / (sum + 1e-20f) : s[top[j]];
+          r.ids(n, j) = top[j];
+          r.weights(n, j) = static_cast<float>(w * rule.routed_scaling_factor);
+        }
+        break;
+      }
+      default:
+        throw Error::unsupported("routing '" + std::string(model::routing_name(rule.kind)) +
+                                 "' not implemented (family " + rule.family + ")");
+    }
+    if (rule.has_probs())
+      for (int e = 0; e < E; ++e) r.probs(n, e) = p[e];
+  }
+  return r;
+}
+
+}  // namespace moe::runtime

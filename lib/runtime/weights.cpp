@@ -1,0 +1,144 @@
+#include "runtime/weights.h"
+
+#include <thread>
+
+#include "core/error.h"
+
+namespace moe::runtime {
+
+using core::Error;
+
+namespace {
+
+// Converts t into m, reusing m's storage when the element count is unchanged.
+void assign(MatrixRM& m, const core::Tensor& t) {
+  if (t.rank() != 2) throw Error::internal("to_matrix: expected a 2-D tensor, got " + core::shape_str(t.shape()));
+  if (m.rows() != t.dim(0) || m.cols() != t.dim(1)) m.resize(t.dim(0), t.dim(1));
+  t.to_f32(m.data());
+}
+
+void assign(RowVector& v, const core::Tensor& t) {
+  if (v.size() != t.numel()) v.resize(t.numel());
+  t.to_f32(v.data());
+}
+
+void assign(std::optional<RowVector>& v, const core::Tensor* t) {
+  if (!t) {
+    v.reset();
+    return;
+  }
+  if (!v) v.emplace();
+  assign(*v, *t);
+}
+
+void assign(MlpWeights& w, const model::Mlp& m) {
+  assign(w.gate, m.gate);
+  assign(w.up, m.up);
+  assign(w.down, m.down);
+}
+
+void assign(MoeWeights& w, const model::MoeBlock& b) {
+  assign(w.router, b.router);
+  assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
+  const size_t E = b.experts.size();
+  w.experts.resize(E);
+  // Dequantising is memory bound and single-threaded per tensor: split the experts over 2 threads.
+  int64_t params = 0;
+  for (const auto& e : b.experts) params += e.params();
+  if (E >= 2 && params >= (int64_t{1} << 20)) {
+    std::exception_ptr err;
+    std::thread t([&] {
+      try {
+        for (size_t e = 1; e < E; e += 2) assign(w.experts[e], b.experts[e]);
+      } catch (...) {
+        err = std::current_exception();
+      }
+    });
+    try {
+      for (size_t e = 0; e < E; e += 2) assign(w.experts[e], b.experts[e]);
+    } catch (...) {
+      t.join();
+      throw;
+    }
+    t.join();
+    if (err) std::rethrow_exception(err);
+  } else {
+    for (size_t e = 0; e < E; ++e) assign(w.experts[e], b.experts[e]);
+  }
+  if (b.shared) {
+    if (!w.shared) w.shared.emplace();
+    assign(*w.shared, *b.shared);
+  } else {
+    w.shared.reset();
+  }
+  assign(w.shared_gate, b.shared_gate ? &*b.shared_gate : nullptr);
+}
+
+}  // namespace
+
+MatrixRM to_matrix(const core::Tensor& t) {
+  MatrixRM m;
+  assign(m, t);
+  return m;
+}
+
+RowVector to_row(const core::Tensor& t) {
+  RowVector v;
+  assign(v, t);
+  return v;
+}
+
+MlpWeights convert_mlp(const model::Mlp& m) {
+  MlpWeights w;
+  assign(w, m);
+  return w;
+}
+
+MoeWeights convert_moe(const model::MoeBlock& b) {
+  MoeWeights w;
+  assign(w, b);
+  return w;
+}
+
+LayerWeights convert_layer(const model::Layer& l) {
+  LayerWeights w;
+  convert_layer_into(l, w);
+  return w;
+}
+
+void convert_layer_into(const model::Layer& l, LayerWeights& w) {
+  core::with_context("layer " + std::to_string(l.index), [&] {
+    w.index = l.index;
+    auto need = [&](const char* role) -> const core::Tensor& {
+      const core::Tensor* t = l.find(role);
+      if (!t) throw Error::unsupported(std::string("no '") + role + "' tensor (attention kind not supported by the forward)");
+      return *t;
+    };
+    assign(w.input_norm, need("input_norm"));
+    assign(w.post_attn_norm, need("post_attn_norm"));
+    assign(w.attn.q, need("q_proj"));
+    assign(w.attn.k, need("k_proj"));
+    assign(w.attn.v, need("v_proj"));
+    assign(w.attn.o, need("o_proj"));
+    assign(w.attn.q_bias, l.find("q_bias"));
+    assign(w.attn.k_bias, l.find("k_bias"));
+    assign(w.attn.v_bias, l.find("v_bias"));
+    assign(w.attn.o_bias, l.find("o_bias"));
+    assign(w.attn.q_norm, l.find("q_norm"));
+    assign(w.attn.k_norm, l.find("k_norm"));
+    if (l.moe) {
+      if (!w.moe) w.moe.emplace();
+      assign(*w.moe, *l.moe);
+    } else {
+      w.moe.reset();
+    }
+    if (l.mlp) {
+      if (!w.mlp) w.mlp.emplace();
+      assign(*w.mlp, *l.mlp);
+    } else {
+      w.mlp.reset();
+    }
+  });
+}
+
+}  // namespace moe::runtime

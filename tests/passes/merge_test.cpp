@@ -1,0 +1,340 @@
+// Merge pass on tiny synthetic layers: grouping with known answers, M-SMoE alignment recovers a
+// permutation, Sub-MoE without truncation equals the weighted average, router refit beats the
+// mean, determinism.
+#include <gtest/gtest.h>
+
+#include <Eigen/SVD>
+#include <numeric>
+
+#include "core/error.h"
+#include "pass_test_util.h"
+#include "passes/expert_merge.h"
+#include "passes/experts.h"
+#include "passes/merge.h"
+#include "passes/router_merge.h"
+
+namespace moe::passes {
+namespace {
+
+using namespace testing;
+using nlohmann::json;
+
+std::unique_ptr<pipeline::Pass> merge(json opts) {
+  opts["pass"] = "merge";
+  return pipeline::make_pass(opts, "passes[0]");
+}
+
+runtime::MlpWeights f32_expert(const model::MoeBlock& b, int e) { return runtime::convert_mlp(b.experts[e]); }
+
+double max_abs_diff(const MatrixRM& a, const MatrixRM& b) {
+  EXPECT_EQ(a.rows(), b.rows());
+  EXPECT_EQ(a.cols(), b.cols());
+  return (a - b).cwiseAbs().maxCoeff();
+}
+
+// Expert e with gate/up rows and down columns reordered: new neuron i = old neuron perm[i].
+runtime::MlpWeights permuted(const runtime::MlpWeights& w, const std::vector<int>& perm) {
+  return permute_neurons(w, perm);
+}
+
+TEST(MergeGroups, MsmoeHandExample) {
+  // Dominant: the two most used experts, 0 (10) and 2 (8). Expert 1 is closest to 2, expert 3 to 0.
+  calib::MatrixF sim(4, 4);
+  sim << 1.0f, 0.2f, 0.3f, 0.9f,  //
+      0.2f, 1.0f, 0.8f, 0.1f,     //
+      0.3f, 0.8f, 1.0f, 0.4f,     //
+      0.9f, 0.1f, 0.4f, 1.0f;
+  std::vector<int> dominant;
+  const Groups g = msmoe_groups({10, 1, 8, 2}, sim, 2, dominant);
+  EXPECT_EQ(g, (Groups{{0, 3}, {1, 2}}));
+  EXPECT_EQ(dominant, (std::vector<int>{0, 2}));
+  EXPECT_EQ(most_frequent(g, {10, 1, 8, 2}), dominant);
+}
+
+TEST(MergeAlign, RecoversAKnownPermutation) {
+  std::mt19937_64 rng(11);
+  const runtime::MlpWeights e0 = random_mlp(16, 12, rng);
+  const std::vector<int> perm = {5, 2, 11, 0, 7, 9, 1, 3, 10, 4, 8, 6};
+  const runtime::MlpWeights e1 = permuted(e0, perm);
+  const std::vector<int> pi = align_neurons(e0, e1);
+  const runtime::MlpWeights back = permute_neurons(e1, pi);
+  EXPECT_EQ(back.gate, e0.gate);
+  EXPECT_EQ(back.up, e0.up);
+  EXPECT_EQ(back.down, e0.down);
+}
+
+TEST(MergeMsmoe, AlignedMergeOfAPermutedCopyIsTheOriginal) {
+  Ctx c;
+  c.layer = make_layer({.E = 3, .H = 16, .I = 12, .seed = 2});
+  std::mt19937_64 rng(3);
+  const runtime::MlpWeights e0 = f32_expert(*c.layer.moe, 0);
+  const std::vector<int> perm = {5, 2, 11, 0, 7, 9, 1, 3, 10, 4, 8, 6};
+  c.layer.moe->experts[1] = mlp_of(permuted(e0, perm));
+  c.stats = make_stats(3, 16);
+  c.stats.count = {30, 10, 25};
+  c.stats.logit_sim << 1.0f, 0.9f, 0.1f, 0.9f, 1.0f, 0.2f, 0.1f, 0.2f, 1.0f;  // 1 joins 0
+  const MatrixRM router0 = matrix_of(c.layer.moe->router);
+  const runtime::MlpWeights e2 = f32_expert(*c.layer.moe, 2);
+
+  auto p = merge({{"method", "msmoe"}, {"experts", 2}, {"router", "dominant"}});
+  auto ctx = c.make(softmax_rule(3, 1));
+  p->run_layer(ctx);
+
+  EXPECT_EQ(c.report["groups"], json({{0, 1}, {2}}));
+  EXPECT_EQ(c.report["dominant"], json({0, 2}));
+  EXPECT_EQ(c.report["weights"], json({{0.75, 0.25}, {1.0}}));
+  EXPECT_EQ(c.report["router"], "dominant");
+  const model::MoeBlock& b = *c.layer.moe;
+  ASSERT_EQ(b.num_experts(), 2);
+  const runtime::MlpWeights m0 = f32_expert(b, 0);
+  EXPECT_LE(max_abs_diff(m0.gate, e0.gate), 1e-6);
+  EXPECT_LE(max_abs_diff(m0.up, e0.up), 1e-6);
+  EXPECT_LE(max_abs_diff(m0.down, e0.down), 1e-6);
+  EXPECT_EQ(f32_expert(b, 1).gate, e2.gate);  // a group of one is unchanged
+  const MatrixRM router1 = matrix_of(b.router);
+  EXPECT_EQ(router1.row(0), router0.row(0));
+  EXPECT_EQ(router1.row(1), router0.row(2));
+
+  // Without alignment (HC-SMoE averaging of the same group) the merge is not the original:
+  // the test above really depends on the alignment.
+  const runtime::MlpWeights e1 = permuted(e0, perm);
+  const runtime::MlpWeights plain = weighted_average({&e0, &e1}, {0.75, 0.25});
+  EXPECT_GT(max_abs_diff(plain.gate, e0.gate), 1e-2);
+}
+
+TEST(MergeHcsmoe, GroupsByMeanOutputAndAveragesByFrequency) {
+  Ctx c;
+  c.layer = make_layer({.E = 4, .H = 8, .I = 4, .seed = 5, .dtype = core::DType::BF16, .shared = true,
+                        .shared_gate = true, .router_bias = true});
+  const model::MoeBlock before = *c.layer.moe;
+  c.stats = make_stats(4, 8);
+  c.stats.count = {1, 3, 3, 1};
+  // out_mean: 0 and 2 close, 1 and 3 close.
+  c.stats.out_mean.row(0).setConstant(1.0f);
+  c.stats.out_mean.row(2).setConstant(1.1f);
+  c.stats.out_mean.row(1).setConstant(-2.0f);
+  c.stats.out_mean.row(3).setConstant(-2.2f);
+  for (const char* bias_mode : {"max", "mean"}) {
+    c.layer.moe = before;
+    auto p = merge({{"method", "hcsmoe"}, {"experts", 2}, {"router", "mean"}, {"router_bias", bias_mode}});
+    auto ctx = c.make(softmax_rule(4, 2));
+    p->run_layer(ctx);
+    EXPECT_EQ(c.report["groups"], json({{0, 2}, {1, 3}}));
+    EXPECT_EQ(c.report["weights"], json({{0.25, 0.75}, {0.75, 0.25}}));
+    EXPECT_EQ(c.report["dominant"], json({2, 1}));
+    EXPECT_EQ(c.report["router_bias"], bias_mode);
+    const model::MoeBlock& b = *c.layer.moe;
+    ASSERT_EQ(b.num_experts(), 2);
+    // Stored in the checkpoint's dtype; the shared expert untouched.
+    EXPECT_EQ(b.experts[0].gate.dtype(), core::DType::BF16);
+    EXPECT_EQ(b.router.dtype(), core::DType::BF16);
+    EXPECT_EQ(b.shared->gate.data(), before.shared->gate.data());
+    EXPECT_EQ(b.shared_gate->data(), before.shared_gate->data());
+    // Merged expert 0 = 0.25 e0 + 0.75 e2 (to bf16 precision).
+    const runtime::MlpWeights m0 = f32_expert(before, 0), m2 = f32_expert(before, 2);
+    const runtime::MlpWeights want = weighted_average({&m0, &m2}, {0.25, 0.75});
+    const runtime::MlpWeights got = f32_expert(b, 0);
+    EXPECT_LE(max_abs_diff(got.gate, want.gate), 4e-3 * (1 + want.gate.cwiseAbs().maxCoeff()));
+    EXPECT_LE(max_abs_diff(got.down, want.down), 4e-3 * (1 + want.down.cwiseAbs().maxCoeff()));
+    // Router: frequency-weighted mean rows.
+    const MatrixRM r0 = matrix_of(before.router), r1 = matrix_of(b.router);
+    EXPECT_LE(max_abs_diff(r1.row(1), 0.75f * r0.row(1) + 0.25f * r0.row(3)), 2e-2);
+    // Bias: max or weighted mean of the members.
+    const auto b0 = before.router_bias->to_f32(), b1 = b.router_bias->to_f32();
+    ASSERT_EQ(b1.size(), 2u);
+    if (std::string(bias_mode) == "max") {
+      EXPECT_FLOAT_EQ(b1[0], std::max(b0[0], b0[2]));
+      EXPECT_FLOAT_EQ(b1[1], std::max(b0[1], b0[3]));
+    } else {
+      EXPECT_FLOAT_EQ(b1[0], 0.25f * b0[0] + 0.75f * b0[2]);
+    }
+  }
+}
+
+TEST(MergeHcsmoe, ZeroCountsUseEqualWeights) {
+  EXPECT_EQ(frequency_weights({0, 0, 0}, {0, 2}), (std::vector<double>{0.5, 0.5}));
+  EXPECT_EQ(frequency_weights({1, 0, 3}, {0, 2}), (std::vector<double>{0.25, 0.75}));
+}
+
+// out_cos with two clear clusters {0, 2, 4} and {1, 3, 5}.
+calib::MatrixF clustered_cos(int E) {
+  calib::MatrixF m(E, E);
+  for (int i = 0; i < E; ++i)
+    for (int j = 0; j < E; ++j) m(i, j) = i == j ? 1.0f : (i % 2 == j % 2 ? 0.8f : 0.05f);
+  return m;
+}
+
+TEST(MergeSubmoe, WithoutTruncationEqualsWeightedAverage) {
+  for (bool whiten : {false, true}) {
+    SCOPED_TRACE(whiten ? "whitened" : "plain");
+    Ctx c;
+    c.layer = make_layer({.E = 6, .H = 12, .I = 8, .seed = 9});
+    const model::MoeBlock before = *c.layer.moe;
+    c.stats = make_stats(6, 12);
+    c.stats.count = {4, 1, 2, 3, 2, 0};
+    c.stats.out_cos = clustered_cos(6);
+    std::mt19937_64 rng(4);
+    for (int e = 0; e < 6; ++e) {  // anisotropic Gram matrices
+      const MatrixRM xin = random_matrix(40, 12, rng) * random_matrix(12, 12, rng);
+      const MatrixRM xmid = random_matrix(40, 8, rng);
+      c.stats.gram_in.push_back(xin.cast<double>().transpose() * xin.cast<double>());
+      c.stats.gram_mid.push_back(xmid.cast<double>().transpose() * xmid.cast<double>());
+    }
+    auto p = merge({{"method", "submoe"}, {"experts", 2}, {"router", "mean"}, {"whiten", whiten}});
+    auto ctx = c.make(softmax_rule(6, 2));
+    p->run_layer(ctx);
+    EXPECT_EQ(c.report["groups"], json({{0, 2, 4}, {1, 3, 5}}));
+    EXPECT_EQ(c.report["dominant"], json({0, 3}));
+    const model::MoeBlock& b = *c.layer.moe;
+    const std::vector<std::vector<int>> groups = {{0, 2, 4}, {1, 3, 5}};
+    for (int g = 0; g < 2; ++g) {
+      std::vector<runtime::MlpWeights> ms;
+      for (int e : groups[g]) ms.push_back(f32_expert(before, e));
+      const std::vector<double> w = frequency_weights(c.stats.count, groups[g]);
+      const runtime::MlpWeights want = weighted_average({&ms[0], &ms[1], &ms[2]}, w);
+      const runtime::MlpWeights got = f32_expert(b, g);
+      EXPECT_LE(max_abs_diff(got.gate, want.gate), 1e-4);
+      EXPECT_LE(max_abs_diff(got.up, want.up), 1e-4);
+      EXPECT_LE(max_abs_diff(got.down, want.down), 1e-4);
+    }
+  }
+}
+
+TEST(MergeSubmoe, TruncationLowersRank) {
+  std::mt19937_64 rng(21);
+  const MatrixRM a = random_matrix(10, 6, rng), b = random_matrix(10, 6, rng);
+  const MatrixRM avg = weighted_sum({&a, &b}, {0.5, 0.5});
+  const MatrixRM m = joint_svd_merge({&a, &b}, {0.5, 0.5}, 0.3);  // r = round(0.3 * 10) = 3
+  Eigen::JacobiSVD<MatrixRM> svd(m);
+  const auto s = svd.singularValues();
+  EXPECT_GT(s(2), 1e-3);
+  EXPECT_LT(s(3), 1e-4 * s(0));
+  EXPECT_GT(max_abs_diff(m, avg), 1e-3);
+}
+
+TEST(MergeSubmoe, WhiteningMinimisesActivationWeightedError) {
+  // One member: W' = U_r U_rᵀ W with U from SVD(W S) is the best rank-r approximation in the
+  // ‖(W − W') X‖ metric (G = XᵀX = S Sᵀ), so it beats the plain SVD there.
+  std::mt19937_64 rng(8);
+  const MatrixRM W = random_matrix(8, 10, rng);
+  MatrixRM X = random_matrix(200, 10, rng);
+  for (int j = 0; j < 10; ++j) X.col(j) *= static_cast<float>(std::pow(3.0, j % 4));  // anisotropic inputs
+  const calib::MatrixD G = X.cast<double>().transpose() * X.cast<double>();
+  const MatrixRM plain = joint_svd_merge({&W}, {1.0}, 0.5);
+  std::vector<const calib::MatrixD*> grams = {&G};
+  const MatrixRM white = joint_svd_merge({&W}, {1.0}, 0.5, &grams, 1e-9);
+  const double err_plain = ((W - plain) * X.transpose()).cast<double>().norm();
+  const double err_white = ((W - white) * X.transpose()).cast<double>().norm();
+  EXPECT_LT(err_white, 0.9 * err_plain);
+}
+
+TEST(MergeSubmoe, SameSeedSameTensors) {
+  auto run = [](uint64_t seed) {
+    Ctx c;
+    c.layer = make_layer({.E = 8, .H = 8, .I = 4, .seed = 12, .dtype = core::DType::BF16});
+    c.stats = make_stats(8, 8);
+    std::mt19937_64 rng(1);
+    c.stats.out_cos = random_matrix(8, 8, rng);  // no clear clusters: the seed matters
+    for (int e = 0; e < 8; ++e) c.stats.count[e] = e + 1;
+    auto p = merge({{"method", "submoe"}, {"experts", 3}, {"router", "mean"}, {"rank_ratio", 0.5}});
+    auto ctx = c.make(softmax_rule(8, 2), seed);
+    p->run_layer(ctx);
+    return std::make_pair(c.layer, c.report);
+  };
+  const auto [a, ra] = run(5);
+  const auto [b, rb] = run(5);
+  EXPECT_EQ(ra, rb);
+  ASSERT_EQ(a.moe->num_experts(), 3);
+  for (int e = 0; e < 3; ++e) {
+    EXPECT_TRUE(same_bytes(a.moe->experts[e].gate, b.moe->experts[e].gate));
+    EXPECT_TRUE(same_bytes(a.moe->experts[e].up, b.moe->experts[e].up));
+    EXPECT_TRUE(same_bytes(a.moe->experts[e].down, b.moe->experts[e].down));
+  }
+  EXPECT_TRUE(same_bytes(a.moe->router, b.moe->router));
+}
+
+// Σ over tokens and groups of (new logit − log Σ exp member logits)².
+double refit_residual(const MatrixRM& new_router, const MatrixRM& router, const MatrixRM& x, const Groups& groups) {
+  const MatrixXdRM target = group_logsumexp(router, x, groups);
+  const MatrixXdRM got = x.cast<double>() * new_router.cast<double>().transpose();
+  return (got - target).squaredNorm();
+}
+
+TEST(MergeRouter, RefitBeatsMeanOnTheCalibrationInputs) {
+  std::mt19937_64 rng(13);
+  const MatrixRM router = random_matrix(6, 10, rng);
+  const MatrixRM x = random_matrix(300, 10, rng);
+  const Groups groups = {{0, 1, 4}, {2}, {3, 5}};
+  const std::vector<std::vector<double>> w = {{0.2, 0.5, 0.3}, {1.0}, {0.5, 0.5}};
+  const MatrixRM mean = router_mean(router, groups, w);
+  const MatrixRM refit = router_refit(router, x, groups);
+  ASSERT_EQ(refit.rows(), 3);
+  const double r_mean = refit_residual(mean, router, x, groups), r_refit = refit_residual(refit, router, x, groups);
+  // logsumexp is not linear in x and there is no intercept, so even the best fit leaves a residual;
+  // the refit must still clearly beat the mean rows.
+  EXPECT_LT(r_refit, 0.95 * r_mean) << "refit " << r_refit << " mean " << r_mean;
+  EXPECT_EQ(refit.row(1), router.row(2));  // a group of one keeps its row
+  // Normal equations of the ridge problem hold for the fitted groups.
+  const MatrixXdRM X = x.cast<double>(), Y = group_logsumexp(router, x, groups);
+  MatrixXdRM A = X.transpose() * X;
+  const double lambda = 1e-2 * A.trace() / 10.0;
+  A.diagonal().array() += lambda;
+  for (int g : {0, 2}) {
+    const Eigen::VectorXd lhs = A * refit.row(g).transpose().cast<double>();
+    const Eigen::VectorXd rhs = X.transpose() * Y.col(g);
+    EXPECT_LE((lhs - rhs).norm(), 1e-4 * rhs.norm()) << "group " << g;
+  }
+  // Dominant picks the given member's row.
+  EXPECT_EQ(router_dominant(router, groups, {1, 2, 5}).row(2), router.row(5));
+  EXPECT_THROW(router_refit(router, MatrixRM(0, 10), groups), core::Error);
+}
+
+TEST(MergeRouter, RefitThroughThePass) {
+  Ctx c;
+  c.layer = make_layer({.E = 6, .H = 10, .I = 4, .seed = 17});
+  const MatrixRM router0 = matrix_of(c.layer.moe->router);
+  c.stats = make_stats(6, 10);
+  c.stats.count = {5, 4, 3, 2, 1, 6};
+  c.stats.out_mean.row(0).setConstant(1.0f);
+  c.stats.out_mean.row(1).setConstant(1.05f);
+  c.stats.out_mean.row(2).setConstant(-1.0f);
+  c.stats.out_mean.row(3).setConstant(-1.1f);
+  c.stats.out_mean.row(4).setConstant(5.0f);
+  c.stats.out_mean.row(5).setConstant(5.05f);
+  std::mt19937_64 rng(2);
+  c.x = random_matrix(200, 10, rng);
+  auto p = merge({{"method", "hcsmoe"}, {"experts", 3}});  // router: refit (default)
+  EXPECT_TRUE(p->requirements().block_inputs);
+  auto no_x = c.make(softmax_rule(6, 2));
+  EXPECT_THROW(p->run_layer(no_x), core::Error);  // the runner must provide block inputs
+  auto ctx = c.make(softmax_rule(6, 2), 7, true, true);
+  p->run_layer(ctx);
+  const Groups groups = {{0, 1}, {2, 3}, {4, 5}};
+  EXPECT_EQ(c.report["groups"], json(groups));
+  EXPECT_EQ(c.report["router"], "refit");
+  const MatrixRM got = matrix_of(c.layer.moe->router);
+  const MatrixRM mean = router_mean(router0, groups, {{5. / 9, 4. / 9}, {0.6, 0.4}, {1. / 7, 6. / 7}});
+  EXPECT_LT(refit_residual(got, router0, c.x, groups), refit_residual(mean, router0, c.x, groups));
+}
+
+TEST(MergePass, RejectsImpossibleTargets) {
+  Ctx c;
+  c.layer = make_layer({.E = 4});
+  c.stats = make_stats(4);
+  auto ctx = c.make(softmax_rule(4, 2));
+  EXPECT_THROW(merge({{"method", "hcsmoe"}, {"experts", 5}, {"router", "mean"}})->run_layer(ctx), core::Error);
+  EXPECT_THROW(merge({{"method", "hcsmoe"}, {"experts", 1}, {"router", "mean"}})->run_layer(ctx), core::Error);
+  auto no_stats = c.make(softmax_rule(4, 2), 7, false);
+  EXPECT_THROW(merge({{"method", "msmoe"}, {"experts", 2}, {"router", "mean"}})->run_layer(no_stats), core::Error);
+  // Whitening without Gram matrices: a user error naming the field.
+  try {
+    merge({{"method", "submoe"}, {"experts", 2}, {"router", "mean"}, {"whiten", true}})->run_layer(ctx);
+    FAIL() << "no error";
+  } catch (const core::Error& e) {
+    EXPECT_NE(e.message().find("gram_in"), std::string::npos) << e.message();
+  }
+  EXPECT_EQ(c.layer.moe->num_experts(), 4);
+}
+
+}  // namespace
+}  // namespace moe::passes
