@@ -1,0 +1,113 @@
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "core/error.h"
+#include "core/tensor.h"
+
+namespace moe::core {
+namespace {
+
+TEST(Shape, NumelAndText) {
+  EXPECT_EQ(shape_numel({}), 1);
+  EXPECT_EQ(shape_numel({0}), 0);
+  EXPECT_EQ(shape_numel({3, 0, 5}), 0);
+  EXPECT_EQ(shape_numel({4, 32, 16}), 2048);
+  EXPECT_EQ(shape_str({}), "[]");
+  EXPECT_EQ(shape_str({8, 128}), "[8, 128]");
+}
+
+TEST(Shape, RejectsNegativeAndOverflow) {
+  try {
+    shape_numel({4, -1});
+    ADD_FAILURE() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Corruption);
+    EXPECT_NE(e.message().find("negative"), std::string::npos) << e.message();
+  }
+  EXPECT_THROW(shape_numel({int64_t{1} << 40, int64_t{1} << 40}), Error);
+  EXPECT_THROW(shape_numel({int64_t{1} << 31, int64_t{1} << 31, 2}), Error);
+  EXPECT_EQ(shape_numel({int64_t{1} << 31, int64_t{1} << 31}), int64_t{1} << 62);
+  // A zero dimension makes any product fine.
+  EXPECT_EQ(shape_numel({int64_t{1} << 62, 0, int64_t{1} << 62}), 0);
+}
+
+TEST(Tensor, ZerosFromF32AndConvert) {
+  Tensor z = Tensor::zeros(DType::BF16, {2, 3});
+  EXPECT_EQ(z.numel(), 6);
+  EXPECT_EQ(z.nbytes(), 12u);
+  EXPECT_TRUE(z.owns_data());
+  for (size_t i = 0; i < z.nbytes(); ++i) EXPECT_EQ(z.data()[i], 0);
+
+  Tensor f = Tensor::from_f32({1.0f, -2.0f, 0.5f, 3.0f}, {2, 2});
+  EXPECT_EQ(f.dtype(), DType::F32);
+  EXPECT_EQ(f.to_f32(), (std::vector<float>{1.0f, -2.0f, 0.5f, 3.0f}));
+  Tensor b = f.converted(DType::BF16);
+  EXPECT_EQ(b.dtype(), DType::BF16);
+  EXPECT_EQ(b.shape(), (Shape{2, 2}));
+  uint16_t raw[4];
+  std::memcpy(raw, b.data(), 8);
+  EXPECT_EQ(raw[0], 0x3f80);
+  EXPECT_EQ(raw[1], 0xc000);
+  EXPECT_EQ(raw[2], 0x3f00);
+  EXPECT_EQ(raw[3], 0x4040);
+  EXPECT_EQ(b.to_f32(), f.to_f32());
+  // Same dtype: the same bytes, no copy.
+  EXPECT_EQ(f.converted(DType::F32).data(), f.data());
+  EXPECT_THROW(Tensor::from_f32({1.0f, 2.0f}, {3}), Error);
+}
+
+TEST(Tensor, Slice0AndReshape) {
+  std::vector<float> v(12);
+  for (int i = 0; i < 12; ++i) v[i] = static_cast<float>(i);
+  Tensor t = Tensor::from_f32(v, {4, 3});
+  Tensor s = t.slice0(1, 3);
+  EXPECT_EQ(s.shape(), (Shape{2, 3}));
+  EXPECT_FALSE(s.owns_data());
+  EXPECT_EQ(s.data(), t.data() + 12);
+  EXPECT_EQ(s.to_f32(), (std::vector<float>{3, 4, 5, 6, 7, 8}));
+  EXPECT_EQ(t.slice0(4, 4).numel(), 0);
+  EXPECT_THROW(t.slice0(3, 5), Error);
+  EXPECT_THROW(t.slice0(2, 1), Error);
+  EXPECT_THROW(t.slice0(-1, 1), Error);
+  EXPECT_THROW(s.mutable_data(), Error);
+
+  Tensor r = t.reshaped({2, 2, 3});
+  EXPECT_EQ(r.shape(), (Shape{2, 2, 3}));
+  EXPECT_EQ(r.data(), t.data());
+  Tensor r2 = r.reshaped({4, 3}).slice0(3, 4);
+  EXPECT_EQ(r2.to_f32(), (std::vector<float>{9, 10, 11}));
+  EXPECT_THROW(t.reshaped({5, 3}), Error);
+}
+
+TEST(Tensor, ViewKeepsOwnerAlive) {
+  auto buf = std::make_shared<std::vector<uint8_t>>(8, 0);
+  (*buf)[0] = 0x80;
+  (*buf)[1] = 0x3f;
+  Tensor t(DType::BF16, {4}, buf->data(), std::shared_ptr<const void>(buf, buf->data()));
+  buf.reset();
+  EXPECT_EQ(t.to_f32()[0], 1.0f);
+}
+
+TEST(Error, FramesAndExitCodes) {
+  Error e = Error::corruption("bad");
+  e.with_frame("tensor x").with_frame("file.safetensors");
+  EXPECT_EQ(e.message(), "file.safetensors: tensor x: bad");
+  EXPECT_STREQ(e.what(), "file.safetensors: tensor x: bad");
+  EXPECT_EQ(e.exit_code(), 2);
+  EXPECT_EQ(Error::internal("x").exit_code(), 1);
+  for (auto k : {ErrorKind::InvalidArgument, ErrorKind::NotFound, ErrorKind::Corruption, ErrorKind::IOError,
+                 ErrorKind::NotSupported})
+    EXPECT_EQ(Error(k, "m").exit_code(), 2);
+  try {
+    with_context("outer", [] { throw Error::not_found("inner"); });
+    ADD_FAILURE();
+  } catch (const Error& x) {
+    EXPECT_EQ(x.message(), "outer: inner");
+    EXPECT_EQ(x.kind(), ErrorKind::NotFound);
+  }
+  EXPECT_EQ(with_context("ctx", [] { return 42; }), 42);
+}
+
+}  // namespace
+}  // namespace moe::core

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Writes the committed seed inputs of tests/fuzz/seeds/fuzz_safetensors_header/ (standard library
+only) and the broken config.json seeds of tests/fuzz/seeds/fuzz_config/. The valid config seeds
+(valid-<family>.json) are the configs tests/support/synth.cpp writes (make_synth(family).config,
+dumped once with dump(2)): the checkpoints fuzz_config loads at startup.
+
+    python3 tests/fuzz/make_seeds.py
+"""
+import json
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ST = os.path.join(HERE, "seeds", "fuzz_safetensors_header")
+CF = os.path.join(HERE, "seeds", "fuzz_config")
+
+
+def st(header, data=b"", pad=True, length=None):
+    h = header.encode() if isinstance(header, str) else header
+    if pad:
+        h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h) if length is None else length) + h + data
+
+
+def entry(dtype, shape, b, e):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [b, e]}
+
+
+def dumps(o):
+    return json.dumps(o, separators=(",", ":"))
+
+
+def main():
+    os.makedirs(ST, exist_ok=True)
+    os.makedirs(CF, exist_ok=True)
+    seeds = {
+        "valid-empty": st("{}"),
+        "valid-metadata": st(dumps({"__metadata__": {"format": "pt"}})),
+        "valid-one": st(dumps({"__metadata__": {"format": "pt"}, "w": entry("F32", [2, 2], 0, 16)}), bytes(range(16))),
+        "valid-dtypes": st(dumps({
+            "a": entry("BF16", [3], 0, 6), "b": entry("F16", [1, 1], 6, 8), "c": entry("F8_E4M3", [2], 8, 10),
+            "d": entry("F8_E5M2", [2], 10, 12), "e": entry("I64", [], 12, 20), "f": entry("BOOL", [0, 3], 20, 20),
+            "g": entry("F64", [1], 20, 28), "h": entry("I32", [1], 28, 32), "i": entry("I16", [1], 32, 34),
+            "j": entry("I8", [1], 34, 35), "k": entry("U8", [1], 35, 36)}), bytes(36)),
+        "valid-unordered": st(dumps({"z": entry("U8", [2], 2, 4), "a": entry("U8", [2], 0, 2)}), b"abcd"),
+        "bad-duplicate": st('{"w":%s,"w":%s}' % (dumps(entry("U8", [1], 0, 1)), dumps(entry("U8", [1], 1, 2))), b"xy"),
+        "bad-hole": st(dumps({"a": entry("U8", [1], 0, 1), "b": entry("U8", [1], 2, 3)}), b"xyz"),
+        "bad-overlap": st(dumps({"a": entry("U8", [2], 0, 2), "b": entry("U8", [1], 1, 2)}), b"xy"),
+        "bad-size": st(dumps({"a": entry("F32", [2], 0, 4)}), b"abcd"),
+        "bad-metadata": st(dumps({"__metadata__": {"format": 1}})),
+        "bad-array": st("[]"),
+        "bad-length": st("{}", length=1 << 40),
+        "bad-short": b"\x02\x00\x00",
+        "bad-shape": st(dumps({"a": entry("F32", [-1], 0, 4)}), b"abcd"),
+        "bad-overflow": st(dumps({"a": entry("F32", [4611686018427387904], 0, 0)})),
+    }
+    for name, data in seeds.items():
+        with open(os.path.join(ST, name), "wb") as f:
+            f.write(data)
+    broken = {
+        "bad-not-json": b'{"model_type": "mixtral",',
+        "bad-array": b"[1, 2, 3]",
+        "bad-unknown-family": b'{"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"]}',
+        "bad-empty-object": b"{}",
+        "bad-types": b'{"model_type": "mixtral", "num_hidden_layers": "2", "hidden_size": 32.5}',
+        "bad-huge": b'{"model_type": "mixtral", "num_hidden_layers": 1, "hidden_size": 4611686018427387904, '
+                    b'"num_attention_heads": 2, "head_dim": 4611686018427387904, "vocab_size": 64, '
+                    b'"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 16}',
+    }
+    for name, data in broken.items():
+        with open(os.path.join(CF, name), "wb") as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    main()

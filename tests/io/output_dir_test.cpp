@@ -1,0 +1,247 @@
+// OutputDir: temporary sibling, rename on commit, cleanup on failure, refusal of dangerous
+// outputs; and failures injected mid-write through FaultEnv leave nothing behind.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include "io/checkpoint.h"
+#include "io/output_dir.h"
+#include "model/model.h"
+#include "pipeline/hf_sink.h"
+#include "support/ckpt_util.h"
+#include "support/expect_error.h"
+#include "support/fault_env.h"
+#include "support/synth.h"
+
+namespace moe::io {
+namespace {
+
+using core::ErrorKind;
+using test::expect_error;
+
+class OutputDirTest : public ::testing::Test {
+ protected:
+  test::TempDir tmp{"moe-out"};
+  fs::path in() const { return tmp / "in"; }
+  fs::path out() const { return tmp / "out"; }
+  void SetUp() override { test::synth_to(in(), "mixtral"); }
+  // Names in the temp folder other than the input and the expected output.
+  std::vector<std::string> leftovers() const {
+    std::vector<std::string> v;
+    for (const auto& n : test::list_dir(tmp.path()))
+      if (n != "in" && n != "out") v.push_back(n);
+    return v;
+  }
+};
+
+TEST_F(OutputDirTest, WritesToHiddenSiblingThenRenames) {
+  {
+    OutputDir od(Env::posix(), out(), {in()}, false);
+    EXPECT_EQ(od.final_path(), out());
+    EXPECT_EQ(od.path().parent_path(), fs::weakly_canonical(tmp.path()));
+    EXPECT_EQ(od.path().filename().string().rfind(".out.moe-tool-tmp-", 0), 0u) << od.path();
+    EXPECT_TRUE(fs::is_directory(od.path()));
+    EXPECT_TRUE(fs::is_empty(od.path()));
+    test::write_file(od.path() / "a.txt", "hello");
+    EXPECT_FALSE(fs::exists(out()));
+    od.commit();
+    EXPECT_FALSE(fs::exists(od.path()));
+  }
+  EXPECT_EQ(test::read_file(out() / "a.txt"), "hello");
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+}
+
+TEST_F(OutputDirTest, NoCommitRemovesEverything) {
+  {
+    OutputDir od(Env::posix(), out(), {in()}, false);
+    test::write_file(od.path() / "a.txt", "partial");
+    fs::create_directories(od.path() / "sub" / "deeper");
+  }
+  EXPECT_FALSE(fs::exists(out()));
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+}
+
+TEST_F(OutputDirTest, RefusesInputInsideOrAround) {
+  expect_error([&] { OutputDir(Env::posix(), in(), {in()}, true); }, ErrorKind::InvalidArgument, {"output is the input"});
+  expect_error([&] { OutputDir(Env::posix(), tmp / "in" / ".." / "in", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output is the input"});
+  expect_error([&] { OutputDir(Env::posix(), in() / "sub", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output is inside the input"});
+  expect_error([&] { OutputDir(Env::posix(), in() / "a" / "b", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output is inside the input"});
+  expect_error([&] { OutputDir(Env::posix(), tmp.path(), {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output contains the input"});
+  fs::create_directory_symlink(in(), tmp / "link");
+  expect_error([&] { OutputDir(Env::posix(), tmp / "link", {in()}, true); }, ErrorKind::InvalidArgument, {"output is the input"});
+  // A sibling whose name starts with the input's name is not inside it.
+  OutputDir ok(Env::posix(), tmp / "in2", {in()}, false);
+  EXPECT_TRUE(fs::exists(ok.path()));
+}
+
+TEST_F(OutputDirTest, RelativePathsAreResolved) {
+  const fs::path cwd = fs::current_path();
+  fs::current_path(tmp.path());
+  try {
+    expect_error([&] { OutputDir(Env::posix(), "in", {in()}, true); }, ErrorKind::InvalidArgument, {"output is the input"});
+    expect_error([&] { OutputDir(Env::posix(), "./in/x", {"in"}, true); }, ErrorKind::InvalidArgument, {"inside the input"});
+    {
+      OutputDir od(Env::posix(), "out", {"in"}, false);
+      od.commit();
+    }
+    EXPECT_TRUE(fs::is_directory(tmp / "out"));
+  } catch (...) {
+    fs::current_path(cwd);
+    throw;
+  }
+  fs::current_path(cwd);
+}
+
+TEST_F(OutputDirTest, ExistingOutput) {
+  fs::create_directory(out());
+  {  // empty: fine without --force
+    OutputDir od(Env::posix(), out(), {in()}, false);
+    test::write_file(od.path() / "new.txt", "new");
+    od.commit();
+  }
+  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"new.txt"});
+  // Non-empty: refused without --force, and left alone.
+  expect_error([&] { OutputDir(Env::posix(), out(), {in()}, false); }, ErrorKind::InvalidArgument,
+               {out().string(), "exists and is not empty", "--force"});
+  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"new.txt"});
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  {  // --force replaces it entirely
+    OutputDir od(Env::posix(), out(), {in()}, true);
+    test::write_file(od.path() / "newer.txt", "newer");
+    EXPECT_EQ(test::read_file(out() / "new.txt"), "new");  // untouched until commit
+    od.commit();
+  }
+  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"newer.txt"});
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  {  // --force without commit leaves the old output as it was
+    OutputDir od(Env::posix(), out(), {in()}, true);
+    test::write_file(od.path() / "x", "x");
+  }
+  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"newer.txt"});
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+}
+
+TEST_F(OutputDirTest, OutputIsAFileOrParentMissing) {
+  test::write_file(out(), "i am a file");
+  expect_error([&] { OutputDir(Env::posix(), out(), {in()}, true); }, ErrorKind::InvalidArgument,
+               {out().string(), "exists and is not a folder"});
+  EXPECT_EQ(test::read_file(out()), "i am a file");
+  expect_error([&] { OutputDir(Env::posix(), tmp / "no" / "such" / "out", {in()}, false); }, ErrorKind::NotFound,
+               {"parent folder", "does not exist"});
+  EXPECT_FALSE(fs::exists(tmp / "no"));
+  // The parent is a file.
+  expect_error([&] { OutputDir(Env::posix(), out() / "sub", {in()}, false); }, ErrorKind::NotFound, {"parent folder"});
+  expect_error([&] { OutputDir(Env::posix(), "", {in()}, false); }, ErrorKind::InvalidArgument, {"output path is empty"});
+}
+
+// Shell completion adds a trailing slash: "out/" must mean the folder out, built next to it.
+TEST_F(OutputDirTest, TrailingSlash) {
+  {
+    OutputDir od(Env::posix(), out().string() + "/", {in()}, false);
+    EXPECT_EQ(od.path().parent_path(), fs::weakly_canonical(tmp.path())) << od.path();
+    test::write_file(od.path() / "a.txt", "a");
+    od.commit();
+  }
+  EXPECT_EQ(test::read_file(out() / "a.txt"), "a");
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  {  // replacing an existing output named with a trailing slash
+    OutputDir od(Env::posix(), out().string() + "/", {in()}, true);
+    EXPECT_FALSE(od.path().string().rfind(out().string() + "/", 0) == 0) << "temporary folder inside the output: " << od.path();
+    test::write_file(od.path() / "b.txt", "b");
+    od.commit();
+  }
+  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"b.txt"});
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  expect_error([&] { OutputDir(Env::posix(), in().string() + "/", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output is the input"});
+}
+
+// ------------------------------------------------------------------ failures mid-write
+
+class FaultTest : public OutputDirTest {
+ protected:
+  // Converts `in` to `out` through `env` as `moe-tool convert` does; returns the error message or "".
+  std::string convert(test::FaultEnv& env, bool force = false, uint64_t shard = 8000) {
+    try {
+      auto ck = Checkpoint::open(env, in());
+      auto m = model::Model::load(ck);
+      OutputDir od(env, out(), {in()}, force);
+      pipeline::HfSinkOptions opts;
+      opts.quiet = true;
+      opts.max_shard_bytes = shard;
+      pipeline::write_hf_checkpoint(env, m, ck, od.path(), opts);
+      od.commit();
+      return "";
+    } catch (const core::Error& e) {
+      return e.message();
+    }
+  }
+};
+
+TEST_F(FaultTest, WriteFailuresPropagateAndLeaveNothing) {
+  test::FaultEnv probe;
+  ASSERT_EQ(convert(probe), "");
+  const uint64_t total = probe.bytes_written();
+  ASSERT_GT(total, 40000u);
+  EXPECT_EQ(test::first_difference(test::read_tensors(out()), test::read_tensors(in())), "");
+  fs::remove_all(out());
+  for (uint64_t budget : {uint64_t{0}, uint64_t{1}, uint64_t{100}, total / 3, total / 2, total - 1}) {
+    SCOPED_TRACE("budget " + std::to_string(budget));
+    test::FaultEnv env;
+    env.write_budget = static_cast<int64_t>(budget);
+    const std::string msg = convert(env);
+    EXPECT_NE(msg.find("injected fault: no space left on device"), std::string::npos) << msg;
+    EXPECT_EQ(env.faults(), 1);
+    EXPECT_FALSE(fs::exists(out()));
+    EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  }
+  test::FaultEnv enough;
+  enough.write_budget = static_cast<int64_t>(total);
+  EXPECT_EQ(convert(enough), "");
+  EXPECT_EQ(enough.faults(), 0);
+}
+
+TEST_F(FaultTest, FailureWhileReplacingKeepsTheOldOutput) {
+  fs::create_directory(out());
+  test::write_file(out() / "old.txt", "old");
+  test::FaultEnv env;
+  env.write_budget = 5000;
+  const std::string msg = convert(env, /*force=*/true);
+  EXPECT_NE(msg.find("injected fault"), std::string::npos) << msg;
+  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"old.txt"});
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+}
+
+TEST_F(FaultTest, CloseAndRenameFailures) {
+  {
+    test::FaultEnv env;
+    env.fail_close = true;
+    const std::string msg = convert(env);
+    EXPECT_NE(msg.find("close failed: injected fault"), std::string::npos) << msg;
+    EXPECT_FALSE(fs::exists(out()));
+    EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  }
+  {
+    test::FaultEnv env;
+    env.fail_rename = true;
+    const std::string msg = convert(env);
+    EXPECT_NE(msg.find("cannot rename"), std::string::npos) << msg;
+    EXPECT_FALSE(fs::exists(out()));
+    EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  }
+  {  // replacing: the first rename (old output aside) fails; the old output stays
+    fs::create_directory(out());
+    test::write_file(out() / "old.txt", "old");
+    test::FaultEnv env;
+    env.fail_rename = true;
+    EXPECT_NE(convert(env, true).find("cannot rename"), std::string::npos);
+    EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"old.txt"});
+    EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  }
+}
+
+}  // namespace
+}  // namespace moe::io

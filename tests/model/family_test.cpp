@@ -1,0 +1,161 @@
+// Family table, config accessors and template expansion.
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "model/config.h"
+#include "model/family.h"
+#include "support/expect_error.h"
+
+namespace moe::model {
+namespace {
+
+using core::ErrorKind;
+using nlohmann::json;
+using test::expect_error;
+
+TEST(Family, TwelveFamiliesWithTheirArchitectures) {
+  const std::map<std::string, std::string> expected = {
+      {"llama", "LlamaForCausalLM"},          {"mistral", "MistralForCausalLM"},
+      {"qwen2", "Qwen2ForCausalLM"},          {"qwen3", "Qwen3ForCausalLM"},
+      {"mixtral", "MixtralForCausalLM"},      {"qwen2_moe", "Qwen2MoeForCausalLM"},
+      {"qwen3_moe", "Qwen3MoeForCausalLM"},   {"olmoe", "OlmoeForCausalLM"},
+      {"deepseek_v2", "DeepseekV2ForCausalLM"}, {"deepseek_v3", "DeepseekV3ForCausalLM"},
+      {"phimoe", "PhiMoEForCausalLM"},        {"granitemoe", "GraniteMoeForCausalLM"},
+  };
+  std::map<std::string, std::string> got;
+  for (const auto& f : all_families()) {
+    ASSERT_EQ(f.architectures.size(), 1u) << f.model_type;
+    got[f.model_type] = f.architectures[0];
+  }
+  EXPECT_EQ(got, expected);
+  for (const auto& [type, arch] : expected) EXPECT_NE(supported_families().find(type), std::string::npos) << type;
+}
+
+TEST(Family, MoeKeysAndNames) {
+  struct Row {
+    const char* type;
+    const char* count;
+    const char* width;
+    const char* router;
+    Routing routing;
+  };
+  const Row rows[] = {
+      {"mixtral", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SoftmaxTopK},
+      {"qwen2_moe", "num_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
+      {"qwen3_moe", "num_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
+      {"olmoe", "num_experts", "intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
+      {"deepseek_v2", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV2},
+      {"deepseek_v3", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
+      {"phimoe", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SparseMixer},
+      {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
+  };
+  for (const auto& r : rows) {
+    SCOPED_TRACE(r.type);
+    const auto& f = family_for(Config(json{{"model_type", r.type}}, "config.json"));
+    EXPECT_TRUE(f.moe);
+    EXPECT_EQ(f.expert_count_key, r.count);
+    EXPECT_EQ(f.expert_width_key, r.width);
+    EXPECT_EQ(f.router, r.router);
+    EXPECT_EQ(f.routing, r.routing);
+    EXPECT_EQ(f.topk_key, "num_experts_per_tok");
+  }
+  for (const char* dense : {"llama", "mistral", "qwen2", "qwen3"}) {
+    const auto& f = family_for(Config(json{{"model_type", dense}}, "config.json"));
+    EXPECT_FALSE(f.moe) << dense;
+    EXPECT_EQ(f.routing, Routing::None);
+  }
+  const auto& mixtral = family_for(Config(json{{"model_type", "mixtral"}}, "c"));
+  EXPECT_EQ(mixtral.expert_gate, "block_sparse_moe.experts.{e}.w1.weight");
+  EXPECT_EQ(mixtral.expert_up, "block_sparse_moe.experts.{e}.w3.weight");
+  EXPECT_EQ(mixtral.expert_down, "block_sparse_moe.experts.{e}.w2.weight");
+  const auto& granite = family_for(Config(json{{"model_type", "granitemoe"}}, "c"));
+  EXPECT_TRUE(granite.fused());
+  EXPECT_EQ(granite.fused_gate_up, "block_sparse_moe.input_linear.weight");
+  EXPECT_EQ(granite.fused_down, "block_sparse_moe.output_linear.weight");
+  const auto& v3 = family_for(Config(json{{"model_type", "deepseek_v3"}}, "c"));
+  EXPECT_EQ(v3.router_bias, "mlp.gate.e_score_correction_bias");
+  EXPECT_EQ(v3.shared_gate, "mlp.shared_experts.gate_proj.weight");
+  EXPECT_EQ(v3.attention, AttentionKind::MLA);
+  EXPECT_TRUE(v3.extra_layers_allowed);
+  EXPECT_FALSE(family_for(Config(json{{"model_type", "deepseek_v2"}}, "c")).extra_layers_allowed);
+  EXPECT_EQ(family_for(Config(json{{"model_type", "olmoe"}}, "c")).qk_norm, QKNorm::Full);
+  EXPECT_EQ(family_for(Config(json{{"model_type", "qwen3"}}, "c")).qk_norm, QKNorm::PerHead);
+  EXPECT_TRUE(family_for(Config(json{{"model_type", "phimoe"}}, "c")).layer_norm);
+}
+
+TEST(Family, UnknownOrMissingModelType) {
+  const std::string msg = expect_error(
+      [] { family_for(Config(json{{"model_type", "gpt_oss"}, {"architectures", {"GptOssForCausalLM"}}}, "m/config.json")); },
+      ErrorKind::NotSupported,
+      {"m/config.json: model_type: unknown family 'gpt_oss'", "GptOssForCausalLM", "supported: "});
+  for (const auto& f : all_families()) EXPECT_NE(msg.find(f.model_type), std::string::npos) << f.model_type;
+  expect_error([] { family_for(Config(json::object(), "config.json")); }, ErrorKind::NotSupported,
+               {"model_type: missing", "(architectures (none))", "supported: "});
+  expect_error([] { family_for(Config(json{{"model_type", 3}}, "config.json")); }, ErrorKind::Corruption,
+               {"config.json: model_type: expected a string, found 3"});
+}
+
+TEST(Family, Expand) {
+  EXPECT_EQ(expand("model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight", 12, 7),
+            "model.layers.12.block_sparse_moe.experts.7.w1.weight");
+  EXPECT_EQ(expand("model.layers.{l}.", 0), "model.layers.0.");
+  EXPECT_EQ(expand("{l}{e}{l}", 1, 2), "121");
+  EXPECT_EQ(expand("no templates {x}", 1, 2), "no templates {x}");
+  EXPECT_EQ(expand("", 1, 2), "");
+}
+
+TEST(Config, TypedAccessors) {
+  Config c(json{{"a", 5}, {"z", 0}, {"neg", -1}, {"s", "8"}, {"f", 1.5}, {"b", true}, {"l", {1, 2}}, {"n", nullptr},
+                {"bad_l", {1, "x"}}},
+           "dir/config.json");
+  EXPECT_EQ(c.get_int("a"), 5);
+  expect_error([&] { c.get_int("missing"); }, ErrorKind::Corruption, {"dir/config.json: missing: missing (required)"});
+  expect_error([&] { c.get_int("n"); }, ErrorKind::Corruption, {"n: missing (required)"});
+  expect_error([&] { c.get_int("z"); }, ErrorKind::Corruption, {"dir/config.json: z: expected a positive integer, found 0"});
+  expect_error([&] { c.get_int("s"); }, ErrorKind::Corruption, {"s: expected a positive integer, found \"8\""});
+  expect_error([&] { c.get_int("f"); }, ErrorKind::Corruption, {"f: expected a positive integer, found 1.5"});
+  EXPECT_EQ(c.get_int_or("z", 7), 0);
+  EXPECT_EQ(c.get_int_or("missing", 7), 7);
+  EXPECT_EQ(c.get_int_or("n", 7), 7);
+  expect_error([&] { c.get_int_or("z", 7, false); }, ErrorKind::Corruption, {"z: expected a positive integer"});
+  expect_error([&] { c.get_int_or("neg", 7); }, ErrorKind::Corruption, {"neg: expected a non-negative integer, found -1"});
+  EXPECT_EQ(c.get_double_or("f", 0), 1.5);
+  EXPECT_EQ(c.get_double_or("a", 0), 5.0);
+  expect_error([&] { c.get_double_or("s", 0); }, ErrorKind::Corruption, {"s: expected a number"});
+  EXPECT_TRUE(c.get_bool_or("b", false));
+  EXPECT_FALSE(c.get_bool_or("missing", false));
+  expect_error([&] { c.get_bool_or("a", false); }, ErrorKind::Corruption, {"a: expected true or false, found 5"});
+  EXPECT_EQ(c.get_string_or("s", ""), "8");
+  expect_error([&] { c.get_string_or("a", ""); }, ErrorKind::Corruption, {"a: expected a string"});
+  EXPECT_EQ(c.get_int_list_or("l", {}), (std::vector<int64_t>{1, 2}));
+  EXPECT_EQ(c.get_int_list_or("missing", {9}), (std::vector<int64_t>{9}));
+  expect_error([&] { c.get_int_list_or("bad_l", {}); }, ErrorKind::Corruption, {"bad_l: expected a list of integers"});
+  expect_error([&] { c.get_int_list_or("a", {}); }, ErrorKind::Corruption, {"a: expected a list of integers"});
+  Config limits(json{{"max", 2147483647}, {"over", 2147483648LL}, {"u", 18446744073709551615ULL}}, "c");
+  EXPECT_EQ(limits.get_int("max"), 2147483647);
+  EXPECT_EQ(limits.get_int_or("max", 1), 2147483647);
+  expect_error([&] { limits.get_int("over"); }, ErrorKind::Corruption, {"over: expected at most 2147483647, found 2147483648"});
+  expect_error([&] { limits.get_int_or("over", 1); }, ErrorKind::Corruption, {"over: expected at most 2147483647"});
+  expect_error([&] { limits.get_int("u"); }, ErrorKind::Corruption, {"u: expected a positive integer, found 18446744073709551615"});
+  // Long values are shortened in messages.
+  Config big(json{{"k", std::string(200, 'x')}}, "c");
+  const std::string m = expect_error([&] { big.get_int("k"); }, ErrorKind::Corruption, {"..."});
+  EXPECT_LT(m.size(), 120u);
+}
+
+TEST(Family, PresenceRules) {
+  Config tied(json{{"tie_word_embeddings", true}, {"attention_bias", true}}, "c");
+  Config untied(json{{"tie_word_embeddings", false}}, "c");
+  Config none(json::object(), "c");
+  EXPECT_TRUE(kRequired.required(none));
+  EXPECT_FALSE(kOptional.required(none));
+  EXPECT_FALSE(unless_config("tie_word_embeddings", false).required(tied));
+  EXPECT_TRUE(unless_config("tie_word_embeddings", false).required(untied));
+  EXPECT_TRUE(unless_config("tie_word_embeddings", false).required(none));
+  EXPECT_TRUE(if_config("attention_bias", false).required(tied));
+  EXPECT_FALSE(if_config("attention_bias", false).required(none));
+}
+
+}  // namespace
+}  // namespace moe::model

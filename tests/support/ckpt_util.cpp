@@ -1,0 +1,58 @@
+#include "support/ckpt_util.h"
+
+#include <nlohmann/json.hpp>
+#include <set>
+#include <stdexcept>
+
+#include "io/safetensors.h"
+
+namespace moe::test {
+
+TensorMap read_tensors(const std::filesystem::path& dir) {
+  // The shards named by the index, or model.safetensors; config.json is not needed.
+  std::set<std::string> shards;
+  if (std::filesystem::exists(dir / "model.safetensors.index.json")) {
+    const auto ix = nlohmann::json::parse(read_file(dir / "model.safetensors.index.json"));
+    for (const auto& [name, shard] : ix.at("weight_map").items()) shards.insert(shard.get<std::string>());
+  } else {
+    shards.insert("model.safetensors");
+  }
+  TensorMap m;
+  for (const auto& s : shards) {
+    auto f = io::SafetensorsFile::open(io::Env::posix(), dir / s);
+    for (const auto& info : f->header().tensors) {
+      core::Tensor t = f->tensor(info);
+      if (m.count(info.name)) throw std::runtime_error("tensor " + info.name + " in two shards");
+      m[info.name] = TensorBytes{t.dtype(), t.shape(), std::string(reinterpret_cast<const char*>(t.data()), t.nbytes())};
+    }
+  }
+  return m;
+}
+
+TensorMap synth_tensors(const SynthCheckpoint& ck) {
+  TensorMap m;
+  for (const auto& t : ck.tensors)
+    m[t.name] = TensorBytes{t.dtype, t.shape, std::string(t.data.begin(), t.data.end())};
+  return m;
+}
+
+std::string first_difference(const TensorMap& a, const TensorMap& b) {
+  for (const auto& [name, x] : a) {
+    auto it = b.find(name);
+    if (it == b.end()) return "tensor " + name + " only in the first";
+    const auto& y = it->second;
+    if (x.dtype != y.dtype)
+      return "tensor " + name + ": dtype " + core::dtype_name(x.dtype) + " vs " + core::dtype_name(y.dtype);
+    if (x.shape != y.shape) return "tensor " + name + ": shape " + core::shape_str(x.shape) + " vs " + core::shape_str(y.shape);
+    if (x.bytes != y.bytes) {
+      size_t i = 0;
+      while (i < x.bytes.size() && i < y.bytes.size() && x.bytes[i] == y.bytes[i]) ++i;
+      return "tensor " + name + ": bytes differ at offset " + std::to_string(i);
+    }
+  }
+  for (const auto& [name, y] : b)
+    if (!a.count(name)) return "tensor " + name + " only in the second";
+  return "";
+}
+
+}  // namespace moe::test

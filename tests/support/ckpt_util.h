@@ -1,0 +1,29 @@
+// Reading a checkpoint folder back through the project's reader, for comparisons in tests.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "core/tensor.h"
+#include "support/synth.h"
+
+namespace moe::test {
+
+struct TensorBytes {
+  core::DType dtype;
+  core::Shape shape;
+  std::string bytes;
+  bool operator==(const TensorBytes& o) const = default;
+};
+using TensorMap = std::map<std::string, TensorBytes>;
+
+// Every tensor of the checkpoint in `dir` (model.safetensors or the shards its index names),
+// through moe::io::SafetensorsFile; config.json is not read.
+TensorMap read_tensors(const std::filesystem::path& dir);
+// The tensors of a synthetic checkpoint.
+TensorMap synth_tensors(const SynthCheckpoint& ck);
+// Human-readable first difference between two maps ("" if equal).
+std::string first_difference(const TensorMap& a, const TensorMap& b);
+
+}  // namespace moe::test
