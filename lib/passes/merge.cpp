@@ -73,7 +73,7 @@ class MergePass final : public pipeline::Pass {
     o.allow({"pass", "method"});
     seed_ = o.opt_uint64("seed");
     const auto n = o.opt_int("experts", 1, 1 << 20);
-    router_ = o.get_enum("router", "refit", {"dominant", "mean", "refit"});
+    router_ = o.get_enum("router", "mean", {"dominant", "mean", "refit"});
     router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
     if (method_ == Method::SubMoE) {
       rank_ratio_ = o.get_number("rank_ratio", 1.0, 0.0, 1.0, /*min_open=*/true);

@@ -3,8 +3,8 @@
 //
 // Options (besides "pass", "method", "seed"):
 //   "experts": N          experts per layer after merging (top_k <= N <= E), required
-//   "router": "refit"     router rows of the merged experts: "dominant" | "mean" | "refit"
-//                         (passes/router_merge.h); default refit (to be confirmed by measurement)
+//   "router": "mean"      router rows of the merged experts: "dominant" | "mean" | "refit"
+//                         (passes/router_merge.h); default mean (lowest mean KL in bench_quality)
 //   "router_bias": "max"  deepseek_v3 e_score_correction_bias of a merged expert: the max of its
 //                         members' biases (default: the merged expert stays as attractive to the
 //                         choice as its most favoured member) or their frequency-weighted "mean"

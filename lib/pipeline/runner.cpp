@@ -89,6 +89,32 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                            "' needs routing statistics of the experts left by the earlier passes; statistics are "
                            "collected on the input model, so put this pass first (or run two recipes)");
 
+  bool needs_inputs = false, needs_stats = false;
+  std::vector<std::string> fields;
+  for (const auto& p : r.passes) {
+    const auto req = p->requirements();
+    needs_inputs = needs_inputs || req.block_inputs;
+    needs_stats = needs_stats || !req.stats_fields.empty();
+    fields.insert(fields.end(), req.stats_fields.begin(), req.stats_fields.end());
+  }
+  // Statistics: from the file (checked against this model) or collected on the calibration text.
+  std::optional<calib::Stats> stats;
+  if (needs_stats && !opts.dry_run) {
+    if (!r.calibration.stats.empty()) {
+      stats = calib::Stats::load(r.calibration.stats);
+      stats->check_model(ckpt.fingerprint(), r.calibration.stats);
+    } else {
+      stats = collect_stats(ckpt, model, r.calibration, r.seed, opts.quiet);
+    }
+    for (const auto& l : model.layers())
+      if (l.moe)
+        for (const auto& f : fields) stats->layer(l.index, f);
+  }
+  // Global budgets are planned over all layers' statistics before the per-layer counts are known
+  // (a dry run shows the passes' estimates instead).
+  if (!opts.dry_run)
+    for (auto& p : r.passes) p->plan(model, stats ? &*stats : nullptr);
+
   const auto counts = plan_expert_counts(r, model);
   const model::Model planned = planned_model(model, counts);
   const auto outs_before = original.outputs();
@@ -112,14 +138,6 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
   summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", bytes_of(outs_after)}};
 
-  bool needs_inputs = false, needs_stats = false;
-  std::vector<std::string> fields;
-  for (const auto& p : r.passes) {
-    const auto req = p->requirements();
-    needs_inputs = needs_inputs || req.block_inputs;
-    needs_stats = needs_stats || !req.stats_fields.empty();
-    fields.insert(fields.end(), req.stats_fields.begin(), req.stats_fields.end());
-  }
   std::vector<std::string> compute;
   if (needs_stats)
     compute.push_back(!r.calibration.stats.empty() ? "statistics read from " + r.calibration.stats.string()
@@ -133,20 +151,6 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     return summary;
   }
 
-  // Statistics: from the file (checked against this model) or collected on the calibration text.
-  std::optional<calib::Stats> stats;
-  if (needs_stats) {
-    if (!r.calibration.stats.empty()) {
-      stats = calib::Stats::load(r.calibration.stats);
-      stats->check_model(ckpt.fingerprint(), r.calibration.stats);
-    } else {
-      stats = collect_stats(ckpt, model, r.calibration, r.seed, opts.quiet);
-    }
-    for (const auto& l : model.layers())
-      if (l.moe)
-        for (const auto& f : fields) stats->layer(l.index, f);
-  }
-  for (auto& p : r.passes) p->plan(model, stats ? &*stats : nullptr);
 
   // Calibration hidden states when a pass runs the block on real inputs.
   std::optional<runtime::Forward> fwd;
