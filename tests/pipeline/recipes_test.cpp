@@ -1,0 +1,185 @@
+// Recipes and the one-pass subcommands end to end through the CLI: every recipe in recipes/ runs,
+// bad recipes are rejected before any work with the JSON path, outputs load back and carry the
+// report with the keep-map.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "support/run.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+const fs::path kSrc = MOE_SOURCE_DIR;
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("moe-recipes-test-" + std::to_string(getpid())) / name;
+  fs::remove_all(p);
+  fs::create_directories(p.parent_path());
+  return p;
+}
+
+fs::path write_recipe(const std::string& name, const json& j) {
+  fs::path p = temp_dir(name + ".json");
+  std::ofstream(p) << j.dump(2);
+  return p;
+}
+
+json small_recipe(const fs::path& out) {
+  return {{"model", (kSrc / "data/models/qwen2moe-tiny").string()},
+          {"calibration", {{"text", (kSrc / "data/text/calib.txt").string()}, {"ctx", 64}, {"windows", 4}}},
+          {"passes", json::array({{{"pass", "prune"}, {"method", "reap"}, {"keep", 6}}})},
+          {"output", {{"path", out.string()}}}};
+}
+
+void expect_rejected(const json& recipe, const std::string& needle) {
+  const fs::path out = temp_dir("rejected-out");
+  const auto r = moe::test::run_tool({"-q", "run", write_recipe("bad", recipe).string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  ASSERT_EQ(r.err_lines().size(), 1u) << r.describe();
+  EXPECT_NE(r.err.find(needle), std::string::npos) << r.describe();
+  EXPECT_TRUE(r.out.empty());
+  EXPECT_FALSE(fs::exists(out));
+}
+
+}  // namespace
+
+TEST(Recipes, EveryShippedRecipeValidatesAndPlans) {
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(kSrc / "recipes")) {
+    if (e.path().extension() != ".json") continue;
+    ++n;
+    const auto r = moe::test::run_tool({"-q", "run", e.path().string(), "--dry-run", "--json"});
+    ASSERT_EQ(r.exit_code, 0) << e.path() << ": " << r.describe();
+    const json s = json::parse(r.out);
+    EXPECT_TRUE(s.at("dry_run").get<bool>());
+    for (const auto& l : s.at("layers")) EXPECT_LT(l.at("experts_after").get<int>(), l.at("experts_before").get<int>());
+  }
+  EXPECT_GE(n, 9);  // demo + one per method
+}
+
+TEST(Recipes, EveryShippedRecipeRuns) {
+  for (const auto& e : fs::directory_iterator(kSrc / "recipes")) {
+    if (e.path().extension() != ".json" || e.path().stem() == "demo") continue;
+    const fs::path out = temp_dir("out-" + e.path().stem().string());
+    // Fewer calibration windows than the recipe asks, to keep the suite fast.
+    const auto r = moe::test::run_tool({"-q", "run", e.path().string(), "--set", "output.path=" + out.string(),
+                                        "--set", "calibration.windows=4", "--json"});
+    ASSERT_EQ(r.exit_code, 0) << e.path() << ": " << r.describe();
+    const auto ckpt = moe::io::Checkpoint::open(moe::io::Env::posix(), out);
+    const auto m = moe::model::Model::load(ckpt);
+    const json report = json::parse(std::ifstream(out / "moe_tool_report.json"));
+    const bool prune = e.path().stem().string().rfind("prune", 0) == 0;
+    for (const auto& l : m.layers()) {
+      ASSERT_TRUE(l.moe);
+      EXPECT_EQ(l.moe->num_experts(), prune ? 6 : 4) << e.path();
+      EXPECT_EQ(l.moe->router.dim(0), l.moe->num_experts());
+    }
+    // The keep-map: kept ids (prune) or groups (merge) for every layer.
+    for (const auto& lr : report.at("layers")) {
+      const json& p = lr.at("passes").at(0);
+      if (prune) EXPECT_EQ(p.at("kept").size(), 6u) << p.dump();
+      else EXPECT_EQ(p.at("groups").size(), 4u) << p.dump();
+    }
+    fs::remove_all(out);
+  }
+}
+
+TEST(Recipes, PruneKeepsTheExpertsTheReportNames) {
+  const fs::path out = temp_dir("prune-keepmap");
+  const auto r = moe::test::run_tool({"-q", "run", write_recipe("keepmap", small_recipe(out)).string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto in_ckpt = moe::io::Checkpoint::open(moe::io::Env::posix(), kSrc / "data/models/qwen2moe-tiny");
+  const auto out_ckpt = moe::io::Checkpoint::open(moe::io::Env::posix(), out);
+  const json report = json::parse(std::ifstream(out / "moe_tool_report.json"));
+  for (const auto& lr : report.at("layers")) {
+    const int l = lr.at("layer").get<int>();
+    const auto kept = lr.at("passes").at(0).at("kept").get<std::vector<int>>();
+    for (size_t j = 0; j < kept.size(); ++j) {
+      const std::string a = "model.layers." + std::to_string(l) + ".mlp.experts." + std::to_string(kept[j]) + ".up_proj.weight";
+      const std::string b = "model.layers." + std::to_string(l) + ".mlp.experts." + std::to_string(j) + ".up_proj.weight";
+      const auto ta = in_ckpt.tensor(a), tb = out_ckpt.tensor(b);
+      ASSERT_EQ(ta.nbytes(), tb.nbytes());
+      EXPECT_EQ(0, std::memcmp(ta.data(), tb.data(), ta.nbytes())) << a << " vs " << b;
+    }
+    // Router rows: the kept rows, in order.
+    const std::string g = "model.layers." + std::to_string(l) + ".mlp.gate.weight";
+    const auto ra = in_ckpt.tensor(g), rb = out_ckpt.tensor(g);
+    const size_t row = ra.nbytes() / static_cast<size_t>(ra.dim(0));
+    for (size_t j = 0; j < kept.size(); ++j)
+      EXPECT_EQ(0, std::memcmp(ra.data() + kept[j] * row, rb.data() + j * row, row));
+  }
+  const json cfg = json::parse(std::ifstream(out / "config.json"));
+  EXPECT_EQ(cfg.at("num_experts").get<int>(), 6);
+}
+
+TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
+  const fs::path out = temp_dir("rejected-out");
+  json r = small_recipe(out);
+  r["passes"][0]["keep"] = "six";
+  expect_rejected(r, "passes[0].keep");
+  r = small_recipe(out);
+  r["passes"][0]["kep"] = 6;
+  expect_rejected(r, "did you mean \"keep\"");
+  r = small_recipe(out);
+  r["passes"][0]["method"] = "reep";
+  expect_rejected(r, "did you mean \"reap\"");
+  r = small_recipe(out);
+  r["passes"][0]["pass"] = "prunee";
+  expect_rejected(r, "passes[0].pass");
+  r = small_recipe(out);
+  r["passes"][0]["keep"] = 1;  // fewer than experts per token (2)
+  expect_rejected(r, "passes[0]");
+  r = small_recipe(out);
+  r["passes"][0]["keep"] = 9;  // more than exist (8)
+  expect_rejected(r, "passes[0]");
+  r = small_recipe(out);
+  r["outptu"] = r["output"];
+  expect_rejected(r, "did you mean 'output'");
+  r = small_recipe(out);
+  r["calibration"]["ctx"] = "long";
+  expect_rejected(r, "calibration.ctx: expected an integer");
+  r = small_recipe(out);
+  r.erase("calibration");
+  expect_rejected(r, "calibration");
+  r = small_recipe(out);
+  r["passes"] = json::array();
+  expect_rejected(r, "passes: expected a non-empty list");
+}
+
+TEST(Recipes, SetOverridesAndMissingRecipe) {
+  const auto missing = moe::test::run_tool({"run", "/nonexistent/recipe.json"});
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.err.find("/nonexistent/recipe.json"), std::string::npos);
+  const fs::path out = temp_dir("set-out");
+  const fs::path p = write_recipe("set", small_recipe(out));
+  const auto r = moe::test::run_tool({"-q", "run", p.string(), "--set", "passes[0].keep=4", "--dry-run", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  for (const auto& l : json::parse(r.out).at("layers")) EXPECT_EQ(l.at("experts_after").get<int>(), 4);
+  const auto bad = moe::test::run_tool({"run", p.string(), "--set", "passes[3].keep=4"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.describe();
+}
+
+TEST(Subcommands, MergeWithEvalReportsQuality) {
+  const fs::path out = temp_dir("merge-eval");
+  const auto r = moe::test::run_tool({"-q", "merge", (kSrc / "data/models/mixtral-tiny").string(), out.string(),
+                                      "--method", "msmoe", "--experts", "6", "--text", (kSrc / "data/text/calib.txt").string(),
+                                      "--ctx", "64", "--windows", "4", "--eval", (kSrc / "data/text/heldout.txt").string(),
+                                      "--eval-ctx", "64", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json s = json::parse(r.out);
+  const json& e = s.at("eval");
+  EXPECT_GT(e.at("perplexity_after").get<double>(), 1.0);
+  EXPECT_GT(e.at("kl_mean").get<double>(), 0.0);  // 6 of 8 experts cannot be exact
+  EXPECT_LT(e.at("top1_agreement").get<double>(), 1.0);
+  EXPECT_GT(e.at("top1_agreement").get<double>(), 0.3);
+  const json report = json::parse(std::ifstream(out / "moe_tool_report.json"));
+  EXPECT_TRUE(report.contains("eval"));
+  EXPECT_LT(report.at("bytes").at("after").get<double>(), report.at("bytes").at("before").get<double>());
+}
