@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 
 #include "core/error.h"
 
@@ -115,7 +116,9 @@ uint64_t parse_size(const std::string& text) {
   if (i == 0) throw Error::invalid("size '" + text + "': expected a number with an optional unit (e.g. 5GB)");
   double v = 0;
   try {
-    v = std::stod(text.substr(0, i));
+    size_t used = 0;
+    v = std::stod(text.substr(0, i), &used);
+    if (used != i) throw std::invalid_argument(text);  // "1.5.3GB": the number must be all of it
   } catch (...) {
     throw Error::invalid("size '" + text + "': not a number");
   }

@@ -30,6 +30,8 @@ struct Case {
   std::vector<std::string> stderr_parts;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 std::vector<Case> load_cases() {
   std::vector<Case> v;
   try {
@@ -159,14 +161,18 @@ TEST(Corpus, EveryFolderIsACaseAndEnoughCases) {
     EXPECT_FALSE(c.at("stderr").empty()) << name;
   }
   for (const auto& v : j.at("valid")) listed.insert(v.get<std::string>());
-  for (const auto& n : list_dir(kCorpus))
-    if (fs::is_directory(kCorpus / n)) EXPECT_TRUE(listed.count(n)) << "folder " << n << " is not in cases.json";
+  for (const auto& n : list_dir(kCorpus)) {
+    if (fs::is_directory(kCorpus / n)) {
+      EXPECT_TRUE(listed.count(n)) << "folder " << n << " is not in cases.json";
+    }
+  }
   EXPECT_GE(j.at("cases").size(), 30u);
   // Small checkpoints: a few KB each.
   for (const auto& name : listed) {
     uintmax_t bytes = 0;
-    for (const auto& e : fs::recursive_directory_iterator(kCorpus / name))
+    for (const auto& e : fs::recursive_directory_iterator(kCorpus / name)) {
       if (e.is_regular_file()) bytes += e.file_size();
+    }
     EXPECT_LT(bytes, 8192u) << name;
   }
 }

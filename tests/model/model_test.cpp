@@ -61,6 +61,8 @@ struct Expect {
   int64_t kv_heads;
 };
 
+void PrintTo(const Expect& x, std::ostream* os) { *os << x.family; }
+
 const std::vector<Expect>& expectations() {
   static const std::vector<Expect> v = {
       {"mixtral", 2, {}, 0, false, false, false, 0, 2},

@@ -75,7 +75,7 @@ TEST(PassesOnFixture, MergeQwen3MoeWithRefitRouter) {
   Loaded l = load("qwen3moe");
   const int64_t E = l.model.layers()[0].moe->num_experts();
   ASSERT_GE(E, 3);
-  const json rep = run_on_all_layers(l.model, {{"pass", "merge"}, {"method", "hcsmoe"}, {"experts", E - 1}});
+  const json rep = run_on_all_layers(l.model, {{"pass", "merge"}, {"method", "hcsmoe"}, {"experts", E - 1}, {"router", "refit"}});
   for (const auto& [layer, r] : rep.items()) {
     EXPECT_EQ(r["groups"].size(), static_cast<size_t>(E - 1));
     EXPECT_EQ(r["router"], "refit");

@@ -303,7 +303,7 @@ TEST(MergeRouter, RefitThroughThePass) {
   c.stats.out_mean.row(5).setConstant(5.05f);
   std::mt19937_64 rng(2);
   c.x = random_matrix(200, 10, rng);
-  auto p = merge({{"method", "hcsmoe"}, {"experts", 3}});  // router: refit (default)
+  auto p = merge({{"method", "hcsmoe"}, {"experts", 3}, {"router", "refit"}});
   EXPECT_TRUE(p->requirements().block_inputs);
   auto no_x = c.make(softmax_rule(6, 2));
   EXPECT_THROW(p->run_layer(no_x), core::Error);  // the runner must provide block inputs

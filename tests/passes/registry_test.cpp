@@ -118,12 +118,12 @@ TEST(Registry, BudgetsAreExclusiveAndRequired) {
 TEST(Registry, ParamsRecordDefaults) {
   auto p = make_pass({{"pass", "merge"}, {"method", "submoe"}, {"experts", 3}}, "passes[1]");
   const json params = p->params();
-  EXPECT_EQ(params["router"], "refit");
+  EXPECT_EQ(params["router"], "mean");  // the default, chosen by bench_quality
   EXPECT_EQ(params["router_bias"], "max");
   EXPECT_EQ(params["rank_ratio"], 1.0);
   EXPECT_EQ(params["whiten"], false);
   EXPECT_FALSE(params.contains("seed"));
-  EXPECT_TRUE(p->requirements().block_inputs);
+  EXPECT_FALSE(p->requirements().block_inputs);  // only the refit router runs the block on inputs
   EXPECT_EQ(p->requirements().stats_fields, (std::vector<std::string>{"count", "out_cos"}));
 
   auto q = make_pass({{"pass", "prune"}, {"method", "enumerate"}, {"keep", 3}, {"seed", 5}}, "passes[0]");
