@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "io/checkpoint.h"
+#include "synthetic_mixtral.h"
 #include "io/checkpoint_writer.h"
 #include "io/env.h"
 #include "model/model.h"
@@ -53,75 +54,8 @@ double sgemm_gflops(int n, int reps) {
   return 2.0 * double(n) * n * n / best / 1e9;
 }
 
-struct Dims {
-  int64_t H = 1024, E = 8, k = 2, I = 2816, L = 4, heads = 16, kv = 4, V = 32000;
-  int64_t d() const { return H / heads; }
-};
-
-// Random small bf16 values: sign and mantissa random, exponent around 2^-6 .. 2^-5.
-void fill_bf16(std::vector<uint8_t>& buf, uint64_t& s) {
-  auto* p = reinterpret_cast<uint16_t*>(buf.data());
-  for (size_t i = 0; i < buf.size() / 2; ++i) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    const uint16_t sign = (s >> 63) ? 0x8000 : 0;
-    const uint16_t exp = static_cast<uint16_t>(121 + ((s >> 40) & 1));
-    p[i] = static_cast<uint16_t>(sign | (exp << 7) | ((s >> 20) & 0x7f));
-  }
-}
-
-void write_model(const fs::path& dir, const Dims& D) {
-  fs::create_directories(dir);
-  nlohmann::json cfg = {
-      {"architectures", {"MixtralForCausalLM"}}, {"model_type", "mixtral"},
-      {"hidden_size", D.H}, {"intermediate_size", D.I}, {"num_hidden_layers", D.L},
-      {"num_attention_heads", D.heads}, {"num_key_value_heads", D.kv}, {"num_local_experts", D.E},
-      {"num_experts_per_tok", D.k}, {"vocab_size", D.V}, {"max_position_embeddings", 4096},
-      {"rms_norm_eps", 1e-5}, {"rope_theta", 1e6}, {"sliding_window", nullptr}, {"hidden_act", "silu"},
-      {"tie_word_embeddings", false}, {"torch_dtype", "bfloat16"}};
-  {
-    FILE* f = std::fopen((dir / "config.json").c_str(), "w");
-    const std::string s = cfg.dump(2);
-    std::fwrite(s.data(), 1, s.size(), f);
-    std::fclose(f);
-  }
-  std::vector<moe::io::TensorSpec> plan;
-  auto add = [&](const std::string& n, moe::core::Shape s) { plan.push_back({n, DType::BF16, s}); };
-  add("model.embed_tokens.weight", {D.V, D.H});
-  for (int64_t l = 0; l < D.L; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {D.H});
-    add(p + "post_attention_layernorm.weight", {D.H});
-    add(p + "self_attn.q_proj.weight", {D.heads * D.d(), D.H});
-    add(p + "self_attn.k_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.v_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.o_proj.weight", {D.H, D.heads * D.d()});
-    add(p + "block_sparse_moe.gate.weight", {D.E, D.H});
-    for (int64_t e = 0; e < D.E; ++e) {
-      const std::string q = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
-      add(q + "w1.weight", {D.I, D.H});
-      add(q + "w3.weight", {D.I, D.H});
-      add(q + "w2.weight", {D.H, D.I});
-    }
-  }
-  add("model.norm.weight", {D.H});
-  add("lm_head.weight", {D.V, D.H});
-  moe::io::CheckpointWriter w(moe::io::Env::posix(), dir, plan, uint64_t(2) << 30);
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  std::vector<uint8_t> buf;
-  for (const auto& t : plan) {
-    buf.resize(t.nbytes());
-    if (t.shape.size() == 1) {  // norms: 1.0
-      auto* p = reinterpret_cast<uint16_t*>(buf.data());
-      for (size_t i = 0; i < buf.size() / 2; ++i) p[i] = 0x3f80;
-    } else {
-      fill_bf16(buf, state);
-    }
-    w.write(t.name, 0, buf.data(), buf.size());
-  }
-  w.finish();
-}
+using moe::bench::Dims;
+using moe::bench::write_model;
 
 // Matmul FLOPs of one window of T tokens.
 double flops_per_window(const Dims& D, int64_t T) {
