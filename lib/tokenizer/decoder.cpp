@@ -46,7 +46,7 @@ void parse_into(const Json& j, const std::string& path,
     auto [is_regex, pat] = pattern(j, "pattern", path);
     st->content = require_string(j, "content", path);
     if (is_regex) {
-      st->regex = with_context(child(path, "pattern.Regex"), [&] { return Regex::compile(pat); });
+      st->regex = with_context(child(path, "pattern.Regex"), [&pat = pat] { return Regex::compile(pat); });
     } else {
       st->pattern = pat;
     }

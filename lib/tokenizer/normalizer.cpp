@@ -60,7 +60,7 @@ void parse_into(const Json& j, const std::string& path,
     auto [is_regex, pat] = pattern(j, "pattern", path);
     step->content = require_string(j, "content", path);
     if (is_regex) {
-      step->regex = with_context(child(path, "pattern.Regex"), [&] { return Regex::compile(pat); });
+      step->regex = with_context(child(path, "pattern.Regex"), [&pat = pat] { return Regex::compile(pat); });
     } else {
       step->text = pat;
     }

@@ -86,7 +86,7 @@ void parse_into(const Json& j, const std::string& path,
   } else if (type == "Split") {
     step->kind = Kind::Split;
     auto [is_regex, pat] = pattern(j, "pattern", path);
-    step->regex = with_context(child(path, is_regex ? "pattern.Regex" : "pattern.String"), [&] {
+    step->regex = with_context(child(path, is_regex ? "pattern.Regex" : "pattern.String"), [is_regex = is_regex, &pat = pat] {
       return is_regex ? Regex::compile(pat) : Regex::literal(pat);
     });
     step->behavior =
