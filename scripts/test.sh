@@ -6,16 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
-echo "== tests (Release -O2)"
+echo "== tests (Release -O2) [${SECONDS}s]"
 ctest --test-dir build --output-on-failure -j2 --timeout 600
 
-echo "== parser and CLI tests under ASan+UBSan"
+echo "== parser and CLI tests under ASan+UBSan [${SECONDS}s]"
 BUILD_DIR=build-asan EXTRA_CMAKE="-DMOE_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
   BUILD_TARGETS="moe-tool test_core test_io test_model test_cli test_tokenizer" scripts/setup.sh
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build-asan --output-on-failure -j2 --timeout 900 -L '^(core|io|model|cli|tokenizer)$'
 
 if [ "${FUZZ_SECONDS:-20}" != "0" ] && [ -x tests/fuzz/run.sh ]; then
-  echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)"
+  echo "== fuzzing (${FUZZ_SECONDS:-20}s per target) [${SECONDS}s]"
   tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"
 fi
+echo "== all passed [${SECONDS}s]"
