@@ -3,7 +3,10 @@
 // Statistics are computed once per fixture (moe-tool calibrate's code, same windows as the
 // recipes) and reused. Prints JSON, and a Markdown table on stderr.
 //   bench_quality [--source-dir DIR] [--calib-windows 64] [--eval-windows 0] [--ctx 128]
-//                 [--models mixtral-tiny,qwen2moe-tiny]
+//                 [--models mixtral-tiny,qwen2moe-tiny] [--random-seeds 8]
+// Random pruning is reported as the mean over seeds 0..N-1 (one draw is noise: on the fixtures
+// single seeds range over tens of percent); every other row says whether it beats that mean.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -27,6 +30,7 @@ using nlohmann::json;
 int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
   int64_t calib_windows = 64, eval_windows = 0, ctx = 128;
+  int random_seeds = 8;
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -34,6 +38,7 @@ int main(int argc, char** argv) {
     else if (k == "--calib-windows") calib_windows = std::stoll(v);
     else if (k == "--eval-windows") eval_windows = std::stoll(v);
     else if (k == "--ctx") ctx = std::stoll(v);
+    else if (k == "--random-seeds") random_seeds = std::max(1, std::stoi(v));
     else if (k == "--models") {
       models.clear();
       std::stringstream ss(v);
@@ -68,53 +73,91 @@ int main(int argc, char** argv) {
         o.quiet = true;
         moe::calib::calibrate(ckpt, model, tokens, moe::calib::sha256_hex(text), o, stats_path);
       }
+      // Random pruning is a distribution, not one draw: it runs with seeds 0..random_seeds-1 and
+      // its row gives the mean (perplexity, KL, top-1) with the perplexity range. Merges run with
+      // each router option (neurons aligned, the default), and hcsmoe/submoe once more with
+      // "align": false (the papers' plain average) and the default router.
       struct Config {
         std::string pass, method, router;
+        bool no_align = false;
       };
       std::vector<Config> configs;
       for (const char* m : {"random", "frequency", "soft", "reap", "enumerate"}) configs.push_back({"prune", m, ""});
-      for (const char* m : {"msmoe", "hcsmoe", "submoe"})
+      for (const char* m : {"msmoe", "hcsmoe", "submoe"}) {
         for (const char* r : {"dominant", "mean", "refit"}) configs.push_back({"merge", m, r});
+        if (std::string(m) != "msmoe") configs.push_back({"merge", m, "mean", true});
+      }
       bool original_row = false;
       for (int64_t experts : {6, 4}) {
+        double random_mean = 0;
         for (const auto& c : configs) {
-          json pass = {{"pass", c.pass}, {"method", c.method}};
-          if (c.pass == "prune") pass["keep"] = experts;
-          else {
-            pass["experts"] = experts;
-            pass["router"] = c.router;
+          const int runs = c.method == "random" ? random_seeds : 1;
+          double ppl = 0, kl = 0, top1 = 0, secs = 0, lo = 1e300, hi = 0, base = 0;
+          json per_seed = json::array();
+          int64_t scored = 0;
+          for (int seed = 0; seed < runs; ++seed) {
+            json pass = {{"pass", c.pass}, {"method", c.method}};
+            if (c.pass == "prune") pass["keep"] = experts;
+            else {
+              pass["experts"] = experts;
+              pass["router"] = c.router;
+              if (c.no_align) pass["align"] = false;
+            }
+            if (c.method == "random") pass["seed"] = seed;
+            json recipe = {{"model", model_dir.string()},
+                           {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"stats", stats_path.string()},
+                                            {"ctx", ctx}, {"windows", calib_windows}}},
+                           {"passes", json::array({pass})},
+                           {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
+                           {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx},
+                                     {"max_windows", eval_windows}, {"against_input", true}}}};
+            auto r = moe::pipeline::parse_recipe(recipe, ".", "bench");
+            moe::pipeline::RunOptions ro;
+            ro.quiet = true;
+            ro.command = "bench_quality";
+            const auto t0 = std::chrono::steady_clock::now();
+            const json s = moe::pipeline::run_recipe(r, ro);
+            secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            const json& e = s.at("eval");
+            base = e["perplexity_before"].get<double>();
+            if (!original_row) {
+              out["rows"].push_back({{"model", name}, {"experts", 8}, {"pass", "original"}, {"perplexity", base}});
+              char buf[160];
+              std::snprintf(buf, sizeof buf, "| %s | 8 | original | | | %.2f | | | |\n", name.c_str(), base);
+              md << buf;
+              original_row = true;
+            }
+            const double p = e["perplexity_after"].get<double>();
+            per_seed.push_back(p);
+            ppl += p / runs;
+            kl += e["kl_mean"].get<double>() / runs;
+            top1 += e["top1_agreement"].get<double>() / runs;
+            lo = std::min(lo, p);
+            hi = std::max(hi, p);
+            scored = e["tokens_scored"].get<int64_t>();
           }
-          json recipe = {{"model", model_dir.string()},
-                         {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"stats", stats_path.string()},
-                                          {"ctx", ctx}, {"windows", calib_windows}}},
-                         {"passes", json::array({pass})},
-                         {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
-                         {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx},
-                                   {"max_windows", eval_windows}, {"against_input", true}}}};
-          auto r = moe::pipeline::parse_recipe(recipe, ".", "bench");
-          moe::pipeline::RunOptions ro;
-          ro.quiet = true;
-          ro.command = "bench_quality";
-          const auto t0 = std::chrono::steady_clock::now();
-          const json s = moe::pipeline::run_recipe(r, ro);
-          const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-          const json& e = s.at("eval");
-          if (!original_row) {
-            out["rows"].push_back({{"model", name}, {"experts", 8}, {"pass", "original"}, {"perplexity", e["perplexity_before"]}});
-            char buf[160];
-            std::snprintf(buf, sizeof buf, "| %s | 8 | original | | | %.2f | | | |\n", name.c_str(), e["perplexity_before"].get<double>());
-            md << buf;
-            original_row = true;
+          if (c.method == "random") random_mean = ppl;
+          const std::string router = c.router + (c.no_align ? ", align: false" : "");
+          json row = {{"model", name}, {"experts", experts}, {"pass", c.pass}, {"method", c.method},
+                      {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
+                      {"kl", kl}, {"top1_agreement", top1}, {"seconds", secs}, {"tokens_scored", scored}};
+          if (c.pass == "merge" && c.method != "msmoe") row["align"] = !c.no_align;
+          if (runs > 1) {
+            row["seeds"] = runs;
+            row["perplexity_per_seed"] = per_seed;
+            row["perplexity_min"] = lo;
+            row["perplexity_max"] = hi;
+          } else {
+            row["beats_random_mean"] = ppl < random_mean;
           }
-          const double ppl = e["perplexity_after"].get<double>(), base = e["perplexity_before"].get<double>();
-          out["rows"].push_back({{"model", name}, {"experts", experts}, {"pass", c.pass}, {"method", c.method},
-                                 {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
-                                 {"kl", e["kl_mean"]}, {"top1_agreement", e["top1_agreement"]}, {"seconds", secs},
-                                 {"tokens_scored", e["tokens_scored"]}});
-          char buf[256];
-          std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %s | %s | %.2f | %+.1f%% | %.4f | %.1f%% |\n", name.c_str(),
-                        static_cast<long long>(experts), c.pass.c_str(), c.method.c_str(), c.router.c_str(), ppl,
-                        100 * (ppl / base - 1), e["kl_mean"].get<double>(), 100 * e["top1_agreement"].get<double>());
+          out["rows"].push_back(row);
+          char pbuf[96];
+          if (runs > 1) std::snprintf(pbuf, sizeof pbuf, "%.2f (mean of %d seeds; %.2f–%.2f)", ppl, runs, lo, hi);
+          else std::snprintf(pbuf, sizeof pbuf, "%.2f", ppl);
+          char buf[384];
+          std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %s | %s | %s | %+.1f%% | %.4f | %.1f%% |\n", name.c_str(),
+                        static_cast<long long>(experts), c.pass.c_str(), c.method.c_str(), router.c_str(), pbuf,
+                        100 * (ppl / base - 1), kl, 100 * top1);
           md << buf;
           std::fprintf(stderr, "%s", buf);
         }

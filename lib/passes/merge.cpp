@@ -75,6 +75,9 @@ class MergePass final : public pipeline::Pass {
     const auto n = o.opt_int("experts", 1, 1 << 20);
     router_ = o.get_enum("router", "mean", {"dominant", "mean", "refit"});
     router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
+    // HC-SMoE and Sub-MoE as published average without alignment; here they align by default
+    // (measured better on both fixtures, README quality table); "align": false is the papers' rule.
+    if (method_ != Method::MSMoE) align_ = o.get_bool("align", true);
     if (method_ == Method::SubMoE) {
       rank_ratio_ = o.get_number("rank_ratio", 1.0, 0.0, 1.0, /*min_open=*/true);
       whiten_ = o.get_bool("whiten", false);
@@ -91,6 +94,7 @@ class MergePass final : public pipeline::Pass {
   json params() const override {
     json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_},
               {"router", router_}, {"router_bias", router_bias_}};
+    if (method_ != Method::MSMoE) p["align"] = align_;
     if (method_ == Method::SubMoE) {
       p["rank_ratio"] = rank_ratio_;
       p["whiten"] = whiten_;
@@ -216,17 +220,18 @@ class MergePass final : public pipeline::Pass {
                                   const std::vector<double>& wts, int dom, int layer) const {
     std::vector<const runtime::MlpWeights*> ms;
     for (int e : members) ms.push_back(&w.experts[e]);
-    switch (method_) {
-      case Method::MSMoE: {
-        // Align every member's neurons to the dominant expert, then average.
-        std::vector<runtime::MlpWeights> aligned(members.size());
-        for (size_t i = 0; i < members.size(); ++i) {
-          if (members[i] == dom) continue;
-          aligned[i] = permute_neurons(*ms[i], align_neurons(w.experts[dom], *ms[i]));
-          ms[i] = &aligned[i];
-        }
-        return weighted_average(ms, wts);
+    // M-SMoE (and the others with "align": true): every member's neurons aligned to the dominant
+    // expert's before merging.
+    std::vector<runtime::MlpWeights> aligned(members.size());
+    if (method_ == Method::MSMoE || align_)
+      for (size_t i = 0; i < members.size(); ++i) {
+        if (members[i] == dom) continue;
+        aligned[i] = permute_neurons(*ms[i], align_neurons(w.experts[dom], *ms[i]));
+        ms[i] = &aligned[i];
       }
+    switch (method_) {
+      case Method::MSMoE:
+        return weighted_average(ms, wts);
       case Method::HCSMoE:
         return weighted_average(ms, wts);
       case Method::SubMoE: {
@@ -259,6 +264,7 @@ class MergePass final : public pipeline::Pass {
   int64_t experts_ = 0;
   std::string router_, router_bias_;
   double rank_ratio_ = 1.0;
+  bool align_ = true;
   bool whiten_ = false;
   double damp_ = 1e-2;
 };

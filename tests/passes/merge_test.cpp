@@ -116,7 +116,7 @@ TEST(MergeHcsmoe, GroupsByMeanOutputAndAveragesByFrequency) {
   c.stats.out_mean.row(3).setConstant(-2.2f);
   for (const char* bias_mode : {"max", "mean"}) {
     c.layer.moe = before;
-    auto p = merge({{"method", "hcsmoe"}, {"experts", 2}, {"router", "mean"}, {"router_bias", bias_mode}});
+    auto p = merge({{"method", "hcsmoe"}, {"experts", 2}, {"router", "mean"}, {"router_bias", bias_mode}, {"align", false}});
     auto ctx = c.make(softmax_rule(4, 2));
     p->run_layer(ctx);
     EXPECT_EQ(c.report["groups"], json({{0, 2}, {1, 3}}));
@@ -180,7 +180,7 @@ TEST(MergeSubmoe, WithoutTruncationEqualsWeightedAverage) {
       c.stats.gram_in.push_back(xin.cast<double>().transpose() * xin.cast<double>());
       c.stats.gram_mid.push_back(xmid.cast<double>().transpose() * xmid.cast<double>());
     }
-    auto p = merge({{"method", "submoe"}, {"experts", 2}, {"router", "mean"}, {"whiten", whiten}});
+    auto p = merge({{"method", "submoe"}, {"experts", 2}, {"router", "mean"}, {"whiten", whiten}, {"align", false}});
     auto ctx = c.make(softmax_rule(6, 2));
     p->run_layer(ctx);
     EXPECT_EQ(c.report["groups"], json({{0, 2, 4}, {1, 3, 5}}));
@@ -198,6 +198,50 @@ TEST(MergeSubmoe, WithoutTruncationEqualsWeightedAverage) {
       EXPECT_LE(max_abs_diff(got.down, want.down), 1e-4);
     }
   }
+}
+
+// The default for hcsmoe and submoe aligns members to the dominant (most used) member first: a
+// neuron-permuted copy merges back into the original exactly, and "align": false averages the
+// permuted rows as they are (the papers' rule).
+TEST(MergeAlign, HcsmoeAndSubmoeAlignByDefault) {
+  for (const char* method : {"hcsmoe", "submoe"}) {
+    for (bool align : {true, false}) {
+      SCOPED_TRACE(std::string(method) + (align ? " aligned" : " plain"));
+      Ctx c;
+      c.layer = make_layer({.E = 3, .H = 16, .I = 12, .seed = 2});
+      const runtime::MlpWeights e0 = f32_expert(*c.layer.moe, 0);
+      const std::vector<int> perm = {5, 2, 11, 0, 7, 9, 1, 3, 10, 4, 8, 6};
+      c.layer.moe->experts[1] = mlp_of(permuted(e0, perm));
+      c.stats = make_stats(3, 16);
+      c.stats.count = {30, 10, 25};
+      // out_mean / out_cos put 0 and 1 together.
+      c.stats.out_mean.row(0).setConstant(1.0f);
+      c.stats.out_mean.row(1).setConstant(1.05f);
+      c.stats.out_mean.row(2).setConstant(-3.0f);
+      c.stats.out_cos << 1.0f, 0.9f, 0.0f, 0.9f, 1.0f, 0.0f, 0.0f, 0.0f, 1.0f;
+      json opts = {{"method", method}, {"experts", 2}, {"router", "mean"}};
+      if (!align) opts["align"] = false;
+      auto p = merge(opts);
+      EXPECT_EQ(p->params()["align"], align);
+      auto ctx = c.make(softmax_rule(3, 1));
+      p->run_layer(ctx);
+      ASSERT_EQ(c.report["groups"], json({{0, 1}, {2}}));
+      EXPECT_EQ(c.report["dominant"], json({0, 2}));
+      const runtime::MlpWeights m0 = f32_expert(*c.layer.moe, 0);
+      if (align) {
+        EXPECT_LE(max_abs_diff(m0.gate, e0.gate), 1e-5);
+        EXPECT_LE(max_abs_diff(m0.up, e0.up), 1e-5);
+        EXPECT_LE(max_abs_diff(m0.down, e0.down), 1e-5);
+      } else {
+        const runtime::MlpWeights e1 = permuted(e0, perm);
+        const runtime::MlpWeights want = weighted_average({&e0, &e1}, {0.75, 0.25});
+        EXPECT_LE(max_abs_diff(m0.gate, want.gate), 1e-5);
+        EXPECT_GT(max_abs_diff(m0.gate, e0.gate), 1e-2);
+      }
+    }
+  }
+  // M-SMoE always aligns: the option is not one of its keys.
+  EXPECT_THROW(merge({{"method", "msmoe"}, {"experts", 2}, {"align", false}}), core::Error);
 }
 
 TEST(MergeSubmoe, TruncationLowersRank) {
