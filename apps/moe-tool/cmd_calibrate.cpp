@@ -16,7 +16,7 @@ namespace moe::app {
 void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
     std::string model, text, out, sample = "first";
-    int64_t ctx = 512, windows = 0, batch = 8, out_cos = 512;
+    int64_t ctx = 512, windows = 0, batch = 8, out_cos = 512, out_stride = 16;
     uint64_t seed = 0;
     bool gram = false, routed_only = false, json = false;
   };
@@ -32,10 +32,14 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
   sub.add_option("--sample", o->sample, "Which windows: first (default) or random (with --seed)")
       ->check(CLI::IsMember({"first", "random"}));
   sub.add_option("--seed", o->seed, "Seed of --sample random (default 0)");
-  sub.add_option("--out-cos-tokens", o->out_cos, "Tokens (from the start of the stream) for out_cos (default 512)");
+  sub.add_option("--out-cos-tokens", o->out_cos,
+                 "Sampled tokens (from the start of the stream) for out_cos (default 512)");
+  sub.add_option("--out-stride", o->out_stride,
+                 "Token sample of the statistics that run every expert (out_mean, out_cos): every S-th token of "
+                 "the stream (default 16). out_mean = routed tokens exact + S x the sampled tokens for the rest, "
+                 "an estimate; 1 = every token through every expert (exact, E/k times the routed expert compute)");
   sub.add_flag("--routed-only", o->routed_only,
-               "Skip out_mean and out_cos, the statistics that run every expert on every token (E/k times the "
-               "routed expert compute)");
+               "Skip out_mean and out_cos, the statistics that run every expert on (sampled) tokens");
   sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
@@ -54,6 +58,7 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
       co.sample = o->sample == "random" ? calib::Sample::Random : calib::Sample::First;
       co.seed = o->seed;
       co.out_cos_tokens = o->out_cos;
+      co.out_stride = o->out_stride;
       co.quiet = flags.quiet;
       const auto plan = calib::plan_calibration(model, static_cast<int64_t>(ids.size()), co);
       if (!flags.quiet) {

@@ -6,7 +6,7 @@ Usage:  /usr/bin/python3 data/scripts/make_stats_goldens.py [name ...]
         (names: keys of MODELS below; default: every model whose folder exists)
 Writes data/golden/stats-<name>.json.
 
-What is computed, per run (a run = ctx, windows, sample mode, seed):
+What is computed, per run (a run = ctx, windows, sample mode, seed, out_cos_tokens, out_stride):
   * tokens: data/text/calib.txt tokenized once with the model's tokenizer.json (bpe_tok.py, no
     BOS/EOS); non-overlapping windows of ctx tokens; `first` takes windows 0..n-1, `random`
     takes n windows from a seeded partial Fisher-Yates shuffle driven by splitmix64 (the rule
@@ -19,9 +19,13 @@ What is computed, per run (a run = ctx, windows, sample mode, seed):
       weight_sum  sum of the routing weight applied to e (reference.route)
       reap        mean over routed tokens of weight * ||expert_e(x)||_2
       out_absmax  max |expert_e(x)| over routed tokens
-      out_mean    mean over ALL tokens of expert_e(x) (every expert on every token)
+      out_mean    (sum over tokens routed to e of expert_e(x)
+                   + S * sum over sampled tokens not routed to e of expert_e(x)) / N, where token
+                   n (row n of x) is sampled when n % S == 0, S = the run's out_stride; S = 1 is
+                   the mean over all tokens of every expert
       logit_sim   (cos + 1) / 2 of router-logit columns, diagonal 1
-      out_cos     mean over the first min(512, N) tokens of cos(expert_i(x), expert_j(x)), diag 1
+      out_cos     mean over the first out_cos_tokens sampled tokens of cos(expert_i(x),
+                   expert_j(x)), diag 1
       coact       tokens whose top-k contains both i and j (diagonal: count)
     sums in float64 (the per-token values are fp32 as in the forward).
   * Gram matrices (float64, summarised: trace, sum of entries, Frobenius norm, first row):
@@ -55,9 +59,13 @@ MODELS = {
     "qwen2moe-tiny": "models/qwen2moe-tiny",
 }
 
+# out_stride 3 with out_cos_tokens 40 (of the 54 sampled tokens) makes the second run cap out_cos
+# inside the second batch of windows that golden_test.cpp uses.
 RUNS = [
-    {"ctx": 64, "windows": 4, "sample": "first", "seed": 0, "gram": True, "out_cos_tokens": 512},
-    {"ctx": 32, "windows": 5, "sample": "random", "seed": 7, "gram": False, "out_cos_tokens": 100},
+    {"ctx": 64, "windows": 4, "sample": "first", "seed": 0, "gram": True, "out_cos_tokens": 512,
+     "out_stride": 1},
+    {"ctx": 32, "windows": 5, "sample": "random", "seed": 7, "gram": False, "out_cos_tokens": 40,
+     "out_stride": 3},
 ]
 
 MASK64 = (1 << 64) - 1
@@ -132,8 +140,10 @@ def gram_summary(A):
             "row0": [float(v) for v in G[0, :8]]}
 
 
-def moe_stats(cfg, W, p, x, out_cos_tokens, gram):
-    """x [N, H] fp32 -> dict of statistics of the MoE block at prefix p."""
+def moe_stats(cfg, W, p, x, out_cos_tokens, out_stride, gram):
+    """x [N, H] fp32 -> dict of statistics of the MoE block at prefix p.  Row n of x is token n of
+    the run's stream (windows concatenated in the chosen order); it is sampled when
+    n % out_stride == 0."""
     N, H = x.shape
     rname, ename, _ = R.moe_names(cfg, p)
     logits = R.linear(x, W[rname])
@@ -163,6 +173,7 @@ def moe_stats(cfg, W, p, x, out_cos_tokens, gram):
         h = F.silu(R.linear(x, W[g])) * R.linear(x, W[u])
         Hmid.append(h)
         Y.append(R.linear(h, W[dn]))
+    sampled = torch.arange(N) % out_stride == 0
     reap = np.zeros(E)
     absmax = np.zeros(E)
     out_mean = np.zeros((E, H))
@@ -174,7 +185,13 @@ def moe_stats(cfg, W, p, x, out_cos_tokens, gram):
             norms = torch.linalg.norm(ye.double(), dim=1)
             reap[e] = float((w[tok, slot].double() * norms).sum()) / tok.numel()
             absmax[e] = float(ye.abs().max())
-        out_mean[e] = Y[e].double().mean(0).numpy()
+        # Routed tokens exact; the rest estimated from the sample with weight out_stride.
+        routed = torch.zeros(N, dtype=torch.bool)
+        routed[tok] = True
+        wgt = torch.zeros(N, dtype=torch.float64)
+        wgt[sampled & ~routed] = float(out_stride)
+        wgt[routed] = 1.0
+        out_mean[e] = ((wgt[:, None] * Y[e].double()).sum(0) / N).numpy()
         if gram:
             gram_in.append(gram_summary(x[tok]))
             gram_mid.append(gram_summary(Hmid[e][tok]))
@@ -184,8 +201,9 @@ def moe_stats(cfg, W, p, x, out_cos_tokens, gram):
     cosm = G / torch.outer(d, d)
     logit_sim = ((cosm + 1) / 2).numpy()
     np.fill_diagonal(logit_sim, 1.0)
-    S = min(out_cos_tokens, N)
-    Ys = torch.stack([Y[e][:S] for e in range(E)], dim=1).double()  # [S, E, H]
+    rows = torch.nonzero(sampled).flatten()[:out_cos_tokens]  # the first out_cos_tokens samples
+    S = rows.numel()
+    Ys = torch.stack([Y[e][rows] for e in range(E)], dim=1).double()  # [S, E, H]
     nrm = torch.linalg.norm(Ys, dim=2, keepdim=True)
     Yn = Ys / nrm.clamp_min(1e-300)
     out_cos = torch.einsum("seh,sfh->ef", Yn, Yn).numpy() / S
@@ -226,7 +244,7 @@ def run_stats(cfg, W, tokens, run):
                 g["attn.gram_o"] = gram_summary(o_in.reshape(B * T, -1))
             if R.is_moe_layer(cfg, l):
                 layers[str(l)] = moe_stats(cfg, W, p, x.reshape(-1, H), run["out_cos_tokens"],
-                                           run["gram"])
+                                           run["out_stride"], run["gram"])
                 m, _ = R.moe_block(cfg, W, p, x)
             else:
                 xf = x.reshape(-1, H)

@@ -62,6 +62,8 @@ CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens,
   if (o.ctx < 1) throw Error::invalid("--ctx must be at least 1 (got " + std::to_string(o.ctx) + ")");
   if (o.batch_windows < 1) throw Error::invalid("--batch-windows must be at least 1");
   if (o.out_cos_tokens < 1) throw Error::invalid("--out-cos-tokens must be at least 1");
+  if (o.out_stride < 1)
+    throw Error::invalid("--out-stride must be at least 1 (got " + std::to_string(o.out_stride) + ")");
   if (!model.family().moe)
     throw Error::invalid("calibrate: " + model.family().model_type + " is a dense model (no experts to calibrate)");
   const int64_t maxpos = model.config().get_int_or("max_position_embeddings", 0);
@@ -121,7 +123,10 @@ std::map<std::string, std::string> stats_metadata(const io::Checkpoint& ckpt, co
   m["family"] = model.family().model_type;
   m["num_layers"] = std::to_string(model.dims().layers);
   m["batch_windows"] = std::to_string(o.batch_windows);
-  m["out_cos_tokens"] = o.routed_only ? "0" : std::to_string(std::min(o.out_cos_tokens, plan.tokens));
+  // out_cos_tokens: the sampled tokens out_cos was averaged over (every out_stride-th token).
+  const int64_t sampled = (plan.tokens + o.out_stride - 1) / o.out_stride;
+  m["out_cos_tokens"] = o.routed_only ? "0" : std::to_string(std::min(o.out_cos_tokens, sampled));
+  m["out_stride"] = std::to_string(o.out_stride);
   m["gram"] = o.gram ? "true" : "false";
   m["routed_only"] = o.routed_only ? "true" : "false";
   m["prob_sum"] = "softmax_all_logits";
@@ -159,6 +164,7 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
   oo.all_token_stats = !o.routed_only;
   oo.gram = o.gram;
   oo.out_cos_tokens = o.out_cos_tokens;
+  oo.out_stride = o.out_stride;
   StatsObserver obs(oo);
   runtime::Observer* observers[] = {&obs};
 

@@ -10,10 +10,10 @@
 // ([windows*ctx, H] fp32), each layer is converted to f32 once and applied to the windows in
 // batches of batch_windows, the StatsObserver watches, and the finished layer's statistics are
 // streamed into the stats file before the next layer loads. Memory: one layer's f32 weights +
-// the hidden states + one batch's activations (incl. two [batch tokens, I] buffers for the
-// all-token expert pass) + the statistics (out_cos keeps E*out_cos_tokens*H*4 bytes of expert
-// outputs while the first batch runs; with --gram: one layer's Gram matrices, E*H^2*8 + E*I^2*8
-// bytes for an MoE layer plus the attention's).
+// the hidden states + one batch's activations (incl. two [sampled tokens, I] buffers for the
+// all-experts pass) + the statistics (out_cos keeps up to E*out_cos_tokens*H*4 bytes of expert
+// outputs while a batch with out_cos tokens runs; with --gram: one layer's Gram matrices,
+// E*H^2*8 + E*I^2*8 bytes for an MoE layer plus the attention's).
 //
 // Determinism: the forward is deterministic for a fixed batch_windows (OpenBLAS splits a GEMM
 // between threads by shape, never by timing, and every output element is reduced by one thread),
@@ -44,10 +44,16 @@ struct CalibrateOptions {
   int64_t windows = 0;  // 0: every window of the text
   int64_t batch_windows = 8;
   bool gram = false;
-  bool routed_only = false;  // skip out_mean/out_cos (every expert on every token)
+  bool routed_only = false;  // skip out_mean/out_cos (the statistics that run every expert)
   Sample sample = Sample::First;
   uint64_t seed = 0;
-  int64_t out_cos_tokens = 512;
+  int64_t out_cos_tokens = 512;  // sampled tokens for out_cos
+  // --out-stride S >= 1: stream token n (windows concatenated in the chosen order) is sampled when
+  // n % S == 0. out_mean = routed tokens exact + S x (sampled tokens not routed to the expert), an
+  // estimate of the every-token mean for S > 1; out_cos over the first out_cos_tokens sampled
+  // tokens. S = 1 is the exact definition (every token through every expert, E/k times the routed
+  // expert compute). Details: calib/stats_observer.h.
+  int64_t out_stride = 16;
   bool quiet = false;
   // With gram: also keep every layer's Gram matrices in the returned Stats (they always go to the
   // file; in memory they cost gram_total_bytes, so only for pipelines on models that fit).

@@ -346,12 +346,17 @@ std::vector<std::string> plot_stats(const Stats& s, const std::filesystem::path&
       files.push_back(file);
     };
     const std::string ls = "layer-" + std::to_string(l);
+    // out_cos used the first out_cos_tokens sampled tokens (stream tokens 0, S, 2S, ... with
+    // S = out_stride; files without out_stride: S = 1, the first out_cos_tokens tokens).
+    const std::string stride = s.meta("out_stride", "1");
+    const std::string cos_sample =
+        stride == "1" ? "the first " + s.meta("out_cos_tokens", "?") + " tokens"
+                      : s.meta("out_cos_tokens", "?") + " sampled tokens (1 in " + stride + " of the stream)";
     sim(st.logit_sim, ls + "-logit_sim.svg", "Layer " + std::to_string(l) + ": router-logit similarity",
         who + "; (cos + 1) / 2 of router-logit columns over tokens", "logit_sim");
     if (st.out_cos.size())
       sim(st.out_cos, ls + "-out_cos.svg", "Layer " + std::to_string(l) + ": expert output similarity",
-          who + "; mean cos(expert_i(x), expert_j(x)) over " + s.meta("out_cos_tokens", "?") + " sampled tokens",
-          "out_cos");
+          who + "; mean cos(expert_i(x), expert_j(x)) over " + cos_sample, "out_cos");
   }
   write(dir / "out_absmax.svg", absmax_svg(s));
   files.push_back("out_absmax.svg");

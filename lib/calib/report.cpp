@@ -26,6 +26,14 @@ nlohmann::ordered_json top_pairs_of(const MatrixF& m, int n) {
   return out;
 }
 
+// "16" -> "16th", "2" -> "2nd", "3" -> "3rd", "11" -> "11th".
+std::string ordinal(const std::string& n) {
+  const size_t len = n.size();
+  const char last = len ? n[len - 1] : '0', tens = len > 1 ? n[len - 2] : '0';
+  if (tens == '1') return n + "th";
+  return n + (last == '1' ? "st" : last == '2' ? "nd" : last == '3' ? "rd" : "th");
+}
+
 std::string fmt(const char* f, double v) {
   char b[64];
   std::snprintf(b, sizeof b, f, v);
@@ -91,6 +99,14 @@ std::string render_stats_summary(const nlohmann::ordered_json& j) {
   if (mv("gram") == "true") o << ", with Gram matrices";
   if (mv("routed_only") == "true") o << ", routed statistics only";
   o << "\n";
+  if (mv("routed_only") != "true") {
+    // Files made before out_stride was recorded used every token.
+    const std::string stride = m.contains("out_stride") ? m["out_stride"].get<std::string>() : "1";
+    o << "out_mean: ";
+    if (stride == "1") o << "every token through every expert";
+    else o << "routed tokens exact + every " << ordinal(stride) << " token for the rest";
+    o << "; out_cos: first " << mv("out_cos_tokens") << (stride == "1" ? " tokens" : " sampled tokens") << "\n";
+  }
   o << "super experts:";
   if (j["super_experts"].empty()) o << " none";
   for (const auto& s : j["super_experts"])

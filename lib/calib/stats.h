@@ -6,16 +6,21 @@
 //   layers.{l}.weight_sum  F64 [E]     sum of the routing weight applied to e
 //   layers.{l}.reap        F64 [E]     mean over tokens routed to e of weight_e(x) * ||expert_e(x)||_2
 //   layers.{l}.out_absmax  F32 [E]     max |down_proj output| over routed tokens
-//   layers.{l}.out_mean    F32 [E,H]   mean of expert_e(x) over all tokens (every token through every expert)
+//   layers.{l}.out_mean    F32 [E,H]   mean of expert_e(x) over all tokens: (sum over tokens routed to e
+//                                      + S * sum over sampled tokens not routed to e) / tokens, where
+//                                      stream token n is sampled when n % S == 0, S = out_stride;
+//                                      exact for S = 1, an estimate for S > 1
 //   layers.{l}.logit_sim   F32 [E,E]   (cos+1)/2 of router-logit columns over tokens
-//   layers.{l}.out_cos     F32 [E,E]   mean over a token sample of cos(expert_i(x), expert_j(x))
+//   layers.{l}.out_cos     F32 [E,E]   mean over the first out_cos_tokens sampled tokens (every S-th
+//                                      token of the stream) of cos(expert_i(x), expert_j(x))
 //   layers.{l}.coact       F64 [E,E]   tokens whose top-k contains both i and j
 //   layers.{l}.experts.{e}.gram_in   F64 [H,H]  (--gram) sum x x^T over inputs routed to e
 //   layers.{l}.experts.{e}.gram_mid  F64 [I,I]  (--gram) same for the input of e's down projection
 //   layers.{l}.mlp.gram_in / gram_mid, layers.{l}.attn.gram_qkv [H,H] / gram_o [nH*d, nH*d] (--gram)
 // __metadata__: model_fingerprint, text_sha256 (or hash), ctx, windows, tokens, seed, sample,
 // tool_version, family, num_layers.
-// Also recorded: format ("pt"), batch_windows, out_cos_tokens, gram ("true"/"false"),
+// Also recorded: format ("pt"), batch_windows, out_cos_tokens (the sampled tokens out_cos used),
+// out_stride (S above; files without the key were made with S = 1), gram ("true"/"false"),
 // routed_only ("true": out_mean/out_cos were skipped), prob_sum ("softmax_all_logits": for every
 // router, sigmoid and top-k-softmax ones too, prob_sum is the softmax over all E logits),
 // windows_available, window_ids (random sample only: the chosen window indices, ascending).

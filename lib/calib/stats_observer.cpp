@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "core/error.h"
@@ -42,7 +43,9 @@ struct StatsObserver::MoeAcc {
   std::vector<MatrixD> gram_in, gram_mid;
 };
 
-StatsObserver::StatsObserver(ObserverOptions o) : opt_(o) {}
+StatsObserver::StatsObserver(ObserverOptions o) : opt_(o) {
+  if (opt_.out_stride < 1) throw Error::invalid("--out-stride must be at least 1");
+}
 StatsObserver::~StatsObserver() = default;
 
 void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
@@ -147,26 +150,41 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
   }
 
   if (!opt_.all_token_stats) return;
-  // Every expert on every token. Rows routed to e reuse the forward's h; the others run here.
-  const int64_t ns = std::clamp<int64_t>(opt_.out_cos_tokens - offset_, 0, N);  // sampled rows of this batch
+  // The all-experts statistics on the token sample: stream token offset_ + n is sampled when it is
+  // a multiple of S = out_stride. For out_mean, rows routed to e count with weight 1 (their h is
+  // in the trace); sampled rows not routed to e run through gate/up here and count with weight S.
+  // out_cos uses the first out_cos_tokens sampled tokens of the stream. S = 1: every token.
+  const int64_t S = opt_.out_stride;
+  const int64_t first = (S - offset_ % S) % S;  // first sampled row of this batch
+  // Sampled rows of this batch that fall among the first out_cos_tokens samples: stream index
+  // < out_cos_tokens * S (saturating), i.e. rows first, first + S, ... below cos_end.
+  const int64_t cos_limit =
+      opt_.out_cos_tokens > (INT64_MAX - 1) / S ? INT64_MAX : opt_.out_cos_tokens * S;
+  const int64_t cos_end = std::clamp<int64_t>(cos_limit - offset_, 0, N);
+  const int64_t ns = cos_end > first ? (cos_end - first + S - 1) / S : 0;  // out_cos rows of this batch
+  const double weight = static_cast<double>(S);
   std::vector<MatrixRM> ys(E);
   std::vector<int32_t> pos(N);
   std::vector<int32_t> other;
   MatrixRM xo, g, u, hs;
   std::vector<double> hsum;
+  constexpr int32_t kSkip = INT32_MIN;  // neither routed to e nor sampled
   for (int64_t e = 0; e < E; ++e) {
     const runtime::MlpWeights& W = t.weights.experts[e];
     const int64_t I = W.width();
     const auto& tok = t.tokens[e];
-    // pos[n] >= 0: row of t.h[e]; < 0: row -(pos+1) of the locally computed block.
+    // pos[n] >= 0: row of t.h[e]; kSkip: not used; otherwise row -(pos+1) of the locally
+    // computed block (sampled rows not routed to e).
     other.clear();
     size_t j = 0;
     for (int64_t n = 0; n < N; ++n) {
       if (j < tok.size() && tok[j] == n) {
         pos[n] = static_cast<int32_t>(j++);
-      } else {
+      } else if (n >= first && (n - first) % S == 0) {
         pos[n] = -static_cast<int32_t>(other.size()) - 1;
         other.push_back(static_cast<int32_t>(n));
+      } else {
+        pos[n] = kSkip;
       }
     }
     const int64_t no = static_cast<int64_t>(other.size());
@@ -180,11 +198,17 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
     auto hrow = [&](int64_t n) -> const float* {
       return pos[n] >= 0 ? t.h[e].data() + int64_t(pos[n]) * I : g.data() + int64_t(-pos[n] - 1) * I;
     };
-    // Sum of h over the batch in token order, then down (linear) applied to the sum.
+    // Weighted sum of h over the batch in token order (routed rows 1, sampled unrouted rows S, in
+    // double), then down (linear) applied to the sum.
     hsum.assign(I, 0.0);
     for (int64_t n = 0; n < N; ++n) {
+      if (pos[n] == kSkip) continue;
       const float* r = hrow(n);
-      for (int64_t c = 0; c < I; ++c) hsum[c] += double(r[c]);
+      if (pos[n] >= 0) {
+        for (int64_t c = 0; c < I; ++c) hsum[c] += double(r[c]);
+      } else {
+        for (int64_t c = 0; c < I; ++c) hsum[c] += weight * double(r[c]);
+      }
     }
     for (int64_t i = 0; i < H; ++i) {
       const float* wd = W.down.data() + i * I;
@@ -194,7 +218,10 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
     }
     if (ns > 0) {
       hs.resize(ns, I);
-      for (int64_t n = 0; n < ns; ++n) std::copy(hrow(n), hrow(n) + I, hs.data() + n * I);
+      for (int64_t q = 0; q < ns; ++q) {
+        const float* r = hrow(first + q * S);
+        std::copy(r, r + I, hs.data() + q * I);
+      }
       ys[e].resize(ns, H);
       runtime::gemm_nt(ns, H, I, 1.0f, hs.data(), I, W.down.data(), I, 0.0f, ys[e].data(), H);
     }

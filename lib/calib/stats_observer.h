@@ -13,10 +13,21 @@
 //                               logits is computed here, so sum(prob_sum) = tokens for every family
 //   reap, out_absmax            trace.y (routed tokens only) and the applied weights
 //   logit_sim                   trace.logits: sum over tokens of logit_i * logit_j
-//   out_mean                    every expert on every token: the routed rows of trace.h are
-//                               reused, the other rows run through gate/up here (two GEMMs per
-//                               expert); since down is linear, out_mean = down(mean h)
-//   out_cos                     every expert on the first out_cos_tokens tokens of the stream
+//   out_mean, out_cos           every expert on a token sample. Stream token n (n = offset + row,
+//                               the index in the calibration stream, windows concatenated in the
+//                               chosen order) is sampled when n % S == 0, S = out_stride. Then
+//                                 out_mean[e] = ( sum_{n routed to e} y_e(n)
+//                                               + S * sum_{n sampled, not routed to e} y_e(n) ) / tokens
+//                               Routed rows are exact (trace.h is reused); only the sampled rows
+//                               not routed to e run through gate/up here (two GEMMs per expert),
+//                               weighted by S in double when h is summed; since down is linear it
+//                               is applied once to that sum. For S > 1 this is an estimate of the
+//                               mean over all tokens (the unrouted part from a systematic sample,
+//                               scaled by S; the sample always starts at stream token 0, so reruns
+//                               agree); S = 1 is the exact mean (every token through every expert).
+//                               out_cos = mean over the first out_cos_tokens sampled tokens of
+//                               cos(y_i(n), y_j(n)), every expert on each of them (S = 1: the first
+//                               out_cos_tokens tokens of the stream).
 //   gram_in / gram_mid          (--gram) routed rows of trace.x / trace.h, fp64 DSYRK
 #pragma once
 
@@ -32,7 +43,8 @@ namespace moe::calib {
 struct ObserverOptions {
   bool all_token_stats = true;  // out_mean, out_cos (false: --routed-only)
   bool gram = false;
-  int64_t out_cos_tokens = 512;
+  int64_t out_cos_tokens = 512;  // sampled tokens for out_cos
+  int64_t out_stride = 16;       // S >= 1: every S-th stream token is sampled (1: every token, exact)
 };
 
 class StatsObserver : public runtime::Observer {

@@ -42,6 +42,7 @@ calib::Stats collect_stats(const io::Checkpoint& ckpt, const model::Model& model
   o.ctx = spec.ctx;
   o.windows = spec.windows;
   o.batch_windows = spec.batch_windows;
+  o.out_stride = spec.out_stride;
   o.seed = seed;
   o.quiet = quiet;
   // calibrate() streams its statistics into a file; keep it out of the output folder (loaders

@@ -104,12 +104,13 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
     r.model = resolve(base, top.str("model", true));
     r.seed = static_cast<uint64_t>(top.integer("seed", 0, 0));
     if (top.has("calibration")) {
-      Obj c(j.at("calibration"), "calibration", {"text", "stats", "ctx", "windows", "batch_windows", "propagate"});
+      Obj c(j.at("calibration"), "calibration", {"text", "stats", "ctx", "windows", "batch_windows", "out_stride", "propagate"});
       if (c.has("text")) r.calibration.text = resolve(base, c.str("text", true));
       if (c.has("stats")) r.calibration.stats = resolve(base, c.str("stats", true));
       r.calibration.ctx = c.integer("ctx", 512, 2);
       r.calibration.windows = c.integer("windows", 0, 1);
       r.calibration.batch_windows = c.integer("batch_windows", 8, 1);
+      r.calibration.out_stride = c.integer("out_stride", 16, 1);
       r.calibration.propagate = c.boolean("propagate", true);
     }
     if (!top.has("passes")) throw Error::invalid("passes: missing (required)");

@@ -33,6 +33,7 @@ struct CalibrationSpec {
   int64_t ctx = 512;
   int64_t windows = 0;     // 0: all windows of the text
   int64_t batch_windows = 8;
+  int64_t out_stride = 16; // statistics on the fly: token sample of out_mean/out_cos (calib/calibrate.h)
   bool propagate = true;   // calibrate each layer on the outputs of the already-compressed layers
 };
 

@@ -1,7 +1,8 @@
 // Statistics of the fixture models against goldens from the PyTorch reference
 // (data/scripts/make_stats_goldens.py -> data/golden/stats-<name>.json): counts exact, sums within
 // 1e-5 relative, out_mean / out_cos / logit_sim within 1e-4 absolute, Gram summaries within 1e-5
-// relative, the same super experts. Each golden run is recomputed here through the library and
+// relative, the same super experts. The runs set out_stride (first run 1: every token through
+// every expert; second run 3: the sampled estimate), so both rules are checked. Each golden run is recomputed here through the library and
 // read back from the stats file (so the file format is part of what is checked).
 #include <gtest/gtest.h>
 
@@ -70,6 +71,7 @@ TEST_P(StatsGolden, MatchesReference) {
     o.seed = run["seed"].get<uint64_t>();
     o.gram = run["gram"].get<bool>();
     o.out_cos_tokens = run["out_cos_tokens"].get<int64_t>();
+    o.out_stride = run["out_stride"].get<int64_t>();  // 1: exact out_mean; > 1: the sampled estimate
     o.batch_windows = 3;  // more than one batch per layer: the accumulation across batches is exercised
     o.quiet = true;
     const fs::path out = tmp / ("run" + std::to_string(run_no++) + ".stats");
@@ -83,6 +85,7 @@ TEST_P(StatsGolden, MatchesReference) {
     }
     const Stats s = Stats::load(out);
     EXPECT_EQ(s.meta("tokens"), std::to_string(run["tokens"].get<int64_t>()));
+    EXPECT_EQ(s.meta("out_stride"), std::to_string(o.out_stride));
     ASSERT_EQ(s.layers.size(), run["layers"].size());
     for (const auto& [key, want] : run["layers"].items()) {
       const int l = std::stoi(key);

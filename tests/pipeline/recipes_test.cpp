@@ -146,11 +146,21 @@ TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
   r["calibration"]["ctx"] = "long";
   expect_rejected(r, "calibration.ctx: expected an integer");
   r = small_recipe(out);
+  r["calibration"]["out_stride"] = 0;
+  expect_rejected(r, "calibration.out_stride: expected an integer >= 1");
+  r = small_recipe(out);
   r.erase("calibration");
   expect_rejected(r, "calibration");
   r = small_recipe(out);
   r["passes"] = json::array();
   expect_rejected(r, "passes: expected a non-empty list");
+}
+
+TEST(Recipes, CalibrationOutStrideIsAccepted) {
+  json r = small_recipe(temp_dir("stride-out"));
+  r["calibration"]["out_stride"] = 1;  // the exact out_mean for statistics computed on the fly
+  const auto d = moe::test::run_tool({"-q", "run", write_recipe("stride", r).string(), "--dry-run", "--json"});
+  EXPECT_EQ(d.exit_code, 0) << d.describe();
 }
 
 TEST(Recipes, SetOverridesAndMissingRecipe) {
