@@ -74,6 +74,16 @@ Checkpoint Checkpoint::open(Env& env, const fs::path& dir) {
   }
 
   for (const auto& s : shard_names) {
+    if (!weight_map.is_null() && !env.exists(dir / s)) {
+      // A partial download: say which index entry names the absent shard.
+      std::string first;
+      int64_t n = 0;
+      for (const auto& [name, shard] : weight_map.items())
+        if (shard.get_ref<const std::string&>() == s && n++ == 0) first = name;
+      throw Error::not_found((dir / s).string() + ": no such file, but " + kIndexName + " maps " +
+                             std::to_string(n) + " tensor" + (n == 1 ? "" : "s") + " to it (e.g. " + first +
+                             "); incomplete download?");
+    }
     auto shard = SafetensorsFile::open(env, dir / s);
     const size_t si = c.shards_.size();
     c.shards_.push_back(shard);
