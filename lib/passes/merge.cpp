@@ -78,6 +78,7 @@ class MergePass final : public pipeline::Pass {
     // HC-SMoE and Sub-MoE as published average without alignment; here they align by default
     // (measured better on both fixtures, README quality table); "align": false is the papers' rule.
     if (method_ != Method::MSMoE) align_ = o.get_bool("align", true);
+    protect_ = o.get_bool("protect_super_experts", false);
     if (method_ == Method::SubMoE) {
       rank_ratio_ = o.get_number("rank_ratio", 1.0, 0.0, 1.0, /*min_open=*/true);
       whiten_ = o.get_bool("whiten", false);
@@ -95,6 +96,7 @@ class MergePass final : public pipeline::Pass {
     json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_},
               {"router", router_}, {"router_bias", router_bias_}};
     if (method_ != Method::MSMoE) p["align"] = align_;
+    p["protect_super_experts"] = protect_;
     if (method_ == Method::SubMoE) {
       p["rank_ratio"] = rank_ratio_;
       p["whiten"] = whiten_;
@@ -118,6 +120,7 @@ class MergePass final : public pipeline::Pass {
         }
         break;
     }
+    if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.block_inputs = router_ == "refit";
     return r;
   }
@@ -141,25 +144,49 @@ class MergePass final : public pipeline::Pass {
     const calib::LayerStats& st = *ctx.stats;
     check_stat_size(static_cast<int64_t>(st.count.size()), E, "count", L);
 
-    // 1. Groups (and each group's dominant member).
+    // 1. Groups (and each group's dominant member). With protect_super_experts every super expert
+    // is a group of its own and the method groups the other experts into the remaining groups.
+    std::vector<int> rest, supers;
+    const std::vector<bool>* flags = protect_ ? &super_flags(st, E, L) : nullptr;
+    for (int e = 0; e < E; ++e) (flags && (*flags)[e] ? supers : rest).push_back(e);
+    const int n_rest = n - static_cast<int>(supers.size());
+    if (n_rest < (rest.empty() ? 0 : 1) || (rest.empty() && n_rest != 0))
+      throw Error::invalid("layer " + std::to_string(L) + ": " + std::to_string(supers.size()) +
+                           " super experts are protected but only " + std::to_string(n) +
+                           " experts remain after merging; raise experts or set protect_super_experts to false");
+    const int R = static_cast<int>(rest.size());
+    auto sub_vec = [&](const std::vector<double>& v) {
+      std::vector<double> out;
+      for (int e : rest) out.push_back(v.at(e));
+      return out;
+    };
+    auto sub_mat = [&](const calib::MatrixF& m, bool square) {
+      calib::MatrixF out(R, square ? R : m.cols());
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < out.cols(); ++j) out(i, j) = m(rest[i], square ? rest[j] : j);
+      return out;
+    };
     Groups groups;
     std::vector<int> dominant;
-    switch (method_) {
+    if (!rest.empty()) switch (method_) {
       case Method::MSMoE:
         check_stat_size(st.logit_sim.rows(), E, "logit_sim", L);
-        groups = msmoe_groups(st.count, st.logit_sim, n, dominant);
+        groups = msmoe_groups(sub_vec(st.count), sub_mat(st.logit_sim, true), n_rest, dominant);
         break;
       case Method::HCSMoE:
         check_stat_size(st.out_mean.rows(), E, "out_mean", L);
-        groups = agglomerative_average(as_double(st.out_mean), n);
-        dominant = most_frequent(groups, st.count);
+        groups = agglomerative_average(as_double(sub_mat(st.out_mean, false)), n_rest);
         break;
       case Method::SubMoE:
         check_stat_size(st.out_cos.rows(), E, "out_cos", L);
-        groups = kmeans(as_double(st.out_cos), n, layer_seed(seed_, ctx.seed, L));
-        dominant = most_frequent(groups, st.count);
+        groups = kmeans(as_double(sub_mat(st.out_cos, true)), n_rest, layer_seed(seed_, ctx.seed, L));
         break;
     }
+    for (auto& g : groups)
+      for (int& e : g) e = rest[e];
+    for (int e : supers) groups.push_back({e});
+    std::sort(groups.begin(), groups.end());
+    dominant = most_frequent(groups, st.count);
     std::vector<std::vector<double>> weights;
     for (const auto& members : groups) weights.push_back(frequency_weights(st.count, members));
 
@@ -265,6 +292,7 @@ class MergePass final : public pipeline::Pass {
   std::string router_, router_bias_;
   double rank_ratio_ = 1.0;
   bool align_ = true;
+  bool protect_ = false;
   bool whiten_ = false;
   double damp_ = 1e-2;
 };

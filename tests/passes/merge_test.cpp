@@ -244,6 +244,58 @@ TEST(MergeAlign, HcsmoeAndSubmoeAlignByDefault) {
   EXPECT_THROW(merge({{"method", "msmoe"}, {"experts", 2}, {"align", false}}), core::Error);
 }
 
+// protect_super_experts: a super expert stays a group of its own (its weights and router row
+// unchanged); the method groups the others into the remaining groups; too many supers → error.
+TEST(MergeProtect, SuperExpertsStayAlone) {
+  for (const char* method : {"msmoe", "hcsmoe", "submoe"}) {
+    SCOPED_TRACE(method);
+    Ctx c;
+    c.layer = make_layer({.E = 4, .H = 8, .I = 4, .seed = 11});
+    const model::MoeBlock before = *c.layer.moe;
+    c.stats = make_stats(4, 8);
+    c.stats.count = {40, 10, 30, 20};
+    c.stats.super_expert = {false, true, false, false};
+    // Unprotected, M-SMoE and HC-SMoE put 1 with 0 (most similar); Sub-MoE's k-means (k = 3 on
+    // out_cos rows) pairs 2 with 3 instead.
+    c.stats.logit_sim << 1.0f, 0.9f, 0.1f, 0.2f, 0.9f, 1.0f, 0.1f, 0.2f, 0.1f, 0.1f, 1.0f, 0.8f, 0.2f, 0.2f, 0.8f, 1.0f;
+    c.stats.out_cos = c.stats.logit_sim;
+    c.stats.out_mean.row(0).setConstant(1.0f);
+    c.stats.out_mean.row(1).setConstant(1.02f);
+    c.stats.out_mean.row(2).setConstant(-2.0f);
+    c.stats.out_mean.row(3).setConstant(-2.1f);
+    for (bool protect : {false, true}) {
+      c.layer.moe = before;
+      auto p = merge({{"method", method}, {"experts", 3}, {"protect_super_experts", protect}});
+      EXPECT_EQ(p->params()["protect_super_experts"], protect);
+      auto ctx = c.make(softmax_rule(4, 2));
+      p->run_layer(ctx);
+      if (!protect) {
+        EXPECT_EQ(c.report["groups"], std::string(method) == "submoe" ? json({{0}, {1}, {2, 3}})
+                                                                       : json({{0, 1}, {2}, {3}}));
+        continue;
+      }
+      EXPECT_EQ(c.report["groups"], json({{0}, {1}, {2, 3}}));
+      const model::MoeBlock& b = *c.layer.moe;
+      ASSERT_EQ(b.num_experts(), 3);
+      EXPECT_EQ(f32_expert(b, 1).gate, f32_expert(before, 1).gate);
+      EXPECT_EQ(f32_expert(b, 1).down, f32_expert(before, 1).down);
+      EXPECT_EQ(matrix_of(b.router).row(1), matrix_of(before.router).row(1));
+    }
+    // Three supers and two groups: impossible, said with the layer and the way out.
+    c.layer.moe = before;
+    c.stats.super_expert = {true, true, true, false};
+    auto q = merge({{"method", method}, {"experts", 2}, {"protect_super_experts", true}});
+    auto ctx = c.make(softmax_rule(4, 2));
+    try {
+      q->run_layer(ctx);
+      ADD_FAILURE() << "expected an error";
+    } catch (const core::Error& e) {
+      EXPECT_NE(e.message().find("3 super experts are protected but only 2"), std::string::npos) << e.message();
+      EXPECT_NE(e.message().find("protect_super_experts to false"), std::string::npos) << e.message();
+    }
+  }
+}
+
 TEST(MergeSubmoe, TruncationLowersRank) {
   std::mt19937_64 rng(21);
   const MatrixRM a = random_matrix(10, 6, rng), b = random_matrix(10, 6, rng);
