@@ -5,19 +5,18 @@
 #include "core/error.h"
 #include "tokenizer/byte_level.h"
 #include "tokenizer/json_fields.h"
-#include "tokenizer/regex.h"
+#include "tokenizer/replace.h"
 #include "tokenizer/utf8.h"
 
 namespace moe::tokenizer {
 
 using core::Error;
-using core::with_context;
 using namespace json_fields;
 
 struct Decoder::Step {
   enum class Kind { ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace } kind;
-  std::string pattern, content;  // Replace (literal pattern) / Strip, Metaspace (the char)
-  std::optional<Regex> regex;    // Replace with a {"Regex": ...} pattern
+  std::string content;           // Strip, Metaspace (the char)
+  ReplaceRule replace;           // Replace
   size_t start = 0, stop = 0;    // Strip
   bool drop_in_first = true;     // Metaspace: prepend_scheme != never
 };
@@ -43,13 +42,7 @@ void parse_into(const Json& j, const std::string& path,
     st->kind = Kind::ByteLevel;
   } else if (type == "Replace") {
     st->kind = Kind::Replace;
-    auto [is_regex, pat] = pattern(j, "pattern", path);
-    st->content = require_string(j, "content", path);
-    if (is_regex) {
-      st->regex = with_context(child(path, "pattern.Regex"), [&pat = pat] { return Regex::compile(pat); });
-    } else {
-      st->pattern = pat;
-    }
+    st->replace = ReplaceRule::parse(j, path);
   } else if (type == "ByteFallback") {
     st->kind = Kind::ByteFallback;
   } else if (type == "Fuse") {
@@ -80,18 +73,6 @@ void parse_into(const Json& j, const std::string& path,
   steps.push_back(std::move(st));
 }
 
-std::string replace_literal(const std::string& s, const std::string& from, const std::string& to) {
-  if (from.empty() || s.find(from) == std::string::npos) return s;
-  std::string out;
-  size_t pos = 0;
-  for (size_t hit; (hit = s.find(from, pos)) != std::string::npos; pos = hit + from.size()) {
-    out.append(s, pos, hit - pos);
-    out += to;
-  }
-  out.append(s, pos, std::string::npos);
-  return out;
-}
-
 // "<0xNN>" -> NN.
 std::optional<uint8_t> parse_byte_token(const std::string& t) {
   if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return std::nullopt;
@@ -119,23 +100,7 @@ Tokens run_step(const Decoder::Step& st, Tokens tokens) {
       return Tokens{repair_utf8(bytes)};
     }
     case Kind::Replace:
-      for (std::string& t : tokens) {
-        if (st.regex) {
-          std::vector<Span> hits;
-          st.regex->find_all(t, hits);
-          std::string out;
-          size_t pos = 0;
-          for (const Span& h : hits) {
-            out.append(t, pos, h.begin - pos);
-            out += st.content;
-            pos = h.end;
-          }
-          out.append(t, pos, std::string::npos);
-          t = std::move(out);
-        } else {
-          t = replace_literal(t, st.pattern, st.content);
-        }
-      }
+      for (std::string& t : tokens) t = st.replace.apply(t);
       return tokens;
     case Kind::ByteFallback: {
       Tokens out;
@@ -186,8 +151,8 @@ Tokens run_step(const Decoder::Step& st, Tokens tokens) {
       return tokens;
     case Kind::Metaspace:
       for (size_t i = 0; i < tokens.size(); ++i) {
-        tokens[i] = replace_literal(tokens[i], st.content,
-                                    (i == 0 && st.drop_in_first) ? std::string() : std::string(" "));
+        tokens[i] = replace_all(tokens[i], st.content,
+                                (i == 0 && st.drop_in_first) ? std::string() : std::string(" "));
       }
       return tokens;
   }

@@ -4,39 +4,24 @@
 
 #include "core/error.h"
 #include "tokenizer/json_fields.h"
-#include "tokenizer/regex.h"
+#include "tokenizer/replace.h"
 #include "tokenizer/unicode_norm.h"
 #include "tokenizer/utf8.h"
 
 namespace moe::tokenizer {
 
 using core::Error;
-using core::with_context;
 using namespace json_fields;
 
 struct Normalizer::Step {
   enum class Kind { Prepend, Replace, Strip, Unicode } kind;
   NormalForm form = NormalForm::NFC;  // Unicode
-  std::string text;             // Prepend: the prefix; Replace: the literal pattern
-  std::string content;          // Replace: the replacement
-  std::optional<Regex> regex;   // Replace with a {"Regex": ...} pattern
+  std::string text;             // Prepend: the prefix
+  ReplaceRule replace;          // Replace
   bool strip_left = false, strip_right = false;
 };
 
 namespace {
-
-// Replaces every non-overlapping occurrence of `from` (left to right) with `to`.
-std::string replace_all(const std::string& s, const std::string& from, const std::string& to) {
-  if (from.empty()) return s;
-  std::string out;
-  size_t pos = 0;
-  for (size_t hit; (hit = s.find(from, pos)) != std::string::npos; pos = hit + from.size()) {
-    out.append(s, pos, hit - pos);
-    out += to;
-  }
-  out.append(s, pos, std::string::npos);
-  return out;
-}
 
 void parse_into(const Json& j, const std::string& path,
                 std::vector<std::shared_ptr<const Normalizer::Step>>& steps) {
@@ -57,13 +42,7 @@ void parse_into(const Json& j, const std::string& path,
     step->text = require_string(j, "prepend", path);
   } else if (type == "Replace") {
     step->kind = Kind::Replace;
-    auto [is_regex, pat] = pattern(j, "pattern", path);
-    step->content = require_string(j, "content", path);
-    if (is_regex) {
-      step->regex = with_context(child(path, "pattern.Regex"), [&pat = pat] { return Regex::compile(pat); });
-    } else {
-      step->text = pat;
-    }
+    step->replace = ReplaceRule::parse(j, path);
   } else if (type == "Strip") {
     step->kind = Kind::Strip;
     step->strip_left = optional_bool(j, "strip_left", true, path);
@@ -98,22 +77,7 @@ void Normalizer::apply(Piece& piece) const {
         if (!piece.text.empty()) piece.text.insert(0, st.text);
         break;
       case Step::Kind::Replace:
-        if (st.regex) {
-          std::vector<Span> hits;
-          st.regex->find_all(piece.text, hits);
-          if (hits.empty()) break;
-          std::string out;
-          size_t pos = 0;
-          for (const Span& h : hits) {
-            out.append(piece.text, pos, h.begin - pos);
-            out += st.content;
-            pos = h.end;
-          }
-          out.append(piece.text, pos, std::string::npos);
-          piece.text = std::move(out);
-        } else {
-          piece.text = replace_all(piece.text, st.text, st.content);
-        }
+        piece.text = st.replace.apply(piece.text);
         break;
       case Step::Kind::Unicode:
         piece.text = normalize_unicode(piece.text, st.form);

@@ -186,6 +186,22 @@ TEST(SentencePieceBpe, LegacyNormalizerLayout) {
   EXPECT_EQ(tok.decode(tok.encode("hi ho hi")), "<s> hi ho hi");
 }
 
+TEST(SentencePieceBpe, RegexReplaceRules) {
+  // Replace with a {"Regex": ...} pattern, in the normalizer (" +" -> "▁": runs of spaces become
+  // one "▁", where the String pattern " " would give one per space) and in the decoder.
+  Json j = sp_json();
+  j["pre_tokenizer"] = nullptr;
+  j["normalizer"] = {
+      {"type", "Sequence"},
+      {"normalizers",
+       {{{"type", "Prepend"}, {"prepend", "\u2581"}},
+        {{"type", "Replace"}, {"pattern", {{"Regex", " +"}}}, {"content", "\u2581"}}}}};
+  j["decoder"]["decoders"][0]["pattern"] = {{"Regex", "\u2581"}};
+  const Tokenizer tok = from(j);
+  EXPECT_EQ(tok.encode("hi   hi", false), (Ids{263, 263}));
+  EXPECT_EQ(tok.decode(tok.encode("hi  ho hi")), "<s> hi ho hi");
+}
+
 TEST(SentencePieceBpe, LongTextSplitsLikeOneWord) {
   // Long single words are cut before each "▁" (an optimisation): results must not change.
   const Tokenizer tok = from(sp_json());
