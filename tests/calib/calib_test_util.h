@@ -3,7 +3,6 @@
 #pragma once
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -17,6 +16,7 @@
 #include "calib/sha256.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
+#include "support/synth.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moe::calib::test {
@@ -26,33 +26,9 @@ namespace fs = std::filesystem;
 inline fs::path source_dir() { return fs::path(MOE_SOURCE_DIR); }
 inline fs::path calib_text() { return source_dir() / "data/text/calib.txt"; }
 
-inline std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    path_ = fs::temp_directory_path() /
-            ("moe-calib-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+// Scratch folders and whole-file reads: the shared test helpers.
+using moe::test::read_file;
+using moe::test::TempDir;
 
 // A checkpoint, its Model view and the calibration text tokenized with its tokenizer.
 struct Fixture {

@@ -28,8 +28,8 @@ std::string error_of(ErrorKind kind, Fn&& fn) {
 std::string load_error(ErrorKind kind, const std::string& tokenizer_json,
                        const std::string& config = "") {
   TempDir dir;
-  dir.write("tokenizer.json", tokenizer_json);
-  if (!config.empty()) dir.write("tokenizer_config.json", config);
+  write_file(dir / "tokenizer.json", tokenizer_json);
+  if (!config.empty()) write_file(dir / "tokenizer_config.json", config);
   const std::string msg = error_of(kind, [&] { Tokenizer::load(dir.path()); });
   return msg;
 }
@@ -47,19 +47,19 @@ TEST(TokenizerErrors, MissingTokenizerJsonNamesPath) {
 
 TEST(TokenizerErrors, MalformedJsonNamesFile) {
   TempDir dir;
-  dir.write("tokenizer.json", "{\"model\": {\"type\": \"BPE\",");
+  write_file(dir / "tokenizer.json", "{\"model\": {\"type\": \"BPE\",");
   const std::string msg = error_of(ErrorKind::Corruption, [&] { Tokenizer::load(dir.path()); });
   EXPECT_EQ(msg.rfind(tokenizer_path(dir) + ": invalid JSON", 0), 0u) << msg;
 }
 
 TEST(TokenizerErrors, MalformedConfigNamesConfigFile) {
   TempDir dir;
-  dir.write("tokenizer.json", byte_level_json({}).dump());
-  dir.write("tokenizer_config.json", R"({"add_bos_token": "yes"})");
+  write_file(dir / "tokenizer.json", byte_level_json({}).dump());
+  write_file(dir / "tokenizer_config.json", R"({"add_bos_token": "yes"})");
   const std::string msg = error_of(ErrorKind::Corruption, [&] { Tokenizer::load(dir.path()); });
   EXPECT_EQ(msg, (dir.path() / "tokenizer_config.json").string() +
                      ": add_bos_token: expected true or false, got string");
-  dir.write("tokenizer_config.json", R"({"bos_token": "<nope>"})");
+  write_file(dir / "tokenizer_config.json", R"({"bos_token": "<nope>"})");
   const std::string msg2 = error_of(ErrorKind::Corruption, [&] { Tokenizer::load(dir.path()); });
   EXPECT_NE(msg2.find("tokenizer_config.json: bos_token: \"<nope>\" is not in the vocabulary"),
             std::string::npos)

@@ -8,11 +8,11 @@
 #include <sstream>
 #include <string>
 #include <utility>
-#include <unistd.h>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "support/synth.h"
 #include "tokenizer/byte_level.h"
 
 namespace moe::tokenizer::test {
@@ -34,29 +34,9 @@ inline std::string read_file_or_fail(const std::filesystem::path& p) {
   return ss.str();
 }
 
-// A scratch directory removed at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    path_ = std::filesystem::temp_directory_path() /
-            ("moe-tokenizer-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-  void write(const std::string& name, const std::string& text) const {
-    std::ofstream(path_ / name, std::ios::binary) << text;
-  }
-
- private:
-  std::filesystem::path path_;
-};
+// Scratch folders (removed at the end of the test) and file writing: the shared test helpers.
+using moe::test::TempDir;
+using moe::test::write_file;
 
 inline std::string bl(const std::string& plain) {
   std::string out;
