@@ -11,8 +11,8 @@ What is computed, per run (a run = ctx, windows, sample mode, seed, out_cos_toke
     BOS/EOS); non-overlapping windows of ctx tokens; `first` takes windows 0..n-1, `random`
     takes n windows from a seeded partial Fisher-Yates shuffle driven by splitmix64 (the rule
     documented in lib/calib/calibrate.h), sorted ascending.
-  * the forward is reference.py's (fp32, bf16 weights upcast), with the attention copied here
-    only to expose the input of o_proj for the Gram matrix.
+  * the forward is reference.py's (fp32, bf16 weights upcast); its attention also returns the
+    input of o_proj for the Gram matrix.
   * per MoE layer, from the post-attention-norm input x [N, H] of all windows (window-major):
       count       tokens whose top-k includes e
       prob_sum    sum of softmax(all logits)
@@ -36,7 +36,6 @@ What is computed, per run (a run = ctx, windows, sample mode, seed, out_cos_toke
     expert) values and > max / 10, layers < 0.75 * num_layers only.
 """
 import json
-import math
 import os
 import sys
 
@@ -88,49 +87,6 @@ def choose_windows(available, n, sample, seed):
             j = i + r % (available - i)
             ids[i], ids[j] = ids[j], ids[i]
     return sorted(ids[:n])
-
-
-def attention_with_o_input(cfg, W, p, x, cos, sin):
-    """reference.attention, returning (output, input of o_proj [B, T, nH*d])."""
-    B, T, H = x.shape
-    nH = cfg["num_attention_heads"]
-    nKV = cfg.get("num_key_value_heads") or nH
-    d = R.head_dim(cfg)
-    eps = cfg["rms_norm_eps"]
-    qkv_b = R.has_qkv_bias(cfg)
-    q = R.linear(x, W[p + "q_proj.weight"], W[p + "q_proj.bias"] if qkv_b else None)
-    k = R.linear(x, W[p + "k_proj.weight"], W[p + "k_proj.bias"] if qkv_b else None)
-    v = R.linear(x, W[p + "v_proj.weight"], W[p + "v_proj.bias"] if qkv_b else None)
-    kind = R.qk_norm_kind(cfg)
-    if kind == "full":
-        q = R.rms_norm(q, W[p + "q_norm.weight"], eps)
-        k = R.rms_norm(k, W[p + "k_norm.weight"], eps)
-        clip = cfg.get("clip_qkv")
-        if clip is not None:
-            q = q.clamp(-clip, clip)
-            k = k.clamp(-clip, clip)
-            v = v.clamp(-clip, clip)
-    q = q.view(B, T, nH, d)
-    k = k.view(B, T, nKV, d)
-    v = v.view(B, T, nKV, d)
-    if kind == "head":
-        q = R.rms_norm(q, W[p + "q_norm.weight"], eps)
-        k = R.rms_norm(k, W[p + "k_norm.weight"], eps)
-    q = R.apply_rope(q.transpose(1, 2), cos, sin)
-    k = R.apply_rope(k.transpose(1, 2), cos, sin)
-    v = v.transpose(1, 2)
-    rep = nH // nKV
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(2, 3)) * (1.0 / math.sqrt(d))
-    i = torch.arange(T).view(T, 1)
-    j = torch.arange(T).view(1, T)
-    scores = scores.masked_fill(~(j <= i), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    o = (probs @ v).transpose(1, 2).reshape(B, T, nH * d)
-    out = R.linear(o, W[p + "o_proj.weight"], W[p + "o_proj.bias"] if R.has_o_bias(cfg) else None)
-    return out, o
 
 
 def gram_summary(A):
@@ -234,7 +190,7 @@ def run_stats(cfg, W, tokens, run):
         for l in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{l}."
             xa = R.rms_norm(h, W[p + "input_layernorm.weight"], eps)
-            a, o_in = attention_with_o_input(cfg, W, p + "self_attn.", xa, cos, sin)
+            a, o_in = R.attention(cfg, W, p + "self_attn.", xa, cos, sin, with_o_input=True)
             h = h + a
             x = R.rms_norm(h, W[p + "post_attention_layernorm.weight"], eps)
             H = x.shape[-1]

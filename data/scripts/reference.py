@@ -196,7 +196,8 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def attention(cfg, W, p, x, cos, sin):
+def attention(cfg, W, p, x, cos, sin, with_o_input=False):
+    """Self-attention output [B, T, H]; with_o_input: (output, input of o_proj [B, T, nH*d])."""
     B, T, H = x.shape
     nH = cfg["num_attention_heads"]
     nKV = cfg.get("num_key_value_heads") or nH
@@ -240,7 +241,8 @@ def attention(cfg, W, p, x, cos, sin):
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     o = (probs @ v).transpose(1, 2).reshape(B, T, nH * d)
-    return linear(o, W[p + "o_proj.weight"], W[p + "o_proj.bias"] if has_o_bias(cfg) else None)
+    out = linear(o, W[p + "o_proj.weight"], W[p + "o_proj.bias"] if has_o_bias(cfg) else None)
+    return (out, o) if with_o_input else out
 
 
 def glu_mlp(x, wg, wu, wd):
