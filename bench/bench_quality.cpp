@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   fs::create_directories(tmp);
   json out = {{"benchmark", "quality"}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"rows", json::array()}};
   std::ostringstream md;
-  md << "| model | experts | pass | method | router | perplexity | vs original | KL (nats/token) | top-1 agreement |\n"
+  md << "| model | experts | pass | method | router, options | perplexity | vs original | KL (nats/token) | top-1 agreement |\n"
         "|---|---|---|---|---|---|---|---|---|\n";
   try {
     for (const auto& name : models) {
@@ -75,17 +75,20 @@ int main(int argc, char** argv) {
       }
       // Random pruning is a distribution, not one draw: it runs with seeds 0..random_seeds-1 and
       // its row gives the mean (perplexity, KL, top-1) with the perplexity range. Merges run with
-      // each router option (neurons aligned, the default), and hcsmoe/submoe once more with
-      // "align": false (the papers' plain average) and the default router, and every merge once
-      // more with protect_super_experts.
+      // each router option (neurons aligned, saliency importance: the defaults), and with the
+      // default router once more with "importance": "frequency" (the papers' weights) and "soft",
+      // hcsmoe/submoe with "align": false (the papers' plain average), and with
+      // protect_super_experts.
       struct Config {
         std::string pass, method, router;
         bool no_align = false, protect = false;
+        std::string importance = "";  // "": the default
       };
       std::vector<Config> configs;
       for (const char* m : {"random", "frequency", "soft", "reap", "enumerate"}) configs.push_back({"prune", m, ""});
       for (const char* m : {"msmoe", "hcsmoe", "submoe"}) {
         for (const char* r : {"dominant", "mean", "refit"}) configs.push_back({"merge", m, r});
+        for (const char* imp : {"frequency", "soft"}) configs.push_back({"merge", m, "mean", false, false, imp});
         if (std::string(m) != "msmoe") configs.push_back({"merge", m, "mean", true});
         configs.push_back({"merge", m, "mean", false, true});
       }
@@ -105,6 +108,7 @@ int main(int argc, char** argv) {
               pass["router"] = c.router;
               if (c.no_align) pass["align"] = false;
               if (c.protect) pass["protect_super_experts"] = true;
+              if (!c.importance.empty()) pass["importance"] = c.importance;
             }
             if (c.method == "random") pass["seed"] = seed;
             json recipe = {{"model", model_dir.string()},
@@ -140,13 +144,14 @@ int main(int argc, char** argv) {
             scored = e["tokens_scored"].get<int64_t>();
           }
           if (c.method == "random") random_mean = ppl;
-          const std::string router =
-              c.router + (c.no_align ? ", align: false" : "") + (c.protect ? ", protect super experts" : "");
+          const std::string router = c.router + (c.importance.empty() ? "" : ", importance: " + c.importance) +
+                                     (c.no_align ? ", align: false" : "") + (c.protect ? ", protect super experts" : "");
           json row = {{"model", name}, {"experts", experts}, {"pass", c.pass}, {"method", c.method},
                       {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
                       {"kl", kl}, {"top1_agreement", top1}, {"seconds", secs}, {"tokens_scored", scored}};
           if (c.pass == "merge" && c.method != "msmoe") row["align"] = !c.no_align;
           if (c.pass == "merge") row["protect_super_experts"] = c.protect;
+          if (c.pass == "merge") row["importance"] = c.importance.empty() ? "saliency" : c.importance;
           if (runs > 1) {
             row["seeds"] = runs;
             row["perplexity_per_seed"] = per_seed;

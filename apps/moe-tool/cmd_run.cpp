@@ -113,18 +113,23 @@ void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<OnePass>();
   auto experts = std::make_shared<int64_t>(0);
   auto router = std::make_shared<std::string>();
+  auto importance = std::make_shared<std::string>();
   auto no_align = std::make_shared<bool>(false);
   auto protect = std::make_shared<bool>(false);
   add_common(sub, *o);
   sub.add_option("--experts", *experts, "Experts per MoE layer after merging")->required();
   sub.add_option("--router", *router, "Router rows for merged experts: dominant, mean or refit");
+  sub.add_option("--importance", *importance,
+                 "Expert score that picks dominant experts and weights the merge: saliency (default; count x reap), "
+                 "frequency (count, the papers' rule) or soft (weight_sum)");
   sub.add_flag("--no-align", *no_align,
                "hcsmoe/submoe: average without aligning neurons to the dominant expert (the papers' rule)");
   sub.add_flag("--protect-super-experts", *protect, "Keep every expert flagged super as a group of its own");
-  sub.callback([o, experts, router, no_align, protect, &handler, &flags] {
-    handler = [o, experts, router, no_align, protect, &flags] {
+  sub.callback([o, experts, router, importance, no_align, protect, &handler, &flags] {
+    handler = [o, experts, router, importance, no_align, protect, &flags] {
       nlohmann::json pass = {{"pass", "merge"}, {"experts", *experts}};
       if (!router->empty()) pass["router"] = *router;
+      if (!importance->empty()) pass["importance"] = *importance;
       if (*no_align) pass["align"] = false;
       if (*protect) pass["protect_super_experts"] = true;
       auto recipe = pipeline::parse_recipe(recipe_json(*o, pass), ".", "merge");

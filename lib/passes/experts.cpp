@@ -42,10 +42,10 @@ void keep_experts(model::MoeBlock& block, const std::vector<int>& kept) {
   if (block.router_bias) block.router_bias = take_rows(*block.router_bias, kept);
 }
 
-std::vector<double> frequency_weights(const std::vector<double>& count, const std::vector<int>& members) {
+std::vector<double> importance_weights(const std::vector<double>& importance, const std::vector<int>& members) {
   std::vector<double> w(members.size());
   double total = 0;
-  for (size_t i = 0; i < members.size(); ++i) total += (w[i] = count.at(members[i]));
+  for (size_t i = 0; i < members.size(); ++i) total += (w[i] = importance.at(members[i]));
   for (double& x : w) x = total > 0 ? x / total : 1.0 / static_cast<double>(members.size());
   return w;
 }

@@ -27,8 +27,9 @@ core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype);
 // stay lazy), router rows and router_bias entries sliced in the same order.
 void keep_experts(model::MoeBlock& block, const std::vector<int>& kept);
 
-// f_e / Σ f over `members` (f = count[e]); equal weights when every count is 0.
-std::vector<double> frequency_weights(const std::vector<double>& count, const std::vector<int>& members);
+// f_e / Σ f over `members` (f = a per-expert importance: count, weight_sum, saliency); equal
+// weights when every member's importance is 0.
+std::vector<double> importance_weights(const std::vector<double>& importance, const std::vector<int>& members);
 
 // Statistics checks: a field with one entry (or row) per expert. Error::invalid naming the layer
 // and field, and how to produce it, when the stats do not match the layer.

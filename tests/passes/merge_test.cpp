@@ -49,7 +49,7 @@ TEST(MergeGroups, MsmoeHandExample) {
   const Groups g = msmoe_groups({10, 1, 8, 2}, sim, 2, dominant);
   EXPECT_EQ(g, (Groups{{0, 3}, {1, 2}}));
   EXPECT_EQ(dominant, (std::vector<int>{0, 2}));
-  EXPECT_EQ(most_frequent(g, {10, 1, 8, 2}), dominant);
+  EXPECT_EQ(most_important(g, {10, 1, 8, 2}), dominant);
 }
 
 TEST(MergeAlign, RecoversAKnownPermutation) {
@@ -153,8 +153,77 @@ TEST(MergeHcsmoe, GroupsByMeanOutputAndAveragesByFrequency) {
 }
 
 TEST(MergeHcsmoe, ZeroCountsUseEqualWeights) {
-  EXPECT_EQ(frequency_weights({0, 0, 0}, {0, 2}), (std::vector<double>{0.5, 0.5}));
-  EXPECT_EQ(frequency_weights({1, 0, 3}, {0, 2}), (std::vector<double>{0.25, 0.75}));
+  EXPECT_EQ(importance_weights({0, 0, 0}, {0, 2}), (std::vector<double>{0.5, 0.5}));
+  EXPECT_EQ(importance_weights({1, 0, 3}, {0, 2}), (std::vector<double>{0.25, 0.75}));
+}
+
+TEST(MergeImportance, SaliencyPicksDominantsAndWeights) {
+  // count favours 0 and 2; reap makes 1 the most salient (count * reap = 30, 60, 25).
+  Ctx c;
+  c.layer = make_layer({.E = 3, .H = 8, .I = 4, .seed = 4});
+  const model::MoeBlock before = *c.layer.moe;
+  c.stats = make_stats(3, 8);
+  c.stats.count = {30, 10, 25};
+  c.stats.reap = {1, 6, 1};
+  c.stats.logit_sim << 1.0f, 0.9f, 0.1f, 0.9f, 1.0f, 0.2f, 0.1f, 0.2f, 1.0f;
+  struct Case {
+    const char* importance;
+    json groups, dominant, weights;
+  };
+  for (const Case& k : {Case{"frequency", {{0, 1}, {2}}, {0, 2}, {{0.75, 0.25}, {1.0}}},
+                        Case{"saliency", {{0}, {1, 2}}, {0, 1}, {{1.0}, {60.0 / 85, 25.0 / 85}}}}) {
+    SCOPED_TRACE(k.importance);
+    c.layer.moe = before;
+    auto p = merge({{"method", "msmoe"}, {"experts", 2}, {"importance", k.importance}});
+    EXPECT_EQ(p->params()["importance"], k.importance);
+    auto ctx = c.make(softmax_rule(3, 1));
+    p->run_layer(ctx);
+    EXPECT_EQ(c.report["groups"], k.groups);
+    EXPECT_EQ(c.report["dominant"], k.dominant);
+    ASSERT_EQ(c.report["weights"].size(), 2u);
+    for (size_t g = 0; g < 2; ++g)
+      for (size_t i = 0; i < k.weights[g].size(); ++i)
+        EXPECT_NEAR(c.report["weights"][g][i].get<double>(), k.weights[g][i].get<double>(), 1e-12);
+  }
+  // The default is saliency, and it needs the reap statistic.
+  auto p = merge({{"method", "msmoe"}, {"experts", 2}});
+  EXPECT_EQ(p->params()["importance"], "saliency");
+  const auto fields = p->requirements().stats_fields;
+  EXPECT_NE(std::find(fields.begin(), fields.end(), "reap"), fields.end());
+}
+
+TEST(MergeImportance, HcsmoeWeightsByEachImportance) {
+  Ctx c;
+  c.layer = make_layer({.E = 4, .H = 8, .I = 4, .seed = 6});
+  const model::MoeBlock before = *c.layer.moe;
+  c.stats = make_stats(4, 8);
+  c.stats.out_mean.row(0).setConstant(1.0f);  // groups {0, 2} and {1, 3}
+  c.stats.out_mean.row(2).setConstant(1.1f);
+  c.stats.out_mean.row(1).setConstant(-2.0f);
+  c.stats.out_mean.row(3).setConstant(-2.2f);
+  c.stats.count = {1, 3, 3, 1};
+  c.stats.weight_sum = {2, 1, 1, 2};
+  c.stats.reap = {9, 1, 1, 1};  // saliency 9, 3, 3, 1
+  struct Case {
+    const char* importance;
+    std::vector<double> w0;  // weights of group {0, 2}
+    json dominant;
+  };
+  for (const Case& k : {Case{"frequency", {0.25, 0.75}, {2, 1}}, Case{"soft", {2.0 / 3, 1.0 / 3}, {0, 3}},
+                        Case{"saliency", {0.75, 0.25}, {0, 1}}}) {
+    SCOPED_TRACE(k.importance);
+    c.layer.moe = before;
+    auto p = merge({{"method", "hcsmoe"}, {"experts", 2}, {"importance", k.importance}, {"align", false}});
+    auto ctx = c.make(softmax_rule(4, 2));
+    p->run_layer(ctx);
+    EXPECT_EQ(c.report["groups"], json({{0, 2}, {1, 3}}));
+    EXPECT_EQ(c.report["dominant"], k.dominant);
+    EXPECT_NEAR(c.report["weights"][0][0].get<double>(), k.w0[0], 1e-12);
+    EXPECT_NEAR(c.report["weights"][0][1].get<double>(), k.w0[1], 1e-12);
+    const runtime::MlpWeights m0 = f32_expert(before, 0), m2 = f32_expert(before, 2);
+    const runtime::MlpWeights want = weighted_average({&m0, &m2}, k.w0);
+    EXPECT_LE(max_abs_diff(f32_expert(*c.layer.moe, 0).up, want.up), 1e-6);
+  }
 }
 
 // out_cos with two clear clusters {0, 2, 4} and {1, 3, 5}.
@@ -191,7 +260,7 @@ TEST(MergeSubmoe, WithoutTruncationEqualsWeightedAverage) {
     for (int g = 0; g < 2; ++g) {
       std::vector<runtime::MlpWeights> ms;
       for (int e : groups[g]) ms.push_back(f32_expert(before, e));
-      const std::vector<double> w = frequency_weights(c.stats.count, groups[g]);
+      const std::vector<double> w = importance_weights(c.stats.count, groups[g]);
       const runtime::MlpWeights want = weighted_average({&ms[0], &ms[1], &ms[2]}, w);
       const runtime::MlpWeights got = f32_expert(b, g);
       EXPECT_LE(max_abs_diff(got.gate, want.gate), 1e-4);

@@ -122,9 +122,10 @@ TEST(Registry, ParamsRecordDefaults) {
   EXPECT_EQ(params["router_bias"], "max");
   EXPECT_EQ(params["rank_ratio"], 1.0);
   EXPECT_EQ(params["whiten"], false);
+  EXPECT_EQ(params["importance"], "saliency");  // count * reap, chosen by bench_quality
   EXPECT_FALSE(params.contains("seed"));
   EXPECT_FALSE(p->requirements().block_inputs);  // only the refit router runs the block on inputs
-  EXPECT_EQ(p->requirements().stats_fields, (std::vector<std::string>{"count", "out_cos"}));
+  EXPECT_EQ(p->requirements().stats_fields, (std::vector<std::string>{"count", "reap", "out_cos"}));
 
   auto q = make_pass({{"pass", "prune"}, {"method", "enumerate"}, {"keep", 3}, {"seed", 5}}, "passes[0]");
   EXPECT_EQ(q->params()["max_subsets"], 5000);
