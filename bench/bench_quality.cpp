@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   fs::create_directories(tmp);
   json out = {{"benchmark", "quality"}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"rows", json::array()}};
   std::ostringstream md;
-  md << "| model | experts | pass | method | router, options | perplexity | vs original | KL (nats/token) | top-1 agreement |\n"
+  md << "| model | experts | pass | method | router / options | perplexity | vs original | KL (nats/token) | top-1 agreement |\n"
         "|---|---|---|---|---|---|---|---|---|\n";
   try {
     for (const auto& name : models) {
