@@ -237,16 +237,19 @@ Stats::SuperThresholds Stats::super_thresholds() const {
   return {percentile(all, 99.5), gmax / 10.0};
 }
 
+std::vector<bool> Stats::super_flags(const SuperThresholds& th, const LayerStats& s, int layer, int num_layers) {
+  std::vector<bool> flags(s.out_absmax.size(), false);
+  if (!(static_cast<double>(layer) < 0.75 * num_layers)) return flags;
+  for (size_t e = 0; e < s.out_absmax.size(); ++e) {
+    const double v = s.out_absmax[e];
+    flags[e] = v > th.p99_5 && v > th.tenth_of_max;
+  }
+  return flags;
+}
+
 void Stats::flag_super_experts(int num_layers) {
   const SuperThresholds th = super_thresholds();
-  for (auto& [l, s] : layers) {
-    s.super_expert.assign(s.out_absmax.size(), false);
-    if (!(static_cast<double>(l) < 0.75 * num_layers)) continue;
-    for (size_t e = 0; e < s.out_absmax.size(); ++e) {
-      const double v = s.out_absmax[e];
-      s.super_expert[e] = v > th.p99_5 && v > th.tenth_of_max;
-    }
-  }
+  for (auto& [l, s] : layers) s.super_expert = super_flags(th, s, l, num_layers);
 }
 
 }  // namespace moe::calib

@@ -92,6 +92,9 @@ struct Stats {
     double p99_5 = 0, tenth_of_max = 0;
   };
   SuperThresholds super_thresholds() const;
+  // The rule applied to one layer's out_absmax with given thresholds (a pass after another pass
+  // recomputes a layer's statistics and judges them by the input model's thresholds).
+  static std::vector<bool> super_flags(const SuperThresholds& th, const LayerStats& s, int layer, int num_layers);
 
   // Metadata helpers: the value or `fallback` when absent.
   std::string meta(const std::string& key, const std::string& fallback = "") const;

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "runtime/moe_block.h"
 #include "runtime/ops.h"
 
 namespace moe::calib {
@@ -323,6 +324,25 @@ std::optional<LayerGrams> StatsObserver::take_grams(int l) {
   grams_.erase(it);
   for (MatrixD* m : {&g.attn_qkv, &g.attn_o, &g.mlp_in, &g.mlp_mid}) gram_symmetrize(*m);
   return g;
+}
+
+LayerStats block_stats(int layer, const runtime::MoeWeights& w, const runtime::RoutingRule& rule, const runtime::MatrixRM& x,
+                       int64_t batch_rows, const ObserverOptions& o) {
+  if (batch_rows < 1) throw Error::internal("block_stats: batch_rows must be at least 1");
+  runtime::RoutingRule r = rule;
+  r.num_experts = static_cast<int>(w.num_experts());
+  StatsObserver obs(o);
+  for (int64_t first = 0; first < x.rows(); first += batch_rows) {
+    const runtime::MatrixRM xs = x.middleRows(first, std::min(batch_rows, x.rows() - first));
+    runtime::MoeDetail det;
+    const runtime::MatrixRM out = runtime::moe_forward(w, r, xs, &det, /*keep_intermediates=*/true);
+    const runtime::MoeTrace t{xs, det.logits, det.routing, det.tokens, det.h, det.y, det.shared_out, det.shared_gate, out, w};
+    obs.set_token_offset(first);
+    obs.on_moe(layer, t);
+  }
+  auto st = obs.take_layer(layer);
+  if (!st) throw Error::internal("block_stats: no statistics for layer " + std::to_string(layer) + " (no input rows)");
+  return std::move(*st);
 }
 
 }  // namespace moe::calib

@@ -37,6 +37,7 @@
 
 #include "calib/stats.h"
 #include "runtime/observer.h"
+#include "runtime/routing.h"
 
 namespace moe::calib {
 
@@ -82,5 +83,13 @@ class StatsObserver : public runtime::Observer {
 void gram_update(MatrixD& G, const float* A, int64_t n, int64_t d);
 // Copies the upper triangle into the lower one.
 void gram_symmetrize(MatrixD& G);
+
+// The statistics of one MoE block as it is now (weights w, routing rule) on its inputs x [N,H]
+// (post_attention_layernorm outputs, rows in calibration stream order), run in batches of
+// batch_rows rows: what calibrate records for that layer when x are the layer's inputs. Used for
+// a recipe pass that follows another pass (its experts are no longer the input model's). Super
+// expert flags are left false (they need every layer; see Stats::super_flags).
+LayerStats block_stats(int layer, const runtime::MoeWeights& w, const runtime::RoutingRule& rule, const runtime::MatrixRM& x,
+                       int64_t batch_rows, const ObserverOptions& o);
 
 }  // namespace moe::calib

@@ -161,6 +161,7 @@ class PrunePass final : public pipeline::Pass {
     pipeline::Requirements r;
     if (*score_field(method_)) r.stats_fields.push_back(score_field(method_));
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
+    r.plan_stats = keep_ratio_.has_value() && (*score_field(method_) || protect_);
     r.block_inputs = method_ == Method::Enumerate;
     return r;
   }

@@ -22,13 +22,19 @@ namespace moe::pipeline {
 struct Requirements {
   std::vector<std::string> stats_fields;  // e.g. {"count"}, {"out_mean"}, {"gram_in"}; empty: no stats
   bool block_inputs = false;  // the MoE block inputs x [N,H] of the calibration tokens at this layer
+  // plan() reads every layer's statistics (a budget across layers): only possible for the first
+  // pass of a recipe, whose statistics exist for all layers before the first layer is changed.
+  bool plan_stats = false;
 };
 
 struct LayerContext {
   int layer = 0;
   model::Model& model;
   model::Layer& target;                         // the layer being changed (target.moe is set)
-  const calib::LayerStats* stats = nullptr;     // set when Requirements::stats_fields is not empty
+  // Set when Requirements::stats_fields is not empty: the input model's statistics for the first
+  // pass; for a later pass, this layer's statistics recomputed on the experts the earlier passes
+  // left (calib::block_stats on the layer's calibration inputs).
+  const calib::LayerStats* stats = nullptr;
   const runtime::MatrixRM* block_inputs = nullptr;  // set when Requirements::block_inputs
   runtime::RoutingRule routing;                 // the family's routing rule for this layer
   uint64_t seed = 0;                            // per-layer seed derived from the recipe seed

@@ -1,9 +1,13 @@
 #include "pipeline/runner.h"
 
+#include <algorithm>
 #include <chrono>
+#include <map>
+#include <optional>
 #include <sstream>
 
 #include "calib/stats.h"
+#include "calib/stats_observer.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "eval/eval.h"
@@ -12,6 +16,7 @@
 #include "pipeline/calibration_text.h"
 #include "pipeline/report.h"
 #include "runtime/forward.h"
+#include "runtime/weights.h"
 
 namespace moe::pipeline {
 
@@ -30,11 +35,11 @@ class BlockInputCapture final : public runtime::Observer {
 
 // The model as it will be after the passes, shapes only (expert lists truncated to the planned
 // counts; views, nothing computed): the writer's plan and the dry run's numbers come from it.
-model::Model planned_model(const model::Model& m, const std::vector<std::vector<int64_t>>& experts_after) {
+model::Model planned_model(const model::Model& m, const std::vector<int64_t>& experts) {
   model::Model p = m;
   for (auto& layer : p.layers()) {
     if (!layer.moe) continue;
-    const int64_t e = experts_after.back().at(static_cast<size_t>(layer.index));
+    const int64_t e = experts.at(static_cast<size_t>(layer.index));
     auto& b = *layer.moe;
     b.experts.resize(static_cast<size_t>(e));
     b.router = b.router.slice0(0, e);
@@ -55,13 +60,17 @@ int64_t params_of(const std::vector<model::OutTensor>& outs) {
   return n;
 }
 
-// Expert counts per layer before each pass and after the last: [passes+1][layers] (0 for dense).
-std::vector<std::vector<int64_t>> plan_expert_counts(const Recipe& r, const model::Model& m) {
+// Plans the passes in order (each on the model as the earlier passes leave it, shapes only) and
+// returns the expert counts per layer before each pass and after the last: [passes+1][layers]
+// (0 for dense layers). Only the first pass plans with statistics (later passes' statistics do
+// not exist before their layer is reached); plan = false (dry run) leaves the passes' estimates.
+std::vector<std::vector<int64_t>> plan_passes(Recipe& r, const model::Model& m, const calib::Stats* stats, bool plan) {
   std::vector<std::vector<int64_t>> counts;
   std::vector<int64_t> cur;
   for (const auto& l : m.layers()) cur.push_back(l.moe ? l.moe->num_experts() : 0);
   counts.push_back(cur);
   for (size_t i = 0; i < r.passes.size(); ++i) {
+    if (plan) r.passes[i]->plan(i == 0 ? m : planned_model(m, cur), i == 0 ? stats : nullptr);
     for (const auto& l : m.layers()) {
       if (!l.moe) continue;
       auto& c = cur[static_cast<size_t>(l.index)];
@@ -70,6 +79,55 @@ std::vector<std::vector<int64_t>> plan_expert_counts(const Recipe& r, const mode
     counts.push_back(cur);
   }
   return counts;
+}
+
+bool has_field(const Requirements& q, const char* f) {
+  return std::find(q.stats_fields.begin(), q.stats_fields.end(), f) != q.stats_fields.end();
+}
+
+// Where each expert of a layer comes from after the passes: per output expert, [[input expert id,
+// weight], ...], composed over the passes' keep-maps ("kept": prune) and groups ("groups" with
+// "weights": merge). A pass that changes the expert count must report one of them.
+json compose_origin(int64_t experts_in, int64_t experts_out, const json& pass_reports) {
+  std::vector<std::vector<std::pair<int, double>>> m(static_cast<size_t>(experts_in));
+  for (int e = 0; e < experts_in; ++e) m[e] = {{e, 1.0}};
+  for (const auto& pr : pass_reports) {
+    std::vector<std::vector<std::pair<int, double>>> next;
+    if (pr.contains("kept")) {
+      for (int k : pr["kept"].get<std::vector<int>>()) next.push_back(m.at(static_cast<size_t>(k)));
+    } else if (pr.contains("groups")) {
+      const json& g = pr["groups"];
+      for (size_t j = 0; j < g.size(); ++j) {
+        std::map<int, double> acc;
+        for (size_t i = 0; i < g[j].size(); ++i)
+          for (const auto& [src, w] : m.at(g[j][i].get<size_t>())) acc[src] += pr["weights"][j][i].get<double>() * w;
+        next.emplace_back(acc.begin(), acc.end());
+      }
+    } else {
+      continue;
+    }
+    m = std::move(next);
+  }
+  if (static_cast<int64_t>(m.size()) != experts_out)
+    throw Error::internal("a pass changed the expert count without reporting \"kept\" or \"groups\"");
+  json out = json::array();
+  for (const auto& v : m) {
+    json row = json::array();
+    for (const auto& [src, w] : v) row.push_back({src, w});
+    out.push_back(row);
+  }
+  return out;
+}
+
+// Statistics of layer l's MoE block as the earlier passes left it, on the layer's calibration
+// inputs x (batches of batch_windows windows, as calibrate runs them).
+calib::LayerStats recompute_stats(int l, const model::Layer& layer, const Requirements& req, const runtime::MatrixRM& x,
+                                  int64_t T, const CalibrationSpec& spec, const runtime::RoutingRule& rule) {
+  calib::ObserverOptions o;
+  o.all_token_stats = has_field(req, "out_mean") || has_field(req, "out_cos");
+  o.gram = has_field(req, "gram_in") || has_field(req, "gram_mid");
+  o.out_stride = spec.out_stride;
+  return calib::block_stats(l, runtime::convert_moe(*layer.moe), rule, x, spec.batch_windows * T, o);
 }
 
 }  // namespace
@@ -83,19 +141,35 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (!model.family().moe)
     throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
                          " is dense: the passes of this recipe work on MoE layers");
-  for (size_t i = 1; i < r.passes.size(); ++i)
-    if (!r.passes[i]->requirements().stats_fields.empty())
-      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
-                           "' needs routing statistics of the experts left by the earlier passes; statistics are "
-                           "collected on the input model, so put this pass first (or run two recipes)");
-
+  // Statistics: the first pass reads the input model's (file or collected on the text). A later
+  // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
+  // left, from the layer's calibration inputs; super experts among them are judged by the input
+  // model's thresholds, so those statistics are collected too when a later pass needs out_absmax.
   bool needs_inputs = false, needs_stats = false;
   std::vector<std::string> fields;
-  for (const auto& p : r.passes) {
-    const auto req = p->requirements();
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const auto req = r.passes[i]->requirements();
     needs_inputs = needs_inputs || req.block_inputs;
-    needs_stats = needs_stats || !req.stats_fields.empty();
-    fields.insert(fields.end(), req.stats_fields.begin(), req.stats_fields.end());
+    if (req.stats_fields.empty()) continue;
+    const std::string where = r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() + "'";
+    if (i == 0) {
+      needs_stats = true;
+      fields.insert(fields.end(), req.stats_fields.begin(), req.stats_fields.end());
+      continue;
+    }
+    if (req.plan_stats)
+      throw Error::invalid(where + " ranks experts across layers (keep_ratio), which needs every layer's statistics "
+                           "before the first layer is changed; after an earlier pass they are recomputed layer by "
+                           "layer, so use \"keep\" here or make this pass the first");
+    if (r.calibration.text.empty())
+      throw Error::invalid(where + " needs statistics of the experts left by the earlier passes; they are computed on "
+                           "the calibration windows layer by layer: give calibration.text (a stats file describes the "
+                           "input model only)");
+    needs_inputs = true;
+    if (has_field(req, "out_absmax")) {
+      needs_stats = true;
+      fields.push_back("out_absmax");
+    }
   }
   // Statistics: from the file (checked against this model) or collected on the calibration text.
   std::optional<calib::Stats> stats;
@@ -112,11 +186,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
   // Global budgets are planned over all layers' statistics before the per-layer counts are known
   // (a dry run shows the passes' estimates instead).
-  if (!opts.dry_run)
-    for (auto& p : r.passes) p->plan(model, stats ? &*stats : nullptr);
-
-  const auto counts = plan_expert_counts(r, model);
-  const model::Model planned = planned_model(model, counts);
+  const auto counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
+  const model::Model planned = planned_model(model, counts.back());
   const auto outs_before = original.outputs();
   const auto outs_after = planned.outputs(r.output.dtype);
 
@@ -142,6 +213,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (needs_stats)
     compute.push_back(!r.calibration.stats.empty() ? "statistics read from " + r.calibration.stats.string()
                                                    : "statistics collected on " + r.calibration.text.string());
+  for (size_t i = 1; i < r.passes.size(); ++i)
+    if (!r.passes[i]->requirements().stats_fields.empty())
+      compute.push_back("passes[" + std::to_string(i) + "]: statistics of the experts left by the earlier passes, "
+                        "recomputed layer by layer on the calibration windows");
   if (needs_inputs)
     compute.push_back(std::string("MoE block inputs of the calibration windows, layer by layer") +
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
@@ -176,6 +251,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     }
   };
 
+  const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
   json layer_reports = json::array();
   core::Progress progress("layers", static_cast<uint64_t>(model.layers().size()), "layers", opts.quiet);
   for (auto& layer : model.layers()) {
@@ -192,8 +268,18 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       json pass_reports = json::array();
       for (size_t i = 0; i < r.passes.size(); ++i) {
         json pr;
-        LayerContext ctx{l, model, layer, stats && !r.passes[i]->requirements().stats_fields.empty() ? &stats->layers.at(l) : nullptr,
-                         fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
+        const Requirements req = r.passes[i]->requirements();
+        const calib::LayerStats* st = nullptr;
+        std::optional<calib::LayerStats> fresh;
+        if (!req.stats_fields.empty() && i == 0) st = &stats->layers.at(l);
+        if (!req.stats_fields.empty() && i > 0) {
+          fresh = recompute_stats(l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
+          if (stats)
+            fresh->super_expert = calib::Stats::super_flags(super_th, *fresh, l, static_cast<int>(model.layers().size()));
+          st = &*fresh;
+          pr["statistics"] = "recomputed on the experts left by the earlier passes";
+        }
+        LayerContext ctx{l, model, layer, st, fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
                          r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr};
         core::with_context("layer " + std::to_string(l) + ": " + r.passes[i]->name() + " " + r.passes[i]->method(),
                            [&] { r.passes[i]->run_layer(ctx); });
@@ -208,6 +294,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       lr["passes"] = pass_reports;
       lr["experts_before"] = counts.front()[static_cast<size_t>(l)];
       lr["experts_after"] = layer.moe->num_experts();
+      lr["origin"] = compose_origin(counts.front()[static_cast<size_t>(l)], layer.moe->num_experts(), pass_reports);
       if (fwd && r.calibration.propagate) {
         X = std::move(X_in);
         fwd->apply_layer(fwd->load_layer(l), X, T);

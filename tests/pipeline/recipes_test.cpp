@@ -193,3 +193,93 @@ TEST(Subcommands, MergeWithEvalReportsQuality) {
   EXPECT_TRUE(report.contains("eval"));
   EXPECT_LT(report.at("bytes").at("after").get<double>(), report.at("bytes").at("before").get<double>());
 }
+
+namespace {
+
+std::string read_bytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+}  // namespace
+
+TEST(Recipes, LaterPassSeesTheStatisticsOfTheExpertsLeft) {
+  // A first pass that keeps every expert (random, keep 8 of 8) changes nothing, so a merge after it
+  // must see exactly the statistics the merge sees as the only pass. Without propagation both
+  // runs give each layer the input model's block inputs: the checkpoints are byte-identical.
+  for (const char* method : {"msmoe", "hcsmoe", "submoe"}) {
+    SCOPED_TRACE(method);
+    const json merge = {{"pass", "merge"}, {"method", method}, {"experts", 4}, {"seed", 3}};
+    std::vector<fs::path> outs;
+    for (bool chained : {false, true}) {
+      const fs::path out = temp_dir(std::string("chain-eq-") + method + (chained ? "-2" : "-1"));
+      json r = small_recipe(out);
+      r["calibration"]["propagate"] = false;
+      r["output"]["dtype"] = "f32";
+      r["passes"] = chained ? json::array({{{"pass", "prune"}, {"method", "random"}, {"keep", 8}}, merge}) : json::array({merge});
+      const auto res = moe::test::run_tool({"-q", "run", write_recipe("chain-eq", r).string()});
+      ASSERT_EQ(res.exit_code, 0) << res.describe();
+      const json report = json::parse(std::ifstream(out / "moe_tool_report.json"));
+      const json& last = report.at("layers").at(0).at("passes").back();
+      EXPECT_EQ(last.contains("statistics"), chained) << last.dump();
+      outs.push_back(out);
+    }
+    EXPECT_EQ(read_bytes(outs[0] / "model.safetensors"), read_bytes(outs[1] / "model.safetensors"));
+    for (const auto& o : outs) fs::remove_all(o);
+  }
+}
+
+TEST(Recipes, PruneThenMergeComposesTheKeepMap) {
+  const fs::path out = temp_dir("prune-merge");
+  json r = small_recipe(out);
+  r["passes"] = json::array({{{"pass", "prune"}, {"method", "reap"}, {"keep", 6}},
+                             {{"pass", "merge"}, {"method", "msmoe"}, {"experts", 4}}});
+  const auto res = moe::test::run_tool({"-q", "run", write_recipe("prune-merge", r).string()});
+  ASSERT_EQ(res.exit_code, 0) << res.describe();
+  const auto m = moe::model::Model::load(moe::io::Checkpoint::open(moe::io::Env::posix(), out));
+  for (const auto& l : m.layers()) EXPECT_EQ(l.moe->num_experts(), 4);
+  const json report = json::parse(std::ifstream(out / "moe_tool_report.json"));
+  for (const auto& lr : report.at("layers")) {
+    const auto kept = lr.at("passes").at(0).at("kept").get<std::vector<int>>();
+    const json& merge = lr.at("passes").at(1);
+    // The merge groups the 6 experts the prune left (its own numbering 0..5), each exactly once.
+    std::vector<int> seen;
+    for (const auto& g : merge.at("groups"))
+      for (const auto& e : g) seen.push_back(e.get<int>());
+    std::sort(seen.begin(), seen.end());
+    EXPECT_EQ(seen, (std::vector<int>{0, 1, 2, 3, 4, 5}));
+    // origin: written expert j = Σ weight · input expert, the input ids among the kept ones.
+    const json& origin = lr.at("origin");
+    ASSERT_EQ(origin.size(), 4u);
+    for (size_t j = 0; j < 4; ++j) {
+      const json& g = merge.at("groups").at(j);
+      ASSERT_EQ(origin[j].size(), g.size());
+      double sum = 0;
+      for (size_t i = 0; i < g.size(); ++i) {
+        EXPECT_EQ(origin[j][i][0].get<int>(), kept.at(g[i].get<size_t>()));  // kept is ascending: order preserved
+        EXPECT_DOUBLE_EQ(origin[j][i][1].get<double>(), merge.at("weights")[j][i].get<double>());
+        sum += origin[j][i][1].get<double>();
+      }
+      EXPECT_NEAR(sum, 1.0, 1e-12);
+    }
+  }
+  fs::remove_all(out);
+}
+
+TEST(Recipes, LaterPassLimitsAreRejectedBeforeAnyWork) {
+  const fs::path out = temp_dir("rejected-out");
+  json r = small_recipe(out);
+  r["passes"].push_back({{"pass", "prune"}, {"method", "reap"}, {"keep_ratio", 0.5}});
+  expect_rejected(r, "passes[1]: method 'reap' ranks experts across layers (keep_ratio)");
+  // A later pass's statistics come from the calibration windows: a stats file alone is not enough.
+  const fs::path stats = temp_dir("later.stats.safetensors");
+  const auto c = moe::test::run_tool({"-q", "calibrate", (kSrc / "data/models/qwen2moe-tiny").string(), "--text",
+                                      (kSrc / "data/text/calib.txt").string(), "--ctx", "64", "--windows", "4",
+                                      "-o", stats.string()});
+  ASSERT_EQ(c.exit_code, 0) << c.describe();
+  r = small_recipe(out);
+  r["calibration"] = {{"stats", stats.string()}};
+  r["passes"].push_back({{"pass", "merge"}, {"method", "hcsmoe"}, {"experts", 4}});
+  expect_rejected(r, "passes[1]: method 'hcsmoe' needs statistics of the experts left by the earlier passes");
+  fs::remove(stats);
+}
