@@ -61,7 +61,7 @@ TEST(Recipes, EveryShippedRecipeValidatesAndPlans) {
     EXPECT_TRUE(s.at("dry_run").get<bool>());
     for (const auto& l : s.at("layers")) EXPECT_LT(l.at("experts_after").get<int>(), l.at("experts_before").get<int>());
   }
-  EXPECT_GE(n, 9);  // demo + one per method
+  EXPECT_GE(n, 10);  // demo + one per method + a chain
 }
 
 TEST(Recipes, EveryShippedRecipeRuns) {
@@ -81,11 +81,13 @@ TEST(Recipes, EveryShippedRecipeRuns) {
       EXPECT_EQ(l.moe->num_experts(), prune ? 6 : 4) << e.path();
       EXPECT_EQ(l.moe->router.dim(0), l.moe->num_experts());
     }
-    // The keep-map: kept ids (prune) or groups (merge) for every layer.
+    // The keep-map: kept ids (prune) or groups (merge, the last pass) for every layer, and the
+    // origin of every written expert.
     for (const auto& lr : report.at("layers")) {
-      const json& p = lr.at("passes").at(0);
+      const json& p = prune ? lr.at("passes").at(0) : lr.at("passes").back();
       if (prune) EXPECT_EQ(p.at("kept").size(), 6u) << p.dump();
       else EXPECT_EQ(p.at("groups").size(), 4u) << p.dump();
+      EXPECT_EQ(lr.at("origin").size(), prune ? 6u : 4u);
     }
     fs::remove_all(out);
   }
