@@ -140,6 +140,20 @@ std::optional<bool> Options::opt_bool(const std::string& key) {
 
 bool Options::get_bool(const std::string& key, bool dflt) { return opt_bool(key).value_or(dflt); }
 
+std::optional<std::string> Options::opt_string(const std::string& key, bool non_empty) {
+  const json* v = find(key);
+  if (!v) return std::nullopt;
+  if (!v->is_string() || (non_empty && v->get<std::string>().empty()))
+    type_error(key, non_empty ? "a non-empty string" : "a string");
+  return v->get<std::string>();
+}
+
+std::string Options::get_string(const std::string& key) {
+  auto v = opt_string(key);
+  if (!v) throw Error::invalid(key_path(key) + ": missing (required)");
+  return *v;
+}
+
 std::string Options::get_enum(const std::string& key, const std::string& dflt,
                               const std::vector<std::string>& allowed) {
   const json* v = find(key);

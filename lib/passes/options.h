@@ -28,7 +28,8 @@ class Options {
   Options(const nlohmann::json& spec, std::string path, std::string what);
 
   const std::string& path() const { return path_; }
-  std::string key_path(const std::string& key) const { return path_ + "." + key; }
+  // "path.key" ("key" for the top level, path "").
+  std::string key_path(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
   bool has(const std::string& key) const;
 
   // Each getter marks `key` as allowed. Absent → the default / nullopt.
@@ -40,6 +41,9 @@ class Options {
   double get_number(const std::string& key, double dflt, double min, double max, bool min_open = false);
   bool get_bool(const std::string& key, bool dflt);
   std::optional<bool> opt_bool(const std::string& key);
+  // Strings (non-empty unless non_empty is false); get_string: required ("missing (required)").
+  std::optional<std::string> opt_string(const std::string& key, bool non_empty = true);
+  std::string get_string(const std::string& key);
   std::string get_enum(const std::string& key, const std::string& dflt, const std::vector<std::string>& allowed);
   // Marks keys as allowed without reading them (read elsewhere, e.g. "pass", "method").
   void allow(const std::vector<std::string>& keys);

@@ -1,91 +1,21 @@
 #include "pipeline/recipe.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "core/error.h"
 #include "io/checkpoint.h"
 #include "io/checkpoint_writer.h"
+#include "passes/options.h"
 
 namespace moe::pipeline {
 
 using core::Error;
 using nlohmann::json;
-
-std::string did_you_mean(const std::string& word, const std::vector<std::string>& choices) {
-  auto dist = [](const std::string& a, const std::string& b) {
-    std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-    for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-    for (size_t i = 1; i <= a.size(); ++i) {
-      cur[0] = i;
-      for (size_t j = 1; j <= b.size(); ++j)
-        cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      std::swap(prev, cur);
-    }
-    return prev[b.size()];
-  };
-  std::string best;
-  size_t best_d = 3;
-  for (const auto& c : choices) {
-    const size_t d = dist(word, c);
-    if (d < best_d) {
-      best_d = d;
-      best = c;
-    }
-  }
-  return best.empty() ? "" : " (did you mean '" + best + "'?)";
-}
+using passes::json_found;
+using passes::Options;
 
 namespace {
-
-std::string found(const json& v) {
-  std::string s = v.dump();
-  if (s.size() > 40) s = s.substr(0, 37) + "...";
-  return s;
-}
-
-// Strict object reader: every key must be read or it is reported as unknown.
-class Obj {
- public:
-  Obj(const json& j, std::string path, std::vector<std::string> allowed) : j_(j), path_(std::move(path)), allowed_(std::move(allowed)) {
-    if (!j_.is_object()) throw Error::invalid(path_ + ": expected an object, found " + found(j_));
-    for (const auto& [k, v] : j_.items()) {
-      if (std::find(allowed_.begin(), allowed_.end(), k) == allowed_.end()) {
-        std::string list;
-        for (const auto& a : allowed_) list += (list.empty() ? "" : ", ") + a;
-        throw Error::invalid(sub(k) + ": unknown key" + did_you_mean(k, allowed_) + "; allowed: " + list);
-      }
-    }
-  }
-  std::string sub(const std::string& k) const { return path_.empty() ? k : path_ + "." + k; }
-  bool has(const std::string& k) const { return j_.contains(k); }
-  const json& at(const std::string& k) const { return j_.at(k); }
-  std::string str(const std::string& k, bool required, const std::string& fallback = "") const {
-    if (!has(k)) {
-      if (required) throw Error::invalid(sub(k) + ": missing (required)");
-      return fallback;
-    }
-    if (!j_.at(k).is_string() || j_.at(k).get<std::string>().empty())
-      throw Error::invalid(sub(k) + ": expected a non-empty string, found " + found(j_.at(k)));
-    return j_.at(k).get<std::string>();
-  }
-  int64_t integer(const std::string& k, int64_t fallback, int64_t min) const {
-    if (!has(k)) return fallback;
-    const json& v = j_.at(k);
-    if (!v.is_number_integer() || v.get<int64_t>() < min)
-      throw Error::invalid(sub(k) + ": expected an integer >= " + std::to_string(min) + ", found " + found(v));
-    return v.get<int64_t>();
-  }
-  bool boolean(const std::string& k, bool fallback) const {
-    if (!has(k)) return fallback;
-    if (!j_.at(k).is_boolean()) throw Error::invalid(sub(k) + ": expected true or false, found " + found(j_.at(k)));
-    return j_.at(k).get<bool>();
-  }
-
- private:
-  const json& j_;
-  std::string path_;
-  std::vector<std::string> allowed_;
-};
 
 fs::path resolve(const fs::path& base, const std::string& p) {
   fs::path x(p);
@@ -98,25 +28,27 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
   return core::with_context(source, [&] {
     Recipe r;
     r.source = source;
-    Obj top(j, "", {"model", "seed", "calibration", "passes", "output", "eval", "description"});
-    if (top.has("description") && !j.at("description").is_string())
-      throw Error::invalid("description: expected a string, found " + found(j.at("description")));
-    r.model = resolve(base, top.str("model", true));
-    r.seed = static_cast<uint64_t>(top.integer("seed", 0, 0));
+    Options top(j, "", "a recipe");
+    top.allow({"model", "seed", "calibration", "passes", "output", "eval", "description"});
+    top.opt_string("description", /*non_empty=*/false);
+    r.model = resolve(base, top.get_string("model"));
+    r.seed = static_cast<uint64_t>(top.get_int("seed", 0, 0, std::numeric_limits<int64_t>::max()));
+    const int64_t big = std::numeric_limits<int64_t>::max();
     if (top.has("calibration")) {
-      Obj c(j.at("calibration"), "calibration", {"text", "stats", "ctx", "windows", "batch_windows", "out_stride", "propagate"});
-      if (c.has("text")) r.calibration.text = resolve(base, c.str("text", true));
-      if (c.has("stats")) r.calibration.stats = resolve(base, c.str("stats", true));
-      r.calibration.ctx = c.integer("ctx", 512, 2);
-      r.calibration.windows = c.integer("windows", 0, 1);
-      r.calibration.batch_windows = c.integer("batch_windows", 8, 1);
-      r.calibration.out_stride = c.integer("out_stride", 16, 1);
-      r.calibration.propagate = c.boolean("propagate", true);
+      Options c(j.at("calibration"), "calibration", "calibration");
+      if (auto t = c.opt_string("text")) r.calibration.text = resolve(base, *t);
+      if (auto t = c.opt_string("stats")) r.calibration.stats = resolve(base, *t);
+      r.calibration.ctx = c.get_int("ctx", 512, 2, big);
+      r.calibration.windows = c.get_int("windows", 0, 1, big);
+      r.calibration.batch_windows = c.get_int("batch_windows", 8, 1, big);
+      r.calibration.out_stride = c.get_int("out_stride", 16, 1, big);
+      r.calibration.propagate = c.get_bool("propagate", true);
+      c.finish();
     }
     if (!top.has("passes")) throw Error::invalid("passes: missing (required)");
     const json& passes = j.at("passes");
     if (!passes.is_array() || passes.empty())
-      throw Error::invalid("passes: expected a non-empty list of pass objects, found " + found(passes));
+      throw Error::invalid("passes: expected a non-empty list of pass objects, found " + json_found(passes));
     for (size_t i = 0; i < passes.size(); ++i) {
       const std::string path = "passes[" + std::to_string(i) + "]";
       r.passes.push_back(make_pass(passes[i], path));
@@ -124,26 +56,28 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
     }
     if (!top.has("output")) throw Error::invalid("output: missing (required)");
     {
-      Obj o(j.at("output"), "output", {"path", "dtype", "max_shard_size", "force"});
-      r.output.path = resolve(base, o.str("path", true));
-      if (o.has("dtype")) {
-        const std::string d = o.str("dtype", true);
-        r.output.dtype = core::parse_user_dtype(d);
-        if (!r.output.dtype) throw Error::invalid("output.dtype: '" + d + "' is not one of bf16, f16, f32");
+      Options o(j.at("output"), "output", "output");
+      r.output.path = resolve(base, o.get_string("path"));
+      if (auto d = o.opt_string("dtype")) {
+        r.output.dtype = core::parse_user_dtype(*d);
+        if (!r.output.dtype) throw Error::invalid("output.dtype: '" + *d + "' is not one of bf16, f16, f32");
       }
-      if (o.has("max_shard_size"))
-        r.output.max_shard_bytes = core::with_context("output.max_shard_size", [&] { return io::parse_size(o.str("max_shard_size", true)); });
-      r.output.force = o.boolean("force", false);
+      if (auto m = o.opt_string("max_shard_size"))
+        r.output.max_shard_bytes = core::with_context("output.max_shard_size", [&] { return io::parse_size(*m); });
+      r.output.force = o.get_bool("force", false);
+      o.finish();
     }
     if (top.has("eval")) {
-      Obj e(j.at("eval"), "eval", {"text", "ctx", "max_windows", "against_input"});
+      Options e(j.at("eval"), "eval", "eval");
       EvalSpec ev;
-      ev.text = resolve(base, e.str("text", true));
-      ev.ctx = e.integer("ctx", 512, 2);
-      ev.max_windows = e.integer("max_windows", 0, 0);
-      ev.against_input = e.boolean("against_input", true);
+      ev.text = resolve(base, e.get_string("text"));
+      ev.ctx = e.get_int("ctx", 512, 2, big);
+      ev.max_windows = e.get_int("max_windows", 0, 0, big);
+      ev.against_input = e.get_bool("against_input", true);
+      e.finish();
       r.eval = ev;
     }
+    top.finish();
     bool needs_stats = false;
     for (const auto& p : r.passes) needs_stats = needs_stats || !p->requirements().stats_fields.empty() || p->requirements().block_inputs;
     if (needs_stats && r.calibration.text.empty() && r.calibration.stats.empty())

@@ -71,7 +71,4 @@ Recipe load_recipe(const fs::path& file, const std::vector<std::string>& overrid
 // Applies one "a.b[2].c=value" override to j (creating objects as needed).
 void apply_override(nlohmann::json& j, const std::string& assignment);
 
-// Edit distance suggestions: "did you mean 'keep'?" or "".
-std::string did_you_mean(const std::string& word, const std::vector<std::string>& choices);
-
 }  // namespace moe::pipeline

@@ -143,7 +143,7 @@ TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
   expect_rejected(r, "passes[0]");
   r = small_recipe(out);
   r["outptu"] = r["output"];
-  expect_rejected(r, "did you mean 'output'");
+  expect_rejected(r, "outptu: unknown key for a recipe (allowed: model, seed, calibration, passes, output, eval, description); did you mean \"output\"?");
   r = small_recipe(out);
   r["calibration"]["ctx"] = "long";
   expect_rejected(r, "calibration.ctx: expected an integer");
@@ -156,6 +156,25 @@ TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
   r = small_recipe(out);
   r["passes"] = json::array();
   expect_rejected(r, "passes: expected a non-empty list");
+  r = small_recipe(out);
+  r["calibration"]["txet"] = "x";
+  expect_rejected(r, "calibration.txet: unknown key for calibration (allowed: text, stats, ctx, windows, "
+                     "batch_windows, out_stride, propagate); did you mean \"text\"?");
+  r = small_recipe(out);
+  r["output"].erase("path");
+  expect_rejected(r, "output.path: missing (required)");
+  r = small_recipe(out);
+  r["model"] = 5;
+  expect_rejected(r, "model: expected a non-empty string, found 5 (an integer)");
+  r = small_recipe(out);
+  r["eval"] = {{"text", "x.txt"}, {"ctx", 1}};
+  expect_rejected(r, "eval.ctx: expected an integer >= 2, found 1");
+  r = small_recipe(out);
+  r["description"] = 3;
+  expect_rejected(r, "description: expected a string, found 3");
+  r = small_recipe(out);
+  r["calibration"]["propagate"] = "yes";
+  expect_rejected(r, "calibration.propagate: expected true or false, found \"yes\"");
 }
 
 TEST(Recipes, CalibrationOutStrideIsAccepted) {
