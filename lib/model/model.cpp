@@ -344,9 +344,17 @@ nlohmann::json Model::rewritten_config(std::optional<DType> dtype) const {
       I = w;
     }
     if (E >= 0) {
+      const bool changed = !j.contains(f.expert_count_key) || j[f.expert_count_key] != E;
       j[f.expert_count_key] = E;
       j[f.expert_width_key] = I;
       if (j.contains(f.topk_key) && j[f.topk_key].get<int64_t>() > E) j[f.topk_key] = E;
+      // DeepSeek group-limited routing: groups are contiguous blocks of E / n_group experts. Once
+      // experts are dropped or merged those blocks no longer are the trained groups (and E may
+      // not divide), so the written model routes plain top-k: one group, chosen always.
+      if (changed && j.contains("n_group") && j["n_group"].is_number_integer() && j["n_group"].get<int64_t>() > 1) {
+        j["n_group"] = 1;
+        if (j.contains("topk_group")) j["topk_group"] = 1;
+      }
     }
   }
   if (dtype) j["torch_dtype"] = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";

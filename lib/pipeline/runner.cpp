@@ -330,7 +330,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
     env.copy_file(f, out.path() / f.filename());
   }
-  env.write_text(out.path() / "config.json", planned.rewritten_config(r.output.dtype).dump(2) + "\n");
+  const json new_config = planned.rewritten_config(r.output.dtype);
+  env.write_text(out.path() / "config.json", new_config.dump(2) + "\n");
+  json notes = json::array();
+  const json& old_config = original.config().json();
+  if (old_config.value("n_group", 1) > 1 && new_config.value("n_group", 1) == 1)
+    notes.push_back("config: n_group " + old_config["n_group"].dump() + " -> 1 and topk_group " +
+                    old_config.value("topk_group", json(1)).dump() +
+                    " -> 1: the expert count changed, so the trained expert groups are gone; the written "
+                    "model routes plain top-k over its experts (group-limited routing not preserved)");
 
   // Evaluate the written checkpoint (still in the temporary folder) against the input.
   json eval_json;
@@ -366,12 +374,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                            {"ctx", r.calibration.ctx}, {"windows", r.calibration.windows},
                            {"propagate", r.calibration.propagate}, {"seed", r.seed}};
   if (!eval_json.is_null()) report["eval"] = eval_json;
+  if (!notes.empty()) report["notes"] = notes;
   write_report(env, out.path(), report);
   out.commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
   summary["layers"] = layer_reports;
   summary["seconds"] = secs;
   summary["report"] = (r.output.path / "moe_tool_report.json").string();
+  if (!notes.empty()) summary["notes"] = notes;
   return summary;
 }
 
@@ -388,6 +398,7 @@ std::string render_run_summary(const json& s) {
     << " (active per token " << s["params"]["active_before"].get<int64_t>() << " -> " << s["params"]["active_after"].get<int64_t>() << ")\n";
   o << "  bytes    " << core::format_bytes(s["bytes"]["before"].get<double>()) << " -> " << core::format_bytes(s["bytes"]["after"].get<double>()) << "\n";
   for (const auto& c : s["computes"]) o << "  computes " << c.get<std::string>() << "\n";
+  for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   if (!dry) o << "  output   " << s["output"].get<std::string>() << " (report: " << s["report"].get<std::string>() << ")\n";
   if (s.contains("eval")) {
     const auto& e = s["eval"];

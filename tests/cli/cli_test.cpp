@@ -443,5 +443,30 @@ TEST_F(Cli, BadArguments) {
   EXPECT_NE(h.out.find("convert"), std::string::npos);
 }
 
+json read_json(const fs::path& p) { return json::parse(read_file(p)); }
+
+TEST_F(Cli, PruningDeepSeekV3DropsTheGroupLimit) {
+  // deepseek_v3 routes within n_group contiguous groups of experts; once experts are dropped those
+  // blocks are not the trained groups (and 3 experts do not split into 2 groups), so the written
+  // config routes plain top-k and the run says so.
+  const auto dir = synth_to(tmp / "ds3", "deepseek_v3");
+  ASSERT_EQ(read_json(dir / "config.json")["n_group"], 2);
+  const RunResult r = run_tool({"-q", "prune", dir.string(), (tmp / "out3").string(), "--method", "random", "--keep", "3", "--json"});
+  expect_ok(r);
+  const json cfg = read_json(tmp / "out3" / "config.json");
+  EXPECT_EQ(cfg["n_routed_experts"], 3);
+  EXPECT_EQ(cfg["n_group"], 1);
+  EXPECT_EQ(cfg["topk_group"], 1);
+  const json s = json::parse(r.out);
+  ASSERT_EQ(s["notes"].size(), 1u);
+  EXPECT_NE(s["notes"][0].get<std::string>().find("n_group 2 -> 1"), std::string::npos) << s["notes"];
+  EXPECT_EQ(read_json(tmp / "out3" / "moe_tool_report.json")["notes"], s["notes"]);
+  // Keeping every expert keeps the groups.
+  const RunResult same = run_tool({"-q", "prune", dir.string(), (tmp / "out4").string(), "--method", "random", "--keep", "4", "--json"});
+  expect_ok(same);
+  EXPECT_EQ(read_json(tmp / "out4" / "config.json")["n_group"], 2);
+  EXPECT_FALSE(json::parse(same.out).contains("notes"));
+}
+
 }  // namespace
 }  // namespace moe::test
