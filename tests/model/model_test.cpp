@@ -379,9 +379,15 @@ TEST(RewrittenConfig, ExpertCountFollowsTheModel) {
     c = m.rewritten_config();
     EXPECT_EQ(c[count_key], 1);
     EXPECT_EQ(c["num_experts_per_tok"], 1) << "top-k must be clamped to the expert count";
+    // deepseek_v3's expert groups are gone once the count changes: plain top-k.
+    if (fam == "deepseek_v3") {
+      EXPECT_EQ(l->synth.config["n_group"], 2);
+      EXPECT_EQ(c["n_group"], 1);
+      EXPECT_EQ(c["topk_group"], 1);
+    }
     // Everything else unchanged.
     json rest = c, orig = l->synth.config;
-    for (const char* k : {"num_experts_per_tok"}) {
+    for (const char* k : {"num_experts_per_tok", "n_group", "topk_group"}) {
       rest.erase(k);
       orig.erase(k);
     }
