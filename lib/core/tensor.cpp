@@ -1,5 +1,8 @@
 #include "core/tensor.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include <cstring>
 #include <limits>
 
@@ -63,12 +66,21 @@ Tensor Tensor::slice0(int64_t begin, int64_t end) const {
   const size_t row_bytes = shape_[0] ? nbytes() / static_cast<size_t>(shape_[0]) : 0;
   Tensor t(dtype_, std::move(s), data_ + static_cast<size_t>(begin) * row_bytes, owner_);
   t.owned_ = false;
+  if (block_.scale) {
+    const int64_t br = block_.block_rows;
+    if (begin % br != 0 || (end % br != 0 && end != shape_[0]))
+      throw Error::internal("slice0 [" + std::to_string(begin) + ", " + std::to_string(end) +
+                            ") cuts a scale block of " + std::to_string(br) + " rows");
+    t.block_ = block_;
+    t.block_.scale = std::make_shared<const Tensor>(block_.scale->slice0(begin / br, (end + br - 1) / br));
+  }
   return t;
 }
 
 Tensor Tensor::reshaped(Shape shape) const {
   if (shape_numel(shape) != numel_)
     throw Error::internal("reshape " + shape_str(shape_) + " to " + shape_str(shape));
+  if (block_.scale && shape != shape_) throw Error::internal("reshape of a block-scaled tensor " + shape_str(shape_));
   Tensor t = *this;
   t.shape_ = std::move(shape);
   return t;
@@ -80,13 +92,65 @@ std::vector<float> Tensor::to_f32() const {
   return out;
 }
 
-void Tensor::to_f32(float* dst) const { core::to_f32(dtype_, data_, dst, static_cast<size_t>(numel_)); }
+void Tensor::to_f32(float* dst) const {
+  core::to_f32(dtype_, data_, dst, static_cast<size_t>(numel_));
+  if (!block_.scale) return;
+  const std::vector<float> sc = block_.scale->to_f32();
+  const int64_t rows = shape_[0], cols = shape_[1], sc_cols = block_.scale->dim(1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* srow = sc.data() + (i / block_.block_rows) * sc_cols;
+    float* d = dst + i * cols;
+    for (int64_t j = 0; j < cols; ++j) d[j] *= srow[j / block_.block_cols];
+  }
+}
 
 Tensor Tensor::converted(DType to) const {
   if (to == dtype_) return *this;
+  if (!block_.scale) {
+    Tensor t = zeros(to, shape_);
+    convert(dtype_, data_, to, t.mutable_data(), static_cast<size_t>(numel_));
+    return t;
+  }
+  const std::vector<float> v = to_f32();
   Tensor t = zeros(to, shape_);
-  convert(dtype_, data_, to, t.mutable_data(), static_cast<size_t>(numel_));
+  convert(DType::F32, v.data(), to, t.mutable_data(), v.size());
   return t;
+}
+
+Tensor Tensor::with_block_scale(const Tensor& scale, int64_t block_rows, int64_t block_cols) const {
+  if (dtype_ != DType::F8_E4M3 || rank() != 2)
+    throw Error::corruption("a block-scaled weight must be a rank-2 F8_E4M3 tensor, found " +
+                            std::string(dtype_name(dtype_)) + " " + shape_str(shape_));
+  if (block_rows < 1 || block_cols < 1) throw Error::corruption("weight_block_size must be two positive integers");
+  if (scale.dtype() != DType::F32 && scale.dtype() != DType::BF16)
+    throw Error::corruption("scale dtype " + std::string(dtype_name(scale.dtype())) + ", expected F32 or BF16");
+  const Shape want = {(shape_[0] + block_rows - 1) / block_rows, (shape_[1] + block_cols - 1) / block_cols};
+  if (scale.shape() != want)
+    throw Error::corruption("scale shape " + shape_str(scale.shape()) + ", expected " + shape_str(want) + " for weight " +
+                            shape_str(shape_) + " in blocks of [" + std::to_string(block_rows) + ", " +
+                            std::to_string(block_cols) + "]");
+  Tensor t = *this;
+  t.block_ = {std::make_shared<const Tensor>(scale), block_rows, block_cols};
+  return t;
+}
+
+Tensor Tensor::quantize_fp8_blocks(const std::vector<float>& values, int64_t rows, int64_t cols, int64_t br, int64_t bc) {
+  if (static_cast<int64_t>(values.size()) != rows * cols || br < 1 || bc < 1)
+    throw Error::internal("quantize_fp8_blocks: bad arguments");
+  const int64_t sr = (rows + br - 1) / br, scn = (cols + bc - 1) / bc;
+  std::vector<float> scales(static_cast<size_t>(sr * scn), 0.0f);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      float& m = scales[(i / br) * scn + j / bc];
+      m = std::max(m, std::fabs(values[i * cols + j]));
+    }
+  for (float& m : scales) m = m > 0 ? m / 448.0f : 1.0f;
+  std::vector<float> scaled(values.size());
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) scaled[i * cols + j] = values[i * cols + j] / scales[(i / br) * scn + j / bc];
+  Tensor q = zeros(DType::F8_E4M3, {rows, cols});
+  convert(DType::F32, scaled.data(), DType::F8_E4M3, q.mutable_data(), scaled.size());
+  return q.with_block_scale(from_f32(scales, {sr, scn}), br, bc);
 }
 
 }  // namespace moe::core

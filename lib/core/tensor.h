@@ -48,7 +48,24 @@ class Tensor {
   std::vector<float> to_f32() const;
   void to_f32(float* dst) const;
   // A new tensor of dtype `to` (round to nearest even); returns *this when dtype matches.
+  // A block-scaled tensor is dequantized first (so converted(its own dtype) returns *this too).
   Tensor converted(DType to) const;
+
+  // Block-scaled FP8 weights (DeepSeek-V3, Qwen3 "fp8" checkpoints: `X.weight` F8_E4M3 with
+  // `X.weight_scale_inv` [ceil(rows/br), ceil(cols/bc)]): element (i, j) means
+  // value(i, j) * scale(i / br, j / bc). to_f32() and converted() apply the scale; slice0 keeps
+  // whole blocks of rows only; reshaped() is refused. The data stays the stored FP8 codes.
+  struct BlockScale {
+    std::shared_ptr<const Tensor> scale;  // F32 or BF16, rank 2
+    int64_t block_rows = 0, block_cols = 0;
+  };
+  // This rank-2 F8 tensor with `scale`; throws Error::corruption when the scale's dtype or shape
+  // does not fit (the caller adds the file and tensor names as context).
+  Tensor with_block_scale(const Tensor& scale, int64_t block_rows, int64_t block_cols) const;
+  const BlockScale* block_scale() const { return block_.scale ? &block_ : nullptr; }
+  // FP8 E4M3 codes and scales for f32 values [rows, cols] in blocks of [br, bc]: each block's
+  // scale = max|x| / 448 (1 for an all-zero block), codes = round(x / scale).
+  static Tensor quantize_fp8_blocks(const std::vector<float>& values, int64_t rows, int64_t cols, int64_t br, int64_t bc);
 
  private:
   DType dtype_ = DType::F32;
@@ -57,6 +74,7 @@ class Tensor {
   const uint8_t* data_ = nullptr;
   std::shared_ptr<const void> owner_;
   bool owned_ = false;
+  BlockScale block_;
 };
 
 }  // namespace moe::core

@@ -33,16 +33,54 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
 namespace {
 
 // Collects tensors from the checkpoint, remembering which names were used.
+// quantization_config {"quant_method": "fp8", "weight_block_size": [br, bc]}: the block size of
+// the checkpoint's block-scaled FP8 weights, or nullopt when the config has no fp8 quantization.
+std::optional<std::pair<int64_t, int64_t>> fp8_block_size(const Config& c) {
+  const nlohmann::json& j = c.json();
+  if (!j.contains("quantization_config") || !j["quantization_config"].is_object()) return std::nullopt;
+  const nlohmann::json& q = j["quantization_config"];
+  if (q.value("quant_method", "") != "fp8") return std::nullopt;
+  const std::string where = c.source() + ": quantization_config";
+  if (!q.contains("weight_block_size"))
+    throw Error::unsupported(where + ": fp8 without weight_block_size (per-tensor FP8 scales) is not supported; only "
+                             "block-scaled FP8 (weight_scale_inv) is");
+  const nlohmann::json& b = q["weight_block_size"];
+  if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
+      b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1)
+    throw Error::corruption(where + ".weight_block_size: expected two positive integers, found " + b.dump());
+  if (q.contains("fmt") && q["fmt"] != "e4m3")
+    throw Error::unsupported(where + ".fmt: " + q["fmt"].dump() + " (only e4m3 block-scaled FP8 is read)");
+  return std::make_pair(b[0].get<int64_t>(), b[1].get<int64_t>());
+}
+
 class Picker {
  public:
-  explicit Picker(const io::Checkpoint& c) : ckpt_(c) {}
+  Picker(const io::Checkpoint& c, std::optional<std::pair<int64_t, int64_t>> fp8) : ckpt_(c), fp8_(fp8) {}
+  // The tensor `name`; a weight with a companion `name`_scale_inv comes with its block scale.
   std::optional<Tensor> get(const std::string& name, bool required, const std::string& why) {
     if (!ckpt_.has(name)) {
       if (required) throw Error::corruption(ckpt_.dir().string() + ": tensor " + name + ": missing (" + why + ")");
       return std::nullopt;
     }
     used_.insert(name);
-    return ckpt_.tensor(name);
+    Tensor t = ckpt_.tensor(name);
+    const std::string sname = name + "_scale_inv";
+    if (ckpt_.has(sname)) {
+      if (!fp8_)
+        throw Error::corruption(ckpt_.shard_path(sname).string() + ": tensor " + sname +
+                                ": a block scale, but config.json has no quantization_config with quant_method \"fp8\"");
+      used_.insert(sname);
+      try {
+        t = t.with_block_scale(ckpt_.tensor(sname), fp8_->first, fp8_->second);
+      } catch (const Error& e) {
+        throw Error::corruption(ckpt_.shard_path(sname).string() + ": tensor " + sname + ": " + e.message() +
+                                " (weight " + name + ")");
+      }
+    } else if (fp8_ && t.dtype() == DType::F8_E4M3) {
+      throw Error::corruption(ckpt_.shard_path(name).string() + ": tensor " + name + ": F8_E4M3 weight without " +
+                              sname + " (config.json quantization_config is block-scaled fp8)");
+    }
+    return t;
   }
   Tensor need(const std::string& name, const std::string& why) { return *get(name, true, why); }
   void expect(const std::string& name, const Tensor& t, const Shape& shape, const std::string& why) {
@@ -54,6 +92,7 @@ class Picker {
 
  private:
   const io::Checkpoint& ckpt_;
+  std::optional<std::pair<int64_t, int64_t>> fp8_;
   std::set<std::string> used_;
 };
 
@@ -64,14 +103,22 @@ std::string dims_text(const Dims& d) {
 
 bool is_float(DType t) { return core::dtype_info(t).is_float && t != DType::F8_E4M3 && t != DType::F8_E5M2; }
 
-OutTensor view_out(const std::string& name, const Tensor& t, std::optional<DType> dtype) {
+// The output of tensor `name`: in `dtype` when given and t is a float weight (a block-scaled FP8
+// weight counts: it is dequantized), else as stored; a block-scaled weight kept as FP8 is
+// followed by its `name`_scale_inv.
+void push_out(std::vector<OutTensor>& out, const std::string& name, const Tensor& t, std::optional<DType> dtype) {
   OutTensor o;
   o.name = name;
-  o.dtype = (dtype && is_float(t.dtype())) ? *dtype : t.dtype();
+  o.dtype = (dtype && (is_float(t.dtype()) || t.block_scale())) ? *dtype : t.dtype();
   o.shape = t.shape();
   o.make = [t] { return t; };
   o.sources = {name};
-  return o;
+  const bool keep_scale = t.block_scale() && o.dtype == t.dtype();
+  out.push_back(std::move(o));
+  if (keep_scale) {
+    const std::shared_ptr<const Tensor> sc = t.block_scale()->scale;
+    out.push_back({name + "_scale_inv", sc->dtype(), sc->shape(), [sc] { return *sc; }, {name + "_scale_inv"}});
+  }
 }
 
 }  // namespace
@@ -109,7 +156,9 @@ Model Model::load(const io::Checkpoint& ckpt) {
                               f.expert_count_key + " " + std::to_string(n_experts));
   }
 
-  Picker pick(ckpt);
+  const auto fp8 = fp8_block_size(c);
+  m.fp8_block_ = fp8.has_value();
+  Picker pick(ckpt, fp8);
   const int64_t H = d.hidden;
   const std::string dt = dims_text(d);
 
@@ -234,6 +283,9 @@ Model Model::load(const io::Checkpoint& ckpt) {
       } catch (...) {
       }
       const bool rotary = name.find("rotary_emb.inv_freq") != std::string::npos;
+      if (idx >= 0 && idx < d.layers && name.ends_with("_scale_inv"))
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": a block scale without the weight " +
+                                name.substr(0, name.size() - 10) + " it scales");
       if (idx >= 0 && idx < d.layers && !rotary)
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": not expected for " +
                                 f.model_type + " with this config.json (" + (f.moe ? f.expert_count_key + "=" + std::to_string(n_experts) : std::string("dense")) + ")");
@@ -253,19 +305,19 @@ std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) c
   std::vector<OutTensor> out;
   for (const auto& r : f.layer_roles) {
     auto it = layer.tensors.find(r.role);
-    if (it != layer.tensors.end()) out.push_back(view_out(prefix + r.name, it->second, dtype));
+    if (it != layer.tensors.end()) push_out(out, prefix + r.name, it->second, dtype);
   }
   auto add_mlp = [&](const Mlp& m, const std::string& g, const std::string& u, const std::string& dn) {
-    out.push_back(view_out(g, m.gate, dtype));
-    out.push_back(view_out(u, m.up, dtype));
-    out.push_back(view_out(dn, m.down, dtype));
+    push_out(out, g, m.gate, dtype);
+    push_out(out, u, m.up, dtype);
+    push_out(out, dn, m.down, dtype);
   };
   if (layer.moe) {
     const MoeBlock& b = *layer.moe;
-    out.push_back(view_out(prefix + f.router, b.router, dtype));
+    push_out(out, prefix + f.router, b.router, dtype);
     if (b.router_bias) {
       // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
-      out.push_back(view_out(prefix + f.router_bias, *b.router_bias, std::nullopt));
+      push_out(out, prefix + f.router_bias, *b.router_bias, std::nullopt);
     }
     if (f.fused()) {
       // Re-stack the experts into [E,2I,H] and [E,H,I].
@@ -302,7 +354,7 @@ std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) c
                 prefix + expand(f.expert_down, l, e));
     }
     if (b.shared) add_mlp(*b.shared, prefix + f.shared_gate, prefix + f.shared_up, prefix + f.shared_down);
-    if (b.shared_gate) out.push_back(view_out(prefix + f.shared_expert_gate, *b.shared_gate, dtype));
+    if (b.shared_gate) push_out(out, prefix + f.shared_expert_gate, *b.shared_gate, dtype);
   }
   if (layer.mlp) add_mlp(*layer.mlp, prefix + f.dense_gate, prefix + f.dense_up, prefix + f.dense_down);
   return out;
@@ -310,16 +362,16 @@ std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) c
 
 std::vector<OutTensor> Model::outputs(std::optional<DType> dtype) const {
   std::vector<OutTensor> out;
-  out.push_back(view_out(global_names_.at("embed"), globals_.at("embed"), dtype));
+  push_out(out, global_names_.at("embed"), globals_.at("embed"), dtype);
   for (int l = 0; l < static_cast<int>(layers_.size()); ++l) {
     auto lo = layer_outputs(l, dtype);
     std::move(lo.begin(), lo.end(), std::back_inserter(out));
   }
   for (const auto& [role, t] : globals_)
-    if (role != "embed") out.push_back(view_out(global_names_.at(role), t, dtype));
+    if (role != "embed") push_out(out, global_names_.at(role), t, dtype);
   // Extras keep DeepSeek-V3's F32 e_score_correction_bias (MTP layers) as the decoder layers do.
   for (const auto& [name, t] : extras_)
-    out.push_back(view_out(name, t, name.ends_with("e_score_correction_bias") ? std::nullopt : dtype));
+    push_out(out, name, t, name.ends_with("e_score_correction_bias") ? std::nullopt : dtype);
   return out;
 }
 
@@ -357,6 +409,8 @@ nlohmann::json Model::rewritten_config(std::optional<DType> dtype) const {
       }
     }
   }
+  // Written dequantized: the checkpoint is no longer FP8.
+  if (dtype && fp8_block_) j.erase("quantization_config");
   if (dtype) j["torch_dtype"] = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";
   return j;
 }

@@ -65,6 +65,10 @@ class Model {
  public:
   // Builds the view and checks every tensor and shape against config and family.
   static Model load(const io::Checkpoint& ckpt);
+  // Whether the checkpoint stores block-scaled FP8 weights (quantization_config fp8): such weights
+  // carry their scale (core::Tensor::block_scale) and are written back as FP8 + weight_scale_inv,
+  // or dequantized when an output dtype is given (then quantization_config is dropped).
+  bool fp8_block_scaled() const { return fp8_block_; }
 
   const FamilyDesc& family() const { return *family_; }
   const Config& config() const { return config_; }
@@ -97,6 +101,7 @@ class Model {
   std::map<std::string, Tensor> globals_;
   std::map<std::string, std::string> global_names_;  // role -> on-disk name
   std::vector<std::pair<std::string, Tensor>> extras_;
+  bool fp8_block_ = false;  // config.json quantization_config: block-scaled fp8
 };
 
 // Whether layer l of this config is an MoE layer.

@@ -1,5 +1,7 @@
 #include "model/summary.h"
 
+#include <cstdio>
+
 #include <map>
 #include <sstream>
 
@@ -61,6 +63,23 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
     by_dtype[core::dtype_name(info.dtype)] += info.nbytes();
   }
   s["bytes_by_dtype"] = by_dtype;
+  if (model.fp8_block_scaled()) {
+    // Block-scaled FP8 weights: how many, and their bits per weight with the scales counted.
+    int64_t n = 0, weights = 0;
+    uint64_t bytes = 0;
+    for (const auto& name : ckpt.names()) {
+      if (!name.ends_with("_scale_inv")) continue;
+      const std::string w = name.substr(0, name.size() - 10);
+      if (!ckpt.has(w)) continue;
+      ++n;
+      weights += core::shape_numel(ckpt.info(w).shape);
+      bytes += ckpt.info(w).nbytes() + ckpt.info(name).nbytes();
+    }
+    s["quantization"] = {{"method", "fp8 block-scaled (e4m3 codes, weight_scale_inv per block)"},
+                         {"block", model.config().json()["quantization_config"]["weight_block_size"]},
+                         {"weights", n},
+                         {"bits_per_weight", weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0}};
+  }
   s["bytes_total"] = ckpt.total_tensor_bytes();
   s["tensors"] = ckpt.names().size();
   s["shards"] = ckpt.shards().size();
@@ -114,6 +133,13 @@ std::string render_summary(const json& s) {
   std::string bytes;
   for (const auto& [k, v] : s["bytes_by_dtype"].items()) bytes += (bytes.empty() ? "" : ", ") + k + " " + core::format_bytes(v.get<double>());
   row("bytes", core::format_bytes(s["bytes_total"].get<double>()) + " (" + bytes + ")");
+  if (s.contains("quantization")) {
+    const json& q = s["quantization"];
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.3f", q["bits_per_weight"].get<double>());
+    row("quantization", q["method"].get<std::string>() + ", blocks " + q["block"].dump() + ", " +
+                            std::to_string(q["weights"].get<int64_t>()) + " weights, " + buf + " bits per weight");
+  }
   row("tensors / shards", std::to_string(s["tensors"].get<int64_t>()) + " / " + std::to_string(s["shards"].get<int64_t>()));
   if (s.contains("tensor_list")) {
     o << "tensors:\n";

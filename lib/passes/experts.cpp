@@ -29,6 +29,13 @@ core::Tensor to_tensor(const MatrixRM& m, core::DType dtype) {
   return core::Tensor::from_f32(v, {m.rows(), m.cols()}).converted(dtype);
 }
 
+core::Tensor to_tensor_like(const MatrixRM& m, const core::Tensor& like) {
+  const core::Tensor::BlockScale* b = like.block_scale();
+  if (!b) return to_tensor(m, like.dtype());
+  return core::Tensor::quantize_fp8_blocks(std::vector<float>(m.data(), m.data() + m.size()), m.rows(), m.cols(),
+                                           b->block_rows, b->block_cols);
+}
+
 core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype) {
   return core::Tensor::from_f32(v, {static_cast<int64_t>(v.size())}).converted(dtype);
 }

@@ -244,8 +244,8 @@ class MergePass final : public pipeline::Pass {
     std::vector<model::Mlp> experts;
     for (size_t g = 0; g < groups.size(); ++g) {
       const model::Mlp& like = block.experts[dominant[g]];
-      experts.push_back({to_tensor(merged[g].gate, like.gate.dtype()), to_tensor(merged[g].up, like.up.dtype()),
-                         to_tensor(merged[g].down, like.down.dtype())});
+      experts.push_back({to_tensor_like(merged[g].gate, like.gate), to_tensor_like(merged[g].up, like.up),
+                         to_tensor_like(merged[g].down, like.down)});
     }
     block.router = to_tensor(router, block.router.dtype());
     block.router_bias = bias;

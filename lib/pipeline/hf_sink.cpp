@@ -15,6 +15,13 @@ namespace {
 constexpr uint64_t kChunkElems = uint64_t{8} << 20;  // convert/write at most 8M elements at a time
 
 void write_tensor(io::CheckpointWriter& w, const model::OutTensor& o, const Tensor& t, const io::Checkpoint& source) {
+  if (t.block_scale() && t.dtype() != o.dtype) {
+    // Block-scaled FP8 written dequantized: one tensor at a time through its scales.
+    const Tensor d = t.converted(o.dtype);
+    w.write(o.name, 0, d.data(), d.nbytes());
+    if (!t.owns_data()) source.release_range(t.data(), t.nbytes());
+    return;
+  }
   const size_t in_size = core::dtype_size(t.dtype()), out_size = core::dtype_size(o.dtype);
   const uint64_t n = static_cast<uint64_t>(t.numel());
   // Views into the source file release their pages as we go so RSS stays bounded.

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "core/error.h"
@@ -107,6 +108,38 @@ TEST(Error, FramesAndExitCodes) {
     EXPECT_EQ(x.kind(), ErrorKind::NotFound);
   }
   EXPECT_EQ(with_context("ctx", [] { return 42; }), 42);
+}
+
+TEST(BlockScale, DequantizesSlicesAndRequantizes) {
+  // 5 x 7 FP8 weight in [2, 4] blocks (ragged: 3 x 2 scales).
+  std::vector<float> codes(35);
+  for (int i = 0; i < 35; ++i) codes[i] = static_cast<float>((i % 9) - 4) * 0.5f;  // exact in e4m3
+  const Tensor q = Tensor::from_f32(codes, {5, 7}).converted(DType::F8_E4M3);
+  const Tensor sc = Tensor::from_f32({1, 2, 3, 4, 5, 6}, {3, 2});
+  const Tensor w = q.with_block_scale(sc, 2, 4);
+  ASSERT_NE(w.block_scale(), nullptr);
+  const std::vector<float> v = w.to_f32();
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 7; ++j) EXPECT_EQ(v[i * 7 + j], codes[i * 7 + j] * static_cast<float>(1 + (i / 2) * 2 + j / 4));
+  // converted() dequantizes; converting to its own dtype keeps the codes and the scale.
+  EXPECT_EQ(w.converted(DType::F32).to_f32(), v);
+  EXPECT_NE(w.converted(DType::F8_E4M3).block_scale(), nullptr);
+  // Whole blocks of rows slice (the last may be ragged); a cut through a block is refused.
+  const Tensor tail = w.slice0(2, 5);
+  EXPECT_EQ(tail.block_scale()->scale->shape(), (Shape{2, 2}));
+  EXPECT_EQ(tail.to_f32(), std::vector<float>(v.begin() + 14, v.end()));
+  EXPECT_THROW(w.slice0(1, 3), Error);
+  EXPECT_THROW(w.reshaped({7, 5}), Error);
+  // Scales must fit the weight and the block size.
+  EXPECT_THROW(q.with_block_scale(Tensor::from_f32({1, 2}, {1, 2}), 2, 4), Error);
+  EXPECT_THROW(Tensor::from_f32(codes, {5, 7}).with_block_scale(sc, 2, 4), Error);  // not F8
+  // Re-quantization: each block's max maps to 448; values within 1/16 of their block's max.
+  std::vector<float> x(35);
+  for (int i = 0; i < 35; ++i) x[i] = std::sin(0.7f * i) * (i < 14 ? 0.01f : 3.0f);
+  const Tensor r = Tensor::quantize_fp8_blocks(x, 5, 7, 2, 4);
+  const std::vector<float> back = r.to_f32(), rs = r.block_scale()->scale->to_f32();
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 7; ++j) EXPECT_LE(std::fabs(back[i * 7 + j] - x[i * 7 + j]), rs[(i / 2) * 2 + j / 4] * 448.0f / 16);
 }
 
 }  // namespace
