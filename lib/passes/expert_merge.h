@@ -32,10 +32,10 @@ MlpWeights weighted_average(const std::vector<const MlpWeights*>& ms, const std:
 // Cholesky factor of gram_e + damp · mean(diag gram_e) · I as in SVD-LLM; S_e = I for an expert
 // that saw no tokens), A = U Σ Vᵀ with Vᵀ = [V_1ᵀ | V_2ᵀ | ...]. Each member is W_e = U Σ V_eᵀ S_e⁻¹;
 // keeping the shared U_r (r = max(1, round(rank_ratio · min(m, k·c)))) its coefficients are
-// Σ_r V_{e,r}ᵀ S_e⁻¹ = U_rᵀ W_e, merged by frequency weight and rebuilt:
+// Σ_r V_{e,r}ᵀ S_e⁻¹ = U_rᵀ W_e, merged by the weights w (importance, passes/merge.h) and rebuilt:
 //   W = U_r Σ_r V_mergedᵀ = U_r (Σ_e w_e U_rᵀ W_e) = U_r U_rᵀ (Σ_e w_e W_e).
 // Computed in that last form (no S_e⁻¹ needed). With r = full rank U_r U_rᵀ acts as the identity
-// on the members' column space, so the result is the frequency-weighted average exactly.
+// on the members' column space, so the result is the w-weighted average exactly.
 // `grams` (optional, one per member, [c, c] f64) enables whitening.
 MatrixRM joint_svd_merge(const std::vector<const MatrixRM*>& ms, const std::vector<double>& w, double rank_ratio,
                          const std::vector<const calib::MatrixD*>* grams = nullptr, double damp = 1e-2);

@@ -1,6 +1,6 @@
 // The router after merging: one row per merged expert (stock formats need one per expert).
-//   dominant: the row of the group's dominant (most frequent) member;
-//   mean:     the frequency-weighted mean of the members' rows;
+//   dominant: the row of the group's dominant (most important) member;
+//   mean:     the importance-weighted mean of the members' rows (merge option "importance");
 //   refit:    ridge regression on the calibration block inputs x so that the new logit of group g
 //             approximates log Σ_{e∈g} exp(logit_e(x)) (for softmax routers the merged expert then
 //             gets the summed probability of its members): W = (XᵀX + λI)⁻¹ XᵀY with
