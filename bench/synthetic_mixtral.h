@@ -19,6 +19,10 @@ using core::DType;
 struct Dims {
   int64_t H = 1024, E = 8, k = 2, I = 2816, L = 4, heads = 16, kv = 4, V = 32000;
   int64_t d() const { return H / heads; }
+  // Bytes of one decoder layer in bf16.
+  uint64_t layer_bytes() const {
+    return 2 * static_cast<uint64_t>(E * 3 * H * I + 2 * H * heads * d() + 2 * H * kv * d() + E * H + 2 * H);
+  }
 };
 
 // Random small bf16 values: sign and mantissa random, exponent around 2^-6 .. 2^-5.
@@ -34,7 +38,9 @@ inline void fill_bf16(std::vector<uint8_t>& buf, uint64_t& s) {
   }
 }
 
-inline void write_model(const fs::path& dir, const Dims& D) {
+// Writes config.json and the weights (shards of 2 GiB, whole tensors in buffers of at most 64 MB)
+// into `dir`; returns the tensor bytes.
+inline uint64_t write_model(const fs::path& dir, const Dims& D) {
   fs::create_directories(dir);
   nlohmann::json cfg = {
       {"architectures", {"MixtralForCausalLM"}}, {"model_type", "mixtral"},
@@ -66,19 +72,25 @@ inline void write_model(const fs::path& dir, const Dims& D) {
   add("model.norm.weight", {D.H});
   add("lm_head.weight", {D.V, D.H});
   moe::io::CheckpointWriter w(moe::io::Env::posix(), dir, plan, uint64_t(2) << 30);
-  uint64_t state = 0x9e3779b97f4a7c15ull;
+  uint64_t state = 0x9e3779b97f4a7c15ull, total = 0;
   std::vector<uint8_t> buf;
   for (const auto& t : plan) {
-    buf.resize(t.nbytes());
-    if (t.shape.size() == 1) {  // norms: 1.0
-      auto* p = reinterpret_cast<uint16_t*>(buf.data());
-      for (size_t i = 0; i < buf.size() / 2; ++i) p[i] = 0x3f80;
-    } else {
-      fill_bf16(buf, state);
+    const uint64_t n = t.nbytes();
+    buf.resize(std::min<uint64_t>(n, uint64_t(64) << 20));
+    for (uint64_t off = 0; off < n; off += buf.size()) {
+      const uint64_t m = std::min<uint64_t>(buf.size(), n - off);
+      if (t.shape.size() == 1) {  // norms: 1.0
+        auto* p = reinterpret_cast<uint16_t*>(buf.data());
+        for (size_t i = 0; i < m / 2; ++i) p[i] = 0x3f80;
+      } else {
+        fill_bf16(buf, state);
+      }
+      w.write(t.name, off, buf.data(), m);
     }
-    w.write(t.name, 0, buf.data(), buf.size());
+    total += n;
   }
   w.finish();
+  return total;
 }
 
 }  // namespace moe::bench

@@ -43,6 +43,24 @@ struct Layer {
     auto it = tensors.find(role);
     return it == tensors.end() ? nullptr : &it->second;
   }
+  // Every tensor of the layer (attention, norms, router, experts, shared expert, dense MLP).
+  template <class F>
+  void for_each_tensor(F&& f) const {
+    for (const auto& [role, t] : tensors) f(t);
+    auto mlp_tensors = [&](const Mlp& m) {
+      f(m.gate);
+      f(m.up);
+      f(m.down);
+    };
+    if (moe) {
+      f(moe->router);
+      if (moe->router_bias) f(*moe->router_bias);
+      for (const auto& e : moe->experts) mlp_tensors(e);
+      if (moe->shared) mlp_tensors(*moe->shared);
+      if (moe->shared_gate) f(*moe->shared_gate);
+    }
+    if (mlp) mlp_tensors(*mlp);
+  }
 };
 
 // Dimensions read from the config and checked against the tensors.

@@ -235,6 +235,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     const CalibrationTokens ct = calibration_tokens(r.model, r.calibration);
     T = ct.ctx;
     fwd.emplace(model);
+    fwd->set_page_releaser([&ckpt](const uint8_t* p, uint64_t n) { ckpt.release_range(p, n); });
     X = fwd->embed(ct.tokens);
   }
 
@@ -303,10 +304,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       fwd->apply_layer(fwd->load_layer(l), X, T);
     }
     write_outputs(model.layer_outputs(l, r.output.dtype));
-    // The layer is on disk: drop its computed tensors (memory stays one layer).
+    // The layer is on disk: drop its computed tensors and the mapped pages of its source weights,
+    // the ones no output carried too (experts a pass read and dropped or merged), so memory stays
+    // one layer.
     if (layer.moe) {
       for (auto& e : layer.moe->experts) e = model::Mlp{};
     }
+    original.layers().at(static_cast<size_t>(l)).for_each_tensor(
+        [&](const core::Tensor& t) { ckpt.release_range(t.data(), t.nbytes()); });
     layer_reports.push_back(lr);
     progress.add(1);
   }

@@ -109,9 +109,17 @@ MatrixRM Forward::embed(std::span<const int32_t> tokens) const {
   return X;
 }
 
-LayerWeights Forward::load_layer(int l) const { return convert_layer(model_.layers().at(l)); }
+LayerWeights Forward::load_layer(int l) const {
+  LayerWeights w;
+  load_layer_into(l, w);
+  return w;
+}
 
-void Forward::load_layer_into(int l, LayerWeights& w) const { convert_layer_into(model_.layers().at(l), w); }
+void Forward::load_layer_into(int l, LayerWeights& w) const {
+  const model::Layer& layer = model_.layers().at(l);
+  convert_layer_into(layer, w);
+  if (release_) layer.for_each_tensor([&](const core::Tensor& t) { release_(t.data(), t.nbytes()); });
+}
 
 void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {
   const int l = w.index;

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -44,6 +45,12 @@ struct ForwardSpec {
 class Forward {
  public:
   explicit Forward(const model::Model& m);
+
+  // Called with the bytes of every tensor of a layer once load_layer has converted it (e.g.
+  // io::Checkpoint::release_range: the mapped pages of the source weights leave the resident set,
+  // so memory stays one layer of f32 weights, not the whole mapped checkpoint).
+  using PageReleaser = std::function<void(const uint8_t*, uint64_t)>;
+  void set_page_releaser(PageReleaser f) { release_ = std::move(f); }
 
   const ForwardSpec& spec() const { return spec_; }
   const model::Model& model() const { return model_; }
@@ -77,6 +84,7 @@ class Forward {
   ForwardSpec spec_;
   RowVector final_norm_w_;
   mutable RopeTable rope_;
+  PageReleaser release_;
 };
 
 }  // namespace moe::runtime

@@ -1,0 +1,41 @@
+// Runs a command as a child process and measures it: wall time, peak RSS (getrusage of the child,
+// so the benchmark's own memory is not counted) and exit status. stdout goes to /dev/null.
+#pragma once
+
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace moe::bench {
+
+struct ChildResult {
+  double seconds = 0;
+  long max_rss_kb = 0;
+  int status = -1;  // exit status, -1 when killed
+};
+
+inline ChildResult run_child(const std::vector<std::string>& args) {
+  const auto t0 = std::chrono::steady_clock::now();
+  pid_t pid = fork();
+  if (pid == 0) {
+    FILE* null = std::fopen("/dev/null", "w");
+    if (null) dup2(fileno(null), STDOUT_FILENO);
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execvp(argv[0], argv.data());
+    _exit(127);
+  }
+  int status = 0;
+  struct rusage ru {};
+  wait4(pid, &status, 0, &ru);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1};
+}
+
+}  // namespace moe::bench
