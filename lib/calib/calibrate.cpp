@@ -143,7 +143,6 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
   res.stats.metadata["format"] = "pt";
 
   runtime::Forward fwd(model);
-  fwd.set_page_releaser([&ckpt](const uint8_t* p, uint64_t n) { ckpt.release_range(p, n); });
   const int64_t T = o.ctx, W = static_cast<int64_t>(plan.window_ids.size()), B = o.batch_windows;
   const int64_t L = model.dims().layers, N = plan.tokens;
   // Hidden states of every window, in batches of B windows (window-major rows).

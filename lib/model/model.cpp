@@ -156,6 +156,11 @@ Model Model::load(const io::Checkpoint& ckpt) {
                               f.expert_count_key + " " + std::to_string(n_experts));
   }
 
+  // The shards (shared with the tensors' views) outlive the Checkpoint object if need be.
+  m.release_ = [shards = ckpt.shards()](const uint8_t* p, uint64_t n) {
+    for (const auto& s : shards)
+      if (s->release_range(p, n)) return;
+  };
   const auto fp8 = fp8_block_size(c);
   m.fp8_block_ = fp8.has_value();
   Picker pick(ckpt, fp8);

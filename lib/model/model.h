@@ -87,6 +87,11 @@ class Model {
   // carry their scale (core::Tensor::block_scale) and are written back as FP8 + weight_scale_inv,
   // or dequantized when an output dtype is given (then quantization_config is dropped).
   bool fp8_block_scaled() const { return fp8_block_; }
+  // Hands mapped pages of this model's checkpoint back to the OS (io::Checkpoint::release_range;
+  // ranges outside its files are ignored; the data stays readable). Empty for models not loaded
+  // from a checkpoint. runtime::Forward calls it for each layer it has converted.
+  using PageReleaser = std::function<void(const uint8_t*, uint64_t)>;
+  const PageReleaser& page_releaser() const { return release_; }
 
   const FamilyDesc& family() const { return *family_; }
   const Config& config() const { return config_; }
@@ -120,6 +125,7 @@ class Model {
   std::map<std::string, std::string> global_names_;  // role -> on-disk name
   std::vector<std::pair<std::string, Tensor>> extras_;
   bool fp8_block_ = false;  // config.json quantization_config: block-scaled fp8
+  PageReleaser release_;
 };
 
 // Whether layer l of this config is an MoE layer.

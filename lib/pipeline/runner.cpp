@@ -235,7 +235,6 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     const CalibrationTokens ct = calibration_tokens(r.model, r.calibration);
     T = ct.ctx;
     fwd.emplace(model);
-    fwd->set_page_releaser([&ckpt](const uint8_t* p, uint64_t n) { ckpt.release_range(p, n); });
     X = fwd->embed(ct.tokens);
   }
 

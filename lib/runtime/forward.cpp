@@ -118,7 +118,8 @@ LayerWeights Forward::load_layer(int l) const {
 void Forward::load_layer_into(int l, LayerWeights& w) const {
   const model::Layer& layer = model_.layers().at(l);
   convert_layer_into(layer, w);
-  if (release_) layer.for_each_tensor([&](const core::Tensor& t) { release_(t.data(), t.nbytes()); });
+  if (const auto& release = model_.page_releaser())
+    layer.for_each_tensor([&](const core::Tensor& t) { release(t.data(), t.nbytes()); });
 }
 
 void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {

@@ -14,7 +14,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -46,19 +45,14 @@ class Forward {
  public:
   explicit Forward(const model::Model& m);
 
-  // Called with the bytes of every tensor of a layer once load_layer has converted it (e.g.
-  // io::Checkpoint::release_range: the mapped pages of the source weights leave the resident set,
-  // so memory stays one layer of f32 weights, not the whole mapped checkpoint).
-  using PageReleaser = std::function<void(const uint8_t*, uint64_t)>;
-  void set_page_releaser(PageReleaser f) { release_ = std::move(f); }
-
   const ForwardSpec& spec() const { return spec_; }
   const model::Model& model() const { return model_; }
 
   // Residual stream after the embedding, [tokens.size(), H]. Throws Error::invalid for ids
   // outside the embedding.
   MatrixRM embed(std::span<const int32_t> tokens) const;
-  // The layer's weights as f32.
+  // The layer's weights as f32; then the mapped pages of its source tensors are handed back
+  // (model::Model::page_releaser), so memory stays one layer, not the whole mapped checkpoint.
   LayerWeights load_layer(int l) const;
   // The same into `w`, reusing its buffers (see convert_layer_into).
   void load_layer_into(int l, LayerWeights& w) const;
@@ -84,7 +78,6 @@ class Forward {
   ForwardSpec spec_;
   RowVector final_norm_w_;
   mutable RopeTable rope_;
-  PageReleaser release_;
 };
 
 }  // namespace moe::runtime
