@@ -61,6 +61,9 @@ nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, i
     const int64_t E = st.num_experts();
     const double csum = std::accumulate(st.count.begin(), st.count.end(), 0.0);
     const double wsum = std::accumulate(st.weight_sum.begin(), st.weight_sum.end(), 0.0);
+    // Saliency = count * reap = Σ over routed tokens of gate · ‖output‖ (merge "importance").
+    double ssum = 0;
+    for (int64_t e = 0; e < st.num_experts(); ++e) ssum += st.count[e] * st.reap[e];
     const double cmax = E ? *std::max_element(st.count.begin(), st.count.end()) : 0.0;
     const double cmean = E ? csum / static_cast<double>(E) : 0.0;
     nlohmann::ordered_json L;
@@ -75,6 +78,7 @@ nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, i
                     {"count", st.count[e]},
                     {"count_share", csum > 0 ? st.count[e] / csum : 0.0},
                     {"weight_share", wsum > 0 ? st.weight_sum[e] / wsum : 0.0},
+                    {"saliency_share", ssum > 0 ? st.count[e] * st.reap[e] / ssum : 0.0},
                     {"prob_mean", st.tokens > 0 ? st.prob_sum[e] / static_cast<double>(st.tokens) : 0.0},
                     {"reap", st.reap[e]},
                     {"out_absmax", st.out_absmax[e]},
@@ -117,12 +121,13 @@ std::string render_stats_summary(const nlohmann::ordered_json& j) {
     o << "\nlayer " << L["layer"].get<int>() << ": " << L["experts"].get<int>() << " experts, top-"
       << fmt("%.3g", L["top_k"].get<double>()) << ", " << L["tokens"].get<int64_t>()
       << " tokens, load imbalance (max/mean count) " << fmt("%.3f", L["load_imbalance"].get<double>()) << "\n";
-    o << "  expert   count%  weight%        reap  out_absmax  super\n";
+    o << "  expert   count%  weight%  saliency%        reap  out_absmax  super\n";
     for (const auto& e : L["expert_usage"]) {
-      char b[160];
-      std::snprintf(b, sizeof b, "  %6d  %7.2f  %7.2f  %10.4g  %10.4g  %s\n", e["expert"].get<int>(),
+      char b[192];
+      std::snprintf(b, sizeof b, "  %6d  %7.2f  %7.2f  %9.2f  %10.4g  %10.4g  %s\n", e["expert"].get<int>(),
                     100.0 * e["count_share"].get<double>(), 100.0 * e["weight_share"].get<double>(),
-                    e["reap"].get<double>(), e["out_absmax"].get<double>(), e["super"].get<bool>() ? "yes" : "");
+                    100.0 * e["saliency_share"].get<double>(), e["reap"].get<double>(), e["out_absmax"].get<double>(),
+                    e["super"].get<bool>() ? "yes" : "");
       o << b;
     }
     auto pairs = [&](const char* key, const char* label) {

@@ -58,7 +58,7 @@ TEST(CalibCli, ShowPlotAndModelCheck) {
   ASSERT_EQ(run_tool(cal(kQwen3, tmp / "s.stats", {"--quiet"})).exit_code, 0);
   auto show = run_tool({"stats", "show", (tmp / "s.stats").string()});
   ASSERT_EQ(show.exit_code, 0) << show.describe();
-  for (const char* s : {"layer 0:", "layer 2:", "load imbalance", "count%", "most similar by logit_sim",
+  for (const char* s : {"layer 0:", "layer 2:", "load imbalance", "count%", "saliency%", "most similar by logit_sim",
                         "most similar by out_cos", "super experts:"})
     EXPECT_NE(show.out.find(s), std::string::npos) << s << " not in:\n" << show.out;
   auto one = run_tool({"stats", "show", (tmp / "s.stats").string(), "--layer", "1", "--json"});
@@ -66,6 +66,12 @@ TEST(CalibCli, ShowPlotAndModelCheck) {
   auto j = nlohmann::json::parse(one.out);
   ASSERT_EQ(j["layers"].size(), 1u);
   EXPECT_EQ(j["layers"][0]["layer"].get<int>(), 1);
+  // saliency_share = count * reap normalised over the layer (what merges weigh members by).
+  const auto st = calib::Stats::load(tmp / "s.stats", false).layers.at(1);
+  double ssum = 0;
+  for (size_t e = 0; e < st.count.size(); ++e) ssum += st.count[e] * st.reap[e];
+  for (size_t e = 0; e < st.count.size(); ++e)
+    EXPECT_NEAR(j["layers"][0]["expert_usage"][e]["saliency_share"].get<double>(), st.count[e] * st.reap[e] / ssum, 1e-12);
   auto bad_layer = run_tool({"stats", "show", (tmp / "s.stats").string(), "--layer", "5"});
   EXPECT_EQ(bad_layer.exit_code, 2) << bad_layer.describe();
   EXPECT_NE(bad_layer.err.find("layer 5"), std::string::npos) << bad_layer.err;
