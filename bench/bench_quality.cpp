@@ -83,6 +83,7 @@ int main(int argc, char** argv) {
         std::string pass, method, router;
         bool no_align = false, protect = false;
         std::string importance = "";  // "": the default
+        bool after_reap6 = false;     // a two-pass recipe: prune reap 8 -> 6 first (4/8 rows only)
       };
       std::vector<Config> configs;
       for (const char* m : {"random", "frequency", "soft", "reap", "enumerate"}) configs.push_back({"prune", m, ""});
@@ -92,10 +93,15 @@ int main(int argc, char** argv) {
         if (std::string(m) != "msmoe") configs.push_back({"merge", m, "mean", true});
         configs.push_back({"merge", m, "mean", false, true});
       }
+      // Two-pass recipes at 4/8: REAP 8 -> 6, then the method 6 -> 4 on statistics recomputed on
+      // the 6 experts left.
+      configs.push_back({"prune", "reap", "", false, false, "", true});
+      for (const char* m : {"msmoe", "hcsmoe", "submoe"}) configs.push_back({"merge", m, "mean", false, false, "", true});
       bool original_row = false;
       for (int64_t experts : {6, 4}) {
         double random_mean = 0;
         for (const auto& c : configs) {
+          if (c.after_reap6 && experts != 4) continue;
           const int runs = c.method == "random" ? random_seeds : 1;
           double ppl = 0, kl = 0, top1 = 0, secs = 0, lo = 1e300, hi = 0, base = 0;
           json per_seed = json::array();
@@ -114,7 +120,8 @@ int main(int argc, char** argv) {
             json recipe = {{"model", model_dir.string()},
                            {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"stats", stats_path.string()},
                                             {"ctx", ctx}, {"windows", calib_windows}}},
-                           {"passes", json::array({pass})},
+                           {"passes", c.after_reap6 ? json::array({{{"pass", "prune"}, {"method", "reap"}, {"keep", 6}}, pass})
+                                                    : json::array({pass})},
                            {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
                            {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx},
                                      {"max_windows", eval_windows}, {"against_input", true}}}};
@@ -146,7 +153,8 @@ int main(int argc, char** argv) {
           if (c.method == "random") random_mean = ppl;
           const std::string router = c.router + (c.importance.empty() ? "" : ", importance: " + c.importance) +
                                      (c.no_align ? ", align: false" : "") + (c.protect ? ", protect super experts" : "");
-          json row = {{"model", name}, {"experts", experts}, {"pass", c.pass}, {"method", c.method},
+          const std::string pass_label = c.after_reap6 ? "prune reap 6, then " + c.pass : c.pass;
+          json row = {{"model", name}, {"experts", experts}, {"pass", pass_label}, {"method", c.method},
                       {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
                       {"kl", kl}, {"top1_agreement", top1}, {"seconds", secs}, {"tokens_scored", scored}};
           if (c.pass == "merge" && c.method != "msmoe") row["align"] = !c.no_align;
@@ -166,7 +174,7 @@ int main(int argc, char** argv) {
           else std::snprintf(pbuf, sizeof pbuf, "%.2f", ppl);
           char buf[384];
           std::snprintf(buf, sizeof buf, "| %s | %lld | %s | %s | %s | %s | %+.1f%% | %.4f | %.1f%% |\n", name.c_str(),
-                        static_cast<long long>(experts), c.pass.c_str(), c.method.c_str(), router.c_str(), pbuf,
+                        static_cast<long long>(experts), pass_label.c_str(), c.method.c_str(), router.c_str(), pbuf,
                         100 * (ppl / base - 1), kl, 100 * top1);
           md << buf;
           std::fprintf(stderr, "%s", buf);
