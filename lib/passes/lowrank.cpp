@@ -76,17 +76,16 @@ void mul_right_lower(MatrixD& x, const MatrixD& s) {
 
 // Lower Cholesky factor of a (row-major, symmetric) matrix in place. The row-major buffer read as
 // column-major is the same symmetric matrix; dpotrf 'U' gives Uᵀ U there, i.e. L Lᵀ with L = Uᵀ
-// lower triangular in row-major. The strict upper triangle is zeroed. Returns false when not
-// positive definite or a pivot² <= tol.
+// lower triangular in row-major; the strict upper triangle is not read. On success it is zeroed;
+// returns false (strict upper triangle untouched) when not positive definite or a pivot² <= tol.
 bool cholesky_lower(MatrixD& a, double tol) {
   const lapack_int n = static_cast<lapack_int>(a.rows());
   const lapack_int info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', n, a.data(), n);
   if (info < 0) throw Error::internal("low-rank: LAPACKE_dpotrf argument " + std::to_string(-info) + " invalid");
   if (info > 0) return false;
-  for (lapack_int i = 0; i < n; ++i) {
+  for (lapack_int i = 0; i < n; ++i)
     if (a(i, i) * a(i, i) <= tol) return false;
-    for (lapack_int j = i + 1; j < n; ++j) a(i, j) = 0;
-  }
+  a.triangularView<Eigen::StrictlyUpper>().setZero();
   return true;
 }
 
@@ -200,7 +199,7 @@ Spectrum asvd(const MatrixRM& w, const std::vector<double>& act_scale, double al
 // ---------------------------------------------------------------------------------------------
 // SVD-LLM
 
-Whitening whiten(const MatrixD& gram, const std::string& what) {
+Whitening whiten(MatrixD gram, const std::string& what) {
   const int64_t n = gram.rows();
   if (n < 1 || gram.cols() != n) throw Error::invalid(what + ": expected a square matrix, got " + shape(n, gram.cols()));
   if (!gram.allFinite()) throw Error::invalid(what + ": contains NaN or Inf");
@@ -212,30 +211,37 @@ Whitening whiten(const MatrixD& gram, const std::string& what) {
     wh.note = what + " is zero (no calibration token reached this expert): plain SVD";
     return wh;
   }
+  std::vector<double> diag(static_cast<size_t>(n));
   double max_diag = 0;
   for (int64_t i = 0; i < n; ++i) {
+    diag[static_cast<size_t>(i)] = gram(i, i);
     if (gram(i, i) < 0)
       throw Error::invalid(what + ": negative diagonal entry " + fmt(gram(i, i)) + " at " + std::to_string(i) +
                            " (not a Gram matrix)");
     max_diag = std::max(max_diag, gram(i, i));
   }
-  if ((gram - gram.transpose()).cwiseAbs().maxCoeff() > 1e-9 * max_abs)
-    throw Error::invalid(what + ": not symmetric");
-  const double tol = 1e-10 * max_diag;
-  auto s = std::make_shared<MatrixD>(gram);
-  if (cholesky_lower(*s, tol)) {
-    wh.s = std::move(s);
+  if ((gram - gram.transpose()).cwiseAbs().maxCoeff() > 1e-9 * max_abs) throw Error::invalid(what + ": not symmetric");
+  // dpotrf works in place on the lower triangle (row-major) and leaves the strict upper one: G is
+  // rebuilt from it and `diag` when a retry needs it (no n×n copy on the common path).
+  auto restore = [&](double shift) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < i; ++j) gram(i, j) = gram(j, i);
+      gram(i, i) = diag[static_cast<size_t>(i)] + shift;
+    }
+  };
+  if (cholesky_lower(gram, 1e-10 * max_diag)) {
+    wh.s = std::make_shared<const MatrixD>(std::move(gram));
     return wh;
   }
   // METHODS §5: G + (−λ_min + 1e−6)·I.
+  restore(0);
   const double lambda_min = min_eigenvalue(gram);
   const double base = std::max(-lambda_min, 0.0);
   for (double d = 1e-6; d <= 1e300; d *= 10) {
     const double shift = base + d;
-    *s = gram;
-    s->diagonal().array() += shift;
-    if (cholesky_lower(*s, 1e-10 * (max_diag + shift))) {
-      wh.s = std::move(s);
+    restore(shift);
+    if (cholesky_lower(gram, 1e-10 * (max_diag + shift))) {
+      wh.s = std::make_shared<const MatrixD>(std::move(gram));
       wh.shift = shift;
       wh.note = what + " not positive definite (smallest eigenvalue " + fmt(lambda_min) + "): added " + fmt(shift) +
                 " to the diagonal" + (d > 1e-6 ? " (1e-6 above -lambda_min was below its rounding level)" : "");
@@ -245,12 +251,12 @@ Whitening whiten(const MatrixD& gram, const std::string& what) {
   throw Error::internal(what + ": no diagonal shift made the matrix factorisable");
 }
 
-Spectrum svdllm(const MatrixRM& w, const MatrixD& gram) {
+Spectrum svdllm(const MatrixRM& w, MatrixD gram) {
   check_weight(w, "SVD-LLM");
   if (gram.rows() != w.cols() || gram.cols() != w.cols())
     throw Error::invalid("SVD-LLM: Gram matrix is " + shape(gram.rows(), gram.cols()) + ", the weight has " +
                          std::to_string(w.cols()) + " input channels");
-  return svdllm(w, whiten(gram));
+  return svdllm(w, whiten(std::move(gram)));
 }
 
 Spectrum svdllm(const MatrixRM& w, const Whitening& white) {
@@ -365,7 +371,7 @@ SharedSpectrum shared_spectrum(const std::vector<const MatrixRM*>& ws, Side side
           throw Error::invalid("shared basis: Gram matrix of expert " + std::to_string(e) + " contains NaN or Inf");
         sum += *(*grams)[e];
       }
-      wh = whiten(sum, "summed Gram matrix");
+      wh = whiten(std::move(sum), "summed Gram matrix");
       out.shifts = {wh.shift};
       if (!wh.note.empty()) out.notes.push_back(wh.note);
       if (!wh.plain) mul_right_lower(stacked, *wh.s);
@@ -548,16 +554,15 @@ std::vector<int> allocate_ranks(const std::vector<BudgetItem>& items, int64_t pa
   if (used > param_budget)
     throw Error::invalid("parameter budget " + std::to_string(param_budget) + " is below the minimum " +
                          std::to_string(used) + " (every factorisable matrix at rank 1, the others dense)");
-  // The next step of item j from its current rank: gain (loss removed) and cost (parameters).
+  // The next step of item j from rank r: gain (loss removed) and cost (parameters).
   struct Step {
     double ratio;
     size_t item;
     double gain;
     int64_t cost;
   };
-  auto next_step = [&](size_t j) -> std::optional<Step> {
+  auto next_step = [&](size_t j, int r) -> std::optional<Step> {
     const BudgetItem& it = items[j];
-    const int r = ranks[j];
     if (r == kKeepDense) return std::nullopt;
     if (r < kmax[j]) {
       const double s = it.sigma[static_cast<size_t>(r)];
@@ -572,20 +577,69 @@ std::vector<int> allocate_ranks(const std::vector<BudgetItem>& items, int64_t pa
     if (a.ratio != b.ratio) return a.ratio < b.ratio;
     return a.item > b.item;
   };
-  std::priority_queue<Step, std::vector<Step>, decltype(worse)> heap(worse);
-  for (size_t j = 0; j < J; ++j)
-    if (auto s = next_step(j)) heap.push(*s);
+  // Greedy fill of `left` parameters from ranks `rk` (item `skip` excluded); returns the loss removed.
+  auto fill = [&](std::vector<int>& rk, int64_t& left, size_t skip) {
+    std::priority_queue<Step, std::vector<Step>, decltype(worse)> heap(worse);
+    for (size_t j = 0; j < J; ++j)
+      if (j != skip)
+        if (auto s = next_step(j, rk[j])) heap.push(*s);
+    double gained = 0;
+    while (!heap.empty()) {
+      const Step s = heap.top();
+      heap.pop();
+      // A step that does not fit ends its item (its later steps come after it); a step that
+      // removes no loss is not worth parameters.
+      if (s.cost > left || !(s.gain > 0)) continue;
+      left -= s.cost;
+      gained += s.gain;
+      const size_t j = s.item;
+      rk[j] = rk[j] < kmax[j] ? rk[j] + 1 : kKeepDense;
+      if (auto n = next_step(j, rk[j])) heap.push(*n);
+    }
+    return gained;
+  };
   int64_t left = param_budget - used;
-  while (!heap.empty()) {
-    const Step s = heap.top();
-    heap.pop();
-    // A step that does not fit ends its item (its later steps come after it); a step that removes
-    // no loss is not worth parameters.
-    if (s.cost > left || !(s.gain > 0)) continue;
-    left -= s.cost;
-    const size_t j = s.item;
-    ranks[j] = ranks[j] < kmax[j] ? ranks[j] + 1 : kKeepDense;
-    if (auto n = next_step(j)) heap.push(*n);
+  fill(ranks, left, J);
+  // Exchange improvement (the dense steps and unequal costs make the greedy a knapsack heuristic):
+  // undo one item's last step, refill the freed parameters greedily from the other items, keep
+  // the best strictly improving exchange; repeat until none improves.
+  double scale = 0;
+  for (const auto& it : items) scale += it.weight * tail(it, 0);
+  for (int round = 0; round < 64; ++round) {  // a cap; the tests need at most a few rounds
+    double best = 1e-12 * scale;
+    std::vector<int> best_ranks;
+    int64_t best_left = 0;
+    for (size_t j = 0; j < J; ++j) {
+      const BudgetItem& it = items[j];
+      double lost;
+      int64_t freed;
+      int back;
+      if (ranks[j] == kKeepDense) {
+        if (kmax[j] < 1) continue;  // always dense
+        back = static_cast<int>(kmax[j]);
+        freed = it.dense_params - kmax[j] * it.cost_per_rank;
+        lost = it.weight * tail(it, back);
+      } else if (ranks[j] >= 2) {
+        back = ranks[j] - 1;
+        freed = it.cost_per_rank;
+        const double sg = it.sigma[static_cast<size_t>(back)];
+        lost = it.weight * sg * sg;
+      } else {
+        continue;
+      }
+      std::vector<int> rk = ranks;
+      rk[j] = back;
+      int64_t lft = left + freed;
+      const double delta = fill(rk, lft, j) - lost;
+      if (delta > best) {
+        best = delta;
+        best_ranks = std::move(rk);
+        best_left = lft;
+      }
+    }
+    if (best_ranks.empty()) break;
+    ranks = std::move(best_ranks);
+    left = best_left;
   }
   return ranks;
 }

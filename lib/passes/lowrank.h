@@ -101,14 +101,16 @@ struct Whitening {
 // says so). All-zero G → plain = true (the caller gets a plain SVD, never NaN).
 // Throws Error::invalid for a non-square G, NaN/Inf, a negative diagonal entry, or G not
 // symmetric (|G − Gᵀ| > 1e−9·max|G|); `what` names G in messages.
-Whitening whiten(const MatrixD& gram, const std::string& what = "Gram matrix");
+// G is taken by value and factorised in place: pass it with std::move when it is not needed
+// afterwards (saves an n×n copy, ~1/4 of the whitening's time at n = 2816).
+Whitening whiten(MatrixD gram, const std::string& what = "Gram matrix");
 
 // SVD-LLM (Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
 // Language Model Compression"): SVD(W S) = U Σ Vᵀ with S from whiten(G); A = U_k Σ_k^½,
 // B = Σ_k^½ V_kᵀ S⁻¹ (truncate). loss(k) = ‖(W − W_k) X‖²_F under G + shift·I. An all-zero
 // Gram gives the plain SVD with note "Gram matrix is zero (no calibration token reached this
 // expert): plain SVD". Throws Error::invalid for G not [n, n] (W [m, n]) and as whiten() / svd().
-Spectrum svdllm(const runtime::MatrixRM& w, const MatrixD& gram);
+Spectrum svdllm(const runtime::MatrixRM& w, MatrixD gram);  // std::move(gram) saves a copy
 Spectrum svdllm(const runtime::MatrixRM& w, const Whitening& white);
 
 // ‖(W − A·B) X‖²_F = tr(R G Rᵀ), R = W − A·B computed in f64; an empty (0×0) gram means the
@@ -205,15 +207,21 @@ inline constexpr int kKeepDense = -1;
 // kKeepDense (and its dense_params count against the budget).
 // Algorithm: every factorisable item starts at rank 1; then steps are taken greedily by gain per
 // parameter: rank k → k+1 gains weight·σ_k² for cost_per_rank, and from kmax the step to dense gains
-// weight·loss(kmax) for dense_params − kmax·cost_per_rank; a step that no longer fits ends its item.
-// Ties go to the lower item index (deterministic).
+// weight·loss(kmax) for dense_params − kmax·cost_per_rank; a step that no longer fits ends its item,
+// a step with no gain is not taken. Ties go to the lower item index (deterministic). Then an
+// exchange improvement: undo one item's last step, refill the freed parameters greedily from the
+// others, keep the best strictly improving exchange, repeat until none improves (at most 64
+// rounds of O(J²)).
 // Optimality: among factorised ranks, when every item has the same cost_per_rank (all expert
-// matrices of a model: gate, up and down all have m+n = I+H), the greedy is exactly optimal: the
-// gains σ_k² of an item are non-increasing, so the T largest gains over all items form a prefix
-// of each item's list, and taking them maximises the loss removed for T steps. With unequal costs
-// it is the classic ratio greedy of a knapsack, optimal up to the leftover budget (less than one
-// step); the dense step breaks the concavity (it is cheap: at most one rank step) and is a
-// heuristic. Tests compare with brute force on small cases.
+// matrices of a model: gate, up and down all have m+n = I+H), the greedy alone is exactly
+// optimal: the gains σ_k² of an item are non-increasing, so the T largest gains over all items
+// form a prefix of each item's list, and taking them maximises the loss removed for T steps. The
+// dense step breaks that concavity (it is cheap: at most one rank step, and removes the whole
+// tail), and unequal costs make it a knapsack: there the greedy alone can miss the optimum (e.g.
+// three 12x8-sized matrices with budget 252: all at rank 4, where two dense and one at rank 3 is
+// better) and the exchange step is a heuristic, not a proof. Tests compare with brute force on
+// every budget of small cases (equal costs: the same objective on all of them; unequal costs:
+// within one step's gain).
 // Throws Error::invalid when param_budget is below the minimum (every factorisable item at rank 1,
 // the others dense), naming both numbers, or for an inconsistent item.
 std::vector<int> allocate_ranks(const std::vector<BudgetItem>& items, int64_t param_budget);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
 #include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -167,6 +168,25 @@ TEST(LowRankSvdLlm, RankDeficientGramGetsShift) {
   const Whitening wh = whiten(g);
   EXPECT_EQ(wh.shift, s.shift);
   EXPECT_FALSE(wh.plain);
+}
+
+// A large singular Gram: 1e−6 above −λ_min is below the rounding level of its entries, so the
+// additive constant grows until the Cholesky succeeds; still finite, still the stated loss.
+TEST(LowRankSvdLlm, LargeSingularGramEscalatesShift) {
+  const MatrixRM w = random_w(12, 8, 15);
+  const MatrixD g = 1e12 * gram_of(random_x(8, 3, 16));
+  const Spectrum s = svdllm(w, g);
+  EXPECT_GT(s.shift, 1e-6);
+  EXPECT_NE(s.note.find("rounding level"), std::string::npos) << s.note;
+  MatrixD gs = g;
+  gs.diagonal().array() += s.shift;
+  for (int k : {1, 3, 5, 8}) {
+    const Factors f = truncate(s, k);
+    ASSERT_TRUE(f.a.allFinite() && f.b.allFinite()) << "k=" << k;
+    const MatrixD r = w.cast<double>() - s.reconstruct(k);
+    EXPECT_NEAR(s.loss(k), (r * gs).cwiseProduct(r).sum(), 1e-7 * s.loss(0)) << "k=" << k;
+  }
+  expect_reproduces(w, (truncate(s, 8).a * truncate(s, 8).b).cast<double>(), "full rank");
 }
 
 TEST(LowRankSvdLlm, ZeroGramFallsBackToPlainSvd) {
@@ -409,8 +429,9 @@ TEST(LowRankBudget, GreedyMatchesBruteForceEqualCosts) {
     items.push_back(budget_item(svd(w), weights[j]));
   }
   // Every budget from the minimum to all-dense. Where the optimum factorises everything the greedy
-  // is exact by the argument in lowrank.h; where the optimum keeps some matrix dense the greedy is
-  // a heuristic (bounded loosely here).
+  // is exact by the argument in lowrank.h; where the optimum keeps some matrix dense the greedy
+  // alone is not (budget 252: it takes every matrix to rank 4 where two dense and one at rank 3
+  // is better); the exchange step finds the optimum on every budget here.
   int factorised = 0, with_dense = 0;
   for (int64_t budget = 60; budget <= 300; ++budget) {
     const std::vector<int> r = allocate_ranks(items, budget);
@@ -420,8 +441,7 @@ TEST(LowRankBudget, GreedyMatchesBruteForceEqualCosts) {
     bool dense = false;
     for (int k : br) dense = dense || k == kKeepDense;
     ++(dense ? with_dense : factorised);
-    if (!dense) EXPECT_NEAR(allocation_loss(items, r), want, 1e-12 * (1 + want)) << "budget " << budget;
-    else EXPECT_LE(allocation_loss(items, r), want + 0.25 * allocation_loss(items, {1, 1, 1})) << "budget " << budget;
+    EXPECT_NEAR(allocation_loss(items, r), want, 1e-12 * (1 + want)) << "budget " << budget;
   }
   EXPECT_GT(factorised, 100);
   EXPECT_GT(with_dense, 50);
@@ -430,6 +450,58 @@ TEST(LowRankBudget, GreedyMatchesBruteForceEqualCosts) {
   // Enough for everything dense: everything stays dense, zero loss.
   const std::vector<int> all = allocate_ranks(items, 96 + 96 + 100);
   EXPECT_EQ(all, (std::vector<int>{kKeepDense, kKeepDense, kKeepDense}));
+}
+
+// Random small cases (3 or 4 items, random spectra and weights, every budget from the minimum
+// to all-dense), equal costs per rank (gate/up/down shapes of one model), against brute force.
+// Where the optimum factorises every matrix the allocation is optimal (the greedy argument);
+// where it keeps one dense, the allocation is within the largest single step's gain of the
+// optimum (a knapsack bound) and equal to it in most cases (counted: at least 95%).
+TEST(LowRankBudget, RandomEqualCostCasesAgainstBruteForce) {
+  std::mt19937_64 rng(90);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  int factorised = 0, with_dense = 0, dense_exact = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const int J = 3 + trial % 2;
+    std::vector<BudgetItem> items;
+    double max_step = 0;
+    for (int j = 0; j < J; ++j) {
+      const int64_t m = 4 + static_cast<int64_t>(u(rng) * 8), n = 16 - m;  // m + n = 16
+      std::vector<double> sg(static_cast<size_t>(std::min(m, n)));
+      double v = 1 + 4 * u(rng);
+      for (auto& x : sg) x = v, v *= 0.3 + 0.6 * u(rng);
+      items.push_back({sg, m + n, m * n, 0.2 + 2 * u(rng)});
+      const int64_t kmax = max_useful_rank(m, n);
+      double tail_k = 0;
+      for (size_t i = static_cast<size_t>(kmax); i < sg.size(); ++i) tail_k += sg[i] * sg[i];
+      max_step = std::max(max_step, items.back().weight * std::max(sg[1] * sg[1], tail_k));
+    }
+    int64_t dense = 0;
+    for (const auto& it : items) dense += it.dense_params;
+    for (int64_t budget = 16 * J; budget <= dense; ++budget) {
+      const std::vector<int> r = allocate_ranks(items, budget);
+      ASSERT_LE(allocation_params(items, r), budget);
+      std::vector<int> br;
+      const double want = brute_force(items, budget, &br);
+      const double got = allocation_loss(items, r);
+      const bool opt_dense = std::count(br.begin(), br.end(), kKeepDense) > 0;
+      if (!opt_dense) {
+        ++factorised;
+        EXPECT_NEAR(got, want, 1e-12 * (1 + want)) << "trial " << trial << " budget " << budget;
+      } else {
+        ++with_dense;
+        dense_exact += std::fabs(got - want) <= 1e-12 * (1 + want);
+        EXPECT_LE(got, want + max_step) << "trial " << trial << " budget " << budget;
+      }
+    }
+  }
+  EXPECT_GT(factorised, 300);
+  EXPECT_GT(with_dense, 300);
+  // Measured: 2595 budgets with a fully factorised optimum (all exact), 3596 with a dense matrix
+  // in the optimum, 3545 of them exact.
+  RecordProperty("dense_optimum_budgets", with_dense);
+  RecordProperty("dense_optimum_exact", dense_exact);
+  EXPECT_GE(dense_exact, 0.95 * with_dense);
 }
 
 TEST(LowRankBudget, GreedyWithinOneStepUnequalCosts) {
