@@ -13,13 +13,15 @@ namespace moe::app {
 void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
     std::string in, out, dtype, shard = "5GB";
-    bool force = false, json = false;
+    bool force = false, json = false, materialize = false;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("IN", o->in, "Input checkpoint folder")->required();
   sub.add_option("OUT", o->out, "Output folder (built in a temporary sibling, renamed on success)")->required();
   sub.add_option("--dtype", o->dtype, "Convert float tensors to bf16, f16 or f32 (F8 and integer tensors are kept)");
   sub.add_option("--max-shard-size", o->shard, "Largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)");
+  sub.add_flag("--materialize", o->materialize,
+               "Write every encoded weight (low-rank, FP8, ...) dense, in --dtype or the config's dtype: a stock checkpoint");
   sub.add_flag("--force", o->force, "Replace a non-empty output folder");
   sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
@@ -27,6 +29,7 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const auto t0 = std::chrono::steady_clock::now();
       pipeline::HfSinkOptions opts;
       opts.quiet = flags.quiet;
+      opts.materialize = o->materialize;
       if (!o->dtype.empty()) {
         opts.dtype = core::parse_user_dtype(o->dtype);
         if (!opts.dtype) throw core::Error::invalid("--dtype: '" + o->dtype + "' is not one of bf16, f16, f32");
@@ -39,7 +42,8 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       auto r = pipeline::write_hf_checkpoint(env, model, ckpt, out.path(), opts);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       nlohmann::json report = pipeline::make_report("convert", ckpt, model, model, r, secs);
-      report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->shard}};
+      report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->shard},
+                              {"materialize", o->materialize}};
       pipeline::write_report(env, out.path(), report);
       out.commit();
       nlohmann::json result = {{"output", o->out}, {"tensors", r.tensors}, {"shards", r.shards},

@@ -1,4 +1,4 @@
-// `run RECIPE.json`, and the one-pass subcommands `prune` and `merge`, which build a recipe from
+// `run RECIPE.json`, and the one-pass subcommands `prune`, `merge` and `factorize`, which build a recipe from
 // their flags: every way in goes through the same validation and runner.
 #include <iostream>
 
@@ -133,6 +133,50 @@ void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       if (*no_align) pass["align"] = false;
       if (*protect) pass["protect_super_experts"] = true;
       auto recipe = pipeline::parse_recipe(recipe_json(*o, pass), ".", "merge");
+      return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
+    };
+  });
+}
+
+void setup_factorize(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
+  auto o = std::make_shared<OnePass>();
+  struct F {
+    double ratio = 0, energy = 0, budget = 0, alpha = -1, damp = -1;
+    int64_t rank = 0;
+    std::vector<std::string> targets;
+    bool shared_v = false, materialize = false;
+  };
+  auto f = std::make_shared<F>();
+  add_common(sub, *o);
+  auto* r1 = sub.add_option("--ratio", f->ratio, "Kept-parameter ratio per matrix, in (0, 1]");
+  auto* r2 = sub.add_option("--rank", f->rank, "The same rank for every matrix");
+  auto* r3 = sub.add_option("--energy", f->energy, "Smallest rank keeping this fraction of the singular-value energy");
+  auto* r4 = sub.add_option("--budget", f->budget,
+                            "Kept-parameter ratio of each layer's targeted weights, ranks allocated across matrices by loss");
+  r1->excludes(r2)->excludes(r3)->excludes(r4);
+  r2->excludes(r3)->excludes(r4);
+  r3->excludes(r4);
+  sub.add_option("--targets", f->targets, "What to factorize: experts (default), shared, attention, dense, all")->delimiter(',');
+  sub.add_option("--alpha", f->alpha, "asvd: activation exponent (default 0.5)");
+  sub.add_option("--damp", f->damp, "Gram damping: G + damp * mean(diag G) * I (default 0.01; 0 = plain SVD-LLM)");
+  sub.add_flag("--shared-v", f->shared_v, "delta: one right factor shared by all experts' deltas of a matrix type");
+  sub.add_flag("--materialize", f->materialize, "Write the factorized weights dense (a stock checkpoint, no size win)");
+  sub.callback([o, f, &handler, &flags] {
+    handler = [o, f, &flags] {
+      nlohmann::json pass = {{"pass", "factorize"}};
+      if (f->ratio > 0) pass["ratio"] = f->ratio;
+      if (f->rank > 0) pass["rank"] = f->rank;
+      if (f->energy > 0) pass["energy"] = f->energy;
+      if (f->budget > 0) pass["budget"] = f->budget;
+      if (!pass.contains("ratio") && !pass.contains("rank") && !pass.contains("energy") && !pass.contains("budget"))
+        throw core::Error::invalid("factorize: give one of --ratio R, --rank K, --energy E, --budget R");
+      if (!f->targets.empty()) pass["targets"] = f->targets;
+      if (f->alpha >= 0) pass["alpha"] = f->alpha;
+      if (f->damp >= 0) pass["damp"] = f->damp;
+      if (f->shared_v) pass["shared_v"] = true;
+      nlohmann::json rj = recipe_json(*o, pass);
+      if (f->materialize) rj["output"]["materialize"] = true;
+      auto recipe = pipeline::parse_recipe(rj, ".", "factorize");
       return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
     };
   });

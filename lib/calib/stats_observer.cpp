@@ -191,10 +191,8 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
     const int64_t no = static_cast<int64_t>(other.size());
     xo.resize(no, H);
     for (int64_t r = 0; r < no; ++r) xo.row(r) = t.x.row(other[r]);
-    g.resize(no, I);
-    u.resize(no, I);
-    runtime::gemm_nt(no, I, H, 1.0f, xo.data(), H, W.gate.data(), H, 0.0f, g.data(), I);
-    runtime::gemm_nt(no, I, H, 1.0f, xo.data(), H, W.up.data(), H, 0.0f, u.data(), I);
+    g = runtime::project(xo, W.gate, W.gate_lr);
+    u = runtime::project(xo, W.up, W.up_lr);
     if (no) runtime::silu_mul_inplace(g, u);
     auto hrow = [&](int64_t n) -> const float* {
       return pos[n] >= 0 ? t.h[e].data() + int64_t(pos[n]) * I : g.data() + int64_t(-pos[n] - 1) * I;
@@ -211,11 +209,21 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
         for (int64_t c = 0; c < I; ++c) hsum[c] += weight * double(r[c]);
       }
     }
-    for (int64_t i = 0; i < H; ++i) {
-      const float* wd = W.down.data() + i * I;
-      double acc = 0;
-      for (int64_t c = 0; c < I; ++c) acc += double(wd[c]) * hsum[c];
-      a.out_sum(e, i) += acc;
+    if (W.down_lr) {
+      // Low-rank down projection: A·(B·hsum) (+ base·hsum), in double.
+      const auto& lr = *W.down_lr;
+      const Eigen::Map<const Eigen::VectorXd> hv(hsum.data(), I);
+      const Eigen::VectorXd bh = lr.b.cast<double>() * hv;
+      Eigen::VectorXd y = lr.a.cast<double>() * bh;
+      if (lr.base.size()) y += lr.base.cast<double>() * hv;
+      for (int64_t i = 0; i < H; ++i) a.out_sum(e, i) += y(i);
+    } else {
+      for (int64_t i = 0; i < H; ++i) {
+        const float* wd = W.down.data() + i * I;
+        double acc = 0;
+        for (int64_t c = 0; c < I; ++c) acc += double(wd[c]) * hsum[c];
+        a.out_sum(e, i) += acc;
+      }
     }
     if (ns > 0) {
       hs.resize(ns, I);
@@ -223,8 +231,7 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
         const float* r = hrow(first + q * S);
         std::copy(r, r + I, hs.data() + q * I);
       }
-      ys[e].resize(ns, H);
-      runtime::gemm_nt(ns, H, I, 1.0f, hs.data(), I, W.down.data(), I, 0.0f, ys[e].data(), H);
+      ys[e] = runtime::project(hs, W.down, W.down_lr);
     }
   }
   // out_cos on the sampled tokens: normalise every expert's output row, then for a block of tokens

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/error.h"
+#include "core/fp8_block.h"
 
 namespace moe::core {
 
@@ -61,26 +62,19 @@ Tensor Tensor::slice0(int64_t begin, int64_t end) const {
   if (shape_.empty() || begin < 0 || end < begin || end > shape_[0])
     throw Error::internal("slice0 [" + std::to_string(begin) + ", " + std::to_string(end) +
                           ") out of range for shape " + shape_str(shape_));
+  if (enc_) return encoded(enc_->slice_rows(begin, end), dtype_);
   Shape s = shape_;
   s[0] = end - begin;
   const size_t row_bytes = shape_[0] ? nbytes() / static_cast<size_t>(shape_[0]) : 0;
   Tensor t(dtype_, std::move(s), data_ + static_cast<size_t>(begin) * row_bytes, owner_);
   t.owned_ = false;
-  if (block_.scale) {
-    const int64_t br = block_.block_rows;
-    if (begin % br != 0 || (end % br != 0 && end != shape_[0]))
-      throw Error::internal("slice0 [" + std::to_string(begin) + ", " + std::to_string(end) +
-                            ") cuts a scale block of " + std::to_string(br) + " rows");
-    t.block_ = block_;
-    t.block_.scale = std::make_shared<const Tensor>(block_.scale->slice0(begin / br, (end + br - 1) / br));
-  }
   return t;
 }
 
 Tensor Tensor::reshaped(Shape shape) const {
   if (shape_numel(shape) != numel_)
     throw Error::internal("reshape " + shape_str(shape_) + " to " + shape_str(shape));
-  if (block_.scale && shape != shape_) throw Error::internal("reshape of a block-scaled tensor " + shape_str(shape_));
+  if (enc_ && shape != shape_) throw Error::internal("reshape of an encoded (" + enc_->name() + ") tensor " + shape_str(shape_));
   Tensor t = *this;
   t.shape_ = std::move(shape);
   return t;
@@ -93,20 +87,16 @@ std::vector<float> Tensor::to_f32() const {
 }
 
 void Tensor::to_f32(float* dst) const {
-  core::to_f32(dtype_, data_, dst, static_cast<size_t>(numel_));
-  if (!block_.scale) return;
-  const std::vector<float> sc = block_.scale->to_f32();
-  const int64_t rows = shape_[0], cols = shape_[1], sc_cols = block_.scale->dim(1);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* srow = sc.data() + (i / block_.block_rows) * sc_cols;
-    float* d = dst + i * cols;
-    for (int64_t j = 0; j < cols; ++j) d[j] *= srow[j / block_.block_cols];
+  if (enc_) {
+    enc_->dequantize_rows(0, enc_->rows(), dst);
+    return;
   }
+  core::to_f32(dtype_, data_, dst, static_cast<size_t>(numel_));
 }
 
 Tensor Tensor::converted(DType to) const {
-  if (to == dtype_) return *this;
-  if (!block_.scale) {
+  if (!enc_) {
+    if (to == dtype_) return *this;
     Tensor t = zeros(to, shape_);
     convert(dtype_, data_, to, t.mutable_data(), static_cast<size_t>(numel_));
     return t;
@@ -117,21 +107,33 @@ Tensor Tensor::converted(DType to) const {
   return t;
 }
 
-Tensor Tensor::with_block_scale(const Tensor& scale, int64_t block_rows, int64_t block_cols) const {
-  if (dtype_ != DType::F8_E4M3 || rank() != 2)
-    throw Error::corruption("a block-scaled weight must be a rank-2 F8_E4M3 tensor, found " +
-                            std::string(dtype_name(dtype_)) + " " + shape_str(shape_));
-  if (block_rows < 1 || block_cols < 1) throw Error::corruption("weight_block_size must be two positive integers");
-  if (scale.dtype() != DType::F32 && scale.dtype() != DType::BF16)
-    throw Error::corruption("scale dtype " + std::string(dtype_name(scale.dtype())) + ", expected F32 or BF16");
-  const Shape want = {(shape_[0] + block_rows - 1) / block_rows, (shape_[1] + block_cols - 1) / block_cols};
-  if (scale.shape() != want)
-    throw Error::corruption("scale shape " + shape_str(scale.shape()) + ", expected " + shape_str(want) + " for weight " +
-                            shape_str(shape_) + " in blocks of [" + std::to_string(block_rows) + ", " +
-                            std::to_string(block_cols) + "]");
-  Tensor t = *this;
-  t.block_ = {std::make_shared<const Tensor>(scale), block_rows, block_cols};
+Tensor Tensor::encoded(std::shared_ptr<const Encoding> enc, DType dtype) {
+  if (!enc) throw Error::internal("Tensor::encoded: no encoding");
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = {enc->rows(), enc->cols()};
+  t.numel_ = shape_numel(t.shape_);
+  t.enc_ = std::move(enc);
   return t;
+}
+
+size_t Tensor::nbytes() const {
+  if (!enc_) return static_cast<size_t>(numel_) * dtype_size(dtype_);
+  size_t n = 0;
+  for (const auto& p : enc_->parts()) n += p.tensor->nbytes();
+  return n;
+}
+
+std::vector<const Tensor*> Tensor::stored_tensors() const {
+  if (!enc_) return {this};
+  std::vector<const Tensor*> out;
+  // The parts are owned by the encoding, which this tensor keeps alive.
+  for (const auto& p : enc_->parts()) out.push_back(p.tensor.get());
+  return out;
+}
+
+Tensor Tensor::with_block_scale(const Tensor& scale, int64_t block_rows, int64_t block_cols) const {
+  return encoded(std::make_shared<Fp8Block>(*this, scale, block_rows, block_cols), DType::F8_E4M3);
 }
 
 Tensor Tensor::quantize_fp8_blocks(const std::vector<float>& values, int64_t rows, int64_t cols, int64_t br, int64_t bc) {

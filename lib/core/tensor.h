@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/encoding.h"
 
 namespace moe::core {
 
@@ -33,11 +34,11 @@ class Tensor {
   int64_t dim(size_t i) const { return shape_.at(i); }
   size_t rank() const { return shape_.size(); }
   int64_t numel() const { return numel_; }
-  size_t nbytes() const { return static_cast<size_t>(numel_) * dtype_size(dtype_); }
+  size_t nbytes() const;
   const uint8_t* data() const { return data_; }
   // Writable bytes; only valid for tensors created by zeros()/from_f32()/converted().
   uint8_t* mutable_data();
-  bool valid() const { return data_ != nullptr || numel_ == 0; }
+  bool valid() const { return data_ != nullptr || enc_ != nullptr || numel_ == 0; }
   bool owns_data() const { return owned_; }
 
   // Rows [begin, end) along dimension 0, zero-copy, shape [end-begin, rest...].
@@ -47,22 +48,27 @@ class Tensor {
   // All elements as f32 (exact for bf16/f16/f8).
   std::vector<float> to_f32() const;
   void to_f32(float* dst) const;
-  // A new tensor of dtype `to` (round to nearest even); returns *this when dtype matches.
-  // A block-scaled tensor is dequantized first (so converted(its own dtype) returns *this too).
+  // A new tensor of dtype `to` (round to nearest even); returns *this when dtype matches (an
+  // encoded tensor is always dequantized into a new plain tensor).
   Tensor converted(DType to) const;
 
-  // Block-scaled FP8 weights (DeepSeek-V3, Qwen3 "fp8" checkpoints: `X.weight` F8_E4M3 with
-  // `X.weight_scale_inv` [ceil(rows/br), ceil(cols/bc)]): element (i, j) means
-  // value(i, j) * scale(i / br, j / bc). to_f32() and converted() apply the scale; slice0 keeps
-  // whole blocks of rows only; reshaped() is refused. The data stays the stored FP8 codes.
-  struct BlockScale {
-    std::shared_ptr<const Tensor> scale;  // F32 or BF16, rank 2
-    int64_t block_rows = 0, block_cols = 0;
-  };
-  // This rank-2 F8 tensor with `scale`; throws Error::corruption when the scale's dtype or shape
-  // does not fit (the caller adds the file and tensor names as context).
+  // Encoded weights (core/encoding.h): a tensor may stand for an encoded weight instead of
+  // holding bytes. Then shape() is the logical [out, in], dtype() the dtype of its main stored
+  // values (the factors' dtype, F8_E4M3 for FP8 codes), data() is null, nbytes() counts every
+  // byte of its parts (shared parts whole), to_f32() and converted() dequantize (converted()
+  // always returns a plain tensor, even for dtype()), slice0() asks the encoding for a row range
+  // (Error::unsupported where it cannot), and reshaped() refuses any other shape.
+  static Tensor encoded(std::shared_ptr<const Encoding> enc, DType dtype);
+  const Encoding* encoding() const { return enc_.get(); }
+  const std::shared_ptr<const Encoding>& encoding_ptr() const { return enc_; }
+  // The plain tensors behind this one: itself, or each stored part of its encoding.
+  std::vector<const Tensor*> stored_tensors() const;
+
+  // Block-scaled FP8 (DeepSeek-V3, Qwen3 "fp8": `X.weight` F8_E4M3 with `X.weight_scale_inv`
+  // [ceil(rows/br), ceil(cols/bc)]): this rank-2 F8 tensor encoded with `scale`
+  // (core/fp8_block.h); throws Error::corruption when the scale's dtype or shape does not fit
+  // (the caller adds the file and tensor names as context).
   Tensor with_block_scale(const Tensor& scale, int64_t block_rows, int64_t block_cols) const;
-  const BlockScale* block_scale() const { return block_.scale ? &block_ : nullptr; }
   // FP8 E4M3 codes and scales for f32 values [rows, cols] in blocks of [br, bc]: each block's
   // scale = max|x| / 448 (1 for an all-zero block), codes = round(x / scale).
   static Tensor quantize_fp8_blocks(const std::vector<float>& values, int64_t rows, int64_t cols, int64_t br, int64_t bc);
@@ -74,7 +80,7 @@ class Tensor {
   const uint8_t* data_ = nullptr;
   std::shared_ptr<const void> owner_;
   bool owned_ = false;
-  BlockScale block_;
+  std::shared_ptr<const Encoding> enc_;
 };
 
 }  // namespace moe::core

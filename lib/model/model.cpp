@@ -4,6 +4,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "quant/registry.h"
 
 namespace moe::model {
 
@@ -53,11 +54,41 @@ std::optional<std::pair<int64_t, int64_t>> fp8_block_size(const Config& c) {
   return std::make_pair(b[0].get<int64_t>(), b[1].get<int64_t>());
 }
 
+// quantization_config {"quant_method": "moe_tool", "format_version": 1, "weights": {...}}: the
+// encoded weights of a native moe-tool checkpoint (docs/FORMAT.md), or null.
+const nlohmann::json* native_weights(const Config& c) {
+  const nlohmann::json& j = c.json();
+  if (!j.contains("quantization_config") || !j["quantization_config"].is_object()) return nullptr;
+  const nlohmann::json& q = j["quantization_config"];
+  if (q.value("quant_method", "") != "moe_tool") return nullptr;
+  const std::string where = c.source() + ": quantization_config";
+  if (!q.contains("format_version") || q["format_version"] != 1)
+    throw Error::unsupported(where + ".format_version: " + (q.contains("format_version") ? q["format_version"].dump() : "missing") +
+                             " (this moe-tool reads format 1)");
+  if (!q.contains("weights") || !q["weights"].is_object())
+    throw Error::corruption(where + ".weights: expected an object (weight name -> encoding)");
+  for (const auto& [name, e] : q["weights"].items()) {
+    if (!e.is_object() || !e.contains("parts") || !e["parts"].is_object() || e["parts"].empty())
+      throw Error::corruption(where + ".weights[\"" + name + "\"].parts: expected an object (part -> tensor name)");
+    for (const auto& [role, t] : e["parts"].items())
+      if (!t.is_string())
+        throw Error::corruption(where + ".weights[\"" + name + "\"].parts." + role + ": expected a tensor name, found " + t.dump());
+  }
+  return &q["weights"];
+}
+
 class Picker {
  public:
-  Picker(const io::Checkpoint& c, std::optional<std::pair<int64_t, int64_t>> fp8) : ckpt_(c), fp8_(fp8) {}
-  // The tensor `name`; a weight with a companion `name`_scale_inv comes with its block scale.
+  Picker(const io::Checkpoint& c, std::optional<std::pair<int64_t, int64_t>> fp8, const nlohmann::json* native)
+      : ckpt_(c), fp8_(fp8), native_(native) {
+    if (!native_) return;
+    for (const auto& [name, e] : native_->items())
+      for (const auto& [role, t] : e["parts"].items()) ++part_users_[t.get<std::string>()];
+  }
+  // The tensor `name`; a weight with a companion `name`_scale_inv comes with its block scale; a
+  // weight listed in a native checkpoint's quantization_config comes decoded from its parts.
   std::optional<Tensor> get(const std::string& name, bool required, const std::string& why) {
+    if (native_ && native_->contains(name)) return encoded(name);
     if (!ckpt_.has(name)) {
       if (required) throw Error::corruption(ckpt_.dir().string() + ": tensor " + name + ": missing (" + why + ")");
       return std::nullopt;
@@ -85,15 +116,60 @@ class Picker {
   Tensor need(const std::string& name, const std::string& why) { return *get(name, true, why); }
   void expect(const std::string& name, const Tensor& t, const Shape& shape, const std::string& why) {
     if (t.shape() != shape)
-      throw Error::corruption(ckpt_.shard_path(name).string() + ": tensor " + name + ": shape " +
+      throw Error::corruption(where(name) + ": tensor " + name + ": shape " +
                               core::shape_str(t.shape()) + " but " + why + " implies " + core::shape_str(shape));
   }
   bool used(const std::string& name) const { return used_.count(name) != 0; }
+  // The file that stores `name` (for an encoded weight: its first part), for messages.
+  std::string where(const std::string& name) const {
+    if (ckpt_.has(name)) return ckpt_.shard_path(name).string();
+    if (native_ && native_->contains(name)) {
+      const std::string first = (*native_)[name]["parts"].begin()->get<std::string>();
+      if (ckpt_.has(first)) return ckpt_.shard_path(first).string();
+    }
+    return ckpt_.dir().string();
+  }
+  // A native entry no weight of the model took: an error (a weight name the family does not
+  // have, or a model that does not match its config).
+  void check_native_used(const std::string& config_path) const {
+    if (!native_) return;
+    for (const auto& [name, e] : native_->items())
+      if (!used_weights_.count(name))
+        throw Error::corruption(config_path + ": quantization_config.weights: \"" + name +
+                                "\" is not a weight of this model");
+  }
 
  private:
+  Tensor encoded(const std::string& name) {
+    const nlohmann::json& e = (*native_)[name];
+    used_weights_.insert(name);
+    std::map<std::string, quant::StoredPart> parts;
+    std::string first;
+    for (const auto& [role, t] : e["parts"].items()) {
+      const std::string tname = t.get<std::string>();
+      if (!ckpt_.has(tname))
+        throw Error::corruption(ckpt_.dir().string() + ": tensor " + tname + ": missing (part \"" + role + "\" of " + name +
+                                ", config.json quantization_config)");
+      used_.insert(tname);
+      auto it = cache_.find(tname);
+      if (it == cache_.end()) it = cache_.emplace(tname, std::make_shared<const Tensor>(ckpt_.tensor(tname))).first;
+      parts[role] = {it->second, part_users_[tname] > 1};
+      if (first.empty()) first = tname;
+    }
+    try {
+      auto enc = quant::decode(e, parts);
+      return Tensor::encoded(enc, enc->parts().front().tensor->dtype());
+    } catch (const Error& err) {
+      throw Error::corruption(ckpt_.shard_path(first).string() + ": weight " + name + ": " + err.message());
+    }
+  }
+
   const io::Checkpoint& ckpt_;
   std::optional<std::pair<int64_t, int64_t>> fp8_;
-  std::set<std::string> used_;
+  const nlohmann::json* native_;
+  std::set<std::string> used_, used_weights_;
+  std::map<std::string, int> part_users_;
+  std::map<std::string, std::shared_ptr<const Tensor>> cache_;
 };
 
 std::string dims_text(const Dims& d) {
@@ -103,23 +179,77 @@ std::string dims_text(const Dims& d) {
 
 bool is_float(DType t) { return core::dtype_info(t).is_float && t != DType::F8_E4M3 && t != DType::F8_E5M2; }
 
-// The output of tensor `name`: in `dtype` when given and t is a float weight (a block-scaled FP8
-// weight counts: it is dequantized), else as stored; a block-scaled weight kept as FP8 is
-// followed by its `name`_scale_inv.
-void push_out(std::vector<OutTensor>& out, const std::string& name, const Tensor& t, std::optional<DType> dtype) {
-  OutTensor o;
-  o.name = name;
-  o.dtype = (dtype && (is_float(t.dtype()) || t.block_scale())) ? *dtype : t.dtype();
-  o.shape = t.shape();
-  o.make = [t] { return t; };
-  o.sources = {name};
-  const bool keep_scale = t.block_scale() && o.dtype == t.dtype();
-  out.push_back(std::move(o));
-  if (keep_scale) {
-    const std::shared_ptr<const Tensor> sc = t.block_scale()->scale;
-    out.push_back({name + "_scale_inv", sc->dtype(), sc->shape(), [sc] { return *sc; }, {name + "_scale_inv"}});
+// Builds the output list of (part of) a model: plain tensors in `dtype` when given and float,
+// encoded weights materialized or as their stored parts (a part shared by several weights once,
+// under its first user's name), with the manifest of encoded weights (docs/FORMAT.md).
+class OutputBuilder {
+ public:
+  OutputBuilder(const OutputOptions& opts, DType materialize, nlohmann::json* manifest, Model::PageReleaser release)
+      : opts_(opts), materialize_(materialize), manifest_(manifest), release_(std::move(release)) {}
+  std::vector<OutTensor> out;
+
+  // `convertible`: a float tensor that follows the output dtype (false keeps DeepSeek-V3's F32
+  // router bias as it is).
+  const OutputOptions& options() const { return opts_; }
+  void add(const std::string& name, const Tensor& t, bool convertible = true) {
+    const core::Encoding* enc = t.encoding();
+    if (!enc) {
+      out.push_back({name, (convertible && opts_.dtype && is_float(t.dtype())) ? *opts_.dtype : t.dtype(), t.shape(),
+                     [t] { return t; }, {name}, "", cls, t.numel()});
+      return;
+    }
+    const auto rule = enc->dtype_rule();
+    if (opts_.materialize || (opts_.dtype && rule == core::Encoding::DtypeRule::Materialize)) {
+      const DType d = opts_.dtype ? *opts_.dtype : materialize_;
+      out.push_back({name, d, t.shape(), [t, d, rel = release_] { return converted(t, d, rel); }, {name}, "", cls, t.numel()});
+      return;
+    }
+    nlohmann::json entry = enc->params();
+    entry["encoding"] = enc->name();
+    nlohmann::json parts = nlohmann::json::object();
+    bool counted = false;
+    for (const auto& p : enc->parts()) {
+      std::string pname = name + p.suffix;
+      if (p.shared) {
+        auto [it, fresh] = shared_.emplace(p.tensor.get(), pname);
+        pname = it->second;
+        if (!fresh) {
+          parts[p.role] = pname;
+          continue;
+        }
+      }
+      parts[p.role] = pname;
+      const bool convert = opts_.dtype && rule == core::Encoding::DtypeRule::ConvertParts && is_float(p.tensor->dtype());
+      const DType d = convert ? *opts_.dtype : p.tensor->dtype();
+      auto part = p.tensor;
+      out.push_back({pname, d, part->shape(), [part, d, rel = release_] { return converted(*part, d, rel); }, {pname}, name,
+                     cls, counted ? 0 : t.numel()});
+      counted = true;
+    }
+    entry["parts"] = parts;
+    if (manifest_) (*manifest_)[name] = entry;
+    // Every part shared and already written (by an earlier weight of this builder): the weight's
+    // parameters still count, on the last output.
+    if (!counted) out.back().params += t.numel();
   }
-}
+  std::string cls = "other";  // class of the tensors added next
+
+ private:
+  OutputOptions opts_;
+  DType materialize_;
+  nlohmann::json* manifest_;
+  Model::PageReleaser release_;
+  std::map<const Tensor*, std::string> shared_;
+
+  // t in dtype d; the mapped pages it was computed from are handed back (memory stays bounded
+  // while a whole checkpoint is dequantized).
+  static Tensor converted(const Tensor& t, DType d, const Model::PageReleaser& rel) {
+    Tensor x = t.converted(d);
+    if (rel && x.data() != t.data())
+      for (const Tensor* p : t.stored_tensors()) rel(p->data(), p->nbytes());
+    return x;
+  }
+};
 
 }  // namespace
 
@@ -163,7 +293,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   };
   const auto fp8 = fp8_block_size(c);
   m.fp8_block_ = fp8.has_value();
-  Picker pick(ckpt, fp8);
+  Picker pick(ckpt, fp8, native_weights(c));
   const int64_t H = d.hidden;
   const std::string dt = dims_text(d);
 
@@ -300,37 +430,48 @@ Model Model::load(const io::Checkpoint& ckpt) {
     }
     m.extras_.emplace_back(name, ckpt.tensor(name));
   }
+  pick.check_native_used(c.source());
   return m;
 }
 
-std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) const {
-  const FamilyDesc& f = *family_;
-  const Layer& layer = layers_.at(static_cast<size_t>(l));
+namespace {
+
+void add_layer(OutputBuilder& ob, const Model& m, int l) {
+  const FamilyDesc& f = m.family();
+  const Layer& layer = m.layers().at(static_cast<size_t>(l));
   const std::string prefix = expand(f.layer_prefix, l);
-  std::vector<OutTensor> out;
   for (const auto& r : f.layer_roles) {
     auto it = layer.tensors.find(r.role);
-    if (it != layer.tensors.end()) push_out(out, prefix + r.name, it->second, dtype);
+    ob.cls = r.role.find("norm") != std::string::npos ? "norms" : "attention";
+    if (it != layer.tensors.end()) ob.add(prefix + r.name, it->second);
   }
-  auto add_mlp = [&](const Mlp& m, const std::string& g, const std::string& u, const std::string& dn) {
-    push_out(out, g, m.gate, dtype);
-    push_out(out, u, m.up, dtype);
-    push_out(out, dn, m.down, dtype);
+  auto add_mlp = [&](const Mlp& x, const std::string& g, const std::string& u, const std::string& dn) {
+    ob.add(g, x.gate);
+    ob.add(u, x.up);
+    ob.add(dn, x.down);
   };
   if (layer.moe) {
     const MoeBlock& b = *layer.moe;
-    push_out(out, prefix + f.router, b.router, dtype);
-    if (b.router_bias) {
-      // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
-      push_out(out, prefix + f.router_bias, *b.router_bias, std::nullopt);
-    }
+    ob.cls = "router";
+    ob.add(prefix + f.router, b.router);
+    // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
+    if (b.router_bias) ob.add(prefix + f.router_bias, *b.router_bias, false);
     if (f.fused()) {
-      // Re-stack the experts into [E,2I,H] and [E,H,I].
-      const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = dims_.hidden;
+      // Re-stack the experts into [E,2I,H] and [E,H,I]. Encoded experts are written dense here
+      // (the fused layout has no place for parts) only when materializing.
+      const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = m.dims().hidden;
+      bool encoded = false;
+      for (const auto& e : b.experts)
+        encoded = encoded || e.gate.encoding() || e.up.encoding() || e.down.encoding();
+      const OutputOptions& opts = ob.options();
+      if (encoded && !opts.materialize && !(opts.dtype && b.experts[0].gate.encoding() &&
+                                            b.experts[0].gate.encoding()->dtype_rule() == core::Encoding::DtypeRule::Materialize))
+        throw Error::unsupported("layer " + std::to_string(l) + ": encoded experts cannot be stored in the fused " +
+                                 f.model_type + " layout; write them dense (convert --materialize)");
       const DType src = b.experts[0].gate.dtype();
-      const DType dst = (dtype && is_float(src)) ? *dtype : src;
+      const DType dst = encoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype()) : (opts.dtype && is_float(src)) ? *opts.dtype : src;
       auto experts = b.experts;
-      OutTensor gu{prefix + f.fused_gate_up, dst, {E, 2 * I, H}, nullptr, {prefix + f.fused_gate_up}};
+      OutTensor gu{prefix + f.fused_gate_up, dst, {E, 2 * I, H}, nullptr, {prefix + f.fused_gate_up}, "", "experts", E * 2 * I * H};
       gu.make = [experts, dst, E, I, H] {
         Tensor t = Tensor::zeros(dst, {E, 2 * I, H});
         const size_t half = static_cast<size_t>(I * H) * core::dtype_size(dst);
@@ -341,7 +482,7 @@ std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) c
         }
         return t;
       };
-      OutTensor dn{prefix + f.fused_down, dst, {E, H, I}, nullptr, {prefix + f.fused_down}};
+      OutTensor dn{prefix + f.fused_down, dst, {E, H, I}, nullptr, {prefix + f.fused_down}, "", "experts", E * H * I};
       dn.make = [experts, dst, E, I, H] {
         Tensor t = Tensor::zeros(dst, {E, H, I});
         const size_t one = static_cast<size_t>(I * H) * core::dtype_size(dst);
@@ -351,36 +492,60 @@ std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) c
         }
         return t;
       };
-      out.push_back(std::move(gu));
-      out.push_back(std::move(dn));
+      ob.out.push_back(std::move(gu));
+      ob.out.push_back(std::move(dn));
     } else {
+      ob.cls = "experts";
       for (int e = 0; e < static_cast<int>(b.experts.size()); ++e)
         add_mlp(b.experts[e], prefix + expand(f.expert_gate, l, e), prefix + expand(f.expert_up, l, e),
                 prefix + expand(f.expert_down, l, e));
     }
+    ob.cls = "shared_experts";
     if (b.shared) add_mlp(*b.shared, prefix + f.shared_gate, prefix + f.shared_up, prefix + f.shared_down);
-    if (b.shared_gate) push_out(out, prefix + f.shared_expert_gate, *b.shared_gate, dtype);
+    if (b.shared_gate) ob.add(prefix + f.shared_expert_gate, *b.shared_gate);
   }
+  ob.cls = "dense_mlp";
   if (layer.mlp) add_mlp(*layer.mlp, prefix + f.dense_gate, prefix + f.dense_up, prefix + f.dense_down);
-  return out;
 }
 
-std::vector<OutTensor> Model::outputs(std::optional<DType> dtype) const {
+}  // namespace
+
+std::vector<OutTensor> Model::layer_outputs(int l, const OutputOptions& opts, nlohmann::json* manifest) const {
+  OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+  add_layer(b, *this, l);
+  return std::move(b.out);
+}
+
+std::vector<OutTensor> Model::outputs(const OutputOptions& opts, nlohmann::json* manifest) const {
   std::vector<OutTensor> out;
-  push_out(out, global_names_.at("embed"), globals_.at("embed"), dtype);
-  for (int l = 0; l < static_cast<int>(layers_.size()); ++l) {
-    auto lo = layer_outputs(l, dtype);
-    std::move(lo.begin(), lo.end(), std::back_inserter(out));
+  auto take = [&](OutputBuilder& b) { std::move(b.out.begin(), b.out.end(), std::back_inserter(out)); };
+  {
+    OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+    b.cls = "embeddings";
+    b.add(global_names_.at("embed"), globals_.at("embed"));
+    take(b);
   }
+  // Shared parts are shared within a layer: one builder per layer, as the runner writes them.
+  for (int l = 0; l < static_cast<int>(layers_.size()); ++l) {
+    OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+    add_layer(b, *this, l);
+    take(b);
+  }
+  OutputBuilder b(opts, materialize_dtype(), manifest, release_);
   for (const auto& [role, t] : globals_)
-    if (role != "embed") push_out(out, global_names_.at(role), t, dtype);
+    if (role != "embed") {
+      b.cls = role == "lm_head" ? "lm_head" : role.find("norm") != std::string::npos ? "norms" : "other";
+      b.add(global_names_.at(role), t);
+    }
   // Extras keep DeepSeek-V3's F32 e_score_correction_bias (MTP layers) as the decoder layers do.
-  for (const auto& [name, t] : extras_)
-    push_out(out, name, t, name.ends_with("e_score_correction_bias") ? std::nullopt : dtype);
+  b.cls = "other";
+  for (const auto& [name, t] : extras_) b.add(name, t, !name.ends_with("e_score_correction_bias"));
+  take(b);
   return out;
 }
 
-nlohmann::json Model::rewritten_config(std::optional<DType> dtype) const {
+nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann::json* manifest) const {
+  const std::optional<DType> dtype = opts.dtype;
   nlohmann::json j = config_.json();
   const FamilyDesc& f = *family_;
   if (f.moe) {
@@ -414,16 +579,80 @@ nlohmann::json Model::rewritten_config(std::optional<DType> dtype) const {
       }
     }
   }
-  // Written dequantized: the checkpoint is no longer FP8.
-  if (dtype && fp8_block_) j.erase("quantization_config");
+  // quantization_config for the encoded weights as written.
+  nlohmann::json own;
+  if (!manifest) {
+    (void)outputs(opts, &own);
+    manifest = &own;
+  }
+  bool native = false;
+  std::set<std::string> fp8_blocks;
+  for (const auto& [name, e] : manifest->items()) {
+    if (e["encoding"] == "fp8-block") fp8_blocks.insert(e["block"].dump());
+    else native = true;
+  }
+  const std::string qm = j.contains("quantization_config") && j["quantization_config"].is_object()
+                             ? j["quantization_config"].value("quant_method", "") : "";
+  if (native || fp8_blocks.size() > 1) {
+    j["quantization_config"] = {{"quant_method", "moe_tool"}, {"format_version", 1}, {"weights", *manifest}};
+  } else if (fp8_blocks.size() == 1) {
+    if (qm != "fp8")
+      j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                  {"weight_block_size", nlohmann::json::parse(*fp8_blocks.begin())}};
+  } else if (qm == "fp8" || qm == "moe_tool") {
+    j.erase("quantization_config");  // every weight written dense
+  }
   if (dtype) j["torch_dtype"] = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";
+  return j;
+}
+
+void account_into(std::map<std::string, ClassAccount>& acc, const std::vector<OutTensor>& outs) {
+  for (const auto& o : outs) {
+    auto& a = acc[o.cls.empty() ? "other" : o.cls];
+    a.params += o.params;
+    a.bytes += static_cast<uint64_t>(core::shape_numel(o.shape)) * core::dtype_size(o.dtype);
+  }
+}
+
+std::map<std::string, ClassAccount> account(const std::vector<OutTensor>& outs) {
+  std::map<std::string, ClassAccount> acc;
+  account_into(acc, outs);
+  return acc;
+}
+
+nlohmann::json account_json(const std::map<std::string, ClassAccount>& acc) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [cls, a] : acc)
+    j[cls] = {{"params", a.params}, {"bytes", a.bytes}, {"bits_per_param", a.bits_per_param()}};
   return j;
 }
 
 int64_t Model::total_params() const {
   int64_t n = 0;
-  for (const auto& o : outputs()) n += core::shape_numel(o.shape);
+  for (const auto& [role, t] : globals_) n += t.numel();
+  for (const auto& l : layers_) l.for_each_tensor([&](const Tensor& t) { n += t.numel(); });
+  for (const auto& [name, t] : extras_) n += t.numel();
   return n;
+}
+
+DType Model::materialize_dtype() const {
+  const nlohmann::json& j = config_.json();
+  for (const char* key : {"dtype", "torch_dtype"}) {
+    if (!j.contains(key) || !j[key].is_string()) continue;
+    const std::string v = j[key];
+    if (v == "bfloat16") return DType::BF16;
+    if (v == "float16") return DType::F16;
+    if (v == "float32") return DType::F32;
+  }
+  return DType::BF16;
+}
+
+bool Model::has_encoded_weights() const {
+  bool any = false;
+  for (const auto& [role, t] : globals_) any = any || t.encoding();
+  for (const auto& l : layers_) l.for_each_tensor([&](const Tensor& t) { any = any || t.encoding(); });
+  for (const auto& [name, t] : extras_) any = any || t.encoding();
+  return any;
 }
 
 int64_t Model::active_params() const {

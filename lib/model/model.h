@@ -77,6 +77,34 @@ struct OutTensor {
   core::Shape shape;
   std::function<Tensor()> make;
   std::vector<std::string> sources;  // source tensor names (to release their pages after writing)
+  std::string weight{};              // a part of an encoded weight: that weight's name ("" otherwise)
+  // Tensor class (accounting, inspect): embeddings, lm_head, norms, attention, router, experts,
+  // shared_experts, dense_mlp, other.
+  std::string cls{};
+  // Logical parameters this output accounts for: numel for a plain tensor, out * in on the first
+  // part of an encoded weight, 0 on its other parts.
+  int64_t params = 0;
+};
+
+// Parameters and stored bytes per tensor class of a list of outputs (every stored byte counted,
+// each shared part once, under the class of its first user).
+struct ClassAccount {
+  int64_t params = 0;
+  uint64_t bytes = 0;
+  double bits_per_param() const { return params ? 8.0 * static_cast<double>(bytes) / static_cast<double>(params) : 0.0; }
+};
+std::map<std::string, ClassAccount> account(const std::vector<OutTensor>& outs);
+void account_into(std::map<std::string, ClassAccount>& acc, const std::vector<OutTensor>& outs);
+nlohmann::json account_json(const std::map<std::string, ClassAccount>& acc);
+
+// How a model is written.
+struct OutputOptions {
+  // Float tensors are written in this dtype; encoded weights as their rule says
+  // (core::Encoding::dtype_rule: dequantized, parts converted, or kept).
+  std::optional<core::DType> dtype;
+  // Every encoded weight written dense (in `dtype`, else Model::materialize_dtype()): a stock
+  // checkpoint (`convert --materialize`).
+  bool materialize = false;
 };
 
 class Model {
@@ -106,13 +134,33 @@ class Model {
   const std::vector<std::pair<std::string, Tensor>>& extras() const { return extras_; }
 
   // Output tensors in write order: globals first (embed), then layer by layer, then the rest.
-  // Float tensors are written as `dtype` when given.
-  std::vector<OutTensor> outputs(std::optional<core::DType> dtype = std::nullopt) const;
-  std::vector<OutTensor> layer_outputs(int layer, std::optional<core::DType> dtype = std::nullopt) const;
+  // Float tensors are written as `dtype` when given. An encoded weight kept encoded becomes one
+  // output per stored part (`<name><suffix>`; a part shared by several weights of a layer once,
+  // under its first user's name) and an entry in `manifest` (weight name -> {"encoding", params,
+  // "parts": {role: tensor name}}: the quantization_config "weights" of docs/FORMAT.md).
+  std::vector<OutTensor> outputs(const OutputOptions& opts, nlohmann::json* manifest = nullptr) const;
+  std::vector<OutTensor> outputs(std::optional<core::DType> dtype = std::nullopt) const { return outputs(OutputOptions{dtype}); }
+  std::vector<OutTensor> layer_outputs(int layer, const OutputOptions& opts, nlohmann::json* manifest = nullptr) const;
+  std::vector<OutTensor> layer_outputs(int layer, std::optional<core::DType> dtype = std::nullopt) const {
+    return layer_outputs(layer, OutputOptions{dtype});
+  }
   // config.json for the current state: expert counts and widths per family keys (all MoE
-  // layers must agree), num_experts_per_tok clamped, torch_dtype. Throws if layers disagree.
-  nlohmann::json rewritten_config(std::optional<core::DType> dtype = std::nullopt) const;
+  // layers must agree), num_experts_per_tok clamped, torch_dtype, and quantization_config for
+  // the encoded weights written (`manifest` as outputs() fills it; computed from this model when
+  // null): the native moe-tool block when any weight has an encoding other than block-scaled
+  // FP8, the HF fp8 block when all encoded weights are FP8, none when every weight is dense.
+  // Throws if layers disagree.
+  nlohmann::json rewritten_config(const OutputOptions& opts, const nlohmann::json* manifest = nullptr) const;
+  nlohmann::json rewritten_config(std::optional<core::DType> dtype = std::nullopt) const {
+    return rewritten_config(OutputOptions{dtype});
+  }
+  // The dtype encoded weights materialize to without --dtype: the config's dtype/torch_dtype
+  // when it is bfloat16, float16 or float32, else bf16.
+  core::DType materialize_dtype() const;
+  // Whether any weight of the model is encoded (low-rank, FP8, ...).
+  bool has_encoded_weights() const;
 
+  // Logical parameters (an encoded weight counts out * in, whatever it stores).
   int64_t total_params() const;
   int64_t active_params() const;  // per token: everything but the unselected routed experts
 
@@ -125,6 +173,7 @@ class Model {
   std::map<std::string, std::string> global_names_;  // role -> on-disk name
   std::vector<std::pair<std::string, Tensor>> extras_;
   bool fp8_block_ = false;  // config.json quantization_config: block-scaled fp8
+  std::vector<OutTensor> build_outputs(int layer, const OutputOptions& opts, nlohmann::json* manifest) const;
   PageReleaser release_;
 };
 

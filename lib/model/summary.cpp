@@ -80,6 +80,23 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
                          {"weights", n},
                          {"bits_per_weight", weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0}};
   }
+  // Encoded weights (docs/FORMAT.md) and what each tensor class stores per parameter.
+  {
+    json manifest = json::object();
+    const auto outs = model.outputs(OutputOptions{}, &manifest);
+    std::map<std::string, int64_t> encodings;
+    for (const auto& [name, e] : manifest.items()) ++encodings[e["encoding"].get<std::string>()];
+    s["encodings"] = encodings;
+    const auto acc = account(outs);
+    s["tensor_classes"] = account_json(acc);
+    int64_t params = 0;
+    uint64_t bytes = 0;
+    for (const auto& [cls, a] : acc) {
+      params += a.params;
+      bytes += a.bytes;
+    }
+    s["bits_per_param"] = params ? 8.0 * static_cast<double>(bytes) / static_cast<double>(params) : 0.0;
+  }
   s["bytes_total"] = ckpt.total_tensor_bytes();
   s["tensors"] = ckpt.names().size();
   s["shards"] = ckpt.shards().size();
@@ -139,6 +156,21 @@ std::string render_summary(const json& s) {
     std::snprintf(buf, sizeof buf, "%.3f", q["bits_per_weight"].get<double>());
     row("quantization", q["method"].get<std::string>() + ", blocks " + q["block"].dump() + ", " +
                             std::to_string(q["weights"].get<int64_t>()) + " weights, " + buf + " bits per weight");
+  }
+  if (s.contains("encodings") && !s["encodings"].empty()) {
+    std::string e;
+    for (const auto& [k, v] : s["encodings"].items()) e += (e.empty() ? "" : ", ") + k + " " + std::to_string(v.get<int64_t>());
+    row("encoded weights", e);
+  }
+  if (s.contains("tensor_classes")) {
+    std::string c;
+    char buf[96];
+    for (const auto& [k, v] : s["tensor_classes"].items()) {
+      std::snprintf(buf, sizeof buf, "%s %.3g", k.c_str(), v["bits_per_param"].get<double>());
+      c += (c.empty() ? "" : ", ") + std::string(buf);
+    }
+    std::snprintf(buf, sizeof buf, "%.3f overall; ", s["bits_per_param"].get<double>());
+    row("bits per parameter", buf + c);
   }
   row("tensors / shards", std::to_string(s["tensors"].get<int64_t>()) + " / " + std::to_string(s["shards"].get<int64_t>()));
   if (s.contains("tensor_list")) {

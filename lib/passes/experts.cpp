@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/fp8_block.h"
 
 namespace moe::passes {
 
@@ -30,10 +31,12 @@ core::Tensor to_tensor(const MatrixRM& m, core::DType dtype) {
 }
 
 core::Tensor to_tensor_like(const MatrixRM& m, const core::Tensor& like) {
-  const core::Tensor::BlockScale* b = like.block_scale();
-  if (!b) return to_tensor(m, like.dtype());
-  return core::Tensor::quantize_fp8_blocks(std::vector<float>(m.data(), m.data() + m.size()), m.rows(), m.cols(),
-                                           b->block_rows, b->block_cols);
+  const auto* b = dynamic_cast<const core::Fp8Block*>(like.encoding());
+  if (b) return core::Tensor::quantize_fp8_blocks(std::vector<float>(m.data(), m.data() + m.size()), m.rows(), m.cols(),
+                                                  b->block_rows(), b->block_cols());
+  const core::DType d = like.dtype();
+  const bool plain_float = d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16;
+  return to_tensor(m, plain_float ? d : core::DType::F32);
 }
 
 core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype) {

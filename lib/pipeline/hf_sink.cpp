@@ -15,11 +15,11 @@ namespace {
 constexpr uint64_t kChunkElems = uint64_t{8} << 20;  // convert/write at most 8M elements at a time
 
 void write_tensor(io::CheckpointWriter& w, const model::OutTensor& o, const Tensor& t, const io::Checkpoint& source) {
-  if (t.block_scale() && t.dtype() != o.dtype) {
-    // Block-scaled FP8 written dequantized: one tensor at a time through its scales.
+  if (t.encoding()) throw core::Error::internal("write_tensor: encoded tensor " + o.name + " reached the writer");
+  if (t.dtype() != o.dtype && t.owns_data()) {
+    // A computed tensor (a dequantized weight, a converted part): written as it is made.
     const Tensor d = t.converted(o.dtype);
     w.write(o.name, 0, d.data(), d.nbytes());
-    if (!t.owns_data()) source.release_range(t.data(), t.nbytes());
     return;
   }
   const size_t in_size = core::dtype_size(t.dtype()), out_size = core::dtype_size(o.dtype);
@@ -46,7 +46,9 @@ void write_tensor(io::CheckpointWriter& w, const model::OutTensor& o, const Tens
 
 HfSinkResult write_hf_checkpoint(io::Env& env, const model::Model& model, const io::Checkpoint& source,
                                  const io::fs::path& out_dir, const HfSinkOptions& opts) {
-  const std::vector<model::OutTensor> outs = model.outputs(opts.dtype);
+  const model::OutputOptions oo{opts.dtype, opts.materialize};
+  nlohmann::json manifest = nlohmann::json::object();
+  const std::vector<model::OutTensor> outs = model.outputs(oo, &manifest);
   std::vector<io::TensorSpec> plan;
   HfSinkResult result;
   for (const auto& o : outs) {
@@ -60,7 +62,7 @@ HfSinkResult write_hf_checkpoint(io::Env& env, const model::Model& model, const 
     if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
     env.copy_file(f, out_dir / f.filename());
   }
-  env.write_text(out_dir / "config.json", model.rewritten_config(opts.dtype).dump(2) + "\n");
+  env.write_text(out_dir / "config.json", model.rewritten_config(oo, &manifest).dump(2) + "\n");
 
   io::CheckpointWriter writer(env, out_dir, std::move(plan), opts.max_shard_bytes);
   core::Progress progress("write", result.tensor_bytes, "B", opts.quiet);

@@ -14,6 +14,7 @@ namespace moe::pipeline {
 
 struct HfSinkOptions {
   std::optional<core::DType> dtype;            // convert float tensors (not F8) to this
+  bool materialize = false;                     // encoded weights written dense (model::OutputOptions)
   uint64_t max_shard_bytes = 5'000'000'000ull;  // HF's "5GB"
   bool quiet = false;
 };

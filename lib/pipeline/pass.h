@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "calib/stats.h"
+#include "pipeline/input_grams.h"
 #include "model/model.h"
 #include "runtime/routing.h"
 #include "runtime/weights.h"
@@ -25,6 +26,9 @@ struct Requirements {
   // plan() reads every layer's statistics (a budget across layers): only possible for the first
   // pass of a recipe, whose statistics exist for all layers before the first layer is changed.
   bool plan_stats = false;
+  // Gram matrices of every projection's inputs at this layer (pipeline/input_grams.h), from the
+  // calibration windows pushed through the layers already changed.
+  bool input_grams = false;
 };
 
 struct LayerContext {
@@ -39,6 +43,7 @@ struct LayerContext {
   runtime::RoutingRule routing;                 // the family's routing rule for this layer
   uint64_t seed = 0;                            // per-layer seed derived from the recipe seed
   nlohmann::json& report;                       // this layer's entry in moe_tool_report.json
+  const InputGrams* grams = nullptr;            // set when Requirements::input_grams
 };
 
 class Pass {
@@ -56,6 +61,13 @@ class Pass {
   virtual int64_t experts_after(int layer, int64_t experts_before, int64_t top_k) const = 0;
   // Changes ctx.target in place: replaces experts, router rows, shared parts as the method says.
   virtual void run_layer(LayerContext& ctx) = 0;
+  // Whether run_layer is called on MoE layers only (prune, merge) or on every layer (factorize
+  // of attention or dense MLPs; ctx.target.moe may then be unset).
+  virtual bool moe_layers_only() const { return true; }
+  // Whether the shapes of what the pass writes are decided while it runs (ranks chosen by
+  // energy or budget, codes): the runner then writes through spill files (pipeline/spill_writer.h)
+  // and a dry run cannot tell the bytes after.
+  virtual bool shapes_at_run() const { return false; }
 };
 
 // Builds a pass from its JSON object (recipe "passes"[i] or the subcommand's flags), e.g.

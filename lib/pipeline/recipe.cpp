@@ -65,6 +65,7 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
       if (auto m = o.opt_string("max_shard_size"))
         r.output.max_shard_bytes = core::with_context("output.max_shard_size", [&] { return io::parse_size(*m); });
       r.output.force = o.get_bool("force", false);
+      r.output.materialize = o.get_bool("materialize", false);
       o.finish();
     }
     if (top.has("eval")) {

@@ -5,7 +5,7 @@
 //   "calibration": {"text": "calib.txt", "ctx": 512, "windows": 64, "batch_windows": 8,
 //                   "stats": "stats.safetensors", "propagate": true},
 //   "passes": [{"pass": "merge", "method": "hcsmoe", "experts": 6}],
-//   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false},
+//   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false, "materialize": false},
 //   "eval": {"text": "heldout.txt", "ctx": 512, "max_windows": 0, "against_input": true}
 // }
 // Relative paths resolve against the recipe's folder. Validation happens before any work:
@@ -42,6 +42,7 @@ struct OutputSpec {
   std::optional<core::DType> dtype;
   uint64_t max_shard_bytes = 5'000'000'000ull;
   bool force = false;
+  bool materialize = false;  // encoded weights written dense (a stock checkpoint; model::OutputOptions)
 };
 
 struct EvalSpec {

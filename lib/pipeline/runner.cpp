@@ -15,6 +15,7 @@
 #include "io/output_dir.h"
 #include "pipeline/calibration_text.h"
 #include "pipeline/report.h"
+#include "pipeline/spill_writer.h"
 #include "runtime/forward.h"
 #include "runtime/weights.h"
 
@@ -51,12 +52,6 @@ model::Model planned_model(const model::Model& m, const std::vector<int64_t>& ex
 uint64_t bytes_of(const std::vector<model::OutTensor>& outs) {
   uint64_t n = 0;
   for (const auto& o : outs) n += io::TensorSpec{o.name, o.dtype, o.shape}.nbytes();
-  return n;
-}
-
-int64_t params_of(const std::vector<model::OutTensor>& outs) {
-  int64_t n = 0;
-  for (const auto& o : outs) n += core::shape_numel(o.shape);
   return n;
 }
 
@@ -145,11 +140,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
   // model's thresholds, so those statistics are collected too when a later pass needs out_absmax.
-  bool needs_inputs = false, needs_stats = false;
+  bool needs_inputs = false, needs_stats = false, needs_grams = false;
   std::vector<std::string> fields;
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto req = r.passes[i]->requirements();
-    needs_inputs = needs_inputs || req.block_inputs;
+    needs_inputs = needs_inputs || req.block_inputs || req.input_grams;
+    needs_grams = needs_grams || req.input_grams;
+    if (req.input_grams && r.calibration.text.empty())
+      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
+                           "' needs the inputs of each layer on calibration windows: give calibration.text");
     if (req.stats_fields.empty()) continue;
     const std::string where = r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() + "'";
     if (i == 0) {
@@ -188,8 +187,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // (a dry run shows the passes' estimates instead).
   const auto counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
   const model::Model planned = planned_model(model, counts.back());
-  const auto outs_before = original.outputs();
-  const auto outs_after = planned.outputs(r.output.dtype);
+  const auto outs_after = planned.outputs(model::OutputOptions{r.output.dtype, r.output.materialize});
 
   json summary;
   summary["model"] = r.model.string();
@@ -205,9 +203,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                       {"experts_after", counts.back()[static_cast<size_t>(l.index)]}});
   }
   summary["layers"] = layers;
-  summary["params"] = {{"before", params_of(outs_before)}, {"after", params_of(outs_after)},
+  summary["params"] = {{"before", original.total_params()}, {"after", planned.total_params()},
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
-  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", bytes_of(outs_after)}};
+  bool shapes_at_run = false, moe_only = true;
+  for (const auto& p : r.passes) {
+    shapes_at_run = shapes_at_run || p->shapes_at_run();
+    moe_only = moe_only && p->moe_layers_only();
+  }
+  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(outs_after))}};
 
   std::vector<std::string> compute;
   if (needs_stats)
@@ -217,6 +220,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if (!r.passes[i]->requirements().stats_fields.empty())
       compute.push_back("passes[" + std::to_string(i) + "]: statistics of the experts left by the earlier passes, "
                         "recomputed layer by layer on the calibration windows");
+  if (needs_grams)
+    compute.push_back("Gram matrices of every projection's inputs, layer by layer, on the calibration windows");
   if (needs_inputs)
     compute.push_back(std::string("MoE block inputs of the calibration windows, layer by layer") +
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
@@ -239,15 +244,33 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
 
   io::OutputDir out(env, r.output.path, {r.model}, r.output.force);
-  std::vector<io::TensorSpec> plan;
-  for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
-  io::CheckpointWriter writer(env, out.path(), plan, r.output.max_shard_bytes);
+  // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
+  // files; the others straight into the planned shards.
+  std::optional<io::CheckpointWriter> writer;
+  std::optional<SpillWriter> spill;
+  if (shapes_at_run) {
+    spill.emplace(env, out.path(), r.output.max_shard_bytes);
+  } else {
+    std::vector<io::TensorSpec> plan;
+    for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
+    writer.emplace(env, out.path(), plan, r.output.max_shard_bytes);
+  }
+  json manifest = json::object();
+  std::map<std::string, model::ClassAccount> acc_after;
+  auto release = [&](const core::Tensor& t) {
+    for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
+  };
   auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
+    model::account_into(acc_after, list);
+    if (spill) {
+      spill->write_group(list, release);
+      return;
+    }
     for (const auto& o : list) {
       core::Tensor t = o.make();
       if (t.dtype() != o.dtype) t = t.converted(o.dtype);
-      writer.write(o.name, t);
-      ckpt.release_range(t.data(), t.nbytes());
+      writer->write(o.name, t);
+      release(t);
     }
   };
 
@@ -257,16 +280,19 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   for (auto& layer : model.layers()) {
     const int l = layer.index;
     json lr = {{"layer", l}};
-    if (layer.moe) {
+    if (layer.moe || !moe_only) {
       BlockInputCapture capture;
+      GramCapture grams;
       runtime::MatrixRM X_in;
       if (fwd) {
         if (r.calibration.propagate) X_in = X;
-        runtime::Observer* obs[] = {&capture};
+        std::vector<runtime::Observer*> obs = {&capture};
+        if (needs_grams) obs.push_back(&grams);
         fwd->apply_layer(fwd->load_layer(l), X, T, obs);
       }
       json pass_reports = json::array();
       for (size_t i = 0; i < r.passes.size(); ++i) {
+        if (!layer.moe && r.passes[i]->moe_layers_only()) continue;
         json pr;
         const Requirements req = r.passes[i]->requirements();
         const calib::LayerStats* st = nullptr;
@@ -279,22 +305,28 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
           st = &*fresh;
           pr["statistics"] = "recomputed on the experts left by the earlier passes";
         }
+        if (req.input_grams && i > 0 && layer.moe && fwd)  // the experts an earlier pass left
+          recompute_moe_grams(grams.grams, runtime::convert_moe(*layer.moe), runtime::RoutingRule::from_model(model),
+                              capture.x);
         LayerContext ctx{l, model, layer, st, fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
-                         r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr};
+                         r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr,
+                         needs_grams && fwd ? &grams.grams : nullptr};
         core::with_context("layer " + std::to_string(l) + ": " + r.passes[i]->name() + " " + r.passes[i]->method(),
                            [&] { r.passes[i]->run_layer(ctx); });
         pr["pass"] = r.passes[i]->name();
         pr["method"] = r.passes[i]->method();
         pass_reports.push_back(pr);
-        if (layer.moe->num_experts() != counts[i + 1][static_cast<size_t>(l)])
+        if (layer.moe && layer.moe->num_experts() != counts[i + 1][static_cast<size_t>(l)])
           throw Error::internal("layer " + std::to_string(l) + ": pass " + r.passes[i]->name() + " left " +
                                 std::to_string(layer.moe->num_experts()) + " experts, planned " +
                                 std::to_string(counts[i + 1][static_cast<size_t>(l)]));
       }
       lr["passes"] = pass_reports;
-      lr["experts_before"] = counts.front()[static_cast<size_t>(l)];
-      lr["experts_after"] = layer.moe->num_experts();
-      lr["origin"] = compose_origin(counts.front()[static_cast<size_t>(l)], layer.moe->num_experts(), pass_reports);
+      if (layer.moe) {
+        lr["experts_before"] = counts.front()[static_cast<size_t>(l)];
+        lr["experts_after"] = layer.moe->num_experts();
+        lr["origin"] = compose_origin(counts.front()[static_cast<size_t>(l)], layer.moe->num_experts(), pass_reports);
+      }
       if (fwd && r.calibration.propagate) {
         X = std::move(X_in);
         fwd->apply_layer(fwd->load_layer(l), X, T);
@@ -302,15 +334,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     } else if (fwd) {
       fwd->apply_layer(fwd->load_layer(l), X, T);
     }
-    write_outputs(model.layer_outputs(l, r.output.dtype));
+    write_outputs(model.layer_outputs(l, model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
     // The layer is on disk: drop its computed tensors and the mapped pages of its source weights,
     // the ones no output carried too (experts a pass read and dropped or merged), so memory stays
     // one layer.
     if (layer.moe) {
       for (auto& e : layer.moe->experts) e = model::Mlp{};
     }
-    original.layers().at(static_cast<size_t>(l)).for_each_tensor(
-        [&](const core::Tensor& t) { ckpt.release_range(t.data(), t.nbytes()); });
+    if (shapes_at_run) layer = model::Layer{l, {}, std::nullopt, std::nullopt};  // encoded parts: dropped too
+    original.layers().at(static_cast<size_t>(l)).for_each_tensor(release);
     layer_reports.push_back(lr);
     progress.add(1);
   }
@@ -328,13 +360,24 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     }
     write_outputs(rest);
   }
-  writer.finish();
+  uint64_t written_bytes = 0;
+  size_t written_tensors = 0, written_shards = 0;
+  if (spill) {
+    written_bytes = spill->finish();
+    written_tensors = spill->tensor_count();
+    written_shards = spill->shard_count();
+  } else {
+    writer->finish();
+    written_bytes = bytes_of(outs_after);
+    written_tensors = outs_after.size();
+    written_shards = writer->shard_count();
+  }
   // config.json and side files.
   for (const auto& f : ckpt.side_files()) {
     if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
     env.copy_file(f, out.path() / f.filename());
   }
-  const json new_config = planned.rewritten_config(r.output.dtype);
+  const json new_config = planned.rewritten_config(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest);
   env.write_text(out.path() / "config.json", new_config.dump(2) + "\n");
   json notes = json::array();
   const json& old_config = original.config().json();
@@ -369,8 +412,12 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  HfSinkResult written{bytes_of(outs_after), plan.size(), writer.shard_count()};
+  HfSinkResult written{written_bytes, written_tensors, written_shards};
   json report = make_report(opts.command, ckpt, original, planned, written, secs);
+  report["tensor_classes"] = {{"before", model::account_json(model::account(original.outputs()))},
+                              {"after", model::account_json(acc_after)}};
+  if (acc_after.count("experts"))
+    report["expert_bits_per_param"]["after"] = acc_after.at("experts").bits_per_param();
   report["recipe"] = r.json;
   report["passes"] = passes;
   report["layers"] = layer_reports;
@@ -383,6 +430,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   out.commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
   summary["layers"] = layer_reports;
+  summary["bytes"]["after"] = written_bytes;
   summary["seconds"] = secs;
   summary["report"] = (r.output.path / "moe_tool_report.json").string();
   if (!notes.empty()) summary["notes"] = notes;
@@ -400,7 +448,10 @@ std::string render_run_summary(const json& s) {
   o << "\n";
   o << "  params   " << s["params"]["before"].get<int64_t>() << " -> " << s["params"]["after"].get<int64_t>()
     << " (active per token " << s["params"]["active_before"].get<int64_t>() << " -> " << s["params"]["active_after"].get<int64_t>() << ")\n";
-  o << "  bytes    " << core::format_bytes(s["bytes"]["before"].get<double>()) << " -> " << core::format_bytes(s["bytes"]["after"].get<double>()) << "\n";
+  o << "  bytes    " << core::format_bytes(s["bytes"]["before"].get<double>()) << " -> "
+    << (s["bytes"]["after"].is_null() ? std::string("decided while the passes run (data-dependent ranks or codes)")
+                                      : core::format_bytes(s["bytes"]["after"].get<double>()))
+    << "\n";
   for (const auto& c : s["computes"]) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   if (!dry) o << "  output   " << s["output"].get<std::string>() << " (report: " << s["report"].get<std::string>() << ")\n";

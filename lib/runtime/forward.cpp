@@ -117,9 +117,11 @@ LayerWeights Forward::load_layer(int l) const {
 
 void Forward::load_layer_into(int l, LayerWeights& w) const {
   const model::Layer& layer = model_.layers().at(l);
-  convert_layer_into(layer, w);
+  convert_layer_into(layer, w, /*factored=*/true);
   if (const auto& release = model_.page_releaser())
-    layer.for_each_tensor([&](const core::Tensor& t) { release(t.data(), t.nbytes()); });
+    layer.for_each_tensor([&](const core::Tensor& t) {
+      for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
+    });
 }
 
 void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {

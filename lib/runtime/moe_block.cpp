@@ -8,9 +8,9 @@
 namespace moe::runtime {
 
 MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out) {
-  MatrixRM g = linear(x, w.gate);
-  silu_mul_inplace(g, linear(x, w.up));
-  MatrixRM y = linear(g, w.down);
+  MatrixRM g = project(x, w.gate, w.gate_lr);
+  silu_mul_inplace(g, project(x, w.up, w.up_lr));
+  MatrixRM y = project(g, w.down, w.down_lr);
   if (h_out) *h_out = std::move(g);
   return y;
 }

@@ -3,6 +3,8 @@
 #include <thread>
 
 #include "core/error.h"
+#include "quant/lowrank.h"
+#include "runtime/ops.h"
 
 namespace moe::runtime {
 
@@ -31,13 +33,29 @@ void assign(std::optional<RowVector>& v, const core::Tensor* t) {
   assign(*v, *t);
 }
 
-void assign(MlpWeights& w, const model::Mlp& m) {
-  assign(w.gate, m.gate);
-  assign(w.up, m.up);
-  assign(w.down, m.down);
+// A projection: its factors when `factored` and the tensor is low-rank, else dense.
+void assign(MatrixRM& dense, std::optional<LowRankWeights>& lr, const core::Tensor& t, bool factored) {
+  const auto* enc = factored ? dynamic_cast<const quant::LowRank*>(t.encoding()) : nullptr;
+  if (!enc) {
+    lr.reset();
+    assign(dense, t);
+    return;
+  }
+  dense.resize(0, 0);
+  if (!lr) lr.emplace();
+  assign(lr->a, enc->a());
+  assign(lr->b, enc->b());
+  if (enc->base()) assign(lr->base, *enc->base());
+  else lr->base.resize(0, 0);
 }
 
-void assign(MoeWeights& w, const model::MoeBlock& b) {
+void assign(MlpWeights& w, const model::Mlp& m, bool factored) {
+  assign(w.gate, w.gate_lr, m.gate, factored);
+  assign(w.up, w.up_lr, m.up, factored);
+  assign(w.down, w.down_lr, m.down, factored);
+}
+
+void assign(MoeWeights& w, const model::MoeBlock& b, bool factored) {
   assign(w.router, b.router);
   assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
   const size_t E = b.experts.size();
@@ -49,13 +67,13 @@ void assign(MoeWeights& w, const model::MoeBlock& b) {
     std::exception_ptr err;
     std::thread t([&] {
       try {
-        for (size_t e = 1; e < E; e += 2) assign(w.experts[e], b.experts[e]);
+        for (size_t e = 1; e < E; e += 2) assign(w.experts[e], b.experts[e], factored);
       } catch (...) {
         err = std::current_exception();
       }
     });
     try {
-      for (size_t e = 0; e < E; e += 2) assign(w.experts[e], b.experts[e]);
+      for (size_t e = 0; e < E; e += 2) assign(w.experts[e], b.experts[e], factored);
     } catch (...) {
       t.join();
       throw;
@@ -63,11 +81,11 @@ void assign(MoeWeights& w, const model::MoeBlock& b) {
     t.join();
     if (err) std::rethrow_exception(err);
   } else {
-    for (size_t e = 0; e < E; ++e) assign(w.experts[e], b.experts[e]);
+    for (size_t e = 0; e < E; ++e) assign(w.experts[e], b.experts[e], factored);
   }
   if (b.shared) {
     if (!w.shared) w.shared.emplace();
-    assign(*w.shared, *b.shared);
+    assign(*w.shared, *b.shared, factored);
   } else {
     w.shared.reset();
   }
@@ -88,25 +106,32 @@ RowVector to_row(const core::Tensor& t) {
   return v;
 }
 
+MatrixRM project(const MatrixRM& X, const MatrixRM& w, const std::optional<LowRankWeights>& lr) {
+  if (!lr) return linear(X, w);
+  MatrixRM y = lr->rows() && lr->b.rows() ? linear(linear(X, lr->b), lr->a) : MatrixRM::Zero(X.rows(), lr->rows());
+  if (lr->base.size()) y += linear(X, lr->base);
+  return y;
+}
+
 MlpWeights convert_mlp(const model::Mlp& m) {
   MlpWeights w;
-  assign(w, m);
+  assign(w, m, false);
   return w;
 }
 
 MoeWeights convert_moe(const model::MoeBlock& b) {
   MoeWeights w;
-  assign(w, b);
+  assign(w, b, false);
   return w;
 }
 
-LayerWeights convert_layer(const model::Layer& l) {
+LayerWeights convert_layer(const model::Layer& l, bool factored) {
   LayerWeights w;
-  convert_layer_into(l, w);
+  convert_layer_into(l, w, factored);
   return w;
 }
 
-void convert_layer_into(const model::Layer& l, LayerWeights& w) {
+void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored) {
   core::with_context("layer " + std::to_string(l.index), [&] {
     w.index = l.index;
     auto need = [&](const char* role) -> const core::Tensor& {
@@ -128,13 +153,13 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w) {
     assign(w.attn.k_norm, l.find("k_norm"));
     if (l.moe) {
       if (!w.moe) w.moe.emplace();
-      assign(*w.moe, *l.moe);
+      assign(*w.moe, *l.moe, factored);
     } else {
       w.moe.reset();
     }
     if (l.mlp) {
       if (!w.mlp) w.mlp.emplace();
-      assign(*w.mlp, *l.mlp);
+      assign(*w.mlp, *l.mlp, factored);
     } else {
       w.mlp.reset();
     }

@@ -14,12 +14,26 @@ namespace moe::runtime {
 using MatrixRM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using RowVector = Eigen::Matrix<float, 1, Eigen::Dynamic>;
 
+// A projection held low-rank (quant/lowrank.h): W = A·B (+ base), A [out, r], B [r, in],
+// base [out, in] or empty. The forward runs it as x·Bᵀ·Aᵀ (+ x·baseᵀ): two thin GEMMs.
+struct LowRankWeights {
+  MatrixRM a, b, base;
+  int64_t rows() const { return a.rows(); }
+  int64_t cols() const { return b.cols(); }
+};
+
 struct MlpWeights {  // down(silu(gate x) * up x)
+  // Dense projections; a projection converted with `factored` from a low-rank weight has an empty
+  // dense matrix here and its factors in the *_lr member instead (only the forward does that).
   MatrixRM gate;  // [I,H]
   MatrixRM up;    // [I,H]
   MatrixRM down;  // [H,I]
-  int64_t width() const { return gate.rows(); }
+  std::optional<LowRankWeights> gate_lr{}, up_lr{}, down_lr{};
+  int64_t width() const { return gate_lr ? gate_lr->rows() : gate.rows(); }
 };
+
+// X Wᵀ for a projection held dense (`w`) or low-rank (`lr`): [N, out].
+MatrixRM project(const MatrixRM& X, const MatrixRM& w, const std::optional<LowRankWeights>& lr);
 
 struct MoeWeights {
   MatrixRM router;                      // [E,H]
@@ -47,12 +61,15 @@ struct LayerWeights {
 // Converts a tensor [rows, cols] (any float dtype) to an f32 row-major matrix.
 MatrixRM to_matrix(const core::Tensor& t);
 RowVector to_row(const core::Tensor& t);
+// Every projection dense (passes that compute on the weights use these).
 MlpWeights convert_mlp(const model::Mlp& m);
 MoeWeights convert_moe(const model::MoeBlock& b);
 // Converts every tensor of layer `l` the forward needs (errors name the layer and role).
-LayerWeights convert_layer(const model::Layer& l);
+// `factored`: MLP and expert projections stored low-rank keep their factors (*_lr) instead of
+// being rebuilt dense (what the forward does).
+LayerWeights convert_layer(const model::Layer& l, bool factored = false);
 // The same into `w`, reusing its buffers where shapes match (no allocation, no page faults when
 // consecutive layers have the same shapes: what the layer-sequential driver does).
-void convert_layer_into(const model::Layer& l, LayerWeights& w);
+void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored = false);
 
 }  // namespace moe::runtime

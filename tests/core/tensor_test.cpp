@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/fp8_block.h"
 #include "core/tensor.h"
 
 namespace moe::core {
@@ -117,16 +118,24 @@ TEST(BlockScale, DequantizesSlicesAndRequantizes) {
   const Tensor q = Tensor::from_f32(codes, {5, 7}).converted(DType::F8_E4M3);
   const Tensor sc = Tensor::from_f32({1, 2, 3, 4, 5, 6}, {3, 2});
   const Tensor w = q.with_block_scale(sc, 2, 4);
-  ASSERT_NE(w.block_scale(), nullptr);
+  auto fp8 = [](const Tensor& t) { return dynamic_cast<const Fp8Block*>(t.encoding()); };
+  ASSERT_NE(fp8(w), nullptr);
+  EXPECT_EQ(w.dtype(), DType::F8_E4M3);
+  EXPECT_EQ(w.data(), nullptr);
+  EXPECT_EQ(w.nbytes(), 35u + 6u * 4u);  // codes + F32 scales
   const std::vector<float> v = w.to_f32();
   for (int i = 0; i < 5; ++i)
     for (int j = 0; j < 7; ++j) EXPECT_EQ(v[i * 7 + j], codes[i * 7 + j] * static_cast<float>(1 + (i / 2) * 2 + j / 4));
-  // converted() dequantizes; converting to its own dtype keeps the codes and the scale.
+  // converted() always dequantizes into a plain tensor.
   EXPECT_EQ(w.converted(DType::F32).to_f32(), v);
-  EXPECT_NE(w.converted(DType::F8_E4M3).block_scale(), nullptr);
+  EXPECT_EQ(w.converted(DType::F8_E4M3).encoding(), nullptr);
+  // Rows [1, 4) straight from the encoding (a range that cuts blocks).
+  std::vector<float> mid(21);
+  w.encoding()->dequantize_rows(1, 4, mid.data());
+  EXPECT_EQ(mid, std::vector<float>(v.begin() + 7, v.begin() + 28));
   // Whole blocks of rows slice (the last may be ragged); a cut through a block is refused.
   const Tensor tail = w.slice0(2, 5);
-  EXPECT_EQ(tail.block_scale()->scale->shape(), (Shape{2, 2}));
+  EXPECT_EQ(fp8(tail)->scale().shape(), (Shape{2, 2}));
   EXPECT_EQ(tail.to_f32(), std::vector<float>(v.begin() + 14, v.end()));
   EXPECT_THROW(w.slice0(1, 3), Error);
   EXPECT_THROW(w.reshaped({7, 5}), Error);
@@ -137,7 +146,7 @@ TEST(BlockScale, DequantizesSlicesAndRequantizes) {
   std::vector<float> x(35);
   for (int i = 0; i < 35; ++i) x[i] = std::sin(0.7f * i) * (i < 14 ? 0.01f : 3.0f);
   const Tensor r = Tensor::quantize_fp8_blocks(x, 5, 7, 2, 4);
-  const std::vector<float> back = r.to_f32(), rs = r.block_scale()->scale->to_f32();
+  const std::vector<float> back = r.to_f32(), rs = fp8(r)->scale().to_f32();
   for (int i = 0; i < 5; ++i)
     for (int j = 0; j < 7; ++j) EXPECT_LE(std::fabs(back[i * 7 + j] - x[i * 7 + j]), rs[(i / 2) * 2 + j / 4] * 448.0f / 16);
 }

@@ -28,7 +28,7 @@ std::string error_of(const json& spec) {
 
 TEST(Registry, EveryListedPassBuilds) {
   const auto& table = registered_passes();
-  EXPECT_EQ(table.size(), 8u);
+  EXPECT_EQ(table.size(), 13u);
   std::set<std::string> names;
   for (const auto& p : table) {
     names.insert(std::string(p.pass) + "/" + p.method);
@@ -36,6 +36,7 @@ TEST(Registry, EveryListedPassBuilds) {
     json spec = {{"pass", p.pass}, {"method", p.method}};
     if (std::string(p.pass) == "prune") spec["keep"] = 4;
     if (std::string(p.pass) == "merge") spec["experts"] = 4;
+    if (std::string(p.pass) == "factorize") spec["ratio"] = 0.5;
     auto pass = make_pass(spec, "passes[0]");
     ASSERT_TRUE(pass);
     EXPECT_EQ(pass->name(), p.pass);
@@ -46,6 +47,7 @@ TEST(Registry, EveryListedPassBuilds) {
   EXPECT_EQ(names.size(), table.size());  // no duplicates
   EXPECT_TRUE(names.count("prune/reap"));
   EXPECT_TRUE(names.count("merge/submoe"));
+  EXPECT_TRUE(names.count("factorize/svdllm"));
 }
 
 TEST(Registry, UnknownPassAndMethodSuggest) {
@@ -64,7 +66,7 @@ TEST(Registry, UnknownPassAndMethodSuggest) {
 }
 
 TEST(Registry, MissingAndMistypedNames) {
-  EXPECT_HAS(error_of({{"method", "reap"}}), "passes[0]: missing key \"pass\" (passes: prune, merge)");
+  EXPECT_HAS(error_of({{"method", "reap"}}), "passes[0]: missing key \"pass\" (passes: prune, merge, factorize)");
   EXPECT_HAS(error_of({{"pass", "prune"}, {"keep", 2}}), "passes[0]: missing key \"method\" (prune methods: frequency");
   EXPECT_HAS(error_of({{"pass", 3}, {"method", "reap"}}), "passes[0].pass: expected a string");
   EXPECT_HAS(error_of(json::array({1, 2})), "passes[0]: expected a pass object");

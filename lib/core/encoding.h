@@ -1,0 +1,72 @@
+// Encoded weights: a weight [out, in] stored as something other than one dense array — low-rank
+// factors, block-scaled FP8 codes, quantized codes with scales, ternary codes, dictionary-coded
+// sub-1-bit streams. Every encoding
+//   - has the logical shape [rows = out, cols = in] of the weight it stands for,
+//   - lists its stored parts (plain tensors), each stored in a checkpoint as
+//     `<weight name><suffix>` (or, for a part shared by several weights such as a layer's basis,
+//     once, under the name its first user gives it; docs/FORMAT.md),
+//   - dequantizes itself into f32, whole or by row ranges, exactly as docs/FORMAT.md says,
+// so every command (eval, calibrate, later passes, convert --materialize) reads every encoding.
+// A core::Tensor carries an encoding (Tensor::encoded); its to_f32()/converted() dequantize.
+//
+// Bits per parameter are counted from the parts: every stored byte, a shared part's bytes split
+// equally over the weights that use it (model/encoding_stats.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace moe::core {
+
+class Tensor;
+
+// One stored part of an encoded weight (always a plain tensor).
+struct EncodedPart {
+  std::string role;    // key of the part in docs/FORMAT.md ("a", "b", "base", "codes", "scale_inv", ...)
+  std::string suffix;  // on-disk name = weight name + suffix (".lr_a", "_scale_inv"; "" = the weight's own name)
+  std::shared_ptr<const Tensor> tensor;
+  bool shared = false;  // used by several weights (identity = this pointer): stored once
+};
+
+class Encoding {
+ public:
+  Encoding(int64_t rows, int64_t cols) : rows_(rows), cols_(cols) {}
+  virtual ~Encoding() = default;
+  Encoding(const Encoding&) = delete;
+  Encoding& operator=(const Encoding&) = delete;
+
+  int64_t rows() const { return rows_; }  // out
+  int64_t cols() const { return cols_; }  // in
+  // The encoding's name in config.json and docs/FORMAT.md ("lowrank", "fp8-block", ...).
+  virtual std::string name() const = 0;
+  // Its parameters as recorded in config.json ({"rank": 12}); enough, with the parts' shapes, to
+  // decode it.
+  virtual nlohmann::json params() const = 0;
+  virtual std::vector<EncodedPart> parts() const = 0;
+  // Rows [r0, r1) as f32, row-major, into dst[(r1 - r0) * cols()]. Exact: the same values a
+  // decoder following docs/FORMAT.md computes (up to f32 summation order for products).
+  virtual void dequantize_rows(int64_t r0, int64_t r1, float* dst) const = 0;
+  // Rows [r0, r1) as an encoding of its own (zero-copy where the layout allows). Default: throws
+  // Error::unsupported naming the encoding.
+  virtual std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const;
+  // What an output dtype (`convert --dtype`, a recipe's output.dtype) does to this encoding:
+  //   Materialize     the weight is written dequantized in that dtype (block-scaled FP8: what
+  //                   stock loaders expect of a bf16 checkpoint)
+  //   ConvertParts    its floating-point parts (factors) are written in that dtype
+  //   Keep            written as it is (codes and scales have the types the format fixes)
+  enum class DtypeRule { Materialize, ConvertParts, Keep };
+  virtual DtypeRule dtype_rule() const = 0;
+
+ protected:
+  void check_rows(int64_t r0, int64_t r1) const;  // Error::internal outside [0, rows]
+
+ private:
+  int64_t rows_, cols_;
+};
+
+}  // namespace moe::core

@@ -1,0 +1,430 @@
+#include "passes/factorize.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <optional>
+
+#include "core/error.h"
+#include "passes/experts.h"
+#include "passes/lowrank.h"
+#include "passes/options.h"
+#include "passes/passes.h"
+#include "quant/lowrank.h"
+#include "runtime/weights.h"
+
+namespace moe::passes {
+
+using core::Error;
+using nlohmann::json;
+using runtime::MatrixRM;
+
+namespace {
+
+enum class Method { Svd, Asvd, Svdllm, Delta, Latent };
+enum class Rule { Ratio, Rank, Energy, Budget };
+
+const std::vector<std::string> kTargets = {"experts", "shared", "attention", "dense"};
+
+// One matrix to factorize: where it lives in the layer, its f32 value and calibration inputs.
+struct Slot {
+  core::Tensor* tensor;      // replaced by the low-rank encoding
+  std::string what;          // "expert 3 gate", "attention q_proj" (report, messages)
+  const calib::MatrixD* gram = nullptr;  // Σ x xᵀ of its inputs (null: none)
+  int64_t tokens = 0;        // tokens behind the Gram
+  int type = 0;              // 0 gate, 1 up, 2 down (experts; groups of delta/latent by type)
+};
+
+core::DType factor_dtype(const core::Tensor& t) {
+  const core::DType d = t.dtype();
+  return (d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16) ? d : core::DType::BF16;
+}
+
+std::shared_ptr<const core::Tensor> part(const MatrixRM& m, core::DType d) {
+  return std::make_shared<const core::Tensor>(to_tensor(m, d));
+}
+
+// The largest rank k >= 0 with fixed + k·cost <= ratio·dense, and the largest that stores less
+// than dense at all.
+int64_t rank_within(double ratio, int64_t dense, int64_t fixed, int64_t cost) {
+  const double room = ratio * static_cast<double>(dense) - static_cast<double>(fixed);
+  return room <= 0 ? 0 : static_cast<int64_t>(std::floor(room / static_cast<double>(cost) + 1e-9));
+}
+int64_t max_saving(int64_t dense, int64_t fixed, int64_t cost) {
+  return dense - fixed <= 0 ? 0 : (dense - fixed - 1) / cost;
+}
+
+class Factorize final : public pipeline::Pass {
+ public:
+  Factorize(const json& spec, const std::string& method, const std::string& path) : method_name_(method) {
+    Options o(spec, path, "factorize/" + method);
+    o.allow({"pass", "method"});
+    method_ = method == "svd" ? Method::Svd : method == "asvd" ? Method::Asvd : method == "svdllm" ? Method::Svdllm
+              : method == "delta" ? Method::Delta : Method::Latent;
+    const auto ratio = o.opt_number("ratio", 0, 1, true);
+    const auto rank = o.opt_int("rank", 1, int64_t{1} << 40);
+    const auto energy = o.opt_number("energy", 0, 1, true);
+    const auto budget = o.opt_number("budget", 0, 1, true);
+    const int given = ratio.has_value() + rank.has_value() + energy.has_value() + budget.has_value();
+    if (given != 1)
+      throw Error::invalid(path + ": give exactly one of ratio, rank, energy, budget (found " + std::to_string(given) + ")");
+    if (ratio) rule_ = Rule::Ratio, value_ = *ratio;
+    if (rank) rule_ = Rule::Rank, value_ = static_cast<double>(*rank);
+    if (energy) rule_ = Rule::Energy, value_ = *energy;
+    if (budget) rule_ = Rule::Budget, value_ = *budget;
+    alpha_ = o.get_number("alpha", 0.5, 0, 10);
+    if (method_ != Method::Asvd && o.has("alpha")) throw Error::invalid(o.key_path("alpha") + ": only for method asvd");
+    damp_ = o.get_number("damp", 0.01, 0, 10);
+    if (method_ == Method::Svd && o.has("damp")) throw Error::invalid(o.key_path("damp") + ": not for method svd (no Gram)");
+    shared_v_ = o.get_bool("shared_v", false);
+    if (method_ != Method::Delta && o.has("shared_v")) throw Error::invalid(o.key_path("shared_v") + ": only for method delta");
+    targets_ = {"experts"};
+    if (o.has("targets")) {
+      const json& t = spec.at("targets");
+      std::vector<std::string> list;
+      if (t.is_string()) list = {t.get<std::string>()};
+      else if (t.is_array() && !t.empty() && std::all_of(t.begin(), t.end(), [](const json& x) { return x.is_string(); }))
+        list = t.get<std::vector<std::string>>();
+      else
+        throw Error::invalid(o.key_path("targets") + ": expected \"experts\", \"all\" or a list of experts, shared, "
+                             "attention, dense; found " + json_found(t));
+      targets_.clear();
+      for (const auto& x : list) {
+        if (x == "all") {
+          targets_ = kTargets;
+          continue;
+        }
+        if (std::find(kTargets.begin(), kTargets.end(), x) == kTargets.end())
+          throw Error::invalid(o.key_path("targets") + ": unknown target \"" + x + "\"" + allowed_suffix(x, {"experts", "shared", "attention", "dense", "all"}));
+        if (std::find(targets_.begin(), targets_.end(), x) == targets_.end()) targets_.push_back(x);
+      }
+      o.allow({"targets"});
+    }
+    o.finish();
+  }
+
+  std::string name() const override { return "factorize"; }
+  std::string method() const override { return method_name_; }
+  json params() const override {
+    json p = {{"pass", "factorize"}, {"method", method_name_}, {"targets", targets_}};
+    const char* rule = rule_ == Rule::Ratio ? "ratio" : rule_ == Rule::Rank ? "rank" : rule_ == Rule::Energy ? "energy" : "budget";
+    if (rule_ == Rule::Rank) p[rule] = static_cast<int64_t>(value_);
+    else p[rule] = value_;
+    if (method_ == Method::Asvd) p["alpha"] = alpha_;
+    if (method_ != Method::Svd) p["damp"] = damp_;
+    if (method_ == Method::Delta) p["shared_v"] = shared_v_;
+    return p;
+  }
+  pipeline::Requirements requirements() const override {
+    pipeline::Requirements r;
+    r.input_grams = method_ != Method::Svd;
+    return r;
+  }
+  int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
+  bool moe_layers_only() const override { return !targets("attention") && !targets("dense"); }
+  bool shapes_at_run() const override { return true; }
+
+  void run_layer(pipeline::LayerContext& ctx) override {
+    const pipeline::InputGrams* g = ctx.grams;
+    if (method_ != Method::Svd && !g) throw Error::internal("factorize: the runner gave no Gram matrices");
+    model::Layer& L = ctx.target;
+    json& rep = ctx.report;
+    rep["matrices"] = json::array();
+    notes_.clear();
+
+    damped_.clear();
+    std::vector<Slot> singles;  // factorized one by one
+    std::vector<Slot> grouped;  // delta / latent: routed experts, by type
+    auto add_mlp = [&](model::Mlp& m, const std::string& who, const calib::MatrixD* gin, const calib::MatrixD* gmid,
+                       int64_t tokens, std::vector<Slot>& into) {
+      into.push_back({&m.gate, who + " gate", gin, tokens, 0});
+      into.push_back({&m.up, who + " up", gin, tokens, 1});
+      into.push_back({&m.down, who + " down", gmid, tokens, 2});
+    };
+    // Each Gram damped as GPTQ damps its Hessian: G + damp · mean(diag G) · I (experts that saw few
+    // calibration tokens have noisy, near-singular Grams; damp 0 is SVD-LLM's plain rule).
+    auto have = [&](const calib::MatrixD& m) -> const calib::MatrixD* {
+      if (!m.size()) return nullptr;
+      if (damp_ == 0) return &m;
+      damped_.push_back(m);
+      const double mean = m.diagonal().mean();
+      if (mean > 0) damped_.back().diagonal().array() += damp_ * mean;
+      return &damped_.back();
+    };
+    if (L.moe && g && method_ != Method::Svd && g->expert_in.size() != L.moe->experts.size())
+      throw Error::internal("factorize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
+                            std::to_string(L.moe->experts.size()));
+    if (L.moe && targets("experts")) {
+      const bool group = method_ == Method::Delta || method_ == Method::Latent;
+      for (size_t e = 0; e < L.moe->experts.size(); ++e) {
+        const bool gs = g && e < g->expert_in.size();
+        add_mlp(L.moe->experts[e], "expert " + std::to_string(e), gs ? have(g->expert_in[e]) : nullptr,
+                gs ? have(g->expert_mid[e]) : nullptr, gs ? g->expert_tokens[e] : 0, group ? grouped : singles);
+      }
+    }
+    if (L.moe && L.moe->shared && targets("shared"))
+      add_mlp(*L.moe->shared, "shared expert", g ? have(g->shared_in) : nullptr, g ? have(g->shared_mid) : nullptr,
+              g ? g->tokens : 0, singles);
+    if (L.mlp && targets("dense"))
+      add_mlp(*L.mlp, "dense mlp", g ? have(g->mlp_in) : nullptr, g ? have(g->mlp_mid) : nullptr, g ? g->tokens : 0, singles);
+    if (targets("attention"))
+      for (const char* role : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+        auto it = L.tensors.find(role);
+        if (it == L.tensors.end()) continue;
+        const calib::MatrixD* gram = g ? have(std::string(role) == "o_proj" ? g->attn_o : g->attn_qkv) : nullptr;
+        singles.push_back({&it->second, std::string("attention ") + role, gram, g ? g->tokens : 0, 0});
+      }
+    if ((method_ == Method::Delta || method_ == Method::Latent) && singles.size())
+      notes_.push_back(std::string(method_ == Method::Delta ? "delta" : "latent") +
+                       " applies to routed experts; the other targets use svdllm");
+
+    if (rule_ == Rule::Budget) run_budget(singles, grouped, rep);
+    else {
+      for (auto& s : singles) factor_single(s, std::nullopt, rep);
+      for (int type = 0; type < 3 && !grouped.empty(); ++type) factor_group(grouped, type, std::nullopt, rep);
+    }
+    if (!notes_.empty()) rep["notes"] = notes_;
+  }
+
+ private:
+  bool targets(const char* t) const { return std::find(targets_.begin(), targets_.end(), t) != targets_.end(); }
+
+  // The method of a single matrix (delta/latent fall back to svdllm outside routed experts).
+  lowrank::Spectrum spectrum(const Slot& s, const MatrixRM& w) const {
+    if (method_ == Method::Svd) return lowrank::svd(w);
+    if (!s.gram) throw Error::internal("factorize: no Gram for " + s.what);
+    if (method_ == Method::Asvd) {
+      std::vector<double> act(static_cast<size_t>(w.cols()), 0.0);
+      if (s.tokens > 0)
+        for (int64_t j = 0; j < w.cols(); ++j) act[j] = std::sqrt(std::max(0.0, (*s.gram)(j, j)) / static_cast<double>(s.tokens));
+      return lowrank::asvd(w, act, alpha_);
+    }
+    return lowrank::svdllm(w, *s.gram);
+  }
+
+  // The rank the rule gives a single matrix [m, n] (not budget).
+  int single_rank(const lowrank::Spectrum& sp, int64_t m, int64_t n, const std::string& what) {
+    const int64_t kmax = lowrank::max_useful_rank(m, n);
+    int64_t k = 0;
+    if (rule_ == Rule::Ratio) k = rank_within(value_, m * n, 0, m + n);
+    else if (rule_ == Rule::Rank) k = static_cast<int64_t>(value_);
+    else k = lowrank::rank_for_energy(sp, value_);
+    if (k > kmax) {
+      notes_.push_back(what + ": rank " + std::to_string(k) + " would not save memory ([" + std::to_string(m) + ", " +
+                       std::to_string(n) + "] needs rank < " + std::to_string(kmax + 1) + "); kept dense");
+      return lowrank::kKeepDense;
+    }
+    return static_cast<int>(std::max<int64_t>(k, 1));
+  }
+
+  void record(json& rep, const std::string& what, int rank, double loss, const std::string& note) {
+    json m = {{"matrix", what}, {"rank", rank == lowrank::kKeepDense ? json("dense") : json(rank)}, {"loss", loss}};
+    if (!note.empty()) m["note"] = note;
+    rep["matrices"].push_back(m);
+  }
+
+  void factor_single(Slot& s, std::optional<int> forced, json& rep) {
+    const MatrixRM w = runtime::to_matrix(*s.tensor);
+    const lowrank::Spectrum sp = spectrum(s, w);
+    const int k = forced ? *forced : single_rank(sp, w.rows(), w.cols(), s.what);
+    if (k == lowrank::kKeepDense) {
+      record(rep, s.what, k, 0, sp.note);
+      return;
+    }
+    const lowrank::Factors f = lowrank::truncate(sp, k);
+    const core::DType d = factor_dtype(*s.tensor);
+    *s.tensor = core::Tensor::encoded(std::make_shared<quant::LowRank>(part(f.a, d), part(f.b, d)), d);
+    std::string note = sp.note;
+    if (sp.shift > 0) note += (note.empty() ? "" : "; ") + std::string("Gram not positive definite: added ") +
+                              std::to_string(sp.shift) + "·I";
+    record(rep, s.what, k, sp.loss(k), note);
+  }
+
+  // delta / latent over the routed experts' matrices of one type (0 gate, 1 up, 2 down).
+  void factor_group(std::vector<Slot>& all, int type, std::optional<std::vector<int>> forced, json& rep) {
+    std::vector<Slot*> slots;
+    for (auto& s : all)
+      if (s.type == type) slots.push_back(&s);
+    if (slots.empty()) return;
+    std::vector<MatrixRM> ws;
+    for (auto* s : slots) ws.push_back(runtime::to_matrix(*s->tensor));
+    std::vector<const MatrixRM*> wp;
+    for (const auto& w : ws) wp.push_back(&w);
+    std::vector<const calib::MatrixD*> grams;
+    for (auto* s : slots) grams.push_back(s->gram);
+    const int64_t m = ws[0].rows(), n = ws[0].cols(), E = static_cast<int64_t>(ws.size());
+    const core::DType d = factor_dtype(*slots[0]->tensor);
+    const char* tname = type == 0 ? "gate" : type == 1 ? "up" : "down";
+
+    if (method_ == Method::Delta) {
+      std::vector<double> freq;
+      for (auto* s : slots) freq.push_back(static_cast<double>(s->tokens));
+      double total = 0;
+      for (double f : freq) total += f;
+      if (total <= 0) std::fill(freq.begin(), freq.end(), 1.0);  // no tokens at all: plain average
+      const MatrixRM base = lowrank::delta_base(wp, freq);
+      const std::vector<MatrixRM> dl = lowrank::deltas(wp, base);
+      auto base_part = part(base, d);
+      if (shared_v_) {
+        std::vector<const MatrixRM*> dp;
+        for (const auto& x : dl) dp.push_back(&x);
+        const lowrank::SharedSpectrum sp = lowrank::shared_spectrum(dp, lowrank::Side::Right, &grams);
+        const int64_t cost = n + E * m, kmax = max_saving(E * m * n, m * n, cost);
+        if (forced && (*forced)[0] == lowrank::kKeepDense) {
+          record(rep, std::string("experts ") + tname + " (delta, shared V)", lowrank::kKeepDense, 0, "");
+          return;
+        }
+        int64_t k = forced ? (*forced)[0] : group_rank(sp.joint, E * m * n, m * n, cost, kmax, std::string("experts ") + tname);
+        k = std::min<int64_t>(k, sp.rank_limit());
+        const lowrank::SharedFactors f = lowrank::truncate_shared(sp, static_cast<int>(k));
+        auto b = part(f.shared, d);
+        for (size_t e = 0; e < slots.size(); ++e)
+          *slots[e]->tensor = core::Tensor::encoded(std::make_shared<quant::LowRank>(part(f.own[e], d), b, base_part, false, true, true), d);
+        record(rep, std::string("experts ") + tname + " (delta, shared V)", static_cast<int>(k), sp.loss(static_cast<int>(k)), join(sp.notes));
+        return;
+      }
+      for (size_t e = 0; e < slots.size(); ++e) {
+        const lowrank::Spectrum sp = grams[e] ? lowrank::svdllm(dl[e], *grams[e]) : lowrank::svd(dl[e]);
+        int64_t k;
+        if (forced && (*forced)[e] == lowrank::kKeepDense) {
+          record(rep, slots[e]->what + " (delta)", lowrank::kKeepDense, 0, "");
+          continue;  // this expert stays dense
+        }
+        if (forced) k = (*forced)[e];
+        else if (rule_ == Rule::Ratio) k = rank_within(value_, E * m * n, m * n, E * (m + n));
+        else if (rule_ == Rule::Rank) k = static_cast<int64_t>(value_);
+        else k = lowrank::rank_for_energy(sp, value_);
+        k = std::clamp<int64_t>(k, 0, std::min<int64_t>(sp.rank_limit(), lowrank::max_useful_rank(m, n)));
+        const lowrank::Factors f = lowrank::truncate(sp, static_cast<int>(k));
+        *slots[e]->tensor = core::Tensor::encoded(std::make_shared<quant::LowRank>(part(f.a, d), part(f.b, d), base_part, false, false, true), d);
+        record(rep, slots[e]->what + " (delta)", static_cast<int>(k), sp.loss(static_cast<int>(k)), sp.note);
+      }
+      return;
+    }
+    // latent: shared input basis for gate/up (B shared), shared output basis for down (A shared).
+    const lowrank::Side side = type == 2 ? lowrank::Side::Left : lowrank::Side::Right;
+    const lowrank::SharedSpectrum sp = lowrank::shared_spectrum(wp, side, &grams);
+    const int64_t cost = side == lowrank::Side::Right ? n + E * m : m + E * n;
+    const int64_t kmax = max_saving(E * m * n, 0, cost);
+    if (forced && (*forced)[0] == lowrank::kKeepDense) {
+      record(rep, std::string("experts ") + tname + " (latent)", lowrank::kKeepDense, 0, "");
+      return;
+    }
+    int64_t k = forced ? (*forced)[0] : group_rank(sp.joint, E * m * n, 0, cost, kmax, std::string("experts ") + tname);
+    k = std::clamp<int64_t>(k, 1, sp.rank_limit());
+    const lowrank::SharedFactors f = lowrank::truncate_shared(sp, static_cast<int>(k), lowrank::SigmaSplit::OnExperts);
+    auto shared = part(f.shared, d);
+    for (size_t e = 0; e < slots.size(); ++e) {
+      auto own = part(f.own[e], d);
+      auto enc = side == lowrank::Side::Right ? std::make_shared<quant::LowRank>(own, shared, nullptr, false, true)
+                                              : std::make_shared<quant::LowRank>(shared, own, nullptr, true, false);
+      *slots[e]->tensor = core::Tensor::encoded(enc, d);
+    }
+    record(rep, std::string("experts ") + tname + " (latent, shared " + (side == lowrank::Side::Right ? "B" : "A") + ")",
+           static_cast<int>(k), sp.loss(static_cast<int>(k)), join(sp.notes));
+  }
+
+  int64_t group_rank(const lowrank::Spectrum& joint, int64_t dense, int64_t fixed, int64_t cost, int64_t kmax,
+                     const std::string& what) {
+    int64_t k;
+    if (rule_ == Rule::Ratio) k = rank_within(value_, dense, fixed, cost);
+    else if (rule_ == Rule::Rank) k = static_cast<int64_t>(value_);
+    else k = lowrank::rank_for_energy(joint, value_);
+    if (k > kmax) {
+      notes_.push_back(what + ": rank " + std::to_string(k) + " stores as much as the dense matrices; clamped to " +
+                       std::to_string(kmax));
+      k = kmax;
+    }
+    if (k < 1 && rule_ == Rule::Ratio)
+      throw Error::invalid("ratio " + std::to_string(value_) + " leaves no room for a rank-1 factor of " + what +
+                           " (the shared part alone is " + std::to_string(fixed) + " of " + std::to_string(dense) + " parameters)");
+    return std::max<int64_t>(k, 1);
+  }
+
+  // Budget: the layer's targeted dense parameters × R, allocated across matrices by loss.
+  void run_budget(std::vector<Slot>& singles, std::vector<Slot>& grouped, json& rep) {
+    std::vector<lowrank::BudgetItem> items;
+    int64_t dense = 0, fixed = 0;
+    for (auto& s : singles) {
+      const MatrixRM w = runtime::to_matrix(*s.tensor);
+      items.push_back(lowrank::budget_item(spectrum(s, w)));
+      dense += w.rows() * w.cols();
+    }
+    // Groups: delta = one item per expert delta (the base is a fixed cost), latent / shared V =
+    // one item per type.
+    std::vector<std::pair<int, size_t>> group_items;  // (type, first item index)
+    for (int type = 0; type < 3 && !grouped.empty(); ++type) {
+      std::vector<MatrixRM> ws;
+      std::vector<const calib::MatrixD*> grams;
+      std::vector<double> freq;
+      for (auto& s : grouped)
+        if (s.type == type) {
+          ws.push_back(runtime::to_matrix(*s.tensor));
+          grams.push_back(s.gram);
+          freq.push_back(static_cast<double>(s.tokens));
+        }
+      std::vector<const MatrixRM*> wp;
+      for (const auto& w : ws) wp.push_back(&w);
+      const int64_t m = ws[0].rows(), n = ws[0].cols(), E = static_cast<int64_t>(ws.size());
+      dense += E * m * n;
+      group_items.push_back({type, items.size()});
+      if (method_ == Method::Delta) {
+        fixed += m * n;
+        double total = 0;
+        for (double f : freq) total += f;
+        if (total <= 0) std::fill(freq.begin(), freq.end(), 1.0);
+        const MatrixRM base = lowrank::delta_base(wp, freq);
+        const std::vector<MatrixRM> dl = lowrank::deltas(wp, base);
+        if (shared_v_) {
+          std::vector<const MatrixRM*> dp;
+          for (const auto& x : dl) dp.push_back(&x);
+          items.push_back(lowrank::budget_item(lowrank::shared_spectrum(dp, lowrank::Side::Right, &grams)));
+        } else {
+          for (size_t e = 0; e < dl.size(); ++e)
+            items.push_back(lowrank::budget_item(grams[e] ? lowrank::svdllm(dl[e], *grams[e]) : lowrank::svd(dl[e])));
+        }
+      } else {
+        items.push_back(lowrank::budget_item(lowrank::shared_spectrum(wp, type == 2 ? lowrank::Side::Left : lowrank::Side::Right, &grams)));
+      }
+    }
+    const int64_t budget = static_cast<int64_t>(std::floor(value_ * static_cast<double>(dense))) - fixed;
+    const std::vector<int> ranks = lowrank::allocate_ranks(items, budget);
+    rep["budget"] = {{"params", budget + fixed}, {"dense_params", dense},
+                     {"allocated_params", lowrank::allocation_params(items, ranks) + fixed},
+                     {"weighted_loss", lowrank::allocation_loss(items, ranks)}};
+    for (size_t i = 0; i < singles.size(); ++i) factor_single(singles[i], ranks[i], rep);
+    for (const auto& [type, first] : group_items) {
+      size_t count = 0;
+      for (auto& s : grouped) count += s.type == type;
+      const bool per_expert = method_ == Method::Delta && !shared_v_;
+      std::vector<int> forced(ranks.begin() + static_cast<std::ptrdiff_t>(first),
+                              ranks.begin() + static_cast<std::ptrdiff_t>(first + (per_expert ? count : 1)));
+      factor_group(grouped, type, forced, rep);
+    }
+  }
+
+  static std::string join(const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += (s.empty() ? "" : "; ") + x;
+    return s;
+  }
+
+  std::string method_name_;
+  Method method_;
+  Rule rule_ = Rule::Ratio;
+  double value_ = 0;
+  double alpha_ = 0.5;
+  double damp_ = 0.01;
+  std::deque<calib::MatrixD> damped_;  // the damped Grams of the layer being run (stable addresses)
+  bool shared_v_ = false;
+  std::vector<std::string> targets_;
+  std::vector<std::string> notes_;
+};
+
+}  // namespace
+
+std::unique_ptr<pipeline::Pass> make_factorize(const json& spec, const std::string& method, const std::string& path) {
+  return std::make_unique<Factorize>(spec, method, path);
+}
+
+}  // namespace moe::passes

@@ -1,0 +1,41 @@
+// A checkpoint writer for outputs whose shapes are known only once computed (factorized ranks
+// chosen by energy or budget, variable-length codes): each group of tensors (a layer) is written
+// as computed into a temporary safetensors file under `dir`/.spill; finish() lays out the final
+// shards (max_shard_bytes, HF naming and index, as io::CheckpointWriter) in group order, copies
+// the data over in chunks (handing back the pages read) and removes the temporary files. Costs
+// one extra write of the output; memory stays one group.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "io/checkpoint_writer.h"
+#include "model/model.h"
+
+namespace moe::pipeline {
+
+class SpillWriter {
+ public:
+  SpillWriter(io::Env& env, io::fs::path dir, uint64_t max_shard_bytes);
+  SpillWriter(const SpillWriter&) = delete;
+  SpillWriter& operator=(const SpillWriter&) = delete;
+  ~SpillWriter();
+
+  // Computes and writes `outs` (OutTensor::make); `written` is called with each tensor made.
+  void write_group(const std::vector<model::OutTensor>& outs,
+                   const std::function<void(const core::Tensor&)>& written = nullptr);
+  // Assembles the shards; returns the tensor bytes written.
+  uint64_t finish();
+  size_t shard_count() const { return shards_; }
+  size_t tensor_count() const { return tensors_; }
+
+ private:
+  io::Env& env_;
+  io::fs::path dir_, spill_;
+  uint64_t max_shard_bytes_;
+  std::vector<io::fs::path> files_;
+  size_t shards_ = 0, tensors_ = 0;
+  bool finished_ = false;
+};
+
+}  // namespace moe::pipeline

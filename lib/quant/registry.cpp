@@ -1,0 +1,78 @@
+#include "quant/registry.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "core/fp8_block.h"
+#include "quant/lowrank.h"
+
+namespace moe::quant {
+
+using core::Error;
+using nlohmann::json;
+
+const std::vector<EncodingInfo>& known_encodings() {
+  static const std::vector<EncodingInfo> table = {
+      {"lowrank", {"a", "b"}, {"base"}, "W = [base +] A·B: A [out, r], B [r, in], base [out, in] (float)"},
+      {"fp8-block", {"codes", "scale_inv"}, {}, "W = f8e4m3(codes) * scale_inv per block [br, bc]"},
+  };
+  return table;
+}
+
+namespace {
+
+std::string known_list() {
+  std::string s;
+  for (const auto& e : known_encodings()) s += (s.empty() ? "" : ", ") + std::string(e.name);
+  return s;
+}
+
+int64_t int_param(const json& entry, const char* key, int64_t min) {
+  if (!entry.contains(key) || !entry[key].is_number_integer() || entry[key].get<int64_t>() < min)
+    throw Error::corruption(std::string(key) + ": expected an integer >= " + std::to_string(min) + ", found " +
+                            (entry.contains(key) ? entry[key].dump() : std::string("nothing")));
+  return entry[key].get<int64_t>();
+}
+
+}  // namespace
+
+std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<std::string, StoredPart>& parts) {
+  if (!entry.is_object() || !entry.contains("encoding") || !entry["encoding"].is_string())
+    throw Error::corruption("expected an object with a string \"encoding\", found " + entry.dump());
+  const std::string name = entry["encoding"].get<std::string>();
+  const auto& table = known_encodings();
+  auto info = std::find_if(table.begin(), table.end(), [&](const EncodingInfo& e) { return name == e.name; });
+  if (info == table.end())
+    throw Error::corruption("unknown encoding \"" + name + "\" (known: " + known_list() + "; written by a newer moe-tool?)");
+  for (const char* r : info->required)
+    if (!parts.count(r)) throw Error::corruption(name + ": part \"" + r + "\" missing");
+  for (const auto& [role, p] : parts) {
+    const bool ok = std::count(info->required.begin(), info->required.end(), role) ||
+                    std::count(info->optional.begin(), info->optional.end(), role);
+    if (!ok) throw Error::corruption(name + ": unexpected part \"" + role + "\"");
+  }
+  auto part = [&](const char* role) -> StoredPart {
+    auto it = parts.find(role);
+    return it == parts.end() ? StoredPart{} : it->second;
+  };
+
+  std::shared_ptr<const core::Encoding> enc;
+  if (name == "lowrank") {
+    const int64_t rank = int_param(entry, "rank", 0);
+    const StoredPart a = part("a"), b = part("b"), base = part("base");
+    auto lr = std::make_shared<LowRank>(a.tensor, b.tensor, base.tensor, a.shared, b.shared, base.shared);
+    if (lr->rank() != rank)
+      throw Error::corruption("lowrank: rank " + std::to_string(rank) + " but the factors have rank " +
+                              std::to_string(lr->rank()) + " (a " + core::shape_str(a.tensor->shape()) + ")");
+    enc = lr;
+  } else {  // fp8-block
+    const json& blk = entry.contains("block") ? entry["block"] : json();
+    if (!blk.is_array() || blk.size() != 2 || !blk[0].is_number_integer() || !blk[1].is_number_integer())
+      throw Error::corruption("fp8-block: block: expected two positive integers, found " + blk.dump());
+    enc = std::make_shared<core::Fp8Block>(*part("codes").tensor, *part("scale_inv").tensor, blk[0].get<int64_t>(),
+                                           blk[1].get<int64_t>());
+  }
+  return enc;
+}
+
+}  // namespace moe::quant
