@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Checks docs/FORMAT.md's Python decoder against moe-tool itself (offline; needs NumPy only).
+
+    check_native_format.py NATIVE_DIR DENSE_F32_DIR
+
+NATIVE_DIR: a checkpoint written by `moe-tool factorize` (native format); DENSE_F32_DIR: the same
+checkpoint after `moe-tool convert NATIVE_DIR DENSE_F32_DIR --materialize --dtype f32`. Every
+weight decoded here must equal the dense one to f32 rounding of the factor product.
+"""
+import json, os, struct, sys
+import numpy as np
+
+# ---- the decoder of docs/FORMAT.md (NumPy only) ----
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = info["data_offsets"]
+        raw = data[b:e]
+        dt = info["dtype"]
+        if dt == "F32":
+            a = np.frombuffer(raw, np.float32)
+        elif dt in ("BF16", "F16"):
+            u = np.frombuffer(raw, np.uint16)
+            a = (u.astype(np.uint32) << 16).view(np.float32) if dt == "BF16" else u.view(np.float16).astype(np.float32)
+        elif dt == "F8_E4M3":
+            u = np.frombuffer(raw, np.uint8).astype(np.int32)
+            s, ex, m = (u >> 7) & 1, (u >> 3) & 15, u & 7
+            a = np.where(ex == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (ex - 7.0)) * np.where(s, -1.0, 1.0)
+            a = np.where((ex == 15) & (m == 7), np.nan, a).astype(np.float32)
+        else:
+            a = np.frombuffer(raw, {"I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}[dt])
+        out[name] = a.reshape(info["shape"])
+    return out
+
+def load_native(folder):
+    """Dense f32 weights of a native moe-tool checkpoint, by their stock names."""
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    idx = os.path.join(folder, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
+    t = {}
+    for f in files:
+        t.update(read_safetensors(os.path.join(folder, f)))
+    q = cfg.get("quantization_config", {})
+    enc = q.get("weights", {}) if q.get("quant_method") == "moe_tool" else {}
+    parts = {p for e in enc.values() for p in e["parts"].values()}
+    out = {k: v.astype(np.float32) for k, v in t.items() if k not in parts}
+    for name, e in enc.items():
+        p = {role: t[n].astype(np.float32) for role, n in e["parts"].items()}
+        if e["encoding"] == "lowrank":
+            out[name] = p["a"] @ p["b"] + (p["base"] if "base" in p else 0)
+        elif e["encoding"] == "fp8-block":
+            br, bc = e["block"]
+            c = p["codes"]
+            s = np.repeat(np.repeat(p["scale_inv"], br, 0), bc, 1)[: c.shape[0], : c.shape[1]]
+            out[name] = c * s
+        else:
+            raise ValueError(f"{name}: unknown encoding {e['encoding']}")
+    return out
+# ---- end of the decoder ----
+
+def main():
+    native, dense = sys.argv[1], sys.argv[2]
+    a, b = load_native(native), load_native(dense)
+    assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
+    worst = 0.0
+    for k in a:
+        scale = max(1e-30, float(np.abs(b[k]).max()))
+        worst = max(worst, float(np.abs(a[k] - b[k]).max()) / scale)
+    print(json.dumps({"tensors": len(a), "max_relative_difference": worst}))
+    assert worst < 1e-5, worst
+
+if __name__ == "__main__":
+    main()
