@@ -139,7 +139,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   if (d.heads % d.kv_heads != 0)
     throw Error::corruption(c.source() + ": num_key_value_heads: " + std::to_string(d.kv_heads) +
                             " does not divide num_attention_heads " + std::to_string(d.heads));
-  d.head_dim = c.get_int_or("head_dim", 0);
+  d.head_dim = c.get_int_or("head_dim", f.default_head_dim);
   if (d.head_dim == 0) {
     if (d.hidden % d.heads != 0)
       throw Error::corruption(c.source() + ": hidden_size " + std::to_string(d.hidden) +
