@@ -287,7 +287,9 @@ Model Model::load(const io::Checkpoint& ckpt) {
         idx = std::stoll(rest);
       } catch (...) {
       }
-      const bool rotary = name.find("rotary_emb.inv_freq") != std::string::npos;
+      // Rotary-embedding buffers (rotary_emb.inv_freq, .cos_cached, .sin_cached) that older
+      // checkpoints saved with the weights: not parameters, passed through as they are.
+      const bool rotary = name.find(".rotary_emb.") != std::string::npos;
       if (idx >= 0 && idx < d.layers && name.ends_with("_scale_inv"))
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": a block scale without the weight " +
                                 name.substr(0, name.size() - 10) + " it scales");
@@ -300,7 +302,65 @@ Model Model::load(const io::Checkpoint& ckpt) {
     }
     m.extras_.emplace_back(name, ckpt.tensor(name));
   }
+  check_mtp_layers(m, ckpt, n_experts, width);
   return m;
+}
+
+// DeepSeek-V3 multi-token-prediction layers (num_nextn_predict_layers of them after the decoder
+// layers) carry a full MoE block, stored as extras: it must agree with the config as the decoder
+// layers' blocks do (router [E,H], bias [E], experts 0..E-1 of the expert width).
+void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_experts, int64_t width) {
+  const FamilyDesc& f = *m.family_;
+  const Config& c = m.config_;
+  if (!f.extra_layers_allowed || !f.moe) return;
+  const int64_t H = m.dims_.hidden, L = m.dims_.layers;
+  const int64_t nextn = c.get_int_or("num_nextn_predict_layers", 0);
+  const std::string experts_prefix = f.expert_gate.substr(0, f.expert_gate.find("{e}"));  // "mlp.experts."
+  for (int64_t idx = L; idx < L + nextn; ++idx) {
+    const int l = static_cast<int>(idx);
+    const std::string prefix = expand(f.layer_prefix, l);
+    const std::string where = " (multi-token-prediction layer " + std::to_string(idx) + ")";
+    auto expect = [&](const std::string& name, const Shape& shape, const std::string& why) {
+      const Shape got = ckpt.info(name).shape;
+      if (got != shape)
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": shape " + core::shape_str(got) +
+                                " but " + why + " implies " + core::shape_str(shape) + where);
+    };
+    const std::string router = prefix + f.router;
+    if (!ckpt.has(router)) continue;  // no MoE block stored for this layer
+    const std::string count = "config (" + f.expert_count_key + "=" + std::to_string(n_experts);
+    expect(router, {n_experts, H}, count + ", hidden_size)");
+    if (!f.router_bias.empty() && ckpt.has(prefix + f.router_bias)) expect(prefix + f.router_bias, {n_experts}, count + ")");
+    std::set<int64_t> seen;
+    for (const auto& [name, t] : m.extras_) {
+      if (name.rfind(prefix + experts_prefix, 0) != 0) continue;
+      const std::string rest = name.substr(prefix.size() + experts_prefix.size());
+      int64_t e = -1;
+      try {
+        e = std::stoll(rest);
+      } catch (...) {
+      }
+      if (e < 0)
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": not an expert tensor name" + where);
+      if (e >= n_experts)
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": expert " + std::to_string(e) +
+                                " but " + f.expert_count_key + " is " + std::to_string(n_experts) + where);
+      seen.insert(e);
+      const int ei = static_cast<int>(e);
+      const std::string why = "config (hidden_size=" + std::to_string(H) + ", expert width " + std::to_string(width) + ")";
+      if (name == prefix + expand(f.expert_gate, l, ei) || name == prefix + expand(f.expert_up, l, ei)) expect(name, {width, H}, why);
+      if (name == prefix + expand(f.expert_down, l, ei)) expect(name, {H, width}, why);
+    }
+    if (!seen.empty())
+      for (int64_t e = 0; e < n_experts; ++e)
+        for (const std::string* tmpl : {&f.expert_gate, &f.expert_up, &f.expert_down}) {
+          const std::string name = prefix + expand(*tmpl, l, static_cast<int>(e));
+          if (!ckpt.has(name))
+            throw Error::corruption(ckpt.dir().string() + ": tensor " + name + ": missing (" + f.expert_count_key + " is " +
+                                    std::to_string(n_experts) + ")" + where);
+        }
+    m.mtp_moe_.push_back(l);
+  }
 }
 
 std::vector<OutTensor> Model::layer_outputs(int l, std::optional<DType> dtype) const {
@@ -416,7 +476,14 @@ nlohmann::json Model::rewritten_config(std::optional<DType> dtype) const {
   }
   // Written dequantized: the checkpoint is no longer FP8.
   if (dtype && fp8_block_) j.erase("quantization_config");
-  if (dtype) j["torch_dtype"] = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";
+  // transformers >= 4.56 writes "dtype" (and prefers it), older versions "torch_dtype": update
+  // whichever the input has, both when it has both, "torch_dtype" (read by every version) when none.
+  if (dtype) {
+    const char* name = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";
+    const bool has_new = j.contains("dtype"), has_old = j.contains("torch_dtype");
+    if (has_new) j["dtype"] = name;
+    if (has_old || !has_new) j["torch_dtype"] = name;
+  }
   return j;
 }
 

@@ -55,6 +55,11 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
     s["moe_layers"] = moe_layers.size();
   }
   s["dense_layers"] = dense_layers;
+  if (!model.mtp_moe_layers().empty()) s["mtp_moe_layers"] = model.mtp_moe_layers();
+  // The stored dtype as the config says it: "dtype" (transformers >= 4.56, preferred) or "torch_dtype".
+  const Config& c = model.config();
+  const std::string cfg_dtype = c.get_string_or("dtype", c.get_string_or("torch_dtype", ""));
+  if (!cfg_dtype.empty()) s["config_dtype"] = cfg_dtype;
   s["params_total"] = model.total_params();
   s["params_active_per_token"] = model.active_params();
   std::map<std::string, uint64_t> by_dtype;
@@ -127,7 +132,10 @@ std::string render_summary(const json& s) {
     row("routing", s["routing"].get<std::string>());
     row("MoE layers", std::to_string(s["moe_layers"].get<int64_t>()));
   }
-  row("dense layers", s["dense_layers"].empty() ? "none" : s["dense_layers"].dump());
+  row("dense layers", s.at("dense_layers").empty() ? "none" : s.at("dense_layers").dump());
+  if (s.contains("mtp_moe_layers"))
+    row("MTP layers", s.at("mtp_moe_layers").dump() + " (multi-token prediction, MoE block checked against the config)");
+  if (s.contains("config_dtype")) row("config dtype", s.at("config_dtype").get<std::string>());
   row("parameters", human_count(s["params_total"].get<int64_t>()) + " total, " +
                         human_count(s["params_active_per_token"].get<int64_t>()) + " active per token");
   std::string bytes;

@@ -458,8 +458,10 @@ TEST_F(Cli, PruningDeepSeekV3DropsTheGroupLimit) {
   EXPECT_EQ(cfg["n_group"], 1);
   EXPECT_EQ(cfg["topk_group"], 1);
   const json s = json::parse(r.out);
-  ASSERT_EQ(s["notes"].size(), 1u);
+  // The second note: the multi-token-prediction layer kept layer 2's experts (tests/cli/field_test.cpp).
+  ASSERT_EQ(s["notes"].size(), 2u);
   EXPECT_NE(s["notes"][0].get<std::string>().find("n_group 2 -> 1"), std::string::npos) << s["notes"];
+  EXPECT_NE(s["notes"][1].get<std::string>().find("multi-token-prediction layer(s) [3]"), std::string::npos) << s["notes"];
   EXPECT_EQ(read_json(tmp / "out3" / "moe_tool_report.json")["notes"], s["notes"]);
   // Keeping every expert keeps the groups.
   const RunResult same = run_tool({"-q", "prune", dir.string(), (tmp / "out4").string(), "--method", "random", "--keep", "4", "--json"});
