@@ -300,7 +300,11 @@ Model Model::load(const io::Checkpoint& ckpt) {
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": layer " + std::to_string(idx) +
                                 " but num_hidden_layers is " + std::to_string(d.layers));
     }
-    m.extras_.emplace_back(name, ckpt.tensor(name));
+    // A block-scaled FP8 weight among the extras (e.g. the experts of a DeepSeek-V3 MTP layer)
+    // carries its scale as the decoder layers' weights do, so --dtype dequantizes it and the
+    // passes keep codes and scales together; the scale is not an extra of its own.
+    if (name.ends_with("_scale_inv") && ckpt.has(name.substr(0, name.size() - 10))) continue;
+    m.extras_.emplace_back(name, *pick.get(name, true, "extra tensor"));
   }
   check_mtp_layers(m, ckpt, n_experts, width);
   return m;

@@ -389,6 +389,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       if (written_names.count(o.name)) continue;
       rest.push_back(o);
       if (auto it = extras.find(o.name); it != extras.end()) rest.back().make = [t = it->second] { return t; };
+      // The block scale of an FP8 extra kept as FP8 (written after its weight by push_out).
+      if (o.name.ends_with("_scale_inv"))
+        if (auto it = extras.find(o.name.substr(0, o.name.size() - 10)); it != extras.end() && it->second.block_scale())
+          rest.back().make = [sc = it->second.block_scale()->scale] { return *sc; };
     }
     write_outputs(rest);
   }

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -267,6 +268,44 @@ TEST_F(Field, MtpLayerPrunedWithTheLastDecoderLayersKeepMap) {
   uint64_t written = 0;
   for (const auto& [name, t] : out) written += t.bytes.size();
   EXPECT_EQ(json::parse(r.out)["bytes"]["after"].get<uint64_t>(), written);
+}
+
+// Block-scaled FP8 MTP experts: prune keeps codes and scales of the kept experts together;
+// convert --dtype dequantizes them like every other FP8 weight (no F8 left, no scales).
+TEST_F(Field, MtpLayerFp8ExpertsFollowTheirScales) {
+  SynthSpec spec{.config_patch = {{"quantization_config",
+                                   {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {8, 8}}}}}};
+  for (int64_t e = 0; e < 4; ++e)
+    for (const char* part : {"gate_proj", "up_proj", "down_proj"}) {
+      const std::string name = "model.layers.3.mlp.experts." + std::to_string(e) + "." + part + ".weight";
+      const core::Shape shape = std::string(part) == "down_proj" ? core::Shape{32, 16} : core::Shape{16, 32};
+      spec.extra.push_back(synth_tensor(name, DType::F8_E4M3, shape, 40 + e));
+      SynthTensor sc = synth_tensor(name + "_scale_inv", DType::F32, {shape[0] / 8, shape[1] / 8}, 50 + e);
+      auto* f = reinterpret_cast<float*>(sc.data.data());
+      for (int64_t i = 0; i < core::shape_numel(sc.shape); ++i) f[i] = 0.01f + std::fabs(f[i]);
+      spec.extra.push_back(sc);
+    }
+  const SynthCheckpoint ck = make_synth("deepseek_v3", spec);
+  write_synth(ck, tmp / "in", {.tokenizer = true});
+  expect_ok(run_tool({"-q", "prune", (tmp / "in").string(), (tmp / "out").string(), "--method", "random", "--keep", "2",
+                      "--seed", "5"}));
+  const auto kept = read_json(tmp / "out" / "moe_tool_report.json")["layers"][2]["passes"][0]["kept"].get<std::vector<int>>();
+  const TensorMap in = synth_tensors(ck), out = read_tensors(tmp / "out");
+  for (int j = 0; j < 2; ++j)
+    for (const char* suffix : {".weight", ".weight_scale_inv"}) {
+      const std::string a = "model.layers.3.mlp.experts." + std::to_string(kept[j]) + ".up_proj" + suffix;
+      const std::string b = "model.layers.3.mlp.experts." + std::to_string(j) + ".up_proj" + suffix;
+      EXPECT_EQ(out.at(b), in.at(a)) << a << " -> " << b;
+    }
+  EXPECT_EQ(out.count("model.layers.3.mlp.experts.2.up_proj.weight_scale_inv"), 0u);
+  expect_ok(run_tool({"-q", "convert", (tmp / "in").string(), (tmp / "bf16").string(), "--dtype", "bf16"}));
+  const TensorMap deq = read_tensors(tmp / "bf16");
+  for (const auto& [name, t] : deq) {
+    EXPECT_NE(t.dtype, DType::F8_E4M3) << name;
+    EXPECT_FALSE(name.ends_with("_scale_inv")) << name;
+  }
+  EXPECT_EQ(deq.at("model.layers.3.mlp.experts.1.down_proj.weight").dtype, DType::BF16);
+  EXPECT_FALSE(read_json(tmp / "bf16" / "config.json").contains("quantization_config"));
 }
 
 TEST_F(Field, MtpLayerRefusesMerge) {
