@@ -100,7 +100,7 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
                   << " MoE layers, " << core::format_bytes(static_cast<double>(r.file_bytes)) << " in " << r.seconds
                   << " s (" << static_cast<int64_t>(tps) << " tokens/s); super experts:";
         if (supers.empty()) std::cout << " none";
-        for (const auto& s : supers) std::cout << " L" << s["layer"].get<int>() << "/E" << s["expert"].get<int>();
+        for (const auto& s : supers) std::cout << " L" << s.at("layer").get<int>() << "/E" << s.at("expert").get<int>();
         std::cout << "\n";
       }
       return 0;

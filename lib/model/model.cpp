@@ -37,19 +37,19 @@ namespace {
 // the checkpoint's block-scaled FP8 weights, or nullopt when the config has no fp8 quantization.
 std::optional<std::pair<int64_t, int64_t>> fp8_block_size(const Config& c) {
   const nlohmann::json& j = c.json();
-  if (!j.contains("quantization_config") || !j["quantization_config"].is_object()) return std::nullopt;
-  const nlohmann::json& q = j["quantization_config"];
+  if (!j.contains("quantization_config") || !j.at("quantization_config").is_object()) return std::nullopt;
+  const nlohmann::json& q = j.at("quantization_config");
   if (q.value("quant_method", "") != "fp8") return std::nullopt;
   const std::string where = c.source() + ": quantization_config";
   if (!q.contains("weight_block_size"))
     throw Error::unsupported(where + ": fp8 without weight_block_size (per-tensor FP8 scales) is not supported; only "
                              "block-scaled FP8 (weight_scale_inv) is");
-  const nlohmann::json& b = q["weight_block_size"];
+  const nlohmann::json& b = q.at("weight_block_size");
   if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
       b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1)
     throw Error::corruption(where + ".weight_block_size: expected two positive integers, found " + b.dump());
-  if (q.contains("fmt") && q["fmt"] != "e4m3")
-    throw Error::unsupported(where + ".fmt: " + q["fmt"].dump() + " (only e4m3 block-scaled FP8 is read)");
+  if (q.contains("fmt") && q.at("fmt") != "e4m3")
+    throw Error::unsupported(where + ".fmt: " + q.at("fmt").dump() + " (only e4m3 block-scaled FP8 is read)");
   return std::make_pair(b[0].get<int64_t>(), b[1].get<int64_t>());
 }
 

@@ -106,13 +106,13 @@ json compose_origin(int64_t experts_in, int64_t experts_out, const json& pass_re
   for (const auto& pr : pass_reports) {
     std::vector<std::vector<std::pair<int, double>>> next;
     if (pr.contains("kept")) {
-      for (int k : pr["kept"].get<std::vector<int>>()) next.push_back(m.at(static_cast<size_t>(k)));
+      for (int k : pr.at("kept").get<std::vector<int>>()) next.push_back(m.at(static_cast<size_t>(k)));
     } else if (pr.contains("groups")) {
-      const json& g = pr["groups"];
+      const json& g = pr.at("groups");
       for (size_t j = 0; j < g.size(); ++j) {
         std::map<int, double> acc;
         for (size_t i = 0; i < g[j].size(); ++i)
-          for (const auto& [src, w] : m.at(g[j][i].get<size_t>())) acc[src] += pr["weights"][j][i].get<double>() * w;
+          for (const auto& [src, w] : m.at(g[j][i].get<size_t>())) acc[src] += pr.at("weights").at(j).at(i).get<double>() * w;
         next.emplace_back(acc.begin(), acc.end());
       }
     } else {
@@ -407,7 +407,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   json notes = json::array();
   const json& old_config = original.config().json();
   if (old_config.value("n_group", 1) > 1 && new_config.value("n_group", 1) == 1)
-    notes.push_back("config: n_group " + old_config["n_group"].dump() + " -> 1 and topk_group " +
+    notes.push_back("config: n_group " + old_config.at("n_group").dump() + " -> 1 and topk_group " +
                     old_config.value("topk_group", json(1)).dump() +
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");

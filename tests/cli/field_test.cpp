@@ -66,9 +66,9 @@ TEST_F(Field, DenseLayersQwen2MoeEveryCommand) {
   EXPECT_TRUE(contains(r.out, "L0 dense  L1 4->2  L2 4->2")) << r.out;
   EXPECT_EQ(read_json(tmp / "pruned" / "config.json")["num_experts"], 2);
   const json report = read_json(tmp / "pruned" / "moe_tool_report.json");
-  EXPECT_EQ(report["layers"][0]["dense"], true);
-  EXPECT_FALSE(report["layers"][0].contains("passes"));
-  EXPECT_EQ(report["layers"][1]["experts_after"], 2);
+  EXPECT_EQ(report.at("layers")[0].at("dense"), true);
+  EXPECT_FALSE(report.at("layers")[0].contains("passes"));
+  EXPECT_EQ(report.at("layers")[1].at("experts_after"), 2);
   expect_ok(run_tool({"inspect", (tmp / "pruned").string()}));
 
   r = run_tool({"-q", "prune", in.string(), (tmp / "dry").string(), "--method", "random", "--keep", "2", "--dry-run"});
@@ -79,8 +79,8 @@ TEST_F(Field, DenseLayersQwen2MoeEveryCommand) {
   r = run_tool({"-q", "prune", in.string(), (tmp / "pruned-json").string(), "--method", "random", "--keep", "3", "--json"});
   expect_ok(r);
   const json s = json::parse(r.out);
-  EXPECT_EQ(s["layers"][0], (json{{"layer", 0}, {"dense", true}}));
-  EXPECT_EQ(s["layers"][2]["experts_after"], 3);
+  EXPECT_EQ(s.at("layers")[0], (json{{"layer", 0}, {"dense", true}}));
+  EXPECT_EQ(s.at("layers")[2].at("experts_after"), 3);
 
   r = run_tool({"-q", "merge", in.string(), (tmp / "merged").string(), "--method", "hcsmoe", "--experts", "2", "--text",
                 kCalib, "--ctx", "32", "--windows", "4"});
@@ -196,14 +196,14 @@ TEST_F(Field, DtypeKeyFollowsTheInput) {
     expect_ok(run_tool({"-q", "convert", (t / "in").string(), (t / "out").string(), "--dtype", "f16"}));
     const json cfg = read_json(t / "out" / "config.json");
     EXPECT_EQ(cfg.contains("dtype"), c.dtype);
-    if (c.dtype) { EXPECT_EQ(cfg["dtype"], "float16"); }
+    if (c.dtype) { EXPECT_EQ(cfg.at("dtype"), "float16"); }
     EXPECT_EQ(cfg.contains("torch_dtype"), c.torch_dtype);
-    if (c.torch_dtype) { EXPECT_EQ(cfg["torch_dtype"], "float16"); }
+    if (c.torch_dtype) { EXPECT_EQ(cfg.at("torch_dtype"), "float16"); }
     expect_ok(run_tool({"-q", "prune", (t / "in").string(), (t / "pruned").string(), "--method", "random", "--keep", "2",
                         "--dtype", "f32"}));
     const json pc = read_json(t / "pruned" / "config.json");
-    if (c.dtype) { EXPECT_EQ(pc["dtype"], "float32"); }
-    if (c.torch_dtype) { EXPECT_EQ(pc["torch_dtype"], "float32"); }
+    if (c.dtype) { EXPECT_EQ(pc.at("dtype"), "float32"); }
+    if (c.torch_dtype) { EXPECT_EQ(pc.at("torch_dtype"), "float32"); }
     EXPECT_EQ(pc.contains("dtype"), c.dtype);
   }
 }
@@ -235,11 +235,11 @@ TEST_F(Field, MtpLayerPrunedWithTheLastDecoderLayersKeepMap) {
                 "2", "--seed", "3"});
   expect_ok(r);
   const json report = read_json(tmp / "out" / "moe_tool_report.json");
-  const auto kept = report["layers"][2]["passes"][0]["kept"].get<std::vector<int>>();
+  const auto kept = report.at("layers")[2].at("passes")[0].at("kept").get<std::vector<int>>();
   ASSERT_EQ(kept.size(), 2u);
-  EXPECT_TRUE(contains(report["notes"].dump(), "multi-token-prediction layer(s) [3]: kept experts " + json(kept).dump() +
+  EXPECT_TRUE(contains(report.at("notes").dump(), "multi-token-prediction layer(s) [3]: kept experts " + json(kept).dump() +
                                                     ", the keep-map of layer 2"))
-      << report["notes"].dump();
+      << report.at("notes").dump();
   const TensorMap in = synth_tensors(ck), out = read_tensors(tmp / "out");
   const auto& router_in = in.at("model.layers.3.mlp.gate.weight");
   const auto& router_out = out.at("model.layers.3.mlp.gate.weight");
@@ -396,7 +396,7 @@ TEST_F(Field, EvalSpecialTokenConvention) {
   RunResult r = run_tool({"-q", "eval", model, "--text", text.string(), "--ctx", "32", "--max-windows", "2", "--json"});
   expect_ok(r);
   const json plain = json::parse(r.out);
-  EXPECT_TRUE(contains(plain["convention"], "2 special-token strings in the text read as plain text")) << plain.dump();
+  EXPECT_TRUE(contains(plain.at("convention"), "2 special-token strings in the text read as plain text")) << plain.dump();
   r = run_tool({"-q", "eval", model, "--text", text.string(), "--ctx", "32", "--max-windows", "2", "--json", "--parse-special"});
   expect_ok(r);
   EXPECT_TRUE(contains(json::parse(r.out)["convention"], "2 special-token strings in the text read as special ids"));
@@ -474,9 +474,9 @@ TEST_F(Field, QualityGateFailsWithExit3AndKeepsTheCheckpoint) {
   EXPECT_TRUE(contains(r.err, "checkpoint kept: " + (tmp / "out").string())) << r.err;
   EXPECT_TRUE(contains(r.out, "gate     FAILED eval.max_kl")) << r.out;
   const json report = read_json(tmp / "out" / "moe_tool_report.json");
-  EXPECT_EQ(report["quality_gate"]["passed"], false);
-  ASSERT_EQ(report["quality_gate"]["failed"].size(), 1u);  // the ratio bound held
-  EXPECT_GT(report["eval"]["kl_mean"].get<double>(), 0.0);
+  EXPECT_EQ(report.at("quality_gate").at("passed"), false);
+  ASSERT_EQ(report.at("quality_gate").at("failed").size(), 1u);  // the ratio bound held
+  EXPECT_GT(report.at("eval").at("kl_mean").get<double>(), 0.0);
   expect_ok(run_tool({"inspect", (tmp / "out").string()}));
 
   write_file(recipe, gate_recipe(tmp / "in", tmp / "out2", {{"max_kl", 1e9}, {"min_top1", 0.0}, {"max_ppl_ratio", 1e9}}).dump());

@@ -137,7 +137,7 @@ TEST(RopeParameters, Qwen2MoeTinyRewrittenEvaluatesTheSame) {
     return d;
   };
   const json orig = json::parse(read_file(src / "config.json"));
-  ASSERT_EQ(orig["rope_theta"], 1e6);
+  ASSERT_EQ(orig.at("rope_theta"), 1e6);
   const fs::path v5 = copy_with("v5", {{"rope_theta", nullptr},
                                        {"rope_scaling", nullptr},
                                        {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 1e6}}}});
