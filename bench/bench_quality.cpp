@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
             const json s = moe::pipeline::run_recipe(r, ro);
             secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const json& e = s.at("eval");
-            base = e["perplexity_before"].get<double>();
+            base = e.at("perplexity_before").get<double>();
             if (!original_row) {
               out["rows"].push_back({{"model", name}, {"experts", 8}, {"pass", "original"}, {"perplexity", base}});
               char buf[160];
@@ -141,14 +141,14 @@ int main(int argc, char** argv) {
               md << buf;
               original_row = true;
             }
-            const double p = e["perplexity_after"].get<double>();
+            const double p = e.at("perplexity_after").get<double>();
             per_seed.push_back(p);
             ppl += p / runs;
-            kl += e["kl_mean"].get<double>() / runs;
-            top1 += e["top1_agreement"].get<double>() / runs;
+            kl += e.at("kl_mean").get<double>() / runs;
+            top1 += e.at("top1_agreement").get<double>() / runs;
             lo = std::min(lo, p);
             hi = std::max(hi, p);
-            scored = e["tokens_scored"].get<int64_t>();
+            scored = e.at("tokens_scored").get<int64_t>();
           }
           if (c.method == "random") random_mean = ppl;
           const std::string router = c.router + (c.importance.empty() ? "" : ", importance: " + c.importance) +

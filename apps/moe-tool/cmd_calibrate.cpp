@@ -7,6 +7,7 @@
 #include "command.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "eval/eval.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
@@ -18,7 +19,7 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
     std::string model, text, out, sample = "first";
     int64_t ctx = 512, windows = 0, batch = 8, out_cos = 512, out_stride = 16;
     uint64_t seed = 0;
-    bool gram = false, routed_only = false, json = false;
+    bool gram = false, routed_only = false, json = false, strict_utf8 = false;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->model, "Checkpoint folder (config.json, safetensors, tokenizer.json)")->required();
@@ -40,14 +41,15 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
                  "an estimate; 1 = every token through every expert (exact, E/k times the routed expert compute)");
   sub.add_flag("--routed-only", o->routed_only,
                "Skip out_mean and out_cos, the statistics that run every expert on (sampled) tokens");
+  sub.add_flag("--strict-utf8", o->strict_utf8, "Refuse a text that is not valid UTF-8 (default: warn, read U+FFFD)");
   sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->model);
       auto model = model::Model::load(ckpt);
-      const std::string text = core::with_context("--text " + o->text, [&] { return env.read_text(o->text); });
-      auto tok = core::with_context(o->model, [&] { return tokenizer::Tokenizer::load(o->model); });
+      const std::string text = eval::read_text(o->text, o->strict_utf8);  // errors name the file once
+      auto tok = eval::load_tokenizer(o->model);  // its errors name the file
       const auto ids = tok.encode(text, false);
       calib::CalibrateOptions co;
       co.ctx = o->ctx;
@@ -98,7 +100,7 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
                   << " MoE layers, " << core::format_bytes(static_cast<double>(r.file_bytes)) << " in " << r.seconds
                   << " s (" << static_cast<int64_t>(tps) << " tokens/s); super experts:";
         if (supers.empty()) std::cout << " none";
-        for (const auto& s : supers) std::cout << " L" << s["layer"].get<int>() << "/E" << s["expert"].get<int>();
+        for (const auto& s : supers) std::cout << " L" << s.at("layer").get<int>() << "/E" << s.at("expert").get<int>();
         std::cout << "\n";
       }
       return 0;

@@ -16,7 +16,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
     std::string model, text, against;
     eval::EvalOptions e;
-    bool ctx_given = false, json = false;
+    bool ctx_given = false, json = false, strict_utf8 = false;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->model, "Checkpoint folder (config.json + safetensors + tokenizer)")->required();
@@ -27,12 +27,16 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_flag("--json", o->json, "Print JSON");
   sub.add_flag("--llama-cpp-compatible", o->e.llama_cpp,
                "llama-perplexity convention: BOS first, score the second half of each window");
+  sub.add_flag("--parse-special", o->e.parse_special,
+               "Read special-token strings in the text (e.g. <|endoftext|>) as their special ids; by default they "
+               "are plain text (never with --llama-cpp-compatible, as llama-perplexity)");
+  sub.add_flag("--strict-utf8", o->strict_utf8, "Refuse a text that is not valid UTF-8 (default: warn, read U+FFFD)");
   sub.add_option("--against", o->against, "Reference model (owns the tokenizer): KL(ref||model), top-1 agreement");
   sub.add_flag("--force", o->e.force, "Allow --ctx beyond max_position_embeddings (with a warning)");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       o->e.quiet = flags.quiet;
-      const std::string text = eval::read_text(o->text);
+      const std::string text = eval::read_text(o->text, o->strict_utf8);
       auto ckpt = io::Checkpoint::open(io::Env::posix(), o->model);
       auto model = model::Model::load(ckpt);
       std::optional<io::Checkpoint> ref_ckpt;

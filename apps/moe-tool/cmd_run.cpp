@@ -1,5 +1,6 @@
 // `run RECIPE.json`, and the one-pass subcommands `prune`, `merge` and `factorize`, which build a recipe from
 // their flags: every way in goes through the same validation and runner.
+#include <cstdio>
 #include <iostream>
 
 #include "command.h"
@@ -54,34 +55,122 @@ nlohmann::json recipe_json(const OnePass& o, nlohmann::json pass) {
   return r;
 }
 
+// Prints a run's summary (JSON pretty, one compact line per run in a batch, or text). The
+// checkpoint is already in place: a failure to render must not turn the run into a failure, so
+// it falls back to the JSON and says so.
+void print_summary(const nlohmann::json& summary, bool json, bool one_line) {
+  if (json) {
+    std::cout << (one_line ? summary.dump() : summary.dump(2)) << "\n";
+    return;
+  }
+  std::string text;
+  try {
+    text = pipeline::render_run_summary(summary);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moe-tool: warning: the summary could not be rendered (%s); printed as JSON\n", e.what());
+    text = summary.dump(2) + "\n";
+  }
+  std::cout << text;
+}
+
+// Exit status of a finished run: 0, or 3 when a quality gate failed (one line on stderr naming
+// the bound; the checkpoint is kept and its report says so).
+int gate_exit(const nlohmann::json& summary, const std::string& label) {
+  if (!summary.contains("quality_gate") || summary.at("quality_gate").at("passed").get<bool>()) return kExitOk;
+  const auto& failed = summary.at("quality_gate").at("failed");
+  std::string line;
+  for (const auto& f : failed) line += (line.empty() ? "" : "; ") + f.get<std::string>();
+  std::fprintf(stderr, "moe-tool: quality gate failed: %s%s (checkpoint kept: %s)\n", label.empty() ? "" : (label + ": ").c_str(),
+               line.c_str(), summary.at("output").get<std::string>().c_str());
+  return kExitQualityGate;
+}
+
 int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const std::string& command) {
   pipeline::RunOptions opts;
   opts.dry_run = dry_run;
   opts.quiet = quiet;
   opts.command = command;
   const auto summary = pipeline::run_recipe(recipe, opts);
-  if (json) std::cout << summary.dump(2) << "\n";
-  else std::cout << pipeline::render_run_summary(summary);
-  return 0;
+  print_summary(summary, json, false);
+  return gate_exit(summary, "");
+}
+
+// Severity of an exit status, to pick a batch's worst: internal (1) > bad input (2) > quality
+// gate (3) > ok (0).
+int severity(int code) {
+  switch (code) {
+    case kExitOk: return 0;
+    case kExitQualityGate: return 1;
+    case kExitBadInput: return 2;
+    default: return 3;
+  }
 }
 
 }  // namespace
 
 void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string recipe;
+    std::vector<std::string> recipes;
     std::vector<std::string> sets;
     bool dry_run = false, json = false;
   };
   auto o = std::make_shared<Opts>();
-  sub.add_option("RECIPE", o->recipe, "Recipe JSON file")->required();
-  sub.add_option("--set", o->sets, "Override a recipe value: path=value (e.g. passes[0].keep=4), repeatable");
+  sub.add_option("RECIPE", o->recipes,
+                 "Recipe JSON file(s); several run one after the other, each to the end whatever the others did, and "
+                 "the exit status is the worst (1 > 2 > 3 > 0)")
+      ->required();
+  sub.add_option("--set", o->sets, "Override a recipe value: path=value (e.g. passes[0].keep=4), repeatable, applied to every recipe");
   sub.add_flag("--dry-run", o->dry_run, "Validate and print the plan; compute and write nothing");
-  sub.add_flag("--json", o->json, "Print the result as JSON");
+  sub.add_flag("--json", o->json, "Print the result as JSON (one line per run when several recipes are given)");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
-      auto recipe = pipeline::load_recipe(o->recipe, o->sets);
-      return execute(recipe, o->dry_run, o->json, flags.quiet, "moe-tool run " + o->recipe);
+      if (o->recipes.size() == 1) {
+        auto recipe = pipeline::load_recipe(o->recipes[0], o->sets);
+        return execute(recipe, o->dry_run, o->json, flags.quiet, "moe-tool run " + o->recipes[0]);
+      }
+      // A batch: every recipe runs; a failing one prints its error line (and, with --json, a JSON
+      // line {"recipe", "exit", "error"}) and leaves no output behind, as a single run would.
+      int worst = kExitOk;
+      for (const auto& file : o->recipes) {
+        nlohmann::json line = {{"recipe", file}};
+        int code = kExitOk;
+        try {
+          auto recipe = pipeline::load_recipe(file, o->sets);
+          pipeline::RunOptions opts;
+          opts.dry_run = o->dry_run;
+          opts.quiet = flags.quiet;
+          opts.command = "moe-tool run " + file;
+          const auto summary = pipeline::run_recipe(recipe, opts);
+          if (!o->json) std::cout << "== " << file << "\n";
+          code = gate_exit(summary, file);
+          if (o->json) {
+            line["exit"] = code;
+            line["summary"] = summary;
+            print_summary(line, true, true);
+          } else {
+            print_summary(summary, false, false);
+          }
+        } catch (const core::Error& e) {
+          code = e.exit_code();
+          std::fprintf(stderr, "moe-tool: error: %s\n", e.message().c_str());
+          line["error"] = e.message();
+        } catch (const std::bad_alloc&) {
+          code = kExitInternal;
+          std::fprintf(stderr, "moe-tool: error: %s: out of memory\n", file.c_str());
+          line["error"] = "out of memory";
+        } catch (const std::exception& e) {
+          code = kExitInternal;
+          std::fprintf(stderr, "moe-tool: internal error: %s: %s\n", file.c_str(), e.what());
+          line["error"] = std::string("internal error: ") + e.what();
+        }
+        if (code != kExitOk && line.contains("error") && o->json) {
+          line["exit"] = code;
+          std::cout << line.dump() << "\n";
+        }
+        std::cout.flush();
+        if (severity(code) > severity(worst)) worst = code;
+      }
+      return worst;
     };
   });
 }

@@ -24,6 +24,10 @@ const Command kCommands[] = {
 
 int run_main(int argc, char** argv) {
   CLI::App app{"moe-tool: compress and transform Mixture-of-Experts checkpoints", "moe-tool"};
+  app.footer(
+      "Exit status: 0 done (a written checkpoint is in place); 1 internal error (a bug); 2 bad input (one line on "
+      "stderr naming the file, tensor or JSON path; nothing written); 3 run: the written model missed a recipe "
+      "quality gate (eval.max_ppl_ratio / max_kl / min_top1; checkpoint kept, its report says so).");
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("moe-tool ") + MOE_TOOL_VERSION);
   GlobalFlags flags;
@@ -52,20 +56,20 @@ int run_main(int argc, char** argv) {
       msg += ")";
     }
     std::fprintf(stderr, "moe-tool: error: %s\n", msg.c_str());
-    return 2;
+    return kExitBadInput;
   }
   core::Progress::global_quiet() = flags.quiet;
   try {
-    return handler ? handler() : 2;
+    return handler ? handler() : kExitBadInput;
   } catch (const core::Error& e) {
     std::fprintf(stderr, "moe-tool: error: %s\n", e.message().c_str());
     return e.exit_code();
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "moe-tool: error: out of memory\n");
-    return 1;
+    return kExitInternal;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moe-tool: internal error: %s\n", e.what());
-    return 1;
+    return kExitInternal;
   }
 }
 

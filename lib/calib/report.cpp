@@ -94,9 +94,9 @@ nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, i
 
 std::string render_stats_summary(const nlohmann::ordered_json& j) {
   std::ostringstream o;
-  const auto& m = j["metadata"];
-  auto mv = [&](const char* k) { return m.contains(k) ? m[k].get<std::string>() : std::string("?"); };
-  o << "stats " << j["file"].get<std::string>() << ": " << mv("family") << ", " << mv("num_layers") << " layers, "
+  const auto& m = j.at("metadata");
+  auto mv = [&](const char* k) { return m.contains(k) ? m.at(k).get<std::string>() : std::string("?"); };
+  o << "stats " << j.at("file").get<std::string>() << ": " << mv("family") << ", " << mv("num_layers") << " layers, "
     << mv("tokens") << " tokens (" << mv("windows") << " windows x " << mv("ctx") << ", " << mv("sample");
   if (mv("sample") == "random") o << " seed " << mv("seed");
   o << "), model " << mv("model_fingerprint") << ", text sha256 " << mv("text_sha256").substr(0, 16) << "...";
@@ -105,36 +105,36 @@ std::string render_stats_summary(const nlohmann::ordered_json& j) {
   o << "\n";
   if (mv("routed_only") != "true") {
     // Files made before out_stride was recorded used every token.
-    const std::string stride = m.contains("out_stride") ? m["out_stride"].get<std::string>() : "1";
+    const std::string stride = m.contains("out_stride") ? m.at("out_stride").get<std::string>() : "1";
     o << "out_mean: ";
     if (stride == "1") o << "every token through every expert";
     else o << "routed tokens exact + every " << ordinal(stride) << " token for the rest";
     o << "; out_cos: first " << mv("out_cos_tokens") << (stride == "1" ? " tokens" : " sampled tokens") << "\n";
   }
   o << "super experts:";
-  if (j["super_experts"].empty()) o << " none";
-  for (const auto& s : j["super_experts"])
-    o << " layer " << s["layer"].get<int>() << " expert " << s["expert"].get<int>() << " (out_absmax "
-      << fmt("%.4g", s["out_absmax"].get<double>()) << ");";
+  if (j.at("super_experts").empty()) o << " none";
+  for (const auto& s : j.at("super_experts"))
+    o << " layer " << s.at("layer").get<int>() << " expert " << s.at("expert").get<int>() << " (out_absmax "
+      << fmt("%.4g", s.at("out_absmax").get<double>()) << ");";
   o << "\n";
-  for (const auto& L : j["layers"]) {
-    o << "\nlayer " << L["layer"].get<int>() << ": " << L["experts"].get<int>() << " experts, top-"
-      << fmt("%.3g", L["top_k"].get<double>()) << ", " << L["tokens"].get<int64_t>()
-      << " tokens, load imbalance (max/mean count) " << fmt("%.3f", L["load_imbalance"].get<double>()) << "\n";
+  for (const auto& L : j.at("layers")) {
+    o << "\nlayer " << L.at("layer").get<int>() << ": " << L.at("experts").get<int>() << " experts, top-"
+      << fmt("%.3g", L.at("top_k").get<double>()) << ", " << L.at("tokens").get<int64_t>()
+      << " tokens, load imbalance (max/mean count) " << fmt("%.3f", L.at("load_imbalance").get<double>()) << "\n";
     o << "  expert   count%  weight%  saliency%        reap  out_absmax  super\n";
-    for (const auto& e : L["expert_usage"]) {
+    for (const auto& e : L.at("expert_usage")) {
       char b[192];
-      std::snprintf(b, sizeof b, "  %6d  %7.2f  %7.2f  %9.2f  %10.4g  %10.4g  %s\n", e["expert"].get<int>(),
-                    100.0 * e["count_share"].get<double>(), 100.0 * e["weight_share"].get<double>(),
-                    100.0 * e["saliency_share"].get<double>(), e["reap"].get<double>(), e["out_absmax"].get<double>(),
-                    e["super"].get<bool>() ? "yes" : "");
+      std::snprintf(b, sizeof b, "  %6d  %7.2f  %7.2f  %9.2f  %10.4g  %10.4g  %s\n", e.at("expert").get<int>(),
+                    100.0 * e.at("count_share").get<double>(), 100.0 * e.at("weight_share").get<double>(),
+                    100.0 * e.at("saliency_share").get<double>(), e.at("reap").get<double>(), e.at("out_absmax").get<double>(),
+                    e.at("super").get<bool>() ? "yes" : "");
       o << b;
     }
     auto pairs = [&](const char* key, const char* label) {
       if (!L.contains(key)) return;
       o << "  most similar by " << label << ":";
-      for (const auto& p : L[key])
-        o << " " << p["a"].get<int>() << "-" << p["b"].get<int>() << " " << fmt("%.4f", p["value"].get<double>())
+      for (const auto& p : L.at(key))
+        o << " " << p.at("a").get<int>() << "-" << p.at("b").get<int>() << " " << fmt("%.4f", p.at("value").get<double>())
           << ";";
       o << "\n";
     };

@@ -88,8 +88,10 @@ std::string Stats::meta(const std::string& key, const std::string& fallback) con
 Stats Stats::load(const std::filesystem::path& path) { return load(path, true); }
 
 Stats Stats::load(const std::filesystem::path& path, bool with_gram) {
+  // The file's own errors (missing, malformed header) name the path already; the frame below adds
+  // it to the errors about its contents.
+  auto file = io::SafetensorsFile::open(io::Env::posix(), path);
   return core::with_context(path.string(), [&] {
-    auto file = io::SafetensorsFile::open(io::Env::posix(), path);
     Stats s;
     s.source = path;
     s.metadata = file->header().metadata;

@@ -12,13 +12,35 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "runtime/forward.h"
+#include "tokenizer/utf8.h"
 
 namespace moe::eval {
 
 using core::Error;
 using runtime::MatrixRM;
 
-std::string read_text(const std::filesystem::path& path) {
+void check_utf8(std::string_view text, const std::string& source, bool strict) {
+  if (tokenizer::is_valid_utf8(text)) return;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t n = tokenizer::valid_sequence_length(text, pos);
+    if (n == 0) break;
+    pos += n;
+  }
+  const std::string what = source + ": not valid UTF-8 (first bad byte sequence at byte offset " + std::to_string(pos) + ")";
+  if (strict) throw Error::invalid(what + "; --strict-utf8 refuses such text");
+  std::fprintf(stderr, "moe-tool: warning: %s; every invalid sequence is read as U+FFFD (--strict-utf8 refuses)\n",
+               what.c_str());
+}
+
+int64_t count_special_strings(const tokenizer::Tokenizer& tok, std::string_view text) {
+  int64_t n = 0;
+  for (const std::string& s : tok.special_tokens())
+    for (size_t p = text.find(s); p != std::string_view::npos; p = text.find(s, p + s.size())) ++n;
+  return n;
+}
+
+std::string read_text(const std::filesystem::path& path, bool strict_utf8) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) throw Error::not_found(path.string() + ": text file not found");
   if (std::filesystem::is_directory(path, ec)) throw Error::invalid(path.string() + ": is a directory, not a text file");
@@ -29,6 +51,7 @@ std::string read_text(const std::filesystem::path& path) {
   if (f.bad()) throw Error::io(path.string() + ": read error");
   std::string s = ss.str();
   if (s.empty()) throw Error::invalid(path.string() + ": text file is empty");
+  check_utf8(s, path.string(), strict_utf8);
   return s;
 }
 
@@ -44,13 +67,28 @@ Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, c
   if (o.llama_cpp && o.ctx < 3) throw Error::invalid("--llama-cpp-compatible needs --ctx of at least 3");
   if (o.max_windows < 0) throw Error::invalid("--max-windows must be positive");
   if (o.batch_windows < 0) throw Error::invalid("--batch-windows must be positive");
+  if (o.llama_cpp && o.parse_special)
+    throw Error::invalid("--parse-special contradicts --llama-cpp-compatible (llama-perplexity tokenizes the text "
+                         "without parsing special tokens)");
   Windows w;
   w.ctx = o.ctx;
-  std::vector<int32_t> all = tok.encode(text, /*add_special=*/o.llama_cpp);
+  const bool parse = o.parse_special && !o.llama_cpp;
+  std::vector<int32_t> all = tok.encode(text, /*add_special=*/o.llama_cpp, parse);
+  const int64_t specials = count_special_strings(tok, text);
+  const std::string special_note =
+      specials == 0 ? "no special-token strings in the text"
+      : parse ? std::to_string(specials) + " special-token strings in the text read as special ids (--parse-special)"
+              : std::to_string(specials) + " special-token strings in the text read as plain text" +
+                    (o.llama_cpp ? std::string(" (as llama-perplexity does)") : std::string(" (--parse-special reads them as special ids)"));
   w.text_tokens = static_cast<int64_t>(all.size());
   if (w.text_tokens < o.ctx)
     throw Error::invalid("text has " + std::to_string(w.text_tokens) + " tokens, fewer than one window of --ctx " +
                          std::to_string(o.ctx));
+  if (o.llama_cpp && w.text_tokens < 2 * o.ctx)
+    std::fprintf(stderr,
+                 "moe-tool: warning: --llama-cpp-compatible: the text has %lld tokens, fewer than 2 x --ctx (%lld); "
+                 "llama-perplexity refuses such a text, this run scores its %lld complete window(s)\n",
+                 (long long)w.text_tokens, (long long)(2 * o.ctx), (long long)(w.text_tokens / o.ctx));
   w.windows = w.text_tokens / o.ctx;
   if (o.max_windows > 0) w.windows = std::min(w.windows, o.max_windows);
   w.tokens.assign(all.begin(), all.begin() + w.windows * o.ctx);
@@ -61,12 +99,13 @@ Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, c
     w.score_begin = o.ctx / 2;
     w.convention = "llama.cpp: text tokenized with special tokens, " +
                    std::string(bos ? "first token of each window replaced by BOS, " : "no BOS (tokenizer adds none), ") +
-                   "second half of each window scored (" + std::to_string(w.scored_per_window()) + " per window)";
+                   "second half of each window scored (" + std::to_string(w.scored_per_window()) + " per window); " +
+                   special_note;
   } else {
     w.score_begin = 0;
     w.convention = "every predictable position scored: token t+1 from tokens 0..t, " +
                    std::to_string(w.scored_per_window()) + " per window of " + std::to_string(o.ctx) +
-                   "; no BOS; non-overlapping windows, tail dropped";
+                   "; no BOS; non-overlapping windows, tail dropped; " + special_note;
   }
   return w;
 }

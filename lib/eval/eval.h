@@ -3,9 +3,12 @@
 // Windows: the whole text is tokenized once; non-overlapping windows of ctx tokens from token 0;
 // the incomplete tail is dropped. Positions restart at 0 in each window.
 // Default convention: every predictable position of each window is scored (ctx-1 per window:
-// token t+1 is predicted from tokens 0..t), text tokenized without special tokens.
+// token t+1 is predicted from tokens 0..t), text tokenized without special tokens added and with
+// special-token strings in the text (e.g. "<|endoftext|>") read as plain text unless
+// parse_special (`--parse-special`: they become their special ids); the convention line says which.
 // llama.cpp convention (`--llama-cpp-compatible`, as llama-perplexity): text tokenized with the
-// tokenizer's special tokens (BOS when it adds one), the first token of every window replaced by
+// tokenizer's special tokens added (BOS when it adds one) and special-token strings in the text
+// read as plain text (llama-perplexity does not parse them), the first token of every window replaced by
 // BOS when the tokenizer adds one, only the second half scored: logits at positions
 // ctx/2 .. ctx-2 predicting tokens ctx/2+1 .. ctx-1 (ctx-1-ctx/2 per window).
 // NLL and softmax are computed in double.
@@ -15,6 +18,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "model/model.h"
@@ -27,6 +31,7 @@ struct EvalOptions {
   int64_t max_windows = 0;    // 0: all
   int64_t batch_windows = 0;  // 0: automatic (memory-bounded)
   bool llama_cpp = false;
+  bool parse_special = false; // special-token strings in the text become special ids (default mode only)
   bool force = false;         // allow ctx beyond max_position_embeddings
   bool quiet = false;         // no progress on stderr
 };
@@ -40,8 +45,15 @@ struct Windows {
   int64_t scored_per_window() const { return ctx - 1 - score_begin; }
 };
 
-// Reads the text file; Error::invalid/io for an unreadable or empty file.
-std::string read_text(const std::filesystem::path& path);
+// Reads the text file; Error::invalid/io for an unreadable or empty file. Text that is not valid
+// UTF-8: see check_utf8.
+std::string read_text(const std::filesystem::path& path, bool strict_utf8 = false);
+// Invalid UTF-8 (the tokenizer replaces each invalid sequence by U+FFFD): with strict, refused
+// (Error::invalid naming the source and the byte offset of the first bad sequence); else a
+// warning saying the same on stderr.
+void check_utf8(std::string_view text, const std::string& source, bool strict);
+// How many times special-token strings occur in the text (non-overlapping, left to right).
+int64_t count_special_strings(const tokenizer::Tokenizer& tok, std::string_view text);
 // Loads the tokenizer of a model folder; Error::not_found naming the folder when absent.
 tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir);
 // Tokenizes and cuts windows. Error::invalid when fewer tokens than one window.

@@ -109,8 +109,14 @@ void qwen_style_experts(FamilyDesc& f, const std::string& count_key, const std::
 std::vector<FamilyDesc> build_families() {
   std::vector<FamilyDesc> v;
 
+  // Defaults below are those of transformers' configuration_<model_type>.py: rope_theta 10000
+  // and rms_norm_eps 1e-6 unless said otherwise.
   v.push_back(llama_base("llama", "LlamaForCausalLM"));
-  v.push_back(llama_base("mistral", "MistralForCausalLM"));
+  {
+    FamilyDesc f = llama_base("mistral", "MistralForCausalLM");
+    f.default_sliding_window = 4096;
+    v.push_back(f);
+  }
   {
     FamilyDesc f = llama_base("qwen2", "Qwen2ForCausalLM");
     qkv_bias_always(f);
@@ -119,6 +125,7 @@ std::vector<FamilyDesc> build_families() {
   {
     FamilyDesc f = llama_base("qwen3", "Qwen3ForCausalLM");
     qk_norm(f, QKNorm::PerHead);
+    f.default_head_dim = 128;
     v.push_back(f);
   }
   {
@@ -129,6 +136,8 @@ std::vector<FamilyDesc> build_families() {
     f.routing = Routing::SoftmaxTopK;
     f.norm_topk_default = true;
     f.norm_topk_forced = true;
+    f.default_rope_theta = 1e6;
+    f.default_rms_norm_eps = 1e-5;
     f.router = "block_sparse_moe.gate.weight";
     f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
     f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
@@ -158,6 +167,7 @@ std::vector<FamilyDesc> build_families() {
     FamilyDesc f = llama_base("olmoe", "OlmoeForCausalLM");
     qk_norm(f, QKNorm::Full);
     qwen_style_experts(f, "num_experts", "intermediate_size");
+    f.default_rms_norm_eps = 1e-5;
     v.push_back(f);
   }
   for (const char* type : {"deepseek_v2", "deepseek_v3"}) {

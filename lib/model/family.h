@@ -61,6 +61,13 @@ struct FamilyDesc {
   MoeLayerRule moe_layers = MoeLayerRule::All;
   bool extra_layers_allowed = false;  // deepseek_v3 multi-token-prediction layers past L
 
+  // transformers' defaults for keys a config.json may leave out (the family's
+  // configuration_<model_type>.py): the forward uses them when the key is absent or null.
+  double default_rope_theta = 10000.0;
+  double default_rms_norm_eps = 1e-6;
+  int64_t default_head_dim = 0;        // 0: hidden_size / num_attention_heads
+  int64_t default_sliding_window = 0;  // when the key is absent (a null value: no window); 0 none
+
   std::string layer_prefix = "model.layers.{l}.";
   std::vector<RoleName> layer_roles;  // attention and norms
   std::vector<RoleName> globals;      // embed, final norm, lm_head

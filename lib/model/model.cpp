@@ -38,19 +38,19 @@ namespace {
 // the checkpoint's block-scaled FP8 weights, or nullopt when the config has no fp8 quantization.
 std::optional<std::pair<int64_t, int64_t>> fp8_block_size(const Config& c) {
   const nlohmann::json& j = c.json();
-  if (!j.contains("quantization_config") || !j["quantization_config"].is_object()) return std::nullopt;
-  const nlohmann::json& q = j["quantization_config"];
+  if (!j.contains("quantization_config") || !j.at("quantization_config").is_object()) return std::nullopt;
+  const nlohmann::json& q = j.at("quantization_config");
   if (q.value("quant_method", "") != "fp8") return std::nullopt;
   const std::string where = c.source() + ": quantization_config";
   if (!q.contains("weight_block_size"))
     throw Error::unsupported(where + ": fp8 without weight_block_size (per-tensor FP8 scales) is not supported; only "
                              "block-scaled FP8 (weight_scale_inv) is");
-  const nlohmann::json& b = q["weight_block_size"];
+  const nlohmann::json& b = q.at("weight_block_size");
   if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
       b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1)
     throw Error::corruption(where + ".weight_block_size: expected two positive integers, found " + b.dump());
-  if (q.contains("fmt") && q["fmt"] != "e4m3")
-    throw Error::unsupported(where + ".fmt: " + q["fmt"].dump() + " (only e4m3 block-scaled FP8 is read)");
+  if (q.contains("fmt") && q.at("fmt") != "e4m3")
+    throw Error::unsupported(where + ".fmt: " + q.at("fmt").dump() + " (only e4m3 block-scaled FP8 is read)");
   return std::make_pair(b[0].get<int64_t>(), b[1].get<int64_t>());
 }
 
@@ -58,23 +58,23 @@ std::optional<std::pair<int64_t, int64_t>> fp8_block_size(const Config& c) {
 // encoded weights of a native moe-tool checkpoint (docs/FORMAT.md), or null.
 const nlohmann::json* native_weights(const Config& c) {
   const nlohmann::json& j = c.json();
-  if (!j.contains("quantization_config") || !j["quantization_config"].is_object()) return nullptr;
-  const nlohmann::json& q = j["quantization_config"];
+  if (!j.contains("quantization_config") || !j.at("quantization_config").is_object()) return nullptr;
+  const nlohmann::json& q = j.at("quantization_config");
   if (q.value("quant_method", "") != "moe_tool") return nullptr;
   const std::string where = c.source() + ": quantization_config";
-  if (!q.contains("format_version") || q["format_version"] != 1)
-    throw Error::unsupported(where + ".format_version: " + (q.contains("format_version") ? q["format_version"].dump() : "missing") +
+  if (!q.contains("format_version") || q.at("format_version") != 1)
+    throw Error::unsupported(where + ".format_version: " + (q.contains("format_version") ? q.at("format_version").dump() : "missing") +
                              " (this moe-tool reads format 1)");
-  if (!q.contains("weights") || !q["weights"].is_object())
+  if (!q.contains("weights") || !q.at("weights").is_object())
     throw Error::corruption(where + ".weights: expected an object (weight name -> encoding)");
   for (const auto& [name, e] : q["weights"].items()) {
-    if (!e.is_object() || !e.contains("parts") || !e["parts"].is_object() || e["parts"].empty())
+    if (!e.is_object() || !e.contains("parts") || !e.at("parts").is_object() || e.at("parts").empty())
       throw Error::corruption(where + ".weights[\"" + name + "\"].parts: expected an object (part -> tensor name)");
-    for (const auto& [role, t] : e["parts"].items())
+    for (const auto& [role, t] : e.at("parts").items())
       if (!t.is_string())
         throw Error::corruption(where + ".weights[\"" + name + "\"].parts." + role + ": expected a tensor name, found " + t.dump());
   }
-  return &q["weights"];
+  return &q.at("weights");
 }
 
 class Picker {
@@ -83,7 +83,7 @@ class Picker {
       : ckpt_(c), fp8_(fp8), native_(native) {
     if (!native_) return;
     for (const auto& [name, e] : native_->items())
-      for (const auto& [role, t] : e["parts"].items()) ++part_users_[t.get<std::string>()];
+      for (const auto& [role, t] : e.at("parts").items()) ++part_users_[t.get<std::string>()];
   }
   // The tensor `name`; a weight with a companion `name`_scale_inv comes with its block scale; a
   // weight listed in a native checkpoint's quantization_config comes decoded from its parts.
@@ -124,7 +124,7 @@ class Picker {
   std::string where(const std::string& name) const {
     if (ckpt_.has(name)) return ckpt_.shard_path(name).string();
     if (native_ && native_->contains(name)) {
-      const std::string first = (*native_)[name]["parts"].begin()->get<std::string>();
+      const std::string first = native_->at(name).at("parts").begin()->get<std::string>();
       if (ckpt_.has(first)) return ckpt_.shard_path(first).string();
     }
     return ckpt_.dir().string();
@@ -141,11 +141,11 @@ class Picker {
 
  private:
   Tensor encoded(const std::string& name) {
-    const nlohmann::json& e = (*native_)[name];
+    const nlohmann::json& e = native_->at(name);
     used_weights_.insert(name);
     std::map<std::string, quant::StoredPart> parts;
     std::string first;
-    for (const auto& [role, t] : e["parts"].items()) {
+    for (const auto& [role, t] : e.at("parts").items()) {
       const std::string tname = t.get<std::string>();
       if (!ckpt_.has(tname))
         throw Error::corruption(ckpt_.dir().string() + ": tensor " + tname + ": missing (part \"" + role + "\" of " + name +
@@ -269,7 +269,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   if (d.heads % d.kv_heads != 0)
     throw Error::corruption(c.source() + ": num_key_value_heads: " + std::to_string(d.kv_heads) +
                             " does not divide num_attention_heads " + std::to_string(d.heads));
-  d.head_dim = c.get_int_or("head_dim", 0);
+  d.head_dim = c.get_int_or("head_dim", f.default_head_dim);
   if (d.head_dim == 0) {
     if (d.hidden % d.heads != 0)
       throw Error::corruption(c.source() + ": hidden_size " + std::to_string(d.hidden) +
@@ -417,7 +417,9 @@ Model Model::load(const io::Checkpoint& ckpt) {
         idx = std::stoll(rest);
       } catch (...) {
       }
-      const bool rotary = name.find("rotary_emb.inv_freq") != std::string::npos;
+      // Rotary-embedding buffers (rotary_emb.inv_freq, .cos_cached, .sin_cached) that older
+      // checkpoints saved with the weights: not parameters, passed through as they are.
+      const bool rotary = name.find(".rotary_emb.") != std::string::npos;
       if (idx >= 0 && idx < d.layers && name.ends_with("_scale_inv"))
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": a block scale without the weight " +
                                 name.substr(0, name.size() - 10) + " it scales");
@@ -428,11 +430,74 @@ Model Model::load(const io::Checkpoint& ckpt) {
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": layer " + std::to_string(idx) +
                                 " but num_hidden_layers is " + std::to_string(d.layers));
     }
-    m.extras_.emplace_back(name, ckpt.tensor(name));
+    // A block-scaled FP8 weight among the extras (e.g. the experts of a DeepSeek-V3 MTP layer)
+    // carries its scale as the decoder layers' weights do, so --dtype dequantizes it and the
+    // passes keep codes and scales together; the scale is not an extra of its own.
+    if (name.ends_with("_scale_inv") && ckpt.has(name.substr(0, name.size() - 10))) continue;
+    m.extras_.emplace_back(name, *pick.get(name, true, "extra tensor"));
   }
   pick.check_native_used(c.source());
+  check_mtp_layers(m, ckpt, n_experts, width);
   return m;
 }
+
+// DeepSeek-V3 multi-token-prediction layers (num_nextn_predict_layers of them after the decoder
+// layers) carry a full MoE block, stored as extras: it must agree with the config as the decoder
+// layers' blocks do (router [E,H], bias [E], experts 0..E-1 of the expert width).
+void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_experts, int64_t width) {
+  const FamilyDesc& f = *m.family_;
+  const Config& c = m.config_;
+  if (!f.extra_layers_allowed || !f.moe) return;
+  const int64_t H = m.dims_.hidden, L = m.dims_.layers;
+  const int64_t nextn = c.get_int_or("num_nextn_predict_layers", 0);
+  const std::string experts_prefix = f.expert_gate.substr(0, f.expert_gate.find("{e}"));  // "mlp.experts."
+  for (int64_t idx = L; idx < L + nextn; ++idx) {
+    const int l = static_cast<int>(idx);
+    const std::string prefix = expand(f.layer_prefix, l);
+    const std::string where = " (multi-token-prediction layer " + std::to_string(idx) + ")";
+    auto expect = [&](const std::string& name, const Shape& shape, const std::string& why) {
+      const Shape got = ckpt.info(name).shape;
+      if (got != shape)
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": shape " + core::shape_str(got) +
+                                " but " + why + " implies " + core::shape_str(shape) + where);
+    };
+    const std::string router = prefix + f.router;
+    if (!ckpt.has(router)) continue;  // no MoE block stored for this layer
+    const std::string count = "config (" + f.expert_count_key + "=" + std::to_string(n_experts);
+    expect(router, {n_experts, H}, count + ", hidden_size)");
+    if (!f.router_bias.empty() && ckpt.has(prefix + f.router_bias)) expect(prefix + f.router_bias, {n_experts}, count + ")");
+    std::set<int64_t> seen;
+    for (const auto& [name, t] : m.extras_) {
+      if (name.rfind(prefix + experts_prefix, 0) != 0) continue;
+      const std::string rest = name.substr(prefix.size() + experts_prefix.size());
+      int64_t e = -1;
+      try {
+        e = std::stoll(rest);
+      } catch (...) {
+      }
+      if (e < 0)
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": not an expert tensor name" + where);
+      if (e >= n_experts)
+        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": expert " + std::to_string(e) +
+                                " but " + f.expert_count_key + " is " + std::to_string(n_experts) + where);
+      seen.insert(e);
+      const int ei = static_cast<int>(e);
+      const std::string why = "config (hidden_size=" + std::to_string(H) + ", expert width " + std::to_string(width) + ")";
+      if (name == prefix + expand(f.expert_gate, l, ei) || name == prefix + expand(f.expert_up, l, ei)) expect(name, {width, H}, why);
+      if (name == prefix + expand(f.expert_down, l, ei)) expect(name, {H, width}, why);
+    }
+    if (!seen.empty())
+      for (int64_t e = 0; e < n_experts; ++e)
+        for (const std::string* tmpl : {&f.expert_gate, &f.expert_up, &f.expert_down}) {
+          const std::string name = prefix + expand(*tmpl, l, static_cast<int>(e));
+          if (!ckpt.has(name))
+            throw Error::corruption(ckpt.dir().string() + ": tensor " + name + ": missing (" + f.expert_count_key + " is " +
+                                    std::to_string(n_experts) + ")" + where);
+        }
+    m.mtp_moe_.push_back(l);
+  }
+}
+
 
 namespace {
 
@@ -531,7 +596,17 @@ std::vector<OutTensor> Model::outputs(const OutputOptions& opts, nlohmann::json*
     add_layer(b, *this, l);
     take(b);
   }
+  auto rest = global_outputs(opts, manifest, false);
+  std::move(rest.begin(), rest.end(), std::back_inserter(out));
+  return out;
+}
+
+std::vector<OutTensor> Model::global_outputs(const OutputOptions& opts, nlohmann::json* manifest, bool with_embed) const {
   OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+  if (with_embed) {
+    b.cls = "embeddings";
+    b.add(global_names_.at("embed"), globals_.at("embed"));
+  }
   for (const auto& [role, t] : globals_)
     if (role != "embed") {
       b.cls = role == "lm_head" ? "lm_head" : role.find("norm") != std::string::npos ? "norms" : "other";
@@ -540,8 +615,7 @@ std::vector<OutTensor> Model::outputs(const OutputOptions& opts, nlohmann::json*
   // Extras keep DeepSeek-V3's F32 e_score_correction_bias (MTP layers) as the decoder layers do.
   b.cls = "other";
   for (const auto& [name, t] : extras_) b.add(name, t, !name.ends_with("e_score_correction_bias"));
-  take(b);
-  return out;
+  return std::move(b.out);
 }
 
 nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann::json* manifest) const {
@@ -588,11 +662,11 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
   bool native = false;
   std::set<std::string> fp8_blocks;
   for (const auto& [name, e] : manifest->items()) {
-    if (e["encoding"] == "fp8-block") fp8_blocks.insert(e["block"].dump());
+    if (e.at("encoding") == "fp8-block") fp8_blocks.insert(e.at("block").dump());
     else native = true;
   }
-  const std::string qm = j.contains("quantization_config") && j["quantization_config"].is_object()
-                             ? j["quantization_config"].value("quant_method", "") : "";
+  const std::string qm = j.contains("quantization_config") && j.at("quantization_config").is_object()
+                             ? j.at("quantization_config").value("quant_method", "") : "";
   if (native || fp8_blocks.size() > 1) {
     j["quantization_config"] = {{"quant_method", "moe_tool"}, {"format_version", 1}, {"weights", *manifest}};
   } else if (fp8_blocks.size() == 1) {
@@ -602,7 +676,14 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
   } else if (qm == "fp8" || qm == "moe_tool") {
     j.erase("quantization_config");  // every weight written dense
   }
-  if (dtype) j["torch_dtype"] = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";
+  // transformers >= 4.56 writes "dtype" (and prefers it), older versions "torch_dtype": update
+  // whichever the input has, both when it has both, "torch_dtype" (read by every version) when none.
+  if (dtype) {
+    const char* name = *dtype == DType::BF16 ? "bfloat16" : *dtype == DType::F16 ? "float16" : "float32";
+    const bool has_new = j.contains("dtype"), has_old = j.contains("torch_dtype");
+    if (has_new) j["dtype"] = name;
+    if (has_old || !has_new) j["torch_dtype"] = name;
+  }
   return j;
 }
 

@@ -132,6 +132,10 @@ class Model {
   bool tied_embeddings() const { return !globals_.count("lm_head"); }
   // Tensors the family does not describe, written back unchanged (e.g. MTP layers).
   const std::vector<std::pair<std::string, Tensor>>& extras() const { return extras_; }
+  std::vector<std::pair<std::string, Tensor>>& mutable_extras() { return extras_; }
+  // DeepSeek-V3 multi-token-prediction layers (indices >= num_hidden_layers) that carry an MoE
+  // block among the extras, checked against the config at load (router, bias, experts 0..E-1).
+  const std::vector<int>& mtp_moe_layers() const { return mtp_moe_; }
 
   // Output tensors in write order: globals first (embed), then layer by layer, then the rest.
   // Float tensors are written as `dtype` when given. An encoded weight kept encoded becomes one
@@ -144,6 +148,10 @@ class Model {
   std::vector<OutTensor> layer_outputs(int layer, std::optional<core::DType> dtype = std::nullopt) const {
     return layer_outputs(layer, OutputOptions{dtype});
   }
+  // Globals (the embedding first unless `with_embed` is false: outputs() writes it before the
+  // layers) and the tensors the family does not describe (extras: MTP layers, buffers).
+  std::vector<OutTensor> global_outputs(const OutputOptions& opts, nlohmann::json* manifest = nullptr,
+                                        bool with_embed = true) const;
   // config.json for the current state: expert counts and widths per family keys (all MoE
   // layers must agree), num_experts_per_tok clamped, torch_dtype, and quantization_config for
   // the encoded weights written (`manifest` as outputs() fills it; computed from this model when
@@ -173,7 +181,8 @@ class Model {
   std::map<std::string, std::string> global_names_;  // role -> on-disk name
   std::vector<std::pair<std::string, Tensor>> extras_;
   bool fp8_block_ = false;  // config.json quantization_config: block-scaled fp8
-  std::vector<OutTensor> build_outputs(int layer, const OutputOptions& opts, nlohmann::json* manifest) const;
+  std::vector<int> mtp_moe_;
+  static void check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_experts, int64_t width);
   PageReleaser release_;
 };
 

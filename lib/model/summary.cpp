@@ -55,6 +55,11 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
     s["moe_layers"] = moe_layers.size();
   }
   s["dense_layers"] = dense_layers;
+  if (!model.mtp_moe_layers().empty()) s["mtp_moe_layers"] = model.mtp_moe_layers();
+  // The stored dtype as the config says it: "dtype" (transformers >= 4.56, preferred) or "torch_dtype".
+  const Config& c = model.config();
+  const std::string cfg_dtype = c.get_string_or("dtype", c.get_string_or("torch_dtype", ""));
+  if (!cfg_dtype.empty()) s["config_dtype"] = cfg_dtype;
   s["params_total"] = model.total_params();
   s["params_active_per_token"] = model.active_params();
   std::map<std::string, uint64_t> by_dtype;
@@ -76,7 +81,7 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
       bytes += ckpt.info(w).nbytes() + ckpt.info(name).nbytes();
     }
     s["quantization"] = {{"method", "fp8 block-scaled (e4m3 codes, weight_scale_inv per block)"},
-                         {"block", model.config().json()["quantization_config"]["weight_block_size"]},
+                         {"block", model.config().json().at("quantization_config").at("weight_block_size")},
                          {"weights", n},
                          {"bits_per_weight", weights ? 8.0 * static_cast<double>(bytes) / static_cast<double>(weights) : 0.0}};
   }
@@ -127,57 +132,60 @@ std::string human_count(int64_t n) {
 std::string render_summary(const json& s) {
   std::ostringstream o;
   auto row = [&](const std::string& k, const std::string& v) { o << "  " << k << std::string(k.size() < 24 ? 24 - k.size() : 1, ' ') << v << "\n"; };
-  o << s["path"].get<std::string>() << "\n";
-  row("family", s["family"].get<std::string>() + " " + s["architectures"].dump());
-  row("layers", std::to_string(s["layers"].get<int64_t>()));
-  row("hidden size", std::to_string(s["hidden_size"].get<int64_t>()));
-  row("heads / kv heads", std::to_string(s["attention_heads"].get<int64_t>()) + " / " +
-                              std::to_string(s["kv_heads"].get<int64_t>()) + " (head dim " +
-                              std::to_string(s["head_dim"].get<int64_t>()) + ", " + s["attention"].get<std::string>() + ")");
-  row("vocabulary", std::to_string(s["vocab_size"].get<int64_t>()) + (s["tied_embeddings"].get<bool>() ? " (tied lm head)" : ""));
-  if (s["moe"].get<bool>()) {
-    row("experts per layer", s["experts_per_layer"].dump());
-    row("experts per token", std::to_string(s["experts_per_token"].get<int64_t>()));
-    row("expert width", std::to_string(s["expert_width"].get<int64_t>()));
-    row("shared experts", std::to_string(s["shared_experts"].get<int64_t>()) +
-                              (s.contains("shared_expert_width") ? " (width " + std::to_string(s["shared_expert_width"].get<int64_t>()) + ")" : ""));
-    row("routing", s["routing"].get<std::string>());
-    row("MoE layers", std::to_string(s["moe_layers"].get<int64_t>()));
+  o << s.at("path").get<std::string>() << "\n";
+  row("family", s.at("family").get<std::string>() + " " + s.at("architectures").dump());
+  row("layers", std::to_string(s.at("layers").get<int64_t>()));
+  row("hidden size", std::to_string(s.at("hidden_size").get<int64_t>()));
+  row("heads / kv heads", std::to_string(s.at("attention_heads").get<int64_t>()) + " / " +
+                              std::to_string(s.at("kv_heads").get<int64_t>()) + " (head dim " +
+                              std::to_string(s.at("head_dim").get<int64_t>()) + ", " + s.at("attention").get<std::string>() + ")");
+  row("vocabulary", std::to_string(s.at("vocab_size").get<int64_t>()) + (s.at("tied_embeddings").get<bool>() ? " (tied lm head)" : ""));
+  if (s.at("moe").get<bool>()) {
+    row("experts per layer", s.at("experts_per_layer").dump());
+    row("experts per token", std::to_string(s.at("experts_per_token").get<int64_t>()));
+    row("expert width", std::to_string(s.at("expert_width").get<int64_t>()));
+    row("shared experts", std::to_string(s.at("shared_experts").get<int64_t>()) +
+                              (s.contains("shared_expert_width") ? " (width " + std::to_string(s.at("shared_expert_width").get<int64_t>()) + ")" : ""));
+    row("routing", s.at("routing").get<std::string>());
+    row("MoE layers", std::to_string(s.at("moe_layers").get<int64_t>()));
   }
-  row("dense layers", s["dense_layers"].empty() ? "none" : s["dense_layers"].dump());
-  row("parameters", human_count(s["params_total"].get<int64_t>()) + " total, " +
-                        human_count(s["params_active_per_token"].get<int64_t>()) + " active per token");
+  row("dense layers", s.at("dense_layers").empty() ? "none" : s.at("dense_layers").dump());
+  if (s.contains("mtp_moe_layers"))
+    row("MTP layers", s.at("mtp_moe_layers").dump() + " (multi-token prediction, MoE block checked against the config)");
+  if (s.contains("config_dtype")) row("config dtype", s.at("config_dtype").get<std::string>());
+  row("parameters", human_count(s.at("params_total").get<int64_t>()) + " total, " +
+                        human_count(s.at("params_active_per_token").get<int64_t>()) + " active per token");
   std::string bytes;
-  for (const auto& [k, v] : s["bytes_by_dtype"].items()) bytes += (bytes.empty() ? "" : ", ") + k + " " + core::format_bytes(v.get<double>());
-  row("bytes", core::format_bytes(s["bytes_total"].get<double>()) + " (" + bytes + ")");
+  for (const auto& [k, v] : s.at("bytes_by_dtype").items()) bytes += (bytes.empty() ? "" : ", ") + k + " " + core::format_bytes(v.get<double>());
+  row("bytes", core::format_bytes(s.at("bytes_total").get<double>()) + " (" + bytes + ")");
   if (s.contains("quantization")) {
-    const json& q = s["quantization"];
+    const json& q = s.at("quantization");
     char buf[64];
-    std::snprintf(buf, sizeof buf, "%.3f", q["bits_per_weight"].get<double>());
-    row("quantization", q["method"].get<std::string>() + ", blocks " + q["block"].dump() + ", " +
-                            std::to_string(q["weights"].get<int64_t>()) + " weights, " + buf + " bits per weight");
+    std::snprintf(buf, sizeof buf, "%.3f", q.at("bits_per_weight").get<double>());
+    row("quantization", q.at("method").get<std::string>() + ", blocks " + q.at("block").dump() + ", " +
+                            std::to_string(q.at("weights").get<int64_t>()) + " weights, " + buf + " bits per weight");
   }
-  if (s.contains("encodings") && !s["encodings"].empty()) {
+  if (s.contains("encodings") && !s.at("encodings").empty()) {
     std::string e;
-    for (const auto& [k, v] : s["encodings"].items()) e += (e.empty() ? "" : ", ") + k + " " + std::to_string(v.get<int64_t>());
+    for (const auto& [k, v] : s.at("encodings").items()) e += (e.empty() ? "" : ", ") + k + " " + std::to_string(v.get<int64_t>());
     row("encoded weights", e);
   }
   if (s.contains("tensor_classes")) {
     std::string c;
     char buf[96];
-    for (const auto& [k, v] : s["tensor_classes"].items()) {
-      std::snprintf(buf, sizeof buf, "%s %.3g", k.c_str(), v["bits_per_param"].get<double>());
+    for (const auto& [k, v] : s.at("tensor_classes").items()) {
+      std::snprintf(buf, sizeof buf, "%s %.3g", k.c_str(), v.at("bits_per_param").get<double>());
       c += (c.empty() ? "" : ", ") + std::string(buf);
     }
-    std::snprintf(buf, sizeof buf, "%.3f overall; ", s["bits_per_param"].get<double>());
+    std::snprintf(buf, sizeof buf, "%.3f overall; ", s.at("bits_per_param").get<double>());
     row("bits per parameter", buf + c);
   }
-  row("tensors / shards", std::to_string(s["tensors"].get<int64_t>()) + " / " + std::to_string(s["shards"].get<int64_t>()));
+  row("tensors / shards", std::to_string(s.at("tensors").get<int64_t>()) + " / " + std::to_string(s.at("shards").get<int64_t>()));
   if (s.contains("tensor_list")) {
     o << "tensors:\n";
-    for (const auto& t : s["tensor_list"])
-      o << "  " << t["name"].get<std::string>() << "  " << t["dtype"].get<std::string>() << " " << t["shape"].dump()
-        << "  " << t["shard"].get<std::string>() << "\n";
+    for (const auto& t : s.at("tensor_list"))
+      o << "  " << t.at("name").get<std::string>() << "  " << t.at("dtype").get<std::string>() << " " << t.at("shape").dump()
+        << "  " << t.at("shard").get<std::string>() << "\n";
   }
   return o.str();
 }

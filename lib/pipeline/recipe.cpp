@@ -75,7 +75,14 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
       ev.ctx = e.get_int("ctx", 512, 2, big);
       ev.max_windows = e.get_int("max_windows", 0, 0, big);
       ev.against_input = e.get_bool("against_input", true);
+      const double inf = std::numeric_limits<double>::infinity();
+      ev.max_ppl_ratio = e.opt_number("max_ppl_ratio", 0.0, inf, /*min_open=*/true);
+      ev.max_kl = e.opt_number("max_kl", 0.0, inf);
+      ev.min_top1 = e.opt_number("min_top1", 0.0, 1.0);
       e.finish();
+      if (ev.has_gates() && !ev.against_input)
+        throw Error::invalid(std::string("eval.") + (ev.max_ppl_ratio ? "max_ppl_ratio" : ev.max_kl ? "max_kl" : "min_top1") +
+                             ": a quality gate compares the written model with the input: needs eval.against_input true");
       r.eval = ev;
     }
     top.finish();

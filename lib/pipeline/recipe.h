@@ -6,8 +6,11 @@
 //                   "stats": "stats.safetensors", "propagate": true},
 //   "passes": [{"pass": "merge", "method": "hcsmoe", "experts": 6}],
 //   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false, "materialize": false},
-//   "eval": {"text": "heldout.txt", "ctx": 512, "max_windows": 0, "against_input": true}
+//   "eval": {"text": "heldout.txt", "ctx": 512, "max_windows": 0, "against_input": true,
+//            "max_ppl_ratio": 1.15, "max_kl": 0.1, "min_top1": 0.8}
 // }
+// The eval bounds are quality gates: a written model that misses one is kept, the report says
+// so, and `run` exits 3 naming the bound (they need against_input).
 // Relative paths resolve against the recipe's folder. Validation happens before any work:
 // unknown keys, wrong types, unknown passes/methods, impossible budgets → Error::invalid with
 // the JSON path, what was found and what is allowed.
@@ -50,6 +53,10 @@ struct EvalSpec {
   int64_t ctx = 512;
   int64_t max_windows = 0;
   bool against_input = true;
+  // Quality gates (need against_input): perplexity_after / perplexity_before, mean KL and top-1
+  // agreement of the written model against the input.
+  std::optional<double> max_ppl_ratio, max_kl, min_top1;
+  bool has_gates() const { return max_ppl_ratio || max_kl || min_top1; }
 };
 
 struct Recipe {

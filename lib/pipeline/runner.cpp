@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "calib/stats.h"
@@ -14,6 +16,7 @@
 #include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
 #include "pipeline/calibration_text.h"
+#include "pipeline/mtp.h"
 #include "pipeline/report.h"
 #include "pipeline/spill_writer.h"
 #include "runtime/forward.h"
@@ -45,6 +48,15 @@ model::Model planned_model(const model::Model& m, const std::vector<int64_t>& ex
     b.experts.resize(static_cast<size_t>(e));
     b.router = b.router.slice0(0, e);
     if (b.router_bias) *b.router_bias = b.router_bias->reshaped({b.router_bias->numel(), 1}).slice0(0, e).reshaped({e});
+  }
+  // Multi-token-prediction layers follow the last MoE decoder layer (pipeline/mtp.h).
+  if (!p.mtp_moe_layers().empty()) {
+    int64_t e = -1;
+    for (const auto& layer : p.layers())
+      if (layer.moe) e = layer.moe->num_experts();
+    std::vector<int> first(static_cast<size_t>(std::max<int64_t>(e, 0)));
+    for (size_t i = 0; i < first.size(); ++i) first[i] = static_cast<int>(i);
+    if (e >= 0) select_mtp_experts(p, first);
   }
   return p;
 }
@@ -89,13 +101,13 @@ json compose_origin(int64_t experts_in, int64_t experts_out, const json& pass_re
   for (const auto& pr : pass_reports) {
     std::vector<std::vector<std::pair<int, double>>> next;
     if (pr.contains("kept")) {
-      for (int k : pr["kept"].get<std::vector<int>>()) next.push_back(m.at(static_cast<size_t>(k)));
+      for (int k : pr.at("kept").get<std::vector<int>>()) next.push_back(m.at(static_cast<size_t>(k)));
     } else if (pr.contains("groups")) {
-      const json& g = pr["groups"];
+      const json& g = pr.at("groups");
       for (size_t j = 0; j < g.size(); ++j) {
         std::map<int, double> acc;
         for (size_t i = 0; i < g[j].size(); ++i)
-          for (const auto& [src, w] : m.at(g[j][i].get<size_t>())) acc[src] += pr["weights"][j][i].get<double>() * w;
+          for (const auto& [src, w] : m.at(g[j][i].get<size_t>())) acc[src] += pr.at("weights").at(j).at(i).get<double>() * w;
         next.emplace_back(acc.begin(), acc.end());
       }
     } else {
@@ -127,6 +139,36 @@ calib::LayerStats recompute_stats(int l, const model::Layer& layer, const Requir
 
 }  // namespace
 
+json check_quality_gates(const EvalSpec& spec, const json& eval_json) {
+  json bounds = json::object(), failed = json::array();
+  auto fmt = [](double v) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.6g", v);
+    return std::string(buf);
+  };
+  if (spec.max_ppl_ratio) {
+    const double before = eval_json.at("perplexity_before").get<double>(), after = eval_json.at("perplexity_after").get<double>();
+    const double ratio = after / before;
+    bounds["max_ppl_ratio"] = *spec.max_ppl_ratio;
+    if (!(ratio <= *spec.max_ppl_ratio))
+      failed.push_back("eval.max_ppl_ratio " + fmt(*spec.max_ppl_ratio) + ": perplexity ratio " + fmt(ratio) + " (" +
+                       fmt(after) + " vs " + fmt(before) + " of the input)");
+  }
+  if (spec.max_kl) {
+    const double kl = eval_json.at("kl_mean").get<double>();
+    bounds["max_kl"] = *spec.max_kl;
+    if (!(kl <= *spec.max_kl))
+      failed.push_back("eval.max_kl " + fmt(*spec.max_kl) + ": mean KL " + fmt(kl) + " nats/token");
+  }
+  if (spec.min_top1) {
+    const double top1 = eval_json.at("top1_agreement").get<double>();
+    bounds["min_top1"] = *spec.min_top1;
+    if (!(top1 >= *spec.min_top1))
+      failed.push_back("eval.min_top1 " + fmt(*spec.min_top1) + ": top-1 agreement " + fmt(top1));
+  }
+  return {{"passed", failed.empty()}, {"bounds", bounds}, {"failed", failed}};
+}
+
 json run_recipe(Recipe& r, const RunOptions& opts) {
   const auto t0 = std::chrono::steady_clock::now();
   auto& env = io::Env::posix();
@@ -136,6 +178,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (!model.family().moe)
     throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
                          " is dense: the passes of this recipe work on MoE layers");
+  check_mtp_passes(model, r);
   // Statistics: the first pass reads the input model's (file or collected on the text). A later
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
@@ -198,7 +241,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["passes"] = passes;
   json layers = json::array();
   for (const auto& l : model.layers()) {
-    if (!l.moe) continue;
+    if (!l.moe) {
+      layers.push_back({{"layer", l.index}, {"dense", true}});
+      continue;
+    }
     layers.push_back({{"layer", l.index}, {"experts_before", counts.front()[static_cast<size_t>(l.index)]},
                       {"experts_after", counts.back()[static_cast<size_t>(l.index)]}});
   }
@@ -331,8 +377,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         X = std::move(X_in);
         fwd->apply_layer(fwd->load_layer(l), X, T);
       }
-    } else if (fwd) {
-      fwd->apply_layer(fwd->load_layer(l), X, T);
+    } else {
+      lr["dense"] = true;  // a dense MLP: no pass applies
+      if (fwd) fwd->apply_layer(fwd->load_layer(l), X, T);
     }
     write_outputs(model.layer_outputs(l, model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
     // The layer is on disk: drop its computed tensors and the mapped pages of its source weights,
@@ -347,19 +394,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     progress.add(1);
   }
   progress.finish();
-  // Globals and pass-through tensors (everything not written with a layer).
-  {
-    std::vector<model::OutTensor> rest;
-    for (const auto& o : outs_after) {
-      bool in_layer = o.name.rfind("model.layers.", 0) == 0;
-      if (in_layer) {
-        const int64_t idx = std::stoll(o.name.substr(13));
-        in_layer = idx < static_cast<int64_t>(model.layers().size());
+  // Multi-token-prediction layers keep the experts the last MoE decoder layer kept.
+  std::string mtp_note;
+  if (!model.mtp_moe_layers().empty())
+    for (auto it = layer_reports.rbegin(); it != layer_reports.rend(); ++it)
+      if (it->contains("origin")) {
+        const std::vector<int> kept = kept_from_origin(it->at("origin"));
+        select_mtp_experts(model, kept);
+        bool identity = static_cast<int64_t>(kept.size()) == it->at("experts_before").get<int64_t>();
+        for (size_t i = 0; i < kept.size(); ++i) identity = identity && kept[i] == static_cast<int>(i);
+        if (identity) break;  // nothing changed
+        mtp_note = "multi-token-prediction layer(s) " + json(model.mtp_moe_layers()).dump() + ": kept experts " +
+                   json(kept).dump() + ", the keep-map of layer " + it->at("layer").dump() +
+                   " (the last MoE decoder layer; no statistics exist for the MTP block)";
+        break;
       }
-      if (!in_layer) rest.push_back(o);
-    }
-    write_outputs(rest);
-  }
+  // Globals and pass-through tensors: everything not written with a layer (this includes
+  // per-layer tensors the family does not describe, such as rotary_emb.inv_freq buffers, and
+  // the MTP layers, taken from the model as the passes left it).
+  write_outputs(model.global_outputs(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
   uint64_t written_bytes = 0;
   size_t written_tensors = 0, written_shards = 0;
   if (spill) {
@@ -382,10 +435,11 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   json notes = json::array();
   const json& old_config = original.config().json();
   if (old_config.value("n_group", 1) > 1 && new_config.value("n_group", 1) == 1)
-    notes.push_back("config: n_group " + old_config["n_group"].dump() + " -> 1 and topk_group " +
+    notes.push_back("config: n_group " + old_config.at("n_group").dump() + " -> 1 and topk_group " +
                     old_config.value("topk_group", json(1)).dump() +
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");
+  if (!mtp_note.empty()) notes.push_back(mtp_note);
 
   // Evaluate the written checkpoint (still in the temporary folder) against the input.
   json eval_json;
@@ -411,6 +465,11 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     }
   }
 
+  // Quality gates: the written model is kept either way; the report and the summary say which
+  // bounds it missed (the CLI exits 3 then).
+  json gate;
+  if (r.eval && r.eval->has_gates()) gate = check_quality_gates(*r.eval, eval_json);
+
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   HfSinkResult written{written_bytes, written_tensors, written_shards};
   json report = make_report(opts.command, ckpt, original, planned, written, secs);
@@ -425,10 +484,12 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                            {"ctx", r.calibration.ctx}, {"windows", r.calibration.windows},
                            {"propagate", r.calibration.propagate}, {"seed", r.seed}};
   if (!eval_json.is_null()) report["eval"] = eval_json;
+  if (!gate.is_null()) report["quality_gate"] = gate;
   if (!notes.empty()) report["notes"] = notes;
   write_report(env, out.path(), report);
   out.commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
+  if (!gate.is_null()) summary["quality_gate"] = gate;
   summary["layers"] = layer_reports;
   summary["bytes"]["after"] = written_bytes;
   summary["seconds"] = secs;
@@ -441,32 +502,47 @@ std::string render_run_summary(const json& s) {
   std::ostringstream o;
   const bool dry = s.value("dry_run", false);
   o << (dry ? "plan (dry run, nothing computed or written)\n" : "done\n");
-  o << "  model    " << s["model"].get<std::string>() << " (" << s["family"].get<std::string>() << ")\n";
-  for (const auto& p : s["passes"]) o << "  pass     " << p["pass"].get<std::string>() << " " << p["method"].get<std::string>() << " " << p["params"].dump() << "\n";
+  o << "  model    " << s.at("model").get<std::string>() << " (" << s.at("family").get<std::string>() << ")\n";
+  for (const auto& p : s.at("passes"))
+    o << "  pass     " << p.at("pass").get<std::string>() << " " << p.at("method").get<std::string>() << " "
+      << p.at("params").dump() << "\n";
   o << "  experts  ";
-  for (const auto& l : s["layers"]) o << "L" << l["layer"].get<int>() << " " << l["experts_before"].get<int64_t>() << "->" << l["experts_after"].get<int64_t>() << "  ";
+  for (const auto& l : s.at("layers")) {
+    o << "L" << l.at("layer").get<int>() << " ";
+    if (l.value("dense", false)) o << "dense  ";
+    else o << l.at("experts_before").get<int64_t>() << "->" << l.at("experts_after").get<int64_t>() << "  ";
+  }
   o << "\n";
-  o << "  params   " << s["params"]["before"].get<int64_t>() << " -> " << s["params"]["after"].get<int64_t>()
-    << " (active per token " << s["params"]["active_before"].get<int64_t>() << " -> " << s["params"]["active_after"].get<int64_t>() << ")\n";
-  o << "  bytes    " << core::format_bytes(s["bytes"]["before"].get<double>()) << " -> "
-    << (s["bytes"]["after"].is_null() ? std::string("decided while the passes run (data-dependent ranks or codes)")
-                                      : core::format_bytes(s["bytes"]["after"].get<double>()))
+  const json& params = s.at("params");
+  o << "  params   " << params.at("before").get<int64_t>() << " -> " << params.at("after").get<int64_t>()
+    << " (active per token " << params.at("active_before").get<int64_t>() << " -> "
+    << params.at("active_after").get<int64_t>() << ")\n";
+  o << "  bytes    " << core::format_bytes(s.at("bytes").at("before").get<double>()) << " -> "
+    << (s.at("bytes").at("after").is_null() ? std::string("decided while the passes run (data-dependent ranks or codes)")
+                                            : core::format_bytes(s.at("bytes").at("after").get<double>()))
     << "\n";
-  for (const auto& c : s["computes"]) o << "  computes " << c.get<std::string>() << "\n";
+  for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
-  if (!dry) o << "  output   " << s["output"].get<std::string>() << " (report: " << s["report"].get<std::string>() << ")\n";
+  if (!dry)
+    o << "  output   " << s.at("output").get<std::string>() << " (report: " << s.at("report").get<std::string>() << ")\n";
   if (s.contains("eval")) {
-    const auto& e = s["eval"];
+    const auto& e = s.at("eval");
     char buf[256];
     if (e.contains("perplexity_before"))
       std::snprintf(buf, sizeof buf, "perplexity %.3f -> %.3f (%+.2f%%), KL %.4g nats/token, top-1 agreement %.2f%%",
-                    e["perplexity_before"].get<double>(), e["perplexity_after"].get<double>(),
-                    100.0 * (e["perplexity_after"].get<double>() / e["perplexity_before"].get<double>() - 1.0),
-                    e["kl_mean"].get<double>(), 100.0 * e["top1_agreement"].get<double>());
+                    e.at("perplexity_before").get<double>(), e.at("perplexity_after").get<double>(),
+                    100.0 * (e.at("perplexity_after").get<double>() / e.at("perplexity_before").get<double>() - 1.0),
+                    e.at("kl_mean").get<double>(), 100.0 * e.at("top1_agreement").get<double>());
     else
-      std::snprintf(buf, sizeof buf, "perplexity %.3f", e["perplexity_after"].get<double>());
-    o << "  eval     " << buf << "\n           on " << e["tokens_scored"].get<int64_t>() << " tokens of "
-      << e["text"].get<std::string>() << " (ctx " << e["ctx"].get<int64_t>() << ", " << e["convention"].get<std::string>() << ")\n";
+      std::snprintf(buf, sizeof buf, "perplexity %.3f", e.at("perplexity_after").get<double>());
+    o << "  eval     " << buf << "\n           on " << e.at("tokens_scored").get<int64_t>() << " tokens of "
+      << e.at("text").get<std::string>() << " (ctx " << e.at("ctx").get<int64_t>() << ", "
+      << e.at("convention").get<std::string>() << ")\n";
+  }
+  if (s.contains("quality_gate")) {
+    const json& g = s.at("quality_gate");
+    if (g.at("passed").get<bool>()) o << "  gate     passed " << g.at("bounds").dump() << "\n";
+    for (const auto& f : g.at("failed")) o << "  gate     FAILED " << f.get<std::string>() << " (checkpoint kept)\n";
   }
   return o.str();
 }

@@ -23,6 +23,11 @@ struct RunOptions {
 // what will be computed).
 nlohmann::json run_recipe(Recipe& recipe, const RunOptions& opts);
 
+// The recipe's quality gates (eval.max_ppl_ratio, max_kl, min_top1) checked against the eval
+// results (perplexity_before/after, kl_mean, top1_agreement): {"passed": bool, "bounds": {...},
+// "failed": ["eval.max_kl 0.1: mean KL 0.24 nats/token", ...]}.
+nlohmann::json check_quality_gates(const EvalSpec& spec, const nlohmann::json& eval_json);
+
 // Human-readable rendering of run_recipe's summary.
 std::string render_run_summary(const nlohmann::json& s);
 

@@ -1,6 +1,7 @@
 #include "runtime/forward.h"
 
 #include <algorithm>
+#include <optional>
 #include <set>
 
 #include "core/error.h"
@@ -15,17 +16,27 @@ namespace {
 const std::set<std::string> kForwardFamilies = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                                                 "llama",   "mistral",   "qwen2",     "qwen3"};
 
-RopeScaling read_rope_scaling(const model::Config& c) {
+// One RoPE description: the v4 `rope_scaling` object, or the v5 `rope_parameters` object (the
+// same fields plus rope_theta). Both spellings are read with the same rules.
+RopeScaling parse_rope_object(const model::Config& c, const std::string& key) {
   RopeScaling s;
-  if (!c.has("rope_scaling")) return s;
-  const auto& j = c.json().at("rope_scaling");
-  if (!j.is_object()) throw Error::corruption(c.source() + ": rope_scaling: expected an object or null");
-  std::string type = j.value("rope_type", j.value("type", std::string("default")));
+  const auto& j = c.json().at(key);
+  if (!j.is_object()) throw Error::corruption(c.source() + ": " + key + ": expected an object or null, found " + j.dump());
+  for (const char* per_layer : {"full_attention", "sliding_attention"})
+    if (j.contains(per_layer))
+      throw Error::unsupported(c.source() + ": " + key + "." + per_layer +
+                               ": RoPE parameters per attention type are not implemented by the forward");
+  auto str = [&](const char* k) -> std::optional<std::string> {
+    if (!j.contains(k) || j.at(k).is_null()) return std::nullopt;
+    if (!j.at(k).is_string()) throw Error::corruption(c.source() + ": " + key + "." + k + ": expected a string, found " + j.at(k).dump());
+    return j.at(k).get<std::string>();
+  };
+  const std::string type = str("rope_type").value_or(str("type").value_or("default"));
   s.type = type;
-  auto num = [&](const char* key, double fallback) {
-    if (!j.contains(key) || j.at(key).is_null()) return fallback;
-    if (!j.at(key).is_number()) throw Error::corruption(c.source() + ": rope_scaling." + key + ": expected a number");
-    return j.at(key).get<double>();
+  auto num = [&](const char* k, double fallback) {
+    if (!j.contains(k) || j.at(k).is_null()) return fallback;
+    if (!j.at(k).is_number()) throw Error::corruption(c.source() + ": " + key + "." + k + ": expected a number, found " + j.at(k).dump());
+    return j.at(k).get<double>();
   };
   s.factor = num("factor", 1.0);
   if (type == "default") return s;
@@ -39,8 +50,43 @@ RopeScaling read_rope_scaling(const model::Config& c) {
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 8192));
     return s;
   }
-  throw Error::unsupported(c.source() + ": rope_scaling type '" + type +
+  throw Error::unsupported(c.source() + ": " + key + ".rope_type '" + type +
                            "' not implemented by the forward (implemented: default, linear, dynamic, llama3)");
+}
+
+// rope_theta: rope_parameters.rope_theta (transformers v5), else the top-level rope_theta (v4),
+// else the family's default; both given and different is refused.
+double read_rope_theta(const model::Config& c, const model::FamilyDesc& f) {
+  std::optional<double> v5, v4;
+  if (c.has("rope_parameters") && c.json().at("rope_parameters").is_object()) {
+    const auto& j = c.json().at("rope_parameters");
+    if (j.contains("rope_theta") && !j.at("rope_theta").is_null()) {
+      if (!j.at("rope_theta").is_number() || j.at("rope_theta").get<double>() <= 0)
+        throw Error::corruption(c.source() + ": rope_parameters.rope_theta: expected a positive number, found " +
+                                j.at("rope_theta").dump());
+      v5 = j.at("rope_theta").get<double>();
+    }
+  }
+  if (c.has("rope_theta")) {
+    v4 = c.get_double_or("rope_theta", f.default_rope_theta);
+    if (*v4 <= 0) throw Error::corruption(c.source() + ": rope_theta: expected a positive number, found " + c.json().at("rope_theta").dump());
+  }
+  if (v5 && v4 && *v5 != *v4)
+    throw Error::corruption(c.source() + ": rope_parameters.rope_theta " + c.json().at("rope_parameters").at("rope_theta").dump() +
+                            " disagrees with rope_theta " + c.json().at("rope_theta").dump());
+  return v5 ? *v5 : v4 ? *v4 : f.default_rope_theta;
+}
+
+// RoPE scaling from rope_scaling (v4) or rope_parameters (v5); both given with different
+// scalings is refused.
+RopeScaling read_rope_scaling(const model::Config& c) {
+  std::optional<RopeScaling> v4, v5;
+  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling");
+  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters");
+  if (v4 && v5 && (v4->type != v5->type || v4->factor != v5->factor))
+    throw Error::corruption(c.source() + ": rope_parameters (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
+                            v4->type + "')");
+  return v5 ? *v5 : v4 ? *v4 : RopeScaling{};
 }
 
 }  // namespace
@@ -58,8 +104,8 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   s.hidden = d.hidden;
   s.vocab = m.globals().at("embed").dim(0);
   s.max_positions = c.get_int_or("max_position_embeddings", 0);
-  s.eps = c.get_double_or("rms_norm_eps", 1e-6);
-  s.rope_theta = c.get_double_or("rope_theta", 10000.0);
+  s.eps = c.get_double_or("rms_norm_eps", f.default_rms_norm_eps);
+  s.rope_theta = read_rope_theta(c, f);
   const std::string act = c.get_string_or("hidden_act", "silu");
   if (act != "silu" && act != "swish")
     throw Error::unsupported(c.source() + ": hidden_act '" + act + "' not implemented by the forward (silu only)");
@@ -75,7 +121,8 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   s.attn.qk_norm = f.qk_norm;
   if (f.model_type == "olmoe" && c.has("clip_qkv")) s.attn.clip_qkv = static_cast<float>(c.get_double_or("clip_qkv", 0));
   if (f.model_type == "mistral" || f.model_type == "mixtral") {
-    s.attn.sliding_window = c.get_int_or("sliding_window", 0);
+    // Absent: the family's default (mistral 4096); null: no window.
+    s.attn.sliding_window = c.json().contains("sliding_window") ? c.get_int_or("sliding_window", 0) : f.default_sliding_window;
   } else if (c.get_bool_or("use_sliding_window", false) && c.has("sliding_window")) {
     throw Error::unsupported(c.source() + ": use_sliding_window with " + f.model_type +
                              " (per-layer sliding windows) not implemented by the forward");

@@ -95,8 +95,8 @@ const AddedToken* AddedVocabulary::find(int32_t id) const {
   return it == by_id_.end() ? nullptr : &tokens_[it->second];
 }
 
-void AddedVocabulary::split_piece(const Piece& piece, const Matcher& m,
-                                  std::vector<Piece>& out) const {
+void AddedVocabulary::split_piece(const Piece& piece, const Matcher& m, std::vector<Piece>& out,
+                                  bool parse_special) const {
   const std::string& s = piece.text;
   size_t start_offset = 0;  // end of the previous emitted match
   const auto emit_text = [&](size_t b, size_t e) {
@@ -112,6 +112,7 @@ void AddedVocabulary::split_piece(const Piece& piece, const Matcher& m,
     const auto& cands = m.by_first_byte[static_cast<unsigned char>(s[pos])];
     const std::pair<std::string, uint32_t>* hit = nullptr;
     for (const auto& c : cands) {
+      if (!parse_special && tokens_[c.second].special) continue;
       if (s.compare(pos, c.first.size(), c.first) == 0) {
         hit = &c;
         break;
@@ -158,14 +159,14 @@ void AddedVocabulary::split_piece(const Piece& piece, const Matcher& m,
   emit_text(start_offset, s.size());
 }
 
-void AddedVocabulary::split(std::vector<Piece>& pieces, bool normalized_pass) const {
+void AddedVocabulary::split(std::vector<Piece>& pieces, bool normalized_pass, bool parse_special) const {
   const Matcher& m = normalized_pass ? normalized_ : raw_;
   if (m.empty) return;
   std::vector<Piece> out;
   out.reserve(pieces.size() + 8);
   for (Piece& p : pieces) {
     if (p.id >= 0) out.push_back(std::move(p));
-    else split_piece(p, m, out);
+    else split_piece(p, m, out, parse_special);
   }
   pieces.swap(out);
 }

@@ -9,7 +9,7 @@
 //    non-overlapping, left to right;
 //  - single_word: a match with a word character (Rust regex \w) right before or after is dropped;
 //  - lstrip / rstrip: the match swallows the whitespace to its left / right;
-//  - special tokens match exactly anywhere (split_special_tokens is not supported).
+//  - special tokens match exactly anywhere, unless parse_special is off (split_special_tokens).
 #pragma once
 
 #include <array>
@@ -47,7 +47,10 @@ class AddedVocabulary {
 
   // Cuts every non-token piece at the added tokens of one pass (normalized == false: the raw
   // pass; true: the pass after normalisation). Matched tokens become pieces with their id.
-  void split(std::vector<Piece>& pieces, bool normalized_pass) const;
+  // parse_special = false: special tokens are not recognised in the text (their strings are
+  // tokenized as plain text, as llama.cpp's parse_special=false and HF's split_special_tokens do);
+  // non-special added tokens still are.
+  void split(std::vector<Piece>& pieces, bool normalized_pass, bool parse_special = true) const;
 
   const std::vector<AddedToken>& tokens() const { return tokens_; }
   const AddedToken* find(std::string_view content) const;
@@ -59,7 +62,7 @@ class AddedVocabulary {
     std::array<std::vector<std::pair<std::string, uint32_t>>, 256> by_first_byte;
     bool empty = true;
   };
-  void split_piece(const Piece& piece, const Matcher& m, std::vector<Piece>& out) const;
+  void split_piece(const Piece& piece, const Matcher& m, std::vector<Piece>& out, bool parse_special) const;
 
   std::vector<AddedToken> tokens_;
   std::unordered_map<std::string, uint32_t> by_content_;

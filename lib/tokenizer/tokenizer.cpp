@@ -162,7 +162,7 @@ Tokenizer Tokenizer::from_json_text(std::string_view tokenizer_json, std::string
   return Tokenizer(build(tokenizer_json, config_json, source, config_source));
 }
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) const {
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special, bool parse_special) const {
   const Impl& t = *impl_;
   std::vector<Piece> pieces(1);
   // PCRE2 (and every later stage) needs valid UTF-8: invalid sequences become U+FFFD.
@@ -170,13 +170,13 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) 
   else pieces[0].text = repair_utf8(text);
   pieces[0].at_origin = true;
 
-  t.added.split(pieces, /*normalized_pass=*/false);
+  t.added.split(pieces, /*normalized_pass=*/false, parse_special);
   if (!t.normalizer.empty()) {
     for (Piece& p : pieces) {
       if (p.id < 0) t.normalizer.apply(p);
     }
   }
-  t.added.split(pieces, /*normalized_pass=*/true);
+  t.added.split(pieces, /*normalized_pass=*/true, parse_special);
   t.pre_tokenizer.apply(pieces);
 
   std::vector<int32_t> ids;
@@ -232,6 +232,13 @@ std::string Tokenizer::id_to_token(int32_t id) const {
 bool Tokenizer::is_special(int32_t id) const {
   const AddedToken* a = impl_->added.find(id);
   return a && a->special;
+}
+
+std::vector<std::string> Tokenizer::special_tokens() const {
+  std::vector<std::string> v;
+  for (const AddedToken& a : impl_->added.tokens())
+    if (a.special && !a.content.empty()) v.push_back(a.content);
+  return v;
 }
 
 }  // namespace moe::tokenizer

@@ -35,8 +35,10 @@ class Tokenizer {
                                   const std::string& config_source = "tokenizer_config.json");
 
   // Token ids of `text`; add_special adds the post-processor's BOS/EOS (as adjusted by
-  // tokenizer_config's add_bos_token / add_eos_token).
-  std::vector<int32_t> encode(std::string_view text, bool add_special = true) const;
+  // tokenizer_config's add_bos_token / add_eos_token). parse_special = false: special-token
+  // strings in the text (e.g. "<|endoftext|>") are tokenized as plain text, not turned into their
+  // ids (llama.cpp's parse_special = false, HF's split_special_tokens = True).
+  std::vector<int32_t> encode(std::string_view text, bool add_special = true, bool parse_special = true) const;
 
   // Text of `ids`; skip_special drops special added tokens. Throws Error::invalid for an id with
   // no token.
@@ -56,6 +58,8 @@ class Tokenizer {
   std::string id_to_token(int32_t id) const;
   // True for added tokens marked special.
   bool is_special(int32_t id) const;
+  // The contents of the added tokens marked special (e.g. "<|endoftext|>", "<s>").
+  std::vector<std::string> special_tokens() const;
 
   struct Impl;
 

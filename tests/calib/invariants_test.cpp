@@ -250,11 +250,11 @@ TEST(CalibReport, ShowAndPlot) {
   auto r = calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, small(), tmp / "s.stats");
   const Stats s = Stats::load(tmp / "s.stats", false);
   const auto j = stats_summary(s, std::nullopt, 3);
-  ASSERT_EQ(j["layers"].size(), 2u);  // layers 1 and 3 are MoE
-  EXPECT_EQ(j["layers"][0]["layer"].get<int>(), 1);
-  EXPECT_EQ(j["layers"][0]["similar_by_logit_sim"].size(), 3u);
+  ASSERT_EQ(j.at("layers").size(), 2u);  // layers 1 and 3 are MoE
+  EXPECT_EQ(j.at("layers")[0].at("layer").get<int>(), 1);
+  EXPECT_EQ(j.at("layers")[0].at("similar_by_logit_sim").size(), 3u);
   double share = 0;
-  for (const auto& e : j["layers"][0]["expert_usage"]) share += e["count_share"].get<double>();
+  for (const auto& e : j.at("layers")[0].at("expert_usage")) share += e.at("count_share").get<double>();
   EXPECT_NEAR(share, 1.0, 1e-12);
   const std::string text = render_stats_summary(j);
   EXPECT_NE(text.find("load imbalance"), std::string::npos);

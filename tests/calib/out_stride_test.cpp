@@ -219,22 +219,22 @@ TEST(CalibOutStride, StrideOneIsTheGoldenExactRun) {
   // Golden run 1 of every fixture uses out_stride 1: the exact definition (every token through
   // every expert) that make_stats_goldens.py computes as a plain mean over all tokens.
   const Json g = Json::parse(read_file(source_dir() / "data/golden/stats-qwen3moe.json"));
-  const auto& run = g["runs"][0];
-  ASSERT_EQ(run["out_stride"].get<int64_t>(), 1);
+  const auto& run = g.at("runs")[0];
+  ASSERT_EQ(run.at("out_stride").get<int64_t>(), 1);
   auto fx = load_fixture(source_dir() / "data/models/synthetic/qwen3moe");
   CalibrateOptions o;
-  o.ctx = run["ctx"].get<int64_t>();
-  o.windows = run["windows"].get<int64_t>();
-  o.out_cos_tokens = run["out_cos_tokens"].get<int64_t>();
+  o.ctx = run.at("ctx").get<int64_t>();
+  o.windows = run.at("windows").get<int64_t>();
+  o.out_cos_tokens = run.at("out_cos_tokens").get<int64_t>();
   o.out_stride = 1;
   o.quiet = true;
   TempDir tmp;
   const auto r = calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, o, tmp / "s.stats");
-  for (const auto& [key, want] : run["layers"].items()) {
+  for (const auto& [key, want] : run.at("layers").items()) {
     const LayerStats& st = r.stats.layers.at(std::stoi(key));
     MatrixF ref(st.out_mean.rows(), st.out_mean.cols());
     for (int64_t e = 0; e < ref.rows(); ++e)
-      for (int64_t i = 0; i < ref.cols(); ++i) ref(e, i) = want["out_mean"][e][i].get<float>();
+      for (int64_t i = 0; i < ref.cols(); ++i) ref(e, i) = want.at("out_mean")[e][i].get<float>();
     EXPECT_LT(rel_fro(st.out_mean, ref), 1e-5) << "layer " << key;
   }
   EXPECT_EQ(Stats::load(tmp / "s.stats").meta("out_stride"), "1");

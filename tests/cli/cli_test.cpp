@@ -84,31 +84,31 @@ TEST_F(Cli, InspectJsonMixtral) {
   const RunResult r = run_tool({"inspect", dir.string(), "--json"});
   expect_ok(r);
   const json s = json::parse(r.out);
-  EXPECT_EQ(s["path"], dir.string());
-  EXPECT_EQ(s["family"], "mixtral");
-  EXPECT_EQ(s["architectures"], json({"MixtralForCausalLM"}));
-  EXPECT_EQ(s["layers"], 2);
-  EXPECT_EQ(s["hidden_size"], 32);
-  EXPECT_EQ(s["attention_heads"], 4);
-  EXPECT_EQ(s["kv_heads"], 2);
-  EXPECT_EQ(s["head_dim"], 8);
-  EXPECT_EQ(s["vocab_size"], 64);
-  EXPECT_EQ(s["tied_embeddings"], false);
-  EXPECT_EQ(s["attention"], "standard");
-  EXPECT_EQ(s["moe"], true);
-  EXPECT_EQ(s["routing"], "softmax -> top-k");
-  EXPECT_EQ(s["experts_per_layer"], 4);
-  EXPECT_EQ(s["experts_per_token"], 2);
-  EXPECT_EQ(s["expert_width"], 16);
-  EXPECT_EQ(s["shared_experts"], 0);
-  EXPECT_EQ(s["moe_layers"], 2);
-  EXPECT_EQ(s["dense_layers"], json::array());
-  EXPECT_EQ(s["params_total"], 22944);
-  EXPECT_EQ(s["params_active_per_token"], 22944 - 2 * 2 * 1536);
-  EXPECT_EQ(s["bytes_total"], 2 * 22944);
-  EXPECT_EQ(s["bytes_by_dtype"], (json{{"BF16", 2 * 22944}}));
-  EXPECT_EQ(s["tensors"], 41);
-  EXPECT_EQ(s["shards"], 1);
+  EXPECT_EQ(s.at("path"), dir.string());
+  EXPECT_EQ(s.at("family"), "mixtral");
+  EXPECT_EQ(s.at("architectures"), json({"MixtralForCausalLM"}));
+  EXPECT_EQ(s.at("layers"), 2);
+  EXPECT_EQ(s.at("hidden_size"), 32);
+  EXPECT_EQ(s.at("attention_heads"), 4);
+  EXPECT_EQ(s.at("kv_heads"), 2);
+  EXPECT_EQ(s.at("head_dim"), 8);
+  EXPECT_EQ(s.at("vocab_size"), 64);
+  EXPECT_EQ(s.at("tied_embeddings"), false);
+  EXPECT_EQ(s.at("attention"), "standard");
+  EXPECT_EQ(s.at("moe"), true);
+  EXPECT_EQ(s.at("routing"), "softmax -> top-k");
+  EXPECT_EQ(s.at("experts_per_layer"), 4);
+  EXPECT_EQ(s.at("experts_per_token"), 2);
+  EXPECT_EQ(s.at("expert_width"), 16);
+  EXPECT_EQ(s.at("shared_experts"), 0);
+  EXPECT_EQ(s.at("moe_layers"), 2);
+  EXPECT_EQ(s.at("dense_layers"), json::array());
+  EXPECT_EQ(s.at("params_total"), 22944);
+  EXPECT_EQ(s.at("params_active_per_token"), 22944 - 2 * 2 * 1536);
+  EXPECT_EQ(s.at("bytes_total"), 2 * 22944);
+  EXPECT_EQ(s.at("bytes_by_dtype"), (json{{"BF16", 2 * 22944}}));
+  EXPECT_EQ(s.at("tensors"), 41);
+  EXPECT_EQ(s.at("shards"), 1);
   EXPECT_FALSE(s.contains("tensor_list"));
 }
 
@@ -117,23 +117,23 @@ TEST_F(Cli, InspectJsonQwen2MoeSharded) {
   const RunResult r = run_tool({"inspect", "--json", dir.string()});
   expect_ok(r);
   const json s = json::parse(r.out);
-  EXPECT_EQ(s["family"], "qwen2_moe");
-  EXPECT_EQ(s["architectures"], json({"Qwen2MoeForCausalLM"}));
-  EXPECT_EQ(s["layers"], 3);
-  EXPECT_EQ(s["experts_per_layer"], 4);
-  EXPECT_EQ(s["experts_per_token"], 2);
-  EXPECT_EQ(s["expert_width"], 16);
-  EXPECT_EQ(s["shared_experts"], 1);
-  EXPECT_EQ(s["shared_expert_width"], 32);
-  EXPECT_EQ(s["moe_layers"], 2);
-  EXPECT_EQ(s["dense_layers"], json({0}));
+  EXPECT_EQ(s.at("family"), "qwen2_moe");
+  EXPECT_EQ(s.at("architectures"), json({"Qwen2MoeForCausalLM"}));
+  EXPECT_EQ(s.at("layers"), 3);
+  EXPECT_EQ(s.at("experts_per_layer"), 4);
+  EXPECT_EQ(s.at("experts_per_token"), 2);
+  EXPECT_EQ(s.at("expert_width"), 16);
+  EXPECT_EQ(s.at("shared_experts"), 1);
+  EXPECT_EQ(s.at("shared_expert_width"), 32);
+  EXPECT_EQ(s.at("moe_layers"), 2);
+  EXPECT_EQ(s.at("dense_layers"), json({0}));
   // embed + lm_head 4096; per layer attention 3072 + qkv biases 64 + norms 64 = 3200;
   // dense layer 0: 3 x 64 x 32 = 6144; MoE layers: router 128 + 4 x 1536 + shared 3072 + gate 32.
   const int64_t total = 4096 + 3 * 3200 + 6144 + 2 * (128 + 6144 + 3072 + 32) + 32;
-  EXPECT_EQ(s["params_total"], total);
-  EXPECT_EQ(s["params_active_per_token"], total - 2 * 2 * 1536);
-  EXPECT_GT(s["shards"].get<int>(), 1);
-  EXPECT_EQ(s["tensors"], make_synth("qwen2_moe").tensors.size());
+  EXPECT_EQ(s.at("params_total"), total);
+  EXPECT_EQ(s.at("params_active_per_token"), total - 2 * 2 * 1536);
+  EXPECT_GT(s.at("shards").get<int>(), 1);
+  EXPECT_EQ(s.at("tensors"), make_synth("qwen2_moe").tensors.size());
   const RunResult t = run_tool({"inspect", dir.string()});
   expect_ok(t);
   EXPECT_NE(t.out.find(row("shared experts", "1 (width 32)")), std::string::npos) << t.out;
@@ -151,20 +151,20 @@ TEST_F(Cli, InspectTensors) {
   for (const auto& t : ck.tensors) {
     json shape = t.shape;
     const std::string line = "  " + t.name + "  " + core::dtype_name(t.dtype) + " " + shape.dump() + "  " +
-                             ix["weight_map"][t.name].get<std::string>() + "\n";
+                             ix.at("weight_map").at(t.name).get<std::string>() + "\n";
     EXPECT_NE(r.out.find(line), std::string::npos) << line;
   }
   const RunResult j = run_tool({"inspect", dir.string(), "--tensors", "--json"});
   expect_ok(j);
   const json s = json::parse(j.out);
-  ASSERT_EQ(s["tensor_list"].size(), ck.tensors.size());
+  ASSERT_EQ(s.at("tensor_list").size(), ck.tensors.size());
   std::set<std::string> names;
-  for (const auto& t : s["tensor_list"]) {
-    names.insert(t["name"].get<std::string>());
-    const auto& st = ck.at(t["name"]);
-    EXPECT_EQ(t["dtype"], core::dtype_name(st.dtype));
-    EXPECT_EQ(t["shape"], json(st.shape));
-    EXPECT_EQ(t["shard"], ix["weight_map"][st.name]);
+  for (const auto& t : s.at("tensor_list")) {
+    names.insert(t.at("name").get<std::string>());
+    const auto& st = ck.at(t.at("name"));
+    EXPECT_EQ(t.at("dtype"), core::dtype_name(st.dtype));
+    EXPECT_EQ(t.at("shape"), json(st.shape));
+    EXPECT_EQ(t.at("shard"), ix.at("weight_map").at(st.name));
   }
   EXPECT_EQ(names.size(), ck.tensors.size());
 }
@@ -176,10 +176,10 @@ TEST_F(Cli, InspectEveryFamily) {
     const RunResult r = run_tool({"inspect", "--json", dir.string()});
     expect_ok(r);
     const json s = json::parse(r.out);
-    EXPECT_EQ(s["family"], fam);
-    EXPECT_EQ(s["moe"], synth_is_moe(fam));
-    EXPECT_EQ(s["tensors"], make_synth(fam).tensors.size());
-    EXPECT_EQ(s["attention"], fam.rfind("deepseek", 0) == 0 ? "mla" : "standard");
+    EXPECT_EQ(s.at("family"), fam);
+    EXPECT_EQ(s.at("moe"), synth_is_moe(fam));
+    EXPECT_EQ(s.at("tensors"), make_synth(fam).tensors.size());
+    EXPECT_EQ(s.at("attention"), fam.rfind("deepseek", 0) == 0 ? "mla" : "standard");
   }
 }
 
@@ -204,8 +204,8 @@ TEST_F(Cli, ConvertEveryFamilyIsBitIdentical) {
     EXPECT_EQ(list_dir(out), (std::vector<std::string>{"config.json", "generation_config.json", "model.safetensors",
                                                        "moe_tool_report.json", "tokenizer.json", "tokenizer_config.json"}));
     const json report = json::parse(read_file(out / "moe_tool_report.json"));
-    EXPECT_EQ(report["command"], "convert");
-    EXPECT_EQ(report["input"]["family"], fam);
+    EXPECT_EQ(report.at("command"), "convert");
+    EXPECT_EQ(report.at("input").at("family"), fam);
     EXPECT_EQ(temp_leftovers(tmp.path()), std::vector<std::string>{});
     // And back through the tool again: still identical (its own output is valid input).
     const RunResult r2 = run_tool({"-q", "convert", out.string(), (tmp / (fam + "-again")).string()});
@@ -318,10 +318,10 @@ TEST_F(Cli, MaxShardSizeCutsShardsWithACorrectIndex) {
     const json res = json::parse(r.out);
     const uint64_t max = std::string(limit) == "10KB" ? 10000 : std::string(limit) == "4096" ? 4096
                          : std::string(limit) == "1KiB" ? 1024 : 1000000;
-    const int shards = res["shards"].get<int>();
-    EXPECT_EQ(res["tensors"], ck.tensors.size());
-    EXPECT_EQ(res["bytes_before"], total);
-    EXPECT_EQ(res["bytes_after"], total);
+    const int shards = res.at("shards").get<int>();
+    EXPECT_EQ(res.at("tensors"), ck.tensors.size());
+    EXPECT_EQ(res.at("bytes_before"), total);
+    EXPECT_EQ(res.at("bytes_after"), total);
     EXPECT_EQ(first_difference(read_tensors(out), synth_tensors(ck)), "");
     if (std::string(limit) == "1MB") {
       EXPECT_EQ(shards, 1);
@@ -331,8 +331,8 @@ TEST_F(Cli, MaxShardSizeCutsShardsWithACorrectIndex) {
     }
     ASSERT_GT(shards, 1);
     const json ix = json::parse(read_file(out / "model.safetensors.index.json"));
-    EXPECT_EQ(ix["metadata"]["total_size"], total);
-    EXPECT_EQ(ix["weight_map"].size(), ck.tensors.size());
+    EXPECT_EQ(ix.at("metadata").at("total_size"), total);
+    EXPECT_EQ(ix.at("weight_map").size(), ck.tensors.size());
     // Shard files are model-0000i-of-0000N and nothing else holds weights.
     std::vector<std::string> expect_files;
     char buf[64];
@@ -357,8 +357,8 @@ TEST_F(Cli, MaxShardSizeCutsShardsWithACorrectIndex) {
       int count = 0;
       for (const auto& [name, e] : h.items()) {
         if (name == "__metadata__") continue;
-        EXPECT_EQ(ix["weight_map"][name], f) << name;
-        const uint64_t b = e["data_offsets"][0], en = e["data_offsets"][1];
+        EXPECT_EQ(ix.at("weight_map").at(name), f) << name;
+        const uint64_t b = e.at("data_offsets")[0], en = e.at("data_offsets")[1];
         data += en - b;
         if (b == 0) first = en - b;
         ++count;
@@ -454,13 +454,15 @@ TEST_F(Cli, PruningDeepSeekV3DropsTheGroupLimit) {
   const RunResult r = run_tool({"-q", "prune", dir.string(), (tmp / "out3").string(), "--method", "random", "--keep", "3", "--json"});
   expect_ok(r);
   const json cfg = read_json(tmp / "out3" / "config.json");
-  EXPECT_EQ(cfg["n_routed_experts"], 3);
-  EXPECT_EQ(cfg["n_group"], 1);
-  EXPECT_EQ(cfg["topk_group"], 1);
+  EXPECT_EQ(cfg.at("n_routed_experts"), 3);
+  EXPECT_EQ(cfg.at("n_group"), 1);
+  EXPECT_EQ(cfg.at("topk_group"), 1);
   const json s = json::parse(r.out);
-  ASSERT_EQ(s["notes"].size(), 1u);
-  EXPECT_NE(s["notes"][0].get<std::string>().find("n_group 2 -> 1"), std::string::npos) << s["notes"];
-  EXPECT_EQ(read_json(tmp / "out3" / "moe_tool_report.json")["notes"], s["notes"]);
+  // The second note: the multi-token-prediction layer kept layer 2's experts (tests/cli/field_test.cpp).
+  ASSERT_EQ(s.at("notes").size(), 2u);
+  EXPECT_NE(s.at("notes")[0].get<std::string>().find("n_group 2 -> 1"), std::string::npos) << s.at("notes");
+  EXPECT_NE(s.at("notes")[1].get<std::string>().find("multi-token-prediction layer(s) [3]"), std::string::npos) << s.at("notes");
+  EXPECT_EQ(read_json(tmp / "out3" / "moe_tool_report.json").at("notes"), s.at("notes"));
   // Keeping every expert keeps the groups.
   const RunResult same = run_tool({"-q", "prune", dir.string(), (tmp / "out4").string(), "--method", "random", "--keep", "4", "--json"});
   expect_ok(same);

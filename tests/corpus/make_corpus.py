@@ -324,7 +324,8 @@ def build_cases():
     f3 = {"config.json": config_text().encode(), INDEX: (json.dumps(ix3, indent=2) + "\n").encode(),
           three[0]: st_bytes(parts3[three[0]]), three[1]: st_bytes(parts3[three[1]])}
     case("idx-missing-shard", f3, "the index names a third shard that is not there (partial download)",
-         ["model-00003-of-00003.safetensors: no such file"], command="convert", output="fresh")
+         ["model-00003-of-00003.safetensors: no such file, but model.safetensors.index.json maps",
+          "incomplete download?"], command="convert", output="fresh")
 
     case("idx-tensor-absent-from-shard",
          sharded(index_edit=lambda ix: ix["weight_map"].__setitem__("model.layers.0.self_attn.q_norm.weight", SHARD1)),
@@ -398,6 +399,10 @@ def build_cases():
     case("cfg-expert-count-not-integer", cfg_edit(lambda c: c.__setitem__("num_local_experts", "2")),
          "num_local_experts is a string", ['config.json: num_local_experts: expected a positive integer, found "2"'])
 
+    case("cfg-dtype-not-string", cfg_edit(lambda c: c.__setitem__("dtype", 16)),
+         "dtype (transformers >= 4.56 spelling of torch_dtype) is a number",
+         ["config.json: dtype: expected a string, found 16"])
+
     case("cfg-value-overflows", cfg_edit(lambda c: c.__setitem__("head_dim", 4611686018427387904)),
          "head_dim 2^62 (num_attention_heads x head_dim would overflow 64 bits)",
          ["config.json: head_dim: expected at most 2147483647, found 4611686018427387904"])
@@ -409,6 +414,13 @@ def build_cases():
     case("tensors-extra-expert", single(tensors=ts + extra),
          "the weights hold a third expert the config does not declare",
          ["model.safetensors: tensor model.layers.0.block_sparse_moe.experts.2.w1.weight: not expected for mixtral with this config.json (num_local_experts=2)"])
+
+    # A per-layer tensor the family table does not describe that is not a rotary-embedding buffer
+    # (rotary_emb.* buffers are passed through; anything else is refused).
+    case("tensors-layer-unknown-buffer",
+         single(tensors=ts + [("model.layers.0.self_attn.masked_bias", "BF16", [H], bf16_values(H, Rng(11)))]),
+         "a per-layer tensor mixtral does not have (not a rotary_emb buffer)",
+         ["model.safetensors: tensor model.layers.0.self_attn.masked_bias: not expected for mixtral with this config.json"])
 
     case("tensors-missing-expert",
          single(tensors=[t for t in ts if t[0] != "model.layers.0.block_sparse_moe.experts.1.w3.weight"]),

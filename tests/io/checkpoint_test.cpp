@@ -42,7 +42,7 @@ TEST_F(CheckpointTest, SingleFile) {
   auto c = open();
   EXPECT_EQ(c.dir(), dir());
   EXPECT_EQ(c.shards().size(), 1u);
-  EXPECT_EQ(c.config()["model_type"], "mixtral");
+  EXPECT_EQ(c.config().at("model_type"), "mixtral");
   EXPECT_EQ(c.config(), ck.config);
   EXPECT_EQ(c.config_text(), test::read_file(dir() / "config.json"));
   // Storage order: the hand-rolled writer lays data out in the synth order.
@@ -76,7 +76,7 @@ TEST_F(CheckpointTest, ShardedHandRolledAndProject) {
       EXPECT_NE(p.filename(), "model.safetensors.index.json");
     }
     const json ix = index();
-    for (const auto& name : c.names()) EXPECT_EQ(c.shard_path(name).filename(), ix["weight_map"][name].get<std::string>());
+    for (const auto& name : c.names()) EXPECT_EQ(c.shard_path(name).filename(), ix.at("weight_map").at(name).get<std::string>());
   }
 }
 

@@ -355,10 +355,10 @@ TEST(SafetensorsSerialize, PaddedObjectThatParsesBack) {
     EXPECT_EQ(body[last], '}');
     EXPECT_LT(body.size() - last - 1, 8u);
     const json j = json::parse(body);
-    EXPECT_EQ(j["__metadata__"], (json{{"format", "pt"}}));
-    EXPECT_EQ(j["b"]["data_offsets"], (json{6, 10}));
-    EXPECT_EQ(j["b"]["dtype"], "F32");
-    EXPECT_EQ(j["b"]["shape"], (json{1, 1}));
+    EXPECT_EQ(j.at("__metadata__"), (json{{"format", "pt"}}));
+    EXPECT_EQ(j.at("b").at("data_offsets"), (json{6, 10}));
+    EXPECT_EQ(j.at("b").at("dtype"), "F32");
+    EXPECT_EQ(j.at("b").at("shape"), (json{1, 1}));
     auto hd = parse(s + std::string(10, '\x01'));
     ASSERT_EQ(hd.tensors.size(), 2u);
     EXPECT_EQ(hd.tensors[0].name, std::string(name_len, 'n'));

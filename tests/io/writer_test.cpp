@@ -130,10 +130,10 @@ TEST(CheckpointWriter, OneShardPerTensorWhenLimitIsTiny) {
   EXPECT_EQ(ck.shards().size(), ts.size() - 1);
   EXPECT_EQ(test::first_difference(test::read_tensors(tmp.path()), as_map(ts)), "");
   const json index = json::parse(test::read_file(tmp / "model.safetensors.index.json"));
-  EXPECT_EQ(index["weight_map"].size(), ts.size());
+  EXPECT_EQ(index.at("weight_map").size(), ts.size());
   uint64_t total = 0;
   for (const auto& t : ts) total += t.data.size();
-  EXPECT_EQ(index["metadata"]["total_size"], total);
+  EXPECT_EQ(index.at("metadata").at("total_size"), total);
 }
 
 TEST(CheckpointWriter, ChunkedWritesInAnyOrder) {

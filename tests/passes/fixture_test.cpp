@@ -61,8 +61,8 @@ TEST(PassesOnFixture, PruneQwen2MoeWithSharedExpert) {
   EXPECT_EQ(b.router.dtype(), core::DType::BF16);
   EXPECT_EQ(b.shared->gate.data(), before.moe->shared->gate.data());
   const json cfg = l.model.rewritten_config();
-  EXPECT_EQ(cfg["num_experts"], 2);
-  EXPECT_LE(cfg["num_experts_per_tok"].get<int>(), 2);
+  EXPECT_EQ(cfg.at("num_experts"), 2);
+  EXPECT_LE(cfg.at("num_experts_per_tok").get<int>(), 2);
   // Every output tensor of the changed layer has the shape the config describes.
   for (const auto& t : l.model.layer_outputs(1)) {
     const core::Tensor v = t.make();
@@ -77,8 +77,8 @@ TEST(PassesOnFixture, MergeQwen3MoeWithRefitRouter) {
   ASSERT_GE(E, 3);
   const json rep = run_on_all_layers(l.model, {{"pass", "merge"}, {"method", "hcsmoe"}, {"experts", E - 1}, {"router", "refit"}});
   for (const auto& [layer, r] : rep.items()) {
-    EXPECT_EQ(r["groups"].size(), static_cast<size_t>(E - 1));
-    EXPECT_EQ(r["router"], "refit");
+    EXPECT_EQ(r.at("groups").size(), static_cast<size_t>(E - 1));
+    EXPECT_EQ(r.at("router"), "refit");
   }
   const model::MoeBlock& b = *l.model.layers()[0].moe;
   EXPECT_EQ(b.num_experts(), E - 1);

@@ -120,11 +120,11 @@ TEST(Registry, BudgetsAreExclusiveAndRequired) {
 TEST(Registry, ParamsRecordDefaults) {
   auto p = make_pass({{"pass", "merge"}, {"method", "submoe"}, {"experts", 3}}, "passes[1]");
   const json params = p->params();
-  EXPECT_EQ(params["router"], "mean");  // the default, chosen by bench_quality
-  EXPECT_EQ(params["router_bias"], "max");
-  EXPECT_EQ(params["rank_ratio"], 1.0);
-  EXPECT_EQ(params["whiten"], false);
-  EXPECT_EQ(params["importance"], "saliency");  // count * reap, chosen by bench_quality
+  EXPECT_EQ(params.at("router"), "mean");  // the default, chosen by bench_quality
+  EXPECT_EQ(params.at("router_bias"), "max");
+  EXPECT_EQ(params.at("rank_ratio"), 1.0);
+  EXPECT_EQ(params.at("whiten"), false);
+  EXPECT_EQ(params.at("importance"), "saliency");  // count * reap, chosen by bench_quality
   EXPECT_FALSE(params.contains("seed"));
   EXPECT_FALSE(p->requirements().block_inputs);  // only the refit router runs the block on inputs
   EXPECT_EQ(p->requirements().stats_fields, (std::vector<std::string>{"count", "reap", "out_cos"}));

@@ -23,15 +23,15 @@ TEST(Eval, PerplexityMatchesTheSyntheticGolden) {
   ASSERT_FALSE(g.is_null());
   auto lm = load_model(synthetic("qwen3moe"));
   eval::EvalOptions o;
-  o.ctx = g["perplexity"]["ctx"].get<int64_t>();
-  o.max_windows = g["perplexity"]["n_windows"].get<int64_t>();
+  o.ctx = g.at("perplexity").at("ctx").get<int64_t>();
+  o.max_windows = g.at("perplexity").at("n_windows").get<int64_t>();
   o.quiet = true;
   const auto tok = eval::load_tokenizer(synthetic("qwen3moe"));
   const auto w = eval::make_windows(tok, eval::read_text(heldout()), o);
   const auto r = eval::perplexity(lm->model, w, o);
-  EXPECT_EQ(r.tokens_scored, g["perplexity"]["token_count"].get<int64_t>());
-  EXPECT_NEAR(r.nll_sum, g["perplexity"]["nll_sum"].get<double>(), 1e-3 * g["perplexity"]["nll_sum"].get<double>());
-  EXPECT_LE(std::abs(r.perplexity() / g["perplexity"]["ppl"].get<double>() - 1), 1e-3);
+  EXPECT_EQ(r.tokens_scored, g.at("perplexity").at("token_count").get<int64_t>());
+  EXPECT_NEAR(r.nll_sum, g.at("perplexity").at("nll_sum").get<double>(), 1e-3 * g.at("perplexity").at("nll_sum").get<double>());
+  EXPECT_LE(std::abs(r.perplexity() / g.at("perplexity").at("ppl").get<double>() - 1), 1e-3);
 }
 
 TEST(Eval, ModelAgainstItselfHasZeroKlAndFullAgreement) {
@@ -124,14 +124,14 @@ void check_trained_ppl(const std::string& name) {
   ASSERT_TRUE(fs::exists(dir / "config.json")) << "missing fixture model " << dir;
   auto lm = load_model(dir);
   eval::EvalOptions o;
-  o.ctx = g["perplexity"]["ctx"].get<int64_t>();
-  o.max_windows = g["perplexity"]["n_windows"].get<int64_t>();
+  o.ctx = g.at("perplexity").at("ctx").get<int64_t>();
+  o.max_windows = g.at("perplexity").at("n_windows").get<int64_t>();
   o.quiet = true;
   const auto tok = eval::load_tokenizer(fs::exists(dir / "tokenizer.json") ? dir : source_dir() / "data/tokenizer");
   const auto w = eval::make_windows(tok, eval::read_text(heldout()), o);
   const auto r = eval::perplexity(lm->model, w, o);
-  EXPECT_EQ(r.tokens_scored, g["perplexity"]["token_count"].get<int64_t>());
-  const double ref = g["perplexity"]["ppl"].get<double>();
+  EXPECT_EQ(r.tokens_scored, g.at("perplexity").at("token_count").get<int64_t>());
+  const double ref = g.at("perplexity").at("ppl").get<double>();
   EXPECT_LE(std::abs(r.perplexity() / ref - 1), 1e-3) << name << ": " << r.perplexity() << " vs " << ref;
   std::printf("[ %s ] perplexity %.6f (golden %.6f), %.0f tokens/s\n", name.c_str(), r.perplexity(), ref,
               r.tokens_per_second);
@@ -159,9 +159,9 @@ TEST(EvalCli, JsonOutput) {
   const auto j = nlohmann::json::parse(r.out);
   for (const char* k : {"perplexity", "nll_sum", "tokens_scored", "windows", "ctx", "convention", "tokens_per_second"})
     EXPECT_TRUE(j.contains(k)) << k;
-  EXPECT_EQ(j["tokens_scored"], 62);
-  EXPECT_EQ(j["windows"], 2);
-  EXPECT_EQ(j["ctx"], 32);
+  EXPECT_EQ(j.at("tokens_scored"), 62);
+  EXPECT_EQ(j.at("windows"), 2);
+  EXPECT_EQ(j.at("ctx"), 32);
 }
 
 TEST(EvalCli, TextOutputAndAgainst) {
@@ -175,9 +175,9 @@ TEST(EvalCli, TextOutputAndAgainst) {
                 heldout().string(), "--ctx", "32", "--max-windows", "1", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j["kl_mean"].get<double>(), 0.0);
-  EXPECT_EQ(j["top1_agreement"].get<double>(), 1.0);
-  EXPECT_EQ(j["perplexity"], j["reference"]["perplexity"]);
+  EXPECT_EQ(j.at("kl_mean").get<double>(), 0.0);
+  EXPECT_EQ(j.at("top1_agreement").get<double>(), 1.0);
+  EXPECT_EQ(j.at("perplexity"), j.at("reference").at("perplexity"));
 }
 
 TEST(EvalCli, LlamaCppConvention) {
@@ -185,8 +185,8 @@ TEST(EvalCli, LlamaCppConvention) {
                            "--max-windows", "2", "--llama-cpp-compatible", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j["tokens_scored"], 2 * 31);
-  EXPECT_NE(j["convention"].get<std::string>().find("llama.cpp"), std::string::npos);
+  EXPECT_EQ(j.at("tokens_scored"), 2 * 31);
+  EXPECT_NE(j.at("convention").get<std::string>().find("llama.cpp"), std::string::npos);
 }
 
 TEST(EvalCli, Errors) {
@@ -229,14 +229,14 @@ TEST(TokenizeCli, IdsAndJson) {
   auto r = run_tool({"tokenize", synthetic("qwen2").string(), "--text", heldout().string(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j["count"], g["heldout_token_count"]);
-  EXPECT_EQ(j["ids"].size(), g["heldout_token_count"].get<size_t>());
+  EXPECT_EQ(j.at("count"), g.at("heldout_token_count"));
+  EXPECT_EQ(j.at("ids").size(), g.at("heldout_token_count").get<size_t>());
   TempDir dir;
-  write_file(dir / "t.txt", g["cases"][1]["text"].get<std::string>());
+  write_file(dir / "t.txt", g.at("cases")[1].at("text").get<std::string>());
   r = run_tool({"tokenize", synthetic("qwen2").string(), "--text", (dir / "t.txt").string()});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   std::string expect;
-  for (const auto& id : g["cases"][1]["ids"]) expect += (expect.empty() ? "" : " ") + std::to_string(id.get<int>());
+  for (const auto& id : g.at("cases")[1].at("ids")) expect += (expect.empty() ? "" : " ") + std::to_string(id.get<int>());
   EXPECT_EQ(r.out, expect + "\n");
 }
 

@@ -44,9 +44,9 @@ void check_model(const std::string& rel_dir, const std::string& golden_name) {
   runtime::Forward fwd(lm->model);
 
   const auto& L = g["logits"];
-  const int64_t T = L["ctx"].get<int64_t>();
+  const int64_t T = L.at("ctx").get<int64_t>();
   std::vector<int32_t> tokens;
-  for (const auto& row : L["tokens"])
+  for (const auto& row : L.at("tokens"))
     for (const auto& t : row) tokens.push_back(t.get<int32_t>());
   Recorder rec;
   runtime::Observer* obs[] = {&rec};
@@ -55,10 +55,10 @@ void check_model(const std::string& rel_dir, const std::string& golden_name) {
 
   // Logits at the chosen positions.
   double worst = 0;
-  for (size_t w = 0; w < L["values"].size(); ++w)
-    for (size_t pi = 0; pi < L["positions"].size(); ++pi) {
-      const int64_t p = L["positions"][pi].get<int64_t>();
-      const auto& ref = L["values"][w][pi];
+  for (size_t w = 0; w < L.at("values").size(); ++w)
+    for (size_t pi = 0; pi < L.at("positions").size(); ++pi) {
+      const int64_t p = L.at("positions")[pi].get<int64_t>();
+      const auto& ref = L.at("values")[w][pi];
       ASSERT_EQ(static_cast<int64_t>(ref.size()), V);
       worst = std::max(worst, max_abs_diff(logits.data() + (w * T + p) * V, ref));
     }
@@ -68,27 +68,27 @@ void check_model(const std::string& rel_dir, const std::string& golden_name) {
   // Argmax and logsumexp at every position.
   int argmax_mismatch = 0;
   double lse_worst = 0;
-  for (size_t w = 0; w < L["argmax_all_positions"].size(); ++w)
+  for (size_t w = 0; w < L.at("argmax_all_positions").size(); ++w)
     for (int64_t p = 0; p < T; ++p) {
       const float* row = logits.data() + (w * T + p) * V;
       int64_t best = 0;
       for (int64_t v = 1; v < V; ++v)
         if (row[v] > row[best]) best = v;
-      if (best != L["argmax_all_positions"][w][p].get<int64_t>()) ++argmax_mismatch;
+      if (best != L.at("argmax_all_positions")[w][p].get<int64_t>()) ++argmax_mismatch;
       double m = row[best], s = 0;
       for (int64_t v = 0; v < V; ++v) s += std::exp(double(row[v]) - m);
-      lse_worst = std::max(lse_worst, std::abs(m + std::log(s) - L["logsumexp_all_positions"][w][p].get<double>()));
+      lse_worst = std::max(lse_worst, std::abs(m + std::log(s) - L.at("logsumexp_all_positions")[w][p].get<double>()));
     }
   EXPECT_EQ(argmax_mismatch, 0) << golden_name;
   EXPECT_LE(lse_worst, 1e-3) << golden_name;
 
   // Residual stream after each layer (window 0).
   const auto& hs = g["hidden_states"];
-  ASSERT_EQ(rec.residual.size(), hs["residual"].size());
+  ASSERT_EQ(rec.residual.size(), hs.at("residual").size());
   for (size_t l = 0; l < rec.residual.size(); ++l)
-    for (size_t pi = 0; pi < hs["positions"].size(); ++pi) {
-      const int64_t p = hs["positions"][pi].get<int64_t>();
-      const auto& ref = hs["residual"][l][pi];
+    for (size_t pi = 0; pi < hs.at("positions").size(); ++pi) {
+      const int64_t p = hs.at("positions")[pi].get<int64_t>();
+      const auto& ref = hs.at("residual")[l][pi];
       const double tol = 1e-3 * std::max(1.0, double(rec.residual[l].row(p).cwiseAbs().maxCoeff()));
       EXPECT_LE(max_abs_diff(rec.residual[l].data() + p * rec.residual[l].cols(), ref), tol)
           << golden_name << ": residual " << l << " position " << p;
@@ -97,18 +97,18 @@ void check_model(const std::string& rel_dir, const std::string& golden_name) {
   // Routing of the first tokens.
   if (g.contains("routing")) {
     const auto& R = g["routing"];
-    const int64_t n = R["n_tokens"].get<int64_t>();
-    ASSERT_EQ(rec.routing.size(), R["layers"].size()) << golden_name << ": MoE layer count";
-    for (const auto& [key, ref] : R["layers"].items()) {
+    const int64_t n = R.at("n_tokens").get<int64_t>();
+    ASSERT_EQ(rec.routing.size(), R.at("layers").size()) << golden_name << ": MoE layer count";
+    for (const auto& [key, ref] : R.at("layers").items()) {
       const int l = std::stoi(key);
       ASSERT_TRUE(rec.routing.count(l)) << "layer " << l << " not routed";
       const auto& r = rec.routing[l];
       for (int64_t t = 0; t < n; ++t) {
-        for (size_t j = 0; j < ref["topk_ids"][t].size(); ++j) {
-          EXPECT_EQ(r.ids(t, j), ref["topk_ids"][t][j].get<int>()) << golden_name << " layer " << l << " token " << t;
-          EXPECT_NEAR(r.weights(t, j), ref["topk_weights"][t][j].get<double>(), 1e-4);
+        for (size_t j = 0; j < ref.at("topk_ids")[t].size(); ++j) {
+          EXPECT_EQ(r.ids(t, j), ref.at("topk_ids")[t][j].get<int>()) << golden_name << " layer " << l << " token " << t;
+          EXPECT_NEAR(r.weights(t, j), ref.at("topk_weights")[t][j].get<double>(), 1e-4);
         }
-        EXPECT_LE(max_abs_diff(rec.router_logits[l].data() + t * rec.router_logits[l].cols(), ref["router_logits"][t]),
+        EXPECT_LE(max_abs_diff(rec.router_logits[l].data() + t * rec.router_logits[l].cols(), ref.at("router_logits")[t]),
                   1e-3);
       }
     }
@@ -117,10 +117,10 @@ void check_model(const std::string& rel_dir, const std::string& golden_name) {
   // Perplexity over the first windows (T-1 predictions per window) when the golden uses the
   // logits windows' tokens (synthetic goldens: ctx and windows equal).
   const auto& P = g["perplexity"];
-  if (P["ctx"] == L["ctx"] && P["n_windows"].get<size_t>() <= L["tokens"].size()) {
+  if (P.at("ctx") == L.at("ctx") && P.at("n_windows").get<size_t>() <= L.at("tokens").size()) {
     double nll = 0;
     int64_t count = 0;
-    for (int64_t w = 0; w < P["n_windows"].get<int64_t>(); ++w)
+    for (int64_t w = 0; w < P.at("n_windows").get<int64_t>(); ++w)
       for (int64_t p = 0; p + 1 < T; ++p) {
         const float* row = logits.data() + (w * T + p) * V;
         double m = row[0];
@@ -130,8 +130,8 @@ void check_model(const std::string& rel_dir, const std::string& golden_name) {
         nll += m + std::log(s) - row[tokens[w * T + p + 1]];
         ++count;
       }
-    EXPECT_EQ(count, P["token_count"].get<int64_t>());
-    const double ppl = std::exp(nll / count), ref = P["ppl"].get<double>();
+    EXPECT_EQ(count, P.at("token_count").get<int64_t>());
+    const double ppl = std::exp(nll / count), ref = P.at("ppl").get<double>();
     EXPECT_LE(std::abs(ppl - ref) / ref, 1e-3) << golden_name << ": perplexity " << ppl << " vs " << ref;
   }
 }

@@ -26,21 +26,21 @@ TEST(GoldenByteLevel, EncodesEveryCaseExactly) {
   const Json g = load_golden("tokenizer_bytelevel.json");
   ASSERT_TRUE(g.is_object() && g.contains("cases")) << "data/golden/tokenizer_bytelevel.json";
   const Tokenizer tok = Tokenizer::load(source_dir() / "data" / "tokenizer");
-  ASSERT_GE(g["cases"].size(), 10u);
-  for (const Json& c : g["cases"]) {
-    const std::string text = c["text"].get<std::string>();
-    const auto want = c["ids"].get<std::vector<int32_t>>();
+  ASSERT_GE(g.at("cases").size(), 10u);
+  for (const Json& c : g.at("cases")) {
+    const std::string text = c.at("text").get<std::string>();
+    const auto want = c.at("ids").get<std::vector<int32_t>>();
     SCOPED_TRACE("text: " + text);
     // The fixture adds no BOS/EOS (add_bos_token false, ByteLevel post-processor).
     const auto got = tok.encode(text);
     EXPECT_EQ(got, want) << "got " << show(got) << "\nwant " << show(want);
     EXPECT_EQ(tok.encode(text, false), want);
     if (c.contains("tokens")) {
-      const auto tokens = c["tokens"].get<std::vector<std::string>>();
+      const auto tokens = c.at("tokens").get<std::vector<std::string>>();
       ASSERT_EQ(tokens.size(), want.size());
       for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(tok.id_to_token(want[i]), tokens[i]);
     }
-    EXPECT_EQ(tok.decode(want), c["decoded"].get<std::string>());
+    EXPECT_EQ(tok.decode(want), c.at("decoded").get<std::string>());
     if (is_valid_utf8(text)) {
       EXPECT_EQ(tok.decode(tok.encode(text)), text);
     }
@@ -54,7 +54,7 @@ TEST(GoldenByteLevel, HeldoutTokenCountAndRoundTrip) {
   const std::string text = read_file_or_fail(source_dir() / "data" / "text" / "heldout.txt");
   ASSERT_FALSE(text.empty());
   const auto ids = tok.encode(text);
-  EXPECT_EQ(ids.size(), g["heldout_token_count"].get<size_t>());
+  EXPECT_EQ(ids.size(), g.at("heldout_token_count").get<size_t>());
   EXPECT_EQ(tok.decode(ids), text);
 }
 
@@ -86,40 +86,40 @@ TEST(GoldenSentencePiece, EncodesEveryCaseExactly) {
   const Json g = load_golden("tokenizer_sentencepiece.json");
   ASSERT_TRUE(g.is_object() && g.contains("cases")) << "data/golden/tokenizer_sentencepiece.json";
   const Tokenizer tok = Tokenizer::load(source_dir() / "data" / "tokenizer-sp");
-  const int32_t bos = g["bos_id"].get<int32_t>();
-  ASSERT_GE(g["cases"].size(), 20u);
+  const int32_t bos = g.at("bos_id").get<int32_t>();
+  ASSERT_GE(g.at("cases").size(), 20u);
   size_t same_as_sentencepiece = 0, byte_fallback_tokens = 0;
-  for (const Json& c : g["cases"]) {
-    const std::string text = c["text"].get<std::string>();
-    const auto want = c["ids"].get<std::vector<int32_t>>();
+  for (const Json& c : g.at("cases")) {
+    const std::string text = c.at("text").get<std::string>();
+    const auto want = c.at("ids").get<std::vector<int32_t>>();
     SCOPED_TRACE("text: " + text);
     const auto got = tok.encode(text, /*add_special=*/false);
     EXPECT_EQ(got, want) << "got " << show(got) << "\nwant " << show(want);
     std::vector<int32_t> with_bos{bos};
     with_bos.insert(with_bos.end(), want.begin(), want.end());
     EXPECT_EQ(tok.encode(text), with_bos);
-    const auto pieces = c["pieces"].get<std::vector<std::string>>();
+    const auto pieces = c.at("pieces").get<std::vector<std::string>>();
     ASSERT_EQ(pieces.size(), want.size());
     for (size_t i = 0; i < want.size(); ++i) {
       EXPECT_EQ(tok.id_to_token(want[i]), pieces[i]);
       byte_fallback_tokens += pieces[i].rfind("<0x", 0) == 0;
     }
-    EXPECT_EQ(tok.decode(want), c["decoded"].get<std::string>());
+    EXPECT_EQ(tok.decode(want), c.at("decoded").get<std::string>());
     const bool has_special = text.find("<s>") != std::string::npos ||
                              text.find("</s>") != std::string::npos ||
                              text.find("<unk>") != std::string::npos;
     if (!has_special) {
-      EXPECT_EQ(tok.decode(with_bos, /*skip_special=*/true), c["decoded"].get<std::string>());
+      EXPECT_EQ(tok.decode(with_bos, /*skip_special=*/true), c.at("decoded").get<std::string>());
     }
     // Round trip, except where HF's decoder loses information (see make_sp_tokenizer.py): the
     // first leading space (Strip) and a literal "▁" (decoded as " ").
     if (text.rfind(" ", 0) != 0 && text.find("\u2581") == std::string::npos) {
       EXPECT_EQ(tok.decode(tok.encode(text, false)), text);
     }
-    same_as_sentencepiece += want == c["sp_ids"].get<std::vector<int32_t>>();
+    same_as_sentencepiece += want == c.at("sp_ids").get<std::vector<int32_t>>();
   }
   // Most cases are sentencepiece's own ids; the others are the documented differences.
-  EXPECT_GE(same_as_sentencepiece, g["cases"].size() - 8);
+  EXPECT_GE(same_as_sentencepiece, g.at("cases").size() - 8);
   EXPECT_GT(byte_fallback_tokens, 20u);  // emoji, CJK, newlines, rare ASCII
 }
 
@@ -127,15 +127,15 @@ TEST(GoldenSentencePiece, HeldoutTokenCountAndFixtureProperties) {
   const Json g = load_golden("tokenizer_sentencepiece.json");
   ASSERT_TRUE(g.is_object() && g.contains("heldout_token_count"));
   const Tokenizer tok = Tokenizer::load(source_dir() / "data" / "tokenizer-sp");
-  EXPECT_EQ(tok.vocab_size(), g["vocab_size"].get<size_t>());
-  EXPECT_EQ(tok.bos_id(), g["bos_id"].get<int32_t>());
-  EXPECT_EQ(tok.eos_id(), g["eos_id"].get<int32_t>());
+  EXPECT_EQ(tok.vocab_size(), g.at("vocab_size").get<size_t>());
+  EXPECT_EQ(tok.bos_id(), g.at("bos_id").get<int32_t>());
+  EXPECT_EQ(tok.eos_id(), g.at("eos_id").get<int32_t>());
   EXPECT_TRUE(tok.adds_bos());
   EXPECT_FALSE(tok.adds_eos());
   const std::string text = read_file_or_fail(source_dir() / "data" / "text" / "heldout.txt");
   ASSERT_FALSE(text.empty());
   const auto ids = tok.encode(text, false);
-  EXPECT_EQ(ids.size(), g["heldout_token_count"].get<size_t>());
+  EXPECT_EQ(ids.size(), g.at("heldout_token_count").get<size_t>());
   EXPECT_EQ(tok.decode(ids), text);
 }
 

@@ -127,7 +127,7 @@ TEST(Regex, UnicodeClassesAndLookahead) {
 
 TEST(Decoders, SentencePieceChain) {
   const Json j = sp_json();
-  const Decoder d = Decoder::parse(j["decoder"], "decoder");
+  const Decoder d = Decoder::parse(j.at("decoder"), "decoder");
   EXPECT_EQ(d.decode({"\u2581Hello", "\u2581", "<0xE2>", "<0x82>", "<0xAC>", "!"}), "Hello \u20AC!");
   // An incomplete byte run decodes as one U+FFFD per byte.
   EXPECT_EQ(d.decode({"\u2581a", "<0xE2>", "<0x82>", "b"}), "a\uFFFD\uFFFDb");

@@ -1,0 +1,72 @@
+#include "pipeline/mtp.h"
+
+#include <algorithm>
+#include <map>
+
+#include "core/error.h"
+#include "passes/experts.h"
+
+namespace moe::pipeline {
+
+using core::Error;
+
+void check_mtp_passes(const model::Model& m, const Recipe& r) {
+  if (m.mtp_moe_layers().empty()) return;
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    if (r.passes[i]->name() == "prune") continue;
+    throw Error::unsupported(
+        r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " + r.passes[i]->method() +
+        ": the model has a multi-token-prediction layer (model.layers." + std::to_string(m.mtp_moe_layers().front()) +
+        ") with an MoE block, which must keep the decoder layers' expert count; only prune can be carried over to it "
+        "(same keep-map as the last decoder layer): the merged experts of that layer would need its own statistics, "
+        "and the DeepSeek forward that computes them is not implemented");
+  }
+}
+
+std::vector<int> kept_from_origin(const nlohmann::json& origin) {
+  std::vector<int> kept;
+  for (const auto& row : origin) {
+    if (row.size() != 1) throw Error::internal("multi-token-prediction layer: an expert with several sources (a merge)");
+    kept.push_back(row.at(0).at(0).get<int>());
+  }
+  return kept;
+}
+
+void select_mtp_experts(model::Model& m, const std::vector<int>& kept) {
+  const model::FamilyDesc& f = m.family();
+  const std::string experts_prefix = f.expert_gate.substr(0, f.expert_gate.find("{e}"));  // "mlp.experts."
+  std::map<int, int> new_index;
+  for (size_t i = 0; i < kept.size(); ++i) new_index[kept[i]] = static_cast<int>(i);
+  for (const int l : m.mtp_moe_layers()) {
+    const std::string prefix = model::expand(f.layer_prefix, l);
+    const std::string router = prefix + f.router;
+    const std::string bias = f.router_bias.empty() ? std::string() : prefix + f.router_bias;
+    std::vector<std::pair<std::string, core::Tensor>> out;
+    std::vector<std::pair<std::string, core::Tensor>> experts;  // kept, renamed
+    for (auto& [name, t] : m.mutable_extras()) {
+      if (name == router || (!bias.empty() && name == bias)) {
+        out.emplace_back(name, passes::take_rows(t, kept));
+        continue;
+      }
+      if (name.rfind(prefix + experts_prefix, 0) == 0) {
+        const std::string rest = name.substr(prefix.size() + experts_prefix.size());
+        const size_t dot = rest.find('.');
+        const int e = std::stoi(rest.substr(0, dot));
+        auto it = new_index.find(e);
+        if (it == new_index.end()) continue;  // dropped
+        experts.emplace_back(prefix + experts_prefix + std::to_string(it->second) + rest.substr(dot), t);
+        continue;
+      }
+      out.emplace_back(name, t);
+    }
+    // Experts in their new order, where the layer's expert tensors were.
+    std::sort(experts.begin(), experts.end(), [&](const auto& a, const auto& b) {
+      auto idx = [&](const std::string& n) { return std::stoi(n.substr(prefix.size() + experts_prefix.size())); };
+      return idx(a.first) != idx(b.first) ? idx(a.first) < idx(b.first) : a.first < b.first;
+    });
+    out.insert(out.end(), experts.begin(), experts.end());
+    m.mutable_extras() = std::move(out);
+  }
+}
+
+}  // namespace moe::pipeline

@@ -1,0 +1,31 @@
+// DeepSeek-V3 multi-token-prediction (MTP) layers under the passes. An MTP layer
+// (num_nextn_predict_layers of them, after the decoder layers) carries a full MoE block whose
+// expert count must equal the decoder layers' (n_routed_experts is one key for both). The
+// DeepSeek forward is not implemented, so no statistics of the MTP block exist; the rule is:
+// prune keeps in every MTP layer the experts the last MoE decoder layer keeps (same original
+// ids, same order: router rows, bias entries and expert tensors, renumbered 0..E'-1); passes that
+// cannot be carried over that way (merge) are refused before any work.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "model/model.h"
+#include "pipeline/recipe.h"
+
+namespace moe::pipeline {
+
+// Error::unsupported (naming the MTP layer and the pass) when the recipe has a pass other than
+// prune and the model MTP layers with an MoE block.
+void check_mtp_passes(const model::Model& m, const Recipe& r);
+
+// Keeps experts `kept` (original ids, in order) in every MTP layer's MoE block of m: router rows,
+// e_score_correction_bias entries, expert tensors (weights and any _scale_inv) renamed to their
+// new index; every other MTP tensor unchanged.
+void select_mtp_experts(model::Model& m, const std::vector<int>& kept);
+
+// The kept ids of a layer from its composed origin ([[ [src, 1.0] ], ...]); Error::internal when
+// an expert has several sources (a merge).
+std::vector<int> kept_from_origin(const nlohmann::json& origin);
+
+}  // namespace moe::pipeline
