@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "runtime/finite.h"
 
 namespace moe::runtime {
 
@@ -15,11 +16,13 @@ void assign(MatrixRM& m, const core::Tensor& t) {
   if (t.rank() != 2) throw Error::internal("to_matrix: expected a 2-D tensor, got " + core::shape_str(t.shape()));
   if (m.rows() != t.dim(0) || m.cols() != t.dim(1)) m.resize(t.dim(0), t.dim(1));
   t.to_f32(m.data());
+  check_finite(m.data(), m.size(), m.cols(), t);
 }
 
 void assign(RowVector& v, const core::Tensor& t) {
   if (v.size() != t.numel()) v.resize(t.numel());
   t.to_f32(v.data());
+  check_finite(v.data(), v.size(), 0, t);
 }
 
 void assign(std::optional<RowVector>& v, const core::Tensor* t) {
@@ -32,13 +35,17 @@ void assign(std::optional<RowVector>& v, const core::Tensor* t) {
 }
 
 void assign(MlpWeights& w, const model::Mlp& m) {
-  assign(w.gate, m.gate);
-  assign(w.up, m.up);
-  assign(w.down, m.down);
+  core::with_context("gate", [&] { assign(w.gate, m.gate); });
+  core::with_context("up", [&] { assign(w.up, m.up); });
+  core::with_context("down", [&] { assign(w.down, m.down); });
+}
+
+void assign_expert(MlpWeights& w, const model::Mlp& m, size_t e) {
+  core::with_context("expert " + std::to_string(e), [&] { assign(w, m); });
 }
 
 void assign(MoeWeights& w, const model::MoeBlock& b) {
-  assign(w.router, b.router);
+  core::with_context("router", [&] { assign(w.router, b.router); });
   assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
   const size_t E = b.experts.size();
   w.experts.resize(E);
@@ -49,13 +56,13 @@ void assign(MoeWeights& w, const model::MoeBlock& b) {
     std::exception_ptr err;
     std::thread t([&] {
       try {
-        for (size_t e = 1; e < E; e += 2) assign(w.experts[e], b.experts[e]);
+        for (size_t e = 1; e < E; e += 2) assign_expert(w.experts[e], b.experts[e], e);
       } catch (...) {
         err = std::current_exception();
       }
     });
     try {
-      for (size_t e = 0; e < E; e += 2) assign(w.experts[e], b.experts[e]);
+      for (size_t e = 0; e < E; e += 2) assign_expert(w.experts[e], b.experts[e], e);
     } catch (...) {
       t.join();
       throw;
@@ -63,11 +70,11 @@ void assign(MoeWeights& w, const model::MoeBlock& b) {
     t.join();
     if (err) std::rethrow_exception(err);
   } else {
-    for (size_t e = 0; e < E; ++e) assign(w.experts[e], b.experts[e]);
+    for (size_t e = 0; e < E; ++e) assign_expert(w.experts[e], b.experts[e], e);
   }
   if (b.shared) {
     if (!w.shared) w.shared.emplace();
-    assign(*w.shared, *b.shared);
+    core::with_context("shared expert", [&] { assign(*w.shared, *b.shared); });
   } else {
     w.shared.reset();
   }
