@@ -125,7 +125,7 @@ void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags&) {
         std::string text;
         for (const auto& k : pipeline::recipe_keys()) {
           if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method)) continue;
-          const std::string dflt = *k.dflt ? k.dflt : "required";
+          const std::string dflt = !*k.dflt ? "required" : std::string(k.dflt) == "-" ? "none (one of keep, keep_ratio)" : k.dflt;
           keys.push_back({{"key", k.leaf()}, {"flag", k.flag}, {"default", dflt}, {"help", k.help}});
           text += "    " + k.leaf() + std::string(std::max<size_t>(1, 24 - k.leaf().size()), ' ') + k.flag +
                   std::string(std::max<size_t>(1, 26 - std::string(k.flag).size()), ' ') + "default " + dflt + "\n";

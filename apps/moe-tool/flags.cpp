@@ -27,7 +27,8 @@ void KeyFlags::declare(CLI::App& sub, const std::string& command) {
       help += std::string(" (recipe key ") + k.path + ", default " + k.dflt + ")";
       s.option = sub.add_flag(k.flag, s.flag, help);
     } else {
-      help += std::string(" (recipe key ") + k.path + (*k.dflt ? std::string(", default ") + k.dflt : std::string()) + ")";
+      const bool has_default = *k.dflt && std::string(k.dflt) != "-";
+      help += std::string(" (recipe key ") + k.path + (has_default ? std::string(", default ") + k.dflt : std::string()) + ")";
       s.option = sub.add_option(k.flag, s.text, help);
     }
   }

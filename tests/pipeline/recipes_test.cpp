@@ -403,7 +403,9 @@ TEST(Vocabulary, TableDefaultsAreThePassDefaults) {
     const auto pass = moe::pipeline::make_pass(spec, "passes[0]");
     const json params = pass->params();
     for (const auto& k : moe::pipeline::recipe_keys()) {
-      if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method) || !*k.dflt) continue;
+      if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method) || !*k.dflt ||
+          std::string(k.dflt) == "-")
+        continue;
       if (!params.contains(k.leaf())) continue;  // e.g. damp only reported when whitening
       const json& v = params[k.leaf()];
       const std::string shown = v.is_string() ? v.get<std::string>() : v.dump();
