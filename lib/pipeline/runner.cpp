@@ -267,10 +267,20 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
 
   const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
   json layer_reports = json::array();
-  core::Progress progress("layers", static_cast<uint64_t>(model.layers().size()), "layers", opts.quiet);
+  // Progress in hundredths of a layer: each layer's steps (calibration forward, each pass, the
+  // propagating forward, the write) move it, so it shows before the first layer is done.
+  constexpr uint64_t kPart = 100;
+  core::Progress progress("layers", static_cast<uint64_t>(model.layers().size()) * kPart, "layers", opts.quiet, kPart);
   for (auto& layer : model.layers()) {
     const int l = layer.index;
     json lr = {{"layer", l}};
+    const uint64_t steps = 1 + (fwd ? 2 : 0) + (layer.moe ? r.passes.size() : 0);  // write, forwards, passes
+    uint64_t shown = 0, step = 0;
+    auto step_done = [&] {
+      const uint64_t now = ++step * kPart / steps;
+      progress.add(now - shown);
+      shown = now;
+    };
     if (layer.moe) {
       BlockInputCapture capture;
       runtime::MatrixRM X_in;
@@ -278,6 +288,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         if (r.calibration.propagate) X_in = X;
         runtime::Observer* obs[] = {&capture};
         fwd->apply_layer(fwd->load_layer(l), X, T, obs);
+        step_done();
       }
       json pass_reports = json::array();
       for (size_t i = 0; i < r.passes.size(); ++i) {
@@ -300,6 +311,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         pr["pass"] = r.passes[i]->name();
         pr["method"] = r.passes[i]->method();
         pass_reports.push_back(pr);
+        step_done();
         if (layer.moe->num_experts() != counts[i + 1][static_cast<size_t>(l)])
           throw Error::internal("layer " + std::to_string(l) + ": pass " + r.passes[i]->name() + " left " +
                                 std::to_string(layer.moe->num_experts()) + " experts, planned " +
@@ -312,6 +324,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       if (fwd && r.calibration.propagate) {
         X = std::move(X_in);
         fwd->apply_layer(fwd->load_layer(l), X, T);
+        step_done();
       }
     } else if (fwd) {
       fwd->apply_layer(fwd->load_layer(l), X, T);
@@ -326,7 +339,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     original.layers().at(static_cast<size_t>(l)).for_each_tensor(
         [&](const core::Tensor& t) { ckpt.release_range(t.data(), t.nbytes()); });
     layer_reports.push_back(lr);
-    progress.add(1);
+    progress.add(kPart - shown);  // the rest of the layer (its write, and forwards not run)
   }
   progress.finish();
   // Globals and pass-through tensors (everything not written with a layer).
