@@ -5,6 +5,12 @@
 #include "calib/calibrate.h"
 #include "calib/sha256.h"
 #include "command.h"
+#include "eval/eval.h"
+#include "flags.h"
+#include "io/output_dir.h"
+#include "pipeline/keys.h"
+#include "pipeline/recipe.h"
+#include "runtime/forward.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "eval/eval.h"
@@ -16,52 +22,57 @@ namespace moe::app {
 
 void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string model, text, out, sample = "first";
-    int64_t ctx = 512, windows = 0, batch = 8, out_cos = 512, out_stride = 16;
-    uint64_t seed = 0;
-    bool gram = false, routed_only = false, json = false, strict_utf8 = false;
+    std::string model, out;
+    bool json = false, strict_utf8 = false;
+    KeyFlags keys;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->model, "Checkpoint folder (config.json, safetensors, tokenizer.json)")->required();
-  sub.add_option("--text", o->text, "Calibration text (UTF-8), tokenized once without BOS/EOS")->required();
   sub.add_option("-o,--output", o->out, "Stats file to write (safetensors)")->required();
-  sub.add_option("--ctx", o->ctx, "Window length in tokens (default 512)");
-  sub.add_option("--windows", o->windows, "Number of non-overlapping windows (default: every window of the text)");
-  sub.add_option("--batch-windows", o->batch, "Windows per forward batch (default 8; results depend on it in the "
-                                              "last bits, so it is recorded)");
-  sub.add_flag("--gram", o->gram, "Also accumulate fp64 Gram matrices (per expert, dense MLP, attention)");
-  sub.add_option("--sample", o->sample, "Which windows: first (default) or random (with --seed)")
-      ->check(CLI::IsMember({"first", "random"}));
-  sub.add_option("--seed", o->seed, "Seed of --sample random (default 0)");
-  sub.add_option("--out-cos-tokens", o->out_cos,
-                 "Sampled tokens (from the start of the stream) for out_cos (default 512)");
-  sub.add_option("--out-stride", o->out_stride,
-                 "Token sample of the statistics that run every expert (out_mean, out_cos): every S-th token of "
-                 "the stream (default 16). out_mean = routed tokens exact + S x the sampled tokens for the rest, "
-                 "an estimate; 1 = every token through every expert (exact, E/k times the routed expert compute)");
-  sub.add_flag("--routed-only", o->routed_only,
-               "Skip out_mean and out_cos, the statistics that run every expert on (sampled) tokens");
+  // --text, --ctx, --windows, --batch-windows, --sample, --seed, --gram, --routed-only, --out-stride,
+  // --out-cos-tokens, --force: the calibration keys of a recipe (pipeline/keys.def).
+  o->keys.declare(sub, "calibrate");
+  sub.add_flag("--json", o->json, "Print the result (and errors) as JSON");
   sub.add_flag("--strict-utf8", o->strict_utf8, "Refuse a text that is not valid UTF-8 (default: warn, read U+FFFD)");
-  sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
+      if (!o->keys.given("calibration.text")) throw core::Error::invalid("calibrate: --text FILE is required");
+      // The same defaults and checks as a recipe's calibration block.
+      nlohmann::json keys = {{"calibration", nlohmann::json::object()}};
+      o->keys.apply(keys, "calibrate", "");
+      const pipeline::CalibrationSpec c = [&] {
+        try {
+          return pipeline::parse_calibration(keys["calibration"], ".");
+        } catch (core::Error& e) {
+          throw core::Error(e.kind(), pipeline::with_flag_names(e.message()));
+        }
+      }();
+      const bool force = keys.contains("output") && keys["output"].value("force", false);
+      const uint64_t seed = keys.value("seed", int64_t{0}) >= 0 ? static_cast<uint64_t>(keys.value("seed", int64_t{0})) : 0;
+      if (keys.value("seed", int64_t{0}) < 0) throw core::Error::invalid("--seed: expected an integer >= 0");
       auto& env = io::Env::posix();
+      // Every check before any work: the output (never the model's files or the text, --force to
+      // replace), the text, the model.
+      io::check_output(o->out, {o->model, c.text}, force, io::OutputKind::File, "--force");
+      const std::string text = eval::read_text(c.text, o->strict_utf8);  // errors name the file once
       auto ckpt = io::Checkpoint::open(env, o->model);
       auto model = model::Model::load(ckpt);
-      const std::string text = eval::read_text(o->text, o->strict_utf8);  // errors name the file once
-      auto tok = eval::load_tokenizer(o->model);  // its errors name the file
+      runtime::ForwardSpec::from_model(model);
+      auto tok = eval::load_tokenizer(o->model);  // names the folder once
       const auto ids = tok.encode(text, false);
       calib::CalibrateOptions co;
-      co.ctx = o->ctx;
-      co.windows = o->windows;
-      co.batch_windows = o->batch;
-      co.gram = o->gram;
-      co.routed_only = o->routed_only;
-      co.sample = o->sample == "random" ? calib::Sample::Random : calib::Sample::First;
-      co.seed = o->seed;
-      co.out_cos_tokens = o->out_cos;
-      co.out_stride = o->out_stride;
+      co.ctx = c.ctx;
+      co.windows = c.windows;
+      co.batch_windows = c.batch_windows;
+      co.gram = c.gram;
+      co.routed_only = c.routed_only;
+      co.sample = c.sample == "random" ? calib::Sample::Random : calib::Sample::First;
+      co.seed = seed;
+      co.out_cos_tokens = c.out_cos_tokens;
+      co.out_stride = c.out_stride;
       co.quiet = flags.quiet;
+      co.inputs = {o->model, c.text};
+      co.force = force;
       const auto plan = calib::plan_calibration(model, static_cast<int64_t>(ids.size()), co);
       if (!flags.quiet) {
         std::fprintf(stderr,

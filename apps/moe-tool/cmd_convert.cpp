@@ -18,7 +18,7 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<Opts>();
   sub.add_option("IN", o->in, "Input checkpoint folder")->required();
   sub.add_option("OUT", o->out, "Output folder (built in a temporary sibling, renamed on success)")->required();
-  sub.add_option("--dtype", o->dtype, "Convert float tensors to bf16, f16 or f32 (F8 and integer tensors are kept)");
+  sub.add_option("--dtype", o->dtype, "Convert float tensors to bf16, f16 or f32 (default: as stored; F8 and integer tensors are kept)");
   sub.add_option("--max-shard-size", o->shard, "Largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)");
   sub.add_flag("--materialize", o->materialize,
                "Write every encoded weight (low-rank, FP8, ...) dense, in --dtype or the config's dtype: a stock checkpoint");

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "command.h"
+#include "core/error.h"
 #include "eval/eval.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
@@ -17,12 +18,13 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
     std::string model, text, against;
     eval::EvalOptions e;
     bool ctx_given = false, json = false, strict_utf8 = false;
+    CLI::Option* max_windows = nullptr;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->model, "Checkpoint folder (config.json + safetensors + tokenizer)")->required();
   sub.add_option("--text", o->text, "UTF-8 text file to score")->required();
   sub.add_option("--ctx", o->e.ctx, "Window length in tokens (default 512)");
-  sub.add_option("--max-windows", o->e.max_windows, "Score at most N windows (default: all)");
+  o->max_windows = sub.add_option("--max-windows", o->e.max_windows, "Score at most N windows (default: all)");
   sub.add_option("--batch-windows", o->e.batch_windows, "Windows per forward batch (default: automatic)");
   sub.add_flag("--json", o->json, "Print JSON");
   sub.add_flag("--llama-cpp-compatible", o->e.llama_cpp,
@@ -36,6 +38,9 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       o->e.quiet = flags.quiet;
+      if (o->max_windows->count() > 0 && o->e.max_windows < 1)
+        throw core::Error::invalid("--max-windows: expected an integer >= 1, found " + std::to_string(o->e.max_windows) +
+                                   " (leave it out to score every window)");
       const std::string text = eval::read_text(o->text, o->strict_utf8);
       auto ckpt = io::Checkpoint::open(io::Env::posix(), o->model);
       auto model = model::Model::load(ckpt);

@@ -20,6 +20,8 @@ void setup_inspect(CLI::App& sub, Handler& handler, const GlobalFlags&) {
       auto ckpt = io::Checkpoint::open(io::Env::posix(), o->model);
       auto model = model::Model::load(ckpt);
       auto s = model::summarize(ckpt, model, o->tensors);
+      // What stats files are checked against (io::Checkpoint::fingerprint).
+      s["fingerprint"] = ckpt.fingerprint();
       if (o->json) std::cout << s.dump(2) << "\n";
       else std::cout << model::render_summary(s);
       return 0;

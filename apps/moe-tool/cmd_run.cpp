@@ -4,7 +4,9 @@
 #include <iostream>
 
 #include "command.h"
+#include "flags.h"
 #include "core/error.h"
+#include "pipeline/keys.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
 
@@ -12,47 +14,41 @@ namespace moe::app {
 
 namespace {
 
-// Flags shared by the one-pass subcommands.
+// prune and merge: MODEL OUT --method M, then every flag of the recipe-key table (pipeline/keys.def).
 struct OnePass {
-  std::string model, out, method, stats, text, dtype, shard = "5GB", eval_text;
-  int64_t ctx = 512, windows = 0, seed = 0, eval_ctx = 512;
-  bool force = false, dry_run = false, json = false, no_propagate = false;
+  std::string model, out, method;
+  bool dry_run = false, json = false;
+  KeyFlags keys;
 };
 
-void add_common(CLI::App& sub, OnePass& o) {
-  sub.add_option("MODEL", o.model, "Input checkpoint folder")->required();
-  sub.add_option("OUT", o.out, "Output folder")->required();
-  sub.add_option("--method", o.method, "Method (see moe-tool list)")->required();
-  sub.add_option("--stats", o.stats, "Routing statistics from moe-tool calibrate");
-  sub.add_option("--text", o.text, "Calibration text (statistics and block inputs computed on the fly)");
-  sub.add_option("--ctx", o.ctx, "Calibration window length (default 512)");
-  sub.add_option("--windows", o.windows, "Calibration windows (default all)");
-  sub.add_option("--seed", o.seed, "Seed for random choices (default 0)");
-  sub.add_flag("--no-propagate", o.no_propagate, "Calibrate every layer on the input model's hidden states");
-  sub.add_option("--dtype", o.dtype, "Output dtype for float tensors: bf16, f16, f32");
-  sub.add_option("--max-shard-size", o.shard, "Largest shard (default 5GB)");
-  sub.add_option("--eval", o.eval_text, "Evaluate the output against the input on this text");
-  sub.add_option("--eval-ctx", o.eval_ctx, "Evaluation window length (default 512)");
-  sub.add_flag("--force", o.force, "Replace a non-empty output folder");
-  sub.add_flag("--dry-run", o.dry_run, "Print the plan; compute and write nothing");
-  sub.add_flag("--json", o.json, "Print the result as JSON");
+void add_common(CLI::App& sub, OnePass& o, const std::string& command) {
+  sub.add_option("MODEL", o.model, "Input checkpoint folder (recipe key model)")->required();
+  sub.add_option("OUT", o.out, "Output folder (recipe key output.path)")->required();
+  sub.add_option("--method", o.method, "Method (see moe-tool list; recipe key passes[0].method)")->required();
+  o.keys.declare(sub, command);
+  sub.add_flag("--dry-run", o.dry_run, "Run every check, print the plan; compute and write nothing");
+  sub.add_flag("--json", o.json, "Print the result (and errors) as JSON");
 }
 
-nlohmann::json recipe_json(const OnePass& o, nlohmann::json pass) {
+// The recipe the flags describe: every given flag sets its recipe key; the rest keep the recipe
+// defaults. Flag names stand in for JSON paths in messages (Recipe::flag_names).
+pipeline::Recipe one_pass_recipe(const OnePass& o, const std::string& command) {
   nlohmann::json r;
   r["model"] = o.model;
-  r["seed"] = o.seed;
-  nlohmann::json cal = {{"ctx", o.ctx}, {"propagate", !o.no_propagate}};
-  if (!o.text.empty()) cal["text"] = o.text;
-  if (!o.stats.empty()) cal["stats"] = o.stats;
-  if (o.windows > 0) cal["windows"] = o.windows;
-  r["calibration"] = cal;
-  pass["method"] = o.method;
-  r["passes"] = nlohmann::json::array({pass});
-  r["output"] = {{"path", o.out}, {"max_shard_size", o.shard}, {"force", o.force}};
-  if (!o.dtype.empty()) r["output"]["dtype"] = o.dtype;
-  if (!o.eval_text.empty()) r["eval"] = {{"text", o.eval_text}, {"ctx", o.eval_ctx}, {"against_input", true}};
-  return r;
+  r["passes"] = nlohmann::json::array({{{"pass", command}, {"method", o.method}}});
+  r["output"] = {{"path", o.out}};
+  o.keys.apply(r, command, o.method);
+  if (r.contains("eval") && !r["eval"].contains("text"))
+    throw core::Error::invalid("--eval-ctx, --eval-max-windows and --no-against-input need --eval TEXT");
+  try {
+    auto recipe = pipeline::parse_recipe(r, ".", command);
+    for (const auto& k : pipeline::recipe_keys()) recipe.flag_names[k.path] = k.flag;
+    recipe.flag_names["output.path"] = "OUT";
+    recipe.flag_names["model"] = "MODEL";
+    return recipe;
+  } catch (core::Error& e) {
+    throw core::Error(e.kind(), pipeline::with_flag_names(e.message()));
+  }
 }
 
 // Prints a run's summary (JSON pretty, one compact line per run in a batch, or text). The
@@ -90,7 +86,13 @@ int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const
   opts.dry_run = dry_run;
   opts.quiet = quiet;
   opts.command = command;
-  const auto summary = pipeline::run_recipe(recipe, opts);
+  nlohmann::json summary;
+  try {
+    summary = pipeline::run_recipe(recipe, opts);
+  } catch (core::Error& e) {
+    if (!recipe.flag_names.empty()) throw core::Error(e.kind(), pipeline::with_flag_names(e.message()));
+    throw;
+  }
   print_summary(summary, json, false);
   return gate_exit(summary, "");
 }
@@ -120,8 +122,8 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                  "the exit status is the worst (1 > 2 > 3 > 0)")
       ->required();
   sub.add_option("--set", o->sets, "Override a recipe value: path=value (e.g. passes[0].keep=4), repeatable, applied to every recipe");
-  sub.add_flag("--dry-run", o->dry_run, "Validate and print the plan; compute and write nothing");
-  sub.add_flag("--json", o->json, "Print the result as JSON (one line per run when several recipes are given)");
+  sub.add_flag("--dry-run", o->dry_run, "Run every check, print the plan; compute and write nothing");
+  sub.add_flag("--json", o->json, "Print the result (and errors) as JSON (one line per run when several recipes are given)");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       if (o->recipes.size() == 1) {
@@ -177,22 +179,13 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
 
 void setup_prune(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<OnePass>();
-  auto keep = std::make_shared<int64_t>(0);
-  auto ratio = std::make_shared<double>(0);
-  auto protect = std::make_shared<bool>(false);
-  add_common(sub, *o);
-  auto* k = sub.add_option("--keep", *keep, "Experts to keep in every MoE layer");
-  auto* r = sub.add_option("--keep-ratio", *ratio, "Fraction of all experts to keep, ranked across layers");
-  k->excludes(r);
-  sub.add_flag("--protect-super-experts", *protect, "Never drop an expert flagged super");
-  sub.callback([o, keep, ratio, protect, &handler, &flags] {
-    handler = [o, keep, ratio, protect, &flags] {
-      nlohmann::json pass = {{"pass", "prune"}};
-      if (*keep > 0) pass["keep"] = *keep;
-      else if (*ratio > 0) pass["keep_ratio"] = *ratio;
-      else throw core::Error::invalid("prune: give --keep N or --keep-ratio R");
-      if (*protect) pass["protect_super_experts"] = true;
-      auto recipe = pipeline::parse_recipe(recipe_json(*o, pass), ".", "prune");
+  add_common(sub, *o, "prune");
+  sub.callback([o, &handler, &flags] {
+    handler = [o, &flags] {
+      if (o->keys.given("passes[0].keep") == o->keys.given("passes[0].keep_ratio"))
+        throw core::Error::invalid(std::string("prune: give one of --keep N or --keep-ratio R") +
+                                   (o->keys.given("passes[0].keep") ? ", not both" : ""));
+      auto recipe = one_pass_recipe(*o, "prune");
       return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
     };
   });
@@ -200,28 +193,11 @@ void setup_prune(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
 
 void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<OnePass>();
-  auto experts = std::make_shared<int64_t>(0);
-  auto router = std::make_shared<std::string>();
-  auto importance = std::make_shared<std::string>();
-  auto no_align = std::make_shared<bool>(false);
-  auto protect = std::make_shared<bool>(false);
-  add_common(sub, *o);
-  sub.add_option("--experts", *experts, "Experts per MoE layer after merging")->required();
-  sub.add_option("--router", *router, "Router rows for merged experts: dominant, mean or refit");
-  sub.add_option("--importance", *importance,
-                 "Expert score that picks dominant experts and weights the merge: saliency (default; count x reap), "
-                 "frequency (count, the papers' rule) or soft (weight_sum)");
-  sub.add_flag("--no-align", *no_align,
-               "hcsmoe/submoe: average without aligning neurons to the dominant expert (the papers' rule)");
-  sub.add_flag("--protect-super-experts", *protect, "Keep every expert flagged super as a group of its own");
-  sub.callback([o, experts, router, importance, no_align, protect, &handler, &flags] {
-    handler = [o, experts, router, importance, no_align, protect, &flags] {
-      nlohmann::json pass = {{"pass", "merge"}, {"experts", *experts}};
-      if (!router->empty()) pass["router"] = *router;
-      if (!importance->empty()) pass["importance"] = *importance;
-      if (*no_align) pass["align"] = false;
-      if (*protect) pass["protect_super_experts"] = true;
-      auto recipe = pipeline::parse_recipe(recipe_json(*o, pass), ".", "merge");
+  add_common(sub, *o, "merge");
+  sub.callback([o, &handler, &flags] {
+    handler = [o, &flags] {
+      if (!o->keys.given("passes[0].experts")) throw core::Error::invalid("merge: --experts N is required");
+      auto recipe = one_pass_recipe(*o, "merge");
       return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
     };
   });
@@ -229,43 +205,15 @@ void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
 
 void setup_factorize(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<OnePass>();
-  struct F {
-    double ratio = 0, energy = 0, budget = 0, alpha = -1, damp = -1;
-    int64_t rank = 0;
-    std::vector<std::string> targets;
-    bool shared_v = false, materialize = false;
-  };
-  auto f = std::make_shared<F>();
-  add_common(sub, *o);
-  auto* r1 = sub.add_option("--ratio", f->ratio, "Kept-parameter ratio per matrix, in (0, 1]");
-  auto* r2 = sub.add_option("--rank", f->rank, "The same rank for every matrix");
-  auto* r3 = sub.add_option("--energy", f->energy, "Smallest rank keeping this fraction of the singular-value energy");
-  auto* r4 = sub.add_option("--budget", f->budget,
-                            "Kept-parameter ratio of each layer's targeted weights, ranks allocated across matrices by loss");
-  r1->excludes(r2)->excludes(r3)->excludes(r4);
-  r2->excludes(r3)->excludes(r4);
-  r3->excludes(r4);
-  sub.add_option("--targets", f->targets, "What to factorize: experts (default), shared, attention, dense, all")->delimiter(',');
-  sub.add_option("--alpha", f->alpha, "asvd: activation exponent (default 0.5)");
-  sub.add_option("--damp", f->damp, "Gram damping: G + damp * mean(diag G) * I (default 0.01; 0 = plain SVD-LLM)");
-  sub.add_flag("--shared-v", f->shared_v, "delta: one right factor shared by all experts' deltas of a matrix type");
-  sub.add_flag("--materialize", f->materialize, "Write the factorized weights dense (a stock checkpoint, no size win)");
-  sub.callback([o, f, &handler, &flags] {
-    handler = [o, f, &flags] {
-      nlohmann::json pass = {{"pass", "factorize"}};
-      if (f->ratio > 0) pass["ratio"] = f->ratio;
-      if (f->rank > 0) pass["rank"] = f->rank;
-      if (f->energy > 0) pass["energy"] = f->energy;
-      if (f->budget > 0) pass["budget"] = f->budget;
-      if (!pass.contains("ratio") && !pass.contains("rank") && !pass.contains("energy") && !pass.contains("budget"))
-        throw core::Error::invalid("factorize: give one of --ratio R, --rank K, --energy E, --budget R");
-      if (!f->targets.empty()) pass["targets"] = f->targets;
-      if (f->alpha >= 0) pass["alpha"] = f->alpha;
-      if (f->damp >= 0) pass["damp"] = f->damp;
-      if (f->shared_v) pass["shared_v"] = true;
-      nlohmann::json rj = recipe_json(*o, pass);
-      if (f->materialize) rj["output"]["materialize"] = true;
-      auto recipe = pipeline::parse_recipe(rj, ".", "factorize");
+  add_common(sub, *o, "factorize");
+  sub.callback([o, &handler, &flags] {
+    handler = [o, &flags] {
+      int rules = 0;
+      for (const char* k : {"passes[0].ratio", "passes[0].rank", "passes[0].energy", "passes[0].budget"}) rules += o->keys.given(k);
+      if (rules != 1)
+        throw core::Error::invalid(std::string("factorize: give one of --ratio R, --rank K, --energy E, --budget R") +
+                                   (rules > 1 ? ", not several" : ""));
+      auto recipe = one_pass_recipe(*o, "factorize");
       return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
     };
   });
@@ -278,8 +226,21 @@ void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags&) {
     handler = [json] {
       nlohmann::json out = nlohmann::json::array();
       for (const auto& p : pipeline::registered_passes()) {
-        if (*json) out.push_back({{"pass", p.pass}, {"method", p.method}, {"description", p.description}});
-        else std::cout << p.pass << " " << p.method << std::string(std::max<size_t>(1, 12 - std::string(p.method).size()), ' ') << p.description << "\n";
+        nlohmann::json keys = nlohmann::json::array();
+        std::string text;
+        for (const auto& k : pipeline::recipe_keys()) {
+          if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method)) continue;
+          const std::string dflt = !*k.dflt ? "required" : std::string(k.dflt) == "-" ? "none (one of keep, keep_ratio)" : k.dflt;
+          keys.push_back({{"key", k.leaf()}, {"flag", k.flag}, {"default", dflt}, {"help", k.help}});
+          text += "    " + k.leaf() + std::string(std::max<size_t>(1, 24 - k.leaf().size()), ' ') + k.flag +
+                  std::string(std::max<size_t>(1, 26 - std::string(k.flag).size()), ' ') + "default " + dflt + "\n";
+        }
+        if (*json) {
+          out.push_back({{"pass", p.pass}, {"method", p.method}, {"description", p.description}, {"keys", keys}});
+        } else {
+          std::cout << p.pass << " " << p.method << std::string(std::max<size_t>(1, 12 - std::string(p.method).size()), ' ')
+                    << p.description << "\n" << text;
+        }
       }
       if (*json) std::cout << out.dump(2) << "\n";
       return 0;

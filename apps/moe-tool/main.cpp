@@ -1,5 +1,7 @@
 // moe-tool: compress and transform Mixture-of-Experts checkpoints.
+#include <algorithm>
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <iostream>
 
 #include "command.h"
@@ -22,7 +24,24 @@ const Command kCommands[] = {
     {"list", "List every pass and method", setup_list},
 };
 
+namespace {
+
+// One line on stderr; with --json a JSON object (so a caller parsing JSON gets JSON either way).
+int report_error(bool json, const std::string& kind, const std::string& msg, int code) {
+  if (json) {
+    const nlohmann::json j = {{"error", msg}, {"kind", kind}, {"exit_code", code}};
+    std::fprintf(stderr, "%s\n", j.dump().c_str());
+  } else {
+    std::fprintf(stderr, "moe-tool: %s: %s\n", code == 1 && kind == "internal" ? "internal error" : "error", msg.c_str());
+  }
+  return code;
+}
+
+}  // namespace
+
 int run_main(int argc, char** argv) {
+  bool json = false;
+  for (int i = 1; i < argc; ++i) json = json || std::string(argv[i]) == "--json";
   CLI::App app{"moe-tool: compress and transform Mixture-of-Experts checkpoints", "moe-tool"};
   app.footer(
       "Exit status: 0 done (a written checkpoint is in place); 1 internal error (a bug); 2 bad input (one line on "
@@ -50,26 +69,26 @@ int run_main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::string msg = e.what();
-    if (msg.find("subcommand") != std::string::npos && argc > 1 && argv[1][0] != '-') {
+    const bool known = argc > 1 && std::any_of(std::begin(kCommands), std::end(kCommands),
+                                               [&](const Command& c) { return std::string(argv[1]) == c.name; });
+    if (msg.find("subcommand") != std::string::npos && known && std::string(argv[1]) == "stats") {
+      msg = "stats: give a subcommand: show or plot (moe-tool stats --help)";
+    } else if (msg.find("subcommand") != std::string::npos && argc > 1 && argv[1][0] != '-' && !known) {
       msg = std::string("unknown command '") + argv[1] + "' (commands:";
       for (const auto& c : kCommands) msg += std::string(" ") + c.name;
       msg += ")";
     }
-    std::fprintf(stderr, "moe-tool: error: %s\n", msg.c_str());
-    return kExitBadInput;
+    return report_error(json, "usage", msg, kExitBadInput);
   }
   core::Progress::global_quiet() = flags.quiet;
   try {
     return handler ? handler() : kExitBadInput;
   } catch (const core::Error& e) {
-    std::fprintf(stderr, "moe-tool: error: %s\n", e.message().c_str());
-    return e.exit_code();
+    return report_error(json, core::error_kind_name(e.kind()), e.message(), e.exit_code());
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "moe-tool: error: out of memory\n");
-    return kExitInternal;
+    return report_error(json, "out_of_memory", "out of memory", kExitInternal);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe-tool: internal error: %s\n", e.what());
-    return kExitInternal;
+    return report_error(json, "internal", e.what(), kExitInternal);
   }
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <cmath>
 #include <numeric>
 
@@ -159,7 +160,9 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
     }
   }
 
-  StatsWriter writer(io::Env::posix(), out, plan.layout, res.stats.metadata);
+  // No path: the statistics are only returned (a run that collects them on the fly).
+  std::optional<StatsWriter> writer;
+  if (!out.empty()) writer.emplace(io::Env::posix(), out, plan.layout, res.stats.metadata, o.inputs, o.force, o.force_name);
   ObserverOptions oo;
   oo.all_token_stats = !o.routed_only;
   oo.gram = o.gram;
@@ -189,7 +192,7 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
     auto g = obs.take_grams(static_cast<int>(l));
     const bool in_file = std::any_of(plan.layout.begin(), plan.layout.end(),
                                      [&](const LayerLayout& x) { return x.layer == l; });
-    if (in_file) writer.write_layer(static_cast<int>(l), st ? &*st : nullptr, g ? &*g : nullptr);
+    if (in_file && writer) writer->write_layer(static_cast<int>(l), st ? &*st : nullptr, g ? &*g : nullptr);
     if (st) {
       if (!o.keep_grams) {
         st->gram_in.clear();
@@ -201,8 +204,10 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
   }
   if (static_cast<uint64_t>(N) > shown) progress.add(static_cast<uint64_t>(N) - shown);
   progress.finish();
-  writer.finish();
-  res.file_bytes = writer.file_bytes();
+  if (writer) {
+    writer->finish();
+    res.file_bytes = writer->file_bytes();
+  }
   res.stats.source = out;
   res.stats.flag_super_experts(static_cast<int>(L));
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -58,6 +58,11 @@ struct CalibrateOptions {
   // With gram: also keep every layer's Gram matrices in the returned Stats (they always go to the
   // file; in memory they cost gram_total_bytes, so only for pipelines on models that fit).
   bool keep_grams = false;
+  // The stats file is an io::OutputFile: never one of `inputs` (the model folder, the text) nor
+  // inside an input folder; an existing file needs `force` (spelt `force_name` in messages).
+  std::vector<std::filesystem::path> inputs;
+  bool force = false;
+  std::string force_name = "--force";
 };
 
 // Indices of the chosen windows among `available`, ascending. Throws Error::invalid when more

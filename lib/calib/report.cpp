@@ -45,8 +45,29 @@ std::string fmt(const char* f, double v) {
 nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, int top_pairs) {
   nlohmann::ordered_json j;
   nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+  // Metadata are strings in the file; as JSON, numbers and booleans are numbers and booleans
+  // (identifiers such as the fingerprint stay strings even when they look like numbers).
+  auto typed = [](const std::string& k, const std::string& v) -> nlohmann::ordered_json {
+    if (k == "model_fingerprint" || k == "text_sha256" || k == "tool_version") return v;
+    if (v == "true" || v == "false") return v == "true";
+    if (!v.empty() && v.find_first_not_of("-0123456789") == std::string::npos && v.size() < 19) {
+      try {
+        size_t used = 0;
+        const long long x = std::stoll(v, &used);
+        if (used == v.size()) return x;
+      } catch (...) {
+      }
+    }
+    try {
+      size_t used = 0;
+      const double x = std::stod(v, &used);
+      if (used == v.size() && v.find_first_of("0123456789") != std::string::npos) return x;
+    } catch (...) {
+    }
+    return v;
+  };
   for (const auto& [k, v] : s.metadata)
-    if (k != "window_ids") meta[k] = v;
+    if (k != "window_ids") meta[k] = typed(k, v);
   j["file"] = s.source.string();
   j["metadata"] = meta;
   nlohmann::ordered_json supers = nlohmann::ordered_json::array();
@@ -95,7 +116,10 @@ nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, i
 std::string render_stats_summary(const nlohmann::ordered_json& j) {
   std::ostringstream o;
   const auto& m = j.at("metadata");
-  auto mv = [&](const char* k) { return m.contains(k) ? m.at(k).get<std::string>() : std::string("?"); };
+  auto mv = [&](const char* k) {
+    if (!m.contains(k)) return std::string("?");
+    return m.at(k).is_string() ? m.at(k).get<std::string>() : m.at(k).dump();
+  };
   o << "stats " << j.at("file").get<std::string>() << ": " << mv("family") << ", " << mv("num_layers") << " layers, "
     << mv("tokens") << " tokens (" << mv("windows") << " windows x " << mv("ctx") << ", " << mv("sample");
   if (mv("sample") == "random") o << " seed " << mv("seed");
@@ -105,7 +129,7 @@ std::string render_stats_summary(const nlohmann::ordered_json& j) {
   o << "\n";
   if (mv("routed_only") != "true") {
     // Files made before out_stride was recorded used every token.
-    const std::string stride = m.contains("out_stride") ? m.at("out_stride").get<std::string>() : "1";
+    const std::string stride = m.contains("out_stride") ? mv("out_stride") : "1";
     o << "out_mean: ";
     if (stride == "1") o << "every token through every expert";
     else o << "routed tokens exact + every " << ordinal(stride) << " token for the rest";

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "calib/stats_file.h"
 #include "core/error.h"
@@ -35,6 +36,25 @@ struct Reader {
   void copy(const io::TensorInfo& i, T* dst) const {
     core::Tensor t = f.tensor(i);
     std::memcpy(dst, t.data(), t.nbytes());
+    if constexpr (std::is_floating_point_v<T>) check_finite(i, dst, t.numel());
+  }
+  // Statistics with NaN or Inf (from a model with non-finite weights, or a damaged file) would
+  // make every score, distance and clustering meaningless: refused at load, with the first bad index.
+  template <typename T>
+  static void check_finite(const io::TensorInfo& i, const T* v, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+      if (std::isfinite(v[k])) continue;
+      std::string where = "index " + std::to_string(k);
+      if (i.shape.size() == 2) {
+        const int64_t cols = i.shape[1];
+        where += " (row " + std::to_string(k / cols) + ", column " + std::to_string(k % cols) + ")";
+      }
+      if (i.name.find(".experts.") == std::string::npos && !i.shape.empty() && i.name.find(".attn.") == std::string::npos &&
+          i.name.find(".mlp.") == std::string::npos)
+        where += ", expert " + std::to_string(i.shape.size() == 1 ? k : k / i.shape[1]);
+      throw Error::corruption("tensor " + i.name + ": non-finite value " + (std::isnan(v[k]) ? "nan" : "inf") + " at " +
+                              where + " (statistics of a model with non-finite weights?)");
+    }
   }
   std::vector<double> vec_f64(const std::string& name, int64_t E) const {
     const auto& i = need(name);

@@ -97,7 +97,8 @@ std::vector<LayerLayout> layout_of(const Stats& s) {
 }
 
 StatsWriter::StatsWriter(io::Env& env, std::filesystem::path path, std::vector<LayerLayout> layout,
-                         std::map<std::string, std::string> metadata)
+                         std::map<std::string, std::string> metadata, const std::vector<std::filesystem::path>& inputs,
+                         bool force, const std::string& force_name)
     : env_(env), path_(std::move(path)), layout_(std::move(layout)) {
   const auto plan = stats_tensor_plan(layout_);
   std::vector<io::TensorInfo> infos;
@@ -112,9 +113,9 @@ StatsWriter::StatsWriter(io::Env& env, std::filesystem::path path, std::vector<L
     throw Error::invalid("stats header larger than the safetensors limit (100 MB)");
   for (const auto& i : infos) slots_[i.name] = Slot{header.size() + i.begin, i.nbytes(), false};
   file_bytes_ = header.size() + off;
-  tmp_ = path_;
-  tmp_ += ".tmp";
   if (path_.has_parent_path() && !path_.parent_path().empty()) env_.create_dirs(path_.parent_path());
+  out_ = std::make_unique<io::OutputFile>(env_, path_, inputs, force, force_name);
+  tmp_ = out_->path();
   file_ = env_.create_file(tmp_);
   core::with_context(tmp_.string(), [&] { file_->write_at(0, header.data(), header.size()); });
 }
@@ -123,9 +124,9 @@ StatsWriter::~StatsWriter() {
   if (finished_) return;
   try {
     if (file_) file_->close();
-    env_.remove_all(tmp_);
   } catch (...) {
   }
+  // out_ removes the temporary file.
 }
 
 void StatsWriter::put(const std::string& name, const void* data, uint64_t n) {
@@ -187,7 +188,7 @@ void StatsWriter::finish() {
   for (const auto& [name, slot] : slots_)
     if (!slot.written) throw Error::internal("stats writer: tensor " + name + " was never written");
   core::with_context(tmp_.string(), [&] { file_->close(); });
-  env_.rename(tmp_, path_);
+  out_->commit();
   finished_ = true;
 }
 

@@ -13,6 +13,7 @@
 #include "calib/stats.h"
 #include "io/checkpoint_writer.h"
 #include "io/env.h"
+#include "io/output_dir.h"
 
 namespace moe::calib {
 
@@ -37,8 +38,11 @@ uint64_t gram_bytes(const LayerLayout& l);
 
 class StatsWriter {
  public:
+  // The file is an io::OutputFile: `inputs` may not be overwritten, an existing file needs
+  // `force` (spelt `force_name` in messages), a unique temporary sibling until finish().
   StatsWriter(io::Env& env, std::filesystem::path path, std::vector<LayerLayout> layout,
-              std::map<std::string, std::string> metadata);
+              std::map<std::string, std::string> metadata, const std::vector<std::filesystem::path>& inputs = {},
+              bool force = true, const std::string& force_name = "--force");
   StatsWriter(const StatsWriter&) = delete;
   StatsWriter& operator=(const StatsWriter&) = delete;
   ~StatsWriter();  // removes the temporary file unless finish() succeeded
@@ -54,6 +58,7 @@ class StatsWriter {
   void put(const std::string& name, const void* data, uint64_t n);
   io::Env& env_;
   std::filesystem::path path_, tmp_;
+  std::unique_ptr<io::OutputFile> out_;
   std::vector<LayerLayout> layout_;
   struct Slot {
     uint64_t offset, nbytes;

@@ -63,9 +63,9 @@ tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir) {
 }
 
 Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, const EvalOptions& o) {
-  if (o.ctx < 2) throw Error::invalid("--ctx must be at least 2, got " + std::to_string(o.ctx));
-  if (o.llama_cpp && o.ctx < 3) throw Error::invalid("--llama-cpp-compatible needs --ctx of at least 3");
-  if (o.max_windows < 0) throw Error::invalid("--max-windows must be positive");
+  if (o.ctx < 2) throw Error::invalid(o.ctx_name + " must be at least 2, got " + std::to_string(o.ctx));
+  if (o.llama_cpp && o.ctx < 3) throw Error::invalid("--llama-cpp-compatible needs " + o.ctx_name + " of at least 3");
+  if (o.max_windows < 0) throw Error::invalid(o.max_windows_name + " must be at least 1");
   if (o.batch_windows < 0) throw Error::invalid("--batch-windows must be positive");
   if (o.llama_cpp && o.parse_special)
     throw Error::invalid("--parse-special contradicts --llama-cpp-compatible (llama-perplexity tokenizes the text "
@@ -82,8 +82,8 @@ Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, c
                     (o.llama_cpp ? std::string(" (as llama-perplexity does)") : std::string(" (--parse-special reads them as special ids)"));
   w.text_tokens = static_cast<int64_t>(all.size());
   if (w.text_tokens < o.ctx)
-    throw Error::invalid("text has " + std::to_string(w.text_tokens) + " tokens, fewer than one window of --ctx " +
-                         std::to_string(o.ctx));
+    throw Error::invalid("text has " + std::to_string(w.text_tokens) + " tokens, fewer than one window of " + o.ctx_name +
+                         " " + std::to_string(o.ctx));
   if (o.llama_cpp && w.text_tokens < 2 * o.ctx)
     std::fprintf(stderr,
                  "moe-tool: warning: --llama-cpp-compatible: the text has %lld tokens, fewer than 2 x --ctx (%lld); "
@@ -110,13 +110,16 @@ Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, c
   return w;
 }
 
-void check_context(const model::Model& m, int64_t ctx, bool force) {
+void check_context(const model::Model& m, int64_t ctx, bool force, const std::string& ctx_name,
+                   const std::string& force_name) {
   const int64_t maxp = m.config().get_int_or("max_position_embeddings", 0);
   if (maxp > 0 && ctx > maxp) {
-    const std::string msg = "--ctx " + std::to_string(ctx) + " exceeds max_position_embeddings " + std::to_string(maxp) +
-                            " of " + m.config().source();
-    if (!force) throw Error::invalid(msg + " (use --force to evaluate anyway)");
-    std::fprintf(stderr, "moe-tool: warning: %s (--force)\n", msg.c_str());
+    const std::string msg = ctx_name + " " + std::to_string(ctx) + " exceeds max_position_embeddings " +
+                            std::to_string(maxp) + " of " + m.config().source();
+    if (!force)
+      throw Error::invalid(msg + (force_name.empty() ? std::string(" (lower ") + ctx_name + ")"
+                                                     : " (use " + force_name + " to evaluate anyway)"));
+    std::fprintf(stderr, "moe-tool: warning: %s (%s)\n", msg.c_str(), force_name.c_str());
   }
 }
 
@@ -184,7 +187,11 @@ PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalO
     MatrixRM logits = fwd.run(toks, w.ctx);
     for (int64_t i = 0; i < nb; ++i)
       for (int64_t p = w.score_begin; p + 1 < w.ctx; ++p) {
-        r.nll_sum += nll_of_row(logits.data() + (i * w.ctx + p) * V, V, toks[i * w.ctx + p + 1]);
+        const double nll = nll_of_row(logits.data() + (i * w.ctx + p) * V, V, toks[i * w.ctx + p + 1]);
+        if (!std::isfinite(nll))
+          throw Error::invalid("non-finite logits at window " + std::to_string(b0 + i) + ", position " +
+                               std::to_string(p) + " (activations overflow): no perplexity to report");
+        r.nll_sum += nll;
         ++r.tokens_scored;
       }
     prog.add(static_cast<uint64_t>(nb));
@@ -235,6 +242,13 @@ CompareResult compare(const model::Model& reference, const model::Model& m, cons
           const double lr_v = double(a[v]) - lse_r, lm_v = double(q[v]) - lse_m;
           kl += std::exp(lr_v) * (lr_v - lm_v);
         }
+        // Finite weights can still overflow to Inf/NaN activations: never let a NaN turn into KL 0
+        // (std::max(0.0, NaN) is 0) or a NaN perplexity.
+        if (!std::isfinite(kl) || !std::isfinite(lse_r - a[target]) || !std::isfinite(lse_m - q[target]))
+          throw Error::invalid(std::string("non-finite logits from the ") +
+                               (!std::isfinite(lse_r - a[target]) ? "reference" : "model") + " at window " +
+                               std::to_string(b0 + i) + ", position " + std::to_string(p) +
+                               " (activations overflow): no KL or perplexity to report");
         c.kl_sum += std::max(0.0, kl);
         c.top1_agree += am_r == am_m;
         ++c.tokens;

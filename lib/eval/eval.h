@@ -34,6 +34,9 @@ struct EvalOptions {
   bool parse_special = false; // special-token strings in the text become special ids (default mode only)
   bool force = false;         // allow ctx beyond max_position_embeddings
   bool quiet = false;         // no progress on stderr
+  // How the user spells the options, for messages ("--ctx" for eval, "--eval-ctx" for prune and
+  // merge, "eval.ctx" in recipes); an empty force_name: no force option to offer.
+  std::string ctx_name = "--ctx", max_windows_name = "--max-windows", force_name = "--force";
 };
 
 struct Windows {
@@ -56,11 +59,13 @@ void check_utf8(std::string_view text, const std::string& source, bool strict);
 int64_t count_special_strings(const tokenizer::Tokenizer& tok, std::string_view text);
 // Loads the tokenizer of a model folder; Error::not_found naming the folder when absent.
 tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir);
-// Tokenizes and cuts windows. Error::invalid when fewer tokens than one window.
+// Tokenizes and cuts windows. Error::invalid when fewer tokens than one window, or max_windows < 0
+// (0 = all: callers refuse a user's 0 themselves).
 Windows make_windows(const tokenizer::Tokenizer& tok, const std::string& text, const EvalOptions& o);
 // Checks ctx against the model's max_position_embeddings: Error::invalid beyond it unless
 // force (then a warning on stderr).
-void check_context(const model::Model& m, int64_t ctx, bool force);
+void check_context(const model::Model& m, int64_t ctx, bool force, const std::string& ctx_name = "--ctx",
+                   const std::string& force_name = "--force");
 
 struct PerplexityResult {
   double nll_sum = 0;

@@ -158,14 +158,32 @@ uint64_t Checkpoint::total_tensor_bytes() const {
 }
 
 std::string Checkpoint::fingerprint() const {
+  // What identifies the model, not how it is stored: the parsed config (keys sorted, whitespace and
+  // key order irrelevant; bookkeeping keys such as _name_or_path and transformers_version left out)
+  // and every tensor's name, dtype and shape, sorted by name (header order and sharding
+  // irrelevant). A bit-identical convert keeps it; a changed value, tensor or shape changes it.
   uint64_t h = 1469598103934665603ull;
-  h = fnv1a(h, config_text_.data(), config_text_.size());
-  for (const auto& s : shards_) {
-    for (const auto& t : s->header().tensors) {
-      h = fnv1a(h, t.name.data(), t.name.size());
-      h = fnv1a(h, core::dtype_name(t.dtype), std::char_traits<char>::length(core::dtype_name(t.dtype)));
-      h = fnv1a(h, t.shape.data(), t.shape.size() * sizeof(int64_t));
+  nlohmann::json cfg = config_;
+  if (cfg.is_object()) {
+    for (auto it = cfg.begin(); it != cfg.end();) {
+      const std::string& k = it.key();
+      if (!k.empty() && k[0] == '_') it = cfg.erase(it);
+      else if (k == "transformers_version" || k == "use_cache") it = cfg.erase(it);
+      else ++it;
     }
+  }
+  const std::string canon = cfg.dump();  // nlohmann::json keeps object keys sorted
+  h = fnv1a(h, canon.data(), canon.size());
+  std::vector<const TensorInfo*> all;
+  for (const auto& s : shards_)
+    for (const auto& t : s->header().tensors) all.push_back(&t);
+  std::sort(all.begin(), all.end(), [](const TensorInfo* a, const TensorInfo* b) { return a->name < b->name; });
+  for (const TensorInfo* t : all) {
+    h = fnv1a(h, t->name.data(), t->name.size() + 1);  // with the NUL: names cannot run into dtypes
+    h = fnv1a(h, core::dtype_name(t->dtype), std::char_traits<char>::length(core::dtype_name(t->dtype)));
+    const uint64_t rank = t->shape.size();
+    h = fnv1a(h, &rank, sizeof rank);
+    h = fnv1a(h, t->shape.data(), t->shape.size() * sizeof(int64_t));
   }
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));

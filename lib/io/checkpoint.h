@@ -36,7 +36,8 @@ class Checkpoint {
   // Files of the folder that are not weights (config, tokenizer, generation config, ...).
   const std::vector<fs::path>& side_files() const { return side_files_; }
   uint64_t total_tensor_bytes() const;
-  // Hex fingerprint of config.json and every shard header (not the data).
+  // Hex fingerprint of what identifies the model (not the data, not how it is stored): the parsed
+  // config without bookkeeping keys, and every tensor's name, dtype and shape, order-independent.
   std::string fingerprint() const;
 
  private:

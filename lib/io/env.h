@@ -41,6 +41,9 @@ class Env {
   virtual void write_text(const fs::path& path, const std::string& text);
   virtual void copy_file(const fs::path& from, const fs::path& to);
   virtual void rename(const fs::path& from, const fs::path& to) = 0;
+  // Renames unless `to` exists (atomically where the file system supports it:
+  // renameat2(RENAME_NOREPLACE)); false when `to` exists, throws on other failures.
+  virtual bool rename_noreplace(const fs::path& from, const fs::path& to);
   virtual void remove_all(const fs::path& path) = 0;
   virtual void create_dirs(const fs::path& path) = 0;
   virtual bool exists(const fs::path& path) = 0;

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -133,6 +134,13 @@ class PosixEnv final : public Env {
       throw Error::io("cannot rename " + from.string() + " to " + to.string() + ": " + errno_text());
   }
 
+  bool rename_noreplace(const fs::path& from, const fs::path& to) override {
+    if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return true;
+    if (errno == EEXIST) return false;
+    if (errno == EINVAL || errno == ENOSYS || errno == ENOTSUP) return Env::rename_noreplace(from, to);
+    throw Error::io("cannot rename " + from.string() + " to " + to.string() + ": " + errno_text());
+  }
+
   void remove_all(const fs::path& path) override {
     std::error_code ec;
     fs::remove_all(path, ec);
@@ -152,6 +160,13 @@ class PosixEnv final : public Env {
 };
 
 }  // namespace
+
+bool Env::rename_noreplace(const fs::path& from, const fs::path& to) {
+  // Not atomic: for environments without renameat2 (tests, file systems that refuse the flag).
+  if (exists(to)) return false;
+  rename(from, to);
+  return true;
+}
 
 void Env::write_text(const fs::path& path, const std::string& text) {
   auto f = create_file(path);

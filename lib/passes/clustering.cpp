@@ -31,6 +31,18 @@ void check_k(int k, int64_t n, const char* what) {
                          std::to_string(n) + " points");
 }
 
+// The routines below index by the best distance found; with a NaN or Inf coordinate no distance
+// compares smaller and that index would stay -1. The callers check their statistics and weights
+// first, so a non-finite point here is a bug: say so instead of indexing out of bounds.
+void check_points(const MatrixXdRM& points, const char* what) {
+  if (points.allFinite()) return;
+  for (int64_t i = 0; i < points.rows(); ++i)
+    for (int64_t j = 0; j < points.cols(); ++j)
+      if (!std::isfinite(points(i, j)))
+        throw Error::internal(std::string(what) + ": non-finite coordinate at point " + std::to_string(i) +
+                              ", dimension " + std::to_string(j));
+}
+
 double sq_dist(const MatrixXdRM& a, int64_t i, const MatrixXdRM& b, int64_t j) {
   return (a.row(i) - b.row(j)).squaredNorm();
 }
@@ -40,6 +52,7 @@ double sq_dist(const MatrixXdRM& a, int64_t i, const MatrixXdRM& b, int64_t j) {
 Groups kmeans(const MatrixXdRM& points, int k, uint64_t seed, int max_iter) {
   const int64_t n = points.rows(), d = points.cols();
   check_k(k, n, "k-means");
+  check_points(points, "k-means");
   std::mt19937_64 rng(seed);
 
   // k-means++: first centre uniform, then proportional to the squared distance to the nearest centre.
@@ -70,6 +83,7 @@ Groups kmeans(const MatrixXdRM& points, int k, uint64_t seed, int max_iter) {
     if (pick < 0)  // every remaining point sits on a centre
       for (int64_t i = 0; i < n && pick < 0; ++i)
         if (!is_centre[i]) pick = i;
+    if (pick < 0) throw Error::internal("k-means: no point left for centre " + std::to_string(c));
     centres.row(c) = points.row(pick);
     is_centre[pick] = 1;
   }
@@ -108,6 +122,7 @@ Groups kmeans(const MatrixXdRM& points, int k, uint64_t seed, int max_iter) {
           far = i;
         }
       }
+      if (far < 0) throw Error::internal("k-means: cluster " + std::to_string(c) + " is empty and no point can move");
       --size[label[far]];
       label[far] = c;
       size[c] = 1;
@@ -124,6 +139,7 @@ Groups kmeans(const MatrixXdRM& points, int k, uint64_t seed, int max_iter) {
 Groups agglomerative_average(const MatrixXdRM& points, int k) {
   const int64_t n = points.rows();
   check_k(k, n, "agglomerative clustering");
+  check_points(points, "agglomerative clustering");
   // Cluster c lives at index c (its first point); Lance–Williams update for average linkage:
   // d(A∪B, C) = (|A| d(A,C) + |B| d(B,C)) / (|A| + |B|).
   MatrixXdRM dist(n, n);
@@ -144,6 +160,8 @@ Groups agglomerative_average(const MatrixXdRM& points, int k) {
           bj = j;
         }
     }
+    if (bi < 0 || bj < 0)
+      throw Error::internal("agglomerative clustering: no pair of clusters at a finite distance");
     const double si = static_cast<double>(members[bi].size()), sj = static_cast<double>(members[bj].size());
     for (int64_t c = 0; c < n; ++c) {
       if (!alive[c] || c == bi || c == bj) continue;

@@ -65,26 +65,27 @@ class Factorize final : public pipeline::Pass {
     const auto rank = o.opt_int("rank", 1, int64_t{1} << 40);
     const auto energy = o.opt_number("energy", 0, 1, true);
     const auto budget = o.opt_number("budget", 0, 1, true);
-    const int given = ratio.has_value() + rank.has_value() + energy.has_value() + budget.has_value();
-    if (given != 1)
-      throw Error::invalid(path + ": give exactly one of ratio, rank, energy, budget (found " + std::to_string(given) + ")");
-    if (ratio) rule_ = Rule::Ratio, value_ = *ratio;
-    if (rank) rule_ = Rule::Rank, value_ = static_cast<double>(*rank);
-    if (energy) rule_ = Rule::Energy, value_ = *energy;
-    if (budget) rule_ = Rule::Budget, value_ = *budget;
-    alpha_ = o.get_number("alpha", 0.5, 0, 10);
-    if (method_ != Method::Asvd && o.has("alpha")) throw Error::invalid(o.key_path("alpha") + ": only for method asvd");
-    damp_ = o.get_number("damp", 0.01, 0, 10);
-    if (method_ == Method::Svd && o.has("damp")) throw Error::invalid(o.key_path("damp") + ": not for method svd (no Gram)");
-    shared_v_ = o.get_bool("shared_v", false);
-    if (method_ != Method::Delta && o.has("shared_v")) throw Error::invalid(o.key_path("shared_v") + ": only for method delta");
+    // Method-specific keys are read (and so allowed) only for their methods: elsewhere they are
+    // unknown keys, with the method's allowed list.
+    if (method_ == Method::Asvd) alpha_ = o.get_number("alpha", 0.5, 0, 10);
+    if (method_ != Method::Svd) damp_ = o.get_number("damp", 0.01, 0, 10);
+    if (method_ == Method::Delta) shared_v_ = o.get_bool("shared_v", false);
     targets_ = {"experts"};
+    o.allow({"targets"});
     if (o.has("targets")) {
       const json& t = spec.at("targets");
       std::vector<std::string> list;
-      if (t.is_string()) list = {t.get<std::string>()};
+      auto add_csv = [&](const std::string& x) {  // "experts,attention" as the --targets flag gives it
+        for (size_t i = 0; i <= x.size();) {
+          size_t j = x.find(',', i);
+          if (j == std::string::npos) j = x.size();
+          list.push_back(x.substr(i, j - i));
+          i = j + 1;
+        }
+      };
+      if (t.is_string()) add_csv(t.get<std::string>());
       else if (t.is_array() && !t.empty() && std::all_of(t.begin(), t.end(), [](const json& x) { return x.is_string(); }))
-        list = t.get<std::vector<std::string>>();
+        for (const auto& x : t) list.push_back(x.get<std::string>());
       else
         throw Error::invalid(o.key_path("targets") + ": expected \"experts\", \"all\" or a list of experts, shared, "
                              "attention, dense; found " + json_found(t));
@@ -95,18 +96,27 @@ class Factorize final : public pipeline::Pass {
           continue;
         }
         if (std::find(kTargets.begin(), kTargets.end(), x) == kTargets.end())
-          throw Error::invalid(o.key_path("targets") + ": unknown target \"" + x + "\"" + allowed_suffix(x, {"experts", "shared", "attention", "dense", "all"}));
+          throw Error::invalid(o.key_path("targets") + ": unknown target \"" + x + "\"" +
+                               allowed_suffix(x, {"experts", "shared", "attention", "dense", "all"}));
         if (std::find(targets_.begin(), targets_.end(), x) == targets_.end()) targets_.push_back(x);
       }
-      o.allow({"targets"});
     }
     o.finish();
+    const int given = ratio.has_value() + rank.has_value() + energy.has_value() + budget.has_value();
+    if (given != 1)
+      throw Error::invalid(path + ": give exactly one of ratio, rank, energy, budget (found " + std::to_string(given) + ")");
+    if (ratio) rule_ = Rule::Ratio, value_ = *ratio;
+    if (rank) rule_ = Rule::Rank, value_ = static_cast<double>(*rank);
+    if (energy) rule_ = Rule::Energy, value_ = *energy;
+    if (budget) rule_ = Rule::Budget, value_ = *budget;
   }
 
   std::string name() const override { return "factorize"; }
   std::string method() const override { return method_name_; }
   json params() const override {
-    json p = {{"pass", "factorize"}, {"method", method_name_}, {"targets", targets_}};
+    std::string targets;
+    for (const auto& t : targets_) targets += (targets.empty() ? "" : ",") + t;
+    json p = {{"pass", "factorize"}, {"method", method_name_}, {"targets", targets}};
     const char* rule = rule_ == Rule::Ratio ? "ratio" : rule_ == Rule::Rank ? "rank" : rule_ == Rule::Energy ? "energy" : "budget";
     if (rule_ == Rule::Rank) p[rule] = static_cast<int64_t>(value_);
     else p[rule] = value_;
@@ -275,7 +285,7 @@ class Factorize final : public pipeline::Pass {
           return;
         }
         int64_t k = forced ? (*forced)[0] : group_rank(sp.joint, E * m * n, m * n, cost, kmax, std::string("experts ") + tname);
-        k = std::min<int64_t>(k, sp.rank_limit());
+        k = std::min<int64_t>({k, sp.rank_limit(), std::min(m, n)});  // each expert's A·B has rank <= min(m, n)
         const lowrank::SharedFactors f = lowrank::truncate_shared(sp, static_cast<int>(k));
         auto b = part(f.shared, d);
         for (size_t e = 0; e < slots.size(); ++e)
@@ -311,7 +321,7 @@ class Factorize final : public pipeline::Pass {
       return;
     }
     int64_t k = forced ? (*forced)[0] : group_rank(sp.joint, E * m * n, 0, cost, kmax, std::string("experts ") + tname);
-    k = std::clamp<int64_t>(k, 1, sp.rank_limit());
+    k = std::clamp<int64_t>(k, 1, std::min<int64_t>(sp.rank_limit(), std::min(m, n)));
     const lowrank::SharedFactors f = lowrank::truncate_shared(sp, static_cast<int>(k), lowrank::SigmaSplit::OnExperts);
     auto shared = part(f.shared, d);
     for (size_t e = 0; e < slots.size(); ++e) {

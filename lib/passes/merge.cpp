@@ -1,11 +1,13 @@
 #include "passes/merge.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <optional>
 
 #include "core/error.h"
+#include "runtime/finite.h"
 #include "passes/experts.h"
 #include "passes/expert_merge.h"
 #include "passes/options.h"
@@ -21,6 +23,13 @@ using nlohmann::json;
 Groups msmoe_groups(const std::vector<double>& importance, const calib::MatrixF& logit_sim, int n,
                     std::vector<int>& dominant) {
   const int E = static_cast<int>(importance.size());
+  if (n < 1 || n > E || logit_sim.rows() != E || logit_sim.cols() != E)
+    throw Error::internal("msmoe grouping: " + std::to_string(n) + " groups of " + std::to_string(E) +
+                          " experts with a " + std::to_string(logit_sim.rows()) + "x" +
+                          std::to_string(logit_sim.cols()) + " similarity");
+  for (int e = 0; e < E; ++e)
+    if (!std::isfinite(importance[e])) throw Error::internal("msmoe grouping: non-finite importance of expert " + std::to_string(e));
+  if (!logit_sim.allFinite()) throw Error::internal("msmoe grouping: non-finite logit similarity");
   std::vector<int> order(E);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return importance[a] > importance[b]; });
@@ -212,7 +221,8 @@ class MergePass final : public pipeline::Pass {
     for (const auto& members : groups) weights.push_back(importance_weights(importance, members));
 
     // 2. Merged expert weights (f32).
-    const runtime::MoeWeights w = runtime::convert_moe(block);
+    const runtime::MoeWeights w =
+        runtime::naming_non_finite(ctx.model, ctx.layer, [&] { return runtime::convert_moe(block); });
     std::vector<runtime::MlpWeights> merged;
     for (size_t g = 0; g < groups.size(); ++g) merged.push_back(merge_group(w, st, groups[g], weights[g], dominant[g], L));
 

@@ -85,6 +85,11 @@ EnumerateResult naee_enumerate(const runtime::MoeWeights& w, const runtime::Rout
     }
   }
 
+  // A NaN loss compares false with everything and would silently pick the first subset.
+  for (size_t s = 0; s < sets.size(); ++s)
+    if (!std::isfinite(sq[s]))
+      throw Error::internal("enumerate: non-finite block-output loss for subset " + std::to_string(s) +
+                            " (non-finite weights or block inputs)");
   EnumerateResult res;
   res.subsets = sets.size();
   res.min_loss_dropping.assign(E, std::numeric_limits<double>::infinity());

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <random>
 
 #include "core/error.h"
+#include "runtime/finite.h"
 #include "passes/experts.h"
 #include "passes/naee.h"
 #include "passes/options.h"
@@ -21,6 +23,13 @@ using nlohmann::json;
 std::vector<int> select_top(const std::vector<double>& score, int64_t keep, const std::vector<bool>* protect,
                             int layer) {
   const int E = static_cast<int>(score.size());
+  if (keep < 0 || keep > E)
+    throw Error::internal("select_top: keep " + std::to_string(keep) + " of " + std::to_string(E) + " experts");
+  for (int e = 0; e < E; ++e)  // a NaN compares false both ways and breaks the sort's ordering
+    if (!std::isfinite(score[e]))
+      throw Error::internal("layer " + std::to_string(layer) + ": non-finite score of expert " + std::to_string(e));
+  if (protect && !protect->empty() && static_cast<int>(protect->size()) != E)
+    throw Error::internal("select_top: " + std::to_string(protect->size()) + " protect flags for " + std::to_string(E) + " experts");
   auto prot = [&](int e) { return protect && !protect->empty() && (*protect)[e]; };
   std::vector<int> order(E);
   std::iota(order.begin(), order.end(), 0);
@@ -61,7 +70,10 @@ std::map<int, int64_t> plan_keep_ratio(const std::vector<LayerScores>& layers, d
     count[l.layer] = 0;
     ranked_total += l.experts;
     double sum = 0;
-    for (double s : l.score) sum += s;
+    for (double s : l.score) {
+      if (!std::isfinite(s)) throw Error::internal("layer " + std::to_string(l.layer) + ": non-finite expert score");
+      sum += s;
+    }
     for (int64_t e = 0; e < l.experts; ++e)
       ranked.push_back({sum > 0 ? l.score[e] / sum : 1.0 / static_cast<double>(l.experts),
                         !l.protect.empty() && l.protect[e], l.layer, static_cast<int>(e)});
@@ -70,16 +82,37 @@ std::map<int, int64_t> plan_keep_ratio(const std::vector<LayerScores>& layers, d
     if (a.prot != b.prot) return a.prot;
     return a.score > b.score;
   });
+  if (uniform) {
+    // The same count in every layer (what loaders need): the count whose total is nearest the asked
+    // share of all experts (ties: the larger), within every layer's minimum and size. The ranking
+    // decides nothing here; the achieved share is reported (KeepRatioPlan::achieved).
+    int64_t total = 0, lo = 0, hi = std::numeric_limits<int64_t>::max();
+    for (const auto& l : layers) {
+      total += l.experts;
+      lo = std::max(lo, minimum[l.layer]);
+      hi = std::min(hi, l.experts);
+    }
+    const double want = ratio * static_cast<double>(total);
+    int64_t best = lo;
+    double best_err = std::numeric_limits<double>::infinity();
+    for (int64_t n = lo; n <= std::max(lo, hi); ++n) {
+      double got = 0;
+      for (const auto& l : layers) got += static_cast<double>(std::min(n, l.experts));
+      const double err = std::abs(got - want);
+      if (err <= best_err + 1e-9) {
+        best_err = err;
+        best = n;
+      }
+    }
+    for (const auto& l : layers) count[l.layer] = std::min(best, l.experts);
+    return count;
+  }
   const int64_t budget = std::llround(ratio * static_cast<double>(ranked_total));
   for (int64_t i = 0; i < budget && i < static_cast<int64_t>(ranked.size()); ++i) ++count[ranked[i].layer];
-  int64_t most = 0;
   for (const auto& l : layers) {
     int64_t& c = count[l.layer];
     c = std::clamp(c, minimum[l.layer], l.experts);
-    most = std::max(most, c);
   }
-  if (uniform)
-    for (const auto& l : layers) count[l.layer] = std::min(most, l.experts);
   return count;
 }
 
@@ -150,6 +183,11 @@ class PrunePass final : public pipeline::Pass {
     if (keep_ratio_) {
       p["keep_ratio"] = *keep_ratio_;
       p["uniform"] = uniform_;
+      if (planned_total_ > 0) {
+        p["keep_ratio_achieved"] = static_cast<double>(planned_kept_) / static_cast<double>(planned_total_);
+        p["experts_kept"] = planned_kept_;
+        p["experts_total"] = planned_total_;
+      }
     }
     p["protect_super_experts"] = protect_;
     if (method_ == Method::Enumerate) p["max_subsets"] = max_subsets_;
@@ -188,6 +226,11 @@ class PrunePass final : public pipeline::Pass {
       layers.push_back(std::move(ls));
     }
     planned_ = plan_keep_ratio(layers, *keep_ratio_, model.dims().top_k, uniform_);
+    planned_kept_ = planned_total_ = 0;
+    for (const auto& l : layers) {
+      planned_total_ += l.experts;
+      planned_kept_ += planned_.at(l.layer);
+    }
   }
 
   int64_t experts_after(int layer, int64_t before, int64_t top_k) const override {
@@ -227,7 +270,8 @@ class PrunePass final : public pipeline::Pass {
     std::string score_kind;
     if (method_ == Method::Enumerate) {
       if (!ctx.block_inputs) throw Error::internal("prune/enumerate: the runner gave no block inputs");
-      const runtime::MoeWeights w = runtime::convert_moe(block);
+      const runtime::MoeWeights w =
+        runtime::naming_non_finite(ctx.model, ctx.layer, [&] { return runtime::convert_moe(block); });
       const EnumerateResult r = naee_enumerate(w, ctx.routing, *ctx.block_inputs, static_cast<int>(keep), max_subsets_, protect);
       for (int e = 0; e < E; ++e)
         if (std::find(r.dropped.begin(), r.dropped.end(), e) == r.dropped.end()) kept.push_back(e);
@@ -283,6 +327,7 @@ class PrunePass final : public pipeline::Pass {
   bool protect_ = false;
   uint64_t max_subsets_ = 5000;
   std::map<int, int64_t> planned_;
+  int64_t planned_kept_ = 0, planned_total_ = 0;
 };
 
 }  // namespace

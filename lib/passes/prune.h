@@ -3,15 +3,18 @@
 //
 // Options (besides "pass", "method", "seed"):
 //   "keep": N                 experts kept in every layer (top_k <= N <= E)
-//   "keep_ratio": R           global budget: the method's scores are normalised per layer (divided
-//                             by the layer's sum; equal when the sum is 0), all experts of all
-//                             layers are ranked together and the top round(R · Σ E_l) are kept,
-//                             with at least top_k (and every protected expert) per layer. Then,
-//                             because stock loaders (transformers, vLLM, llama.cpp) need the same
-//                             expert count in every layer, every layer keeps the largest per-layer
-//                             count ("uniform": true, the default); "uniform": false keeps the
-//                             ragged counts (only the native format can hold them). random has no
-//                             cross-layer information: it keeps round(R · E_l) per layer.
+//   "keep_ratio": R           a share of all experts of all MoE layers. "uniform": true (the
+//                             default; stock loaders such as transformers, vLLM and llama.cpp need
+//                             the same expert count in every layer): every layer keeps the same
+//                             count n, the one whose total is nearest R · Σ E_l (ties: the larger;
+//                             at least top_k and every protected expert), so R = 0.75 of 8 keeps 6
+//                             and 0.3 of 8 keeps 2 (25%); the achieved share is reported
+//                             ("keep_ratio_achieved"). "uniform": false ranks the experts of all
+//                             layers together by the method's scores normalised per layer (divided
+//                             by the layer's sum; equal when the sum is 0) and keeps the top
+//                             round(R · Σ E_l), with at least top_k (and every protected expert)
+//                             per layer: ragged counts (only the native format can hold them).
+//                             random has no cross-layer information: round(R · E_l) per layer.
 //                             enumerate cannot plan globally (its scores need the block inputs).
 //   "protect_super_experts": bool  never drop an expert flagged super (stats, METHODS.md §2)
 //   "max_subsets": N          enumerate only: refuse above N subsets (default 5000)

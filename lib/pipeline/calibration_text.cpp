@@ -1,7 +1,5 @@
 #include "pipeline/calibration_text.h"
 
-#include <unistd.h>
-
 #include "calib/calibrate.h"
 #include "calib/sha256.h"
 #include "core/error.h"
@@ -25,7 +23,8 @@ CalibrationTokens calibration_tokens(const std::filesystem::path& model_dir, con
   const auto ids = core::with_context(spec.text.string(), [&] {
     if (available == 0)
       throw core::Error::invalid(std::to_string(all.size()) + " tokens, fewer than one window of ctx " + std::to_string(spec.ctx));
-    return calib::choose_windows(available, spec.windows > 0 ? spec.windows : available, calib::Sample::First, 0);
+    return calib::choose_windows(available, spec.windows > 0 ? spec.windows : available,
+                                 spec.sample == "random" ? calib::Sample::Random : calib::Sample::First, spec.seed);
   });
   CalibrationTokens ct;
   ct.ctx = spec.ctx;
@@ -45,12 +44,13 @@ calib::Stats collect_stats(const io::Checkpoint& ckpt, const model::Model& model
   o.out_stride = spec.out_stride;
   o.seed = seed;
   o.quiet = quiet;
-  // calibrate() streams its statistics into a file; keep it out of the output folder (loaders
-  // that glob *.safetensors would pick it up) and remove it once read.
-  const auto tmp = std::filesystem::temp_directory_path() / ("moe-tool-stats-" + std::to_string(getpid()) + ".safetensors");
-  auto result = calib::calibrate(ckpt, model, tokens, calib::sha256_hex(text), o, tmp);
-  std::error_code ec;
-  std::filesystem::remove(tmp, ec);
+  o.gram = spec.gram;
+  o.keep_grams = spec.gram;
+  o.routed_only = spec.routed_only;
+  o.out_cos_tokens = spec.out_cos_tokens;
+  o.sample = spec.sample == "random" ? calib::Sample::Random : calib::Sample::First;
+  // No file: the statistics stay in memory (nothing to clean up after an interrupted run).
+  auto result = calib::calibrate(ckpt, model, tokens, calib::sha256_hex(text), o, {});
   return std::move(result.stats);
 }
 

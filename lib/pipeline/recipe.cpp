@@ -24,6 +24,25 @@ fs::path resolve(const fs::path& base, const std::string& p) {
 
 }  // namespace
 
+CalibrationSpec parse_calibration(const json& j, const fs::path& base) {
+  CalibrationSpec cs;
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  Options c(j, "calibration", "calibration");
+  if (auto t = c.opt_string("text")) cs.text = resolve(base, *t);
+  if (auto t = c.opt_string("stats")) cs.stats = resolve(base, *t);
+  cs.ctx = c.get_int("ctx", 512, 2, big);
+  cs.windows = c.get_int("windows", 0, 1, big);
+  cs.batch_windows = c.get_int("batch_windows", 8, 1, big);
+  cs.out_stride = c.get_int("out_stride", 16, 1, big);
+  cs.propagate = c.get_bool("propagate", true);
+  cs.sample = c.get_enum("sample", "first", {"first", "random"});
+  cs.gram = c.get_bool("gram", false);
+  cs.routed_only = c.get_bool("routed_only", false);
+  cs.out_cos_tokens = c.get_int("out_cos_tokens", 512, 1, big);
+  c.finish();
+  return cs;
+}
+
 Recipe parse_recipe(const json& j, const fs::path& base, const std::string& source) {
   return core::with_context(source, [&] {
     Recipe r;
@@ -34,17 +53,8 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
     r.model = resolve(base, top.get_string("model"));
     r.seed = static_cast<uint64_t>(top.get_int("seed", 0, 0, std::numeric_limits<int64_t>::max()));
     const int64_t big = std::numeric_limits<int64_t>::max();
-    if (top.has("calibration")) {
-      Options c(j.at("calibration"), "calibration", "calibration");
-      if (auto t = c.opt_string("text")) r.calibration.text = resolve(base, *t);
-      if (auto t = c.opt_string("stats")) r.calibration.stats = resolve(base, *t);
-      r.calibration.ctx = c.get_int("ctx", 512, 2, big);
-      r.calibration.windows = c.get_int("windows", 0, 1, big);
-      r.calibration.batch_windows = c.get_int("batch_windows", 8, 1, big);
-      r.calibration.out_stride = c.get_int("out_stride", 16, 1, big);
-      r.calibration.propagate = c.get_bool("propagate", true);
-      c.finish();
-    }
+    if (top.has("calibration")) r.calibration = parse_calibration(j.at("calibration"), base);
+    r.calibration.seed = r.seed;
     if (!top.has("passes")) throw Error::invalid("passes: missing (required)");
     const json& passes = j.at("passes");
     if (!passes.is_array() || passes.empty())
@@ -73,7 +83,7 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
       EvalSpec ev;
       ev.text = resolve(base, e.get_string("text"));
       ev.ctx = e.get_int("ctx", 512, 2, big);
-      ev.max_windows = e.get_int("max_windows", 0, 0, big);
+      ev.max_windows = e.get_int("max_windows", 0, 1, big);  // absent: every window
       ev.against_input = e.get_bool("against_input", true);
       const double inf = std::numeric_limits<double>::infinity();
       ev.max_ppl_ratio = e.opt_number("max_ppl_ratio", 0.0, inf, /*min_open=*/true);

@@ -3,7 +3,8 @@
 //   "model": "path/to/checkpoint",
 //   "seed": 0,
 //   "calibration": {"text": "calib.txt", "ctx": 512, "windows": 64, "batch_windows": 8,
-//                   "stats": "stats.safetensors", "propagate": true},
+//                   "stats": "stats.safetensors", "propagate": true, "out_stride": 16,
+//                   "sample": "first", "gram": false, "routed_only": false, "out_cos_tokens": 512},
 //   "passes": [{"pass": "merge", "method": "hcsmoe", "experts": 6}],
 //   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false, "materialize": false},
 //   "eval": {"text": "heldout.txt", "ctx": 512, "max_windows": 0, "against_input": true,
@@ -17,6 +18,7 @@
 #pragma once
 
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -38,6 +40,14 @@ struct CalibrationSpec {
   int64_t batch_windows = 8;
   int64_t out_stride = 16; // statistics on the fly: token sample of out_mean/out_cos (calib/calibrate.h)
   bool propagate = true;   // calibrate each layer on the outputs of the already-compressed layers
+  // Statistics on the fly, as `moe-tool calibrate` takes them (calib/calibrate.h): window choice
+  // (with the recipe's seed), Gram matrices (also set when a pass needs them), no out_mean/out_cos,
+  // tokens of out_cos.
+  std::string sample = "first";
+  bool gram = false;
+  bool routed_only = false;
+  int64_t out_cos_tokens = 512;
+  uint64_t seed = 0;       // the recipe's seed (random windows)
 };
 
 struct OutputSpec {
@@ -69,8 +79,18 @@ struct Recipe {
   std::optional<EvalSpec> eval;
   std::string source;  // recipe file (for messages and the report)
   nlohmann::json json; // the validated recipe, paths resolved
+  // How the user spells each recipe key when the recipe was built from flags (prune, merge):
+  // JSON path -> flag ("calibration.text" -> "--text"); empty for recipe files.
+  std::map<std::string, std::string> flag_names;
+  // The name of a recipe key in messages: its flag for prune/merge, else the JSON path.
+  std::string key(const std::string& json_path) const {
+    auto it = flag_names.find(json_path);
+    return it == flag_names.end() ? json_path : it->second;
+  }
 };
 
+// The "calibration" section alone (what `moe-tool calibrate` takes from its flags).
+CalibrationSpec parse_calibration(const nlohmann::json& j, const fs::path& base);
 // Parses and validates; `base` resolves relative paths; `source` names the file in errors.
 Recipe parse_recipe(const nlohmann::json& j, const fs::path& base, const std::string& source);
 // Reads a recipe file, applies `--set path=value` overrides (value parsed as JSON when it is

@@ -17,8 +17,10 @@
 #include "io/output_dir.h"
 #include "pipeline/calibration_text.h"
 #include "pipeline/mtp.h"
+#include "pipeline/preflight.h"
 #include "pipeline/report.h"
 #include "pipeline/spill_writer.h"
+#include "runtime/finite.h"
 #include "runtime/forward.h"
 #include "runtime/weights.h"
 
@@ -128,13 +130,14 @@ json compose_origin(int64_t experts_in, int64_t experts_out, const json& pass_re
 
 // Statistics of layer l's MoE block as the earlier passes left it, on the layer's calibration
 // inputs x (batches of batch_windows windows, as calibrate runs them).
-calib::LayerStats recompute_stats(int l, const model::Layer& layer, const Requirements& req, const runtime::MatrixRM& x,
-                                  int64_t T, const CalibrationSpec& spec, const runtime::RoutingRule& rule) {
+calib::LayerStats recompute_stats(const model::Model& model, int l, const model::Layer& layer, const Requirements& req,
+                                  const runtime::MatrixRM& x, int64_t T, const CalibrationSpec& spec, const runtime::RoutingRule& rule) {
   calib::ObserverOptions o;
   o.all_token_stats = has_field(req, "out_mean") || has_field(req, "out_cos");
   o.gram = has_field(req, "gram_in") || has_field(req, "gram_mid");
   o.out_stride = spec.out_stride;
-  return calib::block_stats(l, runtime::convert_moe(*layer.moe), rule, x, spec.batch_windows * T, o);
+  const runtime::MoeWeights w = runtime::naming_non_finite(model, l, [&] { return runtime::convert_moe(*layer.moe); });
+  return calib::block_stats(l, w, rule, x, spec.batch_windows * T, o);
 }
 
 }  // namespace
@@ -205,14 +208,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                            "layer, so use \"keep\" here or make this pass the first");
     if (r.calibration.text.empty())
       throw Error::invalid(where + " needs statistics of the experts left by the earlier passes; they are computed on "
-                           "the calibration windows layer by layer: give calibration.text (a stats file describes the "
-                           "input model only)");
+                           "the calibration windows layer by layer: give " + r.key("calibration.text") +
+                           " (a stats file describes the input model only)");
     needs_inputs = true;
     if (has_field(req, "out_absmax")) {
       needs_stats = true;
       fields.push_back("out_absmax");
     }
   }
+  // Every check before any work (--dry-run stops after them); then the output folder exists from
+  // the start, so nothing can take its place unnoticed while the statistics are computed.
+  preflight(r, ckpt, model, RunNeeds{needs_stats, needs_inputs, fields}, /*load_stats_file=*/opts.dry_run);
+  for (const auto& f : fields)
+    if (f == "gram_in" || f == "gram_mid") r.calibration.gram = true;  // statistics on the fly: with Gram matrices
+  std::optional<io::OutputDir> out_dir;
+  if (!opts.dry_run)
+    out_dir.emplace(env, r.output.path,
+                    std::vector<fs::path>{r.model, r.calibration.text, r.calibration.stats,
+                                          r.eval ? r.eval->text : fs::path()},
+                    r.output.force, r.key("output.force"));
   // Statistics: from the file (checked against this model) or collected on the calibration text.
   std::optional<calib::Stats> stats;
   if (needs_stats && !opts.dry_run) {
@@ -289,7 +303,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     X = fwd->embed(ct.tokens);
   }
 
-  io::OutputDir out(env, r.output.path, {r.model}, r.output.force);
+  io::OutputDir& out = *out_dir;
   // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
   // files; the others straight into the planned shards.
   std::optional<io::CheckpointWriter> writer;
@@ -322,10 +336,22 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
 
   const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
   json layer_reports = json::array();
-  core::Progress progress("layers", static_cast<uint64_t>(model.layers().size()), "layers", opts.quiet);
+  // Progress in hundredths of a layer: each layer's steps (calibration forward, each pass, the
+  // propagating forward, the write) move it, so it shows before the first layer is done.
+  constexpr uint64_t kPart = 100;
+  core::Progress progress("layers", static_cast<uint64_t>(model.layers().size()) * kPart, "layers", opts.quiet, kPart);
   for (auto& layer : model.layers()) {
     const int l = layer.index;
     json lr = {{"layer", l}};
+    uint64_t passes_here = 0;
+    for (const auto& p : r.passes) passes_here += layer.moe || !p->moe_layers_only();
+    const uint64_t steps = 1 + (fwd ? 2 : 0) + passes_here;  // write, forwards, passes
+    uint64_t shown = 0, step = 0;
+    auto step_done = [&] {
+      const uint64_t now = ++step * kPart / steps;
+      progress.add(now - shown);
+      shown = now;
+    };
     if (layer.moe || !moe_only) {
       BlockInputCapture capture;
       GramCapture grams;
@@ -335,6 +361,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         std::vector<runtime::Observer*> obs = {&capture};
         if (needs_grams) obs.push_back(&grams);
         fwd->apply_layer(fwd->load_layer(l), X, T, obs);
+        step_done();
       }
       json pass_reports = json::array();
       for (size_t i = 0; i < r.passes.size(); ++i) {
@@ -345,7 +372,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         std::optional<calib::LayerStats> fresh;
         if (!req.stats_fields.empty() && i == 0) st = &stats->layers.at(l);
         if (!req.stats_fields.empty() && i > 0) {
-          fresh = recompute_stats(l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
+          fresh = recompute_stats(model, l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
           if (stats)
             fresh->super_expert = calib::Stats::super_flags(super_th, *fresh, l, static_cast<int>(model.layers().size()));
           st = &*fresh;
@@ -362,6 +389,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         pr["pass"] = r.passes[i]->name();
         pr["method"] = r.passes[i]->method();
         pass_reports.push_back(pr);
+        step_done();
         if (layer.moe && layer.moe->num_experts() != counts[i + 1][static_cast<size_t>(l)])
           throw Error::internal("layer " + std::to_string(l) + ": pass " + r.passes[i]->name() + " left " +
                                 std::to_string(layer.moe->num_experts()) + " experts, planned " +
@@ -376,6 +404,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       if (fwd && r.calibration.propagate) {
         X = std::move(X_in);
         fwd->apply_layer(fwd->load_layer(l), X, T);
+        step_done();
       }
     } else {
       lr["dense"] = true;  // a dense MLP: no pass applies
@@ -391,7 +420,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if (shapes_at_run) layer = model::Layer{l, {}, std::nullopt, std::nullopt};  // encoded parts: dropped too
     original.layers().at(static_cast<size_t>(l)).for_each_tensor(release);
     layer_reports.push_back(lr);
-    progress.add(1);
+    progress.add(kPart - shown);  // the rest of the layer (its write, and forwards not run)
   }
   progress.finish();
   // Multi-token-prediction layers keep the experts the last MoE decoder layer kept.
@@ -450,7 +479,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     eo.ctx = r.eval->ctx;
     eo.max_windows = r.eval->max_windows;
     eo.quiet = opts.quiet;
-    eval::check_context(original, eo.ctx, false);
+    eo.ctx_name = r.key("eval.ctx");
+    eo.max_windows_name = r.key("eval.max_windows");
+    eval::check_context(original, eo.ctx, false, eo.ctx_name, "");
     const auto windows = eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
     if (r.eval->against_input) {
       const auto c = eval::compare(original, written_model, windows, eo);
@@ -483,6 +514,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   report["calibration"] = {{"text", r.calibration.text.string()}, {"stats", r.calibration.stats.string()},
                            {"ctx", r.calibration.ctx}, {"windows", r.calibration.windows},
                            {"propagate", r.calibration.propagate}, {"seed", r.seed}};
+  if (stats && !r.calibration.stats.empty()) {
+    // Statistics from a file: what they were computed on, from the file (not the run's defaults).
+    auto num = [&](const char* k) -> json {
+      const std::string v = stats->meta(k);
+      try {
+        return v.empty() ? json(nullptr) : json(std::stoll(v));
+      } catch (...) {
+        return json(v);
+      }
+    };
+    const json file = {{"ctx", num("ctx")}, {"windows", num("windows")}, {"tokens", num("tokens")},
+                       {"out_stride", num("out_stride")}, {"sample", stats->meta("sample")}, {"seed", num("seed")},
+                       {"text_sha256", stats->meta("text_sha256")}};
+    report["calibration"]["stats_file"] = file;
+    if (r.calibration.text.empty()) {  // no text: the run's ctx and windows are the file's
+      report["calibration"]["ctx"] = file["ctx"];
+      report["calibration"]["windows"] = file["windows"];
+    }
+  }
   if (!eval_json.is_null()) report["eval"] = eval_json;
   if (!gate.is_null()) report["quality_gate"] = gate;
   if (!notes.empty()) report["notes"] = notes;

@@ -1,5 +1,7 @@
 #include "runtime/forward.h"
 
+#include "runtime/finite.h"
+
 #include <algorithm>
 #include <optional>
 #include <set>
@@ -152,6 +154,7 @@ MatrixRM Forward::embed(std::span<const int32_t> tokens) const {
     if (id < 0 || id >= V)
       throw Error::invalid("token id " + std::to_string(id) + " outside the embedding (vocab " + std::to_string(V) + ")");
     E.slice0(id, id + 1).to_f32(X.data() + n * H);
+    core::with_context("embedding row " + std::to_string(id), [&] { check_finite(X.data() + n * H, H, 0, E); });
   }
   return X;
 }
@@ -164,7 +167,7 @@ LayerWeights Forward::load_layer(int l) const {
 
 void Forward::load_layer_into(int l, LayerWeights& w) const {
   const model::Layer& layer = model_.layers().at(l);
-  convert_layer_into(layer, w, /*factored=*/true);
+  naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true); });
   if (const auto& release = model_.page_releaser())
     layer.for_each_tensor([&](const core::Tensor& t) {
       for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
@@ -238,6 +241,9 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   for (int64_t r0 = 0; r0 < V; r0 += chunk) {
     const int64_t r1 = std::min(V, r0 + chunk);
     W.slice0(r0, r1).to_f32(w.data());
+    core::with_context(std::string(g.count("lm_head") ? "lm_head" : "embedding (tied lm_head)") + " rows " +
+                           std::to_string(r0) + ".." + std::to_string(r1 - 1),
+                       [&] { check_finite(w.data(), (r1 - r0) * H, H, W); });
     gemm_nt(N, r1 - r0, H, 1.0f, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
   }
   return out;

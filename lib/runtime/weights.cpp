@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "quant/lowrank.h"
 #include "runtime/ops.h"
+#include "runtime/finite.h"
 
 namespace moe::runtime {
 
@@ -17,11 +18,13 @@ void assign(MatrixRM& m, const core::Tensor& t) {
   if (t.rank() != 2) throw Error::internal("to_matrix: expected a 2-D tensor, got " + core::shape_str(t.shape()));
   if (m.rows() != t.dim(0) || m.cols() != t.dim(1)) m.resize(t.dim(0), t.dim(1));
   t.to_f32(m.data());
+  check_finite(m.data(), m.size(), m.cols(), t);
 }
 
 void assign(RowVector& v, const core::Tensor& t) {
   if (v.size() != t.numel()) v.resize(t.numel());
   t.to_f32(v.data());
+  check_finite(v.data(), v.size(), 0, t);
 }
 
 void assign(std::optional<RowVector>& v, const core::Tensor* t) {
@@ -50,13 +53,17 @@ void assign(MatrixRM& dense, std::optional<LowRankWeights>& lr, const core::Tens
 }
 
 void assign(MlpWeights& w, const model::Mlp& m, bool factored) {
-  assign(w.gate, w.gate_lr, m.gate, factored);
-  assign(w.up, w.up_lr, m.up, factored);
-  assign(w.down, w.down_lr, m.down, factored);
+  core::with_context("gate", [&] { assign(w.gate, w.gate_lr, m.gate, factored); });
+  core::with_context("up", [&] { assign(w.up, w.up_lr, m.up, factored); });
+  core::with_context("down", [&] { assign(w.down, w.down_lr, m.down, factored); });
+}
+
+void assign_expert(MlpWeights& w, const model::Mlp& m, size_t e, bool factored) {
+  core::with_context("expert " + std::to_string(e), [&] { assign(w, m, factored); });
 }
 
 void assign(MoeWeights& w, const model::MoeBlock& b, bool factored) {
-  assign(w.router, b.router);
+  core::with_context("router", [&] { assign(w.router, b.router); });
   assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
   const size_t E = b.experts.size();
   w.experts.resize(E);
@@ -67,13 +74,13 @@ void assign(MoeWeights& w, const model::MoeBlock& b, bool factored) {
     std::exception_ptr err;
     std::thread t([&] {
       try {
-        for (size_t e = 1; e < E; e += 2) assign(w.experts[e], b.experts[e], factored);
+        for (size_t e = 1; e < E; e += 2) assign_expert(w.experts[e], b.experts[e], e, factored);
       } catch (...) {
         err = std::current_exception();
       }
     });
     try {
-      for (size_t e = 0; e < E; e += 2) assign(w.experts[e], b.experts[e], factored);
+      for (size_t e = 0; e < E; e += 2) assign_expert(w.experts[e], b.experts[e], e, factored);
     } catch (...) {
       t.join();
       throw;
@@ -81,11 +88,11 @@ void assign(MoeWeights& w, const model::MoeBlock& b, bool factored) {
     t.join();
     if (err) std::rethrow_exception(err);
   } else {
-    for (size_t e = 0; e < E; ++e) assign(w.experts[e], b.experts[e], factored);
+    for (size_t e = 0; e < E; ++e) assign_expert(w.experts[e], b.experts[e], e, factored);
   }
   if (b.shared) {
     if (!w.shared) w.shared.emplace();
-    assign(*w.shared, *b.shared, factored);
+    core::with_context("shared expert", [&] { assign(*w.shared, *b.shared, factored); });
   } else {
     w.shared.reset();
   }

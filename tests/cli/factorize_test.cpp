@@ -186,7 +186,7 @@ TEST(Factorize, OptionsAreCheckedBeforeAnyWork) {
   TempDir tmp;
   const fs::path out = tmp / "o";
   expect_clean_failure(run_tool({"-q", "factorize", kModel.string(), out.string(), "--method", "svdllm", "--ratio", "0.4"}),
-                       "give calibration.text");
+                       "give --text");
   expect_clean_failure(run_tool({"-q", "factorize", kModel.string(), out.string(), "--method", "svd"}),
                        "give one of --ratio");
   expect_clean_failure(run_tool({"-q", "factorize", kModel.string(), out.string(), "--method", "svd", "--ratio", "1.5"}),

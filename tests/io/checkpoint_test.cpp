@@ -2,6 +2,8 @@
 // files, fingerprint; errors name the file and the problem.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -99,6 +101,58 @@ TEST_F(CheckpointTest, FingerprintDependsOnConfigAndHeadersOnly) {
   ck.config["rope_theta"] = 1.0;
   write(0);
   EXPECT_NE(open().fingerprint(), f1);
+}
+
+// The fingerprint names the model, not its storage: header order, sharding, config formatting
+// and bookkeeping keys do not change it; a config value, a tensor's dtype, shape or name does.
+TEST_F(CheckpointTest, FingerprintIgnoresStorageButNotTheModel) {
+  auto rewrite = [&](uint64_t shard) {  // a fresh folder each time (no shards left from before)
+    fs::remove_all(dir());
+    write(shard);
+  };
+  rewrite(0);
+  const std::string f1 = open().fingerprint();
+  // Tensors in the reverse header order (a bit-identical convert may reorder them).
+  const auto orig = ck;
+  std::reverse(ck.tensors.begin(), ck.tensors.end());
+  rewrite(0);
+  EXPECT_NE(open().names(), orig.names());
+  EXPECT_EQ(open().fingerprint(), f1);
+  // Sharded.
+  ck = orig;
+  rewrite(4096);
+  EXPECT_GT(open().shards().size(), 1u);
+  EXPECT_EQ(open().fingerprint(), f1);
+  // config.json reformatted (indent, a trailing newline, reordered keys) and bookkeeping keys.
+  ck = orig;
+  rewrite(0);
+  {
+    nlohmann::ordered_json reordered;
+    const auto cfg = nlohmann::json::parse(test::read_file(dir() / "config.json"));
+    for (auto it = cfg.rbegin(); it != cfg.rend(); ++it) reordered[it.key()] = *it;
+    reordered["_name_or_path"] = "/somewhere/else";
+    reordered["transformers_version"] = "9.9.9";
+    test::write_file(dir() / "config.json", reordered.dump(7) + "\n\n");
+  }
+  EXPECT_EQ(open().fingerprint(), f1);
+  // A different value, dtype, shape or name: another model.
+  ck = orig;
+  ck.config["rms_norm_eps"] = 1e-3;
+  rewrite(0);
+  EXPECT_NE(open().fingerprint(), f1);
+  for (int what = 0; what < 3; ++what) {
+    ck = orig;
+    auto& t = ck.tensors.back();
+    if (what == 0) t.dtype = core::DType::F16;
+    if (what == 1) t.name += "_x";
+    if (what == 2) {
+      ASSERT_EQ(t.shape.size(), 2u);
+      t.shape = {t.shape[0] / 2, t.shape[1] * 2};  // same bytes, another shape
+    }
+    rewrite(0);
+    const std::string f = Checkpoint::open(Env::posix(), dir()).fingerprint();
+    EXPECT_NE(f, f1) << what;
+  }
 }
 
 TEST_F(CheckpointTest, MissingFolderConfigOrWeights) {

@@ -60,6 +60,91 @@ TEST_F(OutputDirTest, NoCommitRemovesEverything) {
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
 }
 
+// Two runs into one new output: each has its own temporary, and the final rename refuses to replace
+// an output that appeared after the start unless force was given.
+TEST_F(OutputDirTest, ConcurrentRunsDoNotReplaceEachOther) {
+  {
+    OutputDir a(Env::posix(), out(), {in()}, false);
+    OutputDir b(Env::posix(), out(), {in()}, false);
+    EXPECT_NE(a.path(), b.path());
+    test::write_file(a.path() / "who", "a");
+    test::write_file(b.path() / "who", "b");
+    a.commit();
+    expect_error([&] { b.commit(); }, ErrorKind::InvalidArgument,
+                 {out().string(), "output appeared while this run was writing", "use --force"});
+  }
+  EXPECT_EQ(test::read_file(out() / "who"), "a");
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+  // With force the later run replaces it, as asked.
+  {
+    OutputDir c(Env::posix(), out(), {in()}, true);
+    test::write_file(c.path() / "who", "c");
+    c.commit();
+  }
+  EXPECT_EQ(test::read_file(out() / "who"), "c");
+  // An output that was an empty folder at the start stays replaceable without force.
+  fs::remove_all(out());
+  fs::create_directories(out());
+  {
+    OutputDir d(Env::posix(), out(), {in()}, false, "output.force");
+    test::write_file(d.path() / "who", "d");
+    d.commit();
+  }
+  EXPECT_EQ(test::read_file(out() / "who"), "d");
+  EXPECT_EQ(leftovers(), std::vector<std::string>{});
+}
+
+TEST_F(OutputDirTest, OutputFileRules) {
+  const fs::path f = tmp / "x.stats";
+  {
+    OutputFile a(Env::posix(), f, {in()}, false);
+    OutputFile b(Env::posix(), f, {in()}, false);
+    EXPECT_NE(a.path(), b.path());
+    EXPECT_EQ(a.path().filename().string().rfind(".x.stats.moe-tool-tmp-" + std::to_string(getpid()) + "-", 0), 0u);
+    test::write_file(a.path(), "a");
+    test::write_file(b.path(), "b");
+    a.commit();
+    expect_error([&] { b.commit(); }, ErrorKind::InvalidArgument, {"output appeared while this run was writing"});
+  }
+  EXPECT_EQ(test::read_file(f), "a");
+  expect_error([&] { OutputFile(Env::posix(), f, {in()}, false, "output.force"); }, ErrorKind::InvalidArgument,
+               {"output file exists (use output.force to replace it)"});
+  expect_error([&] { OutputFile(Env::posix(), in() / "stats", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output is inside the input"});
+  {
+    OutputFile c(Env::posix(), f, {in()}, true);
+    test::write_file(c.path(), "c");
+    c.commit();
+  }
+  EXPECT_EQ(test::read_file(f), "c");
+  {
+    OutputFile d(Env::posix(), f, {in()}, true);
+    test::write_file(d.path(), "partial");
+  }  // no commit: the temporary goes, the old file stays
+  EXPECT_EQ(test::read_file(f), "c");
+  std::vector<std::string> names = leftovers();
+  EXPECT_EQ(names, std::vector<std::string>{"x.stats"});
+}
+
+TEST_F(OutputDirTest, StaleTemporariesOfDeadProcessesAreRemoved) {
+  // A pid that cannot be alive (above pid_max), and this process's own.
+  const fs::path dead = tmp / ".out.moe-tool-tmp-2147483000-00000001";
+  const fs::path dead_old = tmp / ".out.moe-tool-tmp-2147483001-00000002.old";
+  const fs::path live = tmp / (".out.moe-tool-tmp-" + std::to_string(getpid()) + "-00000003");
+  const fs::path other = tmp / ".other.moe-tool-tmp-2147483000-00000001";
+  for (const auto& d : {dead, dead_old, live, other}) {
+    fs::create_directories(d / "sub");
+    test::write_file(d / "sub" / "f", "x");
+  }
+  {
+    OutputDir od(Env::posix(), out(), {in()}, false);
+    EXPECT_FALSE(fs::exists(dead));
+    EXPECT_FALSE(fs::exists(dead_old));
+    EXPECT_TRUE(fs::exists(live));
+    EXPECT_TRUE(fs::exists(other));  // another output's: left to the run that writes there
+  }
+}
+
 TEST_F(OutputDirTest, RefusesInputInsideOrAround) {
   expect_error([&] { OutputDir(Env::posix(), in(), {in()}, true); }, ErrorKind::InvalidArgument, {"output is the input"});
   expect_error([&] { OutputDir(Env::posix(), tmp / "in" / ".." / "in", {in()}, true); }, ErrorKind::InvalidArgument,

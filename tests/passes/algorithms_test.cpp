@@ -238,5 +238,38 @@ TEST(KMeans, AlwaysKNonEmptyClusters) {
   EXPECT_THROW(kmeans(p, 7, 1), core::Error);
 }
 
+// Every clustering and assignment routine guards its own inputs: a NaN or Inf (which compares
+// false with everything) is an error with a message, never an index of -1 or a broken sort.
+TEST(Algorithms, NonFiniteInputsAreRefusedWithAMessage) {
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (double bad : {nan, inf}) {
+    MatrixXdRM p(6, 3);
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 3; ++j) p(i, j) = i * 3 + j;
+    p(2, 1) = bad;
+    auto message = [](auto&& fn) {
+      try {
+        fn();
+      } catch (const core::Error& e) {
+        EXPECT_EQ(e.kind(), core::ErrorKind::Internal);
+        return e.message();
+      }
+      return std::string("no error");
+    };
+    EXPECT_NE(message([&] { kmeans(p, 3, 0); }).find("k-means: non-finite coordinate at point 2, dimension 1"),
+              std::string::npos);
+    EXPECT_NE(message([&] { agglomerative_average(p, 3); })
+                  .find("agglomerative clustering: non-finite coordinate at point 2, dimension 1"),
+              std::string::npos);
+    // Every point non-finite (the case that used to index with -1).
+    MatrixXdRM all = MatrixXdRM::Constant(4, 2, bad);
+    EXPECT_THROW(agglomerative_average(all, 2), core::Error);
+    EXPECT_THROW(kmeans(all, 2, 0), core::Error);
+    MatrixXdRM cost = MatrixXdRM::Zero(3, 3);
+    cost(1, 1) = bad;
+    EXPECT_THROW(assign_min(cost), core::Error);
+  }
+}
+
 }  // namespace
 }  // namespace moe::passes

@@ -145,7 +145,21 @@ TEST(Prune, KeepRatioPlan) {
   std::vector<LayerScores> layers = {{0, 4, {10, 10, 10, 10}, {}}, {1, 4, {97, 1, 1, 1}, {}}};
   // Budget 0.5 * 8 = 4: l1e0 (0.97), then l0e0..e2 (0.25) -> counts {3, 1} -> minimum top_k 2 -> {3, 2}.
   EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, /*uniform=*/false), (std::map<int, int64_t>{{0, 3}, {1, 2}}));
-  EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, /*uniform=*/true), (std::map<int, int64_t>{{0, 3}, {1, 3}}));
+  // Uniform: the same count in every layer, the one nearest the asked share (0.5 of 8 = 4 -> 2 each),
+  // not the largest ragged count (which would keep 6 of 8).
+  EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, /*uniform=*/true), (std::map<int, int64_t>{{0, 2}, {1, 2}}));
+  // The per-layer minimum (top_k) still holds: 0.1 of 8 would be 1 per layer, top_k is 2.
+  EXPECT_EQ(plan_keep_ratio(layers, 0.1, 2, true), (std::map<int, int64_t>{{0, 2}, {1, 2}}));
+  // 8 experts per layer: 0.75 -> 6 (75%, not 7), 0.25 -> 2 (25%, not 3), 0.3 -> 2 (25% is nearer than 37.5%),
+  // 0.45 -> 4 (3.6 per layer).
+  {
+    std::vector<LayerScores> eight = {{0, 8, {1, 2, 3, 4, 5, 6, 7, 8}, {}}, {1, 8, {8, 7, 6, 5, 4, 3, 2, 1}, {}}};
+    EXPECT_EQ(plan_keep_ratio(eight, 0.75, 2, true).at(0), 6);
+    EXPECT_EQ(plan_keep_ratio(eight, 0.25, 2, true).at(1), 2);
+    EXPECT_EQ(plan_keep_ratio(eight, 0.30, 2, true).at(0), 2);
+    EXPECT_EQ(plan_keep_ratio(eight, 0.45, 2, true).at(0), 4);
+    EXPECT_EQ(plan_keep_ratio(eight, 1.0, 2, true).at(1), 8);
+  }
   // Protected experts count toward the minimum and rank first.
   layers[1].protect = {false, true, true, true};
   // Protected experts rank first: l1e1..e3, then l1e0 -> {0 -> max(0, 2) = 2, 1 -> 4}.
@@ -154,6 +168,18 @@ TEST(Prune, KeepRatioPlan) {
   std::vector<LayerScores> flat = {{0, 8, {}, {}}, {2, 8, {}, {}}};
   EXPECT_EQ(plan_keep_ratio(flat, 0.25, 1, true), (std::map<int, int64_t>{{0, 2}, {2, 2}}));
   EXPECT_EQ(plan_keep_ratio(flat, 0.01, 1, true), (std::map<int, int64_t>{{0, 1}, {2, 1}}));
+}
+
+TEST(Prune, NonFiniteScoresAreRefusedWithAMessage) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  try {
+    select_top({1, nan, 3, 4}, 2, nullptr, 5);
+    ADD_FAILURE() << "no error";
+  } catch (const core::Error& e) {
+    EXPECT_NE(e.message().find("layer 5: non-finite score of expert 1"), std::string::npos) << e.message();
+  }
+  std::vector<LayerScores> layers = {{0, 4, {1, nan, 1, 1}, {}}};
+  EXPECT_THROW(plan_keep_ratio(layers, 0.5, 1, false), core::Error);
 }
 
 TEST(Prune, KeepRatioThroughThePass) {
@@ -171,14 +197,15 @@ TEST(Prune, KeepRatioThroughThePass) {
   for (bool uniform : {false, true}) {
     auto p = prune({{"method", "frequency"}, {"keep_ratio", 0.5}, {"uniform", uniform}});
     p->plan(m, &stats);  // a default Model has top_k 0: no per-layer minimum here
-    // Budget 4: l1e0, l0e0..e2 -> {3, 1}; uniform -> {3, 3}.
-    EXPECT_EQ(p->experts_after(0, 4, 1), 3);
-    EXPECT_EQ(p->experts_after(1, 4, 1), uniform ? 3 : 1);
+    // Budget 4: l1e0, l0e0..e2 -> {3, 1}; uniform -> {2, 2} (4 of 8, what was asked).
+    EXPECT_EQ(p->experts_after(0, 4, 1), uniform ? 2 : 3);
+    EXPECT_EQ(p->experts_after(1, 4, 1), uniform ? 2 : 1);
+    EXPECT_DOUBLE_EQ(p->params()["keep_ratio_achieved"].get<double>(), 0.5);
     Ctx a = c1;
     a.stats = stats.layers[1];
     auto ctx = a.make(softmax_rule(4, 1));
     p->run_layer(ctx);
-    EXPECT_EQ(a.report["kept"], uniform ? json({0, 1, 2}) : json({0}));
+    EXPECT_EQ(a.report["kept"], uniform ? json({0, 1}) : json({0}));
   }
   // Without statistics: a user error.
   auto p = prune({{"method", "frequency"}, {"keep_ratio", 0.5}});

@@ -55,8 +55,12 @@ TEST(Recipes, EveryShippedRecipeValidatesAndPlans) {
   for (const auto& e : fs::directory_iterator(kSrc / "recipes")) {
     if (e.path().extension() != ".json") continue;
     ++n;
-    const auto r = moe::test::run_tool({"-q", "run", e.path().string(), "--dry-run", "--json"});
+    // The dry run checks the output like a real run (its parent folder must exist): a fresh one.
+    const fs::path out = temp_dir("dry-" + e.path().stem().string());
+    const auto r = moe::test::run_tool(
+        {"-q", "run", e.path().string(), "--dry-run", "--json", "--set", "output.path=" + out.string()});
     ASSERT_EQ(r.exit_code, 0) << e.path() << ": " << r.describe();
+    EXPECT_FALSE(fs::exists(out));  // nothing written
     const json s = json::parse(r.out);
     EXPECT_TRUE(s.at("dry_run").get<bool>());
     // Every recipe but a factorize-only one changes the expert count.
@@ -176,7 +180,8 @@ TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
   r = small_recipe(out);
   r["calibration"]["txet"] = "x";
   expect_rejected(r, "calibration.txet: unknown key for calibration (allowed: text, stats, ctx, windows, "
-                     "batch_windows, out_stride, propagate); did you mean \"text\"?");
+                     "batch_windows, out_stride, propagate, sample, gram, routed_only, out_cos_tokens); did you mean "
+                     "\"text\"?");
   r = small_recipe(out);
   r["output"].erase("path");
   expect_rejected(r, "output.path: missing (required)");
@@ -320,4 +325,112 @@ TEST(Recipes, LaterPassLimitsAreRejectedBeforeAnyWork) {
   r["passes"].push_back({{"pass", "merge"}, {"method", "hcsmoe"}, {"experts", 4}});
   expect_rejected(r, "passes[1]: method 'hcsmoe' needs statistics of the experts left by the earlier passes");
   fs::remove(stats);
+}
+
+// ---- one vocabulary: every recipe key a command line can set has its flag in pipeline/keys.def ----
+
+#include "core/error.h"
+#include "pipeline/keys.h"
+#include "pipeline/recipe.h"
+#include "pipeline/pass.h"
+
+namespace {
+
+// The keys a recipe section accepts, from the "allowed: ..." list of an unknown-key error.
+std::vector<std::string> allowed_keys(const json& recipe) {
+  try {
+    moe::pipeline::parse_recipe(recipe, ".", "t");
+  } catch (const moe::core::Error& e) {
+    const std::string m = e.message();
+    const auto b = m.find("(allowed: ");
+    if (b == std::string::npos) return {"<no allowed list in: " + m + ">"};
+    const auto end = m.find(')', b);
+    std::vector<std::string> keys;
+    std::string list = m.substr(b + 10, end - b - 10);
+    for (size_t i = 0; i <= list.size();) {
+      size_t j = list.find(", ", i);
+      if (j == std::string::npos) j = list.size();
+      keys.push_back(list.substr(i, j - i));
+      i = j + 2;
+    }
+    return keys;
+  }
+  return {"<no error>"};
+}
+
+bool table_has(const std::string& path, const std::string& command, const std::string& method) {
+  for (const auto& k : moe::pipeline::recipe_keys())
+    if (k.path == path && (method.empty() ? k.for_command(command) : k.for_method(command, method))) return true;
+  return false;
+}
+
+}  // namespace
+
+TEST(Vocabulary, EveryRecipeKeyHasItsFlag) {
+  const json base = {{"model", "m"},
+                     {"passes", {{{"pass", "prune"}, {"method", "random"}, {"keep", 1}}}},
+                     {"output", {{"path", "o"}}}};
+  // Sections: calibration (calibrate, prune, merge), output and eval (prune, merge).
+  for (const std::string section : {"calibration", "output", "eval"}) {
+    json r = base;
+    r[section] = {{"zz_unknown", 1}, {"text", "t"}, {"path", "o"}};
+    const auto keys = allowed_keys(r);
+    ASSERT_GT(keys.size(), 2u) << section << ": " << keys.front();
+    for (const auto& k : keys) {
+      if (section == "output" && k == "path") continue;  // the OUT argument
+      EXPECT_TRUE(table_has(section + "." + k, "prune", "")) << section << "." << k << " has no flag in keys.def";
+    }
+  }
+  // Every pass method's keys (the pass-level "seed" is the top-level --seed for one-pass commands).
+  for (const auto& p : moe::pipeline::registered_passes()) {
+    json r = base;
+    r["passes"] = {{{"pass", p.pass}, {"method", p.method}, {"zz_unknown", 1}}};
+    const auto keys = allowed_keys(r);
+    ASSERT_GT(keys.size(), 2u) << p.pass << "/" << p.method << ": " << keys.front();
+    for (const auto& k : keys) {
+      if (k == "pass" || k == "method" || k == "seed") continue;
+      EXPECT_TRUE(table_has("passes[0]." + k, p.pass, p.method))
+          << p.pass << "/" << p.method << ": key " << k << " has no flag in keys.def";
+    }
+    // And the other way: every flag the table gives this method is a key the method accepts.
+    for (const auto& k : moe::pipeline::recipe_keys()) {
+      if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method)) continue;
+      EXPECT_NE(std::find(keys.begin(), keys.end(), k.leaf()), keys.end())
+          << p.pass << "/" << p.method << ": flag " << k.flag << " sets " << k.path << ", which the method does not take";
+    }
+  }
+  // Recipe sections' keys that the table lists exist in the sections.
+  for (const auto& k : moe::pipeline::recipe_keys()) {
+    const std::string path = k.path;
+    if (path.rfind("passes[0].", 0) == 0 || path == "seed") continue;
+    const std::string section = path.substr(0, path.find('.'));
+    json r = base;
+    r[section] = {{"zz_unknown", 1}, {"text", "t"}, {"path", "o"}};
+    const auto keys = allowed_keys(r);
+    EXPECT_NE(std::find(keys.begin(), keys.end(), k.leaf()), keys.end()) << path << " is not a recipe key";
+  }
+}
+
+// The defaults the table prints (--help, moe-tool list) are the passes' defaults.
+TEST(Vocabulary, TableDefaultsAreThePassDefaults) {
+  for (const auto& p : moe::pipeline::registered_passes()) {
+    json spec = {{"pass", p.pass}, {"method", p.method}};
+    if (std::string(p.pass) == "prune") spec["keep"] = 4;
+    if (std::string(p.pass) == "merge") spec["experts"] = 4;
+    if (std::string(p.pass) == "factorize") spec["ratio"] = 0.5;
+    const auto pass = moe::pipeline::make_pass(spec, "passes[0]");
+    const json params = pass->params();
+    for (const auto& k : moe::pipeline::recipe_keys()) {
+      if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method) || !*k.dflt ||
+          std::string(k.dflt) == "-")
+        continue;
+      if (!params.contains(k.leaf())) continue;  // e.g. damp only reported when whitening
+      const json& v = params[k.leaf()];
+      const std::string shown = v.is_string() ? v.get<std::string>() : v.dump();
+      if (v.is_number_float())
+        EXPECT_DOUBLE_EQ(v.get<double>(), std::stod(k.dflt)) << p.pass << "/" << p.method << " " << k.path;
+      else
+        EXPECT_EQ(shown, k.dflt) << p.pass << "/" << p.method << " " << k.path;
+    }
+  }
 }

@@ -1,5 +1,6 @@
 #include "support/ckpt_util.h"
 
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -53,6 +54,33 @@ std::string first_difference(const TensorMap& a, const TensorMap& b) {
   for (const auto& [name, y] : b)
     if (!a.count(name)) return "tensor " + name + " only in the second";
   return "";
+}
+
+}  // namespace moe::test
+
+namespace moe::test {
+
+void patch_tensor_bytes(const std::filesystem::path& file, const std::string& name, uint64_t byte_offset,
+                        const std::string& bytes) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  if (!f) throw std::runtime_error(file.string() + ": cannot open");
+  uint64_t n = 0;
+  f.read(reinterpret_cast<char*>(&n), 8);
+  std::string header(n, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(n));
+  const auto h = nlohmann::json::parse(header);
+  if (!h.contains(name)) throw std::runtime_error(file.string() + ": no tensor " + name);
+  const uint64_t begin = h[name]["data_offsets"][0].get<uint64_t>(), end = h[name]["data_offsets"][1].get<uint64_t>();
+  if (begin + byte_offset + bytes.size() > end) throw std::runtime_error(name + ": patch past the tensor's end");
+  f.seekp(static_cast<std::streamoff>(8 + n + begin + byte_offset));
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!f) throw std::runtime_error(file.string() + ": write failed");
+}
+
+void copy_folder(const std::filesystem::path& from, const std::filesystem::path& to) {
+  std::filesystem::create_directories(to);
+  for (const auto& e : std::filesystem::directory_iterator(from))
+    if (e.is_regular_file()) std::filesystem::copy_file(e.path(), to / e.path().filename());
 }
 
 }  // namespace moe::test

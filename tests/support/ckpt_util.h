@@ -27,3 +27,15 @@ TensorMap synth_tensors(const SynthCheckpoint& ck);
 std::string first_difference(const TensorMap& a, const TensorMap& b);
 
 }  // namespace moe::test
+
+namespace moe::test {
+
+// Overwrites bytes of tensor `name` in the safetensors file `file`, starting `byte_offset` bytes
+// into the tensor's data (e.g. a NaN into an expert's weight). Throws std::runtime_error when the
+// tensor is absent or the bytes do not fit.
+void patch_tensor_bytes(const std::filesystem::path& file, const std::string& name, uint64_t byte_offset,
+                        const std::string& bytes);
+// A copy of folder `from` at `to` (files only, one level).
+void copy_folder(const std::filesystem::path& from, const std::filesystem::path& to);
+
+}  // namespace moe::test

@@ -1,0 +1,104 @@
+#include "flags.h"
+
+#include "core/error.h"
+
+namespace moe::app {
+
+using core::Error;
+using pipeline::KeyType;
+
+void KeyFlags::declare(CLI::App& sub, const std::string& command) {
+  for (const auto& k : pipeline::recipe_keys()) {
+    if (!k.for_command(command)) continue;
+    Slot& s = slots_[k.path];
+    s.key = &k;
+    std::string help = k.help;
+    const std::string scope = k.scope;
+    const auto colon = scope.find(command + ":");
+    if (colon != std::string::npos) {  // method-specific
+      std::string methods;
+      for (size_t i = scope.find(command + ":"); i != std::string::npos; i = scope.find(command + ":", i + 1)) {
+        const size_t b = i + command.size() + 1, e = scope.find(' ', b);
+        methods += (methods.empty() ? "" : ", ") + scope.substr(b, e == std::string::npos ? std::string::npos : e - b);
+      }
+      help = "[" + methods + "] " + help;
+    }
+    if (k.type == KeyType::Flag || k.type == KeyType::NoFlag) {
+      help += std::string(" (recipe key ") + k.path + ", default " + k.dflt + ")";
+      s.option = sub.add_flag(k.flag, s.flag, help);
+    } else {
+      const bool has_default = *k.dflt && std::string(k.dflt) != "-";
+      help += std::string(" (recipe key ") + k.path + (has_default ? std::string(", default ") + k.dflt : std::string()) + ")";
+      s.option = sub.add_option(k.flag, s.text, help);
+    }
+  }
+}
+
+bool KeyFlags::given(const std::string& path) const {
+  auto it = slots_.find(path);
+  return it != slots_.end() && it->second.option && it->second.option->count() > 0;
+}
+
+nlohmann::json KeyFlags::value(const std::string& path) const {
+  if (!given(path)) return nullptr;
+  const Slot& s = slots_.at(path);
+  const std::string flag = s.key->flag;
+  switch (s.key->type) {
+    case KeyType::Flag: return true;
+    case KeyType::NoFlag: return false;
+    case KeyType::String: return s.text;
+    case KeyType::Int: {
+      size_t used = 0;
+      long long v = 0;
+      try {
+        v = std::stoll(s.text, &used);
+      } catch (...) {
+        used = 0;
+      }
+      if (used == 0 || used != s.text.size())
+        throw Error::invalid(flag + ": expected an integer, found '" + s.text + "'");
+      return v;
+    }
+    case KeyType::Number: {
+      size_t used = 0;
+      double v = 0;
+      try {
+        v = std::stod(s.text, &used);
+      } catch (...) {
+        used = 0;
+      }
+      if (used == 0 || used != s.text.size()) throw Error::invalid(flag + ": expected a number, found '" + s.text + "'");
+      return v;
+    }
+  }
+  return nullptr;
+}
+
+void KeyFlags::apply(nlohmann::json& recipe, const std::string& command, const std::string& method) const {
+  for (const auto& [path, s] : slots_) {
+    if (!given(path)) continue;
+    if (!s.key->for_method(command, method)) {
+      std::string takes;
+      const std::string scope = s.key->scope;
+      for (size_t i = scope.find(command + ":"); i != std::string::npos; i = scope.find(command + ":", i + 1)) {
+        const size_t b = i + command.size() + 1, e = scope.find(' ', b);
+        takes += (takes.empty() ? "" : ", ") + scope.substr(b, e == std::string::npos ? std::string::npos : e - b);
+      }
+      throw Error::invalid(std::string(s.key->flag) + ": applies to --method " + takes + ", not " + method);
+    }
+    nlohmann::json v = value(path);
+    std::string p = path;
+    nlohmann::json* cur = &recipe;
+    if (p.rfind("passes[0].", 0) == 0) {
+      cur = &recipe["passes"][0];
+      p = p.substr(10);
+    }
+    for (size_t dot = p.find('.'); dot != std::string::npos; dot = p.find('.')) {
+      cur = &(*cur)[p.substr(0, dot)];
+      p = p.substr(dot + 1);
+    }
+    (*cur)[p] = v;
+  }
+}
+
+}  // namespace moe::app

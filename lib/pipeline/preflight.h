@@ -1,0 +1,29 @@
+// Every check a run needs, before the first forward pass: the output (not an input, --force for an
+// existing one, a writable parent), the calibration text (readable, enough tokens for the windows
+// asked, ctx within the model's positions), the statistics file (this model's, with every field
+// the passes read, Gram matrices included), the evaluation text and context, and whether the
+// forward supports the family when something runs it. --dry-run runs exactly these checks.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "pipeline/recipe.h"
+
+namespace moe::pipeline {
+
+struct RunNeeds {
+  bool stats = false;                // the first pass reads statistics (file or on the fly)
+  bool inputs = false;               // a pass runs the MoE block on calibration inputs
+  std::vector<std::string> fields;   // statistics fields the first pass reads
+};
+
+// Throws the first problem found (Error::invalid / not_found / io, naming what the user typed:
+// flags for prune/merge, JSON paths for recipes). `load_stats_file`: also open the statistics file
+// and check it (a real run loads it right after, so only --dry-run needs this here).
+void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& model, const RunNeeds& needs,
+               bool load_stats_file);
+
+}  // namespace moe::pipeline
