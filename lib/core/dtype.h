@@ -45,5 +45,8 @@ void to_f32(DType from, const void* src, float* dst, size_t n);
 void from_f32(DType to, const float* src, void* dst, size_t n);
 // Converts n elements between two dtypes. Same dtype: memcpy. Float<->float via f32 (f64 direct).
 void convert(DType from, const void* src, DType to, void* dst, size_t n);
+// Index of the first NaN or Inf among n elements of a float dtype (from the bit patterns, no
+// conversion), or -1 when all are finite or the dtype is not a float type.
+int64_t first_non_finite(DType t, const void* src, size_t n);
 
 }  // namespace moe::core

@@ -320,15 +320,24 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   auto release = [&](const core::Tensor& t) {
     for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
   };
+  // Every written tensor is checked for NaN/Inf, so a pass that copies weights without converting
+  // them (prune by a clean model's statistics) cannot write a poisoned checkpoint either.
+  auto checked = [&](const core::Tensor& t, const std::string& name) {
+    const int64_t bad = core::first_non_finite(t.dtype(), t.data(), static_cast<size_t>(t.numel()));
+    if (bad >= 0)
+      throw Error::invalid(r.model.string() + ": tensor " + name + ": non-finite value at index " + std::to_string(bad) +
+                           " (of " + core::shape_str(t.shape()) + "), which the output would carry");
+  };
   auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
     model::account_into(acc_after, list);
     if (spill) {
-      spill->write_group(list, release);
+      spill->write_group(list, release, checked);
       return;
     }
     for (const auto& o : list) {
       core::Tensor t = o.make();
       if (t.dtype() != o.dtype) t = t.converted(o.dtype);
+      checked(t, o.name);
       writer->write(o.name, t);
       release(t);
     }

@@ -22,7 +22,8 @@ SpillWriter::~SpillWriter() {
 }
 
 void SpillWriter::write_group(const std::vector<model::OutTensor>& outs,
-                              const std::function<void(const core::Tensor&)>& written) {
+                              const std::function<void(const core::Tensor&)>& written,
+                              const std::function<void(const core::Tensor&, const std::string&)>& check) {
   std::vector<io::TensorSpec> plan;
   for (const auto& o : outs) plan.push_back({o.name, o.dtype, o.shape});
   char name[32];
@@ -34,6 +35,7 @@ void SpillWriter::write_group(const std::vector<model::OutTensor>& outs,
     core::with_context("tensor " + o.name, [&] {
       core::Tensor t = o.make();
       if (t.dtype() != o.dtype) t = t.converted(o.dtype);
+      if (check) check(t, o.name);
       w.write(o.name, t);
       if (written) written(t);
     });

@@ -21,9 +21,11 @@ class SpillWriter {
   SpillWriter& operator=(const SpillWriter&) = delete;
   ~SpillWriter();
 
-  // Computes and writes `outs` (OutTensor::make); `written` is called with each tensor made.
+  // Computes and writes `outs` (OutTensor::make); `check` is called with each tensor made before
+  // it is written (it may throw), `written` after.
   void write_group(const std::vector<model::OutTensor>& outs,
-                   const std::function<void(const core::Tensor&)>& written = nullptr);
+                   const std::function<void(const core::Tensor&)>& written = nullptr,
+                   const std::function<void(const core::Tensor&, const std::string&)>& check = nullptr);
   // Assembles the shards; returns the tensor bytes written.
   uint64_t finish();
   size_t shard_count() const { return shards_; }

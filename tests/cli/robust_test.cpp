@@ -132,6 +132,21 @@ TEST_F(Robust, NonFiniteWeightsRefusedByEveryCommandThatConvertsThem) {
                                "--stats", clean_stats().string()}));
     EXPECT_FALSE(fs::exists(tmp / "out"));
   }
+  // Prune by a score never converts the weights; the writer refuses to copy the NaN into the output
+  // (the poisoned expert 0 of layer 0 is kept by --method random --seed 0 ... or dropped: both
+  // layers' other tensors are clean, so keep every expert to make sure it is written).
+  for (const std::string method : {"frequency", "soft", "reap"}) {
+    SCOPED_TRACE(method);
+    const RunResult r = run_tool({"prune", m.string(), (tmp / "out").string(), "--method", method, "--keep", "8",
+                                  "--stats", clean_stats().string(), "-q"});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+    EXPECT_NE(r.err.find("tensor model.layers.0.block_sparse_moe.experts.0.w1.weight: non-finite value at index 17"),
+              std::string::npos)
+        << r.describe();
+    EXPECT_FALSE(fs::exists(tmp / "out"));
+    EXPECT_TRUE(temps_in(tmp.path()).empty());
+  }
 }
 
 TEST_F(Robust, NonFiniteStatisticsRefusedAtLoad) {
