@@ -23,6 +23,8 @@ constexpr std::array<DTypeInfo, static_cast<size_t>(DType::kCount)> kDTypes{{
     {DType::I8, "I8", 1, false},
     {DType::U8, "U8", 1, false},
     {DType::BOOL, "BOOL", 1, false},
+    {DType::U16, "U16", 2, false},
+    {DType::U32, "U32", 4, false},
 }};
 static_assert(kDTypes.size() == static_cast<size_t>(DType::kCount));
 
@@ -182,6 +184,8 @@ void to_f32(DType from, const void* src, float* dst, size_t n) {
     case DType::I16: { auto p = static_cast<const int16_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
     case DType::I8: { auto p = static_cast<const int8_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
     case DType::U8: case DType::BOOL: { auto p = static_cast<const uint8_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
+    case DType::U16: { auto p = static_cast<const uint16_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
+    case DType::U32: { auto p = static_cast<const uint32_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]); return; }
     case DType::kCount: break;
   }
   throw Error::internal("to_f32: bad dtype");

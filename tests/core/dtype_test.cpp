@@ -47,7 +47,7 @@ TEST(DType, TableNamesAndSizes) {
       {DType::BF16, "BF16", 2, true},       {DType::F8_E4M3, "F8_E4M3", 1, true},
       {DType::F8_E5M2, "F8_E5M2", 1, true}, {DType::I64, "I64", 8, false}, {DType::I32, "I32", 4, false},
       {DType::I16, "I16", 2, false},        {DType::I8, "I8", 1, false},   {DType::U8, "U8", 1, false},
-      {DType::BOOL, "BOOL", 1, false},
+      {DType::BOOL, "BOOL", 1, false},      {DType::U16, "U16", 2, false}, {DType::U32, "U32", 4, false},
   };
   EXPECT_EQ(std::size(rows), static_cast<size_t>(DType::kCount));
   for (const auto& r : rows) {
@@ -494,6 +494,18 @@ TEST(Convert, ToF32ByValueForEveryDtype) {
     EXPECT_EQ(out[0], 1.0f);
     EXPECT_EQ(out[1], 0.0f);
   }
+  {
+    const uint16_t src[] = {65535, 0, 32768, 1};
+    to_f32(DType::U16, src, out, 4);
+    EXPECT_EQ(out[0], 65535.0f);
+    EXPECT_EQ(out[2], 32768.0f);
+  }
+  {
+    const uint32_t src[] = {4000000000u, 0, 7, 1};
+    to_f32(DType::U32, src, out, 4);
+    EXPECT_EQ(out[0], 4000000000.0f);
+    EXPECT_EQ(out[2], 7.0f);
+  }
 }
 
 TEST(Convert, FromF32ToFloatTypesAndRejectsIntegers) {
@@ -515,7 +527,7 @@ TEST(Convert, FromF32ToFloatTypesAndRejectsIntegers) {
   from_f32(DType::F64, src, d, 3);
   EXPECT_EQ(d[1], -448.0);
   int32_t i[3];
-  for (DType t : {DType::I8, DType::U8, DType::I16, DType::I32, DType::I64, DType::BOOL}) {
+  for (DType t : {DType::I8, DType::U8, DType::I16, DType::I32, DType::I64, DType::BOOL, DType::U16, DType::U32}) {
     try {
       from_f32(t, src, i, 1);
       ADD_FAILURE() << "from_f32 to " << dtype_name(t) << " did not throw";
