@@ -159,7 +159,6 @@ std::shared_ptr<const core::Encoding> rtn_int(const float* W, int64_t rows, int6
   std::vector<float> scales(static_cast<size_t>(rows * ng));
   std::vector<uint8_t> zeros(c.symmetric ? 0 : static_cast<size_t>(rows * ng));
   std::vector<uint8_t> q(static_cast<size_t>(cols));
-  const float fmax = static_cast<float>(maxq);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = W + r * cols;
     for (int64_t g = 0; g < ng; ++g) {
@@ -167,15 +166,7 @@ std::shared_ptr<const core::Encoding> rtn_int(const float* W, int64_t rows, int6
       const IntParams p = int_params(x + j0, j1 - j0, 1, c.bits, c.symmetric);
       scales[r * ng + g] = p.scale;
       if (!c.symmetric) zeros[r * ng + g] = static_cast<uint8_t>(p.zero);
-      // int_code, written out so that it vectorizes.
-      const float s = p.scale, z = static_cast<float>(p.zero);
-      for (int64_t j = j0; j < j1; ++j) {
-        float v = x[j] / s;
-        v = std::min(std::max(v, -kRoundLimit), kRoundLimit);
-        v = round_even(v) + z;
-        v = std::min(std::max(v, 0.0f), fmax);
-        q[j] = static_cast<uint8_t>(static_cast<int>(v));
-      }
+      int_codes(x + j0, j1 - j0, p.scale, p.zero, maxq, q.data() + j0);
     }
     pack_bits(q.data(), cols, c.bits, codes->mutable_data() + r * rb);
   }

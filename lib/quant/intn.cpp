@@ -15,12 +15,8 @@ using core::shape_str;
 
 IntParams int_params(const float* x, int64_t n, int64_t stride, int bits, bool symmetric) {
   const int maxq = (1 << bits) - 1;
-  float lo = 0.0f, hi = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i * stride];
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-  }
+  float lo, hi;
+  range0(x, n, stride, &lo, &hi);
   if (!std::isfinite(lo) || !std::isfinite(hi)) throw Error::invalid("a weight to quantize is not finite");
   if (symmetric) {
     const float a = std::max(-lo, hi);

@@ -19,6 +19,12 @@ inline float round_even(float v) {
 inline float round_f16(float v) { return core::f16_to_f32(core::f32_to_f16(v)); }
 constexpr float kF16Tiny = 5.9604644775390625e-08f;  // 2^-24
 
+// lo = min(min x, 0), hi = max(max x, 0) over x[0], x[stride], ... (NaNs are not seen: callers
+// check for non-finite weights first).
+void range0(const float* x, int64_t n, int64_t stride, float* lo, float* hi);
+// codes[j] = clamp(round(x[j] / scale) + zero, 0, maxq) for j < n (as int_code, quant/intn.h).
+void int_codes(const float* x, int64_t n, float scale, int zero, int maxq, uint8_t* codes);
+
 // n codes of `bits` bits each, as an LSB-first bit stream into ceil(n * bits / 8) bytes (the
 // last byte's unused high bits are 0).
 void pack_bits(const uint8_t* codes, int64_t n, int bits, uint8_t* out);

@@ -50,12 +50,8 @@ TernaryLevels ternary_levels(const float* x, int64_t n, int64_t stride, TernaryG
     l.lo = -l.hi;
     return l;
   }
-  float lo = 0.0f, hi = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i * stride];
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-  }
+  float lo, hi;
+  range0(x, n, stride, &lo, &hi);
   if (!std::isfinite(lo) || !std::isfinite(hi)) throw Error::invalid("a weight to quantize is not finite");
   if (grid == TernaryGrid::TQ) {
     const float d = std::max(-lo, hi);

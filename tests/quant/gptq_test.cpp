@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -100,6 +101,7 @@ TEST(QuantGolden, GptqMatchesTorchReference) {
     // rounding boundary may take the neighbouring code, and its different error then moves the
     // later columns of its row a little. Allowed: 1% of the codes, 1% relative error overall.
     const Diff d = diff(got, want);
+    std::printf("golden gptq %s: %.4f of the values differ, relative error %.2e\n", what.c_str(), d.mismatch, d.rel);
     EXPECT_LE(d.mismatch, 0.01) << what << ": rel " << d.rel;
     EXPECT_LE(d.rel, 0.01) << what << ": mismatch " << d.mismatch;
     EXPECT_EQ(info.dead_columns, 1) << what;
