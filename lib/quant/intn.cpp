@@ -16,17 +16,7 @@ using core::shape_str;
 IntParams int_params(const float* x, int64_t n, int64_t stride, int bits, bool symmetric) {
   const int maxq = (1 << bits) - 1;
   float lo, hi;
-  range0(x, n, stride, &lo, &hi);
-  if (!std::isfinite(lo) || !std::isfinite(hi)) throw Error::invalid("a weight to quantize is not finite");
-  if (symmetric) {
-    const float a = std::max(-lo, hi);
-    lo = -a;
-    hi = a;
-  }
-  if (lo == 0.0f && hi == 0.0f) {
-    lo = -1.0f;
-    hi = 1.0f;
-  }
+  quant_range(x, n, stride, symmetric, &lo, &hi);
   IntParams p;
   p.scale = round_f16((hi - lo) / static_cast<float>(maxq));
   if (std::isinf(p.scale))

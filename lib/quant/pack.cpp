@@ -1,7 +1,10 @@
 #include "quant/pack.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+
+#include "core/error.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -40,6 +43,20 @@ void range0(const float* x, int64_t n, int64_t stride, float* lo_out, float* hi_
   }
   *lo_out = lo;
   *hi_out = hi;
+}
+
+void quant_range(const float* x, int64_t n, int64_t stride, bool symmetric, float* lo, float* hi) {
+  range0(x, n, stride, lo, hi);
+  if (!std::isfinite(*lo) || !std::isfinite(*hi)) throw core::Error::invalid("a weight to quantize is not finite");
+  if (symmetric) {
+    const float a = std::max(-*lo, *hi);
+    *lo = -a;
+    *hi = a;
+  }
+  if (*lo == 0.0f && *hi == 0.0f) {
+    *lo = -1.0f;
+    *hi = 1.0f;
+  }
 }
 
 void int_codes(const float* x, int64_t n, float scale, int zero, int maxq, uint8_t* codes) {

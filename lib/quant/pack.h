@@ -22,6 +22,10 @@ constexpr float kF16Tiny = 5.9604644775390625e-08f;  // 2^-24
 // lo = min(min x, 0), hi = max(max x, 0) over x[0], x[stride], ... (NaNs are not seen: callers
 // check for non-finite weights first).
 void range0(const float* x, int64_t n, int64_t stride, float* lo, float* hi);
+// The quantizer's range of x (the GPTQ reference's rule): lo = min(min x, 0), hi = max(max x, 0);
+// symmetric: lo, hi = −a, a with a = max(−lo, hi); both 0 (an all-zero group): −1, +1.
+// Error::invalid when a value is not finite.
+void quant_range(const float* x, int64_t n, int64_t stride, bool symmetric, float* lo, float* hi);
 // codes[j] = clamp(round(x[j] / scale) + zero, 0, maxq) for j < n (as int_code, quant/intn.h).
 void int_codes(const float* x, int64_t n, float scale, int zero, int maxq, uint8_t* codes);
 

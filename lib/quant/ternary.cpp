@@ -51,24 +51,16 @@ TernaryLevels ternary_levels(const float* x, int64_t n, int64_t stride, TernaryG
     return l;
   }
   float lo, hi;
-  range0(x, n, stride, &lo, &hi);
-  if (!std::isfinite(lo) || !std::isfinite(hi)) throw Error::invalid("a weight to quantize is not finite");
   if (grid == TernaryGrid::TQ) {
+    range0(x, n, stride, &lo, &hi);
+    if (!std::isfinite(lo) || !std::isfinite(hi)) throw Error::invalid("a weight to quantize is not finite");
     const float d = std::max(-lo, hi);
     l.inv = d != 0.0f ? 1.0f / d : 0.0f;
     l.hi = level_f16(d);
     l.lo = -l.hi;
     return l;
   }
-  if (symmetric) {
-    const float a = std::max(-lo, hi);
-    lo = -a;
-    hi = a;
-  }
-  if (lo == 0.0f && hi == 0.0f) {
-    lo = -1.0f;
-    hi = 1.0f;
-  }
+  quant_range(x, n, stride, symmetric, &lo, &hi);
   l.lo = level_f16(lo);
   l.hi = level_f16(hi);
   return l;
