@@ -35,19 +35,25 @@ double proxy_loss(const float* W, int64_t rows, int64_t cols, const double* H, c
 
 namespace {
 
-// U (row-major upper: U[i][j] = A[i * n + j] for j >= i) with UᵀU = (H + λI)⁻¹, for H permuted
-// by perm with the diagonal `diag` (dead columns 1). Column-major LAPACK: chol(lower) of H, its inverse in the lower
-// triangle, chol(lower) L of H⁻¹: U = Lᵀ, whose rows are L's columns (contiguous).
+// U (row-major upper: U[i][j] = A[i * n + j] for j >= i; the other triangle is garbage) with
+// UᵀU = (H + λI)⁻¹, for H permuted by perm with the diagonal `diag` (dead columns 1).
+// The reference takes chol(H), cholesky_inverse, then the upper chol of H⁻¹ (4n³/3 flops). The
+// same U (the Cholesky factor is unique) in 2n³/3: with P the reversal, write P H P = RᵀR (R
+// upper, dpotrf 'U'); then H = (P Rᵀ P)(P R P) with P R P lower, so H⁻¹ = (P R P)⁻¹ (P R P)⁻ᵀ and
+// U = (P R P)⁻ᵀ = P R⁻ᵀ P (upper): U[i][j] = R⁻¹[n−1−j][n−1−i]. R⁻¹ (dtrtri) is column-major,
+// R⁻¹[r][c] at r + c·n; reversing the whole buffer puts U[i][j] at i·n + j.
 bool factor(const double* H, const std::vector<int64_t>& perm, const std::vector<double>& diag, int64_t n, double lambda,
             std::vector<double>& A) {
   A.resize(static_cast<size_t>(n * n));
-  for (int64_t a = 0; a < n; ++a)
-    for (int64_t b = 0; b < n; ++b) A[a * n + b] = a == b ? diag[perm[a]] + lambda : H[perm[a] * n + perm[b]];
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t pa = perm[n - 1 - a];
+    for (int64_t b = 0; b < n; ++b) A[a * n + b] = a == b ? diag[pa] + lambda : H[pa * n + perm[n - 1 - b]];
+  }
   if (n == 0) return true;
   const lapack_int N = static_cast<lapack_int>(n);
-  if (LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', N, A.data(), N) != 0) return false;
-  if (LAPACKE_dpotri(LAPACK_COL_MAJOR, 'L', N, A.data(), N) != 0) return false;
-  if (LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', N, A.data(), N) != 0) return false;
+  if (LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', N, A.data(), N) != 0) return false;
+  if (LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', N, A.data(), N) != 0) return false;
+  std::reverse(A.begin(), A.end());
   for (int64_t i = 0; i < n; ++i)
     if (!(A[i * n + i] > 0.0) || !std::isfinite(A[i * n + i])) return false;
   return true;

@@ -3,7 +3,8 @@
 //   1. dead columns (H_ii = 0): H_ii = 1, W[:, i] = 0
 //   2. act-order (optional): columns in order of descending diag H (stable for ties)
 //   3. damping: H += p · mean(diag H) · I
-//   4. U = upper Cholesky factor of H⁻¹ (LAPACKE dpotrf, dpotri, dpotrf in f64)
+//   4. U = upper Cholesky factor of H⁻¹, in f64 (the reference's chol, cholesky_inverse, chol
+//      give the same U as LAPACKE dpotrf + dtrtri of the reversed H, at half the flops: gptq.cpp)
 //   5. columns in blocks of `block`: q = Q(w_i), err = (w_i − q) / U_ii, the rest of the block
 //      -= err · U[i, i+1:] (W in f32 as the reference keeps it); after the block the later
 //      columns -= Err · U[block, later] (one SGEMM)
