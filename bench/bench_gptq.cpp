@@ -6,7 +6,7 @@
 //            the same bytes (the bar: int4 g128 >= 1 GB/s on one core)
 //   gptq     per shape and codec: seconds, parameters/s, and the time of the BLAS/LAPACK calls it
 //            rests on, run alone on the same sizes: the factorisation (dpotrf, dpotri, dpotrf of
-//            n×n), the block propagation SGEMMs, and the two proxy-loss DGEMMs; ratio = gptq time /
+//            n×n), the block propagation SGEMMs, and the two proxy-loss DSYRKs; ratio = gptq time /
 //            that BLAS time (the rest is the column loop: quantizing and the in-block updates)
 //   bench_gptq [--threads 1] [--repeat 3] [--shape MxN]... [--block 128]
 #include <cblas.h>
@@ -160,12 +160,12 @@ int main(int argc, char** argv) {
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(n - i2), int(m), int(block), -1.0f, ub.data(),
                     int(n - i2), err.data(), int(m), 1.0f, Wt.data() + i2 * m, int(m));
     });
-    std::vector<double> d(static_cast<size_t>(64 * n), 0.001), dh(d.size());
+    std::vector<double> d(static_cast<size_t>(256 * n), 0.001), C(static_cast<size_t>(n * n));
     const Time proxy = best_of(repeat, [&] {
       for (int k = 0; k < 2; ++k)
-        for (int64_t r0 = 0; r0 < m; r0 += 64)
-          cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(std::min<int64_t>(64, m - r0)), int(n), int(n), 1.0,
-                      d.data(), int(n), H.data(), int(n), 0.0, dh.data(), int(n));
+        for (int64_t r0 = 0; r0 < m; r0 += 256)
+          cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(n), int(std::min<int64_t>(256, m - r0)), 1.0, d.data(),
+                      int(n), 1.0, C.data(), int(n));
     });
     s["blas_seconds"] = {{"factor", fac.wall}, {"propagation", prop.wall}, {"proxy_loss", proxy.wall}};
     const double blas = fac.wall + prop.wall + proxy.wall;

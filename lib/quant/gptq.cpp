@@ -21,18 +21,24 @@ namespace moe::quant {
 using core::Error;
 
 double proxy_loss(const float* W, int64_t rows, int64_t cols, const double* H, const core::Encoding& enc) {
+  // tr(D H Dᵀ) = Σ_ij H_ij (DᵀD)_ij: one DSYRK (rows·cols² flops, half a GEMM D·H), D = W − Q in
+  // chunks of rows, then an n² sum over the upper triangle.
   if (enc.rows() != rows || enc.cols() != cols) throw Error::internal("proxy_loss: shape mismatch");
-  const int64_t chunk = 64;
-  std::vector<float> q(static_cast<size_t>(chunk * cols));
-  std::vector<double> d(q.size()), dh(q.size());
-  double loss = 0;
+  if (rows == 0 || cols == 0) return 0.0;
+  const int64_t chunk = 256, n = cols;
+  std::vector<float> q(static_cast<size_t>(std::min(chunk, rows) * n));
+  std::vector<double> d(q.size()), C(static_cast<size_t>(n * n), 0.0);
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t m = std::min(chunk, rows - r0);
     enc.dequantize_rows(r0, r0 + m, q.data());
-    for (int64_t i = 0; i < m * cols; ++i) d[i] = static_cast<double>(W[r0 * cols + i]) - q[i];
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(cols), int(cols), 1.0, d.data(), int(cols), H,
-                int(cols), 0.0, dh.data(), int(cols));
-    for (int64_t i = 0; i < m * cols; ++i) loss += d[i] * dh[i];
+    for (int64_t i = 0; i < m * n; ++i) d[i] = static_cast<double>(W[r0 * n + i]) - q[i];
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(n), int(m), 1.0, d.data(), int(n), 1.0, C.data(), int(n));
+  }
+  double loss = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double row = 0;
+    for (int64_t j = i + 1; j < n; ++j) row += H[i * n + j] * C[i * n + j];
+    loss += H[i * n + i] * C[i * n + i] + 2 * row;  // H symmetric
   }
   return loss;
 }

@@ -59,7 +59,8 @@ struct GptqInfo {
 std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t cols, const double* H,
                                            const CodecSpec& c, const GptqOptions& o, GptqInfo* info);
 
-// tr((W − Q) H (W − Q)ᵀ) with Q = enc dequantized (rows processed in chunks, f64 GEMM).
+// tr((W − Q) H (W − Q)ᵀ) with Q = enc dequantized, in f64 (Σ_ij H_ij (DᵀD)_ij, D = W − Q: one
+// DSYRK over chunks of rows).
 double proxy_loss(const float* W, int64_t rows, int64_t cols, const double* H, const core::Encoding& enc);
 
 }  // namespace moe::quant
