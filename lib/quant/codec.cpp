@@ -220,15 +220,16 @@ std::shared_ptr<const core::Encoding> rtn_ternary(const float* W, int64_t rows, 
       if (c.refit_iters > 0) {
         double best = group_sse(x, n, t, l);
         TernaryLevels cur = l;
-        std::vector<uint8_t> ct(t, t + n);
+        uint8_t* ct = cand.data();
+        std::copy(t, t + n, ct);
         for (int it = 0; it < c.refit_iters; ++it) {
-          cur = ls_levels(x, n, ct.data(), cur, c.grid, c.symmetric);
+          cur = ls_levels(x, n, ct, cur, c.grid, c.symmetric);
           for (int64_t j = 0; j < n; ++j) ct[j] = static_cast<uint8_t>(ternary_code(x[j], cur, c.grid, c.threshold));
-          const double e = group_sse(x, n, ct.data(), cur);
+          const double e = group_sse(x, n, ct, cur);
           if (!(e < best)) break;
           best = e;
           l = cur;
-          std::copy(ct.begin(), ct.end(), t);
+          std::copy(ct, ct + n, t);
         }
       }
       lo[r * ng + g] = l.lo;

@@ -29,6 +29,9 @@
 // linear system in (lo, hi) (1×1 in the scale when symmetric), groups visited in order,
 // refit_iters sweeps; a step whose f16-rounded levels would not lower the error is skipped, so the
 // refit never increases it.
+// Memory, besides W and the caller's H: one n×n f64 buffer (U during the column loop, then the
+// proxy losses' DᵀD), W transposed in f32 and the codes in u8 (n = cols). BLAS threads are the
+// caller's setting (runtime::set_blas_threads).
 #pragma once
 
 #include <cstdint>
