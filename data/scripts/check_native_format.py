@@ -38,6 +38,20 @@ def read_safetensors(path):
         out[name] = a.reshape(info["shape"])
     return out
 
+def _unpack_bits(codes, bits, cols):
+    """intN codes: an LSB-first bit stream per row -> integers [rows, cols]."""
+    b = np.unpackbits(codes, axis=1, bitorder="little")[:, : cols * bits]
+    return (b.reshape(codes.shape[0], cols, bits).astype(np.int32) << np.arange(bits)).sum(axis=2)
+
+def _unpack_trits(codes, cols):
+    """ternary codes: five base-3 digits per byte, lowest first -> trits [rows, cols]."""
+    b = codes.astype(np.int32)
+    return np.stack([(b // 3 ** i) % 3 for i in range(5)], axis=2).reshape(b.shape[0], -1)[:, :cols]
+
+def _per_column(v, group, cols):
+    """[rows, ngroups] -> [rows, cols]: each group's value over its columns (group 0 = row)."""
+    return np.repeat(v, cols if group == 0 else group, axis=1)[:, :cols]
+
 def load_native(folder):
     """Dense f32 weights of a native moe-tool checkpoint, by their stock names."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
@@ -51,7 +65,8 @@ def load_native(folder):
     parts = {p for e in enc.values() for p in e["parts"].values()}
     out = {k: v.astype(np.float32) for k, v in t.items() if k not in parts}
     for name, e in enc.items():
-        p = {role: t[n].astype(np.float32) for role, n in e["parts"].items()}
+        r = {role: t[n] for role, n in e["parts"].items()}  # as stored (intN, ternary codes: uint8)
+        p = {role: v.astype(np.float32) for role, v in r.items()}
         if e["encoding"] == "lowrank":
             out[name] = p["a"] @ p["b"] + (p["base"] if "base" in p else 0)
         elif e["encoding"] == "fp8-block":
@@ -59,6 +74,16 @@ def load_native(folder):
             c = p["codes"]
             s = np.repeat(np.repeat(p["scale_inv"], br, 0), bc, 1)[: c.shape[0], : c.shape[1]]
             out[name] = c * s
+        elif e["encoding"] == "intN":
+            bits, g, cols = e["bits"], e["group"], e["cols"]
+            q = _unpack_bits(r["codes"], bits, cols)
+            z = 2 ** (bits - 1) if e["symmetric"] else _per_column(r["zeros"].astype(np.int32), g, cols)
+            out[name] = _per_column(p["scales"], g, cols) * (q - z).astype(np.float32)
+        elif e["encoding"] == "ternary":
+            g, cols, s = e["group"], e["cols"], p["scales"]
+            lo, hi = (-s, s) if e["symmetric"] else (s[..., 0], s[..., 1])
+            t = _unpack_trits(r["codes"], cols)
+            out[name] = np.where(t == 2, _per_column(hi, g, cols), np.where(t == 1, _per_column(lo, g, cols), 0)).astype(np.float32)
         else:
             raise ValueError(f"{name}: unknown encoding {e['encoding']}")
     return out

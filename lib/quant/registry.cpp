@@ -4,7 +4,9 @@
 
 #include "core/error.h"
 #include "core/fp8_block.h"
+#include "quant/intn.h"
 #include "quant/lowrank.h"
+#include "quant/ternary.h"
 
 namespace moe::quant {
 
@@ -15,6 +17,9 @@ const std::vector<EncodingInfo>& known_encodings() {
   static const std::vector<EncodingInfo> table = {
       {"lowrank", {"a", "b"}, {"base"}, "W = [base +] A·B: A [out, r], B [r, in], base [out, in] (float)"},
       {"fp8-block", {"codes", "scale_inv"}, {}, "W = f8e4m3(codes) * scale_inv per block [br, bc]"},
+      {"intN", {"codes", "scales"}, {"zeros"},
+       "W = scale * (q - zero) per group: q N-bit codes (N = 2, 3, 4, 8) packed LSB-first, f16 scales, u8 zero points"},
+      {"ternary", {"codes", "scales"}, {}, "W = 0, lo or hi per group: trits packed 5 per byte, f16 levels"},
   };
   return table;
 }
@@ -32,6 +37,21 @@ int64_t int_param(const json& entry, const char* key, int64_t min) {
     throw Error::corruption(std::string(key) + ": expected an integer >= " + std::to_string(min) + ", found " +
                             (entry.contains(key) ? entry[key].dump() : std::string("nothing")));
   return entry[key].get<int64_t>();
+}
+
+bool bool_param(const json& entry, const char* key) {
+  if (!entry.contains(key) || !entry[key].is_boolean())
+    throw Error::corruption(std::string(key) + ": expected true or false, found " +
+                            (entry.contains(key) ? entry[key].dump() : std::string("nothing")));
+  return entry[key].get<bool>();
+}
+
+TernaryGrid grid_param(const json& entry) {
+  const json& g = entry.contains("grid") ? entry["grid"] : json();
+  for (TernaryGrid t : {TernaryGrid::AbsMean, TernaryGrid::MinMax, TernaryGrid::TQ})
+    if (g.is_string() && g.get<std::string>() == grid_name(t)) return t;
+  throw Error::corruption("ternary: grid: expected \"absmean\", \"minmax\" or \"tq\", found " +
+                          (g.is_null() ? std::string("nothing") : g.dump()));
 }
 
 }  // namespace
@@ -65,6 +85,17 @@ std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<s
       throw Error::corruption("lowrank: rank " + std::to_string(rank) + " but the factors have rank " +
                               std::to_string(lr->rank()) + " (a " + core::shape_str(a.tensor->shape()) + ")");
     enc = lr;
+  } else if (name == "intN") {
+    const int64_t bits = int_param(entry, "bits", 1);
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+      throw Error::corruption("intN: bits: expected 2, 3, 4 or 8, found " + std::to_string(bits));
+    enc = std::make_shared<IntN>(static_cast<int>(bits), int_param(entry, "group", 0), bool_param(entry, "symmetric"),
+                                 int_param(entry, "cols", 0), part("codes").tensor, part("scales").tensor,
+                                 part("zeros").tensor);
+  } else if (name == "ternary") {
+    const TernaryGrid grid = grid_param(entry);
+    enc = std::make_shared<Ternary>(grid, int_param(entry, "group", 0), bool_param(entry, "symmetric"),
+                                    int_param(entry, "cols", 0), part("codes").tensor, part("scales").tensor);
   } else {  // fp8-block
     const json& blk = entry.contains("block") ? entry["block"] : json();
     if (!blk.is_array() || blk.size() != 2 || !blk[0].is_number_integer() || !blk[1].is_number_integer())
