@@ -1,4 +1,4 @@
-// `run RECIPE.json`, and the one-pass subcommands `prune`, `merge` and `factorize`, which build a recipe from
+// `run RECIPE.json`, and the one-pass subcommands `prune`, `merge`, `factorize` and `quantize`, which build a recipe from
 // their flags: every way in goes through the same validation and runner.
 #include <cstdio>
 #include <iostream>
@@ -214,6 +214,21 @@ void setup_factorize(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
         throw core::Error::invalid(std::string("factorize: give one of --ratio R, --rank K, --energy E, --budget R") +
                                    (rules > 1 ? ", not several" : ""));
       auto recipe = one_pass_recipe(*o, "factorize");
+      return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
+    };
+  });
+}
+
+void setup_quantize(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
+  auto o = std::make_shared<OnePass>();
+  add_common(sub, *o, "quantize");
+  sub.footer(
+      "Defaults: routed experts, shared experts and dense-layer MLPs take --codec; attention, routers,\n"
+      "embeddings and lm_head are kept unless asked (--attention int8, --tensor-type REGEX=CODEC); norms\n"
+      "and biases are never quantized. gptq needs --text (Hessians from the calibration tokens).");
+  sub.callback([o, &handler, &flags] {
+    handler = [o, &flags] {
+      auto recipe = one_pass_recipe(*o, "quantize");
       return execute(recipe, o->dry_run, o->json, flags.quiet, flags.command_line);
     };
   });

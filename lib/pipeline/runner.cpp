@@ -450,6 +450,16 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // Globals and pass-through tensors: everything not written with a layer (this includes
   // per-layer tensors the family does not describe, such as rotary_emb.inv_freq buffers, and
   // the MTP layers, taken from the model as the passes left it).
+  json global_reports = json::array();
+  for (const auto& p : r.passes) {
+    json gr;
+    core::with_context("globals: " + p->name() + " " + p->method(), [&] { p->run_globals(model, gr); });
+    if (!gr.is_null()) {
+      gr["pass"] = p->name();
+      gr["method"] = p->method();
+      global_reports.push_back(gr);
+    }
+  }
   write_outputs(model.global_outputs(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
   uint64_t written_bytes = 0;
   size_t written_tensors = 0, written_shards = 0;
@@ -520,6 +530,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   report["recipe"] = r.json;
   report["passes"] = passes;
   report["layers"] = layer_reports;
+  if (!global_reports.empty()) report["globals"] = global_reports;
   report["calibration"] = {{"text", r.calibration.text.string()}, {"stats", r.calibration.stats.string()},
                            {"ctx", r.calibration.ctx}, {"windows", r.calibration.windows},
                            {"propagate", r.calibration.propagate}, {"seed", r.seed}};

@@ -1,0 +1,514 @@
+#include "passes/quantize.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <deque>
+#include <map>
+#include <optional>
+#include <regex>
+
+#include "core/error.h"
+#include "passes/options.h"
+#include "passes/passes.h"
+#include "quant/codec.h"
+#include "quant/gptq.h"
+#include "quant/mixed_precision.h"
+#include "runtime/moe_block.h"
+#include "runtime/weights.h"
+
+namespace moe::passes {
+
+using core::Error;
+using nlohmann::json;
+using runtime::MatrixRM;
+
+namespace {
+
+enum class Method { Rtn, Gptq };
+
+// Tensor classes a user can quantize, their option keys and defaults ("codec" = the pass codec).
+struct ClassKey {
+  const char* key;
+  const char* dflt;
+};
+const ClassKey kClasses[] = {{"experts", "codec"}, {"shared", "codec"},  {"dense", "codec"},  {"attention", "keep"},
+                             {"router", "keep"},   {"embeddings", "keep"}, {"lm_head", "keep"}};
+
+// One matrix to quantize.
+struct Slot {
+  core::Tensor* tensor = nullptr;
+  std::string name;   // on-disk name (tensor_type patterns match it)
+  std::string what;   // "expert 3 gate" (report)
+  std::string cls;    // key of kClasses
+  const calib::MatrixD* gram = nullptr;  // Σ x xᵀ of its inputs (gptq)
+  int64_t tokens = 0;                    // tokens behind gram
+  int expert = -1;                       // routed expert index, else -1
+  int type = 0;                          // 0 gate, 1 up, 2 down (routed experts)
+  int64_t topped_to = 0;                 // > 0: gram topped up with the all-token Hessian to this many tokens
+};
+
+class Quantize final : public pipeline::Pass {
+ public:
+  Quantize(const json& spec, const std::string& method, const std::string& path) : method_name_(method) {
+    Options o(spec, path, "quantize/" + method);
+    o.allow({"pass", "method"});
+    method_ = method == "gptq" ? Method::Gptq : Method::Rtn;
+    group_ = o.get_int("group", 128, 0, int64_t{1} << 30);
+    sym_ = o.get_bool("sym", false);
+    codec_text_ = o.opt_string("codec").value_or("int4");
+    codec_ = spec_of(codec_text_, o.key_path("codec"));
+    for (const auto& c : kClasses) {
+      const std::string v = o.opt_string(c.key).value_or(c.dflt);
+      class_codec_[c.key] = v == "keep" ? std::nullopt : v == "codec" ? std::optional(codec_) : std::optional(spec_of(v, o.key_path(c.key)));
+      class_text_[c.key] = v;
+    }
+    o.allow({"tensor_type"});
+    if (o.has("tensor_type")) {
+      const json& t = spec.at("tensor_type");
+      std::vector<std::pair<std::string, std::string>> list;  // (path, "REGEX=CODEC")
+      if (t.is_string()) list.push_back({o.key_path("tensor_type"), t.get<std::string>()});
+      else if (t.is_array()) {
+        for (size_t i = 0; i < t.size(); ++i) {
+          const std::string p = o.key_path("tensor_type") + "[" + std::to_string(i) + "]";
+          if (!t[i].is_string()) throw Error::invalid(p + ": expected \"REGEX=CODEC\", found " + json_found(t[i]));
+          list.push_back({p, t[i].get<std::string>()});
+        }
+      } else
+        throw Error::invalid(o.key_path("tensor_type") + ": expected \"REGEX=CODEC\" or a list of them, found " + json_found(t));
+      for (const auto& [p, text] : list) {
+        // The --tensor-type flag gives one string; several patterns are separated by ';'... a
+        // regex may contain ',' so only the recipe list or repeated flags give several.
+        const auto eq = text.rfind('=');
+        if (eq == std::string::npos || eq == 0 || eq + 1 == text.size())
+          throw Error::invalid(p + ": expected \"REGEX=CODEC\" (e.g. \"self_attn\\\\.o_proj=int8\"), found \"" + text + "\"");
+        Override ov;
+        ov.pattern = text.substr(0, eq);
+        ov.text = text.substr(eq + 1);
+        try {
+          ov.re = std::regex(ov.pattern, std::regex::ECMAScript);
+        } catch (const std::regex_error& e) {
+          throw Error::invalid(p + ": \"" + ov.pattern + "\" is not a valid regular expression (" + e.what() + ")");
+        }
+        if (ov.text != "keep") ov.codec = spec_of(ov.text, p);
+        overrides_.push_back(std::move(ov));
+      }
+    }
+    if (method_ == Method::Gptq) {
+      damp_ = o.opt_number("damp", 0, 10);
+      act_order_ = o.get_bool("act_order", false);
+      block_ = o.get_int("block", 128, 1, int64_t{1} << 20);
+      min_tokens_ = o.get_int("min_tokens", 0, 0, int64_t{1} << 40);
+    }
+    avg_bits_ = o.opt_number("avg_bits", 0, 64, true);
+    const std::string w = o.opt_string("widths").value_or("ternary,int2,int3,int4,int8");
+    widths_text_ = w;
+    for (size_t i = 0; i <= w.size();) {
+      size_t j = w.find(',', i);
+      if (j == std::string::npos) j = w.size();
+      widths_.push_back(spec_of(w.substr(i, j - i), o.key_path("widths")));
+      i = j + 1;
+    }
+    alpha_ = o.get_number("alpha", 1.0, 0, 10);
+    beta_ = o.get_number("beta", 1.5, 0, 10);
+    if (!avg_bits_)
+      for (const char* k : {"widths", "alpha", "beta"})
+        if (o.has(k)) throw Error::invalid(o.key_path(k) + ": applies to mixed precision, give avg_bits too");
+    o.finish();
+  }
+
+  std::string name() const override { return "quantize"; }
+  std::string method() const override { return method_name_; }
+  json params() const override {
+    json p = {{"pass", "quantize"}, {"method", method_name_}, {"codec", codec_text_}, {"group", group_}, {"sym", sym_}};
+    for (const auto& c : kClasses) p[c.key] = class_text_.at(c.key);
+    if (!overrides_.empty()) {
+      json t = json::array();
+      for (const auto& ov : overrides_) t.push_back(ov.pattern + "=" + ov.text);
+      p["tensor_type"] = t;
+    }
+    if (method_ == Method::Gptq) {
+      if (damp_) p["damp"] = *damp_;
+      p["act_order"] = act_order_;
+      p["block"] = block_;
+      p["min_tokens"] = min_tokens_;
+    }
+    if (avg_bits_) {
+      p["avg_bits"] = *avg_bits_;
+      p["widths"] = widths_text_;
+      p["alpha"] = alpha_;
+      p["beta"] = beta_;
+    }
+    return p;
+  }
+  pipeline::Requirements requirements() const override {
+    pipeline::Requirements r;
+    r.input_grams = method_ == Method::Gptq;
+    r.block_inputs = method_ == Method::Gptq || avg_bits_.has_value();
+    return r;
+  }
+  int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
+  bool moe_layers_only() const override {
+    if (!overrides_.empty()) return false;
+    return !class_codec_.at("attention") && !class_codec_.at("dense");
+  }
+  bool shapes_at_run() const override { return true; }
+
+  // The budget must leave room for the narrowest width (checked before any work).
+  void plan(const model::Model& model, const calib::Stats*) override {
+    if (!avg_bits_) return;
+    for (const auto& layer : model.layers()) {
+      if (!layer.moe || layer.moe->experts.empty()) continue;
+      const auto& e = layer.moe->experts[0];
+      double lo = 1e300;
+      std::string narrowest;
+      for (const auto& w : widths_) {
+        const double b = expert_bits(w, e);
+        if (b < lo) lo = b, narrowest = quant::to_string(w);
+      }
+      if (*avg_bits_ < lo)
+        throw Error::invalid("quantize: avg_bits " + fmt(*avg_bits_) + " is below the narrowest width, " + narrowest +
+                             " at " + fmt(lo) + " bits per parameter (scales included) for layer " +
+                             std::to_string(layer.index) + "'s experts");
+      return;  // experts have one shape per model
+    }
+    throw Error::invalid("quantize: avg_bits applies to routed experts, and the model has no MoE layer");
+  }
+
+  void run_layer(pipeline::LayerContext& ctx) override {
+    const pipeline::InputGrams* g = ctx.grams;
+    if (method_ == Method::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
+    model::Layer& L = ctx.target;
+    const model::FamilyDesc& fam = ctx.model.family();
+    const std::string prefix = model::expand(fam.layer_prefix, ctx.layer);
+    json& rep = ctx.report;
+    rep["matrices"] = json::array();
+    topped_.clear();
+
+    std::vector<Slot> slots;
+    auto add_mlp = [&](model::Mlp& m, const std::string& who, const std::string& cls, const std::string& gate,
+                       const std::string& up, const std::string& down, int expert, const calib::MatrixD* gin,
+                       const calib::MatrixD* gmid, int64_t tokens) {
+      slots.push_back({&m.gate, prefix + model::expand(gate, ctx.layer, expert), who + " gate", cls, gin, tokens, expert, 0});
+      slots.push_back({&m.up, prefix + model::expand(up, ctx.layer, expert), who + " up", cls, gin, tokens, expert, 1});
+      slots.push_back({&m.down, prefix + model::expand(down, ctx.layer, expert), who + " down", cls, gmid, tokens, expert, 2});
+    };
+    const bool gptq = method_ == Method::Gptq;
+    if (L.moe && gptq && g->expert_in.size() != L.moe->experts.size())
+      throw Error::internal("quantize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
+                            std::to_string(L.moe->experts.size()));
+    if (L.moe && gptq) {  // the MoE input over all tokens: Σ_e Gram_e counts every token top-k times
+      moe_all_ = calib::MatrixD::Zero(L.moe->router.dim(1), L.moe->router.dim(1));
+      moe_all_n_ = 0;
+      for (size_t e = 0; e < g->expert_in.size(); ++e) {
+        if (g->expert_in[e].size()) moe_all_ += g->expert_in[e];
+        moe_all_n_ += g->expert_tokens[e];
+      }
+    }
+    if (L.moe) {
+      for (size_t e = 0; e < L.moe->experts.size(); ++e)
+        add_mlp(L.moe->experts[e], "expert " + std::to_string(e), "experts", fam.expert_gate, fam.expert_up, fam.expert_down,
+                static_cast<int>(e), gptq ? &g->expert_in[e] : nullptr, gptq ? &g->expert_mid[e] : nullptr,
+                gptq ? g->expert_tokens[e] : 0);
+      if (L.moe->shared)
+        add_mlp(*L.moe->shared, "shared expert", "shared", fam.shared_gate, fam.shared_up, fam.shared_down, -1,
+                gptq ? &g->shared_in : nullptr, gptq ? &g->shared_mid : nullptr, gptq ? g->tokens : 0);
+      slots.push_back({&L.moe->router, prefix + fam.router, "router", "router", gptq ? &moe_all_ : nullptr,
+                       gptq ? moe_all_n_ : 0, -1, 0});
+    }
+    if (L.mlp)
+      add_mlp(*L.mlp, "dense mlp", "dense", fam.dense_gate, fam.dense_up, fam.dense_down, -1, gptq ? &g->mlp_in : nullptr,
+              gptq ? &g->mlp_mid : nullptr, gptq ? g->tokens : 0);
+    for (const auto& rn : fam.layer_roles) {
+      if (rn.role != "q_proj" && rn.role != "k_proj" && rn.role != "v_proj" && rn.role != "o_proj") continue;
+      auto it = L.tensors.find(rn.role);
+      if (it == L.tensors.end()) continue;
+      slots.push_back({&it->second, prefix + rn.name, "attention " + rn.role, "attention",
+                       gptq ? (rn.role == "o_proj" ? &g->attn_o : &g->attn_qkv) : nullptr, gptq ? g->tokens : 0, -1, 0});
+    }
+
+    // Which codec each slot gets (nullopt: kept).
+    std::vector<std::optional<quant::CodecSpec>> codec(slots.size());
+    for (size_t i = 0; i < slots.size(); ++i) codec[i] = codec_for(slots[i]);
+
+    // Few-token experts: the all-token Hessians their Grams are topped up from, computed before
+    // anything in the layer changes.
+    if (gptq && L.moe) prepare_topups(ctx, slots, codec);
+
+    // Mixed precision: the experts' widths by the integer program.
+    std::vector<std::shared_ptr<const core::Encoding>> chosen(slots.size());
+    if (avg_bits_ && L.moe) mixed_precision(ctx, slots, codec, chosen, rep);
+
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (!codec[i]) continue;
+      json m;
+      std::shared_ptr<const core::Encoding> enc = chosen[i] ? chosen[i] : encode(slots[i], *codec[i], m);
+      finish_slot(slots[i], std::move(enc), *codec[i], m);
+      rep["matrices"].push_back(m);
+    }
+  }
+
+  void run_globals(model::Model& model, json& report) override {
+    json list = json::array();
+    for (const char* key : {"embeddings", "lm_head"}) {
+      const char* global = std::string(key) == "embeddings" ? "embed" : "lm_head";
+      auto it = model.globals().find(global);
+      if (it == model.globals().end()) continue;
+      std::string name;
+      for (const auto& rn : model.family().globals)
+        if (rn.role == global) name = rn.name;
+      Slot s{&it->second, name, global, key, nullptr, 0, -1, 0};
+      const auto c = codec_for(s);
+      if (!c) continue;
+      json m;
+      const MatrixRM w = runtime::to_matrix(*s.tensor);
+      auto enc = quant::rtn(w.data(), w.rows(), w.cols(), *c);
+      m["method"] = "rtn";
+      if (method_ == Method::Gptq) m["note"] = "rtn: no Hessian is collected for " + std::string(key);
+      finish_slot(s, std::move(enc), *c, m);
+      list.push_back(m);
+    }
+    if (!list.empty()) report["matrices"] = list;
+  }
+
+ private:
+  struct Override {
+    std::string pattern, text;
+    std::regex re;
+    std::optional<quant::CodecSpec> codec;
+  };
+
+  static std::string fmt(double v) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%.4g", v);
+    return b;
+  }
+
+  // A codec spelling with the pass's group and symmetry applied where it names none.
+  quant::CodecSpec spec_of(const std::string& text, const std::string& path) const {
+    std::string t = text;
+    try {
+      quant::CodecSpec probe = quant::parse_codec(t);
+      if (probe.kind == quant::CodecSpec::Kind::Int) {
+        if (t.find(":g") == std::string::npos && t.find(":row") == std::string::npos)
+          t += group_ == 0 ? ":row" : ":g" + std::to_string(group_);
+        if (t.find(":sym") == std::string::npos && t.find(":asym") == std::string::npos) t += sym_ ? ":sym" : ":asym";
+      }
+      return quant::parse_codec(t);
+    } catch (const Error& e) {
+      throw Error::invalid(path + ": " + e.message());
+    }
+  }
+
+  std::optional<quant::CodecSpec> codec_for(const Slot& s) const {
+    for (const auto& ov : overrides_)
+      if (std::regex_search(s.name, ov.re)) return ov.codec;
+    return class_codec_.at(s.cls);
+  }
+
+  static double expert_bits(const quant::CodecSpec& c, const model::Mlp& m) {
+    double bits = 0, params = 0;
+    for (const core::Tensor* t : {&m.gate, &m.up, &m.down}) {
+      const double p = static_cast<double>(t->dim(0) * t->dim(1));
+      bits += quant::bits_per_param(c, t->dim(0), t->dim(1)) * p;
+      params += p;
+    }
+    return bits / params;
+  }
+
+  int64_t threshold(int64_t cols) const { return min_tokens_ > 0 ? min_tokens_ : cols; }
+
+  // For routed experts below the token threshold: their Hessian + (threshold − n) tokens' worth of
+  // the all-token one (gate/up: the MoE input over all tokens; down: the expert's intermediate
+  // activations over all tokens, the expert run on every token).
+  void prepare_topups(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+                      const std::vector<std::optional<quant::CodecSpec>>& codec) {
+    const MatrixRM* X = ctx.block_inputs;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      Slot& s = slots[i];
+      if (s.expert < 0 || !codec[i]) continue;
+      const int64_t cols = s.tensor->dim(1), need = threshold(cols);
+      if (s.tokens >= need) continue;
+      calib::MatrixD all;
+      int64_t all_n = 0;
+      if (s.type < 2) {
+        all = moe_all_;
+        all_n = moe_all_n_;
+      } else {
+        if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
+        MatrixRM h;
+        runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[static_cast<size_t>(s.expert)]), *X, &h);
+        all = h.cast<double>().transpose() * h.cast<double>();
+        all_n = h.rows();
+      }
+      if (all_n <= 0) continue;  // no calibration token at all: nothing to top up from
+      topped_.push_back(*s.gram + all * (static_cast<double>(need - s.tokens) / static_cast<double>(all_n)));
+      s.gram = &topped_.back();
+      s.topped_to = need;
+    }
+  }
+
+  // GPTQ or RTN of one slot; fills the report entry.
+  std::shared_ptr<const core::Encoding> encode(const Slot& s, const quant::CodecSpec& c, json& m) const {
+    const MatrixRM w = runtime::to_matrix(*s.tensor);
+    if (method_ == Method::Rtn) {
+      m["method"] = "rtn";
+      return quant::rtn(w.data(), w.rows(), w.cols(), c);
+    }
+    if (!s.gram) throw Error::internal("quantize: no Hessian for " + s.what);
+    quant::GptqOptions go;
+    go.damp = damp_ ? *damp_ : (c.kind == quant::CodecSpec::Kind::Ternary ? 0.1 : 0.01);
+    go.block = block_;
+    go.act_order = act_order_;
+    quant::GptqInfo info;
+    const calib::MatrixD& H = *s.gram;  // symmetric: storage order does not matter
+    auto enc = quant::gptq(w.data(), w.rows(), w.cols(), H.data(), c, go, &info);
+    m["method"] = info.rtn_fallback ? "rtn" : "gptq";
+    m["tokens"] = s.tokens;
+    if (s.topped_to > 0)
+      m["hessian"] = s.tokens == 0 ? "all tokens (no routed token), as " + std::to_string(s.topped_to) + " tokens"
+                                   : "routed tokens topped up with the all-token Hessian to " + std::to_string(s.topped_to) + " tokens";
+    else
+      m["hessian"] = s.expert >= 0 ? "routed tokens" : "all tokens";
+    m["damp"] = info.damp_used;
+    if (info.dead_columns) m["dead_columns"] = info.dead_columns;
+    m["proxy_loss"] = info.proxy_loss_gptq;
+    m["rtn_proxy_loss"] = info.proxy_loss_rtn;
+    if (info.cholesky_retries) m["cholesky_retries"] = info.cholesky_retries;
+    if (info.rtn_fallback)
+      m["note"] = "Cholesky of the damped Hessian failed after " + std::to_string(info.cholesky_retries) +
+                  " damping increases: round to nearest";
+    return enc;
+  }
+
+  static void finish_slot(const Slot& s, std::shared_ptr<const core::Encoding> enc, const quant::CodecSpec& c, json& m) {
+    const core::DType d = s.tensor->dtype();
+    const core::DType logical = (d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16) ? d : core::DType::BF16;
+    m["matrix"] = s.what;
+    m["codec"] = quant::to_string(c);
+    m["bits_per_param"] = quant::bits_per_param(c, s.tensor->dim(0), s.tensor->dim(1));
+    *s.tensor = core::Tensor::encoded(std::move(enc), logical);
+  }
+
+  // MC-MoE: per routed expert and width, quantize its three matrices and measure the relative
+  // output error on its routed tokens; choose widths by the integer program; keep the chosen
+  // encodings in `chosen` (and the experts' codecs in `codec`).
+  void mixed_precision(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+                       std::vector<std::optional<quant::CodecSpec>>& codec,
+                       std::vector<std::shared_ptr<const core::Encoding>>& chosen, json& rep) {
+    const MatrixRM* X = ctx.block_inputs;
+    if (!X || X->rows() == 0)
+      throw Error::invalid("quantize: avg_bits needs calibration text (the experts' output error is measured on it)");
+    const model::MoeBlock& moe = *ctx.target.moe;
+    const int64_t E = static_cast<int64_t>(moe.experts.size());
+    const runtime::MoeWeights mw = runtime::convert_moe(moe);
+    runtime::MoeDetail detail;
+    runtime::moe_forward(mw, ctx.routing, *X, &detail);
+    // Importance: routed-token share and routing-weight share.
+    std::vector<double> count(static_cast<size_t>(E), 0.0), wsum(static_cast<size_t>(E), 0.0);
+    const auto& ids = detail.routing.ids;
+    const auto& wts = detail.routing.weights;
+    for (int64_t t = 0; t < ids.rows(); ++t)
+      for (int64_t k = 0; k < ids.cols(); ++k) {
+        const int e = ids(t, k);
+        count[static_cast<size_t>(e)] += 1;
+        wsum[static_cast<size_t>(e)] += wts(t, k);
+      }
+    double ctot = 0, wtot = 0;
+    for (int64_t e = 0; e < E; ++e) ctot += count[static_cast<size_t>(e)], wtot += wsum[static_cast<size_t>(e)];
+
+    std::vector<quant::WidthOption> options;
+    for (const auto& w : widths_) options.push_back({quant::to_string(w), expert_bits(w, moe.experts[0])});
+    std::vector<quant::MixedItem> items;
+    // encodings[e][o][type]
+    std::vector<std::vector<std::array<std::shared_ptr<const core::Encoding>, 3>>> encs(static_cast<size_t>(E));
+    std::vector<std::vector<json>> reps(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      const auto& toks = detail.tokens[static_cast<size_t>(e)];
+      MatrixRM xe;
+      if (toks.empty()) xe = *X;
+      else {
+        xe.resize(static_cast<int64_t>(toks.size()), X->cols());
+        for (size_t i = 0; i < toks.size(); ++i) xe.row(static_cast<int64_t>(i)) = X->row(toks[i]);
+      }
+      const runtime::MlpWeights orig = runtime::convert_mlp(moe.experts[static_cast<size_t>(e)]);
+      const MatrixRM y = runtime::mlp_forward(orig, xe);
+      const double ynorm = std::max(1e-30, static_cast<double>(y.squaredNorm()));
+      quant::MixedItem it;
+      it.name = "expert " + std::to_string(e);
+      it.params = 0;
+      for (const core::Tensor* t : {&moe.experts[static_cast<size_t>(e)].gate, &moe.experts[static_cast<size_t>(e)].up,
+                                    &moe.experts[static_cast<size_t>(e)].down})
+        it.params += static_cast<double>(t->dim(0) * t->dim(1));
+      it.importance = quant::mc_moe_importance(ctot > 0 ? count[static_cast<size_t>(e)] / ctot : 0.0,
+                                               wtot > 0 ? wsum[static_cast<size_t>(e)] / wtot : 0.0, alpha_, beta_);
+      encs[static_cast<size_t>(e)].resize(widths_.size());
+      for (size_t o = 0; o < widths_.size(); ++o) {
+        runtime::MlpWeights q = orig;
+        MatrixRM* dst[3] = {&q.gate, &q.up, &q.down};
+        json m3 = json::array();
+        for (size_t i = 0; i < slots.size(); ++i) {
+          if (slots[i].expert != e || slots[i].cls != "experts") continue;
+          json m;
+          auto enc = encode(slots[i], widths_[o], m);
+          MatrixRM deq(enc->rows(), enc->cols());
+          enc->dequantize_rows(0, enc->rows(), deq.data());
+          *dst[slots[i].type] = std::move(deq);
+          encs[static_cast<size_t>(e)][o][static_cast<size_t>(slots[i].type)] = std::move(enc);
+          m3.push_back(m);
+        }
+        reps[static_cast<size_t>(e)].push_back(m3);
+        const MatrixRM yq = runtime::mlp_forward(q, xe);
+        it.loss.push_back(static_cast<double>((yq - y).squaredNorm()) / ynorm);
+      }
+      items.push_back(std::move(it));
+    }
+    const quant::MixedResult res = quant::choose_widths(items, options, *avg_bits_);
+    json experts = json::array();
+    for (int64_t e = 0; e < E; ++e) {
+      const int o = res.choice[static_cast<size_t>(e)];
+      experts.push_back({{"expert", e}, {"codec", options[static_cast<size_t>(o)].codec},
+                         {"bits_per_param", options[static_cast<size_t>(o)].bits_per_param},
+                         {"importance", items[static_cast<size_t>(e)].importance},
+                         {"loss", items[static_cast<size_t>(e)].loss[static_cast<size_t>(o)]},
+                         {"routed_tokens", static_cast<int64_t>(count[static_cast<size_t>(e)])}});
+      for (size_t i = 0; i < slots.size(); ++i) {
+        if (slots[i].expert != e || slots[i].cls != "experts") continue;
+        codec[i] = widths_[static_cast<size_t>(o)];
+        chosen[i] = encs[static_cast<size_t>(e)][static_cast<size_t>(o)][static_cast<size_t>(slots[i].type)];
+      }
+    }
+    rep["mixed_precision"] = {{"avg_bits", *avg_bits_}, {"achieved_avg_bits", res.avg_bits}, {"objective", res.objective},
+                              {"status", res.status}, {"experts", experts}};
+  }
+
+  std::string method_name_;
+  Method method_;
+  int64_t group_ = 128;
+  bool sym_ = false;
+  std::string codec_text_;
+  quant::CodecSpec codec_;
+  std::map<std::string, std::optional<quant::CodecSpec>> class_codec_;
+  std::map<std::string, std::string> class_text_;
+  std::vector<Override> overrides_;
+  std::optional<double> damp_;
+  bool act_order_ = false;
+  int64_t block_ = 128;
+  int64_t min_tokens_ = 0;
+  std::optional<double> avg_bits_;
+  std::string widths_text_;
+  std::vector<quant::CodecSpec> widths_;
+  double alpha_ = 1.0, beta_ = 1.5;
+  std::deque<calib::MatrixD> topped_;  // topped-up Hessians of the layer being run (stable addresses)
+  calib::MatrixD moe_all_;             // Σ_e expert input Grams of the layer being run
+  int64_t moe_all_n_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<pipeline::Pass> make_quantize(const json& spec, const std::string& method, const std::string& path) {
+  return std::make_unique<Quantize>(spec, method, path);
+}
+
+}  // namespace moe::passes

@@ -1,0 +1,257 @@
+// `quantize` through the CLI on the trained mixtral-tiny fixture: the written codes and config
+// entries, bits per parameter against the bytes in the file, --materialize against the native
+// dequantization, every command reading the quantized checkpoint, GPTQ against RTN, an expert no
+// calibration token reaches, per-class codecs and --tensor-type overrides, mixed precision by
+// the integer program, and bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+#include <nlohmann/json.hpp>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "quant/codec.h"
+#include "runtime/forward.h"
+#include "support/ckpt_util.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+const fs::path kSrc = MOE_SOURCE_DIR;
+const fs::path kModel = kSrc / "data/models/mixtral-tiny";
+const std::string kCalib = (kSrc / "data/text/calib.txt").string();
+const std::string kHeld = (kSrc / "data/text/heldout.txt").string();
+const std::string kExpert = "model.layers.2.block_sparse_moe.experts.5.w2.weight";
+
+json read_json(const fs::path& p) { return json::parse(read_file(p)); }
+
+void expect_clean_failure(const RunResult& r, const std::string& needle) {
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+  EXPECT_NE(r.err.find(needle), std::string::npos) << r.describe();
+}
+
+// One RTN int4 checkpoint shared by the tests of this file (RTN needs no calibration).
+const fs::path& rtn_model() {
+  static TempDir tmp{"moe-quantize"};
+  static const fs::path out = [] {
+    const fs::path o = tmp / "rtn";
+    const RunResult r = run_tool({"-q", "quantize", kModel.string(), o.string(), "--method", "rtn", "--codec", "int4",
+                                  "--group", "64"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return o;
+  }();
+  return out;
+}
+
+TEST(Quantize, WritesCodesAndExactBitsPerParameter) {
+  const fs::path& out = rtn_model();
+  const json cfg = read_json(out / "config.json");
+  const json& q = cfg.at("quantization_config");
+  EXPECT_EQ(q.at("quant_method"), "moe_tool");
+  const json& w = q.at("weights");
+  ASSERT_EQ(w.size(), 4u * 8u * 3u);  // experts only by default: no attention, router, embeddings
+  const json& e = w.at(kExpert);
+  EXPECT_EQ(e.at("encoding"), "intN");
+  EXPECT_EQ(e.at("bits"), 4);
+  EXPECT_EQ(e.at("group"), 64);
+  EXPECT_EQ(e.at("symmetric"), false);  // the pass default: min-max with a zero point
+
+  // w2 is [128, 256]: 4-bit codes 128 bytes per row, 4 groups of f16 scales and u8 zero points.
+  const auto ck = io::Checkpoint::open(io::Env::posix(), out);
+  uint64_t expert_bytes = 0;
+  for (const auto& name : ck.names())
+    if (name.find(".experts.") != std::string::npos) expert_bytes += ck.info(name).nbytes();
+  const uint64_t per_w2 = 128 * (128 + 4 * 2 + 4), per_w13 = 256 * (64 + 2 * 2 + 2);
+  EXPECT_EQ(expert_bytes, 4u * 8u * (per_w2 + 2 * per_w13));
+  const int64_t expert_params = 4 * 8 * 3 * 256 * 128;
+  const json report = read_json(out / "moe_tool_report.json");
+  const json& after = report.at("tensor_classes").at("after").at("experts");
+  EXPECT_EQ(after.at("bytes").get<uint64_t>(), expert_bytes);
+  EXPECT_EQ(after.at("params").get<int64_t>(), expert_params);
+  EXPECT_DOUBLE_EQ(report.at("expert_bits_per_param").at("after").get<double>(),
+                   8.0 * static_cast<double>(expert_bytes) / static_cast<double>(expert_params));
+  // The codec's own accounting agrees with the file.
+  const auto spec = quant::parse_codec("int4:g64:asym");
+  EXPECT_DOUBLE_EQ(quant::bits_per_param(spec, 128, 256), 8.0 * per_w2 / (128.0 * 256.0));
+  // The per-matrix report.
+  bool seen = false;
+  for (const auto& m : report.at("layers").at(2).at("passes").at(0).at("matrices"))
+    if (m.at("matrix") == "expert 5 down") {
+      seen = true;
+      EXPECT_EQ(m.at("codec"), "int4:g64:asym");
+      EXPECT_DOUBLE_EQ(m.at("bits_per_param").get<double>(), 8.0 * per_w2 / (128.0 * 256.0));
+    }
+  EXPECT_TRUE(seen) << report.at("layers").at(2).dump();
+  const RunResult ins = run_tool({"inspect", out.string(), "--json"});
+  ASSERT_EQ(ins.exit_code, 0) << ins.describe();
+  const json s = json::parse(ins.out);
+  EXPECT_EQ(s.at("encodings").at("intN"), 96);
+  EXPECT_EQ(s.at("tensor_classes").at("experts").at("bytes").get<uint64_t>(), expert_bytes);
+}
+
+TEST(Quantize, MaterializedCheckpointIsTheDequantization) {
+  const fs::path& out = rtn_model();
+  TempDir tmp;
+  const RunResult m = run_tool({"-q", "convert", out.string(), (tmp / "dense").string(), "--materialize", "--dtype", "f32"});
+  ASSERT_EQ(m.exit_code, 0) << m.describe();
+  EXPECT_FALSE(read_json(tmp / "dense" / "config.json").contains("quantization_config"));
+  const auto ck_n = io::Checkpoint::open(io::Env::posix(), out);
+  const auto ck_d = io::Checkpoint::open(io::Env::posix(), tmp / "dense");
+  const model::Model native = model::Model::load(ck_n), dense = model::Model::load(ck_d);
+  for (int l : {0, 3}) {
+    const auto& a = native.layers()[l].moe->experts[4];
+    const auto& b = dense.layers()[l].moe->experts[4];
+    ASSERT_NE(a.down.encoding(), nullptr);
+    EXPECT_EQ(b.down.encoding(), nullptr);
+    EXPECT_EQ(a.down.to_f32(), b.down.to_f32());
+    EXPECT_EQ(a.up.to_f32(), b.up.to_f32());
+  }
+  // The forward of the native checkpoint dequantizes layer by layer: the same logits, bit for bit.
+  std::vector<int32_t> tokens(48);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 977 + 13) % 4000);
+  const runtime::MatrixRM ln = runtime::Forward(native).run(tokens, 24);
+  const runtime::MatrixRM ld = runtime::Forward(dense).run(tokens, 24);
+  EXPECT_EQ((ln - ld).cwiseAbs().maxCoeff(), 0.0f);
+}
+
+TEST(Quantize, EveryCommandReadsTheQuantizedCheckpoint) {
+  const fs::path& out = rtn_model();
+  TempDir tmp;
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "4",
+                                 "--against", kModel.string(), "--json"});
+  ASSERT_EQ(ev.exit_code, 0) << ev.describe();
+  const json e = json::parse(ev.out);
+  EXPECT_GT(e.at("kl_mean").get<double>(), 0.0);
+  EXPECT_LT(e.at("kl_mean").get<double>(), 0.1);  // int4 keeps the model close
+  const RunResult cal = run_tool({"-q", "calibrate", out.string(), "--text", kCalib, "--ctx", "64", "--windows", "2",
+                                  "--routed-only", "-o", (tmp / "stats.safetensors").string()});
+  EXPECT_EQ(cal.exit_code, 0) << cal.describe();
+  // A later pass takes the encoded experts: prune keeps the codes of the experts it keeps.
+  const RunResult pr = run_tool({"-q", "prune", out.string(), (tmp / "p").string(), "--method", "frequency", "--keep",
+                                 "6", "--text", kCalib, "--ctx", "64", "--windows", "2"});
+  ASSERT_EQ(pr.exit_code, 0) << pr.describe();
+  EXPECT_EQ(read_json(tmp / "p" / "config.json").at("quantization_config").at("weights").size(), 4u * 6u * 3u);
+}
+
+// GPTQ against RTN at 3 and 2 bits, judged by KL on held-out text: GPTQ must win clearly.
+TEST(Quantize, GptqBeatsRtnAtLowBits) {
+  TempDir tmp;
+  auto kl = [&](const std::string& method, const std::string& codec) {
+    const fs::path o = tmp / (method + codec);
+    const RunResult r = run_tool({"-q", "quantize", kModel.string(), o.string(), "--method", method, "--codec", codec,
+                                  "--text", kCalib, "--ctx", "128", "--windows", "32"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    const RunResult ev = run_tool({"-q", "eval", o.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "16",
+                                   "--against", kModel.string(), "--json"});
+    EXPECT_EQ(ev.exit_code, 0) << ev.describe();
+    return ev.exit_code == 0 ? json::parse(ev.out).at("kl_mean").get<double>() : 1e9;
+  };
+  for (const std::string codec : {"int3", "int2", "ternary"}) {
+    const double r = kl("rtn", codec), g = kl("gptq", codec);
+    EXPECT_LT(g, 0.8 * r) << codec << ": gptq KL " << g << ", rtn KL " << r;
+  }
+}
+
+// An expert that no calibration token reaches: router rows 5, 6, 7 of layer 1 made equal, so
+// expert 7 always ties with two lower-numbered experts and top-2 never picks it. GPTQ quantizes
+// it with the layer's all-token Hessian and says so.
+TEST(Quantize, ExpertWithoutRoutedTokensUsesTheAllTokenHessian) {
+  TempDir tmp;
+  const fs::path in = tmp / "in";
+  copy_folder(kModel, in);
+  const std::string router = "model.layers.1.block_sparse_moe.gate.weight";
+  const TensorMap t = read_tensors(kModel);
+  const std::string& bytes = t.at(router).bytes;
+  const size_t row = bytes.size() / 8;
+  patch_tensor_bytes(in / "model.safetensors", router, 6 * row, bytes.substr(5 * row, row));
+  patch_tensor_bytes(in / "model.safetensors", router, 7 * row, bytes.substr(5 * row, row));
+  const fs::path out = tmp / "q";
+  const RunResult r = run_tool({"-q", "quantize", in.string(), out.string(), "--method", "gptq", "--codec", "int4",
+                                "--text", kCalib, "--ctx", "128", "--windows", "8"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json rep = read_json(out / "moe_tool_report.json");
+  int seen = 0;
+  for (const auto& m : rep.at("layers").at(1).at("passes").at(0).at("matrices")) {
+    const std::string what = m.at("matrix");
+    if (what.rfind("expert 7 ", 0) == 0) {
+      ++seen;
+      EXPECT_EQ(m.at("tokens"), 0) << m.dump();
+      EXPECT_NE(m.at("hessian").get<std::string>().find("all tokens (no routed token)"), std::string::npos) << m.dump();
+      EXPECT_EQ(m.at("method"), "gptq") << m.dump();
+      EXPECT_LE(m.at("proxy_loss").get<double>(), m.at("rtn_proxy_loss").get<double>()) << m.dump();
+    }
+    if (what.rfind("expert 0 ", 0) == 0) {
+      EXPECT_EQ(m.at("hessian"), "routed tokens") << m.dump();
+    }
+  }
+  EXPECT_EQ(seen, 3);
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "2", "--json"});
+  EXPECT_EQ(ev.exit_code, 0) << ev.describe();
+}
+
+TEST(Quantize, ClassesAndTensorTypeOverrides) {
+  TempDir tmp;
+  const fs::path out = tmp / "q";
+  // Experts ternary, attention int8, layer 3's experts kept by an override, lm_head int8 (RTN).
+  const RunResult r = run_tool({"-q", "quantize", kModel.string(), out.string(), "--method", "rtn", "--codec",
+                                "ternary-tq", "--attention", "int8", "--lm-head", "int8", "--tensor-type",
+                                "layers\\.3\\..*experts=keep"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = read_json(out / "config.json").at("quantization_config").at("weights");
+  EXPECT_EQ(w.at("model.layers.0.block_sparse_moe.experts.0.w1.weight").at("encoding"), "ternary");
+  EXPECT_EQ(w.at("model.layers.0.block_sparse_moe.experts.0.w1.weight").at("grid"), "tq");
+  EXPECT_EQ(w.at("model.layers.0.self_attn.o_proj.weight").at("encoding"), "intN");
+  EXPECT_EQ(w.at("lm_head.weight").at("encoding"), "intN");
+  EXPECT_FALSE(w.contains("model.layers.3.block_sparse_moe.experts.0.w1.weight"));
+  EXPECT_FALSE(w.contains("model.layers.0.block_sparse_moe.gate.weight"));  // routers kept by default
+  EXPECT_FALSE(w.contains("model.embed_tokens.weight"));
+  const json rep = read_json(out / "moe_tool_report.json");
+  ASSERT_TRUE(rep.contains("globals")) << rep.dump();
+  EXPECT_EQ(rep.at("globals").at(0).at("matrices").at(0).at("matrix"), "lm_head");
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "2", "--json"});
+  EXPECT_EQ(ev.exit_code, 0) << ev.describe();
+}
+
+TEST(Quantize, MixedPrecisionMeetsTheBudget) {
+  TempDir tmp;
+  const fs::path out = tmp / "q";
+  const RunResult r = run_tool({"-q", "quantize", kModel.string(), out.string(), "--method", "gptq", "--avg-bits",
+                                "2.5", "--text", kCalib, "--ctx", "128", "--windows", "8"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json rep = read_json(out / "moe_tool_report.json");
+  for (int l = 0; l < 4; ++l) {
+    const json& mp = rep.at("layers").at(l).at("passes").at(0).at("mixed_precision");
+    EXPECT_LE(mp.at("achieved_avg_bits").get<double>(), 2.5 + 1e-9) << mp.dump();
+    EXPECT_EQ(mp.at("status"), "optimal");
+    std::set<std::string> codecs;
+    for (const auto& e : mp.at("experts")) codecs.insert(e.at("codec").get<std::string>());
+    EXPECT_GE(codecs.size(), 2u) << "a 2.5-bit budget over widths 1.6..8 mixes widths: " << mp.dump();
+  }
+  // The file's expert bits per parameter are within the budget too.
+  EXPECT_LE(rep.at("expert_bits_per_param").at("after").get<double>(), 2.5 + 1e-9);
+}
+
+TEST(Quantize, BadInputFailsCleanly) {
+  TempDir tmp;
+  const std::string m = kModel.string();
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "a").string(), "--method", "rtn", "--codec", "int5"}), "did you mean");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "b").string(), "--method", "gptq", "--codec", "int4"}), "text");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "c").string(), "--method", "rtn", "--avg-bits", "1.2", "--text", kCalib}),
+                       "below the narrowest width");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "d").string(), "--method", "rtn", "--tensor-type", "experts"}),
+                       "REGEX=CODEC");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "e").string(), "--method", "rtn", "--tensor-type", "(=int4"}),
+                       "regular expression");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "f").string(), "--method", "rtn", "--experts", "int4:g0"}), "--experts");
+  for (const char* d : {"a", "b", "c", "d", "e", "f"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
+}
+
+}  // namespace
+}  // namespace moe::test
