@@ -216,7 +216,7 @@ std::shared_ptr<const core::Encoding> rtn_ternary(const float* W, int64_t rows, 
       const float* x = W + r * cols + j0;
       uint8_t* t = trits.data() + r * cols + j0;
       TernaryLevels l = ternary_levels(x, n, 1, c.grid, c.symmetric);
-      for (int64_t j = 0; j < n; ++j) t[j] = static_cast<uint8_t>(ternary_code(x[j], l, c.grid, c.threshold));
+      ternary_codes(x, n, l, c.grid, c.threshold, t);
       if (c.refit_iters > 0) {
         double best = group_sse(x, n, t, l);
         TernaryLevels cur = l;
@@ -224,7 +224,7 @@ std::shared_ptr<const core::Encoding> rtn_ternary(const float* W, int64_t rows, 
         std::copy(t, t + n, ct);
         for (int it = 0; it < c.refit_iters; ++it) {
           cur = ls_levels(x, n, ct, cur, c.grid, c.symmetric);
-          for (int64_t j = 0; j < n; ++j) ct[j] = static_cast<uint8_t>(ternary_code(x[j], cur, c.grid, c.threshold));
+          ternary_codes(x, n, cur, c.grid, c.threshold, ct);
           const double e = group_sse(x, n, ct, cur);
           if (!(e < best)) break;
           best = e;
