@@ -5,8 +5,8 @@
 //   rtn      per codec: GB/s of f32 weights read (best of --repeat), and the same for a memcpy of
 //            the same bytes (the bar: int4 g128 >= 1 GB/s on one core)
 //   gptq     per shape and codec: seconds, parameters/s, and the time of the BLAS/LAPACK calls it
-//            rests on, run alone on the same sizes: the factorisation (dpotrf, dpotri, dpotrf of
-//            n×n), the block propagation SGEMMs, and the two proxy-loss DSYRKs; ratio = gptq time /
+//            rests on, run alone on the same sizes: the factorisation (dpotrf and dtrtri of n×n,
+//            with the copy of H before them), the block propagation SGEMMs, and the two proxy-loss DSYRKs; ratio = gptq time /
 //            that BLAS time (the rest is the column loop: quantizing and the in-block updates)
 //   bench_gptq [--threads 1] [--repeat 3] [--shape MxN]... [--block 128] [--only rtn|gptq]
 #include <cblas.h>
@@ -152,9 +152,8 @@ int main(int argc, char** argv) {
     const Time fac = best_of(repeat, [&] {
       A = H;
       for (int64_t i = 0; i < n; ++i) A[i * n + i] += 0.01 * H[i * n + i];
-      LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', int(n), A.data(), int(n));
-      LAPACKE_dpotri(LAPACK_COL_MAJOR, 'L', int(n), A.data(), int(n));
-      LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', int(n), A.data(), int(n));
+      LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', int(n), A.data(), int(n));
+      LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', int(n), A.data(), int(n));
     });
     std::vector<float> Wt(static_cast<size_t>(m * n), 0.0f), ub(static_cast<size_t>(block * n), 0.001f),
         err(static_cast<size_t>(block * m), 0.001f);
