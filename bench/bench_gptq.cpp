@@ -5,10 +5,10 @@
 //   rtn      per codec: GB/s of f32 weights read (best of --repeat), and the same for a memcpy of
 //            the same bytes (the bar: int4 g128 >= 1 GB/s on one core)
 //   gptq     per shape and codec: seconds, parameters/s, and the time of the BLAS/LAPACK calls it
-//            rests on, run alone on the same sizes: the factorisation (dpotrf, dpotri, dpotrf of
-//            n×n), the block propagation SGEMMs, and the two proxy-loss DSYRKs; ratio = gptq time /
+//            rests on, run alone on the same sizes: the factorisation (dpotrf and dtrtri of n×n,
+//            with the copy of H before them), the block propagation SGEMMs, and the two proxy-loss DSYRKs; ratio = gptq time /
 //            that BLAS time (the rest is the column loop: quantizing and the in-block updates)
-//   bench_gptq [--threads 1] [--repeat 3] [--shape MxN]... [--block 128]
+//   bench_gptq [--threads 1] [--repeat 3] [--shape MxN]... [--block 128] [--only rtn|gptq]
 #include <cblas.h>
 #include <lapacke.h>
 #include <sys/resource.h>
@@ -87,6 +87,7 @@ std::vector<double> hessian(int64_t n, uint64_t seed) {
 int main(int argc, char** argv) {
   int threads = 1, repeat = 3;
   int64_t block = 128;
+  std::string only;
   std::vector<std::pair<int64_t, int64_t>> shapes;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -100,6 +101,7 @@ int main(int argc, char** argv) {
     if (a == "--threads") threads = std::stoi(next());
     else if (a == "--repeat") repeat = std::stoi(next());
     else if (a == "--block") block = std::stoll(next());
+    else if (a == "--only") only = next();
     else if (a == "--shape") {
       const std::string s = next();
       const auto x = s.find('x');
@@ -121,7 +123,7 @@ int main(int argc, char** argv) {
   out["repeat"] = repeat;
 
   // RTN on the first shape.
-  {
+  if (only != "gptq") {
     const auto [m, n] = shapes[0];
     const auto W = weights(m, n, 1);
     const double gb = double(m * n) * 4 / 1e9;
@@ -140,6 +142,7 @@ int main(int argc, char** argv) {
   }
 
   for (const auto& [m, n] : shapes) {
+    if (only == "rtn") break;
     const auto W = weights(m, n, 2);
     const auto H = hessian(n, 3);
     nlohmann::ordered_json s;
@@ -149,9 +152,8 @@ int main(int argc, char** argv) {
     const Time fac = best_of(repeat, [&] {
       A = H;
       for (int64_t i = 0; i < n; ++i) A[i * n + i] += 0.01 * H[i * n + i];
-      LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', int(n), A.data(), int(n));
-      LAPACKE_dpotri(LAPACK_COL_MAJOR, 'L', int(n), A.data(), int(n));
-      LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', int(n), A.data(), int(n));
+      LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', int(n), A.data(), int(n));
+      LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', int(n), A.data(), int(n));
     });
     std::vector<float> Wt(static_cast<size_t>(m * n), 0.0f), ub(static_cast<size_t>(block * n), 0.001f),
         err(static_cast<size_t>(block * m), 0.001f);

@@ -182,10 +182,11 @@ std::shared_ptr<const core::Encoding> rtn_int(const float* W, int64_t rows, int6
 }
 
 double group_sse(const float* x, int64_t n, const uint8_t* t, const TernaryLevels& l) {
+  const double level[3] = {0.0, l.lo, l.hi};  // indexed by the trit: no branches on random trits
   double e = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const double v = t[j] == 0 ? 0.0 : t[j] == 1 ? l.lo : l.hi;
-    e += (x[j] - v) * (x[j] - v);
+    const double d = x[j] - level[t[j]];
+    e += d * d;
   }
   return e;
 }
@@ -193,12 +194,14 @@ double group_sse(const float* x, int64_t n, const uint8_t* t, const TernaryLevel
 // Least-squares levels for fixed trits, unweighted (RTN refit): see codec.h.
 TernaryLevels ls_levels(const float* x, int64_t n, const uint8_t* t, const TernaryLevels& cur, TernaryGrid grid,
                         bool symmetric) {
-  double s1 = 0, s2 = 0;
-  int64_t n1 = 0, n2 = 0;
+  double sum[3] = {0, 0, 0};
+  int64_t count[3] = {0, 0, 0};
   for (int64_t j = 0; j < n; ++j) {
-    if (t[j] == 1) s1 += x[j], ++n1;
-    else if (t[j] == 2) s2 += x[j], ++n2;
+    sum[t[j]] += x[j];
+    ++count[t[j]];
   }
+  const double s1 = sum[1], s2 = sum[2];
+  const int64_t n1 = count[1], n2 = count[2];
   if (symmetric) {
     if (n1 + n2 == 0) return cur;
     return ternary_fixed(0.0, (s2 - s1) / static_cast<double>(n1 + n2), grid, true);
@@ -216,7 +219,7 @@ std::shared_ptr<const core::Encoding> rtn_ternary(const float* W, int64_t rows, 
       const float* x = W + r * cols + j0;
       uint8_t* t = trits.data() + r * cols + j0;
       TernaryLevels l = ternary_levels(x, n, 1, c.grid, c.symmetric);
-      for (int64_t j = 0; j < n; ++j) t[j] = static_cast<uint8_t>(ternary_code(x[j], l, c.grid, c.threshold));
+      ternary_codes(x, n, l, c.grid, c.threshold, t);
       if (c.refit_iters > 0) {
         double best = group_sse(x, n, t, l);
         TernaryLevels cur = l;
@@ -224,7 +227,7 @@ std::shared_ptr<const core::Encoding> rtn_ternary(const float* W, int64_t rows, 
         std::copy(t, t + n, ct);
         for (int it = 0; it < c.refit_iters; ++it) {
           cur = ls_levels(x, n, ct, cur, c.grid, c.symmetric);
-          for (int64_t j = 0; j < n; ++j) ct[j] = static_cast<uint8_t>(ternary_code(x[j], cur, c.grid, c.threshold));
+          ternary_codes(x, n, cur, c.grid, c.threshold, ct);
           const double e = group_sse(x, n, ct, cur);
           if (!(e < best)) break;
           best = e;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -20,19 +21,23 @@ namespace moe::quant {
 
 using core::Error;
 
-double proxy_loss(const float* W, int64_t rows, int64_t cols, const double* H, const core::Encoding& enc) {
+namespace {
+
+// proxy_loss with a caller's n×n workspace C (contents ignored: the first DSYRK has beta 0).
+double proxy_into(const float* W, int64_t rows, int64_t cols, const double* H, const core::Encoding& enc, double* C) {
   // tr(D H Dᵀ) = Σ_ij H_ij (DᵀD)_ij: one DSYRK (rows·cols² flops, half a GEMM D·H), D = W − Q in
   // chunks of rows, then an n² sum over the upper triangle.
   if (enc.rows() != rows || enc.cols() != cols) throw Error::internal("proxy_loss: shape mismatch");
   if (rows == 0 || cols == 0) return 0.0;
   const int64_t chunk = 256, n = cols;
   std::vector<float> q(static_cast<size_t>(std::min(chunk, rows) * n));
-  std::vector<double> d(q.size()), C(static_cast<size_t>(n * n), 0.0);
+  std::vector<double> d(q.size());
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t m = std::min(chunk, rows - r0);
     enc.dequantize_rows(r0, r0 + m, q.data());
     for (int64_t i = 0; i < m * n; ++i) d[i] = static_cast<double>(W[r0 * n + i]) - q[i];
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(n), int(m), 1.0, d.data(), int(n), 1.0, C.data(), int(n));
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(n), int(m), 1.0, d.data(), int(n), r0 == 0 ? 0.0 : 1.0, C,
+                int(n));
   }
   double loss = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -41,6 +46,13 @@ double proxy_loss(const float* W, int64_t rows, int64_t cols, const double* H, c
     loss += H[i * n + i] * C[i * n + i] + 2 * row;  // H symmetric
   }
   return loss;
+}
+
+}  // namespace
+
+double proxy_loss(const float* W, int64_t rows, int64_t cols, const double* H, const core::Encoding& enc) {
+  auto C = std::make_unique_for_overwrite<double[]>(static_cast<size_t>(cols * cols));
+  return proxy_into(W, rows, cols, H, enc, C.get());
 }
 
 namespace {
@@ -52,18 +64,20 @@ namespace {
 // upper, dpotrf 'U'); then H = (P Rᵀ P)(P R P) with P R P lower, so H⁻¹ = (P R P)⁻¹ (P R P)⁻ᵀ and
 // U = (P R P)⁻ᵀ = P R⁻ᵀ P (upper): U[i][j] = R⁻¹[n−1−j][n−1−i]. R⁻¹ (dtrtri) is column-major,
 // R⁻¹[r][c] at r + c·n; reversing the whole buffer puts U[i][j] at i·n + j.
+using Buffer = std::unique_ptr<double[]>;  // n×n, uninitialized (no n² memset, no extra page touching)
+
 bool factor(const double* H, const std::vector<int64_t>& perm, const std::vector<double>& diag, int64_t n, double lambda,
-            std::vector<double>& A) {
-  A.resize(static_cast<size_t>(n * n));
+            Buffer& A) {
+  if (!A) A = std::make_unique_for_overwrite<double[]>(static_cast<size_t>(n * n));
   for (int64_t a = 0; a < n; ++a) {
     const int64_t pa = perm[n - 1 - a];
     for (int64_t b = 0; b < n; ++b) A[a * n + b] = a == b ? diag[pa] + lambda : H[pa * n + perm[n - 1 - b]];
   }
   if (n == 0) return true;
   const lapack_int N = static_cast<lapack_int>(n);
-  if (LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', N, A.data(), N) != 0) return false;
-  if (LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', N, A.data(), N) != 0) return false;
-  std::reverse(A.begin(), A.end());
+  if (LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', N, A.get(), N) != 0) return false;
+  if (LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', N, A.get(), N) != 0) return false;
+  std::reverse(A.get(), A.get() + n * n);
   for (int64_t i = 0; i < n; ++i)
     if (!(A[i * n + i] > 0.0) || !std::isfinite(A[i * n + i])) return false;
   return true;
@@ -229,7 +243,7 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
   const double mean_diag = n ? std::accumulate(diag.begin(), diag.end(), 0.0) / static_cast<double>(n) : 0.0;
 
   // 3, 4. Damping and the factor, with retries.
-  std::vector<double> U;
+  Buffer U;  // the factor, then the proxy losses' workspace
   double p = o.damp;
   bool ok = factor(H, perm, diag, n, p * mean_diag, U);
   while (!ok && inf.cholesky_retries < 3) {
@@ -239,17 +253,15 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
   }
   inf.damp_used = p;
   if (!ok) {
-    U.clear();
-    U.shrink_to_fit();
     inf.rtn_fallback = true;
     auto enc = rtn(W, rows, cols, c);
-    inf.proxy_loss_gptq = inf.proxy_loss_rtn = proxy_loss(W, rows, cols, H, *enc);
+    inf.proxy_loss_gptq = inf.proxy_loss_rtn = proxy_into(W, rows, cols, H, *enc, U.get());
     if (info) *info = inf;
     return enc;
   }
 
   // 5. The column loop on Wt [n, rows] (permuted column order, contiguous columns).
-  std::vector<float> Wt(static_cast<size_t>(n * rows));
+  auto Wt = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(n * rows));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < n; ++j) Wt[pos[j] * rows + r] = dead[j] ? 0.0f : W[r * n + j];
   Quantizer qz(c, rows, n);
@@ -259,7 +271,7 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
   const int64_t B = o.block;
   for (int64_t i1 = 0; i1 < n; i1 += B) {
     const int64_t i2 = std::min(n, i1 + B), count = i2 - i1;
-    err.assign(static_cast<size_t>(count * rows), 0.0f);
+    err.resize(static_cast<size_t>(count * rows));  // every entry is written below
     for (int64_t a = i1; a < i2; ++a) {
       const int64_t j = perm[a], g = j / qz.gl;
       if (!ready[g]) {
@@ -270,7 +282,7 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
           qz.find(r, g, gather.data(), j1 - j0);
         }
       }
-      float* w = Wt.data() + a * rows;
+      float* w = Wt.get() + a * rows;
       float* e = err.data() + (a - i1) * rows;
       const double d = U[a * n + a];
       for (int64_t r = 0; r < rows; ++r) {
@@ -278,7 +290,7 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
         codes[r * n + j] = qz.code(r, g, w[r], &v);
         e[r] = static_cast<float>((static_cast<double>(w[r]) - v) / d);
       }
-      for (int64_t b = a + 1; b < i2; ++b) sub_scaled(static_cast<float>(U[a * n + b]), e, Wt.data() + b * rows, rows);
+      for (int64_t b = a + 1; b < i2; ++b) sub_scaled(static_cast<float>(U[a * n + b]), e, Wt.get() + b * rows, rows);
     }
     if (i2 < n) {
       const int64_t rest = n - i2;
@@ -287,13 +299,10 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
         for (int64_t b = i2; b < n; ++b) ub[(a - i1) * rest + (b - i2)] = static_cast<float>(U[a * n + b]);
       // Wt[i2:, :] -= ubᵀ · err
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(rest), int(rows), int(count), -1.0f, ub.data(),
-                  int(rest), err.data(), int(rows), 1.0f, Wt.data() + i2 * rows, int(rows));
+                  int(rest), err.data(), int(rows), 1.0f, Wt.get() + i2 * rows, int(rows));
     }
   }
-  U.clear();
-  U.shrink_to_fit();
-  Wt.clear();
-  Wt.shrink_to_fit();
+  Wt.reset();
 
   // 6. The encoding, in the original column order (codes were written there).
   std::shared_ptr<const core::Encoding> enc;
@@ -317,8 +326,8 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
     for (size_t i = 0; i < qz.tl.size(); ++i) lo[i] = qz.tl[i].lo, hi[i] = qz.tl[i].hi;
     enc = Ternary::pack(c.grid, c.group, c.symmetric, rows, n, codes.data(), lo.data(), hi.data());
   }
-  inf.proxy_loss_gptq = proxy_loss(W, rows, cols, H, *enc);
-  inf.proxy_loss_rtn = proxy_loss(W, rows, cols, H, *rtn(W, rows, cols, c));
+  inf.proxy_loss_gptq = proxy_into(W, rows, cols, H, *enc, U.get());
+  inf.proxy_loss_rtn = proxy_into(W, rows, cols, H, *rtn(W, rows, cols, c), U.get());
   if (info) *info = inf;
   return enc;
 }

@@ -7,6 +7,10 @@
 #include "core/error.h"
 #include "quant/pack.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace moe::quant {
 
 using core::DType;
@@ -75,6 +79,32 @@ int ternary_code(float x, const TernaryLevels& l, TernaryGrid grid, double thres
   if (x > l.hi * tau) return 2;
   if (x < l.lo * tau) return 1;
   return 0;
+}
+
+void ternary_codes(const float* x, int64_t n, const TernaryLevels& l, TernaryGrid grid, double threshold, uint8_t* t) {
+  // tq: lround(v) >= 1 exactly when v >= 0.5 (ties away from zero), <= -1 when v <= -0.5.
+  const bool tq = grid == TernaryGrid::TQ;
+  const float tau = static_cast<float>(threshold);
+  const float up = tq ? 0.5f : l.hi * tau, down = tq ? -0.5f : l.lo * tau, mul = tq ? l.inv : 1.0f;
+  int64_t j = 0;
+#if defined(__SSE2__)
+  const __m128 vup = _mm_set1_ps(up), vdown = _mm_set1_ps(down), vmul = _mm_set1_ps(mul);
+  const __m128i two = _mm_set1_epi32(2), one = _mm_set1_epi32(1);
+  for (; j + 4 <= n; j += 4) {
+    __m128 v = _mm_loadu_ps(x + j);
+    if (tq) v = _mm_mul_ps(v, vmul);
+    const __m128i hi = _mm_castps_si128(tq ? _mm_cmpge_ps(v, vup) : _mm_cmpgt_ps(v, vup));
+    const __m128i lo = _mm_castps_si128(tq ? _mm_cmple_ps(v, vdown) : _mm_cmplt_ps(v, vdown));
+    const __m128i q = _mm_or_si128(_mm_and_si128(hi, two), _mm_andnot_si128(hi, _mm_and_si128(lo, one)));
+    const int32_t packed = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(q, q), _mm_setzero_si128()));
+    std::memcpy(t + j, &packed, 4);
+  }
+#endif
+  for (; j < n; ++j) {
+    const float v = tq ? x[j] * mul : x[j];
+    const bool hi = tq ? v >= up : v > up, lo = tq ? v <= down : v < down;
+    t[j] = hi ? 2 : lo ? 1 : 0;
+  }
 }
 
 Ternary::Ternary(TernaryGrid grid, int64_t group, bool symmetric, int64_t cols, Part codes, Part scales)

@@ -38,6 +38,8 @@ struct TernaryLevels {
 TernaryLevels ternary_levels(const float* x, int64_t n, int64_t stride, TernaryGrid grid, bool symmetric);
 // The trit of x under the grid's rule (threshold τ for absmean and minmax).
 int ternary_code(float x, const TernaryLevels& l, TernaryGrid grid, double threshold);
+// t[j] = ternary_code(x[j], l, grid, threshold) for j < n (vectorized).
+void ternary_codes(const float* x, int64_t n, const TernaryLevels& l, TernaryGrid grid, double threshold, uint8_t* t);
 // Levels for given (lo, hi) under the grid (f16-rounded; tq: inv = 1 / hi), used by refits.
 TernaryLevels ternary_fixed(double lo, double hi, TernaryGrid grid, bool symmetric);
 

@@ -237,6 +237,24 @@ TEST(QuantTernary, TqFollowsLlamaCppRule) {
   EXPECT_EQ(a[1], 0.0f);  // x > hi / 2 strictly
 }
 
+TEST(QuantTernary, VectorCodesEqualTheScalarRule) {
+  auto x = randn(103, 12, 1.0f);
+  TernaryLevels l;
+  l.lo = -0.75f;
+  l.hi = 1.25f;
+  l.inv = 0.8f;
+  x[0] = 0.625f;   // hi * 0.5 exactly: not above
+  x[1] = -0.375f;  // lo * 0.5 exactly: not below
+  x[2] = 0.625f;   // x * inv = 0.5: tq rounds away from zero
+  x[3] = -0.625f;
+  for (TernaryGrid g : {TernaryGrid::AbsMean, TernaryGrid::MinMax, TernaryGrid::TQ})
+    for (double tau : {0.5, 0.3}) {
+      std::vector<uint8_t> t(x.size());
+      ternary_codes(x.data(), static_cast<int64_t>(x.size()), l, g, tau, t.data());
+      for (size_t j = 0; j < x.size(); ++j) EXPECT_EQ(t[j], ternary_code(x[j], l, g, tau)) << grid_name(g) << " " << j;
+    }
+}
+
 TEST(QuantRegistry, DecodesIntNAndTernaryAndNamesWhatIsWrong) {
   const auto W = randn(4 * 37, 5);
   auto stored = [](const core::Encoding& e) {
