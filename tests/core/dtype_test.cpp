@@ -61,7 +61,7 @@ TEST(DType, TableNamesAndSizes) {
 }
 
 TEST(DType, ParseRejectsUnknownAndOtherSpellings) {
-  for (const char* s : {"", "bf16", "f32", "F8", "F8_E4M3FN", "U16", "U32", "U64", "C64", "F32 ", "float32"})
+  for (const char* s : {"", "bf16", "f32", "F8", "F8_E4M3FN", "U64", "C64", "F32 ", "float32"})
     EXPECT_FALSE(parse_dtype(s).has_value()) << s;
 }
 
