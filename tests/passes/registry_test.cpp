@@ -28,7 +28,7 @@ std::string error_of(const json& spec) {
 
 TEST(Registry, EveryListedPassBuilds) {
   const auto& table = registered_passes();
-  EXPECT_EQ(table.size(), 13u);
+  EXPECT_EQ(table.size(), 15u);
   std::set<std::string> names;
   for (const auto& p : table) {
     names.insert(std::string(p.pass) + "/" + p.method);
@@ -48,6 +48,7 @@ TEST(Registry, EveryListedPassBuilds) {
   EXPECT_TRUE(names.count("prune/reap"));
   EXPECT_TRUE(names.count("merge/submoe"));
   EXPECT_TRUE(names.count("factorize/svdllm"));
+  EXPECT_TRUE(names.count("quantize/gptq"));
 }
 
 TEST(Registry, UnknownPassAndMethodSuggest) {
@@ -62,11 +63,13 @@ TEST(Registry, UnknownPassAndMethodSuggest) {
   m = error_of({{"pass", "merge"}, {"method", "hc-smoe"}, {"experts", 4}});
   EXPECT_HAS(m, "did you mean \"hcsmoe\"?");
   m = error_of({{"pass", "quantise"}, {"method", "x"}});
+  EXPECT_HAS(m, "did you mean \"quantize\"?");
+  m = error_of({{"pass", "distill"}, {"method", "x"}});
   EXPECT_EQ(m.find("did you mean"), std::string::npos) << m;  // nothing close
 }
 
 TEST(Registry, MissingAndMistypedNames) {
-  EXPECT_HAS(error_of({{"method", "reap"}}), "passes[0]: missing key \"pass\" (passes: prune, merge, factorize)");
+  EXPECT_HAS(error_of({{"method", "reap"}}), "passes[0]: missing key \"pass\" (passes: prune, merge, factorize, quantize)");
   EXPECT_HAS(error_of({{"pass", "prune"}, {"keep", 2}}), "passes[0]: missing key \"method\" (prune methods: frequency");
   EXPECT_HAS(error_of({{"pass", 3}, {"method", "reap"}}), "passes[0].pass: expected a string");
   EXPECT_HAS(error_of(json::array({1, 2})), "passes[0]: expected a pass object");
