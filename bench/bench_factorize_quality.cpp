@@ -1,6 +1,7 @@
 // Factorize quality and speed (issue: low-rank experts). Prints JSON, and a Markdown table on
 // stderr.
-//   bench_factorize_quality [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny] [--ctx 128]
+//   bench_factorize_quality [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny,validation-tiny]
+//                           [--ctx 128]
 //                           [--calib-windows 64] [--eval-windows 64] [--ratios 0.8,0.6,0.4]
 //                           [--speed 1] [--speed-windows 4] [--speed-ctx 512]
 // Quality: per fixture, every method at each kept-parameter ratio of the expert weights
@@ -61,11 +62,17 @@ double tokens_per_second(const fs::path& dir, int64_t windows, int64_t ctx, int 
 
 }  // namespace
 
+// The fixtures' texts: validation-tiny (the validation fixture, data/README.md) has its own corpus
+// and tokenizer in data/text-validation; the others share data/text.
+static fs::path fixture_text_dir(const fs::path& src, const std::string& name) {
+  return src / (name == "validation-tiny" ? "data/text-validation" : "data/text");
+}
+
 int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
   int64_t ctx = 128, calib_windows = 64, eval_windows = 64, speed_windows = 4, speed_ctx = 512;
   bool speed = true;
-  std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny"}, ratios = {"0.8", "0.6", "0.4"};
+  std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"}, ratios = {"0.8", "0.6", "0.4"};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--source-dir") src = v;
@@ -93,12 +100,13 @@ int main(int argc, char** argv) {
   try {
     for (const auto& name : models) {
       const fs::path model_dir = src / "data/models" / name;
+      const fs::path text_dir = fixture_text_dir(src, name);
       auto run = [&](const std::string& label, json passes) {
         json recipe = {{"model", model_dir.string()},
-                       {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
+                       {"calibration", {{"text", (text_dir / "calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
                        {"passes", passes},
                        {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
-                       {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx}, {"max_windows", eval_windows},
+                       {"eval", {{"text", (text_dir / "heldout.txt").string()}, {"ctx", ctx}, {"max_windows", eval_windows},
                                  {"against_input", true}}}};
         auto r = moe::pipeline::parse_recipe(recipe, ".", "bench");
         moe::pipeline::RunOptions o;

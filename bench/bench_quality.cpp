@@ -3,7 +3,7 @@
 // Statistics are computed once per fixture (moe-tool calibrate's code, same windows as the
 // recipes) and reused. Prints JSON, and a Markdown table on stderr.
 //   bench_quality [--source-dir DIR] [--calib-windows 64] [--eval-windows 0] [--ctx 128]
-//                 [--models mixtral-tiny,qwen2moe-tiny] [--random-seeds 8]
+//                 [--models mixtral-tiny,qwen2moe-tiny,validation-tiny] [--random-seeds 8]
 // Random pruning is reported as the mean over seeds 0..N-1 (one draw is noise: on the fixtures
 // single seeds range over tens of percent); every other row says whether it beats that mean.
 #include <algorithm>
@@ -27,11 +27,17 @@
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+// The fixtures' texts: validation-tiny (the validation fixture, data/README.md) has its own corpus
+// and tokenizer in data/text-validation; the others share data/text.
+static fs::path fixture_text_dir(const fs::path& src, const std::string& name) {
+  return src / (name == "validation-tiny" ? "data/text-validation" : "data/text");
+}
+
 int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
   int64_t calib_windows = 64, eval_windows = 0, ctx = 128;
   int random_seeds = 8;
-  std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny"};
+  std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--source-dir") src = v;
@@ -60,12 +66,13 @@ int main(int argc, char** argv) {
     for (const auto& name : models) {
       const fs::path model_dir = src / "data/models" / name;
       const fs::path stats_path = tmp / (name + ".stats.safetensors");
+      const fs::path text_dir = fixture_text_dir(src, name);
       // Statistics once per fixture.
       {
         auto& env = moe::io::Env::posix();
         const auto ckpt = moe::io::Checkpoint::open(env, model_dir);
         const auto model = moe::model::Model::load(ckpt);
-        const std::string text = moe::eval::read_text(src / "data/text/calib.txt");
+        const std::string text = moe::eval::read_text(text_dir / "calib.txt");
         const auto tokens = moe::eval::load_tokenizer(model_dir).encode(text, false);
         moe::calib::CalibrateOptions o;
         o.ctx = ctx;
@@ -118,13 +125,13 @@ int main(int argc, char** argv) {
             }
             if (c.method == "random") pass["seed"] = seed;
             json recipe = {{"model", model_dir.string()},
-                           {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"stats", stats_path.string()},
+                           {"calibration", {{"text", (text_dir / "calib.txt").string()}, {"stats", stats_path.string()},
                                             {"ctx", ctx}, {"windows", calib_windows}}},
                            {"passes", c.after_reap6 ? json::array({{{"pass", "prune"}, {"method", "reap"}, {"keep", 6}}, pass})
                                                     : json::array({pass})},
                            {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
-                           {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx},
-                                     {"max_windows", eval_windows}, {"against_input", true}}}};
+                           {"eval", {{"text", (text_dir / "heldout.txt").string()}, {"ctx", ctx}, {"against_input", true}}}};
+            if (eval_windows > 0) recipe["eval"]["max_windows"] = eval_windows;  // 0: all windows
             auto r = moe::pipeline::parse_recipe(recipe, ".", "bench");
             moe::pipeline::RunOptions ro;
             ro.quiet = true;

@@ -10,6 +10,9 @@ import reference as R
 
 DATA = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK_DIR = os.path.join(DATA, "tokenizer")
+# the validation fixture (validation-tiny) has its own corpus and tokenizer
+VAL_TOK_DIR = os.path.join(DATA, "tokenizer-validation")
+VAL_TEXT_DIR = os.path.join(DATA, "text-validation")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EOT_ID = 4095
 
@@ -144,9 +147,10 @@ def param_shapes(cfg):
     return out
 
 
-def save_checkpoint(outdir, cfg, W, extra_files=None):
+def save_checkpoint(outdir, cfg, W, extra_files=None, tok_dir=TOK_DIR):
     """Writes config.json, generation_config.json, model.safetensors (bf16, round-to-nearest-
-    even via torch), tokenizer files.  W: dict name -> fp32 tensor; must match param_shapes."""
+    even via torch), tokenizer files (copied from tok_dir).  W: dict name -> fp32 tensor; must
+    match param_shapes."""
     shapes = param_shapes(cfg)
     assert set(W) == set(shapes), (set(W) ^ set(shapes))
     for n, (s, _) in shapes.items():
@@ -162,7 +166,7 @@ def save_checkpoint(outdir, cfg, W, extra_files=None):
         json.dump(gen, f, indent=2)
         f.write("\n")
     for fn in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(TOK_DIR, fn), os.path.join(outdir, fn))
+        shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(outdir, fn))
     for fn, content in (extra_files or {}).items():
         with open(os.path.join(outdir, fn), "w") as f:
             f.write(content)

@@ -5,7 +5,9 @@ files byte for byte (single-threaded torch, fixed inputs).
 
 Usage: /usr/bin/python3 data/scripts/make_goldens.py [--only tokenizer|trained|synthetic]
 Writes data/golden/tokenizer_bytelevel.json, data/golden/<model>.json for the trained models
-(skipped if a model directory is missing) and data/golden/synthetic-<name>.json.
+(skipped if a model directory is missing) and data/golden/synthetic-<name>.json.  The validation
+fixture (validation-tiny) is scored on its own held-out text with its own tokenizer
+(data/text-validation/heldout.txt, data/tokenizer-validation).
 """
 import argparse
 import json
@@ -20,7 +22,9 @@ import reference as R  # noqa: E402
 from bpe_tok import Encoder  # noqa: E402
 
 GOLD = os.path.join(C.DATA, "golden")
-TRAINED = ("mixtral-tiny", "qwen2moe-tiny", "llama-tiny")
+TRAINED = ("mixtral-tiny", "qwen2moe-tiny", "llama-tiny", "validation-tiny")
+# trained models on another corpus: name -> (held-out text, tokenizer dir), relative to data/
+OTHER_CORPUS = {"validation-tiny": ("text-validation/heldout.txt", "tokenizer-validation")}
 SYNTH = ("qwen3moe", "olmoe", "mistral", "qwen2", "qwen3", "qwen2moe-sparse")
 
 TOKENIZER_TESTS = [
@@ -96,7 +100,8 @@ def routing_golden(cfg, info, ntok):
 
 
 def model_golden(name, mdir, tokens, ctx, n_logit_windows, positions, ppl_ctx, ppl_windows,
-                 route_tokens=16):
+                 route_tokens=16, text="data/text/heldout.txt",
+                 tokenizer="data/tokenizer/tokenizer.json"):
     cfg, W = R.load_checkpoint(mdir)
     rows = [tokens[i * ctx:(i + 1) * ctx] for i in range(n_logit_windows)]
     ids = torch.tensor(rows, dtype=torch.long)
@@ -108,7 +113,7 @@ def model_golden(name, mdir, tokens, ctx, n_logit_windows, positions, ppl_ctx, p
         "dir": os.path.relpath(mdir, os.path.dirname(C.DATA)),
         "model_type": cfg["model_type"],
         "compute": "reference.py: fp32, bf16 weights upcast to fp32",
-        "tokenization": ("data/text/heldout.txt tokenized once with data/tokenizer/tokenizer.json "
+        "tokenization": (f"{text} tokenized once with {tokenizer} "
                          "(no BOS); windows non-overlapping from token 0; positions 0..T-1 "
                          "within each window"),
         "logits": {
@@ -164,8 +169,15 @@ def main():
             if not os.path.exists(os.path.join(mdir, "model.safetensors")):
                 print(f"skip {name}: not trained yet")
                 continue
-            g = model_golden(name, mdir, tokens, ctx=64, n_logit_windows=2,
-                             positions=[0, 1, 31, 63], ppl_ctx=128, ppl_windows=8)
+            kw, toks = {}, tokens
+            if name in OTHER_CORPUS:
+                text_rel, tok_rel = OTHER_CORPUS[name]
+                tok_json = os.path.join(C.DATA, tok_rel, "tokenizer.json")
+                with open(os.path.join(C.DATA, text_rel), encoding="utf-8") as f:
+                    toks = Encoder.from_tokenizer_json(tok_json).encode(f.read())
+                kw = dict(text="data/" + text_rel, tokenizer=f"data/{tok_rel}/tokenizer.json")
+            g = model_golden(name, mdir, toks, ctx=64, n_logit_windows=2,
+                             positions=[0, 1, 31, 63], ppl_ctx=128, ppl_windows=8, **kw)
             dump(g, os.path.join(GOLD, f"{name}.json"))
     if a.only in (None, "synthetic"):
         for name in SYNTH:

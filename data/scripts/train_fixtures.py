@@ -1,10 +1,16 @@
 #!/usr/bin/python3
-"""Train the three small fixture models on data/text/brown_train.txt and save them in exact HF
-layout (bf16 safetensors + config.json + generation_config.json + tokenizer files):
+"""Train the small fixture models and save them in exact HF layout (bf16 safetensors +
+config.json + generation_config.json + tokenizer files).  On data/text/brown_train.txt with
+data/tokenizer:
   data/models/mixtral-tiny/   mixtral   4 layers, H 128, 4 heads / 2 KV, 8 experts top-2, I 256
   data/models/qwen2moe-tiny/  qwen2_moe 4 layers, H 128, 4/2 heads, 8 experts top-2, I_moe 128,
                               shared expert 256, qkv biases, norm_topk_prob false
   data/models/llama-tiny/     llama     4 layers, H 128, 4/2 heads, I 512
+On data/text-validation/nlp_train.txt with data/tokenizer-validation (the validation fixture:
+no default is ever chosen on it):
+  data/models/validation-tiny/ qwen3_moe 4 layers, H 160, 4/2 heads of head_dim 48 (q/k RMSNorm
+                              per head), 8 experts top-2, I_moe 192, no shared expert,
+                              norm_topk_prob true, 250 steps
 and write data/models/training/<name>.json (held-out perplexity vs unigram baseline, timings,
 expert usage, loss curve).
 
@@ -58,6 +64,20 @@ MODELS = {
     "llama-tiny": dict(
         cfg=C.make_config("llama", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512),
         steps=600, seed=3),
+    "validation-tiny": dict(
+        cfg=C.make_config("qwen3_moe", hidden=160, layers=4, heads=4, kv_heads=2, head_dim=48,
+                          intermediate=512, eps=1e-6, theta=1e6, experts=8, topk=2,
+                          moe_intermediate=192, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], aux_coef=AUX_COEF),
+        steps=250, seed=4, corpus="validation"),
+}
+
+# corpus name -> (training text, held-out text, tokenizer dir)
+CORPORA = {
+    "brown": (os.path.join(C.DATA, "text", "brown_train.txt"),
+              os.path.join(C.DATA, "text", "heldout.txt"), C.TOK_DIR),
+    "validation": (os.path.join(C.VAL_TEXT_DIR, "nlp_train.txt"),
+                   os.path.join(C.VAL_TEXT_DIR, "heldout.txt"), C.VAL_TOK_DIR),
 }
 
 
@@ -109,7 +129,7 @@ def unigram_ppl(train_tokens, held_tokens, V, ctx=CTX):
     return float(math.exp(nll / arr.size)), int(arr.size)
 
 
-def train_one(name, spec, train_tokens, held_tokens, steps):
+def train_one(name, spec, train_tokens, held_tokens, steps, tok_dir):
     cfg = spec["cfg"]
     torch.manual_seed(spec["seed"])
     W = init_weights(cfg, spec["seed"])
@@ -150,7 +170,7 @@ def train_one(name, spec, train_tokens, held_tokens, steps):
     train_time = time.time() - t0
     Wf = {k: v.detach().clone() for k, v in W.items()}
     outdir = os.path.join(C.DATA, "models", name)
-    C.save_checkpoint(outdir, cfg, Wf)
+    C.save_checkpoint(outdir, cfg, Wf, tok_dir=tok_dir)
     # evaluate the saved (bf16) checkpoint with the reference forward
     cfg2, Wb = R.load_checkpoint(outdir)
     nll, cnt = R.nll_windows(cfg2, Wb, held_tokens, CTX)
@@ -181,30 +201,37 @@ def main():
     ap.add_argument("--steps", type=int)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    enc = Encoder.from_tokenizer_json(os.path.join(C.TOK_DIR, "tokenizer.json"))
-    t0 = time.time()
-    with open(os.path.join(C.DATA, "text", "brown_train.txt"), encoding="utf-8") as f:
-        train_tokens = enc.encode(f.read())
-    with open(os.path.join(C.DATA, "text", "heldout.txt"), encoding="utf-8") as f:
-        held_tokens = enc.encode(f.read())
-    print(f"train tokens {len(train_tokens)}, held-out tokens {len(held_tokens)} "
-          f"({time.time()-t0:.1f}s)", flush=True)
-    uni, ucnt = unigram_ppl(train_tokens, held_tokens, 4096)
-    print(f"unigram baseline ppl (add-one) {uni:.2f} over {ucnt} tokens", flush=True)
-    base = {}
-    base["unigram_baseline"] = {
-        "ppl": round(uni, 3), "scored_tokens": ucnt,
-        "definition": ("unigram model of the training-token frequencies with add-one smoothing "
-                       "over the 4096-token vocabulary, scored on the same held-out positions "
-                       "as the models (ctx 128 windows, T-1 positions each)")}
-    base["train_tokens"] = len(train_tokens)
-    base["heldout_tokens"] = len(held_tokens)
     os.makedirs(os.path.join(C.DATA, "models", "training"), exist_ok=True)
     for name, spec in MODELS.items():
         if a.only and name != a.only:
             continue
+        train_path, held_path, tok_dir = CORPORA[spec.get("corpus", "brown")]
+        enc = Encoder.from_tokenizer_json(os.path.join(tok_dir, "tokenizer.json"))
+        t0 = time.time()
+        with open(train_path, encoding="utf-8") as f:
+            train_tokens = enc.encode(f.read())
+        with open(held_path, encoding="utf-8") as f:
+            held_tokens = enc.encode(f.read())
+        print(f"train tokens {len(train_tokens)}, held-out tokens {len(held_tokens)} "
+              f"({time.time()-t0:.1f}s)", flush=True)
+        uni, ucnt = unigram_ppl(train_tokens, held_tokens, 4096)
+        print(f"unigram baseline ppl (add-one) {uni:.2f} over {ucnt} tokens", flush=True)
+        base = {}
+        base["unigram_baseline"] = {
+            "ppl": round(uni, 3), "scored_tokens": ucnt,
+            "definition": ("unigram model of the training-token frequencies with add-one "
+                           "smoothing over the 4096-token vocabulary, scored on the same "
+                           "held-out positions as the models (ctx 128 windows, T-1 positions "
+                           "each)")}
+        base["train_tokens"] = len(train_tokens)
+        base["heldout_tokens"] = len(held_tokens)
+        if spec.get("corpus"):
+            base["corpus"] = {"train": os.path.relpath(train_path, C.DATA),
+                              "heldout": os.path.relpath(held_path, C.DATA),
+                              "tokenizer": os.path.relpath(tok_dir, C.DATA)}
         steps = a.steps or spec["steps"]
-        rep = dict(base, model=name, **train_one(name, spec, train_tokens, held_tokens, steps))
+        rep = dict(base, model=name,
+                   **train_one(name, spec, train_tokens, held_tokens, steps, tok_dir))
         with open(os.path.join(C.DATA, "models", "training", name + ".json"), "w") as f:
             json.dump(rep, f, indent=1)
             f.write("\n")

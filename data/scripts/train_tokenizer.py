@@ -3,7 +3,9 @@
 on data/text/brown_train.txt and write data/tokenizer/{tokenizer.json, tokenizer_config.json,
 special_tokens_map.json}.
 
-Usage: /usr/bin/python3 data/scripts/train_tokenizer.py
+Usage: /usr/bin/python3 data/scripts/train_tokenizer.py [--text TXT --out DIR]
+  defaults: --text data/text/brown_train.txt --out data/tokenizer; the validation fixture's
+  tokenizer: --text data/text-validation/nlp_train.txt --out data/tokenizer-validation
 
 Trainer: word-frequency table over the Qwen2 regex pre-tokens; pair counts kept incrementally
 (pair -> count, pair -> set of words) with a lazy max-heap; at each step the most frequent pair
@@ -154,10 +156,15 @@ def write(id2str, merges, outdir):
 
 
 def main():
-    with open(os.path.join(DATA, "text", "brown_train.txt"), encoding="utf-8") as f:
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text", default=os.path.join(DATA, "text", "brown_train.txt"))
+    ap.add_argument("--out", default=os.path.join(DATA, "tokenizer"))
+    a = ap.parse_args()
+    with open(a.text, encoding="utf-8") as f:
         text = f.read()
     id2str, merges = train(text, VOCAB_SIZE)
-    outdir = os.path.join(DATA, "tokenizer")
+    outdir = a.out
     write(id2str, merges, outdir)
     enc = Encoder.from_tokenizer_json(os.path.join(outdir, "tokenizer.json"))
     t0 = time.time()

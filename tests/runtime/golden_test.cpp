@@ -150,6 +150,8 @@ TEST(GoldenSynthetic, Qwen2MoeSparse) {
 TEST(GoldenTrained, MixtralTiny) { check_model("data/models/mixtral-tiny", "mixtral-tiny.json"); }
 TEST(GoldenTrained, Qwen2MoeTiny) { check_model("data/models/qwen2moe-tiny", "qwen2moe-tiny.json"); }
 TEST(GoldenTrained, LlamaTiny) { check_model("data/models/llama-tiny", "llama-tiny.json"); }
+// The validation fixture (qwen3_moe layout, its own corpus and tokenizer; data/README.md).
+TEST(GoldenTrained, ValidationTiny) { check_model("data/models/validation-tiny", "validation-tiny.json"); }
 
 }  // namespace
 }  // namespace moe::test

@@ -58,6 +58,24 @@ TEST(GoldenByteLevel, HeldoutTokenCountAndRoundTrip) {
   EXPECT_EQ(tok.decode(ids), text);
 }
 
+// The validation fixture's own tokenizer (data/tokenizer-validation) on its own held-out text:
+// the ids bpe_tok.py gives (29,527 of them; the first 128 are the golden's logits windows), and a
+// lossless round trip (the text has curly quotes and other non-ASCII characters).
+TEST(GoldenByteLevel, ValidationTokenizerHeldout) {
+  const Json g = load_golden("validation-tiny.json");
+  const Tokenizer tok = Tokenizer::load(source_dir() / "data" / "tokenizer-validation");
+  const std::string text = read_file_or_fail(source_dir() / "data" / "text-validation" / "heldout.txt");
+  ASSERT_FALSE(text.empty());
+  const auto ids = tok.encode(text);
+  EXPECT_EQ(ids.size(), 29527u);
+  std::vector<int64_t> want;
+  for (const auto& w : g.at("logits").at("tokens"))
+    for (const auto& t : w) want.push_back(t.get<int64_t>());
+  ASSERT_LE(want.size(), ids.size());
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(static_cast<int64_t>(ids[i]), want[i]) << "token " << i;
+  EXPECT_EQ(tok.decode(ids), text);
+}
+
 TEST(GoldenByteLevel, FixtureProperties) {
   const Tokenizer tok = Tokenizer::load(source_dir() / "data" / "tokenizer");
   EXPECT_EQ(tok.vocab_size(), 4096u);
