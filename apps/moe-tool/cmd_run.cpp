@@ -9,6 +9,8 @@
 #include "pipeline/keys.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
+#include "pipeline/upcycle_run.h"
+#include "io/checkpoint.h"
 
 namespace moe::app {
 
@@ -127,6 +129,18 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       if (o->recipes.size() == 1) {
+        {  // an upcycle recipe (pipeline/upcycle_run.h): its own runner
+          const std::filesystem::path file = o->recipes[0];
+          nlohmann::json j = io::parse_json_file_text(io::Env::posix().read_text(file), file.string());
+          if (pipeline::is_upcycle_recipe(j)) {
+            for (const auto& s : o->sets) pipeline::apply_override(j, s);
+            const auto summary = pipeline::run_upcycle_recipe(
+                j, file.parent_path().empty() ? std::filesystem::path(".") : file.parent_path(), file.string(),
+                {o->dry_run, flags.quiet, "moe-tool run " + o->recipes[0]});
+            std::cout << summary.dump(2) << "\n";
+            return kExitOk;
+          }
+        }
         auto recipe = pipeline::load_recipe(o->recipes[0], o->sets);
         return execute(recipe, o->dry_run, o->json, flags.quiet, "moe-tool run " + o->recipes[0]);
       }

@@ -20,6 +20,7 @@ const Command kCommands[] = {
     {"prune", "Drop experts by a routing score (frequency, soft, reap, enumerate, random)", setup_prune},
     {"merge", "Merge experts into fewer (msmoe, hcsmoe, submoe) with a router for the merged experts", setup_merge},
     {"factorize", "Low-rank experts (svd, asvd, svdllm, delta, latent) in the native checkpoint format", setup_factorize},
+    {"upcycle", "Dense checkpoint into an MoE one (copy, drop, split experts; random, hidden or ridge router)", setup_upcycle},
     {"run", "Run a JSON recipe: calibration, a pipeline of passes, output, evaluation", setup_run},
     {"list", "List every pass and method", setup_list},
 };
