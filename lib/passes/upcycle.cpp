@@ -869,9 +869,10 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
     exact = renorm ? "yes: equal experts, top-k weights renormalised to sum 1"
                    : "no: top-k probabilities are not renormalised, the output is their sum times the dense MLP";
   else if (opts.method == "split")
-    exact = (renorm && opts.top_k == opts.experts && opts.split_scale == "down")
-                ? "yes: every segment selected (k = E) with weight 1/E, down_proj x G"
-                : "no: needs k = E, renormalised weights and split_scale down";
+    exact = (renorm && opts.split_scale == "down" && opts.router == "random" && opts.router_std == 0.0 &&
+             (opts.top_k == opts.experts || opts.top_k == opts.segments))
+                ? "yes: equal router logits, the G segments of copy 0 selected with weight 1/G, down_proj x G"
+                : "no: needs renormalised weights, split_scale down, router_std 0 (equal logits) and k = G or k = E";
   else
     exact = "no: re-drawn neurons change the output";
   u["equals_dense_at_init"] = exact;

@@ -23,12 +23,14 @@
 //   per-matrix statistics); the other neurons are the dense ones.
 // - split (fine-grained / granular upcycling): the I neurons are cut into G segments of I/G
 //   (random permutation, or balanced k-means on L2-normalised gate rows), expert e = segment
-//   e mod G (E = copies x G). Output-preserving scale s = G (renormalised top-k: each of the
-//   E experts gets weight 1/E when k = E): "down" multiplies down_proj by s (exact: the MLP is
-//   linear in down; with G a power of two exact in bf16 too), "cube" multiplies gate, up and
-//   down by s^(1/3) as METHODS §7 states — silu is not homogeneous, so "cube" is NOT output
-//   preserving; it is kept to measure. The split MoE equals the dense MLP only when every
-//   segment is selected with the same weight: k = E.
+//   e mod G of copy e / G (E = copies x G). Output-preserving scale s = G: "down" multiplies
+//   down_proj by s (the MLP is linear in down; with G a power of two exact in bf16 too), "cube"
+//   multiplies gate, up and down by s^(1/3) as METHODS §7 states — silu is not homogeneous, so
+//   "cube" is NOT output preserving; it is kept to measure. The split MoE equals the dense MLP
+//   only when the G segments of one copy are selected with weight 1/G each: renormalised top-k,
+//   router logits equal for every expert (router_std 0) and k = G (ties go to the lower expert
+//   index, i.e. copy 0) or k = E. A random router (std 0.02) weights segments unequally: close
+//   to dense, not equal (README "upcycle" measures both).
 //
 // Routers (`router`):
 // - random: N(0, router_std²), seeded (per layer).

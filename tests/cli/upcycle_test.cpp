@@ -157,8 +157,9 @@ TEST(Upcycle, SharedExpertKeepsTheDenseOutput) {
   EXPECT_LT(d, 1e-4);
 }
 
-// split: E = copies x G; with k = E and down_proj x G the MoE is the dense model; with the
-// METHODS "cube" scale (s^(1/3) through silu) it is not.
+// split: E = copies x G; with equal router logits (--router-std 0), k = G or k = E and
+// down_proj x G the MoE is the dense model; with a random router (unequal segment weights), or
+// the METHODS "cube" scale (s^(1/3) through silu), it is not.
 TEST(Upcycle, SplitAtInitEqualsDenseWhereTheMathSaysSo) {
   TempDir tmp("moe-upcycle");
   const auto dense = logits_of(kLlama);
@@ -166,7 +167,7 @@ TEST(Upcycle, SplitAtInitEqualsDenseWhereTheMathSaysSo) {
     for (const std::string g : {"2", "4"}) {
       const fs::path out = tmp / ("split-" + seg + g);
       const RunResult r = upcycle(kLlama, out, {"--to", "mixtral", "--experts", g, "--top-k", g, "--method", "split",
-                                                "--segments", g, "--segmenting", seg});
+                                                "--segments", g, "--segmenting", seg, "--router-std", "0"});
       ASSERT_EQ(r.exit_code, 0) << r.describe();
       EXPECT_EQ(read_json(out / "config.json").at("intermediate_size"), 512 / std::stoi(g));
       const double d = max_abs_diff(dense, logits_of(out));
@@ -174,13 +175,21 @@ TEST(Upcycle, SplitAtInitEqualsDenseWhereTheMathSaysSo) {
       EXPECT_LT(d, 1e-4);
     }
   }
-  // Two copies of G = 2 segments, k = E = 4: still exact.
+  // Four copies of G = 2 segments, k = G = 2 (ties: copy 0's segments): still exact.
   const fs::path two = tmp / "split-copies";
-  ASSERT_EQ(upcycle(kLlama, two, {"--to", "mixtral", "--experts", "4", "--top-k", "4", "--method", "split", "--segments", "2"}).exit_code, 0);
+  ASSERT_EQ(upcycle(kLlama, two, {"--to", "mixtral", "--experts", "8", "--top-k", "2", "--method", "split", "--segments", "2",
+                                  "--router-std", "0"}).exit_code, 0);
   EXPECT_LT(max_abs_diff(dense, logits_of(two)), 1e-4);
+  EXPECT_EQ(read_json(two / "moe_tool_report.json").at("upcycle").at("equals_dense_at_init").get<std::string>().rfind("yes", 0), 0u);
+  // A random router weights the segments unequally: close, not equal.
+  const fs::path rnd = tmp / "split-random-router";
+  ASSERT_EQ(upcycle(kLlama, rnd, {"--to", "mixtral", "--experts", "2", "--top-k", "2", "--method", "split", "--segments", "2"}).exit_code, 0);
+  const double dr = max_abs_diff(dense, logits_of(rnd));
+  std::printf("[upcycle] split G=2 k=E random router: max |logit diff| %.3g\n", dr);
+  EXPECT_GT(dr, 1e-3);
   const fs::path cube = tmp / "split-cube";
   ASSERT_EQ(upcycle(kLlama, cube, {"--to", "mixtral", "--experts", "2", "--top-k", "2", "--method", "split",
-                                   "--segments", "2", "--split-scale", "cube"}).exit_code, 0);
+                                   "--segments", "2", "--split-scale", "cube", "--router-std", "0"}).exit_code, 0);
   const double dc = max_abs_diff(dense, logits_of(cube));
   std::printf("[upcycle] split G=2 cube scale: max |logit diff| %.3g\n", dc);
   EXPECT_GT(dc, 1e-3);
