@@ -49,8 +49,8 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
     Recipe r;
     r.source = source;
     Options top(j, "", "a recipe");
-    top.allow({"model", "seed", "calibration", "passes", "output", "eval", "description", "upcycle"});
-    if (top.has("upcycle")) {  // an upcycle recipe (pipeline/upcycle_run.h) has no passes
+    top.allow({"model", "seed", "calibration", "passes", "output", "eval", "description"});
+    if (j.is_object() && j.contains("upcycle")) {  // an upcycle recipe (pipeline/upcycle_run.h) has no passes
       check_upcycle_section_keys(j.at("upcycle"));
       throw Error::invalid("upcycle: a recipe has either passes or an upcycle section, not both (moe-tool run takes either)");
     }

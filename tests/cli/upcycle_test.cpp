@@ -276,18 +276,33 @@ TEST(Upcycle, PromptRoutersRouteEachExpertsPromptsToIt) {
       std::vector<Eigen::VectorXd> mean;
     };
     const auto tok = tokenizer::Tokenizer::load(out);
+    // ridge (a least-squares classifier of the tokens): every prompt on its own; hidden (a mean
+    // direction, mergekit-moe): each expert's prompts pooled, as the router row was built.
     for (int e = 0; e < 2; ++e) {
+      std::vector<Eigen::VectorXd> pooled;
+      int n = 0;
       for (const auto& text : prompts.at(std::to_string(e)).at("positive")) {
         const std::vector<int32_t> ids = tok.encode(text.get<std::string>(), false, false);
         ASSERT_FALSE(ids.empty());
         Obs obs;
         runtime::Observer* ob[] = {&obs};
         f.run(ids, static_cast<int64_t>(ids.size()), ob);
+        pooled.resize(obs.mean.size(), Eigen::VectorXd::Zero(2));
         for (size_t l = 0; l < obs.mean.size(); ++l) {
+          pooled[l] += obs.mean[l] * static_cast<double>(ids.size());
           Eigen::Index best = 0;
           obs.mean[l].maxCoeff(&best);
-          EXPECT_EQ(best, e) << "layer " << l << " prompt " << text;
+          if (router == "ridge") {
+            EXPECT_EQ(best, e) << "layer " << l << " prompt " << text;
+          }
         }
+        n += static_cast<int>(ids.size());
+      }
+      ASSERT_EQ(pooled.size(), 4u);
+      for (size_t l = 0; l < pooled.size(); ++l) {
+        Eigen::Index best = 0;
+        pooled[l].maxCoeff(&best);
+        EXPECT_EQ(best, e) << "layer " << l << " expert " << e << " (" << n << " tokens)";
       }
     }
   }
@@ -344,7 +359,8 @@ TEST(Upcycle, RecipeRunsAsTheCommandDoes) {
   EXPECT_NE(rb.err.find("expertz"), std::string::npos) << rb.describe();
   // The shipped recipes validate (--dry-run).
   for (const char* f : {"upcycle-copy-mixtral.json", "upcycle-drop-mixtral.json"}) {
-    const RunResult rd = run_tool({"-q", "run", (kSrc / "recipes" / f).string(), "--dry-run"});
+    const RunResult rd = run_tool({"-q", "run", (kSrc / "recipes" / f).string(), "--dry-run", "--set",
+                                   "output.path=" + (tmp / (std::string("dry-") + f)).string()});
     EXPECT_EQ(rd.exit_code, 0) << f << ": " << rd.describe();
   }
 }
