@@ -357,6 +357,15 @@ TEST(Upcycle, RecipeRunsAsTheCommandDoes) {
   const RunResult rb = run_tool({"-q", "run", (tmp / "bad.json").string()});
   EXPECT_EQ(rb.exit_code, 2) << rb.describe();
   EXPECT_NE(rb.err.find("expertz"), std::string::npos) << rb.describe();
+  // In a batch with a pass recipe, and sharded with a dtype change.
+  const RunResult rbatch = run_tool({"-q", "run", (tmp / "r.json").string(), (kSrc / "recipes/prune-random.json").string(),
+                                     "--dry-run", "--set", "output.path=" + (tmp / "batch").string()});
+  EXPECT_EQ(rbatch.exit_code, 0) << rbatch.describe();
+  const fs::path sharded = tmp / "sharded";
+  ASSERT_EQ(upcycle(kLlama, sharded, {"--to", "mixtral", "--experts", "4", "--top-k", "2", "--dtype", "f32", "--max-shard-size", "3MB"}).exit_code, 0);
+  EXPECT_TRUE(fs::exists(sharded / "model.safetensors.index.json"));
+  EXPECT_EQ(read_json(sharded / "config.json").at("torch_dtype"), "float32");
+  EXPECT_LT(max_abs_diff(logits_of(kLlama), logits_of(sharded)), 1e-4);
   // The shipped recipes validate (--dry-run).
   for (const char* f : {"upcycle-copy-mixtral.json", "upcycle-drop-mixtral.json"}) {
     const RunResult rd = run_tool({"-q", "run", (kSrc / "recipes" / f).string(), "--dry-run", "--set",
