@@ -805,7 +805,11 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
   add_specs(b.globals(false));
 
   UpcycleResult res;
-  for (const auto& s : plan) res.tensor_bytes += s.nbytes();
+  int64_t params_after = 0;
+  for (const auto& s : plan) {
+    res.tensor_bytes += s.nbytes();
+    params_after += core::shape_numel(s.shape);
+  }
   res.tensors = plan.size();
 
   const auto& src0 = p.src.front();
@@ -883,7 +887,8 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
                            {"family", first(p).family().model_type}}},
                 {"output_family", opts.to},
                 {"upcycle", u},
-                {"params", {{"before", first(p).total_params()}}},
+                {"params", {{"before", first(p).total_params()}, {"after", params_after},
+                            {"active_after", params_after - p.L * (opts.experts - opts.top_k) * 3 * p.H * p.width}}},
                 {"bytes", {{"before", src0.ckpt->total_tensor_bytes()}, {"after", res.tensor_bytes}}},
                 {"shards", res.shards},
                 {"timings", {{"total_seconds", secs}}}};

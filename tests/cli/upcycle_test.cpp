@@ -127,6 +127,11 @@ TEST(Upcycle, ConfigKeysPerFamily) {
   // The report says what was done and that the model needs training.
   const json rep = read_json(tmp / "mx/moe_tool_report.json");
   EXPECT_EQ(rep.at("upcycle").at("method"), "copy");
+  // Parameters: 8 experts of 3 x 128 x 512 per layer where the dense model had one MLP.
+  EXPECT_EQ(rep.at("params").at("after").get<int64_t>() - rep.at("params").at("before").get<int64_t>(),
+            4 * (7 * 3 * 128 * 512 + 8 * 128));
+  EXPECT_EQ(rep.at("params").at("after").get<int64_t>() - rep.at("params").at("active_after").get<int64_t>(),
+            4 * 6 * 3 * 128 * 512);
   EXPECT_NE(rep.at("upcycle").at("next").get<std::string>().find("continued training"), std::string::npos);
   EXPECT_EQ(rep.at("upcycle").at("equals_dense_at_init").get<std::string>().rfind("yes", 0), 0u);
 }
