@@ -89,6 +89,7 @@ struct Plan {
   int64_t L = 0, H = 0, I = 0, width = 0;  // width: expert width
   bool zero_qkv_bias = false;               // llama/mistral into qwen2_moe
   std::vector<std::vector<float>> routers;  // hidden/ridge: [L][E*H]
+  std::vector<std::vector<MatrixXdRM>> coact;  // split coact: [source][layer] [I, tokens]
   json router_info;
 };
 
@@ -368,8 +369,10 @@ Plan make_plan(io::Env& env, const fs::path& model_dir, const UpcycleOptions& op
     throw Error::invalid("--method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods));
   if (std::find(routers.begin(), routers.end(), opts.router) == routers.end())
     throw Error::invalid("--router '" + opts.router + "': unknown router" + allowed_suffix(opts.router, routers));
-  if (opts.segmenting != "random" && opts.segmenting != "kmeans")
-    throw Error::invalid("--segmenting '" + opts.segmenting + "': expected random or kmeans");
+  if (opts.segmenting != "random" && opts.segmenting != "kmeans" && opts.segmenting != "coact")
+    throw Error::invalid("--segmenting '" + opts.segmenting + "': expected random, kmeans or coact");
+  if (opts.method == "split" && opts.segmenting == "coact" && opts.text.empty())
+    throw Error::invalid("--segmenting coact: give --text FILE (calibration text whose MLP activations are clustered)");
   if (opts.split_scale != "down" && opts.split_scale != "cube" && opts.split_scale != "none")
     throw Error::invalid("--split-scale '" + opts.split_scale + "': expected down, cube or none");
   if (opts.attention != "first" && opts.attention != "mean")
@@ -379,6 +382,45 @@ Plan make_plan(io::Env& env, const fs::path& model_dir, const UpcycleOptions& op
   check_numbers(p);
   check_sources_match(p);
   return p;
+}
+
+// ---- co-activation features (split --segmenting coact) ----
+
+// Per source and layer, |silu(gate x) * up x| of every neuron over the first kCoactTokens tokens
+// of the text (windows of 128), as rows [I, tokens], L2-normalised: neurons that fire on the same
+// tokens are close.
+constexpr int64_t kCoactTokens = 512, kCoactWindow = 128;
+
+void normalise_rows(MatrixXdRM& X);
+
+class CoactObserver : public runtime::Observer {
+ public:
+  explicit CoactObserver(std::vector<MatrixXdRM>& out) : out_(out) {}
+  bool wants_dense_mlp_trace() const override { return true; }
+  void on_dense_mlp(int layer, const runtime::DenseMlpTrace& t) override {
+    MatrixXdRM X = t.h.cast<double>().cwiseAbs().transpose();
+    normalise_rows(X);
+    out_[static_cast<size_t>(layer)] = std::move(X);
+  }
+
+ private:
+  std::vector<MatrixXdRM>& out_;
+};
+
+void compute_coact(Plan& p) {
+  const auto tok = tokenizer::Tokenizer::load(p.src.front().dir);
+  std::vector<int32_t> ids = tok.encode(io::Env::posix().read_text(p.o.text), false, false);
+  if (ids.size() < 2) throw Error::invalid(p.o.text.string() + ": the calibration text tokenizes to fewer than 2 tokens");
+  int64_t T = std::min<int64_t>(kCoactWindow, static_cast<int64_t>(ids.size()));
+  const int64_t n = std::min<int64_t>(kCoactTokens, static_cast<int64_t>(ids.size())) / T * T;
+  ids.resize(static_cast<size_t>(n));
+  for (const auto& s : p.src) {
+    std::vector<MatrixXdRM> feats(static_cast<size_t>(p.L));
+    CoactObserver obs(feats);
+    runtime::Observer* ob[] = {&obs};
+    runtime::Forward(*s.model).run(ids, T, ob);
+    p.coact.push_back(std::move(feats));
+  }
 }
 
 // ---- expert construction ----
@@ -423,44 +465,61 @@ model::Mlp drop_expert(const model::Mlp& dense, double r, uint64_t seed) {
   return m;
 }
 
-// Segments of the I neurons into G groups of I/G (sorted indices each).
-std::vector<std::vector<int64_t>> segments(const model::Mlp& dense, int64_t G, const std::string& how, uint64_t seed) {
+// Balanced k-means of the rows of X [I, d] into G groups of I/G: k-means centres, then every
+// (row, centre) pair by ascending distance, a row going to its nearest centre that has room.
+std::vector<std::vector<int64_t>> balanced_kmeans(const MatrixXdRM& X, int64_t G, uint64_t seed) {
+  const int64_t I = X.rows(), S = I / G;
+  std::vector<std::vector<int64_t>> seg(static_cast<size_t>(G));
+  const Groups groups = kmeans(X, static_cast<int>(G), seed);
+  Eigen::MatrixXd C = Eigen::MatrixXd::Zero(G, X.cols());
+  for (int64_t c = 0; c < G; ++c) {
+    for (int i : groups[c]) C.row(c) += X.row(i);
+    C.row(c) /= static_cast<double>(std::max<size_t>(1, groups[c].size()));
+  }
+  std::vector<std::tuple<double, int64_t, int64_t>> pairs;
+  pairs.reserve(static_cast<size_t>(I * G));
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t c = 0; c < G; ++c) pairs.emplace_back((X.row(i) - C.row(c)).squaredNorm(), i, c);
+  std::sort(pairs.begin(), pairs.end());
+  std::vector<bool> done(static_cast<size_t>(I), false);
+  for (const auto& [d, i, c] : pairs) {
+    if (done[i] || static_cast<int64_t>(seg[c].size()) >= S) continue;
+    seg[c].push_back(i);
+    done[i] = true;
+  }
+  return seg;
+}
+
+// Rows of X L2-normalised (a zero row stays zero).
+void normalise_rows(MatrixXdRM& X) {
+  for (Eigen::Index i = 0; i < X.rows(); ++i) {
+    const double n = X.row(i).norm();
+    if (n > 0) X.row(i) /= n;
+  }
+}
+
+// Segments of the I neurons into G groups of I/G (sorted indices each): random, balanced k-means
+// on normalised gate rows, or on `coact` (co-activation: per neuron its |activation| over the
+// calibration tokens, normalised).
+std::vector<std::vector<int64_t>> segments(const model::Mlp& dense, int64_t G, const std::string& how, uint64_t seed,
+                                           const MatrixXdRM* coact) {
   const int64_t I = dense.gate.dim(0), H = dense.gate.dim(1), S = I / G;
-  std::vector<int64_t> order(static_cast<size_t>(I));
-  std::iota(order.begin(), order.end(), 0);
   std::vector<std::vector<int64_t>> seg(static_cast<size_t>(G));
   if (how == "random" || G == 1) {
+    std::vector<int64_t> order(static_cast<size_t>(I));
+    std::iota(order.begin(), order.end(), 0);
     std::mt19937_64 rng(seed);
     for (int64_t i = I - 1; i > 0; --i) std::swap(order[i], order[static_cast<int64_t>(rng() % static_cast<uint64_t>(i + 1))]);
     for (int64_t g = 0; g < G; ++g) seg[g].assign(order.begin() + g * S, order.begin() + (g + 1) * S);
+  } else if (how == "coact") {
+    seg = balanced_kmeans(*coact, G, seed);
   } else {
-    // Balanced k-means on L2-normalised gate rows: k-means centres, then every (neuron, centre)
-    // pair by ascending distance, a neuron going to its nearest centre that still has room.
     const std::vector<float> g = f32(dense.gate);
     MatrixXdRM X(I, H);
-    for (int64_t i = 0; i < I; ++i) {
-      double n = 0;
-      for (int64_t h = 0; h < H; ++h) n += static_cast<double>(g[i * H + h]) * g[i * H + h];
-      n = n > 0 ? std::sqrt(n) : 1.0;
-      for (int64_t h = 0; h < H; ++h) X(i, h) = g[i * H + h] / n;
-    }
-    const Groups groups = kmeans(X, static_cast<int>(G), seed);
-    Eigen::MatrixXd C = Eigen::MatrixXd::Zero(G, H);
-    for (int64_t c = 0; c < G; ++c) {
-      for (int i : groups[c]) C.row(c) += X.row(i);
-      C.row(c) /= static_cast<double>(std::max<size_t>(1, groups[c].size()));
-    }
-    std::vector<std::tuple<double, int64_t, int64_t>> pairs;
-    pairs.reserve(static_cast<size_t>(I * G));
     for (int64_t i = 0; i < I; ++i)
-      for (int64_t c = 0; c < G; ++c) pairs.emplace_back((X.row(i) - C.row(c)).squaredNorm(), i, c);
-    std::sort(pairs.begin(), pairs.end());
-    std::vector<bool> done(static_cast<size_t>(I), false);
-    for (const auto& [d, i, c] : pairs) {
-      if (done[i] || static_cast<int64_t>(seg[c].size()) >= S) continue;
-      seg[c].push_back(i);
-      done[i] = true;
-    }
+      for (int64_t h = 0; h < H; ++h) X(i, h) = g[i * H + h];
+    normalise_rows(X);
+    seg = balanced_kmeans(X, G, seed);
   }
   for (auto& s : seg) std::sort(s.begin(), s.end());
   return seg;
@@ -643,7 +702,8 @@ class Builder {
     std::vector<std::vector<std::vector<int64_t>>> segs(p_.src.size());
     if (make && p_.o.method == "split")
       for (size_t s = 0; s < p_.src.size(); ++s)
-        segs[s] = segments(*p_.src[s].model->layers()[l].mlp, G, p_.o.segmenting, mix(p_.o.seed, 2, static_cast<uint64_t>(l), s));
+        segs[s] = segments(*p_.src[s].model->layers()[l].mlp, G, p_.o.segmenting, mix(p_.o.seed, 2, static_cast<uint64_t>(l), s),
+                           p_.coact.empty() ? nullptr : &p_.coact[s][l]);
     double sg = 1, su = 1, sd = 1;
     if (p_.o.split_scale == "down") sd = static_cast<double>(G);
     if (p_.o.split_scale == "cube") sg = su = sd = std::cbrt(static_cast<double>(G));
@@ -738,7 +798,7 @@ void release_layer(const Plan& p, int l) {
 
 const std::vector<std::string>& upcycle_section_keys() {
   static const std::vector<std::string> keys = {"to", "experts", "top_k", "method", "drop_ratio", "segments",
-                                                "segmenting", "split_scale", "router", "router_std", "prompts",
+                                                "segmenting", "text", "split_scale", "router", "router_std", "prompts",
                                                 "ridge_lambda", "shared_expert", "norm_topk_prob", "sources",
                                                 "attention_from"};
   return keys;
@@ -760,7 +820,8 @@ UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) 
   o.method = s.get_enum("method", "copy", {"copy", "drop", "split"});
   o.drop_ratio = s.get_number("drop_ratio", 0.5, 0.0, 1.0, /*min_open=*/true);
   o.segments = s.get_int("segments", 2, 1, big);
-  o.segmenting = s.get_enum("segmenting", "random", {"random", "kmeans"});
+  o.segmenting = s.get_enum("segmenting", "random", {"random", "kmeans", "coact"});
+  if (auto t = s.opt_string("text")) o.text = resolve(*t);
   o.split_scale = s.get_enum("split_scale", "down", {"down", "cube", "none"});
   o.router = s.get_enum("router", "random", {"random", "hidden", "ridge"});
   o.router_std = s.get_number("router_std", 0.02, 0.0, 1e30);
@@ -793,6 +854,7 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
   const auto t0 = std::chrono::steady_clock::now();
   Plan p = make_plan(env, model_dir, opts);
   if (opts.router == "hidden" || opts.router == "ridge") compute_prompt_routers(p);
+  if (opts.method == "split" && opts.segmenting == "coact") compute_coact(p);
   Builder b(p);
 
   std::vector<io::TensorSpec> plan;
@@ -857,6 +919,7 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
   if (opts.method == "split") {
     u["segments"] = opts.segments;
     u["segmenting"] = opts.segmenting;
+    if (opts.segmenting == "coact") u["coact_text"] = opts.text.string();
     u["split_scale"] = opts.split_scale;
     u["copies"] = opts.experts / opts.segments;
   }

@@ -22,7 +22,9 @@
 //   N(μ, σ²), μ and σ the mean and standard deviation of the whole original matrix (the paper's
 //   per-matrix statistics); the other neurons are the dense ones.
 // - split (fine-grained / granular upcycling): the I neurons are cut into G segments of I/G
-//   (random permutation, or balanced k-means on L2-normalised gate rows), expert e = segment
+//   (random permutation; balanced k-means on L2-normalised gate rows; or "coact": balanced
+//   k-means on each neuron's |silu(gate x) * up x| over the first 512 tokens of a calibration
+//   text, L2-normalised, so neurons that fire together share an expert), expert e = segment
 //   e mod G of copy e / G (E = copies x G). Output-preserving scale s = G: "down" multiplies
 //   down_proj by s (the MLP is linear in down; with G a power of two exact in bf16 too), "cube"
 //   multiplies gate, up and down by s^(1/3) as METHODS §7 states — silu is not homogeneous, so
@@ -80,7 +82,8 @@ struct UpcycleOptions {
   std::string method = "copy";        // copy | drop | split
   double drop_ratio = 0.5;            // drop: r in (0, 1]
   int64_t segments = 2;               // split: G
-  std::string segmenting = "random";  // split: random | kmeans
+  std::string segmenting = "random";  // split: random | kmeans | coact
+  std::filesystem::path text;         // split coact: calibration text
   std::string split_scale = "down";   // split: down | cube | none
   std::string router = "random";      // random | hidden | ridge
   double router_std = 0.02;

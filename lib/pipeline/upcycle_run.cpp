@@ -55,7 +55,7 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     o.finish();
   });
   auto& env = io::Env::posix();
-  std::vector<fs::path> inputs{model, uo.prompts};
+  std::vector<fs::path> inputs{model, uo.prompts, uo.text};
   for (const auto& s : uo.sources) inputs.push_back(s);
   passes::check_upcycle(env, model, uo);
   io::check_output(out, inputs, force, io::OutputKind::Folder, "output.force");

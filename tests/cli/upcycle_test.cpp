@@ -168,11 +168,14 @@ TEST(Upcycle, SharedExpertKeepsTheDenseOutput) {
 TEST(Upcycle, SplitAtInitEqualsDenseWhereTheMathSaysSo) {
   TempDir tmp("moe-upcycle");
   const auto dense = logits_of(kLlama);
-  for (const std::string seg : {"random", "kmeans"}) {
+  const std::string calib = (kSrc / "data/text/calib.txt").string();
+  for (const std::string seg : {"random", "kmeans", "coact"}) {
     for (const std::string g : {"2", "4"}) {
       const fs::path out = tmp / ("split-" + seg + g);
-      const RunResult r = upcycle(kLlama, out, {"--to", "mixtral", "--experts", g, "--top-k", g, "--method", "split",
-                                                "--segments", g, "--segmenting", seg, "--router-std", "0"});
+      std::vector<std::string> args = {"--to", "mixtral", "--experts", g, "--top-k", g, "--method", "split",
+                                       "--segments", g, "--segmenting", seg, "--router-std", "0"};
+      if (seg == "coact") args.insert(args.end(), {"--text", calib});
+      const RunResult r = upcycle(kLlama, out, args);
       ASSERT_EQ(r.exit_code, 0) << r.describe();
       EXPECT_EQ(read_json(out / "config.json").at("intermediate_size"), 512 / std::stoi(g));
       const double d = max_abs_diff(dense, logits_of(out));
@@ -326,6 +329,8 @@ TEST(Upcycle, BadInputExitsTwoWithOneLine) {
   expect_clean_failure(upcycle(kLlama, out, {"--to", "mixtral", "--experts", "3", "--top-k", "1", "--method", "split", "--segments", "2"}),
                        "not a multiple", out);
   expect_clean_failure(upcycle(kLlama, out, {"--to", "mixtral", "--experts", "2", "--top-k", "1", "--router", "hidden"}), "--prompts", out);
+  expect_clean_failure(upcycle(kLlama, out, {"--to", "mixtral", "--experts", "2", "--top-k", "1", "--method", "split", "--segmenting", "coact"}),
+                       "--text", out);
   write_file(tmp / "empty.json", R"({"0": {"positive": []}, "1": ["x"]})");
   expect_clean_failure(upcycle(kLlama, out, {"--to", "mixtral", "--experts", "2", "--top-k", "1", "--router", "hidden", "--prompts",
                                              (tmp / "empty.json").string()}),
