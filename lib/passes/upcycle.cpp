@@ -623,13 +623,15 @@ struct Out {
   Tensor t;
 };
 
-void write_one(io::CheckpointWriter& w, const Out& o) {
-  if (o.t.dtype() == o.dtype) {
-    w.write(o.name, 0, o.t.data(), o.t.nbytes());
-  } else {
-    const Tensor c = o.t.converted(o.dtype);
-    w.write(o.name, 0, c.data(), c.nbytes());
-  }
+// Writes one tensor in its planned dtype; every written tensor is checked for NaN/Inf (as the
+// pass runner does), so a poisoned dense weight cannot be copied into E experts unnoticed.
+void write_one(io::CheckpointWriter& w, const Out& o, const fs::path& model) {
+  const Tensor c = o.t.dtype() == o.dtype ? o.t : o.t.converted(o.dtype);
+  const int64_t bad = core::first_non_finite(c.dtype(), c.data(), static_cast<size_t>(c.numel()));
+  if (bad >= 0)
+    throw Error::invalid(model.string() + ": output tensor " + o.name + ": non-finite value at index " + std::to_string(bad) +
+                         " (of " + core::shape_str(c.shape()) + "), which the upcycled model would carry");
+  w.write(o.name, 0, c.data(), c.nbytes());
 }
 
 class Builder {
@@ -886,7 +888,10 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
   core::Progress progress("upcycle", res.tensor_bytes, "B", quiet);
   auto write_all = [&](const std::vector<Out>& outs) {
     for (const auto& o : outs) {
-      core::with_context("tensor " + o.name, [&] { write_one(writer, o); });
+      write_one(writer, o, model_dir);
+      // Views of the mapped sources (copy experts, attention, embeddings) hand their pages back.
+      if (o.t.data() && !o.t.owns_data())
+        for (const auto& s : p.src) s.ckpt->release_range(o.t.data(), o.t.nbytes());
       progress.add(io::TensorSpec{o.name, o.dtype, o.t.shape()}.nbytes());
     }
   };

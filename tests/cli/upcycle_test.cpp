@@ -344,6 +344,12 @@ TEST(Upcycle, BadInputExitsTwoWithOneLine) {
                                              (tmp / "missing.json").string()}),
                        "no prompts for expert 1", out);
   expect_clean_failure(upcycle(kLlama, out, {"--experts", "2", "--top-k", "1"}), "--to", out);
+  // A NaN in the dense MLP would be copied into every expert: refused, naming the tensor.
+  const fs::path poisoned = tmp / "poisoned";
+  copy_folder(kLlama, poisoned);
+  patch_tensor_bytes(poisoned / "model.safetensors", "model.layers.1.mlp.down_proj.weight", 64, std::string("\xC0\x7F", 2));
+  expect_clean_failure(upcycle(poisoned, out, {"--to", "mixtral", "--experts", "2", "--top-k", "1"}),
+                       "model.layers.1.block_sparse_moe.experts.0.w2.weight: non-finite value at index 32", out);
   // Never into an input.
   const RunResult r = upcycle(kLlama, kLlama, {"--to", "mixtral", "--experts", "2", "--top-k", "1"});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
