@@ -2,6 +2,7 @@
 // their flags: every way in goes through the same validation and runner.
 #include <cstdio>
 #include <iostream>
+#include <optional>
 
 #include "command.h"
 #include "flags.h"
@@ -9,6 +10,8 @@
 #include "pipeline/keys.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
+#include "pipeline/upcycle_run.h"
+#include "io/checkpoint.h"
 
 namespace moe::app {
 
@@ -97,6 +100,18 @@ int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const
   return gate_exit(summary, "");
 }
 
+// A recipe with an "upcycle" section (pipeline/upcycle_run.h) runs on its own runner: its
+// summary, or nullopt for a pass recipe.
+std::optional<nlohmann::json> run_if_upcycle(const std::string& file, const std::vector<std::string>& sets, bool dry_run,
+                                             bool quiet) {
+  const std::filesystem::path path = file;
+  nlohmann::json j = io::parse_json_file_text(io::Env::posix().read_text(path), path.string());
+  if (!pipeline::is_upcycle_recipe(j)) return std::nullopt;
+  for (const auto& s : sets) pipeline::apply_override(j, s);
+  return pipeline::run_upcycle_recipe(j, path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path(),
+                                      file, {dry_run, quiet, "moe-tool run " + file});
+}
+
 // Severity of an exit status, to pick a batch's worst: internal (1) > bad input (2) > quality
 // gate (3) > ok (0).
 int severity(int code) {
@@ -127,6 +142,10 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       if (o->recipes.size() == 1) {
+        if (auto up = run_if_upcycle(o->recipes[0], o->sets, o->dry_run, flags.quiet)) {
+          std::cout << up->dump(2) << "\n";
+          return kExitOk;
+        }
         auto recipe = pipeline::load_recipe(o->recipes[0], o->sets);
         return execute(recipe, o->dry_run, o->json, flags.quiet, "moe-tool run " + o->recipes[0]);
       }
@@ -137,6 +156,11 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         nlohmann::json line = {{"recipe", file}};
         int code = kExitOk;
         try {
+          if (auto up = run_if_upcycle(file, o->sets, o->dry_run, flags.quiet)) {
+            if (!o->json) std::cout << "== " << file << "\n" << up->dump(2) << "\n";
+            else std::cout << nlohmann::json{{"recipe", file}, {"exit", 0}, {"summary", *up}}.dump() << "\n";
+            continue;
+          }
           auto recipe = pipeline::load_recipe(file, o->sets);
           pipeline::RunOptions opts;
           opts.dry_run = o->dry_run;

@@ -7,6 +7,7 @@
 #include "io/checkpoint.h"
 #include "io/checkpoint_writer.h"
 #include "passes/options.h"
+#include "pipeline/upcycle_run.h"
 
 namespace moe::pipeline {
 
@@ -49,6 +50,10 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
     r.source = source;
     Options top(j, "", "a recipe");
     top.allow({"model", "seed", "calibration", "passes", "output", "eval", "description"});
+    if (j.is_object() && j.contains("upcycle")) {  // an upcycle recipe (pipeline/upcycle_run.h) has no passes
+      check_upcycle_section_keys(j.at("upcycle"));
+      throw Error::invalid("upcycle: a recipe has either passes or an upcycle section, not both (moe-tool run takes either)");
+    }
     top.opt_string("description", /*non_empty=*/false);
     r.model = resolve(base, top.get_string("model"));
     r.seed = static_cast<uint64_t>(top.get_int("seed", 0, 0, std::numeric_limits<int64_t>::max()));
