@@ -29,6 +29,7 @@
 #include "pipeline/runner.h"
 #include "runtime/forward.h"
 #include "runtime/ops.h"
+#include "fixtures.h"
 #include "synthetic_mixtral.h"
 
 namespace fs = std::filesystem;
@@ -62,11 +63,6 @@ double tokens_per_second(const fs::path& dir, int64_t windows, int64_t ctx, int 
 
 }  // namespace
 
-// The fixtures' texts: validation-tiny (the validation fixture, data/README.md) has its own corpus
-// and tokenizer in data/text-validation; the others share data/text.
-static fs::path fixture_text_dir(const fs::path& src, const std::string& name) {
-  return src / (name == "validation-tiny" ? "data/text-validation" : "data/text");
-}
 
 int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
@@ -100,7 +96,7 @@ int main(int argc, char** argv) {
   try {
     for (const auto& name : models) {
       const fs::path model_dir = src / "data/models" / name;
-      const fs::path text_dir = fixture_text_dir(src, name);
+      const fs::path text_dir = moe::bench::fixture_text_dir(src, name);
       auto run = [&](const std::string& label, json passes) {
         json recipe = {{"model", model_dir.string()},
                        {"calibration", {{"text", (text_dir / "calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},

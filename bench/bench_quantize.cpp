@@ -1,5 +1,5 @@
 // Quantize quality and speed (issue: quantize). Prints JSON, and a Markdown table on stderr.
-//   bench_quantize [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny] [--ctx 128]
+//   bench_quantize [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny,validation-tiny] [--ctx 128]
 //                  [--calib-windows 64] [--eval-windows 64] [--quality 1] [--speed 1]
 //                  [--speed-layers 2,4] [--speed-windows 8] [--tool path/to/moe-tool]
 // Quality: per fixture, the experts at int8/int4/int3/int2 (groups of 128 and whole rows), the
@@ -27,6 +27,7 @@
 #include "core/progress.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
+#include "fixtures.h"
 #include "synthetic_mixtral.h"
 
 namespace fs = std::filesystem;
@@ -48,7 +49,7 @@ int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
   int64_t ctx = 128, calib_windows = 64, eval_windows = 64, speed_windows = 8;
   bool quality = true, speed = true;
-  std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny"};
+  std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   std::vector<int64_t> speed_layers = {2, 4};
   std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string();
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -82,14 +83,15 @@ int main(int argc, char** argv) {
   try {
     for (const auto& name : quality ? models : std::vector<std::string>{}) {
       const fs::path model_dir = src / "data/models" / name;
+      const fs::path text_dir = moe::bench::fixture_text_dir(src, name);
       auto run = [&](const std::string& method, const std::string& label, json pass) {
         pass["pass"] = "quantize";
         pass["method"] = method;
         json recipe = {{"model", model_dir.string()},
-                       {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
+                       {"calibration", {{"text", (text_dir / "calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
                        {"passes", json::array({pass})},
                        {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
-                       {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx}, {"max_windows", eval_windows},
+                       {"eval", {{"text", (text_dir / "heldout.txt").string()}, {"ctx", ctx}, {"max_windows", eval_windows},
                                  {"against_input", true}}}};
         auto r = moe::pipeline::parse_recipe(recipe, ".", "bench");
         moe::pipeline::RunOptions o;
