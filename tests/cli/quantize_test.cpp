@@ -238,6 +238,33 @@ TEST(Quantize, MixedPrecisionMeetsTheBudget) {
   EXPECT_LE(rep.at("expert_bits_per_param").at("after").get<double>(), 2.5 + 1e-9);
 }
 
+// The MoTE layout (recipes/mote/): a dense model upcycled with the dense MLP as full-precision
+// shared expert, then only the routed experts quantized ternary by GPTQ.
+TEST(Quantize, MoteLayoutUpcycleThenTernaryExperts) {
+  TempDir tmp;
+  const fs::path up = tmp / "up", q = tmp / "q";
+  const RunResult u = run_tool({"-q", "upcycle", (kSrc / "data/models/llama-tiny").string(), up.string(), "--to",
+                                "qwen2_moe", "--experts", "4", "--top-k", "2", "--method", "copy", "--shared-expert"});
+  ASSERT_EQ(u.exit_code, 0) << u.describe();
+  const RunResult r = run_tool({"-q", "quantize", up.string(), q.string(), "--method", "gptq", "--experts", "ternary",
+                                "--shared", "keep", "--text", kCalib, "--ctx", "128", "--windows", "8"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = read_json(q / "config.json").at("quantization_config").at("weights");
+  EXPECT_EQ(w.size(), 4u * 4u * 3u);  // routed experts only
+  for (const auto& [name, entry] : w.items()) {
+    EXPECT_NE(name.find(".experts."), std::string::npos) << name;
+    EXPECT_EQ(entry.at("encoding"), "ternary") << name;
+  }
+  const TensorMap before = read_tensors(up), after = read_tensors(q);
+  const std::string shared = "model.layers.1.mlp.shared_expert.down_proj.weight";
+  ASSERT_TRUE(after.count(shared));
+  EXPECT_EQ(after.at(shared), before.at(shared));  // the shared expert is bit for bit the dense MLP
+  const RunResult ev = run_tool({"-q", "eval", q.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "4",
+                                 "--against", up.string(), "--json"});
+  ASSERT_EQ(ev.exit_code, 0) << ev.describe();
+  EXPECT_LT(json::parse(ev.out).at("kl_mean").get<double>(), 0.05);
+}
+
 TEST(Quantize, BadInputFailsCleanly) {
   TempDir tmp;
   const std::string m = kModel.string();
