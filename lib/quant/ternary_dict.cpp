@@ -50,6 +50,8 @@ void PairDictionary::build(const std::vector<int64_t>& entries, const char* what
   exp_of_.assign(static_cast<size_t>(n + 1), -1);
   depth_.assign(static_cast<size_t>(n), 0);
   trits_.assign(static_cast<size_t>(n * 2 * kMaxPairs), 0);
+  nnz_.assign(static_cast<size_t>(n), 0);
+  nz_.assign(static_cast<size_t>(n * 2 * kMaxPairs), 0);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t e = entries[static_cast<size_t>(k)];
     if (e < 0 || e > k * kPairSymbols)
@@ -70,6 +72,11 @@ void PairDictionary::build(const std::vector<int64_t>& entries, const char* what
       if (e > 0) std::memcpy(t, trits(e - 1), static_cast<size_t>(2 * pd));
       t[2 * pd] = static_cast<uint8_t>(s % 3);
       t[2 * pd + 1] = static_cast<uint8_t>(s / 3);
+      uint8_t* z = nz_.data() + c * 2 * kMaxPairs;
+      int m = 0;
+      for (int q = 0; q < 2 * (pd + 1); ++q)
+        if (t[q]) z[m++] = static_cast<uint8_t>(q | (t[q] == 2 ? 0x80 : 0));
+      nnz_[static_cast<size_t>(c)] = static_cast<uint8_t>(m);
     }
   }
 }
@@ -259,21 +266,24 @@ void TernaryDict::trits_row(int64_t r, uint8_t* dst) const {
 
 void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
   check_rows(r0, r1);
+  // Rows are mostly zeros: zero the row, then write each codeword's nonzero trits (validated rows
+  // decode to exactly their length, and an odd row's padding trit is 0, so every position is
+  // inside the row).
   const int64_t n = cols();
   const uint16_t* cs = codes();
+  std::fill(dst, dst + (r1 - r0) * n, 0.0f);
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t h[2];
     std::memcpy(h, levels_->data() + 4 * r, 4);
-    const float lv[3] = {0.0f, core::f16_to_f32(h[0]), core::f16_to_f32(h[1])};
+    const float lv[2] = {core::f16_to_f32(h[0]), core::f16_to_f32(h[1])};
     float* d = dst + (r - r0) * n;
     int64_t j = 0;
     const int64_t e = offset(r + 1);
     for (int64_t i = offset(r); i < e; ++i) {
       const uint16_t c = cs[i];
-      const uint8_t* t = dict_->trits(c);
-      const int64_t m = std::min<int64_t>(2 * dict_->length(c), n - j);
-      for (int64_t q = 0; q < m; ++q) d[j + q] = lv[t[q]];
-      j += m;
+      const uint8_t* z = dict_->nonzeros(c);
+      for (int k = 0, m = dict_->nnz(c); k < m; ++k) d[j + (z[k] & 0x1f)] = lv[z[k] >> 7];
+      j += 2 * dict_->length(c);
     }
   }
 }

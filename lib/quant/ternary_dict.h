@@ -59,6 +59,10 @@ class PairDictionary {
   int length(int64_t c) const { return depth_[static_cast<size_t>(c)]; }  // pairs
   // Codeword c's trits (2·length(c) of them).
   const uint8_t* trits(int64_t c) const { return trits_.data() + c * 2 * kMaxPairs; }
+  // Codeword c's nonzero trits: nonzeros(c)[k] = position (bits 0-4) | (trit == 2) << 7, for
+  // k < nnz(c) (the decoder writes only these into a zeroed row).
+  int nnz(int64_t c) const { return nnz_[static_cast<size_t>(c)]; }
+  const uint8_t* nonzeros(int64_t c) const { return nz_.data() + c * 2 * kMaxPairs; }
   // The pair symbols of codeword c, first first.
   std::vector<uint8_t> symbols(int64_t c) const;
   // Codeword c is a leaf (never expanded).
@@ -76,6 +80,7 @@ class PairDictionary {
   std::vector<int32_t> exp_of_;    // [size + 1]: index of node (id + 1) among expansions, -1 = leaf
   std::vector<uint8_t> depth_;     // per codeword
   std::vector<uint8_t> trits_;     // per codeword, 2·kMaxPairs
+  std::vector<uint8_t> nnz_, nz_;  // per codeword: nonzero count; (position, trit) of each, 2·kMaxPairs
 };
 
 class TernaryDict final : public core::Encoding {
