@@ -2,7 +2,7 @@
 // speed. Prints JSON, and a Markdown table on stderr.
 //   bench_sub1bit [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny] [--thresholds 0.5,0.7,0.9]
 //                 [--ctx 128] [--calib-windows 64] [--eval-windows 64] [--quality 1] [--speed 1]
-//                 [--speed-layers 2] [--speed-windows 8] [--tool path/to/moe-tool]
+//                 [--speed-layers 2] [--speed-windows 8] [--tool path/to/moe-tool] [--svg FILE]
 // Quality: per fixture (data/models/validation-tiny too when present) and threshold τ, GPTQ
 // ternary-minmax (QMoE's grid, τ = 0.5) then dictionary coding in one run (`quantize --method
 // gptq --codec ternary:tτ --sub1bit`), evaluated against the original on the held-out text. Per
@@ -14,9 +14,11 @@
 // Speed (synthetic mixtral layout, H 1024, 8 experts of width 2816): decode throughput of
 // ternary-dict and of packed ternary rows (parameters/s, one core), coding throughput (dictionary
 // search and coding, parameters/s), and `moe-tool eval` tokens/s of the bf16, ternary and
-// sub-1-bit checkpoints (child processes).
+// sub-1-bit checkpoints (child processes). --svg writes the bits/quality curve (expert bits per
+// parameter against perplexity relative to the original, one line per model, points labelled τ).
 #include <zstd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -164,6 +166,64 @@ json measure_coding(const fs::path& dir) {
           {"coding_params_per_second_one_dictionary", params / csecs}};
 }
 
+// The bits/quality curve as a self-contained SVG.
+std::string curve_svg(const json& rows) {
+  const double W = 640, H = 420, l = 70, r = 130, t = 40, b = 60;
+  double x0 = 1e9, x1 = -1e9, y0 = 0, y1 = -1e9;
+  for (const auto& row : rows) {
+    x0 = std::min(x0, row["bits_per_param"].get<double>());
+    x1 = std::max(x1, row["bits_per_param"].get<double>());
+    y1 = std::max(y1, 100 * (row["ppl_ratio"].get<double>() - 1));
+  }
+  x0 = std::floor(x0 * 10 - 1) / 10, x1 = std::ceil(x1 * 10 + 1) / 10, y1 = std::ceil(y1 / 5 + 1) * 5;
+  auto X = [&](double v) { return l + (v - x0) / (x1 - x0) * (W - l - r); };
+  auto Y = [&](double v) { return H - b - (v - y0) / (y1 - y0) * (H - t - b); };
+  std::ostringstream o;
+  char buf[256];
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
+    << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    << "<text x=\"" << W / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">Sub-1-bit experts (GPTQ ternary + "
+       "dictionary coding): bits vs quality</text>\n";
+  for (double v = x0; v <= x1 + 1e-9; v += 0.1) {
+    std::snprintf(buf, sizeof buf, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%.1f</text>\n",
+                  X(v), Y(y0), X(v), Y(y1), X(v), Y(y0) + 16, v);
+    o << buf;
+  }
+  for (double v = y0; v <= y1 + 1e-9; v += 5) {
+    std::snprintf(buf, sizeof buf, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">+%.0f%%</text>\n",
+                  X(x0), Y(v), X(x1), Y(v), X(x0) - 6, Y(v) + 4, v);
+    o << buf;
+  }
+  std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">expert bits per parameter (everything stored)</text>\n"
+                "<text x=\"16\" y=\"%.1f\" text-anchor=\"middle\" transform=\"rotate(-90 16 %.1f)\">perplexity vs original</text>\n",
+                (X(x0) + X(x1)) / 2, H - 18, (Y(y0) + Y(y1)) / 2, (Y(y0) + Y(y1)) / 2);
+  o << buf;
+  const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
+  std::vector<std::string> models;
+  for (const auto& row : rows)
+    if (std::find(models.begin(), models.end(), row["model"].get<std::string>()) == models.end())
+      models.push_back(row["model"].get<std::string>());
+  for (size_t m = 0; m < models.size(); ++m) {
+    const char* c = colours[m % 4];
+    std::string pts;
+    for (const auto& row : rows) {
+      if (row["model"] != models[m]) continue;
+      const double x = X(row["bits_per_param"].get<double>()), y = Y(100 * (row["ppl_ratio"].get<double>() - 1));
+      std::snprintf(buf, sizeof buf, "%.1f,%.1f ", x, y);
+      pts += buf;
+      std::snprintf(buf, sizeof buf, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\"/><text x=\"%.1f\" y=\"%.1f\" fill=\"%s\">τ %.1f</text>\n",
+                    x, y, c, x + 6, y - 6, c, row["threshold"].get<double>());
+      o << buf;
+    }
+    o << "<polyline points=\"" << pts << "\" fill=\"none\" stroke=\"" << c << "\" stroke-width=\"2\"/>\n";
+    std::snprintf(buf, sizeof buf, "<rect x=\"%.1f\" y=\"%.1f\" width=\"12\" height=\"12\" fill=\"%s\"/><text x=\"%.1f\" y=\"%.1f\">%s</text>\n",
+                  W - r + 10, t + 20 * static_cast<double>(m), c, W - r + 28, t + 20 * static_cast<double>(m) + 11, models[m].c_str());
+    o << buf;
+  }
+  o << "</svg>\n";
+  return o.str();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -173,7 +233,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   std::vector<std::string> thresholds = {"0.5", "0.7", "0.9"};
   std::vector<int64_t> speed_layers = {2};
-  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string();
+  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string(), svg;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--source-dir") src = v;
@@ -186,6 +246,7 @@ int main(int argc, char** argv) {
     else if (k == "--speed") speed = v != "0";
     else if (k == "--speed-windows") speed_windows = std::stoll(v);
     else if (k == "--tool") tool = v;
+    else if (k == "--svg") svg = v;
     else if (k == "--speed-layers") {
       speed_layers.clear();
       for (const auto& x : split(v)) speed_layers.push_back(std::stoll(x));
@@ -253,6 +314,7 @@ int main(int argc, char** argv) {
         std::cerr << buf;
       }
     }
+    if (!svg.empty() && !out["rows"].empty()) std::ofstream(svg) << curve_svg(out["rows"]);
     if (speed) {
       // Decode and coding throughput on one synthetic-size expert matrix [2816, 1024] of Gaussian
       // weights, RTN ternary-minmax per row (τ = 0.5).
