@@ -313,6 +313,8 @@ void add_pair_stats(const Ternary& t, PairStats* s) {
   }
 }
 
+bool part_shapes_depend_on_values(const core::Encoding& e) { return dynamic_cast<const TernaryDict*>(&e) != nullptr; }
+
 int64_t own_bits(const TernaryDict& w) {
   int64_t b = 0;
   for (const auto& p : w.parts())

@@ -131,6 +131,10 @@ struct DictCoded {
 };
 DictCoded dict_code(const std::vector<const Ternary*>& weights, int64_t max_codewords = kMaxCodewords);
 
+// Whether e's part shapes depend on its values (a ternary-dict code stream): a pass that moves such
+// weights between positions (prune, merge) cannot plan the output shapes from the input's.
+bool part_shapes_depend_on_values(const core::Encoding& e);
+
 // Stored bits of codes, offsets and levels of w (its own parts), and of a dictionary.
 int64_t own_bits(const TernaryDict& w);
 inline int64_t dictionary_bits(const PairDictionary& d) { return 16 * d.expansions(); }

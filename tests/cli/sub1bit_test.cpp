@@ -1,7 +1,8 @@
 // `quantize --sub1bit` through the CLI on mixtral-tiny: QMoE dictionary coding of ternary experts
 // (quant/ternary_dict.h), one dictionary per layer, lossless against the ternary checkpoint (the
 // same weights, the same logits, the same eval), GPTQ-ternary then coding in one run, every
-// command reading it, and bad input (refused codecs, corrupted code streams) failing cleanly.
+// command reading it (prune moving coded experts included), and bad input (refused codecs,
+// corrupted code streams) failing cleanly.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -141,6 +142,13 @@ TEST(Sub1bit, GptqTernaryThenCodingInOneRunAndEveryCommandReadsIt) {
   const RunResult cal = run_tool({"-q", "calibrate", o.string(), "--text", kCalib, "--ctx", "64", "--windows", "2",
                                   "--routed-only", "-o", (dir() / "stats.safetensors").string()});
   EXPECT_EQ(cal.exit_code, 0) << cal.describe();
+  // A later pass moves coded experts (their code streams differ in length): prune keeps them coded.
+  const RunResult pr = run_tool({"-q", "prune", o.string(), (dir() / "gptq-pruned").string(), "--method", "frequency",
+                                 "--keep", "6", "--text", kCalib, "--ctx", "64", "--windows", "2"});
+  ASSERT_EQ(pr.exit_code, 0) << pr.describe();
+  const json pw = read_json(dir() / "gptq-pruned" / "config.json").at("quantization_config").at("weights");
+  EXPECT_EQ(pw.size(), 4u * 6u * 3u);
+  for (const auto& [name, e] : pw.items()) EXPECT_EQ(e.at("encoding"), "ternary-dict") << name;
 }
 
 TEST(Sub1bit, BadInputFailsCleanly) {
