@@ -34,7 +34,7 @@ def read_safetensors(path):
             a = np.where(ex == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (ex - 7.0)) * np.where(s, -1.0, 1.0)
             a = np.where((ex == 15) & (m == 7), np.nan, a).astype(np.float32)
         else:
-            a = np.frombuffer(raw, {"I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}[dt])
+            a = np.frombuffer(raw, {"I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32}[dt])
         out[name] = a.reshape(info["shape"])
     return out
 
@@ -47,6 +47,14 @@ def _unpack_trits(codes, cols):
     """ternary codes: five base-3 digits per byte, lowest first -> trits [rows, cols]."""
     b = codes.astype(np.int32)
     return np.stack([(b // 3 ** i) % 3 for i in range(5)], axis=2).reshape(b.shape[0], -1)[:, :cols]
+
+def _dict_words(entries):
+    """ternary-dict dictionary (the list of expanded nodes) -> each codeword's trits."""
+    words = []
+    for e in entries.astype(np.int64):
+        prefix = [] if e == 0 else words[e - 1]
+        words.extend(prefix + [s % 3, s // 3] for s in range(9))
+    return words
 
 def _per_column(v, group, cols):
     """[rows, ngroups] -> [rows, cols]: each group's value over its columns (group 0 = row)."""
@@ -64,6 +72,7 @@ def load_native(folder):
     enc = q.get("weights", {}) if q.get("quant_method") == "moe_tool" else {}
     parts = {p for e in enc.values() for p in e["parts"].values()}
     out = {k: v.astype(np.float32) for k, v in t.items() if k not in parts}
+    words = {}  # ternary-dict: decoded dictionaries by part name (one per layer)
     for name, e in enc.items():
         r = {role: t[n] for role, n in e["parts"].items()}  # as stored (intN, ternary codes: uint8)
         p = {role: v.astype(np.float32) for role, v in r.items()}
@@ -82,8 +91,15 @@ def load_native(folder):
         elif e["encoding"] == "ternary":
             g, cols, s = e["group"], e["cols"], p["scales"]
             lo, hi = (-s, s) if e["symmetric"] else (s[..., 0], s[..., 1])
-            t = _unpack_trits(r["codes"], cols)
-            out[name] = np.where(t == 2, _per_column(hi, g, cols), np.where(t == 1, _per_column(lo, g, cols), 0)).astype(np.float32)
+            tr = _unpack_trits(r["codes"], cols)
+            out[name] = np.where(tr == 2, _per_column(hi, g, cols), np.where(tr == 1, _per_column(lo, g, cols), 0)).astype(np.float32)
+        elif e["encoding"] == "ternary-dict":
+            cols, dn = e["cols"], e["parts"]["dictionary"]
+            w = words[dn] = words[dn] if dn in words else _dict_words(r["dictionary"])
+            codes, off, lv = r["codes"].astype(np.int64), r["offsets"].astype(np.int64), p["levels"]
+            tr = np.array([[x for c in codes[off[i]:off[i + 1]] for x in w[c]][:cols] for i in range(len(off) - 1)],
+                         np.int64).reshape(len(off) - 1, cols)
+            out[name] = np.where(tr == 2, lv[:, 1:2], np.where(tr == 1, lv[:, 0:1], 0)).astype(np.float32)
         else:
             raise ValueError(f"{name}: unknown encoding {e['encoding']}")
     return out

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "passes/options.h"
 #include "passes/passes.h"
+#include "passes/sub1bit.h"
 #include "quant/codec.h"
 #include "quant/gptq.h"
 #include "quant/mixed_precision.h"
@@ -115,6 +116,8 @@ class Quantize final : public pipeline::Pass {
     if (!avg_bits_)
       for (const char* k : {"widths", "alpha", "beta"})
         if (o.has(k)) throw Error::invalid(o.key_path(k) + ": applies to mixed precision, give avg_bits too");
+    sub1bit_ = o.get_bool("sub1bit", false);
+    if (sub1bit_) check_sub1bit(o.key_path("sub1bit"));
     o.finish();
   }
 
@@ -134,6 +137,7 @@ class Quantize final : public pipeline::Pass {
       p["block"] = block_;
       p["min_tokens"] = min_tokens_;
     }
+    if (sub1bit_) p["sub1bit"] = true;
     if (avg_bits_) {
       p["avg_bits"] = *avg_bits_;
       p["widths"] = widths_text_;
@@ -247,6 +251,12 @@ class Quantize final : public pipeline::Pass {
       finish_slot(slots[i], std::move(enc), *codec[i], m);
       rep["matrices"].push_back(m);
     }
+    if (sub1bit_) {  // dictionary-code the layer's ternary weights (passes/sub1bit.h)
+      std::vector<Sub1bitSlot> s1;
+      for (size_t i = 0; i < slots.size(); ++i)
+        if (codec[i]) s1.push_back({slots[i].tensor, slots[i].cls});
+      rep["sub1bit"] = sub1bit_layer(s1);
+    }
   }
 
   void run_globals(model::Model& model, json& report) override {
@@ -283,6 +293,21 @@ class Quantize final : public pipeline::Pass {
     char b[32];
     std::snprintf(b, sizeof b, "%.4g", v);
     return b;
+  }
+
+  // sub1bit codes QMoE's ternary grid: every codec the pass applies must be ternary-minmax, one
+  // group per row.
+  void check_sub1bit(const std::string& path) const {
+    auto bad = [&](const quant::CodecSpec& c, const std::string& where) {
+      if (c.kind == quant::CodecSpec::Kind::Ternary && c.grid == quant::TernaryGrid::MinMax && c.group == 0) return;
+      throw Error::invalid(path + ": sub-1-bit coding needs ternary-minmax row codecs (e.g. ternary, ternary:t0.7), found " +
+                           quant::to_string(c) + " for " + where);
+    };
+    if (avg_bits_) throw Error::invalid(path + ": sub-1-bit coding and mixed precision (avg_bits) do not combine");
+    for (const auto& [cls, c] : class_codec_)
+      if (c) bad(*c, cls);
+    for (const auto& ov : overrides_)
+      if (ov.codec) bad(*ov.codec, "tensor_type " + ov.pattern);
   }
 
   // A codec spelling with the pass's group and symmetry applied where it names none.
@@ -497,6 +522,7 @@ class Quantize final : public pipeline::Pass {
   int64_t block_ = 128;
   int64_t min_tokens_ = 0;
   std::optional<double> avg_bits_;
+  bool sub1bit_ = false;
   std::string widths_text_;
   std::vector<quant::CodecSpec> widths_;
   double alpha_ = 1.0, beta_ = 1.5;

@@ -45,6 +45,10 @@
 //                            its routed tokens (all the layer's tokens when none is routed)
 //   "widths": "ternary,int2,int3,int4,int8"  avg_bits: the candidate codecs
 //   "alpha": 1, "beta": 1.5  avg_bits: importance exponents
+//   "sub1bit": false         QMoE sub-1-bit: after each layer is quantized, its ternary weights are
+//                            dictionary-coded with one Tunstall dictionary per layer
+//                            (passes/sub1bit.h, quant/ternary_dict.h); needs ternary-minmax row
+//                            codecs (the threshold spelling ternary:tX walks bits against quality)
 // Embeddings and lm_head are quantized by RTN under either method (no Hessian is collected for
 // them; said in the report). Every quantized matrix is reported: codec, bits per parameter, and
 // for gptq the Hessian used (routed tokens, top-up, all-token), the damping, and the proxy loss

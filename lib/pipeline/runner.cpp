@@ -20,6 +20,7 @@
 #include "pipeline/preflight.h"
 #include "pipeline/report.h"
 #include "pipeline/spill_writer.h"
+#include "quant/ternary_dict.h"
 #include "runtime/finite.h"
 #include "runtime/forward.h"
 #include "runtime/weights.h"
@@ -270,6 +271,12 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     shapes_at_run = shapes_at_run || p->shapes_at_run();
     moe_only = moe_only && p->moe_layers_only();
   }
+  // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
+  // from the input's positions once a pass moves experts: written through spill files too.
+  for (const auto& l : model.layers())
+    l.for_each_tensor([&](const core::Tensor& t) {
+      shapes_at_run = shapes_at_run || (t.encoding() && quant::part_shapes_depend_on_values(*t.encoding()));
+    });
   summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(outs_after))}};
 
   std::vector<std::string> compute;

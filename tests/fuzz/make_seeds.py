@@ -13,6 +13,7 @@ import struct
 HERE = os.path.dirname(os.path.abspath(__file__))
 ST = os.path.join(HERE, "seeds", "fuzz_safetensors_header")
 CF = os.path.join(HERE, "seeds", "fuzz_config")
+TD = os.path.join(HERE, "seeds", "fuzz_ternary_dict")
 
 
 def st(header, data=b"", pad=True, length=None):
@@ -69,6 +70,21 @@ def main():
     }
     for name, data in broken.items():
         with open(os.path.join(CF, name), "wb") as f:
+            f.write(data)
+    # fuzz_ternary_dict: rows, cols, K, n, then the dictionary, offsets, codes and f16 levels.
+    td = {
+        # one row of two trits coded by one codeword (symbol 4: lo, lo) of the root's 9
+        "valid-one-row": struct.pack("<BBHH", 1, 2, 1, 1) + struct.pack("<H", 0) + struct.pack("<ii", 0, 1)
+        + struct.pack("<H", 4) + struct.pack("<ee", -1.0, 1.0),
+        # two rows of five trits, the root and codeword 0 (symbol 0 = two zeros) expanded
+        "valid-two-rows": struct.pack("<BBHH", 2, 5, 2, 5) + struct.pack("<HH", 0, 1) + struct.pack("<iii", 0, 2, 5)
+        + struct.pack("<HHHHH", 9, 2, 1, 3, 0) + struct.pack("<eeee", -0.5, 0.25, -2.0, 3.0),
+        "bad-beyond-dictionary": struct.pack("<BBHH", 1, 2, 1, 1) + struct.pack("<H", 0) + struct.pack("<ii", 0, 1)
+        + struct.pack("<H", 9) + struct.pack("<ee", -1.0, 1.0),
+    }
+    os.makedirs(TD, exist_ok=True)
+    for name, data in td.items():
+        with open(os.path.join(TD, name), "wb") as f:
             f.write(data)
 
 

@@ -1,0 +1,358 @@
+#include "quant/ternary_dict.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <queue>
+#include <string>
+
+#include "core/error.h"
+
+namespace moe::quant {
+
+using core::DType;
+using core::Error;
+using core::shape_str;
+
+namespace {
+
+std::string found(const std::shared_ptr<const core::Tensor>& t) {
+  if (!t) return "nothing";
+  return std::string(core::dtype_name(t->dtype())) + " " + shape_str(t->shape());
+}
+
+bool plain(const std::shared_ptr<const core::Tensor>& t, DType d) {
+  return t && t->valid() && !t->encoding() && t->dtype() == d;
+}
+
+template <class T>
+T load(const core::Tensor& t, int64_t i) {
+  T v;
+  std::memcpy(&v, t.data() + i * static_cast<int64_t>(sizeof(T)), sizeof(T));
+  return v;
+}
+
+}  // namespace
+
+// ---- dictionary -----------------------------------------------------------------------------
+
+void PairDictionary::build(const std::vector<int64_t>& entries, const char* what) {
+  const std::string p = std::string(what) + ": ";
+  const int64_t K = static_cast<int64_t>(entries.size());
+  if (K == 0) throw Error::corruption(p + "empty (the root must be expanded)");
+  if (K * kPairSymbols > kMaxCodewords)
+    throw Error::corruption(p + std::to_string(K) + " expansions make " + std::to_string(K * kPairSymbols) +
+                            " codewords, more than " + std::to_string(kMaxCodewords));
+  if (entries[0] != 0) throw Error::corruption(p + "entry 0 is " + std::to_string(entries[0]) + ", expected 0 (the root)");
+  const int64_t n = K * kPairSymbols;
+  expanded_ = entries;
+  exp_of_.assign(static_cast<size_t>(n + 1), -1);
+  depth_.assign(static_cast<size_t>(n), 0);
+  trits_.assign(static_cast<size_t>(n * 2 * kMaxPairs), 0);
+  nnz_.assign(static_cast<size_t>(n), 0);
+  nz_.assign(static_cast<size_t>(n * 2 * kMaxPairs), 0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t e = entries[static_cast<size_t>(k)];
+    if (e < 0 || e > k * kPairSymbols)
+      throw Error::corruption(p + "entry " + std::to_string(k) + " expands codeword " + std::to_string(e - 1) +
+                              ", not created by the " + std::to_string(k) + " expansions before it");
+    if (exp_of_[static_cast<size_t>(e)] >= 0)
+      throw Error::corruption(p + "entry " + std::to_string(k) + " expands " +
+                              (e == 0 ? std::string("the root") : "codeword " + std::to_string(e - 1)) + " a second time");
+    const int pd = e == 0 ? 0 : depth_[static_cast<size_t>(e - 1)];
+    if (pd >= kMaxPairs)
+      throw Error::corruption(p + "entry " + std::to_string(k) + " makes codewords of " + std::to_string(pd + 1) +
+                              " pairs, longer than the cap of " + std::to_string(kMaxPairs));
+    exp_of_[static_cast<size_t>(e)] = static_cast<int32_t>(k);
+    for (int s = 0; s < kPairSymbols; ++s) {
+      const int64_t c = k * kPairSymbols + s;
+      depth_[static_cast<size_t>(c)] = static_cast<uint8_t>(pd + 1);
+      uint8_t* t = trits_.data() + c * 2 * kMaxPairs;
+      if (e > 0) std::memcpy(t, trits(e - 1), static_cast<size_t>(2 * pd));
+      t[2 * pd] = static_cast<uint8_t>(s % 3);
+      t[2 * pd + 1] = static_cast<uint8_t>(s / 3);
+      uint8_t* z = nz_.data() + c * 2 * kMaxPairs;
+      int m = 0;
+      for (int q = 0; q < 2 * (pd + 1); ++q)
+        if (t[q]) z[m++] = static_cast<uint8_t>(q | (t[q] == 2 ? 0x80 : 0));
+      nnz_[static_cast<size_t>(c)] = static_cast<uint8_t>(m);
+    }
+  }
+}
+
+PairDictionary::PairDictionary(Part part) : part_(std::move(part)) {
+  if (!plain(part_, DType::U16) || part_->rank() != 1)
+    throw Error::corruption("ternary-dict: part \"dictionary\": expected U16 [expansions], found " + found(part_));
+  std::vector<int64_t> e(static_cast<size_t>(part_->numel()));
+  for (int64_t k = 0; k < part_->numel(); ++k) e[static_cast<size_t>(k)] = load<uint16_t>(*part_, k);
+  build(e, "ternary-dict: part \"dictionary\"");
+}
+
+std::shared_ptr<const PairDictionary> PairDictionary::from_part(const Part& part) {
+  static std::mutex mu;
+  static std::map<const core::Tensor*, std::weak_ptr<const PairDictionary>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (part) {
+    auto it = cache.find(part.get());
+    if (it != cache.end())
+      if (auto d = it->second.lock(); d && d->part_ == part) return d;
+  }
+  auto d = std::make_shared<const PairDictionary>(part);
+  for (auto it = cache.begin(); it != cache.end();) it = it->second.expired() ? cache.erase(it) : std::next(it);
+  cache[part.get()] = d;
+  return d;
+}
+
+std::shared_ptr<const PairDictionary> PairDictionary::tunstall(const std::array<double, kPairSymbols>& counts,
+                                                               int64_t max_codewords) {
+  if (max_codewords < kPairSymbols || max_codewords > kMaxCodewords)
+    throw Error::invalid("ternary-dict: a dictionary holds 9 to 65536 codewords, asked " + std::to_string(max_codewords));
+  double total = 0;
+  for (double c : counts) total += c;
+  std::array<double, kPairSymbols> p;
+  for (int s = 0; s < kPairSymbols; ++s) p[static_cast<size_t>(s)] = total > 0 ? counts[static_cast<size_t>(s)] / total : 1.0 / 9;
+  // Leaves that may still be expanded: (probability, −(id + 1)) so that ties take the older node.
+  std::priority_queue<std::pair<double, int64_t>> leaves;
+  std::vector<double> prob;
+  std::vector<int> depth;
+  std::vector<int64_t> entries;
+  leaves.push({1.0, 0});
+  while (!leaves.empty() && static_cast<int64_t>(entries.size() + 1) * kPairSymbols <= max_codewords) {
+    const auto [pr, neg] = leaves.top();
+    leaves.pop();
+    const int64_t e = -neg;
+    const int d = e == 0 ? 0 : depth[static_cast<size_t>(e - 1)];
+    entries.push_back(e);
+    for (int s = 0; s < kPairSymbols; ++s) {
+      const double q = pr * p[static_cast<size_t>(s)];
+      prob.push_back(q);
+      depth.push_back(d + 1);
+      if (d + 1 < kMaxPairs) leaves.push({q, -static_cast<int64_t>(prob.size())});
+    }
+  }
+  auto part = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::U16, {static_cast<int64_t>(entries.size())}));
+  for (size_t k = 0; k < entries.size(); ++k) {
+    const uint16_t v = static_cast<uint16_t>(entries[k]);
+    std::memcpy(part->mutable_data() + 2 * k, &v, 2);
+  }
+  std::shared_ptr<PairDictionary> d(new PairDictionary());
+  d->part_ = part;
+  d->build(entries, "ternary-dict: dictionary");
+  return d;
+}
+
+std::vector<uint8_t> PairDictionary::symbols(int64_t c) const {
+  std::vector<uint8_t> s(static_cast<size_t>(length(c)));
+  const uint8_t* t = trits(c);
+  for (size_t i = 0; i < s.size(); ++i) s[i] = static_cast<uint8_t>(t[2 * i] + 3 * t[2 * i + 1]);
+  return s;
+}
+
+int64_t PairDictionary::encode(const uint8_t* s, int64_t n, std::vector<uint16_t>* out) const {
+  int64_t count = 0, i = 0;
+  while (i < n) {
+    int32_t k = exp_of_[0];
+    int64_t c = -1;
+    while (i < n && k >= 0) {
+      c = int64_t{k} * kPairSymbols + s[i++];
+      k = exp_of_[static_cast<size_t>(c + 1)];
+    }
+    if (out) out->push_back(static_cast<uint16_t>(c));
+    ++count;
+  }
+  return count;
+}
+
+// ---- the encoding ---------------------------------------------------------------------------
+
+namespace {
+int64_t rows_of(const std::shared_ptr<const core::Tensor>& offsets) {
+  return offsets && offsets->rank() == 1 && offsets->numel() >= 1 ? offsets->numel() - 1 : 0;
+}
+int64_t pairs_of(int64_t cols) { return (cols + 1) / 2; }
+}  // namespace
+
+int64_t TernaryDict::offset(int64_t r) const { return load<int32_t>(*offsets_, r); }
+
+TernaryDict::TernaryDict(int64_t cols, Part codes, Part offsets, Part levels, std::shared_ptr<const PairDictionary> dict)
+    : Encoding(rows_of(offsets), cols), codes_(std::move(codes)), offsets_(std::move(offsets)), levels_(std::move(levels)),
+      dict_(std::move(dict)) {
+  const std::string p = "ternary-dict: part ";
+  if (cols < 0) throw Error::corruption("ternary-dict: cols: expected an integer >= 0, found " + std::to_string(cols));
+  if (!dict_) throw Error::corruption(p + "\"dictionary\" missing");
+  if (!plain(codes_, DType::U16) || codes_->rank() != 1)
+    throw Error::corruption(p + "\"codes\": expected U16 [n], found " + found(codes_));
+  if (!plain(offsets_, DType::I32) || offsets_->rank() != 1 || offsets_->numel() < 1)
+    throw Error::corruption(p + "\"offsets\": expected I32 [rows + 1], found " + found(offsets_));
+  const int64_t rows = this->rows(), n = codes_->numel();
+  if (!plain(levels_, DType::F16) || levels_->shape() != core::Shape{rows, 2})
+    throw Error::corruption(p + "\"levels\": expected F16 [" + std::to_string(rows) + ", 2], found " + found(levels_));
+  if (offset(0) != 0) throw Error::corruption(p + "\"offsets\": offsets[0] is " + std::to_string(offset(0)) + ", expected 0");
+  for (int64_t r = 0; r < rows; ++r)
+    if (offset(r + 1) < offset(r))
+      throw Error::corruption(p + "\"offsets\": out of order: offsets[" + std::to_string(r + 1) + "] = " +
+                              std::to_string(offset(r + 1)) + " < offsets[" + std::to_string(r) + "] = " + std::to_string(offset(r)));
+  if (offset(rows) != n)
+    throw Error::corruption(p + "\"offsets\": offsets[" + std::to_string(rows) + "] = " + std::to_string(offset(rows)) +
+                            ", but the code stream has " + std::to_string(n) + " codes");
+  const int64_t need = pairs_of(cols), size = dict_->size();
+  const uint16_t* c = this->codes();
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t got = 0;
+    for (int64_t i = offset(r); i < offset(r + 1); ++i) {
+      if (c[i] >= size)
+        throw Error::corruption(p + "\"codes\": code " + std::to_string(c[i]) + " at " + std::to_string(i) + " (row " +
+                                std::to_string(r) + ") is beyond the dictionary (" + std::to_string(size) + " codewords)");
+      got += dict_->length(c[i]);
+      if (got > need)
+        throw Error::corruption(p + "\"codes\": row " + std::to_string(r) + " runs past its end: code " + std::to_string(i) +
+                                " decodes beyond its " + std::to_string(need) + " pairs");
+    }
+    if (got != need)
+      throw Error::corruption(p + "\"codes\": row " + std::to_string(r) + " decodes to " + std::to_string(got) +
+                              " pairs, expected " + std::to_string(need));
+    if (cols % 2 == 1) {
+      const int64_t last = c[offset(r + 1) - 1];
+      if (dict_->trits(last)[2 * dict_->length(last) - 1] != 0)
+        throw Error::corruption(p + "\"codes\": row " + std::to_string(r) + ": the padding trit of the odd row is not 0");
+    }
+  }
+}
+
+std::shared_ptr<const TernaryDict> TernaryDict::code(const Ternary& t, std::shared_ptr<const PairDictionary> dict) {
+  if (t.ngroups() != 1)
+    throw Error::invalid("ternary-dict: codes one group per row, the weight has " + std::to_string(t.ngroups()));
+  const int64_t rows = t.rows(), cols = t.cols(), np = pairs_of(cols);
+  std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0), sym(static_cast<size_t>(np));
+  std::vector<uint16_t> codes;
+  std::vector<int32_t> off(static_cast<size_t>(rows + 1), 0);
+  std::vector<float> lv(static_cast<size_t>(2 * rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    t.trits_row(r, tr.data());
+    for (int64_t i = 0; i < np; ++i) sym[static_cast<size_t>(i)] = static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]);
+    dict->encode(sym.data(), np, &codes);
+    if (codes.size() > static_cast<size_t>(INT32_MAX)) throw Error::invalid("ternary-dict: more than 2^31 codes in one weight");
+    off[static_cast<size_t>(r + 1)] = static_cast<int32_t>(codes.size());
+    lv[static_cast<size_t>(2 * r)] = t.lo(r, 0);
+    lv[static_cast<size_t>(2 * r + 1)] = t.hi(r, 0);
+  }
+  auto c = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::U16, {static_cast<int64_t>(codes.size())}));
+  if (!codes.empty()) std::memcpy(c->mutable_data(), codes.data(), codes.size() * 2);
+  auto o = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::I32, {rows + 1}));
+  std::memcpy(o->mutable_data(), off.data(), off.size() * 4);
+  auto l = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::F16, {rows, 2}));
+  core::from_f32(DType::F16, lv.data(), l->mutable_data(), lv.size());
+  return std::make_shared<const TernaryDict>(cols, c, o, l, std::move(dict));
+}
+
+std::vector<core::EncodedPart> TernaryDict::parts() const {
+  return {{"codes", ".codes", codes_, false},
+          {"offsets", ".offsets", offsets_, false},
+          {"levels", ".levels", levels_, false},
+          {"dictionary", ".dict", dict_->part(), true}};
+}
+
+void TernaryDict::trits_row(int64_t r, uint8_t* dst) const {
+  const int64_t n = cols();
+  int64_t j = 0;
+  for (int64_t i = offset(r), e = offset(r + 1); i < e; ++i) {
+    const uint16_t c = codes()[i];
+    const int64_t m = std::min<int64_t>(2 * dict_->length(c), n - j);
+    std::memcpy(dst + j, dict_->trits(c), static_cast<size_t>(m));
+    j += m;
+  }
+}
+
+void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
+  check_rows(r0, r1);
+  // Rows are mostly zeros: zero the row, then write each codeword's nonzero trits (validated rows
+  // decode to exactly their length, and an odd row's padding trit is 0, so every position is
+  // inside the row).
+  const int64_t n = cols();
+  const uint16_t* cs = codes();
+  std::fill(dst, dst + (r1 - r0) * n, 0.0f);
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t h[2];
+    std::memcpy(h, levels_->data() + 4 * r, 4);
+    const float lv[2] = {core::f16_to_f32(h[0]), core::f16_to_f32(h[1])};
+    float* d = dst + (r - r0) * n;
+    int64_t j = 0;
+    const int64_t e = offset(r + 1);
+    for (int64_t i = offset(r); i < e; ++i) {
+      const uint16_t c = cs[i];
+      const uint8_t* z = dict_->nonzeros(c);
+      for (int k = 0, m = dict_->nnz(c); k < m; ++k) d[j + (z[k] & 0x1f)] = lv[z[k] >> 7];
+      j += 2 * dict_->length(c);
+    }
+  }
+}
+
+std::shared_ptr<const core::Encoding> TernaryDict::slice_rows(int64_t r0, int64_t r1) const {
+  check_rows(r0, r1);
+  const int64_t b = offset(r0), e = offset(r1);
+  auto c = std::make_shared<const core::Tensor>(codes_->slice0(b, e));
+  auto o = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::I32, {r1 - r0 + 1}));
+  for (int64_t r = r0; r <= r1; ++r) {
+    const int32_t v = static_cast<int32_t>(offset(r) - b);
+    std::memcpy(o->mutable_data() + 4 * (r - r0), &v, 4);
+  }
+  return std::make_shared<TernaryDict>(cols(), c, o, std::make_shared<const core::Tensor>(levels_->slice0(r0, r1)), dict_);
+}
+
+// ---- coding a layer -------------------------------------------------------------------------
+
+void add_pair_stats(const Ternary& t, PairStats* s) {
+  const int64_t cols = t.cols(), np = pairs_of(cols);
+  std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0);
+  for (int64_t r = 0; r < t.rows(); ++r) {
+    t.trits_row(r, tr.data());
+    for (int64_t j = 0; j < cols; ++j) s->zeros += tr[static_cast<size_t>(j)] == 0;
+    for (int64_t i = 0; i < np; ++i) s->counts[static_cast<size_t>(tr[2 * i] + 3 * tr[2 * i + 1])] += 1;
+    s->trits += cols;
+  }
+}
+
+bool part_shapes_depend_on_values(const core::Encoding& e) { return dynamic_cast<const TernaryDict*>(&e) != nullptr; }
+
+int64_t own_bits(const TernaryDict& w) {
+  int64_t b = 0;
+  for (const auto& p : w.parts())
+    if (!p.shared) b += 8 * static_cast<int64_t>(p.tensor->nbytes());
+  return b;
+}
+
+DictCoded dict_code(const std::vector<const Ternary*>& weights, int64_t max_codewords) {
+  DictCoded out;
+  // Every row's symbols, rows one after another (row boundaries: row_end).
+  std::vector<uint8_t> sym;
+  std::vector<int64_t> row_end;
+  for (const Ternary* t : weights) {
+    if (t->ngroups() != 1)
+      throw Error::invalid("ternary-dict: codes one group per row, a weight has " + std::to_string(t->ngroups()));
+    add_pair_stats(*t, &out.stats);
+    const int64_t np = pairs_of(t->cols());
+    std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0);
+    for (int64_t r = 0; r < t->rows(); ++r) {
+      t->trits_row(r, tr.data());
+      for (int64_t i = 0; i < np; ++i) sym.push_back(static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]));
+      row_end.push_back(static_cast<int64_t>(sym.size()));
+    }
+  }
+  int64_t best_bits = -1;
+  for (int64_t size = std::min<int64_t>(256, max_codewords);; size = std::min(2 * size, max_codewords)) {
+    auto d = PairDictionary::tunstall(out.stats.counts, size);
+    int64_t codes = 0, b = 0;
+    for (int64_t e : row_end) {
+      codes += d->encode(sym.data() + b, e - b, nullptr);
+      b = e;
+    }
+    const int64_t bits = 16 * codes + dictionary_bits(*d);
+    if (best_bits < 0 || bits < best_bits) best_bits = bits, out.dict = d, out.codes = codes;
+    if (size >= max_codewords) break;
+  }
+  for (const Ternary* t : weights) out.weights.push_back(TernaryDict::code(*t, out.dict));
+  return out;
+}
+
+}  // namespace moe::quant

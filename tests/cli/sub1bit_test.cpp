@@ -1,0 +1,193 @@
+// `quantize --sub1bit` through the CLI on mixtral-tiny: QMoE dictionary coding of ternary experts
+// (quant/ternary_dict.h), one dictionary per layer, lossless against the ternary checkpoint (the
+// same weights, the same logits, the same eval), GPTQ-ternary then coding in one run, every
+// command reading it (prune moving coded experts included), and bad input (refused codecs,
+// corrupted code streams) failing cleanly.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "quant/ternary_dict.h"
+#include "runtime/forward.h"
+#include "support/ckpt_util.h"
+#include "support/run.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+const fs::path kSrc = MOE_SOURCE_DIR;
+const fs::path kModel = kSrc / "data/models/mixtral-tiny";
+const std::string kCalib = (kSrc / "data/text/calib.txt").string();
+const std::string kHeld = (kSrc / "data/text/heldout.txt").string();
+const std::string kExpert = "model.layers.2.block_sparse_moe.experts.5.w2.weight";
+
+json read_json(const fs::path& p) { return json::parse(read_file(p)); }
+
+void expect_clean_failure(const RunResult& r, const std::string& needle) {
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+  EXPECT_NE(r.err.find(needle), std::string::npos) << r.describe();
+}
+
+TempDir& dir() {
+  static TempDir tmp{"moe-sub1bit"};
+  return tmp;
+}
+
+// RTN ternary (QMoE grid, τ = 0.5) without and with the dictionary coding.
+const fs::path& quantized(bool sub1bit) {
+  static std::map<bool, fs::path> done;
+  if (!done.count(sub1bit)) {
+    const fs::path o = dir() / (sub1bit ? "sub1bit" : "ternary");
+    std::vector<std::string> args = {"-q", "quantize", kModel.string(), o.string(), "--method", "rtn", "--codec", "ternary"};
+    if (sub1bit) args.push_back("--sub1bit");
+    const RunResult r = run_tool(args);
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    done[sub1bit] = o;
+  }
+  return done[sub1bit];
+}
+
+TEST(Sub1bit, WritesDictionaryCodedExpertsWithOneDictionaryPerLayer) {
+  const fs::path& out = quantized(true);
+  const json cfg = read_json(out / "config.json");
+  const json& w = cfg.at("quantization_config").at("weights");
+  ASSERT_EQ(w.size(), 4u * 8u * 3u);
+  std::set<std::string> dicts;
+  for (const auto& [name, e] : w.items()) {
+    EXPECT_EQ(e.at("encoding"), "ternary-dict") << name;
+    EXPECT_EQ(e.at("parts").size(), 4u);
+    EXPECT_EQ(e.at("parts").at("codes"), name + ".codes");
+    dicts.insert(e.at("parts").at("dictionary").get<std::string>());
+  }
+  EXPECT_EQ(dicts.size(), 4u);  // shared by the layer's 24 expert matrices
+  EXPECT_EQ(w.at(kExpert).at("cols"), 256);
+
+  const json report = read_json(out / "moe_tool_report.json");
+  const json ternary_report = read_json(quantized(false) / "moe_tool_report.json");
+  const double bits = report.at("expert_bits_per_param").at("after").get<double>();
+  EXPECT_LT(bits, ternary_report.at("expert_bits_per_param").at("after").get<double>());
+  // The layer report's per-class figures; the sum over layers agrees with the file's bytes.
+  double layer_bits = 0, params = 0;
+  for (const json& layer : report.at("layers")) {
+    const json* s = nullptr;
+    for (const json& p : layer.at("passes"))
+      if (p.contains("sub1bit")) s = &p.at("sub1bit");
+    ASSERT_NE(s, nullptr) << layer.dump();
+    const json& c = s->at("classes").at("experts");
+    EXPECT_GT(c.at("zero_fraction").get<double>(), 0.5);
+    EXPECT_LT(c.at("zero_fraction").get<double>(), 1.0);
+    layer_bits += c.at("bits_per_param").get<double>() * c.at("params").get<double>();
+    params += c.at("params").get<double>();
+  }
+  EXPECT_NEAR(layer_bits / params, bits, 1e-9);
+}
+
+TEST(Sub1bit, LosslessAgainstTheTernaryCheckpoint) {
+  const auto ck_s = io::Checkpoint::open(io::Env::posix(), quantized(true));
+  const auto ck_t = io::Checkpoint::open(io::Env::posix(), quantized(false));
+  const model::Model s = model::Model::load(ck_s), t = model::Model::load(ck_t);
+  int n = 0;
+  for (size_t l = 0; l < s.layers().size(); ++l)
+    for (size_t e = 0; e < s.layers()[l].moe->experts.size(); ++e) {
+      const auto& a = s.layers()[l].moe->experts[e];
+      const auto& b = t.layers()[l].moe->experts[e];
+      for (auto [x, y] : {std::pair{&a.gate, &b.gate}, {&a.up, &b.up}, {&a.down, &b.down}}) {
+        ASSERT_NE(dynamic_cast<const quant::TernaryDict*>(x->encoding()), nullptr);
+        EXPECT_EQ(x->to_f32(), y->to_f32());
+        ++n;
+      }
+    }
+  EXPECT_EQ(n, 96);
+  std::vector<int32_t> tokens(48);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 977 + 13) % 4000);
+  const runtime::MatrixRM ls = runtime::Forward(s).run(tokens, 24);
+  const runtime::MatrixRM lt = runtime::Forward(t).run(tokens, 24);
+  EXPECT_EQ((ls - lt).cwiseAbs().maxCoeff(), 0.0f);
+
+  // eval: the same perplexity, bit for bit, and zero KL against the ternary checkpoint.
+  auto eval = [&](const fs::path& m, bool against) {
+    std::vector<std::string> a = {"-q", "eval", m.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "3", "--json"};
+    if (against) a.insert(a.end(), {"--against", quantized(false).string()});
+    const RunResult r = run_tool(a);
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return json::parse(r.out);
+  };
+  const json against = eval(quantized(true), true);
+  EXPECT_EQ(against.at("kl_mean").get<double>(), 0.0);
+  EXPECT_EQ(against.at("top1_agreement").get<double>(), 1.0);
+  const json es = eval(quantized(true), false), et = eval(quantized(false), false);
+  EXPECT_EQ(es.at("nll_sum").get<double>(), et.at("nll_sum").get<double>());
+  EXPECT_EQ(es.at("perplexity").get<double>(), et.at("perplexity").get<double>());
+}
+
+TEST(Sub1bit, GptqTernaryThenCodingInOneRunAndEveryCommandReadsIt) {
+  const fs::path o = dir() / "gptq";
+  const RunResult r = run_tool({"-q", "quantize", kModel.string(), o.string(), "--method", "gptq", "--codec", "ternary:t0.7",
+                                "--sub1bit", "--text", kCalib, "--ctx", "64", "--windows", "4"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_json(o / "config.json").at("quantization_config").at("weights").at(kExpert).at("encoding"), "ternary-dict");
+  const RunResult in = run_tool({"-q", "inspect", o.string(), "--json"});
+  ASSERT_EQ(in.exit_code, 0) << in.describe();
+  EXPECT_NE(in.out.find("ternary-dict"), std::string::npos);
+  const RunResult m = run_tool({"-q", "convert", o.string(), (dir() / "gptq-dense").string(), "--materialize"});
+  ASSERT_EQ(m.exit_code, 0) << m.describe();
+  EXPECT_FALSE(read_json(dir() / "gptq-dense" / "config.json").contains("quantization_config"));
+  const RunResult cal = run_tool({"-q", "calibrate", o.string(), "--text", kCalib, "--ctx", "64", "--windows", "2",
+                                  "--routed-only", "-o", (dir() / "stats.safetensors").string()});
+  EXPECT_EQ(cal.exit_code, 0) << cal.describe();
+  // A later pass moves coded experts (their code streams differ in length): prune keeps them coded.
+  const RunResult pr = run_tool({"-q", "prune", o.string(), (dir() / "gptq-pruned").string(), "--method", "frequency",
+                                 "--keep", "6", "--text", kCalib, "--ctx", "64", "--windows", "2"});
+  ASSERT_EQ(pr.exit_code, 0) << pr.describe();
+  const json pw = read_json(dir() / "gptq-pruned" / "config.json").at("quantization_config").at("weights");
+  EXPECT_EQ(pw.size(), 4u * 6u * 3u);
+  for (const auto& [name, e] : pw.items()) EXPECT_EQ(e.at("encoding"), "ternary-dict") << name;
+}
+
+TEST(Sub1bit, BadInputFailsCleanly) {
+  TempDir tmp;
+  const std::string m = kModel.string();
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "a").string(), "--method", "rtn", "--codec", "int4", "--sub1bit"}),
+                       "ternary-minmax row codecs");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "b").string(), "--method", "rtn", "--codec", "ternary-absmean",
+                                 "--sub1bit"}),
+                       "found ternary-absmean");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "c").string(), "--method", "rtn", "--codec", "ternary:g64",
+                                 "--sub1bit"}),
+                       "ternary-minmax:g64");
+  for (const char* d : {"a", "b", "c"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
+
+  // Corrupted code streams: exit 2, one line naming the tensor and the part.
+  auto broken = [&](const std::string& what, const std::string& part, uint64_t at, const std::string& bytes) {
+    const fs::path d = tmp / what;
+    copy_folder(quantized(true), d);
+    patch_tensor_bytes(d / "model.safetensors", kExpert + part, at, bytes);
+    return d;
+  };
+  const fs::path beyond = broken("beyond", ".codes", 0, std::string("\xff\xff", 2));
+  const RunResult e1 = run_tool({"eval", beyond.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"});
+  expect_clean_failure(e1, "beyond the dictionary");
+  EXPECT_NE(e1.err.find(kExpert), std::string::npos) << e1.describe();
+  const fs::path order = broken("order", ".offsets", 4, std::string("\xff\xff\x00\x00", 4));
+  const RunResult e2 = run_tool({"convert", order.string(), (tmp / "o-dense").string(), "--materialize"});
+  expect_clean_failure(e2, "part \"offsets\"");
+  EXPECT_NE(e2.err.find(kExpert), std::string::npos) << e2.describe();
+  // The layer's dictionary is stored under its first user's name; entry 1 naming a codeword not
+  // created yet.
+  const fs::path cap = tmp / "cap";
+  copy_folder(quantized(true), cap);
+  patch_tensor_bytes(cap / "model.safetensors", "model.layers.2.block_sparse_moe.experts.0.w1.weight.dict", 2,
+                     std::string("\xf0\xff", 2));
+  expect_clean_failure(run_tool({"eval", cap.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"}),
+                       "part \"dictionary\": entry 1 expands codeword 65519, not created");
+}
+
+}  // namespace
+}  // namespace moe::test
