@@ -150,6 +150,7 @@ int main(int argc, char** argv) {
         const auto cp = moe::bench::run_child({"cp", "-r", model.string(), (tmp / "copy").string()});
         fs::remove_all(tmp / "copy");
         row["cp_seconds"] = cp.seconds;
+        row["cp_cpu_seconds"] = cp.cpu_seconds;
         for (const char* method : {"rtn", "gptq"}) {
           std::vector<std::string> a = {tool, "--quiet", "quantize", model.string(), (tmp / "q").string(), "--method", method,
                                         "--codec", "int4"};
@@ -161,10 +162,13 @@ int main(int argc, char** argv) {
           fs::remove_all(tmp / "q");
           if (r.status != 0) throw moe::core::Error::internal(std::string("quantize ") + method + " failed with status " +
                                                               std::to_string(r.status));
-          row[method] = {{"seconds", r.seconds}, {"peak_rss_mb", static_cast<double>(r.max_rss_kb) / 1024.0},
+          row[method] = {{"seconds", r.seconds}, {"cpu_seconds", r.cpu_seconds},
+                         {"peak_rss_mb", static_cast<double>(r.max_rss_kb) / 1024.0},
                          {"expert_params_per_second", expert_params / r.seconds},
-                         {"weight_bytes_read_per_second", 2 * expert_params / r.seconds}};
-          std::cerr << L << " layers (" << bytes / 1e9 << " GB), " << method << " int4: " << r.seconds << " s ("
+                         {"weight_bytes_read_per_second", 2 * expert_params / r.seconds},
+                         {"weight_bytes_read_per_cpu_second", 2 * expert_params / r.cpu_seconds}};
+          std::cerr << L << " layers (" << bytes / 1e9 << " GB), " << method << " int4: " << r.seconds << " s, "
+                    << r.cpu_seconds << " s CPU ("
                     << expert_params / r.seconds / 1e6 << " M params/s), peak RSS " << r.max_rss_kb / 1024 << " MB; cp "
                     << cp.seconds << " s\n";
         }

@@ -16,7 +16,8 @@ namespace moe::bench {
 struct ChildResult {
   double seconds = 0;
   long max_rss_kb = 0;
-  int status = -1;  // exit status, -1 when killed
+  int status = -1;          // exit status, -1 when killed
+  double cpu_seconds = 0;   // user + system time of the child (robust to a loaded machine)
 };
 
 inline ChildResult run_child(const std::vector<std::string>& args) {
@@ -35,7 +36,9 @@ inline ChildResult run_child(const std::vector<std::string>& args) {
   struct rusage ru {};
   wait4(pid, &status, 0, &ru);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1};
+  const double cpu = static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                     1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1, cpu};
 }
 
 }  // namespace moe::bench
