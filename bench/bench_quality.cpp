@@ -4,6 +4,9 @@
 // recipes) and reused. Prints JSON, and a Markdown table on stderr.
 //   bench_quality [--source-dir DIR] [--calib-windows 64] [--eval-windows 0] [--ctx 128]
 //                 [--models mixtral-tiny,qwen2moe-tiny,validation-tiny] [--random-seeds 8]
+//                 [--methods random,reap,search] [--search-budget 120]
+// --methods: only the one-pass rows of these methods (all rows when absent); --search-budget: the
+// time_budget of prune search in seconds.
 // Random pruning is reported as the mean over seeds 0..N-1 (one draw is noise: on the fixtures
 // single seeds range over tens of percent); every other row says whether it beats that mean.
 #include <algorithm>
@@ -37,6 +40,8 @@ int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
   int64_t calib_windows = 64, eval_windows = 0, ctx = 128;
   int random_seeds = 8;
+  double search_budget = 120;
+  std::vector<std::string> only;
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -45,6 +50,11 @@ int main(int argc, char** argv) {
     else if (k == "--eval-windows") eval_windows = std::stoll(v);
     else if (k == "--ctx") ctx = std::stoll(v);
     else if (k == "--random-seeds") random_seeds = std::max(1, std::stoi(v));
+    else if (k == "--search-budget") search_budget = std::stod(v);
+    else if (k == "--methods") {
+      std::stringstream ss(v);
+      for (std::string x; std::getline(ss, x, ',');) only.push_back(x);
+    }
     else if (k == "--models") {
       models.clear();
       std::stringstream ss(v);
@@ -93,7 +103,7 @@ int main(int argc, char** argv) {
         bool after_reap6 = false;     // a two-pass recipe: prune reap 8 -> 6 first (4/8 rows only)
       };
       std::vector<Config> configs;
-      for (const char* m : {"random", "frequency", "soft", "reap", "enumerate"}) configs.push_back({"prune", m, ""});
+      for (const char* m : {"random", "frequency", "soft", "reap", "enumerate", "search"}) configs.push_back({"prune", m, ""});
       for (const char* m : {"msmoe", "hcsmoe", "submoe"}) {
         for (const char* r : {"dominant", "mean", "refit"}) configs.push_back({"merge", m, r});
         for (const char* imp : {"frequency", "soft"}) configs.push_back({"merge", m, "mean", false, false, imp});
@@ -104,6 +114,10 @@ int main(int argc, char** argv) {
       // the 6 experts left.
       configs.push_back({"prune", "reap", "", false, false, "", true});
       for (const char* m : {"msmoe", "hcsmoe", "submoe"}) configs.push_back({"merge", m, "mean", false, false, "", true});
+      if (!only.empty())
+        std::erase_if(configs, [&](const Config& c) {
+          return c.after_reap6 || std::find(only.begin(), only.end(), c.method) == only.end();
+        });
       bool original_row = false;
       for (int64_t experts : {6, 4}) {
         double random_mean = 0;
@@ -111,7 +125,7 @@ int main(int argc, char** argv) {
           if (c.after_reap6 && experts != 4) continue;
           const int runs = c.method == "random" ? random_seeds : 1;
           double ppl = 0, kl = 0, top1 = 0, secs = 0, lo = 1e300, hi = 0, base = 0;
-          json per_seed = json::array();
+          json per_seed = json::array(), last_layers;
           int64_t scored = 0;
           for (int seed = 0; seed < runs; ++seed) {
             json pass = {{"pass", c.pass}, {"method", c.method}};
@@ -124,6 +138,7 @@ int main(int argc, char** argv) {
               if (!c.importance.empty()) pass["importance"] = c.importance;
             }
             if (c.method == "random") pass["seed"] = seed;
+            if (c.method == "search") pass["time_budget"] = search_budget;
             json recipe = {{"model", model_dir.string()},
                            {"calibration", {{"text", (text_dir / "calib.txt").string()}, {"stats", stats_path.string()},
                                             {"ctx", ctx}, {"windows", calib_windows}}},
@@ -140,6 +155,14 @@ int main(int argc, char** argv) {
             const json s = moe::pipeline::run_recipe(r, ro);
             secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const json& e = s.at("eval");
+            last_layers = json::array();
+            for (const auto& l : s.at("layers"))
+              if (l.contains("passes") && !l.at("passes").empty()) {
+                json p = l.at("passes").back();
+                p.erase("scores");
+                p.erase("starts");
+                last_layers.push_back(p);
+              }
             base = e.at("perplexity_before").get<double>();
             if (!original_row) {
               out["rows"].push_back({{"model", name}, {"experts", 8}, {"pass", "original"}, {"perplexity", base}});
@@ -164,6 +187,7 @@ int main(int argc, char** argv) {
           json row = {{"model", name}, {"experts", experts}, {"pass", pass_label}, {"method", c.method},
                       {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
                       {"kl", kl}, {"top1_agreement", top1}, {"seconds", secs}, {"tokens_scored", scored}};
+          if (c.method == "search") row["search_layers"] = last_layers;
           if (c.pass == "merge" && c.method != "msmoe") row["align"] = !c.no_align;
           if (c.pass == "merge") row["protect_super_experts"] = c.protect;
           if (c.pass == "merge") row["importance"] = c.importance.empty() ? "saliency" : c.importance;

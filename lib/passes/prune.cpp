@@ -1,6 +1,7 @@
 #include "passes/prune.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -13,6 +14,8 @@
 #include "passes/naee.h"
 #include "passes/options.h"
 #include "passes/passes.h"
+#include "passes/search.h"
+#include "runtime/forward.h"
 #include "runtime/weights.h"
 
 namespace moe::passes {
@@ -118,7 +121,7 @@ std::map<int, int64_t> plan_keep_ratio(const std::vector<LayerScores>& layers, d
 
 namespace {
 
-enum class Method { Frequency, Soft, Reap, Random, Enumerate };
+enum class Method { Frequency, Soft, Reap, Random, Enumerate, Search };
 
 Method parse_method(const std::string& m) {
   if (m == "frequency") return Method::Frequency;
@@ -126,6 +129,7 @@ Method parse_method(const std::string& m) {
   if (m == "reap") return Method::Reap;
   if (m == "random") return Method::Random;
   if (m == "enumerate") return Method::Enumerate;
+  if (m == "search") return Method::Search;
   throw Error::internal("prune: method " + m + " not handled");
 }
 
@@ -158,7 +162,13 @@ class PrunePass final : public pipeline::Pass {
     keep_ratio_ = o.opt_number("keep_ratio", 0.0, 1.0, /*min_open=*/true);
     const std::optional<bool> uniform = o.opt_bool("uniform");
     protect_ = o.get_bool("protect_super_experts", false);
-    if (method_ == Method::Enumerate) max_subsets_ = static_cast<uint64_t>(o.get_int("max_subsets", 5000, 1, int64_t{1} << 40));
+    if (method_ == Method::Enumerate || method_ == Method::Search)
+      max_subsets_ = static_cast<uint64_t>(o.get_int("max_subsets", 5000, 1, int64_t{1} << 40));
+    if (method_ == Method::Search) {
+      time_budget_ = o.get_number("time_budget", 300.0, 0.0, 1e9);
+      search_windows_ = o.get_int("search_windows", 16, 1, 1 << 16);
+      heldout_windows_ = o.get_int("heldout_windows", 8, 1, 1 << 16);
+    }
     o.finish();  // unknown keys first: a misspelt "keep" reads better as such than as a missing budget
 
     if (keep_.has_value() == keep_ratio_.has_value())
@@ -168,6 +178,10 @@ class PrunePass final : public pipeline::Pass {
       if (keep_) throw Error::invalid(o.key_path("uniform") + ": applies only with \"keep_ratio\" (\"keep\" is uniform)");
       uniform_ = *uniform;
     }
+    if (method_ == Method::Search && keep_ratio_)
+      throw Error::invalid(o.key_path("keep_ratio") +
+                           ": search chooses experts layer by layer by the final output's KL and cannot rank them "
+                           "across layers; use \"keep\"");
     if (method_ == Method::Enumerate && keep_ratio_)
       throw Error::invalid(o.key_path("keep_ratio") +
                            ": enumerate cannot rank experts across layers (its losses need each layer's block "
@@ -190,7 +204,12 @@ class PrunePass final : public pipeline::Pass {
       }
     }
     p["protect_super_experts"] = protect_;
-    if (method_ == Method::Enumerate) p["max_subsets"] = max_subsets_;
+    if (method_ == Method::Enumerate || method_ == Method::Search) p["max_subsets"] = max_subsets_;
+    if (method_ == Method::Search) {
+      p["time_budget"] = time_budget_;
+      p["search_windows"] = search_windows_;
+      p["heldout_windows"] = heldout_windows_;
+    }
     if (seed_) p["seed"] = *seed_;
     return p;
   }
@@ -198,9 +217,11 @@ class PrunePass final : public pipeline::Pass {
   pipeline::Requirements requirements() const override {
     pipeline::Requirements r;
     if (*score_field(method_)) r.stats_fields.push_back(score_field(method_));
+    if (method_ == Method::Search) r.stats_fields = {"count", "weight_sum", "reap"};  // the starts
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.plan_stats = keep_ratio_.has_value() && (*score_field(method_) || protect_);
-    r.block_inputs = method_ == Method::Enumerate;
+    r.block_inputs = method_ == Method::Enumerate || method_ == Method::Search;
+    r.layer_inputs = method_ == Method::Search;
     return r;
   }
 
@@ -268,7 +289,12 @@ class PrunePass final : public pipeline::Pass {
     std::vector<int> kept;
     json extra = json::object();
     std::string score_kind;
-    if (method_ == Method::Enumerate) {
+    if (method_ == Method::Search) {
+      kept = search_layer(ctx, static_cast<int>(keep), protect, extra);
+      check_stats(ctx.stats, L, "prune/search");
+      scores = ctx.stats->weight_sum;
+      score_kind = "weight_sum (the order swaps are tried in; the choice is by the final output's KL)";
+    } else if (method_ == Method::Enumerate) {
       if (!ctx.block_inputs) throw Error::internal("prune/enumerate: the runner gave no block inputs");
       const runtime::MoeWeights w =
         runtime::naming_non_finite(ctx.model, ctx.layer, [&] { return runtime::convert_moe(block); });
@@ -308,6 +334,135 @@ class PrunePass final : public pipeline::Pass {
   }
 
  private:
+  // prune/search at one layer (passes/search.h): the best start by KL, first-improvement swaps,
+  // the path point with the least held-out KL. Fills `report` with what was done.
+  std::vector<int> search_layer(pipeline::LayerContext& ctx, int keep, const std::vector<bool>* protect, json& report) {
+    using clock = std::chrono::steady_clock;
+    const auto t_layer = clock::now();
+    const int L = ctx.layer;
+    const int E = static_cast<int>(ctx.target.moe->num_experts());
+    if (!ctx.layer_inputs || !ctx.block_inputs || ctx.window_tokens <= 0)
+      throw Error::internal("prune/search: the runner gave no layer inputs");
+    check_stats(ctx.stats, L, "prune/search");
+    const runtime::MatrixRM& x = *ctx.layer_inputs;
+    const int64_t T = ctx.window_tokens, windows = x.rows() / T;
+    const int64_t ws = search_windows_, wh = heldout_windows_;
+    if (windows < ws + wh)
+      throw Error::invalid("prune/search needs search_windows + heldout_windows = " + std::to_string(ws + wh) +
+                           " calibration windows; the calibration text gives " + std::to_string(windows) +
+                           " (at this ctx): lower them, lower calibration.ctx or give more text");
+    const runtime::Forward fwd(ctx.model);
+    EndToEndScorer scorer(fwd, ctx.model, L, T);
+    if (!started_) {  // the model as this pass finds it at its first layer: the original's outputs
+      started_ = true;
+      t_start_ = clock::now();
+      ref_logp_ = scorer.logp_full(x, 0, ws + wh);
+      report["reference"] = "log-probabilities of the model before this pass on " + std::to_string(ws + wh) + " windows";
+    }
+    // The layer's share of what is left of the time budget.
+    int moe_left = 0;
+    for (const auto& layer : ctx.model.layers()) moe_left += layer.moe && layer.index >= L;
+    const double spent = std::chrono::duration<double>(clock::now() - t_start_).count();
+    const double allowance = std::max(0.0, time_budget_ - spent) / std::max(1, moe_left);
+    auto elapsed = [&] { return std::chrono::duration<double>(clock::now() - t_layer).count(); };
+    auto is_prot = [&](int e) { return protect && !protect->empty() && (*protect)[e]; };
+
+    // Starts: the keep-sets of the existing scores, each judged by the KL on the search windows.
+    std::vector<std::pair<std::string, std::vector<int>>> starts = {
+      {"frequency", select_top(ctx.stats->count, keep, protect, L)},
+      {"soft", select_top(ctx.stats->weight_sum, keep, protect, L)},
+      {"reap", select_top(ctx.stats->reap, keep, protect, L)}};
+    json starts_json = json::object();
+    try {
+      const runtime::MoeWeights w =
+        runtime::naming_non_finite(ctx.model, L, [&] { return runtime::convert_moe(*ctx.target.moe); });
+      const EnumerateResult r = naee_enumerate(w, ctx.routing, *ctx.block_inputs, keep, max_subsets_, protect);
+      std::vector<int> k;
+      for (int e = 0; e < E; ++e)
+        if (std::find(r.dropped.begin(), r.dropped.end(), e) == r.dropped.end()) k.push_back(e);
+      starts.push_back({"enumerate", k});
+    } catch (const Error& e) {
+      starts_json["enumerate"] = {{"skipped", e.what()}};
+    }
+    std::string start_name;
+    std::vector<int> cur;
+    double cur_kl = std::numeric_limits<double>::infinity();
+    std::map<std::vector<int>, double> seen;
+    for (const auto& [name, k] : starts) {
+      auto it = seen.find(k);
+      const double v = it != seen.end() ? it->second : (seen[k] = scorer.kl(k, x, ref_logp_, 0, ws));
+      starts_json[name] = {{"kept", ids_json(k)}, {"kl_search", v}};
+      if (v < cur_kl) {
+        cur_kl = v;
+        cur = k;
+        start_name = name;
+      }
+    }
+    const double start_kl = cur_kl;
+    std::vector<std::vector<int>> path = {cur};
+    std::vector<double> path_kl = {cur_kl};
+    // Swaps in the order: kept experts of least routing weight first, dropped ones of most first.
+    const std::vector<double>& ws_score = ctx.stats->weight_sum;
+    json swaps = json::array();
+    std::string stopped = "no swap lowers the search KL (a local optimum)";
+    bool out_of_time = false, improved = true;
+    while (improved && !out_of_time) {
+      improved = false;
+      std::vector<int> in_set = cur, out_set;
+      for (int e = 0; e < E; ++e)
+        if (!std::binary_search(cur.begin(), cur.end(), e)) out_set.push_back(e);
+      std::stable_sort(in_set.begin(), in_set.end(), [&](int a, int b) { return ws_score[a] < ws_score[b]; });
+      std::stable_sort(out_set.begin(), out_set.end(), [&](int a, int b) { return ws_score[a] > ws_score[b]; });
+      for (int d : out_set) {
+        for (int k : in_set) {
+          if (is_prot(k)) continue;
+          if (elapsed() >= allowance) {
+            out_of_time = true;
+            stopped = "time budget (" + std::to_string(allowance) + " s for this layer) spent";
+            break;
+          }
+          std::vector<int> cand = cur;
+          *std::find(cand.begin(), cand.end(), k) = d;
+          std::sort(cand.begin(), cand.end());
+          if (seen.count(cand)) continue;
+          const double v = seen[cand] = scorer.kl(cand, x, ref_logp_, 0, ws);
+          if (v < cur_kl) {
+            swaps.push_back({{"out", k}, {"in", d}, {"kl_search", v}});
+            cur = cand;
+            cur_kl = v;
+            path.push_back(cur);
+            path_kl.push_back(v);
+            improved = true;
+            break;
+          }
+        }
+        if (improved || out_of_time) break;
+      }
+    }
+    // Stopping rule: the path point with the least KL on the held-out windows (ties: the earlier).
+    size_t best = 0;
+    std::vector<double> held;
+    for (size_t i = 0; i < path.size(); ++i) {
+      held.push_back(scorer.kl(path[i], x, ref_logp_, ws, ws + wh));
+      if (held[i] < held[best]) best = i;
+    }
+    report["starts"] = starts_json;
+    report["start"] = start_name;
+    report["start_kl_search"] = start_kl;
+    report["start_kl_heldout"] = held[0];
+    report["swaps"] = swaps;
+    report["swaps_kept"] = best;  // the first `best` accepted swaps make the result
+    report["kl_search"] = path_kl[best];
+    report["kl_heldout"] = held[best];
+    report["stopped"] = stopped;
+    report["budget_seconds"] = allowance;
+    report["candidates"] = scorer.candidates;
+    report["layer_forwards"] = scorer.layer_forwards;
+    report["window_layer_forwards"] = scorer.window_layer_forwards;
+    report["seconds"] = elapsed();
+    return path[best];
+  }
+
   static void check_keep(int64_t keep, int64_t experts, int64_t top_k, int layer) {
     if (keep > experts)
       throw Error::invalid("layer " + std::to_string(layer) + ": keep " + std::to_string(keep) + " exceeds the layer's " +
@@ -326,6 +481,11 @@ class PrunePass final : public pipeline::Pass {
   bool uniform_ = true;
   bool protect_ = false;
   uint64_t max_subsets_ = 5000;
+  double time_budget_ = 300.0;
+  int64_t search_windows_ = 16, heldout_windows_ = 8;
+  bool started_ = false;
+  std::chrono::steady_clock::time_point t_start_;
+  runtime::MatrixRM ref_logp_;  // the original model's log-probs on the search and held-out windows
   std::map<int, int64_t> planned_;
   int64_t planned_kept_ = 0, planned_total_ = 0;
 };

@@ -17,11 +17,26 @@
 //                             random has no cross-layer information: round(R · E_l) per layer.
 //                             enumerate cannot plan globally (its scores need the block inputs).
 //   "protect_super_experts": bool  never drop an expert flagged super (stats, METHODS.md §2)
-//   "max_subsets": N          enumerate only: refuse above N subsets (default 5000)
+//   "max_subsets": N          enumerate: refuse above N subsets (default 5000); search: skip the
+//                             enumerate start above it
+//   search only (passes/search.h; "keep" only):
+//   "time_budget": S          seconds for the whole pass (default 300), shared among the MoE layers
+//                             left (a layer gets what is left / layers left); swaps stop when the
+//                             layer's share is spent. The starts and the held-out scoring always run.
+//   "search_windows": N       the first N calibration windows score keep-sets (default 16)
+//   "heldout_windows": N      the next N pick among the start and the accepted swaps (default 8)
+//                             Memory: the original log-probs, (N_search + N_heldout) · ctx · vocab floats.
 // Methods: frequency (count), soft (weight_sum), reap (reap), random (std::mt19937_64 seeded with
-// the layer's seed), enumerate (NAEE, passes/naee.h).
+// the layer's seed), enumerate (NAEE, passes/naee.h), search (the project's own method, a greedy
+// local search by the final output's KL against the model before the pass, not exact:
+// passes/search.h).
 // Report per layer: {"kept": [original ids], "dropped": [...], "scores": [per original expert],
-// "score": what the scores are}; enumerate adds "loss" and "subsets".
+// "score": what the scores are}; enumerate adds "loss" and "subsets"; search adds "starts" (each
+// start's keep-set and search KL), "start", "start_kl_search", "start_kl_heldout", "swaps"
+// ([{out, in, kl_search}] accepted), "swaps_kept" (how many of them the held-out choice kept),
+// "kl_search", "kl_heldout", "stopped", "budget_seconds", "candidates" (keep-sets scored),
+// "layer_forwards" (decoder-layer applications, each on a batch of up to 8 windows),
+// "window_layer_forwards" (the same per window) and "seconds".
 #pragma once
 
 #include <cstdint>

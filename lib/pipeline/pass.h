@@ -29,6 +29,10 @@ struct Requirements {
   // Gram matrices of every projection's inputs at this layer (pipeline/input_grams.h), from the
   // calibration windows pushed through the layers already changed.
   bool input_grams = false;
+  // The residual stream at the layer's input [windows*T, H] on the calibration windows (through
+  // the layers already changed when calibration.propagate): for passes that run the rest of the
+  // model from this layer (prune/search scores keep-sets by the final output's KL).
+  bool layer_inputs = false;
 };
 
 struct LayerContext {
@@ -44,6 +48,8 @@ struct LayerContext {
   uint64_t seed = 0;                            // per-layer seed derived from the recipe seed
   nlohmann::json& report;                       // this layer's entry in moe_tool_report.json
   const InputGrams* grams = nullptr;            // set when Requirements::input_grams
+  const runtime::MatrixRM* layer_inputs = nullptr;  // set when Requirements::layer_inputs
+  int64_t window_tokens = 0;                    // T of the calibration windows (rows are window-major)
 };
 
 class Pass {

@@ -187,13 +187,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
   // model's thresholds, so those statistics are collected too when a later pass needs out_absmax.
-  bool needs_inputs = false, needs_stats = false, needs_grams = false;
+  bool needs_inputs = false, needs_stats = false, needs_grams = false, needs_layer_inputs = false;
   std::vector<std::string> fields;
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto req = r.passes[i]->requirements();
     needs_inputs = needs_inputs || req.block_inputs || req.input_grams;
     needs_grams = needs_grams || req.input_grams;
-    if (req.input_grams && r.calibration.text.empty())
+    needs_inputs = needs_inputs || req.layer_inputs;
+    needs_layer_inputs = needs_layer_inputs || req.layer_inputs;
+    if ((req.input_grams || req.layer_inputs) && r.calibration.text.empty())
       throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
                            "' needs the inputs of each layer on calibration windows: give calibration.text");
     if (req.stats_fields.empty()) continue;
@@ -373,7 +375,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       GramCapture grams;
       runtime::MatrixRM X_in;
       if (fwd) {
-        if (r.calibration.propagate) X_in = X;
+        if (r.calibration.propagate || needs_layer_inputs) X_in = X;  // the layer's input stream
         std::vector<runtime::Observer*> obs = {&capture};
         if (needs_grams) obs.push_back(&grams);
         fwd->apply_layer(fwd->load_layer(l), X, T, obs);
@@ -399,7 +401,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                               capture.x);
         LayerContext ctx{l, model, layer, st, fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
                          r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr,
-                         needs_grams && fwd ? &grams.grams : nullptr};
+                         needs_grams && fwd ? &grams.grams : nullptr,
+                         needs_layer_inputs && fwd ? &X_in : nullptr, T};
         core::with_context("layer " + std::to_string(l) + ": " + r.passes[i]->name() + " " + r.passes[i]->method(),
                            [&] { r.passes[i]->run_layer(ctx); });
         pr["pass"] = r.passes[i]->name();

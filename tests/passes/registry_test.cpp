@@ -28,7 +28,7 @@ std::string error_of(const json& spec) {
 
 TEST(Registry, EveryListedPassBuilds) {
   const auto& table = registered_passes();
-  EXPECT_EQ(table.size(), 15u);
+  EXPECT_EQ(table.size(), 16u);
   std::set<std::string> names;
   for (const auto& p : table) {
     names.insert(std::string(p.pass) + "/" + p.method);
@@ -46,6 +46,7 @@ TEST(Registry, EveryListedPassBuilds) {
   }
   EXPECT_EQ(names.size(), table.size());  // no duplicates
   EXPECT_TRUE(names.count("prune/reap"));
+  EXPECT_TRUE(names.count("prune/search"));
   EXPECT_TRUE(names.count("merge/submoe"));
   EXPECT_TRUE(names.count("factorize/svdllm"));
   EXPECT_TRUE(names.count("quantize/gptq"));
