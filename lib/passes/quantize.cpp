@@ -188,7 +188,6 @@ class Quantize final : public pipeline::Pass {
     const std::string prefix = model::expand(fam.layer_prefix, ctx.layer);
     json& rep = ctx.report;
     rep["matrices"] = json::array();
-    topped_.clear();
 
     std::vector<Slot> slots;
     auto add_mlp = [&](model::Mlp& m, const std::string& who, const std::string& cls, const std::string& gate,
@@ -346,31 +345,37 @@ class Quantize final : public pipeline::Pass {
 
   // For routed experts below the token threshold: their Hessian + (threshold − n) tokens' worth of
   // the all-token one (gate/up: the MoE input over all tokens; down: the expert's intermediate
-  // activations over all tokens, the expert run on every token).
+  // activations over all tokens, the expert run on every token). Topped up in place (the layer's
+  // Grams are scratch of this layer; a later pass recomputes the experts' Grams), each Gram once
+  // (gate and up share theirs), so memory stays the runner's Grams plus one expert's temporary.
   void prepare_topups(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
                       const std::vector<std::optional<quant::CodecSpec>>& codec) {
     const MatrixRM* X = ctx.block_inputs;
+    std::map<const calib::MatrixD*, int64_t> done;  // Gram -> the count it was topped up to
     for (size_t i = 0; i < slots.size(); ++i) {
       Slot& s = slots[i];
-      if (s.expert < 0 || !codec[i]) continue;
+      if (s.expert < 0 || !codec[i] || !s.gram) continue;
       const int64_t cols = s.tensor->dim(1), need = threshold(cols);
       if (s.tokens >= need) continue;
-      calib::MatrixD all;
-      int64_t all_n = 0;
+      if (auto it = done.find(s.gram); it != done.end()) {
+        s.topped_to = it->second;
+        continue;
+      }
+      auto& gram = const_cast<calib::MatrixD&>(*s.gram);
       if (s.type < 2) {
-        all = moe_all_;
-        all_n = moe_all_n_;
+        if (moe_all_n_ <= 0) continue;  // no calibration token at all: nothing to top up from
+        if (!gram.size()) gram = calib::MatrixD::Zero(moe_all_.rows(), moe_all_.cols());
+        gram += moe_all_ * (static_cast<double>(need - s.tokens) / static_cast<double>(moe_all_n_));
       } else {
         if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
         MatrixRM h;
         runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[static_cast<size_t>(s.expert)]), *X, &h);
-        all = h.cast<double>().transpose() * h.cast<double>();
-        all_n = h.rows();
+        const Eigen::MatrixXd hd = h.cast<double>();
+        if (!gram.size()) gram = calib::MatrixD::Zero(hd.cols(), hd.cols());
+        gram.noalias() += (static_cast<double>(need - s.tokens) / static_cast<double>(hd.rows())) * (hd.transpose() * hd);
       }
-      if (all_n <= 0) continue;  // no calibration token at all: nothing to top up from
-      topped_.push_back(*s.gram + all * (static_cast<double>(need - s.tokens) / static_cast<double>(all_n)));
-      s.gram = &topped_.back();
       s.topped_to = need;
+      done[s.gram] = need;
     }
   }
 
@@ -526,7 +531,6 @@ class Quantize final : public pipeline::Pass {
   std::string widths_text_;
   std::vector<quant::CodecSpec> widths_;
   double alpha_ = 1.0, beta_ = 1.5;
-  std::deque<calib::MatrixD> topped_;  // topped-up Hessians of the layer being run (stable addresses)
   calib::MatrixD moe_all_;             // Σ_e expert input Grams of the layer being run
   int64_t moe_all_n_ = 0;
 };
