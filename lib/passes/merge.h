@@ -41,7 +41,8 @@
 //           statistics, segments, assignment by similarity, merge) was available to this
 //           implementation; the segment similarity and in-expert merge above are this one's rule.
 //           Retained experts keep their own router rows and biases; no router options. Report
-//           per layer: {"kept", "dropped", "segments": [{"expert": d, "to": {"retained id":
+//           per layer ("kept" is the keep-map, as prune's: each written expert's origin is its
+//           retained expert): {"kept", "dropped", "segments": [{"expert": d, "to": {"retained id":
 //           segments}, "discarded": n}], "neurons_merged": [per kept expert], "segments_discarded"}.
 // Weights: f normalised within the group, equal when every member's f is 0. The router's "mean"
 // rows and router_bias "mean" use the same weights.
