@@ -4,8 +4,9 @@
 // recipes) and reused. Prints JSON, and a Markdown table on stderr.
 //   bench_quality [--source-dir DIR] [--calib-windows 64] [--eval-windows 0] [--ctx 128]
 //                 [--models mixtral-tiny,qwen2moe-tiny,validation-tiny] [--random-seeds 8]
-//                 [--methods random,reap,search] [--search-budget 120]
-// --methods: only the one-pass rows of these methods (all rows when absent); --search-budget: the
+//                 [--methods random,reap,search,dern] [--search-budget 120]
+// --methods runs only the listed methods' default rows (merges: router mean, default options; no
+// two-pass rows): a few rows of the table without rerunning all of it; --search-budget: the
 // time_budget of prune search in seconds.
 // Random pruning is reported as the mean over seeds 0..N-1 (one draw is noise: on the fixtures
 // single seeds range over tens of percent); every other row says whether it beats that mean.
@@ -41,7 +42,7 @@ int main(int argc, char** argv) {
   int64_t calib_windows = 64, eval_windows = 0, ctx = 128;
   int random_seeds = 8;
   double search_budget = 120;
-  std::vector<std::string> only;
+  std::vector<std::string> only;  // --methods: empty = every row
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -54,8 +55,7 @@ int main(int argc, char** argv) {
     else if (k == "--methods") {
       std::stringstream ss(v);
       for (std::string x; std::getline(ss, x, ',');) only.push_back(x);
-    }
-    else if (k == "--models") {
+    } else if (k == "--models") {
       models.clear();
       std::stringstream ss(v);
       for (std::string x; std::getline(ss, x, ',');) models.push_back(x);
@@ -110,17 +110,24 @@ int main(int argc, char** argv) {
         if (std::string(m) != "msmoe") configs.push_back({"merge", m, "mean", true});
         configs.push_back({"merge", m, "mean", false, true});
       }
+      // DERN: retained experts keep their own router rows (no router option).
+      configs.push_back({"merge", "dern", ""});
+      configs.push_back({"merge", "dern", "", false, false, "frequency"});
       // Two-pass recipes at 4/8: REAP 8 -> 6, then the method 6 -> 4 on statistics recomputed on
       // the 6 experts left.
       configs.push_back({"prune", "reap", "", false, false, "", true});
       for (const char* m : {"msmoe", "hcsmoe", "submoe"}) configs.push_back({"merge", m, "mean", false, false, "", true});
       if (!only.empty())
         std::erase_if(configs, [&](const Config& c) {
-          return c.after_reap6 || std::find(only.begin(), only.end(), c.method) == only.end();
+          const bool listed = std::find(only.begin(), only.end(), c.method) != only.end();
+          const bool defaults = (c.router.empty() || c.router == "mean") && !c.no_align && !c.protect &&
+                                c.importance.empty() && !c.after_reap6;
+          return !listed || !defaults;
         });
       bool original_row = false;
       for (int64_t experts : {6, 4}) {
         double random_mean = 0;
+        bool random_ran = false;
         for (const auto& c : configs) {
           if (c.after_reap6 && experts != 4) continue;
           const int runs = c.method == "random" ? random_seeds : 1;
@@ -132,7 +139,7 @@ int main(int argc, char** argv) {
             if (c.pass == "prune") pass["keep"] = experts;
             else {
               pass["experts"] = experts;
-              pass["router"] = c.router;
+              if (!c.router.empty()) pass["router"] = c.router;
               if (c.no_align) pass["align"] = false;
               if (c.protect) pass["protect_super_experts"] = true;
               if (!c.importance.empty()) pass["importance"] = c.importance;
@@ -180,16 +187,19 @@ int main(int argc, char** argv) {
             hi = std::max(hi, p);
             scored = e.at("tokens_scored").get<int64_t>();
           }
-          if (c.method == "random") random_mean = ppl;
-          const std::string router = c.router + (c.importance.empty() ? "" : ", importance: " + c.importance) +
+          if (c.method == "random") {
+            random_mean = ppl;
+            random_ran = true;
+          }
+          const std::string router = c.router + (c.importance.empty() ? "" : (c.router.empty() ? "importance: " : ", importance: ") + c.importance) +
                                      (c.no_align ? ", align: false" : "") + (c.protect ? ", protect super experts" : "");
           const std::string pass_label = c.after_reap6 ? "prune reap 6, then " + c.pass : c.pass;
           json row = {{"model", name}, {"experts", experts}, {"pass", pass_label}, {"method", c.method},
                       {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
                       {"kl", kl}, {"top1_agreement", top1}, {"seconds", secs}, {"tokens_scored", scored}};
           if (c.method == "search") row["search_layers"] = last_layers;
-          if (c.pass == "merge" && c.method != "msmoe") row["align"] = !c.no_align;
-          if (c.pass == "merge") row["protect_super_experts"] = c.protect;
+          if (c.pass == "merge" && c.method != "msmoe" && c.method != "dern") row["align"] = !c.no_align;
+          if (c.pass == "merge" && c.method != "dern") row["protect_super_experts"] = c.protect;
           if (c.pass == "merge") row["importance"] = c.importance.empty() ? "saliency" : c.importance;
           if (runs > 1) {
             row["seeds"] = runs;
@@ -197,7 +207,7 @@ int main(int argc, char** argv) {
             row["perplexity_min"] = lo;
             row["perplexity_max"] = hi;
           } else {
-            row["beats_random_mean"] = ppl < random_mean;
+            if (random_ran) row["beats_random_mean"] = ppl < random_mean;
           }
           out["rows"].push_back(row);
           char pbuf[96];

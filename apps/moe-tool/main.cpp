@@ -18,7 +18,7 @@ const Command kCommands[] = {
     {"calibrate", "Routing statistics of a model over calibration text (stats file for the passes)", setup_calibrate},
     {"stats", "Show or plot a stats file: expert usage, similar experts, super experts", setup_stats},
     {"prune", "Drop experts by a routing score (frequency, soft, reap, enumerate, random)", setup_prune},
-    {"merge", "Merge experts into fewer (msmoe, hcsmoe, submoe) with a router for the merged experts", setup_merge},
+    {"merge", "Merge experts into fewer (msmoe, hcsmoe, submoe, dern) with a router for the merged experts", setup_merge},
     {"factorize", "Low-rank experts (svd, asvd, svdllm, delta, latent) in the native checkpoint format", setup_factorize},
     {"quantize", "Integer-group and ternary experts (rtn, gptq; mixed precision by --avg-bits) in the native checkpoint format", setup_quantize},
     {"upcycle", "Dense checkpoint into an MoE one (copy, drop, split experts; random, hidden or ridge router)", setup_upcycle},

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <lapacke.h>
+#include <limits>
 
 #include "core/error.h"
 
@@ -104,6 +105,101 @@ MatrixRM joint_svd_merge(const std::vector<const MatrixRM*>& ms, const std::vect
   for (int64_t e = 0; e < k; ++e) merged += w[e] * ms[e]->cast<double>();
   const MatD coeff = Ur.transpose() * merged;  // V_mergedᵀ scaled by Σ_r: Σ_e w_e U_rᵀ W_e
   return (Ur * coeff).cast<float>();
+}
+
+DernResult dern_recombine(const std::vector<MlpWeights>& experts, const std::vector<int>& kept,
+                          const std::vector<int>& dropped, const std::vector<double>& weights, double threshold) {
+  if (kept.empty()) throw Error::internal("DERN: no retained expert");
+  const MlpWeights& first = experts.at(kept[0]);
+  const int64_t I = first.width(), H = first.gate.cols();
+  auto check = [&](int e) {
+    const MlpWeights& x = experts.at(e);
+    if (x.width() != I || x.gate.cols() != H || x.up.cols() != H || x.down.rows() != first.down.rows())
+      throw Error::invalid("DERN needs experts of equal shape (widths " + std::to_string(I) + " and " +
+                           std::to_string(x.width()) + ")");
+  };
+  // Unit rows [gate_i | up_i] (a zero row stays zero: cosine 0 with everything).
+  auto keys = [&](const MlpWeights& x) {
+    MatrixRM k(I, 2 * H);
+    k.leftCols(H) = x.gate;
+    k.rightCols(H) = x.up;
+    for (int64_t i = 0; i < I; ++i) {
+      const float n = k.row(i).norm();
+      if (n > 0) k.row(i) /= n;
+    }
+    return k;
+  };
+  std::vector<MatrixRM> kept_keys;
+  for (int r : kept) {
+    check(r);
+    kept_keys.push_back(keys(experts[r]));
+  }
+  DernResult out;
+  const size_t R = kept.size();
+  // Accumulators per kept expert and neuron.
+  std::vector<MatrixRM> acc_gate(R), acc_up(R), acc_down(R);
+  std::vector<std::vector<double>> acc_w(R, std::vector<double>(I, 0.0));
+  std::vector<std::vector<int>> acc_n(R, std::vector<int>(I, 0));
+  for (size_t r = 0; r < R; ++r) {
+    acc_gate[r] = MatrixRM::Zero(I, H);
+    acc_up[r] = MatrixRM::Zero(I, H);
+    acc_down[r] = MatrixRM::Zero(first.down.rows(), I);
+  }
+  for (int d : dropped) {
+    check(d);
+    const MlpWeights& x = experts[d];
+    const MatrixRM s = keys(x);
+    std::vector<int> tgt(I, -1), neuron(I, -1);
+    std::vector<double> best(I, -std::numeric_limits<double>::infinity());
+    for (size_t r = 0; r < R; ++r) {
+      const MatrixRM C = s * kept_keys[r].transpose();  // [segment, neuron of r]
+      for (int64_t j = 0; j < I; ++j) {
+        Eigen::Index i = 0;
+        const double c = C.row(j).maxCoeff(&i);
+        if (c > best[j]) {
+          best[j] = c;
+          tgt[j] = static_cast<int>(r);
+          neuron[j] = static_cast<int>(i);
+        }
+      }
+    }
+    for (int64_t j = 0; j < I; ++j) {
+      if (!(best[j] >= threshold)) {
+        tgt[j] = -1;
+        continue;
+      }
+      const int r = tgt[j], i = neuron[j];
+      const double w = weights.at(d);
+      acc_gate[r].row(i) += static_cast<float>(w) * x.gate.row(j);
+      acc_up[r].row(i) += static_cast<float>(w) * x.up.row(j);
+      acc_down[r].col(i) += static_cast<float>(w) * x.down.col(j);
+      acc_w[r][i] += w;
+      ++acc_n[r][i];
+    }
+    out.target.push_back(std::move(tgt));
+    out.cosine.push_back(std::move(best));
+  }
+  for (size_t r = 0; r < R; ++r) {
+    MlpWeights m = experts[kept[r]];
+    const double wr = weights.at(kept[r]);
+    int merged = 0;
+    for (int64_t i = 0; i < I; ++i) {
+      if (acc_n[r][i] == 0) continue;
+      ++merged;
+      const double total = wr + acc_w[r][i];
+      if (total > 0) {
+        const float a = static_cast<float>(wr / total), b = static_cast<float>(1.0 / total);
+        m.gate.row(i) = a * m.gate.row(i) + b * acc_gate[r].row(i);
+        m.up.row(i) = a * m.up.row(i) + b * acc_up[r].row(i);
+        m.down.col(i) = a * m.down.col(i) + b * acc_down[r].col(i);
+      } else {
+        --merged;  // every weight 0 (no calibration token reached these experts): unchanged
+      }
+    }
+    out.experts.push_back(std::move(m));
+    out.neurons_merged.push_back(merged);
+  }
+  return out;
 }
 
 }  // namespace moe::passes

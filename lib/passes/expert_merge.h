@@ -40,4 +40,21 @@ MlpWeights weighted_average(const std::vector<const MlpWeights*>& ms, const std:
 MatrixRM joint_svd_merge(const std::vector<const MatrixRM*>& ms, const std::vector<double>& w, double rank_ratio,
                          const std::vector<const calib::MatrixD*>* grams = nullptr, double damp = 1e-2);
 
+// DERN recombination (passes/merge.h, method dern) of one layer at uniform width. A segment is one
+// neuron j of a dropped expert: its gate row, up row and down column. Its similarity to neuron i of a
+// retained expert is the cosine of the concatenated [gate row | up row] vectors; the segment goes to
+// the retained expert holding its most similar neuron (ties: lower kept index, lower neuron), or is
+// discarded when that cosine is below `threshold`. Each neuron i of retained expert r that receives
+// segments S_i becomes the weighted average (w_r · n_i + Σ_{s∈S_i} w_{d(s)} · s) / (w_r + Σ w_{d(s)})
+// of its gate/up rows and down column, w = `weights` (one per expert of the layer, >= 0; a neuron
+// whose weights sum to 0 stays unchanged).
+struct DernResult {
+  std::vector<MlpWeights> experts;           // one per kept expert, in `kept` order, same width
+  std::vector<std::vector<int>> target;      // per dropped expert and neuron: index into kept, -1 discarded
+  std::vector<std::vector<double>> cosine;   // per dropped expert and neuron: best cosine found
+  std::vector<int> neurons_merged;           // per kept expert: neurons that received segments
+};
+DernResult dern_recombine(const std::vector<MlpWeights>& experts, const std::vector<int>& kept,
+                          const std::vector<int>& dropped, const std::vector<double>& weights, double threshold);
+
 }  // namespace moe::passes

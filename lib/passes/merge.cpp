@@ -63,12 +63,13 @@ std::vector<int> most_important(const Groups& groups, const std::vector<double>&
 
 namespace {
 
-enum class Method { MSMoE, HCSMoE, SubMoE };
+enum class Method { MSMoE, HCSMoE, SubMoE, DERN };
 
 Method parse_method(const std::string& m) {
   if (m == "msmoe") return Method::MSMoE;
   if (m == "hcsmoe") return Method::HCSMoE;
   if (m == "submoe") return Method::SubMoE;
+  if (m == "dern") return Method::DERN;
   throw Error::internal("merge: method " + m + " not handled");
 }
 
@@ -96,12 +97,17 @@ class MergePass final : public pipeline::Pass {
     o.allow({"pass", "method"});
     seed_ = o.opt_uint64("seed");
     const auto n = o.opt_int("experts", 1, 1 << 20);
-    router_ = o.get_enum("router", "mean", {"dominant", "mean", "refit"});
-    router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
-    // HC-SMoE and Sub-MoE as published average without alignment; here they align by default
-    // (measured better on both fixtures, README quality table); "align": false is the papers' rule.
-    if (method_ != Method::MSMoE) align_ = o.get_bool("align", true);
-    protect_ = o.get_bool("protect_super_experts", false);
+    if (method_ == Method::DERN) {
+      // Retained experts keep their own router rows (and biases): no router options.
+      threshold_ = o.get_number("threshold", 0.4, -1.0, 1.0);
+    } else {
+      router_ = o.get_enum("router", "mean", {"dominant", "mean", "refit"});
+      router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
+      // HC-SMoE and Sub-MoE as published average without alignment; here they align by default
+      // (measured better on both fixtures, README quality table); "align": false is the papers' rule.
+      if (method_ != Method::MSMoE) align_ = o.get_bool("align", true);
+      protect_ = o.get_bool("protect_super_experts", false);
+    }
     // The papers weight by frequency (count); saliency weighting measured better in 10 of the 12
     // fixture cells (README quality table), "importance": "frequency" is the papers' rule.
     importance_ = o.get_enum("importance", "saliency", {"frequency", "soft", "saliency"});
@@ -119,8 +125,15 @@ class MergePass final : public pipeline::Pass {
   std::string method() const override { return method_name_; }
 
   json params() const override {
-    json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_},
-              {"router", router_}, {"router_bias", router_bias_}};
+    json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_}};
+    if (method_ == Method::DERN) {
+      p["threshold"] = threshold_;
+      p["importance"] = importance_;
+      if (seed_) p["seed"] = *seed_;
+      return p;
+    }
+    p["router"] = router_;
+    p["router_bias"] = router_bias_;
     if (method_ != Method::MSMoE) p["align"] = align_;
     p["importance"] = importance_;
     p["protect_super_experts"] = protect_;
@@ -148,6 +161,7 @@ class MergePass final : public pipeline::Pass {
           r.stats_fields.push_back("gram_mid");
         }
         break;
+      case Method::DERN: break;
     }
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.block_inputs = router_ == "refit";
@@ -173,6 +187,7 @@ class MergePass final : public pipeline::Pass {
     const calib::LayerStats& st = *ctx.stats;
     check_stat_size(static_cast<int64_t>(st.count.size()), E, "count", L);
     const std::vector<double> importance = expert_importance(st, importance_, E, L);
+    if (method_ == Method::DERN) return run_dern(ctx, importance, n);
 
     // 1. Groups (and each group's dominant member). With protect_super_experts every super expert
     // is a group of its own and the method groups the other experts into the remaining groups.
@@ -211,6 +226,8 @@ class MergePass final : public pipeline::Pass {
         check_stat_size(st.out_cos.rows(), E, "out_cos", L);
         groups = kmeans(as_double(sub_mat(st.out_cos, true)), n_rest, layer_seed(seed_, ctx.seed, L));
         break;
+      case Method::DERN:
+        break;  // handled by run_dern above
     }
     for (auto& g : groups)
       for (int& e : g) e = rest[e];
@@ -274,6 +291,58 @@ class MergePass final : public pipeline::Pass {
   }
 
  private:
+  // DERN (passes/merge.h): keep the top-n experts by importance, recombine the dropped experts'
+  // neurons into them (passes/expert_merge.h dern_recombine), keep the retained router rows.
+  void run_dern(pipeline::LayerContext& ctx, const std::vector<double>& importance, int n) const {
+    model::MoeBlock& block = *ctx.target.moe;
+    const int E = static_cast<int>(block.num_experts());
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return importance[a] > importance[b]; });
+    std::vector<int> kept(order.begin(), order.begin() + n), dropped(order.begin() + n, order.end());
+    std::sort(kept.begin(), kept.end());
+    std::sort(dropped.begin(), dropped.end());
+    const runtime::MoeWeights w =
+        runtime::naming_non_finite(ctx.model, ctx.layer, [&] { return runtime::convert_moe(block); });
+    const DernResult res = core::with_context("layer " + std::to_string(ctx.layer), [&] {
+      return dern_recombine(w.experts, kept, dropped, importance, threshold_);
+    });
+
+    std::vector<model::Mlp> experts;
+    for (int k = 0; k < n; ++k) {
+      const model::Mlp& like = block.experts[kept[k]];
+      experts.push_back({to_tensor_like(res.experts[k].gate, like.gate), to_tensor_like(res.experts[k].up, like.up),
+                         to_tensor_like(res.experts[k].down, like.down)});
+    }
+    MatrixRM router(n, w.router.cols());
+    for (int k = 0; k < n; ++k) router.row(k) = w.router.row(kept[k]);
+    if (w.router_bias) {
+      std::vector<float> b(n);
+      for (int k = 0; k < n; ++k) b[k] = (*w.router_bias)(kept[k]);
+      block.router_bias = to_tensor(b, block.router_bias->dtype());
+    }
+    block.router = to_tensor(router, block.router.dtype());
+    block.experts = std::move(experts);
+
+    json segs = json::array();
+    int discarded_total = 0;
+    for (size_t k = 0; k < dropped.size(); ++k) {
+      std::vector<int> to(n, 0);
+      int discarded = 0;
+      for (int t : res.target[k]) t < 0 ? ++discarded : ++to[t];
+      json jt = json::object();
+      for (int r = 0; r < n; ++r)
+        if (to[r]) jt[std::to_string(kept[r])] = to[r];
+      segs.push_back({{"expert", dropped[k]}, {"to", std::move(jt)}, {"discarded", discarded}});
+      discarded_total += discarded;
+    }
+    ctx.report["kept"] = ids_json(kept);
+    ctx.report["dropped"] = ids_json(dropped);
+    ctx.report["segments"] = std::move(segs);
+    ctx.report["neurons_merged"] = res.neurons_merged;
+    ctx.report["segments_discarded"] = discarded_total;
+  }
+
   runtime::MlpWeights merge_group(const runtime::MoeWeights& w, const calib::LayerStats& st, const std::vector<int>& members,
                                   const std::vector<double>& wts, int dom, int layer) const {
     std::vector<const runtime::MlpWeights*> ms;
@@ -292,6 +361,8 @@ class MergePass final : public pipeline::Pass {
         return weighted_average(ms, wts);
       case Method::HCSMoE:
         return weighted_average(ms, wts);
+      case Method::DERN:
+        break;
       case Method::SubMoE: {
         std::vector<const MatrixRM*> gate, up, down;
         std::vector<const calib::MatrixD*> gin, gmid;
@@ -322,6 +393,7 @@ class MergePass final : public pipeline::Pass {
   int64_t experts_ = 0;
   std::string router_, router_bias_, importance_;
   double rank_ratio_ = 1.0;
+  double threshold_ = 0.4;
   bool align_ = true;
   bool protect_ = false;
   bool whiten_ = false;

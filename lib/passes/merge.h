@@ -3,6 +3,8 @@
 //
 // Options (besides "pass", "method", "seed"):
 //   "experts": N          experts per layer after merging (top_k <= N <= E), required
+//   dern only: "threshold" in [-1, 1], default 0.4 (below it a segment is discarded); the router,
+//              router_bias, align and protect_super_experts options do not apply.
 //   "router": "mean"      router rows of the merged experts: "dominant" | "mean" | "refit"
 //                         (passes/router_merge.h); default mean (lowest mean KL in bench_quality)
 //   "router_bias": "max"  deepseek_v3 e_score_correction_bias of a merged expert: the max of its
@@ -25,6 +27,23 @@
 //           groups, f-weighted average (aligned to the group's most important member by default).
 //   submoe: k-means (k-means++ from the layer's seed) of the out_cos rows into N groups; per group
 //           and matrix type the joint SVD merge (passes/expert_merge.h) with weights f.
+//   dern:   DERN (Zhou et al., "Dropping Experts, Recombining Neurons: Retraining-Free Pruning for
+//           Sparse Mixture-of-Experts LLMs", Findings of EMNLP 2025, arXiv 2509.10377): keep the top-N
+//           experts by f (ties: lower id), split each dropped expert into neuron segments (one
+//           neuron = its gate row, up row and down column), give each segment to the retained
+//           expert holding its most similar neuron (cosine of the [gate | up] rows) unless that
+//           cosine is below "threshold" (default 0.4, in the range the paper's threshold study
+//           favours; the segment is then dropped), and merge it there. The paper merges a retained
+//           expert's original and incoming segments into a compact expert; stock formats have one
+//           expert width per model, so here the width stays uniform: each incoming segment is
+//           averaged into its most similar neuron, weights f of the experts the segments come
+//           from (passes/expert_merge.h dern_recombine). Only the paper's outline (prune by router
+//           statistics, segments, assignment by similarity, merge) was available to this
+//           implementation; the segment similarity and in-expert merge above are this one's rule.
+//           Retained experts keep their own router rows and biases; no router options. Report
+//           per layer ("kept" is the keep-map, as prune's: each written expert's origin is its
+//           retained expert): {"kept", "dropped", "segments": [{"expert": d, "to": {"retained id":
+//           segments}, "discarded": n}], "neurons_merged": [per kept expert], "segments_discarded"}.
 // Weights: f normalised within the group, equal when every member's f is 0. The router's "mean"
 // rows and router_bias "mean" use the same weights.
 // Merged experts are ordered by group: msmoe by dominant id, the others by smallest member id.

@@ -112,6 +112,7 @@ TEST_F(Robust, NonFiniteWeightsRefusedByEveryCommandThatConvertsThem) {
       {"merge", "--method", "hcsmoe", "--experts", "6"},
       {"merge", "--method", "submoe", "--experts", "6"},
       {"merge", "--method", "msmoe", "--experts", "6"},
+      {"merge", "--method", "dern", "--experts", "6"},
       {"prune", "--method", "enumerate", "--keep", "6"},
   };
   for (const auto& mth : methods) {
@@ -126,7 +127,7 @@ TEST_F(Robust, NonFiniteWeightsRefusedByEveryCommandThatConvertsThem) {
   }
   // ... and with the clean model's statistics (same fingerprint): the merge converts the experts'
   // weights itself and refuses them there.
-  for (const std::string method : {"hcsmoe", "submoe", "msmoe"}) {
+  for (const std::string method : {"hcsmoe", "submoe", "msmoe", "dern"}) {
     SCOPED_TRACE(method);
     expect_nan_error(run_tool({"merge", m.string(), (tmp / "out").string(), "--method", method, "--experts", "6",
                                "--stats", clean_stats().string()}));

@@ -497,5 +497,95 @@ TEST(MergePass, RejectsImpossibleTargets) {
   EXPECT_EQ(c.layer.moe->num_experts(), 4);
 }
 
+TEST(MergeDern, SegmentsAverageIntoTheMostSimilarNeuron) {
+  // One retained expert, one dropped: the dropped expert is the retained one with neuron 4's gate
+  // row doubled (cosine of [gate | up] still high) and its other neurons equal. Weights 3 : 1.
+  std::mt19937_64 rng(21);
+  const runtime::MlpWeights e0 = random_mlp(8, 6, rng);
+  runtime::MlpWeights e1 = e0;
+  e1.gate.row(4) *= 2.0f;
+  const DernResult r = dern_recombine({e0, e1}, {0}, {1}, {3.0, 1.0}, 0.4);
+  ASSERT_EQ(r.experts.size(), 1u);
+  ASSERT_EQ(r.target.size(), 1u);
+  EXPECT_EQ(r.target[0], std::vector<int>(6, 0));
+  EXPECT_EQ(r.neurons_merged, std::vector<int>{6});
+  const runtime::MlpWeights& m = r.experts[0];
+  EXPECT_EQ(m.width(), 6);
+  // Neuron 4: (3 g + 2 g) / 4; up and down unchanged; every other neuron unchanged.
+  EXPECT_LE((m.gate.row(4) - 1.25f * e0.gate.row(4)).cwiseAbs().maxCoeff(), 1e-5);
+  EXPECT_LE((m.up - e0.up).cwiseAbs().maxCoeff(), 1e-5);
+  EXPECT_LE((m.down - e0.down).cwiseAbs().maxCoeff(), 1e-5);
+  for (int i : {0, 1, 2, 3, 5}) EXPECT_LE((m.gate.row(i) - e0.gate.row(i)).cwiseAbs().maxCoeff(), 1e-5);
+  // Above the threshold nothing merges: the expert is unchanged.
+  const DernResult none = dern_recombine({e0, e1}, {0}, {1}, {3.0, 1.0}, 1.0 + 1e-6);
+  EXPECT_EQ(none.target[0], std::vector<int>(6, -1));
+  EXPECT_EQ(none.experts[0].gate, e0.gate);
+  EXPECT_EQ(none.neurons_merged, std::vector<int>{0});
+}
+
+TEST(MergeDern, ADroppedDuplicateGoesToItsTwinAndLeavesItUnchanged) {
+  // Expert 3 is a permuted copy of expert 1. Kept by saliency (count x reap): 0 and 1. Every
+  // segment of 3 finds its own neuron in 1 (cosine 1) and averages into an equal neuron; expert 2's
+  // random segments stay below the threshold 0.99 and are discarded.
+  Ctx c;
+  c.layer = make_layer({.E = 4, .H = 16, .I = 12, .seed = 9, .router_bias = true});
+  const runtime::MlpWeights e0 = f32_expert(*c.layer.moe, 0), e1 = f32_expert(*c.layer.moe, 1);
+  const std::vector<int> perm = {5, 2, 11, 0, 7, 9, 1, 3, 10, 4, 8, 6};
+  c.layer.moe->experts[3] = mlp_of(permuted(e1, perm));
+  c.stats = make_stats(4, 16);
+  c.stats.count = {10, 8, 1, 2};
+  const MatrixRM router0 = matrix_of(c.layer.moe->router);
+  const runtime::MoeWeights before = runtime::convert_moe(*c.layer.moe);
+
+  auto p = merge({{"method", "dern"}, {"experts", 2}, {"threshold", 0.99}});
+  EXPECT_EQ(p->params()["threshold"], 0.99);
+  auto ctx = c.make(softmax_rule(4, 2));
+  p->run_layer(ctx);
+
+  EXPECT_EQ(c.report["kept"], json({0, 1}));
+  EXPECT_EQ(c.report["dropped"], json({2, 3}));
+  EXPECT_EQ(c.report["segments"][0], json({{"expert", 2}, {"to", json::object()}, {"discarded", 12}}));
+  EXPECT_EQ(c.report["segments"][1], json({{"expert", 3}, {"to", {{"1", 12}}}, {"discarded", 0}}));
+  EXPECT_EQ(c.report["neurons_merged"], json({0, 12}));
+  const model::MoeBlock& b = *c.layer.moe;
+  ASSERT_EQ(b.num_experts(), 2);
+  for (int k = 0; k < 2; ++k) EXPECT_EQ(f32_expert(b, k).width(), 12);  // uniform width
+  const runtime::MlpWeights m0 = f32_expert(b, 0), m1 = f32_expert(b, 1);
+  EXPECT_EQ(m0.gate, e0.gate);
+  EXPECT_LE(max_abs_diff(m1.gate, e1.gate), 1e-6);
+  EXPECT_LE(max_abs_diff(m1.up, e1.up), 1e-6);
+  EXPECT_LE(max_abs_diff(m1.down, e1.down), 1e-6);
+  // Retained experts keep their own router rows and biases.
+  const MatrixRM router1 = matrix_of(b.router);
+  EXPECT_EQ(router1.row(0), router0.row(0));
+  EXPECT_EQ(router1.row(1), router0.row(1));
+  const runtime::MoeWeights after = runtime::convert_moe(b);
+  ASSERT_TRUE(after.router_bias && before.router_bias);
+  EXPECT_EQ((*after.router_bias)(0), (*before.router_bias)(0));
+  EXPECT_EQ((*after.router_bias)(1), (*before.router_bias)(1));
+}
+
+TEST(MergeDern, EveryDroppedSegmentLandsOrIsCountedAndWidthStaysUniform) {
+  Ctx c;
+  c.layer = make_layer({.E = 8, .H = 16, .I = 10, .seed = 4});
+  c.stats = make_stats(8, 16);
+  c.stats.count = {5, 1, 7, 2, 9, 3, 4, 6};
+  auto p = merge({{"method", "dern"}, {"experts", 4}, {"threshold", 0.0}});
+  auto ctx = c.make(softmax_rule(8, 2));
+  p->run_layer(ctx);
+  EXPECT_EQ(c.report["kept"], json({0, 2, 4, 7}));
+  EXPECT_EQ(c.report["dropped"], json({1, 3, 5, 6}));
+  ASSERT_EQ(c.layer.moe->num_experts(), 4);
+  for (int k = 0; k < 4; ++k) EXPECT_EQ(f32_expert(*c.layer.moe, k).width(), 10);
+  int total = 0;
+  for (const auto& s : c.report["segments"]) {
+    int n = s["discarded"].get<int>();
+    for (const auto& [id, cnt] : s["to"].items()) n += cnt.get<int>();
+    EXPECT_EQ(n, 10);
+    total += s["discarded"].get<int>();
+  }
+  EXPECT_EQ(c.report["segments_discarded"], total);
+}
+
 }  // namespace
 }  // namespace moe::passes

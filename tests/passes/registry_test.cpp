@@ -28,7 +28,7 @@ std::string error_of(const json& spec) {
 
 TEST(Registry, EveryListedPassBuilds) {
   const auto& table = registered_passes();
-  EXPECT_EQ(table.size(), 16u);
+  EXPECT_EQ(table.size(), 17u);
   std::set<std::string> names;
   for (const auto& p : table) {
     names.insert(std::string(p.pass) + "/" + p.method);
@@ -111,6 +111,18 @@ TEST(Registry, WrongTypesAndRanges) {
              "passes[0].router: expected one of dominant, mean, refit");
   EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "submoe"}, {"experts", 4}, {"rank_ratio", 0}}),
              "passes[0].rank_ratio: expected a number in (0, 1]");
+  // DERN: retained experts keep their router rows, so no router options; threshold is a cosine.
+  EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "dern"}, {"experts", 4}, {"router", "mean"}}),
+             "passes[0].router: unknown key for merge/dern");
+  EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "dern"}, {"experts", 4}, {"align", false}}),
+             "passes[0].align: unknown key for merge/dern");
+  EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "dern"}, {"experts", 4}, {"threshold", 1.5}}),
+             "passes[0].threshold: expected a number in [-1, 1]");
+  EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "dern"}, {"experts", 4}, {"treshold", 0.5}}),
+             "did you mean \"threshold\"?");
+  EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "msmoe"}, {"experts", 4}, {"threshold", 0.5}}),
+             "passes[0].threshold: unknown key for merge/msmoe");
+  EXPECT_HAS(error_of({{"pass", "merge"}, {"method", "dern"}}), "passes[0]: missing key \"experts\"");
 }
 
 TEST(Registry, BudgetsAreExclusiveAndRequired) {
