@@ -4,7 +4,6 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
-#include <deque>
 #include <map>
 #include <optional>
 #include <regex>
@@ -361,7 +360,8 @@ class Quantize final : public pipeline::Pass {
         s.topped_to = it->second;
         continue;
       }
-      auto& gram = const_cast<calib::MatrixD&>(*s.gram);
+      const size_t e = static_cast<size_t>(s.expert);
+      calib::MatrixD& gram = s.type < 2 ? ctx.grams->expert_in[e] : ctx.grams->expert_mid[e];  // *s.gram
       if (s.type < 2) {
         if (moe_all_n_ <= 0) continue;  // no calibration token at all: nothing to top up from
         if (!gram.size()) gram = calib::MatrixD::Zero(moe_all_.rows(), moe_all_.cols());
@@ -369,7 +369,7 @@ class Quantize final : public pipeline::Pass {
       } else {
         if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
         MatrixRM h;
-        runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[static_cast<size_t>(s.expert)]), *X, &h);
+        runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[e]), *X, &h);
         const Eigen::MatrixXd hd = h.cast<double>();
         if (!gram.size()) gram = calib::MatrixD::Zero(hd.cols(), hd.cols());
         gram.noalias() += (static_cast<double>(need - s.tokens) / static_cast<double>(hd.rows())) * (hd.transpose() * hd);

@@ -47,7 +47,9 @@ struct LayerContext {
   runtime::RoutingRule routing;                 // the family's routing rule for this layer
   uint64_t seed = 0;                            // per-layer seed derived from the recipe seed
   nlohmann::json& report;                       // this layer's entry in moe_tool_report.json
-  const InputGrams* grams = nullptr;            // set when Requirements::input_grams
+  // Set when Requirements::input_grams. Scratch of this layer: a pass may change it in place (quantize
+  // tops up few-token experts' Grams); a later pass gets the experts' Grams recomputed.
+  InputGrams* grams = nullptr;
   const runtime::MatrixRM* layer_inputs = nullptr;  // set when Requirements::layer_inputs
   int64_t window_tokens = 0;                    // T of the calibration windows (rows are window-major)
 };
