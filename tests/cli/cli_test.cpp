@@ -7,6 +7,7 @@
 #include <set>
 
 #include "core/dtype.h"
+#include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -443,7 +444,6 @@ TEST_F(Cli, BadArguments) {
   EXPECT_NE(h.out.find("convert"), std::string::npos);
 }
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
 
 TEST_F(Cli, PruningDeepSeekV3DropsTheGroupLimit) {
   // deepseek_v3 routes within n_group contiguous groups of experts; once experts are dropped those

@@ -12,6 +12,7 @@
 #include "model/model.h"
 #include "quant/lowrank.h"
 #include "runtime/forward.h"
+#include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -26,7 +27,6 @@ const fs::path kSrc = MOE_SOURCE_DIR;
 const fs::path kModel = kSrc / "data/models/mixtral-tiny";
 const std::string kCalib = (kSrc / "data/text/calib.txt").string();
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
 
 // One factorized checkpoint shared by the tests of this file (svd needs no calibration).
 const fs::path& svd_model() {
@@ -38,12 +38,6 @@ const fs::path& svd_model() {
     return o;
   }();
   return out;
-}
-
-void expect_clean_failure(const RunResult& r, const std::string& needle) {
-  EXPECT_EQ(r.exit_code, 2) << r.describe();
-  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
-  EXPECT_NE(r.err.find(needle), std::string::npos) << r.describe();
 }
 
 TEST(Factorize, WritesLowRankPartsAndExactBitsPerParameter) {

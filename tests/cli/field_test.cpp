@@ -12,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "io/checkpoint.h"
+#include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -26,7 +27,6 @@ namespace fs = std::filesystem;
 const fs::path kSource = fs::path(MOE_SOURCE_DIR);
 const std::string kCalib = (kSource / "data/text/calib.txt").string();
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 

@@ -11,6 +11,7 @@
 #include "core/dtype.h"
 #include "core/tensor.h"
 #include "io/checkpoint.h"
+#include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
 
@@ -55,7 +56,6 @@ SynthCheckpoint fp8_checkpoint(const json& block_size = json::array({kBr, kBc}))
   return ck;
 }
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
 
 void expect_clean_failure(const RunResult& r, const std::string& needle, const fs::path& out) {
   EXPECT_EQ(r.exit_code, 2) << r.describe();

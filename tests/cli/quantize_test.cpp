@@ -13,6 +13,7 @@
 #include "model/model.h"
 #include "quant/codec.h"
 #include "runtime/forward.h"
+#include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -29,13 +30,6 @@ const std::string kCalib = (kSrc / "data/text/calib.txt").string();
 const std::string kHeld = (kSrc / "data/text/heldout.txt").string();
 const std::string kExpert = "model.layers.2.block_sparse_moe.experts.5.w2.weight";
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
-
-void expect_clean_failure(const RunResult& r, const std::string& needle) {
-  EXPECT_EQ(r.exit_code, 2) << r.describe();
-  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
-  EXPECT_NE(r.err.find(needle), std::string::npos) << r.describe();
-}
 
 // One RTN int4 checkpoint shared by the tests of this file (RTN needs no calibration).
 const fs::path& rtn_model() {

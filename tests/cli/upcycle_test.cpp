@@ -12,6 +12,7 @@
 #include "model/model.h"
 #include "runtime/forward.h"
 #include "tokenizer/tokenizer.h"
+#include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -26,7 +27,6 @@ const fs::path kSrc = MOE_SOURCE_DIR;
 const fs::path kLlama = kSrc / "data/models/llama-tiny";
 const fs::path kSynth = kSrc / "data/models/synthetic";
 
-json read_json(const fs::path& p) { return json::parse(read_file(p)); }
 
 // Logits of a model folder on fixed token ids (2 windows of 32).
 runtime::MatrixRM logits_of(const fs::path& dir) {
