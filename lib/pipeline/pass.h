@@ -33,6 +33,13 @@ struct Requirements {
   // the layers already changed when calibration.propagate): for passes that run the rest of the
   // model from this layer (prune/search scores keep-sets by the final output's KL).
   bool layer_inputs = false;
+  // A planning sweep before the layer loop (a budget across layers that needs each layer's
+  // calibration inputs, not statistics): the calibration windows run through the input model,
+  // unchanged, one layer at a time, and plan_layer() sees every layer the pass will run on, with
+  // that layer's Grams when input_grams is set; then finish_plan(). Memory: one layer and its
+  // Grams, plus a second copy of the hidden states. Only possible for the first pass of a recipe
+  // (a later pass's input model does not exist before the layer loop).
+  bool plan_sweep = false;
 };
 
 struct LayerContext {
@@ -64,6 +71,12 @@ class Pass {
   virtual Requirements requirements() const = 0;
   // Global planning over all layers' statistics (budgets across layers). Default: nothing.
   virtual void plan(const model::Model& /*model*/, const calib::Stats* /*stats*/) {}
+  // The planning sweep (Requirements::plan_sweep), layer by layer in order: `layer` as the input
+  // model has it, `grams` its Grams on the calibration windows through the input model (null
+  // when the pass does not ask for input_grams). Then finish_plan() once, which fills `report`
+  // (the pass's entry under "plans" in moe_tool_report.json; the runner adds the sweep's seconds).
+  virtual void plan_layer(const model::Layer& /*layer*/, const InputGrams* /*grams*/) {}
+  virtual void finish_plan(nlohmann::json& /*report*/) {}
   // Experts each MoE layer will have after this pass (for --dry-run and budget checks), given the
   // count before. Throws Error::invalid for impossible budgets.
   virtual int64_t experts_after(int layer, int64_t experts_before, int64_t top_k) const = 0;

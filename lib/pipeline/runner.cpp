@@ -141,6 +141,40 @@ calib::LayerStats recompute_stats(const model::Model& model, int l, const model:
   return calib::block_stats(l, w, rule, x, spec.batch_windows * T, o);
 }
 
+// The planning sweep of `pass` (Requirements::plan_sweep): every layer it runs on is shown to
+// plan_layer() as the input model has it, with its Grams on the calibration windows X [N, H]
+// (copied: the layer loop starts from the embedding again) pushed through the input model's
+// layers; without a forward (no calibration inputs asked) the layers only. Returns the pass's plan
+// report with the sweep's seconds.
+json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* fwd, const runtime::MatrixRM& X, int64_t T,
+                bool quiet) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool grams_wanted = pass.requirements().input_grams;
+  runtime::MatrixRM Xp;
+  if (fwd) Xp = X;
+  core::Progress progress("planning", static_cast<uint64_t>(model.layers().size()), "layers", quiet);
+  for (const auto& layer : model.layers()) {
+    const bool runs = layer.moe || !pass.moe_layers_only();
+    GramCapture grams;
+    if (fwd) {
+      std::vector<runtime::Observer*> obs;
+      if (runs && grams_wanted) obs.push_back(&grams);
+      fwd->apply_layer(fwd->load_layer(layer.index), Xp, T, obs);
+    }
+    if (runs)
+      core::with_context("layer " + std::to_string(layer.index) + ": planning " + pass.name() + " " + pass.method(),
+                         [&] { pass.plan_layer(layer, fwd && grams_wanted ? &grams.grams : nullptr); });
+    progress.add(1);
+  }
+  progress.finish();
+  json rep = json::object();
+  core::with_context("planning " + pass.name() + " " + pass.method(), [&] { pass.finish_plan(rep); });
+  rep["pass"] = pass.name();
+  rep["method"] = pass.method();
+  rep["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return rep;
+}
+
 }  // namespace
 
 json check_quality_gates(const EvalSpec& spec, const json& eval_json) {
@@ -198,6 +232,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if ((req.input_grams || req.layer_inputs) && r.calibration.text.empty())
       throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
                            "' needs the inputs of each layer on calibration windows: give calibration.text");
+    if (req.plan_sweep && i > 0)
+      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
+                           "' plans across layers on the input model's calibration inputs, which exist only for the "
+                           "first pass: make it the first, or plan per layer (factorize: budget_scope \"layer\")");
     if (req.stats_fields.empty()) continue;
     const std::string where = r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() + "'";
     if (i == 0) {
@@ -311,6 +349,13 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     fwd.emplace(model);
     X = fwd->embed(ct.tokens);
   }
+
+  // The planning sweep of a pass that plans across layers on calibration inputs (the first pass
+  // only, checked above): the windows through the input model, layer by layer, on a copy of the
+  // hidden states.
+  json plan_reports = json::array();
+  if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
+    plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, opts.quiet));
 
   io::OutputDir& out = *out_dir;
   // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
@@ -540,6 +585,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   report["recipe"] = r.json;
   report["passes"] = passes;
   report["layers"] = layer_reports;
+  if (!plan_reports.empty()) report["plans"] = plan_reports;
   if (!global_reports.empty()) report["globals"] = global_reports;
   report["calibration"] = {{"text", r.calibration.text.string()}, {"stats", r.calibration.stats.string()},
                            {"ctx", r.calibration.ctx}, {"windows", r.calibration.windows},
@@ -571,6 +617,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (!eval_json.is_null()) summary["eval"] = eval_json;
   if (!gate.is_null()) summary["quality_gate"] = gate;
   summary["layers"] = layer_reports;
+  if (!plan_reports.empty()) summary["plans"] = plan_reports;
   summary["bytes"]["after"] = written_bytes;
   summary["seconds"] = secs;
   summary["report"] = (r.output.path / "moe_tool_report.json").string();
