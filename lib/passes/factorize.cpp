@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <map>
 #include <optional>
 
 #include "core/error.h"
@@ -23,6 +24,7 @@ namespace {
 
 enum class Method { Svd, Asvd, Svdllm, Delta, Latent };
 enum class Rule { Ratio, Rank, Energy, Budget };
+enum class Scope { Model, Layer };
 
 const std::vector<std::string> kTargets = {"experts", "shared", "attention", "dense"};
 
@@ -70,6 +72,8 @@ class Factorize final : public pipeline::Pass {
     if (method_ == Method::Asvd) alpha_ = o.get_number("alpha", 0.5, 0, 10);
     if (method_ != Method::Svd) damp_ = o.get_number("damp", 0.01, 0, 10);
     if (method_ == Method::Delta) shared_v_ = o.get_bool("shared_v", false);
+    const bool scope_given = o.has("budget_scope");
+    scope_ = o.get_enum("budget_scope", "model", {"model", "layer"}) == "layer" ? Scope::Layer : Scope::Model;
     targets_ = {"experts"};
     o.allow({"targets"});
     if (o.has("targets")) {
@@ -109,6 +113,8 @@ class Factorize final : public pipeline::Pass {
     if (rank) rule_ = Rule::Rank, value_ = static_cast<double>(*rank);
     if (energy) rule_ = Rule::Energy, value_ = *energy;
     if (budget) rule_ = Rule::Budget, value_ = *budget;
+    if (scope_given && !budget)
+      throw Error::invalid(o.key_path("budget_scope") + ": applies to budget only (the other rank rules are per matrix)");
   }
 
   std::string name() const override { return "factorize"; }
@@ -123,11 +129,13 @@ class Factorize final : public pipeline::Pass {
     if (method_ == Method::Asvd) p["alpha"] = alpha_;
     if (method_ != Method::Svd) p["damp"] = damp_;
     if (method_ == Method::Delta) p["shared_v"] = shared_v_;
+    if (rule_ == Rule::Budget) p["budget_scope"] = scope_ == Scope::Model ? "model" : "layer";
     return p;
   }
   pipeline::Requirements requirements() const override {
     pipeline::Requirements r;
     r.input_grams = method_ != Method::Svd;
+    r.plan_sweep = rule_ == Rule::Budget && scope_ == Scope::Model;
     return r;
   }
   int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
@@ -135,16 +143,102 @@ class Factorize final : public pipeline::Pass {
   bool shapes_at_run() const override { return true; }
 
   void run_layer(pipeline::LayerContext& ctx) override {
-    const pipeline::InputGrams* g = ctx.grams;
-    if (method_ != Method::Svd && !g) throw Error::internal("factorize: the runner gave no Gram matrices");
-    model::Layer& L = ctx.target;
     json& rep = ctx.report;
     rep["matrices"] = json::array();
     notes_.clear();
-
-    damped_.clear();
     std::vector<Slot> singles;  // factorized one by one
     std::vector<Slot> grouped;  // delta / latent: routed experts, by type
+    collect(ctx.target, ctx.grams, singles, grouped);
+    if (rule_ == Rule::Budget && scope_ == Scope::Model) {
+      auto it = planned_.find(ctx.layer);
+      if (it == planned_.end()) throw Error::internal("factorize: no planned ranks for layer " + std::to_string(ctx.layer));
+      rep["budget"] = {{"scope", "model"}, {"ranks", "planned over the whole model (\"plans\" in the report)"}};
+      apply_planned(singles, grouped, it->second, rep);
+    } else if (rule_ == Rule::Budget) {
+      run_budget(singles, grouped, rep);
+    } else {
+      // One matrix (or one group) decomposed and truncated at a time: memory one matrix.
+      for (auto& s : singles) factor_single(s, decompose(s), std::nullopt, rep);
+      for (int type = 0; type < 3 && !grouped.empty(); ++type) {
+        GroupDec gd = decompose_group(grouped, type);
+        if (!gd.slots.empty()) factor_group(gd, std::nullopt, rep);
+      }
+    }
+    end_layer();
+    if (!notes_.empty()) rep["notes"] = notes_;
+  }
+
+  // Model-scope budget, planning sweep: the layer's budget items from the input model's
+  // calibration Grams; only the σ arrays are kept (lowrank::BudgetItem), the decompositions are
+  // dropped one by one.
+  void plan_layer(const model::Layer& layer, const pipeline::InputGrams* grams) override {
+    model::Layer L = layer;  // the slots point into this copy; nothing is written back
+    std::vector<Slot> singles, grouped;
+    notes_.clear();
+    collect(L, grams, singles, grouped);
+    LayerItems li = layer_items(singles, grouped, nullptr, nullptr);
+    end_layer();
+    plan_layers_.push_back({layer.index, plan_items_.size(), li.items.size()});
+    for (auto& it : li.items) plan_items_.push_back(std::move(it));
+    for (auto& nm : li.names) plan_names_.push_back(std::move(nm));
+    plan_dense_ += li.dense;
+    plan_fixed_ += li.fixed;
+  }
+
+  void finish_plan(json& rep) override {
+    const int64_t budget = static_cast<int64_t>(std::floor(value_ * static_cast<double>(plan_dense_))) - plan_fixed_;
+    const std::vector<int> ranks = lowrank::allocate_ranks(plan_items_, budget);
+    json list = json::array();
+    for (const auto& pl : plan_layers_) {
+      std::vector<int>& r = planned_[pl.layer];
+      for (size_t j = pl.first; j < pl.first + pl.count; ++j) {
+        r.push_back(ranks[j]);
+        list.push_back({{"layer", pl.layer}, {"matrix", plan_names_[j]},
+                        {"rank", ranks[j] == lowrank::kKeepDense ? json("dense") : json(ranks[j])}});
+      }
+    }
+    rep["scope"] = "model";
+    rep["budget"] = {{"params", budget + plan_fixed_}, {"dense_params", plan_dense_},
+                     {"allocated_params", lowrank::allocation_params(plan_items_, ranks) + plan_fixed_},
+                     {"weighted_loss", lowrank::allocation_loss(plan_items_, ranks)}};
+    rep["ranks"] = list;
+    rep["note"] = "model-scope budget: every matrix is decomposed twice, once in this planning sweep on the input "
+                  "model's calibration inputs (ranks allocated over all layers by truncation loss per parameter "
+                  "saved), once in the layer loop on its inputs there (through the layers already factorized "
+                  "when calibration.propagate), truncated at the planned rank";
+    plan_items_ = {};
+    plan_names_ = {};
+  }
+
+ private:
+  bool targets(const char* t) const { return std::find(targets_.begin(), targets_.end(), t) != targets_.end(); }
+
+  // The delta / latent decomposition of the routed experts' matrices of one type (0 gate, 1 up,
+  // 2 down), computed once and truncated at any rank.
+  struct GroupDec {
+    int type = 0;
+    std::vector<Slot*> slots;
+    int64_t m = 0, n = 0;
+    MatrixRM base;                                  // delta: W_b
+    std::vector<lowrank::Spectrum> each;            // delta: each expert's delta (not shared_v)
+    std::optional<lowrank::SharedSpectrum> shared;  // delta with shared_v, latent
+  };
+  // A layer's budget items in allocation order: each single matrix, then per type either the
+  // delta experts (one item each) or the shared group (one item); `fixed` is what is stored
+  // whatever the ranks (delta bases).
+  struct LayerItems {
+    std::vector<lowrank::BudgetItem> items;
+    std::vector<std::string> names;
+    int64_t dense = 0, fixed = 0;
+  };
+  struct PlanLayer {
+    int layer;
+    size_t first, count;  // its items in plan_items_
+  };
+
+  // The slots of one layer, with their (damped) Grams; starts a layer (whitening cache reset).
+  void collect(model::Layer& L, const pipeline::InputGrams* g, std::vector<Slot>& singles, std::vector<Slot>& grouped) {
+    end_layer();
     auto add_mlp = [&](model::Mlp& m, const std::string& who, const calib::MatrixD* gin, const calib::MatrixD* gmid,
                        int64_t tokens, std::vector<Slot>& into) {
       into.push_back({&m.gate, who + " gate", gin, tokens, 0});
@@ -187,20 +281,35 @@ class Factorize final : public pipeline::Pass {
     if ((method_ == Method::Delta || method_ == Method::Latent) && singles.size())
       notes_.push_back(std::string(method_ == Method::Delta ? "delta" : "latent") +
                        " applies to routed experts; the other targets use svdllm");
-
-    if (rule_ == Rule::Budget) run_budget(singles, grouped, rep);
-    else {
-      for (auto& s : singles) factor_single(s, std::nullopt, rep);
-      for (int type = 0; type < 3 && !grouped.empty(); ++type) factor_group(grouped, type, std::nullopt, rep);
-    }
-    if (!notes_.empty()) rep["notes"] = notes_;
+  }
+  // Drops the layer's damped Grams and the cached whitening.
+  void end_layer() {
+    white_.reset();
+    white_gram_ = nullptr;
+    damped_.clear();
   }
 
- private:
-  bool targets(const char* t) const { return std::find(targets_.begin(), targets_.end(), t) != targets_.end(); }
+  // SVD-LLM's whitening of `gram`, computed once for consecutive matrices that read the same
+  // Gram (an expert's gate and up share gram_in): one Cholesky per Gram, not per matrix. Keyed by
+  // address within a layer (collect() resets it).
+  const lowrank::Whitening& whitening(const calib::MatrixD* gram) {
+    if (!white_ || white_gram_ != gram) {
+      white_ = std::make_shared<const lowrank::Whitening>(lowrank::whiten(*gram));
+      white_gram_ = gram;
+    }
+    return *white_;
+  }
+  lowrank::Spectrum svdllm(const MatrixRM& w, const calib::MatrixD* gram, const std::string& what) {
+    if (gram->rows() != w.cols() || gram->cols() != w.cols())
+      throw Error::internal("factorize: Gram of " + what + " is " + std::to_string(gram->rows()) + "x" +
+                            std::to_string(gram->cols()) + ", the weight has " + std::to_string(w.cols()) + " inputs");
+    return lowrank::svdllm(w, whitening(gram));
+  }
 
-  // The method of a single matrix (delta/latent fall back to svdllm outside routed experts).
-  lowrank::Spectrum spectrum(const Slot& s, const MatrixRM& w) const {
+  // The decomposition of a single matrix by the method (delta/latent fall back to svdllm
+  // outside routed experts).
+  lowrank::Spectrum decompose(const Slot& s) {
+    const MatrixRM w = runtime::to_matrix(*s.tensor);
     if (method_ == Method::Svd) return lowrank::svd(w);
     if (!s.gram) throw Error::internal("factorize: no Gram for " + s.what);
     if (method_ == Method::Asvd) {
@@ -209,7 +318,49 @@ class Factorize final : public pipeline::Pass {
         for (int64_t j = 0; j < w.cols(); ++j) act[j] = std::sqrt(std::max(0.0, (*s.gram)(j, j)) / static_cast<double>(s.tokens));
       return lowrank::asvd(w, act, alpha_);
     }
-    return lowrank::svdllm(w, *s.gram);
+    return svdllm(w, s.gram, s.what);
+  }
+
+  // The delta / latent decomposition of the grouped slots of one type (no slots: empty result).
+  GroupDec decompose_group(std::vector<Slot>& all, int type) {
+    GroupDec gd;
+    gd.type = type;
+    for (auto& s : all)
+      if (s.type == type) gd.slots.push_back(&s);
+    if (gd.slots.empty()) return gd;
+    std::vector<MatrixRM> ws;
+    for (auto* s : gd.slots) ws.push_back(runtime::to_matrix(*s->tensor));
+    std::vector<const MatrixRM*> wp;
+    for (const auto& w : ws) wp.push_back(&w);
+    std::vector<const calib::MatrixD*> grams;
+    for (auto* s : gd.slots) grams.push_back(s->gram);
+    gd.m = ws[0].rows();
+    gd.n = ws[0].cols();
+    if (method_ == Method::Latent) {
+      gd.shared = lowrank::shared_spectrum(wp, type == 2 ? lowrank::Side::Left : lowrank::Side::Right, &grams);
+      return gd;
+    }
+    std::vector<double> freq;
+    for (auto* s : gd.slots) freq.push_back(static_cast<double>(s->tokens));
+    double total = 0;
+    for (double f : freq) total += f;
+    if (total <= 0) std::fill(freq.begin(), freq.end(), 1.0);  // no tokens at all: plain average
+    gd.base = lowrank::delta_base(wp, freq);
+    const std::vector<MatrixRM> dl = lowrank::deltas(wp, gd.base);
+    if (shared_v_) {
+      std::vector<const MatrixRM*> dp;
+      for (const auto& x : dl) dp.push_back(&x);
+      gd.shared = lowrank::shared_spectrum(dp, lowrank::Side::Right, &grams);
+      return gd;
+    }
+    for (size_t e = 0; e < dl.size(); ++e)
+      gd.each.push_back(grams[e] ? svdllm(dl[e], grams[e], gd.slots[e]->what + " (delta)") : lowrank::svd(dl[e]));
+    return gd;
+  }
+  static const char* type_name(int type) { return type == 0 ? "gate" : type == 1 ? "up" : "down"; }
+  // Budget items a group contributes: one per expert (delta without shared V) or one.
+  size_t group_item_count(size_t experts) const {
+    return method_ == Method::Delta && !shared_v_ ? experts : 1;
   }
 
   // The rank the rule gives a single matrix [m, n] (not budget).
@@ -233,10 +384,8 @@ class Factorize final : public pipeline::Pass {
     rep["matrices"].push_back(m);
   }
 
-  void factor_single(Slot& s, std::optional<int> forced, json& rep) {
-    const MatrixRM w = runtime::to_matrix(*s.tensor);
-    const lowrank::Spectrum sp = spectrum(s, w);
-    const int k = forced ? *forced : single_rank(sp, w.rows(), w.cols(), s.what);
+  void factor_single(Slot& s, const lowrank::Spectrum& sp, std::optional<int> forced, json& rep) {
+    const int k = forced ? *forced : single_rank(sp, sp.rows, sp.cols, s.what);
     if (k == lowrank::kKeepDense) {
       record(rep, s.what, k, 0, sp.note);
       return;
@@ -250,35 +399,17 @@ class Factorize final : public pipeline::Pass {
     record(rep, s.what, k, sp.loss(k), note);
   }
 
-  // delta / latent over the routed experts' matrices of one type (0 gate, 1 up, 2 down).
-  void factor_group(std::vector<Slot>& all, int type, std::optional<std::vector<int>> forced, json& rep) {
-    std::vector<Slot*> slots;
-    for (auto& s : all)
-      if (s.type == type) slots.push_back(&s);
-    if (slots.empty()) return;
-    std::vector<MatrixRM> ws;
-    for (auto* s : slots) ws.push_back(runtime::to_matrix(*s->tensor));
-    std::vector<const MatrixRM*> wp;
-    for (const auto& w : ws) wp.push_back(&w);
-    std::vector<const calib::MatrixD*> grams;
-    for (auto* s : slots) grams.push_back(s->gram);
-    const int64_t m = ws[0].rows(), n = ws[0].cols(), E = static_cast<int64_t>(ws.size());
+  // delta / latent over the routed experts' matrices of one type, truncated from its decomposition.
+  void factor_group(const GroupDec& gd, std::optional<std::vector<int>> forced, json& rep) {
+    const auto& slots = gd.slots;
+    const int64_t m = gd.m, n = gd.n, E = static_cast<int64_t>(slots.size());
     const core::DType d = factor_dtype(*slots[0]->tensor);
-    const char* tname = type == 0 ? "gate" : type == 1 ? "up" : "down";
+    const char* tname = type_name(gd.type);
 
     if (method_ == Method::Delta) {
-      std::vector<double> freq;
-      for (auto* s : slots) freq.push_back(static_cast<double>(s->tokens));
-      double total = 0;
-      for (double f : freq) total += f;
-      if (total <= 0) std::fill(freq.begin(), freq.end(), 1.0);  // no tokens at all: plain average
-      const MatrixRM base = lowrank::delta_base(wp, freq);
-      const std::vector<MatrixRM> dl = lowrank::deltas(wp, base);
-      auto base_part = part(base, d);
+      auto base_part = part(gd.base, d);
       if (shared_v_) {
-        std::vector<const MatrixRM*> dp;
-        for (const auto& x : dl) dp.push_back(&x);
-        const lowrank::SharedSpectrum sp = lowrank::shared_spectrum(dp, lowrank::Side::Right, &grams);
+        const lowrank::SharedSpectrum& sp = *gd.shared;
         const int64_t cost = n + E * m, kmax = max_saving(E * m * n, m * n, cost);
         if (forced && (*forced)[0] == lowrank::kKeepDense) {
           record(rep, std::string("experts ") + tname + " (delta, shared V)", lowrank::kKeepDense, 0, "");
@@ -294,7 +425,7 @@ class Factorize final : public pipeline::Pass {
         return;
       }
       for (size_t e = 0; e < slots.size(); ++e) {
-        const lowrank::Spectrum sp = grams[e] ? lowrank::svdllm(dl[e], *grams[e]) : lowrank::svd(dl[e]);
+        const lowrank::Spectrum& sp = gd.each[e];
         int64_t k;
         if (forced && (*forced)[e] == lowrank::kKeepDense) {
           record(rep, slots[e]->what + " (delta)", lowrank::kKeepDense, 0, "");
@@ -312,8 +443,8 @@ class Factorize final : public pipeline::Pass {
       return;
     }
     // latent: shared input basis for gate/up (B shared), shared output basis for down (A shared).
-    const lowrank::Side side = type == 2 ? lowrank::Side::Left : lowrank::Side::Right;
-    const lowrank::SharedSpectrum sp = lowrank::shared_spectrum(wp, side, &grams);
+    const lowrank::SharedSpectrum& sp = *gd.shared;
+    const lowrank::Side side = gd.type == 2 ? lowrank::Side::Left : lowrank::Side::Right;
     const int64_t cost = side == lowrank::Side::Right ? n + E * m : m + E * n;
     const int64_t kmax = max_saving(E * m * n, 0, cost);
     if (forced && (*forced)[0] == lowrank::kKeepDense) {
@@ -351,66 +482,86 @@ class Factorize final : public pipeline::Pass {
     return std::max<int64_t>(k, 1);
   }
 
-  // Budget: the layer's targeted dense parameters × R, allocated across matrices by loss.
-  void run_budget(std::vector<Slot>& singles, std::vector<Slot>& grouped, json& rep) {
-    std::vector<lowrank::BudgetItem> items;
-    int64_t dense = 0, fixed = 0;
+  // Every unit of the layer decomposed once, in the budget's item order, its items appended.
+  // The decompositions are kept in *singles_dec / *groups_dec when given (to be truncated at the
+  // allocated ranks), dropped otherwise (planning keeps the σ arrays only).
+  LayerItems layer_items(std::vector<Slot>& singles, std::vector<Slot>& grouped,
+                         std::vector<lowrank::Spectrum>* singles_dec, std::vector<GroupDec>* groups_dec) {
+    LayerItems li;
     for (auto& s : singles) {
-      const MatrixRM w = runtime::to_matrix(*s.tensor);
-      items.push_back(lowrank::budget_item(spectrum(s, w)));
-      dense += w.rows() * w.cols();
+      lowrank::Spectrum sp = decompose(s);
+      li.items.push_back(lowrank::budget_item(sp));
+      li.names.push_back(s.what);
+      li.dense += sp.rows * sp.cols;
+      if (singles_dec) singles_dec->push_back(std::move(sp));
     }
-    // Groups: delta = one item per expert delta (the base is a fixed cost), latent / shared V =
-    // one item per type.
-    std::vector<std::pair<int, size_t>> group_items;  // (type, first item index)
     for (int type = 0; type < 3 && !grouped.empty(); ++type) {
-      std::vector<MatrixRM> ws;
-      std::vector<const calib::MatrixD*> grams;
-      std::vector<double> freq;
-      for (auto& s : grouped)
-        if (s.type == type) {
-          ws.push_back(runtime::to_matrix(*s.tensor));
-          grams.push_back(s.gram);
-          freq.push_back(static_cast<double>(s.tokens));
-        }
-      std::vector<const MatrixRM*> wp;
-      for (const auto& w : ws) wp.push_back(&w);
-      const int64_t m = ws[0].rows(), n = ws[0].cols(), E = static_cast<int64_t>(ws.size());
-      dense += E * m * n;
-      group_items.push_back({type, items.size()});
-      if (method_ == Method::Delta) {
-        fixed += m * n;
-        double total = 0;
-        for (double f : freq) total += f;
-        if (total <= 0) std::fill(freq.begin(), freq.end(), 1.0);
-        const MatrixRM base = lowrank::delta_base(wp, freq);
-        const std::vector<MatrixRM> dl = lowrank::deltas(wp, base);
-        if (shared_v_) {
-          std::vector<const MatrixRM*> dp;
-          for (const auto& x : dl) dp.push_back(&x);
-          items.push_back(lowrank::budget_item(lowrank::shared_spectrum(dp, lowrank::Side::Right, &grams)));
-        } else {
-          for (size_t e = 0; e < dl.size(); ++e)
-            items.push_back(lowrank::budget_item(grams[e] ? lowrank::svdllm(dl[e], *grams[e]) : lowrank::svd(dl[e])));
-        }
+      GroupDec gd = decompose_group(grouped, type);
+      if (gd.slots.empty()) continue;
+      const int64_t E = static_cast<int64_t>(gd.slots.size());
+      li.dense += E * gd.m * gd.n;
+      if (method_ == Method::Delta) li.fixed += gd.m * gd.n;  // the base
+      if (gd.shared) {
+        li.items.push_back(lowrank::budget_item(*gd.shared));
+        li.names.push_back(std::string("experts ") + type_name(type) +
+                           (method_ == Method::Delta ? " (delta, shared V)" : " (latent)"));
       } else {
-        items.push_back(lowrank::budget_item(lowrank::shared_spectrum(wp, type == 2 ? lowrank::Side::Left : lowrank::Side::Right, &grams)));
+        for (size_t e = 0; e < gd.each.size(); ++e) {
+          li.items.push_back(lowrank::budget_item(gd.each[e]));
+          li.names.push_back(gd.slots[e]->what + " (delta)");
+        }
       }
+      if (groups_dec) groups_dec->push_back(std::move(gd));
     }
-    const int64_t budget = static_cast<int64_t>(std::floor(value_ * static_cast<double>(dense))) - fixed;
-    const std::vector<int> ranks = lowrank::allocate_ranks(items, budget);
-    rep["budget"] = {{"params", budget + fixed}, {"dense_params", dense},
-                     {"allocated_params", lowrank::allocation_params(items, ranks) + fixed},
-                     {"weighted_loss", lowrank::allocation_loss(items, ranks)}};
-    for (size_t i = 0; i < singles.size(); ++i) factor_single(singles[i], ranks[i], rep);
-    for (const auto& [type, first] : group_items) {
+    return li;
+  }
+
+  // Layer-scope budget: the layer's targeted dense parameters × R, allocated across its matrices
+  // by loss; each matrix decomposed once (the layer's decompositions are kept, then truncated).
+  void run_budget(std::vector<Slot>& singles, std::vector<Slot>& grouped, json& rep) {
+    std::vector<lowrank::Spectrum> sdec;
+    std::vector<GroupDec> gdec;
+    const LayerItems li = layer_items(singles, grouped, &sdec, &gdec);
+    const int64_t budget = static_cast<int64_t>(std::floor(value_ * static_cast<double>(li.dense))) - li.fixed;
+    const std::vector<int> ranks = lowrank::allocate_ranks(li.items, budget);
+    rep["budget"] = {{"scope", "layer"}, {"params", budget + li.fixed}, {"dense_params", li.dense},
+                     {"allocated_params", lowrank::allocation_params(li.items, ranks) + li.fixed},
+                     {"weighted_loss", lowrank::allocation_loss(li.items, ranks)}};
+    size_t i = 0;
+    for (size_t j = 0; j < singles.size(); ++j) factor_single(singles[j], sdec[j], ranks[i++], rep);
+    for (auto& gd : gdec) {
+      const size_t c = group_item_count(gd.slots.size());
+      factor_group(gd, std::vector<int>(ranks.begin() + static_cast<std::ptrdiff_t>(i),
+                                        ranks.begin() + static_cast<std::ptrdiff_t>(i + c)), rep);
+      i += c;
+    }
+  }
+
+  // Model-scope budget, layer loop: each unit decomposed on this layer's inputs and truncated at
+  // its planned rank, one at a time (a matrix planned dense is not decomposed again).
+  void apply_planned(std::vector<Slot>& singles, std::vector<Slot>& grouped, const std::vector<int>& ranks, json& rep) {
+    size_t i = 0;
+    auto take = [&](size_t c) {
+      if (i + c > ranks.size())
+        throw Error::internal("factorize: the layer has more budget items than were planned (" + std::to_string(ranks.size()) + ")");
+      std::vector<int> r(ranks.begin() + static_cast<std::ptrdiff_t>(i), ranks.begin() + static_cast<std::ptrdiff_t>(i + c));
+      i += c;
+      return r;
+    };
+    for (auto& s : singles) {
+      const int k = take(1)[0];
+      if (k == lowrank::kKeepDense) record(rep, s.what, k, 0, "");
+      else factor_single(s, decompose(s), k, rep);
+    }
+    for (int type = 0; type < 3 && !grouped.empty(); ++type) {
       size_t count = 0;
-      for (auto& s : grouped) count += s.type == type;
-      const bool per_expert = method_ == Method::Delta && !shared_v_;
-      std::vector<int> forced(ranks.begin() + static_cast<std::ptrdiff_t>(first),
-                              ranks.begin() + static_cast<std::ptrdiff_t>(first + (per_expert ? count : 1)));
-      factor_group(grouped, type, forced, rep);
+      for (const auto& s : grouped) count += s.type == type;
+      if (!count) continue;
+      const std::vector<int> r = take(group_item_count(count));
+      factor_group(decompose_group(grouped, type), r, rep);
     }
+    if (i != ranks.size())
+      throw Error::internal("factorize: planned " + std::to_string(ranks.size()) + " budget items, the layer has " + std::to_string(i));
   }
 
   static std::string join(const std::vector<std::string>& v) {
@@ -418,7 +569,6 @@ class Factorize final : public pipeline::Pass {
     for (const auto& x : v) s += (s.empty() ? "" : "; ") + x;
     return s;
   }
-
   std::string method_name_;
   Method method_;
   Rule rule_ = Rule::Ratio;
@@ -426,6 +576,16 @@ class Factorize final : public pipeline::Pass {
   double alpha_ = 0.5;
   double damp_ = 0.01;
   std::deque<calib::MatrixD> damped_;  // the damped Grams of the layer being run (stable addresses)
+  std::shared_ptr<const lowrank::Whitening> white_;  // the last Gram's whitening (whitening())
+  const calib::MatrixD* white_gram_ = nullptr;
+  Scope scope_ = Scope::Model;
+  // Model-scope budget: the planning sweep's items (σ arrays) and names, per layer, then the
+  // planned ranks per layer in item order.
+  std::vector<lowrank::BudgetItem> plan_items_;
+  std::vector<std::string> plan_names_;
+  std::vector<PlanLayer> plan_layers_;
+  int64_t plan_dense_ = 0, plan_fixed_ = 0;
+  std::map<int, std::vector<int>> planned_;
   bool shared_v_ = false;
   std::vector<std::string> targets_;
   std::vector<std::string> notes_;

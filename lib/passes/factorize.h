@@ -12,11 +12,24 @@
 //                           still saves memory, with a note in the report)
 //     "energy": E ∈ (0, 1]  per matrix, the smallest rank keeping E of Σσ² (of the whitened /
 //                           scaled matrix for svdllm / asvd)
-//     "budget": R ∈ (0, 1]  one parameter budget per layer, R · the layer's targeted dense
-//                           parameters, ranks allocated across its matrices and experts by
-//                           truncation loss per parameter saved (lowrank::allocate_ranks; a
-//                           matrix may stay dense). The allocation is per layer, not across
-//                           layers (layers are compressed in order with propagated inputs).
+//     "budget": R ∈ (0, 1]  one parameter budget, R · the targeted dense parameters, ranks
+//                           allocated across matrices and experts by truncation loss per
+//                           parameter saved (lowrank::allocate_ranks; a matrix may stay dense,
+//                           a rank that saves no memory is never chosen). Its scope:
+//   "budget_scope": "model" (default) one budget for the whole model. A planning sweep runs the
+//                           calibration windows through the input model layer by layer
+//                           (pipeline::Requirements::plan_sweep; memory one layer), decomposes
+//                           every targeted matrix on those inputs and keeps only its σ (the
+//                           truncation-loss curve: Σ dropped σ², whitened for svdllm, scaled for
+//                           asvd, of the deltas / shared group for delta / latent); the ranks are
+//                           allocated over all of them at once, then the layer loop decomposes
+//                           each matrix again on its own inputs (through the layers already
+//                           factorized) and truncates it at the planned rank: two decompositions
+//                           per matrix. The first pass of a recipe only. Report: "plans" (ranks
+//                           per matrix, the sweep's seconds).
+//                   "layer"  R · each layer's targeted parameters, allocated within the layer;
+//                           each matrix decomposed once (the layer's decompositions are kept,
+//                           then truncated; memory one layer).
 //   "targets": "experts"   or a list of: experts, shared (shared experts), attention (q/k/v/o),
 //                           dense (dense-layer MLPs), or "all"
 //   "alpha": 0.5           asvd: activation exponent
@@ -29,7 +42,8 @@
 //   asvd    ASVD: input channels scaled by RMS activation^alpha (from the calibration Grams;
 //           the paper's mean|x| is approximated by the RMS sqrt(G_jj / N))
 //   svdllm  SVD-LLM: Cholesky-whitened by the Gram of the matrix's calibration inputs (the
-//           tokens routed to each expert); loss = ‖(W − W′)X‖²_F
+//           tokens routed to each expert; one Cholesky per Gram: an expert's gate and up share
+//           it); loss = ‖(W − W′)X‖²_F
 //   delta   D²-MoE: per layer and matrix type a frequency-weighted base W_b = Σ f_e W_e stored once,
 //           each expert's delta W_e − W_b factorized with SVD-LLM (or a shared B, shared_v)
 //   latent  MoLE: per layer a shared input basis for gate/up (B shared, A_e own) and a shared

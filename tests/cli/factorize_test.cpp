@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/dtype.h"
@@ -242,6 +244,88 @@ TEST(Factorize, EachMethodRunsAndSvdllmBeatsSvd) {
     EXPECT_LE(rep["tensor_classes"]["after"]["experts"]["bytes"].get<double>(),
               0.4 * rep["tensor_classes"]["before"]["experts"]["bytes"].get<double>() + 1);
   }
+}
+
+
+// --budget over the whole model (budget_scope "model", the default) against one budget per layer,
+// svdllm on the same calibration Grams (--no-propagate: the planning sweep and the layer loop then
+// see the same inputs, so the planned losses are the written ones). The model-wide allocation is
+// the optimum over a larger set (every per-layer allocation fits the model budget; all expert
+// matrices here cost m + n = 384 per rank, where the greedy is exact), so its total loss is at most
+// the per-layer total; the stored parameters, counted from the written file, are what the plan
+// reports and within the budget.
+TEST(Factorize, ModelScopeBudgetPlansAcrossLayers) {
+  TempDir tmp;
+  auto run = [&](const std::string& name, const std::string& scope) {
+    const RunResult r = run_tool({"-q", "factorize", kModel.string(), (tmp / name).string(), "--method", "svdllm",
+                                  "--budget", "0.4", "--budget-scope", scope, "--no-propagate", "--text", kCalib,
+                                  "--ctx", "128", "--windows", "16", "--json"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return read_json(tmp / name / "moe_tool_report.json");
+  };
+  const json model = run("model", "model"), layer = run("layer", "layer");
+  const int64_t dense = 4 * 8 * 3 * 256 * 128;  // the targeted expert parameters
+
+  // The plan: one budget, ranks for all 96 matrices, what the layers then wrote.
+  ASSERT_EQ(model.at("plans").size(), 1u);
+  const json& plan = model.at("plans")[0];
+  EXPECT_EQ(plan.at("scope"), "model");
+  EXPECT_GT(plan.at("seconds").get<double>(), 0);
+  EXPECT_EQ(plan.at("budget").at("dense_params").get<int64_t>(), dense);
+  const int64_t budget = static_cast<int64_t>(std::floor(0.4 * static_cast<double>(dense)));
+  EXPECT_EQ(plan.at("budget").at("params").get<int64_t>(), budget);
+  ASSERT_EQ(plan.at("ranks").size(), 96u);
+  std::map<std::pair<int, std::string>, json> planned;
+  for (const auto& r : plan.at("ranks")) planned[{r.at("layer").get<int>(), r.at("matrix").get<std::string>()}] = r.at("rank");
+  double written_loss = 0;
+  std::set<int> distinct;
+  for (const auto& l : model.at("layers")) {
+    const json& pr = l.at("passes")[0];
+    EXPECT_EQ(pr.at("budget").at("scope"), "model");
+    for (const auto& m : pr.at("matrices")) {
+      EXPECT_EQ(m.at("rank"), (planned[{l.at("layer").get<int>(), m.at("matrix").get<std::string>()}])) << m.dump();
+      written_loss += m.at("loss").get<double>();
+      if (m.at("rank").is_number()) distinct.insert(m.at("rank").get<int>());
+    }
+  }
+  EXPECT_GT(distinct.size(), 4u);  // ranks differ across matrices and layers
+  const double plan_loss = plan.at("budget").at("weighted_loss").get<double>();
+  EXPECT_NEAR(written_loss, plan_loss, 1e-6 * plan_loss);
+
+  // Stored parameters, from the file: rank·(m + n) per factorized matrix, m·n per dense one.
+  const auto ck = io::Checkpoint::open(io::Env::posix(), tmp / "model");
+  int64_t stored = 0;
+  for (const auto& name : ck.names())
+    if (name.find(".experts.") != std::string::npos) stored += core::shape_numel(ck.info(name).shape);
+  EXPECT_EQ(stored, plan.at("budget").at("allocated_params").get<int64_t>());
+  EXPECT_LE(stored, budget);
+
+  // Per layer: each layer within its own budget, and no better in total than the model-wide plan.
+  double layer_loss = 0;
+  for (const auto& l : layer.at("layers")) {
+    const json& b = l.at("passes")[0].at("budget");
+    EXPECT_EQ(b.at("scope"), "layer");
+    EXPECT_LE(b.at("allocated_params").get<int64_t>(), b.at("params").get<int64_t>());
+    EXPECT_EQ(b.at("params").get<int64_t>(), static_cast<int64_t>(std::floor(0.4 * (dense / 4.0))));
+    layer_loss += b.at("weighted_loss").get<double>();
+  }
+  EXPECT_FALSE(layer.contains("plans"));
+  EXPECT_LE(plan_loss, layer_loss * (1 + 1e-9));
+  EXPECT_LT(plan_loss, layer_loss);  // the layers' Grams differ in scale: one budget moves ranks between them
+}
+
+TEST(Factorize, ModelScopeBudgetOnlyAsTheFirstPass) {
+  TempDir tmp;
+  const fs::path recipe = tmp / "r.json";
+  write_file(recipe, json{{"model", kModel.string()}, {"output", {{"path", (tmp / "o").string()}}},
+                          {"calibration", {{"text", kCalib}, {"ctx", 128}, {"windows", 4}}},
+                          {"passes", {{{"pass", "prune"}, {"method", "frequency"}, {"keep", 6}},
+                                      {{"pass", "factorize"}, {"method", "svdllm"}, {"budget", 0.5}}}}}.dump());
+  expect_clean_failure(run_tool({"-q", "run", recipe.string()}), "budget_scope \"layer\"");
+  EXPECT_FALSE(fs::exists(tmp / "o"));
+  expect_clean_failure(run_tool({"-q", "factorize", kModel.string(), (tmp / "o").string(), "--method", "svd", "--ratio",
+                                 "0.5", "--budget-scope", "layer"}),
+                       "applies to budget only");
 }
 
 }  // namespace
