@@ -23,9 +23,16 @@ themselves are only defined up to signs) and the loss.  Definitions used here (M
            loss = sum_e tr(R_e G R_e^T), G = sum of the Grams
   mole_left   one output basis: [W_1 S_1 | ... | W_E S_E], S_e = chol(G_e); A = U_k;
            B_e = U_k^T W_e; W_e,k = A B_e;  loss = sum_e tr(R_e G_e R_e^T)
+  budget   --budget over a model of 2 layers x 2 matrices (svdllm; the second layer's inputs 3x
+           larger): each matrix at rank k in [1, kmax] (k (m+n) < m n) for k (m+n) parameters and
+           loss = sum_{i>=k} sigma_i^2 of W S, or dense for m n parameters and loss 0; the ranks
+           minimising the summed loss within floor(ratio * dense parameters), by brute force over
+           every combination: once over all 4 matrices (model scope), once per layer (layer scope)
 Every loss is checked here against the tail sum of squared singular values it must equal.
 """
+import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -103,6 +110,51 @@ def single_case(name, method, w, ranks, gram=None, act=None, alpha=0.5):
     return case
 
 
+def brute_force_budget(mats, budget):
+    """mats: [(sigma, m, n)]; the unique loss-minimising ranks (-1 = dense) within budget."""
+    options = []
+    for sg, m, n in mats:
+        kmax = (m * n - 1) // (m + n)
+        options.append([(k * (m + n), tail(sg, k), k) for k in range(1, kmax + 1)] + [(m * n, 0.0, -1)])
+    found = []
+    for combo in itertools.product(*options):
+        if sum(c[0] for c in combo) <= budget:
+            found.append((sum(c[1] for c in combo), [c[2] for c in combo]))
+    found.sort()
+    assert len(found) == 1 or found[1][0] - found[0][0] > 1e-6 * found[0][0], "optimum not unique"
+    return found[0][1], found[0][0]
+
+
+def budget_case(rng, ratio=0.45):
+    layers = []
+    for scale in (1.0, 3.0):
+        mats = []
+        for m, n in ((12, 8), (8, 12)):
+            w = weights(rng, m, n)
+            x = activations(rng, n, 4 * n) * scale
+            g = x @ x.T
+            L, _, shift = whiten(g)
+            assert shift == 0.0
+            mats.append((w, g, np.linalg.svd(w @ L, compute_uv=False), m, n))
+        layers.append(mats)
+    every = [(sg, m, n) for layer in layers for (_, _, sg, m, n) in layer]
+    dense = sum(m * n for _, m, n in every)
+    model_budget = math.floor(ratio * dense)
+    model_ranks, model_loss = brute_force_budget(every, model_budget)
+    layer_ranks, layer_budgets, layer_loss = [], [], 0.0
+    for layer in layers:
+        b = math.floor(ratio * sum(m * n for (_, _, _, m, n) in layer))
+        r, lo = brute_force_budget([(sg, m, n) for (_, _, sg, m, n) in layer], b)
+        layer_ranks.append(r)
+        layer_budgets.append(b)
+        layer_loss += lo
+    assert model_loss < layer_loss and model_ranks != layer_ranks[0] + layer_ranks[1], "scopes agree"
+    return {"name": "budget_model_2x2", "method": "budget", "ratio": ratio,
+            "layers": [[{"w": lst(w), "gram": lst(g)} for (w, g, _, _, _) in layer] for layer in layers],
+            "model_budget": model_budget, "model_ranks": model_ranks, "model_loss": model_loss,
+            "layer_budgets": layer_budgets, "layer_ranks": layer_ranks, "layer_loss": layer_loss}
+
+
 def main():
     rng = np.random.default_rng(20261130)
     cases = []
@@ -157,6 +209,8 @@ def main():
         check(loss, s, k)
         case["ranks"].append({"k": k, "loss": loss, "products": [lst(pe) for pe in prods]})
     cases.append(case)
+
+    cases.append(budget_case(rng))
 
     out = {"source": "data/scripts/make_lowrank_goldens.py (NumPy float64, METHODS.md section 5)",
            "cases": cases}

@@ -611,6 +611,30 @@ TEST(LowRankGolden, MatchesNumpyReference) {
         }
         expect_loss(s.loss(k), r.at("loss").get<double>(), total, "loss k=" + std::to_string(k));
       }
+    } else if (method == "budget") {
+      // --budget over 2 layers x 2 matrices (svdllm): allocate_ranks over every matrix at once
+      // (budget_scope "model") and within each layer ("layer") against NumPy's brute force.
+      std::vector<BudgetItem> every;
+      std::vector<std::vector<BudgetItem>> per_layer;
+      for (const Json& layer : c.at("layers")) {
+        per_layer.emplace_back();
+        for (const Json& m : layer) {
+          per_layer.back().push_back(budget_item(svdllm(matrix_f(m.at("w")), matrix_d(m.at("gram")))));
+          every.push_back(per_layer.back().back());
+        }
+      }
+      const std::vector<int> model = allocate_ranks(every, c.at("model_budget").get<int64_t>());
+      EXPECT_EQ(model, c.at("model_ranks").get<std::vector<int>>());
+      const double model_loss = c.at("model_loss").get<double>();
+      EXPECT_NEAR(allocation_loss(every, model), model_loss, 1e-9 * model_loss);
+      EXPECT_LE(allocation_params(every, model), c.at("model_budget").get<int64_t>());
+      double layer_loss = 0;
+      for (size_t l = 0; l < per_layer.size(); ++l) {
+        const std::vector<int> r = allocate_ranks(per_layer[l], c.at("layer_budgets").at(l).get<int64_t>());
+        EXPECT_EQ(r, c.at("layer_ranks").at(l).get<std::vector<int>>()) << "layer " << l;
+        layer_loss += allocation_loss(per_layer[l], r);
+      }
+      EXPECT_NEAR(layer_loss, c.at("layer_loss").get<double>(), 1e-9 * layer_loss);
     } else {
       ADD_FAILURE() << "unknown method " << method;
     }
