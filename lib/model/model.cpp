@@ -143,6 +143,18 @@ class Picker {
   Tensor encoded(const std::string& name) {
     const nlohmann::json& e = native_->at(name);
     used_weights_.insert(name);
+    // An encoding name this reader does not know is config.json's problem, not a shard's.
+    if (e.contains("encoding") && e.at("encoding").is_string()) {
+      const std::string enc = e.at("encoding").get<std::string>();
+      const auto& known = quant::known_encodings();
+      if (std::none_of(known.begin(), known.end(), [&](const quant::EncodingInfo& k) { return enc == k.name; })) {
+        std::string list;
+        for (const auto& k : known) list += (list.empty() ? "" : ", ") + std::string(k.name);
+        throw Error::corruption((ckpt_.dir() / "config.json").string() + ": quantization_config.weights[\"" + name +
+                                "\"].encoding: unknown encoding \"" + enc + "\" (known: " + list +
+                                "; written by a newer moe-tool?)");
+      }
+    }
     std::map<std::string, quant::StoredPart> parts;
     std::string first;
     for (const auto& [role, t] : e.at("parts").items()) {

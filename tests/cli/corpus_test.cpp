@@ -193,6 +193,18 @@ TEST(Corpus, ValidBasesPass) {
   }
 }
 
+// The untouched native base (one expert weight stored as low-rank factors, docs/FORMAT.md) is
+// valid too: the native cases fail because of their one defect.
+TEST(Corpus, ValidNativeBasePasses) {
+  TempDir tmp("moe-corpus");
+  fs::copy(kCorpus / "valid-native", tmp / "in", fs::copy_options::recursive);
+  const RunResult i = run_tool({"inspect", "--json", (tmp / "in").string()});
+  EXPECT_EQ(i.exit_code, 0) << i.describe();
+  const RunResult c = run_tool({"-q", "convert", (tmp / "in").string(), (tmp / "out").string(), "--materialize"});
+  EXPECT_EQ(c.exit_code, 0) << c.describe();
+  EXPECT_TRUE(fs::exists(tmp / "out" / "config.json"));
+}
+
 // An unreadable weights file or config. Permissions cannot stop root, so the case is skipped
 // there; the corpus covers the root-proof variants (a folder where a file belongs).
 TEST(Corpus, UnreadableFiles) {

@@ -175,6 +175,29 @@ def sharded(index_edit=None, shard_edit=None):
     return files
 
 
+NW = "model.layers.0.block_sparse_moe.experts.0.w1.weight"  # the low-rank weight of native()
+
+
+def native(rank=2, a_shape=None, b_shape=None, encoding="lowrank", drop_part=None):
+    """Files of a native moe-tool checkpoint (docs/FORMAT.md): NW stored as lowrank factors
+    NW.lr_a [I, rank], NW.lr_b [rank, H] (shapes overridable), named in quantization_config."""
+    rng = Rng(20251130)
+    a_shape = a_shape or [I, rank]
+    b_shape = b_shape or [rank, H]
+    parts = [(NW + ".lr_a", "BF16", a_shape, bf16_values(numel(a_shape), rng)),
+             (NW + ".lr_b", "BF16", b_shape, bf16_values(numel(b_shape), rng))]
+    ts = []
+    for t in base_tensors():
+        if t[0] == NW:
+            ts += [p for p in parts if p[0] != drop_part]
+        else:
+            ts.append(t)
+    cfg = dict(CONFIG)
+    cfg["quantization_config"] = {"quant_method": "moe_tool", "format_version": 1, "weights": {
+        NW: {"encoding": encoding, "rank": rank, "parts": {"a": NW + ".lr_a", "b": NW + ".lr_b"}}}}
+    return single(ts, cfg)
+
+
 CASES = []
 
 
@@ -446,6 +469,18 @@ def build_cases():
     case("weights-is-a-folder", {"config.json": config_text().encode(), "model.safetensors/.keep": b""},
          "model.safetensors is a folder", ["model.safetensors: not a regular file"], command="convert", output="fresh")
 
+    # ---------------------------------------------------------------- native checkpoints (docs/FORMAT.md)
+    case("native-missing-factor", native(drop_part=NW + ".lr_b"),
+         "quantization_config names " + NW + ".lr_b, which no shard holds",
+         ["tensor " + NW + ".lr_b: missing (part \"b\" of " + NW + ", config.json quantization_config)"])
+    case("native-factor-wrong-shape", native(b_shape=[2, 7]),
+         NW + ".lr_b is [2, 7]; the weight has 8 input channels",
+         ["model.safetensors", "tensor " + NW + ": shape [4, 7]", "implies [4, 8]"])
+    case("native-unknown-encoding", native(encoding="lowrnk"), "encoding \"lowrnk\" does not exist",
+         ["config.json: quantization_config.weights[\"" + NW + "\"].encoding: unknown encoding \"lowrnk\""])
+    case("native-rank-above-min-dim", native(rank=5), "rank 5 on a [4, 8] weight (factors [4, 5] and [5, 8])",
+         ["model.safetensors: weight " + NW + ": rank 5 exceeds min(out, in) = 4"])
+
     # ---------------------------------------------------------------- output paths (valid input)
     case("out-parent-missing", single(), "the output's parent folder does not exist",
          ["parent folder", "does not exist"], command="convert", output="parent-missing")
@@ -474,6 +509,7 @@ def main():
             shutil.rmtree(p)
     write_files(os.path.join(HERE, "valid-single"), single())
     write_files(os.path.join(HERE, "valid-sharded"), sharded())
+    write_files(os.path.join(HERE, "valid-native"), native())
     build_cases()
     names = [c["name"] for c in CASES]
     assert len(names) == len(set(names)), "duplicate case names"
@@ -487,7 +523,7 @@ def main():
         item["stderr"] = c["expect"]
         listing.append(item)
     with open(os.path.join(HERE, "cases.json"), "w") as f:
-        json.dump({"generator": "tests/corpus/make_corpus.py", "valid": ["valid-single", "valid-sharded"],
+        json.dump({"generator": "tests/corpus/make_corpus.py", "valid": ["valid-single", "valid-sharded", "valid-native"],
                    "cases": listing}, f, indent=2)
         f.write("\n")
     print("%d cases" % len(CASES))
