@@ -3,13 +3,16 @@
 //   bench_factorize_quality [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny,validation-tiny]
 //                           [--ctx 128]
 //                           [--calib-windows 64] [--eval-windows 64] [--ratios 0.8,0.6,0.4]
-//                           [--speed 1] [--speed-windows 4] [--speed-ctx 512]
+//                           [--speed 1] [--speed-windows 4] [--speed-ctx 512] [--budget-only 0]
 // Quality: per fixture, every method at each kept-parameter ratio of the expert weights
 // (perplexity and KL against the original on the held-out text); svdllm with attention
-// factorized too; --budget against the uniform ratio at the same size; delta with a shared V;
+// factorized too; --budget (model scope and layer scope) against the uniform ratio at the same
+// size; delta with a shared V;
 // merge (msmoe 8 -> 6) then svdllm at the size of factorize-only ratio 0.4 (6/8 * r' = 0.4).
 // Speed: eval tokens/s of the synthetic d=1024 mixtral (bench_forward's model) dense against the
 // same model factorized by svd at ratio 0.4 (experts as two thin GEMMs), same tokens, best of 2.
+// --budget-only 1: per fixture and ratio only svdllm at the uniform ratio and svdllm --budget in
+// both scopes (plus the model scope's planning seconds), no speed part.
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -67,7 +70,7 @@ double tokens_per_second(const fs::path& dir, int64_t windows, int64_t ctx, int 
 int main(int argc, char** argv) {
   fs::path src = MOE_BENCH_SOURCE_DIR;
   int64_t ctx = 128, calib_windows = 64, eval_windows = 64, speed_windows = 4, speed_ctx = 512;
-  bool speed = true;
+  bool speed = true, budget_only = false;
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"}, ratios = {"0.8", "0.6", "0.4"};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
@@ -80,6 +83,7 @@ int main(int argc, char** argv) {
     else if (k == "--speed") speed = v != "0";
     else if (k == "--speed-windows") speed_windows = std::stoll(v);
     else if (k == "--speed-ctx") speed_ctx = std::stoll(v);
+    else if (k == "--budget-only") budget_only = v != "0";
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 2;
@@ -117,6 +121,7 @@ int main(int argc, char** argv) {
         json row = {{"model", name}, {"label", label}, {"passes", passes}, {"expert_bits_per_param", bits},
                     {"bytes_after", s.at("bytes").at("after")}, {"perplexity", ppl}, {"perplexity_original", ppl0},
                     {"ppl_ratio", ppl / ppl0}, {"kl", e.at("kl_mean")}, {"top1", e.at("top1_agreement")}, {"seconds", secs}};
+        if (report.contains("plans")) row["planning_seconds"] = report.at("plans")[0].at("seconds");
         out["rows"].push_back(row);
         char buf[256];
         std::snprintf(buf, sizeof buf, "| %s | %s | | %.2f | %.2f | %+.1f%% | %.4f | %.1f%% |\n", name.c_str(), label.c_str(), bits,
@@ -131,17 +136,23 @@ int main(int argc, char** argv) {
       };
       for (const auto& rs : ratios) {
         const double ratio = std::stod(rs);
-        for (const char* m : {"svd", "asvd", "svdllm", "delta", "latent"})
-          run(std::string(m) + " ratio " + rs, f(m, {{"ratio", ratio}}));
-        run("svdllm budget " + rs, f("svdllm", {{"budget", ratio}}));
-        run("delta shared_v ratio " + rs, f("delta", {{"ratio", ratio}, {"shared_v", true}}));
+        if (budget_only) {
+          run("svdllm ratio " + rs, f("svdllm", {{"ratio", ratio}}));
+        } else {
+          for (const char* m : {"svd", "asvd", "svdllm", "delta", "latent"})
+            run(std::string(m) + " ratio " + rs, f(m, {{"ratio", ratio}}));
+        }
+        run("svdllm budget " + rs + ", model scope", f("svdllm", {{"budget", ratio}, {"budget_scope", "model"}}));
+        run("svdllm budget " + rs + ", layer scope", f("svdllm", {{"budget", ratio}, {"budget_scope", "layer"}}));
+        if (!budget_only) run("delta shared_v ratio " + rs, f("delta", {{"ratio", ratio}, {"shared_v", true}}));
       }
+      if (budget_only) continue;
       run("svdllm ratio 0.6, experts + attention", f("svdllm", {{"ratio", 0.6}, {"targets", {"experts", "attention"}}}));
       run("merge msmoe 8->6, then svdllm ratio 0.533 (= 0.4 of the experts)",
           json::array({{{"pass", "merge"}, {"method", "msmoe"}, {"experts", 6}},
                        {{"pass", "factorize"}, {"method", "svdllm"}, {"ratio", 0.5333}}}));
     }
-    if (speed) {
+    if (speed && !budget_only) {
       const moe::bench::Dims D;
       const fs::path dense = tmp / "synthetic-dense", fact = tmp / "synthetic-svd-0.4";
       moe::bench::write_model(dense, D);
