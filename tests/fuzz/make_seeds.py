@@ -14,6 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ST = os.path.join(HERE, "seeds", "fuzz_safetensors_header")
 CF = os.path.join(HERE, "seeds", "fuzz_config")
 TD = os.path.join(HERE, "seeds", "fuzz_ternary_dict")
+NC = os.path.join(HERE, "seeds", "fuzz_native_config")
 
 
 def st(header, data=b"", pad=True, length=None):
@@ -86,6 +87,41 @@ def main():
     for name, data in td.items():
         with open(os.path.join(TD, name), "wb") as f:
             f.write(data)
+    # fuzz_native_config: the quantization_config value of the fixture checkpoint (w1 of layer 0,
+    # expert 0: lr_a [16, 4], lr_b [4, 32]; w3: the same plus lr_base [16, 32]).
+    w1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    w3 = "model.layers.0.block_sparse_moe.experts.0.w3.weight"
+
+    def lr(w, rank=4, base=False, encoding="lowrank"):
+        parts = {"a": w + ".lr_a", "b": w + ".lr_b"}
+        if base:
+            parts["base"] = w + ".lr_base"
+        return {"encoding": encoding, "rank": rank, "parts": parts}
+
+    def qc(weights, version=1):
+        return {"quant_method": "moe_tool", "format_version": version, "weights": weights}
+
+    valid = {w1: lr(w1), w3: lr(w3, base=True)}
+    nc = {
+        "valid": qc(valid),
+        "bad-unknown-encoding": qc({w1: lr(w1, encoding="lowrnk"), w3: lr(w3, base=True)}),
+        "bad-rank-above-min": qc({w1: lr(w1, rank=17), w3: lr(w3, base=True)}),
+        "bad-rank-disagrees": qc({w1: lr(w1, rank=3), w3: lr(w3, base=True)}),
+        "bad-missing-part": qc({w1: {"encoding": "lowrank", "rank": 4, "parts": {"a": w1 + ".lr_a"}}, w3: lr(w3, base=True)}),
+        "bad-wrong-part": qc({w1: {"encoding": "lowrank", "rank": 4, "parts": {"a": w1 + ".lr_a", "b": w3 + ".lr_base"}},
+                              w3: lr(w3, base=True)}),
+        "bad-version": qc(valid, version=2),
+        "bad-not-a-weight": qc(dict(valid, **{"model.layers.9.block_sparse_moe.experts.0.w1.weight": lr(w1)})),
+        "bad-w3-not-listed": qc({w1: lr(w1)}),
+        "bad-fp8": qc({w1: {"encoding": "fp8-block", "block": [128, 128], "parts": {"codes": w1, "scale": w1 + "_scale_inv"}},
+                       w3: lr(w3, base=True)}),
+    }
+    os.makedirs(NC, exist_ok=True)
+    for name, obj in nc.items():
+        with open(os.path.join(NC, name), "wb") as f:
+            f.write(json.dumps(obj, separators=(",", ":")).encode())
+    with open(os.path.join(NC, "bad-not-json"), "wb") as f:
+        f.write(b'{"quant_method": "moe_tool", "weights": {')
 
 
 if __name__ == "__main__":

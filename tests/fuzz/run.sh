@@ -13,7 +13,7 @@ set -euo pipefail
 secs="${1:-30}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="${MOE_FUZZ_BUILD:-$root/build-fuzz}"
-targets=(fuzz_safetensors_header fuzz_config fuzz_ternary_dict)
+targets=(fuzz_safetensors_header fuzz_config fuzz_ternary_dict fuzz_native_config)
 
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=ON >/dev/null
