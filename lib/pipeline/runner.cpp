@@ -327,6 +327,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if (!r.passes[i]->requirements().stats_fields.empty())
       compute.push_back("passes[" + std::to_string(i) + "]: statistics of the experts left by the earlier passes, "
                         "recomputed layer by layer on the calibration windows");
+  if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
+    compute.push_back("passes[0]: a planning sweep before the layer loop (the calibration windows through the input "
+                      "model, layer by layer) for its plan across layers");
   if (needs_grams)
     compute.push_back("Gram matrices of every projection's inputs, layer by layer, on the calibration windows");
   if (needs_inputs)
