@@ -879,11 +879,11 @@ int64_t Model::num_novices() const {
   return n;
 }
 
-void Model::refuse_novices(const std::string& what) const {
+void Model::refuse_novices(const std::string& what, const std::string& why) const {
   const int64_t n = num_novices();
   if (n > 0)
-    throw Error::unsupported(what + ": the model has " + std::to_string(n) +
-                             " novice experts (MoNE constants, docs/FORMAT.md); stock loaders cannot express a constant expert");
+    throw Error::unsupported(what + ": the model has " + std::to_string(n) + " novice experts (MoNE constants, docs/FORMAT.md); " +
+                             why);
 }
 
 }  // namespace moe::model

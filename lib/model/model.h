@@ -187,9 +187,10 @@ class Model {
   bool has_encoded_weights() const;
   // Novice experts (MoNE) over all MoE layers: stock formats cannot hold them (docs/FORMAT.md).
   int64_t num_novices() const;
-  // Error::unsupported (exit 2) naming `what` when the model has novices: for outputs that must
-  // load in stock loaders (convert --materialize) and for the passes that do not keep them.
-  void refuse_novices(const std::string& what) const;
+  // Error::unsupported (exit 2) "<what>: the model has N novice experts (...); <why>" when the
+  // model has novices: for outputs that must load in stock loaders (convert --materialize) and for
+  // the passes, none of which reads them.
+  void refuse_novices(const std::string& what, const std::string& why) const;
 
   // Logical parameters (an encoded weight counts out * in, whatever it stores).
   int64_t total_params() const;

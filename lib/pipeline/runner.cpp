@@ -46,7 +46,8 @@ class BlockInputCapture final : public runtime::Observer {
 // format only, and no pass reads novices: refuse a model that has them, a pass after the one that
 // makes them, and a stock output, before any work.
 void check_native_only_passes(const model::Model& m, const Recipe& r) {
-  m.refuse_novices(r.model.string() + ": passes");
+  m.refuse_novices(r.model.string() + ": passes",
+                   "no pass reads novices: run every other pass before prune --novices, on the input without them");
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const std::string where = r.source + ": passes[" + std::to_string(i) + "]";
     const std::string why = r.passes[i]->native_only();

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "calib/stats.h"
 #include "io/checkpoint.h"
 #include "io/env.h"
 #include "model/model.h"
@@ -127,6 +128,32 @@ TEST(PruneNovices, ConvertCopiesThemAndEvalIsUnchanged) {
   EXPECT_EQ(s.at("novices").at("bytes"), 8 * 128 * 4);
 }
 
+TEST(PruneNovices, CalibrateSeesTheConstant) {
+  // Every token through every expert (out_stride 1): a novice's mean output is its constant.
+  TempDir tmp;
+  const fs::path& out = novice_model();
+  const fs::path stats = tmp / "stats.safetensors";
+  const RunResult r = run_tool({"-q", "calibrate", out.string(), "--text", kCalib.string(), "--ctx", "32", "--windows",
+                                "2", "--out-stride", "1", "-o", stats.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const calib::Stats st = calib::Stats::load(stats);
+  auto ck = io::Checkpoint::open(io::Env::posix(), out);
+  const json rep = read_json(out / "moe_tool_report.json");
+  int checked = 0;
+  for (const auto& l : rep.at("layers")) {
+    const int layer = l.at("layer").get<int>();
+    const calib::LayerStats& ls = st.layer(layer, "out_mean");
+    for (int e : l.at("passes").at(0).at("novices").get<std::vector<int>>()) {
+      const std::vector<float> n = ck.tensor("model.layers." + std::to_string(layer) + ".block_sparse_moe.experts." +
+                                             std::to_string(e) + ".w2.weight.novice")
+                                       .to_f32();
+      for (size_t i = 0; i < n.size(); ++i) EXPECT_NEAR(ls.out_mean(e, static_cast<int64_t>(i)), n[i], 1e-5 + 1e-5 * std::abs(n[i]));
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 8);
+}
+
 TEST(PruneNovices, StockOutputsAndLaterPassesRefuse) {
   TempDir tmp;
   const fs::path& out = novice_model();
@@ -135,7 +162,7 @@ TEST(PruneNovices, StockOutputsAndLaterPassesRefuse) {
   EXPECT_FALSE(fs::exists(tmp.path() / "m"));
   expect_clean_failure(run_tool({"-q", "prune", out.string(), (tmp.path() / "p").string(), "--method", "random",
                                  "--keep", "4"}),
-                       "novice experts");
+                       "no pass reads novices");
   EXPECT_FALSE(fs::exists(tmp.path() / "p"));
   // A recipe whose output is stock, and a pass after the novices: refused before any work.
   const fs::path recipe = tmp.path() / "r.json";
