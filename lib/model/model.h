@@ -171,11 +171,14 @@ class Model {
   std::vector<OutTensor> global_outputs(const OutputOptions& opts, nlohmann::json* manifest = nullptr,
                                         bool with_embed = true) const;
   // config.json for the current state: expert counts and widths per family keys (all MoE
-  // layers must agree), num_experts_per_tok clamped, torch_dtype, and quantization_config for
-  // the encoded weights written (`manifest` as outputs() fills it; computed from this model when
-  // null): the native moe-tool block when any weight has an encoding other than block-scaled
-  // FP8, the HF fp8 block when all encoded weights are FP8, none when every weight is dense.
-  // Throws if layers disagree.
+  // layers must have the same expert width), num_experts_per_tok clamped, torch_dtype, and
+  // quantization_config for the encoded weights written (`manifest` as outputs() fills it;
+  // computed from this model when null): the native moe-tool block when any weight has an
+  // encoding other than block-scaled FP8 (novices included) or the MoE layers have different
+  // expert counts (then with "experts_per_layer", the config's count key the largest;
+  // docs/FORMAT.md), the HF fp8 block when all encoded weights are FP8, none when every weight
+  // is dense. Error::unsupported for different widths, and for different counts when
+  // opts.materialize (stock loaders need one count per model).
   nlohmann::json rewritten_config(const OutputOptions& opts, const nlohmann::json* manifest = nullptr) const;
   nlohmann::json rewritten_config(std::optional<core::DType> dtype = std::nullopt) const {
     return rewritten_config(OutputOptions{dtype});
