@@ -4,10 +4,12 @@
 // recipes) and reused. Prints JSON, and a Markdown table on stderr.
 //   bench_quality [--source-dir DIR] [--calib-windows 64] [--eval-windows 0] [--ctx 128]
 //                 [--models mixtral-tiny,qwen2moe-tiny,validation-tiny] [--random-seeds 8]
-//                 [--methods random,reap,search,dern] [--search-budget 120]
+//                 [--methods random,reap,search,dern] [--search-budget 120] [--variants novices,no-uniform]
 // --methods runs only the listed methods' default rows (merges: router mean, default options; no
 // two-pass rows): a few rows of the table without rerunning all of it; --search-budget: the
-// time_budget of prune search in seconds.
+// time_budget of prune search in seconds. --variants runs only the rows of the listed prune
+// variants (with --methods: of those methods): "novices" (prune --novices, MoNE constants) and
+// "no-uniform" (--keep-ratio experts/8 with ragged per-layer counts, native format).
 // Random pruning is reported as the mean over seeds 0..N-1 (one draw is noise: on the fixtures
 // single seeds range over tens of percent); every other row says whether it beats that mean.
 #include <algorithm>
@@ -42,7 +44,8 @@ int main(int argc, char** argv) {
   int64_t calib_windows = 64, eval_windows = 0, ctx = 128;
   int random_seeds = 8;
   double search_budget = 120;
-  std::vector<std::string> only;  // --methods: empty = every row
+  std::vector<std::string> only;      // --methods: empty = every row
+  std::vector<std::string> variants;  // --variants: empty = the rows without a variant
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
@@ -52,7 +55,10 @@ int main(int argc, char** argv) {
     else if (k == "--ctx") ctx = std::stoll(v);
     else if (k == "--random-seeds") random_seeds = std::max(1, std::stoi(v));
     else if (k == "--search-budget") search_budget = std::stod(v);
-    else if (k == "--methods") {
+    else if (k == "--variants") {
+      std::stringstream ss(v);
+      for (std::string x; std::getline(ss, x, ',');) variants.push_back(x);
+    } else if (k == "--methods") {
       std::stringstream ss(v);
       for (std::string x; std::getline(ss, x, ',');) only.push_back(x);
     } else if (k == "--models") {
@@ -101,6 +107,7 @@ int main(int argc, char** argv) {
         bool no_align = false, protect = false;
         std::string importance = "";  // "": the default
         bool after_reap6 = false;     // a two-pass recipe: prune reap 8 -> 6 first (4/8 rows only)
+        std::string variant = "";     // prune: "novices" (MoNE) or "no-uniform" (ragged keep_ratio)
       };
       std::vector<Config> configs;
       for (const char* m : {"random", "frequency", "soft", "reap", "enumerate", "search"}) configs.push_back({"prune", m, ""});
@@ -117,11 +124,20 @@ int main(int argc, char** argv) {
       // the 6 experts left.
       configs.push_back({"prune", "reap", "", false, false, "", true});
       for (const char* m : {"msmoe", "hcsmoe", "submoe"}) configs.push_back({"merge", m, "mean", false, false, "", true});
+      // Prune variants that write the native format only: novices (MoNE constants for the
+      // pruned experts) and ragged per-layer counts from a global keep ratio.
+      for (const char* v : {"novices", "no-uniform"})
+        for (const char* m : {"frequency", "reap"}) configs.push_back({"prune", m, "", false, false, "", false, v});
+      std::erase_if(configs, [&](const Config& c) {
+        if (variants.empty()) return false;
+        return std::find(variants.begin(), variants.end(), c.variant) == variants.end();
+      });
       if (!only.empty())
         std::erase_if(configs, [&](const Config& c) {
           const bool listed = std::find(only.begin(), only.end(), c.method) != only.end();
           const bool defaults = (c.router.empty() || c.router == "mean") && !c.no_align && !c.protect &&
-                                c.importance.empty() && !c.after_reap6;
+                                c.importance.empty() && !c.after_reap6 &&
+                                (c.variant.empty() || !variants.empty());
           return !listed || !defaults;
         });
       bool original_row = false;
@@ -136,8 +152,13 @@ int main(int argc, char** argv) {
           int64_t scored = 0;
           for (int seed = 0; seed < runs; ++seed) {
             json pass = {{"pass", c.pass}, {"method", c.method}};
-            if (c.pass == "prune") pass["keep"] = experts;
-            else {
+            if (c.pass == "prune" && c.variant == "no-uniform") {
+              pass["keep_ratio"] = static_cast<double>(experts) / 8.0;
+              pass["uniform"] = false;
+            } else if (c.pass == "prune") {
+              pass["keep"] = experts;
+              if (c.variant == "novices") pass["novices"] = true;
+            } else {
               pass["experts"] = experts;
               if (!c.router.empty()) pass["router"] = c.router;
               if (c.no_align) pass["align"] = false;
@@ -191,13 +212,19 @@ int main(int argc, char** argv) {
             random_mean = ppl;
             random_ran = true;
           }
-          const std::string router = c.router + (c.importance.empty() ? "" : (c.router.empty() ? "importance: " : ", importance: ") + c.importance) +
+          const std::string router = c.variant + c.router + (c.importance.empty() ? "" : (c.router.empty() ? "importance: " : ", importance: ") + c.importance) +
                                      (c.no_align ? ", align: false" : "") + (c.protect ? ", protect super experts" : "");
           const std::string pass_label = c.after_reap6 ? "prune reap 6, then " + c.pass : c.pass;
           json row = {{"model", name}, {"experts", experts}, {"pass", pass_label}, {"method", c.method},
                       {"router", c.router}, {"perplexity", ppl}, {"perplexity_ratio", ppl / base},
                       {"kl", kl}, {"top1_agreement", top1}, {"seconds", secs}, {"tokens_scored", scored}};
           if (c.method == "search") row["search_layers"] = last_layers;
+          if (!c.variant.empty()) {
+            row["variant"] = c.variant;
+            json per_layer = json::array();
+            for (const auto& l : last_layers) per_layer.push_back(l.contains("kept") ? l.at("kept").size() : l.at("experts").size());
+            row["experts_per_layer"] = per_layer;
+          }
           if (c.pass == "merge" && c.method != "msmoe" && c.method != "dern") row["align"] = !c.no_align;
           if (c.pass == "merge" && c.method != "dern") row["protect_super_experts"] = c.protect;
           if (c.pass == "merge") row["importance"] = c.importance.empty() ? "saliency" : c.importance;

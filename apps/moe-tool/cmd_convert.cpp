@@ -38,6 +38,11 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);
       auto model = model::Model::load(ckpt);
+      if (o->materialize) {
+        // What a stock checkpoint cannot hold (novices, ragged expert counts): refused before any work.
+        model.refuse_novices(o->in + ": --materialize", "stock loaders cannot express a constant expert");
+        core::with_context(o->in + ": --materialize", [&] { (void)model.rewritten_config(model::OutputOptions{opts.dtype, true}); });
+      }
       io::OutputDir out(env, o->out, {o->in}, o->force);
       auto r = pipeline::write_hf_checkpoint(env, model, ckpt, out.path(), opts);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -61,7 +61,7 @@ def _per_column(v, group, cols):
     return np.repeat(v, cols if group == 0 else group, axis=1)[:, :cols]
 
 def load_native(folder):
-    """Dense f32 weights of a native moe-tool checkpoint, by their stock names."""
+    """Dense f32 weights of a native moe-tool checkpoint by their stock names, and novices."""
     cfg = json.load(open(os.path.join(folder, "config.json")))
     idx = os.path.join(folder, "model.safetensors.index.json")
     files = sorted(set(json.load(open(idx))["weight_map"].values())) if os.path.exists(idx) else ["model.safetensors"]
@@ -73,7 +73,11 @@ def load_native(folder):
     parts = {p for e in enc.values() for p in e["parts"].values()}
     out = {k: v.astype(np.float32) for k, v in t.items() if k not in parts}
     words = {}  # ternary-dict: decoded dictionaries by part name (one per layer)
+    novices = {}  # novice experts: the constant output [H] by the expert's down projection name
     for name, e in enc.items():
+        if e["encoding"] == "novice":
+            novices[name] = t[e["parts"]["value"]].astype(np.float32)
+            continue
         r = {role: t[n] for role, n in e["parts"].items()}  # as stored (intN, ternary codes: uint8)
         p = {role: v.astype(np.float32) for role, v in r.items()}
         if e["encoding"] == "lowrank":
@@ -102,12 +106,13 @@ def load_native(folder):
             out[name] = np.where(tr == 2, lv[:, 1:2], np.where(tr == 1, lv[:, 0:1], 0)).astype(np.float32)
         else:
             raise ValueError(f"{name}: unknown encoding {e['encoding']}")
-    return out
+    return out, novices
 # ---- end of the decoder ----
 
 def main():
     native, dense = sys.argv[1], sys.argv[2]
-    a, b = load_native(native), load_native(dense)
+    (a, novices), (b, _) = load_native(native), load_native(dense)
+    assert not novices, "novice experts have no dense form (docs/FORMAT.md): nothing to compare"
     assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
     worst = 0.0
     for k in a:

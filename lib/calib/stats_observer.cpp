@@ -188,6 +188,14 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
         pos[n] = kSkip;
       }
     }
+    if (W.novice) {  // a constant output: its sum is the rows' weight times n_e
+      double rows = 0;
+      for (int64_t n = 0; n < N; ++n)
+        if (pos[n] != kSkip) rows += pos[n] >= 0 ? 1.0 : weight;
+      for (int64_t i = 0; i < H; ++i) a.out_sum(e, i) += rows * double((*W.novice)(i));
+      if (ns > 0) ys[e] = W.novice->replicate(ns, 1);
+      continue;
+    }
     const int64_t no = static_cast<int64_t>(other.size());
     xo.resize(no, H);
     for (int64_t r = 0; r < no; ++r) xo.row(r) = t.x.row(other[r]);

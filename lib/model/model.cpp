@@ -1,12 +1,15 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 
 #include "core/error.h"
 #include "quant/registry.h"
 
 namespace moe::model {
+
+const char* const kNoviceEncoding = "novice";
 
 using core::DType;
 using core::Error;
@@ -32,6 +35,8 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
 }
 
 namespace {
+
+bool is_float(DType t) { return core::dtype_info(t).is_float && t != DType::F8_E4M3 && t != DType::F8_E5M2; }
 
 // Collects tensors from the checkpoint, remembering which names were used.
 // quantization_config {"quant_method": "fp8", "weight_block_size": [br, bc]}: the block size of
@@ -77,6 +82,35 @@ const nlohmann::json* native_weights(const Config& c) {
   return &q.at("weights");
 }
 
+// quantization_config.experts_per_layer of a native checkpoint with ragged per-layer expert counts
+// (docs/FORMAT.md): one integer per decoder layer, 0 for a dense layer, top_k..E for an MoE
+// layer (E = the config's expert count, the largest). Empty when absent.
+std::vector<int64_t> native_expert_counts(const Config& c, const FamilyDesc& f, int64_t layers, int64_t E, int64_t top_k) {
+  const nlohmann::json& j = c.json();
+  if (!j.contains("quantization_config") || !j.at("quantization_config").is_object()) return {};
+  const nlohmann::json& q = j.at("quantization_config");
+  if (q.value("quant_method", "") != "moe_tool" || !q.contains("experts_per_layer")) return {};
+  const std::string where = c.source() + ": quantization_config.experts_per_layer";
+  const nlohmann::json& a = q.at("experts_per_layer");
+  if (!a.is_array() || static_cast<int64_t>(a.size()) != layers)
+    throw Error::corruption(where + ": expected a list of " + std::to_string(layers) + " integers (one per layer), found " +
+                            a.dump());
+  std::vector<int64_t> counts;
+  for (int64_t l = 0; l < layers; ++l) {
+    const nlohmann::json& v = a[static_cast<size_t>(l)];
+    const bool moe = is_moe_layer(f, c, static_cast<int>(l));
+    const int64_t lo = moe ? top_k : 0, hi = moe ? E : 0;
+    if (!v.is_number_integer() || v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+      throw Error::corruption(where + "[" + std::to_string(l) + "]: expected " +
+                              (moe ? "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] (" + f.topk_key +
+                                         " .. " + f.expert_count_key + ")"
+                                   : std::string("0 (a dense layer)")) +
+                              ", found " + v.dump());
+    counts.push_back(v.get<int64_t>());
+  }
+  return counts;
+}
+
 class Picker {
  public:
   Picker(const io::Checkpoint& c, std::optional<std::pair<int64_t, int64_t>> fp8, const nlohmann::json* native)
@@ -120,6 +154,35 @@ class Picker {
                               core::shape_str(t.shape()) + " but " + why + " implies " + core::shape_str(shape));
   }
   bool used(const std::string& name) const { return used_.count(name) != 0; }
+  // The novice (MoNE constant, docs/FORMAT.md "novice") stored for the expert whose down
+  // projection is `down`, or nullopt when the expert is stored as an MLP. Checks the entry: one
+  // part "value", a float tensor of shape [H] with finite values.
+  std::optional<Tensor> novice(const std::string& down, int64_t H) {
+    if (!native_ || !native_->contains(down) || native_->at(down).value("encoding", "") != kNoviceEncoding) return std::nullopt;
+    const nlohmann::json& e = native_->at(down);
+    used_weights_.insert(down);
+    const std::string where = "config.json quantization_config.weights[\"" + down + "\"]";
+    if (e.at("parts").size() != 1 || !e.at("parts").contains("value"))
+      throw Error::corruption(ckpt_.dir().string() + ": " + where + ".parts: expected exactly one part \"value\", found " +
+                              e.at("parts").dump());
+    const std::string tname = e.at("parts").at("value").get<std::string>();
+    if (!ckpt_.has(tname))
+      throw Error::corruption(ckpt_.dir().string() + ": tensor " + tname + ": missing (part \"value\" of novice " + down +
+                              ", " + where + ")");
+    used_.insert(tname);
+    Tensor t = ckpt_.tensor(tname);
+    const std::string file = ckpt_.shard_path(tname).string();
+    if (t.shape() != Shape{H} || !is_float(t.dtype()))
+      throw Error::corruption(file + ": tensor " + tname + ": novice value must be a float tensor of shape [" +
+                              std::to_string(H) + "] (hidden_size), found " + core::dtype_name(t.dtype()) + " " +
+                              core::shape_str(t.shape()));
+    const std::vector<float> v = t.to_f32();
+    for (size_t i = 0; i < v.size(); ++i)
+      if (!std::isfinite(v[i]))
+        throw Error::corruption(file + ": tensor " + tname + ": novice value has a non-finite element at index " +
+                                std::to_string(i));
+    return t;
+  }
   // The file that stores `name` (for an encoded weight: its first part), for messages.
   std::string where(const std::string& name) const {
     if (ckpt_.has(name)) return ckpt_.shard_path(name).string();
@@ -189,7 +252,6 @@ std::string dims_text(const Dims& d) {
          ", num_key_value_heads=" + std::to_string(d.kv_heads) + ", head_dim=" + std::to_string(d.head_dim) + ")";
 }
 
-bool is_float(DType t) { return core::dtype_info(t).is_float && t != DType::F8_E4M3 && t != DType::F8_E5M2; }
 
 // Builds the output list of (part of) a model: plain tensors in `dtype` when given and float,
 // encoded weights materialized or as their stored parts (a part shared by several weights once,
@@ -244,6 +306,17 @@ class OutputBuilder {
     // parameters still count, on the last output.
     if (!counted) out.back().params += t.numel();
   }
+  // A novice expert (docs/FORMAT.md "novice"): its constant [H] stored as `<down><suffix>` in
+  // F32, listed under the expert's down projection `down`. Stock outputs cannot hold it.
+  void add_novice(const std::string& down, const Tensor& value) {
+    if (opts_.materialize)
+      throw Error::unsupported(down + ": a novice expert (MoNE constant): stock loaders cannot express a constant expert; "
+                               "write the native format (without --materialize)");
+    const std::string pname = down + kNoviceSuffix;
+    out.push_back({pname, DType::F32, value.shape(), [value] { return value.converted(DType::F32); }, {pname}, down,
+                   "experts", value.numel()});
+    if (manifest_) (*manifest_)[down] = {{"encoding", kNoviceEncoding}, {"parts", {{"value", pname}}}};
+  }
   std::string cls = "other";  // class of the tensors added next
 
  private:
@@ -289,9 +362,11 @@ Model Model::load(const io::Checkpoint& ckpt) {
     d.head_dim = d.hidden / d.heads;
   }
   if (f.moe) d.top_k = c.get_int(f.topk_key);
+  int64_t n_experts_cfg = 0;
   int64_t n_experts = 0, width = 0;
   if (f.moe) {
     n_experts = c.get_int(f.expert_count_key);
+    n_experts_cfg = n_experts;
     width = c.get_int(f.expert_width_key);
     if (d.top_k > n_experts)
       throw Error::corruption(c.source() + ": " + f.topk_key + ": " + std::to_string(d.top_k) + " exceeds " +
@@ -306,6 +381,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   const auto fp8 = fp8_block_size(c);
   m.fp8_block_ = fp8.has_value();
   Picker pick(ckpt, fp8, native_weights(c));
+  const std::vector<int64_t> ragged = f.moe ? native_expert_counts(c, f, d.layers, n_experts, d.top_k) : std::vector<int64_t>{};
   const int64_t H = d.hidden;
   const std::string dt = dims_text(d);
 
@@ -371,6 +447,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
     };
 
     if (is_moe_layer(f, c, l)) {
+      // The layer's expert count: the config's, or its entry in a ragged native checkpoint.
+      const int64_t n_experts = ragged.empty() ? n_experts_cfg : ragged[static_cast<size_t>(l)];
       MoeBlock b;
       b.router = pick.need(prefix + f.router, "router of MoE layer " + std::to_string(l));
       pick.expect(prefix + f.router, b.router, {n_experts, H},
@@ -394,6 +472,12 @@ Model Model::load(const io::Checkpoint& ckpt) {
       } else {
         for (int64_t e = 0; e < n_experts; ++e) {
           const int ei = static_cast<int>(e);
+          if (auto nv = pick.novice(prefix + expand(f.expert_down, l, ei), H)) {
+            Mlp novice;
+            novice.novice = std::move(*nv);
+            b.experts.push_back(std::move(novice));
+            continue;
+          }
           b.experts.push_back(read_mlp(prefix + expand(f.expert_gate, l, ei), prefix + expand(f.expert_up, l, ei),
                                        prefix + expand(f.expert_down, l, ei), width, "expert " + std::to_string(e)));
         }
@@ -523,6 +607,7 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     if (it != layer.tensors.end()) ob.add(prefix + r.name, it->second);
   }
   auto add_mlp = [&](const Mlp& x, const std::string& g, const std::string& u, const std::string& dn) {
+    if (x.novice) return ob.add_novice(dn, *x.novice);
     ob.add(g, x.gate);
     ob.add(u, x.up);
     ob.add(dn, x.down);
@@ -534,6 +619,9 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
     if (b.router_bias) ob.add(prefix + f.router_bias, *b.router_bias, false);
     if (f.fused()) {
+      if (b.num_novices() > 0)
+        throw Error::unsupported("layer " + std::to_string(l) + ": novice experts (MoNE) cannot be stored in the fused " +
+                                 f.model_type + " layout");
       // Re-stack the experts into [E,2I,H] and [E,H,I]. Encoded experts are written dense here
       // (the fused layout has no place for parts) only when materializing.
       const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = m.dims().hidden;
@@ -634,23 +722,40 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
   const std::optional<DType> dtype = opts.dtype;
   nlohmann::json j = config_.json();
   const FamilyDesc& f = *family_;
+  std::vector<int64_t> counts;  // experts per decoder layer (0: dense)
+  bool ragged = false;
   if (f.moe) {
     int64_t E = -1, I = -1;
+    int first = -1;
     for (const auto& layer : layers_) {
+      counts.push_back(layer.moe ? layer.moe->num_experts() : 0);
       if (!layer.moe) continue;
       const int64_t e = layer.moe->num_experts();
-      const int64_t w = layer.moe->experts.empty() ? 0 : layer.moe->experts[0].width();
+      const int64_t w = layer.moe->expert_width();
       for (const auto& x : layer.moe->experts)
-        if (x.width() != w)
+        if (!x.novice && x.width() != w)
           throw Error::unsupported("layer " + std::to_string(layer.index) +
                                    ": experts of different widths cannot be written in the " + f.model_type + " layout");
-      if (E >= 0 && (e != E || w != I))
-        throw Error::unsupported("layer " + std::to_string(layer.index) + " has " + std::to_string(e) + " experts of width " +
-                                 std::to_string(w) + " but an earlier layer has " + std::to_string(E) + " of width " +
-                                 std::to_string(I) + ": stock loaders need the same in every MoE layer");
-      E = e;
-      I = w;
+      if (E >= 0 && w != I)
+        throw Error::unsupported("layer " + std::to_string(layer.index) + " has experts of width " + std::to_string(w) +
+                                 " but layer " + std::to_string(first) + " of width " + std::to_string(I) +
+                                 ": every MoE layer needs the same expert width");
+      if (E >= 0 && e != E) {
+        // Ragged counts: only the native format holds them (quantization_config.experts_per_layer).
+        if (opts.materialize)
+          throw Error::unsupported("layer " + std::to_string(layer.index) + " has " + std::to_string(e) +
+                                   " experts but layer " + std::to_string(first) + " has " + std::to_string(E) +
+                                   ": stock loaders need the same expert count in every MoE layer (write the native "
+                                   "format, without materialize)");
+        ragged = true;
+      }
+      if (first < 0) {
+        first = layer.index;
+        E = e;
+        I = w;
+      }
     }
+    if (ragged) E = *std::max_element(counts.begin(), counts.end());
     if (E >= 0) {
       const bool changed = !j.contains(f.expert_count_key) || j[f.expert_count_key] != E;
       j[f.expert_count_key] = E;
@@ -679,8 +784,16 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
   }
   const std::string qm = j.contains("quantization_config") && j.at("quantization_config").is_object()
                              ? j.at("quantization_config").value("quant_method", "") : "";
-  if (native || fp8_blocks.size() > 1) {
+  if (native || fp8_blocks.size() > 1 || ragged) {
     j["quantization_config"] = {{"quant_method", "moe_tool"}, {"format_version", 1}, {"weights", *manifest}};
+    if (ragged) {
+      j["quantization_config"]["experts_per_layer"] = counts;
+      // The input's keep-map, when it had one (convert); a pipeline run writes its own.
+      const nlohmann::json& in = config_.json();
+      if (in.contains("quantization_config") && in["quantization_config"].is_object() &&
+          in["quantization_config"].contains("keep_map"))
+        j["quantization_config"]["keep_map"] = in["quantization_config"]["keep_map"];
+    }
   } else if (fp8_blocks.size() == 1) {
     if (qm != "fp8")
       j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
@@ -752,10 +865,37 @@ int64_t Model::active_params() const {
   int64_t n = total_params();
   for (const auto& layer : layers_) {
     if (!layer.moe || layer.moe->experts.empty()) continue;
-    const int64_t per = layer.moe->experts[0].params();
-    n -= (layer.moe->num_experts() - std::min(dims_.top_k, layer.moe->num_experts())) * per;
+    // With novices the experts differ in size: the unselected ones counted at the mean size.
+    int64_t all = 0;
+    for (const auto& e : layer.moe->experts) all += e.params();
+    const int64_t E = layer.moe->num_experts();
+    n -= (E - std::min(dims_.top_k, E)) * all / E;
   }
   return n;
+}
+
+int64_t MoeBlock::num_novices() const {
+  return std::count_if(experts.begin(), experts.end(), [](const Mlp& m) { return m.is_novice(); });
+}
+
+int64_t MoeBlock::expert_width() const {
+  for (const auto& e : experts)
+    if (!e.novice) return e.width();
+  return 0;
+}
+
+int64_t Model::num_novices() const {
+  int64_t n = 0;
+  for (const auto& l : layers_)
+    if (l.moe) n += l.moe->num_novices();
+  return n;
+}
+
+void Model::refuse_novices(const std::string& what, const std::string& why) const {
+  const int64_t n = num_novices();
+  if (n > 0)
+    throw Error::unsupported(what + ": the model has " + std::to_string(n) + " novice experts (MoNE constants, docs/FORMAT.md); " +
+                             why);
 }
 
 }  // namespace moe::model

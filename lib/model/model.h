@@ -19,10 +19,21 @@ namespace moe::model {
 
 using core::Tensor;
 
+// The native format's novice entry (docs/FORMAT.md): quantization_config.weights[<expert's down
+// projection>] = {"encoding": "novice", "parts": {"value": "<down name>.novice"}}, value F32 [H].
+extern const char* const kNoviceEncoding;  // "novice"
+inline constexpr const char* kNoviceSuffix = ".novice";
+
 struct Mlp {  // an expert or a dense MLP: down(silu(gate x) * up x)
-  Tensor gate, up, down;  // [I,H], [I,H], [H,I]
-  int64_t width() const { return gate.dim(0); }
-  int64_t params() const { return gate.numel() + up.numel() + down.numel(); }
+  Tensor gate, up, down;  // [I,H], [I,H], [H,I]; empty for a novice
+  // A novice (MoNE, METHODS.md §3): a pruned expert replaced by the constant n_e [H] (F32), the
+  // mean of its outputs over the calibration tokens routed to it. Its output is n_e on every token
+  // (still scaled by the gate); gate/up/down are empty. Written only in the native format
+  // (docs/FORMAT.md, encoding "novice").
+  std::optional<Tensor> novice{};
+  bool is_novice() const { return novice.has_value(); }
+  int64_t width() const { return novice ? 0 : gate.dim(0); }
+  int64_t params() const { return novice ? novice->numel() : gate.numel() + up.numel() + down.numel(); }
 };
 
 struct MoeBlock {
@@ -32,6 +43,9 @@ struct MoeBlock {
   std::optional<Mlp> shared;          // qwen2_moe shared_expert / deepseek shared_experts
   std::optional<Tensor> shared_gate;  // [1,H] sigmoid gate (qwen2_moe)
   int64_t num_experts() const { return static_cast<int64_t>(experts.size()); }
+  int64_t num_novices() const;
+  // The width of the block's real experts (novices have none); 0 when every expert is a novice.
+  int64_t expert_width() const;
 };
 
 struct Layer {
@@ -48,6 +62,10 @@ struct Layer {
   void for_each_tensor(F&& f) const {
     for (const auto& [role, t] : tensors) f(t);
     auto mlp_tensors = [&](const Mlp& m) {
+      if (m.novice) {
+        f(*m.novice);
+        return;
+      }
       f(m.gate);
       f(m.up);
       f(m.down);
@@ -153,11 +171,14 @@ class Model {
   std::vector<OutTensor> global_outputs(const OutputOptions& opts, nlohmann::json* manifest = nullptr,
                                         bool with_embed = true) const;
   // config.json for the current state: expert counts and widths per family keys (all MoE
-  // layers must agree), num_experts_per_tok clamped, torch_dtype, and quantization_config for
-  // the encoded weights written (`manifest` as outputs() fills it; computed from this model when
-  // null): the native moe-tool block when any weight has an encoding other than block-scaled
-  // FP8, the HF fp8 block when all encoded weights are FP8, none when every weight is dense.
-  // Throws if layers disagree.
+  // layers must have the same expert width), num_experts_per_tok clamped, torch_dtype, and
+  // quantization_config for the encoded weights written (`manifest` as outputs() fills it;
+  // computed from this model when null): the native moe-tool block when any weight has an
+  // encoding other than block-scaled FP8 (novices included) or the MoE layers have different
+  // expert counts (then with "experts_per_layer", the config's count key the largest;
+  // docs/FORMAT.md), the HF fp8 block when all encoded weights are FP8, none when every weight
+  // is dense. Error::unsupported for different widths, and for different counts when
+  // opts.materialize (stock loaders need one count per model).
   nlohmann::json rewritten_config(const OutputOptions& opts, const nlohmann::json* manifest = nullptr) const;
   nlohmann::json rewritten_config(std::optional<core::DType> dtype = std::nullopt) const {
     return rewritten_config(OutputOptions{dtype});
@@ -167,6 +188,12 @@ class Model {
   core::DType materialize_dtype() const;
   // Whether any weight of the model is encoded (low-rank, FP8, ...).
   bool has_encoded_weights() const;
+  // Novice experts (MoNE) over all MoE layers: stock formats cannot hold them (docs/FORMAT.md).
+  int64_t num_novices() const;
+  // Error::unsupported (exit 2) "<what>: the model has N novice experts (...); <why>" when the
+  // model has novices: for outputs that must load in stock loaders (convert --materialize) and for
+  // the passes, none of which reads them.
+  void refuse_novices(const std::string& what, const std::string& why) const;
 
   // Logical parameters (an encoded weight counts out * in, whatever it stores).
   int64_t total_params() const;

@@ -26,13 +26,16 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
   s["vocab_size"] = d.vocab;
   s["tied_embeddings"] = model.tied_embeddings();
   s["attention"] = f.attention == AttentionKind::MLA ? "mla" : "standard";
-  std::vector<int64_t> experts_per_layer, widths, dense_layers, moe_layers;
-  int64_t shared = 0, shared_width = 0;
+  std::vector<int64_t> experts_per_layer, widths, dense_layers, moe_layers, novices_per_layer;
+  int64_t shared = 0, shared_width = 0, novice_params = 0;
   for (const auto& l : model.layers()) {
     if (l.moe) {
       moe_layers.push_back(l.index);
       experts_per_layer.push_back(l.moe->num_experts());
-      widths.push_back(l.moe->experts.empty() ? 0 : l.moe->experts[0].width());
+      widths.push_back(l.moe->expert_width());
+      novices_per_layer.push_back(l.moe->num_novices());
+      for (const auto& e : l.moe->experts)
+        if (e.novice) novice_params += e.params();
       if (l.moe->shared) {
         shared = f.shared_count_key.empty() ? 1 : model.config().get_int_or(f.shared_count_key, 1);
         shared_width = l.moe->shared->width();
@@ -53,6 +56,15 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
     s["shared_experts"] = shared;
     if (shared) s["shared_expert_width"] = shared_width;
     s["moe_layers"] = moe_layers.size();
+    if (model.num_novices() > 0) {
+      // Novice experts (MoNE constants, docs/FORMAT.md): per MoE layer, their parameters (H each)
+      // and the bytes their stored values take.
+      uint64_t novice_bytes = 0;
+      for (const auto& name : ckpt.names())
+        if (name.ends_with(kNoviceSuffix)) novice_bytes += ckpt.info(name).nbytes();
+      s["novices"] = {{"count", model.num_novices()}, {"per_layer", novices_per_layer}, {"params", novice_params},
+                      {"bytes", novice_bytes}};
+    }
   }
   s["dense_layers"] = dense_layers;
   if (!model.mtp_moe_layers().empty()) s["mtp_moe_layers"] = model.mtp_moe_layers();
@@ -148,6 +160,12 @@ std::string render_summary(const json& s) {
                               (s.contains("shared_expert_width") ? " (width " + std::to_string(s.at("shared_expert_width").get<int64_t>()) + ")" : ""));
     row("routing", s.at("routing").get<std::string>());
     row("MoE layers", std::to_string(s.at("moe_layers").get<int64_t>()));
+    if (s.contains("novices")) {
+      const json& n = s.at("novices");
+      row("novice experts", std::to_string(n.at("count").get<int64_t>()) + " (per layer " + n.at("per_layer").dump() +
+                                "; " + human_count(n.at("params").get<int64_t>()) + " parameters, " +
+                                core::format_bytes(n.at("bytes").get<double>()) + "; MoNE constants, native format only)");
+    }
   }
   row("dense layers", s.at("dense_layers").empty() ? "none" : s.at("dense_layers").dump());
   if (s.contains("mtp_moe_layers"))

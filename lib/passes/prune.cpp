@@ -12,6 +12,7 @@
 #include "runtime/finite.h"
 #include "passes/experts.h"
 #include "passes/naee.h"
+#include "passes/novices.h"
 #include "passes/options.h"
 #include "passes/passes.h"
 #include "passes/search.h"
@@ -162,6 +163,7 @@ class PrunePass final : public pipeline::Pass {
     keep_ratio_ = o.opt_number("keep_ratio", 0.0, 1.0, /*min_open=*/true);
     const std::optional<bool> uniform = o.opt_bool("uniform");
     protect_ = o.get_bool("protect_super_experts", false);
+    novices_ = o.get_bool("novices", false);
     if (method_ == Method::Enumerate || method_ == Method::Search)
       max_subsets_ = static_cast<uint64_t>(o.get_int("max_subsets", 5000, 1, int64_t{1} << 40));
     if (method_ == Method::Search) {
@@ -204,6 +206,7 @@ class PrunePass final : public pipeline::Pass {
       }
     }
     p["protect_super_experts"] = protect_;
+    p["novices"] = novices_;
     if (method_ == Method::Enumerate || method_ == Method::Search) p["max_subsets"] = max_subsets_;
     if (method_ == Method::Search) {
       p["time_budget"] = time_budget_;
@@ -220,7 +223,7 @@ class PrunePass final : public pipeline::Pass {
     if (method_ == Method::Search) r.stats_fields = {"count", "weight_sum", "reap"};  // the starts
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.plan_stats = keep_ratio_.has_value() && (*score_field(method_) || protect_);
-    r.block_inputs = method_ == Method::Enumerate || method_ == Method::Search;
+    r.block_inputs = method_ == Method::Enumerate || method_ == Method::Search || novices_;
     r.layer_inputs = method_ == Method::Search;
     return r;
   }
@@ -254,13 +257,24 @@ class PrunePass final : public pipeline::Pass {
     }
   }
 
+  bool makes_novices() const override { return novices_; }
+  // Which experts become novices is known only when the layer runs: written through spill files.
+  bool shapes_at_run() const override { return novices_; }
+  std::string native_only() const override {
+    if (novices_) return "novices: stock loaders cannot express a constant expert";
+    if (keep_ratio_ && !uniform_)
+      return "uniform false (ragged per-layer expert counts): stock loaders need the same expert count in every MoE layer";
+    return "";
+  }
+
   int64_t experts_after(int layer, int64_t before, int64_t top_k) const override {
     if (keep_) {
       check_keep(*keep_, before, top_k, layer);
-      return *keep_;
+      return novices_ ? before : *keep_;  // novices keep every router row and expert slot
     }
     auto it = planned_.find(layer);
-    if (it != planned_.end()) return it->second;
+    if (it != planned_.end()) return novices_ ? before : it->second;
+    if (novices_) return before;
     // Before planning: the ratio within the layer (an estimate; the plan ranks across layers).
     return std::clamp<int64_t>(std::llround(*keep_ratio_ * static_cast<double>(before)), std::min(top_k, before), before);
   }
@@ -322,12 +336,32 @@ class PrunePass final : public pipeline::Pass {
     std::vector<int> dropped;
     for (int e = 0; e < E; ++e)
       if (!std::binary_search(kept.begin(), kept.end(), e)) dropped.push_back(e);
-    keep_experts(block, kept);
+    if (novices_) {
+      // Every slot stays (no "kept": the expert ids do not move); the dropped experts become
+      // constants computed on the calibration tokens routed to them.
+      if (!ctx.block_inputs) throw Error::internal("prune --novices: the runner gave no block inputs");
+      const runtime::MoeWeights w =
+          runtime::naming_non_finite(ctx.model, ctx.layer, [&] { return runtime::convert_moe(block); });
+      const std::vector<NoviceValue> nv = novice_values(w, ctx.routing, *ctx.block_inputs, dropped);
+      make_novices(block, nv);
+      json tokens = json::array(), fallback = json::array();
+      for (const auto& v : nv) {
+        tokens.push_back(v.routed_tokens);
+        if (v.routed_tokens == 0) fallback.push_back(v.expert);
+      }
+      ctx.report["experts"] = ids_json(kept);
+      ctx.report["novices"] = ids_json(dropped);
+      ctx.report["novice_routed_tokens"] = std::move(tokens);
+      // Novices no calibration token was routed to: n_e is their mean output over all tokens.
+      ctx.report["novices_from_all_tokens"] = std::move(fallback);
+    } else {
+      keep_experts(block, kept);
+      ctx.report["kept"] = ids_json(kept);
+      ctx.report["dropped"] = ids_json(dropped);
+    }
 
     json sc = json::array();
     for (double s : scores) sc.push_back(std::isfinite(s) ? json(s) : json(nullptr));
-    ctx.report["kept"] = ids_json(kept);
-    ctx.report["dropped"] = ids_json(dropped);
     ctx.report["scores"] = std::move(sc);
     ctx.report["score"] = score_kind;
     for (auto& [k, v] : extra.items()) ctx.report[k] = v;
@@ -480,6 +514,7 @@ class PrunePass final : public pipeline::Pass {
   std::optional<double> keep_ratio_;
   bool uniform_ = true;
   bool protect_ = false;
+  bool novices_ = false;
   uint64_t max_subsets_ = 5000;
   double time_budget_ = 300.0;
   int64_t search_windows_ = 16, heldout_windows_ = 8;

@@ -17,6 +17,12 @@
 //                             random has no cross-layer information: round(R · E_l) per layer.
 //                             enumerate cannot plan globally (its scores need the block inputs).
 //   "protect_super_experts": bool  never drop an expert flagged super (stats, METHODS.md §2)
+//   "novices": bool           MoNE (passes/novices.h): the dropped experts become novices (constant
+//                             mean outputs over their routed calibration tokens) instead of being
+//                             deleted; the router keeps every row and the report gives "experts"
+//                             (the MLP experts kept) and "novices" instead of "kept"/"dropped",
+//                             with "novice_routed_tokens" and "novices_from_all_tokens". Native
+//                             format only; must be the last pass.
 //   "max_subsets": N          enumerate: refuse above N subsets (default 5000); search: skip the
 //                             enumerate start above it
 //   search only (passes/search.h; "keep" only):

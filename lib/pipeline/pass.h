@@ -85,6 +85,13 @@ class Pass {
   // Whether run_layer is called on MoE layers only (prune, merge) or on every layer (factorize
   // of attention or dense MLPs; ctx.target.moe may then be unset).
   virtual bool moe_layers_only() const { return true; }
+  // Whether the pass replaces experts by novices (prune --novices, MoNE): the output is then
+  // native-only (docs/FORMAT.md) and no later pass may run on it.
+  virtual bool makes_novices() const { return false; }
+  // Why the pass's output can be written in the native format only (docs/FORMAT.md: novices,
+  // ragged per-layer expert counts), or "" when stock formats hold it: a stock output
+  // (output.materialize) is then refused before any work.
+  virtual std::string native_only() const { return ""; }
   // Whether the shapes of what the pass writes are decided while it runs (ranks chosen by
   // energy or budget, codes): the runner then writes through spill files (pipeline/spill_writer.h)
   // and a dry run cannot tell the bytes after.

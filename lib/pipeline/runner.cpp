@@ -42,6 +42,42 @@ class BlockInputCapture final : public runtime::Observer {
 
 // The model as it will be after the passes, shapes only (expert lists truncated to the planned
 // counts; views, nothing computed): the writer's plan and the dry run's numbers come from it.
+// Novices (MoNE, passes/novices.h) and ragged per-layer expert counts are written in the native
+// format only, and no pass reads novices: refuse a model that has them, a pass after the one that
+// makes them, and a stock output, before any work.
+void check_native_only_passes(const model::Model& m, const Recipe& r) {
+  m.refuse_novices(r.model.string() + ": passes",
+                   "no pass reads novices: run every other pass before prune --novices, on the input without them");
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const std::string where = r.source + ": passes[" + std::to_string(i) + "]";
+    const std::string why = r.passes[i]->native_only();
+    if (!why.empty() && r.output.materialize)
+      throw Error::unsupported(where + ": " + r.key("output.materialize") + " asks for a stock checkpoint, but " + why);
+    if (!r.passes[i]->makes_novices()) continue;
+    if (i + 1 < r.passes.size())
+      throw Error::unsupported(where + ".novices: no pass can run after novices are made (passes[" + std::to_string(i + 1) +
+                               "] would have to); make it the last pass");
+    if (m.family().fused())
+      throw Error::unsupported(where + ".novices: the fused " + m.family().model_type +
+                               " expert layout has no place for a constant expert");
+  }
+}
+
+// The keep-map of a native checkpoint with ragged expert counts (docs/FORMAT.md): per decoder
+// layer (null for a dense layer), per expert, the input expert it is (an id), or the members and
+// weights of a merged expert ([[id, weight], ...]).
+json keep_map(const json& layer_reports, int64_t layers) {
+  json map = json::array();
+  for (int64_t l = 0; l < layers; ++l) map.push_back(nullptr);
+  for (const auto& lr : layer_reports) {
+    if (!lr.contains("origin")) continue;
+    json row = json::array();
+    for (const auto& o : lr.at("origin")) row.push_back(o.size() == 1 && o[0][1] == 1.0 ? o[0][0] : o);
+    map[lr.at("layer").get<size_t>()] = row;
+  }
+  return map;
+}
+
 model::Model planned_model(const model::Model& m, const std::vector<int64_t>& experts) {
   model::Model p = m;
   for (auto& layer : p.layers()) {
@@ -217,6 +253,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
                          " is dense: the passes of this recipe work on MoE layers");
   check_mtp_passes(model, r);
+  check_native_only_passes(model, r);
   // Statistics: the first pass reads the input model's (file or collected on the text). A later
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
@@ -536,7 +573,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
     env.copy_file(f, out.path() / f.filename());
   }
-  const json new_config = planned.rewritten_config(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest);
+  json new_config = planned.rewritten_config(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest);
+  if (new_config.contains("quantization_config") && new_config["quantization_config"].contains("experts_per_layer"))
+    new_config["quantization_config"]["keep_map"] = keep_map(layer_reports, model.dims().layers);
   env.write_text(out.path() / "config.json", new_config.dump(2) + "\n");
   json notes = json::array();
   const json& old_config = original.config().json();

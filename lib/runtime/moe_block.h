@@ -27,7 +27,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
                      bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
 
 // One expert / dense MLP on all rows of x: down(silu(gate x) * up x). h_out receives the
-// intermediate activations when given.
+// intermediate activations when given. A novice expert (MlpWeights::novice) gives its constant
+// n_e on every row and an empty [N, 0] h_out.
 MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out = nullptr);
 
 // Per-expert token lists (ascending) of a routing result over E experts.

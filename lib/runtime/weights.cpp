@@ -53,6 +53,17 @@ void assign(MatrixRM& dense, std::optional<LowRankWeights>& lr, const core::Tens
 }
 
 void assign(MlpWeights& w, const model::Mlp& m, bool factored) {
+  if (m.novice) {
+    core::with_context("novice", [&] { w.novice = to_row(*m.novice); });
+    w.gate.resize(0, 0);
+    w.up.resize(0, 0);
+    w.down.resize(0, 0);
+    w.gate_lr.reset();
+    w.up_lr.reset();
+    w.down_lr.reset();
+    return;
+  }
+  w.novice.reset();
   core::with_context("gate", [&] { assign(w.gate, w.gate_lr, m.gate, factored); });
   core::with_context("up", [&] { assign(w.up, w.up_lr, m.up, factored); });
   core::with_context("down", [&] { assign(w.down, w.down_lr, m.down, factored); });

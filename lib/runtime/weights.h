@@ -29,7 +29,10 @@ struct MlpWeights {  // down(silu(gate x) * up x)
   MatrixRM up;    // [I,H]
   MatrixRM down;  // [H,I]
   std::optional<LowRankWeights> gate_lr{}, up_lr{}, down_lr{};
-  int64_t width() const { return gate_lr ? gate_lr->rows() : gate.rows(); }
+  // A novice expert (model::Mlp::novice, MoNE): its constant output n_e [H]; the projections are
+  // empty and the expert's output on every row is n_e (width 0).
+  std::optional<RowVector> novice{};
+  int64_t width() const { return novice ? 0 : gate_lr ? gate_lr->rows() : gate.rows(); }
 };
 
 // X Wᵀ for a projection held dense (`w`) or low-rank (`lr`): [N, out].

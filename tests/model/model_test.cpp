@@ -409,11 +409,17 @@ TEST(RewrittenConfig, WidthKeyFollowsTheExperts) {
   EXPECT_EQ(c["intermediate_size"], 64);  // dense width untouched
 }
 
-TEST(RewrittenConfig, LayersThatDisagreeAreRefused) {
+TEST(RewrittenConfig, LayersThatDisagreeAreRefusedOrNative) {
   auto l = load("mixtral");
   l->model->layers()[1].moe->experts.resize(3);
-  expect_error([&] { l->model->rewritten_config(); }, ErrorKind::NotSupported,
-               {"layer 1 has 3 experts", "earlier layer has 4", "same in every MoE layer"});
+  l->model->layers()[1].moe->router = l->model->layers()[1].moe->router.slice0(0, 3);
+  // Ragged counts: refused for a stock output, written in the native format otherwise.
+  expect_error([&] { l->model->rewritten_config(model::OutputOptions{std::nullopt, /*materialize=*/true}); },
+               ErrorKind::NotSupported, {"layer 1 has 3 experts but layer 0 has 4", "same expert count in every MoE layer"});
+  const auto cfg = l->model->rewritten_config();
+  EXPECT_EQ(cfg.at("num_local_experts"), 4);
+  EXPECT_EQ(cfg.at("quantization_config").at("quant_method"), "moe_tool");
+  EXPECT_EQ(cfg.at("quantization_config").at("experts_per_layer"), nlohmann::json({4, 3}));
   auto l2 = load("olmoe");
   auto& e0 = l2->model->layers()[0].moe->experts[0];
   e0.gate = e0.gate.slice0(0, 8);
