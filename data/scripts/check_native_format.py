@@ -72,7 +72,7 @@ def load_native(folder):
     enc = q.get("weights", {}) if q.get("quant_method") == "moe_tool" else {}
     parts = {p for e in enc.values() for p in e["parts"].values()}
     out = {k: v.astype(np.float32) for k, v in t.items() if k not in parts}
-    words = {}  # ternary-dict: decoded dictionaries by part name (one per layer)
+    words = {}  # ternary-dict: decoded dictionaries by part name (one per checkpoint or per layer)
     for name, e in enc.items():
         r = {role: t[n] for role, n in e["parts"].items()}  # as stored (intN, ternary codes: uint8)
         p = {role: v.astype(np.float32) for role, v in r.items()}

@@ -117,6 +117,8 @@ class Quantize final : public pipeline::Pass {
         if (o.has(k)) throw Error::invalid(o.key_path(k) + ": applies to mixed precision, give avg_bits too");
     sub1bit_ = o.get_bool("sub1bit", false);
     if (sub1bit_) check_sub1bit(o.key_path("sub1bit"));
+    if (o.has("dict_scope") && !sub1bit_) throw Error::invalid(o.key_path("dict_scope") + ": applies to sub1bit, give it too");
+    dict_scope_ = o.get_enum("dict_scope", "model", {"model", "layer"});
     o.finish();
   }
 
@@ -136,7 +138,10 @@ class Quantize final : public pipeline::Pass {
       p["block"] = block_;
       p["min_tokens"] = min_tokens_;
     }
-    if (sub1bit_) p["sub1bit"] = true;
+    if (sub1bit_) {
+      p["sub1bit"] = true;
+      p["dict_scope"] = dict_scope_;
+    }
     if (avg_bits_) {
       p["avg_bits"] = *avg_bits_;
       p["widths"] = widths_text_;
@@ -253,7 +258,7 @@ class Quantize final : public pipeline::Pass {
       std::vector<Sub1bitSlot> s1;
       for (size_t i = 0; i < slots.size(); ++i)
         if (codec[i]) s1.push_back({slots[i].tensor, slots[i].cls});
-      rep["sub1bit"] = sub1bit_layer(s1);
+      rep["sub1bit"] = dict_scope_ == "layer" ? sub1bit_layer(s1) : sub1bit_defer(s1);
     }
   }
 
@@ -528,6 +533,7 @@ class Quantize final : public pipeline::Pass {
   int64_t min_tokens_ = 0;
   std::optional<double> avg_bits_;
   bool sub1bit_ = false;
+  std::string dict_scope_;  // "model" or "layer" (passes/sub1bit.h)
   std::string widths_text_;
   std::vector<quant::CodecSpec> widths_;
   double alpha_ = 1.0, beta_ = 1.5;

@@ -19,6 +19,7 @@
 #include "pipeline/mtp.h"
 #include "pipeline/preflight.h"
 #include "pipeline/report.h"
+#include "pipeline/model_dictionary.h"
 #include "pipeline/spill_writer.h"
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
@@ -326,6 +327,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
   json manifest = json::object();
   std::map<std::string, model::ClassAccount> acc_after;
+  std::map<std::string, std::string> weight_class;  // encoded weight -> its tensor class
   auto release = [&](const core::Tensor& t) {
     for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
   };
@@ -339,6 +341,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   };
   auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
     model::account_into(acc_after, list);
+    for (const auto& o : list)
+      if (!o.weight.empty()) weight_class[o.weight] = o.cls;
     if (spill) {
       spill->write_group(list, release, checked);
       return;
@@ -474,6 +478,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   uint64_t written_bytes = 0;
   size_t written_tensors = 0, written_shards = 0;
   if (spill) {
+    // Weights waiting for the checkpoint's sub-1-bit dictionary (pipeline/model_dictionary.h).
+    const json s1 = code_with_model_dictionary(*spill, manifest, weight_class, acc_after);
+    if (!s1.is_null()) summary["sub1bit"] = s1;
     written_bytes = spill->finish();
     written_tensors = spill->tensor_count();
     written_shards = spill->shard_count();
@@ -537,6 +544,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                               {"after", model::account_json(acc_after)}};
   if (acc_after.count("experts"))
     report["expert_bits_per_param"]["after"] = acc_after.at("experts").bits_per_param();
+  if (summary.contains("sub1bit")) report["sub1bit"] = summary["sub1bit"];
   report["recipe"] = r.json;
   report["passes"] = passes;
   report["layers"] = layer_reports;

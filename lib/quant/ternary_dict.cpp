@@ -313,7 +313,54 @@ void add_pair_stats(const Ternary& t, PairStats* s) {
   }
 }
 
-bool part_shapes_depend_on_values(const core::Encoding& e) { return dynamic_cast<const TernaryDict*>(&e) != nullptr; }
+bool part_shapes_depend_on_values(const core::Encoding& e) {
+  return dynamic_cast<const TernaryDict*>(&e) != nullptr || dynamic_cast<const TernaryDictPending*>(&e) != nullptr;
+}
+
+TernaryDictPending::TernaryDictPending(std::shared_ptr<const Ternary> t) : Encoding(t->rows(), t->cols()), t_(std::move(t)) {
+  if (t_->ngroups() != 1)
+    throw Error::invalid("ternary-dict: codes one group per row, the weight has " + std::to_string(t_->ngroups()));
+}
+
+nlohmann::json TernaryDictPending::params() const {
+  nlohmann::json p = t_->params();
+  p["dictionary"] = "model";
+  return p;
+}
+
+bool TernaryDictPending::marked(const nlohmann::json& entry) {
+  return entry.is_object() && entry.value("encoding", "") == "ternary" && entry.contains("dictionary") &&
+         entry["dictionary"] == "model";
+}
+
+std::shared_ptr<const core::Encoding> TernaryDictPending::slice_rows(int64_t r0, int64_t r1) const {
+  auto s = std::dynamic_pointer_cast<const Ternary>(t_->slice_rows(r0, r1));
+  if (!s) throw Error::internal("ternary-dict: a row slice of a ternary weight is not ternary");
+  return std::make_shared<const TernaryDictPending>(s);
+}
+
+std::vector<std::shared_ptr<const PairDictionary>> dictionary_candidates(const PairStats& stats, int64_t max_codewords) {
+  std::vector<std::shared_ptr<const PairDictionary>> out;
+  for (int64_t size = std::min<int64_t>(256, max_codewords);; size = std::min(2 * size, max_codewords)) {
+    out.push_back(PairDictionary::tunstall(stats.counts, size));
+    if (size >= max_codewords) break;
+  }
+  return out;
+}
+
+int64_t count_codes(const Ternary& t, const PairDictionary& d) {
+  if (t.ngroups() != 1)
+    throw Error::invalid("ternary-dict: codes one group per row, a weight has " + std::to_string(t.ngroups()));
+  const int64_t np = pairs_of(t.cols());
+  std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0), sym(static_cast<size_t>(np));
+  int64_t n = 0;
+  for (int64_t r = 0; r < t.rows(); ++r) {
+    t.trits_row(r, tr.data());
+    for (int64_t i = 0; i < np; ++i) sym[static_cast<size_t>(i)] = static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]);
+    n += d.encode(sym.data(), np, nullptr);
+  }
+  return n;
+}
 
 int64_t own_bits(const TernaryDict& w) {
   int64_t b = 0;
@@ -324,32 +371,17 @@ int64_t own_bits(const TernaryDict& w) {
 
 DictCoded dict_code(const std::vector<const Ternary*>& weights, int64_t max_codewords) {
   DictCoded out;
-  // Every row's symbols, rows one after another (row boundaries: row_end).
-  std::vector<uint8_t> sym;
-  std::vector<int64_t> row_end;
   for (const Ternary* t : weights) {
     if (t->ngroups() != 1)
       throw Error::invalid("ternary-dict: codes one group per row, a weight has " + std::to_string(t->ngroups()));
     add_pair_stats(*t, &out.stats);
-    const int64_t np = pairs_of(t->cols());
-    std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0);
-    for (int64_t r = 0; r < t->rows(); ++r) {
-      t->trits_row(r, tr.data());
-      for (int64_t i = 0; i < np; ++i) sym.push_back(static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]));
-      row_end.push_back(static_cast<int64_t>(sym.size()));
-    }
   }
   int64_t best_bits = -1;
-  for (int64_t size = std::min<int64_t>(256, max_codewords);; size = std::min(2 * size, max_codewords)) {
-    auto d = PairDictionary::tunstall(out.stats.counts, size);
-    int64_t codes = 0, b = 0;
-    for (int64_t e : row_end) {
-      codes += d->encode(sym.data() + b, e - b, nullptr);
-      b = e;
-    }
+  for (const auto& d : dictionary_candidates(out.stats, max_codewords)) {
+    int64_t codes = 0;
+    for (const Ternary* t : weights) codes += count_codes(*t, *d);
     const int64_t bits = 16 * codes + dictionary_bits(*d);
     if (best_bits < 0 || bits < best_bits) best_bits = bits, out.dict = d, out.codes = codes;
-    if (size >= max_codewords) break;
   }
   for (const Ternary* t : weights) out.weights.push_back(TernaryDict::code(*t, out.dict));
   return out;

@@ -131,8 +131,39 @@ struct DictCoded {
 };
 DictCoded dict_code(const std::vector<const Ternary*>& weights, int64_t max_codewords = kMaxCodewords);
 
-// Whether e's part shapes depend on its values (a ternary-dict code stream): a pass that moves such
-// weights between positions (prune, merge) cannot plan the output shapes from the input's.
+// The candidate dictionaries for these pair counts: Tunstall trees of 2^8, 2^9, ... codewords, up
+// to max_codewords (the last one may be smaller than a power of two). The coder keeps the one that
+// stores codes and dictionary in the fewest bits.
+std::vector<std::shared_ptr<const PairDictionary>> dictionary_candidates(const PairStats& stats,
+                                                                         int64_t max_codewords = kMaxCodewords);
+// The number of codes greedy longest match emits for t's rows with d (t one group per row).
+int64_t count_codes(const Ternary& t, const PairDictionary& d);
+
+// A one-group-per-row ternary weight waiting for a dictionary built over the whole model (the
+// quantize pass's dict_scope "model"): it stores and decodes as its Ternary (encoding "ternary",
+// parameters plus "dictionary": "model", so that the runner finds it in the manifest) until the
+// run has seen every layer; the runner then codes it as ternary-dict with the model's dictionary
+// (pipeline/model_dictionary.h). Never read from a checkpoint.
+class TernaryDictPending final : public core::Encoding {
+ public:
+  explicit TernaryDictPending(std::shared_ptr<const Ternary> t);
+  std::string name() const override { return t_->name(); }
+  nlohmann::json params() const override;
+  std::vector<core::EncodedPart> parts() const override { return t_->parts(); }
+  void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override { t_->dequantize_rows(r0, r1, dst); }
+  std::shared_ptr<const core::Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  DtypeRule dtype_rule() const override { return t_->dtype_rule(); }
+  const Ternary& ternary() const { return *t_; }
+  // The manifest entry's marker.
+  static bool marked(const nlohmann::json& entry);
+
+ private:
+  std::shared_ptr<const Ternary> t_;
+};
+
+// Whether e's part shapes depend on its values (a ternary-dict code stream, or a weight waiting to
+// become one): a pass that moves such weights between positions (prune, merge) cannot plan the
+// output shapes from the input's.
 bool part_shapes_depend_on_values(const core::Encoding& e);
 
 // Stored bits of codes, offsets and levels of w (its own parts), and of a dictionary.
