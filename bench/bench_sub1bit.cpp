@@ -8,7 +8,7 @@
 // checkpoint in one run (`quantize --method gptq --codec ternary:tτ --sub1bit`), evaluated against
 // the original on the held-out text. Per row: expert bits per parameter with everything stored
 // counted, and where they go (codes, of which the row-end waste against one unbroken stream;
-// offsets; levels; dictionary); one dictionary per layer instead; the zero fraction; the Shannon
+// row code counts; levels; dictionary); one dictionary per layer instead; the zero fraction; the Shannon
 // entropy of the trit pairs (iid, per parameter) and how close codes plus dictionary come to it;
 // the same trits packed 2 bits each and compressed by zstd at its maximum level; perplexity and
 // KL. Then the same bit accounting on realistic row lengths: synthetic Gaussian matrices of the
@@ -119,7 +119,7 @@ int64_t stream_codes(const std::vector<const Ternary*>& ws, const moe::quant::Pa
 
 // Where the bits of dictionary-coded ternary weights go (layers[l] = the weights sharing a layer
 // dictionary), in bits per parameter: one dictionary for all of them (dict_scope model) split into
-// codes (of which row-end waste: codes beyond those of one unbroken stream), offsets, levels and
+// codes (of which row-end waste: codes beyond those of one unbroken stream), row counts, levels and
 // dictionary; one dictionary per layer; the Shannon entropy of the trit pairs (iid); zstd at its
 // maximum level on the trits packed 2 bits each.
 json coding_breakdown(const std::vector<std::vector<const Ternary*>>& layers) {
@@ -130,12 +130,12 @@ json coding_breakdown(const std::vector<std::vector<const Ternary*>>& layers) {
   const auto tc = Clock::now();
   const moe::quant::DictCoded one = moe::quant::dict_code(all);
   const double csecs = seconds_since(tc);
-  double codes = 0, offsets = 0, levels = 0;
+  double codes = 0, counts = 0, levels = 0;
   for (const auto& w : one.weights)
     for (const auto& p : w->parts()) {
       const double b = 8.0 * static_cast<double>(p.tensor->nbytes());
       if (p.role == "codes") codes += b;
-      if (p.role == "offsets") offsets += b;
+      if (p.role == "counts") counts += b;
       if (p.role == "levels") levels += b;
     }
   const double dict = static_cast<double>(moe::quant::dictionary_bits(*one.dict));
@@ -158,14 +158,14 @@ json coding_breakdown(const std::vector<std::vector<const Ternary*>>& layers) {
   const size_t zn = ZSTD_compress(z.data(), z.size(), packed.data(), packed.size(), ZSTD_maxCLevel());
   const double zsecs = seconds_since(tz);
   if (ZSTD_isError(zn)) throw moe::core::Error::internal(std::string("zstd: ") + ZSTD_getErrorName(zn));
-  const double total = codes + offsets + levels + dict;
+  const double total = codes + counts + levels + dict;
   return {{"expert_params", params},
           {"mean_row_length", params / rows},
           {"zero_fraction", static_cast<double>(st.zeros) / static_cast<double>(st.trits)},
           {"bits_per_param", total / params},
           {"codes_bits_per_param", codes / params},
           {"row_end_bits_per_param", row_end / params},
-          {"offsets_bits_per_param", offsets / params},
+          {"counts_bits_per_param", counts / params},
           {"levels_bits_per_param", levels / params},
           {"dictionary_bits_per_param", dict / params},
           {"dictionary_codewords", one.dict->size()},
@@ -304,7 +304,7 @@ int main(int argc, char** argv) {
   json out = {{"benchmark", "sub1bit"}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"eval_windows", eval_windows},
               {"rows", json::array()}};
   std::ostringstream md;
-  md << "| model | τ | zero fraction | expert bits/param | codes (of which row-end) | offsets | levels | dictionary | "
+  md << "| model | τ | zero fraction | expert bits/param | codes (of which row-end) | row counts | levels | dictionary | "
         "per-layer dictionaries | pair entropy | entropy / (codes + dict) | zstd -" << ZSTD_maxCLevel()
      << " trits | perplexity | vs original | KL |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   char buf[512];
@@ -312,7 +312,7 @@ int main(int argc, char** argv) {
     std::snprintf(buf, sizeof buf, "%.1f%% | %.3f | %.3f (%.3f) | %.3f | %.3f | %.3f | %.3f | %.3f | %.0f%% | %.3f",
                   100 * row["zero_fraction"].get<double>(), row.value("checkpoint_bits_per_param", row["bits_per_param"].get<double>()),
                   row["codes_bits_per_param"].get<double>(), row["row_end_bits_per_param"].get<double>(),
-                  row["offsets_bits_per_param"].get<double>(), row["levels_bits_per_param"].get<double>(),
+                  row["counts_bits_per_param"].get<double>(), row["levels_bits_per_param"].get<double>(),
                   row["dictionary_bits_per_param"].get<double>(), row["per_layer_dictionaries_bits_per_param"].get<double>(),
                   row["pair_entropy_bits_per_param"].get<double>(), 100 * row["entropy_over_codes_and_dictionary"].get<double>(),
                   row["zstd_bits_per_param"].get<double>());

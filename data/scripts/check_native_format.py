@@ -96,7 +96,8 @@ def load_native(folder):
         elif e["encoding"] == "ternary-dict":
             cols, dn = e["cols"], e["parts"]["dictionary"]
             w = words[dn] = words[dn] if dn in words else _dict_words(r["dictionary"])
-            codes, off, lv = r["codes"].astype(np.int64), r["offsets"].astype(np.int64), p["levels"]
+            codes, lv = r["codes"].astype(np.int64), p["levels"]
+            off = np.concatenate([[0], np.cumsum(r["counts"].astype(np.int64))])
             tr = np.array([[x for c in codes[off[i]:off[i + 1]] for x in w[c]][:cols] for i in range(len(off) - 1)],
                          np.int64).reshape(len(off) - 1, cols)
             out[name] = np.where(tr == 2, lv[:, 1:2], np.where(tr == 1, lv[:, 0:1], 0)).astype(np.float32)

@@ -23,7 +23,7 @@ struct Sub1bitSlot {
 
 // Codes every slot whose tensor holds a one-group-per-row Ternary encoding (others are left as
 // they are) and returns the layer's report: dictionary codewords and bits, per class the zero
-// fraction of the trits and the stored bits per parameter (codes, offsets, levels and the
+// fraction of the trits and the stored bits per parameter (codes, row counts, levels and the
 // dictionary's share; the dictionary's bits split equally over the weights using it, as
 // inspect counts them).
 nlohmann::json sub1bit_layer(const std::vector<Sub1bitSlot>& slots);

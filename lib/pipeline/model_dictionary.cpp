@@ -100,7 +100,7 @@ json code_with_model_dictionary(SpillWriter& spill, json& manifest, const std::m
     if (bits_of(k) < bits_of(best)) best = k;
   const auto dict = candidates[best];
 
-  // 3. Rewrite the groups: each marked weight's parts replaced by its codes, offsets and levels.
+  // 3. Rewrite the groups: each marked weight's parts replaced by its codes, row counts and levels.
   struct ClassBits {
     double bits = 0, params = 0;
   };

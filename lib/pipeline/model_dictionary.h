@@ -29,7 +29,7 @@ inline constexpr const char* kModelDictionaryTensor = "moe_tool.ternary_dict.dic
 // class; `acc` (stored bytes per class, as written to the spill) is corrected to the coded bytes,
 // the dictionary counted with the class of its first user. Returns the report (null when nothing
 // is marked): dictionary codewords and bits, total codes, and per class the zero fraction of the
-// trits and the stored bits per parameter (codes, offsets, levels, and the dictionary's bits split
+// trits and the stored bits per parameter (codes, row counts, levels, and the dictionary's bits split
 // equally over every coded weight). Throws Error::internal for a marked weight that is in no group.
 nlohmann::json code_with_model_dictionary(SpillWriter& spill, nlohmann::json& manifest,
                                           const std::map<std::string, std::string>& weight_class,

@@ -14,7 +14,11 @@
 //              codewords in 2·K bytes
 //   codes      greedy longest match per row: from the root, follow the row's symbols while the
 //              node is expanded; emit the node reached. U16 [n], all rows one after another
-//   offsets    I32 [rows + 1]: row r's codes are codes[offsets[r] .. offsets[r+1])
+//   counts     U8, U16 or U32 [rows] (the narrowest that holds the largest): row r's number of
+//              codes; row r's codes start at offset(r) = counts[0] + ... + counts[r-1], the
+//              prefix sums computed (and checked against the stream's length) when read, so each
+//              row stays randomly accessible. (8 bits a row where rows need ≤ 255 codes, instead
+//              of i32 offsets' 32: 0.19 bit per parameter less on 128-wide rows.)
 //   levels     F16 [rows, 2]: (lo, hi) of the row, the Ternary's scales
 // The dictionary is shared by every weight of a layer (one part, stored once); the coder picks
 // its size (a power of two of codewords, 2^8 ... 2^16) that stores the layer in the fewest bits.
@@ -87,10 +91,10 @@ class TernaryDict final : public core::Encoding {
  public:
   using Part = std::shared_ptr<const core::Tensor>;
   // Parts as stored (see above). Validates everything decoding relies on (Error::corruption naming
-  // the part): dtypes and shapes, offsets starting at 0, in order, ending at the stream's length,
-  // every code below the dictionary's size, every row decoding to exactly ceil(cols / 2) pairs
-  // (a code running past its row, or a row left short), an odd row's padding trit 0.
-  TernaryDict(int64_t cols, Part codes, Part offsets, Part levels, std::shared_ptr<const PairDictionary> dict);
+  // the part): dtypes and shapes, the counts summing to the stream's length, every code below the
+  // dictionary's size, every row decoding to exactly ceil(cols / 2) pairs (a code running past
+  // its row, or a row left short), an odd row's padding trit 0.
+  TernaryDict(int64_t cols, Part codes, Part counts, Part levels, std::shared_ptr<const PairDictionary> dict);
 
   // The ternary weight t (one group per row) coded with dict.
   static std::shared_ptr<const TernaryDict> code(const Ternary& t, std::shared_ptr<const PairDictionary> dict);
@@ -108,8 +112,9 @@ class TernaryDict final : public core::Encoding {
 
  private:
   const uint16_t* codes() const { return reinterpret_cast<const uint16_t*>(codes_->data()); }
-  int64_t offset(int64_t r) const;
-  Part codes_, offsets_, levels_;
+  int64_t offset(int64_t r) const { return offsets_[static_cast<size_t>(r)]; }
+  Part codes_, counts_, levels_;
+  std::vector<uint32_t> offsets_;  // [rows + 1], prefix sums of counts
   std::shared_ptr<const PairDictionary> dict_;
 };
 
@@ -166,7 +171,7 @@ class TernaryDictPending final : public core::Encoding {
 // output shapes from the input's.
 bool part_shapes_depend_on_values(const core::Encoding& e);
 
-// Stored bits of codes, offsets and levels of w (its own parts), and of a dictionary.
+// Stored bits of codes, counts and levels of w (its own parts), and of a dictionary.
 int64_t own_bits(const TernaryDict& w);
 inline int64_t dictionary_bits(const PairDictionary& d) { return 16 * d.expansions(); }
 

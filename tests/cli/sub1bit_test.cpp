@@ -3,7 +3,7 @@
 // layer, lossless against the ternary checkpoint in both scopes (the same weights, the same
 // logits, the same eval), GPTQ-ternary then coding in one run, every command reading it (prune
 // moving coded experts included), and bad input (refused codecs and options, corrupted code
-// streams and dictionaries) failing cleanly.
+// streams, row counts and dictionaries) failing cleanly.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -216,9 +216,10 @@ TEST(Sub1bit, BadInputFailsCleanly) {
   const RunResult e1 = run_tool({"eval", beyond.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"});
   expect_clean_failure(e1, "beyond the dictionary");
   EXPECT_NE(e1.err.find(kExpert), std::string::npos) << e1.describe();
-  const fs::path order = broken("order", ".offsets", 4, std::string("\xff\xff\x00\x00", 4));
-  const RunResult e2 = run_tool({"convert", order.string(), (tmp / "o-dense").string(), "--materialize"});
-  expect_clean_failure(e2, "part \"offsets\"");
+  // Row 0's code count raised to 255: the counts no longer sum to the stream's length.
+  const fs::path counts = broken("counts", ".counts", 0, std::string("\xff", 1));
+  const RunResult e2 = run_tool({"convert", counts.string(), (tmp / "o-dense").string(), "--materialize"});
+  expect_clean_failure(e2, "part \"counts\": rows 0..");
   EXPECT_NE(e2.err.find(kExpert), std::string::npos) << e2.describe();
   // A layer's dictionary is stored under its first user's name, the model's under its own; entry
   // 1 naming a codeword not created yet.
