@@ -6,6 +6,7 @@
 // streams, row counts and dictionaries) failing cleanly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -186,6 +187,38 @@ TEST(Sub1bit, GptqTernaryThenCodingInOneRunAndEveryCommandReadsIt) {
   for (const auto& [name, e] : pw.items()) EXPECT_EQ(e.at("encoding"), "ternary-dict") << name;
 }
 
+TEST(Sub1bit, ThresholdScaledByImportanceFollowsTheRuleAndZerosRarelyUsedExperts) {
+  const fs::path o = dir() / "importance";
+  const RunResult r = run_tool({"-q", "quantize", kModel.string(), o.string(), "--method", "rtn", "--codec", "ternary:t0.5",
+                                "--sub1bit", "--threshold-scale", "importance", "--threshold-gamma", "1", "--text", kCalib,
+                                "--ctx", "64", "--windows", "4"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json report = read_json(o / "moe_tool_report.json");
+  int layers = 0;
+  for (const json& layer : report.at("layers")) {
+    const json& ts = layer.at("passes").at(0).at("threshold_scale");
+    EXPECT_EQ(ts.at("gamma"), 1.0);
+    double mean = 0;
+    for (const json& e : ts.at("experts")) mean += e.at("tokens").get<double>();
+    mean /= static_cast<double>(ts.at("experts").size());
+    const json* busiest = nullptr;
+    const json* rarest = nullptr;
+    for (const json& e : ts.at("experts")) {
+      const double f = e.at("tokens").get<double>();
+      const double want = f > 0 ? std::min(1.0, 0.5 * std::clamp(mean / f, 0.5, 2.0)) : 1.0;
+      EXPECT_NEAR(e.at("threshold").get<double>(), want, 1e-12) << e.dump();
+      if (!busiest || f > busiest->at("tokens").get<double>()) busiest = &e;
+      if (!rarest || f < rarest->at("tokens").get<double>()) rarest = &e;
+    }
+    ASSERT_NE(busiest, rarest);
+    EXPECT_GT(rarest->at("zero_fraction").get<double>(), busiest->at("zero_fraction").get<double>()) << ts.dump();
+    ++layers;
+  }
+  EXPECT_EQ(layers, 4);
+  // Lossless still: coded with the checkpoint's dictionary.
+  EXPECT_EQ(read_json(o / "config.json").at("quantization_config").at("weights").at(kExpert).at("encoding"), "ternary-dict");
+}
+
 TEST(Sub1bit, BadInputFailsCleanly) {
   TempDir tmp;
   const std::string m = kModel.string();
@@ -203,7 +236,13 @@ TEST(Sub1bit, BadInputFailsCleanly) {
   expect_clean_failure(run_tool({"quantize", m, (tmp / "e").string(), "--method", "rtn", "--codec", "ternary", "--sub1bit",
                                  "--dict-scope", "tensor"}),
                        "--dict-scope: unknown value \"tensor\"");
-  for (const char* d : {"a", "b", "c", "d", "e"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "f").string(), "--method", "rtn", "--codec", "int4",
+                                 "--threshold-scale", "importance", "--text", kCalib}),
+                       "--threshold-scale: scales the ternary zero threshold of the routed experts, whose codec is int4");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "g").string(), "--method", "rtn", "--codec", "ternary",
+                                 "--threshold-gamma", "2"}),
+                       "--threshold-gamma: applies to threshold_scale importance");
+  for (const char* d : {"a", "b", "c", "d", "e", "f", "g"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
 
   // Corrupted code streams: exit 2, one line naming the tensor and the part.
   auto broken = [&](const std::string& what, const std::string& part, uint64_t at, const std::string& bytes) {
