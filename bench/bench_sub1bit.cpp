@@ -3,6 +3,7 @@
 //   bench_sub1bit [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny] [--thresholds 0.5,0.7,0.9]
 //                 [--ctx 128] [--calib-windows 64] [--eval-windows 64] [--quality 1] [--speed 1]
 //                 [--speed-layers 2] [--speed-windows 8] [--tool path/to/moe-tool] [--svg FILE]
+//                 [--threshold-scale none|importance] [--threshold-gamma 0.5]
 // Quality: per fixture (validation-tiny with its own texts, bench/fixtures.h) and threshold τ,
 // GPTQ ternary-minmax (QMoE's grid, τ = 0.5) then dictionary coding with one dictionary for the
 // checkpoint in one run (`quantize --method gptq --codec ternary:tτ --sub1bit`), evaluated against
@@ -276,7 +277,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   std::vector<std::string> thresholds = {"0.5", "0.7", "0.9"};
   std::vector<int64_t> speed_layers = {2};
-  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string(), svg;
+  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string(), svg, threshold_scale = "none";
+  double threshold_gamma = 0.5;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--source-dir") src = v;
@@ -290,6 +292,8 @@ int main(int argc, char** argv) {
     else if (k == "--speed-windows") speed_windows = std::stoll(v);
     else if (k == "--tool") tool = v;
     else if (k == "--svg") svg = v;
+    else if (k == "--threshold-scale") threshold_scale = v;
+    else if (k == "--threshold-gamma") threshold_gamma = std::stod(v);
     else if (k == "--speed-layers") {
       speed_layers.clear();
       for (const auto& x : split(v)) speed_layers.push_back(std::stoll(x));
@@ -301,7 +305,7 @@ int main(int argc, char** argv) {
   moe::core::Progress::global_quiet() = true;
   const fs::path tmp = fs::temp_directory_path() / ("moe-bench-sub1bit-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
-  json out = {{"benchmark", "sub1bit"}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"eval_windows", eval_windows},
+  json out = {{"benchmark", "sub1bit"}, {"threshold_scale", threshold_scale}, {"threshold_gamma", threshold_gamma}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"eval_windows", eval_windows},
               {"rows", json::array()}};
   std::ostringstream md;
   md << "| model | τ | zero fraction | expert bits/param | codes (of which row-end) | row counts | levels | dictionary | "
@@ -328,6 +332,10 @@ int main(int argc, char** argv) {
       }
       for (const auto& tau : thresholds) {
         json pass = {{"pass", "quantize"}, {"method", "gptq"}, {"codec", "ternary:t" + tau}, {"sub1bit", true}, {"dict_scope", "model"}};
+        if (threshold_scale != "none") {
+          pass["threshold_scale"] = threshold_scale;
+          pass["threshold_gamma"] = threshold_gamma;
+        }
         const fs::path texts = moe::bench::fixture_text_dir(src, name);
         json recipe = {{"model", model_dir.string()},
                        {"calibration", {{"text", (texts / "calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
