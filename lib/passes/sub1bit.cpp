@@ -45,7 +45,7 @@ json sub1bit_defer(const std::vector<Sub1bitSlot>& slots) {
   const RowTernaries r = row_ternaries(slots);
   if (r.tern.empty()) return json::object();
   json classes = json::object();
-  for (const auto& [cls, a] : r.acc) classes[cls] = {{"zero_fraction", a.zeros / a.trits}, {"trits", static_cast<int64_t>(a.trits)}};
+  for (const auto& [cls, a] : r.acc) classes[cls] = {{"zero_fraction", a.trits > 0 ? a.zeros / a.trits : 0.0}, {"trits", static_cast<int64_t>(a.trits)}};
   for (size_t k = 0; k < r.tern.size(); ++k) {
     core::Tensor* t = slots[r.which[k]].tensor;
     auto own = std::dynamic_pointer_cast<const quant::Ternary>(t->encoding_ptr());
