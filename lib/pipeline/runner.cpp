@@ -326,6 +326,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     writer.emplace(env, out.path(), plan, r.output.max_shard_bytes);
   }
   json manifest = json::object();
+  // Layer by layer into one output: a part shared across layers is written once.
+  const model::OutputOptions out_opts{r.output.dtype, r.output.materialize, std::make_shared<model::SharedPartNames>()};
   std::map<std::string, model::ClassAccount> acc_after;
   std::map<std::string, std::string> weight_class;  // encoded weight -> its tensor class
   auto release = [&](const core::Tensor& t) {
@@ -433,7 +435,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       lr["dense"] = true;  // a dense MLP: no pass applies
       if (fwd) fwd->apply_layer(fwd->load_layer(l), X, T);
     }
-    write_outputs(model.layer_outputs(l, model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
+    write_outputs(model.layer_outputs(l, out_opts, &manifest));
     // The layer is on disk: drop its computed tensors and the mapped pages of its source weights,
     // the ones no output carried too (experts a pass read and dropped or merged), so memory stays
     // one layer.
@@ -474,7 +476,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       global_reports.push_back(gr);
     }
   }
-  write_outputs(model.global_outputs(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
+  write_outputs(model.global_outputs(out_opts, &manifest));
   uint64_t written_bytes = 0;
   size_t written_tensors = 0, written_shards = 0;
   if (spill) {

@@ -93,6 +93,10 @@ TEST(Sub1bit, WritesOneDictionaryPerCheckpointByDefault) {
   for (const json& layer : report.at("layers"))
     for (const json& p : layer.at("passes"))
       EXPECT_EQ(p.at("sub1bit").at("dict_scope"), "model") << layer.dump();
+  // inspect counts the one dictionary once, as the run does.
+  const RunResult in = run_tool({"-q", "inspect", out.string(), "--json"});
+  ASSERT_EQ(in.exit_code, 0) << in.describe();
+  EXPECT_NEAR(json::parse(in.out).at("tensor_classes").at("experts").at("bits_per_param").get<double>(), bits, 1e-12);
   // Smaller than one dictionary per layer on this fixture (the measurement behind the default).
   const double layer_bits = read_json(quantized("layer") / "moe_tool_report.json").at("expert_bits_per_param").at("after");
   EXPECT_LT(bits, layer_bits);
@@ -184,7 +188,13 @@ TEST(Sub1bit, GptqTernaryThenCodingInOneRunAndEveryCommandReadsIt) {
   ASSERT_EQ(pr.exit_code, 0) << pr.describe();
   const json pw = read_json(dir() / "gptq-pruned" / "config.json").at("quantization_config").at("weights");
   EXPECT_EQ(pw.size(), 4u * 6u * 3u);
-  for (const auto& [name, e] : pw.items()) EXPECT_EQ(e.at("encoding"), "ternary-dict") << name;
+  std::set<std::string> dicts;
+  for (const auto& [name, e] : pw.items()) {
+    EXPECT_EQ(e.at("encoding"), "ternary-dict") << name;
+    dicts.insert(e.at("parts").at("dictionary").get<std::string>());
+  }
+  // The checkpoint's dictionary stays one tensor (under its first user's name in the new output).
+  EXPECT_EQ(dicts, std::set<std::string>{"model.layers.0.block_sparse_moe.experts.0.w1.weight.dict"});
 }
 
 TEST(Sub1bit, ThresholdScaledByImportanceFollowsTheRuleAndZerosRarelyUsedExperts) {
