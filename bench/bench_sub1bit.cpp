@@ -3,14 +3,17 @@
 //   bench_sub1bit [--source-dir DIR] [--models mixtral-tiny,qwen2moe-tiny] [--thresholds 0.5,0.7,0.9]
 //                 [--ctx 128] [--calib-windows 64] [--eval-windows 64] [--quality 1] [--speed 1]
 //                 [--speed-layers 2] [--speed-windows 8] [--tool path/to/moe-tool] [--svg FILE]
-// Quality: per fixture (data/models/validation-tiny too when present) and threshold τ, GPTQ
-// ternary-minmax (QMoE's grid, τ = 0.5) then dictionary coding in one run (`quantize --method
-// gptq --codec ternary:tτ --sub1bit`), evaluated against the original on the held-out text. Per
-// row: bits per expert parameter with everything stored counted (codes, offsets, levels, the
-// layers' dictionaries) and each part's share; the zero fraction; the Shannon entropy of the trit
-// pairs (iid over the pairs of all expert rows, per parameter) and how close the codes come to
-// it; the same trits packed 2 bits each and compressed by zstd at its maximum level; one
-// dictionary for the whole checkpoint instead of one per layer; perplexity and KL.
+//                 [--threshold-scale none|importance] [--threshold-gamma 0.5]
+// Quality: per fixture (validation-tiny with its own texts, bench/fixtures.h) and threshold τ,
+// GPTQ ternary-minmax (QMoE's grid, τ = 0.5) then dictionary coding with one dictionary for the
+// checkpoint in one run (`quantize --method gptq --codec ternary:tτ --sub1bit`), evaluated against
+// the original on the held-out text. Per row: expert bits per parameter with everything stored
+// counted, and where they go (codes, of which the row-end waste against one unbroken stream;
+// row code counts; levels; dictionary); one dictionary per layer instead; the zero fraction; the Shannon
+// entropy of the trit pairs (iid, per parameter) and how close codes plus dictionary come to it;
+// the same trits packed 2 bits each and compressed by zstd at its maximum level; perplexity and
+// KL. Then the same bit accounting on realistic row lengths: synthetic Gaussian matrices of the
+// benchmark model's expert shapes, RTN ternary at each τ (labelled synthetic; no quality).
 // Speed (synthetic mixtral layout, H 1024, 8 experts of width 2816): decode throughput of
 // ternary-dict and of packed ternary rows (parameters/s, one core), coding throughput (dictionary
 // search and coding, parameters/s), and `moe-tool eval` tokens/s of the bf16, ternary and
@@ -27,12 +30,14 @@
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <unistd.h>
 #include <vector>
 
 #include "child_process.h"
+#include "fixtures.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "io/checkpoint.h"
@@ -79,91 +84,130 @@ std::shared_ptr<const Ternary> to_ternary(const TernaryDict& d) {
   return Ternary::pack(moe::quant::TernaryGrid::MinMax, 0, false, rows, cols, t.data(), lo.data(), hi.data());
 }
 
-// Everything measured on the dictionary-coded experts of a checkpoint.
-json measure_coding(const fs::path& dir) {
-  const auto ck = moe::io::Checkpoint::open(moe::io::Env::posix(), dir);
-  const moe::model::Model m = moe::model::Model::load(ck);
-  double params = 0, codes = 0, offsets = 0, levels = 0, dict_layer = 0;
-  std::vector<std::shared_ptr<const Ternary>> all;
-  std::vector<uint8_t> packed;  // trits 2 bits each, 4 per byte, all expert rows one after another
+// Trits packed 2 bits each, 4 per byte, all rows of all weights one after another.
+std::vector<uint8_t> packed_trits(const std::vector<const Ternary*>& ws) {
+  std::vector<uint8_t> packed;
   uint8_t acc = 0;
   int nacc = 0;
-  std::array<double, 9> pairs{};
-  double zeros = 0, trits = 0;
-  for (const auto& layer : m.layers()) {
-    if (!layer.moe) continue;
-    const moe::quant::PairDictionary* dict = nullptr;
-    for (const auto& e : layer.moe->experts)
-      for (const moe::core::Tensor* w : {&e.gate, &e.up, &e.down}) {
-        const auto* d = dynamic_cast<const TernaryDict*>(w->encoding());
-        if (!d) throw moe::core::Error::internal("bench_sub1bit: an expert weight is not ternary-dict");
-        if (dict && dict != &d->dictionary()) throw moe::core::Error::internal("bench_sub1bit: two dictionaries in a layer");
-        dict = &d->dictionary();
-        params += static_cast<double>(d->rows() * d->cols());
-        for (const auto& p : d->parts()) {
-          const double b = 8.0 * static_cast<double>(p.tensor->nbytes());
-          if (p.role == "codes") codes += b;
-          if (p.role == "offsets") offsets += b;
-          if (p.role == "levels") levels += b;
-        }
-        auto t = to_ternary(*d);
-        moe::quant::PairStats s;
-        moe::quant::add_pair_stats(*t, &s);
-        for (int k = 0; k < 9; ++k) pairs[static_cast<size_t>(k)] += s.counts[static_cast<size_t>(k)];
-        zeros += static_cast<double>(s.zeros);
-        trits += static_cast<double>(s.trits);
-        std::vector<uint8_t> row(static_cast<size_t>(d->cols()));
-        for (int64_t r = 0; r < d->rows(); ++r) {
-          d->trits_row(r, row.data());
-          for (uint8_t v : row) {
-            acc = static_cast<uint8_t>(acc | (v << (2 * nacc)));
-            if (++nacc == 4) packed.push_back(acc), acc = 0, nacc = 0;
-          }
-        }
-        all.push_back(std::move(t));
+  for (const Ternary* t : ws) {
+    std::vector<uint8_t> row(static_cast<size_t>(t->cols()));
+    for (int64_t r = 0; r < t->rows(); ++r) {
+      t->trits_row(r, row.data());
+      for (uint8_t v : row) {
+        acc = static_cast<uint8_t>(acc | (v << (2 * nacc)));
+        if (++nacc == 4) packed.push_back(acc), acc = 0, nacc = 0;
       }
-    dict_layer += static_cast<double>(moe::quant::dictionary_bits(*dict));
+    }
   }
   if (nacc) packed.push_back(acc);
-  // Shannon entropy of the pairs (iid), per parameter.
+  return packed;
+}
+
+// Codes of all rows of ws as one stream (no row boundaries) with d: what the row-end waste of
+// per-row coding (the last codeword of a row cut short) is measured against.
+int64_t stream_codes(const std::vector<const Ternary*>& ws, const moe::quant::PairDictionary& d) {
+  std::vector<uint8_t> sym;
+  for (const Ternary* t : ws) {
+    const int64_t np = (t->cols() + 1) / 2;
+    std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0);
+    for (int64_t r = 0; r < t->rows(); ++r) {
+      t->trits_row(r, tr.data());
+      for (int64_t i = 0; i < np; ++i) sym.push_back(static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]));
+    }
+  }
+  return d.encode(sym.data(), static_cast<int64_t>(sym.size()), nullptr);
+}
+
+// Where the bits of dictionary-coded ternary weights go (layers[l] = the weights sharing a layer
+// dictionary), in bits per parameter: one dictionary for all of them (dict_scope model) split into
+// codes (of which row-end waste: codes beyond those of one unbroken stream), row counts, levels and
+// dictionary; one dictionary per layer; the Shannon entropy of the trit pairs (iid); zstd at its
+// maximum level on the trits packed 2 bits each.
+json coding_breakdown(const std::vector<std::vector<const Ternary*>>& layers) {
+  std::vector<const Ternary*> all;
+  for (const auto& l : layers) all.insert(all.end(), l.begin(), l.end());
+  double params = 0, rows = 0;
+  for (const Ternary* t : all) params += static_cast<double>(t->rows() * t->cols()), rows += static_cast<double>(t->rows());
+  const auto tc = Clock::now();
+  const moe::quant::DictCoded one = moe::quant::dict_code(all);
+  const double csecs = seconds_since(tc);
+  double codes = 0, counts = 0, levels = 0;
+  for (const auto& w : one.weights)
+    for (const auto& p : w->parts()) {
+      const double b = 8.0 * static_cast<double>(p.tensor->nbytes());
+      if (p.role == "codes") codes += b;
+      if (p.role == "counts") counts += b;
+      if (p.role == "levels") levels += b;
+    }
+  const double dict = static_cast<double>(moe::quant::dictionary_bits(*one.dict));
+  const double row_end = codes - 16.0 * static_cast<double>(stream_codes(all, *one.dict));
+  double per_layer = 0;
+  for (const auto& l : layers) {
+    const moe::quant::DictCoded dc = moe::quant::dict_code(l);
+    per_layer += static_cast<double>(moe::quant::dictionary_bits(*dc.dict));
+    for (const auto& w : dc.weights) per_layer += static_cast<double>(moe::quant::own_bits(*w));
+  }
+  const moe::quant::PairStats& st = one.stats;
   double np = 0, h = 0;
-  for (double c : pairs) np += c;
-  for (double c : pairs)
+  for (double c : st.counts) np += c;
+  for (double c : st.counts)
     if (c > 0) h -= c / np * std::log2(c / np);
   const double entropy = h * np / params;  // pairs per parameter ≈ 1/2
-  // zstd at its maximum level on the packed trits.
+  const std::vector<uint8_t> packed = packed_trits(all);
   std::vector<char> z(ZSTD_compressBound(packed.size()));
   const auto tz = Clock::now();
   const size_t zn = ZSTD_compress(z.data(), z.size(), packed.data(), packed.size(), ZSTD_maxCLevel());
   const double zsecs = seconds_since(tz);
   if (ZSTD_isError(zn)) throw moe::core::Error::internal(std::string("zstd: ") + ZSTD_getErrorName(zn));
-  // One dictionary for the whole checkpoint.
-  std::vector<const Ternary*> ptrs;
-  for (const auto& t : all) ptrs.push_back(t.get());
-  const auto tc = Clock::now();
-  const moe::quant::DictCoded one = moe::quant::dict_code(ptrs);
-  const double csecs = seconds_since(tc);
-  double one_bits = static_cast<double>(moe::quant::dictionary_bits(*one.dict));
-  for (const auto& w : one.weights) one_bits += static_cast<double>(moe::quant::own_bits(*w));
-  const double total = codes + offsets + levels + dict_layer;
+  const double total = codes + counts + levels + dict;
   return {{"expert_params", params},
+          {"mean_row_length", params / rows},
+          {"zero_fraction", static_cast<double>(st.zeros) / static_cast<double>(st.trits)},
           {"bits_per_param", total / params},
           {"codes_bits_per_param", codes / params},
-          {"offsets_bits_per_param", offsets / params},
+          {"row_end_bits_per_param", row_end / params},
+          {"counts_bits_per_param", counts / params},
           {"levels_bits_per_param", levels / params},
-          {"dictionary_bits_per_param", dict_layer / params},
-          {"zero_fraction", zeros / trits},
+          {"dictionary_bits_per_param", dict / params},
+          {"dictionary_codewords", one.dict->size()},
+          {"per_layer_dictionaries_bits_per_param", per_layer / params},
           {"pair_entropy_bits_per_param", entropy},
-          {"entropy_over_codes_and_dictionary", entropy / ((codes + dict_layer) / params)},
+          {"entropy_over_codes_and_dictionary", entropy / ((codes + dict) / params)},
           {"entropy_over_total", entropy / (total / params)},
           {"zstd_level", ZSTD_maxCLevel()},
           {"zstd_bits_per_param", 8.0 * static_cast<double>(zn) / params},
           {"zstd_plus_levels_bits_per_param", (8.0 * static_cast<double>(zn) + levels) / params},
           {"zstd_seconds", zsecs},
-          {"per_checkpoint_dictionary_bits_per_param", one_bits / params},
-          {"per_checkpoint_dictionary_codewords", one.dict->size()},
-          {"per_layer_dictionaries_bits_per_param", total / params},
-          {"coding_params_per_second_one_dictionary", params / csecs}};
+          {"coding_params_per_second", params / csecs}};
+}
+
+// Everything measured on the dictionary-coded experts of a checkpoint (either scope), with what it
+// stores checked against coding_breakdown's recount.
+json measure_coding(const fs::path& dir) {
+  const auto ck = moe::io::Checkpoint::open(moe::io::Env::posix(), dir);
+  const moe::model::Model m = moe::model::Model::load(ck);
+  double params = 0, stored = 0;
+  std::set<const moe::quant::PairDictionary*> dicts;
+  std::vector<std::shared_ptr<const Ternary>> keep;
+  std::vector<std::vector<const Ternary*>> layers;
+  for (const auto& layer : m.layers()) {
+    if (!layer.moe) continue;
+    layers.emplace_back();
+    for (const auto& e : layer.moe->experts)
+      for (const moe::core::Tensor* w : {&e.gate, &e.up, &e.down}) {
+        const auto* d = dynamic_cast<const TernaryDict*>(w->encoding());
+        if (!d) throw moe::core::Error::internal("bench_sub1bit: an expert weight is not ternary-dict");
+        if (dicts.insert(&d->dictionary()).second) stored += static_cast<double>(moe::quant::dictionary_bits(d->dictionary()));
+        stored += static_cast<double>(moe::quant::own_bits(*d));
+        params += static_cast<double>(d->rows() * d->cols());
+        keep.push_back(to_ternary(*d));
+        layers.back().push_back(keep.back().get());
+      }
+  }
+  json out = coding_breakdown(layers);
+  out["checkpoint_bits_per_param"] = stored / params;
+  out["checkpoint_dictionaries"] = dicts.size();
+  return out;
 }
 
 // The bits/quality curve as a self-contained SVG.
@@ -171,8 +215,8 @@ std::string curve_svg(const json& rows) {
   const double W = 640, H = 420, l = 70, r = 130, t = 40, b = 60;
   double x0 = 1e9, x1 = -1e9, y0 = 0, y1 = -1e9;
   for (const auto& row : rows) {
-    x0 = std::min(x0, row["bits_per_param"].get<double>());
-    x1 = std::max(x1, row["bits_per_param"].get<double>());
+    x0 = std::min(x0, row["checkpoint_bits_per_param"].get<double>());
+    x1 = std::max(x1, row["checkpoint_bits_per_param"].get<double>());
     y1 = std::max(y1, 100 * (row["ppl_ratio"].get<double>() - 1));
   }
   x0 = std::floor(x0 * 10 - 1) / 10, x1 = std::ceil(x1 * 10 + 1) / 10, y1 = std::ceil(y1 / 5 + 1) * 5;
@@ -208,7 +252,7 @@ std::string curve_svg(const json& rows) {
     std::string pts;
     for (const auto& row : rows) {
       if (row["model"] != models[m]) continue;
-      const double x = X(row["bits_per_param"].get<double>()), y = Y(100 * (row["ppl_ratio"].get<double>() - 1));
+      const double x = X(row["checkpoint_bits_per_param"].get<double>()), y = Y(100 * (row["ppl_ratio"].get<double>() - 1));
       std::snprintf(buf, sizeof buf, "%.1f,%.1f ", x, y);
       pts += buf;
       std::snprintf(buf, sizeof buf, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"4\" fill=\"%s\"/><text x=\"%.1f\" y=\"%.1f\" fill=\"%s\">τ %.1f</text>\n",
@@ -233,7 +277,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> models = {"mixtral-tiny", "qwen2moe-tiny", "validation-tiny"};
   std::vector<std::string> thresholds = {"0.5", "0.7", "0.9"};
   std::vector<int64_t> speed_layers = {2};
-  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string(), svg;
+  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string(), svg, threshold_scale = "none";
+  double threshold_gamma = 0.5;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--source-dir") src = v;
@@ -247,6 +292,8 @@ int main(int argc, char** argv) {
     else if (k == "--speed-windows") speed_windows = std::stoll(v);
     else if (k == "--tool") tool = v;
     else if (k == "--svg") svg = v;
+    else if (k == "--threshold-scale") threshold_scale = v;
+    else if (k == "--threshold-gamma") threshold_gamma = std::stod(v);
     else if (k == "--speed-layers") {
       speed_layers.clear();
       for (const auto& x : split(v)) speed_layers.push_back(std::stoll(x));
@@ -258,12 +305,23 @@ int main(int argc, char** argv) {
   moe::core::Progress::global_quiet() = true;
   const fs::path tmp = fs::temp_directory_path() / ("moe-bench-sub1bit-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
-  json out = {{"benchmark", "sub1bit"}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"eval_windows", eval_windows},
+  json out = {{"benchmark", "sub1bit"}, {"threshold_scale", threshold_scale}, {"threshold_gamma", threshold_gamma}, {"ctx", ctx}, {"calib_windows", calib_windows}, {"eval_windows", eval_windows},
               {"rows", json::array()}};
   std::ostringstream md;
-  md << "| model | τ | zero fraction | expert bits/param | codes | offsets + levels | dictionaries | pair entropy | "
-        "entropy / (codes + dict) | zstd -" << ZSTD_maxCLevel() << " trits | one dictionary | perplexity | vs original | KL |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  md << "| model | τ | zero fraction | expert bits/param | codes (of which row-end) | row counts | levels | dictionary | "
+        "per-layer dictionaries | pair entropy | entropy / (codes + dict) | zstd -" << ZSTD_maxCLevel()
+     << " trits | perplexity | vs original | KL |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  char buf[512];
+  auto bits_cells = [&](const json& row) {
+    std::snprintf(buf, sizeof buf, "%.1f%% | %.3f | %.3f (%.3f) | %.3f | %.3f | %.3f | %.3f | %.3f | %.0f%% | %.3f",
+                  100 * row["zero_fraction"].get<double>(), row.value("checkpoint_bits_per_param", row["bits_per_param"].get<double>()),
+                  row["codes_bits_per_param"].get<double>(), row["row_end_bits_per_param"].get<double>(),
+                  row["counts_bits_per_param"].get<double>(), row["levels_bits_per_param"].get<double>(),
+                  row["dictionary_bits_per_param"].get<double>(), row["per_layer_dictionaries_bits_per_param"].get<double>(),
+                  row["pair_entropy_bits_per_param"].get<double>(), 100 * row["entropy_over_codes_and_dictionary"].get<double>(),
+                  row["zstd_bits_per_param"].get<double>());
+    return std::string(buf);
+  };
   int exit_code = 0;
   try {
     for (const auto& name : quality ? models : std::vector<std::string>{}) {
@@ -273,12 +331,17 @@ int main(int argc, char** argv) {
         continue;
       }
       for (const auto& tau : thresholds) {
-        json pass = {{"pass", "quantize"}, {"method", "gptq"}, {"codec", "ternary:t" + tau}, {"sub1bit", true}};
+        json pass = {{"pass", "quantize"}, {"method", "gptq"}, {"codec", "ternary:t" + tau}, {"sub1bit", true}, {"dict_scope", "model"}};
+        if (threshold_scale != "none") {
+          pass["threshold_scale"] = threshold_scale;
+          pass["threshold_gamma"] = threshold_gamma;
+        }
+        const fs::path texts = moe::bench::fixture_text_dir(src, name);
         json recipe = {{"model", model_dir.string()},
-                       {"calibration", {{"text", (src / "data/text/calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
+                       {"calibration", {{"text", (texts / "calib.txt").string()}, {"ctx", ctx}, {"windows", calib_windows}}},
                        {"passes", json::array({pass})},
                        {"output", {{"path", (tmp / "out").string()}, {"force", true}}},
-                       {"eval", {{"text", (src / "data/text/heldout.txt").string()}, {"ctx", ctx}, {"max_windows", eval_windows},
+                       {"eval", {{"text", (texts / "heldout.txt").string()}, {"ctx", ctx}, {"max_windows", eval_windows},
                                  {"against_input", true}}}};
         auto r = moe::pipeline::parse_recipe(recipe, ".", "bench");
         moe::pipeline::RunOptions o;
@@ -300,21 +363,37 @@ int main(int argc, char** argv) {
         row["top1"] = e.at("top1_agreement");
         row["seconds"] = secs;
         out["rows"].push_back(row);
-        char buf[512];
-        std::snprintf(buf, sizeof buf,
-                      "| %s | %s | %.1f%% | %.3f | %.3f | %.3f | %.3f | %.3f | %.0f%% | %.3f | %.3f | %.2f | %+.1f%% | %.4f |\n",
-                      name.c_str(), tau.c_str(), 100 * row["zero_fraction"].get<double>(), row["bits_per_param"].get<double>(),
-                      row["codes_bits_per_param"].get<double>(),
-                      row["offsets_bits_per_param"].get<double>() + row["levels_bits_per_param"].get<double>(),
-                      row["dictionary_bits_per_param"].get<double>(), row["pair_entropy_bits_per_param"].get<double>(),
-                      100 * row["entropy_over_codes_and_dictionary"].get<double>(), row["zstd_bits_per_param"].get<double>(),
-                      row["per_checkpoint_dictionary_bits_per_param"].get<double>(), ppl, 100 * (ppl / ppl0 - 1),
-                      e.at("kl_mean").get<double>());
-        md << buf;
-        std::cerr << buf;
+        const std::string line = "| " + name + " | " + tau + " | " + bits_cells(row) + " | ";
+        std::snprintf(buf, sizeof buf, "%.2f | %+.1f%% | %.4f |\n", ppl, 100 * (ppl / ppl0 - 1), e.at("kl_mean").get<double>());
+        md << line << buf;
+        std::cerr << line << buf;
       }
     }
     if (!svg.empty() && !out["rows"].empty()) std::ofstream(svg) << curve_svg(out["rows"]);
+    if (quality) {
+      // Realistic row lengths (synthetic, not a trained model): the synthetic benchmark model's
+      // expert shapes, up [2816, 1024] (rows of 1024) and down [1024, 2816] (rows of 2816), Gaussian
+      // weights, RTN ternary-minmax per row at each threshold; one layer's dictionary.
+      const moe::bench::Dims D;
+      std::mt19937_64 rng(1);
+      std::normal_distribution<float> nd(0.0f, 0.02f);
+      std::vector<float> up(static_cast<size_t>(D.I * D.H)), down(static_cast<size_t>(D.H * D.I));
+      for (auto& v : up) v = nd(rng);
+      for (auto& v : down) v = nd(rng);
+      out["synthetic_rows"] = json::array();
+      for (const auto& tau : thresholds) {
+        const auto spec = moe::quant::parse_codec("ternary:t" + tau);
+        const auto eu = moe::quant::rtn(up.data(), D.I, D.H, spec), ed = moe::quant::rtn(down.data(), D.H, D.I, spec);
+        const std::vector<const Ternary*> ws = {dynamic_cast<const Ternary*>(eu.get()), dynamic_cast<const Ternary*>(ed.get())};
+        json row = coding_breakdown({ws});
+        row["model"] = "synthetic gaussian up [2816, 1024] + down [1024, 2816], rtn";
+        row["threshold"] = std::stod(tau);
+        out["synthetic_rows"].push_back(row);
+        const std::string line = "| synthetic (Gaussian, rtn; rows 1024 and 2816) | " + tau + " | " + bits_cells(row) + " | — | — | — |\n";
+        md << line;
+        std::cerr << line;
+      }
+    }
     if (speed) {
       // Decode and coding throughput on one synthetic-size expert matrix [2816, 1024] of Gaussian
       // weights, RTN ternary-minmax per row (τ = 0.5).

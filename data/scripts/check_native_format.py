@@ -72,7 +72,7 @@ def load_native(folder):
     enc = q.get("weights", {}) if q.get("quant_method") == "moe_tool" else {}
     parts = {p for e in enc.values() for p in e["parts"].values()}
     out = {k: v.astype(np.float32) for k, v in t.items() if k not in parts}
-    words = {}  # ternary-dict: decoded dictionaries by part name (one per layer)
+    words = {}  # ternary-dict: decoded dictionaries by part name (one per checkpoint or per layer)
     novices = {}  # novice experts: the constant output [H] by the expert's down projection name
     for name, e in enc.items():
         if e["encoding"] == "novice":
@@ -100,7 +100,8 @@ def load_native(folder):
         elif e["encoding"] == "ternary-dict":
             cols, dn = e["cols"], e["parts"]["dictionary"]
             w = words[dn] = words[dn] if dn in words else _dict_words(r["dictionary"])
-            codes, off, lv = r["codes"].astype(np.int64), r["offsets"].astype(np.int64), p["levels"]
+            codes, lv = r["codes"].astype(np.int64), p["levels"]
+            off = np.concatenate([[0], np.cumsum(r["counts"].astype(np.int64))])
             tr = np.array([[x for c in codes[off[i]:off[i + 1]] for x in w[c]][:cols] for i in range(len(off) - 1)],
                          np.int64).reshape(len(off) - 1, cols)
             out[name] = np.where(tr == 2, lv[:, 1:2], np.where(tr == 1, lv[:, 0:1], 0)).astype(np.float32)

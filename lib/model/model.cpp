@@ -285,7 +285,7 @@ class OutputBuilder {
     for (const auto& p : enc->parts()) {
       std::string pname = name + p.suffix;
       if (p.shared) {
-        auto [it, fresh] = shared_.emplace(p.tensor.get(), pname);
+        auto [it, fresh] = shared().emplace(p.tensor, pname);
         pname = it->second;
         if (!fresh) {
           parts[p.role] = pname;
@@ -324,7 +324,8 @@ class OutputBuilder {
   DType materialize_;
   nlohmann::json* manifest_;
   Model::PageReleaser release_;
-  std::map<const Tensor*, std::string> shared_;
+  SharedPartNames own_shared_;
+  SharedPartNames& shared() { return opts_.shared_parts ? *opts_.shared_parts : own_shared_; }
 
   // t in dtype d; the mapped pages it was computed from are handed back (memory stays bounded
   // while a whole checkpoint is dequantized).
@@ -681,7 +682,9 @@ std::vector<OutTensor> Model::layer_outputs(int l, const OutputOptions& opts, nl
   return std::move(b.out);
 }
 
-std::vector<OutTensor> Model::outputs(const OutputOptions& opts, nlohmann::json* manifest) const {
+std::vector<OutTensor> Model::outputs(const OutputOptions& options, nlohmann::json* manifest) const {
+  OutputOptions opts = options;  // one set of shared-part names for the whole model
+  if (!opts.shared_parts) opts.shared_parts = std::make_shared<SharedPartNames>();
   std::vector<OutTensor> out;
   auto take = [&](OutputBuilder& b) { std::move(b.out.begin(), b.out.end(), std::back_inserter(out)); };
   {
@@ -690,7 +693,7 @@ std::vector<OutTensor> Model::outputs(const OutputOptions& opts, nlohmann::json*
     b.add(global_names_.at("embed"), globals_.at("embed"));
     take(b);
   }
-  // Shared parts are shared within a layer: one builder per layer, as the runner writes them.
+  // One builder per layer, as the runner writes them; a part shared across layers is written once.
   for (int l = 0; l < static_cast<int>(layers_.size()); ++l) {
     OutputBuilder b(opts, materialize_dtype(), manifest, release_);
     add_layer(b, *this, l);

@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -116,6 +117,13 @@ void account_into(std::map<std::string, ClassAccount>& acc, const std::vector<Ou
 nlohmann::json account_json(const std::map<std::string, ClassAccount>& acc);
 
 // How a model is written.
+// The names given to shared parts so far, across the calls that build one output (a part that
+// weights of several layers share, such as the checkpoint-wide ternary-dict dictionary, is written
+// once, under its first user's name). Held weakly: a part freed and another one made at the same
+// address are never taken for each other.
+using SharedPartNames =
+    std::map<std::weak_ptr<const core::Tensor>, std::string, std::owner_less<std::weak_ptr<const core::Tensor>>>;
+
 struct OutputOptions {
   // Float tensors are written in this dtype; encoded weights as their rule says
   // (core::Encoding::dtype_rule: dequantized, parts converted, or kept).
@@ -123,6 +131,9 @@ struct OutputOptions {
   // Every encoded weight written dense (in `dtype`, else Model::materialize_dtype()): a stock
   // checkpoint (`convert --materialize`).
   bool materialize = false;
+  // Shared parts already named by earlier calls for the same output (layer_outputs layer by
+  // layer, then global_outputs); null: shared parts are looked up within the one call.
+  std::shared_ptr<SharedPartNames> shared_parts = nullptr;
 };
 
 class Model {

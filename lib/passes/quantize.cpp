@@ -117,6 +117,19 @@ class Quantize final : public pipeline::Pass {
         if (o.has(k)) throw Error::invalid(o.key_path(k) + ": applies to mixed precision, give avg_bits too");
     sub1bit_ = o.get_bool("sub1bit", false);
     if (sub1bit_) check_sub1bit(o.key_path("sub1bit"));
+    if (o.has("dict_scope") && !sub1bit_) throw Error::invalid(o.key_path("dict_scope") + ": applies to sub1bit, give it too");
+    dict_scope_ = o.get_enum("dict_scope", "model", {"model", "layer"});
+    threshold_scale_ = o.get_enum("threshold_scale", "none", {"none", "importance"}) == "importance";
+    if (o.has("threshold_gamma") && !threshold_scale_)
+      throw Error::invalid(o.key_path("threshold_gamma") + ": applies to threshold_scale importance, give it too");
+    gamma_ = o.get_number("threshold_gamma", 0.5, 0, 4);
+    if (threshold_scale_) {
+      const auto& c = class_codec_.at("experts");
+      if (!c || c->kind != quant::CodecSpec::Kind::Ternary || c->grid == quant::TernaryGrid::TQ)
+        throw Error::invalid(o.key_path("threshold_scale") + ": scales the ternary zero threshold of the routed experts, "
+                             "whose codec is " + (c ? quant::to_string(*c) : std::string("keep")) +
+                             " (give a ternary or ternary-absmean codec)");
+    }
     o.finish();
   }
 
@@ -136,7 +149,14 @@ class Quantize final : public pipeline::Pass {
       p["block"] = block_;
       p["min_tokens"] = min_tokens_;
     }
-    if (sub1bit_) p["sub1bit"] = true;
+    if (threshold_scale_) {
+      p["threshold_scale"] = "importance";
+      p["threshold_gamma"] = gamma_;
+    }
+    if (sub1bit_) {
+      p["sub1bit"] = true;
+      p["dict_scope"] = dict_scope_;
+    }
     if (avg_bits_) {
       p["avg_bits"] = *avg_bits_;
       p["widths"] = widths_text_;
@@ -149,6 +169,7 @@ class Quantize final : public pipeline::Pass {
     pipeline::Requirements r;
     r.input_grams = method_ == Method::Gptq;
     r.block_inputs = method_ == Method::Gptq || avg_bits_.has_value();
+    if (threshold_scale_) r.stats_fields = {"count"};
     return r;
   }
   int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
@@ -238,6 +259,8 @@ class Quantize final : public pipeline::Pass {
     // anything in the layer changes.
     if (gptq && L.moe) prepare_topups(ctx, slots, codec);
 
+    if (threshold_scale_ && L.moe) scale_thresholds(ctx, slots, codec, rep);
+
     // Mixed precision: the experts' widths by the integer program.
     std::vector<std::shared_ptr<const core::Encoding>> chosen(slots.size());
     if (avg_bits_ && L.moe) mixed_precision(ctx, slots, codec, chosen, rep);
@@ -249,11 +272,27 @@ class Quantize final : public pipeline::Pass {
       finish_slot(slots[i], std::move(enc), *codec[i], m);
       rep["matrices"].push_back(m);
     }
+    if (threshold_scale_ && L.moe) {  // the zero fraction each expert's threshold gave
+      std::map<int, std::pair<double, double>> z;  // expert -> (zeros, trits)
+      for (const auto& sl : slots)
+        if (const auto* t = dynamic_cast<const quant::Ternary*>(sl.tensor->encoding()); t && sl.expert >= 0) {
+          std::vector<uint8_t> row(static_cast<size_t>(t->cols()));
+          for (int64_t r = 0; r < t->rows(); ++r) {
+            t->trits_row(r, row.data());
+            z[sl.expert].first += static_cast<double>(std::count(row.begin(), row.end(), uint8_t{0}));
+          }
+          z[sl.expert].second += static_cast<double>(t->rows() * t->cols());
+        }
+      for (json& e : rep["threshold_scale"]["experts"]) {
+        const auto& [zeros, trits] = z[e.at("expert").get<int>()];
+        e["zero_fraction"] = trits > 0 ? zeros / trits : 0.0;
+      }
+    }
     if (sub1bit_) {  // dictionary-code the layer's ternary weights (passes/sub1bit.h)
       std::vector<Sub1bitSlot> s1;
       for (size_t i = 0; i < slots.size(); ++i)
         if (codec[i]) s1.push_back({slots[i].tensor, slots[i].cls});
-      rep["sub1bit"] = sub1bit_layer(s1);
+      rep["sub1bit"] = dict_scope_ == "layer" ? sub1bit_layer(s1) : sub1bit_defer(s1);
     }
   }
 
@@ -421,6 +460,36 @@ class Quantize final : public pipeline::Pass {
     *s.tensor = core::Tensor::encoded(std::move(enc), logical);
   }
 
+  // Sparsity scaled by importance: routed expert e's ternary zero threshold becomes
+  //   τ_e = min(1, τ · clamp((mean_f / f_e)^γ, 1/2, 2))
+  // with f_e the calibration tokens routed to e (count) and mean_f their mean over the layer's
+  // experts: a rarely used expert gets a larger threshold (more zeros, fewer sub-1-bit bits), a
+  // busy one a smaller one; an expert no token reached gets 2τ. Reported per expert.
+  void scale_thresholds(const pipeline::LayerContext& ctx, const std::vector<Slot>& slots,
+                        std::vector<std::optional<quant::CodecSpec>>& codec, json& rep) const {
+    if (!ctx.stats) throw Error::internal("quantize: threshold_scale without statistics");
+    const std::vector<double>& f = ctx.stats->count;
+    double mean = 0;
+    for (double v : f) mean += v;
+    mean /= f.empty() ? 1.0 : static_cast<double>(f.size());
+    json experts = json::array();
+    std::vector<double> tau_e(f.size(), 0.0);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int e = slots[i].expert;
+      if (e < 0 || !codec[i] || codec[i]->kind != quant::CodecSpec::Kind::Ternary) continue;
+      if (static_cast<size_t>(e) >= f.size())
+        throw Error::internal("quantize: statistics for " + std::to_string(f.size()) + " experts, expert " + std::to_string(e));
+      const double fe = f[static_cast<size_t>(e)];
+      const double scale = fe > 0 ? std::clamp(std::pow(mean / fe, gamma_), 0.5, 2.0) : 2.0;
+      codec[i]->threshold = std::min(1.0, codec[i]->threshold * scale);
+      tau_e[static_cast<size_t>(e)] = codec[i]->threshold;
+    }
+    for (size_t e = 0; e < f.size(); ++e)
+      experts.push_back({{"expert", static_cast<int>(e)}, {"tokens", f[e]}, {"threshold", tau_e[e]}});
+    rep["threshold_scale"] = {{"rule", "tau_e = min(1, tau * clamp((mean_f / f_e)^gamma, 1/2, 2)), f = routed tokens"},
+                              {"gamma", gamma_}, {"experts", experts}};
+  }
+
   // MC-MoE: per routed expert and width, quantize its three matrices and measure the relative
   // output error on its routed tokens; choose widths by the integer program; keep the chosen
   // encodings in `chosen` (and the experts' codecs in `codec`).
@@ -528,6 +597,9 @@ class Quantize final : public pipeline::Pass {
   int64_t min_tokens_ = 0;
   std::optional<double> avg_bits_;
   bool sub1bit_ = false;
+  std::string dict_scope_;  // "model" or "layer" (passes/sub1bit.h)
+  bool threshold_scale_ = false;  // ternary thresholds scaled per expert by routed tokens
+  double gamma_ = 0.5;
   std::string widths_text_;
   std::vector<quant::CodecSpec> widths_;
   double alpha_ = 1.0, beta_ = 1.5;

@@ -45,10 +45,16 @@
 //                            its routed tokens (all the layer's tokens when none is routed)
 //   "widths": "ternary,int2,int3,int4,int8"  avg_bits: the candidate codecs
 //   "alpha": 1, "beta": 1.5  avg_bits: importance exponents
-//   "sub1bit": false         QMoE sub-1-bit: after each layer is quantized, its ternary weights are
-//                            dictionary-coded with one Tunstall dictionary per layer
-//                            (passes/sub1bit.h, quant/ternary_dict.h); needs ternary-minmax row
-//                            codecs (the threshold spelling ternary:tX walks bits against quality)
+//   "sub1bit": false         QMoE sub-1-bit: the ternary weights are dictionary-coded with one
+//                            Tunstall dictionary (passes/sub1bit.h, quant/ternary_dict.h); needs
+//                            ternary-minmax row codecs (the threshold spelling ternary:tX walks
+//                            bits against quality)
+//   "dict_scope": "model"    sub1bit: one dictionary for the checkpoint, coded after the last layer
+//                            (pipeline/model_dictionary.h), or "layer": one per layer
+//   "threshold_scale": "none"  "importance": routed expert e's ternary threshold becomes
+//                            τ_e = min(1, τ·clamp((mean_f / f_e)^γ, 1/2, 2)), f = routed
+//                            calibration tokens (statistics "count"); reported per expert
+//   "threshold_gamma": 0.5   γ of threshold_scale importance
 // Embeddings and lm_head are quantized by RTN under either method (no Hessian is collected for
 // them; said in the report). Every quantized matrix is reported: codec, bits per parameter, and
 // for gptq the Hessian used (routed tokens, top-up, all-token), the damping, and the proxy loss

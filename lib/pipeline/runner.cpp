@@ -16,6 +16,7 @@
 #include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
 #include "pipeline/calibration_text.h"
+#include "pipeline/model_dictionary.h"
 #include "pipeline/mtp.h"
 #include "pipeline/preflight.h"
 #include "pipeline/report.h"
@@ -410,7 +411,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     writer.emplace(env, out.path(), plan, r.output.max_shard_bytes);
   }
   json manifest = json::object();
+  // Layer by layer into one output: a part shared across layers is written once.
+  const model::OutputOptions out_opts{r.output.dtype, r.output.materialize, std::make_shared<model::SharedPartNames>()};
   std::map<std::string, model::ClassAccount> acc_after;
+  std::map<std::string, std::string> weight_class;  // encoded weight -> its tensor class
   auto release = [&](const core::Tensor& t) {
     for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
   };
@@ -424,6 +428,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   };
   auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
     model::account_into(acc_after, list);
+    for (const auto& o : list)
+      if (!o.weight.empty()) weight_class[o.weight] = o.cls;
     if (spill) {
       spill->write_group(list, release, checked);
       return;
@@ -514,7 +520,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       lr["dense"] = true;  // a dense MLP: no pass applies
       if (fwd) fwd->apply_layer(fwd->load_layer(l), X, T);
     }
-    write_outputs(model.layer_outputs(l, model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
+    write_outputs(model.layer_outputs(l, out_opts, &manifest));
     // The layer is on disk: drop its computed tensors and the mapped pages of its source weights,
     // the ones no output carried too (experts a pass read and dropped or merged), so memory stays
     // one layer.
@@ -555,10 +561,13 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       global_reports.push_back(gr);
     }
   }
-  write_outputs(model.global_outputs(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest));
+  write_outputs(model.global_outputs(out_opts, &manifest));
   uint64_t written_bytes = 0;
   size_t written_tensors = 0, written_shards = 0;
   if (spill) {
+    // Weights waiting for the checkpoint's sub-1-bit dictionary (pipeline/model_dictionary.h).
+    const json s1 = code_with_model_dictionary(*spill, manifest, weight_class, acc_after);
+    if (!s1.is_null()) summary["sub1bit"] = s1;
     written_bytes = spill->finish();
     written_tensors = spill->tensor_count();
     written_shards = spill->shard_count();
@@ -624,6 +633,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                               {"after", model::account_json(acc_after)}};
   if (acc_after.count("experts"))
     report["expert_bits_per_param"]["after"] = acc_after.at("experts").bits_per_param();
+  if (summary.contains("sub1bit")) report["sub1bit"] = summary["sub1bit"];
   report["recipe"] = r.json;
   report["passes"] = passes;
   report["layers"] = layer_reports;

@@ -21,16 +21,16 @@ SpillWriter::~SpillWriter() {
   }
 }
 
-void SpillWriter::write_group(const std::vector<model::OutTensor>& outs,
-                              const std::function<void(const core::Tensor&)>& written,
-                              const std::function<void(const core::Tensor&, const std::string&)>& check) {
+namespace {
+
+// Writes outs into `sub`/model.safetensors.
+void write_file(io::Env& env, const io::fs::path& sub, const std::vector<model::OutTensor>& outs,
+                const std::function<void(const core::Tensor&)>& written,
+                const std::function<void(const core::Tensor&, const std::string&)>& check) {
   std::vector<io::TensorSpec> plan;
   for (const auto& o : outs) plan.push_back({o.name, o.dtype, o.shape});
-  char name[32];
-  std::snprintf(name, sizeof name, "group-%06zu", files_.size());
-  const io::fs::path sub = spill_ / name;
-  env_.create_dirs(sub);
-  io::CheckpointWriter w(env_, sub, plan, UINT64_MAX);
+  env.create_dirs(sub);
+  io::CheckpointWriter w(env, sub, plan, UINT64_MAX);
   for (const auto& o : outs) {
     core::with_context("tensor " + o.name, [&] {
       core::Tensor t = o.make();
@@ -41,8 +41,33 @@ void SpillWriter::write_group(const std::vector<model::OutTensor>& outs,
     });
   }
   w.finish();
+}
+
+}  // namespace
+
+void SpillWriter::write_group(const std::vector<model::OutTensor>& outs,
+                              const std::function<void(const core::Tensor&)>& written,
+                              const std::function<void(const core::Tensor&, const std::string&)>& check) {
+  char name[32];
+  std::snprintf(name, sizeof name, "group-%06zu", files_.size());
+  const io::fs::path sub = spill_ / name;
+  write_file(env_, sub, outs, written, check);
   files_.push_back(sub / "model.safetensors");
   tensors_ += outs.size();
+}
+
+void SpillWriter::rewrite_group(size_t i, const std::vector<model::OutTensor>& outs) {
+  const io::fs::path old = files_.at(i).parent_path();
+  const io::fs::path sub = old.string() + "-r";
+  size_t before = 0;
+  {
+    const auto f = io::SafetensorsFile::open(env_, files_[i]);
+    before = f->header().tensors.size();
+  }
+  write_file(env_, sub, outs, nullptr, nullptr);
+  env_.remove_all(old);
+  files_[i] = sub / "model.safetensors";
+  tensors_ = tensors_ - before + outs.size();
 }
 
 uint64_t SpillWriter::finish() {

@@ -26,9 +26,15 @@ class SpillWriter {
   void write_group(const std::vector<model::OutTensor>& outs,
                    const std::function<void(const core::Tensor&)>& written = nullptr,
                    const std::function<void(const core::Tensor&, const std::string&)>& check = nullptr);
+  // The groups' temporary files, in order (readable with io::SafetensorsFile until finish()).
+  const std::vector<io::fs::path>& group_files() const { return files_; }
+  // Replaces group i by `outs` (made and written as write_group does; they may read the old
+  // file, which is removed once the new one is complete).
+  void rewrite_group(size_t i, const std::vector<model::OutTensor>& outs);
   // Assembles the shards; returns the tensor bytes written.
   uint64_t finish();
   size_t shard_count() const { return shards_; }
+  io::Env& env() const { return env_; }
   size_t tensor_count() const { return tensors_; }
 
  private:

@@ -21,8 +21,8 @@ const std::vector<EncodingInfo>& known_encodings() {
       {"intN", {"codes", "scales"}, {"zeros"},
        "W = scale * (q - zero) per group: q N-bit codes (N = 2, 3, 4, 8) packed LSB-first, f16 scales, u8 zero points"},
       {"ternary", {"codes", "scales"}, {}, "W = 0, lo or hi per group: trits packed 5 per byte, f16 levels"},
-      {"ternary-dict", {"codes", "offsets", "levels", "dictionary"}, {},
-       "W = 0, lo or hi per row: trit pairs coded by a shared Tunstall dictionary (sub-1-bit, QMoE), u16 codes, i32 row offsets, f16 levels"},
+      {"ternary-dict", {"codes", "counts", "levels", "dictionary"}, {},
+       "W = 0, lo or hi per row: trit pairs coded by a shared Tunstall dictionary (sub-1-bit, QMoE), u16 codes, u8/u16/u32 codes per row, f16 levels"},
   };
   return table;
 }
@@ -100,7 +100,7 @@ std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<s
     enc = std::make_shared<Ternary>(grid, int_param(entry, "group", 0), bool_param(entry, "symmetric"),
                                     int_param(entry, "cols", 0), part("codes").tensor, part("scales").tensor);
   } else if (name == "ternary-dict") {
-    enc = std::make_shared<TernaryDict>(int_param(entry, "cols", 0), part("codes").tensor, part("offsets").tensor,
+    enc = std::make_shared<TernaryDict>(int_param(entry, "cols", 0), part("codes").tensor, part("counts").tensor,
                                         part("levels").tensor, PairDictionary::from_part(part("dictionary").tensor));
   } else {  // fp8-block
     const json& blk = entry.contains("block") ? entry["block"] : json();

@@ -167,35 +167,45 @@ int64_t PairDictionary::encode(const uint8_t* s, int64_t n, std::vector<uint16_t
 // ---- the encoding ---------------------------------------------------------------------------
 
 namespace {
-int64_t rows_of(const std::shared_ptr<const core::Tensor>& offsets) {
-  return offsets && offsets->rank() == 1 && offsets->numel() >= 1 ? offsets->numel() - 1 : 0;
+bool counts_dtype(DType d) { return d == DType::U8 || d == DType::U16 || d == DType::U32; }
+int64_t rows_of(const std::shared_ptr<const core::Tensor>& counts) {
+  return counts && counts->rank() == 1 ? counts->numel() : 0;
 }
 int64_t pairs_of(int64_t cols) { return (cols + 1) / 2; }
+int64_t count_at(const core::Tensor& t, int64_t r) {
+  if (t.dtype() == DType::U8) return t.data()[r];
+  if (t.dtype() == DType::U16) return load<uint16_t>(t, r);
+  return load<uint32_t>(t, r);
+}
 }  // namespace
 
-int64_t TernaryDict::offset(int64_t r) const { return load<int32_t>(*offsets_, r); }
-
-TernaryDict::TernaryDict(int64_t cols, Part codes, Part offsets, Part levels, std::shared_ptr<const PairDictionary> dict)
-    : Encoding(rows_of(offsets), cols), codes_(std::move(codes)), offsets_(std::move(offsets)), levels_(std::move(levels)),
+TernaryDict::TernaryDict(int64_t cols, Part codes, Part counts, Part levels, std::shared_ptr<const PairDictionary> dict)
+    : Encoding(rows_of(counts), cols), codes_(std::move(codes)), counts_(std::move(counts)), levels_(std::move(levels)),
       dict_(std::move(dict)) {
   const std::string p = "ternary-dict: part ";
   if (cols < 0) throw Error::corruption("ternary-dict: cols: expected an integer >= 0, found " + std::to_string(cols));
   if (!dict_) throw Error::corruption(p + "\"dictionary\" missing");
   if (!plain(codes_, DType::U16) || codes_->rank() != 1)
     throw Error::corruption(p + "\"codes\": expected U16 [n], found " + found(codes_));
-  if (!plain(offsets_, DType::I32) || offsets_->rank() != 1 || offsets_->numel() < 1)
-    throw Error::corruption(p + "\"offsets\": expected I32 [rows + 1], found " + found(offsets_));
+  if (!counts_ || !counts_->valid() || counts_->encoding() || !counts_dtype(counts_->dtype()) || counts_->rank() != 1)
+    throw Error::corruption(p + "\"counts\": expected U8, U16 or U32 [rows], found " + found(counts_));
   const int64_t rows = this->rows(), n = codes_->numel();
   if (!plain(levels_, DType::F16) || levels_->shape() != core::Shape{rows, 2})
     throw Error::corruption(p + "\"levels\": expected F16 [" + std::to_string(rows) + ", 2], found " + found(levels_));
-  if (offset(0) != 0) throw Error::corruption(p + "\"offsets\": offsets[0] is " + std::to_string(offset(0)) + ", expected 0");
-  for (int64_t r = 0; r < rows; ++r)
-    if (offset(r + 1) < offset(r))
-      throw Error::corruption(p + "\"offsets\": out of order: offsets[" + std::to_string(r + 1) + "] = " +
-                              std::to_string(offset(r + 1)) + " < offsets[" + std::to_string(r) + "] = " + std::to_string(offset(r)));
-  if (offset(rows) != n)
-    throw Error::corruption(p + "\"offsets\": offsets[" + std::to_string(rows) + "] = " + std::to_string(offset(rows)) +
-                            ", but the code stream has " + std::to_string(n) + " codes");
+  if (n > static_cast<int64_t>(UINT32_MAX))
+    throw Error::corruption(p + "\"codes\": " + std::to_string(n) + " codes, more than 2^32 - 1 in one weight");
+  offsets_.assign(static_cast<size_t>(rows + 1), 0);
+  int64_t sum = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    sum += count_at(*counts_, r);
+    if (sum > n)
+      throw Error::corruption(p + "\"counts\": rows 0.." + std::to_string(r) + " count " + std::to_string(sum) +
+                              " codes, but the code stream has " + std::to_string(n));
+    offsets_[static_cast<size_t>(r + 1)] = static_cast<uint32_t>(sum);
+  }
+  if (sum != n)
+    throw Error::corruption(p + "\"counts\": the rows count " + std::to_string(sum) + " codes, but the code stream has " +
+                            std::to_string(n));
   const int64_t need = pairs_of(cols), size = dict_->size();
   const uint16_t* c = this->codes();
   for (int64_t r = 0; r < rows; ++r) {
@@ -226,21 +236,33 @@ std::shared_ptr<const TernaryDict> TernaryDict::code(const Ternary& t, std::shar
   const int64_t rows = t.rows(), cols = t.cols(), np = pairs_of(cols);
   std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0), sym(static_cast<size_t>(np));
   std::vector<uint16_t> codes;
-  std::vector<int32_t> off(static_cast<size_t>(rows + 1), 0);
+  std::vector<int64_t> count(static_cast<size_t>(rows), 0);
   std::vector<float> lv(static_cast<size_t>(2 * rows));
+  int64_t most = 0;
   for (int64_t r = 0; r < rows; ++r) {
     t.trits_row(r, tr.data());
     for (int64_t i = 0; i < np; ++i) sym[static_cast<size_t>(i)] = static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]);
-    dict->encode(sym.data(), np, &codes);
-    if (codes.size() > static_cast<size_t>(INT32_MAX)) throw Error::invalid("ternary-dict: more than 2^31 codes in one weight");
-    off[static_cast<size_t>(r + 1)] = static_cast<int32_t>(codes.size());
+    count[static_cast<size_t>(r)] = dict->encode(sym.data(), np, &codes);
+    most = std::max(most, count[static_cast<size_t>(r)]);
+    if (codes.size() > static_cast<size_t>(UINT32_MAX)) throw Error::invalid("ternary-dict: more than 2^32 codes in one weight");
     lv[static_cast<size_t>(2 * r)] = t.lo(r, 0);
     lv[static_cast<size_t>(2 * r + 1)] = t.hi(r, 0);
   }
   auto c = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::U16, {static_cast<int64_t>(codes.size())}));
   if (!codes.empty()) std::memcpy(c->mutable_data(), codes.data(), codes.size() * 2);
-  auto o = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::I32, {rows + 1}));
-  std::memcpy(o->mutable_data(), off.data(), off.size() * 4);
+  // Counts in the narrowest unsigned type that holds the largest.
+  const DType cd = most <= UINT8_MAX ? DType::U8 : most <= UINT16_MAX ? DType::U16 : DType::U32;
+  auto o = std::make_shared<core::Tensor>(core::Tensor::zeros(cd, {rows}));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t v = static_cast<uint32_t>(count[static_cast<size_t>(r)]);
+    if (cd == DType::U8) o->mutable_data()[r] = static_cast<uint8_t>(v);
+    else if (cd == DType::U16) {
+      const uint16_t h = static_cast<uint16_t>(v);
+      std::memcpy(o->mutable_data() + 2 * r, &h, 2);
+    } else {
+      std::memcpy(o->mutable_data() + 4 * r, &v, 4);
+    }
+  }
   auto l = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::F16, {rows, 2}));
   core::from_f32(DType::F16, lv.data(), l->mutable_data(), lv.size());
   return std::make_shared<const TernaryDict>(cols, c, o, l, std::move(dict));
@@ -248,7 +270,7 @@ std::shared_ptr<const TernaryDict> TernaryDict::code(const Ternary& t, std::shar
 
 std::vector<core::EncodedPart> TernaryDict::parts() const {
   return {{"codes", ".codes", codes_, false},
-          {"offsets", ".offsets", offsets_, false},
+          {"counts", ".counts", counts_, false},
           {"levels", ".levels", levels_, false},
           {"dictionary", ".dict", dict_->part(), true}};
 }
@@ -292,12 +314,8 @@ std::shared_ptr<const core::Encoding> TernaryDict::slice_rows(int64_t r0, int64_
   check_rows(r0, r1);
   const int64_t b = offset(r0), e = offset(r1);
   auto c = std::make_shared<const core::Tensor>(codes_->slice0(b, e));
-  auto o = std::make_shared<core::Tensor>(core::Tensor::zeros(DType::I32, {r1 - r0 + 1}));
-  for (int64_t r = r0; r <= r1; ++r) {
-    const int32_t v = static_cast<int32_t>(offset(r) - b);
-    std::memcpy(o->mutable_data() + 4 * (r - r0), &v, 4);
-  }
-  return std::make_shared<TernaryDict>(cols(), c, o, std::make_shared<const core::Tensor>(levels_->slice0(r0, r1)), dict_);
+  return std::make_shared<TernaryDict>(cols(), c, std::make_shared<const core::Tensor>(counts_->slice0(r0, r1)),
+                                       std::make_shared<const core::Tensor>(levels_->slice0(r0, r1)), dict_);
 }
 
 // ---- coding a layer -------------------------------------------------------------------------
@@ -313,7 +331,54 @@ void add_pair_stats(const Ternary& t, PairStats* s) {
   }
 }
 
-bool part_shapes_depend_on_values(const core::Encoding& e) { return dynamic_cast<const TernaryDict*>(&e) != nullptr; }
+bool part_shapes_depend_on_values(const core::Encoding& e) {
+  return dynamic_cast<const TernaryDict*>(&e) != nullptr || dynamic_cast<const TernaryDictPending*>(&e) != nullptr;
+}
+
+TernaryDictPending::TernaryDictPending(std::shared_ptr<const Ternary> t) : Encoding(t->rows(), t->cols()), t_(std::move(t)) {
+  if (t_->ngroups() != 1)
+    throw Error::invalid("ternary-dict: codes one group per row, the weight has " + std::to_string(t_->ngroups()));
+}
+
+nlohmann::json TernaryDictPending::params() const {
+  nlohmann::json p = t_->params();
+  p["dictionary"] = "model";
+  return p;
+}
+
+bool TernaryDictPending::marked(const nlohmann::json& entry) {
+  return entry.is_object() && entry.value("encoding", "") == "ternary" && entry.contains("dictionary") &&
+         entry["dictionary"] == "model";
+}
+
+std::shared_ptr<const core::Encoding> TernaryDictPending::slice_rows(int64_t r0, int64_t r1) const {
+  auto s = std::dynamic_pointer_cast<const Ternary>(t_->slice_rows(r0, r1));
+  if (!s) throw Error::internal("ternary-dict: a row slice of a ternary weight is not ternary");
+  return std::make_shared<const TernaryDictPending>(s);
+}
+
+std::vector<std::shared_ptr<const PairDictionary>> dictionary_candidates(const PairStats& stats, int64_t max_codewords) {
+  std::vector<std::shared_ptr<const PairDictionary>> out;
+  for (int64_t size = std::min<int64_t>(256, max_codewords);; size = std::min(2 * size, max_codewords)) {
+    out.push_back(PairDictionary::tunstall(stats.counts, size));
+    if (size >= max_codewords) break;
+  }
+  return out;
+}
+
+int64_t count_codes(const Ternary& t, const PairDictionary& d) {
+  if (t.ngroups() != 1)
+    throw Error::invalid("ternary-dict: codes one group per row, a weight has " + std::to_string(t.ngroups()));
+  const int64_t np = pairs_of(t.cols());
+  std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0), sym(static_cast<size_t>(np));
+  int64_t n = 0;
+  for (int64_t r = 0; r < t.rows(); ++r) {
+    t.trits_row(r, tr.data());
+    for (int64_t i = 0; i < np; ++i) sym[static_cast<size_t>(i)] = static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]);
+    n += d.encode(sym.data(), np, nullptr);
+  }
+  return n;
+}
 
 int64_t own_bits(const TernaryDict& w) {
   int64_t b = 0;
@@ -324,32 +389,17 @@ int64_t own_bits(const TernaryDict& w) {
 
 DictCoded dict_code(const std::vector<const Ternary*>& weights, int64_t max_codewords) {
   DictCoded out;
-  // Every row's symbols, rows one after another (row boundaries: row_end).
-  std::vector<uint8_t> sym;
-  std::vector<int64_t> row_end;
   for (const Ternary* t : weights) {
     if (t->ngroups() != 1)
       throw Error::invalid("ternary-dict: codes one group per row, a weight has " + std::to_string(t->ngroups()));
     add_pair_stats(*t, &out.stats);
-    const int64_t np = pairs_of(t->cols());
-    std::vector<uint8_t> tr(static_cast<size_t>(2 * np), 0);
-    for (int64_t r = 0; r < t->rows(); ++r) {
-      t->trits_row(r, tr.data());
-      for (int64_t i = 0; i < np; ++i) sym.push_back(static_cast<uint8_t>(tr[2 * i] + 3 * tr[2 * i + 1]));
-      row_end.push_back(static_cast<int64_t>(sym.size()));
-    }
   }
   int64_t best_bits = -1;
-  for (int64_t size = std::min<int64_t>(256, max_codewords);; size = std::min(2 * size, max_codewords)) {
-    auto d = PairDictionary::tunstall(out.stats.counts, size);
-    int64_t codes = 0, b = 0;
-    for (int64_t e : row_end) {
-      codes += d->encode(sym.data() + b, e - b, nullptr);
-      b = e;
-    }
+  for (const auto& d : dictionary_candidates(out.stats, max_codewords)) {
+    int64_t codes = 0;
+    for (const Ternary* t : weights) codes += count_codes(*t, *d);
     const int64_t bits = 16 * codes + dictionary_bits(*d);
     if (best_bits < 0 || bits < best_bits) best_bits = bits, out.dict = d, out.codes = codes;
-    if (size >= max_codewords) break;
   }
   for (const Ternary* t : weights) out.weights.push_back(TernaryDict::code(*t, out.dict));
   return out;

@@ -2,8 +2,8 @@
 // decoded as a checkpoint's config entry and parts are (quant::decode), then, when accepted,
 // dequantized whole, trit by trit and as a row slice. Layout of an input (little endian; missing
 // bytes read as 0): u8 rows (mod 16), u8 cols (mod 64), u16 dictionary entries K (mod 512), u16
-// codes n (mod 1024), then K u16 dictionary entries, rows + 1 i32 offsets, n u16 codes and
-// rows·2 f16 levels. Errors must be moe::core::Error; a crash, a read out of bounds (ASan), UB or
+// codes n (mod 1024), u8 counts type (mod 4: U8, U16, U32, or I32, which must be refused), then
+// K u16 dictionary entries, rows counts, n u16 codes and rows·2 f16 levels. Errors must be moe::core::Error; a crash, a read out of bounds (ASan), UB or
 // another exception type is a bug.
 #include <cstddef>
 #include <cstdint>
@@ -41,9 +41,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Reader r{data, size};
   const int64_t rows = r.byte() % 16, cols = r.byte() % 64;
   const int64_t K = (r.byte() | (r.byte() << 8)) % 512, n = (r.byte() | (r.byte() << 8)) % 1024;
+  const DType counts[] = {DType::U8, DType::U16, DType::U32, DType::I32};
+  const DType ct = counts[r.byte() % 4];
   std::map<std::string, moe::quant::StoredPart> parts;
   parts["dictionary"] = {part(r, DType::U16, {K}), true};
-  parts["offsets"] = {part(r, DType::I32, {rows + 1}), false};
+  parts["counts"] = {part(r, ct, {rows}), false};
   parts["codes"] = {part(r, DType::U16, {n}), false};
   parts["levels"] = {part(r, DType::F16, {rows, 2}), false};
   try {
@@ -51,7 +53,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<float> w(static_cast<size_t>(rows * cols));
     enc->dequantize_rows(0, rows, w.data());
     const auto* td = dynamic_cast<const moe::quant::TernaryDict*>(enc.get());
-    if (!td) std::abort();
+    if (!td || ct == DType::I32) std::abort();
     std::vector<uint8_t> t(static_cast<size_t>(cols));
     for (int64_t i = 0; i < rows; ++i) {
       td->trits_row(i, t.data());

@@ -72,16 +72,23 @@ def main():
     for name, data in broken.items():
         with open(os.path.join(CF, name), "wb") as f:
             f.write(data)
-    # fuzz_ternary_dict: rows, cols, K, n, then the dictionary, offsets, codes and f16 levels.
+    # fuzz_ternary_dict: rows, cols, K, n, counts type (0 U8, 1 U16, 2 U32, 3 I32), then the
+    # dictionary, the rows' code counts, codes and f16 levels.
     td = {
         # one row of two trits coded by one codeword (symbol 4: lo, lo) of the root's 9
-        "valid-one-row": struct.pack("<BBHH", 1, 2, 1, 1) + struct.pack("<H", 0) + struct.pack("<ii", 0, 1)
+        "valid-one-row": struct.pack("<BBHHB", 1, 2, 1, 1, 0) + struct.pack("<H", 0) + struct.pack("<B", 1)
         + struct.pack("<H", 4) + struct.pack("<ee", -1.0, 1.0),
-        # two rows of five trits, the root and codeword 0 (symbol 0 = two zeros) expanded
-        "valid-two-rows": struct.pack("<BBHH", 2, 5, 2, 5) + struct.pack("<HH", 0, 1) + struct.pack("<iii", 0, 2, 5)
+        # two rows of five trits, the root and codeword 0 (symbol 0 = two zeros) expanded; u16 counts
+        "valid-two-rows": struct.pack("<BBHHB", 2, 5, 2, 5, 1) + struct.pack("<HH", 0, 1) + struct.pack("<HH", 2, 3)
         + struct.pack("<HHHHH", 9, 2, 1, 3, 0) + struct.pack("<eeee", -0.5, 0.25, -2.0, 3.0),
-        "bad-beyond-dictionary": struct.pack("<BBHH", 1, 2, 1, 1) + struct.pack("<H", 0) + struct.pack("<ii", 0, 1)
+        "valid-u32-counts": struct.pack("<BBHHB", 1, 2, 1, 1, 2) + struct.pack("<H", 0) + struct.pack("<I", 1)
+        + struct.pack("<H", 4) + struct.pack("<ee", -1.0, 1.0),
+        "bad-beyond-dictionary": struct.pack("<BBHHB", 1, 2, 1, 1, 0) + struct.pack("<H", 0) + struct.pack("<B", 1)
         + struct.pack("<H", 9) + struct.pack("<ee", -1.0, 1.0),
+        "bad-signed-counts": struct.pack("<BBHHB", 1, 2, 1, 1, 3) + struct.pack("<H", 0) + struct.pack("<i", 1)
+        + struct.pack("<H", 4) + struct.pack("<ee", -1.0, 1.0),
+        "bad-counts-past-stream": struct.pack("<BBHHB", 1, 2, 1, 1, 0) + struct.pack("<H", 0) + struct.pack("<B", 2)
+        + struct.pack("<H", 4) + struct.pack("<ee", -1.0, 1.0),
     }
     os.makedirs(TD, exist_ok=True)
     for name, data in td.items():

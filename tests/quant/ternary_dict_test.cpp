@@ -120,6 +120,21 @@ void expect_same(const Ternary& t, const TernaryDict& d) {
   EXPECT_EQ(x, y);
 }
 
+TEST(TernaryDict, RowCountsTakeTheNarrowestUnsignedType) {
+  // 9 codewords (one pair each): a row of 2·c trits takes c codes.
+  for (const auto& [cols, dtype] : {std::pair{510, core::DType::U8}, {512, core::DType::U16}}) {
+    const auto t = random_ternary(3, cols, 0.8, 5);
+    const DictCoded dc = dict_code({t.get()}, 9);
+    for (const auto& p : dc.weights[0]->parts())
+      if (p.role == "counts") {
+        EXPECT_EQ(p.tensor->dtype(), dtype) << cols;
+      }
+    expect_same(*t, *dc.weights[0]);
+    const auto s = dc.weights[0]->slice_rows(1, 3);
+    expect_same(*std::dynamic_pointer_cast<const Ternary>(t->slice_rows(1, 3)), dynamic_cast<const TernaryDict&>(*s));
+  }
+}
+
 TEST(TernaryDict, OddRowsSlicesAndEmptyRowsRoundTrip) {
   for (int64_t cols : {1, 7, 64, 129}) {
     const auto t = random_ternary(9, cols, 0.8, static_cast<uint64_t>(cols));
@@ -168,7 +183,7 @@ TEST(TernaryDict, EveryExpertTensorOfMixtralTinyDecodesToItsTernaryCodes) {
 
 // The parts of a small coded weight, to be broken one at a time.
 struct Parts {
-  Part codes, offsets, levels, dict;
+  Part codes, counts, levels, dict;
   int64_t cols;
 };
 
@@ -178,7 +193,7 @@ Parts small_parts() {
   Parts p;
   for (const auto& part : dc.weights[0]->parts()) {
     if (part.role == "codes") p.codes = part.tensor;
-    if (part.role == "offsets") p.offsets = part.tensor;
+    if (part.role == "counts") p.counts = part.tensor;
     if (part.role == "levels") p.levels = part.tensor;
     if (part.role == "dictionary") p.dict = part.tensor;
   }
@@ -189,7 +204,9 @@ Parts small_parts() {
 Part edited(const Part& t, int64_t i, int64_t v) {
   auto c = std::make_shared<core::Tensor>(core::Tensor::zeros(t->dtype(), t->shape()));
   std::memcpy(c->mutable_data(), t->data(), t->nbytes());
-  if (t->dtype() == core::DType::U16) {
+  if (t->dtype() == core::DType::U8) {
+    c->mutable_data()[i] = static_cast<uint8_t>(v);
+  } else if (t->dtype() == core::DType::U16) {
     const uint16_t x = static_cast<uint16_t>(v);
     std::memcpy(c->mutable_data() + 2 * i, &x, 2);
   } else {
@@ -201,7 +218,7 @@ Part edited(const Part& t, int64_t i, int64_t v) {
 
 std::string decode_error(const Parts& p) {
   std::map<std::string, StoredPart> parts = {
-      {"codes", {p.codes, false}}, {"offsets", {p.offsets, false}}, {"levels", {p.levels, false}}, {"dictionary", {p.dict, true}}};
+      {"codes", {p.codes, false}}, {"counts", {p.counts, false}}, {"levels", {p.levels, false}}, {"dictionary", {p.dict, true}}};
   try {
     decode({{"encoding", "ternary-dict"}, {"cols", p.cols}}, parts);
   } catch (const core::Error& e) {
@@ -217,36 +234,33 @@ TEST(TernaryDict, DecoderRefusesBrokenPartsNamingThePart) {
   auto has = [](const std::string& msg, const std::string& want) {
     EXPECT_NE(msg.find(want), std::string::npos) << "message: " << msg << "\nwanted: " << want;
   };
-  const int64_t rows = ok.offsets->numel() - 1;
-  auto off = [&](int64_t r) {
-    int32_t v;
-    std::memcpy(&v, ok.offsets->data() + 4 * r, 4);
-    return v;
-  };
+  ASSERT_EQ(ok.counts->dtype(), core::DType::U8);  // rows of 17 pairs: the narrowest type
+  const int64_t rows = ok.counts->numel();
+  auto cnt = [&](int64_t r) { return static_cast<int64_t>(ok.counts->data()[r]); };
   {  // A row's codes running past its row: the first code of row 1 moved into row 0.
     Parts p = ok;
-    p.offsets = edited(ok.offsets, 1, off(1) + 1);
+    p.counts = edited(edited(ok.counts, 0, cnt(0) + 1), 1, cnt(1) - 1);
     has(decode_error(p), "part \"codes\": row 0 runs past its end");
   }
-  {  // A row left short.
+  {  // A row left short (its last code counted with the next row).
     Parts p = ok;
-    p.offsets = edited(ok.offsets, 1, off(1) - 1);
-    has(decode_error(p), "part \"codes\": row ");
+    p.counts = edited(edited(ok.counts, 0, cnt(0) - 1), 1, cnt(1) + 1);
+    has(decode_error(p), "part \"codes\": row 0 decodes to ");
   }
-  {  // Offsets out of order.
+  {  // Counts summing past the stream.
     Parts p = ok;
-    p.offsets = edited(ok.offsets, 2, off(1) - 1);
-    has(decode_error(p), "part \"offsets\": out of order");
+    p.counts = edited(ok.counts, rows - 1, cnt(rows - 1) + 5);
+    has(decode_error(p), "part \"counts\": rows 0..3 count");
   }
-  {  // Offsets past the stream.
+  {  // Counts summing short of the stream.
     Parts p = ok;
-    p.offsets = edited(ok.offsets, rows, off(rows) + 5);
-    has(decode_error(p), "part \"offsets\": offsets[4]");
+    p.counts = edited(ok.counts, rows - 1, cnt(rows - 1) - 1);
+    has(decode_error(p), "part \"counts\": the rows count");
   }
-  {  // Offsets not starting at 0.
+  {  // A signed or float count type.
     Parts p = ok;
-    p.offsets = edited(ok.offsets, 0, 1);
-    has(decode_error(p), "part \"offsets\": offsets[0] is 1");
+    p.counts = ok.levels;
+    has(decode_error(p), "part \"counts\": expected U8, U16 or U32 [rows]");
   }
   {  // A codeword id beyond the dictionary.
     Parts p = ok;
@@ -272,7 +286,7 @@ TEST(TernaryDict, DecoderRefusesBrokenPartsNamingThePart) {
   }
   {  // Wrong dtypes and shapes.
     Parts p = ok;
-    p.codes = ok.offsets;
+    p.codes = ok.counts;
     has(decode_error(p), "part \"codes\": expected U16");
     p = ok;
     p.levels = ok.codes;
