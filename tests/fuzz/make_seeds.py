@@ -122,6 +122,14 @@ def main():
         "bad-w3-not-listed": qc({w1: lr(w1)}),
         "bad-fp8": qc({w1: {"encoding": "fp8-block", "block": [128, 128], "parts": {"codes": w1, "scale": w1 + "_scale_inv"}},
                        w3: lr(w3, base=True)}),
+        # ragged per-layer expert counts and the keep-map (prune --no-uniform), novices (prune --novices)
+        "ragged-counts": dict(qc(valid), experts_per_layer=[4, 3], keep_map=[[0, 1, 2, 3], [0, 2, 3]]),
+        "bad-ragged-length": dict(qc(valid), experts_per_layer=[4]),
+        "bad-ragged-type": dict(qc(valid), experts_per_layer=["4", -1]),
+        "novice-missing-part": qc(dict(valid, **{"model.layers.1.block_sparse_moe.experts.1.w2.weight": {
+            "encoding": "novice", "parts": {"value": "model.layers.1.block_sparse_moe.experts.1.w2.weight.novice"}}})),
+        "bad-novice-extra-part": qc(dict(valid, **{"model.layers.1.block_sparse_moe.experts.1.w2.weight": {
+            "encoding": "novice", "parts": {"value": w1 + ".lr_a", "other": w1 + ".lr_b"}}})),
     }
     os.makedirs(NC, exist_ok=True)
     for name, obj in nc.items():
