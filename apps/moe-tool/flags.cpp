@@ -1,5 +1,7 @@
 #include "flags.h"
 
+#include <cmath>
+
 #include "core/error.h"
 
 namespace moe::app {
@@ -67,7 +69,8 @@ nlohmann::json KeyFlags::value(const std::string& path) const {
       } catch (...) {
         used = 0;
       }
-      if (used == 0 || used != s.text.size()) throw Error::invalid(flag + ": expected a number, found '" + s.text + "'");
+      if (used == 0 || used != s.text.size() || !std::isfinite(v))
+        throw Error::invalid(flag + ": expected a finite number, found '" + s.text + "'");
       return v;
     }
   }

@@ -67,6 +67,7 @@ class Factorize final : public pipeline::Pass {
     const auto rank = o.opt_int("rank", 1, int64_t{1} << 40);
     const auto energy = o.opt_number("energy", 0, 1, true);
     const auto budget = o.opt_number("budget", 0, 1, true);
+    budget_key_ = o.key_path("budget");
     // Method-specific keys are read (and so allowed) only for their methods: elsewhere they are
     // unknown keys, with the method's allowed list.
     if (method_ == Method::Asvd) alpha_ = o.get_number("alpha", 0.5, 0, 10);
@@ -187,7 +188,8 @@ class Factorize final : public pipeline::Pass {
 
   void finish_plan(json& rep) override {
     const int64_t budget = static_cast<int64_t>(std::floor(value_ * static_cast<double>(plan_dense_))) - plan_fixed_;
-    const std::vector<int> ranks = lowrank::allocate_ranks(plan_items_, budget);
+    const std::vector<int> ranks =
+        core::with_context(budget_key_, [&] { return lowrank::allocate_ranks(plan_items_, budget); });
     json list = json::array();
     for (const auto& pl : plan_layers_) {
       std::vector<int>& r = planned_[pl.layer];
@@ -523,7 +525,8 @@ class Factorize final : public pipeline::Pass {
     std::vector<GroupDec> gdec;
     const LayerItems li = layer_items(singles, grouped, &sdec, &gdec);
     const int64_t budget = static_cast<int64_t>(std::floor(value_ * static_cast<double>(li.dense))) - li.fixed;
-    const std::vector<int> ranks = lowrank::allocate_ranks(li.items, budget);
+    const std::vector<int> ranks =
+        core::with_context(budget_key_, [&] { return lowrank::allocate_ranks(li.items, budget); });
     rep["budget"] = {{"scope", "layer"}, {"params", budget + li.fixed}, {"dense_params", li.dense},
                      {"allocated_params", lowrank::allocation_params(li.items, ranks) + li.fixed},
                      {"weighted_loss", lowrank::allocation_loss(li.items, ranks)}};
@@ -570,6 +573,7 @@ class Factorize final : public pipeline::Pass {
     return s;
   }
   std::string method_name_;
+  std::string budget_key_;  // "budget" as the user wrote it (JSON path; the CLI shows --budget)
   Method method_;
   Rule rule_ = Rule::Ratio;
   double value_ = 0;

@@ -510,6 +510,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
         lr["experts_before"] = counts.front()[static_cast<size_t>(l)];
         lr["experts_after"] = layer.moe->num_experts();
         lr["origin"] = compose_origin(counts.front()[static_cast<size_t>(l)], layer.moe->num_experts(), pass_reports);
+      } else {
+        lr["dense"] = true;  // a dense MLP a pass ran on (quantize, factorize --targets dense)
       }
       if (fwd && r.calibration.propagate) {
         X = std::move(X_in);

@@ -5,6 +5,19 @@
 
 namespace moe::runtime {
 
+namespace {
+
+// What name_non_finite matches an output against: the tensor's bytes, or for an encoded weight the
+// bytes of its first part of its own (a shared part, such as a dictionary, names its first user).
+const uint8_t* identity(const core::Tensor& src) {
+  if (src.data() || !src.encoding()) return src.data();
+  for (const auto& p : src.encoding()->parts())
+    if (!p.shared && p.tensor) return p.tensor->data();
+  return nullptr;
+}
+
+}  // namespace
+
 void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& src) {
   // Sum first (vectorises; NaN and Inf propagate), then find the index only when needed.
   float acc = 0.0f;
@@ -17,7 +30,7 @@ void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& s
       where += " (row " + std::to_string(i / cols) + ", column " + std::to_string(i % cols) + ")";
     throw NonFiniteError(std::string("non-finite value ") + (std::isnan(v[i]) ? "nan" : v[i] > 0 ? "inf" : "-inf") +
                              " at " + where + " of " + core::shape_str(src.shape()),
-                         src.data());
+                         identity(src));
   }
 }
 
@@ -28,7 +41,8 @@ void name_non_finite(const model::Model& m, int layer, NonFiniteError& e) {
       if (o.sources.size() != 1) continue;
       if (o.make().data() != e.source()) continue;
       const std::string dir = std::filesystem::path(m.config().source()).parent_path().string();
-      e.with_frame((dir.empty() ? std::string() : dir + ": ") + "tensor " + o.name);
+      // A part of an encoded weight names the weight (its parts are decoded together).
+      e.with_frame((dir.empty() ? std::string() : dir + ": ") + "tensor " + (o.weight.empty() ? o.name : o.weight));
       return;
     }
   } catch (const core::Error&) {

@@ -87,6 +87,12 @@ TEST_F(Field, DenseLayersQwen2MoeEveryCommand) {
   expect_ok(r);
   EXPECT_TRUE(contains(r.out, "L0 dense  L1 4->2  L2 4->2")) << r.out;
 
+  // quantize runs on the dense MLP too (a pass that is not MoE-only): the summary still renders.
+  r = run_tool({"-q", "quantize", in.string(), (tmp / "q4").string(), "--method", "rtn", "--codec", "int4"});
+  expect_ok(r);
+  EXPECT_TRUE(contains(r.out, "L0 dense  L1 4->4  L2 4->4")) << r.out;
+  EXPECT_EQ(read_json(tmp / "q4" / "moe_tool_report.json").at("layers")[0].at("dense"), true);
+
   const fs::path recipe = tmp / "recipe.json";
   write_file(recipe, json{{"model", in.string()},
                           {"calibration", {{"text", kCalib}, {"ctx", 32}, {"windows", 4}}},

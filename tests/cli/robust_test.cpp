@@ -430,6 +430,8 @@ TEST_F(Robust, MessagesNameWhatTheUserTyped) {
                     {"--router: unknown value \"best\""});
   expect_user_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep", "6", "--ctx", "x"}),
                     {"--ctx: expected an integer, found 'x'"});
+  expect_user_error(run_tool({"factorize", kModel.string(), out, "--method", "svd", "--budget", "nan"}),
+                    {"--budget: expected a finite number, found 'nan'"});
   // Small ones.
   expect_user_error(run_tool({"stats"}), {"stats: give a subcommand: show or plot"});
   expect_user_error(run_tool({"stats", "show", clean_stats().string(), "--layer", "-1"}),

@@ -270,6 +270,11 @@ TEST(Sub1bit, BadInputFailsCleanly) {
   const RunResult e2 = run_tool({"convert", counts.string(), (tmp / "o-dense").string(), "--materialize"});
   expect_clean_failure(e2, "part \"counts\": rows 0..");
   EXPECT_NE(e2.err.find(kExpert), std::string::npos) << e2.describe();
+  // A NaN row level: the forward refuses it, naming the file and the encoded weight (not a part).
+  const fs::path nan_level = broken("nan-level", ".levels", 0, std::string("\x00\x7e", 2));  // f16 NaN
+  const RunResult e3 = run_tool({"eval", nan_level.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"});
+  expect_clean_failure(e3, "non-finite value nan");
+  EXPECT_NE(e3.err.find(nan_level.string() + ": tensor " + kExpert + ":"), std::string::npos) << e3.describe();
   // A layer's dictionary is stored under its first user's name, the model's under its own; entry
   // 1 naming a codeword not created yet.
   for (const auto& [scope, tensor] : {std::pair<std::string, std::string>{"layer", "model.layers.2.block_sparse_moe.experts.0.w1.weight.dict"},
