@@ -30,13 +30,13 @@ core::Tensor to_tensor(const MatrixRM& m, core::DType dtype) {
   return core::Tensor::from_f32(v, {m.rows(), m.cols()}).converted(dtype);
 }
 
-core::Tensor to_tensor_like(const MatrixRM& m, const core::Tensor& like) {
+core::Tensor to_tensor_like(const MatrixRM& m, const core::Tensor& like, core::DType dense_dtype) {
   const auto* b = dynamic_cast<const core::Fp8Block*>(like.encoding());
   if (b) return core::Tensor::quantize_fp8_blocks(std::vector<float>(m.data(), m.data() + m.size()), m.rows(), m.cols(),
                                                   b->block_rows(), b->block_cols());
   const core::DType d = like.dtype();
   const bool plain_float = d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16;
-  return to_tensor(m, plain_float ? d : core::DType::F32);
+  return to_tensor(m, plain_float && !like.encoding() ? d : dense_dtype);
 }
 
 core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype) {

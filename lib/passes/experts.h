@@ -22,8 +22,9 @@ core::Tensor take_rows(const core::Tensor& t, const std::vector<int>& rows);
 core::Tensor to_tensor(const MatrixRM& m, core::DType dtype);
 // An f32 weight stored like `like`: its dtype, or for a block-scaled FP8 weight FP8 codes with
 // new block scales of the same block size (core::Tensor::quantize_fp8_blocks); a weight of any
-// other encoding (low-rank, ...) gives a dense tensor of its float dtype (F32 for codes).
-core::Tensor to_tensor_like(const MatrixRM& m, const core::Tensor& like);
+// other encoding (low-rank, integer or ternary codes, ...) gives a dense tensor of `dense_dtype`
+// (the model's materialize dtype, model::Model::materialize_dtype()).
+core::Tensor to_tensor_like(const MatrixRM& m, const core::Tensor& like, core::DType dense_dtype);
 // A vector result stored as `dtype`, shape [n].
 core::Tensor to_tensor(const std::vector<float>& v, core::DType dtype);
 

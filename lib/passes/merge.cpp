@@ -123,6 +123,7 @@ class MergePass final : public pipeline::Pass {
 
   std::string name() const override { return "merge"; }
   std::string method() const override { return method_name_; }
+  bool densifies_experts() const override { return true; }
 
   json params() const override {
     json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_}};
@@ -267,12 +268,13 @@ class MergePass final : public pipeline::Pass {
       bias = to_tensor(b, block.router_bias->dtype());
     }
 
-    // 4. Back into the block, in the checkpoint's dtypes.
+    // 4. Back into the block, in the checkpoint's dtypes (encoded members: the materialize dtype).
+    const core::DType dense = ctx.model.materialize_dtype();
     std::vector<model::Mlp> experts;
     for (size_t g = 0; g < groups.size(); ++g) {
       const model::Mlp& like = block.experts[dominant[g]];
-      experts.push_back({to_tensor_like(merged[g].gate, like.gate), to_tensor_like(merged[g].up, like.up),
-                         to_tensor_like(merged[g].down, like.down)});
+      experts.push_back({to_tensor_like(merged[g].gate, like.gate, dense), to_tensor_like(merged[g].up, like.up, dense),
+                         to_tensor_like(merged[g].down, like.down, dense)});
     }
     block.router = to_tensor(router, block.router.dtype());
     block.router_bias = bias;
@@ -308,11 +310,12 @@ class MergePass final : public pipeline::Pass {
       return dern_recombine(w.experts, kept, dropped, importance, threshold_);
     });
 
+    const core::DType dense = ctx.model.materialize_dtype();
     std::vector<model::Mlp> experts;
     for (int k = 0; k < n; ++k) {
       const model::Mlp& like = block.experts[kept[k]];
-      experts.push_back({to_tensor_like(res.experts[k].gate, like.gate), to_tensor_like(res.experts[k].up, like.up),
-                         to_tensor_like(res.experts[k].down, like.down)});
+      experts.push_back({to_tensor_like(res.experts[k].gate, like.gate, dense), to_tensor_like(res.experts[k].up, like.up, dense),
+                         to_tensor_like(res.experts[k].down, like.down, dense)});
     }
     MatrixRM router(n, w.router.cols());
     for (int k = 0; k < n; ++k) router.row(k) = w.router.row(kept[k]);

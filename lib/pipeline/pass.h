@@ -96,6 +96,10 @@ class Pass {
   // energy or budget, codes): the runner then writes through spill files (pipeline/spill_writer.h)
   // and a dry run cannot tell the bytes after.
   virtual bool shapes_at_run() const { return false; }
+  // Whether run_layer replaces the experts' weights by dense tensors computed from them (merge):
+  // on an input whose experts are encoded (low-rank, integer codes) the output then differs from
+  // the input's encodings, so the runner writes through spill files too.
+  virtual bool densifies_experts() const { return false; }
   // Changes the model's globals (embeddings, lm_head) after every layer ran, before they are
   // written; `report` is the pass's entry under "globals" in moe_tool_report.json. Default: nothing.
   virtual void run_globals(model::Model& /*model*/, nlohmann::json& /*report*/) {}

@@ -11,6 +11,7 @@
 #include "calib/stats.h"
 #include "calib/stats_observer.h"
 #include "core/error.h"
+#include "core/fp8_block.h"
 #include "core/progress.h"
 #include "eval/eval.h"
 #include "io/checkpoint_writer.h"
@@ -344,11 +345,21 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["layers"] = layers;
   summary["params"] = {{"before", original.total_params()}, {"after", planned.total_params()},
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
-  bool shapes_at_run = false, moe_only = true;
+  bool shapes_at_run = false, moe_only = true, densifies = false;
   for (const auto& p : r.passes) {
     shapes_at_run = shapes_at_run || p->shapes_at_run();
     moe_only = moe_only && p->moe_layers_only();
+    densifies = densifies || p->densifies_experts();
   }
+  // A pass that writes encoded experts dense (merge of a factorized or quantized checkpoint)
+  // leaves tensors the input's encodings do not describe: written through spill files too. A
+  // block-scaled FP8 expert stays FP8 of the same shape (passes/experts.h to_tensor_like).
+  if (densifies)
+    for (const auto& l : model.layers())
+      if (l.moe)
+        for (const auto& e : l.moe->experts)
+          for (const core::Tensor* t : {&e.gate, &e.up, &e.down})
+            shapes_at_run = shapes_at_run || (t->encoding() && !dynamic_cast<const core::Fp8Block*>(t->encoding()));
   // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
   // from the input's positions once a pass moves experts: written through spill files too.
   for (const auto& l : model.layers())
