@@ -277,6 +277,8 @@ class PrunePass final : public pipeline::Pass {
   bool makes_novices() const override { return novices_; }
   // Which experts become novices is known only when the layer runs: written through spill files.
   bool shapes_at_run() const override { return novices_; }
+  // Ragged counts come from the plan over all layers' statistics; novices from the run.
+  bool counts_at_run() const override { return novices_ || (keep_ratio_ && !uniform_); }
   std::string native_only() const override {
     if (novices_) return "novices: stock loaders cannot express a constant expert";
     if (keep_ratio_ && !uniform_)
