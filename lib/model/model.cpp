@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <set>
 
 #include "core/error.h"
@@ -82,6 +83,81 @@ const nlohmann::json* native_weights(const Config& c) {
   return &q.at("weights");
 }
 
+// quantization_config.input_experts_per_layer and keep_map of a ragged native checkpoint
+// (docs/FORMAT.md): both optional; when present, a list of one entry per decoder layer. keep_map[l]
+// is null for a dense layer; for an MoE layer null (not recorded) or one entry per written expert:
+// an input expert id, or a merged expert's members [[id, weight], ...]; ids are in
+// [0, input_experts_per_layer[l]) (>= 0 when that list is absent) and a layer's ids are distinct.
+void check_keep_map(const Config& c, const FamilyDesc& f, const nlohmann::json& q, const std::vector<int64_t>& counts,
+                    int64_t top_k) {
+  const std::string base = c.source() + ": quantization_config.";
+  const size_t layers = counts.size();
+  std::vector<int64_t> input(layers, -1);  // -1: unknown
+  if (q.contains("input_experts_per_layer")) {
+    const std::string where = base + "input_experts_per_layer";
+    const nlohmann::json& a = q.at("input_experts_per_layer");
+    if (!a.is_array() || a.size() != layers)
+      throw Error::corruption(where + ": expected a list of " + std::to_string(layers) +
+                              " integers (one per layer), found " + a.dump());
+    for (size_t l = 0; l < layers; ++l) {
+      const nlohmann::json& v = a[l];
+      const bool moe = is_moe_layer(f, c, static_cast<int>(l));
+      const int64_t lo = moe ? std::max(top_k, counts[l]) : 0;
+      if (!v.is_number_integer() || v.get<int64_t>() < lo || (!moe && v.get<int64_t>() != 0))
+        throw Error::corruption(where + "[" + std::to_string(l) + "]: expected " +
+                                (moe ? "an integer >= " + std::to_string(lo) + " (the layer's written expert count)"
+                                     : std::string("0 (a dense layer)")) +
+                                ", found " + v.dump());
+      input[l] = v.get<int64_t>();
+    }
+  }
+  if (!q.contains("keep_map")) return;
+  const std::string where = base + "keep_map";
+  const nlohmann::json& m = q.at("keep_map");
+  if (!m.is_array() || m.size() != layers)
+    throw Error::corruption(where + ": expected a list of " + std::to_string(layers) +
+                            " entries (one per layer), found " + m.dump());
+  for (size_t l = 0; l < layers; ++l) {
+    const nlohmann::json& row = m[l];
+    const std::string at = where + "[" + std::to_string(l) + "]";
+    const bool moe = is_moe_layer(f, c, static_cast<int>(l));
+    if (row.is_null()) continue;
+    if (!moe) throw Error::corruption(at + ": expected null (a dense layer), found " + row.dump());
+    if (!row.is_array() || static_cast<int64_t>(row.size()) != counts[l])
+      throw Error::corruption(at + ": expected null or a list of " + std::to_string(counts[l]) +
+                              " entries (experts_per_layer[" + std::to_string(l) + "]), found " + row.dump());
+    const std::string range = input[l] >= 0 ? "an input expert id in [0, " + std::to_string(input[l]) + ")"
+                                            : std::string("an input expert id >= 0");
+    auto id_ok = [&](const nlohmann::json& v) {
+      return v.is_number_integer() && v.get<int64_t>() >= 0 && (input[l] < 0 || v.get<int64_t>() < input[l]);
+    };
+    std::set<int64_t> seen;
+    for (size_t e = 0; e < row.size(); ++e) {
+      const nlohmann::json& v = row[e];
+      const std::string ae = at + "[" + std::to_string(e) + "]";
+      if (v.is_array()) {  // a merged expert: [[id, weight], ...]
+        if (v.empty()) throw Error::corruption(ae + ": expected a merged expert's members [[id, weight], ...], found []");
+        std::set<int64_t> members;
+        for (size_t i = 0; i < v.size(); ++i) {
+          const nlohmann::json& p = v[i];
+          const std::string ap = ae + "[" + std::to_string(i) + "]";
+          if (!p.is_array() || p.size() != 2 || !p[1].is_number() || !std::isfinite(p[1].get<double>()))
+            throw Error::corruption(ap + ": expected a member [id, weight], found " + p.dump());
+          if (!id_ok(p[0])) throw Error::corruption(ap + "[0]: expected " + range + ", found " + p[0].dump());
+          if (!members.insert(p[0].get<int64_t>()).second)
+            throw Error::corruption(ap + "[0]: expert " + p[0].dump() + " is a member twice");
+        }
+        continue;
+      }
+      if (!id_ok(v))
+        throw Error::corruption(ae + ": expected " + range + " or a merged expert's members [[id, weight], ...], found " +
+                                v.dump());
+      if (!seen.insert(v.get<int64_t>()).second)
+        throw Error::corruption(ae + ": input expert " + v.dump() + " appears twice in the layer");
+    }
+  }
+}
+
 // quantization_config.experts_per_layer of a native checkpoint with ragged per-layer expert counts
 // (docs/FORMAT.md): one integer per decoder layer, 0 for a dense layer, top_k..E for an MoE
 // layer (E = the config's expert count, the largest). Empty when absent.
@@ -108,6 +184,7 @@ std::vector<int64_t> native_expert_counts(const Config& c, const FamilyDesc& f, 
                               ", found " + v.dump());
     counts.push_back(v.get<int64_t>());
   }
+  check_keep_map(c, f, q, counts, top_k);
   return counts;
 }
 
@@ -796,6 +873,9 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
       if (in.contains("quantization_config") && in["quantization_config"].is_object() &&
           in["quantization_config"].contains("keep_map"))
         j["quantization_config"]["keep_map"] = in["quantization_config"]["keep_map"];
+      if (in.contains("quantization_config") && in["quantization_config"].is_object() &&
+          in["quantization_config"].contains("input_experts_per_layer"))
+        j["quantization_config"]["input_experts_per_layer"] = in["quantization_config"]["input_experts_per_layer"];
     }
   } else if (fp8_blocks.size() == 1) {
     if (qm != "fp8")
@@ -866,15 +946,25 @@ bool Model::has_encoded_weights() const {
 
 int64_t Model::active_params() const {
   int64_t n = total_params();
-  for (const auto& layer : layers_) {
-    if (!layer.moe || layer.moe->experts.empty()) continue;
-    // With novices the experts differ in size: the unselected ones counted at the mean size.
-    int64_t all = 0;
-    for (const auto& e : layer.moe->experts) all += e.params();
-    const int64_t E = layer.moe->num_experts();
-    n -= (E - std::min(dims_.top_k, E)) * all / E;
-  }
+  for (const auto& layer : layers_)
+    if (layer.moe) n -= layer.moe->inactive_params(dims_.top_k);
   return n;
+}
+
+int64_t MoeBlock::inactive_params(int64_t top_k) const {
+  if (experts.empty()) return 0;
+  const int64_t E = num_experts(), k = std::min(top_k, E);
+  int64_t all = 0;
+  std::vector<int64_t> sizes;
+  for (const auto& e : experts) {
+    all += e.params();
+    sizes.push_back(e.params());
+  }
+  if (num_novices() == 0) return (E - k) * all / E;
+  std::sort(sizes.begin(), sizes.end(), std::greater<int64_t>());
+  int64_t used = 0;
+  for (int64_t i = 0; i < k; ++i) used += sizes[static_cast<size_t>(i)];
+  return all - used;
 }
 
 int64_t MoeBlock::num_novices() const {

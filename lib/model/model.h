@@ -47,6 +47,10 @@ struct MoeBlock {
   int64_t num_novices() const;
   // The width of the block's real experts (novices have none); 0 when every expert is a novice.
   int64_t expert_width() const;
+  // The expert parameters a token does not use (what Model::active_params subtracts): all the
+  // experts but top_k of them at their mean size; with novices, all but the top_k largest (the
+  // real experts: a token may route to top_k real ones, so the active count is an upper bound).
+  int64_t inactive_params(int64_t top_k) const;
 };
 
 struct Layer {
@@ -208,7 +212,9 @@ class Model {
 
   // Logical parameters (an encoded weight counts out * in, whatever it stores).
   int64_t total_params() const;
-  int64_t active_params() const;  // per token: everything but the unselected routed experts
+  // Per token: every non-expert tensor and top_k routed experts (MoeBlock::inactive_params). A
+  // novice counts what it stores, H parameters (its constant).
+  int64_t active_params() const;
 
  private:
   const FamilyDesc* family_ = nullptr;

@@ -111,11 +111,28 @@ std::map<int, int64_t> plan_keep_ratio(const std::vector<LayerScores>& layers, d
     for (const auto& l : layers) count[l.layer] = std::min(best, l.experts);
     return count;
   }
+  // Ragged: every ranked layer first gets its minimum (its own top-ranked experts, protected
+  // first); what is left of the budget goes down the global ranking. Only when the minimums alone
+  // exceed the budget is it overshot (the minimums are kept; the achieved share is reported).
+  // Within a layer the global order is the layer's own order, so a layer's first `minimum` entries
+  // in `ranked` are exactly its reserved experts.
   const int64_t budget = std::llround(ratio * static_cast<double>(ranked_total));
-  for (int64_t i = 0; i < budget && i < static_cast<int64_t>(ranked.size()); ++i) ++count[ranked[i].layer];
+  int64_t left = budget;
+  std::map<int, int64_t> seen;
   for (const auto& l : layers) {
-    int64_t& c = count[l.layer];
-    c = std::clamp(c, minimum[l.layer], l.experts);
+    if (l.score.empty()) {
+      count[l.layer] = std::clamp(count[l.layer], minimum[l.layer], l.experts);
+      continue;
+    }
+    count[l.layer] = minimum[l.layer];
+    left -= minimum[l.layer];
+    seen[l.layer] = 0;
+  }
+  for (const Entry& r : ranked) {
+    if (left <= 0) break;
+    if (seen[r.layer]++ < minimum[r.layer]) continue;  // reserved above
+    ++count[r.layer];
+    --left;
   }
   return count;
 }
@@ -260,6 +277,8 @@ class PrunePass final : public pipeline::Pass {
   bool makes_novices() const override { return novices_; }
   // Which experts become novices is known only when the layer runs: written through spill files.
   bool shapes_at_run() const override { return novices_; }
+  // Ragged counts come from the plan over all layers' statistics; novices from the run.
+  bool counts_at_run() const override { return novices_ || (keep_ratio_ && !uniform_); }
   std::string native_only() const override {
     if (novices_) return "novices: stock loaders cannot express a constant expert";
     if (keep_ratio_ && !uniform_)

@@ -100,6 +100,9 @@ class Pass {
   // on an input whose experts are encoded (low-rank, integer codes) the output then differs from
   // the input's encodings, so the runner writes through spill files too.
   virtual bool densifies_experts() const { return false; }
+  // Whether the expert counts (or which experts become novices) are known only once the pass has
+  // its calibration statistics or runs: a dry run then says so instead of printing estimates.
+  virtual bool counts_at_run() const { return false; }
   // Changes the model's globals (embeddings, lm_head) after every layer ran, before they are
   // written; `report` is the pass's entry under "globals" in moe_tool_report.json. Default: nothing.
   virtual void run_globals(model::Model& /*model*/, nlohmann::json& /*report*/) {}

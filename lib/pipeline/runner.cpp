@@ -387,6 +387,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["computes"] = compute;
   if (opts.dry_run) {
     summary["dry_run"] = true;
+    bool at_run = false;
+    for (const auto& p : r.passes) at_run = at_run || p->counts_at_run();
+    if (at_run) {  // the estimates would be wrong: null, "decided while the pass runs"
+      for (auto& l : summary["layers"])
+        if (l.contains("experts_after")) l["experts_after"] = nullptr;
+      summary["params"]["after"] = nullptr;
+      summary["params"]["active_after"] = nullptr;
+    }
     return summary;
   }
 
@@ -456,6 +464,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
 
   const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
   json layer_reports = json::array();
+  int64_t params_fix = 0, active_fix = 0;  // written minus planned parameters (novices)
   // Progress in hundredths of a layer: each layer's steps (calibration forward, each pass, the
   // propagating forward, the write) move it, so it shows before the first layer is done.
   constexpr uint64_t kPart = 100;
@@ -533,6 +542,17 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       lr["dense"] = true;  // a dense MLP: no pass applies
       if (fwd) fwd->apply_layer(fwd->load_layer(l), X, T);
     }
+    if (layer.moe) {
+      // Novices are decided while the pass runs (the plan keeps every slot a real expert): count
+      // the layer as it is written, as inspect counts the output.
+      int64_t got = 0, want = 0;
+      layer.for_each_tensor([&](const core::Tensor& t) { got += t.numel(); });
+      const model::Layer& pl = planned.layers().at(static_cast<size_t>(l));
+      pl.for_each_tensor([&](const core::Tensor& t) { want += t.numel(); });
+      params_fix += got - want;
+      active_fix += (got - layer.moe->inactive_params(model.dims().top_k)) -
+                    (want - (pl.moe ? pl.moe->inactive_params(planned.dims().top_k) : 0));
+    }
     write_outputs(model.layer_outputs(l, out_opts, &manifest));
     // The layer is on disk: drop its computed tensors and the mapped pages of its source weights,
     // the ones no output carried too (experts a pass read and dropped or merged), so memory stays
@@ -597,7 +617,13 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
   json new_config = planned.rewritten_config(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest);
   if (new_config.contains("quantization_config") && new_config["quantization_config"].contains("experts_per_layer"))
+  {
     new_config["quantization_config"]["keep_map"] = keep_map(layer_reports, model.dims().layers);
+    // The range of the keep-map's ids: the expert counts of this run's input (0: dense layer).
+    json input_counts = json::array();
+    for (const auto& l : original.layers()) input_counts.push_back(l.moe ? l.moe->num_experts() : 0);
+    new_config["quantization_config"]["input_experts_per_layer"] = input_counts;
+  }
   env.write_text(out.path() / "config.json", new_config.dump(2) + "\n");
   json notes = json::array();
   const json& old_config = original.config().json();
@@ -641,7 +667,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   HfSinkResult written{written_bytes, written_tensors, written_shards};
+  summary["params"]["after"] = planned.total_params() + params_fix;
+  summary["params"]["active_after"] = planned.active_params() + active_fix;
   json report = make_report(opts.command, ckpt, original, planned, written, secs);
+  report["params"] = summary["params"];
   report["tensor_classes"] = {{"before", model::account_json(model::account(original.outputs()))},
                               {"after", model::account_json(acc_after)}};
   if (acc_after.count("experts"))
@@ -702,13 +731,19 @@ std::string render_run_summary(const json& s) {
   for (const auto& l : s.at("layers")) {
     o << "L" << l.at("layer").get<int>() << " ";
     if (l.value("dense", false)) o << "dense  ";
+    else if (l.at("experts_after").is_null()) o << l.at("experts_before").get<int64_t>() << "->?  ";
     else o << l.at("experts_before").get<int64_t>() << "->" << l.at("experts_after").get<int64_t>() << "  ";
   }
-  o << "\n";
   const json& params = s.at("params");
-  o << "  params   " << params.at("before").get<int64_t>() << " -> " << params.at("after").get<int64_t>()
-    << " (active per token " << params.at("active_before").get<int64_t>() << " -> "
-    << params.at("active_after").get<int64_t>() << ")\n";
+  const bool at_run = params.at("after").is_null();
+  const char* decided = "decided while the pass runs (after calibration)";
+  if (at_run) o << "(counts " << decided << ")";
+  o << "\n";
+  o << "  params   " << params.at("before").get<int64_t>() << " -> ";
+  if (at_run) o << decided << " (active per token " << params.at("active_before").get<int64_t>() << ")\n";
+  else
+    o << params.at("after").get<int64_t>() << " (active per token " << params.at("active_before").get<int64_t>() << " -> "
+      << params.at("active_after").get<int64_t>() << ")\n";
   o << "  bytes    " << core::format_bytes(s.at("bytes").at("before").get<double>()) << " -> "
     << (s.at("bytes").at("after").is_null() ? std::string("decided while the passes run (data-dependent ranks or codes)")
                                             : core::format_bytes(s.at("bytes").at("after").get<double>()))

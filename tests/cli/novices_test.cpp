@@ -128,6 +128,25 @@ TEST(PruneNovices, ConvertCopiesThemAndEvalIsUnchanged) {
   EXPECT_EQ(s.at("novices").at("bytes"), 8 * 128 * 4);
 }
 
+// The run's parameter counts are those of the written folder: a novice counts H (what it stores),
+// active counts top_k real experts per layer.
+TEST(PruneNovices, ReportParamsEqualInspect) {
+  const fs::path& out = novice_model();
+  const json rep = read_json(out / "moe_tool_report.json");
+  const RunResult in = run_tool({"-q", "inspect", out.string(), "--json"});
+  ASSERT_EQ(in.exit_code, 0) << in.describe();
+  const json s = json::parse(in.out);
+  EXPECT_EQ(rep.at("params").at("after"), s.at("params_total"));
+  EXPECT_EQ(rep.at("params").at("active_after"), s.at("params_active_per_token"));
+  EXPECT_LT(rep.at("params").at("after").get<int64_t>(), rep.at("params").at("before").get<int64_t>());
+  // A dry run cannot know them: it says so rather than printing the input's counts.
+  TempDir tmp;
+  const RunResult d = prune_novices(kModel, tmp.path() / "dry", {"--dry-run"});
+  ASSERT_EQ(d.exit_code, 0) << d.describe();
+  EXPECT_NE(d.out.find("decided while the pass runs"), std::string::npos) << d.out;
+  EXPECT_EQ(d.out.find("8->8"), std::string::npos) << d.out;
+}
+
 TEST(PruneNovices, CalibrateSeesTheConstant) {
   // Every token through every expert (out_stride 1): a novice's mean output is its constant.
   TempDir tmp;

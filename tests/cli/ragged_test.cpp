@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "io/checkpoint.h"
 #include "io/env.h"
@@ -110,6 +111,52 @@ TEST(RaggedCounts, TheLoaderChecksTheCountList) {
     write_file(d / "config.json", cfg.dump());
     expect_clean_failure(run_tool({"-q", "inspect", d.string()}), needle);
   }
+}
+
+// keep_map and input_experts_per_layer are checked at load (docs/FORMAT.md): one line naming
+// config.json and the JSON path, exit 2.
+TEST(RaggedCounts, TheLoaderChecksTheKeepMap) {
+  TempDir tmp;
+  const json cfg0 = read_json(ragged_model() / "config.json");
+  ASSERT_EQ(cfg0.at("quantization_config").at("input_experts_per_layer"), json({8, 8, 8, 8}));
+  const json row0 = cfg0.at("quantization_config").at("keep_map")[0];  // valid ids of layer 0
+  ASSERT_GE(row0.size(), 3u);
+  auto with_first = [&](std::vector<json> first) {  // layer 0's row with its first entries replaced
+    json r = row0;
+    for (size_t i = 0; i < first.size(); ++i) r[i] = first[i];
+    return r;
+  };
+  json shorter = row0;
+  shorter.erase(shorter.size() - 1);
+  const std::vector<std::tuple<std::string, json, std::string>> cases = {
+      {"row", with_first({99}), "config.json: quantization_config.keep_map[0][0]: expected an input expert id in [0, 8)"},
+      {"row", with_first({-1}), "config.json: quantization_config.keep_map[0][0]: expected an input expert id in [0, 8)"},
+      {"row", shorter, "quantization_config.keep_map[0]: expected null or a list of " + std::to_string(row0.size())},
+      {"row", with_first({json::array({4})}), "quantization_config.keep_map[0][0][0]: expected a member [id, weight]"},
+      {"row", with_first({row0[1]}), "quantization_config.keep_map[0][1]: input expert " + row0[1].dump() + " appears twice"},
+      {"keep_map", json::array({row0, row0, row0}), "quantization_config.keep_map: expected a list of 4 entries"},
+      {"input_experts_per_layer", json::array({1, 8, 8, 8}), "quantization_config.input_experts_per_layer[0]: expected"}};
+  int n = 0;
+  for (const auto& [key, edit, needle] : cases) {
+    const fs::path d = tmp / ("bad" + std::to_string(n++));
+    fs::create_directories(d);
+    for (const auto& f : fs::directory_iterator(ragged_model())) fs::copy(f.path(), d / f.path().filename());
+    json cfg = cfg0;
+    if (key == "row") cfg["quantization_config"]["keep_map"][0] = edit;
+    else cfg["quantization_config"][key] = edit;
+    write_file(d / "config.json", cfg.dump());
+    expect_clean_failure(run_tool({"-q", "inspect", d.string()}), needle);
+  }
+  // Null (not recorded) for an MoE layer and a merged expert's members are accepted.
+  json cfg = cfg0;
+  cfg["quantization_config"]["keep_map"][1] = nullptr;
+  cfg["quantization_config"]["keep_map"][0][0] = json::array({json::array({row0[0], 0.5}), json::array({row0[1], 0.5})});
+  const fs::path ok = tmp / "ok";
+  fs::create_directories(ok);
+  for (const auto& f : fs::directory_iterator(ragged_model())) fs::copy(f.path(), ok / f.path().filename());
+  write_file(ok / "config.json", cfg.dump());
+  const RunResult r = run_tool({"-q", "inspect", ok.string()});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
 }  // namespace

@@ -143,8 +143,11 @@ TEST(Prune, RandomIsSeededAndDeterministic) {
 TEST(Prune, KeepRatioPlan) {
   // Layer 0: flat scores (0.25 each after normalising); layer 1: one dominant expert (0.97).
   std::vector<LayerScores> layers = {{0, 4, {10, 10, 10, 10}, {}}, {1, 4, {97, 1, 1, 1}, {}}};
-  // Budget 0.5 * 8 = 4: l1e0 (0.97), then l0e0..e2 (0.25) -> counts {3, 1} -> minimum top_k 2 -> {3, 2}.
-  EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, /*uniform=*/false), (std::map<int, int64_t>{{0, 3}, {1, 2}}));
+  // Budget 0.5 * 8 = 4: each layer's minimum (top_k 2) is reserved first and uses the whole budget.
+  EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, /*uniform=*/false), (std::map<int, int64_t>{{0, 2}, {1, 2}}));
+  // Budget 0.75 * 8 = 6: minimums {2, 2}, then the global ranking past them: l0e2, l0e3 (0.25 each)
+  // before l1e2 (0.01).
+  EXPECT_EQ(plan_keep_ratio(layers, 0.75, 2, false), (std::map<int, int64_t>{{0, 4}, {1, 2}}));
   // Uniform: the same count in every layer, the one nearest the asked share (0.5 of 8 = 4 -> 2 each),
   // not the largest ragged count (which would keep 6 of 8).
   EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, /*uniform=*/true), (std::map<int, int64_t>{{0, 2}, {1, 2}}));
@@ -162,12 +165,46 @@ TEST(Prune, KeepRatioPlan) {
   }
   // Protected experts count toward the minimum and rank first.
   layers[1].protect = {false, true, true, true};
-  // Protected experts rank first: l1e1..e3, then l1e0 -> {0 -> max(0, 2) = 2, 1 -> 4}.
-  EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, false), (std::map<int, int64_t>{{0, 2}, {1, 4}}));
+  // Layer 1's minimum is its 3 protected experts; minimums {2, 3} exceed the budget 4: kept as they are.
+  EXPECT_EQ(plan_keep_ratio(layers, 0.5, 2, false), (std::map<int, int64_t>{{0, 2}, {1, 3}}));
+  // Budget 6: minimums {2, 3}, then l1e0 (0.97) before layer 0's 0.25s.
+  EXPECT_EQ(plan_keep_ratio(layers, 0.75, 2, false), (std::map<int, int64_t>{{0, 2}, {1, 4}}));
   // No scores (random): the ratio within each layer.
   std::vector<LayerScores> flat = {{0, 8, {}, {}}, {2, 8, {}, {}}};
   EXPECT_EQ(plan_keep_ratio(flat, 0.25, 1, true), (std::map<int, int64_t>{{0, 2}, {2, 2}}));
   EXPECT_EQ(plan_keep_ratio(flat, 0.01, 1, true), (std::map<int, int64_t>{{0, 1}, {2, 1}}));
+}
+
+// A layer at its minimum no longer overshoots the budget: the minimums are reserved first and
+// only the rest follows the global ranking.
+TEST(Prune, KeepRatioRaggedMeetsTheBudgetWhenALayerHitsItsMinimum) {
+  auto total = [](const std::map<int, int64_t>& m) {
+    int64_t t = 0;
+    for (const auto& [l, c] : m) t += c;
+    return t;
+  };
+  // 4 layers of 8, top_k 2, ratio 0.28: budget round(8.96) = 9. Layer 3 holds the dominant scores;
+  // layers 1 and 2 would get nothing from the global ranking and used to be clamped up after it.
+  std::vector<LayerScores> four = {{0, 8, {30, 20, 10, 1, 1, 1, 1, 1}, {}},
+                                   {1, 8, {1, 1, 1, 1, 1, 1, 1, 1}, {}},
+                                   {2, 8, {1, 1, 1, 1, 1, 1, 1, 1}, {}},
+                                   {3, 8, {50, 40, 30, 1, 1, 1, 1, 1}, {}}};
+  const auto p = plan_keep_ratio(four, 0.28, 2, false);
+  EXPECT_EQ(total(p), 9);
+  for (const auto& [l, c] : p) EXPECT_GE(c, 2) << "layer " << l;
+  // Ragged input [4, 3, 2, 7] (16 experts), ratio 0.5: budget 8 = the minimums [2, 2, 2, 2].
+  std::vector<LayerScores> ragged = {{0, 4, {9, 1, 1, 1}, {}},
+                                     {1, 3, {1, 1, 1}, {}},
+                                     {2, 2, {5, 5}, {}},
+                                     {3, 7, {9, 8, 7, 1, 1, 1, 1}, {}}};
+  EXPECT_EQ(plan_keep_ratio(ragged, 0.5, 2, false), (std::map<int, int64_t>{{0, 2}, {1, 2}, {2, 2}, {3, 2}}));
+  // 0.75: budget 12, minimums 8; normalised, past the reserved ones: l1e2 0.33, l3e2 0.25,
+  // l0e2 and l0e3 0.083, l3e3.. 0.036 -> 4 more = l1e2, l3e2, l0e2, l0e3.
+  const auto q = plan_keep_ratio(ragged, 0.75, 2, false);
+  EXPECT_EQ(total(q), 12);
+  EXPECT_EQ(q, (std::map<int, int64_t>{{0, 4}, {1, 3}, {2, 2}, {3, 3}}));
+  // Minimums above the budget: kept (the only case the budget is exceeded).
+  EXPECT_EQ(total(plan_keep_ratio(ragged, 0.2, 2, false)), 8);
 }
 
 TEST(Prune, NonFiniteScoresAreRefusedWithAMessage) {
