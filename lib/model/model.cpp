@@ -253,11 +253,10 @@ class Picker {
       throw Error::corruption(file + ": tensor " + tname + ": novice value must be a float tensor of shape [" +
                               std::to_string(H) + "] (hidden_size), found " + core::dtype_name(t.dtype()) + " " +
                               core::shape_str(t.shape()));
-    const std::vector<float> v = t.to_f32();
-    for (size_t i = 0; i < v.size(); ++i)
-      if (!std::isfinite(v[i]))
-        throw Error::corruption(file + ": tensor " + tname + ": novice value has a non-finite element at index " +
-                                std::to_string(i));
+    const int64_t bad = core::first_non_finite(t.dtype(), t.data(), static_cast<size_t>(t.numel()));
+    if (bad >= 0)
+      throw Error::corruption(file + ": tensor " + tname + ": novice value has a non-finite element at index " +
+                              std::to_string(bad));
     return t;
   }
   // The file that stores `name` (for an encoded weight: its first part), for messages.

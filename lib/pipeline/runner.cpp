@@ -615,7 +615,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
     env.copy_file(f, out.path() / f.filename());
   }
-  json new_config = planned.rewritten_config(model::OutputOptions{r.output.dtype, r.output.materialize}, &manifest);
+  json new_config = planned.rewritten_config(out_opts, &manifest);
   if (new_config.contains("quantization_config") && new_config["quantization_config"].contains("experts_per_layer"))
   {
     new_config["quantization_config"]["keep_map"] = keep_map(layer_reports, model.dims().layers);
