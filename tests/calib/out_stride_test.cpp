@@ -242,7 +242,7 @@ TEST(CalibOutStride, StrideOneIsTheGoldenExactRun) {
 
 TEST(CalibOutStride, EstimateIsCloseOnATrainedFixture) {
   const fs::path dir = source_dir() / "data/models/mixtral-tiny";
-  if (!fs::exists(dir / "config.json")) GTEST_SKIP() << "trained fixture " << dir << " not present";
+  ASSERT_TRUE(fs::exists(dir / "config.json")) << "fixture " << dir << " missing";
   auto fx = load_fixture(dir);
   CalibrateOptions o;
   o.ctx = 128;

@@ -205,18 +205,28 @@ TEST(Corpus, ValidNativeBasePasses) {
   EXPECT_TRUE(fs::exists(tmp / "out" / "config.json"));
 }
 
-// An unreadable weights file or config. Permissions cannot stop root, so the case is skipped
-// there; the corpus covers the root-proof variants (a folder where a file belongs).
+// An unreadable weights file or config. Permissions cannot stop root, so when the test runs as
+// root (as CI does) the tool runs as the unprivileged user `nobody` (util-linux setpriv), for whom
+// chmod 000 does make the file unreadable.
 TEST(Corpus, UnreadableFiles) {
-  if (geteuid() == 0)
-    GTEST_SKIP() << "running as root: chmod 000 does not make a file unreadable for root (see the corpus "
-                    "cases config-is-a-folder and weights-is-a-folder instead)";
+  const bool as_root = geteuid() == 0;
   for (const char* file : {"model.safetensors", "config.json"}) {
     SCOPED_TRACE(file);
     TempDir tmp("moe-corpus");
     fs::copy(kCorpus / "valid-single", tmp / "in", fs::copy_options::recursive);
     ASSERT_EQ(chmod((tmp / "in" / file).c_str(), 0), 0);
-    const RunResult r = run_tool({"convert", (tmp / "in").string(), (tmp / "out").string()});
+    std::vector<std::string> args = {"convert", (tmp / "in").string(), (tmp / "out").string()};
+    RunResult r;
+    if (as_root) {
+      // nobody must be able to enter the folder and create the output beside the input.
+      ASSERT_EQ(chmod(tmp.path().c_str(), 0777), 0);
+      ASSERT_TRUE(fs::exists("/usr/bin/setpriv")) << "setpriv (util-linux) is needed to run this test as root";
+      std::vector<std::string> a = {"--reuid=65534", "--regid=65534", "--clear-groups", "--", tool_path()};
+      a.insert(a.end(), args.begin(), args.end());
+      r = run_process("/usr/bin/setpriv", a);
+    } else {
+      r = run_tool(args);
+    }
     chmod((tmp / "in" / file).c_str(), 0644);
     EXPECT_EQ(r.exit_code, 2) << r.describe();
     EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();

@@ -3,8 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <cmath>
 #include <set>
 
+#include "io/checkpoint.h"
+#include "io/env.h"
+#include "model/model.h"
+#include "pipeline/calibration_text.h"
+#include "runtime/forward.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -67,6 +73,53 @@ TEST(PruneSearch, NeverWorseThanItsStartAndReportsItsCost) {
 
 // Top-1 routing and expert 1 a copy of expert 0 (weights and router row) in every layer: dropping
 // either copy leaves the output exactly as it was, dropping any other expert does not.
+// Mean KL(p_ref || p) in nats over rows [r0, r1) of two logit matrices, in double: computed here,
+// apart from the pass's own scorer (passes/search.h), which it checks.
+double mean_kl(const runtime::MatrixRM& ref, const runtime::MatrixRM& got, int64_t r0, int64_t r1) {
+  double sum = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    auto logsumexp = [&](const runtime::MatrixRM& m) {
+      double mx = -INFINITY;
+      for (int64_t j = 0; j < m.cols(); ++j) mx = std::max(mx, static_cast<double>(m(r, j)));
+      double z = 0;
+      for (int64_t j = 0; j < m.cols(); ++j) z += std::exp(static_cast<double>(m(r, j)) - mx);
+      return mx + std::log(z);
+    };
+    const double lr = logsumexp(ref), lg = logsumexp(got);
+    for (int64_t j = 0; j < ref.cols(); ++j) {
+      const double a = static_cast<double>(ref(r, j)) - lr, b = static_cast<double>(got(r, j)) - lg;
+      sum += std::exp(a) * (a - b);
+    }
+  }
+  return sum / static_cast<double>(r1 - r0);
+}
+
+// The KLs the last layer reports are those of the whole pruned model against the input (the
+// windows reach it through the already-pruned layers): recomputed here from the two checkpoints'
+// logits on the same windows (the first 4 search, the last 2 held out, 32 tokens each).
+TEST(PruneSearch, ReportedKlMatchesTheWrittenModel) {
+  TempDir tmp;
+  const RunResult r = search(kModel, tmp.path() / "out", 4, {"--time-budget", "60"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json last = layer_reports(tmp.path() / "out").back();
+  pipeline::CalibrationSpec spec;
+  spec.text = kCalib;
+  spec.ctx = 32;
+  spec.windows = 6;
+  const auto tokens = pipeline::calibration_tokens(kModel, spec);
+  ASSERT_EQ(tokens.windows, 6);
+  auto logits = [&](const fs::path& dir) {
+    auto ck = io::Checkpoint::open(io::Env::posix(), dir);
+    const model::Model m = model::Model::load(ck);
+    return runtime::Forward(m).run(tokens.tokens, 32);
+  };
+  const runtime::MatrixRM ref = logits(kModel), got = logits(tmp.path() / "out");
+  const double kl_search = mean_kl(ref, got, 0, 4 * 32), kl_heldout = mean_kl(ref, got, 4 * 32, 6 * 32);
+  EXPECT_GT(kl_search, 1e-3);  // 4 of 8 experts dropped: not the input model
+  EXPECT_NEAR(last.at("kl_search").get<double>(), kl_search, 1e-3 * kl_search) << last.dump();
+  EXPECT_NEAR(last.at("kl_heldout").get<double>(), kl_heldout, 1e-3 * kl_heldout) << last.dump();
+}
+
 TEST(PruneSearch, DropsADuplicatedExpert) {
   TempDir tmp;
   const fs::path m = tmp.path() / "dup";
