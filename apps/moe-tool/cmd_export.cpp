@@ -291,9 +291,6 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   if (arch->permute_qk) u32("rope.dimension_count", d.head_dim);
   if (spec.attn.clip_qkv) f32("attention.clamp_kqv", *spec.attn.clip_qkv);
 
-  const int64_t n_vocab = m.globals().at("embed").dim(0);
-  core::with_context(src, [&] { tokenizer_metadata(env, ckpt.dir(), n_vocab, kv); });
-
   auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0) {
     Item it;
     it.info.name = name;
@@ -347,6 +344,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   }
   global("final_norm");
   global("lm_head");
+  const int64_t n_vocab = m.globals().at("embed").dim(0);
+  core::with_context(src, [&] { tokenizer_metadata(env, ckpt.dir(), n_vocab, kv); });
   return p;
 }
 
