@@ -195,39 +195,22 @@ const char* gguf_value_type_name(GgufValueType t) {
 
 // ---- GgufValue ----
 
-GgufValue GgufValue::u32(uint32_t v) {
+namespace {
+GgufValue scalar(GgufValueType type, uint64_t integer, double real = 0.0) {
   GgufValue r;
-  r.type = GgufValueType::U32;
-  r.integer = v;
+  r.type = type;
+  r.integer = integer;
+  r.real = real;
   return r;
 }
-GgufValue GgufValue::i32(int32_t v) {
-  GgufValue r;
-  r.type = GgufValueType::I32;
-  r.integer = static_cast<uint64_t>(static_cast<int64_t>(v));
-  return r;
-}
-GgufValue GgufValue::u64(uint64_t v) {
-  GgufValue r;
-  r.type = GgufValueType::U64;
-  r.integer = v;
-  return r;
-}
-GgufValue GgufValue::f32(float v) {
-  GgufValue r;
-  r.type = GgufValueType::F32;
-  r.real = v;
-  return r;
-}
-GgufValue GgufValue::boolean(bool v) {
-  GgufValue r;
-  r.type = GgufValueType::BOOL;
-  r.integer = v ? 1 : 0;
-  return r;
-}
+}  // namespace
+GgufValue GgufValue::u32(uint32_t v) { return scalar(GgufValueType::U32, v); }
+GgufValue GgufValue::i32(int32_t v) { return scalar(GgufValueType::I32, static_cast<uint64_t>(static_cast<int64_t>(v))); }
+GgufValue GgufValue::u64(uint64_t v) { return scalar(GgufValueType::U64, v); }
+GgufValue GgufValue::f32(float v) { return scalar(GgufValueType::F32, 0, v); }
+GgufValue GgufValue::boolean(bool v) { return scalar(GgufValueType::BOOL, v ? 1 : 0); }
 GgufValue GgufValue::string(std::string v) {
-  GgufValue r;
-  r.type = GgufValueType::STRING;
+  GgufValue r = scalar(GgufValueType::STRING, 0);
   r.str = std::move(v);
   return r;
 }

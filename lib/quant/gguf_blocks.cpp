@@ -195,58 +195,59 @@ uint64_t ggml_row_bytes(GgmlType t, int64_t n) {
   return static_cast<uint64_t>(n / info.block) * info.type_size;
 }
 
-void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst) {
-  const auto& info = ggml_type_info(t);
-  if (!info.codec) no_codec(t, "encoder");
+namespace {
+
+// The 32-value block types: one encoder and one decoder per block.
+struct BlockCodec {
+  GgmlType type;
+  void (*encode)(const float* x, uint8_t* b);
+  void (*decode)(const uint8_t* b, float* y);
+};
+const BlockCodec kBlockCodecs[] = {
+    {GgmlType::Q8_0, encode_q8_0, decode_q8_0},
+    {GgmlType::Q4_0, [](const float* x, uint8_t* b) { encode_sym(x, b, 8, false); },
+     [](const uint8_t* b, float* y) { decode_sym(b, y, 8, false); }},
+    {GgmlType::Q5_0, [](const float* x, uint8_t* b) { encode_sym(x, b, 16, true); },
+     [](const uint8_t* b, float* y) { decode_sym(b, y, 16, true); }},
+    {GgmlType::Q4_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 15, false); },
+     [](const uint8_t* b, float* y) { decode_asym(b, y, false); }},
+    {GgmlType::Q5_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 31, true); },
+     [](const uint8_t* b, float* y) { decode_asym(b, y, true); }},
+};
+
+// The dtype of a one-value-per-element type (F32, F16, BF16), else nullopt.
+std::optional<core::DType> element_dtype(GgmlType t) {
+  if (t == GgmlType::F32) return core::DType::F32;
+  if (t == GgmlType::F16) return core::DType::F16;
+  if (t == GgmlType::BF16) return core::DType::BF16;
+  return std::nullopt;
+}
+
+// The codec of a block type after the checks both directions share.
+const BlockCodec* checked_codec(GgmlType t, int64_t n, const char* what) {
+  if (!ggml_type_info(t).codec) no_codec(t, what);
   (void)ggml_row_bytes(t, n);
+  for (const auto& c : kBlockCodecs)
+    if (c.type == t) return &c;
+  return nullptr;  // an element type
+}
+
+}  // namespace
+
+void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst) {
+  const BlockCodec* c = checked_codec(t, n, "encoder");
   const int64_t bad = core::first_non_finite(core::DType::F32, x, static_cast<size_t>(n));
   if (bad >= 0) throw Error::invalid("non-finite value " + std::to_string(x[bad]) + " at column " + std::to_string(bad));
-  if (t == GgmlType::F32) {
-    std::memcpy(dst, x, static_cast<size_t>(n) * 4);
-    return;
-  }
-  if (t == GgmlType::F16 || t == GgmlType::BF16) {
-    core::from_f32(t == GgmlType::F16 ? core::DType::F16 : core::DType::BF16, x, dst, static_cast<size_t>(n));
-    return;
-  }
-  for (int64_t i = 0; i < n / 32; ++i) {
-    const float* xb = x + i * 32;
-    uint8_t* b = dst + i * info.type_size;
-    switch (t) {
-      case GgmlType::Q8_0: encode_q8_0(xb, b); break;
-      case GgmlType::Q4_0: encode_sym(xb, b, 8, false); break;
-      case GgmlType::Q5_0: encode_sym(xb, b, 16, true); break;
-      case GgmlType::Q4_1: encode_asym(xb, b, 15, false); break;
-      case GgmlType::Q5_1: encode_asym(xb, b, 31, true); break;
-      default: no_codec(t, "encoder");
-    }
-  }
+  if (!c) return core::from_f32(*element_dtype(t), x, dst, static_cast<size_t>(n));
+  const size_t size = ggml_type_info(t).type_size;
+  for (int64_t i = 0; i < n / 32; ++i) c->encode(x + i * 32, dst + i * size);
 }
 
 void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst) {
-  const auto& info = ggml_type_info(t);
-  if (!info.codec) no_codec(t, "decoder");
-  (void)ggml_row_bytes(t, n);
-  if (t == GgmlType::F32) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * 4);
-    return;
-  }
-  if (t == GgmlType::F16 || t == GgmlType::BF16) {
-    core::to_f32(t == GgmlType::F16 ? core::DType::F16 : core::DType::BF16, src, dst, static_cast<size_t>(n));
-    return;
-  }
-  for (int64_t i = 0; i < n / 32; ++i) {
-    const uint8_t* b = src + i * info.type_size;
-    float* y = dst + i * 32;
-    switch (t) {
-      case GgmlType::Q8_0: decode_q8_0(b, y); break;
-      case GgmlType::Q4_0: decode_sym(b, y, 8, false); break;
-      case GgmlType::Q5_0: decode_sym(b, y, 16, true); break;
-      case GgmlType::Q4_1: decode_asym(b, y, false); break;
-      case GgmlType::Q5_1: decode_asym(b, y, true); break;
-      default: no_codec(t, "decoder");
-    }
-  }
+  const BlockCodec* c = checked_codec(t, n, "decoder");
+  if (!c) return core::to_f32(*element_dtype(t), src, dst, static_cast<size_t>(n));
+  const size_t size = ggml_type_info(t).type_size;
+  for (int64_t i = 0; i < n / 32; ++i) c->decode(src + i * size, dst + i * 32);
 }
 
 }  // namespace moe::quant
