@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
+#include "core/dtype.h"
 #include "io/env.h"
 #include "io/gguf.h"
 #include "support/cli_expect.h"
@@ -159,6 +161,74 @@ TEST(Export, QwenFamiliesWriteTheirKeys) {
   EXPECT_EQ(meta_int(q3, "qwen3moe.expert_feed_forward_length"), 192);
   EXPECT_EQ(q3.find_tensor("blk.1.attn_q_norm.weight")->ne, (std::vector<int64_t>{48}));
   EXPECT_EQ(meta_int(q3, "general.file_type"), 32);
+}
+
+// A synthetic checkpoint (hidden 32, 4 heads of 8, 4 experts of width 16) with the fixtures'
+// byte-level tokenizer, exported at F32: exact values to compare with the source tensors.
+fs::path synth_with_tokenizer(const TempDir& dir, const std::string& family, const SynthCheckpoint& ck) {
+  const fs::path d = dir / family;
+  write_synth(ck, d);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(kSrc / "data/models/mixtral-tiny" / f, d / f);
+  return d;
+}
+
+std::vector<float> source_f32(const SynthCheckpoint& ck, const std::string& name) {
+  const SynthTensor& t = ck.at(name);
+  std::vector<float> v(t.data.size() / core::dtype_size(t.dtype));
+  core::to_f32(t.dtype, t.data.data(), v.data(), v.size());
+  return v;
+}
+
+// Mixtral (arch llama): q and k rows permuted within each head (row 2i + s <- row s * d/2 + i),
+// v and the experts as stored, experts stacked in order.
+TEST(Export, LlamaArchPermutesQKRowsOnly) {
+  TempDir dir{"moe-export"};
+  const auto ck = make_synth("mixtral", {.config_patch = {{"vocab_size", 4096}}});
+  const fs::path out = dir / "m.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", synth_with_tokenizer(dir, "mixtral", ck).string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const int64_t H = 32, d = 8;
+  for (const auto& [gname, hf, heads] : {std::tuple{"blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight", 4},
+                                         std::tuple{"blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight", 2}}) {
+    const auto y = f.decode(*f.find_tensor(gname));
+    const auto x = source_f32(ck, hf);
+    ASSERT_EQ(y.size(), static_cast<size_t>(heads * d * H));
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < d / 2; ++i)
+        for (int64_t s = 0; s < 2; ++s)
+          for (int64_t c = 0; c < H; ++c)
+            ASSERT_EQ(y[(h * d + 2 * i + s) * H + c], x[(h * d + s * d / 2 + i) * H + c]) << gname << " head " << h;
+  }
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.1.attn_v.weight")), source_f32(ck, "model.layers.1.self_attn.v_proj.weight"));
+  const auto up = f.decode(*f.find_tensor("blk.0.ffn_up_exps.weight"));
+  const auto e3 = source_f32(ck, "model.layers.0.block_sparse_moe.experts.3.w3.weight");
+  EXPECT_EQ(std::vector<float>(up.begin() + 3 * static_cast<int64_t>(e3.size()), up.begin() + 4 * static_cast<int64_t>(e3.size())), e3);
+}
+
+// OLMoE: no permutation (NeoX RoPE), whole-projection q/k norms, clip_qkv as clamp_kqv, the expert
+// width as feed_forward_length.
+TEST(Export, OlmoeKeysAndUnpermutedAttention) {
+  TempDir dir{"moe-export"};
+  const auto ck = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}, {"clip_qkv", 8.0}}});
+  const fs::path out = dir / "o.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", synth_with_tokenizer(dir, "olmoe", ck).string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), "olmoe");
+  EXPECT_EQ(f.find("olmoe.attention.clamp_kqv")->as_double("c"), 8.0);
+  EXPECT_EQ(meta_int(f, "olmoe.feed_forward_length"), 16);
+  EXPECT_EQ(meta_int(f, "olmoe.expert_count"), 4);
+  EXPECT_EQ(f.find("olmoe.expert_feed_forward_length"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.0.attn_q_norm.weight")->ne, (std::vector<int64_t>{32}));
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.0.attn_q.weight")), source_f32(ck, "model.layers.0.self_attn.q_proj.weight"));
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.0.attn_k_norm.weight")), source_f32(ck, "model.layers.0.self_attn.k_norm.weight"));
+  // llama.cpp's olmoe graph does not renormalize the top-k weights: a config that does is refused.
+  const auto renorm = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}, {"norm_topk_prob", true}}});
+  TempDir dir2{"moe-export"};
+  expect_clean_failure(run_tool({"export", synth_with_tokenizer(dir2, "olmoe", renorm).string(), (dir2 / "r.gguf").string(),
+                                 "--type", "f32"}),
+                       "renormalizes the top-k weights (norm_topk_prob) but llama.cpp's olmoe graph does not");
+  EXPECT_EQ(list_dir(dir2.path()), std::vector<std::string>{"olmoe"});
 }
 
 TEST(Export, TensorTypeOverridesFirstMatchWins) {
