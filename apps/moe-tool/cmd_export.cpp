@@ -71,6 +71,8 @@ uint32_t file_type_of(GgmlType t) {
     case GgmlType::Q5_0: return 8;
     case GgmlType::Q5_1: return 9;
     case GgmlType::BF16: return 32;
+    case GgmlType::TQ1_0: return 36;
+    case GgmlType::TQ2_0: return 37;
     default: throw Error::internal(std::string("no llama_ftype for ") + quant::ggml_type_info(t).name);
   }
 }
@@ -380,7 +382,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->in, "Input checkpoint folder (mixtral, qwen2_moe, qwen3_moe, olmoe)")->required();
   sub.add_option("OUT", o->out, "Output .gguf file (written as a temporary sibling, renamed on success)")->required();
-  sub.add_option("--type", o->type, "Main tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")->required();
+  sub.add_option("--type", o->type, "Main tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0")->required();
   sub.add_option("--tensor-type", o->tensor_types,
                  "Override by GGUF tensor name, REGEX=TYPE (std::regex search; the first match wins; 1-D tensors and "
                  "routers stay f32)");

@@ -3,10 +3,10 @@
 
 Parses a GGUF v3 file from the published layout (gguf docs: header, typed metadata, tensor infos,
 aligned data section) and decodes every block type moe-tool writes from the block structs of
-ggml-common.h (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), without any code of the tool or of
+ggml-common.h (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0), without any code of the tool or of
 llama.cpp. Then compares each tensor with the source checkpoint's safetensors (stacked experts,
 q/k rows permuted for arch llama as convert_hf_to_gguf.py does), checks every block is within one
-quantization step of its source, and prints per tensor: type, max abs error, and checksums of the
+quantization step of its source (half a step for the ternary types), and prints per tensor: type, max abs error, and checksums of the
 decoded values in float64: sum, sum of squares, and sum_w = sum of y[i] * (i % 97 + 1) (order-sensitive:
 catches rows or blocks in the wrong place, e.g. a missing q/k permutation).
 
@@ -31,7 +31,9 @@ VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 STRING, ARRAY = 8, 9
 # ggml type id -> (name, values per block, bytes per block)
 GGML_TYPES = {0: ("f32", 1, 4), 1: ("f16", 1, 2), 30: ("bf16", 1, 2), 8: ("q8_0", 32, 34), 2: ("q4_0", 32, 18),
-              3: ("q4_1", 32, 20), 6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24)}
+              3: ("q4_1", 32, 20), 6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24), 34: ("tq1_0", 256, 54),
+              35: ("tq2_0", 256, 66)}
+BLOCK_BYTES = {t[0]: t[2] for t in GGML_TYPES.values()}
 
 
 class Reader:
@@ -109,6 +111,10 @@ def high_bits(qh):  # qh [blocks, 4] little-endian u32 -> bit j of element j, as
     return (((u >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
 
 
+def trits(q, n):  # trit n (weight 3^(4-n)) of bytes q holding ceil(sum t_k 3^(4-k) * 256 / 243)
+    return ((((q.astype(np.uint32) * 3 ** n) & 0xFF) * 3) >> 8).astype(np.int32)
+
+
 def decode(tname, raw, n):
     if tname == "f32":
         return raw.copy().view("<f4")
@@ -116,9 +122,8 @@ def decode(tname, raw, n):
         return raw.copy().view("<f2").astype(np.float32)
     if tname == "bf16":
         return (raw.copy().view("<u2").astype(np.uint32) << 16).view(np.float32)
-    size = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}[tname]
-    b = raw.reshape(-1, size)
-    d = f16(b[:, 0:2]).reshape(-1, 1)
+    b = raw.reshape(-1, BLOCK_BYTES[tname])
+    d = block_scale(tname, raw).reshape(-1, 1)
     if tname == "q8_0":
         return (d * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
     if tname == "q4_0":
@@ -129,14 +134,29 @@ def decode(tname, raw, n):
         return (d * ((nibbles(b[:, 6:]) | high_bits(b[:, 2:6])) - 16)).reshape(-1)
     if tname == "q5_1":
         return (d * (nibbles(b[:, 8:]) | high_bits(b[:, 4:8])) + f16(b[:, 2:4]).reshape(-1, 1)).reshape(-1)
+    if tname == "tq2_0":  # qs[64]: element 128h + 32l + m in bits 2l of qs[32h + m]
+        qs = b[:, :64].reshape(-1, 2, 1, 32).astype(np.int32)
+        t = (qs >> (2 * np.arange(4).reshape(1, 1, 4, 1))) & 3
+        return (d * (t.reshape(-1, 256) - 1)).reshape(-1)
+    if tname == "tq1_0":  # qs[0:32] trit n -> 32n + m; qs[32:48] -> 160 + 16n + m; qh[48:52] -> 240 + 4n + j
+        parts = [np.concatenate([trits(b[:, 0:32], k) for k in range(5)], axis=1),
+                 np.concatenate([trits(b[:, 32:48], k) for k in range(5)], axis=1),
+                 np.concatenate([trits(b[:, 48:52], k) for k in range(4)], axis=1)]
+        return (d * (np.concatenate(parts, axis=1) - 1)).reshape(-1)
     raise ValueError(tname)
 
 
-def block_step(tname, raw):
-    """Per 32-block quantization step d (the largest error a nearest rounding onto the block's grid
-    may leave, allowing for the clamped end of the symmetric grids)."""
-    size = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}[tname]
-    return np.abs(f16(raw.reshape(-1, size)[:, 0:2]))
+def block_scale(tname, raw):
+    """Per block f16 scale d: at the start of the 32-blocks, at the end of the ternary ones."""
+    b = raw.reshape(-1, BLOCK_BYTES[tname])
+    return f16(b[:, -2:] if tname.startswith("tq") else b[:, 0:2])
+
+
+def block_bound(tname, raw):
+    """Largest error nearest rounding onto a block's grid may leave: one step d for the 32-blocks
+    (the symmetric grids clamp their positive end), d / 2 for the ternary {-d, 0, d}."""
+    d = np.abs(block_scale(tname, raw)).astype(np.float64)
+    return d / 2 if tname.startswith("tq") else d
 
 
 # ---- source checkpoint ----
@@ -235,11 +255,12 @@ def check(model_dir, path):
         if tname in ("f32",) and err.max() != 0:
             failures.append(name + ": f32 differs from the source")
         if tname not in ("f32", "f16", "bf16"):
-            step = block_step(tname, raw).astype(np.float64).reshape(-1)
-            worst = (err.reshape(-1, 32).max(axis=1) - step * (1 + 1e-3) - 1e-7)
+            bound = block_bound(tname, raw).reshape(-1)
+            per_block = err.reshape(bound.size, -1).max(axis=1)
+            worst = per_block - bound * (1 + 1e-3) - 1e-7
             if (worst > 0).any():
                 b = int(np.argmax(worst))
-                failures.append("%s: block %d error %.6g beyond its step %.6g" % (name, b, err.reshape(-1, 32)[b].max(), step[b]))
+                failures.append("%s: block %d error %.6g beyond its bound %.6g" % (name, b, per_block[b], bound[b]))
         stats[name] = {"type": tname, "ne": ne, "max_abs_err": float(err.max()),
                        "sum": float(y.sum()), "sum_sq": float((y * y).sum()),
                        "sum_w": float((y * (np.arange(n) % 97 + 1)).sum())}

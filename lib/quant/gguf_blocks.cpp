@@ -47,8 +47,8 @@ const GgmlTypeInfo kTypes[] = {
     {GgmlType::F64, "f64", 1, 8, false},
     {GgmlType::IQ1_M, "iq1_m", kQK, kQK / 8 + kQK / 16 + kQK / 32, false},
     {GgmlType::BF16, "bf16", 1, 2, true},
-    {GgmlType::TQ1_0, "tq1_0", kQK, 2 + 4 * 13, false},
-    {GgmlType::TQ2_0, "tq2_0", kQK, 2 + 64, false},
+    {GgmlType::TQ1_0, "tq1_0", kQK, 2 + 4 * 13, true},
+    {GgmlType::TQ2_0, "tq2_0", kQK, 2 + 64, true},
 };
 
 [[noreturn]] void no_codec(GgmlType t, const char* what) {
@@ -158,6 +158,70 @@ void decode_q8_0(const uint8_t* b, float* y) {
   for (int j = 0; j < 32; ++j) y[j] = d * static_cast<float>(static_cast<int8_t>(b[2 + j]));
 }
 
+// Ternary 256-blocks: d = absmax (f16), t = round(x / d) + 1 in {0, 1, 2}, x = d * (t - 1).
+void ternary_codes(const float* x, float* d, uint16_t* dh, int* t) {
+  float amax = 0.0f;
+  for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
+  *dh = f16_scale(amax, d);
+  const float id = *d != 0.0f ? 1.0f / *d : 0.0f;
+  for (int j = 0; j < kQK; ++j) t[j] = clamp_round(x[j] * id, -1, 1) + 1;
+}
+
+// TQ2_0 {u8 qs[64]; f16 d}: element 128 * h + 32 * l + m in bits 2l..2l+1 of qs[32 * h + m].
+void encode_tq2_0(const float* x, uint8_t* b) {
+  float d;
+  uint16_t dh;
+  int t[kQK];
+  ternary_codes(x, &d, &dh, t);
+  std::memset(b, 0, 64);
+  for (int e = 0; e < kQK; ++e) b[32 * (e / 128) + e % 32] |= static_cast<uint8_t>(t[e] << (2 * ((e % 128) / 32)));
+  put_u16(b + 64, dh);
+}
+
+void decode_tq2_0(const uint8_t* b, float* y) {
+  const float d = core::f16_to_f32(get_u16(b + 64));
+  for (int e = 0; e < kQK; ++e)
+    y[e] = d * static_cast<float>(((b[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3) - 1);
+}
+
+// TQ1_0 {u8 qs[48]; u8 qh[4]; f16 d}: bytes of 5 trits (4 in qh, the fifth 0), the trit with
+// weight 3^4 first: byte = ceil(sum t_k 3^(4-k) * 256 / 243); trit n of a byte q is
+// ((q * 3^n mod 256) * 3) >> 8. Element order: qs[0..31] trit n gives elements 32n + m (160),
+// qs[32..47] trit n gives 160 + 16n + m (80), qh[j] trit n gives 240 + 4n + j (16).
+struct Tq1Place {
+  int byte, trit;
+};
+Tq1Place tq1_place(int e) {
+  if (e < 160) return {e % 32, e / 32};
+  if (e < 240) return {32 + (e - 160) % 16, (e - 160) / 16};
+  return {48 + (e - 240) % 4, (e - 240) / 4};
+}
+
+void encode_tq1_0(const float* x, uint8_t* b) {
+  float d;
+  uint16_t dh;
+  int t[kQK];
+  ternary_codes(x, &d, &dh, t);
+  int sum[52] = {};
+  static constexpr int kPow3[5] = {81, 27, 9, 3, 1};
+  for (int e = 0; e < kQK; ++e) {
+    const Tq1Place p = tq1_place(e);
+    sum[p.byte] += t[e] * kPow3[p.trit];
+  }
+  for (int k = 0; k < 52; ++k) b[k] = static_cast<uint8_t>((sum[k] * 256 + 242) / 243);
+  put_u16(b + 52, dh);
+}
+
+void decode_tq1_0(const uint8_t* b, float* y) {
+  const float d = core::f16_to_f32(get_u16(b + 52));
+  static constexpr int kPow3[5] = {1, 3, 9, 27, 81};
+  for (int e = 0; e < kQK; ++e) {
+    const Tq1Place p = tq1_place(e);
+    const auto q = static_cast<uint8_t>(b[p.byte] * kPow3[p.trit]);
+    y[e] = d * static_cast<float>(((q * 3) >> 8) - 1);
+  }
+}
+
 }  // namespace
 
 const GgmlTypeInfo* ggml_type_info(uint32_t id) {
@@ -197,7 +261,7 @@ uint64_t ggml_row_bytes(GgmlType t, int64_t n) {
 
 namespace {
 
-// The 32-value block types: one encoder and one decoder per block.
+// The block types: one encoder and one decoder per block.
 struct BlockCodec {
   GgmlType type;
   void (*encode)(const float* x, uint8_t* b);
@@ -213,6 +277,8 @@ const BlockCodec kBlockCodecs[] = {
      [](const uint8_t* b, float* y) { decode_asym(b, y, false); }},
     {GgmlType::Q5_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 31, true); },
      [](const uint8_t* b, float* y) { decode_asym(b, y, true); }},
+    {GgmlType::TQ1_0, encode_tq1_0, decode_tq1_0},
+    {GgmlType::TQ2_0, encode_tq2_0, decode_tq2_0},
 };
 
 // The dtype of a one-value-per-element type (F32, F16, BF16), else nullopt.
@@ -239,15 +305,15 @@ void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst) {
   const int64_t bad = core::first_non_finite(core::DType::F32, x, static_cast<size_t>(n));
   if (bad >= 0) throw Error::invalid("non-finite value " + std::to_string(x[bad]) + " at column " + std::to_string(bad));
   if (!c) return core::from_f32(*element_dtype(t), x, dst, static_cast<size_t>(n));
-  const size_t size = ggml_type_info(t).type_size;
-  for (int64_t i = 0; i < n / 32; ++i) c->encode(x + i * 32, dst + i * size);
+  const auto& info = ggml_type_info(t);
+  for (int64_t i = 0; i < n / info.block; ++i) c->encode(x + i * info.block, dst + i * info.type_size);
 }
 
 void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst) {
   const BlockCodec* c = checked_codec(t, n, "decoder");
   if (!c) return core::to_f32(*element_dtype(t), src, dst, static_cast<size_t>(n));
-  const size_t size = ggml_type_info(t).type_size;
-  for (int64_t i = 0; i < n / 32; ++i) c->decode(src + i * size, dst + i * 32);
+  const auto& info = ggml_type_info(t);
+  for (int64_t i = 0; i < n / info.block; ++i) c->decode(src + i * info.type_size, dst + i * info.block);
 }
 
 }  // namespace moe::quant

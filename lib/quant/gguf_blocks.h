@@ -13,6 +13,10 @@
 //   Q5_0   {f16 d; u8 qh[4]; u8 qs[16]}       x = d * (q - 16); low 4 bits as Q4_0, bit 4 of
 //                                             element j in bit j of the little-endian u32 qh
 //   Q5_1   {f16 d; f16 m; u8 qh[4]; u8 qs[16]} x = d * q + m (bits as Q5_0)
+//   TQ2_0  {u8 qs[64]; f16 d}, 256 values     x = d * (t - 1), t in 0..2; element 128h + 32l + m
+//                                             in bits 2l..2l+1 of qs[32h + m]
+//   TQ1_0  {u8 qs[48]; u8 qh[4]; f16 d}, 256  x = d * (t - 1); five trits a byte (four in qh),
+//                                             byte = ceil(sum t_k 3^(4-k) * 256 / 243)
 // Every other known type (K-quants, IQ, TQ, integers) is listed with its sizes so a GGUF file
 // holding it can be parsed, but has no codec yet: encode/decode throw Error::unsupported naming it.
 #pragma once

@@ -47,7 +47,11 @@ class ExportGolden : public ::testing::TestWithParam<Case> {};
 TEST_P(ExportGolden, DecodesAsTheIndependentCheck) {
   const auto& [model, type] = GetParam();
   TempDir dir{"moe-export"};
-  const fs::path out = export_model(dir, model, type);
+  // "<ternary>_down": Q8_0 with the expert down projections (rows of 256) in the ternary type.
+  const auto down = type.find("_down");
+  const fs::path out = down == std::string::npos
+                           ? export_model(dir, model, type)
+                           : export_model(dir, model, "q8_0", {"--tensor-type", "ffn_down_exps=" + type.substr(0, down)});
   const auto f = io::GgufFile::open(io::Env::posix(), out);
   const json& g = goldens().at(model).at(type);
   ASSERT_FALSE(g.empty());
@@ -78,7 +82,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"mixtral-tiny", "q8_0"}, Case{"mixtral-tiny", "q4_0"}, Case{"mixtral-tiny", "q4_1"},
                       Case{"mixtral-tiny", "q5_0"}, Case{"mixtral-tiny", "q5_1"}, Case{"qwen2moe-tiny", "f32"},
                       Case{"qwen2moe-tiny", "q4_0"}, Case{"qwen2moe-tiny", "q5_1"}, Case{"validation-tiny", "f32"},
-                      Case{"validation-tiny", "q8_0"}, Case{"validation-tiny", "q4_1"}),
+                      Case{"validation-tiny", "q8_0"}, Case{"validation-tiny", "q4_1"},
+                      Case{"mixtral-tiny", "tq1_0_down"}, Case{"mixtral-tiny", "tq2_0_down"}),
     [](const auto& info) {
       std::string n = info.param.model + "_" + info.param.type;
       for (auto& c : n)
@@ -250,6 +255,8 @@ TEST(Export, RefusalsWriteNothing) {
   const std::string mixtral = (kSrc / "data/models/mixtral-tiny").string();
   const std::string out = (dir / "o.gguf").string();
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_k"}), "--type: q4_k is not written yet");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "tq2_0"}),
+                       "blk.0.attn_k.weight: rows of 128 values are not a multiple of the tq2_0 block size 256");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q3_x"}), "--type: unknown ggml type 'q3_x'");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "([=q8_0"}), "bad regex");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "exps"}), "expected REGEX=TYPE");

@@ -16,9 +16,10 @@ namespace {
 
 using quant::GgmlType;
 
-const GgmlType kBlockTypes[] = {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1};
-const GgmlType kCodecTypes[] = {GgmlType::F32, GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,
-                                GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1};
+const GgmlType kBlockTypes[] = {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0,
+                                GgmlType::Q5_1, GgmlType::TQ1_0, GgmlType::TQ2_0};
+const GgmlType kCodecTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,  GgmlType::Q4_0,
+                                GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::TQ1_0, GgmlType::TQ2_0};
 
 std::vector<float> round_trip(GgmlType t, const std::vector<float>& x) {
   std::vector<uint8_t> b(quant::ggml_row_bytes(t, static_cast<int64_t>(x.size())));
@@ -99,14 +100,51 @@ TEST(GgufBlocks, DecodesHandBuiltBlocks) {
   }
 }
 
+// Ternary blocks written from the layouts: TQ2_0 two bits a value, TQ1_0 five trits a byte.
+TEST(GgufBlocks, DecodesHandBuiltTernaryBlocks) {
+  std::vector<float> y(256);
+  {
+    uint8_t b[66] = {};
+    std::memset(b, 0x55, 64);  // t = 1 everywhere: 0
+    b[32 + 5] = (0x55 & ~0x30) | (2 << 4);  // element 128 + 64 + 5: bits 4..5 of qs[37] -> t = 2
+    b[0] = 0x54;                                  // element 0: bits 0..1 of qs[0] -> t = 0
+    put_f16(b + 64, 0.5f);
+    quant::decode_row(GgmlType::TQ2_0, b, 256, y.data());
+    EXPECT_EQ(y[197], 0.5f);
+    EXPECT_EQ(y[0], -0.5f);
+    EXPECT_EQ(y[1], 0.0f);
+    EXPECT_EQ(y[32], 0.0f);
+  }
+  {
+    // Trits (2, 1, 0, 1, 2): 2*81 + 27 + 3 + 2 = 194, byte ceil(194 * 256 / 243) = 205. In qs[3]
+    // they are elements 3, 35, 67, 99, 131; in qh[1] (four trits) elements 241, 245, 249, 253.
+    uint8_t b[54] = {};
+    const uint8_t one = static_cast<uint8_t>((121 * 256 + 242) / 243);  // every trit 1: 81+27+9+3+1
+    std::memset(b, one, 48);
+    b[3] = 205;
+    std::memset(b + 48, static_cast<uint8_t>((120 * 256 + 242) / 243), 4);  // 81+27+9+3, fifth trit 0
+    b[49] = static_cast<uint8_t>(((2 * 81 + 27 + 0 + 3) * 256 + 242) / 243);  // (2, 1, 0, 1)
+    put_f16(b + 52, 2.0f);
+    quant::decode_row(GgmlType::TQ1_0, b, 256, y.data());
+    EXPECT_EQ(y[3], 2.0f);
+    EXPECT_EQ(y[35], 0.0f);
+    EXPECT_EQ(y[67], -2.0f);
+    EXPECT_EQ(y[99], 0.0f);
+    EXPECT_EQ(y[131], 2.0f);
+    EXPECT_EQ(y[241], 2.0f);
+    EXPECT_EQ(y[249], -2.0f);
+    for (int e : {0, 100, 159, 160, 239, 240, 255}) EXPECT_EQ(y[e], 0.0f) << e;
+  }
+}
+
 TEST(GgufBlocks, ZerosAndEqualValuesAreExact) {
   for (GgmlType t : kCodecTypes) {
     const char* name = quant::ggml_type_info(t).name;
-    const std::vector<float> zeros(64, 0.0f);
+    const std::vector<float> zeros(256, 0.0f);
     EXPECT_EQ(round_trip(t, zeros), zeros) << name;
     // All equal: the symmetric grids put the value at their end (-half * d), the asymmetric ones at
     // their min; 0.75 is exact in f16, so is every scale derived from it by a power of two.
-    const std::vector<float> equal(64, 0.75f);
+    const std::vector<float> equal(256, 0.75f);
     const auto y = round_trip(t, equal);
     for (float v : y) ASSERT_NEAR(v, 0.75f, t == GgmlType::Q8_0 ? 0.75f / 127 / 2 : 0.0f) << name;
   }
@@ -126,6 +164,10 @@ TEST(GgufBlocks, FullRangeOnTheGridIsExact) {
   for (int j = 0; j < 32; ++j) x[j] = static_cast<float>(j * 8 - 127);  // Q8_0: d = 1
   x[31] = 127.0f;
   EXPECT_EQ(round_trip(GgmlType::Q8_0, x), x);
+  std::vector<float> t(256);
+  for (int j = 0; j < 256; ++j) t[j] = 0.5f * static_cast<float>((j * 7) % 3 - 1);  // ternary, d = 0.5
+  EXPECT_EQ(round_trip(GgmlType::TQ1_0, t), t);
+  EXPECT_EQ(round_trip(GgmlType::TQ2_0, t), t);
 }
 
 // Nearest rounding: every value within one step of its block (half a step inside the grid;
@@ -137,12 +179,13 @@ TEST(GgufBlocks, RandomRowsWithinOneStep) {
   for (auto& v : x) v = n(rng);
   for (GgmlType t : kBlockTypes) {
     const auto y = round_trip(t, x);
-    for (size_t b = 0; b < x.size() / 32; ++b) {
-      float lo = x[b * 32], hi = lo, amax = 0;
-      for (int j = 0; j < 32; ++j) {
-        lo = std::min(lo, x[b * 32 + j]);
-        hi = std::max(hi, x[b * 32 + j]);
-        amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const int64_t bs = quant::ggml_type_info(t).block;
+    for (size_t b = 0; b < x.size() / bs; ++b) {
+      float lo = x[b * bs], hi = lo, amax = 0;
+      for (int j = 0; j < bs; ++j) {
+        lo = std::min(lo, x[b * bs + j]);
+        hi = std::max(hi, x[b * bs + j]);
+        amax = std::max(amax, std::fabs(x[b * bs + j]));
       }
       float step = 0;
       switch (t) {
@@ -150,10 +193,11 @@ TEST(GgufBlocks, RandomRowsWithinOneStep) {
         case GgmlType::Q4_0: step = amax / 8; break;
         case GgmlType::Q5_0: step = amax / 16; break;
         case GgmlType::Q4_1: step = (hi - lo) / 15 / 2; break;
-        default: step = (hi - lo) / 31 / 2; break;
+        case GgmlType::Q5_1: step = (hi - lo) / 31 / 2; break;
+        default: step = amax / 2; break;  // ternary: {-d, 0, d} with d = absmax
       }
-      for (int j = 0; j < 32; ++j)
-        ASSERT_LE(std::fabs(y[b * 32 + j] - x[b * 32 + j]), step * 1.01f + 1e-6f)
+      for (int j = 0; j < bs; ++j)
+        ASSERT_LE(std::fabs(y[b * bs + j] - x[b * bs + j]), step * 1.01f + 1e-6f)
             << quant::ggml_type_info(t).name << " block " << b << " element " << j;
     }
   }
@@ -166,6 +210,8 @@ TEST(GgufBlocks, RandomRowsWithinOneStep) {
 TEST(GgufBlocks, Refusals) {
   std::vector<float> x(256, 1.0f);
   std::vector<uint8_t> b(1024);
+  expect_error([&] { quant::encode_row(GgmlType::TQ2_0, x.data(), 128, b.data()); }, core::ErrorKind::InvalidArgument,
+               {"128", "tq2_0 block size 256"});
   expect_error([&] { quant::encode_row(GgmlType::Q4_K, x.data(), 256, b.data()); }, core::ErrorKind::NotSupported,
                {"q4_k", "no encoder"});
   expect_error([&] { quant::decode_row(GgmlType::IQ1_S, b.data(), 256, x.data()); }, core::ErrorKind::NotSupported,
