@@ -14,6 +14,7 @@
 #include "io/output_dir.h"
 #include "model/model.h"
 #include "quant/gguf_blocks.h"
+#include "quant/intn.h"
 #include "runtime/forward.h"
 #include "tokenizer/tokenizer.h"
 
@@ -146,20 +147,24 @@ std::vector<float> permute_rows(const std::vector<float>& w, int64_t heads, int6
   return out;
 }
 
-// Refuses what this exporter cannot write faithfully, before any work.
+// The block type an encoded weight's codes are already on, so they are copied, not re-quantized:
+// moe-tool's symmetric int4 / int8 groups of 32 (f16 scale, implied zero point 8 / 128) are Q4_0
+// / Q8_0 blocks exactly. nullopt for a plain tensor or any other encoding.
+std::optional<GgmlType> direct_type(const core::Tensor& t) {
+  const auto* q = dynamic_cast<const quant::IntN*>(t.encoding());
+  if (!q || !q->symmetric() || q->group() != 32 || q->cols() % 32 != 0) return std::nullopt;
+  if (q->bits() == 4) return GgmlType::Q4_0;
+  if (q->bits() == 8) return GgmlType::Q8_0;
+  return std::nullopt;
+}
+
+// Refuses what this exporter cannot write faithfully, before any work (encodings without a block
+// type are refused by the plan, naming the tensor, before the file is created).
 void refuse_unsupported(const model::Model& m, const std::string& src) {
   m.refuse_novices(src, "GGUF has no constant expert; prune them instead");
-  auto check = [&](const core::Tensor& t, const std::string& where) {
-    if (const core::Encoding* e = t.encoding())
-      throw Error::unsupported(src + ": " + where + " is encoded as '" + e->name() +
-                               "'; GGUF export of encoded weights is not implemented yet: write it dense first with "
-                               "`moe-tool convert " + src + " DENSE --materialize`, then export DENSE");
-  };
-  for (const auto& [role, t] : m.globals()) check(t, role);
   int64_t experts = -1;
   for (const auto& layer : m.layers()) {
     const std::string where = "layer " + std::to_string(layer.index);
-    layer.for_each_tensor([&](const core::Tensor& t) { check(t, where); });
     if (!layer.moe)
       throw Error::unsupported(src + ": " + where + " is a dense layer; llama.cpp's MoE architectures need experts in every layer");
     if (experts >= 0 && layer.moe->num_experts() != experts)
@@ -301,7 +306,21 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (parts.size() > 1) it.info.ne.push_back(static_cast<int64_t>(parts.size()));
     // A [1, H] gate is a vector to llama.cpp ({n_embd}).
     while (it.info.ne.size() > 1 && it.info.ne.back() == 1) it.info.ne.pop_back();
-    it.info.type = choose_type(name, it.info.ne.size(), main, ovr);
+    for (size_t e = 0; e < parts.size(); ++e)
+      if (const core::Encoding* enc = parts[e].encoding(); enc && !direct_type(parts[e]))
+        throw Error::unsupported(src + ": " + name + (parts.size() > 1 ? ": expert " + std::to_string(e) : "") +
+                                 " is encoded as '" + enc->name() + "' " + enc->params().dump() +
+                                 ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as "
+                                 "q4_0/q8_0): write it dense first with `moe-tool convert " + src +
+                                 " DENSE --materialize`, then export DENSE");
+    const std::optional<GgmlType> direct = direct_type(parts.front());
+    for (const auto& part : parts)
+      if (direct_type(part) != direct)
+        throw Error::unsupported(src + ": " + name + ": its experts are stored in different encodings; one GGUF tensor "
+                                 "has one type: write them dense first with `moe-tool convert " + src +
+                                 " DENSE --materialize`");
+    // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply).
+    it.info.type = direct ? *direct : choose_type(name, it.info.ne.size(), main, ovr);
     const auto& ti = quant::ggml_type_info(it.info.type);
     if (it.info.ne[0] % ti.block != 0)
       throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
@@ -351,12 +370,39 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   return p;
 }
 
+// Source row of output row r of a [heads * d, cols] projection permuted as permute_rows does.
+int64_t permuted_source_row(int64_t r, int64_t heads, int64_t rows) {
+  const int64_t d = rows / heads, h = r / d, i = (r % d) / 2, s = r % 2;
+  return h * d + s * (d / 2) + i;
+}
+
+// Appends an encoded weight whose codes are already Q4_0 / Q8_0 blocks (direct_type), row by row.
+void write_codes(io::GgufWriter& w, const Item& it, const quant::IntN& q) {
+  const int64_t rows = q.rows(), cols = q.cols();
+  const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
+  std::vector<uint8_t> codes(static_cast<size_t>(cols)), buf(static_cast<size_t>(rows) * rb);
+  std::vector<float> scales(static_cast<size_t>(q.ngroups()));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t src = it.permute_heads ? permuted_source_row(r, it.permute_heads, rows) : r;
+    q.codes_row(src, codes.data());
+    for (int64_t g = 0; g < q.ngroups(); ++g) scales[g] = q.scale(src, g);
+    core::with_context("row " + std::to_string(src), [&] {
+      quant::pack_codes_row(it.info.type, codes.data(), scales.data(), cols, buf.data() + r * rb);
+    });
+  }
+  w.append(buf.data(), buf.size());
+}
+
 // Encodes and appends one item, one part (expert) at a time.
 void write_item(io::GgufWriter& w, const Item& it, const model::Model& m) {
   const int64_t cols = it.info.ne[0];
   const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
   std::vector<uint8_t> buf;
   for (const auto& part : it.parts) {
+    if (const auto* q = dynamic_cast<const quant::IntN*>(part.encoding())) {
+      write_codes(w, it, *q);
+      continue;
+    }
     std::vector<float> x = part.to_f32();
     const int64_t rows = static_cast<int64_t>(x.size()) / cols;
     if (it.permute_heads) x = permute_rows(x, it.permute_heads, rows, cols);

@@ -316,4 +316,29 @@ void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n / info.block; ++i) c->decode(src + i * info.type_size, dst + i * info.block);
 }
 
+void pack_codes_row(GgmlType t, const uint8_t* codes, const float* scales, int64_t n, uint8_t* dst) {
+  if (t != GgmlType::Q4_0 && t != GgmlType::Q8_0)
+    throw Error::invalid(std::string("codes cannot be stored as ") + ggml_type_info(t).name + " without re-quantizing");
+  const auto& info = ggml_type_info(t);
+  (void)ggml_row_bytes(t, n);
+  const int maxq = t == GgmlType::Q4_0 ? 15 : 255;
+  for (int64_t i = 0; i < n / 32; ++i) {
+    const uint8_t* q = codes + i * 32;
+    uint8_t* b = dst + i * info.type_size;
+    float stored;
+    put_u16(b, f16_scale(scales[i], &stored));
+    if (stored != scales[i]) throw Error::invalid("scale " + std::to_string(scales[i]) + " of block " + std::to_string(i) + " is not exact in f16");
+    int c[32];
+    for (int j = 0; j < 32; ++j) {
+      if (q[j] > maxq) throw Error::invalid("code " + std::to_string(q[j]) + " above " + std::to_string(maxq));
+      c[j] = q[j];
+    }
+    if (t == GgmlType::Q4_0) {
+      pack_nibbles(c, b + 2, nullptr);
+    } else {
+      for (int j = 0; j < 32; ++j) b[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(c[j] - 128));
+    }
+  }
+}
+
 }  // namespace moe::quant

@@ -9,8 +9,10 @@
 #include <nlohmann/json.hpp>
 
 #include "core/dtype.h"
+#include "io/checkpoint.h"
 #include "io/env.h"
 #include "io/gguf.h"
+#include "model/model.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -234,6 +236,43 @@ TEST(Export, OlmoeKeysAndUnpermutedAttention) {
                                  "--type", "f32"}),
                        "renormalizes the top-k weights (norm_topk_prob) but llama.cpp's olmoe graph does not");
   EXPECT_EQ(list_dir(dir2.path()), std::vector<std::string>{"olmoe"});
+}
+
+// Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
+// copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
+// rows permuted for arch llama), whatever --type says for the dense tensors.
+TEST(Export, SymmetricGroupsOf32AreCopiedAsBlocks) {
+  TempDir dir{"moe-export"};
+  const fs::path q8 = dir / "q8";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/models/mixtral-tiny").string(), q8.string(), "--method", "rtn",
+                      "--codec", "int8", "--group", "32", "--sym", "--attention", "int8"}).exit_code, 0);
+  const fs::path out = dir / "q8.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", q8.string(), out.string(), "--type", "f16"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(type_of(f, "blk.2.ffn_down_exps.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "blk.2.attn_q.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "token_embd.weight"), "f16");
+  auto& env = io::Env::posix();
+  const auto ckpt = io::Checkpoint::open(env, q8);
+  const auto model = model::Model::load(ckpt);
+  const auto& layer = model.layers().at(2);
+  ASSERT_NE(layer.moe->experts.at(5).down.encoding(), nullptr);
+  const auto e5 = layer.moe->experts.at(5).down.to_f32();
+  const auto down = f.decode(*f.find_tensor("blk.2.ffn_down_exps.weight"));
+  EXPECT_EQ(std::vector<float>(down.begin() + 5 * static_cast<int64_t>(e5.size()), down.begin() + 6 * static_cast<int64_t>(e5.size())), e5);
+  const auto q = layer.find("q_proj")->to_f32();
+  const auto y = f.decode(*f.find_tensor("blk.2.attn_q.weight"));
+  const int64_t H = 128, d = 32;
+  for (int64_t h = 0; h < 4; ++h)
+    for (int64_t i = 0; i < d / 2; ++i)
+      for (int64_t s = 0; s < 2; ++s)
+        for (int64_t c = 0; c < H; ++c) ASSERT_EQ(y[(h * d + 2 * i + s) * H + c], q[(h * d + s * d / 2 + i) * H + c]);
+  // Groups of 64 have no block type: refused, naming the encoding.
+  const fs::path q64 = dir / "q64";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/models/mixtral-tiny").string(), q64.string(), "--method", "rtn",
+                      "--codec", "int4", "--group", "64", "--sym"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", q64.string(), (dir / "x.gguf").string(), "--type", "q4_0"}),
+                       "blk.0.ffn_gate_exps.weight: expert 0 is encoded as 'intN' {\"bits\":4,\"cols\":128,\"group\":64");
 }
 
 TEST(Export, TensorTypeOverridesFirstMatchWins) {

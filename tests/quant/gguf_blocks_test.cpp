@@ -207,6 +207,31 @@ TEST(GgufBlocks, RandomRowsWithinOneStep) {
   EXPECT_EQ(round_trip(GgmlType::F32, x), x);
 }
 
+// Codes already on the grid (symmetric int4 / int8 groups of 32) stored without rounding.
+TEST(GgufBlocks, PacksCodesExactly) {
+  uint8_t codes[64];
+  for (int j = 0; j < 64; ++j) codes[j] = static_cast<uint8_t>((j * 5) % 16);
+  const float scales[2] = {0.5f, 0.0078125f};
+  uint8_t b[68];
+  float y[64];
+  quant::pack_codes_row(GgmlType::Q4_0, codes, scales, 64, b);
+  quant::decode_row(GgmlType::Q4_0, b, 64, y);
+  for (int j = 0; j < 64; ++j) ASSERT_EQ(y[j], scales[j / 32] * static_cast<float>(codes[j] - 8)) << j;
+  for (int j = 0; j < 64; ++j) codes[j] = static_cast<uint8_t>((j * 37) % 256);
+  quant::pack_codes_row(GgmlType::Q8_0, codes, scales, 64, b);
+  quant::decode_row(GgmlType::Q8_0, b, 64, y);
+  for (int j = 0; j < 64; ++j) ASSERT_EQ(y[j], scales[j / 32] * static_cast<float>(codes[j] - 128)) << j;
+  std::memset(codes, 8, sizeof codes);
+  codes[3] = 16;
+  expect_error([&] { quant::pack_codes_row(GgmlType::Q4_0, codes, scales, 64, b); }, core::ErrorKind::InvalidArgument,
+               {"code 16 above 15"});
+  const float inexact[2] = {0.1f, 0.5f};
+  expect_error([&] { quant::pack_codes_row(GgmlType::Q8_0, codes, inexact, 64, b); }, core::ErrorKind::InvalidArgument,
+               {"not exact in f16"});
+  expect_error([&] { quant::pack_codes_row(GgmlType::Q4_1, codes, scales, 64, b); }, core::ErrorKind::InvalidArgument,
+               {"q4_1 without re-quantizing"});
+}
+
 TEST(GgufBlocks, Refusals) {
   std::vector<float> x(256, 1.0f);
   std::vector<uint8_t> b(1024);
