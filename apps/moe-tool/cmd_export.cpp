@@ -272,7 +272,9 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));
-  kv.emplace_back("general.name", GgufValue::string(fs::absolute(ckpt.dir()).lexically_normal().filename().string()));
+  fs::path folder = fs::absolute(ckpt.dir()).lexically_normal();
+  if (folder.filename().empty()) folder = folder.parent_path();  // "models/x/"
+  kv.emplace_back("general.name", GgufValue::string(folder.filename().string()));
   kv.emplace_back("general.alignment", GgufValue::u32(io::kGgufDefaultAlignment));
   kv.emplace_back("general.file_type", GgufValue::u32(file_type_of(main)));
   kv.emplace_back("general.quantization_version", GgufValue::u32(2));

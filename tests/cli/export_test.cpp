@@ -33,7 +33,8 @@ const json& goldens() {
 fs::path export_model(const TempDir& dir, const std::string& model, const std::string& type,
                       const std::vector<std::string>& extra = {}) {
   const fs::path out = dir / (model + "-" + type + ".gguf");
-  std::vector<std::string> args = {"-q", "export", (kSrc / "data/models" / model).string(), out.string(), "--type", type};
+  // A trailing slash on MODEL: general.name is still the folder's name.
+  std::vector<std::string> args = {"-q", "export", (kSrc / "data/models" / model).string() + "/", out.string(), "--type", type};
   args.insert(args.end(), extra.begin(), extra.end());
   const RunResult r = run_tool(args);
   EXPECT_EQ(r.exit_code, 0) << r.describe();
@@ -109,6 +110,7 @@ TEST(Export, MixtralMetadataAndTypesAsLlamaCppExpects) {
   TempDir dir{"moe-export"};
   const auto f = io::GgufFile::open(io::Env::posix(), export_model(dir, "mixtral-tiny", "q4_0"));
   EXPECT_EQ(f.find("general.architecture")->as_string("a"), "llama");
+  EXPECT_EQ(f.find("general.name")->as_string("n"), "mixtral-tiny");
   EXPECT_EQ(meta_int(f, "general.file_type"), 2);  // LLAMA_FTYPE_MOSTLY_Q4_0
   EXPECT_EQ(meta_int(f, "general.alignment"), 32);
   EXPECT_EQ(meta_int(f, "llama.block_count"), 4);
