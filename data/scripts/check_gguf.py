@@ -14,10 +14,15 @@ catches rows or blocks in the wrong place, e.g. a missing q/k permutation).
   check_gguf.py --golden MODEL_DIR:TYPE:FILE.gguf ...  # the same for several files, goldens JSON on stdout
 
 data/golden/gguf.json was made with (from the repository root, after building moe-tool):
-  for m in mixtral-tiny qwen2moe-tiny validation-tiny; do for t in f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1; do
-    build/moe-tool export data/models/$m /tmp/gg/$m-$t.gguf --type $t --force -q; done; done
-  /usr/bin/python3 data/scripts/check_gguf.py --golden $(for m in ...; do for t in ...; do
-    echo data/models/$m:$t:/tmp/gg/$m-$t.gguf; done; done) > data/golden/gguf.json
+  M="mixtral-tiny qwen2moe-tiny validation-tiny"; T="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1"; mkdir -p /tmp/gg
+  for m in $M; do for t in $T; do
+    build/moe-tool -q export data/models/$m /tmp/gg/$m-$t.gguf --type $t --force; done; done
+  for t in tq1_0 tq2_0; do build/moe-tool -q export data/models/mixtral-tiny /tmp/gg/mixtral-tiny-${t}_down.gguf \
+    --type q8_0 --tensor-type ffn_down_exps=$t --force; done
+  /usr/bin/python3 data/scripts/check_gguf.py --golden \
+    $(for m in $M; do for t in $T; do echo data/models/$m:$t:/tmp/gg/$m-$t.gguf; done; done) \
+    $(for t in tq1_0 tq2_0; do echo data/models/mixtral-tiny:${t}_down:/tmp/gg/mixtral-tiny-${t}_down.gguf; done) \
+    > data/golden/gguf.json
 """
 import json
 import struct
