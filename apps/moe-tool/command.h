@@ -37,6 +37,7 @@ void setup_prune(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_merge(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_factorize(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_quantize(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags& flags);

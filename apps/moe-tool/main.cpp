@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"merge", "Merge experts into fewer (msmoe, hcsmoe, submoe, dern) with a router for the merged experts", setup_merge},
     {"factorize", "Low-rank experts (svd, asvd, svdllm, delta, latent) in the native checkpoint format", setup_factorize},
     {"quantize", "Integer-group and ternary experts (rtn, gptq; mixed precision by --avg-bits) in the native checkpoint format", setup_quantize},
+    {"export", "GGUF file for llama.cpp (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0)", setup_export},
     {"upcycle", "Dense checkpoint into an MoE one (copy, drop, split experts; random, hidden or ridge router)", setup_upcycle},
     {"run", "Run a JSON recipe: calibration, a pipeline of passes, output, evaluation", setup_run},
     {"list", "List every pass and method", setup_list},

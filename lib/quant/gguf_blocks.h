@@ -1,0 +1,75 @@
+// GGML tensor element types as GGUF files store them (ggml-common.h block structs; type ids and
+// block sizes as gguf-py's constants.py lists them), with our own round-to-nearest encoders and
+// decoders for the types the GGUF writer produces.
+//
+// A row of n values (n a multiple of the type's block size) is stored as n / block blocks of
+// type_size bytes each, little-endian. Layouts of the types with a codec here (x = value, d/m
+// f16 scale/min, q the stored integer):
+//   F32, F16, BF16   one value per element
+//   Q8_0   {f16 d; i8 qs[32]}                 x = d * qs[j]
+//   Q4_0   {f16 d; u8 qs[16]}                 x = d * (q - 8), q of element j < 16 in the low
+//                                             nibble of qs[j], of element j + 16 in the high one
+//   Q4_1   {f16 d; f16 m; u8 qs[16]}          x = d * q + m (nibbles as Q4_0)
+//   Q5_0   {f16 d; u8 qh[4]; u8 qs[16]}       x = d * (q - 16); low 4 bits as Q4_0, bit 4 of
+//                                             element j in bit j of the little-endian u32 qh
+//   Q5_1   {f16 d; f16 m; u8 qh[4]; u8 qs[16]} x = d * q + m (bits as Q5_0)
+//   TQ2_0  {u8 qs[64]; f16 d}, 256 values     x = d * (t - 1), t in 0..2; element 128h + 32l + m
+//                                             in bits 2l..2l+1 of qs[32h + m]
+//   TQ1_0  {u8 qs[48]; u8 qh[4]; f16 d}, 256  x = d * (t - 1); five trits a byte (four in qh),
+//                                             byte = ceil(sum t_k 3^(4-k) * 256 / 243)
+// Every other known type (K-quants, IQ, TQ, integers) is listed with its sizes so a GGUF file
+// holding it can be parsed, but has no codec yet: encode/decode throw Error::unsupported naming it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moe::quant {
+
+// ggml_type ids (stable: they are stored in files).
+enum class GgmlType : uint32_t {
+  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
+  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15,
+  IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
+  I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35,
+};
+
+struct GgmlTypeInfo {
+  GgmlType type;
+  const char* name;   // lower case, llama-quantize's spelling ("q4_0", "bf16")
+  int64_t block;      // values per block
+  size_t type_size;   // bytes per block
+  bool codec;         // encode_row/decode_row implemented
+};
+
+// The type with this id, or null when the id is not a ggml type we know.
+const GgmlTypeInfo* ggml_type_info(uint32_t id);
+const GgmlTypeInfo& ggml_type_info(GgmlType t);
+// By name, case-insensitive ("Q4_0", "q4_0"); null when unknown.
+const GgmlTypeInfo* parse_ggml_type(std::string_view name);
+// The names of the types with a codec, comma separated (for messages and --help).
+std::string ggml_codec_names();
+
+// Bytes of a row of n values; Error::invalid when n is not a multiple of the block size.
+uint64_t ggml_row_bytes(GgmlType t, int64_t n);
+
+// Encodes n values (n a multiple of the block size) into ggml_row_bytes(t, n) bytes at dst,
+// rounding each value to the nearest point of its block's grid (scales chosen per block as the
+// layout comment above says; the scale is rounded to f16 before the codes are chosen, so decode
+// uses exactly the scale the codes were rounded against). Error::unsupported for types without a
+// codec, Error::invalid for non-finite input.
+void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst);
+// Decodes n values from src (ggml_row_bytes(t, n) bytes).
+void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst);
+
+// Stores integer codes already on a 32-block grid, without rounding anything: n unsigned codes
+// with an implied zero point (Q4_0: 0..15, x = d * (q - 8); Q8_0: 0..255, x = d * (q - 128)) and
+// one f16-exact scale per 32 values, as moe-tool's symmetric int4 / int8 groups of 32 store them
+// (quant/intn.h). Error::invalid for another type, a code out of range or a scale not exact in f16.
+void pack_codes_row(GgmlType t, const uint8_t* codes, const float* scales, int64_t n, uint8_t* dst);
+
+}  // namespace moe::quant

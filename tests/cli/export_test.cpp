@@ -1,0 +1,327 @@
+// `export` through the CLI: each fixture and type written, read back by our GGUF reader and
+// compared with data/golden/gguf.json (made by data/scripts/check_gguf.py, an independent NumPy
+// decoder of the same files); metadata and tensor types as llama.cpp expects them; --tensor-type;
+// and every refusal (exit 2, one line, nothing written).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <tuple>
+#include <nlohmann/json.hpp>
+
+#include "core/dtype.h"
+#include "io/checkpoint.h"
+#include "io/env.h"
+#include "io/gguf.h"
+#include "model/model.h"
+#include "support/cli_expect.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+const fs::path kSrc = MOE_SOURCE_DIR;
+
+const json& goldens() {
+  static const json g = read_json(kSrc / "data/golden/gguf.json");
+  return g;
+}
+
+fs::path export_model(const TempDir& dir, const std::string& model, const std::string& type,
+                      const std::vector<std::string>& extra = {}) {
+  const fs::path out = dir / (model + "-" + type + ".gguf");
+  // A trailing slash on MODEL: general.name is still the folder's name.
+  std::vector<std::string> args = {"-q", "export", (kSrc / "data/models" / model).string() + "/", out.string(), "--type", type};
+  args.insert(args.end(), extra.begin(), extra.end());
+  const RunResult r = run_tool(args);
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  return out;
+}
+
+struct Case {
+  std::string model, type;
+};
+class ExportGolden : public ::testing::TestWithParam<Case> {};
+
+// Our reader's decode of the written file gives the checksums the NumPy decoder computed.
+TEST_P(ExportGolden, DecodesAsTheIndependentCheck) {
+  const auto& [model, type] = GetParam();
+  TempDir dir{"moe-export"};
+  // "<ternary>_down": Q8_0 with the expert down projections (rows of 256) in the ternary type.
+  const auto down = type.find("_down");
+  const fs::path out = down == std::string::npos
+                           ? export_model(dir, model, type)
+                           : export_model(dir, model, "q8_0", {"--tensor-type", "ffn_down_exps=" + type.substr(0, down)});
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const json& g = goldens().at(model).at(type);
+  ASSERT_FALSE(g.empty());
+  for (const auto& [name, want] : g.items()) {
+    SCOPED_TRACE(name);
+    const io::GgufTensorInfo* t = f.find_tensor(name);
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(quant::ggml_type_info(t->type).name, want.at("type").get<std::string>());
+    EXPECT_EQ(t->ne, want.at("ne").get<std::vector<int64_t>>());
+    const auto y = f.decode(*t);
+    double sum = 0, sum_sq = 0, sum_w = 0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      sum += y[i];
+      sum_sq += static_cast<double>(y[i]) * y[i];
+      sum_w += static_cast<double>(y[i]) * static_cast<double>(i % 97 + 1);
+    }
+    // Float64 sums of the same float32 values: equal up to summation order.
+    const double scale = std::sqrt(static_cast<double>(y.size()) * want.at("sum_sq").get<double>()) + 1e-12;
+    EXPECT_NEAR(sum, want.at("sum").get<double>(), 1e-9 * scale);
+    EXPECT_NEAR(sum_sq, want.at("sum_sq").get<double>(), 1e-9 * want.at("sum_sq").get<double>() + 1e-12);
+    EXPECT_NEAR(sum_w, want.at("sum_w").get<double>(), 1e-9 * 97 * scale);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, ExportGolden,
+    ::testing::Values(Case{"mixtral-tiny", "f32"}, Case{"mixtral-tiny", "f16"}, Case{"mixtral-tiny", "bf16"},
+                      Case{"mixtral-tiny", "q8_0"}, Case{"mixtral-tiny", "q4_0"}, Case{"mixtral-tiny", "q4_1"},
+                      Case{"mixtral-tiny", "q5_0"}, Case{"mixtral-tiny", "q5_1"}, Case{"qwen2moe-tiny", "f32"},
+                      Case{"qwen2moe-tiny", "q4_0"}, Case{"qwen2moe-tiny", "q5_1"}, Case{"validation-tiny", "f32"},
+                      Case{"validation-tiny", "q8_0"}, Case{"validation-tiny", "q4_1"},
+                      Case{"mixtral-tiny", "tq1_0_down"}, Case{"mixtral-tiny", "tq2_0_down"}),
+    [](const auto& info) {
+      std::string n = info.param.model + "_" + info.param.type;
+      for (auto& c : n)
+        if (c == '-') c = '_';
+      return n;
+    });
+
+int64_t meta_int(const io::GgufFile& f, const std::string& key) {
+  const io::GgufValue* v = f.find(key);
+  EXPECT_NE(v, nullptr) << key;
+  return v ? v->as_int(key) : -1;
+}
+
+std::string type_of(const io::GgufFile& f, const std::string& name) {
+  const io::GgufTensorInfo* t = f.find_tensor(name);
+  EXPECT_NE(t, nullptr) << name;
+  return t ? quant::ggml_type_info(t->type).name : "";
+}
+
+TEST(Export, MixtralMetadataAndTypesAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const auto f = io::GgufFile::open(io::Env::posix(), export_model(dir, "mixtral-tiny", "q4_0"));
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), "llama");
+  EXPECT_EQ(f.find("general.name")->as_string("n"), "mixtral-tiny");
+  EXPECT_EQ(meta_int(f, "general.file_type"), 2);  // LLAMA_FTYPE_MOSTLY_Q4_0
+  EXPECT_EQ(meta_int(f, "general.alignment"), 32);
+  EXPECT_EQ(meta_int(f, "llama.block_count"), 4);
+  EXPECT_EQ(meta_int(f, "llama.embedding_length"), 128);
+  EXPECT_EQ(meta_int(f, "llama.feed_forward_length"), 256);
+  EXPECT_EQ(meta_int(f, "llama.attention.head_count"), 4);
+  EXPECT_EQ(meta_int(f, "llama.attention.head_count_kv"), 2);
+  EXPECT_EQ(meta_int(f, "llama.expert_count"), 8);
+  EXPECT_EQ(meta_int(f, "llama.expert_used_count"), 2);
+  EXPECT_EQ(meta_int(f, "llama.rope.dimension_count"), 32);
+  EXPECT_EQ(meta_int(f, "llama.context_length"), 4096);
+  EXPECT_EQ(f.find("llama.rope.freq_base")->as_double("r"), 10000.0);
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find("llama.attention.layer_norm_rms_epsilon")->as_double("e")), 1e-5f);
+  EXPECT_EQ(f.find("llama.attention.key_length"), nullptr);  // head_dim == hidden / heads
+  EXPECT_EQ(f.find("tokenizer.ggml.model")->as_string("t"), "gpt2");
+  EXPECT_EQ(f.find("tokenizer.ggml.pre")->as_string("t"), "qwen2");
+  const auto& tokens = f.find("tokenizer.ggml.tokens")->items;
+  ASSERT_EQ(tokens.size(), 4096u);
+  EXPECT_EQ(tokens[4095].str, "<|endoftext|>");
+  EXPECT_EQ(f.find("tokenizer.ggml.token_type")->items[4095].as_int("t"), 3);  // control
+  EXPECT_EQ(f.find("tokenizer.ggml.token_type")->items[300].as_int("t"), 1);   // normal
+  EXPECT_EQ(f.find("tokenizer.ggml.merges")->items.size(), 3839u);
+  EXPECT_EQ(meta_int(f, "tokenizer.ggml.eos_token_id"), 4095);
+  EXPECT_EQ(meta_int(f, "tokenizer.ggml.bos_token_id"), 4095);
+  EXPECT_EQ(f.find("tokenizer.ggml.add_bos_token")->integer, 0u);
+  // The default mix: token_embd and output Q8_0, 1-D tensors and routers F32, the rest Q4_0.
+  EXPECT_EQ(type_of(f, "token_embd.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "output.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "output_norm.weight"), "f32");
+  EXPECT_EQ(type_of(f, "blk.3.ffn_gate_inp.weight"), "f32");
+  EXPECT_EQ(type_of(f, "blk.3.attn_norm.weight"), "f32");
+  EXPECT_EQ(type_of(f, "blk.0.attn_q.weight"), "q4_0");
+  EXPECT_EQ(type_of(f, "blk.0.ffn_up_exps.weight"), "q4_0");
+  EXPECT_EQ(f.find_tensor("blk.2.ffn_down_exps.weight")->ne, (std::vector<int64_t>{256, 128, 8}));
+  EXPECT_EQ(f.find_tensor("blk.2.ffn_gate_exps.weight")->ne, (std::vector<int64_t>{128, 256, 8}));
+  EXPECT_EQ(f.find_tensor("token_embd.weight")->ne, (std::vector<int64_t>{128, 4096}));
+  EXPECT_EQ(f.tensors().size(), 3u + 4u * 10u);
+}
+
+TEST(Export, QwenFamiliesWriteTheirKeys) {
+  TempDir dir{"moe-export"};
+  const auto q2 = io::GgufFile::open(io::Env::posix(), export_model(dir, "qwen2moe-tiny", "f16"));
+  EXPECT_EQ(q2.find("general.architecture")->as_string("a"), "qwen2moe");
+  EXPECT_EQ(meta_int(q2, "qwen2moe.expert_feed_forward_length"), 128);
+  EXPECT_EQ(meta_int(q2, "qwen2moe.expert_shared_feed_forward_length"), 256);
+  EXPECT_EQ(meta_int(q2, "qwen2moe.feed_forward_length"), 256);
+  EXPECT_EQ(q2.find_tensor("blk.0.ffn_gate_inp_shexp.weight")->ne, (std::vector<int64_t>{128}));
+  EXPECT_EQ(type_of(q2, "blk.0.ffn_gate_inp_shexp.weight"), "f32");
+  EXPECT_EQ(type_of(q2, "blk.0.ffn_down_shexp.weight"), "f16");
+  EXPECT_EQ(type_of(q2, "blk.0.attn_q.bias"), "f32");
+  EXPECT_EQ(type_of(q2, "token_embd.weight"), "f16");  // not a block type: kept at the main type
+  EXPECT_EQ(q2.find("qwen2moe.rope.dimension_count"), nullptr);
+  const auto q3 = io::GgufFile::open(io::Env::posix(), export_model(dir, "validation-tiny", "bf16"));
+  EXPECT_EQ(q3.find("general.architecture")->as_string("a"), "qwen3moe");
+  EXPECT_EQ(meta_int(q3, "qwen3moe.attention.key_length"), 48);  // head_dim 48 != 160 / 4
+  EXPECT_EQ(meta_int(q3, "qwen3moe.attention.value_length"), 48);
+  EXPECT_EQ(meta_int(q3, "qwen3moe.expert_feed_forward_length"), 192);
+  EXPECT_EQ(q3.find_tensor("blk.1.attn_q_norm.weight")->ne, (std::vector<int64_t>{48}));
+  EXPECT_EQ(meta_int(q3, "general.file_type"), 32);
+}
+
+// A synthetic checkpoint (hidden 32, 4 heads of 8, 4 experts of width 16) with the fixtures'
+// byte-level tokenizer, exported at F32: exact values to compare with the source tensors.
+fs::path synth_with_tokenizer(const TempDir& dir, const std::string& family, const SynthCheckpoint& ck) {
+  const fs::path d = dir / family;
+  write_synth(ck, d);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(kSrc / "data/models/mixtral-tiny" / f, d / f);
+  return d;
+}
+
+std::vector<float> source_f32(const SynthCheckpoint& ck, const std::string& name) {
+  const SynthTensor& t = ck.at(name);
+  std::vector<float> v(t.data.size() / core::dtype_size(t.dtype));
+  core::to_f32(t.dtype, t.data.data(), v.data(), v.size());
+  return v;
+}
+
+// Mixtral (arch llama): q and k rows permuted within each head (row 2i + s <- row s * d/2 + i),
+// v and the experts as stored, experts stacked in order.
+TEST(Export, LlamaArchPermutesQKRowsOnly) {
+  TempDir dir{"moe-export"};
+  const auto ck = make_synth("mixtral", {.config_patch = {{"vocab_size", 4096}}});
+  const fs::path out = dir / "m.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", synth_with_tokenizer(dir, "mixtral", ck).string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const int64_t H = 32, d = 8;
+  for (const auto& [gname, hf, heads] : {std::tuple{"blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight", 4},
+                                         std::tuple{"blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight", 2}}) {
+    const auto y = f.decode(*f.find_tensor(gname));
+    const auto x = source_f32(ck, hf);
+    ASSERT_EQ(y.size(), static_cast<size_t>(heads * d * H));
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < d / 2; ++i)
+        for (int64_t s = 0; s < 2; ++s)
+          for (int64_t c = 0; c < H; ++c)
+            ASSERT_EQ(y[(h * d + 2 * i + s) * H + c], x[(h * d + s * d / 2 + i) * H + c]) << gname << " head " << h;
+  }
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.1.attn_v.weight")), source_f32(ck, "model.layers.1.self_attn.v_proj.weight"));
+  const auto up = f.decode(*f.find_tensor("blk.0.ffn_up_exps.weight"));
+  const auto e3 = source_f32(ck, "model.layers.0.block_sparse_moe.experts.3.w3.weight");
+  EXPECT_EQ(std::vector<float>(up.begin() + 3 * static_cast<int64_t>(e3.size()), up.begin() + 4 * static_cast<int64_t>(e3.size())), e3);
+}
+
+// OLMoE: no permutation (NeoX RoPE), whole-projection q/k norms, clip_qkv as clamp_kqv, the expert
+// width as feed_forward_length.
+TEST(Export, OlmoeKeysAndUnpermutedAttention) {
+  TempDir dir{"moe-export"};
+  const auto ck = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}, {"clip_qkv", 8.0}}});
+  const fs::path out = dir / "o.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", synth_with_tokenizer(dir, "olmoe", ck).string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), "olmoe");
+  EXPECT_EQ(f.find("olmoe.attention.clamp_kqv")->as_double("c"), 8.0);
+  EXPECT_EQ(meta_int(f, "olmoe.feed_forward_length"), 16);
+  EXPECT_EQ(meta_int(f, "olmoe.expert_count"), 4);
+  EXPECT_EQ(f.find("olmoe.expert_feed_forward_length"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.0.attn_q_norm.weight")->ne, (std::vector<int64_t>{32}));
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.0.attn_q.weight")), source_f32(ck, "model.layers.0.self_attn.q_proj.weight"));
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.0.attn_k_norm.weight")), source_f32(ck, "model.layers.0.self_attn.k_norm.weight"));
+  // llama.cpp's olmoe graph does not renormalize the top-k weights: a config that does is refused.
+  const auto renorm = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}, {"norm_topk_prob", true}}});
+  TempDir dir2{"moe-export"};
+  expect_clean_failure(run_tool({"export", synth_with_tokenizer(dir2, "olmoe", renorm).string(), (dir2 / "r.gguf").string(),
+                                 "--type", "f32"}),
+                       "renormalizes the top-k weights (norm_topk_prob) but llama.cpp's olmoe graph does not");
+  EXPECT_EQ(list_dir(dir2.path()), std::vector<std::string>{"olmoe"});
+}
+
+// Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
+// copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
+// rows permuted for arch llama), whatever --type says for the dense tensors.
+TEST(Export, SymmetricGroupsOf32AreCopiedAsBlocks) {
+  TempDir dir{"moe-export"};
+  const fs::path q8 = dir / "q8";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/models/mixtral-tiny").string(), q8.string(), "--method", "rtn",
+                      "--codec", "int8", "--group", "32", "--sym", "--attention", "int8"}).exit_code, 0);
+  const fs::path out = dir / "q8.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", q8.string(), out.string(), "--type", "f16"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(type_of(f, "blk.2.ffn_down_exps.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "blk.2.attn_q.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "token_embd.weight"), "f16");
+  auto& env = io::Env::posix();
+  const auto ckpt = io::Checkpoint::open(env, q8);
+  const auto model = model::Model::load(ckpt);
+  const auto& layer = model.layers().at(2);
+  ASSERT_NE(layer.moe->experts.at(5).down.encoding(), nullptr);
+  const auto e5 = layer.moe->experts.at(5).down.to_f32();
+  const auto down = f.decode(*f.find_tensor("blk.2.ffn_down_exps.weight"));
+  EXPECT_EQ(std::vector<float>(down.begin() + 5 * static_cast<int64_t>(e5.size()), down.begin() + 6 * static_cast<int64_t>(e5.size())), e5);
+  const auto q = layer.find("q_proj")->to_f32();
+  const auto y = f.decode(*f.find_tensor("blk.2.attn_q.weight"));
+  const int64_t H = 128, d = 32;
+  for (int64_t h = 0; h < 4; ++h)
+    for (int64_t i = 0; i < d / 2; ++i)
+      for (int64_t s = 0; s < 2; ++s)
+        for (int64_t c = 0; c < H; ++c) ASSERT_EQ(y[(h * d + 2 * i + s) * H + c], q[(h * d + s * d / 2 + i) * H + c]);
+  // Groups of 64 have no block type: refused, naming the encoding.
+  const fs::path q64 = dir / "q64";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/models/mixtral-tiny").string(), q64.string(), "--method", "rtn",
+                      "--codec", "int4", "--group", "64", "--sym"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", q64.string(), (dir / "x.gguf").string(), "--type", "q4_0"}),
+                       "blk.0.ffn_gate_exps.weight: expert 0 is encoded as 'intN' {\"bits\":4,\"cols\":128,\"group\":64");
+}
+
+TEST(Export, TensorTypeOverridesFirstMatchWins) {
+  TempDir dir{"moe-export"};
+  const auto f = io::GgufFile::open(
+      io::Env::posix(), export_model(dir, "mixtral-tiny", "q4_0",
+                                     {"--tensor-type", "ffn_down_exps=q8_0", "--tensor-type", "ffn_.*_exps=q5_1",
+                                      "--tensor-type", "token_embd=f16", "--tensor-type", "norm=q8_0"}));
+  EXPECT_EQ(type_of(f, "blk.1.ffn_down_exps.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "blk.1.ffn_gate_exps.weight"), "q5_1");
+  EXPECT_EQ(type_of(f, "token_embd.weight"), "f16");
+  EXPECT_EQ(type_of(f, "output.weight"), "q8_0");
+  EXPECT_EQ(type_of(f, "blk.1.attn_v.weight"), "q4_0");
+  EXPECT_EQ(type_of(f, "blk.1.ffn_norm.weight"), "f32");  // 1-D: never quantized
+}
+
+TEST(Export, RefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  const std::string mixtral = (kSrc / "data/models/mixtral-tiny").string();
+  const std::string out = (dir / "o.gguf").string();
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_k"}), "--type: q4_k is not written yet");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "tq2_0"}),
+                       "blk.0.attn_k.weight: rows of 128 values are not a multiple of the tq2_0 block size 256");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q3_x"}), "--type: unknown ggml type 'q3_x'");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "([=q8_0"}), "bad regex");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "exps"}), "expected REGEX=TYPE");
+  expect_clean_failure(run_tool({"export", (kSrc / "data/models/llama-tiny").string(), out, "--type", "f16"}),
+                       "family llama is not exported to GGUF yet");
+  expect_clean_failure(run_tool({"export", mixtral, mixtral + "/model.safetensors", "--type", "f16"}), "model.safetensors");
+  // Rows narrower than a block: the synthetic mixtral's experts are 16 wide.
+  const fs::path synth = dir / "synth";
+  write_synth(make_synth("mixtral"), synth);
+  expect_clean_failure(run_tool({"export", synth.string(), out, "--type", "q4_0"}),
+                       "ffn_down_exps.weight: rows of 16 values are not a multiple of the q4_0 block size 32");
+  // A model quantized by moe-tool: refused naming the encoding and the way out.
+  const fs::path quantized = dir / "int4";
+  ASSERT_EQ(run_tool({"-q", "quantize", mixtral, quantized.string(), "--method", "rtn", "--codec", "int4"}).exit_code, 0);
+  const RunResult q = run_tool({"export", quantized.string(), out, "--type", "q4_0"});
+  expect_clean_failure(q, "is encoded as 'intN'");
+  EXPECT_NE(q.err.find("convert " + quantized.string() + " DENSE --materialize"), std::string::npos) << q.err;
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"int4", "synth"})) << "something was written";
+  // An existing output needs --force.
+  ASSERT_EQ(run_tool({"-q", "export", mixtral, out, "--type", "f16"}).exit_code, 0);
+  const auto size = fs::file_size(out);
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "f32"}), "--force");
+  EXPECT_EQ(fs::file_size(out), size);
+}
+
+}  // namespace
+}  // namespace moe::test
