@@ -1,4 +1,4 @@
-// Expert merging (METHODS.md §4): group the experts of each MoE layer into N groups, merge each
+// Expert merging (docs/methods.md): group the experts of each MoE layer into N groups, merge each
 // group into one expert and one router row. The shared expert is untouched.
 //
 // Options (besides "pass", "method", "seed"):

@@ -27,7 +27,7 @@
 //   text, L2-normalised, so neurons that fire together share an expert), expert e = segment
 //   e mod G of copy e / G (E = copies x G). Output-preserving scale s = G: "down" multiplies
 //   down_proj by s (the MLP is linear in down; with G a power of two exact in bf16 too), "cube"
-//   multiplies gate, up and down by s^(1/3) as METHODS §7 states — silu is not homogeneous, so
+//   multiplies gate, up and down by s^(1/3) as the cube rule states — silu is not homogeneous, so
 //   "cube" is NOT output preserving; it is kept to measure. The split MoE equals the dense MLP
 //   only when the G segments of one copy are selected with weight 1/G each: renormalised top-k,
 //   router logits equal for every expert (router_std 0) and k = G (ties go to the lower expert
