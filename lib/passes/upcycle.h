@@ -32,7 +32,7 @@
 //   only when the G segments of one copy are selected with weight 1/G each: renormalised top-k,
 //   router logits equal for every expert (router_std 0) and k = G (ties go to the lower expert
 //   index, i.e. copy 0) or k = E. A random router (std 0.02) weights segments unequally: close
-//   to dense, not equal (README "upcycle" measures both).
+//   to dense, not equal (docs/benchmarks.md measures both).
 //
 // Routers (`router`):
 // - random: N(0, router_std²), seeded (per layer).
