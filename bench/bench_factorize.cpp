@@ -2,7 +2,7 @@
 // rests on. Random f32 weights with a decaying spectrum (seeded) and Grams G = X Xᵀ from a random
 // X [n, 2n] with uneven channel scales. Two sections:
 //
-// "per_expert" (the bar of issue 12: factorization time per expert against the LAPACK calls, overhead
+// "per_expert" (the target: factorization time per expert against the LAPACK calls, overhead
 // <= 20%): one expert of hidden size H and intermediate size I (default 1024 and 2816, the bench
 // model): gate and up [I, H] reading one Gram [H, H], down [H, I] reading a Gram [I, I]. Per method,
 // what the factorize pass runs for the expert (the three matrices truncated at rank_for_ratio):

@@ -1,4 +1,4 @@
-// moe-tool eval MODEL --text FILE: perplexity over non-overlapping windows (METHODS.md §9), or
+// moe-tool eval MODEL --text FILE: perplexity over non-overlapping windows (docs/methods.md), or
 // with --against REF the same windows through both models: KL(ref || model), top-1 agreement.
 #include <cstdio>
 #include <iostream>

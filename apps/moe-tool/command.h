@@ -13,7 +13,7 @@ struct GlobalFlags {
   std::string command_line;  // argv joined, for reports
 };
 
-// Exit statuses (README "Exit codes", --help): scripts rely on them.
+// Exit statuses (docs/recipes.md "Exit codes", --help): scripts rely on them.
 inline constexpr int kExitOk = 0;           // done; a written checkpoint is in place
 inline constexpr int kExitInternal = 1;     // a bug; nothing left behind
 inline constexpr int kExitBadInput = 2;     // bad input (file, tensor, JSON path named); nothing written

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Golden numbers for the low-rank factorisation core (lib/passes/lowrank.h), written from
-METHODS.md section 5 with NumPy only (float64 throughout).  Offline use only.
+docs/methods.md with NumPy only (float64 throughout).  Offline use only.
 
 Usage:  /usr/bin/python3 data/scripts/make_lowrank_goldens.py
 Writes data/golden/lowrank.json.
@@ -8,7 +8,7 @@ Writes data/golden/lowrank.json.
 Inputs are small seeded matrices: weights are float32 values (stored exactly as doubles, so the
 C++ test reads the same numbers), Gram matrices are G = X X^T in float64 from a seeded X [n, N].
 Per case and per rank k the file holds the rank-k reconstruction (the product A.B: the factors
-themselves are only defined up to signs) and the loss.  Definitions used here (METHODS §5):
+themselves are only defined up to signs) and the loss.  Definitions used here (docs/methods.md):
 
   svd      W = U S V^T;  W_k = U_k S_k V_k^T;  loss = ||W - W_k||_F^2
   asvd     s_j = a_j^alpha, a_j = act_scale_j raised to 1e-6 * max(act_scale) when below it;
@@ -212,7 +212,7 @@ def main():
 
     cases.append(budget_case(rng))
 
-    out = {"source": "data/scripts/make_lowrank_goldens.py (NumPy float64, METHODS.md section 5)",
+    out = {"source": "data/scripts/make_lowrank_goldens.py (NumPy float64, docs/methods.md)",
            "cases": cases}
     with open(OUT, "w") as f:
         json.dump(out, f, indent=1)

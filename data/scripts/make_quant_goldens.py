@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Golden values for the quantization codecs and GPTQ (lib/quant/codec.h, lib/quant/gptq.h),
-written from the formulas of METHODS.md section 6 and the headers' definitions, independently of
+written from the formulas of docs/methods.md and the headers' definitions, independently of
 the C++ code.  Offline use only.
 
 Usage:  /usr/bin/python3 data/scripts/make_quant_goldens.py

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Golden routing statistics (METHODS.md section 2) for `moe-tool calibrate`, computed with the
+"""Golden routing statistics (docs/methods.md) for `moe-tool calibrate`, computed with the
 PyTorch reference forward (reference.py).  Offline use only.
 
 Usage:  /usr/bin/python3 data/scripts/make_stats_goldens.py [name ...]

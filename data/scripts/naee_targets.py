@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Analysis for issue 16 (not a fixture generator): NAEE enumerate at keep K with four per-layer
+"""Analysis of enumerate's per-layer target (not a fixture generator): NAEE enumerate at keep K with four per-layer
 targets, in the reference forward (fp32), on the first 64 calibration windows of 128 tokens, each
 pruned model evaluated on the first 64 held-out windows against the original:
 A propagate  : candidates and target on the damaged input x_d: ||F(x_d) - F_S(x_d)||   (moe-tool default)

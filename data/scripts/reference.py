@@ -3,7 +3,7 @@ transformers' eager implementations (LlamaForCausalLM, MistralForCausalLM, Qwen2
 Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM,
 OlmoeForCausalLM).  Offline use only (fixtures and goldens); never used by the tool.
 
-Conventions (METHODS.md section 1):
+Conventions (docs/methods.md):
   * weights in HF orientation [out, in]; y = x @ W.T (+ b);
   * RMSNorm in fp32: x * rsqrt(mean(x^2) + eps) * w;
   * RoPE rotate-half, inv_freq = theta^(-2i/d), positions 0..T-1 of the window;

@@ -6,7 +6,7 @@
 // scripts can reproduce it: state = seed; next() = splitmix64; for i in 0..n-1:
 // j = i + next() % (M - i), swap(ids[i], ids[j]); the chosen ids are then sorted ascending).
 //
-// Execution is layer-sequential (DESIGN.md): the hidden states of all chosen windows are kept
+// Execution is layer-sequential: the hidden states of all chosen windows are kept
 // ([windows*ctx, H] fp32), each layer is converted to f32 once and applied to the windows in
 // batches of batch_windows, the StatsObserver watches, and the finished layer's statistics are
 // streamed into the stats file before the next layer loads. Memory: one layer's f32 weights +

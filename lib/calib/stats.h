@@ -1,4 +1,4 @@
-// Routing statistics (METHODS.md §2), computed once by `moe-tool calibrate`, saved as a
+// Routing statistics (docs/methods.md), computed once by `moe-tool calibrate`, saved as a
 // safetensors file and reused by every pass. Tensor names in the file:
 //   layers.{l}.tokens      I64 []      tokens seen
 //   layers.{l}.count       F64 [E]     tokens whose top-k includes e
@@ -84,7 +84,7 @@ struct Stats {
   // The --gram matrices of layer l ("attn_qkv", "attn_o", "mlp_in", "mlp_mid"); throws like layer().
   const LayerGrams& layer_grams(int l, const std::string& field) const;
 
-  // Flags super experts (METHODS §2): out_absmax above the 99.5th percentile of all (layer,
+  // Flags super experts (docs/methods.md): out_absmax above the 99.5th percentile of all (layer,
   // expert) values and above a tenth of the global max, only in layers < 0.75 * num_layers.
   void flag_super_experts(int num_layers);
   // The two thresholds of that rule over the current out_absmax values.

@@ -1,4 +1,4 @@
-// The observer that computes the routing statistics of METHODS.md §2 while the layer-sequential
+// The observer that computes the routing statistics of docs/methods.md while the layer-sequential
 // forward runs (calib/calibrate.h drives it). It may see a layer in several batches of windows:
 // set_token_offset() before each batch tells it where the batch sits in the token stream, and
 // take_layer() / take_grams() after the last batch of a layer finish that layer.

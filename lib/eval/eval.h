@@ -1,4 +1,4 @@
-// Perplexity and model-vs-reference comparison over a text (METHODS.md §9).
+// Perplexity and model-vs-reference comparison over a text (docs/methods.md).
 //
 // Windows: the whole text is tokenized once; non-overlapping windows of ctx tokens from token 0;
 // the incomplete tail is dropped. Positions restart at 0 in each window.

@@ -10,7 +10,7 @@
 
 namespace moe::model {
 
-// How router logits become per-token expert weights (METHODS.md §1).
+// How router logits become per-token expert weights (docs/methods.md).
 enum class Routing {
   None,            // dense model
   SoftmaxTopK,     // softmax(all) -> top-k -> renormalise iff norm_topk_prob (mixtral: always)

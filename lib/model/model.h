@@ -27,7 +27,7 @@ inline constexpr const char* kNoviceSuffix = ".novice";
 
 struct Mlp {  // an expert or a dense MLP: down(silu(gate x) * up x)
   Tensor gate, up, down;  // [I,H], [I,H], [H,I]; empty for a novice
-  // A novice (MoNE, METHODS.md §3): a pruned expert replaced by the constant n_e [H] (F32), the
+  // A novice (MoNE, docs/methods.md): a pruned expert replaced by the constant n_e [H] (F32), the
   // mean of its outputs over the calibration tokens routed to it. Its output is n_e on every token
   // (still scaled by the gate); gate/up/down are empty. Written only in the native format
   // (docs/FORMAT.md, encoding "novice").

@@ -1,5 +1,5 @@
 // Low-rank factorization of expert (and optionally shared-expert, attention, dense-MLP) weights
-// (METHODS.md §5). Each factorized weight becomes a quant::LowRank encoding (W ≈ A·B, or
+// (docs/methods.md). Each factorized weight becomes a quant::LowRank encoding (W ≈ A·B, or
 // base + A·B), written in the native checkpoint format (docs/FORMAT.md) and run by the forward
 // as two thin GEMMs. The numerical core is passes/lowrank.h.
 //

@@ -233,7 +233,7 @@ Whitening whiten(MatrixD gram, const std::string& what) {
     wh.s = std::make_shared<const MatrixD>(std::move(gram));
     return wh;
   }
-  // METHODS §5: G + (−λ_min + 1e−6)·I.
+  // docs/methods.md: G + (−λ_min + 1e−6)·I.
   restore(0);
   const double lambda_min = min_eigenvalue(gram);
   const double base = std::max(-lambda_min, 0.0);

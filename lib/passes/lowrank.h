@@ -1,4 +1,4 @@
-// Numerical core of the `factorize` pass (METHODS.md §5): low-rank factorisations of expert
+// Numerical core of the `factorize` pass (docs/methods.md): low-rank factorisations of expert
 // weights. Pure functions on matrices; no tensors, names or files.
 //
 // Conventions. A weight W is [m, n] = [out, in] (HF orientation, row-major), y = W x. A Gram
@@ -60,7 +60,7 @@ struct Spectrum {
   MatrixD reconstruct(int k) const;
 };
 
-// A = U_k Σ_k^½ [m, k], B = Σ_k^½ right(k) [k, n] (the SVD-LLM split of METHODS §5), in f32.
+// A = U_k Σ_k^½ [m, k], B = Σ_k^½ right(k) [k, n] (the SVD-LLM split of docs/methods.md), in f32.
 // k in [0, p]; k = 0 gives empty factors. Throws Error::internal outside.
 Factors truncate(const Spectrum& s, int k);
 
@@ -70,7 +70,7 @@ Spectrum svd(const runtime::MatrixRM& w);
 
 // ASVD (Yuan et al. 2023, "ASVD: Activation-aware Singular Value Decomposition for Compressing
 // Large Language Models"): scale input channel j by s_j = act_scale_j^alpha, SVD of W·diag(s),
-// B ← B·diag(s)⁻¹ (METHODS §5, α = 0.5).
+// B ← B·diag(s)⁻¹ (docs/methods.md, α = 0.5).
 //   act_scale [n]: per-input-channel activation magnitude, >= 0 and finite. The paper uses mean|x_j|
 //   over the calibration tokens; the factorize pass derives it from the Gram as the RMS
 //   sqrt(G_jj / N) (N = tokens routed to the expert), an approximation (RMS >= mean|x|, equal
@@ -92,7 +92,7 @@ struct Whitening {
   std::string note;                  // what was done when not the plain Cholesky of G
   int64_t dim = 0;                   // n
 };
-// The rule of METHODS §5: S = chol(G) (LAPACKE_dpotrf); if G is not positive definite, add
+// The rule of docs/methods.md: S = chol(G) (LAPACKE_dpotrf); if G is not positive definite, add
 // (−λ_min + 1e−6)·I, λ_min the smallest eigenvalue of G (LAPACKE_dsyevd), and record the λ in
 // `shift`. "Not positive definite" means dpotrf fails or a pivot² is <= 1e−10·max_j G_jj
 // (numerically singular: S⁻¹ would amplify rounding by more than 1e5). When the 1e−6 of the rule
@@ -130,7 +130,7 @@ std::vector<runtime::MatrixRM> deltas(const std::vector<const runtime::MatrixRM*
 // Low-rank factorisations with one factor shared by the E matrices of one type (all [m, n]):
 //   Side::Right  one B [k, n] for every expert, A_e [m, k] each: the input-side basis. Used by
 //                D²-MoE's shared-V option (on the deltas) and MoLE's shared projection of gate/up
-//                (METHODS §5; the paper's exact reference is not recorded there).
+//                (docs/methods.md).
 //                Joint SVD of the stacked [W_1; …; W_E] [E·m, n]; with grams, whitened by the
 //                SUMMED Gram G = Σ_e G_e (one S for the stacked matrix), so
 //                  loss(k) = Σ_e ‖(W_e − A_e B) X‖²_F,  X = every expert's calibration inputs
@@ -177,7 +177,7 @@ struct SharedFactors {
 // k in [0, p] (else Error::internal).
 SharedFactors truncate_shared(const SharedSpectrum& s, int k, SigmaSplit split = SigmaSplit::Balanced);
 
-// Rank for a kept-parameter ratio ρ ∈ (0, 1] (METHODS §5): ⌊ρ·mn/(m+n)⌋ clamped to [1, min(m, n)].
+// Rank for a kept-parameter ratio ρ ∈ (0, 1] (docs/methods.md): ⌊ρ·mn/(m+n)⌋ clamped to [1, min(m, n)].
 // Throws Error::invalid for ρ outside (0, 1] or NaN, m or n < 1.
 int rank_for_ratio(int64_t m, int64_t n, double ratio);
 // Smallest k in [0, p] with Σ_{i<k} σ_i² >= energy·Σ_i σ_i² (energy ∈ [0, 1], else

@@ -104,12 +104,12 @@ class MergePass final : public pipeline::Pass {
       router_ = o.get_enum("router", "mean", {"dominant", "mean", "refit"});
       router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
       // HC-SMoE and Sub-MoE as published average without alignment; here they align by default
-      // (measured better on both fixtures, README quality table); "align": false is the papers' rule.
+      // (measured better on both fixtures, docs/benchmarks.md quality table); "align": false is the papers' rule.
       if (method_ != Method::MSMoE) align_ = o.get_bool("align", true);
       protect_ = o.get_bool("protect_super_experts", false);
     }
     // The papers weight by frequency (count); saliency weighting measured better in 10 of the 12
-    // fixture cells (README quality table), "importance": "frequency" is the papers' rule.
+    // fixture cells (docs/benchmarks.md quality table), "importance": "frequency" is the papers' rule.
     importance_ = o.get_enum("importance", "saliency", {"frequency", "soft", "saliency"});
     if (method_ == Method::SubMoE) {
       rank_ratio_ = o.get_number("rank_ratio", 1.0, 0.0, 1.0, /*min_open=*/true);

@@ -1,4 +1,4 @@
-// Expert merging (METHODS.md §4): group the experts of each MoE layer into N groups, merge each
+// Expert merging (docs/methods.md): group the experts of each MoE layer into N groups, merge each
 // group into one expert and one router row. The shared expert is untouched.
 //
 // Options (besides "pass", "method", "seed"):
@@ -16,7 +16,7 @@
 //   "importance": "saliency"  the per-expert score that picks dominant experts and weights the
 //                         merge: "saliency" = count * reap = Σ over routed tokens of gate · ‖expert
 //                         output‖ (default), "frequency" = count (the papers' rule), "soft" =
-//                         weight_sum. Saliency measured better in 10 of 12 fixture cells (README).
+//                         weight_sum. Saliency measured better in 10 of 12 fixture cells (docs/benchmarks.md).
 //   "align": true         hcsmoe/submoe: align members' neurons to the dominant one (msmoe always does)
 //   "protect_super_experts": false  every flagged super expert stays a group of its own
 // Methods (f = the importance above):

@@ -1,4 +1,4 @@
-// MoNE novices (METHODS.md §3; "MoNE: Replacing Redundant Experts with Lightweight Novices"):
+// MoNE novices (docs/methods.md; "MoNE: Replacing Redundant Experts with Lightweight Novices"):
 // instead of deleting a pruned expert e, replace it by the constant n_e = mean of expert_e(x) over
 // the calibration tokens routed to it. The router keeps all E rows and routing is unchanged; a
 // token routed to a novice gets gate_weight · n_e. Stock formats cannot hold a constant expert:

@@ -1,4 +1,4 @@
-// Expert pruning (METHODS.md §3): score the experts of each MoE layer, keep the best, delete the
+// Expert pruning (docs/methods.md): score the experts of each MoE layer, keep the best, delete the
 // others' tensors, router rows and router_bias entries (kept experts stay in their order).
 //
 // Options (besides "pass", "method", "seed"):
@@ -16,7 +16,7 @@
 //                             per layer: ragged counts (only the native format can hold them).
 //                             random has no cross-layer information: round(R · E_l) per layer.
 //                             enumerate cannot plan globally (its scores need the block inputs).
-//   "protect_super_experts": bool  never drop an expert flagged super (stats, METHODS.md §2)
+//   "protect_super_experts": bool  never drop an expert flagged super (stats, docs/methods.md)
 //   "novices": bool           MoNE (passes/novices.h): the dropped experts become novices (constant
 //                             mean outputs over their routed calibration tokens) instead of being
 //                             deleted; the router keeps every row and the report gives "experts"

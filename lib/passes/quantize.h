@@ -1,5 +1,5 @@
 // Quantization of expert (and, on request, shared-expert, dense-MLP, attention, router, embedding
-// and lm_head) weights into integer-group or ternary codes (METHODS.md §6), written in the native
+// and lm_head) weights into integer-group or ternary codes (docs/methods.md), written in the native
 // checkpoint format (docs/FORMAT.md) and dequantized one layer at a time by every reader. The
 // codecs and the GPTQ/RTN math are quant/codec.h and quant/gptq.h; the mixed-precision integer
 // program is quant/mixed_precision.h.

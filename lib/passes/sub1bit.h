@@ -1,4 +1,4 @@
-// Sub-1-bit coding of ternary weights, the quantize pass's `sub1bit` option (QMoE, METHODS.md §6):
+// Sub-1-bit coding of ternary weights, the quantize pass's `sub1bit` option (QMoE, docs/methods.md):
 // once a layer's matrices are quantized (rtn or gptq) with a ternary-minmax row codec, its Ternary
 // weights are dictionary-coded (quant/ternary_dict.h), lossless against their trits, with one
 // Tunstall dictionary built from the pair statistics of

@@ -934,7 +934,7 @@ UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpti
                                             : "all-zero (adds exactly 0; stock loaders build the tensors)";
   if (p.src.size() > 1) u["attention_from"] = opts.attention;
   if (p.zero_qkv_bias) u["attention_biases"] = "zero q/k/v biases written (qwen2_moe requires them)";
-  // Where the MoE equals the dense model at initialisation (README "upcycle").
+  // Where the MoE equals the dense model at initialisation (docs/benchmarks.md, upcycle).
   std::string exact;
   const bool renorm = opts.to == "mixtral" || opts.norm_topk_prob;
   if (opts.method == "copy")

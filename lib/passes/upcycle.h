@@ -27,12 +27,12 @@
 //   text, L2-normalised, so neurons that fire together share an expert), expert e = segment
 //   e mod G of copy e / G (E = copies x G). Output-preserving scale s = G: "down" multiplies
 //   down_proj by s (the MLP is linear in down; with G a power of two exact in bf16 too), "cube"
-//   multiplies gate, up and down by s^(1/3) as METHODS §7 states — silu is not homogeneous, so
+//   multiplies gate, up and down by s^(1/3) as the cube rule states — silu is not homogeneous, so
 //   "cube" is NOT output preserving; it is kept to measure. The split MoE equals the dense MLP
 //   only when the G segments of one copy are selected with weight 1/G each: renormalised top-k,
 //   router logits equal for every expert (router_std 0) and k = G (ties go to the lower expert
 //   index, i.e. copy 0) or k = E. A random router (std 0.02) weights segments unequally: close
-//   to dense, not equal (README "upcycle" measures both).
+//   to dense, not equal (docs/benchmarks.md measures both).
 //
 // Routers (`router`):
 // - random: N(0, router_std²), seeded (per layer).

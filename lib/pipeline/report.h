@@ -1,4 +1,4 @@
-// moe_tool_report.json: written into every checkpoint moe-tool writes (DESIGN.md, conventions).
+// moe_tool_report.json: written into every checkpoint moe-tool writes (docs/recipes.md, output and errors).
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -1,4 +1,4 @@
-// GPTQ (Frantar et al. 2022) for any codec of quant/codec.h, as METHODS.md §6 and the reference
+// GPTQ (Frantar et al. 2022) for any codec of quant/codec.h, as docs/methods.md and the reference
 // implementation's fasterquant (IST-DASLab/gptq, gptq.py) do it:
 //   1. dead columns (H_ii = 0): H_ii = 1, W[:, i] = 0
 //   2. act-order (optional): columns in order of descending diag H (stable for ties)

@@ -3,7 +3,7 @@
 //   shared by several weights (a layer's shared basis, a D²-MoE base): stored once.
 // Stored as `<name>.lr_a`, `<name>.lr_b`, `<name>.lr_base` (docs/FORMAT.md). Produced by the
 // factorize pass (passes/factorize.h):
-//   svd / asvd / svdllm: own A and B (SVD, ASVD, SVD-LLM: METHODS.md §5)
+//   svd / asvd / svdllm: own A and B (SVD, ASVD, SVD-LLM: docs/methods.md)
 //   delta (D²-MoE, Gu et al. 2025): shared base + own A, B (or a shared B: "shared V")
 //   latent (MoLE): own A with a shared B (gate/up), or a shared A with own B (down)
 // The forward runs it as two thin GEMMs, x·Bᵀ then ·Aᵀ (+ x·baseᵀ), never rebuilding W

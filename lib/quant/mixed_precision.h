@@ -1,5 +1,5 @@
 // Mixed precision per expert (MC-MoE: Huang et al. 2024, "Mixture Compressor for Mixture-of-Experts
-// LLMs Gains More"; METHODS.md §6): give each item (an expert, or any weight group) one of several
+// LLMs Gains More"; docs/methods.md): give each item (an expert, or any weight group) one of several
 // quantisation widths so that the importance-weighted quantisation loss is smallest within an
 // average-bits budget. The choice is an integer program (a multiple-choice knapsack), solved
 // exactly with GLPK's branch and cut (glp_intopt):

@@ -1,5 +1,5 @@
 // The family's routing rule, usable alone: router logits [N,E] -> per-token expert ids and the
-// weights applied to their outputs (METHODS.md §1). The forward, calibration and the pruning
+// weights applied to their outputs (docs/methods.md). The forward, calibration and the pruning
 // passes all route through route() so they share one definition of every family's rule.
 //
 // Ties: the top-k selection is a stable sort by descending score, so among equal scores the lower

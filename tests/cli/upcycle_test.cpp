@@ -164,7 +164,7 @@ TEST(Upcycle, SharedExpertKeepsTheDenseOutput) {
 
 // split: E = copies x G; with equal router logits (--router-std 0), k = G or k = E and
 // down_proj x G the MoE is the dense model; with a random router (unequal segment weights), or
-// the METHODS "cube" scale (s^(1/3) through silu), it is not.
+// the docs/methods.md "cube" scale (s^(1/3) through silu), it is not.
 TEST(Upcycle, SplitAtInitEqualsDenseWhereTheMathSaysSo) {
   TempDir tmp("moe-upcycle");
   const auto dense = logits_of(kLlama);
