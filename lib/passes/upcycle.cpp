@@ -863,6 +863,8 @@ uint64_t check_upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOpt
     const long double es = size_of(l.mlp->gate), mlp = 3.0L * H * static_cast<long double>(p.I) * es;
     b += E * 3.0L * H * W * es + E * H * es;
     b += p.o.shared_expert ? H * es : -mlp;
+    if (p.zero_qkv_bias)  // qwen2_moe's q/k/v biases, written as zeros
+      b += static_cast<long double>((m.dims().heads + 2 * m.dims().kv_heads) * m.dims().head_dim) * es;
   }
   return b >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(b);
 }
