@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -67,8 +68,8 @@ void check_replaceable(const fs::path& f, const fs::path& shown, OutputKind kind
                                         "another output";
   if (kind == OutputKind::File) {
     if (!is_tool_output(f, kind))
-      throw Error::invalid(shown.string() + ": output file exists and is not a statistics file written by moe-tool (no "
-                           "model_fingerprint in its safetensors metadata): " + tail);
+      throw Error::invalid(shown.string() + ": output file exists and is neither a statistics file written by moe-tool "
+                           "(model_fingerprint in its safetensors metadata) nor a GGUF file: " + tail);
     return;
   }
   if (fs::is_empty(f, ec)) return;
@@ -133,6 +134,13 @@ void write_listing(Env& env, const fs::path& dir) {
 bool is_tool_output(const fs::path& path, OutputKind kind) {
   std::error_code ec;
   if (kind == OutputKind::Folder) return fs::is_regular_file(path / kListingName, ec);
+  {  // a GGUF file (`export`): its magic
+    char magic[4] = {};
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    const bool gguf = f && std::fread(magic, 1, 4, f) == 4 && std::memcmp(magic, "GGUF", 4) == 0;
+    if (f) std::fclose(f);
+    if (gguf) return true;
+  }
   try {
     const auto f = SafetensorsFile::open(Env::posix(), path);
     return f->header().metadata.count("model_fingerprint") > 0;

@@ -9,7 +9,8 @@
 //   not exist is refused;
 // - an existing output needs `force` (an existing empty folder is reused without it), and `force`
 //   replaces only an earlier output of the tool: a folder holding the listing commit() writes
-//   (kListingName) and nothing it does not list, a statistics file (safetensors whose metadata has model_fingerprint); anything
+//   (kListingName) and nothing it does not list, a statistics file (safetensors whose metadata has
+//   model_fingerprint) or a GGUF file (`export`; by its magic, as GGUF has no writer mark); anything
 //   else is refused, naming why;
 // - "." / ".." / the root, or a folder that holds the current folder, are never outputs;
 // - missing parent folders are created when the writing starts (and removed again when the run

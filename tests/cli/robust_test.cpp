@@ -211,7 +211,7 @@ TEST_F(Robust, CalibrateOutputFollowsTheOutputRules) {
   fs::create_directories(tmp / "dir.stats");
   expect_user_error(cal(tmp / "dir.stats", {"--force"}), {"output is a folder"});
   // --force replaces a statistics file moe-tool wrote, never another file.
-  expect_user_error(cal(tmp / "old.stats", {"--force"}), {"old.stats: output file exists and is not a statistics file"});
+  expect_user_error(cal(tmp / "old.stats", {"--force"}), {"old.stats: output file exists and is neither a statistics file"});
   EXPECT_EQ(read_file(tmp / "old.stats"), "old");
   fs::remove(tmp / "old.stats");
   EXPECT_EQ(cal(tmp / "old.stats").exit_code, 0);

@@ -116,11 +116,15 @@ TEST_F(OutputDirTest, OutputFileRules) {
                {"output file exists (use output.force to replace it)"});
   expect_error([&] { OutputFile(Env::posix(), in() / "stats", {in()}, true); }, ErrorKind::InvalidArgument,
                {"output is inside the input"});
-  // force replaces a statistics file only, never another file.
+  // force replaces a statistics file (or a GGUF file) only, never another file.
   expect_error([&] { OutputFile(Env::posix(), f, {in()}, true); }, ErrorKind::InvalidArgument,
-               {f.string() + ": output file exists and is not a statistics file written by moe-tool",
+               {f.string() + ": output file exists and is neither a statistics file written by moe-tool",
                 "--force replaces only an earlier output of moe-tool"});
   EXPECT_EQ(test::read_file(f), "a");
+  test::write_file(tmp / "m.gguf", std::string("GGUF\x03\0\0\0", 8));
+  EXPECT_TRUE(is_tool_output(tmp / "m.gguf", OutputKind::File));
+  EXPECT_FALSE(is_tool_output(f, OutputKind::File));
+  fs::remove(tmp / "m.gguf");
   test::write_file(f, stats_like());
   {
     OutputFile c(Env::posix(), f, {in()}, true);
