@@ -4,6 +4,7 @@
 
 #include "calib/calibrate.h"
 #include "calib/sha256.h"
+#include "calib/stats_file.h"
 #include "command.h"
 #include "eval/eval.h"
 #include "flags.h"
@@ -74,6 +75,10 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
       co.inputs = {o->model, c.text};
       co.force = force;
       const auto plan = calib::plan_calibration(model, static_cast<int64_t>(ids.size()), co);
+      // The stats file must fit on its file system (with --gram it can be large): checked before work.
+      uint64_t file_bytes = 0;
+      for (const auto& t : calib::stats_tensor_plan(plan.layout)) file_bytes += t.nbytes();
+      io::check_free_space(o->out, file_bytes, "--output");
       if (!flags.quiet) {
         std::fprintf(stderr,
                      "calibrate: %zu window(s) x %lld tokens = %lld tokens (%lld windows in the text, %zu tokens); "

@@ -4,6 +4,7 @@
 #include "command.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
 #include "pipeline/hf_sink.h"
 #include "pipeline/report.h"
@@ -43,6 +44,13 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         model.refuse_novices(o->in + ": --materialize", "stock loaders cannot express a constant expert");
         core::with_context(o->in + ": --materialize", [&] { (void)model.rewritten_config(model::OutputOptions{opts.dtype, true}); });
       }
+      // Every check before any work: the output (never the input, --force only over an earlier
+      // output) and its size against the free space of its file system.
+      io::check_output(o->out, {o->in}, o->force, io::OutputKind::Folder);
+      uint64_t bytes = 0;
+      for (const auto& t : model.outputs(model::OutputOptions{opts.dtype, opts.materialize}))
+        bytes += io::TensorSpec{t.name, t.dtype, t.shape}.nbytes();
+      io::check_free_space(o->out, bytes, "OUT");
       io::OutputDir out(env, o->out, {o->in}, o->force);
       auto r = pipeline::write_hf_checkpoint(env, model, ckpt, out.path(), opts);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

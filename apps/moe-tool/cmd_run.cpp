@@ -33,6 +33,16 @@ void add_common(CLI::App& sub, OnePass& o, const std::string& command) {
   sub.add_flag("--json", o.json, "Print the result (and errors) as JSON");
 }
 
+// A message of a recipe built from flags, in the user's words: every recipe key as its flag, the
+// pass's method as --method, the output as OUT.
+std::string cli_words(const std::string& message) {
+  std::string s = pipeline::with_flag_names(message);
+  for (const auto& [path, flag] : {std::pair<std::string, std::string>{"passes[0].method", "--method"},
+                                   {"passes[0]: method ", "--method "}, {"output.path", "OUT"}})
+    for (size_t i = s.find(path); i != std::string::npos; i = s.find(path, i + flag.size())) s.replace(i, path.size(), flag);
+  return s;
+}
+
 // The recipe the flags describe: every given flag sets its recipe key; the rest keep the recipe
 // defaults. Flag names stand in for JSON paths in messages (Recipe::flag_names).
 pipeline::Recipe one_pass_recipe(const OnePass& o, const std::string& command) {
@@ -50,7 +60,7 @@ pipeline::Recipe one_pass_recipe(const OnePass& o, const std::string& command) {
     recipe.flag_names["model"] = "MODEL";
     return recipe;
   } catch (core::Error& e) {
-    throw core::Error(e.kind(), pipeline::with_flag_names(e.message()));
+    throw core::Error(e.kind(), cli_words(e.message()));
   }
 }
 
@@ -93,7 +103,7 @@ int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const
   try {
     summary = pipeline::run_recipe(recipe, opts);
   } catch (core::Error& e) {
-    if (!recipe.flag_names.empty()) throw core::Error(e.kind(), pipeline::with_flag_names(e.message()));
+    if (!recipe.flag_names.empty()) throw core::Error(e.kind(), cli_words(e.message()));
     throw;
   }
   print_summary(summary, json, false);
@@ -103,13 +113,13 @@ int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const
 // A recipe with an "upcycle" section (pipeline/upcycle_run.h) runs on its own runner: its
 // summary, or nullopt for a pass recipe.
 std::optional<nlohmann::json> run_if_upcycle(const std::string& file, const std::vector<std::string>& sets, bool dry_run,
-                                             bool quiet) {
+                                             bool quiet, const std::vector<std::string>& batch) {
   const std::filesystem::path path = file;
   nlohmann::json j = io::parse_json_file_text(io::Env::posix().read_text(path), path.string());
   if (!pipeline::is_upcycle_recipe(j)) return std::nullopt;
   for (const auto& s : sets) pipeline::apply_override(j, s);
   return pipeline::run_upcycle_recipe(j, path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path(),
-                                      file, {dry_run, quiet, "moe-tool run " + file});
+                                      file, {dry_run, quiet, "moe-tool run " + file, {batch.begin(), batch.end()}});
 }
 
 // Severity of an exit status, to pick a batch's worst: internal (1) > bad input (2) > quality
@@ -142,7 +152,7 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       if (o->recipes.size() == 1) {
-        if (auto up = run_if_upcycle(o->recipes[0], o->sets, o->dry_run, flags.quiet)) {
+        if (auto up = run_if_upcycle(o->recipes[0], o->sets, o->dry_run, flags.quiet, o->recipes)) {
           std::cout << up->dump(2) << "\n";
           return kExitOk;
         }
@@ -156,12 +166,13 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         nlohmann::json line = {{"recipe", file}};
         int code = kExitOk;
         try {
-          if (auto up = run_if_upcycle(file, o->sets, o->dry_run, flags.quiet)) {
+          if (auto up = run_if_upcycle(file, o->sets, o->dry_run, flags.quiet, o->recipes)) {
             if (!o->json) std::cout << "== " << file << "\n" << up->dump(2) << "\n";
             else std::cout << nlohmann::json{{"recipe", file}, {"exit", 0}, {"summary", *up}}.dump() << "\n";
             continue;
           }
           auto recipe = pipeline::load_recipe(file, o->sets);
+          recipe.reads.assign(o->recipes.begin(), o->recipes.end());  // no run may write over a recipe of the batch
           pipeline::RunOptions opts;
           opts.dry_run = o->dry_run;
           opts.quiet = flags.quiet;

@@ -6,6 +6,7 @@
 #include "command.h"
 #include "flags.h"
 #include "core/error.h"
+#include "core/progress.h"
 #include "pipeline/keys.h"
 #include "pipeline/upcycle_run.h"
 
@@ -52,7 +53,8 @@ void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       } catch (core::Error& e) {
         std::string m = pipeline::with_flag_names(e.message());
         for (const auto& [path, flag] : {std::pair<std::string, std::string>{"output.force", "--force"},
-                                         {"output.dtype", "--dtype"}, {"output.max_shard_size", "--max-shard-size"}}) {
+                                         {"output.dtype", "--dtype"}, {"output.max_shard_size", "--max-shard-size"},
+                                         {"output.path", "OUT"}}) {
           for (size_t i = m.find(path); i != std::string::npos; i = m.find(path, i + flag.size())) m.replace(i, path.size(), flag);
         }
         if (m.rfind("upcycle: ", 0) == 0) m = m.substr(9);
@@ -70,7 +72,9 @@ void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                     << summary["equals_dense_at_init"].get<std::string>() << "\n  next: "
                     << summary["next"].get<std::string>() << "\n";
         else
-          std::cout << "  dry run: every check passed, nothing written\n";
+          std::cout << "  dry run: every check passed, nothing written; the output needs about "
+                    << core::format_bytes(summary["disk"]["needs"].get<double>()) << " ("
+                    << core::format_bytes(summary["disk"]["free"].get<double>()) << " free)\n";
       }
       return kExitOk;
     };

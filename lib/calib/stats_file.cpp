@@ -113,7 +113,6 @@ StatsWriter::StatsWriter(io::Env& env, std::filesystem::path path, std::vector<L
     throw Error::invalid("stats header larger than the safetensors limit (100 MB)");
   for (const auto& i : infos) slots_[i.name] = Slot{header.size() + i.begin, i.nbytes(), false};
   file_bytes_ = header.size() + off;
-  if (path_.has_parent_path() && !path_.parent_path().empty()) env_.create_dirs(path_.parent_path());
   out_ = std::make_unique<io::OutputFile>(env_, path_, inputs, force, force_name);
   tmp_ = out_->path();
   file_ = env_.create_file(tmp_);

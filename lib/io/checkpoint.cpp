@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/output_dir.h"
 
 namespace moe::io {
 
@@ -27,11 +28,20 @@ uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
 
 }  // namespace
 
+std::string json_error_text(const std::exception& e) {
+  // The library's text without its internal id ("[json.exception.parse_error.101] "): the
+  // position and the cause are what a user can act on.
+  std::string m = e.what();
+  const auto close = m.find("] ");
+  if (m.rfind("[json.exception", 0) == 0 && close != std::string::npos) m = m.substr(close + 2);
+  return m;
+}
+
 json parse_json_file_text(const std::string& text, const std::string& what) {
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
-    throw Error::corruption(what + ": not valid JSON: " + e.what());
+    throw Error::corruption(what + ": not valid JSON: " + json_error_text(e));
   }
 }
 
@@ -115,7 +125,7 @@ Checkpoint Checkpoint::open(Env& env, const fs::path& dir) {
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     if (!entry.is_regular_file()) continue;
     const std::string fname = entry.path().filename().string();
-    if (weights.count(fname) || fname == kIndexName) continue;
+    if (weights.count(fname) || fname == kIndexName || fname == kListingName) continue;  // the listing: io/output_dir.h
     if (entry.path().extension() == ".safetensors") continue;  // stray shard not in the index
     c.side_files_.push_back(entry.path());
   }

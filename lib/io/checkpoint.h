@@ -52,5 +52,8 @@ class Checkpoint {
 
 // Parses JSON text; errors name `what` (usually the file) and the parse problem.
 nlohmann::json parse_json_file_text(const std::string& text, const std::string& what);
+// A JSON library exception's text without the library's internal id: "parse error at line 1,
+// column 5: syntax error while parsing value - invalid literal; last read: 'x'".
+std::string json_error_text(const std::exception& e);
 
 }  // namespace moe::io

@@ -52,8 +52,8 @@ CheckpointWriter::CheckpointWriter(Env& env, fs::path dir, std::vector<TensorSpe
     const std::string header = serialize_safetensors_header(infos, {{"format", "pt"}});
     auto file = env_.create_file(dir_ / fname);
     file->write_at(0, header.data(), header.size());
-    for (const auto& info : infos)
-      slots_[info.name] = Slot{s, header.size() + info.begin, info.nbytes(), 0};
+    for (size_t k = 0; k < infos.size(); ++k)
+      slots_[infos[k].name] = Slot{s, header.size() + infos[k].begin, infos[k].nbytes(), 0, groups[s][k]};
     // A shard whose last tensors are empty still has the right size; make sure a shard whose
     // data is all written later ends where the header says by writing nothing here.
     shards_.push_back(std::move(file));
@@ -69,6 +69,14 @@ void CheckpointWriter::write(const std::string& name, uint64_t offset, const voi
   Slot& slot = it->second;
   if (offset + n > slot.nbytes)
     throw Error::internal("writer: tensor " + name + ": write past its planned size");
+  // Every writer of the tool ends here: a NaN or Inf (decoded from a damaged scale, factor or
+  // dictionary level, or computed by a pass) never reaches a file.
+  const size_t es = core::dtype_size(plan_[slot.plan].dtype);
+  const int64_t bad = core::first_non_finite(plan_[slot.plan].dtype, data, n / es);
+  if (bad >= 0)
+    throw Error::invalid("output tensor " + name + ": non-finite value at index " +
+                         std::to_string(offset / es + static_cast<uint64_t>(bad)) + " (of " +
+                         core::shape_str(plan_[slot.plan].shape) + "), which the output would carry");
   shards_[slot.shard]->write_at(slot.abs_offset + offset, data, n);
   slot.written += n;
 }
@@ -136,6 +144,7 @@ uint64_t parse_size(const std::string& text) {
   else throw Error::invalid("size '" + text + "': unknown unit '" + text.substr(i) + "' (use B, KB, MB, GB, KiB, MiB, GiB)");
   const double bytes = v * mult;
   if (bytes < 1) throw Error::invalid("size '" + text + "' must be at least 1 byte");
+  if (!(bytes <= 9.2e18)) throw Error::invalid("size '" + text + "' is beyond 9.2 EB (2^63 bytes)");
   return static_cast<uint64_t>(bytes);
 }
 

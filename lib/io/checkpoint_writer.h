@@ -28,7 +28,9 @@ class CheckpointWriter {
   CheckpointWriter& operator=(const CheckpointWriter&) = delete;
   ~CheckpointWriter();
 
-  // Writes bytes [offset, offset+n) of tensor `name` (n may be the whole tensor or a chunk).
+  // Writes bytes [offset, offset+n) of tensor `name` (n may be the whole tensor or a chunk, cut at
+  // element boundaries). Throws Error::invalid, naming the tensor and the element, when the bytes
+  // hold a NaN or Inf of the planned dtype: the one finite check of every checkpoint the tool writes.
   void write(const std::string& name, uint64_t offset, const void* data, size_t n);
   // Writes a whole tensor; dtype and shape must match the plan.
   void write(const std::string& name, const core::Tensor& t);
@@ -44,6 +46,7 @@ class CheckpointWriter {
     uint64_t abs_offset;  // absolute offset in the shard file
     uint64_t nbytes;
     uint64_t written = 0;
+    size_t plan = 0;  // index in plan_
   };
   Env& env_;
   fs::path dir_;

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/checkpoint.h"
 
 namespace moe::io {
 
@@ -93,7 +94,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, u
     header = json::parse(reinterpret_cast<const char*>(data + 8), reinterpret_cast<const char*>(data + 8 + n),
                          cb);
   } catch (const json::exception& e) {
-    throw Error::corruption(std::string("header is not valid JSON: ") + e.what());
+    throw Error::corruption(std::string("header is not valid JSON: ") + json_error_text(e));
   }
   if (!duplicate.empty()) throw Error::corruption("duplicate tensor name " + squote(duplicate));
   if (!header.is_object()) throw Error::corruption("header is not a JSON object");

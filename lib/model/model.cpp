@@ -421,6 +421,15 @@ Model Model::load(const io::Checkpoint& ckpt) {
   const Config& c = m.config_;
   m.family_ = &family_for(c);
   const FamilyDesc& f = *m.family_;
+  // A checkpoint quantized by another tool (gptq, awq, bitsandbytes, ...) stores packed weights
+  // under other names: say so, not that a weight is missing.
+  if (c.json().contains("quantization_config") && c.json().at("quantization_config").is_object()) {
+    const nlohmann::json& qm = c.json().at("quantization_config").value("quant_method", nlohmann::json());
+    if (qm.is_string() && qm != "fp8" && qm != "moe_tool")
+      throw Error::unsupported(c.source() + ": quantization_config.quant_method " + qm.dump() +
+                               ": weights quantized by another tool are not read (moe-tool reads unquantized, "
+                               "block-scaled fp8 and its own moe_tool encodings); give the unquantized checkpoint");
+  }
 
   Dims& d = m.dims_;
   d.layers = c.get_int("num_hidden_layers");

@@ -128,7 +128,7 @@ void check_sources_match(const Plan& p) {
   const std::string tok0 = tokenizer_text(p.src.front().dir);
   for (size_t i = 1; i < p.src.size(); ++i) {
     const auto& b = *p.src[i].model;
-    const std::string where = "--sources: " + p.src[i].dir.string();
+    const std::string where = "upcycle.sources: " + p.src[i].dir.string();
     if (b.family().model_type != a.family().model_type)
       throw Error::invalid(where + ": model_type " + b.family().model_type + " differs from " + a.family().model_type +
                            " (sources must be fine-tunes of the same base)");
@@ -159,7 +159,7 @@ void check_target(Plan& p) {
   const std::string src_type = m.family().model_type;
   const std::string& to = p.o.to;
   if (std::find(kTargets.begin(), kTargets.end(), to) == kTargets.end())
-    throw Error::invalid("--to '" + to + "': unknown target" + allowed_suffix(to, kTargets));
+    throw Error::invalid("upcycle.to '" + to + "': unknown target" + allowed_suffix(to, kTargets));
   for (const auto& f : model::all_families())
     if (f.model_type == to) p.target = &f;
   if (!p.target) throw Error::internal("upcycle: no family descriptor for " + to);
@@ -168,35 +168,35 @@ void check_target(Plan& p) {
   if (act != "silu") throw Error::invalid(c.source() + ": hidden_act " + act + ": the MoE families take silu experts only");
   if (c.get_bool_or("mlp_bias", false)) throw Error::invalid(c.source() + ": mlp_bias true: no target family has expert biases");
   const bool qk = has_role(m, "q_norm"), qkv_bias = has_role(m, "q_bias"), o_bias = has_role(m, "o_bias");
-  const std::string what = "--to " + to + ": the source (" + src_type + ") ";
+  const std::string what = "upcycle.to " + to + ": the source (" + src_type + ") ";
   if (qk && to != "qwen3_moe")
-    throw Error::invalid(what + "has q/k norms (self_attn.q_norm, k_norm); only qwen3_moe has them: use --to qwen3_moe");
+    throw Error::invalid(what + "has q/k norms (self_attn.q_norm, k_norm); only qwen3_moe has them: use upcycle.to qwen3_moe");
   if (!qk && to == "qwen3_moe")
-    throw Error::invalid(what + "has no q/k norms, which qwen3_moe applies in every layer: use --to mixtral or qwen2_moe");
+    throw Error::invalid(what + "has no q/k norms, which qwen3_moe applies in every layer: use upcycle.to mixtral or qwen2_moe");
   if (qkv_bias && to == "mixtral")
-    throw Error::invalid(what + "has q/k/v projection biases; mixtral attention has no bias: use --to qwen2_moe");
+    throw Error::invalid(what + "has q/k/v projection biases; mixtral attention has no bias: use upcycle.to qwen2_moe");
   if (o_bias && to == "qwen2_moe")
     throw Error::invalid(what + "has an o_proj bias; qwen2_moe has q/k/v biases only");
   if (o_bias && to == "mixtral") throw Error::invalid(what + "has attention biases; mixtral attention has no bias");
   p.zero_qkv_bias = to == "qwen2_moe" && !qkv_bias;
   if (to != "mixtral" && src_type == "mistral" && c.has("sliding_window"))
     throw Error::invalid(what + "uses a sliding window in every layer (sliding_window " + c.json().at("sliding_window").dump() +
-                         "); " + to + " windows only layers past max_window_layers: use --to mixtral");
+                         "); " + to + " windows only layers past max_window_layers: use upcycle.to mixtral");
   const auto& d = m.dims();
   if (to == "qwen2_moe" && d.head_dim * d.heads != d.hidden)
     throw Error::invalid(what + "has head_dim " + std::to_string(d.head_dim) + " != hidden_size / heads; qwen2_moe has no head_dim key");
   if (p.o.shared_expert && to != "qwen2_moe")
-    throw Error::invalid("--shared-expert: only qwen2_moe has a gated shared expert (not " + to + ")");
+    throw Error::invalid("upcycle.shared_expert: only qwen2_moe has a gated shared expert (not " + to + ")");
   if (!p.o.norm_topk_prob && to == "mixtral")
-    throw Error::invalid("--no-norm-topk: mixtral always renormalises the top-k weights");
+    throw Error::invalid("upcycle.norm_topk_prob: mixtral always renormalises the top-k weights (it cannot be false)");
 }
 
 void check_numbers(Plan& p) {
   const auto& o = p.o;
-  if (o.experts < 1) throw Error::invalid("--experts: expected an integer >= 1, found " + std::to_string(o.experts));
-  if (o.top_k < 1) throw Error::invalid("--top-k: expected an integer >= 1, found " + std::to_string(o.top_k));
+  if (o.experts < 1) throw Error::invalid("upcycle.experts: expected an integer >= 1, found " + std::to_string(o.experts));
+  if (o.top_k < 1) throw Error::invalid("upcycle.top_k: expected an integer >= 1, found " + std::to_string(o.top_k));
   if (o.top_k > o.experts)
-    throw Error::invalid("--top-k " + std::to_string(o.top_k) + " exceeds --experts " + std::to_string(o.experts) +
+    throw Error::invalid("upcycle.top_k " + std::to_string(o.top_k) + " exceeds upcycle.experts " + std::to_string(o.experts) +
                          " (each token picks k of the E experts)");
   const auto& m = first(p);
   p.L = m.dims().layers;
@@ -209,20 +209,20 @@ void check_numbers(Plan& p) {
   p.I = m.layers().front().mlp->width();
   p.width = p.I;
   if (o.method == "split") {
-    if (o.segments < 1) throw Error::invalid("--segments: expected an integer >= 1");
+    if (o.segments < 1) throw Error::invalid("upcycle.segments: expected an integer >= 1");
     if (o.experts % o.segments != 0)
-      throw Error::invalid("--segments " + std::to_string(o.segments) + ": --experts " + std::to_string(o.experts) +
+      throw Error::invalid("upcycle.segments " + std::to_string(o.segments) + ": upcycle.experts " + std::to_string(o.experts) +
                            " is not a multiple of it (E = copies x G)");
     if (p.I % o.segments != 0)
-      throw Error::invalid("--segments " + std::to_string(o.segments) + ": the MLP width " + std::to_string(p.I) +
+      throw Error::invalid("upcycle.segments " + std::to_string(o.segments) + ": the MLP width " + std::to_string(p.I) +
                            " is not divisible by it");
     p.width = p.I / o.segments;
   }
   if (o.method == "drop" && !(o.drop_ratio > 0.0 && o.drop_ratio <= 1.0))
-    throw Error::invalid("--drop-ratio: expected a number in (0, 1], found " + std::to_string(o.drop_ratio));
-  if (!(o.router_std >= 0.0)) throw Error::invalid("--router-std: expected a number >= 0");
+    throw Error::invalid("upcycle.drop_ratio: expected a number in (0, 1], found " + std::to_string(o.drop_ratio));
+  if (!(o.router_std >= 0.0)) throw Error::invalid("upcycle.router_std: expected a number >= 0");
   if ((o.router == "hidden" || o.router == "ridge") && o.prompts.empty())
-    throw Error::invalid("--router " + o.router + ": give --prompts FILE (per expert: positive and negative prompts)");
+    throw Error::invalid("upcycle.router " + o.router + ": give upcycle.prompts FILE (per expert: positive and negative prompts)");
 }
 
 // ---- routers from prompts (mergekit-moe "hidden", DUME "ridge") ----
@@ -366,17 +366,17 @@ Plan make_plan(io::Env& env, const fs::path& model_dir, const UpcycleOptions& op
   p.o = opts;
   const std::vector<std::string> methods = {"copy", "drop", "split"}, routers = {"random", "hidden", "ridge"};
   if (std::find(methods.begin(), methods.end(), opts.method) == methods.end())
-    throw Error::invalid("--method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods));
+    throw Error::invalid("upcycle.method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods));
   if (std::find(routers.begin(), routers.end(), opts.router) == routers.end())
-    throw Error::invalid("--router '" + opts.router + "': unknown router" + allowed_suffix(opts.router, routers));
+    throw Error::invalid("upcycle.router '" + opts.router + "': unknown router" + allowed_suffix(opts.router, routers));
   if (opts.segmenting != "random" && opts.segmenting != "kmeans" && opts.segmenting != "coact")
-    throw Error::invalid("--segmenting '" + opts.segmenting + "': expected random, kmeans or coact");
+    throw Error::invalid("upcycle.segmenting '" + opts.segmenting + "': expected random, kmeans or coact");
   if (opts.method == "split" && opts.segmenting == "coact" && opts.text.empty())
-    throw Error::invalid("--segmenting coact: give --text FILE (calibration text whose MLP activations are clustered)");
+    throw Error::invalid("upcycle.segmenting coact: give upcycle.text FILE (calibration text whose MLP activations are clustered)");
   if (opts.split_scale != "down" && opts.split_scale != "cube" && opts.split_scale != "none")
-    throw Error::invalid("--split-scale '" + opts.split_scale + "': expected down, cube or none");
+    throw Error::invalid("upcycle.split_scale '" + opts.split_scale + "': expected down, cube or none");
   if (opts.attention != "first" && opts.attention != "mean")
-    throw Error::invalid("--attention-from '" + opts.attention + "': expected first or mean");
+    throw Error::invalid("upcycle.attention_from '" + opts.attention + "': expected first or mean");
   open_sources(p, env, model_dir);
   check_target(p);
   check_numbers(p);
@@ -623,15 +623,11 @@ struct Out {
   Tensor t;
 };
 
-// Writes one tensor in its planned dtype; every written tensor is checked for NaN/Inf (as the
-// pass runner does), so a poisoned dense weight cannot be copied into E experts unnoticed.
+// Writes one tensor in its planned dtype; the writer checks every written tensor for NaN/Inf
+// (io::CheckpointWriter), so a poisoned dense weight cannot be copied into E experts unnoticed.
 void write_one(io::CheckpointWriter& w, const Out& o, const fs::path& model) {
   const Tensor c = o.t.dtype() == o.dtype ? o.t : o.t.converted(o.dtype);
-  const int64_t bad = core::first_non_finite(c.dtype(), c.data(), static_cast<size_t>(c.numel()));
-  if (bad >= 0)
-    throw Error::invalid(model.string() + ": output tensor " + o.name + ": non-finite value at index " + std::to_string(bad) +
-                         " (of " + core::shape_str(c.shape()) + "), which the upcycled model would carry");
-  w.write(o.name, 0, c.data(), c.nbytes());
+  core::with_context(model.string(), [&] { w.write(o.name, 0, c.data(), c.nbytes()); });
 }
 
 class Builder {
@@ -807,7 +803,6 @@ const std::vector<std::string>& upcycle_section_keys() {
 }
 
 UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) {
-  const int64_t big = std::numeric_limits<int64_t>::max();
   Options s(section, "upcycle", "upcycle");
   auto resolve = [&](const std::string& x) {
     const fs::path p(x);
@@ -815,13 +810,16 @@ UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) 
   };
   UpcycleOptions o;
   o.to = s.get_string("to");
-  o.experts = s.get_int("experts", 0, 1, big);
+  // Counts the written config.json holds: at most the loader's bound on its integers (2^31 - 1,
+  // model/config.cpp); the output's size is checked against the free space before writing.
+  const int64_t max_count = 2147483647;
+  o.experts = s.get_int("experts", 0, 1, max_count);
   if (!s.has("experts")) throw Error::invalid("upcycle.experts: missing (required)");
-  o.top_k = s.get_int("top_k", 0, 1, big);
+  o.top_k = s.get_int("top_k", 0, 1, max_count);
   if (!s.has("top_k")) throw Error::invalid("upcycle.top_k: missing (required)");
   o.method = s.get_enum("method", "copy", {"copy", "drop", "split"});
   o.drop_ratio = s.get_number("drop_ratio", 0.5, 0.0, 1.0, /*min_open=*/true);
-  o.segments = s.get_int("segments", 2, 1, big);
+  o.segments = s.get_int("segments", 2, 1, max_count);
   o.segmenting = s.get_enum("segmenting", "random", {"random", "kmeans", "coact"});
   if (auto t = s.opt_string("text")) o.text = resolve(*t);
   o.split_scale = s.get_enum("split_scale", "down", {"down", "cube", "none"});
@@ -847,8 +845,28 @@ UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) 
   return o;
 }
 
-void check_upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts) {
-  (void)make_plan(env, model_dir, opts);
+uint64_t check_upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts) {
+  const Plan p = make_plan(env, model_dir, opts);
+  // The output's bytes from the shapes alone (nothing built): the first source's tensors with
+  // each layer's MLP replaced by E experts of [width, H] x 3 and the router [E, H] (and, with a
+  // shared expert, the MLP and its gate row kept). Long double: E x H x width may pass 2^64.
+  const auto& m = first(p);
+  auto size_of = [&](const Tensor& t) {
+    return static_cast<long double>(core::dtype_size(p.o.dtype ? *p.o.dtype : t.dtype()));
+  };
+  long double b = 0;
+  for (const auto& [role, t] : m.globals()) b += static_cast<long double>(t.numel()) * size_of(t);
+  const long double E = static_cast<long double>(p.o.experts), H = static_cast<long double>(p.H),
+                    W = static_cast<long double>(p.width);
+  for (const auto& l : m.layers()) {
+    l.for_each_tensor([&](const Tensor& t) { b += static_cast<long double>(t.numel()) * size_of(t); });
+    const long double es = size_of(l.mlp->gate), mlp = 3.0L * H * static_cast<long double>(p.I) * es;
+    b += E * 3.0L * H * W * es + E * H * es;
+    b += p.o.shared_expert ? H * es : -mlp;
+    if (p.zero_qkv_bias)  // qwen2_moe's q/k/v biases, written as zeros
+      b += static_cast<long double>((m.dims().heads + 2 * m.dims().kv_heads) * m.dims().head_dim) * es;
+  }
+  return b >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(b);
 }
 
 UpcycleResult upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts, const fs::path& out_dir,

@@ -118,7 +118,9 @@ UpcycleResult upcycle(io::Env& env, const std::filesystem::path& model_dir, cons
                       const std::filesystem::path& out_dir, bool quiet);
 
 // The checks of upcycle() that need only the configs (what the CLI runs before creating the
-// output folder): family, target, experts, top-k, split divisibility, sources' shapes.
-void check_upcycle(io::Env& env, const std::filesystem::path& model_dir, const UpcycleOptions& opts);
+// output folder): family, target, experts, top-k, split divisibility, sources' shapes. Returns the
+// output's tensor bytes, computed from the shapes (UINT64_MAX when beyond 2^64), so the caller
+// can compare them with the free space before anything is built.
+uint64_t check_upcycle(io::Env& env, const std::filesystem::path& model_dir, const UpcycleOptions& opts);
 
 }  // namespace moe::passes

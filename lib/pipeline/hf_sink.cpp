@@ -67,10 +67,8 @@ HfSinkResult write_hf_checkpoint(io::Env& env, const model::Model& model, const 
   io::CheckpointWriter writer(env, out_dir, std::move(plan), opts.max_shard_bytes);
   core::Progress progress("write", result.tensor_bytes, "B", opts.quiet);
   for (const auto& o : outs) {
-    core::with_context("tensor " + o.name, [&] {
-      Tensor t = o.make();
-      write_tensor(writer, o, t, source);
-    });
+    const Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
+    write_tensor(writer, o, t, source);  // the writer's errors name the tensor
     progress.add(io::TensorSpec{o.name, o.dtype, o.shape}.nbytes());
   }
   writer.finish();

@@ -30,12 +30,17 @@ void check_stats_fields(const calib::Stats& s, const model::Model& model, const 
 
 }  // namespace
 
+std::vector<fs::path> run_inputs(const Recipe& r) {
+  std::vector<fs::path> inputs = {r.model, r.calibration.text, r.calibration.stats};
+  if (r.eval) inputs.push_back(r.eval->text);
+  inputs.insert(inputs.end(), r.reads.begin(), r.reads.end());
+  return inputs;
+}
+
 void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& model, const RunNeeds& needs,
                bool load_stats_file) {
   // Output: the same rules as the writer applies (io::OutputDir), without creating anything.
-  std::vector<fs::path> inputs = {r.model, r.calibration.text, r.calibration.stats};
-  if (r.eval) inputs.push_back(r.eval->text);
-  io::check_output(r.output.path, inputs, r.output.force, io::OutputKind::Folder, r.key("output.force"));
+  io::check_output(r.output.path, run_inputs(r), r.output.force, io::OutputKind::Folder, r.key("output.force"));
 
   const bool on_the_fly = needs.stats && r.calibration.stats.empty();
   if (on_the_fly && r.calibration.routed_only)

@@ -20,6 +20,10 @@ struct RunNeeds {
   std::vector<std::string> fields;   // statistics fields the first pass reads
 };
 
+// Every file the run reads (model, calibration text, statistics, evaluation text, recipe files):
+// what the output may not be, be inside or contain.
+std::vector<fs::path> run_inputs(const Recipe& r);
+
 // Throws the first problem found (Error::invalid / not_found / io, naming what the user typed:
 // flags for prune/merge, JSON paths for recipes). `load_stats_file`: also open the statistics file
 // and check it (a real run loads it right after, so only --dry-run needs this here).

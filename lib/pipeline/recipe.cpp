@@ -161,7 +161,9 @@ Recipe load_recipe(const fs::path& file, const std::vector<std::string>& overrid
   auto& env = io::Env::posix();
   json j = io::parse_json_file_text(env.read_text(file), file.string());
   for (const auto& o : overrides) apply_override(j, o);
-  return parse_recipe(j, file.parent_path().empty() ? fs::path(".") : file.parent_path(), file.string());
+  Recipe r = parse_recipe(j, file.parent_path().empty() ? fs::path(".") : file.parent_path(), file.string());
+  r.reads.push_back(file);
+  return r;
 }
 
 }  // namespace moe::pipeline

@@ -78,6 +78,9 @@ struct Recipe {
   OutputSpec output;
   std::optional<EvalSpec> eval;
   std::string source;  // recipe file (for messages and the report)
+  // Files the run reads besides the model, texts and statistics: the recipe file itself and, in a
+  // batch, every recipe of the batch. The output may not be, be inside or contain any of them.
+  std::vector<fs::path> reads;
   nlohmann::json json; // the validated recipe, paths resolved
   // How the user spells each recipe key when the recipe was built from flags (prune, merge):
   // JSON path -> flag ("calibration.text" -> "--text"); empty for recipe files.

@@ -108,6 +108,16 @@ uint64_t bytes_of(const std::vector<model::OutTensor>& outs) {
   return n;
 }
 
+// The key of pass i that sets its expert count, as the user wrote it (the flag for prune/merge,
+// else the JSON path "passes[i].keep"); "passes[i]" for a pass without one.
+std::string count_key(const Recipe& r, size_t i) {
+  const std::string path = "passes[" + std::to_string(i) + "]";
+  const json params = r.passes[i]->params();
+  for (const char* k : {"keep", "keep_ratio", "experts"})
+    if (params.is_object() && params.contains(k) && !params.at(k).is_null()) return r.key(path + "." + k);
+  return r.key(path);
+}
+
 // Plans the passes in order (each on the model as the earlier passes leave it, shapes only) and
 // returns the expert counts per layer before each pass and after the last: [passes+1][layers]
 // (0 for dense layers). Only the first pass plans with statistics (later passes' statistics do
@@ -122,7 +132,7 @@ std::vector<std::vector<int64_t>> plan_passes(Recipe& r, const model::Model& m, 
     for (const auto& l : m.layers()) {
       if (!l.moe) continue;
       auto& c = cur[static_cast<size_t>(l.index)];
-      c = core::with_context("passes[" + std::to_string(i) + "]", [&] { return r.passes[i]->experts_after(l.index, c, m.dims().top_k); });
+      c = core::with_context(count_key(r, i), [&] { return r.passes[i]->experts_after(l.index, c, m.dims().top_k); });
     }
     counts.push_back(cur);
   }
@@ -299,14 +309,40 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // Every check before any work (--dry-run stops after them); then the output folder exists from
   // the start, so nothing can take its place unnoticed while the statistics are computed.
   preflight(r, ckpt, model, RunNeeds{needs_stats, needs_inputs, fields}, /*load_stats_file=*/opts.dry_run);
+  bool shapes_at_run = false, moe_only = true, densifies = false;
+  for (const auto& p : r.passes) {
+    shapes_at_run = shapes_at_run || p->shapes_at_run();
+    moe_only = moe_only && p->moe_layers_only();
+    densifies = densifies || p->densifies_experts();
+  }
+  // A pass that writes encoded experts dense (merge of a factorized or quantized checkpoint)
+  // leaves tensors the input's encodings do not describe: written through spill files too. A
+  // block-scaled FP8 expert stays FP8 of the same shape (passes/experts.h to_tensor_like).
+  if (densifies)
+    for (const auto& l : model.layers())
+      if (l.moe)
+        for (const auto& e : l.moe->experts)
+          for (const core::Tensor* t : {&e.gate, &e.up, &e.down})
+            shapes_at_run = shapes_at_run || (t->encoding() && !dynamic_cast<const core::Fp8Block*>(t->encoding()));
+  // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
+  // from the input's positions once a pass moves experts: written through spill files too.
+  for (const auto& l : model.layers())
+    l.for_each_tensor([&](const core::Tensor& t) {
+      shapes_at_run = shapes_at_run || (t.encoding() && quant::part_shapes_depend_on_values(*t.encoding()));
+    });
+  // Counts and sizes the plan knows before any work (a dry run shows them): a count a layer cannot
+  // take is refused here, not after the statistics, and the output must fit on its file system.
+  // Outputs whose shapes are decided while the passes run go through spill files first (twice
+  // their size until the shards are assembled); their estimate is the planned shapes'.
+  const uint64_t estimate = bytes_of(planned_model(model, plan_passes(r, model, nullptr, false).back())
+                                         .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
+  const uint64_t disk_needs = shapes_at_run ? 2 * estimate : estimate;
+  io::check_free_space(r.output.path, disk_needs, r.key("output.path"));
   for (const auto& f : fields)
     if (f == "gram_in" || f == "gram_mid") r.calibration.gram = true;  // statistics on the fly: with Gram matrices
   std::optional<io::OutputDir> out_dir;
   if (!opts.dry_run)
-    out_dir.emplace(env, r.output.path,
-                    std::vector<fs::path>{r.model, r.calibration.text, r.calibration.stats,
-                                          r.eval ? r.eval->text : fs::path()},
-                    r.output.force, r.key("output.force"));
+    out_dir.emplace(env, r.output.path, run_inputs(r), r.output.force, r.key("output.force"));
   // Statistics: from the file (checked against this model) or collected on the calibration text.
   std::optional<calib::Stats> stats;
   if (needs_stats && !opts.dry_run) {
@@ -345,28 +381,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["layers"] = layers;
   summary["params"] = {{"before", original.total_params()}, {"after", planned.total_params()},
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
-  bool shapes_at_run = false, moe_only = true, densifies = false;
-  for (const auto& p : r.passes) {
-    shapes_at_run = shapes_at_run || p->shapes_at_run();
-    moe_only = moe_only && p->moe_layers_only();
-    densifies = densifies || p->densifies_experts();
-  }
-  // A pass that writes encoded experts dense (merge of a factorized or quantized checkpoint)
-  // leaves tensors the input's encodings do not describe: written through spill files too. A
-  // block-scaled FP8 expert stays FP8 of the same shape (passes/experts.h to_tensor_like).
-  if (densifies)
-    for (const auto& l : model.layers())
-      if (l.moe)
-        for (const auto& e : l.moe->experts)
-          for (const core::Tensor* t : {&e.gate, &e.up, &e.down})
-            shapes_at_run = shapes_at_run || (t->encoding() && !dynamic_cast<const core::Fp8Block*>(t->encoding()));
-  // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
-  // from the input's positions once a pass moves experts: written through spill files too.
-  for (const auto& l : model.layers())
-    l.for_each_tensor([&](const core::Tensor& t) {
-      shapes_at_run = shapes_at_run || (t.encoding() && quant::part_shapes_depend_on_values(*t.encoding()));
-    });
   summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(outs_after))}};
+  summary["disk"] = {{"needs", disk_needs}, {"free", io::free_space(r.output.path)}};
 
   std::vector<std::string> compute;
   if (needs_stats)
@@ -437,29 +453,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   auto release = [&](const core::Tensor& t) {
     for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
   };
-  // Every written tensor is checked for NaN/Inf, so a pass that copies weights without converting
-  // them (prune by a clean model's statistics) cannot write a poisoned checkpoint either.
-  auto checked = [&](const core::Tensor& t, const std::string& name) {
-    const int64_t bad = core::first_non_finite(t.dtype(), t.data(), static_cast<size_t>(t.numel()));
-    if (bad >= 0)
-      throw Error::invalid(r.model.string() + ": tensor " + name + ": non-finite value at index " + std::to_string(bad) +
-                           " (of " + core::shape_str(t.shape()) + "), which the output would carry");
-  };
+  // Every written tensor is checked for NaN/Inf by the writer (io::CheckpointWriter), so a pass
+  // that copies weights without converting them (prune by a clean model's statistics) cannot
+  // write a poisoned checkpoint either; the message names the input it came from.
   auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
     model::account_into(acc_after, list);
     for (const auto& o : list)
       if (!o.weight.empty()) weight_class[o.weight] = o.cls;
-    if (spill) {
-      spill->write_group(list, release, checked);
-      return;
-    }
-    for (const auto& o : list) {
-      core::Tensor t = o.make();
-      if (t.dtype() != o.dtype) t = t.converted(o.dtype);
-      checked(t, o.name);
-      writer->write(o.name, t);
-      release(t);
-    }
+    core::with_context(r.model.string(), [&] {
+      if (spill) {
+        spill->write_group(list, release);
+        return;
+      }
+      for (const auto& o : list) {
+        core::Tensor t = o.make();
+        if (t.dtype() != o.dtype) t = t.converted(o.dtype);
+        writer->write(o.name, t);
+        release(t);
+      }
+    });
   };
 
   const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
@@ -748,6 +760,9 @@ std::string render_run_summary(const json& s) {
     << (s.at("bytes").at("after").is_null() ? std::string("decided while the passes run (data-dependent ranks or codes)")
                                             : core::format_bytes(s.at("bytes").at("after").get<double>()))
     << "\n";
+  if (dry && s.contains("disk"))
+    o << "  disk     needs about " << core::format_bytes(s.at("disk").at("needs").get<double>()) << ", "
+      << core::format_bytes(s.at("disk").at("free").get<double>()) << " free on the output's file system\n";
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   if (!dry)

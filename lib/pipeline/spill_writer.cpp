@@ -25,20 +25,16 @@ namespace {
 
 // Writes outs into `sub`/model.safetensors.
 void write_file(io::Env& env, const io::fs::path& sub, const std::vector<model::OutTensor>& outs,
-                const std::function<void(const core::Tensor&)>& written,
-                const std::function<void(const core::Tensor&, const std::string&)>& check) {
+                const std::function<void(const core::Tensor&)>& written) {
   std::vector<io::TensorSpec> plan;
   for (const auto& o : outs) plan.push_back({o.name, o.dtype, o.shape});
   env.create_dirs(sub);
   io::CheckpointWriter w(env, sub, plan, UINT64_MAX);
   for (const auto& o : outs) {
-    core::with_context("tensor " + o.name, [&] {
-      core::Tensor t = o.make();
-      if (t.dtype() != o.dtype) t = t.converted(o.dtype);
-      if (check) check(t, o.name);
-      w.write(o.name, t);
-      if (written) written(t);
-    });
+    core::Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
+    if (t.dtype() != o.dtype) t = t.converted(o.dtype);
+    w.write(o.name, t);  // the writer's errors name the tensor
+    if (written) written(t);
   }
   w.finish();
 }
@@ -46,12 +42,11 @@ void write_file(io::Env& env, const io::fs::path& sub, const std::vector<model::
 }  // namespace
 
 void SpillWriter::write_group(const std::vector<model::OutTensor>& outs,
-                              const std::function<void(const core::Tensor&)>& written,
-                              const std::function<void(const core::Tensor&, const std::string&)>& check) {
+                              const std::function<void(const core::Tensor&)>& written) {
   char name[32];
   std::snprintf(name, sizeof name, "group-%06zu", files_.size());
   const io::fs::path sub = spill_ / name;
-  write_file(env_, sub, outs, written, check);
+  write_file(env_, sub, outs, written);
   files_.push_back(sub / "model.safetensors");
   tensors_ += outs.size();
 }
@@ -64,7 +59,7 @@ void SpillWriter::rewrite_group(size_t i, const std::vector<model::OutTensor>& o
     const auto f = io::SafetensorsFile::open(env_, files_[i]);
     before = f->header().tensors.size();
   }
-  write_file(env_, sub, outs, nullptr, nullptr);
+  write_file(env_, sub, outs, nullptr);
   env_.remove_all(old);
   files_[i] = sub / "model.safetensors";
   tensors_ = tensors_ - before + outs.size();

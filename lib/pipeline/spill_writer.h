@@ -21,11 +21,10 @@ class SpillWriter {
   SpillWriter& operator=(const SpillWriter&) = delete;
   ~SpillWriter();
 
-  // Computes and writes `outs` (OutTensor::make); `check` is called with each tensor made before
-  // it is written (it may throw), `written` after.
+  // Computes and writes `outs` (OutTensor::make; NaN/Inf refused by io::CheckpointWriter);
+  // `written` is called with each tensor after it is written.
   void write_group(const std::vector<model::OutTensor>& outs,
-                   const std::function<void(const core::Tensor&)>& written = nullptr,
-                   const std::function<void(const core::Tensor&, const std::string&)>& check = nullptr);
+                   const std::function<void(const core::Tensor&)>& written = nullptr);
   // The groups' temporary files, in order (readable with io::SafetensorsFile until finish()).
   const std::vector<io::fs::path>& group_files() const { return files_; }
   // Replaces group i by `outs` (made and written as write_group does; they may read the old

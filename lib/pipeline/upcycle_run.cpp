@@ -55,12 +55,16 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     o.finish();
   });
   auto& env = io::Env::posix();
+  // Every file the run reads is an input the output may not be, be inside or contain.
   std::vector<fs::path> inputs{model, uo.prompts, uo.text};
   for (const auto& s : uo.sources) inputs.push_back(s);
-  passes::check_upcycle(env, model, uo);
+  inputs.insert(inputs.end(), opts.reads.begin(), opts.reads.end());
+  const uint64_t bytes = core::with_context(source, [&] { return passes::check_upcycle(env, model, uo); });
   io::check_output(out, inputs, force, io::OutputKind::Folder, "output.force");
+  io::check_free_space(out, bytes, "output.path");
   json summary = {{"command", opts.command}, {"model", model.string()}, {"output", out.string()}, {"to", uo.to},
-                  {"method", uo.method}, {"experts", uo.experts}, {"top_k", uo.top_k}};
+                  {"method", uo.method}, {"experts", uo.experts}, {"top_k", uo.top_k},
+                  {"disk", {{"needs", bytes}, {"free", io::free_space(out)}}}};
   if (opts.dry_run) {
     summary["dry_run"] = true;
     return summary;

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 namespace moe::pipeline {
 
@@ -23,6 +24,7 @@ struct UpcycleRunOptions {
   bool dry_run = false;
   bool quiet = false;
   std::string command;
+  std::vector<std::filesystem::path> reads;  // more files the run reads (the recipe files of `run`)
 };
 
 // Validates everything before any output exists (Error::invalid naming the JSON path, or the

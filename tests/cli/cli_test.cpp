@@ -202,8 +202,9 @@ TEST_F(Cli, ConvertEveryFamilyIsBitIdentical) {
     EXPECT_EQ(json::parse(read_file(out / "config.json")), ck.config);
     for (const char* side : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"})
       EXPECT_EQ(read_file(out / side), read_file(in / side)) << side;
-    EXPECT_EQ(list_dir(out), (std::vector<std::string>{"config.json", "generation_config.json", "model.safetensors",
-                                                       "moe_tool_report.json", "tokenizer.json", "tokenizer_config.json"}));
+    EXPECT_EQ(list_dir(out), (std::vector<std::string>{".moe-tool-output.json", "config.json", "generation_config.json",
+                                                       "model.safetensors", "moe_tool_report.json", "tokenizer.json",
+                                                       "tokenizer_config.json"}));
     const json report = json::parse(read_file(out / "moe_tool_report.json"));
     EXPECT_EQ(report.at("command"), "convert");
     EXPECT_EQ(report.at("input").at("family"), fam);
@@ -394,9 +395,14 @@ TEST_F(Cli, ConvertRefusesDangerousOutputs) {
   EXPECT_EQ(list_dir(out), std::vector<std::string>{"precious.txt"});
   EXPECT_EQ(temp_leftovers(tmp.path()), std::vector<std::string>{});
 
+  // --force replaces only an earlier output of moe-tool: a folder of the user's is never deleted.
+  expect_user_error(run_tool({"convert", in.string(), out.string(), "--force"}),
+                    {out.string() + ": output folder exists and was not written by moe-tool"});
+  EXPECT_EQ(list_dir(out), std::vector<std::string>{"precious.txt"});
+  fs::remove(out / "precious.txt");
+  expect_ok(run_tool({"-q", "convert", in.string(), out.string()}));
   const RunResult ok = run_tool({"-q", "convert", in.string(), out.string(), "--force"});
   expect_ok(ok);
-  EXPECT_FALSE(fs::exists(out / "precious.txt"));
   EXPECT_EQ(read_tensors(out), before);
   EXPECT_EQ(temp_leftovers(tmp.path()), std::vector<std::string>{});
 
@@ -407,8 +413,11 @@ TEST_F(Cli, ConvertRefusesDangerousOutputs) {
 
   write_file(tmp / "afile", "x");
   expect_user_error(run_tool({"convert", in.string(), (tmp / "afile").string(), "--force"}), {"output exists and is not a folder"});
-  expect_user_error(run_tool({"convert", in.string(), (tmp / "nope" / "out").string()}), {"parent folder", "does not exist"});
-  EXPECT_FALSE(fs::exists(tmp / "nope"));
+  expect_user_error(run_tool({"convert", in.string(), (tmp / "afile" / "out").string()}),
+                    {"parent folder", "cannot be made", "afile is not a folder"});
+  // Missing parents are made (recipes write under build/recipes-out on a fresh checkout).
+  expect_ok(run_tool({"-q", "convert", in.string(), (tmp / "nope" / "out").string()}));
+  EXPECT_EQ(read_tensors(tmp / "nope" / "out"), before);
 }
 
 TEST_F(Cli, ConvertOutputWithTrailingSlash) {

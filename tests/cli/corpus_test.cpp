@@ -86,8 +86,9 @@ TEST_P(CorpusCase, FailsCleanlyWithOneLine) {
   if (c.command == "convert") {
     if (c.output == "fresh") {
       out = tmp / "out";
-    } else if (c.output == "parent-missing") {
-      out = tmp / "missing" / "out";
+    } else if (c.output == "parent-file") {
+      write_file(tmp / "afile", "a file\n");
+      out = tmp / "afile" / "out";
     } else if (c.output == "file") {
       out = tmp / "out";
       write_file(out, "a file, not a folder\n");
@@ -123,8 +124,8 @@ TEST_P(CorpusCase, FailsCleanlyWithOneLine) {
   if (c.command == "convert") {
     if (c.output == "fresh" || c.output == "inside-input") {
       EXPECT_FALSE(fs::exists(out)) << "output folder created";
-    } else if (c.output == "parent-missing") {
-      EXPECT_FALSE(fs::exists(out.parent_path())) << "output parent created";
+    } else if (c.output == "parent-file") {
+      EXPECT_EQ(read_file(out.parent_path()), "a file\n");
     } else if (c.output == "file") {
       EXPECT_EQ(read_file(out), "a file, not a folder\n");
     } else if (c.output == "nonempty") {
@@ -137,6 +138,7 @@ TEST_P(CorpusCase, FailsCleanlyWithOneLine) {
   // Nothing else appeared next to the input either.
   std::vector<std::string> expect = {c.name};
   if (c.command == "convert" && (c.output == "file" || c.output == "nonempty")) expect.push_back("out");
+  if (c.output == "parent-file") expect.push_back("afile");
   std::sort(expect.begin(), expect.end());
   EXPECT_EQ(list_dir(tmp.path()), expect);
 }

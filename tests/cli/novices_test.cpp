@@ -219,7 +219,8 @@ fs::path synth_novice(const fs::path& dir, const std::vector<float>& value, cons
                          {{pre + "w2.weight",
                            {{"encoding", "novice"},
                             {"parts", {{"value", part_name.empty() ? pre + "w2.weight.novice" : part_name}}}}}}}}}};
-  return synth_to(dir, "mixtral", spec);
+  // Hand-rolled: the tool's own writer refuses the NaN fixture below (io::CheckpointWriter).
+  return synth_to(dir, "mixtral", spec, {.writer = Writer::HandRolled});
 }
 
 TEST(PruneNovices, TheLoaderChecksTheNoviceEntry) {

@@ -210,9 +210,15 @@ TEST_F(Robust, CalibrateOutputFollowsTheOutputRules) {
   EXPECT_EQ(read_file(tmp / "old.stats"), "old");
   fs::create_directories(tmp / "dir.stats");
   expect_user_error(cal(tmp / "dir.stats", {"--force"}), {"output is a folder"});
-  const auto ok = cal(tmp / "old.stats", {"--force"});
+  // --force replaces a statistics file moe-tool wrote, never another file.
+  expect_user_error(cal(tmp / "old.stats", {"--force"}), {"old.stats: output file exists and is neither a statistics file"});
+  EXPECT_EQ(read_file(tmp / "old.stats"), "old");
+  fs::remove(tmp / "old.stats");
+  EXPECT_EQ(cal(tmp / "old.stats").exit_code, 0);
+  const std::string first = read_file(tmp / "old.stats");
+  const auto ok = cal(tmp / "old.stats", {"--force", "--out-stride", "8"});
   EXPECT_EQ(ok.exit_code, 0) << ok.describe();
-  EXPECT_NE(read_file(tmp / "old.stats"), "old");
+  EXPECT_NE(read_file(tmp / "old.stats"), first);
   EXPECT_TRUE(temps_in(tmp.path()).empty());
   // The checks come before any work: a missing text with an existing output names the output.
   expect_user_error(run_tool({"calibrate", model.string(), "--text", (tmp / "missing.txt").string(), "-o",
@@ -230,15 +236,23 @@ TEST_F(Robust, StatsPlotOutputFollowsTheOutputRules) {
   EXPECT_EQ(read_file(out / "keep.txt"), "mine");
   expect_user_error(run_tool({"stats", "plot", s.string(), "-o", s.string(), "--force"}), {"output is the input"});
   EXPECT_TRUE(fs::is_regular_file(s));
-  auto r = run_tool({"stats", "plot", s.string(), "-o", out.string(), "--force"});
+  // --force never deletes a folder moe-tool did not write.
+  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", out.string(), "--force"}),
+                    {"output folder exists and was not written by moe-tool"});
+  EXPECT_EQ(read_file(out / "keep.txt"), "mine");
+  fs::remove(out / "keep.txt");
+  auto r = run_tool({"stats", "plot", s.string(), "-o", out.string()});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"stats", "plot", s.string(), "-o", out.string(), "--force"});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_TRUE(fs::exists(out / "usage.svg"));
-  EXPECT_FALSE(fs::exists(out / "keep.txt"));
   EXPECT_TRUE(temps_in(tmp.path()).empty());
-  // A plot into a folder whose parent does not exist: refused, nothing created.
-  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", (tmp / "no/such/dir").string()}),
-                    {"parent folder", "does not exist"});
-  EXPECT_FALSE(fs::exists(tmp / "no"));
+  // A plot into a folder whose parents do not exist: they are made; a parent that is a file is refused.
+  r = run_tool({"stats", "plot", s.string(), "-o", (tmp / "no/such/dir").string()});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(tmp / "no/such/dir/usage.svg"));
+  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", (out / "usage.svg" / "x").string()}),
+                    {"parent folder", "cannot be made", "usage.svg is not a folder"});
 }
 
 // A child moe-tool that runs in the background.

@@ -482,8 +482,8 @@ def build_cases():
          ["model.safetensors: weight " + NW + ": rank 5 exceeds min(out, in) = 4"])
 
     # ---------------------------------------------------------------- output paths (valid input)
-    case("out-parent-missing", single(), "the output's parent folder does not exist",
-         ["parent folder", "does not exist"], command="convert", output="parent-missing")
+    case("out-parent-is-a-file", single(), "the output's parent is a file (missing parent folders are made)",
+         ["parent folder", "cannot be made", "is not a folder"], command="convert", output="parent-file")
     case("out-is-a-file", single(), "the output path is an existing file",
          ["output exists and is not a folder"], command="convert", output="file")
     case("out-not-empty", single(), "the output folder exists with files in it (no --force)",

@@ -18,6 +18,11 @@ namespace {
 using core::ErrorKind;
 using test::expect_error;
 
+// A statistics file as `force` recognises one: safetensors whose metadata has model_fingerprint.
+std::string stats_like(const std::string& fingerprint = "f") {
+  return test::safetensors_bytes({}, {{"format", "pt"}, {"model_fingerprint", fingerprint}});
+}
+
 class OutputDirTest : public ::testing::Test {
  protected:
   test::TempDir tmp{"moe-out"};
@@ -111,17 +116,27 @@ TEST_F(OutputDirTest, OutputFileRules) {
                {"output file exists (use output.force to replace it)"});
   expect_error([&] { OutputFile(Env::posix(), in() / "stats", {in()}, true); }, ErrorKind::InvalidArgument,
                {"output is inside the input"});
+  // force replaces a statistics file (or a GGUF file) only, never another file.
+  expect_error([&] { OutputFile(Env::posix(), f, {in()}, true); }, ErrorKind::InvalidArgument,
+               {f.string() + ": output file exists and is neither a statistics file written by moe-tool",
+                "--force replaces only an earlier output of moe-tool"});
+  EXPECT_EQ(test::read_file(f), "a");
+  test::write_file(tmp / "m.gguf", std::string("GGUF\x03\0\0\0", 8));
+  EXPECT_TRUE(is_tool_output(tmp / "m.gguf", OutputKind::File));
+  EXPECT_FALSE(is_tool_output(f, OutputKind::File));
+  fs::remove(tmp / "m.gguf");
+  test::write_file(f, stats_like());
   {
     OutputFile c(Env::posix(), f, {in()}, true);
-    test::write_file(c.path(), "c");
+    test::write_file(c.path(), stats_like("c"));
     c.commit();
   }
-  EXPECT_EQ(test::read_file(f), "c");
+  EXPECT_EQ(test::read_file(f), stats_like("c"));
   {
     OutputFile d(Env::posix(), f, {in()}, true);
     test::write_file(d.path(), "partial");
   }  // no commit: the temporary goes, the old file stays
-  EXPECT_EQ(test::read_file(f), "c");
+  EXPECT_EQ(test::read_file(f), stats_like("c"));
   std::vector<std::string> names = leftovers();
   EXPECT_EQ(names, std::vector<std::string>{"x.stats"});
 }
@@ -187,11 +202,11 @@ TEST_F(OutputDirTest, ExistingOutput) {
     test::write_file(od.path() / "new.txt", "new");
     od.commit();
   }
-  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"new.txt"});
+  EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "new.txt"}));
   // Non-empty: refused without --force, and left alone.
   expect_error([&] { OutputDir(Env::posix(), out(), {in()}, false); }, ErrorKind::InvalidArgument,
                {out().string(), "exists and is not empty", "--force"});
-  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"new.txt"});
+  EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "new.txt"}));
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
   {  // --force replaces it entirely
     OutputDir od(Env::posix(), out(), {in()}, true);
@@ -199,13 +214,13 @@ TEST_F(OutputDirTest, ExistingOutput) {
     EXPECT_EQ(test::read_file(out() / "new.txt"), "new");  // untouched until commit
     od.commit();
   }
-  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"newer.txt"});
+  EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "newer.txt"}));
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
   {  // --force without commit leaves the old output as it was
     OutputDir od(Env::posix(), out(), {in()}, true);
     test::write_file(od.path() / "x", "x");
   }
-  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"newer.txt"});
+  EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "newer.txt"}));
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
 }
 
@@ -214,11 +229,11 @@ TEST_F(OutputDirTest, OutputIsAFileOrParentMissing) {
   expect_error([&] { OutputDir(Env::posix(), out(), {in()}, true); }, ErrorKind::InvalidArgument,
                {out().string(), "exists and is not a folder"});
   EXPECT_EQ(test::read_file(out()), "i am a file");
-  expect_error([&] { OutputDir(Env::posix(), tmp / "no" / "such" / "out", {in()}, false); }, ErrorKind::NotFound,
-               {"parent folder", "does not exist"});
-  EXPECT_FALSE(fs::exists(tmp / "no"));
-  // The parent is a file.
-  expect_error([&] { OutputDir(Env::posix(), out() / "sub", {in()}, false); }, ErrorKind::NotFound, {"parent folder"});
+  // The parent is a file (or a folder above it is).
+  expect_error([&] { OutputDir(Env::posix(), out() / "sub", {in()}, false); }, ErrorKind::NotFound,
+               {"parent folder", "cannot be made", out().string() + " is not a folder"});
+  expect_error([&] { OutputDir(Env::posix(), out() / "a" / "sub", {in()}, false); }, ErrorKind::NotFound,
+               {"cannot be made", out().string() + " is not a folder"});
   expect_error([&] { OutputDir(Env::posix(), "", {in()}, false); }, ErrorKind::InvalidArgument, {"output path is empty"});
 }
 
@@ -238,7 +253,7 @@ TEST_F(OutputDirTest, TrailingSlash) {
     test::write_file(od.path() / "b.txt", "b");
     od.commit();
   }
-  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"b.txt"});
+  EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "b.txt"}));
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
   expect_error([&] { OutputDir(Env::posix(), in().string() + "/", {in()}, true); }, ErrorKind::InvalidArgument,
                {"output is the input"});
@@ -248,6 +263,12 @@ TEST_F(OutputDirTest, TrailingSlash) {
 
 class FaultTest : public OutputDirTest {
  protected:
+  // An earlier output of the tool at out(): old.txt and the listing that names it.
+  void old_output() {
+    OutputDir od(Env::posix(), out(), {in()}, false);
+    test::write_file(od.path() / "old.txt", "old");
+    od.commit();
+  }
   // Converts `in` to `out` through `env` as `moe-tool convert` does; returns the error message or "".
   std::string convert(test::FaultEnv& env, bool force = false, uint64_t shard = 8000) {
     try {
@@ -290,13 +311,12 @@ TEST_F(FaultTest, WriteFailuresPropagateAndLeaveNothing) {
 }
 
 TEST_F(FaultTest, FailureWhileReplacingKeepsTheOldOutput) {
-  fs::create_directory(out());
-  test::write_file(out() / "old.txt", "old");
+  old_output();
   test::FaultEnv env;
   env.write_budget = 5000;
   const std::string msg = convert(env, /*force=*/true);
   EXPECT_NE(msg.find("injected fault"), std::string::npos) << msg;
-  EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"old.txt"});
+  EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "old.txt"}));
   EXPECT_EQ(leftovers(), std::vector<std::string>{});
 }
 
@@ -318,12 +338,11 @@ TEST_F(FaultTest, CloseAndRenameFailures) {
     EXPECT_EQ(leftovers(), std::vector<std::string>{});
   }
   {  // replacing: the first rename (old output aside) fails; the old output stays
-    fs::create_directory(out());
-    test::write_file(out() / "old.txt", "old");
+    old_output();
     test::FaultEnv env;
     env.fail_rename = true;
     EXPECT_NE(convert(env, true).find("cannot rename"), std::string::npos);
-    EXPECT_EQ(test::list_dir(out()), std::vector<std::string>{"old.txt"});
+    EXPECT_EQ(test::list_dir(out()), (std::vector<std::string>{kListingName, "old.txt"}));
     EXPECT_EQ(leftovers(), std::vector<std::string>{});
   }
 }

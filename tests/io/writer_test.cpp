@@ -208,7 +208,9 @@ TEST(ParseSize, UnitsAsHuggingFace) {
   EXPECT_EQ(parse_size("64B"), 64ull);
   EXPECT_EQ(parse_size("1.5GB"), 1'500'000'000ull);
   EXPECT_EQ(parse_size("2TB"), 2'000'000'000'000ull);
-  for (const char* bad : {"", "GB", "abc", "5XB", "0", "0.1", "-5GB", "5 GB", "1.5.3GB", ".", "..GB"}) {
+  // Sizes beyond 2^63 bytes (their conversion to an integer would be undefined) are refused too.
+  for (const char* bad : {"", "GB", "abc", "5XB", "0", "0.1", "-5GB", "5 GB", "1.5.3GB", ".", "..GB", "10000000TB",
+                          "99999999999999999999999999999999999999TB"}) {
     try {
       parse_size(bad);
       ADD_FAILURE() << "accepted '" << bad << "'";

@@ -1,0 +1,242 @@
+// Output safety (docs/outputs.md): symbolic links written through (the output, a folder above it,
+// a link into an input), force replacing only an earlier output of the tool, the current folder
+// never an output, missing parents created and removed again on failure, the free-space check,
+// the writer's finite check and JSON errors without the library's internal ids.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/dtype.h"
+#include "io/checkpoint.h"
+#include "io/checkpoint_writer.h"
+#include "io/output_dir.h"
+#include "support/expect_error.h"
+#include "support/synth.h"
+
+namespace moe::io {
+namespace {
+
+using core::ErrorKind;
+using test::expect_error;
+
+class OutputSafety : public ::testing::Test {
+ protected:
+  test::TempDir tmp{"moe-safety"};
+  fs::path in() const { return tmp / "in"; }
+  void SetUp() override {
+    fs::create_directories(in());
+    test::write_file(in() / "config.json", "{}");
+  }
+  // Writes and commits an output with the given files through OutputDir.
+  void commit_output(const fs::path& out, const std::vector<std::string>& files, bool force = false) {
+    OutputDir od(Env::posix(), out, {in()}, force);
+    for (const auto& f : files) test::write_file(od.path() / f, f);
+    od.commit();
+  }
+};
+
+// 27.1: an output that is a link to a folder elsewhere is written through; the link stays.
+TEST_F(OutputSafety, OutputLinkIsWrittenThrough) {
+  fs::create_directories(tmp / "elsewhere");
+  fs::create_directory_symlink(tmp / "elsewhere" / "real", tmp / "link");
+  fs::create_directories(tmp / "elsewhere" / "real");  // an empty folder: no force needed
+  commit_output(tmp / "link", {"a.txt"});
+  EXPECT_TRUE(fs::is_symlink(tmp / "link"));
+  EXPECT_EQ(test::read_file(tmp / "elsewhere" / "real" / "a.txt"), "a.txt");
+  // Replacing it (force): still a link, the new content at its target.
+  commit_output(tmp / "link", {"b.txt"}, true);
+  EXPECT_TRUE(fs::is_symlink(tmp / "link"));
+  EXPECT_EQ(test::list_dir(tmp / "elsewhere" / "real"), (std::vector<std::string>{kListingName, "b.txt"}));
+  // Nothing left next to the link or the target.
+  EXPECT_EQ(test::list_dir(tmp.path()), (std::vector<std::string>{"elsewhere", "in", "link"}));
+  EXPECT_EQ(test::list_dir(tmp / "elsewhere"), std::vector<std::string>{"real"});
+}
+
+// Sibling: a link in the parent path; and an output file (statistics) that is a link.
+TEST_F(OutputSafety, LinkInParentPathAndFileLink) {
+  fs::create_directories(tmp / "disk2");
+  fs::create_directory_symlink(tmp / "disk2", tmp / "mnt");
+  commit_output(tmp / "mnt" / "out", {"a.txt"});
+  EXPECT_TRUE(fs::is_symlink(tmp / "mnt"));
+  EXPECT_EQ(test::read_file(tmp / "disk2" / "out" / "a.txt"), "a.txt");
+
+  const std::string stats = test::safetensors_bytes({}, {{"model_fingerprint", "f"}});
+  test::write_file(tmp / "disk2" / "s.stats", stats);
+  fs::create_symlink(tmp / "disk2" / "s.stats", tmp / "s.stats");
+  {
+    OutputFile f(Env::posix(), tmp / "s.stats", {in()}, true);
+    test::write_file(f.path(), stats + "x");
+    f.commit();
+  }
+  EXPECT_TRUE(fs::is_symlink(tmp / "s.stats"));
+  EXPECT_EQ(test::read_file(tmp / "disk2" / "s.stats"), stats + "x");
+}
+
+// A link whose target does not exist (the output itself or a folder above it): refused.
+TEST_F(OutputSafety, DanglingLinkRefused) {
+  fs::create_directory_symlink(tmp / "gone", tmp / "dangling");
+  expect_error([&] { OutputDir(Env::posix(), tmp / "dangling", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"dangling is a symbolic link to", "which does not exist"});
+  expect_error([&] { OutputDir(Env::posix(), tmp / "dangling" / "out", {in()}, false); }, ErrorKind::InvalidArgument,
+               {"is a symbolic link to", "which does not exist"});
+  expect_error([&] { check_output(tmp / "dangling", {in()}, false, OutputKind::File); }, ErrorKind::InvalidArgument,
+               {"which does not exist"});
+  EXPECT_FALSE(fs::exists(tmp / "gone"));
+  EXPECT_TRUE(fs::is_symlink(tmp / "dangling"));
+}
+
+// A link inside an input folder (a shard kept in a cache elsewhere) makes its target an input: an
+// output at, inside or around the cache is refused, even with force.
+TEST_F(OutputSafety, LinkIntoAnInputFolder) {
+  fs::create_directories(tmp / "cache" / "blobs");
+  test::write_file(tmp / "cache" / "blobs" / "abc", "weights");
+  fs::create_symlink(tmp / "cache" / "blobs" / "abc", in() / "model.safetensors");
+  expect_error([&] { OutputDir(Env::posix(), tmp / "cache", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output contains the input", "its link model.safetensors points to"});
+  expect_error([&] { OutputFile(Env::posix(), tmp / "cache" / "blobs" / "abc", {in()}, true); },
+               ErrorKind::InvalidArgument, {"output is the input", "model.safetensors"});
+  // And an output that is a link pointing into the input.
+  fs::create_directory_symlink(in(), tmp / "to-in");
+  expect_error([&] { OutputDir(Env::posix(), tmp / "to-in" / "sub", {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output is inside the input"});
+  EXPECT_EQ(test::read_file(tmp / "cache" / "blobs" / "abc"), "weights");
+}
+
+// 29.2: force replaces only an earlier output of the tool, and only when it holds nothing else.
+TEST_F(OutputSafety, ForceReplacesOnlyEarlierOutputs) {
+  const fs::path out = tmp / "out";
+  fs::create_directories(out);
+  test::write_file(out / "notes.txt", "mine");
+  expect_error([&] { OutputDir(Env::posix(), out, {in()}, true, "output.force"); }, ErrorKind::InvalidArgument,
+               {out.string() + ": output folder exists and was not written by moe-tool",
+                "output.force replaces only an earlier output of moe-tool"});
+  EXPECT_EQ(test::read_file(out / "notes.txt"), "mine");
+  fs::remove_all(out);
+  commit_output(out, {"model.safetensors"});
+  test::write_file(out / "recipe.json", "{}");  // the user put a file into an earlier output
+  expect_error([&] { OutputDir(Env::posix(), out, {in()}, true); }, ErrorKind::InvalidArgument,
+               {"output folder holds recipe.json, which moe-tool did not write there", "move it out"});
+  // ... also when it appears while the run writes: commit() checks again and keeps everything.
+  fs::remove(out / "recipe.json");
+  {
+    OutputDir od(Env::posix(), out, {in()}, true);
+    test::write_file(od.path() / "new", "new");
+    test::write_file(out / "late.txt", "late");
+    expect_error([&] { od.commit(); }, ErrorKind::InvalidArgument, {"late.txt, which moe-tool did not write there"});
+  }
+  EXPECT_EQ(test::read_file(out / "late.txt"), "late");
+  EXPECT_TRUE(fs::exists(out / "model.safetensors"));
+  fs::remove(out / "late.txt");
+  commit_output(out, {"new"}, true);
+  EXPECT_EQ(test::list_dir(out), (std::vector<std::string>{kListingName, "new"}));
+  EXPECT_TRUE(is_tool_output(out, OutputKind::Folder));
+  EXPECT_FALSE(is_tool_output(in(), OutputKind::Folder));
+}
+
+// 29.7: ".", "..", the root or a folder holding the current folder are refused before any work.
+TEST_F(OutputSafety, CurrentFolderIsNeverAnOutput) {
+  const fs::path cwd = fs::current_path();
+  fs::create_directories(tmp / "work" / "deeper");
+  fs::current_path(tmp / "work" / "deeper");
+  try {
+    for (const std::string p : {".", "./", "..", "../../work"}) {
+      SCOPED_TRACE(p);
+      for (bool force : {false, true})
+        expect_error([&] { check_output(p, {in()}, force, OutputKind::Folder); }, ErrorKind::InvalidArgument,
+                     {"the current folder"});
+    }
+    // "/" and the temporary folder hold the input too: refused for that first.
+    for (const std::string p : {"/", "../.."})
+      expect_error([&] { check_output(p, {in()}, true, OutputKind::Folder); }, ErrorKind::InvalidArgument,
+                   {"output contains the input"});
+    expect_error([&] { OutputDir(Env::posix(), ".", {in()}, true); }, ErrorKind::InvalidArgument,
+                 {".: output is the current folder"});
+  } catch (...) {
+    fs::current_path(cwd);
+    throw;
+  }
+  fs::current_path(cwd);
+  EXPECT_EQ(test::list_dir(tmp / "work"), std::vector<std::string>{"deeper"});
+}
+
+// 29.9: missing parent folders are created when the writing starts, and removed again (when
+// still empty) if the run fails; a check or a dry run creates nothing.
+TEST_F(OutputSafety, MissingParentsCreatedAndRemovedOnFailure) {
+  const fs::path out = tmp / "build" / "recipes-out" / "x";
+  check_output(out, {in()}, false, OutputKind::Folder);
+  EXPECT_FALSE(fs::exists(tmp / "build"));
+  {
+    OutputDir od(Env::posix(), out, {in()}, false);
+    EXPECT_TRUE(fs::is_directory(tmp / "build" / "recipes-out"));
+  }  // no commit
+  EXPECT_FALSE(fs::exists(tmp / "build"));
+  {
+    OutputFile f(Env::posix(), tmp / "a" / "b.stats", {in()}, false);
+  }
+  EXPECT_FALSE(fs::exists(tmp / "a"));
+  // A parent that existed before stays, even when the run fails.
+  fs::create_directories(tmp / "build");
+  {
+    OutputDir od(Env::posix(), out, {in()}, false);
+  }
+  EXPECT_TRUE(fs::is_directory(tmp / "build"));
+  EXPECT_FALSE(fs::exists(tmp / "build" / "recipes-out"));
+  commit_output(out, {"a"});
+  EXPECT_EQ(test::read_file(out / "a"), "a");
+}
+
+// 29.3: an output larger than the free space of its file system is refused before writing.
+TEST_F(OutputSafety, FreeSpace) {
+  const fs::path out = tmp / "no" / "such" / "out";
+  const uint64_t free = free_space(out);
+  ASSERT_GT(free, 0u);
+  ASSERT_LT(free, std::numeric_limits<uint64_t>::max());
+  check_free_space(out, 1, "OUT");
+  check_free_space(out, free, "OUT");
+  expect_error([&] { check_free_space(out, free + (uint64_t{1} << 40), "OUT"); }, ErrorKind::IOError,
+               {"OUT " + out.string() + ": the output needs about", "free; nothing written"});
+  expect_error([&] { check_free_space(out, std::numeric_limits<uint64_t>::max(), "output.path"); }, ErrorKind::IOError,
+               {"output.path"});
+}
+
+// 29.6: every checkpoint the tool writes goes through CheckpointWriter::write, which refuses NaN
+// and Inf of the planned dtype, naming the tensor and the element (chunked writes included).
+TEST(CheckpointWriterFinite, RefusesNonFiniteValues) {
+  test::TempDir tmp("moe-finite");
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::vector<float> ok(12, 1.0f), bad = ok;
+  bad[7] = nan;
+  {
+    CheckpointWriter w(Env::posix(), tmp.path(), {{"a", core::DType::F32, {3, 4}}}, 1000);
+    w.write("a", 0, ok.data(), 16);  // elements 0-3
+    expect_error([&] { w.write("a", 16, bad.data() + 4, 32); }, ErrorKind::InvalidArgument,
+                 {"output tensor a: non-finite value at index 7 (of [3, 4])", "which the output would carry"});
+  }
+  for (core::DType dt : {core::DType::BF16, core::DType::F16, core::DType::F64, core::DType::F8_E5M2}) {
+    SCOPED_TRACE(core::dtype_name(dt));
+    std::vector<uint8_t> bytes(5 * core::dtype_size(dt));
+    std::vector<float> src = {0.5f, 1.0f, -2.0f, inf, 3.0f};
+    core::convert(core::DType::F32, src.data(), dt, bytes.data(), 5);
+    CheckpointWriter w(Env::posix(), tmp.path(), {{"t", dt, {5}}}, 1000);
+    expect_error([&] { w.write("t", 0, bytes.data(), bytes.size()); }, ErrorKind::InvalidArgument,
+                 {"output tensor t: non-finite value at index 3"});
+  }
+  // Integer tensors (codes, indices) are not floats: any bit pattern is written.
+  std::vector<uint8_t> codes(4, 0xFF);
+  CheckpointWriter w(Env::posix(), tmp.path(), {{"c", core::DType::U8, {4}}}, 1000);
+  w.write("c", 0, codes.data(), codes.size());
+  w.finish();
+}
+
+// 29.10: JSON errors say where and why, without the library's internal id.
+TEST(JsonErrors, NoInternalIds) {
+  const std::string m = expect_error([] { parse_json_file_text("{\"a\": tru}", "r.json"); }, ErrorKind::Corruption,
+                                     {"r.json: not valid JSON: parse error at line 1, column"});
+  EXPECT_EQ(m.find("json.exception"), std::string::npos) << m;
+}
+
+}  // namespace
+}  // namespace moe::io
