@@ -43,6 +43,7 @@ const std::vector<KeyInfo>& recipe_keys() {
 #define NUMBER KeyType::Number
 #define FLAG KeyType::Flag
 #define NO_FLAG KeyType::NoFlag
+#define LIST KeyType::List
 #define MOE_KEY(path, flag, type, dflt, scope, help) {path, flag, type, dflt, scope, help},
 #include "pipeline/keys.def"
 #undef STRING
@@ -50,6 +51,7 @@ const std::vector<KeyInfo>& recipe_keys() {
 #undef NUMBER
 #undef FLAG
 #undef NO_FLAG
+#undef LIST
   };
   return keys;
 }
