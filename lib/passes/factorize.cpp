@@ -173,7 +173,7 @@ class Factorize final : public pipeline::Pass {
                            "); nothing to factorize there");
     if (targets("dense") && !dense)
       throw Error::invalid(targets_key_ + ": dense: the model has no dense (non-MoE) layers; nothing to factorize there");
-    const bool single = method_ == Method::Svd || method_ == Method::Asvd || method_ == Method::SvdLlm;
+    const bool single = method_ == Method::Svd || method_ == Method::Asvd || method_ == Method::Svdllm;
     if (single && rule_ == Rule::Ratio && value_ >= 1.0)
       throw Error::invalid(rule_key_ + ": 1 keeps every parameter, and a rank-k factorization of an [m, n] matrix stores "
                            "k(m + n), less than m·n only for k < m·n/(m + n), which ratio 1 never allows: every matrix "
