@@ -418,7 +418,8 @@ class Quantize final : public pipeline::Pass {
 
   // The tensor class (model::OutTensor::cls) of a slot class.
   static std::string out_class(const std::string& cls) {
-    if (cls == "shared" || cls == "shared_gate") return "shared_experts";
+    if (cls == "shared") return "shared_experts";
+    if (cls == "shared_gate") return "shared_expert_gate";
     if (cls == "dense") return "dense_mlp";
     return cls;
   }

@@ -106,9 +106,9 @@ class Pass {
   // its calibration statistics or runs: a dry run then says so instead of printing estimates.
   virtual bool counts_at_run() const { return false; }
   // Encoded inputs (docs/encodings.md). Tensor classes, as model::OutTensor::cls names them
-  // (experts, shared_experts — the shared-expert gate included —, dense_mlp, attention, router,
-  // embeddings, lm_head), mapped to the encodings ("intN", "lowrank", ...) they have when the pass
-  // runs.
+  // (experts, shared_experts, dense_mlp, attention, router, embeddings, lm_head; the shared-expert
+  // gate apart, as shared_expert_gate), mapped to the encodings ("intN", "lowrank", ...) they have
+  // when the pass runs.
   using EncodedClasses = std::map<std::string, std::set<std::string>>;
   // What the pass does to those encodings beyond keeping them: one sentence per class it
   // dequantizes (reads as f32 and writes differently: dense, or re-encoded), naming the class, the

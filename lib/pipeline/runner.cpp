@@ -133,9 +133,12 @@ std::vector<std::vector<int64_t>> plan_passes(Recipe& r, const model::Model& m, 
 Pass::EncodedClasses encoded_classes(const model::Model& m) {
   json manifest = json::object();
   Pass::EncodedClasses out;
+  const std::string& gate = m.family().shared_expert_gate;  // told apart from the shared expert's MLP
   for (const auto& o : m.outputs(model::OutputOptions{}, &manifest))
-    if (!o.weight.empty() && manifest.contains(o.weight))
-      out[o.cls].insert(manifest.at(o.weight).value("encoding", std::string("?")));
+    if (!o.weight.empty() && manifest.contains(o.weight)) {
+      const bool is_gate = o.cls == "shared_experts" && !gate.empty() && o.weight.ends_with(gate);
+      out[is_gate ? "shared_expert_gate" : o.cls].insert(manifest.at(o.weight).value("encoding", std::string("?")));
+    }
   return out;
 }
 
@@ -396,10 +399,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // block-scaled FP8 expert stays FP8 of the same shape (passes/experts.h to_tensor_like).
   if (densifies)
     for (const auto& l : model.layers())
-      if (l.moe)
+      if (l.moe) {
+        auto dense_after = [&](const core::Tensor& t) {
+          shapes_at_run = shapes_at_run || (t.encoding() && !dynamic_cast<const core::Fp8Block*>(t.encoding()));
+        };
         for (const auto& e : l.moe->experts)
-          for (const core::Tensor* t : {&e.gate, &e.up, &e.down})
-            shapes_at_run = shapes_at_run || (t->encoding() && !dynamic_cast<const core::Fp8Block*>(t->encoding()));
+          for (const core::Tensor* t : {&e.gate, &e.up, &e.down}) dense_after(*t);
+        dense_after(l.moe->router);  // the merged router rows too
+      }
   // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
   // from the input's positions once a pass moves experts: written through spill files too.
   for (const auto& l : model.layers())

@@ -81,6 +81,21 @@ TEST_F(Encodings, PruneKeepsAnInt8RouterRowByRow) {
       ASSERT_EQ(after[k * H + j], before[kept[k].get<size_t>() * H + j]) << "row " << k << " col " << j;
 }
 
+// The same through a recipe [quantize router, prune] on one run.
+TEST_F(Encodings, RecipeQuantizeRouterThenPrune) {
+  const fs::path recipe = tmp / "r.json", out = tmp / "out";
+  write_file(recipe, json{{"model", mixtral().string()},
+                          {"passes", {{{"pass", "quantize"}, {"method", "rtn"}, {"router", "int8"}, {"experts", "keep"}},
+                                      {{"pass", "prune"}, {"method", "random"}, {"keep", 2}}}},
+                          {"output", {{"path", out.string()}}}}
+                         .dump());
+  const RunResult r = tool({"run", recipe.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = qweights(out).at("model.layers.0.block_sparse_moe.gate.weight");
+  EXPECT_EQ(w.at("encoding"), "intN");
+  EXPECT_EQ(router_of(out, 0).size(), 2u * 32u);
+}
+
 // Issue case 29.1 (merge): "cannot convert F32 to U8" on an encoded router; now the merged router is
 // written dense and the plan says so.
 TEST_F(Encodings, MergeOfAnEncodedRouterWritesItDenseAndSaysSo) {
@@ -213,7 +228,7 @@ TEST_F(Encodings, TensorTypeRules) {
   expect_clean_failure(quant("norm", {"--tensor-type", "input_layernorm=int8"}),
                        "--tensor-type: rule \"input_layernorm=int8\" matches only tensors quantize never encodes");
   expect_clean_failure(quant("shadow", {"--tensor-type", "self_attn=int8", "--tensor-type", "q_proj=int4"}),
-                       "--tensor-type[1]: rule \"q_proj=int4\" matches only tensors an earlier rule takes");
+                       "--tensor-type #2: rule \"q_proj=int4\" matches only tensors an earlier rule takes");
   for (const char* out : {"none", "norm", "shadow"}) EXPECT_FALSE(fs::exists(tmp / out)) << out;
   expect_clean_failure(quant("ctx", {"--ctx", "16", "--ctx", "32"}), "--ctx: given 2 times");
 }
