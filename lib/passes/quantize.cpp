@@ -220,12 +220,16 @@ class Quantize final : public pipeline::Pass {
   std::string name() const override { return "quantize"; }
   std::string method() const override { return method_name_; }
   json params() const override {
-    // Codecs as they are applied (group and symmetry resolved), not as typed.
-    json p = {{"pass", "quantize"}, {"method", method_name_}, {"codec", quant::to_string(codec_)}, {"group", group_}, {"sym", sym_}};
+    json p = {{"pass", "quantize"}, {"method", method_name_}, {"codec", codec_text_}, {"group", group_}, {"sym", sym_}};
+    // "applied": each class's codec as the pass applies it (group and symmetry resolved), beside
+    // the options as given.
+    json applied = json::object();
     for (const auto& c : kClasses) {
+      p[c.key] = class_text_.at(c.key);
       const auto& cc = class_codec_.at(c.key);
-      p[c.key] = cc ? quant::to_string(*cc) : "keep";
+      applied[c.key] = cc ? quant::to_string(*cc) : "keep";
     }
+    p["applied"] = applied;
     if (!overrides_.empty()) {
       json t = json::array();
       for (const auto& ov : overrides_) t.push_back(ov.pattern + "=" + (ov.codec ? quant::to_string(*ov.codec) : "keep"));

@@ -190,7 +190,7 @@ TEST_F(Encodings, GroupThatNoCodecTakesIsRefusedAndReportsEchoTheWrittenGroup) {
                        "--sym: applies to integer codecs that name no symmetry");
   const RunResult r = tool({"quantize", mixtral().string(), (tmp / "q").string(), "--method", "rtn", "--codec", "int4:g16"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_NE(r.out.find("\"codec\":\"int4:g16:asym\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"experts\":\"int4:g16:asym\""), std::string::npos) << r.out;
   const json m = read_json(tmp / "q" / "moe_tool_report.json").at("layers")[0].at("passes")[0].at("matrices")[0];
   EXPECT_EQ(m.at("written").at("group"), 16);
   EXPECT_EQ(m.at("written").at("encoding"), "intN");
