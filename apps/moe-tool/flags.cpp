@@ -31,7 +31,8 @@ void KeyFlags::declare(CLI::App& sub, const std::string& command) {
     } else {
       const bool has_default = *k.dflt && std::string(k.dflt) != "-";
       help += std::string(" (recipe key ") + k.path + (has_default ? std::string(", default ") + k.dflt : std::string()) + ")";
-      s.option = sub.add_option(k.flag, s.text, help);
+      // Every value is collected, so a repeated flag gets this tool's message (value()), not CLI11's.
+      s.option = sub.add_option(k.flag, s.texts, help)->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
     }
   }
 }
@@ -45,32 +46,38 @@ nlohmann::json KeyFlags::value(const std::string& path) const {
   if (!given(path)) return nullptr;
   const Slot& s = slots_.at(path);
   const std::string flag = s.key->flag;
+  if (s.key->type == KeyType::List) return s.texts.size() == 1 ? nlohmann::json(s.texts[0]) : nlohmann::json(s.texts);
+  if (s.texts.size() > 1)
+    throw Error::invalid(flag + ": given " + std::to_string(s.texts.size()) + " times ('" + s.texts[0] + "', '" + s.texts[1] +
+                         "'); give it once");
+  const std::string text = s.texts.empty() ? std::string() : s.texts[0];
   switch (s.key->type) {
     case KeyType::Flag: return true;
     case KeyType::NoFlag: return false;
-    case KeyType::String: return s.text;
+    case KeyType::List:
+    case KeyType::String: return text;
     case KeyType::Int: {
       size_t used = 0;
       long long v = 0;
       try {
-        v = std::stoll(s.text, &used);
+        v = std::stoll(text, &used);
       } catch (...) {
         used = 0;
       }
-      if (used == 0 || used != s.text.size())
-        throw Error::invalid(flag + ": expected an integer, found '" + s.text + "'");
+      if (used == 0 || used != text.size())
+        throw Error::invalid(flag + ": expected an integer, found '" + text + "'");
       return v;
     }
     case KeyType::Number: {
       size_t used = 0;
       double v = 0;
       try {
-        v = std::stod(s.text, &used);
+        v = std::stod(text, &used);
       } catch (...) {
         used = 0;
       }
-      if (used == 0 || used != s.text.size() || !std::isfinite(v))
-        throw Error::invalid(flag + ": expected a finite number, found '" + s.text + "'");
+      if (used == 0 || used != text.size() || !std::isfinite(v))
+        throw Error::invalid(flag + ": expected a finite number, found '" + text + "'");
       return v;
     }
   }

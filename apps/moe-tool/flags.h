@@ -7,6 +7,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "pipeline/keys.h"
 
@@ -30,7 +31,7 @@ class KeyFlags {
   struct Slot {
     const pipeline::KeyInfo* key = nullptr;
     CLI::Option* option = nullptr;
-    std::string text;
+    std::vector<std::string> texts;  // one per occurrence
     bool flag = false;
   };
   std::map<std::string, Slot> slots_;  // by JSON path (std::map: stable addresses for CLI11)

@@ -54,6 +54,10 @@ class Encoding {
   // Rows [r0, r1) as an encoding of its own (zero-copy where the layout allows). Default: throws
   // Error::unsupported naming the encoding.
   virtual std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const;
+  // Rows `rows` (each in [0, rows()), in the given order, repeats allowed) as an encoding of its
+  // own with the same parameters: the stored values of those rows, copied, nothing re-encoded
+  // (what prune does to a router). Default: throws Error::unsupported naming the encoding.
+  virtual std::shared_ptr<const Encoding> take_rows(const std::vector<int64_t>& rows) const;
   // What an output dtype (`convert --dtype`, a recipe's output.dtype) does to this encoding:
   //   Materialize     the weight is written dequantized in that dtype (block-scaled FP8: what
   //                   stock loaders expect of a bf16 checkpoint)

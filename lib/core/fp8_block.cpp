@@ -51,4 +51,9 @@ std::shared_ptr<const Encoding> Fp8Block::slice_rows(int64_t r0, int64_t r1) con
                                     block_cols_);
 }
 
+std::shared_ptr<const Encoding> Fp8Block::take_rows(const std::vector<int64_t>& rows) const {
+  if (block_rows_ != 1) return Encoding::take_rows(rows);
+  return std::make_shared<Fp8Block>(codes_->take_rows(rows), scale_->take_rows(rows), block_rows_, block_cols_);
+}
+
 }  // namespace moe::core

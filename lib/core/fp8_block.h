@@ -24,6 +24,9 @@ class Fp8Block final : public Encoding {
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
   // Whole blocks of rows only (r0 a multiple of block_rows, r1 too or the last row).
   std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  // Any rows when a block is one row high; otherwise Error::unsupported (a row's scale is shared
+  // with the other rows of its block).
+  std::shared_ptr<const Encoding> take_rows(const std::vector<int64_t>& rows) const override;
 
   const Tensor& codes() const { return *codes_; }
   const Tensor& scale() const { return *scale_; }

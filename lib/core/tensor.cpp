@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-
 #include <cstring>
 #include <limits>
 
@@ -69,6 +68,22 @@ Tensor Tensor::slice0(int64_t begin, int64_t end) const {
   Tensor t(dtype_, std::move(s), data_ + static_cast<size_t>(begin) * row_bytes, owner_);
   t.owned_ = false;
   return t;
+}
+
+Tensor Tensor::take_rows(const std::vector<int64_t>& rows) const {
+  if (shape_.empty()) throw Error::internal("take_rows: scalar tensor");
+  for (int64_t r : rows)
+    if (r < 0 || r >= shape_[0])
+      throw Error::internal("take_rows: row " + std::to_string(r) + " of " + std::to_string(shape_[0]));
+  if (enc_) return encoded(enc_->take_rows(rows), dtype_);
+  Shape s = shape_;
+  s[0] = static_cast<int64_t>(rows.size());
+  const size_t row_bytes = shape_[0] ? nbytes() / static_cast<size_t>(shape_[0]) : 0;
+  Tensor out = zeros(dtype_, std::move(s));
+  uint8_t* dst = out.mutable_data();
+  for (size_t i = 0; i < rows.size(); ++i)
+    std::memcpy(dst + i * row_bytes, data_ + static_cast<size_t>(rows[i]) * row_bytes, row_bytes);
+  return out;
 }
 
 Tensor Tensor::reshaped(Shape shape) const {

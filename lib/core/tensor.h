@@ -43,6 +43,11 @@ class Tensor {
 
   // Rows [begin, end) along dimension 0, zero-copy, shape [end-begin, rest...].
   Tensor slice0(int64_t begin, int64_t end) const;
+  // Rows `rows` along dimension 0 (in that order, repeats allowed) as a new tensor owning its
+  // bytes, shape [rows.size(), rest...]: a byte copy for a plain tensor (exact for every dtype), for
+  // an encoded one the encoding's own rows (Encoding::take_rows: Error::unsupported where the
+  // encoding cannot give them without decoding). Error::internal for a row out of range.
+  Tensor take_rows(const std::vector<int64_t>& rows) const;
   // Same bytes seen with another shape of equal numel.
   Tensor reshaped(Shape shape) const;
   // All elements as f32 (exact for bf16/f16/f8).

@@ -1,6 +1,5 @@
 #include "passes/experts.h"
 
-#include <cstring>
 #include <numeric>
 
 #include "core/error.h"
@@ -11,18 +10,7 @@ namespace moe::passes {
 using core::Error;
 
 core::Tensor take_rows(const core::Tensor& t, const std::vector<int>& rows) {
-  if (t.rank() < 1) throw Error::internal("take_rows: scalar tensor");
-  core::Shape shape = t.shape();
-  const int64_t n = shape[0];
-  const size_t row_bytes = t.numel() == 0 ? 0 : t.nbytes() / static_cast<size_t>(n);
-  shape[0] = static_cast<int64_t>(rows.size());
-  core::Tensor out = core::Tensor::zeros(t.dtype(), shape);
-  uint8_t* dst = out.mutable_data();
-  for (size_t i = 0; i < rows.size(); ++i) {
-    if (rows[i] < 0 || rows[i] >= n) throw Error::internal("take_rows: row " + std::to_string(rows[i]) + " of " + std::to_string(n));
-    std::memcpy(dst + i * row_bytes, t.data() + static_cast<size_t>(rows[i]) * row_bytes, row_bytes);
-  }
-  return out;
+  return t.take_rows(std::vector<int64_t>(rows.begin(), rows.end()));
 }
 
 core::Tensor to_tensor(const MatrixRM& m, core::DType dtype) {

@@ -15,7 +15,8 @@ namespace moe::passes {
 using runtime::MatrixRM;
 
 // Rows `rows` of t (along dim 0, in the given order) as a new tensor of t's dtype (byte copy:
-// exact for every dtype). Works for 1-D tensors (one element per row).
+// exact for every dtype; an encoded tensor keeps its encoding, core::Tensor::take_rows). Works for
+// 1-D tensors (one element per row).
 core::Tensor take_rows(const core::Tensor& t, const std::vector<int>& rows);
 
 // An f32 result stored as `dtype` (round to nearest even), shape [rows, cols].

@@ -68,6 +68,7 @@ class Factorize final : public pipeline::Pass {
     const auto energy = o.opt_number("energy", 0, 1, true);
     const auto budget = o.opt_number("budget", 0, 1, true);
     budget_key_ = o.key_path("budget");
+    targets_key_ = o.key_path("targets");
     // Method-specific keys are read (and so allowed) only for their methods: elsewhere they are
     // unknown keys, with the method's allowed list.
     if (method_ == Method::Asvd) alpha_ = o.get_number("alpha", 0.5, 0, 10);
@@ -114,6 +115,7 @@ class Factorize final : public pipeline::Pass {
     if (rank) rule_ = Rule::Rank, value_ = static_cast<double>(*rank);
     if (energy) rule_ = Rule::Energy, value_ = *energy;
     if (budget) rule_ = Rule::Budget, value_ = *budget;
+    rule_key_ = o.key_path(ratio ? "ratio" : rank ? "rank" : energy ? "energy" : "budget");
     if (scope_given && !budget)
       throw Error::invalid(o.key_path("budget_scope") + ": applies to budget only (the other rank rules are per matrix)");
   }
@@ -142,6 +144,75 @@ class Factorize final : public pipeline::Pass {
   int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
   bool moe_layers_only() const override { return !targets("attention") && !targets("dense"); }
   bool shapes_at_run() const override { return true; }
+
+  // What the options ask for must exist and change something: a target the model lacks, or a
+  // rule that keeps every matrix dense whatever the weights (ratio 1; a rank no targeted matrix
+  // can use), is refused before any work. A rule that keeps everything dense only once the
+  // spectra are known (energy, budget) is a warning of the run (run_warnings).
+  void check_model(const model::Model& m) const override {
+    bool shared = false, dense = false;
+    int64_t best = 0;  // the largest useful rank over the targeted matrices
+    auto mlp = [&](const model::Mlp& x) {
+      for (const core::Tensor* t : {&x.gate, &x.up, &x.down})
+        if (t->rank() == 2) best = std::max(best, lowrank::max_useful_rank(t->dim(0), t->dim(1)));
+    };
+    for (const auto& l : m.layers()) {
+      shared = shared || (l.moe && l.moe->shared);
+      dense = dense || l.mlp.has_value();
+      if (l.moe && targets("experts"))
+        for (const auto& e : l.moe->experts) mlp(e);
+      if (l.moe && l.moe->shared && targets("shared")) mlp(*l.moe->shared);
+      if (l.mlp && targets("dense")) mlp(*l.mlp);
+      if (targets("attention"))
+        for (const auto& [role, t] : l.tensors)
+          if (t.rank() == 2 && role.find("norm") == std::string::npos)
+            best = std::max(best, lowrank::max_useful_rank(t.dim(0), t.dim(1)));
+    }
+    if (targets("shared") && !shared)
+      throw Error::invalid(targets_key_ + ": shared: the model has no shared experts (" + m.family().model_type +
+                           "); nothing to factorize there");
+    if (targets("dense") && !dense)
+      throw Error::invalid(targets_key_ + ": dense: the model has no dense (non-MoE) layers; nothing to factorize there");
+    const bool single = method_ == Method::Svd || method_ == Method::Asvd || method_ == Method::Svdllm;
+    if (single && rule_ == Rule::Ratio && value_ >= 1.0)
+      throw Error::invalid(rule_key_ + ": 1 keeps every parameter, and a rank-k factorization of an [m, n] matrix stores "
+                           "k(m + n), less than m·n only for k < m·n/(m + n), which ratio 1 never allows: every matrix "
+                           "would stay dense (the output a copy). Give a ratio below 1");
+    if (rule_ == Rule::Rank && static_cast<int64_t>(value_) > best)
+      throw Error::invalid(rule_key_ + ": " + std::to_string(static_cast<int64_t>(value_)) +
+                           " saves memory on no targeted matrix (the largest useful rank among them is " +
+                           std::to_string(best) + ": rank k of [m, n] must be below m·n/(m + n)); every matrix would stay dense");
+  }
+
+  // Encoded targets are dequantized and factorized: the factors are floats.
+  std::vector<std::string> dequantizes(const EncodedClasses& encoded) const override {
+    std::vector<std::string> out;
+    const std::pair<const char*, const char*> cls[] = {
+        {"experts", "experts"}, {"shared", "shared_experts"}, {"attention", "attention"}, {"dense", "dense_mlp"}};
+    for (const auto& [target, c] : cls) {
+      auto it = encoded.find(c);
+      if (!targets(target) || it == encoded.end()) continue;
+      std::string names;
+      for (const auto& n : it->second) names += (names.empty() ? "" : ", ") + n;
+      out.push_back(std::string(c) + " stored as " + names + " are dequantized and factorized: the factors are written as "
+                    "floats (bf16 unless the input's dtype is a float), the earlier encoding is not kept; "
+                    "matrices kept dense keep it (factorize before quantize, docs/encodings.md)");
+    }
+    return out;
+  }
+  EncodedClasses encodes() const override {
+    EncodedClasses out;
+    const std::pair<const char*, const char*> cls[] = {
+        {"experts", "experts"}, {"shared", "shared_experts"}, {"attention", "attention"}, {"dense", "dense_mlp"}};
+    for (const auto& [target, c] : cls)
+      if (targets(target)) out[c].insert("lowrank");
+    return out;
+  }
+  std::vector<std::string> run_warnings() const override {
+    if (factorized_ > 0) return {};
+    return {"factorize changed no matrix: every targeted matrix was kept dense (its rank would not have saved memory; "
+            "the report's \"matrices\" say why per matrix), so the output holds the input's weights"};
+  }
 
   void run_layer(pipeline::LayerContext& ctx) override {
     json& rep = ctx.report;
@@ -381,6 +452,7 @@ class Factorize final : public pipeline::Pass {
   }
 
   void record(json& rep, const std::string& what, int rank, double loss, const std::string& note) {
+    if (rank != lowrank::kKeepDense) ++factorized_;
     json m = {{"matrix", what}, {"rank", rank == lowrank::kKeepDense ? json("dense") : json(rank)}, {"loss", loss}};
     if (!note.empty()) m["note"] = note;
     rep["matrices"].push_back(m);
@@ -574,6 +646,8 @@ class Factorize final : public pipeline::Pass {
   }
   std::string method_name_;
   std::string budget_key_;  // "budget" as the user wrote it (JSON path; the CLI shows --budget)
+  std::string targets_key_, rule_key_;  // JSON paths of targets and of the rank rule given
+  int64_t factorized_ = 0;  // matrices (or shared groups) stored low-rank so far
   Method method_;
   Rule rule_ = Rule::Ratio;
   double value_ = 0;

@@ -169,6 +169,23 @@ class MergePass final : public pipeline::Pass {
     return r;
   }
 
+  // Merged experts and the new router rows are computed in f32 and written dense; experts left
+  // alone (groups of one, DERN experts that received no neuron) keep their encoding.
+  std::vector<std::string> dequantizes(const EncodedClasses& encoded) const override {
+    std::vector<std::string> out;
+    auto names = [&](const char* cls) {
+      std::string s;
+      for (const auto& n : encoded.at(cls)) s += (s.empty() ? "" : ", ") + n;
+      return s;
+    };
+    if (encoded.count("experts"))
+      out.push_back("experts stored as " + names("experts") + " are dequantized to merge them; each merged expert is "
+                    "written dense (the model's dtype; block-scaled FP8 stays FP8), the experts left alone keep their encoding");
+    if (encoded.count("router"))
+      out.push_back("the router stored as " + names("router") + " is dequantized; its new rows are written dense");
+    return out;
+  }
+
   int64_t experts_after(int layer, int64_t before, int64_t top_k) const override {
     if (experts_ > before)
       throw Error::invalid("layer " + std::to_string(layer) + ": merge to " + std::to_string(experts_) +
@@ -269,14 +286,16 @@ class MergePass final : public pipeline::Pass {
     }
 
     // 4. Back into the block, in the checkpoint's dtypes (encoded members: the materialize dtype).
+    // A group of one is its expert unchanged (M-SMoE, HC-SMoE: the average of one member) and
+    // keeps its tensors, encoded ones included.
     const core::DType dense = ctx.model.materialize_dtype();
     std::vector<model::Mlp> experts;
     for (size_t g = 0; g < groups.size(); ++g) {
       const model::Mlp& like = block.experts[dominant[g]];
-      experts.push_back({to_tensor_like(merged[g].gate, like.gate, dense), to_tensor_like(merged[g].up, like.up, dense),
-                         to_tensor_like(merged[g].down, like.down, dense)});
+      if (groups[g].size() == 1 && method_ != Method::SubMoE) experts.push_back(like);
+      else experts.push_back(mlp_like(merged[g], like, dense));
     }
-    block.router = to_tensor(router, block.router.dtype());
+    block.router = to_tensor_like(router, block.router, dense);
     block.router_bias = bias;
     block.experts = std::move(experts);
 
@@ -293,6 +312,12 @@ class MergePass final : public pipeline::Pass {
   }
 
  private:
+  // A computed expert stored like `like` (passes/experts.h to_tensor_like).
+  static model::Mlp mlp_like(const runtime::MlpWeights& w, const model::Mlp& like, core::DType dense) {
+    return {to_tensor_like(w.gate, like.gate, dense), to_tensor_like(w.up, like.up, dense),
+            to_tensor_like(w.down, like.down, dense)};
+  }
+
   // DERN (passes/merge.h): keep the top-n experts by importance, recombine the dropped experts'
   // neurons into them (passes/expert_merge.h dern_recombine), keep the retained router rows.
   void run_dern(pipeline::LayerContext& ctx, const std::vector<double>& importance, int n) const {
@@ -312,10 +337,10 @@ class MergePass final : public pipeline::Pass {
 
     const core::DType dense = ctx.model.materialize_dtype();
     std::vector<model::Mlp> experts;
-    for (int k = 0; k < n; ++k) {
+    for (int k = 0; k < n; ++k) {  // a kept expert that received no neuron is unchanged: kept as stored
       const model::Mlp& like = block.experts[kept[k]];
-      experts.push_back({to_tensor_like(res.experts[k].gate, like.gate, dense), to_tensor_like(res.experts[k].up, like.up, dense),
-                         to_tensor_like(res.experts[k].down, like.down, dense)});
+      if (res.neurons_merged.at(static_cast<size_t>(k)) == 0) experts.push_back(like);
+      else experts.push_back(mlp_like(res.experts[k], like, dense));
     }
     MatrixRM router(n, w.router.cols());
     for (int k = 0; k < n; ++k) router.row(k) = w.router.row(kept[k]);
@@ -324,7 +349,7 @@ class MergePass final : public pipeline::Pass {
       for (int k = 0; k < n; ++k) b[k] = (*w.router_bias)(kept[k]);
       block.router_bias = to_tensor(b, block.router_bias->dtype());
     }
-    block.router = to_tensor(router, block.router.dtype());
+    block.router = to_tensor_like(router, block.router, dense);
     block.experts = std::move(experts);
 
     json segs = json::array();

@@ -7,6 +7,7 @@
 #include <map>
 #include <optional>
 #include <regex>
+#include <set>
 
 #include "core/error.h"
 #include "passes/options.h"
@@ -47,7 +48,77 @@ struct Slot {
   int expert = -1;                       // routed expert index, else -1
   int type = 0;                          // 0 gate, 1 up, 2 down (routed experts)
   int64_t topped_to = 0;                 // > 0: gram topped up with the all-token Hessian to this many tokens
+  std::string role{};                    // attention: q_proj, k_proj, v_proj, o_proj
 };
+
+// The matrices of a layer the pass can quantize, in order (routed experts, shared expert, its
+// gate, router, dense MLP, attention q/k/v/o), without Hessians. The shared-expert gate ([1, H],
+// class "shared_gate") has no option of its own: only a tensor_type rule quantizes it.
+std::vector<Slot> layer_slots(const model::FamilyDesc& fam, model::Layer& L) {
+  const std::string prefix = model::expand(fam.layer_prefix, L.index);
+  std::vector<Slot> slots;
+  auto add_mlp = [&](model::Mlp& m, const std::string& who, const std::string& cls, const std::string& gate,
+                     const std::string& up, const std::string& down, int expert) {
+    if (m.is_novice()) return;
+    slots.push_back({&m.gate, prefix + model::expand(gate, L.index, expert), who + " gate", cls, nullptr, 0, expert, 0});
+    slots.push_back({&m.up, prefix + model::expand(up, L.index, expert), who + " up", cls, nullptr, 0, expert, 1});
+    slots.push_back({&m.down, prefix + model::expand(down, L.index, expert), who + " down", cls, nullptr, 0, expert, 2});
+  };
+  if (L.moe) {
+    for (size_t e = 0; e < L.moe->experts.size(); ++e)
+      add_mlp(L.moe->experts[e], "expert " + std::to_string(e), "experts", fam.expert_gate, fam.expert_up, fam.expert_down,
+              static_cast<int>(e));
+    if (L.moe->shared)
+      add_mlp(*L.moe->shared, "shared expert", "shared", fam.shared_gate, fam.shared_up, fam.shared_down, -1);
+    if (L.moe->shared_gate)
+      slots.push_back({&*L.moe->shared_gate, prefix + fam.shared_expert_gate, "shared expert gate", "shared_gate"});
+    slots.push_back({&L.moe->router, prefix + fam.router, "router", "router"});
+  }
+  if (L.mlp) add_mlp(*L.mlp, "dense mlp", "dense", fam.dense_gate, fam.dense_up, fam.dense_down, -1);
+  for (const auto& rn : fam.layer_roles) {
+    if (rn.role != "q_proj" && rn.role != "k_proj" && rn.role != "v_proj" && rn.role != "o_proj") continue;
+    auto it = L.tensors.find(rn.role);
+    if (it == L.tensors.end()) continue;
+    Slot s{&it->second, prefix + rn.name, "attention " + rn.role, "attention"};
+    s.role = rn.role;
+    slots.push_back(std::move(s));
+  }
+  return slots;
+}
+
+// The rules of one tensor_type value: "R1=C1,R2=C2" is split at the commas that end a rule (the
+// text after the rule's last '=' is a codec or keep), so a comma inside a regex ("a{1,3}=int8")
+// stays in it.
+std::vector<std::string> split_rules(const std::string& text) {
+  auto is_rule = [](const std::string& r) {
+    const auto eq = r.rfind('=');
+    if (eq == std::string::npos || eq == 0) return false;
+    const std::string c = r.substr(eq + 1);
+    if (c == "keep") return true;
+    try {
+      quant::parse_codec(c);
+      return true;
+    } catch (const Error&) {
+      return false;
+    }
+  };
+  std::vector<std::string> out;
+  std::string cur;
+  for (size_t i = 0;;) {
+    const size_t j = std::min(text.find(',', i), text.size());
+    cur += text.substr(i, j - i);
+    if (j == text.size()) break;
+    if (is_rule(cur)) {
+      out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += ',';
+    }
+    i = j + 1;
+  }
+  out.push_back(cur);
+  return out;
+}
 
 class Quantize final : public pipeline::Pass {
  public:
@@ -77,9 +148,10 @@ class Quantize final : public pipeline::Pass {
         }
       } else
         throw Error::invalid(o.key_path("tensor_type") + ": expected \"REGEX=CODEC\" or a list of them, found " + json_found(t));
-      for (const auto& [p, text] : list) {
-        // The --tensor-type flag gives one string; several patterns are separated by ';'... a
-        // regex may contain ',' so only the recipe list or repeated flags give several.
+      std::vector<std::pair<std::string, std::string>> rules;
+      for (const auto& [p, text] : list)
+        for (const auto& rule : split_rules(text)) rules.push_back({p, rule});
+      for (const auto& [p, text] : rules) {
         const auto eq = text.rfind('=');
         if (eq == std::string::npos || eq == 0 || eq + 1 == text.size())
           throw Error::invalid(p + ": expected \"REGEX=CODEC\" (e.g. \"self_attn\\\\.o_proj=int8\"), found \"" + text + "\"");
@@ -92,6 +164,7 @@ class Quantize final : public pipeline::Pass {
           throw Error::invalid(p + ": \"" + ov.pattern + "\" is not a valid regular expression (" + e.what() + ")");
         }
         if (ov.text != "keep") ov.codec = spec_of(ov.text, p);
+        ov.path = p;
         overrides_.push_back(std::move(ov));
       }
     }
@@ -104,12 +177,14 @@ class Quantize final : public pipeline::Pass {
     avg_bits_ = o.opt_number("avg_bits", 0, 64, true);
     const std::string w = o.opt_string("widths").value_or("ternary,int2,int3,int4,int8");
     widths_text_ = w;
+    const bool group_applied = group_applied_, sym_applied = sym_applied_;
     for (size_t i = 0; i <= w.size();) {
       size_t j = w.find(',', i);
       if (j == std::string::npos) j = w.size();
       widths_.push_back(spec_of(w.substr(i, j - i), o.key_path("widths")));
       i = j + 1;
     }
+    if (!avg_bits_) group_applied_ = group_applied, sym_applied_ = sym_applied;  // widths unused
     alpha_ = o.get_number("alpha", 1.0, 0, 10);
     beta_ = o.get_number("beta", 1.5, 0, 10);
     if (!avg_bits_)
@@ -130,6 +205,15 @@ class Quantize final : public pipeline::Pass {
                              "whose codec is " + (c ? quant::to_string(*c) : std::string("keep")) +
                              " (give a ternary or ternary-absmean codec)");
     }
+    // --group and --sym only complete integer codecs that name no group or symmetry: given, they
+    // must complete one (else the report would echo a group no weight has).
+    if (o.has("group") && !group_applied_)
+      throw Error::invalid(o.key_path("group") + ": " + std::to_string(group_) +
+                           " applies to integer codecs that name no group, and no codec of this pass is one (" +
+                           used_codecs() + "); give the group in the codec (int4:g" + std::to_string(group_) + ") or drop it");
+    if (o.has("sym") && !sym_applied_)
+      throw Error::invalid(o.key_path("sym") + ": applies to integer codecs that name no symmetry, and no codec of this pass "
+                           "is one (" + used_codecs() + ")");
     o.finish();
   }
 
@@ -137,10 +221,18 @@ class Quantize final : public pipeline::Pass {
   std::string method() const override { return method_name_; }
   json params() const override {
     json p = {{"pass", "quantize"}, {"method", method_name_}, {"codec", codec_text_}, {"group", group_}, {"sym", sym_}};
-    for (const auto& c : kClasses) p[c.key] = class_text_.at(c.key);
+    // "applied": each class's codec as the pass applies it (group and symmetry resolved), beside
+    // the options as given.
+    json applied = json::object();
+    for (const auto& c : kClasses) {
+      p[c.key] = class_text_.at(c.key);
+      const auto& cc = class_codec_.at(c.key);
+      applied[c.key] = cc ? quant::to_string(*cc) : "keep";
+    }
+    p["applied"] = applied;
     if (!overrides_.empty()) {
       json t = json::array();
-      for (const auto& ov : overrides_) t.push_back(ov.pattern + "=" + ov.text);
+      for (const auto& ov : overrides_) t.push_back(ov.pattern + "=" + (ov.codec ? quant::to_string(*ov.codec) : "keep"));
       p["tensor_type"] = t;
     }
     if (method_ == Method::Gptq) {
@@ -205,18 +297,9 @@ class Quantize final : public pipeline::Pass {
     if (method_ == Method::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
     model::Layer& L = ctx.target;
     const model::FamilyDesc& fam = ctx.model.family();
-    const std::string prefix = model::expand(fam.layer_prefix, ctx.layer);
     json& rep = ctx.report;
     rep["matrices"] = json::array();
 
-    std::vector<Slot> slots;
-    auto add_mlp = [&](model::Mlp& m, const std::string& who, const std::string& cls, const std::string& gate,
-                       const std::string& up, const std::string& down, int expert, const calib::MatrixD* gin,
-                       const calib::MatrixD* gmid, int64_t tokens) {
-      slots.push_back({&m.gate, prefix + model::expand(gate, ctx.layer, expert), who + " gate", cls, gin, tokens, expert, 0});
-      slots.push_back({&m.up, prefix + model::expand(up, ctx.layer, expert), who + " up", cls, gin, tokens, expert, 1});
-      slots.push_back({&m.down, prefix + model::expand(down, ctx.layer, expert), who + " down", cls, gmid, tokens, expert, 2});
-    };
     const bool gptq = method_ == Method::Gptq;
     if (L.moe && gptq && g->expert_in.size() != L.moe->experts.size())
       throw Error::internal("quantize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
@@ -229,27 +312,25 @@ class Quantize final : public pipeline::Pass {
         moe_all_n_ += g->expert_tokens[e];
       }
     }
-    if (L.moe) {
-      for (size_t e = 0; e < L.moe->experts.size(); ++e)
-        add_mlp(L.moe->experts[e], "expert " + std::to_string(e), "experts", fam.expert_gate, fam.expert_up, fam.expert_down,
-                static_cast<int>(e), gptq ? &g->expert_in[e] : nullptr, gptq ? &g->expert_mid[e] : nullptr,
-                gptq ? g->expert_tokens[e] : 0);
-      if (L.moe->shared)
-        add_mlp(*L.moe->shared, "shared expert", "shared", fam.shared_gate, fam.shared_up, fam.shared_down, -1,
-                gptq ? &g->shared_in : nullptr, gptq ? &g->shared_mid : nullptr, gptq ? g->tokens : 0);
-      slots.push_back({&L.moe->router, prefix + fam.router, "router", "router", gptq ? &moe_all_ : nullptr,
-                       gptq ? moe_all_n_ : 0, -1, 0});
-    }
-    if (L.mlp)
-      add_mlp(*L.mlp, "dense mlp", "dense", fam.dense_gate, fam.dense_up, fam.dense_down, -1, gptq ? &g->mlp_in : nullptr,
-              gptq ? &g->mlp_mid : nullptr, gptq ? g->tokens : 0);
-    for (const auto& rn : fam.layer_roles) {
-      if (rn.role != "q_proj" && rn.role != "k_proj" && rn.role != "v_proj" && rn.role != "o_proj") continue;
-      auto it = L.tensors.find(rn.role);
-      if (it == L.tensors.end()) continue;
-      slots.push_back({&it->second, prefix + rn.name, "attention " + rn.role, "attention",
-                       gptq ? (rn.role == "o_proj" ? &g->attn_o : &g->attn_qkv) : nullptr, gptq ? g->tokens : 0, -1, 0});
-    }
+    std::vector<Slot> slots = layer_slots(fam, L);
+    if (gptq)
+      for (Slot& s : slots) {  // each matrix's Hessian: the Gram of its inputs
+        const size_t e = static_cast<size_t>(std::max(s.expert, 0));
+        if (s.cls == "experts") {
+          s.gram = s.type < 2 ? &g->expert_in[e] : &g->expert_mid[e];
+          s.tokens = g->expert_tokens[e];
+        } else if (s.cls == "shared" || s.cls == "dense") {
+          const bool shared = s.cls == "shared";
+          s.gram = s.type < 2 ? (shared ? &g->shared_in : &g->mlp_in) : (shared ? &g->shared_mid : &g->mlp_mid);
+          s.tokens = g->tokens;
+        } else if (s.cls == "router" || s.cls == "shared_gate") {
+          s.gram = &moe_all_;  // both read the MoE block input
+          s.tokens = moe_all_n_;
+        } else {
+          s.gram = s.role == "o_proj" ? &g->attn_o : &g->attn_qkv;
+          s.tokens = g->tokens;
+        }
+      }
 
     // Which codec each slot gets (nullopt: kept).
     std::vector<std::optional<quant::CodecSpec>> codec(slots.size());
@@ -321,11 +402,108 @@ class Quantize final : public pipeline::Pass {
 
  private:
   struct Override {
+    std::string path;  // JSON path of the value it came from
     std::string pattern, text;
     std::regex re;
     std::optional<quant::CodecSpec> codec;
   };
 
+  // The codecs the pass applies, for messages ("int4:g64:asym for experts, keep for router").
+  std::string used_codecs() const {
+    std::string out;
+    for (const auto& c : kClasses) {
+      const auto& cc = class_codec_.at(c.key);
+      if (cc) out += (out.empty() ? "" : ", ") + quant::to_string(*cc) + " for " + c.key;
+    }
+    for (const auto& ov : overrides_)
+      if (ov.codec) out += (out.empty() ? "" : ", ") + quant::to_string(*ov.codec) + " for " + ov.pattern;
+    return out.empty() ? "every class kept" : out;
+  }
+
+  // The tensor class (model::OutTensor::cls) of a slot class.
+  static std::string out_class(const std::string& cls) {
+    if (cls == "shared") return "shared_experts";
+    if (cls == "shared_gate") return "shared_expert_gate";
+    if (cls == "dense") return "dense_mlp";
+    return cls;
+  }
+
+  // Every tensor the pass can quantize: (on-disk name, slot class).
+  static std::vector<std::pair<std::string, std::string>> quantizable(const model::Model& m) {
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const auto& layer : m.layers()) {
+      model::Layer L = layer;  // views: the slots point into this copy
+      for (const auto& sl : layer_slots(m.family(), L)) out.push_back({sl.name, sl.cls});
+    }
+    for (const auto& rn : m.family().globals)
+      if ((rn.role == "embed" || rn.role == "lm_head") && m.globals().count(rn.role))
+        out.push_back({rn.name, rn.role == "embed" ? "embeddings" : "lm_head"});
+    return out;
+  }
+
+ public:
+  // Every tensor_type rule must be the first to match at least one tensor the pass can quantize.
+  // Records the classes each rule's codec applies to (encodes()).
+  void check_model(const model::Model& m) const override {
+    const auto q = quantizable(m);
+    std::vector<std::string> taken(overrides_.size());  // per rule: a tensor it matches that an earlier rule takes
+    std::vector<bool> applies(overrides_.size(), false);
+    override_classes_.clear();
+    for (const auto& [name, cls] : q) {
+      bool first = true;
+      for (size_t k = 0; k < overrides_.size(); ++k) {
+        if (!std::regex_search(name, overrides_[k].re)) continue;
+        if (first) {
+          applies[k] = true;
+          if (overrides_[k].codec) override_classes_.insert(out_class(cls));
+          first = false;
+        } else if (taken[k].empty()) {
+          taken[k] = name;
+        }
+      }
+    }
+    for (size_t k = 0; k < overrides_.size(); ++k) {
+      if (applies[k]) continue;
+      const Override& ov = overrides_[k];
+      const std::string rule = ov.path + ": rule \"" + ov.pattern + "=" + ov.text + "\"";
+      if (!taken[k].empty())
+        throw Error::invalid(rule + " matches only tensors an earlier rule takes (the first match wins), e.g. " + taken[k]);
+      for (const auto& o : m.outputs(model::OutputOptions{})) {
+        const std::string& name = o.weight.empty() ? o.name : o.weight;
+        if (std::regex_search(name, ov.re))
+          throw Error::invalid(rule + " matches only tensors quantize never encodes, e.g. " + name + " (" + o.cls +
+                               "; norms, biases and buffers stay as stored)");
+      }
+      throw Error::invalid(rule + " matches no tensor of the model (a rule is a regular expression searched in on-disk "
+                           "names such as " + (q.empty() ? std::string("?") : q.front().first) + ")");
+    }
+  }
+
+  // Classes this pass quantizes that the input already encodes: dequantized, then coded anew.
+  std::vector<std::string> dequantizes(const EncodedClasses& encoded) const override {
+    std::vector<std::string> out;
+    for (const auto& [cls, names] : encodes()) {
+      auto it = encoded.find(cls);
+      if (it == encoded.end()) continue;
+      std::string enc;
+      for (const auto& n : it->second) enc += (enc.empty() ? "" : ", ") + n;
+      out.push_back(cls + " stored as " + enc + " are dequantized and quantized again (" + used_codecs() +
+                    "): the earlier encoding is replaced, not kept");
+    }
+    return out;
+  }
+  EncodedClasses encodes() const override {
+    EncodedClasses out;
+    auto add = [&](const std::string& cls, const quant::CodecSpec& c) {
+      out[out_class(cls)].insert(sub1bit_ ? "ternary-dict" : c.kind == quant::CodecSpec::Kind::Int ? "intN" : "ternary");
+    };
+    for (const auto& [cls, c] : class_codec_)
+      if (c) add(cls, *c);
+    for (const auto& cls : override_classes_) out[cls].insert("intN or ternary (tensor_type)");
+    return out;
+  }
+
+ private:
   static std::string fmt(double v) {
     char b[32];
     std::snprintf(b, sizeof b, "%.4g", v);
@@ -348,14 +526,19 @@ class Quantize final : public pipeline::Pass {
   }
 
   // A codec spelling with the pass's group and symmetry applied where it names none.
-  quant::CodecSpec spec_of(const std::string& text, const std::string& path) const {
+  quant::CodecSpec spec_of(const std::string& text, const std::string& path) {
     std::string t = text;
     try {
       quant::CodecSpec probe = quant::parse_codec(t);
       if (probe.kind == quant::CodecSpec::Kind::Int) {
-        if (t.find(":g") == std::string::npos && t.find(":row") == std::string::npos)
+        if (t.find(":g") == std::string::npos && t.find(":row") == std::string::npos) {
           t += group_ == 0 ? ":row" : ":g" + std::to_string(group_);
-        if (t.find(":sym") == std::string::npos && t.find(":asym") == std::string::npos) t += sym_ ? ":sym" : ":asym";
+          group_applied_ = true;
+        }
+        if (t.find(":sym") == std::string::npos && t.find(":asym") == std::string::npos) {
+          t += sym_ ? ":sym" : ":asym";
+          sym_applied_ = true;
+        }
       }
       return quant::parse_codec(t);
     } catch (const Error& e) {
@@ -366,7 +549,8 @@ class Quantize final : public pipeline::Pass {
   std::optional<quant::CodecSpec> codec_for(const Slot& s) const {
     for (const auto& ov : overrides_)
       if (std::regex_search(s.name, ov.re)) return ov.codec;
-    return class_codec_.at(s.cls);
+    const auto it = class_codec_.find(s.cls);
+    return it == class_codec_.end() ? std::nullopt : it->second;
   }
 
   static double expert_bits(const quant::CodecSpec& c, const model::Mlp& m) {
@@ -456,6 +640,9 @@ class Quantize final : public pipeline::Pass {
     const core::DType logical = (d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16) ? d : core::DType::BF16;
     m["matrix"] = s.what;
     m["codec"] = quant::to_string(c);
+    json written = enc->params();  // what is stored, from the encoding itself
+    written["encoding"] = enc->name();
+    m["written"] = written;
     m["bits_per_param"] = quant::bits_per_param(c, s.tensor->dim(0), s.tensor->dim(1));
     *s.tensor = core::Tensor::encoded(std::move(enc), logical);
   }
@@ -586,6 +773,8 @@ class Quantize final : public pipeline::Pass {
   Method method_;
   int64_t group_ = 128;
   bool sym_ = false;
+  bool group_applied_ = false, sym_applied_ = false;  // whether spec_of completed a codec with them
+  mutable std::set<std::string> override_classes_;     // classes the tensor_type rules encode (check_model)
   std::string codec_text_;
   quant::CodecSpec codec_;
   std::map<std::string, std::optional<quant::CodecSpec>> class_codec_;

@@ -43,6 +43,7 @@ const std::vector<KeyInfo>& recipe_keys() {
 #define NUMBER KeyType::Number
 #define FLAG KeyType::Flag
 #define NO_FLAG KeyType::NoFlag
+#define LIST KeyType::List
 #define MOE_KEY(path, flag, type, dflt, scope, help) {path, flag, type, dflt, scope, help},
 #include "pipeline/keys.def"
 #undef STRING
@@ -50,6 +51,7 @@ const std::vector<KeyInfo>& recipe_keys() {
 #undef NUMBER
 #undef FLAG
 #undef NO_FLAG
+#undef LIST
   };
   return keys;
 }
@@ -68,6 +70,17 @@ std::string with_flag_names(const std::string& message) {
       const bool starts = i == 0 || !ident(s[i - 1]);
       const bool ends = i + p.size() >= s.size() || !ident(s[i + p.size()]) ||
                         (s[i + p.size()] == '.' && (i + p.size() + 1 >= s.size() || s[i + p.size() + 1] == ' '));
+      // A value of a repeated flag, "passes[0].tensor_type[1]": "--tensor-type #2".
+      const size_t close = s.find(']', i + p.size());
+      if (starts && k->type == KeyType::List && i + p.size() < s.size() && s[i + p.size()] == '[' && close != std::string::npos &&
+          close > i + p.size() + 1 &&
+          s.find_first_not_of("0123456789", i + p.size() + 1) == close) {
+        const std::string n = std::to_string(std::stoll(s.substr(i + p.size() + 1, close - i - p.size() - 1)) + 1);
+        const std::string with = std::string(k->flag) + " #" + n;
+        s.replace(i, close + 1 - i, with);
+        i += with.size();
+        continue;
+      }
       if (!starts || !ends) {
         i += p.size();
         continue;

@@ -6,7 +6,8 @@
 
 namespace moe::pipeline {
 
-enum class KeyType { String, Int, Number, Flag, NoFlag };
+// List: a string flag that may be given several times (the recipe key then takes a list).
+enum class KeyType { String, Int, Number, Flag, NoFlag, List };
 
 struct KeyInfo {
   const char* path;   // JSON path in a recipe ("calibration.ctx", "passes[0].keep")

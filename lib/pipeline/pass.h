@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -103,6 +105,26 @@ class Pass {
   // Whether the expert counts (or which experts become novices) are known only once the pass has
   // its calibration statistics or runs: a dry run then says so instead of printing estimates.
   virtual bool counts_at_run() const { return false; }
+  // Encoded inputs (docs/encodings.md). Tensor classes, as model::OutTensor::cls names them
+  // (experts, shared_experts, dense_mlp, attention, router, embeddings, lm_head; the shared-expert
+  // gate apart, as shared_expert_gate), mapped to the encodings ("intN", "lowrank", ...) they have
+  // when the pass runs.
+  using EncodedClasses = std::map<std::string, std::set<std::string>>;
+  // What the pass does to those encodings beyond keeping them: one sentence per class it
+  // dequantizes (reads as f32 and writes differently: dense, or re-encoded), naming the class, the
+  // encodings and what is written instead. Empty: every encoded weight the pass does not change
+  // keeps its encoding. The runner prints these in the plan (--dry-run) and the summary.
+  virtual std::vector<std::string> dequantizes(const EncodedClasses& /*encoded*/) const { return {}; }
+  // The classes the pass writes encoded, and as what (quantize: the classes with a codec;
+  // factorize: its targets), for the plan of the passes after it.
+  virtual EncodedClasses encodes() const { return {}; }
+  // Checks against the input model before any work (options that name tensors or classes the
+  // model lacks, rules that match nothing, a run that would change nothing): Error::invalid
+  // naming the option by its JSON path ("passes[0].tensor_type[1]"). Default: nothing.
+  virtual void check_model(const model::Model& /*input*/) const {}
+  // Warnings once every layer ran (a pass that changed nothing says so): shown in the summary
+  // and the report. Default: none.
+  virtual std::vector<std::string> run_warnings() const { return {}; }
   // Changes the model's globals (embeddings, lm_head) after every layer ran, before they are
   // written; `report` is the pass's entry under "globals" in moe_tool_report.json. Default: nothing.
   virtual void run_globals(model::Model& /*model*/, nlohmann::json& /*report*/) {}

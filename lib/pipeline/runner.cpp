@@ -139,6 +139,41 @@ std::vector<std::vector<int64_t>> plan_passes(Recipe& r, const model::Model& m, 
   return counts;
 }
 
+// The tensor classes of m whose weights are encoded, and their encodings (docs/encodings.md).
+Pass::EncodedClasses encoded_classes(const model::Model& m) {
+  json manifest = json::object();
+  Pass::EncodedClasses out;
+  const std::string& gate = m.family().shared_expert_gate;  // told apart from the shared expert's MLP
+  for (const auto& o : m.outputs(model::OutputOptions{}, &manifest))
+    if (!o.weight.empty() && manifest.contains(o.weight)) {
+      const bool is_gate = o.cls == "shared_experts" && !gate.empty() && o.weight.ends_with(gate);
+      out[is_gate ? "shared_expert_gate" : o.cls].insert(manifest.at(o.weight).value("encoding", std::string("?")));
+    }
+  return out;
+}
+
+// What the passes do to the encodings they meet (each pass sees the input's encodings and those
+// the passes before it write): one line per pass and class it dequantizes.
+json dequantize_warnings(const Recipe& r, const model::Model& m) {
+  json lines = json::array();
+  Pass::EncodedClasses enc = encoded_classes(m);
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const std::string who = r.passes.size() == 1 ? r.passes[i]->name()
+                                                 : "passes[" + std::to_string(i) + "] (" + r.passes[i]->name() + ")";
+    for (const auto& line : r.passes[i]->dequantizes(enc)) lines.push_back(who + ": " + line);
+    for (const auto& [cls, names] : r.passes[i]->encodes()) enc[cls] = names;
+  }
+  return lines;
+}
+
+// "output larger than its input" when it is.
+void size_warning(json& summary) {
+  const json& b = summary.at("bytes");
+  if (b.at("after").is_null() || b.at("after").get<uint64_t>() <= b.at("before").get<uint64_t>()) return;
+  summary["warnings"].push_back("the output (" + core::format_bytes(b.at("after").get<double>()) +
+                                ") is larger than its input (" + core::format_bytes(b.at("before").get<double>()) + ")");
+}
+
 bool has_field(const Requirements& q, const char* f) {
   return std::find(q.stats_fields.begin(), q.stats_fields.end(), f) != q.stats_fields.end();
 }
@@ -266,6 +301,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                          " is dense: the passes of this recipe work on MoE layers");
   check_mtp_passes(model, r);
   check_native_only_passes(model, r);
+  for (const auto& p : r.passes) {
+    try {
+      p->check_model(model);
+    } catch (const Error& e) {
+      if (!r.flag_names.empty()) throw;
+      throw Error(e.kind(), r.source + ": " + e.message());
+    }
+  }
   // Statistics: the first pass reads the input model's (file or collected on the text). A later
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
@@ -320,10 +363,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // block-scaled FP8 expert stays FP8 of the same shape (passes/experts.h to_tensor_like).
   if (densifies)
     for (const auto& l : model.layers())
-      if (l.moe)
+      if (l.moe) {
+        auto dense_after = [&](const core::Tensor& t) {
+          shapes_at_run = shapes_at_run || (t.encoding() && !dynamic_cast<const core::Fp8Block*>(t.encoding()));
+        };
         for (const auto& e : l.moe->experts)
-          for (const core::Tensor* t : {&e.gate, &e.up, &e.down})
-            shapes_at_run = shapes_at_run || (t->encoding() && !dynamic_cast<const core::Fp8Block*>(t->encoding()));
+          for (const core::Tensor* t : {&e.gate, &e.up, &e.down}) dense_after(*t);
+        dense_after(l.moe->router);  // the merged router rows too
+      }
   // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
   // from the input's positions once a pass moves experts: written through spill files too.
   for (const auto& l : model.layers())
@@ -401,7 +448,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     compute.push_back(std::string("MoE block inputs of the calibration windows, layer by layer") +
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
   summary["computes"] = compute;
+  summary["warnings"] = dequantize_warnings(r, model);
   if (opts.dry_run) {
+    size_warning(summary);
     summary["dry_run"] = true;
     bool at_run = false;
     for (const auto& p : r.passes) at_run = at_run || p->counts_at_run();
@@ -607,6 +656,9 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     }
   }
   write_outputs(model.global_outputs(out_opts, &manifest));
+  for (size_t i = 0; i < r.passes.size(); ++i)
+    for (const auto& w : r.passes[i]->run_warnings())
+      summary["warnings"].push_back(r.passes.size() == 1 ? w : "passes[" + std::to_string(i) + "]: " + w);
   uint64_t written_bytes = 0;
   size_t written_tensors = 0, written_shards = 0;
   if (spill) {
@@ -718,13 +770,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (!eval_json.is_null()) report["eval"] = eval_json;
   if (!gate.is_null()) report["quality_gate"] = gate;
   if (!notes.empty()) report["notes"] = notes;
+  summary["bytes"]["after"] = written_bytes;
+  size_warning(summary);
+  if (!summary["warnings"].empty()) report["warnings"] = summary["warnings"];
   write_report(env, out.path(), report);
   out.commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
   if (!gate.is_null()) summary["quality_gate"] = gate;
   summary["layers"] = layer_reports;
   if (!plan_reports.empty()) summary["plans"] = plan_reports;
-  summary["bytes"]["after"] = written_bytes;
   summary["seconds"] = secs;
   summary["report"] = (r.output.path / "moe_tool_report.json").string();
   if (!notes.empty()) summary["notes"] = notes;
@@ -765,6 +819,7 @@ std::string render_run_summary(const json& s) {
       << core::format_bytes(s.at("disk").at("free").get<double>()) << " free on the output's file system\n";
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
+  for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";
   if (!dry)
     o << "  output   " << s.at("output").get<std::string>() << " (report: " << s.at("report").get<std::string>() << ")\n";
   if (s.contains("eval")) {

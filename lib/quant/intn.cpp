@@ -131,4 +131,9 @@ std::shared_ptr<const core::Encoding> IntN::slice_rows(int64_t r0, int64_t r1) c
   return std::make_shared<IntN>(bits_, group_, symmetric_, cols(), sl(codes_), sl(scales_), sl(zeros_));
 }
 
+std::shared_ptr<const core::Encoding> IntN::take_rows(const std::vector<int64_t>& rows) const {
+  auto tk = [&](const Part& p) -> Part { return p ? std::make_shared<const core::Tensor>(p->take_rows(rows)) : nullptr; };
+  return std::make_shared<IntN>(bits_, group_, symmetric_, cols(), tk(codes_), tk(scales_), tk(zeros_));
+}
+
 }  // namespace moe::quant

@@ -74,4 +74,10 @@ std::shared_ptr<const core::Encoding> LowRank::slice_rows(int64_t r0, int64_t r1
   return std::make_shared<LowRank>(a, b_, base, false, b_shared_, false);
 }
 
+std::shared_ptr<const core::Encoding> LowRank::take_rows(const std::vector<int64_t>& rows) const {
+  auto a = std::make_shared<const core::Tensor>(a_->take_rows(rows));
+  Part base = base_ ? std::make_shared<const core::Tensor>(base_->take_rows(rows)) : nullptr;
+  return std::make_shared<LowRank>(a, b_, base, false, b_shared_, false);
+}
+
 }  // namespace moe::quant

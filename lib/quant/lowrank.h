@@ -29,6 +29,8 @@ class LowRank final : public core::Encoding {
   std::vector<core::EncodedPart> parts() const override;
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
   std::shared_ptr<const core::Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  // Rows of A (and of base); B is kept as it is (still shared when it was).
+  std::shared_ptr<const core::Encoding> take_rows(const std::vector<int64_t>& rows) const override;
   DtypeRule dtype_rule() const override { return DtypeRule::ConvertParts; }
 
   int64_t rank() const { return a_->dim(1); }

@@ -209,4 +209,9 @@ std::shared_ptr<const core::Encoding> Ternary::slice_rows(int64_t r0, int64_t r1
                                    std::make_shared<const core::Tensor>(scales_->slice0(r0, r1)));
 }
 
+std::shared_ptr<const core::Encoding> Ternary::take_rows(const std::vector<int64_t>& rows) const {
+  return std::make_shared<Ternary>(grid_, group_, symmetric_, cols(), std::make_shared<const core::Tensor>(codes_->take_rows(rows)),
+                                   std::make_shared<const core::Tensor>(scales_->take_rows(rows)));
+}
+
 }  // namespace moe::quant

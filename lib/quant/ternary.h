@@ -63,6 +63,7 @@ class Ternary final : public core::Encoding {
   std::vector<core::EncodedPart> parts() const override;
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
   std::shared_ptr<const core::Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  std::shared_ptr<const core::Encoding> take_rows(const std::vector<int64_t>& rows) const override;
   DtypeRule dtype_rule() const override { return DtypeRule::Keep; }
 
   TernaryGrid grid() const { return grid_; }

@@ -318,6 +318,24 @@ std::shared_ptr<const core::Encoding> TernaryDict::slice_rows(int64_t r0, int64_
                                        std::make_shared<const core::Tensor>(levels_->slice0(r0, r1)), dict_);
 }
 
+std::shared_ptr<const core::Encoding> TernaryDict::take_rows(const std::vector<int64_t>& rows) const {
+  int64_t n = 0;
+  for (int64_t r : rows) {
+    check_rows(r, r + 1);
+    n += offset(r + 1) - offset(r);
+  }
+  core::Tensor codes = core::Tensor::zeros(DType::U16, {n});
+  uint8_t* dst = codes.mutable_data();
+  for (int64_t r : rows) {
+    const size_t bytes = static_cast<size_t>(offset(r + 1) - offset(r)) * sizeof(uint16_t);
+    std::memcpy(dst, codes_->data() + static_cast<size_t>(offset(r)) * sizeof(uint16_t), bytes);
+    dst += bytes;
+  }
+  return std::make_shared<TernaryDict>(cols(), std::make_shared<const core::Tensor>(std::move(codes)),
+                                       std::make_shared<const core::Tensor>(counts_->take_rows(rows)),
+                                       std::make_shared<const core::Tensor>(levels_->take_rows(rows)), dict_);
+}
+
 // ---- coding a layer -------------------------------------------------------------------------
 
 void add_pair_stats(const Ternary& t, PairStats* s) {
@@ -354,6 +372,12 @@ bool TernaryDictPending::marked(const nlohmann::json& entry) {
 std::shared_ptr<const core::Encoding> TernaryDictPending::slice_rows(int64_t r0, int64_t r1) const {
   auto s = std::dynamic_pointer_cast<const Ternary>(t_->slice_rows(r0, r1));
   if (!s) throw Error::internal("ternary-dict: a row slice of a ternary weight is not ternary");
+  return std::make_shared<const TernaryDictPending>(s);
+}
+
+std::shared_ptr<const core::Encoding> TernaryDictPending::take_rows(const std::vector<int64_t>& rows) const {
+  auto s = std::dynamic_pointer_cast<const Ternary>(t_->take_rows(rows));
+  if (!s) throw Error::internal("ternary-dict: rows of a ternary weight are not ternary");
   return std::make_shared<const TernaryDictPending>(s);
 }
 

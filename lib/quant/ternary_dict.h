@@ -104,6 +104,9 @@ class TernaryDict final : public core::Encoding {
   std::vector<core::EncodedPart> parts() const override;
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
   std::shared_ptr<const core::Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  // The rows' code runs, concatenated in the given order, with their counts and levels (the same
+  // dictionary).
+  std::shared_ptr<const core::Encoding> take_rows(const std::vector<int64_t>& rows) const override;
   DtypeRule dtype_rule() const override { return DtypeRule::Keep; }
 
   void trits_row(int64_t r, uint8_t* dst) const;  // dst[cols()]
@@ -157,6 +160,7 @@ class TernaryDictPending final : public core::Encoding {
   std::vector<core::EncodedPart> parts() const override { return t_->parts(); }
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override { t_->dequantize_rows(r0, r1, dst); }
   std::shared_ptr<const core::Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  std::shared_ptr<const core::Encoding> take_rows(const std::vector<int64_t>& rows) const override;
   DtypeRule dtype_rule() const override { return t_->dtype_rule(); }
   const Ternary& ternary() const { return *t_; }
   // The manifest entry's marker.
