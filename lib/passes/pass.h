@@ -121,5 +121,7 @@ struct PassInfo {
   const char* description;
 };
 const std::vector<PassInfo>& registered_passes();
+// The methods of upcycle (MOE_UPCYCLE in passes.def), with pass "upcycle".
+const std::vector<PassInfo>& registered_upcycle_methods();
 
 }  // namespace moe::pipeline

@@ -30,6 +30,16 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// The methods, in the order passes/passes.def lists them (their one spelling).
+const std::vector<std::string>& methods() {
+  static const std::vector<std::string> v = {
+#define MOE_PASS(pass, method, description)
+#define MOE_UPCYCLE(method, description) #method,
+#include "passes/passes.def"
+  };
+  return v;
+}
+
 // splitmix64 of a seed and a salt (layer, expert, purpose): independent streams per use.
 uint64_t mix(uint64_t seed, uint64_t a, uint64_t b = 0, uint64_t c = 0) {
   uint64_t z = seed;
@@ -362,9 +372,9 @@ void compute_prompt_routers(Plan& p) {
 Plan make_plan(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts) {
   Plan p;
   p.o = opts;
-  const std::vector<std::string> methods = {"copy", "drop", "split"}, routers = {"random", "hidden", "ridge"};
-  if (std::find(methods.begin(), methods.end(), opts.method) == methods.end())
-    throw Error::invalid("--method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods));
+  const std::vector<std::string> routers = {"random", "hidden", "ridge"};
+  if (std::find(methods().begin(), methods().end(), opts.method) == methods().end())
+    throw Error::invalid("--method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods()));
   if (std::find(routers.begin(), routers.end(), opts.router) == routers.end())
     throw Error::invalid("--router '" + opts.router + "': unknown router" + allowed_suffix(opts.router, routers));
   if (opts.segmenting != "random" && opts.segmenting != "kmeans" && opts.segmenting != "coact")
@@ -816,7 +826,7 @@ UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) 
   if (!s.has("experts")) throw Error::invalid("upcycle.experts: missing (required)");
   o.top_k = s.get_int("top_k", 0, 1, big);
   if (!s.has("top_k")) throw Error::invalid("upcycle.top_k: missing (required)");
-  o.method = s.get_enum("method", "copy", {"copy", "drop", "split"});
+  o.method = s.get_enum("method", methods().front(), methods());
   o.drop_ratio = s.get_number("drop_ratio", 0.5, 0.0, 1.0, /*min_open=*/true);
   o.segments = s.get_int("segments", 2, 1, big);
   o.segmenting = s.get_enum("segmenting", "random", {"random", "kmeans", "coact"});

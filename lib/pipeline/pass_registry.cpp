@@ -19,6 +19,15 @@ const std::vector<PassInfo>& registered_passes() {
   return table;
 }
 
+const std::vector<PassInfo>& registered_upcycle_methods() {
+  static const std::vector<PassInfo> table = {
+#define MOE_PASS(pass, method, description)
+#define MOE_UPCYCLE(method, description) {"upcycle", #method, description},
+#include "passes/passes.def"
+  };
+  return table;
+}
+
 namespace {
 
 std::vector<std::string> pass_names() {
