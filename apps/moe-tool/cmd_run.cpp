@@ -27,7 +27,8 @@ struct OnePass {
 void add_common(CLI::App& sub, OnePass& o, const std::string& command) {
   sub.add_option("MODEL", o.model, "Input checkpoint folder (recipe key model)")->required();
   sub.add_option("OUT", o.out, "Output folder (recipe key output.path)")->required();
-  sub.add_option("--method", o.method, "Method (see moe-tool list; recipe key passes[0].method)")->required();
+  sub.add_option("--method", o.method, "Method: " + pass_methods(command) + " (see moe-tool list; recipe key passes[0].method)")
+      ->required();
   o.keys.declare(sub, command);
   sub.add_flag("--dry-run", o.dry_run, "Run every check, print the plan; compute and write nothing");
   sub.add_flag("--json", o.json, "Print the result (and errors) as JSON");
@@ -134,6 +135,28 @@ int severity(int code) {
 }
 
 }  // namespace
+
+// Every method of passes.def: the passes', then upcycle's.
+std::vector<pipeline::PassInfo> all_methods() {
+  std::vector<pipeline::PassInfo> v = pipeline::registered_passes();
+  const auto& u = pipeline::registered_upcycle_methods();
+  v.insert(v.end(), u.begin(), u.end());
+  return v;
+}
+
+std::string pass_methods(const std::string& pass) {
+  std::string s;
+  for (const auto& p : all_methods())
+    if (pass == p.pass) s += (s.empty() ? "" : ", ") + std::string(p.method);
+  return s;
+}
+
+std::string describe(const Command& c) {
+  std::string s = c.description;
+  const auto at = s.find("{methods}");
+  if (at != std::string::npos) s.replace(at, 9, pass_methods(c.name));
+  return s;
+}
 
 void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
@@ -275,11 +298,15 @@ void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags&) {
   sub.callback([json, &handler] {
     handler = [json] {
       nlohmann::json out = nlohmann::json::array();
-      for (const auto& p : pipeline::registered_passes()) {
+      for (const auto& p : all_methods()) {
         nlohmann::json keys = nlohmann::json::array();
         std::string text;
+        // upcycle's keys (pipeline/keys.def, section "upcycle") are not told apart by method and
+        // their defaults do not say which are required: its --help lists them.
+        const bool upcycle = std::string(p.pass) == "upcycle";
+        if (upcycle) text = "    keys: moe-tool upcycle --help\n";
         for (const auto& k : pipeline::recipe_keys()) {
-          if (std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method)) continue;
+          if (upcycle || std::string(k.path).rfind("passes[0].", 0) != 0 || !k.for_method(p.pass, p.method)) continue;
           const std::string dflt = !*k.dflt ? "required" : std::string(k.dflt) == "-" ? "none (one of keep, keep_ratio)" : k.dflt;
           keys.push_back({{"key", k.leaf()}, {"flag", k.flag}, {"default", dflt}, {"help", k.help}});
           text += "    " + k.leaf() + std::string(std::max<size_t>(1, 24 - k.leaf().size()), ' ') + k.flag +

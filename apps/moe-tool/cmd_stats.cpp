@@ -41,7 +41,7 @@ void setup_stats(CLI::App& sub, Handler& handler, const GlobalFlags&) {
         throw core::Error::invalid("--layer " + std::to_string(o->layer) + ": no such MoE layer in " + o->stats +
                                    " (layers: " + have + ")");
       }
-      if (!o->model.empty()) s.check_model(io::Checkpoint::open(io::Env::posix(), o->model).fingerprint(), o->stats);
+      if (!o->model.empty()) s.check_model(io::Checkpoint::open(io::Env::posix(), o->model), o->stats);
       const auto j = calib::stats_summary(s, o->layer >= 0 ? std::optional<int>(o->layer) : std::nullopt, o->pairs);
       if (o->json) std::cout << j.dump(2) << "\n";
       else std::cout << calib::render_stats_summary(j);

@@ -23,9 +23,16 @@ using Handler = std::function<int()>;
 
 struct Command {
   const char* name;
+  // One line for --help; "{methods}" stands for the methods passes.def lists for the pass of
+  // this name (describe() fills it in), so method names are spelled once.
   const char* description;
   void (*setup)(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 };
+
+// The methods of `pass` in passes.def, joined with ", " (empty for a name that is not a pass).
+std::string pass_methods(const std::string& pass);
+// c.description with "{methods}" replaced by pass_methods(c.name).
+std::string describe(const Command& c);
 
 void setup_inspect(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags);

@@ -17,12 +17,12 @@ const Command kCommands[] = {
     {"tokenize", "Token ids of a text with a model's tokenizer", setup_tokenize},
     {"calibrate", "Routing statistics of a model over calibration text (stats file for the passes)", setup_calibrate},
     {"stats", "Show or plot a stats file: expert usage, similar experts, super experts", setup_stats},
-    {"prune", "Drop experts by a routing score (frequency, soft, reap, enumerate, random)", setup_prune},
-    {"merge", "Merge experts into fewer (msmoe, hcsmoe, submoe, dern) with a router for the merged experts", setup_merge},
-    {"factorize", "Low-rank experts (svd, asvd, svdllm, delta, latent) in the native checkpoint format", setup_factorize},
-    {"quantize", "Integer-group and ternary experts (rtn, gptq; mixed precision by --avg-bits) in the native checkpoint format", setup_quantize},
+    {"prune", "Drop experts by a routing score or a search ({methods})", setup_prune},
+    {"merge", "Merge experts into fewer ({methods}) with a router for the merged experts", setup_merge},
+    {"factorize", "Low-rank experts ({methods}) in the native checkpoint format", setup_factorize},
+    {"quantize", "Integer-group and ternary experts ({methods}; mixed precision by --avg-bits) in the native checkpoint format", setup_quantize},
     {"export", "GGUF file for llama.cpp (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0)", setup_export},
-    {"upcycle", "Dense checkpoint into an MoE one (copy, drop, split experts; random, hidden or ridge router)", setup_upcycle},
+    {"upcycle", "Dense checkpoint into an MoE one ({methods} experts; random, hidden or ridge router)", setup_upcycle},
     {"run", "Run a JSON recipe: calibration, a pipeline of passes, output, evaluation", setup_run},
     {"list", "List every pass and method", setup_list},
 };
@@ -58,7 +58,7 @@ int run_main(int argc, char** argv) {
   app.add_flag("-q,--quiet", flags.quiet, "No progress output on stderr");
   Handler handler;
   for (const auto& c : kCommands) {
-    CLI::App* sub = app.add_subcommand(c.name, c.description);
+    CLI::App* sub = app.add_subcommand(c.name, describe(c));
     sub->fallthrough();
     c.setup(*sub, handler, flags);
   }

@@ -108,6 +108,7 @@ std::map<std::string, std::string> stats_metadata(const io::Checkpoint& ckpt, co
                                                   const CalibrateOptions& o) {
   std::map<std::string, std::string> m;
   m["model_fingerprint"] = ckpt.fingerprint();
+  m["model_content"] = content_digest_text(ckpt.content_digests());
   m["text_sha256"] = text_sha256;
   m["ctx"] = std::to_string(o.ctx);
   m["windows"] = std::to_string(plan.window_ids.size());

@@ -67,7 +67,7 @@ nlohmann::ordered_json stats_summary(const Stats& s, std::optional<int> layer, i
     return v;
   };
   for (const auto& [k, v] : s.metadata)
-    if (k != "window_ids") meta[k] = typed(k, v);
+    if (k != "window_ids" && k != "model_content") meta[k] = typed(k, v);
   j["file"] = s.source.string();
   j["metadata"] = meta;
   nlohmann::ordered_json supers = nlohmann::ordered_json::array();

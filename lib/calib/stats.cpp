@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 
 #include "calib/stats_file.h"
 #include "core/error.h"
+#include "core/warn.h"
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
 
 namespace moe::calib {
@@ -206,6 +209,50 @@ void Stats::check_model(const std::string& model_fingerprint, const std::filesys
   if (have == model_fingerprint) return;
   throw Error::invalid(stats_path.string() + ": statistics were computed on model fingerprint " + have +
                        " (" + meta("family", "?") + "), but this model's fingerprint is " + model_fingerprint +
+                       "; compute matching statistics with `" + kMake + "` on this model");
+}
+
+std::string content_digest_text(const std::vector<io::Checkpoint::TensorDigest>& digests) {
+  std::string s = kContentDigestVersion;
+  s.reserve(s.size() + 8 * digests.size());
+  char buf[9];
+  for (const auto& d : digests) {
+    std::snprintf(buf, sizeof buf, "%08x", static_cast<unsigned>(d.digest));
+    s += buf;
+  }
+  return s;
+}
+
+void Stats::check_model(const io::Checkpoint& ckpt, const std::filesystem::path& stats_path) const {
+  check_model(ckpt.fingerprint(), stats_path);
+  auto it = metadata.find("model_content");
+  if (it == metadata.end()) {
+    core::warn_once(stats_path.string() + ": made before stats files recorded sampled tensor values (no model_content "
+                    "in __metadata__): only the config and the tensor names, dtypes and shapes were checked against "
+                    "this model; recompute with `" + std::string(kMake) + "` to check the values too");
+    return;
+  }
+  const std::string& have = it->second;
+  const std::string version = kContentDigestVersion;
+  if (have.compare(0, version.size(), version) != 0)
+    throw Error::invalid(stats_path.string() + ": __metadata__.model_content: unknown sampling \"" +
+                         have.substr(0, have.find(':') == std::string::npos ? 16 : have.find(':') + 1) +
+                         "\" (this moe-tool reads " + version + "); compute matching statistics with `" + kMake + "`");
+  const auto digests = ckpt.content_digests();
+  if (have.size() != version.size() + 8 * digests.size())
+    throw Error::invalid(stats_path.string() + ": __metadata__.model_content: " +
+                         std::to_string((have.size() - version.size()) / 8) + " tensor digests, but the model has " +
+                         std::to_string(digests.size()) + " tensors");
+  const std::string want = content_digest_text(digests);
+  std::vector<std::string> differ;
+  for (size_t i = 0; i < digests.size(); ++i)
+    if (have.compare(version.size() + 8 * i, 8, want, version.size() + 8 * i, 8) != 0) differ.push_back(digests[i].name);
+  if (differ.empty()) return;
+  throw Error::invalid(stats_path.string() + ": statistics were computed on a model with this config and these tensor "
+                       "shapes but other values: tensor " + differ.front() + " differs in its sampled bytes" +
+                       (differ.size() > 1 ? " (and " + std::to_string(differ.size() - 1) + " more of " +
+                                                std::to_string(digests.size()) + " tensors)"
+                                          : std::string()) +
                        "; compute matching statistics with `" + kMake + "` on this model");
 }
 

@@ -35,6 +35,8 @@
 #include <string>
 #include <vector>
 
+#include "io/checkpoint.h"
+
 namespace moe::calib {
 
 using MatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -64,6 +66,12 @@ struct LayerGrams {
   MatrixD mlp_mid;   // [I,I]        dense layers: input of down
 };
 
+// __metadata__.model_content: kContentDigestVersion, then per tensor of the model (in name order)
+// its io::Checkpoint::content_digests() value as 8 lowercase hex digits. The version names the
+// sampling; a file with another version is refused.
+inline constexpr const char* kContentDigestVersion = "fnv1a32-16k-4x1k:";
+std::string content_digest_text(const std::vector<io::Checkpoint::TensorDigest>& digests);
+
 struct Stats {
   std::map<std::string, std::string> metadata;
   std::map<int, LayerStats> layers;  // MoE layers only, by layer index
@@ -78,6 +86,11 @@ struct Stats {
   // Throws Error::invalid when the stats were computed on another model (fingerprint differs),
   // naming both fingerprints and the command that produces matching stats.
   void check_model(const std::string& model_fingerprint, const std::filesystem::path& stats_path) const;
+  // The fingerprint check above, then the sampled tensor contents (io::Checkpoint::content_digests,
+  // recorded as model_content): Error::invalid naming the first tensor whose sampled bytes differ
+  // and how many differ. A file made before model_content was recorded is accepted after one
+  // warning line on stderr (its values cannot be checked).
+  void check_model(const io::Checkpoint& ckpt, const std::filesystem::path& stats_path) const;
   // Throws Error::invalid when layer l lacks `field` ("out_mean", "gram_in", ...), saying how to
   // produce it (e.g. "run moe-tool calibrate ... --gram").
   const LayerStats& layer(int l, const std::string& field) const;

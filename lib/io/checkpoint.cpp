@@ -200,4 +200,28 @@ std::string Checkpoint::fingerprint() const {
   return buf;
 }
 
+std::vector<Checkpoint::TensorDigest> Checkpoint::content_digests() const {
+  std::vector<std::pair<const SafetensorsFile*, const TensorInfo*>> all;
+  for (const auto& s : shards_)
+    for (const auto& t : s->header().tensors) all.push_back({s.get(), &t});
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.second->name < b.second->name; });
+  std::vector<TensorDigest> out;
+  out.reserve(all.size());
+  for (const auto& [shard, t] : all) {
+    const uint64_t n = t->nbytes();
+    const uint8_t* p = shard->tensor(*t).data();
+    uint64_t h = 2166136261u;  // 32-bit FNV-1a
+    auto add = [&](uint64_t begin, uint64_t len) {
+      for (uint64_t i = begin; i < begin + len; ++i) h = ((h ^ p[i]) * 16777619u) & 0xffffffffu;
+    };
+    if (n <= kDigestWholeBytes) {
+      add(0, n);
+    } else {
+      for (uint64_t b = 0; b < kDigestBlocks; ++b) add((n - kDigestBlockBytes) * b / (kDigestBlocks - 1), kDigestBlockBytes);
+    }
+    out.push_back({t->name, static_cast<uint32_t>(h)});
+  }
+  return out;
+}
+
 }  // namespace moe::io

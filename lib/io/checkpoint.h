@@ -40,6 +40,21 @@ class Checkpoint {
   // config without bookkeeping keys, and every tensor's name, dtype and shape, order-independent.
   std::string fingerprint() const;
 
+  // Sampled tensor contents, which fingerprint() leaves out: they tell apart two checkpoints of
+  // one structure (two fine-tunes of one base). Per tensor, in name order, a 32-bit FNV-1a hash of
+  // its stored bytes when it holds at most kDigestWholeBytes (norms, biases, small routers), else
+  // of kDigestBlocks blocks of kDigestBlockBytes at evenly spaced offsets (the first at the
+  // tensor's start, the last ending at its end). At most 16 KiB is read per tensor, whatever the
+  // checkpoint's size; a change confined to bytes between the blocks is not seen.
+  static constexpr uint64_t kDigestWholeBytes = 16384;
+  static constexpr uint64_t kDigestBlocks = 4;
+  static constexpr uint64_t kDigestBlockBytes = 1024;
+  struct TensorDigest {
+    std::string name;
+    uint32_t digest = 0;
+  };
+  std::vector<TensorDigest> content_digests() const;
+
  private:
   fs::path dir_;
   nlohmann::json config_;

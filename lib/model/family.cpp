@@ -111,21 +111,28 @@ std::vector<FamilyDesc> build_families() {
 
   // Defaults below are those of transformers' configuration_<model_type>.py: rope_theta 10000
   // and rms_norm_eps 1e-6 unless said otherwise.
-  v.push_back(llama_base("llama", "LlamaForCausalLM"));
+  {
+    FamilyDesc f = llama_base("llama", "LlamaForCausalLM");
+    f.forward = f.upcycle_source = true;
+    v.push_back(f);
+  }
   {
     FamilyDesc f = llama_base("mistral", "MistralForCausalLM");
     f.default_sliding_window = 4096;
+    f.forward = f.upcycle_source = true;
     v.push_back(f);
   }
   {
     FamilyDesc f = llama_base("qwen2", "Qwen2ForCausalLM");
     qkv_bias_always(f);
+    f.forward = f.upcycle_source = true;
     v.push_back(f);
   }
   {
     FamilyDesc f = llama_base("qwen3", "Qwen3ForCausalLM");
     qk_norm(f, QKNorm::PerHead);
     f.default_head_dim = 128;
+    f.forward = f.upcycle_source = true;
     v.push_back(f);
   }
   {
@@ -142,6 +149,7 @@ std::vector<FamilyDesc> build_families() {
     f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
     f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
     f.expert_down = "block_sparse_moe.experts.{e}.w2.weight";
+    f.forward = f.upcycle_target = true;
     v.push_back(f);
   }
   {
@@ -154,6 +162,7 @@ std::vector<FamilyDesc> build_families() {
     f.shared_down = "mlp.shared_expert.down_proj.weight";
     f.shared_expert_gate = "mlp.shared_expert_gate.weight";
     f.shared_width_key = "shared_expert_intermediate_size";
+    f.forward = f.upcycle_target = true;
     v.push_back(f);
   }
   {
@@ -161,6 +170,7 @@ std::vector<FamilyDesc> build_families() {
     qk_norm(f, QKNorm::PerHead);
     qwen_style_experts(f, "num_experts", "moe_intermediate_size");
     f.moe_layers = MoeLayerRule::SparseStep;
+    f.forward = f.upcycle_target = true;
     v.push_back(f);
   }
   {
@@ -168,6 +178,7 @@ std::vector<FamilyDesc> build_families() {
     qk_norm(f, QKNorm::Full);
     qwen_style_experts(f, "num_experts", "intermediate_size");
     f.default_rms_norm_eps = 1e-5;
+    f.forward = true;
     v.push_back(f);
   }
   for (const char* type : {"deepseek_v2", "deepseek_v3"}) {
@@ -242,6 +253,19 @@ std::string supported_families() {
     if (!s.empty()) s += ", ";
     s += f.model_type;
   }
+  return s;
+}
+
+std::vector<std::string> families_with(bool FamilyDesc::*flag) {
+  std::vector<std::string> v;
+  for (const auto& f : all_families())
+    if (f.*flag) v.push_back(f.model_type);
+  return v;
+}
+
+std::string family_list(bool FamilyDesc::*flag) {
+  std::string s;
+  for (const auto& t : families_with(flag)) s += (s.empty() ? "" : ", ") + t;
   return s;
 }
 

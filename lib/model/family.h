@@ -61,6 +61,12 @@ struct FamilyDesc {
   MoeLayerRule moe_layers = MoeLayerRule::All;
   bool extra_layers_allowed = false;  // deepseek_v3 multi-token-prediction layers past L
 
+  // What moe-tool does with the family beyond reading, inspecting and rewriting it:
+  bool forward = false;         // runtime/forward.h runs it (eval, calibrate, passes that run the model)
+  bool upcycle_source = false;  // `upcycle` takes it as the dense source
+  bool upcycle_target = false;  // `upcycle --to` writes it (config keys: expert_count_key,
+                                // expert_width_key, shared_width_key of this entry)
+
   // transformers' defaults for keys a config.json may leave out (the family's
   // configuration_<model_type>.py): the forward uses them when the key is absent or null.
   double default_rope_theta = 10000.0;
@@ -95,6 +101,10 @@ struct FamilyDesc {
 const FamilyDesc& family_for(const Config& config);
 const std::vector<FamilyDesc>& all_families();
 std::string supported_families();
+// The model_types whose entry has `flag` set, in table order, e.g. families_with(&FamilyDesc::forward).
+std::vector<std::string> families_with(bool FamilyDesc::*flag);
+// The same joined with ", ".
+std::string family_list(bool FamilyDesc::*flag);
 
 // Replaces {l} and {e} in a template.
 std::string expand(const std::string& tmpl, int layer, int expert = -1);

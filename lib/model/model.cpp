@@ -6,6 +6,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/warn.h"
 #include "quant/registry.h"
 
 namespace moe::model {
@@ -413,6 +414,38 @@ class OutputBuilder {
   }
 };
 
+// Other spellings of the expert-count and top-k keys that loaders read (transformers'
+// attribute_map aliases: mixtral and qwen3_moe map num_experts to num_local_experts, deepseek maps
+// it to n_routed_experts, ernie maps num_experts_per_tok to moe_k; llama.cpp's converter takes the
+// first of several it finds). A config that gives one of them besides the family's own key with
+// another value means different models to different loaders: refused.
+const char* const kExpertCountKeys[] = {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"};
+const char* const kTopKKeys[] = {"num_experts_per_tok", "moe_k", "moe_topk"};
+
+template <size_t N>
+void check_aliases(const Config& c, const std::string& key, int64_t value, const char* const (&aliases)[N],
+                   const std::string& model_type) {
+  for (const char* a : aliases) {
+    if (key == a || !c.has(a)) continue;
+    const auto& v = c.json().at(a);
+    if (v.is_number_integer() && v.get<int64_t>() == value) continue;
+    throw Error::corruption(c.source() + ": " + a + " " + v.dump() + " disagrees with " + key + " " +
+                            std::to_string(value) + " (" + model_type + " reads " + key +
+                            "; transformers and other loaders may read " + a +
+                            " for it): give one value, or remove " + a);
+  }
+}
+
+// tie_word_embeddings true with a stored lm_head.weight: transformers ties the output projection
+// to the input embeddings (PreTrainedModel.tie_weights after loading), so the stored head is not
+// used. Whether the stored head differs from the embeddings (then it is dropped with a warning).
+bool stored_head_differs(const Tensor& head, const Tensor& embed) {
+  if (head.shape() != embed.shape()) return true;
+  if (head.data() && embed.data() && head.dtype() == embed.dtype())
+    return !std::equal(head.data(), head.data() + head.nbytes(), embed.data());
+  return head.to_f32() != embed.to_f32();
+}
+
 }  // namespace
 
 Model Model::load(const io::Checkpoint& ckpt) {
@@ -457,6 +490,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
     if (d.top_k > n_experts)
       throw Error::corruption(c.source() + ": " + f.topk_key + ": " + std::to_string(d.top_k) + " exceeds " +
                               f.expert_count_key + " " + std::to_string(n_experts));
+    check_aliases(c, f.expert_count_key, n_experts, kExpertCountKeys, f.model_type);
+    check_aliases(c, f.topk_key, d.top_k, kTopKKeys, f.model_type);
   }
 
   // The shards (shared with the tensors' views) outlive the Checkpoint object if need be.
@@ -481,6 +516,14 @@ Model Model::load(const io::Checkpoint& ckpt) {
   pick.expect(f.globals[0].name, m.globals_.at("embed"), {d.vocab, H}, "config (vocab_size, hidden_size)");
   if (m.globals_.count("lm_head"))
     pick.expect("lm_head.weight", m.globals_.at("lm_head"), {d.vocab, H}, "config (vocab_size, hidden_size)");
+  if (m.globals_.count("lm_head") && c.get_bool_or("tie_word_embeddings", false) &&
+      stored_head_differs(m.globals_.at("lm_head"), m.globals_.at("embed"))) {
+    core::warn_once(c.source() + ": tie_word_embeddings is true but lm_head.weight is stored and differs from " +
+                    f.globals[0].name + "; following transformers (tie_weights), the embeddings are the output "
+                    "projection and the stored lm_head.weight is ignored (not written to outputs)");
+    m.globals_.erase("lm_head");
+    m.global_names_.erase("lm_head");
+  }
   pick.expect("model.norm.weight", m.globals_.at("final_norm"), {H}, "hidden_size");
 
   for (int l = 0; l < d.layers; ++l) {
@@ -849,6 +892,11 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
       j[f.expert_count_key] = E;
       j[f.expert_width_key] = I;
       if (j.contains(f.topk_key) && j[f.topk_key].get<int64_t>() > E) j[f.topk_key] = E;
+      // Other spellings of the two keys (equal to them at load, see check_aliases) follow them.
+      for (const char* a : kExpertCountKeys)
+        if (a != f.expert_count_key && j.contains(a) && !j[a].is_null()) j[a] = E;
+      for (const char* a : kTopKKeys)
+        if (a != f.topk_key && j.contains(a) && !j[a].is_null() && j.contains(f.topk_key)) j[a] = j[f.topk_key];
       // DeepSeek group-limited routing: groups are contiguous blocks of E / n_group experts. Once
       // experts are dropped or merged those blocks no longer are the trained groups (and E may
       // not divide), so the written model routes plain top-k: one group, chosen always.

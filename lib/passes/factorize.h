@@ -57,7 +57,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 
 namespace moe::passes {
 

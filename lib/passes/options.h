@@ -10,14 +10,15 @@
 #include <string>
 #include <vector>
 
+#include "core/suggest.h"
+
 namespace moe::passes {
 
-// Levenshtein distance (insertions, deletions, substitutions; ASCII case-insensitive).
-size_t edit_distance(const std::string& a, const std::string& b);
-// The candidate nearest to `s` when it is close enough to be a likely typo, else "".
-std::string nearest(const std::string& s, const std::vector<std::string>& candidates);
-// " (allowed: a, b, c); did you mean \"b\"?" — the tail of an "unknown X" message.
-std::string allowed_suffix(const std::string& found, const std::vector<std::string>& allowed);
+// The "did you mean" helpers (core/suggest.h), as every pass has used them.
+using core::allowed_suffix;
+using core::edit_distance;
+using core::nearest;
+
 // A JSON value as it appears in messages (strings quoted, long values cut).
 std::string json_found(const nlohmann::json& v);
 

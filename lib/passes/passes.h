@@ -1,4 +1,4 @@
-// Factories of the passes listed in pipeline/passes.def. make_<pass>(spec, method, path) builds
+// Factories of the passes listed in passes/passes.def. make_<pass>(spec, method, path) builds
 // the pass from its (already pass/method-checked) JSON object; every option is validated strictly
 // (passes/options.h). pipeline::make_pass dispatches here.
 #pragma once
@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 
 namespace moe::passes {
 

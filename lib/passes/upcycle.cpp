@@ -30,8 +30,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::vector<std::string> kTargets = {"mixtral", "qwen2_moe", "qwen3_moe"};
-const std::vector<std::string> kSources = {"llama", "mistral", "qwen2", "qwen3"};
+// The methods, in the order passes/passes.def lists them (their one spelling).
+const std::vector<std::string>& methods() {
+  static const std::vector<std::string> v = {
+#define MOE_PASS(pass, method, description)
+#define MOE_UPCYCLE(method, description) #method,
+#include "passes/passes.def"
+  };
+  return v;
+}
 
 // splitmix64 of a seed and a salt (layer, expert, purpose): independent streams per use.
 uint64_t mix(uint64_t seed, uint64_t a, uint64_t b = 0, uint64_t c = 0) {
@@ -110,9 +117,10 @@ void open_sources(Plan& p, io::Env& env, const fs::path& model_dir) {
     const auto& f = s.model->family();
     if (f.moe)
       throw Error::invalid(d.string() + ": already a Mixture-of-Experts checkpoint (model_type " + f.model_type +
-                           "): upcycle takes a dense llama, mistral, qwen2 or qwen3 model");
-    if (std::find(kSources.begin(), kSources.end(), f.model_type) == kSources.end())
-      throw Error::invalid(d.string() + ": model_type " + f.model_type + " cannot be upcycled (dense sources: llama, mistral, qwen2, qwen3)");
+                           "): upcycle takes a dense model (" + model::family_list(&model::FamilyDesc::upcycle_source) + ")");
+    if (!f.upcycle_source)
+      throw Error::invalid(d.string() + ": model_type " + f.model_type + " cannot be upcycled (dense sources: " +
+                           model::family_list(&model::FamilyDesc::upcycle_source) + ")");
     p.src.push_back(std::move(s));
   }
 }
@@ -158,11 +166,11 @@ void check_target(Plan& p) {
   const auto& m = first(p);
   const std::string src_type = m.family().model_type;
   const std::string& to = p.o.to;
-  if (std::find(kTargets.begin(), kTargets.end(), to) == kTargets.end())
-    throw Error::invalid("upcycle.to '" + to + "': unknown target" + allowed_suffix(to, kTargets));
+  const std::vector<std::string> targets = model::families_with(&model::FamilyDesc::upcycle_target);
+  if (std::find(targets.begin(), targets.end(), to) == targets.end())
+    throw Error::invalid("upcycle.to '" + to + "': unknown target" + allowed_suffix(to, targets));
   for (const auto& f : model::all_families())
     if (f.model_type == to) p.target = &f;
-  if (!p.target) throw Error::internal("upcycle: no family descriptor for " + to);
   const auto& c = m.config();
   const std::string act = c.get_string_or("hidden_act", "silu");
   if (act != "silu") throw Error::invalid(c.source() + ": hidden_act " + act + ": the MoE families take silu experts only");
@@ -364,9 +372,9 @@ void compute_prompt_routers(Plan& p) {
 Plan make_plan(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts) {
   Plan p;
   p.o = opts;
-  const std::vector<std::string> methods = {"copy", "drop", "split"}, routers = {"random", "hidden", "ridge"};
-  if (std::find(methods.begin(), methods.end(), opts.method) == methods.end())
-    throw Error::invalid("upcycle.method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods));
+  const std::vector<std::string> routers = {"random", "hidden", "ridge"};
+  if (std::find(methods().begin(), methods().end(), opts.method) == methods().end())
+    throw Error::invalid("upcycle.method '" + opts.method + "': unknown method" + allowed_suffix(opts.method, methods()));
   if (std::find(routers.begin(), routers.end(), opts.router) == routers.end())
     throw Error::invalid("upcycle.router '" + opts.router + "': unknown router" + allowed_suffix(opts.router, routers));
   if (opts.segmenting != "random" && opts.segmenting != "kmeans" && opts.segmenting != "coact")
@@ -586,17 +594,16 @@ json target_config(const Plan& p) {
   c["num_experts_per_tok"] = p.o.top_k;
   c["output_router_logits"] = false;
   c["router_aux_loss_coef"] = 0.001;  // transformers' default for all three families
+  // The target's expert count and width keys (its family table entry).
+  c[p.target->expert_count_key] = p.o.experts;
+  c[p.target->expert_width_key] = p.width;
   if (to == "mixtral") {
-    c["num_local_experts"] = p.o.experts;
-    c["intermediate_size"] = p.width;
     c["router_jitter_noise"] = 0.0;
     if (!c.contains("sliding_window")) c["sliding_window"] = nullptr;
     c.erase("use_sliding_window");
     c.erase("max_window_layers");
     c.erase("attention_bias");
   } else {
-    c["num_experts"] = p.o.experts;
-    c["moe_intermediate_size"] = p.width;
     c["intermediate_size"] = p.I;  // dense layers (none: decoder_sparse_step 1, mlp_only_layers [])
     c["decoder_sparse_step"] = 1;
     c["mlp_only_layers"] = json::array();
@@ -605,7 +612,7 @@ json target_config(const Plan& p) {
     if (!c.contains("sliding_window")) c["sliding_window"] = nullptr;
     if (!c.contains("max_window_layers")) c["max_window_layers"] = p.L;
     if (to == "qwen2_moe") {
-      c["shared_expert_intermediate_size"] = p.o.shared_expert ? p.I : p.width;
+      c[p.target->shared_width_key] = p.o.shared_expert ? p.I : p.width;
       c.erase("attention_bias");
       c.erase("head_dim");
     } else {
@@ -817,7 +824,7 @@ UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) 
   if (!s.has("experts")) throw Error::invalid("upcycle.experts: missing (required)");
   o.top_k = s.get_int("top_k", 0, 1, max_count);
   if (!s.has("top_k")) throw Error::invalid("upcycle.top_k: missing (required)");
-  o.method = s.get_enum("method", "copy", {"copy", "drop", "split"});
+  o.method = s.get_enum("method", methods().front(), methods());
   o.drop_ratio = s.get_number("drop_ratio", 0.5, 0.0, 1.0, /*min_open=*/true);
   o.segments = s.get_int("segments", 2, 1, max_count);
   o.segmenting = s.get_enum("segmenting", "random", {"random", "kmeans", "coact"});

@@ -2,7 +2,7 @@
 // checkpoint in the mixtral, qwen2_moe or qwen3_moe layout, every MoE expert initialised from the
 // dense MLP. Upcycled models are a starting point for continued training, not finished models.
 //
-// Why not a per-layer Pass (pipeline/pass.h): a pass rewrites the layers of a model whose family
+// Why not a per-layer Pass (passes/pass.h): a pass rewrites the layers of a model whose family
 // and layer structure it keeps; upcycling changes the family, the config keys and every MLP into
 // an MoE block. So it is a model-building step of its own that streams layer by layer into the
 // checkpoint writer (io/checkpoint_writer.h): the output plan (names, dtypes, shapes) is declared

@@ -4,7 +4,7 @@
 #include "core/error.h"
 #include "passes/options.h"
 #include "passes/passes.h"
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 
 namespace moe::pipeline {
 
@@ -14,7 +14,16 @@ using nlohmann::json;
 const std::vector<PassInfo>& registered_passes() {
   static const std::vector<PassInfo> table = {
 #define MOE_PASS(pass, method, description) {#pass, #method, description},
-#include "pipeline/passes.def"
+#include "passes/passes.def"
+  };
+  return table;
+}
+
+const std::vector<PassInfo>& registered_upcycle_methods() {
+  static const std::vector<PassInfo> table = {
+#define MOE_PASS(pass, method, description)
+#define MOE_UPCYCLE(method, description) {"upcycle", #method, description},
+#include "passes/passes.def"
   };
   return table;
 }
@@ -63,7 +72,7 @@ std::unique_ptr<Pass> make_pass(const json& spec, const std::string& json_path) 
   const std::string method = string_key(spec, json_path, "method", method_names(pass), pass + " methods");
 #define MOE_PASS(p, m, d) \
   if (pass == #p) return passes::make_##p(spec, method, json_path);
-#include "pipeline/passes.def"
+#include "passes/passes.def"
   throw Error::internal("pass " + pass + " listed without a factory");
 }
 

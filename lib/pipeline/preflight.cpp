@@ -52,7 +52,7 @@ void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& 
   // Statistics file: this model's, with the fields the first pass reads.
   if (needs.stats && !r.calibration.stats.empty() && load_stats_file) {
     const auto s = calib::Stats::load(r.calibration.stats, /*with_gram=*/false);
-    s.check_model(ckpt.fingerprint(), r.calibration.stats);
+    s.check_model(ckpt, r.calibration.stats);
     check_stats_fields(s, model, needs.fields);
   }
 

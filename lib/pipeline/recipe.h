@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "core/dtype.h"
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 
 namespace moe::pipeline {
 

@@ -395,7 +395,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (needs_stats && !opts.dry_run) {
     if (!r.calibration.stats.empty()) {
       stats = calib::Stats::load(r.calibration.stats);
-      stats->check_model(ckpt.fingerprint(), r.calibration.stats);
+      stats->check_model(ckpt, r.calibration.stats);
     } else {
       stats = collect_stats(ckpt, model, r.calibration, r.seed, opts.quiet);
     }

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "passes/options.h"
+#include "core/suggest.h"
 #include "quant/intn.h"
 #include "quant/pack.h"
 
@@ -58,7 +58,7 @@ CodecSpec parse_codec(std::string_view s) {
     names.push_back(c.name);
     if (name == c.name) nc = &c;
   }
-  if (!nc) throw Error::invalid("unknown codec \"" + name + "\"" + passes::allowed_suffix(name, names));
+  if (!nc) throw Error::invalid("unknown codec \"" + name + "\"" + core::allowed_suffix(name, names));
   CodecSpec c;
   c.kind = nc->kind;
   c.bits = nc->bits;

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <set>
 
 #include "core/error.h"
 #include "runtime/moe_block.h"
@@ -14,9 +13,6 @@ namespace moe::runtime {
 using core::Error;
 
 namespace {
-
-const std::set<std::string> kForwardFamilies = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                                "llama",   "mistral",   "qwen2",     "qwen3"};
 
 // One RoPE description: the v4 `rope_scaling` object, or the v5 `rope_parameters` object (the
 // same fields plus rope_theta). Both spellings are read with the same rules.
@@ -96,9 +92,9 @@ RopeScaling read_rope_scaling(const model::Config& c) {
 ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   const auto& f = m.family();
   const auto& c = m.config();
-  if (!kForwardFamilies.count(f.model_type))
-    throw Error::unsupported("forward not implemented for " + f.model_type +
-                             " (implemented: mixtral, qwen2_moe, qwen3_moe, olmoe, llama, mistral, qwen2, qwen3)");
+  if (!f.forward)
+    throw Error::unsupported("forward not implemented for " + f.model_type + " (implemented: " +
+                             model::family_list(&model::FamilyDesc::forward) + ")");
   ForwardSpec s;
   s.family = f.model_type;
   const auto& d = m.dims();

@@ -159,3 +159,24 @@ TEST(Family, PresenceRules) {
 
 }  // namespace
 }  // namespace moe::model
+
+namespace moe::model {
+namespace {
+
+TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(families_with(&FamilyDesc::forward),
+            (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}));
+  EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
+  EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
+  EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");
+  for (const auto& f : all_families()) {
+    // upcycle writes a target's config from its entry's keys and runs the source's forward.
+    if (f.upcycle_target) EXPECT_TRUE(f.moe && !f.expert_count_key.empty() && !f.expert_width_key.empty()) << f.model_type;
+    if (f.upcycle_source) EXPECT_TRUE(!f.moe && f.forward) << f.model_type;
+    if (f.upcycle_target && f.has_shared()) EXPECT_FALSE(f.shared_width_key.empty()) << f.model_type;
+  }
+}
+
+}  // namespace
+}  // namespace moe::model

@@ -9,7 +9,7 @@
 #include "calib/stats.h"
 #include "core/tensor.h"
 #include "model/model.h"
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 #include "runtime/routing.h"
 #include "runtime/weights.h"
 

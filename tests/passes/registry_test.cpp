@@ -5,7 +5,7 @@
 
 #include "core/error.h"
 #include "passes/options.h"
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 
 namespace moe::pipeline {
 namespace {

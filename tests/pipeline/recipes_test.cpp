@@ -336,7 +336,7 @@ TEST(Recipes, LaterPassLimitsAreRejectedBeforeAnyWork) {
 #include "core/error.h"
 #include "pipeline/keys.h"
 #include "pipeline/recipe.h"
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "pipeline/input_grams.h"
+#include "calib/input_grams.h"
 
 #include "runtime/moe_block.h"
 #include "runtime/ops.h"

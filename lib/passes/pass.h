@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "calib/stats.h"
-#include "pipeline/input_grams.h"
+#include "calib/input_grams.h"
 #include "model/model.h"
 #include "runtime/routing.h"
 #include "runtime/weights.h"
@@ -28,7 +28,7 @@ struct Requirements {
   // plan() reads every layer's statistics (a budget across layers): only possible for the first
   // pass of a recipe, whose statistics exist for all layers before the first layer is changed.
   bool plan_stats = false;
-  // Gram matrices of every projection's inputs at this layer (pipeline/input_grams.h), from the
+  // Gram matrices of every projection's inputs at this layer (calib/input_grams.h), from the
   // calibration windows pushed through the layers already changed.
   bool input_grams = false;
   // The residual stream at the layer's input [windows*T, H] on the calibration windows (through
@@ -143,5 +143,7 @@ struct PassInfo {
   const char* description;
 };
 const std::vector<PassInfo>& registered_passes();
+// The methods of upcycle (MOE_UPCYCLE in passes.def), with pass "upcycle".
+const std::vector<PassInfo>& registered_upcycle_methods();
 
 }  // namespace moe::pipeline
