@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang (ASan + UBSan, library instrumented for coverage) in
-# build-fuzz/ and runs each for SECONDS (default 30). Exits non-zero if a target crashes, leaks or
-# trips a sanitizer; the reproducer is left in build-fuzz/fuzz-artifacts/<target>/.
+# build-san/ (the configuration of scripts/test.sh's sanitizer stage, so after it nothing is rebuilt)
+# and runs each for SECONDS (default 30). Exits non-zero if a target crashes, leaks or
+# trips a sanitizer; the reproducer is left in build-san/fuzz-artifacts/<target>/.
 #
 #   tests/fuzz/run.sh [SECONDS]
 #
-# Environment: MOE_FUZZ_BUILD (build folder, default <root>/build-fuzz), JOBS (parallel build
-# jobs, default 2). The targets link only lib/core, lib/io and lib/model (tests/CMakeLists.txt).
-# Reproduce a crash: build-fuzz/tests/<target> build-fuzz/fuzz-artifacts/<target>/crash-...
+# Environment: MOE_FUZZ_BUILD (build folder, default <root>/build-san), JOBS (parallel build
+# jobs, default 2). The targets link the whole library (tests/CMakeLists.txt).
+# Reproduce a crash: build-san/tests/<target> build-san/fuzz-artifacts/<target>/crash-...
 set -euo pipefail
 
 secs="${1:-30}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-build="${MOE_FUZZ_BUILD:-$root/build-fuzz}"
-targets=(fuzz_safetensors_header fuzz_config fuzz_ternary_dict fuzz_native_config)
+build="${MOE_FUZZ_BUILD:-$root/build-san}"
+targets=(fuzz_safetensors_header fuzz_config fuzz_ternary_dict fuzz_native_config fuzz_gguf)
 
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=ON >/dev/null
+  -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=OFF >/dev/null
 cmake --build "$build" -j"${JOBS:-2}" --target "${targets[@]}"
 
 status=0

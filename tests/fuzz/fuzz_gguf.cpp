@@ -1,0 +1,63 @@
+// libFuzzer target: arbitrary bytes as a GGUF file (io/gguf.h). moe::io::GgufFile::open must
+// either accept a file whose every tensor lies inside the data section, aligned and without
+// overlap, and whose tensors decode (or are refused as unsupported types), or throw
+// moe::core::Error; anything else (another exception, a crash, a sanitizer report, a read outside
+// the mapping) is a bug. The bytes go through a file in /dev/shm because the reader maps files.
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "io/env.h"
+#include "io/gguf.h"
+
+namespace {
+
+void check(bool ok) {
+  if (!ok) std::abort();
+}
+
+// The scratch file, removed when the fuzzer exits.
+struct Scratch {
+  std::string path = "/dev/shm/moe-fuzz-gguf-" + std::to_string(getpid()) + ".gguf";
+  ~Scratch() { unlink(path.c_str()); }
+};
+
+const std::string& scratch_path() {
+  static const Scratch s;
+  return s.path;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  {
+    std::ofstream f(scratch_path(), std::ios::binary | std::ios::trunc);
+    f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(size));
+  }
+  try {
+    const moe::io::GgufFile g = moe::io::GgufFile::open(moe::io::Env::posix(), scratch_path());
+    check(g.data_offset() <= size);
+    check(g.alignment() > 0 && (g.alignment() & (g.alignment() - 1)) == 0);
+    std::vector<std::pair<uint64_t, uint64_t>> spans;
+    for (const auto& t : g.tensors()) {
+      check(!t.ne.empty() && t.ne.size() <= static_cast<size_t>(moe::io::kGgufMaxDims));
+      check(t.offset % g.alignment() == 0);
+      check(g.data_offset() + t.offset + t.nbytes() <= size);
+      for (const auto& [b, e] : spans) check(t.offset >= e || t.offset + t.nbytes() <= b || t.nbytes() == 0);
+      spans.emplace_back(t.offset, t.offset + t.nbytes());
+      try {
+        const std::vector<float> v = g.decode(t);
+        check(static_cast<int64_t>(v.size()) == t.numel());
+      } catch (const moe::core::Error&) {
+      }
+    }
+  } catch (const moe::core::Error&) {
+  }
+  return 0;
+}
