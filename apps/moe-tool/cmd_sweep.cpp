@@ -258,6 +258,7 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         if (eq == std::string::npos || !find_kind(pass))
           throw core::Error::invalid("--budgets " + b + ": expected PASS=B1,B2,... with PASS prune, merge, quantize or factorize");
         if (budgets.count(pass)) throw core::Error::invalid("--budgets " + b + ": " + pass + " given twice");
+        if (eq + 1 == b.size()) throw core::Error::invalid("--budgets " + b + ": no budget after '='");
         for (const auto& v : split(b.substr(eq + 1), ','))
           if (v.empty()) throw core::Error::invalid("--budgets " + b + ": an empty budget");
           else budgets[pass].push_back(v);
@@ -265,12 +266,12 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       std::vector<std::string> methods;
       for (const auto& m : o->methods.empty() ? std::vector<std::string>{kDefaultMethods} : o->methods)
         for (const auto& x : split(m, ',')) methods.push_back(x);
-      const json calibration = {{"model", model_dir.string()},
-                                {"seed", o->seed},
-                                {"calibration",
-                                 {{"text", text.string()}, {"ctx", o->ctx}, {"windows", o->windows},
-                                  {"batch_windows", o->batch_windows}}}};
-      json eval = {{"text", heldout.string()}, {"ctx", o->eval_ctx}, {"max_windows", o->eval_max_windows}};
+      json calibration = {{"model", model_dir.string()},
+                          {"seed", o->seed},
+                          {"calibration", {{"text", text.string()}, {"ctx", o->ctx}, {"batch_windows", o->batch_windows}}}};
+      if (o->windows > 0) calibration["calibration"]["windows"] = o->windows;  // absent: all
+      json eval = {{"text", heldout.string()}, {"ctx", o->eval_ctx}};
+      if (o->eval_max_windows > 0) eval["max_windows"] = o->eval_max_windows;
       std::vector<Cell> cells;
       std::set<std::string> names;
       for (const auto& m : methods) {
