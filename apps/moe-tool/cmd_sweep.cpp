@@ -18,6 +18,7 @@
 #include "io/output_dir.h"
 #include "model/model.h"
 #include "pipeline/calibration_text.h"
+#include "pipeline/pass.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
 
@@ -216,9 +217,16 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_option("--max-ppl-ratio", o->max_ppl_ratio,
                  "Gate: exit 3 when no cell keeps perplexity after / before within this (the table marks each cell)");
   sub.add_flag("--json", o->json, "Print the table (and errors) as JSON");
+  // The methods from the pass table itself (what `moe-tool list` prints), so the help cannot drift.
+  std::string methods_help;
+  for (const auto& k : kKinds) {
+    std::string ms;
+    for (const auto& p : pipeline::registered_passes())
+      if (p.pass == std::string(k.pass)) ms += (ms.empty() ? "" : "|") + std::string(p.method);
+    methods_help += std::string(methods_help.empty() ? "" : ", ") + k.pass + ":<" + ms + ">";
+  }
   sub.footer(
-      "Methods: prune:reap, prune:frequency, prune:soft, prune:random, merge:<msmoe|hcsmoe|dern|submoe>,\n"
-      "quantize:<rtn|gptq>, factorize:<svd|asvd|svdllm|delta|latent> (moe-tool list). Each cell is the recipe\n"
+      "Methods: " + methods_help + " (moe-tool list).\nEach cell is the recipe "
       "moe-tool run takes (DIR/cells/<name>/recipe.json); its output is DIR/cells/<name>/model. Exit 0 done,\n"
       "2 bad input (nothing computed), 3 --max-ppl-ratio missed by every cell, 1 internal error.");
   sub.callback([o, &handler, &flags] {

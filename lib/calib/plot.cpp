@@ -385,7 +385,7 @@ std::string scatter_svg(const Scatter& s) {
     const size_t i = std::find(group_names.begin(), group_names.end(), g) - group_names.begin();
     return kPalette[i % (sizeof kPalette / sizeof *kPalette)];
   };
-  const double left = 70, top = 86, pw = 380, ph = 300, gap = 90, bottom = 60;
+  const double left = 70, top = 100, pw = 380, ph = 300, gap = 90, bottom = 60;
   const double W = left + s.panels.size() * (pw + gap), H = top + ph + bottom;
   double xmax = 0;
   for (double v : s.x)
@@ -403,9 +403,9 @@ std::string scatter_svg(const Scatter& s) {
     o << text(lx + 14, 65, g, 10);
     lx += 26 + 6.2 * g.size();
   }
-  o << "<line x1=\"" << px(lx) << "\" x2=\"" << px(lx + 18) << "\" y1=\"61\" y2=\"61\" stroke=\"#000\" stroke-width=\"1.2\" "
+  o << "<line x1=\"" << px(left) << "\" x2=\"" << px(left + 18) << "\" y1=\"77\" y2=\"77\" stroke=\"#000\" stroke-width=\"1.2\" "
        "stroke-dasharray=\"4,2\"/>";
-  o << text(lx + 22, 65, "Pareto front (outlined: no other point is both smaller and better)", 10);
+  o << text(left + 22, 81, "Pareto front (outlined, labelled: no other point is both smaller and better)", 10);
   for (size_t pi = 0; pi < s.panels.size(); ++pi) {
     const auto& p = s.panels[pi];
     const double x0 = left + pi * (pw + gap);
