@@ -69,6 +69,23 @@ std::vector<double> nice_ticks(double vmax, int target = 5) {
   return t;
 }
 
+// "Nice" axis ticks covering [lo, hi] (lo >= 0): the first tick at or below lo.
+std::vector<double> nice_range_ticks(double lo, double hi, int target = 5) {
+  if (!(hi > lo)) return nice_ticks(hi, target);
+  const double raw = (hi - lo) / target;
+  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+  double step = mag;
+  for (double m : {1.0, 2.0, 2.5, 5.0, 10.0})
+    if (mag * m >= raw) {
+      step = mag * m;
+      break;
+    }
+  std::vector<double> t;
+  for (double v = std::floor(lo / step) * step; v <= hi + step * 1e-3; v += step) t.push_back(v);
+  if (t.back() < hi) t.push_back(t.back() + step);
+  return t;
+}
+
 std::string svg_open(double w, double h) {
   return "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(w) +
          "\" height=\"" + px(h) + "\" viewBox=\"0 0 " + px(w) + " " + px(h) +
@@ -409,17 +426,20 @@ std::string scatter_svg(const Scatter& s) {
   for (size_t pi = 0; pi < s.panels.size(); ++pi) {
     const auto& p = s.panels[pi];
     const double x0 = left + pi * (pw + gap);
-    double ymax = 0;
+    // y: from a tick at or below the smallest value (a ratio near 1 keeps its differences visible).
+    double ymax = 0, ymin = INFINITY;
     for (size_t i = 0; i < n; ++i)
-      if (std::isfinite(p.y[i]) && std::isfinite(s.x[i])) ymax = std::max(ymax, p.y[i]);
-    const auto yt = nice_ticks(ymax * 1.05);
-    const double yhi = std::max(yt.back(), ymax > 0 ? ymax * 1.05 : 1.0);
+      if (std::isfinite(p.y[i]) && std::isfinite(s.x[i])) ymax = std::max(ymax, p.y[i]), ymin = std::min(ymin, p.y[i]);
+    if (!std::isfinite(ymin)) ymin = 0;
+    ymin = std::max(0.0, ymin);
+    const auto yt = nice_range_ticks(ymin, ymax + (ymax - ymin) * 0.05);
+    const double ylo = yt.front(), yhi = std::max(yt.back(), ylo + 1e-12);
     auto X = [&](double v) { return x0 + pw * v / xhi; };
-    auto Y = [&](double v) { return top + ph - ph * v / yhi; };
+    auto Y = [&](double v) { return top + ph - ph * (v - ylo) / (yhi - ylo); };
     for (double t : yt) {
       o << "<line x1=\"" << px(x0) << "\" x2=\"" << px(x0 + pw) << "\" y1=\"" << px(Y(t)) << "\" y2=\"" << px(Y(t))
         << "\" stroke=\"#e4e4e4\"/>\n";
-      o << text(x0 - 6, Y(t) + 3.5, num(t, "%.3g"), 10, "text-anchor=\"end\"");
+      o << text(x0 - 6, Y(t) + 3.5, num(t, "%.5g"), 10, "text-anchor=\"end\"");
     }
     for (double t : xt) {
       o << "<line x1=\"" << px(X(t)) << "\" x2=\"" << px(X(t)) << "\" y1=\"" << px(top) << "\" y2=\"" << px(top + ph)

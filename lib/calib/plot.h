@@ -31,7 +31,8 @@ std::string heatmap_svg(const Heatmap& h);
 
 // A scatter of points against one x axis, one panel per y quantity (side by side), points
 // coloured by group, the points flagged `front` outlined and joined by a step line (a Pareto
-// front: lower is better on both axes). Axes are linear from 0; every point has a tooltip.
+// front: lower is better on both axes). Axes are linear: x from 0, y from a tick at or below the
+// smallest value; every point has a tooltip.
 struct ScatterPanel {
   std::string ylabel;
   std::vector<double> y;        // one per point; non-finite values are left out (and said in the subtitle)
