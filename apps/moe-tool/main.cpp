@@ -24,6 +24,7 @@ const Command kCommands[] = {
     {"export", "GGUF file for llama.cpp (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0)", setup_export},
     {"upcycle", "Dense checkpoint into an MoE one ({methods} experts; random, hidden or ridge router)", setup_upcycle},
     {"run", "Run a JSON recipe: calibration, a pipeline of passes, output, evaluation", setup_run},
+    {"sweep", "Methods x budgets from one calibration, each evaluated against the input: table, JSON, quality-vs-size plot with the Pareto front", setup_sweep},
     {"list", "List every pass and method", setup_list},
 };
 

@@ -69,6 +69,23 @@ std::vector<double> nice_ticks(double vmax, int target = 5) {
   return t;
 }
 
+// "Nice" axis ticks covering [lo, hi] (lo >= 0): the first tick at or below lo.
+std::vector<double> nice_range_ticks(double lo, double hi, int target = 5) {
+  if (!(hi > lo)) return nice_ticks(hi, target);
+  const double raw = (hi - lo) / target;
+  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+  double step = mag;
+  for (double m : {1.0, 2.0, 2.5, 5.0, 10.0})
+    if (mag * m >= raw) {
+      step = mag * m;
+      break;
+    }
+  std::vector<double> t;
+  for (double v = std::floor(lo / step) * step; v <= hi + step * 1e-3; v += step) t.push_back(v);
+  if (t.back() < hi) t.push_back(t.back() + step);
+  return t;
+}
+
 std::string svg_open(double w, double h) {
   return "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(w) +
          "\" height=\"" + px(h) + "\" viewBox=\"0 0 " + px(w) + " " + px(h) +
@@ -370,6 +387,97 @@ std::vector<std::string> plot_stats(const Stats& s, const std::filesystem::path&
   write(dir / "index.html", html.str());
   files.push_back("index.html");
   return files;
+}
+
+std::string scatter_svg(const Scatter& s) {
+  const size_t n = s.x.size();
+  for (const auto& p : s.panels)
+    if (p.y.size() != n || p.front.size() != n || s.labels.size() != n || s.groups.size() != n)
+      throw core::Error::internal("scatter_svg: every series needs one value per point");
+  std::vector<std::string> group_names;
+  for (const auto& g : s.groups)
+    if (std::find(group_names.begin(), group_names.end(), g) == group_names.end()) group_names.push_back(g);
+  static const char* kPalette[] = {"#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"};
+  auto colour = [&](const std::string& g) {
+    const size_t i = std::find(group_names.begin(), group_names.end(), g) - group_names.begin();
+    return kPalette[i % (sizeof kPalette / sizeof *kPalette)];
+  };
+  const double left = 70, top = 100, pw = 380, ph = 300, gap = 90, bottom = 60;
+  const double W = left + s.panels.size() * (pw + gap), H = top + ph + bottom;
+  double xmax = 0;
+  for (double v : s.x)
+    if (std::isfinite(v)) xmax = std::max(xmax, v);
+  const auto xt = nice_ticks(xmax * 1.05);
+  const double xhi = std::max(xt.back(), xmax > 0 ? xmax * 1.05 : 1.0);
+  std::ostringstream o;
+  o << svg_open(W, H);
+  o << text(12, 24, s.title, 15, "font-weight=\"bold\"");
+  o << text(12, 44, s.subtitle, 11, "fill=\"#555\"");
+  // Legend: one entry per group, then the front.
+  double lx = left;
+  for (const auto& g : group_names) {
+    o << "<circle cx=\"" << px(lx + 5) << "\" cy=\"" << px(61) << "\" r=\"5\" fill=\"" << colour(g) << "\"/>";
+    o << text(lx + 14, 65, g, 10);
+    lx += 26 + 6.2 * g.size();
+  }
+  o << "<line x1=\"" << px(left) << "\" x2=\"" << px(left + 18) << "\" y1=\"77\" y2=\"77\" stroke=\"#000\" stroke-width=\"1.2\" "
+       "stroke-dasharray=\"4,2\"/>";
+  o << text(left + 22, 81, "Pareto front (outlined, labelled: no other point is both smaller and better)", 10);
+  for (size_t pi = 0; pi < s.panels.size(); ++pi) {
+    const auto& p = s.panels[pi];
+    const double x0 = left + pi * (pw + gap);
+    // y: from a tick at or below the smallest value (a ratio near 1 keeps its differences visible).
+    double ymax = 0, ymin = INFINITY;
+    for (size_t i = 0; i < n; ++i)
+      if (std::isfinite(p.y[i]) && std::isfinite(s.x[i])) ymax = std::max(ymax, p.y[i]), ymin = std::min(ymin, p.y[i]);
+    if (!std::isfinite(ymin)) ymin = 0;
+    ymin = std::max(0.0, ymin);
+    const auto yt = nice_range_ticks(ymin, ymax + (ymax - ymin) * 0.05);
+    const double ylo = yt.front(), yhi = std::max(yt.back(), ylo + 1e-12);
+    auto X = [&](double v) { return x0 + pw * v / xhi; };
+    auto Y = [&](double v) { return top + ph - ph * (v - ylo) / (yhi - ylo); };
+    for (double t : yt) {
+      o << "<line x1=\"" << px(x0) << "\" x2=\"" << px(x0 + pw) << "\" y1=\"" << px(Y(t)) << "\" y2=\"" << px(Y(t))
+        << "\" stroke=\"#e4e4e4\"/>\n";
+      o << text(x0 - 6, Y(t) + 3.5, num(t, "%.5g"), 10, "text-anchor=\"end\"");
+    }
+    for (double t : xt) {
+      o << "<line x1=\"" << px(X(t)) << "\" x2=\"" << px(X(t)) << "\" y1=\"" << px(top) << "\" y2=\"" << px(top + ph)
+        << "\" stroke=\"#f0f0f0\"/>\n";
+      o << text(X(t), top + ph + 14, num(t, "%.3g"), 10, "text-anchor=\"middle\"");
+    }
+    o << "<line x1=\"" << px(x0) << "\" x2=\"" << px(x0 + pw) << "\" y1=\"" << px(top + ph) << "\" y2=\"" << px(top + ph)
+      << "\" stroke=\"#333\"/>\n";
+    o << "<line x1=\"" << px(x0) << "\" x2=\"" << px(x0) << "\" y1=\"" << px(top) << "\" y2=\"" << px(top + ph)
+      << "\" stroke=\"#333\"/>\n";
+    o << text(x0 + pw / 2, top + ph + 36, s.xlabel, 12, "text-anchor=\"middle\"");
+    o << "<text x=\"0\" y=\"0\" font-size=\"12\" text-anchor=\"middle\" transform=\"translate(" << px(x0 - 46) << ","
+      << px(top + ph / 2) << ") rotate(-90)\">" << esc(p.ylabel) << "</text>\n";
+    // The front as a step line (sorted by x), then the points.
+    std::vector<size_t> front;
+    for (size_t i = 0; i < n; ++i)
+      if (p.front[i] && std::isfinite(p.y[i]) && std::isfinite(s.x[i])) front.push_back(i);
+    std::sort(front.begin(), front.end(), [&](size_t a, size_t b) { return s.x[a] < s.x[b]; });
+    if (!front.empty()) {
+      o << "<polyline fill=\"none\" stroke=\"#000\" stroke-width=\"1.2\" stroke-dasharray=\"4,2\" points=\"";
+      for (size_t k = 0; k < front.size(); ++k) {
+        if (k > 0) o << px(X(s.x[front[k]])) << "," << px(Y(p.y[front[k - 1]])) << " ";
+        o << px(X(s.x[front[k]])) << "," << px(Y(p.y[front[k]])) << " ";
+      }
+      o << "\"/>\n";
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (!std::isfinite(p.y[i]) || !std::isfinite(s.x[i])) continue;
+      const double yv = std::min(p.y[i], yhi);
+      o << "<circle cx=\"" << px(X(s.x[i])) << "\" cy=\"" << px(Y(yv)) << "\" r=\"" << (p.front[i] ? "5.5" : "4")
+        << "\" fill=\"" << colour(s.groups[i]) << "\"" << (p.front[i] ? " stroke=\"#000\" stroke-width=\"1.5\"" : "")
+        << "><title>" << esc(s.labels[i]) << ": " << esc(s.xlabel) << " " << num(s.x[i]) << ", " << esc(p.ylabel) << " "
+        << num(p.y[i]) << "</title></circle>\n";
+      if (p.front[i]) o << text(X(s.x[i]) + 7, Y(yv) - 6, s.labels[i], 9, "fill=\"#333\"");
+    }
+  }
+  o << "</svg>\n";
+  return o.str();
 }
 
 }  // namespace moe::calib

@@ -29,6 +29,24 @@ struct Heatmap {
 };
 std::string heatmap_svg(const Heatmap& h);
 
+// A scatter of points against one x axis, one panel per y quantity (side by side), points
+// coloured by group, the points flagged `front` outlined and joined by a step line (a Pareto
+// front: lower is better on both axes). Axes are linear: x from 0, y from a tick at or below the
+// smallest value; every point has a tooltip.
+struct ScatterPanel {
+  std::string ylabel;
+  std::vector<double> y;        // one per point; non-finite values are left out (and said in the subtitle)
+  std::vector<bool> front;      // one per point
+};
+struct Scatter {
+  std::string title, subtitle, xlabel;
+  std::vector<double> x;            // one per point
+  std::vector<std::string> labels;  // one per point (tooltip; front points also get it as text)
+  std::vector<std::string> groups;  // one per point: colour and legend entry
+  std::vector<ScatterPanel> panels;
+};
+std::string scatter_svg(const Scatter& s);
+
 // Viridis colour of t in [0,1], "#rrggbb".
 std::string viridis(double t);
 

@@ -34,7 +34,7 @@ CalibrationTokens calibration_tokens(const std::filesystem::path& model_dir, con
 }
 
 calib::Stats collect_stats(const io::Checkpoint& ckpt, const model::Model& model, const CalibrationSpec& spec,
-                          uint64_t seed, bool quiet) {
+                          uint64_t seed, bool quiet, const std::filesystem::path& out) {
   const std::string text = eval::read_text(spec.text);
   const std::vector<int32_t> tokens = eval::load_tokenizer(ckpt.dir()).encode(text, false);
   calib::CalibrateOptions o;
@@ -49,8 +49,10 @@ calib::Stats collect_stats(const io::Checkpoint& ckpt, const model::Model& model
   o.routed_only = spec.routed_only;
   o.out_cos_tokens = spec.out_cos_tokens;
   o.sample = spec.sample == "random" ? calib::Sample::Random : calib::Sample::First;
-  // No file: the statistics stay in memory (nothing to clean up after an interrupted run).
-  auto result = calib::calibrate(ckpt, model, tokens, calib::sha256_hex(text), o, {});
+  // Without `out` the statistics stay in memory (nothing to clean up after an interrupted run).
+  o.inputs = {ckpt.dir(), spec.text};
+  o.force = true;
+  auto result = calib::calibrate(ckpt, model, tokens, calib::sha256_hex(text), o, out);
   return std::move(result.stats);
 }
 

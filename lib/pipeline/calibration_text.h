@@ -22,8 +22,9 @@ struct CalibrationTokens {
 CalibrationTokens calibration_tokens(const std::filesystem::path& model_dir, const CalibrationSpec& spec);
 
 // Routing statistics of `model` on the calibration text (what `moe-tool calibrate` computes),
-// for recipes that give calibration.text but no stats file.
+// for recipes that give calibration.text but no stats file. With `out`, also written there as a
+// stats file (atomically, replacing what is there; the model and the text may not be `out`).
 calib::Stats collect_stats(const io::Checkpoint& ckpt, const model::Model& model, const CalibrationSpec& spec,
-                          uint64_t seed, bool quiet);
+                          uint64_t seed, bool quiet, const std::filesystem::path& out = {});
 
 }  // namespace moe::pipeline
