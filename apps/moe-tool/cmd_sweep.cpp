@@ -18,7 +18,7 @@
 #include "io/output_dir.h"
 #include "model/model.h"
 #include "pipeline/calibration_text.h"
-#include "pipeline/pass.h"
+#include "passes/pass.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
 
@@ -244,11 +244,26 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const fs::path dir = fs::absolute(o->out);
       auto& env = io::Env::posix();
       // The sweep folder: never an input or inside one; an existing non-empty folder only when it is a sweep's.
-      io::check_output(dir, {model_dir, text, heldout}, /*force=*/true, io::OutputKind::Folder);
+      // A sweep folder is never replaced, only added to (resumed), so the output rules apply to a
+      // new folder as given, and to an existing sweep folder through a name inside it (no input is
+      // that name or above it) plus the check that no input lies inside the folder.
       {
+        const std::vector<fs::path> inputs = {model_dir, text, heldout};
         std::error_code ec;
-        if (fs::exists(dir, ec) && !fs::is_empty(dir, ec) && !fs::exists(dir / "cells", ec))
-          throw core::Error::invalid("--out " + o->out + ": exists and is not a sweep folder (no cells/ in it)");
+        if (!fs::exists(dir, ec)) {
+          io::check_output(dir, inputs, /*force=*/false, io::OutputKind::Folder);
+        } else {
+          if (!fs::is_empty(dir, ec) && !fs::exists(dir / "cells", ec))
+            throw core::Error::invalid("--out " + o->out + ": exists and is not a sweep folder (no cells/ in it)");
+          io::check_output(dir / "cells" / ".moe-tool-sweep-probe", inputs, /*force=*/false, io::OutputKind::Folder);
+          const fs::path d = fs::weakly_canonical(dir, ec);
+          for (const auto& in : inputs) {
+            const fs::path c = fs::weakly_canonical(in, ec);
+            const auto rel = c.lexically_relative(d);
+            if (!rel.empty() && *rel.begin() != "..")
+              throw core::Error::invalid("--out " + o->out + ": holds the input " + in.string() + "; choose another folder");
+          }
+        }
       }
       const std::string text_body = eval::read_text(text);
       const std::string heldout_body = eval::read_text(heldout);

@@ -42,6 +42,10 @@ struct Requirements {
   // Grams, plus a second copy of the hidden states. Only possible for the first pass of a recipe
   // (a later pass's input model does not exist before the layer loop).
   bool plan_sweep = false;
+  // Calibration windows the pass needs at least (prune/search: its search + held-out windows);
+  // preflight checks the run has them, naming the cause (calibration.windows or the text).
+  int64_t min_windows = 0;
+  std::string min_windows_keys;  // the pass keys that set it, e.g. "search_windows + heldout_windows"
 };
 
 struct LayerContext {

@@ -242,6 +242,10 @@ class PrunePass final : public pipeline::Pass {
     r.plan_stats = keep_ratio_.has_value() && (*score_field(method_) || protect_);
     r.block_inputs = method_ == Method::Enumerate || method_ == Method::Search || novices_;
     r.layer_inputs = method_ == Method::Search;
+    if (method_ == Method::Search) {
+      r.min_windows = search_windows_ + heldout_windows_;
+      r.min_windows_keys = "search_windows + heldout_windows";
+    }
     return r;
   }
 
@@ -402,8 +406,8 @@ class PrunePass final : public pipeline::Pass {
     const int64_t ws = search_windows_, wh = heldout_windows_;
     if (windows < ws + wh)
       throw Error::invalid("prune/search needs search_windows + heldout_windows = " + std::to_string(ws + wh) +
-                           " calibration windows; the calibration text gives " + std::to_string(windows) +
-                           " (at this ctx): lower them, lower calibration.ctx or give more text");
+                           " calibration windows; the run has " + std::to_string(windows) +
+                           " (preflight checks this first)");
     const runtime::Forward fwd(ctx.model);
     EndToEndScorer scorer(fwd, ctx.model, L, T);
     if (!started_) {  // the model as this pass finds it at its first layer: the original's outputs

@@ -191,7 +191,7 @@ class Quantize final : public pipeline::Pass {
       for (const char* k : {"widths", "alpha", "beta"})
         if (o.has(k)) throw Error::invalid(o.key_path(k) + ": applies to mixed precision, give avg_bits too");
     sub1bit_ = o.get_bool("sub1bit", false);
-    if (sub1bit_) check_sub1bit(o.key_path("sub1bit"));
+    if (sub1bit_) check_sub1bit(o);
     if (o.has("dict_scope") && !sub1bit_) throw Error::invalid(o.key_path("dict_scope") + ": applies to sub1bit, give it too");
     dict_scope_ = o.get_enum("dict_scope", "model", {"model", "layer"});
     threshold_scale_ = o.get_enum("threshold_scale", "none", {"none", "importance"}) == "importance";
@@ -511,18 +511,25 @@ class Quantize final : public pipeline::Pass {
   }
 
   // sub1bit codes QMoE's ternary grid: every codec the pass applies must be ternary-minmax, one
-  // group per row.
-  void check_sub1bit(const std::string& path) const {
-    auto bad = [&](const quant::CodecSpec& c, const std::string& where) {
+  // group per row. A refusal names the key (flag) that set the codec, then the classes it covers.
+  void check_sub1bit(const Options& o) const {
+    const std::string path = o.key_path("sub1bit");
+    auto bad = [&](const quant::CodecSpec& c, const std::string& source, const std::string& what) {
       if (c.kind == quant::CodecSpec::Kind::Ternary && c.grid == quant::TernaryGrid::MinMax && c.group == 0) return;
       throw Error::invalid(path + ": sub-1-bit coding needs ternary-minmax row codecs (e.g. ternary, ternary:t0.7), found " +
-                           quant::to_string(c) + " for " + where);
+                           quant::to_string(c) + " from " + source + " (" + what + ")");
     };
     if (avg_bits_) throw Error::invalid(path + ": sub-1-bit coding and mixed precision (avg_bits) do not combine");
-    for (const auto& [cls, c] : class_codec_)
-      if (c) bad(*c, cls);
+    std::string from_codec;  // the classes --codec covers, in table order
+    for (const auto& c : kClasses)
+      if (class_text_.at(c.key) == "codec") from_codec += (from_codec.empty() ? "" : ", ") + std::string(c.key);
+    if (!from_codec.empty()) bad(codec_, o.key_path("codec"), from_codec);
+    for (const auto& c : kClasses) {
+      const auto& cc = class_codec_.at(c.key);
+      if (cc && class_text_.at(c.key) != "codec") bad(*cc, o.key_path(c.key), c.key);
+    }
     for (const auto& ov : overrides_)
-      if (ov.codec) bad(*ov.codec, "tensor_type " + ov.pattern);
+      if (ov.codec) bad(*ov.codec, ov.path, "tensor_type " + ov.pattern);
   }
 
   // A codec spelling with the pass's group and symmetry applied where it names none.

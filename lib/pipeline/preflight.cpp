@@ -62,7 +62,17 @@ void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& 
     if (maxpos > 0 && r.calibration.ctx > maxpos)
       throw Error::invalid(r.key("calibration.ctx") + " " + std::to_string(r.calibration.ctx) +
                            " exceeds the model's max_position_embeddings " + std::to_string(maxpos));
-    core::with_context(r.key("calibration.text"), [&] { calibration_tokens(r.model, r.calibration); });
+    const int64_t windows =
+        core::with_context(r.key("calibration.text"), [&] { return calibration_tokens(r.model, r.calibration).windows; });
+    if (windows < needs.min_windows) {
+      // The cause: the windows the run was limited to, else the text's length at this ctx.
+      if (r.calibration.windows > 0 && r.calibration.windows < needs.min_windows)
+        throw Error::invalid(r.key("calibration.windows") + " " + std::to_string(r.calibration.windows) + ": " +
+                             needs.min_windows_why + " calibration windows are needed: raise it or lower them");
+      throw Error::invalid(r.key("calibration.text") + ": gives " + std::to_string(windows) + " windows of " +
+                           std::to_string(r.calibration.ctx) + " tokens, but " + needs.min_windows_why +
+                           " are needed: lower them, lower " + r.key("calibration.ctx") + " or give more text");
+    }
   }
 
   // Evaluation: text, context, at least one window.

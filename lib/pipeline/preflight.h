@@ -18,6 +18,8 @@ struct RunNeeds {
   bool stats = false;                // the first pass reads statistics (file or on the fly)
   bool inputs = false;               // a pass runs the MoE block on calibration inputs
   std::vector<std::string> fields;   // statistics fields the first pass reads
+  int64_t min_windows = 0;           // calibration windows a pass needs at least
+  std::string min_windows_why;       // "--search-windows + --heldout-windows = 24" (the pass's keys)
 };
 
 // Every file the run reads (model, calibration text, statistics, evaluation text, recipe files):

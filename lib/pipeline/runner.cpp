@@ -351,7 +351,20 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
   // Every check before any work (--dry-run stops after them); then the output folder exists from
   // the start, so nothing can take its place unnoticed while the statistics are computed.
-  preflight(r, ckpt, model, RunNeeds{needs_stats, needs_inputs, fields}, /*load_stats_file=*/opts.dry_run);
+  RunNeeds run_needs{needs_stats, needs_inputs, fields};
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const Requirements req = r.passes[i]->requirements();
+    if (req.min_windows <= run_needs.min_windows) continue;
+    run_needs.min_windows = req.min_windows;
+    std::string why;  // the pass's keys by the names the user gave them (flags or JSON paths)
+    for (size_t a = 0, b; a <= req.min_windows_keys.size(); a = b + 3) {
+      b = req.min_windows_keys.find(" + ", a);
+      if (b == std::string::npos) b = req.min_windows_keys.size();
+      why += (why.empty() ? "" : " + ") + r.key("passes[" + std::to_string(i) + "]." + req.min_windows_keys.substr(a, b - a));
+    }
+    run_needs.min_windows_why = why + " = " + std::to_string(req.min_windows);
+  }
+  preflight(r, ckpt, model, run_needs, /*load_stats_file=*/opts.dry_run);
   bool shapes_at_run = false, moe_only = true, densifies = false;
   for (const auto& p : r.passes) {
     shapes_at_run = shapes_at_run || p->shapes_at_run();

@@ -172,7 +172,7 @@ TEST(PruneSearch, BadKeysAreRejected) {
   expect_refused(run_tool({"prune", kModel.string(), (tmp.path() / "out").string(), "--method", "search", "--keep",
                            "4", "--text", kCalib.string(), "--ctx", "32", "--windows", "6", "--search-windows", "4",
                            "--heldout-windows", "3"}),
-                 "calibration windows");
+                 "--windows 6: --search-windows + --heldout-windows = 7 calibration windows");
   expect_refused(run_tool({"prune", kModel.string(), (tmp.path() / "out").string(), "--method", "search",
                            "--keep-ratio", "0.5", "--text", kCalib.string()}),
                  "across layers");

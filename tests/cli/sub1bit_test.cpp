@@ -287,5 +287,21 @@ TEST(Sub1bit, BadInputFailsCleanly) {
   }
 }
 
+// A codec sub-1-bit coding cannot take is named by the flag that set it and the classes it covers.
+TEST(Sub1bit, RefusalNamesTheFlagThatSetTheCodec) {
+  TempDir tmp;
+  const fs::path model = fs::path(MOE_SOURCE_DIR) / "data/models/mixtral-tiny";
+  const RunResult a = run_tool({"quantize", model.string(), (tmp.path() / "o").string(), "--method", "rtn", "--codec",
+                                "int4", "--sub1bit"});
+  EXPECT_EQ(a.exit_code, 2) << a.describe();
+  EXPECT_NE(a.err.find("--sub1bit: "), std::string::npos) << a.err;
+  EXPECT_NE(a.err.find("from --codec (experts, shared, dense)"), std::string::npos) << a.err;
+  const RunResult b = run_tool({"quantize", model.string(), (tmp.path() / "o").string(), "--method", "rtn", "--codec",
+                                "ternary", "--attention", "int8", "--sub1bit"});
+  EXPECT_EQ(b.exit_code, 2) << b.describe();
+  EXPECT_NE(b.err.find("from --attention (attention)"), std::string::npos) << b.err;
+  EXPECT_FALSE(fs::exists(tmp.path() / "o"));
+}
+
 }  // namespace
 }  // namespace moe::test
