@@ -71,6 +71,11 @@ uint32_t file_type_of(GgmlType t) {
     case GgmlType::Q8_0: return 7;
     case GgmlType::Q5_0: return 8;
     case GgmlType::Q5_1: return 9;
+    case GgmlType::Q2_K: return 10;
+    case GgmlType::Q3_K: return 11;  // Q3_K_S: Q3_K everywhere (the _M/_L mixes raise some tensors)
+    case GgmlType::Q4_K: return 14;  // Q4_K_S
+    case GgmlType::Q5_K: return 16;  // Q5_K_S
+    case GgmlType::Q6_K: return 18;
     case GgmlType::BF16: return 32;
     case GgmlType::TQ1_0: return 36;
     case GgmlType::TQ2_0: return 37;
@@ -124,14 +129,16 @@ struct Item {
   int64_t permute_heads = 0;  // > 0: rows permuted for llama.cpp's RoPE, this many heads
 };
 
-// The type of one tensor: 1-D tensors and routers stay F32 (llama.cpp's graph and llama-quantize
-// keep them so); then the first matching --tensor-type; token_embd and output at Q8_0 when the
-// main type is a block type; else the main type.
-GgmlType choose_type(const std::string& name, size_t n_dims, GgmlType main, const std::vector<TypeOverride>& ovr) {
+// The type of one tensor whose rows hold `row` values: 1-D tensors and routers stay F32 (llama.cpp's
+// graph and llama-quantize keep them so); then the first matching --tensor-type; token_embd and
+// output, when the main type is a block type other than Q8_0, at Q6_K where the rows are a multiple
+// of 256 (as llama-quantize puts output), else Q8_0; else the main type.
+GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlType main, const std::vector<TypeOverride>& ovr) {
   if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos) return GgmlType::F32;
   for (const auto& o : ovr)
     if (std::regex_search(name, o.re)) return o.type;
-  if ((name == "token_embd.weight" || name == "output.weight") && quant::ggml_type_info(main).block > 1) return GgmlType::Q8_0;
+  if ((name == "token_embd.weight" || name == "output.weight") && quant::ggml_type_info(main).block > 1)
+    return main != GgmlType::Q8_0 && row % quant::ggml_type_info(GgmlType::Q6_K).block == 0 ? GgmlType::Q6_K : GgmlType::Q8_0;
   return main;
 }
 
@@ -322,7 +329,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                                  "has one type: write them dense first with `moe-tool convert " + src +
                                  " DENSE --materialize`");
     // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply).
-    it.info.type = direct ? *direct : choose_type(name, it.info.ne.size(), main, ovr);
+    it.info.type = direct ? *direct : choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr);
     const auto& ti = quant::ggml_type_info(it.info.type);
     if (it.info.ne[0] % ti.block != 0)
       throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
@@ -430,7 +437,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->in, "Input checkpoint folder (mixtral, qwen2_moe, qwen3_moe, olmoe)")->required();
   sub.add_option("OUT", o->out, "Output .gguf file (written as a temporary sibling, renamed on success)")->required();
-  sub.add_option("--type", o->type, "Main tensor type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, tq1_0, tq2_0")->required();
+  sub.add_option("--type", o->type, "Main tensor type: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k, tq2_0, tq1_0")->required();
   sub.add_option("--tensor-type", o->tensor_types,
                  "Override by GGUF tensor name, REGEX=TYPE (std::regex search; the first match wins; 1-D tensors and "
                  "routers stay f32)");

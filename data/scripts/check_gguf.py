@@ -3,10 +3,11 @@
 
 Parses a GGUF v3 file from the published layout (gguf docs: header, typed metadata, tensor infos,
 aligned data section) and decodes every block type moe-tool writes from the block structs of
-ggml-common.h (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0), without any code of the tool or of
-llama.cpp. Then compares each tensor with the source checkpoint's safetensors (stacked experts,
+ggml-common.h (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, with the bit order of
+the dequantize_row_q*_K functions), without any code of the tool or of llama.cpp. Then compares each tensor with the source checkpoint's safetensors (stacked experts,
 q/k rows permuted for arch llama as convert_hf_to_gguf.py does), checks every block is within one
-quantization step of its source (half a step for the ternary types), and prints per tensor: type, max abs error, and checksums of the
+quantization step of its source (half a step for the ternary types; for the K-quants one step d * |sc| of
+each sub-block), and prints per tensor: type, max abs error, and checksums of the
 decoded values in float64: sum, sum of squares, and sum_w = sum of y[i] * (i % 97 + 1) (order-sensitive:
 catches rows or blocks in the wrong place, e.g. a missing q/k permutation).
 
@@ -17,11 +18,15 @@ data/golden/gguf.json was made with (from the repository root, after building mo
   M="mixtral-tiny qwen2moe-tiny validation-tiny"; T="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1"; mkdir -p /tmp/gg
   for m in $M; do for t in $T; do
     build/moe-tool -q export data/models/$m /tmp/gg/$m-$t.gguf --type $t --force; done; done
-  for t in tq1_0 tq2_0; do build/moe-tool -q export data/models/mixtral-tiny /tmp/gg/mixtral-tiny-${t}_down.gguf \
+  D="tq1_0 tq2_0 q2_k q3_k q4_k q5_k q6_k"
+  for t in $D; do build/moe-tool -q export data/models/mixtral-tiny /tmp/gg/mixtral-tiny-${t}_down.gguf \
     --type q8_0 --tensor-type ffn_down_exps=$t --force; done
+  build/moe-tool -q export data/models/qwen2moe-tiny /tmp/gg/qwen2moe-tiny-q4_k_shexp.gguf \
+    --type q8_0 --tensor-type ffn_down_shexp=q4_k --force
   /usr/bin/python3 data/scripts/check_gguf.py --golden \
     $(for m in $M; do for t in $T; do echo data/models/$m:$t:/tmp/gg/$m-$t.gguf; done; done) \
-    $(for t in tq1_0 tq2_0; do echo data/models/mixtral-tiny:${t}_down:/tmp/gg/mixtral-tiny-${t}_down.gguf; done) \
+    $(for t in $D; do echo data/models/mixtral-tiny:${t}_down:/tmp/gg/mixtral-tiny-${t}_down.gguf; done) \
+    data/models/qwen2moe-tiny:q4_k_shexp:/tmp/gg/qwen2moe-tiny-q4_k_shexp.gguf \
     > data/golden/gguf.json
 """
 import json
@@ -37,7 +42,8 @@ STRING, ARRAY = 8, 9
 # ggml type id -> (name, values per block, bytes per block)
 GGML_TYPES = {0: ("f32", 1, 4), 1: ("f16", 1, 2), 30: ("bf16", 1, 2), 8: ("q8_0", 32, 34), 2: ("q4_0", 32, 18),
               3: ("q4_1", 32, 20), 6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24), 34: ("tq1_0", 256, 54),
-              35: ("tq2_0", 256, 66)}
+              35: ("tq2_0", 256, 66), 10: ("q2_k", 256, 84), 11: ("q3_k", 256, 110), 12: ("q4_k", 256, 144),
+              13: ("q5_k", 256, 176), 14: ("q6_k", 256, 210)}
 BLOCK_BYTES = {t[0]: t[2] for t in GGML_TYPES.values()}
 
 
@@ -127,6 +133,9 @@ def decode(tname, raw, n):
         return raw.copy().view("<f2").astype(np.float32)
     if tname == "bf16":
         return (raw.copy().view("<u2").astype(np.uint32) << 16).view(np.float32)
+    if tname in K_QUANTS:
+        step, offset, q = k_parts(tname, raw)
+        return (step * q.astype(np.float32) - offset).reshape(-1)
     b = raw.reshape(-1, BLOCK_BYTES[tname])
     d = block_scale(tname, raw).reshape(-1, 1)
     if tname == "q8_0":
@@ -151,6 +160,61 @@ def decode(tname, raw, n):
     raise ValueError(tname)
 
 
+K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+
+
+def plane2(qs):  # qs [blocks, 64] -> [blocks, 256]: element 128h + 32k + l in bits 2k of qs[32h + l]
+    v = qs.reshape(-1, 2, 1, 32).astype(np.int32) >> (2 * np.arange(4).reshape(1, 1, 4, 1))
+    return (v & 3).reshape(-1, 256)
+
+
+def scale_min_k4(sb):  # scales[12] of q4_K / q5_K -> six-bit (sc, m) [blocks, 8] (get_scale_min_k4)
+    sb = sb.astype(np.int32)
+    sc = np.concatenate([sb[:, 0:4] & 63, (sb[:, 8:12] & 0xF) | ((sb[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([sb[:, 4:8] & 63, (sb[:, 8:12] >> 4) | ((sb[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def k_parts(tname, raw):
+    """A K-quant row as float32 step [values] (d * sc of each value's sub-block), float32 offset
+    (dmin * m, or 0) and integer codes q, so that x = step * q - offset in float32, the order
+    dequantize_row_q*_K computes."""
+    b = raw.reshape(-1, BLOCK_BYTES[tname])
+    zero = np.zeros((b.shape[0], 16), np.float32)
+    if tname == "q6_k":  # ql[128] qh[64] i8 scales[16] d
+        ql = b[:, 0:128].reshape(-1, 2, 2, 32).astype(np.int32)  # [h][k % 2][l]
+        low = np.stack([ql & 0xF, ql >> 4], axis=2)  # [h][k / 2][k % 2][l]
+        q = (low.reshape(-1, 256) | (plane2(b[:, 128:192]) << 4)) - 32
+        sc, d, m = b[:, 192:208].view(np.int8).astype(np.float32), f16(b[:, 208:210]), zero
+    elif tname == "q3_k":  # hmask[32] qs[64] scales[12] d
+        hbit = (b[:, 0:32].reshape(-1, 1, 32).astype(np.int32) >> np.arange(8).reshape(1, 8, 1)) & 1  # [4h + k][l]
+        q = plane2(b[:, 32:96]) + (hbit.reshape(-1, 256) << 2) - 4
+        sb = b[:, 96:108].astype(np.int32)
+        low = np.concatenate([sb[:, 0:8] & 0xF, sb[:, 0:8] >> 4], axis=1)
+        high = (sb[:, 8:12].reshape(-1, 1, 4) >> (2 * np.arange(4).reshape(1, 4, 1))) & 3  # [j / 4][j % 4]
+        sc, d, m = (low | (high.reshape(-1, 16) << 4)).astype(np.float32) - 32, f16(b[:, 108:110]), zero
+    elif tname == "q2_k":  # scales[16] qs[64] d dmin
+        sc, m = (b[:, 0:16] & 0xF).astype(np.float32), (b[:, 0:16] >> 4).astype(np.float32)
+        q, d = plane2(b[:, 16:80]), f16(b[:, 80:82])
+    else:  # q4_k / q5_k: d dmin scales[12] (qh[32]) qs[128]
+        sc, m = (v.astype(np.float32) for v in scale_min_k4(b[:, 4:16]))
+        qs = b[:, 48:176] if tname == "q5_k" else b[:, 16:144]
+        qs = qs.reshape(-1, 4, 1, 32).astype(np.int32)  # [c][l]
+        q = ((qs >> np.array([0, 4]).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 256)  # [c][h][l]
+        if tname == "q5_k":
+            q = q | ((((b[:, 16:48].reshape(-1, 1, 32).astype(np.int32) >> np.arange(8).reshape(1, 8, 1)) & 1) << 4)
+                     .reshape(-1, 256))
+        d = f16(b[:, 0:2])
+    per = 256 // sc.shape[1]
+    step = np.repeat(d.reshape(-1, 1) * sc, per, axis=1)  # float32 products, as decode
+    if tname in ("q6_k", "q3_k"):
+        offset = np.zeros_like(step)
+    else:
+        dmin = f16(b[:, 82:84]) if tname == "q2_k" else f16(b[:, 2:4])
+        offset = np.repeat(dmin.reshape(-1, 1) * m, per, axis=1)
+    return step, offset, q
+
+
 def block_scale(tname, raw):
     """Per block f16 scale d: at the start of the 32-blocks, at the end of the ternary ones."""
     b = raw.reshape(-1, BLOCK_BYTES[tname])
@@ -160,6 +224,8 @@ def block_scale(tname, raw):
 def block_bound(tname, raw):
     """Largest error nearest rounding onto a block's grid may leave: one step d for the 32-blocks
     (the symmetric grids clamp their positive end), d / 2 for the ternary {-d, 0, d}."""
+    if tname in K_QUANTS:  # one step d * |sc| of each value's sub-block, as a per-value bound
+        return np.abs(k_parts(tname, raw)[0]).astype(np.float64).reshape(-1)
     d = np.abs(block_scale(tname, raw)).astype(np.float64)
     return d / 2 if tname.startswith("tq") else d
 
@@ -286,7 +352,10 @@ def main(argv):
                 print(path + ": " + f, file=sys.stderr)
             bad = bad or bool(failures)
             key = model_dir.rstrip("/").split("/")[-1]
-            out.setdefault(key, {})[t] = {n: stats[n] for n in GOLDEN_TENSORS if n in stats}
+            # Plus layer 1's K-quant tensors outside that list (the shared expert's down projection).
+            names = GOLDEN_TENSORS + [n for n in sorted(stats) if n.startswith("blk.1.") and n not in GOLDEN_TENSORS
+                                      and stats[n]["type"] in K_QUANTS]
+            out.setdefault(key, {})[t] = {n: stats[n] for n in names if n in stats}
         print(json.dumps(out, indent=1, sort_keys=True))
         return 1 if bad else 0
     if len(argv) != 2:

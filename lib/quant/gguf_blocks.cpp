@@ -26,11 +26,11 @@ const GgmlTypeInfo kTypes[] = {
     {GgmlType::Q5_1, "q5_1", 32, 2 + 2 + 4 + 16, true},
     {GgmlType::Q8_0, "q8_0", 32, 2 + 32, true},
     {GgmlType::Q8_1, "q8_1", 32, 2 + 2 + 32, false},
-    {GgmlType::Q2_K, "q2_k", kQK, 2 + 2 + kQK / 16 + kQK / 4, false},
-    {GgmlType::Q3_K, "q3_k", kQK, 2 + kQK / 4 + kQK / 8 + 12, false},
-    {GgmlType::Q4_K, "q4_k", kQK, 2 + 2 + kQK / 2 + 12, false},
-    {GgmlType::Q5_K, "q5_k", kQK, 2 + 2 + kQK / 2 + kQK / 8 + 12, false},
-    {GgmlType::Q6_K, "q6_k", kQK, 2 + kQK / 2 + kQK / 4 + kQK / 16, false},
+    {GgmlType::Q2_K, "q2_k", kQK, 2 + 2 + kQK / 16 + kQK / 4, true},
+    {GgmlType::Q3_K, "q3_k", kQK, 2 + kQK / 4 + kQK / 8 + 12, true},
+    {GgmlType::Q4_K, "q4_k", kQK, 2 + 2 + kQK / 2 + 12, true},
+    {GgmlType::Q5_K, "q5_k", kQK, 2 + 2 + kQK / 2 + kQK / 8 + 12, true},
+    {GgmlType::Q6_K, "q6_k", kQK, 2 + kQK / 2 + kQK / 4 + kQK / 16, true},
     {GgmlType::Q8_K, "q8_k", kQK, 4 + kQK + kQK / 8, false},
     {GgmlType::IQ2_XXS, "iq2_xxs", kQK, 2 + kQK / 4, false},
     {GgmlType::IQ2_XS, "iq2_xs", kQK, 2 + kQK / 4 + kQK / 32, false},
@@ -222,6 +222,338 @@ void decode_tq1_0(const uint8_t* b, float* y) {
   }
 }
 
+
+// ---- K-quants: super-blocks of 256 values in sub-blocks of 16 or 32 values. Each sub-block j has
+// an integer scale sc[j] (and, for the types with mins, an integer min m[j]) against the block's
+// f16 d (and dmin); decode computes x = (d * sc[j]) * q - (dmin * m[j]) in float, in that order
+// (dequantize_row_q*_K). The layouts are in gguf_blocks.h.
+
+struct KSpec {
+  int sub;         // values per sub-block (16 or 32)
+  int qmin, qmax;  // codes as decode applies them
+  int scmax;       // sub-scales in [-scmax, scmax] (signed) or [0, scmax]
+  bool signed_sc;  // the types without mins: a sub-scale may be negative
+  int mmax;        // sub-mins in [0, mmax]; 0 = no mins
+};
+constexpr KSpec kQ2K{16, 0, 3, 15, false, 15};
+constexpr KSpec kQ3K{16, -4, 3, 31, true, 0};
+constexpr KSpec kQ4K{32, 0, 15, 63, false, 63};
+constexpr KSpec kQ5K{32, 0, 31, 63, false, 63};
+constexpr KSpec kQ6K{16, -32, 31, 127, true, 0};
+
+// A super-block as decode sees it: f16 d and dmin, sub-scales and sub-mins, codes.
+struct KBlock {
+  uint16_t dh = 0, dminh = 0;
+  int sc[16] = {}, m[16] = {};
+  int q[kQK] = {};
+};
+
+void k_values(const KSpec& s, const KBlock& b, float* y) {
+  const float d = core::f16_to_f32(b.dh), dmin = core::f16_to_f32(b.dminh);
+  for (int e = 0; e < kQK; ++e) {
+    const int j = e / s.sub;
+    y[e] = (d * static_cast<float>(b.sc[j])) * static_cast<float>(b.q[e]) - dmin * static_cast<float>(b.m[j]);
+  }
+}
+
+struct KFit {
+  double sse = 0;
+  float max_err = 0;
+};
+
+// The nearest code of each of n values on the grid D * q - M, q in [qmin, qmax], computed as
+// decode computes it (the rounded quotient and its two neighbours compared on the decoded values).
+KFit nearest_codes(const KSpec& s, const float* x, int n, float D, float M, int* q) {
+  KFit f;
+  for (int i = 0; i < n; ++i) {
+    const int q0 = D != 0.0f ? clamp_round((x[i] + M) / D, s.qmin, s.qmax) : 0;
+    int best = q0;
+    float err = std::fabs(x[i] - (D * static_cast<float>(q0) - M));
+    for (int c : {q0 - 1, q0 + 1}) {
+      if (c < s.qmin || c > s.qmax) continue;
+      const float e = std::fabs(x[i] - (D * static_cast<float>(c) - M));
+      if (e < err) err = e, best = c;
+    }
+    q[i] = best;
+    f.sse += static_cast<double>(err) * err;
+    f.max_err = std::max(f.max_err, err);
+  }
+  return f;
+}
+
+// A sub-block's float scale (and min, as M = -offset >= 0) before the super-block quantizes them:
+// `cover` maps the range onto the grid's ends; `fit` is the best of a few least-squares refits of
+// the codes, started from scales around the cover.
+struct KTarget {
+  float cover_s = 0, cover_m = 0;  // the range on the grid: every value within half a step
+  float s = 0, m = 0;              // least squares
+};
+
+KTarget k_target(const KSpec& s, const float* x) {
+  KTarget t;
+  int q[32];
+  const int n = s.sub;
+  if (s.mmax == 0) {
+    // The largest magnitude on the grid's long end qmin, as Q4_0 does.
+    const float a = signed_absmax(x, n);
+    t.cover_s = t.s = a / static_cast<float>(s.qmin);
+    if (a == 0.0f) return t;
+    double best = nearest_codes(s, x, n, t.s, 0.0f, q).sse;
+    for (int k = -4; k <= 4; ++k) {
+      float sk = a / (static_cast<float>(s.qmin) + 0.125f * static_cast<float>(k));
+      for (int it = 0; it < 2; ++it) {
+        const double sse = nearest_codes(s, x, n, sk, 0.0f, q).sse;
+        if (sse < best) best = sse, t.s = sk;
+        double sxq = 0, sqq = 0;
+        for (int i = 0; i < n; ++i) sxq += static_cast<double>(x[i]) * q[i], sqq += static_cast<double>(q[i]) * q[i];
+        if (sqq == 0) break;
+        sk = static_cast<float>(sxq / sqq);
+      }
+    }
+    return t;
+  }
+  // Types with mins: the grid starts at -M <= 0 (mins are stored unsigned), so the range is
+  // [min(x, 0), max(x)].
+  float lo = 0.0f, hi = x[0];
+  for (int i = 0; i < n; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+  t.cover_s = t.s = (hi - lo) / static_cast<float>(s.qmax);
+  t.cover_m = t.m = -lo;
+  if (hi == lo) return t;
+  double best = nearest_codes(s, x, n, t.s, t.m, q).sse;
+  float sk = t.s, mk = t.m;
+  for (int it = 0; it < 4; ++it) {
+    // Least squares x ~ s * q - m with m >= 0.
+    double sq = 0, sqq = 0, sx = 0, sxq = 0;
+    for (int i = 0; i < n; ++i) sq += q[i], sqq += static_cast<double>(q[i]) * q[i], sx += x[i], sxq += static_cast<double>(x[i]) * q[i];
+    const double det = n * sqq - sq * sq;
+    if (det <= 0) break;
+    double ls = (n * sxq - sq * sx) / det, lm = (ls * sq - sx) / n;
+    if (lm < 0) lm = 0, ls = sxq / sqq;
+    if (ls <= 0) break;
+    sk = static_cast<float>(ls), mk = static_cast<float>(lm);
+    const double sse = nearest_codes(s, x, n, sk, mk, q).sse;
+    if (sse < best) best = sse, t.s = sk, t.m = mk;
+  }
+  return t;
+}
+
+int ceil_div_clamped(float v, float d, int hi) {
+  if (d == 0.0f) return 0;
+  return static_cast<int>(std::clamp(std::ceil(v / d), 0.0f, static_cast<float>(hi)));
+}
+
+// Chooses a super-block: d (and dmin) from the sub-blocks' targets, rounded to f16; then each
+// sub-block's integer scale (and min) among its rounded target, its neighbours and the one that
+// covers its range, by the squared error of the nearest codes on the grid as decode reconstructs
+// it, among the candidates whose largest error is at most a step (or the covering one's); then the
+// codes, nearest on that grid.
+KBlock k_encode(const KSpec& s, const float* x) {
+  const int nsub = kQK / s.sub;
+  KTarget t[16];
+  for (int j = 0; j < nsub; ++j) t[j] = k_target(s, x + j * s.sub);
+  KBlock b;
+  float dmin = 0.0f;
+  if (s.mmax > 0) {
+    float mmax = 0.0f;
+    for (int j = 0; j < nsub; ++j) mmax = std::max({mmax, t[j].m, t[j].cover_m});
+    b.dminh = f16_scale(mmax / static_cast<float>(s.mmax), &dmin);
+  }
+  // The covering sub-scale once the min is quantized (rounded up, so the grid's bottom is at or
+  // below the sub-block's minimum).
+  int cover_m[16] = {};
+  float cover_s[16];
+  for (int j = 0; j < nsub; ++j) {
+    cover_s[j] = t[j].cover_s;
+    if (s.mmax > 0) {
+      cover_m[j] = ceil_div_clamped(t[j].cover_m, dmin, s.mmax);
+      float hi = x[j * s.sub];
+      for (int i = 0; i < s.sub; ++i) hi = std::max(hi, x[j * s.sub + i]);
+      cover_s[j] = std::max(0.0f, (hi + dmin * static_cast<float>(cover_m[j])) / static_cast<float>(s.qmax));
+    }
+  }
+  float smax = 0.0f;
+  for (int j = 0; j < nsub; ++j) smax = std::max({smax, std::fabs(t[j].s), std::fabs(cover_s[j])});
+  float d;
+  b.dh = f16_scale(smax / static_cast<float>(s.scmax), &d);
+  const int sclo = s.signed_sc ? -s.scmax : 0;
+  auto sc_of = [&](float v) { return d != 0.0f ? clamp_round(v / d, sclo, s.scmax) : 0; };
+  auto m_of = [&](float v) { return dmin != 0.0f ? clamp_round(v / dmin, 0, s.mmax) : 0; };
+  for (int j = 0; j < nsub; ++j) {
+    const float* xj = x + j * s.sub;
+    int* qj = b.q + j * s.sub;
+    const int cs = s.signed_sc ? (cover_s[j] < 0 ? -1 : 1) * ceil_div_clamped(std::fabs(cover_s[j]), d, s.scmax)
+                               : ceil_div_clamped(cover_s[j], d, s.scmax);
+    const int rs = sc_of(t[j].s), rm = m_of(t[j].m);
+    const int sc_cand[4] = {cs, rs, rs - 1, rs + 1};
+    const int m_cand[4] = {cover_m[j], rm, rm - 1, rm + 1};
+    const int n_m = s.mmax > 0 ? 4 : 1;
+    int q[32];
+    KFit cover;
+    double best = 0;
+    for (int a = 0; a < 4; ++a)
+      for (int c = 0; c < n_m; ++c) {
+        const int sc = sc_cand[a], m = m_cand[c];
+        if (sc < sclo || sc > s.scmax || m < 0 || m > s.mmax) continue;
+        const float D = d * static_cast<float>(sc), M = dmin * static_cast<float>(m);
+        const KFit f = nearest_codes(s, xj, s.sub, D, M, q);
+        if (a == 0 && c == 0) cover = f;
+        else if (f.max_err > std::max(std::fabs(D), cover.max_err) || f.sse >= best) continue;
+        best = f.sse;
+        b.sc[j] = sc, b.m[j] = m;
+        std::copy_n(q, s.sub, qj);
+      }
+  }
+  return b;
+}
+
+// Element e of a super-block in the 2-bit planes of Q2_K / Q3_K (and Q6_K's high bits):
+// element 128h + 32k + l in bits 2k..2k+1 of byte 32h + l.
+int plane2_byte(int e) { return 32 * (e / 128) + e % 32; }
+int plane2_shift(int e) { return 2 * ((e % 128) / 32); }
+
+// Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: u = q + 32; element 128h + 32k + l has its
+// low nibble in ql[64h + 32(k % 2) + l] (high nibble for k >= 2), its high two bits as plane2.
+int q6_low_byte(int e) { return 64 * (e / 128) + 32 * ((e % 128) / 32 % 2) + e % 32; }
+int q6_low_shift(int e) { return 4 * ((e % 128) / 64); }
+
+void pack_q6_k(const KBlock& k, uint8_t* b) {
+  std::memset(b, 0, 208);
+  for (int e = 0; e < kQK; ++e) {
+    const int u = k.q[e] + 32;
+    b[q6_low_byte(e)] |= static_cast<uint8_t>((u & 0xF) << q6_low_shift(e));
+    b[128 + plane2_byte(e)] |= static_cast<uint8_t>((u >> 4) << plane2_shift(e));
+  }
+  for (int j = 0; j < 16; ++j) b[192 + j] = static_cast<uint8_t>(static_cast<int8_t>(k.sc[j]));
+  put_u16(b + 208, k.dh);
+}
+
+KBlock unpack_q6_k(const uint8_t* b) {
+  KBlock k;
+  for (int e = 0; e < kQK; ++e)
+    k.q[e] = (((b[q6_low_byte(e)] >> q6_low_shift(e)) & 0xF) | (((b[128 + plane2_byte(e)] >> plane2_shift(e)) & 3) << 4)) - 32;
+  for (int j = 0; j < 16; ++j) k.sc[j] = static_cast<int8_t>(b[192 + j]);
+  k.dh = get_u16(b + 208);
+  return k;
+}
+
+// Q3_K {u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}: u = q + 4; low two bits as plane2 in qs,
+// bit 2 of element 128h + 32k + l in bit 4h + k of hmask[l]. Sub-scale j stored as sc + 32 in six
+// bits: low nibble in scales[j % 8] (high nibble for j >= 8), high two bits at bit 2(j / 4) of
+// scales[8 + j % 4].
+int q3_hbit(int e) { return 4 * (e / 128) + (e % 128) / 32; }
+
+void pack_q3_k(const KBlock& k, uint8_t* b) {
+  std::memset(b, 0, 108);
+  for (int e = 0; e < kQK; ++e) {
+    const int u = k.q[e] + 4;
+    b[32 + plane2_byte(e)] |= static_cast<uint8_t>((u & 3) << plane2_shift(e));
+    b[e % 32] |= static_cast<uint8_t>((u >> 2) << q3_hbit(e));
+  }
+  for (int j = 0; j < 16; ++j) {
+    const int u = k.sc[j] + 32;
+    b[96 + j % 8] |= static_cast<uint8_t>((u & 0xF) << (4 * (j / 8)));
+    b[96 + 8 + j % 4] |= static_cast<uint8_t>((u >> 4) << (2 * (j / 4)));
+  }
+  put_u16(b + 108, k.dh);
+}
+
+KBlock unpack_q3_k(const uint8_t* b) {
+  KBlock k;
+  for (int e = 0; e < kQK; ++e)
+    k.q[e] = (((b[32 + plane2_byte(e)] >> plane2_shift(e)) & 3) | (((b[e % 32] >> q3_hbit(e)) & 1) << 2)) - 4;
+  for (int j = 0; j < 16; ++j)
+    k.sc[j] = (((b[96 + j % 8] >> (4 * (j / 8))) & 0xF) | (((b[96 + 8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+  k.dh = get_u16(b + 108);
+  return k;
+}
+
+// Q2_K {u8 scales[16]; u8 qs[64]; f16 d; f16 dmin}: scales[j] = sc | m << 4; codes as plane2.
+void pack_q2_k(const KBlock& k, uint8_t* b) {
+  for (int j = 0; j < 16; ++j) b[j] = static_cast<uint8_t>(k.sc[j] | (k.m[j] << 4));
+  std::memset(b + 16, 0, 64);
+  for (int e = 0; e < kQK; ++e) b[16 + plane2_byte(e)] |= static_cast<uint8_t>(k.q[e] << plane2_shift(e));
+  put_u16(b + 80, k.dh);
+  put_u16(b + 82, k.dminh);
+}
+
+KBlock unpack_q2_k(const uint8_t* b) {
+  KBlock k;
+  for (int j = 0; j < 16; ++j) k.sc[j] = b[j] & 0xF, k.m[j] = b[j] >> 4;
+  for (int e = 0; e < kQK; ++e) k.q[e] = (b[16 + plane2_byte(e)] >> plane2_shift(e)) & 3;
+  k.dh = get_u16(b + 80);
+  k.dminh = get_u16(b + 82);
+  return k;
+}
+
+// Q4_K / Q5_K {f16 d; f16 dmin; u8 scales[12]; (Q5_K: u8 qh[32];) u8 qs[128]}: eight sub-blocks
+// of 32, six-bit sc and m (get_scale_min_k4): j < 4: sc in scales[j] & 63, m in scales[j + 4] & 63;
+// j >= 4: low nibbles in scales[j + 4] (sc low, m high), high two bits in the top bits of
+// scales[j - 4] (sc) and scales[j] (m). Element 64c + 32h + l: low nibble of qs[32c + l] (high
+// nibble for h = 1); Q5_K's bit 4 in bit 2c + h of qh[l].
+void pack_scales_k4(const KBlock& k, uint8_t* sb) {
+  std::memset(sb, 0, 12);
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      sb[j] |= static_cast<uint8_t>(k.sc[j]);
+      sb[j + 4] |= static_cast<uint8_t>(k.m[j]);
+    } else {
+      sb[j + 4] = static_cast<uint8_t>((k.sc[j] & 0xF) | ((k.m[j] & 0xF) << 4));
+      sb[j - 4] |= static_cast<uint8_t>((k.sc[j] >> 4) << 6);
+      sb[j] |= static_cast<uint8_t>((k.m[j] >> 4) << 6);
+    }
+  }
+}
+
+void unpack_scales_k4(const uint8_t* sb, KBlock& k) {
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      k.sc[j] = sb[j] & 63;
+      k.m[j] = sb[j + 4] & 63;
+    } else {
+      k.sc[j] = (sb[j + 4] & 0xF) | ((sb[j - 4] >> 6) << 4);
+      k.m[j] = (sb[j + 4] >> 4) | ((sb[j] >> 6) << 4);
+    }
+  }
+}
+
+int k4_byte(int e) { return 32 * (e / 64) + e % 32; }
+int k4_shift(int e) { return 4 * ((e / 32) % 2); }
+
+void pack_q45_k(const KBlock& k, uint8_t* b, bool five_bit) {
+  put_u16(b, k.dh);
+  put_u16(b + 2, k.dminh);
+  pack_scales_k4(k, b + 4);
+  uint8_t* qs = b + (five_bit ? 48 : 16);
+  std::memset(qs, 0, 128);
+  if (five_bit) std::memset(b + 16, 0, 32);
+  for (int e = 0; e < kQK; ++e) {
+    qs[k4_byte(e)] |= static_cast<uint8_t>((k.q[e] & 0xF) << k4_shift(e));
+    if (five_bit) b[16 + e % 32] |= static_cast<uint8_t>((k.q[e] >> 4) << (e / 32));
+  }
+}
+
+KBlock unpack_q45_k(const uint8_t* b, bool five_bit) {
+  KBlock k;
+  k.dh = get_u16(b);
+  k.dminh = get_u16(b + 2);
+  unpack_scales_k4(b + 4, k);
+  const uint8_t* qs = b + (five_bit ? 48 : 16);
+  for (int e = 0; e < kQK; ++e)
+    k.q[e] = ((qs[k4_byte(e)] >> k4_shift(e)) & 0xF) | (five_bit ? ((b[16 + e % 32] >> (e / 32)) & 1) << 4 : 0);
+  return k;
+}
+
+// One K-quant type: its spec, packer and unpacker.
+template <const KSpec& S, void (*Pack)(const KBlock&, uint8_t*), KBlock (*Unpack)(const uint8_t*)>
+struct KCodec {
+  static void encode(const float* x, uint8_t* b) { Pack(k_encode(S, x), b); }
+  static void decode(const uint8_t* b, float* y) { k_values(S, Unpack(b), y); }
+};
+void pack_q4_k(const KBlock& k, uint8_t* b) { pack_q45_k(k, b, false); }
+void pack_q5_k(const KBlock& k, uint8_t* b) { pack_q45_k(k, b, true); }
+KBlock unpack_q4_k(const uint8_t* b) { return unpack_q45_k(b, false); }
+KBlock unpack_q5_k(const uint8_t* b) { return unpack_q45_k(b, true); }
+
 }  // namespace
 
 const GgmlTypeInfo* ggml_type_info(uint32_t id) {
@@ -279,6 +611,11 @@ const BlockCodec kBlockCodecs[] = {
      [](const uint8_t* b, float* y) { decode_asym(b, y, true); }},
     {GgmlType::TQ1_0, encode_tq1_0, decode_tq1_0},
     {GgmlType::TQ2_0, encode_tq2_0, decode_tq2_0},
+    {GgmlType::Q6_K, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::encode, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::decode},
+    {GgmlType::Q4_K, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::encode, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::decode},
+    {GgmlType::Q5_K, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::encode, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::decode},
+    {GgmlType::Q3_K, KCodec<kQ3K, pack_q3_k, unpack_q3_k>::encode, KCodec<kQ3K, pack_q3_k, unpack_q3_k>::decode},
+    {GgmlType::Q2_K, KCodec<kQ2K, pack_q2_k, unpack_q2_k>::encode, KCodec<kQ2K, pack_q2_k, unpack_q2_k>::decode},
 };
 
 // The dtype of a one-value-per-element type (F32, F16, BF16), else nullopt.

@@ -17,8 +17,33 @@
 //                                             in bits 2l..2l+1 of qs[32h + m]
 //   TQ1_0  {u8 qs[48]; u8 qh[4]; f16 d}, 256  x = d * (t - 1); five trits a byte (four in qh),
 //                                             byte = ceil(sum t_k 3^(4-k) * 256 / 243)
-// Every other known type (K-quants, IQ, TQ, integers) is listed with its sizes so a GGUF file
-// holding it can be parsed, but has no codec yet: encode/decode throw Error::unsupported naming it.
+// K-quants: super-blocks of 256 values in sub-blocks of 16 or 32, each with an integer sub-scale
+// sc (and sub-min m) against the f16 super-block scale d (and dmin); decode computes
+// x = (d * sc) * q - (dmin * m) in float, in that order, as llama.cpp's dequantize_row_q*_K.
+// "plane2" below: element 128h + 32k + l in bits 2k..2k+1 of byte 32h + l of a 64-byte plane.
+//   Q2_K   {u8 scales[16]; u8 qs[64]; f16 d; f16 dmin}   16 x 16; scales[j] = sc | m << 4 (4 bits
+//                                             each); q in 0..3 as plane2
+//   Q3_K   {u8 hmask[32]; u8 qs[64]; u8 scales[12]; f16 d}  16 x 16, no min; q = u - 4, u in 0..7:
+//                                             low 2 bits plane2 in qs, bit 2 of element 128h+32k+l
+//                                             in bit 4h+k of hmask[l]; sc = s - 32, s six bits:
+//                                             low nibble of scales[j % 8] (high nibble for j >= 8),
+//                                             bits 4..5 at bit 2(j/4) of scales[8 + j % 4]
+//   Q4_K   {f16 d; f16 dmin; u8 scales[12]; u8 qs[128]}  8 x 32; six-bit sc and m packed as
+//                                             get_scale_min_k4; element 64c + 32h + l in nibble h
+//                                             of qs[32c + l], q in 0..15
+//   Q5_K   {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}  as Q4_K plus bit 4 of
+//                                             element e in bit e / 32 of qh[e % 32], q in 0..31
+//   Q6_K   {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}  16 x 16, no min; q = u - 32, u in 0..63:
+//                                             low nibble of element 128h + 32k + l in
+//                                             ql[64h + 32(k % 2) + l] (high nibble for k >= 2),
+//                                             bits 4..5 plane2 in qh; sc a signed byte
+// The K-quant encoders choose each super-block's scales first (per sub-block a least-squares fit
+// of the codes, then d and dmin from the largest, rounded to f16, then each integer sub-scale and
+// sub-min among its rounded value, its neighbours and the one covering the sub-block's range, by
+// the squared error on the grid decode reconstructs), then round every value to its nearest point
+// of that grid. Every value stays within one step d * |sc| of its sub-block.
+// Every other known type (IQ, Q8_K, integers) is listed with its sizes so a GGUF file holding it
+// can be parsed, but has no codec yet: encode/decode throw Error::unsupported naming it.
 #pragma once
 
 #include <cstddef>

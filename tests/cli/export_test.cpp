@@ -4,6 +4,7 @@
 // and every refusal (exit 2, one line, nothing written).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <nlohmann/json.hpp>
@@ -50,11 +51,13 @@ class ExportGolden : public ::testing::TestWithParam<Case> {};
 TEST_P(ExportGolden, DecodesAsTheIndependentCheck) {
   const auto& [model, type] = GetParam();
   TempDir dir{"moe-export"};
-  // "<ternary>_down": Q8_0 with the expert down projections (rows of 256) in the ternary type.
-  const auto down = type.find("_down");
-  const fs::path out = down == std::string::npos
-                           ? export_model(dir, model, type)
-                           : export_model(dir, model, "q8_0", {"--tensor-type", "ffn_down_exps=" + type.substr(0, down)});
+  // "<type>_down": Q8_0 with the expert down projections (mixtral-tiny's rows of 256) in that type;
+  // "<type>_shexp": the same with the shared expert's down projection (qwen2moe-tiny's rows of 256).
+  const auto down = type.find("_down"), shexp = type.find("_shexp");
+  const fs::path out =
+      down != std::string::npos    ? export_model(dir, model, "q8_0", {"--tensor-type", "ffn_down_exps=" + type.substr(0, down)})
+      : shexp != std::string::npos ? export_model(dir, model, "q8_0", {"--tensor-type", "ffn_down_shexp=" + type.substr(0, shexp)})
+                                   : export_model(dir, model, type);
   const auto f = io::GgufFile::open(io::Env::posix(), out);
   const json& g = goldens().at(model).at(type);
   ASSERT_FALSE(g.empty());
@@ -86,7 +89,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"mixtral-tiny", "q5_0"}, Case{"mixtral-tiny", "q5_1"}, Case{"qwen2moe-tiny", "f32"},
                       Case{"qwen2moe-tiny", "q4_0"}, Case{"qwen2moe-tiny", "q5_1"}, Case{"validation-tiny", "f32"},
                       Case{"validation-tiny", "q8_0"}, Case{"validation-tiny", "q4_1"},
-                      Case{"mixtral-tiny", "tq1_0_down"}, Case{"mixtral-tiny", "tq2_0_down"}),
+                      Case{"mixtral-tiny", "tq1_0_down"}, Case{"mixtral-tiny", "tq2_0_down"},
+                      Case{"mixtral-tiny", "q2_k_down"}, Case{"mixtral-tiny", "q3_k_down"}, Case{"mixtral-tiny", "q4_k_down"},
+                      Case{"mixtral-tiny", "q5_k_down"}, Case{"mixtral-tiny", "q6_k_down"},
+                      Case{"qwen2moe-tiny", "q4_k_shexp"}),
     [](const auto& info) {
       std::string n = info.param.model + "_" + info.param.type;
       for (auto& c : n)
@@ -277,6 +283,37 @@ TEST(Export, SymmetricGroupsOf32AreCopiedAsBlocks) {
                        "blk.0.ffn_gate_exps.weight: expert 0 is encoded as 'intN' {\"bits\":4,\"cols\":128,\"group\":64");
 }
 
+// Rows of 256 (a synthetic mixtral of hidden and expert width 256): every weight in the K-quant
+// main type, token_embd and output at Q6_K as llama-quantize puts output (Q8_0 when the main type
+// is Q8_0, and for rows of 128, as MixtralMetadataAndTypesAsLlamaCppExpects checks).
+TEST(Export, KQuantsAndTheQ6KDefaultForEmbeddingAndOutput) {
+  TempDir dir{"moe-export"};
+  const auto ck = make_synth("mixtral", {.config_patch = {{"vocab_size", 4096}, {"hidden_size", 256}, {"intermediate_size", 256}}});
+  const std::string model = synth_with_tokenizer(dir, "mixtral", ck).string();
+  // Main type, llama_ftype, largest error allowed on attn_v (one step: |x| < 0.5, so a sub-block's
+  // range is under 1: q4_k 1/15, q2_k 1/3, q8_0 0.5/127).
+  for (const auto& [type, ftype, step] : {std::tuple{"q4_k", 14, 0.07}, std::tuple{"q2_k", 10, 0.34}, std::tuple{"q8_0", 7, 0.004}}) {
+    SCOPED_TRACE(type);
+    const fs::path out = dir / (std::string(type) + ".gguf");
+    ASSERT_EQ(run_tool({"-q", "export", model, out.string(), "--type", type}).exit_code, 0);
+    const auto f = io::GgufFile::open(io::Env::posix(), out);
+    EXPECT_EQ(meta_int(f, "general.file_type"), ftype);
+    const std::string embd = std::string(type) == "q8_0" ? "q8_0" : "q6_k";
+    EXPECT_EQ(type_of(f, "token_embd.weight"), embd);
+    EXPECT_EQ(type_of(f, "output.weight"), embd);
+    EXPECT_EQ(type_of(f, "blk.1.ffn_down_exps.weight"), type);
+    EXPECT_EQ(type_of(f, "blk.0.attn_q.weight"), type);
+    EXPECT_EQ(type_of(f, "blk.0.ffn_gate_inp.weight"), "f32");
+    const auto y = f.decode(*f.find_tensor("blk.0.attn_v.weight"));
+    const auto x = source_f32(ck, "model.layers.0.self_attn.v_proj.weight");
+    ASSERT_EQ(y.size(), x.size());
+    double worst = 0;
+    for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(y[i] - x[i])));
+    EXPECT_GT(worst, 0.0);
+    EXPECT_LT(worst, step);
+  }
+}
+
 TEST(Export, TensorTypeOverridesFirstMatchWins) {
   TempDir dir{"moe-export"};
   const auto f = io::GgufFile::open(
@@ -295,7 +332,9 @@ TEST(Export, RefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   const std::string mixtral = (kSrc / "data/models/mixtral-tiny").string();
   const std::string out = (dir / "o.gguf").string();
-  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_k"}), "--type: q4_k is not written yet");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "iq2_xs"}), "--type: iq2_xs is not written yet");
+  expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_k"}),
+                       "blk.0.attn_k.weight: rows of 128 values are not a multiple of the q4_k block size 256");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "tq2_0"}),
                        "blk.0.attn_k.weight: rows of 128 values are not a multiple of the tq2_0 block size 256");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q3_x"}), "--type: unknown ggml type 'q3_x'");

@@ -3,7 +3,9 @@
 // nearest rounding on random rows, sizes, and refusals.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -18,8 +20,12 @@ using quant::GgmlType;
 
 const GgmlType kBlockTypes[] = {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0,
                                 GgmlType::Q5_1, GgmlType::TQ1_0, GgmlType::TQ2_0};
-const GgmlType kCodecTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16, GgmlType::Q8_0,  GgmlType::Q4_0,
-                                GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::TQ1_0, GgmlType::TQ2_0};
+const GgmlType kKTypes[] = {GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
+const GgmlType kCodecTypes[] = {GgmlType::F32,  GgmlType::F16,  GgmlType::BF16,  GgmlType::Q8_0,  GgmlType::Q4_0,
+                                GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1,  GgmlType::TQ1_0, GgmlType::TQ2_0,
+                                GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,  GgmlType::Q5_K,  GgmlType::Q6_K};
+
+bool is_k(GgmlType t) { return std::find(std::begin(kKTypes), std::end(kKTypes), t) != std::end(kKTypes); }
 
 std::vector<float> round_trip(GgmlType t, const std::vector<float>& x) {
   std::vector<uint8_t> b(quant::ggml_row_bytes(t, static_cast<int64_t>(x.size())));
@@ -40,8 +46,11 @@ TEST(GgufBlocks, SizesAsTheLayouts) {
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q4_1, 32), 20u);
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q5_0, 32), 22u);
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q5_1, 32), 24u);
-  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q4_K, 256), 144u);
-  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q6_K, 256), 210u);
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q2_K, 256), 84u);   // 2.625 bits a weight
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q3_K, 256), 110u);  // 3.4375
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q4_K, 512), 288u);  // 4.5
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q5_K, 256), 176u);  // 5.5
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::Q6_K, 256), 210u);  // 6.5625
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::TQ1_0, 256), 54u);
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::TQ2_0, 256), 66u);
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::BF16, 3), 6u);
@@ -137,16 +146,163 @@ TEST(GgufBlocks, DecodesHandBuiltTernaryBlocks) {
   }
 }
 
+// K-quant blocks written byte by byte from ggml-common.h's structs and dequantize_row_q*_K, with a
+// few sub-scales, mins and codes set by hand; the rest of the block decodes to 0.
+TEST(GgufBlocks, DecodesHandBuiltKQuantBlocks) {
+  std::vector<float> y(256);
+  {  // Q6_K {ql[128], qh[64], i8 scales[16], f16 d}: u = 32 (q = 0) is ql nibble 0, qh bits 10.
+    uint8_t b[210] = {};
+    std::memset(b + 128, 0xAA, 64);
+    for (int j = 0; j < 16; ++j) b[192 + j] = static_cast<uint8_t>(static_cast<int8_t>(j - 8));
+    put_f16(b + 208, 0.5f);
+    b[0] = 0x0F;                             // element 0 (h 0, k 0, l 0): low nibble 15 in ql[0]
+    b[128] = (0xAA & ~0x03) | 0x03;          //   and high bits 11 in qh[0]: u = 63, q = 31
+    b[128 + 32 + 8] = 0xAA & ~0x30;          // element 200 (h 1, k 2, l 8): qh[40] bits 4..5 = 0,
+                                             //   ql[72] high nibble 0: u = 0, q = -32
+    b[32 + 1] = 0x10;                        // element 97 (h 0, k 3, l 1): ql[33] high nibble 1: q = 1
+    quant::decode_row(GgmlType::Q6_K, b, 256, y.data());
+    EXPECT_EQ(y[0], 0.5f * -8 * 31);
+    EXPECT_EQ(y[200], 0.5f * (12 - 8) * -32);
+    EXPECT_EQ(y[97], 0.5f * (6 - 8) * 1);
+    for (int e : {1, 33, 96, 98, 128, 255}) EXPECT_EQ(y[e], 0.0f) << e;
+  }
+  {  // Q3_K {hmask[32], qs[64], scales[12], f16 d}: every sub-scale 0 (six-bit 32: bytes 8..11 0xAA)
+     // except sub-block 9 = -3 (29 = 0b01'1101: high nibble of scales[1], bits 4..5 of scales[9]).
+    uint8_t b[110] = {};
+    std::memset(b + 96 + 8, 0xAA, 4);
+    b[96 + 1] = 0xD0;
+    b[96 + 9] = 0x9A;
+    put_f16(b + 108, 2.0f);
+    b[32 + 32 + 22] = 0x03;  // element 150 (h 1, k 0, l 22): low bits 11 in qs[54]
+    b[22] = 1 << 4;          //   high bit in bit 4h + k = 4 of hmask[22]: u = 7, q = 3
+    quant::decode_row(GgmlType::Q3_K, b, 256, y.data());
+    EXPECT_EQ(y[150], 2.0f * -3 * 3);
+    EXPECT_EQ(y[151], 2.0f * -3 * -4);  // u = 0: q = -4
+    EXPECT_EQ(y[143], 0.0f);
+    EXPECT_EQ(y[160], 0.0f);
+    EXPECT_EQ(y[0], 0.0f);
+  }
+  {  // Q2_K {scales[16], qs[64], f16 d, f16 dmin}: sub-block 3 (elements 48..63) sc 6, m 5.
+    uint8_t b[84] = {};
+    b[3] = 0x56;
+    b[16 + 18] = 2 << 2;  // element 50 (h 0, k 1, l 18): bits 2..3 of qs[18] = 2
+    put_f16(b + 80, 0.5f);
+    put_f16(b + 82, 0.25f);
+    quant::decode_row(GgmlType::Q2_K, b, 256, y.data());
+    EXPECT_EQ(y[50], 0.5f * 6 * 2 - 0.25f * 5);
+    EXPECT_EQ(y[49], -0.25f * 5);
+    EXPECT_EQ(y[18], 0.0f);
+    EXPECT_EQ(y[64], 0.0f);
+  }
+  // Q4_K / Q5_K {f16 d, f16 dmin, scales[12], (qh[32],) qs[128]}: sub-block 0 sc 5, m 7 (scales[0],
+  // scales[4]); sub-block 5 sc 42 = 0b10'1010, m 19 = 0b01'0011: low nibbles in scales[9] (0x3A),
+  // high bits in the top of scales[1] (sc) and scales[5] (m). Sub-block 1 reads scales[1] & 63 = 0.
+  for (const bool five : {false, true}) {
+    uint8_t b[176] = {};
+    put_f16(b, 0.25f);
+    put_f16(b + 2, 0.5f);
+    uint8_t* sc = b + 4;
+    sc[0] = 5, sc[4] = 7, sc[9] = 0x3A, sc[1] = 0x80, sc[5] = 0x40;
+    uint8_t* qs = b + (five ? 48 : 16);
+    qs[64 + 10] = 0x90;  // element 170 (sub-block 5: c 2, high nibble, l 10): q = 9
+    qs[3] = 0x0F;        // element 3 (sub-block 0, low nibble): q = 15
+    if (five) b[16 + 10] = 1 << 5;  // element 170: bit 4 in bit 5 of qh[10], q = 25
+    const GgmlType t = five ? GgmlType::Q5_K : GgmlType::Q4_K;
+    quant::decode_row(t, b, 256, y.data());
+    EXPECT_EQ(y[170], 0.25f * 42 * (five ? 25 : 9) - 0.5f * 19) << five;
+    EXPECT_EQ(y[165], -0.5f * 19) << five;
+    EXPECT_EQ(y[3], 0.25f * 5 * 15 - 0.5f * 7) << five;
+    EXPECT_EQ(y[4], -0.5f * 7) << five;
+    EXPECT_EQ(y[40], 0.0f) << five;
+  }
+}
+
+// The code bytes of each K-quant block (everything but the scales): all zero bits is the code
+// qmin of every value, all one bits qmax.
+struct KCodes {
+  GgmlType type;
+  int sub, qmin, qmax;
+  size_t begin, end;
+};
+const KCodes kKCodes[] = {{GgmlType::Q2_K, 16, 0, 3, 16, 80},    {GgmlType::Q3_K, 16, -4, 3, 0, 96},
+                          {GgmlType::Q4_K, 32, 0, 15, 16, 144},  {GgmlType::Q5_K, 32, 0, 31, 16, 176},
+                          {GgmlType::Q6_K, 16, -32, 31, 0, 192}};
+
+// Random rows, some sub-blocks scaled down by up to 1000 or all zero: every decoded value is the
+// nearest point of its sub-block's grid D * q - M (D and M read back by decoding the same block with
+// its codes all qmin, then all qmax), and within one step |D| of the source.
+TEST(GgufBlocks, KQuantsRoundToTheNearestPointOfTheirGrid) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> n(0.0f, 0.05f);
+  std::vector<float> x(1024);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = n(rng) * (i / 16 % 7 == 3 ? 0.001f : i / 16 % 5 == 1 ? 0.1f : 1.0f);
+  for (int i = 512; i < 528; ++i) x[i] = 0.0f;
+  for (int i = 600; i < 632; ++i) x[i] = std::fabs(x[i]) + 0.01f;  // a sub-block above zero
+  for (const KCodes& k : kKCodes) {
+    const char* name = quant::ggml_type_info(k.type).name;
+    const size_t bs = quant::ggml_type_info(k.type).type_size;
+    std::vector<uint8_t> b(quant::ggml_row_bytes(k.type, 1024));
+    quant::encode_row(k.type, x.data(), 1024, b.data());
+    std::vector<float> y(1024), lo(256), hi(256);
+    quant::decode_row(k.type, b.data(), 1024, y.data());
+    for (size_t blk = 0; blk < 4; ++blk) {
+      std::vector<uint8_t> c(b.begin() + blk * bs, b.begin() + (blk + 1) * bs);
+      std::fill(c.begin() + k.begin, c.begin() + k.end, 0x00);
+      quant::decode_row(k.type, c.data(), 256, lo.data());
+      std::fill(c.begin() + k.begin, c.begin() + k.end, 0xFF);
+      quant::decode_row(k.type, c.data(), 256, hi.data());
+      for (int e = 0; e < 256; ++e) {
+        const size_t i = blk * 256 + e;
+        const double D = (static_cast<double>(hi[e]) - lo[e]) / (k.qmax - k.qmin), M = D * k.qmin - lo[e];
+        const double err = std::fabs(static_cast<double>(y[i]) - x[i]);
+        ASSERT_LE(err, std::fabs(D) * 1.01 + 1e-9) << name << " element " << i << " beyond one step";
+        for (int q = k.qmin; q <= k.qmax; ++q)
+          ASSERT_GE(std::fabs(D * q - M - x[i]), err - 1e-4 * std::fabs(D) - 1e-12)
+              << name << " element " << i << ": code " << q << " is nearer";
+      }
+    }
+  }
+}
+
+// More bits, less error: the largest error on the same Gaussian rows falls strictly from q2_k to
+// q6_k.
+TEST(GgufBlocks, KQuantErrorFallsWithTheBits) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n(0.0f, 0.02f);
+  std::vector<float> x(16 * 256);
+  for (auto& v : x) v = n(rng);
+  double prev = 1e30;
+  for (GgmlType t : kKTypes) {
+    const auto y = round_trip(t, x);
+    double worst = 0, sq = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(y[i] - x[i])));
+      sq += static_cast<double>(y[i] - x[i]) * (y[i] - x[i]);
+    }
+    const double rms = std::sqrt(sq / static_cast<double>(x.size()));
+    std::printf("%s: max abs error %.3g, rms %.3g (source sigma 0.02)\n", quant::ggml_type_info(t).name, worst, rms);
+    EXPECT_LT(worst, prev) << quant::ggml_type_info(t).name;
+    prev = worst;
+  }
+}
+
 TEST(GgufBlocks, ZerosAndEqualValuesAreExact) {
   for (GgmlType t : kCodecTypes) {
     const char* name = quant::ggml_type_info(t).name;
     const std::vector<float> zeros(256, 0.0f);
     EXPECT_EQ(round_trip(t, zeros), zeros) << name;
     // All equal: the symmetric grids put the value at their end (-half * d), the asymmetric ones at
-    // their min; 0.75 is exact in f16, so is every scale derived from it by a power of two.
-    const std::vector<float> equal(256, 0.75f);
-    const auto y = round_trip(t, equal);
-    for (float v : y) ASSERT_NEAR(v, 0.75f, t == GgmlType::Q8_0 ? 0.75f / 127 / 2 : 0.0f) << name;
+    // their min; 0.75 is exact in f16, so is every scale derived from it by a power of two. The
+    // K-quants' value is d * sc * q with d = range / (sc * q) rounded to f16: within its rounding.
+    for (float c : {0.75f, -0.5f}) {
+      const std::vector<float> equal(256, c);
+      const auto y = round_trip(t, equal);
+      const float tol = t == GgmlType::Q8_0 ? std::fabs(c) / 127 / 2 : is_k(t) ? std::fabs(c) / 1024 : 0.0f;
+      for (float v : y) ASSERT_NEAR(v, c, tol) << name;
+      if (is_k(t)) {
+        EXPECT_EQ(y, std::vector<float>(256, y[0])) << name << ": one value for all";
+      }
+    }
   }
 }
 
@@ -237,8 +393,11 @@ TEST(GgufBlocks, Refusals) {
   std::vector<uint8_t> b(1024);
   expect_error([&] { quant::encode_row(GgmlType::TQ2_0, x.data(), 128, b.data()); }, core::ErrorKind::InvalidArgument,
                {"128", "tq2_0 block size 256"});
-  expect_error([&] { quant::encode_row(GgmlType::Q4_K, x.data(), 256, b.data()); }, core::ErrorKind::NotSupported,
-               {"q4_k", "no encoder"});
+  expect_error([&] { quant::encode_row(GgmlType::IQ2_XS, x.data(), 256, b.data()); }, core::ErrorKind::NotSupported,
+               {"iq2_xs", "no encoder"});
+  for (GgmlType t : kKTypes)
+    expect_error([&] { quant::encode_row(t, x.data(), 128, b.data()); }, core::ErrorKind::InvalidArgument,
+                 {"128", std::string(quant::ggml_type_info(t).name) + " block size 256"});
   expect_error([&] { quant::decode_row(GgmlType::IQ1_S, b.data(), 256, x.data()); }, core::ErrorKind::NotSupported,
                {"iq1_s", "no decoder"});
   expect_error([&] { quant::encode_row(GgmlType::Q8_0, x.data(), 48, b.data()); }, core::ErrorKind::InvalidArgument,
