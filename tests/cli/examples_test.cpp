@@ -160,8 +160,12 @@ TEST_F(Examples, CommandLinesInTheDocs) {
       if (w.size() < 2 || !dry.count(w[1])) continue;
       SCOPED_TRACE(md.filename().string() + ": " + line);
       std::vector<std::string> args = {"-q"};
-      for (size_t i = 1; i < w.size(); ++i)
-        args.push_back(w[i].rfind("/tmp/", 0) == 0 ? (tmp / w[i].substr(1)).string() : w[i]);
+      // Paths under /tmp (alone or as the value of --set path=/tmp/...) go to the test's folder.
+      for (size_t i = 1; i < w.size(); ++i) {
+        const size_t eq = w[i].find('=');
+        const size_t at = w[i].rfind("/tmp/", 0) == 0 ? 0 : eq != std::string::npos && w[i].compare(eq + 1, 5, "/tmp/") == 0 ? eq + 1 : std::string::npos;
+        args.push_back(at == std::string::npos ? w[i] : w[i].substr(0, at) + (tmp / w[i].substr(at + 1)).string());
+      }
       args.push_back("--dry-run");
       const RunResult r = run_tool(args, tmp.path());
       EXPECT_EQ(r.exit_code, 0) << r.describe();
