@@ -5,9 +5,9 @@
 #
 # The layer order, bottom first:
 #   core       errors, dtypes, tensors, encodings, progress, "did you mean"
-#   io         Env, safetensors, checkpoints, output folders
+#   quant      codecs, packing, GPTQ, mixed precision, GGUF block types (the formats below store them)
+#   io         Env, safetensors, GGUF files, checkpoints, output folders
 #   tokenizer  tokenizer.json
-#   quant      codecs, packing, GPTQ, mixed precision
 #   model      config, family table, logical model view
 #   runtime    the forward: attention, MoE blocks, routing
 #   calib      calibration statistics, stats files, input Grams
@@ -19,7 +19,7 @@
 # Usage: scripts/check_layers.sh [REPO]   (default: the repository holding this script)
 set -euo pipefail
 repo=${1:-$(cd "$(dirname "$0")/.." && pwd)}
-order=(core io tokenizer quant model runtime calib eval passes pipeline)
+order=(core quant io tokenizer model runtime calib eval passes pipeline)
 declare -A rank
 for i in "${!order[@]}"; do rank[${order[$i]}]=$i; done
 
