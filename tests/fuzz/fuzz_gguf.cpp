@@ -42,7 +42,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   try {
     const moe::io::GgufFile g = moe::io::GgufFile::open(moe::io::Env::posix(), scratch_path());
-    check(g.data_offset() <= size);
+    // (A file without tensors may end before its aligned data section: nothing is read there.)
+    if (!g.tensors().empty()) check(g.data_offset() <= size);
     check(g.alignment() > 0 && (g.alignment() & (g.alignment() - 1)) == 0);
     std::vector<std::pair<uint64_t, uint64_t>> spans;
     for (const auto& t : g.tensors()) {
