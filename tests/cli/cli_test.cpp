@@ -127,7 +127,7 @@ TEST_F(Cli, InspectJsonQwen2MoeSharded) {
   EXPECT_EQ(s.at("shared_experts"), 1);
   EXPECT_EQ(s.at("shared_expert_width"), 32);
   EXPECT_EQ(s.at("moe_layers"), 2);
-  EXPECT_EQ(s.at("dense_layers"), json({0}));
+  EXPECT_EQ(s.at("dense_layers"), json::array({0}));
   // embed + lm_head 4096; per layer attention 3072 + qkv biases 64 + norms 64 = 3200;
   // dense layer 0: 3 x 64 x 32 = 6144; MoE layers: router 128 + 4 x 1536 + shared 3072 + gate 32.
   const int64_t total = 4096 + 3 * 3200 + 6144 + 2 * (128 + 6144 + 3072 + 32) + 32;

@@ -550,7 +550,7 @@ TEST(Summary, MixtralAndQwen2Moe) {
   json t = summarize(*q->ckpt, *q->model, true);
   EXPECT_EQ(t["family"], "qwen2_moe");
   EXPECT_EQ(t["layers"], 3);
-  EXPECT_EQ(t["dense_layers"], json({0}));
+  EXPECT_EQ(t["dense_layers"], json::array({0}));
   EXPECT_EQ(t["moe_layers"], 2);
   EXPECT_EQ(t["shared_experts"], 1);
   EXPECT_EQ(t["shared_expert_width"], 32);
