@@ -95,7 +95,7 @@ TEST(Normalizers, NfcAsInQwen2AndGptNeoX) {
 }
 
 TEST(AddedTokens, SpecialTokenInTheMiddle) {
-  const Tokenizer tok = from(byte_level_json(kHelloMerges, false, {added_token(300, "<|endoftext|>")}));
+  const Tokenizer tok = from(byte_level_json(kHelloMerges, false, Json::array({added_token(300, "<|endoftext|>")})));
   EXPECT_EQ(tok.encode("hello<|endoftext|>hello"), (Ids{259, 300, 259}));
   // Text around the token is encoded as separate pieces (the space before it is not merged
   // into " w..." and stays a lone Ġ).
@@ -223,7 +223,7 @@ TEST(TokenizerConfig, AddBosTokenControlsBos) {
   EXPECT_EQ(from(j, {{"add_eos_token", true}, {"eos_token", "</s>"}}).encode("hi"),
             (Ids{1, 263, 2}));
   // A byte-level tokenizer without a template gets BOS from the config alone.
-  Json b = byte_level_json({}, false, {added_token(300, "<bos>")});
+  Json b = byte_level_json({}, false, Json::array({added_token(300, "<bos>")}));
   const Tokenizer t2 = from(b, {{"add_bos_token", true}, {"bos_token", "<bos>"}});
   EXPECT_EQ(t2.encode("a"), (Ids{300, 'a'}));
   EXPECT_EQ(t2.encode("a", false), (Ids{'a'}));
