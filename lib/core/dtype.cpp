@@ -246,19 +246,24 @@ void convert(DType from, const void* src, DType to, void* dst, size_t n) {
 namespace moe::core {
 
 int64_t first_non_finite(DType t, const void* src, size_t n) {
-  auto scan = [&](auto* p, auto mask, auto inf_or_nan) -> int64_t {
-    for (size_t i = 0; i < n; ++i)
-      if ((p[i] & mask) == inf_or_nan) return static_cast<int64_t>(i);
+  // Element by element through memcpy: `src` need not be aligned to the element size (a writer's
+  // chunk may start anywhere in a tensor); the copy compiles to a plain load.
+  const auto* bytes = static_cast<const unsigned char*>(src);
+  auto scan = [&](auto mask, auto inf_or_nan) -> int64_t {
+    decltype(mask) v;
+    for (size_t i = 0; i < n; ++i) {
+      std::memcpy(&v, bytes + i * sizeof v, sizeof v);
+      if ((v & mask) == inf_or_nan) return static_cast<int64_t>(i);
+    }
     return -1;
   };
   switch (t) {
-    case DType::F32: return scan(static_cast<const uint32_t*>(src), uint32_t{0x7F800000}, uint32_t{0x7F800000});
-    case DType::BF16: return scan(static_cast<const uint16_t*>(src), uint16_t{0x7F80}, uint16_t{0x7F80});
-    case DType::F16: return scan(static_cast<const uint16_t*>(src), uint16_t{0x7C00}, uint16_t{0x7C00});
-    case DType::F64:
-      return scan(static_cast<const uint64_t*>(src), uint64_t{0x7FF0000000000000ull}, uint64_t{0x7FF0000000000000ull});
-    case DType::F8_E4M3: return scan(static_cast<const uint8_t*>(src), uint8_t{0x7F}, uint8_t{0x7F});  // e4m3fn: only NaN
-    case DType::F8_E5M2: return scan(static_cast<const uint8_t*>(src), uint8_t{0x7C}, uint8_t{0x7C});
+    case DType::F32: return scan(uint32_t{0x7F800000}, uint32_t{0x7F800000});
+    case DType::BF16: return scan(uint16_t{0x7F80}, uint16_t{0x7F80});
+    case DType::F16: return scan(uint16_t{0x7C00}, uint16_t{0x7C00});
+    case DType::F64: return scan(uint64_t{0x7FF0000000000000ull}, uint64_t{0x7FF0000000000000ull});
+    case DType::F8_E4M3: return scan(uint8_t{0x7F}, uint8_t{0x7F});  // e4m3fn: only NaN
+    case DType::F8_E5M2: return scan(uint8_t{0x7C}, uint8_t{0x7C});
     default: return -1;
   }
 }
