@@ -56,10 +56,12 @@ phase "build, sanitizers (+ fuzz targets)"
 # sanitizer stage's per-test limit); they run in Release, and the code they reach is reached under
 # the sanitizers by the other tests (the shipped recipes are dry-run there by cli.Examples).
 default_exclude='Factorize\.EachMethodRunsAndSvdllmBeatsSvd|Quantize\.GptqBeatsRtnAtLowBits|Recipes\.EveryShippedRecipeRuns'
-echo "== every parsing and decoding test label under ASan+UBSan [${SECONDS}s]"
+# The pipeline label (recipes end to end, the encodings matrix: about 220 s in Release) is not yet
+# run here: it has not been through the sanitizer build and would add about half an hour.
+echo "== parsing and decoding test labels under ASan+UBSan [${SECONDS}s]"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build-san --output-on-failure -j2 --timeout 900 \
-  -L '^(core|io|model|cli|tokenizer|passes|quant|runtime|calib|pipeline)$' -E "${SAN_EXCLUDE:-$default_exclude}"
+  -L '^(core|io|model|cli|tokenizer|passes|quant|runtime|calib)$' -E "${SAN_EXCLUDE:-$default_exclude}"
 phase "tests, sanitizers"
 
 if [ "${FUZZ_SECONDS:-20}" != "0" ]; then
