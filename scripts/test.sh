@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up (scripts/setup.sh: the Release -O2 build in build/), then every test through CTest; then
 # one clang build with AddressSanitizer + UndefinedBehaviorSanitizer (build-san/, -O0: the shortest
-# build) that runs every test label that parses or decodes input again, and the libFuzzer targets
+# build) that runs the parsing and decoding test labels again (all but pipeline), and the libFuzzer targets
 # (the same build: the library carries libFuzzer's coverage hooks) for FUZZ_SECONDS each (default
 # 20; 0 skips fuzzing). Prints each phase's time at the end.
 #
