@@ -53,10 +53,8 @@ int tick_step(double cell, double min_px) {
       if (cell * base * m >= min_px) return base * m;
 }
 
-// "Nice" axis ticks for [0, vmax].
-std::vector<double> nice_ticks(double vmax, int target = 5) {
-  if (!(vmax > 0)) return {0.0};
-  const double raw = vmax / target;
+// The smallest 1, 2, 2.5, 5 or 10 times a power of ten at or above `raw` (a tick step).
+double nice_step(double raw) {
   const double mag = std::pow(10.0, std::floor(std::log10(raw)));
   double step = mag;
   for (double m : {1.0, 2.0, 2.5, 5.0, 10.0})
@@ -64,6 +62,13 @@ std::vector<double> nice_ticks(double vmax, int target = 5) {
       step = mag * m;
       break;
     }
+  return step;
+}
+
+// "Nice" axis ticks for [0, vmax].
+std::vector<double> nice_ticks(double vmax, int target = 5) {
+  if (!(vmax > 0)) return {0.0};
+  const double step = nice_step(vmax / target);
   std::vector<double> t;
   for (double v = 0; v <= vmax * 1.0001; v += step) t.push_back(v);
   return t;
@@ -72,14 +77,7 @@ std::vector<double> nice_ticks(double vmax, int target = 5) {
 // "Nice" axis ticks covering [lo, hi] (lo >= 0): the first tick at or below lo.
 std::vector<double> nice_range_ticks(double lo, double hi, int target = 5) {
   if (!(hi > lo)) return nice_ticks(hi, target);
-  const double raw = (hi - lo) / target;
-  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
-  double step = mag;
-  for (double m : {1.0, 2.0, 2.5, 5.0, 10.0})
-    if (mag * m >= raw) {
-      step = mag * m;
-      break;
-    }
+  const double step = nice_step((hi - lo) / target);
   std::vector<double> t;
   for (double v = std::floor(lo / step) * step; v <= hi + step * 1e-3; v += step) t.push_back(v);
   if (t.back() < hi) t.push_back(t.back() + step);
