@@ -363,16 +363,22 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       for (auto& c : cells) {
         if (c.needs_stats) c.recipe["calibration"]["stats"] = stats_path.string();
         const fs::path cdir = dir / "cells" / c.name;
+        // The key names the folder's own files relative to it: a sweep folder moved or copied
+        // elsewhere keeps its cells.
+        json key_recipe = c.recipe;
+        key_recipe["output"]["path"] = (fs::path("cells") / c.name / "model").string();
+        if (c.needs_stats) key_recipe["calibration"]["stats"] = "stats.safetensors";
         const json key = {{"model", identity},
                           {"text_sha256", calib::sha256_hex(text_body)},
                           {"eval_sha256", calib::sha256_hex(heldout_body)},
                           {"stats", stats_sha},
-                          {"recipe", c.recipe}};
+                          {"recipe", key_recipe}};
         const json old = read_json_or_null(cdir / "result.json");
         json row;
         if (!old.is_null() && old.value("key", json()) == key && old.contains("row") &&
             fs::exists(cdir / "model" / "moe_tool_report.json")) {
           row = old["row"];
+          row["output"] = (cdir / "model").string();
           row["cached"] = true;
           if (!flags.quiet) std::fprintf(stderr, "sweep: %s cached\n", c.name.c_str());
         } else {

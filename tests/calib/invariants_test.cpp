@@ -21,9 +21,9 @@ namespace {
 using core::ErrorKind;
 using moe::test::expect_error;
 
-const char* kQwen3 = "data/models/synthetic/qwen3moe";
-const char* kOlmoe = "data/models/synthetic/olmoe";
-const char* kSparse = "data/models/synthetic/qwen2moe-sparse";
+const char* kRelQwen3 = "data/models/synthetic/qwen3moe";
+const char* kRelOlmoe = "data/models/synthetic/olmoe";
+const char* kRelSparse = "data/models/synthetic/qwen2moe-sparse";
 
 CalibrateOptions small(int64_t windows = 4, int64_t ctx = 64) {
   CalibrateOptions o;
@@ -66,19 +66,19 @@ void check_invariants(const Stats& s, int64_t k, bool renormalized) {
 }
 
 TEST(CalibInvariants, SumsSymmetryAndDiagonals) {
-  for (const char* m : {kQwen3, kOlmoe, kSparse}) {
+  for (const char* m : {kRelQwen3, kRelOlmoe, kRelSparse}) {
     SCOPED_TRACE(m);
     auto fx = load_fixture(source_dir() / m);
     TempDir tmp;
     auto r = calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, small(), tmp / "s.stats");
-    const bool renorm = std::string(m) != kOlmoe;  // olmoe: norm_topk_prob false
+    const bool renorm = std::string(m) != kRelOlmoe;  // olmoe: norm_topk_prob false
     check_invariants(r.stats, fx->model.dims().top_k, renorm);
     check_invariants(Stats::load(tmp / "s.stats"), fx->model.dims().top_k, renorm);
   }
 }
 
 TEST(CalibInvariants, MetadataRecordsTheRun) {
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   auto o = small(3, 32);
   o.sample = Sample::Random;
@@ -102,7 +102,7 @@ TEST(CalibInvariants, MetadataRecordsTheRun) {
 }
 
 TEST(CalibInvariants, SaveOfLoadIsByteIdentical) {
-  auto fx = load_fixture(source_dir() / kSparse);
+  auto fx = load_fixture(source_dir() / kRelSparse);
   TempDir tmp;
   auto o = small();
   o.gram = true;
@@ -119,7 +119,7 @@ TEST(CalibInvariants, SaveOfLoadIsByteIdentical) {
 }
 
 TEST(CalibInvariants, BatchSizeChangesOnlyLastBits) {
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   auto o = small(6, 32);
   o.batch_windows = 1;
@@ -137,7 +137,7 @@ TEST(CalibInvariants, BatchSizeChangesOnlyLastBits) {
 }
 
 TEST(CalibInvariants, RoutedOnlySkipsAllTokenStatistics) {
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   auto o = small();
   o.routed_only = true;
@@ -149,7 +149,7 @@ TEST(CalibInvariants, RoutedOnlySkipsAllTokenStatistics) {
 }
 
 TEST(CalibErrors, MissingGramNamesTheFlag) {
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, small(), tmp / "s.stats");
   const Stats s = Stats::load(tmp / "s.stats");
@@ -160,12 +160,12 @@ TEST(CalibErrors, MissingGramNamesTheFlag) {
 }
 
 TEST(CalibErrors, StatsOfAnotherModelNameBothFingerprints) {
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, small(), tmp / "s.stats");
   const Stats s = Stats::load(tmp / "s.stats");
   EXPECT_NO_THROW(s.check_model(fx->ckpt.fingerprint(), tmp / "s.stats"));
-  auto other = io::Checkpoint::open(io::Env::posix(), source_dir() / kOlmoe);
+  auto other = io::Checkpoint::open(io::Env::posix(), source_dir() / kRelOlmoe);
   const std::string msg = expect_error([&] { s.check_model(other.fingerprint(), tmp / "s.stats"); },
                                        ErrorKind::InvalidArgument,
                                        {fx->ckpt.fingerprint(), other.fingerprint(), "moe-tool calibrate"});
@@ -173,7 +173,7 @@ TEST(CalibErrors, StatsOfAnotherModelNameBothFingerprints) {
 }
 
 TEST(CalibErrors, BadOptionsNameTheFlag) {
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   const int64_t available = static_cast<int64_t>(fx->tokens.size()) / 64;
   expect_error([&] { plan_calibration(fx->model, static_cast<int64_t>(fx->tokens.size()), small(available + 1)); },
@@ -188,11 +188,11 @@ TEST(CalibErrors, BadOptionsNameTheFlag) {
 }
 
 TEST(CalibErrors, NotAStatsFile) {
-  expect_error([&] { Stats::load(source_dir() / kQwen3 / "model.safetensors"); }, ErrorKind::InvalidArgument,
+  expect_error([&] { Stats::load(source_dir() / kRelQwen3 / "model.safetensors"); }, ErrorKind::InvalidArgument,
                {"model.safetensors", "not a moe-tool stats file", "moe-tool calibrate"});
   expect_error([&] { Stats::load("/nonexistent/x.stats"); }, std::nullopt, {"/nonexistent/x.stats"});
   // A truncated stats file is a corruption error naming the file.
-  auto fx = load_fixture(source_dir() / kQwen3);
+  auto fx = load_fixture(source_dir() / kRelQwen3);
   TempDir tmp;
   calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, small(), tmp / "s.stats");
   const std::string bytes = read_file(tmp / "s.stats");
@@ -251,7 +251,7 @@ TEST(CalibParts, StreamingWriterChecksCompleteness) {
 }
 
 TEST(CalibReport, ShowAndPlot) {
-  auto fx = load_fixture(source_dir() / kSparse);
+  auto fx = load_fixture(source_dir() / kRelSparse);
   TempDir tmp;
   auto r = calibrate(fx->ckpt, fx->model, fx->tokens, fx->text_sha, small(), tmp / "s.stats");
   const Stats s = Stats::load(tmp / "s.stats", false);

@@ -39,14 +39,6 @@ void expect_user_error(const RunResult& r, std::initializer_list<std::string> pa
   for (const auto& p : parts) EXPECT_NE(r.err.find(p), std::string::npos) << "'" << p << "' not in: " << r.err;
 }
 
-// Temporary entries (".<name>.moe-tool-tmp-...") left in a folder.
-std::vector<std::string> temp_leftovers(const fs::path& dir) {
-  std::vector<std::string> v;
-  for (const auto& n : list_dir(dir))
-    if (n.find("moe-tool-tmp") != std::string::npos) v.push_back(n);
-  return v;
-}
-
 class Cli : public ::testing::Test {
  protected:
   TempDir tmp{"moe-cli"};

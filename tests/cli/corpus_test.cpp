@@ -62,13 +62,6 @@ std::map<std::string, std::string> snapshot(const fs::path& dir) {
   return m;
 }
 
-std::vector<std::string> temp_leftovers(const fs::path& dir) {
-  std::vector<std::string> v;
-  for (const auto& n : list_dir(dir))
-    if (n.find("moe-tool-tmp") != std::string::npos) v.push_back(n);
-  return v;
-}
-
 class CorpusCase : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CorpusCase, FailsCleanlyWithOneLine) {

@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 
+#include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
 
@@ -27,7 +28,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
 
 // The documents whose examples are checked.
 std::vector<fs::path> documents() {

@@ -14,6 +14,7 @@
 #include "io/env.h"
 #include "io/gguf.h"
 #include "model/model.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -24,7 +25,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
 
 const json& goldens() {
   static const json g = read_json(kSrc / "data/golden/gguf.json");

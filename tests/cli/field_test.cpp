@@ -12,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "io/checkpoint.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
@@ -25,7 +26,6 @@ using nlohmann::json;
 namespace fs = std::filesystem;
 
 const fs::path kSource = fs::path(MOE_SOURCE_DIR);
-const std::string kCalib = (kSource / "data/text/calib.txt").string();
 
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }

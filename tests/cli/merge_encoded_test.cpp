@@ -10,6 +10,7 @@
 #include "core/dtype.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -20,10 +21,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const std::string kCalib = (kSrc / "data/text/calib.txt").string();
-const std::string kHeld = (kSrc / "data/text/heldout.txt").string();
 
 // The encoded inputs, written once for this file.
 TempDir& inputs() {
@@ -93,7 +90,7 @@ void expect_merged_dense(const fs::path& out, core::DType dtype, bool all_dense 
     ASSERT_TRUE(layer.moe);
     EXPECT_EQ(layer.moe->num_experts(), 6);
   }
-  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "32", "--max-windows", "4",
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeldout, "--ctx", "32", "--max-windows", "4",
                                  "--against", kModel.string(), "--json"});
   ASSERT_EQ(ev.exit_code, 0) << ev.describe();
   const double kl = json::parse(ev.out).at("kl_mean").get<double>();

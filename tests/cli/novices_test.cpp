@@ -13,6 +13,7 @@
 #include "io/env.h"
 #include "model/model.h"
 #include "runtime/forward.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 
 namespace moe::test {
@@ -21,9 +22,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const fs::path kCalib = kSrc / "data/text/calib.txt";
 
 RunResult prune_novices(const fs::path& model, const fs::path& out, const std::vector<std::string>& more = {}) {
   std::vector<std::string> a = {"-q", "prune", model.string(), out.string(), "--method", "frequency", "--keep", "6",

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "support/paths.h"
 #include "support/ckpt_util.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
@@ -20,10 +21,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const fs::path kLlama = kSrc / "data/models/llama-tiny";
-const fs::path kCalib = kSrc / "data/text/calib.txt";
 
 void expect_user_error(const RunResult& r, std::initializer_list<std::string> parts) {
   EXPECT_EQ(r.exit_code, 2) << r.describe();

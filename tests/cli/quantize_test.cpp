@@ -13,6 +13,7 @@
 #include "model/model.h"
 #include "quant/codec.h"
 #include "runtime/forward.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
@@ -24,10 +25,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const std::string kCalib = (kSrc / "data/text/calib.txt").string();
-const std::string kHeld = (kSrc / "data/text/heldout.txt").string();
 const std::string kExpert = "model.layers.2.block_sparse_moe.experts.5.w2.weight";
 
 
@@ -118,7 +115,7 @@ TEST(Quantize, MaterializedCheckpointIsTheDequantization) {
 TEST(Quantize, EveryCommandReadsTheQuantizedCheckpoint) {
   const fs::path& out = rtn_model();
   TempDir tmp;
-  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "4",
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "4",
                                  "--against", kModel.string(), "--json"});
   ASSERT_EQ(ev.exit_code, 0) << ev.describe();
   const json e = json::parse(ev.out);
@@ -136,13 +133,14 @@ TEST(Quantize, EveryCommandReadsTheQuantizedCheckpoint) {
 
 // GPTQ against RTN at 3 and 2 bits, judged by KL on held-out text: GPTQ must win clearly.
 TEST(Quantize, GptqBeatsRtnAtLowBits) {
+  MOE_SKIP_UNDER_SANITIZERS();
   TempDir tmp;
   auto kl = [&](const std::string& method, const std::string& codec) {
     const fs::path o = tmp / (method + codec);
     const RunResult r = run_tool({"-q", "quantize", kModel.string(), o.string(), "--method", method, "--codec", codec,
                                   "--text", kCalib, "--ctx", "128", "--windows", "32"});
     EXPECT_EQ(r.exit_code, 0) << r.describe();
-    const RunResult ev = run_tool({"-q", "eval", o.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "16",
+    const RunResult ev = run_tool({"-q", "eval", o.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "16",
                                    "--against", kModel.string(), "--json"});
     EXPECT_EQ(ev.exit_code, 0) << ev.describe();
     return ev.exit_code == 0 ? json::parse(ev.out).at("kl_mean").get<double>() : 1e9;
@@ -186,7 +184,7 @@ TEST(Quantize, ExpertWithoutRoutedTokensUsesTheAllTokenHessian) {
     }
   }
   EXPECT_EQ(seen, 3);
-  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "2", "--json"});
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "2", "--json"});
   EXPECT_EQ(ev.exit_code, 0) << ev.describe();
 }
 
@@ -209,7 +207,7 @@ TEST(Quantize, ClassesAndTensorTypeOverrides) {
   const json rep = read_json(out / "moe_tool_report.json");
   ASSERT_TRUE(rep.contains("globals")) << rep.dump();
   EXPECT_EQ(rep.at("globals").at(0).at("matrices").at(0).at("matrix"), "lm_head");
-  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "2", "--json"});
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "2", "--json"});
   EXPECT_EQ(ev.exit_code, 0) << ev.describe();
 }
 
@@ -253,7 +251,7 @@ TEST(Quantize, MoteLayoutUpcycleThenTernaryExperts) {
   const std::string shared = "model.layers.1.mlp.shared_expert.down_proj.weight";
   ASSERT_TRUE(after.count(shared));
   EXPECT_EQ(after.at(shared), before.at(shared));  // the shared expert is bit for bit the dense MLP
-  const RunResult ev = run_tool({"-q", "eval", q.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "4",
+  const RunResult ev = run_tool({"-q", "eval", q.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "4",
                                  "--against", up.string(), "--json"});
   ASSERT_EQ(ev.exit_code, 0) << ev.describe();
   EXPECT_LT(json::parse(ev.out).at("kl_mean").get<double>(), 0.05);

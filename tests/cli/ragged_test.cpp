@@ -11,6 +11,7 @@
 #include "model/model.h"
 #include "passes/experts.h"
 #include "runtime/forward.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 
 namespace moe::test {
@@ -19,9 +20,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const fs::path kCalib = kSrc / "data/text/calib.txt";
 
 std::vector<std::string> ragged_args(const fs::path& out) {
   return {"-q", "prune", kModel.string(), out.string(), "--method", "reap", "--keep-ratio", "0.6", "--no-uniform",

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "support/paths.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -27,10 +28,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const fs::path kCalib = kSrc / "data/text/calib.txt";
-const fs::path kHeldout = kSrc / "data/text/heldout.txt";
 const std::string kW1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight";
 
 // A failure is exit 2 and exactly one line on stderr naming every part, nothing on stdout.

@@ -11,6 +11,7 @@
 #include "model/model.h"
 #include "pipeline/calibration_text.h"
 #include "runtime/forward.h"
+#include "support/paths.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -21,9 +22,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const fs::path kCalib = kSrc / "data/text/calib.txt";
 
 // prune --method search on `model` with 6 windows of 32 tokens (4 search, 2 held out).
 RunResult search(const fs::path& model, const fs::path& out, int keep, const std::vector<std::string>& more = {}) {

@@ -15,6 +15,7 @@
 #include "pipeline/model_dictionary.h"
 #include "quant/ternary_dict.h"
 #include "runtime/forward.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
@@ -25,10 +26,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const std::string kCalib = (kSrc / "data/text/calib.txt").string();
-const std::string kHeld = (kSrc / "data/text/heldout.txt").string();
 const std::string kExpert = "model.layers.2.block_sparse_moe.experts.5.w2.weight";
 
 
@@ -150,7 +147,7 @@ void expect_lossless(const std::string& scope) {
 
   // eval: the same perplexity, bit for bit, and zero KL against the ternary checkpoint.
   auto eval = [&](const fs::path& m, bool against) {
-    std::vector<std::string> a = {"-q", "eval", m.string(), "--text", kHeld, "--ctx", "128", "--max-windows", "3", "--json"};
+    std::vector<std::string> a = {"-q", "eval", m.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "3", "--json"};
     if (against) a.insert(a.end(), {"--against", quantized("ternary").string()});
     const RunResult r = run_tool(a);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
@@ -262,7 +259,7 @@ TEST(Sub1bit, BadInputFailsCleanly) {
     return d;
   };
   const fs::path beyond = broken("beyond", ".codes", 0, std::string("\xff\xff", 2));
-  const RunResult e1 = run_tool({"eval", beyond.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"});
+  const RunResult e1 = run_tool({"eval", beyond.string(), "--text", kHeldout, "--ctx", "64", "--max-windows", "1"});
   expect_clean_failure(e1, "beyond the dictionary");
   EXPECT_NE(e1.err.find(kExpert), std::string::npos) << e1.describe();
   // Row 0's code count raised to 255: the counts no longer sum to the stream's length.
@@ -272,7 +269,7 @@ TEST(Sub1bit, BadInputFailsCleanly) {
   EXPECT_NE(e2.err.find(kExpert), std::string::npos) << e2.describe();
   // A NaN row level: the forward refuses it, naming the file and the encoded weight (not a part).
   const fs::path nan_level = broken("nan-level", ".levels", 0, std::string("\x00\x7e", 2));  // f16 NaN
-  const RunResult e3 = run_tool({"eval", nan_level.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"});
+  const RunResult e3 = run_tool({"eval", nan_level.string(), "--text", kHeldout, "--ctx", "64", "--max-windows", "1"});
   expect_clean_failure(e3, "non-finite value nan");
   EXPECT_NE(e3.err.find(nan_level.string() + ": tensor " + kExpert + ":"), std::string::npos) << e3.describe();
   // A layer's dictionary is stored under its first user's name, the model's under its own; entry
@@ -282,7 +279,7 @@ TEST(Sub1bit, BadInputFailsCleanly) {
     const fs::path cap = tmp / ("cap-" + scope);
     copy_folder(quantized(scope), cap);
     patch_tensor_bytes(cap / "model.safetensors", tensor, 2, std::string("\xf0\xff", 2));
-    expect_clean_failure(run_tool({"eval", cap.string(), "--text", kHeld, "--ctx", "64", "--max-windows", "1"}),
+    expect_clean_failure(run_tool({"eval", cap.string(), "--text", kHeldout, "--ctx", "64", "--max-windows", "1"}),
                          "part \"dictionary\": entry 1 expands codeword 65519, not created");
   }
 }

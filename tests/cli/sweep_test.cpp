@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -17,10 +18,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kModel = kSrc / "data/models/mixtral-tiny";
-const std::string kCalib = (kSrc / "data/text/calib.txt").string();
-const std::string kHeldout = (kSrc / "data/text/heldout.txt").string();
 
 std::vector<std::string> sweep_args(const fs::path& out) {
   return {"-q", "sweep", kModel.string(), "--text", kCalib, "--eval", kHeldout, "--methods", "prune:reap,quantize:rtn",
@@ -148,8 +145,14 @@ TEST(Sweep, ChangedParametersRecomputeOnlyTheirCells) {
     if (a == "quantize=int4,int2") a = "quantize=int4,int3";
   const RunResult r = run_tool(args);
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  for (const auto& c : json::parse(r.out).at("cells"))
+  const json report = json::parse(r.out);  // a range-for over .at() of a temporary reads freed memory
+  ASSERT_EQ(report.at("cells").size(), 4u);
+  for (const auto& c : report.at("cells")) {
+    // The copied folder keeps its cells (the cache key names the folder's files relative to it),
+    // and a cached row points into the folder it is read from.
     EXPECT_EQ(c.at("cached").get<bool>(), c.at("name") != "quantize-rtn-int3") << c.at("name");
+    EXPECT_EQ(c.at("output").get<std::string>(), (out / "cells" / c.at("name").get<std::string>() / "model").string());
+  }
 }
 
 TEST(Sweep, GateExitsThreeWhenNoCellIsWithinIt) {
@@ -166,7 +169,9 @@ TEST(Sweep, GateExitsThreeWhenNoCellIsWithinIt) {
   args.back() = "1.2";
   r = run_tool(args);
   EXPECT_EQ(r.exit_code, 0) << r.describe();
-  for (const auto& c : json::parse(r.out).at("cells"))
+  const json report = json::parse(r.out);
+  ASSERT_EQ(report.at("cells").size(), 4u);
+  for (const auto& c : report.at("cells"))
     EXPECT_EQ(c.at("gate_passed").get<bool>(), c.at("ppl_ratio").get<double>() <= 1.2) << c.at("name");
 }
 

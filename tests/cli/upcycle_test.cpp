@@ -12,6 +12,7 @@
 #include "model/model.h"
 #include "runtime/forward.h"
 #include "tokenizer/tokenizer.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/ckpt_util.h"
 #include "support/run.h"
@@ -23,8 +24,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const fs::path kLlama = kSrc / "data/models/llama-tiny";
 const fs::path kSynth = kSrc / "data/models/synthetic";
 
 

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -24,8 +25,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-const std::string kCalib = (kSrc / "data/text/calib.txt").string();
 
 TempDir& dir() {
   static TempDir tmp{"moe-encodings-matrix"};

@@ -12,6 +12,7 @@
 #include "core/tensor.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
+#include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -22,9 +23,7 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
 const fs::path kMixtral = kSrc / "data/models/mixtral-tiny";
-const std::string kCalib = (kSrc / "data/text/calib.txt").string();
 
 class Encodings : public ::testing::Test {
  protected:

@@ -12,9 +12,12 @@
 #include "quant/registry.h"
 #include "quant/ternary.h"
 #include "support/expect_error.h"
+#include "support/ckpt_util.h"
 
 namespace moe::quant {
 namespace {
+
+using test::dequant;
 
 using core::DType;
 using core::ErrorKind;
@@ -25,12 +28,6 @@ std::vector<float> randn(int64_t n, uint32_t seed, float sigma = 0.05f) {
   std::normal_distribution<float> d(0.0f, sigma);
   std::vector<float> v(static_cast<size_t>(n));
   for (auto& x : v) x = d(g);
-  return v;
-}
-
-std::vector<float> dequant(const core::Encoding& e) {
-  std::vector<float> v(static_cast<size_t>(e.rows() * e.cols()));
-  e.dequantize_rows(0, e.rows(), v.data());
   return v;
 }
 

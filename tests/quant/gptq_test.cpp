@@ -15,17 +15,14 @@
 #include "quant/codec.h"
 #include "quant/gptq.h"
 #include "support/expect_error.h"
+#include "support/ckpt_util.h"
 
 namespace moe::quant {
 namespace {
 
-using nlohmann::json;
+using test::dequant;
 
-std::vector<float> dequant(const core::Encoding& e) {
-  std::vector<float> v(static_cast<size_t>(e.rows() * e.cols()));
-  e.dequantize_rows(0, e.rows(), v.data());
-  return v;
-}
+using nlohmann::json;
 
 json golden() {
   const std::filesystem::path path = std::filesystem::path(MOE_SOURCE_DIR) / "data/golden/quant.json";

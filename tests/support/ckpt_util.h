@@ -4,11 +4,20 @@
 #include <filesystem>
 #include <map>
 #include <string>
+#include <vector>
 
+#include "core/encoding.h"
 #include "core/tensor.h"
 #include "support/synth.h"
 
 namespace moe::test {
+
+// Every element of an encoded [rows, cols] matrix, decoded to f32 in row-major order.
+inline std::vector<float> dequant(const core::Encoding& e) {
+  std::vector<float> v(static_cast<size_t>(e.rows() * e.cols()));
+  e.dequantize_rows(0, e.rows(), v.data());
+  return v;
+}
 
 struct TensorBytes {
   core::DType dtype;

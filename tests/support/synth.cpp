@@ -573,4 +573,11 @@ std::vector<std::string> list_dir(const fs::path& dir) {
   return v;
 }
 
+std::vector<std::string> temp_leftovers(const fs::path& dir) {
+  std::vector<std::string> v;
+  for (const auto& n : list_dir(dir))
+    if (n.find("moe-tool-tmp") != std::string::npos) v.push_back(n);
+  return v;
+}
+
 }  // namespace moe::test

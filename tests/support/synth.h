@@ -123,5 +123,7 @@ class TempDir {
 
 // Entries of `dir` (file names), sorted.
 std::vector<std::string> list_dir(const fs::path& dir);
+// Temporary entries (".<name>.moe-tool-tmp-...") left in a folder.
+std::vector<std::string> temp_leftovers(const fs::path& dir);
 
 }  // namespace moe::test
