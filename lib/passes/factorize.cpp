@@ -22,7 +22,7 @@ using runtime::MatrixRM;
 
 namespace {
 
-enum class Method { Svd, Asvd, Svdllm, Delta, Latent };
+enum class FactorizeMethod { Svd, Asvd, Svdllm, Delta, Latent };
 enum class Rule { Ratio, Rank, Energy, Budget };
 enum class Scope { Model, Layer };
 
@@ -61,8 +61,8 @@ class Factorize final : public pipeline::Pass {
   Factorize(const json& spec, const std::string& method, const std::string& path) : method_name_(method) {
     Options o(spec, path, "factorize/" + method);
     o.allow({"pass", "method"});
-    method_ = method == "svd" ? Method::Svd : method == "asvd" ? Method::Asvd : method == "svdllm" ? Method::Svdllm
-              : method == "delta" ? Method::Delta : Method::Latent;
+    method_ = method == "svd" ? FactorizeMethod::Svd : method == "asvd" ? FactorizeMethod::Asvd : method == "svdllm" ? FactorizeMethod::Svdllm
+              : method == "delta" ? FactorizeMethod::Delta : FactorizeMethod::Latent;
     const auto ratio = o.opt_number("ratio", 0, 1, true);
     const auto rank = o.opt_int("rank", 1, int64_t{1} << 40);
     const auto energy = o.opt_number("energy", 0, 1, true);
@@ -71,9 +71,9 @@ class Factorize final : public pipeline::Pass {
     targets_key_ = o.key_path("targets");
     // Method-specific keys are read (and so allowed) only for their methods: elsewhere they are
     // unknown keys, with the method's allowed list.
-    if (method_ == Method::Asvd) alpha_ = o.get_number("alpha", 0.5, 0, 10);
-    if (method_ != Method::Svd) damp_ = o.get_number("damp", 0.01, 0, 10);
-    if (method_ == Method::Delta) shared_v_ = o.get_bool("shared_v", false);
+    if (method_ == FactorizeMethod::Asvd) alpha_ = o.get_number("alpha", 0.5, 0, 10);
+    if (method_ != FactorizeMethod::Svd) damp_ = o.get_number("damp", 0.01, 0, 10);
+    if (method_ == FactorizeMethod::Delta) shared_v_ = o.get_bool("shared_v", false);
     const bool scope_given = o.has("budget_scope");
     scope_ = o.get_enum("budget_scope", "model", {"model", "layer"}) == "layer" ? Scope::Layer : Scope::Model;
     targets_ = {"experts"};
@@ -129,15 +129,15 @@ class Factorize final : public pipeline::Pass {
     const char* rule = rule_ == Rule::Ratio ? "ratio" : rule_ == Rule::Rank ? "rank" : rule_ == Rule::Energy ? "energy" : "budget";
     if (rule_ == Rule::Rank) p[rule] = static_cast<int64_t>(value_);
     else p[rule] = value_;
-    if (method_ == Method::Asvd) p["alpha"] = alpha_;
-    if (method_ != Method::Svd) p["damp"] = damp_;
-    if (method_ == Method::Delta) p["shared_v"] = shared_v_;
+    if (method_ == FactorizeMethod::Asvd) p["alpha"] = alpha_;
+    if (method_ != FactorizeMethod::Svd) p["damp"] = damp_;
+    if (method_ == FactorizeMethod::Delta) p["shared_v"] = shared_v_;
     if (rule_ == Rule::Budget) p["budget_scope"] = scope_ == Scope::Model ? "model" : "layer";
     return p;
   }
   pipeline::Requirements requirements() const override {
     pipeline::Requirements r;
-    r.input_grams = method_ != Method::Svd;
+    r.input_grams = method_ != FactorizeMethod::Svd;
     r.plan_sweep = rule_ == Rule::Budget && scope_ == Scope::Model;
     return r;
   }
@@ -173,7 +173,7 @@ class Factorize final : public pipeline::Pass {
                            "); nothing to factorize there");
     if (targets("dense") && !dense)
       throw Error::invalid(targets_key_ + ": dense: the model has no dense (non-MoE) layers; nothing to factorize there");
-    const bool single = method_ == Method::Svd || method_ == Method::Asvd || method_ == Method::Svdllm;
+    const bool single = method_ == FactorizeMethod::Svd || method_ == FactorizeMethod::Asvd || method_ == FactorizeMethod::Svdllm;
     if (single && rule_ == Rule::Ratio && value_ >= 1.0)
       throw Error::invalid(rule_key_ + ": 1 keeps every parameter, and a rank-k factorization of an [m, n] matrix stores "
                            "k(m + n), less than m·n only for k < m·n/(m + n), which ratio 1 never allows: every matrix "
@@ -328,11 +328,11 @@ class Factorize final : public pipeline::Pass {
       if (mean > 0) damped_.back().diagonal().array() += damp_ * mean;
       return &damped_.back();
     };
-    if (L.moe && g && method_ != Method::Svd && g->expert_in.size() != L.moe->experts.size())
+    if (L.moe && g && method_ != FactorizeMethod::Svd && g->expert_in.size() != L.moe->experts.size())
       throw Error::internal("factorize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
                             std::to_string(L.moe->experts.size()));
     if (L.moe && targets("experts")) {
-      const bool group = method_ == Method::Delta || method_ == Method::Latent;
+      const bool group = method_ == FactorizeMethod::Delta || method_ == FactorizeMethod::Latent;
       for (size_t e = 0; e < L.moe->experts.size(); ++e) {
         const bool gs = g && e < g->expert_in.size();
         add_mlp(L.moe->experts[e], "expert " + std::to_string(e), gs ? have(g->expert_in[e]) : nullptr,
@@ -351,8 +351,8 @@ class Factorize final : public pipeline::Pass {
         const calib::MatrixD* gram = g ? have(std::string(role) == "o_proj" ? g->attn_o : g->attn_qkv) : nullptr;
         singles.push_back({&it->second, std::string("attention ") + role, gram, g ? g->tokens : 0, 0});
       }
-    if ((method_ == Method::Delta || method_ == Method::Latent) && singles.size())
-      notes_.push_back(std::string(method_ == Method::Delta ? "delta" : "latent") +
+    if ((method_ == FactorizeMethod::Delta || method_ == FactorizeMethod::Latent) && singles.size())
+      notes_.push_back(std::string(method_ == FactorizeMethod::Delta ? "delta" : "latent") +
                        " applies to routed experts; the other targets use svdllm");
   }
   // Drops the layer's damped Grams and the cached whitening.
@@ -383,9 +383,9 @@ class Factorize final : public pipeline::Pass {
   // outside routed experts).
   lowrank::Spectrum decompose(const Slot& s) {
     const MatrixRM w = runtime::to_matrix(*s.tensor);
-    if (method_ == Method::Svd) return lowrank::svd(w);
+    if (method_ == FactorizeMethod::Svd) return lowrank::svd(w);
     if (!s.gram) throw Error::internal("factorize: no Gram for " + s.what);
-    if (method_ == Method::Asvd) {
+    if (method_ == FactorizeMethod::Asvd) {
       std::vector<double> act(static_cast<size_t>(w.cols()), 0.0);
       if (s.tokens > 0)
         for (int64_t j = 0; j < w.cols(); ++j) act[j] = std::sqrt(std::max(0.0, (*s.gram)(j, j)) / static_cast<double>(s.tokens));
@@ -409,7 +409,7 @@ class Factorize final : public pipeline::Pass {
     for (auto* s : gd.slots) grams.push_back(s->gram);
     gd.m = ws[0].rows();
     gd.n = ws[0].cols();
-    if (method_ == Method::Latent) {
+    if (method_ == FactorizeMethod::Latent) {
       gd.shared = lowrank::shared_spectrum(wp, type == 2 ? lowrank::Side::Left : lowrank::Side::Right, &grams);
       return gd;
     }
@@ -433,7 +433,7 @@ class Factorize final : public pipeline::Pass {
   static const char* type_name(int type) { return type == 0 ? "gate" : type == 1 ? "up" : "down"; }
   // Budget items a group contributes: one per expert (delta without shared V) or one.
   size_t group_item_count(size_t experts) const {
-    return method_ == Method::Delta && !shared_v_ ? experts : 1;
+    return method_ == FactorizeMethod::Delta && !shared_v_ ? experts : 1;
   }
 
   // The rank the rule gives a single matrix [m, n] (not budget).
@@ -480,7 +480,7 @@ class Factorize final : public pipeline::Pass {
     const core::DType d = factor_dtype(*slots[0]->tensor);
     const char* tname = type_name(gd.type);
 
-    if (method_ == Method::Delta) {
+    if (method_ == FactorizeMethod::Delta) {
       auto base_part = part(gd.base, d);
       if (shared_v_) {
         const lowrank::SharedSpectrum& sp = *gd.shared;
@@ -574,11 +574,11 @@ class Factorize final : public pipeline::Pass {
       if (gd.slots.empty()) continue;
       const int64_t E = static_cast<int64_t>(gd.slots.size());
       li.dense += E * gd.m * gd.n;
-      if (method_ == Method::Delta) li.fixed += gd.m * gd.n;  // the base
+      if (method_ == FactorizeMethod::Delta) li.fixed += gd.m * gd.n;  // the base
       if (gd.shared) {
         li.items.push_back(lowrank::budget_item(*gd.shared));
         li.names.push_back(std::string("experts ") + type_name(type) +
-                           (method_ == Method::Delta ? " (delta, shared V)" : " (latent)"));
+                           (method_ == FactorizeMethod::Delta ? " (delta, shared V)" : " (latent)"));
       } else {
         for (size_t e = 0; e < gd.each.size(); ++e) {
           li.items.push_back(lowrank::budget_item(gd.each[e]));
@@ -648,7 +648,7 @@ class Factorize final : public pipeline::Pass {
   std::string budget_key_;  // "budget" as the user wrote it (JSON path; the CLI shows --budget)
   std::string targets_key_, rule_key_;  // JSON paths of targets and of the rank rule given
   int64_t factorized_ = 0;  // matrices (or shared groups) stored low-rank so far
-  Method method_;
+  FactorizeMethod method_;
   Rule rule_ = Rule::Ratio;
   double value_ = 0;
   double alpha_ = 0.5;

@@ -63,13 +63,13 @@ std::vector<int> most_important(const Groups& groups, const std::vector<double>&
 
 namespace {
 
-enum class Method { MSMoE, HCSMoE, SubMoE, DERN };
+enum class MergeMethod { MSMoE, HCSMoE, SubMoE, DERN };
 
-Method parse_method(const std::string& m) {
-  if (m == "msmoe") return Method::MSMoE;
-  if (m == "hcsmoe") return Method::HCSMoE;
-  if (m == "submoe") return Method::SubMoE;
-  if (m == "dern") return Method::DERN;
+MergeMethod parse_merge_method(const std::string& m) {
+  if (m == "msmoe") return MergeMethod::MSMoE;
+  if (m == "hcsmoe") return MergeMethod::HCSMoE;
+  if (m == "submoe") return MergeMethod::SubMoE;
+  if (m == "dern") return MergeMethod::DERN;
   throw Error::internal("merge: method " + m + " not handled");
 }
 
@@ -92,12 +92,12 @@ std::vector<double> expert_importance(const calib::LayerStats& st, const std::st
 class MergePass final : public pipeline::Pass {
  public:
   MergePass(const json& spec, const std::string& method, const std::string& path)
-      : method_name_(method), method_(parse_method(method)) {
+      : method_name_(method), method_(parse_merge_method(method)) {
     Options o(spec, path, "merge/" + method);
     o.allow({"pass", "method"});
     seed_ = o.opt_uint64("seed");
     const auto n = o.opt_int("experts", 1, 1 << 20);
-    if (method_ == Method::DERN) {
+    if (method_ == MergeMethod::DERN) {
       // Retained experts keep their own router rows (and biases): no router options.
       threshold_ = o.get_number("threshold", 0.4, -1.0, 1.0);
     } else {
@@ -105,13 +105,13 @@ class MergePass final : public pipeline::Pass {
       router_bias_ = o.get_enum("router_bias", "max", {"max", "mean"});
       // HC-SMoE and Sub-MoE as published average without alignment; here they align by default
       // (measured better on both fixtures, docs/benchmarks.md quality table); "align": false is the papers' rule.
-      if (method_ != Method::MSMoE) align_ = o.get_bool("align", true);
+      if (method_ != MergeMethod::MSMoE) align_ = o.get_bool("align", true);
       protect_ = o.get_bool("protect_super_experts", false);
     }
     // The papers weight by frequency (count); saliency weighting measured better in 10 of the 12
     // fixture cells (docs/benchmarks.md quality table), "importance": "frequency" is the papers' rule.
     importance_ = o.get_enum("importance", "saliency", {"frequency", "soft", "saliency"});
-    if (method_ == Method::SubMoE) {
+    if (method_ == MergeMethod::SubMoE) {
       rank_ratio_ = o.get_number("rank_ratio", 1.0, 0.0, 1.0, /*min_open=*/true);
       whiten_ = o.get_bool("whiten", false);
       damp_ = o.get_number("damp", 1e-2, 0.0, 1e3, /*min_open=*/true);  // used when whitening
@@ -127,7 +127,7 @@ class MergePass final : public pipeline::Pass {
 
   json params() const override {
     json p = {{"pass", "merge"}, {"method", method_name_}, {"experts", experts_}};
-    if (method_ == Method::DERN) {
+    if (method_ == MergeMethod::DERN) {
       p["threshold"] = threshold_;
       p["importance"] = importance_;
       if (seed_) p["seed"] = *seed_;
@@ -135,10 +135,10 @@ class MergePass final : public pipeline::Pass {
     }
     p["router"] = router_;
     p["router_bias"] = router_bias_;
-    if (method_ != Method::MSMoE) p["align"] = align_;
+    if (method_ != MergeMethod::MSMoE) p["align"] = align_;
     p["importance"] = importance_;
     p["protect_super_experts"] = protect_;
-    if (method_ == Method::SubMoE) {
+    if (method_ == MergeMethod::SubMoE) {
       p["rank_ratio"] = rank_ratio_;
       p["whiten"] = whiten_;
       if (whiten_) p["damp"] = damp_;
@@ -153,16 +153,16 @@ class MergePass final : public pipeline::Pass {
     if (importance_ == "soft") r.stats_fields.push_back("weight_sum");
     if (importance_ == "saliency") r.stats_fields.push_back("reap");
     switch (method_) {
-      case Method::MSMoE: r.stats_fields.push_back("logit_sim"); break;
-      case Method::HCSMoE: r.stats_fields.push_back("out_mean"); break;
-      case Method::SubMoE:
+      case MergeMethod::MSMoE: r.stats_fields.push_back("logit_sim"); break;
+      case MergeMethod::HCSMoE: r.stats_fields.push_back("out_mean"); break;
+      case MergeMethod::SubMoE:
         r.stats_fields.push_back("out_cos");
         if (whiten_) {
           r.stats_fields.push_back("gram_in");
           r.stats_fields.push_back("gram_mid");
         }
         break;
-      case Method::DERN: break;
+      case MergeMethod::DERN: break;
     }
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.block_inputs = router_ == "refit";
@@ -205,7 +205,7 @@ class MergePass final : public pipeline::Pass {
     const calib::LayerStats& st = *ctx.stats;
     check_stat_size(static_cast<int64_t>(st.count.size()), E, "count", L);
     const std::vector<double> importance = expert_importance(st, importance_, E, L);
-    if (method_ == Method::DERN) return run_dern(ctx, importance, n);
+    if (method_ == MergeMethod::DERN) return run_dern(ctx, importance, n);
 
     // 1. Groups (and each group's dominant member). With protect_super_experts every super expert
     // is a group of its own and the method groups the other experts into the remaining groups.
@@ -232,19 +232,19 @@ class MergePass final : public pipeline::Pass {
     Groups groups;
     std::vector<int> dominant;
     if (!rest.empty()) switch (method_) {
-      case Method::MSMoE:
+      case MergeMethod::MSMoE:
         check_stat_size(st.logit_sim.rows(), E, "logit_sim", L);
         groups = msmoe_groups(sub_vec(importance), sub_mat(st.logit_sim, true), n_rest, dominant);
         break;
-      case Method::HCSMoE:
+      case MergeMethod::HCSMoE:
         check_stat_size(st.out_mean.rows(), E, "out_mean", L);
         groups = agglomerative_average(as_double(sub_mat(st.out_mean, false)), n_rest);
         break;
-      case Method::SubMoE:
+      case MergeMethod::SubMoE:
         check_stat_size(st.out_cos.rows(), E, "out_cos", L);
         groups = kmeans(as_double(sub_mat(st.out_cos, true)), n_rest, layer_seed(seed_, ctx.seed, L));
         break;
-      case Method::DERN:
+      case MergeMethod::DERN:
         break;  // handled by run_dern above
     }
     for (auto& g : groups)
@@ -292,7 +292,7 @@ class MergePass final : public pipeline::Pass {
     std::vector<model::Mlp> experts;
     for (size_t g = 0; g < groups.size(); ++g) {
       const model::Mlp& like = block.experts[dominant[g]];
-      if (groups[g].size() == 1 && method_ != Method::SubMoE) experts.push_back(like);
+      if (groups[g].size() == 1 && method_ != MergeMethod::SubMoE) experts.push_back(like);
       else experts.push_back(mlp_like(merged[g], like, dense));
     }
     block.router = to_tensor_like(router, block.router, dense);
@@ -378,20 +378,20 @@ class MergePass final : public pipeline::Pass {
     // M-SMoE (and the others with "align": true): every member's neurons aligned to the dominant
     // expert's before merging.
     std::vector<runtime::MlpWeights> aligned(members.size());
-    if (method_ == Method::MSMoE || align_)
+    if (method_ == MergeMethod::MSMoE || align_)
       for (size_t i = 0; i < members.size(); ++i) {
         if (members[i] == dom) continue;
         aligned[i] = permute_neurons(*ms[i], align_neurons(w.experts[dom], *ms[i]));
         ms[i] = &aligned[i];
       }
     switch (method_) {
-      case Method::MSMoE:
+      case MergeMethod::MSMoE:
         return weighted_average(ms, wts);
-      case Method::HCSMoE:
+      case MergeMethod::HCSMoE:
         return weighted_average(ms, wts);
-      case Method::DERN:
+      case MergeMethod::DERN:
         break;
-      case Method::SubMoE: {
+      case MergeMethod::SubMoE: {
         std::vector<const MatrixRM*> gate, up, down;
         std::vector<const calib::MatrixD*> gin, gmid;
         for (size_t i = 0; i < members.size(); ++i) {
@@ -416,7 +416,7 @@ class MergePass final : public pipeline::Pass {
   }
 
   std::string method_name_;
-  Method method_;
+  MergeMethod method_;
   std::optional<uint64_t> seed_;
   int64_t experts_ = 0;
   std::string router_, router_bias_, importance_;

@@ -139,32 +139,32 @@ std::map<int, int64_t> plan_keep_ratio(const std::vector<LayerScores>& layers, d
 
 namespace {
 
-enum class Method { Frequency, Soft, Reap, Random, Enumerate, Search };
+enum class PruneMethod { Frequency, Soft, Reap, Random, Enumerate, Search };
 
-Method parse_method(const std::string& m) {
-  if (m == "frequency") return Method::Frequency;
-  if (m == "soft") return Method::Soft;
-  if (m == "reap") return Method::Reap;
-  if (m == "random") return Method::Random;
-  if (m == "enumerate") return Method::Enumerate;
-  if (m == "search") return Method::Search;
+PruneMethod parse_prune_method(const std::string& m) {
+  if (m == "frequency") return PruneMethod::Frequency;
+  if (m == "soft") return PruneMethod::Soft;
+  if (m == "reap") return PruneMethod::Reap;
+  if (m == "random") return PruneMethod::Random;
+  if (m == "enumerate") return PruneMethod::Enumerate;
+  if (m == "search") return PruneMethod::Search;
   throw Error::internal("prune: method " + m + " not handled");
 }
 
 // The statistics field a method ranks by ("" for none).
-const char* score_field(Method m) {
+const char* score_field(PruneMethod m) {
   switch (m) {
-    case Method::Frequency: return "count";
-    case Method::Soft: return "weight_sum";
-    case Method::Reap: return "reap";
+    case PruneMethod::Frequency: return "count";
+    case PruneMethod::Soft: return "weight_sum";
+    case PruneMethod::Reap: return "reap";
     default: return "";
   }
 }
 
-const std::vector<double>& stat_scores(const calib::LayerStats& s, Method m) {
+const std::vector<double>& stat_scores(const calib::LayerStats& s, PruneMethod m) {
   switch (m) {
-    case Method::Frequency: return s.count;
-    case Method::Soft: return s.weight_sum;
+    case PruneMethod::Frequency: return s.count;
+    case PruneMethod::Soft: return s.weight_sum;
     default: return s.reap;
   }
 }
@@ -172,7 +172,7 @@ const std::vector<double>& stat_scores(const calib::LayerStats& s, Method m) {
 class PrunePass final : public pipeline::Pass {
  public:
   PrunePass(const json& spec, const std::string& method, const std::string& path)
-      : method_name_(method), method_(parse_method(method)) {
+      : method_name_(method), method_(parse_prune_method(method)) {
     Options o(spec, path, "prune/" + method);
     o.allow({"pass", "method"});
     seed_ = o.opt_uint64("seed");
@@ -181,9 +181,9 @@ class PrunePass final : public pipeline::Pass {
     const std::optional<bool> uniform = o.opt_bool("uniform");
     protect_ = o.get_bool("protect_super_experts", false);
     novices_ = o.get_bool("novices", false);
-    if (method_ == Method::Enumerate || method_ == Method::Search)
+    if (method_ == PruneMethod::Enumerate || method_ == PruneMethod::Search)
       max_subsets_ = static_cast<uint64_t>(o.get_int("max_subsets", 5000, 1, int64_t{1} << 40));
-    if (method_ == Method::Search) {
+    if (method_ == PruneMethod::Search) {
       time_budget_ = o.get_number("time_budget", 300.0, 0.0, 1e9);
       search_windows_ = o.get_int("search_windows", 16, 1, 1 << 16);
       heldout_windows_ = o.get_int("heldout_windows", 8, 1, 1 << 16);
@@ -197,11 +197,11 @@ class PrunePass final : public pipeline::Pass {
       if (keep_) throw Error::invalid(o.key_path("uniform") + ": applies only with \"keep_ratio\" (\"keep\" is uniform)");
       uniform_ = *uniform;
     }
-    if (method_ == Method::Search && keep_ratio_)
+    if (method_ == PruneMethod::Search && keep_ratio_)
       throw Error::invalid(o.key_path("keep_ratio") +
                            ": search chooses experts layer by layer by the final output's KL and cannot rank them "
                            "across layers; use \"keep\"");
-    if (method_ == Method::Enumerate && keep_ratio_)
+    if (method_ == PruneMethod::Enumerate && keep_ratio_)
       throw Error::invalid(o.key_path("keep_ratio") +
                            ": enumerate cannot rank experts across layers (its losses need each layer's block "
                            "inputs); use \"keep\", or method \"reap\" with keep_ratio");
@@ -224,8 +224,8 @@ class PrunePass final : public pipeline::Pass {
     }
     p["protect_super_experts"] = protect_;
     p["novices"] = novices_;
-    if (method_ == Method::Enumerate || method_ == Method::Search) p["max_subsets"] = max_subsets_;
-    if (method_ == Method::Search) {
+    if (method_ == PruneMethod::Enumerate || method_ == PruneMethod::Search) p["max_subsets"] = max_subsets_;
+    if (method_ == PruneMethod::Search) {
       p["time_budget"] = time_budget_;
       p["search_windows"] = search_windows_;
       p["heldout_windows"] = heldout_windows_;
@@ -237,12 +237,12 @@ class PrunePass final : public pipeline::Pass {
   pipeline::Requirements requirements() const override {
     pipeline::Requirements r;
     if (*score_field(method_)) r.stats_fields.push_back(score_field(method_));
-    if (method_ == Method::Search) r.stats_fields = {"count", "weight_sum", "reap"};  // the starts
+    if (method_ == PruneMethod::Search) r.stats_fields = {"count", "weight_sum", "reap"};  // the starts
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.plan_stats = keep_ratio_.has_value() && (*score_field(method_) || protect_);
-    r.block_inputs = method_ == Method::Enumerate || method_ == Method::Search || novices_;
-    r.layer_inputs = method_ == Method::Search;
-    if (method_ == Method::Search) {
+    r.block_inputs = method_ == PruneMethod::Enumerate || method_ == PruneMethod::Search || novices_;
+    r.layer_inputs = method_ == PruneMethod::Search;
+    if (method_ == PruneMethod::Search) {
       r.min_windows = search_windows_ + heldout_windows_;
       r.min_windows_keys = "search_windows + heldout_windows";
     }
@@ -326,12 +326,12 @@ class PrunePass final : public pipeline::Pass {
     std::vector<int> kept;
     json extra = json::object();
     std::string score_kind;
-    if (method_ == Method::Search) {
+    if (method_ == PruneMethod::Search) {
       kept = search_layer(ctx, static_cast<int>(keep), protect, extra);
       check_stats(ctx.stats, L, "prune/search");
       scores = ctx.stats->weight_sum;
       score_kind = "weight_sum (the order swaps are tried in; the choice is by the final output's KL)";
-    } else if (method_ == Method::Enumerate) {
+    } else if (method_ == PruneMethod::Enumerate) {
       if (!ctx.block_inputs) throw Error::internal("prune/enumerate: the runner gave no block inputs");
       const runtime::MoeWeights w =
         runtime::naming_non_finite(ctx.model, ctx.layer, [&] { return runtime::convert_moe(block); });
@@ -342,7 +342,7 @@ class PrunePass final : public pipeline::Pass {
       score_kind = "least block-output loss of a subset dropping the expert (null: never dropped)";
       extra = {{"loss", r.loss}, {"subsets", r.subsets}};
     } else {
-      if (method_ == Method::Random) {
+      if (method_ == PruneMethod::Random) {
         std::mt19937_64 rng(layer_seed(seed_, ctx.seed, L));
         scores.resize(E);
         for (auto& s : scores) s = unit_double(rng());
@@ -531,7 +531,7 @@ class PrunePass final : public pipeline::Pass {
   }
 
   std::string method_name_;
-  Method method_;
+  PruneMethod method_;
   std::optional<uint64_t> seed_;
   std::optional<int64_t> keep_;
   std::optional<double> keep_ratio_;

@@ -27,7 +27,7 @@ using runtime::MatrixRM;
 
 namespace {
 
-enum class Method { Rtn, Gptq };
+enum class QuantizeMethod { Rtn, Gptq };
 
 // Tensor classes a user can quantize, their option keys and defaults ("codec" = the pass codec).
 struct ClassKey {
@@ -125,7 +125,7 @@ class Quantize final : public pipeline::Pass {
   Quantize(const json& spec, const std::string& method, const std::string& path) : method_name_(method) {
     Options o(spec, path, "quantize/" + method);
     o.allow({"pass", "method"});
-    method_ = method == "gptq" ? Method::Gptq : Method::Rtn;
+    method_ = method == "gptq" ? QuantizeMethod::Gptq : QuantizeMethod::Rtn;
     group_ = o.get_int("group", 128, 0, int64_t{1} << 30);
     sym_ = o.get_bool("sym", false);
     codec_text_ = o.opt_string("codec").value_or("int4");
@@ -168,7 +168,7 @@ class Quantize final : public pipeline::Pass {
         overrides_.push_back(std::move(ov));
       }
     }
-    if (method_ == Method::Gptq) {
+    if (method_ == QuantizeMethod::Gptq) {
       damp_ = o.opt_number("damp", 0, 10);
       act_order_ = o.get_bool("act_order", false);
       block_ = o.get_int("block", 128, 1, int64_t{1} << 20);
@@ -235,7 +235,7 @@ class Quantize final : public pipeline::Pass {
       for (const auto& ov : overrides_) t.push_back(ov.pattern + "=" + (ov.codec ? quant::to_string(*ov.codec) : "keep"));
       p["tensor_type"] = t;
     }
-    if (method_ == Method::Gptq) {
+    if (method_ == QuantizeMethod::Gptq) {
       if (damp_) p["damp"] = *damp_;
       p["act_order"] = act_order_;
       p["block"] = block_;
@@ -259,8 +259,8 @@ class Quantize final : public pipeline::Pass {
   }
   pipeline::Requirements requirements() const override {
     pipeline::Requirements r;
-    r.input_grams = method_ == Method::Gptq;
-    r.block_inputs = method_ == Method::Gptq || avg_bits_.has_value();
+    r.input_grams = method_ == QuantizeMethod::Gptq;
+    r.block_inputs = method_ == QuantizeMethod::Gptq || avg_bits_.has_value();
     if (threshold_scale_) r.stats_fields = {"count"};
     return r;
   }
@@ -294,13 +294,13 @@ class Quantize final : public pipeline::Pass {
 
   void run_layer(pipeline::LayerContext& ctx) override {
     const pipeline::InputGrams* g = ctx.grams;
-    if (method_ == Method::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
+    if (method_ == QuantizeMethod::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
     model::Layer& L = ctx.target;
     const model::FamilyDesc& fam = ctx.model.family();
     json& rep = ctx.report;
     rep["matrices"] = json::array();
 
-    const bool gptq = method_ == Method::Gptq;
+    const bool gptq = method_ == QuantizeMethod::Gptq;
     if (L.moe && gptq && g->expert_in.size() != L.moe->experts.size())
       throw Error::internal("quantize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
                             std::to_string(L.moe->experts.size()));
@@ -393,7 +393,7 @@ class Quantize final : public pipeline::Pass {
       const MatrixRM w = runtime::to_matrix(*s.tensor);
       auto enc = quant::rtn(w.data(), w.rows(), w.cols(), *c);
       m["method"] = "rtn";
-      if (method_ == Method::Gptq) m["note"] = "rtn: no Hessian is collected for " + std::string(key);
+      if (method_ == QuantizeMethod::Gptq) m["note"] = "rtn: no Hessian is collected for " + std::string(key);
       finish_slot(s, std::move(enc), *c, m);
       list.push_back(m);
     }
@@ -612,7 +612,7 @@ class Quantize final : public pipeline::Pass {
   // GPTQ or RTN of one slot; fills the report entry.
   std::shared_ptr<const core::Encoding> encode(const Slot& s, const quant::CodecSpec& c, json& m) const {
     const MatrixRM w = runtime::to_matrix(*s.tensor);
-    if (method_ == Method::Rtn) {
+    if (method_ == QuantizeMethod::Rtn) {
       m["method"] = "rtn";
       return quant::rtn(w.data(), w.rows(), w.cols(), c);
     }
@@ -777,7 +777,7 @@ class Quantize final : public pipeline::Pass {
   }
 
   std::string method_name_;
-  Method method_;
+  QuantizeMethod method_;
   int64_t group_ = 128;
   bool sym_ = false;
   bool group_applied_ = false, sym_applied_ = false;  // whether spec_of completed a codec with them
