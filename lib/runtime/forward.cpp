@@ -17,7 +17,8 @@ namespace {
 
 // One RoPE description: the v4 `rope_scaling` object, or the v5 `rope_parameters` object (the
 // same fields plus rope_theta). Both spellings are read with the same rules.
-RopeScaling parse_rope_object(const model::Config& c, const std::string& key) {
+// yarn is applied for the Multi-head Latent Attention families only (`mla`).
+RopeScaling parse_rope_object(const model::Config& c, const std::string& key, bool mla) {
   RopeScaling s;
   const auto& j = c.json().at(key);
   if (!j.is_object()) throw Error::corruption(c.source() + ": " + key + ": expected an object or null, found " + j.dump());
@@ -43,6 +44,9 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key) {
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
     return s;
   }
+  if (type == "yarn" && !mla)
+    throw Error::unsupported(c.source() + ": " + key + ".rope_type 'yarn' not implemented by the forward for " +
+                             c.get_string_or("model_type", "?") + " (yarn: deepseek_v2, deepseek_v3, kimi_k2)");
   if (type == "yarn") {
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
     // `or 32` / `or 1` in transformers: a null or 0 takes the default.
@@ -94,10 +98,10 @@ double read_rope_theta(const model::Config& c, const model::FamilyDesc& f) {
 
 // RoPE scaling from rope_scaling (v4) or rope_parameters (v5); both given with different
 // scalings is refused.
-RopeScaling read_rope_scaling(const model::Config& c) {
+RopeScaling read_rope_scaling(const model::Config& c, bool mla) {
   std::optional<RopeScaling> v4, v5;
-  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling");
-  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters");
+  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling", mla);
+  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters", mla);
   if (v4 && v5 && (v4->type != v5->type || v4->factor != v5->factor))
     throw Error::corruption(c.source() + ": rope_parameters (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
                             v4->type + "')");
@@ -167,7 +171,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
     throw Error::unsupported(c.source() + ": mlp_bias not implemented by the forward");
   if (c.get_double_or("partial_rotary_factor", 1.0) != 1.0)
     throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward");
-  s.rope_scaling = read_rope_scaling(c);
+  s.rope_scaling = read_rope_scaling(c, f.attention == model::AttentionKind::MLA);
   s.attn.heads = d.heads;
   s.attn.kv_heads = d.kv_heads;
   s.attn.head_dim = d.head_dim;
@@ -184,10 +188,6 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (d.heads <= 0 || d.kv_heads <= 0 || d.heads % d.kv_heads != 0)
     throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
   if (f.attention == model::AttentionKind::MLA) s.mla = read_mla(m, s);
-  else if (s.rope_scaling.type == "yarn")
-    throw Error::unsupported(c.source() + ": rope_scaling yarn with " + f.model_type +
-                             ": implemented by the forward for the Multi-head Latent Attention families only (" +
-                             "deepseek_v2, deepseek_v3, kimi_k2)");
   s.routing = RoutingRule::from_model(m);
   return s;
 }

@@ -40,7 +40,7 @@ MatrixRM project(const MatrixRM& X, const MatrixRM& w, const std::optional<LowRa
 
 struct MoeWeights {
   MatrixRM router;                      // [E,H]
-  std::optional<RowVector> router_bias; // [E] (deepseek_v3; not used by the forward)
+  std::optional<RowVector> router_bias; // [E] deepseek_v3 e_score_correction_bias (expert choice only)
   std::vector<MlpWeights> experts;      // E
   std::optional<MlpWeights> shared;     // qwen2_moe shared expert
   std::optional<RowVector> shared_gate; // [H] (the [1,H] sigmoid gate row)
