@@ -253,8 +253,10 @@ def attention(c, W, p, x):
     if c["model_type"] == "deepseek_v3":
         emb = np.concatenate((freqs, freqs), axis=-1)
         cos, sin = np.cos(emb) * af, np.sin(emb) * af
-        assert c.get("rope_interleave", True)
-        q_rot, k_rot = rope_v3_interleave(q_rot, cos, sin), rope_v3_interleave(k_rot, cos, sin)
+        if c.get("rope_interleave", True):
+            q_rot, k_rot = rope_v3_interleave(q_rot, cos, sin), rope_v3_interleave(k_rot, cos, sin)
+        else:  # apply_rotary_pos_emb
+            q_rot, k_rot = q_rot * cos + rotate_half(q_rot) * sin, k_rot * cos + rotate_half(k_rot) * sin
     else:
         freqs_cis = np.exp(1j * freqs) * af
         q_rot, k_rot = rope_v2_complex(q_rot, freqs_cis), rope_v2_complex(k_rot, freqs_cis)
@@ -362,6 +364,12 @@ def forward(c, W, tokens):
     return logits, layers, margin
 
 
+# Goldens of the same weights under another config (the C++ test applies config_patch to a copy):
+# v2's greedy top-k, v3's rotate-half RoPE (rope_interleave false).
+VARIANTS = (("deepseek-v3-tiny", "deepseek-v3-tiny-rotate-half", {"rope_interleave": False}),
+            ("deepseek-v2-tiny", "deepseek-v2-tiny-greedy", {"topk_method": "greedy"}))
+
+
 def main():
     for name, v3, seed in (("deepseek-v3-tiny", True, 3003), ("deepseek-v2-tiny", False, 2002)):
         c = config(v3)
@@ -378,24 +386,35 @@ def main():
         for fn in TOKENIZER_FILES:
             shutil.copyfile(os.path.join(TOK_DIR, fn), os.path.join(out, fn))
         tokens = np.random.default_rng(seed + 1).integers(0, c["vocab_size"], T)
-        logits, layers, margin = forward(c, W, tokens)
-        # float32 in moe-tool vs float64 here: a choice closer than this could flip.
-        assert margin > 1e-4, f"{name}: routing margin {margin} too small, change the seed"
-        def r8(a):
-            return [[float("%.8g" % v) for v in row] for row in a]
-
-        for L in layers:
-            L["topk_weights"] = r8(L["topk_weights"])
-        golden = {"model": f"data/{name}", "script": "data/scripts/deepseek_reference.py",
-                  "tokens": tokens.tolist(), "T": T, "min_routing_margin": margin,
-                  "logits_abs_max": float(np.abs(logits).max()),
-                  "logit_ids_step": LOGIT_STEP, "logits": r8(logits[:, ::LOGIT_STEP]),
-                  "argmax": logits.argmax(-1).tolist(), "moe_layers": layers}
-        with open(os.path.join(DATA, "golden", name + ".json"), "w") as f:
-            json.dump(golden, f)
-            f.write("\n")
+        write_golden(name, name, c, W, tokens, {})
+        for base, variant, patch in VARIANTS:
+            if base == name:
+                write_golden(name, variant, dict(c, **patch), W, tokens, patch)
         size = os.path.getsize(os.path.join(out, "model.safetensors"))
-        print(f"{name}: {size} bytes, logits |max| {np.abs(logits).max():.4f}, routing margin {margin:.2e}")
+        print(f"{name}: {size} bytes")
+
+
+def write_golden(model, name, c, W, tokens, patch):
+    """data/golden/<name>.json: the forward of `model`'s weights W under config c (c = the
+    fixture's config with `patch` applied)."""
+    logits, layers, margin = forward(c, W, tokens)
+    # float32 in moe-tool vs float64 here: a choice closer than this could flip.
+    assert margin > 1e-4, f"{name}: routing margin {margin} too small, change the seed"
+
+    def r8(a):
+        return [[float("%.8g" % v) for v in row] for row in a]
+
+    for L in layers:
+        L["topk_weights"] = r8(L["topk_weights"])
+    golden = {"model": f"data/{model}", "config_patch": patch, "script": "data/scripts/deepseek_reference.py",
+              "tokens": tokens.tolist(), "T": T, "min_routing_margin": margin,
+              "logits_abs_max": float(np.abs(logits).max()),
+              "logit_ids_step": LOGIT_STEP, "logits": r8(logits[:, ::LOGIT_STEP]),
+              "argmax": logits.argmax(-1).tolist(), "moe_layers": layers}
+    with open(os.path.join(DATA, "golden", name + ".json"), "w") as f:
+        json.dump(golden, f)
+        f.write("\n")
+    print(f"{name}: logits |max| {np.abs(logits).max():.4f}, routing margin {margin:.2e}")
 
 
 if __name__ == "__main__":
