@@ -243,7 +243,8 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
 
   {
     MatrixRM xn = rms_norm(X, w.input_norm, spec_.eps);
-    AttnOutput a = spec_.mla ? mla_attention(*spec_.mla, w.attn, rope(T), xn, T)
+    AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
+                                                  [&] { return mla_attention(*spec_.mla, w.attn, rope(T), xn, T); })
                              : attention(spec_.attn, w.attn, rope(T), xn, T);
     if (want_attn) {
       const AttnTrace t{xn, a.o_input, a.out, w.attn};

@@ -175,6 +175,23 @@ TEST(DeepSeek, UnsupportedSettingsSayWhich) {
   EXPECT_NE(m.find("num_key_value_heads 2 != num_attention_heads 4"), std::string::npos) << m;
 }
 
+// A config whose MLA shapes disagree with the stored tensors (q_lora_rank set, q_proj stored): an
+// error naming the layer and the projection, not a wrong answer.
+TEST(DeepSeek, ConfigDisagreeingWithTheTensorsIsAnError) {
+  TempDir dir;
+  synth_to(dir.path(), "deepseek_v2", {.config_edit = {{"q_lora_rank", 12}}});
+  auto lm = load_model(dir.path());
+  runtime::Forward fwd(lm->model);
+  try {
+    fwd.run(std::vector<int32_t>{1, 2, 3, 4}, 4);
+    FAIL() << "expected Error::corruption";
+  } catch (const core::Error& e) {
+    EXPECT_EQ(e.kind(), core::ErrorKind::Corruption) << e.what();
+    EXPECT_NE(std::string(e.what()).find("layer 0"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("q_a_proj is [0, 0], the config implies [12, 32]"), std::string::npos) << e.what();
+  }
+}
+
 // kimi_k2 is the deepseek_v3 layout under its own model_type: the same logits.
 TEST(DeepSeek, KimiK2IsTheV3Layout) {
   TempDir dir;
