@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "io/checkpoint.h"
+#include "sgemm_peak.h"
 #include "synthetic_mixtral.h"
 #include "io/checkpoint_writer.h"
 #include "io/env.h"
@@ -37,23 +38,7 @@ namespace {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-double sgemm_gflops(int n, int reps) {
-  std::vector<float> A(size_t(n) * n), B(size_t(n) * n), C(size_t(n) * n);
-  std::mt19937 g(1);
-  std::uniform_real_distribution<float> d(-1, 1);
-  for (auto* v : {&A, &B})
-    for (auto& x : *v) x = d(g);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, A.data(), n, B.data(), n, 0.0f, C.data(), n);
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    auto t0 = Clock::now();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, A.data(), n, B.data(), n, 0.0f, C.data(),
-                n);
-    best = std::min(best, seconds_since(t0));
-  }
-  return 2.0 * double(n) * n * n / best / 1e9;
-}
-
+using moe::bench::sgemm_gflops;
 using moe::bench::Dims;
 using moe::bench::write_model;
 

@@ -1,5 +1,7 @@
 #include "model/family.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace moe::model {
@@ -207,6 +209,7 @@ std::vector<FamilyDesc> build_families() {
     f.shared_down = "mlp.shared_experts.down_proj.weight";
     f.shared_count_key = "n_shared_experts";
     f.extra_layers_allowed = v3;  // multi-token-prediction layers follow the decoder layers
+    f.forward = true;             // runtime/mla.h attention, routing.h DeepSeek routing
     v.push_back(f);
   }
   {
@@ -235,6 +238,14 @@ std::vector<FamilyDesc> build_families() {
     f.router = "block_sparse_moe.router.layer.weight";
     f.fused_gate_up = "block_sparse_moe.input_linear.weight";
     f.fused_down = "block_sparse_moe.output_linear.weight";
+    v.push_back(f);
+  }
+  {
+    // kimi_k2 (Kimi-K2's released config): the deepseek_v3 layout and architecture under another
+    // model_type. Last in the table, so the supported list other messages quote keeps its order.
+    auto v3 = std::find_if(v.begin(), v.end(), [](const FamilyDesc& f) { return f.model_type == "deepseek_v3"; });
+    FamilyDesc f = *v3;
+    f.model_type = "kimi_k2";
     v.push_back(f);
   }
   return v;

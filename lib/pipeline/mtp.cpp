@@ -5,21 +5,45 @@
 
 #include "core/error.h"
 #include "passes/experts.h"
+#include "passes/pass.h"  // moe::pipeline::Pass
 
 namespace moe::pipeline {
 
 using core::Error;
 
+namespace {
+
+// Whether pass p leaves every MoE decoder layer's expert count as it is (quantize, factorize, ...).
+// A count it cannot know before running (counts_at_run) is a change. Invalid pass arguments are
+// not judged here: the runner reports them with their recipe key when it computes the counts.
+bool keeps_expert_counts(const model::Model& m, const Pass& p) {
+  if (p.counts_at_run()) return false;
+  for (const auto& l : m.layers()) {
+    if (!l.moe) continue;
+    const int64_t before = l.moe->num_experts();
+    try {
+      if (p.experts_after(l.index, before, m.dims().top_k) != before) return false;
+    } catch (const Error&) {
+      return true;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 void check_mtp_passes(const model::Model& m, const Recipe& r) {
   if (m.mtp_moe_layers().empty()) return;
   for (size_t i = 0; i < r.passes.size(); ++i) {
-    if (r.passes[i]->name() == "prune") continue;
+    const Pass& p = *r.passes[i];
+    if (p.name() == "prune" || keeps_expert_counts(m, p)) continue;
     throw Error::unsupported(
-        r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " + r.passes[i]->method() +
-        ": the model has a multi-token-prediction layer (model.layers." + std::to_string(m.mtp_moe_layers().front()) +
-        ") with an MoE block, which must keep the decoder layers' expert count; only prune can be carried over to it "
-        "(same keep-map as the last decoder layer): the merged experts of that layer would need its own statistics, "
-        "and the DeepSeek forward that computes them is not implemented");
+        r.source + ": passes[" + std::to_string(i) + "]: " + p.name() + " " + p.method() +
+        " changes the decoder layers' expert counts, and the model has a multi-token-prediction layer (model.layers." +
+        std::to_string(m.mtp_moe_layers().front()) +
+        ") with an MoE block, which must keep the decoder layers' expert count (n_routed_experts is one key for "
+        "both); only prune is carried over to it (same keep-map as the last decoder layer). Passes that keep the "
+        "expert counts (quantize, factorize, ...) are accepted and leave the MTP layer as it is");
   }
 }
 

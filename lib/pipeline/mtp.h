@@ -1,10 +1,12 @@
 // DeepSeek-V3 multi-token-prediction (MTP) layers under the passes. An MTP layer
 // (num_nextn_predict_layers of them, after the decoder layers) carries a full MoE block whose
-// expert count must equal the decoder layers' (n_routed_experts is one key for both). The
-// DeepSeek forward is not implemented, so no statistics of the MTP block exist; the rule is:
-// prune keeps in every MTP layer the experts the last MoE decoder layer keeps (same original
-// ids, same order: router rows, bias entries and expert tensors, renumbered 0..E'-1); passes that
-// cannot be carried over that way (merge) are refused before any work.
+// expert count must equal the decoder layers' (n_routed_experts is one key for both). The forward
+// runs the decoder layers only (as transformers' DeepseekV3Model does), so no statistics of the
+// MTP block are collected; the rule is: prune keeps in every MTP layer the experts the last MoE
+// decoder layer keeps (same original ids, same order: router rows, bias entries and expert
+// tensors, renumbered 0..E'-1); passes that keep every expert count (quantize, factorize, ...)
+// leave the MTP layer as it is; passes that change the counts otherwise (merge) are refused before
+// any work.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -15,8 +17,9 @@
 
 namespace moe::pipeline {
 
-// Error::unsupported (naming the MTP layer and the pass) when the recipe has a pass other than
-// prune and the model MTP layers with an MoE block.
+// Error::unsupported (naming the MTP layer and the pass) when the model has MTP layers with an MoE
+// block and the recipe has a pass other than prune that changes (or decides at run time) the
+// decoder layers' expert counts.
 void check_mtp_passes(const model::Model& m, const Recipe& r);
 
 // Keeps experts `kept` (original ids, in order) in every MTP layer's MoE block of m: router rows,

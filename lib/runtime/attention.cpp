@@ -29,11 +29,37 @@ void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0,
 
 }  // namespace
 
+void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t q_stride, const float* k, int64_t ldk,
+                      int64_t k_stride, const float* v, int64_t ldv, int64_t v_stride, float* o, int64_t ldo) {
+  if (c.T <= 0 || c.rows % c.T != 0) throw core::Error::internal("attention: rows not a multiple of the window");
+  const int64_t windows = c.rows / c.T, T = c.T, rep = c.heads / c.kv_heads;
+  // Query blocks: block b only needs keys [lo, end of block) (causal), halving the work.
+  const int64_t B = std::min<int64_t>(T, 128);
+  std::vector<float> S(static_cast<size_t>(B * T));
+  for (int64_t wi = 0; wi < windows; ++wi) {
+    const int64_t r0 = wi * T;
+    for (int64_t h = 0; h < c.heads; ++h) {
+      const int64_t g = h / rep;
+      for (int64_t q0 = 0; q0 < T; q0 += B) {
+        const int64_t rows = std::min(B, T - q0);
+        const int64_t kend = q0 + rows;
+        const int64_t k0 = c.window > 0 ? std::max<int64_t>(0, q0 - c.window + 1) : 0;
+        const int64_t nk = kend - k0;
+        // S = scale * Q_blk K^T  [rows, nk]
+        gemm_nt(rows, nk, c.dqk, c.scale, q + (r0 + q0) * ldq + h * q_stride, ldq, k + (r0 + k0) * ldk + g * k_stride,
+                ldk, 0.0f, S.data(), nk);
+        masked_softmax(S.data(), rows, nk, q0, k0, c.window);
+        // O_blk = P V  [rows, dv]
+        gemm_nn(rows, c.dv, nk, 1.0f, S.data(), nk, v + (r0 + k0) * ldv + g * v_stride, ldv, 0.0f,
+                o + (r0 + q0) * ldo + h * c.dv, ldo);
+      }
+    }
+  }
+}
+
 AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                      int64_t T) {
   const int64_t N = x.rows(), nH = spec.heads, nKV = spec.kv_heads, d = spec.head_dim;
-  if (T <= 0 || N % T != 0) throw core::Error::internal("attention: rows not a multiple of the window");
-  const int64_t windows = N / T;
   MatrixRM q = linear(x, w.q, w.q_bias ? &*w.q_bias : nullptr);
   MatrixRM k = linear(x, w.k, w.k_bias ? &*w.k_bias : nullptr);
   MatrixRM v = linear(x, w.v, w.v_bias ? &*w.v_bias : nullptr);
@@ -63,31 +89,9 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
 
   AttnOutput out;
   out.o_input.resize(N, nH * d);
-  const int64_t rep = nH / nKV;
-  const float scale = static_cast<float>(1.0 / std::sqrt(double(d)));
-  // Query blocks: block b only needs keys [lo, end of block) (causal), halving the work.
-  const int64_t B = std::min<int64_t>(T, 128);
-  std::vector<float> S(static_cast<size_t>(B * T));
-  const int64_t ldq = q.cols(), ldk = k.cols(), ldo = out.o_input.cols();
-  for (int64_t wi = 0; wi < windows; ++wi) {
-    const int64_t r0 = wi * T;
-    for (int64_t h = 0; h < nH; ++h) {
-      const int64_t g = h / rep;
-      for (int64_t q0 = 0; q0 < T; q0 += B) {
-        const int64_t rows = std::min(B, T - q0);
-        const int64_t kend = q0 + rows;
-        const int64_t k0 = spec.sliding_window > 0 ? std::max<int64_t>(0, q0 - spec.sliding_window + 1) : 0;
-        const int64_t nk = kend - k0;
-        // S = scale * Q_blk K^T  [rows, nk]
-        gemm_nt(rows, nk, d, scale, q.data() + (r0 + q0) * ldq + h * d, ldq, k.data() + (r0 + k0) * ldk + g * d,
-                ldk, 0.0f, S.data(), nk);
-        masked_softmax(S.data(), rows, nk, q0, k0, spec.sliding_window);
-        // O_blk = P V  [rows, d]
-        gemm_nn(rows, d, nk, 1.0f, S.data(), nk, v.data() + (r0 + k0) * ldk + g * d, ldk, 0.0f,
-                out.o_input.data() + (r0 + q0) * ldo + h * d, ldo);
-      }
-    }
-  }
+  causal_attention({N, T, nH, nKV, d, d, static_cast<float>(1.0 / std::sqrt(double(d))), spec.sliding_window},
+                   q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
+                   out.o_input.cols());
   out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);
   return out;
 }

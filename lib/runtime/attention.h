@@ -25,6 +25,21 @@ struct AttnOutput {
   MatrixRM out;      // [N, H] o_proj output
 };
 
+// The shape of one causal attention over a batch of windows (what standard attention and MLA share).
+struct CausalShape {
+  int64_t rows = 0, T = 0;          // rows = windows * T, window-major; positions restart per window
+  int64_t heads = 0, kv_heads = 0;  // query heads; key/value heads (heads % kv_heads == 0)
+  int64_t dqk = 0, dv = 0;          // query/key width and value width per head
+  float scale = 1.0f;               // softmax scale on q·k
+  int64_t window = 0;               // sliding window (0: none)
+};
+// Causal softmax attention: head h reads its query at q + h*q_stride and key/value group
+// g = h / (heads/kv_heads) at k + g*k_stride, v + g*v_stride (row strides ldq, ldk, ldv), and
+// writes dv outputs at o + h*dv (row stride ldo). Matrix products through BLAS.
+void causal_attention(const CausalShape& shape, const float* q, int64_t ldq, int64_t q_stride, const float* k,
+                      int64_t ldk, int64_t k_stride, const float* v, int64_t ldv, int64_t v_stride, float* o,
+                      int64_t ldo);
+
 // x: [N,H] input_layernorm output, N = windows * T, window-major; positions restart per window.
 AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                      int64_t T);

@@ -3,6 +3,7 @@
 #include "runtime/finite.h"
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "core/error.h"
@@ -16,7 +17,8 @@ namespace {
 
 // One RoPE description: the v4 `rope_scaling` object, or the v5 `rope_parameters` object (the
 // same fields plus rope_theta). Both spellings are read with the same rules.
-RopeScaling parse_rope_object(const model::Config& c, const std::string& key) {
+// yarn is applied for the Multi-head Latent Attention families only (`mla`).
+RopeScaling parse_rope_object(const model::Config& c, const std::string& key, bool mla) {
   RopeScaling s;
   const auto& j = c.json().at(key);
   if (!j.is_object()) throw Error::corruption(c.source() + ": " + key + ": expected an object or null, found " + j.dump());
@@ -42,6 +44,24 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key) {
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
     return s;
   }
+  if (type == "yarn" && !mla)
+    throw Error::unsupported(c.source() + ": " + key + ".rope_type 'yarn' not implemented by the forward for " +
+                             c.get_string_or("model_type", "?") + " (yarn: deepseek_v2, deepseek_v3, kimi_k2)");
+  if (type == "yarn") {
+    s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
+    // `or 32` / `or 1` in transformers: a null or 0 takes the default.
+    if (num("beta_fast", 0) != 0) s.beta_fast = num("beta_fast", 0);
+    if (num("beta_slow", 0) != 0) s.beta_slow = num("beta_slow", 0);
+    s.mscale = num("mscale", 0);
+    s.mscale_all_dim = num("mscale_all_dim", 0);
+    if (j.contains("attention_factor") && !j.at("attention_factor").is_null()) s.attention_factor = num("attention_factor", 1.0);
+    if (j.contains("truncate") && !j.at("truncate").is_null()) {
+      if (!j.at("truncate").is_boolean())
+        throw Error::corruption(c.source() + ": " + key + ".truncate: expected a boolean, found " + j.at("truncate").dump());
+      s.truncate = j.at("truncate").get<bool>();
+    }
+    return s;
+  }
   if (type == "llama3") {
     s.low_freq_factor = num("low_freq_factor", 1.0);
     s.high_freq_factor = num("high_freq_factor", 4.0);
@@ -49,7 +69,8 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key) {
     return s;
   }
   throw Error::unsupported(c.source() + ": " + key + ".rope_type '" + type +
-                           "' not implemented by the forward (implemented: default, linear, dynamic, llama3)");
+                           "' not implemented by the forward (implemented: default, linear, dynamic, llama3; yarn for deepseek_v2, "
+                           "deepseek_v3 and kimi_k2)");
 }
 
 // rope_theta: rope_parameters.rope_theta (transformers v5), else the top-level rope_theta (v4),
@@ -77,14 +98,53 @@ double read_rope_theta(const model::Config& c, const model::FamilyDesc& f) {
 
 // RoPE scaling from rope_scaling (v4) or rope_parameters (v5); both given with different
 // scalings is refused.
-RopeScaling read_rope_scaling(const model::Config& c) {
+RopeScaling read_rope_scaling(const model::Config& c, bool mla) {
   std::optional<RopeScaling> v4, v5;
-  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling");
-  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters");
+  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling", mla);
+  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters", mla);
   if (v4 && v5 && (v4->type != v5->type || v4->factor != v5->factor))
     throw Error::corruption(c.source() + ": rope_parameters (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
                             v4->type + "')");
   return v5 ? *v5 : v4 ? *v4 : RopeScaling{};
+}
+
+// Multi-head Latent Attention hyper-parameters (transformers' configuration_deepseek_v3.py /
+// configuration_deepseek_v2.py keys). Sets s.attn.head_dim to qk_rope_head_dim (the RoPE width).
+MlaSpec read_mla(const model::Model& m, ForwardSpec& s) {
+  const auto& c = m.config();
+  const auto& f = m.family();
+  MlaSpec a;
+  a.heads = m.dims().heads;
+  auto positive = [&](const char* key) {
+    const int64_t v = c.get_int(key);
+    if (v <= 0) throw Error::corruption(c.source() + ": " + key + ": expected a positive integer, found " + std::to_string(v));
+    return v;
+  };
+  a.q_lora_rank = c.has("q_lora_rank") && !c.json().at("q_lora_rank").is_null() ? positive("q_lora_rank") : 0;
+  a.kv_lora_rank = positive("kv_lora_rank");
+  a.qk_nope_head_dim = positive("qk_nope_head_dim");
+  a.qk_rope_head_dim = positive("qk_rope_head_dim");
+  a.v_head_dim = positive("v_head_dim");
+  if (a.qk_rope_head_dim % 2 != 0)
+    throw Error::corruption(c.source() + ": qk_rope_head_dim: expected an even number, found " + std::to_string(a.qk_rope_head_dim));
+  if (m.dims().kv_heads != a.heads)
+    throw Error::unsupported(c.source() + ": num_key_value_heads " + std::to_string(m.dims().kv_heads) +
+                             " != num_attention_heads " + std::to_string(a.heads) + ": grouped keys are not part of " +
+                             "Multi-head Latent Attention as transformers defines it");
+  if (c.get_bool_or("attention_bias", false))
+    throw Error::unsupported(c.source() + ": attention_bias with " + f.model_type + " not implemented by the forward");
+  // v2 rotates pairs (2i, 2i+1) as complex numbers; v3 does the same when rope_interleave (its
+  // default) and rotate-half otherwise.
+  a.interleaved = f.routing == model::Routing::DeepSeekV2 || c.get_bool_or("rope_interleave", true);
+  a.scale = 1.0 / std::sqrt(double(a.qk_head_dim()));
+  // DeepseekV3Attention: scaling *= get_mscale(factor, mscale_all_dim)^2 when rope_scaling sets
+  // mscale_all_dim (DeepSeek's own V2 code does the same).
+  if (s.rope_scaling.type == "yarn" && s.rope_scaling.mscale_all_dim != 0) {
+    const double ms = yarn_mscale(s.rope_scaling.factor, s.rope_scaling.mscale_all_dim);
+    a.scale *= ms * ms;
+  }
+  s.attn.head_dim = a.qk_rope_head_dim;
+  return a;
 }
 
 }  // namespace
@@ -111,7 +171,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
     throw Error::unsupported(c.source() + ": mlp_bias not implemented by the forward");
   if (c.get_double_or("partial_rotary_factor", 1.0) != 1.0)
     throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward");
-  s.rope_scaling = read_rope_scaling(c);
+  s.rope_scaling = read_rope_scaling(c, f.attention == model::AttentionKind::MLA);
   s.attn.heads = d.heads;
   s.attn.kv_heads = d.kv_heads;
   s.attn.head_dim = d.head_dim;
@@ -127,6 +187,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   }
   if (d.heads <= 0 || d.kv_heads <= 0 || d.heads % d.kv_heads != 0)
     throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
+  if (f.attention == model::AttentionKind::MLA) s.mla = read_mla(m, s);
   s.routing = RoutingRule::from_model(m);
   return s;
 }
@@ -182,7 +243,9 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
 
   {
     MatrixRM xn = rms_norm(X, w.input_norm, spec_.eps);
-    AttnOutput a = attention(spec_.attn, w.attn, rope(T), xn, T);
+    AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
+                                                  [&] { return mla_attention(*spec_.mla, w.attn, rope(T), xn, T); })
+                             : attention(spec_.attn, w.attn, rope(T), xn, T);
     if (want_attn) {
       const AttnTrace t{xn, a.o_input, a.out, w.attn};
       for (Observer* o : observers)

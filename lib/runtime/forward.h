@@ -3,8 +3,9 @@
 // dequantised to f32 once, applied to every window of the batch, then released. Memory is one
 // layer in f32 plus the hidden states (plus, for logits, [N, V]).
 //
-// Families with a forward: mixtral, qwen2_moe, qwen3_moe, olmoe, llama, mistral, qwen2, qwen3.
-// Others (deepseek MLA, phimoe, granitemoe) throw Error::unsupported when a Forward is built.
+// Families with a forward: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 and
+// kimi_k2 (Multi-head Latent Attention, runtime/mla.h), llama, mistral, qwen2, qwen3.
+// Others (phimoe, granitemoe) throw Error::unsupported when a Forward is built.
 //
 // Step-by-step use (what calibration and compression pipelines do):
 //   Forward f(model);
@@ -21,6 +22,7 @@
 
 #include "model/model.h"
 #include "runtime/attention.h"
+#include "runtime/mla.h"
 #include "runtime/observer.h"
 #include "runtime/ops.h"
 #include "runtime/routing.h"
@@ -34,7 +36,8 @@ struct ForwardSpec {
   double eps = 1e-6;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
-  AttnSpec attn;
+  AttnSpec attn;              // standard attention (MLA: attn.head_dim is qk_rope_head_dim, the RoPE width)
+  std::optional<MlaSpec> mla; // set for Multi-head Latent Attention families
   RoutingRule routing;
   // Reads every hyper-parameter from the model's config; throws Error::unsupported for families
   // or settings the forward does not implement (hidden_act other than silu, yarn RoPE, ...).

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -71,6 +72,55 @@ void silu_mul_inplace(MatrixRM& G, const MatrixRM& U) {
 void set_blas_threads(int n) { openblas_set_num_threads(n); }
 int blas_threads() { return openblas_get_num_threads(); }
 
+double yarn_mscale(double scale, double mscale) { return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0; }
+
+namespace {
+
+// The scaling's factor as transformers' yarn uses it: max_position_embeddings /
+// original_max_position_embeddings when the latter is given, else `factor`.
+double yarn_factor(const RopeScaling& s, int64_t max_positions) {
+  return s.original_max_positions > 0 && max_positions > 0 ? double(max_positions) / double(s.original_max_positions)
+                                                           : s.factor;
+}
+
+// transformers' _compute_yarn_parameters: a per-frequency blend of interpolated (inv / factor) and
+// extrapolated (inv) frequencies, the blend a linear ramp between the correction dimensions of
+// beta_fast and beta_slow rotations over the original context.
+void yarn_inv_freq(std::vector<float>& inv, int64_t d, double base, const RopeScaling& s, int64_t max_positions) {
+  const double factor = yarn_factor(s, max_positions);
+  const double orig = double(s.original_max_positions > 0 ? s.original_max_positions : max_positions);
+  if (orig <= 0) throw core::Error::unsupported("yarn RoPE needs max_position_embeddings");
+  auto correction_dim = [&](double rotations) {
+    return double(d) * std::log(orig / (rotations * 2 * M_PI)) / (2 * std::log(base));
+  };
+  double low = correction_dim(s.beta_fast), high = correction_dim(s.beta_slow);
+  if (s.truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, double(d - 1));
+  if (low == high) high += 0.001;
+  for (size_t i = 0; i < inv.size(); ++i) {
+    const float pos = static_cast<float>(std::pow(base, double(2 * i) / double(d)));  // fp32, as torch
+    const float extra = 1.0f / pos, inter = static_cast<float>(1.0 / (factor * double(pos)));
+    const float ramp = std::clamp(static_cast<float>((double(i) - low) / (high - low)), 0.0f, 1.0f);
+    const float extra_w = 1.0f - ramp;
+    inv[i] = inter * (1.0f - extra_w) + extra * extra_w;
+  }
+}
+
+// yarn's attention factor on cos/sin: given, else get_mscale(factor, mscale) /
+// get_mscale(factor, mscale_all_dim) when both are set, else get_mscale(factor).
+double yarn_attention_factor(const RopeScaling& s, int64_t max_positions) {
+  if (s.attention_factor) return *s.attention_factor;
+  const double factor = yarn_factor(s, max_positions);
+  if (s.mscale != 0 && s.mscale_all_dim != 0) return yarn_mscale(factor, s.mscale) / yarn_mscale(factor, s.mscale_all_dim);
+  return yarn_mscale(factor, 1.0);
+}
+
+}  // namespace
+
 RopeTable RopeTable::make(int64_t T, int64_t d, double theta, const RopeScaling& s, int64_t max_positions) {
   if (d % 2 != 0) throw core::Error::unsupported("RoPE needs an even head_dim, got " + std::to_string(d));
   const int64_t h = d / 2;
@@ -97,9 +147,12 @@ RopeTable RopeTable::make(int64_t T, int64_t d, double theta, const RopeScaling&
         f = static_cast<float>((1 - smooth) * f / s.factor + smooth * f);
       }
     }
+  } else if (s.type == "yarn") {
+    yarn_inv_freq(inv, d, theta, s, max_positions);
   } else if (s.type != "default" && s.type != "dynamic") {
     throw core::Error::unsupported("rope_scaling type '" + s.type + "' not implemented by the forward");
   }
+  const float af = s.type == "yarn" ? static_cast<float>(yarn_attention_factor(s, max_positions)) : 1.0f;
   RopeTable r;
   r.T = T;
   r.d = d;
@@ -108,24 +161,31 @@ RopeTable RopeTable::make(int64_t T, int64_t d, double theta, const RopeScaling&
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < h; ++i) {
       const float a = static_cast<float>(t) * inv[i];  // fp32 product, as transformers computes it
-      r.cos[t * h + i] = static_cast<float>(std::cos(double(a)));
-      r.sin[t * h + i] = static_cast<float>(std::sin(double(a)));
+      r.cos[t * h + i] = static_cast<float>(std::cos(double(a))) * af;
+      r.sin[t * h + i] = static_cast<float>(std::sin(double(a))) * af;
     }
   return r;
 }
 
-void RopeTable::apply(MatrixRM& X, int64_t heads) const {
+void RopeTable::apply(MatrixRM& X, int64_t heads) const { apply(X.data(), X.rows(), X.cols(), heads, d, 0, false); }
+
+void RopeTable::apply(float* X, int64_t rows, int64_t ld, int64_t heads, int64_t stride, int64_t offset,
+                      bool interleaved) const {
   const int64_t h = d / 2;
-  for (int64_t n = 0; n < X.rows(); ++n) {
+  // Element i of the pair (i, i + step) or (2i, 2i + 1).
+  const int64_t first = interleaved ? 2 : 1, second = interleaved ? 1 : h;
+  for (int64_t n = 0; n < rows; ++n) {
     const int64_t t = n % T;
     const float* c = cos.data() + t * h;
     const float* s = sin.data() + t * h;
     for (int64_t hd = 0; hd < heads; ++hd) {
-      float* x = X.data() + n * X.cols() + hd * d;
+      float* x = X + n * ld + offset + hd * stride;
       for (int64_t i = 0; i < h; ++i) {
-        const float x1 = x[i], x2 = x[i + h];
-        x[i] = x1 * c[i] - x2 * s[i];
-        x[i + h] = x2 * c[i] + x1 * s[i];
+        float* p1 = x + i * first;
+        float* p2 = p1 + second;
+        const float x1 = *p1, x2 = *p2;
+        *p1 = x1 * c[i] - x2 * s[i];
+        *p2 = x2 * c[i] + x1 * s[i];
       }
     }
   }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,19 +33,34 @@ void silu_mul_inplace(MatrixRM& G, const MatrixRM& U);
 void set_blas_threads(int n);
 int blas_threads();
 
-// RoPE angles for positions 0..T-1: cos/sin [T, d/2] in the rotate-half convention.
+// RoPE angles for positions 0..T-1: cos/sin [T, d/2] (frequency i rotates one pair of elements).
 struct RopeScaling {
-  std::string type = "default";  // default | linear | dynamic | llama3
+  std::string type = "default";  // default | linear | dynamic | llama3 | yarn
   double factor = 1.0;
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
-  int64_t original_max_positions = 0;                   // llama3 / dynamic
+  int64_t original_max_positions = 0;                   // llama3 / dynamic / yarn (0: max_positions)
+  // yarn (transformers' modeling_rope_utils._compute_yarn_parameters):
+  double beta_fast = 32.0, beta_slow = 1.0;
+  double mscale = 0.0, mscale_all_dim = 0.0;  // 0: absent
+  std::optional<double> attention_factor;     // absent: from factor, mscale, mscale_all_dim
+  bool truncate = true;
 };
+// yarn's get_mscale(scale, mscale): 1 for scale <= 1, else 0.1 * mscale * ln(scale) + 1.
+double yarn_mscale(double scale, double mscale);
 struct RopeTable {
   int64_t T = 0, d = 0;
-  std::vector<float> cos, sin;  // [T * d/2]
+  // [T * d/2], already multiplied by the scaling's attention factor (yarn; 1 for the others),
+  // as transformers multiplies cos and sin by attention_scaling.
+  std::vector<float> cos, sin;
   static RopeTable make(int64_t T, int64_t d, double theta, const RopeScaling& s, int64_t max_positions);
-  // Rotates every head of X [N, heads*d] in place; row n has position n % T.
+  // Rotates every head of X [N, heads*d] in place (rotate-half pairs (i, i + d/2)); row n has
+  // position n % T.
   void apply(MatrixRM& X, int64_t heads) const;
+  // The same on `heads` blocks of d columns starting at column `offset` of row-major X [rows, ld],
+  // block h at offset + h * stride. `interleaved`: pairs (2i, 2i+1) (DeepSeek's layout), else
+  // rotate-half pairs (i, i + d/2).
+  void apply(float* X, int64_t rows, int64_t ld, int64_t heads, int64_t stride, int64_t offset,
+             bool interleaved) const;
 };
 
 }  // namespace moe::runtime

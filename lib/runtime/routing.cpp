@@ -142,13 +142,16 @@ RoutingResult route(const RoutingRule& rule, const MatrixRM& logits, const RowVe
         std::vector<float> choice(p);
         if (rule.group_limited) limit_groups(choice, rule, false, scratch);
         top_k_indices(choice.data(), E, k, top.data(), scratch);
+        // Weights are the (group-masked) scores the top-k ran on, as transformers' topk returns
+        // them: an expert of a dropped group (only chosen when the kept groups hold fewer than k
+        // experts) weighs 0.
         float sum = 0;
-        for (int j = 0; j < k; ++j) sum += p[top[j]];
+        for (int j = 0; j < k; ++j) sum += choice[top[j]];
         const bool norm = k > 1 && rule.renormalize;
         for (int j = 0; j < k; ++j) {
           r.ids(n, j) = top[j];
-          r.weights(n, j) = norm ? p[top[j]] / (sum + 1e-20f)
-                                 : static_cast<float>(p[top[j]] * rule.routed_scaling_factor);
+          r.weights(n, j) = norm ? choice[top[j]] / (sum + 1e-20f)
+                                 : static_cast<float>(choice[top[j]] * rule.routed_scaling_factor);
         }
         break;
       }

@@ -159,10 +159,27 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored) {
     };
     assign(w.input_norm, need("input_norm"));
     assign(w.post_attn_norm, need("post_attn_norm"));
-    assign(w.attn.q, need("q_proj"));
-    assign(w.attn.k, need("k_proj"));
-    assign(w.attn.v, need("v_proj"));
     assign(w.attn.o, need("o_proj"));
+    if (l.find("kv_a_proj")) {  // MLA
+      auto matrix_or_empty = [&](MatrixRM& m, const char* role) {
+        if (const core::Tensor* t = l.find(role)) assign(m, *t);
+        else m.resize(0, 0);
+      };
+      matrix_or_empty(w.attn.q, "q_proj");
+      matrix_or_empty(w.attn.q_a, "q_a_proj");
+      matrix_or_empty(w.attn.q_b, "q_b_proj");
+      assign(w.attn.q_a_norm, l.find("q_a_norm"));
+      assign(w.attn.kv_a, need("kv_a_proj"));
+      assign(w.attn.kv_a_norm, need("kv_a_norm"));
+      assign(w.attn.kv_b, need("kv_b_proj"));
+      w.attn.k.resize(0, 0);
+      w.attn.v.resize(0, 0);
+    } else {
+      assign(w.attn.q, need("q_proj"));
+      assign(w.attn.k, need("k_proj"));
+      assign(w.attn.v, need("v_proj"));
+      w.attn.kv_a.resize(0, 0);
+    }
     assign(w.attn.q_bias, l.find("q_bias"));
     assign(w.attn.k_bias, l.find("k_bias"));
     assign(w.attn.v_bias, l.find("v_bias"));

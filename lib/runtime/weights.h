@@ -40,7 +40,7 @@ MatrixRM project(const MatrixRM& X, const MatrixRM& w, const std::optional<LowRa
 
 struct MoeWeights {
   MatrixRM router;                      // [E,H]
-  std::optional<RowVector> router_bias; // [E] (deepseek_v3; not used by the forward)
+  std::optional<RowVector> router_bias; // [E] deepseek_v3 e_score_correction_bias (expert choice only)
   std::vector<MlpWeights> experts;      // E
   std::optional<MlpWeights> shared;     // qwen2_moe shared expert
   std::optional<RowVector> shared_gate; // [H] (the [1,H] sigmoid gate row)
@@ -48,9 +48,17 @@ struct MoeWeights {
 };
 
 struct AttnWeights {
+  // Standard attention (MLA: k and v empty; q empty when q goes through q_a/q_b).
   MatrixRM q, k, v, o;                     // [nH*d,H], [nKV*d,H], [nKV*d,H], [H,nH*d]
   std::optional<RowVector> q_bias, k_bias, v_bias, o_bias;
   std::optional<RowVector> q_norm, k_norm; // [d] (per head) or [nH*d]/[nKV*d] (full)
+  // Multi-head Latent Attention (deepseek_v2/v3; runtime/mla.h). dqk = qk_nope_head_dim +
+  // qk_rope_head_dim, r = kv_lora_rank, rq = q_lora_rank. q is [nH*dqk,H] when direct; o is [H,nH*dv].
+  MatrixRM q_a, q_b;                       // [rq,H], [nH*dqk,rq] (q_lora_rank set; else empty)
+  std::optional<RowVector> q_a_norm;       // [rq]
+  MatrixRM kv_a, kv_b;                     // [r+dr,H], [nH*(dn+dv),r] (empty for standard attention)
+  RowVector kv_a_norm;                     // [r]
+  bool mla() const { return kv_a.size() != 0; }
 };
 
 struct LayerWeights {

@@ -14,7 +14,7 @@ using core::ErrorKind;
 using nlohmann::json;
 using test::expect_error;
 
-TEST(Family, TwelveFamiliesWithTheirArchitectures) {
+TEST(Family, FamiliesWithTheirArchitectures) {
   const std::map<std::string, std::string> expected = {
       {"llama", "LlamaForCausalLM"},          {"mistral", "MistralForCausalLM"},
       {"qwen2", "Qwen2ForCausalLM"},          {"qwen3", "Qwen3ForCausalLM"},
@@ -22,6 +22,7 @@ TEST(Family, TwelveFamiliesWithTheirArchitectures) {
       {"qwen3_moe", "Qwen3MoeForCausalLM"},   {"olmoe", "OlmoeForCausalLM"},
       {"deepseek_v2", "DeepseekV2ForCausalLM"}, {"deepseek_v3", "DeepseekV3ForCausalLM"},
       {"phimoe", "PhiMoEForCausalLM"},        {"granitemoe", "GraniteMoeForCausalLM"},
+      {"kimi_k2", "DeepseekV3ForCausalLM"},  // Kimi-K2: the deepseek_v3 layout
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -47,6 +48,7 @@ TEST(Family, MoeKeysAndNames) {
       {"olmoe", "num_experts", "intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
       {"deepseek_v2", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV2},
       {"deepseek_v3", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
+      {"kimi_k2", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
       {"phimoe", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SparseMixer},
       {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
   };
@@ -166,7 +168,8 @@ namespace {
 TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
-            (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}));
+            (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+               "deepseek_v3", "kimi_k2"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

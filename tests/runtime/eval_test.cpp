@@ -218,9 +218,9 @@ TEST(EvalCli, Errors) {
                                   heldout().string(), "--ctx", "32", "--max-windows", "1"}),
                         "vocabulary");
   // A family without a forward.
-  synth_to(dir / "ds", "deepseek_v3", {}, {.tokenizer = true});
-  expect_one_line_error(run_tool({"eval", (dir / "ds").string(), "--text", heldout().string(), "--ctx", "32"}),
-                        "forward not implemented for deepseek_v3");
+  synth_to(dir / "phi", "phimoe", {}, {.tokenizer = true});
+  expect_one_line_error(run_tool({"eval", (dir / "phi").string(), "--text", heldout().string(), "--ctx", "32"}),
+                        "forward not implemented for phimoe");
 }
 
 TEST(TokenizeCli, IdsAndJson) {

@@ -12,7 +12,9 @@
 
 #include "io/checkpoint.h"
 #include "io/env.h"
+#include "core/error.h"
 #include "model/model.h"
+#include "runtime/forward.h"
 
 namespace moe::test {
 
@@ -39,6 +41,20 @@ inline nlohmann::json read_json_or_fail(const std::filesystem::path& p) {
   std::stringstream ss;
   ss << f.rdbuf();
   return nlohmann::json::parse(ss.str());
+}
+
+// The message of the Error::unsupported that building a Forward on the checkpoint in `dir` throws
+// (a test failure, and "", when it builds or throws another kind).
+inline std::string forward_refusal(const std::filesystem::path& dir) {
+  auto lm = load_model(dir);
+  try {
+    runtime::Forward fwd(lm->model);
+  } catch (const core::Error& e) {
+    EXPECT_EQ(e.kind(), core::ErrorKind::NotSupported) << e.message();
+    return e.message();
+  }
+  ADD_FAILURE() << dir.string() << ": expected Error::unsupported building the forward";
+  return "";
 }
 
 }  // namespace moe::test

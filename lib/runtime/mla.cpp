@@ -1,0 +1,67 @@
+#include "runtime/mla.h"
+
+#include <string>
+
+#include "core/error.h"
+
+namespace moe::runtime {
+
+namespace {
+
+void expect_shape(const MatrixRM& m, int64_t rows, int64_t cols, const char* what) {
+  if (m.rows() != rows || m.cols() != cols)
+    throw core::Error::corruption(std::string("multi-head latent attention: ") + what + " is [" +
+                                  std::to_string(m.rows()) + ", " + std::to_string(m.cols()) + "], the config implies [" +
+                                  std::to_string(rows) + ", " + std::to_string(cols) + "]");
+}
+
+}  // namespace
+
+AttnOutput mla_attention(const MlaSpec& s, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
+                         int64_t T) {
+  const int64_t N = x.rows(), H = x.cols(), nH = s.heads;
+  const int64_t dn = s.qk_nope_head_dim, dr = s.qk_rope_head_dim, dv = s.v_head_dim, dqk = s.qk_head_dim();
+  const int64_t r = s.kv_lora_rank;
+  if (rope.d != dr) throw core::Error::internal("mla_attention: RoPE table width != qk_rope_head_dim");
+
+  // Queries [N, nH*dqk], per head [nope | rope].
+  MatrixRM q;
+  if (s.q_lora_rank > 0) {
+    expect_shape(w.q_a, s.q_lora_rank, H, "q_a_proj");
+    expect_shape(w.q_b, nH * dqk, s.q_lora_rank, "q_b_proj");
+    if (!w.q_a_norm || w.q_a_norm->size() != s.q_lora_rank)
+      throw core::Error::corruption("multi-head latent attention: q_a_layernorm missing or not [q_lora_rank]");
+    q = linear(rms_norm(linear(x, w.q_a), *w.q_a_norm, s.lora_norm_eps), w.q_b);
+  } else {
+    expect_shape(w.q, nH * dqk, H, "q_proj");
+    q = linear(x, w.q);
+  }
+  // Compressed kv [N, r] and the shared rope key [N, dr].
+  expect_shape(w.kv_a, r + dr, H, "kv_a_proj_with_mqa");
+  expect_shape(w.kv_b, nH * (dn + dv), r, "kv_b_proj");
+  expect_shape(w.o, H, nH * dv, "o_proj");
+  if (w.kv_a_norm.size() != r) throw core::Error::corruption("multi-head latent attention: kv_a_layernorm not [kv_lora_rank]");
+  MatrixRM ckv = linear(x, w.kv_a);
+  MatrixRM c = rms_norm(ckv.leftCols(r), w.kv_a_norm, s.lora_norm_eps);
+  MatrixRM kv = linear(c, w.kv_b);  // per head [k_nope | v]
+
+  rope.apply(q.data(), N, q.cols(), nH, dqk, dn, s.interleaved);
+  rope.apply(ckv.data(), N, ckv.cols(), 1, dr, r, s.interleaved);
+
+  // Keys per head [k_nope_h | k_rope]: the rope key is shared by every head.
+  MatrixRM k(N, nH * dqk);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < nH; ++h) {
+      k.row(n).segment(h * dqk, dn) = kv.row(n).segment(h * (dn + dv), dn);
+      k.row(n).segment(h * dqk + dn, dr) = ckv.row(n).segment(r, dr);
+    }
+
+  AttnOutput out;
+  out.o_input.resize(N, nH * dv);
+  causal_attention({N, T, nH, nH, dqk, dv, static_cast<float>(s.scale), 0}, q.data(), q.cols(), dqk, k.data(),
+                   k.cols(), dqk, kv.data() + dn, kv.cols(), dn + dv, out.o_input.data(), out.o_input.cols());
+  out.out = linear(out.o_input, w.o);
+  return out;
+}
+
+}  // namespace moe::runtime

@@ -1,0 +1,263 @@
+// DeepSeek-V2/V3 forward (Multi-head Latent Attention, DeepSeek routing) against the independent
+// NumPy reference data/scripts/deepseek_reference.py (written from transformers'
+// modeling_deepseek_v3.py / modeling_deepseek_v2.py) on data/deepseek-v3-tiny (q_lora_rank, yarn,
+// sigmoid + bias routing, groups) and data/deepseek-v2-tiny (q_proj, default RoPE, softmax
+// group-limited greedy), and the same weights with v3 rope_interleave false and v2 greedy top-k:
+// logits within 1e-4 of the largest |logit|, the same argmax, the same
+// experts per token in every MoE layer with the same weights. Plus the CLI on the fixture: eval,
+// calibrate and prune --method reap run.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include "core/error.h"
+#include "runtime/forward.h"
+#include "runtime/mla.h"
+#include "runtime_test_util.h"
+#include "support/ckpt_util.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+namespace fs = std::filesystem;
+using runtime::MatrixRM;
+
+struct RoutingRecorder : runtime::Observer {
+  std::map<int, runtime::RoutingResult> routing;
+  bool wants_moe_trace() const override { return true; }
+  void on_moe(int l, const runtime::MoeTrace& t) override { routing[l] = t.routing; }
+};
+
+struct Checked {
+  double max_logit_diff = 0, logits_abs_max = 0;
+};
+
+// A copy of fixture `src` (weights, generation config) into `dst` with `patch` merged into its config.
+void copy_with_config(const fs::path& src, const fs::path& dst, const nlohmann::json& patch) {
+  for (const char* f : {"model.safetensors", "generation_config.json"}) fs::copy_file(src / f, dst / f);
+  nlohmann::json cfg = nlohmann::json::parse(read_file(src / "config.json"));
+  cfg.merge_patch(patch);
+  write_file(dst / "config.json", cfg.dump(2));
+}
+
+// Fills `out` (void: the ASSERTs below return early). The golden names its fixture and the config
+// patch its reference ran with.
+void check_against_reference(const std::string& name, Checked& out) {
+  const nlohmann::json g = read_json_or_fail(source_dir() / "data" / "golden" / (name + ".json"));
+  ASSERT_FALSE(g.is_null());
+  TempDir patched;
+  fs::path dir = source_dir() / g.at("model").get<std::string>();
+  if (!g.at("config_patch").empty()) {
+    copy_with_config(dir, patched.path(), g.at("config_patch"));
+    dir = patched.path();
+  }
+  auto lm = load_model(dir);
+  runtime::Forward fwd(lm->model);
+  const int64_t T = g.at("T").get<int64_t>();
+  const auto tokens = g.at("tokens").get<std::vector<int32_t>>();
+  RoutingRecorder rec;
+  runtime::Observer* obs[] = {&rec};
+  const MatrixRM logits = fwd.run(tokens, T, obs);
+  const int64_t V = logits.cols(), step = g.at("logit_ids_step").get<int64_t>();
+  out.logits_abs_max = g.at("logits_abs_max").get<double>();
+  for (int64_t t = 0; t < T; ++t) {
+    const auto& ref = g.at("logits")[t];
+    for (size_t j = 0; j < ref.size(); ++j)
+      out.max_logit_diff = std::max(out.max_logit_diff, std::abs(double(logits(t, j * step)) - ref[j].get<double>()));
+    Eigen::Index am;
+    logits.row(t).maxCoeff(&am);
+    EXPECT_EQ(am, g.at("argmax")[t].get<int64_t>()) << name << " position " << t;
+  }
+  EXPECT_EQ(V, 4096);
+  EXPECT_LE(out.max_logit_diff, 1e-4 * out.logits_abs_max) << name << ": max |logit diff| vs the reference";
+
+  const auto& layers = g.at("moe_layers");
+  EXPECT_EQ(rec.routing.size(), layers.size()) << name << ": MoE layers routed";
+  for (const auto& L : layers) {
+    const int l = L.at("layer").get<int>();
+    ASSERT_TRUE(rec.routing.count(l)) << name << " layer " << l;
+    const runtime::RoutingResult& r = rec.routing.at(l);
+    for (int64_t t = 0; t < T; ++t) {
+      // The reference lists a token's experts ascending (torch.topk(sorted=False) has no order).
+      std::vector<std::pair<int, float>> ours;
+      for (int64_t j = 0; j < r.ids.cols(); ++j) ours.emplace_back(r.ids(t, j), r.weights(t, j));
+      std::sort(ours.begin(), ours.end());
+      const auto ids = L.at("topk_ids")[t].get<std::vector<int>>();
+      ASSERT_EQ(ours.size(), ids.size());
+      for (size_t j = 0; j < ids.size(); ++j) {
+        EXPECT_EQ(ours[j].first, ids[j]) << name << " layer " << l << " token " << t;
+        EXPECT_NEAR(ours[j].second, L.at("topk_weights")[t][j].get<double>(), 1e-5)
+            << name << " layer " << l << " token " << t << " expert " << ids[j];
+      }
+    }
+  }
+}
+
+TEST(DeepSeek, V3MatchesReference) {
+  Checked c;
+  check_against_reference("deepseek-v3-tiny", c);
+  std::printf("[ deepseek-v3-tiny ] max |logit diff| = %.3g (|logit| max %.3g)\n", c.max_logit_diff, c.logits_abs_max);
+}
+
+TEST(DeepSeek, V2MatchesReference) {
+  Checked c;
+  check_against_reference("deepseek-v2-tiny", c);
+  std::printf("[ deepseek-v2-tiny ] max |logit diff| = %.3g (|logit| max %.3g)\n", c.max_logit_diff, c.logits_abs_max);
+}
+
+// The same weights with rope_interleave false (rotate-half pairs): another golden.
+TEST(DeepSeek, V3RotateHalfMatchesReference) {
+  Checked c;
+  check_against_reference("deepseek-v3-tiny-rotate-half", c);
+  std::printf("[ deepseek-v3-tiny-rotate-half ] max |logit diff| = %.3g\n", c.max_logit_diff);
+}
+
+// The same weights with topk_method greedy.
+TEST(DeepSeek, V2GreedyMatchesReference) {
+  Checked c;
+  check_against_reference("deepseek-v2-tiny-greedy", c);
+  std::printf("[ deepseek-v2-tiny-greedy ] max |logit diff| = %.3g\n", c.max_logit_diff);
+}
+
+// The hyper-parameters read from the v3 fixture's config: yarn's mscale_all_dim on the softmax
+// scale, q through q_a/q_b, interleaved RoPE.
+TEST(DeepSeek, SpecFromConfig) {
+  auto lm = load_model(source_dir() / "data/deepseek-v3-tiny");
+  const runtime::ForwardSpec s = runtime::ForwardSpec::from_model(lm->model);
+  ASSERT_TRUE(s.mla.has_value());
+  EXPECT_EQ(s.mla->q_lora_rank, 32);
+  EXPECT_EQ(s.mla->qk_head_dim(), 32);
+  EXPECT_TRUE(s.mla->interleaved);
+  const double m = 0.1 * 0.8 * std::log(4.0) + 1.0;
+  EXPECT_NEAR(s.mla->scale, m * m / std::sqrt(32.0), 1e-12);
+  EXPECT_EQ(s.attn.head_dim, 16);  // the RoPE width: qk_rope_head_dim
+  EXPECT_EQ(s.rope_scaling.type, "yarn");
+  auto v2 = load_model(source_dir() / "data/deepseek-v2-tiny");
+  const runtime::ForwardSpec s2 = runtime::ForwardSpec::from_model(v2->model);
+  EXPECT_EQ(s2.mla->q_lora_rank, 0);
+  EXPECT_NEAR(s2.mla->scale, 1 / std::sqrt(32.0), 1e-12);
+}
+
+// yarn's blend against values computed by hand from _compute_yarn_parameters for d 16, base 1e4,
+// original context 64, factor 4: correction range [0, 3], so frequency 0 is kept, 1 and 2 are
+// blended (weights 2/3 and 1/3 of the original), 3.. are divided by the factor; cos/sin carry
+// the attention factor mscale(4, 0.9) / mscale(4, 0.8).
+TEST(DeepSeek, YarnRopeTable) {
+  runtime::RopeScaling s;
+  s.type = "yarn";
+  s.factor = 4;
+  s.original_max_positions = 64;
+  s.mscale = 0.9;
+  s.mscale_all_dim = 0.8;
+  const runtime::RopeTable r = runtime::RopeTable::make(2, 16, 1e4, s, 256);
+  const double af = (0.09 * std::log(4.0) + 1) / (0.08 * std::log(4.0) + 1);
+  auto inv = [](int i) { return 1.0 / std::pow(1e4, 2.0 * i / 16.0); };
+  const double expect[8] = {inv(0), inv(1) * (2.0 / 3 + 1.0 / 12), inv(2) * (1.0 / 3 + 2.0 / 12), inv(3) / 4,
+                            inv(4) / 4, inv(5) / 4,  inv(6) / 4, inv(7) / 4};
+  for (int i = 0; i < 8; ++i) {
+    // position 1: angle = inv_freq
+    EXPECT_NEAR(r.sin[8 + i], std::sin(expect[i]) * af, 1e-6) << i;
+    EXPECT_NEAR(r.cos[8 + i], std::cos(expect[i]) * af, 1e-6) << i;
+  }
+  EXPECT_NEAR(r.cos[0], af, 1e-6);  // position 0
+}
+
+// A DeepSeek config the forward does not implement is refused naming the key.
+TEST(DeepSeek, UnsupportedSettingsSayWhich) {
+  TempDir dir;
+  synth_to(dir.path(), "deepseek_v3", {.config_patch = {{"num_key_value_heads", 2}}});
+  const std::string m = forward_refusal(dir.path());
+  EXPECT_NE(m.find("num_key_value_heads 2 != num_attention_heads 4"), std::string::npos) << m;
+}
+
+// A config whose MLA shapes disagree with the stored tensors (q_lora_rank set, q_proj stored): an
+// error naming the layer and the projection, not a wrong answer.
+TEST(DeepSeek, ConfigDisagreeingWithTheTensorsIsAnError) {
+  TempDir dir;
+  synth_to(dir.path(), "deepseek_v2", {.config_edit = {{"q_lora_rank", 12}}});
+  auto lm = load_model(dir.path());
+  runtime::Forward fwd(lm->model);
+  try {
+    fwd.run(std::vector<int32_t>{1, 2, 3, 4}, 4);
+    FAIL() << "expected Error::corruption";
+  } catch (const core::Error& e) {
+    EXPECT_EQ(e.kind(), core::ErrorKind::Corruption) << e.what();
+    EXPECT_NE(std::string(e.what()).find("layer 0"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("q_a_proj is [0, 0], the config implies [12, 32]"), std::string::npos) << e.what();
+  }
+}
+
+// kimi_k2 is the deepseek_v3 layout under its own model_type: the same logits.
+TEST(DeepSeek, KimiK2IsTheV3Layout) {
+  TempDir dir;
+  const fs::path src = source_dir() / "data/deepseek-v3-tiny";
+  copy_with_config(src, dir.path(), {{"model_type", "kimi_k2"}});
+  auto v3 = load_model(src);
+  auto k2 = load_model(dir.path());
+  EXPECT_EQ(k2->model.family().model_type, "kimi_k2");
+  const std::vector<int32_t> tokens = {5, 77, 1024, 9, 3000, 12, 400, 8};
+  const MatrixRM a = runtime::Forward(v3->model).run(tokens, 8);
+  const MatrixRM b = runtime::Forward(k2->model).run(tokens, 8);
+  EXPECT_EQ((a - b).cwiseAbs().maxCoeff(), 0.0f);
+}
+
+// The commands that sit on the forward run on the fixture.
+TEST(DeepSeekCli, EvalCalibrateAndReap) {
+  TempDir tmp;
+  const std::string model = (source_dir() / "data/deepseek-v3-tiny").string();
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("windows"), 2);
+  EXPECT_TRUE(std::isfinite(j.at("perplexity").get<double>())) << r.out;
+  EXPECT_GT(j.at("perplexity").get<double>(), 1.0) << r.out;
+
+  const fs::path stats = tmp.path() / "ds.stats";
+  r = run_tool({"-q", "calibrate", model, "--text", text, "-o", stats.string(), "--ctx", "32", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(stats));
+
+  const fs::path out = tmp.path() / "reap";
+  r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
+  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
+  // The pruned model runs too.
+  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+}
+
+// A DeepSeek-V3 checkpoint with a multi-token-prediction MoE block: quantize keeps every expert
+// count, so it runs (the MTP layer passed through as stored); merge changes the counts: refused.
+TEST(DeepSeekCli, MtpLayerTakesQuantizeNotMerge) {
+  TempDir tmp;
+  SynthSpec spec;
+  for (int64_t e = 0; e < 4; ++e) {  // the synthetic v3: 3 decoder layers, MTP layer 3, 4 experts of width 16
+    const std::string p = "model.layers.3.mlp.experts." + std::to_string(e) + ".";
+    spec.extra.push_back(synth_tensor(p + "gate_proj.weight", core::DType::BF16, {16, 32}, 100 + e));
+    spec.extra.push_back(synth_tensor(p + "up_proj.weight", core::DType::BF16, {16, 32}, 200 + e));
+    spec.extra.push_back(synth_tensor(p + "down_proj.weight", core::DType::BF16, {32, 16}, 300 + e));
+  }
+  const fs::path in = tmp.path() / "in";
+  write_synth(make_synth("deepseek_v3", spec), in, {.tokenizer = true});
+  const std::string text = (source_dir() / "data/text/calib.txt").string();
+  RunResult r = run_tool({"-q", "quantize", in.string(), (tmp.path() / "q").string(), "--method", "rtn", "--text", text,
+                          "--ctx", "16", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const std::string name = "model.layers.3.mlp.experts.2.up_proj.weight";
+  EXPECT_EQ(read_tensors(tmp.path() / "q").at(name), read_tensors(in).at(name));
+  r = run_tool({"-q", "merge", in.string(), (tmp.path() / "m").string(), "--method", "msmoe", "--experts", "2", "--text",
+                text, "--ctx", "16", "--windows", "2"});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_NE(r.err.find("changes the decoder layers' expert counts"), std::string::npos) << r.describe();
+  EXPECT_FALSE(fs::exists(tmp.path() / "m"));
+}
+
+}  // namespace
+}  // namespace moe::test
