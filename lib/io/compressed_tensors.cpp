@@ -1,0 +1,112 @@
+#include "io/compressed_tensors.h"
+
+#include <cstring>
+
+#include "core/error.h"
+
+namespace moe::io {
+
+namespace {
+
+using core::DType;
+using core::Error;
+
+// Values of `v` ([rows, cols], each < 2^bits) packed 32/bits per int32 along `dim` (0: rows, 1:
+// cols), value k of a word in bits [k·bits, (k+1)·bits), the last word zero-padded: [ceil(rows/pf),
+// cols] or [rows, ceil(cols/pf)], as pack_to_int32 does (after its unsigned offset).
+std::vector<uint8_t> pack_words(const uint8_t* v, int64_t rows, int64_t cols, int bits, int dim, core::Shape& shape) {
+  const int64_t pf = 32 / bits;
+  const int64_t wr = dim == 0 ? (rows + pf - 1) / pf : rows, wc = dim == 1 ? (cols + pf - 1) / pf : cols;
+  std::vector<uint32_t> w(static_cast<size_t>(wr * wc), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t along = dim == 0 ? r : c;
+      const int64_t word = dim == 0 ? (r / pf) * wc + c : r * wc + c / pf;
+      w[word] |= static_cast<uint32_t>(v[r * cols + c]) << ((along % pf) * bits);
+    }
+  shape = {wr, wc};
+  std::vector<uint8_t> out(w.size() * 4);
+  for (size_t i = 0; i < w.size(); ++i)
+    for (int b = 0; b < 4; ++b) out[i * 4 + b] = static_cast<uint8_t>(w[i] >> (8 * b));
+  return out;
+}
+
+template <typename T>
+std::vector<uint8_t> bytes_le(const std::vector<T>& v) {
+  std::vector<uint8_t> out(v.size() * sizeof(T));
+  for (size_t i = 0; i < v.size(); ++i)
+    for (size_t b = 0; b < sizeof(T); ++b) out[i * sizeof(T) + b] = static_cast<uint8_t>(static_cast<uint64_t>(v[i]) >> (8 * b));
+  return out;
+}
+
+}  // namespace
+
+const char* packed_format_name(PackedFormat f) { return f == PackedFormat::Gptq ? "gptq" : "compressed-tensors"; }
+
+std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in) {
+  if (bits != 4 && bits != 8) return std::to_string(bits) + "-bit codes (the layout holds 4 and 8 bits)";
+  if (group != 0 && in % group != 0)
+    return "groups of " + std::to_string(group) + " do not divide the " + std::to_string(in) + " inputs";
+  const int64_t pf = 32 / bits;
+  if (f == PackedFormat::Gptq && (in % pf != 0 || out % pf != 0))
+    return "shape [" + std::to_string(out) + ", " + std::to_string(in) + "]: GPTQ packs " + std::to_string(pf) +
+           " values per int32 along both dims and needs multiples of " + std::to_string(pf);
+  return "";
+}
+
+std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, bool symmetric, int64_t out, int64_t in) {
+  const int64_t pf = 32 / bits, ng = group == 0 ? 1 : in / group;
+  if (f == PackedFormat::CompressedTensors) {
+    std::vector<PackedTensor> s = {{".weight_packed", DType::I32, {out, (in + pf - 1) / pf}, {}},
+                                   {".weight_scale", DType::F16, {out, ng}, {}},
+                                   {".weight_shape", DType::I64, {2}, {}}};
+    if (!symmetric) s.push_back({".weight_zero_point", DType::I32, {(out + pf - 1) / pf, ng}, {}});
+    return s;
+  }
+  return {{".qweight", DType::I32, {in / pf, out}, {}},
+          {".qzeros", DType::I32, {ng, out / pf}, {}},
+          {".scales", DType::F16, {ng, out}, {}},
+          {".g_idx", DType::I32, {in}, {}}};
+}
+
+std::vector<PackedTensor> pack_linear(PackedFormat f, const GroupCodes& c) {
+  if (const std::string p = packed_shape_problem(f, c.bits, c.group, c.out, c.in); !p.empty())
+    throw Error::internal("pack_linear: " + p);
+  const int64_t ng = c.ngroups();
+  if (c.codes.size() != static_cast<size_t>(c.out * c.in) || c.scales.size() != static_cast<size_t>(c.out * ng) ||
+      c.zeros.size() != static_cast<size_t>(c.out * ng))
+    throw Error::internal("pack_linear: codes, scales or zeros of the wrong size");
+  std::vector<PackedTensor> t = packed_specs(f, c.bits, c.group, c.symmetric, c.out, c.in);
+  core::Shape shape;
+  if (f == PackedFormat::CompressedTensors) {
+    t[0].data = pack_words(c.codes.data(), c.out, c.in, c.bits, 1, shape);
+    t[1].data = bytes_le(c.scales);
+    t[2].data = bytes_le(std::vector<int64_t>{c.out, c.in});
+    if (!c.symmetric) t[3].data = pack_words(c.zeros.data(), c.out, ng, c.bits, 0, shape);
+    return t;
+  }
+  // GPTQ: codes transposed to [in, out] and packed along in; zero points − 1 transposed to
+  // [ngroups, out] and packed along out; scales transposed.
+  std::vector<uint8_t> codes_t(c.codes.size()), zeros_t(c.zeros.size());
+  std::vector<uint16_t> scales_t(c.scales.size());
+  for (int64_t o = 0; o < c.out; ++o)
+    for (int64_t i = 0; i < c.in; ++i) codes_t[i * c.out + o] = c.codes[o * c.in + i];
+  for (int64_t o = 0; o < c.out; ++o)
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t z = c.zeros[o * ng + g];
+      if (z == 0)
+        throw Error::invalid("row " + std::to_string(o) + ", group " + std::to_string(g) +
+                             ": zero point 0, which GPTQ's v1 layout (stored as zero − 1) cannot hold");
+      zeros_t[g * c.out + o] = static_cast<uint8_t>(z - 1);
+      scales_t[g * c.out + o] = c.scales[o * ng + g];
+    }
+  t[0].data = pack_words(codes_t.data(), c.in, c.out, c.bits, 0, shape);
+  t[1].data = pack_words(zeros_t.data(), ng, c.out, c.bits, 1, shape);
+  t[2].data = bytes_le(scales_t);
+  std::vector<int32_t> g_idx(static_cast<size_t>(c.in));
+  for (int64_t i = 0; i < c.in; ++i) g_idx[i] = static_cast<int32_t>(i / c.group_len());
+  t[3].data = bytes_le(g_idx);
+  return t;
+}
+
+}  // namespace moe::io
