@@ -539,12 +539,11 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
   p.fmt = fmt;
   p.outs = m.outputs(model::OutputOptions{}, &p.manifest);
   std::map<std::string, const model::OutTensor*> first_part;
-  std::string scheme_of;  // the weight that set p.scheme
+  std::string scheme_of;      // the weight that set p.scheme
+  std::string dense_expert;  // the first routed expert weight stored dense
   for (const auto& o : p.outs) {
     if (o.weight.empty()) {
-      if (o.cls == "experts" && is_dense_linear(o))
-        throw Error::unsupported(src + ": " + o.name + ": a routed expert stored dense; vLLM's fused-MoE layer takes one " +
-                                 "scheme for all experts: " + way_out);
+      if (o.cls == "experts" && is_dense_linear(o) && dense_expert.empty()) dense_expert = o.name;
       continue;
     }
     if (first_part.count(o.weight)) continue;
@@ -575,6 +574,9 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
   }
   if (first_part.empty())
     throw Error::unsupported(src + ": no weight is quantized (intN); " + F + " stores int4/int8 codes: " + way_out);
+  if (!dense_expert.empty())
+    throw Error::unsupported(src + ": " + dense_expert + ": a routed expert stored dense; vLLM's fused-MoE layer takes one " +
+                             "scheme for all experts: " + way_out);
   // GPTQ v1 stores zero − 1: asymmetric zero points of 0 are refused now, before anything is written.
   std::map<std::string, const model::OutTensor*> by_name;
   for (const auto& o : p.outs) by_name[o.name] = &o;
@@ -660,6 +662,15 @@ struct PackedResult {
   uint64_t bytes = 0;  // all files written
 };
 
+// Hands the input pages of [lo, hi) and 64 KiB on each side (the kernel's default fault-around)
+// back to the OS; Checkpoint::release_range clips at the file's end.
+void release_around(const io::Checkpoint& ckpt, const uint8_t* lo, const uint8_t* hi) {
+  constexpr uintptr_t kAround = 64 * 1024;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(lo), start = b > kAround ? b - kAround : 0;
+  ckpt.release_range(lo, static_cast<uint64_t>(hi - lo) + kAround);
+  ckpt.release_range(reinterpret_cast<const uint8_t*>(start), b - start);  // nothing when before the file
+}
+
 // Writes the planned folder: side files, config.json with the quantization_config, tensors.
 void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir) {
   for (const auto& f : ckpt.side_files()) {
@@ -679,7 +690,7 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
     if (o.weight.empty()) {
       const core::Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
       w.write(o.name, t.dtype() == o.dtype ? t : t.converted(o.dtype));
-      if (!t.owns_data()) ckpt.release_range(t.data(), t.nbytes());
+      if (!t.owns_data()) release_around(ckpt, t.data(), t.data() + t.nbytes());
       continue;
     }
     if (first_part.at(o.weight) != &o) continue;
@@ -688,10 +699,17 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
       const io::GroupCodes c = group_codes(p.manifest.at(o.weight), by_name);
       for (const auto& t : io::pack_linear(p.fmt, c)) w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
     });
+    // One release per weight over its parts (stored next to each other) and the kernel's
+    // fault-around window on both sides (pages faulted in around a neighbour's first read would
+    // stay mapped otherwise): the pages stay readable, a later read faults them in again.
+    const uint8_t *lo = nullptr, *hi = nullptr;
     for (const auto& [role, part] : p.manifest.at(o.weight).at("parts").items()) {
       const core::Tensor t = by_name.at(part.get<std::string>())->make();
-      if (!t.owns_data()) ckpt.release_range(t.data(), t.nbytes());
+      if (t.owns_data()) continue;
+      lo = lo ? std::min(lo, t.data()) : t.data();
+      hi = std::max(hi, t.data() + t.nbytes());
     }
+    if (lo) release_around(ckpt, lo, hi);
   }
   w.finish();
 }

@@ -2,6 +2,7 @@
 """Independent check of `moe-tool export --format compressed-tensors|gptq` (NumPy only).
 
     check_compressed.py NATIVE EXPORT
+    check_compressed.py --synthetic-mixtral OUT LAYERS   (a random bf16 mixtral for the timings)
 
 NATIVE: the moe-tool checkpoint that was exported (intN codes, docs/FORMAT.md); EXPORT: the
 exported folder. Decodes every packed Linear of EXPORT as the formats' published sources do and
@@ -99,7 +100,46 @@ def decode_native(t, entry):
     return (q - zeros[:, g]).astype(np.float32) * scales[:, g]
 
 
+def synthetic_mixtral(out, layers):
+    """Random bf16 mixtral: hidden 1024, 8 experts of width 2816 (top-2), vocab 4096, `layers` layers."""
+    H, I, E, V = 1024, 2816, 8, 4096
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": H, "intermediate_size": I,
+           "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8, "num_local_experts": E,
+           "num_experts_per_tok": 2, "vocab_size": V, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+           "rope_theta": 1e6, "sliding_window": None, "hidden_act": "silu", "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16"}
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for l in range(layers):
+        p = f"model.layers.{l}."
+        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                       p + "block_sparse_moe.gate.weight": (E, H)})
+        for n in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{n}_proj.weight"] = (H, H)
+        for e in range(E):
+            for w, shape in (("w1", (I, H)), ("w2", (H, I)), ("w3", (I, H))):
+                shapes[p + f"block_sparse_moe.experts.{e}.{w}.weight"] = shape
+    rng = np.random.default_rng(0)
+    header, blobs, off = {}, [], 0
+    for name, shape in shapes.items():
+        x = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32)
+        raw = (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    os.makedirs(out)
+    with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--synthetic-mixtral":
+        synthetic_mixtral(sys.argv[2], int(sys.argv[3]))
+        return 0
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     native_dir, export_dir = sys.argv[1], sys.argv[2]

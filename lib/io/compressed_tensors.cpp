@@ -1,5 +1,6 @@
 #include "io/compressed_tensors.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
@@ -11,6 +12,14 @@ namespace {
 using core::DType;
 using core::Error;
 
+template <typename T>
+std::vector<uint8_t> bytes_le(const std::vector<T>& v) {
+  std::vector<uint8_t> out(v.size() * sizeof(T));
+  for (size_t i = 0; i < v.size(); ++i)
+    for (size_t b = 0; b < sizeof(T); ++b) out[i * sizeof(T) + b] = static_cast<uint8_t>(static_cast<uint64_t>(v[i]) >> (8 * b));
+  return out;
+}
+
 // Values of `v` ([rows, cols], each < 2^bits) packed 32/bits per int32 along `dim` (0: rows, 1:
 // cols), value k of a word in bits [k·bits, (k+1)·bits), the last word zero-padded: [ceil(rows/pf),
 // cols] or [rows, ceil(cols/pf)], as pack_to_int32 does (after its unsigned offset).
@@ -18,25 +27,27 @@ std::vector<uint8_t> pack_words(const uint8_t* v, int64_t rows, int64_t cols, in
   const int64_t pf = 32 / bits;
   const int64_t wr = dim == 0 ? (rows + pf - 1) / pf : rows, wc = dim == 1 ? (cols + pf - 1) / pf : cols;
   std::vector<uint32_t> w(static_cast<size_t>(wr * wc), 0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t along = dim == 0 ? r : c;
-      const int64_t word = dim == 0 ? (r / pf) * wc + c : r * wc + c / pf;
-      w[word] |= static_cast<uint32_t>(v[r * cols + c]) << ((along % pf) * bits);
+  if (dim == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = v + r * cols;
+      uint32_t* dst = w.data() + r * wc;
+      for (int64_t j = 0; j < wc; ++j) {
+        const int64_t n = std::min(pf, cols - j * pf);
+        uint32_t word = 0;
+        for (int64_t k = 0; k < n; ++k) word |= static_cast<uint32_t>(src[j * pf + k]) << (k * bits);
+        dst[j] = word;
+      }
     }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = v + r * cols;
+      uint32_t* dst = w.data() + (r / pf) * wc;
+      const int shift = static_cast<int>((r % pf) * bits);
+      for (int64_t c = 0; c < cols; ++c) dst[c] |= static_cast<uint32_t>(src[c]) << shift;
+    }
+  }
   shape = {wr, wc};
-  std::vector<uint8_t> out(w.size() * 4);
-  for (size_t i = 0; i < w.size(); ++i)
-    for (int b = 0; b < 4; ++b) out[i * 4 + b] = static_cast<uint8_t>(w[i] >> (8 * b));
-  return out;
-}
-
-template <typename T>
-std::vector<uint8_t> bytes_le(const std::vector<T>& v) {
-  std::vector<uint8_t> out(v.size() * sizeof(T));
-  for (size_t i = 0; i < v.size(); ++i)
-    for (size_t b = 0; b < sizeof(T); ++b) out[i * sizeof(T) + b] = static_cast<uint8_t>(static_cast<uint64_t>(v[i]) >> (8 * b));
-  return out;
+  return bytes_le(w);
 }
 
 }  // namespace
