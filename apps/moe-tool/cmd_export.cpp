@@ -487,35 +487,26 @@ std::string regex_escape(const std::string& s) {
   return out;
 }
 
-// The intN codes of one weight, unpacked from its parts as stored (no re-rounding).
-io::GroupCodes group_codes(const nlohmann::json& entry, const std::map<std::string, const model::OutTensor*>& by_name) {
+// The parts of one intN weight as stored (quant::IntN checks their shapes and dtypes), and the
+// view pack_linear reads (no re-rounding).
+struct IntNParts {
+  std::vector<quant::IntN::Part> held;
+  io::GroupCodes codes;
+};
+IntNParts intn_parts(const nlohmann::json& entry, const std::map<std::string, const model::OutTensor*>& by_name) {
   auto part = [&](const char* role) -> quant::IntN::Part {
     if (!entry.at("parts").contains(role)) return nullptr;
     const auto* o = by_name.at(entry["parts"][role].get<std::string>());
     return std::make_shared<const core::Tensor>(o->make());
   };
   const bool sym = entry.at("symmetric").get<bool>();
+  IntNParts p;
+  p.held = {part("codes"), part("scales"), sym ? nullptr : part("zeros")};
   const quant::IntN q(entry.at("bits").get<int>(), entry.at("group").get<int64_t>(), sym, entry.at("cols").get<int64_t>(),
-                      part("codes"), part("scales"), sym ? nullptr : part("zeros"));
-  io::GroupCodes c;
-  c.bits = q.bits();
-  c.out = q.rows();
-  c.in = q.cols();
-  c.group = q.group();
-  c.symmetric = sym;
-  c.codes.resize(static_cast<size_t>(c.out * c.in));
-  const int64_t ng = q.ngroups();
-  c.scales.resize(static_cast<size_t>(c.out * ng));
-  c.zeros.resize(static_cast<size_t>(c.out * ng));
-  for (int64_t r = 0; r < c.out; ++r) {
-    q.codes_row(r, c.codes.data() + r * c.in);
-    for (int64_t g = 0; g < ng; ++g) {
-      const float sc = q.scale(r, g);
-      core::convert(core::DType::F32, &sc, core::DType::F16, &c.scales[r * ng + g], 1);
-      c.zeros[r * ng + g] = static_cast<uint8_t>(q.zero(r, g));
-    }
-  }
-  return c;
+                      p.held[0], p.held[1], p.held[2]);
+  p.codes = {q.bits(), q.rows(), q.cols(), q.group(), sym, p.held[0]->data(), p.held[1]->data(),
+             sym ? nullptr : p.held[2]->data()};
+  return p;
 }
 
 // Everything refused before any work, then the tensors and the quantization_config.
@@ -686,6 +677,7 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
     if (!o.weight.empty()) first_part.emplace(o.weight, &o);
   }
   io::CheckpointWriter w(env, dir, p.specs, 5'000'000'000ull);
+  std::vector<io::PackedTensor> packed;  // buffers reused from weight to weight
   for (const auto& o : p.outs) {
     if (o.weight.empty()) {
       const core::Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
@@ -696,8 +688,9 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
     if (first_part.at(o.weight) != &o) continue;
     const std::string mod = module_of(o.weight);
     core::with_context(o.weight, [&] {
-      const io::GroupCodes c = group_codes(p.manifest.at(o.weight), by_name);
-      for (const auto& t : io::pack_linear(p.fmt, c)) w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
+      const IntNParts parts = intn_parts(p.manifest.at(o.weight), by_name);
+      io::pack_linear(p.fmt, parts.codes, packed);
+      for (const auto& t : packed) w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
     });
     // One release per weight over its parts (stored next to each other) and the kernel's
     // fault-around window on both sides (pages faulted in around a neighbour's first read would

@@ -80,44 +80,56 @@ std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, 
           {".g_idx", DType::I32, {in}, {}}};
 }
 
-std::vector<PackedTensor> pack_linear(PackedFormat f, const GroupCodes& c) {
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& t) {
   if (const std::string p = packed_shape_problem(f, c.bits, c.group, c.out, c.in); !p.empty())
     throw Error::internal("pack_linear: " + p);
-  const int64_t ng = c.ngroups();
-  if (c.codes.size() != static_cast<size_t>(c.out * c.in) || c.scales.size() != static_cast<size_t>(c.out * ng) ||
-      c.zeros.size() != static_cast<size_t>(c.out * ng))
-    throw Error::internal("pack_linear: codes, scales or zeros of the wrong size");
-  std::vector<PackedTensor> t = packed_specs(f, c.bits, c.group, c.symmetric, c.out, c.in);
+  if (!c.codes || !c.scales || (!c.symmetric && !c.zeros)) throw Error::internal("pack_linear: missing codes, scales or zeros");
+  std::vector<PackedTensor> specs = packed_specs(f, c.bits, c.group, c.symmetric, c.out, c.in);
+  t.resize(specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    t[i].suffix = specs[i].suffix, t[i].dtype = specs[i].dtype, t[i].shape = specs[i].shape;
+    t[i].data.resize(static_cast<size_t>(core::dtype_size(t[i].dtype) * core::shape_numel(t[i].shape)));
+  }
+  const int64_t ng = c.ngroups(), rb = c.row_bytes(), pf = 32 / c.bits;
+  const int64_t offset = int64_t{1} << (c.bits - 1);
+  auto zero = [&](int64_t o, int64_t g) -> int64_t { return c.symmetric ? offset : c.zeros[o * ng + g]; };
   core::Shape shape;
   if (f == PackedFormat::CompressedTensors) {
-    t[0].data = pack_words(c.codes.data(), c.out, c.in, c.bits, 1, shape);
-    t[1].data = bytes_le(c.scales);
+    // weight_packed: the row stream, each row zero-padded to whole words.
+    const int64_t wb = t[0].shape[1] * 4;
+    for (int64_t o = 0; o < c.out; ++o) {
+      uint8_t* dst = t[0].data.data() + o * wb;
+      std::memcpy(dst, c.codes + o * rb, static_cast<size_t>(rb));
+      std::memset(dst + rb, 0, static_cast<size_t>(wb - rb));
+    }
+    std::memcpy(t[1].data.data(), c.scales, t[1].data.size());
     t[2].data = bytes_le(std::vector<int64_t>{c.out, c.in});
-    if (!c.symmetric) t[3].data = pack_words(c.zeros.data(), c.out, ng, c.bits, 0, shape);
-    return t;
+    if (!c.symmetric) t[3].data = pack_words(c.zeros, c.out, ng, c.bits, 0, shape);
+    return;
   }
-  // GPTQ: codes transposed to [in, out] and packed along in; zero points − 1 transposed to
-  // [ngroups, out] and packed along out; scales transposed.
-  std::vector<uint8_t> codes_t(c.codes.size()), zeros_t(c.zeros.size());
-  std::vector<uint16_t> scales_t(c.scales.size());
-  for (int64_t o = 0; o < c.out; ++o)
-    for (int64_t i = 0; i < c.in; ++i) codes_t[i * c.out + o] = c.codes[o * c.in + i];
+  // GPTQ. qweight [in/pf, out]: word (j, o) is bytes [4j, 4j+4) of row o (in is a multiple of pf).
+  const int64_t words = c.in / pf;
+  uint8_t* qw = t[0].data.data();
+  constexpr int64_t kTile = 64;  // transposed in tiles to stay in cache
+  for (int64_t o0 = 0; o0 < c.out; o0 += kTile)
+    for (int64_t j0 = 0; j0 < words; j0 += kTile)
+      for (int64_t o = o0; o < std::min(c.out, o0 + kTile); ++o)
+        for (int64_t j = j0; j < std::min(words, j0 + kTile); ++j) std::memcpy(qw + (j * c.out + o) * 4, c.codes + o * rb + 4 * j, 4);
+  // qzeros: zero − 1, [ngroups, out] packed along out; scales transposed.
+  std::vector<uint8_t> zeros_t(static_cast<size_t>(ng * c.out));
   for (int64_t o = 0; o < c.out; ++o)
     for (int64_t g = 0; g < ng; ++g) {
-      const uint8_t z = c.zeros[o * ng + g];
+      const int64_t z = zero(o, g);
       if (z == 0)
         throw Error::invalid("row " + std::to_string(o) + ", group " + std::to_string(g) +
                              ": zero point 0, which GPTQ's v1 layout (stored as zero − 1) cannot hold");
       zeros_t[g * c.out + o] = static_cast<uint8_t>(z - 1);
-      scales_t[g * c.out + o] = c.scales[o * ng + g];
+      std::memcpy(t[2].data.data() + (g * c.out + o) * 2, c.scales + (o * ng + g) * 2, 2);
     }
-  t[0].data = pack_words(codes_t.data(), c.in, c.out, c.bits, 0, shape);
   t[1].data = pack_words(zeros_t.data(), ng, c.out, c.bits, 1, shape);
-  t[2].data = bytes_le(scales_t);
   std::vector<int32_t> g_idx(static_cast<size_t>(c.in));
   for (int64_t i = 0; i < c.in; ++i) g_idx[i] = static_cast<int32_t>(i / c.group_len());
   t[3].data = bytes_le(g_idx);
-  return t;
 }
 
 }  // namespace moe::io

@@ -42,17 +42,21 @@ enum class PackedFormat { CompressedTensors, Gptq };
 // "compressed-tensors" / "gptq".
 const char* packed_format_name(PackedFormat f);
 
-// One quantized Linear as unpacked integer groups. Shapes [out, in] (HF orientation, y = W x).
+// One quantized Linear's integer groups as moe-tool stores them (docs/FORMAT.md, intN): borrowed
+// pointers, valid during pack_linear. Shapes [out, in] (HF orientation, y = W x).
 struct GroupCodes {
-  int bits = 4;        // 4 or 8
+  int bits = 4;  // 4 or 8
   int64_t out = 0, in = 0;
-  int64_t group = 0;   // inputs per group; 0 = the whole row (compressed-tensors "channel", GPTQ -1)
+  int64_t group = 0;  // inputs per group; 0 = the whole row (compressed-tensors "channel", GPTQ -1)
   bool symmetric = true;
-  std::vector<uint8_t> codes;    // [out, in], each < 2^bits
-  std::vector<uint16_t> scales;  // f16 bit patterns [out, ngroups]
-  std::vector<uint8_t> zeros;    // [out, ngroups] zero points (2^(bits−1) everywhere when symmetric)
+  // [out, ceil(in·bits/8)] bytes: each row an LSB-first stream of `in` codes (code j in stream bits
+  // [j·bits, (j+1)·bits)), padded with 0 bits to whole bytes; each code < 2^bits.
+  const uint8_t* codes = nullptr;
+  const uint8_t* scales = nullptr;  // [out, ngroups] f16, little endian
+  const uint8_t* zeros = nullptr;   // [out, ngroups] zero points; null when symmetric (2^(bits−1))
   int64_t ngroups() const { return group == 0 ? 1 : in / group; }
   int64_t group_len() const { return group == 0 ? in : group; }
+  int64_t row_bytes() const { return (in * bits + 7) / 8; }
 };
 
 // One tensor of a packed Linear: stored as `<module><suffix>` (module = weight name without ".weight").
@@ -71,9 +75,12 @@ std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_
 // The tensors written for a Linear of these dimensions, in write order, with empty data.
 std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, bool symmetric, int64_t out, int64_t in);
 
-// The tensors of `c` packed (packed_specs order). Throws Error::invalid naming row and group when
-// the layout cannot hold a value (GPTQ: a zero point of 0), Error::internal when
-// packed_shape_problem is not empty.
-std::vector<PackedTensor> pack_linear(PackedFormat f, const GroupCodes& c);
+// The tensors of `c` packed (packed_specs order) into `out`, whose buffers are reused from an
+// earlier call when their sizes allow. For 4 and 8 bits our LSB-first row stream is already the
+// words' byte sequence (little endian): compressed-tensors' weight_packed is each row padded to
+// whole words, GPTQ's qweight the transposed [out, in/pf] word matrix. Throws Error::invalid naming
+// row and group when the layout cannot hold a value (GPTQ: a zero point of 0), Error::internal
+// when packed_shape_problem is not empty.
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& out);
 
 }  // namespace moe::io

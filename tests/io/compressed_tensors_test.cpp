@@ -21,6 +21,33 @@ uint16_t f16_bits(float f) {
   return h;
 }
 
+// Unpacked codes, f16 scales and zero points of one Linear, and the stored view of them
+// (docs/FORMAT.md intN: each row an LSB-first stream of `bits`-bit codes, padded to whole bytes).
+struct Codes {
+  int bits = 4;
+  int64_t out = 0, in = 0, group = 0;
+  bool symmetric = true;
+  std::vector<uint8_t> codes;    // [out, in]
+  std::vector<uint16_t> scales;  // [out, ngroups]
+  std::vector<uint8_t> zeros;    // [out, ngroups]
+  std::vector<uint8_t> stream;
+  GroupCodes view() {
+    const int64_t rb = (in * bits + 7) / 8;
+    stream.assign(static_cast<size_t>(out * rb), 0);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < in; ++j)
+        for (int b = 0; b < bits; ++b)
+          if ((codes[o * in + j] >> b) & 1) stream[o * rb + (j * bits + b) / 8] |= static_cast<uint8_t>(1 << ((j * bits + b) % 8));
+    return {bits, out, in, group, symmetric, stream.data(), reinterpret_cast<const uint8_t*>(scales.data()),
+            symmetric ? nullptr : zeros.data()};
+  }
+  std::vector<io::PackedTensor> pack(PackedFormat f) {
+    std::vector<io::PackedTensor> t;
+    io::pack_linear(f, view(), t);
+    return t;
+  }
+};
+
 const io::PackedTensor& find(const std::vector<io::PackedTensor>& ts, const std::string& suffix) {
   for (const auto& t : ts)
     if (t.suffix == suffix) return t;
@@ -30,12 +57,12 @@ const io::PackedTensor& find(const std::vector<io::PackedTensor>& ts, const std:
 // One row of 12 int4 codes 1..12, one group: compressed-tensors packs 8 per word along the row,
 // the first value in the low nibble; 12 values take two words, the second padded with zeros.
 TEST(CompressedTensors, Int4WordsAlongTheRow) {
-  GroupCodes c;
+  Codes c;
   c.bits = 4, c.out = 1, c.in = 12, c.group = 0, c.symmetric = true;
   c.codes = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
   c.scales = {f16_bits(0.5f)};
   c.zeros = {8};
-  const auto t = io::pack_linear(PackedFormat::CompressedTensors, c);
+  const auto t = c.pack(PackedFormat::CompressedTensors);
   ASSERT_EQ(t.size(), 3u);
   const auto& p = find(t, ".weight_packed");
   EXPECT_EQ(p.dtype, core::DType::I32);
@@ -59,11 +86,11 @@ TEST(CompressedTensors, Int4WordsAlongTheRow) {
 
 // Asymmetric int8: the zero points are packed along the OUTPUT dim (packed_dim=0), 4 per word.
 TEST(CompressedTensors, Int8ZeroPointsAlongTheOutputs) {
-  GroupCodes c;
+  Codes c;
   c.bits = 8, c.out = 5, c.in = 4, c.group = 2, c.symmetric = false;
   for (int i = 0; i < 20; ++i) c.codes.push_back(static_cast<uint8_t>(10 * i));
   for (int i = 0; i < 10; ++i) c.scales.push_back(f16_bits(1.0f)), c.zeros.push_back(static_cast<uint8_t>(i + 1));
-  const auto t = io::pack_linear(PackedFormat::CompressedTensors, c);
+  const auto t = c.pack(PackedFormat::CompressedTensors);
   const auto& z = find(t, ".weight_zero_point");
   EXPECT_EQ(z.shape, (core::Shape{2, 2}));  // ceil(5 / 4) x 2 groups
   // word [0, 0]: zeros of rows 0..3 in group 0 = 1, 3, 5, 7; word [1, 1]: row 4 group 1 = 10.
@@ -75,14 +102,14 @@ TEST(CompressedTensors, Int8ZeroPointsAlongTheOutputs) {
 // GPTQ: qweight packs along the INPUT dim ([in/8, out]); qzeros hold zero − 1 along the outputs;
 // scales are transposed; g_idx = i / group.
 TEST(CompressedTensors, GptqWordsAndTheZeroMinusOne) {
-  GroupCodes c;
+  Codes c;
   c.bits = 4, c.out = 8, c.in = 16, c.group = 8, c.symmetric = false;
   c.codes.resize(8 * 16);
   for (int o = 0; o < 8; ++o)
     for (int i = 0; i < 16; ++i) c.codes[o * 16 + i] = static_cast<uint8_t>((o + i) % 16);
   for (int o = 0; o < 8; ++o)
     for (int g = 0; g < 2; ++g) c.scales.push_back(f16_bits(0.25f * (g + 1))), c.zeros.push_back(static_cast<uint8_t>(o + 1 + g));
-  const auto t = io::pack_linear(PackedFormat::Gptq, c);
+  const auto t = c.pack(PackedFormat::Gptq);
   const auto& qw = find(t, ".qweight");
   EXPECT_EQ(qw.shape, (core::Shape{2, 8}));
   // word [0, 1]: output 1, inputs 0..7 → codes 1..8.
@@ -99,7 +126,7 @@ TEST(CompressedTensors, GptqWordsAndTheZeroMinusOne) {
   EXPECT_EQ(packed_word(gi.data, 8), 1);
   // A zero point of 0 has no v1 encoding.
   c.zeros[3] = 0;
-  expect_error([&] { io::pack_linear(PackedFormat::Gptq, c); }, core::ErrorKind::InvalidArgument,
+  expect_error([&] { c.pack(PackedFormat::Gptq); }, core::ErrorKind::InvalidArgument,
                {"row 1, group 1: zero point 0"});
 }
 
@@ -120,7 +147,7 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
     for (bool sym : {true, false})
       for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq}) {
         SCOPED_TRACE(std::to_string(bits) + (sym ? " sym " : " asym ") + io::packed_format_name(fmt));
-        GroupCodes c;
+        Codes c;
         c.bits = bits, c.out = 16, c.in = 64, c.group = 16, c.symmetric = sym;
         const int maxq = (1 << bits) - 1;
         for (int i = 0; i < 16 * 64; ++i) c.codes.push_back(static_cast<uint8_t>(rng() % (maxq + 1)));
@@ -128,7 +155,7 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
           c.scales.push_back(f16_bits(std::ldexp(1.0f + static_cast<float>(rng() % 1024) / 1024, -static_cast<int>(rng() % 10))));
           c.zeros.push_back(static_cast<uint8_t>(sym ? 1 << (bits - 1) : 1 + rng() % maxq));
         }
-        const auto t = io::pack_linear(fmt, c);
+        const auto t = c.pack(fmt);
         const auto w = fmt == PackedFormat::Gptq
                            ? decode_gptq(bits, 16, 64, find(t, ".qweight").data, find(t, ".qzeros").data,
                                          find(t, ".scales").data, find(t, ".g_idx").data)
