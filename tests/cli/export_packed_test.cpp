@@ -291,5 +291,61 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"g48", "head", "int2", "mixed", "ternary"}));
 }
 
+// Low-rank factors have no integer layout: refused naming the weight.
+TEST(ExportPackedRefusals, LowRankFactors) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path in = dir / "in", lr = dir / "lr";
+  write_synth(make_synth("mixtral"), in);  // tiny: the factorization takes milliseconds
+  ASSERT_EQ(run_tool({"-q", "factorize", in.string(), lr.string(), "--method", "svd", "--ratio", "0.5"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", lr.string(), (dir / "out").string(), "--format", "compressed-tensors"}),
+                       "experts.0.w1.weight is encoded as 'lowrank'");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
+// GPTQ v1 cannot store an asymmetric zero point of 0: every zero point is checked before the
+// folder is created (one is set to 0 in the file here); compressed-tensors holds it.
+TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32"});
+  const std::string zeros = "model.layers.1.block_sparse_moe.experts.2.w2.weight.zeros";
+  {
+    auto& env = io::Env::posix();
+    const auto c = io::Checkpoint::open(env, native);
+    const auto& info = c.info(zeros);
+    const auto file = c.shard_path(zeros);
+    const uint64_t at = c.shards().front()->header().data_start + info.begin + 3 * 8 + 1;  // row 3, group 1 (8 groups: 256 inputs / 32)
+    std::string bytes = read_file(file);
+    ASSERT_NE(bytes[at], 0);
+    bytes[at] = 0;
+    write_file(file, bytes);
+  }
+  expect_clean_failure(run_tool({"export", native.string(), (dir / "out").string(), "--format", "gptq"}),
+                       "experts.2.w2.weight: row 3, group 1: zero point 0, which GPTQ's v1 layout (zero − 1) cannot hold");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
+  EXPECT_EQ(expect_same_weights(native, dir / "ct"), 96u);
+}
+
+// The output rules of every folder the tool writes: never inside the input, an earlier export
+// replaced only with --force.
+TEST(ExportPackedOutput, InputAndForce) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int8", "--group", "0", "--sym"});
+  const RunResult inside = run_tool({"export", native.string(), (native / "ct").string(), "--format", "compressed-tensors"});
+  EXPECT_EQ(inside.exit_code, 2) << inside.describe();
+  EXPECT_FALSE(fs::exists(native / "ct"));
+  ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
+  const json q = read_json(dir / "ct/config.json").at("quantization_config");
+  EXPECT_EQ(q["config_groups"]["group_0"]["weights"]["strategy"], "channel");
+  EXPECT_EQ(q["config_groups"]["group_0"]["weights"]["group_size"], nullptr);
+  const RunResult again = run_tool({"export", native.string(), (dir / "ct").string(), "--format", "gptq"});
+  EXPECT_EQ(again.exit_code, 2) << again.describe();
+  EXPECT_EQ(read_json(dir / "ct/config.json").at("quantization_config").at("quant_method"), "compressed-tensors");
+  const RunResult forced = run_tool({"-q", "export", native.string(), (dir / "ct").string(), "--format", "gptq", "--force"});
+  EXPECT_EQ(forced.exit_code, 0) << forced.describe();
+  EXPECT_EQ(read_json(dir / "ct/config.json").at("quantization_config").at("group_size"), -1);
+  EXPECT_EQ(expect_same_weights(native, dir / "ct"), 96u);
+}
+
 }  // namespace
 }  // namespace moe::test
