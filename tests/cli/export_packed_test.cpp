@@ -120,6 +120,8 @@ struct Case {
   std::string tag;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.tag; }
+
 class ExportPacked : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ExportPacked, DecodesToTheNativeWeightsAndTheGolden) {
