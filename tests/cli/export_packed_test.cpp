@@ -304,6 +304,24 @@ TEST(ExportPackedRefusals, LowRankFactors) {
   EXPECT_FALSE(fs::exists(dir / "out"));
 }
 
+// Ragged expert counts and novice experts (constant MoNE experts) have no stock layout: refused
+// naming the layer or the novices, after `quantize` made every expert int4.
+TEST(ExportPackedRefusals, RaggedCountsAndNovices) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const std::string calib = (kSrc / "data/text/calib.txt").string();
+  const fs::path ragged = dir / "ragged", novices = dir / "novices";
+  ASSERT_EQ(run_tool({"-q", "prune", native.string(), ragged.string(), "--method", "reap", "--keep-ratio", "0.6", "--no-uniform",
+                      "--text", calib, "--ctx", "32", "--windows", "4"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", ragged.string(), (dir / "out").string(), "--format", "gptq"}),
+                       "(ragged counts); stock loaders need one expert count per model");
+  ASSERT_EQ(run_tool({"-q", "prune", native.string(), novices.string(), "--method", "frequency", "--keep", "6", "--novices",
+                      "--text", calib, "--ctx", "32", "--windows", "4"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", novices.string(), (dir / "out").string(), "--format", "compressed-tensors"}),
+                       "novice experts");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
 // GPTQ v1 cannot store an asymmetric zero point of 0: every zero point is checked before the
 // folder is created (one is set to 0 in the file here); compressed-tensors holds it.
 TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
