@@ -611,7 +611,8 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
   }
   const auto& sc = p.scheme;
   if (fmt == io::PackedFormat::CompressedTensors) {
-    // As compressed-tensors' QuantizationConfig serializes it (every key of the scheme written).
+    // As compressed-tensors' QuantizationConfig.model_dump() writes it (quant_config.py; every key of
+    // the scheme written, QuantizationArgs of quant_args.py).
     const nlohmann::json weights = {
         {"actorder", nullptr}, {"block_structure", nullptr}, {"dynamic", false},
         {"group_size", sc.group == 0 ? nlohmann::json(nullptr) : nlohmann::json(sc.group)}, {"num_bits", sc.bits},
@@ -620,7 +621,7 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     p.quantization_config = {
         {"config_groups", {{"group_0", {{"input_activations", nullptr}, {"output_activations", nullptr},
                                         {"targets", {"Linear"}}, {"weights", weights}}}}},
-        {"format", "pack-quantized"}, {"ignore", p.ignore}, {"kv_cache_scheme", nullptr},
+        {"format", "pack-quantized"}, {"global_compression_ratio", nullptr}, {"ignore", p.ignore}, {"kv_cache_scheme", nullptr},
         {"quant_method", "compressed-tensors"}, {"quantization_status", "compressed"}};
     return p;
   }
