@@ -7,7 +7,9 @@
 // back equals `eval` of the native checkpoint. Then every refusal: exit 2, one line, nothing written.
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -18,6 +20,7 @@
 #include "model/model.h"
 #include "support/cli_expect.h"
 #include "support/packed_decode.h"
+#include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
 
@@ -27,14 +30,12 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSrc = MOE_SOURCE_DIR;
-
 std::vector<uint8_t> bytes_of(const io::Checkpoint& c, const std::string& name) {
   const core::Tensor t = c.tensor(name);
   return {t.data(), t.data() + t.nbytes()};
 }
 
-fs::path quantize(const TempDir& dir, const std::string& fixture, const std::string& tag, const std::vector<std::string>& flags) {
+fs::path quantize_fixture(const TempDir& dir, const std::string& fixture, const std::string& tag, const std::vector<std::string>& flags) {
   const fs::path out = dir / tag;
   std::vector<std::string> args = {"-q", "quantize", (kSrc / "data/models" / fixture).string(), out.string(), "--method", "rtn"};
   args.insert(args.end(), flags.begin(), flags.end());
@@ -114,20 +115,20 @@ size_t expect_same_weights(const fs::path& native, const fs::path& exported) {
   return packed;
 }
 
-struct Case {
+struct PackedCase {
   std::string fixture, format;
   std::vector<std::string> flags;
   std::string tag;
 };
 
-void PrintTo(const Case& c, std::ostream* os) { *os << c.tag; }
+void PrintTo(const PackedCase& c, std::ostream* os) { *os << c.tag; }
 
-class ExportPacked : public ::testing::TestWithParam<Case> {};
+class ExportPacked : public ::testing::TestWithParam<PackedCase> {};
 
 TEST_P(ExportPacked, DecodesToTheNativeWeightsAndTheGolden) {
   const auto& c = GetParam();
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize(dir, c.fixture, "native", c.flags);
+  const fs::path native = quantize_fixture(dir, c.fixture, "native", c.flags);
   const fs::path out = dir / "out";
   const json r = export_packed(native, out, c.format);
   ASSERT_FALSE(r.is_null());
@@ -169,13 +170,13 @@ TEST_P(ExportPacked, DecodesToTheNativeWeightsAndTheGolden) {
 INSTANTIATE_TEST_SUITE_P(
     Fixtures, ExportPacked,
     ::testing::Values(
-        Case{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny ct int4 g32 sym"},
-        Case{"mixtral-tiny", "gptq", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny gptq int4 g32 sym"},
-        Case{"qwen2moe-tiny", "compressed-tensors", {"--codec", "int8", "--group", "64", "--attention", "int8"},
+        PackedCase{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny ct int4 g32 sym"},
+        PackedCase{"mixtral-tiny", "gptq", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny gptq int4 g32 sym"},
+        PackedCase{"qwen2moe-tiny", "compressed-tensors", {"--codec", "int8", "--group", "64", "--attention", "int8"},
              "qwen2moe-tiny ct int8 g64 asym"},
-        Case{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "0", "--sym", "--attention", "int4"},
+        PackedCase{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "0", "--sym", "--attention", "int4"},
              "qwen2moe-tiny gptq int4 row sym"},
-        Case{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "128"}, "mixtral-tiny ct int4 g128 asym"}),
+        PackedCase{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "128"}, "mixtral-tiny ct int4 g128 asym"}),
     [](const auto& info) {
       std::string s = info.param.tag;
       for (char& ch : s)
@@ -188,7 +189,7 @@ INSTANTIATE_TEST_SUITE_P(
 // still lists the router.
 TEST(ExportPackedConfig, GptqNamesTheDenseLinearsOfTheLayers) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   ASSERT_FALSE(export_packed(native, dir / "out", "gptq").is_null());
   const json q = read_json(dir / "out/config.json").at("quantization_config");
   EXPECT_EQ(q.at("bits"), 4);
@@ -205,7 +206,7 @@ TEST(ExportPackedConfig, GptqNamesTheDenseLinearsOfTheLayers) {
 // bit for bit (same codes, same scales).
 TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize(dir, "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   for (const std::string format : {"compressed-tensors", "gptq"}) {
     SCOPED_TRACE(format);
     const fs::path out = dir / ("out-" + format), back = dir / ("back-" + format);
@@ -246,7 +247,7 @@ TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
     for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
       fs::copy_file(out / f, back / f);
     auto eval = [&](const fs::path& m) {
-      const RunResult r = run_tool({"-q", "eval", m.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx", "32",
+      const RunResult r = run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32",
                                     "--max-windows", "4", "--json"});
       EXPECT_EQ(r.exit_code, 0) << r.describe();
       return r.exit_code == 0 ? json::parse(r.out) : json();
@@ -275,20 +276,20 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   // A folder needs --format; --type is GGUF's.
   refused({mixtral, out}, "OUT '" + out + "': not a .gguf file; give --format compressed-tensors");
   refused({mixtral, out, "--format", "gptq", "--type", "q4_0"}, "--type: gguf only");
-  const fs::path ternary = quantize(dir, "mixtral-tiny", "ternary", {"--codec", "ternary"});
+  const fs::path ternary = quantize_fixture(dir, "mixtral-tiny", "ternary", {"--codec", "ternary"});
   refused({ternary.string(), out, "--format", "gptq"},
           "model.layers.0.block_sparse_moe.experts.0.w1.weight is encoded as 'ternary'");
   refused({ternary.string(), out, "--format", "gptq"}, "--codec int4 --group 128 --sym");
-  const fs::path int2 = quantize(dir, "mixtral-tiny", "int2", {"--codec", "int2", "--group", "32"});
+  const fs::path int2 = quantize_fixture(dir, "mixtral-tiny", "int2", {"--codec", "int2", "--group", "32"});
   refused({int2.string(), out, "--format", "compressed-tensors"}, "2-bit codes (the layout holds 4 and 8 bits)");
   // Groups of 48 leave a shorter last group of the 128 inputs.
-  const fs::path g48 = quantize(dir, "mixtral-tiny", "g48", {"--codec", "int4", "--group", "48", "--sym"});
+  const fs::path g48 = quantize_fixture(dir, "mixtral-tiny", "g48", {"--codec", "int4", "--group", "48", "--sym"});
   refused({g48.string(), out, "--format", "gptq"}, "groups of 48 do not divide the 128 inputs");
   // Attention at int8, experts at int4: one scheme per export.
-  const fs::path mixed = quantize(dir, "mixtral-tiny", "mixed", {"--codec", "int4", "--group", "32", "--sym", "--attention", "int8:g32:sym"});
+  const fs::path mixed = quantize_fixture(dir, "mixtral-tiny", "mixed", {"--codec", "int4", "--group", "32", "--sym", "--attention", "int8:g32:sym"});
   refused({mixed.string(), out, "--format", "compressed-tensors"}, "this export writes one scheme for every quantized Linear");
   // A quantized lm_head has no place in the gptq config here.
-  const fs::path head = quantize(dir, "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
+  const fs::path head = quantize_fixture(dir, "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
   refused({head.string(), out, "--format", "gptq"}, "lm_head.weight: a quantized lm_head");
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"g48", "head", "int2", "mixed", "ternary"}));
 }
@@ -308,8 +309,8 @@ TEST(ExportPackedRefusals, LowRankFactors) {
 // naming the layer or the novices, after `quantize` made every expert int4.
 TEST(ExportPackedRefusals, RaggedCountsAndNovices) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
-  const std::string calib = (kSrc / "data/text/calib.txt").string();
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const std::string calib = kCalib.string();
   const fs::path ragged = dir / "ragged", novices = dir / "novices";
   ASSERT_EQ(run_tool({"-q", "prune", native.string(), ragged.string(), "--method", "reap", "--keep-ratio", "0.6", "--no-uniform",
                       "--text", calib, "--ctx", "32", "--windows", "4"}).exit_code, 0);
@@ -326,7 +327,7 @@ TEST(ExportPackedRefusals, RaggedCountsAndNovices) {
 // folder is created (one is set to 0 in the file here); compressed-tensors holds it.
 TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32"});
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32"});
   const std::string zeros = "model.layers.1.block_sparse_moe.experts.2.w2.weight.zeros";
   {
     auto& env = io::Env::posix();
@@ -350,7 +351,7 @@ TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
 // replaced only with --force.
 TEST(ExportPackedOutput, InputAndForce) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize(dir, "mixtral-tiny", "native", {"--codec", "int8", "--group", "0", "--sym"});
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int8", "--group", "0", "--sym"});
   const RunResult inside = run_tool({"export", native.string(), (native / "ct").string(), "--format", "compressed-tensors"});
   EXPECT_EQ(inside.exit_code, 2) << inside.describe();
   EXPECT_FALSE(fs::exists(native / "ct"));
