@@ -31,7 +31,7 @@ namespace fs = std::filesystem;
 const std::string kW1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight";
 
 // A failure is exit 2 and exactly one line on stderr naming every part, nothing on stdout.
-void expect_user_error(const RunResult& r, std::initializer_list<std::string> parts) {
+void expect_one_line_error(const RunResult& r, std::initializer_list<std::string> parts) {
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_EQ(r.out, "") << r.describe();
   EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
@@ -159,7 +159,7 @@ TEST_F(Robust, NonFiniteStatisticsRefusedAtLoad) {
                                           "expert 0"};
   auto r = run_tool({"prune", kModel.string(), (tmp / "out").string(), "--method", "reap", "--keep", "6", "--stats",
                      s.string()});
-  expect_user_error(r, {});
+  expect_one_line_error(r, {});
   for (const auto& p : parts) EXPECT_NE(r.err.find(p), std::string::npos) << p << " not in: " << r.err;
   EXPECT_FALSE(fs::exists(tmp / "out"));
   // --dry-run checks the file too; merge and stats show refuse it as well.
@@ -170,7 +170,7 @@ TEST_F(Robust, NonFiniteStatisticsRefusedAtLoad) {
             s.string()},
            {"stats", "show", s.string()}}) {
     r = run_tool(a);
-    expect_user_error(r, {"tensor layers.0.reap", "non-finite"});
+    expect_one_line_error(r, {"tensor layers.0.reap", "non-finite"});
   }
   // An Inf in a matrix names row and column.
   const fs::path s2 = tmp / "inf.stats";
@@ -179,7 +179,7 @@ TEST_F(Robust, NonFiniteStatisticsRefusedAtLoad) {
   std::string b(4, '\0');
   std::memcpy(b.data(), &inf, 4);
   patch_tensor_bytes(s2, "layers.1.logit_sim", 4 * (8 * 3 + 5), b);
-  expect_user_error(run_tool({"stats", "show", s2.string()}),
+  expect_one_line_error(run_tool({"stats", "show", s2.string()}),
                     {"tensor layers.1.logit_sim", "non-finite value inf at index 29 (row 3, column 5), expert 3"});
 }
 
@@ -198,19 +198,19 @@ TEST_F(Robust, CalibrateOutputFollowsTheOutputRules) {
     return run_tool(a);
   };
   // Never over an input, never into the model folder (even with --force).
-  expect_user_error(cal(model / "model.safetensors", {"--force"}), {"output is inside the input"});
-  expect_user_error(cal(model / "stats.safetensors"), {"output is inside the input"});
-  expect_user_error(cal(text, {"--force"}), {"output is the input"});
+  expect_one_line_error(cal(model / "model.safetensors", {"--force"}), {"output is inside the input"});
+  expect_one_line_error(cal(model / "stats.safetensors"), {"output is inside the input"});
+  expect_one_line_error(cal(text, {"--force"}), {"output is the input"});
   EXPECT_EQ(read_file(model / "model.safetensors"), model_bytes);
   EXPECT_EQ(read_file(text), text_bytes);
   // An existing file needs --force; a folder is refused.
   write_file(tmp / "old.stats", "old");
-  expect_user_error(cal(tmp / "old.stats"), {"old.stats: output file exists (use --force to replace it)"});
+  expect_one_line_error(cal(tmp / "old.stats"), {"old.stats: output file exists (use --force to replace it)"});
   EXPECT_EQ(read_file(tmp / "old.stats"), "old");
   fs::create_directories(tmp / "dir.stats");
-  expect_user_error(cal(tmp / "dir.stats", {"--force"}), {"output is a folder"});
+  expect_one_line_error(cal(tmp / "dir.stats", {"--force"}), {"output is a folder"});
   // --force replaces a statistics file moe-tool wrote, never another file.
-  expect_user_error(cal(tmp / "old.stats", {"--force"}), {"old.stats: output file exists and is neither a statistics file"});
+  expect_one_line_error(cal(tmp / "old.stats", {"--force"}), {"old.stats: output file exists and is neither a statistics file"});
   EXPECT_EQ(read_file(tmp / "old.stats"), "old");
   fs::remove(tmp / "old.stats");
   EXPECT_EQ(cal(tmp / "old.stats").exit_code, 0);
@@ -220,7 +220,7 @@ TEST_F(Robust, CalibrateOutputFollowsTheOutputRules) {
   EXPECT_NE(read_file(tmp / "old.stats"), first);
   EXPECT_TRUE(temps_in(tmp.path()).empty());
   // The checks come before any work: a missing text with an existing output names the output.
-  expect_user_error(run_tool({"calibrate", model.string(), "--text", (tmp / "missing.txt").string(), "-o",
+  expect_one_line_error(run_tool({"calibrate", model.string(), "--text", (tmp / "missing.txt").string(), "-o",
                               (tmp / "old.stats").string()}),
                     {"use --force"});
 }
@@ -230,13 +230,13 @@ TEST_F(Robust, StatsPlotOutputFollowsTheOutputRules) {
   const fs::path out = tmp / "plots";
   fs::create_directories(out);
   write_file(out / "keep.txt", "mine");
-  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", out.string()}),
+  expect_one_line_error(run_tool({"stats", "plot", s.string(), "-o", out.string()}),
                     {"output folder exists and is not empty (use --force to replace it)"});
   EXPECT_EQ(read_file(out / "keep.txt"), "mine");
-  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", s.string(), "--force"}), {"output is the input"});
+  expect_one_line_error(run_tool({"stats", "plot", s.string(), "-o", s.string(), "--force"}), {"output is the input"});
   EXPECT_TRUE(fs::is_regular_file(s));
   // --force never deletes a folder moe-tool did not write.
-  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", out.string(), "--force"}),
+  expect_one_line_error(run_tool({"stats", "plot", s.string(), "-o", out.string(), "--force"}),
                     {"output folder exists and was not written by moe-tool"});
   EXPECT_EQ(read_file(out / "keep.txt"), "mine");
   fs::remove(out / "keep.txt");
@@ -250,7 +250,7 @@ TEST_F(Robust, StatsPlotOutputFollowsTheOutputRules) {
   r = run_tool({"stats", "plot", s.string(), "-o", (tmp / "no/such/dir").string()});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_TRUE(fs::exists(tmp / "no/such/dir/usage.svg"));
-  expect_user_error(run_tool({"stats", "plot", s.string(), "-o", (out / "usage.svg" / "x").string()}),
+  expect_one_line_error(run_tool({"stats", "plot", s.string(), "-o", (out / "usage.svg" / "x").string()}),
                     {"parent folder", "cannot be made", "usage.svg is not a folder"});
 }
 
@@ -359,17 +359,17 @@ TEST_F(Robust, DryRunRunsEveryCheck) {
   // An existing output (used to be found only after calibration).
   fs::create_directories(out);
   write_file(out / "x", "x");
-  expect_user_error(prune({}), {out.string() + ": output folder exists and is not empty (use --force to replace it)"});
+  expect_one_line_error(prune({}), {out.string() + ": output folder exists and is not empty (use --force to replace it)"});
   fs::remove_all(out);
   // A missing evaluation text (used to be found after every layer was written), with its flag.
-  expect_user_error(prune({"--eval", (tmp / "missing.txt").string()}), {"--eval: ", "missing.txt", "not found"});
+  expect_one_line_error(prune({"--eval", (tmp / "missing.txt").string()}), {"--eval: ", "missing.txt", "not found"});
   // An evaluation context beyond the model's positions: named as typed, no --force to offer.
   auto r = prune({"--eval", kHeldout.string(), "--eval-ctx", "100000"});
-  expect_user_error(r, {"--eval-ctx 100000 exceeds max_position_embeddings"});
+  expect_one_line_error(r, {"--eval-ctx 100000 exceeds max_position_embeddings"});
   EXPECT_EQ(r.err.find("--force"), std::string::npos) << r.err;
   // More calibration windows than the text has; a calibration ctx beyond the model's positions.
-  expect_user_error(prune({"--windows", "100000"}), {"--text: "});
-  expect_user_error(prune({"--ctx", "100000"}), {"--ctx 100000 exceeds the model's max_position_embeddings"});
+  expect_one_line_error(prune({"--windows", "100000"}), {"--text: "});
+  expect_one_line_error(prune({"--ctx", "100000"}), {"--ctx 100000 exceeds the model's max_position_embeddings"});
   // A stats file from another model, and one without the Gram matrices submoe whiten needs (used
   // to pass --dry-run and fail after calibration naming an internal temporary file).
   const fs::path other = kSrc / "data/models/qwen2moe-tiny";
@@ -378,10 +378,10 @@ TEST_F(Robust, DryRunRunsEveryCheck) {
                       other_stats.string(), "-q"})
                 .exit_code,
             0);
-  expect_user_error(run_tool({"prune", kModel.string(), out.string(), "--method", "reap", "--keep", "6", "--stats",
+  expect_one_line_error(run_tool({"prune", kModel.string(), out.string(), "--method", "reap", "--keep", "6", "--stats",
                               other_stats.string(), "--dry-run"}),
                     {"statistics were computed on model fingerprint"});
-  expect_user_error(run_tool({"merge", kModel.string(), out.string(), "--method", "submoe", "--experts", "6",
+  expect_one_line_error(run_tool({"merge", kModel.string(), out.string(), "--method", "submoe", "--experts", "6",
                               "--whiten", "--stats", clean_stats().string(), "--dry-run"}),
                     {clean_stats().string(), "has no gram_in", "--gram"});
   // With statistics on the fly, whiten gets its Gram matrices computed (it used to fail).
@@ -397,8 +397,8 @@ TEST_F(Robust, DryRunRunsEveryCheck) {
                            {"output", {{"path", out.string()}}},
                            {"eval", {{"text", kHeldout.string()}, {"ctx", 100000}}}})
                          .dump());
-  expect_user_error(run_tool({"run", recipe.string(), "--dry-run"}), {"output.force"});
-  expect_user_error(run_tool({"run", recipe.string(), "--dry-run", "--set", "output.force=true"}),
+  expect_one_line_error(run_tool({"run", recipe.string(), "--dry-run"}), {"output.force"});
+  expect_one_line_error(run_tool({"run", recipe.string(), "--dry-run", "--set", "output.force=true"}),
                     {"eval.ctx 100000 exceeds", "(lower eval.ctx)"});
 }
 
@@ -431,26 +431,26 @@ TEST_F(Robust, ConcurrentCalibrateRunsUseTheirOwnTemporaries) {
 TEST_F(Robust, MessagesNameWhatTheUserTyped) {
   const std::string out = (tmp / "out").string();
   // Flags, not JSON paths, for prune and merge.
-  expect_user_error(run_tool({"merge", kModel.string(), out, "--method", "msmoe", "--experts", "6", "--no-align",
+  expect_one_line_error(run_tool({"merge", kModel.string(), out, "--method", "msmoe", "--experts", "6", "--no-align",
                               "--stats", "x"}),
                     {"--no-align: applies to --method hcsmoe, submoe, not msmoe"});
-  expect_user_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep-ratio", "0", "--stats", "x"}),
+  expect_one_line_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep-ratio", "0", "--stats", "x"}),
                     {"--keep-ratio: expected a number in (0, 1], found 0"});
-  expect_user_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep", "6"}),
+  expect_one_line_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep", "6"}),
                     {"give --text", "or --stats"});
-  expect_user_error(run_tool({"merge", kModel.string(), out, "--method", "hcsmoe", "--experts", "6", "--router",
+  expect_one_line_error(run_tool({"merge", kModel.string(), out, "--method", "hcsmoe", "--experts", "6", "--router",
                               "best", "--text", kCalib.string()}),
                     {"--router: unknown value \"best\""});
-  expect_user_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep", "6", "--ctx", "x"}),
+  expect_one_line_error(run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep", "6", "--ctx", "x"}),
                     {"--ctx: expected an integer, found 'x'"});
-  expect_user_error(run_tool({"factorize", kModel.string(), out, "--method", "svd", "--budget", "nan"}),
+  expect_one_line_error(run_tool({"factorize", kModel.string(), out, "--method", "svd", "--budget", "nan"}),
                     {"--budget: expected a finite number, found 'nan'"});
   // Small ones.
-  expect_user_error(run_tool({"stats"}), {"stats: give a subcommand: show or plot"});
-  expect_user_error(run_tool({"stats", "show", clean_stats().string(), "--layer", "-1"}),
+  expect_one_line_error(run_tool({"stats"}), {"stats: give a subcommand: show or plot"});
+  expect_one_line_error(run_tool({"stats", "show", clean_stats().string(), "--layer", "-1"}),
                     {"--layer: expected a layer index >= 0"});
-  expect_user_error(run_tool({"stats", "show", clean_stats().string(), "--layer", "99"}), {"--layer 99: no such MoE layer"});
-  expect_user_error(run_tool({"eval", kModel.string(), "--text", kHeldout.string(), "--max-windows", "0"}),
+  expect_one_line_error(run_tool({"stats", "show", clean_stats().string(), "--layer", "99"}), {"--layer 99: no such MoE layer"});
+  expect_one_line_error(run_tool({"eval", kModel.string(), "--text", kHeldout.string(), "--max-windows", "0"}),
                     {"--max-windows: expected an integer >= 1"});
   // --json: the error is JSON too (one line on stderr).
   const auto r = run_tool({"prune", kModel.string(), out, "--method", "reap", "--keep", "6", "--json"});

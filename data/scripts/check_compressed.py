@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Independent check of `moe-tool export --format compressed-tensors|gptq` (NumPy only).
+
+    check_compressed.py NATIVE EXPORT
+    check_compressed.py --synthetic-mixtral OUT LAYERS   (a random bf16 mixtral for the timings)
+
+NATIVE: the moe-tool checkpoint that was exported (intN codes, docs/FORMAT.md); EXPORT: the
+exported folder. Decodes every packed Linear of EXPORT as the formats' published sources do and
+compares it with NATIVE's intN weight decoded here from docs/FORMAT.md (exact: the same f32
+products), and every other tensor byte for byte. Prints one JSON object (modules, sum and sum of
+squares of every decoded value, bytes of the folder) and exits 1 on any difference.
+
+Layouts, as read from
+  compressed-tensors (vllm-project/compressed-tensors, commit 179cba93):
+    compressors/quantized_compressors/pack_quantized.py (pack_to_int32 / unpack_from_int32):
+    unsigned = signed + 2**(bits-1); 32//bits values per int32, value k in bits [k*bits, ...);
+    weight_packed packed along the input dim, weight_zero_point along the output dim;
+    W = (q - zero_point) * weight_scale per group.
+  GPTQ v1 (AutoGPTQ/AutoGPTQ, auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, QuantLinear.forward):
+    qweight [in/pf, out] packed along the input dim, qzeros [groups, out/pf] holding zero - 1,
+    scales [groups, out] fp16, g_idx [in]; W[o, i] = scales[g, o] * (q - (qzero + 1)), g = g_idx[i].
+"""
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8,
+          "U16": np.uint16, "BF16": np.uint16, "F8_E4M3": np.uint8}
+
+
+def tensors(folder):
+    """name -> (dtype string, shape, raw bytes) over every safetensors file of the folder."""
+    out = {}
+    for fn in sorted(os.listdir(folder)):
+        if not fn.endswith(".safetensors"):
+            continue
+        with open(os.path.join(folder, fn), "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            data = f.read()
+        for name, info in header.items():
+            if name != "__metadata__":
+                b, e = info["data_offsets"]
+                out[name] = (info["dtype"], info["shape"], data[b:e])
+    return out
+
+
+def array(t):
+    dt, shape, raw = t
+    return np.frombuffer(raw, DTYPES[dt]).reshape(shape)
+
+
+def unpack_int32(words, bits, n, axis):
+    """pack_to_int32's inverse: unsigned values, `n` of them along `axis` (0 or 1)."""
+    pf = 32 // bits
+    w = words.astype(np.uint32)
+    parts = [(w >> np.uint32(bits * k)) & np.uint32((1 << bits) - 1) for k in range(pf)]
+    stacked = np.stack(parts, axis=axis + 1)  # value k of word j -> index j*pf + k
+    shape = list(w.shape)
+    shape[axis] *= pf
+    return stacked.reshape(shape).take(np.arange(n), axis=axis).astype(np.int64)
+
+
+def decode_ct(t, mod, bits):
+    out_f, in_f = (int(x) for x in array(t[mod + ".weight_shape"]))
+    off = 1 << (bits - 1)
+    q = unpack_int32(array(t[mod + ".weight_packed"]), bits, in_f, 1) - off
+    scale = array(t[mod + ".weight_scale"]).astype(np.float32)
+    groups = scale.shape[1]
+    z = np.zeros((out_f, groups), np.int64)
+    if mod + ".weight_zero_point" in t:
+        z = unpack_int32(array(t[mod + ".weight_zero_point"]), bits, out_f, 0) - off
+    g = np.arange(in_f) // (in_f // groups)
+    return (q - z[:, g]).astype(np.float32) * scale[:, g]
+
+
+def decode_gptq(t, mod, bits):
+    scales = array(t[mod + ".scales"]).astype(np.float32)  # [groups, out]
+    g_idx = array(t[mod + ".g_idx"]).astype(np.int64)
+    out_f, in_f = scales.shape[1], g_idx.shape[0]
+    if g_idx.min() < 0 or g_idx.max() >= scales.shape[0]:
+        raise SystemExit(f"{mod}.g_idx: out of range")
+    q = unpack_int32(array(t[mod + ".qweight"]), bits, in_f, 0)  # [in, out]
+    z = unpack_int32(array(t[mod + ".qzeros"]), bits, out_f, 1) + 1  # [groups, out]
+    return ((q - z[g_idx, :]).astype(np.float32) * scales[g_idx, :]).T
+
+
+def decode_native(t, entry):
+    """An intN weight of docs/FORMAT.md: LSB-first bit stream codes, f16 scales, u8 zeros."""
+    bits, group, cols, sym = entry["bits"], entry["group"], entry["cols"], entry["symmetric"]
+    codes = array(t[entry["parts"]["codes"]])
+    b = np.unpackbits(codes, axis=1, bitorder="little")[:, : cols * bits]
+    q = (b.reshape(codes.shape[0], cols, bits).astype(np.int64) << np.arange(bits)).sum(axis=2)
+    scales = array(t[entry["parts"]["scales"]]).astype(np.float32)
+    zeros = np.full(scales.shape, 1 << (bits - 1), np.int64) if sym else array(t[entry["parts"]["zeros"]]).astype(np.int64)
+    g = np.arange(cols) // (cols if group == 0 else group)
+    return (q - zeros[:, g]).astype(np.float32) * scales[:, g]
+
+
+def synthetic_mixtral(out, layers):
+    """Random bf16 mixtral: hidden 1024, 8 experts of width 2816 (top-2), vocab 4096, `layers` layers."""
+    H, I, E, V = 1024, 2816, 8, 4096
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": H, "intermediate_size": I,
+           "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8, "num_local_experts": E,
+           "num_experts_per_tok": 2, "vocab_size": V, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+           "rope_theta": 1e6, "sliding_window": None, "hidden_act": "silu", "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16"}
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for l in range(layers):
+        p = f"model.layers.{l}."
+        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                       p + "block_sparse_moe.gate.weight": (E, H)})
+        for n in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{n}_proj.weight"] = (H, H)
+        for e in range(E):
+            for w, shape in (("w1", (I, H)), ("w2", (H, I)), ("w3", (I, H))):
+                shapes[p + f"block_sparse_moe.experts.{e}.{w}.weight"] = shape
+    rng = np.random.default_rng(0)
+    header, blobs, off = {}, [], 0
+    for name, shape in shapes.items():
+        x = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32)
+        raw = (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    os.makedirs(out)
+    with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--synthetic-mixtral":
+        synthetic_mixtral(sys.argv[2], int(sys.argv[3]))
+        return 0
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    native_dir, export_dir = sys.argv[1], sys.argv[2]
+    nt, et = tensors(native_dir), tensors(export_dir)
+    ncfg = json.load(open(os.path.join(native_dir, "config.json")))
+    qc = json.load(open(os.path.join(export_dir, "config.json")))["quantization_config"]
+    weights = ncfg["quantization_config"]["weights"]
+    gptq = qc["quant_method"] == "gptq"
+    if gptq:
+        bits, key = qc["bits"], ".qweight"
+        assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] is False
+    else:
+        assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+        bits, key = qc["config_groups"]["group_0"]["weights"]["num_bits"], ".weight_packed"
+    modules = sorted(n[: -len(key)] for n in et if n.endswith(key))
+    bad, total, total_sq, parts = [], 0.0, 0.0, set()
+    for mod in modules:
+        w = decode_gptq(et, mod, bits) if gptq else decode_ct(et, mod, bits)
+        ref = decode_native(nt, weights[mod + ".weight"])
+        if w.shape != ref.shape or not np.array_equal(w, ref):
+            bad.append(mod)
+        w64 = w.astype(np.float64).ravel()
+        total += float(w64.sum())
+        total_sq += float((w64 * w64).sum())
+        parts.update(n for n in et if n.startswith(mod + "."))
+    if set(modules) != {n[: -len(".weight")] for n, e in weights.items() if e["encoding"] == "intN"}:
+        bad.append("the packed modules are not the native intN weights")
+    for n in et:
+        if n not in parts and (n not in nt or et[n] != nt[n]):
+            bad.append(n + " (dense: differs from the native tensor)")
+    size = sum(os.path.getsize(os.path.join(export_dir, f)) for f in os.listdir(export_dir) if f != ".moe-tool-output.json")
+    print(json.dumps({"modules": len(modules), "sum": total, "sum_sq": total_sq, "bytes": size, "mismatches": bad}))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+#include "io/compressed_tensors.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace moe::io {
+
+namespace {
+
+using core::DType;
+using core::Error;
+
+template <typename T>
+std::vector<uint8_t> bytes_le(const std::vector<T>& v) {
+  std::vector<uint8_t> out(v.size() * sizeof(T));
+  for (size_t i = 0; i < v.size(); ++i)
+    for (size_t b = 0; b < sizeof(T); ++b) out[i * sizeof(T) + b] = static_cast<uint8_t>(static_cast<uint64_t>(v[i]) >> (8 * b));
+  return out;
+}
+
+// Values of `v` ([rows, cols], each < 2^bits) packed 32/bits per int32 along `dim` (0: rows, 1:
+// cols), value k of a word in bits [k·bits, (k+1)·bits), the last word zero-padded: [ceil(rows/pf),
+// cols] or [rows, ceil(cols/pf)], as pack_to_int32 does (after its unsigned offset).
+std::vector<uint8_t> pack_words(const uint8_t* v, int64_t rows, int64_t cols, int bits, int dim, core::Shape& shape) {
+  const int64_t pf = 32 / bits;
+  const int64_t wr = dim == 0 ? (rows + pf - 1) / pf : rows, wc = dim == 1 ? (cols + pf - 1) / pf : cols;
+  std::vector<uint32_t> w(static_cast<size_t>(wr * wc), 0);
+  if (dim == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = v + r * cols;
+      uint32_t* dst = w.data() + r * wc;
+      for (int64_t j = 0; j < wc; ++j) {
+        const int64_t n = std::min(pf, cols - j * pf);
+        uint32_t word = 0;
+        for (int64_t k = 0; k < n; ++k) word |= static_cast<uint32_t>(src[j * pf + k]) << (k * bits);
+        dst[j] = word;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = v + r * cols;
+      uint32_t* dst = w.data() + (r / pf) * wc;
+      const int shift = static_cast<int>((r % pf) * bits);
+      for (int64_t c = 0; c < cols; ++c) dst[c] |= static_cast<uint32_t>(src[c]) << shift;
+    }
+  }
+  shape = {wr, wc};
+  return bytes_le(w);
+}
+
+}  // namespace
+
+const char* packed_format_name(PackedFormat f) { return f == PackedFormat::Gptq ? "gptq" : "compressed-tensors"; }
+
+std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in) {
+  if (bits != 4 && bits != 8) return std::to_string(bits) + "-bit codes (the layout holds 4 and 8 bits)";
+  if (group != 0 && in % group != 0)
+    return "groups of " + std::to_string(group) + " do not divide the " + std::to_string(in) + " inputs";
+  const int64_t pf = 32 / bits;
+  if (f == PackedFormat::Gptq && (in % pf != 0 || out % pf != 0))
+    return "shape [" + std::to_string(out) + ", " + std::to_string(in) + "]: GPTQ packs " + std::to_string(pf) +
+           " values per int32 along both dims and needs multiples of " + std::to_string(pf);
+  return "";
+}
+
+std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, bool symmetric, int64_t out, int64_t in) {
+  const int64_t pf = 32 / bits, ng = group == 0 ? 1 : in / group;
+  if (f == PackedFormat::CompressedTensors) {
+    std::vector<PackedTensor> s = {{".weight_packed", DType::I32, {out, (in + pf - 1) / pf}, {}},
+                                   {".weight_scale", DType::F16, {out, ng}, {}},
+                                   {".weight_shape", DType::I64, {2}, {}}};
+    if (!symmetric) s.push_back({".weight_zero_point", DType::I32, {(out + pf - 1) / pf, ng}, {}});
+    return s;
+  }
+  return {{".qweight", DType::I32, {in / pf, out}, {}},
+          {".qzeros", DType::I32, {ng, out / pf}, {}},
+          {".scales", DType::F16, {ng, out}, {}},
+          {".g_idx", DType::I32, {in}, {}}};
+}
+
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& t) {
+  if (const std::string p = packed_shape_problem(f, c.bits, c.group, c.out, c.in); !p.empty())
+    throw Error::internal("pack_linear: " + p);
+  if (!c.codes || !c.scales || (!c.symmetric && !c.zeros)) throw Error::internal("pack_linear: missing codes, scales or zeros");
+  std::vector<PackedTensor> specs = packed_specs(f, c.bits, c.group, c.symmetric, c.out, c.in);
+  t.resize(specs.size());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    t[i].suffix = specs[i].suffix, t[i].dtype = specs[i].dtype, t[i].shape = specs[i].shape;
+    t[i].data.resize(static_cast<size_t>(core::dtype_size(t[i].dtype) * core::shape_numel(t[i].shape)));
+  }
+  const int64_t ng = c.ngroups(), rb = c.row_bytes(), pf = 32 / c.bits;
+  const int64_t offset = int64_t{1} << (c.bits - 1);
+  auto zero = [&](int64_t o, int64_t g) -> int64_t { return c.symmetric ? offset : c.zeros[o * ng + g]; };
+  core::Shape shape;
+  if (f == PackedFormat::CompressedTensors) {
+    // weight_packed: the row stream, each row zero-padded to whole words.
+    const int64_t wb = t[0].shape[1] * 4;
+    for (int64_t o = 0; o < c.out; ++o) {
+      uint8_t* dst = t[0].data.data() + o * wb;
+      std::memcpy(dst, c.codes + o * rb, static_cast<size_t>(rb));
+      std::memset(dst + rb, 0, static_cast<size_t>(wb - rb));
+    }
+    std::memcpy(t[1].data.data(), c.scales, t[1].data.size());
+    t[2].data = bytes_le(std::vector<int64_t>{c.out, c.in});
+    if (!c.symmetric) t[3].data = pack_words(c.zeros, c.out, ng, c.bits, 0, shape);
+    return;
+  }
+  // GPTQ. qweight [in/pf, out]: word (j, o) is bytes [4j, 4j+4) of row o (in is a multiple of pf).
+  const int64_t words = c.in / pf;
+  uint8_t* qw = t[0].data.data();
+  constexpr int64_t kTile = 64;  // transposed in tiles to stay in cache
+  for (int64_t o0 = 0; o0 < c.out; o0 += kTile)
+    for (int64_t j0 = 0; j0 < words; j0 += kTile)
+      for (int64_t o = o0; o < std::min(c.out, o0 + kTile); ++o)
+        for (int64_t j = j0; j < std::min(words, j0 + kTile); ++j) std::memcpy(qw + (j * c.out + o) * 4, c.codes + o * rb + 4 * j, 4);
+  // qzeros: zero − 1, [ngroups, out] packed along out; scales transposed.
+  std::vector<uint8_t> zeros_t(static_cast<size_t>(ng * c.out));
+  for (int64_t o = 0; o < c.out; ++o)
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t z = zero(o, g);
+      if (z == 0)
+        throw Error::invalid("row " + std::to_string(o) + ", group " + std::to_string(g) +
+                             ": zero point 0, which GPTQ's v1 layout (stored as zero − 1) cannot hold");
+      zeros_t[g * c.out + o] = static_cast<uint8_t>(z - 1);
+      std::memcpy(t[2].data.data() + (g * c.out + o) * 2, c.scales + (o * ng + g) * 2, 2);
+    }
+  t[1].data = pack_words(zeros_t.data(), ng, c.out, c.bits, 1, shape);
+  std::vector<int32_t> g_idx(static_cast<size_t>(c.in));
+  for (int64_t i = 0; i < c.in; ++i) g_idx[i] = static_cast<int32_t>(i / c.group_len());
+  t[3].data = bytes_le(g_idx);
+}
+
+}  // namespace moe::io

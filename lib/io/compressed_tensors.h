@@ -1,0 +1,86 @@
+// Integer group codes laid out as the two int4/int8 checkpoint layouts vLLM and transformers load
+// (docs/compressed-tensors.md):
+//
+// compressed-tensors `pack-quantized` (read from vllm-project/compressed-tensors at commit
+// 179cba93, src/compressed_tensors/compressors/quantized_compressors/pack_quantized.py,
+// `pack_to_int32`): per quantized Linear
+//   weight_packed     I32 [out, ceil(in / pf)]   pf = 32 / bits values per word; value j of a row
+//                                                in bits [(j mod pf)·bits, …) of word j div pf;
+//                                                stored unsigned = signed code + 2^(bits−1)
+//   weight_scale      F16 [out, ngroups]
+//   weight_shape      I64 [2] = {out, in}
+//   weight_zero_point I32 [ceil(out / pf), ngroups]  (asymmetric only; packed along the OUTPUT
+//                                                dim, packed_dim=0, same unsigned offset)
+//   W = scale · (q − z) with q, z the signed values.
+//
+// GPTQ, checkpoint_format "gptq" (v1) (read from AutoGPTQ/AutoGPTQ,
+// auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, QuantLinear.pack and forward, v0.7 line):
+//   qweight  I32 [in / pf, out]       code of input i, output o in bits [(i mod pf)·bits, …) of
+//                                     word [i div pf, o]; codes unsigned in [0, 2^bits)
+//   qzeros   I32 [ngroups, out / pf]  (zero point − 1) mod 2^bits, packed along the output dim
+//   scales   F16 [ngroups, out]
+//   g_idx    I32 [in] = i div group
+//   W[o, i] = scales[g, o] · (q − (stored zero + 1)); a zero point of 0 cannot be stored (the
+//   loader reads 2^bits), so such a group is refused.
+//
+// Our intN codes (quant/intn.h: unsigned q in [0, 2^bits), W = scale · (q − z), z = 2^(bits−1)
+// when symmetric) map onto both without re-rounding: the unsigned values are our codes and zero
+// points as they are.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/tensor.h"
+
+namespace moe::io {
+
+enum class PackedFormat { CompressedTensors, Gptq };
+
+// "compressed-tensors" / "gptq".
+const char* packed_format_name(PackedFormat f);
+
+// One quantized Linear's integer groups as moe-tool stores them (docs/FORMAT.md, intN): borrowed
+// pointers, valid during pack_linear. Shapes [out, in] (HF orientation, y = W x).
+struct GroupCodes {
+  int bits = 4;  // 4 or 8
+  int64_t out = 0, in = 0;
+  int64_t group = 0;  // inputs per group; 0 = the whole row (compressed-tensors "channel", GPTQ -1)
+  bool symmetric = true;
+  // [out, ceil(in·bits/8)] bytes: each row an LSB-first stream of `in` codes (code j in stream bits
+  // [j·bits, (j+1)·bits)), padded with 0 bits to whole bytes; each code < 2^bits.
+  const uint8_t* codes = nullptr;
+  const uint8_t* scales = nullptr;  // [out, ngroups] f16, little endian
+  const uint8_t* zeros = nullptr;   // [out, ngroups] zero points; null when symmetric (2^(bits−1))
+  int64_t ngroups() const { return group == 0 ? 1 : in / group; }
+  int64_t group_len() const { return group == 0 ? in : group; }
+  int64_t row_bytes() const { return (in * bits + 7) / 8; }
+};
+
+// One tensor of a packed Linear: stored as `<module><suffix>` (module = weight name without ".weight").
+struct PackedTensor {
+  std::string suffix;  // ".weight_packed", ".qweight", …
+  core::DType dtype;
+  core::Shape shape;
+  std::vector<uint8_t> data;  // little endian
+};
+
+// Why the layout cannot hold codes of these dimensions ("" when it can): bits other than 4 or 8,
+// a group that does not divide `in`, and for GPTQ an `in` or `out` that is not a multiple of the
+// values per int32 word.
+std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in);
+
+// The tensors written for a Linear of these dimensions, in write order, with empty data.
+std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, bool symmetric, int64_t out, int64_t in);
+
+// The tensors of `c` packed (packed_specs order) into `out`, whose buffers are reused from an
+// earlier call when their sizes allow. For 4 and 8 bits our LSB-first row stream is already the
+// words' byte sequence (little endian): compressed-tensors' weight_packed is each row padded to
+// whole words, GPTQ's qweight the transposed [out, in/pf] word matrix. Throws Error::invalid naming
+// row and group when the layout cannot hold a value (GPTQ: a zero point of 0), Error::internal
+// when packed_shape_problem is not empty.
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& out);
+
+}  // namespace moe::io

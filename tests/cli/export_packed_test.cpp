@@ -1,0 +1,372 @@
+// `export --format compressed-tensors|gptq` through the CLI: the fixtures quantized by `quantize`
+// (int4/int8, symmetric and asymmetric groups) exported, read back with our safetensors reader and
+// decoded by the test-local decoders (support/packed_decode.h): every weight equals the native
+// checkpoint's dequantized weight exactly, every dense tensor is copied byte for byte, the config
+// is the one the libraries write, the figures match data/golden/compressed.json (made by
+// data/scripts/check_compressed.py, an independent NumPy decoder), and `eval` of the export decoded
+// back equals `eval` of the native checkpoint. Then every refusal: exit 2, one line, nothing written.
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "io/checkpoint.h"
+#include "io/checkpoint_writer.h"
+#include "io/env.h"
+#include "model/model.h"
+#include "support/cli_expect.h"
+#include "support/packed_decode.h"
+#include "support/paths.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+std::vector<uint8_t> bytes_of(const io::Checkpoint& c, const std::string& name) {
+  const core::Tensor t = c.tensor(name);
+  return {t.data(), t.data() + t.nbytes()};
+}
+
+fs::path quantize_fixture(const TempDir& dir, const std::string& fixture, const std::string& tag, const std::vector<std::string>& flags) {
+  const fs::path out = dir / tag;
+  std::vector<std::string> args = {"-q", "quantize", (kSrc / "data/models" / fixture).string(), out.string(), "--method", "rtn"};
+  args.insert(args.end(), flags.begin(), flags.end());
+  const RunResult r = run_tool(args);
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  return out;
+}
+
+json export_packed(const fs::path& native, const fs::path& out, const std::string& format) {
+  const RunResult r = run_tool({"-q", "export", native.string(), out.string(), "--format", format, "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(r.err, "");
+  return r.exit_code == 0 ? json::parse(r.out) : json();
+}
+
+// Module name -> decoded [out, in] weight, for every packed Linear of an export.
+std::map<std::string, std::vector<float>> decode_export(const fs::path& dir) {
+  auto& env = io::Env::posix();
+  const auto c = io::Checkpoint::open(env, dir);
+  const json q = c.config().at("quantization_config");
+  std::map<std::string, std::vector<float>> out;
+  const bool gptq = q.at("quant_method") == "gptq";
+  const int bits = gptq ? q.at("bits").get<int>() : q["config_groups"]["group_0"]["weights"]["num_bits"].get<int>();
+  const std::string key = gptq ? ".qweight" : ".weight_packed";
+  for (const auto& name : c.names()) {
+    if (name.size() <= key.size() || name.compare(name.size() - key.size(), key.size(), key) != 0) continue;
+    const std::string mod = name.substr(0, name.size() - key.size());
+    if (gptq) {
+      const int64_t out_f = c.info(mod + ".scales").shape.at(1), in_f = c.info(mod + ".g_idx").shape.at(0);
+      out[mod] = decode_gptq(bits, out_f, in_f, bytes_of(c, name), bytes_of(c, mod + ".qzeros"), bytes_of(c, mod + ".scales"),
+                             bytes_of(c, mod + ".g_idx"));
+    } else {
+      const auto shape = bytes_of(c, mod + ".weight_shape");
+      int64_t dims[2];
+      std::memcpy(dims, shape.data(), 16);
+      const bool zp = c.has(mod + ".weight_zero_point");
+      out[mod] = decode_compressed_tensors(bits, dims[0], dims[1], bytes_of(c, name), bytes_of(c, mod + ".weight_scale"),
+                                           c.info(mod + ".weight_scale").shape.at(1),
+                                           zp ? bytes_of(c, mod + ".weight_zero_point") : std::vector<uint8_t>{});
+    }
+  }
+  return out;
+}
+
+// Every weight of the export equals the native checkpoint's: packed ones decoded against the
+// native dequantization (f32, exact), dense ones byte for byte; nothing else is in the files.
+// Returns the number of packed Linears.
+size_t expect_same_weights(const fs::path& native, const fs::path& exported) {
+  auto& env = io::Env::posix();
+  const auto nc = io::Checkpoint::open(env, native);
+  const auto model = model::Model::load(nc);
+  const auto ec = io::Checkpoint::open(env, exported);
+  const auto decoded = decode_export(exported);
+  std::set<std::string> dense_names;
+  size_t packed = 0;
+  for (const auto& o : model.outputs(model::OutputOptions{core::DType::F32, /*materialize=*/true})) {
+    const std::string mod = o.name.substr(0, o.name.size() - 7);
+    if (auto it = decoded.find(mod); it != decoded.end() && o.name.ends_with(".weight")) {
+      const core::Tensor t = o.make();
+      EXPECT_EQ(it->second, std::vector<float>(reinterpret_cast<const float*>(t.data()),
+                                               reinterpret_cast<const float*>(t.data()) + t.numel()))
+          << o.name;
+      ++packed;
+      continue;
+    }
+    dense_names.insert(o.name);
+    EXPECT_TRUE(ec.has(o.name)) << o.name;
+    if (ec.has(o.name)) {
+      EXPECT_EQ(bytes_of(ec, o.name), bytes_of(nc, o.name)) << o.name;
+    }
+  }
+  EXPECT_EQ(packed, decoded.size());
+  for (const auto& n : ec.names()) {
+    const bool part = decoded.count(n.substr(0, n.rfind('.')));
+    EXPECT_TRUE(part || dense_names.count(n)) << "unexpected tensor " << n;
+  }
+  return packed;
+}
+
+struct PackedCase {
+  std::string fixture, format;
+  std::vector<std::string> flags;
+  std::string tag;
+};
+
+void PrintTo(const PackedCase& c, std::ostream* os) { *os << c.tag; }
+
+class ExportPacked : public ::testing::TestWithParam<PackedCase> {};
+
+TEST_P(ExportPacked, DecodesToTheNativeWeightsAndTheGolden) {
+  const auto& c = GetParam();
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_fixture(dir, c.fixture, "native", c.flags);
+  const fs::path out = dir / "out";
+  const json r = export_packed(native, out, c.format);
+  ASSERT_FALSE(r.is_null());
+  const size_t packed = expect_same_weights(native, out);
+  EXPECT_EQ(r.at("quantized_linears").get<size_t>(), packed);
+  // The golden of the NumPy decoder: modules, and the sum / sum of squares of every decoded value.
+  const json g = read_json(kSrc / "data/golden/compressed.json").at(c.tag);
+  const auto decoded = decode_export(out);
+  double sum = 0, sq = 0;
+  for (const auto& [m, w] : decoded)
+    for (float x : w) sum += x, sq += static_cast<double>(x) * x;
+  EXPECT_EQ(decoded.size(), g.at("modules").get<size_t>());
+  EXPECT_NEAR(sum, g.at("sum").get<double>(), 1e-9 * std::max(1.0, std::abs(sum)));
+  EXPECT_NEAR(sq, g.at("sum_sq").get<double>(), 1e-9 * sq);
+  EXPECT_EQ(r.at("bytes").get<uint64_t>(), g.at("bytes").get<uint64_t>());
+  // The copy is complete: side files and config (model keys kept, our block replaced).
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) EXPECT_TRUE(fs::exists(out / f)) << f;
+  EXPECT_FALSE(fs::exists(out / "moe_tool_report.json"));
+  const json cfg = read_json(out / "config.json");
+  EXPECT_EQ(cfg.at("model_type"), read_json(native / "config.json").at("model_type"));
+  const json& q = cfg.at("quantization_config");
+  if (c.format == "gptq") {
+    EXPECT_EQ(q.at("quant_method"), "gptq");
+    EXPECT_EQ(q.at("checkpoint_format"), "gptq");
+    EXPECT_EQ(q.at("desc_act"), false);
+  } else {
+    EXPECT_EQ(q.at("quant_method"), "compressed-tensors");
+    EXPECT_EQ(q.at("format"), "pack-quantized");
+    EXPECT_EQ(q.at("quantization_status"), "compressed");
+    EXPECT_EQ(q["config_groups"]["group_0"]["targets"], json::array({"Linear"}));
+    // Every dense Linear is ignored: routers, lm_head; nothing quantized is.
+    std::set<std::string> ignore = q.at("ignore").get<std::set<std::string>>();
+    EXPECT_TRUE(ignore.count("lm_head"));
+    EXPECT_TRUE(ignore.count("model.layers.0." + std::string(c.fixture == "mixtral-tiny" ? "block_sparse_moe.gate" : "mlp.gate")));
+    for (const auto& [m, w] : decoded) EXPECT_FALSE(ignore.count(m)) << m;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, ExportPacked,
+    ::testing::Values(
+        PackedCase{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny ct int4 g32 sym"},
+        PackedCase{"mixtral-tiny", "gptq", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny gptq int4 g32 sym"},
+        PackedCase{"qwen2moe-tiny", "compressed-tensors", {"--codec", "int8", "--group", "64", "--attention", "int8"},
+             "qwen2moe-tiny ct int8 g64 asym"},
+        PackedCase{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "0", "--sym", "--attention", "int4"},
+             "qwen2moe-tiny gptq int4 row sym"},
+        PackedCase{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "128"}, "mixtral-tiny ct int4 g128 asym"}),
+    [](const auto& info) {
+      std::string s = info.param.tag;
+      for (char& ch : s)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      return s;
+    });
+
+// GPTQ's config: routers (and attention kept dense) are named by `dynamic` negatives and left out
+// of modules_in_block_to_quantize; a model with every in-layer Linear quantized but the router
+// still lists the router.
+TEST(ExportPackedConfig, GptqNamesTheDenseLinearsOfTheLayers) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  ASSERT_FALSE(export_packed(native, dir / "out", "gptq").is_null());
+  const json q = read_json(dir / "out/config.json").at("quantization_config");
+  EXPECT_EQ(q.at("bits"), 4);
+  EXPECT_EQ(q.at("group_size"), 32);
+  EXPECT_EQ(q.at("sym"), true);
+  const auto mods = q.at("modules_in_block_to_quantize").at(0).get<std::vector<std::string>>();
+  EXPECT_EQ(mods.size(), 8u * 3);  // 8 experts x w1, w2, w3; attention kept dense
+  EXPECT_EQ(mods.front(), "block_sparse_moe.experts.0.w1");
+  EXPECT_TRUE(q.at("dynamic").contains("-:.*\\.layers\\.\\d+\\.block_sparse_moe\\.gate$"));
+  EXPECT_TRUE(q.at("dynamic").contains("-:.*\\.layers\\.\\d+\\.self_attn\\.q_proj$"));
+}
+
+// eval of the export decoded back to a dense f32 checkpoint equals eval of the native checkpoint,
+// bit for bit (same codes, same scales).
+TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  for (const std::string format : {"compressed-tensors", "gptq"}) {
+    SCOPED_TRACE(format);
+    const fs::path out = dir / ("out-" + format), back = dir / ("back-" + format);
+    ASSERT_FALSE(export_packed(native, out, format).is_null());
+    auto& env = io::Env::posix();
+    const auto ec = io::Checkpoint::open(env, out);
+    const auto decoded = decode_export(out);
+    std::vector<io::TensorSpec> plan;
+    for (const auto& [m, w] : decoded) plan.push_back({m + ".weight", core::DType::F32, {}});
+    for (const auto& n : ec.names())
+      if (!decoded.count(n.substr(0, n.rfind('.')))) plan.push_back({n, ec.info(n).dtype, ec.info(n).shape});
+    for (auto& s : plan)
+      if (s.shape.empty()) {
+        const std::string mod = s.name.substr(0, s.name.size() - 7);
+        const int64_t in = format == "gptq" ? ec.info(mod + ".g_idx").shape.at(0) : [&] {
+          const auto b = bytes_of(ec, mod + ".weight_shape");
+          int64_t d[2];
+          std::memcpy(d, b.data(), 16);
+          return d[1];
+        }();
+        s.shape = {static_cast<int64_t>(decoded.at(mod).size()) / in, in};
+      }
+    fs::create_directories(back);
+    {
+      io::CheckpointWriter w(env, back, plan, 5'000'000'000ull);
+      for (const auto& s : plan) {
+        const std::string mod = s.name.substr(0, s.name.size() - 7);
+        if (auto it = decoded.find(mod); it != decoded.end() && s.dtype == core::DType::F32 && !ec.has(s.name))
+          w.write(s.name, 0, it->second.data(), it->second.size() * 4);
+        else
+          w.write(s.name, ec.tensor(s.name));
+      }
+      w.finish();
+    }
+    json cfg = read_json(out / "config.json");
+    cfg.erase("quantization_config");
+    write_file(back / "config.json", cfg.dump(2));
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+      fs::copy_file(out / f, back / f);
+    auto eval = [&](const fs::path& m) {
+      const RunResult r = run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32",
+                                    "--max-windows", "4", "--json"});
+      EXPECT_EQ(r.exit_code, 0) << r.describe();
+      return r.exit_code == 0 ? json::parse(r.out) : json();
+    };
+    const json a = eval(native), b = eval(back);
+    ASSERT_TRUE(a.contains("perplexity")) << a.dump();
+    EXPECT_EQ(a.at("perplexity"), b.at("perplexity"));
+    EXPECT_EQ(a.at("nll_sum"), b.at("nll_sum"));
+    EXPECT_EQ(a.at("tokens_scored"), b.at("tokens_scored"));
+  }
+}
+
+// Refusals: exit 2, one line naming the tensor or flag and the way out, nothing written.
+TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
+  TempDir dir{"moe-export-packed"};
+  const std::string mixtral = (kSrc / "data/models/mixtral-tiny").string();
+  auto refused = [&](const std::vector<std::string>& args, const std::string& needle) {
+    std::vector<std::string> a = {"export"};
+    a.insert(a.end(), args.begin(), args.end());
+    expect_clean_failure(run_tool(a), needle);
+    EXPECT_FALSE(fs::exists(dir / "out"));
+  };
+  const std::string out = (dir / "out").string();
+  // Dense input: nothing to write.
+  refused({mixtral, out, "--format", "compressed-tensors"}, "no weight is quantized (intN)");
+  // A folder needs --format; --type is GGUF's.
+  refused({mixtral, out}, "OUT '" + out + "': not a .gguf file; give --format compressed-tensors");
+  refused({mixtral, out, "--format", "gptq", "--type", "q4_0"}, "--type: gguf only");
+  const fs::path ternary = quantize_fixture(dir, "mixtral-tiny", "ternary", {"--codec", "ternary"});
+  refused({ternary.string(), out, "--format", "gptq"},
+          "model.layers.0.block_sparse_moe.experts.0.w1.weight is encoded as 'ternary'");
+  refused({ternary.string(), out, "--format", "gptq"}, "--codec int4 --group 128 --sym");
+  const fs::path int2 = quantize_fixture(dir, "mixtral-tiny", "int2", {"--codec", "int2", "--group", "32"});
+  refused({int2.string(), out, "--format", "compressed-tensors"}, "2-bit codes (the layout holds 4 and 8 bits)");
+  // Groups of 48 leave a shorter last group of the 128 inputs.
+  const fs::path g48 = quantize_fixture(dir, "mixtral-tiny", "g48", {"--codec", "int4", "--group", "48", "--sym"});
+  refused({g48.string(), out, "--format", "gptq"}, "groups of 48 do not divide the 128 inputs");
+  // Attention at int8, experts at int4: one scheme per export.
+  const fs::path mixed = quantize_fixture(dir, "mixtral-tiny", "mixed", {"--codec", "int4", "--group", "32", "--sym", "--attention", "int8:g32:sym"});
+  refused({mixed.string(), out, "--format", "compressed-tensors"}, "this export writes one scheme for every quantized Linear");
+  // A quantized lm_head has no place in the gptq config here.
+  const fs::path head = quantize_fixture(dir, "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
+  refused({head.string(), out, "--format", "gptq"}, "lm_head.weight: a quantized lm_head");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"g48", "head", "int2", "mixed", "ternary"}));
+}
+
+// Low-rank factors have no integer layout: refused naming the weight.
+TEST(ExportPackedRefusals, LowRankFactors) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path in = dir / "in", lr = dir / "lr";
+  write_synth(make_synth("mixtral"), in);  // tiny: the factorization takes milliseconds
+  ASSERT_EQ(run_tool({"-q", "factorize", in.string(), lr.string(), "--method", "svd", "--ratio", "0.5"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", lr.string(), (dir / "out").string(), "--format", "compressed-tensors"}),
+                       "experts.0.w1.weight is encoded as 'lowrank'");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
+// Ragged expert counts and novice experts (constant MoNE experts) have no stock layout: refused
+// naming the layer or the novices, after `quantize` made every expert int4.
+TEST(ExportPackedRefusals, RaggedCountsAndNovices) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const std::string calib = kCalib.string();
+  const fs::path ragged = dir / "ragged", novices = dir / "novices";
+  ASSERT_EQ(run_tool({"-q", "prune", native.string(), ragged.string(), "--method", "reap", "--keep-ratio", "0.6", "--no-uniform",
+                      "--text", calib, "--ctx", "32", "--windows", "4"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", ragged.string(), (dir / "out").string(), "--format", "gptq"}),
+                       "(ragged counts); stock loaders need one expert count per model");
+  ASSERT_EQ(run_tool({"-q", "prune", native.string(), novices.string(), "--method", "frequency", "--keep", "6", "--novices",
+                      "--text", calib, "--ctx", "32", "--windows", "4"}).exit_code, 0);
+  expect_clean_failure(run_tool({"export", novices.string(), (dir / "out").string(), "--format", "compressed-tensors"}),
+                       "novice experts");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
+// GPTQ v1 cannot store an asymmetric zero point of 0: every zero point is checked before the
+// folder is created (one is set to 0 in the file here); compressed-tensors holds it.
+TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32"});
+  const std::string zeros = "model.layers.1.block_sparse_moe.experts.2.w2.weight.zeros";
+  {
+    auto& env = io::Env::posix();
+    const auto c = io::Checkpoint::open(env, native);
+    const auto& info = c.info(zeros);
+    const auto file = c.shard_path(zeros);
+    const uint64_t at = c.shards().front()->header().data_start + info.begin + 3 * 8 + 1;  // row 3, group 1 (8 groups: 256 inputs / 32)
+    std::string bytes = read_file(file);
+    ASSERT_NE(bytes[at], 0);
+    bytes[at] = 0;
+    write_file(file, bytes);
+  }
+  expect_clean_failure(run_tool({"export", native.string(), (dir / "out").string(), "--format", "gptq"}),
+                       "experts.2.w2.weight: row 3, group 1: zero point 0, which GPTQ's v1 layout (zero − 1) cannot hold");
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
+  EXPECT_EQ(expect_same_weights(native, dir / "ct"), 96u);
+}
+
+// The output rules of every folder the tool writes: never inside the input, an earlier export
+// replaced only with --force.
+TEST(ExportPackedOutput, InputAndForce) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int8", "--group", "0", "--sym"});
+  const RunResult inside = run_tool({"export", native.string(), (native / "ct").string(), "--format", "compressed-tensors"});
+  EXPECT_EQ(inside.exit_code, 2) << inside.describe();
+  EXPECT_FALSE(fs::exists(native / "ct"));
+  ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
+  const json q = read_json(dir / "ct/config.json").at("quantization_config");
+  EXPECT_EQ(q["config_groups"]["group_0"]["weights"]["strategy"], "channel");
+  EXPECT_EQ(q["config_groups"]["group_0"]["weights"]["group_size"], nullptr);
+  const RunResult again = run_tool({"export", native.string(), (dir / "ct").string(), "--format", "gptq"});
+  EXPECT_EQ(again.exit_code, 2) << again.describe();
+  EXPECT_EQ(read_json(dir / "ct/config.json").at("quantization_config").at("quant_method"), "compressed-tensors");
+  const RunResult forced = run_tool({"-q", "export", native.string(), (dir / "ct").string(), "--format", "gptq", "--force"});
+  EXPECT_EQ(forced.exit_code, 0) << forced.describe();
+  EXPECT_EQ(read_json(dir / "ct/config.json").at("quantization_config").at("group_size"), -1);
+  EXPECT_EQ(expect_same_weights(native, dir / "ct"), 96u);
+}
+
+}  // namespace
+}  // namespace moe::test
