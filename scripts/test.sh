@@ -25,7 +25,7 @@ if [[ $stages == *" release "* ]]; then
   phase "build, Release"
 
   echo "== tests (Release -O2) [${SECONDS}s]"
-  ctest --test-dir build --output-on-failure -j2 --timeout 600
+  ctest --test-dir build --output-on-failure -j2 --timeout 1200
   phase "tests, Release"
 fi
 if [[ $stages != *" sanitizers "* ]]; then
@@ -56,7 +56,7 @@ phase "build, sanitizers (+ fuzz targets)"
 # The pipeline label (recipes end to end, the encodings matrix) is not yet run here.
 echo "== parsing and decoding test labels under ASan+UBSan [${SECONDS}s]"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build-san --output-on-failure -j2 --timeout 900 \
+  ctest --test-dir build-san --output-on-failure -j2 --timeout 1800 \
   -L '^(core|io|model|cli|tokenizer|passes|quant|runtime|calib)$' ${SAN_EXCLUDE:+-E "$SAN_EXCLUDE"}
 phase "tests, sanitizers"
 
