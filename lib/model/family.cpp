@@ -248,6 +248,37 @@ std::vector<FamilyDesc> build_families() {
     f.model_type = "kimi_k2";
     v.push_back(f);
   }
+  {
+    // glm4_moe (GLM-4.5 / 4.6; after kimi_k2 for the same reason), as transformers' configuration_glm4_moe.py and
+    // modeling_glm4_moe.py define it: standard GQA attention with q/k/v biases iff attention_bias
+    // (o_proj never has one), per-head q/k RMSNorm iff use_qk_norm, partial rotary (default 0.5),
+    // Glm4MoeTopkRouter = DeepSeek-V3 routing (sigmoid, e_score_correction_bias for the choice,
+    // n_group/topk_group, norm_topk_prob default true, routed_scaling_factor), shared experts of
+    // width n_shared_experts x moe_intermediate_size, the first first_k_dense_replace layers dense
+    // (intermediate_size), num_nextn_predict_layers MTP layers after the decoder layers.
+    FamilyDesc f = llama_base("glm4_moe", "Glm4MoeForCausalLM");
+    std::erase_if(f.layer_roles, [](const RoleName& r) { return r.role == "o_bias"; });
+    f.qk_norm = QKNorm::PerHead;
+    f.qk_norm_key = "use_qk_norm";
+    set_role(f, "q_norm", "self_attn.q_norm.weight", if_config("use_qk_norm", false));
+    set_role(f, "k_norm", "self_attn.k_norm.weight", if_config("use_qk_norm", false));
+    f.partial_rotary = true;
+    f.default_partial_rotary_factor = 0.5;
+    f.default_rms_norm_eps = 1e-5;
+    qwen_style_experts(f, "n_routed_experts", "moe_intermediate_size");
+    f.routing = Routing::DeepSeekV3;
+    f.norm_topk_default = true;
+    f.moe_layers = MoeLayerRule::FirstKDense;
+    f.router_bias = "mlp.gate.e_score_correction_bias";
+    f.shared_gate = "mlp.shared_experts.gate_proj.weight";
+    f.shared_up = "mlp.shared_experts.up_proj.weight";
+    f.shared_down = "mlp.shared_experts.down_proj.weight";
+    f.shared_count_key = "n_shared_experts";
+    f.default_shared_count = 1;
+    f.extra_layers_allowed = true;
+    f.forward = true;
+    v.push_back(f);
+  }
   return v;
 }
 
