@@ -1,0 +1,147 @@
+// glm4_moe (GLM-4.5 / 4.6) forward against the independent NumPy reference
+// data/scripts/glm4_moe_reference.py (written from transformers' modeling_glm4_moe.py) on
+// data/glm4-moe-tiny (GQA with q/k/v biases, per-head q/k norms, partial rotary 0.5 with head_dim
+// 24, DeepSeek-V3 routing with correction bias and groups, a shared expert, one dense layer, one
+// multi-token-prediction layer), and the same weights with n_group 1 and with
+// partial_rotary_factor 1: logits within 1e-4 of the largest |logit|, the same argmax, the same
+// experts per token with the same weights. Plus the hyper-parameters read, the refusals, and the
+// CLI on the fixture: eval, calibrate, prune --method reap (MTP layer carried along).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "core/error.h"
+#include "reference_golden.h"
+#include "runtime/forward.h"
+#include "runtime_test_util.h"
+#include "support/ckpt_util.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+const fs::path& glm_fixture() {
+  static const fs::path p = source_dir() / "data/glm4-moe-tiny";
+  return p;
+}
+
+TEST(Glm4Moe, MatchesReference) {
+  Checked c;
+  check_against_reference("glm4_moe", c);
+  std::printf("[ glm4_moe ] max |logit diff| = %.3g (|logit| max %.3g)\n", c.max_logit_diff, c.logits_abs_max);
+}
+
+// The same weights with n_group 1 / topk_group 1 (no group limitation): other experts chosen.
+TEST(Glm4Moe, NoGroupsMatchesReference) {
+  Checked c;
+  check_against_reference("glm4_moe-nogroup", c);
+  std::printf("[ glm4_moe-nogroup ] max |logit diff| = %.3g\n", c.max_logit_diff);
+}
+
+// The same weights with partial_rotary_factor 1 (RoPE over the whole head).
+TEST(Glm4Moe, FullRotaryMatchesReference) {
+  Checked c;
+  check_against_reference("glm4_moe-full-rotary", c);
+  std::printf("[ glm4_moe-full-rotary ] max |logit diff| = %.3g\n", c.max_logit_diff);
+}
+
+// What is read from the fixture's config: head_dim from its key (not hidden/heads), the rotary
+// width int(24 * 0.5), per-head q/k norms, DeepSeek-V3 routing with its groups and scale, layer 0
+// dense, the MTP layer 3 with an MoE block.
+TEST(Glm4Moe, SpecFromConfig) {
+  auto lm = load_model(glm_fixture());
+  const runtime::ForwardSpec s = runtime::ForwardSpec::from_model(lm->model);
+  EXPECT_FALSE(s.mla.has_value());
+  EXPECT_EQ(s.attn.head_dim, 24);
+  EXPECT_EQ(s.attn.rope_dim(), 12);
+  EXPECT_EQ(s.attn.heads, 4);
+  EXPECT_EQ(s.attn.kv_heads, 2);
+  EXPECT_EQ(s.attn.qk_norm, model::QKNorm::PerHead);
+  EXPECT_DOUBLE_EQ(s.eps, 1e-5);
+  EXPECT_EQ(s.routing.kind, model::Routing::DeepSeekV3);
+  EXPECT_EQ(s.routing.n_group, 4);
+  EXPECT_EQ(s.routing.topk_group, 2);
+  EXPECT_TRUE(s.routing.renormalize);
+  EXPECT_DOUBLE_EQ(s.routing.routed_scaling_factor, 1.5);
+  const auto& layers = lm->model.layers();
+  ASSERT_EQ(layers.size(), 3u);
+  EXPECT_FALSE(layers[0].moe.has_value());
+  ASSERT_TRUE(layers[1].moe.has_value());
+  EXPECT_EQ(layers[1].moe->num_experts(), 8);
+  EXPECT_TRUE(layers[1].tensors.count("q_bias"));
+  EXPECT_FALSE(layers[1].tensors.count("o_bias"));
+  EXPECT_EQ(lm->model.mtp_moe_layers(), std::vector<int>{3});
+  // partial_rotary_factor absent: the family's default 0.5.
+  TempDir dir;
+  copy_with_config(glm_fixture(), dir.path(), {{"partial_rotary_factor", nullptr}});  // merge patch: removes the key
+  ASSERT_FALSE(nlohmann::json::parse(read_file(dir.path() / "config.json")).contains("partial_rotary_factor"));
+  auto def = load_model(dir.path());
+  EXPECT_EQ(runtime::ForwardSpec::from_model(def->model).attn.rope_dim(), 12);
+}
+
+// partial_rotary_factor is implemented for glm4_moe only; a width that is not even is an error.
+TEST(Glm4Moe, PartialRotaryRefusals) {
+  TempDir q;
+  synth_to(q.path(), "qwen3_moe", {.config_patch = {{"partial_rotary_factor", 0.5}}});
+  const std::string m = forward_refusal(q.path());
+  EXPECT_NE(m.find("partial_rotary_factor != 1 not implemented by the forward for qwen3_moe (implemented: glm4_moe)"),
+            std::string::npos)
+      << m;
+  TempDir odd;
+  copy_with_config(glm_fixture(), odd.path(), {{"partial_rotary_factor", 0.125}});
+  auto lm = load_model(odd.path());
+  try {
+    runtime::Forward fwd(lm->model);
+    FAIL() << "expected Error::corruption";
+  } catch (const core::Error& e) {
+    EXPECT_EQ(e.kind(), core::ErrorKind::Corruption) << e.what();
+    EXPECT_NE(e.message().find("gives a rotary width of 3"), std::string::npos) << e.what();
+  }
+}
+
+// The commands that sit on the forward run on the fixture; prune writes the glm4_moe layout back
+// and carries the last decoder layer's keep-map to the MTP layer.
+TEST(Glm4MoeCli, EvalCalibrateAndReap) {
+  TempDir tmp;
+  const std::string model = glm_fixture().string();
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("windows"), 2);
+  EXPECT_TRUE(std::isfinite(j.at("perplexity").get<double>())) << r.out;
+  EXPECT_GT(j.at("perplexity").get<double>(), 1.0) << r.out;
+
+  const fs::path stats = tmp.path() / "glm.stats";
+  r = run_tool({"-q", "calibrate", model, "--text", text, "-o", stats.string(), "--ctx", "32", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(stats));
+
+  const fs::path out = tmp.path() / "reap";
+  r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
+  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
+  EXPECT_EQ(cfg.at("model_type"), "glm4_moe");
+  const TensorMap in_t = read_tensors(glm_fixture()), out_t = read_tensors(out);
+  for (const char* name : {"model.layers.1.mlp.experts.5.gate_proj.weight", "model.layers.2.self_attn.q_proj.bias",
+                           "model.layers.2.self_attn.k_norm.weight", "model.layers.2.mlp.gate.e_score_correction_bias",
+                           "model.layers.3.mlp.experts.5.down_proj.weight"})
+    EXPECT_TRUE(out_t.count(name)) << name;
+  EXPECT_FALSE(out_t.count("model.layers.1.mlp.experts.6.gate_proj.weight"));
+  EXPECT_FALSE(out_t.count("model.layers.3.mlp.experts.6.gate_proj.weight"));
+  EXPECT_EQ(out_t.at("model.layers.3.mlp.gate.weight").shape, (core::Shape{6, 64}));
+  EXPECT_EQ(out_t.at("model.layers.3.eh_proj.weight"), in_t.at("model.layers.3.eh_proj.weight"));
+  EXPECT_EQ(out_t.at("model.layers.0.mlp.gate_proj.weight"), in_t.at("model.layers.0.mlp.gate_proj.weight"));
+  // The pruned model runs too.
+  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+}
+
+}  // namespace
+}  // namespace moe::test
