@@ -143,5 +143,39 @@ TEST(Glm4MoeCli, EvalCalibrateAndReap) {
   EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
+// quantize (gptq) and factorize (svdllm) keep every expert count: they run on the decoder layers,
+// write the glm4_moe names back and pass the MTP layer through as stored; the outputs run. merge
+// changes the counts, which the MTP layer's MoE block cannot follow: refused, nothing written.
+TEST(Glm4MoeCli, QuantizeFactorizeRunMergeRefused) {
+  TempDir tmp;
+  const std::string model = glm_fixture().string();
+  const std::string text = (source_dir() / "data/text/calib.txt").string();
+  const TensorMap in_t = read_tensors(glm_fixture());
+  const std::vector<std::vector<std::string>> passes = {{"quantize", "--method", "gptq"},
+                                                        {"factorize", "--method", "svdllm", "--ratio", "0.5"}};
+  for (const auto& pass : passes) {
+    SCOPED_TRACE(pass[0]);
+    const fs::path out = tmp.path() / pass[0];
+    std::vector<std::string> args = {"-q", pass[0], model, out.string()};
+    args.insert(args.end(), pass.begin() + 1, pass.end());
+    for (const char* a : {"--text", text.c_str(), "--ctx", "16", "--windows", "2"}) args.emplace_back(a);
+    RunResult r = run_tool(args);
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    const TensorMap out_t = read_tensors(out);
+    for (const char* name : {"model.layers.3.mlp.experts.7.up_proj.weight", "model.layers.3.self_attn.q_norm.weight",
+                             "model.layers.3.mlp.gate.e_score_correction_bias", "model.layers.2.self_attn.v_proj.bias"})
+      EXPECT_EQ(out_t.at(name), in_t.at(name)) << name;
+    const std::string expert = "model.layers.2.mlp.experts.7.up_proj.weight";  // compressed: re-encoded or gone
+    EXPECT_FALSE(out_t.count(expert) && out_t.at(expert) == in_t.at(expert));
+    r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "16", "--max-windows", "1", "--json"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+  }
+  RunResult r = run_tool({"-q", "merge", model, (tmp.path() / "m").string(), "--method", "msmoe", "--experts", "4",
+                          "--text", text, "--ctx", "16", "--windows", "2"});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_NE(r.err.find("multi-token-prediction layer (model.layers.3)"), std::string::npos) << r.describe();
+  EXPECT_FALSE(fs::exists(tmp.path() / "m"));
+}
+
 }  // namespace
 }  // namespace moe::test
