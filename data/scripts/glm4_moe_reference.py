@@ -10,8 +10,10 @@ choice only, group scores = sum of each group's top-2, topk_group groups kept, m
 top-k, weights = the sigmoid scores, renormalised iff norm_topk_prob (+1e-20), x
 routed_scaling_factor), shared experts (width moe_intermediate_size x n_shared_experts) added to
 the routed output, Glm4MoeDecoderLayer (dense Glm4MoeMLP for layer_idx < first_k_dense_replace).
-NumPy only (torch is not needed). The safetensors writer, bf16 rounding and the RMSNorm / SiLU-GLU
-helpers are imported from deepseek_reference.py.
+NumPy only (torch is not needed). The fixture and golden writers, bf16 storage and the RMSNorm /
+SiLU-GLU helpers are imported from deepseek_reference.py, and so are its route_v3 and moe: transformers'
+modular_glm4_moe.py builds Glm4MoeTopkRouter and the MoE block from DeepseekV3TopkRouter and
+DeepseekV3MoE (the same rule over the same config keys and tensor names).
 
 Builds data/glm4-moe-tiny: 3 decoder layers (layer 0 dense), hidden 64, 4 heads of head_dim 24
 (so head_dim is read, not hidden/heads), 2 key/value heads, partial_rotary_factor 0.5 (rotary
@@ -29,16 +31,15 @@ torch.topk with sorted=False gives no order) and their routing weights in that o
 
 Usage: /usr/bin/python3 data/scripts/glm4_moe_reference.py
 """
-import json
 import os
-import shutil
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from deepseek_reference import (DATA, EOT_ID, LOGIT_STEP, TOK_DIR, TOKENIZER_FILES, T, bf16_round,  # noqa: E402
-                                mlp, rms_norm, rotate_half, write_safetensors)
+from deepseek_reference import (EOT_ID, T, drawers, moe_block_weights, rms_norm, rotate_half, route_v3, store,  # noqa: E402
+                                write_fixture, write_golden)
+from deepseek_reference import forward as ds_forward  # noqa: E402
 
 NAME = "glm4-moe-tiny"
 SEED = 4004
@@ -65,28 +66,12 @@ def make_weights(c):
     rng = np.random.default_rng(SEED)
     H, V, hd = c["hidden_size"], c["vocab_size"], c["head_dim"]
     nH, nKV = c["num_attention_heads"], c["num_key_value_heads"]
-    E, I, Id = c["n_routed_experts"], c["moe_intermediate_size"], c["intermediate_size"]
+    Id = c["intermediate_size"]
     W = {}  # name -> (float32 array, dtype)
-
-    def mat(name, shape, std):
-        W[name] = (std * rng.standard_normal(shape), "BF16")
-
-    def norm(name, n):
-        W[name] = (1.0 + 0.1 * rng.standard_normal(n), "BF16")
+    mat, norm = drawers(rng, W)
 
     def moe_block(p):
-        mat(p + "mlp.gate.weight", (E, H), 0.3)
-        # small, so that choice scores stay positive (masked groups score 0.0 in transformers)
-        W[p + "mlp.gate.e_score_correction_bias"] = (0.05 * rng.standard_normal(E), "F32")
-        for e in range(E):
-            q = p + f"mlp.experts.{e}."
-            mat(q + "gate_proj.weight", (I, H), 0.1)
-            mat(q + "up_proj.weight", (I, H), 0.1)
-            mat(q + "down_proj.weight", (H, I), 0.1)
-        S = I * c["n_shared_experts"]
-        mat(p + "mlp.shared_experts.gate_proj.weight", (S, H), 0.1)
-        mat(p + "mlp.shared_experts.up_proj.weight", (S, H), 0.1)
-        mat(p + "mlp.shared_experts.down_proj.weight", (H, S), 0.1)
+        moe_block_weights(c, W, rng, mat, p, bias=True)
 
     def attention_weights(p):
         norm(p + "input_layernorm.weight", H)
@@ -121,17 +106,7 @@ def make_weights(c):
     moe_block(p)
     norm("model.norm.weight", H)
     mat("lm_head.weight", (V, H), 0.1)
-    stored, values = {}, {}
-    for name, (a, dt) in W.items():
-        a = a.astype(np.float32)
-        if dt == "BF16":
-            bits, v = bf16_round(a)
-            stored[name] = ("BF16", bits)
-            values[name] = v.astype(np.float64)
-        else:
-            stored[name] = ("F32", a)
-            values[name] = a.astype(np.float64)
-    return stored, values
+    return store(W)
 
 
 # ----------------------------------------------------------------------------- the forward
@@ -179,60 +154,11 @@ def attention(c, W, p, x):
     return out @ W[p + "self_attn.o_proj.weight"].T
 
 
-def route(c, W, p, x):
-    """Glm4MoeMoE.route_tokens_to_experts: ids [s, k] (sorted), weights in that order, and the
-    smallest margin of a choice (group or expert) over the first one left out."""
-    E, G, kg, k = c["n_routed_experts"], c["n_group"], c["topk_group"], c["num_experts_per_tok"]
-    scores = 1.0 / (1.0 + np.exp(-(x @ W[p + "mlp.gate.weight"].T)))
-    choice = scores + W[p + "mlp.gate.e_score_correction_bias"][None, :]
-    ids, wts, margin = [], [], np.inf
-    for t in range(x.shape[0]):
-        gs = np.sort(choice[t].reshape(G, E // G), axis=-1)[:, ::-1][:, :2].sum(-1)
-        order = np.argsort(-gs, kind="stable")
-        if kg < G:
-            margin = min(margin, gs[order[kg - 1]] - gs[order[kg]])
-        mask = np.zeros(G, bool)
-        mask[order[:kg]] = True
-        masked = np.where(np.repeat(mask, E // G), choice[t], 0.0)
-        top = np.argsort(-masked, kind="stable")
-        margin = min(margin, masked[top[k - 1]] - masked[top[k]])
-        assert masked[top[k - 1]] > 0, "a masked (0.0) expert would be chosen: change the seed"
-        sel = np.sort(top[:k])
-        w = scores[t, sel]
-        if c["norm_topk_prob"]:
-            w = w / (w.sum() + 1e-20)
-        ids.append(sel)
-        wts.append(w * c["routed_scaling_factor"])
-    return np.array(ids), np.array(wts), margin
-
-
-def moe(c, W, p, x):
-    ids, wts, margin = route(c, W, p, x)
-    out = np.zeros_like(x)
-    for e in range(c["n_routed_experts"]):
-        rows, slot = np.nonzero(ids == e)
-        if rows.size:
-            out[rows] += mlp(W, p + f"mlp.experts.{e}.", x[rows]) * wts[rows, slot][:, None]
-    return out + mlp(W, p + "mlp.shared_experts.", x), ids, wts, margin
-
-
 def forward(c, W, tokens):
-    x = W["model.embed_tokens.weight"][tokens]
-    eps = c["rms_norm_eps"]
-    layers, margin = [], np.inf
-    for l in range(c["num_hidden_layers"]):  # the MTP layer is not run (Glm4MoeModel.forward)
-        p = f"model.layers.{l}."
-        x = x + attention(c, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps))
-        h = rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
-        if l < c["first_k_dense_replace"]:
-            x = x + mlp(W, p + "mlp.", h)
-        else:
-            y, ids, wts, m = moe(c, W, p, h)
-            x = x + y
-            margin = min(margin, m)
-            layers.append({"layer": l, "topk_ids": ids.tolist(), "topk_weights": wts.tolist()})
-    logits = rms_norm(x, W["model.norm.weight"], eps) @ W["lm_head.weight"].T
-    return logits, layers, margin
+    """Glm4MoeModel + lm_head: the decoder layers (not the MTP layer, as Glm4MoeModel.forward runs
+    num_hidden_layers only) with Glm4MoeAttention and the DeepSeek-V3 rule; Glm4MoeDecoderLayer
+    has DeepseekV3DecoderLayer's structure, so deepseek_reference's layer loop runs them."""
+    return ds_forward(c, W, tokens, attention, route_v3)
 
 
 # Goldens of the same weights under another config (the C++ test applies config_patch to a copy).
@@ -240,45 +166,15 @@ VARIANTS = (("glm4_moe-nogroup", {"n_group": 1, "topk_group": 1}),
             ("glm4_moe-full-rotary", {"partial_rotary_factor": 1.0}))
 
 
-def write_golden(name, c, W, tokens, patch):
-    logits, layers, margin = forward(c, W, tokens)
-    # float32 in moe-tool vs float64 here: a choice closer than this could flip.
-    assert margin > 1e-4, f"{name}: routing margin {margin} too small, change the seed"
-
-    def r8(a):
-        return [[float("%.8g" % v) for v in row] for row in a]
-
-    for L in layers:
-        L["topk_weights"] = r8(L["topk_weights"])
-    golden = {"model": f"data/{NAME}", "config_patch": patch, "script": "data/scripts/glm4_moe_reference.py",
-              "tokens": tokens.tolist(), "T": T, "min_routing_margin": margin,
-              "logits_abs_max": float(np.abs(logits).max()),
-              "logit_ids_step": LOGIT_STEP, "logits": r8(logits[:, ::LOGIT_STEP]),
-              "argmax": logits.argmax(-1).tolist(), "moe_layers": layers}
-    with open(os.path.join(DATA, "golden", name + ".json"), "w") as f:
-        json.dump(golden, f)
-        f.write("\n")
-    print(f"{name}: logits |max| {np.abs(logits).max():.4f}, routing margin {margin:.2e}")
-
-
 def main():
     c = config()
     stored, W = make_weights(c)
-    out = os.path.join(DATA, NAME)
-    os.makedirs(out, exist_ok=True)
-    write_safetensors(os.path.join(out, "model.safetensors"), stored)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(c, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}, f, indent=2)
-        f.write("\n")
-    for fn in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(TOK_DIR, fn), os.path.join(out, fn))
+    out = write_fixture(NAME, c, stored)
     tokens = np.random.default_rng(SEED + 1).integers(0, c["vocab_size"], T)
-    write_golden("glm4_moe", c, W, tokens, {})
+    script = "data/scripts/glm4_moe_reference.py"
+    write_golden(NAME, "glm4_moe", c, W, tokens, {}, forward, script)
     for name, patch in VARIANTS:
-        write_golden(name, dict(c, **patch), W, tokens, patch)
+        write_golden(NAME, name, dict(c, **patch), W, tokens, patch, forward, script)
     print(f"{NAME}: {os.path.getsize(os.path.join(out, 'model.safetensors'))} bytes")
 
 

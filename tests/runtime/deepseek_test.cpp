@@ -140,27 +140,7 @@ TEST(DeepSeek, KimiK2IsTheV3Layout) {
 TEST(DeepSeekCli, EvalCalibrateAndReap) {
   TempDir tmp;
   const std::string model = (source_dir() / "data/deepseek-v3-tiny").string();
-  const std::string text = (source_dir() / "data/text/heldout.txt").string();
-  RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  const auto j = nlohmann::json::parse(r.out);
-  EXPECT_EQ(j.at("windows"), 2);
-  EXPECT_TRUE(std::isfinite(j.at("perplexity").get<double>())) << r.out;
-  EXPECT_GT(j.at("perplexity").get<double>(), 1.0) << r.out;
-
-  const fs::path stats = tmp.path() / "ds.stats";
-  r = run_tool({"-q", "calibrate", model, "--text", text, "-o", stats.string(), "--ctx", "32", "--windows", "2"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_TRUE(fs::exists(stats));
-
-  const fs::path out = tmp.path() / "reap";
-  r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
-  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
-  // The pruned model runs too.
-  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  eval_calibrate_reap(model, tmp.path());
 }
 
 // A DeepSeek-V3 checkpoint with a multi-token-prediction MoE block: quantize keeps every expert

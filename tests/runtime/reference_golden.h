@@ -1,7 +1,8 @@
 // Checking the forward against a golden of an independent NumPy reference (data/scripts/
 // deepseek_reference.py, data/scripts/glm4_moe_reference.py): the golden names its fixture and
 // the config patch its reference ran with; logits within 1e-4 of the largest |logit|, the same
-// argmax, the same experts per token in every MoE layer with the same weights.
+// argmax, the same experts per token in every MoE layer with the same weights. And the CLI
+// commands that sit on the forward, run on such a fixture.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 #include "runtime/forward.h"
 #include "runtime_test_util.h"
 #include "support/ckpt_util.h"
+#include "support/run.h"
 #include "support/synth.h"
 
 namespace moe::test {
@@ -89,6 +91,34 @@ inline void check_against_reference(const std::string& name, Checked& out) {
       }
     }
   }
+}
+
+// eval (2 windows of 32: a finite perplexity > 1), calibrate (2 windows) and prune --method reap
+// --keep 6 with those statistics on the checkpoint `model` (a DeepSeek-layout family: the
+// config's n_routed_experts becomes 6), into `tmp`/reap; the pruned model's eval runs.
+inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp) {
+  namespace fs = std::filesystem;
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("windows"), 2);
+  EXPECT_TRUE(std::isfinite(j.at("perplexity").get<double>())) << r.out;
+  EXPECT_GT(j.at("perplexity").get<double>(), 1.0) << r.out;
+
+  const fs::path stats = tmp / "calib.stats";
+  r = run_tool({"-q", "calibrate", model, "--text", text, "-o", stats.string(), "--ctx", "32", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(stats));
+
+  const fs::path out = tmp / "reap";
+  r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
+  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
+  // The pruned model runs too.
+  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
 }  // namespace moe::test
