@@ -25,6 +25,7 @@ Goldens in float64 on the stored (bf16-rounded) weights:
   data/golden/glm4_moe.json            the fixture as stored
   data/golden/glm4_moe-nogroup.json    the same weights with n_group 1 / topk_group 1
   data/golden/glm4_moe-full-rotary.json  the same weights with partial_rotary_factor 1.0
+  data/golden/glm4_moe-no-qk-norm.json   the same weights with use_qk_norm false (norms unused)
 each: the token sequence, the logits of one window [T, V/16] (ids 0, 16, 32, ...; 8 significant
 digits), each position's argmax, and per MoE layer the chosen experts per token (sorted:
 torch.topk with sorted=False gives no order) and their routing weights in that order.
@@ -162,8 +163,10 @@ def forward(c, W, tokens):
 
 
 # Goldens of the same weights under another config (the C++ test applies config_patch to a copy).
+# With use_qk_norm false transformers builds no q_norm/k_norm, so the stored ones go unused.
 VARIANTS = (("glm4_moe-nogroup", {"n_group": 1, "topk_group": 1}),
-            ("glm4_moe-full-rotary", {"partial_rotary_factor": 1.0}))
+            ("glm4_moe-full-rotary", {"partial_rotary_factor": 1.0}),
+            ("glm4_moe-no-qk-norm", {"use_qk_norm": False}))
 
 
 def main():

@@ -32,10 +32,10 @@ const fs::path& glm_fixture() {
 }
 
 // The fixture's golden and two of the same weights under another config: n_group 1 / topk_group 1
-// (no group limitation: other experts chosen) and partial_rotary_factor 1 (RoPE over the whole
-// head).
+// (no group limitation: other experts chosen), partial_rotary_factor 1 (RoPE over the whole
+// head) and use_qk_norm false (the stored q/k norms unused, as transformers builds none).
 TEST(Glm4Moe, MatchesReference) {
-  for (const char* name : {"glm4_moe", "glm4_moe-nogroup", "glm4_moe-full-rotary"}) {
+  for (const char* name : {"glm4_moe", "glm4_moe-nogroup", "glm4_moe-full-rotary", "glm4_moe-no-qk-norm"}) {
     SCOPED_TRACE(name);
     Checked c;
     check_against_reference(name, c);
