@@ -126,8 +126,9 @@ double read_partial_rotary_factor(const model::Config& c, const model::FamilyDes
   if (c.has("partial_rotary_factor") && !c.json().at("partial_rotary_factor").is_null())
     v4 = number(c.json().at("partial_rotary_factor"), "partial_rotary_factor");
   if (v5 && v4 && *v5 != *v4)
-    throw Error::corruption(c.source() + ": rope_parameters.partial_rotary_factor " + std::to_string(*v5) +
-                            " disagrees with partial_rotary_factor " + std::to_string(*v4));
+    throw Error::corruption(c.source() + ": rope_parameters.partial_rotary_factor " +
+                            c.json().at("rope_parameters").at("partial_rotary_factor").dump() +
+                            " disagrees with partial_rotary_factor " + c.json().at("partial_rotary_factor").dump());
   return v5 ? *v5 : v4 ? *v4 : f.default_partial_rotary_factor;
 }
 
@@ -136,7 +137,7 @@ double read_partial_rotary_factor(const model::Config& c, const model::FamilyDes
 int64_t rotary_width(const model::Config& c, int64_t head_dim, double factor) {
   const auto w = static_cast<int64_t>(double(head_dim) * factor);
   if (w <= 0 || w % 2 != 0)
-    throw Error::corruption(c.source() + ": partial_rotary_factor " + std::to_string(factor) + " x head_dim " +
+    throw Error::corruption(c.source() + ": partial_rotary_factor " + nlohmann::json(factor).dump() + " x head_dim " +
                             std::to_string(head_dim) + " gives a rotary width of " + std::to_string(w) +
                             " (expected a positive even number)");
   return w;

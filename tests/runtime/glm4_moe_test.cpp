@@ -117,15 +117,26 @@ TEST(Glm4Moe, PartialRotaryRefusals) {
   EXPECT_NE(m.find("partial_rotary_factor != 1 not implemented by the forward for qwen3_moe (implemented: glm4_moe)"),
             std::string::npos)
       << m;
-  TempDir odd;
-  copy_with_config(glm_fixture(), odd.path(), {{"partial_rotary_factor", 0.125}});
-  auto lm = load_model(odd.path());
-  try {
-    runtime::Forward fwd(lm->model);
-    FAIL() << "expected Error::corruption";
-  } catch (const core::Error& e) {
-    EXPECT_EQ(e.kind(), core::ErrorKind::Corruption) << e.what();
-    EXPECT_NE(e.message().find("gives a rotary width of 3"), std::string::npos) << e.what();
+  // Bad values: an error naming the key and the value, the forward not built.
+  const std::vector<std::pair<nlohmann::json, std::string>> bad = {
+      {{{"partial_rotary_factor", 0.125}}, "partial_rotary_factor 0.125 x head_dim 24 gives a rotary width of 3"},
+      {{{"partial_rotary_factor", 1.5}}, "partial_rotary_factor: expected a number in (0, 1], found 1.5"},
+      {{{"partial_rotary_factor", "half"}}, "partial_rotary_factor: expected a number in (0, 1], found \"half\""},
+      {{{"rope_parameters", {{"rope_type", "default"}, {"partial_rotary_factor", 0.25}}}},
+       "rope_parameters.partial_rotary_factor 0.25 disagrees with partial_rotary_factor 0.5"},
+  };
+  for (const auto& [patch, want] : bad) {
+    SCOPED_TRACE(patch.dump());
+    TempDir dir;
+    copy_with_config(glm_fixture(), dir.path(), patch);
+    auto lm = load_model(dir.path());
+    try {
+      runtime::Forward fwd(lm->model);
+      ADD_FAILURE() << "expected Error::corruption";
+    } catch (const core::Error& e) {
+      EXPECT_EQ(e.kind(), core::ErrorKind::Corruption) << e.what();
+      EXPECT_NE(e.message().find(want), std::string::npos) << e.what();
+    }
   }
 }
 
