@@ -195,5 +195,35 @@ TEST(Glm4MoeCli, QuantizeFactorizeRunMergeRefused) {
   EXPECT_FALSE(fs::exists(tmp.path() / "m"));
 }
 
+// Without an MTP layer (the fixture with model.layers.3.* left out and num_nextn_predict_layers 0)
+// merge runs on glm4_moe: 8 -> 4 experts per MoE layer, the glm4_moe names written, the output runs.
+TEST(Glm4MoeCli, MergeWithoutMtpLayer) {
+  TempDir tmp;
+  const fs::path in = tmp.path() / "in";
+  fs::create_directories(in);
+  std::vector<SynthTensor> kept;
+  for (const auto& [name, t] : read_tensors(glm_fixture()))
+    if (!name.starts_with("model.layers.3."))
+      kept.push_back({name, t.dtype, t.shape, std::vector<uint8_t>(t.bytes.begin(), t.bytes.end())});
+  write_file(in / "model.safetensors", safetensors_bytes(kept));
+  nlohmann::json cfg = nlohmann::json::parse(read_file(glm_fixture() / "config.json"));
+  cfg["num_nextn_predict_layers"] = 0;
+  write_file(in / "config.json", cfg.dump(2));
+  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+    fs::copy_file(glm_fixture() / f, in / f);
+  const std::string text = (source_dir() / "data/text/calib.txt").string();
+  const fs::path out = tmp.path() / "m";
+  RunResult r = run_tool({"-q", "merge", in.string(), out.string(), "--method", "msmoe", "--experts", "4", "--text", text,
+                          "--ctx", "16", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(nlohmann::json::parse(read_file(out / "config.json")).at("n_routed_experts"), 4);
+  const TensorMap out_t = read_tensors(out);
+  EXPECT_TRUE(out_t.count("model.layers.2.mlp.experts.3.down_proj.weight"));
+  EXPECT_FALSE(out_t.count("model.layers.2.mlp.experts.4.down_proj.weight"));
+  EXPECT_EQ(out_t.at("model.layers.2.mlp.gate.e_score_correction_bias").shape, (core::Shape{4}));
+  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "16", "--max-windows", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+}
+
 }  // namespace
 }  // namespace moe::test
