@@ -30,7 +30,8 @@ each: the token sequence, the logits of one window [T, V/16] (ids 0, 16, 32, ...
 digits), each position's argmax, and per MoE layer the chosen experts per token (sorted:
 torch.topk with sorted=False gives no order) and their routing weights in that order.
 
-Usage: /usr/bin/python3 data/scripts/glm4_moe_reference.py
+Usage: /usr/bin/python3 data/scripts/glm4_moe_reference.py [--sensitivity]
+  --sensitivity also prints how far the logits move when one feature is computed another way.
 """
 import os
 import sys
@@ -169,6 +170,28 @@ VARIANTS = (("glm4_moe-nogroup", {"n_group": 1, "topk_group": 1}),
             ("glm4_moe-no-qk-norm", {"use_qk_norm": False}))
 
 
+def sensitivity(c, W, tokens):
+    """max |logit change| (in this reference) when one feature is computed another way, against
+    the C++ test's tolerance: what the goldens can tell apart."""
+    base = forward(c, W, tokens)[0]
+    print(f"tolerance 1e-4 x max |logit| = {1e-4 * np.abs(base).max():.2g}")
+    for what, patch in (("whole head rotated", {"partial_rotary_factor": 1.0}), ("no q/k norms", {"use_qk_norm": False}),
+                        ("no q/k/v biases", {"attention_bias": False}), ("no groups", {"n_group": 1, "topk_group": 1}),
+                        ("no renormalisation", {"norm_topk_prob": False})):
+        print(f"{what}: {np.abs(forward(dict(c, **patch), W, tokens)[0] - base).max():.3g}")
+
+    def interleaved(x, cos, sin):  # pairs (2i, 2i+1) instead of rotate-half (not glm4_moe's)
+        rd = cos.shape[-1]
+        *lead, s, d = x[..., :rd].shape
+        xr = x[..., :rd].reshape(*lead, s, d // 2, 2).swapaxes(-1, -2).reshape(*lead, s, d)
+        return np.concatenate((xr * cos + rotate_half(xr) * sin, x[..., rd:]), axis=-1)
+
+    global apply_rotary_pos_emb
+    kept, apply_rotary_pos_emb = apply_rotary_pos_emb, interleaved
+    print(f"interleaved RoPE pairs: {np.abs(forward(c, W, tokens)[0] - base).max():.3g}")
+    apply_rotary_pos_emb = kept
+
+
 def main():
     c = config()
     stored, W = make_weights(c)
@@ -179,6 +202,8 @@ def main():
     for name, patch in VARIANTS:
         write_golden(NAME, name, dict(c, **patch), W, tokens, patch, forward, script)
     print(f"{NAME}: {os.path.getsize(os.path.join(out, 'model.safetensors'))} bytes")
+    if "--sensitivity" in sys.argv:
+        sensitivity(c, W, tokens)
 
 
 if __name__ == "__main__":
