@@ -77,18 +77,25 @@ def bf16_round(x):
     return r, (r.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def make_weights(c, seed):
-    rng = np.random.default_rng(seed)
-    H, nH, V = c["hidden_size"], c["num_attention_heads"], c["vocab_size"]
-    dn, dr, dv, r = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
-    E, I, Id = c["n_routed_experts"], c["moe_intermediate_size"], c["intermediate_size"]
-    W = {}  # name -> (float32 array, dtype)
-
+def drawers(rng, W):
+    """mat(name, shape, std): a normal matrix; norm(name, n): a norm weight near 1; both drawn
+    from rng into W as BF16."""
     def mat(name, shape, std):
         W[name] = (std * rng.standard_normal(shape), "BF16")
 
     def norm(name, n):
         W[name] = (1.0 + 0.1 * rng.standard_normal(n), "BF16")
+
+    return mat, norm
+
+
+def make_weights(c, seed):
+    rng = np.random.default_rng(seed)
+    H, nH, V = c["hidden_size"], c["num_attention_heads"], c["vocab_size"]
+    dn, dr, dv, r = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    Id = c["intermediate_size"]
+    W = {}  # name -> (float32 array, dtype)
+    mat, norm = drawers(rng, W)
 
     mat("model.embed_tokens.weight", (V, H), 0.5)
     for l in range(c["num_hidden_layers"]):
@@ -110,21 +117,34 @@ def make_weights(c, seed):
             mat(p + "mlp.up_proj.weight", (Id, H), 0.1)
             mat(p + "mlp.down_proj.weight", (H, Id), 0.1)
             continue
-        mat(p + "mlp.gate.weight", (E, H), 0.3)
-        if c["model_type"] == "deepseek_v3":
-            # small, so that choice scores stay positive (masked groups score 0.0 in transformers)
-            W[p + "mlp.gate.e_score_correction_bias"] = (0.05 * rng.standard_normal(E), "F32")
-        for e in range(E):
-            q = p + f"mlp.experts.{e}."
-            mat(q + "gate_proj.weight", (I, H), 0.1)
-            mat(q + "up_proj.weight", (I, H), 0.1)
-            mat(q + "down_proj.weight", (H, I), 0.1)
-        S = I * c["n_shared_experts"]
-        mat(p + "mlp.shared_experts.gate_proj.weight", (S, H), 0.1)
-        mat(p + "mlp.shared_experts.up_proj.weight", (S, H), 0.1)
-        mat(p + "mlp.shared_experts.down_proj.weight", (H, S), 0.1)
+        moe_block_weights(c, W, rng, mat, p, c["model_type"] == "deepseek_v3")
     norm("model.norm.weight", H)
     mat("lm_head.weight", (V, H), 0.1)
+    return store(W)
+
+
+def moe_block_weights(c, W, rng, mat, p, bias):
+    """Layer prefix p's MoE block: router, (bias: e_score_correction_bias F32), routed experts,
+    shared experts; `mat(name, shape, std)` draws a BF16 matrix from rng into W."""
+    H, E, I = c["hidden_size"], c["n_routed_experts"], c["moe_intermediate_size"]
+    mat(p + "mlp.gate.weight", (E, H), 0.3)
+    if bias:
+        # small, so that choice scores stay positive (masked groups score 0.0 in transformers)
+        W[p + "mlp.gate.e_score_correction_bias"] = (0.05 * rng.standard_normal(E), "F32")
+    for e in range(E):
+        q = p + f"mlp.experts.{e}."
+        mat(q + "gate_proj.weight", (I, H), 0.1)
+        mat(q + "up_proj.weight", (I, H), 0.1)
+        mat(q + "down_proj.weight", (H, I), 0.1)
+    S = I * c["n_shared_experts"]
+    mat(p + "mlp.shared_experts.gate_proj.weight", (S, H), 0.1)
+    mat(p + "mlp.shared_experts.up_proj.weight", (S, H), 0.1)
+    mat(p + "mlp.shared_experts.down_proj.weight", (H, S), 0.1)
+
+
+def store(W):
+    """{name: (float array, "BF16" | "F32")} -> (stored {name: (dtype, array)}, values {name:
+    float64 of what is stored})."""
     stored, values = {}, {}
     for name, (a, dt) in W.items():
         a = a.astype(np.float32)
@@ -294,7 +314,8 @@ def route_v3(c, W, p, x):
         g = choice[t].reshape(G, E // G)
         gs = np.sort(g, axis=-1)[:, ::-1][:, :2].sum(-1)
         order = np.argsort(-gs, kind="stable")
-        margin = min(margin, gs[order[kg - 1]] - gs[order[kg]])
+        if kg < G:
+            margin = min(margin, gs[order[kg - 1]] - gs[order[kg]])
         mask = np.zeros(G, bool)
         mask[order[:kg]] = True
         masked = np.where(np.repeat(mask, E // G), choice[t], 0.0)
@@ -344,14 +365,17 @@ def moe(c, W, p, x, route):
     return out + mlp(W, p + "mlp.shared_experts.", x), ids, wts, margin
 
 
-def forward(c, W, tokens):
+def forward(c, W, tokens, attn=None, route=None):
+    """The decoder: `attn` (default: MLA) and `route` (default: the model_type's) per layer;
+    layers below first_k_dense_replace dense. Logits, each MoE layer's choices, the routing margin."""
     x = W["model.embed_tokens.weight"][tokens]
     eps = c["rms_norm_eps"]
-    route = route_v3 if c["model_type"] == "deepseek_v3" else route_v2
+    attn = attn or attention
+    route = route or (route_v3 if c["model_type"] == "deepseek_v3" else route_v2)
     layers, margin = [], np.inf
     for l in range(c["num_hidden_layers"]):
         p = f"model.layers.{l}."
-        x = x + attention(c, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps))
+        x = x + attn(c, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps))
         h = rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
         if l < c["first_k_dense_replace"]:
             x = x + mlp(W, p + "mlp.", h)
@@ -374,17 +398,7 @@ def main():
     for name, v3, seed in (("deepseek-v3-tiny", True, 3003), ("deepseek-v2-tiny", False, 2002)):
         c = config(v3)
         stored, W = make_weights(c, seed)
-        out = os.path.join(DATA, name)
-        os.makedirs(out, exist_ok=True)
-        write_safetensors(os.path.join(out, "model.safetensors"), stored)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(c, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(out, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}, f, indent=2)
-            f.write("\n")
-        for fn in TOKENIZER_FILES:
-            shutil.copyfile(os.path.join(TOK_DIR, fn), os.path.join(out, fn))
+        out = write_fixture(name, c, stored)
         tokens = np.random.default_rng(seed + 1).integers(0, c["vocab_size"], T)
         write_golden(name, name, c, W, tokens, {})
         for base, variant, patch in VARIANTS:
@@ -394,10 +408,26 @@ def main():
         print(f"{name}: {size} bytes")
 
 
-def write_golden(model, name, c, W, tokens, patch):
-    """data/golden/<name>.json: the forward of `model`'s weights W under config c (c = the
-    fixture's config with `patch` applied)."""
-    logits, layers, margin = forward(c, W, tokens)
+def write_fixture(name, c, stored):
+    """data/<name>/: the weights, config.json, generation_config.json and the tokenizer files."""
+    out = os.path.join(DATA, name)
+    os.makedirs(out, exist_ok=True)
+    write_safetensors(os.path.join(out, "model.safetensors"), stored)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}, f, indent=2)
+        f.write("\n")
+    for fn in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(TOK_DIR, fn), os.path.join(out, fn))
+    return out
+
+
+def write_golden(model, name, c, W, tokens, patch, run=None, script="data/scripts/deepseek_reference.py"):
+    """data/golden/<name>.json: the forward `run` (default: this file's) of `model`'s weights W
+    under config c (c = the fixture's config with `patch` applied)."""
+    logits, layers, margin = (run or forward)(c, W, tokens)
     # float32 in moe-tool vs float64 here: a choice closer than this could flip.
     assert margin > 1e-4, f"{name}: routing margin {margin} too small, change the seed"
 
@@ -406,7 +436,7 @@ def write_golden(model, name, c, W, tokens, patch):
 
     for L in layers:
         L["topk_weights"] = r8(L["topk_weights"])
-    golden = {"model": f"data/{model}", "config_patch": patch, "script": "data/scripts/deepseek_reference.py",
+    golden = {"model": f"data/{model}", "config_patch": patch, "script": script,
               "tokens": tokens.tolist(), "T": T, "min_routing_margin": margin,
               "logits_abs_max": float(np.abs(logits).max()),
               "logit_ids_step": LOGIT_STEP, "logits": r8(logits[:, ::LOGIT_STEP]),

@@ -108,6 +108,18 @@ void qwen_style_experts(FamilyDesc& f, const std::string& count_key, const std::
   f.expert_down = "mlp.experts.{e}.down_proj.weight";
 }
 
+// DeepSeek's MoE layout (deepseek_v2/v3, kimi_k2, glm4_moe): routed experts counted by
+// n_routed_experts, shared experts mlp.shared_experts.* of n_shared_experts x the expert width,
+// the first first_k_dense_replace layers dense.
+void deepseek_style_moe(FamilyDesc& f) {
+  qwen_style_experts(f, "n_routed_experts", "moe_intermediate_size");
+  f.moe_layers = MoeLayerRule::FirstKDense;
+  f.shared_gate = "mlp.shared_experts.gate_proj.weight";
+  f.shared_up = "mlp.shared_experts.up_proj.weight";
+  f.shared_down = "mlp.shared_experts.down_proj.weight";
+  f.shared_count_key = "n_shared_experts";
+}
+
 std::vector<FamilyDesc> build_families() {
   std::vector<FamilyDesc> v;
 
@@ -200,14 +212,9 @@ std::vector<FamilyDesc> build_families() {
         {"input_norm", "input_layernorm.weight"},
         {"post_attn_norm", "post_attention_layernorm.weight"},
     };
-    qwen_style_experts(f, "n_routed_experts", "moe_intermediate_size");
+    deepseek_style_moe(f);
     f.routing = v3 ? Routing::DeepSeekV3 : Routing::DeepSeekV2;
-    f.moe_layers = MoeLayerRule::FirstKDense;
     if (v3) f.router_bias = "mlp.gate.e_score_correction_bias";
-    f.shared_gate = "mlp.shared_experts.gate_proj.weight";
-    f.shared_up = "mlp.shared_experts.up_proj.weight";
-    f.shared_down = "mlp.shared_experts.down_proj.weight";
-    f.shared_count_key = "n_shared_experts";
     f.extra_layers_allowed = v3;  // multi-token-prediction layers follow the decoder layers
     f.forward = true;             // runtime/mla.h attention, routing.h DeepSeek routing
     v.push_back(f);
@@ -246,6 +253,32 @@ std::vector<FamilyDesc> build_families() {
     auto v3 = std::find_if(v.begin(), v.end(), [](const FamilyDesc& f) { return f.model_type == "deepseek_v3"; });
     FamilyDesc f = *v3;
     f.model_type = "kimi_k2";
+    v.push_back(f);
+  }
+  {
+    // glm4_moe (GLM-4.5 / 4.6; after kimi_k2 for the same reason), as transformers' configuration_glm4_moe.py and
+    // modeling_glm4_moe.py define it: standard GQA attention with q/k/v biases iff attention_bias
+    // (o_proj never has one), per-head q/k RMSNorm iff use_qk_norm, partial rotary (default 0.5),
+    // Glm4MoeTopkRouter = DeepSeek-V3 routing (sigmoid, e_score_correction_bias for the choice,
+    // n_group/topk_group, norm_topk_prob default true, routed_scaling_factor), shared experts of
+    // width n_shared_experts x moe_intermediate_size, the first first_k_dense_replace layers dense
+    // (intermediate_size), num_nextn_predict_layers MTP layers after the decoder layers.
+    FamilyDesc f = llama_base("glm4_moe", "Glm4MoeForCausalLM");
+    std::erase_if(f.layer_roles, [](const RoleName& r) { return r.role == "o_bias"; });
+    f.qk_norm = QKNorm::PerHead;
+    f.qk_norm_key = "use_qk_norm";
+    set_role(f, "q_norm", "self_attn.q_norm.weight", if_config("use_qk_norm", false));
+    set_role(f, "k_norm", "self_attn.k_norm.weight", if_config("use_qk_norm", false));
+    f.partial_rotary = true;
+    f.default_partial_rotary_factor = 0.5;
+    f.default_rms_norm_eps = 1e-5;
+    deepseek_style_moe(f);
+    f.routing = Routing::DeepSeekV3;
+    f.norm_topk_default = true;
+    f.router_bias = "mlp.gate.e_score_correction_bias";
+    f.default_shared_count = 1;
+    f.extra_layers_allowed = true;
+    f.forward = true;
     v.push_back(f);
   }
   return v;

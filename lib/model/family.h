@@ -59,7 +59,12 @@ struct FamilyDesc {
   QKNorm qk_norm = QKNorm::None;
   bool layer_norm = false;  // phimoe: LayerNorm with bias instead of RMSNorm
   MoeLayerRule moe_layers = MoeLayerRule::All;
-  bool extra_layers_allowed = false;  // deepseek_v3 multi-token-prediction layers past L
+  bool extra_layers_allowed = false;  // deepseek_v3 / glm4_moe multi-token-prediction layers past L
+  std::string qk_norm_key;            // glm4_moe: use_qk_norm; q/k norms only when this config key is true
+  // Partial rotary (glm4_moe): RoPE on the first int(head_dim * partial_rotary_factor) elements of
+  // each head. Families without it refuse a partial_rotary_factor other than 1.
+  bool partial_rotary = false;
+  double default_partial_rotary_factor = 1.0;  // when the key is absent
 
   // What moe-tool does with the family beyond reading, inspecting and rewriting it:
   bool forward = false;         // runtime/forward.h runs it (eval, calibrate, passes that run the model)
@@ -86,6 +91,7 @@ struct FamilyDesc {
   std::string shared_gate, shared_up, shared_down, shared_expert_gate;
   std::string shared_width_key;         // qwen2_moe: shared_expert_intermediate_size
   std::string shared_count_key;         // deepseek: n_shared_experts (width = count x expert width)
+  int64_t default_shared_count = 0;     // shared_count_key absent (glm4_moe: 1, its config's default)
   // Dense MLP (dense families, dense layers of MoE families).
   std::string dense_gate = "mlp.gate_proj.weight";
   std::string dense_up = "mlp.up_proj.weight";

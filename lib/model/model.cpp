@@ -614,7 +614,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
       if (f.has_shared()) {
         int64_t sw = 0;
         if (!f.shared_width_key.empty()) sw = c.get_int_or(f.shared_width_key, 0);
-        if (!f.shared_count_key.empty()) sw = c.get_int_or(f.shared_count_key, 0) * width;
+        if (!f.shared_count_key.empty()) sw = c.get_int_or(f.shared_count_key, f.default_shared_count) * width;
         if (sw > 0) {
           b.shared = read_mlp(prefix + f.shared_gate, prefix + f.shared_up, prefix + f.shared_down, sw, "shared expert");
           if (!f.shared_expert_gate.empty()) {

@@ -84,8 +84,9 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
     k = k.cwiseMax(-c).cwiseMin(c);
     v = v.cwiseMax(-c).cwiseMin(c);
   }
-  rope.apply(q, nH);
-  rope.apply(k, nKV);
+  if (rope.d != spec.rope_dim()) throw core::Error::internal("attention: RoPE table width != rotary width");
+  rope.apply(q.data(), N, q.cols(), nH, d, 0, false);
+  rope.apply(k.data(), N, k.cols(), nKV, d, 0, false);
 
   AttnOutput out;
   out.o_input.resize(N, nH * d);

@@ -1,5 +1,6 @@
-// Self-attention of one layer over a batch of windows: q/k/v projections (+ qwen2 biases),
-// q/k norms (qwen3 per head, olmoe over the whole projection + clip_qkv), RoPE, GQA, causal
+// Self-attention of one layer over a batch of windows: q/k/v projections (+ qwen2 / glm4_moe
+// biases), q/k norms (qwen3 and glm4_moe per head, olmoe over the whole projection + clip_qkv),
+// RoPE (whole head, or its first rotary_dim elements), GQA, causal
 // (optionally sliding-window) softmax attention per window, o_proj.
 #pragma once
 
@@ -14,6 +15,10 @@ namespace moe::runtime {
 
 struct AttnSpec {
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
+  // RoPE width per head: the first rotary_dim elements of each head are rotated (rotate-half pairs
+  // (i, i + rotary_dim/2)), the rest pass through (glm4_moe's partial rotary); 0: the whole head.
+  int64_t rotary_dim = 0;
+  int64_t rope_dim() const { return rotary_dim > 0 ? rotary_dim : head_dim; }
   double eps = 1e-6;
   model::QKNorm qk_norm = model::QKNorm::None;
   std::optional<float> clip_qkv;  // olmoe

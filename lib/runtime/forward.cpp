@@ -108,6 +108,41 @@ RopeScaling read_rope_scaling(const model::Config& c, bool mla) {
   return v5 ? *v5 : v4 ? *v4 : RopeScaling{};
 }
 
+// partial_rotary_factor: rope_parameters.partial_rotary_factor (transformers v5), else the
+// top-level key (v4), else the family's default (glm4_moe: 0.5, configuration_glm4_moe.py); both
+// given and different is refused. A value outside (0, 1] is an error.
+double read_partial_rotary_factor(const model::Config& c, const model::FamilyDesc& f) {
+  auto number = [&](const nlohmann::json& j, const std::string& where) {
+    if (!j.is_number() || j.get<double>() <= 0 || j.get<double>() > 1)
+      throw Error::corruption(c.source() + ": " + where + ": expected a number in (0, 1], found " + j.dump());
+    return j.get<double>();
+  };
+  std::optional<double> v5, v4;
+  if (c.has("rope_parameters") && c.json().at("rope_parameters").is_object()) {
+    const auto& j = c.json().at("rope_parameters");
+    if (j.contains("partial_rotary_factor") && !j.at("partial_rotary_factor").is_null())
+      v5 = number(j.at("partial_rotary_factor"), "rope_parameters.partial_rotary_factor");
+  }
+  if (c.has("partial_rotary_factor") && !c.json().at("partial_rotary_factor").is_null())
+    v4 = number(c.json().at("partial_rotary_factor"), "partial_rotary_factor");
+  if (v5 && v4 && *v5 != *v4)
+    throw Error::corruption(c.source() + ": rope_parameters.partial_rotary_factor " +
+                            c.json().at("rope_parameters").at("partial_rotary_factor").dump() +
+                            " disagrees with partial_rotary_factor " + c.json().at("partial_rotary_factor").dump());
+  return v5 ? *v5 : v4 ? *v4 : f.default_partial_rotary_factor;
+}
+
+// The rotated width of each head: int(head_dim * partial_rotary_factor) as transformers'
+// compute_default_rope_parameters truncates it; it must be even and positive.
+int64_t rotary_width(const model::Config& c, int64_t head_dim, double factor) {
+  const auto w = static_cast<int64_t>(double(head_dim) * factor);
+  if (w <= 0 || w % 2 != 0)
+    throw Error::corruption(c.source() + ": partial_rotary_factor " + nlohmann::json(factor).dump() + " x head_dim " +
+                            std::to_string(head_dim) + " gives a rotary width of " + std::to_string(w) +
+                            " (expected a positive even number)");
+  return w;
+}
+
 // Multi-head Latent Attention hyper-parameters (transformers' configuration_deepseek_v3.py /
 // configuration_deepseek_v2.py keys). Sets s.attn.head_dim to qk_rope_head_dim (the RoPE width).
 MlaSpec read_mla(const model::Model& m, ForwardSpec& s) {
@@ -169,14 +204,19 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
     throw Error::unsupported(c.source() + ": hidden_act '" + act + "' not implemented by the forward (silu only)");
   if (c.get_bool_or("mlp_bias", false))
     throw Error::unsupported(c.source() + ": mlp_bias not implemented by the forward");
-  if (c.get_double_or("partial_rotary_factor", 1.0) != 1.0)
-    throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward");
+  const double prf = read_partial_rotary_factor(c, f);
+  if (prf != 1.0 && !f.partial_rotary)
+    throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward for " + f.model_type +
+                             " (implemented: " + model::family_list(&model::FamilyDesc::partial_rotary) + ")");
   s.rope_scaling = read_rope_scaling(c, f.attention == model::AttentionKind::MLA);
   s.attn.heads = d.heads;
   s.attn.kv_heads = d.kv_heads;
   s.attn.head_dim = d.head_dim;
   s.attn.eps = s.eps;
   s.attn.qk_norm = f.qk_norm;
+  // glm4_moe: q_norm/k_norm exist only when use_qk_norm is true (Glm4MoeAttention.__init__).
+  if (!f.qk_norm_key.empty() && !c.get_bool_or(f.qk_norm_key, false)) s.attn.qk_norm = model::QKNorm::None;
+  if (prf != 1.0) s.attn.rotary_dim = rotary_width(c, d.head_dim, prf);
   if (f.model_type == "olmoe" && c.has("clip_qkv")) s.attn.clip_qkv = static_cast<float>(c.get_double_or("clip_qkv", 0));
   if (f.model_type == "mistral" || f.model_type == "mixtral") {
     // Absent: the family's default (mistral 4096); null: no window.
@@ -198,7 +238,7 @@ Forward::Forward(const model::Model& m) : model_(m), spec_(ForwardSpec::from_mod
 
 const RopeTable& Forward::rope(int64_t T) const {
   if (rope_.T != T)
-    rope_ = RopeTable::make(T, spec_.attn.head_dim, spec_.rope_theta, spec_.rope_scaling, spec_.max_positions);
+    rope_ = RopeTable::make(T, spec_.attn.rope_dim(), spec_.rope_theta, spec_.rope_scaling, spec_.max_positions);
   return rope_;
 }
 

@@ -4,7 +4,8 @@
 // layer in f32 plus the hidden states (plus, for logits, [N, V]).
 //
 // Families with a forward: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 and
-// kimi_k2 (Multi-head Latent Attention, runtime/mla.h), llama, mistral, qwen2, qwen3.
+// kimi_k2 (Multi-head Latent Attention, runtime/mla.h), glm4_moe (partial rotary, DeepSeek-V3
+// routing), llama, mistral, qwen2, qwen3.
 // Others (phimoe, granitemoe) throw Error::unsupported when a Forward is built.
 //
 // Step-by-step use (what calibration and compression pipelines do):

@@ -23,6 +23,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"deepseek_v2", "DeepseekV2ForCausalLM"}, {"deepseek_v3", "DeepseekV3ForCausalLM"},
       {"phimoe", "PhiMoEForCausalLM"},        {"granitemoe", "GraniteMoeForCausalLM"},
       {"kimi_k2", "DeepseekV3ForCausalLM"},  // Kimi-K2: the deepseek_v3 layout
+      {"glm4_moe", "Glm4MoeForCausalLM"},
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -49,6 +50,7 @@ TEST(Family, MoeKeysAndNames) {
       {"deepseek_v2", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV2},
       {"deepseek_v3", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
       {"kimi_k2", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
+      {"glm4_moe", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
       {"phimoe", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SparseMixer},
       {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
   };
@@ -165,11 +167,45 @@ TEST(Family, PresenceRules) {
 namespace moe::model {
 namespace {
 
+// glm4_moe as configuration_glm4_moe.py / modeling_glm4_moe.py define it: q/k/v biases iff
+// attention_bias and no o_proj bias; q/k norms iff use_qk_norm; partial rotary 0.5 by default;
+// DeepSeek-V3 routing with the correction bias; shared experts counted by n_shared_experts
+// (default 1); first_k_dense_replace dense layers; MTP layers allowed past the decoder layers.
+TEST(Family, Glm4MoeRow) {
+  const auto& f = family_for(Config(json{{"model_type", "glm4_moe"}}, "c"));
+  auto role = [&](const std::string& r) -> const RoleName* {
+    for (const auto& x : f.layer_roles)
+      if (x.role == r) return &x;
+    return nullptr;
+  };
+  ASSERT_TRUE(role("q_bias") && role("q_norm") && role("k_norm"));
+  EXPECT_EQ(role("o_bias"), nullptr);
+  const Config with(json{{"attention_bias", true}, {"use_qk_norm", true}}, "c"), without(json::object(), "c");
+  EXPECT_TRUE(role("q_bias")->presence.required(with));
+  EXPECT_FALSE(role("q_bias")->presence.required(without));
+  EXPECT_TRUE(role("k_norm")->presence.required(with));
+  EXPECT_FALSE(role("k_norm")->presence.required(without));
+  EXPECT_EQ(role("q_norm")->name, "self_attn.q_norm.weight");
+  EXPECT_EQ(f.qk_norm, QKNorm::PerHead);
+  EXPECT_EQ(f.qk_norm_key, "use_qk_norm");
+  EXPECT_TRUE(f.partial_rotary);
+  EXPECT_EQ(f.default_partial_rotary_factor, 0.5);
+  EXPECT_EQ(f.default_rms_norm_eps, 1e-5);
+  EXPECT_TRUE(f.norm_topk_default);
+  EXPECT_EQ(f.router_bias, "mlp.gate.e_score_correction_bias");
+  EXPECT_EQ(f.shared_gate, "mlp.shared_experts.gate_proj.weight");
+  EXPECT_EQ(f.shared_count_key, "n_shared_experts");
+  EXPECT_EQ(f.default_shared_count, 1);
+  EXPECT_EQ(f.moe_layers, MoeLayerRule::FirstKDense);
+  EXPECT_TRUE(f.extra_layers_allowed);
+  EXPECT_EQ(families_with(&FamilyDesc::partial_rotary), std::vector<std::string>{"glm4_moe"});
+}
+
 TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "kimi_k2"}));
+               "deepseek_v3", "kimi_k2", "glm4_moe"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

@@ -1,0 +1,124 @@
+// Checking the forward against a golden of an independent NumPy reference (data/scripts/
+// deepseek_reference.py, data/scripts/glm4_moe_reference.py): the golden names its fixture and
+// the config patch its reference ran with; logits within 1e-4 of the largest |logit|, the same
+// argmax, the same experts per token in every MoE layer with the same weights. And the CLI
+// commands that sit on the forward, run on such a fixture.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/forward.h"
+#include "runtime_test_util.h"
+#include "support/ckpt_util.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+
+struct RoutingRecorder : runtime::Observer {
+  std::map<int, runtime::RoutingResult> routing;
+  bool wants_moe_trace() const override { return true; }
+  void on_moe(int l, const runtime::MoeTrace& t) override { routing[l] = t.routing; }
+};
+
+struct Checked {
+  double max_logit_diff = 0, logits_abs_max = 0;
+};
+
+// A copy of fixture `src` (weights, generation config) into `dst` with `patch` merged into its config.
+inline void copy_with_config(const std::filesystem::path& src, const std::filesystem::path& dst, const nlohmann::json& patch) {
+  for (const char* f : {"model.safetensors", "generation_config.json"}) std::filesystem::copy_file(src / f, dst / f);
+  nlohmann::json cfg = nlohmann::json::parse(read_file(src / "config.json"));
+  cfg.merge_patch(patch);
+  write_file(dst / "config.json", cfg.dump(2));
+}
+
+// Fills `out` (void: the ASSERTs below return early). The golden names its fixture and the config
+// patch its reference ran with.
+inline void check_against_reference(const std::string& name, Checked& out) {
+  const nlohmann::json g = read_json_or_fail(source_dir() / "data" / "golden" / (name + ".json"));
+  ASSERT_FALSE(g.is_null());
+  TempDir patched;
+  std::filesystem::path dir = source_dir() / g.at("model").get<std::string>();
+  if (!g.at("config_patch").empty()) {
+    copy_with_config(dir, patched.path(), g.at("config_patch"));
+    dir = patched.path();
+  }
+  auto lm = load_model(dir);
+  runtime::Forward fwd(lm->model);
+  const int64_t T = g.at("T").get<int64_t>();
+  const auto tokens = g.at("tokens").get<std::vector<int32_t>>();
+  RoutingRecorder rec;
+  runtime::Observer* obs[] = {&rec};
+  const runtime::MatrixRM logits = fwd.run(tokens, T, obs);
+  const int64_t V = logits.cols(), step = g.at("logit_ids_step").get<int64_t>();
+  out.logits_abs_max = g.at("logits_abs_max").get<double>();
+  for (int64_t t = 0; t < T; ++t) {
+    const auto& ref = g.at("logits")[t];
+    for (size_t j = 0; j < ref.size(); ++j)
+      out.max_logit_diff = std::max(out.max_logit_diff, std::abs(double(logits(t, j * step)) - ref[j].get<double>()));
+    Eigen::Index am;
+    logits.row(t).maxCoeff(&am);
+    EXPECT_EQ(am, g.at("argmax")[t].get<int64_t>()) << name << " position " << t;
+  }
+  EXPECT_EQ(V, 4096);
+  EXPECT_LE(out.max_logit_diff, 1e-4 * out.logits_abs_max) << name << ": max |logit diff| vs the reference";
+
+  const auto& layers = g.at("moe_layers");
+  EXPECT_EQ(rec.routing.size(), layers.size()) << name << ": MoE layers routed";
+  for (const auto& L : layers) {
+    const int l = L.at("layer").get<int>();
+    ASSERT_TRUE(rec.routing.count(l)) << name << " layer " << l;
+    const runtime::RoutingResult& r = rec.routing.at(l);
+    for (int64_t t = 0; t < T; ++t) {
+      // The reference lists a token's experts ascending (torch.topk(sorted=False) has no order).
+      std::vector<std::pair<int, float>> ours;
+      for (int64_t j = 0; j < r.ids.cols(); ++j) ours.emplace_back(r.ids(t, j), r.weights(t, j));
+      std::sort(ours.begin(), ours.end());
+      const auto ids = L.at("topk_ids")[t].get<std::vector<int>>();
+      ASSERT_EQ(ours.size(), ids.size());
+      for (size_t j = 0; j < ids.size(); ++j) {
+        EXPECT_EQ(ours[j].first, ids[j]) << name << " layer " << l << " token " << t;
+        EXPECT_NEAR(ours[j].second, L.at("topk_weights")[t][j].get<double>(), 1e-5)
+            << name << " layer " << l << " token " << t << " expert " << ids[j];
+      }
+    }
+  }
+}
+
+// eval (2 windows of 32: a finite perplexity > 1), calibrate (2 windows) and prune --method reap
+// --keep 6 with those statistics on the checkpoint `model` (a DeepSeek-layout family: the
+// config's n_routed_experts becomes 6), into `tmp`/reap; the pruned model's eval runs.
+inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp) {
+  namespace fs = std::filesystem;
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("windows"), 2);
+  EXPECT_TRUE(std::isfinite(j.at("perplexity").get<double>())) << r.out;
+  EXPECT_GT(j.at("perplexity").get<double>(), 1.0) << r.out;
+
+  const fs::path stats = tmp / "calib.stats";
+  r = run_tool({"-q", "calibrate", model, "--text", text, "-o", stats.string(), "--ctx", "32", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(stats));
+
+  const fs::path out = tmp / "reap";
+  r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
+  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
+  // The pruned model runs too.
+  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+}
+
+}  // namespace moe::test
