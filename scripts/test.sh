@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set-up (scripts/setup.sh: the Release -O2 build in build/), then every test through CTest; then
-# one clang build with AddressSanitizer + UndefinedBehaviorSanitizer (build-san/, -O0: the shortest
-# build) that runs the parsing and decoding test labels again (all but pipeline), and the libFuzzer targets
-# (the same build: the library carries libFuzzer's coverage hooks) for FUZZ_SECONDS each (default
-# 20; 0 skips fuzzing). Prints each phase's time at the end.
+# Set-up (scripts/setup.sh: the Release -O2 build of moe-tool and the tests in build/), then every
+# test through CTest; then one clang build with AddressSanitizer + UndefinedBehaviorSanitizer
+# (build-san/: tests at -O0, the library at -O1) that runs the parsing and decoding test labels
+# again (all but pipeline), compiles the benchmarks, and runs the libFuzzer targets (the same
+# build: the library carries libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 20; 0 skips
+# fuzzing). The Release tests run while the sanitizer build compiles (both stages use the two
+# cores, and each has idle stretches the other fills). Prints each phase's time at the end.
 #
 # Environment: STAGES (default "release sanitizers": which stages run; fuzzing belongs to the
 # sanitizers stage), SAN_EXCLUDE (ctest -E regex of test suites the sanitizer stage leaves out;
@@ -14,25 +16,52 @@ cd "$(dirname "$0")/.."
 phases=()
 phase_start=$SECONDS
 phase() {  # phase NAME: closes the running phase under NAME
-  phases+=("$(printf '%-34s %5d s' "$1" $((SECONDS - phase_start)))")
+  phases+=("$(printf '%-44s %5d s' "$1" $((SECONDS - phase_start)))")
   phase_start=$SECONDS
 }
+finish() {
+  echo "== phase times"
+  printf '  %s\n' "${phases[@]}"
+}
 
+test_targets=$(cd tests && for d in */; do d=${d%/}; case $d in fuzz|corpus|support) ;; *) ls "$d"/*.cpp >/dev/null 2>&1 && printf 'test_%s ' "$d";; esac; done)
 stages=" ${STAGES:-release sanitizers} "
+release_pid=""
+release_log=build/ctest-release.log
 if [[ $stages == *" release "* ]]; then
-  echo "== build (Release -O2) [${SECONDS}s]"
-  scripts/setup.sh
+  echo "== build (Release -O2: moe-tool and the tests) [${SECONDS}s]"
+  BUILD_TARGETS="moe-tool $test_targets" scripts/setup.sh
   phase "build, Release"
 
   echo "== tests (Release -O2) [${SECONDS}s]"
-  ctest --test-dir build --output-on-failure -j2 --timeout 1200
-  phase "tests, Release"
+  release_start=$SECONDS
+  if [[ $stages == *" sanitizers "* ]]; then
+    # In the background, beside the sanitizer build; its output is printed when it ends.
+    ( ctest --test-dir build --output-on-failure -j2 --timeout 1200 >"$release_log" 2>&1; echo $? >"$release_log.rc" ) &
+    release_pid=$!
+  else
+    ctest --test-dir build --output-on-failure -j2 --timeout 1200
+    phase "tests, Release"
+    finish
+    echo "== all passed [${SECONDS}s]"
+    exit 0
+  fi
 fi
-if [[ $stages != *" sanitizers "* ]]; then
-  printf '  %s\n' "${phases[@]}"
-  echo "== all passed [${SECONDS}s]"
-  exit 0
-fi
+
+wait_release() {  # prints the Release tests' output; exits if they failed
+  [ -n "$release_pid" ] || return 0
+  wait "$release_pid" || true
+  release_pid=""
+  echo "== tests (Release -O2), run beside the sanitizer build: $(cat "$release_log.rc" 2>/dev/null || echo '?') [${SECONDS}s]"
+  grep -v -E '^ +Start +[0-9]+:|Test +#[0-9]+: .* Passed' "$release_log" || true
+  phases+=("$(printf '%-44s %5d s' "tests, Release (beside the sanitizer build)" $((SECONDS - release_start)))")
+  if [ "$(cat "$release_log.rc" 2>/dev/null)" != "0" ]; then
+    finish
+    echo "Release tests failed" >&2
+    exit 1
+  fi
+}
+trap '[ -n "$release_pid" ] && kill "$release_pid" 2>/dev/null || true' EXIT
 
 # clang: the sanitizer build compiles in about half of gcc's time, and the fuzz targets need it.
 if ! command -v clang++ >/dev/null 2>&1; then
@@ -42,13 +71,19 @@ if ! command -v clang++ >/dev/null 2>&1; then
   $SUDO apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang >/dev/null
 fi
-echo "== sanitizer build (clang, ASan+UBSan, -O0) [${SECONDS}s]"
+echo "== sanitizer build (clang, ASan+UBSan; tests -O0, library -O1; with the fuzz targets and benchmarks) [${SECONDS}s]"
+san_build_start=$SECONDS
 fuzz_targets=$(sed -n 's/^targets=(\(.*\))$/\1/p' tests/fuzz/run.sh)
-test_targets=$(cd tests && for d in */; do d=${d%/}; case $d in fuzz|corpus|support) ;; *) ls "$d"/*.cpp >/dev/null 2>&1 && printf 'test_%s ' "$d";; esac; done)
-CC=clang CXX=clang++ BUILD_DIR=build-san \
-  EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
-  BUILD_TARGETS="moe-tool $test_targets $fuzz_targets" scripts/setup.sh
-phase "build, sanitizers (+ fuzz targets)"
+bench_targets=$(for f in bench/*.cpp; do basename "$f" .cpp; done | tr '\n' ' ')
+if ! CC=clang CXX=clang++ BUILD_DIR=build-san \
+  EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
+  BUILD_TARGETS="moe-tool $test_targets $fuzz_targets $bench_targets" scripts/setup.sh; then
+  wait_release
+  exit 1
+fi
+phases+=("$(printf '%-44s %5d s' "build, sanitizers (+ fuzz targets, benchmarks)" $((SECONDS - san_build_start)))")
+wait_release
+phase_start=$SECONDS
 
 # The tests that assert numeric quality on the trained fixtures, and the run of every shipped recipe
 # end to end, skip themselves under the sanitizers (MOE_SKIP_UNDER_SANITIZERS, tests/support/run.h):
@@ -66,6 +101,5 @@ if [ "${FUZZ_SECONDS:-20}" != "0" ]; then
   phase "fuzzing"
 fi
 
-echo "== phase times"
-printf '  %s\n' "${phases[@]}"
+finish
 echo "== all passed [${SECONDS}s]"

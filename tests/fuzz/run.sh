@@ -17,7 +17,7 @@ build="${MOE_FUZZ_BUILD:-$root/build-san}"
 targets=(fuzz_safetensors_header fuzz_config fuzz_ternary_dict fuzz_native_config fuzz_gguf)
 
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=ON -DMOE_BUILD_BENCH=OFF >/dev/null
+  -DMOE_FUZZ=ON -DMOE_SANITIZE=ON -DMOE_BUILD_TESTS=ON >/dev/null
 cmake --build "$build" -j"${JOBS:-2}" --target "${targets[@]}"
 
 status=0
