@@ -211,9 +211,15 @@ TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");
   for (const auto& f : all_families()) {
     // upcycle writes a target's config from its entry's keys and runs the source's forward.
-    if (f.upcycle_target) EXPECT_TRUE(f.moe && !f.expert_count_key.empty() && !f.expert_width_key.empty()) << f.model_type;
-    if (f.upcycle_source) EXPECT_TRUE(!f.moe && f.forward) << f.model_type;
-    if (f.upcycle_target && f.has_shared()) EXPECT_FALSE(f.shared_width_key.empty()) << f.model_type;
+    if (f.upcycle_target) {
+      EXPECT_TRUE(f.moe && !f.expert_count_key.empty() && !f.expert_width_key.empty()) << f.model_type;
+    }
+    if (f.upcycle_source) {
+      EXPECT_TRUE(!f.moe && f.forward) << f.model_type;
+    }
+    if (f.upcycle_target && f.has_shared()) {
+      EXPECT_FALSE(f.shared_width_key.empty()) << f.model_type;
+    }
   }
 }
 
