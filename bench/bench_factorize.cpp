@@ -244,7 +244,8 @@ int main(int argc, char** argv) {
       e["checksum"] = checksum;
       out["per_expert"] = e;
     }
-    for (const auto& [m, n] : shapes) {
+    for (const auto& shape : shapes) {
+      const auto m = shape.first, n = shape.second;  // plain variables: lambdas below capture them
       const MatrixRM w = random_weight(m, n, 11);
       const int64_t N = static_cast<int64_t>(tokens_per_dim * double(n));
       const lr::MatrixD G = random_gram(n, N, 12);

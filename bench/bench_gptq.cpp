@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
 
   // RTN on the first shape.
   if (only != "gptq") {
-    const auto [m, n] = shapes[0];
+    const auto m = shapes[0].first, n = shapes[0].second;  // plain variables: lambdas capture them
     const auto W = weights(m, n, 1);
     const double gb = double(m * n) * 4 / 1e9;
     std::vector<float> dst(W.size());
@@ -141,7 +141,8 @@ int main(int argc, char** argv) {
     out["rtn"] = r;
   }
 
-  for (const auto& [m, n] : shapes) {
+  for (const auto& shape : shapes) {
+    const auto m = shape.first, n = shape.second;
     if (only == "rtn") break;
     const auto W = weights(m, n, 2);
     const auto H = hessian(n, 3);
