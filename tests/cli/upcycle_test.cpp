@@ -24,7 +24,7 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSynth = kSrc / "data/models/synthetic";
+const fs::path kSynth = fs::path(MOE_SOURCE_DIR) / "data/models/synthetic";  // not from kSrc: support/paths.h
 
 
 // Logits of a model folder on fixed token ids (2 windows of 32).

@@ -123,7 +123,7 @@ struct Command {
   std::vector<std::string> warns;
 };
 
-const std::vector<std::string> kCal = {"--text", kCalib, "--ctx", "16", "--windows", "2"};
+const std::vector<std::string> kCal = {"--text", (fs::path(MOE_SOURCE_DIR) / "data/text/calib.txt").string(), "--ctx", "16", "--windows", "2"};  // not from kCalib: support/paths.h
 
 std::vector<std::string> with_cal(std::vector<std::string> a) {
   a.insert(a.end(), kCal.begin(), kCal.end());

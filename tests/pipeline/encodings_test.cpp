@@ -23,7 +23,7 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kMixtral = kSrc / "data/models/mixtral-tiny";
+const fs::path kMixtral = fs::path(MOE_SOURCE_DIR) / "data/models/mixtral-tiny";  // not from kSrc: support/paths.h
 
 class Encodings : public ::testing::Test {
  protected:
