@@ -195,7 +195,9 @@ TEST_F(OutputSafety, FreeSpace) {
   ASSERT_GT(free, 0u);
   ASSERT_LT(free, std::numeric_limits<uint64_t>::max());
   check_free_space(out, 1, "OUT");
-  check_free_space(out, free, "OUT");
+  // Half, not all of it: other processes (a parallel build, other tests) write to the same file
+  // system while this runs.
+  check_free_space(out, free / 2, "OUT");
   expect_error([&] { check_free_space(out, free + (uint64_t{1} << 40), "OUT"); }, ErrorKind::IOError,
                {"OUT " + out.string() + ": the output needs about", "free; nothing written"});
   expect_error([&] { check_free_space(out, std::numeric_limits<uint64_t>::max(), "output.path"); }, ErrorKind::IOError,
