@@ -108,15 +108,20 @@ void qwen_style_experts(FamilyDesc& f, const std::string& count_key, const std::
   f.expert_down = "mlp.experts.{e}.down_proj.weight";
 }
 
+// The shared expert's projections under `prefix` (per layer, e.g. "mlp.shared_expert").
+void shared_mlp_names(FamilyDesc& f, const std::string& prefix) {
+  f.shared_gate = prefix + ".gate_proj.weight";
+  f.shared_up = prefix + ".up_proj.weight";
+  f.shared_down = prefix + ".down_proj.weight";
+}
+
 // DeepSeek's MoE layout (deepseek_v2/v3, kimi_k2, glm4_moe): routed experts counted by
 // n_routed_experts, shared experts mlp.shared_experts.* of n_shared_experts x the expert width,
 // the first first_k_dense_replace layers dense.
 void deepseek_style_moe(FamilyDesc& f) {
   qwen_style_experts(f, "n_routed_experts", "moe_intermediate_size");
   f.moe_layers = MoeLayerRule::FirstKDense;
-  f.shared_gate = "mlp.shared_experts.gate_proj.weight";
-  f.shared_up = "mlp.shared_experts.up_proj.weight";
-  f.shared_down = "mlp.shared_experts.down_proj.weight";
+  shared_mlp_names(f, "mlp.shared_experts");
   f.shared_count_key = "n_shared_experts";
 }
 
@@ -171,9 +176,7 @@ std::vector<FamilyDesc> build_families() {
     qkv_bias_always(f);
     qwen_style_experts(f, "num_experts", "moe_intermediate_size");
     f.moe_layers = MoeLayerRule::SparseStep;
-    f.shared_gate = "mlp.shared_expert.gate_proj.weight";
-    f.shared_up = "mlp.shared_expert.up_proj.weight";
-    f.shared_down = "mlp.shared_expert.down_proj.weight";
+    shared_mlp_names(f, "mlp.shared_expert");
     f.shared_expert_gate = "mlp.shared_expert_gate.weight";
     f.shared_width_key = "shared_expert_intermediate_size";
     f.forward = f.upcycle_target = true;
