@@ -19,6 +19,7 @@
 #include "io/checkpoint_writer.h"
 #include "io/compressed_tensors.h"
 #include "io/gguf.h"
+#include "io/gguf_names.h"
 #include "io/output_dir.h"
 #include "model/model.h"
 #include "quant/gguf_blocks.h"
@@ -34,68 +35,6 @@ using core::Error;
 using io::GgufValue;
 using quant::GgmlType;
 namespace fs = std::filesystem;
-
-// Our families and what llama.cpp calls and does with them.
-struct GgufArch {
-  const char* model_type;  // ours (config.json model_type)
-  const char* arch;        // general.architecture
-  bool permute_qk;         // the converter permutes q/k rows for llama.cpp's non-NeoX RoPE (LlamaModel)
-  bool renormalizes;       // llama.cpp's graph renormalizes the top-k routing weights (norm_w)
-  bool expert_width_key;   // ARCH.expert_feed_forward_length written (else feed_forward_length is the expert width)
-  bool shared_expert;      // ffn_*_shexp and ffn_gate_inp_shexp
-};
-constexpr GgufArch kArchs[] = {
-    {"mixtral", "llama", true, true, false, false},
-    {"qwen2_moe", "qwen2moe", false, false, true, true},
-    {"qwen3_moe", "qwen3moe", false, true, true, false},
-    {"olmoe", "olmoe", false, false, false, false},
-};
-
-// Layer roles (model/family.h) -> llama.cpp tensor names under "blk.N.".
-const std::pair<const char*, const char*> kLayerNames[] = {
-    {"q_proj", "attn_q.weight"},       {"k_proj", "attn_k.weight"},       {"v_proj", "attn_v.weight"},
-    {"o_proj", "attn_output.weight"},  {"q_bias", "attn_q.bias"},         {"k_bias", "attn_k.bias"},
-    {"v_bias", "attn_v.bias"},         {"o_bias", "attn_output.bias"},    {"q_norm", "attn_q_norm.weight"},
-    {"k_norm", "attn_k_norm.weight"},  {"input_norm", "attn_norm.weight"}, {"post_attn_norm", "ffn_norm.weight"},
-};
-const std::pair<const char*, const char*> kGlobalNames[] = {
-    {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
-
-// llama.cpp's names for the byte-level BPE pre-tokenizers our tokenizers use, by their Split regex.
-const std::pair<const char*, const char*> kPreTokenizers[] = {
-    {"qwen2",
-     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-    {"llama-bpe",
-     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-};
-
-// llama_ftype of a file whose main type is t (general.file_type).
-uint32_t file_type_of(GgmlType t) {
-  switch (t) {
-    case GgmlType::F32: return 0;
-    case GgmlType::F16: return 1;
-    case GgmlType::Q4_0: return 2;
-    case GgmlType::Q4_1: return 3;
-    case GgmlType::Q8_0: return 7;
-    case GgmlType::Q5_0: return 8;
-    case GgmlType::Q5_1: return 9;
-    case GgmlType::Q2_K: return 10;
-    case GgmlType::Q3_K: return 11;  // Q3_K_S: Q3_K everywhere (the _M/_L mixes raise some tensors)
-    case GgmlType::Q4_K: return 14;  // Q4_K_S
-    case GgmlType::Q5_K: return 16;  // Q5_K_S
-    case GgmlType::Q6_K: return 18;
-    case GgmlType::BF16: return 32;
-    case GgmlType::TQ1_0: return 36;
-    case GgmlType::TQ2_0: return 37;
-    default: throw Error::internal(std::string("no llama_ftype for ") + quant::ggml_type_info(t).name);
-  }
-}
-
-const char* lookup(const std::pair<const char*, const char*>* table, size_t n, const std::string& key) {
-  for (size_t i = 0; i < n; ++i)
-    if (key == table[i].first) return table[i].second;
-  return nullptr;
-}
 
 // A type the writer can produce, from a flag value.
 GgmlType writable_type(const std::string& name, const std::string& flag) {
@@ -202,8 +141,9 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
   if (pre_json.find("\"ByteLevel\"") == std::string::npos)
     throw Error::unsupported(tj.string() + ": pre_tokenizer: not byte-level; SentencePiece-style tokenizers are not exported yet");
   const char* pre = nullptr;
-  for (const auto& [name, regex] : kPreTokenizers)
+  io::for_each_gguf_pre_tokenizer([&](const char* name, const char* regex) {
     if (pre_json.find(nlohmann::json(regex).dump()) != std::string::npos) pre = name;
+  });
   if (!pre)
     throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regex is none llama.cpp knows by name here (qwen2, llama-bpe); "
                              "llama.cpp would tokenize differently");
@@ -264,12 +204,10 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                        const std::vector<TypeOverride>& ovr) {
   const std::string src = ckpt.dir().string();
   const auto& fam = m.family();
-  const GgufArch* arch = nullptr;
-  for (const auto& a : kArchs)
-    if (fam.model_type == a.model_type) arch = &a;
+  const io::GgufArch* arch = io::gguf_arch_for_model_type(fam.model_type);
   if (!arch)
-    throw Error::unsupported(src + ": family " + fam.model_type +
-                             " is not exported to GGUF yet (exported: mixtral, qwen2_moe, qwen3_moe, olmoe)");
+    throw Error::unsupported(src + ": family " + fam.model_type + " is not exported to GGUF yet (exported: " +
+                             io::gguf_exported_model_types() + ")");
   refuse_unsupported(m, src);
   const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
   if (spec.rope_scaling.type != "default")
@@ -291,7 +229,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   if (folder.filename().empty()) folder = folder.parent_path();  // "models/x/"
   kv.emplace_back("general.name", GgufValue::string(folder.filename().string()));
   kv.emplace_back("general.alignment", GgufValue::u32(io::kGgufDefaultAlignment));
-  kv.emplace_back("general.file_type", GgufValue::u32(file_type_of(main)));
+  kv.emplace_back("general.file_type", GgufValue::u32(io::gguf_file_type_of(main)));
   kv.emplace_back("general.quantization_version", GgufValue::u32(2));
   auto u32 = [&](const std::string& k, int64_t v) { kv.emplace_back(A + "." + k, GgufValue::u32(static_cast<uint32_t>(v))); };
   auto f32 = [&](const std::string& k, double v) { kv.emplace_back(A + "." + k, GgufValue::f32(static_cast<float>(v))); };
@@ -348,13 +286,13 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   };
   auto global = [&](const char* role) {
     auto g = m.globals().find(role);
-    if (g != m.globals().end()) add(lookup(kGlobalNames, std::size(kGlobalNames), role), {g->second});
+    if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second});
   };
   global("embed");
   for (const auto& layer : m.layers()) {
     const std::string blk = "blk." + std::to_string(layer.index) + ".";
     for (const auto& [role, t] : layer.tensors) {
-      const char* n = lookup(kLayerNames, std::size(kLayerNames), role);
+      const char* n = io::gguf_layer_name(role);
       if (!n) throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + " " + role + " has no GGUF name in this exporter");
       int64_t heads = 0;
       if (arch->permute_qk && (role == "q_proj" || role == "q_bias")) heads = d.heads;

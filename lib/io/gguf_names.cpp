@@ -1,0 +1,109 @@
+#include "io/gguf_names.h"
+
+#include <iterator>
+
+#include "core/error.h"
+
+namespace moe::io {
+
+namespace {
+
+constexpr GgufArch kGgufArchs[] = {
+    {"mixtral", "llama", true, true, false, false},
+    {"qwen2_moe", "qwen2moe", false, false, true, true},
+    {"qwen3_moe", "qwen3moe", false, true, true, false},
+    {"olmoe", "olmoe", false, false, false, false},
+};
+
+// Layer roles (model/family.h) <-> llama.cpp tensor names under "blk.N.".
+constexpr GgufNamePair kGgufLayerNames[] = {
+    {"q_proj", "attn_q.weight"},       {"k_proj", "attn_k.weight"},       {"v_proj", "attn_v.weight"},
+    {"o_proj", "attn_output.weight"},  {"q_bias", "attn_q.bias"},         {"k_bias", "attn_k.bias"},
+    {"v_bias", "attn_v.bias"},         {"o_bias", "attn_output.bias"},    {"q_norm", "attn_q_norm.weight"},
+    {"k_norm", "attn_k_norm.weight"},  {"input_norm", "attn_norm.weight"}, {"post_attn_norm", "ffn_norm.weight"},
+};
+constexpr GgufNamePair kGgufGlobalNames[] = {
+    {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
+
+template <size_t N>
+const char* find_second(const GgufNamePair (&table)[N], const std::string& key) {
+  for (const auto& p : table)
+    if (key == p.first) return p.second;
+  return nullptr;
+}
+template <size_t N>
+const char* find_first(const GgufNamePair (&table)[N], const std::string& key) {
+  for (const auto& p : table)
+    if (key == p.second) return p.first;
+  return nullptr;
+}
+
+}  // namespace
+
+// llama.cpp's names (llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_*) for the byte-level BPE
+// pre-tokenizers our tokenizers use, by their Split regex.
+const GgufNamePair kGgufPreTokenizers[] = {
+    {"qwen2",
+     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    {"llama-bpe",
+     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+};
+const size_t kGgufPreTokenizerCount = std::size(kGgufPreTokenizers);
+
+const GgufArch* gguf_arch_for_model_type(const std::string& model_type) {
+  for (const auto& a : kGgufArchs)
+    if (model_type == a.model_type) return &a;
+  return nullptr;
+}
+
+const GgufArch* gguf_arch_for_arch(const std::string& arch) {
+  for (const auto& a : kGgufArchs)
+    if (arch == a.arch) return &a;
+  return nullptr;
+}
+
+std::string gguf_exported_model_types() {
+  std::string s;
+  for (const auto& a : kGgufArchs) s += (s.empty() ? "" : ", ") + std::string(a.model_type);
+  return s;
+}
+
+const char* gguf_layer_name(const std::string& role) { return find_second(kGgufLayerNames, role); }
+const char* gguf_layer_role(const std::string& gguf_name) { return find_first(kGgufLayerNames, gguf_name); }
+const char* gguf_global_name(const std::string& role) { return find_second(kGgufGlobalNames, role); }
+const char* gguf_global_role(const std::string& gguf_name) { return find_first(kGgufGlobalNames, gguf_name); }
+
+const char* gguf_pre_tokenizer_name(const std::string& regex) {
+  for (const auto& p : kGgufPreTokenizers)
+    if (regex == p.second) return p.first;
+  return nullptr;
+}
+const char* gguf_pre_tokenizer_regex(const std::string& name) {
+  for (const auto& p : kGgufPreTokenizers)
+    if (name == p.first) return p.second;
+  return nullptr;
+}
+
+uint32_t gguf_file_type_of(quant::GgmlType t) {
+  using quant::GgmlType;
+  switch (t) {
+    case GgmlType::F32: return 0;
+    case GgmlType::F16: return 1;
+    case GgmlType::Q4_0: return 2;
+    case GgmlType::Q4_1: return 3;
+    case GgmlType::Q8_0: return 7;
+    case GgmlType::Q5_0: return 8;
+    case GgmlType::Q5_1: return 9;
+    case GgmlType::Q2_K: return 10;
+    case GgmlType::Q3_K: return 11;  // Q3_K_S: Q3_K everywhere (the _M/_L mixes raise some tensors)
+    case GgmlType::Q4_K: return 14;  // Q4_K_S
+    case GgmlType::Q5_K: return 16;  // Q5_K_S
+    case GgmlType::Q6_K: return 18;
+    case GgmlType::BF16: return 32;
+    case GgmlType::TQ1_0: return 36;
+    case GgmlType::TQ2_0: return 37;
+    default: throw core::Error::internal(std::string("no llama_ftype for ") + quant::ggml_type_info(t).name);
+  }
+}
+
+}  // namespace moe::io

@@ -1,0 +1,62 @@
+// The names llama.cpp gives our families and their tensors in a GGUF file, as one table read both
+// ways: the export maps our names to llama.cpp's, the GGUF reader maps them back. Sources:
+// llama.cpp's architecture table (src/llama-arch.cpp: LLM_ARCH_* names, LLM_TENSOR_* names) and its
+// converter (convert_hf_to_gguf.py: which models permute q/k rows, which keys each writes).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "quant/gguf_blocks.h"
+
+namespace moe::io {
+
+// One of our families and what llama.cpp calls and does with it.
+struct GgufArch {
+  const char* model_type;  // ours (config.json model_type)
+  const char* arch;        // general.architecture
+  bool permute_qk;         // the converter permutes q/k rows for llama.cpp's non-NeoX RoPE (LlamaModel)
+  bool renormalizes;       // llama.cpp's graph renormalizes the top-k routing weights (norm_w)
+  bool expert_width_key;   // ARCH.expert_feed_forward_length written (else feed_forward_length is the expert width)
+  bool shared_expert;      // ffn_*_shexp and ffn_gate_inp_shexp
+};
+
+// The row for our model_type, or for llama.cpp's general.architecture; nullptr when there is none.
+const GgufArch* gguf_arch_for_model_type(const std::string& model_type);
+const GgufArch* gguf_arch_for_arch(const std::string& arch);
+// "mixtral, qwen2_moe, ..." (for error messages).
+std::string gguf_exported_model_types();
+
+// A layer role (model/family.h: q_proj, input_norm, ...) <-> its llama.cpp name under "blk.N."
+// ("attn_q.weight"); a global role (embed, final_norm, lm_head) <-> "token_embd.weight" etc.
+// nullptr when the name has no counterpart.
+const char* gguf_layer_name(const std::string& role);
+const char* gguf_layer_role(const std::string& gguf_name);
+const char* gguf_global_name(const std::string& role);
+const char* gguf_global_role(const std::string& gguf_name);
+
+// llama.cpp's name (tokenizer.ggml.pre) of a byte-level BPE pre-tokenizer, by its Split regex,
+// and back. nullptr when unknown.
+const char* gguf_pre_tokenizer_name(const std::string& regex);
+const char* gguf_pre_tokenizer_regex(const std::string& name);
+// Calls f(name, regex) for each known pre-tokenizer.
+template <class F>
+void for_each_gguf_pre_tokenizer(F&& f);
+
+// llama_ftype (general.file_type) of a file whose main type is t. Throws core::Error::internal for
+// a type with no llama_ftype.
+uint32_t gguf_file_type_of(quant::GgmlType t);
+
+// ---- implementation detail of for_each_gguf_pre_tokenizer ----
+struct GgufNamePair {
+  const char* first;
+  const char* second;
+};
+extern const GgufNamePair kGgufPreTokenizers[];
+extern const size_t kGgufPreTokenizerCount;
+template <class F>
+void for_each_gguf_pre_tokenizer(F&& f) {
+  for (size_t i = 0; i < kGgufPreTokenizerCount; ++i) f(kGgufPreTokenizers[i].first, kGgufPreTokenizers[i].second);
+}
+
+}  // namespace moe::io
