@@ -33,7 +33,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                "Read special-token strings in the text (e.g. <|endoftext|>) as their special ids; by default they "
                "are plain text (never with --llama-cpp-compatible, as llama-perplexity)");
   sub.add_flag("--strict-utf8", o->strict_utf8, "Refuse a text that is not valid UTF-8 (default: warn, read U+FFFD)");
-  sub.add_option("--against", o->against, "Reference model (owns the tokenizer): KL(ref||model), top-1 agreement");
+  sub.add_option("--against", o->against, "Reference model (owns the tokenizer): KL(ref||model), top-1 agreement, routing agreement");
   sub.add_flag("--force", o->e.force, "Allow --ctx beyond max_position_embeddings (with a warning)");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
@@ -83,7 +83,10 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         }
         return 0;
       }
-      const auto c = eval::compare(*ref, model, w, o->e);
+      // The model's own report says which of the reference's experts each of its experts holds
+      // (prune/merge outputs); without one, experts are compared by index.
+      const std::optional<eval::ExpertOrigin> origin = eval::origin_from_report(ckpt.dir());
+      const auto c = eval::compare(*ref, model, w, o->e, origin ? &*origin : nullptr);
       if (o->json) {
         put(j, c.model);
         nlohmann::json rj;
@@ -91,6 +94,17 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         j["reference"] = rj;
         j["kl_mean"] = c.mean_kl();
         j["top1_agreement"] = c.top1_agreement();
+        if (c.routing.available) {
+          nlohmann::json ra{{"agreement", c.routing.agreement()}, {"overlap", c.routing.overlap()},
+                            {"pairs", c.routing.pairs}, {"expert_map", origin ? "report origin" : "by index"}};
+          for (const auto& l : c.routing.layers)
+            ra["layers"].push_back({{"layer", l.layer},
+                                    {"agreement", l.pairs ? double(l.same) / double(l.pairs) : 0.0},
+                                    {"overlap", l.pairs ? l.overlap_sum / double(l.pairs) : 0.0}});
+          j["routing_agreement"] = ra;
+        } else {
+          j["routing_agreement"] = {{"unavailable", c.routing.unavailable}};
+        }
         std::cout << j.dump(2) << "\n";
       } else {
         std::printf("model: %s (%s)\n", o->model.c_str(), model.family().model_type.c_str());
@@ -102,6 +116,13 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         std::printf("perplexity: %.6f (reference %.6f)\n", c.model.perplexity(), c.reference.perplexity());
         std::printf("mean KL(ref||model): %.6g nats/token\n", c.mean_kl());
         std::printf("top-1 agreement: %.6f\n", c.top1_agreement());
+        if (c.routing.available)
+          std::printf("routing agreement: %.6f (top-k expert sets unchanged, %lld token x MoE-layer pairs; mean overlap "
+                      "%.6f; experts matched %s)\n",
+                      c.routing.agreement(), (long long)c.routing.pairs, c.routing.overlap(),
+                      origin ? "through the model's report" : "by index");
+        else
+          std::printf("routing agreement: n/a (%s)\n", c.routing.unavailable.c_str());
         std::printf("tokens/s: %.1f (reference %.1f; tokens forwarded per second)\n", c.model.tokens_per_second,
                     c.reference.tokens_per_second);
       }

@@ -5,12 +5,14 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <Eigen/Core>
 
 #include "core/error.h"
 #include "core/progress.h"
+#include "io/checkpoint.h"
 #include "runtime/forward.h"
 #include "tokenizer/utf8.h"
 
@@ -163,7 +165,134 @@ int64_t vocab_of(const model::Model& m) {
   return (g.count("lm_head") ? g.at("lm_head") : g.at("embed")).dim(0);
 }
 
+// Records each MoE layer's top-k expert ids of one forward batch.
+class RouteRecorder : public runtime::Observer {
+ public:
+  bool wants_moe_trace() const override { return true; }
+  void on_moe(int layer, const runtime::MoeTrace& t) override { ids[layer] = t.routing.ids; }
+  std::map<int, runtime::IndexMatrix> ids;
+};
+
+// For each MoE layer of the model: input expert id -> output expert id (-1: none), from origin.
+// Fills why_not and returns empty when the layers cannot be compared.
+std::map<int, std::vector<int32_t>> expert_maps(const model::Model& reference, const model::Model& m,
+                                                const ExpertOrigin* origin, std::string& why_not) {
+  std::map<int, std::vector<int32_t>> maps;
+  if (reference.layers().size() != m.layers().size()) {
+    why_not = "the models have different layer counts";
+    return {};
+  }
+  for (size_t l = 0; l < m.layers().size(); ++l) {
+    const auto& lr = reference.layers()[l];
+    const auto& lm = m.layers()[l];
+    if (!lr.moe != !lm.moe) {
+      why_not = "layer " + std::to_string(l) + " is an MoE layer in one model only";
+      return {};
+    }
+    if (!lm.moe) continue;
+    const int64_t e_in = lr.moe->num_experts(), e_out = lm.moe->num_experts();
+    std::vector<int32_t> map(static_cast<size_t>(e_in), -1);
+    const bool has_origin = origin && l < origin->size() && !(*origin)[l].empty();
+    if (!has_origin) {
+      if (e_in != e_out) {
+        why_not = "layer " + std::to_string(l) + " has " + std::to_string(e_out) + " experts, the reference " +
+                  std::to_string(e_in) + ", and the model's report records no origin for them";
+        return {};
+      }
+      for (int32_t e = 0; e < e_in; ++e) map[static_cast<size_t>(e)] = e;
+    } else {
+      const auto& o = (*origin)[l];
+      if (static_cast<int64_t>(o.size()) != e_out) {
+        why_not = "layer " + std::to_string(l) + ": the report's origin names " + std::to_string(o.size()) +
+                  " experts, the model has " + std::to_string(e_out);
+        return {};
+      }
+      for (size_t out = 0; out < o.size(); ++out)
+        for (int32_t in : o[out]) {
+          if (in < 0 || in >= e_in) {
+            why_not = "layer " + std::to_string(l) + ": the report's origin names input expert " + std::to_string(in) +
+                      ", the reference has " + std::to_string(e_in) + " (is it the model's input?)";
+            return {};
+          }
+          map[static_cast<size_t>(in)] = static_cast<int32_t>(out);
+        }
+    }
+    maps[static_cast<int>(l)] = std::move(map);
+  }
+  if (maps.empty()) why_not = "the models have no MoE layer";
+  return maps;
+}
+
+void add_agreement(RoutingAgreement& ra, const std::map<int, std::vector<int32_t>>& maps, const RouteRecorder& ref,
+                   const RouteRecorder& mod) {
+  for (const auto& [l, map] : maps) {
+    const auto& a = ref.ids.at(l);
+    const auto& b = mod.ids.at(l);
+    auto it = std::find_if(ra.layers.begin(), ra.layers.end(), [&](const RoutingAgreement::Layer& x) { return x.layer == l; });
+    if (it == ra.layers.end()) it = ra.layers.insert(ra.layers.end(), RoutingAgreement::Layer{l});
+    const int64_t k = b.cols();
+    std::vector<int32_t> sa, sb;
+    for (int64_t n = 0; n < b.rows(); ++n) {
+      sa.clear();
+      sb.assign(b.row(n).data(), b.row(n).data() + k);
+      for (int64_t j = 0; j < a.cols(); ++j) sa.push_back(map[static_cast<size_t>(a(n, j))]);
+      std::sort(sa.begin(), sa.end());
+      std::sort(sb.begin(), sb.end());
+      // Experts of sb that the mapped reference choice holds (a pruned expert, -1, matches none).
+      int64_t common = 0;
+      for (int32_t e : sb) common += std::binary_search(sa.begin(), sa.end(), e);
+      const bool same = sa == sb;
+      const double overlap = double(common) / double(k);
+      it->pairs += 1;
+      it->same += same;
+      it->overlap_sum += overlap;
+      ra.pairs += 1;
+      ra.same += same;
+      ra.overlap_sum += overlap;
+    }
+  }
+}
+
 }  // namespace
+
+std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& model_dir) {
+  const auto path = model_dir / "moe_tool_report.json";
+  std::ifstream f(path);
+  if (!f) return std::nullopt;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const nlohmann::json j = io::parse_json_file_text(ss.str(), path.string());
+  if (!j.contains("layers") || !j["layers"].is_array()) return std::nullopt;
+  ExpertOrigin out;
+  bool any = false;
+  for (size_t i = 0; i < j["layers"].size(); ++i) {
+    const auto& lr = j["layers"][i];
+    const std::string where = path.string() + ": layers[" + std::to_string(i) + "]";
+    if (!lr.is_object() || !lr.contains("layer") || !lr["layer"].is_number_integer())
+      throw Error::corruption(where + ".layer: expected an integer");
+    const int64_t layer = lr["layer"].get<int64_t>();
+    if (layer < 0 || layer > 1'000'000) throw Error::corruption(where + ".layer: " + std::to_string(layer) + " is out of range");
+    if (!lr.contains("origin")) continue;
+    if (static_cast<int64_t>(out.size()) <= layer) out.resize(static_cast<size_t>(layer) + 1);
+    auto& dst = out[static_cast<size_t>(layer)];
+    const auto& o = lr["origin"];
+    if (!o.is_array()) throw Error::corruption(where + ".origin: expected an array");
+    for (size_t e = 0; e < o.size(); ++e) {
+      std::vector<int32_t> ins;
+      const std::string ew = where + ".origin[" + std::to_string(e) + "]";
+      if (!o[e].is_array()) throw Error::corruption(ew + ": expected an array of [input expert, weight]");
+      for (const auto& src : o[e]) {
+        if (!src.is_array() || src.size() != 2 || !src[0].is_number_integer())
+          throw Error::corruption(ew + ": expected [input expert, weight] pairs, found " + src.dump());
+        ins.push_back(src[0].get<int32_t>());
+      }
+      dst.push_back(std::move(ins));
+    }
+    any = true;
+  }
+  if (!any) return std::nullopt;
+  return out;
+}
 
 double nll_of_row(const float* logits, int64_t V, int32_t target) {
   if (target < 0 || target >= V)
@@ -202,13 +331,22 @@ PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalO
   return r;
 }
 
-CompareResult compare(const model::Model& reference, const model::Model& m, const Windows& w, const EvalOptions& o) {
+CompareResult compare(const model::Model& reference, const model::Model& m, const Windows& w, const EvalOptions& o,
+                      const ExpertOrigin* origin) {
   const int64_t V = vocab_of(m), Vr = vocab_of(reference);
   if (V != Vr)
     throw Error::invalid("--against: vocabulary sizes differ (model " + std::to_string(V) + ", reference " +
                          std::to_string(Vr) + "): the models must share a tokenizer");
   runtime::Forward fm(m), fr(reference);
   CompareResult c;
+  const auto maps = expert_maps(reference, m, origin, c.routing.unavailable);
+  c.routing.available = !maps.empty();
+  RouteRecorder rec_r, rec_m;
+  std::vector<runtime::Observer*> obs_r, obs_m;
+  if (c.routing.available) {
+    obs_r.push_back(&rec_r);
+    obs_m.push_back(&rec_m);
+  }
   for (PerplexityResult* r : {&c.model, &c.reference}) {
     r->windows = w.windows;
     r->ctx = w.ctx;
@@ -221,10 +359,11 @@ CompareResult compare(const model::Model& reference, const model::Model& m, cons
     const int64_t nb = std::min(B, w.windows - b0);
     std::span<const int32_t> toks(w.tokens.data() + b0 * w.ctx, static_cast<size_t>(nb * w.ctx));
     auto t0 = std::chrono::steady_clock::now();
-    MatrixRM lr = fr.run(toks, w.ctx);
+    MatrixRM lr = fr.run(toks, w.ctx, obs_r);
     auto t1 = std::chrono::steady_clock::now();
-    MatrixRM lm = fm.run(toks, w.ctx);
+    MatrixRM lm = fm.run(toks, w.ctx, obs_m);
     auto t2 = std::chrono::steady_clock::now();
+    if (c.routing.available) add_agreement(c.routing, maps, rec_r, rec_m);
     secs_r += std::chrono::duration<double>(t1 - t0).count();
     secs_m += std::chrono::duration<double>(t2 - t1).count();
     for (int64_t i = 0; i < nb; ++i)

@@ -77,8 +77,41 @@ struct PerplexityResult {
   double perplexity() const;
 };
 
+// Routing agreement of a model with its reference: for each token of the windows (every position,
+// scored or not) and each MoE layer, whether the model's top-k expert set equals the reference's
+// top-k set mapped onto the model's experts (EAQuant's measure of routing drift; docs/commands/eval.md).
+// An input expert maps to the output expert whose origin holds it (model's moe_tool_report.json
+// `layers[].origin`); one with no output expert (pruned) maps to none, so a token whose reference
+// choice included a pruned expert never agrees; a merged expert holds several input experts.
+// overlap: mean of |model set ∩ mapped reference set| / k.
+struct RoutingAgreement {
+  bool available = false;
+  std::string unavailable;  // why not, when !available
+  int64_t pairs = 0;        // token × MoE-layer pairs compared
+  int64_t same = 0;         // pairs with equal top-k sets
+  double overlap_sum = 0;
+  struct Layer {
+    int layer = 0;
+    int64_t pairs = 0, same = 0;
+    double overlap_sum = 0;
+  };
+  std::vector<Layer> layers;
+  double agreement() const { return pairs ? double(same) / double(pairs) : 0.0; }
+  double overlap() const { return pairs ? overlap_sum / double(pairs) : 0.0; }
+};
+
+// Which reference (input) experts each of the model's experts comes from, per layer:
+// origin[l][e] = the input expert ids output expert e of layer l holds. Empty origin[l]: identity
+// (the layer's expert counts must then agree). Read from a run's report by origin_from_report.
+using ExpertOrigin = std::vector<std::vector<std::vector<int32_t>>>;
+// The origin recorded in a model folder's moe_tool_report.json (`layers[].origin`, input expert
+// ids with weights); nullopt when the file or the key is absent. Error::corruption naming the file
+// and the JSON path for a malformed entry.
+std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& model_dir);
+
 struct CompareResult {
   PerplexityResult model, reference;
+  RoutingAgreement routing;
   double kl_sum = 0;  // sum over scored tokens of KL(ref || model), nats
   int64_t top1_agree = 0;
   int64_t tokens = 0;
@@ -88,7 +121,10 @@ struct CompareResult {
 
 PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalOptions& o);
 // Same windows through both models; vocab sizes (lm_head rows) must agree (Error::invalid).
-CompareResult compare(const model::Model& reference, const model::Model& m, const Windows& w, const EvalOptions& o);
+// Routing agreement is computed when both models have the same MoE layers and each layer's experts
+// map through `origin` (or, without it, have equal counts); otherwise routing.unavailable says why.
+CompareResult compare(const model::Model& reference, const model::Model& m, const Windows& w, const EvalOptions& o,
+                      const ExpertOrigin* origin = nullptr);
 
 // Scores rows of logits [rows, V]: nll += -log softmax(row)[target] (double); returns nll.
 double nll_of_row(const float* logits, int64_t V, int32_t target);
