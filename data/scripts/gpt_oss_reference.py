@@ -24,6 +24,10 @@ that the clamps act on part of the values; the script prints which fraction). Go
 the stored (bf16-rounded) weights:
   data/golden/gpt_oss.json             the fixture as stored
   data/golden/gpt_oss-all-full.json    the same weights with every layer full_attention
+  data/golden/gpt_oss-mxfp4.json       data/gpt-oss-tiny-mxfp4: the same config with expert width 32,
+                                       tied embeddings and the experts as MXFP4 blocks and scales
+                                       (random codes), decoded as transformers' integrations/mxfp4.py
+                                       convert_moe_packed_tensors does
 each: the token sequence, the logits of one window [T, V/16] (ids 0, 16, 32, ...; 8 significant
 digits), each position's argmax, and per MoE layer the chosen experts per token (sorted) and their
 routing weights in that order.
@@ -234,6 +238,50 @@ def sensitivity(c, W, tokens):
         print(f"{what}: {np.abs(forward(c, W2, tokens)[0] - base).max():.3g}")
 
 
+# ----------------------------------------------------------------------------- MXFP4 experts
+
+FP4_VALUES = np.array([+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+MXFP4_NAME = "gpt-oss-tiny-mxfp4"
+
+
+def mxfp4_decode(blocks, scales):
+    """transformers' integrations/mxfp4.py convert_moe_packed_tensors: blocks [E, R, G, 16] uint8
+    (two e2m1 codes per byte, low nibble first), scales [E, R, G] uint8 (e8m0: 2^(s - 127)) ->
+    [E, G*32, R] (the transpose(1, 2) at its end)."""
+    E, R, G, B = blocks.shape
+    out = np.empty((E, R, G, 2 * B))
+    out[..., 0::2] = FP4_VALUES[blocks & 0x0F]
+    out[..., 1::2] = FP4_VALUES[blocks >> 4]
+    out = out * np.ldexp(1.0, scales.astype(np.int64) - 127)[..., None]
+    return out.reshape(E, R, G * 2 * B).transpose(0, 2, 1)
+
+
+def mxfp4_fixture():
+    """data/gpt-oss-tiny-mxfp4: the released checkpoints' encoding (quantization_config
+    quant_method mxfp4): per layer mlp.experts.{gate_up,down}_proj_{blocks,scales} (uint8) instead
+    of gate_up_proj / down_proj, random codes and scales; tied embeddings and no lm_head (keeps it
+    small). Its golden runs the forward on the decoded experts."""
+    c = dict(config(), tie_word_embeddings=True, intermediate_size=32,
+             quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": [
+                 "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    stored, W = make_weights(c)
+    rng = np.random.default_rng(SEED + 7)
+    E, H, I = c["num_local_experts"], c["hidden_size"], c["intermediate_size"]
+    del stored["lm_head.weight"], W["lm_head.weight"]
+    W["lm_head.weight"] = W["model.embed_tokens.weight"]
+    for l in range(c["num_hidden_layers"]):
+        p = f"model.layers.{l}.mlp.experts."
+        for proj, rows, cols in (("gate_up_proj", 2 * I, H), ("down_proj", H, I)):
+            blocks = rng.integers(0, 256, (E, rows, cols // 32, 16), dtype=np.uint8)
+            scales = rng.integers(123, 127, (E, rows, cols // 32), dtype=np.uint8)
+            del stored[p + proj]
+            stored[p + proj + "_blocks"] = ("U8", blocks)
+            stored[p + proj + "_scales"] = ("U8", scales)
+            W[p + proj] = mxfp4_decode(blocks, scales)
+    return c, stored, W
+
+
 def main():
     c = config()
     stored, W = make_weights(c)
@@ -245,6 +293,10 @@ def main():
     for name, patch in VARIANTS:
         write_golden(NAME, name, dict(c, **patch), W, tokens, patch, forward, script)
     print(f"{NAME}: {os.path.getsize(os.path.join(out, 'model.safetensors'))} bytes")
+    cm, stored_m, W_m = mxfp4_fixture()
+    out_m = write_fixture(MXFP4_NAME, cm, stored_m)
+    write_golden(MXFP4_NAME, "gpt_oss-mxfp4", cm, W_m, tokens, {}, forward, script)
+    print(f"{MXFP4_NAME}: {os.path.getsize(os.path.join(out_m, 'model.safetensors'))} bytes")
     if "--sensitivity" in sys.argv:
         sensitivity(c, W, tokens)
 

@@ -125,6 +125,19 @@ void deepseek_style_moe(FamilyDesc& f) {
   f.shared_count_key = "n_shared_experts";
 }
 
+// Experts fused on disk (granitemoe, gpt_oss): num_local_experts of width intermediate_size, the
+// gate/up and down projections stacked in one tensor each, top-k of the router logits then a
+// softmax over the k.
+void fused_topk_experts(FamilyDesc& f, const std::string& router, const std::string& gate_up, const std::string& down) {
+  f.moe = true;
+  f.expert_count_key = "num_local_experts";
+  f.expert_width_key = "intermediate_size";
+  f.routing = Routing::TopKSoftmax;
+  f.router = router;
+  f.fused_gate_up = gate_up;
+  f.fused_down = down;
+}
+
 std::vector<FamilyDesc> build_families() {
   std::vector<FamilyDesc> v;
 
@@ -241,13 +254,8 @@ std::vector<FamilyDesc> build_families() {
   }
   {
     FamilyDesc f = llama_base("granitemoe", "GraniteMoeForCausalLM");
-    f.moe = true;
-    f.expert_count_key = "num_local_experts";
-    f.expert_width_key = "intermediate_size";
-    f.routing = Routing::TopKSoftmax;
-    f.router = "block_sparse_moe.router.layer.weight";
-    f.fused_gate_up = "block_sparse_moe.input_linear.weight";
-    f.fused_down = "block_sparse_moe.output_linear.weight";
+    fused_topk_experts(f, "block_sparse_moe.router.layer.weight", "block_sparse_moe.input_linear.weight",
+                       "block_sparse_moe.output_linear.weight");
     v.push_back(f);
   }
   {
@@ -298,15 +306,9 @@ std::vector<FamilyDesc> build_families() {
       for (auto& role : f.layer_roles)
         if (role.role == r) role.presence = if_config("attention_bias", true);
     set_role(f, "sinks", "self_attn.sinks", kRequired);
-    f.moe = true;
-    f.expert_count_key = "num_local_experts";
-    f.expert_width_key = "intermediate_size";
-    f.routing = Routing::TopKSoftmax;
-    f.router = "mlp.router.weight";
+    fused_topk_experts(f, "mlp.router.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj");
     f.router_bias = "mlp.router.bias";
     f.router_bias_in_logits = true;
-    f.fused_gate_up = "mlp.experts.gate_up_proj";
-    f.fused_down = "mlp.experts.down_proj";
     f.fused_gate_up_bias = "mlp.experts.gate_up_proj_bias";
     f.fused_down_bias = "mlp.experts.down_proj_bias";
     f.fused_in_out_interleaved = true;
