@@ -99,9 +99,9 @@ TEST(Family, MoeKeysAndNames) {
 
 TEST(Family, UnknownOrMissingModelType) {
   const std::string msg = expect_error(
-      [] { family_for(Config(json{{"model_type", "gpt_oss"}, {"architectures", {"GptOssForCausalLM"}}}, "m/config.json")); },
+      [] { family_for(Config(json{{"model_type", "made_up_moe"}, {"architectures", {"MadeUpMoeForCausalLM"}}}, "m/config.json")); },
       ErrorKind::NotSupported,
-      {"m/config.json: model_type: unknown family 'gpt_oss'", "GptOssForCausalLM", "supported: "});
+      {"m/config.json: model_type: unknown family 'made_up_moe'", "MadeUpMoeForCausalLM", "supported: "});
   for (const auto& f : all_families()) EXPECT_NE(msg.find(f.model_type), std::string::npos) << f.model_type;
   expect_error([] { family_for(Config(json::object(), "config.json")); }, ErrorKind::NotSupported,
                {"model_type: missing", "(architectures (none))", "supported: "});

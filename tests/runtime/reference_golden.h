@@ -1,8 +1,8 @@
 // Checking the forward against a golden of an independent NumPy reference (data/scripts/
-// deepseek_reference.py, data/scripts/glm4_moe_reference.py, data/scripts/gpt_oss_reference.py): the golden names its fixture and
-// the config patch its reference ran with; logits within 1e-4 of the largest |logit|, the same
-// argmax, the same experts per token in every MoE layer with the same weights. And the CLI
-// commands that sit on the forward, run on such a fixture.
+// deepseek_reference.py, data/scripts/glm4_moe_reference.py, data/scripts/gpt_oss_reference.py):
+// the golden names its fixture and the config patch its reference ran with; logits within 1e-4
+// of the largest |logit|, the same argmax, the same experts per token in every MoE layer with the
+// same weights. And the CLI commands that sit on the forward, run on such a fixture.
 #pragma once
 
 #include <gtest/gtest.h>
