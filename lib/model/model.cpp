@@ -712,6 +712,9 @@ Model Model::load(const io::Checkpoint& ckpt) {
           x.act = act;
           b.experts.push_back(std::move(x));
         }
+        // The mapped pages copied from are handed back (the copies are what the model holds).
+        for (const Tensor* t : {&fgu, &fdn, &gu_b, &gu_s, &dn_b, &dn_s})
+          if (t->data()) m.release_(t->data(), t->nbytes());
       } else if (f.fused()) {
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
         Tensor fgu = pick.need(gu, "fused experts"), fdn = pick.need(dn, "fused experts");
