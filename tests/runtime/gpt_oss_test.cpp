@@ -241,6 +241,29 @@ TEST(GptOss, Mxfp4ExpertsDecodedOnLoad) {
   EXPECT_EQ(back->model.layers().at(1).moe->experts.at(5).down.to_f32(), lm->model.layers().at(1).moe->experts.at(5).down.to_f32());
 }
 
+// Bad MXFP4 and config input: one error naming the tensor or key, exit 2 from the CLI.
+TEST(GptOss, Mxfp4AndTopKRefusals) {
+  const fs::path src = source_dir() / "data/gpt-oss-tiny-mxfp4";
+  {
+    TempDir dir;
+    copy_folder(src, dir.path());
+    // Expert 1's first scale of layer 1's down projection: 255, the e8m0 NaN.
+    patch_tensor_bytes(dir.path() / "model.safetensors", "model.layers.1.mlp.experts.down_proj_scales", 64 * 1, "\xff");
+    const RunResult r = run_tool({"inspect", dir.path().string()});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    EXPECT_NE(r.err.find("model.layers.1.mlp.experts.down_proj_scales: e8m0 scale 255 (NaN) in expert 1"), std::string::npos)
+        << r.err;
+  }
+  {
+    // experts_per_token (the released config's spelling) disagreeing with num_experts_per_tok.
+    TempDir dir;
+    copy_with_config(fixture(), dir.path(), {{"experts_per_token", 2}});
+    const RunResult r = run_tool({"inspect", dir.path().string()});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    EXPECT_NE(r.err.find("experts_per_token"), std::string::npos) << r.err;
+  }
+}
+
 // An expert's MLP: the clamped SwiGLU with biases on hand-computed values (limit 1, alpha 2).
 TEST(GptOss, ClampedSwiGluWithBiases) {
   runtime::MlpWeights w;
