@@ -42,8 +42,7 @@ void GramCapture::on_moe(int, const runtime::MoeTrace& t) {
   if (t.weights.shared) {
     const auto& s = *t.weights.shared;
     add_gram(grams.shared_in, t.x);
-    runtime::MatrixRM h = runtime::project(t.x, s.gate, s.gate_lr);
-    runtime::silu_mul_inplace(h, runtime::project(t.x, s.up, s.up_lr));
+    const runtime::MatrixRM h = runtime::mlp_hidden(s, t.x);
     add_gram(grams.shared_mid, h);
   }
 }

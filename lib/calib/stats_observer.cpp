@@ -199,17 +199,17 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
     const int64_t no = static_cast<int64_t>(other.size());
     xo.resize(no, H);
     for (int64_t r = 0; r < no; ++r) xo.row(r) = t.x.row(other[r]);
-    g = runtime::project(xo, W.gate, W.gate_lr);
-    u = runtime::project(xo, W.up, W.up_lr);
-    if (no) runtime::silu_mul_inplace(g, u);
+    g = no ? runtime::mlp_hidden(W, xo) : MatrixRM(0, I);
     auto hrow = [&](int64_t n) -> const float* {
       return pos[n] >= 0 ? t.h[e].data() + int64_t(pos[n]) * I : g.data() + int64_t(-pos[n] - 1) * I;
     };
     // Weighted sum of h over the batch in token order (routed rows 1, sampled unrouted rows S, in
     // double), then down (linear) applied to the sum.
     hsum.assign(I, 0.0);
+    double rows = 0;  // the summed rows' total weight (what the down bias is added with)
     for (int64_t n = 0; n < N; ++n) {
       if (pos[n] == kSkip) continue;
+      rows += pos[n] >= 0 ? 1.0 : weight;
       const float* r = hrow(n);
       if (pos[n] >= 0) {
         for (int64_t c = 0; c < I; ++c) hsum[c] += double(r[c]);
@@ -233,6 +233,8 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
         a.out_sum(e, i) += acc;
       }
     }
+    if (W.down_bias)
+      for (int64_t i = 0; i < H; ++i) a.out_sum(e, i) += rows * double((*W.down_bias)(i));
     if (ns > 0) {
       hs.resize(ns, I);
       for (int64_t q = 0; q < ns; ++q) {
@@ -240,6 +242,7 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
         std::copy(r, r + I, hs.data() + q * I);
       }
       ys[e] = runtime::project(hs, W.down, W.down_lr);
+      if (W.down_bias) ys[e].rowwise() += *W.down_bias;
     }
   }
   // out_cos on the sampled tokens: normalise every expert's output row, then for a block of tokens

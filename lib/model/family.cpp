@@ -125,6 +125,19 @@ void deepseek_style_moe(FamilyDesc& f) {
   f.shared_count_key = "n_shared_experts";
 }
 
+// Experts fused on disk (granitemoe, gpt_oss): num_local_experts of width intermediate_size, the
+// gate/up and down projections stacked in one tensor each, top-k of the router logits then a
+// softmax over the k.
+void fused_topk_experts(FamilyDesc& f, const std::string& router, const std::string& gate_up, const std::string& down) {
+  f.moe = true;
+  f.expert_count_key = "num_local_experts";
+  f.expert_width_key = "intermediate_size";
+  f.routing = Routing::TopKSoftmax;
+  f.router = router;
+  f.fused_gate_up = gate_up;
+  f.fused_down = down;
+}
+
 std::vector<FamilyDesc> build_families() {
   std::vector<FamilyDesc> v;
 
@@ -241,13 +254,8 @@ std::vector<FamilyDesc> build_families() {
   }
   {
     FamilyDesc f = llama_base("granitemoe", "GraniteMoeForCausalLM");
-    f.moe = true;
-    f.expert_count_key = "num_local_experts";
-    f.expert_width_key = "intermediate_size";
-    f.routing = Routing::TopKSoftmax;
-    f.router = "block_sparse_moe.router.layer.weight";
-    f.fused_gate_up = "block_sparse_moe.input_linear.weight";
-    f.fused_down = "block_sparse_moe.output_linear.weight";
+    fused_topk_experts(f, "block_sparse_moe.router.layer.weight", "block_sparse_moe.input_linear.weight",
+                       "block_sparse_moe.output_linear.weight");
     v.push_back(f);
   }
   {
@@ -281,6 +289,39 @@ std::vector<FamilyDesc> build_families() {
     f.router_bias = "mlp.gate.e_score_correction_bias";
     f.default_shared_count = 1;
     f.extra_layers_allowed = true;
+    f.forward = true;
+    v.push_back(f);
+  }
+  {
+    // gpt_oss (gpt-oss-20b / 120b, after glm4_moe), as transformers' configuration_gpt_oss.py and
+    // modeling_gpt_oss.py define it: attention with q/k/v/o biases (attention_bias, default true),
+    // GQA, per-head sinks (self_attn.sinks [heads], an extra softmax logit dropped after), layer_types
+    // alternating sliding_attention (sliding_window, default 128) and full_attention, yarn RoPE
+    // (default factor 32, original 4096, truncate false), RMSNorm eps 1e-5; GptOssTopKRouter
+    // (mlp.router.weight [E,H] + mlp.router.bias [E] added to the logits, top-k of the logits, softmax
+    // over the k); GptOssExperts stored fused as [in, out] with gate/up interleaved and expert biases;
+    // the clamped SwiGLU (swiglu_alpha 1.702, swiglu_limit 7.0).
+    FamilyDesc f = llama_base("gpt_oss", "GptOssForCausalLM");
+    for (const char* r : {"q_bias", "k_bias", "v_bias", "o_bias"})
+      for (auto& role : f.layer_roles)
+        if (role.role == r) role.presence = if_config("attention_bias", true);
+    set_role(f, "sinks", "self_attn.sinks", kRequired);
+    fused_topk_experts(f, "mlp.router.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj");
+    f.router_bias = "mlp.router.bias";
+    f.router_bias_in_logits = true;
+    f.fused_gate_up_bias = "mlp.experts.gate_up_proj_bias";
+    f.fused_down_bias = "mlp.experts.down_proj_bias";
+    f.fused_in_out_interleaved = true;
+    f.clamped_swiglu = true;
+    f.attention_sinks = true;
+    f.per_layer_types = true;
+    f.yarn_rope = true;
+    f.default_rope_theta = 150000.0;
+    f.default_rms_norm_eps = 1e-5;
+    f.default_head_dim = 64;
+    f.default_sliding_window = 128;
+    f.default_rope_parameters = {{"rope_type", "yarn"}, {"factor", 32.0}, {"beta_fast", 32.0}, {"beta_slow", 1.0},
+                                 {"truncate", false}, {"original_max_position_embeddings", 4096}};
     f.forward = true;
     v.push_back(f);
   }

@@ -85,9 +85,26 @@ struct FamilyDesc {
 
   // MoE block, relative to the layer prefix; {e} is the expert index.
   std::string router;
-  std::string router_bias;  // deepseek_v3 e_score_correction_bias ("" if none)
+  std::string router_bias;  // deepseek_v3 e_score_correction_bias, gpt_oss router bias ("" if none)
   std::string expert_gate, expert_up, expert_down;
   std::string fused_gate_up, fused_down;  // granitemoe: [E,2I,H] and [E,H,I]
+  // gpt_oss: the fused tensors are [in, out] per expert with gate and up interleaved along the
+  // last dim (gate_up [E,H,2I], gate = [..., 0::2], up = [..., 1::2]; down [E,I,H]), with expert
+  // biases fused_gate_up_bias [E,2I] (interleaved the same way) and fused_down_bias [E,H].
+  bool fused_in_out_interleaved = false;
+  std::string fused_gate_up_bias, fused_down_bias;
+  // gpt_oss: the router bias is added to the router logits (F.linear with bias), not only to the
+  // choice scores as DeepSeek-V3's correction bias is.
+  bool router_bias_in_logits = false;
+  // gpt_oss: experts apply the clamped SwiGLU (swiglu_alpha, swiglu_limit) with expert biases.
+  bool clamped_swiglu = false;
+  // gpt_oss: per-head attention sinks (layer role "sinks") and per-layer attention kinds from
+  // `layer_types` (sliding_attention / full_attention); yarn RoPE outside the MLA families.
+  bool attention_sinks = false;
+  bool per_layer_types = false;
+  bool yarn_rope = false;
+  // The RoPE parameters transformers' configuration fills in when the config gives none (null: none).
+  nlohmann::json default_rope_parameters = nullptr;
   std::string shared_gate, shared_up, shared_down, shared_expert_gate;
   std::string shared_width_key;         // qwen2_moe: shared_expert_intermediate_size
   std::string shared_count_key;         // deepseek: n_shared_experts (width = count x expert width)

@@ -324,6 +324,77 @@ class Picker {
   std::map<std::string, std::shared_ptr<const Tensor>> cache_;
 };
 
+// Element (i, j) of a rank-1 ([n]) or rank-2 ([n, m]) plain tensor at flat position
+// offset + i * s0 + j * s1 of another tensor's elements: the strided views the gpt_oss fused
+// expert layout needs (transposed, gate/up interleaved). gather copies out of `flat` into a new
+// tensor of `shape`; scatter copies `t` into `flat` (same dtype) at those positions.
+struct Strides {
+  int64_t offset = 0, s0 = 1, s1 = 0;
+};
+Tensor gather(const Tensor& flat, const Shape& shape, Strides st) {
+  if (flat.encoding()) throw Error::internal("gather: encoded tensor");
+  Tensor out = Tensor::zeros(flat.dtype(), shape);
+  const size_t es = core::dtype_size(flat.dtype());
+  const int64_t n = shape.at(0), m = shape.size() > 1 ? shape[1] : 1;
+  uint8_t* dst = out.mutable_data();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j)
+      std::copy_n(flat.data() + static_cast<size_t>(st.offset + i * st.s0 + j * st.s1) * es, es,
+                  dst + static_cast<size_t>(i * m + j) * es);
+  return out;
+}
+void scatter(const Tensor& t, Tensor& flat, Strides st) {
+  const size_t es = core::dtype_size(flat.dtype());
+  const int64_t n = t.dim(0), m = t.rank() > 1 ? t.dim(1) : 1;
+  uint8_t* dst = flat.mutable_data();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j)
+      std::copy_n(t.data() + static_cast<size_t>(i * m + j) * es, es, dst + static_cast<size_t>(st.offset + i * st.s0 + j * st.s1) * es);
+}
+
+// The per-expert [out, in] views of gpt_oss's fused layout (transformers' GptOssExperts):
+// gate_up [E,H,2I] with gate = [..., 0::2] and up = [..., 1::2], gate_up_bias [E,2I] the same
+// way, down [E,I,H], down_bias [E,H]. Each returns the strides of expert e's tensor.
+struct InterleavedLayout {
+  int64_t H, I;
+  Strides gate(int64_t e) const { return {e * H * 2 * I, 2, 2 * I}; }          // [I,H]
+  Strides up(int64_t e) const { return {e * H * 2 * I + 1, 2, 2 * I}; }        // [I,H]
+  Strides down(int64_t e) const { return {e * I * H, 1, H}; }                  // [H,I]
+  Strides gate_bias(int64_t e) const { return {e * 2 * I, 2, 0}; }             // [I]
+  Strides up_bias(int64_t e) const { return {e * 2 * I + 1, 2, 0}; }           // [I]
+  Strides down_bias(int64_t e) const { return {e * H, 1, 0}; }                 // [H]
+};
+
+// MXFP4 (the released gpt-oss checkpoints' experts; transformers' integrations/mxfp4.py
+// convert_moe_packed_tensors): blocks [E, R, G, 16] U8 hold two FP4 e2m1 codes per byte (low
+// nibble first), scales [E, R, G] U8 one e8m0 exponent per 32 values: value = fp4(code) ·
+// 2^(scale − 127). Row r of expert e decoded is [G·32], the weight's input dim (the decoded
+// tensor transformers builds is its transpose, [E, G·32, R]). Rows r0, r0 + step, ... (n of them)
+// of expert e as a BF16 [n, G·32] tensor: FP4 values times a power of two are exact in BF16
+// (Error::corruption for the e8m0 NaN scale 255).
+Tensor mxfp4_rows(const Tensor& blocks, const Tensor& scales, int64_t e, int64_t r0, int64_t step, int64_t n,
+                  const std::string& name) {
+  static constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  const int64_t R = blocks.dim(1), G = blocks.dim(2);
+  std::vector<float> v(static_cast<size_t>(n * G * 32));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = r0 + i * step;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t s = scales.data()[(e * R + r) * G + g];
+      if (s == 255) throw Error::corruption(name + "_scales: e8m0 scale 255 (NaN) in expert " + std::to_string(e));
+      const float scale = std::ldexp(1.0f, int(s) - 127);
+      const uint8_t* b = blocks.data() + ((e * R + r) * G + g) * 16;
+      float* out = v.data() + i * G * 32 + g * 32;
+      for (int j = 0; j < 16; ++j) {
+        out[2 * j] = kFp4[b[j] & 0x0F] * scale;
+        out[2 * j + 1] = kFp4[b[j] >> 4] * scale;
+      }
+    }
+  }
+  return Tensor::from_f32(v, {n, G * 32}).converted(DType::BF16);
+}
+
 std::string dims_text(const Dims& d) {
   return "config (hidden_size=" + std::to_string(d.hidden) + ", num_attention_heads=" + std::to_string(d.heads) +
          ", num_key_value_heads=" + std::to_string(d.kv_heads) + ", head_dim=" + std::to_string(d.head_dim) + ")";
@@ -417,10 +488,11 @@ class OutputBuilder {
 // Other spellings of the expert-count and top-k keys that loaders read (transformers'
 // attribute_map aliases: mixtral and qwen3_moe map num_experts to num_local_experts, deepseek maps
 // it to n_routed_experts, ernie maps num_experts_per_tok to moe_k; llama.cpp's converter takes the
-// first of several it finds). A config that gives one of them besides the family's own key with
+// first of several it finds; gpt-oss's released config.json also carries experts_per_token, the
+// name in OpenAI's own checkpoint format). A config that gives one of them besides the family's own key with
 // another value means different models to different loaders: refused.
 const char* const kExpertCountKeys[] = {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"};
-const char* const kTopKKeys[] = {"num_experts_per_tok", "moe_k", "moe_topk"};
+const char* const kTopKKeys[] = {"num_experts_per_tok", "moe_k", "moe_topk", "experts_per_token"};
 
 template <size_t N>
 void check_aliases(const Config& c, const std::string& key, int64_t value, const char* const (&aliases)[N],
@@ -458,7 +530,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   // under other names: say so, not that a weight is missing.
   if (c.json().contains("quantization_config") && c.json().at("quantization_config").is_object()) {
     const nlohmann::json& qm = c.json().at("quantization_config").value("quant_method", nlohmann::json());
-    if (qm.is_string() && qm != "fp8" && qm != "moe_tool")
+    if (qm.is_string() && qm != "fp8" && qm != "moe_tool" && !(qm == "mxfp4" && f.fused_in_out_interleaved))
       throw Error::unsupported(c.source() + ": quantization_config.quant_method " + qm.dump() +
                                ": weights quantized by another tool are not read (moe-tool reads unquantized, "
                                "block-scaled fp8 and its own moe_tool encodings); give the unquantized checkpoint");
@@ -540,6 +612,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
           {"q_proj", {qd, H}}, {"k_proj", {kvd, H}}, {"v_proj", {kvd, H}}, {"o_proj", {H, qd}},
           {"q_bias", {qd}}, {"k_bias", {kvd}}, {"v_bias", {kvd}}, {"o_bias", {H}},
           {"input_norm", {H}}, {"post_attn_norm", {H}}, {"input_norm_bias", {H}}, {"post_attn_norm_bias", {H}},
+          {"sinks", {d.heads}},
           {"q_norm", {f.qk_norm == QKNorm::Full ? qd : d.head_dim}},
           {"k_norm", {f.qk_norm == QKNorm::Full ? kvd : d.head_dim}},
       };
@@ -583,10 +656,66 @@ Model Model::load(const io::Checkpoint& ckpt) {
       pick.expect(prefix + f.router, b.router, {n_experts, H},
                   "config (" + f.expert_count_key + "=" + std::to_string(n_experts) + ", hidden_size)");
       if (!f.router_bias.empty()) {
-        b.router_bias = pick.need(prefix + f.router_bias, "deepseek_v3 router bias");
+        b.router_bias = pick.need(prefix + f.router_bias, "router bias");
         pick.expect(prefix + f.router_bias, *b.router_bias, {n_experts}, f.expert_count_key);
       }
-      if (f.fused()) {
+      if (f.fused_in_out_interleaved) {
+        const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
+        const std::string gub = prefix + f.fused_gate_up_bias, dnb = prefix + f.fused_down_bias;
+        const std::string why = "config (" + f.expert_count_key + ", " + f.expert_width_key + ", hidden_size)";
+        Tensor fgub = pick.need(gub, "fused expert biases"), fdnb = pick.need(dnb, "fused expert biases");
+        // MXFP4 experts (gate_up_proj_blocks / _scales, down_proj_blocks / _scales) when the dense
+        // tensors are absent: decoded here, once.
+        const bool mxfp4 = !ckpt.has(gu) && ckpt.has(gu + "_blocks");
+        Tensor fgu, fdn, gu_b, gu_s, dn_b, dn_s;
+        if (mxfp4) {
+          if (H % 32 != 0 || width % 32 != 0)
+            throw Error::corruption(c.source() + ": MXFP4 experts need hidden_size and " + f.expert_width_key +
+                                    " multiples of 32 (" + std::to_string(H) + ", " + std::to_string(width) + ")");
+          gu_b = pick.need(gu + "_blocks", "MXFP4 fused experts");
+          gu_s = pick.need(gu + "_scales", "MXFP4 fused experts");
+          dn_b = pick.need(dn + "_blocks", "MXFP4 fused experts");
+          dn_s = pick.need(dn + "_scales", "MXFP4 fused experts");
+          for (const auto& [name, t] : {std::pair{gu + "_blocks", &gu_b}, {gu + "_scales", &gu_s}, {dn + "_blocks", &dn_b},
+                                       {dn + "_scales", &dn_s}})
+            if (t->dtype() != DType::U8)
+              throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": dtype " +
+                                      core::dtype_name(t->dtype()) + " (MXFP4 blocks and scales are U8)");
+          pick.expect(gu + "_blocks", gu_b, {n_experts, 2 * width, H / 32, 16}, why);
+          pick.expect(gu + "_scales", gu_s, {n_experts, 2 * width, H / 32}, why);
+          pick.expect(dn + "_blocks", dn_b, {n_experts, H, width / 32, 16}, why);
+          pick.expect(dn + "_scales", dn_s, {n_experts, H, width / 32}, why);
+        } else {
+          fgu = pick.need(gu, "fused experts");
+          fdn = pick.need(dn, "fused experts");
+          pick.expect(gu, fgu, {n_experts, H, 2 * width}, why);
+          pick.expect(dn, fdn, {n_experts, width, H}, why);
+        }
+        pick.expect(gub, fgub, {n_experts, 2 * width}, why);
+        pick.expect(dnb, fdnb, {n_experts, H}, why);
+        for (const auto& [name, t] : {std::pair{&gu, &fgu}, {&dn, &fdn}, {&gub, &fgub}, {&dnb, &fdnb}})
+          if (t->valid() && t->encoding())
+            throw Error::unsupported(ckpt.shard_path(*name).string() + ": tensor " + *name +
+                                     ": an encoded fused expert tensor is not read (give the experts dense)");
+        // Copied out into per-expert [out, in] tensors (the layout every pass works on).
+        const InterleavedLayout lay{H, width};
+        GluActivation act{GluActivation::ClampedSwiGlu, static_cast<float>(c.get_double_or("swiglu_alpha", 1.702)),
+                          static_cast<float>(c.get_double_or("swiglu_limit", 7.0))};
+        for (int64_t e = 0; e < n_experts; ++e) {
+          Mlp x = mxfp4 ? Mlp{mxfp4_rows(gu_b, gu_s, e, 0, 2, width, gu), mxfp4_rows(gu_b, gu_s, e, 1, 2, width, gu),
+                               mxfp4_rows(dn_b, dn_s, e, 0, 1, H, dn)}
+                        : Mlp{gather(fgu, {width, H}, lay.gate(e)), gather(fgu, {width, H}, lay.up(e)),
+                              gather(fdn, {H, width}, lay.down(e))};
+          x.gate_bias = gather(fgub, {width}, lay.gate_bias(e));
+          x.up_bias = gather(fgub, {width}, lay.up_bias(e));
+          x.down_bias = gather(fdnb, {H}, lay.down_bias(e));
+          x.act = act;
+          b.experts.push_back(std::move(x));
+        }
+        // The mapped pages copied from are handed back (the copies are what the model holds).
+        for (const Tensor* t : {&fgu, &fdn, &gu_b, &gu_s, &dn_b, &dn_s})
+          if (t->data()) m.release_(t->data(), t->nbytes());
+      } else if (f.fused()) {
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
         Tensor fgu = pick.need(gu, "fused experts"), fdn = pick.need(dn, "fused experts");
         pick.expect(gu, fgu, {n_experts, 2 * width, H}, "config (" + f.expert_count_key + ", " + f.expert_width_key + ", hidden_size)");
@@ -726,6 +855,65 @@ void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_exp
 
 namespace {
 
+void add_mlp(OutputBuilder& ob, const Mlp& x, const std::string& g, const std::string& u, const std::string& dn) {
+  if (x.novice) return ob.add_novice(dn, *x.novice);
+  ob.add(g, x.gate);
+  ob.add(u, x.up);
+  ob.add(dn, x.down);
+}
+
+// The shared expert and gate of an MoE layer, the MLP of a dense one.
+void add_tail(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix, const Layer& layer) {
+  if (layer.moe) {
+    const MoeBlock& b = *layer.moe;
+    ob.cls = "shared_experts";
+    if (b.shared) add_mlp(ob, *b.shared, prefix + f.shared_gate, prefix + f.shared_up, prefix + f.shared_down);
+    if (b.shared_gate) ob.add(prefix + f.shared_expert_gate, *b.shared_gate);
+  }
+  ob.cls = "dense_mlp";
+  if (layer.mlp) add_mlp(ob, *layer.mlp, prefix + f.dense_gate, prefix + f.dense_up, prefix + f.dense_down);
+}
+
+// gpt_oss: the experts back into gate_up_proj [E,H,2I] (gate/up interleaved), gate_up_proj_bias
+// [E,2I], down_proj [E,I,H], down_proj_bias [E,H] (InterleavedLayout), weights in `dst`, biases
+// in their stored dtype (converted to `dst` when it is given as the output dtype).
+void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix,
+                             const std::vector<Mlp>& experts, DType dst, int64_t H) {
+  const int64_t E = static_cast<int64_t>(experts.size()), I = experts.at(0).width();
+  for (const auto& x : experts)
+    if (!x.gate_bias || !x.up_bias || !x.down_bias)
+      throw Error::internal(f.model_type + ": an expert without its biases");
+  const OutputOptions& opts = ob.options();
+  const DType bsrc = experts[0].gate_bias->dtype();
+  const DType bdst = opts.dtype && is_float(bsrc) ? *opts.dtype : bsrc;
+  const InterleavedLayout lay{H, I};
+  using Part = std::function<void(const Mlp&, int64_t, Tensor&)>;
+  auto out = [&](const std::string& name, DType d, const Shape& shape, Part put) {
+    const std::string full = prefix + name;
+    OutTensor o{full, d, shape, nullptr, {full}, "", "experts", core::shape_numel(shape)};
+    o.make = [experts, d, shape, put, E] {
+      Tensor t = Tensor::zeros(d, shape);
+      for (int64_t e = 0; e < E; ++e) put(experts[static_cast<size_t>(e)], e, t);
+      return t;
+    };
+    ob.out.push_back(std::move(o));
+  };
+  out(f.fused_gate_up, dst, {E, H, 2 * I}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.gate.converted(dst), t, lay.gate(e));
+    scatter(x.up.converted(dst), t, lay.up(e));
+  });
+  out(f.fused_gate_up_bias, bdst, {E, 2 * I}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.gate_bias->converted(bdst), t, lay.gate_bias(e));
+    scatter(x.up_bias->converted(bdst), t, lay.up_bias(e));
+  });
+  out(f.fused_down, dst, {E, I, H}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.down.converted(dst), t, lay.down(e));
+  });
+  out(f.fused_down_bias, bdst, {E, H}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.down_bias->converted(bdst), t, lay.down_bias(e));
+  });
+}
+
 void add_layer(OutputBuilder& ob, const Model& m, int l) {
   const FamilyDesc& f = m.family();
   const Layer& layer = m.layers().at(static_cast<size_t>(l));
@@ -735,18 +923,13 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     ob.cls = r.role.find("norm") != std::string::npos ? "norms" : "attention";
     if (it != layer.tensors.end()) ob.add(prefix + r.name, it->second);
   }
-  auto add_mlp = [&](const Mlp& x, const std::string& g, const std::string& u, const std::string& dn) {
-    if (x.novice) return ob.add_novice(dn, *x.novice);
-    ob.add(g, x.gate);
-    ob.add(u, x.up);
-    ob.add(dn, x.down);
-  };
   if (layer.moe) {
     const MoeBlock& b = *layer.moe;
     ob.cls = "router";
     ob.add(prefix + f.router, b.router);
     // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
-    if (b.router_bias) ob.add(prefix + f.router_bias, *b.router_bias, false);
+    // gpt_oss's router bias (a logit bias, stored like the weights) follows the output dtype.
+    if (b.router_bias) ob.add(prefix + f.router_bias, *b.router_bias, f.router_bias_in_logits);
     if (f.fused()) {
       if (b.num_novices() > 0)
         throw Error::unsupported("layer " + std::to_string(l) + ": novice experts (MoNE) cannot be stored in the fused " +
@@ -765,6 +948,10 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
       const DType src = b.experts[0].gate.dtype();
       const DType dst = encoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype()) : (opts.dtype && is_float(src)) ? *opts.dtype : src;
       auto experts = b.experts;
+      if (f.fused_in_out_interleaved) {
+        add_interleaved_experts(ob, f, prefix, experts, dst, H);
+        return add_tail(ob, f, prefix, layer);
+      }
       OutTensor gu{prefix + f.fused_gate_up, dst, {E, 2 * I, H}, nullptr, {prefix + f.fused_gate_up}, "", "experts", E * 2 * I * H};
       gu.make = [experts, dst, E, I, H] {
         Tensor t = Tensor::zeros(dst, {E, 2 * I, H});
@@ -791,15 +978,11 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     } else {
       ob.cls = "experts";
       for (int e = 0; e < static_cast<int>(b.experts.size()); ++e)
-        add_mlp(b.experts[e], prefix + expand(f.expert_gate, l, e), prefix + expand(f.expert_up, l, e),
+        add_mlp(ob, b.experts[e], prefix + expand(f.expert_gate, l, e), prefix + expand(f.expert_up, l, e),
                 prefix + expand(f.expert_down, l, e));
     }
-    ob.cls = "shared_experts";
-    if (b.shared) add_mlp(*b.shared, prefix + f.shared_gate, prefix + f.shared_up, prefix + f.shared_down);
-    if (b.shared_gate) ob.add(prefix + f.shared_expert_gate, *b.shared_gate);
   }
-  ob.cls = "dense_mlp";
-  if (layer.mlp) add_mlp(*layer.mlp, prefix + f.dense_gate, prefix + f.dense_up, prefix + f.dense_down);
+  add_tail(ob, f, prefix, layer);
 }
 
 }  // namespace
@@ -937,8 +1120,8 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
     if (qm != "fp8")
       j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
                                   {"weight_block_size", nlohmann::json::parse(*fp8_blocks.begin())}};
-  } else if (qm == "fp8" || qm == "moe_tool") {
-    j.erase("quantization_config");  // every weight written dense
+  } else if (qm == "fp8" || qm == "moe_tool" || qm == "mxfp4") {
+    j.erase("quantization_config");  // every weight written dense (gpt_oss MXFP4 experts: decoded at load)
   }
   // transformers >= 4.56 writes "dtype" (and prefers it), older versions "torch_dtype": update
   // whichever the input has, both when it has both, "torch_dtype" (read by every version) when none.

@@ -25,8 +25,20 @@ using core::Tensor;
 extern const char* const kNoviceEncoding;  // "novice"
 inline constexpr const char* kNoviceSuffix = ".novice";
 
-struct Mlp {  // an expert or a dense MLP: down(silu(gate x) * up x)
+// The gated activation of an MLP. Silu: silu(g) * u (every family but gpt_oss). ClampedSwiGlu
+// (gpt_oss, transformers' GptOssExperts): g = min(g, limit), u = clamp(u, -limit, limit),
+// h = (u + 1) * g * sigmoid(alpha * g).
+struct GluActivation {
+  enum Kind { Silu, ClampedSwiGlu } kind = Silu;
+  float alpha = 1.702f, limit = 7.0f;
+  bool operator==(const GluActivation&) const = default;
+};
+
+struct Mlp {  // an expert or a dense MLP: down(act(gate x + gate_bias, up x + up_bias)) + down_bias
   Tensor gate, up, down;  // [I,H], [I,H], [H,I]; empty for a novice
+  // Expert biases (gpt_oss): [I], [I], [H]; absent in every other family.
+  std::optional<Tensor> gate_bias{}, up_bias{}, down_bias{};
+  GluActivation act{};
   // A novice (MoNE, docs/methods.md): a pruned expert replaced by the constant n_e [H] (F32), the
   // mean of its outputs over the calibration tokens routed to it. Its output is n_e on every token
   // (still scaled by the gate); gate/up/down are empty. Written only in the native format
@@ -34,7 +46,14 @@ struct Mlp {  // an expert or a dense MLP: down(silu(gate x) * up x)
   std::optional<Tensor> novice{};
   bool is_novice() const { return novice.has_value(); }
   int64_t width() const { return novice ? 0 : gate.dim(0); }
-  int64_t params() const { return novice ? novice->numel() : gate.numel() + up.numel() + down.numel(); }
+  bool has_bias() const { return gate_bias || up_bias || down_bias; }
+  int64_t params() const {
+    if (novice) return novice->numel();
+    int64_t n = gate.numel() + up.numel() + down.numel();
+    for (const auto* b : {&gate_bias, &up_bias, &down_bias})
+      if (*b) n += (*b)->numel();
+    return n;
+  }
 };
 
 struct MoeBlock {
@@ -74,6 +93,8 @@ struct Layer {
       f(m.gate);
       f(m.up);
       f(m.down);
+      for (const auto* b : {&m.gate_bias, &m.up_bias, &m.down_bias})
+        if (*b) f(**b);
     };
     if (moe) {
       f(moe->router);

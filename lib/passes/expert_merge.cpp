@@ -28,10 +28,16 @@ MlpWeights permute_neurons(const MlpWeights& e, const std::vector<int>& perm) {
   const int64_t I = e.width();
   if (static_cast<int64_t>(perm.size()) != I) throw Error::internal("permute_neurons: permutation size != width");
   MlpWeights out{MatrixRM(I, e.gate.cols()), MatrixRM(I, e.up.cols()), MatrixRM(e.down.rows(), I)};
+  out.act = e.act;
+  out.down_bias = e.down_bias;  // per output, not per neuron
+  if (e.gate_bias) out.gate_bias = RowVector(I);
+  if (e.up_bias) out.up_bias = RowVector(I);
   for (int64_t i = 0; i < I; ++i) {
     out.gate.row(i) = e.gate.row(perm[i]);
     out.up.row(i) = e.up.row(perm[i]);
     out.down.col(i) = e.down.col(perm[i]);
+    if (e.gate_bias) (*out.gate_bias)(i) = (*e.gate_bias)(perm[i]);
+    if (e.up_bias) (*out.up_bias)(i) = (*e.up_bias)(perm[i]);
   }
   return out;
 }
@@ -53,7 +59,26 @@ MlpWeights weighted_average(const std::vector<const MlpWeights*>& ms, const std:
     u.push_back(&m->up);
     d.push_back(&m->down);
   }
-  return {weighted_sum(g, w), weighted_sum(u, w), weighted_sum(d, w)};
+  MlpWeights out{weighted_sum(g, w), weighted_sum(u, w), weighted_sum(d, w)};
+  average_biases(out, ms, w);
+  return out;
+}
+
+void average_biases(MlpWeights& out, const std::vector<const MlpWeights*>& ms, const std::vector<double>& w) {
+  out.act = ms.at(0)->act;
+  using Bias = std::optional<RowVector> MlpWeights::*;
+  for (Bias b : {&MlpWeights::gate_bias, &MlpWeights::up_bias, &MlpWeights::down_bias}) {
+    if (!(ms[0]->*b)) {
+      (out.*b).reset();
+      continue;
+    }
+    RowVector acc = RowVector::Zero((ms[0]->*b)->size());
+    for (size_t i = 0; i < ms.size(); ++i) {
+      if (!(ms[i]->*b) || (ms[i]->*b)->size() != acc.size()) throw Error::invalid("merge: experts of a group differ in biases");
+      acc += static_cast<float>(w[i]) * *(ms[i]->*b);
+    }
+    out.*b = acc;
+  }
 }
 
 namespace {
@@ -111,6 +136,9 @@ DernResult dern_recombine(const std::vector<MlpWeights>& experts, const std::vec
                           const std::vector<int>& dropped, const std::vector<double>& weights, double threshold) {
   if (kept.empty()) throw Error::internal("DERN: no retained expert");
   const MlpWeights& first = experts.at(kept[0]);
+  if (first.gate_bias || first.up_bias || first.down_bias)
+    throw Error::unsupported("DERN: experts with biases (gpt_oss) are not recombined (a moved neuron's bias has no "
+                             "defined share of the down bias); use merge --method msmoe, hcsmoe or submoe");
   const int64_t I = first.width(), H = first.gate.cols();
   auto check = [&](int e) {
     const MlpWeights& x = experts.at(e);

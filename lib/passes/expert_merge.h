@@ -14,6 +14,7 @@ namespace moe::passes {
 
 using runtime::MatrixRM;
 using runtime::MlpWeights;
+using runtime::RowVector;
 
 // M-SMoE neuron alignment of expert `e` to the reference expert `ref` (same width I):
 // C = W1_ref W1_eᵀ + W3_ref W3_eᵀ + W2_refᵀ W2_e (I×I, W1 = gate, W3 = up, W2 = down), and the
@@ -26,6 +27,9 @@ MlpWeights permute_neurons(const MlpWeights& e, const std::vector<int>& perm);
 // Σ w_i M_i (weights already normalised to sum 1), all members of equal shape.
 MatrixRM weighted_sum(const std::vector<const MatrixRM*>& ms, const std::vector<double>& w);
 MlpWeights weighted_average(const std::vector<const MlpWeights*>& ms, const std::vector<double>& w);
+// out's activation becomes the members' and its biases (gpt_oss experts) Σ w_i b_i of the members'
+// (members of a group have the same biases present; Error::invalid otherwise).
+void average_biases(MlpWeights& out, const std::vector<const MlpWeights*>& ms, const std::vector<double>& w);
 
 // Sub-MoE joint SVD merge of one matrix type over a group. Members W_e [m, c] are concatenated
 // along the input axis, A = [W_1 S_1 | W_2 S_2 | ...] (S_e = I, or with whitening the lower

@@ -313,9 +313,19 @@ class MergePass final : public pipeline::Pass {
 
  private:
   // A computed expert stored like `like` (passes/experts.h to_tensor_like).
+  // Its biases (gpt_oss) in the dtype of `like`'s and its activation `like`'s.
   static model::Mlp mlp_like(const runtime::MlpWeights& w, const model::Mlp& like, core::DType dense) {
-    return {to_tensor_like(w.gate, like.gate, dense), to_tensor_like(w.up, like.up, dense),
-            to_tensor_like(w.down, like.down, dense)};
+    model::Mlp m{to_tensor_like(w.gate, like.gate, dense), to_tensor_like(w.up, like.up, dense),
+                 to_tensor_like(w.down, like.down, dense)};
+    m.act = like.act;
+    auto bias = [](const std::optional<runtime::RowVector>& b, const std::optional<core::Tensor>& l) -> std::optional<core::Tensor> {
+      if (!b || !l) return std::nullopt;
+      return to_tensor(std::vector<float>(b->data(), b->data() + b->size()), l->dtype());
+    };
+    m.gate_bias = bias(w.gate_bias, like.gate_bias);
+    m.up_bias = bias(w.up_bias, like.up_bias);
+    m.down_bias = bias(w.down_bias, like.down_bias);
+    return m;
   }
 
   // DERN (passes/merge.h): keep the top-n experts by importance, recombine the dropped experts'
@@ -406,9 +416,11 @@ class MergePass final : public pipeline::Pass {
           }
         }
         return core::with_context("layer " + std::to_string(layer), [&] {
-          return runtime::MlpWeights{joint_svd_merge(gate, wts, rank_ratio_, whiten_ ? &gin : nullptr, damp_),
-                                     joint_svd_merge(up, wts, rank_ratio_, whiten_ ? &gin : nullptr, damp_),
-                                     joint_svd_merge(down, wts, rank_ratio_, whiten_ ? &gmid : nullptr, damp_)};
+          runtime::MlpWeights out{joint_svd_merge(gate, wts, rank_ratio_, whiten_ ? &gin : nullptr, damp_),
+                                  joint_svd_merge(up, wts, rank_ratio_, whiten_ ? &gin : nullptr, damp_),
+                                  joint_svd_merge(down, wts, rank_ratio_, whiten_ ? &gmid : nullptr, damp_)};
+          average_biases(out, ms, wts);
+          return out;
         });
       }
     }

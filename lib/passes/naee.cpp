@@ -50,7 +50,7 @@ EnumerateResult naee_enumerate(const runtime::MoeWeights& w, const runtime::Rout
   }
 
   std::vector<double> sq(sets.size(), 0.0);
-  const runtime::RowVector* bias = w.router_bias ? &*w.router_bias : nullptr;
+  const runtime::RowVector* bias = runtime::choice_bias(w, rule);
   // Chunks of tokens: E expert outputs of a chunk stay under ~64 MB of floats.
   const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 24) / std::max<int64_t>(1, E * H), 16, std::max<int64_t>(N, 16));
   std::vector<MatrixRM> Y(E);

@@ -15,8 +15,8 @@ std::vector<NoviceValue> novice_values(const runtime::MoeWeights& w, const runti
   if (H != w.router.cols())
     throw Error::invalid("novices: block inputs have width " + std::to_string(H) + " but the router takes " +
                          std::to_string(w.router.cols()));
-  const runtime::MatrixRM logits = runtime::linear(x, w.router);
-  const runtime::RoutingResult r = runtime::route(rule, logits, w.router_bias ? &*w.router_bias : nullptr, nullptr);
+  const runtime::MatrixRM logits = runtime::router_logits(w, rule, x);
+  const runtime::RoutingResult r = runtime::route(rule, logits, runtime::choice_bias(w, rule), nullptr);
   const auto tokens = runtime::tokens_per_expert(r, E);
   std::vector<NoviceValue> out;
   for (int e : experts) {

@@ -11,17 +11,18 @@ namespace moe::runtime {
 namespace {
 
 // Causal softmax of a block of score rows in place. Row r (query position q0 + r) sees keys
-// [lo(q), q]; everything else is set to 0. S is [rows, ldS].
-void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0, int64_t window) {
+// [lo(q), q]; everything else is set to 0. S is [rows, ldS]. `sink` (gpt_oss): one more logit in
+// every row's softmax whose probability is dropped (the row then sums to less than 1).
+void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0, int64_t window, const float* sink) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t q = q0 + r;
     float* s = S + r * ldS;
     const int64_t lo = window > 0 ? std::max<int64_t>(0, q - window + 1) : 0;
     const int64_t a = lo - k0, b = q - k0 + 1;  // valid [a, b) in block coordinates
     Eigen::Map<Eigen::ArrayXf> v(s + a, b - a);
-    const float m = v.maxCoeff();
+    const float m = sink ? std::max(v.maxCoeff(), *sink) : v.maxCoeff();
     v = (v - m).exp();
-    v *= 1.0f / v.sum();
+    v *= 1.0f / (v.sum() + (sink ? std::exp(*sink - m) : 0.0f));
     std::fill(s, s + a, 0.0f);
     std::fill(s + b, s + ldS, 0.0f);
   }
@@ -48,7 +49,7 @@ void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t
         // S = scale * Q_blk K^T  [rows, nk]
         gemm_nt(rows, nk, c.dqk, c.scale, q + (r0 + q0) * ldq + h * q_stride, ldq, k + (r0 + k0) * ldk + g * k_stride,
                 ldk, 0.0f, S.data(), nk);
-        masked_softmax(S.data(), rows, nk, q0, k0, c.window);
+        masked_softmax(S.data(), rows, nk, q0, k0, c.window, c.sinks ? c.sinks + h : nullptr);
         // O_blk = P V  [rows, dv]
         gemm_nn(rows, c.dv, nk, 1.0f, S.data(), nk, v + (r0 + k0) * ldv + g * v_stride, ldv, 0.0f,
                 o + (r0 + q0) * ldo + h * c.dv, ldo);
@@ -90,7 +91,9 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
 
   AttnOutput out;
   out.o_input.resize(N, nH * d);
-  causal_attention({N, T, nH, nKV, d, d, static_cast<float>(1.0 / std::sqrt(double(d))), spec.sliding_window},
+  if (spec.sinks && (!w.sinks || w.sinks->size() != nH)) throw core::Error::corruption("attention: sinks missing");
+  causal_attention({N, T, nH, nKV, d, d, static_cast<float>(1.0 / std::sqrt(double(d))), spec.sliding_window,
+                    spec.sinks ? w.sinks->data() : nullptr},
                    q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
                    out.o_input.cols());
   out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);

@@ -1,7 +1,7 @@
 // Self-attention of one layer over a batch of windows: q/k/v projections (+ qwen2 / glm4_moe
 // biases), q/k norms (qwen3 and glm4_moe per head, olmoe over the whole projection + clip_qkv),
 // RoPE (whole head, or its first rotary_dim elements), GQA, causal
-// (optionally sliding-window) softmax attention per window, o_proj.
+// (optionally sliding-window) softmax attention per window (gpt_oss: with per-head sinks), o_proj.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +23,7 @@ struct AttnSpec {
   model::QKNorm qk_norm = model::QKNorm::None;
   std::optional<float> clip_qkv;  // olmoe
   int64_t sliding_window = 0;     // 0: none; else key j visible from query i iff i - j < window
+  bool sinks = false;             // gpt_oss: AttnWeights::sinks [heads], one extra softmax logit per head
 };
 
 struct AttnOutput {
@@ -37,6 +38,9 @@ struct CausalShape {
   int64_t dqk = 0, dv = 0;          // query/key width and value width per head
   float scale = 1.0f;               // softmax scale on q·k
   int64_t window = 0;               // sliding window (0: none)
+  // [heads] or null: per head an extra logit in each query's softmax (not scaled), its probability
+  // dropped (gpt_oss's attention sinks, eager_attention_forward in modeling_gpt_oss.py).
+  const float* sinks = nullptr;
 };
 // Causal softmax attention: head h reads its query at q + h*q_stride and key/value group
 // g = h / (heads/kv_heads) at k + g*k_stride, v + g*v_stride (row strides ldq, ldk, ldv), and

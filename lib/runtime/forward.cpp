@@ -15,12 +15,20 @@ using core::Error;
 
 namespace {
 
+// The families whose forward applies yarn RoPE.
+std::string yarn_families() {
+  std::string s;
+  for (const auto& f : model::all_families())
+    if (f.forward && (f.attention == model::AttentionKind::MLA || f.yarn_rope)) s += (s.empty() ? "" : ", ") + f.model_type;
+  return s;
+}
+
 // One RoPE description: the v4 `rope_scaling` object, or the v5 `rope_parameters` object (the
 // same fields plus rope_theta). Both spellings are read with the same rules.
-// yarn is applied for the Multi-head Latent Attention families only (`mla`).
-RopeScaling parse_rope_object(const model::Config& c, const std::string& key, bool mla) {
+// yarn is applied for the families that use it (`yarn`: the Multi-head Latent Attention families
+// and gpt_oss). `j` is the object (the config's, or the family's default when the config has none).
+RopeScaling parse_rope_object(const model::Config& c, const std::string& key, const nlohmann::json& j, bool yarn) {
   RopeScaling s;
-  const auto& j = c.json().at(key);
   if (!j.is_object()) throw Error::corruption(c.source() + ": " + key + ": expected an object or null, found " + j.dump());
   for (const char* per_layer : {"full_attention", "sliding_attention"})
     if (j.contains(per_layer))
@@ -44,9 +52,9 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, bo
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
     return s;
   }
-  if (type == "yarn" && !mla)
+  if (type == "yarn" && !yarn)
     throw Error::unsupported(c.source() + ": " + key + ".rope_type 'yarn' not implemented by the forward for " +
-                             c.get_string_or("model_type", "?") + " (yarn: deepseek_v2, deepseek_v3, kimi_k2)");
+                             c.get_string_or("model_type", "?") + " (yarn: " + yarn_families() + ")");
   if (type == "yarn") {
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
     // `or 32` / `or 1` in transformers: a null or 0 takes the default.
@@ -69,8 +77,8 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, bo
     return s;
   }
   throw Error::unsupported(c.source() + ": " + key + ".rope_type '" + type +
-                           "' not implemented by the forward (implemented: default, linear, dynamic, llama3; yarn for deepseek_v2, "
-                           "deepseek_v3 and kimi_k2)");
+                           "' not implemented by the forward (implemented: default, linear, dynamic, llama3; yarn for " +
+                           yarn_families() + ")");
 }
 
 // rope_theta: rope_parameters.rope_theta (transformers v5), else the top-level rope_theta (v4),
@@ -98,10 +106,14 @@ double read_rope_theta(const model::Config& c, const model::FamilyDesc& f) {
 
 // RoPE scaling from rope_scaling (v4) or rope_parameters (v5); both given with different
 // scalings is refused.
-RopeScaling read_rope_scaling(const model::Config& c, bool mla) {
+// Neither given: the family's default (gpt_oss: yarn, as configuration_gpt_oss.py fills it in).
+RopeScaling read_rope_scaling(const model::Config& c, const model::FamilyDesc& f) {
+  const bool yarn = f.attention == model::AttentionKind::MLA || f.yarn_rope;
   std::optional<RopeScaling> v4, v5;
-  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling", mla);
-  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters", mla);
+  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling", c.json().at("rope_scaling"), yarn);
+  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters", c.json().at("rope_parameters"), yarn);
+  if (!v4 && !v5 && f.default_rope_parameters.is_object())
+    return parse_rope_object(c, "rope_parameters (" + f.model_type + " default)", f.default_rope_parameters, yarn);
   if (v4 && v5 && (v4->type != v5->type || v4->factor != v5->factor))
     throw Error::corruption(c.source() + ": rope_parameters (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
                             v4->type + "')");
@@ -182,6 +194,30 @@ MlaSpec read_mla(const model::Model& m, ForwardSpec& s) {
   return a;
 }
 
+// gpt_oss: each layer's sliding window from layer_types (configuration_gpt_oss.py: absent or null,
+// sliding_attention for even layers and full_attention for odd ones) and sliding_window (absent:
+// the family's default; null: none). 0 for a full-attention layer.
+std::vector<int64_t> read_layer_windows(const model::Config& c, const model::FamilyDesc& f, int64_t layers) {
+  const int64_t window = c.json().contains("sliding_window") ? c.get_int_or("sliding_window", 0) : f.default_sliding_window;
+  std::vector<int64_t> out(static_cast<size_t>(layers));
+  const nlohmann::json* types = c.has("layer_types") ? &c.json().at("layer_types") : nullptr;
+  if (types && (!types->is_array() || static_cast<int64_t>(types->size()) != layers))
+    throw Error::corruption(c.source() + ": layer_types: expected a list of " + std::to_string(layers) +
+                            " entries (num_hidden_layers), found " + types->dump().substr(0, 80));
+  for (int64_t l = 0; l < layers; ++l) {
+    std::string t = (l + 1) % 2 ? "sliding_attention" : "full_attention";
+    if (types) {
+      const auto& v = (*types)[static_cast<size_t>(l)];
+      if (!v.is_string() || (v != "sliding_attention" && v != "full_attention"))
+        throw Error::corruption(c.source() + ": layer_types[" + std::to_string(l) +
+                                "]: expected \"sliding_attention\" or \"full_attention\", found " + v.dump());
+      t = v.get<std::string>();
+    }
+    out[static_cast<size_t>(l)] = t == "sliding_attention" ? window : 0;
+  }
+  return out;
+}
+
 }  // namespace
 
 ForwardSpec ForwardSpec::from_model(const model::Model& m) {
@@ -208,7 +244,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (prf != 1.0 && !f.partial_rotary)
     throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward for " + f.model_type +
                              " (implemented: " + model::family_list(&model::FamilyDesc::partial_rotary) + ")");
-  s.rope_scaling = read_rope_scaling(c, f.attention == model::AttentionKind::MLA);
+  s.rope_scaling = read_rope_scaling(c, f);
   s.attn.heads = d.heads;
   s.attn.kv_heads = d.kv_heads;
   s.attn.head_dim = d.head_dim;
@@ -221,6 +257,9 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (f.model_type == "mistral" || f.model_type == "mixtral") {
     // Absent: the family's default (mistral 4096); null: no window.
     s.attn.sliding_window = c.json().contains("sliding_window") ? c.get_int_or("sliding_window", 0) : f.default_sliding_window;
+  } else if (f.per_layer_types) {
+    s.layer_window = read_layer_windows(c, f, s.layers);
+    s.attn.sinks = f.attention_sinks;
   } else if (c.get_bool_or("use_sliding_window", false) && c.has("sliding_window")) {
     throw Error::unsupported(c.source() + ": use_sliding_window with " + f.model_type +
                              " (per-layer sliding windows) not implemented by the forward");
@@ -285,7 +324,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
     MatrixRM xn = rms_norm(X, w.input_norm, spec_.eps);
     AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
                                                   [&] { return mla_attention(*spec_.mla, w.attn, rope(T), xn, T); })
-                             : attention(spec_.attn, w.attn, rope(T), xn, T);
+                             : attention(spec_.layer_attn(l), w.attn, rope(T), xn, T);
     if (want_attn) {
       const AttnTrace t{xn, a.o_input, a.out, w.attn};
       for (Observer* o : observers)

@@ -5,7 +5,8 @@
 //
 // Families with a forward: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 and
 // kimi_k2 (Multi-head Latent Attention, runtime/mla.h), glm4_moe (partial rotary, DeepSeek-V3
-// routing), llama, mistral, qwen2, qwen3.
+// routing), gpt_oss (attention sinks, per-layer sliding windows, yarn, biased experts with the
+// clamped SwiGLU), llama, mistral, qwen2, qwen3.
 // Others (phimoe, granitemoe) throw Error::unsupported when a Forward is built.
 //
 // Step-by-step use (what calibration and compression pipelines do):
@@ -40,6 +41,14 @@ struct ForwardSpec {
   AttnSpec attn;              // standard attention (MLA: attn.head_dim is qk_rope_head_dim, the RoPE width)
   std::optional<MlaSpec> mla; // set for Multi-head Latent Attention families
   RoutingRule routing;
+  // Per-layer sliding windows (gpt_oss layer_types; 0: full attention); empty: attn.sliding_window
+  // for every layer.
+  std::vector<int64_t> layer_window;
+  AttnSpec layer_attn(int l) const {
+    AttnSpec a = attn;
+    if (!layer_window.empty()) a.sliding_window = layer_window.at(static_cast<size_t>(l));
+    return a;
+  }
   // Reads every hyper-parameter from the model's config; throws Error::unsupported for families
   // or settings the forward does not implement (hidden_act other than silu, yarn RoPE, ...).
   static ForwardSpec from_model(const model::Model& m);

@@ -12,11 +12,29 @@ MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out) {
     if (h_out) h_out->resize(x.rows(), 0);
     return w.novice->replicate(x.rows(), 1);
   }
-  MatrixRM g = project(x, w.gate, w.gate_lr);
-  silu_mul_inplace(g, project(x, w.up, w.up_lr));
+  MatrixRM g = mlp_hidden(w, x);
   MatrixRM y = project(g, w.down, w.down_lr);
+  if (w.down_bias) y.rowwise() += *w.down_bias;
   if (h_out) *h_out = std::move(g);
   return y;
+}
+
+MatrixRM mlp_hidden(const MlpWeights& w, const MatrixRM& x) {
+  if (w.novice) throw core::Error::internal("mlp_hidden: a novice expert has no intermediate activations");
+  MatrixRM g = project(x, w.gate, w.gate_lr);
+  MatrixRM u = project(x, w.up, w.up_lr);
+  if (w.gate_bias) g.rowwise() += *w.gate_bias;
+  if (w.up_bias) u.rowwise() += *w.up_bias;
+  glu_inplace(g, u, w.act);
+  return g;
+}
+
+MatrixRM router_logits(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x) {
+  return linear(x, w.router, rule.logit_bias && w.router_bias ? &*w.router_bias : nullptr);
+}
+
+const RowVector* choice_bias(const MoeWeights& w, const RoutingRule& rule) {
+  return !rule.logit_bias && w.router_bias ? &*w.router_bias : nullptr;
 }
 
 std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int64_t E) {
@@ -35,8 +53,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
   MoeDetail local;
   MoeDetail& d = detail ? *detail : local;
-  d.logits = linear(x, w.router);
-  d.routing = route(rule, d.logits, w.router_bias ? &*w.router_bias : nullptr, active);
+  d.logits = router_logits(w, rule, x);
+  d.routing = route(rule, d.logits, choice_bias(w, rule), active);
   d.tokens = tokens_per_expert(d.routing, E);
   if (keep_intermediates) {
     d.h.assign(E, MatrixRM());

@@ -26,7 +26,17 @@ struct MoeDetail {
 MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail = nullptr,
                      bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
 
-// One expert / dense MLP on all rows of x: down(silu(gate x) * up x). h_out receives the
+// The router logits x·routerᵀ [N,E] (+ the router bias when the rule adds it to the logits:
+// gpt_oss), and the bias route() takes for the choice (deepseek_v3's correction bias; null
+// otherwise). Every caller that routes uses both, so the forward and the passes agree.
+MatrixRM router_logits(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x);
+const RowVector* choice_bias(const MoeWeights& w, const RoutingRule& rule);
+
+// The intermediate activations act(gate x + gate_bias, up x + up_bias) [N, I] of an expert or
+// dense MLP (MlpWeights::act; biases when present). Not for a novice.
+MatrixRM mlp_hidden(const MlpWeights& w, const MatrixRM& x);
+
+// One expert / dense MLP on all rows of x: down(mlp_hidden(x)) + down_bias. h_out receives the
 // intermediate activations when given. A novice expert (MlpWeights::novice) gives its constant
 // n_e on every row and an empty [N, 0] h_out.
 MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out = nullptr);

@@ -69,6 +69,13 @@ void silu_mul_inplace(MatrixRM& G, const MatrixRM& U) {
   g = g / (1.0f + (-g).exp()) * U.array();
 }
 
+void glu_inplace(MatrixRM& G, const MatrixRM& U, const model::GluActivation& act) {
+  if (act.kind == model::GluActivation::Silu) return silu_mul_inplace(G, U);
+  auto g = G.array();
+  g = g.min(act.limit);
+  g = g / (1.0f + (-act.alpha * g).exp()) * (U.array().max(-act.limit).min(act.limit) + 1.0f);
+}
+
 void set_blas_threads(int n) { openblas_set_num_threads(n); }
 int blas_threads() { return openblas_get_num_threads(); }
 

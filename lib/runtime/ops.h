@@ -28,6 +28,9 @@ void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps);
 
 // G <- silu(G) * U (elementwise), silu(g) = g / (1 + exp(-g)).
 void silu_mul_inplace(MatrixRM& G, const MatrixRM& U);
+// G <- act(G, U) for a model::GluActivation: silu_mul_inplace, or gpt_oss's clamped SwiGLU
+// g = min(g, limit), u = clamp(u, -limit, limit), G = (u + 1) * g * sigmoid(alpha * g).
+void glu_inplace(MatrixRM& G, const MatrixRM& U, const model::GluActivation& act);
 
 // OpenBLAS threads (the process default is OpenBLAS's own choice).
 void set_blas_threads(int n);

@@ -20,6 +20,7 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
   r.top_k = static_cast<int>(c.get_int(f.topk_key));
   r.num_experts = static_cast<int>(c.get_int(f.expert_count_key));
   r.renormalize = f.norm_topk_forced || c.get_bool_or("norm_topk_prob", f.norm_topk_default);
+  r.logit_bias = f.router_bias_in_logits;
   if (f.routing == Routing::DeepSeekV2 || f.routing == Routing::DeepSeekV3) {
     r.n_group = static_cast<int>(c.get_int_or("n_group", 1, false));
     r.topk_group = static_cast<int>(c.get_int_or("topk_group", 1, false));

@@ -27,6 +27,8 @@ struct RoutingRule {
   int n_group = 1, topk_group = 1;
   double routed_scaling_factor = 1.0;
   bool group_limited = false;     // v2 topk_method == "group_limited_greedy" (v3: always)
+  // gpt_oss: the router bias is part of the logits (moe_block.h router_logits), not a choice bias.
+  bool logit_bias = false;
 
   // The rule of this family with this config (norm_topk_prob, num_experts_per_tok, ...).
   static RoutingRule from_config(const model::FamilyDesc& f, const model::Config& c);

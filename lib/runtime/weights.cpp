@@ -61,12 +61,19 @@ void assign(MlpWeights& w, const model::Mlp& m, bool factored) {
     w.gate_lr.reset();
     w.up_lr.reset();
     w.down_lr.reset();
+    w.gate_bias.reset();
+    w.up_bias.reset();
+    w.down_bias.reset();
     return;
   }
   w.novice.reset();
+  w.act = m.act;
   core::with_context("gate", [&] { assign(w.gate, w.gate_lr, m.gate, factored); });
   core::with_context("up", [&] { assign(w.up, w.up_lr, m.up, factored); });
   core::with_context("down", [&] { assign(w.down, w.down_lr, m.down, factored); });
+  core::with_context("gate bias", [&] { assign(w.gate_bias, m.gate_bias ? &*m.gate_bias : nullptr); });
+  core::with_context("up bias", [&] { assign(w.up_bias, m.up_bias ? &*m.up_bias : nullptr); });
+  core::with_context("down bias", [&] { assign(w.down_bias, m.down_bias ? &*m.down_bias : nullptr); });
 }
 
 void assign_expert(MlpWeights& w, const model::Mlp& m, size_t e, bool factored) {
@@ -186,6 +193,7 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored) {
     assign(w.attn.o_bias, l.find("o_bias"));
     assign(w.attn.q_norm, l.find("q_norm"));
     assign(w.attn.k_norm, l.find("k_norm"));
+    assign(w.attn.sinks, l.find("sinks"));
     if (l.moe) {
       if (!w.moe) w.moe.emplace();
       assign(*w.moe, *l.moe, factored);

@@ -22,13 +22,16 @@ struct LowRankWeights {
   int64_t cols() const { return b.cols(); }
 };
 
-struct MlpWeights {  // down(silu(gate x) * up x)
+struct MlpWeights {  // down(act(gate x + gate_bias, up x + up_bias)) + down_bias (model::GluActivation)
   // Dense projections; a projection converted with `factored` from a low-rank weight has an empty
   // dense matrix here and its factors in the *_lr member instead (only the forward does that).
   MatrixRM gate;  // [I,H]
   MatrixRM up;    // [I,H]
   MatrixRM down;  // [H,I]
   std::optional<LowRankWeights> gate_lr{}, up_lr{}, down_lr{};
+  // Expert biases (gpt_oss): [I], [I], [H]; absent elsewhere.
+  std::optional<RowVector> gate_bias{}, up_bias{}, down_bias{};
+  model::GluActivation act{};
   // A novice expert (model::Mlp::novice, MoNE): its constant output n_e [H]; the projections are
   // empty and the expert's output on every row is n_e (width 0).
   std::optional<RowVector> novice{};
@@ -40,7 +43,9 @@ MatrixRM project(const MatrixRM& X, const MatrixRM& w, const std::optional<LowRa
 
 struct MoeWeights {
   MatrixRM router;                      // [E,H]
-  std::optional<RowVector> router_bias; // [E] deepseek_v3 e_score_correction_bias (expert choice only)
+  // [E] deepseek_v3 e_score_correction_bias (expert choice only) or gpt_oss router bias (added to
+  // the logits: RoutingRule::logit_bias).
+  std::optional<RowVector> router_bias;
   std::vector<MlpWeights> experts;      // E
   std::optional<MlpWeights> shared;     // qwen2_moe shared expert
   std::optional<RowVector> shared_gate; // [H] (the [1,H] sigmoid gate row)
@@ -52,6 +57,7 @@ struct AttnWeights {
   MatrixRM q, k, v, o;                     // [nH*d,H], [nKV*d,H], [nKV*d,H], [H,nH*d]
   std::optional<RowVector> q_bias, k_bias, v_bias, o_bias;
   std::optional<RowVector> q_norm, k_norm; // [d] (per head) or [nH*d]/[nKV*d] (full)
+  std::optional<RowVector> sinks;          // [nH] gpt_oss attention sinks (one extra logit per head)
   // Multi-head Latent Attention (deepseek_v2/v3; runtime/mla.h). dqk = qk_nope_head_dim +
   // qk_rope_head_dim, r = kv_lora_rank, rq = q_lora_rank. q is [nH*dqk,H] when direct; o is [H,nH*dv].
   MatrixRM q_a, q_b;                       // [rq,H], [nH*dqk,rq] (q_lora_rank set; else empty)

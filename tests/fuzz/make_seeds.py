@@ -62,7 +62,7 @@ def main():
     broken = {
         "bad-not-json": b'{"model_type": "mixtral",',
         "bad-array": b"[1, 2, 3]",
-        "bad-unknown-family": b'{"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"]}',
+        "bad-unknown-family": b'{"model_type": "made_up_moe", "architectures": ["MadeUpMoeForCausalLM"]}',
         "bad-empty-object": b"{}",
         "bad-types": b'{"model_type": "mixtral", "num_hidden_layers": "2", "hidden_size": 32.5}',
         "bad-huge": b'{"model_type": "mixtral", "num_hidden_layers": 1, "hidden_size": 4611686018427387904, '

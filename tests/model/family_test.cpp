@@ -23,7 +23,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"deepseek_v2", "DeepseekV2ForCausalLM"}, {"deepseek_v3", "DeepseekV3ForCausalLM"},
       {"phimoe", "PhiMoEForCausalLM"},        {"granitemoe", "GraniteMoeForCausalLM"},
       {"kimi_k2", "DeepseekV3ForCausalLM"},  // Kimi-K2: the deepseek_v3 layout
-      {"glm4_moe", "Glm4MoeForCausalLM"},
+      {"glm4_moe", "Glm4MoeForCausalLM"},     {"gpt_oss", "GptOssForCausalLM"},
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -53,6 +53,7 @@ TEST(Family, MoeKeysAndNames) {
       {"glm4_moe", "n_routed_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::DeepSeekV3},
       {"phimoe", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SparseMixer},
       {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
+      {"gpt_oss", "num_local_experts", "intermediate_size", "mlp.router.weight", Routing::TopKSoftmax},
   };
   for (const auto& r : rows) {
     SCOPED_TRACE(r.type);
@@ -77,6 +78,14 @@ TEST(Family, MoeKeysAndNames) {
   EXPECT_TRUE(granite.fused());
   EXPECT_EQ(granite.fused_gate_up, "block_sparse_moe.input_linear.weight");
   EXPECT_EQ(granite.fused_down, "block_sparse_moe.output_linear.weight");
+  // gpt_oss: fused [in, out] with gate/up interleaved and expert biases, a router bias in the logits.
+  const auto& oss = family_for(Config(json{{"model_type", "gpt_oss"}}, "c"));
+  EXPECT_TRUE(oss.fused() && oss.fused_in_out_interleaved && oss.router_bias_in_logits && oss.clamped_swiglu);
+  EXPECT_EQ(oss.fused_gate_up, "mlp.experts.gate_up_proj");
+  EXPECT_EQ(oss.fused_gate_up_bias, "mlp.experts.gate_up_proj_bias");
+  EXPECT_EQ(oss.fused_down, "mlp.experts.down_proj");
+  EXPECT_EQ(oss.fused_down_bias, "mlp.experts.down_proj_bias");
+  EXPECT_EQ(oss.router_bias, "mlp.router.bias");
   const auto& v3 = family_for(Config(json{{"model_type", "deepseek_v3"}}, "c"));
   EXPECT_EQ(v3.router_bias, "mlp.gate.e_score_correction_bias");
   EXPECT_EQ(v3.shared_gate, "mlp.shared_experts.gate_proj.weight");
@@ -90,9 +99,9 @@ TEST(Family, MoeKeysAndNames) {
 
 TEST(Family, UnknownOrMissingModelType) {
   const std::string msg = expect_error(
-      [] { family_for(Config(json{{"model_type", "gpt_oss"}, {"architectures", {"GptOssForCausalLM"}}}, "m/config.json")); },
+      [] { family_for(Config(json{{"model_type", "made_up_moe"}, {"architectures", {"MadeUpMoeForCausalLM"}}}, "m/config.json")); },
       ErrorKind::NotSupported,
-      {"m/config.json: model_type: unknown family 'gpt_oss'", "GptOssForCausalLM", "supported: "});
+      {"m/config.json: model_type: unknown family 'made_up_moe'", "MadeUpMoeForCausalLM", "supported: "});
   for (const auto& f : all_families()) EXPECT_NE(msg.find(f.model_type), std::string::npos) << f.model_type;
   expect_error([] { family_for(Config(json::object(), "config.json")); }, ErrorKind::NotSupported,
                {"model_type: missing", "(architectures (none))", "supported: "});
@@ -205,7 +214,7 @@ TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "kimi_k2", "glm4_moe"}));
+               "deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

@@ -1,8 +1,8 @@
 // Checking the forward against a golden of an independent NumPy reference (data/scripts/
-// deepseek_reference.py, data/scripts/glm4_moe_reference.py): the golden names its fixture and
-// the config patch its reference ran with; logits within 1e-4 of the largest |logit|, the same
-// argmax, the same experts per token in every MoE layer with the same weights. And the CLI
-// commands that sit on the forward, run on such a fixture.
+// deepseek_reference.py, data/scripts/glm4_moe_reference.py, data/scripts/gpt_oss_reference.py):
+// the golden names its fixture and the config patch its reference ran with; logits within 1e-4
+// of the largest |logit|, the same argmax, the same experts per token in every MoE layer with the
+// same weights. And the CLI commands that sit on the forward, run on such a fixture.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "calib/calibrate.h"
 #include "runtime/forward.h"
 #include "runtime_test_util.h"
 #include "support/ckpt_util.h"
@@ -89,6 +90,39 @@ inline void check_against_reference(const std::string& name, Checked& out) {
         EXPECT_NEAR(ours[j].second, L.at("topk_weights")[t][j].get<double>(), 1e-5)
             << name << " layer " << l << " token " << t << " expert " << ids[j];
       }
+    }
+  }
+}
+
+// calibrate (routed-only statistics) on golden `name`'s window of its fixture `dir`: each of the
+// `experts` experts' routed-token count and summed routing weight equal the reference's (from its
+// per-token choices and weights).
+inline void check_calibrate_counts(const std::string& name, const std::filesystem::path& dir, int experts) {
+  const nlohmann::json g = read_json_or_fail(source_dir() / "data" / "golden" / (name + ".json"));
+  ASSERT_FALSE(g.is_null());
+  auto lm = load_model(dir);
+  const auto tokens = g.at("tokens").get<std::vector<int32_t>>();
+  calib::CalibrateOptions o;
+  o.ctx = g.at("T").get<int64_t>();
+  o.windows = 1;
+  o.routed_only = true;
+  o.quiet = true;
+  TempDir tmp;
+  const calib::CalibrateResult res = calib::calibrate(lm->ckpt, lm->model, tokens, "golden", o, tmp.path() / "s.stats");
+  ASSERT_EQ(res.stats.layers.size(), g.at("moe_layers").size());
+  for (const auto& L : g.at("moe_layers")) {
+    const int l = L.at("layer").get<int>();
+    std::vector<double> count(experts, 0.0), weight(experts, 0.0);
+    for (size_t t = 0; t < L.at("topk_ids").size(); ++t)
+      for (size_t j = 0; j < L.at("topk_ids")[t].size(); ++j) {
+        const int e = L.at("topk_ids")[t][j].get<int>();
+        count[e] += 1;
+        weight[e] += L.at("topk_weights")[t][j].get<double>();
+      }
+    const calib::LayerStats& st = res.stats.layers.at(l);
+    for (int e = 0; e < experts; ++e) {
+      EXPECT_EQ(st.count[e], count[e]) << name << " layer " << l << " expert " << e;
+      EXPECT_NEAR(st.weight_sum[e], weight[e], 1e-4) << name << " layer " << l << " expert " << e;
     }
   }
 }
