@@ -42,7 +42,7 @@ const fs::path& novice_model() {
   return out;
 }
 
-runtime::MatrixRM logits_of(const model::Model& m) {
+runtime::MatrixRM novice_logits(const model::Model& m) {
   std::vector<int32_t> tokens(64);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 37 + 11) % 4000);
   return runtime::Forward(m).run(tokens, 32);
@@ -95,12 +95,12 @@ TEST(PruneNovices, LogitsEqualTheInputModelWithTheNovicesSubstituted) {
       ref.layers().at(static_cast<size_t>(layer)).moe->experts.at(static_cast<size_t>(e)) = n;
     }
   }
-  const runtime::MatrixRM a = logits_of(written), b = logits_of(ref);
+  const runtime::MatrixRM a = novice_logits(written), b = novice_logits(ref);
   ASSERT_EQ(a.rows(), b.rows());
   EXPECT_EQ(a, b);
   // And the novices change the output (the constants are not the experts).
   auto ck_orig = io::Checkpoint::open(io::Env::posix(), kModel);
-  EXPECT_NE(logits_of(model::Model::load(ck_orig)), a);
+  EXPECT_NE(novice_logits(model::Model::load(ck_orig)), a);
 }
 
 TEST(PruneNovices, ConvertCopiesThemAndEvalIsUnchanged) {

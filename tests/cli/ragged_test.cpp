@@ -37,7 +37,7 @@ const fs::path& ragged_model() {
   return out;
 }
 
-runtime::MatrixRM logits_of(const model::Model& m) {
+runtime::MatrixRM ragged_logits(const model::Model& m) {
   std::vector<int32_t> tokens(64);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 53 + 7) % 4000);
   return runtime::Forward(m).run(tokens, 32);
@@ -69,7 +69,7 @@ TEST(RaggedCounts, WrittenNativeAndEqualToThePrunedModelInMemory) {
   auto ck_out = io::Checkpoint::open(io::Env::posix(), out);
   const model::Model written = model::Model::load(ck_out);
   for (size_t l = 0; l < kept.size(); ++l) EXPECT_EQ(written.layers()[l].moe->num_experts(), counts[l]);
-  EXPECT_EQ(logits_of(written), logits_of(ref));
+  EXPECT_EQ(ragged_logits(written), ragged_logits(ref));
 
   const RunResult in = run_tool({"-q", "inspect", out.string(), "--json"});
   ASSERT_EQ(in.exit_code, 0) << in.describe();
