@@ -21,6 +21,7 @@
 #include "pipeline/mtp.h"
 #include "pipeline/preflight.h"
 #include "pipeline/report.h"
+#include "pipeline/sink.h"
 #include "pipeline/spill_writer.h"
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
@@ -394,15 +395,17 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // take is refused here, not after the statistics, and the output must fit on its file system.
   // Outputs whose shapes are decided while the passes run go through spill files first (twice
   // their size until the shards are assembled); their estimate is the planned shapes'.
-  const uint64_t estimate = bytes_of(planned_model(model, plan_passes(r, model, nullptr, false).back())
-                                         .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
-  const uint64_t disk_needs = shapes_at_run ? 2 * estimate : estimate;
+  const model::Model estimated = planned_model(model, plan_passes(r, model, nullptr, false).back());
+  const uint64_t estimate = bytes_of(estimated.outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
+  // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
+  check_output_format(env, r, ckpt, estimated);
+  // The export formats stage the native output beside theirs: room for both.
+  const uint64_t disk_needs = (shapes_at_run ? 2 * estimate : estimate) * (r.output.format == "hf" ? 1 : 2);
   io::check_free_space(r.output.path, disk_needs, r.key("output.path"));
   for (const auto& f : fields)
     if (f == "gram_in" || f == "gram_mid") r.calibration.gram = true;  // statistics on the fly: with Gram matrices
-  std::optional<io::OutputDir> out_dir;
-  if (!opts.dry_run)
-    out_dir.emplace(env, r.output.path, run_inputs(r), r.output.force, r.key("output.force"));
+  std::unique_ptr<Sink> sink;
+  if (!opts.dry_run) sink = make_sink(env, r, run_inputs(r));
   // Statistics: from the file (checked against this model) or collected on the calibration text.
   std::optional<calib::Stats> stats;
   if (needs_stats && !opts.dry_run) {
@@ -495,17 +498,14 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
     plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, opts.quiet));
 
-  io::OutputDir& out = *out_dir;
   // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
   // files; the others straight into the planned shards.
-  std::optional<io::CheckpointWriter> writer;
-  std::optional<SpillWriter> spill;
   if (shapes_at_run) {
-    spill.emplace(env, out.path(), r.output.max_shard_bytes);
+    sink->begin(ckpt, std::nullopt);
   } else {
     std::vector<io::TensorSpec> plan;
     for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
-    writer.emplace(env, out.path(), plan, r.output.max_shard_bytes);
+    sink->begin(ckpt, plan);
   }
   json manifest = json::object();
   // Layer by layer into one output: a part shared across layers is written once.
@@ -522,18 +522,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     model::account_into(acc_after, list);
     for (const auto& o : list)
       if (!o.weight.empty()) weight_class[o.weight] = o.cls;
-    core::with_context(r.model.string(), [&] {
-      if (spill) {
-        spill->write_group(list, release);
-        return;
-      }
-      for (const auto& o : list) {
-        core::Tensor t = o.make();
-        if (t.dtype() != o.dtype) t = t.converted(o.dtype);
-        writer->write(o.name, t);
-        release(t);
-      }
-    });
+    core::with_context(r.model.string(), [&] { sink->write(list); });
   };
 
   const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
@@ -672,26 +661,12 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   for (size_t i = 0; i < r.passes.size(); ++i)
     for (const auto& w : r.passes[i]->run_warnings())
       summary["warnings"].push_back(r.passes.size() == 1 ? w : "passes[" + std::to_string(i) + "]: " + w);
-  uint64_t written_bytes = 0;
-  size_t written_tensors = 0, written_shards = 0;
-  if (spill) {
+  if (SpillWriter* spill = sink->spill()) {
     // Weights waiting for the checkpoint's sub-1-bit dictionary (pipeline/model_dictionary.h).
     const json s1 = code_with_model_dictionary(*spill, manifest, weight_class, acc_after);
     if (!s1.is_null()) summary["sub1bit"] = s1;
-    written_bytes = spill->finish();
-    written_tensors = spill->tensor_count();
-    written_shards = spill->shard_count();
-  } else {
-    writer->finish();
-    written_bytes = bytes_of(outs_after);
-    written_tensors = outs_after.size();
-    written_shards = writer->shard_count();
   }
-  // config.json and side files.
-  for (const auto& f : ckpt.side_files()) {
-    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
-    env.copy_file(f, out.path() / f.filename());
-  }
+  // config.json (the side files are copied by the sink).
   json new_config = planned.rewritten_config(out_opts, &manifest);
   if (new_config.contains("quantization_config") && new_config["quantization_config"].contains("experts_per_layer"))
   {
@@ -701,7 +676,8 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     for (const auto& l : original.layers()) input_counts.push_back(l.moe ? l.moe->num_experts() : 0);
     new_config["quantization_config"]["input_experts_per_layer"] = input_counts;
   }
-  env.write_text(out.path() / "config.json", new_config.dump(2) + "\n");
+  const SinkResult written = sink->finish(new_config);
+  const uint64_t written_bytes = written.tensor_bytes;
   json notes = json::array();
   const json& old_config = original.config().json();
   if (old_config.value("n_group", 1) > 1 && new_config.value("n_group", 1) == 1)
@@ -710,11 +686,16 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");
   if (!mtp_note.empty()) notes.push_back(mtp_note);
+  if (r.eval && written.format == "gguf")
+    notes.push_back("eval: measured on the native output the GGUF file was converted from; int4/int8 groups of 32 are "
+                    "copied into q4_0/q8_0 blocks as they are, but tensors rounded to " + r.key("output.type") + " " +
+                    r.output.type + " in the file were measured before that rounding");
 
-  // Evaluate the written checkpoint (still in the temporary folder) against the input.
+  // Evaluate the written checkpoint (still in the temporary folder; the export formats' staged
+  // native output) against the input.
   json eval_json;
   if (r.eval) {
-    const io::Checkpoint written_ckpt = io::Checkpoint::open(env, out.path());
+    const io::Checkpoint written_ckpt = io::Checkpoint::open(env, sink->native_dir());
     const model::Model written_model = model::Model::load(written_ckpt);
     eval::EvalOptions eo;
     eo.ctx = r.eval->ctx;
@@ -743,7 +724,6 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   if (r.eval && r.eval->has_gates()) gate = check_quality_gates(*r.eval, eval_json);
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  HfSinkResult written{written_bytes, written_tensors, written_shards};
   summary["params"]["after"] = planned.total_params() + params_fix;
   summary["params"]["active_after"] = planned.active_params() + active_fix;
   json report = make_report(opts.command, ckpt, original, planned, written, secs);
@@ -786,14 +766,16 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["bytes"]["after"] = written_bytes;
   size_warning(summary);
   if (!summary["warnings"].empty()) report["warnings"] = summary["warnings"];
-  write_report(env, out.path(), report);
-  out.commit();
+  report["output"] = written.to_json();
+  const io::fs::path report_path = sink->write_report(report);
+  sink->commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
   if (!gate.is_null()) summary["quality_gate"] = gate;
   summary["layers"] = layer_reports;
   if (!plan_reports.empty()) summary["plans"] = plan_reports;
   summary["seconds"] = secs;
-  summary["report"] = (r.output.path / "moe_tool_report.json").string();
+  summary["report"] = report_path.empty() ? json() : json(report_path.string());
+  if (written.format != "hf") summary["output_format"] = written.to_json();
   if (!notes.empty()) summary["notes"] = notes;
   return summary;
 }
@@ -833,8 +815,12 @@ std::string render_run_summary(const json& s) {
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";
-  if (!dry)
-    o << "  output   " << s.at("output").get<std::string>() << " (report: " << s.at("report").get<std::string>() << ")\n";
+  if (!dry) {
+    o << "  output   " << s.at("output").get<std::string>();
+    if (s.contains("output_format")) o << " (" << s.at("output_format").at("format").get<std::string>() << ")";
+    if (s.at("report").is_null()) o << " (report: in this summary only; a GGUF file holds none: use --json)\n";
+    else o << " (report: " << s.at("report").get<std::string>() << ")\n";
+  }
   if (s.contains("eval")) {
     const auto& e = s.at("eval");
     char buf[256];
