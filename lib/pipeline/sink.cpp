@@ -143,6 +143,14 @@ class ExportSink final : public Sink {
 
 // ---- the refusals of check_output_format ----
 
+// The tensor class of an output as the passes name it (Pass::EncodedClasses): the shared-expert
+// gate apart from the shared expert's MLP.
+std::string class_of(const model::Model& m, const model::OutTensor& o) {
+  const std::string& gate = m.family().shared_expert_gate;
+  const bool is_gate = o.cls == "shared_experts" && !gate.empty() && o.name.find(gate) != std::string::npos;
+  return is_gate ? "shared_expert_gate" : o.cls;
+}
+
 // What one tensor class is written as after the passes: the pass that last encoded it and how.
 struct ClassEncoding {
   size_t pass = 0;
@@ -154,7 +162,10 @@ struct ClassEncoding {
 // Per tensor class (model::OutTensor::cls), what the recipe's passes write it as; classes no pass
 // encodes are absent (they keep the input's encodings, checked on the plan itself). A pass that
 // writes experts dense (merge) drops their entry.
-std::multimap<std::string, ClassEncoding> pass_encodings(const Recipe& r) {
+std::multimap<std::string, ClassEncoding> pass_encodings(const Recipe& r, const model::Model& planned) {
+  // The classes the model has (a codec for a class it lacks writes nothing).
+  std::set<std::string> present;
+  for (const auto& o : planned.outputs(model::OutputOptions{})) present.insert(class_of(planned, o));
   std::multimap<std::string, ClassEncoding> out;
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const Pass& p = *r.passes[i];
@@ -164,6 +175,7 @@ std::multimap<std::string, ClassEncoding> pass_encodings(const Recipe& r) {
     if (p.name() != "quantize" || !params.contains("applied")) {
       for (const auto& [cls, names] : p.encodes()) {
         out.erase(cls);
+        if (!present.count(cls)) continue;
         for (const auto& n : names) out.insert({cls, {i, n, std::nullopt, r.key(path)}});
       }
       continue;
@@ -178,7 +190,7 @@ std::multimap<std::string, ClassEncoding> pass_encodings(const Recipe& r) {
                                    : cls == "dense"       ? "dense_mlp"
                                                           : cls;
       out.erase(cls_name);
-      if (text.get<std::string>() == "keep") continue;
+      if (text.get<std::string>() == "keep" || !present.count(cls_name)) continue;
       // The key that chose the codec: the class's own when it names one, else the pass's codec.
       const std::string codec_key = params.value(cls, std::string("codec")) == "codec" ? r.key(path + ".codec")
                                                                                         : r.key(path + "." + cls);
@@ -198,11 +210,16 @@ std::multimap<std::string, ClassEncoding> pass_encodings(const Recipe& r) {
   return out;
 }
 
+// "r.json: output.format gguf" (a recipe file) or "--format gguf" (flags).
+std::string output_where(const Recipe& r) {
+  return (r.flag_names.empty() ? r.source + ": " : "") + r.key("output.format") + " " + r.output.format;
+}
+
 void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
-  const std::string where = r.key("output.format") + " gguf";
+  const std::string where = output_where(r);
   const GgufOptions go = gguf_options(r);
   core::with_context(where, [&] { check_gguf(env, ckpt, planned, go); });
-  for (const auto& [cls, e] : pass_encodings(r)) {
+  for (const auto& [cls, e] : pass_encodings(r, planned)) {
     const auto& c = e.codec;
     if (c && c->kind == quant::CodecSpec::Kind::Int && c->symmetric && c->group == 32 && (c->bits == 4 || c->bits == 8))
       continue;
@@ -215,8 +232,8 @@ void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, 
 
 void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
   const io::PackedFormat fmt = parse_packed_format(r.output.format);
-  const std::string where = r.key("output.format") + " " + r.output.format;
-  const auto enc = pass_encodings(r);
+  const std::string where = output_where(r);
+  const auto enc = pass_encodings(r, planned);
   if (enc.empty()) {  // the input's own codes, pruned or merged: exactly what `export` checks
     core::with_context(where, [&] { check_packed(ckpt, planned, fmt); });
     return;
@@ -225,6 +242,7 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
   const std::string way_out = "quantize with int4 or int8 groups (one scheme for every quantized class), or write " +
                               r.key("output.format") + " hf";
   const ClassEncoding* scheme = nullptr;
+  std::string scheme_cls;
   for (const auto& [cls, e] : enc) {
     const auto& c = e.codec;
     if (!c || c->kind != quant::CodecSpec::Kind::Int || (c->bits != 4 && c->bits != 8))
@@ -238,9 +256,11 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
                                "keep it (lm_head keep), or write compressed-tensors");
     if (!scheme) {
       scheme = &e;
+      scheme_cls = cls;
     } else if (c->bits != scheme->codec->bits || c->group != scheme->codec->group || c->symmetric != scheme->codec->symmetric) {
-      throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what + ", " + scheme->key + " " +
-                               scheme->what + "; " + r.output.format + " writes one scheme for every quantized Linear: " + way_out);
+      throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what + " but " + scheme->key + " writes " +
+                               scheme_cls + " as " + scheme->what + "; " + r.output.format +
+                               " writes one scheme for every quantized Linear: " + way_out);
     }
   }
   if (!enc.count("experts")) {
@@ -257,7 +277,7 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
   // dividing the rows; GPTQ: whole int32 words along both dimensions).
   for (const auto& o : planned.outputs(model::OutputOptions{})) {
     if (o.shape.size() != 2 || !o.weight.empty()) continue;
-    auto it = enc.find(o.cls);
+    auto it = enc.find(class_of(planned, o));
     if (it == enc.end() || !it->second.codec) continue;
     const auto& c = *it->second.codec;
     if (const std::string why = io::packed_shape_problem(fmt, c.bits, c.group, o.shape[0], o.shape[1]); !why.empty())
