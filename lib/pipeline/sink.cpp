@@ -219,7 +219,8 @@ void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, 
   const std::string where = output_where(r);
   const GgufOptions go = gguf_options(r);
   core::with_context(where, [&] { check_gguf(env, ckpt, planned, go); });
-  for (const auto& [cls, e] : pass_encodings(r, planned)) {
+  const auto enc = pass_encodings(r, planned);
+  for (const auto& [cls, e] : enc) {
     const auto& c = e.codec;
     if (c && c->kind == quant::CodecSpec::Kind::Int && c->symmetric && c->group == 32 && (c->bits == 4 || c->bits == 8))
       continue;
@@ -227,6 +228,16 @@ void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, 
                              ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as q4_0/q8_0): "
                              "quantize with int4:g32:sym or int8:g32:sym, or leave " + cls +
                              " dense and let " + r.key("output.type") + " round it");
+  }
+  // Groups of 32 copied as blocks need rows of whole blocks (a shorter last group has no block).
+  for (const auto& o : planned.outputs(model::OutputOptions{})) {
+    if (o.shape.size() != 2 || !o.weight.empty() || o.shape[1] % 32 == 0) continue;
+    const auto it = enc.find(class_of(planned, o));
+    if (it == enc.end()) continue;
+    throw Error::unsupported(where + ": " + it->second.key + " writes " + o.name + " as " + it->second.what + ", but its rows of " +
+                             std::to_string(o.shape[1]) + " values are not whole q4_0/q8_0 blocks of 32: keep " +
+                             it->first + " dense and let " + r.key("output.type") + " round it, or write " +
+                             r.key("output.format") + " hf");
   }
 }
 
