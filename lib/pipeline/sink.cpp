@@ -74,6 +74,33 @@ class ExportSink final : public Sink {
   SpillWriter* spill() override { return native_->spill(); }
 
   SinkResult finish(const json& config) override {
+    try {
+      return convert(config);
+    } catch (const Error& e) {
+      // A refusal the values decide (GPTQ zero points of 0) names the staged folder, a temporary:
+      // name the run's output instead.
+      std::string m = e.message();
+      const std::string tmp = staging_.string();
+      const std::string name = "the native output staged for " + r_.output.path.string();
+      for (size_t i = m.find(tmp); i != std::string::npos; i = m.find(tmp, i + name.size())) m.replace(i, tmp.size(), name);
+      throw Error(e.kind(), m);
+    }
+  }
+
+  fs::path write_report(const json& report) override {
+    if (file_) return {};  // a GGUF file has no room for it
+    pipeline::write_report(env_, folder_->path(), report);
+    return folder_->final_path() / "moe_tool_report.json";
+  }
+
+  void commit() override {
+    remove_staging();
+    if (file_) file_->commit();
+    else folder_->commit();
+  }
+
+ private:
+  SinkResult convert(const json& config) {
     const SinkResult staged = native_->finish(config);
     const io::Checkpoint ckpt = io::Checkpoint::open(env_, staging_);
     const model::Model m = model::Model::load(ckpt);
@@ -108,19 +135,6 @@ class ExportSink final : public Sink {
     return r;
   }
 
-  fs::path write_report(const json& report) override {
-    if (file_) return {};  // a GGUF file has no room for it
-    pipeline::write_report(env_, folder_->path(), report);
-    return folder_->final_path() / "moe_tool_report.json";
-  }
-
-  void commit() override {
-    remove_staging();
-    if (file_) file_->commit();
-    else folder_->commit();
-  }
-
- private:
   void remove_staging() noexcept {
     native_.reset();
     if (slot_ < 0) return;

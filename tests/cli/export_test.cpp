@@ -496,5 +496,36 @@ TEST(RecipeSink, GgufRefusalsNameTheKey) {
   EXPECT_FALSE(fs::exists(out.parent_path()));
 }
 
+// A refusal only the values decide (GPTQ's v1 layout cannot store a zero point of 0: here every
+// gate projection is made non-negative, so min-max groups get zero point 0) comes after the passes
+// ran: exit 2, one line naming the run's output (not the staged temporary), and neither the staged
+// native output nor the output is left behind.
+TEST(RecipeSink, RefusalAfterStagingLeavesNothing) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  // Clear the sign bit of every bf16 value of the experts' w1 in model.safetensors.
+  const fs::path st = model / "model.safetensors";
+  std::string bytes = read_file(st);
+  uint64_t n = 0;
+  for (int b = 7; b >= 0; --b) n = (n << 8) | static_cast<uint8_t>(bytes[static_cast<size_t>(b)]);
+  const json header = json::parse(bytes.substr(8, n));
+  int changed = 0;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__" || name.find(".w1.weight") == std::string::npos) continue;
+    const auto off = info.at("data_offsets");
+    for (uint64_t p = 8 + n + off[0].get<uint64_t>() + 1; p < 8 + n + off[1].get<uint64_t>(); p += 2) bytes[p] &= 0x7f;
+    ++changed;
+  }
+  ASSERT_GT(changed, 0);
+  write_file(st, bytes);
+  json r = sink_recipe(model, {{"path", (dir / "out" / "g").string()}, {"format", "gptq"}});
+  r["passes"] = json::array({{{"pass", "quantize"}, {"method", "rtn"}, {"codec", "int4:g32:asym"}}});
+  const RunResult res = run_recipe_file(dir, "zero", r);
+  expect_clean_failure(res, "zero point 0");
+  EXPECT_NE(res.err.find("the native output staged for " + (dir / "out" / "g").string()), std::string::npos) << res.err;
+  EXPECT_EQ(res.err.find("moe-tool-tmp"), std::string::npos) << res.err;
+  EXPECT_FALSE(fs::exists(dir / "out"));  // the parent the run made is removed with the staged output
+}
+
 }  // namespace
 }  // namespace moe::test
