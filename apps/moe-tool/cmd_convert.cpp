@@ -51,14 +51,14 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       for (const auto& t : model.outputs(model::OutputOptions{opts.dtype, opts.materialize}))
         bytes += io::TensorSpec{t.name, t.dtype, t.shape}.nbytes();
       io::check_free_space(o->out, bytes, "OUT");
-      io::OutputDir out(env, o->out, {o->in}, o->force);
-      auto r = pipeline::write_hf_checkpoint(env, model, ckpt, out.path(), opts);
+      pipeline::HfSink sink(env, o->out, {o->in}, o->force, "--force", opts.max_shard_bytes);
+      const pipeline::SinkResult r = pipeline::write_hf_checkpoint(sink, model, ckpt, opts);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       nlohmann::json report = pipeline::make_report("convert", ckpt, model, model, r, secs);
       report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->shard},
                               {"materialize", o->materialize}};
-      pipeline::write_report(env, out.path(), report);
-      out.commit();
+      sink.write_report(report);
+      sink.commit();
       nlohmann::json result = {{"output", o->out}, {"tensors", r.tensors}, {"shards", r.shards},
                                {"bytes_before", ckpt.total_tensor_bytes()}, {"bytes_after", r.tensor_bytes},
                                {"seconds", secs}};

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/progress.h"
+#include "pipeline/report.h"
 
 namespace moe::pipeline {
 
@@ -14,17 +15,17 @@ namespace {
 
 constexpr uint64_t kChunkElems = uint64_t{8} << 20;  // convert/write at most 8M elements at a time
 
+// Writes t as o (its planned name and dtype). A computed tensor in another dtype is converted
+// whole; a view of the source is converted and written in chunks, each chunk's pages handed back.
 void write_tensor(io::CheckpointWriter& w, const model::OutTensor& o, const Tensor& t, const io::Checkpoint& source) {
   if (t.encoding()) throw core::Error::internal("write_tensor: encoded tensor " + o.name + " reached the writer");
   if (t.dtype() != o.dtype && t.owns_data()) {
-    // A computed tensor (a dequantized weight, a converted part): written as it is made.
     const Tensor d = t.converted(o.dtype);
     w.write(o.name, 0, d.data(), d.nbytes());
     return;
   }
   const size_t in_size = core::dtype_size(t.dtype()), out_size = core::dtype_size(o.dtype);
   const uint64_t n = static_cast<uint64_t>(t.numel());
-  // Views into the source file release their pages as we go so RSS stays bounded.
   const bool is_view = !t.owns_data();
   const uint8_t* base_ptr = t.data();
   std::vector<uint8_t> buf;
@@ -42,39 +43,107 @@ void write_tensor(io::CheckpointWriter& w, const model::OutTensor& o, const Tens
   }
 }
 
+// Hands back the source pages of every stored tensor t was made from.
+void release_stored(const io::Checkpoint& source, const Tensor& t) {
+  for (const Tensor* p : t.stored_tensors()) source.release_range(p->data(), p->nbytes());
+}
+
 }  // namespace
 
-HfSinkResult write_hf_checkpoint(io::Env& env, const model::Model& model, const io::Checkpoint& source,
-                                 const io::fs::path& out_dir, const HfSinkOptions& opts) {
+HfSink::HfSink(io::Env& env, const io::fs::path& final_path, const std::vector<io::fs::path>& inputs, bool force,
+               const std::string& force_name, uint64_t max_shard_bytes)
+    : env_(env), max_shard_bytes_(max_shard_bytes) {
+  out_.emplace(env, final_path, inputs, force, force_name);
+  dir_ = out_->path();
+}
+
+HfSink::HfSink(io::Env& env, io::fs::path dir, uint64_t max_shard_bytes)
+    : env_(env), dir_(std::move(dir)), max_shard_bytes_(max_shard_bytes) {}
+
+void HfSink::begin(const io::Checkpoint& source, const std::optional<std::vector<io::TensorSpec>>& plan) {
+  if (source_) throw core::Error::internal("HfSink::begin called twice");
+  source_ = &source;
+  if (!plan) {
+    spill_.emplace(env_, dir_, max_shard_bytes_);
+    return;
+  }
+  for (const auto& s : *plan) planned_bytes_ += s.nbytes();
+  planned_tensors_ = plan->size();
+  writer_.emplace(env_, dir_, *plan, max_shard_bytes_);
+}
+
+void HfSink::write(const std::vector<model::OutTensor>& group) {
+  if (!source_) throw core::Error::internal("HfSink::write before begin");
+  const io::Checkpoint& source = *source_;
+  if (spill_) {
+    spill_->write_group(group, [&](const Tensor& t) { release_stored(source, t); });
+    return;
+  }
+  for (const auto& o : group) {
+    const Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
+    write_tensor(*writer_, o, t, source);  // the writer's errors name the tensor
+    release_stored(source, t);
+  }
+}
+
+SinkResult HfSink::finish(const nlohmann::json& config) {
+  if (!source_) throw core::Error::internal("HfSink::finish before begin");
+  SinkResult r;
+  if (spill_) {
+    r.tensor_bytes = spill_->finish();
+    r.tensors = spill_->tensor_count();
+    r.shards = spill_->shard_count();
+  } else {
+    writer_->finish();
+    r.tensor_bytes = planned_bytes_;
+    r.tensors = planned_tensors_;
+    r.shards = writer_->shard_count();
+  }
+  // Side files (small), then config.json for the model's current state.
+  for (const auto& f : source_->side_files()) {
+    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
+    env_.copy_file(f, dir_ / f.filename());
+  }
+  env_.write_text(dir_ / "config.json", config.dump(2) + "\n");
+  return r;
+}
+
+io::fs::path HfSink::write_report(const nlohmann::json& report) {
+  pipeline::write_report(env_, dir_, report);
+  return (out_ ? out_->final_path() : dir_) / "moe_tool_report.json";
+}
+
+void HfSink::commit() {
+  if (out_) out_->commit();
+}
+
+SinkResult write_hf_checkpoint(Sink& sink, const model::Model& model, const io::Checkpoint& source,
+                               const HfSinkOptions& opts) {
   const model::OutputOptions oo{opts.dtype, opts.materialize};
   nlohmann::json manifest = nlohmann::json::object();
   const std::vector<model::OutTensor> outs = model.outputs(oo, &manifest);
   std::vector<io::TensorSpec> plan;
-  HfSinkResult result;
+  uint64_t bytes = 0;
   for (const auto& o : outs) {
     plan.push_back({o.name, o.dtype, o.shape});
-    result.tensor_bytes += plan.back().nbytes();
+    bytes += plan.back().nbytes();
   }
-  result.tensors = plan.size();
-
-  // Side files first (small), then config.json rewritten for the model's current state.
-  for (const auto& f : source.side_files()) {
-    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
-    env.copy_file(f, out_dir / f.filename());
-  }
-  env.write_text(out_dir / "config.json", model.rewritten_config(oo, &manifest).dump(2) + "\n");
-
-  io::CheckpointWriter writer(env, out_dir, std::move(plan), opts.max_shard_bytes);
-  core::Progress progress("write", result.tensor_bytes, "B", opts.quiet);
+  const nlohmann::json config = model.rewritten_config(oo, &manifest);
+  sink.begin(source, plan);
+  core::Progress progress("write", bytes, "B", opts.quiet);
   for (const auto& o : outs) {
-    const Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
-    write_tensor(writer, o, t, source);  // the writer's errors name the tensor
+    sink.write({o});
     progress.add(io::TensorSpec{o.name, o.dtype, o.shape}.nbytes());
   }
-  writer.finish();
+  SinkResult r = sink.finish(config);
   progress.finish();
-  result.shards = writer.shard_count();
-  return result;
+  return r;
+}
+
+SinkResult write_hf_checkpoint(io::Env& env, const model::Model& model, const io::Checkpoint& source,
+                               const io::fs::path& out_dir, const HfSinkOptions& opts) {
+  HfSink sink(env, out_dir, opts.max_shard_bytes);
+  return write_hf_checkpoint(sink, model, source, opts);
 }
 
 }  // namespace moe::pipeline

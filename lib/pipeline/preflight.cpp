@@ -5,6 +5,7 @@
 #include "eval/eval.h"
 #include "io/output_dir.h"
 #include "pipeline/calibration_text.h"
+#include "pipeline/sink.h"
 #include "runtime/forward.h"
 
 namespace moe::pipeline {
@@ -40,7 +41,8 @@ std::vector<fs::path> run_inputs(const Recipe& r) {
 void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& model, const RunNeeds& needs,
                bool load_stats_file) {
   // Output: the same rules as the writer applies (io::OutputDir), without creating anything.
-  io::check_output(r.output.path, run_inputs(r), r.output.force, io::OutputKind::Folder, r.key("output.force"));
+  io::check_output(r.output.path, run_inputs(r), r.output.force,
+                   output_is_file(r) ? io::OutputKind::File : io::OutputKind::Folder, r.key("output.force"));
 
   const bool on_the_fly = needs.stats && r.calibration.stats.empty();
   if (on_the_fly && r.calibration.routed_only)

@@ -7,6 +7,7 @@
 #include "io/checkpoint.h"
 #include "io/checkpoint_writer.h"
 #include "passes/options.h"
+#include "pipeline/gguf_export.h"
 #include "pipeline/upcycle_run.h"
 
 namespace moe::pipeline {
@@ -21,6 +22,44 @@ namespace {
 fs::path resolve(const fs::path& base, const std::string& p) {
   fs::path x(p);
   return x.is_absolute() ? x : (base / x).lexically_normal();
+}
+
+// output.format, output.type and output.tensor_type (pipeline/sink.h): checked here, parsed again
+// by the sink.
+void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
+  out.format = o.get_enum("format", "hf", {"hf", "gguf", "compressed-tensors", "gptq"});
+  if (auto t = o.opt_string("type")) out.type = *t;
+  o.allow({"tensor_type"});
+  const bool one_rule = o.has("tensor_type") && spec.at("tensor_type").is_string();
+  if (o.has("tensor_type")) {
+    const json& t = spec.at("tensor_type");
+    if (t.is_string()) {
+      out.tensor_type.push_back(t.get<std::string>());
+    } else if (t.is_array()) {
+      for (size_t i = 0; i < t.size(); ++i) {
+        if (!t[i].is_string())
+          throw Error::invalid("output.tensor_type[" + std::to_string(i) + "]: expected \"REGEX=TYPE\", found " + json_found(t[i]));
+        out.tensor_type.push_back(t[i].get<std::string>());
+      }
+    } else {
+      throw Error::invalid("output.tensor_type: expected \"REGEX=TYPE\" or a list of them, found " + json_found(t));
+    }
+  }
+  if (out.format != "gguf") {
+    if (!out.type.empty() || !out.tensor_type.empty())
+      throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
+                           ": GGUF only; output.format " + out.format + " writes the model's codes as they are");
+    if (out.format != "hf" && out.materialize)
+      throw Error::invalid("output.materialize: writes every weight dense, but output.format " + out.format +
+                           " stores int4/int8 codes: drop one of them");
+    return;
+  }
+  if (out.type.empty())
+    throw Error::invalid("output.type: required for output.format gguf (the main ggml type, e.g. q8_0 or q4_0)");
+  (void)gguf_writable_type(out.type, "output.type");
+  (void)parse_gguf_overrides(out.tensor_type, [&](size_t i) {
+    return one_rule ? std::string("output.tensor_type") : "output.tensor_type[" + std::to_string(i) + "]";
+  });
 }
 
 }  // namespace
@@ -81,6 +120,7 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
         r.output.max_shard_bytes = core::with_context("output.max_shard_size", [&] { return io::parse_size(*m); });
       r.output.force = o.get_bool("force", false);
       r.output.materialize = o.get_bool("materialize", false);
+      parse_output_format(o, j.at("output"), r.output);
       o.finish();
     }
     if (top.has("eval")) {

@@ -6,7 +6,8 @@
 //                   "stats": "stats.safetensors", "propagate": true, "out_stride": 16,
 //                   "sample": "first", "gram": false, "routed_only": false, "out_cos_tokens": 512},
 //   "passes": [{"pass": "merge", "method": "hcsmoe", "experts": 6}],
-//   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false, "materialize": false},
+//   "output": {"path": "out", "dtype": "bf16", "max_shard_size": "5GB", "force": false, "materialize": false,
+//              "format": "hf", "type": "q4_0", "tensor_type": ["ffn_down_exps=q8_0"]},
 //   "eval": {"text": "heldout.txt", "ctx": 512, "max_windows": 0, "against_input": true,
 //            "max_ppl_ratio": 1.15, "max_kl": 0.1, "min_top1": 0.8}
 // }
@@ -56,6 +57,11 @@ struct OutputSpec {
   uint64_t max_shard_bytes = 5'000'000'000ull;
   bool force = false;
   bool materialize = false;  // encoded weights written dense (a stock checkpoint; model::OutputOptions)
+  // The output format (pipeline/sink.h): hf (default), gguf, compressed-tensors or gptq. gguf: the
+  // main ggml type (required) and REGEX=TYPE overrides by GGUF tensor name.
+  std::string format = "hf";
+  std::string type;
+  std::vector<std::string> tensor_type;
 };
 
 struct EvalSpec {

@@ -20,7 +20,7 @@ std::pair<int64_t, uint64_t> expert_params_bytes(const model::Model& m) {
 }  // namespace
 
 nlohmann::json make_report(const std::string& command, const io::Checkpoint& input, const model::Model& before,
-                           const model::Model& after, const HfSinkResult& written, double seconds) {
+                           const model::Model& after, const SinkResult& written, double seconds) {
   nlohmann::json r;
   r["tool"] = std::string("moe-tool ") + MOE_TOOL_VERSION;
   r["command"] = command;

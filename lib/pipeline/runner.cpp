@@ -21,6 +21,7 @@
 #include "pipeline/mtp.h"
 #include "pipeline/preflight.h"
 #include "pipeline/report.h"
+#include "pipeline/sink.h"
 #include "pipeline/spill_writer.h"
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
@@ -258,44 +259,55 @@ json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* f
   return rep;
 }
 
-}  // namespace
+// The state run_recipe's phases share.
+struct RunState {
+  RunState(Recipe& recipe, const RunOptions& options, io::Env& e, const io::Checkpoint& c, model::Model& m)
+      : r(recipe), opts(options), env(e), ckpt(c), model(m), original(m) {}
+  Recipe& r;
+  const RunOptions& opts;
+  io::Env& env;
+  const io::Checkpoint& ckpt;
+  model::Model& model;     // the passes change it layer by layer
+  model::Model original;   // the input as loaded (its pages are released as layers are written)
+  std::chrono::steady_clock::time_point t0;  // the run's start
+  // check_run
+  bool needs_inputs = false, needs_stats = false, needs_grams = false, needs_layer_inputs = false;
+  std::vector<std::string> fields;  // statistics fields the first pass reads
+  bool shapes_at_run = false, moe_only = true;
+  uint64_t disk_needs = 0;
+  // the output, statistics and the plan
+  std::unique_ptr<Sink> sink;
+  std::optional<calib::Stats> stats;
+  std::vector<std::vector<int64_t>> counts;
+  std::optional<model::Model> planned;
+  std::vector<model::OutTensor> outs_after;
+  json summary, passes;
+  // run_layers
+  json plan_reports = json::array(), layer_reports = json::array();
+  int64_t params_fix = 0, active_fix = 0;  // written minus planned parameters (novices)
+  json manifest = json::object();
+  model::OutputOptions out_opts;
+  std::map<std::string, model::ClassAccount> acc_after;
+  std::map<std::string, std::string> weight_class;  // encoded weight -> its tensor class
+  std::string mtp_note;
+  // write_globals, evaluate_output
+  json global_reports = json::array();
+  SinkResult written;
+  json new_config, notes, eval_json, gate;
+};
 
-json check_quality_gates(const EvalSpec& spec, const json& eval_json) {
-  json bounds = json::object(), failed = json::array();
-  auto fmt = [](double v) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "%.6g", v);
-    return std::string(buf);
-  };
-  if (spec.max_ppl_ratio) {
-    const double before = eval_json.at("perplexity_before").get<double>(), after = eval_json.at("perplexity_after").get<double>();
-    const double ratio = after / before;
-    bounds["max_ppl_ratio"] = *spec.max_ppl_ratio;
-    if (!(ratio <= *spec.max_ppl_ratio))
-      failed.push_back("eval.max_ppl_ratio " + fmt(*spec.max_ppl_ratio) + ": perplexity ratio " + fmt(ratio) + " (" +
-                       fmt(after) + " vs " + fmt(before) + " of the input)");
-  }
-  if (spec.max_kl) {
-    const double kl = eval_json.at("kl_mean").get<double>();
-    bounds["max_kl"] = *spec.max_kl;
-    if (!(kl <= *spec.max_kl))
-      failed.push_back("eval.max_kl " + fmt(*spec.max_kl) + ": mean KL " + fmt(kl) + " nats/token");
-  }
-  if (spec.min_top1) {
-    const double top1 = eval_json.at("top1_agreement").get<double>();
-    bounds["min_top1"] = *spec.min_top1;
-    if (!(top1 >= *spec.min_top1))
-      failed.push_back("eval.min_top1 " + fmt(*spec.min_top1) + ": top-1 agreement " + fmt(top1));
-  }
-  return {{"passed", failed.empty()}, {"bounds", bounds}, {"failed", failed}};
-}
-
-json run_recipe(Recipe& r, const RunOptions& opts) {
-  const auto t0 = std::chrono::steady_clock::now();
-  auto& env = io::Env::posix();
-  const io::Checkpoint ckpt = io::Checkpoint::open(env, r.model);
-  model::Model model = model::Model::load(ckpt);
-  const model::Model original = model;
+// Plan and preflight: every check before any work (--dry-run stops after them), what the run
+// will compute, how it writes, and the output's room on its file system.
+void check_run(RunState& s) {
+  Recipe& r = s.r;
+  io::Env& env = s.env;
+  const io::Checkpoint& ckpt = s.ckpt;
+  const RunOptions& opts = s.opts;
+  model::Model& model = s.model;
+  bool &needs_inputs = s.needs_inputs, &needs_stats = s.needs_stats, &needs_grams = s.needs_grams,
+       &needs_layer_inputs = s.needs_layer_inputs, &shapes_at_run = s.shapes_at_run, &moe_only = s.moe_only;
+  std::vector<std::string>& fields = s.fields;
+  uint64_t& disk_needs = s.disk_needs;
   if (!model.family().moe)
     throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
                          " is dense: the passes of this recipe work on MoE layers");
@@ -313,8 +325,6 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
   // model's thresholds, so those statistics are collected too when a later pass needs out_absmax.
-  bool needs_inputs = false, needs_stats = false, needs_grams = false, needs_layer_inputs = false;
-  std::vector<std::string> fields;
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto req = r.passes[i]->requirements();
     needs_inputs = needs_inputs || req.block_inputs || req.input_grams;
@@ -365,7 +375,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     run_needs.min_windows_why = why + " = " + std::to_string(req.min_windows);
   }
   preflight(r, ckpt, model, run_needs, /*load_stats_file=*/opts.dry_run);
-  bool shapes_at_run = false, moe_only = true, densifies = false;
+  bool densifies = false;
   for (const auto& p : r.passes) {
     shapes_at_run = shapes_at_run || p->shapes_at_run();
     moe_only = moe_only && p->moe_layers_only();
@@ -394,18 +404,26 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // take is refused here, not after the statistics, and the output must fit on its file system.
   // Outputs whose shapes are decided while the passes run go through spill files first (twice
   // their size until the shards are assembled); their estimate is the planned shapes'.
-  const uint64_t estimate = bytes_of(planned_model(model, plan_passes(r, model, nullptr, false).back())
-                                         .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
-  const uint64_t disk_needs = shapes_at_run ? 2 * estimate : estimate;
+  const model::Model estimated = planned_model(model, plan_passes(r, model, nullptr, false).back());
+  const uint64_t estimate = bytes_of(estimated.outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
+  // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
+  check_output_format(env, r, ckpt, estimated);
+  // The export formats stage the native output beside theirs: room for both.
+  disk_needs = (shapes_at_run ? 2 * estimate : estimate) * (r.output.format == "hf" ? 1 : 2);
   io::check_free_space(r.output.path, disk_needs, r.key("output.path"));
   for (const auto& f : fields)
     if (f == "gram_in" || f == "gram_mid") r.calibration.gram = true;  // statistics on the fly: with Gram matrices
-  std::optional<io::OutputDir> out_dir;
-  if (!opts.dry_run)
-    out_dir.emplace(env, r.output.path, run_inputs(r), r.output.force, r.key("output.force"));
-  // Statistics: from the file (checked against this model) or collected on the calibration text.
-  std::optional<calib::Stats> stats;
-  if (needs_stats && !opts.dry_run) {
+}
+
+// Statistics the first pass reads: from the file (checked against this model) or collected on the
+// calibration text.
+void load_statistics(RunState& s) {
+  Recipe& r = s.r;
+  const io::Checkpoint& ckpt = s.ckpt;
+  const RunOptions& opts = s.opts;
+  const model::Model& model = s.model;
+  std::optional<calib::Stats>& stats = s.stats;
+  if (s.needs_stats && !s.opts.dry_run) {
     if (!r.calibration.stats.empty()) {
       stats = calib::Stats::load(r.calibration.stats);
       stats->check_model(ckpt, r.calibration.stats);
@@ -414,19 +432,36 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     }
     for (const auto& l : model.layers())
       if (l.moe)
-        for (const auto& f : fields) stats->layer(l.index, f);
+        for (const auto& f : s.fields) stats->layer(l.index, f);
   }
+}
+
+// The plan after the statistics: expert counts per layer after each pass, and the summary of what
+// the run will do (its core, and all of a dry run).
+void plan_run(RunState& s) {
+  Recipe& r = s.r;
+  const io::Checkpoint& ckpt = s.ckpt;
+  const RunOptions& opts = s.opts;
+  const model::Model& model = s.model;
+  const model::Model& original = s.original;
+  const std::optional<calib::Stats>& stats = s.stats;
+  json& summary = s.summary;
+  const bool needs_stats = s.needs_stats, needs_grams = s.needs_grams, needs_inputs = s.needs_inputs,
+             shapes_at_run = s.shapes_at_run;
+  const uint64_t disk_needs = s.disk_needs;
   // Global budgets are planned over all layers' statistics before the per-layer counts are known
   // (a dry run shows the passes' estimates instead).
-  const auto counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
-  const model::Model planned = planned_model(model, counts.back());
-  const auto outs_after = planned.outputs(model::OutputOptions{r.output.dtype, r.output.materialize});
+  s.counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
+  s.planned.emplace(planned_model(model, s.counts.back()));
+  const auto& counts = s.counts;
+  const model::Model& planned = *s.planned;
+  s.outs_after = planned.outputs(model::OutputOptions{r.output.dtype, r.output.materialize});
 
-  json summary;
   summary["model"] = r.model.string();
   summary["family"] = model.family().model_type;
   summary["output"] = r.output.path.string();
-  json passes = json::array();
+  json& passes = s.passes;
+  passes = json::array();
   for (const auto& p : r.passes) passes.push_back({{"pass", p->name()}, {"method", p->method()}, {"params", p->params()}});
   summary["passes"] = passes;
   json layers = json::array();
@@ -441,7 +476,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["layers"] = layers;
   summary["params"] = {{"before", original.total_params()}, {"after", planned.total_params()},
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
-  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(outs_after))}};
+  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(s.outs_after))}};
   summary["disk"] = {{"needs", disk_needs}, {"free", io::free_space(r.output.path)}};
 
   std::vector<std::string> compute;
@@ -462,7 +497,13 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
   summary["computes"] = compute;
   summary["warnings"] = dequantize_warnings(r, model);
-  if (opts.dry_run) {
+}
+
+// A dry run's summary: the plan, with the counts decided while a pass runs shown as such.
+json dry_run_summary(RunState& s) {
+  json& summary = s.summary;
+  const Recipe& r = s.r;
+  {
     size_warning(summary);
     summary["dry_run"] = true;
     bool at_run = false;
@@ -477,6 +518,41 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
 
 
+}
+
+// Writes one group of tensors (a layer's, the globals) through the sink, counting it per tensor class.
+// Every written tensor is checked for NaN/Inf by the writer (io::CheckpointWriter), so a pass
+// that copies weights without converting them (prune by a clean model's statistics) cannot
+// write a poisoned checkpoint either; the message names the input it came from.
+void write_group(RunState& s, const std::vector<model::OutTensor>& list) {
+  model::account_into(s.acc_after, list);
+  for (const auto& o : list)
+    if (!o.weight.empty()) s.weight_class[o.weight] = o.cls;
+  core::with_context(s.r.model.string(), [&] { s.sink->write(list); });
+}
+
+// The layer loop: the calibration hidden states (and a first pass's planning sweep), then per layer
+// the passes, the propagating forward and the write; then the multi-token-prediction layers.
+// Memory: one layer plus the calibration hidden states.
+void run_layers(RunState& s) {
+  Recipe& r = s.r;
+  const io::Checkpoint& ckpt = s.ckpt;
+  const RunOptions& opts = s.opts;
+  model::Model& model = s.model;
+  const model::Model& original = s.original;
+  const model::Model& planned = *s.planned;
+  const auto& counts = s.counts;
+  const std::optional<calib::Stats>& stats = s.stats;
+  Sink* sink = s.sink.get();
+  const bool needs_inputs = s.needs_inputs, needs_grams = s.needs_grams, needs_layer_inputs = s.needs_layer_inputs,
+             shapes_at_run = s.shapes_at_run, moe_only = s.moe_only;
+  const auto& outs_after = s.outs_after;
+  json& plan_reports = s.plan_reports;
+  json& manifest = s.manifest;
+  const model::OutputOptions& out_opts = s.out_opts;
+  json& layer_reports = s.layer_reports;
+  int64_t &params_fix = s.params_fix, &active_fix = s.active_fix;
+  std::string& mtp_note = s.mtp_note;
   // Calibration hidden states when a pass runs the block on real inputs.
   std::optional<runtime::Forward> fwd;
   runtime::MatrixRM X;
@@ -491,54 +567,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   // The planning sweep of a pass that plans across layers on calibration inputs (the first pass
   // only, checked above): the windows through the input model, layer by layer, on a copy of the
   // hidden states.
-  json plan_reports = json::array();
   if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
     plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, opts.quiet));
 
-  io::OutputDir& out = *out_dir;
   // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
   // files; the others straight into the planned shards.
-  std::optional<io::CheckpointWriter> writer;
-  std::optional<SpillWriter> spill;
   if (shapes_at_run) {
-    spill.emplace(env, out.path(), r.output.max_shard_bytes);
+    sink->begin(ckpt, std::nullopt);
   } else {
     std::vector<io::TensorSpec> plan;
     for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
-    writer.emplace(env, out.path(), plan, r.output.max_shard_bytes);
+    sink->begin(ckpt, plan);
   }
-  json manifest = json::object();
   // Layer by layer into one output: a part shared across layers is written once.
-  const model::OutputOptions out_opts{r.output.dtype, r.output.materialize, std::make_shared<model::SharedPartNames>()};
-  std::map<std::string, model::ClassAccount> acc_after;
-  std::map<std::string, std::string> weight_class;  // encoded weight -> its tensor class
+  s.out_opts = model::OutputOptions{r.output.dtype, r.output.materialize, std::make_shared<model::SharedPartNames>()};
   auto release = [&](const core::Tensor& t) {
     for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
   };
-  // Every written tensor is checked for NaN/Inf by the writer (io::CheckpointWriter), so a pass
-  // that copies weights without converting them (prune by a clean model's statistics) cannot
-  // write a poisoned checkpoint either; the message names the input it came from.
-  auto write_outputs = [&](const std::vector<model::OutTensor>& list) {
-    model::account_into(acc_after, list);
-    for (const auto& o : list)
-      if (!o.weight.empty()) weight_class[o.weight] = o.cls;
-    core::with_context(r.model.string(), [&] {
-      if (spill) {
-        spill->write_group(list, release);
-        return;
-      }
-      for (const auto& o : list) {
-        core::Tensor t = o.make();
-        if (t.dtype() != o.dtype) t = t.converted(o.dtype);
-        writer->write(o.name, t);
-        release(t);
-      }
-    });
-  };
-
+  auto write_outputs = [&](const std::vector<model::OutTensor>& list) { write_group(s, list); };
   const calib::Stats::SuperThresholds super_th = stats ? stats->super_thresholds() : calib::Stats::SuperThresholds{};
-  json layer_reports = json::array();
-  int64_t params_fix = 0, active_fix = 0;  // written minus planned parameters (novices)
   // Progress in hundredths of a layer: each layer's steps (calibration forward, each pass, the
   // propagating forward, the write) move it, so it shows before the first layer is done.
   constexpr uint64_t kPart = 100;
@@ -641,7 +688,6 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   }
   progress.finish();
   // Multi-token-prediction layers keep the experts the last MoE decoder layer kept.
-  std::string mtp_note;
   if (!model.mtp_moe_layers().empty())
     for (auto it = layer_reports.rbegin(); it != layer_reports.rend(); ++it)
       if (it->contains("origin")) {
@@ -655,10 +701,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                    " (the last MoE decoder layer; no statistics exist for the MTP block)";
         break;
       }
+}
+
+// Globals and pass-through tensors, the sub-1-bit dictionary, config.json, and the sink's finish
+// (the export formats convert their staged output here); the notes the report carries.
+void write_globals(RunState& s) {
+  Recipe& r = s.r;
+  model::Model& model = s.model;
+  const model::Model& original = s.original;
+  const model::Model& planned = *s.planned;
+  Sink* sink = s.sink.get();
+  json& summary = s.summary;
+  json& global_reports = s.global_reports;
+  json& manifest = s.manifest;
+  const model::OutputOptions& out_opts = s.out_opts;
+  const json& layer_reports = s.layer_reports;
+  const std::string& mtp_note = s.mtp_note;
   // Globals and pass-through tensors: everything not written with a layer (this includes
   // per-layer tensors the family does not describe, such as rotary_emb.inv_freq buffers, and
   // the MTP layers, taken from the model as the passes left it).
-  json global_reports = json::array();
   for (const auto& p : r.passes) {
     json gr;
     core::with_context("globals: " + p->name() + " " + p->method(), [&] { p->run_globals(model, gr); });
@@ -668,31 +729,18 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
       global_reports.push_back(gr);
     }
   }
-  write_outputs(model.global_outputs(out_opts, &manifest));
+  write_group(s, model.global_outputs(out_opts, &manifest));
   for (size_t i = 0; i < r.passes.size(); ++i)
     for (const auto& w : r.passes[i]->run_warnings())
       summary["warnings"].push_back(r.passes.size() == 1 ? w : "passes[" + std::to_string(i) + "]: " + w);
-  uint64_t written_bytes = 0;
-  size_t written_tensors = 0, written_shards = 0;
-  if (spill) {
+  if (SpillWriter* spill = sink->spill()) {
     // Weights waiting for the checkpoint's sub-1-bit dictionary (pipeline/model_dictionary.h).
-    const json s1 = code_with_model_dictionary(*spill, manifest, weight_class, acc_after);
+    const json s1 = code_with_model_dictionary(*spill, manifest, s.weight_class, s.acc_after);
     if (!s1.is_null()) summary["sub1bit"] = s1;
-    written_bytes = spill->finish();
-    written_tensors = spill->tensor_count();
-    written_shards = spill->shard_count();
-  } else {
-    writer->finish();
-    written_bytes = bytes_of(outs_after);
-    written_tensors = outs_after.size();
-    written_shards = writer->shard_count();
   }
-  // config.json and side files.
-  for (const auto& f : ckpt.side_files()) {
-    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
-    env.copy_file(f, out.path() / f.filename());
-  }
-  json new_config = planned.rewritten_config(out_opts, &manifest);
+  // config.json (the side files are copied by the sink).
+  json& new_config = s.new_config;
+  new_config = planned.rewritten_config(out_opts, &manifest);
   if (new_config.contains("quantization_config") && new_config["quantization_config"].contains("experts_per_layer"))
   {
     new_config["quantization_config"]["keep_map"] = keep_map(layer_reports, model.dims().layers);
@@ -701,8 +749,10 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
     for (const auto& l : original.layers()) input_counts.push_back(l.moe ? l.moe->num_experts() : 0);
     new_config["quantization_config"]["input_experts_per_layer"] = input_counts;
   }
-  env.write_text(out.path() / "config.json", new_config.dump(2) + "\n");
-  json notes = json::array();
+  s.written = sink->finish(new_config);
+  const SinkResult& written = s.written;
+  json& notes = s.notes;
+  notes = json::array();
   const json& old_config = original.config().json();
   if (old_config.value("n_group", 1) > 1 && new_config.value("n_group", 1) == 1)
     notes.push_back("config: n_group " + old_config.at("n_group").dump() + " -> 1 and topk_group " +
@@ -710,11 +760,25 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");
   if (!mtp_note.empty()) notes.push_back(mtp_note);
+  if (r.eval && written.format == "gguf")
+    notes.push_back("eval: measured on the native output the GGUF file was converted from; int4/int8 groups of 32 are "
+                    "copied into q4_0/q8_0 blocks as they are, but tensors rounded to " + r.key("output.type") + " " +
+                    r.output.type + " in the file were measured before that rounding");
 
-  // Evaluate the written checkpoint (still in the temporary folder) against the input.
-  json eval_json;
+}
+
+// Evaluates the written checkpoint (still in the temporary folder; the export formats' staged
+// native output) against the input, and checks the quality gates: the written model is kept
+// either way; the report and the summary say which bounds it missed (the CLI exits 3 then).
+void evaluate_output(RunState& s) {
+  const Recipe& r = s.r;
+  io::Env& env = s.env;
+  const RunOptions& opts = s.opts;
+  const model::Model& original = s.original;
+  Sink* sink = s.sink.get();
+  json& eval_json = s.eval_json;
   if (r.eval) {
-    const io::Checkpoint written_ckpt = io::Checkpoint::open(env, out.path());
+    const io::Checkpoint written_ckpt = io::Checkpoint::open(env, sink->native_dir());
     const model::Model written_model = model::Model::load(written_ckpt);
     eval::EvalOptions eo;
     eo.ctx = r.eval->ctx;
@@ -739,11 +803,28 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
 
   // Quality gates: the written model is kept either way; the report and the summary say which
   // bounds it missed (the CLI exits 3 then).
-  json gate;
+  json& gate = s.gate;
   if (r.eval && r.eval->has_gates()) gate = check_quality_gates(*r.eval, eval_json);
 
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  HfSinkResult written{written_bytes, written_tensors, written_shards};
+}
+
+// The report (moe_tool_report.json where the format has room for it), the commit, and the summary.
+json write_run_report(RunState& s) {
+  const Recipe& r = s.r;
+  const RunOptions& opts = s.opts;
+  const io::Checkpoint& ckpt = s.ckpt;
+  const model::Model& original = s.original;
+  const model::Model& planned = *s.planned;
+  Sink* sink = s.sink.get();
+  json& summary = s.summary;
+  const json &passes = s.passes, &layer_reports = s.layer_reports, &plan_reports = s.plan_reports,
+             &global_reports = s.global_reports, &eval_json = s.eval_json, &gate = s.gate, &notes = s.notes;
+  const SinkResult& written = s.written;
+  const uint64_t written_bytes = written.tensor_bytes;
+  const std::optional<calib::Stats>& stats = s.stats;
+  const auto& acc_after = s.acc_after;
+  const int64_t params_fix = s.params_fix, active_fix = s.active_fix;
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - s.t0).count();
   summary["params"]["after"] = planned.total_params() + params_fix;
   summary["params"]["active_after"] = planned.active_params() + active_fix;
   json report = make_report(opts.command, ckpt, original, planned, written, secs);
@@ -786,16 +867,70 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   summary["bytes"]["after"] = written_bytes;
   size_warning(summary);
   if (!summary["warnings"].empty()) report["warnings"] = summary["warnings"];
-  write_report(env, out.path(), report);
-  out.commit();
+  report["output"] = written.to_json();
+  const io::fs::path report_path = sink->write_report(report);
+  sink->commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
   if (!gate.is_null()) summary["quality_gate"] = gate;
   summary["layers"] = layer_reports;
   if (!plan_reports.empty()) summary["plans"] = plan_reports;
   summary["seconds"] = secs;
-  summary["report"] = (r.output.path / "moe_tool_report.json").string();
+  summary["report"] = report_path.empty() ? json() : json(report_path.string());
+  if (written.format != "hf") summary["output_format"] = written.to_json();
   if (!notes.empty()) summary["notes"] = notes;
   return summary;
+}
+
+}  // namespace
+
+json check_quality_gates(const EvalSpec& spec, const json& eval_json) {
+  json bounds = json::object(), failed = json::array();
+  auto fmt = [](double v) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.6g", v);
+    return std::string(buf);
+  };
+  if (spec.max_ppl_ratio) {
+    const double before = eval_json.at("perplexity_before").get<double>(), after = eval_json.at("perplexity_after").get<double>();
+    const double ratio = after / before;
+    bounds["max_ppl_ratio"] = *spec.max_ppl_ratio;
+    if (!(ratio <= *spec.max_ppl_ratio))
+      failed.push_back("eval.max_ppl_ratio " + fmt(*spec.max_ppl_ratio) + ": perplexity ratio " + fmt(ratio) + " (" +
+                       fmt(after) + " vs " + fmt(before) + " of the input)");
+  }
+  if (spec.max_kl) {
+    const double kl = eval_json.at("kl_mean").get<double>();
+    bounds["max_kl"] = *spec.max_kl;
+    if (!(kl <= *spec.max_kl))
+      failed.push_back("eval.max_kl " + fmt(*spec.max_kl) + ": mean KL " + fmt(kl) + " nats/token");
+  }
+  if (spec.min_top1) {
+    const double top1 = eval_json.at("top1_agreement").get<double>();
+    bounds["min_top1"] = *spec.min_top1;
+    if (!(top1 >= *spec.min_top1))
+      failed.push_back("eval.min_top1 " + fmt(*spec.min_top1) + ": top-1 agreement " + fmt(top1));
+  }
+  return {{"passed", failed.empty()}, {"bounds", bounds}, {"failed", failed}};
+}
+
+json run_recipe(Recipe& r, const RunOptions& opts) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto& env = io::Env::posix();
+  const io::Checkpoint ckpt = io::Checkpoint::open(env, r.model);
+  model::Model model = model::Model::load(ckpt);
+  RunState s(r, opts, env, ckpt, model);
+  s.t0 = t0;
+  check_run(s);
+  // The output exists from here on, so nothing can take its place unnoticed while the statistics
+  // are computed.
+  if (!opts.dry_run) s.sink = make_sink(env, r, run_inputs(r));
+  load_statistics(s);
+  plan_run(s);
+  if (opts.dry_run) return dry_run_summary(s);
+  run_layers(s);
+  write_globals(s);
+  evaluate_output(s);
+  return write_run_report(s);
 }
 
 std::string render_run_summary(const json& s) {
@@ -833,8 +968,12 @@ std::string render_run_summary(const json& s) {
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";
-  if (!dry)
-    o << "  output   " << s.at("output").get<std::string>() << " (report: " << s.at("report").get<std::string>() << ")\n";
+  if (!dry) {
+    o << "  output   " << s.at("output").get<std::string>();
+    if (s.contains("output_format")) o << " (" << s.at("output_format").at("format").get<std::string>() << ")";
+    if (s.at("report").is_null()) o << " (report: in this summary only; a GGUF file holds none: use --json)\n";
+    else o << " (report: " << s.at("report").get<std::string>() << ")\n";
+  }
   if (s.contains("eval")) {
     const auto& e = s.at("eval");
     char buf[256];

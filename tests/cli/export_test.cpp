@@ -2,6 +2,12 @@
 // compared with data/golden/gguf.json (made by data/scripts/check_gguf.py, an independent NumPy
 // decoder of the same files); metadata and tensor types as llama.cpp expects them; --tensor-type;
 // and every refusal (exit 2, one line, nothing written).
+// Then the recipe output formats (pipeline/sink.h): a recipe that prunes, quantizes and writes
+// GGUF, compressed-tensors or GPTQ writes the same bytes as `export` of the same recipe's native
+// output (the sink stages the native output beside its own and converts it), leaves no staging
+// behind, and refuses an encoding the format cannot hold before any work (exit 2, one line naming
+// the JSON path or flag and the way out, nothing written). Small synthetic mixtral (hidden 32, 4
+// experts of width 32, the fixtures' byte-level tokenizer).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -360,6 +366,165 @@ TEST(Export, RefusalsWriteNothing) {
   const auto size = fs::file_size(out);
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "f32"}), "--force");
   EXPECT_EQ(fs::file_size(out), size);
+}
+
+// ---- recipe output formats ----
+
+// The synthetic model with the fixtures' tokenizer (GGUF's tokenizer metadata needs one).
+fs::path synth_with_calib_tokenizer(const TempDir& dir) {
+  const fs::path d = dir / "model";
+  write_synth(make_synth("mixtral", {.config_patch = {{"vocab_size", 4096}, {"intermediate_size", 32}}}), d);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(kSrc / "data/models/mixtral-tiny" / f, d / f);
+  return d;
+}
+
+// prune (frequency, 4 -> 3 experts) then quantize (RTN int4, symmetric groups of 32).
+json sink_recipe(const fs::path& model, const json& output) {
+  return {{"model", model.string()},
+          {"calibration", {{"text", (kSrc / "data/text/calib.txt").string()}, {"ctx", 32}, {"windows", 4}}},
+          {"passes", json::array({{{"pass", "prune"}, {"method", "frequency"}, {"keep", 3}},
+                                  {{"pass", "quantize"}, {"method", "rtn"}, {"codec", "int4:g32:sym"}}})},
+          {"output", output}};
+}
+
+RunResult run_recipe_file(const TempDir& dir, const std::string& name, const json& r, const std::vector<std::string>& extra = {}) {
+  const fs::path file = dir / (name + ".json");
+  write_file(file, r.dump(2));
+  std::vector<std::string> args = {"-q", "run", file.string()};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return run_tool(args);
+}
+
+std::vector<std::string> dir_entries(const fs::path& dir) {
+  std::vector<std::string> v;
+  for (const auto& e : fs::directory_iterator(dir)) v.push_back(e.path().filename().string());
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+// The recipe's GGUF equals, byte for byte, `export` of the recipe's native output (the general.name
+// is the output's name without .gguf, here the native folder's name); int4 groups of 32 are q4_0
+// blocks; the staged native output is gone.
+TEST(RecipeSink, GgufEqualsExportOfTheNativeOutput) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  const fs::path native = dir / "a" / "m", exported = dir / "a" / "m.gguf", direct = dir / "b" / "m.gguf";
+  ASSERT_EQ(run_recipe_file(dir, "hf", sink_recipe(model, {{"path", native.string()}})).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "export", native.string(), exported.string(), "--type", "q8_0"}).exit_code, 0);
+  const RunResult r = run_recipe_file(dir, "gguf", sink_recipe(model, {{"path", direct.string()}, {"format", "gguf"}, {"type", "q8_0"}}),
+                                 {"--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_file(direct), read_file(exported));
+  EXPECT_EQ(dir_entries(direct.parent_path()), std::vector<std::string>{"m.gguf"});  // no staging left
+  const auto f = io::GgufFile::open(io::Env::posix(), direct);
+  EXPECT_EQ(f.find_tensor("blk.0.ffn_up_exps.weight")->type, quant::GgmlType::Q4_0);
+  EXPECT_EQ(f.find_tensor("blk.0.ffn_up_exps.weight")->ne.back(), 3);  // pruned to 3 experts
+  EXPECT_EQ(f.find_tensor("blk.0.attn_q.weight")->type, quant::GgmlType::Q8_0);
+  // The summary's output section: the GGUF's accounting, not the staged folder's.
+  const json s = json::parse(r.out);
+  EXPECT_EQ(s.at("output_format").at("format"), "gguf");
+  EXPECT_EQ(s.at("output_format").at("tensors").get<size_t>(), f.tensors().size());
+  EXPECT_EQ(s.at("output_format").at("file_bytes").get<uint64_t>(), fs::file_size(direct));
+  EXPECT_TRUE(s.at("report").is_null());
+}
+
+// The same for the packed folders: tensors and config.json equal those of `export`.
+class RecipePackedSink : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(RecipePackedSink, EqualsExportOfTheNativeOutput) {
+  const std::string format = GetParam();
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  const fs::path native = dir / "a" / "m", exported = dir / "a" / "x", direct = dir / "b" / "x";
+  ASSERT_EQ(run_recipe_file(dir, "hf", sink_recipe(model, {{"path", native.string()}})).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "export", native.string(), exported.string(), "--format", format}).exit_code, 0);
+  const RunResult r = run_recipe_file(dir, "packed", sink_recipe(model, {{"path", direct.string()}, {"format", format}}));
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  for (const char* f : {"model.safetensors", "config.json", "tokenizer.json"})
+    EXPECT_EQ(read_file(direct / f), read_file(exported / f)) << f;
+  EXPECT_EQ(read_json(direct / "config.json").at("quantization_config").at("quant_method"),
+            format == "gptq" ? "gptq" : "compressed-tensors");
+  // The report is in the folder, its output section the packed one.
+  const json rep = read_json(direct / "moe_tool_report.json");
+  EXPECT_EQ(rep.at("output").at("format"), format);
+  EXPECT_EQ(rep.at("output").at("bits"), 4);
+  EXPECT_EQ(rep.at("bytes").at("after").get<uint64_t>(), rep.at("output").at("tensor_bytes").get<uint64_t>());
+  EXPECT_EQ(dir_entries(direct.parent_path()), std::vector<std::string>{"x"});  // no staging left
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, RecipePackedSink, ::testing::Values("compressed-tensors", "gptq"));
+
+// Ternary experts cannot be held by compressed-tensors: refused by the checks (a dry run, which
+// computes nothing, refuses it too), one line naming the format key and the codec key, nothing written.
+TEST(RecipeSink, TernaryToCompressedTensorsIsRefusedBeforeAnyWork) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  const fs::path out = dir / "out" / "ct";
+  json r = sink_recipe(model, {{"path", out.string()}, {"format", "compressed-tensors"}});
+  r["passes"][1]["codec"] = "ternary";
+  for (const std::vector<std::string>& extra : {std::vector<std::string>{}, {"--dry-run"}}) {
+    const RunResult res = run_recipe_file(dir, "ternary", r, extra);
+    expect_clean_failure(res, "output.format compressed-tensors: passes[1].codec writes experts as ternary");
+    EXPECT_NE(res.err.find("or write output.format hf"), std::string::npos) << res.err;
+    EXPECT_FALSE(fs::exists(out.parent_path()));
+  }
+  // The one-pass commands name their flags.
+  const RunResult q = run_tool({"-q", "quantize", model.string(), out.string(), "--method", "rtn", "--codec", "ternary",
+                                "--format", "gguf", "--gguf-type", "q8_0"});
+  expect_clean_failure(q, "--format gguf: --codec writes experts as ternary");
+  EXPECT_NE(q.err.find("let --gguf-type round it"), std::string::npos) << q.err;
+  EXPECT_FALSE(fs::exists(out.parent_path()));
+}
+
+// GGUF copies only symmetric groups of 32; other groups, and rows that are not whole blocks,
+// are refused in the checks; the GGUF-only keys are refused for other formats.
+TEST(RecipeSink, GgufRefusalsNameTheKey) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  const fs::path out = dir / "out" / "m.gguf";
+  json r = sink_recipe(model, {{"path", out.string()}, {"format", "gguf"}, {"type", "q8_0"}});
+  r["passes"][1]["codec"] = "int4:g16:sym";
+  expect_clean_failure(run_recipe_file(dir, "g16", r), "passes[1].codec writes experts as int4:g16:sym, which has no GGUF block type");
+  r["passes"][1]["codec"] = "int4:g32:sym";
+  r["passes"][1]["tensor_type"] = json::array({"w2=int8:g32:sym"});  // down: [32, 32] rows of 32, fine
+  r["passes"][1]["attention"] = "int4:g32:sym";
+  r["output"].erase("type");
+  expect_clean_failure(run_recipe_file(dir, "notype", r), "output.type: required for output.format gguf");
+  r["output"] = {{"path", (dir / "out" / "m").string()}, {"type", "q8_0"}};
+  expect_clean_failure(run_recipe_file(dir, "hftype", r), "output.type: GGUF only");
+  EXPECT_FALSE(fs::exists(out.parent_path()));
+}
+
+// A refusal only the values decide (GPTQ's v1 layout cannot store a zero point of 0: here every
+// gate projection is made non-negative, so min-max groups get zero point 0) comes after the passes
+// ran: exit 2, one line naming the run's output (not the staged temporary), and neither the staged
+// native output nor the output is left behind.
+TEST(RecipeSink, RefusalAfterStagingLeavesNothing) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  // Clear the sign bit of every bf16 value of the experts' w1 in model.safetensors.
+  const fs::path st = model / "model.safetensors";
+  std::string bytes = read_file(st);
+  uint64_t n = 0;
+  for (int b = 7; b >= 0; --b) n = (n << 8) | static_cast<uint8_t>(bytes[static_cast<size_t>(b)]);
+  const json header = json::parse(bytes.substr(8, n));
+  int changed = 0;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__" || name.find(".w1.weight") == std::string::npos) continue;
+    const auto off = info.at("data_offsets");
+    for (uint64_t p = 8 + n + off[0].get<uint64_t>() + 1; p < 8 + n + off[1].get<uint64_t>(); p += 2) bytes[p] &= 0x7f;
+    ++changed;
+  }
+  ASSERT_GT(changed, 0);
+  write_file(st, bytes);
+  json r = sink_recipe(model, {{"path", (dir / "out" / "g").string()}, {"format", "gptq"}});
+  r["passes"] = json::array({{{"pass", "quantize"}, {"method", "rtn"}, {"codec", "int4:g32:asym"}}});
+  const RunResult res = run_recipe_file(dir, "zero", r);
+  expect_clean_failure(res, "zero point 0");
+  EXPECT_NE(res.err.find("the native output staged for " + (dir / "out" / "g").string()), std::string::npos) << res.err;
+  EXPECT_EQ(res.err.find("moe-tool-tmp"), std::string::npos) << res.err;
+  EXPECT_FALSE(fs::exists(dir / "out"));  // the parent the run made is removed with the staged output
 }
 
 }  // namespace

@@ -1,0 +1,377 @@
+#include "pipeline/gguf_export.h"
+
+#include <algorithm>
+#include <optional>
+
+#include "core/error.h"
+#include "io/gguf.h"
+#include "io/gguf_names.h"
+#include "quant/intn.h"
+#include "runtime/forward.h"
+#include "tokenizer/tokenizer.h"
+
+namespace moe::pipeline {
+
+namespace {
+
+using core::Error;
+using io::GgufValue;
+using quant::GgmlType;
+namespace fs = std::filesystem;
+
+// One output tensor: the source tensors stacked along the slowest dimension (experts) or one.
+struct Item {
+  io::GgufTensorInfo info;
+  std::vector<core::Tensor> parts;
+  int64_t permute_heads = 0;  // > 0: rows permuted for llama.cpp's RoPE, this many heads
+};
+
+// The type of one tensor whose rows hold `row` values: 1-D tensors and routers stay F32 (llama.cpp's
+// graph and llama-quantize keep them so); then the first matching --tensor-type; token_embd and
+// output, when the main type is a block type other than Q8_0, at Q6_K where the rows are a multiple
+// of 256 (as llama-quantize puts output), else Q8_0; else the main type.
+GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlType main, const std::vector<GgufTypeOverride>& ovr) {
+  if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos) return GgmlType::F32;
+  for (const auto& o : ovr)
+    if (std::regex_search(name, o.re)) return o.type;
+  if ((name == "token_embd.weight" || name == "output.weight") && quant::ggml_type_info(main).block > 1)
+    return main != GgmlType::Q8_0 && row % quant::ggml_type_info(GgmlType::Q6_K).block == 0 ? GgmlType::Q6_K : GgmlType::Q8_0;
+  return main;
+}
+
+// Rows of a [heads * d, cols] q or k projection reordered as llama.cpp's converter does for the
+// interleaved (non-NeoX) RoPE of arch llama: within each head, row 2i + s takes row s * d/2 + i.
+std::vector<float> permute_rows(const std::vector<float>& w, int64_t heads, int64_t rows, int64_t cols) {
+  const int64_t d = rows / heads, half = d / 2;
+  std::vector<float> out(w.size());
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < half; ++i)
+      for (int64_t s = 0; s < 2; ++s)
+        std::copy_n(w.data() + (h * d + s * half + i) * cols, cols, out.data() + (h * d + 2 * i + s) * cols);
+  return out;
+}
+
+// The block type an encoded weight's codes are already on, so they are copied, not re-quantized:
+// moe-tool's symmetric int4 / int8 groups of 32 (f16 scale, implied zero point 8 / 128) are Q4_0
+// / Q8_0 blocks exactly. nullopt for a plain tensor or any other encoding.
+std::optional<GgmlType> direct_type(const core::Tensor& t) {
+  const auto* q = dynamic_cast<const quant::IntN*>(t.encoding());
+  if (!q || !q->symmetric() || q->group() != 32 || q->cols() % 32 != 0) return std::nullopt;
+  if (q->bits() == 4) return GgmlType::Q4_0;
+  if (q->bits() == 8) return GgmlType::Q8_0;
+  return std::nullopt;
+}
+
+// Refuses what this exporter cannot write faithfully, before any work (encodings without a block
+// type are refused by the plan, naming the tensor, before the file is created).
+void refuse_unsupported(const model::Model& m, const std::string& src) {
+  m.refuse_novices(src, "GGUF has no constant expert; prune them instead");
+  int64_t experts = -1;
+  for (const auto& layer : m.layers()) {
+    const std::string where = "layer " + std::to_string(layer.index);
+    if (!layer.moe)
+      throw Error::unsupported(src + ": " + where + " is a dense layer; llama.cpp's MoE architectures need experts in every layer");
+    if (experts >= 0 && layer.moe->num_experts() != experts)
+      throw Error::unsupported(src + ": " + where + " has " + std::to_string(layer.moe->num_experts()) +
+                               " experts, other layers " + std::to_string(experts) + "; GGUF has one expert_count per model");
+    experts = layer.moe->num_experts();
+  }
+  if (!m.extras().empty())
+    throw Error::unsupported(src + ": tensor " + m.extras().front().first + " has no GGUF name in this exporter");
+}
+
+// tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model).
+void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::GgufMetadata& kv) {
+  const fs::path tj = dir / "tokenizer.json";
+  const auto tok = tokenizer::Tokenizer::load(dir);
+  const auto j = io::parse_json_file_text(env.read_text(tj), tj.string());
+  const std::string type = j.contains("model") ? j["model"].value("type", "") : "";
+  if (type != "BPE") throw Error::unsupported(tj.string() + ": model.type '" + type + "': only byte-level BPE is exported");
+  const std::string pre_json = j.contains("pre_tokenizer") ? j["pre_tokenizer"].dump() : "null";
+  if (pre_json.find("\"ByteLevel\"") == std::string::npos)
+    throw Error::unsupported(tj.string() + ": pre_tokenizer: not byte-level; SentencePiece-style tokenizers are not exported yet");
+  const char* pre = nullptr;
+  io::for_each_gguf_pre_tokenizer([&](const char* name, const char* regex) {
+    if (pre_json.find(nlohmann::json(regex).dump()) != std::string::npos) pre = name;
+  });
+  if (!pre)
+    throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regex is none llama.cpp knows by name here (qwen2, llama-bpe); "
+                             "llama.cpp would tokenize differently");
+  if (static_cast<int64_t>(tok.vocab_size()) > n_vocab)
+    throw Error::corruption(tj.string() + ": " + std::to_string(tok.vocab_size()) + " tokens, more than the embedding's " +
+                            std::to_string(n_vocab) + " rows");
+  std::vector<std::string> tokens;
+  std::vector<int32_t> types;
+  for (int64_t id = 0; id < n_vocab; ++id) {
+    std::string t;
+    int32_t ty = 1;  // normal
+    try {
+      t = tok.id_to_token(static_cast<int32_t>(id));
+      if (tok.is_special(static_cast<int32_t>(id))) ty = 3;  // control
+    } catch (const Error&) {
+      t = "[PAD" + std::to_string(id) + "]";
+      ty = 5;  // unused
+    }
+    tokens.push_back(std::move(t));
+    types.push_back(ty);
+  }
+  for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
+    const int64_t id = a.value("id", -1);
+    if (id >= 0 && id < n_vocab && !a.value("special", false)) types[id] = 4;  // user defined
+  }
+  std::vector<std::string> merges;
+  for (const auto& m : j["model"].value("merges", nlohmann::json::array())) {
+    if (m.is_string()) merges.push_back(m.get<std::string>());
+    else if (m.is_array() && m.size() == 2) merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
+    else throw Error::corruption(tj.string() + ": model.merges: expected \"a b\" or [a, b], found " + m.dump());
+  }
+  kv.emplace_back("tokenizer.ggml.model", GgufValue::string("gpt2"));
+  kv.emplace_back("tokenizer.ggml.pre", GgufValue::string(pre));
+  kv.emplace_back("tokenizer.ggml.tokens", GgufValue::strings(tokens));
+  kv.emplace_back("tokenizer.ggml.token_type", GgufValue::i32s(types));
+  kv.emplace_back("tokenizer.ggml.merges", GgufValue::strings(merges));
+  // As the converter: the tokenizer's special tokens, else config.json's ids.
+  auto special = [&](const char* key, std::optional<int32_t> id, const char* config_key) {
+    if (!id) {
+      const fs::path cj = dir / "config.json";
+      const auto c = io::parse_json_file_text(env.read_text(cj), cj.string());
+      if (c.contains(config_key) && c[config_key].is_number_integer()) id = c[config_key].get<int32_t>();
+    }
+    if (id && *id >= 0 && *id < n_vocab) kv.emplace_back(key, GgufValue::u32(static_cast<uint32_t>(*id)));
+  };
+  special("tokenizer.ggml.bos_token_id", tok.bos_id(), "bos_token_id");
+  special("tokenizer.ggml.eos_token_id", tok.eos_id(), "eos_token_id");
+  kv.emplace_back("tokenizer.ggml.add_bos_token", GgufValue::boolean(tok.adds_bos()));
+  kv.emplace_back("tokenizer.ggml.add_eos_token", GgufValue::boolean(tok.adds_eos()));
+}
+
+struct ExportPlan {
+  io::GgufMetadata kv;
+  std::vector<Item> items;
+};
+
+ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts) {
+  const GgmlType main = opts.type;
+  const auto& ovr = opts.overrides;
+  const std::string src = ckpt.dir().string();
+  const auto& fam = m.family();
+  const io::GgufArch* arch = io::gguf_arch_for_model_type(fam.model_type);
+  if (!arch)
+    throw Error::unsupported(src + ": family " + fam.model_type + " is not exported to GGUF yet (exported: " +
+                             io::gguf_exported_model_types() + ")");
+  refuse_unsupported(m, src);
+  const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
+  if (spec.rope_scaling.type != "default")
+    throw Error::unsupported(src + ": rope_scaling '" + spec.rope_scaling.type + "' is not exported to GGUF yet");
+  if (spec.attn.sliding_window > 0)
+    throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
+                             ": llama.cpp's " + arch->arch + " graph has no sliding window");
+  if (spec.routing.renormalize != arch->renormalizes)
+    throw Error::unsupported(src + ": routing " + (spec.routing.renormalize ? "renormalizes" : "does not renormalize") +
+                             " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
+                             (arch->renormalizes ? "does" : "does not"));
+  const auto& d = m.dims();
+  const auto& c = m.config();
+  const std::string A = arch->arch;
+  ExportPlan p;
+  auto& kv = p.kv;
+  kv.emplace_back("general.architecture", GgufValue::string(A));
+  fs::path folder = fs::absolute(ckpt.dir()).lexically_normal();
+  if (folder.filename().empty()) folder = folder.parent_path();  // "models/x/"
+  kv.emplace_back("general.name", GgufValue::string(opts.name.empty() ? folder.filename().string() : opts.name));
+  kv.emplace_back("general.alignment", GgufValue::u32(io::kGgufDefaultAlignment));
+  kv.emplace_back("general.file_type", GgufValue::u32(io::gguf_file_type_of(main)));
+  kv.emplace_back("general.quantization_version", GgufValue::u32(2));
+  auto u32 = [&](const std::string& k, int64_t v) { kv.emplace_back(A + "." + k, GgufValue::u32(static_cast<uint32_t>(v))); };
+  auto f32 = [&](const std::string& k, double v) { kv.emplace_back(A + "." + k, GgufValue::f32(static_cast<float>(v))); };
+  const auto& moe0 = *m.layers().front().moe;
+  u32("context_length", spec.max_positions > 0 ? spec.max_positions : 4096);
+  u32("embedding_length", d.hidden);
+  u32("block_count", d.layers);
+  u32("feed_forward_length", arch->expert_width_key ? c.get_int_or("intermediate_size", moe0.expert_width()) : moe0.expert_width());
+  u32("attention.head_count", d.heads);
+  u32("attention.head_count_kv", d.kv_heads);
+  f32("rope.freq_base", spec.rope_theta);
+  f32("attention.layer_norm_rms_epsilon", spec.eps);
+  u32("expert_count", moe0.num_experts());
+  u32("expert_used_count", d.top_k);
+  if (arch->expert_width_key) u32("expert_feed_forward_length", moe0.expert_width());
+  if (arch->shared_expert && moe0.shared) u32("expert_shared_feed_forward_length", moe0.shared->width());
+  if (d.head_dim * d.heads != d.hidden) {
+    u32("attention.key_length", d.head_dim);
+    u32("attention.value_length", d.head_dim);
+  }
+  if (arch->permute_qk) u32("rope.dimension_count", d.head_dim);
+  if (spec.attn.clip_qkv) f32("attention.clamp_kqv", *spec.attn.clip_qkv);
+
+  auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0) {
+    Item it;
+    it.info.name = name;
+    const auto& s = parts.front().shape();
+    it.info.ne.assign(s.rbegin(), s.rend());
+    if (parts.size() > 1) it.info.ne.push_back(static_cast<int64_t>(parts.size()));
+    // A [1, H] gate is a vector to llama.cpp ({n_embd}).
+    while (it.info.ne.size() > 1 && it.info.ne.back() == 1) it.info.ne.pop_back();
+    for (size_t e = 0; e < parts.size(); ++e)
+      if (const core::Encoding* enc = parts[e].encoding(); enc && !direct_type(parts[e]))
+        throw Error::unsupported(src + ": " + name + (parts.size() > 1 ? ": expert " + std::to_string(e) : "") +
+                                 " is encoded as '" + enc->name() + "' " + enc->params().dump() +
+                                 ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as "
+                                 "q4_0/q8_0): write it dense first with `moe-tool convert " + src +
+                                 " DENSE --materialize`, then export DENSE");
+    const std::optional<GgmlType> direct = direct_type(parts.front());
+    for (const auto& part : parts)
+      if (direct_type(part) != direct)
+        throw Error::unsupported(src + ": " + name + ": its experts are stored in different encodings; one GGUF tensor "
+                                 "has one type: write them dense first with `moe-tool convert " + src +
+                                 " DENSE --materialize`");
+    // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply).
+    it.info.type = direct ? *direct : choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr);
+    const auto& ti = quant::ggml_type_info(it.info.type);
+    if (it.info.ne[0] % ti.block != 0)
+      throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
+                               ti.name + " block size " + std::to_string(ti.block) + "; give it another type with --tensor-type");
+    it.parts = std::move(parts);
+    it.permute_heads = permute_heads;
+    p.items.push_back(std::move(it));
+  };
+  auto global = [&](const char* role) {
+    auto g = m.globals().find(role);
+    if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second});
+  };
+  global("embed");
+  for (const auto& layer : m.layers()) {
+    const std::string blk = "blk." + std::to_string(layer.index) + ".";
+    for (const auto& [role, t] : layer.tensors) {
+      const char* n = io::gguf_layer_name(role);
+      if (!n) throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + " " + role + " has no GGUF name in this exporter");
+      int64_t heads = 0;
+      if (arch->permute_qk && (role == "q_proj" || role == "q_bias")) heads = d.heads;
+      if (arch->permute_qk && (role == "k_proj" || role == "k_bias")) heads = d.kv_heads;
+      add(blk + n, {t}, heads);
+    }
+    const auto& moe = *layer.moe;
+    add(blk + "ffn_gate_inp.weight", {moe.router});
+    std::vector<core::Tensor> gate, up, down;
+    for (const auto& e : moe.experts) {
+      gate.push_back(e.gate);
+      up.push_back(e.up);
+      down.push_back(e.down);
+    }
+    add(blk + "ffn_gate_exps.weight", gate);
+    add(blk + "ffn_up_exps.weight", up);
+    add(blk + "ffn_down_exps.weight", down);
+    if (moe.shared) {
+      if (!arch->shared_expert) throw Error::unsupported(src + ": shared expert: llama.cpp's " + A + " has none");
+      add(blk + "ffn_gate_shexp.weight", {moe.shared->gate});
+      add(blk + "ffn_up_shexp.weight", {moe.shared->up});
+      add(blk + "ffn_down_shexp.weight", {moe.shared->down});
+      if (moe.shared_gate) add(blk + "ffn_gate_inp_shexp.weight", {*moe.shared_gate});
+    }
+  }
+  global("final_norm");
+  global("lm_head");
+  const int64_t n_vocab = m.globals().at("embed").dim(0);
+  core::with_context(src, [&] { tokenizer_metadata(env, ckpt.dir(), n_vocab, kv); });
+  return p;
+}
+
+// Source row of output row r of a [heads * d, cols] projection permuted as permute_rows does.
+int64_t permuted_source_row(int64_t r, int64_t heads, int64_t rows) {
+  const int64_t d = rows / heads, h = r / d, i = (r % d) / 2, s = r % 2;
+  return h * d + s * (d / 2) + i;
+}
+
+// Appends an encoded weight whose codes are already Q4_0 / Q8_0 blocks (direct_type), row by row.
+void write_codes(io::GgufWriter& w, const Item& it, const quant::IntN& q) {
+  const int64_t rows = q.rows(), cols = q.cols();
+  const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
+  std::vector<uint8_t> codes(static_cast<size_t>(cols)), buf(static_cast<size_t>(rows) * rb);
+  std::vector<float> scales(static_cast<size_t>(q.ngroups()));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t src = it.permute_heads ? permuted_source_row(r, it.permute_heads, rows) : r;
+    q.codes_row(src, codes.data());
+    for (int64_t g = 0; g < q.ngroups(); ++g) scales[g] = q.scale(src, g);
+    core::with_context("row " + std::to_string(src), [&] {
+      quant::pack_codes_row(it.info.type, codes.data(), scales.data(), cols, buf.data() + r * rb);
+    });
+  }
+  w.append(buf.data(), buf.size());
+}
+
+// Encodes and appends one item, one part (expert) at a time.
+void write_item(io::GgufWriter& w, const Item& it, const model::Model& m) {
+  const int64_t cols = it.info.ne[0];
+  const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
+  std::vector<uint8_t> buf;
+  for (const auto& part : it.parts) {
+    if (const auto* q = dynamic_cast<const quant::IntN*>(part.encoding())) {
+      write_codes(w, it, *q);
+      continue;
+    }
+    std::vector<float> x = part.to_f32();
+    const int64_t rows = static_cast<int64_t>(x.size()) / cols;
+    if (it.permute_heads) x = permute_rows(x, it.permute_heads, rows, cols);
+    buf.resize(static_cast<size_t>(rows) * rb);
+    for (int64_t r = 0; r < rows; ++r)
+      core::with_context("row " + std::to_string(r), [&] {
+        quant::encode_row(it.info.type, x.data() + r * cols, cols, buf.data() + r * rb);
+      });
+    w.append(buf.data(), buf.size());
+    if (const auto& release = m.page_releaser())
+      for (const core::Tensor* s : part.stored_tensors()) release(s->data(), s->nbytes());
+  }
+}
+
+}  // namespace
+
+GgmlType gguf_writable_type(const std::string& name, const std::string& key) {
+  const auto* info = quant::parse_ggml_type(name);
+  if (!info) throw Error::invalid(key + ": unknown ggml type '" + name + "' (written: " + quant::ggml_codec_names() + ")");
+  if (!info->codec)
+    throw Error::unsupported(key + ": " + info->name + " is not written yet (written: " + quant::ggml_codec_names() + ")");
+  return info->type;
+}
+
+std::vector<GgufTypeOverride> parse_gguf_overrides(const std::vector<std::string>& specs,
+                                                   const std::function<std::string(size_t)>& key) {
+  std::vector<GgufTypeOverride> out;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const std::string& s = specs[i];
+    const auto eq = s.rfind('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == s.size()) throw Error::invalid(key(i) + ": expected REGEX=TYPE");
+    const std::string pat = s.substr(0, eq);
+    std::regex re;
+    try {
+      re = std::regex(pat);
+    } catch (const std::regex_error& e) {
+      throw Error::invalid(key(i) + ": bad regex: " + e.what());
+    }
+    out.push_back({pat, std::move(re), gguf_writable_type(s.substr(eq + 1), key(i))});
+  }
+  return out;
+}
+
+void check_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts) {
+  (void)plan_export(env, ckpt, m, opts);
+}
+
+GgufResult write_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts,
+                      const fs::path& path) {
+  const ExportPlan plan = plan_export(env, ckpt, m, opts);
+  std::vector<io::GgufTensorInfo> infos;
+  GgufResult r;
+  for (const auto& it : plan.items) {
+    infos.push_back(it.info);
+    r.tensor_bytes += it.info.nbytes();
+    ++r.types[quant::ggml_type_info(it.info.type).name];
+  }
+  r.tensors = infos.size();
+  io::GgufWriter w(env, path, plan.kv, infos);
+  const std::string src = ckpt.dir().string();
+  for (const auto& it : plan.items) core::with_context(src + ": " + it.info.name, [&] { write_item(w, it, m); });
+  r.file_bytes = w.finish();
+  return r;
+}
+
+}  // namespace moe::pipeline

@@ -1,0 +1,307 @@
+#include "pipeline/packed_export.h"
+
+#include <algorithm>
+#include <regex>
+#include <set>
+
+#include "core/error.h"
+#include "io/checkpoint_writer.h"
+#include "quant/intn.h"
+
+namespace moe::pipeline {
+
+using core::Error;
+namespace fs = std::filesystem;
+
+void check_packed_structure(const model::Model& m, io::PackedFormat fmt, const std::string& where) {
+  m.refuse_novices(where, std::string(io::packed_format_name(fmt)) + " has no constant expert; prune them instead");
+  int64_t experts = -1;
+  for (const auto& layer : m.layers()) {
+    if (!layer.moe) continue;
+    if (experts >= 0 && layer.moe->num_experts() != experts)
+      throw Error::unsupported(where + ": layer " + std::to_string(layer.index) + " has " + std::to_string(layer.moe->num_experts()) +
+                               " experts, other layers " + std::to_string(experts) +
+                               " (ragged counts); stock loaders need one expert count per model");
+    experts = layer.moe->num_experts();
+  }
+}
+
+namespace {
+
+
+struct PackedPlan {
+  io::PackedFormat fmt = io::PackedFormat::CompressedTensors;
+  PackedScheme scheme;
+  std::vector<model::OutTensor> outs;
+  nlohmann::json manifest = nlohmann::json::object();
+  std::vector<io::TensorSpec> specs;
+  std::vector<std::string> quantized, ignore;  // module names (weight name without ".weight")
+  nlohmann::json quantization_config;
+  int64_t quantized_params = 0;
+  uint64_t quantized_bytes = 0;
+};
+
+std::string module_of(const std::string& weight) {
+  const std::string suffix = ".weight";
+  if (weight.size() <= suffix.size() || weight.compare(weight.size() - suffix.size(), suffix.size(), suffix) != 0)
+    throw Error::unsupported(weight + ": not named <module>.weight; no Linear module to write it as");
+  return weight.substr(0, weight.size() - suffix.size());
+}
+
+// A dense output that is a Linear's weight in the stock model (a module the configs must name as
+// unquantized): 2-D, "<module>.weight", not the embedding.
+bool is_dense_linear(const model::OutTensor& o) {
+  return o.weight.empty() && o.shape.size() == 2 && o.cls != "embeddings" && o.name.size() > 7 &&
+         o.name.compare(o.name.size() - 7, 7, ".weight") == 0;
+}
+
+// "model.layers.3.self_attn.q_proj" -> {"model.layers.3.", "self_attn.q_proj"}; {"", module} outside the layers.
+std::pair<std::string, std::string> split_layer(const std::string& module) {
+  static const std::regex re(R"(^(.*\.layers\.\d+\.)(.+)$)");
+  std::smatch m;
+  if (std::regex_match(module, m, re)) return {m[1].str(), m[2].str()};
+  return {"", module};
+}
+
+std::string regex_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (std::string_view(".^$|()[]{}*+?\\").find(c) != std::string_view::npos) out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+// The parts of one intN weight as stored (quant::IntN checks their shapes and dtypes), and the
+// view pack_linear reads (no re-rounding).
+struct IntNParts {
+  std::vector<quant::IntN::Part> held;
+  io::GroupCodes codes;
+};
+IntNParts intn_parts(const nlohmann::json& entry, const std::map<std::string, const model::OutTensor*>& by_name) {
+  auto part = [&](const char* role) -> quant::IntN::Part {
+    if (!entry.at("parts").contains(role)) return nullptr;
+    const auto* o = by_name.at(entry["parts"][role].get<std::string>());
+    return std::make_shared<const core::Tensor>(o->make());
+  };
+  const bool sym = entry.at("symmetric").get<bool>();
+  IntNParts p;
+  p.held = {part("codes"), part("scales"), sym ? nullptr : part("zeros")};
+  const quant::IntN q(entry.at("bits").get<int>(), entry.at("group").get<int64_t>(), sym, entry.at("cols").get<int64_t>(),
+                      p.held[0], p.held[1], p.held[2]);
+  p.codes = {q.bits(), q.rows(), q.cols(), q.group(), sym, p.held[0]->data(), p.held[1]->data(),
+             sym ? nullptr : p.held[2]->data()};
+  return p;
+}
+
+// Everything refused before any work, then the tensors and the quantization_config.
+PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) {
+  const std::string src = ckpt.dir().string();
+  const std::string F = io::packed_format_name(fmt);
+  const std::string way_out = "quantize it as int4/int8 groups first, e.g. `moe-tool quantize " + src +
+                              " OUT --codec int4 --group 128 --sym` (from a dense model; `moe-tool convert " + src +
+                              " DENSE --materialize` makes one)";
+  check_packed_structure(m, fmt, src);
+  PackedPlan p;
+  p.fmt = fmt;
+  p.outs = m.outputs(model::OutputOptions{}, &p.manifest);
+  std::map<std::string, const model::OutTensor*> first_part;
+  std::string scheme_of;      // the weight that set p.scheme
+  std::string dense_expert;  // the first routed expert weight stored dense
+  for (const auto& o : p.outs) {
+    if (o.weight.empty()) {
+      if (o.cls == "experts" && is_dense_linear(o) && dense_expert.empty()) dense_expert = o.name;
+      continue;
+    }
+    if (first_part.count(o.weight)) continue;
+    first_part[o.weight] = &o;
+    const auto& e = p.manifest.at(o.weight);
+    const std::string enc = e.at("encoding").get<std::string>();
+    const std::string params = [&] { auto c = e; c.erase("parts"); c.erase("encoding"); return c.dump(); }();
+    if (enc != "intN")
+      throw Error::unsupported(src + ": " + o.weight + " is encoded as '" + enc + "' " + params + ", which " + F +
+                               " cannot hold (it holds int4/int8 groups): " + way_out);
+    if (o.cls == "embeddings")
+      throw Error::unsupported(src + ": " + o.weight + ": a quantized embedding; " + F +
+                               " quantizes Linear layers only: quantize with `--embeddings keep`");
+    if (fmt == io::PackedFormat::Gptq && o.cls == "lm_head")
+      throw Error::unsupported(src + ": " + o.weight + ": a quantized lm_head, which the gptq config does not hold here: "
+                               "quantize with `--lm-head keep`, or export --format compressed-tensors");
+    const PackedScheme s{e.at("bits").get<int>(), e.at("group").get<int64_t>(), e.at("symmetric").get<bool>()};
+    if (scheme_of.empty()) {
+      p.scheme = s;
+      scheme_of = o.weight;
+    } else if (s.bits != p.scheme.bits || s.group != p.scheme.group || s.symmetric != p.scheme.symmetric) {
+      throw Error::unsupported(src + ": " + o.weight + " is encoded as 'intN' " + params + ", " + scheme_of +
+                               " otherwise; this export writes one scheme for every quantized Linear: " + way_out);
+    }
+    const int64_t out = o.shape.at(0), in = e.at("cols").get<int64_t>();
+    if (const std::string why = io::packed_shape_problem(fmt, s.bits, s.group, out, in); !why.empty())
+      throw Error::unsupported(src + ": " + o.weight + " (intN " + params + "): " + F + " cannot hold " + why + ": " + way_out);
+  }
+  if (first_part.empty())
+    throw Error::unsupported(src + ": no weight is quantized (intN); " + F + " stores int4/int8 codes: " + way_out);
+  if (!dense_expert.empty())
+    throw Error::unsupported(src + ": " + dense_expert + ": a routed expert stored dense; vLLM's fused-MoE layer takes one " +
+                             "scheme for all experts: " + way_out);
+  // GPTQ v1 stores zero − 1: asymmetric zero points of 0 are refused now, before anything is written.
+  std::map<std::string, const model::OutTensor*> by_name;
+  for (const auto& o : p.outs) by_name[o.name] = &o;
+  if (fmt == io::PackedFormat::Gptq && !p.scheme.symmetric)
+    for (const auto& [w, o] : first_part) {
+      const auto& zname = p.manifest.at(w).at("parts").at("zeros").get<std::string>();
+      const core::Tensor z = by_name.at(zname)->make();
+      const auto* zd = z.data();
+      for (int64_t i = 0; i < z.numel(); ++i)
+        if (zd[i] == 0)
+          throw Error::unsupported(src + ": " + w + ": row " + std::to_string(i / z.dim(1)) + ", group " +
+                                   std::to_string(i % z.dim(1)) + ": zero point 0, which GPTQ's v1 layout (zero − 1) cannot "
+                                   "hold: export --format compressed-tensors, or quantize with --sym");
+    }
+  // Tensor specs in output order; per-layer module sets for the GPTQ config.
+  std::map<std::string, std::set<std::string>> quantized_in_layer;
+  std::set<std::string> dense_in_layers, layers;
+  for (const auto& o : p.outs) {
+    if (o.weight.empty()) {
+      p.specs.push_back({o.name, o.dtype, o.shape});
+      if (is_dense_linear(o)) {
+        const std::string mod = module_of(o.name);
+        p.ignore.push_back(mod);
+        const auto [layer, rel] = split_layer(mod);
+        if (!layer.empty()) dense_in_layers.insert(rel), layers.insert(layer);
+      }
+      continue;
+    }
+    if (first_part.at(o.weight) != &o) continue;
+    const auto& e = p.manifest.at(o.weight);
+    const std::string mod = module_of(o.weight);
+    const int64_t out = o.shape.at(0), in = e.at("cols").get<int64_t>();
+    for (auto& t : io::packed_specs(fmt, p.scheme.bits, p.scheme.group, p.scheme.symmetric, out, in)) {
+      p.specs.push_back({mod + t.suffix, t.dtype, t.shape});
+      p.quantized_bytes += p.specs.back().nbytes();
+    }
+    p.quantized_params += out * in;
+    p.quantized.push_back(mod);
+    const auto [layer, rel] = split_layer(mod);
+    if (!layer.empty()) quantized_in_layer[layer].insert(rel), layers.insert(layer);
+  }
+  const auto& sc = p.scheme;
+  if (fmt == io::PackedFormat::CompressedTensors) {
+    // As compressed-tensors' QuantizationConfig.model_dump() writes it (quant_config.py; every key of
+    // the scheme written, QuantizationArgs of quant_args.py).
+    const nlohmann::json weights = {
+        {"actorder", nullptr}, {"block_structure", nullptr}, {"dynamic", false},
+        {"group_size", sc.group == 0 ? nlohmann::json(nullptr) : nlohmann::json(sc.group)}, {"num_bits", sc.bits},
+        {"observer", "minmax"}, {"observer_kwargs", nlohmann::json::object()}, {"strategy", sc.group == 0 ? "channel" : "group"},
+        {"symmetric", sc.symmetric}, {"type", "int"}};
+    p.quantization_config = {
+        {"config_groups", {{"group_0", {{"input_activations", nullptr}, {"output_activations", nullptr},
+                                        {"targets", {"Linear"}}, {"weights", weights}}}}},
+        {"format", "pack-quantized"}, {"global_compression_ratio", nullptr}, {"ignore", p.ignore}, {"kv_cache_scheme", nullptr},
+        {"quant_method", "compressed-tensors"}, {"quantization_status", "compressed"}};
+    return p;
+  }
+  // GPTQ names one set of quantized modules per decoder layer.
+  std::set<std::string> per_layer;
+  for (const auto& layer : layers) {
+    const auto& q = quantized_in_layer[layer];
+    if (layer == *layers.begin()) per_layer = q;
+    else if (q != per_layer)
+      throw Error::unsupported(src + ": " + layer + " quantizes other modules than " + *layers.begin() +
+                               "; the gptq config names one set for every layer: export --format compressed-tensors");
+  }
+  p.quantization_config = {{"bits", sc.bits}, {"checkpoint_format", "gptq"}, {"desc_act", false},
+                           {"group_size", sc.group == 0 ? -1 : sc.group}, {"quant_method", "gptq"}, {"sym", sc.symmetric}};
+  if (!dense_in_layers.empty()) {
+    // Dense Linears inside the layers (attention kept, routers): transformers (optimum) quantizes
+    // the listed modules only; vLLM and GPTQModel skip the "-:" matches of `dynamic`.
+    std::vector<std::string> rel;
+    for (const auto& mod : p.quantized)
+      if (const auto [layer, r] = split_layer(mod); layer == *layers.begin()) rel.push_back(r);
+    p.quantization_config["modules_in_block_to_quantize"] = {rel};
+    nlohmann::json dyn = nlohmann::json::object();
+    for (const auto& r : dense_in_layers) dyn["-:.*\\.layers\\.\\d+\\." + regex_escape(r) + "$"] = nlohmann::json::object();
+    p.quantization_config["dynamic"] = dyn;
+  }
+  return p;
+}
+
+// Hands the input pages of [lo, hi) and 64 KiB on each side (the kernel's default fault-around)
+// back to the OS; Checkpoint::release_range clips at the file's end.
+void release_around(const io::Checkpoint& ckpt, const uint8_t* lo, const uint8_t* hi) {
+  constexpr uintptr_t kAround = 64 * 1024;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(lo), start = b > kAround ? b - kAround : 0;
+  ckpt.release_range(lo, static_cast<uint64_t>(hi - lo) + kAround);
+  ckpt.release_range(reinterpret_cast<const uint8_t*>(start), b - start);  // nothing when before the file
+}
+
+// Writes the planned folder: side files, config.json with the quantization_config, tensors.
+void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir) {
+  for (const auto& f : ckpt.side_files()) {
+    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
+    env.copy_file(f, dir / f.filename());
+  }
+  nlohmann::json cfg = m.rewritten_config(model::OutputOptions{}, &p.manifest);
+  cfg["quantization_config"] = p.quantization_config;
+  env.write_text(dir / "config.json", cfg.dump(2) + "\n");
+  std::map<std::string, const model::OutTensor*> by_name, first_part;
+  for (const auto& o : p.outs) {
+    by_name[o.name] = &o;
+    if (!o.weight.empty()) first_part.emplace(o.weight, &o);
+  }
+  io::CheckpointWriter w(env, dir, p.specs, 5'000'000'000ull);
+  std::vector<io::PackedTensor> packed;  // buffers reused from weight to weight
+  for (const auto& o : p.outs) {
+    if (o.weight.empty()) {
+      const core::Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
+      w.write(o.name, t.dtype() == o.dtype ? t : t.converted(o.dtype));
+      if (!t.owns_data()) release_around(ckpt, t.data(), t.data() + t.nbytes());
+      continue;
+    }
+    if (first_part.at(o.weight) != &o) continue;
+    const std::string mod = module_of(o.weight);
+    core::with_context(o.weight, [&] {
+      const IntNParts parts = intn_parts(p.manifest.at(o.weight), by_name);
+      io::pack_linear(p.fmt, parts.codes, packed);
+      for (const auto& t : packed) w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
+    });
+    // One release per weight over its parts (stored next to each other) and the kernel's
+    // fault-around window on both sides (pages faulted in around a neighbour's first read would
+    // stay mapped otherwise): the pages stay readable, a later read faults them in again.
+    const uint8_t *lo = nullptr, *hi = nullptr;
+    for (const auto& [role, part] : p.manifest.at(o.weight).at("parts").items()) {
+      const core::Tensor t = by_name.at(part.get<std::string>())->make();
+      if (t.owns_data()) continue;
+      lo = lo ? std::min(lo, t.data()) : t.data();
+      hi = std::max(hi, t.data() + t.nbytes());
+    }
+    if (lo) release_around(ckpt, lo, hi);
+  }
+  w.finish();
+}
+
+
+}  // namespace
+
+void check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) { (void)plan_packed(ckpt, m, fmt); }
+
+PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt,
+                          const fs::path& dir) {
+  const PackedPlan plan = plan_packed(ckpt, m, fmt);
+  core::with_context(ckpt.dir().string(), [&] { write_packed(env, ckpt, m, plan, dir); });
+  PackedResult r;
+  r.scheme = plan.scheme;
+  r.quantized_linears = plan.quantized.size();
+  r.dense_linears = plan.ignore.size();
+  r.tensors = plan.specs.size();
+  for (const auto& s : plan.specs) r.tensor_bytes += s.nbytes();
+  r.quantized_params = plan.quantized_params;
+  r.quantized_bytes = plan.quantized_bytes;
+  return r;
+}
+
+io::PackedFormat parse_packed_format(const std::string& f) {
+  return f == "gptq" ? io::PackedFormat::Gptq : io::PackedFormat::CompressedTensors;
+}
+
+}  // namespace moe::pipeline

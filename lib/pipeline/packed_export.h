@@ -1,0 +1,54 @@
+// A checkpoint's intN codes written as they are in the int4/int8 layouts vLLM and transformers
+// load (io/compressed_tensors.h, docs/compressed-tensors.md): compressed-tensors `pack-quantized`
+// or GPTQ (checkpoint_format "gptq"), every other weight dense under its stock name, config.json
+// with the format's quantization_config. What `moe-tool export --format compressed-tensors|gptq`
+// writes and what a recipe's `"output": {"format": ...}` converts its staged native output into
+// (pipeline/sink.h). Memory: one weight at a time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "io/checkpoint.h"
+#include "io/compressed_tensors.h"
+#include "model/model.h"
+
+namespace moe::pipeline {
+
+// The one integer scheme of a packed output: both configs name one (bits, group, symmetry) for
+// every quantized Linear. group 0: the whole row.
+struct PackedScheme {
+  int bits = 0;
+  int64_t group = 0;
+  bool symmetric = true;
+};
+
+struct PackedResult {
+  PackedScheme scheme;
+  size_t quantized_linears = 0, dense_linears = 0;
+  size_t tensors = 0;
+  uint64_t tensor_bytes = 0;  // the tensors' data
+  int64_t quantized_params = 0;
+  uint64_t quantized_bytes = 0;
+};
+
+// "gptq" -> Gptq, anything else -> CompressedTensors (the caller checks the name).
+io::PackedFormat parse_packed_format(const std::string& f);
+
+// What the layouts cannot hold in a model's structure, whatever its codes: novices and ragged
+// expert counts. Error::unsupported naming `where` and the layer. `m` may be a plan (shapes only).
+void check_packed_structure(const model::Model& m, io::PackedFormat fmt, const std::string& where);
+
+// Every refusal of write_packed on `m` (loaded from `ckpt`) without writing anything: the
+// structure above, a weight encoded other than intN, a quantized embedding (and for GPTQ a
+// quantized lm_head), two schemes in one model, shapes the layout cannot hold, a routed expert
+// stored dense, nothing quantized, GPTQ zero points of 0. Error::unsupported naming `ckpt`'s
+// folder, the weight and the way out.
+void check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt);
+
+// Writes the folder `dir` (the caller's io::OutputDir temporary): side files, config.json with the
+// quantization_config, the tensors (io::CheckpointWriter shards of 5GB; the finite check there).
+PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt,
+                          const io::fs::path& dir);
+
+}  // namespace moe::pipeline

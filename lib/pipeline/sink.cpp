@@ -1,0 +1,329 @@
+#include "pipeline/sink.h"
+
+#include <map>
+#include <set>
+
+#include "core/error.h"
+#include "io/output_dir.h"
+#include "io/temp_files.h"
+#include "pipeline/gguf_export.h"
+#include "pipeline/hf_sink.h"
+#include "pipeline/packed_export.h"
+#include "pipeline/recipe.h"
+#include "pipeline/report.h"
+#include "quant/codec.h"
+
+namespace moe::pipeline {
+
+using core::Error;
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+json SinkResult::to_json() const {
+  json j = {{"format", format}, {"tensors", tensors}, {"tensor_bytes", tensor_bytes}, {"shards", shards}};
+  for (const auto& [k, v] : details.items()) j[k] = v;
+  return j;
+}
+
+bool output_is_file(const Recipe& r) { return r.output.format == "gguf"; }
+
+namespace {
+
+GgufOptions gguf_options(const Recipe& r) {
+  GgufOptions go;
+  go.type = gguf_writable_type(r.output.type, r.key("output.type"));
+  go.overrides = parse_gguf_overrides(r.output.tensor_type, [&](size_t i) {
+    return r.key("output.tensor_type") + (r.output.tensor_type.size() > 1 ? "[" + std::to_string(i) + "]" : "");
+  });
+  // general.name: the output's name without .gguf, as `export` names a file after its input folder.
+  go.name = r.output.path.stem().string();
+  return go;
+}
+
+// An export format: the native output staged in a temporary folder beside the output (in its
+// parent) and converted by finish(), as `moe-tool export` converts a native checkpoint.
+class ExportSink final : public Sink {
+ public:
+  ExportSink(io::Env& env, const Recipe& r, const std::vector<fs::path>& inputs) : env_(env), r_(r) {
+    const std::string force_name = r.key("output.force");
+    fs::path parent;
+    if (output_is_file(r)) {
+      file_.emplace(env, r.output.path, inputs, r.output.force, force_name);
+      parent = file_->path().parent_path();
+    } else {
+      folder_.emplace(env, r.output.path, inputs, r.output.force, force_name);
+      parent = folder_->path().parent_path();
+    }
+    const std::string name = r.output.path.filename().string() + ".native";
+    io::remove_stale_temps(parent, io::temp_prefix(name));
+    staging_ = io::temp_name(parent, name);
+    env.create_dirs(staging_);
+    slot_ = io::register_temp(staging_);
+    native_.emplace(env, staging_, r.output.max_shard_bytes);
+  }
+  ExportSink(const ExportSink&) = delete;
+  ExportSink& operator=(const ExportSink&) = delete;
+  ~ExportSink() override { remove_staging(); }
+
+  std::string format() const override { return r_.output.format; }
+  const fs::path& native_dir() const override { return staging_; }
+  void begin(const io::Checkpoint& source, const std::optional<std::vector<io::TensorSpec>>& plan) override {
+    native_->begin(source, plan);
+  }
+  void write(const std::vector<model::OutTensor>& group) override { native_->write(group); }
+  SpillWriter* spill() override { return native_->spill(); }
+
+  SinkResult finish(const json& config) override {
+    try {
+      return convert(config);
+    } catch (const Error& e) {
+      // A refusal the values decide (GPTQ zero points of 0) names the staged folder, a temporary:
+      // name the run's output instead.
+      std::string m = e.message();
+      const std::string tmp = staging_.string();
+      const std::string name = "the native output staged for " + r_.output.path.string();
+      for (size_t i = m.find(tmp); i != std::string::npos; i = m.find(tmp, i + name.size())) m.replace(i, tmp.size(), name);
+      throw Error(e.kind(), m);
+    }
+  }
+
+  fs::path write_report(const json& report) override {
+    if (file_) return {};  // a GGUF file has no room for it
+    pipeline::write_report(env_, folder_->path(), report);
+    return folder_->final_path() / "moe_tool_report.json";
+  }
+
+  void commit() override {
+    remove_staging();
+    if (file_) file_->commit();
+    else folder_->commit();
+  }
+
+ private:
+  SinkResult convert(const json& config) {
+    const SinkResult staged = native_->finish(config);
+    const io::Checkpoint ckpt = io::Checkpoint::open(env_, staging_);
+    const model::Model m = model::Model::load(ckpt);
+    SinkResult r;
+    r.format = format();
+    r.details["staged"] = {{"format", "hf"}, {"tensors", staged.tensors}, {"tensor_bytes", staged.tensor_bytes},
+                           {"note", "the native output, staged beside the output and converted as `moe-tool export` "
+                                    "converts it; removed once converted"}};
+    if (file_) {
+      const GgufOptions go = gguf_options(r_);
+      const GgufResult g = core::with_context(r_.key("output.format") + " gguf",
+                                              [&] { return write_gguf(env_, ckpt, m, go, file_->path()); });
+      r.tensors = g.tensors;
+      r.tensor_bytes = g.tensor_bytes;
+      r.shards = 1;
+      r.details["type"] = r_.output.type;
+      r.details["types"] = g.types;
+      r.details["file_bytes"] = g.file_bytes;
+      return r;
+    }
+    const PackedResult p = core::with_context(r_.key("output.format") + " " + format(), [&] {
+      return write_packed(env_, ckpt, m, parse_packed_format(format()), folder_->path());
+    });
+    r.tensors = p.tensors;
+    r.tensor_bytes = p.tensor_bytes;
+    r.shards = 1 + (p.tensor_bytes > 5'000'000'000ull ? p.tensor_bytes / 5'000'000'000ull : 0);
+    r.details["bits"] = p.scheme.bits;
+    r.details["group_size"] = p.scheme.group == 0 ? -1 : p.scheme.group;
+    r.details["symmetric"] = p.scheme.symmetric;
+    r.details["quantized_linears"] = p.quantized_linears;
+    r.details["dense_linears"] = p.dense_linears;
+    return r;
+  }
+
+  void remove_staging() noexcept {
+    native_.reset();
+    if (slot_ < 0) return;
+    try {
+      env_.remove_all(staging_);
+    } catch (...) {
+    }
+    io::unregister_temp(slot_);
+    slot_ = -1;
+  }
+
+  io::Env& env_;
+  const Recipe& r_;
+  std::optional<io::OutputFile> file_;
+  std::optional<io::OutputDir> folder_;
+  fs::path staging_;
+  int slot_ = -1;
+  std::optional<HfSink> native_;
+};
+
+// ---- the refusals of check_output_format ----
+
+// The tensor class of an output as the passes name it (Pass::EncodedClasses): the shared-expert
+// gate apart from the shared expert's MLP.
+std::string class_of(const model::Model& m, const model::OutTensor& o) {
+  const std::string& gate = m.family().shared_expert_gate;
+  const bool is_gate = o.cls == "shared_experts" && !gate.empty() && o.name.find(gate) != std::string::npos;
+  return is_gate ? "shared_expert_gate" : o.cls;
+}
+
+// What one tensor class is written as after the passes: the pass that last encoded it and how.
+struct ClassEncoding {
+  size_t pass = 0;
+  std::string what;                        // "int4:g32:sym", "lowrank", ...
+  std::optional<quant::CodecSpec> codec;   // a quantize codec
+  std::string key;                         // the recipe key that set it
+};
+
+// Per tensor class (model::OutTensor::cls), what the recipe's passes write it as; classes no pass
+// encodes are absent (they keep the input's encodings, checked on the plan itself). A pass that
+// writes experts dense (merge) drops their entry.
+std::multimap<std::string, ClassEncoding> pass_encodings(const Recipe& r, const model::Model& planned) {
+  // The classes the model has (a codec for a class it lacks writes nothing).
+  std::set<std::string> present;
+  for (const auto& o : planned.outputs(model::OutputOptions{})) present.insert(class_of(planned, o));
+  std::multimap<std::string, ClassEncoding> out;
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const Pass& p = *r.passes[i];
+    const std::string path = "passes[" + std::to_string(i) + "]";
+    if (p.densifies_experts()) out.erase("experts");
+    const json params = p.params();
+    if (p.name() != "quantize" || !params.contains("applied")) {
+      for (const auto& [cls, names] : p.encodes()) {
+        out.erase(cls);
+        if (!present.count(cls)) continue;
+        for (const auto& n : names) out.insert({cls, {i, n, std::nullopt, r.key(path)}});
+      }
+      continue;
+    }
+    auto add = [&](const std::string& cls, const std::string& text, const std::string& key) {
+      const quant::CodecSpec c = quant::parse_codec(text);
+      out.insert({cls, {i, text, c, key}});
+    };
+    for (const auto& [cls, text] : params.at("applied").items()) {
+      const std::string cls_name = cls == "shared"        ? "shared_experts"
+                                   : cls == "shared_gate" ? "shared_expert_gate"
+                                   : cls == "dense"       ? "dense_mlp"
+                                                          : cls;
+      out.erase(cls_name);
+      if (text.get<std::string>() == "keep" || !present.count(cls_name)) continue;
+      // The key that chose the codec: the class's own when it names one, else the pass's codec.
+      const std::string codec_key = params.value(cls, std::string("codec")) == "codec" ? r.key(path + ".codec")
+                                                                                        : r.key(path + "." + cls);
+      if (params.value("sub1bit", false))
+        out.insert({cls_name, {i, "ternary-dict (sub-1-bit)", std::nullopt, r.key(path + ".sub1bit")}});
+      else if (params.contains("avg_bits") && !params.at("avg_bits").is_null() && cls_name == "experts")
+        out.insert({cls_name, {i, "mixed widths per expert (avg_bits)", std::nullopt, r.key(path + ".avg_bits")}});
+      else
+        add(cls_name, text.get<std::string>(), codec_key);
+    }
+    for (const auto& rule : params.value("tensor_type", json::array())) {
+      const std::string s = rule.get<std::string>();
+      const std::string codec = s.substr(s.rfind('=') + 1);
+      if (codec != "keep") add("the tensors of rule " + s, codec, r.key(path + ".tensor_type"));
+    }
+  }
+  return out;
+}
+
+// "r.json: output.format gguf" (a recipe file) or "--format gguf" (flags).
+std::string output_where(const Recipe& r) {
+  return (r.flag_names.empty() ? r.source + ": " : "") + r.key("output.format") + " " + r.output.format;
+}
+
+void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
+  const std::string where = output_where(r);
+  const GgufOptions go = gguf_options(r);
+  core::with_context(where, [&] { check_gguf(env, ckpt, planned, go); });
+  const auto enc = pass_encodings(r, planned);
+  for (const auto& [cls, e] : enc) {
+    const auto& c = e.codec;
+    if (c && c->kind == quant::CodecSpec::Kind::Int && c->symmetric && c->group == 32 && (c->bits == 4 || c->bits == 8))
+      continue;
+    throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what +
+                             ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as q4_0/q8_0): "
+                             "quantize with int4:g32:sym or int8:g32:sym, or leave " + cls +
+                             " dense and let " + r.key("output.type") + " round it");
+  }
+  // Groups of 32 copied as blocks need rows of whole blocks (a shorter last group has no block).
+  for (const auto& o : planned.outputs(model::OutputOptions{})) {
+    if (o.shape.size() != 2 || !o.weight.empty() || o.shape[1] % 32 == 0) continue;
+    const auto it = enc.find(class_of(planned, o));
+    if (it == enc.end()) continue;
+    throw Error::unsupported(where + ": " + it->second.key + " writes " + o.name + " as " + it->second.what + ", but its rows of " +
+                             std::to_string(o.shape[1]) + " values are not whole q4_0/q8_0 blocks of 32: keep " +
+                             it->first + " dense and let " + r.key("output.type") + " round it, or write " +
+                             r.key("output.format") + " hf");
+  }
+}
+
+void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
+  const io::PackedFormat fmt = parse_packed_format(r.output.format);
+  const std::string where = output_where(r);
+  const auto enc = pass_encodings(r, planned);
+  if (enc.empty()) {  // the input's own codes, pruned or merged: exactly what `export` checks
+    core::with_context(where, [&] { check_packed(ckpt, planned, fmt); });
+    return;
+  }
+  check_packed_structure(planned, fmt, where);
+  const std::string way_out = "quantize with int4 or int8 groups (one scheme for every quantized class), or write " +
+                              r.key("output.format") + " hf";
+  const ClassEncoding* scheme = nullptr;
+  std::string scheme_cls;
+  for (const auto& [cls, e] : enc) {
+    const auto& c = e.codec;
+    if (!c || c->kind != quant::CodecSpec::Kind::Int || (c->bits != 4 && c->bits != 8))
+      throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what + ", which " + r.output.format +
+                               " cannot hold (it holds int4/int8 groups): " + way_out);
+    if (cls == "embeddings")
+      throw Error::unsupported(where + ": " + e.key + " quantizes the embeddings; " + r.output.format +
+                               " quantizes Linear layers only: keep them (embeddings keep)");
+    if (fmt == io::PackedFormat::Gptq && cls == "lm_head")
+      throw Error::unsupported(where + ": " + e.key + " quantizes lm_head, which the gptq config does not hold here: "
+                               "keep it (lm_head keep), or write compressed-tensors");
+    if (!scheme) {
+      scheme = &e;
+      scheme_cls = cls;
+    } else if (c->bits != scheme->codec->bits || c->group != scheme->codec->group || c->symmetric != scheme->codec->symmetric) {
+      throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what + " but " + scheme->key + " writes " +
+                               scheme_cls + " as " + scheme->what + "; " + r.output.format +
+                               " writes one scheme for every quantized Linear: " + way_out);
+    }
+  }
+  if (!enc.count("experts")) {
+    // The routed experts keep the input's storage: they must be intN codes already.
+    bool encoded = false;
+    json manifest = json::object();
+    for (const auto& o : planned.outputs(model::OutputOptions{}, &manifest))
+      encoded = encoded || (o.cls == "experts" && !o.weight.empty() && manifest.at(o.weight).value("encoding", "") == "intN");
+    if (!encoded)
+      throw Error::unsupported(where + ": the routed experts stay dense; vLLM's fused-MoE layer takes them quantized: "
+                               "quantize the experts with int4 or int8 groups");
+  }
+  // Shapes the layout cannot take, for the weights the passes quantize (the scheme's group
+  // dividing the rows; GPTQ: whole int32 words along both dimensions).
+  for (const auto& o : planned.outputs(model::OutputOptions{})) {
+    if (o.shape.size() != 2 || !o.weight.empty()) continue;
+    auto it = enc.find(class_of(planned, o));
+    if (it == enc.end() || !it->second.codec) continue;
+    const auto& c = *it->second.codec;
+    if (const std::string why = io::packed_shape_problem(fmt, c.bits, c.group, o.shape[0], o.shape[1]); !why.empty())
+      throw Error::unsupported(where + ": " + it->second.key + " writes " + o.name + " as " + it->second.what + ": " +
+                               r.output.format + " cannot hold " + why + ": " + way_out);
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector<fs::path>& inputs) {
+  if (r.output.format == "hf")
+    return std::make_unique<HfSink>(env, r.output.path, inputs, r.output.force, r.key("output.force"),
+                                    r.output.max_shard_bytes);
+  return std::make_unique<ExportSink>(env, r, inputs);
+}
+
+void check_output_format(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
+  if (r.output.format == "hf") return;
+  if (r.output.format == "gguf") check_gguf_plan(env, r, ckpt, planned);
+  else check_packed_plan(r, ckpt, planned);
+}
+
+}  // namespace moe::pipeline
