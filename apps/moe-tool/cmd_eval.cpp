@@ -94,17 +94,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         j["reference"] = rj;
         j["kl_mean"] = c.mean_kl();
         j["top1_agreement"] = c.top1_agreement();
-        if (c.routing.available) {
-          nlohmann::json ra{{"agreement", c.routing.agreement()}, {"overlap", c.routing.overlap()},
-                            {"pairs", c.routing.pairs}, {"expert_map", origin ? "report origin" : "by index"}};
-          for (const auto& l : c.routing.layers)
-            ra["layers"].push_back({{"layer", l.layer},
-                                    {"agreement", l.pairs ? double(l.same) / double(l.pairs) : 0.0},
-                                    {"overlap", l.pairs ? l.overlap_sum / double(l.pairs) : 0.0}});
-          j["routing_agreement"] = ra;
-        } else {
-          j["routing_agreement"] = {{"unavailable", c.routing.unavailable}};
-        }
+        j["routing_agreement"] = c.routing.to_json(origin ? "report origin" : "by index");
         std::cout << j.dump(2) << "\n";
       } else {
         std::printf("model: %s (%s)\n", o->model.c_str(), model.family().model_type.c_str());

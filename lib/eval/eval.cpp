@@ -255,19 +255,24 @@ void add_agreement(RoutingAgreement& ra, const std::map<int, std::vector<int32_t
 
 }  // namespace
 
-std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& model_dir) {
-  const auto path = model_dir / "moe_tool_report.json";
-  std::ifstream f(path);
-  if (!f) return std::nullopt;
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const nlohmann::json j = io::parse_json_file_text(ss.str(), path.string());
-  if (!j.contains("layers") || !j["layers"].is_array()) return std::nullopt;
+nlohmann::json RoutingAgreement::to_json(const std::string& expert_map) const {
+  if (!available) return {{"unavailable", unavailable}};
+  nlohmann::json j{{"agreement", agreement()}, {"overlap", overlap()}, {"pairs", pairs}, {"expert_map", expert_map},
+                   {"layers", nlohmann::json::array()}};
+  for (const auto& l : layers)
+    j["layers"].push_back({{"layer", l.layer},
+                           {"agreement", l.pairs ? double(l.same) / double(l.pairs) : 0.0},
+                           {"overlap", l.pairs ? l.overlap_sum / double(l.pairs) : 0.0}});
+  return j;
+}
+
+std::optional<ExpertOrigin> origin_from_layers(const nlohmann::json& layers, const std::string& where_prefix) {
+  if (!layers.is_array()) return std::nullopt;
   ExpertOrigin out;
   bool any = false;
-  for (size_t i = 0; i < j["layers"].size(); ++i) {
-    const auto& lr = j["layers"][i];
-    const std::string where = path.string() + ": layers[" + std::to_string(i) + "]";
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& lr = layers[i];
+    const std::string where = where_prefix + ": layers[" + std::to_string(i) + "]";
     if (!lr.is_object() || !lr.contains("layer") || !lr["layer"].is_number_integer())
       throw Error::corruption(where + ".layer: expected an integer");
     const int64_t layer = lr["layer"].get<int64_t>();
@@ -292,6 +297,17 @@ std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& mode
   }
   if (!any) return std::nullopt;
   return out;
+}
+
+std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& model_dir) {
+  const auto path = model_dir / "moe_tool_report.json";
+  std::ifstream f(path);
+  if (!f) return std::nullopt;
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const nlohmann::json j = io::parse_json_file_text(ss.str(), path.string());
+  if (!j.contains("layers")) return std::nullopt;
+  return origin_from_layers(j["layers"], path.string());
 }
 
 double nll_of_row(const float* logits, int64_t V, int32_t target) {

@@ -21,6 +21,8 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
 
@@ -98,6 +100,9 @@ struct RoutingAgreement {
   std::vector<Layer> layers;
   double agreement() const { return pairs ? double(same) / double(pairs) : 0.0; }
   double overlap() const { return pairs ? overlap_sum / double(pairs) : 0.0; }
+  // {"agreement", "overlap", "pairs", "expert_map": how experts were matched, "layers": [...]}, or
+  // {"unavailable": why}.
+  nlohmann::json to_json(const std::string& expert_map) const;
 };
 
 // Which reference (input) experts each of the model's experts comes from, per layer:
@@ -108,6 +113,8 @@ using ExpertOrigin = std::vector<std::vector<std::vector<int32_t>>>;
 // ids with weights); nullopt when the file or the key is absent. Error::corruption naming the file
 // and the JSON path for a malformed entry.
 std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& model_dir);
+// The same from a report's `layers` array (a run's own layer reports); `where` prefixes errors.
+std::optional<ExpertOrigin> origin_from_layers(const nlohmann::json& layers, const std::string& where);
 
 struct CompareResult {
   PerplexityResult model, reference;

@@ -789,11 +789,15 @@ void evaluate_output(RunState& s) {
     eval::check_context(original, eo.ctx, false, eo.ctx_name, "");
     const auto windows = eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
     if (r.eval->against_input) {
-      const auto c = eval::compare(original, written_model, windows, eo);
+      // Experts matched through the whole recipe's origin (every pass composed).
+      const std::optional<eval::ExpertOrigin> origin = eval::origin_from_layers(s.layer_reports, "run report");
+      const auto c = eval::compare(original, written_model, windows, eo, origin ? &*origin : nullptr);
       eval_json = {{"text", r.eval->text.string()}, {"ctx", eo.ctx}, {"windows", windows.windows},
                    {"tokens_scored", c.tokens}, {"perplexity_before", c.reference.perplexity()},
                    {"perplexity_after", c.model.perplexity()}, {"kl_mean", c.mean_kl()},
-                   {"top1_agreement", c.top1_agreement()}, {"convention", windows.convention}};
+                   {"top1_agreement", c.top1_agreement()},
+                   {"routing_agreement", c.routing.to_json(origin ? "run origin" : "by index")},
+                   {"convention", windows.convention}};
     } else {
       const auto p = eval::perplexity(written_model, windows, eo);
       eval_json = {{"text", r.eval->text.string()}, {"ctx", eo.ctx}, {"windows", windows.windows},
@@ -984,7 +988,14 @@ std::string render_run_summary(const json& s) {
                     e.at("kl_mean").get<double>(), 100.0 * e.at("top1_agreement").get<double>());
     else
       std::snprintf(buf, sizeof buf, "perplexity %.3f", e.at("perplexity_after").get<double>());
-    o << "  eval     " << buf << "\n           on " << e.at("tokens_scored").get<int64_t>() << " tokens of "
+    std::string routing;
+    if (e.contains("routing_agreement") && e.at("routing_agreement").contains("agreement")) {
+      char rb[96];
+      std::snprintf(rb, sizeof rb, ", routing agreement %.2f%%",
+                    100.0 * e.at("routing_agreement").at("agreement").get<double>());
+      routing = rb;
+    }
+    o << "  eval     " << buf << routing << "\n           on " << e.at("tokens_scored").get<int64_t>() << " tokens of "
       << e.at("text").get<std::string>() << " (ctx " << e.at("ctx").get<int64_t>() << ", "
       << e.at("convention").get<std::string>() << ")\n";
   }

@@ -102,6 +102,26 @@ TEST(RoutingAgreement, AfterPruneLayerZeroAgreesExactlyWhereNoPrunedExpertWasCho
   EXPECT_GE(ra.at("overlap").get<double>(), ra.at("agreement").get<double>());
 }
 
+TEST(RoutingAgreement, ARunsOwnEvalEqualsEvalAgainstItsInput) {
+  // A merge (groups of experts) with the run's evaluation: the run matches experts through its own
+  // origin, `eval --against` through the written report; same windows, same numbers.
+  TempDir tmp{"moe-routing-agreement-run"};
+  const fs::path out = tmp / "merged";
+  const RunResult r = run_tool({"-q", "merge", kModel.string(), out.string(), "--method", "hcsmoe", "--experts", "5",
+                                "--text", kCalib.string(), "--eval", kHeldout.string(), "--eval-ctx", "64",
+                                "--eval-max-windows", "3", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json run = json::parse(r.out).at("eval").at("routing_agreement");
+  EXPECT_EQ(run.at("expert_map"), "run origin");
+  const json cli = ra_eval(out, kModel).at("routing_agreement");
+  EXPECT_EQ(cli.at("expert_map"), "report origin");
+  EXPECT_EQ(run.at("pairs"), cli.at("pairs"));
+  EXPECT_DOUBLE_EQ(run.at("agreement").get<double>(), cli.at("agreement").get<double>());
+  EXPECT_DOUBLE_EQ(run.at("overlap").get<double>(), cli.at("overlap").get<double>());
+  EXPECT_GT(run.at("agreement").get<double>(), 0.0);
+  EXPECT_LT(run.at("agreement").get<double>(), 1.0);
+}
+
 TEST(RoutingAgreement, DifferentCountsWithoutOriginSayWhy) {
   TempDir tmp{"moe-routing-agreement-noorigin"};
   const fs::path copy = tmp / "m";
