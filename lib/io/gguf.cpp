@@ -363,6 +363,13 @@ const GgufTensorInfo* GgufFile::find_tensor(const std::string& name) const {
 
 const uint8_t* GgufFile::tensor_data(const GgufTensorInfo& t) const { return map_->data() + data_offset_ + t.offset; }
 
+bool GgufFile::release_range(const uint8_t* p, uint64_t n) const {
+  const uint8_t* base = map_->data();
+  if (p < base || p >= base + map_->size() || n > map_->size() - static_cast<uint64_t>(p - base)) return false;
+  map_->release(static_cast<uint64_t>(p - base), n);
+  return true;
+}
+
 std::vector<float> GgufFile::decode(const GgufTensorInfo& t) const {
   std::vector<float> out(static_cast<size_t>(t.numel()));
   if (out.empty()) return out;
