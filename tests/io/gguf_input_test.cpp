@@ -248,6 +248,23 @@ TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
     EXPECT_NE(r.err.find("general.architecture 'gemma'"), std::string::npos) << r.err;
   }
 
+  // A block type without a decoder: blk.0.ffn_down_exps.weight's type id (after its name, n_dims
+  // and three u64 dims) set to iq2_xxs (16), whose rows of 256 are smaller than q8_0's.
+  {
+    const std::string name = "blk.0.ffn_down_exps.weight";
+    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t at = bytes.find(name) + name.size() + 4 + 3 * 8;
+    ASSERT_EQ(bytes[at], 8);  // q8_0
+    bytes[at] = 16;
+    const fs::path p = dir / "iq.gguf";
+    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    r = run_tool({"inspect", p.string()});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
+    EXPECT_NE(r.err.find(name + ": type iq2_xxs has no decoder"), std::string::npos) << r.err;
+  }
+
   // A missing hyper-parameter: the key renamed.
   const fs::path key = altered(dir, "key.gguf", SIZE_MAX, "llama.expert_count", "llama.expert_cOunt");
   r = run_tool({"inspect", key.string()});
