@@ -126,7 +126,17 @@ TEST_P(GgufInput, InspectRuns) {
   const RunResult r = run_tool({"inspect", exported(GetParam(), "q8_0").string(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json j = json::parse(r.out);
-  EXPECT_NE(r.out.find("\"num_experts\""), std::string::npos) << r.out.substr(0, 400);
+  EXPECT_EQ(j.at("family"), GetParam() == "mixtral-tiny" ? "mixtral" : "qwen2_moe");
+  EXPECT_EQ(j.at("experts_per_layer"), 8);
+  // Every stored byte of the file's tensors, the q8_0 blocks as U8.
+  const auto f = io::GgufFile::open(io::Env::posix(), exported(GetParam(), "q8_0"));
+  uint64_t bytes = 0, blocks = 0;
+  for (const auto& t : f.tensors()) {
+    bytes += t.nbytes();
+    if (t.type == quant::GgmlType::Q8_0) blocks += t.nbytes();
+  }
+  EXPECT_EQ(j.at("bytes_total"), bytes);
+  EXPECT_EQ(j.at("bytes_by_dtype").at("U8"), blocks);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput, ::testing::Values("mixtral-tiny", "qwen2moe-tiny"),
