@@ -2,7 +2,8 @@
 // copied byte for byte from the mapped input) next to `cp` of the written file. A synthetic
 // mixtral-layout checkpoint (the tokenizer of data/models/mixtral-tiny) is exported to GGUF with
 // moe-tool, loaded, cut to the first --keep experts of every layer (router rows too) and written.
-// Prints JSON: bytes, best wall time of each over --repeat runs, throughputs and their ratio.
+// Each run maps the input afresh (as a `prune` process does). Prints JSON: bytes, best wall time of
+// each over --repeat runs, throughputs and their ratio.
 //   bench_gguf_prune [--size-mb 1024] [--type q8_0] [--keep 6] [--dir /tmp/moe-bench-gguf-prune]
 //                    [--tool path/to/moe-tool] [--repeat 3]
 #include <chrono>
@@ -59,20 +60,22 @@ int main(int argc, char** argv) {
   fs::remove_all(src);
 
   auto& env = moe::io::Env::posix();
-  const auto ck = moe::io::Checkpoint::open(env, in);
-  auto m = moe::model::Model::load(ck);
   std::vector<int64_t> rows;
   for (int64_t e = 0; e < keep; ++e) rows.push_back(e);
-  for (auto& layer : m.layers()) {
-    auto& b = *layer.moe;
-    b.experts.resize(static_cast<size_t>(keep));
-    b.router = b.router.take_rows(rows);
-  }
   double best_write = 1e30, best_cp = 1e30;
   uint64_t bytes = 0;
   for (int r = 0; r < repeat; ++r) {
     fs::remove(out);
     fs::remove(copy);
+    // A fresh mapping each run, as a `prune` process has: the input's pages are faulted in by the
+    // write (they are in the page cache, as they are for cp).
+    const auto ck = moe::io::Checkpoint::open(env, in);
+    auto m = moe::model::Model::load(ck);
+    for (auto& layer : m.layers()) {
+      auto& b = *layer.moe;
+      b.experts.resize(static_cast<size_t>(keep));
+      b.router = b.router.take_rows(rows);
+    }
     const auto t0 = std::chrono::steady_clock::now();
     bytes = moe::io::write_gguf_like(env, m, *ck.gguf(), out);
     best_write = std::min(best_write, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -60,8 +60,10 @@ Checkpoint Checkpoint::open(Env& env, const fs::path& dir) {
     return c;
   }
   std::error_code ec;
-  if (!fs::exists(dir, ec)) throw Error::not_found(dir.string() + ": no such checkpoint folder");
-  if (!fs::is_directory(dir, ec)) throw Error::invalid(dir.string() + ": not a folder (expected a checkpoint folder)");
+  if (!fs::exists(dir, ec))
+    throw Error::not_found(dir.string() + (dir.extension() == ".gguf" ? ": no such GGUF file" : ": no such checkpoint folder"));
+  if (!fs::is_directory(dir, ec))
+    throw Error::invalid(dir.string() + ": not a folder (expected a checkpoint folder) nor a GGUF file");
 
   const fs::path config_path = dir / "config.json";
   c.config_text_ = env.read_text(config_path);

@@ -508,6 +508,7 @@ uint64_t write_gguf_like(Env& env, const model::Model& m, const GgufModel& src, 
   GgufWriter w(env, path, std::move(kv), std::move(infos));
   for (size_t i = 0; i < pieces.size(); ++i)
     for (const auto& p : pieces[i]) {
+      f.prefetch_range(p.data, p.n);
       w.append(p.data, p.n);
       f.release_range(p.data, p.n);  // pages of the source already copied (a no-op for owned rows)
     }
