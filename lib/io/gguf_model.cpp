@@ -80,6 +80,8 @@ std::shared_ptr<const core::Encoding> GgufBlocks::take_rows(const std::vector<in
 
 namespace {
 
+std::string arch_key(const GgufArch& arch, const char* key) { return std::string(arch.arch) + "." + key; }
+
 const GgufValue& meta_need(const GgufFile& f, const std::string& key) {
   const GgufValue* v = f.find(key);
   if (!v) throw Error::corruption(f.path().string() + ": metadata key " + key + ": missing");
@@ -212,6 +214,9 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
   m->config_ = build_config(f, *arch, fam);
   m->config_text_ = m->config_.dump(2);
   const int64_t n_experts = m->config_.at(fam.expert_count_key).get<int64_t>();
+  if (n_experts < 1)
+    throw Error::corruption(file + ": metadata key " + arch_key(*arch, "expert_count") + ": " + std::to_string(n_experts) +
+                            ", expected at least 1");
 
   for (const auto& t : f.tensors()) {
     const auto& ti = quant::ggml_type_info(t.type);
@@ -293,7 +298,7 @@ Tensor GgufModel::tensor(std::string_view name) const {
   const Source& s = source(name);
   const TensorInfo& info = infos_[index_.find(name)->second];
   const uint8_t* data = file_->tensor_data(*s.tensor) + (info.begin - s.tensor->offset);
-  const int64_t cols = s.tensor->ne[0], rows = core::shape_numel(info.shape) / cols;
+  const int64_t cols = s.tensor->ne[0], rows = cols > 0 ? core::shape_numel(info.shape) / cols : 0;
   Tensor t;
   if (auto d = gguf_plain_dtype(s.tensor->type)) {
     t = Tensor(*d, info.shape, data, file_);
@@ -390,7 +395,11 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
     const std::string add = std::string("tokenizer.ggml.add_") + which + "_token";
     if (const GgufValue* v = f.find(add)) cfg[std::string("add_") + which + "_token"] = v->integer != 0;
   }
-  return {tj.dump(), cfg.dump()};
+  try {
+    return {tj.dump(), cfg.dump()};
+  } catch (const json::exception&) {
+    throw Error::corruption(file + ": metadata keys tokenizer.ggml.tokens / merges: a string is not valid UTF-8");
+  }
 }
 
 }  // namespace moe::io
