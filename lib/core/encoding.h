@@ -63,7 +63,10 @@ class Encoding {
   //                   stock loaders expect of a bf16 checkpoint)
   //   ConvertParts    its floating-point parts (factors) are written in that dtype
   //   Keep            written as it is (codes and scales have the types the format fixes)
-  enum class DtypeRule { Materialize, ConvertParts, Keep };
+  //   Dequantize      always written dequantized (in the output dtype, else the model's
+  //                   materialize dtype): no checkpoint folder format stores its parts (GGUF
+  //                   blocks read from a .gguf input, io/gguf_model.h)
+  enum class DtypeRule { Materialize, ConvertParts, Keep, Dequantize };
   virtual DtypeRule dtype_rule() const = 0;
 
  protected:

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "io/checkpoint.h"
+#include "io/gguf_model.h"
 #include "runtime/forward.h"
 #include "tokenizer/utf8.h"
 
@@ -58,6 +59,13 @@ std::string read_text(const std::filesystem::path& path, bool strict_utf8) {
 }
 
 tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir) {
+  if (io::is_gguf_path(model_dir)) {
+    // A GGUF file: the tokenizer rebuilt from its tokenizer.ggml.* keys (io/gguf_model.h).
+    const auto f = io::GgufFile::open(io::Env::posix(), model_dir);
+    const auto text = io::gguf_tokenizer_json(f);
+    const std::string src = model_dir.string() + ": tokenizer.ggml.*";
+    return tokenizer::Tokenizer::from_json_text(text.tokenizer_json, text.config_json, src, src);
+  }
   std::error_code ec;
   if (!std::filesystem::exists(model_dir / "tokenizer.json", ec))
     throw Error::not_found(model_dir.string() + ": no tokenizer (tokenizer.json missing in the model folder)");

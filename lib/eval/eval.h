@@ -59,7 +59,8 @@ std::string read_text(const std::filesystem::path& path, bool strict_utf8 = fals
 void check_utf8(std::string_view text, const std::string& source, bool strict);
 // How many times special-token strings occur in the text (non-overlapping, left to right).
 int64_t count_special_strings(const tokenizer::Tokenizer& tok, std::string_view text);
-// Loads the tokenizer of a model folder; Error::not_found naming the folder when absent.
+// Loads the tokenizer of a model folder (or of a GGUF file: rebuilt from its tokenizer.ggml.* keys,
+// io/gguf_model.h); Error::not_found naming the folder when absent.
 tokenizer::Tokenizer load_tokenizer(const std::filesystem::path& model_dir);
 // Tokenizes and cuts windows. Error::invalid when fewer tokens than one window, or max_windows < 0
 // (0 = all: callers refuse a user's 0 themselves).

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/gguf_model.h"
 #include "io/output_dir.h"
 
 namespace moe::io {
@@ -48,9 +49,21 @@ json parse_json_file_text(const std::string& text, const std::string& what) {
 Checkpoint Checkpoint::open(Env& env, const fs::path& dir) {
   Checkpoint c;
   c.dir_ = dir;
+  if (is_gguf_path(dir)) {
+    c.gguf_ = GgufModel::open(env, dir);
+    c.config_ = c.gguf_->config();
+    c.config_text_ = c.gguf_->config_text();
+    for (const auto& t : c.gguf_->infos()) {
+      c.index_[t.name] = {kGgufShard, &t};
+      c.names_.push_back(t.name);
+    }
+    return c;
+  }
   std::error_code ec;
-  if (!fs::exists(dir, ec)) throw Error::not_found(dir.string() + ": no such checkpoint folder");
-  if (!fs::is_directory(dir, ec)) throw Error::invalid(dir.string() + ": not a folder (expected a checkpoint folder)");
+  if (!fs::exists(dir, ec))
+    throw Error::not_found(dir.string() + (dir.extension() == ".gguf" ? ": no such GGUF file" : ": no such checkpoint folder"));
+  if (!fs::is_directory(dir, ec))
+    throw Error::invalid(dir.string() + ": not a folder (expected a checkpoint folder) nor a GGUF file");
 
   const fs::path config_path = dir / "config.json";
   c.config_text_ = env.read_text(config_path);
@@ -139,18 +152,28 @@ const TensorInfo& Checkpoint::info(std::string_view name) const {
   return *it->second.second;
 }
 
+std::vector<std::pair<std::string, std::string>> Checkpoint::generated_side_files() const {
+  if (!gguf_) return {};
+  const GgufTokenizerText t = gguf_tokenizer_json(gguf_->file());
+  return {{"tokenizer.json", t.tokenizer_json}, {"tokenizer_config.json", t.config_json}};
+}
+
+std::string Checkpoint::config_path() const { return gguf_ ? dir_.string() : (dir_ / "config.json").string(); }
+
 core::Tensor Checkpoint::tensor(std::string_view name) const {
   auto it = index_.find(name);
   if (it == index_.end()) throw Error::not_found(dir_.string() + ": tensor " + std::string(name) + " not found");
+  if (gguf_) return gguf_->tensor(name);
   return shards_[it->second.first]->tensor(*it->second.second);
 }
 
 void Checkpoint::release(std::string_view name) const {
   auto it = index_.find(name);
-  if (it != index_.end()) shards_[it->second.first]->release(*it->second.second);
+  if (it != index_.end() && !gguf_) shards_[it->second.first]->release(*it->second.second);
 }
 
 void Checkpoint::release_range(const uint8_t* p, uint64_t n) const {
+  if (gguf_ && gguf_->file().release_range(p, n)) return;
   for (const auto& s : shards_)
     if (s->release_range(p, n)) return;
 }
@@ -158,10 +181,12 @@ void Checkpoint::release_range(const uint8_t* p, uint64_t n) const {
 const fs::path& Checkpoint::shard_path(std::string_view name) const {
   auto it = index_.find(name);
   if (it == index_.end()) throw Error::not_found(dir_.string() + ": tensor " + std::string(name) + " not found");
+  if (gguf_) return dir_;
   return shards_[it->second.first]->path();
 }
 
 uint64_t Checkpoint::total_tensor_bytes() const {
+  if (gguf_) return gguf_->total_tensor_bytes();
   uint64_t n = 0;
   for (const auto& s : shards_) n += s->header().data_size;
   return n;
@@ -184,11 +209,7 @@ std::string Checkpoint::fingerprint() const {
   }
   const std::string canon = cfg.dump();  // nlohmann::json keeps object keys sorted
   h = fnv1a(h, canon.data(), canon.size());
-  std::vector<const TensorInfo*> all;
-  for (const auto& s : shards_)
-    for (const auto& t : s->header().tensors) all.push_back(&t);
-  std::sort(all.begin(), all.end(), [](const TensorInfo* a, const TensorInfo* b) { return a->name < b->name; });
-  for (const TensorInfo* t : all) {
+  for (const auto& [t, data] : sorted_tensors()) {
     h = fnv1a(h, t->name.data(), t->name.size() + 1);  // with the NUL: names cannot run into dtypes
     h = fnv1a(h, core::dtype_name(t->dtype), std::char_traits<char>::length(core::dtype_name(t->dtype)));
     const uint64_t rank = t->shape.size();
@@ -200,16 +221,26 @@ std::string Checkpoint::fingerprint() const {
   return buf;
 }
 
-std::vector<Checkpoint::TensorDigest> Checkpoint::content_digests() const {
-  std::vector<std::pair<const SafetensorsFile*, const TensorInfo*>> all;
+std::vector<std::pair<const TensorInfo*, const uint8_t*>> Checkpoint::sorted_tensors() const {
+  std::vector<std::pair<const TensorInfo*, const uint8_t*>> all;
+  if (gguf_) {
+    for (const auto& t : gguf_->infos()) {
+      const auto& src = *gguf_->source(t.name).tensor;
+      all.push_back({&t, gguf_->file().tensor_data(src) + (t.begin - src.offset)});
+    }
+  }
   for (const auto& s : shards_)
-    for (const auto& t : s->header().tensors) all.push_back({s.get(), &t});
-  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.second->name < b.second->name; });
+    for (const auto& t : s->header().tensors) all.push_back({&t, s->tensor(t).data()});
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.first->name < b.first->name; });
+  return all;
+}
+
+std::vector<Checkpoint::TensorDigest> Checkpoint::content_digests() const {
+  const auto all = sorted_tensors();
   std::vector<TensorDigest> out;
   out.reserve(all.size());
-  for (const auto& [shard, t] : all) {
+  for (const auto& [t, p] : all) {
     const uint64_t n = t->nbytes();
-    const uint8_t* p = shard->tensor(*t).data();
     uint64_t h = 2166136261u;  // 32-bit FNV-1a
     auto add = [&](uint64_t begin, uint64_t len) {
       for (uint64_t i = begin; i < begin + len; ++i) h = ((h ^ p[i]) * 16777619u) & 0xffffffffu;

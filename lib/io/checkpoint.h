@@ -1,6 +1,9 @@
 // A Hugging Face checkpoint folder: config.json, one or more safetensors shards (with
 // model.safetensors.index.json when sharded), tokenizer and other side files.
 // Opening validates every shard header and the index against the shards.
+// A GGUF file (io/gguf_model.h: a regular file ending in .gguf or starting with the GGUF magic) is
+// opened as a checkpoint too: config.json and the tensor names are mapped back from its metadata
+// and tensor names; dir() is then the file, shards() and side_files() are empty.
 #pragma once
 
 #include <map>
@@ -12,11 +15,21 @@
 #include "io/safetensors.h"
 
 namespace moe::io {
+class GgufModel;
+}
+
+namespace moe::io {
 
 class Checkpoint {
  public:
-  // Reads config.json and the tensor headers (no tensor data is touched).
+  // Reads config.json and the tensor headers (no tensor data is touched). A GGUF file: its header.
   static Checkpoint open(Env& env, const fs::path& dir);
+
+  // The GGUF file this checkpoint was read from, or null for a folder.
+  const GgufModel* gguf() const { return gguf_.get(); }
+  const std::shared_ptr<const GgufModel>& gguf_ptr() const { return gguf_; }
+  // What errors about config.json name: dir/config.json, or the GGUF file.
+  std::string config_path() const;
 
   const fs::path& dir() const { return dir_; }
   const nlohmann::json& config() const { return config_; }
@@ -35,6 +48,10 @@ class Checkpoint {
   const fs::path& shard_path(std::string_view name) const;
   // Files of the folder that are not weights (config, tokenizer, generation config, ...).
   const std::vector<fs::path>& side_files() const { return side_files_; }
+  // Side files a GGUF input holds as metadata instead: {"tokenizer.json", text} and
+  // {"tokenizer_config.json", text} rebuilt from tokenizer.ggml.* (io/gguf_model.h); empty for a
+  // folder. An output folder written from a GGUF input writes them as its side files.
+  std::vector<std::pair<std::string, std::string>> generated_side_files() const;
   uint64_t total_tensor_bytes() const;
   // Hex fingerprint of what identifies the model (not the data, not how it is stored): the parsed
   // config without bookkeeping keys, and every tensor's name, dtype and shape, order-independent.
@@ -63,6 +80,10 @@ class Checkpoint {
   std::map<std::string, std::pair<size_t, const TensorInfo*>, std::less<>> index_;
   std::vector<std::string> names_;
   std::vector<fs::path> side_files_;
+  std::shared_ptr<const GgufModel> gguf_;
+  static constexpr size_t kGgufShard = static_cast<size_t>(-1);  // index_ entries of a GGUF file
+  // Every tensor's header and first byte, sorted by name.
+  std::vector<std::pair<const TensorInfo*, const uint8_t*>> sorted_tensors() const;
 };
 
 // Parses JSON text; errors name `what` (usually the file) and the parse problem.

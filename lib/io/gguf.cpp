@@ -5,6 +5,9 @@
 #include <functional>
 #include <set>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "core/error.h"
 #include "core/tensor.h"
 
@@ -362,6 +365,26 @@ const GgufTensorInfo* GgufFile::find_tensor(const std::string& name) const {
 }
 
 const uint8_t* GgufFile::tensor_data(const GgufTensorInfo& t) const { return map_->data() + data_offset_ + t.offset; }
+
+bool GgufFile::release_range(const uint8_t* p, uint64_t n) const {
+  const uint8_t* base = map_->data();
+  if (p < base || p >= base + map_->size() || n > map_->size() - static_cast<uint64_t>(p - base)) return false;
+  map_->release(static_cast<uint64_t>(p - base), n);
+  return true;
+}
+
+void GgufFile::prefetch_range(const uint8_t* p, uint64_t n) const {
+#ifdef MADV_POPULATE_READ
+  const uint8_t* base = map_->data();
+  if (n == 0 || p < base || p >= base + map_->size() || n > map_->size() - static_cast<uint64_t>(p - base)) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) / page * page;
+  madvise(reinterpret_cast<void*>(b), reinterpret_cast<uintptr_t>(p) + n - b, MADV_POPULATE_READ);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
 
 std::vector<float> GgufFile::decode(const GgufTensorInfo& t) const {
   std::vector<float> out(static_cast<size_t>(t.numel()));

@@ -101,6 +101,13 @@ class GgufFile {
   // All numel() values as f32, in storage order (row r of ne[0] values at r * ne[0]).
   // Error::unsupported for types without a decoder, naming the tensor and the type.
   std::vector<float> decode(const GgufTensorInfo& t) const;
+  // Hands the mapped pages of [p, p + n) back to the OS when they lie inside this file (the data
+  // stays readable); returns whether they did.
+  bool release_range(const uint8_t* p, uint64_t n) const;
+  // Maps the pages of [p, p + n) in one call (madvise MADV_POPULATE_READ) when they lie inside
+  // this file, before a sequential copy reads them: one system call instead of a page fault per
+  // few pages. A hint: nothing changes when the kernel does not support it.
+  void prefetch_range(const uint8_t* p, uint64_t n) const;
 
  private:
   fs::path path_;

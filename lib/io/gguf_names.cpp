@@ -25,6 +25,14 @@ constexpr GgufNamePair kGgufLayerNames[] = {
 constexpr GgufNamePair kGgufGlobalNames[] = {
     {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
 
+// MoE block fields (model/family.h FamilyDesc) <-> llama.cpp tensor names under "blk.N.".
+constexpr GgufNamePair kGgufMoeNames[] = {
+    {"router", "ffn_gate_inp.weight"},           {"expert_gate", "ffn_gate_exps.weight"},
+    {"expert_up", "ffn_up_exps.weight"},         {"expert_down", "ffn_down_exps.weight"},
+    {"shared_gate", "ffn_gate_shexp.weight"},    {"shared_up", "ffn_up_shexp.weight"},
+    {"shared_down", "ffn_down_shexp.weight"},    {"shared_expert_gate", "ffn_gate_inp_shexp.weight"},
+};
+
 template <size_t N>
 const char* find_second(const GgufNamePair (&table)[N], const std::string& key) {
   for (const auto& p : table)
@@ -50,6 +58,28 @@ const GgufNamePair kGgufPreTokenizers[] = {
 };
 const size_t kGgufPreTokenizerCount = std::size(kGgufPreTokenizers);
 
+// ARCH.<key> <-> config.json, as llama.cpp's converter writes them (convert_hf_to_gguf.py's
+// set_gguf_parameters) for our families.
+const GgufHparam kGgufHparams[] = {
+    {"context_length", "max_position_embeddings", false, GgufHparam::When::Always},
+    {"embedding_length", "hidden_size", false, GgufHparam::When::Always},
+    {"block_count", "num_hidden_layers", false, GgufHparam::When::Always},
+    {"feed_forward_length", "intermediate_size", false, GgufHparam::When::ExpertWidthKey},
+    {"feed_forward_length", "{expert_width}", false, GgufHparam::When::NoExpertWidthKey},
+    {"expert_feed_forward_length", "{expert_width}", false, GgufHparam::When::ExpertWidthKey},
+    {"attention.head_count", "num_attention_heads", false, GgufHparam::When::Always},
+    {"attention.head_count_kv", "num_key_value_heads", false, GgufHparam::When::Always},
+    {"rope.freq_base", "rope_theta", true, GgufHparam::When::Always},
+    {"attention.layer_norm_rms_epsilon", "rms_norm_eps", true, GgufHparam::When::Always},
+    {"expert_count", "{expert_count}", false, GgufHparam::When::Always},
+    {"expert_used_count", "{topk}", false, GgufHparam::When::Always},
+    {"expert_shared_feed_forward_length", "{shared_width}", false, GgufHparam::When::Optional},
+    {"attention.key_length", "head_dim", false, GgufHparam::When::Optional},
+    {"rope.dimension_count", "head_dim", false, GgufHparam::When::Optional},
+    {"attention.clamp_kqv", "clip_qkv", true, GgufHparam::When::Optional},
+};
+const size_t kGgufHparamCount = std::size(kGgufHparams);
+
 const GgufArch* gguf_arch_for_model_type(const std::string& model_type) {
   for (const auto& a : kGgufArchs)
     if (model_type == a.model_type) return &a;
@@ -72,6 +102,9 @@ const char* gguf_layer_name(const std::string& role) { return find_second(kGgufL
 const char* gguf_layer_role(const std::string& gguf_name) { return find_first(kGgufLayerNames, gguf_name); }
 const char* gguf_global_name(const std::string& role) { return find_second(kGgufGlobalNames, role); }
 const char* gguf_global_role(const std::string& gguf_name) { return find_first(kGgufGlobalNames, gguf_name); }
+
+const char* gguf_moe_name(const std::string& field) { return find_second(kGgufMoeNames, field); }
+const char* gguf_moe_field(const std::string& gguf_name) { return find_first(kGgufMoeNames, gguf_name); }
 
 const char* gguf_pre_tokenizer_name(const std::string& regex) {
   for (const auto& p : kGgufPreTokenizers)

@@ -35,6 +35,27 @@ const char* gguf_layer_role(const std::string& gguf_name);
 const char* gguf_global_name(const std::string& role);
 const char* gguf_global_role(const std::string& gguf_name);
 
+// The MoE block's tensors under "blk.N.": a model::FamilyDesc field name ("router", "expert_gate",
+// "shared_expert_gate", ...) <-> llama.cpp's name ("ffn_gate_inp.weight", "ffn_gate_exps.weight",
+// "ffn_gate_inp_shexp.weight"). The *_exps tensors stack the experts: ne = [in, out, E].
+const char* gguf_moe_name(const std::string& field);
+const char* gguf_moe_field(const std::string& gguf_name);
+
+// Hyper-parameters: "ARCH.<key>" <-> a config.json key. `config_key` is a config.json key, or one
+// of the family's own key fields (model::FamilyDesc) in braces: {expert_count}, {topk},
+// {expert_width}, {shared_width}. `when` says for which architectures the pair applies.
+struct GgufHparam {
+  enum class When { Always, ExpertWidthKey, NoExpertWidthKey, Optional };
+  const char* key;         // after "ARCH."
+  const char* config_key;
+  bool real;               // stored as f32 (else u32)
+  When when;               // Always: required; ExpertWidthKey / NoExpertWidthKey: required where
+                           // GgufArch::expert_width_key is / is not set; Optional: when present
+};
+// Calls f(const GgufHparam&) for each row.
+template <class F>
+void for_each_gguf_hparam(F&& f);
+
 // llama.cpp's name (tokenizer.ggml.pre) of a byte-level BPE pre-tokenizer, by its Split regex,
 // and back. nullptr when unknown.
 const char* gguf_pre_tokenizer_name(const std::string& regex);
@@ -54,6 +75,12 @@ struct GgufNamePair {
 };
 extern const GgufNamePair kGgufPreTokenizers[];
 extern const size_t kGgufPreTokenizerCount;
+extern const GgufHparam kGgufHparams[];
+extern const size_t kGgufHparamCount;
+template <class F>
+void for_each_gguf_hparam(F&& f) {
+  for (size_t i = 0; i < kGgufHparamCount; ++i) f(kGgufHparams[i]);
+}
 template <class F>
 void for_each_gguf_pre_tokenizer(F&& f) {
   for (size_t i = 0; i < kGgufPreTokenizerCount; ++i) f(kGgufPreTokenizers[i].first, kGgufPreTokenizers[i].second);

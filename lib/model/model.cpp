@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/warn.h"
+#include "io/gguf_model.h"
 #include "quant/registry.h"
 
 namespace moe::model {
@@ -421,7 +422,8 @@ class OutputBuilder {
       return;
     }
     const auto rule = enc->dtype_rule();
-    if (opts_.materialize || (opts_.dtype && rule == core::Encoding::DtypeRule::Materialize)) {
+    if (opts_.materialize || rule == core::Encoding::DtypeRule::Dequantize ||
+        (opts_.dtype && rule == core::Encoding::DtypeRule::Materialize)) {
       const DType d = opts_.dtype ? *opts_.dtype : materialize_;
       out.push_back({name, d, t.shape(), [t, d, rel = release_] { return converted(t, d, rel); }, {name}, "", cls, t.numel()});
       return;
@@ -522,7 +524,7 @@ bool stored_head_differs(const Tensor& head, const Tensor& embed) {
 
 Model Model::load(const io::Checkpoint& ckpt) {
   Model m;
-  m.config_ = Config(ckpt.config(), (ckpt.dir() / "config.json").string());
+  m.config_ = Config(ckpt.config(), ckpt.config_path());
   const Config& c = m.config_;
   m.family_ = &family_for(c);
   const FamilyDesc& f = *m.family_;
@@ -567,7 +569,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
   }
 
   // The shards (shared with the tensors' views) outlive the Checkpoint object if need be.
-  m.release_ = [shards = ckpt.shards()](const uint8_t* p, uint64_t n) {
+  m.release_ = [shards = ckpt.shards(), gguf = ckpt.gguf_ptr()](const uint8_t* p, uint64_t n) {
+    if (gguf && gguf->file().release_range(p, n)) return;
     for (const auto& s : shards)
       if (s->release_range(p, n)) return;
   };

@@ -1,8 +1,9 @@
 // libFuzzer target: arbitrary bytes as a GGUF file (io/gguf.h). moe::io::GgufFile::open must
 // either accept a file whose every tensor lies inside the data section, aligned and without
 // overlap, and whose tensors decode (or are refused as unsupported types), or throw
-// moe::core::Error; anything else (another exception, a crash, a sanitizer report, a read outside
-// the mapping) is a bug. The bytes go through a file in /dev/shm because the reader maps files.
+// moe::core::Error; so must reading an accepted file as a model (io/gguf_model.h). Anything else
+// (another exception, a crash, a sanitizer report, a read outside the mapping) is a bug. The
+// bytes go through a file in /dev/shm because the reader maps files.
 #include <unistd.h>
 
 #include <cstddef>
@@ -14,7 +15,10 @@
 
 #include "core/error.h"
 #include "io/env.h"
+#include "io/checkpoint.h"
 #include "io/gguf.h"
+#include "io/gguf_model.h"
+#include "model/model.h"
 
 namespace {
 
@@ -58,6 +62,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       } catch (const moe::core::Error&) {
       }
     }
+  } catch (const moe::core::Error&) {
+    return 0;
+  }
+  // The same file as a model input (io/gguf_model.h): mapped to our config and names, loaded, every
+  // weight dequantized, the tokenizer rebuilt; each step succeeds or throws moe::core::Error.
+  try {
+    const auto ck = moe::io::Checkpoint::open(moe::io::Env::posix(), scratch_path());
+    for (const auto& name : ck.names()) {
+      const auto t = ck.tensor(name);
+      check(static_cast<int64_t>(t.to_f32().size()) == t.numel());
+    }
+    (void)moe::io::gguf_tokenizer_json(ck.gguf()->file());
+    (void)moe::model::Model::load(ck);
   } catch (const moe::core::Error&) {
   }
   return 0;

@@ -1,0 +1,527 @@
+#include "io/gguf_model.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <optional>
+
+#include "core/error.h"
+#include "io/gguf_names.h"
+#include "model/family.h"
+#include "model/model.h"
+
+namespace moe::io {
+
+using core::DType;
+using core::Error;
+using core::Tensor;
+using nlohmann::json;
+using quant::GgmlType;
+
+bool is_gguf_path(const fs::path& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return false;
+  if (path.extension() == ".gguf") return true;
+  std::ifstream in(path, std::ios::binary);
+  uint8_t b[4] = {0, 0, 0, 0};
+  in.read(reinterpret_cast<char*>(b), 4);
+  if (in.gcount() != 4) return false;
+  const uint32_t magic = uint32_t(b[0]) | uint32_t(b[1]) << 8 | uint32_t(b[2]) << 16 | uint32_t(b[3]) << 24;
+  return magic == kGgufMagic;
+}
+
+int64_t gguf_permuted_source_row(int64_t r, int64_t heads, int64_t rows) {
+  const int64_t d = rows / heads, h = r / d, i = (r % d) / 2, s = r % 2;
+  return h * d + s * (d / 2) + i;
+}
+
+int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_t heads, int64_t kv_heads) {
+  if (!arch.permute_qk) return 0;
+  if (role == "q_proj" || role == "q_bias") return heads;
+  if (role == "k_proj" || role == "k_bias") return kv_heads;
+  return 0;
+}
+
+// ---- GgufBlocks ----
+
+GgufBlocks::GgufBlocks(GgmlType type, int64_t cols, Tensor bytes)
+    : Encoding(bytes.rank() == 2 ? bytes.dim(0) : 0, cols), type_(type) {
+  if (bytes.dtype() != DType::U8 || bytes.rank() != 2 || bytes.encoding() ||
+      static_cast<uint64_t>(bytes.dim(1)) != quant::ggml_row_bytes(type, cols))
+    throw Error::internal("GgufBlocks: bytes " + core::shape_str(bytes.shape()) + " do not hold rows of " +
+                          std::to_string(cols) + " " + quant::ggml_type_info(type).name + " values");
+  bytes_ = std::make_shared<const Tensor>(std::move(bytes));
+}
+
+std::string GgufBlocks::name() const { return std::string("gguf-") + quant::ggml_type_info(type_).name; }
+
+json GgufBlocks::params() const { return {{"type", quant::ggml_type_info(type_).name}}; }
+
+std::vector<core::EncodedPart> GgufBlocks::parts() const { return {{"blocks", "", bytes_, false}}; }
+
+void GgufBlocks::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
+  check_rows(r0, r1);
+  const int64_t n = cols();
+  const size_t rb = static_cast<size_t>(bytes_->dim(1));
+  for (int64_t r = r0; r < r1; ++r) quant::decode_row(type_, bytes_->data() + static_cast<size_t>(r) * rb, n, dst + (r - r0) * n);
+}
+
+std::shared_ptr<const core::Encoding> GgufBlocks::slice_rows(int64_t r0, int64_t r1) const {
+  check_rows(r0, r1);
+  return std::make_shared<GgufBlocks>(type_, cols(), bytes_->slice0(r0, r1));
+}
+
+std::shared_ptr<const core::Encoding> GgufBlocks::take_rows(const std::vector<int64_t>& rows) const {
+  return std::make_shared<GgufBlocks>(type_, cols(), bytes_->take_rows(rows));
+}
+
+// ---- GgufModel ----
+
+namespace {
+
+std::string arch_key(const GgufArch& arch, const char* key) { return std::string(arch.arch) + "." + key; }
+
+const GgufValue& meta_need(const GgufFile& f, const std::string& key) {
+  const GgufValue* v = f.find(key);
+  if (!v) throw Error::corruption(f.path().string() + ": metadata key " + key + ": missing");
+  return *v;
+}
+
+// The shortest decimal that rounds to the same f32 as v: the value config.json held before the
+// export stored it as f32 (1e-05, not 9.99999974737875e-06).
+double f32_decimal(double v) {
+  const float f = static_cast<float>(v);
+  for (int p = 1; p <= 9; ++p) {
+    char buf[40];
+    std::snprintf(buf, sizeof buf, "%.*g", p, static_cast<double>(f));
+    const double d = std::strtod(buf, nullptr);
+    if (static_cast<float>(d) == f) return d;
+  }
+  return f;
+}
+
+const model::FamilyDesc& family_of(const std::string& model_type) {
+  for (const auto& f : model::all_families())
+    if (f.model_type == model_type) return f;
+  throw Error::internal("no family " + model_type);
+}
+
+// The family's config key for a {field} of GgufHparam::config_key, or the key itself.
+std::string config_key(const model::FamilyDesc& fam, const std::string& k) {
+  if (k == "{expert_count}") return fam.expert_count_key;
+  if (k == "{topk}") return fam.topk_key;
+  if (k == "{expert_width}") return fam.expert_width_key;
+  if (k == "{shared_width}") return fam.shared_width_key;
+  return k;
+}
+
+// The family's name template of an MoE field (io/gguf_names.h gguf_moe_field).
+const std::string& moe_template(const model::FamilyDesc& fam, const std::string& field) {
+  if (field == "router") return fam.router;
+  if (field == "expert_gate") return fam.expert_gate;
+  if (field == "expert_up") return fam.expert_up;
+  if (field == "expert_down") return fam.expert_down;
+  if (field == "shared_gate") return fam.shared_gate;
+  if (field == "shared_up") return fam.shared_up;
+  if (field == "shared_down") return fam.shared_down;
+  if (field == "shared_expert_gate") return fam.shared_expert_gate;
+  throw Error::internal("no MoE field " + field);
+}
+
+std::optional<DType> gguf_plain_dtype(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: return DType::F32;
+    case GgmlType::F16: return DType::F16;
+    case GgmlType::BF16: return DType::BF16;
+    default: return std::nullopt;
+  }
+}
+
+const char* config_torch_dtype(uint32_t file_type) {
+  switch (file_type) {
+    case 0: return "float32";
+    case 1: return "float16";
+    default: return "bfloat16";
+  }
+}
+
+json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDesc& fam) {
+  const std::string file = f.path().string();
+  const std::string A = arch.arch;
+  json c = json::object();
+  c["model_type"] = arch.model_type;
+  c["architectures"] = json::array({fam.architectures.empty() ? std::string(arch.model_type) : fam.architectures.front()});
+  for_each_gguf_hparam([&](const GgufHparam& h) {
+    using W = GgufHparam::When;
+    if ((h.when == W::ExpertWidthKey && !arch.expert_width_key) || (h.when == W::NoExpertWidthKey && arch.expert_width_key))
+      return;
+    const std::string key = A + "." + h.key;
+    const GgufValue* v = f.find(key);
+    if (!v) {
+      if (h.when == W::Optional) return;
+      throw Error::corruption(file + ": metadata key " + key + ": missing");
+    }
+    const std::string ck = config_key(fam, h.config_key);
+    if (ck.empty())
+      throw Error::unsupported(file + ": metadata key " + key + ": the " + fam.model_type + " layout has no config key for it");
+    const json value = h.real ? json(f32_decimal(v->as_double(file + ": " + key))) : json(v->as_int(file + ": " + key));
+    if (c.contains(ck) && c[ck] != value)
+      throw Error::corruption(file + ": metadata key " + key + ": " + value.dump() + " disagrees with " + c[ck].dump() +
+                              " given for " + ck + " by another key");
+    c[ck] = value;
+  });
+  if (const GgufValue* v = f.find(A + ".attention.value_length"); v && c.contains("head_dim") &&
+                                                                   v->as_int(file + ": " + A + ".attention.value_length") != c["head_dim"])
+    throw Error::unsupported(file + ": metadata key " + A + ".attention.value_length: differs from attention.key_length; "
+                             "not read here");
+  if (const GgufValue* v = f.find(A + ".rope.scaling.type"); v && v->as_string(file + ": " + A + ".rope.scaling.type") != "none")
+    throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.type: '" + v->str + "' is not read yet");
+  if (f.find(A + ".attention.sliding_window"))
+    throw Error::unsupported(file + ": metadata key " + A + ".attention.sliding_window: a sliding window is not read yet");
+  const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
+  if (!embd || embd->ne.size() != 2) throw Error::corruption(file + ": tensor token_embd.weight: missing or not 2-D");
+  c["vocab_size"] = embd->ne[1];
+  c["tie_word_embeddings"] = f.find_tensor("output.weight") == nullptr;
+  c["rope_scaling"] = nullptr;
+  c["sliding_window"] = nullptr;
+  if (!fam.norm_topk_forced) c["norm_topk_prob"] = arch.renormalizes;
+  // A bias whose presence a config key decides (llama's attention_bias): true when stored.
+  for (const auto& r : fam.layer_roles)
+    if (r.presence.kind == model::Presence::IfConfig && r.presence.key && !c.contains(r.presence.key))
+      if (const char* g = gguf_layer_name(r.role))
+        c[r.presence.key] = (f.find_tensor("blk.0." + std::string(g)) != nullptr) != r.presence.negate;
+  const GgufValue* ft = f.find("general.file_type");
+  c["torch_dtype"] = config_torch_dtype(ft ? static_cast<uint32_t>(ft->as_int(file + ": general.file_type")) : 1);
+  for (const char* id : {"bos_token_id", "eos_token_id"})
+    if (const GgufValue* v = f.find(std::string("tokenizer.ggml.") + id)) c[id] = v->as_int(file + ": tokenizer.ggml." + id);
+  return c;
+}
+
+}  // namespace
+
+std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path) {
+  std::shared_ptr<GgufModel> m(new GgufModel());
+  m->file_ = std::make_shared<const GgufFile>(GgufFile::open(env, path));
+  const GgufFile& f = *m->file_;
+  const std::string file = path.string();
+  const std::string arch_name = meta_need(f, "general.architecture").as_string(file + ": general.architecture");
+  const GgufArch* arch = gguf_arch_for_arch(arch_name);
+  if (!arch)
+    throw Error::unsupported(file + ": general.architecture '" + arch_name + "' is not read here (read: the architectures of " +
+                             gguf_exported_model_types() + ")");
+  const model::FamilyDesc& fam = family_of(arch->model_type);
+  m->config_ = build_config(f, *arch, fam);
+  m->config_text_ = m->config_.dump(2);
+  const int64_t n_experts = m->config_.at(fam.expert_count_key).get<int64_t>();
+  if (n_experts < 1)
+    throw Error::corruption(file + ": metadata key " + arch_key(*arch, "expert_count") + ": " + std::to_string(n_experts) +
+                            ", expected at least 1");
+
+  for (const auto& t : f.tensors()) {
+    const auto& ti = quant::ggml_type_info(t.type);
+    if (!gguf_plain_dtype(t.type) && !ti.codec)
+      throw Error::unsupported(file + ": tensor " + t.name + ": type " + ti.name + " has no decoder here (read: " +
+                               quant::ggml_codec_names() + ")");
+    std::string ours;  // our name, {e} for the experts of a stacked tensor
+    bool stacked = false, row_vector = false;
+    int64_t heads = 0;
+    if (const char* role = gguf_global_role(t.name)) {
+      for (const auto& g : fam.globals)
+        if (g.role == role) ours = g.name;
+    } else if (t.name.rfind("blk.", 0) == 0) {
+      const size_t dot = t.name.find('.', 4);
+      const std::string idx = dot == std::string::npos ? "" : t.name.substr(4, dot - 4);
+      if (!idx.empty() && idx.size() < 7 && idx.find_first_not_of("0123456789") == std::string::npos) {
+        const int layer = std::stoi(idx);
+        const std::string rest = t.name.substr(dot + 1), prefix = model::expand(fam.layer_prefix, layer);
+        if (const char* role = gguf_layer_role(rest)) {
+          for (const auto& r : fam.layer_roles)
+            if (r.role == role) ours = prefix + r.name;
+          heads = gguf_permute_heads(*arch, role, m->config_.at("num_attention_heads").get<int64_t>(),
+                                     m->config_.at("num_key_value_heads").get<int64_t>());
+        } else if (const char* field = gguf_moe_field(rest)) {
+          const std::string& tmpl = moe_template(fam, field);
+          if (!tmpl.empty()) ours = prefix + tmpl;
+          stacked = std::strncmp(field, "expert_", 7) == 0;
+          row_vector = std::string(field) == "shared_expert_gate";
+        }
+      }
+    }
+    if (ours.empty())
+      throw Error::corruption(file + ": tensor " + t.name + ": no counterpart in the " + fam.model_type + " layout (arch " +
+                              arch_name + ")");
+    core::Shape shape(t.ne.rbegin(), t.ne.rend());
+    int64_t experts = 1;
+    if (stacked) {
+      if (t.ne.size() != 3 || t.ne[2] != n_experts)
+        throw Error::corruption(file + ": tensor " + t.name + ": ne " + core::shape_str(t.ne) + ", expected [in, out, " +
+                                std::to_string(n_experts) + "] (" + arch_name + ".expert_count)");
+      experts = n_experts;
+      shape.erase(shape.begin());
+    } else if (row_vector && t.ne.size() == 1) {
+      shape = {1, t.ne[0]};
+    }
+    if (heads > 0 && (shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0))
+      throw Error::corruption(file + ": tensor " + t.name + ": " + std::to_string(shape[0]) + " rows are not " +
+                              std::to_string(heads) + " heads of an even size");
+    const uint64_t slice = t.nbytes() / static_cast<uint64_t>(experts);
+    for (int64_t e = 0; e < experts; ++e) {
+      TensorInfo info;
+      info.name = stacked ? model::expand(ours, -1, static_cast<int>(e)) : ours;
+      info.dtype = gguf_plain_dtype(t.type).value_or(DType::U8);
+      info.shape = shape;
+      info.begin = t.offset + static_cast<uint64_t>(e) * slice;
+      info.end = info.begin + slice;
+      if (m->index_.count(info.name))
+        throw Error::corruption(file + ": tensor " + t.name + ": maps to " + info.name + ", which another tensor also maps to");
+      m->index_[info.name] = m->infos_.size();
+      m->infos_.push_back(std::move(info));
+      m->sources_.push_back({&t, stacked ? e : -1, heads});
+    }
+  }
+  return m;
+}
+
+const TensorInfo* GgufModel::find(std::string_view name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &infos_[it->second];
+}
+
+const GgufModel::Source& GgufModel::source(std::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) throw Error::not_found(path().string() + ": tensor " + std::string(name) + " not found");
+  return sources_[it->second];
+}
+
+Tensor GgufModel::tensor(std::string_view name) const {
+  const Source& s = source(name);
+  const TensorInfo& info = infos_[index_.find(name)->second];
+  const uint8_t* data = file_->tensor_data(*s.tensor) + (info.begin - s.tensor->offset);
+  const int64_t cols = s.tensor->ne[0], rows = cols > 0 ? core::shape_numel(info.shape) / cols : 0;
+  Tensor t;
+  if (auto d = gguf_plain_dtype(s.tensor->type)) {
+    t = Tensor(*d, info.shape, data, file_);
+  } else {
+    const auto rb = static_cast<int64_t>(quant::ggml_row_bytes(s.tensor->type, cols));
+    t = Tensor::encoded(std::make_shared<GgufBlocks>(s.tensor->type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8);
+  }
+  if (s.permute_heads > 0) {
+    // Our row i is stored at the row r whose source row is i.
+    std::vector<int64_t> order(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(gguf_permuted_source_row(r, s.permute_heads, rows))] = r;
+    t = t.take_rows(order);
+  }
+  return t;
+}
+
+uint64_t GgufModel::total_tensor_bytes() const {
+  uint64_t n = 0;
+  for (const auto& t : file_->tensors()) n += t.nbytes();
+  return n;
+}
+
+// ---- tokenizer ----
+
+GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
+  const std::string file = f.path().string();
+  const std::string model = meta_need(f, "tokenizer.ggml.model").as_string(file + ": tokenizer.ggml.model");
+  if (model != "gpt2")
+    throw Error::unsupported(file + ": tokenizer.ggml.model '" + model + "': only gpt2 (byte-level BPE) is read here");
+  const std::string pre = meta_need(f, "tokenizer.ggml.pre").as_string(file + ": tokenizer.ggml.pre");
+  const char* regex = gguf_pre_tokenizer_regex(pre);
+  if (!regex) {
+    std::string known;
+    for_each_gguf_pre_tokenizer([&](const char* n, const char*) { known += (known.empty() ? "" : ", ") + std::string(n); });
+    throw Error::unsupported(file + ": tokenizer.ggml.pre '" + pre + "': no Split regex known for it here (known: " + known + ")");
+  }
+  auto strings = [&](const char* key) -> const std::vector<GgufValue>& {
+    const GgufValue& v = meta_need(f, key);
+    if (v.type != GgufValueType::ARRAY || v.elem != GgufValueType::STRING)
+      throw Error::corruption(file + ": metadata key " + std::string(key) + ": expected an array of strings");
+    return v.items;
+  };
+  const auto& tokens = strings("tokenizer.ggml.tokens");
+  const auto& merges = strings("tokenizer.ggml.merges");
+  const GgufValue* types = f.find("tokenizer.ggml.token_type");
+  if (types && (types->type != GgufValueType::ARRAY || types->items.size() != tokens.size()))
+    throw Error::corruption(file + ": metadata key tokenizer.ggml.token_type: expected an array of " +
+                            std::to_string(tokens.size()) + " integers (one per token)");
+  json vocab = json::object(), added = json::array();
+  for (size_t id = 0; id < tokens.size(); ++id) {
+    const int64_t ty = types ? types->items[id].as_int(file + ": tokenizer.ggml.token_type[" + std::to_string(id) + "]") : 1;
+    const std::string& tok = tokens[id].str;
+    if (ty == 5) continue;  // unused (padding rows)
+    if (ty == 3 || ty == 4) {
+      added.push_back({{"id", id}, {"content", tok}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+                       {"normalized", false}, {"special", ty == 3}});
+      continue;
+    }
+    if (vocab.contains(tok))
+      throw Error::corruption(file + ": metadata key tokenizer.ggml.tokens: token " + std::to_string(id) + " repeats token " +
+                              vocab[tok].dump());
+    vocab[tok] = id;
+  }
+  json merge_list = json::array();
+  for (const auto& mv : merges) merge_list.push_back(mv.str);
+  const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}};
+  json tj = {{"version", "1.0"},
+             {"truncation", nullptr},
+             {"padding", nullptr},
+             {"added_tokens", added},
+             {"normalizer", nullptr},
+             {"pre_tokenizer",
+              {{"type", "Sequence"},
+               {"pretokenizers",
+                json::array({{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}},
+                             byte_level})}}},
+             {"post_processor", byte_level},
+             {"decoder", byte_level},
+             {"model",
+              {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
+               {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false}, {"vocab", vocab},
+               {"merges", merge_list}}}};
+  // tokenizer_config.json: the special tokens by content and whether they are added.
+  json cfg = json::object();
+  for (const char* which : {"bos", "eos"}) {
+    const std::string key = std::string("tokenizer.ggml.") + which + "_token_id";
+    if (const GgufValue* v = f.find(key)) {
+      const int64_t id = v->as_int(file + ": " + key);
+      if (id < 0 || id >= static_cast<int64_t>(tokens.size()))
+        throw Error::corruption(file + ": metadata key " + key + ": " + std::to_string(id) + " is not a token id (" +
+                                std::to_string(tokens.size()) + " tokens)");
+      cfg[std::string(which) + "_token"] = tokens[static_cast<size_t>(id)].str;
+    }
+    const std::string add = std::string("tokenizer.ggml.add_") + which + "_token";
+    if (const GgufValue* v = f.find(add)) cfg[std::string("add_") + which + "_token"] = v->integer != 0;
+  }
+  try {
+    return {tj.dump(), cfg.dump()};
+  } catch (const json::exception&) {
+    throw Error::corruption(file + ": metadata keys tokenizer.ggml.tokens / merges: a string is not valid UTF-8");
+  }
+}
+
+}  // namespace moe::io
+
+// ---- writing a pruned GGUF model back (write_gguf_like) ----
+
+namespace moe::io {
+
+namespace {
+
+// One piece of an output tensor's bytes: a view of stored bytes (the source file, or an owned copy
+// of a few rows) that stays alive while the file is written.
+struct Piece {
+  core::Tensor keep;
+  const uint8_t* data = nullptr;
+  uint64_t n = 0;
+};
+
+// The stored bytes of `t` as GGUF rows of `cols` values of type `type`, rows in the file's order
+// (permute_heads > 0: the converter's q/k order). Error::unsupported when t holds anything else.
+Piece stored_piece(const core::Tensor& t, GgmlType type, int64_t cols, int64_t permute_heads, const std::string& name) {
+  core::Tensor bytes;
+  if (const auto* b = dynamic_cast<const GgufBlocks*>(t.encoding()); b && b->type() == type && b->cols() == cols) {
+    bytes = b->bytes();
+  } else if (!t.encoding() && gguf_plain_dtype(type) == t.dtype() && t.numel() % cols == 0) {
+    bytes = t;
+  } else {
+    throw Error::unsupported(name + ": changed by a pass (now " +
+                             (t.encoding() ? "'" + t.encoding()->name() + "'" : std::string(core::dtype_name(t.dtype()))) +
+                             ", the source stores " + quant::ggml_type_info(type).name +
+                             "); a GGUF output copies blocks as they are and never re-quantizes: write a folder (-o DIR) "
+                             "instead");
+  }
+  if (permute_heads > 0) {
+    const int64_t rows = bytes.shape().at(0);
+    std::vector<int64_t> order(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(r)] = gguf_permuted_source_row(r, permute_heads, rows);
+    bytes = bytes.take_rows(order);
+  }
+  return {bytes, bytes.data(), bytes.nbytes()};
+}
+
+}  // namespace
+
+uint64_t write_gguf_like(Env& env, const model::Model& m, const GgufModel& src, const fs::path& path) {
+  const GgufFile& f = src.file();
+  const std::string file = f.path().string();
+  const GgufArch& arch = *gguf_arch_for_arch(f.find("general.architecture")->str);
+  m.refuse_novices(path.string(), "GGUF has no constant expert");
+  int64_t experts = -1;
+  for (const auto& layer : m.layers()) {
+    if (!layer.moe) throw Error::unsupported(path.string() + ": layer " + std::to_string(layer.index) + " has no MoE block");
+    if (experts >= 0 && layer.moe->num_experts() != experts)
+      throw Error::unsupported(path.string() + ": layer " + std::to_string(layer.index) + " keeps " +
+                               std::to_string(layer.moe->num_experts()) + " experts, other layers " + std::to_string(experts) +
+                               "; GGUF has one expert_count per model (prune with the same count in every layer)");
+    experts = layer.moe->num_experts();
+  }
+  const std::string A = arch.arch;
+  GgufMetadata kv = f.metadata();
+  for (auto& [key, v] : kv) {
+    if (key == A + ".expert_count") v = GgufValue::u32(static_cast<uint32_t>(experts));
+    if (key == A + ".expert_used_count") v = GgufValue::u32(static_cast<uint32_t>(std::min(m.dims().top_k, experts)));
+  }
+
+  // Every output tensor's header and pieces, checked before the file is created.
+  std::vector<GgufTensorInfo> infos;
+  std::vector<std::vector<Piece>> pieces;
+  for (const auto& t : f.tensors()) {
+    GgufTensorInfo info = t;
+    std::vector<Piece> ps;
+    const int64_t cols = t.ne[0];
+    if (const char* role = gguf_global_role(t.name)) {
+      auto g = m.globals().find(role);
+      if (g == m.globals().end()) throw Error::internal(t.name + ": no global " + role);
+      ps.push_back(stored_piece(g->second, t.type, cols, 0, t.name));
+    } else {
+      const size_t dot = t.name.find('.', 4);
+      const int layer = std::stoi(t.name.substr(4, dot - 4));
+      const std::string rest = t.name.substr(dot + 1);
+      const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
+      if (const char* role = gguf_layer_role(rest)) {
+        const int64_t heads = gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads);
+        ps.push_back(stored_piece(L.tensors.at(role), t.type, cols, heads, t.name));
+      } else {
+        const std::string field = gguf_moe_field(rest);
+        const model::MoeBlock& b = *L.moe;
+        if (field == "router") {
+          ps.push_back(stored_piece(b.router, t.type, cols, 0, t.name));
+          info.ne[1] = experts;
+        } else if (field.rfind("expert_", 0) == 0) {
+          for (int64_t e = 0; e < experts; ++e) {
+            const model::Mlp& x = b.experts[static_cast<size_t>(e)];
+            const core::Tensor& w = field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down;
+            ps.push_back(stored_piece(w, t.type, cols, 0, t.name + " expert " + std::to_string(e)));
+          }
+          info.ne[2] = experts;
+        } else if (field == "shared_expert_gate") {
+          ps.push_back(stored_piece(*b.shared_gate, t.type, cols, 0, t.name));
+        } else {
+          const model::Mlp& x = *b.shared;
+          ps.push_back(stored_piece(field == "shared_gate" ? x.gate : field == "shared_up" ? x.up : x.down, t.type, cols, 0,
+                                    t.name));
+        }
+      }
+    }
+    uint64_t n = 0;
+    for (const auto& p : ps) n += p.n;
+    if (n != info.nbytes())
+      throw Error::unsupported(t.name + ": " + std::to_string(n) + " bytes kept, the header says " +
+                               std::to_string(info.nbytes()) + "; its shape was changed by a pass");
+    infos.push_back(std::move(info));
+    pieces.push_back(std::move(ps));
+  }
+  GgufWriter w(env, path, std::move(kv), std::move(infos));
+  for (size_t i = 0; i < pieces.size(); ++i)
+    for (const auto& p : pieces[i]) {
+      f.prefetch_range(p.data, p.n);
+      w.append(p.data, p.n);
+      f.release_range(p.data, p.n);  // pages of the source already copied (a no-op for owned rows)
+    }
+  return w.finish();
+}
+
+}  // namespace moe::io

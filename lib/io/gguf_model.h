@@ -1,0 +1,135 @@
+// A GGUF file (io/gguf.h) read as a model checkpoint: what io::Checkpoint::open does with a path
+// to a .gguf file (or any file starting with the GGUF magic), so every command that takes a model
+// folder takes a GGUF file too (docs/gguf.md, "GGUF as an input").
+//
+// The mapping is the export's tables (io/gguf_names.h) read backwards:
+//   - general.architecture -> our model_type (GgufArch); ARCH.* hyper-parameters -> config.json
+//     keys (GgufHparam; f32 values given back as the shortest decimal that rounds to the same f32,
+//     so 1e-05 stored as f32 reads back as 1e-05), tokenizer.ggml.bos/eos_token_id -> config ids;
+//   - tensor names -> the family's names (model/family.h): "blk.3.attn_q.weight" ->
+//     "model.layers.3.self_attn.q_proj.weight"; a stacked "blk.3.ffn_gate_exps.weight"
+//     (ne = [in, out, E]) -> E weights [out, in], each a view of its slice of the file (no copy);
+//   - q/k rows of arch `llama` un-permuted (the converter permutes them for llama.cpp's
+//     interleaved RoPE): a row copy of those small tensors, exact for every type;
+//   - F32 / F16 / BF16 tensors -> plain tensors viewing the file; every block type with a decoder
+//     (quant/gguf_blocks.h) -> an encoded weight (GgufBlocks) whose rows dequantize on demand.
+// Errors (core::Error, exit 2) name the file and the key or tensor: an unknown architecture, a
+// missing hyper-parameter, a tensor with no name in our tables, a block type without a decoder.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/gguf.h"
+#include "io/safetensors.h"
+
+namespace moe::io {
+
+// Whether `path` is a GGUF file: a regular file whose name ends in .gguf or whose first four bytes
+// are the GGUF magic. A folder is never one.
+bool is_gguf_path(const fs::path& path);
+
+// A weight [rows = out, cols = in] stored as GGUF blocks of one type: `bytes` is a U8 tensor
+// [rows, ggml_row_bytes(type, cols)] (a view of the file, or a row copy for un-permuted q/k).
+// Dequantizes rows with quant::decode_row; rows are sliced and taken as bytes (never re-encoded).
+// Written dequantized to checkpoint folders (DtypeRule::Dequantize); GGUF outputs copy the bytes.
+class GgufBlocks final : public core::Encoding {
+ public:
+  // Error::internal when bytes is not U8 [rows, row bytes of cols values].
+  GgufBlocks(quant::GgmlType type, int64_t cols, core::Tensor bytes);
+
+  std::string name() const override;  // "gguf-q8_0"
+  nlohmann::json params() const override;
+  std::vector<core::EncodedPart> parts() const override;
+  void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
+  std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  std::shared_ptr<const Encoding> take_rows(const std::vector<int64_t>& rows) const override;
+  DtypeRule dtype_rule() const override { return DtypeRule::Dequantize; }
+
+  quant::GgmlType type() const { return type_; }
+  const core::Tensor& bytes() const { return *bytes_; }
+
+ private:
+  quant::GgmlType type_;
+  std::shared_ptr<const core::Tensor> bytes_;
+};
+
+// The GGUF file seen as a checkpoint.
+class GgufModel {
+ public:
+  // Parses the file (GgufFile::open's checks) and maps it as above.
+  static std::shared_ptr<const GgufModel> open(Env& env, const fs::path& path);
+
+  const GgufFile& file() const { return *file_; }
+  const fs::path& path() const { return file_->path(); }
+  const nlohmann::json& config() const { return config_; }
+  const std::string& config_text() const { return config_text_; }
+  // Our tensor names, in the file's order (a stacked tensor's experts in expert order); each
+  // TensorInfo holds our name, the stored dtype (U8 for block types), the logical shape and the
+  // byte range in the file's data section.
+  const std::vector<TensorInfo>& infos() const { return infos_; }
+  const TensorInfo* find(std::string_view name) const;
+  core::Tensor tensor(std::string_view name) const;
+  // Where our tensor `name` is stored: the GGUF tensor and, for a stacked tensor, the expert
+  // (-1 otherwise); permute_heads > 0 when its rows were un-permuted (that many heads).
+  struct Source {
+    const GgufTensorInfo* tensor = nullptr;
+    int64_t expert = -1;
+    int64_t permute_heads = 0;
+  };
+  const Source& source(std::string_view name) const;
+  uint64_t total_tensor_bytes() const;
+
+ private:
+  std::shared_ptr<const GgufFile> file_;
+  nlohmann::json config_;
+  std::string config_text_;
+  std::vector<TensorInfo> infos_;
+  std::vector<Source> sources_;
+  std::map<std::string, size_t, std::less<>> index_;
+};
+
+// tokenizer.json and tokenizer_config.json texts rebuilt from tokenizer.ggml.* (the inverse of the
+// export's `gpt2` tokenizer). tokenizer.json: a byte-level BPE with the tokens (types 1 normal, 2 unknown, 6 byte) as its vocabulary,
+// the merges, the Split regex of tokenizer.ggml.pre (io/gguf_names.h), control (3) and
+// user-defined (4) tokens as added tokens (special / not), unused (5) tokens left out, and
+// a ByteLevel post-processor and decoder. tokenizer_config.json: bos_token / eos_token (the tokens
+// of tokenizer.ggml.bos/eos_token_id) and add_bos_token / add_eos_token, which decide what the
+// tokenizer adds. Error::corruption / unsupported naming the file and the key (a missing key, a
+// tokenizer.ggml.model other than gpt2, a pre-tokenizer name without a known regex).
+struct GgufTokenizerText {
+  std::string tokenizer_json, config_json;
+};
+GgufTokenizerText gguf_tokenizer_json(const GgufFile& file);
+
+// The permutation the converter applies to the rows of a [heads * d, cols] q/k projection for
+// llama.cpp's interleaved RoPE: stored row r holds source row permuted_source_row(r, ...).
+int64_t gguf_permuted_source_row(int64_t r, int64_t heads, int64_t rows);
+// How many heads the rows of layer role `role` ("q_proj", "k_bias", ...) are permuted in for `arch`
+// (0: not permuted).
+struct GgufArch;
+int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_t heads, int64_t kv_heads);
+
+}  // namespace moe::io
+
+namespace moe::model {
+class Model;
+}
+
+namespace moe::io {
+
+// Writes `m`, a model loaded from the GGUF file `src` and pruned (experts dropped, router rows
+// kept), as a GGUF file at `path` (the caller owns atomicity: io::OutputFile): the source's
+// metadata with ARCH.expert_count set to the kept count (and expert_used_count clamped to it), the
+// source's tensors in its order, every tensor's bytes copied as stored (q/k rows permuted back for
+// arch llama), stacked expert tensors holding the kept experts' blocks in the model's order and
+// routers their kept rows. Nothing is re-quantized: a weight a pass changed (not the source's
+// bytes in the source's type) is refused with Error::unsupported naming the tensor, before the
+// file is created, as are novices and different expert counts per layer. Returns the file size.
+uint64_t write_gguf_like(Env& env, const model::Model& m, const GgufModel& src, const fs::path& path);
+
+}  // namespace moe::io

@@ -1,0 +1,286 @@
+// GGUF files as model inputs (io/gguf_model.h, docs/gguf.md "GGUF as an input"): the fixtures
+// exported to GGUF by `moe-tool export` and read back as models. F32 exports evaluate exactly as
+// the source folders; Q8_0 weights are the blocks' decode (experts viewed per slice, q/k rows
+// un-permuted); the tokenizer rebuilt from tokenizer.ggml.* tokenizes as the source's; inspect runs;
+// a truncated file and an unknown architecture are refused with one line naming the file and key.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "eval/eval.h"
+#include "io/checkpoint.h"
+#include "io/env.h"
+#include "io/gguf.h"
+#include "io/gguf_model.h"
+#include "model/model.h"
+#include "support/paths.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+fs::path fixture(const std::string& model) { return kSrc / "data/models" / model; }
+
+// The fixture exported once per test binary run (each export is a fraction of a second).
+fs::path exported(const std::string& model, const std::string& type) {
+  static TempDir dir{"moe-gguf-in"};
+  const fs::path out = dir / (model + "-" + type + ".gguf");
+  if (!fs::exists(out)) {
+    const RunResult r = run_tool({"-q", "export", fixture(model).string(), out.string(), "--type", type});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+  }
+  return out;
+}
+
+json eval_json(const fs::path& model) {
+  const RunResult r = run_tool({"-q", "eval", model.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx",
+                                "64", "--max-windows", "8", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  return json::parse(r.out);
+}
+
+class GgufInput : public ::testing::TestWithParam<std::string> {};
+
+// F32 GGUF: every weight is the source's bf16 value exactly, so eval scores the same NLL.
+TEST_P(GgufInput, F32EvaluatesAsTheSourceFolder) {
+  MOE_SKIP_UNDER_SANITIZERS();
+  const json src = eval_json(fixture(GetParam())), gg = eval_json(exported(GetParam(), "f32"));
+  ASSERT_EQ(gg.at("tokens_scored"), src.at("tokens_scored"));
+  const double a = src.at("nll_sum").get<double>(), b = gg.at("nll_sum").get<double>();
+  EXPECT_GT(a, 0);
+  EXPECT_NEAR(b, a, 1e-6 * a);
+}
+
+// F32 GGUF read as a checkpoint: every tensor of the source under its own name, values equal
+// (q/k rows un-permuted for arch llama, experts sliced out of the stacked tensors).
+TEST_P(GgufInput, F32TensorsEqualTheSource) {
+  auto& env = io::Env::posix();
+  const auto src = io::Checkpoint::open(env, fixture(GetParam()));
+  const auto gg = io::Checkpoint::open(env, exported(GetParam(), "f32"));
+  ASSERT_NE(gg.gguf(), nullptr);
+  EXPECT_EQ(gg.names().size(), src.names().size());
+  for (const auto& name : src.names()) {
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(gg.has(name));
+    const core::Tensor a = src.tensor(name), b = gg.tensor(name);
+    ASSERT_EQ(b.shape(), a.shape());
+    EXPECT_EQ(b.to_f32(), a.to_f32());
+  }
+  const auto m = model::Model::load(gg);
+  EXPECT_EQ(m.config().json().at("rms_norm_eps"), src.config().at("rms_norm_eps"));
+  EXPECT_EQ(m.config().json().at("rope_theta"), src.config().at("rope_theta"));
+}
+
+// Q8_0: the model's weights are the decode of the file's blocks (quant::decode_row), expert e of a
+// stacked tensor its e-th slice, without a copy of the file's bytes.
+TEST_P(GgufInput, Q8WeightsAreTheBlocksDecode) {
+  auto& env = io::Env::posix();
+  const fs::path path = exported(GetParam(), "q8_0");
+  const auto ck = io::Checkpoint::open(env, path);
+  const auto m = model::Model::load(ck);
+  const io::GgufFile& f = ck.gguf()->file();
+  const io::GgufTensorInfo* down = f.find_tensor("blk.1.ffn_down_exps.weight");
+  ASSERT_NE(down, nullptr);
+  ASSERT_EQ(down->type, quant::GgmlType::Q8_0);
+  const std::vector<float> all = f.decode(*down);
+  const int64_t E = down->ne[2], per = down->ne[0] * down->ne[1];
+  ASSERT_EQ(m.layers()[1].moe->num_experts(), E);
+  for (int64_t e = 0; e < E; ++e) {
+    const core::Tensor& t = m.layers()[1].moe->experts[e].down;
+    const auto* enc = dynamic_cast<const io::GgufBlocks*>(t.encoding());
+    ASSERT_NE(enc, nullptr);
+    EXPECT_EQ(enc->bytes().data(), f.tensor_data(*down) + e * (down->nbytes() / E));  // a view, not a copy
+    const std::vector<float> got = t.to_f32();
+    EXPECT_TRUE(std::equal(got.begin(), got.end(), all.begin() + e * per)) << "expert " << e;
+  }
+  // q rows: our row i is the file's row whose converter source row is i.
+  const io::GgufTensorInfo* q = f.find_tensor("blk.0.attn_q.weight");
+  const std::vector<float> qf = f.decode(*q), ours = m.layers()[0].tensors.at("q_proj").to_f32();
+  const int64_t rows = q->ne[1], cols = q->ne[0];
+  const bool permuted = GetParam() == "mixtral-tiny";
+  const int64_t heads = m.dims().heads;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = permuted ? io::gguf_permuted_source_row(r, heads, rows) : r;
+    ASSERT_TRUE(std::equal(qf.begin() + r * cols, qf.begin() + (r + 1) * cols, ours.begin() + i * cols)) << "row " << r;
+  }
+}
+
+// The tokenizer rebuilt from tokenizer.ggml.* gives the source tokenizer's ids.
+TEST_P(GgufInput, TokenizerAsTheSource) {
+  const auto a = eval::load_tokenizer(fixture(GetParam()));
+  const auto b = eval::load_tokenizer(exported(GetParam(), "q8_0"));
+  const std::string text = eval::read_text(kSrc / "data/text/heldout.txt").substr(0, 20000) + " <|endoftext|> x";
+  EXPECT_EQ(b.encode(text, true), a.encode(text, true));
+  EXPECT_EQ(b.encode(text, true, true), a.encode(text, true, true));
+  EXPECT_EQ(b.eos_id(), a.eos_id());
+  EXPECT_EQ(b.adds_bos(), a.adds_bos());
+}
+
+TEST_P(GgufInput, InspectRuns) {
+  const RunResult r = run_tool({"inspect", exported(GetParam(), "q8_0").string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j.at("family"), GetParam() == "mixtral-tiny" ? "mixtral" : "qwen2_moe");
+  EXPECT_EQ(j.at("experts_per_layer"), 8);
+  // Every stored byte of the file's tensors, the q8_0 blocks as U8.
+  const auto f = io::GgufFile::open(io::Env::posix(), exported(GetParam(), "q8_0"));
+  uint64_t bytes = 0, blocks = 0;
+  for (const auto& t : f.tensors()) {
+    bytes += t.nbytes();
+    if (t.type == quant::GgmlType::Q8_0) blocks += t.nbytes();
+  }
+  EXPECT_EQ(j.at("bytes_total"), bytes);
+  EXPECT_EQ(j.at("bytes_by_dtype").at("U8"), blocks);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput, ::testing::Values("mixtral-tiny", "qwen2moe-tiny"),
+                         [](const auto& i) { return i.param == "mixtral-tiny" ? std::string("mixtral") : std::string("qwen2moe"); });
+
+// A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
+fs::path altered(const TempDir& dir, const std::string& name, size_t keep, const std::string& from = "",
+                 const std::string& to = "") {
+  std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!from.empty()) {
+    const auto pos = bytes.find(from);
+    EXPECT_NE(pos, std::string::npos);
+    bytes.replace(pos, from.size(), to);
+  }
+  const fs::path p = dir / name;
+  std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(std::min(keep, bytes.size())));
+  return p;
+}
+
+// Prune of a GGUF model written as GGUF: kept experts' blocks byte for byte, router rows kept,
+// every other tensor's bytes unchanged, expert_count the kept count; the file reads back as a model.
+TEST(GgufInputPrune, KeptExpertsCopiedByteForByte) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("qwen2moe-tiny", "q8_0");
+  const auto ck = io::Checkpoint::open(env, in);
+  auto m = model::Model::load(ck);
+  const std::vector<int64_t> keep = {6, 0, 3};  // any order: the output follows the model's
+  for (auto& layer : m.layers()) {
+    auto& b = *layer.moe;
+    std::vector<model::Mlp> kept;
+    for (int64_t e : keep) kept.push_back(b.experts[static_cast<size_t>(e)]);
+    b.experts = kept;
+    b.router = b.router.take_rows(keep);
+  }
+  TempDir dir{"moe-gguf-prune"};
+  const fs::path out = dir / "pruned.gguf";
+  const uint64_t size = io::write_gguf_like(env, m, *ck.gguf(), out);
+  EXPECT_EQ(size, fs::file_size(out));
+  const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, out);
+  EXPECT_EQ(b.find("qwen2moe.expert_count")->integer, 3u);
+  EXPECT_EQ(b.find("qwen2moe.expert_used_count")->integer, 2u);
+  ASSERT_EQ(b.tensors().size(), a.tensors().size());
+  int stacked = 0;
+  for (size_t i = 0; i < a.tensors().size(); ++i) {
+    const auto &ta = a.tensors()[i], &tb = b.tensors()[i];
+    SCOPED_TRACE(ta.name);
+    ASSERT_EQ(tb.name, ta.name);
+    EXPECT_EQ(tb.type, ta.type);
+    const uint8_t *pa = a.tensor_data(ta), *pb = b.tensor_data(tb);
+    if (ta.name.find("_exps.") != std::string::npos) {
+      ++stacked;
+      ASSERT_EQ(tb.ne[2], 3);
+      const uint64_t slice = ta.nbytes() / static_cast<uint64_t>(ta.ne[2]);
+      for (size_t k = 0; k < keep.size(); ++k)
+        EXPECT_TRUE(std::equal(pb + k * slice, pb + (k + 1) * slice, pa + keep[k] * slice)) << "kept expert " << keep[k];
+    } else if (ta.name.find("ffn_gate_inp.") != std::string::npos) {
+      ASSERT_EQ(tb.ne[1], 3);
+      const uint64_t row = ta.nbytes() / static_cast<uint64_t>(ta.ne[1]);
+      for (size_t k = 0; k < keep.size(); ++k)
+        EXPECT_TRUE(std::equal(pb + k * row, pb + (k + 1) * row, pa + keep[k] * row)) << "router row " << keep[k];
+    } else {
+      ASSERT_EQ(tb.ne, ta.ne);
+      EXPECT_TRUE(std::equal(pb, pb + tb.nbytes(), pa));
+    }
+  }
+  EXPECT_EQ(stacked, 12);
+  const auto back = model::Model::load(io::Checkpoint::open(env, out));
+  EXPECT_EQ(back.layers()[2].moe->num_experts(), 3);
+}
+
+// The q/k rows of arch llama go back to the converter's order: a write of the unchanged model is
+// the source file's tensors byte for byte.
+TEST(GgufInputPrune, UnchangedLlamaModelWritesTheSameBytes) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("mixtral-tiny", "q8_0");
+  const auto ck = io::Checkpoint::open(env, in);
+  const auto m = model::Model::load(ck);
+  TempDir dir{"moe-gguf-same"};
+  io::write_gguf_like(env, m, *ck.gguf(), dir / "same.gguf");
+  const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, dir / "same.gguf");
+  for (size_t i = 0; i < a.tensors().size(); ++i) {
+    const auto &ta = a.tensors()[i], &tb = b.tensors()[i];
+    ASSERT_EQ(tb.ne, ta.ne) << ta.name;
+    EXPECT_TRUE(std::equal(b.tensor_data(tb), b.tensor_data(tb) + tb.nbytes(), a.tensor_data(ta))) << ta.name;
+  }
+  // A weight a pass changed is refused, naming it, and nothing is written.
+  auto changed = m;
+  changed.layers()[0].tensors.at("o_proj") = core::Tensor::from_f32(changed.layers()[0].tensors.at("o_proj").to_f32(),
+                                                                     changed.layers()[0].tensors.at("o_proj").shape());
+  try {
+    io::write_gguf_like(env, changed, *ck.gguf(), dir / "changed.gguf");
+    ADD_FAILURE() << "not refused";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("blk.0.attn_output.weight: changed by a pass"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir / "changed.gguf"));
+}
+
+TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
+  TempDir dir{"moe-gguf-bad"};
+  const fs::path trunc = altered(dir, "trunc.gguf", 200000);
+  RunResult r = run_tool({"inspect", trunc.string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
+  EXPECT_NE(r.err.find(trunc.string()), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("truncated"), std::string::npos) << r.err;
+
+  // "llama" as general.architecture (the u64 length 5, then the bytes) becomes "gemma".
+  const fs::path arch = altered(dir, "arch.gguf", SIZE_MAX, std::string("\x05\0\0\0\0\0\0\0llama", 13),
+                                std::string("\x05\0\0\0\0\0\0\0gemma", 13));
+  for (const char* cmd : {"inspect", "eval"}) {
+    std::vector<std::string> args = {cmd, arch.string()};
+    if (std::string(cmd) == "eval") args.insert(args.end(), {"--text", (kSrc / "data/text/heldout.txt").string()});
+    r = run_tool(args);
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
+    EXPECT_NE(r.err.find(arch.string()), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("general.architecture 'gemma'"), std::string::npos) << r.err;
+  }
+
+  // A block type without a decoder: blk.0.ffn_down_exps.weight's type id (after its name, n_dims
+  // and three u64 dims) set to iq2_xxs (16), whose rows of 256 are smaller than q8_0's.
+  {
+    const std::string name = "blk.0.ffn_down_exps.weight";
+    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t at = bytes.find(name) + name.size() + 4 + 3 * 8;
+    ASSERT_EQ(bytes[at], 8);  // q8_0
+    bytes[at] = 16;
+    const fs::path p = dir / "iq.gguf";
+    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    r = run_tool({"inspect", p.string()});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
+    EXPECT_NE(r.err.find(name + ": type iq2_xxs has no decoder"), std::string::npos) << r.err;
+  }
+
+  // A missing hyper-parameter: the key renamed.
+  const fs::path key = altered(dir, "key.gguf", SIZE_MAX, "llama.expert_count", "llama.expert_cOunt");
+  r = run_tool({"inspect", key.string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_NE(r.err.find("llama.expert_count: missing"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace moe::test
