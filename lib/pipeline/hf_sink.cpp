@@ -100,10 +100,7 @@ SinkResult HfSink::finish(const nlohmann::json& config) {
     r.shards = writer_->shard_count();
   }
   // Side files (small), then config.json for the model's current state.
-  for (const auto& f : source_->side_files()) {
-    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
-    env_.copy_file(f, dir_ / f.filename());
-  }
+  write_side_files(env_, *source_, dir_);
   env_.write_text(dir_ / "config.json", config.dump(2) + "\n");
   return r;
 }
@@ -115,6 +112,15 @@ io::fs::path HfSink::write_report(const nlohmann::json& report) {
 
 void HfSink::commit() {
   if (out_) out_->commit();
+}
+
+void write_side_files(io::Env& env, const io::Checkpoint& source, const io::fs::path& dir) {
+  for (const auto& f : source.side_files()) {
+    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
+    env.copy_file(f, dir / f.filename());
+  }
+  // A GGUF input holds its tokenizer as metadata: written out as tokenizer.json and its config.
+  for (const auto& [name, text] : source.generated_side_files()) env.write_text(dir / name, text);
 }
 
 SinkResult write_hf_checkpoint(Sink& sink, const model::Model& model, const io::Checkpoint& source,

@@ -59,6 +59,10 @@ struct HfSinkOptions {
   bool quiet = false;
 };
 
+// The source's side files (tokenizer, generation config; not config.json or a report) copied into
+// dir, and the ones a GGUF input holds as metadata (io::Checkpoint::generated_side_files) written.
+void write_side_files(io::Env& env, const io::Checkpoint& source, const io::fs::path& dir);
+
 // `convert`: writes `model` (loaded from `source`) whole through `sink` (begun here) with a
 // progress bar; config.json is the model's rewritten for its current state.
 SinkResult write_hf_checkpoint(Sink& sink, const model::Model& model, const io::Checkpoint& source,

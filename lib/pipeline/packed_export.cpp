@@ -1,5 +1,7 @@
 #include "pipeline/packed_export.h"
 
+#include "pipeline/hf_sink.h"
+
 #include <algorithm>
 #include <regex>
 #include <set>
@@ -237,10 +239,7 @@ void release_around(const io::Checkpoint& ckpt, const uint8_t* lo, const uint8_t
 
 // Writes the planned folder: side files, config.json with the quantization_config, tensors.
 void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir) {
-  for (const auto& f : ckpt.side_files()) {
-    if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
-    env.copy_file(f, dir / f.filename());
-  }
+  write_side_files(env, ckpt, dir);
   nlohmann::json cfg = m.rewritten_config(model::OutputOptions{}, &p.manifest);
   cfg["quantization_config"] = p.quantization_config;
   env.write_text(dir / "config.json", cfg.dump(2) + "\n");

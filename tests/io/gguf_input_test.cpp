@@ -57,6 +57,20 @@ TEST_P(GgufInput, F32EvaluatesAsTheSourceFolder) {
   EXPECT_NEAR(b, a, 1e-6 * a);
 }
 
+// A folder written from a GGUF input carries the tokenizer the GGUF held as metadata: convert
+// (F32 kept f32) gives a folder that evaluates exactly as the GGUF itself.
+TEST_P(GgufInput, FolderOutputCarriesTheTokenizerAndEvaluatesTheSame) {
+  TempDir tmp{"moe-gguf-folder"};
+  const fs::path out = tmp / "m";
+  const RunResult r = run_tool({"-q", "convert", exported(GetParam(), "f32").string(), out.string(), "--dtype", "f32"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(out / "tokenizer.json"));
+  EXPECT_TRUE(fs::exists(out / "tokenizer_config.json"));
+  const json a = eval_json(exported(GetParam(), "f32")), b = eval_json(out);
+  ASSERT_EQ(a.at("tokens_scored"), b.at("tokens_scored"));
+  EXPECT_EQ(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>());
+}
+
 // F32 GGUF read as a checkpoint: every tensor of the source under its own name, values equal
 // (q/k rows un-permuted for arch llama, experts sliced out of the stacked tensors).
 TEST_P(GgufInput, F32TensorsEqualTheSource) {
