@@ -233,7 +233,8 @@ std::map<int, std::vector<int32_t>> expert_maps(const model::Model& reference, c
 
 void add_agreement(RoutingAgreement& ra, const std::map<int, std::vector<int32_t>>& maps, const RouteRecorder& ref,
                    const RouteRecorder& mod) {
-  for (const auto& [l, map] : maps) {
+  for (const auto& [layer_id, map] : maps) {
+    const int l = layer_id;  // a structured binding cannot be captured by clang 14's lambdas
     const auto& a = ref.ids.at(l);
     const auto& b = mod.ids.at(l);
     auto it = std::find_if(ra.layers.begin(), ra.layers.end(), [&](const RoutingAgreement::Layer& x) { return x.layer == l; });

@@ -239,7 +239,9 @@ std::vector<Checkpoint::TensorDigest> Checkpoint::content_digests() const {
   const auto all = sorted_tensors();
   std::vector<TensorDigest> out;
   out.reserve(all.size());
-  for (const auto& [t, p] : all) {
+  for (const auto& entry : all) {
+    const auto& t = entry.first;
+    const auto& p = entry.second;  // not a structured binding: clang 14 cannot capture one in a lambda
     const uint64_t n = t->nbytes();
     uint64_t h = 2166136261u;  // 32-bit FNV-1a
     auto add = [&](uint64_t begin, uint64_t len) {
