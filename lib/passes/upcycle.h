@@ -4,11 +4,17 @@
 //
 // Why not a per-layer Pass (passes/pass.h): a pass rewrites the layers of a model whose family
 // and layer structure it keeps; upcycling changes the family, the config keys and every MLP into
-// an MoE block. So it is a model-building step of its own that streams layer by layer into the
-// checkpoint writer (io/checkpoint_writer.h): the output plan (names, dtypes, shapes) is declared
-// first, then each tensor is made and written, experts of `copy` being zero-copy views of the
-// mapped dense MLP. Memory: one layer's computed tensors (drop, split) plus the mapped pages the
-// OS keeps, released layer by layer — not the model's size.
+// an MoE block. So it is a model-building step of its own (Upcycler below) that hands its output
+// out layer by layer: the output plan (names, dtypes, shapes) is known first, then each layer's
+// tensors are made, experts of `copy` being zero-copy views of the mapped dense MLP. The writing
+// sits above, in the pipeline (pipeline/upcycle_run.cpp writes through the output sink,
+// pipeline/hf_sink.h). Memory: one layer's computed tensors (drop, split) plus the mapped pages
+// the OS keeps, released layer by layer — not the model's size.
+//
+// The implementation, by concern, in passes/upcycle/: plan (sources opened, every check),
+// routers (from prompts), experts (methods' expert initialisation), layers (dense -> MoE layer
+// mapping), config (the target's config.json), section (the recipe section), upcycler (this
+// interface, the byte count and the report).
 //
 // Shapes are HF's [out, in]: gate/up [I, H], down [H, I], router [E, H]; I the dense MLP width,
 // H the hidden size, E experts, k experts per token, G split segments.
@@ -65,13 +71,17 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
+#include "io/checkpoint.h"
+#include "io/checkpoint_writer.h"
 #include "io/env.h"
+#include "model/model.h"
 
 namespace moe::passes {
 
@@ -104,20 +114,45 @@ UpcycleOptions parse_upcycle_section(const nlohmann::json& section, const std::f
 // The recipe keys of the section (what parse_upcycle_section accepts).
 const std::vector<std::string>& upcycle_section_keys();
 
-struct UpcycleResult {
-  nlohmann::json report;  // "upcycle" block of moe_tool_report.json
-  uint64_t tensor_bytes = 0;
-  size_t tensors = 0, shards = 0;
+namespace upcycling {
+struct Plan;
+}
+
+// A checked upcycle whose output is made layer by layer for a writer. The output, in write order:
+// head() (the embedding), layer(0) .. layer(layers() - 1), tail() (final norm, lm_head); plan()
+// lists the same tensors' names, dtypes and shapes ([out, in]) before any is made.
+class Upcycler {
+ public:
+  // Opens `model_dir` (and opts.sources) and runs every check of check_upcycle(), then the forward
+  // passes the routers (hidden, ridge: over the prompts) and the segments (split coact: over the
+  // text) need. Error::invalid naming the flag or file as listed above.
+  Upcycler(io::Env& env, const std::filesystem::path& model_dir, const UpcycleOptions& opts);
+  ~Upcycler();
+  Upcycler(const Upcycler&) = delete;
+  Upcycler& operator=(const Upcycler&) = delete;
+
+  // The first source (its side files go with the output; its pages are handed back as written).
+  const io::Checkpoint& source() const;
+  int64_t layers() const;
+  std::vector<io::TensorSpec> plan() const;
+  std::vector<model::OutTensor> head() const;
+  // Layer l's tensors, computed now (OutTensor::make hands each back).
+  std::vector<model::OutTensor> layer(int l) const;
+  std::vector<model::OutTensor> tail() const;
+  // Hands every source's mapped pages of layer l back to the OS (after it is written).
+  void release_layer(int l) const;
+  // config.json for the target family.
+  nlohmann::json config() const;
+  // moe_tool_report.json without "command", "recipe" and "timings": the "upcycle" block (method,
+  // sources, router, where the output equals the dense model), input, params and bytes before and
+  // after; `tensor_bytes` and `shards` as written.
+  nlohmann::json report(uint64_t tensor_bytes, size_t shards) const;
+
+ private:
+  std::unique_ptr<upcycling::Plan> p_;
 };
 
-// Upcycles the dense checkpoint `model_dir` (and opts.sources) into `out_dir`, an existing empty
-// folder (the caller's io::OutputDir temporary): config.json for the target family, the
-// safetensors shards, the side files of the first source (tokenizer, generation config).
-// Every check runs before the first byte is written.
-UpcycleResult upcycle(io::Env& env, const std::filesystem::path& model_dir, const UpcycleOptions& opts,
-                      const std::filesystem::path& out_dir, bool quiet);
-
-// The checks of upcycle() that need only the configs (what the CLI runs before creating the
+// The checks of Upcycler that need only the configs (what the CLI runs before creating the
 // output folder): family, target, experts, top-k, split divisibility, sources' shapes. Returns the
 // output's tensor bytes, computed from the shapes (UINT64_MAX when beyond 2^64), so the caller
 // can compare them with the free space before anything is built.

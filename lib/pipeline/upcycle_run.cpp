@@ -4,10 +4,12 @@
 #include <limits>
 
 #include "core/error.h"
+#include "core/progress.h"
 #include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
 #include "passes/options.h"
 #include "passes/upcycle.h"
+#include "pipeline/hf_sink.h"
 
 namespace moe::pipeline {
 
@@ -70,21 +72,39 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     return summary;
   }
   const auto t0 = std::chrono::steady_clock::now();
-  io::OutputDir dir(env, out, inputs, force, "output.force");
-  passes::UpcycleResult r = passes::upcycle(env, model, uo, dir.path(), opts.quiet);
+  HfSink sink(env, out, inputs, force, "output.force", uo.max_shard_bytes);
+  const passes::Upcycler up(env, model, uo);
+  const std::vector<io::TensorSpec> plan = up.plan();
+  sink.begin(up.source(), plan);
+  uint64_t planned = 0;
+  for (const auto& s : plan) planned += s.nbytes();
+  core::Progress progress("upcycle", planned, "B", opts.quiet);
+  // The writer's refusals (a NaN/Inf copied from the dense model) name the model, then the tensor.
+  auto write = [&](const std::vector<model::OutTensor>& group) {
+    core::with_context(model.string(), [&] { sink.write(group); });
+    for (const auto& o : group) progress.add(io::TensorSpec{o.name, o.dtype, o.shape}.nbytes());
+  };
+  write(up.head());
+  for (int l = 0; l < up.layers(); ++l) {
+    write(up.layer(l));
+    up.release_layer(l);
+  }
+  write(up.tail());
+  const SinkResult r = sink.finish(up.config());
+  progress.finish();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  json report = r.report;
+  json report = up.report(r.tensor_bytes, r.shards);
   report["command"] = opts.command;
   report["recipe"] = j;
   report["timings"]["total_seconds"] = secs;
-  env.write_text(dir.path() / "moe_tool_report.json", report.dump(2) + "\n");
-  dir.commit();
+  sink.write_report(report);
+  sink.commit();
   summary["bytes"] = r.tensor_bytes;
   summary["tensors"] = r.tensors;
   summary["shards"] = r.shards;
   summary["seconds"] = secs;
-  summary["equals_dense_at_init"] = r.report["upcycle"]["equals_dense_at_init"];
-  summary["next"] = r.report["upcycle"]["next"];
+  summary["equals_dense_at_init"] = report["upcycle"]["equals_dense_at_init"];
+  summary["next"] = report["upcycle"]["next"];
   summary["report"] = (out / "moe_tool_report.json").string();
   return summary;
 }
