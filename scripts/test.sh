@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set-up (scripts/setup.sh: the Release -O2 build of moe-tool and the tests in build/), then every
 # test through CTest; then one clang build with AddressSanitizer + UndefinedBehaviorSanitizer
-# (build-san/: tests at -O0, the library at -O1) that runs the parsing and decoding test labels
-# again (all but pipeline), and runs the libFuzzer targets (the same build: the library carries
+# (build-san/: tests at -O0, the library at -O1) that runs every test label again (the quality
+# tests skip themselves there), and runs the libFuzzer targets (the same build: the library carries
 # libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 20; 0 skips fuzzing). The benchmarks
 # are not built here (about 2.5 min of the 2 cores); `cmake --build build` builds them. The Release tests run while the sanitizer build compiles (both stages use the two
 # cores, and each has idle stretches the other fills). Prints each phase's time at the end.
@@ -74,10 +74,9 @@ fi
 echo "== sanitizer build (clang, ASan+UBSan; tests -O0, library -O1; with the fuzz targets) [${SECONDS}s]"
 san_build_start=$SECONDS
 fuzz_targets=$(sed -n 's/^targets=(\(.*\))$/\1/p' tests/fuzz/run.sh)
-san_test_targets=${test_targets/test_pipeline /}  # the pipeline label does not run here
 if ! CC=clang CXX=clang++ BUILD_DIR=build-san \
   EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
-  BUILD_TARGETS="moe-tool $san_test_targets $fuzz_targets" scripts/setup.sh; then
+  BUILD_TARGETS="moe-tool $test_targets $fuzz_targets" scripts/setup.sh; then
   wait_release
   exit 1
 fi
@@ -88,11 +87,10 @@ phase_start=$SECONDS
 # The tests that assert numeric quality on the trained fixtures, and the run of every shipped recipe
 # end to end, skip themselves under the sanitizers (MOE_SKIP_UNDER_SANITIZERS, tests/support/run.h):
 # they run in the Release stage. SAN_EXCLUDE (a ctest -E regex of suites) leaves out more.
-# The pipeline label (recipes end to end, the encodings matrix) is not yet run here.
 echo "== parsing and decoding test labels under ASan+UBSan [${SECONDS}s]"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build-san --output-on-failure -j2 --timeout 1800 \
-  -L '^(core|io|model|cli|tokenizer|passes|quant|runtime|calib)$' ${SAN_EXCLUDE:+-E "$SAN_EXCLUDE"}
+  -L '^(core|io|model|cli|tokenizer|passes|quant|runtime|calib|pipeline)$' ${SAN_EXCLUDE:+-E "$SAN_EXCLUDE"}
 phase "tests, sanitizers"
 
 if [ "${FUZZ_SECONDS:-20}" != "0" ]; then

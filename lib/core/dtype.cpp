@@ -171,21 +171,39 @@ uint8_t f32_to_f8e4m3(float f) { return static_cast<uint8_t>(encode_small_float(
 float f8e5m2_to_f32(uint8_t v) { return decode_small_float(v, 5, 2, true); }
 uint8_t f32_to_f8e5m2(float f) { return static_cast<uint8_t>(encode_small_float(f, 5, 2, true)); }
 
+namespace {
+
+// Element i of an array of T that need not be aligned to sizeof(T): tensors in a safetensors file
+// sit at any byte offset (a U8 tensor of odd size moves every later one), so typed pointers into
+// mapped data are never dereferenced. The memcpy compiles to a plain load/store.
+template <class T>
+T load_at(const void* base, size_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const unsigned char*>(base) + i * sizeof(T), sizeof(T));
+  return v;
+}
+template <class T>
+void store_at(void* base, size_t i, T v) {
+  std::memcpy(static_cast<unsigned char*>(base) + i * sizeof(T), &v, sizeof(T));
+}
+
+}  // namespace
+
 void to_f32(DType from, const void* src, float* dst, size_t n) {
   switch (from) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
-    case DType::F64: { auto p = static_cast<const double*>(src); for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]); return; }
-    case DType::BF16: { auto p = static_cast<const uint16_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(p[i]); return; }
-    case DType::F16: { auto p = static_cast<const uint16_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(p[i]); return; }
+    case DType::F64: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(load_at<double>(src, i)); return;
+    case DType::BF16: for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load_at<uint16_t>(src, i)); return;
+    case DType::F16: for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load_at<uint16_t>(src, i)); return;
     case DType::F8_E4M3: { auto p = static_cast<const uint8_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = f8e4m3_to_f32(p[i]); return; }
     case DType::F8_E5M2: { auto p = static_cast<const uint8_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = f8e5m2_to_f32(p[i]); return; }
-    case DType::I64: { auto p = static_cast<const int64_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]); return; }
-    case DType::I32: { auto p = static_cast<const int32_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]); return; }
-    case DType::I16: { auto p = static_cast<const int16_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
+    case DType::I64: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(load_at<int64_t>(src, i)); return;
+    case DType::I32: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(load_at<int32_t>(src, i)); return;
+    case DType::I16: for (size_t i = 0; i < n; ++i) dst[i] = load_at<int16_t>(src, i); return;
     case DType::I8: { auto p = static_cast<const int8_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
     case DType::U8: case DType::BOOL: { auto p = static_cast<const uint8_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
-    case DType::U16: { auto p = static_cast<const uint16_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = p[i]; return; }
-    case DType::U32: { auto p = static_cast<const uint32_t*>(src); for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]); return; }
+    case DType::U16: for (size_t i = 0; i < n; ++i) dst[i] = load_at<uint16_t>(src, i); return;
+    case DType::U32: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(load_at<uint32_t>(src, i)); return;
     case DType::kCount: break;
   }
   throw Error::internal("to_f32: bad dtype");
@@ -194,9 +212,9 @@ void to_f32(DType from, const void* src, float* dst, size_t n) {
 void from_f32(DType to, const float* src, void* dst, size_t n) {
   switch (to) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
-    case DType::F64: { auto p = static_cast<double*>(dst); for (size_t i = 0; i < n; ++i) p[i] = src[i]; return; }
-    case DType::BF16: { auto p = static_cast<uint16_t*>(dst); for (size_t i = 0; i < n; ++i) p[i] = f32_to_bf16(src[i]); return; }
-    case DType::F16: { auto p = static_cast<uint16_t*>(dst); for (size_t i = 0; i < n; ++i) p[i] = f32_to_f16(src[i]); return; }
+    case DType::F64: for (size_t i = 0; i < n; ++i) store_at<double>(dst, i, src[i]); return;
+    case DType::BF16: for (size_t i = 0; i < n; ++i) store_at<uint16_t>(dst, i, f32_to_bf16(src[i])); return;
+    case DType::F16: for (size_t i = 0; i < n; ++i) store_at<uint16_t>(dst, i, f32_to_f16(src[i])); return;
     case DType::F8_E4M3: { auto p = static_cast<uint8_t*>(dst); for (size_t i = 0; i < n; ++i) p[i] = f32_to_f8e4m3(src[i]); return; }
     case DType::F8_E5M2: { auto p = static_cast<uint8_t*>(dst); for (size_t i = 0; i < n; ++i) p[i] = f32_to_f8e5m2(src[i]); return; }
     default: break;
@@ -215,18 +233,15 @@ void convert(DType from, const void* src, DType to, void* dst, size_t n) {
     struct Fmt { int ebits, mbits; bool ieee_inf; };
     const Fmt fmt = to == DType::BF16 ? Fmt{8, 7, true} : to == DType::F16 ? Fmt{5, 10, true}
                   : to == DType::F8_E5M2 ? Fmt{5, 2, true} : Fmt{4, 3, false};
-    auto p = static_cast<const double*>(src);
     for (size_t i = 0; i < n; ++i) {
-      const uint32_t v = encode_small_float(p[i], fmt.ebits, fmt.mbits, fmt.ieee_inf);
-      if (core::dtype_size(to) == 2) static_cast<uint16_t*>(dst)[i] = static_cast<uint16_t>(v);
+      const uint32_t v = encode_small_float(load_at<double>(src, i), fmt.ebits, fmt.mbits, fmt.ieee_inf);
+      if (core::dtype_size(to) == 2) store_at<uint16_t>(dst, i, static_cast<uint16_t>(v));
       else static_cast<uint8_t*>(dst)[i] = static_cast<uint8_t>(v);
     }
     return;
   }
   if (from == DType::F64 && to == DType::F32) {
-    auto p = static_cast<const double*>(src);
-    auto q = static_cast<float*>(dst);
-    for (size_t i = 0; i < n; ++i) q[i] = static_cast<float>(p[i]);
+    for (size_t i = 0; i < n; ++i) store_at<float>(dst, i, static_cast<float>(load_at<double>(src, i)));
     return;
   }
   constexpr size_t kChunk = 4096;

@@ -207,14 +207,14 @@ TernaryDict::TernaryDict(int64_t cols, Part codes, Part counts, Part levels, std
     throw Error::corruption(p + "\"counts\": the rows count " + std::to_string(sum) + " codes, but the code stream has " +
                             std::to_string(n));
   const int64_t need = pairs_of(cols), size = dict_->size();
-  const uint16_t* c = this->codes();
   for (int64_t r = 0; r < rows; ++r) {
     int64_t got = 0;
     for (int64_t i = offset(r); i < offset(r + 1); ++i) {
-      if (c[i] >= size)
-        throw Error::corruption(p + "\"codes\": code " + std::to_string(c[i]) + " at " + std::to_string(i) + " (row " +
+      const uint16_t ci = code(i);
+      if (ci >= size)
+        throw Error::corruption(p + "\"codes\": code " + std::to_string(ci) + " at " + std::to_string(i) + " (row " +
                                 std::to_string(r) + ") is beyond the dictionary (" + std::to_string(size) + " codewords)");
-      got += dict_->length(c[i]);
+      got += dict_->length(ci);
       if (got > need)
         throw Error::corruption(p + "\"codes\": row " + std::to_string(r) + " runs past its end: code " + std::to_string(i) +
                                 " decodes beyond its " + std::to_string(need) + " pairs");
@@ -223,7 +223,7 @@ TernaryDict::TernaryDict(int64_t cols, Part codes, Part counts, Part levels, std
       throw Error::corruption(p + "\"codes\": row " + std::to_string(r) + " decodes to " + std::to_string(got) +
                               " pairs, expected " + std::to_string(need));
     if (cols % 2 == 1) {
-      const int64_t last = c[offset(r + 1) - 1];
+      const int64_t last = code(offset(r + 1) - 1);
       if (dict_->trits(last)[2 * dict_->length(last) - 1] != 0)
         throw Error::corruption(p + "\"codes\": row " + std::to_string(r) + ": the padding trit of the odd row is not 0");
     }
@@ -279,7 +279,7 @@ void TernaryDict::trits_row(int64_t r, uint8_t* dst) const {
   const int64_t n = cols();
   int64_t j = 0;
   for (int64_t i = offset(r), e = offset(r + 1); i < e; ++i) {
-    const uint16_t c = codes()[i];
+    const uint16_t c = code(i);
     const int64_t m = std::min<int64_t>(2 * dict_->length(c), n - j);
     std::memcpy(dst + j, dict_->trits(c), static_cast<size_t>(m));
     j += m;
@@ -292,7 +292,6 @@ void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
   // decode to exactly their length, and an odd row's padding trit is 0, so every position is
   // inside the row).
   const int64_t n = cols();
-  const uint16_t* cs = codes();
   std::fill(dst, dst + (r1 - r0) * n, 0.0f);
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t h[2];
@@ -302,7 +301,7 @@ void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
     int64_t j = 0;
     const int64_t e = offset(r + 1);
     for (int64_t i = offset(r); i < e; ++i) {
-      const uint16_t c = cs[i];
+      const uint16_t c = code(i);
       const uint8_t* z = dict_->nonzeros(c);
       for (int k = 0, m = dict_->nnz(c); k < m; ++k) d[j + (z[k] & 0x1f)] = lv[z[k] >> 7];
       j += 2 * dict_->length(c);

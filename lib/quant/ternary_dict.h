@@ -26,6 +26,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -114,7 +115,13 @@ class TernaryDict final : public core::Encoding {
   const PairDictionary& dictionary() const { return *dict_; }
 
  private:
-  const uint16_t* codes() const { return reinterpret_cast<const uint16_t*>(codes_->data()); }
+  // Code i of the stream. The codes tensor may sit at an odd byte offset of its shard, so it is
+  // read through memcpy, never through a uint16_t pointer.
+  uint16_t code(int64_t i) const {
+    uint16_t c;
+    std::memcpy(&c, codes_->data() + 2 * i, 2);
+    return c;
+  }
   int64_t offset(int64_t r) const { return offsets_[static_cast<size_t>(r)]; }
   Part codes_, counts_, levels_;
   std::vector<uint32_t> offsets_;  // [rows + 1], prefix sums of counts
