@@ -1,4 +1,4 @@
-// The examples of README.md and docs/ run as written on a fresh checkout (issue 29.9): a copy of
+// The examples of README.md and docs/ run as written on a fresh checkout: a copy of
 // the checkout's layout (data/ linked, recipes/ copied, build/moe-tool linked to the binary under
 // test, no build/recipes-out) is the working folder of every command. What runs how:
 // - every shipped recipe (recipes/*.json): dry-run as shipped — every check a real run makes
