@@ -1,4 +1,4 @@
-// Benchmark: a pruned GGUF model written as GGUF (io::write_gguf_like: the kept experts' blocks
+// Benchmark: a pruned GGUF model written as GGUF (model::write_gguf_like: the kept experts' blocks
 // copied byte for byte from the mapped input) next to `cp` of the written file. A synthetic
 // mixtral-layout checkpoint (the tokenizer of data/models/mixtral-tiny) is exported to GGUF with
 // moe-tool, loaded, cut to the first --keep experts of every layer (router rows too) and written.
@@ -17,6 +17,7 @@
 #include "child_process.h"
 #include "io/checkpoint.h"
 #include "io/gguf_model.h"
+#include "model/gguf_write.h"
 #include "model/model.h"
 #include "synthetic_mixtral.h"
 
@@ -77,7 +78,7 @@ int main(int argc, char** argv) {
       b.router = b.router.take_rows(rows);
     }
     const auto t0 = std::chrono::steady_clock::now();
-    bytes = moe::io::write_gguf_like(env, m, *ck.gguf(), out);
+    bytes = moe::model::write_gguf_like(env, m, *ck.gguf(), out);
     best_write = std::min(best_write, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     const auto c = moe::bench::run_child({"cp", out.string(), copy.string()});
     if (c.status != 0) return 1;

@@ -6,9 +6,10 @@
 # The layer order, bottom first:
 #   core       errors, dtypes, tensors, encodings, progress, "did you mean"
 #   quant      codecs, packing, GPTQ, mixed precision, GGUF block types (the formats below store them)
+#   family     config.json access and the family table (names, layouts, routing per family): data
 #   io         Env, safetensors, GGUF files, checkpoints, output folders
 #   tokenizer  tokenizer.json
-#   model      config, family table, logical model view
+#   model      logical model view, outputs, accounting
 #   runtime    the forward: attention, MoE blocks, routing
 #   calib      calibration statistics, stats files, input Grams
 #   eval       perplexity, KL against a reference
@@ -19,7 +20,7 @@
 # Usage: scripts/check_layers.sh [REPO]   (default: the repository holding this script)
 set -euo pipefail
 repo=${1:-$(cd "$(dirname "$0")/.." && pwd)}
-order=(core quant io tokenizer model runtime calib eval passes pipeline)
+order=(core quant family io tokenizer model runtime calib eval passes pipeline)
 declare -A rank
 for i in "${!order[@]}"; do rank[${order[$i]}]=$i; done
 

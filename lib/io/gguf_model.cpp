@@ -8,8 +8,7 @@
 
 #include "core/error.h"
 #include "io/gguf_names.h"
-#include "model/family.h"
-#include "model/model.h"
+#include "family/family.h"
 
 namespace moe::io {
 
@@ -400,128 +399,6 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
   } catch (const json::exception&) {
     throw Error::corruption(file + ": metadata keys tokenizer.ggml.tokens / merges: a string is not valid UTF-8");
   }
-}
-
-}  // namespace moe::io
-
-// ---- writing a pruned GGUF model back (write_gguf_like) ----
-
-namespace moe::io {
-
-namespace {
-
-// One piece of an output tensor's bytes: a view of stored bytes (the source file, or an owned copy
-// of a few rows) that stays alive while the file is written.
-struct Piece {
-  core::Tensor keep;
-  const uint8_t* data = nullptr;
-  uint64_t n = 0;
-};
-
-// The stored bytes of `t` as GGUF rows of `cols` values of type `type`, rows in the file's order
-// (permute_heads > 0: the converter's q/k order). Error::unsupported when t holds anything else.
-Piece stored_piece(const core::Tensor& t, GgmlType type, int64_t cols, int64_t permute_heads, const std::string& name) {
-  core::Tensor bytes;
-  if (const auto* b = dynamic_cast<const GgufBlocks*>(t.encoding()); b && b->type() == type && b->cols() == cols) {
-    bytes = b->bytes();
-  } else if (!t.encoding() && gguf_plain_dtype(type) == t.dtype() && t.numel() % cols == 0) {
-    bytes = t;
-  } else {
-    throw Error::unsupported(name + ": changed by a pass (now " +
-                             (t.encoding() ? "'" + t.encoding()->name() + "'" : std::string(core::dtype_name(t.dtype()))) +
-                             ", the source stores " + quant::ggml_type_info(type).name +
-                             "); a GGUF output copies blocks as they are and never re-quantizes: write a folder (-o DIR) "
-                             "instead");
-  }
-  if (permute_heads > 0) {
-    const int64_t rows = bytes.shape().at(0);
-    std::vector<int64_t> order(static_cast<size_t>(rows));
-    for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(r)] = gguf_permuted_source_row(r, permute_heads, rows);
-    bytes = bytes.take_rows(order);
-  }
-  return {bytes, bytes.data(), bytes.nbytes()};
-}
-
-}  // namespace
-
-uint64_t write_gguf_like(Env& env, const model::Model& m, const GgufModel& src, const fs::path& path) {
-  const GgufFile& f = src.file();
-  const std::string file = f.path().string();
-  const GgufArch& arch = *gguf_arch_for_arch(f.find("general.architecture")->str);
-  m.refuse_novices(path.string(), "GGUF has no constant expert");
-  int64_t experts = -1;
-  for (const auto& layer : m.layers()) {
-    if (!layer.moe) throw Error::unsupported(path.string() + ": layer " + std::to_string(layer.index) + " has no MoE block");
-    if (experts >= 0 && layer.moe->num_experts() != experts)
-      throw Error::unsupported(path.string() + ": layer " + std::to_string(layer.index) + " keeps " +
-                               std::to_string(layer.moe->num_experts()) + " experts, other layers " + std::to_string(experts) +
-                               "; GGUF has one expert_count per model (prune with the same count in every layer)");
-    experts = layer.moe->num_experts();
-  }
-  const std::string A = arch.arch;
-  GgufMetadata kv = f.metadata();
-  for (auto& [key, v] : kv) {
-    if (key == A + ".expert_count") v = GgufValue::u32(static_cast<uint32_t>(experts));
-    if (key == A + ".expert_used_count") v = GgufValue::u32(static_cast<uint32_t>(std::min(m.dims().top_k, experts)));
-  }
-
-  // Every output tensor's header and pieces, checked before the file is created.
-  std::vector<GgufTensorInfo> infos;
-  std::vector<std::vector<Piece>> pieces;
-  for (const auto& t : f.tensors()) {
-    GgufTensorInfo info = t;
-    std::vector<Piece> ps;
-    const int64_t cols = t.ne[0];
-    if (const char* role = gguf_global_role(t.name)) {
-      auto g = m.globals().find(role);
-      if (g == m.globals().end()) throw Error::internal(t.name + ": no global " + role);
-      ps.push_back(stored_piece(g->second, t.type, cols, 0, t.name));
-    } else {
-      const size_t dot = t.name.find('.', 4);
-      const int layer = std::stoi(t.name.substr(4, dot - 4));
-      const std::string rest = t.name.substr(dot + 1);
-      const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
-      if (const char* role = gguf_layer_role(rest)) {
-        const int64_t heads = gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads);
-        ps.push_back(stored_piece(L.tensors.at(role), t.type, cols, heads, t.name));
-      } else {
-        const std::string field = gguf_moe_field(rest);
-        const model::MoeBlock& b = *L.moe;
-        if (field == "router") {
-          ps.push_back(stored_piece(b.router, t.type, cols, 0, t.name));
-          info.ne[1] = experts;
-        } else if (field.rfind("expert_", 0) == 0) {
-          for (int64_t e = 0; e < experts; ++e) {
-            const model::Mlp& x = b.experts[static_cast<size_t>(e)];
-            const core::Tensor& w = field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down;
-            ps.push_back(stored_piece(w, t.type, cols, 0, t.name + " expert " + std::to_string(e)));
-          }
-          info.ne[2] = experts;
-        } else if (field == "shared_expert_gate") {
-          ps.push_back(stored_piece(*b.shared_gate, t.type, cols, 0, t.name));
-        } else {
-          const model::Mlp& x = *b.shared;
-          ps.push_back(stored_piece(field == "shared_gate" ? x.gate : field == "shared_up" ? x.up : x.down, t.type, cols, 0,
-                                    t.name));
-        }
-      }
-    }
-    uint64_t n = 0;
-    for (const auto& p : ps) n += p.n;
-    if (n != info.nbytes())
-      throw Error::unsupported(t.name + ": " + std::to_string(n) + " bytes kept, the header says " +
-                               std::to_string(info.nbytes()) + "; its shape was changed by a pass");
-    infos.push_back(std::move(info));
-    pieces.push_back(std::move(ps));
-  }
-  GgufWriter w(env, path, std::move(kv), std::move(infos));
-  for (size_t i = 0; i < pieces.size(); ++i)
-    for (const auto& p : pieces[i]) {
-      f.prefetch_range(p.data, p.n);
-      w.append(p.data, p.n);
-      f.release_range(p.data, p.n);  // pages of the source already copied (a no-op for owned rows)
-    }
-  return w.finish();
 }
 
 }  // namespace moe::io

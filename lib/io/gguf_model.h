@@ -6,7 +6,7 @@
 //   - general.architecture -> our model_type (GgufArch); ARCH.* hyper-parameters -> config.json
 //     keys (GgufHparam; f32 values given back as the shortest decimal that rounds to the same f32,
 //     so 1e-05 stored as f32 reads back as 1e-05), tokenizer.ggml.bos/eos_token_id -> config ids;
-//   - tensor names -> the family's names (model/family.h): "blk.3.attn_q.weight" ->
+//   - tensor names -> the family's names (family/family.h): "blk.3.attn_q.weight" ->
 //     "model.layers.3.self_attn.q_proj.weight"; a stacked "blk.3.ffn_gate_exps.weight"
 //     (ne = [in, out, E]) -> E weights [out, in], each a view of its slice of the file (no copy);
 //   - q/k rows of arch `llama` un-permuted (the converter permutes them for llama.cpp's
@@ -116,20 +116,7 @@ int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_
 
 }  // namespace moe::io
 
-namespace moe::model {
-class Model;
-}
-
 namespace moe::io {
 
-// Writes `m`, a model loaded from the GGUF file `src` and pruned (experts dropped, router rows
-// kept), as a GGUF file at `path` (the caller owns atomicity: io::OutputFile): the source's
-// metadata with ARCH.expert_count set to the kept count (and expert_used_count clamped to it), the
-// source's tensors in its order, every tensor's bytes copied as stored (q/k rows permuted back for
-// arch llama), stacked expert tensors holding the kept experts' blocks in the model's order and
-// routers their kept rows. Nothing is re-quantized: a weight a pass changed (not the source's
-// bytes in the source's type) is refused with Error::unsupported naming the tensor, before the
-// file is created, as are novices and different expert counts per layer. Returns the file size.
-uint64_t write_gguf_like(Env& env, const model::Model& m, const GgufModel& src, const fs::path& path);
 
 }  // namespace moe::io

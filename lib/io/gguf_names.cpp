@@ -15,7 +15,7 @@ constexpr GgufArch kGgufArchs[] = {
     {"olmoe", "olmoe", false, false, false, false},
 };
 
-// Layer roles (model/family.h) <-> llama.cpp tensor names under "blk.N.".
+// Layer roles (family/family.h) <-> llama.cpp tensor names under "blk.N.".
 constexpr GgufNamePair kGgufLayerNames[] = {
     {"q_proj", "attn_q.weight"},       {"k_proj", "attn_k.weight"},       {"v_proj", "attn_v.weight"},
     {"o_proj", "attn_output.weight"},  {"q_bias", "attn_q.bias"},         {"k_bias", "attn_k.bias"},
@@ -25,7 +25,7 @@ constexpr GgufNamePair kGgufLayerNames[] = {
 constexpr GgufNamePair kGgufGlobalNames[] = {
     {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
 
-// MoE block fields (model/family.h FamilyDesc) <-> llama.cpp tensor names under "blk.N.".
+// MoE block fields (family/family.h FamilyDesc) <-> llama.cpp tensor names under "blk.N.".
 constexpr GgufNamePair kGgufMoeNames[] = {
     {"router", "ffn_gate_inp.weight"},           {"expert_gate", "ffn_gate_exps.weight"},
     {"expert_up", "ffn_up_exps.weight"},         {"expert_down", "ffn_down_exps.weight"},

@@ -27,7 +27,7 @@ const GgufArch* gguf_arch_for_arch(const std::string& arch);
 // "mixtral, qwen2_moe, ..." (for error messages).
 std::string gguf_exported_model_types();
 
-// A layer role (model/family.h: q_proj, input_norm, ...) <-> its llama.cpp name under "blk.N."
+// A layer role (family/family.h: q_proj, input_norm, ...) <-> its llama.cpp name under "blk.N."
 // ("attn_q.weight"); a global role (embed, final_norm, lm_head) <-> "token_embd.weight" etc.
 // nullptr when the name has no counterpart.
 const char* gguf_layer_name(const std::string& role);

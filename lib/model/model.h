@@ -13,8 +13,8 @@
 
 #include "core/tensor.h"
 #include "io/checkpoint.h"
-#include "model/config.h"
-#include "model/family.h"
+#include "family/config.h"
+#include "family/family.h"
 
 namespace moe::model {
 

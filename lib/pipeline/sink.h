@@ -19,7 +19,7 @@
 // finish(), as `moe-tool export` converts a native checkpoint. The staged folder is what an
 // evaluation of the run reads (native_dir()); it is removed when the sink dies.
 //
-// Family-specific tensor names of a format live in the family table (model/family.h) and the
+// Family-specific tensor names of a format live in the family table (family/family.h) and the
 // format's tables (io/gguf_names.h), not here.
 #pragma once
 

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "model/family.h"
+#include "family/family.h"
 #include "runtime/ops.h"
 #include "runtime/weights.h"
 

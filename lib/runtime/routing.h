@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "model/family.h"
+#include "family/family.h"
 #include "model/model.h"
 #include "runtime/observer.h"
 

@@ -18,8 +18,8 @@
 
 #include "core/error.h"
 #include "io/checkpoint.h"
-#include "model/config.h"
-#include "model/family.h"
+#include "family/config.h"
+#include "family/family.h"
 #include "model/model.h"
 #include "model/summary.h"
 #include "support/synth.h"

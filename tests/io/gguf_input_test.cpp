@@ -14,6 +14,7 @@
 #include "io/env.h"
 #include "io/gguf.h"
 #include "io/gguf_model.h"
+#include "model/gguf_write.h"
 #include "model/model.h"
 #include "support/paths.h"
 #include "support/run.h"
@@ -188,7 +189,7 @@ TEST(GgufInputPrune, KeptExpertsCopiedByteForByte) {
   }
   TempDir dir{"moe-gguf-prune"};
   const fs::path out = dir / "pruned.gguf";
-  const uint64_t size = io::write_gguf_like(env, m, *ck.gguf(), out);
+  const uint64_t size = model::write_gguf_like(env, m, *ck.gguf(), out);
   EXPECT_EQ(size, fs::file_size(out));
   const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, out);
   EXPECT_EQ(b.find("qwen2moe.expert_count")->integer, 3u);
@@ -230,7 +231,7 @@ TEST(GgufInputPrune, UnchangedLlamaModelWritesTheSameBytes) {
   const auto ck = io::Checkpoint::open(env, in);
   const auto m = model::Model::load(ck);
   TempDir dir{"moe-gguf-same"};
-  io::write_gguf_like(env, m, *ck.gguf(), dir / "same.gguf");
+  model::write_gguf_like(env, m, *ck.gguf(), dir / "same.gguf");
   const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, dir / "same.gguf");
   for (size_t i = 0; i < a.tensors().size(); ++i) {
     const auto &ta = a.tensors()[i], &tb = b.tensors()[i];
@@ -242,7 +243,7 @@ TEST(GgufInputPrune, UnchangedLlamaModelWritesTheSameBytes) {
   changed.layers()[0].tensors.at("o_proj") = core::Tensor::from_f32(changed.layers()[0].tensors.at("o_proj").to_f32(),
                                                                      changed.layers()[0].tensors.at("o_proj").shape());
   try {
-    io::write_gguf_like(env, changed, *ck.gguf(), dir / "changed.gguf");
+    model::write_gguf_like(env, changed, *ck.gguf(), dir / "changed.gguf");
     ADD_FAILURE() << "not refused";
   } catch (const core::Error& e) {
     EXPECT_NE(std::string(e.what()).find("blk.0.attn_output.weight: changed by a pass"), std::string::npos) << e.what();

@@ -3,8 +3,8 @@
 
 #include <set>
 
-#include "model/config.h"
-#include "model/family.h"
+#include "family/config.h"
+#include "family/family.h"
 #include "support/expect_error.h"
 
 namespace moe::model {

@@ -11,7 +11,7 @@
 
 #include "io/checkpoint.h"
 #include "io/env.h"
-#include "model/family.h"
+#include "family/family.h"
 #include "model/model.h"
 #include "passes/hungarian.h"  // MatrixXdRM
 #include "passes/upcycle.h"

@@ -28,7 +28,7 @@ UpcycleOptions parse_upcycle_section(const json& section, const fs::path& base) 
   UpcycleOptions o;
   o.to = s.get_string("to");
   // Counts the written config.json holds: at most the loader's bound on its integers (2^31 - 1,
-  // model/config.cpp); the output's size is checked against the free space before writing.
+  // family/config.cpp); the output's size is checked against the free space before writing.
   const int64_t max_count = 2147483647;
   o.experts = s.get_int("experts", 0, 1, max_count);
   if (!s.has("experts")) throw Error::invalid("upcycle.experts: missing (required)");

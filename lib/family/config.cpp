@@ -1,4 +1,4 @@
-#include "model/config.h"
+#include "family/config.h"
 
 #include "core/error.h"
 

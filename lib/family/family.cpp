@@ -1,4 +1,4 @@
-#include "model/family.h"
+#include "family/family.h"
 
 #include <algorithm>
 

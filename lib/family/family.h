@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "model/config.h"
+#include "family/config.h"
 
 namespace moe::model {
 
