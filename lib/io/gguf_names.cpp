@@ -60,21 +60,22 @@ const size_t kGgufPreTokenizerCount = std::size(kGgufPreTokenizers);
 
 // ARCH.<key> <-> config.json, as llama.cpp's converter writes them (convert_hf_to_gguf.py's
 // set_gguf_parameters) for our families.
-const GgufHparam kGgufHparams[] = {
+const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"context_length", "max_position_embeddings", false, GgufHparam::When::Always},
     {"embedding_length", "hidden_size", false, GgufHparam::When::Always},
     {"block_count", "num_hidden_layers", false, GgufHparam::When::Always},
     {"feed_forward_length", "intermediate_size", false, GgufHparam::When::ExpertWidthKey},
     {"feed_forward_length", "{expert_width}", false, GgufHparam::When::NoExpertWidthKey},
-    {"expert_feed_forward_length", "{expert_width}", false, GgufHparam::When::ExpertWidthKey},
     {"attention.head_count", "num_attention_heads", false, GgufHparam::When::Always},
     {"attention.head_count_kv", "num_key_value_heads", false, GgufHparam::When::Always},
     {"rope.freq_base", "rope_theta", true, GgufHparam::When::Always},
     {"attention.layer_norm_rms_epsilon", "rms_norm_eps", true, GgufHparam::When::Always},
     {"expert_count", "{expert_count}", false, GgufHparam::When::Always},
     {"expert_used_count", "{topk}", false, GgufHparam::When::Always},
+    {"expert_feed_forward_length", "{expert_width}", false, GgufHparam::When::ExpertWidthKey},
     {"expert_shared_feed_forward_length", "{shared_width}", false, GgufHparam::When::Optional},
     {"attention.key_length", "head_dim", false, GgufHparam::When::Optional},
+    {"attention.value_length", "head_dim", false, GgufHparam::When::Optional},
     {"rope.dimension_count", "head_dim", false, GgufHparam::When::Optional},
     {"attention.clamp_kqv", "clip_qkv", true, GgufHparam::When::Optional},
 };

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "io/gguf_model.h"
 #include "io/gguf_names.h"
 #include "model/model.h"
 

@@ -182,27 +182,38 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   kv.emplace_back("general.alignment", GgufValue::u32(io::kGgufDefaultAlignment));
   kv.emplace_back("general.file_type", GgufValue::u32(io::gguf_file_type_of(main)));
   kv.emplace_back("general.quantization_version", GgufValue::u32(2));
-  auto u32 = [&](const std::string& k, int64_t v) { kv.emplace_back(A + "." + k, GgufValue::u32(static_cast<uint32_t>(v))); };
-  auto f32 = [&](const std::string& k, double v) { kv.emplace_back(A + "." + k, GgufValue::f32(static_cast<float>(v))); };
+  // The hyper-parameters from the one table the GGUF reader maps back (io/gguf_names.h): each
+  // row's value from the model, or nullopt where the row does not apply to this model.
   const auto& moe0 = *m.layers().front().moe;
-  u32("context_length", spec.max_positions > 0 ? spec.max_positions : 4096);
-  u32("embedding_length", d.hidden);
-  u32("block_count", d.layers);
-  u32("feed_forward_length", arch->expert_width_key ? c.get_int_or("intermediate_size", moe0.expert_width()) : moe0.expert_width());
-  u32("attention.head_count", d.heads);
-  u32("attention.head_count_kv", d.kv_heads);
-  f32("rope.freq_base", spec.rope_theta);
-  f32("attention.layer_norm_rms_epsilon", spec.eps);
-  u32("expert_count", moe0.num_experts());
-  u32("expert_used_count", d.top_k);
-  if (arch->expert_width_key) u32("expert_feed_forward_length", moe0.expert_width());
-  if (arch->shared_expert && moe0.shared) u32("expert_shared_feed_forward_length", moe0.shared->width());
-  if (d.head_dim * d.heads != d.hidden) {
-    u32("attention.key_length", d.head_dim);
-    u32("attention.value_length", d.head_dim);
-  }
-  if (arch->permute_qk) u32("rope.dimension_count", d.head_dim);
-  if (spec.attn.clip_qkv) f32("attention.clamp_kqv", *spec.attn.clip_qkv);
+  auto value = [&](const io::GgufHparam& h) -> std::optional<double> {
+    using W = io::GgufHparam::When;
+    if ((h.when == W::ExpertWidthKey && !arch->expert_width_key) || (h.when == W::NoExpertWidthKey && arch->expert_width_key))
+      return std::nullopt;
+    const std::string k = h.config_key, key = h.key;
+    auto num = [](int64_t v) { return std::optional<double>(static_cast<double>(v)); };
+    if (k == "max_position_embeddings") return num(spec.max_positions > 0 ? spec.max_positions : 4096);
+    if (k == "hidden_size") return num(d.hidden);
+    if (k == "num_hidden_layers") return num(d.layers);
+    if (k == "intermediate_size") return num(c.get_int_or("intermediate_size", moe0.expert_width()));
+    if (k == "{expert_width}") return num(moe0.expert_width());
+    if (k == "num_attention_heads") return num(d.heads);
+    if (k == "num_key_value_heads") return num(d.kv_heads);
+    if (k == "rope_theta") return spec.rope_theta;
+    if (k == "rms_norm_eps") return spec.eps;
+    if (k == "{expert_count}") return num(moe0.num_experts());
+    if (k == "{topk}") return num(d.top_k);
+    if (k == "{shared_width}") return arch->shared_expert && moe0.shared ? num(moe0.shared->width()) : std::nullopt;
+    if (key == "rope.dimension_count") return arch->permute_qk ? num(d.head_dim) : std::nullopt;
+    if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
+    if (k == "clip_qkv") return spec.attn.clip_qkv ? std::optional<double>(*spec.attn.clip_qkv) : std::nullopt;
+    throw Error::internal("GGUF export: no value for " + A + "." + key);
+  };
+  io::for_each_gguf_hparam([&](const io::GgufHparam& h) {
+    const std::optional<double> v = value(h);
+    if (!v) return;
+    kv.emplace_back(A + "." + h.key, h.real ? GgufValue::f32(static_cast<float>(*v))
+                                            : GgufValue::u32(static_cast<uint32_t>(static_cast<int64_t>(*v))));
+  });
 
   auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0) {
     Item it;

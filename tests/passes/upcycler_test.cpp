@@ -51,7 +51,9 @@ TEST(Upcycler, PlanIsWhatItMakesAndWhatCheckUpcycleCounts) {
   };
   for (const Case& c : {Case{"mixtral", "split", 4, 2, false, std::nullopt},
                         Case{"mixtral", "copy", 3, 1, false, core::DType::F32},
-                        Case{"qwen2_moe", "drop", 2, 2, true, std::nullopt}}) {
+                        Case{"qwen2_moe", "drop", 2, 2, true, std::nullopt},
+                        // Without --shared-expert qwen2_moe still writes an all-zero shared expert.
+                        Case{"qwen2_moe", "copy", 3, 2, false, core::DType::BF16}}) {
     SCOPED_TRACE(c.to + " " + c.method);
     UpcycleOptions o;
     o.to = c.to;

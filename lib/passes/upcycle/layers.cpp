@@ -23,6 +23,25 @@ std::vector<Out> Builder::globals(bool head) const {
   return out;
 }
 
+std::vector<io::TensorSpec> Builder::global_specs(bool head) const {
+  std::vector<io::TensorSpec> specs;
+  const auto& m = first(p_);
+  for (const auto& r : m.family().globals) {
+    if ((r.role == "embed") != head) continue;
+    const auto it = m.globals().find(r.role);
+    if (it != m.globals().end()) specs.push_back({r.name, dtype_of(it->second), it->second.shape()});
+  }
+  return specs;
+}
+
+std::vector<io::TensorSpec> Builder::output_specs() const {
+  std::vector<io::TensorSpec> specs = global_specs(true);
+  for (int l = 0; l < p_.L; ++l)
+    for (auto& s : layer_specs(l)) specs.push_back(std::move(s));
+  for (auto& s : global_specs(false)) specs.push_back(std::move(s));
+  return specs;
+}
+
 Tensor Builder::attention_like(const std::string& role, int layer) const {
   std::vector<const Tensor*> ts;
   for (const auto& s : p_.src) {

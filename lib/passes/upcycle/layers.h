@@ -36,6 +36,10 @@ class Builder {
   std::vector<Out> layer(int l) const;
   // Shapes of layer l's outputs without computing them, in layer()'s order.
   std::vector<io::TensorSpec> layer_specs(int l) const;
+  // Shapes of globals(head)'s outputs without computing them.
+  std::vector<io::TensorSpec> global_specs(bool head) const;
+  // Every output tensor's shape, in the order written: head globals, layers 0..L-1, the rest.
+  std::vector<io::TensorSpec> output_specs() const;
 
  private:
   const Plan& p_;

@@ -29,26 +29,11 @@ std::vector<model::OutTensor> upcycled_outputs(const std::vector<upcycling::Out>
 }  // namespace
 
 uint64_t check_upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts) {
+  // The output's bytes from the shapes alone (nothing built): the same specs Upcycler::plan()
+  // lists. Long double: E x H x width may pass 2^64.
   const upcycling::Plan p = upcycling::make_plan(env, model_dir, opts);
-  // The output's bytes from the shapes alone (nothing built): the first source's tensors with
-  // each layer's MLP replaced by E experts of [width, H] x 3 and the router [E, H] (and, with a
-  // shared expert, the MLP and its gate row kept). Long double: E x H x width may pass 2^64.
-  const auto& m = upcycling::first(p);
-  auto size_of = [&](const Tensor& t) {
-    return static_cast<long double>(core::dtype_size(p.o.dtype ? *p.o.dtype : t.dtype()));
-  };
   long double b = 0;
-  for (const auto& [role, t] : m.globals()) b += static_cast<long double>(t.numel()) * size_of(t);
-  const long double E = static_cast<long double>(p.o.experts), H = static_cast<long double>(p.H),
-                    W = static_cast<long double>(p.width);
-  for (const auto& l : m.layers()) {
-    l.for_each_tensor([&](const Tensor& t) { b += static_cast<long double>(t.numel()) * size_of(t); });
-    const long double es = size_of(l.mlp->gate), mlp = 3.0L * H * static_cast<long double>(p.I) * es;
-    b += E * 3.0L * H * W * es + E * H * es;
-    b += p.o.shared_expert ? H * es : -mlp;
-    if (p.zero_qkv_bias)  // qwen2_moe's q/k/v biases, written as zeros
-      b += static_cast<long double>((m.dims().heads + 2 * m.dims().kv_heads) * m.dims().head_dim) * es;
-  }
+  for (const auto& s : upcycling::Builder(p).output_specs()) b += static_cast<long double>(s.nbytes());
   return b >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(b);
 }
 
@@ -64,18 +49,7 @@ const io::Checkpoint& Upcycler::source() const { return *p_->src.front().ckpt; }
 
 int64_t Upcycler::layers() const { return p_->L; }
 
-std::vector<io::TensorSpec> Upcycler::plan() const {
-  const upcycling::Builder b(*p_);
-  std::vector<io::TensorSpec> plan;
-  auto add_specs = [&](const std::vector<upcycling::Out>& outs) {
-    for (const auto& o : outs) plan.push_back({o.name, o.dtype, o.t.shape()});
-  };
-  add_specs(b.globals(true));
-  for (int l = 0; l < p_->L; ++l)
-    for (auto& s : b.layer_specs(l)) plan.push_back(std::move(s));
-  add_specs(b.globals(false));
-  return plan;
-}
+std::vector<io::TensorSpec> Upcycler::plan() const { return upcycling::Builder(*p_).output_specs(); }
 
 std::vector<model::OutTensor> Upcycler::head() const { return upcycled_outputs(upcycling::Builder(*p_).globals(true)); }
 

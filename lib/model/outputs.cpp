@@ -1,0 +1,286 @@
+// The output tensors of a model (Model::layer_outputs, outputs, global_outputs): plain tensors,
+// encoded weights as their stored parts or materialized, and the manifest of encoded weights.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <set>
+
+#include "core/error.h"
+#include "core/warn.h"
+#include "model/detail.h"
+#include "model/model.h"
+
+namespace moe::model {
+
+using core::DType;
+using core::Error;
+using core::Shape;
+using detail::InterleavedLayout;
+using detail::is_float;
+using detail::scatter;
+
+namespace {
+
+// Builds the output list of (part of) a model: plain tensors in `dtype` when given and float,
+// encoded weights materialized or as their stored parts (a part shared by several weights once,
+// under its first user's name), with the manifest of encoded weights (docs/FORMAT.md).
+class OutputBuilder {
+ public:
+  OutputBuilder(const OutputOptions& opts, DType materialize, nlohmann::json* manifest, Model::PageReleaser release)
+      : opts_(opts), materialize_(materialize), manifest_(manifest), release_(std::move(release)) {}
+  std::vector<OutTensor> out;
+
+  // `convertible`: a float tensor that follows the output dtype (false keeps DeepSeek-V3's F32
+  // router bias as it is).
+  const OutputOptions& options() const { return opts_; }
+  void add(const std::string& name, const Tensor& t, bool convertible = true) {
+    const core::Encoding* enc = t.encoding();
+    if (!enc) {
+      out.push_back({name, (convertible && opts_.dtype && is_float(t.dtype())) ? *opts_.dtype : t.dtype(), t.shape(),
+                     [t] { return t; }, {name}, "", cls, t.numel()});
+      return;
+    }
+    const auto rule = enc->dtype_rule();
+    if (opts_.materialize || rule == core::Encoding::DtypeRule::Dequantize ||
+        (opts_.dtype && rule == core::Encoding::DtypeRule::Materialize)) {
+      const DType d = opts_.dtype ? *opts_.dtype : materialize_;
+      out.push_back({name, d, t.shape(), [t, d, rel = release_] { return converted(t, d, rel); }, {name}, "", cls, t.numel()});
+      return;
+    }
+    nlohmann::json entry = enc->params();
+    entry["encoding"] = enc->name();
+    nlohmann::json parts = nlohmann::json::object();
+    bool counted = false;
+    for (const auto& p : enc->parts()) {
+      std::string pname = name + p.suffix;
+      if (p.shared) {
+        auto [it, fresh] = shared().emplace(p.tensor, pname);
+        pname = it->second;
+        if (!fresh) {
+          parts[p.role] = pname;
+          continue;
+        }
+      }
+      parts[p.role] = pname;
+      const bool convert = opts_.dtype && rule == core::Encoding::DtypeRule::ConvertParts && is_float(p.tensor->dtype());
+      const DType d = convert ? *opts_.dtype : p.tensor->dtype();
+      auto part = p.tensor;
+      out.push_back({pname, d, part->shape(), [part, d, rel = release_] { return converted(*part, d, rel); }, {pname}, name,
+                     cls, counted ? 0 : t.numel()});
+      counted = true;
+    }
+    entry["parts"] = parts;
+    if (manifest_) (*manifest_)[name] = entry;
+    // Every part shared and already written (by an earlier weight of this builder): the weight's
+    // parameters still count, on the last output.
+    if (!counted) out.back().params += t.numel();
+  }
+  // A novice expert (docs/FORMAT.md "novice"): its constant [H] stored as `<down><suffix>` in
+  // F32, listed under the expert's down projection `down`. Stock outputs cannot hold it.
+  void add_novice(const std::string& down, const Tensor& value) {
+    if (opts_.materialize)
+      throw Error::unsupported(down + ": a novice expert (MoNE constant): stock loaders cannot express a constant expert; "
+                               "write the native format (without --materialize)");
+    const std::string pname = down + kNoviceSuffix;
+    out.push_back({pname, DType::F32, value.shape(), [value] { return value.converted(DType::F32); }, {pname}, down,
+                   "experts", value.numel()});
+    if (manifest_) (*manifest_)[down] = {{"encoding", kNoviceEncoding}, {"parts", {{"value", pname}}}};
+  }
+  std::string cls = "other";  // class of the tensors added next
+
+ private:
+  OutputOptions opts_;
+  DType materialize_;
+  nlohmann::json* manifest_;
+  Model::PageReleaser release_;
+  SharedPartNames own_shared_;
+  SharedPartNames& shared() { return opts_.shared_parts ? *opts_.shared_parts : own_shared_; }
+
+  // t in dtype d; the mapped pages it was computed from are handed back (memory stays bounded
+  // while a whole checkpoint is dequantized).
+  static Tensor converted(const Tensor& t, DType d, const Model::PageReleaser& rel) {
+    Tensor x = t.converted(d);
+    if (rel && x.data() != t.data())
+      for (const Tensor* p : t.stored_tensors()) rel(p->data(), p->nbytes());
+    return x;
+  }
+};
+
+void add_mlp(OutputBuilder& ob, const Mlp& x, const std::string& g, const std::string& u, const std::string& dn) {
+  if (x.novice) return ob.add_novice(dn, *x.novice);
+  ob.add(g, x.gate);
+  ob.add(u, x.up);
+  ob.add(dn, x.down);
+}
+
+// The shared expert and gate of an MoE layer, the MLP of a dense one.
+void add_tail(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix, const Layer& layer) {
+  if (layer.moe) {
+    const MoeBlock& b = *layer.moe;
+    ob.cls = "shared_experts";
+    if (b.shared) add_mlp(ob, *b.shared, prefix + f.shared_gate, prefix + f.shared_up, prefix + f.shared_down);
+    if (b.shared_gate) ob.add(prefix + f.shared_expert_gate, *b.shared_gate);
+  }
+  ob.cls = "dense_mlp";
+  if (layer.mlp) add_mlp(ob, *layer.mlp, prefix + f.dense_gate, prefix + f.dense_up, prefix + f.dense_down);
+}
+
+// gpt_oss: the experts back into gate_up_proj [E,H,2I] (gate/up interleaved), gate_up_proj_bias
+// [E,2I], down_proj [E,I,H], down_proj_bias [E,H] (InterleavedLayout), weights in `dst`, biases
+// in their stored dtype (converted to `dst` when it is given as the output dtype).
+void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix,
+                             const std::vector<Mlp>& experts, DType dst, int64_t H) {
+  const int64_t E = static_cast<int64_t>(experts.size()), I = experts.at(0).width();
+  for (const auto& x : experts)
+    if (!x.gate_bias || !x.up_bias || !x.down_bias)
+      throw Error::internal(f.model_type + ": an expert without its biases");
+  const OutputOptions& opts = ob.options();
+  const DType bsrc = experts[0].gate_bias->dtype();
+  const DType bdst = opts.dtype && is_float(bsrc) ? *opts.dtype : bsrc;
+  const InterleavedLayout lay{H, I};
+  using Part = std::function<void(const Mlp&, int64_t, Tensor&)>;
+  auto out = [&](const std::string& name, DType d, const Shape& shape, Part put) {
+    const std::string full = prefix + name;
+    OutTensor o{full, d, shape, nullptr, {full}, "", "experts", core::shape_numel(shape)};
+    o.make = [experts, d, shape, put, E] {
+      Tensor t = Tensor::zeros(d, shape);
+      for (int64_t e = 0; e < E; ++e) put(experts[static_cast<size_t>(e)], e, t);
+      return t;
+    };
+    ob.out.push_back(std::move(o));
+  };
+  out(f.fused_gate_up, dst, {E, H, 2 * I}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.gate.converted(dst), t, lay.gate(e));
+    scatter(x.up.converted(dst), t, lay.up(e));
+  });
+  out(f.fused_gate_up_bias, bdst, {E, 2 * I}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.gate_bias->converted(bdst), t, lay.gate_bias(e));
+    scatter(x.up_bias->converted(bdst), t, lay.up_bias(e));
+  });
+  out(f.fused_down, dst, {E, I, H}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.down.converted(dst), t, lay.down(e));
+  });
+  out(f.fused_down_bias, bdst, {E, H}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
+    scatter(x.down_bias->converted(bdst), t, lay.down_bias(e));
+  });
+}
+
+void add_layer(OutputBuilder& ob, const Model& m, int l) {
+  const FamilyDesc& f = m.family();
+  const Layer& layer = m.layers().at(static_cast<size_t>(l));
+  const std::string prefix = expand(f.layer_prefix, l);
+  for (const auto& r : f.layer_roles) {
+    auto it = layer.tensors.find(r.role);
+    ob.cls = r.role.find("norm") != std::string::npos ? "norms" : "attention";
+    if (it != layer.tensors.end()) ob.add(prefix + r.name, it->second);
+  }
+  if (layer.moe) {
+    const MoeBlock& b = *layer.moe;
+    ob.cls = "router";
+    ob.add(prefix + f.router, b.router);
+    // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
+    // gpt_oss's router bias (a logit bias, stored like the weights) follows the output dtype.
+    if (b.router_bias) ob.add(prefix + f.router_bias, *b.router_bias, f.router_bias_in_logits);
+    if (f.fused()) {
+      if (b.num_novices() > 0)
+        throw Error::unsupported("layer " + std::to_string(l) + ": novice experts (MoNE) cannot be stored in the fused " +
+                                 f.model_type + " layout");
+      // Re-stack the experts into [E,2I,H] and [E,H,I]. Encoded experts are written dense here
+      // (the fused layout has no place for parts) only when materializing.
+      const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = m.dims().hidden;
+      bool encoded = false;
+      for (const auto& e : b.experts)
+        encoded = encoded || e.gate.encoding() || e.up.encoding() || e.down.encoding();
+      const OutputOptions& opts = ob.options();
+      if (encoded && !opts.materialize && !(opts.dtype && b.experts[0].gate.encoding() &&
+                                            b.experts[0].gate.encoding()->dtype_rule() == core::Encoding::DtypeRule::Materialize))
+        throw Error::unsupported("layer " + std::to_string(l) + ": encoded experts cannot be stored in the fused " +
+                                 f.model_type + " layout; write them dense (convert --materialize)");
+      const DType src = b.experts[0].gate.dtype();
+      const DType dst = encoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype()) : (opts.dtype && is_float(src)) ? *opts.dtype : src;
+      auto experts = b.experts;
+      if (f.fused_in_out_interleaved) {
+        add_interleaved_experts(ob, f, prefix, experts, dst, H);
+        return add_tail(ob, f, prefix, layer);
+      }
+      OutTensor gu{prefix + f.fused_gate_up, dst, {E, 2 * I, H}, nullptr, {prefix + f.fused_gate_up}, "", "experts", E * 2 * I * H};
+      gu.make = [experts, dst, E, I, H] {
+        Tensor t = Tensor::zeros(dst, {E, 2 * I, H});
+        const size_t half = static_cast<size_t>(I * H) * core::dtype_size(dst);
+        for (int64_t e = 0; e < E; ++e) {
+          Tensor g = experts[e].gate.converted(dst), u = experts[e].up.converted(dst);
+          std::copy_n(g.data(), half, t.mutable_data() + 2 * e * half);
+          std::copy_n(u.data(), half, t.mutable_data() + (2 * e + 1) * half);
+        }
+        return t;
+      };
+      OutTensor dn{prefix + f.fused_down, dst, {E, H, I}, nullptr, {prefix + f.fused_down}, "", "experts", E * H * I};
+      dn.make = [experts, dst, E, I, H] {
+        Tensor t = Tensor::zeros(dst, {E, H, I});
+        const size_t one = static_cast<size_t>(I * H) * core::dtype_size(dst);
+        for (int64_t e = 0; e < E; ++e) {
+          Tensor x = experts[e].down.converted(dst);
+          std::copy_n(x.data(), one, t.mutable_data() + e * one);
+        }
+        return t;
+      };
+      ob.out.push_back(std::move(gu));
+      ob.out.push_back(std::move(dn));
+    } else {
+      ob.cls = "experts";
+      for (int e = 0; e < static_cast<int>(b.experts.size()); ++e)
+        add_mlp(ob, b.experts[e], prefix + expand(f.expert_gate, l, e), prefix + expand(f.expert_up, l, e),
+                prefix + expand(f.expert_down, l, e));
+    }
+  }
+  add_tail(ob, f, prefix, layer);
+}
+
+}  // namespace
+
+std::vector<OutTensor> Model::layer_outputs(int l, const OutputOptions& opts, nlohmann::json* manifest) const {
+  OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+  add_layer(b, *this, l);
+  return std::move(b.out);
+}
+
+std::vector<OutTensor> Model::outputs(const OutputOptions& options, nlohmann::json* manifest) const {
+  OutputOptions opts = options;  // one set of shared-part names for the whole model
+  if (!opts.shared_parts) opts.shared_parts = std::make_shared<SharedPartNames>();
+  std::vector<OutTensor> out;
+  auto take = [&](OutputBuilder& b) { std::move(b.out.begin(), b.out.end(), std::back_inserter(out)); };
+  {
+    OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+    b.cls = "embeddings";
+    b.add(global_names_.at("embed"), globals_.at("embed"));
+    take(b);
+  }
+  // One builder per layer, as the runner writes them; a part shared across layers is written once.
+  for (int l = 0; l < static_cast<int>(layers_.size()); ++l) {
+    OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+    add_layer(b, *this, l);
+    take(b);
+  }
+  auto rest = global_outputs(opts, manifest, false);
+  std::move(rest.begin(), rest.end(), std::back_inserter(out));
+  return out;
+}
+
+std::vector<OutTensor> Model::global_outputs(const OutputOptions& opts, nlohmann::json* manifest, bool with_embed) const {
+  OutputBuilder b(opts, materialize_dtype(), manifest, release_);
+  if (with_embed) {
+    b.cls = "embeddings";
+    b.add(global_names_.at("embed"), globals_.at("embed"));
+  }
+  for (const auto& [role, t] : globals_)
+    if (role != "embed") {
+      b.cls = role == "lm_head" ? "lm_head" : role.find("norm") != std::string::npos ? "norms" : "other";
+      b.add(global_names_.at(role), t);
+    }
+  // Extras keep DeepSeek-V3's F32 e_score_correction_bias (MTP layers) as the decoder layers do.
+  b.cls = "other";
+  for (const auto& [name, t] : extras_) b.add(name, t, !name.ends_with("e_score_correction_bias"));
+  return std::move(b.out);
+}
+
+}  // namespace moe::model
