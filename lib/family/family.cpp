@@ -108,6 +108,24 @@ void qwen_style_experts(FamilyDesc& f, const std::string& count_key, const std::
   f.expert_down = "mlp.experts.{e}.down_proj.weight";
 }
 
+// Per-expert split tensors under block_sparse_moe.experts.{e}.{w1,w3,w2} (gate, up, down) with
+// router block_sparse_moe.gate (mixtral, phimoe): num_local_experts of width intermediate_size.
+void mixtral_style_experts(FamilyDesc& f, Routing routing) {
+  f.moe = true;
+  f.expert_count_key = "num_local_experts";
+  f.expert_width_key = "intermediate_size";
+  f.routing = routing;
+  f.router = "block_sparse_moe.gate.weight";
+  f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
+  f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
+  f.expert_down = "block_sparse_moe.experts.{e}.w2.weight";
+}
+
+// The entry's GGUF architecture (GgufArch).
+void gguf_arch(FamilyDesc& f, const char* arch, bool permute_qk, bool renormalizes, bool expert_width_key, bool shared_expert) {
+  f.gguf = GgufArch{f.model_type, arch, permute_qk, renormalizes, expert_width_key, shared_expert};
+}
+
 // The shared expert's projections under `prefix` (per layer, e.g. "mlp.shared_expert").
 void shared_mlp_names(FamilyDesc& f, const std::string& prefix) {
   f.shared_gate = prefix + ".gate_proj.weight";
@@ -169,19 +187,13 @@ std::vector<FamilyDesc> build_families() {
   }
   {
     FamilyDesc f = llama_base("mixtral", "MixtralForCausalLM");
-    f.moe = true;
-    f.expert_count_key = "num_local_experts";
-    f.expert_width_key = "intermediate_size";
-    f.routing = Routing::SoftmaxTopK;
+    mixtral_style_experts(f, Routing::SoftmaxTopK);
     f.norm_topk_default = true;
     f.norm_topk_forced = true;
     f.default_rope_theta = 1e6;
     f.default_rms_norm_eps = 1e-5;
-    f.router = "block_sparse_moe.gate.weight";
-    f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
-    f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
-    f.expert_down = "block_sparse_moe.experts.{e}.w2.weight";
     f.forward = f.upcycle_target = true;
+    gguf_arch(f, "llama", true, true, false, false);
     v.push_back(f);
   }
   {
@@ -193,6 +205,7 @@ std::vector<FamilyDesc> build_families() {
     f.shared_expert_gate = "mlp.shared_expert_gate.weight";
     f.shared_width_key = "shared_expert_intermediate_size";
     f.forward = f.upcycle_target = true;
+    gguf_arch(f, "qwen2moe", false, false, true, true);
     v.push_back(f);
   }
   {
@@ -201,6 +214,7 @@ std::vector<FamilyDesc> build_families() {
     qwen_style_experts(f, "num_experts", "moe_intermediate_size");
     f.moe_layers = MoeLayerRule::SparseStep;
     f.forward = f.upcycle_target = true;
+    gguf_arch(f, "qwen3moe", false, true, true, false);
     v.push_back(f);
   }
   {
@@ -209,6 +223,7 @@ std::vector<FamilyDesc> build_families() {
     qwen_style_experts(f, "num_experts", "intermediate_size");
     f.default_rms_norm_eps = 1e-5;
     f.forward = true;
+    gguf_arch(f, "olmoe", false, false, false, false);
     v.push_back(f);
   }
   for (const char* type : {"deepseek_v2", "deepseek_v3"}) {
@@ -237,15 +252,8 @@ std::vector<FamilyDesc> build_families() {
   }
   {
     FamilyDesc f = llama_base("phimoe", "PhiMoEForCausalLM");
-    f.moe = true;
-    f.expert_count_key = "num_local_experts";
-    f.expert_width_key = "intermediate_size";
-    f.routing = Routing::SparseMixer;
+    mixtral_style_experts(f, Routing::SparseMixer);
     f.layer_norm = true;
-    f.router = "block_sparse_moe.gate.weight";
-    f.expert_gate = "block_sparse_moe.experts.{e}.w1.weight";
-    f.expert_up = "block_sparse_moe.experts.{e}.w3.weight";
-    f.expert_down = "block_sparse_moe.experts.{e}.w2.weight";
     set_role(f, "input_norm_bias", "input_layernorm.bias", kRequired);
     set_role(f, "post_attn_norm_bias", "post_attention_layernorm.bias", kRequired);
     f.globals.push_back({"final_norm_bias", "model.norm.bias"});

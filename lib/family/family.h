@@ -3,6 +3,7 @@
 // only where the math differs (routing, q/k norms, attention kind) does the runtime branch.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,19 @@ struct RoleName {
   Presence presence = kRequired;
 };
 
+// What llama.cpp calls a family and does with it, for the GGUF export and the GGUF input (llama.cpp's
+// src/llama-arch.cpp names; convert_hf_to_gguf.py: which models permute q/k rows, which keys each
+// writes). The tensor and hyper-parameter name tables shared by every architecture are in
+// io/gguf_names.h.
+struct GgufArch {
+  std::string model_type;  // ours (the entry's model_type)
+  std::string arch;        // general.architecture
+  bool permute_qk = false;        // the converter permutes q/k rows for llama.cpp's non-NeoX RoPE (LlamaModel)
+  bool renormalizes = false;      // llama.cpp's graph renormalizes the top-k routing weights (norm_w)
+  bool expert_width_key = false;  // ARCH.expert_feed_forward_length written (else feed_forward_length is the expert width)
+  bool shared_expert = false;     // ffn_*_shexp and ffn_gate_inp_shexp
+};
+
 struct FamilyDesc {
   std::string model_type;
   std::vector<std::string> architectures;
@@ -71,6 +85,7 @@ struct FamilyDesc {
   bool upcycle_source = false;  // `upcycle` takes it as the dense source
   bool upcycle_target = false;  // `upcycle --to` writes it (config keys: expert_count_key,
                                 // expert_width_key, shared_width_key of this entry)
+  std::optional<GgufArch> gguf;  // `export --format gguf` writes it and GGUF inputs of it are read
 
   // transformers' defaults for keys a config.json may leave out (the family's
   // configuration_<model_type>.py): the forward uses them when the key is absent or null.

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "family/family.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
 
@@ -115,8 +116,7 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& file);
 int64_t gguf_permuted_source_row(int64_t r, int64_t heads, int64_t rows);
 // How many heads the rows of layer role `role` ("q_proj", "k_bias", ...) are permuted in for `arch`
 // (0: not permuted).
-struct GgufArch;
-int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_t heads, int64_t kv_heads);
+int64_t gguf_permute_heads(const model::GgufArch& arch, const std::string& role, int64_t heads, int64_t kv_heads);
 
 }  // namespace moe::io
 

@@ -3,17 +3,11 @@
 #include <iterator>
 
 #include "core/error.h"
+#include "family/family.h"
 
 namespace moe::io {
 
 namespace {
-
-constexpr GgufArch kGgufArchs[] = {
-    {"mixtral", "llama", true, true, false, false},
-    {"qwen2_moe", "qwen2moe", false, false, true, true},
-    {"qwen3_moe", "qwen3moe", false, true, true, false},
-    {"olmoe", "olmoe", false, false, false, false},
-};
 
 // Layer roles (family/family.h) <-> llama.cpp tensor names under "blk.N.".
 constexpr GgufNamePair kGgufLayerNames[] = {
@@ -82,20 +76,21 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
 const size_t kGgufHparamCount = std::size(kGgufHparams);
 
 const GgufArch* gguf_arch_for_model_type(const std::string& model_type) {
-  for (const auto& a : kGgufArchs)
-    if (model_type == a.model_type) return &a;
+  for (const auto& f : model::all_families())
+    if (f.gguf && model_type == f.gguf->model_type) return &*f.gguf;
   return nullptr;
 }
 
 const GgufArch* gguf_arch_for_arch(const std::string& arch) {
-  for (const auto& a : kGgufArchs)
-    if (arch == a.arch) return &a;
+  for (const auto& f : model::all_families())
+    if (f.gguf && arch == f.gguf->arch) return &*f.gguf;
   return nullptr;
 }
 
 std::string gguf_exported_model_types() {
   std::string s;
-  for (const auto& a : kGgufArchs) s += (s.empty() ? "" : ", ") + std::string(a.model_type);
+  for (const auto& f : model::all_families())
+    if (f.gguf) s += (s.empty() ? "" : ", ") + f.gguf->model_type;
   return s;
 }
 

@@ -1,4 +1,4 @@
-// The names llama.cpp gives our families and their tensors in a GGUF file, as one table read both
+// The names llama.cpp gives our tensors and hyper-parameters in a GGUF file, as tables read both
 // ways: the export maps our names to llama.cpp's, the GGUF reader maps them back. Sources:
 // llama.cpp's architecture table (src/llama-arch.cpp: LLM_ARCH_* names, LLM_TENSOR_* names) and its
 // converter (convert_hf_to_gguf.py: which models permute q/k rows, which keys each writes).
@@ -7,19 +7,13 @@
 #include <cstdint>
 #include <string>
 
+#include "family/family.h"
 #include "quant/gguf_blocks.h"
 
 namespace moe::io {
 
-// One of our families and what llama.cpp calls and does with it.
-struct GgufArch {
-  const char* model_type;  // ours (config.json model_type)
-  const char* arch;        // general.architecture
-  bool permute_qk;         // the converter permutes q/k rows for llama.cpp's non-NeoX RoPE (LlamaModel)
-  bool renormalizes;       // llama.cpp's graph renormalizes the top-k routing weights (norm_w)
-  bool expert_width_key;   // ARCH.expert_feed_forward_length written (else feed_forward_length is the expert width)
-  bool shared_expert;      // ffn_*_shexp and ffn_gate_inp_shexp
-};
+// A family's GGUF architecture is a field of its family table entry (model::GgufArch).
+using model::GgufArch;
 
 // The row for our model_type, or for llama.cpp's general.architecture; nullptr when there is none.
 const GgufArch* gguf_arch_for_model_type(const std::string& model_type);

@@ -25,6 +25,7 @@ using io::GgufTensorInfo;
 using io::GgufValue;
 using io::GgufWriter;
 using io::gguf_arch_for_arch;
+using io::gguf_permute_heads;
 using io::gguf_global_role;
 using io::gguf_layer_role;
 using io::gguf_moe_field;

@@ -155,7 +155,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const auto& ovr = opts.overrides;
   const std::string src = ckpt.dir().string();
   const auto& fam = m.family();
-  const io::GgufArch* arch = io::gguf_arch_for_model_type(fam.model_type);
+  const model::GgufArch* arch = fam.gguf ? &*fam.gguf : nullptr;
   if (!arch)
     throw Error::unsupported(src + ": family " + fam.model_type + " is not exported to GGUF yet (exported: " +
                              io::gguf_exported_model_types() + ")");
