@@ -13,6 +13,7 @@
 #include "support/cli_expect.h"
 #include "support/paths.h"
 #include "support/run.h"
+#include "support/synth.h"
 
 namespace moe::test {
 namespace {
@@ -64,6 +65,36 @@ TEST(Smooth, SmoothedFloatModelComputesTheInputLogits) {
   const runtime::MatrixRM li = runtime::Forward(in).run(tokens, 32);
   const runtime::MatrixRM ls = runtime::Forward(sm).run(tokens, 32);
   EXPECT_LE((li - ls).cwiseAbs().maxCoeff(), 1e-5f * li.cwiseAbs().maxCoeff());
+}
+
+// The families with a shared expert (and its gate row), a sigmoid router with a choice bias and
+// dense first layers, and the other norms: the smoothed, unquantized synthetic model computes the
+// input's logits, and its MoE layers' norms did change.
+TEST(Smooth, FoldIsExactAcrossFamilies) {
+  for (const std::string family : {"qwen2_moe", "deepseek_v3", "olmoe", "qwen3_moe", "deepseek_v2"}) {
+    TempDir tmp;
+    write_synth(make_synth(family), tmp / "in", {.tokenizer = true});
+    const RunResult r = run_tool({"-q", "quantize", (tmp / "in").string(), (tmp / "out").string(), "--method", "rtn",
+                                  "--experts", "keep", "--shared", "keep", "--dense", "keep", "--smooth", "--text",
+                                  kCalib.string(), "--ctx", "16", "--windows", "4"});
+    ASSERT_EQ(r.exit_code, 0) << family << ": " << r.describe();
+    const auto ci = io::Checkpoint::open(io::Env::posix(), tmp / "in");
+    const auto co = io::Checkpoint::open(io::Env::posix(), tmp / "out");
+    const model::Model in = smooth_load(ci), out = smooth_load(co);
+    int changed = 0;
+    for (size_t l = 0; l < in.layers().size(); ++l) {
+      const bool differs = in.layers()[l].find("post_attn_norm")->to_f32() != out.layers()[l].find("post_attn_norm")->to_f32();
+      changed += differs;
+      if (!in.layers()[l].moe) {
+        EXPECT_FALSE(differs) << family << " dense layer " << l;
+      }
+    }
+    EXPECT_GT(changed, 0) << family;
+    std::vector<int32_t> tokens(32);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 37 + 5) % 64);
+    const runtime::MatrixRM li = runtime::Forward(in).run(tokens, 16), lo = runtime::Forward(out).run(tokens, 16);
+    EXPECT_LE((li - lo).cwiseAbs().maxCoeff(), 1e-5f * li.cwiseAbs().maxCoeff()) << family;
+  }
 }
 
 // int4 RTN with and without smoothing: different codes (smoothing is not a no-op), and both
@@ -151,7 +182,12 @@ TEST(Smooth, BadInputFailsCleanly) {
   expect_clean_failure(run_tool({"quantize", m, (tmp / "f").string(), "--method", "rtn", "--align-router", "--tensor-type",
                                  "\\.gate\\.weight=int8", "--text", c}),
                        "keep the router");
-  for (const char* d : {"a", "b", "c", "d", "e", "f"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
+  // Experts already stored as int4 codes and kept: scaling their columns would write them dense.
+  ASSERT_EQ(run_tool({"-q", "quantize", m, (tmp / "int4").string(), "--method", "rtn"}).exit_code, 0);
+  expect_clean_failure(run_tool({"quantize", (tmp / "int4").string(), (tmp / "g").string(), "--method", "rtn", "--smooth",
+                                 "--experts", "keep", "--text", c}),
+                       "is stored encoded (intN) and kept");
+  for (const char* d : {"a", "b", "c", "d", "e", "f", "g"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
 }
 
 }  // namespace
