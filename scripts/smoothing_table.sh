@@ -32,7 +32,7 @@ rep = json.load(open(o + "/moe_tool_report.json"))
 al = [l["passes"][0].get("align_router") for l in rep["layers"] if "passes" in l]
 al = [a for a in al if a]
 refit = "%d of %d" % (sum(a["accepted"] for a in al), len(al)) if al else "-"
-print("| %s | %s | %.5f | %.4f | %.4f | %.4f | %s |" % (codec, name, j["kl_mean"], j["top1_agreement"],
+print("| %s | %s | %.2e | %.4f | %.4f | %.4f | %s |" % (codec, name, j["kl_mean"], j["top1_agreement"],
       r.get("agreement", float("nan")), r.get("overlap", float("nan")), refit))
 PY
 }
