@@ -53,7 +53,7 @@ struct SmoothReader {
 std::vector<double> smoothing_scales(const MatrixRM& x, const std::vector<SmoothReader>& readers, double alpha);
 
 // Top-k set agreement: the share of rows whose expert sets (order ignored) in `a` and `b` [N, k]
-// are equal (0 when N = 0).
+// are equal (0 when N = 0). Throws Error::internal when the shapes differ.
 double topk_set_agreement(const runtime::IndexMatrix& a, const runtime::IndexMatrix& b);
 
 struct RouterFit {
@@ -69,6 +69,8 @@ struct RouterFit {
 // rule.logit_bias, else the choice bias of deepseek_v3; null when none), `xq`/`xr` [N, H] the same
 // tokens' block inputs in the quantized and the input model (xq already divided by the smoothing
 // scales). `round` maps R' to what will be stored (the router's dtype) before `after` is measured.
+// `ridge` is λ relative to the mean diagonal of XqᵀXq. Throws Error::internal when the shapes do
+// not agree or the ridge system is not positive definite.
 RouterFit fit_router(const MatrixRM& current, const MatrixRM& reference, const RowVector* bias,
                      const runtime::RoutingRule& rule, const MatrixRM& xq, const MatrixRM& xr, double ridge,
                      const std::function<MatrixRM(const MatrixRM&)>& round);
