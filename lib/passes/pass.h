@@ -35,6 +35,11 @@ struct Requirements {
   // the layers already changed when calibration.propagate): for passes that run the rest of the
   // model from this layer (prune/search scores keep-sets by the final output's KL).
   bool layer_inputs = false;
+  // The MoE block inputs of the same calibration tokens through the input model, unchanged (a
+  // second hidden-state stream beside the one through the changed layers): for passes that match
+  // the compressed model to the input one (quantize align_router). Needs calibration.propagate
+  // (without it both streams are the input model's).
+  bool reference_inputs = false;
   // A planning sweep before the layer loop (a budget across layers that needs each layer's
   // calibration inputs, not statistics): the calibration windows run through the input model,
   // unchanged, one layer at a time, and plan_layer() sees every layer the pass will run on, with
@@ -65,6 +70,9 @@ struct LayerContext {
   InputGrams* grams = nullptr;
   const runtime::MatrixRM* layer_inputs = nullptr;  // set when Requirements::layer_inputs
   int64_t window_tokens = 0;                    // T of the calibration windows (rows are window-major)
+  // Set when Requirements::reference_inputs: the MoE block inputs [N,H] of the same tokens in the
+  // input model (rows as block_inputs).
+  const runtime::MatrixRM* reference_inputs = nullptr;
 };
 
 class Pass {

@@ -4,14 +4,17 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <Eigen/Cholesky>
 #include <map>
 #include <optional>
 #include <regex>
 #include <set>
 
 #include "core/error.h"
+#include "passes/experts.h"
 #include "passes/options.h"
 #include "passes/passes.h"
+#include "passes/smooth.h"
 #include "passes/sub1bit.h"
 #include "quant/codec.h"
 #include "quant/gptq.h"
@@ -205,6 +208,15 @@ class Quantize final : public pipeline::Pass {
                              "whose codec is " + (c ? quant::to_string(*c) : std::string("keep")) +
                              " (give a ternary or ternary-absmean codec)");
     }
+    smooth_ = o.get_bool("smooth", false);
+    if (o.has("smooth_alpha") && !smooth_) throw Error::invalid(o.key_path("smooth_alpha") + ": applies to smooth, give it too");
+    smooth_alpha_ = o.get_number("smooth_alpha", kDefaultSmoothAlpha, 0, 1);
+    smooth_path_ = o.key_path("smooth");
+    align_router_ = o.get_bool("align_router", false);
+    align_path_ = o.key_path("align_router");
+    if (align_router_ && class_codec_.at("router"))
+      throw Error::invalid(align_path_ + ": re-fits the router in its dtype, but " + o.key_path("router") + " quantizes it (" +
+                           quant::to_string(*class_codec_.at("router")) + "); give router keep");
     // --group and --sym only complete integer codecs that name no group or symmetry: given, they
     // must complete one (else the report would echo a group no weight has).
     if (o.has("group") && !group_applied_)
@@ -249,6 +261,11 @@ class Quantize final : public pipeline::Pass {
       p["sub1bit"] = true;
       p["dict_scope"] = dict_scope_;
     }
+    if (smooth_) {
+      p["smooth"] = true;
+      p["smooth_alpha"] = smooth_alpha_;
+    }
+    if (align_router_) p["align_router"] = true;
     if (avg_bits_) {
       p["avg_bits"] = *avg_bits_;
       p["widths"] = widths_text_;
@@ -260,7 +277,10 @@ class Quantize final : public pipeline::Pass {
   pipeline::Requirements requirements() const override {
     pipeline::Requirements r;
     r.input_grams = method_ == QuantizeMethod::Gptq;
-    r.block_inputs = method_ == QuantizeMethod::Gptq || avg_bits_.has_value();
+    r.block_inputs = method_ == QuantizeMethod::Gptq || avg_bits_.has_value() || smooth_ || align_router_;
+    // Smoothing measures and rescales the block inputs (and their Grams) of the calibration tokens.
+    r.input_grams = r.input_grams || smooth_ || align_router_;
+    r.reference_inputs = align_router_;
     if (threshold_scale_) r.stats_fields = {"count"};
     return r;
   }
@@ -299,6 +319,10 @@ class Quantize final : public pipeline::Pass {
     const model::FamilyDesc& fam = ctx.model.family();
     json& rep = ctx.report;
     rep["matrices"] = json::array();
+
+    // Router alignment fits against the router as this pass receives it (before smoothing).
+    const MatrixRM router_in = align_router_ && L.moe ? runtime::to_matrix(L.moe->router) : MatrixRM();
+    if (smooth_ && L.moe) smooth_layer(ctx, rep);
 
     const bool gptq = method_ == QuantizeMethod::Gptq;
     if (L.moe && gptq && g->expert_in.size() != L.moe->experts.size())
@@ -353,6 +377,7 @@ class Quantize final : public pipeline::Pass {
       finish_slot(slots[i], std::move(enc), *codec[i], m);
       rep["matrices"].push_back(m);
     }
+    if (align_router_ && L.moe) align_router(ctx, router_in, rep);
     if (threshold_scale_ && L.moe) {  // the zero fraction each expert's threshold gave
       std::map<int, std::pair<double, double>> z;  // expert -> (zeros, trits)
       for (const auto& sl : slots)
@@ -445,6 +470,7 @@ class Quantize final : public pipeline::Pass {
   // Every tensor_type rule must be the first to match at least one tensor the pass can quantize.
   // Records the classes each rule's codec applies to (encodes()).
   void check_model(const model::Model& m) const override {
+    check_smooth_align(m);
     const auto q = quantizable(m);
     std::vector<std::string> taken(overrides_.size());  // per rule: a tensor it matches that an earlier rule takes
     std::vector<bool> applies(overrides_.size(), false);
@@ -477,6 +503,39 @@ class Quantize final : public pipeline::Pass {
       throw Error::invalid(rule + " matches no tensor of the model (a rule is a regular expression searched in on-disk "
                            "names such as " + (q.empty() ? std::string("?") : q.front().first) + ")");
     }
+  }
+
+  // Smoothing folds into the post-attention norm and rescales every reader of its output: each
+  // MoE layer needs the norm weight, and a reader stored encoded must be quantized by this pass
+  // (kept, it would be written dense). Router alignment refits routers kept in their dtype.
+  void check_smooth_align(const model::Model& m) const {
+    if (!smooth_ && !align_router_) return;
+    for (const auto& layer : m.layers()) {
+      if (!layer.moe) continue;
+      model::Layer L = layer;  // views: the slots point into this copy
+      if (smooth_ && !L.find("post_attn_norm"))
+        throw Error::invalid(smooth_path_ + ": layer " + std::to_string(L.index) +
+                             " has no post-attention norm weight to fold the scales into (give smooth false)");
+      for (const auto& sl : layer_slots(m.family(), L)) {
+        const bool reads = (sl.cls == "experts" || sl.cls == "shared") ? sl.type < 2 : sl.cls == "shared_gate" || sl.cls == "router";
+        if (!reads) continue;
+        const auto c = codec_for(sl);
+        if (smooth_ && !c && sl.tensor->encoding())
+          throw Error::invalid(smooth_path_ + ": " + sl.name + " is stored encoded (" + sl.tensor->encoding()->name() +
+                               ") and kept by this pass, so scaling its columns would write it dense: quantize its class "
+                               "too, or convert --materialize the input first");
+        if (align_router_ && sl.cls == "router" && c)
+          throw Error::invalid(align_path_ + ": re-fits the router in its dtype, but a tensor_type rule quantizes " + sl.name +
+                               " (" + quant::to_string(*c) + "); keep the router");
+      }
+    }
+  }
+
+  std::vector<std::string> run_warnings() const override {
+    if (align_router_ && align_layers_ > 0 && aligned_layers_ == 0)
+      return {"align_router: no MoE layer's top-k agreement with the input model rose on the calibration tokens, so every "
+              "router was kept as it was"};
+    return {};
   }
 
   // Classes this pass quantizes that the input already encodes: dequantized, then coded anew.
@@ -776,6 +835,121 @@ class Quantize final : public pipeline::Pass {
                               {"status", res.status}, {"experts", experts}};
   }
 
+  // Expert-aware smoothing of one MoE layer (passes/smooth.h): the scales from the block inputs
+  // of the calibration tokens, folded into the post-attention norm and every reader's columns;
+  // the block inputs and the readers' input Grams are rescaled to match (x/s, S⁻¹ G S⁻¹), so GPTQ
+  // and the rest of the layer see the smoothed model.
+  void smooth_layer(pipeline::LayerContext& ctx, json& rep) {
+    const MatrixRM* X = ctx.block_inputs;
+    if (!X || X->rows() == 0)
+      throw Error::invalid(smooth_path_ + ": needs calibration text (the per-channel maxima of the block inputs are measured on it)");
+    model::Layer& L = ctx.target;
+    model::MoeBlock& b = *L.moe;
+    const core::DType dense = ctx.model.materialize_dtype();
+    runtime::MoeWeights rw;
+    rw.router = runtime::to_matrix(b.router);
+    if (b.router_bias) rw.router_bias = runtime::to_row(*b.router_bias);
+    const runtime::RoutingResult routing =
+        runtime::route(ctx.routing, runtime::router_logits(rw, ctx.routing, *X), runtime::choice_bias(rw, ctx.routing));
+    const auto tokens = runtime::tokens_per_expert(routing, b.num_experts());
+    auto stacked = [](std::initializer_list<const core::Tensor*> ts) {
+      int64_t rows = 0;
+      std::vector<MatrixRM> parts;
+      for (const core::Tensor* t : ts) parts.push_back(runtime::to_matrix(*t)), rows += parts.back().rows();
+      MatrixRM m(rows, parts.front().cols());
+      int64_t r = 0;
+      for (const auto& p : parts) m.middleRows(r, p.rows()) = p, r += p.rows();
+      return m;
+    };
+    std::vector<MatrixRM> weights;
+    weights.reserve(b.experts.size() + 2);
+    std::vector<SmoothReader> readers;
+    for (size_t e = 0; e < b.experts.size(); ++e) {
+      if (b.experts[e].is_novice()) continue;
+      weights.push_back(stacked({&b.experts[e].gate, &b.experts[e].up}));
+      readers.push_back({&weights.back(), &tokens[e]});
+    }
+    if (b.shared) {
+      weights.push_back(b.shared_gate ? stacked({&b.shared->gate, &b.shared->up, &*b.shared_gate})
+                                      : stacked({&b.shared->gate, &b.shared->up}));
+      readers.push_back({&weights.back(), nullptr});
+    }
+    readers.push_back({&rw.router, nullptr});
+    const std::vector<double> s = smoothing_scales(*X, readers, smooth_alpha_);
+    const int64_t H = X->cols();
+    Eigen::VectorXd inv(H);
+    for (int64_t j = 0; j < H; ++j) inv(j) = 1.0 / s[static_cast<size_t>(j)];
+
+    // The fold: norm weight (and bias) / s, readers' columns * s, each in its own dtype.
+    for (const char* role : {"post_attn_norm", "post_attn_norm_bias"}) {
+      auto it = L.tensors.find(role);
+      if (it == L.tensors.end()) continue;
+      runtime::RowVector v = runtime::to_row(it->second);
+      std::vector<float> out(static_cast<size_t>(H));
+      for (int64_t j = 0; j < H; ++j) out[static_cast<size_t>(j)] = static_cast<float>(v(j) * inv(j));
+      it->second = to_tensor(out, it->second.dtype());
+    }
+    auto scale_columns = [&](core::Tensor& t) {
+      MatrixRM m = runtime::to_matrix(t);
+      for (int64_t j = 0; j < H; ++j) m.col(j) *= static_cast<float>(s[static_cast<size_t>(j)]);
+      t = to_tensor_like(m, t, dense);
+    };
+    for (auto& e : b.experts)
+      if (!e.is_novice()) scale_columns(e.gate), scale_columns(e.up);
+    if (b.shared) scale_columns(b.shared->gate), scale_columns(b.shared->up);
+    if (b.shared_gate) scale_columns(*b.shared_gate);
+    scale_columns(b.router);
+
+    // What the rest of the layer reads: x / s and S⁻¹ G S⁻¹.
+    if (ctx.grams) {
+      auto rescale = [&](calib::MatrixD& g) {
+        if (g.size()) g = inv.asDiagonal() * g * inv.asDiagonal();
+      };
+      for (auto& g : ctx.grams->expert_in) rescale(g);
+      rescale(ctx.grams->shared_in);
+    }
+    smoothed_x_ = *X * inv.cast<float>().asDiagonal();
+    ctx.block_inputs = &smoothed_x_;
+
+    int scaled = 0, lo = 1 << 20, hi = -(1 << 20);
+    for (double v : s) {
+      const int ex = static_cast<int>(std::lround(std::log2(v)));
+      scaled += ex != 0, lo = std::min(lo, ex), hi = std::max(hi, ex);
+    }
+    rep["smooth"] = {{"alpha", smooth_alpha_}, {"channels", H}, {"scaled_channels", scaled},
+                     {"min_log2_scale", lo}, {"max_log2_scale", hi}, {"readers", readers.size()},
+                     {"rule", "s_j = 2^round(log2 max_r max|x_r,j|^alpha / max|W_r,:,j|^(1-alpha)), r = routed experts "
+                              "(their routed tokens), shared expert and router (every token)"}};
+  }
+
+  // Router alignment of one MoE layer (passes/smooth.h fit_router): kept only when the top-k
+  // agreement with the input model on the calibration tokens rises.
+  void align_router(pipeline::LayerContext& ctx, const MatrixRM& router_in, json& rep) {
+    if (!ctx.block_inputs || !ctx.reference_inputs) throw Error::internal("quantize: align_router without block inputs");
+    model::MoeBlock& b = *ctx.target.moe;
+    const core::DType dense = ctx.model.materialize_dtype();
+    std::optional<runtime::RowVector> bias;
+    if (b.router_bias) bias = runtime::to_row(*b.router_bias);
+    const core::Tensor like = b.router;
+    const RouterFit f = fit_router(runtime::to_matrix(b.router), router_in, bias ? &*bias : nullptr, ctx.routing,
+                                   *ctx.block_inputs, *ctx.reference_inputs, kAlignRidge,
+                                   [&](const MatrixRM& m) { return runtime::to_matrix(to_tensor_like(m, like, dense)); });
+    const bool accepted = f.after > f.before;
+    if (accepted) b.router = to_tensor_like(f.router, like, dense);
+    aligned_layers_ += accepted;
+    ++align_layers_;
+    rep["align_router"] = {{"tokens", f.tokens}, {"topk_agreement_before", f.before}, {"topk_agreement_after", f.after},
+                           {"accepted", accepted}, {"lambda", f.lambda},
+                           {"fit", "ridge least squares of the input model's router logits toward the current router"}};
+  }
+
+  static constexpr double kDefaultSmoothAlpha = 0.5;
+  static constexpr double kAlignRidge = 1e-3;  // λ relative to the mean diagonal of XqᵀXq
+  bool smooth_ = false, align_router_ = false;
+  double smooth_alpha_ = kDefaultSmoothAlpha;
+  std::string smooth_path_, align_path_;
+  MatrixRM smoothed_x_;  // x / s of the layer being run
+  int align_layers_ = 0, aligned_layers_ = 0;
   std::string method_name_;
   QuantizeMethod method_;
   int64_t group_ = 128;
@@ -804,6 +978,85 @@ class Quantize final : public pipeline::Pass {
 };
 
 }  // namespace
+
+// Smoothing and router alignment (passes/smooth.h), defined here beside their only user.
+std::vector<double> smoothing_scales(const MatrixRM& x, const std::vector<SmoothReader>& readers, double alpha) {
+  const int64_t H = x.cols();
+  std::vector<double> best(static_cast<size_t>(H), 0.0);
+  std::vector<double> xmax(static_cast<size_t>(H)), wmax(static_cast<size_t>(H));
+  for (const SmoothReader& r : readers) {
+    if (!r.weight || r.weight->cols() != H)
+      throw Error::internal("smoothing: a reader's weight does not have the block input's " + std::to_string(H) + " columns");
+    std::fill(xmax.begin(), xmax.end(), 0.0);
+    auto take = [&](int64_t t) {
+      for (int64_t j = 0; j < H; ++j) xmax[static_cast<size_t>(j)] = std::max(xmax[static_cast<size_t>(j)], std::fabs(double(x(t, j))));
+    };
+    if (r.tokens) {
+      for (int32_t t : *r.tokens) take(t);
+    } else {
+      for (int64_t t = 0; t < x.rows(); ++t) take(t);
+    }
+    const auto col_max = r.weight->cwiseAbs().colwise().maxCoeff();
+    for (int64_t j = 0; j < H; ++j) {
+      const double a = xmax[static_cast<size_t>(j)], w = col_max.size() ? double(col_max(j)) : 0.0;
+      if (a <= 0 || w <= 0) continue;
+      best[static_cast<size_t>(j)] = std::max(best[static_cast<size_t>(j)], std::pow(a, alpha) / std::pow(w, 1.0 - alpha));
+    }
+  }
+  for (double& s : best) s = s > 0 ? std::ldexp(1.0, static_cast<int>(std::clamp(std::round(std::log2(s)), -30.0, 30.0))) : 1.0;
+  return best;
+}
+
+double topk_set_agreement(const runtime::IndexMatrix& a, const runtime::IndexMatrix& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) throw Error::internal("top-k agreement of routings of different shapes");
+  if (a.rows() == 0) return 0.0;
+  int64_t same = 0;
+  std::vector<int32_t> ra(static_cast<size_t>(a.cols())), rb(ra.size());
+  for (int64_t t = 0; t < a.rows(); ++t) {
+    for (int64_t k = 0; k < a.cols(); ++k) ra[static_cast<size_t>(k)] = a(t, k), rb[static_cast<size_t>(k)] = b(t, k);
+    std::sort(ra.begin(), ra.end());
+    std::sort(rb.begin(), rb.end());
+    same += ra == rb;
+  }
+  return static_cast<double>(same) / static_cast<double>(a.rows());
+}
+
+namespace {
+
+runtime::IndexMatrix smoothing_route_ids(const MatrixRM& router, const RowVector* bias, const runtime::RoutingRule& rule, const MatrixRM& x) {
+  MatrixRM logits = x * router.transpose();
+  if (bias && rule.logit_bias) logits.rowwise() += *bias;
+  return runtime::route(rule, logits, bias && !rule.logit_bias ? bias : nullptr).ids;
+}
+
+}  // namespace
+
+RouterFit fit_router(const MatrixRM& current, const MatrixRM& reference, const RowVector* bias,
+                     const runtime::RoutingRule& rule, const MatrixRM& xq, const MatrixRM& xr, double ridge,
+                     const std::function<MatrixRM(const MatrixRM&)>& round) {
+  const int64_t H = current.cols();
+  if (reference.rows() != current.rows() || reference.cols() != H || xq.cols() != H || xr.cols() != H ||
+      xq.rows() != xr.rows())
+    throw Error::internal("router alignment: shapes do not agree");
+  RouterFit fit;
+  fit.tokens = xq.rows();
+  const runtime::IndexMatrix want = smoothing_route_ids(reference, bias, rule, xr);
+  fit.before = topk_set_agreement(smoothing_route_ids(current, bias, rule, xq), want);
+  // Normal equations in f64: (XqᵀXq + λI) R'ᵀ = Xqᵀ (Xr R0ᵀ) + λ Rcᵀ. A logit bias is the same on
+  // both sides and cancels.
+  const Eigen::MatrixXd q = xq.cast<double>();
+  Eigen::MatrixXd A = q.transpose() * q;
+  fit.lambda = ridge * std::max(A.trace() / static_cast<double>(H), 1e-30);
+  A.diagonal().array() += fit.lambda;
+  const Eigen::MatrixXd target = xr.cast<double>() * reference.cast<double>().transpose();  // [N, E]
+  const Eigen::MatrixXd B = q.transpose() * target + fit.lambda * current.cast<double>().transpose();  // [H, E]
+  const Eigen::LDLT<Eigen::MatrixXd> ldlt(A);
+  if (ldlt.info() != Eigen::Success) throw Error::internal("router alignment: the ridge system is not positive definite");
+  const Eigen::MatrixXd Rt = ldlt.solve(B);
+  fit.router = round(Rt.transpose().cast<float>());
+  fit.after = topk_set_agreement(smoothing_route_ids(fit.router, bias, rule, xq), want);
+  return fit;
+}
 
 std::unique_ptr<pipeline::Pass> make_quantize(const json& spec, const std::string& method, const std::string& path) {
   return std::make_unique<Quantize>(spec, method, path);

@@ -55,6 +55,16 @@
 //                            τ_e = min(1, τ·clamp((mean_f / f_e)^γ, 1/2, 2)), f = routed
 //                            calibration tokens (statistics "count"); reported per expert
 //   "threshold_gamma": 0.5   γ of threshold_scale importance
+//   "smooth": false          expert-aware smoothing (passes/smooth.h: SmoothQuant scales aggregated
+//                            over each MoE layer's experts, shared expert and router as EAQuant
+//                            does, powers of two) folded into the post-attention norm and the
+//                            readers' columns before anything is quantized; needs calibration text
+//   "smooth_alpha": 0.5      smooth: migration strength α in [0, 1]
+//   "align_router": false    after each MoE layer is quantized, its router (kept, in its dtype)
+//                            re-fitted by ridge least squares to the input model's logits on the
+//                            calibration tokens (passes/smooth.h fit_router), kept only when top-k
+//                            agreement with the input model rises; reported per layer. Needs
+//                            calibration text and calibration.propagate
 // Embeddings and lm_head are quantized by RTN under either method (no Hessian is collected for
 // them; said in the report). Every quantized matrix is reported: codec, bits per parameter, and
 // for gptq the Hessian used (routed tokens, top-up, all-token), the damping, and the proxy loss

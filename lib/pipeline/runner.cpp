@@ -272,6 +272,7 @@ struct RunState {
   std::chrono::steady_clock::time_point t0;  // the run's start
   // check_run
   bool needs_inputs = false, needs_stats = false, needs_grams = false, needs_layer_inputs = false;
+  bool needs_reference = false;  // a second stream through the input model (Requirements::reference_inputs)
   std::vector<std::string> fields;  // statistics fields the first pass reads
   bool shapes_at_run = false, moe_only = true;
   uint64_t disk_needs = 0;
@@ -331,7 +332,14 @@ void check_run(RunState& s) {
     needs_grams = needs_grams || req.input_grams;
     needs_inputs = needs_inputs || req.layer_inputs;
     needs_layer_inputs = needs_layer_inputs || req.layer_inputs;
-    if ((req.input_grams || req.layer_inputs) && r.calibration.text.empty())
+    needs_inputs = needs_inputs || req.reference_inputs;
+    s.needs_reference = s.needs_reference || req.reference_inputs;
+    if (req.reference_inputs && !r.calibration.propagate)
+      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
+                           r.passes[i]->method() + " compares each layer on the compressed model's inputs with the input "
+                           "model's, which are the same without propagation (" + r.key("calibration.propagate") +
+                           " false): run with propagation");
+    if ((req.input_grams || req.layer_inputs || req.reference_inputs) && r.calibration.text.empty())
       throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
                            "' needs the inputs of each layer on calibration windows: give calibration.text");
     if (req.plan_sweep && i > 0)
@@ -492,6 +500,9 @@ void plan_run(RunState& s) {
                       "model, layer by layer) for its plan across layers");
   if (needs_grams)
     compute.push_back("Gram matrices of every projection's inputs, layer by layer, on the calibration windows");
+  if (s.needs_reference)
+    compute.push_back("MoE block inputs of the calibration windows through the input model too (a second hidden-state "
+                      "stream, for matching the compressed layers to the input)");
   if (needs_inputs)
     compute.push_back(std::string("MoE block inputs of the calibration windows, layer by layer") +
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
@@ -563,6 +574,13 @@ void run_layers(RunState& s) {
     fwd.emplace(model);
     X = fwd->embed(ct.tokens);
   }
+  // The same windows through the input model, unchanged (Requirements::reference_inputs).
+  std::optional<runtime::Forward> ref_fwd;
+  runtime::MatrixRM X_ref;
+  if (fwd && s.needs_reference) {
+    ref_fwd.emplace(original);
+    X_ref = X;
+  }
 
   // The planning sweep of a pass that plans across layers on calibration inputs (the first pass
   // only, checked above): the windows through the input model, layer by layer, on a copy of the
@@ -602,6 +620,11 @@ void run_layers(RunState& s) {
       progress.add(now - shown);
       shown = now;
     };
+    BlockInputCapture ref_capture;
+    if (ref_fwd) {
+      runtime::Observer* ro[] = {&ref_capture};
+      ref_fwd->apply_layer(ref_fwd->load_layer(l), X_ref, T, ro);
+    }
     if (layer.moe || !moe_only) {
       BlockInputCapture capture;
       GramCapture grams;
@@ -634,7 +657,7 @@ void run_layers(RunState& s) {
         LayerContext ctx{l, model, layer, st, fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
                          r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr,
                          needs_grams && fwd ? &grams.grams : nullptr,
-                         needs_layer_inputs && fwd ? &X_in : nullptr, T};
+                         needs_layer_inputs && fwd ? &X_in : nullptr, T, ref_fwd ? &ref_capture.x : nullptr};
         core::with_context("layer " + std::to_string(l) + ": " + r.passes[i]->name() + " " + r.passes[i]->method(),
                            [&] { r.passes[i]->run_layer(ctx); });
         pr["pass"] = r.passes[i]->name();
