@@ -47,6 +47,7 @@ const Sweep& sweep() {
 }
 
 TEST(Sweep, TableHasEveryCellAndSweepJsonAndPlot) {
+  MOE_SKIP_UNDER_SANITIZERS();  // end to end over every cell; the cache and flag tests run there
   const auto& s = sweep();
   std::set<std::string> names;
   for (const auto& c : s.first.at("cells")) names.insert(c.at("name").get<std::string>());
@@ -63,6 +64,7 @@ TEST(Sweep, TableHasEveryCellAndSweepJsonAndPlot) {
 // Independent check: the same recipe through `moe-tool calibrate` + `prune` / `quantize` and `eval
 // --against`, written by hand here, gives each cell's bytes, perplexities, KL and top-1.
 TEST(Sweep, CellsEqualOnePassCommandsAndEvalAgainst) {
+  MOE_SKIP_UNDER_SANITIZERS();  // end to end over every cell; the cache and flag tests run there
   const auto& s = sweep();
   TempDir tmp{"moe-sweep-check"};
   const fs::path stats = tmp / "stats.safetensors";
@@ -101,6 +103,7 @@ TEST(Sweep, CellsEqualOnePassCommandsAndEvalAgainst) {
 }
 
 TEST(Sweep, ParetoFrontIsExactlyTheNonDominatedCells) {
+  MOE_SKIP_UNDER_SANITIZERS();  // end to end over every cell; the cache and flag tests run there
   const auto& cells = sweep().first.at("cells");
   for (const auto& [key, flag] : std::vector<std::pair<std::string, std::string>>{{"ppl_ratio", "pareto_ppl"}, {"kl_mean", "pareto_kl"}}) {
     int on_front = 0;
