@@ -176,8 +176,8 @@ int64_t vocab_of(const model::Model& m) {
 // Records each MoE layer's top-k expert ids of one forward batch.
 class RouteRecorder : public runtime::Observer {
  public:
-  bool wants_moe_trace() const override { return true; }
-  void on_moe(int layer, const runtime::MoeTrace& t) override { ids[layer] = t.routing.ids; }
+  bool wants_routing() const override { return true; }
+  void on_routing(int layer, const runtime::MatrixRM&, const runtime::RoutingResult& r) override { ids[layer] = r.ids; }
   std::map<int, runtime::IndexMatrix> ids;
 };
 

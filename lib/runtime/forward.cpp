@@ -312,10 +312,11 @@ void Forward::load_layer_into(int l, LayerWeights& w) const {
 
 void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {
   const int l = w.index;
-  bool want_attn = false, want_moe = false, want_mlp = false;
+  bool want_attn = false, want_moe = false, want_mlp = false, want_routing = false;
   for (Observer* o : observers) {
     want_attn |= o->wants_attention_trace();
     want_moe |= o->wants_moe_trace();
+    want_routing |= o->wants_routing();
     want_mlp |= o->wants_dense_mlp_trace();
   }
   for (Observer* o : observers) o->on_layer_input(l, X);
@@ -336,6 +337,9 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
   if (w.moe) {
     MoeDetail det;
     MatrixRM out = moe_forward(*w.moe, spec_.routing, x2, &det, want_moe);
+    if (want_routing)
+      for (Observer* o : observers)
+        if (o->wants_routing()) o->on_routing(l, det.logits, det.routing);
     if (want_moe) {
       const MoeTrace t{x2, det.logits, det.routing, det.tokens, det.h, det.y, det.shared_out, det.shared_gate, out,
                        *w.moe};

@@ -1,6 +1,6 @@
 // Observers watch the layer-sequential forward (runtime/forward.h). The driver calls them, per
-// layer l, in this order: on_layer_input, on_attention (if wanted), then on_moe (MoE layers, if
-// wanted) or on_dense_mlp (dense layers, if wanted), then on_layer_output.
+// layer l, in this order: on_layer_input, on_attention (if wanted), then on_routing and on_moe (MoE
+// layers, if wanted) or on_dense_mlp (dense layers, if wanted), then on_layer_output.
 //
 // N = all tokens of the batch, window-major: row n is token (n % T) of window (n / T).
 // All matrices are fp32, row-major, one token per row. References are valid only during the call.
@@ -65,12 +65,16 @@ class Observer {
   // Which traces to build. Traces nobody wants are never built.
   virtual bool wants_attention_trace() const { return false; }
   virtual bool wants_moe_trace() const { return false; }
+  virtual bool wants_routing() const { return false; }
   virtual bool wants_dense_mlp_trace() const { return false; }
 
   // X [N,H]: the residual stream entering layer l (after the embedding for l = 0).
   virtual void on_layer_input(int /*layer*/, const MatrixRM& /*X*/) {}
   virtual void on_attention(int /*layer*/, const AttnTrace& /*t*/) {}
   virtual void on_moe(int /*layer*/, const MoeTrace& /*t*/) {}
+  // The routing decision of an MoE layer only (no per-expert intermediates kept): router logits
+  // [N,E] and the choice. Called before on_moe when both are wanted.
+  virtual void on_routing(int /*layer*/, const MatrixRM& /*logits*/, const RoutingResult& /*r*/) {}
   virtual void on_dense_mlp(int /*layer*/, const DenseMlpTrace& /*t*/) {}
   // X [N,H]: the residual stream leaving layer l.
   virtual void on_layer_output(int /*layer*/, const MatrixRM& /*X*/) {}
