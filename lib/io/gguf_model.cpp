@@ -128,15 +128,6 @@ const std::string& moe_template(const model::FamilyDesc& fam, const std::string&
   throw Error::internal("no MoE field " + field);
 }
 
-std::optional<DType> gguf_plain_dtype(GgmlType t) {
-  switch (t) {
-    case GgmlType::F32: return DType::F32;
-    case GgmlType::F16: return DType::F16;
-    case GgmlType::BF16: return DType::BF16;
-    default: return std::nullopt;
-  }
-}
-
 const char* config_torch_dtype(uint32_t file_type) {
   switch (file_type) {
     case 0: return "float32";
@@ -198,6 +189,15 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
 }
 
 }  // namespace
+
+std::optional<DType> gguf_plain_dtype(GgmlType t) {
+  switch (t) {
+    case GgmlType::F32: return DType::F32;
+    case GgmlType::F16: return DType::F16;
+    case GgmlType::BF16: return DType::BF16;
+    default: return std::nullopt;
+  }
+}
 
 std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path) {
   std::shared_ptr<GgufModel> m(new GgufModel());

@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,9 @@ namespace moe::io {
 // Whether `path` is a GGUF file: a regular file whose name ends in .gguf or whose first four bytes
 // are the GGUF magic. A folder is never one.
 bool is_gguf_path(const fs::path& path);
+
+// The dtype of a GGUF plain (unquantized) tensor type: F32, F16, BF16; nullopt for block types.
+std::optional<core::DType> gguf_plain_dtype(quant::GgmlType t);
 
 // A weight [rows = out, cols = in] stored as GGUF blocks of one type: `bytes` is a U8 tensor
 // [rows, ggml_row_bytes(type, cols)] (a view of the file, or a row copy for un-permuted q/k).

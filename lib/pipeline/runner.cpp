@@ -23,6 +23,7 @@
 #include "pipeline/report.h"
 #include "pipeline/sink.h"
 #include "pipeline/spill_writer.h"
+#include "pipeline/tasks_run.h"
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
 #include "runtime/forward.h"
@@ -278,6 +279,8 @@ struct RunState {
   // the output, statistics and the plan
   std::unique_ptr<Sink> sink;
   std::optional<calib::Stats> stats;
+  std::vector<calib::Stats> task_stats;  // calibration.tasks, in the recipe's order
+  json tasks;                            // the report's "tasks" section (task subsets)
   std::vector<std::vector<int64_t>> counts;
   std::optional<model::Model> planned;
   std::vector<model::OutTensor> outs_after;
@@ -359,6 +362,11 @@ void check_run(RunState& s) {
       fields.push_back("out_absmax");
     }
   }
+  // Task subsets: each task brings its own statistics (checked here); the pass reads no others.
+  if (!r.calibration.tasks.empty()) {
+    check_tasks(r, ckpt, model, fields);
+    needs_stats = false;
+  }
   // Every check before any work (--dry-run stops after them); then the output folder exists from
   // the start, so nothing can take its place unnoticed while the statistics are computed.
   RunNeeds run_needs{needs_stats, needs_inputs, fields};
@@ -434,6 +442,7 @@ void load_statistics(RunState& s) {
       if (l.moe)
         for (const auto& f : s.fields) stats->layer(l.index, f);
   }
+  if (!r.calibration.tasks.empty() && !s.opts.dry_run) s.task_stats = task_statistics(r, ckpt, model, opts.quiet);
 }
 
 // The plan after the statistics: expert counts per layer after each pass, and the summary of what
@@ -451,6 +460,11 @@ void plan_run(RunState& s) {
   const uint64_t disk_needs = s.disk_needs;
   // Global budgets are planned over all layers' statistics before the per-layer counts are known
   // (a dry run shows the passes' estimates instead).
+  if (!s.task_stats.empty()) {
+    std::vector<TaskStats> ts;
+    for (size_t i = 0; i < s.task_stats.size(); ++i) ts.push_back({r.calibration.tasks[i].name, &s.task_stats[i]});
+    s.tasks = task_section(r, s.task_stats, r.passes[0]->plan_tasks(model, ts));
+  }
   s.counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
   s.planned.emplace(planned_model(model, s.counts.back()));
   const auto& counts = s.counts;
@@ -620,7 +634,7 @@ void run_layers(RunState& s) {
         const Requirements req = r.passes[i]->requirements();
         const calib::LayerStats* st = nullptr;
         std::optional<calib::LayerStats> fresh;
-        if (!req.stats_fields.empty() && i == 0) st = &stats->layers.at(l);
+        if (!req.stats_fields.empty() && i == 0 && stats) st = &stats->layers.at(l);  // none with task subsets
         if (!req.stats_fields.empty() && i > 0) {
           fresh = recompute_stats(model, l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
           if (stats)
@@ -803,6 +817,11 @@ void evaluate_output(RunState& s) {
       eval_json = {{"text", r.eval->text.string()}, {"ctx", eo.ctx}, {"windows", windows.windows},
                    {"tokens_scored", p.tokens_scored}, {"perplexity_after", p.perplexity()}, {"convention", windows.convention}};
     }
+    if (!s.tasks.is_null()) {  // and once per task, over that task's experts only
+      const std::optional<eval::ExpertOrigin> origin = eval::origin_from_layers(s.layer_reports, "run report");
+      eval_json["tasks"] = evaluate_tasks(s.tasks, original, written_model, windows, eo, r.eval->against_input,
+                                          origin ? &*origin : nullptr);
+    }
   }
 
   // Quality gates: the written model is kept either way; the report and the summary say which
@@ -864,6 +883,13 @@ json write_run_report(RunState& s) {
       report["calibration"]["ctx"] = file["ctx"];
       report["calibration"]["windows"] = file["windows"];
     }
+  }
+  if (!s.tasks.is_null()) {
+    report["tasks"] = s.tasks;
+    json unions = json::array();
+    for (const auto& l : s.tasks.at("layers")) unions.push_back({{"layer", l.at("layer")}, {"union", l.at("union")}});
+    summary["tasks"] = {{"names", s.tasks.at("names")}, {"experts_per_layer", s.tasks.at("experts_per_layer")},
+                        {"union", unions}};
   }
   if (!eval_json.is_null()) report["eval"] = eval_json;
   if (!gate.is_null()) report["quality_gate"] = gate;
