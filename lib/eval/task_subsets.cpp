@@ -87,28 +87,38 @@ std::optional<TaskSubsets> task_subsets_from_report(const std::filesystem::path&
   return parse_task_subsets(report.at("tasks"), p.string());
 }
 
+std::map<int, std::vector<int>> task_keep(const TaskSubsets& t, const model::Model& m, const std::string& task,
+                                          const std::string& where) {
+  const auto keep = t.keep_of(task, where);
+  for (const auto& layer : m.layers()) {
+    if (!layer.moe) continue;
+    const int64_t E = layer.moe->num_experts();
+    const auto sec = std::find_if(t.layers.begin(), t.layers.end(), [&](const auto& l) { return l.layer == layer.index; });
+    if (sec == t.layers.end() || sec->experts != E)
+      throw Error::invalid(where + " " + task + ": layer " + std::to_string(layer.index) + " has " + std::to_string(E) +
+                           " experts, but the checkpoint's task section " +
+                           (sec == t.layers.end() ? std::string("has no entry for it")
+                                                  : "describes " + std::to_string(sec->experts)) +
+                           " (was the checkpoint changed after prune --tasks?)");
+  }
+  return keep;
+}
+
 std::vector<std::vector<bool>> task_mask(const TaskSubsets& t, const model::Model& m, const std::string& task,
                                          const std::string& where) {
-  const auto keep = t.keep_of(task, where);
+  const auto keep = task_keep(t, m, task, where);
   const runtime::RoutingRule rule = runtime::RoutingRule::from_model(m);
   std::vector<std::vector<bool>> mask(m.layers().size());
   for (const auto& layer : m.layers()) {
     if (!layer.moe) continue;
-    const auto it = keep.find(layer.index);
+    const std::vector<int>& k = keep.at(layer.index);
     const int64_t E = layer.moe->num_experts();
-    const auto sec = std::find_if(t.layers.begin(), t.layers.end(), [&](const auto& l) { return l.layer == layer.index; });
-    if (it == keep.end() || sec->experts != E)
-      throw Error::invalid(where + " " + task + ": layer " + std::to_string(layer.index) + " has " + std::to_string(E) +
-                           " experts, but the checkpoint's task section " +
-                           (it == keep.end() ? std::string("has no entry for it")
-                                             : "describes " + std::to_string(sec->experts)) +
-                           " (was the checkpoint changed after prune --tasks?)");
-    if (rule.group_limited && rule.n_group > 1 && static_cast<int64_t>(it->second.size()) < E)
+    if (rule.group_limited && rule.n_group > 1 && static_cast<int64_t>(k.size()) < E)
       throw Error::invalid(where + " " + task + ": " + rule.family + " routes within n_group " +
                            std::to_string(rule.n_group) + " expert groups, which a checkpoint holding only the task's "
                            "experts does not (it is written with n_group 1): run convert --task and evaluate that");
     std::vector<bool> active(static_cast<size_t>(E), false);
-    for (int e : it->second) active[static_cast<size_t>(e)] = true;
+    for (int e : k) active[static_cast<size_t>(e)] = true;
     mask[static_cast<size_t>(layer.index)] = std::move(active);
   }
   return mask;

@@ -45,10 +45,15 @@ std::optional<TaskSubsets> task_subsets_from_report(const std::filesystem::path&
 // The same from a parsed section; `where` prefixes errors.
 TaskSubsets parse_task_subsets(const nlohmann::json& section, const std::string& where);
 
+// `task`'s keep-map checked against `m` (the checkpoint the section describes): per MoE layer
+// index, the written expert indices the task keeps. Error::invalid for an unknown task (naming the
+// known ones, as `where` spells the option) and for layers whose expert counts disagree with the
+// section (the checkpoint was changed after prune --tasks).
+std::map<int, std::vector<int>> task_keep(const TaskSubsets& t, const model::Model& m, const std::string& task,
+                                          const std::string& where);
+
 // `task`'s routing mask for `m` (the checkpoint the section describes): per layer (index), E flags
-// (true: routable), empty for dense layers. Error::invalid for an unknown task (naming the known
-// ones, as `where` spells the option), for layers whose expert counts disagree with the section,
-// and for group-limited routing with n_group > 1 (DeepSeek): masking within groups is not what a
+// (true: routable), empty for dense layers. Error::invalid as task_keep, and for group-limited routing with n_group > 1 (DeepSeek): masking within groups is not what a
 // checkpoint holding only the task's experts computes (written with n_group 1): use convert --task.
 std::vector<std::vector<bool>> task_mask(const TaskSubsets& t, const model::Model& m, const std::string& task,
                                          const std::string& where);

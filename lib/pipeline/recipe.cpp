@@ -195,7 +195,7 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
     top.finish();
     bool needs_stats = false;
     for (const auto& p : r.passes) needs_stats = needs_stats || !p->requirements().stats_fields.empty() || p->requirements().block_inputs;
-    if (needs_stats && r.calibration.text.empty() && r.calibration.stats.empty())
+    if (needs_stats && r.calibration.text.empty() && r.calibration.stats.empty() && r.calibration.tasks.empty())
       throw Error::invalid("calibration: the passes need routing statistics: give calibration.text (computed on the fly) or calibration.stats (from moe-tool calibrate)");
     for (size_t i = 0; i < r.passes.size(); ++i)
       if (r.passes[i]->requirements().block_inputs && r.calibration.text.empty())
