@@ -193,6 +193,14 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
       r.eval = ev;
     }
     top.finish();
+    if (!r.calibration.tasks.empty()) {  // task subsets (docs/tasks.md): one pass that takes them
+      if (r.passes.size() != 1)
+        throw Error::invalid("calibration.tasks: task subsets take one prune pass, the recipe has " +
+                             std::to_string(r.passes.size()) + " passes");
+      const std::string why = r.passes[0]->tasks_refusal();
+      if (!why.empty())
+        throw Error::invalid("calibration.tasks: " + r.passes[0]->name() + " " + r.passes[0]->method() + ": " + why);
+    }
     bool needs_stats = false;
     for (const auto& p : r.passes) needs_stats = needs_stats || !p->requirements().stats_fields.empty() || p->requirements().block_inputs;
     if (needs_stats && r.calibration.text.empty() && r.calibration.stats.empty() && r.calibration.tasks.empty())

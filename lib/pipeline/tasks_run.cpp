@@ -25,10 +25,6 @@ CalibrationSpec task_spec(const Recipe& r, const TaskCalibration& t) {
 
 void check_tasks(Recipe& r, const io::Checkpoint& ckpt, const model::Model& model, const std::vector<std::string>& fields) {
   const std::string key = r.key("calibration.tasks");
-  if (r.passes.size() != 1)
-    throw Error::invalid(key + ": task subsets take one prune pass, the recipe has " + std::to_string(r.passes.size()) + " passes");
-  const std::string why = r.passes[0]->tasks_refusal();
-  if (!why.empty()) throw Error::invalid(key + ": " + r.passes[0]->name() + " " + r.passes[0]->method() + ": " + why);
   for (const char* other : {"calibration.text", "calibration.stats"})
     if (!(std::string(other) == "calibration.text" ? r.calibration.text : r.calibration.stats).empty())
       throw Error::invalid(key + " and " + r.key(other) + ": each task brings its own statistics; drop " + r.key(other));

@@ -15,8 +15,8 @@
 
 namespace moe::pipeline {
 
-// Before any work: one pass that takes tasks (Pass::tasks_refusal), no calibration.text or
-// calibration.stats beside the tasks, every task's stats file this model's (fingerprint and
+// Before any work (parse_recipe has checked the passes: one that takes tasks): no
+// calibration.text or calibration.stats beside the tasks, every task's stats file this model's (fingerprint and
 // sampled values) with `fields`, every task text readable with at least one window. Adds the
 // task files to r.reads (the output may not be, be inside or contain them). Error::invalid
 // naming calibration.tasks (--tasks) and the task.

@@ -151,7 +151,9 @@ TEST(TaskSubsets, PruneEvalReportsEachTaskAsEvalTaskDoes) {
   const RunResult e = run_tool({"-q", "eval", out.string(), "--task", "code", "--text", kHeldout.string(), "--ctx", "64",
                                 "--max-windows", "3", "--json"});
   ASSERT_EQ(e.exit_code, 0) << e.describe();
-  EXPECT_NEAR(tasks.at("code").at("perplexity_after").get<double>(), json::parse(e.out).at("perplexity").get<double>(), 1e-9);
+  // Relative 1e-9: the run compares against the input, so it batches windows differently (last bits).
+  const double alone = json::parse(e.out).at("perplexity").get<double>();
+  EXPECT_NEAR(tasks.at("code").at("perplexity_after").get<double>(), alone, 1e-9 * alone);
   EXPECT_TRUE(tasks.at("prose").contains("kl_mean"));
 }
 
