@@ -67,8 +67,14 @@ def measure(tool, fixture, model, tasks, keeps, out, method):
     all_text = os.path.join(out, "all.calib.txt")
     open(all_text, "w", encoding="utf-8").write("".join(open(f["cal"], encoding="utf-8").read() for f in files.values()))
     all_stats = os.path.join(out, "all.st")
-    run(tool, "calibrate", model, "--text", all_text, "--ctx", str(CTX), "--windows", str(2 * WINDOWS), "-o", all_stats,
-        "--force")
+    # Windows drawn over the whole text ("--sample random", seed 0), so that every task is in them,
+    # as many as all the tasks' statistics together.
+    run(tool, "calibrate", model, "--text", all_text, "--ctx", str(CTX), "--windows", str(len(files) * WINDOWS),
+        "--sample", "random", "-o", all_stats, "--force")
+    # The same with as many tokens as one task's statistics: tells calibration size from task fit.
+    small_stats = os.path.join(out, "all-small.st")
+    run(tool, "calibrate", model, "--text", all_text, "--ctx", str(CTX), "--windows", str(WINDOWS), "--sample",
+        "random", "-o", small_stats, "--force")
 
     def ppl(m, text, task=None):
         args = ["eval", m, "--text", text, "--ctx", str(CTX), "--max-windows", str(WINDOWS), "--json"]
@@ -84,6 +90,8 @@ def measure(tool, fixture, model, tasks, keeps, out, method):
         run(tool, "prune", model, shared, "--method", method, "--keep", str(keep), "--tasks", tasks_flag, "--force")
         one = os.path.join(out, "all-%d" % keep)
         run(tool, "prune", model, one, "--method", method, "--keep", str(keep), "--stats", all_stats, "--force")
+        one_small = os.path.join(out, "all-small-%d" % keep)
+        run(tool, "prune", model, one_small, "--method", method, "--keep", str(keep), "--stats", small_stats, "--force")
         report = json.load(open(os.path.join(shared, "moe_tool_report.json")))["tasks"]
         unions = [l["union"] for l in report["layers"]]
         separate = 0
@@ -94,6 +102,7 @@ def measure(tool, fixture, model, tasks, keeps, out, method):
         for n, f in files.items():
             rows.append({"fixture": fixture, "keep": keep, "task": n, "ppl_input": base[n],
                          "ppl_task": ppl(shared, f["eval"], n), "ppl_all": ppl(one, f["eval"]),
+                         "ppl_all_small": ppl(one_small, f["eval"]),
                          "union": unions, "written": report["experts_per_layer"],
                          "shared_bytes": dir_bytes(shared), "separate_bytes": separate, "input_bytes": dir_bytes(model)})
     return rows
@@ -113,11 +122,11 @@ def main():
                     length_tasks(os.path.join(ROOT, "data/text-validation/calib.txt")), a.keep,
                     os.path.join(a.out, "validation"), a.method)
     print("| fixture | keep | task | ppl input | ppl task-pruned (eval --task) | ppl one prune on all text | "
-          "union per layer | written per layer | shared MB | separate MB (sum) | input MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "same, one task's token count | union per layer | written per layer | shared MB | separate MB (sum) | input MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| %s | %d | %s | %.2f | %.2f | %.2f | %s | %d | %.2f | %.2f | %.2f |" % (
-            r["fixture"], r["keep"], r["task"], r["ppl_input"], r["ppl_task"], r["ppl_all"],
+        print("| %s | %d | %s | %.2f | %.2f | %.2f | %.2f | %s | %d | %.2f | %.2f | %.2f |" % (
+            r["fixture"], r["keep"], r["task"], r["ppl_input"], r["ppl_task"], r["ppl_all"], r["ppl_all_small"],
             " ".join(map(str, r["union"])), r["written"], r["shared_bytes"] / 1e6, r["separate_bytes"] / 1e6,
             r["input_bytes"] / 1e6))
     json.dump(rows, open(os.path.join(a.out, "rows.json"), "w"), indent=1)

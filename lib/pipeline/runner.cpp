@@ -413,7 +413,10 @@ void check_run(RunState& s) {
   // Outputs whose shapes are decided while the passes run go through spill files first (twice
   // their size until the shards are assembled); their estimate is the planned shapes'.
   const model::Model estimated = planned_model(model, plan_passes(r, model, nullptr, false).back());
-  const uint64_t estimate = bytes_of(estimated.outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
+  // Task subsets: the union of the tasks' experts is known after their statistics; the input's
+  // size bounds it.
+  const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
+                                         .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
   check_output_format(env, r, ckpt, estimated);
   // The export formats stage the native output beside theirs: room for both.
@@ -442,7 +445,11 @@ void load_statistics(RunState& s) {
       if (l.moe)
         for (const auto& f : s.fields) stats->layer(l.index, f);
   }
-  if (!r.calibration.tasks.empty() && !s.opts.dry_run) s.task_stats = task_statistics(r, ckpt, model, opts.quiet);
+  // Task subsets: a dry run reads stats files (cheap, so its counts are exact) but calibrates no text.
+  const bool task_texts = std::any_of(r.calibration.tasks.begin(), r.calibration.tasks.end(),
+                                      [](const TaskCalibration& t) { return !t.text.empty(); });
+  if (!r.calibration.tasks.empty() && (!s.opts.dry_run || !task_texts))
+    s.task_stats = task_statistics(r, ckpt, model, opts.quiet);
 }
 
 // The plan after the statistics: expert counts per layer after each pass, and the summary of what
@@ -464,6 +471,10 @@ void plan_run(RunState& s) {
     std::vector<TaskStats> ts;
     for (size_t i = 0; i < s.task_stats.size(); ++i) ts.push_back({r.calibration.tasks[i].name, &s.task_stats[i]});
     s.tasks = task_section(r, s.task_stats, r.passes[0]->plan_tasks(model, ts));
+    json unions = json::array();
+    for (const auto& l : s.tasks.at("layers")) unions.push_back({{"layer", l.at("layer")}, {"union", l.at("union")}});
+    summary["tasks"] = {{"names", s.tasks.at("names")}, {"experts_per_layer", s.tasks.at("experts_per_layer")},
+                        {"union", unions}};
   }
   s.counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
   s.planned.emplace(planned_model(model, s.counts.back()));
@@ -522,6 +533,7 @@ json dry_run_summary(RunState& s) {
     summary["dry_run"] = true;
     bool at_run = false;
     for (const auto& p : r.passes) at_run = at_run || p->counts_at_run();
+    at_run = at_run || (!r.calibration.tasks.empty() && s.task_stats.empty());  // task texts not calibrated
     if (at_run) {  // the estimates would be wrong: null, "decided while the pass runs"
       for (auto& l : summary["layers"])
         if (l.contains("experts_after")) l["experts_after"] = nullptr;
@@ -884,13 +896,7 @@ json write_run_report(RunState& s) {
       report["calibration"]["windows"] = file["windows"];
     }
   }
-  if (!s.tasks.is_null()) {
-    report["tasks"] = s.tasks;
-    json unions = json::array();
-    for (const auto& l : s.tasks.at("layers")) unions.push_back({{"layer", l.at("layer")}, {"union", l.at("union")}});
-    summary["tasks"] = {{"names", s.tasks.at("names")}, {"experts_per_layer", s.tasks.at("experts_per_layer")},
-                        {"union", unions}};
-  }
+  if (!s.tasks.is_null()) report["tasks"] = s.tasks;
   if (!eval_json.is_null()) report["eval"] = eval_json;
   if (!gate.is_null()) report["quality_gate"] = gate;
   if (!notes.empty()) report["notes"] = notes;
@@ -995,6 +1001,13 @@ std::string render_run_summary(const json& s) {
   if (dry && s.contains("disk"))
     o << "  disk     needs about " << core::format_bytes(s.at("disk").at("needs").get<double>()) << ", "
       << core::format_bytes(s.at("disk").at("free").get<double>()) << " free on the output's file system\n";
+  if (s.contains("tasks")) {  // task subsets: the union of the tasks' keep sets per layer
+    std::string names;
+    for (const auto& n : s.at("tasks").at("names")) names += (names.empty() ? "" : ", ") + n.get<std::string>();
+    o << "  tasks    " << names << "; union of their experts per layer:";
+    for (const auto& u : s.at("tasks").at("union")) o << " L" << u.at("layer").get<int>() << " " << u.at("union").get<int>();
+    o << " (written " << s.at("tasks").at("experts_per_layer").get<int>() << " per layer)\n";
+  }
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";
