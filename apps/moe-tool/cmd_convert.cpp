@@ -50,15 +50,16 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const auto tasks = eval::task_subsets_from_report(ckpt.dir());
       nlohmann::json task_layers = nlohmann::json::array();
       if (!o->task.empty()) {
-        if (!tasks) throw core::Error::invalid("--task " + o->task + ": " + o->in + " has no task subsets (its moe_tool_report.json has no tasks section; write one with prune --tasks)");
-        const auto keep = eval::task_keep(*tasks, model, o->task, "--task");
+        const auto keep =
+            eval::task_keep(eval::require_task_subsets(ckpt.dir(), "--task " + o->task), model, o->task, "--task");
         const auto origin = eval::origin_from_report(ckpt.dir());
         for (auto& layer : model.layers()) {
           if (!layer.moe) continue;
           const std::vector<int>& k = keep.at(layer.index);
           nlohmann::json org = nlohmann::json::array();
+          const bool known =
+              origin && static_cast<size_t>(layer.index) < origin->size() && !(*origin)[layer.index].empty();
           for (int e : k) {
-            const bool known = origin && static_cast<size_t>(layer.index) < origin->size() && !(*origin)[layer.index].empty();
             nlohmann::json src = nlohmann::json::array();
             if (known)
               for (int32_t id : (*origin)[layer.index].at(static_cast<size_t>(e))) src.push_back({id, 1.0});
@@ -92,7 +93,8 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         report["parameters"]["task"] = o->task;
         report["layers"] = task_layers;  // kept: indices into the input's experts; origin: the source's
       } else if (tasks) {
-        report["tasks"] = io::parse_json_file_text(env.read_text(ckpt.dir() / "moe_tool_report.json"), o->in).at("tasks");
+        const auto report_path = ckpt.dir() / "moe_tool_report.json";
+        report["tasks"] = io::parse_json_file_text(env.read_text(report_path), report_path.string()).at("tasks");
       }
       sink.write_report(report);
       sink.commit();

@@ -48,11 +48,8 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const std::string text = eval::read_text(o->text, o->strict_utf8);
       auto ckpt = io::Checkpoint::open(io::Env::posix(), o->model);
       auto model = model::Model::load(ckpt);
-      if (!o->task.empty()) {
-        const auto t = eval::task_subsets_from_report(ckpt.dir());
-        if (!t) throw core::Error::invalid("--task " + o->task + ": " + o->model + " has no task subsets (its moe_tool_report.json has no tasks section; write one with prune --tasks)");
-        o->e.active = eval::task_mask(*t, model, o->task, "--task");
-      }
+      if (!o->task.empty())
+        o->e.active = eval::task_mask(eval::require_task_subsets(ckpt.dir(), "--task " + o->task), model, o->task, "--task");
       std::optional<io::Checkpoint> ref_ckpt;
       std::optional<model::Model> ref;
       if (!o->against.empty()) {

@@ -104,6 +104,14 @@ std::map<int, std::vector<int>> task_keep(const TaskSubsets& t, const model::Mod
   return keep;
 }
 
+TaskSubsets require_task_subsets(const std::filesystem::path& model_dir, const std::string& where) {
+  auto t = task_subsets_from_report(model_dir);
+  if (!t)
+    throw Error::invalid(where + ": " + model_dir.string() + " has no task subsets (its moe_tool_report.json has no " +
+                         "tasks section; write one with prune --tasks)");
+  return std::move(*t);
+}
+
 std::vector<std::vector<bool>> task_mask(const TaskSubsets& t, const model::Model& m, const std::string& task,
                                          const std::string& where) {
   const auto keep = task_keep(t, m, task, where);

@@ -42,6 +42,9 @@ struct TaskSubsets {
 // The "tasks" section of `model_dir`/moe_tool_report.json; nullopt when the file or the section is
 // absent. Error::corruption naming the file and the JSON path for a malformed section.
 std::optional<TaskSubsets> task_subsets_from_report(const std::filesystem::path& model_dir);
+// The same for a command given a task (`where`: "--task code"): Error::invalid naming `model_dir`
+// when the checkpoint has no task subsets.
+TaskSubsets require_task_subsets(const std::filesystem::path& model_dir, const std::string& where);
 // The same from a parsed section; `where` prefixes errors.
 TaskSubsets parse_task_subsets(const nlohmann::json& section, const std::string& where);
 
