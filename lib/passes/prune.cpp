@@ -250,7 +250,7 @@ class PrunePass final : public pipeline::Pass {
   }
 
   void plan(const model::Model& model, const calib::Stats* stats) override {
-    if (!keep_ratio_) return;
+    if (!keep_ratio_ || !tasks_written_.empty()) return;  // task subsets: planned per task in plan_tasks
     const std::vector<LayerScores> layers = layer_scores(model, stats);
     planned_ = plan_keep_ratio(layers, *keep_ratio_, model.dims().top_k, uniform_);
     planned_kept_ = planned_total_ = 0;

@@ -188,6 +188,10 @@ TEST(TaskSubsets, BadInputsAreRefusedWithOneLineAndNothingWritten) {
   EXPECT_FALSE(fs::exists(out));
   expect_clean_failure(prune("code=" + f.stats_a.string()), "at least two tasks");
   expect_clean_failure(prune(f.tasks_flag(), "search"), "method search");
+  expect_clean_failure(run_tool({"-q", "prune", kModel.string(), out.string(), "--method", "reap", "--keep", "3",
+                                 "--tasks", f.tasks_flag(), "--text", kCalib.string()}),
+                       "each task brings its own statistics; drop --text");
+  EXPECT_FALSE(fs::exists(out));
   // Statistics of another model (qwen2moe-tiny): its fingerprint differs.
   const fs::path other = f.tmp / "other.st";
   RunResult r = run_tool({"-q", "calibrate", (kSrc / "data/models/qwen2moe-tiny").string(), "--text", f.text_a.string(),
@@ -204,6 +208,24 @@ TEST(TaskSubsets, BadInputsAreRefusedWithOneLineAndNothingWritten) {
   // --task on a checkpoint without task subsets.
   expect_clean_failure(run_tool({"-q", "eval", kModel.string(), "--task", "code", "--text", kHeldout.string()}),
                        "has no task subsets");
+}
+
+// --keep-ratio (uniform) plans per task as a single prune does: the same keep sets.
+TEST(TaskSubsets, KeepRatioKeepsPerTaskWhatASinglePruneKeeps) {
+  const TaskFixture& f = mixtral_tasks();
+  const fs::path shared = f.tmp / "ratio-shared", sep = f.tmp / "ratio-prose";
+  RunResult r = run_tool({"-q", "prune", kModel.string(), shared.string(), "--method", "soft", "--keep-ratio", "0.4",
+                          "--tasks", f.tasks_flag()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "prune", kModel.string(), sep.string(), "--method", "soft", "--keep-ratio", "0.4", "--stats",
+                f.stats_b.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json sec = read_json(shared / "moe_tool_report.json").at("tasks").at("layers");
+  const json layers = read_json(sep / "moe_tool_report.json").at("layers");
+  for (size_t i = 0; i < sec.size(); ++i) {
+    EXPECT_EQ(sec[i].at("keep_source").at("prose"), layers[i].at("passes")[0].at("kept")) << "layer " << i;
+    EXPECT_EQ(sec[i].at("keep_source").at("prose").size(), 3u) << "layer " << i;  // 0.4 of 8 is 3 (3.2)
+  }
 }
 
 TEST(TaskSubsets, InspectListsTheTasks) {
