@@ -140,6 +140,28 @@ TEST(TaskSubsets, MaskBeforeSoftmaxWithoutRenormalisation) {
   EXPECT_NEAR(masked, subset, 1e-9 * std::abs(subset));
 }
 
+// deepseek_v3: sigmoid scores, the correction bias in the choice, group-limited routing. A pruned
+// checkpoint is written with n_group 1, so the mask equals the subset; when the tasks keep every
+// expert the config keeps n_group 4, and eval --task refuses (masking within groups is not the subset).
+TEST(TaskSubsets, DeepSeekV3MaskEqualsSubsetAndGroupRoutingIsRefused) {
+  MOE_SKIP_UNDER_SANITIZERS();
+  const fs::path ds = kSrc / "data/deepseek-v3-tiny";
+  const TaskFixture f(ds, "soft", "4");
+  ASSERT_EQ(read_json(f.shared / "config.json").at("n_group").get<int>(), 1);
+  const fs::path conv = f.tmp / "convert-code";
+  RunResult r = run_tool({"-q", "convert", f.shared.string(), conv.string(), "--task", "code"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const double masked = eval_nll({"--task", "code"}, f.shared), subset = eval_nll({}, conv);
+  EXPECT_NEAR(masked, subset, 1e-9 * std::abs(subset));
+  const fs::path all = f.tmp / "keep-all";
+  r = run_tool({"-q", "prune", ds.string(), all.string(), "--method", "soft", "--keep", "7", "--tasks", f.tasks_flag()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  ASSERT_EQ(read_json(all / "config.json").at("n_group").get<int>(), 4) << "the tasks' union no longer covers every expert";
+  expect_clean_failure(run_tool({"-q", "eval", all.string(), "--task", "code", "--text", kHeldout.string(), "--ctx", "64",
+                                 "--max-windows", "1"}),
+                       "routes within n_group 4 expert groups");
+}
+
 TEST(TaskSubsets, PruneEvalReportsEachTaskAsEvalTaskDoes) {
   const TaskFixture& f = mixtral_tasks();
   const fs::path out = f.tmp / "with-eval";
