@@ -4,8 +4,11 @@
 #include "command.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "eval/eval.h"
+#include "eval/task_subsets.h"
 #include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
+#include "passes/experts.h"
 #include "pipeline/hf_sink.h"
 #include "pipeline/report.h"
 
@@ -13,7 +16,7 @@ namespace moe::app {
 
 void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string in, out, dtype, shard = "5GB";
+    std::string in, out, dtype, shard = "5GB", task;
     bool force = false, json = false, materialize = false;
   };
   auto o = std::make_shared<Opts>();
@@ -24,6 +27,9 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_flag("--materialize", o->materialize,
                "Write every encoded weight (low-rank, FP8, ...) dense, in --dtype or the config's dtype: a stock checkpoint");
   sub.add_flag("--force", o->force, "Replace a non-empty output folder");
+  sub.add_option("--task", o->task,
+                 "A checkpoint of prune --tasks: write only this task's experts (and their router rows), a stock "
+                 "checkpoint equal to a prune to the task's keep-map (docs/tasks.md)");
   sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
@@ -39,6 +45,32 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);
       auto model = model::Model::load(ckpt);
+      // --task: the task's experts only; the report's origin maps them to the source's experts.
+      // Without it a task checkpoint keeps its tasks section (same experts, same keep-maps).
+      const auto tasks = eval::task_subsets_from_report(ckpt.dir());
+      nlohmann::json task_layers = nlohmann::json::array();
+      if (!o->task.empty()) {
+        const auto keep =
+            eval::task_keep(eval::require_task_subsets(ckpt.dir(), "--task " + o->task), model, o->task, "--task");
+        const auto origin = eval::origin_from_report(ckpt.dir());
+        for (auto& layer : model.layers()) {
+          if (!layer.moe) continue;
+          const std::vector<int>& k = keep.at(layer.index);
+          nlohmann::json org = nlohmann::json::array();
+          const bool known =
+              origin && static_cast<size_t>(layer.index) < origin->size() && !(*origin)[layer.index].empty();
+          for (int e : k) {
+            nlohmann::json src = nlohmann::json::array();
+            if (known)
+              for (int32_t id : (*origin)[layer.index].at(static_cast<size_t>(e))) src.push_back({id, 1.0});
+            else
+              src.push_back({e, 1.0});
+            org.push_back(src);
+          }
+          passes::keep_experts(*layer.moe, k);
+          task_layers.push_back({{"layer", layer.index}, {"kept", passes::ids_json(k)}, {"origin", org}});
+        }
+      }
       if (o->materialize) {
         // What a stock checkpoint cannot hold (novices, ragged expert counts): refused before any work.
         model.refuse_novices(o->in + ": --materialize", "stock loaders cannot express a constant expert");
@@ -57,6 +89,13 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       nlohmann::json report = pipeline::make_report("convert", ckpt, model, model, r, secs);
       report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->shard},
                               {"materialize", o->materialize}};
+      if (!o->task.empty()) {
+        report["parameters"]["task"] = o->task;
+        report["layers"] = task_layers;  // kept: indices into the input's experts; origin: the source's
+      } else if (tasks) {
+        const auto report_path = ckpt.dir() / "moe_tool_report.json";
+        report["tasks"] = io::parse_json_file_text(env.read_text(report_path), report_path.string()).at("tasks");
+      }
       sink.write_report(report);
       sink.commit();
       nlohmann::json result = {{"output", o->out}, {"tensors", r.tensors}, {"shards", r.shards},

@@ -7,6 +7,7 @@
 #include "command.h"
 #include "core/error.h"
 #include "eval/eval.h"
+#include "eval/task_subsets.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/forward.h"
@@ -15,7 +16,7 @@ namespace moe::app {
 
 void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string model, text, against;
+    std::string model, text, against, task;
     eval::EvalOptions e;
     bool ctx_given = false, json = false, strict_utf8 = false;
     CLI::Option* max_windows = nullptr;
@@ -35,6 +36,9 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_flag("--strict-utf8", o->strict_utf8, "Refuse a text that is not valid UTF-8 (default: warn, read U+FFFD)");
   sub.add_option("--against", o->against, "Reference model (owns the tokenizer): KL(ref||model), top-1 agreement, routing agreement");
   sub.add_flag("--force", o->e.force, "Allow --ctx beyond max_position_embeddings (with a warning)");
+  sub.add_option("--task", o->task,
+                 "A checkpoint of prune --tasks: route over this task's experts only (the other experts' router logits "
+                 "masked before the softmax and top-k; docs/tasks.md)");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       o->e.quiet = flags.quiet;
@@ -44,6 +48,8 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const std::string text = eval::read_text(o->text, o->strict_utf8);
       auto ckpt = io::Checkpoint::open(io::Env::posix(), o->model);
       auto model = model::Model::load(ckpt);
+      if (!o->task.empty())
+        o->e.active = eval::task_mask(eval::require_task_subsets(ckpt.dir(), "--task " + o->task), model, o->task, "--task");
       std::optional<io::Checkpoint> ref_ckpt;
       std::optional<model::Model> ref;
       if (!o->against.empty()) {
@@ -71,9 +77,11 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         const auto r = eval::perplexity(model, w, o->e);
         if (o->json) {
           put(j, r);
+          if (!o->task.empty()) j["task"] = o->task;
           std::cout << j.dump(2) << "\n";
         } else {
           std::printf("model: %s (%s)\n", o->model.c_str(), model.family().model_type.c_str());
+          if (!o->task.empty()) std::printf("task: %s (routing over its experts only)\n", o->task.c_str());
           std::printf("text: %s: %lld tokens, %lld windows of %lld tokens\n", o->text.c_str(),
                       (long long)w.text_tokens, (long long)w.windows, (long long)w.ctx);
           std::printf("convention: %s\n", r.convention.c_str());
@@ -89,6 +97,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const auto c = eval::compare(*ref, model, w, o->e, origin ? &*origin : nullptr);
       if (o->json) {
         put(j, c.model);
+        if (!o->task.empty()) j["task"] = o->task;
         nlohmann::json rj;
         put(rj, c.reference);
         j["reference"] = rj;
@@ -98,6 +107,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         std::cout << j.dump(2) << "\n";
       } else {
         std::printf("model: %s (%s)\n", o->model.c_str(), model.family().model_type.c_str());
+        if (!o->task.empty()) std::printf("task: %s (routing over its experts only)\n", o->task.c_str());
         std::printf("reference: %s (%s)\n", o->against.c_str(), ref->family().model_type.c_str());
         std::printf("text: %s: %lld tokens, %lld windows of %lld tokens\n", o->text.c_str(),
                     (long long)w.text_tokens, (long long)w.windows, (long long)w.ctx);

@@ -327,6 +327,7 @@ double nll_of_row(const float* logits, int64_t V, int32_t target) {
 
 PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalOptions& o) {
   runtime::Forward fwd(m);
+  fwd.set_active_experts(o.active);
   PerplexityResult r;
   r.windows = w.windows;
   r.ctx = w.ctx;
@@ -363,6 +364,7 @@ CompareResult compare(const model::Model& reference, const model::Model& m, cons
     throw Error::invalid("--against: vocabulary sizes differ (model " + std::to_string(V) + ", reference " +
                          std::to_string(Vr) + "): the models must share a tokenizer");
   runtime::Forward fm(m), fr(reference);
+  fm.set_active_experts(o.active);
   CompareResult c;
   const auto maps = expert_maps(reference, m, origin, c.routing.unavailable);
   c.routing.available = !maps.empty();

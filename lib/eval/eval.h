@@ -39,6 +39,9 @@ struct EvalOptions {
   // How the user spells the options, for messages ("--ctx" for eval, "--eval-ctx" for prune and
   // merge, "eval.ctx" in recipes); an empty force_name: no force option to offer.
   std::string ctx_name = "--ctx", max_windows_name = "--max-windows", force_name = "--force";
+  // The evaluated model's routable experts per layer (runtime::Forward::set_active_experts; a task
+  // subset, eval/task_subsets.h); empty: all. Never applied to compare()'s reference.
+  std::vector<std::vector<bool>> active;
 };
 
 struct Windows {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "calib/stats.h"
+#include "core/error.h"
 #include "calib/input_grams.h"
 #include "model/model.h"
 #include "runtime/routing.h"
@@ -73,6 +74,12 @@ struct LayerContext {
   // Set when Requirements::reference_inputs: the MoE block inputs [N,H] of the same tokens in the
   // input model (rows as block_inputs).
   const runtime::MatrixRM* reference_inputs = nullptr;
+};
+
+// One task's statistics for a task-subset plan (calibration.tasks, docs/tasks.md).
+struct TaskStats {
+  std::string name;
+  const calib::Stats* stats = nullptr;  // the input model's statistics on the task's text
 };
 
 class Pass {
@@ -140,6 +147,16 @@ class Pass {
   // Changes the model's globals (embeddings, lm_head) after every layer ran, before they are
   // written; `report` is the pass's entry under "globals" in moe_tool_report.json. Default: nothing.
   virtual void run_globals(model::Model& /*model*/, nlohmann::json& /*report*/) {}
+  // Task subsets (calibration.tasks, docs/tasks.md). Why this pass cannot take them, or "" when
+  // it can (the runner refuses before any work).
+  virtual std::string tasks_refusal() const { return "pass " + name() + " takes no task subsets"; }
+  // Plans, before the layer loop, every MoE layer's keep-set per task from the task's statistics
+  // (the same method and budget as without tasks) and the experts written (their union, with
+  // equal counts in every layer); experts_after() and run_layer() then follow it. Returns the
+  // report's "tasks" section (eval/task_subsets.h). Error::invalid for statistics lacking a field.
+  virtual nlohmann::json plan_tasks(const model::Model& /*model*/, const std::vector<TaskStats>& /*tasks*/) {
+    throw core::Error::internal("pass " + name() + ": plan_tasks without task support");
+  }
 };
 
 // Builds a pass from its JSON object (recipe "passes"[i] or the subcommand's flags), e.g.

@@ -250,32 +250,97 @@ class PrunePass final : public pipeline::Pass {
   }
 
   void plan(const model::Model& model, const calib::Stats* stats) override {
-    if (!keep_ratio_) return;
-    const bool need_stats = *score_field(method_) || protect_;
-    if (need_stats && !stats)
-      throw Error::invalid("prune/" + method_name_ + " keep_ratio needs routing statistics (run moe-tool calibrate)");
-    std::vector<LayerScores> layers;
-    for (const auto& layer : model.layers()) {
-      if (!layer.moe) continue;
-      LayerScores ls;
-      ls.layer = layer.index;
-      ls.experts = layer.moe->num_experts();
-      if (need_stats) {
-        const calib::LayerStats& s = stats->layer(layer.index, *score_field(method_) ? score_field(method_) : "out_absmax");
-        if (*score_field(method_)) {
-          ls.score = stat_scores(s, method_);
-          check_stat_size(static_cast<int64_t>(ls.score.size()), ls.experts, score_field(method_), layer.index);
-        }
-        if (protect_) ls.protect = super_flags(s, ls.experts, layer.index);
-      }
-      layers.push_back(std::move(ls));
-    }
+    if (!keep_ratio_ || !tasks_written_.empty()) return;  // task subsets: planned per task in plan_tasks
+    const std::vector<LayerScores> layers = layer_scores(model, stats);
     planned_ = plan_keep_ratio(layers, *keep_ratio_, model.dims().top_k, uniform_);
     planned_kept_ = planned_total_ = 0;
     for (const auto& l : layers) {
       planned_total_ += l.experts;
       planned_kept_ += planned_.at(l.layer);
     }
+  }
+
+  std::string tasks_refusal() const override {
+    if (method_ == PruneMethod::Random) return "method random ignores statistics: every task would keep the same experts";
+    if (method_ == PruneMethod::Enumerate || method_ == PruneMethod::Search)
+      return "method " + method_name_ + " chooses experts on each layer's calibration inputs, not on statistics; use "
+             "frequency, soft or reap";
+    if (novices_) return "novices: a task subset drops the experts it does not keep";
+    if (keep_ratio_ && !uniform_)
+      return "uniform false: the task subsets are written with the same expert count in every layer";
+    return "";
+  }
+
+  json plan_tasks(const model::Model& model, const std::vector<pipeline::TaskStats>& tasks) override {
+    const int64_t top_k = model.dims().top_k;
+    // Per task: the experts each layer keeps, as a single prune on that task's statistics would.
+    std::map<int, std::vector<std::vector<int>>> kept;  // layer -> per task
+    std::map<int, std::vector<std::vector<double>>> scores;
+    for (const auto& t : tasks) {
+      std::map<int, int64_t> count;
+      if (keep_ratio_) count = plan_keep_ratio(layer_scores(model, t.stats), *keep_ratio_, top_k, uniform_);
+      for (const auto& layer : model.layers()) {
+        if (!layer.moe) continue;
+        const int L = layer.index;
+        const int64_t E = layer.moe->num_experts();
+        const int64_t keep = keep_ ? *keep_ : count.at(L);
+        check_keep(keep, E, top_k, L);
+        const calib::LayerStats& s = t.stats->layer(L, score_field(method_));
+        const std::vector<double>& sc = stat_scores(s, method_);
+        check_stat_size(static_cast<int64_t>(sc.size()), E, score_field(method_), L);
+        const std::vector<bool>* protect =
+            protect_ ? &super_flags(t.stats->layer(L, "out_absmax"), E, L) : nullptr;
+        kept[L].push_back(select_top(sc, keep, protect, L));
+        scores[L].push_back(sc);
+      }
+    }
+    // The union per layer, then equal counts (stock loaders need them): each layer below the
+    // largest union adds the experts of largest summed per-task share of the score.
+    size_t widest = 0;
+    std::map<int, std::vector<int>> unions;
+    for (const auto& [L, per_task] : kept) {
+      std::vector<int> u;
+      for (const auto& k : per_task) u.insert(u.end(), k.begin(), k.end());
+      std::sort(u.begin(), u.end());
+      u.erase(std::unique(u.begin(), u.end()), u.end());
+      widest = std::max(widest, u.size());
+      unions[L] = std::move(u);
+    }
+    json layers = json::array();
+    tasks_written_.clear();
+    for (const auto& [L, u] : unions) {
+      const int E = static_cast<int>(scores[L].front().size());
+      std::vector<double> share(E, 0.0);
+      for (const auto& sc : scores[L]) {
+        double sum = 0;
+        for (double v : sc) sum += v;
+        for (int e = 0; e < E; ++e) share[e] += sum > 0 ? sc[e] / sum : 1.0 / E;
+      }
+      std::vector<int> padding;
+      std::vector<int> written = u;
+      if (u.size() < widest) {  // the union first (as protected), then by share
+        std::vector<bool> in_union(static_cast<size_t>(E), false);
+        for (int e : u) in_union[static_cast<size_t>(e)] = true;
+        written = select_top(share, static_cast<int64_t>(widest), &in_union, L);
+        for (int e : written)
+          if (!in_union[static_cast<size_t>(e)]) padding.push_back(e);
+      }
+      json keep = json::object(), keep_source = json::object();
+      for (size_t t = 0; t < tasks.size(); ++t) {
+        std::vector<int> idx;
+        for (int e : kept[L][t])
+          idx.push_back(static_cast<int>(std::lower_bound(written.begin(), written.end(), e) - written.begin()));
+        keep[tasks[t].name] = ids_json(idx);
+        keep_source[tasks[t].name] = ids_json(kept[L][t]);
+      }
+      layers.push_back({{"layer", L}, {"experts", ids_json(written)}, {"union", u.size()}, {"padding", ids_json(padding)},
+                        {"keep", keep}, {"keep_source", keep_source}});
+      tasks_written_[L] = std::move(written);
+    }
+    json names = json::array();
+    for (const auto& t : tasks) names.push_back(t.name);
+    return {{"names", names}, {"method", method_name_}, {"params", params()}, {"experts_per_layer", widest},
+            {"layers", layers}};
   }
 
   bool makes_novices() const override { return novices_; }
@@ -291,6 +356,7 @@ class PrunePass final : public pipeline::Pass {
   }
 
   int64_t experts_after(int layer, int64_t before, int64_t top_k) const override {
+    if (auto it = tasks_written_.find(layer); it != tasks_written_.end()) return static_cast<int64_t>(it->second.size());
     if (keep_) {
       check_keep(*keep_, before, top_k, layer);
       return novices_ ? before : *keep_;  // novices keep every router row and expert slot
@@ -306,6 +372,17 @@ class PrunePass final : public pipeline::Pass {
     model::MoeBlock& block = *ctx.target.moe;
     const int64_t E = block.num_experts();
     const int L = ctx.layer;
+    if (!tasks_written_.empty()) {  // task subsets: planned in plan_tasks
+      const std::vector<int>& written = tasks_written_.at(L);
+      std::vector<int> dropped;
+      for (int e = 0; e < E; ++e)
+        if (!std::binary_search(written.begin(), written.end(), e)) dropped.push_back(e);
+      keep_experts(block, written);
+      ctx.report["kept"] = ids_json(written);
+      ctx.report["dropped"] = ids_json(dropped);
+      ctx.report["score"] = std::string(score_field(method_)) + " per task (the report's tasks section)";
+      return;
+    }
     int64_t keep;
     if (keep_) {
       keep = *keep_;
@@ -520,6 +597,30 @@ class PrunePass final : public pipeline::Pass {
     return path[best];
   }
 
+  // Each MoE layer's scores (and super-expert flags) for a keep_ratio plan.
+  std::vector<LayerScores> layer_scores(const model::Model& model, const calib::Stats* stats) const {
+    const bool need_stats = *score_field(method_) || protect_;
+    if (need_stats && !stats)
+      throw Error::invalid("prune/" + method_name_ + " keep_ratio needs routing statistics (run moe-tool calibrate)");
+    std::vector<LayerScores> layers;
+    for (const auto& layer : model.layers()) {
+      if (!layer.moe) continue;
+      LayerScores ls;
+      ls.layer = layer.index;
+      ls.experts = layer.moe->num_experts();
+      if (need_stats) {
+        const calib::LayerStats& s = stats->layer(layer.index, *score_field(method_) ? score_field(method_) : "out_absmax");
+        if (*score_field(method_)) {
+          ls.score = stat_scores(s, method_);
+          check_stat_size(static_cast<int64_t>(ls.score.size()), ls.experts, score_field(method_), layer.index);
+        }
+        if (protect_) ls.protect = super_flags(s, ls.experts, layer.index);
+      }
+      layers.push_back(std::move(ls));
+    }
+    return layers;
+  }
+
   static void check_keep(int64_t keep, int64_t experts, int64_t top_k, int layer) {
     if (keep > experts)
       throw Error::invalid("layer " + std::to_string(layer) + ": keep " + std::to_string(keep) + " exceeds the layer's " +
@@ -545,6 +646,7 @@ class PrunePass final : public pipeline::Pass {
   std::chrono::steady_clock::time_point t_start_;
   runtime::MatrixRM ref_logp_;  // the original model's log-probs on the search and held-out windows
   std::map<int, int64_t> planned_;
+  std::map<int, std::vector<int>> tasks_written_;  // task subsets: the experts written per layer (plan_tasks)
   int64_t planned_kept_ = 0, planned_total_ = 0;
 };
 

@@ -16,6 +16,8 @@ namespace {
 
 bool is_gram(const std::string& f) { return f == "gram_in" || f == "gram_mid"; }
 
+}  // namespace
+
 void check_stats_fields(const calib::Stats& s, const model::Model& model, const std::vector<std::string>& fields) {
   for (const auto& l : model.layers()) {
     if (!l.moe) continue;
@@ -28,8 +30,6 @@ void check_stats_fields(const calib::Stats& s, const model::Model& model, const 
     }
   }
 }
-
-}  // namespace
 
 std::vector<fs::path> run_inputs(const Recipe& r) {
   std::vector<fs::path> inputs = {r.model, r.calibration.text, r.calibration.stats};

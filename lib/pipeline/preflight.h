@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "calib/stats.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "pipeline/recipe.h"
@@ -29,6 +30,10 @@ std::vector<fs::path> run_inputs(const Recipe& r);
 // Throws the first problem found (Error::invalid / not_found / io, naming what the user typed:
 // flags for prune/merge, JSON paths for recipes). `load_stats_file`: also open the statistics file
 // and check it (a real run loads it right after, so only --dry-run needs this here).
+// A statistics file's fields: every MoE layer of `model` has each of `fields` (Gram matrices
+// included); Error::invalid naming the file, the layer and the field.
+void check_stats_fields(const calib::Stats& s, const model::Model& model, const std::vector<std::string>& fields);
+
 void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& model, const RunNeeds& needs,
                bool load_stats_file);
 

@@ -62,6 +62,56 @@ void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
   });
 }
 
+// calibration.tasks (recipe.h CalibrationSpec::tasks).
+std::vector<TaskCalibration> parse_tasks(const json& j, const fs::path& base) {
+  const std::string path = "calibration.tasks";
+  std::vector<TaskCalibration> tasks;
+  auto add = [&](TaskCalibration t, const std::string& where) {
+    if (t.name.empty() || t.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") !=
+                              std::string::npos)
+      throw Error::invalid(where + ": task name '" + t.name + "': use letters, digits, '_', '.' or '-'");
+    for (const auto& u : tasks)
+      if (u.name == t.name) throw Error::invalid(where + ": task name '" + t.name + "' given twice");
+    tasks.push_back(std::move(t));
+  };
+  auto add_assignments = [&](const std::string& text, const std::string& where) {
+    for (size_t a = 0; a <= text.size();) {
+      size_t b = text.find(',', a);
+      if (b == std::string::npos) b = text.size();
+      const std::string item = text.substr(a, b - a);
+      const size_t eq = item.find('=');
+      if (eq == std::string::npos || eq + 1 == item.size())
+        throw Error::invalid(where + ": expected NAME=STATS_FILE, found '" + item + "'");
+      add({item.substr(0, eq), resolve(base, item.substr(eq + 1)), {}}, where);
+      a = b + 1;
+    }
+  };
+  const json items = j.is_array() ? j : json::array({j});
+  if (!j.is_array() && !j.is_string())
+    throw Error::invalid(path + ": expected a list of {\"name\", \"stats\" or \"text\"} objects or NAME=STATS_FILE strings, found " +
+                         json_found(j));
+  for (size_t i = 0; i < items.size(); ++i) {
+    const std::string where = j.is_array() ? path + "[" + std::to_string(i) + "]" : path;
+    const json& it = items[i];
+    if (it.is_string()) {
+      add_assignments(it.get<std::string>(), where);
+      continue;
+    }
+    Options o(it, where, "a task");
+    TaskCalibration t;
+    t.name = o.get_string("name");
+    const auto stats = o.opt_string("stats"), text = o.opt_string("text");
+    o.finish();
+    if (stats.has_value() == text.has_value())
+      throw Error::invalid(where + ": give exactly one of \"stats\" (a stats file) or \"text\" (a calibration text)");
+    if (stats) t.stats = resolve(base, *stats);
+    if (text) t.text = resolve(base, *text);
+    add(std::move(t), where);
+  }
+  if (tasks.size() < 2) throw Error::invalid(path + ": give at least two tasks (one task is a plain prune with --stats)");
+  return tasks;
+}
+
 }  // namespace
 
 CalibrationSpec parse_calibration(const json& j, const fs::path& base) {
@@ -79,7 +129,9 @@ CalibrationSpec parse_calibration(const json& j, const fs::path& base) {
   cs.gram = c.get_bool("gram", false);
   cs.routed_only = c.get_bool("routed_only", false);
   cs.out_cos_tokens = c.get_int("out_cos_tokens", 512, 1, big);
+  c.allow({"tasks"});
   c.finish();
+  if (c.has("tasks")) cs.tasks = parse_tasks(j.at("tasks"), base);
   return cs;
 }
 
@@ -141,9 +193,17 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
       r.eval = ev;
     }
     top.finish();
+    if (!r.calibration.tasks.empty()) {  // task subsets (docs/tasks.md): one pass that takes them
+      if (r.passes.size() != 1)
+        throw Error::invalid("calibration.tasks: task subsets take one prune pass, the recipe has " +
+                             std::to_string(r.passes.size()) + " passes");
+      const std::string why = r.passes[0]->tasks_refusal();
+      if (!why.empty())
+        throw Error::invalid("calibration.tasks: " + r.passes[0]->name() + " " + r.passes[0]->method() + ": " + why);
+    }
     bool needs_stats = false;
     for (const auto& p : r.passes) needs_stats = needs_stats || !p->requirements().stats_fields.empty() || p->requirements().block_inputs;
-    if (needs_stats && r.calibration.text.empty() && r.calibration.stats.empty())
+    if (needs_stats && r.calibration.text.empty() && r.calibration.stats.empty() && r.calibration.tasks.empty())
       throw Error::invalid("calibration: the passes need routing statistics: give calibration.text (computed on the fly) or calibration.stats (from moe-tool calibrate)");
     for (size_t i = 0; i < r.passes.size(); ++i)
       if (r.passes[i]->requirements().block_inputs && r.calibration.text.empty())

@@ -33,6 +33,14 @@ namespace moe::pipeline {
 
 namespace fs = std::filesystem;
 
+// One task of a task-subset prune (docs/tasks.md): its statistics from a stats file, or computed
+// on its own text with the rest of the calibration section (ctx, windows, ...).
+struct TaskCalibration {
+  std::string name;
+  fs::path stats;  // exactly one of stats and text is set
+  fs::path text;
+};
+
 struct CalibrationSpec {
   fs::path text;           // empty: none
   fs::path stats;          // empty: compute on the fly when a pass needs statistics
@@ -49,6 +57,11 @@ struct CalibrationSpec {
   bool routed_only = false;
   int64_t out_cos_tokens = 512;
   uint64_t seed = 0;       // the recipe's seed (random windows)
+  // "tasks": one keep-map per task (prune only). Recipe: a list whose items are
+  // {"name": N, "stats": FILE} or {"name": N, "text": FILE}, or "NAME=STATS_FILE" strings (what
+  // the flag --tasks gives; a string may join several with commas). Names: letters, digits, _ . -,
+  // each once.
+  std::vector<TaskCalibration> tasks;
 };
 
 struct OutputSpec {

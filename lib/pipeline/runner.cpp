@@ -23,6 +23,7 @@
 #include "pipeline/report.h"
 #include "pipeline/sink.h"
 #include "pipeline/spill_writer.h"
+#include "pipeline/tasks_run.h"
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
 #include "runtime/forward.h"
@@ -279,6 +280,8 @@ struct RunState {
   // the output, statistics and the plan
   std::unique_ptr<Sink> sink;
   std::optional<calib::Stats> stats;
+  std::vector<calib::Stats> task_stats;  // calibration.tasks, in the recipe's order
+  json tasks;                            // the report's "tasks" section (task subsets)
   std::vector<std::vector<int64_t>> counts;
   std::optional<model::Model> planned;
   std::vector<model::OutTensor> outs_after;
@@ -367,6 +370,11 @@ void check_run(RunState& s) {
       fields.push_back("out_absmax");
     }
   }
+  // Task subsets: each task brings its own statistics (checked here); the pass reads no others.
+  if (!r.calibration.tasks.empty()) {
+    check_tasks(r, ckpt, model, fields);
+    needs_stats = false;
+  }
   // Every check before any work (--dry-run stops after them); then the output folder exists from
   // the start, so nothing can take its place unnoticed while the statistics are computed.
   RunNeeds run_needs{needs_stats, needs_inputs, fields};
@@ -413,7 +421,10 @@ void check_run(RunState& s) {
   // Outputs whose shapes are decided while the passes run go through spill files first (twice
   // their size until the shards are assembled); their estimate is the planned shapes'.
   const model::Model estimated = planned_model(model, plan_passes(r, model, nullptr, false).back());
-  const uint64_t estimate = bytes_of(estimated.outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
+  // Task subsets: the union of the tasks' experts is known after their statistics; the input's
+  // size bounds it.
+  const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
+                                         .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
   check_output_format(env, r, ckpt, estimated);
   // The export formats stage the native output beside theirs: room for both.
@@ -442,6 +453,11 @@ void load_statistics(RunState& s) {
       if (l.moe)
         for (const auto& f : s.fields) stats->layer(l.index, f);
   }
+  // Task subsets: a dry run reads stats files (cheap, so its counts are exact) but calibrates no text.
+  const bool task_texts = std::any_of(r.calibration.tasks.begin(), r.calibration.tasks.end(),
+                                      [](const TaskCalibration& t) { return !t.text.empty(); });
+  if (!r.calibration.tasks.empty() && (!s.opts.dry_run || !task_texts))
+    s.task_stats = task_statistics(r, ckpt, model, opts.quiet);
 }
 
 // The plan after the statistics: expert counts per layer after each pass, and the summary of what
@@ -459,6 +475,15 @@ void plan_run(RunState& s) {
   const uint64_t disk_needs = s.disk_needs;
   // Global budgets are planned over all layers' statistics before the per-layer counts are known
   // (a dry run shows the passes' estimates instead).
+  if (!s.task_stats.empty()) {
+    std::vector<TaskStats> ts;
+    for (size_t i = 0; i < s.task_stats.size(); ++i) ts.push_back({r.calibration.tasks[i].name, &s.task_stats[i]});
+    s.tasks = task_section(r, s.task_stats, r.passes[0]->plan_tasks(model, ts));
+    json unions = json::array();
+    for (const auto& l : s.tasks.at("layers")) unions.push_back({{"layer", l.at("layer")}, {"union", l.at("union")}});
+    summary["tasks"] = {{"names", s.tasks.at("names")}, {"experts_per_layer", s.tasks.at("experts_per_layer")},
+                        {"union", unions}};
+  }
   s.counts = plan_passes(r, model, stats ? &*stats : nullptr, !opts.dry_run);
   s.planned.emplace(planned_model(model, s.counts.back()));
   const auto& counts = s.counts;
@@ -519,6 +544,7 @@ json dry_run_summary(RunState& s) {
     summary["dry_run"] = true;
     bool at_run = false;
     for (const auto& p : r.passes) at_run = at_run || p->counts_at_run();
+    at_run = at_run || (!r.calibration.tasks.empty() && s.task_stats.empty());  // task texts not calibrated
     if (at_run) {  // the estimates would be wrong: null, "decided while the pass runs"
       for (auto& l : summary["layers"])
         if (l.contains("experts_after")) l["experts_after"] = nullptr;
@@ -643,7 +669,7 @@ void run_layers(RunState& s) {
         const Requirements req = r.passes[i]->requirements();
         const calib::LayerStats* st = nullptr;
         std::optional<calib::LayerStats> fresh;
-        if (!req.stats_fields.empty() && i == 0) st = &stats->layers.at(l);
+        if (!req.stats_fields.empty() && i == 0 && stats) st = &stats->layers.at(l);  // none with task subsets
         if (!req.stats_fields.empty() && i > 0) {
           fresh = recompute_stats(model, l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
           if (stats)
@@ -826,6 +852,11 @@ void evaluate_output(RunState& s) {
       eval_json = {{"text", r.eval->text.string()}, {"ctx", eo.ctx}, {"windows", windows.windows},
                    {"tokens_scored", p.tokens_scored}, {"perplexity_after", p.perplexity()}, {"convention", windows.convention}};
     }
+    if (!s.tasks.is_null()) {  // and once per task, over that task's experts only
+      const std::optional<eval::ExpertOrigin> origin = eval::origin_from_layers(s.layer_reports, "run report");
+      eval_json["tasks"] = evaluate_tasks(s.tasks, original, written_model, windows, eo, r.eval->against_input,
+                                          origin ? &*origin : nullptr);
+    }
   }
 
   // Quality gates: the written model is kept either way; the report and the summary say which
@@ -888,6 +919,7 @@ json write_run_report(RunState& s) {
       report["calibration"]["windows"] = file["windows"];
     }
   }
+  if (!s.tasks.is_null()) report["tasks"] = s.tasks;
   if (!eval_json.is_null()) report["eval"] = eval_json;
   if (!gate.is_null()) report["quality_gate"] = gate;
   if (!notes.empty()) report["notes"] = notes;
@@ -992,6 +1024,13 @@ std::string render_run_summary(const json& s) {
   if (dry && s.contains("disk"))
     o << "  disk     needs about " << core::format_bytes(s.at("disk").at("needs").get<double>()) << ", "
       << core::format_bytes(s.at("disk").at("free").get<double>()) << " free on the output's file system\n";
+  if (s.contains("tasks")) {  // task subsets: the union of the tasks' keep sets per layer
+    std::string names;
+    for (const auto& n : s.at("tasks").at("names")) names += (names.empty() ? "" : ", ") + n.get<std::string>();
+    o << "  tasks    " << names << "; union of their experts per layer:";
+    for (const auto& u : s.at("tasks").at("union")) o << " L" << u.at("layer").get<int>() << " " << u.at("union").get<int>();
+    o << " (written " << s.at("tasks").at("experts_per_layer").get<int>() << " per layer)\n";
+  }
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";

@@ -336,7 +336,9 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
   MatrixRM x2 = rms_norm(X, w.post_attn_norm, spec_.eps);
   if (w.moe) {
     MoeDetail det;
-    MatrixRM out = moe_forward(*w.moe, spec_.routing, x2, &det, want_moe);
+    const std::vector<bool>* active =
+        static_cast<size_t>(l) < active_.size() && !active_[static_cast<size_t>(l)].empty() ? &active_[static_cast<size_t>(l)] : nullptr;
+    MatrixRM out = moe_forward(*w.moe, spec_.routing, x2, &det, want_moe, active);
     if (want_routing)
       for (Observer* o : observers)
         if (o->wants_routing()) o->on_routing(l, det.logits, det.routing);

@@ -86,11 +86,18 @@ class Forward {
   // The RoPE table for windows of T tokens (cached for the last T).
   const RopeTable& rope(int64_t T) const;
 
+  // Experts the router may choose, per layer: active[l][e] == false masks expert e of layer l
+  // (its router logit counts as -inf before the softmax and the top-k, route()). An empty list, or
+  // an empty entry for a layer, leaves every expert of it routable. A task subset's forward
+  // (eval --task, docs/tasks.md). Error::internal when an entry's size is not the layer's experts.
+  void set_active_experts(std::vector<std::vector<bool>> active) { active_ = std::move(active); }
+
  private:
   const model::Model& model_;
   ForwardSpec spec_;
   RowVector final_norm_w_;
   mutable RopeTable rope_;
+  std::vector<std::vector<bool>> active_;  // per layer; empty: every expert routable
 };
 
 }  // namespace moe::runtime

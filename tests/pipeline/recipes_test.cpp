@@ -185,7 +185,7 @@ TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
   r = small_recipe(out);
   r["calibration"]["txet"] = "x";
   expect_rejected(r, "calibration.txet: unknown key for calibration (allowed: text, stats, ctx, windows, "
-                     "batch_windows, out_stride, propagate, sample, gram, routed_only, out_cos_tokens); did you mean "
+                     "batch_windows, out_stride, propagate, sample, gram, routed_only, out_cos_tokens, tasks); did you mean "
                      "\"text\"?");
   r = small_recipe(out);
   r["output"].erase("path");
