@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/warn.h"
 #include "io/gguf_model.h"
+#include "io/packed_input.h"
 #include "model/detail.h"
 #include "model/model.h"
 #include "quant/registry.h"
@@ -41,6 +42,8 @@ class Picker {
   // weight listed in a native checkpoint's quantization_config comes decoded from its parts.
   std::optional<Tensor> get(const std::string& name, bool required, const std::string& why) {
     if (native_ && native_->contains(name)) return encoded(name);
+    if (packed_)
+      if (auto t = packed_->weight(name, used_)) return t;
     if (!ckpt_.has(name)) {
       if (required) throw Error::corruption(ckpt_.dir().string() + ": tensor " + name + ": missing (" + why + ")");
       return std::nullopt;
@@ -159,6 +162,11 @@ class Picker {
   const io::Checkpoint& ckpt_;
   std::optional<std::pair<int64_t, int64_t>> fp8_;
   const nlohmann::json* native_;
+
+ public:
+  const io::PackedInput* packed_ = nullptr;  // a compressed-tensors / GPTQ / AWQ input (io/packed_input.h)
+
+ private:
   std::set<std::string> used_, used_weights_;
   std::map<std::string, int> part_users_;
   std::map<std::string, std::shared_ptr<const Tensor>> cache_;
@@ -205,10 +213,12 @@ Model Model::load(const io::Checkpoint& ckpt) {
   // under other names: say so, not that a weight is missing.
   if (c.json().contains("quantization_config") && c.json().at("quantization_config").is_object()) {
     const nlohmann::json& qm = c.json().at("quantization_config").value("quant_method", nlohmann::json());
-    if (qm.is_string() && qm != "fp8" && qm != "moe_tool" && !(qm == "mxfp4" && f.fused_in_out_interleaved))
+    if (qm.is_string() && qm != "fp8" && qm != "moe_tool" && !(qm == "mxfp4" && f.fused_in_out_interleaved) &&
+        !io::PackedInput::reads(qm.get<std::string>()))
       throw Error::unsupported(c.source() + ": quantization_config.quant_method " + qm.dump() +
                                ": weights quantized by another tool are not read (moe-tool reads unquantized, "
-                               "block-scaled fp8 and its own moe_tool encodings); give the unquantized checkpoint");
+                               "block-scaled fp8, compressed-tensors, gptq, awq and its own moe_tool encodings); "
+                               "give the unquantized checkpoint");
   }
 
   Dims& d = m.dims_;
@@ -250,6 +260,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
   const auto fp8 = fp8_block_size(c);
   m.fp8_block_ = fp8.has_value();
   Picker pick(ckpt, fp8, native_weights(c));
+  const auto packed = io::PackedInput::open(ckpt);
+  pick.packed_ = packed.get();
   const std::vector<int64_t> ragged = f.moe ? native_expert_counts(c, f, d.layers, n_experts, d.top_k) : std::vector<int64_t>{};
   const int64_t H = d.hidden;
   const std::string dt = dims_text(d);

@@ -159,6 +159,10 @@ struct OutputOptions {
   // Shared parts already named by earlier calls for the same output (layer_outputs layer by
   // layer, then global_outputs); null: shared parts are looked up within the one call.
   std::shared_ptr<SharedPartNames> shared_parts = nullptr;
+  // Accounting of the input as stored (inspect): encoded weights that every writer dequantizes
+  // (DtypeRule::Dequantize: GGUF blocks, compressed-tensors / GPTQ / AWQ inputs) are listed as
+  // their stored parts, so bits per parameter count the bytes the input holds.
+  bool as_stored = false;
 };
 
 class Model {

@@ -41,7 +41,7 @@ class OutputBuilder {
       return;
     }
     const auto rule = enc->dtype_rule();
-    if (opts_.materialize || rule == core::Encoding::DtypeRule::Dequantize ||
+    if (opts_.materialize || (rule == core::Encoding::DtypeRule::Dequantize && !opts_.as_stored) ||
         (opts_.dtype && rule == core::Encoding::DtypeRule::Materialize)) {
       const DType d = opts_.dtype ? *opts_.dtype : materialize_;
       out.push_back({name, d, t.shape(), [t, d, rel = release_] { return converted(t, d, rel); }, {name}, "", cls, t.numel()});

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "core/warn.h"
+#include "io/packed_input.h"
 #include "model/detail.h"
 #include "model/model.h"
 
@@ -105,7 +106,7 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
     if (qm != "fp8")
       j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
                                   {"weight_block_size", nlohmann::json::parse(*fp8_blocks.begin())}};
-  } else if (qm == "fp8" || qm == "moe_tool" || qm == "mxfp4") {
+  } else if (qm == "fp8" || qm == "moe_tool" || qm == "mxfp4" || io::PackedInput::reads(qm)) {
     j.erase("quantization_config");  // every weight written dense (gpt_oss MXFP4 experts: decoded at load)
   }
   // transformers >= 4.56 writes "dtype" (and prefers it), older versions "torch_dtype": update

@@ -100,7 +100,9 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
   // Encoded weights (docs/FORMAT.md) and what each tensor class stores per parameter.
   {
     json manifest = json::object();
-    const auto outs = model.outputs(OutputOptions{}, &manifest);
+    OutputOptions stored;
+    stored.as_stored = true;
+    const auto outs = model.outputs(stored, &manifest);
     std::map<std::string, int64_t> encodings;
     for (const auto& [name, e] : manifest.items()) ++encodings[e["encoding"].get<std::string>()];
     s["encodings"] = encodings;

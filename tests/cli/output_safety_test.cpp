@@ -214,15 +214,15 @@ TEST_F(OutputSafetyCli, MessagesInTheUsersWords) {
   expect_user_error(run_tool({"run", (tmp / "s.json").string(), "--dry-run"}),
                     {"upcycle.shared_expert: only qwen2_moe has a gated shared expert"});
   // A checkpoint quantized by another tool: the quantization is named, not a "missing" weight.
-  const fs::path g = synth_to(tmp / "gptq", "mixtral");
+  const fs::path g = synth_to(tmp / "bnb", "mixtral");
   json cfg = read_json(g / "config.json");
-  cfg["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4}};
+  cfg["quantization_config"] = {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}};
   write_file(g / "config.json", cfg.dump());
   for (const std::string cmd : {"inspect", "convert"}) {
     std::vector<std::string> args = {cmd, g.string()};
     if (cmd == "convert") args.push_back((tmp / "g-out").string());
     const RunResult q = run_tool(args);
-    expect_user_error(q, {"quantization_config.quant_method \"gptq\": weights quantized by another tool are not read"});
+    expect_user_error(q, {"quantization_config.quant_method \"bitsandbytes\": weights quantized by another tool are not read"});
     EXPECT_EQ(q.err.find("not found"), std::string::npos) << q.err;
   }
 }

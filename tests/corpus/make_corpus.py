@@ -198,6 +198,42 @@ def native(rank=2, a_shape=None, b_shape=None, encoding="lowrank", drop_part=Non
     return single(ts, cfg)
 
 
+PM = NW[:-len(".weight")]  # the module packed by packed()
+
+
+def packed(fmt="gptq", g_idx=None, qzeros_shape=None, packed_cols=None, qcfg=None):
+    """Files of a checkpoint quantized by another tool (io/packed_input.h): PM stored as GPTQ
+    int8 (qweight [H/4, I], qzeros [2, I/4], scales F16 [2, I], g_idx [H], groups of 4) or as
+    compressed-tensors pack-quantized int8 symmetric groups of 4 (weight_packed [I, H/4],
+    weight_scale [I, 2], weight_shape [I, H]); every other weight dense."""
+    words = lambda n: b"".join(struct.pack("<I", 0x80808080) for _ in range(n))
+    one = struct.pack("<H", 0x3C00)  # f16 1.0
+    if fmt == "gptq":
+        qz = qzeros_shape or [2, I // 4]
+        g = g_idx if g_idx is not None else [i // 4 for i in range(H)]
+        parts = [(PM + ".qweight", "I32", [H // 4, I], words(H // 4 * I)),
+                 (PM + ".qzeros", "I32", qz, b"".join(struct.pack("<I", 0x7F7F7F7F) for _ in range(numel(qz)))),
+                 (PM + ".scales", "F16", [2, I], one * (2 * I)),
+                 (PM + ".g_idx", "I32", [H], b"".join(struct.pack("<i", x) for x in g))]
+        q = {"quant_method": "gptq", "bits": 8, "group_size": 4, "desc_act": False, "sym": True,
+             "checkpoint_format": "gptq"}
+    else:
+        pc = packed_cols or H // 4
+        parts = [(PM + ".weight_packed", "I32", [I, pc], words(I * pc)),
+                 (PM + ".weight_scale", "F16", [I, 2], one * (2 * I)),
+                 (PM + ".weight_shape", "I64", [2], struct.pack("<qq", I, H))]
+        q = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+             "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                 "num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 4}}}}
+    q.update(qcfg or {})
+    ts = []
+    for t in base_tensors():
+        ts += parts if t[0] == NW else [t]
+    cfg = dict(CONFIG)
+    cfg["quantization_config"] = q
+    return single(ts, cfg)
+
+
 CASES = []
 
 
@@ -480,6 +516,22 @@ def build_cases():
          ["config.json: quantization_config.weights[\"" + NW + "\"].encoding: unknown encoding \"lowrnk\""])
     case("native-rank-above-min-dim", native(rank=5), "rank 5 on a [4, 8] weight (factors [4, 5] and [5, 8])",
          ["model.safetensors: weight " + NW + ": rank 5 exceeds min(out, in) = 4"])
+
+    # ---------------------------------------------------------------- checkpoints of other tools (io/packed_input.h)
+    case("packed-gptq-gidx-out-of-range", packed(g_idx=[0, 0, 0, 0, 1, 1, 1, 5]),
+         "GPTQ g_idx names group 5 of 2",
+         ["model.safetensors: weight " + NW + " (gptq): g_idx: value 5 at input 7 is outside [0, 2)"])
+    case("packed-gptq-qzeros-wrong-shape", packed(qzeros_shape=[3, 1]), "qzeros [3, 1] for 2 groups of 4 outputs",
+         ["model.safetensors: weight " + NW + " (gptq): qzeros: shape [3, 1], expected [2, 1]"])
+    case("packed-gptq-unknown-checkpoint-format", packed(qcfg={"checkpoint_format": "marlin"}),
+         "checkpoint_format marlin (a kernel layout, not read)",
+         ["config.json: quantization_config.checkpoint_format: \"marlin\" is not read"])
+    case("packed-ct-packed-disagrees-with-shape", packed(fmt="ct", packed_cols=3),
+         "weight_packed holds 12 int8 values a row; weight_shape says 8",
+         ["model.safetensors: tensor " + PM + ".weight_packed: shape [4, 3] does not hold 8 inputs"])
+    case("packed-ct-unknown-format", packed(fmt="ct", qcfg={"format": "marlin-24"}),
+         "compressed-tensors format marlin-24 (sparse kernels' layout, not read)",
+         ["config.json: quantization_config.format: \"marlin-24\""])
 
     # ---------------------------------------------------------------- output paths (valid input)
     case("out-parent-is-a-file", single(), "the output's parent is a file (missing parent folders are made)",

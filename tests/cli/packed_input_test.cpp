@@ -1,0 +1,213 @@
+// Checkpoints quantized by other tools as inputs (io/packed_input.h), through the CLI:
+//  - round trips: a fixture quantized by `quantize` (int4/int8, symmetric and asymmetric, groups
+//    and rows), exported as compressed-tensors or GPTQ, is read back: `convert --dtype f32` of the
+//    export equals `convert --dtype f32` of the native checkpoint byte for byte, and `eval` of the
+//    export equals `eval` of the native one exactly (perplexity and NLL sum);
+//  - inspect reports the stored bits per parameter of the packed tensors;
+//  - every command runs on such an input (calibrate, prune, merge, quantize, convert);
+//  - the AWQ and FP8 fixtures made by data/scripts/make_packed_inputs.py (NumPy, from the formats'
+//    published rules) decode to the goldens that script's own decoder wrote;
+//  - bad input: exit 2, one line naming the file and tensor, nothing written.
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "io/checkpoint.h"
+#include "io/env.h"
+#include "support/ckpt_util.h"
+#include "support/cli_expect.h"
+#include "support/paths.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+fs::path quantize_fixture(const TempDir& dir, const std::string& fixture, const std::vector<std::string>& flags) {
+  const fs::path out = dir / "native";
+  std::vector<std::string> args = {"-q", "quantize", (kSrc / "data/models" / fixture).string(), out.string(), "--method", "rtn"};
+  args.insert(args.end(), flags.begin(), flags.end());
+  const RunResult r = run_tool(args);
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  return out;
+}
+
+void run_ok(const std::vector<std::string>& args) {
+  const RunResult r = run_tool(args);
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+}
+
+json eval_json(const fs::path& m) {
+  const RunResult r =
+      run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "4", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  return r.exit_code == 0 ? json::parse(r.out) : json();
+}
+
+struct RoundTrip {
+  std::string fixture, format;
+  std::vector<std::string> flags;
+  std::string tag;
+};
+void PrintTo(const RoundTrip& c, std::ostream* os) { *os << c.tag; }
+
+class PackedInputRoundTrip : public ::testing::TestWithParam<RoundTrip> {};
+
+TEST_P(PackedInputRoundTrip, ExportReadBackEqualsTheNativeModel) {
+  const auto& c = GetParam();
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_fixture(dir, c.fixture, c.flags);
+  const fs::path exported = dir / "export";
+  run_ok({"-q", "export", native.string(), exported.string(), "--format", c.format});
+  // Every weight decoded as the native model decodes it (f32: exact), every other tensor too.
+  run_ok({"-q", "convert", native.string(), (dir / "native-f32").string(), "--dtype", "f32", "--materialize"});
+  run_ok({"-q", "convert", exported.string(), (dir / "export-f32").string(), "--dtype", "f32", "--materialize"});
+  EXPECT_EQ(first_difference(read_tensors(dir / "native-f32"), read_tensors(dir / "export-f32")), "");
+  EXPECT_FALSE(read_json(dir / "export-f32/config.json").contains("quantization_config"));
+  // eval: the same numbers, bit for bit.
+  const json a = eval_json(native), b = eval_json(exported);
+  ASSERT_TRUE(a.contains("nll_sum")) << a.dump();
+  EXPECT_EQ(a.at("nll_sum"), b.at("nll_sum"));
+  EXPECT_EQ(a.at("perplexity"), b.at("perplexity"));
+  EXPECT_EQ(a.at("tokens_scored"), b.at("tokens_scored"));
+  // inspect: the packed experts' bits per parameter are their stored bytes over their parameters.
+  const RunResult ins = run_tool({"inspect", exported.string(), "--json"});
+  ASSERT_EQ(ins.exit_code, 0) << ins.describe();
+  const json s = json::parse(ins.out);
+  const auto ck = io::Checkpoint::open(io::Env::posix(), exported);
+  const std::string key = c.format == "gptq" ? ".qweight" : ".weight_packed";
+  uint64_t bytes = 0;
+  int64_t params = 0, linears = 0;
+  for (const auto& n : ck.names()) {
+    if (!n.ends_with(key) || n.find(".experts.") == std::string::npos) continue;
+    const std::string mod = n.substr(0, n.size() - key.size());
+    ++linears;
+    for (const auto& m : ck.names())
+      if (m.rfind(mod + ".", 0) == 0 && m.find('.', mod.size() + 1) == std::string::npos) bytes += ck.tensor(m).nbytes();
+    const auto& sc = ck.info(mod + (c.format == "gptq" ? ".scales" : ".weight_scale")).shape;
+    const int64_t out = c.format == "gptq" ? sc.at(1) : sc.at(0);
+    int64_t in = 0;
+    if (c.format == "gptq") in = ck.info(mod + ".g_idx").shape.at(0);
+    else std::memcpy(&in, ck.tensor(mod + ".weight_shape").data() + 8, 8);
+    params += out * in;
+  }
+  ASSERT_GT(linears, 0);
+  EXPECT_DOUBLE_EQ(s.at("tensor_classes").at("experts").at("bits_per_param").get<double>(),
+                   8.0 * static_cast<double>(bytes) / static_cast<double>(params));
+  int64_t encoded = 0;
+  for (const auto& [name, n] : s.at("encodings").items()) {
+    EXPECT_EQ(name.rfind(c.format == "gptq" ? "gptq-int" : "compressed-tensors-int", 0), 0u) << name;
+    encoded += n.get<int64_t>();
+  }
+  EXPECT_GE(encoded, linears);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Formats, PackedInputRoundTrip,
+    ::testing::Values(
+        RoundTrip{"qwen2moe-tiny", "compressed-tensors", {"--codec", "int4", "--group", "32", "--sym"}, "ct int4 g32 sym"},
+        RoundTrip{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "32", "--sym"}, "gptq int4 g32 sym"},
+        RoundTrip{"qwen2moe-tiny", "compressed-tensors", {"--codec", "int8", "--group", "64", "--attention", "int8"},
+                  "ct int8 g64 asym attention"},
+        RoundTrip{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "32"}, "gptq int4 g32 asym"},
+        RoundTrip{"mixtral-tiny", "gptq", {"--codec", "int8", "--group", "0", "--sym"}, "gptq int8 row sym"},
+        RoundTrip{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "0"}, "ct int4 row asym"}),
+    [](const auto& info) {
+      std::string s = info.param.tag;
+      for (char& ch : s)
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      return s;
+    });
+
+// Every command on a GPTQ input: calibrate, prune, merge, quantize, convert; outputs load.
+TEST(PackedInputCommands, EveryCommandRunsOnAGptqInput) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path in = dir / "gptq";
+  run_ok({"-q", "export", native.string(), in.string(), "--format", "gptq"});
+  const std::string calib = (kSrc / "data/text/calib.txt").string();
+  run_ok({"-q", "calibrate", in.string(), "--text", calib, "--ctx", "32", "--windows", "2", "-o", (dir / "stats.safetensors").string()});
+  run_ok({"-q", "prune", in.string(), (dir / "pruned").string(), "--method", "random", "--keep", "2"});
+  run_ok({"-q", "merge", in.string(), (dir / "merged").string(), "--method", "hcsmoe", "--experts", "2", "--no-align", "--text",
+          calib, "--ctx", "32", "--windows", "2"});
+  run_ok({"-q", "quantize", in.string(), (dir / "requant").string(), "--method", "rtn", "--codec", "int8", "--group", "32"});
+  for (const char* out : {"pruned", "merged", "requant"}) {
+    SCOPED_TRACE(out);
+    const json e = eval_json(dir / out);
+    EXPECT_TRUE(e.contains("perplexity"));
+  }
+  // The pruned model keeps 2 experts, written dense (bf16), without the GPTQ config.
+  const json cfg = read_json(dir / "pruned/config.json");
+  EXPECT_FALSE(cfg.contains("quantization_config"));
+  EXPECT_EQ(cfg.at("num_experts"), 2);
+}
+
+// The AWQ and FP8 fixtures written by data/scripts/make_packed_inputs.py decode to its goldens
+// (the script's own NumPy decoder of the published rules), exactly.
+TEST(PackedInputFixtures, AwqAndFp8DecodeToTheNumPyGoldens) {
+  for (const std::string name : {"awq-tiny", "fp8-tiny"}) {
+    SCOPED_TRACE(name);
+    TempDir dir{"moe-packed-in"};
+    const fs::path src = kSrc / "data/packed-inputs" / name;
+    run_ok({"-q", "convert", src.string(), (dir / "f32").string(), "--dtype", "f32"});
+    const TensorMap got = read_tensors(dir / "f32");
+    const TensorMap golden = read_tensors(kSrc / "data/golden/packed-inputs" / name);
+    ASSERT_GT(golden.size(), 10u);
+    for (const auto& [t, want] : golden) {
+      auto it = got.find(t);
+      ASSERT_NE(it, got.end()) << t;
+      EXPECT_TRUE(it->second == want) << t;
+    }
+    // Commands run on it.
+    run_ok({"-q", "prune", src.string(), (dir / "pruned").string(), "--method", "random", "--keep", "2"});
+    run_ok({"-q", "quantize", src.string(), (dir / "q").string(), "--method", "rtn", "--codec", "int4", "--group", "16", "--sym"});
+  }
+}
+
+// Bad input through the CLI: exit 2, one line naming the file and tensor, nothing written.
+TEST(PackedInputRefusals, BadInputFailsWithOneLine) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path in = dir / "gptq";
+  run_ok({"-q", "export", native.string(), in.string(), "--format", "gptq"});
+  auto refused = [&](const fs::path& model, const std::string& needle) {
+    const RunResult r = run_tool({"convert", model.string(), (dir / "out").string(), "--dtype", "bf16"});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.describe();
+    EXPECT_FALSE(fs::exists(dir / "out"));
+  };
+  // Unsupported bits in the config.
+  {
+    const fs::path bad = dir / "bits";
+    copy_folder(in, bad);
+    json cfg = read_json(bad / "config.json");
+    cfg["quantization_config"]["bits"] = 3;
+    write_file(bad / "config.json", cfg.dump());
+    refused(bad, "quantization_config.bits: 3 (4 and 8 are read)");
+  }
+  {
+    // A g_idx value out of range, patched into the file.
+    const fs::path bad = dir / "gidx";
+    copy_folder(in, bad);
+    const std::string t = "model.layers.0.mlp.experts.0.up_proj.g_idx";
+    patch_tensor_bytes(bad / "model.safetensors", t, 4, std::string("\x63\x00\x00\x00", 4));  // input 1 -> group 99
+    refused(bad, "model.safetensors: weight model.layers.0.mlp.experts.0.up_proj.weight (gptq): g_idx: value 99 at input 1");
+  }
+  {
+    const fs::path bad = dir / "method";
+    copy_folder(in, bad);
+    json cfg = read_json(bad / "config.json");
+    cfg["quantization_config"]["checkpoint_format"] = "gptq_marlin";
+    write_file(bad / "config.json", cfg.dump());
+    refused(bad, "quantization_config.checkpoint_format: \"gptq_marlin\" is not read");
+  }
+}
+
+}  // namespace
+}  // namespace moe::test
