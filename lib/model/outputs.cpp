@@ -71,9 +71,13 @@ class OutputBuilder {
     }
     entry["parts"] = parts;
     if (manifest_) (*manifest_)[name] = entry;
-    // Every part shared and already written (by an earlier weight of this builder): the weight's
-    // parameters still count, on the last output.
-    if (!counted) out.back().params += t.numel();
+    // Every part shared and already written (by an earlier weight, of this builder or an earlier
+    // layer's for a pooled expert): the weight's parameters still count, on the last output of
+    // its class, else on the last output.
+    if (!counted) {
+      auto same = std::find_if(out.rbegin(), out.rend(), [&](const OutTensor& o) { return o.cls == cls; });
+      (same != out.rend() ? *same : out.back()).params += t.numel();
+    }
   }
   // A novice expert (docs/FORMAT.md "novice"): its constant [H] stored as `<down><suffix>` in
   // F32, listed under the expert's down projection `down`. Stock outputs cannot hold it.
