@@ -93,6 +93,7 @@ TEST(XlayerShare, AlignsNeuronsAndWeightsByRoutedTokens) {
   // out_mean: layer-0 expert 2 pairs with layer-1 expert 3 at cosine 1, the best candidate.
   auto stats = hand_stats(E, H, {1, 0, 3, 2}, {0, 0, 30, 0}, {0, 0, 0, 10});
   stats.layers[1].out_mean.row(3) = stats.layers[0].out_mean.row(2);
+  stats.layers[1].out_mean(1, E + 3) = 0.5f;  // (0, 1) no longer at cosine 1
   const auto rep = passes::share_experts_across_layers(m, stats, 0.125);  // 1 of 8 experts
   ASSERT_EQ(rep["pools"].size(), 1u) << rep.dump();
   EXPECT_EQ(rep["pools"][0]["experts"], nlohmann::json({2, 3}));
