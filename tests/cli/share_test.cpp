@@ -115,6 +115,17 @@ TEST_F(Share, Refusals) {
   r = run_tool({"-q", "share", one.string(), out.string(), "--stats", (*tmp_ / "one.safetensors").string(), "--share", "0.25"});
   expect_clean_failure(r, "needs at least two MoE layers, found 1");
   EXPECT_FALSE(fs::exists(out));
+  // A pooled down projection naming a gate tensor ([I, H] for [H, I]): refused when read.
+  const fs::path bad = *tmp_ / "bad-pool";
+  ASSERT_EQ(share(bad, "0.25").exit_code, 0);
+  json cfg = read_json(bad / "config.json");
+  json& w = cfg["quantization_config"]["weights"];
+  std::string down, gate;
+  for (const auto& [name, e] : w.items())
+    if (e["encoding"] == "pooled") (name.ends_with("w2.weight") ? down : gate) = name;
+  w[down]["parts"]["weight"] = w[gate]["parts"]["weight"];
+  write_file(bad / "config.json", cfg.dump());
+  expect_clean_failure(run_tool({"-q", "inspect", bad.string()}), "shape [16, 32] but config");
   // Stats of another model.
   r = run_tool({"-q", "share", one.string(), out.string(), "--stats", stats().string(), "--share", "0.25"});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
