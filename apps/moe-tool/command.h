@@ -46,6 +46,7 @@ void setup_factorize(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_quantize(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
+void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags);
 void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags& flags);

@@ -82,6 +82,8 @@ def load_native(folder):
         p = {role: v.astype(np.float32) for role, v in r.items()}
         if e["encoding"] == "lowrank":
             out[name] = p["a"] @ p["b"] + (p["base"] if "base" in p else 0)
+        elif e["encoding"] == "pooled":
+            out[name] = p["weight"]
         elif e["encoding"] == "fp8-block":
             br, bc = e["block"]
             c = p["codes"]

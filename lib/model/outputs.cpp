@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <map>
 #include <set>
+#include <utility>
 
 #include "core/error.h"
 #include "core/warn.h"
@@ -66,14 +68,19 @@ class OutputBuilder {
       const DType d = convert ? *opts_.dtype : p.tensor->dtype();
       auto part = p.tensor;
       out.push_back({pname, d, part->shape(), [part, d, rel = release_] { return converted(*part, d, rel); }, {pname}, name,
-                     cls, counted ? 0 : t.numel()});
+                     cls, counted ? 0 : t.numel() + std::exchange(pending_[cls], 0)});
       counted = true;
     }
     entry["parts"] = parts;
     if (manifest_) (*manifest_)[name] = entry;
-    // Every part shared and already written (by an earlier weight of this builder): the weight's
-    // parameters still count, on the last output.
-    if (!counted) out.back().params += t.numel();
+    // Every part shared and already written (by an earlier weight, of this builder or an earlier
+    // layer's for a pooled expert): the weight's parameters still count, on the last output of
+    // its class, else on the last output.
+    if (!counted) {
+      auto same = std::find_if(out.rbegin(), out.rend(), [&](const OutTensor& o) { return o.cls == cls; });
+      if (same != out.rend()) same->params += t.numel();
+      else pending_[cls] += t.numel();
+    }
   }
   // A novice expert (docs/FORMAT.md "novice"): its constant [H] stored as `<down><suffix>` in
   // F32, listed under the expert's down projection `down`. Stock outputs cannot hold it.
@@ -87,8 +94,13 @@ class OutputBuilder {
     if (manifest_) (*manifest_)[down] = {{"encoding", kNoviceEncoding}, {"parts", {{"value", pname}}}};
   }
   std::string cls = "other";  // class of the tensors added next
+  // Parameters of weights whose parts were all written by an earlier builder (a pooled expert of
+  // the previous layer) and that found no output of their class here: by class, for the caller to
+  // put on an earlier output of that class. Cleared.
+  std::map<std::string, int64_t> take_pending() { return std::exchange(pending_, {}); }
 
  private:
+  std::map<std::string, int64_t> pending_;
   OutputOptions opts_;
   DType materialize_;
   nlohmann::json* manifest_;
@@ -241,6 +253,7 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
 std::vector<OutTensor> Model::layer_outputs(int l, const OutputOptions& opts, nlohmann::json* manifest) const {
   OutputBuilder b(opts, materialize_dtype(), manifest, release_);
   add_layer(b, *this, l);
+  for (const auto& [cls, n] : b.take_pending()) b.out.back().params += n;
   return std::move(b.out);
 }
 
@@ -248,7 +261,13 @@ std::vector<OutTensor> Model::outputs(const OutputOptions& options, nlohmann::js
   OutputOptions opts = options;  // one set of shared-part names for the whole model
   if (!opts.shared_parts) opts.shared_parts = std::make_shared<SharedPartNames>();
   std::vector<OutTensor> out;
-  auto take = [&](OutputBuilder& b) { std::move(b.out.begin(), b.out.end(), std::back_inserter(out)); };
+  auto take = [&](OutputBuilder& b) {
+    std::move(b.out.begin(), b.out.end(), std::back_inserter(out));
+    for (const auto& [cls, n] : b.take_pending()) {
+      auto same = std::find_if(out.rbegin(), out.rend(), [&](const OutTensor& o) { return o.cls == cls; });
+      (same != out.rend() ? *same : out.back()).params += n;
+    }
+  };
   {
     OutputBuilder b(opts, materialize_dtype(), manifest, release_);
     b.cls = "embeddings";

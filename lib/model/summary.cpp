@@ -106,6 +106,18 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
     std::map<std::string, int64_t> encodings;
     for (const auto& [name, e] : manifest.items()) ++encodings[e["encoding"].get<std::string>()];
     s["encodings"] = encodings;
+    // Cross-layer expert sharing (docs/xlayer.md): the experts' logical parameters against the
+    // elements they store (a pooled expert once for the two layers that name it).
+    if (encodings.count("pooled")) {
+      int64_t logical = 0, stored = 0;
+      for (const auto& l : model.layers())
+        if (l.moe)
+          for (const auto& x : l.moe->experts) logical += x.params();
+      for (const auto& o : outs)
+        if (o.cls == "experts") stored += core::shape_numel(o.shape);
+      s["expert_pool"] = {{"pooled_weights", encodings["pooled"]}, {"expert_params_logical", logical},
+                          {"expert_params_stored", stored}};
+    }
     const auto acc = account(outs);
     s["tensor_classes"] = account_json(acc);
     int64_t params = 0;
@@ -189,6 +201,12 @@ std::string render_summary(const json& s) {
     std::string e;
     for (const auto& [k, v] : s.at("encodings").items()) e += (e.empty() ? "" : ", ") + k + " " + std::to_string(v.get<int64_t>());
     row("encoded weights", e);
+  }
+  if (s.contains("expert_pool")) {
+    const json& p = s.at("expert_pool");
+    row("expert pool", std::to_string(p.at("pooled_weights").get<int64_t>()) + " expert weights name a pooled tensor (" +
+                           "cross-layer sharing); expert parameters " + human_count(p.at("expert_params_logical").get<int64_t>()) +
+                           " logical, " + human_count(p.at("expert_params_stored").get<int64_t>()) + " stored");
   }
   if (s.contains("tensor_classes")) {
     std::string c;

@@ -6,6 +6,7 @@
 #include "core/fp8_block.h"
 #include "quant/intn.h"
 #include "quant/lowrank.h"
+#include "quant/pooled.h"
 #include "quant/ternary.h"
 #include "quant/ternary_dict.h"
 
@@ -23,6 +24,7 @@ const std::vector<EncodingInfo>& known_encodings() {
       {"ternary", {"codes", "scales"}, {}, "W = 0, lo or hi per group: trits packed 5 per byte, f16 levels"},
       {"ternary-dict", {"codes", "counts", "levels", "dictionary"}, {},
        "W = 0, lo or hi per row: trit pairs coded by a shared Tunstall dictionary (sub-1-bit, QMoE), u16 codes, u8/u16/u32 codes per row, f16 levels"},
+      {"pooled", {"weight"}, {}, "W = weight [out, in] (float), one expert of a cross-layer pool stored once for the weights of two layers"},
   };
   return table;
 }
@@ -102,6 +104,8 @@ std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<s
   } else if (name == "ternary-dict") {
     enc = std::make_shared<TernaryDict>(int_param(entry, "cols", 0), part("codes").tensor, part("counts").tensor,
                                         part("levels").tensor, PairDictionary::from_part(part("dictionary").tensor));
+  } else if (name == "pooled") {
+    enc = std::make_shared<Pooled>(part("weight").tensor);
   } else {  // fp8-block
     const json& blk = entry.contains("block") ? entry["block"] : json();
     if (!blk.is_array() || blk.size() != 2 || !blk[0].is_number_integer() || !blk[1].is_number_integer())

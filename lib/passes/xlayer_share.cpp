@@ -1,0 +1,133 @@
+#include "passes/xlayer_share.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <tuple>
+
+#include "core/error.h"
+#include "passes/expert_merge.h"
+#include "passes/experts.h"
+#include "passes/hungarian.h"
+#include "quant/pooled.h"
+
+namespace moe::passes {
+
+using core::Error;
+using nlohmann::json;
+
+namespace {
+
+struct PoolCandidate {
+  int l, l2, e, e2;
+  double cosine;
+};
+
+double out_mean_cosine(const calib::MatrixF& a, int i, const calib::MatrixF& b, int j) {
+  const double na = a.row(i).cast<double>().norm(), nb = b.row(j).cast<double>().norm();
+  if (na == 0 || nb == 0) return 0;
+  return a.row(i).cast<double>().dot(b.row(j).cast<double>()) / (na * nb);
+}
+
+// The one stored tensor of a pooled matrix, as the weight both layers' experts hold.
+core::Tensor pooled_tensor(const MatrixRM& w, core::DType dtype) {
+  auto part = std::make_shared<const core::Tensor>(to_tensor(w, dtype));
+  return core::Tensor::encoded(std::make_shared<quant::Pooled>(part), dtype);
+}
+
+void check_poolable(const model::Mlp& x, int l, int e) {
+  const std::string where = "layer " + std::to_string(l) + " expert " + std::to_string(e);
+  if (x.novice) throw Error::invalid(where + ": a novice expert (MoNE) cannot be pooled across layers");
+  if (x.gate.encoding() || x.up.encoding() || x.down.encoding())
+    throw Error::invalid(where + ": encoded weights (" + (x.gate.encoding() ? x.gate.encoding()->name() : x.down.encoding() ? x.down.encoding()->name() : x.up.encoding()->name()) +
+                         ") cannot be pooled; share a dense checkpoint (convert --materialize first)");
+  if (x.gate_bias || x.up_bias || x.down_bias) throw Error::invalid(where + ": experts with biases cannot be pooled");
+}
+
+}  // namespace
+
+json share_experts_across_layers(model::Model& m, const calib::Stats& stats, double share) {
+  if (!(share >= 0 && share <= 0.5))
+    throw Error::invalid("--share: expected a share of expert parameters in [0, 0.5] (each pool saves one of its two experts), found " +
+                         std::to_string(share));
+  if (m.family().fused())
+    throw Error::invalid(m.family().model_type + ": experts stored fused (one tensor per layer) cannot refer to a pool; "
+                         "cross-layer sharing needs one tensor per expert");
+  std::vector<int> moe;
+  for (const auto& layer : m.layers())
+    if (layer.moe) moe.push_back(layer.index);
+  if (moe.size() < 2)
+    throw Error::invalid("model: cross-layer expert sharing needs at least two MoE layers, found " + std::to_string(moe.size()));
+  auto& layers = m.layers();
+  const int64_t width = layers[moe[0]].moe->expert_width();
+  int64_t experts_total = 0, per_expert = 0;
+  for (int l : moe) {
+    const model::MoeBlock& b = *layers[l].moe;
+    if (b.expert_width() != width)
+      throw Error::invalid("layer " + std::to_string(l) + ": expert width " + std::to_string(b.expert_width()) + " differs from layer " +
+                           std::to_string(moe[0]) + "'s " + std::to_string(width) + "; a pool holds experts of one width");
+    for (int e = 0; e < b.num_experts(); ++e) check_poolable(b.experts[e], l, e);
+    experts_total += b.num_experts();
+    const model::Mlp& x = b.experts.at(0);
+    per_expert = x.gate.numel() + x.up.numel() + x.down.numel();
+  }
+  const int64_t pools = std::llround(share * static_cast<double>(experts_total));
+  int64_t possible = 0;
+  for (size_t p = 0; p + 1 < moe.size(); p += 2)
+    possible += std::min(layers[moe[p]].moe->num_experts(), layers[moe[p + 1]].moe->num_experts());
+  if (pools > possible)
+    throw Error::invalid("--share: " + std::to_string(share) + " asks for " + std::to_string(pools) + " pooled experts but the " +
+                         std::to_string(moe.size() / 2) + " pair(s) of adjacent MoE layers hold at most " + std::to_string(possible) +
+                         " (share <= " + std::to_string(static_cast<double>(possible) / static_cast<double>(experts_total)) + ")");
+
+  std::vector<PoolCandidate> cands;
+  for (size_t p = 0; pools > 0 && p + 1 < moe.size(); p += 2) {
+    const int l = moe[p], l2 = moe[p + 1];
+    const calib::LayerStats& s = stats.layer(l, "out_mean");
+    const calib::LayerStats& s2 = stats.layer(l2, "out_mean");
+    const int64_t E = layers[l].moe->num_experts(), E2 = layers[l2].moe->num_experts();
+    check_stat_size(s.out_mean.rows(), E, "out_mean", l);
+    check_stat_size(s2.out_mean.rows(), E2, "out_mean", l2);
+    check_stat_size(static_cast<int64_t>(s.count.size()), E, "count", l);
+    check_stat_size(static_cast<int64_t>(s2.count.size()), E2, "count", l2);
+    MatrixXdRM sim(E, E2);
+    for (int e = 0; e < E; ++e)
+      for (int e2 = 0; e2 < E2; ++e2) sim(e, e2) = out_mean_cosine(s.out_mean, e, s2.out_mean, e2);
+    const std::vector<int> match = E <= E2 ? assign_max(sim) : std::vector<int>{};
+    if (E <= E2) {
+      for (int e = 0; e < E; ++e) cands.push_back({l, l2, e, match[e], sim(e, match[e])});
+    } else {
+      const std::vector<int> back = assign_max(sim.transpose());
+      for (int e2 = 0; e2 < E2; ++e2) cands.push_back({l, l2, back[e2], e2, sim(back[e2], e2)});
+    }
+  }
+  std::stable_sort(cands.begin(), cands.end(), [](const PoolCandidate& a, const PoolCandidate& b) {
+    return std::tie(b.cosine, a.l, a.e) < std::tie(a.cosine, b.l, b.e);
+  });
+  cands.resize(static_cast<size_t>(pools));
+  std::sort(cands.begin(), cands.end(), [](const PoolCandidate& a, const PoolCandidate& b) { return std::tie(a.l, a.e) < std::tie(b.l, b.e); });
+
+  json report = {{"share", share}, {"pools", json::array()}};
+  for (const PoolCandidate& c : cands) {
+    model::Mlp& x = layers[c.l].moe->experts[c.e];
+    model::Mlp& y = layers[c.l2].moe->experts[c.e2];
+    const runtime::MlpWeights a = runtime::convert_mlp(x), b = runtime::convert_mlp(y);
+    const runtime::MlpWeights bp = permute_neurons(b, align_neurons(a, b));
+    const std::vector<double> w =
+        importance_weights({stats.layer(c.l, "count").count[c.e], stats.layer(c.l2, "count").count[c.e2]}, {0, 1});
+    const bool same = a.gate == bp.gate && a.up == bp.up && a.down == bp.down;
+    const runtime::MlpWeights merged = same ? a : weighted_average({&a, &bp}, w);
+    model::Mlp pool = x;
+    pool.gate = pooled_tensor(merged.gate, x.gate.dtype());
+    pool.up = pooled_tensor(merged.up, x.up.dtype());
+    pool.down = pooled_tensor(merged.down, x.down.dtype());
+    x = pool;
+    y = pool;
+    report["pools"].push_back({{"layers", {c.l, c.l2}}, {"experts", {c.e, c.e2}}, {"cosine", c.cosine}, {"weights", w}});
+  }
+  report["expert_params_logical"] = experts_total * per_expert;
+  report["expert_params_stored"] = (experts_total - pools) * per_expert;
+  return report;
+}
+
+}  // namespace moe::passes

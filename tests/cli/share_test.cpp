@@ -1,0 +1,137 @@
+// `share` (cross-layer expert sharing, passes/xlayer_share.h) through the CLI on a synthetic
+// two-layer mixtral calibrated on the bundled text: budget 0 writes the input's tensors byte for
+// byte, a budget writes each pooled expert once (the file smaller by exactly the pooled experts'
+// bytes), eval/inspect read it, `convert --materialize` expands it into a stock checkpoint with
+// the same logits bit for bit, and bad input is refused in one line with nothing written.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <set>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "runtime/forward.h"
+#include "support/cli_expect.h"
+#include "support/paths.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+
+class Share : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = new TempDir("share");
+    write_synth(make_synth("mixtral"), *tmp_ / "in", {.tokenizer = true});
+    const RunResult r = run_tool({"-q", "calibrate", (*tmp_ / "in").string(), "--text", kCalib.string(), "--ctx", "32",
+                                  "--windows", "4", "-o", (*tmp_ / "stats.safetensors").string()});
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+  }
+  static void TearDownTestSuite() { delete tmp_; }
+  static fs::path in() { return *tmp_ / "in"; }
+  static fs::path stats() { return *tmp_ / "stats.safetensors"; }
+  static RunResult share(const fs::path& out, const std::string& r) {
+    return run_tool({"-q", "share", in().string(), out.string(), "--stats", stats().string(), "--share", r, "--json"});
+  }
+  static TempDir* tmp_;
+};
+TempDir* Share::tmp_ = nullptr;
+
+runtime::MatrixRM share_logits(const fs::path& dir) {
+  auto m = model::Model::load(io::Checkpoint::open(io::Env::posix(), dir));
+  runtime::Forward f(m);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 64; ++i) ids.push_back(static_cast<int32_t>((i * 37 + 11) % m.dims().vocab));
+  return f.run(ids, 32);
+}
+
+TEST_F(Share, BudgetZeroWritesTheInputTensorsByteForByte) {
+  const fs::path out = *tmp_ / "zero";
+  const RunResult r = share(out, "0");
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  auto& env = io::Env::posix();
+  const auto a = io::Checkpoint::open(env, in()), b = io::Checkpoint::open(env, out);
+  ASSERT_EQ(std::set<std::string>(a.names().begin(), a.names().end()), std::set<std::string>(b.names().begin(), b.names().end()));
+  for (const auto& n : a.names()) {
+    const core::Tensor x = a.tensor(n), y = b.tensor(n);
+    ASSERT_EQ(x.dtype(), y.dtype()) << n;
+    ASSERT_EQ(x.shape(), y.shape()) << n;
+    EXPECT_EQ(std::memcmp(x.data(), y.data(), x.nbytes()), 0) << n;
+  }
+  EXPECT_FALSE(read_json(out / "config.json").contains("quantization_config"));
+}
+
+TEST_F(Share, PooledExpertsStoredOnceAndMaterializeGivesTheSameLogits) {
+  const fs::path out = *tmp_ / "quarter", mat = *tmp_ / "quarter-mat";
+  const RunResult r = share(out, "0.25");  // 2 of the 8 experts (4 per layer) pooled away
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j["pools"], 2);
+  // hidden 32, expert width 16, bf16: an expert's three matrices are 3 · 16 · 32 · 2 bytes.
+  const int64_t expert_bytes = 3 * 16 * 32 * 2;
+  EXPECT_EQ(j["bytes_after"].get<int64_t>(), j["bytes_before"].get<int64_t>() - 2 * expert_bytes);
+  EXPECT_EQ(j["expert_params_logical"].get<int64_t>() - j["expert_params_stored"].get<int64_t>(), 2 * 3 * 16 * 32);
+  // 2 pools x 3 matrices x 2 users listed, naming 6 distinct tensors.
+  const json w = read_json(out / "config.json")["quantization_config"]["weights"];
+  std::set<std::string> parts;
+  int pooled = 0;
+  for (const auto& [name, e] : w.items())
+    if (e["encoding"] == "pooled") {
+      ++pooled;
+      parts.insert(e["parts"]["weight"].get<std::string>());
+    }
+  EXPECT_EQ(pooled, 12);
+  EXPECT_EQ(parts.size(), 6u);
+  const json rep = read_json(out / "moe_tool_report.json");
+  ASSERT_EQ(rep["share"]["pools"].size(), 2u);
+  EXPECT_EQ(rep["share"]["pools"][0]["layers"], json({0, 1}));
+
+  RunResult ins = run_tool({"-q", "inspect", out.string()});
+  ASSERT_EQ(ins.exit_code, 0) << ins.describe();
+  EXPECT_NE(ins.out.find("pooled"), std::string::npos) << ins.out;
+  const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "2"});
+  ASSERT_EQ(ev.exit_code, 0) << ev.describe();
+
+  const RunResult c = run_tool({"-q", "convert", out.string(), mat.string(), "--materialize"});
+  ASSERT_EQ(c.exit_code, 0) << c.describe();
+  EXPECT_FALSE(read_json(mat / "config.json").contains("quantization_config"));
+  const runtime::MatrixRM p = share_logits(out), m = share_logits(mat), orig = share_logits(in());
+  EXPECT_TRUE(p == m) << "max |diff| " << (p - m).cwiseAbs().maxCoeff();
+  EXPECT_FALSE(p == orig);  // two experts of each layer did change
+}
+
+TEST_F(Share, Refusals) {
+  const fs::path out = *tmp_ / "refused";
+  expect_clean_failure(share(out, "0.7"), "--share: expected a share of expert parameters in [0, 0.5]");
+  EXPECT_FALSE(fs::exists(out));
+  const fs::path one = *tmp_ / "one";
+  write_synth(make_synth("mixtral", {.layers = 1}), one, {.tokenizer = true});
+  RunResult r = run_tool({"-q", "calibrate", one.string(), "--text", kCalib.string(), "--ctx", "32", "--windows", "2", "-o",
+                          (*tmp_ / "one.safetensors").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "share", one.string(), out.string(), "--stats", (*tmp_ / "one.safetensors").string(), "--share", "0.25"});
+  expect_clean_failure(r, "needs at least two MoE layers, found 1");
+  EXPECT_FALSE(fs::exists(out));
+  // A pooled down projection naming a gate tensor ([I, H] for [H, I]): refused when read.
+  const fs::path bad = *tmp_ / "bad-pool";
+  ASSERT_EQ(share(bad, "0.25").exit_code, 0);
+  json cfg = read_json(bad / "config.json");
+  json& w = cfg["quantization_config"]["weights"];
+  std::string down, gate;
+  for (const auto& [name, e] : w.items())
+    if (e["encoding"] == "pooled") (name.ends_with("w2.weight") ? down : gate) = name;
+  w[down]["parts"]["weight"] = w[gate]["parts"]["weight"];
+  write_file(bad / "config.json", cfg.dump());
+  expect_clean_failure(run_tool({"-q", "inspect", bad.string()}), "shape [16, 32] but config");
+  // Stats of another model.
+  r = run_tool({"-q", "share", one.string(), out.string(), "--stats", stats().string(), "--share", "0.25"});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+  EXPECT_FALSE(fs::exists(out));
+}
+
+}  // namespace
+}  // namespace moe::test
