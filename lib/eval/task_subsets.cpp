@@ -46,6 +46,7 @@ TaskSubsets parse_task_subsets(const json& section, const std::string& where) {
       !section.at("names").is_array() || !section.at("layers").is_array())
     throw Error::corruption(base + ": expected an object with the lists \"names\" and \"layers\"");
   TaskSubsets t;
+  t.source = base;
   std::set<std::string> seen;
   for (size_t i = 0; i < section.at("names").size(); ++i) {
     const json& n = section.at("names")[i];
@@ -100,6 +101,12 @@ std::map<int, std::vector<int>> task_keep(const TaskSubsets& t, const model::Mod
                            (sec == t.layers.end() ? std::string("has no entry for it")
                                                   : "describes " + std::to_string(sec->experts)) +
                            " (was the checkpoint changed after prune --tasks?)");
+    // A task routing over fewer experts than each token needs cannot run (nor be written).
+    const auto& k = sec->keep.at(task);
+    if (static_cast<int64_t>(k.size()) < m.dims().top_k)
+      throw Error::corruption(t.source + ".layers[" + std::to_string(sec - t.layers.begin()) + "].keep." + task + ": " +
+                              std::to_string(k.size()) + " experts, fewer than the " + std::to_string(m.dims().top_k) +
+                              " each token is routed to (" + m.family().topk_key + ")");
   }
   return keep;
 }

@@ -31,6 +31,7 @@ struct TaskSubsets {
     std::map<std::string, std::vector<int>> keep;  // task -> written expert indices, ascending
   };
   std::vector<Layer> layers;  // MoE layers, ascending
+  std::string source;         // "<report path>: tasks" (for messages)
 
   // The keep-map of `task` per MoE layer; Error::invalid "unknown task 'x' (tasks: a, b)" naming
   // `where` (the flag) for a name the checkpoint does not have.

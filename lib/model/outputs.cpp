@@ -263,9 +263,9 @@ std::vector<OutTensor> Model::outputs(const OutputOptions& options, nlohmann::js
   std::vector<OutTensor> out;
   auto take = [&](OutputBuilder& b) {
     std::move(b.out.begin(), b.out.end(), std::back_inserter(out));
-    for (const auto& [cls, n] : b.take_pending()) {
-      auto same = std::find_if(out.rbegin(), out.rend(), [&](const OutTensor& o) { return o.cls == cls; });
-      (same != out.rend() ? *same : out.back()).params += n;
+    for (const auto& pending : b.take_pending()) {  // (class, params); no structured binding: clang 14 cannot capture one
+      auto same = std::find_if(out.rbegin(), out.rend(), [&](const OutTensor& o) { return o.cls == pending.first; });
+      (same != out.rend() ? *same : out.back()).params += pending.second;
     }
   };
   {

@@ -101,6 +101,12 @@ TEST_F(Share, PooledExpertsStoredOnceAndMaterializeGivesTheSameLogits) {
   const runtime::MatrixRM p = share_logits(out), m = share_logits(mat), orig = share_logits(in());
   EXPECT_TRUE(p == m) << "max |diff| " << (p - m).cwiseAbs().maxCoeff();
   EXPECT_FALSE(p == orig);  // two experts of each layer did change
+
+  // prune cannot drop a user of a pool yet: refused before any work, the way out named.
+  const fs::path pruned = *tmp_ / "pruned";
+  expect_clean_failure(run_tool({"-q", "prune", out.string(), pruned.string(), "--method", "random", "--keep", "3"}),
+                       "is pooled across layers (moe-tool share)");
+  EXPECT_FALSE(fs::exists(pruned));
 }
 
 TEST_F(Share, Refusals) {

@@ -3,6 +3,7 @@
 // (routing masked to the task's experts) equals eval of `convert --task`'s output, which is
 // byte-for-byte the checkpoint a prune on that task's statistics writes; bad inputs are refused
 // with one line and nothing written.
+#include <fstream>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -230,6 +231,16 @@ TEST(TaskSubsets, BadInputsAreRefusedWithOneLineAndNothingWritten) {
   // --task on a checkpoint without task subsets.
   expect_clean_failure(run_tool({"-q", "eval", kModel.string(), "--task", "code", "--text", kHeldout.string()}),
                        "has no task subsets");
+  // A task section edited to keep fewer experts than each token is routed to: refused, naming the
+  // report's JSON path (convert would otherwise write a checkpoint nothing reads).
+  const fs::path edited = f.tmp / "edited";
+  fs::copy(f.shared, edited, fs::copy_options::recursive);
+  json report = read_json(edited / "moe_tool_report.json");
+  report["tasks"]["layers"][0]["keep"]["code"] = json::array({1});
+  std::ofstream(edited / "moe_tool_report.json") << report.dump();
+  expect_clean_failure(run_tool({"-q", "convert", edited.string(), out.string(), "--task", "code"}),
+                       "moe_tool_report.json: tasks.layers[0].keep.code: 1 experts, fewer than the 2");
+  EXPECT_FALSE(fs::exists(out));
 }
 
 // --keep-ratio (uniform) plans per task as a single prune does: the same keep sets.
