@@ -42,6 +42,19 @@ std::vector<io::TensorSpec> Builder::output_specs() const {
   return specs;
 }
 
+long double Builder::output_bytes() const {
+  long double b = 0;
+  for (const bool head : {true, false})
+    for (const auto& s : global_specs(head)) b += static_cast<long double>(s.nbytes());
+  for (int l = 0; l < p_.L; ++l) {
+    for (const auto& s : layer_specs(l, false)) b += static_cast<long double>(s.nbytes());
+    long double expert = 0;
+    for (const auto& s : expert_specs(l, 0)) expert += static_cast<long double>(s.nbytes());
+    b += expert * static_cast<long double>(p_.o.experts);
+  }
+  return b;
+}
+
 Tensor Builder::attention_like(const std::string& role, int layer) const {
   std::vector<const Tensor*> ts;
   for (const auto& s : p_.src) {
@@ -130,7 +143,18 @@ std::vector<Out> Builder::layer(int l) const {
   return out;
 }
 
-std::vector<io::TensorSpec> Builder::layer_specs(int l) const {
+std::vector<io::TensorSpec> Builder::expert_specs(int l, int64_t e) const {
+  const auto& f = *p_.target;
+  const auto& L0 = first(p_).layers()[l];
+  const std::string prefix = model::expand(f.layer_prefix, l);
+  const int64_t H = p_.H, W = p_.width;
+  const int ei = static_cast<int>(e);
+  return {{prefix + model::expand(f.expert_gate, l, ei), dtype_of(L0.mlp->gate), {W, H}},
+          {prefix + model::expand(f.expert_up, l, ei), dtype_of(L0.mlp->up), {W, H}},
+          {prefix + model::expand(f.expert_down, l, ei), dtype_of(L0.mlp->down), {H, W}}};
+}
+
+std::vector<io::TensorSpec> Builder::layer_specs(int l, bool with_experts) const {
   std::vector<io::TensorSpec> specs;
   const auto& f = *p_.target;
   const auto& L0 = first(p_).layers()[l];
@@ -147,12 +171,9 @@ std::vector<io::TensorSpec> Builder::layer_specs(int l) const {
     }
   }
   specs.push_back({prefix + f.router, wd, {E, H}});
-  for (int64_t e = 0; e < E; ++e) {
-    const int ei = static_cast<int>(e);
-    specs.push_back({prefix + model::expand(f.expert_gate, l, ei), dtype_of(L0.mlp->gate), {W, H}});
-    specs.push_back({prefix + model::expand(f.expert_up, l, ei), dtype_of(L0.mlp->up), {W, H}});
-    specs.push_back({prefix + model::expand(f.expert_down, l, ei), dtype_of(L0.mlp->down), {H, W}});
-  }
+  if (with_experts)
+    for (int64_t e = 0; e < E; ++e)
+      for (auto& s : expert_specs(l, e)) specs.push_back(std::move(s));
   if (f.has_shared()) {
     const int64_t SW = p_.o.shared_expert ? p_.I : W;
     specs.push_back({prefix + f.shared_gate, dtype_of(L0.mlp->gate), {SW, H}});

@@ -34,12 +34,19 @@ class Builder {
   core::Tensor attention_like(const std::string& role, int layer) const;
   // The tensors of layer l, computed now (one layer's experts in memory).
   std::vector<Out> layer(int l) const;
-  // Shapes of layer l's outputs without computing them, in layer()'s order.
-  std::vector<io::TensorSpec> layer_specs(int l) const;
+  // Shapes of layer l's outputs without computing them, in layer()'s order; with_experts false
+  // leaves out the routed experts (expert_specs lists them).
+  std::vector<io::TensorSpec> layer_specs(int l, bool with_experts = true) const;
+  // Shapes of routed expert e of layer l: gate [width, H], up [width, H], down [H, width].
+  std::vector<io::TensorSpec> expert_specs(int l, int64_t e) const;
   // Shapes of globals(head)'s outputs without computing them.
   std::vector<io::TensorSpec> global_specs(bool head) const;
   // Every output tensor's shape, in the order written: head globals, layers 0..L-1, the rest.
   std::vector<io::TensorSpec> output_specs() const;
+  // The sum of output_specs()'s bytes without listing them: every routed expert of a layer has
+  // expert_specs(l, 0)'s shapes, counted once and multiplied by the expert count (a million
+  // experts plan in microseconds, not a list of millions of names). Long double: may pass 2^64.
+  long double output_bytes() const;
 
  private:
   const Plan& p_;

@@ -29,11 +29,10 @@ std::vector<model::OutTensor> upcycled_outputs(const std::vector<upcycling::Out>
 }  // namespace
 
 uint64_t check_upcycle(io::Env& env, const fs::path& model_dir, const UpcycleOptions& opts) {
-  // The output's bytes from the shapes alone (nothing built): the same specs Upcycler::plan()
-  // lists. Long double: E x H x width may pass 2^64.
+  // The output's bytes from the shapes alone (nothing built): the bytes of the specs
+  // Upcycler::plan() lists. Long double: E x H x width may pass 2^64.
   const upcycling::Plan p = upcycling::make_plan(env, model_dir, opts);
-  long double b = 0;
-  for (const auto& s : upcycling::Builder(p).output_specs()) b += static_cast<long double>(s.nbytes());
+  const long double b = upcycling::Builder(p).output_bytes();
   return b >= 1.8e19L ? UINT64_MAX : static_cast<uint64_t>(b);
 }
 
