@@ -101,7 +101,11 @@ void expect_merged_dense(const fs::path& out, core::DType dtype, bool all_dense 
 
 TEST(MergeEncoded, FactorizedCheckpointFromDiskMergesDense) {
   TempDir tmp;
-  for (const std::string method : {"msmoe", "hcsmoe", "dern", "submoe"}) {
+  // Under the sanitizers two of the four methods (msmoe runs below, with --materialize): the
+  // others read the same encoded members through the same code.
+  const std::vector<std::string> methods =
+      under_sanitizers() ? std::vector<std::string>{"hcsmoe", "submoe"} : std::vector<std::string>{"msmoe", "hcsmoe", "dern", "submoe"};
+  for (const std::string& method : methods) {
     SCOPED_TRACE(method);
     const RunResult r = merge(factorized(), tmp / method, method);
     ASSERT_EQ(r.exit_code, 0) << r.describe();

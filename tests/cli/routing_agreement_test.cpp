@@ -108,7 +108,7 @@ TEST(RoutingAgreement, ARunsOwnEvalEqualsEvalAgainstItsInput) {
   TempDir tmp{"moe-routing-agreement-run"};
   const fs::path out = tmp / "merged";
   const RunResult r = run_tool({"-q", "merge", kModel.string(), out.string(), "--method", "hcsmoe", "--experts", "5",
-                                "--text", kCalib.string(), "--eval", kHeldout.string(), "--eval-ctx", "64",
+                                "--text", kCalib.string(), "--ctx", "64", "--windows", "8", "--eval", kHeldout.string(), "--eval-ctx", "64",
                                 "--eval-max-windows", "3", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json run = json::parse(r.out).at("eval").at("routing_agreement");

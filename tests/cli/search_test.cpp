@@ -96,6 +96,7 @@ double mean_kl(const runtime::MatrixRM& ref, const runtime::MatrixRM& got, int64
 // windows reach it through the already-pruned layers): recomputed here from the two checkpoints'
 // logits on the same windows (the first 4 search, the last 2 held out, 32 tokens each).
 TEST(PruneSearch, ReportedKlMatchesTheWrittenModel) {
+  MOE_SKIP_UNDER_SANITIZERS();
   TempDir tmp;
   const RunResult r = search(kModel, tmp.path() / "out", 4, {"--time-budget", "60"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();

@@ -170,6 +170,7 @@ TEST(Upcycle, SplitAtInitEqualsDenseWhereTheMathSaysSo) {
   const std::string calib = (kSrc / "data/text/calib.txt").string();
   for (const std::string seg : {"random", "kmeans", "coact"}) {
     for (const std::string g : {"2", "4"}) {
+      if (under_sanitizers() && g == "4") continue;  // the G = 2 cases reach the same code there
       const fs::path out = tmp / ("split-" + seg + g);
       std::vector<std::string> args = {"--to", "mixtral", "--experts", g, "--top-k", g, "--method", "split",
                                        "--segments", g, "--segmenting", seg, "--router-std", "0"};
