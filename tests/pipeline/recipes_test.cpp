@@ -237,7 +237,7 @@ TEST(Subcommands, MergeWithEvalReportsQuality) {
   const auto r = moe::test::run_tool({"-q", "merge", (kSrc / "data/models/mixtral-tiny").string(), out.string(),
                                       "--method", "msmoe", "--experts", "6", "--text", (kSrc / "data/text/calib.txt").string(),
                                       "--ctx", "64", "--windows", "4", "--eval", (kSrc / "data/text/heldout.txt").string(),
-                                      "--eval-ctx", "64", "--json"});
+                                      "--eval-ctx", "64", "--eval-max-windows", "4", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json s = json::parse(r.out);
   const json& e = s.at("eval");
@@ -263,7 +263,10 @@ TEST(Recipes, LaterPassSeesTheStatisticsOfTheExpertsLeft) {
   // A first pass that keeps every expert (random, keep 8 of 8) changes nothing, so a merge after it
   // must see exactly the statistics the merge sees as the only pass. Without propagation both
   // runs give each layer the input model's block inputs: the checkpoints are byte-identical.
-  for (const char* method : {"msmoe", "hcsmoe", "submoe"}) {
+  // Under the sanitizers one method (the code that hands statistics on is the same for all).
+  const std::vector<std::string> methods =
+      moe::test::under_sanitizers() ? std::vector<std::string>{"hcsmoe"} : std::vector<std::string>{"msmoe", "hcsmoe", "submoe"};
+  for (const std::string& method : methods) {
     SCOPED_TRACE(method);
     const json merge = {{"pass", "merge"}, {"method", method}, {"experts", 4}, {"seed", 3}};
     std::vector<fs::path> outs;
