@@ -368,22 +368,6 @@ class PrunePass final : public pipeline::Pass {
     return std::clamp<int64_t>(std::llround(*keep_ratio_ * static_cast<double>(before)), std::min(top_k, before), before);
   }
 
-  // Experts pooled across layers (`moe-tool share`, the "pooled" encoding) are one stored tensor
-  // under two layers' names; dropping one user of a pool is not planned by the writer yet.
-  void check_model(const model::Model& m) const override {
-    for (size_t l = 0; l < m.layers().size(); ++l) {
-      const auto& moe = m.layers()[l].moe;
-      if (!moe) continue;
-      for (size_t e = 0; e < moe->experts.size(); ++e) {
-        const core::Encoding* enc = moe->experts[e].gate.encoding();
-        if (enc && enc->name() == "pooled")
-          throw Error::unsupported("prune: layer " + std::to_string(l) + " expert " + std::to_string(e) +
-                                   " is pooled across layers (moe-tool share), which prune cannot drop experts of yet; "
-                                   "expand the pool first (convert --materialize), then prune");
-      }
-    }
-  }
-
   void run_layer(pipeline::LayerContext& ctx) override {
     model::MoeBlock& block = *ctx.target.moe;
     const int64_t E = block.num_experts();

@@ -24,6 +24,7 @@
 #include "pipeline/sink.h"
 #include "pipeline/spill_writer.h"
 #include "pipeline/tasks_run.h"
+#include "quant/pooled.h"
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
 #include "runtime/forward.h"
@@ -412,9 +413,13 @@ void check_run(RunState& s) {
       }
   // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
   // from the input's positions once a pass moves experts: written through spill files too.
+  // Experts pooled across layers (`moe-tool share`): the pool's tensor is written once, under the
+  // name of its first user in the output, which a pass that drops or moves experts decides while
+  // it runs (the plan names it after the input's first user): written through spill files too.
   for (const auto& l : model.layers())
     l.for_each_tensor([&](const core::Tensor& t) {
-      shapes_at_run = shapes_at_run || (t.encoding() && quant::part_shapes_depend_on_values(*t.encoding()));
+      shapes_at_run = shapes_at_run || (t.encoding() && (quant::part_shapes_depend_on_values(*t.encoding()) ||
+                                                         dynamic_cast<const quant::Pooled*>(t.encoding())));
     });
   // Counts and sizes the plan knows before any work (a dry run shows them): a count a layer cannot
   // take is refused here, not after the statistics, and the output must fit on its file system.

@@ -11,6 +11,7 @@
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/forward.h"
+#include "support/ckpt_util.h"
 #include "support/cli_expect.h"
 #include "support/paths.h"
 #include "support/run.h"
@@ -102,11 +103,29 @@ TEST_F(Share, PooledExpertsStoredOnceAndMaterializeGivesTheSameLogits) {
   EXPECT_TRUE(p == m) << "max |diff| " << (p - m).cwiseAbs().maxCoeff();
   EXPECT_FALSE(p == orig);  // two experts of each layer did change
 
-  // prune cannot drop a user of a pool yet: refused before any work, the way out named.
-  const fs::path pruned = *tmp_ / "pruned";
-  expect_clean_failure(run_tool({"-q", "prune", out.string(), pruned.string(), "--method", "random", "--keep", "3"}),
-                       "is pooled across layers (moe-tool share)");
-  EXPECT_FALSE(fs::exists(pruned));
+  // prune of the pooled checkpoint: the pool is written once under its first user left in the
+  // output (random keep-maps drop first users, second users or both), and the result is the prune
+  // of the materialized checkpoint with the same keep-maps, tensor for tensor.
+  int pools_lost_a_user = 0;
+  for (const std::string seed : {"1", "2", "3"}) {
+    SCOPED_TRACE("seed " + seed);
+    const fs::path pruned = *tmp_ / ("pruned-" + seed), expanded = *tmp_ / ("pruned-mat-" + seed),
+                   reference = *tmp_ / ("mat-pruned-" + seed);
+    auto prune = [&](const fs::path& from, const fs::path& to) {
+      const RunResult pr = run_tool({"-q", "prune", from.string(), to.string(), "--method", "random", "--keep", "3", "--seed", seed});
+      ASSERT_EQ(pr.exit_code, 0) << pr.describe();
+    };
+    prune(out, pruned);
+    prune(mat, reference);
+    int pooled_left = 0;
+    for (const auto& [name, e] : read_json(pruned / "config.json")["quantization_config"]["weights"].items())
+      pooled_left += e["encoding"] == "pooled";
+    pools_lost_a_user += pooled_left < 12;
+    const RunResult cm = run_tool({"-q", "convert", pruned.string(), expanded.string(), "--materialize"});
+    ASSERT_EQ(cm.exit_code, 0) << cm.describe();
+    EXPECT_EQ(first_difference(read_tensors(expanded), read_tensors(reference)), "");
+  }
+  EXPECT_GT(pools_lost_a_user, 0);
 }
 
 TEST_F(Share, Refusals) {
