@@ -54,9 +54,8 @@ void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
                            " stores int4/int8 codes: drop one of them");
     return;
   }
-  if (out.type.empty())
-    throw Error::invalid("output.type: required for output.format gguf (the main ggml type, e.g. q8_0 or q4_0)");
-  (void)gguf_writable_type(out.type, "output.type");
+  // output.type: required unless the input is a GGUF file (checked with the input, check_gguf_plan).
+  if (!out.type.empty()) (void)gguf_writable_type(out.type, "output.type");
   (void)parse_gguf_overrides(out.tensor_type, [&](size_t i) {
     return one_rule ? std::string("output.tensor_type") : "output.tensor_type[" + std::to_string(i) + "]";
   });

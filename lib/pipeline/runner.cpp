@@ -803,6 +803,7 @@ void write_globals(RunState& s) {
     for (const auto& l : original.layers()) input_counts.push_back(l.moe ? l.moe->num_experts() : 0);
     new_config["quantization_config"]["input_experts_per_layer"] = input_counts;
   }
+  sink->set_keep_map(keep_map(layer_reports, model.dims().layers));
   s.written = sink->finish(new_config);
   const SinkResult& written = s.written;
   json& notes = s.notes;
@@ -814,7 +815,11 @@ void write_globals(RunState& s) {
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");
   if (!mtp_note.empty()) notes.push_back(mtp_note);
-  if (r.eval && written.format == "gguf")
+  if (r.eval && written.format == "gguf" && s.ckpt.gguf())
+    notes.push_back("eval: measured on the native output staged beside the GGUF file, whose weights were dequantized from "
+                    "the input's blocks and stored as " + new_config.value("torch_dtype", std::string("the config's dtype")) +
+                    "; the file holds the kept experts' blocks as stored, so its numbers differ from these by that rounding");
+  else if (r.eval && written.format == "gguf")
     notes.push_back("eval: measured on the native output the GGUF file was converted from; int4/int8 groups of 32 are "
                     "copied into q4_0/q8_0 blocks as they are, but tensors rounded to " + r.key("output.type") + " " +
                     r.output.type + " in the file were measured before that rounding");

@@ -4,14 +4,17 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/gguf.h"
 #include "io/output_dir.h"
 #include "io/temp_files.h"
 #include "pipeline/gguf_export.h"
 #include "pipeline/hf_sink.h"
 #include "pipeline/packed_export.h"
 #include "pipeline/recipe.h"
+#include "model/gguf_write.h"
 #include "pipeline/report.h"
 #include "quant/codec.h"
+#include "quant/gguf_blocks.h"
 
 namespace moe::pipeline {
 
@@ -68,8 +71,10 @@ class ExportSink final : public Sink {
   std::string format() const override { return r_.output.format; }
   const fs::path& native_dir() const override { return staging_; }
   void begin(const io::Checkpoint& source, const std::optional<std::vector<io::TensorSpec>>& plan) override {
+    source_ = &source;
     native_->begin(source, plan);
   }
+  void set_keep_map(const json& keep_map) override { keep_map_ = keep_map; }
   void write(const std::vector<model::OutTensor>& group) override { native_->write(group); }
   SpillWriter* spill() override { return native_->spill(); }
 
@@ -109,6 +114,7 @@ class ExportSink final : public Sink {
     r.details["staged"] = {{"format", "hf"}, {"tensors", staged.tensors}, {"tensor_bytes", staged.tensor_bytes},
                            {"note", "the native output, staged beside the output and converted as `moe-tool export` "
                                     "converts it; removed once converted"}};
+    if (file_ && source_ && source_->gguf()) return copy_gguf_blocks(r);
     if (file_) {
       const GgufOptions go = gguf_options(r_);
       const GgufResult g = core::with_context(r_.key("output.format") + " gguf",
@@ -135,6 +141,46 @@ class ExportSink final : public Sink {
     return r;
   }
 
+  // A GGUF input pruned to a GGUF file: the input reloaded, its experts selected by the run's
+  // keep-map and written with the input's blocks as stored (model::write_gguf_like; the preflight
+  // allowed prune passes only, check_gguf_like_plan).
+  SinkResult copy_gguf_blocks(SinkResult r) {
+    model::Model m = model::Model::load(*source_);
+    for (auto& layer : m.layers()) {
+      if (!layer.moe || keep_map_.is_null()) continue;
+      const json& row = keep_map_.at(static_cast<size_t>(layer.index));
+      if (row.is_null()) continue;
+      std::vector<int64_t> keep;
+      for (const auto& id : row) {
+        if (!id.is_number_integer())
+          throw Error::internal("layer " + std::to_string(layer.index) + ": a merged expert in a GGUF-to-GGUF prune");
+        keep.push_back(id.get<int64_t>());
+      }
+      model::MoeBlock& b = *layer.moe;
+      std::vector<model::Mlp> kept;
+      for (const int64_t e : keep) kept.push_back(b.experts.at(static_cast<size_t>(e)));
+      b.experts = std::move(kept);
+      b.router = b.router.take_rows(keep);
+      if (b.router_bias) b.router_bias = b.router_bias->take_rows(keep);
+    }
+    const uint64_t bytes = core::with_context(r_.key("output.format") + " gguf",
+                                              [&] { return model::write_gguf_like(env_, m, *source_->gguf(), file_->path()); });
+    const io::GgufFile out = io::GgufFile::open(env_, file_->path());
+    std::map<std::string, int64_t> types;
+    for (const auto& t : out.tensors()) {
+      ++types[quant::ggml_type_info(t.type).name];
+      r.tensor_bytes += t.nbytes();
+    }
+    r.tensors = out.tensors().size();
+    r.shards = 1;
+    r.details["staged"]["note"] = "the native output, staged beside the output for the run's evaluation and removed after; "
+                                  "the GGUF file holds the input's blocks of the kept experts";
+    r.details["type"] = "as stored in the GGUF input (blocks copied, nothing re-quantized)";
+    r.details["types"] = types;
+    r.details["file_bytes"] = bytes;
+    return r;
+  }
+
   void remove_staging() noexcept {
     native_.reset();
     if (slot_ < 0) return;
@@ -148,6 +194,8 @@ class ExportSink final : public Sink {
 
   io::Env& env_;
   const Recipe& r_;
+  const io::Checkpoint* source_ = nullptr;
+  json keep_map_;
   std::optional<io::OutputFile> file_;
   std::optional<io::OutputDir> folder_;
   fs::path staging_;
@@ -229,8 +277,48 @@ std::string output_where(const Recipe& r) {
   return (r.flag_names.empty() ? r.source + ": " : "") + r.key("output.format") + " " + r.output.format;
 }
 
-void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
+// A GGUF input written as GGUF: prune passes only, each kept expert's blocks copied as stored
+// (model::write_gguf_like); what would change a weight or lose what the file cannot hold is refused.
+void check_gguf_like_plan(const Recipe& r, const model::Model& planned) {
   const std::string where = output_where(r);
+  const std::string file = r.flag_names.empty() ? r.source + ": " : "";
+  const std::string copied = "a GGUF input's blocks are copied as they are stored (nothing re-quantized)";
+  const std::string way_out = "write a folder (without " + r.key("output.format") + " gguf), or `moe-tool convert INPUT "
+                              "DENSE --materialize` and export that";
+  if (!r.output.type.empty() || !r.output.tensor_type.empty())
+    throw Error::invalid(file + r.key(r.output.type.empty() ? "output.tensor_type" : "output.type") + ": " + copied +
+                         "; leave it out (to re-quantize, " + way_out + ")");
+  if (r.output.dtype || r.output.materialize)
+    throw Error::invalid(file + r.key(r.output.dtype ? "output.dtype" : "output.materialize") + ": " + copied +
+                         "; leave it out with " + r.key("output.format") + " gguf");
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const auto& p = *r.passes[i];
+    const std::string at = file + r.key("passes[" + std::to_string(i) + "]");
+    if (p.name() != "prune")
+      throw Error::unsupported(at + ": " + where + " of a GGUF input takes prune passes only (" + copied + "); " +
+                               p.name() + " changes the weights: " + way_out);
+    if (p.params().value("novices", false))
+      throw Error::unsupported(at + ".novices: a GGUF file has no place for a constant expert; " + way_out);
+  }
+  if (!r.calibration.tasks.empty())
+    throw Error::unsupported(file + r.key("calibration.tasks") + ": a GGUF file has no room for the task keep-maps; write a folder");
+  int64_t count = -1;
+  for (const auto& l : planned.layers())
+    if (l.moe) {
+      if (count >= 0 && l.moe->num_experts() != count)
+        throw Error::unsupported(where + ": layer " + std::to_string(l.index) + " keeps " + std::to_string(l.moe->num_experts()) +
+                                 " experts and an earlier layer " + std::to_string(count) +
+                                 ": GGUF stacks one expert count for every layer; keep the same count in each layer");
+      count = l.moe->num_experts();
+    }
+}
+
+void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
+  if (ckpt.gguf()) return check_gguf_like_plan(r, planned);
+  const std::string where = output_where(r);
+  if (r.output.type.empty())
+    throw Error::invalid((r.flag_names.empty() ? r.source + ": " : "") + r.key("output.type") + ": required for " +
+                         r.key("output.format") + " gguf (the main ggml type, e.g. q8_0 or q4_0)");
   const GgufOptions go = gguf_options(r);
   core::with_context(where, [&] { check_gguf(env, ckpt, planned, go); });
   const auto enc = pass_encodings(r, planned);

@@ -16,6 +16,7 @@
 #include "io/gguf_model.h"
 #include "model/gguf_write.h"
 #include "model/model.h"
+#include "support/cli_expect.h"
 #include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -221,6 +222,59 @@ TEST(GgufInputPrune, KeptExpertsCopiedByteForByte) {
   EXPECT_EQ(stacked, 12);
   const auto back = model::Model::load(io::Checkpoint::open(env, out));
   EXPECT_EQ(back.layers()[2].moe->num_experts(), 3);
+}
+
+// `prune --format gguf` of a GGUF input: the file equals model::write_gguf_like of the input with
+// the kept experts the same prune writes into a folder (so every kept expert's blocks and router
+// rows are the input's, as the test above checks); what would change a weight or need a type is
+// refused before any work, nothing written.
+TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("qwen2moe-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-cli"};
+  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned", ref = dir / "reference.gguf";
+  const std::vector<std::string> prune = {"-q", "prune", in.string(), "", "--method", "random", "--keep", "3", "--seed", "4"};
+  auto run = [&](const fs::path& to, std::vector<std::string> extra) {
+    std::vector<std::string> a = prune;
+    a[3] = to.string();
+    a.insert(a.end(), extra.begin(), extra.end());
+    return run_tool(a);
+  };
+  const RunResult r = run(out, {"--format", "gguf", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json summary = json::parse(r.out);
+  EXPECT_EQ(summary.at("output_format").at("format"), "gguf");
+  EXPECT_EQ(summary.at("output_format").at("types").at("q8_0").get<int>(), 42);  // the input's 42 q8_0 tensors, stacked experts sliced
+  ASSERT_EQ(run(folder, {}).exit_code, 0);
+  const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
+  const auto ck = io::Checkpoint::open(env, in);
+  auto m = model::Model::load(ck);
+  for (auto& layer : m.layers()) {
+    const json& kept = report.at("layers").at(static_cast<size_t>(layer.index)).at("passes").at(0).at("kept");
+    const std::vector<int64_t> keep = kept.get<std::vector<int64_t>>();
+    ASSERT_EQ(keep.size(), 3u);
+    auto& b = *layer.moe;
+    std::vector<model::Mlp> experts;
+    for (int64_t e : keep) experts.push_back(b.experts[static_cast<size_t>(e)]);
+    b.experts = experts;
+    b.router = b.router.take_rows(keep);
+  }
+  model::write_gguf_like(env, m, *ck.gguf(), ref);
+  std::ifstream fa(out, std::ios::binary), fb(ref, std::ios::binary);
+  const std::string a{std::istreambuf_iterator<char>(fa), {}}, b{std::istreambuf_iterator<char>(fb), {}};
+  EXPECT_EQ(a.size(), b.size());
+  EXPECT_TRUE(a == b) << "the CLI's GGUF differs from write_gguf_like of the same keep-maps";
+  // Refusals, before any work.
+  const fs::path none = dir / "none.gguf";
+  expect_clean_failure(run(none, {"--format", "gguf", "--gguf-type", "q4_0"}), "--gguf-type: a GGUF input's blocks are copied as they are stored");
+  expect_clean_failure(run(none, {"--format", "gguf", "--dtype", "f32"}), "a GGUF input's blocks are copied as they are stored");
+  expect_clean_failure(run_tool({"-q", "merge", in.string(), none.string(), "--method", "msmoe", "--experts", "4", "--text",
+                                 (kSrc / "data/text/calib.txt").string(), "--format", "gguf"}),
+                       "of a GGUF input takes prune passes only");
+  expect_clean_failure(run_tool({"-q", "quantize", in.string(), none.string(), "--method", "rtn", "--codec", "int4:g32:sym",
+                                 "--format", "gguf"}),
+                       "of a GGUF input takes prune passes only");
+  EXPECT_FALSE(fs::exists(none));
 }
 
 // The q/k rows of arch llama go back to the converter's order: a write of the unchanged model is
