@@ -2,6 +2,7 @@
 #include <iostream>
 
 #include "command.h"
+#include "flags.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "eval/eval.h"
@@ -16,32 +17,29 @@ namespace moe::app {
 
 void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string in, out, dtype, shard = "5GB", task;
-    bool force = false, json = false, materialize = false;
+    std::string in, out, dtype, task;
+    bool materialize = false;
+    FolderOutputFlags output;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("IN", o->in, "Input checkpoint folder")->required();
   sub.add_option("OUT", o->out, "Output folder (built in a temporary sibling, renamed on success)")->required();
   sub.add_option("--dtype", o->dtype, "Convert float tensors to bf16, f16 or f32 (default: as stored; F8 and integer tensors are kept)");
-  sub.add_option("--max-shard-size", o->shard, "Largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)");
   sub.add_flag("--materialize", o->materialize,
                "Write every encoded weight (low-rank, FP8, ...) dense, in --dtype or the config's dtype: a stock checkpoint");
-  sub.add_flag("--force", o->force, "Replace a non-empty output folder");
   sub.add_option("--task", o->task,
                  "A checkpoint of prune --tasks: write only this task's experts (and their router rows), a stock "
                  "checkpoint equal to a prune to the task's keep-map (docs/tasks.md)");
-  sub.add_flag("--json", o->json, "Print the result as JSON");
+  o->output.declare(sub);
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       const auto t0 = std::chrono::steady_clock::now();
-      pipeline::HfSinkOptions opts;
-      opts.quiet = flags.quiet;
+      pipeline::HfSinkOptions opts = o->output.sink_options(flags.quiet);
       opts.materialize = o->materialize;
       if (!o->dtype.empty()) {
         opts.dtype = core::parse_user_dtype(o->dtype);
         if (!opts.dtype) throw core::Error::invalid("--dtype: '" + o->dtype + "' is not one of bf16, f16, f32");
       }
-      opts.max_shard_bytes = core::with_context("--max-shard-size", [&] { return io::parse_size(o->shard); });
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);
       auto model = model::Model::load(ckpt);
@@ -78,16 +76,16 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       }
       // Every check before any work: the output (never the input, --force only over an earlier
       // output) and its size against the free space of its file system.
-      io::check_output(o->out, {o->in}, o->force, io::OutputKind::Folder);
+      io::check_output(o->out, {o->in}, o->output.force, io::OutputKind::Folder);
       uint64_t bytes = 0;
       for (const auto& t : model.outputs(model::OutputOptions{opts.dtype, opts.materialize}))
         bytes += io::TensorSpec{t.name, t.dtype, t.shape}.nbytes();
       io::check_free_space(o->out, bytes, "OUT");
-      pipeline::HfSink sink(env, o->out, {o->in}, o->force, "--force", opts.max_shard_bytes);
+      pipeline::HfSink sink(env, o->out, {o->in}, o->output.force, "--force", opts.max_shard_bytes);
       const pipeline::SinkResult r = pipeline::write_hf_checkpoint(sink, model, ckpt, opts);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       nlohmann::json report = pipeline::make_report("convert", ckpt, model, model, r, secs);
-      report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->shard},
+      report["parameters"] = {{"dtype", o->dtype.empty() ? "unchanged" : o->dtype}, {"max_shard_size", o->output.max_shard_size()},
                               {"materialize", o->materialize}};
       if (!o->task.empty()) {
         report["parameters"]["task"] = o->task;
@@ -101,7 +99,7 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       nlohmann::json result = {{"output", o->out}, {"tensors", r.tensors}, {"shards", r.shards},
                                {"bytes_before", ckpt.total_tensor_bytes()}, {"bytes_after", r.tensor_bytes},
                                {"seconds", secs}};
-      if (o->json) std::cout << result.dump(2) << "\n";
+      if (o->output.json) std::cout << result.dump(2) << "\n";
       else
         std::cout << "wrote " << o->out << ": " << r.tensors << " tensors in " << r.shards << " shard(s), "
                   << core::format_bytes(static_cast<double>(ckpt.total_tensor_bytes())) << " -> "

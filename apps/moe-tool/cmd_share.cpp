@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "command.h"
+#include "flags.h"
 #include "calib/stats.h"
 #include "core/error.h"
 #include "core/progress.h"
@@ -18,9 +19,10 @@ namespace moe::app {
 
 void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string in, out, stats, shard = "5GB";
+    std::string in, out, stats;
     double share = -1;
-    bool force = false, json = false, dry_run = false;
+    bool dry_run = false;
+    FolderOutputFlags output;
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("IN", o->in, "Input checkpoint folder (dense experts)")->required();
@@ -28,16 +30,12 @@ void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_option("--stats", o->stats, "Calibration statistics of IN (moe-tool calibrate; out_mean and count are used)")->required();
   sub.add_option("--share", o->share, "Share of expert parameters pooled away, in [0, 0.5]: round(R x experts) pooled experts")
       ->required();
-  sub.add_option("--max-shard-size", o->shard, "Largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)");
-  sub.add_flag("--force", o->force, "Replace a non-empty output folder");
+  o->output.declare(sub);
   sub.add_flag("--dry-run", o->dry_run, "Run every check and choose the pools; write nothing");
-  sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       const auto t0 = std::chrono::steady_clock::now();
-      pipeline::HfSinkOptions opts;
-      opts.quiet = flags.quiet;
-      opts.max_shard_bytes = core::with_context("--max-shard-size", [&] { return io::parse_size(o->shard); });
+      const pipeline::HfSinkOptions opts = o->output.sink_options(flags.quiet);
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);
       const auto stats = calib::Stats::load(o->stats, /*with_gram=*/false);
@@ -45,7 +43,7 @@ void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const model::Model before = model::Model::load(ckpt);
       model::Model model = before;
       nlohmann::json pools = passes::share_experts_across_layers(model, stats, o->share);
-      io::check_output(o->out, {o->in, o->stats}, o->force, io::OutputKind::Folder);
+      io::check_output(o->out, {o->in, o->stats}, o->output.force, io::OutputKind::Folder);
       uint64_t bytes = 0;
       for (const auto& t : model.outputs(model::OutputOptions{})) bytes += io::TensorSpec{t.name, t.dtype, t.shape}.nbytes();
       io::check_free_space(o->out, bytes, "OUT");
@@ -56,7 +54,7 @@ void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         result["dry_run"] = true;
         result["bytes_after"] = bytes;
       } else {
-        pipeline::HfSink sink(env, o->out, {o->in, o->stats}, o->force, "--force", opts.max_shard_bytes);
+        pipeline::HfSink sink(env, o->out, {o->in, o->stats}, o->output.force, "--force", opts.max_shard_bytes);
         const pipeline::SinkResult r = pipeline::write_hf_checkpoint(sink, model, ckpt, opts);
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         nlohmann::json report = pipeline::make_report("share", ckpt, before, model, r, secs);
@@ -66,7 +64,7 @@ void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         result["bytes_after"] = r.tensor_bytes;
         result["tensors"] = r.tensors;
       }
-      if (o->json) std::cout << result.dump(2) << "\n";
+      if (o->output.json) std::cout << result.dump(2) << "\n";
       else
         std::cout << (o->dry_run ? "dry run, nothing written: " : "wrote ") << o->out << ": " << result["pools"].dump()
                   << " pooled experts, expert parameters " << result["expert_params_logical"].dump() << " logical, "

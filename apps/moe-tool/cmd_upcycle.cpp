@@ -14,9 +14,10 @@ namespace moe::app {
 
 void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string model, out, dtype, max_shard;
+    std::string model, out, dtype;
     int64_t seed = 0;
-    bool force = false, dry_run = false, json = false;
+    bool dry_run = false;
+    FolderOutputFlags output;
     KeyFlags keys;
   };
   auto o = std::make_shared<Opts>();
@@ -25,10 +26,8 @@ void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   o->keys.declare(sub, "upcycle");
   sub.add_option("--seed", o->seed, "Seed of every random choice: router, dropped neurons, segments (recipe key seed, default 0)");
   sub.add_option("--dtype", o->dtype, "Output dtype of float tensors: bf16, f16 or f32 (recipe key output.dtype, default as stored)");
-  sub.add_option("--max-shard-size", o->max_shard, "Largest safetensors shard (recipe key output.max_shard_size, default 5GB)");
-  sub.add_flag("--force", o->force, "Replace an existing output (recipe key output.force)");
+  o->output.declare(sub, /*recipe_keys=*/true);
   sub.add_flag("--dry-run", o->dry_run, "Run every check, print the plan; write nothing");
-  sub.add_flag("--json", o->json, "Print the result (and errors) as JSON");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       for (const char* k : {"upcycle.to", "upcycle.experts", "upcycle.top_k"})
@@ -42,8 +41,8 @@ void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       r["upcycle"] = nlohmann::json::object();
       r["output"] = {{"path", o->out}};
       if (!o->dtype.empty()) r["output"]["dtype"] = o->dtype;
-      if (!o->max_shard.empty()) r["output"]["max_shard_size"] = o->max_shard;
-      if (o->force) r["output"]["force"] = true;
+      if (o->output.max_shard_size_given()) r["output"]["max_shard_size"] = o->output.max_shard_size();
+      if (o->output.force) r["output"]["force"] = true;
       const std::string method = o->keys.given("upcycle.method") ? o->keys.value("upcycle.method").get<std::string>() : "copy";
       o->keys.apply(r, "upcycle", method);
       pipeline::UpcycleRunOptions ro{o->dry_run, flags.quiet, flags.command_line};
@@ -60,7 +59,7 @@ void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         if (m.rfind("upcycle: ", 0) == 0) m = m.substr(9);
         throw core::Error(e.kind(), m);
       }
-      if (o->json) {
+      if (o->output.json) {
         std::cout << summary.dump(2) << "\n";
       } else {
         std::cout << "upcycled " << summary.value("model", "") << " -> " << summary.value("output", "") << " ("

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "io/checkpoint_writer.h"
 
 namespace moe::app {
 
@@ -109,6 +110,25 @@ void KeyFlags::apply(nlohmann::json& recipe, const std::string& command, const s
     }
     (*cur)[p] = v;
   }
+}
+
+void FolderOutputFlags::declare(CLI::App& sub, bool recipe_keys) {
+  shard_option_ = sub.add_option("--max-shard-size", shard_,
+                                 std::string("Largest safetensors shard, e.g. 5GB, 500MB, 2GiB (") +
+                                     (recipe_keys ? "recipe key output.max_shard_size, " : "") + "default 5GB)");
+  sub.add_flag("--force", force,
+               std::string("Replace a non-empty output folder") +
+                   (recipe_keys ? " (recipe key output.force)" : ""));
+  sub.add_flag("--json", json, "Print the result (and errors) as JSON");
+}
+
+bool FolderOutputFlags::max_shard_size_given() const { return shard_option_ && shard_option_->count() > 0; }
+
+pipeline::HfSinkOptions FolderOutputFlags::sink_options(bool quiet) const {
+  pipeline::HfSinkOptions opts;
+  opts.quiet = quiet;
+  opts.max_shard_bytes = core::with_context("--max-shard-size", [&] { return io::parse_size(shard_); });
+  return opts;
 }
 
 }  // namespace moe::app

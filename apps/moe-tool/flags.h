@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "pipeline/hf_sink.h"
 #include "pipeline/keys.h"
 
 namespace moe::app {
@@ -35,6 +36,26 @@ class KeyFlags {
     bool flag = false;
   };
   std::map<std::string, Slot> slots_;  // by JSON path (std::map: stable addresses for CLI11)
+};
+
+// The flags of a command that writes one checkpoint folder (convert, share, upcycle):
+// --max-shard-size, --force and --json, declared once with one help text each.
+class FolderOutputFlags {
+ public:
+  bool force = false, json = false;
+  // Declares the three flags on `sub`; `recipe_keys`: the help names the recipe keys they set
+  // (output.max_shard_size, output.force), for a command that builds a recipe from its flags.
+  void declare(CLI::App& sub, bool recipe_keys = false);
+  // Whether --max-shard-size was given, and its text ("5GB" when not).
+  bool max_shard_size_given() const;
+  const std::string& max_shard_size() const { return shard_; }
+  // The writer's options: quiet, the shard size parsed (Error::invalid naming --max-shard-size for
+  // a malformed size); dtype and materialize left to the caller.
+  pipeline::HfSinkOptions sink_options(bool quiet) const;
+
+ private:
+  std::string shard_ = "5GB";
+  CLI::Option* shard_option_ = nullptr;
 };
 
 }  // namespace moe::app

@@ -55,6 +55,12 @@ TaskSubsets parse_task_subsets(const json& section, const std::string& where) {
     t.names.push_back(n.get<std::string>());
   }
   if (t.names.empty()) throw Error::corruption(base + ".names: empty");
+  if (section.contains("experts_per_layer")) {
+    const json& e = section.at("experts_per_layer");
+    if (!e.is_number_integer() || e.get<int64_t>() < 1)
+      throw Error::corruption(base + ".experts_per_layer: expected a positive integer, found " + e.dump());
+    t.experts_per_layer = e.get<int64_t>();
+  }
   const json& layers = section.at("layers");
   for (size_t i = 0; i < layers.size(); ++i) {
     const std::string lp = base + ".layers[" + std::to_string(i) + "]";
@@ -91,9 +97,20 @@ std::optional<TaskSubsets> task_subsets_from_report(const std::filesystem::path&
 std::map<int, std::vector<int>> task_keep(const TaskSubsets& t, const model::Model& m, const std::string& task,
                                           const std::string& where) {
   const auto keep = t.keep_of(task, where);
+  for (size_t i = 0; i < t.layers.size(); ++i) {
+    const int l = t.layers[i].layer;
+    if (l < 0 || static_cast<size_t>(l) >= m.layers().size() || !m.layers()[static_cast<size_t>(l)].moe)
+      throw Error::invalid(where + " " + task + ": " + t.source + ".layers[" + std::to_string(i) + "].layer: " +
+                           std::to_string(l) + " is not an MoE layer of the model (" + std::to_string(m.layers().size()) +
+                           " layers; was the checkpoint changed after prune --tasks?)");
+  }
   for (const auto& layer : m.layers()) {
     if (!layer.moe) continue;
     const int64_t E = layer.moe->num_experts();
+    if (t.experts_per_layer >= 0 && t.experts_per_layer != E)
+      throw Error::invalid(where + " " + task + ": layer " + std::to_string(layer.index) + " has " + std::to_string(E) +
+                           " experts, but " + t.source + ".experts_per_layer is " + std::to_string(t.experts_per_layer) +
+                           " (was the checkpoint changed after prune --tasks?)");
     const auto sec = std::find_if(t.layers.begin(), t.layers.end(), [&](const auto& l) { return l.layer == layer.index; });
     if (sec == t.layers.end() || sec->experts != E)
       throw Error::invalid(where + " " + task + ": layer " + std::to_string(layer.index) + " has " + std::to_string(E) +

@@ -31,6 +31,7 @@ struct TaskSubsets {
     std::map<std::string, std::vector<int>> keep;  // task -> written expert indices, ascending
   };
   std::vector<Layer> layers;  // MoE layers, ascending
+  int64_t experts_per_layer = -1;  // the section's "experts_per_layer" (every layer's count); -1 absent
   std::string source;         // "<report path>: tasks" (for messages)
 
   // The keep-map of `task` per MoE layer; Error::invalid "unknown task 'x' (tasks: a, b)" naming
@@ -52,7 +53,8 @@ TaskSubsets parse_task_subsets(const nlohmann::json& section, const std::string&
 // `task`'s keep-map checked against `m` (the checkpoint the section describes): per MoE layer
 // index, the written expert indices the task keeps. Error::invalid for an unknown task (naming the
 // known ones, as `where` spells the option) and for layers whose expert counts disagree with the
-// section (the checkpoint was changed after prune --tasks).
+// section (the checkpoint was changed after prune --tasks): a layer's "experts" list, the section's
+// experts_per_layer, or a section layer that is not an MoE layer of `m`.
 std::map<int, std::vector<int>> task_keep(const TaskSubsets& t, const model::Model& m, const std::string& task,
                                           const std::string& where);
 

@@ -381,14 +381,9 @@ void PackedInput::open_compressed_tensors(const nlohmann::json& q) {
                                                                ckpt_.info(m2 + ".weight").dtype == DType::F8_E4M3)
       found.push_back({m2, true});
   }
-  for (const auto& [module, is_float] : found) {
-    const std::string file = ckpt_.shard_path(module + (is_float ? ".weight" : ".weight_packed")).string();
-    for (const auto& ig : ignore)
-      if (ct_matches(ig, module, where + ".ignore"))
-        throw Error::corruption(file + ": module " + module + ": stored quantized but quantization_config.ignore names it (\"" +
-                                ig + "\")");
-    // The most specific target wins, as match_targets orders them: an exact name, then a
-    // pattern, then the class "Linear"; among equals the first group.
+  // The most specific target wins, as match_targets orders them: an exact name, then a pattern,
+  // then the class "Linear"; among equals the first group.
+  auto target_of = [&](const std::string& module) {
     const Group* hit = nullptr;
     int best = 3;
     for (const auto& G : groups)
@@ -396,6 +391,28 @@ void PackedInput::open_compressed_tensors(const nlohmann::json& q) {
         const int rank = t == "Linear" ? 2 : t.rfind("re:", 0) == 0 ? 1 : 0;
         if (rank < best && ct_matches(t, module, G.where + ".targets")) hit = &G, best = rank;
       }
+    return hit;
+  };
+  // A module whose scale, shape or zero point is stored without its codes (no weight_packed, no
+  // weight): the missing tensor is the one its scheme stores the codes in (weight_packed for an
+  // int scheme or a weight_shape, weight for FP8), named with the file of its companions.
+  for (const auto& name : ckpt_.names())
+    for (const char* companion : {".weight_scale", ".weight_shape", ".weight_zero_point"})
+      if (const std::string module = packed_module_of(name, companion);
+          !module.empty() && !ckpt_.has(module + ".weight_packed") && !ckpt_.has(module + ".weight")) {
+        const Group* g = target_of(module);
+        const bool fp8 = g && g->is_float && !ckpt_.has(module + ".weight_shape");
+        throw Error::corruption(ckpt_.shard_path(name).string() + ": tensor " + module +
+                                (fp8 ? ".weight" : ".weight_packed") + ": missing (" + name + " is stored; weight " +
+                                module + ".weight, compressed-tensors)");
+      }
+  for (const auto& [module, is_float] : found) {
+    const std::string file = ckpt_.shard_path(module + (is_float ? ".weight" : ".weight_packed")).string();
+    for (const auto& ig : ignore)
+      if (ct_matches(ig, module, where + ".ignore"))
+        throw Error::corruption(file + ": module " + module + ": stored quantized but quantization_config.ignore names it (\"" +
+                                ig + "\")");
+    const Group* hit = target_of(module);
     if (!hit)
       throw Error::corruption(file + ": module " + module + ": stored quantized but no quantization_config.config_groups "
                               "entry targets it");
@@ -420,6 +437,9 @@ void PackedInput::open_gptq_awq(const nlohmann::json& q) {
   // AutoAWQ writes w_bit / q_group_size, transformers' AwqConfig bits / group_size.
   const std::string bits_key = !awq || q.contains("bits") ? "bits" : "w_bit";
   const std::string group_key = !awq || q.contains("group_size") ? "group_size" : "q_group_size";
+  if (!q.contains(bits_key) || q.at(bits_key).is_null())
+    throw Error::corruption(where + ".bits: missing (" + (awq ? "nor w_bit; AWQ GEMM with 4 bits is read" : "4 and 8 are read") +
+                            ")");
   const int64_t bits = json_int(q, bits_key, -1, where);
   if (bits != 4 && (awq || bits != 8))
     throw Error::unsupported(where + "." + bits_key + ": " + std::to_string(bits) + " (" +
@@ -444,6 +464,14 @@ void PackedInput::open_gptq_awq(const nlohmann::json& q) {
     desc_act = json_bool(q, "desc_act", false, where);
     (void)json_bool(q, "sym", true, where);  // decoding reads the stored zero points either way
   }
+  // A module whose scales or zero points are stored without its packed codes (and without a
+  // dense weight): the missing tensor is the qweight, named with the file of its companions.
+  for (const auto& name : ckpt_.names())
+    for (const char* companion : {".scales", ".qzeros"})
+      if (const std::string module = packed_module_of(name, companion);
+          !module.empty() && !ckpt_.has(module + ".qweight") && !ckpt_.has(module + ".weight"))
+        throw Error::corruption(ckpt_.shard_path(name).string() + ": tensor " + module + ".qweight: missing (" + name +
+                                " is stored; weight " + module + ".weight, " + method_ + ")");
   for (const auto& name : ckpt_.names()) {
     const std::string module = packed_module_of(name, ".qweight");
     if (module.empty()) continue;
@@ -459,6 +487,13 @@ std::optional<Tensor> PackedInput::weight(const std::string& name, std::set<std:
   auto it = module.empty() ? modules_.end() : modules_.find(module);
   if (it == modules_.end()) return std::nullopt;
   return it->second.kind == Module::Fp8 ? fp8_weight(module, it->second, used) : int_weight(module, it->second, used);
+}
+
+void PackedInput::check_finite_scale(const std::string& name, const Tensor& s) const {
+  const int64_t bad = core::first_non_finite(s.dtype(), s.data(), static_cast<size_t>(s.numel()));
+  if (bad >= 0)
+    throw Error::corruption(ckpt_.shard_path(name).string() + ": tensor " + name + ": non-finite value at index " +
+                            std::to_string(bad) + " (a " + method_ + " scale)");
 }
 
 Tensor PackedInput::int_weight(const std::string& module, const Module& m, std::set<std::string>& used) const {
@@ -480,6 +515,8 @@ Tensor PackedInput::int_weight(const std::string& module, const Module& m, std::
     throw Error::corruption(file + ": tensor " + module + (ct ? parts.count("scales") ? ".weight_zero_point" : ".weight_scale"
                                                               : parts.count("scales") ? ".qzeros" : ".scales") +
                             ": missing (weight " + module + ".weight, " + method_ + ")");
+  // Non-finite scales are refused as the stored tensor they are in, when the model is read.
+  check_finite_scale(module + (ct ? ".weight_scale" : ".scales"), parts.at("scales"));
   // A symmetric compressed-tensors scheme decodes with the implied zero point (signed 0); a
   // zero-point tensor stored beside it is not read.
   if (ct && m.symmetric) parts.erase("zeros");
@@ -547,6 +584,7 @@ Tensor PackedInput::fp8_weight(const std::string& module, const Module& m, std::
   } else {
     want = {(out + br - 1) / br, (in + bc - 1) / bc};
   }
+  check_finite_scale(sname, s);
   if (s.numel() == core::shape_numel(want) && s.shape() != want) s = s.reshaped(want);
   if (s.dtype() == DType::F16) s = s.converted(DType::F32);  // exact; Fp8Block takes F32 or BF16 scales
   try {

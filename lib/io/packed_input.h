@@ -110,13 +110,15 @@ class PackedInput {
   // the quant_method is not one of reads(). Throws Error::unsupported (one line naming config.json
   // and the key) for a format, bits, strategy, checkpoint_format or version not read here, and
   // Error::corruption for a config that contradicts itself or the tensors (a module named by a
-  // target but not stored, a quantized module in `ignore`, a quantized module no config group
+  // target but not stored, a module whose scales are stored without its packed codes (the missing
+  // tensor and the file of its scales named), GPTQ/AWQ without bits, a quantized module in `ignore`, a quantized module no config group
   // targets, act-order without g_idx).
   static std::unique_ptr<PackedInput> open(const Checkpoint& ckpt);
 
   // The weight `name` ("<module>.weight") decoded from its stored tensors, whose names are added
   // to `used`; nullopt when the module is not quantized (read it dense). Throws Error::corruption
-  // "<file>: tensor <name>: <problem>" when a stored tensor does not fit the layout.
+  // "<file>: tensor <name>: <problem>" when a stored tensor does not fit the layout or a scale is
+  // not finite.
   std::optional<core::Tensor> weight(const std::string& name, std::set<std::string>& used) const;
 
   const std::string& quant_method() const { return method_; }
@@ -133,6 +135,9 @@ class PackedInput {
   void open_compressed_tensors(const nlohmann::json& q);
   void open_gptq_awq(const nlohmann::json& q);
   core::Tensor int_weight(const std::string& module, const Module& m, std::set<std::string>& used) const;
+  // Throws Error::corruption "<file>: tensor <name>: non-finite value at index i" for a NaN or
+  // infinite scale (float dtypes; other dtypes are refused later by the encoding).
+  void check_finite_scale(const std::string& name, const core::Tensor& s) const;
   core::Tensor fp8_weight(const std::string& module, const Module& m, std::set<std::string>& used) const;
 
   const Checkpoint& ckpt_;

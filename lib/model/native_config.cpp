@@ -2,6 +2,8 @@
 // moe_tool encodings and ragged expert counts with their keep map (docs/FORMAT.md).
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <set>
 
 #include "core/error.h"
@@ -14,6 +16,31 @@ using core::Error;
 
 namespace {
 
+// What one MoE layer's entry of a per-layer count list may be: an integer in [lo, hi], as `what`
+// says it in messages.
+struct CountBound {
+  int64_t lo = 0, hi = std::numeric_limits<int64_t>::max();
+  std::string what;
+};
+
+// A quantization_config list of one integer per decoder layer (`where` names it): an MoE layer's
+// entry within moe_bound(l), a dense layer's 0. Error::corruption naming the entry otherwise.
+std::vector<int64_t> read_layer_counts(const Config& c, const FamilyDesc& f, const nlohmann::json& a, const std::string& where,
+                                       size_t layers, const std::function<CountBound(size_t)>& moe_bound) {
+  if (!a.is_array() || a.size() != layers)
+    throw Error::corruption(where + ": expected a list of " + std::to_string(layers) + " integers (one per layer), found " +
+                            a.dump());
+  std::vector<int64_t> counts;
+  for (size_t l = 0; l < layers; ++l) {
+    const nlohmann::json& v = a[l];
+    const CountBound b = is_moe_layer(f, c, static_cast<int>(l)) ? moe_bound(l) : CountBound{0, 0, "0 (a dense layer)"};
+    if (!v.is_number_integer() || v.get<int64_t>() < b.lo || v.get<int64_t>() > b.hi)
+      throw Error::corruption(where + "[" + std::to_string(l) + "]: expected " + b.what + ", found " + v.dump());
+    counts.push_back(v.get<int64_t>());
+  }
+  return counts;
+}
+
 // quantization_config.input_experts_per_layer and keep_map of a ragged native checkpoint
 // (docs/FORMAT.md): both optional; when present, a list of one entry per decoder layer. keep_map[l]
 // is null for a dense layer; for an MoE layer null (not recorded) or one entry per written expert:
@@ -24,24 +51,12 @@ void check_keep_map(const Config& c, const FamilyDesc& f, const nlohmann::json& 
   const std::string base = c.source() + ": quantization_config.";
   const size_t layers = counts.size();
   std::vector<int64_t> input(layers, -1);  // -1: unknown
-  if (q.contains("input_experts_per_layer")) {
-    const std::string where = base + "input_experts_per_layer";
-    const nlohmann::json& a = q.at("input_experts_per_layer");
-    if (!a.is_array() || a.size() != layers)
-      throw Error::corruption(where + ": expected a list of " + std::to_string(layers) +
-                              " integers (one per layer), found " + a.dump());
-    for (size_t l = 0; l < layers; ++l) {
-      const nlohmann::json& v = a[l];
-      const bool moe = is_moe_layer(f, c, static_cast<int>(l));
-      const int64_t lo = moe ? std::max(top_k, counts[l]) : 0;
-      if (!v.is_number_integer() || v.get<int64_t>() < lo || (!moe && v.get<int64_t>() != 0))
-        throw Error::corruption(where + "[" + std::to_string(l) + "]: expected " +
-                                (moe ? "an integer >= " + std::to_string(lo) + " (the layer's written expert count)"
-                                     : std::string("0 (a dense layer)")) +
-                                ", found " + v.dump());
-      input[l] = v.get<int64_t>();
-    }
-  }
+  if (q.contains("input_experts_per_layer"))
+    input = read_layer_counts(c, f, q.at("input_experts_per_layer"), base + "input_experts_per_layer", layers, [&](size_t l) {
+      const int64_t lo = std::max(top_k, counts[l]);
+      return CountBound{lo, std::numeric_limits<int64_t>::max(),
+                        "an integer >= " + std::to_string(lo) + " (the layer's written expert count)"};
+    });
   if (!q.contains("keep_map")) return;
   const std::string where = base + "keep_map";
   const nlohmann::json& m = q.at("keep_map");
@@ -135,24 +150,13 @@ std::vector<int64_t> native_expert_counts(const Config& c, const FamilyDesc& f, 
   if (!j.contains("quantization_config") || !j.at("quantization_config").is_object()) return {};
   const nlohmann::json& q = j.at("quantization_config");
   if (q.value("quant_method", "") != "moe_tool" || !q.contains("experts_per_layer")) return {};
-  const std::string where = c.source() + ": quantization_config.experts_per_layer";
-  const nlohmann::json& a = q.at("experts_per_layer");
-  if (!a.is_array() || static_cast<int64_t>(a.size()) != layers)
-    throw Error::corruption(where + ": expected a list of " + std::to_string(layers) + " integers (one per layer), found " +
-                            a.dump());
-  std::vector<int64_t> counts;
-  for (int64_t l = 0; l < layers; ++l) {
-    const nlohmann::json& v = a[static_cast<size_t>(l)];
-    const bool moe = is_moe_layer(f, c, static_cast<int>(l));
-    const int64_t lo = moe ? top_k : 0, hi = moe ? E : 0;
-    if (!v.is_number_integer() || v.get<int64_t>() < lo || v.get<int64_t>() > hi)
-      throw Error::corruption(where + "[" + std::to_string(l) + "]: expected " +
-                              (moe ? "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] (" + f.topk_key +
-                                         " .. " + f.expert_count_key + ")"
-                                   : std::string("0 (a dense layer)")) +
-                              ", found " + v.dump());
-    counts.push_back(v.get<int64_t>());
-  }
+  const std::vector<int64_t> counts = read_layer_counts(
+      c, f, q.at("experts_per_layer"), c.source() + ": quantization_config.experts_per_layer", static_cast<size_t>(layers),
+      [&](size_t) {
+        return CountBound{top_k, E,
+                          "an integer in [" + std::to_string(top_k) + ", " + std::to_string(E) + "] (" + f.topk_key + " .. " +
+                              f.expert_count_key + ")"};
+      });
   check_keep_map(c, f, q, counts, top_k);
   return counts;
 }

@@ -207,7 +207,8 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
       if (encoded && !opts.materialize && !(opts.dtype && b.experts[0].gate.encoding() &&
                                             b.experts[0].gate.encoding()->dtype_rule() == core::Encoding::DtypeRule::Materialize))
         throw Error::unsupported("layer " + std::to_string(l) + ": encoded experts cannot be stored in the fused " +
-                                 f.model_type + " layout; write them dense (convert --materialize)");
+                                 f.model_type + " layout; write them dense: --materialize on this command (a stock " +
+                                 "checkpoint of the decoded values), \"materialize\": true in a recipe's output");
       const DType src = b.experts[0].gate.dtype();
       const DType dst = encoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype()) : (opts.dtype && is_float(src)) ? *opts.dtype : src;
       auto experts = b.experts;

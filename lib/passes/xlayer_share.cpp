@@ -35,6 +35,9 @@ core::Tensor pooled_tensor(const MatrixRM& w, core::DType dtype) {
   return core::Tensor::encoded(std::make_shared<quant::Pooled>(part), dtype);
 }
 
+// A share for messages: the shortest decimal that reads back as the value (0.375, 0.34).
+std::string number_text(double x) { return json(x).dump(); }
+
 void check_poolable(const model::Mlp& x, int l, int e) {
   const std::string where = "layer " + std::to_string(l) + " expert " + std::to_string(e);
   if (x.novice) throw Error::invalid(where + ": a novice expert (MoNE) cannot be pooled across layers");
@@ -75,10 +78,14 @@ json share_experts_across_layers(model::Model& m, const calib::Stats& stats, dou
   int64_t possible = 0;
   for (size_t p = 0; p + 1 < moe.size(); p += 2)
     possible += std::min(layers[moe[p]].moe->num_experts(), layers[moe[p + 1]].moe->num_experts());
+  // The bound as the check computes it: round(share x experts) <= possible, i.e. (rounding half
+  // away from zero) share < (possible + 0.5) / experts.
   if (pools > possible)
-    throw Error::invalid("--share: " + std::to_string(share) + " asks for " + std::to_string(pools) + " pooled experts but the " +
+    throw Error::invalid("--share: " + number_text(share) + " asks for round(" + number_text(share) + " x " +
+                         std::to_string(experts_total) + " experts) = " + std::to_string(pools) + " pooled experts but the " +
                          std::to_string(moe.size() / 2) + " pair(s) of adjacent MoE layers hold at most " + std::to_string(possible) +
-                         " (share <= " + std::to_string(static_cast<double>(possible) / static_cast<double>(experts_total)) + ")");
+                         " (share < " + number_text((static_cast<double>(possible) + 0.5) / static_cast<double>(experts_total)) +
+                         ")");
 
   std::vector<PoolCandidate> cands;
   for (size_t p = 0; pools > 0 && p + 1 < moe.size(); p += 2) {

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "io/checkpoint_writer.h"
+#include "io/packed_input.h"
 #include "quant/intn.h"
 
 namespace moe::pipeline {
@@ -96,6 +97,27 @@ IntNParts intn_parts(const nlohmann::json& entry, const std::map<std::string, co
   return p;
 }
 
+namespace {
+
+// A model read from a GPTQ / AWQ / compressed-tensors input holds no intN codes (its weights are
+// decoded from the stored layout): Error::unsupported saying so, with the ways out that work.
+void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt) {
+  const nlohmann::json q = ckpt.config().value("quantization_config", nlohmann::json());
+  const nlohmann::json qm = q.is_object() ? q.value("quant_method", nlohmann::json()) : nlohmann::json();
+  const std::string method = qm.is_string() ? qm.get<std::string>() : "";
+  if (!io::PackedInput::reads(method)) return;
+  const std::string src = ckpt.dir().string(), F = io::packed_format_name(fmt);
+  const std::string label = method == "gptq" ? "GPTQ" : method == "awq" ? "AWQ" : "compressed-tensors";
+  throw Error::unsupported(
+      src + ": the weights are in the " + label + " format already (quantization_config.quant_method \"" + method +
+      "\", read decoded), not moe-tool int4/int8 codes, which " + F + " is written from" +
+      (method == F ? " (the folder as it is already is a " + label + " checkpoint)" : "") +
+      ": export the native moe-tool checkpoint they were quantized in, or re-quantize the decoded weights with `moe-tool quantize " +
+      src + " OUT --method rtn --codec int4 --group 128 --sym` and export OUT");
+}
+
+}  // namespace
+
 // Everything refused before any work, then the tensors and the quantization_config.
 PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) {
   const std::string src = ckpt.dir().string();
@@ -141,8 +163,10 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     if (const std::string why = io::packed_shape_problem(fmt, s.bits, s.group, out, in); !why.empty())
       throw Error::unsupported(src + ": " + o.weight + " (intN " + params + "): " + F + " cannot hold " + why + ": " + way_out);
   }
-  if (first_part.empty())
+  if (first_part.empty()) {
+    refuse_packed_input(ckpt, fmt);
     throw Error::unsupported(src + ": no weight is quantized (intN); " + F + " stores int4/int8 codes: " + way_out);
+  }
   if (!dense_expert.empty())
     throw Error::unsupported(src + ": " + dense_expert + ": a routed expert stored dense; vLLM's fused-MoE layer takes one " +
                              "scheme for all experts: " + way_out);

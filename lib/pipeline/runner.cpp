@@ -338,11 +338,14 @@ void check_run(RunState& s) {
     needs_layer_inputs = needs_layer_inputs || req.layer_inputs;
     needs_inputs = needs_inputs || req.reference_inputs;
     s.needs_reference = s.needs_reference || req.reference_inputs;
-    if (req.reference_inputs && !r.calibration.propagate)
+    if (req.reference_inputs && !r.calibration.propagate) {
+      // From flags the setting is the flag itself (--no-propagate), from a recipe the key's value.
+      const std::string flag = r.key("calibration.propagate");
+      const std::string setting = flag == "calibration.propagate" ? flag + ": false" : flag;
       throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
                            r.passes[i]->method() + " compares each layer on the compressed model's inputs with the input "
-                           "model's, which are the same without propagation (" + r.key("calibration.propagate") +
-                           " false): run with propagation");
+                           "model's, which are the same without propagation (" + setting + "): run with propagation");
+    }
     if ((req.input_grams || req.layer_inputs || req.reference_inputs) && r.calibration.text.empty())
       throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: method '" + r.passes[i]->method() +
                            "' needs the inputs of each layer on calibration windows: give calibration.text");

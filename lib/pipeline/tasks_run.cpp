@@ -24,7 +24,8 @@ CalibrationSpec task_spec(const Recipe& r, const TaskCalibration& t) {
 }  // namespace
 
 void check_tasks(Recipe& r, const io::Checkpoint& ckpt, const model::Model& model, const std::vector<std::string>& fields) {
-  const std::string key = r.key("calibration.tasks");
+  // A recipe's messages start with its file, as its other errors do; flags name themselves.
+  const std::string key = (r.flag_names.empty() ? r.source + ": " : "") + r.key("calibration.tasks");
   for (const char* other : {"calibration.text", "calibration.stats"})
     if (!(std::string(other) == "calibration.text" ? r.calibration.text : r.calibration.stats).empty())
       throw Error::invalid(key + " and " + r.key(other) + ": each task brings its own statistics; drop " + r.key(other));

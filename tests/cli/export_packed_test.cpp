@@ -20,6 +20,7 @@
 #include "model/model.h"
 #include "support/cli_expect.h"
 #include "support/packed_decode.h"
+#include "support/packed_fixture.h"
 #include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -33,22 +34,6 @@ namespace fs = std::filesystem;
 std::vector<uint8_t> bytes_of(const io::Checkpoint& c, const std::string& name) {
   const core::Tensor t = c.tensor(name);
   return {t.data(), t.data() + t.nbytes()};
-}
-
-fs::path quantize_fixture(const TempDir& dir, const std::string& fixture, const std::string& tag, const std::vector<std::string>& flags) {
-  const fs::path out = dir / tag;
-  std::vector<std::string> args = {"-q", "quantize", (kSrc / "data/models" / fixture).string(), out.string(), "--method", "rtn"};
-  args.insert(args.end(), flags.begin(), flags.end());
-  const RunResult r = run_tool(args);
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
-  return out;
-}
-
-json export_packed(const fs::path& native, const fs::path& out, const std::string& format) {
-  const RunResult r = run_tool({"-q", "export", native.string(), out.string(), "--format", format, "--json"});
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_EQ(r.err, "");
-  return r.exit_code == 0 ? json::parse(r.out) : json();
 }
 
 // Module name -> decoded [out, in] weight, for every packed Linear of an export.
@@ -128,7 +113,7 @@ class ExportPacked : public ::testing::TestWithParam<PackedCase> {};
 TEST_P(ExportPacked, DecodesToTheNativeWeightsAndTheGolden) {
   const auto& c = GetParam();
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize_fixture(dir, c.fixture, "native", c.flags);
+  const fs::path native = quantize_rtn(dir.path(), c.fixture, "native", c.flags);
   const fs::path out = dir / "out";
   const json r = export_packed(native, out, c.format);
   ASSERT_FALSE(r.is_null());
@@ -189,7 +174,7 @@ INSTANTIATE_TEST_SUITE_P(
 // still lists the router.
 TEST(ExportPackedConfig, GptqNamesTheDenseLinearsOfTheLayers) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_rtn(dir.path(), "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   ASSERT_FALSE(export_packed(native, dir / "out", "gptq").is_null());
   const json q = read_json(dir / "out/config.json").at("quantization_config");
   EXPECT_EQ(q.at("bits"), 4);
@@ -206,7 +191,7 @@ TEST(ExportPackedConfig, GptqNamesTheDenseLinearsOfTheLayers) {
 // bit for bit (same codes, same scales).
 TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   for (const std::string format : {"compressed-tensors", "gptq"}) {
     SCOPED_TRACE(format);
     const fs::path out = dir / ("out-" + format), back = dir / ("back-" + format);
@@ -276,20 +261,20 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   // A folder needs --format; --type is GGUF's.
   refused({mixtral, out}, "OUT '" + out + "': not a .gguf file; give --format compressed-tensors");
   refused({mixtral, out, "--format", "gptq", "--type", "q4_0"}, "--type: gguf only");
-  const fs::path ternary = quantize_fixture(dir, "mixtral-tiny", "ternary", {"--codec", "ternary"});
+  const fs::path ternary = quantize_rtn(dir.path(), "mixtral-tiny", "ternary", {"--codec", "ternary"});
   refused({ternary.string(), out, "--format", "gptq"},
           "model.layers.0.block_sparse_moe.experts.0.w1.weight is encoded as 'ternary'");
   refused({ternary.string(), out, "--format", "gptq"}, "--codec int4 --group 128 --sym");
-  const fs::path int2 = quantize_fixture(dir, "mixtral-tiny", "int2", {"--codec", "int2", "--group", "32"});
+  const fs::path int2 = quantize_rtn(dir.path(), "mixtral-tiny", "int2", {"--codec", "int2", "--group", "32"});
   refused({int2.string(), out, "--format", "compressed-tensors"}, "2-bit codes (the layout holds 4 and 8 bits)");
   // Groups of 48 leave a shorter last group of the 128 inputs.
-  const fs::path g48 = quantize_fixture(dir, "mixtral-tiny", "g48", {"--codec", "int4", "--group", "48", "--sym"});
+  const fs::path g48 = quantize_rtn(dir.path(), "mixtral-tiny", "g48", {"--codec", "int4", "--group", "48", "--sym"});
   refused({g48.string(), out, "--format", "gptq"}, "groups of 48 do not divide the 128 inputs");
   // Attention at int8, experts at int4: one scheme per export.
-  const fs::path mixed = quantize_fixture(dir, "mixtral-tiny", "mixed", {"--codec", "int4", "--group", "32", "--sym", "--attention", "int8:g32:sym"});
+  const fs::path mixed = quantize_rtn(dir.path(), "mixtral-tiny", "mixed", {"--codec", "int4", "--group", "32", "--sym", "--attention", "int8:g32:sym"});
   refused({mixed.string(), out, "--format", "compressed-tensors"}, "this export writes one scheme for every quantized Linear");
   // A quantized lm_head has no place in the gptq config here.
-  const fs::path head = quantize_fixture(dir, "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
+  const fs::path head = quantize_rtn(dir.path(), "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
   refused({head.string(), out, "--format", "gptq"}, "lm_head.weight: a quantized lm_head");
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"g48", "head", "int2", "mixed", "ternary"}));
 }
@@ -309,7 +294,7 @@ TEST(ExportPackedRefusals, LowRankFactors) {
 // naming the layer or the novices, after `quantize` made every expert int4.
 TEST(ExportPackedRefusals, RaggedCountsAndNovices) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_rtn(dir.path(), "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   const std::string calib = kCalib.string();
   const fs::path ragged = dir / "ragged", novices = dir / "novices";
   ASSERT_EQ(run_tool({"-q", "prune", native.string(), ragged.string(), "--method", "reap", "--keep-ratio", "0.6", "--no-uniform",
@@ -327,7 +312,7 @@ TEST(ExportPackedRefusals, RaggedCountsAndNovices) {
 // folder is created (one is set to 0 in the file here); compressed-tensors holds it.
 TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int4", "--group", "32"});
+  const fs::path native = quantize_rtn(dir.path(), "mixtral-tiny", "native", {"--codec", "int4", "--group", "32"});
   const std::string zeros = "model.layers.1.block_sparse_moe.experts.2.w2.weight.zeros";
   {
     auto& env = io::Env::posix();
@@ -351,7 +336,7 @@ TEST(ExportPackedRefusals, GptqZeroPointZeroIsCheckedBeforeWriting) {
 // replaced only with --force.
 TEST(ExportPackedOutput, InputAndForce) {
   TempDir dir{"moe-export-packed"};
-  const fs::path native = quantize_fixture(dir, "mixtral-tiny", "native", {"--codec", "int8", "--group", "0", "--sym"});
+  const fs::path native = quantize_rtn(dir.path(), "mixtral-tiny", "native", {"--codec", "int8", "--group", "0", "--sym"});
   const RunResult inside = run_tool({"export", native.string(), (native / "ct").string(), "--format", "compressed-tensors"});
   EXPECT_EQ(inside.exit_code, 2) << inside.describe();
   EXPECT_FALSE(fs::exists(native / "ct"));

@@ -18,6 +18,7 @@
 #include "io/env.h"
 #include "support/ckpt_util.h"
 #include "support/cli_expect.h"
+#include "support/packed_fixture.h"
 #include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
@@ -27,15 +28,6 @@ namespace {
 
 using nlohmann::json;
 namespace fs = std::filesystem;
-
-fs::path quantize_fixture(const TempDir& dir, const std::string& fixture, const std::vector<std::string>& flags) {
-  const fs::path out = dir / "native";
-  std::vector<std::string> args = {"-q", "quantize", (kSrc / "data/models" / fixture).string(), out.string(), "--method", "rtn"};
-  args.insert(args.end(), flags.begin(), flags.end());
-  const RunResult r = run_tool(args);
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
-  return out;
-}
 
 void run_ok(const std::vector<std::string>& args) {
   const RunResult r = run_tool(args);
@@ -61,9 +53,9 @@ class PackedInputRoundTrip : public ::testing::TestWithParam<RoundTrip> {};
 TEST_P(PackedInputRoundTrip, ExportReadBackEqualsTheNativeModel) {
   const auto& c = GetParam();
   TempDir dir{"moe-packed-in"};
-  const fs::path native = quantize_fixture(dir, c.fixture, c.flags);
+  const fs::path native = quantize_rtn(dir.path(), c.fixture, "native", c.flags);
   const fs::path exported = dir / "export";
-  run_ok({"-q", "export", native.string(), exported.string(), "--format", c.format});
+  ASSERT_FALSE(export_packed(native, exported, c.format).is_null());
   // Every weight decoded as the native model decodes it (f32: exact), every other tensor too.
   run_ok({"-q", "convert", native.string(), (dir / "native-f32").string(), "--dtype", "f32", "--materialize"});
   run_ok({"-q", "convert", exported.string(), (dir / "export-f32").string(), "--dtype", "f32", "--materialize"});
@@ -127,9 +119,9 @@ INSTANTIATE_TEST_SUITE_P(
 // Every command on a GPTQ input: calibrate, prune, merge, quantize, convert; outputs load.
 TEST(PackedInputCommands, EveryCommandRunsOnAGptqInput) {
   TempDir dir{"moe-packed-in"};
-  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   const fs::path in = dir / "gptq";
-  run_ok({"-q", "export", native.string(), in.string(), "--format", "gptq"});
+  ASSERT_FALSE(export_packed(native, in, "gptq").is_null());
   const std::string calib = (kSrc / "data/text/calib.txt").string();
   run_ok({"-q", "calibrate", in.string(), "--text", calib, "--ctx", "32", "--windows", "2", "-o", (dir / "stats.safetensors").string()});
   run_ok({"-q", "prune", in.string(), (dir / "pruned").string(), "--method", "random", "--keep", "2"});
@@ -172,9 +164,9 @@ TEST(PackedInputFixtures, AwqAndFp8DecodeToTheNumPyGoldens) {
 // Bad input through the CLI: exit 2, one line naming the file and tensor, nothing written.
 TEST(PackedInputRefusals, BadInputFailsWithOneLine) {
   TempDir dir{"moe-packed-in"};
-  const fs::path native = quantize_fixture(dir, "qwen2moe-tiny", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   const fs::path in = dir / "gptq";
-  run_ok({"-q", "export", native.string(), in.string(), "--format", "gptq"});
+  ASSERT_FALSE(export_packed(native, in, "gptq").is_null());
   auto refused = [&](const fs::path& model, const std::string& needle) {
     const RunResult r = run_tool({"convert", model.string(), (dir / "out").string(), "--dtype", "bf16"});
     EXPECT_EQ(r.exit_code, 2) << r.describe();
@@ -207,6 +199,63 @@ TEST(PackedInputRefusals, BadInputFailsWithOneLine) {
     write_file(bad / "config.json", cfg.dump());
     refused(bad, "quantization_config.checkpoint_format: \"gptq_marlin\" is not read");
   }
+  {
+    const fs::path bad = dir / "no-bits";
+    copy_folder(in, bad);
+    json cfg = read_json(bad / "config.json");
+    cfg["quantization_config"].erase("bits");
+    write_file(bad / "config.json", cfg.dump());
+    refused(bad, "config.json: quantization_config.bits: missing");
+  }
+  const std::string mod = "model.layers.0.mlp.experts.0.gate_proj";
+  {
+    // The packed codes deleted: the missing tensor is the qweight, in the file of its scales.
+    const fs::path bad = dir / "no-qweight";
+    copy_folder(in, bad);
+    remove_tensor(bad / "model.safetensors", mod + ".qweight");
+    refused(bad, (bad / "model.safetensors").string() + ": tensor " + mod + ".qweight: missing (");
+  }
+  {
+    const fs::path ct = dir / "ct", bad = dir / "no-weight-packed";
+    ASSERT_FALSE(export_packed(native, ct, "compressed-tensors").is_null());
+    copy_folder(ct, bad);
+    remove_tensor(bad / "model.safetensors", mod + ".weight_packed");
+    refused(bad, (bad / "model.safetensors").string() + ": tensor " + mod + ".weight_packed: missing (");
+  }
+  {
+    // A NaN scale (f16 0x7E00): refused as the input tensor when the model is read, by every
+    // command (not later as a layer's expert in eval, or as an output tensor in convert).
+    const fs::path bad = dir / "nan-scale";
+    copy_folder(in, bad);
+    patch_tensor_bytes(bad / "model.safetensors", mod + ".scales", 2 * 5, std::string("\x00\x7e", 2));
+    const std::string needle = (bad / "model.safetensors").string() + ": tensor " + mod + ".scales: non-finite value at index 5";
+    refused(bad, needle);
+    expect_clean_failure(run_tool({"eval", bad.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "2"}),
+                         needle);
+    expect_clean_failure(run_tool({"inspect", bad.string()}), needle);
+  }
+}
+
+// export --format of a GPTQ input: refused (its weights are GPTQ codes read decoded, not moe-tool
+// int4/int8 codes), saying so and naming a way out; the way out named works.
+TEST(PackedInputRefusals, ExportOfAPackedInputNamesTheWayOut) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path in = dir / "gptq";
+  ASSERT_FALSE(export_packed(native, in, "gptq").is_null());
+  for (const std::string format : {"compressed-tensors", "gptq"}) {
+    SCOPED_TRACE(format);
+    const RunResult r = run_tool({"export", in.string(), (dir / "out").string(), "--format", format});
+    expect_clean_failure(r, in.string() + ": the weights are in the GPTQ format already");
+    EXPECT_NE(r.err.find("moe-tool quantize " + in.string() + " OUT --method rtn --codec int4 --group 128 --sym"), std::string::npos)
+        << r.err;
+    EXPECT_EQ(r.err.find("no weight is quantized"), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(dir / "out"));
+  }
+  const RunResult again = run_tool({"-q", "quantize", in.string(), (dir / "requant").string(), "--method", "rtn", "--codec",
+                                    "int4", "--group", "128", "--sym"});
+  ASSERT_EQ(again.exit_code, 0) << again.describe();
+  EXPECT_FALSE(export_packed(dir / "requant", dir / "out", "compressed-tensors").is_null());
 }
 
 }  // namespace

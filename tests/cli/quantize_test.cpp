@@ -272,5 +272,21 @@ TEST(Quantize, BadInputFailsCleanly) {
   for (const char* d : {"a", "b", "c", "d", "e", "f"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
 }
 
+// gpt-oss stores its experts fused (one tensor per layer), which has no place for codes: the
+// refusal names the flag that works on this very command, and that flag does work.
+TEST(Quantize, FusedExpertsRefusalNamesMaterializeOnTheCommand) {
+  TempDir tmp;
+  const std::string model = (kSrc / "data/gpt-oss-tiny").string();
+  const std::vector<std::string> args = {"-q", "quantize", model, (tmp / "q").string(), "--method", "rtn", "--codec", "int4"};
+  expect_clean_failure(run_tool(args), "layer 0: encoded experts cannot be stored in the fused gpt_oss layout; write them "
+                                       "dense: --materialize on this command");
+  EXPECT_FALSE(fs::exists(tmp / "q"));
+  std::vector<std::string> with = args;
+  with.push_back("--materialize");
+  const RunResult r = run_tool(with);
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fs::exists(tmp / "q" / "model.safetensors"));
+}
+
 }  // namespace
 }  // namespace moe::test

@@ -178,9 +178,20 @@ TEST(Smooth, BadInputFailsCleanly) {
   expect_clean_failure(run_tool({"quantize", m, (tmp / "d").string(), "--method", "rtn", "--align-router", "--router", "int8",
                                  "--text", c}),
                        "give router keep");
+  // The setting named as the user gave it: the flag alone, or the recipe key with its value.
   expect_clean_failure(run_tool({"quantize", m, (tmp / "e").string(), "--method", "rtn", "--align-router", "--no-propagate",
                                  "--text", c}),
-                       "run with propagation");
+                       "the same without propagation (--no-propagate): run with propagation");
+  const fs::path recipe = tmp / "no-propagate.json";
+  write_file(recipe, nlohmann::json{{"model", m},
+                                    {"calibration", {{"text", c}, {"propagate", false}}},
+                                    {"passes", {{{"pass", "quantize"}, {"method", "rtn"}, {"align_router", true}}}},
+                                    {"output", {{"path", (tmp / "e2").string()}}}}
+                         .dump());
+  expect_clean_failure(run_tool({"run", recipe.string()}),
+                       "no-propagate.json: passes[0]: quantize rtn compares each layer on the compressed model's inputs "
+                       "with the input model's, which are the same without propagation (calibration.propagate: false)");
+  EXPECT_FALSE(fs::exists(tmp / "e2"));
   expect_clean_failure(run_tool({"quantize", m, (tmp / "f").string(), "--method", "rtn", "--align-router", "--tensor-type",
                                  "\\.gate\\.weight=int8", "--text", c}),
                        "keep the router");

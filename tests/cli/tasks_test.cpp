@@ -241,6 +241,51 @@ TEST(TaskSubsets, BadInputsAreRefusedWithOneLineAndNothingWritten) {
   expect_clean_failure(run_tool({"-q", "convert", edited.string(), out.string(), "--task", "code"}),
                        "moe_tool_report.json: tasks.layers[0].keep.code: 1 experts, fewer than the 2");
   EXPECT_FALSE(fs::exists(out));
+  // The section's experts_per_layer and its layer numbers are checked against the model's layers.
+  for (const std::string what : {"experts_per_layer", "layer"}) {
+    SCOPED_TRACE(what);
+    const fs::path bad = f.tmp / ("edited-" + what);
+    fs::copy(f.shared, bad, fs::copy_options::recursive);
+    json rep = read_json(bad / "moe_tool_report.json");
+    const int written = rep["tasks"]["experts_per_layer"].get<int>();
+    if (what == "layer") rep["tasks"]["layers"][1]["layer"] = 9;
+    else rep["tasks"]["experts_per_layer"] = written + 1;
+    std::ofstream(bad / "moe_tool_report.json") << rep.dump();
+    for (const auto& args : {std::vector<std::string>{"-q", "convert", bad.string(), out.string(), "--task", "code"},
+                             std::vector<std::string>{"-q", "eval", bad.string(), "--task", "code", "--text", kHeldout.string()}})
+      expect_clean_failure(run_tool(args), what == "layer"
+                                               ? "moe_tool_report.json: tasks.layers[1].layer: 9 is not an MoE layer of the model (4 layers"
+                                               : "layer 0 has " + std::to_string(written) + " experts, but " + bad.string() +
+                                                     "/moe_tool_report.json: tasks.experts_per_layer is " + std::to_string(written + 1));
+    EXPECT_FALSE(fs::exists(out));
+  }
+}
+
+// A recipe's calibration.tasks errors start with the recipe file, as its other errors do.
+TEST(TaskSubsets, RecipeTaskErrorsNameTheRecipeFile) {
+  const TaskFixture& f = mixtral_tasks();
+  const fs::path recipe = f.tmp / "bad-tasks.json", out = f.tmp / "bad-tasks-out";
+  auto run_with = [&](const json& tasks, bool with_text) {
+    json cal = {{"ctx", 64}, {"windows", 2}, {"tasks", tasks}};
+    if (with_text) cal["text"] = kCalib.string();
+    write_file(recipe, json{{"model", kModel.string()},
+                            {"calibration", cal},
+                            {"passes", json::array({{{"pass", "prune"}, {"method", "frequency"}, {"keep", 3}}})},
+                            {"output", {{"path", out.string()}}}}
+                           .dump());
+    return run_tool({"-q", "run", recipe.string(), "--dry-run"});
+  };
+  const json good = json::array({{{"name", "code"}, {"stats", f.stats_a.string()}}, {{"name", "prose"}, {"stats", f.stats_b.string()}}});
+  expect_clean_failure(run_with(good, true),
+                       recipe.string() + ": calibration.tasks and calibration.text: each task brings its own statistics");
+  json missing_text = good;
+  missing_text[1] = {{"name", "prose"}, {"text", (f.tmp / "no-such.txt").string()}};
+  expect_clean_failure(run_with(missing_text, false), recipe.string() + ": calibration.tasks prose: " + (f.tmp / "no-such.txt").string());
+  json junk = good;
+  write_file(f.tmp / "junk.st", "junk");
+  junk[0] = {{"name", "code"}, {"stats", (f.tmp / "junk.st").string()}};
+  expect_clean_failure(run_with(junk, false), recipe.string() + ": calibration.tasks code: " + (f.tmp / "junk.st").string());
+  EXPECT_FALSE(fs::exists(out));
 }
 
 // --keep-ratio (uniform) plans per task as a single prune does: the same keep sets.

@@ -201,11 +201,13 @@ def native(rank=2, a_shape=None, b_shape=None, encoding="lowrank", drop_part=Non
 PM = NW[:-len(".weight")]  # the module packed by packed()
 
 
-def packed(fmt="gptq", g_idx=None, qzeros_shape=None, packed_cols=None, qcfg=None):
+def packed(fmt="gptq", g_idx=None, qzeros_shape=None, packed_cols=None, qcfg=None, drop=None, nan_scale=False, drop_key=None):
     """Files of a checkpoint quantized by another tool (io/packed_input.h): PM stored as GPTQ
     int8 (qweight [H/4, I], qzeros [2, I/4], scales F16 [2, I], g_idx [H], groups of 4) or as
     compressed-tensors pack-quantized int8 symmetric groups of 4 (weight_packed [I, H/4],
-    weight_scale [I, 2], weight_shape [I, H]); every other weight dense."""
+    weight_scale [I, 2], weight_shape [I, H]); every other weight dense. `drop`: the part of PM
+    with this suffix is not stored; `nan_scale`: the first scale is an f16 NaN; `drop_key`: a
+    quantization_config key removed."""
     words = lambda n: b"".join(struct.pack("<I", 0x80808080) for _ in range(n))
     one = struct.pack("<H", 0x3C00)  # f16 1.0
     if fmt == "gptq":
@@ -226,6 +228,13 @@ def packed(fmt="gptq", g_idx=None, qzeros_shape=None, packed_cols=None, qcfg=Non
              "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                  "num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 4}}}}
     q.update(qcfg or {})
+    if drop_key:
+        del q[drop_key]
+    if drop:
+        parts = [p for p in parts if not p[0].endswith(drop)]
+    if nan_scale:
+        parts = [(n, dt, sh, struct.pack("<H", 0x7E00) + d[2:]) if n.endswith((".scales", ".weight_scale")) else (n, dt, sh, d)
+                 for n, dt, sh, d in parts]
     ts = []
     for t in base_tensors():
         ts += parts if t[0] == NW else [t]
@@ -526,6 +535,14 @@ def build_cases():
     case("packed-gptq-unknown-checkpoint-format", packed(qcfg={"checkpoint_format": "marlin"}),
          "checkpoint_format marlin (a kernel layout, not read)",
          ["config.json: quantization_config.checkpoint_format: \"marlin\" is not read"])
+    case("packed-gptq-qweight-missing", packed(drop=".qweight"), "the packed codes deleted, scales and zeros kept",
+         ["model.safetensors: tensor " + PM + ".qweight: missing (" + PM + ".qzeros is stored"])
+    case("packed-gptq-nan-scale", packed(nan_scale=True), "scales[0, 0] is an f16 NaN",
+         ["model.safetensors: tensor " + PM + ".scales: non-finite value at index 0"])
+    case("packed-gptq-bits-missing", packed(drop_key="bits"), "a GPTQ quantization_config without bits",
+         ["config.json: quantization_config.bits: missing"])
+    case("packed-ct-weight-packed-missing", packed(fmt="ct", drop=".weight_packed"), "the packed codes deleted",
+         ["model.safetensors: tensor " + PM + ".weight_packed: missing (" + PM + ".weight_scale is stored"])
     case("packed-ct-packed-disagrees-with-shape", packed(fmt="ct", packed_cols=3),
          "weight_packed holds 12 int8 values a row; weight_shape says 8",
          ["model.safetensors: tensor " + PM + ".weight_packed: shape [4, 3] does not hold 8 inputs"])

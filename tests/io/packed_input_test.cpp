@@ -15,6 +15,7 @@
 #include "io/checkpoint.h"
 #include "io/env.h"
 #include "io/packed_input.h"
+#include "support/ckpt_util.h"
 #include "support/expect_error.h"
 #include "support/synth.h"
 
@@ -334,6 +335,55 @@ TEST(PackedInputRefusals, TensorProblemsNameFileAndTensor) {
   auto ct16 = ct;
   ct16[2] = tensor_of(kMod + ".weight_shape", DType::I64, {2}, std::vector<int64_t>{4, 16});
   refused(ct_config(4, false, 8), ct16, {"tensor " + kMod + ".weight_zero_point: missing"});
+}
+
+// A module whose scales are stored without its packed codes names the missing packed tensor and
+// the file of its scales, not the logical weight; a config without bits says so.
+TEST(PackedInputRefusals, MissingCodesNameThePackedTensorAndTheFile) {
+  {
+    Packed p;
+    auto t = gptq_tensors(8, 16, 2, {});
+    t.erase(t.begin());  // the qweight
+    p.write(gptq_config(4, false), t);
+    expect_error([&] { p.open(); }, ErrorKind::Corruption,
+                 {"model.safetensors: tensor " + kMod + ".qweight: missing (", " is stored; weight " + kMod + ".weight, gptq)"});
+  }
+  {
+    Packed p;
+    p.write(ct_config(4, true, 8), {f16_tensor(kMod + ".weight_scale", {4, 2}, std::vector<float>(8, 1.0f)),
+                                    tensor_of(kMod + ".weight_shape", DType::I64, {2}, std::vector<int64_t>{4, 16})});
+    expect_error([&] { p.open(); }, ErrorKind::Corruption,
+                 {"model.safetensors: tensor " + kMod + ".weight_packed: missing (", "compressed-tensors)"});
+  }
+  for (const std::string method : {"gptq", "awq"}) {
+    SCOPED_TRACE(method);
+    Packed p;
+    json q = gptq_config(4, false);
+    q["quant_method"] = method;
+    q.erase("bits");
+    p.write(q, gptq_tensors(8, 16, 2, {}));
+    expect_error([&] { p.open(); }, ErrorKind::Corruption, {"config.json: quantization_config.bits: missing"});
+  }
+}
+
+// A NaN or infinite scale is refused as the stored tensor it is in (file, tensor, index) when the
+// weight is read, for every layout. (The values are patched into the file: the writer refuses them.)
+TEST(PackedInputRefusals, NonFiniteScalesNameTheStoredTensor) {
+  auto refused = [](const json& q, const std::vector<SynthTensor>& t, const std::string& scale, const std::string& f16) {
+    Packed p;
+    p.write(q, t);
+    patch_tensor_bytes(p.dir / "model.safetensors", kMod + scale, 2 * 3, f16);  // element 3
+    p.ckpt = io::Checkpoint::open(io::Env::posix(), p.dir.path());
+    p.open();
+    std::set<std::string> used;
+    expect_error([&] { (void)p.input->weight(kMod + ".weight", used); }, ErrorKind::Corruption,
+                 {"model.safetensors: tensor " + kMod + scale + ": non-finite value at index 3"});
+  };
+  refused(gptq_config(4, false), gptq_tensors(8, 16, 2, {}), ".scales", std::string("\x00\x7e", 2));  // f16 NaN
+  const std::vector<SynthTensor> ct = {tensor_of(kMod + ".weight_packed", DType::I32, {4, 2}, std::vector<uint32_t>(8, 0)),
+                                       f16_tensor(kMod + ".weight_scale", {4, 2}, std::vector<float>(8, 1.0f)),
+                                       tensor_of(kMod + ".weight_shape", DType::I64, {2}, std::vector<int64_t>{4, 16})};
+  refused(ct_config(4, true, 8), ct, ".weight_scale", std::string("\x00\x7c", 2));  // f16 +inf
 }
 
 }  // namespace

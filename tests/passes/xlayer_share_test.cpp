@@ -148,6 +148,14 @@ TEST(XlayerShare, Refusals) {
          passes::to_tensor(w.down.leftCols(8), core::DType::BF16)};
   }
   expect_invalid(narrow, stats, 0.25, "layer 1: expert width 8 differs from layer 0's 16");
+  // Three MoE layers of 4 experts: one pair, at most 4 of the 12 experts pooled. The bound stated
+  // is the one checked: round(share x 12) <= 4, so 0.37 (4.44) passes and 0.375 (4.5) does not.
+  model::Model three = load_synth_mixtral(tmp, 3);
+  expect_invalid(three, stats, 0.375,
+                 "--share: 0.375 asks for round(0.375 x 12 experts) = 5 pooled experts but the 1 pair(s) of adjacent MoE "
+                 "layers hold at most 4 (share < 0.375)");
+  const nlohmann::json pools = passes::share_experts_across_layers(three, stats, 0.37);
+  EXPECT_EQ(pools.at("pools").size(), 4u);
   // Nothing pooled after a refusal.
   for (const auto& l : m.layers())
     for (const auto& x : l.moe->experts) EXPECT_EQ(x.gate.encoding(), nullptr);

@@ -1,6 +1,9 @@
 #include "support/ckpt_util.h"
 
+#include <algorithm>
+#include <cstring>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -74,6 +77,38 @@ void patch_tensor_bytes(const std::filesystem::path& file, const std::string& na
   if (begin + byte_offset + bytes.size() > end) throw std::runtime_error(name + ": patch past the tensor's end");
   f.seekp(static_cast<std::streamoff>(8 + n + begin + byte_offset));
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!f) throw std::runtime_error(file.string() + ": write failed");
+}
+
+void remove_tensor(const std::filesystem::path& file, const std::string& name) {
+  std::string bytes;
+  {
+    std::ifstream f(file, std::ios::binary);
+    if (!f) throw std::runtime_error(file.string() + ": cannot open");
+    bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  auto h = nlohmann::json::parse(bytes.substr(8, n));
+  if (!h.contains(name)) throw std::runtime_error(file.string() + ": no tensor " + name);
+  h.erase(name);
+  // The remaining tensors' data in their order in the file, at new offsets.
+  std::vector<std::pair<uint64_t, std::string>> order;
+  for (const auto& [k, v] : h.items())
+    if (k != "__metadata__") order.push_back({v["data_offsets"][0].get<uint64_t>(), k});
+  std::sort(order.begin(), order.end());
+  std::string data;
+  for (const auto& [begin, k] : order) {
+    const uint64_t end = h[k]["data_offsets"][1].get<uint64_t>();
+    h[k]["data_offsets"] = {data.size(), data.size() + (end - begin)};
+    data += bytes.substr(8 + n + begin, end - begin);
+  }
+  std::string header = h.dump();
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const uint64_t hn = header.size();
+  std::ofstream f(file, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(&hn), 8);
+  f << header << data;
   if (!f) throw std::runtime_error(file.string() + ": write failed");
 }
 

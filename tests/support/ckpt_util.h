@@ -44,6 +44,9 @@ namespace moe::test {
 // tensor is absent or the bytes do not fit.
 void patch_tensor_bytes(const std::filesystem::path& file, const std::string& name, uint64_t byte_offset,
                         const std::string& bytes);
+// Rewrites the safetensors file `file` without tensor `name` (the other tensors' bytes unchanged).
+// Throws std::runtime_error when the tensor is absent.
+void remove_tensor(const std::filesystem::path& file, const std::string& name);
 // A copy of folder `from` at `to` (files only, one level).
 void copy_folder(const std::filesystem::path& from, const std::filesystem::path& to);
 
