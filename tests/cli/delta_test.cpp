@@ -9,8 +9,7 @@
 #include <set>
 
 #include "io/checkpoint.h"
-#include "model/model.h"
-#include "runtime/forward.h"
+#include "support/ckpt_util.h"
 #include "support/cli_expect.h"
 #include "support/paths.h"
 #include "support/run.h"
@@ -20,14 +19,6 @@ namespace moe::test {
 namespace {
 
 using nlohmann::json;
-
-runtime::MatrixRM logits_of(const fs::path& dir) {
-  auto m = model::Model::load(io::Checkpoint::open(io::Env::posix(), dir));
-  runtime::Forward f(m);
-  std::vector<int32_t> ids;
-  for (int i = 0; i < 64; ++i) ids.push_back(static_cast<int32_t>((i * 37 + 11) % m.dims().vocab));
-  return f.run(ids, 32);
-}
 
 class Delta : public ::testing::Test {
  protected:
@@ -86,7 +77,7 @@ TEST_F(Delta, BaseStoredOnceMaterializeEqualsNativeAndInspectCountsTheStoredByte
   r = run_tool({"-q", "convert", out.string(), mat.string(), "--materialize", "--dtype", "f32"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_FALSE(read_json(mat / "config.json").contains("quantization_config"));
-  const runtime::MatrixRM a = logits_of(out), b = logits_of(mat), orig = logits_of(in());
+  const runtime::MatrixRM a = fixed_logits(out), b = fixed_logits(mat), orig = fixed_logits(in());
   EXPECT_TRUE(a == b) << "max |diff| " << (a - b).cwiseAbs().maxCoeff();
   EXPECT_FALSE(a == orig);
 
