@@ -104,6 +104,13 @@ TEST_F(Delta, DryRunGivesTheEstimatedBits) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+TEST(DeltaList, ListShowsTheMethodAndItsKeys) {  // a method name longer than the list's column
+  const RunResult r = run_tool({"list"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("quantize delta-ternary delta-compressed experts"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("--max-error"), std::string::npos) << r.out;
+}
+
 TEST_F(Delta, BadInputIsRefusedInOneLineWithNothingWritten) {
   const fs::path out = *tmp_ / "bad";
   auto q = [&](std::vector<std::string> extra, const fs::path& model) {
