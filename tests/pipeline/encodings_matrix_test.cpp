@@ -1,9 +1,10 @@
 // Encoded inputs through every command (docs/encodings.md): every encoding the tool writes
 // (intN, ternary, ternary-dict, lowrank; delta-ternary on the experts) on every tensor class it
-// can write it on (routed experts, shared expert, shared-expert gate, dense MLP, attention, router, embeddings, lm_head), read by
-// every pass and command. Each pass either handles the encoding — exit 0, a loadable output in which
-// every weight the pass does not change keeps its encoding, and a warning line when it dequantizes
-// one — or refuses it before any work; none crashes.
+// can write it on (routed experts, shared expert, shared-expert gate, dense MLP, attention,
+// router, embeddings, lm_head), read by every pass and command. Each pass either handles the
+// encoding — exit 0, a loadable output in which every weight the pass does not change keeps its
+// encoding, and a warning line when it dequantizes one — or refuses it before any work; none
+// crashes.
 //
 // The model is a synthetic qwen2_moe (layer 0 dense, layers 1-2 MoE with a shared expert and its
 // gate, untied lm_head; hidden 32, 4 experts): each encoded input is written once per test binary.
