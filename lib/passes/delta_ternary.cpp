@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "io/checkpoint.h"
 #include "passes/experts.h"
 #include "passes/options.h"
 #include "quant/delta_ternary.h"
@@ -44,13 +45,16 @@ class DeltaTernaryPass final : public pipeline::Pass {
       throw Error::invalid(o.key_path("max_error") + ": expected a number in (0, 1), found " + json_found(spec.at("max_error")));
     if (max_error_ && has_density)
       throw Error::invalid(o.key_path("density") + ": give density or max_error, not both");
+    if (auto p = o.opt_string("parent")) parent_path_ = *p, parent_key_ = o.key_path("parent");
     o.finish();
   }
 
   std::string name() const override { return "quantize"; }
   std::string method() const override { return "delta-ternary"; }
   json params() const override {
-    json p = {{"pass", "quantize"}, {"method", "delta-ternary"}, {"base", "mean of the layer's experts"}};
+    json p = {{"pass", "quantize"}, {"method", "delta-ternary"},
+              {"base", parent_path_.empty() ? "mean of the layer's experts" : "parent's MLP"}};
+    if (!parent_path_.empty()) p["parent"] = parent_path_;
     if (max_error_) p["max_error"] = *max_error_;
     else p["density"] = density_;
     if (estimate_) p["estimated_bits_per_expert_param"] = *estimate_;
@@ -61,6 +65,7 @@ class DeltaTernaryPass final : public pipeline::Pass {
   bool shapes_at_run() const override { return true; }
 
   void check_model(const model::Model& m) const override {
+    if (!parent_path_.empty()) load_parent(m);
     for (const auto& l : m.layers()) {
       if (!l.moe) continue;
       if (!estimate_ && !max_error_ && l.moe->num_experts() > 0 && !l.moe->experts[0].is_novice()) {
@@ -111,10 +116,17 @@ class DeltaTernaryPass final : public pipeline::Pass {
         w.push_back(core::with_context(what, [&] { return runtime::to_matrix(tensor_of(e)); }));
         if (!w.back().allFinite()) throw Error::invalid(what + ": a weight is not finite (NaN or Inf)");
       }
-      Eigen::MatrixXd sum = Eigen::MatrixXd::Zero(w[0].rows(), w[0].cols());
-      for (const auto& m : w) sum += m.cast<double>();
       const core::DType bd = base_dtype(tensor_of(0));
-      auto base_part = std::make_shared<const core::Tensor>(to_tensor(runtime::MatrixRM((sum / static_cast<double>(E)).cast<float>()), bd));
+      std::shared_ptr<const core::Tensor> base_part;
+      if (parent_model_) {  // the parent's MLP matrix as it is stored (checked in check_model)
+        const model::Mlp& pm = *parent_model_->layers()[static_cast<size_t>(ctx.layer)].mlp;
+        const core::Tensor& pt = t == 0 ? pm.gate : t == 1 ? pm.up : pm.down;
+        base_part = std::make_shared<const core::Tensor>(pt.encoding() || pt.dtype() != bd ? to_tensor(runtime::to_matrix(pt), bd) : pt);
+      } else {
+        Eigen::MatrixXd sum = Eigen::MatrixXd::Zero(w[0].rows(), w[0].cols());
+        for (const auto& m : w) sum += m.cast<double>();
+        base_part = std::make_shared<const core::Tensor>(to_tensor(runtime::MatrixRM((sum / static_cast<double>(E)).cast<float>()), bd));
+      }
       const runtime::MatrixRM base = runtime::to_matrix(*base_part);  // as stored
       const double n = static_cast<double>(base.size());
       const double base_bytes = static_cast<double>(base_part->nbytes());
@@ -151,6 +163,32 @@ class DeltaTernaryPass final : public pipeline::Pass {
     return (d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16) ? d : core::DType::BF16;
   }
 
+  // The parent (parent_path_): a dense checkpoint with the input's layer count whose MLP of every
+  // MoE layer has the experts' shapes. Error::invalid naming the key otherwise.
+  void load_parent(const model::Model& m) const {
+    if (parent_model_) return;
+    parent_ckpt_ = std::make_shared<io::Checkpoint>(io::Checkpoint::open(io::Env::posix(), parent_path_));
+    auto pm = std::make_shared<model::Model>(model::Model::load(*parent_ckpt_));
+    if (pm->layers().size() != m.layers().size())
+      throw Error::invalid(parent_key_ + ": " + parent_path_ + " has " + std::to_string(pm->layers().size()) +
+                           " layers, the model " + std::to_string(m.layers().size()));
+    for (const auto& l : m.layers()) {
+      if (!l.moe || l.moe->experts.empty()) continue;
+      const auto& pl = pm->layers()[static_cast<size_t>(l.index)];
+      const auto& x = l.moe->experts[0];
+      if (!pl.mlp || pl.mlp->gate.shape() != x.gate.shape() || pl.mlp->up.shape() != x.up.shape() ||
+          pl.mlp->down.shape() != x.down.shape())
+        throw Error::invalid(parent_key_ + ": layer " + std::to_string(l.index) + " of " + parent_path_ +
+                             (pl.mlp ? " has an MLP of gate " + core::shape_str(pl.mlp->gate.shape()) : std::string(" has no dense MLP")) +
+                             ", the experts have gate " + core::shape_str(x.gate.shape()) +
+                             " (the parent must be the dense model the experts were upcycled from)");
+    }
+    parent_model_ = std::move(pm);
+  }
+
+  std::string parent_path_, parent_key_;
+  mutable std::shared_ptr<io::Checkpoint> parent_ckpt_;
+  mutable std::shared_ptr<const model::Model> parent_model_;
   double density_ = kDefaultDensity;
   std::optional<double> max_error_;
   mutable std::optional<double> estimate_;

@@ -2,7 +2,8 @@
 // share a parent (copy-upcycled and then trained, BTX/BAM-style merges of fine-tunes), each MoE
 // layer's routed experts of one matrix type (gate, up, down) are stored as
 //   base = (1/E) Σ_e W_e           the mean of the layer's experts, rounded to the experts' dtype
-//                                  (bf16 when they are encoded), stored once (a shared part),
+//                                  (bf16 when they are encoded), stored once (a shared part);
+//                                  with "parent", that dense model's MLP matrix of the layer,
 //   W_e ≈ base + s_e · sign(D_e) ⊙ M_e,   D_e = W_e − base,
 // with M_e the m_e largest |D_e| (ties: lower flat index first; zero deltas never kept) and
 // s_e = mean |D_e| over M_e, which is also the least-squares scale for those signs and that mask
@@ -17,6 +18,9 @@
 //                      ‖D‖² − (Σ_{top m} |D|)² / m, which is not monotone in m: past some m, more
 //                      small deltas under one scale fit worse); when no m reaches E, the m with the
 //                      least error is kept (the report says so for that matrix)
+//   "parent": PATH     the dense checkpoint the experts were upcycled from (same layer count; every
+//                      MoE layer's MLP of the experts' shapes, else Error::invalid naming the key):
+//                      its MLP matrices are the bases instead of the experts' mean
 // Only routed experts are changed (novices and experts with biases are refused: Error::invalid
 // naming the layer); shared experts, attention, routers keep what they are. Experts stored
 // encoded are read dequantized (said in the plan). No calibration is used. Reported per matrix:

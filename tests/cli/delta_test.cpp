@@ -104,6 +104,27 @@ TEST_F(Delta, DryRunGivesTheEstimatedBits) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+TEST_F(Delta, ParentAsBase) {
+  // Copy-upcycled experts equal their parent: with the parent as base every delta is 0 (nothing
+  // kept) and the model computes exactly what the upcycled one does.
+  const fs::path dense = *tmp_ / "llama", up = *tmp_ / "up", out = *tmp_ / "par", bad = *tmp_ / "par-bad";
+  write_synth(make_synth("llama"), dense, {.tokenizer = true});
+  RunResult r = run_tool({"-q", "upcycle", dense.string(), up.string(), "--to", "mixtral", "--experts", "4", "--top-k", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "quantize", up.string(), out.string(), "--method", "delta-ternary", "--parent", dense.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = read_json(out / "config.json")["quantization_config"]["weights"];
+  ASSERT_FALSE(w.empty());
+  for (const auto& [name, e] : w.items()) EXPECT_EQ(e["nnz"], 0) << name;
+  EXPECT_TRUE(fixed_logits(out) == fixed_logits(up));
+  // The report names the base.
+  EXPECT_EQ(read_json(out / "moe_tool_report.json")["passes"][0]["params"]["base"], "parent's MLP");
+  // A parent that is not one: refused before any work, naming the key and the layer.
+  expect_clean_failure(run_tool({"-q", "quantize", up.string(), bad.string(), "--method", "delta-ternary", "--parent", up.string()}),
+                       "--parent: layer 0 of");
+  EXPECT_FALSE(fs::exists(bad));
+}
+
 TEST(DeltaList, ListShowsTheMethodAndItsKeys) {  // a method name longer than the list's column
   const RunResult r = run_tool({"list"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
