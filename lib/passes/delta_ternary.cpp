@@ -152,7 +152,7 @@ class DeltaTernaryPass final : public pipeline::Pass {
 
   std::vector<std::string> run_warnings() const override {
     if (!unreached_) return {};
-    return {std::to_string(unreached_) + " expert matrices could not reach max_error " + std::to_string(*max_error_) +
+    return {std::to_string(unreached_) + " expert matrices could not reach max_error " + json(*max_error_).dump() +
             " (the density with the least error kept for them; see the report's notes)"};
   }
 
