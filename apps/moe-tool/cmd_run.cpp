@@ -315,7 +315,7 @@ void setup_list(CLI::App& sub, Handler& handler, const GlobalFlags&) {
         if (*json) {
           out.push_back({{"pass", p.pass}, {"method", p.method}, {"description", p.description}, {"keys", keys}});
         } else {
-          std::cout << p.pass << " " << p.method << std::string(std::max<size_t>(1, 12 - std::string(p.method).size()), ' ')
+          std::cout << p.pass << " " << p.method << std::string(static_cast<size_t>(std::max<int64_t>(1, 12 - static_cast<int64_t>(std::string(p.method).size()))), ' ')
                     << p.description << "\n" << text;
         }
       }

@@ -56,6 +56,22 @@ def _dict_words(entries):
         words.extend(prefix + [s % 3, s // 3] for s in range(9))
     return words
 
+def _delta_ternary(e, stream, base, scale):
+    """delta-ternary: base + scale * sign at the Rice-coded kept positions (docs/FORMAT.md)."""
+    bits = np.unpackbits(stream, bitorder="little")
+    k, w, i, pos = e["rice_k"], base.astype(np.float32).copy().reshape(-1), 0, -1
+    for _ in range(e["nnz"]):
+        q = 0
+        while bits[i]:
+            q, i = q + 1, i + 1
+        i += 1
+        g = (q << k) | sum(int(bits[i + b]) << b for b in range(k))
+        i += k
+        pos += g + 1
+        w[pos] += np.float32(-scale if bits[i] else scale)
+        i += 1
+    return w.reshape(base.shape)
+
 def _per_column(v, group, cols):
     """[rows, ngroups] -> [rows, cols]: each group's value over its columns (group 0 = row)."""
     return np.repeat(v, cols if group == 0 else group, axis=1)[:, :cols]
@@ -84,6 +100,8 @@ def load_native(folder):
             out[name] = p["a"] @ p["b"] + (p["base"] if "base" in p else 0)
         elif e["encoding"] == "pooled":
             out[name] = p["weight"]
+        elif e["encoding"] == "delta-ternary":
+            out[name] = _delta_ternary(e, r["stream"], p["base"], np.float32(p["scale"][0]))
         elif e["encoding"] == "fp8-block":
             br, bc = e["block"]
             c = p["codes"]

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "passes/delta_ternary.h"
 #include "passes/experts.h"
 #include "passes/options.h"
 #include "passes/passes.h"
@@ -1059,6 +1060,7 @@ RouterFit fit_router(const MatrixRM& current, const MatrixRM& reference, const R
 }
 
 std::unique_ptr<pipeline::Pass> make_quantize(const json& spec, const std::string& method, const std::string& path) {
+  if (method == "delta-ternary") return make_delta_ternary(spec, path);  // passes/delta_ternary.h
   return std::make_unique<Quantize>(spec, method, path);
 }
 

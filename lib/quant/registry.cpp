@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/fp8_block.h"
+#include "quant/delta_ternary.h"
 #include "quant/intn.h"
 #include "quant/lowrank.h"
 #include "quant/pooled.h"
@@ -25,6 +26,8 @@ const std::vector<EncodingInfo>& known_encodings() {
       {"ternary-dict", {"codes", "counts", "levels", "dictionary"}, {},
        "W = 0, lo or hi per row: trit pairs coded by a shared Tunstall dictionary (sub-1-bit, QMoE), u16 codes, u8/u16/u32 codes per row, f16 levels"},
       {"pooled", {"weight"}, {}, "W = weight [out, in] (float), one expert of a cross-layer pool stored once for the weights of two layers"},
+      {"delta-ternary", {"base", "stream", "scale"}, {},
+       "W = base + scale * sign at the kept positions: base [out, in] (float) shared by a layer's experts, positions and signs Rice-coded, f32 scale (ComPEFT)"},
   };
   return table;
 }
@@ -104,6 +107,12 @@ std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<s
   } else if (name == "ternary-dict") {
     enc = std::make_shared<TernaryDict>(int_param(entry, "cols", 0), part("codes").tensor, part("counts").tensor,
                                         part("levels").tensor, PairDictionary::from_part(part("dictionary").tensor));
+  } else if (name == "delta-ternary") {
+    const int64_t rice_k = int_param(entry, "rice_k", 0);
+    if (rice_k > 30) throw Error::corruption("delta-ternary: rice_k: expected an integer in [0, 30], found " + std::to_string(rice_k));
+    const StoredPart base = part("base");
+    enc = std::make_shared<DeltaTernary>(base.tensor, part("stream").tensor, part("scale").tensor, int_param(entry, "nnz", 0),
+                                         static_cast<int>(rice_k), base.shared);
   } else if (name == "pooled") {
     enc = std::make_shared<Pooled>(part("weight").tensor);
   } else {  // fp8-block

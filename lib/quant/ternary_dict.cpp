@@ -349,7 +349,8 @@ void add_pair_stats(const Ternary& t, PairStats* s) {
 }
 
 bool part_shapes_depend_on_values(const core::Encoding& e) {
-  return dynamic_cast<const TernaryDict*>(&e) != nullptr || dynamic_cast<const TernaryDictPending*>(&e) != nullptr;
+  return dynamic_cast<const TernaryDict*>(&e) != nullptr || dynamic_cast<const TernaryDictPending*>(&e) != nullptr ||
+         e.name() == "delta-ternary";  // its coded stream's length (quant/delta_ternary.h)
 }
 
 TernaryDictPending::TernaryDictPending(std::shared_ptr<const Ternary> t) : Encoding(t->rows(), t->cols()), t_(std::move(t)) {

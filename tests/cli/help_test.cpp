@@ -68,7 +68,7 @@ TEST(Help, EachPassCommandsMethodOptionListsItsMethodsInOrder) {
       continue;
     }
     std::smatch got;
-    ASSERT_TRUE(std::regex_search(line, got, std::regex("Method: ([a-z0-9_, ]+) \\(see moe-tool list"))) << line;
+    ASSERT_TRUE(std::regex_search(line, got, std::regex("Method: ([a-z0-9_, -]+) \\(see moe-tool list"))) << line;
     std::string want;
     for (const auto& method : methods) want += (want.empty() ? "" : ", ") + method;
     EXPECT_EQ(got[1].str(), want) << pass;

@@ -28,7 +28,7 @@ std::string error_of(const json& spec) {
 
 TEST(Registry, EveryListedPassBuilds) {
   const auto& table = registered_passes();
-  EXPECT_EQ(table.size(), 17u);
+  EXPECT_EQ(table.size(), 18u);
   std::set<std::string> names;
   for (const auto& p : table) {
     names.insert(std::string(p.pass) + "/" + p.method);
@@ -50,6 +50,7 @@ TEST(Registry, EveryListedPassBuilds) {
   EXPECT_TRUE(names.count("merge/submoe"));
   EXPECT_TRUE(names.count("factorize/svdllm"));
   EXPECT_TRUE(names.count("quantize/gptq"));
+  EXPECT_TRUE(names.count("quantize/delta-ternary"));
 }
 
 TEST(Registry, UnknownPassAndMethodSuggest) {

@@ -1,9 +1,10 @@
 // Encoded inputs through every command (docs/encodings.md): every encoding the tool writes
-// (intN, ternary, ternary-dict, lowrank) on every tensor class it can write it on (routed experts,
-// shared expert, shared-expert gate, dense MLP, attention, router, embeddings, lm_head), read by
-// every pass and command. Each pass either handles the encoding — exit 0, a loadable output in which
-// every weight the pass does not change keeps its encoding, and a warning line when it dequantizes
-// one — or refuses it before any work; none crashes.
+// (intN, ternary, ternary-dict, lowrank; delta-ternary on the experts) on every tensor class it
+// can write it on (routed experts, shared expert, shared-expert gate, dense MLP, attention,
+// router, embeddings, lm_head), read by every pass and command. Each pass either handles the
+// encoding — exit 0, a loadable output in which every weight the pass does not change keeps its
+// encoding, and a warning line when it dequantizes one — or refuses it before any work; none
+// crashes.
 //
 // The model is a synthetic qwen2_moe (layer 0 dense, layers 1-2 MoE with a shared expert and its
 // gate, untied lm_head; hidden 32, 4 experts): each encoded input is written once per test binary.
@@ -68,11 +69,13 @@ struct Encoding {
   const char* name;      // as config.json names it
   const char* codec;     // quantize codec; "" = factorize svd
   bool sub1bit = false;  // quantize --sub1bit
+  bool delta = false;    // quantize --method delta-ternary (routed experts only)
 };
 
 const std::vector<Encoding>& encodings() {
   static const std::vector<Encoding> e = {
-      {"intN", "int4"}, {"ternary", "ternary-absmean"}, {"ternary-dict", "ternary", true}, {"lowrank", ""}};
+      {"intN", "int4"}, {"ternary", "ternary-absmean"}, {"ternary-dict", "ternary", true}, {"lowrank", ""},
+      {"delta-ternary", "delta-ternary", false, true}};
   return e;
 }
 
@@ -94,7 +97,9 @@ const fs::path& encoded_input(const Encoding& enc, const Class& cls) {
   if (auto it = made.find(key); it != made.end()) return it->second;
   const fs::path out = dir() / key;
   std::vector<std::string> args;
-  if (!*enc.codec) {
+  if (enc.delta) {
+    args = {"-q", "quantize", base_model().string(), out.string(), "--method", "delta-ternary", "--density", "0.25"};
+  } else if (!*enc.codec) {
     args = {"-q", "factorize", base_model().string(), out.string(), "--method", "svd", "--ratio", "0.5", "--targets",
             cls.target};
   } else {
@@ -172,6 +177,7 @@ std::vector<Cell> cells() {
       // factorize writes no router, gate, embeddings or lm_head; --sub1bit codes layers only
       // (embeddings and lm_head stay ternary, docs/encodings.md).
       if ((*encodings()[e].codec || *classes()[c].target) &&
+          (!encodings()[e].delta || std::string(classes()[c].name) == "experts") &&
           !(encodings()[e].sub1bit && (std::string(classes()[c].name) == "embeddings" ||
                                        std::string(classes()[c].name) == "lm_head")))
         // Under the sanitizers (about ten times slower) every decoder still runs: each encoding

@@ -3,11 +3,15 @@
 #include <gtest/gtest.h>
 
 #include <Eigen/Core>
+#include <cmath>
 
 #include "core/error.h"
 #include "core/fp8_block.h"
+#include "passes/delta_ternary.h"
+#include "quant/delta_ternary.h"
 #include "quant/lowrank.h"
 #include "quant/registry.h"
+#include "support/expect_error.h"
 
 namespace moe::quant {
 namespace {
@@ -98,6 +102,125 @@ TEST(Registry, DecodesEntriesAndNamesWhatIsWrong) {
   std::vector<float> got(35);
   f->dequantize_rows(0, 5, got.data());
   EXPECT_EQ(got, q.with_block_scale(sc, 2, 4).to_f32());
+}
+
+// The delta-ternary encoding (quant/delta_ternary.h) and the sparse delta of the delta-ternary
+// method (passes/delta_ternary.h): the stream's bit layout on a hand-made case, exact decoding,
+// density 1 on exact ternary deltas giving W back exactly, the max_error rule, and corrupt parts.
+MatrixRM dt_decoded(const core::Encoding& e) {
+  MatrixRM out(e.rows(), e.cols());
+  e.dequantize_rows(0, e.rows(), out.data());
+  return out;
+}
+
+MatrixRM dt_base23() {
+  MatrixRM b(2, 3);
+  b << 0.5f, -1.0f, 2.0f, 0.0f, 0.25f, -0.75f;
+  return b;
+}
+
+TEST(DeltaTernary, HandMadeStreamDecodesToBasePlusSignedScale) {
+  // Kept positions 1 (+) and 5 (−): gaps 1 and 3. Rice k = 0 needs 3 + 5 bits, k = 1 needs 3 + 4,
+  // k = 2 needs 4 + 4: k = 1. Bits, LSB first: [0 | 1 | 0] [1 0 | 1 | 1] = 0b1101010 = 106.
+  const auto enc = DeltaTernary::pack(tensor(dt_base23()), {1, 5}, {false, true}, 0.25f);
+  EXPECT_EQ(enc->rice_k(), 1);
+  EXPECT_EQ(enc->nnz(), 2);
+  const auto parts = enc->parts();
+  ASSERT_EQ(parts.size(), 3u);
+  EXPECT_EQ(parts[0].role, "base");
+  EXPECT_TRUE(parts[0].shared);
+  ASSERT_EQ(parts[1].tensor->numel(), 1);
+  EXPECT_EQ(parts[1].tensor->data()[0], 106);
+  MatrixRM want = dt_base23();
+  want(0, 1) += 0.25f;
+  want(1, 2) -= 0.25f;
+  EXPECT_TRUE(dt_decoded(*enc) == want) << dt_decoded(*enc);
+  // Row ranges decode the same rows.
+  MatrixRM row1(1, 3);
+  enc->dequantize_rows(1, 2, row1.data());
+  EXPECT_TRUE(row1 == want.row(1)) << row1;
+
+  // Read back from a config entry and its parts, as a checkpoint gives them.
+  const json entry = {{"encoding", "delta-ternary"}, {"nnz", 2}, {"rice_k", 1}};
+  std::map<std::string, StoredPart> stored = {
+      {"base", {parts[0].tensor, true}}, {"stream", {parts[1].tensor, false}}, {"scale", {parts[2].tensor, false}}};
+  const auto back = decode(entry, stored);
+  EXPECT_EQ(back->name(), "delta-ternary");
+  EXPECT_TRUE(dt_decoded(*back) == want);
+}
+
+TEST(DeltaTernary, DensityOneOnExactTernaryDeltasGivesTheWeightBack) {
+  MatrixRM base(4, 6), t(4, 6);
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 6; ++j) {
+      base(i, j) = static_cast<float>((i * 5 + j * 3) % 11 - 5) / 64.0f;
+      t(i, j) = static_cast<float>((i + 2 * j) % 3 - 1);  // −1, 0, +1
+    }
+  const float s = 0.0625f;
+  const MatrixRM w = base + s * t;
+  const passes::SparseDelta d = passes::sparse_delta(w, base, 1.0, -1.0);
+  EXPECT_EQ(static_cast<int64_t>(d.positions.size()), (t.array() != 0).count());
+  EXPECT_EQ(d.scale, s);
+  EXPECT_EQ(d.rel_error, 0.0);
+  const auto enc = DeltaTernary::pack(tensor(base), d.positions, d.negative, d.scale);
+  EXPECT_TRUE(dt_decoded(*enc) == w) << dt_decoded(*enc) - w;
+
+  // Density 0.25 keeps the 6 largest |delta| (all equal here: the lowest flat indices).
+  const passes::SparseDelta q = passes::sparse_delta(w, base, 0.25, -1.0);
+  ASSERT_EQ(q.positions.size(), 6u);
+  EXPECT_EQ(q.scale, s);
+  EXPECT_GT(q.rel_error, 0.0);
+}
+
+TEST(DeltaTernary, MaxErrorPicksTheSmallestSufficientDensity) {
+  MatrixRM base = MatrixRM::Zero(1, 4), w(1, 4);
+  w << 4.0f, 0.0f, 1.0f, -1.0f;  // ‖W‖ = √18
+  // m = 1: s = 4, residual 1 + 1 = 2 → error √(2/18) = 1/3. m = 2 (ties: lower index): s = 2.5,
+  // 1.5² + 1.5² + 1 = 5.5 → 0.553. m = 3: s = 2, 4 + 1 + 1 = 6 → 0.577 (error not monotone in m).
+  const passes::SparseDelta a = passes::sparse_delta(w, base, 0, 0.34);
+  ASSERT_EQ(a.positions.size(), 1u);
+  EXPECT_EQ(a.positions[0], 0);
+  EXPECT_EQ(a.scale, 4.0f);
+  EXPECT_NEAR(a.rel_error, 1.0 / 3.0, 1e-12);
+  EXPECT_TRUE(a.reached);
+  const passes::SparseDelta b = passes::sparse_delta(w, base, 0, 0.3);  // no m reaches it: the least error, m = 1
+  EXPECT_EQ(b.positions.size(), 1u);
+  EXPECT_NEAR(b.rel_error, 1.0 / 3.0, 1e-12);
+  EXPECT_FALSE(b.reached);
+  const passes::SparseDelta c = passes::sparse_delta(w, base, 0, 0.6);  // m = 1 already
+  EXPECT_EQ(c.positions.size(), 1u);
+  const passes::SparseDelta d = passes::sparse_delta(w, base, 1.0, -1.0);  // density 1: every nonzero delta
+  EXPECT_EQ(d.positions, (std::vector<int64_t>{0, 2, 3}));
+  EXPECT_EQ(d.negative, (std::vector<bool>{false, false, true}));
+  EXPECT_NEAR(d.rel_error, std::sqrt(6.0 / 18.0), 1e-12);
+}
+
+TEST(DeltaTernary, CorruptPartsAreRefusedNamingThePart) {
+  const auto enc = DeltaTernary::pack(tensor(dt_base23()), {1, 5}, {false, true}, 0.25f);
+  const auto parts = enc->parts();
+  std::map<std::string, StoredPart> stored = {
+      {"base", {parts[0].tensor, true}}, {"stream", {parts[1].tensor, false}}, {"scale", {parts[2].tensor, false}}};
+  // More entries than the stream holds: refused when decoded.
+  const auto three = decode({{"encoding", "delta-ternary"}, {"nnz", 3}, {"rice_k", 1}}, stored);
+  MatrixRM out(2, 3);
+  test::expect_error([&] { three->dequantize_rows(0, 2, out.data()); }, core::ErrorKind::Corruption,
+                     {"delta-ternary part stream", "ends before its entries"});
+  test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 7}, {"rice_k", 1}}, stored); },
+                     core::ErrorKind::Corruption, {"nnz 7 outside [0, 6]"});
+  test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 2}, {"rice_k", 31}}, stored); },
+                     core::ErrorKind::Corruption, {"rice_k"});
+  auto bad_scale = stored;
+  bad_scale["scale"].tensor = tensor(MatrixRM::Constant(1, 1, -1.0f));
+  test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 2}, {"rice_k", 1}}, bad_scale); },
+                     core::ErrorKind::Corruption, {"delta-ternary part scale"});
+  auto no_stream = stored;
+  no_stream.erase("stream");
+  test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 2}, {"rice_k", 1}}, no_stream); },
+                     core::ErrorKind::Corruption, {"part \"stream\" missing"});
+  // A NaN delta is bad input.
+  MatrixRM w = dt_base23();
+  w(0, 0) = std::nanf("");
+  test::expect_error([&] { passes::sparse_delta(w, dt_base23(), 0.5, -1.0); }, core::ErrorKind::InvalidArgument, {"not finite"});
 }
 
 }  // namespace

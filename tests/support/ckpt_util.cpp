@@ -8,7 +8,10 @@
 #include <set>
 #include <stdexcept>
 
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "model/model.h"
+#include "runtime/forward.h"
 
 namespace moe::test {
 
@@ -116,6 +119,14 @@ void copy_folder(const std::filesystem::path& from, const std::filesystem::path&
   std::filesystem::create_directories(to);
   for (const auto& e : std::filesystem::directory_iterator(from))
     if (e.is_regular_file()) std::filesystem::copy_file(e.path(), to / e.path().filename());
+}
+
+runtime::MatrixRM fixed_logits(const std::filesystem::path& dir) {
+  auto m = model::Model::load(io::Checkpoint::open(io::Env::posix(), dir));
+  runtime::Forward f(m);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 64; ++i) ids.push_back(static_cast<int32_t>((i * 37 + 11) % m.dims().vocab));
+  return f.run(ids, 32);
 }
 
 }  // namespace moe::test

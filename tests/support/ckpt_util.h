@@ -8,6 +8,7 @@
 
 #include "core/encoding.h"
 #include "core/tensor.h"
+#include "runtime/weights.h"
 #include "support/synth.h"
 
 namespace moe::test {
@@ -34,6 +35,10 @@ TensorMap read_tensors(const std::filesystem::path& dir);
 TensorMap synth_tensors(const SynthCheckpoint& ck);
 // Human-readable first difference between two maps ("" if equal).
 std::string first_difference(const TensorMap& a, const TensorMap& b);
+
+// The logits [64, vocab] of the model in `dir` (every encoding decoded as the forward decodes it)
+// on 64 fixed token ids in windows of 32.
+runtime::MatrixRM fixed_logits(const std::filesystem::path& dir);
 
 }  // namespace moe::test
 

@@ -1,0 +1,164 @@
+// `quantize --method delta-ternary` (passes/delta_ternary.h) through the CLI on a synthetic
+// mixtral: each layer's base stored once per matrix type, eval of the native output equal to eval
+// of its `convert --materialize` copy (logits bit for bit), inspect's expert bytes equal to the
+// stored parts' bytes, the dry-run figure, export refused with the way out, and bad input refused
+// in one line with nothing written.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+
+#include "io/checkpoint.h"
+#include "support/ckpt_util.h"
+#include "support/cli_expect.h"
+#include "support/paths.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+
+class Delta : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = new TempDir("delta");
+    write_synth(make_synth("mixtral"), *tmp_ / "in", {.tokenizer = true});
+  }
+  static void TearDownTestSuite() { delete tmp_; }
+  static fs::path in() { return *tmp_ / "in"; }
+  static TempDir* tmp_;
+};
+TempDir* Delta::tmp_ = nullptr;
+
+TEST_F(Delta, BaseStoredOnceMaterializeEqualsNativeAndInspectCountsTheStoredBytes) {
+  const fs::path out = *tmp_ / "d", mat = *tmp_ / "d-mat";
+  RunResult r = run_tool({"-q", "quantize", in().string(), out.string(), "--method", "delta-ternary", "--density", "0.25"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = read_json(out / "config.json")["quantization_config"]["weights"];
+  std::set<std::string> bases;
+  int n = 0;
+  for (const auto& [name, e] : w.items()) {
+    ASSERT_EQ(e["encoding"], "delta-ternary") << name;
+    bases.insert(e["parts"]["base"].get<std::string>());
+    // density 0.25 of a [16, 32] or [32, 16] matrix: round(0.25 · 512) = 128 kept.
+    EXPECT_EQ(e["nnz"], 128) << name;
+    ++n;
+  }
+  const int64_t layers = read_json(in() / "config.json")["num_hidden_layers"].get<int64_t>();
+  EXPECT_EQ(n, layers * 4 * 3);                         // every expert matrix
+  EXPECT_EQ(static_cast<int64_t>(bases.size()), layers * 3);  // one base per layer and matrix type
+
+  // inspect's expert bytes are the bytes of the expert tensors stored in the files.
+  auto& env = io::Env::posix();
+  const auto ck = io::Checkpoint::open(env, out);
+  uint64_t stored = 0;
+  for (const auto& name : ck.names())
+    if (name.find(".experts.") != std::string::npos) stored += ck.info(name).nbytes();
+  RunResult ins = run_tool({"-q", "inspect", out.string(), "--json"});
+  ASSERT_EQ(ins.exit_code, 0) << ins.describe();
+  const json cls = json::parse(ins.out)["tensor_classes"]["experts"];
+  EXPECT_EQ(cls["bytes"].get<uint64_t>(), stored);
+  EXPECT_EQ(cls["params"].get<int64_t>(), layers * 4 * 3 * 16 * 32);
+  // The run's report says the same bits per parameter, matrix by matrix, as the parts hold.
+  const json rep = read_json(out / "moe_tool_report.json");
+  double sum_bits = 0;
+  int64_t matrices = 0;
+  for (const auto& l : rep["layers"])
+    for (const auto& m : l["passes"][0]["matrices"]) sum_bits += m["bits_per_param"].get<double>(), ++matrices;
+  ASSERT_EQ(matrices, n);
+  EXPECT_NEAR(sum_bits * 512 / 8, static_cast<double>(stored), 0.01 * n);
+
+  r = run_tool({"-q", "eval", out.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "2", "--against",
+                in().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  // f32: the decoded weights (base + s in f32) are exactly what the forward of the native model uses.
+  r = run_tool({"-q", "convert", out.string(), mat.string(), "--materialize", "--dtype", "f32"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_FALSE(read_json(mat / "config.json").contains("quantization_config"));
+  const runtime::MatrixRM a = fixed_logits(out), b = fixed_logits(mat), orig = fixed_logits(in());
+  EXPECT_TRUE(a == b) << "max |diff| " << (a - b).cwiseAbs().maxCoeff();
+  EXPECT_FALSE(a == orig);
+
+  // export: refused before any work, naming the way out.
+  const fs::path gg = *tmp_ / "d.gguf";
+  r = run_tool({"-q", "export", out.string(), gg.string(), "--type", "q8_0"});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+  EXPECT_NE(r.err.find("--materialize`, then export"), std::string::npos) << r.describe();
+  EXPECT_FALSE(fs::exists(gg));
+}
+
+TEST_F(Delta, DryRunGivesTheEstimatedBits) {
+  const fs::path out = *tmp_ / "dry";
+  const RunResult r = run_tool({"quantize", in().string(), out.string(), "--method", "delta-ternary", "--dry-run", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json j = json::parse(r.out);
+  const json p = j["passes"][0]["params"];
+  ASSERT_TRUE(p.contains("estimated_bits_per_expert_param")) << j.dump();
+  // bf16 base over 4 experts (4 bits) + 0.1 · Rice bits per kept entry (about 5.3) + the scale.
+  const double est = p["estimated_bits_per_expert_param"].get<double>();
+  EXPECT_GT(est, 4.4);
+  EXPECT_LT(est, 5.2);
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST_F(Delta, ParentAsBase) {
+  // Copy-upcycled experts equal their parent: with the parent as base every delta is 0 (nothing
+  // kept) and the model computes exactly what the upcycled one does.
+  const fs::path dense = *tmp_ / "llama", up = *tmp_ / "up", out = *tmp_ / "par", bad = *tmp_ / "par-bad";
+  write_synth(make_synth("llama"), dense, {.tokenizer = true});
+  RunResult r = run_tool({"-q", "upcycle", dense.string(), up.string(), "--to", "mixtral", "--experts", "4", "--top-k", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "quantize", up.string(), out.string(), "--method", "delta-ternary", "--parent", dense.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = read_json(out / "config.json")["quantization_config"]["weights"];
+  ASSERT_FALSE(w.empty());
+  for (const auto& [name, e] : w.items()) EXPECT_EQ(e["nnz"], 0) << name;
+  EXPECT_TRUE(fixed_logits(out) == fixed_logits(up));
+  // The report names the base.
+  EXPECT_EQ(read_json(out / "moe_tool_report.json")["passes"][0]["params"]["base"], "parent's MLP");
+  // A parent that is not one: refused before any work, naming the key and the layer.
+  expect_clean_failure(run_tool({"-q", "quantize", up.string(), bad.string(), "--method", "delta-ternary", "--parent", up.string()}),
+                       "--parent: layer 0 of");
+  EXPECT_FALSE(fs::exists(bad));
+}
+
+TEST(DeltaList, ListShowsTheMethodAndItsKeys) {  // a method name longer than the list's column
+  const RunResult r = run_tool({"list"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("quantize delta-ternary delta-compressed experts"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("--max-error"), std::string::npos) << r.out;
+}
+
+TEST_F(Delta, BadInputIsRefusedInOneLineWithNothingWritten) {
+  const fs::path out = *tmp_ / "bad";
+  auto q = [&](std::vector<std::string> extra, const fs::path& model) {
+    std::vector<std::string> args = {"-q", "quantize", model.string(), out.string(), "--method", "delta-ternary"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_tool(args);
+  };
+  expect_clean_failure(q({"--density", "0"}, in()), "density");
+  expect_clean_failure(q({"--density", "1.5"}, in()), "density");
+  expect_clean_failure(q({"--max-error", "1"}, in()), "--max-error: expected a number in (0, 1)");
+  expect_clean_failure(q({"--density", "0.2", "--max-error", "0.1"}, in()), "give density or max_error, not both");
+  expect_clean_failure(q({"--codec", "int4"}, in()), "--codec");
+  EXPECT_FALSE(fs::exists(out));
+  // A NaN in an expert weight.
+  const fs::path nan_in = *tmp_ / "nan";
+  auto ck = make_synth("mixtral");
+  for (auto& t : ck.tensors)
+    if (t.name == "model.layers.1.block_sparse_moe.experts.2.w3.weight") {
+      t.data[6] = 0xc0, t.data[7] = 0x7f;  // bf16 NaN at element 3
+    }
+  write_synth(ck, nan_in, {.writer = Writer::HandRolled, .tokenizer = true});  // the project writer refuses NaN
+  const RunResult r = q({}, nan_in);
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
+  EXPECT_NE(r.err.find("expert 2 up: non-finite value nan"), std::string::npos) << r.describe();
+  EXPECT_FALSE(fs::exists(out));
+}
+
+}  // namespace
+}  // namespace moe::test
