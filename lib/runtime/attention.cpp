@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "core/error.h"
+#include "runtime/profile.h"
 
 namespace moe::runtime {
 
@@ -61,9 +63,11 @@ void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t
 AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                      int64_t T) {
   const int64_t N = x.rows(), nH = spec.heads, nKV = spec.kv_heads, d = spec.head_dim;
+  std::optional<PhaseScope> phase(std::in_place, Phase::AttnProjections);
   MatrixRM q = linear(x, w.q, w.q_bias ? &*w.q_bias : nullptr);
   MatrixRM k = linear(x, w.k, w.k_bias ? &*w.k_bias : nullptr);
   MatrixRM v = linear(x, w.v, w.v_bias ? &*w.v_bias : nullptr);
+  phase.emplace(Phase::RopeQkNorm);
   if (q.cols() != nH * d || k.cols() != nKV * d || v.cols() != nKV * d)
     throw core::Error::corruption("attention: projection widths do not match heads x head_dim");
   switch (spec.qk_norm) {
@@ -89,6 +93,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
   rope.apply(q.data(), N, q.cols(), nH, d, 0, false);
   rope.apply(k.data(), N, k.cols(), nKV, d, 0, false);
 
+  phase.emplace(Phase::AttnCore);
   AttnOutput out;
   out.o_input.resize(N, nH * d);
   if (spec.sinks && (!w.sinks || w.sinks->size() != nH)) throw core::Error::corruption("attention: sinks missing");
@@ -96,6 +101,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
                     spec.sinks ? w.sinks->data() : nullptr},
                    q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
                    out.o_input.cols());
+  phase.emplace(Phase::AttnProjections);
   out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);
   return out;
 }

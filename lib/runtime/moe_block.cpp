@@ -1,9 +1,11 @@
 #include "runtime/moe_block.h"
 
 #include <cmath>
+#include <optional>
 
 #include "core/error.h"
 #include "runtime/ops.h"
+#include "runtime/profile.h"
 
 namespace moe::runtime {
 
@@ -53,6 +55,7 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
   MoeDetail local;
   MoeDetail& d = detail ? *detail : local;
+  std::optional<PhaseScope> phase(std::in_place, Phase::Router);
   d.logits = router_logits(w, rule, x);
   d.routing = route(rule, d.logits, choice_bias(w, rule), active);
   d.tokens = tokens_per_expert(d.routing, E);
@@ -73,9 +76,12 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
       }
       continue;
     }
+    phase.emplace(Phase::GatherScatter);
     xe.resize(ne, H);
     for (int64_t j = 0; j < ne; ++j) xe.row(j) = x.row(tok[j]);
+    phase.emplace(Phase::ExpertGemms);
     MatrixRM y = mlp_forward(w.experts[e], xe, &h);
+    phase.emplace(Phase::GatherScatter);
     for (int64_t j = 0; j < ne; ++j) {
       const int32_t n = tok[j];
       float wt = 0;
@@ -89,7 +95,9 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
       h = MatrixRM();
     }
   }
+  phase.reset();
   if (w.shared) {
+    const PhaseScope timed(Phase::SharedExpert);
     MatrixRM so = mlp_forward(*w.shared, x);
     MatrixRM sg(N, 1);
     if (w.shared_gate) {
