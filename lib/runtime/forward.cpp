@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "runtime/moe_block.h"
+#include "runtime/parallel.h"
 #include "runtime/profile.h"
 
 namespace moe::runtime {
@@ -226,7 +227,7 @@ MatrixRM timed_rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
 
 void add_residual(MatrixRM& X, const MatrixRM& out) {
   const PhaseScope timed(Phase::Residual);
-  X += out;
+  parallel_rows(X.rows(), 64, [&](int64_t r0, int64_t r1) { X.middleRows(r0, r1 - r0) += out.middleRows(r0, r1 - r0); });
 }
 
 }  // namespace
