@@ -105,15 +105,7 @@ void write_qwen2_moe(const fs::path& dir, const Shape& S) {
   add("model.embed_tokens.weight", {D.V, D.H});
   for (int64_t l = 0; l < D.L; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {D.H});
-    add(p + "post_attention_layernorm.weight", {D.H});
-    add(p + "self_attn.q_proj.weight", {D.heads * D.d(), D.H});
-    add(p + "self_attn.q_proj.bias", {D.heads * D.d()});
-    add(p + "self_attn.k_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.k_proj.bias", {D.kv * D.d()});
-    add(p + "self_attn.v_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.v_proj.bias", {D.kv * D.d()});
-    add(p + "self_attn.o_proj.weight", {D.H, D.heads * D.d()});
+    moe::bench::add_norms_attention(plan, D, p, S.dtype, true);
     add(p + "mlp.gate.weight", {D.E, D.H});
     for (int64_t e = 0; e < D.E; ++e) mlp(p + "mlp.experts." + std::to_string(e) + ".", D.I);
     mlp(p + "mlp.shared_expert.", S.shared);

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,21 @@ inline uint64_t write_weights(const fs::path& dir, const std::vector<moe::io::Te
   return total;
 }
 
+// Appends a decoder layer's two norms and attention projections (q/k/v biases when `qkv_bias`),
+// names prefixed by `p` ("model.layers.<l>.").
+inline void add_norms_attention(std::vector<moe::io::TensorSpec>& plan, const Dims& D, const std::string& p, DType dt,
+                                bool qkv_bias) {
+  auto add = [&](const std::string& n, moe::core::Shape s) { plan.push_back({p + n, dt, s}); };
+  add("input_layernorm.weight", {D.H});
+  add("post_attention_layernorm.weight", {D.H});
+  const std::pair<const char*, int64_t> qkv[] = {{"q", D.heads * D.d()}, {"k", D.kv * D.d()}, {"v", D.kv * D.d()}};
+  for (const auto& [name, rows] : qkv) {
+    add(std::string("self_attn.") + name + "_proj.weight", {rows, D.H});
+    if (qkv_bias) add(std::string("self_attn.") + name + "_proj.bias", {rows});
+  }
+  add("self_attn.o_proj.weight", {D.H, D.heads * D.d()});
+}
+
 // Writes config.json and the weights (write_weights) into `dir`; returns the tensor bytes.
 inline uint64_t write_model(const fs::path& dir, const Dims& D) {
   fs::create_directories(dir);
@@ -94,12 +110,7 @@ inline uint64_t write_model(const fs::path& dir, const Dims& D) {
   add("model.embed_tokens.weight", {D.V, D.H});
   for (int64_t l = 0; l < D.L; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {D.H});
-    add(p + "post_attention_layernorm.weight", {D.H});
-    add(p + "self_attn.q_proj.weight", {D.heads * D.d(), D.H});
-    add(p + "self_attn.k_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.v_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.o_proj.weight", {D.H, D.heads * D.d()});
+    add_norms_attention(plan, D, p, DType::BF16, false);
     add(p + "block_sparse_moe.gate.weight", {D.E, D.H});
     for (int64_t e = 0; e < D.E; ++e) {
       const std::string q = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
