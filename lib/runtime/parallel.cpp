@@ -16,8 +16,9 @@ namespace {
 
 thread_local bool t_in_region = false;
 
-// Workers wait for a new generation; the first `wanted` of them take part in it. The caller waits
-// until all of those have finished before the next generation can start.
+// Workers wait for a new generation; the first `wanted` of them take part in it if they wake
+// before the caller has closed it. The caller closes a generation once every index is taken and
+// waits for the workers that joined it; the next generation starts only after that.
 class Pool {
  public:
   void run(int threads, int64_t n, const std::function<void(int64_t)>& fn) {
@@ -35,13 +36,16 @@ class Pool {
       failed_.store(false);
       err_ = nullptr;
       wanted_ = helpers;
-      running_ = helpers;
+      closed_ = false;
       ++generation_;
     }
     start_.notify_all();
     work();
+    // Every index is taken. Close the region: a worker that has not woken yet (the machine may be
+    // busy) skips it instead of being waited for; those that joined are waited for.
     std::unique_lock lk(m_);
-    done_.wait(lk, [&] { return running_ == 0; });
+    closed_ = true;
+    done_.wait(lk, [&] { return active_ == 0; });
     fn_ = nullptr;
     if (err_) std::rethrow_exception(err_);
   }
@@ -69,11 +73,12 @@ class Pool {
     for (;;) {
       start_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
-      if (id >= wanted_) continue;
+      if (id >= wanted_ || closed_) continue;
+      ++active_;
       lk.unlock();
       work();
       lk.lock();
-      if (--running_ == 0) done_.notify_all();
+      if (--active_ == 0) done_.notify_all();
     }
   }
 
@@ -81,7 +86,8 @@ class Pool {
   std::condition_variable start_, done_;
   std::vector<std::thread> workers_;  // detached; the pool lives until the process ends
   uint64_t generation_ = 0;
-  int wanted_ = 0, running_ = 0;
+  int wanted_ = 0, active_ = 0;
+  bool closed_ = false;  // the caller has finished the current generation
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
