@@ -62,7 +62,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   d.routing = route(rule, d.logits, choice_bias(w, rule), active);
   d.tokens = tokens_per_expert(d.routing, E);
   const auto& ids = d.routing.ids;
-  if (ids.cols() != k) throw core::Error::internal("routing gave " + std::to_string(ids.cols()) + " choices, top_k " + std::to_string(k));
+  if (ids.cols() != k)
+    throw core::Error::internal("routing gave " + std::to_string(ids.cols()) + " choices, top_k " + std::to_string(k));
   // row[n * k + s]: the row of token n in the list of its s-th expert.
   std::vector<int32_t> row(static_cast<size_t>(N * k), -1);
   for (int64_t e = 0; e < E; ++e)
@@ -73,7 +74,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
     }
 
   // Each expert on its own tokens (gather, GEMMs), the experts spread over the threads (each
-  // expert's GEMMs are too small to thread well).
+  // expert's GEMMs are too small to thread well). Every expert's rows are held at once: N·k rows
+  // of inputs and of outputs.
   phase.emplace(Phase::GatherScatter);
   std::vector<MatrixRM> xs(static_cast<size_t>(E)), ys(static_cast<size_t>(E)), hs(static_cast<size_t>(E));
   parallel_for(E, [&](int64_t e) {
