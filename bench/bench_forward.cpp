@@ -14,7 +14,9 @@
 //   QK^T and AV over the causal triangle, router, routed experts (top-k only), shared expert and
 //   its gate, lm head), the ratio achieved / peak, the MoE block's own GFLOP/s (router, experts,
 //   shared expert over the time of those phases), the per-phase wall seconds of the fastest run
-//   (`other`: wall minus the timed phases) and its process CPU time (user + sys) over wall.
+//   (`other`: wall minus the timed phases) and its process CPU time (user + sys) over wall, and the
+//   cores the process could get before and after the runs (`threads` threads spinning 0.5 s: CPU
+//   time over wall; below `threads` when other work shares the machine).
 //   bench_forward [--shape mixtral|small] [--windows N] [--ctx T] [--threads 2] [--dir /tmp] [--repeat 3]
 #include <cblas.h>
 #include <sys/resource.h>
@@ -28,6 +30,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "io/checkpoint.h"
@@ -53,6 +56,23 @@ double cpu_seconds() {
   getrusage(RUSAGE_SELF, &u);
   auto sec = [](const timeval& t) { return double(t.tv_sec) + 1e-6 * double(t.tv_usec); };
   return sec(u.ru_utime) + sec(u.ru_stime);
+}
+
+// Cores this process gets right now: `threads` threads spin for `seconds`; process CPU time over
+// wall. Near `threads` on a quiet machine; lower when other work shares the cores (then no
+// cpu_over_wall of the forward can exceed it either).
+double cores_available(int threads, double seconds) {
+  std::vector<std::thread> ts;
+  const double c0 = cpu_seconds();
+  auto t0 = Clock::now();
+  for (int i = 0; i < threads; ++i)
+    ts.emplace_back([&] {
+      volatile double x = 0;
+      while (seconds_since(t0) < seconds)
+        for (int j = 0; j < 10000; ++j) x = x + 1.0;
+    });
+  for (auto& t : ts) t.join();
+  return (cpu_seconds() - c0) / seconds_since(t0);
 }
 
 using moe::bench::sgemm_gflops;
@@ -188,6 +208,7 @@ int main(int argc, char** argv) {
     std::vector<int32_t> tokens(size_t(windows * ctx));
     std::mt19937 g(5);
     for (auto& t : tokens) t = static_cast<int32_t>(g() % D.V);
+    const double cores_before = cores_available(threads, 0.5);
     double best = 1e30;
     std::vector<double> runs, cpu_ratio;
     nlohmann::json breakdown;
@@ -215,6 +236,7 @@ int main(int argc, char** argv) {
       breakdown[moe::runtime::phase_name(static_cast<Phase>(p))] = best_phases.seconds[p];
     breakdown["other"] = best - best_phases.total();
     out["breakdown_seconds"] = breakdown;
+    out["cores_available_before_after"] = {cores_before, cores_available(threads, 0.5)};
     // Peak again after the run (the machine may be shared): the higher of the two is the peak.
     for (int n : {1024, 1536, 2048}) peak = std::max(peak, sgemm_gflops(n, 3));
     out["sgemm_peak_gflops"] = peak;
