@@ -1,15 +1,25 @@
-// Benchmark: fp32 CPU forward (prefill) throughput against the machine's measured sgemm peak.
-// Builds a synthetic mixtral-layout MoE (random bf16 weights written with the project's
-// checkpoint writer into a temp folder): hidden 1024, 8 experts top-2, expert width 2816,
-// 4 layers, 16 heads / 4 kv heads (head_dim 64), vocab 32000; runs windows of ctx 512 through
-// runtime::Forward (layer-sequential: per layer dequantise, attention, routed experts) and
-// prints JSON:
-//   sgemm peak (GFLOP/s, cblas_sgemm on square 1024..2048 matrices, OpenBLAS threads = 2),
+// Benchmark: fp32 CPU forward (prefill) throughput against the machine's measured sgemm peak,
+// with the wall time of every phase of the forward (runtime/profile.h) and the process's CPU time.
+// Two synthetic shapes (random weights written with the project's checkpoint writer into a temp
+// folder), run through runtime::Forward as eval runs it (layer-sequential: per layer dequantise,
+// attention, routed experts, no observers):
+//   --shape mixtral (default): mixtral layout, hidden 1024, 8 experts top-2, expert width 2816,
+//     4 layers, 16 heads / 4 kv heads (head_dim 64), vocab 32000, bf16 weights; 4 windows of ctx 512.
+//   --shape small: qwen2_moe layout with many small experts, hidden 256, 16 experts top-4, expert
+//     width 512, a shared expert of width 1024 with its sigmoid gate, 4 layers, 4 heads / 2 kv
+//     heads (head_dim 64, q/k/v biases), vocab 4096, f32 weights; 8 windows of ctx 256.
+// Prints JSON:
+//   sgemm peak (GFLOP/s, cblas_sgemm on square 1024..2048 matrices, OpenBLAS threads = --threads),
 //   prefill tokens/s and achieved GFLOP/s counting every matmul FLOP (q/k/v/o projections,
-//   QK^T and AV over the causal triangle, router, routed experts (top-k only), lm head),
-//   and the ratio achieved / peak.
-//   bench_forward [--windows 4] [--ctx 512] [--threads 2] [--dir /tmp] [--repeat 2]
+//   QK^T and AV over the causal triangle, router, routed experts (top-k only), shared expert and
+//   its gate, lm head), the ratio achieved / peak, the MoE block's own GFLOP/s (router, experts,
+//   shared expert over the time of those phases), the per-phase wall seconds of the fastest run
+//   (`other`: wall minus the timed phases) and its process CPU time (user + sys) over wall, and the
+//   cores the process could get before and after the runs (`threads` threads spinning 0.5 s: CPU
+//   time over wall; below `threads` when other work shares the machine).
+//   bench_forward [--shape mixtral|small] [--windows N] [--ctx T] [--threads 2] [--dir /tmp] [--repeat 3]
 #include <cblas.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -20,6 +30,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "io/checkpoint.h"
@@ -29,6 +40,7 @@
 #include "io/env.h"
 #include "model/model.h"
 #include "runtime/forward.h"
+#include "runtime/profile.h"
 
 namespace fs = std::filesystem;
 using moe::core::DType;
@@ -38,28 +50,117 @@ namespace {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// Process CPU seconds (user + sys) so far.
+double cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  auto sec = [](const timeval& t) { return double(t.tv_sec) + 1e-6 * double(t.tv_usec); };
+  return sec(u.ru_utime) + sec(u.ru_stime);
+}
+
+// Cores this process gets right now: `threads` threads spin for `seconds`; process CPU time over
+// wall. Near `threads` on a quiet machine; lower when other work shares the cores (then no
+// cpu_over_wall of the forward can exceed it either).
+double cores_available(int threads, double seconds) {
+  std::vector<std::thread> ts;
+  const double c0 = cpu_seconds();
+  auto t0 = Clock::now();
+  for (int i = 0; i < threads; ++i)
+    ts.emplace_back([&] {
+      volatile double x = 0;
+      while (seconds_since(t0) < seconds)
+        for (int j = 0; j < 10000; ++j) x = x + 1.0;
+    });
+  for (auto& t : ts) t.join();
+  return (cpu_seconds() - c0) / seconds_since(t0);
+}
+
 using moe::bench::sgemm_gflops;
 using moe::bench::Dims;
-using moe::bench::write_model;
+
+// A benchmark model: the mixtral Dims plus a shared expert (width 0: none) and the layout.
+struct Shape {
+  std::string name, family;
+  Dims D;
+  int64_t shared = 0;  // shared expert width (qwen2_moe)
+  DType dtype = DType::BF16;
+  int64_t windows = 4, ctx = 512;
+};
+
+Shape mixtral_shape() { return {"mixtral", "mixtral", Dims{}, 0, DType::BF16, 4, 512}; }
+
+Shape small_shape() {
+  Shape s{"small", "qwen2_moe", Dims{}, 1024, DType::F32, 8, 256};
+  s.D.H = 256;
+  s.D.E = 16;
+  s.D.k = 4;
+  s.D.I = 512;
+  s.D.L = 4;
+  s.D.heads = 4;
+  s.D.kv = 2;
+  s.D.V = 4096;
+  return s;
+}
+
+// The qwen2_moe-layout checkpoint of `S` (transformers' Qwen2MoeForCausalLM names).
+void write_qwen2_moe(const fs::path& dir, const Shape& S) {
+  const Dims& D = S.D;
+  fs::create_directories(dir);
+  nlohmann::json cfg = {
+      {"architectures", {"Qwen2MoeForCausalLM"}}, {"model_type", "qwen2_moe"}, {"hidden_size", D.H},
+      {"intermediate_size", S.shared}, {"moe_intermediate_size", D.I}, {"shared_expert_intermediate_size", S.shared},
+      {"num_hidden_layers", D.L}, {"num_attention_heads", D.heads}, {"num_key_value_heads", D.kv},
+      {"num_experts", D.E}, {"num_experts_per_tok", D.k}, {"norm_topk_prob", false}, {"decoder_sparse_step", 1},
+      {"mlp_only_layers", nlohmann::json::array()}, {"vocab_size", D.V}, {"max_position_embeddings", 4096},
+      {"rms_norm_eps", 1e-6}, {"rope_theta", 1e6}, {"use_sliding_window", false}, {"hidden_act", "silu"},
+      {"tie_word_embeddings", false}, {"torch_dtype", "float32"}};
+  moe::io::Env::posix().write_text(dir / "config.json", cfg.dump(2));
+  std::vector<moe::io::TensorSpec> plan;
+  auto add = [&](const std::string& n, moe::core::Shape s) { plan.push_back({n, S.dtype, s}); };
+  auto mlp = [&](const std::string& q, int64_t width) {
+    add(q + "gate_proj.weight", {width, D.H});
+    add(q + "up_proj.weight", {width, D.H});
+    add(q + "down_proj.weight", {D.H, width});
+  };
+  add("model.embed_tokens.weight", {D.V, D.H});
+  for (int64_t l = 0; l < D.L; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    moe::bench::add_norms_attention(plan, D, p, S.dtype, true);
+    add(p + "mlp.gate.weight", {D.E, D.H});
+    for (int64_t e = 0; e < D.E; ++e) mlp(p + "mlp.experts." + std::to_string(e) + ".", D.I);
+    mlp(p + "mlp.shared_expert.", S.shared);
+    add(p + "mlp.shared_expert_gate.weight", {1, D.H});
+  }
+  add("model.norm.weight", {D.H});
+  add("lm_head.weight", {D.V, D.H});
+  moe::bench::write_weights(dir, plan);
+}
+
+struct Flops {
+  double total = 0, moe = 0;  // moe: router, routed experts, shared expert and gate
+};
 
 // Matmul FLOPs of one window of T tokens.
-double flops_per_window(const Dims& D, int64_t T) {
+Flops flops_per_window(const Shape& S, int64_t T) {
+  const Dims& D = S.D;
   const double t = double(T), H = double(D.H), d = double(D.d());
   const double proj = 2.0 * t * H * double(2 * D.heads * D.d() + 2 * D.kv * D.d());
   const double causal = t * (t + 1) / 2.0;  // query-key pairs actually needed
   const double attn = 2.0 * 2.0 * double(D.heads) * d * causal;  // QK^T and AV
   const double router = 2.0 * t * H * double(D.E);
   const double experts = t * double(D.k) * 3.0 * 2.0 * H * double(D.I);
-  const double per_layer = proj + attn + router + experts;
+  const double shared = S.shared ? t * (3.0 * 2.0 * H * double(S.shared) + 2.0 * H) : 0.0;
+  const double moe = router + experts + shared;
   const double head = 2.0 * t * H * double(D.V);
-  return double(D.L) * per_layer + head;
+  return {double(D.L) * (proj + attn + moe) + head, double(D.L) * moe};
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t windows = 4, ctx = 512, repeat = 2;
+  int64_t windows = 0, ctx = 0, repeat = 3;
   int threads = 2;
+  std::string shape_name = "mixtral";
   fs::path base = fs::temp_directory_path();
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -68,11 +169,20 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = std::stoi(argv[i + 1]);
     else if (a == "--repeat") repeat = std::stoll(argv[i + 1]);
     else if (a == "--dir") base = argv[i + 1];
+    else if (a == "--shape") shape_name = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
     }
   }
+  if (shape_name != "mixtral" && shape_name != "small") {
+    std::fprintf(stderr, "--shape: expected mixtral or small, found %s\n", shape_name.c_str());
+    return 2;
+  }
+  const Shape S = shape_name == "small" ? small_shape() : mixtral_shape();
+  const Dims& D = S.D;
+  if (windows <= 0) windows = S.windows;
+  if (ctx <= 0) ctx = S.ctx;
   moe::runtime::set_blas_threads(threads);
   nlohmann::json out;
   out["threads"] = threads;
@@ -86,10 +196,10 @@ int main(int argc, char** argv) {
   out["sgemm_gflops_by_size"] = by_size;
   out["sgemm_peak_gflops"] = peak;
 
-  const Dims D;
   const fs::path dir = base / ("moe-bench-forward-" + std::to_string(::getpid()));
   auto t0 = Clock::now();
-  write_model(dir, D);
+  if (S.family == "mixtral") moe::bench::write_model(dir, D);
+  else write_qwen2_moe(dir, S);
   out["model_write_seconds"] = seconds_since(t0);
   try {
     auto ckpt = moe::io::Checkpoint::open(moe::io::Env::posix(), dir);
@@ -98,63 +208,62 @@ int main(int argc, char** argv) {
     std::vector<int32_t> tokens(size_t(windows * ctx));
     std::mt19937 g(5);
     for (auto& t : tokens) t = static_cast<int32_t>(g() % D.V);
-    // The same steps as Forward::run, timed: dequantise each layer, attention, MoE block, head.
-    struct Timer : moe::runtime::Observer {
-      Clock::time_point t;
-      double attn = 0, moe = 0;
-      bool wants_attention_trace() const override { return true; }
-      void on_layer_input(int, const moe::runtime::MatrixRM&) override { t = Clock::now(); }
-      void on_attention(int, const moe::runtime::AttnTrace&) override {
-        attn += seconds_since(t);
-        t = Clock::now();
-      }
-      void on_layer_output(int, const moe::runtime::MatrixRM&) override { moe += seconds_since(t); }
-    };
+    const double cores_before = cores_available(threads, 0.5);
     double best = 1e30;
-    std::vector<double> runs;
+    std::vector<double> runs, cpu_ratio;
     nlohmann::json breakdown;
+    moe::runtime::PhaseTimes best_phases;
+    double best_cpu = 0;
     for (int64_t r = 0; r < repeat; ++r) {
-      Timer timer;
-      moe::runtime::Observer* obs[] = {&timer};
+      moe::runtime::PhaseTimes phases;
+      moe::runtime::set_phase_times(&phases);
+      const double c0 = cpu_seconds();
       auto t1 = Clock::now();
-      moe::runtime::MatrixRM X = fwd.embed(tokens);
-      double load = 0;
-      moe::runtime::LayerWeights w;
-      for (int l = 0; l < static_cast<int>(D.L); ++l) {
-        auto t2 = Clock::now();
-        fwd.load_layer_into(l, w);
-        load += seconds_since(t2);
-        fwd.apply_layer(w, X, ctx, obs);
-      }
-      auto t3 = Clock::now();
-      auto logits = fwd.logits(X);
-      const double head = seconds_since(t3);
+      auto logits = fwd.run(tokens, ctx);
       const double s = seconds_since(t1);
+      const double cpu = cpu_seconds() - c0;
+      moe::runtime::set_phase_times(nullptr);
       runs.push_back(s);
+      cpu_ratio.push_back(cpu / s);
       if (s < best) {
         best = s;
-        breakdown = {{"dequantise_layers", load}, {"attention", timer.attn}, {"moe_blocks", timer.moe},
-                     {"final_norm_lm_head", head}};
+        best_phases = phases;
+        best_cpu = cpu;
       }
     }
+    using moe::runtime::Phase;
+    for (int p = 0; p < static_cast<int>(Phase::Count); ++p)
+      breakdown[moe::runtime::phase_name(static_cast<Phase>(p))] = best_phases.seconds[p];
+    breakdown["other"] = best - best_phases.total();
     out["breakdown_seconds"] = breakdown;
+    out["cores_available_before_after"] = {cores_before, cores_available(threads, 0.5)};
     // Peak again after the run (the machine may be shared): the higher of the two is the peak.
     for (int n : {1024, 1536, 2048}) peak = std::max(peak, sgemm_gflops(n, 3));
     out["sgemm_peak_gflops"] = peak;
-    const double flops = flops_per_window(D, ctx) * double(windows);
-    out["model"] = {{"family", "mixtral"}, {"hidden", D.H}, {"experts", D.E}, {"top_k", D.k},
-                    {"expert_width", D.I}, {"layers", D.L}, {"heads", D.heads}, {"kv_heads", D.kv},
-                    {"vocab", D.V}, {"weights", "bf16 (dequantised per layer to f32)"}};
+    const Flops f1 = flops_per_window(S, ctx);
+    const double flops = f1.total * double(windows), moe_flops = f1.moe * double(windows);
+    auto sec = [&](Phase p) { return best_phases.seconds[static_cast<int>(p)]; };
+    const double moe_seconds =
+        sec(Phase::Router) + sec(Phase::ExpertGemms) + sec(Phase::GatherScatter) + sec(Phase::SharedExpert);
+    out["model"] = {{"shape", S.name}, {"family", S.family}, {"hidden", D.H}, {"experts", D.E}, {"top_k", D.k},
+                    {"expert_width", D.I}, {"shared_expert_width", S.shared}, {"layers", D.L},
+                    {"heads", D.heads}, {"kv_heads", D.kv}, {"vocab", D.V},
+                    {"weights", S.dtype == DType::F32 ? "f32" : "bf16 (dequantised per layer to f32)"}};
     out["windows"] = windows;
     out["ctx"] = ctx;
     out["tokens"] = windows * ctx;
     out["run_seconds"] = runs;
+    out["cpu_over_wall_by_run"] = cpu_ratio;
     out["seconds"] = best;
+    out["cpu_over_wall"] = best_cpu / best;
     out["tokens_per_second"] = double(windows * ctx) / best;
     out["gflop_per_token"] = flops / double(windows * ctx) / 1e9;
-    out["flop_count"] = "q/k/v/o projections, QK^T and AV over the causal triangle, router, top-k experts, lm head";
+    out["flop_count"] =
+        "q/k/v/o projections, QK^T and AV over the causal triangle, router, top-k experts, shared expert and gate, lm head";
     out["achieved_gflops"] = flops / best / 1e9;
     out["ratio_to_peak"] = flops / best / 1e9 / peak;
+    out["moe_block_gflops"] = moe_flops / moe_seconds / 1e9;
+    out["moe_block_ratio_to_peak"] = moe_flops / moe_seconds / 1e9 / peak;
   } catch (const std::exception& e) {
     fs::remove_all(dir);
     std::fprintf(stderr, "bench_forward: %s\n", e.what());

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -38,8 +40,61 @@ inline void fill_bf16(std::vector<uint8_t>& buf, uint64_t& s) {
   }
 }
 
-// Writes config.json and the weights (shards of 2 GiB, whole tensors in buffers of at most 64 MB)
-// into `dir`; returns the tensor bytes.
+// Writes the tensors of `plan` (BF16 or F32) into `dir` (shards of 2 GiB, whole tensors in buffers
+// of at most 64 MB): norms (1-D tensors whose name has "norm") 1.0, everything else random small
+// values (fill_bf16; F32 tensors hold the same bf16 values widened). Returns the tensor bytes.
+inline uint64_t write_weights(const fs::path& dir, const std::vector<moe::io::TensorSpec>& plan) {
+  moe::io::CheckpointWriter w(moe::io::Env::posix(), dir, plan, uint64_t(2) << 30);
+  uint64_t state = 0x9e3779b97f4a7c15ull, total = 0;
+  std::vector<uint8_t> buf, wide;
+  for (const auto& t : plan) {
+    if (t.dtype != DType::BF16 && t.dtype != DType::F32) throw std::runtime_error("write_weights: BF16 or F32 only");
+    const bool f32 = t.dtype == DType::F32;
+    const uint64_t n = t.nbytes();
+    // bf16 values for `m` bytes of the tensor: half as many bytes when the tensor is F32.
+    buf.resize(std::min<uint64_t>(n, uint64_t(64) << 20) / (f32 ? 2 : 1));
+    const bool norm = t.shape.size() == 1 && t.name.find("norm") != std::string::npos;
+    for (uint64_t off = 0; off < n;) {
+      const uint64_t m = std::min<uint64_t>(buf.size() * (f32 ? 2 : 1), n - off);
+      if (norm) {  // 1.0
+        auto* p = reinterpret_cast<uint16_t*>(buf.data());
+        for (size_t i = 0; i < buf.size() / 2; ++i) p[i] = 0x3f80;
+      } else {
+        fill_bf16(buf, state);
+      }
+      const uint8_t* src = buf.data();
+      if (f32) {
+        wide.resize(buf.size() * 2);
+        const auto* h = reinterpret_cast<const uint16_t*>(buf.data());
+        auto* o = reinterpret_cast<uint32_t*>(wide.data());
+        for (size_t i = 0; i < buf.size() / 2; ++i) o[i] = uint32_t(h[i]) << 16;
+        src = wide.data();
+      }
+      w.write(t.name, off, src, m);
+      off += m;
+    }
+    total += n;
+  }
+  w.finish();
+  return total;
+}
+
+// Appends a decoder layer's two norms and attention projections (q/k/v biases when `qkv_bias`),
+// names prefixed by `p` ("model.layers.<l>.").
+inline void add_norms_attention(std::vector<moe::io::TensorSpec>& plan, const Dims& D, const std::string& p, DType dt,
+                                bool qkv_bias) {
+  auto add = [&](const std::string& n, moe::core::Shape s) { plan.push_back({p + n, dt, s}); };
+  add("input_layernorm.weight", {D.H});
+  add("post_attention_layernorm.weight", {D.H});
+  const std::pair<const char*, int64_t> qkv[] = {{"q", D.heads * D.d()}, {"k", D.kv * D.d()}, {"v", D.kv * D.d()}};
+  for (const auto& [name, rows] : qkv) {
+    add(std::string("self_attn.") + name + "_proj.weight", {rows, D.H});
+    if (qkv_bias) add(std::string("self_attn.") + name + "_proj.bias", {rows});
+  }
+  add("self_attn.o_proj.weight", {D.H, D.heads * D.d()});
+}
+
+// Writes config.json and the weights (write_weights) into `dir`; returns the tensor bytes.
 inline uint64_t write_model(const fs::path& dir, const Dims& D) {
   fs::create_directories(dir);
   nlohmann::json cfg = {
@@ -55,12 +110,7 @@ inline uint64_t write_model(const fs::path& dir, const Dims& D) {
   add("model.embed_tokens.weight", {D.V, D.H});
   for (int64_t l = 0; l < D.L; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    add(p + "input_layernorm.weight", {D.H});
-    add(p + "post_attention_layernorm.weight", {D.H});
-    add(p + "self_attn.q_proj.weight", {D.heads * D.d(), D.H});
-    add(p + "self_attn.k_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.v_proj.weight", {D.kv * D.d(), D.H});
-    add(p + "self_attn.o_proj.weight", {D.H, D.heads * D.d()});
+    add_norms_attention(plan, D, p, DType::BF16, false);
     add(p + "block_sparse_moe.gate.weight", {D.E, D.H});
     for (int64_t e = 0; e < D.E; ++e) {
       const std::string q = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
@@ -71,26 +121,7 @@ inline uint64_t write_model(const fs::path& dir, const Dims& D) {
   }
   add("model.norm.weight", {D.H});
   add("lm_head.weight", {D.V, D.H});
-  moe::io::CheckpointWriter w(moe::io::Env::posix(), dir, plan, uint64_t(2) << 30);
-  uint64_t state = 0x9e3779b97f4a7c15ull, total = 0;
-  std::vector<uint8_t> buf;
-  for (const auto& t : plan) {
-    const uint64_t n = t.nbytes();
-    buf.resize(std::min<uint64_t>(n, uint64_t(64) << 20));
-    for (uint64_t off = 0; off < n; off += buf.size()) {
-      const uint64_t m = std::min<uint64_t>(buf.size(), n - off);
-      if (t.shape.size() == 1) {  // norms: 1.0
-        auto* p = reinterpret_cast<uint16_t*>(buf.data());
-        for (size_t i = 0; i < m / 2; ++i) p[i] = 0x3f80;
-      } else {
-        fill_bf16(buf, state);
-      }
-      w.write(t.name, off, buf.data(), m);
-    }
-    total += n;
-  }
-  w.finish();
-  return total;
+  return write_weights(dir, plan);
 }
 
 }  // namespace moe::bench

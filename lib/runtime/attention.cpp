@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "core/error.h"
+#include "runtime/parallel.h"
+#include "runtime/profile.h"
 
 namespace moe::runtime {
 
@@ -36,34 +39,37 @@ void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t
   const int64_t windows = c.rows / c.T, T = c.T, rep = c.heads / c.kv_heads;
   // Query blocks: block b only needs keys [lo, end of block) (causal), halving the work.
   const int64_t B = std::min<int64_t>(T, 128);
-  std::vector<float> S(static_cast<size_t>(B * T));
-  for (int64_t wi = 0; wi < windows; ++wi) {
+  // One task per (window, head): each writes its own columns of its own rows of o.
+  parallel_for(windows * c.heads, [&](int64_t task) {
+    const int64_t wi = task / c.heads, h = task % c.heads;
+    thread_local std::vector<float> S;
+    S.resize(static_cast<size_t>(B * T));
     const int64_t r0 = wi * T;
-    for (int64_t h = 0; h < c.heads; ++h) {
-      const int64_t g = h / rep;
-      for (int64_t q0 = 0; q0 < T; q0 += B) {
-        const int64_t rows = std::min(B, T - q0);
-        const int64_t kend = q0 + rows;
-        const int64_t k0 = c.window > 0 ? std::max<int64_t>(0, q0 - c.window + 1) : 0;
-        const int64_t nk = kend - k0;
-        // S = scale * Q_blk K^T  [rows, nk]
-        gemm_nt(rows, nk, c.dqk, c.scale, q + (r0 + q0) * ldq + h * q_stride, ldq, k + (r0 + k0) * ldk + g * k_stride,
-                ldk, 0.0f, S.data(), nk);
-        masked_softmax(S.data(), rows, nk, q0, k0, c.window, c.sinks ? c.sinks + h : nullptr);
-        // O_blk = P V  [rows, dv]
-        gemm_nn(rows, c.dv, nk, 1.0f, S.data(), nk, v + (r0 + k0) * ldv + g * v_stride, ldv, 0.0f,
-                o + (r0 + q0) * ldo + h * c.dv, ldo);
-      }
+    const int64_t g = h / rep;
+    for (int64_t q0 = 0; q0 < T; q0 += B) {
+      const int64_t rows = std::min(B, T - q0);
+      const int64_t kend = q0 + rows;
+      const int64_t k0 = c.window > 0 ? std::max<int64_t>(0, q0 - c.window + 1) : 0;
+      const int64_t nk = kend - k0;
+      // S = scale * Q_blk K^T  [rows, nk]
+      gemm_nt(rows, nk, c.dqk, c.scale, q + (r0 + q0) * ldq + h * q_stride, ldq, k + (r0 + k0) * ldk + g * k_stride,
+              ldk, 0.0f, S.data(), nk);
+      masked_softmax(S.data(), rows, nk, q0, k0, c.window, c.sinks ? c.sinks + h : nullptr);
+      // O_blk = P V  [rows, dv]
+      gemm_nn(rows, c.dv, nk, 1.0f, S.data(), nk, v + (r0 + k0) * ldv + g * v_stride, ldv, 0.0f,
+              o + (r0 + q0) * ldo + h * c.dv, ldo);
     }
-  }
+  });
 }
 
 AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                      int64_t T) {
   const int64_t N = x.rows(), nH = spec.heads, nKV = spec.kv_heads, d = spec.head_dim;
+  std::optional<PhaseScope> phase(std::in_place, Phase::AttnProjections);
   MatrixRM q = linear(x, w.q, w.q_bias ? &*w.q_bias : nullptr);
   MatrixRM k = linear(x, w.k, w.k_bias ? &*w.k_bias : nullptr);
   MatrixRM v = linear(x, w.v, w.v_bias ? &*w.v_bias : nullptr);
+  phase.emplace(Phase::RopeQkNorm);
   if (q.cols() != nH * d || k.cols() != nKV * d || v.cols() != nKV * d)
     throw core::Error::corruption("attention: projection widths do not match heads x head_dim");
   switch (spec.qk_norm) {
@@ -89,6 +95,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
   rope.apply(q.data(), N, q.cols(), nH, d, 0, false);
   rope.apply(k.data(), N, k.cols(), nKV, d, 0, false);
 
+  phase.emplace(Phase::AttnCore);
   AttnOutput out;
   out.o_input.resize(N, nH * d);
   if (spec.sinks && (!w.sinks || w.sinks->size() != nH)) throw core::Error::corruption("attention: sinks missing");
@@ -96,6 +103,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
                     spec.sinks ? w.sinks->data() : nullptr},
                    q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
                    out.o_input.cols());
+  phase.emplace(Phase::AttnProjections);
   out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);
   return out;
 }

@@ -8,6 +8,8 @@
 
 #include "core/error.h"
 #include "runtime/moe_block.h"
+#include "runtime/parallel.h"
+#include "runtime/profile.h"
 
 namespace moe::runtime {
 
@@ -218,6 +220,16 @@ std::vector<int64_t> read_layer_windows(const model::Config& c, const model::Fam
   return out;
 }
 
+MatrixRM timed_rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
+  const PhaseScope timed(Phase::Norms);
+  return rms_norm(X, w, eps);
+}
+
+void add_residual(MatrixRM& X, const MatrixRM& out) {
+  const PhaseScope timed(Phase::Residual);
+  parallel_rows(X.rows(), 64, [&](int64_t r0, int64_t r1) { X.middleRows(r0, r1 - r0) += out.middleRows(r0, r1 - r0); });
+}
+
 }  // namespace
 
 ForwardSpec ForwardSpec::from_model(const model::Model& m) {
@@ -282,6 +294,7 @@ const RopeTable& Forward::rope(int64_t T) const {
 }
 
 MatrixRM Forward::embed(std::span<const int32_t> tokens) const {
+  const PhaseScope timed(Phase::Embed);
   const core::Tensor& E = model_.globals().at("embed");
   const int64_t V = E.dim(0), H = E.dim(1);
   MatrixRM X(static_cast<int64_t>(tokens.size()), H);
@@ -302,6 +315,7 @@ LayerWeights Forward::load_layer(int l) const {
 }
 
 void Forward::load_layer_into(int l, LayerWeights& w) const {
+  const PhaseScope timed(Phase::Dequantize);
   const model::Layer& layer = model_.layers().at(l);
   naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true); });
   if (const auto& release = model_.page_releaser())
@@ -322,18 +336,21 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
   for (Observer* o : observers) o->on_layer_input(l, X);
 
   {
-    MatrixRM xn = rms_norm(X, w.input_norm, spec_.eps);
+    MatrixRM xn = timed_rms_norm(X, w.input_norm, spec_.eps);
     AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
-                                                  [&] { return mla_attention(*spec_.mla, w.attn, rope(T), xn, T); })
+                                                  [&] {
+                                                    const PhaseScope timed(Phase::AttnCore);
+                                                    return mla_attention(*spec_.mla, w.attn, rope(T), xn, T);
+                                                  })
                              : attention(spec_.layer_attn(l), w.attn, rope(T), xn, T);
     if (want_attn) {
       const AttnTrace t{xn, a.o_input, a.out, w.attn};
       for (Observer* o : observers)
         if (o->wants_attention_trace()) o->on_attention(l, t);
     }
-    X += a.out;
+    add_residual(X, a.out);
   }
-  MatrixRM x2 = rms_norm(X, w.post_attn_norm, spec_.eps);
+  MatrixRM x2 = timed_rms_norm(X, w.post_attn_norm, spec_.eps);
   if (w.moe) {
     MoeDetail det;
     const std::vector<bool>* active =
@@ -348,16 +365,19 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_moe_trace()) o->on_moe(l, t);
     }
-    X += out;
+    add_residual(X, out);
   } else if (w.mlp) {
     MatrixRM h;
-    MatrixRM out = mlp_forward(*w.mlp, x2, want_mlp ? &h : nullptr);
+    MatrixRM out = [&] {
+      const PhaseScope timed(Phase::ExpertGemms);
+      return mlp_forward(*w.mlp, x2, want_mlp ? &h : nullptr);
+    }();
     if (want_mlp) {
       const DenseMlpTrace t{x2, h, out, *w.mlp};
       for (Observer* o : observers)
         if (o->wants_dense_mlp_trace()) o->on_dense_mlp(l, t);
     }
-    X += out;
+    add_residual(X, out);
   } else {
     throw Error::internal("layer " + std::to_string(l) + ": neither MoE block nor MLP");
   }
@@ -372,13 +392,14 @@ void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> obse
   }
 }
 
-MatrixRM Forward::final_norm(const MatrixRM& X) const { return rms_norm(X, final_norm_w_, spec_.eps); }
+MatrixRM Forward::final_norm(const MatrixRM& X) const { return timed_rms_norm(X, final_norm_w_, spec_.eps); }
 
 MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   const auto& g = model_.globals();
   const core::Tensor& W = g.count("lm_head") ? g.at("lm_head") : g.at("embed");
   const int64_t V = W.dim(0), H = W.dim(1), N = Xn.rows();
   if (Xn.cols() != H) throw Error::internal("lm_head: width mismatch");
+  const PhaseScope timed(Phase::LmHead);
   MatrixRM out(N, V);
   const int64_t chunk = std::min<int64_t>(V, 4096);
   std::vector<float> w(static_cast<size_t>(chunk * H));

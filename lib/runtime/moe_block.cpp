@@ -1,9 +1,13 @@
 #include "runtime/moe_block.h"
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "core/error.h"
 #include "runtime/ops.h"
+#include "runtime/parallel.h"
+#include "runtime/profile.h"
 
 namespace moe::runtime {
 
@@ -53,43 +57,72 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
   MoeDetail local;
   MoeDetail& d = detail ? *detail : local;
+  std::optional<PhaseScope> phase(std::in_place, Phase::Router);
   d.logits = router_logits(w, rule, x);
   d.routing = route(rule, d.logits, choice_bias(w, rule), active);
   d.tokens = tokens_per_expert(d.routing, E);
-  if (keep_intermediates) {
-    d.h.assign(E, MatrixRM());
-    d.y.assign(E, MatrixRM());
-  }
-  // Experts in index order (as transformers accumulates): gather, GEMMs, scatter-add weighted.
-  MatrixRM out = MatrixRM::Zero(N, H);
-  MatrixRM xe, h;
-  for (int64_t e = 0; e < E; ++e) {
-    const auto& tok = d.tokens[e];
-    const int64_t ne = static_cast<int64_t>(tok.size());
-    if (ne == 0) {
-      if (keep_intermediates) {
-        d.h[e].resize(0, w.experts[e].width());
-        d.y[e].resize(0, H);
-      }
-      continue;
-    }
-    xe.resize(ne, H);
-    for (int64_t j = 0; j < ne; ++j) xe.row(j) = x.row(tok[j]);
-    MatrixRM y = mlp_forward(w.experts[e], xe, &h);
-    for (int64_t j = 0; j < ne; ++j) {
-      const int32_t n = tok[j];
-      float wt = 0;
+  const auto& ids = d.routing.ids;
+  if (ids.cols() != k)
+    throw core::Error::internal("routing gave " + std::to_string(ids.cols()) + " choices, top_k " + std::to_string(k));
+  // row[n * k + s]: the row of token n in the list of its s-th expert.
+  std::vector<int32_t> row(static_cast<size_t>(N * k), -1);
+  for (int64_t e = 0; e < E; ++e)
+    for (size_t j = 0; j < d.tokens[e].size(); ++j) {
+      const int32_t n = d.tokens[e][j];
       for (int64_t s = 0; s < k; ++s)
-        if (d.routing.ids(n, s) == e) wt = d.routing.weights(n, s);
-      out.row(n) += wt * y.row(j);
+        if (ids(n, s) == e) row[static_cast<size_t>(n * k + s)] = static_cast<int32_t>(j);
     }
-    if (keep_intermediates) {
-      d.h[e] = std::move(h);
-      d.y[e] = std::move(y);
-      h = MatrixRM();
+
+  // Each expert on its own tokens (gather, GEMMs), the experts spread over the threads (each
+  // expert's GEMMs are too small to thread well). Every expert's rows are held at once: N·k rows
+  // of inputs and of outputs.
+  phase.emplace(Phase::GatherScatter);
+  std::vector<MatrixRM> xs(static_cast<size_t>(E)), ys(static_cast<size_t>(E)), hs(static_cast<size_t>(E));
+  parallel_for(E, [&](int64_t e) {
+    const auto& tok = d.tokens[e];
+    MatrixRM& xe = xs[e];
+    xe.resize(static_cast<int64_t>(tok.size()), H);
+    for (size_t j = 0; j < tok.size(); ++j) xe.row(static_cast<int64_t>(j)) = x.row(tok[j]);
+  });
+  phase.emplace(Phase::ExpertGemms);
+  // Largest expert first, so that the last tasks to start are the short ones (less idle time at
+  // the end of the region); the order of the tasks does not change any result.
+  std::vector<int64_t> by_size(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) by_size[e] = e;
+  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return xs[a].rows() > xs[b].rows(); });
+  parallel_for(E, [&](int64_t i) {
+    const int64_t e = by_size[i];
+    if (xs[e].rows() == 0) {
+      hs[e].resize(0, w.experts[e].width());
+      ys[e].resize(0, H);
+      return;
     }
+    ys[e] = mlp_forward(w.experts[e], xs[e], keep_intermediates ? &hs[e] : nullptr);
+    xs[e] = MatrixRM();
+  });
+  // Scatter-add weighted, each row in expert index order (as transformers accumulates; the sum
+  // does not depend on which thread ran which expert).
+  phase.emplace(Phase::GatherScatter);
+  MatrixRM out(N, H);
+  parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> order(static_cast<size_t>(k));
+    for (int64_t n = r0; n < r1; ++n) {
+      for (int64_t s = 0; s < k; ++s) order[s] = s;
+      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids(n, a) < ids(n, b); });
+      out.row(n).setZero();
+      for (int64_t s : order) {
+        const int32_t e = ids(n, s);
+        out.row(n) += d.routing.weights(n, s) * ys[e].row(row[static_cast<size_t>(n * k + s)]);
+      }
+    }
+  });
+  if (keep_intermediates) {
+    d.h = std::move(hs);
+    d.y = std::move(ys);
   }
+  phase.reset();
   if (w.shared) {
+    const PhaseScope timed(Phase::SharedExpert);
     MatrixRM so = mlp_forward(*w.shared, x);
     MatrixRM sg(N, 1);
     if (w.shared_gate) {
@@ -98,7 +131,9 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
     } else {
       sg.setOnes();  // deepseek shared experts: added ungated
     }
-    for (int64_t n = 0; n < N; ++n) out.row(n) += sg(n, 0) * so.row(n);
+    parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t n = r0; n < r1; ++n) out.row(n) += sg(n, 0) * so.row(n);
+    });
     if (keep_intermediates) {
       d.shared_out = std::move(so);
       d.shared_gate = std::move(sg);

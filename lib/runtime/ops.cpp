@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "runtime/parallel.h"
 
 namespace moe::runtime {
 
@@ -38,6 +39,9 @@ MatrixRM linear(const MatrixRM& X, const MatrixRM& W, const RowVector* bias) {
 }
 
 namespace {
+// Rows per block below which a row-wise op is not worth spreading over threads.
+constexpr int64_t kMinRows = 64;
+
 inline void rms_row(const float* x, const float* w, int64_t n, double eps, float* out) {
   double ss = 0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
@@ -48,8 +52,9 @@ inline void rms_row(const float* x, const float* w, int64_t n, double eps, float
 
 MatrixRM rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
   MatrixRM Y(X.rows(), X.cols());
-  for (int64_t n = 0; n < X.rows(); ++n)
-    rms_row(X.data() + n * X.cols(), w.data(), X.cols(), eps, Y.data() + n * Y.cols());
+  parallel_rows(X.rows(), kMinRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) rms_row(X.data() + n * X.cols(), w.data(), X.cols(), eps, Y.data() + n * Y.cols());
+  });
   return Y;
 }
 
@@ -57,11 +62,13 @@ void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps) {
   const int64_t g = w.size();
   if (g == 0 || X.cols() % g != 0) throw core::Error::internal("rms_norm_groups: width mismatch");
   const int64_t groups = X.cols() / g;
-  for (int64_t n = 0; n < X.rows(); ++n)
-    for (int64_t h = 0; h < groups; ++h) {
-      float* p = X.data() + n * X.cols() + h * g;
-      rms_row(p, w.data(), g, eps, p);
-    }
+  parallel_rows(X.rows(), kMinRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n)
+      for (int64_t h = 0; h < groups; ++h) {
+        float* p = X.data() + n * X.cols() + h * g;
+        rms_row(p, w.data(), g, eps, p);
+      }
+  });
 }
 
 void silu_mul_inplace(MatrixRM& G, const MatrixRM& U) {
@@ -181,21 +188,23 @@ void RopeTable::apply(float* X, int64_t rows, int64_t ld, int64_t heads, int64_t
   const int64_t h = d / 2;
   // Element i of the pair (i, i + step) or (2i, 2i + 1).
   const int64_t first = interleaved ? 2 : 1, second = interleaved ? 1 : h;
-  for (int64_t n = 0; n < rows; ++n) {
-    const int64_t t = n % T;
-    const float* c = cos.data() + t * h;
-    const float* s = sin.data() + t * h;
-    for (int64_t hd = 0; hd < heads; ++hd) {
-      float* x = X + n * ld + offset + hd * stride;
-      for (int64_t i = 0; i < h; ++i) {
-        float* p1 = x + i * first;
-        float* p2 = p1 + second;
-        const float x1 = *p1, x2 = *p2;
-        *p1 = x1 * c[i] - x2 * s[i];
-        *p2 = x2 * c[i] + x1 * s[i];
+  parallel_rows(rows, kMinRows, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t t = n % T;
+      const float* c = cos.data() + t * h;
+      const float* s = sin.data() + t * h;
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        float* x = X + n * ld + offset + hd * stride;
+        for (int64_t i = 0; i < h; ++i) {
+          float* p1 = x + i * first;
+          float* p2 = p1 + second;
+          const float x1 = *p1, x2 = *p2;
+          *p1 = x1 * c[i] - x2 * s[i];
+          *p2 = x2 * c[i] + x1 * s[i];
+        }
       }
     }
-  }
+  });
 }
 
 }  // namespace moe::runtime

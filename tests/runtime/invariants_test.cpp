@@ -20,13 +20,6 @@ using runtime::MlpWeights;
 using runtime::MoeWeights;
 using runtime::RoutingRule;
 
-MatrixRM random_matrix(int64_t r, int64_t c, std::mt19937& g, float scale = 0.2f) {
-  std::normal_distribution<float> d(0.0f, scale);
-  MatrixRM m(r, c);
-  for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = d(g);
-  return m;
-}
-
 MlpWeights random_mlp(int64_t H, int64_t I, std::mt19937& g) {
   return {random_matrix(I, H, g), random_matrix(I, H, g), random_matrix(H, I, g)};
 }

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -29,6 +30,14 @@ inline std::unique_ptr<LoadedModel> load_model(const std::filesystem::path& dir)
   auto ck = io::Checkpoint::open(io::Env::posix(), dir);
   auto m = model::Model::load(ck);
   return std::unique_ptr<LoadedModel>(new LoadedModel{std::move(ck), std::move(m)});
+}
+
+// A matrix of normal(0, scale) values drawn from g.
+inline runtime::MatrixRM random_matrix(int64_t r, int64_t c, std::mt19937& g, float scale = 0.2f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  runtime::MatrixRM m(r, c);
+  for (int64_t i = 0; i < m.size(); ++i) m.data()[i] = d(g);
+  return m;
 }
 
 // Reads a JSON file; a missing file is a test FAILURE (not a skip) naming it.
