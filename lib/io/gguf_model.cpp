@@ -1,5 +1,6 @@
 #include "io/gguf_model.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -155,6 +156,14 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     const std::string ck = config_key(fam, h.config_key);
     if (ck.empty())
       throw Error::unsupported(file + ": metadata key " + key + ": the " + fam.model_type + " layout has no config key for it");
+    if (h.real) {
+      const double d = v->as_double(file + ": " + key);
+      // Every real hyper-parameter read (norm epsilon, RoPE base, scales) is a positive number;
+      // NaN/Inf would reach config.json as null.
+      if (!std::isfinite(d) || d <= 0)
+        throw Error::corruption(file + ": metadata key " + key + ": expected a positive finite number, found " +
+                                (std::isnan(d) ? std::string("nan") : json(d).dump()));
+    }
     const json value = h.real ? json(f32_decimal(v->as_double(file + ": " + key))) : json(v->as_int(file + ": " + key));
     if (c.contains(ck) && c[ck] != value)
       throw Error::corruption(file + ": metadata key " + key + ": " + value.dump() + " disagrees with " + c[ck].dump() +

@@ -406,6 +406,13 @@ void PackedInput::open_compressed_tensors(const nlohmann::json& q) {
                                 (fp8 ? ".weight" : ".weight_packed") + ": missing (" + name + " is stored; weight " +
                                 module + ".weight, compressed-tensors)");
       }
+  // An FP8 weight stored without its scale: its values mean nothing (and it would be read as a
+  // plain tensor of codes).
+  for (const auto& name : ckpt_.names())
+    if (const std::string module = packed_module_of(name, ".weight");
+        !module.empty() && ckpt_.info(name).dtype == DType::F8_E4M3 && !ckpt_.has(module + ".weight_scale"))
+      throw Error::corruption(ckpt_.shard_path(name).string() + ": tensor " + module + ".weight_scale: missing (" + name +
+                              " is stored as F8_E4M3, compressed-tensors float-quantized)");
   for (const auto& [module, is_float] : found) {
     const std::string file = ckpt_.shard_path(module + (is_float ? ".weight" : ".weight_packed")).string();
     for (const auto& ig : ignore)

@@ -40,6 +40,10 @@ class DeltaTernaryPass final : public pipeline::Pass {
     o.allow({"pass", "method"});
     const bool has_density = o.has("density");
     density_ = o.get_number("density", kDefaultDensity, 0, 1, true);
+    // (0, 1), open at both ends: one message for every value outside it.
+    if (spec.contains("max_error") && spec.at("max_error").is_number() &&
+        !(spec.at("max_error").get<double>() > 0 && spec.at("max_error").get<double>() < 1))
+      throw Error::invalid(o.key_path("max_error") + ": expected a number in (0, 1), found " + json_found(spec.at("max_error")));
     max_error_ = o.opt_number("max_error", 0, 1, true);
     if (max_error_ && *max_error_ >= 1)
       throw Error::invalid(o.key_path("max_error") + ": expected a number in (0, 1), found " + json_found(spec.at("max_error")));
@@ -167,7 +171,9 @@ class DeltaTernaryPass final : public pipeline::Pass {
   // MoE layer has the experts' shapes. Error::invalid naming the key otherwise.
   void load_parent(const model::Model& m) const {
     if (parent_model_) return;
-    parent_ckpt_ = std::make_shared<io::Checkpoint>(io::Checkpoint::open(io::Env::posix(), parent_path_));
+    core::with_context(parent_key_, [&] {
+      parent_ckpt_ = std::make_shared<io::Checkpoint>(io::Checkpoint::open(io::Env::posix(), parent_path_));
+    });
     auto pm = std::make_shared<model::Model>(model::Model::load(*parent_ckpt_));
     if (pm->layers().size() != m.layers().size())
       throw Error::invalid(parent_key_ + ": " + parent_path_ + " has " + std::to_string(pm->layers().size()) +

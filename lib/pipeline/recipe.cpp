@@ -156,8 +156,13 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
       throw Error::invalid("passes: expected a non-empty list of pass objects, found " + json_found(passes));
     for (size_t i = 0; i < passes.size(); ++i) {
       const std::string path = "passes[" + std::to_string(i) + "]";
-      r.passes.push_back(make_pass(passes[i], path));
-      r.pass_specs.push_back(passes[i]);
+      // A pass's path key (quantize delta-ternary's "parent") resolves against the recipe's
+      // folder, as every path of a recipe does.
+      json spec = passes[i];
+      if (spec.is_object() && spec.contains("parent") && spec.at("parent").is_string())
+        spec["parent"] = resolve(base, spec.at("parent").get<std::string>()).string();
+      r.passes.push_back(make_pass(spec, path));
+      r.pass_specs.push_back(spec);
     }
     if (!top.has("output")) throw Error::invalid("output: missing (required)");
     {

@@ -85,9 +85,11 @@ class ExportSink final : public Sink {
       // A refusal the values decide (GPTQ zero points of 0) names the staged folder, a temporary:
       // name the run's output instead.
       std::string m = e.message();
-      const std::string tmp = staging_.string();
-      const std::string name = "the native output staged for " + r_.output.path.string();
-      for (size_t i = m.find(tmp); i != std::string::npos; i = m.find(tmp, i + name.size())) m.replace(i, tmp.size(), name);
+      auto rename = [&m](const std::string& tmp, const std::string& name) {
+        for (size_t i = m.find(tmp); i != std::string::npos; i = m.find(tmp, i + name.size())) m.replace(i, tmp.size(), name);
+      };
+      rename(staging_.string(), "the native output staged for " + r_.output.path.string());
+      if (file_) rename(file_->path().string(), r_.output.path.string());  // the file's temporary name
       throw Error(e.kind(), m);
     }
   }
@@ -293,12 +295,16 @@ void check_gguf_like_plan(const Recipe& r, const model::Model& planned) {
                          "; leave it out with " + r.key("output.format") + " gguf");
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto& p = *r.passes[i];
-    const std::string at = file + r.key("passes[" + std::to_string(i) + "]");
+    const std::string pass_key = "passes[" + std::to_string(i) + "]", at = file + r.key(pass_key);
+    const json params = p.params();
     if (p.name() != "prune")
-      throw Error::unsupported(at + ": " + where + " of a GGUF input takes prune passes only (" + copied + "); " +
-                               p.name() + " changes the weights: " + way_out);
-    if (p.params().value("novices", false))
-      throw Error::unsupported(at + ".novices: a GGUF file has no place for a constant expert; " + way_out);
+      throw Error::unsupported(at + ": " + r.key("output.format") + " gguf of a GGUF input takes prune passes only (" + copied +
+                               "); " + p.name() + " changes the weights: " + way_out);
+    if (params.value("novices", false))
+      throw Error::unsupported(file + r.key(pass_key + ".novices") + ": a GGUF file has no place for a constant expert; " + way_out);
+    if (params.contains("keep_ratio") && !params.value("uniform", true))
+      throw Error::unsupported(file + r.key(pass_key + ".uniform") + ": layers would keep different expert counts, and GGUF stacks one count "
+                               "for every layer; leave it out");
   }
   if (!r.calibration.tasks.empty())
     throw Error::unsupported(file + r.key("calibration.tasks") + ": a GGUF file has no room for the task keep-maps; write a folder");

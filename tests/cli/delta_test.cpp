@@ -119,6 +119,19 @@ TEST_F(Delta, ParentAsBase) {
   EXPECT_TRUE(fixed_logits(out) == fixed_logits(up));
   // The report names the base.
   EXPECT_EQ(read_json(out / "moe_tool_report.json")["passes"][0]["params"]["base"], "parent's MLP");
+  // In a recipe the parent's path is relative to the recipe's folder, as every recipe path is.
+  fs::create_directories(*tmp_ / "recipes");
+  write_file(*tmp_ / "recipes" / "delta.json",
+             json{{"model", "../up"},
+                  {"passes", json::array({{{"pass", "quantize"}, {"method", "delta-ternary"}, {"parent", "../llama"}}})},
+                  {"output", {{"path", "../par-recipe"}}}}
+                 .dump());
+  r = run_tool({"-q", "run", (*tmp_ / "recipes" / "delta.json").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(fixed_logits(*tmp_ / "par-recipe") == fixed_logits(up));
+  expect_clean_failure(run_tool({"-q", "quantize", up.string(), bad.string(), "--method", "delta-ternary", "--parent",
+                                 (*tmp_ / "nowhere").string()}),
+                       "--parent: ");
   // A parent that is not one: refused before any work, naming the key and the layer.
   expect_clean_failure(run_tool({"-q", "quantize", up.string(), bad.string(), "--method", "delta-ternary", "--parent", up.string()}),
                        "--parent: layer 0 of");
@@ -141,7 +154,7 @@ TEST_F(Delta, BadInputIsRefusedInOneLineWithNothingWritten) {
   };
   expect_clean_failure(q({"--density", "0"}, in()), "density");
   expect_clean_failure(q({"--density", "1.5"}, in()), "density");
-  expect_clean_failure(q({"--max-error", "1"}, in()), "--max-error: expected a number in (0, 1)");
+  for (const char* v : {"1", "0", "2"}) expect_clean_failure(q({"--max-error", v}, in()), "--max-error: expected a number in (0, 1),");
   expect_clean_failure(q({"--density", "0.2", "--max-error", "0.1"}, in()), "give density or max_error, not both");
   expect_clean_failure(q({"--codec", "int4"}, in()), "--codec");
   EXPECT_FALSE(fs::exists(out));

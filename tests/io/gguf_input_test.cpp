@@ -274,6 +274,9 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   expect_clean_failure(run_tool({"-q", "quantize", in.string(), none.string(), "--method", "rtn", "--codec", "int4:g32:sym",
                                  "--format", "gguf"}),
                        "of a GGUF input takes prune passes only");
+  expect_clean_failure(run_tool({"-q", "prune", in.string(), none.string(), "--method", "random", "--keep-ratio", "0.5",
+                                 "--no-uniform", "--format", "gguf"}),
+                       "--no-uniform: layers would keep different expert counts");
   EXPECT_FALSE(fs::exists(none));
 }
 
@@ -342,6 +345,23 @@ TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
     EXPECT_EQ(r.exit_code, 2) << r.describe();
     ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
     EXPECT_NE(r.err.find(name + ": type iq2_xxs has no decoder"), std::string::npos) << r.err;
+  }
+
+  // A real hyper-parameter that is NaN (it reached config.json as null): the f32 after the key's
+  // name and its value type (6, f32).
+  {
+    const std::string name = "llama.attention.layer_norm_rms_epsilon";
+    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t at = bytes.find(name) + name.size();
+    ASSERT_EQ(bytes[at], 6);  // GGUF value type f32
+    bytes.replace(at + 4, 4, std::string("\x00\x00\xc0\x7f", 4));
+    const fs::path p = dir / "nan-eps.gguf";
+    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    r = run_tool({"inspect", p.string()});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
+    EXPECT_NE(r.err.find(name + ": expected a positive finite number, found nan"), std::string::npos) << r.err;
   }
 
   // A missing hyper-parameter: the key renamed.

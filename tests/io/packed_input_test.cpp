@@ -355,6 +355,12 @@ TEST(PackedInputRefusals, MissingCodesNameThePackedTensorAndTheFile) {
     expect_error([&] { p.open(); }, ErrorKind::Corruption,
                  {"model.safetensors: tensor " + kMod + ".weight_packed: missing (", "compressed-tensors)"});
   }
+  {  // an FP8 weight without its scale (read as plain codes before)
+    Packed p;
+    p.write(fp8_config("channel"), {tensor_of(kMod + ".weight", DType::F8_E4M3, {2, 3}, std::vector<uint8_t>(6, 0x38))});
+    expect_error([&] { p.open(); }, ErrorKind::Corruption,
+                 {"model.safetensors: tensor " + kMod + ".weight_scale: missing (" + kMod + ".weight is stored as F8_E4M3"});
+  }
   for (const std::string method : {"gptq", "awq"}) {
     SCOPED_TRACE(method);
     Packed p;
