@@ -3,7 +3,7 @@
 # test through CTest; then one clang build with AddressSanitizer + UndefinedBehaviorSanitizer
 # (build-san/: tests at -O0, the library at -O1) that runs every test label again (the quality
 # tests skip themselves there), and runs the libFuzzer targets (the same build: the library carries
-# libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 20; 0 skips fuzzing). The benchmarks
+# libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 10; 0 skips fuzzing). The benchmarks
 # are not built here (about 2.5 min of the 2 cores); `cmake --build build` builds them. The Release tests run while the sanitizer build compiles (both stages use the two
 # cores, and each has idle stretches the other fills). Prints each phase's time at the end.
 #
@@ -93,9 +93,9 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
   -L '^(core|io|model|cli|tokenizer|passes|quant|runtime|calib|pipeline)$' ${SAN_EXCLUDE:+-E "$SAN_EXCLUDE"}
 phase "tests, sanitizers"
 
-if [ "${FUZZ_SECONDS:-20}" != "0" ]; then
-  echo "== fuzzing (${FUZZ_SECONDS:-20}s per target) [${SECONDS}s]"
-  MOE_FUZZ_BUILD="$PWD/build-san" tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"
+if [ "${FUZZ_SECONDS:-10}" != "0" ]; then
+  echo "== fuzzing (${FUZZ_SECONDS:-10}s per target) [${SECONDS}s]"
+  MOE_FUZZ_BUILD="$PWD/build-san" tests/fuzz/run.sh "${FUZZ_SECONDS:-10}"
   phase "fuzzing"
 fi
 

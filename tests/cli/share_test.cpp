@@ -118,8 +118,8 @@ TEST_F(Share, PooledExpertsStoredOnceAndMaterializeGivesTheSameLogits) {
     prune(out, pruned);
     prune(mat, reference);
     int pooled_left = 0;
-    for (const auto& [name, e] : read_json(pruned / "config.json")["quantization_config"]["weights"].items())
-      pooled_left += e["encoding"] == "pooled";
+    const json cfg = read_json(pruned / "config.json");  // named: a loop over a temporary's member dangles
+    for (const auto& [name, e] : cfg.at("quantization_config").at("weights").items()) pooled_left += e.at("encoding") == "pooled";
     pools_lost_a_user += pooled_left < 12;
     const RunResult cm = run_tool({"-q", "convert", pruned.string(), expanded.string(), "--materialize"});
     ASSERT_EQ(cm.exit_code, 0) << cm.describe();
