@@ -7,11 +7,12 @@
 #include "io/gguf.h"
 #include "io/output_dir.h"
 #include "io/temp_files.h"
+#include "model/gguf_write.h"
+#include "passes/experts.h"
 #include "pipeline/gguf_export.h"
 #include "pipeline/hf_sink.h"
 #include "pipeline/packed_export.h"
 #include "pipeline/recipe.h"
-#include "model/gguf_write.h"
 #include "pipeline/report.h"
 #include "quant/codec.h"
 #include "quant/gguf_blocks.h"
@@ -152,18 +153,13 @@ class ExportSink final : public Sink {
       if (!layer.moe || keep_map_.is_null()) continue;
       const json& row = keep_map_.at(static_cast<size_t>(layer.index));
       if (row.is_null()) continue;
-      std::vector<int64_t> keep;
+      std::vector<int> kept;
       for (const auto& id : row) {
         if (!id.is_number_integer())
           throw Error::internal("layer " + std::to_string(layer.index) + ": a merged expert in a GGUF-to-GGUF prune");
-        keep.push_back(id.get<int64_t>());
+        kept.push_back(id.get<int>());
       }
-      model::MoeBlock& b = *layer.moe;
-      std::vector<model::Mlp> kept;
-      for (const int64_t e : keep) kept.push_back(b.experts.at(static_cast<size_t>(e)));
-      b.experts = std::move(kept);
-      b.router = b.router.take_rows(keep);
-      if (b.router_bias) b.router_bias = b.router_bias->take_rows(keep);
+      passes::keep_experts(*layer.moe, kept);  // as prune keeps them: experts, router rows (blocks copied)
     }
     const uint64_t bytes = core::with_context(r_.key("output.format") + " gguf",
                                               [&] { return model::write_gguf_like(env_, m, *source_->gguf(), file_->path()); });
