@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(build-essential cmake pkg-config libeigen3-dev libopenblas-dev liblapacke-dev libcli11-dev
+packages=(build-essential cmake ninja-build pkg-config libeigen3-dev libopenblas-dev liblapacke-dev libcli11-dev
           nlohmann-json3-dev libgtest-dev libpcre2-dev libglpk-dev libzstd-dev)
 missing=()
 for p in "${packages[@]}"; do
@@ -21,11 +21,16 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 BUILD_DIR=${BUILD_DIR:-build}
+# Ninja for a new build folder: it compiles one target's files while another target links (Make
+# builds target by target), which keeps both cores busy — a from-scratch build takes about a
+# quarter less time. A folder configured before keeps its generator.
+generator=()
+[ -f "$BUILD_DIR/CMakeCache.txt" ] || generator=(-G Ninja)
 # shellcheck disable=SC2086
-cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release ${EXTRA_CMAKE:-} >/dev/null
+cmake -S . -B "$BUILD_DIR" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release ${EXTRA_CMAKE:-} >/dev/null
 log=$(mktemp)
 if ! cmake --build "$BUILD_DIR" -j"$(nproc)" ${BUILD_TARGETS:+--target $BUILD_TARGETS} >"$log" 2>&1; then
-  grep -Ev '^\[ *[0-9]+%\]' "$log" | tail -60 >&2
+  grep -Ev '^\[ *[0-9]+%\]|^\[[0-9]+/[0-9]+\] ' "$log" | tail -60 >&2
   rm -f "$log"
   echo "build failed" >&2
   exit 1
