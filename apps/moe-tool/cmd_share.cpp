@@ -19,7 +19,7 @@ namespace moe::app {
 
 void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string in, out, stats;
+    std::string in, out, stats, method = "pairs";
     double share = -1;
     bool dry_run = false;
     FolderOutputFlags output;
@@ -30,11 +30,14 @@ void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_option("--stats", o->stats, "Calibration statistics of IN (moe-tool calibrate; out_mean and count are used)")->required();
   sub.add_option("--share", o->share, "Share of expert parameters pooled away, in [0, 0.5]: round(R x experts) pooled experts")
       ->required();
+  sub.add_option("--method", o->method, "Method: " + pass_methods("share") + " (see moe-tool list; recipe key passes[0].method; default pairs)");
   o->output.declare(sub);
   sub.add_flag("--dry-run", o->dry_run, "Run every check and choose the pools; write nothing");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
       const auto t0 = std::chrono::steady_clock::now();
+      if (o->method != "pairs")  // passes/passes.def: the one method of pass share
+        throw core::Error::invalid("--method: unknown method \"" + o->method + "\" for share (allowed: " + pass_methods("share") + ")");
       const pipeline::HfSinkOptions opts = o->output.sink_options(flags.quiet);
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);

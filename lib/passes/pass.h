@@ -141,6 +141,13 @@ class Pass {
   // model lacks, rules that match nothing, a run that would change nothing): Error::invalid
   // naming the option by its JSON path ("passes[0].tensor_type[1]"). Default: nothing.
   virtual void check_model(const model::Model& /*input*/) const {}
+  // A pass that changes the whole model at once, before the layer loop, from the input model's
+  // statistics (cross-layer sharing, passes/xlayer_share.h: experts of neighbouring layers pooled
+  // into one stored expert): run_model() then does its work, with `report` its entry under
+  // "plans" in moe_tool_report.json, and run_layer() only reports. Such a pass is a recipe's only
+  // pass (the runner refuses others beside it). Memory: what the pass computes for every layer.
+  virtual bool model_scope() const { return false; }
+  virtual void run_model(model::Model& /*model*/, const calib::Stats& /*stats*/, nlohmann::json& /*report*/) {}
   // Warnings once every layer ran (a pass that changed nothing says so): shown in the summary
   // and the report. Default: none.
   virtual std::vector<std::string> run_warnings() const { return {}; }

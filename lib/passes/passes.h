@@ -14,6 +14,7 @@ namespace moe::passes {
 std::unique_ptr<pipeline::Pass> make_prune(const nlohmann::json& spec, const std::string& method, const std::string& path);
 std::unique_ptr<pipeline::Pass> make_merge(const nlohmann::json& spec, const std::string& method, const std::string& path);
 std::unique_ptr<pipeline::Pass> make_factorize(const nlohmann::json& spec, const std::string& method, const std::string& path);
+std::unique_ptr<pipeline::Pass> make_share(const nlohmann::json& spec, const std::string& method, const std::string& path);
 std::unique_ptr<pipeline::Pass> make_quantize(const nlohmann::json& spec, const std::string& method, const std::string& path);
 
 }  // namespace moe::passes

@@ -3,12 +3,15 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <tuple>
 
 #include "core/error.h"
 #include "passes/expert_merge.h"
 #include "passes/experts.h"
 #include "passes/hungarian.h"
+#include "passes/options.h"
+#include "passes/passes.h"
 #include "quant/pooled.h"
 
 namespace moe::passes {
@@ -49,44 +52,51 @@ void check_poolable(const model::Mlp& x, int l, int e) {
 
 }  // namespace
 
-json share_experts_across_layers(model::Model& m, const calib::Stats& stats, double share) {
+SharePlan check_share(const model::Model& m, double share, const std::string& key) {
   if (!(share >= 0 && share <= 0.5))
-    throw Error::invalid("--share: expected a share of expert parameters in [0, 0.5] (each pool saves one of its two experts), found " +
-                         std::to_string(share));
+    throw Error::invalid(key + ": expected a share of expert parameters in [0, 0.5] (each pool saves one of its two experts), found " +
+                         number_text(share));
   if (m.family().fused())
     throw Error::invalid(m.family().model_type + ": experts stored fused (one tensor per layer) cannot refer to a pool; "
                          "cross-layer sharing needs one tensor per expert");
-  std::vector<int> moe;
+  SharePlan plan;
+  std::vector<int>& moe = plan.moe_layers;
   for (const auto& layer : m.layers())
     if (layer.moe) moe.push_back(layer.index);
   if (moe.size() < 2)
     throw Error::invalid("model: cross-layer expert sharing needs at least two MoE layers, found " + std::to_string(moe.size()));
-  auto& layers = m.layers();
+  const auto& layers = m.layers();
   const int64_t width = layers[moe[0]].moe->expert_width();
-  int64_t experts_total = 0, per_expert = 0;
   for (int l : moe) {
     const model::MoeBlock& b = *layers[l].moe;
     if (b.expert_width() != width)
       throw Error::invalid("layer " + std::to_string(l) + ": expert width " + std::to_string(b.expert_width()) + " differs from layer " +
                            std::to_string(moe[0]) + "'s " + std::to_string(width) + "; a pool holds experts of one width");
     for (int e = 0; e < b.num_experts(); ++e) check_poolable(b.experts[e], l, e);
-    experts_total += b.num_experts();
+    plan.experts_total += b.num_experts();
     const model::Mlp& x = b.experts.at(0);
-    per_expert = x.gate.numel() + x.up.numel() + x.down.numel();
+    plan.params_per_expert = x.gate.numel() + x.up.numel() + x.down.numel();
   }
-  const int64_t pools = std::llround(share * static_cast<double>(experts_total));
+  plan.pools = std::llround(share * static_cast<double>(plan.experts_total));
   int64_t possible = 0;
   for (size_t p = 0; p + 1 < moe.size(); p += 2)
     possible += std::min(layers[moe[p]].moe->num_experts(), layers[moe[p + 1]].moe->num_experts());
   // The bound as the check computes it: round(share x experts) <= possible, i.e. (rounding half
   // away from zero) share < (possible + 0.5) / experts.
-  if (pools > possible)
-    throw Error::invalid("--share: " + number_text(share) + " asks for round(" + number_text(share) + " x " +
-                         std::to_string(experts_total) + " experts) = " + std::to_string(pools) + " pooled experts but the " +
+  if (plan.pools > possible)
+    throw Error::invalid(key + ": " + number_text(share) + " asks for round(" + number_text(share) + " x " +
+                         std::to_string(plan.experts_total) + " experts) = " + std::to_string(plan.pools) + " pooled experts but the " +
                          std::to_string(moe.size() / 2) + " pair(s) of adjacent MoE layers hold at most " + std::to_string(possible) +
-                         " (share < " + number_text((static_cast<double>(possible) + 0.5) / static_cast<double>(experts_total)) +
+                         " (share < " + number_text((static_cast<double>(possible) + 0.5) / static_cast<double>(plan.experts_total)) +
                          ")");
+  return plan;
+}
 
+json share_experts_across_layers(model::Model& m, const calib::Stats& stats, double share, const std::string& key) {
+  const SharePlan plan = check_share(m, share, key);
+  const std::vector<int>& moe = plan.moe_layers;
+  const int64_t pools = plan.pools;
+  auto& layers = m.layers();
   std::vector<PoolCandidate> cands;
   for (size_t p = 0; pools > 0 && p + 1 < moe.size(); p += 2) {
     const int l = moe[p], l2 = moe[p + 1];
@@ -132,9 +142,56 @@ json share_experts_across_layers(model::Model& m, const calib::Stats& stats, dou
     y = pool;
     report["pools"].push_back({{"layers", {c.l, c.l2}}, {"experts", {c.e, c.e2}}, {"cosine", c.cosine}, {"weights", w}});
   }
-  report["expert_params_logical"] = experts_total * per_expert;
-  report["expert_params_stored"] = (experts_total - pools) * per_expert;
+  report["expert_params_logical"] = plan.experts_total * plan.params_per_expert;
+  report["expert_params_stored"] = (plan.experts_total - pools) * plan.params_per_expert;
   return report;
+}
+
+namespace {
+
+// The recipe pass {"pass": "share", "method": "pairs", "share": R}: the pools are made before the
+// layer loop (model_scope), the layers are then written as they are.
+class SharePass final : public pipeline::Pass {
+ public:
+  SharePass(const json& spec, const std::string& path) {
+    Options o(spec, path, "share/pairs");
+    o.allow({"pass", "method"});
+    key_ = o.key_path("share");
+    const std::optional<double> share = o.opt_number("share", 0, 0.5);
+    o.finish();  // unknown keys first
+    if (!share) throw Error::invalid(key_ + ": missing (required): the share of expert parameters pooled away, in [0, 0.5]");
+    share_ = *share;
+  }
+  std::string name() const override { return "share"; }
+  std::string method() const override { return "pairs"; }
+  json params() const override { return {{"pass", "share"}, {"method", "pairs"}, {"share", share_}}; }
+  pipeline::Requirements requirements() const override {
+    pipeline::Requirements r;
+    r.stats_fields = {"out_mean", "count"};
+    r.plan_stats = true;  // every layer's statistics before any layer changes
+    return r;
+  }
+  int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
+  bool shapes_at_run() const override { return true; }  // a pool is written once, under its first user's name
+  bool counts_at_run() const override { return false; }
+  void check_model(const model::Model& m) const override { (void)check_share(m, share_, key_); }
+  bool model_scope() const override { return true; }
+  void run_model(model::Model& m, const calib::Stats& stats, json& report) override {
+    report = share_experts_across_layers(m, stats, share_, key_);
+  }
+  void run_layer(pipeline::LayerContext& ctx) override {
+    ctx.report["pooled"] = "before the layer loop (see plans)";
+  }
+
+ private:
+  double share_ = 0;
+  std::string key_;
+};
+
+}  // namespace
+
+std::unique_ptr<pipeline::Pass> make_share(const json& spec, const std::string& /*method*/, const std::string& path) {
+  return std::make_unique<SharePass>(spec, path);
 }
 
 }  // namespace moe::passes

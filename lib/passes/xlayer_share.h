@@ -21,15 +21,29 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "calib/stats.h"
 #include "model/model.h"
 
 namespace moe::passes {
 
+// What a share of `m` pools: its MoE layers in order, P = round(share · experts) pools, the
+// parameters of one expert. Every refusal above but the statistics' (Error::invalid; `key` names
+// the share: "--share" or "passes[0].share").
+struct SharePlan {
+  std::vector<int> moe_layers;
+  int64_t experts_total = 0, pools = 0, params_per_expert = 0;
+};
+SharePlan check_share(const model::Model& m, double share, const std::string& key = "--share");
+
 // Pools experts of `m` in place as described above. Returns the report: {"share", "pools": [{"layers":
 // [l, l'], "experts": [e, e'], "cosine", "weights": [w_e, w_e']}], "expert_params_logical",
 // "expert_params_stored"} (parameters of the experts, a pooled expert counted once when stored).
-nlohmann::json share_experts_across_layers(model::Model& m, const calib::Stats& stats, double share);
+// Recipes: the pass {"pass": "share", "method": "pairs", "share": R} (passes/passes.h make_share),
+// which the runner applies before the layer loop (pipeline::Pass::model_scope).
+nlohmann::json share_experts_across_layers(model::Model& m, const calib::Stats& stats, double share,
+                                           const std::string& key = "--share");
 
 }  // namespace moe::passes

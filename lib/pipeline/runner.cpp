@@ -318,6 +318,11 @@ void check_run(RunState& s) {
                          " is dense: the passes of this recipe work on MoE layers");
   check_mtp_passes(model, r);
   check_native_only_passes(model, r);
+  for (size_t i = 0; i < r.passes.size(); ++i)
+    if (r.passes[i]->model_scope() && r.passes.size() > 1)
+      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: pass " + r.passes[i]->name() +
+                           " changes the whole model before the layer loop, so it runs alone in a recipe (the recipe "
+                           "has " + std::to_string(r.passes.size()) + " passes): run the other passes in a second recipe on its output");
   for (const auto& p : r.passes) {
     try {
       p->check_model(model);
@@ -563,6 +568,21 @@ json dry_run_summary(RunState& s) {
   }
 
 
+}
+
+// A whole-model pass (Pass::model_scope, alone in its recipe: check_run) on the input model's
+// statistics, before the layer loop; its report goes under "plans".
+void run_model_passes(RunState& s) {
+  for (const auto& p : s.r.passes) {
+    if (!p->model_scope()) continue;
+    const auto t0 = std::chrono::steady_clock::now();
+    json rep = json::object();
+    core::with_context(p->name() + " " + p->method(), [&] { p->run_model(s.model, *s.stats, rep); });
+    rep["pass"] = p->name();
+    rep["method"] = p->method();
+    rep["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    s.plan_reports.push_back(rep);
+  }
 }
 
 // Writes one group of tensors (a layer's, the globals) through the sink, counting it per tensor class.
@@ -999,6 +1019,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   load_statistics(s);
   plan_run(s);
   if (opts.dry_run) return dry_run_summary(s);
+  run_model_passes(s);
   run_layers(s);
   write_globals(s);
   evaluate_output(s);
@@ -1044,6 +1065,10 @@ std::string render_run_summary(const json& s) {
     for (const auto& u : s.at("tasks").at("union")) o << " L" << u.at("layer").get<int>() << " " << u.at("union").get<int>();
     o << " (written " << s.at("tasks").at("experts_per_layer").get<int>() << " per layer)\n";
   }
+  for (const auto& p : s.value("plans", json::array()))  // cross-layer sharing (pass share): its pools
+    if (p.contains("pools") && p.at("pools").is_array())
+      o << "  pools    " << p.at("pools").size() << " experts pooled across adjacent layers; expert parameters "
+        << p.at("expert_params_logical").dump() << " logical, " << p.at("expert_params_stored").dump() << " stored\n";
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";

@@ -158,5 +158,49 @@ TEST_F(Share, Refusals) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+// The recipe pass {"pass": "share", "method": "pairs"} (moe-tool run) writes what the command
+// writes, tensor for tensor, reports the pools under "plans", evaluates the output, and runs alone.
+TEST_F(Share, RecipePassWritesWhatTheCommandWrites) {
+  const fs::path cmd = *tmp_ / "recipe-cmd", out = *tmp_ / "recipe-out", recipe = *tmp_ / "share.json";
+  ASSERT_EQ(share(cmd, "0.25").exit_code, 0);
+  json rj = {{"model", in().string()},
+             {"calibration", {{"stats", stats().string()}}},
+             {"passes", json::array({{{"pass", "share"}, {"method", "pairs"}, {"share", 0.25}}})},
+             {"output", {{"path", out.string()}}},
+             {"eval", {{"text", kHeldout.string()}, {"ctx", 32}, {"max_windows", 2}}}};
+  write_file(recipe, rj.dump());
+  const RunResult dry = run_tool({"-q", "run", recipe.string(), "--dry-run"});
+  ASSERT_EQ(dry.exit_code, 0) << dry.describe();
+  EXPECT_FALSE(fs::exists(out));
+  const RunResult r = run_tool({"-q", "run", recipe.string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(first_difference(read_tensors(out), read_tensors(cmd)), "");
+  EXPECT_EQ(read_json(out / "config.json")["quantization_config"], read_json(cmd / "config.json")["quantization_config"]);
+  const json sum = json::parse(r.out);
+  ASSERT_EQ(sum["plans"].size(), 1u) << r.out;
+  EXPECT_EQ(sum["plans"][0]["pass"], "share");
+  EXPECT_EQ(sum["plans"][0]["pools"].size(), 2u);
+  EXPECT_EQ(sum["plans"][0]["pools"], read_json(cmd / "moe_tool_report.json")["share"]["pools"]);
+  EXPECT_TRUE(sum["eval"].contains("kl_mean")) << r.out;
+  EXPECT_GT(sum["eval"]["kl_mean"].get<double>(), 0.0);  // two experts per layer changed
+  const RunResult text = run_tool({"-q", "run", recipe.string(), "--set", "output.path=" + (*tmp_ / "recipe-text").string(),
+                                   "--set", "eval.max_windows=1"});
+  ASSERT_EQ(text.exit_code, 0) << text.describe();
+  EXPECT_NE(text.out.find("pools    2 experts pooled across adjacent layers"), std::string::npos) << text.out;
+  // Alone in its recipe, a budget in range, statistics with out_mean: refused before any work.
+  const fs::path refused = *tmp_ / "recipe-refused";
+  json two = rj;
+  two["output"]["path"] = refused.string();
+  two["passes"].push_back({{"pass", "prune"}, {"method", "frequency"}, {"keep", 3}});
+  write_file(recipe, two.dump());
+  expect_clean_failure(run_tool({"-q", "run", recipe.string()}), "passes[0]: pass share changes the whole model before the layer loop");
+  json big = rj;
+  big["output"]["path"] = refused.string();
+  big["passes"][0]["share"] = 0.7;
+  write_file(recipe, big.dump());
+  expect_clean_failure(run_tool({"-q", "run", recipe.string()}), "passes[0].share");
+  EXPECT_FALSE(fs::exists(refused));
+}
+
 }  // namespace
 }  // namespace moe::test

@@ -28,7 +28,7 @@ std::string error_of(const json& spec) {
 
 TEST(Registry, EveryListedPassBuilds) {
   const auto& table = registered_passes();
-  EXPECT_EQ(table.size(), 18u);
+  EXPECT_EQ(table.size(), 19u);
   std::set<std::string> names;
   for (const auto& p : table) {
     names.insert(std::string(p.pass) + "/" + p.method);
@@ -37,6 +37,7 @@ TEST(Registry, EveryListedPassBuilds) {
     if (std::string(p.pass) == "prune") spec["keep"] = 4;
     if (std::string(p.pass) == "merge") spec["experts"] = 4;
     if (std::string(p.pass) == "factorize") spec["ratio"] = 0.5;
+    if (std::string(p.pass) == "share") spec["share"] = 0.25;
     auto pass = make_pass(spec, "passes[0]");
     ASSERT_TRUE(pass);
     EXPECT_EQ(pass->name(), p.pass);
@@ -51,6 +52,7 @@ TEST(Registry, EveryListedPassBuilds) {
   EXPECT_TRUE(names.count("factorize/svdllm"));
   EXPECT_TRUE(names.count("quantize/gptq"));
   EXPECT_TRUE(names.count("quantize/delta-ternary"));
+  EXPECT_TRUE(names.count("share/pairs"));
 }
 
 TEST(Registry, UnknownPassAndMethodSuggest) {
@@ -71,7 +73,7 @@ TEST(Registry, UnknownPassAndMethodSuggest) {
 }
 
 TEST(Registry, MissingAndMistypedNames) {
-  EXPECT_HAS(error_of({{"method", "reap"}}), "passes[0]: missing key \"pass\" (passes: prune, merge, factorize, quantize)");
+  EXPECT_HAS(error_of({{"method", "reap"}}), "passes[0]: missing key \"pass\" (passes: prune, merge, factorize, quantize, share)");
   EXPECT_HAS(error_of({{"pass", "prune"}, {"keep", 2}}), "passes[0]: missing key \"method\" (prune methods: frequency");
   EXPECT_HAS(error_of({{"pass", 3}, {"method", "reap"}}), "passes[0].pass: expected a string");
   EXPECT_HAS(error_of(json::array({1, 2})), "passes[0]: expected a pass object");

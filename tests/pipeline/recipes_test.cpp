@@ -65,9 +65,10 @@ TEST(Recipes, EveryShippedRecipeValidatesAndPlans) {
     EXPECT_TRUE(s.at("dry_run").get<bool>());
     const json recipe = json::parse(std::ifstream(e.path()));
     if (recipe.contains("upcycle")) continue;  // no passes: tests/cli/upcycle_test.cpp
-    // Every recipe but a factorize- or quantize-only one changes the expert count.
+    // Every recipe but a factorize-, quantize- or share-only one changes the expert count.
     bool changes = false;
-    for (const auto& p : recipe.at("passes")) changes = changes || (p.at("pass") != "factorize" && p.at("pass") != "quantize");
+    for (const auto& p : recipe.at("passes"))
+      changes = changes || (p.at("pass") != "factorize" && p.at("pass") != "quantize" && p.at("pass") != "share");
     for (const auto& l : s.at("layers")) {
       if (changes) EXPECT_LT(l.at("experts_after").get<int>(), l.at("experts_before").get<int>());
       else EXPECT_EQ(l.at("experts_after").get<int>(), l.at("experts_before").get<int>());
@@ -434,6 +435,7 @@ TEST(Vocabulary, TableDefaultsAreThePassDefaults) {
     if (std::string(p.pass) == "prune") spec["keep"] = 4;
     if (std::string(p.pass) == "merge") spec["experts"] = 4;
     if (std::string(p.pass) == "factorize") spec["ratio"] = 0.5;
+    if (std::string(p.pass) == "share") spec["share"] = 0.25;
     const auto pass = moe::pipeline::make_pass(spec, "passes[0]");
     const json params = pass->params();
     for (const auto& k : moe::pipeline::recipe_keys()) {

@@ -73,7 +73,7 @@ std::vector<ExpertPrompts> read_prompts(const fs::path& file, int64_t E) {
 // Sum of the MLP inputs per layer (and, for ridge, x xᵀ and x onehotᵀ) over a prompt's tokens.
 class PromptObserver : public runtime::Observer {
  public:
-  PromptObserver(int64_t L, int64_t H, int64_t E, bool ridge) : H_(H), E_(E), ridge_(ridge), sum_(static_cast<size_t>(L)) {
+  PromptObserver(int64_t L, int64_t H, int64_t E, bool ridge) : H_(H), ridge_(ridge), sum_(static_cast<size_t>(L)) {
     if (ridge) {
       A_.assign(static_cast<size_t>(L), Eigen::MatrixXd::Zero(H, H));
       B_.assign(static_cast<size_t>(L), Eigen::MatrixXd::Zero(H, E));
@@ -95,7 +95,7 @@ class PromptObserver : public runtime::Observer {
   std::vector<Eigen::MatrixXd> A_, B_;
 
  private:
-  int64_t H_, E_;
+  int64_t H_;
   bool ridge_;
   std::vector<Eigen::VectorXd> sum_;
 };
