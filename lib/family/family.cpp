@@ -261,9 +261,17 @@ std::vector<FamilyDesc> build_families() {
     v.push_back(f);
   }
   {
+    // granitemoe, as transformers' configuration_granitemoe.py and modeling_granitemoe.py define
+    // it: llama attention with q/k/v/o biases iff attention_bias (default false), head_dim =
+    // hidden_size / num_attention_heads; GraniteMoeTopKGating (router.layer [E,H], no bias: top-k
+    // of the logits, softmax over the k); GraniteMoeParallelExperts input_linear [E,2I,H] whose
+    // first half is activated (silu(first) * second, chunk(2, dim=-1)) and output_linear [E,H,I];
+    // the scalar multipliers (scalar_multipliers). rope_theta 10000, rms_norm_eps 1e-6.
     FamilyDesc f = llama_base("granitemoe", "GraniteMoeForCausalLM");
     fused_topk_experts(f, "block_sparse_moe.router.layer.weight", "block_sparse_moe.input_linear.weight",
                        "block_sparse_moe.output_linear.weight");
+    f.scalar_multipliers = true;
+    f.forward = true;
     v.push_back(f);
   }
   {

@@ -220,14 +220,46 @@ std::vector<int64_t> read_layer_windows(const model::Config& c, const model::Fam
   return out;
 }
 
+// granitemoe's scalar multipliers (configuration_granitemoe.py: a key left out or null is 1.0):
+// finite and non-zero. GraniteMoeAttention also takes head_dim as hidden_size / num_attention_heads
+// (it has no head_dim key), and ropes every layer (a position_embedding_type other than "rope" is
+// refused).
+void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
+  const auto& c = m.config();
+  auto multiplier = [&](const char* key) {
+    const double v = c.get_double_or(key, 1.0);
+    if (!std::isfinite(v) || v == 0)
+      throw Error::corruption(c.source() + ": " + key + ": expected a finite non-zero number, found " + c.json().at(key).dump());
+    return v;
+  };
+  s.embedding_multiplier = multiplier("embedding_multiplier");
+  s.attn.scale = multiplier("attention_multiplier");
+  s.residual_multiplier = multiplier("residual_multiplier");
+  s.logits_scaling = multiplier("logits_scaling");
+  const auto& d = m.dims();
+  if (d.head_dim * d.heads != d.hidden)
+    throw Error::corruption(c.source() + ": head_dim " + std::to_string(d.head_dim) + ": " + m.family().model_type +
+                            " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
+                            std::to_string(d.heads) + ")");
+  const std::string pe = c.get_string_or("position_embedding_type", "rope");
+  if (pe != "rope")
+    throw Error::unsupported(c.source() + ": position_embedding_type '" + pe + "' not implemented by the forward (rope only)");
+}
+
 MatrixRM timed_rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
   const PhaseScope timed(Phase::Norms);
   return rms_norm(X, w, eps);
 }
 
-void add_residual(MatrixRM& X, const MatrixRM& out) {
+// X += m * out (granitemoe's residual_multiplier; m == 1 for the other families).
+void add_residual(MatrixRM& X, const MatrixRM& out, double m) {
   const PhaseScope timed(Phase::Residual);
-  parallel_rows(X.rows(), 64, [&](int64_t r0, int64_t r1) { X.middleRows(r0, r1 - r0) += out.middleRows(r0, r1 - r0); });
+  parallel_rows(X.rows(), 64, [&](int64_t r0, int64_t r1) {
+    if (m == 1.0)
+      X.middleRows(r0, r1 - r0) += out.middleRows(r0, r1 - r0);
+    else
+      X.middleRows(r0, r1 - r0) += static_cast<float>(m) * out.middleRows(r0, r1 - r0);
+  });
 }
 
 }  // namespace
@@ -279,6 +311,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (d.heads <= 0 || d.kv_heads <= 0 || d.heads % d.kv_heads != 0)
     throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
   if (f.attention == model::AttentionKind::MLA) s.mla = read_mla(m, s);
+  if (f.scalar_multipliers) read_scalar_multipliers(m, s);
   s.routing = RoutingRule::from_model(m);
   return s;
 }
@@ -305,6 +338,7 @@ MatrixRM Forward::embed(std::span<const int32_t> tokens) const {
     E.slice0(id, id + 1).to_f32(X.data() + n * H);
     core::with_context("embedding row " + std::to_string(id), [&] { check_finite(X.data() + n * H, H, 0, E); });
   }
+  if (spec_.embedding_multiplier != 1.0) X *= static_cast<float>(spec_.embedding_multiplier);
   return X;
 }
 
@@ -348,7 +382,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_attention_trace()) o->on_attention(l, t);
     }
-    add_residual(X, a.out);
+    add_residual(X, a.out, spec_.residual_multiplier);
   }
   MatrixRM x2 = timed_rms_norm(X, w.post_attn_norm, spec_.eps);
   if (w.moe) {
@@ -365,7 +399,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_moe_trace()) o->on_moe(l, t);
     }
-    add_residual(X, out);
+    add_residual(X, out, spec_.residual_multiplier);
   } else if (w.mlp) {
     MatrixRM h;
     MatrixRM out = [&] {
@@ -377,7 +411,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_dense_mlp_trace()) o->on_dense_mlp(l, t);
     }
-    add_residual(X, out);
+    add_residual(X, out, spec_.residual_multiplier);
   } else {
     throw Error::internal("layer " + std::to_string(l) + ": neither MoE block nor MLP");
   }
@@ -402,6 +436,8 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   const PhaseScope timed(Phase::LmHead);
   MatrixRM out(N, V);
   const int64_t chunk = std::min<int64_t>(V, 4096);
+  // logits / logits_scaling (granitemoe) as the GEMM's alpha; 1 for the other families.
+  const float alpha = spec_.logits_scaling == 1.0 ? 1.0f : static_cast<float>(1.0 / spec_.logits_scaling);
   std::vector<float> w(static_cast<size_t>(chunk * H));
   for (int64_t r0 = 0; r0 < V; r0 += chunk) {
     const int64_t r1 = std::min(V, r0 + chunk);
@@ -409,7 +445,7 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
     core::with_context(std::string(g.count("lm_head") ? "lm_head" : "embedding (tied lm_head)") + " rows " +
                            std::to_string(r0) + ".." + std::to_string(r1 - 1),
                        [&] { check_finite(w.data(), (r1 - r0) * H, H, W); });
-    gemm_nt(N, r1 - r0, H, 1.0f, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
+    gemm_nt(N, r1 - r0, H, alpha, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
   }
   return out;
 }

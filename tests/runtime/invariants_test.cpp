@@ -264,7 +264,7 @@ TEST(Forward, WindowsAreIndependentOfTheirBatch) {
 }
 
 TEST(Forward, UnsupportedFamiliesSayWhich) {
-  for (const char* fam : {"phimoe", "granitemoe"}) {
+  for (const char* fam : {"phimoe"}) {
     TempDir dir;
     synth_to(dir.path(), fam);
     const std::string m = forward_refusal(dir.path());

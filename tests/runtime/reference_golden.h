@@ -1,5 +1,5 @@
 // Checking the forward against a golden of an independent NumPy reference (data/scripts/
-// deepseek_reference.py, data/scripts/glm4_moe_reference.py, data/scripts/gpt_oss_reference.py):
+// deepseek_reference.py, glm4_moe_reference.py, gpt_oss_reference.py, granitemoe_reference.py):
 // the golden names its fixture and the config patch its reference ran with; logits within 1e-4
 // of the largest |logit|, the same argmax, the same experts per token in every MoE layer with the
 // same weights. And the CLI commands that sit on the forward, run on such a fixture.
@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <initializer_list>
 #include <map>
 #include <string>
 #include <vector>
@@ -91,6 +93,17 @@ inline void check_against_reference(const std::string& name, Checked& out) {
             << name << " layer " << l << " token " << t << " expert " << ids[j];
       }
     }
+  }
+}
+
+// check_against_reference on each golden in turn, printing its max |logit diff| and largest |logit|
+// (the figures docs/families.md quotes).
+inline void check_goldens(std::initializer_list<const char*> names) {
+  for (const char* name : names) {
+    SCOPED_TRACE(name);
+    Checked c;
+    check_against_reference(name, c);
+    std::printf("[ %s ] max |logit diff| = %.3g (|logit| max %.3g)\n", name, c.max_logit_diff, c.logits_abs_max);
   }
 }
 
