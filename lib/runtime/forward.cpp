@@ -221,9 +221,8 @@ std::vector<int64_t> read_layer_windows(const model::Config& c, const model::Fam
 }
 
 // granitemoe's scalar multipliers (configuration_granitemoe.py: a key left out or null is 1.0):
-// finite and non-zero. GraniteMoeAttention also takes head_dim as hidden_size / num_attention_heads
-// (it has no head_dim key), and ropes every layer (a position_embedding_type other than "rope" is
-// refused).
+// finite and non-zero. GraniteMoeAttention ropes every layer (a position_embedding_type other than
+// "rope" is refused).
 void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
   const auto& c = m.config();
   auto multiplier = [&](const char* key) {
@@ -236,19 +235,17 @@ void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
   s.attn.scale = multiplier("attention_multiplier");
   s.residual_multiplier = multiplier("residual_multiplier");
   s.logits_scaling = multiplier("logits_scaling");
-  const auto& d = m.dims();
-  if (d.head_dim * d.heads != d.hidden)
-    throw Error::corruption(c.source() + ": head_dim " + std::to_string(d.head_dim) + ": " + m.family().model_type +
-                            " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
-                            std::to_string(d.heads) + ")");
   const std::string pe = c.get_string_or("position_embedding_type", "rope");
   if (pe != "rope")
     throw Error::unsupported(c.source() + ": position_embedding_type '" + pe + "' not implemented by the forward (rope only)");
 }
 
-MatrixRM timed_rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
+// RMSNorm, or (phimoe) LayerNorm with bias `b`.
+MatrixRM timed_norm(const ForwardSpec& s, const MatrixRM& X, const RowVector& w, const std::optional<RowVector>& b) {
   const PhaseScope timed(Phase::Norms);
-  return rms_norm(X, w, eps);
+  if (!s.layer_norm) return rms_norm(X, w, s.eps);
+  if (!b) throw Error::internal("LayerNorm without its bias");
+  return layer_norm(X, w, *b, s.eps);
 }
 
 // X += m * out (granitemoe's residual_multiplier; m == 1 for the other families).
@@ -298,8 +295,9 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (!f.qk_norm_key.empty() && !c.get_bool_or(f.qk_norm_key, false)) s.attn.qk_norm = model::QKNorm::None;
   if (prf != 1.0) s.attn.rotary_dim = rotary_width(c, d.head_dim, prf);
   if (f.model_type == "olmoe" && c.has("clip_qkv")) s.attn.clip_qkv = static_cast<float>(c.get_double_or("clip_qkv", 0));
-  if (f.model_type == "mistral" || f.model_type == "mixtral") {
-    // Absent: the family's default (mistral 4096); null: no window.
+  if (f.model_type == "mistral" || f.model_type == "mixtral" || f.model_type == "phimoe") {
+    // Absent: the family's default (mistral 4096); null: no window. phimoe's mask
+    // (_prepare_4d_causal_attention_mask_with_cache_position) is mistral's.
     s.attn.sliding_window = c.json().contains("sliding_window") ? c.get_int_or("sliding_window", 0) : f.default_sliding_window;
   } else if (f.per_layer_types) {
     s.layer_window = read_layer_windows(c, f, s.layers);
@@ -312,12 +310,24 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
     throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
   if (f.attention == model::AttentionKind::MLA) s.mla = read_mla(m, s);
   if (f.scalar_multipliers) read_scalar_multipliers(m, s);
+  if (f.head_dim_from_hidden && d.head_dim * d.heads != d.hidden)
+    throw Error::corruption(c.source() + ": head_dim " + std::to_string(d.head_dim) + ": " + f.model_type +
+                            " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
+                            std::to_string(d.heads) + ")");
+  s.layer_norm = f.layer_norm;
+  // PhimoeRotaryEmbedding multiplies cos/sin by the config's short_mscale / long_mscale whenever
+  // rope_scaling is set (and Phi-3.5-MoE's is longrope): only unscaled RoPE is implemented.
+  if (f.model_type == "phimoe" && s.rope_scaling.type != "default")
+    throw Error::unsupported(c.source() + ": rope_scaling '" + s.rope_scaling.type + "' with phimoe not implemented by " +
+                             "the forward (its short_mscale / long_mscale scaling of cos and sin)");
   s.routing = RoutingRule::from_model(m);
   return s;
 }
 
 Forward::Forward(const model::Model& m) : model_(m), spec_(ForwardSpec::from_model(m)) {
   final_norm_w_ = to_row(m.globals().at("final_norm"));
+  if (m.globals().count("final_norm_bias")) final_norm_b_ = to_row(m.globals().at("final_norm_bias"));
+  if (m.globals().count("lm_head_bias")) lm_head_b_ = to_row(m.globals().at("lm_head_bias"));
 }
 
 const RopeTable& Forward::rope(int64_t T) const {
@@ -370,7 +380,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
   for (Observer* o : observers) o->on_layer_input(l, X);
 
   {
-    MatrixRM xn = timed_rms_norm(X, w.input_norm, spec_.eps);
+    MatrixRM xn = timed_norm(spec_, X, w.input_norm, w.input_norm_bias);
     AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
                                                   [&] {
                                                     const PhaseScope timed(Phase::AttnCore);
@@ -384,7 +394,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
     }
     add_residual(X, a.out, spec_.residual_multiplier);
   }
-  MatrixRM x2 = timed_rms_norm(X, w.post_attn_norm, spec_.eps);
+  MatrixRM x2 = timed_norm(spec_, X, w.post_attn_norm, w.post_attn_norm_bias);
   if (w.moe) {
     MoeDetail det;
     const std::vector<bool>* active =
@@ -426,7 +436,7 @@ void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> obse
   }
 }
 
-MatrixRM Forward::final_norm(const MatrixRM& X) const { return timed_rms_norm(X, final_norm_w_, spec_.eps); }
+MatrixRM Forward::final_norm(const MatrixRM& X) const { return timed_norm(spec_, X, final_norm_w_, final_norm_b_); }
 
 MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   const auto& g = model_.globals();
@@ -446,6 +456,7 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
                            std::to_string(r0) + ".." + std::to_string(r1 - 1),
                        [&] { check_finite(w.data(), (r1 - r0) * H, H, W); });
     gemm_nt(N, r1 - r0, H, alpha, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
+    if (lm_head_b_) out.middleCols(r0, r1 - r0).rowwise() += lm_head_b_->segment(r0, r1 - r0);
   }
   return out;
 }

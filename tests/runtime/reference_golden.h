@@ -107,6 +107,31 @@ inline void check_goldens(std::initializer_list<const char*> names) {
   }
 }
 
+// The message of the core::Error that building a Forward on the checkpoint in `dir` throws (a test
+// failure, and "", when it builds).
+inline std::string forward_error(const std::filesystem::path& dir) {
+  auto lm = load_model(dir);
+  try {
+    runtime::Forward fwd(lm->model);
+  } catch (const core::Error& e) {
+    return e.message();
+  }
+  ADD_FAILURE() << dir.string() << ": the forward was built";
+  return "";
+}
+
+// For each (config patch, text): building the forward on a copy of `fixture` with the patch merged
+// into its config throws an error whose message contains the text.
+inline void expect_forward_errors(const std::filesystem::path& fixture,
+                                  const std::vector<std::pair<nlohmann::json, std::string>>& cases) {
+  for (const auto& [patch, want] : cases) {
+    TempDir dir;
+    copy_with_config(fixture, dir.path(), patch);
+    const std::string m = forward_error(dir.path());
+    EXPECT_NE(m.find(want), std::string::npos) << patch.dump() << ": " << m;
+  }
+}
+
 // calibrate (routed-only statistics) on golden `name`'s window of its fixture `dir`: each of the
 // `experts` experts' routed-token count and summed routing weight equal the reference's (from its
 // per-token choices and weights).
