@@ -132,6 +132,35 @@ inline void expect_forward_errors(const std::filesystem::path& fixture,
   }
 }
 
+// Slab e of a tensor stacked over experts (its first dimension), as bytes.
+inline std::string expert_slab(const TensorBytes& t, int e) {
+  const size_t n = t.bytes.size() / static_cast<size_t>(t.shape.at(0));
+  return t.bytes.substr(static_cast<size_t>(e) * n, n);
+}
+
+// A pruned layer written in a stacked layout: for each output expert, the input expert whose row
+// of the `router` tensor has the same bytes (the fixtures' router rows are unique), and each of the
+// `stacked` tensors' slabs equal to that input expert's. Returns the input ids (-1: none found,
+// a failure).
+inline std::vector<int> expect_kept_expert_slabs(const TensorMap& in, const TensorMap& got, const std::string& router,
+                                                 const std::vector<std::string>& stacked) {
+  std::vector<int> kept;
+  const TensorBytes &r_in = in.at(router), &r_out = got.at(router);
+  for (int k = 0; k < static_cast<int>(r_out.shape.at(0)); ++k) {
+    int src = -1;
+    for (int e = 0; e < static_cast<int>(r_in.shape.at(0)); ++e)
+      if (expert_slab(r_in, e) == expert_slab(r_out, k)) src = e;
+    kept.push_back(src);
+    if (src < 0) {
+      ADD_FAILURE() << router << ": output expert " << k << " has no input expert's router row";
+      continue;
+    }
+    for (const std::string& name : stacked)
+      EXPECT_EQ(expert_slab(got.at(name), k), expert_slab(in.at(name), src)) << name << " output expert " << k;
+  }
+  return kept;
+}
+
 // calibrate (routed-only statistics) on golden `name`'s window of its fixture `dir`: each of the
 // `experts` experts' routed-token count and summed routing weight equal the reference's (from its
 // per-token choices and weights).
