@@ -67,6 +67,18 @@ def config():
     }
 
 
+def attention_weights(mat, norm, p, H, nH, nKV, hd, std_qkv, std_o):
+    """The two layer norms and q/k/v/o projections with biases of layer prefix p, in this order
+    (granitemoe_reference.py draws its attention the same way)."""
+    norm(p + "input_layernorm.weight", H)
+    norm(p + "post_attention_layernorm.weight", H)
+    for name, rows in (("q_proj", nH * hd), ("k_proj", nKV * hd), ("v_proj", nKV * hd)):
+        mat(p + f"self_attn.{name}.weight", (rows, H), std_qkv)
+        mat(p + f"self_attn.{name}.bias", (rows,), 0.1)
+    mat(p + "self_attn.o_proj.weight", (H, nH * hd), std_o)
+    mat(p + "self_attn.o_proj.bias", (H,), std_o)
+
+
 def make_weights(c):
     rng = np.random.default_rng(SEED)
     H, V, hd = c["hidden_size"], c["vocab_size"], c["head_dim"]
@@ -77,13 +89,7 @@ def make_weights(c):
     mat("model.embed_tokens.weight", (V, H), 0.5)
     for l in range(c["num_hidden_layers"]):
         p = f"model.layers.{l}."
-        norm(p + "input_layernorm.weight", H)
-        norm(p + "post_attention_layernorm.weight", H)
-        for name, rows in (("q_proj", nH * hd), ("k_proj", nKV * hd), ("v_proj", nKV * hd)):
-            mat(p + f"self_attn.{name}.weight", (rows, H), 0.2)
-            mat(p + f"self_attn.{name}.bias", (rows,), 0.1)
-        mat(p + "self_attn.o_proj.weight", (H, nH * hd), 0.1)
-        mat(p + "self_attn.o_proj.bias", (H,), 0.1)
+        attention_weights(mat, norm, p, H, nH, nKV, hd, 0.2, 0.1)
         mat(p + "self_attn.sinks", (nH,), 1.0)
         mat(p + "mlp.router.weight", (E, H), 0.3)
         mat(p + "mlp.router.bias", (E,), 0.3)

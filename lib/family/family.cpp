@@ -251,6 +251,12 @@ std::vector<FamilyDesc> build_families() {
     v.push_back(f);
   }
   {
+    // phimoe (Phi-3.5-MoE), as transformers' configuration_phimoe.py and modeling_phimoe.py define
+    // it: nn.LayerNorm with bias (eps rms_norm_eps, default 1e-5) for both layer norms and the
+    // final norm; attention with q/k/v/o biases iff attention_bias, head_dim = hidden_size /
+    // num_attention_heads, the sliding window of its causal mask (sliding_window, default none);
+    // sparsemixer top-2 routing as it runs in inference (router_jitter_noise, default 0.01); an
+    // lm_head bias iff lm_head_bias; rope_theta 1e6.
     FamilyDesc f = llama_base("phimoe", "PhiMoEForCausalLM");
     mixtral_style_experts(f, Routing::SparseMixer);
     f.layer_norm = true;
@@ -258,12 +264,25 @@ std::vector<FamilyDesc> build_families() {
     set_role(f, "post_attn_norm_bias", "post_attention_layernorm.bias", kRequired);
     f.globals.push_back({"final_norm_bias", "model.norm.bias"});
     f.globals.push_back({"lm_head_bias", "lm_head.bias", if_config("lm_head_bias", false)});
+    f.head_dim_from_hidden = true;
+    f.default_rope_theta = 1e6;
+    f.default_rms_norm_eps = 1e-5;
+    f.forward = true;
     v.push_back(f);
   }
   {
+    // granitemoe, as transformers' configuration_granitemoe.py and modeling_granitemoe.py define
+    // it: llama attention with q/k/v/o biases iff attention_bias (default false), head_dim =
+    // hidden_size / num_attention_heads; GraniteMoeTopKGating (router.layer [E,H], no bias: top-k
+    // of the logits, softmax over the k); GraniteMoeParallelExperts input_linear [E,2I,H] whose
+    // first half is activated (silu(first) * second, chunk(2, dim=-1)) and output_linear [E,H,I];
+    // the scalar multipliers (scalar_multipliers). rope_theta 10000, rms_norm_eps 1e-6.
     FamilyDesc f = llama_base("granitemoe", "GraniteMoeForCausalLM");
     fused_topk_experts(f, "block_sparse_moe.router.layer.weight", "block_sparse_moe.input_linear.weight",
                        "block_sparse_moe.output_linear.weight");
+    f.scalar_multipliers = true;
+    f.head_dim_from_hidden = true;
+    f.forward = true;
     v.push_back(f);
   }
   {

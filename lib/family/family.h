@@ -118,6 +118,13 @@ struct FamilyDesc {
   bool attention_sinks = false;
   bool per_layer_types = false;
   bool yarn_rope = false;
+  // granitemoe: the scalar multipliers of configuration_granitemoe.py (a key left out is 1.0):
+  // embeddings x embedding_multiplier, softmax scale attention_multiplier (instead of
+  // head_dim^-0.5), each residual branch's output x residual_multiplier, logits / logits_scaling.
+  bool scalar_multipliers = false;
+  // granitemoe, phimoe: attention head_dim is hidden_size / num_attention_heads (no head_dim key;
+  // a head_dim that says otherwise is refused by the forward).
+  bool head_dim_from_hidden = false;
   // The RoPE parameters transformers' configuration fills in when the config gives none (null: none).
   nlohmann::json default_rope_parameters = nullptr;
   std::string shared_gate, shared_up, shared_down, shared_expert_gate;

@@ -99,7 +99,8 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
   AttnOutput out;
   out.o_input.resize(N, nH * d);
   if (spec.sinks && (!w.sinks || w.sinks->size() != nH)) throw core::Error::corruption("attention: sinks missing");
-  causal_attention({N, T, nH, nKV, d, d, static_cast<float>(1.0 / std::sqrt(double(d))), spec.sliding_window,
+  const double scale = spec.scale ? *spec.scale : 1.0 / std::sqrt(double(d));
+  causal_attention({N, T, nH, nKV, d, d, static_cast<float>(scale), spec.sliding_window,
                     spec.sinks ? w.sinks->data() : nullptr},
                    q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
                    out.o_input.cols());

@@ -24,6 +24,7 @@ struct AttnSpec {
   std::optional<float> clip_qkv;  // olmoe
   int64_t sliding_window = 0;     // 0: none; else key j visible from query i iff i - j < window
   bool sinks = false;             // gpt_oss: AttnWeights::sinks [heads], one extra softmax logit per head
+  std::optional<double> scale;    // softmax scale on q·k; absent: head_dim^-0.5 (granitemoe: attention_multiplier)
 };
 
 struct AttnOutput {

@@ -220,14 +220,43 @@ std::vector<int64_t> read_layer_windows(const model::Config& c, const model::Fam
   return out;
 }
 
-MatrixRM timed_rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
-  const PhaseScope timed(Phase::Norms);
-  return rms_norm(X, w, eps);
+// granitemoe's scalar multipliers (configuration_granitemoe.py: a key left out or null is 1.0):
+// finite and non-zero. GraniteMoeAttention ropes every layer (a position_embedding_type other than
+// "rope" is refused).
+void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
+  const auto& c = m.config();
+  auto multiplier = [&](const char* key) {
+    const double v = c.get_double_or(key, 1.0);
+    if (!std::isfinite(v) || v == 0)
+      throw Error::corruption(c.source() + ": " + key + ": expected a finite non-zero number, found " + c.json().at(key).dump());
+    return v;
+  };
+  s.embedding_multiplier = multiplier("embedding_multiplier");
+  s.attn.scale = multiplier("attention_multiplier");
+  s.residual_multiplier = multiplier("residual_multiplier");
+  s.logits_scaling = multiplier("logits_scaling");
+  const std::string pe = c.get_string_or("position_embedding_type", "rope");
+  if (pe != "rope")
+    throw Error::unsupported(c.source() + ": position_embedding_type '" + pe + "' not implemented by the forward (rope only)");
 }
 
-void add_residual(MatrixRM& X, const MatrixRM& out) {
+// RMSNorm, or (phimoe) LayerNorm with bias `b`.
+MatrixRM timed_norm(const ForwardSpec& s, const MatrixRM& X, const RowVector& w, const std::optional<RowVector>& b) {
+  const PhaseScope timed(Phase::Norms);
+  if (!s.layer_norm) return rms_norm(X, w, s.eps);
+  if (!b) throw Error::internal("LayerNorm without its bias");
+  return layer_norm(X, w, *b, s.eps);
+}
+
+// X += m * out (granitemoe's residual_multiplier; m == 1 for the other families).
+void add_residual(MatrixRM& X, const MatrixRM& out, double m) {
   const PhaseScope timed(Phase::Residual);
-  parallel_rows(X.rows(), 64, [&](int64_t r0, int64_t r1) { X.middleRows(r0, r1 - r0) += out.middleRows(r0, r1 - r0); });
+  parallel_rows(X.rows(), 64, [&](int64_t r0, int64_t r1) {
+    if (m == 1.0)
+      X.middleRows(r0, r1 - r0) += out.middleRows(r0, r1 - r0);
+    else
+      X.middleRows(r0, r1 - r0) += static_cast<float>(m) * out.middleRows(r0, r1 - r0);
+  });
 }
 
 }  // namespace
@@ -266,8 +295,9 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (!f.qk_norm_key.empty() && !c.get_bool_or(f.qk_norm_key, false)) s.attn.qk_norm = model::QKNorm::None;
   if (prf != 1.0) s.attn.rotary_dim = rotary_width(c, d.head_dim, prf);
   if (f.model_type == "olmoe" && c.has("clip_qkv")) s.attn.clip_qkv = static_cast<float>(c.get_double_or("clip_qkv", 0));
-  if (f.model_type == "mistral" || f.model_type == "mixtral") {
-    // Absent: the family's default (mistral 4096); null: no window.
+  if (f.model_type == "mistral" || f.model_type == "mixtral" || f.model_type == "phimoe") {
+    // Absent: the family's default (mistral 4096); null: no window. phimoe's mask
+    // (_prepare_4d_causal_attention_mask_with_cache_position) is mistral's.
     s.attn.sliding_window = c.json().contains("sliding_window") ? c.get_int_or("sliding_window", 0) : f.default_sliding_window;
   } else if (f.per_layer_types) {
     s.layer_window = read_layer_windows(c, f, s.layers);
@@ -279,12 +309,25 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   if (d.heads <= 0 || d.kv_heads <= 0 || d.heads % d.kv_heads != 0)
     throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
   if (f.attention == model::AttentionKind::MLA) s.mla = read_mla(m, s);
+  if (f.scalar_multipliers) read_scalar_multipliers(m, s);
+  if (f.head_dim_from_hidden && d.head_dim * d.heads != d.hidden)
+    throw Error::corruption(c.source() + ": head_dim " + std::to_string(d.head_dim) + ": " + f.model_type +
+                            " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
+                            std::to_string(d.heads) + ")");
+  s.layer_norm = f.layer_norm;
+  // PhimoeRotaryEmbedding multiplies cos/sin by the config's short_mscale / long_mscale whenever
+  // rope_scaling is set (and Phi-3.5-MoE's is longrope): only unscaled RoPE is implemented.
+  if (f.model_type == "phimoe" && s.rope_scaling.type != "default")
+    throw Error::unsupported(c.source() + ": rope_scaling '" + s.rope_scaling.type + "' with phimoe not implemented by " +
+                             "the forward (its short_mscale / long_mscale scaling of cos and sin)");
   s.routing = RoutingRule::from_model(m);
   return s;
 }
 
 Forward::Forward(const model::Model& m) : model_(m), spec_(ForwardSpec::from_model(m)) {
   final_norm_w_ = to_row(m.globals().at("final_norm"));
+  if (m.globals().count("final_norm_bias")) final_norm_b_ = to_row(m.globals().at("final_norm_bias"));
+  if (m.globals().count("lm_head_bias")) lm_head_b_ = to_row(m.globals().at("lm_head_bias"));
 }
 
 const RopeTable& Forward::rope(int64_t T) const {
@@ -305,6 +348,7 @@ MatrixRM Forward::embed(std::span<const int32_t> tokens) const {
     E.slice0(id, id + 1).to_f32(X.data() + n * H);
     core::with_context("embedding row " + std::to_string(id), [&] { check_finite(X.data() + n * H, H, 0, E); });
   }
+  if (spec_.embedding_multiplier != 1.0) X *= static_cast<float>(spec_.embedding_multiplier);
   return X;
 }
 
@@ -336,7 +380,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
   for (Observer* o : observers) o->on_layer_input(l, X);
 
   {
-    MatrixRM xn = timed_rms_norm(X, w.input_norm, spec_.eps);
+    MatrixRM xn = timed_norm(spec_, X, w.input_norm, w.input_norm_bias);
     AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
                                                   [&] {
                                                     const PhaseScope timed(Phase::AttnCore);
@@ -348,9 +392,9 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_attention_trace()) o->on_attention(l, t);
     }
-    add_residual(X, a.out);
+    add_residual(X, a.out, spec_.residual_multiplier);
   }
-  MatrixRM x2 = timed_rms_norm(X, w.post_attn_norm, spec_.eps);
+  MatrixRM x2 = timed_norm(spec_, X, w.post_attn_norm, w.post_attn_norm_bias);
   if (w.moe) {
     MoeDetail det;
     const std::vector<bool>* active =
@@ -365,7 +409,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_moe_trace()) o->on_moe(l, t);
     }
-    add_residual(X, out);
+    add_residual(X, out, spec_.residual_multiplier);
   } else if (w.mlp) {
     MatrixRM h;
     MatrixRM out = [&] {
@@ -377,7 +421,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
       for (Observer* o : observers)
         if (o->wants_dense_mlp_trace()) o->on_dense_mlp(l, t);
     }
-    add_residual(X, out);
+    add_residual(X, out, spec_.residual_multiplier);
   } else {
     throw Error::internal("layer " + std::to_string(l) + ": neither MoE block nor MLP");
   }
@@ -392,7 +436,7 @@ void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> obse
   }
 }
 
-MatrixRM Forward::final_norm(const MatrixRM& X) const { return timed_rms_norm(X, final_norm_w_, spec_.eps); }
+MatrixRM Forward::final_norm(const MatrixRM& X) const { return timed_norm(spec_, X, final_norm_w_, final_norm_b_); }
 
 MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   const auto& g = model_.globals();
@@ -402,6 +446,8 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   const PhaseScope timed(Phase::LmHead);
   MatrixRM out(N, V);
   const int64_t chunk = std::min<int64_t>(V, 4096);
+  // logits / logits_scaling (granitemoe) as the GEMM's alpha; 1 for the other families.
+  const float alpha = spec_.logits_scaling == 1.0 ? 1.0f : static_cast<float>(1.0 / spec_.logits_scaling);
   std::vector<float> w(static_cast<size_t>(chunk * H));
   for (int64_t r0 = 0; r0 < V; r0 += chunk) {
     const int64_t r1 = std::min(V, r0 + chunk);
@@ -409,7 +455,8 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
     core::with_context(std::string(g.count("lm_head") ? "lm_head" : "embedding (tied lm_head)") + " rows " +
                            std::to_string(r0) + ".." + std::to_string(r1 - 1),
                        [&] { check_finite(w.data(), (r1 - r0) * H, H, W); });
-    gemm_nt(N, r1 - r0, H, 1.0f, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
+    gemm_nt(N, r1 - r0, H, alpha, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
+    if (lm_head_b_) out.middleCols(r0, r1 - r0).rowwise() += lm_head_b_->segment(r0, r1 - r0);
   }
   return out;
 }

@@ -6,8 +6,9 @@
 // Families with a forward: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 and
 // kimi_k2 (Multi-head Latent Attention, runtime/mla.h), glm4_moe (partial rotary, DeepSeek-V3
 // routing), gpt_oss (attention sinks, per-layer sliding windows, yarn, biased experts with the
-// clamped SwiGLU), llama, mistral, qwen2, qwen3.
-// Others (phimoe, granitemoe) throw Error::unsupported when a Forward is built.
+// clamped SwiGLU), granitemoe (embedding, attention, residual and logits multipliers), phimoe
+// (LayerNorm with bias, sparsemixer routing, lm_head bias), llama, mistral, qwen2, qwen3.
+// Every family in the table has one (model::FamilyDesc::forward).
 //
 // Step-by-step use (what calibration and compression pipelines do):
 //   Forward f(model);
@@ -44,6 +45,13 @@ struct ForwardSpec {
   // Per-layer sliding windows (gpt_oss layer_types; 0: full attention); empty: attn.sliding_window
   // for every layer.
   std::vector<int64_t> layer_window;
+  // granitemoe (modeling_granitemoe.py; 1 for the other families): the embedding rows times
+  // embedding_multiplier (embed()), each residual branch's output (attention, MoE block or MLP)
+  // times residual_multiplier before it is added (apply_layer()), the logits divided by
+  // logits_scaling (lm_head()). attention_multiplier is attn.scale.
+  double embedding_multiplier = 1.0, residual_multiplier = 1.0, logits_scaling = 1.0;
+  // phimoe: nn.LayerNorm with bias (eps) for the layer norms and the final norm instead of RMSNorm.
+  bool layer_norm = false;
   AttnSpec layer_attn(int l) const {
     AttnSpec a = attn;
     if (!layer_window.empty()) a.sliding_window = layer_window.at(static_cast<size_t>(l));
@@ -61,8 +69,8 @@ class Forward {
   const ForwardSpec& spec() const { return spec_; }
   const model::Model& model() const { return model_; }
 
-  // Residual stream after the embedding, [tokens.size(), H]. Throws Error::invalid for ids
-  // outside the embedding.
+  // Residual stream after the embedding (times the embedding multiplier), [tokens.size(), H].
+  // Throws Error::invalid for ids outside the embedding.
   MatrixRM embed(std::span<const int32_t> tokens) const;
   // The layer's weights as f32; then the mapped pages of its source tensors are handed back
   // (model::Model::page_releaser), so memory stays one layer, not the whole mapped checkpoint.
@@ -73,10 +81,11 @@ class Forward {
   void apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers = {}) const;
   // Every layer in turn: convert, apply, release.
   void run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> observers = {}) const;
-  // Final norm.
+  // Final norm (RMSNorm, or LayerNorm with its bias).
   MatrixRM final_norm(const MatrixRM& X) const;
-  // lm_head (tied: the embedding) on final-normed rows: [N, V]. The head is dequantised in
-  // slices of vocabulary rows, never whole.
+  // lm_head (tied: the embedding) on final-normed rows, plus its bias (phimoe), divided by the
+  // logits scaling: [N, V].
+  // The head is dequantised in slices of vocabulary rows, never whole.
   MatrixRM lm_head(const MatrixRM& Xn) const;
   MatrixRM logits(const MatrixRM& X) const { return lm_head(final_norm(X)); }
 
@@ -96,6 +105,7 @@ class Forward {
   const model::Model& model_;
   ForwardSpec spec_;
   RowVector final_norm_w_;
+  std::optional<RowVector> final_norm_b_, lm_head_b_;  // [H], [V] phimoe
   mutable RopeTable rope_;
   std::vector<std::vector<bool>> active_;  // per layer; empty: every expert routable
 };

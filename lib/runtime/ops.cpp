@@ -58,6 +58,25 @@ MatrixRM rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
   return Y;
 }
 
+MatrixRM layer_norm(const MatrixRM& X, const RowVector& w, const RowVector& b, double eps) {
+  const int64_t H = X.cols();
+  if (w.size() != H || b.size() != H) throw core::Error::internal("layer_norm: width mismatch");
+  MatrixRM Y(X.rows(), H);
+  parallel_rows(X.rows(), kMinRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) {
+      const float* x = X.data() + n * H;
+      double sum = 0, ss = 0;
+      for (int64_t i = 0; i < H; ++i) sum += x[i];
+      const double mean = sum / double(H);
+      for (int64_t i = 0; i < H; ++i) ss += (x[i] - mean) * (x[i] - mean);
+      const double r = 1.0 / std::sqrt(ss / double(H) + eps);
+      float* y = Y.data() + n * H;
+      for (int64_t i = 0; i < H; ++i) y[i] = w[i] * static_cast<float>((x[i] - mean) * r) + b[i];
+    }
+  });
+  return Y;
+}
+
 void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps) {
   const int64_t g = w.size();
   if (g == 0 || X.cols() % g != 0) throw core::Error::internal("rms_norm_groups: width mismatch");

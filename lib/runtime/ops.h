@@ -23,6 +23,9 @@ MatrixRM linear(const MatrixRM& X, const MatrixRM& W, const RowVector* bias = nu
 
 // Row-wise RMSNorm x * rsqrt(mean(x^2) + eps) * w, mean accumulated in double.
 MatrixRM rms_norm(const MatrixRM& X, const RowVector& w, double eps);
+// Row-wise LayerNorm (x - mean) * rsqrt(var + eps) * w + b (biased variance), moments in double
+// (phimoe's nn.LayerNorm). X [N,H], w and b [H].
+MatrixRM layer_norm(const MatrixRM& X, const RowVector& w, const RowVector& b, double eps);
 // In place on `groups` consecutive column groups of width w.size() (per-head norms).
 void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps);
 

@@ -21,6 +21,16 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
   r.num_experts = static_cast<int>(c.get_int(f.expert_count_key));
   r.renormalize = f.norm_topk_forced || c.get_bool_or("norm_topk_prob", f.norm_topk_default);
   r.logit_bias = f.router_bias_in_logits;
+  if (f.routing == Routing::SparseMixer) {
+    // modeling_phimoe.py sparsemixer(): "top_k must be equal to 2".
+    if (r.top_k != 2)
+      throw Error::unsupported(c.source() + ": " + f.topk_key + " " + std::to_string(r.top_k) + ": " + f.model_type +
+                               "'s sparsemixer routing chooses 2 experts");
+    r.jitter_eps = c.get_double_or("router_jitter_noise", 0.01);
+    if (!std::isfinite(r.jitter_eps) || r.jitter_eps < 0)
+      throw Error::corruption(c.source() + ": router_jitter_noise: expected a finite number >= 0, found " +
+                              c.json().at("router_jitter_noise").dump());
+  }
   if (f.routing == Routing::DeepSeekV2 || f.routing == Routing::DeepSeekV3) {
     r.n_group = static_cast<int>(c.get_int_or("n_group", 1, false));
     r.topk_group = static_cast<int>(c.get_int_or("topk_group", 1, false));
@@ -87,6 +97,23 @@ void limit_groups(std::vector<float>& choice, const RoutingRule& r, bool v3, std
   for (int g = 0; g < G; ++g)
     if (!kept[g])
       for (int i = 0; i < per; ++i) choice[g * per + i] = 0.0f;
+}
+
+// modeling_phimoe.py sparsemixer(training=False) on one row of scores: the expert `top` (the
+// row's argmax) weighs softmax(masked)[top], where masked is `s` with every expert e whose
+// (max - scores[e]) / max(|scores[e]|, max) exceeds 2 * eps set to -inf (max = s[top]; the
+// threshold is taken against `scores`, the unmasked logits, as transformers does for both
+// choices).
+float sparsemixer_weight(const std::vector<float>& s, const std::vector<float>& scores, int top, double eps) {
+  const int E = static_cast<int>(s.size());
+  const float m = s[top];
+  double sum = 0;
+  for (int e = 0; e < E; ++e) {
+    const float factor = std::max(std::abs(scores[e]), m);
+    const bool masked = (m - scores[e]) / factor > static_cast<float>(2 * eps);
+    if (!masked && s[e] != -std::numeric_limits<float>::infinity()) sum += std::exp(double(s[e]) - m);
+  }
+  return static_cast<float>(1.0 / sum);
 }
 
 }  // namespace
@@ -174,6 +201,21 @@ RoutingResult route(const RoutingRule& rule, const MatrixRM& logits, const RowVe
           r.ids(n, j) = top[j];
           r.weights(n, j) = static_cast<float>(w * rule.routed_scaling_factor);
         }
+        break;
+      }
+      case Routing::SparseMixer: {
+        // phimoe: the argmax, then the argmax of the rest; each weighs its own masked softmax;
+        // no renormalisation.
+        if (k != 2) throw Error::invalid(rule.family + ": sparsemixer routing chooses 2 experts, num_experts_per_tok " + std::to_string(k));
+        top_k_indices(row.data(), E, 1, top.data(), scratch);
+        const int first = top[0];
+        std::vector<float> rest(row);
+        rest[first] = ninf;
+        top_k_indices(rest.data(), E, 1, top.data() + 1, scratch);
+        r.ids(n, 0) = first;
+        r.ids(n, 1) = top[1];
+        r.weights(n, 0) = sparsemixer_weight(row, row, first, rule.jitter_eps);
+        r.weights(n, 1) = sparsemixer_weight(rest, row, top[1], rule.jitter_eps);
         break;
       }
       default:

@@ -29,6 +29,8 @@ struct RoutingRule {
   bool group_limited = false;     // v2 topk_method == "group_limited_greedy" (v3: always)
   // gpt_oss: the router bias is part of the logits (moe_block.h router_logits), not a choice bias.
   bool logit_bias = false;
+  // phimoe sparsemixer: router_jitter_noise (the relative mask threshold is 2 x this).
+  double jitter_eps = 0.01;
 
   // The rule of this family with this config (norm_topk_prob, num_experts_per_tok, ...).
   static RoutingRule from_config(const model::FamilyDesc& f, const model::Config& c);

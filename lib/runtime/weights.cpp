@@ -166,6 +166,8 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored) {
     };
     assign(w.input_norm, need("input_norm"));
     assign(w.post_attn_norm, need("post_attn_norm"));
+    assign(w.input_norm_bias, l.find("input_norm_bias"));
+    assign(w.post_attn_norm_bias, l.find("post_attn_norm_bias"));
     assign(w.attn.o, need("o_proj"));
     if (l.find("kv_a_proj")) {  // MLA
       auto matrix_or_empty = [&](MatrixRM& m, const char* role) {

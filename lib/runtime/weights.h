@@ -70,6 +70,7 @@ struct AttnWeights {
 struct LayerWeights {
   int index = 0;
   RowVector input_norm, post_attn_norm;  // [H]
+  std::optional<RowVector> input_norm_bias, post_attn_norm_bias;  // [H] phimoe's LayerNorm biases
   AttnWeights attn;
   std::optional<MoeWeights> moe;
   std::optional<MlpWeights> mlp;

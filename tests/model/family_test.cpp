@@ -214,7 +214,7 @@ TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "kimi_k2", "glm4_moe", "gpt_oss"}));
+               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

@@ -217,10 +217,13 @@ TEST(EvalCli, Errors) {
   expect_one_line_error(run_tool({"eval", (dir / "notok").string(), "--against", synthetic("qwen2").string(), "--text",
                                   heldout().string(), "--ctx", "32", "--max-windows", "1"}),
                         "vocabulary");
-  // A family without a forward.
-  synth_to(dir / "phi", "phimoe", {}, {.tokenizer = true});
+  // A setting the forward does not implement (Phi-3.5-MoE's longrope RoPE scaling).
+  synth_to(dir / "phi", "phimoe",
+           {.config_patch = {{"rope_scaling", {{"rope_type", "longrope"}, {"short_factor", {1.0}}, {"long_factor", {1.0}},
+                                               {"short_mscale", 1.0}, {"long_mscale", 1.0}}}}},
+           {.tokenizer = true});
   expect_one_line_error(run_tool({"eval", (dir / "phi").string(), "--text", heldout().string(), "--ctx", "32"}),
-                        "forward not implemented for phimoe");
+                        "rope_scaling.rope_type 'longrope' not implemented by the forward");
 }
 
 TEST(TokenizeCli, IdsAndJson) {

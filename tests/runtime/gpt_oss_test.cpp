@@ -138,21 +138,9 @@ TEST(GptOss, EvalCalibrateReapWriteBack) {
     EXPECT_EQ(got.at(p + "experts.down_proj").shape, (core::Shape{6, 16, 64}));
     EXPECT_EQ(got.at(p + "experts.down_proj_bias").shape, (core::Shape{6, 64}));
     EXPECT_EQ(got.at(p + "router.bias").shape, (core::Shape{6}));
-    const size_t row = 64 * 2;
-    for (int k = 0; k < 6; ++k) {
-      const std::string router_row = got.at(p + "router.weight").bytes.substr(k * row, row);
-      int src = -1;
-      for (int e = 0; e < 8; ++e)
-        if (in.at(p + "router.weight").bytes.substr(e * row, row) == router_row) src = e;
-      ASSERT_GE(src, 0) << "layer " << l << " output expert " << k;
-      auto slab = [](const TensorBytes& t, int e) {
-        const size_t n = t.bytes.size() / static_cast<size_t>(t.shape[0]);
-        return t.bytes.substr(static_cast<size_t>(e) * n, n);
-      };
-      for (const char* name : {"experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj",
-                               "experts.down_proj_bias", "router.bias"})
-        EXPECT_EQ(slab(got.at(p + name), k), slab(in.at(p + name), src)) << name << " layer " << l << " expert " << k;
-    }
+    expect_kept_expert_slabs(in, got, p + "router.weight",
+                             {p + "experts.gate_up_proj", p + "experts.gate_up_proj_bias", p + "experts.down_proj",
+                              p + "experts.down_proj_bias", p + "router.bias"});
   }
   r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r.describe();

@@ -124,19 +124,44 @@ TEST(Routing, GraniteTopKThenSoftmax) {
   EXPECT_NEAR(res.weights(0, 0), 1.0 / (1.0 + std::exp(-1.0)), 1e-6);
 }
 
-TEST(Routing, SparseMixerIsUnsupported) {
+// phimoe's sparsemixer (modeling_phimoe.py, inference): the argmax, weighted by the softmax over the
+// logits within 2 * jitter (relative to max(|s|, max)) of it; then the argmax of the rest, weighted
+// the same way against the second maximum (the masks taken on the unmasked logits); no
+// renormalisation. Hand-computed values, negative logits included, and with an expert masked.
+TEST(Routing, SparseMixerMasksRelativeToTheMaximum) {
   RoutingRule r;
   r.family = "phimoe";
   r.kind = model::Routing::SparseMixer;
   r.num_experts = 4;
   r.top_k = 2;
-  MatrixRM logits = MatrixRM::Zero(1, 4);
-  try {
-    runtime::route(r, logits);
-    FAIL() << "expected an error";
-  } catch (const core::Error& e) {
-    EXPECT_EQ(e.kind(), core::ErrorKind::NotSupported);
-  }
+  r.jitter_eps = 0.1;
+  MatrixRM logits(1, 4);
+  // 1.9 is within 0.2 * 2 of 2 (kept), -3 and 1 are not; then 1.9 alone.
+  logits << 2.0f, 1.9f, -3.0f, 1.0f;
+  auto res = runtime::route(r, logits);
+  EXPECT_EQ(res.ids(0, 0), 0);
+  EXPECT_EQ(res.ids(0, 1), 1);
+  EXPECT_NEAR(res.weights(0, 0), 1.0 / (1.0 + std::exp(-0.1)), 1e-6);
+  EXPECT_NEAR(res.weights(0, 1), 1.0, 1e-6);
+  // All negative: the factor is |s|; -1.05 kept against -1 (0.05 / 1.05 < 0.1), -1.2 masked
+  // against -1.05 (0.15 / 1.2 > 0.1).
+  r.jitter_eps = 0.05;
+  logits << -1.0f, -1.05f, -4.0f, -1.2f;
+  res = runtime::route(r, logits);
+  EXPECT_EQ(res.ids(0, 0), 0);
+  EXPECT_EQ(res.ids(0, 1), 1);
+  EXPECT_NEAR(res.weights(0, 0), 1.0 / (1.0 + std::exp(-0.05)), 1e-6);
+  EXPECT_NEAR(res.weights(0, 1), 1.0, 1e-6);
+  // Expert 1 inactive: 0 then 3, each alone in its softmax.
+  r.jitter_eps = 0.1;
+  logits << 2.0f, 1.9f, -3.0f, 1.0f;
+  const std::vector<bool> active = {true, false, true, true};
+  res = runtime::route(r, logits, nullptr, &active);
+  EXPECT_EQ(res.ids(0, 0), 0);
+  EXPECT_EQ(res.ids(0, 1), 3);
+  EXPECT_NEAR(res.weights(0, 0), 1.0, 1e-6);
+  EXPECT_NEAR(res.weights(0, 1), 1.0, 1e-6);
+  EXPECT_EQ(res.probs.size(), 0);
 }
 
 // A qwen2_moe block whose experts are all the same MLP, with renormalised top-k weights, equals
@@ -247,7 +272,7 @@ TEST(Forward, ObserversGetOnlyWhatTheyAskFor) {
 
 // Each window's logits do not depend on the other windows of its batch.
 TEST(Forward, WindowsAreIndependentOfTheirBatch) {
-  for (const char* fam : {"mixtral", "olmoe", "qwen3_moe", "llama"}) {
+  for (const char* fam : {"mixtral", "olmoe", "qwen3_moe", "llama", "phimoe", "granitemoe"}) {
     TempDir dir;
     synth_to(dir.path(), fam);
     auto lm = load_model(dir.path());
@@ -260,15 +285,6 @@ TEST(Forward, WindowsAreIndependentOfTheirBatch) {
       const MatrixRM single = fwd.run(one, T);
       EXPECT_LE((single - all.middleRows(w * T, T)).cwiseAbs().maxCoeff(), 1e-5) << fam << " window " << w;
     }
-  }
-}
-
-TEST(Forward, UnsupportedFamiliesSayWhich) {
-  for (const char* fam : {"phimoe", "granitemoe"}) {
-    TempDir dir;
-    synth_to(dir.path(), fam);
-    const std::string m = forward_refusal(dir.path());
-    EXPECT_NE(m.find(std::string("forward not implemented for ") + fam), std::string::npos) << m;
   }
 }
 

@@ -1,5 +1,5 @@
 // Checking the forward against a golden of an independent NumPy reference (data/scripts/
-// deepseek_reference.py, data/scripts/glm4_moe_reference.py, data/scripts/gpt_oss_reference.py):
+// deepseek_reference.py, glm4_moe_reference.py, gpt_oss_reference.py, granitemoe_reference.py):
 // the golden names its fixture and the config patch its reference ran with; logits within 1e-4
 // of the largest |logit|, the same argmax, the same experts per token in every MoE layer with the
 // same weights. And the CLI commands that sit on the forward, run on such a fixture.
@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <initializer_list>
 #include <map>
 #include <string>
 #include <vector>
@@ -92,6 +94,71 @@ inline void check_against_reference(const std::string& name, Checked& out) {
       }
     }
   }
+}
+
+// check_against_reference on each golden in turn, printing its max |logit diff| and largest |logit|
+// (the figures docs/families.md quotes).
+inline void check_goldens(std::initializer_list<const char*> names) {
+  for (const char* name : names) {
+    SCOPED_TRACE(name);
+    Checked c;
+    check_against_reference(name, c);
+    std::printf("[ %s ] max |logit diff| = %.3g (|logit| max %.3g)\n", name, c.max_logit_diff, c.logits_abs_max);
+  }
+}
+
+// The message of the core::Error that building a Forward on the checkpoint in `dir` throws (a test
+// failure, and "", when it builds).
+inline std::string forward_error(const std::filesystem::path& dir) {
+  auto lm = load_model(dir);
+  try {
+    runtime::Forward fwd(lm->model);
+  } catch (const core::Error& e) {
+    return e.message();
+  }
+  ADD_FAILURE() << dir.string() << ": the forward was built";
+  return "";
+}
+
+// For each (config patch, text): building the forward on a copy of `fixture` with the patch merged
+// into its config throws an error whose message contains the text.
+inline void expect_forward_errors(const std::filesystem::path& fixture,
+                                  const std::vector<std::pair<nlohmann::json, std::string>>& cases) {
+  for (const auto& [patch, want] : cases) {
+    TempDir dir;
+    copy_with_config(fixture, dir.path(), patch);
+    const std::string m = forward_error(dir.path());
+    EXPECT_NE(m.find(want), std::string::npos) << patch.dump() << ": " << m;
+  }
+}
+
+// Slab e of a tensor stacked over experts (its first dimension), as bytes.
+inline std::string expert_slab(const TensorBytes& t, int e) {
+  const size_t n = t.bytes.size() / static_cast<size_t>(t.shape.at(0));
+  return t.bytes.substr(static_cast<size_t>(e) * n, n);
+}
+
+// A pruned layer written in a stacked layout: for each output expert, the input expert whose row
+// of the `router` tensor has the same bytes (the fixtures' router rows are unique), and each of the
+// `stacked` tensors' slabs equal to that input expert's. Returns the input ids (-1: none found,
+// a failure).
+inline std::vector<int> expect_kept_expert_slabs(const TensorMap& in, const TensorMap& got, const std::string& router,
+                                                 const std::vector<std::string>& stacked) {
+  std::vector<int> kept;
+  const TensorBytes &r_in = in.at(router), &r_out = got.at(router);
+  for (int k = 0; k < static_cast<int>(r_out.shape.at(0)); ++k) {
+    int src = -1;
+    for (int e = 0; e < static_cast<int>(r_in.shape.at(0)); ++e)
+      if (expert_slab(r_in, e) == expert_slab(r_out, k)) src = e;
+    kept.push_back(src);
+    if (src < 0) {
+      ADD_FAILURE() << router << ": output expert " << k << " has no input expert's router row";
+      continue;
+    }
+    for (const std::string& name : stacked)
+      EXPECT_EQ(expert_slab(got.at(name), k), expert_slab(in.at(name), src)) << name << " output expert " << k;
+  }
+  return kept;
 }
 
 // calibrate (routed-only statistics) on golden `name`'s window of its fixture `dir`: each of the
