@@ -435,8 +435,13 @@ void check_run(RunState& s) {
                                          .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
   check_output_format(env, r, ckpt, estimated);
-  // The export formats stage the native output beside theirs: room for both.
-  disk_needs = (shapes_at_run ? 2 * estimate : estimate) * (r.output.format == "hf" ? 1 : 2);
+  // The export formats stage the native output beside theirs: room for both. A GGUF input written
+  // as GGUF copies its blocks: the file's exact size, and the staged output only for an evaluation.
+  const uint64_t native = shapes_at_run ? 2 * estimate : estimate;
+  if (const auto copied = copied_output_size(r, ckpt, estimated))
+    disk_needs = copied->file_bytes + (stages_native_output(r) ? native : 0);
+  else
+    disk_needs = native * (r.output.format == "hf" ? 1 : 2);
   io::check_free_space(r.output.path, disk_needs, r.key("output.path"));
   for (const auto& f : fields)
     if (f == "gram_in" || f == "gram_mid") r.calibration.gram = true;  // statistics on the fly: with Gram matrices
@@ -517,7 +522,9 @@ void plan_run(RunState& s) {
   summary["layers"] = layers;
   summary["params"] = {{"before", original.total_params()}, {"after", planned.total_params()},
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
-  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(s.outs_after))}};
+  const std::optional<OutputSize> copied = copied_output_size(r, ckpt, planned);  // a GGUF input's blocks
+  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()},
+                      {"after", copied ? json(copied->tensor_bytes) : shapes_at_run ? json() : json(bytes_of(s.outs_after))}};
   summary["disk"] = {{"needs", disk_needs}, {"free", io::free_space(r.output.path)}};
 
   std::vector<std::string> compute;
