@@ -153,11 +153,11 @@ class ExportSink final : public Sink {
       return r;
     }
     const PackedResult p = core::with_context(r_.key("output.format") + " " + format(), [&] {
-      return write_packed(env_, ckpt, m, parse_packed_format(format()), folder_->path());
+      return write_packed(env_, ckpt, m, parse_packed_format(format()), folder_->path(), r_.output.max_shard_bytes);
     });
     r.tensors = p.tensors;
     r.tensor_bytes = p.tensor_bytes;
-    r.shards = 1 + (p.tensor_bytes > 5'000'000'000ull ? p.tensor_bytes / 5'000'000'000ull : 0);
+    r.shards = p.shards;
     r.details["bits"] = p.scheme.bits;
     r.details["group_size"] = p.scheme.group == 0 ? -1 : p.scheme.group;
     r.details["symmetric"] = p.scheme.symmetric;
