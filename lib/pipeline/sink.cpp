@@ -309,8 +309,8 @@ void check_gguf_like_plan(const Recipe& r, const model::Model& planned) {
   if (!r.output.type.empty() || !r.output.tensor_type.empty())
     throw Error::invalid(file + r.key(r.output.type.empty() ? "output.tensor_type" : "output.type") + ": " + copied +
                          "; leave it out (to re-quantize, " + way_out + ")");
-  if (r.output.dtype || r.output.materialize)
-    throw Error::invalid(file + r.key(r.output.dtype ? "output.dtype" : "output.materialize") + ": " + copied +
+  if (r.output.dtype)  // (output.materialize and max_shard_size: refused with any gguf output, parse_recipe)
+    throw Error::invalid(file + r.key("output.dtype") + ": " + copied +
                          "; leave it out with " + r.key("output.format") + " gguf");
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto& p = *r.passes[i];

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <set>
 
 #include "io/checkpoint.h"
@@ -171,6 +172,57 @@ TEST_F(Delta, BadInputIsRefusedInOneLineWithNothingWritten) {
   EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
   EXPECT_NE(r.err.find("expert 2 up: non-finite value nan"), std::string::npos) << r.describe();
   EXPECT_FALSE(fs::exists(out));
+}
+
+// A written delta-ternary checkpoint, corrupted: every refusal is one line naming the file and the
+// weight, whether the load finds it (a NaN scale; a stream too short for its nnz entries, so
+// inspect refuses it too) or only the decode does (a stream that ends before its last entry, a
+// position past the weight: eval and convert read it).
+TEST_F(Delta, CorruptStreamOrScaleNamesTheFileAndWeight) {
+  const fs::path good = *tmp_ / "to-corrupt";
+  ASSERT_EQ(run_tool({"-q", "quantize", in().string(), good.string(), "--method", "delta-ternary", "--density", "0.25"}).exit_code, 0);
+  const std::string w = "model.layers.1.block_sparse_moe.experts.2.w3.weight";
+  const fs::path file = good / "model.safetensors";
+  const json entry = read_json(good / "config.json")["quantization_config"]["weights"][w];
+  const int64_t nnz = entry["nnz"].get<int64_t>(), k = entry["rice_k"].get<int64_t>();
+  const auto ck = io::Checkpoint::open(io::Env::posix(), good);
+  const int64_t stream_bytes = ck.info(w + ".delta_stream").shape.at(0);
+  // nnz and rice_k of the weight changed in a copy's config.json; returns the copy.
+  int copies = 0;
+  auto corrupt = [&](int64_t n, int64_t rice_k, const std::function<void(const fs::path&)>& patch) {
+    const fs::path d = *tmp_ / ("corrupt" + std::to_string(copies++));
+    copy_folder(good, d);
+    json cfg = read_json(d / "config.json");
+    cfg["quantization_config"]["weights"][w]["nnz"] = n;
+    cfg["quantization_config"]["weights"][w]["rice_k"] = rice_k;
+    write_file(d / "config.json", cfg.dump());
+    if (patch) patch(d / "model.safetensors");
+    return d;
+  };
+  auto refused = [&](const fs::path& d, const std::string& cmd, const std::string& needle) {
+    SCOPED_TRACE(d.filename().string() + " " + cmd);
+    std::vector<std::string> args = {"-q", cmd, d.string()};
+    if (cmd == "eval") args.insert(args.end(), {"--text", kHeldout.string(), "--ctx", "32", "--max-windows", "1"});
+    if (cmd == "convert") args.insert(args.end(), {(d.string() + "-out"), "--materialize"});
+    const RunResult r = run_tool(args);
+    expect_clean_failure(r, (d / "model.safetensors").string() + ": weight " + w + ": delta-ternary part " + needle);
+    EXPECT_FALSE(fs::exists(d.string() + "-out"));
+  };
+  const fs::path nan = corrupt(nnz, k, [&](const fs::path& f) { patch_tensor_bytes(f, w + ".delta_scale", 0, std::string("\x00\x00\xc0\x7f", 4)); });
+  const fs::path short_stream = corrupt(stream_bytes * 8 / (k + 2) + 1, k, nullptr);  // fewer bits than the entries' least
+  // Enough bits for nnz entries at their least, fewer than the gaps take: found while decoding.
+  ASSERT_GT(stream_bytes * 8 / (k + 2), nnz + 8);
+  const fs::path ends_early = corrupt(stream_bytes * 8 / (k + 2), k, nullptr);
+  // One entry, Rice k 30: end bit 0, then 30 one-bits: position 2^30 - 1.
+  const fs::path past = corrupt(1, 30, [&](const fs::path& f) { patch_tensor_bytes(f, w + ".delta_stream", 0, "\xfe\xff\xff\x7f"); });
+  for (const char* cmd : {"inspect", "eval", "convert"}) {
+    refused(nan, cmd, "scale: expected a finite value >= 0, found nan");
+    refused(short_stream, cmd, "stream: " + std::to_string(stream_bytes) + " bytes cannot hold nnz");
+  }
+  for (const char* cmd : {"eval", "convert"}) {
+    refused(ends_early, cmd, "stream: ends before its entries");
+    refused(past, cmd, "stream: entry 0 at position 1073741823, past the weight's 512 elements");
+  }
 }
 
 }  // namespace
