@@ -142,12 +142,16 @@ std::vector<std::vector<int64_t>> plan_passes(Recipe& r, const model::Model& m, 
   return counts;
 }
 
-// The tensor classes of m whose weights are encoded, and their encodings (docs/encodings.md).
+// The tensor classes of m whose weights are encoded, and their encodings (docs/encodings.md), as
+// stored: GGUF blocks and compressed-tensors / GPTQ / AWQ codes too, which every writer dequantizes
+// (OutputOptions::as_stored), so a pass that reads them dequantized says so.
 Pass::EncodedClasses encoded_classes(const model::Model& m) {
   json manifest = json::object();
   Pass::EncodedClasses out;
   const std::string& gate = m.family().shared_expert_gate;  // told apart from the shared expert's MLP
-  for (const auto& o : m.outputs(model::OutputOptions{}, &manifest))
+  model::OutputOptions stored;
+  stored.as_stored = true;
+  for (const auto& o : m.outputs(stored, &manifest))
     if (!o.weight.empty() && manifest.contains(o.weight)) {
       const bool is_gate = o.cls == "shared_experts" && !gate.empty() && o.weight.ends_with(gate);
       out[is_gate ? "shared_expert_gate" : o.cls].insert(manifest.at(o.weight).value("encoding", std::string("?")));

@@ -174,6 +174,32 @@ TEST_F(Delta, BadInputIsRefusedInOneLineWithNothingWritten) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+// Experts stored in a format every writer dequantizes (GGUF blocks, compressed-tensors codes) are
+// read dequantized by delta-ternary, and the plan says so as it does for the other passes (the
+// runner saw no encoding there: no warning at all for these inputs, whichever pass).
+TEST_F(Delta, DequantizedInputsAreWarnedAbout) {
+  // GGUF needs a tokenizer it can store: the fixtures' byte-level one (and its vocabulary), rows of 32.
+  const fs::path src = *tmp_ / "in-bpe", gguf = *tmp_ / "in-q8.gguf", native = *tmp_ / "in-int4", ct = *tmp_ / "in-ct";
+  write_synth(make_synth("mixtral", {.config_patch = {{"vocab_size", 4096}, {"intermediate_size", 32}}}), src);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) fs::copy_file(kSrc / "data/models/mixtral-tiny" / f, src / f);
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), gguf.string(), "--type", "q8_0"}).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "quantize", src.string(), native.string(), "--method", "rtn", "--codec", "int4:g16:sym"}).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "export", native.string(), ct.string(), "--format", "compressed-tensors"}).exit_code, 0);
+  for (const auto& [model, enc] : {std::pair<fs::path, std::string>{gguf, "gguf-q8_0"}, {ct, "compressed-tensors-int4"}}) {
+    SCOPED_TRACE(enc);
+    for (const std::string method : {"delta-ternary", "rtn"}) {
+      const RunResult r = run_tool({"quantize", model.string(), (*tmp_ / "none").string(), "--method", method, "--dry-run", "--json"});
+      ASSERT_EQ(r.exit_code, 0) << r.describe();
+      const std::string warnings = json::parse(r.out).at("warnings").dump();
+      EXPECT_NE(warnings.find("quantize: experts stored as " + enc + " are dequantized and "), std::string::npos) << warnings;
+      if (method == "delta-ternary") {
+        EXPECT_NE(warnings.find("written delta-ternary"), std::string::npos) << warnings;
+      }
+    }
+  }
+  EXPECT_FALSE(fs::exists(*tmp_ / "none"));
+}
+
 // A written delta-ternary checkpoint, corrupted: every refusal is one line naming the file and the
 // weight, whether the load finds it (a NaN scale; a stream too short for its nnz entries, so
 // inspect refuses it too) or only the decode does (a stream that ends before its last entry, a
