@@ -400,8 +400,18 @@ std::vector<float> GgufFile::decode(const GgufTensorInfo& t) const {
 
 // ---- GgufWriter ----
 
-GgufWriter::GgufWriter(Env& env, const fs::path& path, GgufMetadata kv, std::vector<GgufTensorInfo> tensors)
-    : path_(path), tensors_(std::move(tensors)) {
+namespace {
+
+// The header GgufWriter writes for (kv, tensors): the bytes up to the data section (padded to the
+// alignment), each tensor's offset set in `tensors`, general.alignment added to `kv` when absent.
+struct GgufLayout {
+  std::vector<uint8_t> header;
+  uint32_t alignment = kGgufDefaultAlignment;
+  uint64_t data_size = 0;  // the data section, its end padded to the alignment
+};
+
+GgufLayout gguf_layout(GgufMetadata& kv, std::vector<GgufTensorInfo>& tensors) {
+  GgufLayout out;
   std::set<std::string> keys;
   bool has_alignment = false;
   for (const auto& [k, v] : kv) {
@@ -409,16 +419,16 @@ GgufWriter::GgufWriter(Env& env, const fs::path& path, GgufMetadata kv, std::vec
     if (k == "general.alignment") {
       if (v.type != GgufValueType::U32 || v.integer == 0 || (v.integer & (v.integer - 1)))
         throw Error::internal("gguf writer: general.alignment must be a u32 power of two");
-      alignment_ = static_cast<uint32_t>(v.integer);
+      out.alignment = static_cast<uint32_t>(v.integer);
       has_alignment = true;
     }
   }
-  if (!has_alignment) kv.emplace_back("general.alignment", GgufValue::u32(alignment_));
+  if (!has_alignment) kv.emplace_back("general.alignment", GgufValue::u32(out.alignment));
 
   Sink s;
   s.put<uint32_t>(kGgufMagic);
   s.put<uint32_t>(kGgufVersion);
-  s.put<uint64_t>(tensors_.size());
+  s.put<uint64_t>(tensors.size());
   s.put<uint64_t>(kv.size());
   for (const auto& [k, v] : kv) {
     s.string(k);
@@ -427,24 +437,40 @@ GgufWriter::GgufWriter(Env& env, const fs::path& path, GgufMetadata kv, std::vec
   }
   std::set<std::string> names;
   uint64_t offset = 0;
-  for (auto& t : tensors_) {
+  for (auto& t : tensors) {
     if (!names.insert(t.name).second) throw Error::internal("gguf writer: duplicate tensor " + t.name);
     check_tensor_shape(t, [&](const std::string& fld, const std::string& what) {
       throw Error::internal("gguf writer: tensor " + t.name + ": " + fld + ": " + what);
     });
     t.offset = offset;
-    offset = align_up(offset + t.nbytes(), alignment_);
+    offset = align_up(offset + t.nbytes(), out.alignment);
     s.string(t.name);
     s.put<uint32_t>(static_cast<uint32_t>(t.ne.size()));
     for (int64_t d : t.ne) s.put<uint64_t>(static_cast<uint64_t>(d));
     s.put<uint32_t>(static_cast<uint32_t>(t.type));
     s.put<uint64_t>(t.offset);
   }
-  data_size_ = offset;
-  data_offset_ = align_up(s.b.size(), alignment_);
-  s.b.resize(data_offset_, 0);
+  out.data_size = offset;
+  s.b.resize(align_up(s.b.size(), out.alignment), 0);
+  out.header = std::move(s.b);
+  return out;
+}
+
+}  // namespace
+
+uint64_t gguf_file_size(GgufMetadata kv, std::vector<GgufTensorInfo> tensors) {
+  const GgufLayout l = gguf_layout(kv, tensors);
+  return l.header.size() + l.data_size;
+}
+
+GgufWriter::GgufWriter(Env& env, const fs::path& path, GgufMetadata kv, std::vector<GgufTensorInfo> tensors)
+    : path_(path), tensors_(std::move(tensors)) {
+  const GgufLayout l = gguf_layout(kv, tensors_);
+  alignment_ = l.alignment;
+  data_size_ = l.data_size;
+  data_offset_ = l.header.size();
   file_ = env.create_file(path);
-  file_->write_at(0, s.b.data(), s.b.size());
+  file_->write_at(0, l.header.data(), l.header.size());
   while (current_ < tensors_.size() && tensors_[current_].nbytes() == 0) ++current_;
 }
 

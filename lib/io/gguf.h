@@ -147,4 +147,9 @@ class GgufWriter {
   uint64_t written_ = 0;  // bytes of the current tensor so far
 };
 
+// The size in bytes of the file GgufWriter writes for (kv, tensors) (offsets ignored), without
+// writing it: header, padding, every tensor's data at its aligned offset, the padded end.
+// Error::internal for what the writer refuses.
+uint64_t gguf_file_size(GgufMetadata kv, std::vector<GgufTensorInfo> tensors);
+
 }  // namespace moe::io

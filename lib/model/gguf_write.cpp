@@ -76,80 +76,129 @@ Piece stored_piece(const core::Tensor& t, GgmlType type, int64_t cols, int64_t p
 
 }  // namespace
 
-uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src, const fs::path& path) {
+namespace {
+
+// What write_gguf_like writes for m: the metadata, the tensor infos and (with `pieces`) each
+// tensor's stored bytes, checked; Error::unsupported as write_gguf_like documents.
+struct LikeLayout {
+  GgufMetadata kv;
+  std::vector<GgufTensorInfo> infos;
+};
+
+LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::string& out,
+                       std::vector<std::vector<Piece>>* pieces) {
   const GgufFile& f = src.file();
-  const std::string file = f.path().string();
   const GgufArch& arch = *gguf_arch_for_arch(f.find("general.architecture")->str);
-  m.refuse_novices(path.string(), "GGUF has no constant expert");
+  m.refuse_novices(out, "GGUF has no constant expert");
   int64_t experts = -1;
   for (const auto& layer : m.layers()) {
-    if (!layer.moe) throw Error::unsupported(path.string() + ": layer " + std::to_string(layer.index) + " has no MoE block");
+    if (!layer.moe) throw Error::unsupported(out + ": layer " + std::to_string(layer.index) + " has no MoE block");
     if (experts >= 0 && layer.moe->num_experts() != experts)
-      throw Error::unsupported(path.string() + ": layer " + std::to_string(layer.index) + " keeps " +
+      throw Error::unsupported(out + ": layer " + std::to_string(layer.index) + " keeps " +
                                std::to_string(layer.moe->num_experts()) + " experts, other layers " + std::to_string(experts) +
                                "; GGUF has one expert_count per model (prune with the same count in every layer)");
     experts = layer.moe->num_experts();
   }
   const std::string A = arch.arch;
-  GgufMetadata kv = f.metadata();
-  for (auto& [key, v] : kv) {
+  LikeLayout l;
+  l.kv = f.metadata();
+  for (auto& [key, v] : l.kv) {
     if (key == A + ".expert_count") v = GgufValue::u32(static_cast<uint32_t>(experts));
     if (key == A + ".expert_used_count") v = GgufValue::u32(static_cast<uint32_t>(std::min(m.dims().top_k, experts)));
   }
 
   // Every output tensor's header and pieces, checked before the file is created.
-  std::vector<GgufTensorInfo> infos;
-  std::vector<std::vector<Piece>> pieces;
   for (const auto& t : f.tensors()) {
     GgufTensorInfo info = t;
     std::vector<Piece> ps;
-    const int64_t cols = t.ne[0];
+    // The stored bytes of one weight (only when the pieces are asked for).
+    auto add = [&](const core::Tensor& w, int64_t heads, const std::string& name) {
+      if (pieces) ps.push_back(stored_piece(w, t.type, t.ne[0], heads, name));
+    };
     if (const char* role = gguf_global_role(t.name)) {
       auto g = m.globals().find(role);
       if (g == m.globals().end()) throw Error::internal(t.name + ": no global " + role);
-      ps.push_back(stored_piece(g->second, t.type, cols, 0, t.name));
+      add(g->second, 0, t.name);
     } else {
       const size_t dot = t.name.find('.', 4);
       const int layer = std::stoi(t.name.substr(4, dot - 4));
       const std::string rest = t.name.substr(dot + 1);
       const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
       if (const char* role = gguf_layer_role(rest)) {
-        const int64_t heads = gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads);
-        ps.push_back(stored_piece(L.tensors.at(role), t.type, cols, heads, t.name));
+        add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name);
       } else {
         const std::string field = gguf_moe_field(rest);
         const model::MoeBlock& b = *L.moe;
         if (field == "router") {
-          ps.push_back(stored_piece(b.router, t.type, cols, 0, t.name));
+          add(b.router, 0, t.name);
           info.ne[1] = experts;
         } else if (field.rfind("expert_", 0) == 0) {
           for (int64_t e = 0; e < experts; ++e) {
             const model::Mlp& x = b.experts[static_cast<size_t>(e)];
-            const core::Tensor& w = field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down;
-            ps.push_back(stored_piece(w, t.type, cols, 0, t.name + " expert " + std::to_string(e)));
+            add(field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down, 0,
+                t.name + " expert " + std::to_string(e));
           }
           info.ne[2] = experts;
         } else if (field == "shared_expert_gate") {
-          ps.push_back(stored_piece(*b.shared_gate, t.type, cols, 0, t.name));
+          add(*b.shared_gate, 0, t.name);
         } else {
           const model::Mlp& x = *b.shared;
-          ps.push_back(stored_piece(field == "shared_gate" ? x.gate : field == "shared_up" ? x.up : x.down, t.type, cols, 0,
-                                    t.name));
+          add(field == "shared_gate" ? x.gate : field == "shared_up" ? x.up : x.down, 0, t.name);
         }
       }
     }
-    uint64_t n = 0;
-    for (const auto& p : ps) n += p.n;
-    if (n != info.nbytes())
-      throw Error::unsupported(t.name + ": " + std::to_string(n) + " bytes kept, the header says " +
-                               std::to_string(info.nbytes()) + "; its shape was changed by a pass");
-    infos.push_back(std::move(info));
-    pieces.push_back(std::move(ps));
+    if (pieces) {
+      uint64_t n = 0;
+      for (const auto& p : ps) n += p.n;
+      if (n != info.nbytes())
+        throw Error::unsupported(t.name + ": " + std::to_string(n) + " bytes kept, the header says " +
+                                 std::to_string(info.nbytes()) + "; its shape was changed by a pass");
+      pieces->push_back(std::move(ps));
+    }
+    l.infos.push_back(std::move(info));
   }
-  GgufWriter w(env, path, std::move(kv), std::move(infos));
+  return l;
+}
+
+// Error::invalid naming the tensor when a piece holds a NaN or Inf (decoded a row at a time: a
+// block type's NaN/Inf comes from its f16 scales).
+void check_finite(const Piece& p, GgmlType type, int64_t cols, const std::string& tensor) {
+  const std::string name = tensor + " (copied from the input)";
+  if (const auto dt = gguf_plain_dtype(type)) {
+    const int64_t bad = core::first_non_finite(*dt, p.data, static_cast<size_t>(p.n / core::dtype_size(*dt)));
+    if (bad >= 0) throw Error::invalid(name + ": non-finite value at index " + std::to_string(bad));
+    return;
+  }
+  const uint64_t rb = quant::ggml_row_bytes(type, cols);
+  std::vector<float> row(static_cast<size_t>(cols));
+  for (uint64_t r = 0; r * rb < p.n; ++r) {
+    quant::decode_row(type, p.data + r * rb, cols, row.data());
+    const int64_t bad = core::first_non_finite(core::DType::F32, row.data(), row.size());
+    if (bad >= 0)
+      throw Error::invalid(name + ": non-finite value in row " + std::to_string(r) + " at column " + std::to_string(bad) +
+                           " (a " + quant::ggml_type_info(type).name + " block's scale)");
+  }
+}
+
+}  // namespace
+
+GgufLikeSize gguf_like_size(const Model& m, const io::GgufModel& src) {
+  LikeLayout l = like_layout(m, src, src.path().string(), nullptr);
+  GgufLikeSize s;
+  for (const auto& t : l.infos) s.tensor_bytes += t.nbytes();
+  s.file_bytes = io::gguf_file_size(std::move(l.kv), std::move(l.infos));
+  return s;
+}
+
+uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src, const fs::path& path) {
+  std::vector<std::vector<Piece>> pieces;
+  LikeLayout l = like_layout(m, src, path.string(), &pieces);
+  const GgufFile& f = src.file();
+  GgufWriter w(env, path, std::move(l.kv), l.infos);
   for (size_t i = 0; i < pieces.size(); ++i)
     for (const auto& p : pieces[i]) {
       f.prefetch_range(p.data, p.n);
+      check_finite(p, l.infos[i].type, l.infos[i].ne[0], f.path().string() + ": tensor " + l.infos[i].name);
       w.append(p.data, p.n);
       f.release_range(p.data, p.n);  // pages of the source already copied (a no-op for owned rows)
     }

@@ -18,7 +18,20 @@ class Model;
 // arch llama), stacked expert tensors holding the kept experts' blocks in the model's order and
 // routers their kept rows. Nothing is re-quantized: a weight a pass changed (not the source's
 // bytes in the source's type) is refused with Error::unsupported naming the tensor, before the
-// file is created, as are novices and different expert counts per layer. Returns the file size.
+// file is created, as are novices and different expert counts per layer. A NaN or Inf among the
+// copied values (a block's scale, a plain tensor's element) is refused with Error::invalid naming
+// the input file and tensor (the blocks are decoded a row at a time to check; the partial file is
+// the caller's to remove). Returns the file size.
 uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src, const std::filesystem::path& path);
+
+// The sizes write_gguf_like would write for `m` (only its expert counts are read: a planned model
+// of views, pipeline/runner.cpp planned_model, is enough), exact, without reading any tensor data:
+// the tensors' data bytes and the file's bytes (header, alignment padding and data). Its
+// Error::unsupported refusals as write_gguf_like's on the structure (novices, expert counts).
+struct GgufLikeSize {
+  uint64_t tensor_bytes = 0;
+  uint64_t file_bytes = 0;
+};
+GgufLikeSize gguf_like_size(const Model& m, const io::GgufModel& src);
 
 }  // namespace moe::model

@@ -151,11 +151,12 @@ class Picker {
       parts[role] = {it->second, part_users_[tname] > 1};
       if (first.empty()) first = tname;
     }
+    const std::string origin = ckpt_.shard_path(first).string() + ": weight " + name;
     try {
-      auto enc = quant::decode(e, parts);
+      auto enc = quant::decode(e, parts, origin);
       return Tensor::encoded(enc, enc->parts().front().tensor->dtype());
     } catch (const Error& err) {
-      throw Error::corruption(ckpt_.shard_path(first).string() + ": weight " + name + ": " + err.message());
+      throw Error::corruption(origin + ": " + err.message());
     }
   }
 

@@ -97,7 +97,8 @@ class DeltaTernaryPass final : public pipeline::Pass {
     if (it == encoded.end() || it->second.empty()) return {};
     std::string list;
     for (const auto& e : it->second) list += (list.empty() ? "" : ", ") + e;
-    return {"experts stored " + list + " are read dequantized (f32) and written delta-ternary, the base in bf16"};
+    return {"experts stored as " + list + " are dequantized and written delta-ternary (the base in bf16): the earlier "
+            "encoding is replaced, not kept"};
   }
   EncodedClasses encodes() const override { return {{"experts", {"delta-ternary"}}}; }
 

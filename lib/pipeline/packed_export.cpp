@@ -262,7 +262,8 @@ void release_around(const io::Checkpoint& ckpt, const uint8_t* lo, const uint8_t
 }
 
 // Writes the planned folder: side files, config.json with the quantization_config, tensors.
-void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir) {
+size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir,
+                    uint64_t max_shard_bytes) {
   write_side_files(env, ckpt, dir);
   nlohmann::json cfg = m.rewritten_config(model::OutputOptions{}, &p.manifest);
   cfg["quantization_config"] = p.quantization_config;
@@ -272,7 +273,7 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
     by_name[o.name] = &o;
     if (!o.weight.empty()) first_part.emplace(o.weight, &o);
   }
-  io::CheckpointWriter w(env, dir, p.specs, 5'000'000'000ull);
+  io::CheckpointWriter w(env, dir, p.specs, max_shard_bytes);
   std::vector<io::PackedTensor> packed;  // buffers reused from weight to weight
   for (const auto& o : p.outs) {
     if (o.weight.empty()) {
@@ -301,6 +302,7 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
     if (lo) release_around(ckpt, lo, hi);
   }
   w.finish();
+  return w.shard_count();
 }
 
 
@@ -309,10 +311,10 @@ void write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& 
 void check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) { (void)plan_packed(ckpt, m, fmt); }
 
 PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt,
-                          const fs::path& dir) {
+                          const fs::path& dir, uint64_t max_shard_bytes) {
   const PackedPlan plan = plan_packed(ckpt, m, fmt);
-  core::with_context(ckpt.dir().string(), [&] { write_packed(env, ckpt, m, plan, dir); });
   PackedResult r;
+  r.shards = core::with_context(ckpt.dir().string(), [&] { return write_packed(env, ckpt, m, plan, dir, max_shard_bytes); });
   r.scheme = plan.scheme;
   r.quantized_linears = plan.quantized.size();
   r.dense_linears = plan.ignore.size();

@@ -28,6 +28,7 @@ struct PackedResult {
   size_t quantized_linears = 0, dense_linears = 0;
   size_t tensors = 0;
   uint64_t tensor_bytes = 0;  // the tensors' data
+  size_t shards = 0;          // safetensors files written
   int64_t quantized_params = 0;
   uint64_t quantized_bytes = 0;
 };
@@ -47,8 +48,9 @@ void check_packed_structure(const model::Model& m, io::PackedFormat fmt, const s
 void check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt);
 
 // Writes the folder `dir` (the caller's io::OutputDir temporary): side files, config.json with the
-// quantization_config, the tensors (io::CheckpointWriter shards of 5GB; the finite check there).
+// quantization_config, the tensors (io::CheckpointWriter shards of at most max_shard_bytes, a
+// tensor never split; the finite check there).
 PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt,
-                          const io::fs::path& dir);
+                          const io::fs::path& dir, uint64_t max_shard_bytes = 5'000'000'000ull);
 
 }  // namespace moe::pipeline

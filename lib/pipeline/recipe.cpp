@@ -54,6 +54,16 @@ void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
                            " stores int4/int8 codes: drop one of them");
     return;
   }
+  // A GGUF output is one file whose tensor types output.type and output.tensor_type choose: the
+  // hf folder's shard size has nothing to cut, and materialize (every weight dense) would undo the
+  // int4/int8 groups copied as q4_0/q8_0 blocks behind the types' back (docs/gguf.md). output.dtype
+  // stays: the float dtype of the native output the file is converted from.
+  if (spec.contains("max_shard_size"))
+    throw Error::invalid("output.max_shard_size: output.format gguf writes one file, never shards: leave it out");
+  if (out.materialize)
+    throw Error::invalid("output.materialize: output.format gguf chooses every tensor's type itself (output.type, "
+                         "output.tensor_type): leave it out, or write output.format hf with materialize and `moe-tool "
+                         "export` that folder");
   // output.type: required unless the input is a GGUF file (checked with the input, check_gguf_plan).
   if (!out.type.empty()) (void)gguf_writable_type(out.type, "output.type");
   (void)parse_gguf_overrides(out.tensor_type, [&](size_t i) {

@@ -142,12 +142,16 @@ std::vector<std::vector<int64_t>> plan_passes(Recipe& r, const model::Model& m, 
   return counts;
 }
 
-// The tensor classes of m whose weights are encoded, and their encodings (docs/encodings.md).
+// The tensor classes of m whose weights are encoded, and their encodings (docs/encodings.md), as
+// stored: GGUF blocks and compressed-tensors / GPTQ / AWQ codes too, which every writer dequantizes
+// (OutputOptions::as_stored), so a pass that reads them dequantized says so.
 Pass::EncodedClasses encoded_classes(const model::Model& m) {
   json manifest = json::object();
   Pass::EncodedClasses out;
   const std::string& gate = m.family().shared_expert_gate;  // told apart from the shared expert's MLP
-  for (const auto& o : m.outputs(model::OutputOptions{}, &manifest))
+  model::OutputOptions stored;
+  stored.as_stored = true;
+  for (const auto& o : m.outputs(stored, &manifest))
     if (!o.weight.empty() && manifest.contains(o.weight)) {
       const bool is_gate = o.cls == "shared_experts" && !gate.empty() && o.weight.ends_with(gate);
       out[is_gate ? "shared_expert_gate" : o.cls].insert(manifest.at(o.weight).value("encoding", std::string("?")));
@@ -440,8 +444,13 @@ void check_run(RunState& s) {
                                          .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
   check_output_format(env, r, ckpt, estimated);
-  // The export formats stage the native output beside theirs: room for both.
-  disk_needs = (shapes_at_run ? 2 * estimate : estimate) * (r.output.format == "hf" ? 1 : 2);
+  // The export formats stage the native output beside theirs: room for both. A GGUF input written
+  // as GGUF copies its blocks: the file's exact size, and the staged output only for an evaluation.
+  const uint64_t native = shapes_at_run ? 2 * estimate : estimate;
+  if (const auto copied = copied_output_size(r, ckpt, estimated))
+    disk_needs = copied->file_bytes + (stages_native_output(r) ? native : 0);
+  else
+    disk_needs = native * (r.output.format == "hf" ? 1 : 2);
   io::check_free_space(r.output.path, disk_needs, r.key("output.path"));
   for (const auto& f : fields)
     if (f == "gram_in" || f == "gram_mid") r.calibration.gram = true;  // statistics on the fly: with Gram matrices
@@ -522,7 +531,9 @@ void plan_run(RunState& s) {
   summary["layers"] = layers;
   summary["params"] = {{"before", original.total_params()}, {"after", planned.total_params()},
                        {"active_before", original.active_params()}, {"active_after", planned.active_params()}};
-  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()}, {"after", shapes_at_run ? json() : json(bytes_of(s.outs_after))}};
+  const std::optional<OutputSize> copied = copied_output_size(r, ckpt, planned);  // a GGUF input's blocks
+  summary["bytes"] = {{"before", ckpt.total_tensor_bytes()},
+                      {"after", copied ? json(copied->tensor_bytes) : shapes_at_run ? json() : json(bytes_of(s.outs_after))}};
   summary["disk"] = {{"needs", disk_needs}, {"free", io::free_space(r.output.path)}};
 
   std::vector<std::string> compute;

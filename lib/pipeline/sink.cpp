@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "io/gguf.h"
+#include "io/gguf_model.h"
 #include "io/output_dir.h"
 #include "io/temp_files.h"
 #include "model/gguf_write.h"
@@ -30,6 +31,19 @@ json SinkResult::to_json() const {
 }
 
 bool output_is_file(const Recipe& r) { return r.output.format == "gguf"; }
+
+namespace {
+// A GGUF input written as GGUF: the kept experts' blocks copied (model::write_gguf_like).
+bool copies_gguf_blocks(const Recipe& r) { return r.output.format == "gguf" && io::is_gguf_path(r.model); }
+}  // namespace
+
+bool stages_native_output(const Recipe& r) { return r.output.format != "hf" && !(copies_gguf_blocks(r) && !r.eval); }
+
+std::optional<OutputSize> copied_output_size(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
+  if (r.output.format != "gguf" || !ckpt.gguf()) return std::nullopt;
+  const model::GgufLikeSize g = model::gguf_like_size(planned, *ckpt.gguf());
+  return OutputSize{g.tensor_bytes, g.file_bytes};
+}
 
 namespace {
 
@@ -60,6 +74,7 @@ class ExportSink final : public Sink {
     }
     const std::string name = r.output.path.filename().string() + ".native";
     io::remove_stale_temps(parent, io::temp_prefix(name));
+    if (!stages_native_output(r)) return;  // a GGUF input's blocks copied, nothing evaluated: no native output
     staging_ = io::temp_name(parent, name);
     env.create_dirs(staging_);
     slot_ = io::register_temp(staging_);
@@ -73,11 +88,15 @@ class ExportSink final : public Sink {
   const fs::path& native_dir() const override { return staging_; }
   void begin(const io::Checkpoint& source, const std::optional<std::vector<io::TensorSpec>>& plan) override {
     source_ = &source;
-    native_->begin(source, plan);
+    if (native_) native_->begin(source, plan);
   }
   void set_keep_map(const json& keep_map) override { keep_map_ = keep_map; }
-  void write(const std::vector<model::OutTensor>& group) override { native_->write(group); }
-  SpillWriter* spill() override { return native_->spill(); }
+  // Without a staged output (a GGUF input's blocks copied, stages_native_output) the groups are
+  // not computed: finish() copies the kept experts from the input.
+  void write(const std::vector<model::OutTensor>& group) override {
+    if (native_) native_->write(group);
+  }
+  SpillWriter* spill() override { return native_ ? native_->spill() : nullptr; }
 
   SinkResult finish(const json& config) override {
     try {
@@ -87,6 +106,7 @@ class ExportSink final : public Sink {
       // name the run's output instead.
       std::string m = e.message();
       auto rename = [&m](const std::string& tmp, const std::string& name) {
+        if (tmp.empty()) return;  // no staged folder
         for (size_t i = m.find(tmp); i != std::string::npos; i = m.find(tmp, i + name.size())) m.replace(i, tmp.size(), name);
       };
       rename(staging_.string(), "the native output staged for " + r_.output.path.string());
@@ -109,15 +129,17 @@ class ExportSink final : public Sink {
 
  private:
   SinkResult convert(const json& config) {
-    const SinkResult staged = native_->finish(config);
-    const io::Checkpoint ckpt = io::Checkpoint::open(env_, staging_);
-    const model::Model m = model::Model::load(ckpt);
     SinkResult r;
     r.format = format();
-    r.details["staged"] = {{"format", "hf"}, {"tensors", staged.tensors}, {"tensor_bytes", staged.tensor_bytes},
-                           {"note", "the native output, staged beside the output and converted as `moe-tool export` "
-                                    "converts it; removed once converted"}};
+    if (native_) {
+      const SinkResult staged = native_->finish(config);
+      r.details["staged"] = {{"format", "hf"}, {"tensors", staged.tensors}, {"tensor_bytes", staged.tensor_bytes},
+                             {"note", "the native output, staged beside the output and converted as `moe-tool export` "
+                                      "converts it; removed once converted"}};
+    }
     if (file_ && source_ && source_->gguf()) return copy_gguf_blocks(r);
+    const io::Checkpoint ckpt = io::Checkpoint::open(env_, staging_);
+    const model::Model m = model::Model::load(ckpt);
     if (file_) {
       const GgufOptions go = gguf_options(r_);
       const GgufResult g = core::with_context(r_.key("output.format") + " gguf",
@@ -131,11 +153,11 @@ class ExportSink final : public Sink {
       return r;
     }
     const PackedResult p = core::with_context(r_.key("output.format") + " " + format(), [&] {
-      return write_packed(env_, ckpt, m, parse_packed_format(format()), folder_->path());
+      return write_packed(env_, ckpt, m, parse_packed_format(format()), folder_->path(), r_.output.max_shard_bytes);
     });
     r.tensors = p.tensors;
     r.tensor_bytes = p.tensor_bytes;
-    r.shards = 1 + (p.tensor_bytes > 5'000'000'000ull ? p.tensor_bytes / 5'000'000'000ull : 0);
+    r.shards = p.shards;
     r.details["bits"] = p.scheme.bits;
     r.details["group_size"] = p.scheme.group == 0 ? -1 : p.scheme.group;
     r.details["symmetric"] = p.scheme.symmetric;
@@ -171,8 +193,9 @@ class ExportSink final : public Sink {
     }
     r.tensors = out.tensors().size();
     r.shards = 1;
-    r.details["staged"]["note"] = "the native output, staged beside the output for the run's evaluation and removed after; "
-                                  "the GGUF file holds the input's blocks of the kept experts";
+    if (native_)
+      r.details["staged"]["note"] = "the native output (weights dequantized), staged beside the output for the run's "
+                                    "evaluation and removed after; the GGUF file holds the input's blocks of the kept experts";
     r.details["type"] = "as stored in the GGUF input (blocks copied, nothing re-quantized)";
     r.details["types"] = types;
     r.details["file_bytes"] = bytes;
@@ -286,8 +309,8 @@ void check_gguf_like_plan(const Recipe& r, const model::Model& planned) {
   if (!r.output.type.empty() || !r.output.tensor_type.empty())
     throw Error::invalid(file + r.key(r.output.type.empty() ? "output.tensor_type" : "output.type") + ": " + copied +
                          "; leave it out (to re-quantize, " + way_out + ")");
-  if (r.output.dtype || r.output.materialize)
-    throw Error::invalid(file + r.key(r.output.dtype ? "output.dtype" : "output.materialize") + ": " + copied +
+  if (r.output.dtype)  // (output.materialize and max_shard_size: refused with any gguf output, parse_recipe)
+    throw Error::invalid(file + r.key("output.dtype") + ": " + copied +
                          "; leave it out with " + r.key("output.format") + " gguf");
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto& p = *r.passes[i];

@@ -93,6 +93,20 @@ std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector
 // Whether the recipe's output format is a single file (gguf) or a folder.
 bool output_is_file(const Recipe& r);
 
+// Whether the run writes a native output for the sink (the hf output itself excepted): the export
+// formats stage one and convert it, but a GGUF input written as GGUF copies its blocks from the
+// input and stages none unless the recipe evaluates the output (eval reads the staged folder).
+bool stages_native_output(const Recipe& r);
+
+// The exact size of an output whose bytes do not come from the planned tensors: a GGUF input
+// written as GGUF (the kept experts' blocks copied, model::gguf_like_size of `planned`, the model
+// as the passes will leave it); nullopt for every other output (the planned tensors' bytes).
+struct OutputSize {
+  uint64_t tensor_bytes = 0;  // the tensors' data, as SinkResult::tensor_bytes counts it
+  uint64_t file_bytes = 0;    // on disk: header, padding and data
+};
+std::optional<OutputSize> copied_output_size(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned);
+
 // The refusals of the recipe's output format against the model as the passes will leave it
 // (`planned`: shapes only, views of `ckpt`'s tensors; the encodings the passes will write come
 // from the passes' parameters), before calibration or any pass runs: an encoding the format

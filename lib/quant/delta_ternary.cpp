@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include "core/error.h"
 
@@ -32,9 +33,9 @@ class BitWriter {
 
 class BitReader {
  public:
-  BitReader(const uint8_t* data, int64_t bytes) : data_(data), bits_(bytes * 8) {}
+  BitReader(const uint8_t* data, int64_t bytes, const std::string& where) : data_(data), bits_(bytes * 8), where_(where) {}
   bool get() {
-    if (n_ >= bits_) throw Error::corruption("delta-ternary part stream: ends before its entries");
+    if (n_ >= bits_) throw Error::corruption(where_ + "delta-ternary part stream: ends before its entries");
     const bool b = (data_[n_ / 8] >> (n_ % 8)) & 1u;
     ++n_;
     return b;
@@ -43,13 +44,14 @@ class BitReader {
  private:
   const uint8_t* data_;
   int64_t bits_, n_ = 0;
+  const std::string& where_;
 };
 
 }  // namespace
 
-DeltaTernary::DeltaTernary(Part base, Part stream, Part scale, int64_t nnz, int rice_k, bool base_shared)
+DeltaTernary::DeltaTernary(Part base, Part stream, Part scale, int64_t nnz, int rice_k, bool base_shared, std::string origin)
     : Encoding(base_dim(base, 0), base_dim(base, 1)), base_(std::move(base)), stream_(std::move(stream)),
-      scale_(std::move(scale)), nnz_(nnz), rice_k_(rice_k), base_shared_(base_shared) {
+      scale_(std::move(scale)), nnz_(nnz), rice_k_(rice_k), base_shared_(base_shared), origin_(std::move(origin)) {
   if (!base_ || !base_->valid()) throw Error::corruption("delta-ternary part base missing");
   const core::DType t = base_->dtype();
   if (base_->encoding() || base_->rank() != 2 ||
@@ -76,6 +78,12 @@ DeltaTernary::DeltaTernary(Part base, Part stream, Part scale, int64_t nnz, int 
                             std::to_string(rows() * cols()) + "] (base " + core::shape_str(base_->shape()) + ")");
   if (rice_k_ < 0 || rice_k_ > kMaxRiceK)
     throw Error::corruption("delta-ternary: rice_k " + std::to_string(rice_k_) + " outside [0, 30]");
+  // Every entry takes at least its quotient's end bit, k low bits and the sign.
+  const int64_t least = nnz_ * (rice_k_ + 2);
+  if (stream_->numel() * 8 < least)
+    throw Error::corruption("delta-ternary part stream: " + std::to_string(stream_->numel()) + " bytes cannot hold nnz " +
+                            std::to_string(nnz_) + " entries of at least " + std::to_string(rice_k_ + 2) +
+                            " bits each (rice_k " + std::to_string(rice_k_) + "): truncated");
 }
 
 float DeltaTernary::scale() const {
@@ -140,19 +148,20 @@ void DeltaTernary::decode(std::vector<int64_t>& positions, std::vector<bool>& ne
   negative.clear();
   positions.reserve(static_cast<size_t>(nnz_));
   negative.reserve(static_cast<size_t>(nnz_));
-  BitReader r(stream_->data(), stream_->numel());
+  const std::string where = origin_.empty() ? std::string() : origin_ + ": ";
+  BitReader r(stream_->data(), stream_->numel(), where);
   const int64_t n = rows() * cols();
   int64_t prev = -1;
   for (int64_t i = 0; i < nnz_; ++i) {
     int64_t q = 0;
     while (r.get()) {
-      if (++q > n) throw Error::corruption("delta-ternary part stream: a gap longer than the weight");
+      if (++q > n) throw Error::corruption(where + "delta-ternary part stream: a gap longer than the weight");
     }
     int64_t g = q << rice_k_;
     for (int b = 0; b < rice_k_; ++b) g |= static_cast<int64_t>(r.get()) << b;
     const int64_t p = prev + 1 + g;
     if (p >= n)
-      throw Error::corruption("delta-ternary part stream: entry " + std::to_string(i) + " at position " +
+      throw Error::corruption(where + "delta-ternary part stream: entry " + std::to_string(i) + " at position " +
                               std::to_string(p) + ", past the weight's " + std::to_string(n) + " elements");
     positions.push_back(p);
     negative.push_back(r.get());

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/encoding.h"
@@ -32,9 +33,13 @@ class DeltaTernary final : public core::Encoding {
   using Part = std::shared_ptr<const core::Tensor>;
   // Throws Error::corruption naming the part when base is not a rank-2 float tensor, stream is not
   // a non-empty rank-1 U8 tensor, scale is not an F32 [1] tensor holding a finite value >= 0, nnz
-  // exceeds out·in, rice_k is outside [0, 30], or the stream is shorter than its entries need
-  // (checked when it is decoded: the stream is read then).
-  DeltaTernary(Part base, Part stream, Part scale, int64_t nnz, int rice_k, bool base_shared = true);
+  // exceeds out·in, rice_k is outside [0, 30], or the stream has fewer bits than nnz entries need at
+  // the least (k + 2 each). What only decoding finds (a stream that ends early, a position past the
+  // weight) is thrown when it is decoded, prefixed with `origin` ("FILE: weight NAME", given by the
+  // checkpoint reader, quant::decode) so the message names the file and tensor wherever the
+  // weight is read.
+  DeltaTernary(Part base, Part stream, Part scale, int64_t nnz, int rice_k, bool base_shared = true,
+               std::string origin = {});
 
   // Encodes kept positions (ascending flat indices) and their signs (true = negative) with the
   // Rice parameter that gives the fewest bits.
@@ -55,7 +60,8 @@ class DeltaTernary final : public core::Encoding {
   float scale() const;
   const Part& base_part() const { return base_; }
   // The kept positions (ascending flat indices) and signs (true = negative), decoded from the
-  // stream. Throws Error::corruption when the stream ends early or a position is out of range.
+  // stream. Throws Error::corruption (origin: ...) when the stream ends early or a position is out
+  // of range.
   void decode(std::vector<int64_t>& positions, std::vector<bool>& negative) const;
 
  private:
@@ -63,6 +69,7 @@ class DeltaTernary final : public core::Encoding {
   int64_t nnz_;
   int rice_k_;
   bool base_shared_;
+  std::string origin_;
 };
 
 }  // namespace moe::quant

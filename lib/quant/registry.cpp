@@ -64,7 +64,8 @@ TernaryGrid grid_param(const json& entry) {
 
 }  // namespace
 
-std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<std::string, StoredPart>& parts) {
+std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<std::string, StoredPart>& parts,
+                                             const std::string& origin) {
   if (!entry.is_object() || !entry.contains("encoding") || !entry["encoding"].is_string())
     throw Error::corruption("expected an object with a string \"encoding\", found " + entry.dump());
   const std::string name = entry["encoding"].get<std::string>();
@@ -112,7 +113,7 @@ std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<s
     if (rice_k > 30) throw Error::corruption("delta-ternary: rice_k: expected an integer in [0, 30], found " + std::to_string(rice_k));
     const StoredPart base = part("base");
     enc = std::make_shared<DeltaTernary>(base.tensor, part("stream").tensor, part("scale").tensor, int_param(entry, "nnz", 0),
-                                         static_cast<int>(rice_k), base.shared);
+                                         static_cast<int>(rice_k), base.shared, origin);
   } else if (name == "pooled") {
     enc = std::make_shared<Pooled>(part("weight").tensor);
   } else {  // fp8-block

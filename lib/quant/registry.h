@@ -35,6 +35,9 @@ struct StoredPart {
 // missing or unexpected part, a parameter that disagrees with the parts' shapes (e.g. a rank
 // larger than min(out, in) or one the factors do not have). Messages name the part role; the
 // caller adds the file and weight name (and checks the logical shape against the config).
-std::shared_ptr<const core::Encoding> decode(const nlohmann::json& entry, const std::map<std::string, StoredPart>& parts);
+// `origin` ("FILE: weight NAME"): kept by encodings whose parts are checked only as they are
+// decoded (delta-ternary's stream), to name them in those later errors.
+std::shared_ptr<const core::Encoding> decode(const nlohmann::json& entry, const std::map<std::string, StoredPart>& parts,
+                                             const std::string& origin = {});
 
 }  // namespace moe::quant

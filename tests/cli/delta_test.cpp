@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <set>
 
 #include "io/checkpoint.h"
@@ -171,6 +172,83 @@ TEST_F(Delta, BadInputIsRefusedInOneLineWithNothingWritten) {
   EXPECT_EQ(r.err_lines().size(), 1u) << r.describe();
   EXPECT_NE(r.err.find("expert 2 up: non-finite value nan"), std::string::npos) << r.describe();
   EXPECT_FALSE(fs::exists(out));
+}
+
+// Experts stored in a format every writer dequantizes (GGUF blocks, compressed-tensors codes) are
+// read dequantized by delta-ternary, and the plan says so as it does for the other passes (the
+// runner saw no encoding there: no warning at all for these inputs, whichever pass).
+TEST_F(Delta, DequantizedInputsAreWarnedAbout) {
+  // GGUF needs a tokenizer it can store: the fixtures' byte-level one (and its vocabulary), rows of 32.
+  const fs::path src = *tmp_ / "in-bpe", gguf = *tmp_ / "in-q8.gguf", native = *tmp_ / "in-int4", ct = *tmp_ / "in-ct";
+  write_synth(make_synth("mixtral", {.config_patch = {{"vocab_size", 4096}, {"intermediate_size", 32}}}), src);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) fs::copy_file(kSrc / "data/models/mixtral-tiny" / f, src / f);
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), gguf.string(), "--type", "q8_0"}).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "quantize", src.string(), native.string(), "--method", "rtn", "--codec", "int4:g16:sym"}).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "export", native.string(), ct.string(), "--format", "compressed-tensors"}).exit_code, 0);
+  for (const auto& [model, enc] : {std::pair<fs::path, std::string>{gguf, "gguf-q8_0"}, {ct, "compressed-tensors-int4"}}) {
+    SCOPED_TRACE(enc);
+    for (const std::string method : {"delta-ternary", "rtn"}) {
+      const RunResult r = run_tool({"quantize", model.string(), (*tmp_ / "none").string(), "--method", method, "--dry-run", "--json"});
+      ASSERT_EQ(r.exit_code, 0) << r.describe();
+      const std::string warnings = json::parse(r.out).at("warnings").dump();
+      EXPECT_NE(warnings.find("quantize: experts stored as " + enc + " are dequantized and "), std::string::npos) << warnings;
+      if (method == "delta-ternary") {
+        EXPECT_NE(warnings.find("written delta-ternary"), std::string::npos) << warnings;
+      }
+    }
+  }
+  EXPECT_FALSE(fs::exists(*tmp_ / "none"));
+}
+
+// A written delta-ternary checkpoint, corrupted: every refusal is one line naming the file and the
+// weight, whether the load finds it (a NaN scale; a stream too short for its nnz entries, so
+// inspect refuses it too) or only the decode does (a stream that ends before its last entry, a
+// position past the weight: eval and convert read it).
+TEST_F(Delta, CorruptStreamOrScaleNamesTheFileAndWeight) {
+  const fs::path good = *tmp_ / "to-corrupt";
+  ASSERT_EQ(run_tool({"-q", "quantize", in().string(), good.string(), "--method", "delta-ternary", "--density", "0.25"}).exit_code, 0);
+  const std::string w = "model.layers.1.block_sparse_moe.experts.2.w3.weight";
+  const fs::path file = good / "model.safetensors";
+  const json entry = read_json(good / "config.json")["quantization_config"]["weights"][w];
+  const int64_t nnz = entry["nnz"].get<int64_t>(), k = entry["rice_k"].get<int64_t>();
+  const auto ck = io::Checkpoint::open(io::Env::posix(), good);
+  const int64_t stream_bytes = ck.info(w + ".delta_stream").shape.at(0);
+  // nnz and rice_k of the weight changed in a copy's config.json; returns the copy.
+  int copies = 0;
+  auto corrupt = [&](int64_t n, int64_t rice_k, const std::function<void(const fs::path&)>& patch) {
+    const fs::path d = *tmp_ / ("corrupt" + std::to_string(copies++));
+    copy_folder(good, d);
+    json cfg = read_json(d / "config.json");
+    cfg["quantization_config"]["weights"][w]["nnz"] = n;
+    cfg["quantization_config"]["weights"][w]["rice_k"] = rice_k;
+    write_file(d / "config.json", cfg.dump());
+    if (patch) patch(d / "model.safetensors");
+    return d;
+  };
+  auto refused = [&](const fs::path& d, const std::string& cmd, const std::string& needle) {
+    SCOPED_TRACE(d.filename().string() + " " + cmd);
+    std::vector<std::string> args = {"-q", cmd, d.string()};
+    if (cmd == "eval") args.insert(args.end(), {"--text", kHeldout.string(), "--ctx", "32", "--max-windows", "1"});
+    if (cmd == "convert") args.insert(args.end(), {(d.string() + "-out"), "--materialize"});
+    const RunResult r = run_tool(args);
+    expect_clean_failure(r, (d / "model.safetensors").string() + ": weight " + w + ": delta-ternary part " + needle);
+    EXPECT_FALSE(fs::exists(d.string() + "-out"));
+  };
+  const fs::path nan = corrupt(nnz, k, [&](const fs::path& f) { patch_tensor_bytes(f, w + ".delta_scale", 0, std::string("\x00\x00\xc0\x7f", 4)); });
+  const fs::path short_stream = corrupt(stream_bytes * 8 / (k + 2) + 1, k, nullptr);  // fewer bits than the entries' least
+  // Enough bits for nnz entries at their least, fewer than the gaps take: found while decoding.
+  ASSERT_GT(stream_bytes * 8 / (k + 2), nnz + 8);
+  const fs::path ends_early = corrupt(stream_bytes * 8 / (k + 2), k, nullptr);
+  // One entry, Rice k 30: end bit 0, then 30 one-bits: position 2^30 - 1.
+  const fs::path past = corrupt(1, 30, [&](const fs::path& f) { patch_tensor_bytes(f, w + ".delta_stream", 0, "\xfe\xff\xff\x7f"); });
+  for (const char* cmd : {"inspect", "eval", "convert"}) {
+    refused(nan, cmd, "scale: expected a finite value >= 0, found nan");
+    refused(short_stream, cmd, "stream: " + std::to_string(stream_bytes) + " bytes cannot hold nnz");
+  }
+  for (const char* cmd : {"eval", "convert"}) {
+    refused(ends_early, cmd, "stream: ends before its entries");
+    refused(past, cmd, "stream: entry 0 at position 1073741823, past the weight's 512 elements");
+  }
 }
 
 }  // namespace

@@ -496,6 +496,49 @@ TEST(RecipeSink, GgufRefusalsNameTheKey) {
   EXPECT_FALSE(fs::exists(out.parent_path()));
 }
 
+// The hf folder's keys a GGUF file has no use for are refused before any work (a dry run too):
+// max_shard_size (one file, nothing to cut) and materialize (the types are output.type's), naming
+// the JSON path in a recipe and the flag on a command; nothing written.
+TEST(RecipeSink, GgufRefusesShardSizeAndMaterialize) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  const fs::path out = dir / "out" / "m.gguf";
+  for (const auto& [key, value] : {std::pair<std::string, json>{"max_shard_size", "1MB"}, {"materialize", true}}) {
+    SCOPED_TRACE(key);
+    json r = sink_recipe(model, {{"path", out.string()}, {"format", "gguf"}, {"type", "q8_0"}, {key, value}});
+    for (const std::vector<std::string>& extra : {std::vector<std::string>{}, {"--dry-run"}}) {
+      const RunResult res = run_recipe_file(dir, key, r, extra);
+      expect_clean_failure(res, key + ".json: output." + key + ": output.format gguf ");
+    }
+    const std::string flag = key == "max_shard_size" ? "--max-shard-size" : "--materialize";
+    std::vector<std::string> args = {"-q", "prune", model.string(), out.string(), "--method", "random", "--keep", "3",
+                                     "--format", "gguf", "--gguf-type", "q8_0", flag};
+    if (key == "max_shard_size") args.push_back("1MB");
+    expect_clean_failure(run_tool(args), flag + ": --format gguf ");
+    EXPECT_FALSE(fs::exists(out.parent_path()));
+  }
+}
+
+// The packed folders are safetensors shards: output.max_shard_size cuts them (it was ignored,
+// every packed output one shard up to 5GB), a tensor never split; the report counts them.
+TEST(RecipeSink, PackedFolderHonoursMaxShardSize) {
+  TempDir dir{"moe-sink"};
+  const fs::path model = synth_with_calib_tokenizer(dir);
+  const fs::path out = dir / "out" / "ct";
+  const RunResult r = run_recipe_file(
+      dir, "sharded", sink_recipe(model, {{"path", out.string()}, {"format", "compressed-tensors"}, {"max_shard_size", "100KB"}}));
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json rep = read_json(out / "moe_tool_report.json");
+  const size_t shards = rep.at("output").at("shards").get<size_t>();
+  EXPECT_GT(shards, 1u);
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(out))
+    if (e.path().extension() == ".safetensors") ++files;
+  EXPECT_EQ(files, shards);
+  EXPECT_TRUE(fs::exists(out / "model.safetensors.index.json"));
+  EXPECT_EQ(read_json(out / "config.json").at("quantization_config").at("format"), "pack-quantized");
+}
+
 // A refusal only the values decide (GPTQ's v1 layout cannot store a zero point of 0: here every
 // gate projection is made non-negative, so min-max groups get zero point 0) comes after the passes
 // ran: exit 2, one line naming the run's output (not the staged temporary), and neither the staged

@@ -280,6 +280,74 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   EXPECT_FALSE(fs::exists(none));
 }
 
+// The plan of a GGUF-to-GGUF prune counts the file it will write (blocks copied), not a dequantized
+// output: --dry-run's bytes.after is the run's bytes.after exactly (the tensors' data), disk.needs
+// the written file's size exactly (nothing staged without an evaluation), and no "larger than its
+// input" warning. With --eval the native output is staged (dequantized) and the disk check counts it.
+TEST(GgufInputPrune, DryRunCountsTheCopiedBlocks) {
+  const fs::path in = exported("qwen2moe-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-plan"};
+  const fs::path out = dir / "pruned.gguf";
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = {"-q", "prune", in.string(), out.string(), "--method", "random", "--keep", "3",
+                                  "--seed", "4", "--format", "gguf", "--json"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    const RunResult r = run_tool(a);
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return json::parse(r.out);
+  };
+  const json dry = run({"--dry-run"});
+  EXPECT_FALSE(fs::exists(out));
+  const json real = run({});
+  const uint64_t file = fs::file_size(out);
+  EXPECT_EQ(dry.at("bytes").at("after"), real.at("bytes").at("after"));
+  EXPECT_EQ(dry.at("disk").at("needs").get<uint64_t>(), file);
+  EXPECT_NEAR(dry.at("bytes").at("after").get<double>(), static_cast<double>(file), 0.06 * static_cast<double>(file));
+  EXPECT_LT(dry.at("bytes").at("after").get<uint64_t>(), dry.at("bytes").at("before").get<uint64_t>());
+  for (const auto& w : dry.at("warnings")) EXPECT_EQ(w.get<std::string>().find("larger than its input"), std::string::npos) << w;
+  EXPECT_FALSE(real.at("output_format").contains("staged")) << real.at("output_format");  // nothing dequantized
+  const json dry_eval = run({"--dry-run", "--force", "--eval", (kSrc / "data/text/heldout.txt").string()});
+  EXPECT_GT(dry_eval.at("disk").at("needs").get<uint64_t>(), file + real.at("bytes").at("after").get<uint64_t>());
+  const json with_eval = run({"--force", "--eval", (kSrc / "data/text/heldout.txt").string(), "--eval-ctx", "32",
+                              "--eval-max-windows", "2"});
+  EXPECT_TRUE(with_eval.at("output_format").contains("staged"));
+  EXPECT_EQ(fs::file_size(out), file);  // the same file either way
+  EXPECT_TRUE(temp_leftovers(dir.path()).empty());
+}
+
+// Blocks copied from a GGUF input are checked for NaN/Inf as every written tensor is: a kept
+// expert's q8_0 scale set to NaN is refused with one line naming the input and the tensor, nothing
+// written (whether or not the native output is staged).
+TEST(GgufInputPrune, NanScaleInACopiedBlockRefused) {
+  TempDir dir{"moe-gguf-prune-nan"};
+  const fs::path in = dir / "nan.gguf";
+  fs::copy_file(exported("qwen2moe-tiny", "q8_0"), in);
+  {
+    const auto f = io::GgufFile::open(io::Env::posix(), in);
+    const io::GgufTensorInfo* t = f.find_tensor("blk.2.ffn_up_exps.weight");
+    ASSERT_NE(t, nullptr);
+    ASSERT_EQ(t->type, quant::GgmlType::Q8_0);
+    const uint64_t slice = t->nbytes() / static_cast<uint64_t>(t->ne[2]);
+    std::fstream io(in, std::ios::in | std::ios::out | std::ios::binary);
+    for (int64_t e = 0; e < t->ne[2]; ++e) {  // every expert's first block: whichever are kept
+      io.seekp(static_cast<std::streamoff>(f.data_offset() + t->offset + static_cast<uint64_t>(e) * slice));
+      io.write("\x00\x7e", 2);  // f16 NaN
+    }
+  }
+  const fs::path out = dir / "out.gguf";
+  for (const std::vector<std::string>& extra : {std::vector<std::string>{}, {"--eval", (kSrc / "data/text/heldout.txt").string()}}) {
+    std::vector<std::string> a = {"-q", "prune", in.string(), out.string(), "--method", "random", "--keep", "3", "--format", "gguf"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    const RunResult r = run_tool(a);
+    // Copied: the GGUF tensor; staged for the evaluation: the dequantized expert, caught first.
+    expect_clean_failure(r, extra.empty() ? "tensor blk.2.ffn_up_exps.weight (copied from the input): non-finite"
+                                          : "model.layers.2.mlp.experts.");
+    EXPECT_NE(r.err.find(in.string()), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(out));
+    EXPECT_TRUE(temp_leftovers(dir.path()).empty());
+  }
+}
+
 // The q/k rows of arch llama go back to the converter's order: a write of the unchanged model is
 // the source file's tensors byte for byte.
 TEST(GgufInputPrune, UnchangedLlamaModelWritesTheSameBytes) {

@@ -200,11 +200,19 @@ TEST(DeltaTernary, CorruptPartsAreRefusedNamingThePart) {
   const auto parts = enc->parts();
   std::map<std::string, StoredPart> stored = {
       {"base", {parts[0].tensor, true}}, {"stream", {parts[1].tensor, false}}, {"scale", {parts[2].tensor, false}}};
-  // More entries than the stream holds: refused when decoded.
-  const auto three = decode({{"encoding", "delta-ternary"}, {"nnz", 3}, {"rice_k", 1}}, stored);
+  // More entries than the stream's bits can hold at the least (k + 2 each): refused when built.
+  test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 3}, {"rice_k", 1}}, stored); },
+                     core::ErrorKind::Corruption, {"delta-ternary part stream: 1 bytes cannot hold nnz 3"});
+  // Bits enough for the count, not for the gaps: refused when decoded, naming the origin the
+  // checkpoint reader gave (the file and the weight).
+  auto ones = stored;
+  core::Tensor st = core::Tensor::zeros(core::DType::U8, {1});
+  st.mutable_data()[0] = 0xff;  // one entry at k 0: a unary quotient that never ends
+  ones["stream"].tensor = std::make_shared<const core::Tensor>(std::move(st));
+  const auto endless = decode({{"encoding", "delta-ternary"}, {"nnz", 1}, {"rice_k", 0}}, ones, "m/model.safetensors: weight w");
   MatrixRM out(2, 3);
-  test::expect_error([&] { three->dequantize_rows(0, 2, out.data()); }, core::ErrorKind::Corruption,
-                     {"delta-ternary part stream", "ends before its entries"});
+  test::expect_error([&] { endless->dequantize_rows(0, 2, out.data()); }, core::ErrorKind::Corruption,
+                     {"m/model.safetensors: weight w: delta-ternary part stream: a gap longer than the weight"});
   test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 7}, {"rice_k", 1}}, stored); },
                      core::ErrorKind::Corruption, {"nnz 7 outside [0, 6]"});
   test::expect_error([&] { decode({{"encoding", "delta-ternary"}, {"nnz", 2}, {"rice_k", 31}}, stored); },
