@@ -75,6 +75,19 @@ class Picker {
                               core::shape_str(t.shape()) + " but " + why + " implies " + core::shape_str(shape));
   }
   bool used(const std::string& name) const { return used_.count(name) != 0; }
+  // A tensor the model does not have by its config.json (a bias under "attention_bias": false, a
+  // norm under "use_qk_norm": false) but the files store: transformers does not load it (an
+  // unexpected key), and neither does this loader. Warns once per key, and returns true; then it is
+  // not read, used nor written (convert and every pass drop it).
+  // `shown`: the name in the warning (one warning for every layer's copy).
+  bool ignored_by_config(const Presence& p, const Config& c, const std::string& name, const std::string& shown) {
+    if (p.kind != Presence::IfConfig || p.required(c) || !ckpt_.has(name)) return false;
+    used_.insert(name);
+    core::warn_once(ckpt_.dir().string() + ": tensor " + shown + " is stored, but config.json's " + p.key +
+                    " is " + (p.negate ? "true" : "false") + (c.has(p.key) ? "" : " (absent: the default)") +
+                    "; as transformers does, it is ignored (not used by the forward, not written to outputs)");
+    return true;
+  }
   // The novice (MoNE constant, docs/FORMAT.md "novice") stored for the expert whose down
   // projection is `down`, or nullopt when the expert is stored as an MLP. Checks the entry: one
   // part "value", a float tensor of shape [H] with finite values.
@@ -269,6 +282,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
 
   // Globals.
   for (const auto& g : f.globals) {
+    if (pick.ignored_by_config(g.presence, c, g.name, g.name)) continue;
     auto t = pick.get(g.name, g.presence.required(c), "required by " + f.model_type);
     if (!t) continue;
     m.globals_[g.role] = *t;
@@ -292,6 +306,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
     layer.index = l;
     const std::string prefix = expand(f.layer_prefix, l);
     for (const auto& r : f.layer_roles) {
+      if (pick.ignored_by_config(r.presence, c, prefix + r.name, "model.layers.N." + r.name)) continue;
       auto t = pick.get(prefix + r.name, r.presence.required(c), "required by " + f.model_type);
       if (t) layer.tensors[r.role] = *t;
     }

@@ -39,7 +39,7 @@ core::Tensor pooled_tensor(const MatrixRM& w, core::DType dtype) {
 }
 
 // A share for messages: the shortest decimal that reads back as the value (0.375, 0.34).
-std::string number_text(double x) { return json(x).dump(); }
+std::string number_text(double x) { return std::isfinite(x) ? json(x).dump() : std::to_string(x); }
 
 void check_poolable(const model::Mlp& x, int l, int e) {
   const std::string where = "layer " + std::to_string(l) + " expert " + std::to_string(e);

@@ -66,6 +66,24 @@ void check_native_only_passes(const model::Model& m, const Recipe& r) {
       throw Error::unsupported(where + ".novices: the fused " + m.family().model_type +
                                " expert layout has no place for a constant expert");
   }
+  // The fused expert layouts (granitemoe, gpt_oss: one tensor per projection per layer) hold dense
+  // experts only: a pass that writes the experts encoded needs them written dense, refused here
+  // rather than when the first layer is written.
+  if (m.family().fused() && !r.output.materialize)
+    for (size_t i = 0; i < r.passes.size(); ++i)
+      if (r.passes[i]->encodes().count("experts"))
+        throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
+                                 r.passes[i]->method() + " writes the routed experts encoded, which the fused " +
+                                 m.family().model_type + " expert layout cannot hold: " + r.key("output.materialize") +
+                                 " writes them dense (a stock checkpoint of the decoded values)");
+  // Experts pooled across layers (pass share) are stored once in the native format only: the
+  // export formats have no pooled weight.
+  for (size_t i = 0; i < r.passes.size(); ++i)
+    if (r.passes[i]->model_scope() && r.output.format != "hf")
+      throw Error::unsupported(r.source + ": " + r.key("output.format") + " " + r.output.format + ": passes[" +
+                               std::to_string(i) + "] (" + r.passes[i]->name() + ") pools experts across layers, which " +
+                               r.output.format + " cannot store; write format hf (with " + r.key("output.materialize") +
+                               " for per-layer copies), then `moe-tool export` that folder");
 }
 
 // The keep-map of a native checkpoint with ragged expert counts (docs/FORMAT.md): per decoder
@@ -589,6 +607,10 @@ void run_model_passes(RunState& s) {
     const auto t0 = std::chrono::steady_clock::now();
     json rep = json::object();
     core::with_context(p->name() + " " + p->method(), [&] { p->run_model(s.model, *s.stats, rep); });
+    if (s.r.output.materialize && rep.contains("expert_params_stored")) {  // each layer's copy is written
+      rep["expert_params_stored"] = rep["expert_params_logical"];
+      rep["materialized"] = true;
+    }
     rep["pass"] = p->name();
     rep["method"] = p->method();
     rep["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -1079,7 +1101,8 @@ std::string render_run_summary(const json& s) {
   for (const auto& p : s.value("plans", json::array()))  // cross-layer sharing (pass share): its pools
     if (p.contains("pools") && p.at("pools").is_array())
       o << "  pools    " << p.at("pools").size() << " experts pooled across adjacent layers; expert parameters "
-        << p.at("expert_params_logical").dump() << " logical, " << p.at("expert_params_stored").dump() << " stored\n";
+        << p.at("expert_params_logical").dump() << " logical, " << p.at("expert_params_stored").dump() << " stored"
+        << (p.value("materialized", false) ? " (output.materialize: each layer's copy written)" : "") << "\n";
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";

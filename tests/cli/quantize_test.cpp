@@ -278,9 +278,12 @@ TEST(Quantize, FusedExpertsRefusalNamesMaterializeOnTheCommand) {
   TempDir tmp;
   const std::string model = (kSrc / "data/gpt-oss-tiny").string();
   const std::vector<std::string> args = {"-q", "quantize", model, (tmp / "q").string(), "--method", "rtn", "--codec", "int4"};
-  expect_clean_failure(run_tool(args), "layer 0: encoded experts cannot be stored in the fused gpt_oss layout; write them "
-                                       "dense: --materialize on this command");
+  expect_clean_failure(run_tool(args), "passes[0]: quantize rtn writes the routed experts encoded, which the fused gpt_oss "
+                                       "expert layout cannot hold: --materialize writes them dense");
   EXPECT_FALSE(fs::exists(tmp / "q"));
+  std::vector<std::string> dry = args;  // refused by the plan, not when the first layer is written
+  dry.push_back("--dry-run");
+  expect_clean_failure(run_tool(dry), "which the fused gpt_oss expert layout cannot hold");
   std::vector<std::string> with = args;
   with.push_back("--materialize");
   const RunResult r = run_tool(with);

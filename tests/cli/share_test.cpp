@@ -200,6 +200,29 @@ TEST_F(Share, RecipePassWritesWhatTheCommandWrites) {
   write_file(recipe, big.dump());
   expect_clean_failure(run_tool({"-q", "run", recipe.string()}), "passes[0].share");
   EXPECT_FALSE(fs::exists(refused));
+  // An export format has no pooled weight: refused by the plan (a dry run too), before calibration.
+  json gguf = rj;
+  gguf["output"] = {{"path", (*tmp_ / "recipe.gguf").string()}, {"format", "gguf"}, {"type", "q8_0"}};
+  write_file(recipe, gguf.dump());
+  for (const bool dry_run : {true, false}) {
+    std::vector<std::string> args = {"-q", "run", recipe.string()};
+    if (dry_run) args.push_back("--dry-run");
+    expect_clean_failure(run_tool(args), "output.format gguf: passes[0] (share) pools experts across layers");
+    EXPECT_FALSE(fs::exists(*tmp_ / "recipe.gguf"));
+  }
+  // output.materialize writes each layer's copy: the stored figure says so.
+  json mat = rj;
+  mat["output"] = {{"path", (*tmp_ / "recipe-mat").string()}, {"materialize", true}};
+  mat.erase("eval");
+  write_file(recipe, mat.dump());
+  const RunResult m = run_tool({"-q", "run", recipe.string(), "--json"});
+  ASSERT_EQ(m.exit_code, 0) << m.describe();
+  const json ms = json::parse(m.out);
+  EXPECT_EQ(ms["plans"][0]["expert_params_stored"], ms["plans"][0]["expert_params_logical"]) << m.out;
+  EXPECT_TRUE(ms["plans"][0]["materialized"].get<bool>());
+  EXPECT_FALSE(read_json(*tmp_ / "recipe-mat" / "config.json").contains("quantization_config"));
+  // A budget that is not a number names the value given.
+  expect_clean_failure(share(*tmp_ / "nan", "nan"), "found nan");
 }
 
 }  // namespace

@@ -562,5 +562,25 @@ TEST(Summary, MixtralAndQwen2Moe) {
   EXPECT_NE(text.find("model.layers.2.mlp.shared_expert_gate.weight  BF16 [1,32]  model.safetensors"), std::string::npos) << text;
 }
 
+
+// A tensor that config.json turns off (a bias under "attention_bias": false, the lm_head bias
+// under "lm_head_bias": false) but the files store is ignored, as transformers ignores an
+// unexpected key: not loaded (so the forward does not use it) and not written by any output.
+TEST(ModelFamilies, TensorsTheConfigTurnsOffAreIgnored) {
+  for (const auto& [family, key] : std::vector<std::pair<std::string, std::string>>{
+           {"mixtral", "attention_bias"}, {"phimoe", "attention_bias"}, {"phimoe", "lm_head_bias"}}) {
+    const auto l = load(family, {.config_patch = {{key, true}}, .config_edit = {{key, false}}});
+    const std::string stored = key == "lm_head_bias" ? "lm_head.bias" : "model.layers.0.self_attn.q_proj.bias";
+    ASSERT_TRUE(l->synth.find(stored)) << family << " " << key;
+    const auto& layer = l->model->layers().at(0);
+    if (key == "attention_bias") EXPECT_EQ(layer.tensors.count("q_bias"), 0u) << family;
+    else EXPECT_EQ(l->model->globals().count("lm_head_bias"), 0u) << family;
+    for (const auto& o : l->model->outputs()) EXPECT_NE(o.name, stored) << family << " " << key;
+    // With the key true the same files load the tensor.
+    const auto on = load(family, {.config_patch = {{key, true}}});
+    if (key == "attention_bias") EXPECT_EQ(on->model->layers().at(0).tensors.count("q_bias"), 1u) << family;
+  }
+}
+
 }  // namespace
 }  // namespace moe::model

@@ -181,8 +181,15 @@ TEST(GraniteMoeCli, QuantizeFactorizeMaterialized) {
   const std::string model = granite_fixture().string();
   RunResult r = granite_command({"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "gptq", "--codec", "int4"}, {});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
-  EXPECT_NE(r.err.find("encoded experts cannot be stored in the fused granitemoe layout"), std::string::npos) << r.err;
-  EXPECT_FALSE(fs::exists(tmp.path() / "q0" / "model.safetensors"));
+  EXPECT_NE(r.err.find("which the fused granitemoe expert layout cannot hold: --materialize writes them dense"), std::string::npos)
+      << r.err;
+  EXPECT_FALSE(fs::exists(tmp.path() / "q0"));
+  for (const std::vector<std::string> dry : {std::vector<std::string>{"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "rtn", "--dry-run"},
+                                             {"-q", "factorize", model, (tmp.path() / "q0").string(), "--method", "svd", "--ratio", "0.5", "--dry-run"}}) {
+    r = granite_command(dry, {});  // refused by the plan, before any work
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    EXPECT_NE(r.err.find("which the fused granitemoe expert layout cannot hold"), std::string::npos) << r.err;
+  }
   const TensorMap in = read_tensors(granite_fixture());
   for (const auto& [dir, args] : std::vector<std::pair<std::string, std::vector<std::string>>>{
            {"q", {"quantize", "--method", "gptq", "--codec", "int4"}}, {"f", {"factorize", "--method", "svdllm", "--ratio", "0.5"}}}) {
