@@ -45,7 +45,8 @@ void setup_share(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       stats.check_model(ckpt, o->stats);
       const model::Model before = model::Model::load(ckpt);
       model::Model model = before;
-      nlohmann::json pools = passes::share_experts_across_layers(model, stats, o->share);
+      nlohmann::json pools =
+          core::with_context(o->in, [&] { return passes::share_experts_across_layers(model, stats, o->share); });
       io::check_output(o->out, {o->in, o->stats}, o->output.force, io::OutputKind::Folder);
       uint64_t bytes = 0;
       for (const auto& t : model.outputs(model::OutputOptions{})) bytes += io::TensorSpec{t.name, t.dtype, t.shape}.nbytes();

@@ -48,7 +48,8 @@ void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& 
   if (on_the_fly && r.calibration.routed_only)
     for (const auto& f : needs.fields)
       if (f == "out_mean" || f == "out_cos")
-        throw Error::invalid(r.key("calibration.routed_only") + " skips " + f + ", which the first pass needs");
+        throw Error::invalid((r.flag_names.empty() ? r.source + ": " : std::string()) + r.key("calibration.routed_only") +
+                             " skips " + f + ", which the first pass needs");
   if (on_the_fly || needs.inputs || r.eval) runtime::ForwardSpec::from_model(model);
 
   // Statistics file: this model's, with the fields the first pass reads.
