@@ -81,10 +81,12 @@ class Picker {
   // not read, used nor written (convert and every pass drop it).
   // `shown`: the name in the warning (one warning for every layer's copy).
   bool ignored_by_config(const Presence& p, const Config& c, const std::string& name, const std::string& shown) {
-    if (p.kind != Presence::IfConfig || p.required(c) || !ckpt_.has(name)) return false;
+    // (A tensor required unless a key is true, the lm_head under tie_word_embeddings, has its own
+    // rule below.)
+    if (p.kind != Presence::IfConfig || p.negate || p.required(c) || !ckpt_.has(name)) return false;
     used_.insert(name);
     core::warn_once(ckpt_.dir().string() + ": tensor " + shown + " is stored, but config.json's " + p.key +
-                    " is " + (p.negate ? "true" : "false") + (c.has(p.key) ? "" : " (absent: the default)") +
+                    " is false" + (c.has(p.key) ? "" : " (absent: the default)") +
                     "; as transformers does, it is ignored (not used by the forward, not written to outputs)");
     return true;
   }
