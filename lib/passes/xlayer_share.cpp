@@ -173,7 +173,6 @@ class SharePass final : public pipeline::Pass {
   }
   int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
   bool shapes_at_run() const override { return true; }  // a pool is written once, under its first user's name
-  bool counts_at_run() const override { return false; }
   void check_model(const model::Model& m) const override { (void)check_share(m, share_, key_); }
   bool model_scope() const override { return true; }
   void run_model(model::Model& m, const calib::Stats& stats, json& report) override {

@@ -76,14 +76,20 @@ void check_native_only_passes(const model::Model& m, const Recipe& r) {
                                  r.passes[i]->method() + " writes the routed experts encoded, which the fused " +
                                  m.family().model_type + " expert layout cannot hold: " + r.key("output.materialize") +
                                  " writes them dense (a stock checkpoint of the decoded values)");
-  // Experts pooled across layers (pass share) are stored once in the native format only: the
-  // export formats have no pooled weight.
-  for (size_t i = 0; i < r.passes.size(); ++i)
-    if (r.passes[i]->model_scope() && r.output.format != "hf")
+  // A whole-model pass (share: experts pooled across layers) runs alone in its recipe, and its
+  // pools are stored once in the native format only: the export formats have no pooled weight.
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    if (!r.passes[i]->model_scope()) continue;
+    if (r.output.format != "hf")
       throw Error::unsupported(r.source + ": " + r.key("output.format") + " " + r.output.format + ": passes[" +
                                std::to_string(i) + "] (" + r.passes[i]->name() + ") pools experts across layers, which " +
                                r.output.format + " cannot store; write format hf (with " + r.key("output.materialize") +
                                " for per-layer copies), then `moe-tool export` that folder");
+    if (r.passes.size() > 1)
+      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: pass " + r.passes[i]->name() +
+                           " changes the whole model before the layer loop, so it runs alone in a recipe (the recipe "
+                           "has " + std::to_string(r.passes.size()) + " passes): run the other passes in a second recipe on its output");
+  }
 }
 
 // The keep-map of a native checkpoint with ragged expert counts (docs/FORMAT.md): per decoder
@@ -340,11 +346,6 @@ void check_run(RunState& s) {
                          " is dense: the passes of this recipe work on MoE layers");
   check_mtp_passes(model, r);
   check_native_only_passes(model, r);
-  for (size_t i = 0; i < r.passes.size(); ++i)
-    if (r.passes[i]->model_scope() && r.passes.size() > 1)
-      throw Error::invalid(r.source + ": passes[" + std::to_string(i) + "]: pass " + r.passes[i]->name() +
-                           " changes the whole model before the layer loop, so it runs alone in a recipe (the recipe "
-                           "has " + std::to_string(r.passes.size()) + " passes): run the other passes in a second recipe on its output");
   for (const auto& p : r.passes) {
     try {
       p->check_model(model);
