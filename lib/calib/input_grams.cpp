@@ -1,21 +1,114 @@
 #include "calib/input_grams.h"
 
+#include "core/error.h"
 #include "runtime/moe_block.h"
 #include "runtime/ops.h"
 
 namespace moe::pipeline {
 
+using core::Error;
+
 namespace {
 
 // G += Xᵀ X in f64.
-void add_gram(calib::MatrixD& g, const runtime::MatrixRM& x) {
+template <typename M>
+void add_gram(calib::MatrixD& g, const M& x) {
   if (g.size() == 0) g = calib::MatrixD::Zero(x.cols(), x.cols());
   if (x.rows() == 0) return;
-  const calib::MatrixD xd = x.cast<double>();
+  const calib::MatrixD xd = x.template cast<double>();
   g.noalias() += xd.transpose() * xd;
 }
 
+using ConstMap = Eigen::Map<const runtime::MatrixRM>;
+
 }  // namespace
+
+void InputGrams::keep_routed(const runtime::MoeTrace& t, const ActivationBudget& budget) {
+  const int64_t E = t.weights.num_experts(), N = t.x.rows();
+  H_ = t.x.cols();
+  N_ = N;
+  expert_tokens_.assign(static_cast<size_t>(E), 0);
+  rows_.assign(static_cast<size_t>(E), {});
+  width_.assign(static_cast<size_t>(E), 0);
+  h_offset_.assign(static_cast<size_t>(E), 0);
+  in_.assign(static_cast<size_t>(E), {});
+  mid_.assign(static_cast<size_t>(E), {});
+  scales_.clear();
+  size_t n = static_cast<size_t>(N * H_);
+  for (int64_t e = 0; e < E; ++e) {
+    const size_t i = static_cast<size_t>(e);
+    rows_[i] = t.tokens[i];
+    expert_tokens_[i] = static_cast<int64_t>(rows_[i].size());
+    width_[i] = t.weights.experts[i].width();
+    h_offset_[i] = n;
+    if (!rows_[i].empty()) n += static_cast<size_t>(t.h[i].size());
+  }
+  acts_ = io::ScratchFloats();  // the previous layer's first
+  acts_ = io::ScratchFloats(n, n * sizeof(float) > budget.bytes ? budget.spill_dir : std::filesystem::path());
+  float* p = acts_.data();
+  if (N * H_ > 0) Eigen::Map<runtime::MatrixRM>(p, N, H_) = t.x;
+  for (size_t i = 0; i < rows_.size(); ++i)
+    if (!rows_[i].empty()) {
+      const runtime::MatrixRM& h = t.h[i];
+      Eigen::Map<runtime::MatrixRM>(p + h_offset_[i], h.rows(), h.cols()) = h;
+      acts_.evict(h_offset_[i], static_cast<size_t>(h.size()));
+    }
+}
+
+void InputGrams::compute(size_t e) {
+  if (e >= in_.size())
+    throw Error::internal("input Grams: expert " + std::to_string(e) + " of " + std::to_string(in_.size()));
+  if (in_[e].size()) return;
+  const auto& tok = rows_[e];
+  const ConstMap x(acts_.data(), N_, H_);
+  runtime::MatrixRM xe(static_cast<int64_t>(tok.size()), H_);
+  for (size_t j = 0; j < tok.size(); ++j) xe.row(static_cast<int64_t>(j)) = x.row(tok[j]);
+  add_gram(in_[e], xe);
+  for (const Eigen::VectorXd& s : scales_) in_[e] = s.asDiagonal() * in_[e] * s.asDiagonal();
+  const int64_t I = width_[e];
+  mid_[e] = calib::MatrixD::Zero(I, I);
+  if (!tok.empty()) {
+    const ConstMap h(acts_.data() + h_offset_[e], static_cast<int64_t>(tok.size()), I);
+    add_gram(mid_[e], h);
+    acts_.evict(h_offset_[e], tok.size() * static_cast<size_t>(I));
+  }
+}
+
+calib::MatrixD& InputGrams::expert_in(int64_t e) {
+  compute(static_cast<size_t>(e));
+  return in_[static_cast<size_t>(e)];
+}
+
+calib::MatrixD& InputGrams::expert_mid(int64_t e) {
+  compute(static_cast<size_t>(e));
+  return mid_[static_cast<size_t>(e)];
+}
+
+void InputGrams::release(int64_t e) {
+  const size_t i = static_cast<size_t>(e);
+  if (i >= in_.size()) return;
+  in_[i] = calib::MatrixD();
+  mid_[i] = calib::MatrixD();
+}
+
+calib::MatrixD InputGrams::expert_in_sum() {
+  calib::MatrixD sum = calib::MatrixD::Zero(H_, H_);
+  for (size_t e = 0; e < in_.size(); ++e) {
+    const bool kept = in_[e].size() != 0;
+    sum += expert_in(static_cast<int64_t>(e));
+    if (!kept) release(static_cast<int64_t>(e));
+  }
+  return sum;
+}
+
+void InputGrams::scale_inputs(const Eigen::VectorXd& s) {
+  auto rescale = [&](calib::MatrixD& g) {
+    if (g.size()) g = s.asDiagonal() * g * s.asDiagonal();
+  };
+  for (auto& g : in_) rescale(g);
+  rescale(shared_in);
+  scales_.push_back(s);
+}
 
 void GramCapture::on_attention(int, const runtime::AttnTrace& t) {
   grams.tokens = t.x.rows();
@@ -24,21 +117,7 @@ void GramCapture::on_attention(int, const runtime::AttnTrace& t) {
 }
 
 void GramCapture::on_moe(int, const runtime::MoeTrace& t) {
-  const int64_t E = t.weights.num_experts(), H = t.x.cols();
-  grams.expert_in.resize(static_cast<size_t>(E));
-  grams.expert_mid.resize(static_cast<size_t>(E));
-  grams.expert_tokens.resize(static_cast<size_t>(E), 0);
-  runtime::MatrixRM xe;
-  for (int64_t e = 0; e < E; ++e) {
-    const auto& tok = t.tokens[e];
-    xe.resize(static_cast<int64_t>(tok.size()), H);
-    for (size_t j = 0; j < tok.size(); ++j) xe.row(static_cast<int64_t>(j)) = t.x.row(tok[j]);
-    add_gram(grams.expert_in[e], xe);
-    const int64_t I = t.weights.experts[e].width();
-    if (grams.expert_mid[e].size() == 0) grams.expert_mid[e] = calib::MatrixD::Zero(I, I);
-    if (!tok.empty()) add_gram(grams.expert_mid[e], t.h[e]);
-    grams.expert_tokens[e] += static_cast<int64_t>(tok.size());
-  }
+  grams.keep_routed(t, budget_);
   if (t.weights.shared) {
     const auto& s = *t.weights.shared;
     add_gram(grams.shared_in, t.x);
@@ -48,17 +127,16 @@ void GramCapture::on_moe(int, const runtime::MoeTrace& t) {
 }
 
 void recompute_moe_grams(InputGrams& grams, const runtime::MoeWeights& w, const runtime::RoutingRule& rule,
-                         const runtime::MatrixRM& x) {
+                         const runtime::MatrixRM& x, const ActivationBudget& budget) {
   runtime::MoeDetail d;
   const runtime::MatrixRM out = runtime::moe_forward(w, rule, x, &d, true);
   const runtime::MoeTrace t{x, d.logits, d.routing, d.tokens, d.h, d.y, d.shared_out, d.shared_gate, out, w};
-  GramCapture c;
+  grams.shared_in = calib::MatrixD();
+  grams.shared_mid = calib::MatrixD();
+  GramCapture c(budget);
+  c.grams = std::move(grams);
   c.on_moe(0, t);
-  grams.expert_in = std::move(c.grams.expert_in);
-  grams.expert_mid = std::move(c.grams.expert_mid);
-  grams.expert_tokens = std::move(c.grams.expert_tokens);
-  grams.shared_in = std::move(c.grams.shared_in);
-  grams.shared_mid = std::move(c.grams.shared_mid);
+  grams = std::move(c.grams);
 }
 
 void GramCapture::on_dense_mlp(int, const runtime::DenseMlpTrace& t) {

@@ -35,6 +35,7 @@ struct Slot {
   const calib::MatrixD* gram = nullptr;  // Σ x xᵀ of its inputs (null: none)
   int64_t tokens = 0;        // tokens behind the Gram
   int type = 0;              // 0 gate, 1 up, 2 down (experts; groups of delta/latent by type)
+  int expert = -1;           // a routed expert factorized on its own: its Gram is bound when it runs
 };
 
 core::DType factor_dtype(const core::Tensor& t) {
@@ -243,7 +244,7 @@ class Factorize final : public pipeline::Pass {
   // Model-scope budget, planning sweep: the layer's budget items from the input model's
   // calibration Grams; only the σ arrays are kept (lowrank::BudgetItem), the decompositions are
   // dropped one by one.
-  void plan_layer(const model::Layer& layer, const pipeline::InputGrams* grams) override {
+  void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams) override {
     model::Layer L = layer;  // the slots point into this copy; nothing is written back
     std::vector<Slot> singles, grouped;
     notes_.clear();
@@ -310,8 +311,9 @@ class Factorize final : public pipeline::Pass {
   };
 
   // The slots of one layer, with their (damped) Grams; starts a layer (whitening cache reset).
-  void collect(model::Layer& L, const pipeline::InputGrams* g, std::vector<Slot>& singles, std::vector<Slot>& grouped) {
+  void collect(model::Layer& L, pipeline::InputGrams* g, std::vector<Slot>& singles, std::vector<Slot>& grouped) {
     end_layer();
+    grams_ = method_ == FactorizeMethod::Svd ? nullptr : g;
     auto add_mlp = [&](model::Mlp& m, const std::string& who, const calib::MatrixD* gin, const calib::MatrixD* gmid,
                        int64_t tokens, std::vector<Slot>& into) {
       into.push_back({&m.gate, who + " gate", gin, tokens, 0});
@@ -320,23 +322,26 @@ class Factorize final : public pipeline::Pass {
     };
     // Each Gram damped as GPTQ damps its Hessian: G + damp · mean(diag G) · I (experts that saw few
     // calibration tokens have noisy, near-singular Grams; damp 0 is SVD-LLM's plain rule).
-    auto have = [&](const calib::MatrixD& m) -> const calib::MatrixD* {
-      if (!m.size()) return nullptr;
-      if (damp_ == 0) return &m;
-      damped_.push_back(m);
-      const double mean = m.diagonal().mean();
-      if (mean > 0) damped_.back().diagonal().array() += damp_ * mean;
-      return &damped_.back();
-    };
-    if (L.moe && g && method_ != FactorizeMethod::Svd && g->expert_in.size() != L.moe->experts.size())
-      throw Error::internal("factorize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
+    auto have = [&](const calib::MatrixD& m) { return damped(m, damped_); };
+    if (L.moe && grams_ && grams_->num_experts() != static_cast<int64_t>(L.moe->experts.size()))
+      throw Error::internal("factorize: Grams for " + std::to_string(grams_->num_experts()) + " experts, the layer has " +
                             std::to_string(L.moe->experts.size()));
     if (L.moe && targets("experts")) {
+      // A group (delta, latent) decomposes every expert's matrices of a type together: all their
+      // Grams at once. One by one, an expert's Grams are computed when its first matrix runs
+      // (bind_expert) and dropped when the next expert's are.
       const bool group = method_ == FactorizeMethod::Delta || method_ == FactorizeMethod::Latent;
       for (size_t e = 0; e < L.moe->experts.size(); ++e) {
-        const bool gs = g && e < g->expert_in.size();
-        add_mlp(L.moe->experts[e], "expert " + std::to_string(e), gs ? have(g->expert_in[e]) : nullptr,
-                gs ? have(g->expert_mid[e]) : nullptr, gs ? g->expert_tokens[e] : 0, group ? grouped : singles);
+        const int64_t tokens = grams_ ? grams_->expert_tokens(static_cast<int64_t>(e)) : 0;
+        const std::string who = "expert " + std::to_string(e);
+        if (group) {
+          add_mlp(L.moe->experts[e], who, grams_ ? have(grams_->expert_in(static_cast<int64_t>(e))) : nullptr,
+                  grams_ ? have(grams_->expert_mid(static_cast<int64_t>(e))) : nullptr, tokens, grouped);
+          if (grams_ && damp_ != 0) grams_->release(static_cast<int64_t>(e));  // the damped copies are kept
+        } else {
+          add_mlp(L.moe->experts[e], who, nullptr, nullptr, tokens, singles);
+          for (size_t j = singles.size() - 3; j < singles.size(); ++j) singles[j].expert = static_cast<int>(e);
+        }
       }
     }
     if (L.moe && L.moe->shared && targets("shared"))
@@ -355,11 +360,45 @@ class Factorize final : public pipeline::Pass {
       notes_.push_back(std::string(method_ == FactorizeMethod::Delta ? "delta" : "latent") +
                        " applies to routed experts; the other targets use svdllm");
   }
-  // Drops the layer's damped Grams and the cached whitening.
+  // Drops the layer's damped Grams, the bound expert's and the cached whitening.
   void end_layer() {
     white_.reset();
     white_gram_ = nullptr;
     damped_.clear();
+    unbind_expert();
+    grams_ = nullptr;
+  }
+  // `m` damped as GPTQ damps its Hessian (a copy appended to `into`), or `m` itself with damp 0;
+  // null for an empty Gram.
+  const calib::MatrixD* damped(const calib::MatrixD& m, std::deque<calib::MatrixD>& into) const {
+    if (!m.size()) return nullptr;
+    if (damp_ == 0) return &m;
+    into.push_back(m);
+    const double mean = m.diagonal().mean();
+    if (mean > 0) into.back().diagonal().array() += damp_ * mean;
+    return &into.back();
+  }
+  // The Gram of a slot: a routed expert's own is computed now when another expert's is bound.
+  const calib::MatrixD* gram_of(const Slot& s) {
+    if (s.expert < 0 || !grams_) return s.gram;
+    if (bound_ != s.expert) {
+      unbind_expert();
+      bound_ = s.expert;
+      bound_in_ = damped(grams_->expert_in(bound_), bound_damped_);
+      bound_mid_ = damped(grams_->expert_mid(bound_), bound_damped_);
+      white_.reset();  // keyed by address: the new Grams may reuse the old ones' storage
+      white_gram_ = nullptr;
+    }
+    return s.type < 2 ? bound_in_ : bound_mid_;
+  }
+  void unbind_expert() {
+    if (bound_ < 0) return;
+    if (grams_) grams_->release(bound_);
+    bound_damped_.clear();
+    bound_ = -1;
+    bound_in_ = bound_mid_ = nullptr;
+    white_.reset();
+    white_gram_ = nullptr;
   }
 
   // SVD-LLM's whitening of `gram`, computed once for consecutive matrices that read the same
@@ -384,14 +423,15 @@ class Factorize final : public pipeline::Pass {
   lowrank::Spectrum decompose(const Slot& s) {
     const MatrixRM w = runtime::to_matrix(*s.tensor);
     if (method_ == FactorizeMethod::Svd) return lowrank::svd(w);
-    if (!s.gram) throw Error::internal("factorize: no Gram for " + s.what);
+    const calib::MatrixD* gram = gram_of(s);
+    if (!gram) throw Error::internal("factorize: no Gram for " + s.what);
     if (method_ == FactorizeMethod::Asvd) {
       std::vector<double> act(static_cast<size_t>(w.cols()), 0.0);
       if (s.tokens > 0)
-        for (int64_t j = 0; j < w.cols(); ++j) act[j] = std::sqrt(std::max(0.0, (*s.gram)(j, j)) / static_cast<double>(s.tokens));
+        for (int64_t j = 0; j < w.cols(); ++j) act[j] = std::sqrt(std::max(0.0, (*gram)(j, j)) / static_cast<double>(s.tokens));
       return lowrank::asvd(w, act, alpha_);
     }
-    return svdllm(w, s.gram, s.what);
+    return svdllm(w, gram, s.what);
   }
 
   // The delta / latent decomposition of the grouped slots of one type (no slots: empty result).
@@ -654,6 +694,10 @@ class Factorize final : public pipeline::Pass {
   double alpha_ = 0.5;
   double damp_ = 0.01;
   std::deque<calib::MatrixD> damped_;  // the damped Grams of the layer being run (stable addresses)
+  pipeline::InputGrams* grams_ = nullptr;  // the layer's Grams (collect() to end_layer())
+  int bound_ = -1;                         // the routed expert whose Grams gram_of() holds
+  const calib::MatrixD *bound_in_ = nullptr, *bound_mid_ = nullptr;
+  std::deque<calib::MatrixD> bound_damped_;
   std::shared_ptr<const lowrank::Whitening> white_;  // the last Gram's whitening (whitening())
   const calib::MatrixD* white_gram_ = nullptr;
   Scope scope_ = Scope::Model;

@@ -314,7 +314,7 @@ class Quantize final : public pipeline::Pass {
   }
 
   void run_layer(pipeline::LayerContext& ctx) override {
-    const pipeline::InputGrams* g = ctx.grams;
+    pipeline::InputGrams* g = ctx.grams;
     if (method_ == QuantizeMethod::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
     model::Layer& L = ctx.target;
     const model::FamilyDesc& fam = ctx.model.family();
@@ -326,24 +326,18 @@ class Quantize final : public pipeline::Pass {
     if (smooth_ && L.moe) smooth_layer(ctx, rep);
 
     const bool gptq = method_ == QuantizeMethod::Gptq;
-    if (L.moe && gptq && g->expert_in.size() != L.moe->experts.size())
-      throw Error::internal("quantize: Grams for " + std::to_string(g->expert_in.size()) + " experts, the layer has " +
+    if (L.moe && gptq && g->num_experts() != static_cast<int64_t>(L.moe->experts.size()))
+      throw Error::internal("quantize: Grams for " + std::to_string(g->num_experts()) + " experts, the layer has " +
                             std::to_string(L.moe->experts.size()));
-    if (L.moe && gptq) {  // the MoE input over all tokens: Σ_e Gram_e counts every token top-k times
-      moe_all_ = calib::MatrixD::Zero(L.moe->router.dim(1), L.moe->router.dim(1));
-      moe_all_n_ = 0;
-      for (size_t e = 0; e < g->expert_in.size(); ++e) {
-        if (g->expert_in[e].size()) moe_all_ += g->expert_in[e];
-        moe_all_n_ += g->expert_tokens[e];
-      }
-    }
+    moe_all_ = calib::MatrixD();
+    moe_all_n_ = 0;
+    if (L.moe && gptq)
+      for (int64_t e = 0; e < g->num_experts(); ++e) moe_all_n_ += g->expert_tokens(e);
     std::vector<Slot> slots = layer_slots(fam, L);
     if (gptq)
-      for (Slot& s : slots) {  // each matrix's Hessian: the Gram of its inputs
-        const size_t e = static_cast<size_t>(std::max(s.expert, 0));
+      for (Slot& s : slots) {  // each matrix's Hessian: the Gram of its inputs (a routed expert's: bound when it runs)
         if (s.cls == "experts") {
-          s.gram = s.type < 2 ? &g->expert_in[e] : &g->expert_mid[e];
-          s.tokens = g->expert_tokens[e];
+          s.tokens = g->expert_tokens(s.expert);
         } else if (s.cls == "shared" || s.cls == "dense") {
           const bool shared = s.cls == "shared";
           s.gram = s.type < 2 ? (shared ? &g->shared_in : &g->mlp_in) : (shared ? &g->shared_mid : &g->mlp_mid);
@@ -361,9 +355,19 @@ class Quantize final : public pipeline::Pass {
     std::vector<std::optional<quant::CodecSpec>> codec(slots.size());
     for (size_t i = 0; i < slots.size(); ++i) codec[i] = codec_for(slots[i]);
 
-    // Few-token experts: the all-token Hessians their Grams are topped up from, computed before
-    // anything in the layer changes.
-    if (gptq && L.moe) prepare_topups(ctx, slots, codec);
+    // The MoE input over all tokens (Σ_e Gram_e counts every token top-k times), for the router and
+    // the shared-expert gate and to top up few-token experts' gate/up Hessians: computed expert by
+    // expert, only when one of them needs it.
+    if (L.moe && gptq) {
+      bool need = false;
+      for (size_t i = 0; i < slots.size(); ++i) {
+        const Slot& s = slots[i];
+        if (!codec[i]) continue;
+        need = need || s.cls == "router" || s.cls == "shared_gate" ||
+               (s.cls == "experts" && s.type < 2 && s.tokens < threshold(s.tensor->dim(1)));
+      }
+      if (need) moe_all_ = g->expert_in_sum();
+    }
 
     if (threshold_scale_ && L.moe) scale_thresholds(ctx, slots, codec, rep);
 
@@ -371,13 +375,22 @@ class Quantize final : public pipeline::Pass {
     std::vector<std::shared_ptr<const core::Encoding>> chosen(slots.size());
     if (avg_bits_ && L.moe) mixed_precision(ctx, slots, codec, chosen, rep);
 
+    // Slot by slot; a routed expert's Grams are computed (and topped up) before its first slot and
+    // dropped after its last, so memory holds one expert's Grams (calib/input_grams.h).
+    int bound = -1;
     for (size_t i = 0; i < slots.size(); ++i) {
       if (!codec[i]) continue;
       json m;
+      if (gptq && !chosen[i] && slots[i].cls == "experts" && slots[i].expert != bound) {
+        if (bound >= 0) unbind_expert(ctx, slots, bound);
+        bound = slots[i].expert;
+        bind_expert(ctx, slots, codec, bound);
+      }
       std::shared_ptr<const core::Encoding> enc = chosen[i] ? chosen[i] : encode(slots[i], *codec[i], m);
       finish_slot(slots[i], std::move(enc), *codec[i], m);
       rep["matrices"].push_back(m);
     }
+    if (bound >= 0) unbind_expert(ctx, slots, bound);
     if (align_router_ && L.moe) align_router(ctx, router_in, rep);
     if (threshold_scale_ && L.moe) {  // the zero fraction each expert's threshold gave
       std::map<int, std::pair<double, double>> z;  // expert -> (zeros, trits)
@@ -632,26 +645,29 @@ class Quantize final : public pipeline::Pass {
 
   int64_t threshold(int64_t cols) const { return min_tokens_ > 0 ? min_tokens_ : cols; }
 
-  // For routed experts below the token threshold: their Hessian + (threshold − n) tokens' worth of
+  // Binds routed expert e's Grams to its slots (computed now; gate and up share the input Gram)
+  // and tops up those below the token threshold: their Hessian + (threshold − n) tokens' worth of
   // the all-token one (gate/up: the MoE input over all tokens; down: the expert's intermediate
-  // activations over all tokens, the expert run on every token). Topped up in place (the layer's
-  // Grams are scratch of this layer; a later pass recomputes the experts' Grams), each Gram once
-  // (gate and up share theirs), so memory stays the runner's Grams plus one expert's temporary.
-  void prepare_topups(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
-                      const std::vector<std::optional<quant::CodecSpec>>& codec) {
+  // activations over all tokens, the expert run on every token, with its weights as they are
+  // before any of its matrices is quantized). Topped up in place (the Grams are scratch of this
+  // layer; a later pass recomputes them), each Gram once.
+  void bind_expert(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+                   const std::vector<std::optional<quant::CodecSpec>>& codec, int e) {
     const MatrixRM* X = ctx.block_inputs;
+    pipeline::InputGrams& g = *ctx.grams;
     std::map<const calib::MatrixD*, int64_t> done;  // Gram -> the count it was topped up to
     for (size_t i = 0; i < slots.size(); ++i) {
       Slot& s = slots[i];
-      if (s.expert < 0 || !codec[i] || !s.gram) continue;
+      if (s.expert != e || s.cls != "experts") continue;
+      calib::MatrixD& gram = s.type < 2 ? g.expert_in(e) : g.expert_mid(e);
+      s.gram = &gram;
+      s.topped_to = 0;
       const int64_t cols = s.tensor->dim(1), need = threshold(cols);
-      if (s.tokens >= need) continue;
+      if (!codec[i] || s.tokens >= need) continue;
       if (auto it = done.find(s.gram); it != done.end()) {
         s.topped_to = it->second;
         continue;
       }
-      const size_t e = static_cast<size_t>(s.expert);
-      calib::MatrixD& gram = s.type < 2 ? ctx.grams->expert_in[e] : ctx.grams->expert_mid[e];  // *s.gram
       if (s.type < 2) {
         if (moe_all_n_ <= 0) continue;  // no calibration token at all: nothing to top up from
         if (!gram.size()) gram = calib::MatrixD::Zero(moe_all_.rows(), moe_all_.cols());
@@ -659,7 +675,7 @@ class Quantize final : public pipeline::Pass {
       } else {
         if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
         MatrixRM h;
-        runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[e]), *X, &h);
+        runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[static_cast<size_t>(e)]), *X, &h);
         const Eigen::MatrixXd hd = h.cast<double>();
         if (!gram.size()) gram = calib::MatrixD::Zero(hd.cols(), hd.cols());
         gram.noalias() += (static_cast<double>(need - s.tokens) / static_cast<double>(hd.rows())) * (hd.transpose() * hd);
@@ -667,6 +683,12 @@ class Quantize final : public pipeline::Pass {
       s.topped_to = need;
       done[s.gram] = need;
     }
+  }
+  // Drops routed expert e's Grams once its slots are done.
+  void unbind_expert(pipeline::LayerContext& ctx, std::vector<Slot>& slots, int e) const {
+    for (Slot& s : slots)
+      if (s.expert == e && s.cls == "experts") s.gram = nullptr;
+    ctx.grams->release(e);
   }
 
   // GPTQ or RTN of one slot; fills the report entry.
@@ -797,6 +819,8 @@ class Quantize final : public pipeline::Pass {
       it.importance = quant::mc_moe_importance(ctot > 0 ? count[static_cast<size_t>(e)] / ctot : 0.0,
                                                wtot > 0 ? wsum[static_cast<size_t>(e)] / wtot : 0.0, alpha_, beta_);
       encs[static_cast<size_t>(e)].resize(widths_.size());
+      const bool gptq = method_ == QuantizeMethod::Gptq;
+      if (gptq) bind_expert(ctx, slots, codec, static_cast<int>(e));
       for (size_t o = 0; o < widths_.size(); ++o) {
         runtime::MlpWeights q = orig;
         MatrixRM* dst[3] = {&q.gate, &q.up, &q.down};
@@ -815,6 +839,7 @@ class Quantize final : public pipeline::Pass {
         const MatrixRM yq = runtime::mlp_forward(q, xe);
         it.loss.push_back(static_cast<double>((yq - y).squaredNorm()) / ynorm);
       }
+      if (gptq) unbind_expert(ctx, slots, static_cast<int>(e));
       items.push_back(std::move(it));
     }
     const quant::MixedResult res = quant::choose_widths(items, options, *avg_bits_);
@@ -902,13 +927,7 @@ class Quantize final : public pipeline::Pass {
     scale_columns(b.router);
 
     // What the rest of the layer reads: x / s and S⁻¹ G S⁻¹.
-    if (ctx.grams) {
-      auto rescale = [&](calib::MatrixD& g) {
-        if (g.size()) g = inv.asDiagonal() * g * inv.asDiagonal();
-      };
-      for (auto& g : ctx.grams->expert_in) rescale(g);
-      rescale(ctx.grams->shared_in);
-    }
+    if (ctx.grams) ctx.grams->scale_inputs(inv);
     smoothed_x_ = *X * inv.cast<float>().asDiagonal();
     ctx.block_inputs = &smoothed_x_;
 

@@ -138,6 +138,8 @@ CalibrationSpec parse_calibration(const json& j, const fs::path& base) {
   cs.gram = c.get_bool("gram", false);
   cs.routed_only = c.get_bool("routed_only", false);
   cs.out_cos_tokens = c.get_int("out_cos_tokens", 512, 1, big);
+  if (auto m = c.opt_string("memory_budget"); m && *m != "auto")
+    cs.memory_budget = core::with_context("calibration.memory_budget", [&] { return io::parse_size(*m); });
   c.allow({"tasks"});
   c.finish();
   if (c.has("tasks")) cs.tasks = parse_tasks(j.at("tasks"), base);

@@ -57,6 +57,11 @@ struct CalibrationSpec {
   bool routed_only = false;
   int64_t out_cos_tokens = 512;
   uint64_t seed = 0;       // the recipe's seed (random windows)
+  // A layer's routed calibration activations (what the experts' Grams are computed from,
+  // calib/input_grams.h) are kept in RAM up to this many bytes and spilled to a memory-mapped
+  // temporary file beside the output past it. Unset ("auto"): half the memory available when the
+  // run starts (/proc/meminfo MemAvailable).
+  std::optional<uint64_t> memory_budget;
   // "tasks": one keep-map per task (prune only). Recipe: a list whose items are
   // {"name": N, "stats": FILE} or {"name": N, "text": FILE}, or "NAME=STATS_FILE" strings (what
   // the flag --tasks gives; a string may join several with commas). Names: letters, digits, _ . -,

@@ -16,6 +16,7 @@
 #include "eval/eval.h"
 #include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
+#include "io/scratch.h"
 #include "pipeline/calibration_text.h"
 #include "pipeline/model_dictionary.h"
 #include "pipeline/mtp.h"
@@ -261,7 +262,7 @@ calib::LayerStats recompute_stats(const model::Model& model, int l, const model:
 // layers; without a forward (no calibration inputs asked) the layers only. Returns the pass's plan
 // report with the sweep's seconds.
 json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* fwd, const runtime::MatrixRM& X, int64_t T,
-                bool quiet) {
+                const ActivationBudget& budget, bool quiet) {
   const auto t0 = std::chrono::steady_clock::now();
   const bool grams_wanted = pass.requirements().input_grams;
   runtime::MatrixRM Xp;
@@ -269,7 +270,7 @@ json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* f
   core::Progress progress("planning", static_cast<uint64_t>(model.layers().size()), "layers", quiet);
   for (const auto& layer : model.layers()) {
     const bool runs = layer.moe || !pass.moe_layers_only();
-    GramCapture grams;
+    GramCapture grams(budget);
     if (fwd) {
       std::vector<runtime::Observer*> obs;
       if (runs && grams_wanted) obs.push_back(&grams);
@@ -306,6 +307,11 @@ struct RunState {
   std::vector<std::string> fields;  // statistics fields the first pass reads
   bool shapes_at_run = false, moe_only = true;
   uint64_t disk_needs = 0;
+  // Where a layer's routed activations live (calib/input_grams.h), and what the layers took.
+  ActivationBudget act_budget;
+  std::string act_budget_source;
+  uint64_t act_largest = 0;
+  int64_t act_spilled_layers = 0;
   // the output, statistics and the plan
   std::unique_ptr<Sink> sink;
   std::optional<calib::Stats> stats;
@@ -566,8 +572,25 @@ void plan_run(RunState& s) {
   if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
     compute.push_back("passes[0]: a planning sweep before the layer loop (the calibration windows through the input "
                       "model, layer by layer) for its plan across layers");
-  if (needs_grams)
-    compute.push_back("Gram matrices of every projection's inputs, layer by layer, on the calibration windows");
+  if (needs_grams) {
+    ActivationBudget& b = s.act_budget;
+    b.spill_dir = io::fs::absolute(r.output.path).parent_path();
+    if (r.calibration.memory_budget) {
+      b.bytes = *r.calibration.memory_budget;
+      s.act_budget_source = r.key("calibration.memory_budget");
+    } else {
+      const uint64_t avail = io::available_memory();
+      b.bytes = avail ? avail / 2 : UINT64_MAX;
+      s.act_budget_source = avail ? "auto: half of the " + core::format_bytes(static_cast<double>(avail)) + " available when the run started"
+                                  : "auto: unlimited (/proc/meminfo unreadable)";
+    }
+    compute.push_back("Gram matrices of every projection's inputs, layer by layer, on the calibration windows; a routed "
+                      "expert's computed from the layer's activations when the pass reaches it (activations in RAM up to " +
+                      (b.bytes == UINT64_MAX ? std::string("any size") : core::format_bytes(static_cast<double>(b.bytes))) + ", " +
+                      s.act_budget_source + "; spilled to a temporary file in " + b.spill_dir.string() + " past it)");
+    summary["memory"] = {{"activation_budget", b.bytes == UINT64_MAX ? json() : json(b.bytes)},
+                         {"source", s.act_budget_source}};
+  }
   if (s.needs_reference)
     compute.push_back("MoE block inputs of the calibration windows through the input model too (a second hidden-state "
                       "stream, for matching the compressed layers to the input)");
@@ -674,7 +697,7 @@ void run_layers(RunState& s) {
   // only, checked above): the windows through the input model, layer by layer, on a copy of the
   // hidden states.
   if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
-    plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, opts.quiet));
+    plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, s.act_budget, opts.quiet));
 
   // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
   // files; the others straight into the planned shards.
@@ -715,7 +738,7 @@ void run_layers(RunState& s) {
     }
     if (layer.moe || !moe_only) {
       BlockInputCapture capture;
-      GramCapture grams;
+      GramCapture grams(s.act_budget);
       runtime::MatrixRM X_in;
       if (fwd) {
         if (r.calibration.propagate || needs_layer_inputs) X_in = X;  // the layer's input stream
@@ -741,7 +764,7 @@ void run_layers(RunState& s) {
         }
         if (req.input_grams && i > 0 && layer.moe && fwd)  // the experts an earlier pass left
           recompute_moe_grams(grams.grams, runtime::convert_moe(*layer.moe), runtime::RoutingRule::from_model(model),
-                              capture.x);
+                              capture.x, s.act_budget);
         LayerContext ctx{l, model, layer, st, fwd ? &capture.x : nullptr, runtime::RoutingRule::from_model(model),
                          r.seed * 1000003ull + static_cast<uint64_t>(l) * 7919ull + i, pr,
                          needs_grams && fwd ? &grams.grams : nullptr,
@@ -758,6 +781,10 @@ void run_layers(RunState& s) {
                                 std::to_string(counts[i + 1][static_cast<size_t>(l)]));
       }
       lr["passes"] = pass_reports;
+      if (needs_grams && layer.moe && fwd) {
+        s.act_largest = std::max(s.act_largest, grams.grams.activation_bytes());
+        s.act_spilled_layers += grams.grams.spilled();
+      }
       if (layer.moe) {
         lr["experts_before"] = counts.front()[static_cast<size_t>(l)];
         lr["experts_after"] = layer.moe->num_experts();
@@ -985,6 +1012,11 @@ json write_run_report(RunState& s) {
       report["calibration"]["ctx"] = file["ctx"];
       report["calibration"]["windows"] = file["windows"];
     }
+  }
+  if (summary.contains("memory")) {
+    report["memory"] = summary["memory"];
+    report["memory"]["largest_layer_activation_bytes"] = s.act_largest;
+    report["memory"]["layers_spilled"] = s.act_spilled_layers;
   }
   if (!s.tasks.is_null()) report["tasks"] = s.tasks;
   if (!eval_json.is_null()) report["eval"] = eval_json;
