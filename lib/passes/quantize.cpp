@@ -191,8 +191,9 @@ class Quantize final : public pipeline::Pass {
     if (!avg_bits_) group_applied_ = group_applied, sym_applied_ = sym_applied;  // widths unused
     alpha_ = o.get_number("alpha", 1.0, 0, 10);
     beta_ = o.get_number("beta", 1.5, 0, 10);
+    model_scope_ = o.get_enum("budget_scope", "layer", {"layer", "model"}) == "model";
     if (!avg_bits_)
-      for (const char* k : {"widths", "alpha", "beta"})
+      for (const char* k : {"widths", "alpha", "beta", "budget_scope"})
         if (o.has(k)) throw Error::invalid(o.key_path(k) + ": applies to mixed precision, give avg_bits too");
     sub1bit_ = o.get_bool("sub1bit", false);
     if (sub1bit_) check_sub1bit(o);
@@ -210,6 +211,11 @@ class Quantize final : public pipeline::Pass {
                              " (give a ternary or ternary-absmean codec)");
     }
     smooth_ = o.get_bool("smooth", false);
+    if (model_scope_)  // the planning sweep measures the experts as the input model has them
+      for (const char* k : {"smooth", "threshold_scale"})
+        if (o.has(k) && (std::string(k) == "smooth" ? smooth_ : threshold_scale_))
+          throw Error::invalid(o.key_path("budget_scope") + ": model plans the widths on the input model's experts, "
+                               "which " + o.key_path(k) + " changes first; give budget_scope layer with it");
     if (o.has("smooth_alpha") && !smooth_) throw Error::invalid(o.key_path("smooth_alpha") + ": applies to smooth, give it too");
     smooth_alpha_ = o.get_number("smooth_alpha", kDefaultSmoothAlpha, 0, 1);
     smooth_path_ = o.key_path("smooth");
@@ -269,6 +275,7 @@ class Quantize final : public pipeline::Pass {
     if (align_router_) p["align_router"] = true;
     if (avg_bits_) {
       p["avg_bits"] = *avg_bits_;
+      p["budget_scope"] = model_scope_ ? "model" : "layer";
       p["widths"] = widths_text_;
       p["alpha"] = alpha_;
       p["beta"] = beta_;
@@ -283,6 +290,7 @@ class Quantize final : public pipeline::Pass {
     r.input_grams = r.input_grams || smooth_ || align_router_;
     r.reference_inputs = align_router_;
     if (threshold_scale_) r.stats_fields = {"count"};
+    r.plan_sweep = model_scope_budget();
     return r;
   }
   int64_t experts_after(int, int64_t before, int64_t) const override { return before; }
@@ -295,6 +303,8 @@ class Quantize final : public pipeline::Pass {
   // The budget must leave room for the narrowest width (checked before any work).
   void plan(const model::Model& model, const calib::Stats*) override {
     if (!avg_bits_) return;
+    family_ = &model.family();
+    routing_ = runtime::RoutingRule::from_model(model);
     for (const auto& layer : model.layers()) {
       if (!layer.moe || layer.moe->experts.empty()) continue;
       const auto& e = layer.moe->experts[0];
@@ -313,18 +323,11 @@ class Quantize final : public pipeline::Pass {
     throw Error::invalid("quantize: avg_bits applies to routed experts, and the model has no MoE layer");
   }
 
-  void run_layer(pipeline::LayerContext& ctx) override {
-    pipeline::InputGrams* g = ctx.grams;
-    if (method_ == QuantizeMethod::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
-    model::Layer& L = ctx.target;
-    const model::FamilyDesc& fam = ctx.model.family();
-    json& rep = ctx.report;
-    rep["matrices"] = json::array();
-
-    // Router alignment fits against the router as this pass receives it (before smoothing).
-    const MatrixRM router_in = align_router_ && L.moe ? runtime::to_matrix(L.moe->router) : MatrixRM();
-    if (smooth_ && L.moe) smooth_layer(ctx, rep);
-
+  // The layer's slots with their codecs (nullopt: kept) and, for gptq, their Hessians' tokens
+  // and Hessians (a routed expert's are bound when it runs); the all-token MoE Hessian when a slot
+  // needs it.
+  std::vector<Slot> prepare_slots(const model::FamilyDesc& fam, model::Layer& L, pipeline::InputGrams* g,
+                                  std::vector<std::optional<quant::CodecSpec>>& codec) {
     const bool gptq = method_ == QuantizeMethod::Gptq;
     if (L.moe && gptq && g->num_experts() != static_cast<int64_t>(L.moe->experts.size()))
       throw Error::internal("quantize: Grams for " + std::to_string(g->num_experts()) + " experts, the layer has " +
@@ -352,7 +355,7 @@ class Quantize final : public pipeline::Pass {
       }
 
     // Which codec each slot gets (nullopt: kept).
-    std::vector<std::optional<quant::CodecSpec>> codec(slots.size());
+    codec.assign(slots.size(), std::nullopt);
     for (size_t i = 0; i < slots.size(); ++i) codec[i] = codec_for(slots[i]);
 
     // The MoE input over all tokens (Σ_e Gram_e counts every token top-k times), for the router and
@@ -369,6 +372,78 @@ class Quantize final : public pipeline::Pass {
       if (need) moe_all_ = g->expert_in_sum();
     }
 
+    return slots;
+  }
+
+  // Model-scope mixed precision, the planning sweep: each MoE layer's experts measured at every
+  // width on the input model's calibration inputs (only their losses are kept, the encodings are
+  // dropped); finish_plan() then gives every expert of the model its width in one integer program.
+  void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams, const MatrixRM* block_inputs) override {
+    if (!layer.moe || layer.moe->experts.empty()) return;
+    if (!family_) throw Error::internal("quantize: plan_layer before plan");
+    model::Layer L = layer;  // the slots point into this copy; nothing is written back
+    std::vector<std::optional<quant::CodecSpec>> codec;
+    std::vector<Slot> slots = prepare_slots(*family_, L, grams, codec);
+    ExpertItems ei = expert_items(*L.moe, routing_, block_inputs, grams, slots, codec, nullptr);
+    if (plan_options_.empty()) plan_options_ = width_options(*L.moe);
+    plan_layers_.push_back({layer.index, plan_items_.size(), ei.items.size()});
+    for (auto& it : ei.items) {
+      it.name = "layer " + std::to_string(layer.index) + " " + it.name;
+      plan_items_.push_back(std::move(it));
+    }
+  }
+
+  void finish_plan(json& rep) override {
+    quant::MixedSolve solve;
+    solve.mip_gap = kModelGap;
+    solve.time_limit_s = kModelTimeLimit;
+    const quant::MixedResult res = core::with_context(
+        "quantize avg_bits over the whole model", [&] { return quant::choose_widths(plan_items_, plan_options_, *avg_bits_, solve); });
+    json layers = json::array();
+    for (const auto& pl : plan_layers_) {
+      std::vector<int>& w = planned_widths_[pl.layer];
+      double bits = 0, params = 0;
+      json counts = json::object();
+      for (size_t j = pl.first; j < pl.first + pl.count; ++j) {
+        const int o = res.choice[j];
+        w.push_back(o);
+        bits += plan_items_[j].params * plan_options_[static_cast<size_t>(o)].bits_per_param;
+        params += plan_items_[j].params;
+        counts[plan_options_[static_cast<size_t>(o)].codec] = counts.value(plan_options_[static_cast<size_t>(o)].codec, 0) + 1;
+      }
+      layers.push_back({{"layer", pl.layer}, {"avg_bits", params > 0 ? bits / params : 0.0}, {"experts_per_codec", counts}});
+    }
+    rep["scope"] = "model";
+    rep["avg_bits"] = *avg_bits_;
+    rep["achieved_avg_bits"] = res.avg_bits;
+    rep["objective"] = res.objective;
+    rep["status"] = res.status;
+    rep["gap"] = res.gap;
+    rep["solver"] = {{"mip_gap", kModelGap}, {"time_limit_s", kModelTimeLimit}, {"items", plan_items_.size()}};
+    rep["layers"] = layers;
+    rep["note"] = "model-scope mixed precision: every routed expert is quantized at every width twice over, once in "
+                  "this planning sweep on the input model's calibration inputs (its loss per width), once in the layer "
+                  "loop at the width the integer program chose (on the inputs there, through the layers already "
+                  "quantized when calibration.propagate)";
+    plan_items_ = {};
+  }
+
+  void run_layer(pipeline::LayerContext& ctx) override {
+    pipeline::InputGrams* g = ctx.grams;
+    if (method_ == QuantizeMethod::Gptq && !g) throw Error::internal("quantize: the runner gave no Gram matrices");
+    model::Layer& L = ctx.target;
+    const model::FamilyDesc& fam = ctx.model.family();
+    json& rep = ctx.report;
+    rep["matrices"] = json::array();
+
+    // Router alignment fits against the router as this pass receives it (before smoothing).
+    const MatrixRM router_in = align_router_ && L.moe ? runtime::to_matrix(L.moe->router) : MatrixRM();
+    if (smooth_ && L.moe) smooth_layer(ctx, rep);
+
+    const bool gptq = method_ == QuantizeMethod::Gptq;
+    std::vector<std::optional<quant::CodecSpec>> codec;
+    std::vector<Slot> slots = prepare_slots(fam, L, g, codec);
+
     if (threshold_scale_ && L.moe) scale_thresholds(ctx, slots, codec, rep);
 
     // Mixed precision: the experts' widths by the integer program.
@@ -382,15 +457,15 @@ class Quantize final : public pipeline::Pass {
       if (!codec[i]) continue;
       json m;
       if (gptq && !chosen[i] && slots[i].cls == "experts" && slots[i].expert != bound) {
-        if (bound >= 0) unbind_expert(ctx, slots, bound);
+        if (bound >= 0) unbind_expert(*g, slots, bound);
         bound = slots[i].expert;
-        bind_expert(ctx, slots, codec, bound);
+        bind_expert(*g, ctx.block_inputs, *L.moe, slots, codec, bound);
       }
       std::shared_ptr<const core::Encoding> enc = chosen[i] ? chosen[i] : encode(slots[i], *codec[i], m);
       finish_slot(slots[i], std::move(enc), *codec[i], m);
       rep["matrices"].push_back(m);
     }
-    if (bound >= 0) unbind_expert(ctx, slots, bound);
+    if (bound >= 0) unbind_expert(*g, slots, bound);
     if (align_router_ && L.moe) align_router(ctx, router_in, rep);
     if (threshold_scale_ && L.moe) {  // the zero fraction each expert's threshold gave
       std::map<int, std::pair<double, double>> z;  // expert -> (zeros, trits)
@@ -651,10 +726,8 @@ class Quantize final : public pipeline::Pass {
   // activations over all tokens, the expert run on every token, with its weights as they are
   // before any of its matrices is quantized). Topped up in place (the Grams are scratch of this
   // layer; a later pass recomputes them), each Gram once.
-  void bind_expert(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
-                   const std::vector<std::optional<quant::CodecSpec>>& codec, int e) {
-    const MatrixRM* X = ctx.block_inputs;
-    pipeline::InputGrams& g = *ctx.grams;
+  void bind_expert(pipeline::InputGrams& g, const MatrixRM* X, const model::MoeBlock& moe, std::vector<Slot>& slots,
+                   const std::vector<std::optional<quant::CodecSpec>>& codec, int e) const {
     std::map<const calib::MatrixD*, int64_t> done;  // Gram -> the count it was topped up to
     for (size_t i = 0; i < slots.size(); ++i) {
       Slot& s = slots[i];
@@ -675,7 +748,7 @@ class Quantize final : public pipeline::Pass {
       } else {
         if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
         MatrixRM h;
-        runtime::mlp_forward(runtime::convert_mlp(ctx.target.moe->experts[static_cast<size_t>(e)]), *X, &h);
+        runtime::mlp_forward(runtime::convert_mlp(moe.experts[static_cast<size_t>(e)]), *X, &h);
         const Eigen::MatrixXd hd = h.cast<double>();
         if (!gram.size()) gram = calib::MatrixD::Zero(hd.cols(), hd.cols());
         gram.noalias() += (static_cast<double>(need - s.tokens) / static_cast<double>(hd.rows())) * (hd.transpose() * hd);
@@ -685,10 +758,10 @@ class Quantize final : public pipeline::Pass {
     }
   }
   // Drops routed expert e's Grams once its slots are done.
-  void unbind_expert(pipeline::LayerContext& ctx, std::vector<Slot>& slots, int e) const {
+  static void unbind_expert(pipeline::InputGrams& g, std::vector<Slot>& slots, int e) {
     for (Slot& s : slots)
       if (s.expert == e && s.cls == "experts") s.gram = nullptr;
-    ctx.grams->release(e);
+    g.release(e);
   }
 
   // GPTQ or RTN of one slot; fills the report entry.
@@ -766,22 +839,28 @@ class Quantize final : public pipeline::Pass {
                               {"gamma", gamma_}, {"experts", experts}};
   }
 
-  // MC-MoE: per routed expert and width, quantize its three matrices and measure the relative
-  // output error on its routed tokens; choose widths by the integer program; keep the chosen
-  // encodings in `chosen` (and the experts' codecs in `codec`).
-  void mixed_precision(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
-                       std::vector<std::optional<quant::CodecSpec>>& codec,
-                       std::vector<std::shared_ptr<const core::Encoding>>& chosen, json& rep) {
-    const MatrixRM* X = ctx.block_inputs;
+  // MC-MoE's items of one MoE layer: per routed expert, its importance (routed-token and
+  // routing-weight shares) and the relative output error on its routed tokens with its three
+  // matrices quantized at each width; with `encs`, those encodings too (encs[e][o][type]).
+  using ExpertEncodings = std::vector<std::vector<std::array<std::shared_ptr<const core::Encoding>, 3>>>;
+  struct ExpertItems {
+    std::vector<quant::MixedItem> items;
+    std::vector<double> count;  // routed tokens per expert
+  };
+  ExpertItems expert_items(const model::MoeBlock& moe, const runtime::RoutingRule& routing, const MatrixRM* X,
+                           pipeline::InputGrams* grams, std::vector<Slot>& slots,
+                           const std::vector<std::optional<quant::CodecSpec>>& codec, ExpertEncodings* encs) const {
     if (!X || X->rows() == 0)
       throw Error::invalid("quantize: avg_bits needs calibration text (the experts' output error is measured on it)");
-    const model::MoeBlock& moe = *ctx.target.moe;
     const int64_t E = static_cast<int64_t>(moe.experts.size());
     const runtime::MoeWeights mw = runtime::convert_moe(moe);
     runtime::MoeDetail detail;
-    runtime::moe_forward(mw, ctx.routing, *X, &detail);
+    runtime::moe_forward(mw, routing, *X, &detail);
+    ExpertItems out;
     // Importance: routed-token share and routing-weight share.
-    std::vector<double> count(static_cast<size_t>(E), 0.0), wsum(static_cast<size_t>(E), 0.0);
+    std::vector<double>& count = out.count;
+    count.assign(static_cast<size_t>(E), 0.0);
+    std::vector<double> wsum(static_cast<size_t>(E), 0.0);
     const auto& ids = detail.routing.ids;
     const auto& wts = detail.routing.weights;
     for (int64_t t = 0; t < ids.rows(); ++t)
@@ -792,39 +871,32 @@ class Quantize final : public pipeline::Pass {
       }
     double ctot = 0, wtot = 0;
     for (int64_t e = 0; e < E; ++e) ctot += count[static_cast<size_t>(e)], wtot += wsum[static_cast<size_t>(e)];
-
-    std::vector<quant::WidthOption> options;
-    for (const auto& w : widths_) options.push_back({quant::to_string(w), expert_bits(w, moe.experts[0])});
-    std::vector<quant::MixedItem> items;
-    // encodings[e][o][type]
-    std::vector<std::vector<std::array<std::shared_ptr<const core::Encoding>, 3>>> encs(static_cast<size_t>(E));
-    std::vector<std::vector<json>> reps(static_cast<size_t>(E));
+    if (encs) encs->assign(static_cast<size_t>(E), {});
+    const bool gptq = method_ == QuantizeMethod::Gptq;
     for (int64_t e = 0; e < E; ++e) {
-      const auto& toks = detail.tokens[static_cast<size_t>(e)];
+      const size_t ue = static_cast<size_t>(e);
+      const auto& toks = detail.tokens[ue];
       MatrixRM xe;
       if (toks.empty()) xe = *X;
       else {
         xe.resize(static_cast<int64_t>(toks.size()), X->cols());
         for (size_t i = 0; i < toks.size(); ++i) xe.row(static_cast<int64_t>(i)) = X->row(toks[i]);
       }
-      const runtime::MlpWeights orig = runtime::convert_mlp(moe.experts[static_cast<size_t>(e)]);
+      const runtime::MlpWeights orig = runtime::convert_mlp(moe.experts[ue]);
       const MatrixRM y = runtime::mlp_forward(orig, xe);
       const double ynorm = std::max(1e-30, static_cast<double>(y.squaredNorm()));
       quant::MixedItem it;
       it.name = "expert " + std::to_string(e);
       it.params = 0;
-      for (const core::Tensor* t : {&moe.experts[static_cast<size_t>(e)].gate, &moe.experts[static_cast<size_t>(e)].up,
-                                    &moe.experts[static_cast<size_t>(e)].down})
+      for (const core::Tensor* t : {&moe.experts[ue].gate, &moe.experts[ue].up, &moe.experts[ue].down})
         it.params += static_cast<double>(t->dim(0) * t->dim(1));
-      it.importance = quant::mc_moe_importance(ctot > 0 ? count[static_cast<size_t>(e)] / ctot : 0.0,
-                                               wtot > 0 ? wsum[static_cast<size_t>(e)] / wtot : 0.0, alpha_, beta_);
-      encs[static_cast<size_t>(e)].resize(widths_.size());
-      const bool gptq = method_ == QuantizeMethod::Gptq;
-      if (gptq) bind_expert(ctx, slots, codec, static_cast<int>(e));
+      it.importance = quant::mc_moe_importance(ctot > 0 ? count[ue] / ctot : 0.0, wtot > 0 ? wsum[ue] / wtot : 0.0,
+                                               alpha_, beta_);
+      if (encs) (*encs)[ue].resize(widths_.size());
+      if (gptq) bind_expert(*grams, X, moe, slots, codec, static_cast<int>(e));
       for (size_t o = 0; o < widths_.size(); ++o) {
         runtime::MlpWeights q = orig;
         MatrixRM* dst[3] = {&q.gate, &q.up, &q.down};
-        json m3 = json::array();
         for (size_t i = 0; i < slots.size(); ++i) {
           if (slots[i].expert != e || slots[i].cls != "experts") continue;
           json m;
@@ -832,33 +904,78 @@ class Quantize final : public pipeline::Pass {
           MatrixRM deq(enc->rows(), enc->cols());
           enc->dequantize_rows(0, enc->rows(), deq.data());
           *dst[slots[i].type] = std::move(deq);
-          encs[static_cast<size_t>(e)][o][static_cast<size_t>(slots[i].type)] = std::move(enc);
-          m3.push_back(m);
+          if (encs) (*encs)[ue][o][static_cast<size_t>(slots[i].type)] = std::move(enc);
         }
-        reps[static_cast<size_t>(e)].push_back(m3);
         const MatrixRM yq = runtime::mlp_forward(q, xe);
         it.loss.push_back(static_cast<double>((yq - y).squaredNorm()) / ynorm);
       }
-      if (gptq) unbind_expert(ctx, slots, static_cast<int>(e));
-      items.push_back(std::move(it));
+      if (gptq) unbind_expert(*grams, slots, static_cast<int>(e));
+      out.items.push_back(std::move(it));
     }
-    const quant::MixedResult res = quant::choose_widths(items, options, *avg_bits_);
+    return out;
+  }
+
+  std::vector<quant::WidthOption> width_options(const model::MoeBlock& moe) const {
+    std::vector<quant::WidthOption> options;
+    for (const auto& w : widths_) options.push_back({quant::to_string(w), expert_bits(w, moe.experts[0])});
+    return options;
+  }
+
+  // MC-MoE: per routed expert and width, quantize its three matrices and measure the relative
+  // output error on its routed tokens; choose widths by the integer program over this layer's
+  // experts (budget_scope layer), or take the widths the planning sweep chose over the whole model
+  // (budget_scope model); set the experts' codecs in `codec` and, for a layer budget, keep the
+  // chosen encodings in `chosen`.
+  void mixed_precision(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+                       std::vector<std::optional<quant::CodecSpec>>& codec,
+                       std::vector<std::shared_ptr<const core::Encoding>>& chosen, json& rep) {
+    const model::MoeBlock& moe = *ctx.target.moe;
+    const int64_t E = static_cast<int64_t>(moe.experts.size());
+    const std::vector<quant::WidthOption> options = width_options(moe);
+    if (model_scope_budget()) {
+      auto it = planned_widths_.find(ctx.layer);
+      if (it == planned_widths_.end() || static_cast<int64_t>(it->second.size()) != E)
+        throw Error::internal("quantize: no planned widths for layer " + std::to_string(ctx.layer));
+      json experts = json::array();
+      double bits = 0, params = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const int o = it->second[static_cast<size_t>(e)];
+        double p = 0;
+        for (size_t i = 0; i < slots.size(); ++i) {
+          if (slots[i].expert != e || slots[i].cls != "experts") continue;
+          codec[i] = widths_[static_cast<size_t>(o)];
+          p += static_cast<double>(slots[i].tensor->dim(0) * slots[i].tensor->dim(1));
+        }
+        bits += p * options[static_cast<size_t>(o)].bits_per_param, params += p;
+        experts.push_back({{"expert", e}, {"codec", options[static_cast<size_t>(o)].codec},
+                           {"bits_per_param", options[static_cast<size_t>(o)].bits_per_param}});
+      }
+      rep["mixed_precision"] = {{"scope", "model"}, {"avg_bits", *avg_bits_},
+                                {"layer_avg_bits", params > 0 ? bits / params : 0.0},
+                                {"widths", "planned over the whole model (\"plans\" in the report)"},
+                                {"experts", experts}};
+      return;
+    }
+    ExpertEncodings encs;
+    const ExpertItems ei = expert_items(moe, ctx.routing, ctx.block_inputs, ctx.grams, slots, codec, &encs);
+    const quant::MixedResult res = quant::choose_widths(ei.items, options, *avg_bits_);
     json experts = json::array();
     for (int64_t e = 0; e < E; ++e) {
-      const int o = res.choice[static_cast<size_t>(e)];
+      const size_t ue = static_cast<size_t>(e);
+      const int o = res.choice[ue];
       experts.push_back({{"expert", e}, {"codec", options[static_cast<size_t>(o)].codec},
                          {"bits_per_param", options[static_cast<size_t>(o)].bits_per_param},
-                         {"importance", items[static_cast<size_t>(e)].importance},
-                         {"loss", items[static_cast<size_t>(e)].loss[static_cast<size_t>(o)]},
-                         {"routed_tokens", static_cast<int64_t>(count[static_cast<size_t>(e)])}});
+                         {"importance", ei.items[ue].importance},
+                         {"loss", ei.items[ue].loss[static_cast<size_t>(o)]},
+                         {"routed_tokens", static_cast<int64_t>(ei.count[ue])}});
       for (size_t i = 0; i < slots.size(); ++i) {
         if (slots[i].expert != e || slots[i].cls != "experts") continue;
         codec[i] = widths_[static_cast<size_t>(o)];
-        chosen[i] = encs[static_cast<size_t>(e)][static_cast<size_t>(o)][static_cast<size_t>(slots[i].type)];
+        chosen[i] = encs[ue][static_cast<size_t>(o)][static_cast<size_t>(slots[i].type)];
       }
     }
-    rep["mixed_precision"] = {{"avg_bits", *avg_bits_}, {"achieved_avg_bits", res.avg_bits}, {"objective", res.objective},
-                              {"status", res.status}, {"experts", experts}};
+    rep["mixed_precision"] = {{"scope", "layer"}, {"avg_bits", *avg_bits_}, {"achieved_avg_bits", res.avg_bits},
+                              {"objective", res.objective}, {"status", res.status}, {"experts", experts}};
   }
 
   // Expert-aware smoothing of one MoE layer (passes/smooth.h): the scales from the block inputs
@@ -986,6 +1103,21 @@ class Quantize final : public pipeline::Pass {
   int64_t block_ = 128;
   int64_t min_tokens_ = 0;
   std::optional<double> avg_bits_;
+  bool model_scope_ = false;  // budget_scope model: avg_bits over every routed expert of the model
+  bool model_scope_budget() const { return avg_bits_.has_value() && model_scope_; }
+  // The model-wide integer program stops within this relative gap or after this time, and says
+  // which (quant/mixed_precision.h: proving optimality for thousands of experts can take hours).
+  static constexpr double kModelGap = 1e-4, kModelTimeLimit = 120;
+  const model::FamilyDesc* family_ = nullptr;  // plan(): for the planning sweep
+  runtime::RoutingRule routing_;
+  struct PlanLayer {
+    int layer;
+    size_t first, count;  // its experts in plan_items_
+  };
+  std::vector<quant::MixedItem> plan_items_;
+  std::vector<quant::WidthOption> plan_options_;
+  std::vector<PlanLayer> plan_layers_;
+  std::map<int, std::vector<int>> planned_widths_;  // layer -> width index per expert
   bool sub1bit_ = false;
   std::string dict_scope_;  // "model" or "layer" (passes/sub1bit.h)
   bool threshold_scale_ = false;  // ternary thresholds scaled per expert by routed tokens

@@ -264,21 +264,26 @@ calib::LayerStats recompute_stats(const model::Model& model, int l, const model:
 json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* fwd, const runtime::MatrixRM& X, int64_t T,
                 const ActivationBudget& budget, bool quiet) {
   const auto t0 = std::chrono::steady_clock::now();
-  const bool grams_wanted = pass.requirements().input_grams;
+  const bool grams_wanted = pass.requirements().input_grams, inputs_wanted = pass.requirements().block_inputs;
   runtime::MatrixRM Xp;
   if (fwd) Xp = X;
   core::Progress progress("planning", static_cast<uint64_t>(model.layers().size()), "layers", quiet);
   for (const auto& layer : model.layers()) {
     const bool runs = layer.moe || !pass.moe_layers_only();
     GramCapture grams(budget);
+    BlockInputCapture inputs;
     if (fwd) {
       std::vector<runtime::Observer*> obs;
       if (runs && grams_wanted) obs.push_back(&grams);
+      if (runs && inputs_wanted) obs.push_back(&inputs);
       fwd->apply_layer(fwd->load_layer(layer.index), Xp, T, obs);
     }
     if (runs)
       core::with_context("layer " + std::to_string(layer.index) + ": planning " + pass.name() + " " + pass.method(),
-                         [&] { pass.plan_layer(layer, fwd && grams_wanted ? &grams.grams : nullptr); });
+                         [&] {
+                           pass.plan_layer(layer, fwd && grams_wanted ? &grams.grams : nullptr,
+                                           fwd && inputs_wanted && layer.moe ? &inputs.x : nullptr);
+                         });
     progress.add(1);
   }
   progress.finish();

@@ -230,6 +230,48 @@ TEST(Quantize, MixedPrecisionMeetsTheBudget) {
   EXPECT_LE(rep.at("expert_bits_per_param").at("after").get<double>(), 2.5 + 1e-9);
 }
 
+// avg_bits over the whole model (budget_scope model): one integer program over every routed
+// expert, planned in a sweep before the layer loop. Without propagation both scopes measure the
+// same losses on the same inputs, so the model-wide optimum can be no worse than the sum of the
+// per-layer optima (it relaxes their constraints to one), and the layers follow the plan.
+TEST(Quantize, ModelWideMixedPrecisionIsNoWorseThanPerLayer) {
+  TempDir tmp;
+  auto run = [&](const std::string& scope) {
+    const fs::path out = tmp / scope;
+    const RunResult r = run_tool({"-q", "quantize", kModel.string(), out.string(), "--method", "rtn", "--avg-bits", "2.5",
+                                  "--widths", "int2,int3,int4", "--budget-scope", scope, "--no-propagate", "--text", kCalib,
+                                  "--ctx", "128", "--windows", "4"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return read_json(out / "moe_tool_report.json");
+  };
+  const json layer = run("layer"), model = run("model");
+  double per_layer = 0;
+  for (int l = 0; l < 4; ++l) per_layer += layer.at("layers").at(l).at("passes").at(0).at("mixed_precision").at("objective").get<double>();
+  const json plan = model.at("plans").at(0);
+  EXPECT_EQ(plan.at("scope"), "model");
+  EXPECT_LE(plan.at("objective").get<double>(), per_layer * (1 + 1e-4)) << plan.dump();
+  EXPECT_LE(plan.at("achieved_avg_bits").get<double>(), 2.5 + 1e-9);
+  EXPECT_LE(model.at("expert_bits_per_param").at("after").get<double>(), 2.5 + 1e-9);
+  ASSERT_EQ(plan.at("layers").size(), 4u);
+  for (int l = 0; l < 4; ++l) {  // each layer writes the widths the plan gave it
+    const json& mp = model.at("layers").at(l).at("passes").at(0).at("mixed_precision");
+    EXPECT_EQ(mp.at("scope"), "model");
+    std::map<std::string, int> counts;
+    for (const auto& e : mp.at("experts")) ++counts[e.at("codec").get<std::string>()];
+    for (const auto& [codec, n] : plan.at("layers").at(l).at("experts_per_codec").items())
+      EXPECT_EQ(counts[codec], n.get<int>()) << "layer " << l << " " << codec;
+    EXPECT_NEAR(mp.at("layer_avg_bits").get<double>(), plan.at("layers").at(l).at("avg_bits").get<double>(), 1e-9);
+  }
+  const std::string m = kModel.string();
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "a").string(), "--method", "rtn", "--budget-scope", "model"}),
+                       "--budget-scope: applies to mixed precision");
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "b").string(), "--method", "rtn", "--avg-bits", "3", "--budget-scope",
+                                 "model", "--smooth", "--text", kCalib}),
+                       "give budget_scope layer with it");
+  EXPECT_FALSE(fs::exists(tmp / "a"));
+  EXPECT_FALSE(fs::exists(tmp / "b"));
+}
+
 // The MoTE layout (recipes/mote/): a dense model upcycled with the dense MLP as full-precision
 // shared expert, then only the routed experts quantized ternary by GPTQ.
 TEST(Quantize, MoteLayoutUpcycleThenTernaryExperts) {
@@ -270,6 +312,45 @@ TEST(Quantize, BadInputFailsCleanly) {
                        "regular expression");
   expect_clean_failure(run_tool({"quantize", m, (tmp / "f").string(), "--method", "rtn", "--experts", "int4:g0"}), "--experts");
   for (const char* d : {"a", "b", "c", "d", "e", "f"}) EXPECT_FALSE(fs::exists(tmp / d)) << d;
+}
+
+// The routed experts' Grams are computed one expert at a time from the layer's activations; a
+// budget that forces the activations into a spill file gives the same bytes (GPTQ with top-ups and
+// the router's all-token Hessian; factorize svdllm), says so in the report, and leaves no file
+// behind. A budget that is not a size is refused naming the flag.
+TEST(Quantize, MemoryBudgetSpillsTheActivationsWithTheSameBytes) {
+  TempDir tmp;
+  const std::string m = kModel.string();
+  auto run = [&](const std::vector<std::string>& cmd, const std::string& name, const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"-q", cmd.front(), m, (tmp / name).string(), "--text", kCalib.string(),
+                                     "--ctx", "128", "--windows", "2"};
+    args.insert(args.end(), cmd.begin() + 1, cmd.end());
+    args.insert(args.end(), extra.begin(), extra.end());
+    const RunResult r = run_tool(args);
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return read_json(tmp / name / "moe_tool_report.json");
+  };
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"quantize", "--method", "gptq", "--codec", "int3", "--min-tokens", "512", "--router", "int8"}, "gptq"},
+      {{"factorize", "--method", "svdllm", "--ratio", "0.5"}, "svdllm"}};
+  for (const auto& [cmd, name] : cases) {
+    const json ram = run(cmd, name + "-ram", {}), spill = run(cmd, name + "-spill", {"--memory-budget", "1KB"});
+    EXPECT_EQ(read_tensors(tmp / (name + "-ram")), read_tensors(tmp / (name + "-spill"))) << name;
+    EXPECT_EQ(ram.at("memory").at("layers_spilled"), 0) << name;
+    EXPECT_NE(ram.at("memory").at("source").get<std::string>().find("auto"), std::string::npos) << name;
+    EXPECT_EQ(spill.at("memory").at("layers_spilled"), 4) << name;
+    EXPECT_EQ(spill.at("memory").at("activation_budget"), 1000) << name;
+    // x [256, H] and h of the 256·2 routed rows [512, I], as f32
+    const json cfg = read_json(kModel / "config.json");
+    const int64_t H = cfg.at("hidden_size"), I = cfg.at("intermediate_size");
+    EXPECT_EQ(spill.at("memory").at("largest_layer_activation_bytes"), 4 * (256 * H + 256 * 2 * I)) << name;
+  }
+  for (const auto& e : fs::directory_iterator(tmp.path()))
+    EXPECT_EQ(e.path().filename().string().find("moe-tool-tmp"), std::string::npos) << e.path();
+  expect_clean_failure(run_tool({"quantize", m, (tmp / "bad").string(), "--method", "gptq", "--text", kCalib,
+                                 "--memory-budget", "lots"}),
+                       "--memory-budget");
+  EXPECT_FALSE(fs::exists(tmp / "bad"));
 }
 
 // gpt-oss stores its experts fused (one tensor per layer), which has no place for codes: the

@@ -193,7 +193,7 @@ TEST(Recipes, BadRecipesAreRejectedWithTheJsonPath) {
   r = small_recipe(out);
   r["calibration"]["txet"] = "x";
   expect_rejected(r, "calibration.txet: unknown key for calibration (allowed: text, stats, ctx, windows, "
-                     "batch_windows, out_stride, propagate, sample, gram, routed_only, out_cos_tokens, tasks); did you mean "
+                     "batch_windows, out_stride, propagate, sample, gram, routed_only, out_cos_tokens, memory_budget, tasks); did you mean "
                      "\"text\"?");
   r = small_recipe(out);
   r["output"].erase("path");
@@ -387,7 +387,8 @@ TEST(Vocabulary, EveryRecipeKeyHasItsFlag) {
   const json base = {{"model", "m"},
                      {"passes", {{{"pass", "prune"}, {"method", "random"}, {"keep", 1}}}},
                      {"output", {{"path", "o"}}}};
-  // Sections: calibration (calibrate, prune, merge), output and eval (prune, merge).
+  // Sections: calibration (calibrate, prune, merge; memory_budget: factorize, quantize), output and
+  // eval (prune, merge).
   for (const std::string section : {"calibration", "output", "eval"}) {
     json r = base;
     r[section] = {{"zz_unknown", 1}, {"text", "t"}, {"path", "o"}};
@@ -395,7 +396,8 @@ TEST(Vocabulary, EveryRecipeKeyHasItsFlag) {
     ASSERT_GT(keys.size(), 2u) << section << ": " << keys.front();
     for (const auto& k : keys) {
       if (section == "output" && k == "path") continue;  // the OUT argument
-      EXPECT_TRUE(table_has(section + "." + k, "prune", "")) << section << "." << k << " has no flag in keys.def";
+      const std::string command = section + "." + k == "calibration.memory_budget" ? "quantize" : "prune";
+      EXPECT_TRUE(table_has(section + "." + k, command, "")) << section << "." << k << " has no flag in keys.def";
     }
   }
   // Every pass method's keys (the pass-level "seed" is the top-level --seed for one-pass commands).
