@@ -244,7 +244,7 @@ class Factorize final : public pipeline::Pass {
   // Model-scope budget, planning sweep: the layer's budget items from the input model's
   // calibration Grams; only the σ arrays are kept (lowrank::BudgetItem), the decompositions are
   // dropped one by one.
-  void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams, const runtime::MatrixRM*) override {
+  void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams, const runtime::MatrixRM*, double) override {
     model::Layer L = layer;  // the slots point into this copy; nothing is written back
     std::vector<Slot> singles, grouped;
     notes_.clear();

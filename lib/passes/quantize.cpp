@@ -378,7 +378,8 @@ class Quantize final : public pipeline::Pass {
   // Model-scope mixed precision, the planning sweep: each MoE layer's experts measured at every
   // width on the input model's calibration inputs (only their losses are kept, the encodings are
   // dropped); finish_plan() then gives every expert of the model its width in one integer program.
-  void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams, const MatrixRM* block_inputs) override {
+  void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams, const MatrixRM* block_inputs,
+                  double residual_energy) override {
     if (!layer.moe || layer.moe->experts.empty()) return;
     if (!family_) throw Error::internal("quantize: plan_layer before plan");
     model::Layer L = layer;  // the slots point into this copy; nothing is written back
@@ -386,8 +387,13 @@ class Quantize final : public pipeline::Pass {
     std::vector<Slot> slots = prepare_slots(*family_, L, grams, codec);
     ExpertItems ei = expert_items(*L.moe, routing_, block_inputs, grams, slots, codec, nullptr);
     if (plan_options_.empty()) plan_options_ = width_options(*L.moe);
-    plan_layers_.push_back({layer.index, plan_items_.size(), ei.items.size()});
+    // Layers weighed against each other: an expert's relative output error, times its importance
+    // within the layer (MC-MoE), perturbs the residual stream in proportion to the MoE block's
+    // share of it, ||block output||² / ||residual||² over the calibration tokens.
+    const double weight = residual_energy > 0 ? ei.output_energy / residual_energy : 1.0;
+    plan_layers_.push_back({layer.index, plan_items_.size(), ei.items.size(), weight});
     for (auto& it : ei.items) {
+      for (double& l : it.loss) l *= weight;
       it.name = "layer " + std::to_string(layer.index) + " " + it.name;
       plan_items_.push_back(std::move(it));
     }
@@ -411,7 +417,8 @@ class Quantize final : public pipeline::Pass {
         params += plan_items_[j].params;
         counts[plan_options_[static_cast<size_t>(o)].codec] = counts.value(plan_options_[static_cast<size_t>(o)].codec, 0) + 1;
       }
-      layers.push_back({{"layer", pl.layer}, {"avg_bits", params > 0 ? bits / params : 0.0}, {"experts_per_codec", counts}});
+      layers.push_back({{"layer", pl.layer}, {"avg_bits", params > 0 ? bits / params : 0.0}, {"experts_per_codec", counts},
+                        {"weight", pl.weight}});
     }
     rep["scope"] = "model";
     rep["avg_bits"] = *avg_bits_;
@@ -846,6 +853,7 @@ class Quantize final : public pipeline::Pass {
   struct ExpertItems {
     std::vector<quant::MixedItem> items;
     std::vector<double> count;  // routed tokens per expert
+    double output_energy = 0;   // Σ_t ||MoE block output_t||² on the calibration tokens
   };
   ExpertItems expert_items(const model::MoeBlock& moe, const runtime::RoutingRule& routing, const MatrixRM* X,
                            pipeline::InputGrams* grams, std::vector<Slot>& slots,
@@ -855,8 +863,9 @@ class Quantize final : public pipeline::Pass {
     const int64_t E = static_cast<int64_t>(moe.experts.size());
     const runtime::MoeWeights mw = runtime::convert_moe(moe);
     runtime::MoeDetail detail;
-    runtime::moe_forward(mw, routing, *X, &detail);
+    const MatrixRM block_out = runtime::moe_forward(mw, routing, *X, &detail);
     ExpertItems out;
+    out.output_energy = static_cast<double>(block_out.cast<double>().squaredNorm());
     // Importance: routed-token share and routing-weight share.
     std::vector<double>& count = out.count;
     count.assign(static_cast<size_t>(E), 0.0);
@@ -1113,6 +1122,7 @@ class Quantize final : public pipeline::Pass {
   struct PlanLayer {
     int layer;
     size_t first, count;  // its experts in plan_items_
+    double weight;        // its losses' factor: ||MoE block output||² / ||residual||²
   };
   std::vector<quant::MixedItem> plan_items_;
   std::vector<quant::WidthOption> plan_options_;

@@ -39,6 +39,13 @@ using nlohmann::json;
 namespace {
 
 // Captures the MoE block input x of the layer being run.
+// Σ_t ||r_t||² of the residual stream entering a layer.
+class ResidualEnergy final : public runtime::Observer {
+ public:
+  void on_layer_input(int, const runtime::MatrixRM& X) override { energy = static_cast<double>(X.cast<double>().squaredNorm()); }
+  double energy = 0;
+};
+
 class BlockInputCapture final : public runtime::Observer {
  public:
   bool wants_moe_trace() const override { return true; }
@@ -272,8 +279,9 @@ json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* f
     const bool runs = layer.moe || !pass.moe_layers_only();
     GramCapture grams(budget);
     BlockInputCapture inputs;
+    ResidualEnergy residual;
     if (fwd) {
-      std::vector<runtime::Observer*> obs;
+      std::vector<runtime::Observer*> obs = {&residual};
       if (runs && grams_wanted) obs.push_back(&grams);
       if (runs && inputs_wanted) obs.push_back(&inputs);
       fwd->apply_layer(fwd->load_layer(layer.index), Xp, T, obs);
@@ -282,7 +290,7 @@ json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* f
       core::with_context("layer " + std::to_string(layer.index) + ": planning " + pass.name() + " " + pass.method(),
                          [&] {
                            pass.plan_layer(layer, fwd && grams_wanted ? &grams.grams : nullptr,
-                                           fwd && inputs_wanted && layer.moe ? &inputs.x : nullptr);
+                                           fwd && inputs_wanted && layer.moe ? &inputs.x : nullptr, residual.energy);
                          });
     progress.add(1);
   }
