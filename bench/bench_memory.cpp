@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "child_process.h"
+#include "flags.h"
 #include "io/checkpoint_writer.h"
 #include "synthetic_checkpoint.h"
 
@@ -44,10 +45,7 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-[[noreturn]] void bad(const std::string& msg) {
-  std::fprintf(stderr, "bench_memory: %s\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void bad(const std::string& msg) { moe::bench::bad_flag("bench_memory", msg); }
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> v;
@@ -56,17 +54,7 @@ std::vector<std::string> split(const std::string& s, char sep) {
   return v;
 }
 
-int64_t parse_int(const std::string& what, const std::string& v) {
-  size_t used = 0;
-  int64_t x = 0;
-  try {
-    x = std::stoll(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != v.size() || x < 1) bad(what + ": expected a positive integer, got '" + v + "'");
-  return x;
-}
+int64_t parse_int(const std::string& what, const std::string& v) { return moe::bench::flag_int("bench_memory", what, v, 1); }
 
 // FAMILY:EXPERTS:WIDTH:HIDDEN:TOPK, heads of dimension 128 (at least one), kv heads a quarter.
 moe::bench::SynthSpec parse_shape(const std::string& text, int64_t layers, const std::string& dtype) {

@@ -14,28 +14,17 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "flags.h"
 #include "synthetic_checkpoint.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-[[noreturn]] void bad(const std::string& msg) {
-  std::fprintf(stderr, "bench_synth: %s\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void bad(const std::string& msg) { moe::bench::bad_flag("bench_synth", msg); }
 
-int64_t parse_int(const std::string& flag, const std::string& v) {
-  size_t used = 0;
-  int64_t x = 0;
-  try {
-    x = std::stoll(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != v.size()) bad(flag + ": expected an integer, got '" + v + "'");
-  return x;
-}
+// Shape flags: check_spec says which are out of range (--head-dim 0 = hidden / heads).
+int64_t parse_int(const std::string& flag, const std::string& v) { return moe::bench::flag_int("bench_synth", flag, v, 0); }
 
 }  // namespace
 
