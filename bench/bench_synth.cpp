@@ -23,8 +23,10 @@ namespace {
 
 [[noreturn]] void bad(const std::string& msg) { moe::bench::bad_flag("bench_synth", msg); }
 
-// Shape flags: check_spec says which are out of range (--head-dim 0 = hidden / heads).
-int64_t parse_int(const std::string& flag, const std::string& v) { return moe::bench::flag_int("bench_synth", flag, v, 0); }
+// Shape flags: at least 1 (--head-dim at least 0: 0 = hidden / heads).
+int64_t parse_int(const std::string& flag, const std::string& v) {
+  return moe::bench::flag_int("bench_synth", flag, v, flag == "--head-dim" ? 0 : 1);
+}
 
 }  // namespace
 
