@@ -1,5 +1,6 @@
 // Runs a command as a child process and measures it: wall time, peak RSS (getrusage of the child,
-// so the benchmark's own memory is not counted) and exit status. stdout goes to /dev/null.
+// so the benchmark's own memory is not counted) and exit status. stdout goes to /dev/null; stderr
+// is inherited, or written to a file (run_child's `stderr_path`).
 #pragma once
 
 #include <sys/resource.h>
@@ -17,15 +18,22 @@ struct ChildResult {
   double seconds = 0;
   long max_rss_kb = 0;
   int status = -1;          // exit status, -1 when killed
+  int signal = 0;           // the signal that killed the child (SIGKILL: e.g. the OOM killer), else 0
   double cpu_seconds = 0;   // user + system time of the child (robust to a loaded machine)
 };
 
-inline ChildResult run_child(const std::vector<std::string>& args) {
+// `stderr_path` non-empty: the child's stderr goes to that file (created or truncated).
+inline ChildResult run_child(const std::vector<std::string>& args, const std::string& stderr_path = {}) {
   const auto t0 = std::chrono::steady_clock::now();
   pid_t pid = fork();
   if (pid == 0) {
     FILE* null = std::fopen("/dev/null", "w");
     if (null) dup2(fileno(null), STDOUT_FILENO);
+    if (!stderr_path.empty()) {
+      FILE* err = std::fopen(stderr_path.c_str(), "w");
+      if (!err) _exit(127);
+      dup2(fileno(err), STDERR_FILENO);
+    }
     std::vector<char*> argv;
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
@@ -38,7 +46,8 @@ inline ChildResult run_child(const std::vector<std::string>& args) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double cpu = static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
                      1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
-  return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1, cpu};
+  return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
+          cpu};
 }
 
 }  // namespace moe::bench
