@@ -67,7 +67,9 @@ struct LayerContext {
   uint64_t seed = 0;                            // per-layer seed derived from the recipe seed
   nlohmann::json& report;                       // this layer's entry in moe_tool_report.json
   // Set when Requirements::input_grams. Scratch of this layer: a pass may change it in place (quantize
-  // tops up few-token experts' Grams); a later pass gets the experts' Grams recomputed.
+  // tops up few-token experts' Grams); a later pass gets the experts' Grams recomputed. A routed
+  // expert's Grams are computed when asked for (InputGrams::expert_in/expert_mid) and should be
+  // released when the pass is done with that expert, so memory holds one expert's, not E.
   InputGrams* grams = nullptr;
   const runtime::MatrixRM* layer_inputs = nullptr;  // set when Requirements::layer_inputs
   int64_t window_tokens = 0;                    // T of the calibration windows (rows are window-major)
