@@ -138,8 +138,16 @@ CalibrationSpec parse_calibration(const json& j, const fs::path& base) {
   cs.gram = c.get_bool("gram", false);
   cs.routed_only = c.get_bool("routed_only", false);
   cs.out_cos_tokens = c.get_int("out_cos_tokens", 512, 1, big);
-  if (auto m = c.opt_string("memory_budget"); m && *m != "auto")
+  if (j.is_object() && j.contains("memory_budget") && j.at("memory_budget").is_number()) {  // bytes
+    const json& v = j.at("memory_budget");
+    if (!v.is_number_integer() || v.get<double>() < 1)
+      throw Error::invalid("calibration.memory_budget: expected a size (\"512MB\", \"auto\") or a whole number of bytes "
+                           ">= 1, found " + v.dump());
+    cs.memory_budget = v.get<uint64_t>();
+    c.allow({"memory_budget"});
+  } else if (auto m = c.opt_string("memory_budget"); m && *m != "auto") {
     cs.memory_budget = core::with_context("calibration.memory_budget", [&] { return io::parse_size(*m); });
+  }
   c.allow({"tasks"});
   c.finish();
   if (c.has("tasks")) cs.tasks = parse_tasks(j.at("tasks"), base);

@@ -612,6 +612,10 @@ void plan_run(RunState& s) {
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
   summary["computes"] = compute;
   summary["warnings"] = dequantize_warnings(r, model);
+  if (r.calibration.memory_budget && !needs_grams)
+    summary["warnings"].push_back(r.key("calibration.memory_budget") +
+                                  ": no pass of this run computes Gram matrices (quantize gptq, factorize asvd, svdllm, "
+                                  "delta, latent), so the budget is unused");
 }
 
 // A dry run's summary: the plan, with the counts decided while a pass runs shown as such.

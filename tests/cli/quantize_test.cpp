@@ -357,6 +357,10 @@ TEST(Quantize, MemoryBudgetSpillsTheActivationsWithTheSameBytes) {
                                  "--memory-budget", "lots"}),
                        "--memory-budget");
   EXPECT_FALSE(fs::exists(tmp / "bad"));
+  // A budget where nothing computes Grams is said to be unused.
+  const RunResult rtn = run_tool({"quantize", m, (tmp / "rtn").string(), "--method", "rtn", "--memory-budget", "1GB", "--json"});
+  ASSERT_EQ(rtn.exit_code, 0) << rtn.describe();
+  EXPECT_NE(rtn.out.find("--memory-budget: no pass of this run computes Gram matrices"), std::string::npos) << rtn.out;
 }
 
 // gpt-oss stores its experts fused (one tensor per layer), which has no place for codes: the

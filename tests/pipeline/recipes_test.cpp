@@ -219,6 +219,25 @@ TEST(Recipes, CalibrationOutStrideIsAccepted) {
   EXPECT_EQ(d.exit_code, 0) << d.describe();
 }
 
+// calibration.memory_budget: a size string or a whole number of bytes; the plan shows it.
+TEST(Recipes, MemoryBudgetTakesASizeOrBytes) {
+  for (const json& v : {json("2MB"), json(1000000)}) {
+    json r = small_recipe(temp_dir("budget-out"));
+    r["passes"] = json::array({{{"pass", "quantize"}, {"method", "gptq"}}});
+    r["calibration"]["memory_budget"] = v;
+    const auto d = moe::test::run_tool({"-q", "run", write_recipe("budget", r).string(), "--dry-run", "--json"});
+    ASSERT_EQ(d.exit_code, 0) << d.describe();
+    const json plan = json::parse(d.out);
+    EXPECT_EQ(plan.at("memory").at("activation_budget"), v.is_string() ? 2000000 : 1000000) << d.out;
+    EXPECT_EQ(plan.at("memory").at("source"), "calibration.memory_budget") << d.out;
+  }
+  for (const json& v : {json(-5), json(1.5), json("lots")}) {
+    json r = small_recipe(temp_dir("budget-bad-out"));
+    r["calibration"]["memory_budget"] = v;
+    expect_rejected(r, "calibration.memory_budget");
+  }
+}
+
 TEST(Recipes, SetOverridesAndMissingRecipe) {
   const auto missing = moe::test::run_tool({"run", "/nonexistent/recipe.json"});
   EXPECT_EQ(missing.exit_code, 2);

@@ -184,7 +184,7 @@ TEST(GraniteMoeCli, QuantizeFactorizeMaterialized) {
   EXPECT_NE(r.err.find("which the fused granitemoe expert layout cannot hold: --materialize writes them dense"), std::string::npos)
       << r.err;
   EXPECT_FALSE(fs::exists(tmp.path() / "q0"));
-  for (const std::vector<std::string> dry : {std::vector<std::string>{"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "rtn", "--dry-run"},
+  for (const std::vector<std::string>& dry : {std::vector<std::string>{"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "rtn", "--dry-run"},
                                              {"-q", "factorize", model, (tmp.path() / "q0").string(), "--method", "svd", "--ratio", "0.5", "--dry-run"}}) {
     r = granite_command(dry, {});  // refused by the plan, before any work
     EXPECT_EQ(r.exit_code, 2) << r.describe();
