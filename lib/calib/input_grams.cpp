@@ -27,7 +27,6 @@ void InputGrams::keep_routed(const runtime::MoeTrace& t, const ActivationBudget&
   const int64_t E = t.weights.num_experts(), N = t.x.rows();
   H_ = t.x.cols();
   N_ = N;
-  expert_tokens_.assign(static_cast<size_t>(E), 0);
   rows_.assign(static_cast<size_t>(E), {});
   width_.assign(static_cast<size_t>(E), 0);
   h_offset_.assign(static_cast<size_t>(E), 0);
@@ -38,7 +37,6 @@ void InputGrams::keep_routed(const runtime::MoeTrace& t, const ActivationBudget&
   for (int64_t e = 0; e < E; ++e) {
     const size_t i = static_cast<size_t>(e);
     rows_[i] = t.tokens[i];
-    expert_tokens_[i] = static_cast<int64_t>(rows_[i].size());
     width_[i] = t.weights.experts[i].width();
     h_offset_[i] = n;
     if (!rows_[i].empty()) n += static_cast<size_t>(t.h[i].size());

@@ -38,8 +38,8 @@ class InputGrams {
   calib::MatrixD mlp_in, mlp_mid;        // dense-layer MLP
 
   // Routed experts (an MoE layer): E, and the tokens routed to each.
-  int64_t num_experts() const { return static_cast<int64_t>(expert_tokens_.size()); }
-  int64_t expert_tokens(int64_t e) const { return expert_tokens_.at(static_cast<size_t>(e)); }
+  int64_t num_experts() const { return static_cast<int64_t>(rows_.size()); }
+  int64_t expert_tokens(int64_t e) const { return static_cast<int64_t>(rows_.at(static_cast<size_t>(e)).size()); }
   // Expert e's Grams, computed on first use and kept until release(e): [H,H] over its routed
   // tokens' block inputs (with the input scaling of scale_inputs applied), [I,I] over its
   // intermediate activations. An expert no token reached has zero Grams. A pass may change them
@@ -64,7 +64,6 @@ class InputGrams {
 
  private:
   void compute(size_t e);
-  std::vector<int64_t> expert_tokens_;
   std::vector<std::vector<int32_t>> rows_;  // per expert: its token rows in x (ascending)
   std::vector<int64_t> width_;              // per expert: I_e
   std::vector<size_t> h_offset_;            // per expert: where h_e starts in acts_

@@ -329,7 +329,7 @@ class Factorize final : public pipeline::Pass {
     if (L.moe && targets("experts")) {
       // A group (delta, latent) decomposes every expert's matrices of a type together: all their
       // Grams at once. One by one, an expert's Grams are computed when its first matrix runs
-      // (bind_expert) and dropped when the next expert's are.
+      // (gram_of) and dropped when the next expert's are.
       const bool group = method_ == FactorizeMethod::Delta || method_ == FactorizeMethod::Latent;
       for (size_t e = 0; e < L.moe->experts.size(); ++e) {
         const int64_t tokens = grams_ ? grams_->expert_tokens(static_cast<int64_t>(e)) : 0;
@@ -386,8 +386,6 @@ class Factorize final : public pipeline::Pass {
       bound_ = s.expert;
       bound_in_ = damped(grams_->expert_in(bound_), bound_damped_);
       bound_mid_ = damped(grams_->expert_mid(bound_), bound_damped_);
-      white_.reset();  // keyed by address: the new Grams may reuse the old ones' storage
-      white_gram_ = nullptr;
     }
     return s.type < 2 ? bound_in_ : bound_mid_;
   }
@@ -397,7 +395,7 @@ class Factorize final : public pipeline::Pass {
     bound_damped_.clear();
     bound_ = -1;
     bound_in_ = bound_mid_ = nullptr;
-    white_.reset();
+    white_.reset();  // keyed by address: the next expert's Grams may reuse this one's storage
     white_gram_ = nullptr;
   }
 
