@@ -9,6 +9,7 @@
 #include "calib/stats_observer.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "io/scratch.h"
 #include "runtime/forward.h"
 
 namespace moe::calib {
@@ -145,6 +146,21 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
   res.stats.metadata["format"] = "pt";
 
   runtime::Forward fwd(model);
+  // A layer whose routed experts in f32 would take more than a quarter of the memory available is
+  // streamed (runtime::Forward::set_stream_experts: each expert converted when the block runs it,
+  // for every batch, and again by the statistics): slower, but a few experts in memory instead of
+  // the layer. The statistics are the same bits either way.
+  {
+    uint64_t largest = 0;
+    for (const auto& layer : model.layers()) {
+      if (!layer.moe) continue;
+      uint64_t n = 0;
+      for (const auto& e : layer.moe->experts) n += static_cast<uint64_t>(e.params()) * sizeof(float);
+      largest = std::max(largest, n);
+    }
+    const uint64_t avail = io::available_memory();
+    fwd.set_stream_experts(avail > 0 && largest > avail / 4);
+  }
   const int64_t T = o.ctx, W = static_cast<int64_t>(plan.window_ids.size()), B = o.batch_windows;
   const int64_t L = model.dims().layers, N = plan.tokens;
   // Hidden states of every window, in batches of B windows (window-major rows).

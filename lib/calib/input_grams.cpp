@@ -37,7 +37,7 @@ void InputGrams::keep_routed(const runtime::MoeTrace& t, const ActivationBudget&
   for (int64_t e = 0; e < E; ++e) {
     const size_t i = static_cast<size_t>(e);
     rows_[i] = t.tokens[i];
-    width_[i] = t.weights.experts[i].width();
+    width_[i] = t.weights.expert_width(i);
     h_offset_[i] = n;
     if (!rows_[i].empty()) n += static_cast<size_t>(t.h[i].size());
   }

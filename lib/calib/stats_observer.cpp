@@ -71,7 +71,7 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
     }
     if (opt_.gram) {
       for (int64_t e = 0; e < E; ++e) {
-        const int64_t I = t.weights.experts[e].width();
+        const int64_t I = t.weights.expert_width(e);
         a.gram_in.push_back(MatrixD::Zero(H, H));
         a.gram_mid.push_back(MatrixD::Zero(I, I));
       }
@@ -168,10 +168,11 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
   std::vector<int32_t> pos(N);
   std::vector<int32_t> other;
   MatrixRM xo, g, u, hs;
+  runtime::MlpWeights scratch;  // a streamed expert in f32 (MoeWeights::expert)
   std::vector<double> hsum;
   constexpr int32_t kSkip = INT32_MIN;  // neither routed to e nor sampled
   for (int64_t e = 0; e < E; ++e) {
-    const runtime::MlpWeights& W = t.weights.experts[e];
+    const runtime::MlpWeights& W = t.weights.expert(e, scratch);
     const int64_t I = W.width();
     const auto& tok = t.tokens[e];
     // pos[n] >= 0: row of t.h[e]; kSkip: not used; otherwise row -(pos+1) of the locally

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/fp8_block.h"
+#include "core/tensor_arena.h"
 
 namespace moe::core {
 
@@ -37,6 +38,12 @@ Tensor::Tensor(DType dtype, Shape shape, const uint8_t* data, std::shared_ptr<co
 Tensor Tensor::zeros(DType dtype, Shape shape) {
   const int64_t n = shape_numel(shape);
   const size_t bytes = static_cast<size_t>(n) * dtype_size(dtype);
+  if (TensorArena* arena = installed_arena(); arena && bytes >= arena->min_bytes()) {
+    TensorArena::Block b = arena->allocate(bytes);
+    Tensor t(dtype, std::move(shape), b.data, std::move(b.owner));
+    t.owned_ = true;
+    return t;
+  }
   auto buf = std::shared_ptr<uint8_t[]>(new uint8_t[bytes > 0 ? bytes : 1]());
   Tensor t(dtype, std::move(shape), buf.get(), std::shared_ptr<const void>(buf, buf.get()));
   t.owned_ = true;

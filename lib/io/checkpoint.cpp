@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/tensor_arena.h"
 #include "io/gguf_model.h"
 #include "io/output_dir.h"
 
@@ -176,6 +177,7 @@ void Checkpoint::release_range(const uint8_t* p, uint64_t n) const {
   if (gguf_ && gguf_->file().release_range(p, n)) return;
   for (const auto& s : shards_)
     if (s->release_range(p, n)) return;
+  core::release_arena_range(p, n);  // a tensor a pass made (core/tensor_arena.h)
 }
 
 const fs::path& Checkpoint::shard_path(std::string_view name) const {

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/tensor_arena.h"
 #include "core/warn.h"
 #include "io/gguf_model.h"
 #include "io/packed_input.h"
@@ -272,6 +273,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
     if (gguf && gguf->file().release_range(p, n)) return;
     for (const auto& s : shards)
       if (s->release_range(p, n)) return;
+    core::release_arena_range(p, n);  // a tensor a pass made (core/tensor_arena.h)
   };
   const auto fp8 = fp8_block_size(c);
   m.fp8_block_ = fp8.has_value();

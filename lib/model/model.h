@@ -47,6 +47,19 @@ struct Mlp {  // an expert or a dense MLP: down(act(gate x + gate_bias, up x + u
   bool is_novice() const { return novice.has_value(); }
   int64_t width() const { return novice ? 0 : gate.dim(0); }
   bool has_bias() const { return gate_bias || up_bias || down_bias; }
+  // Every tensor of the expert (the novice vector, or gate, up, down and the biases present).
+  template <class F>
+  void for_each_tensor(F&& f) const {
+    if (novice) {
+      f(*novice);
+      return;
+    }
+    f(gate);
+    f(up);
+    f(down);
+    for (const auto* b : {&gate_bias, &up_bias, &down_bias})
+      if (*b) f(**b);
+  }
   int64_t params() const {
     if (novice) return novice->numel();
     int64_t n = gate.numel() + up.numel() + down.numel();
@@ -85,17 +98,7 @@ struct Layer {
   template <class F>
   void for_each_tensor(F&& f) const {
     for (const auto& [role, t] : tensors) f(t);
-    auto mlp_tensors = [&](const Mlp& m) {
-      if (m.novice) {
-        f(*m.novice);
-        return;
-      }
-      f(m.gate);
-      f(m.up);
-      f(m.down);
-      for (const auto* b : {&m.gate_bias, &m.up_bias, &m.down_bias})
-        if (*b) f(**b);
-    };
+    auto mlp_tensors = [&](const Mlp& m) { m.for_each_tensor(f); };
     if (moe) {
       f(moe->router);
       if (moe->router_bias) f(*moe->router_bias);
@@ -178,6 +181,12 @@ class Model {
   // from a checkpoint. runtime::Forward calls it for each layer it has converted.
   using PageReleaser = std::function<void(const uint8_t*, uint64_t)>;
   const PageReleaser& page_releaser() const { return release_; }
+  // Hands back the mapped pages of `t`'s stored tensors (a pass calls it once it has read a source
+  // tensor it replaces, so a layer's source pages do not pile up while the layer is worked on).
+  void release_pages(const Tensor& t) const {
+    if (release_)
+      for (const Tensor* p : t.stored_tensors()) release_(p->data(), p->nbytes());
+  }
 
   const FamilyDesc& family() const { return *family_; }
   const Config& config() const { return config_; }

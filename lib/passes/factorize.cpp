@@ -219,6 +219,7 @@ class Factorize final : public pipeline::Pass {
     json& rep = ctx.report;
     rep["matrices"] = json::array();
     notes_.clear();
+    model_ = &ctx.model;
     std::vector<Slot> singles;  // factorized one by one
     std::vector<Slot> grouped;  // delta / latent: routed experts, by type
     collect(ctx.target, ctx.grams, singles, grouped);
@@ -285,6 +286,7 @@ class Factorize final : public pipeline::Pass {
   }
 
  private:
+  const model::Model* model_ = nullptr;  // the model run_layer works on (its mapped pages handed back)
   bool targets(const char* t) const { return std::find(targets_.begin(), targets_.end(), t) != targets_.end(); }
 
   // The delta / latent decomposition of the routed experts' matrices of one type (0 gate, 1 up,
@@ -504,6 +506,7 @@ class Factorize final : public pipeline::Pass {
     }
     const lowrank::Factors f = lowrank::truncate(sp, k);
     const core::DType d = factor_dtype(*s.tensor);
+    if (model_) model_->release_pages(*s.tensor);  // read; replaced below
     *s.tensor = core::Tensor::encoded(std::make_shared<quant::LowRank>(part(f.a, d), part(f.b, d)), d);
     std::string note = sp.note;
     if (sp.shift > 0) note += (note.empty() ? "" : "; ") + std::string("Gram not positive definite: added ") +

@@ -469,7 +469,7 @@ class Quantize final : public pipeline::Pass {
         bind_expert(*g, ctx.block_inputs, *L.moe, slots, codec, bound);
       }
       std::shared_ptr<const core::Encoding> enc = chosen[i] ? chosen[i] : encode(slots[i], *codec[i], m);
-      finish_slot(slots[i], std::move(enc), *codec[i], m);
+      finish_slot(ctx.model, slots[i], std::move(enc), *codec[i], m);
       rep["matrices"].push_back(m);
     }
     if (bound >= 0) unbind_expert(*g, slots, bound);
@@ -515,7 +515,7 @@ class Quantize final : public pipeline::Pass {
       auto enc = quant::rtn(w.data(), w.rows(), w.cols(), *c);
       m["method"] = "rtn";
       if (method_ == QuantizeMethod::Gptq) m["note"] = "rtn: no Hessian is collected for " + std::string(key);
-      finish_slot(s, std::move(enc), *c, m);
+      finish_slot(model, s, std::move(enc), *c, m);
       list.push_back(m);
     }
     if (!list.empty()) report["matrices"] = list;
@@ -804,7 +804,11 @@ class Quantize final : public pipeline::Pass {
     return enc;
   }
 
-  static void finish_slot(const Slot& s, std::shared_ptr<const core::Encoding> enc, const quant::CodecSpec& c, json& m) {
+  // Replaces the slot's tensor by its encoding, handing back the source's mapped pages first (read,
+  // no longer needed: memory holds the experts being worked on, not the layer's source).
+  static void finish_slot(const model::Model& model, const Slot& s, std::shared_ptr<const core::Encoding> enc,
+                          const quant::CodecSpec& c, json& m) {
+    model.release_pages(*s.tensor);
     const core::DType d = s.tensor->dtype();
     const core::DType logical = (d == core::DType::F32 || d == core::DType::BF16 || d == core::DType::F16) ? d : core::DType::BF16;
     m["matrix"] = s.what;

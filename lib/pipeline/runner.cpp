@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/fp8_block.h"
 #include "core/progress.h"
+#include "core/tensor_arena.h"
 #include "eval/eval.h"
 #include "io/checkpoint_writer.h"
 #include "io/output_dir.h"
@@ -325,6 +326,7 @@ struct RunState {
   std::string act_budget_source;
   uint64_t act_largest = 0;
   int64_t act_spilled_layers = 0;
+  uint64_t made_spilled = 0;  // bytes the passes made through the temporary file (io::SpillArena)
   // the output, statistics and the plan
   std::unique_ptr<Sink> sink;
   std::optional<calib::Stats> stats;
@@ -700,6 +702,7 @@ void run_layers(RunState& s) {
     const CalibrationTokens ct = calibration_tokens(r.model, r.calibration);
     T = ct.ctx;
     fwd.emplace(model);
+    fwd->set_stream_experts(true);  // a layer holds a few experts in f32, not all (docs/memory.md)
     X = fwd->embed(ct.tokens);
   }
   // The same windows through the input model, unchanged (Requirements::reference_inputs).
@@ -707,6 +710,7 @@ void run_layers(RunState& s) {
   runtime::MatrixRM X_ref;
   if (fwd && s.needs_reference) {
     ref_fwd.emplace(original);
+    ref_fwd->set_stream_experts(true);
     X_ref = X;
   }
 
@@ -724,6 +728,18 @@ void run_layers(RunState& s) {
     std::vector<io::TensorSpec> plan;
     for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
     sink->begin(ckpt, plan);
+  }
+  // What the passes make (encodings, factors, merged experts: Tensor::zeros of 1 MiB or more, or of
+  // the activation budget when that is smaller) lives in a temporary file beside the output, its
+  // pages handed back every 64 MiB (or budget) made and once written, so a layer's output does not
+  // sit in memory whole while the layer is worked on (docs/memory.md).
+  std::optional<io::SpillArena> arena;
+  std::optional<core::ScopedTensorArena> arena_scope;
+  if (!r.passes.empty()) {
+    const uint64_t budget = needs_grams ? s.act_budget.bytes : UINT64_MAX;
+    arena.emplace(io::fs::absolute(r.output.path).parent_path(), std::min<uint64_t>(budget, uint64_t{1} << 20),
+                  std::min<uint64_t>(budget, uint64_t{64} << 20));
+    arena_scope.emplace(&*arena);
   }
   // Layer by layer into one output: a part shared across layers is written once.
   s.out_opts = model::OutputOptions{r.output.dtype, r.output.materialize, std::make_shared<model::SharedPartNames>()};
@@ -842,6 +858,7 @@ void run_layers(RunState& s) {
     progress.add(kPart - shown);  // the rest of the layer (its write, and forwards not run)
   }
   progress.finish();
+  if (arena) s.made_spilled = arena->bytes_allocated();
   // Multi-token-prediction layers keep the experts the last MoE decoder layer kept.
   if (!model.mtp_moe_layers().empty())
     for (auto it = layer_reports.rbegin(); it != layer_reports.rend(); ++it)
@@ -1034,6 +1051,7 @@ json write_run_report(RunState& s) {
     report["memory"] = summary["memory"];
     report["memory"]["largest_layer_activation_bytes"] = s.act_largest;
     report["memory"]["layers_spilled"] = s.act_spilled_layers;
+    report["memory"]["pass_output_bytes_spilled"] = s.made_spilled;
   }
   if (!s.tasks.is_null()) report["tasks"] = s.tasks;
   if (!eval_json.is_null()) report["eval"] = eval_json;

@@ -358,14 +358,27 @@ LayerWeights Forward::load_layer(int l) const {
   return w;
 }
 
-void Forward::load_layer_into(int l, LayerWeights& w) const {
+void Forward::load_layer_into(int l, LayerWeights& w) const { load_layer_into(l, w, stream_experts_); }
+
+void Forward::load_layer_into(int l, LayerWeights& w, bool stream_experts) const {
   const PhaseScope timed(Phase::Dequantize);
   const model::Layer& layer = model_.layers().at(l);
-  naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true); });
-  if (const auto& release = model_.page_releaser())
-    layer.for_each_tensor([&](const core::Tensor& t) {
-      for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
-    });
+  const auto& release = model_.page_releaser();
+  naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release); });
+  if (!release) return;
+  auto hand_back = [&](const core::Tensor& t) {
+    for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
+  };
+  if (!stream_experts || !layer.moe) {
+    layer.for_each_tensor(hand_back);
+    return;
+  }
+  // Streamed: the routed experts' pages are handed back as each is converted (MoeWeights::expert).
+  for (const auto& [role, t] : layer.tensors) hand_back(t);
+  hand_back(layer.moe->router);
+  if (layer.moe->router_bias) hand_back(*layer.moe->router_bias);
+  if (layer.moe->shared) layer.moe->shared->for_each_tensor(hand_back);
+  if (layer.moe->shared_gate) hand_back(*layer.moe->shared_gate);
 }
 
 void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {
@@ -399,7 +412,8 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
     MoeDetail det;
     const std::vector<bool>* active =
         static_cast<size_t>(l) < active_.size() && !active_[static_cast<size_t>(l)].empty() ? &active_[static_cast<size_t>(l)] : nullptr;
-    MatrixRM out = moe_forward(*w.moe, spec_.routing, x2, &det, want_moe, active);
+    // Streamed experts are converted inside the block: a non-finite weight is named there.
+    MatrixRM out = naming_non_finite(model_, l, [&] { return moe_forward(*w.moe, spec_.routing, x2, &det, want_moe, active); });
     if (want_routing)
       for (Observer* o : observers)
         if (o->wants_routing()) o->on_routing(l, det.logits, det.routing);
@@ -430,8 +444,13 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
 
 void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {
   LayerWeights w;  // one layer resident; its buffers are reused by the next layer
+  // Each layer is converted once and applied once: streaming its experts costs no extra conversion,
+  // unless an observer reads the experts' weights from the MoE trace (the statistics do).
+  bool trace = false;
+  for (Observer* o : observers) trace |= o->wants_moe_trace();
+  const bool stream = stream_experts_ || !trace;
   for (int l = 0; l < static_cast<int>(spec_.layers); ++l) {
-    load_layer_into(l, w);
+    load_layer_into(l, w, stream);
     apply_layer(w, X, T, observers);
   }
 }

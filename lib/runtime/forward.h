@@ -79,7 +79,8 @@ class Forward {
   void load_layer_into(int l, LayerWeights& w) const;
   // Applies one decoder layer to X in place (N = windows*T rows, T = window length).
   void apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::span<Observer* const> observers = {}) const;
-  // Every layer in turn: convert, apply, release.
+  // Every layer in turn: convert, apply, release. The routed experts are streamed (one conversion
+  // per layer either way) unless an observer wants the MoE trace and set_stream_experts is off.
   void run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> observers = {}) const;
   // Final norm (RMSNorm, or LayerNorm with its bias).
   MatrixRM final_norm(const MatrixRM& X) const;
@@ -101,13 +102,23 @@ class Forward {
   // (eval --task, docs/tasks.md). Error::internal when an entry's size is not the layer's experts.
   void set_active_experts(std::vector<std::vector<bool>> active) { active_ = std::move(active); }
 
+  // Streams the routed experts (MoeWeights::source): load_layer converts the layer without them and
+  // the MoE block converts each expert when it runs it, so a layer holds a few experts in f32, not
+  // E (and hands back each expert's mapped pages once converted). Same results, bit for bit; each
+  // apply_layer converts the experts again, so a caller that applies one LayerWeights many times
+  // (search) should not stream. The LayerWeights then refers to the model's tensors: it must not
+  // outlive them, and a layer changed in the model must be loaded again. Default: off.
+  void set_stream_experts(bool on) { stream_experts_ = on; }
+
  private:
   const model::Model& model_;
   ForwardSpec spec_;
   RowVector final_norm_w_;
   std::optional<RowVector> final_norm_b_, lm_head_b_;  // [H], [V] phimoe
   mutable RopeTable rope_;
+  void load_layer_into(int l, LayerWeights& w, bool stream_experts) const;
   std::vector<std::vector<bool>> active_;  // per layer; empty: every expert routable
+  bool stream_experts_ = false;
 };
 
 }  // namespace moe::runtime

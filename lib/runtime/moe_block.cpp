@@ -92,12 +92,16 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return xs[a].rows() > xs[b].rows(); });
   parallel_for(E, [&](int64_t i) {
     const int64_t e = by_size[i];
+    // A streamed expert is converted here (every one, routed to or not, so a non-finite weight is
+    // refused as when the layer is converted up front), into this thread's buffers.
+    thread_local MlpWeights scratch;
+    const MlpWeights& we = w.expert(e, scratch);
     if (xs[e].rows() == 0) {
-      hs[e].resize(0, w.experts[e].width());
+      hs[e].resize(0, we.width());
       ys[e].resize(0, H);
       return;
     }
-    ys[e] = mlp_forward(w.experts[e], xs[e], keep_intermediates ? &hs[e] : nullptr);
+    ys[e] = mlp_forward(we, xs[e], keep_intermediates ? &hs[e] : nullptr);
     xs[e] = MatrixRM();
   });
   // Scatter-add weighted, each row in expert index order (as transformers accumulates; the sum

@@ -80,11 +80,20 @@ void assign_expert(MlpWeights& w, const model::Mlp& m, size_t e, bool factored) 
   core::with_context("expert " + std::to_string(e), [&] { assign(w, m, factored); });
 }
 
-void assign(MoeWeights& w, const model::MoeBlock& b, bool factored) {
+void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream = false) {
   core::with_context("router", [&] { assign(w.router, b.router); });
   assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
-  const size_t E = b.experts.size();
-  w.experts.resize(E);
+  size_t E = b.experts.size();
+  w.source = nullptr;
+  w.widths.clear();
+  w.factored = factored;
+  if (stream) {
+    w.experts.clear();
+    w.source = &b;
+    for (const auto& e : b.experts) w.widths.push_back(e.width());
+  }
+  w.experts.resize(stream ? 0 : E);
+  if (stream) E = 0;
   // Dequantising is memory bound and single-threaded per tensor: split the experts over 2 threads.
   int64_t params = 0;
   for (const auto& e : b.experts) params += e.params();
@@ -118,6 +127,17 @@ void assign(MoeWeights& w, const model::MoeBlock& b, bool factored) {
 }
 
 }  // namespace
+
+const MlpWeights& MoeWeights::expert(int64_t e, MlpWeights& scratch) const {
+  if (!source) return experts.at(static_cast<size_t>(e));
+  const model::Mlp& m = source->experts.at(static_cast<size_t>(e));
+  core::with_context("layer " + std::to_string(layer), [&] { assign_expert(scratch, m, static_cast<size_t>(e), factored); });
+  if (release)
+    m.for_each_tensor([&](const core::Tensor& t) {
+      for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
+    });
+  return scratch;
+}
 
 MatrixRM to_matrix(const core::Tensor& t) {
   MatrixRM m;
@@ -156,7 +176,8 @@ LayerWeights convert_layer(const model::Layer& l, bool factored) {
   return w;
 }
 
-void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored) {
+void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored, bool stream_experts,
+                        const model::Model::PageReleaser& release) {
   core::with_context("layer " + std::to_string(l.index), [&] {
     w.index = l.index;
     auto need = [&](const char* role) -> const core::Tensor& {
@@ -198,7 +219,9 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored) {
     assign(w.attn.sinks, l.find("sinks"));
     if (l.moe) {
       if (!w.moe) w.moe.emplace();
-      assign(*w.moe, *l.moe, factored);
+      assign(*w.moe, *l.moe, factored, stream_experts);
+      w.moe->layer = l.index;
+      w.moe->release = stream_experts ? release : model::Model::PageReleaser{};
     } else {
       w.moe.reset();
     }

@@ -46,10 +46,25 @@ struct MoeWeights {
   // [E] deepseek_v3 e_score_correction_bias (expert choice only) or gpt_oss router bias (added to
   // the logits: RoutingRule::logit_bias).
   std::optional<RowVector> router_bias;
-  std::vector<MlpWeights> experts;      // E
+  std::vector<MlpWeights> experts;      // E (empty when the experts are streamed)
   std::optional<MlpWeights> shared;     // qwen2_moe shared expert
   std::optional<RowVector> shared_gate; // [H] (the [1,H] sigmoid gate row)
-  int64_t num_experts() const { return static_cast<int64_t>(experts.size()); }
+  // Streamed routed experts (convert_layer_into with stream_experts; Forward::set_stream_experts):
+  // `experts` stays empty and each expert is converted to f32 from `source` when it is needed
+  // (expert()), then dropped, so a layer holds a few experts in f32 instead of E. `release`
+  // (model::Model::page_releaser, may be empty) hands back an expert's mapped source pages once
+  // it is converted. The results are the same bytes as with every expert converted up front.
+  const model::MoeBlock* source = nullptr;
+  int layer = 0;                        // for error messages ("layer 3: expert 5: gate: ...")
+  bool factored = false;                // low-rank projections kept as factors (the forward's choice)
+  std::vector<int64_t> widths;          // [E] each streamed expert's width (0 for a novice)
+  model::Model::PageReleaser release;
+  bool streamed() const { return source != nullptr; }
+  int64_t num_experts() const { return streamed() ? static_cast<int64_t>(widths.size()) : static_cast<int64_t>(experts.size()); }
+  int64_t expert_width(int64_t e) const { return streamed() ? widths.at(static_cast<size_t>(e)) : experts.at(static_cast<size_t>(e)).width(); }
+  // Expert e in f32: experts[e], or, when streamed, converted into `scratch` (reusing its buffers)
+  // and returned. Throws what the conversion throws (NonFiniteError naming layer and expert).
+  const MlpWeights& expert(int64_t e, MlpWeights& scratch) const;
 };
 
 struct AttnWeights {
@@ -88,6 +103,9 @@ MoeWeights convert_moe(const model::MoeBlock& b);
 LayerWeights convert_layer(const model::Layer& l, bool factored = false);
 // The same into `w`, reusing its buffers where shapes match (no allocation, no page faults when
 // consecutive layers have the same shapes: what the layer-sequential driver does).
-void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored = false);
+// `stream_experts`: the routed experts are not converted but streamed (MoeWeights::source, which
+// must outlive `w`), their pages handed back to `release` one expert at a time.
+void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored = false, bool stream_experts = false,
+                        const model::Model::PageReleaser& release = {});
 
 }  // namespace moe::runtime

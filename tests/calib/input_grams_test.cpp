@@ -5,12 +5,20 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
+#include <sstream>
 
 #include "calib/input_grams.h"
+#include "core/tensor.h"
+#include "core/tensor_arena.h"
+#include "io/scratch.h"
 #include "runtime/moe_block.h"
 #include "support/expect_error.h"
+#include "support/synth.h"
 
 namespace moe::pipeline {
 namespace {
@@ -139,6 +147,76 @@ TEST(ScratchFloats, AFolderThatCannotHoldTheSpillFileIsAnIoErrorNamingIt) {
   io::ScratchFloats ram(5, {});
   EXPECT_FALSE(ram.spilled());
   EXPECT_EQ(ram.data()[4], 0.0f);
+}
+
+// Resident KB of the mapping that holds `p` in this process (/proc/self/smaps; -1 when unknown).
+int64_t resident_kb_at(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool in = false;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  while (std::getline(smaps, line)) {
+    std::istringstream is(line);
+    std::string range, perms;
+    is >> range >> perms;
+    if (const auto dash = range.find('-'); dash != std::string::npos && perms.size() == 4) {
+      const uintptr_t b = std::stoull(range.substr(0, dash), nullptr, 16), e = std::stoull(range.substr(dash + 1), nullptr, 16);
+      in = a >= b && a < e;
+      continue;
+    }
+    if (in && line.rfind("Rss:", 0) == 0) return std::stoll(line.substr(4));
+  }
+  return -1;
+}
+
+// Tensors a pass makes while a SpillArena is installed live in its temporary file: zero when made,
+// their bytes kept when their pages are dropped from the process, the small ones on the heap, no
+// file left in the folder, and the arena's storage alive as long as a tensor in it.
+TEST(SpillArena, TensorsInTheTemporaryFileKeepTheirBytesWhenTheirPagesAreDropped) {
+  if (!fs::exists("/proc/self/smaps")) GTEST_SKIP() << "no /proc/self/smaps";
+  test::TempDir tmp;
+  std::vector<core::Tensor> made;
+  core::Tensor small;
+  {
+    io::SpillArena arena(tmp.path(), 4096, size_t{1} << 40);  // no eviction but evict_all()
+    {
+      const core::ScopedTensorArena scope(&arena);
+      EXPECT_EQ(core::installed_arena(), &arena);
+      small = core::Tensor::zeros(core::DType::U8, {100});
+      for (int i = 0; i < 3; ++i) {
+        core::Tensor t = core::Tensor::zeros(core::DType::F32, {1000, 300 + i});
+        float* v = reinterpret_cast<float*>(t.mutable_data());
+        for (int64_t j = 0; j < t.numel(); ++j) {
+          EXPECT_EQ(v[j], 0.0f);
+          v[j] = static_cast<float>(j % 977) * 0.5f + static_cast<float>(i);
+        }
+        made.push_back(std::move(t));
+      }
+    }
+    EXPECT_EQ(core::installed_arena(), nullptr);
+    EXPECT_FALSE(arena.release_range(small.data(), small.nbytes()));  // on the heap
+    EXPECT_TRUE(arena.release_range(made[1].data(), made[1].nbytes()));
+    EXPECT_EQ(arena.bytes_allocated(), size_t{4} * (300000 + 301000 + 302000));
+    EXPECT_GT(resident_kb_at(made[0].data()), 1000);
+    arena.evict_all();
+    EXPECT_EQ(resident_kb_at(made[0].data()), 0);
+    EXPECT_EQ(std::distance(fs::directory_iterator(tmp.path()), fs::directory_iterator{}), 0);
+  }  // the arena object goes; its chunks stay while the tensors hold them
+  for (int i = 0; i < 3; ++i) {
+    const float* v = reinterpret_cast<const float*>(made[static_cast<size_t>(i)].data());
+    for (int64_t j = 0; j < made[static_cast<size_t>(i)].numel(); j += 97)
+      ASSERT_EQ(v[j], static_cast<float>(j % 977) * 0.5f + static_cast<float>(i)) << i << " " << j;
+  }
+  const core::Tensor heap = core::Tensor::zeros(core::DType::F32, {1000, 300});  // no arena now
+  EXPECT_GT(resident_kb_at(heap.data()), -1);
+}
+
+TEST(SpillArena, AFolderThatCannotHoldTheFileIsAnIoErrorNamingIt) {
+  io::SpillArena arena("/nonexistent-moe-folder/sub", 16);
+  const core::ScopedTensorArena scope(&arena);
+  test::expect_error([] { (void)core::Tensor::zeros(core::DType::F32, {64}); }, core::ErrorKind::IOError,
+                     {"/nonexistent-moe-folder/sub", "encoded layer"});
+  EXPECT_NO_THROW((void)core::Tensor::zeros(core::DType::F32, {2}));  // below min_bytes: the heap
 }
 
 }  // namespace

@@ -320,7 +320,7 @@ TEST(Quantize, BadInputFailsCleanly) {
 }
 
 // The routed experts' Grams are computed one expert at a time from the layer's activations; a
-// budget that forces the activations into a spill file gives the same bytes (GPTQ with top-ups and
+// budget that forces the activations (and what the pass makes) into spill files gives the same bytes (GPTQ with top-ups and
 // the router's all-token Hessian; factorize svdllm), says so in the report, and leaves no file
 // behind. A budget that is not a size is refused naming the flag.
 TEST(Quantize, MemoryBudgetSpillsTheActivationsWithTheSameBytes) {
@@ -345,6 +345,8 @@ TEST(Quantize, MemoryBudgetSpillsTheActivationsWithTheSameBytes) {
     EXPECT_EQ(ram.at("memory").at("layers_spilled"), 0) << name;
     EXPECT_NE(ram.at("memory").at("source").get<std::string>().find("auto"), std::string::npos) << name;
     EXPECT_EQ(spill.at("memory").at("layers_spilled"), 4) << name;
+    // What the pass made (codes, scales, factors) went through the temporary file too.
+    EXPECT_GT(spill.at("memory").at("pass_output_bytes_spilled").get<int64_t>(), 0) << name;
     EXPECT_EQ(spill.at("memory").at("activation_budget"), 1000) << name;
     // x [256, H] and h of the 256·2 routed rows [512, I], as f32
     const json cfg = read_json(kModel / "config.json");
