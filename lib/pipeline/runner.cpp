@@ -29,6 +29,7 @@
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
 #include "runtime/forward.h"
+#include "runtime/mpi.h"
 #include "runtime/weights.h"
 
 namespace moe::pipeline {
@@ -37,6 +38,23 @@ using core::Error;
 using nlohmann::json;
 
 namespace {
+
+// The sink of the ranks other than 0 in an MPI run (runtime/mpi.h): they run every layer to hold
+// what the next layer reads, and write nothing; rank 0 writes the output.
+class DiscardSink final : public Sink {
+ public:
+  std::string format() const override { return "none"; }
+  const io::fs::path& native_dir() const override { return dir_; }
+  void begin(const io::Checkpoint&, const std::optional<std::vector<io::TensorSpec>>&) override {}
+  void write(const std::vector<model::OutTensor>&) override {}
+  SpillWriter* spill() override { return nullptr; }
+  SinkResult finish(const json&) override { return {}; }
+  io::fs::path write_report(const json&) override { return {}; }
+  void commit() override {}
+
+ private:
+  io::fs::path dir_;
+};
 
 // Captures the MoE block input x of the layer being run.
 // Σ_t ||r_t||² of the residual stream entering a layer.
@@ -977,6 +995,39 @@ void evaluate_output(RunState& s) {
 
 }
 
+// The report's "mpi" section of a run over several ranks (null for one process): the ranks, and
+// per layer the exchange of the split passes (their reports' "mpi" entries, as rank 0 measured).
+json mpi_report(const json& layer_reports) {
+  const runtime::mpi::World& world = runtime::mpi::World::get();
+  if (!world.split()) return nullptr;
+  json layers = json::array();
+  uint64_t sent = 0, gathered = 0;
+  double seconds = 0;
+  for (const json& lr : layer_reports) {
+    if (!lr.contains("passes")) continue;
+    for (const json& pr : lr.at("passes")) {
+      if (!pr.contains("mpi")) continue;
+      const json& m = pr.at("mpi");
+      layers.push_back({{"layer", lr.at("layer")}, {"pass", pr.at("pass")}, {"bytes_sent", m.at("bytes_sent")},
+                        {"bytes_gathered", m.at("bytes_gathered")}, {"seconds", m.at("seconds")}});
+      sent += m.at("bytes_sent").get<uint64_t>();
+      gathered += m.at("bytes_gathered").get<uint64_t>();
+      seconds += m.at("seconds").get<double>();
+    }
+  }
+  const double n = layers.empty() ? 1.0 : static_cast<double>(layers.size());
+  return {{"ranks", world.size()},
+          {"rank_writing", 0},
+          {"exchanges", layers.size()},
+          {"bytes_sent_per_layer", static_cast<double>(sent) / n},
+          {"bytes_gathered_per_layer", static_cast<double>(gathered) / n},
+          {"seconds_per_layer", seconds / n},
+          {"layers", layers},
+          {"note", "bytes_sent: rank 0's encodings times the ranks receiving them; bytes_gathered: every rank's "
+                   "encodings of the layer, which each rank holds after the exchange; seconds: rank 0's wall time in "
+                   "the exchange, waiting for slower ranks included"}};
+}
+
 // The report (moe_tool_report.json where the format has room for it), the commit, and the summary.
 json write_run_report(RunState& s) {
   const Recipe& r = s.r;
@@ -1043,6 +1094,7 @@ json write_run_report(RunState& s) {
   size_warning(summary);
   if (!summary["warnings"].empty()) report["warnings"] = summary["warnings"];
   report["output"] = written.to_json();
+  if (const json mpi = mpi_report(layer_reports); !mpi.is_null()) report["mpi"] = mpi;
   const io::fs::path report_path = sink->write_report(report);
   sink->commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
@@ -1098,12 +1150,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   check_run(s);
   // The output exists from here on, so nothing can take its place unnoticed while the statistics
   // are computed.
-  if (!opts.dry_run) s.sink = make_sink(env, r, run_inputs(r));
+  const runtime::mpi::World& world = runtime::mpi::World::get();
+  if (!opts.dry_run) s.sink = world.rank() == 0 ? make_sink(env, r, run_inputs(r)) : std::make_unique<DiscardSink>();
   load_statistics(s);
   plan_run(s);
   if (opts.dry_run) return dry_run_summary(s);
   run_model_passes(s);
   run_layers(s);
+  // The other ranks of an MPI run: their share of the layers is done, rank 0 writes the rest.
+  if (world.rank() != 0) return json::object();
   write_globals(s);
   evaluate_output(s);
   return write_run_report(s);
