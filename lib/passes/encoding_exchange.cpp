@@ -18,6 +18,10 @@ std::vector<uint8_t> pack_encodings(const std::vector<EncodedSlot>& slots) {
   json header = json::array();
   std::vector<const core::Tensor*> payload;
   for (const EncodedSlot& s : slots) {
+    if (!s.encoding) {  // the matrix stays as it was: its report entry only
+      header.push_back({{"slot", s.slot}, {"report", s.report}, {"entry", nullptr}, {"parts", json::array()}});
+      continue;
+    }
     json entry = s.encoding->params();
     entry["encoding"] = s.encoding->name();
     json parts = json::array();
@@ -72,7 +76,8 @@ std::vector<EncodedSlot> unpack_encodings(const std::vector<uint8_t>& bytes) {
         off += t.nbytes();
         parts[p.at("role").get<std::string>()] = {std::make_shared<const core::Tensor>(std::move(t)), false};
       }
-      out.push_back({h.at("slot").get<size_t>(), quant::decode(h.at("entry"), parts), h.at("report")});
+      const json& entry = h.at("entry");
+      out.push_back({h.at("slot").get<size_t>(), entry.is_null() ? nullptr : quant::decode(entry, parts), h.at("report")});
     }
   } catch (const json::exception& e) {
     throw bad(e.what());

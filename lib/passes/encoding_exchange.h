@@ -18,8 +18,9 @@
 
 namespace moe::passes {
 
-// One encoded matrix of a layer: its index in the pass's slot list, its encoding and its entry in
-// the layer report (method, tokens, losses: what the encoder measured).
+// One encoded matrix of a layer: its index in the pass's slot list, its encoding (null: the
+// matrix stays as it was, e.g. kept dense by factorize) and its entry in the layer report
+// (method, tokens, losses: what the encoder measured).
 struct EncodedSlot {
   size_t slot = 0;
   std::shared_ptr<const core::Encoding> encoding;

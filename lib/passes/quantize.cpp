@@ -469,7 +469,7 @@ class Quantize final : public pipeline::Pass {
     for (size_t i = 0; i < slots.size(); ++i) {
       if (!codec[i]) continue;
       json m;
-      if (split[i].encoding) {  // encoded by its owner rank
+      if (split[i].encoding) {  // encoded by its owner rank (quantize encodes every routed slot it has a codec for)
         finish_slot(slots[i], std::move(split[i].encoding), *codec[i], split[i].report);
         rep["matrices"].push_back(split[i].report);
         continue;

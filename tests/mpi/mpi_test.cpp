@@ -1,5 +1,6 @@
 // Scale-out over MPI ranks (docs/mpi.md), through the built moe-tool under mpiexec on this
-// machine: quantize gptq split over 2 and 3 ranks writes the bytes the single process writes
+// machine: quantize gptq split over 2 and 3 ranks, and factorize svdllm over 3 (a recipe), write
+// the bytes the single process writes
 // (every file but the report; the report too once its "mpi" section and run-specific fields are
 // removed), rank 0 alone prints and writes, and an error or a command that does not split ends
 // every rank with exit 2 and one line of its own. Built only when CMake finds MPI, and not in the
@@ -47,6 +48,18 @@ json comparable_report(const fs::path& dir) {
   return r;
 }
 
+// Every file of `out` has the bytes of the same file in `one` (the report: once comparable).
+void expect_same_output(const fs::path& one, const fs::path& out) {
+  const std::vector<std::string> files = list_dir(one);
+  ASSERT_NE(std::find(files.begin(), files.end(), "model.safetensors"), files.end());
+  ASSERT_EQ(list_dir(out), files);
+  for (const auto& f : files) {
+    if (f == "moe_tool_report.json") continue;
+    EXPECT_TRUE(read_file(one / f) == read_file(out / f)) << f << " differs from the single-process output";
+  }
+  EXPECT_EQ(comparable_report(out), comparable_report(one));
+}
+
 class MpiRun : public ::testing::Test {
  protected:
   static void SetUpTestSuite() { setenv("OPENBLAS_NUM_THREADS", "1", 1); }
@@ -71,8 +84,6 @@ TEST_F(MpiRun, QuantizeGptqBytesEqualTheSingleProcess) {
   args.insert(args.begin(), "-q");
   const RunResult r1 = run_tool(args);
   ASSERT_EQ(r1.exit_code, 0) << r1.describe();
-  const std::vector<std::string> files = list_dir(one);
-  ASSERT_NE(std::find(files.begin(), files.end(), "model.safetensors"), files.end());
   for (int ranks : {2, 3}) {
     SCOPED_TRACE(std::to_string(ranks) + " ranks");
     const fs::path out = tmp / ("ranks" + std::to_string(ranks));
@@ -83,12 +94,7 @@ TEST_F(MpiRun, QuantizeGptqBytesEqualTheSingleProcess) {
     for (size_t i = r.out.find("done\n"); i != std::string::npos; i = r.out.find("done\n", i + 1)) ++done;
     EXPECT_EQ(done, 1u) << r.out;
     EXPECT_EQ(r.err.find("moe-tool:"), std::string::npos) << r.err;
-    ASSERT_EQ(list_dir(out), files);
-    for (const auto& f : files) {
-      if (f == "moe_tool_report.json") continue;
-      EXPECT_TRUE(read_file(one / f) == read_file(out / f)) << f << " differs from the single-process output";
-    }
-    EXPECT_EQ(comparable_report(out), comparable_report(one));
+    expect_same_output(one, out);
     const json rep = json::parse(read_file(out / "moe_tool_report.json"));
     ASSERT_TRUE(rep.contains("mpi")) << rep.dump();
     EXPECT_EQ(rep["mpi"]["ranks"], ranks);
@@ -104,6 +110,34 @@ TEST_F(MpiRun, QuantizeGptqBytesEqualTheSingleProcess) {
     // Nothing left beside the output by any rank.
     EXPECT_TRUE(temp_leftovers(tmp.path()).empty());
   }
+}
+
+// factorize svdllm by an energy rule, through a recipe (`run`): some matrices stay dense (their
+// report entries and notes come from their owner rank), the rest are low-rank factors.
+TEST_F(MpiRun, FactorizeSvdllmRecipeBytesEqualTheSingleProcess) {
+  auto recipe = [&](const fs::path& out) {
+    const json r = {{"model", model().string()},
+                    {"calibration", {{"text", kCalib.string()}, {"ctx", 32}, {"windows", 16}}},
+                    {"passes", json::array({{{"pass", "factorize"}, {"method", "svdllm"}, {"energy", 0.97}}})},
+                    {"output", {{"path", out.string()}}}};
+    const fs::path file = tmp / (out.filename().string() + ".json");
+    write_file(file, r.dump());
+    return file.string();
+  };
+  const fs::path one = tmp / "one", three = tmp / "three";
+  const RunResult r1 = run_tool({"-q", "run", recipe(one)});
+  ASSERT_EQ(r1.exit_code, 0) << r1.describe();
+  const RunResult r3 = run_ranks(3, {"-q", "run", recipe(three)});
+  ASSERT_EQ(r3.exit_code, 0) << r3.describe();
+  expect_same_output(one, three);
+  const json rep = json::parse(read_file(one / "moe_tool_report.json"));
+  size_t dense = 0, lowrank = 0;
+  for (const auto& l : rep["layers"])
+    if (l.contains("passes"))
+      for (const auto& m : l["passes"][0]["matrices"]) (m["rank"] == "dense" ? dense : lowrank) += 1;
+  EXPECT_GT(dense, 0u) << "the energy rule should keep some matrix dense";
+  EXPECT_GT(lowrank, 0u);
+  EXPECT_EQ(json::parse(read_file(three / "moe_tool_report.json"))["mpi"]["ranks"], 3);
 }
 
 TEST_F(MpiRun, ErrorEndsEveryRankWithOneLine) {
