@@ -1,6 +1,7 @@
 #include "passes/factorize.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <deque>
 #include <map>
@@ -531,6 +532,7 @@ class Factorize final : public pipeline::Pass {
   // The owner's own records are undone here; apply_split() redoes them in slot order on every rank.
   void split_singles(std::vector<Slot>& singles, std::vector<EncodedSlot>& split, json& rep) {
     const runtime::mpi::World& world = runtime::mpi::World::get();
+    const auto t0 = std::chrono::steady_clock::now();
     std::vector<EncodedSlot> mine;
     const int factorized = factorized_;
     for (size_t i = 0; i < singles.size(); ++i) {
@@ -544,6 +546,7 @@ class Factorize final : public pipeline::Pass {
     }
     factorized_ = factorized;
     unbind_expert();
+    const double encode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     json mpi;
     for (EncodedSlot& e : exchange_encodings(mine, mpi)) {
       if (e.slot >= singles.size() || singles[e.slot].expert < 0 || !split[e.slot].report.is_null())
@@ -553,6 +556,7 @@ class Factorize final : public pipeline::Pass {
     for (size_t i = 0; i < singles.size(); ++i)
       if (singles[i].expert >= 0 && split[i].report.is_null())
         throw Error::internal("factorize: mpi: no rank factorized " + singles[i].what);
+    mpi["encode_seconds"] = encode_seconds;  // this rank's share of the work, before the exchange
     rep["mpi"] = mpi;
   }
   // A result split_singles received: stored, recorded and noted as factor_single would have.

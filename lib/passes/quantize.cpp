@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <Eigen/Cholesky>
@@ -786,6 +787,7 @@ class Quantize final : public pipeline::Pass {
     const runtime::mpi::World& world = runtime::mpi::World::get();
     const bool gptq = method_ == QuantizeMethod::Gptq;
     auto routed = [&](size_t i) { return codec[i] && !chosen[i] && slots[i].cls == "experts"; };
+    const auto t0 = std::chrono::steady_clock::now();
     std::vector<EncodedSlot> mine;
     int bound = -1;
     for (size_t i = 0; i < slots.size(); ++i) {
@@ -800,6 +802,7 @@ class Quantize final : public pipeline::Pass {
       mine.push_back(std::move(e));
     }
     if (bound >= 0) unbind_expert(*ctx.grams, slots, bound);
+    const double encode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     json mpi;
     for (EncodedSlot& e : exchange_encodings(mine, mpi)) {
       if (e.slot >= slots.size() || !routed(e.slot) || split[e.slot].encoding)
@@ -808,6 +811,7 @@ class Quantize final : public pipeline::Pass {
     }
     for (size_t i = 0; i < slots.size(); ++i)
       if (routed(i) && !split[i].encoding) throw Error::internal("quantize: mpi: no rank encoded " + slots[i].what);
+    mpi["encode_seconds"] = encode_seconds;  // this rank's share of the work, before the exchange
     rep["mpi"] = mpi;
   }
 

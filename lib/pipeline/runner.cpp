@@ -1002,17 +1002,19 @@ json mpi_report(const json& layer_reports) {
   if (!world.split()) return nullptr;
   json layers = json::array();
   uint64_t sent = 0, gathered = 0;
-  double seconds = 0;
+  double seconds = 0, encode = 0;
   for (const json& lr : layer_reports) {
     if (!lr.contains("passes")) continue;
     for (const json& pr : lr.at("passes")) {
       if (!pr.contains("mpi")) continue;
       const json& m = pr.at("mpi");
       layers.push_back({{"layer", lr.at("layer")}, {"pass", pr.at("pass")}, {"bytes_sent", m.at("bytes_sent")},
-                        {"bytes_gathered", m.at("bytes_gathered")}, {"seconds", m.at("seconds")}});
+                        {"bytes_gathered", m.at("bytes_gathered")}, {"seconds", m.at("seconds")},
+                        {"encode_seconds", m.at("encode_seconds")}});
       sent += m.at("bytes_sent").get<uint64_t>();
       gathered += m.at("bytes_gathered").get<uint64_t>();
       seconds += m.at("seconds").get<double>();
+      encode += m.at("encode_seconds").get<double>();
     }
   }
   const double n = layers.empty() ? 1.0 : static_cast<double>(layers.size());
@@ -1022,10 +1024,11 @@ json mpi_report(const json& layer_reports) {
           {"bytes_sent_per_layer", static_cast<double>(sent) / n},
           {"bytes_gathered_per_layer", static_cast<double>(gathered) / n},
           {"seconds_per_layer", seconds / n},
+          {"encode_seconds_per_layer", encode / n},
           {"layers", layers},
           {"note", "bytes_sent: rank 0's encodings times the ranks receiving them; bytes_gathered: every rank's "
                    "encodings of the layer, which each rank holds after the exchange; seconds: rank 0's wall time in "
-                   "the exchange, waiting for slower ranks included"}};
+                   "the exchange, waiting for slower ranks included; encode_seconds: rank 0's time encoding its share"}};
 }
 
 // The report (moe_tool_report.json where the format has room for it), the commit, and the summary.
