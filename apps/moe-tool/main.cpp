@@ -1,11 +1,11 @@
 // moe-tool: compress and transform Mixture-of-Experts checkpoints.
 #include <algorithm>
 #include <chrono>
-#include <functional>
-#include <thread>
 #include <cstdio>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <iostream>
+#include <thread>
 
 #include "command.h"
 #include "core/error.h"
@@ -98,6 +98,13 @@ namespace {
 
 int run_command(int argc, char** argv, const Fail& fail) {
   const runtime::mpi::World& world = runtime::mpi::World::get();
+  const bool quiet_rank = world.split() && world.rank() != 0;  // rank 0 prints; the others only their errors
+  if (quiet_rank) {
+    core::warnings_silenced() = true;
+    if (!std::freopen("/dev/null", "w", stdout))
+      return fail(core::error_kind_name(core::ErrorKind::IOError), "cannot open /dev/null for the standard output",
+                  kExitInternal);
+  }
   CLI::App app{"moe-tool: compress and transform Mixture-of-Experts checkpoints", "moe-tool"};
   app.footer(
       "Exit status: 0 done (a written checkpoint is in place); 1 internal error (a bug); 2 bad input (one line on "
@@ -139,16 +146,12 @@ int run_command(int argc, char** argv, const Fail& fail) {
   if (world.split()) {
     const std::string command = app.get_subcommands().empty() ? "" : app.get_subcommands().front()->get_name();
     if (!runs_under_mpi(command))
-      return fail("invalid_argument",
+      return fail(core::error_kind_name(core::ErrorKind::InvalidArgument),
                   command + " does not run over MPI ranks (this is one of " + std::to_string(world.size()) +
                       "): run it as one process; prune, merge, factorize, quantize and run do (docs/mpi.md)",
                   kExitBadInput);
-    if (world.rank() != 0) {  // rank 0 prints; the others say nothing but their errors
-      flags.quiet = true;
-      core::warnings_silenced() = true;
-      if (!std::freopen("/dev/null", "w", stdout)) return fail("io", "rank " + std::to_string(world.rank()) + ": cannot open /dev/null", kExitInternal);
-    }
   }
+  flags.quiet = flags.quiet || quiet_rank;
   core::Progress::global_quiet() = flags.quiet;
   try {
     return handler ? handler() : kExitBadInput;
