@@ -1097,7 +1097,11 @@ json write_run_report(RunState& s) {
   size_warning(summary);
   if (!summary["warnings"].empty()) report["warnings"] = summary["warnings"];
   report["output"] = written.to_json();
-  if (const json mpi = mpi_report(layer_reports); !mpi.is_null()) report["mpi"] = mpi;
+  if (const json mpi = mpi_report(layer_reports); !mpi.is_null()) {
+    report["mpi"] = mpi;
+    summary["mpi"] = {{"ranks", mpi["ranks"]}, {"bytes_gathered_per_layer", mpi["bytes_gathered_per_layer"]},
+                      {"seconds_per_layer", mpi["seconds_per_layer"]}};
+  }
   const io::fs::path report_path = sink->write_report(report);
   sink->commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
@@ -1212,6 +1216,14 @@ std::string render_run_summary(const json& s) {
         << p.at("expert_params_logical").dump() << " logical, " << p.at("expert_params_stored").dump() << " stored"
         << (p.value("materialized", false) ? " (output.materialize: each layer's copy written)" : "") << "\n";
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
+  if (s.contains("mpi")) {  // a run over MPI ranks (runtime/mpi.h)
+    const json& m = s.at("mpi");
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%d ranks split the routed experts; %s of encodings exchanged per layer in %.3g s",
+                  m.at("ranks").get<int>(), core::format_bytes(m.at("bytes_gathered_per_layer").get<double>()).c_str(),
+                  m.at("seconds_per_layer").get<double>());
+    o << "  mpi      " << buf << "\n";
+  }
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";
   if (!dry) {

@@ -93,6 +93,7 @@ TEST_F(MpiRun, QuantizeGptqBytesEqualTheSingleProcess) {
     size_t done = 0;
     for (size_t i = r.out.find("done\n"); i != std::string::npos; i = r.out.find("done\n", i + 1)) ++done;
     EXPECT_EQ(done, 1u) << r.out;
+    EXPECT_NE(r.out.find("  mpi      " + std::to_string(ranks) + " ranks split the routed experts; "), std::string::npos) << r.out;
     EXPECT_EQ(r.err.find("moe-tool:"), std::string::npos) << r.err;
     expect_same_output(one, out);
     const json rep = json::parse(read_file(out / "moe_tool_report.json"));
