@@ -787,6 +787,9 @@ class Quantize final : public pipeline::Pass {
     const runtime::mpi::World& world = runtime::mpi::World::get();
     const bool gptq = method_ == QuantizeMethod::Gptq;
     auto routed = [&](size_t i) { return codec[i] && !chosen[i] && slots[i].cls == "experts"; };
+    bool any = false;  // the same on every rank: nothing to split (layer-scope mixed precision chose every encoding)
+    for (size_t i = 0; i < slots.size(); ++i) any = any || routed(i);
+    if (!any) return;
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<EncodedSlot> mine;
     int bound = -1;

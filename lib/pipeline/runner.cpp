@@ -1099,7 +1099,8 @@ json write_run_report(RunState& s) {
   report["output"] = written.to_json();
   if (const json mpi = mpi_report(layer_reports); !mpi.is_null()) {
     report["mpi"] = mpi;
-    summary["mpi"] = {{"ranks", mpi["ranks"]}, {"bytes_gathered_per_layer", mpi["bytes_gathered_per_layer"]},
+    summary["mpi"] = {{"ranks", mpi["ranks"]}, {"exchanges", mpi["exchanges"]},
+                      {"bytes_gathered_per_layer", mpi["bytes_gathered_per_layer"]},
                       {"seconds_per_layer", mpi["seconds_per_layer"]}};
   }
   const io::fs::path report_path = sink->write_report(report);
@@ -1219,9 +1220,13 @@ std::string render_run_summary(const json& s) {
   if (s.contains("mpi")) {  // a run over MPI ranks (runtime/mpi.h)
     const json& m = s.at("mpi");
     char buf[160];
-    std::snprintf(buf, sizeof buf, "%d ranks split the routed experts; %s of encodings exchanged per layer in %.3g s",
-                  m.at("ranks").get<int>(), core::format_bytes(m.at("bytes_gathered_per_layer").get<double>()).c_str(),
-                  m.at("seconds_per_layer").get<double>());
+    if (m.at("exchanges").get<int64_t>() == 0)
+      std::snprintf(buf, sizeof buf, "%d ranks, nothing split: every pass ran on each rank (no faster than one process)",
+                    m.at("ranks").get<int>());
+    else
+      std::snprintf(buf, sizeof buf, "%d ranks split the routed experts; %s of encodings exchanged per layer in %.3g s",
+                    m.at("ranks").get<int>(), core::format_bytes(m.at("bytes_gathered_per_layer").get<double>()).c_str(),
+                    m.at("seconds_per_layer").get<double>());
     o << "  mpi      " << buf << "\n";
   }
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
