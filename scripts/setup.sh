@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake ninja-build pkg-config libeigen3-dev libopenblas-dev liblapacke-dev libcli11-dev
-          nlohmann-json3-dev libgtest-dev libpcre2-dev libglpk-dev libzstd-dev)
+          nlohmann-json3-dev libgtest-dev libpcre2-dev libglpk-dev libzstd-dev openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,6 +11,7 @@
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
 #include "pipeline/upcycle_run.h"
+#include "runtime/mpi.h"
 #include "io/checkpoint.h"
 
 namespace moe::app {
@@ -107,6 +108,7 @@ int execute(pipeline::Recipe& recipe, bool dry_run, bool json, bool quiet, const
     if (!recipe.flag_names.empty()) throw core::Error(e.kind(), cli_words(e.message()));
     throw;
   }
+  if (runtime::mpi::World::get().rank() != 0) return kExitOk;  // rank 0 wrote the output and prints (docs/mpi.md)
   print_summary(summary, json, false);
   return gate_exit(summary, "");
 }
@@ -118,6 +120,8 @@ std::optional<nlohmann::json> run_if_upcycle(const std::string& file, const std:
   const std::filesystem::path path = file;
   nlohmann::json j = io::parse_json_file_text(io::Env::posix().read_text(path), path.string());
   if (!pipeline::is_upcycle_recipe(j)) return std::nullopt;
+  if (runtime::mpi::World::get().split())
+    throw core::Error::invalid(file + ": an upcycle recipe does not run over MPI ranks: run it as one process (docs/mpi.md)");
   for (const auto& s : sets) pipeline::apply_override(j, s);
   return pipeline::run_upcycle_recipe(j, path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path(),
                                       file, {dry_run, quiet, "moe-tool run " + file, {batch.begin(), batch.end()}});
@@ -174,6 +178,10 @@ void setup_run(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_flag("--json", o->json, "Print the result (and errors) as JSON (one line per run when several recipes are given)");
   sub.callback([o, &handler, &flags] {
     handler = [o, &flags] {
+      if (runtime::mpi::World::get().split() && o->recipes.size() > 1)
+        throw core::Error::invalid("run: one recipe per launch over MPI ranks (this is one of " +
+                                   std::to_string(runtime::mpi::World::get().size()) + "): give " +
+                                   o->recipes.front() + " alone (docs/mpi.md)");
       if (o->recipes.size() == 1) {
         if (auto up = run_if_upcycle(o->recipes[0], o->sets, o->dry_run, flags.quiet, o->recipes)) {
           std::cout << up->dump(2) << "\n";

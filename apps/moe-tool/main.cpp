@@ -1,12 +1,17 @@
 // moe-tool: compress and transform Mixture-of-Experts checkpoints.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <iostream>
+#include <thread>
 
 #include "command.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "core/warn.h"
+#include "runtime/mpi.h"
 
 namespace moe::app {
 
@@ -42,11 +47,64 @@ int report_error(bool json, const std::string& kind, const std::string& msg, int
   return code;
 }
 
+// Commands that run under several MPI ranks (docs/mpi.md): the runner's, where ranks other than 0
+// write nothing. The others would each write or print the same thing N times.
+bool runs_under_mpi(const std::string& command) {
+  for (const char* c : {"prune", "merge", "factorize", "quantize", "run"})
+    if (command == c) return true;
+  return false;
+}
+
+// Reports an error (kind, message, exit status) and returns the status to exit with.
+using Fail = std::function<int(const std::string&, const std::string&, int)>;
+
+// Parses the command line and runs the command; errors go through `fail`.
+int run_command(int argc, char** argv, const Fail& fail);
+
 }  // namespace
 
 int run_main(int argc, char** argv) {
   bool json = false;
   for (int i = 1; i < argc; ++i) json = json || std::string(argv[i]) == "--json";
+  runtime::mpi::World& world = runtime::mpi::World::get();
+  try {
+    world.init(&argc, &argv);
+  } catch (const core::Error& e) {
+    // Every rank of the launch fails the same way: rank 0 says so, the others exit quietly.
+    int rank = 0;
+    try {
+      rank = runtime::mpi::launch_env().rank;
+    } catch (const core::Error&) {
+    }
+    return rank == 0 ? report_error(json, core::error_kind_name(e.kind()), e.message(), kExitBadInput) : kExitBadInput;
+  }
+  // An error on one rank ends every rank (MPI_Abort with the exit status; the launcher adds its
+  // own lines). Ranks other than 0 wait a moment first, so an error every rank meets (bad input)
+  // is printed once, by rank 0, whose abort ends them.
+  auto fail = [&](const std::string& kind, const std::string& msg, int code) {
+    if (!world.split()) return report_error(json, kind, msg, code);
+    if (world.rank() != 0) std::this_thread::sleep_for(std::chrono::seconds(2));
+    report_error(json, kind, world.rank() == 0 ? msg : "rank " + std::to_string(world.rank()) + ": " + msg, code);
+    std::fflush(stderr);
+    world.abort_all(code);
+    return code;
+  };
+  const int code = run_command(argc, argv, fail);
+  world.finalize();
+  return code;
+}
+
+namespace {
+
+int run_command(int argc, char** argv, const Fail& fail) {
+  const runtime::mpi::World& world = runtime::mpi::World::get();
+  const bool quiet_rank = world.split() && world.rank() != 0;  // rank 0 prints; the others only their errors
+  if (quiet_rank) {
+    core::warnings_silenced() = true;
+    if (!std::freopen("/dev/null", "w", stdout))
+      return fail(core::error_kind_name(core::ErrorKind::IOError), "cannot open /dev/null for the standard output",
+                  kExitInternal);
+  }
   CLI::App app{"moe-tool: compress and transform Mixture-of-Experts checkpoints", "moe-tool"};
   app.footer(
       "Exit status: 0 done (a written checkpoint is in place); 1 internal error (a bug); 2 bad input (one line on "
@@ -83,19 +141,30 @@ int run_main(int argc, char** argv) {
       for (const auto& c : kCommands) msg += std::string(" ") + c.name;
       msg += ")";
     }
-    return report_error(json, "usage", msg, kExitBadInput);
+    return fail("usage", msg, kExitBadInput);
   }
+  if (world.split()) {
+    const std::string command = app.get_subcommands().empty() ? "" : app.get_subcommands().front()->get_name();
+    if (!runs_under_mpi(command))
+      return fail(core::error_kind_name(core::ErrorKind::InvalidArgument),
+                  command + " does not run over MPI ranks (this is one of " + std::to_string(world.size()) +
+                      "): run it as one process; prune, merge, factorize, quantize and run do (docs/mpi.md)",
+                  kExitBadInput);
+  }
+  flags.quiet = flags.quiet || quiet_rank;
   core::Progress::global_quiet() = flags.quiet;
   try {
     return handler ? handler() : kExitBadInput;
   } catch (const core::Error& e) {
-    return report_error(json, core::error_kind_name(e.kind()), e.message(), e.exit_code());
+    return fail(core::error_kind_name(e.kind()), e.message(), e.exit_code());
   } catch (const std::bad_alloc&) {
-    return report_error(json, "out_of_memory", "out of memory", kExitInternal);
+    return fail("out_of_memory", "out of memory", kExitInternal);
   } catch (const std::exception& e) {
-    return report_error(json, "internal", e.what(), kExitInternal);
+    return fail("internal", e.what(), kExitInternal);
   }
 }
+
+}  // namespace
 
 }  // namespace moe::app
 

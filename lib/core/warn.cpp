@@ -6,7 +6,13 @@
 
 namespace moe::core {
 
+bool& warnings_silenced() {
+  static bool silenced = false;
+  return silenced;
+}
+
 void warn_once(const std::string& message) {
+  if (warnings_silenced()) return;
   static std::mutex mu;
   static std::set<std::string> seen;
   std::lock_guard<std::mutex> lock(mu);

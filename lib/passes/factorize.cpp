@@ -1,17 +1,20 @@
 #include "passes/factorize.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <deque>
 #include <map>
 #include <optional>
 
 #include "core/error.h"
+#include "passes/encoding_exchange.h"
 #include "passes/experts.h"
 #include "passes/lowrank.h"
 #include "passes/options.h"
 #include "passes/passes.h"
 #include "quant/lowrank.h"
+#include "runtime/mpi.h"
 #include "runtime/weights.h"
 
 namespace moe::passes {
@@ -231,8 +234,15 @@ class Factorize final : public pipeline::Pass {
     } else if (rule_ == Rule::Budget) {
       run_budget(singles, grouped, rep);
     } else {
-      // One matrix (or one group) decomposed and truncated at a time: memory one matrix.
-      for (auto& s : singles) factor_single(s, decompose(s), std::nullopt, rep);
+      // One matrix (or one group) decomposed and truncated at a time: memory one matrix. Over MPI
+      // ranks, the routed experts' by their owners, exchanged (split_singles).
+      std::vector<EncodedSlot> split(singles.size());
+      const bool routed = std::any_of(singles.begin(), singles.end(), [](const Slot& s) { return s.expert >= 0; });
+      if (runtime::mpi::World::get().split() && routed) split_singles(singles, split, rep);
+      for (size_t i = 0; i < singles.size(); ++i) {
+        if (split[i].report.is_null()) factor_single(singles[i], decompose(singles[i]), std::nullopt, rep);
+        else apply_split(singles[i], split[i], rep);
+      }
       for (int type = 0; type < 3 && !grouped.empty(); ++type) {
         GroupDec gd = decompose_group(grouped, type);
         if (!gd.slots.empty()) factor_group(gd, std::nullopt, rep);
@@ -498,20 +508,71 @@ class Factorize final : public pipeline::Pass {
     rep["matrices"].push_back(m);
   }
 
-  void factor_single(Slot& s, const lowrank::Spectrum& sp, std::optional<int> forced, json& rep) {
+  // Truncates and stores one matrix; returns its encoding (null: kept dense).
+  std::shared_ptr<const core::Encoding> factor_single(Slot& s, const lowrank::Spectrum& sp, std::optional<int> forced,
+                                                      json& rep) {
     const int k = forced ? *forced : single_rank(sp, sp.rows, sp.cols, s.what);
     if (k == lowrank::kKeepDense) {
       record(rep, s.what, k, 0, sp.note);
-      return;
+      return nullptr;
     }
     const lowrank::Factors f = lowrank::truncate(sp, k);
     const core::DType d = factor_dtype(*s.tensor);
     if (model_) model_->release_pages(*s.tensor);  // read; replaced below
-    *s.tensor = core::Tensor::encoded(std::make_shared<quant::LowRank>(part(f.a, d), part(f.b, d)), d);
+    auto enc = std::make_shared<quant::LowRank>(part(f.a, d), part(f.b, d));
+    *s.tensor = core::Tensor::encoded(enc, d);
     std::string note = sp.note;
     if (sp.shift > 0) note += (note.empty() ? "" : "; ") + std::string("Gram not positive definite: added ") +
                               std::to_string(sp.shift) + "·I";
     record(rep, s.what, k, sp.loss(k), note);
+    return enc;
+  }
+
+  // The routed experts' single matrices over MPI ranks (runtime/mpi.h): each rank factorizes the
+  // experts it owns (binding only their Grams), then every rank receives every result
+  // (passes/encoding_exchange.h) into `split`, indexed by slot: the encoding (null: kept dense)
+  // and what the owner recorded ({"matrices": its report entry, "notes": the notes it added}).
+  // The owner's own records are undone here; apply_split() redoes them in slot order on every rank.
+  void split_singles(std::vector<Slot>& singles, std::vector<EncodedSlot>& split, json& rep) {
+    const runtime::mpi::World& world = runtime::mpi::World::get();
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<EncodedSlot> mine;
+    const int factorized = factorized_;
+    for (size_t i = 0; i < singles.size(); ++i) {
+      if (singles[i].expert < 0 || !world.owns(singles[i].expert)) continue;
+      json r = {{"matrices", json::array()}};
+      const size_t notes = notes_.size();
+      auto enc = factor_single(singles[i], decompose(singles[i]), std::nullopt, r);
+      r["notes"] = json(std::vector<std::string>(notes_.begin() + static_cast<std::ptrdiff_t>(notes), notes_.end()));
+      notes_.resize(notes);
+      mine.push_back({i, std::move(enc), std::move(r)});
+    }
+    factorized_ = factorized;
+    unbind_expert();
+    const double encode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    json mpi;
+    for (EncodedSlot& e : exchange_encodings(mine, mpi)) {
+      if (e.slot >= singles.size() || singles[e.slot].expert < 0 || !split[e.slot].report.is_null())
+        throw Error::internal("factorize: mpi: slot " + std::to_string(e.slot) + " received twice or not a routed expert's");
+      split[e.slot] = std::move(e);
+    }
+    for (size_t i = 0; i < singles.size(); ++i)
+      if (singles[i].expert >= 0 && split[i].report.is_null())
+        throw Error::internal("factorize: mpi: no rank factorized " + singles[i].what);
+    mpi["encode_seconds"] = encode_seconds;  // this rank's share of the work, before the exchange
+    rep["mpi"] = mpi;
+  }
+  // A result split_singles received: stored, recorded and noted as factor_single would have.
+  void apply_split(Slot& s, EncodedSlot& e, json& rep) {
+    if (e.encoding) {
+      if (model_) model_->release_pages(*s.tensor);
+      *s.tensor = core::Tensor::encoded(e.encoding, e.encoding->parts().front().tensor->dtype());
+    }
+    for (const json& m : e.report.at("matrices")) {
+      factorized_ += m.at("rank") != "dense";
+      rep["matrices"].push_back(m);
+    }
+    for (const json& n : e.report.at("notes")) notes_.push_back(n.get<std::string>());
   }
 
   // delta / latent over the routed experts' matrices of one type, truncated from its decomposition.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <Eigen/Cholesky>
@@ -12,6 +13,7 @@
 
 #include "core/error.h"
 #include "passes/delta_ternary.h"
+#include "passes/encoding_exchange.h"
 #include "passes/experts.h"
 #include "passes/options.h"
 #include "passes/passes.h"
@@ -21,6 +23,7 @@
 #include "quant/gptq.h"
 #include "quant/mixed_precision.h"
 #include "runtime/moe_block.h"
+#include "runtime/mpi.h"
 #include "runtime/weights.h"
 
 namespace moe::passes {
@@ -457,12 +460,21 @@ class Quantize final : public pipeline::Pass {
     std::vector<std::shared_ptr<const core::Encoding>> chosen(slots.size());
     if (avg_bits_ && L.moe) mixed_precision(ctx, slots, codec, chosen, rep);
 
+    // Over MPI ranks (runtime/mpi.h): the routed experts' encodings, each by its owner, exchanged.
+    std::vector<EncodedSlot> split(slots.size());
+    if (runtime::mpi::World::get().split() && L.moe) split_experts(ctx, slots, codec, chosen, split, rep);
+
     // Slot by slot; a routed expert's Grams are computed (and topped up) before its first slot and
     // dropped after its last, so memory holds one expert's Grams (calib/input_grams.h).
     int bound = -1;
     for (size_t i = 0; i < slots.size(); ++i) {
       if (!codec[i]) continue;
       json m;
+      if (split[i].encoding) {  // encoded by its owner rank (quantize encodes every routed slot it has a codec for)
+        finish_slot(ctx.model, slots[i], std::move(split[i].encoding), *codec[i], split[i].report);
+        rep["matrices"].push_back(split[i].report);
+        continue;
+      }
       if (gptq && !chosen[i] && slots[i].cls == "experts" && slots[i].expert != bound) {
         if (bound >= 0) unbind_expert(*g, slots, bound);
         bound = slots[i].expert;
@@ -764,6 +776,48 @@ class Quantize final : public pipeline::Pass {
       done[s.gram] = need;
     }
   }
+  // The routed experts' slots over MPI ranks: each rank encodes the experts it owns (binding only
+  // their Grams), then every rank receives every encoding (passes/encoding_exchange.h) into
+  // `split`, indexed by slot, with the report entry its owner measured. Experts whose encodings
+  // mixed precision already chose (chosen[i]) are not encoded again.
+  void split_experts(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+                     const std::vector<std::optional<quant::CodecSpec>>& codec,
+                     const std::vector<std::shared_ptr<const core::Encoding>>& chosen, std::vector<EncodedSlot>& split,
+                     json& rep) const {
+    const runtime::mpi::World& world = runtime::mpi::World::get();
+    const bool gptq = method_ == QuantizeMethod::Gptq;
+    auto routed = [&](size_t i) { return codec[i] && !chosen[i] && slots[i].cls == "experts"; };
+    bool any = false;  // the same on every rank: nothing to split (layer-scope mixed precision chose every encoding)
+    for (size_t i = 0; i < slots.size(); ++i) any = any || routed(i);
+    if (!any) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<EncodedSlot> mine;
+    int bound = -1;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (!routed(i) || !world.owns(slots[i].expert)) continue;
+      if (gptq && slots[i].expert != bound) {
+        if (bound >= 0) unbind_expert(*ctx.grams, slots, bound);
+        bound = slots[i].expert;
+        bind_expert(*ctx.grams, ctx.block_inputs, *ctx.target.moe, slots, codec, bound);
+      }
+      EncodedSlot e{i, nullptr, json::object()};
+      e.encoding = encode(slots[i], *codec[i], e.report);
+      mine.push_back(std::move(e));
+    }
+    if (bound >= 0) unbind_expert(*ctx.grams, slots, bound);
+    const double encode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    json mpi;
+    for (EncodedSlot& e : exchange_encodings(mine, mpi)) {
+      if (e.slot >= slots.size() || !routed(e.slot) || split[e.slot].encoding)
+        throw Error::internal("quantize: mpi: slot " + std::to_string(e.slot) + " received twice or not a routed expert's");
+      split[e.slot] = std::move(e);
+    }
+    for (size_t i = 0; i < slots.size(); ++i)
+      if (routed(i) && !split[i].encoding) throw Error::internal("quantize: mpi: no rank encoded " + slots[i].what);
+    mpi["encode_seconds"] = encode_seconds;  // this rank's share of the work, before the exchange
+    rep["mpi"] = mpi;
+  }
+
   // Drops routed expert e's Grams once its slots are done.
   static void unbind_expert(pipeline::InputGrams& g, std::vector<Slot>& slots, int e) {
     for (Slot& s : slots)

@@ -30,6 +30,7 @@
 #include "quant/ternary_dict.h"
 #include "runtime/finite.h"
 #include "runtime/forward.h"
+#include "runtime/mpi.h"
 #include "runtime/weights.h"
 
 namespace moe::pipeline {
@@ -38,6 +39,23 @@ using core::Error;
 using nlohmann::json;
 
 namespace {
+
+// The sink of the ranks other than 0 in an MPI run (runtime/mpi.h): they run every layer to hold
+// what the next layer reads, and write nothing; rank 0 writes the output.
+class DiscardSink final : public Sink {
+ public:
+  std::string format() const override { return "none"; }
+  const io::fs::path& native_dir() const override { return dir_; }
+  void begin(const io::Checkpoint&, const std::optional<std::vector<io::TensorSpec>>&) override {}
+  void write(const std::vector<model::OutTensor>&) override {}
+  SpillWriter* spill() override { return nullptr; }
+  SinkResult finish(const json&) override { return {}; }
+  io::fs::path write_report(const json&) override { return {}; }
+  void commit() override {}
+
+ private:
+  io::fs::path dir_;
+};
 
 // Captures the MoE block input x of the layer being run.
 // Σ_t ||r_t||² of the residual stream entering a layer.
@@ -994,6 +1012,42 @@ void evaluate_output(RunState& s) {
 
 }
 
+// The report's "mpi" section of a run over several ranks (null for one process): the ranks, and
+// per layer the exchange of the split passes (their reports' "mpi" entries, as rank 0 measured).
+json mpi_report(const json& layer_reports) {
+  const runtime::mpi::World& world = runtime::mpi::World::get();
+  if (!world.split()) return nullptr;
+  json layers = json::array();
+  uint64_t sent = 0, gathered = 0;
+  double seconds = 0, encode = 0;
+  for (const json& lr : layer_reports) {
+    if (!lr.contains("passes")) continue;
+    for (const json& pr : lr.at("passes")) {
+      if (!pr.contains("mpi")) continue;
+      const json& m = pr.at("mpi");
+      layers.push_back({{"layer", lr.at("layer")}, {"pass", pr.at("pass")}, {"bytes_sent", m.at("bytes_sent")},
+                        {"bytes_gathered", m.at("bytes_gathered")}, {"seconds", m.at("seconds")},
+                        {"encode_seconds", m.at("encode_seconds")}});
+      sent += m.at("bytes_sent").get<uint64_t>();
+      gathered += m.at("bytes_gathered").get<uint64_t>();
+      seconds += m.at("seconds").get<double>();
+      encode += m.at("encode_seconds").get<double>();
+    }
+  }
+  const double n = layers.empty() ? 1.0 : static_cast<double>(layers.size());
+  return {{"ranks", world.size()},
+          {"rank_writing", 0},
+          {"exchanges", layers.size()},
+          {"bytes_sent_per_layer", static_cast<double>(sent) / n},
+          {"bytes_gathered_per_layer", static_cast<double>(gathered) / n},
+          {"seconds_per_layer", seconds / n},
+          {"encode_seconds_per_layer", encode / n},
+          {"layers", layers},
+          {"note", "bytes_sent: rank 0's encodings times the ranks receiving them; bytes_gathered: every rank's "
+                   "encodings of the layer, which each rank holds after the exchange; seconds: rank 0's wall time in "
+                   "the exchange, waiting for slower ranks included; encode_seconds: rank 0's time encoding its share"}};
+}
+
 // The report (moe_tool_report.json where the format has room for it), the commit, and the summary.
 json write_run_report(RunState& s) {
   const Recipe& r = s.r;
@@ -1061,6 +1115,12 @@ json write_run_report(RunState& s) {
   size_warning(summary);
   if (!summary["warnings"].empty()) report["warnings"] = summary["warnings"];
   report["output"] = written.to_json();
+  if (const json mpi = mpi_report(layer_reports); !mpi.is_null()) {
+    report["mpi"] = mpi;
+    summary["mpi"] = {{"ranks", mpi["ranks"]}, {"exchanges", mpi["exchanges"]},
+                      {"bytes_gathered_per_layer", mpi["bytes_gathered_per_layer"]},
+                      {"seconds_per_layer", mpi["seconds_per_layer"]}};
+  }
   const io::fs::path report_path = sink->write_report(report);
   sink->commit();
   if (!eval_json.is_null()) summary["eval"] = eval_json;
@@ -1116,12 +1176,15 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   check_run(s);
   // The output exists from here on, so nothing can take its place unnoticed while the statistics
   // are computed.
-  if (!opts.dry_run) s.sink = make_sink(env, r, run_inputs(r));
+  const runtime::mpi::World& world = runtime::mpi::World::get();
+  if (!opts.dry_run) s.sink = world.rank() == 0 ? make_sink(env, r, run_inputs(r)) : std::make_unique<DiscardSink>();
   load_statistics(s);
   plan_run(s);
   if (opts.dry_run) return dry_run_summary(s);
   run_model_passes(s);
   run_layers(s);
+  // The other ranks of an MPI run: their share of the layers is done, rank 0 writes the rest.
+  if (world.rank() != 0) return json::object();
   write_globals(s);
   evaluate_output(s);
   return write_run_report(s);
@@ -1172,6 +1235,18 @@ std::string render_run_summary(const json& s) {
         << p.at("expert_params_logical").dump() << " logical, " << p.at("expert_params_stored").dump() << " stored"
         << (p.value("materialized", false) ? " (output.materialize: each layer's copy written)" : "") << "\n";
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
+  if (s.contains("mpi")) {  // a run over MPI ranks (runtime/mpi.h)
+    const json& m = s.at("mpi");
+    char buf[160];
+    if (m.at("exchanges").get<int64_t>() == 0)
+      std::snprintf(buf, sizeof buf, "%d ranks, nothing split: every pass ran on each rank (no faster than one process)",
+                    m.at("ranks").get<int>());
+    else
+      std::snprintf(buf, sizeof buf, "%d ranks split the routed experts; %s of encodings exchanged per layer in %.3g s",
+                    m.at("ranks").get<int>(), core::format_bytes(m.at("bytes_gathered_per_layer").get<double>()).c_str(),
+                    m.at("seconds_per_layer").get<double>());
+    o << "  mpi      " << buf << "\n";
+  }
   for (const auto& n : s.value("notes", json::array())) o << "  note     " << n.get<std::string>() << "\n";
   for (const auto& w : s.value("warnings", json::array())) o << "  warning  " << w.get<std::string>() << "\n";
   if (!dry) {

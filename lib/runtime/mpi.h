@@ -1,0 +1,69 @@
+// Scale-out over MPI (docs/mpi.md). `mpirun -np N moe-tool quantize ...` starts N processes
+// (ranks) that each run the same pipeline on the same inputs; a pass that can split its work
+// (quantize's and factorize's per-expert encodings) gives each rank the routed experts it owns
+// (expert % N == rank) and exchanges the results, so every rank ends each layer holding the whole
+// layer. Only rank 0 writes and prints.
+//
+// MPI is optional (CMake finds it: MOE_TOOL_HAVE_MPI). World::init starts it only when the
+// process was started by a launcher (mpirun, mpiexec, srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE or
+// PMIX_RANK in the environment); otherwise, and in a build without MPI, the world is one rank and
+// every call here is a no-op.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moe::runtime::mpi {
+
+// What the collectives of this process moved, for the report.
+struct Traffic {
+  uint64_t bytes_sent = 0;      // this rank's payload bytes, counted once per receiving rank
+  uint64_t bytes_gathered = 0;  // every rank's payload bytes (what each rank holds after the exchanges)
+  double seconds = 0;           // wall time inside the collectives (waiting for slower ranks included)
+  int64_t exchanges = 0;
+};
+
+class World {
+ public:
+  // The process's world: one rank until init() starts MPI.
+  static World& get();
+
+  // Called once by main() before anything else. Under a launcher: MPI_Init (a build with MPI), or
+  // a one-line refusal (a build without MPI, when the launcher says more than one rank): throws
+  // Error::invalid saying how to get an MPI build. Otherwise nothing.
+  void init(int* argc, char*** argv);
+  // MPI_Finalize when init() started MPI; nothing otherwise. Called by main() on a normal exit.
+  void finalize();
+  // Ends every rank with exit status `code` (MPI_Abort) when more than one rank runs; returns
+  // (doing nothing) otherwise, so the caller exits as usual.
+  void abort_all(int code);
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  bool split() const { return size_ > 1; }  // more than one rank: passes split their work
+  // Whether `expert` (routed, 0-based) is encoded by this rank.
+  bool owns(int64_t expert) const { return expert % size_ == rank_; }
+
+  // Every rank's `mine`, in rank order (a collective: every rank calls it, in the same order of
+  // calls). Sent root by root with MPI_Bcast in chunks of at most 1 GiB (counts are int).
+  // One rank: {mine}.
+  std::vector<std::vector<uint8_t>> allgather(const std::vector<uint8_t>& mine);
+
+  const Traffic& traffic() const { return traffic_; }
+
+ private:
+  int rank_ = 0, size_ = 1;
+  bool started_ = false;
+  Traffic traffic_;
+};
+
+// The rank and size a launcher announces in the environment (OpenMPI's mpirun, MPICH/Hydra and
+// Slurm's PMI): {rank, size}, or {0, 1} when none is set. Error::invalid for a malformed value.
+struct LaunchEnv {
+  int rank = 0, size = 1;
+  bool launched = false;  // a launcher variable is set
+};
+LaunchEnv launch_env();
+
+}  // namespace moe::runtime::mpi

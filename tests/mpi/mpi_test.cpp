@@ -1,0 +1,168 @@
+// Scale-out over MPI ranks (docs/mpi.md), through the built moe-tool under mpiexec on this
+// machine: quantize gptq split over 2 and 3 ranks, and factorize svdllm over 3 (a recipe), write
+// the bytes the single process writes
+// (every file but the report; the report too once its "mpi" section and run-specific fields are
+// removed), rank 0 alone prints and writes, and an error or a command that does not split ends
+// every rank with exit 2 and one line of its own. Built only when CMake finds MPI, and not in the
+// sanitizer configuration (tests/CMakeLists.txt).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include "support/paths.h"
+#include "support/run.h"
+#include "support/synth.h"
+
+namespace moe::test {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+// mpiexec (OpenMPI) on localhost: more ranks than cores allowed, as root too (CI containers);
+// shared memory without the single-copy mechanism, which container ptrace rules often forbid;
+// waiting ranks yield the core. Each rank computes with one BLAS thread (determinism and 2 cores).
+RunResult run_ranks(int ranks, const std::vector<std::string>& args) {
+  std::vector<std::string> a = {"--oversubscribe", "--allow-run-as-root", "--mca", "btl_vader_single_copy_mechanism",
+                                "none", "--mca", "mpi_yield_when_idle", "1", "-x", "OPENBLAS_NUM_THREADS", "-np",
+                                std::to_string(ranks), tool_path()};
+  a.insert(a.end(), args.begin(), args.end());
+  return run_process(MOE_MPIEXEC, a);
+}
+
+// The report without what differs between two runs of the same work: the command line and
+// output path, timings, the machine's memory budget, and the "mpi" sections.
+json comparable_report(const fs::path& dir) {
+  json r = json::parse(read_file(dir / "moe_tool_report.json"));
+  std::function<void(json&)> strip = [&](json& j) {
+    if (j.is_object()) {
+      for (const char* k : {"mpi", "seconds", "command", "timings", "memory"}) j.erase(k);
+      for (auto& [k, v] : j.items()) strip(v);
+    } else if (j.is_array()) {
+      for (auto& v : j) strip(v);
+    }
+  };
+  strip(r);
+  r["recipe"]["output"].erase("path");
+  return r;
+}
+
+// Every file of `out` has the bytes of the same file in `one` (the report: once comparable).
+void expect_same_output(const fs::path& one, const fs::path& out) {
+  const std::vector<std::string> files = list_dir(one);
+  ASSERT_NE(std::find(files.begin(), files.end(), "model.safetensors"), files.end());
+  ASSERT_EQ(list_dir(out), files);
+  for (const auto& f : files) {
+    if (f == "moe_tool_report.json") continue;
+    EXPECT_TRUE(read_file(one / f) == read_file(out / f)) << f << " differs from the single-process output";
+  }
+  EXPECT_EQ(comparable_report(out), comparable_report(one));
+}
+
+class MpiRun : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { setenv("OPENBLAS_NUM_THREADS", "1", 1); }
+  TempDir tmp{"moe-mpi"};
+  // qwen2_moe (routed experts, a shared expert and its gate), 8 routed experts: 3 ranks own 3, 3 and 2.
+  fs::path model() {
+    const fs::path m = tmp / "model";
+    if (!fs::exists(m)) write_synth(make_synth("qwen2_moe", {.config_patch = {{"num_experts", 8}}}), m, {.tokenizer = true});
+    return m;
+  }
+  // gptq int4 with the router quantized and few-token Hessians topped up (both computed on every
+  // rank from the whole layer's Grams), on 16 windows of 32 tokens.
+  std::vector<std::string> quantize_args(const fs::path& out) {
+    return {"quantize", model().string(), out.string(), "--method", "gptq", "--codec", "int4", "--router", "int8",
+            "--min-tokens", "48", "--text", kCalib.string(), "--ctx", "32", "--windows", "16"};
+  }
+};
+
+TEST_F(MpiRun, QuantizeGptqBytesEqualTheSingleProcess) {
+  const fs::path one = tmp / "one";
+  std::vector<std::string> args = quantize_args(one);
+  args.insert(args.begin(), "-q");
+  const RunResult r1 = run_tool(args);
+  ASSERT_EQ(r1.exit_code, 0) << r1.describe();
+  for (int ranks : {2, 3}) {
+    SCOPED_TRACE(std::to_string(ranks) + " ranks");
+    const fs::path out = tmp / ("ranks" + std::to_string(ranks));
+    const RunResult r = run_ranks(ranks, quantize_args(out));
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    // One summary on stdout (rank 0's), no warning or error line from any rank.
+    size_t done = 0;
+    for (size_t i = r.out.find("done\n"); i != std::string::npos; i = r.out.find("done\n", i + 1)) ++done;
+    EXPECT_EQ(done, 1u) << r.out;
+    EXPECT_NE(r.out.find("  mpi      " + std::to_string(ranks) + " ranks split the routed experts; "), std::string::npos) << r.out;
+    EXPECT_EQ(r.err.find("moe-tool:"), std::string::npos) << r.err;
+    expect_same_output(one, out);
+    const json rep = json::parse(read_file(out / "moe_tool_report.json"));
+    ASSERT_TRUE(rep.contains("mpi")) << rep.dump();
+    EXPECT_EQ(rep["mpi"]["ranks"], ranks);
+    size_t moe_layers = 0;  // the synthetic model's first layer is dense
+    for (const auto& l : rep["layers"]) moe_layers += l.contains("experts_before");
+    ASSERT_EQ(rep["mpi"]["layers"].size(), moe_layers);
+    ASSERT_EQ(moe_layers, 2u);
+    const json& l0 = rep["layers"][1]["passes"][0]["mpi"];
+    // Each rank's share of the encodings reaches the others: bytes sent = rank 0's share x (ranks - 1).
+    EXPECT_EQ(l0["slots_encoded_here"], 3 * ((8 + ranks - 1) / ranks));  // gate, up, down of experts 0, ranks, ...
+    EXPECT_GT(l0["bytes_sent"].get<uint64_t>(), 0u);
+    EXPECT_EQ(l0["bytes_gathered"].get<uint64_t>() * (ranks - 1) > l0["bytes_sent"].get<uint64_t>(), true);
+    // Nothing left beside the output by any rank.
+    EXPECT_TRUE(temp_leftovers(tmp.path()).empty());
+  }
+}
+
+// factorize svdllm by an energy rule, through a recipe (`run`): some matrices stay dense (their
+// report entries and notes come from their owner rank), the rest are low-rank factors.
+TEST_F(MpiRun, FactorizeSvdllmRecipeBytesEqualTheSingleProcess) {
+  auto recipe = [&](const fs::path& out) {
+    const json r = {{"model", model().string()},
+                    {"calibration", {{"text", kCalib.string()}, {"ctx", 32}, {"windows", 16}}},
+                    {"passes", json::array({{{"pass", "factorize"}, {"method", "svdllm"}, {"energy", 0.97}}})},
+                    {"output", {{"path", out.string()}}}};
+    const fs::path file = tmp / (out.filename().string() + ".json");
+    write_file(file, r.dump());
+    return file.string();
+  };
+  const fs::path one = tmp / "one", three = tmp / "three";
+  const RunResult r1 = run_tool({"-q", "run", recipe(one)});
+  ASSERT_EQ(r1.exit_code, 0) << r1.describe();
+  const RunResult r3 = run_ranks(3, {"-q", "run", recipe(three)});
+  ASSERT_EQ(r3.exit_code, 0) << r3.describe();
+  expect_same_output(one, three);
+  const json rep = json::parse(read_file(one / "moe_tool_report.json"));
+  size_t dense = 0, lowrank = 0;
+  for (const auto& l : rep["layers"])
+    if (l.contains("passes"))
+      for (const auto& m : l["passes"][0]["matrices"]) (m["rank"] == "dense" ? dense : lowrank) += 1;
+  EXPECT_GT(dense, 0u) << "the energy rule should keep some matrix dense";
+  EXPECT_GT(lowrank, 0u);
+  EXPECT_EQ(json::parse(read_file(three / "moe_tool_report.json"))["mpi"]["ranks"], 3);
+}
+
+TEST_F(MpiRun, ErrorEndsEveryRankWithOneLine) {
+  const fs::path out = tmp / "out";
+  std::vector<std::string> args = quantize_args(out);
+  args[1] = (tmp / "missing").string();
+  const RunResult r = run_ranks(2, args);
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  size_t lines = 0;
+  for (const auto& l : r.err_lines()) lines += l.rfind("moe-tool: error:", 0) == 0;
+  EXPECT_EQ(lines, 1u) << r.err;
+  EXPECT_NE(r.err.find((tmp / "missing").string()), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_TRUE(temp_leftovers(tmp.path()).empty());
+}
+
+TEST_F(MpiRun, CommandThatDoesNotSplitIsRefused) {
+  const RunResult r = run_ranks(2, {"inspect", model().string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  size_t lines = 0;
+  for (const auto& l : r.err_lines()) lines += l.rfind("moe-tool: error: inspect does not run over MPI ranks", 0) == 0;
+  EXPECT_EQ(lines, 1u) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
+}  // namespace
+}  // namespace moe::test
