@@ -57,7 +57,7 @@ class ScratchFloats {
 // last chunk. Thread-safe. Throws Error::io naming `dir` when the file cannot be made or grown.
 class SpillArena final : public core::TensorArena {
  public:
-  SpillArena(const fs::path& dir, size_t min_bytes = size_t{1} << 20, size_t evict_every = size_t{64} << 20);
+  SpillArena(const fs::path& dir, size_t min_bytes = size_t{64} << 10, size_t evict_every = size_t{64} << 20);
   ~SpillArena() override;
   SpillArena(const SpillArena&) = delete;
   SpillArena& operator=(const SpillArena&) = delete;

@@ -747,7 +747,7 @@ void run_layers(RunState& s) {
     for (const auto& o : outs_after) plan.push_back({o.name, o.dtype, o.shape});
     sink->begin(ckpt, plan);
   }
-  // What the passes make (encodings, factors, merged experts: Tensor::zeros of 1 MiB or more, or of
+  // What the passes make (encodings, factors, merged experts: Tensor::zeros of 64 KiB or more, or of
   // the activation budget when that is smaller) lives in a temporary file beside the output, its
   // pages handed back every 64 MiB (or budget) made and once written, so a layer's output does not
   // sit in memory whole while the layer is worked on (docs/memory.md).
@@ -755,7 +755,7 @@ void run_layers(RunState& s) {
   std::optional<core::ScopedTensorArena> arena_scope;
   if (!r.passes.empty()) {
     const uint64_t budget = needs_grams ? s.act_budget.bytes : UINT64_MAX;
-    arena.emplace(io::fs::absolute(r.output.path).parent_path(), std::min<uint64_t>(budget, uint64_t{1} << 20),
+    arena.emplace(io::fs::absolute(r.output.path).parent_path(), std::min<uint64_t>(budget, uint64_t{64} << 10),
                   std::min<uint64_t>(budget, uint64_t{64} << 20));
     arena_scope.emplace(&*arena);
   }
