@@ -92,7 +92,6 @@ void ScratchFloats::evict(size_t offset, size_t count) const {
 struct SpillArena::File {
   int fd = -1;
   uint64_t end = 0;  // bytes reserved so far (chunks are carved at increasing offsets)
-  fs::path dir;
   ~File() {
     if (fd >= 0) ::close(fd);
   }
@@ -139,7 +138,6 @@ core::TensorArena::Block SpillArena::allocate(size_t bytes) {
   std::lock_guard lk(m_);
   if (!file_) {
     auto f = std::make_shared<File>();
-    f->dir = dir_;
     const fs::path path = temp_name(dir_, "encoded");
     f->fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (f->fd < 0)

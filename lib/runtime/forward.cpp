@@ -366,9 +366,7 @@ void Forward::load_layer_into(int l, LayerWeights& w, bool stream_experts) const
   const auto& release = model_.page_releaser();
   naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release); });
   if (!release) return;
-  auto hand_back = [&](const core::Tensor& t) {
-    for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
-  };
+  auto hand_back = [&](const core::Tensor& t) { model_.release_pages(t); };
   if (!stream_experts || !layer.moe) {
     layer.for_each_tensor(hand_back);
     return;

@@ -83,17 +83,14 @@ void assign_expert(MlpWeights& w, const model::Mlp& m, size_t e, bool factored) 
 void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream = false) {
   core::with_context("router", [&] { assign(w.router, b.router); });
   assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
-  size_t E = b.experts.size();
-  w.source = nullptr;
-  w.widths.clear();
+  // Streamed: no expert converted here, only their widths kept (MoeWeights::expert converts one).
+  const size_t E = stream ? 0 : b.experts.size();
+  w.source = stream ? &b : nullptr;
   w.factored = factored;
-  if (stream) {
-    w.experts.clear();
-    w.source = &b;
+  w.widths.clear();
+  if (stream)
     for (const auto& e : b.experts) w.widths.push_back(e.width());
-  }
-  w.experts.resize(stream ? 0 : E);
-  if (stream) E = 0;
+  w.experts.resize(E);
   // Dequantising is memory bound and single-threaded per tensor: split the experts over 2 threads.
   int64_t params = 0;
   for (const auto& e : b.experts) params += e.params();
