@@ -106,6 +106,7 @@ void qwen_style_experts(FamilyDesc& f, const std::string& count_key, const std::
   f.expert_gate = "mlp.experts.{e}.gate_proj.weight";
   f.expert_up = "mlp.experts.{e}.up_proj.weight";
   f.expert_down = "mlp.experts.{e}.down_proj.weight";
+  f.v5_experts = "mlp.experts.";
 }
 
 // Per-expert split tensors under block_sparse_moe.experts.{e}.{w1,w3,w2} (gate, up, down) with
@@ -190,6 +191,8 @@ std::vector<FamilyDesc> build_families() {
     mixtral_style_experts(f, Routing::SoftmaxTopK);
     f.norm_topk_default = true;
     f.norm_topk_forced = true;
+    f.v5_experts = "mlp.experts.";
+    f.v5_router = "mlp.gate.weight";
     f.default_rope_theta = 1e6;
     f.default_rms_norm_eps = 1e-5;
     f.forward = f.upcycle_target = true;
@@ -382,6 +385,32 @@ std::string family_list(bool FamilyDesc::*flag) {
   std::string s;
   for (const auto& t : families_with(flag)) s += (s.empty() ? "" : ", ") + t;
   return s;
+}
+
+const FamilyDesc* v5_fused_variant(const FamilyDesc& f) {
+  static const std::vector<FamilyDesc> variants = [] {
+    std::vector<FamilyDesc> v;
+    for (FamilyDesc x : all_families()) {
+      if (x.v5_experts.empty()) continue;
+      x.fused_gate_up = x.v5_experts + "gate_up_proj";
+      x.fused_down = x.v5_experts + "down_proj";
+      if (!x.v5_router.empty()) x.router = x.v5_router;
+      x.v5_layout = true;
+      v.push_back(std::move(x));
+    }
+    return v;
+  }();
+  if (f.v5_layout) return &f;
+  for (const auto& v : variants)
+    if (v.model_type == f.model_type) return &v;
+  return nullptr;
+}
+
+const FamilyDesc& per_expert_layout(const FamilyDesc& f) {
+  if (!f.v5_layout) return f;
+  for (const auto& x : all_families())
+    if (x.model_type == f.model_type) return x;
+  throw Error::internal("per_expert_layout: no table entry for " + f.model_type);
 }
 
 const FamilyDesc& family_for(const Config& config) {

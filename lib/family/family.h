@@ -137,13 +137,32 @@ struct FamilyDesc {
   std::string dense_down = "mlp.down_proj.weight";
   std::string dense_width_key = "intermediate_size";
 
+  // transformers v5's fused-expert layout of a per-expert family (conversion_mapping.py: what v5
+  // writes with save_original_format=False and what checkpoints made for v5 hold): the routed
+  // experts stacked as `v5_experts`gate_up_proj [E,2I,H] (each expert's gate rows, then its up
+  // rows) and `v5_experts`down_proj [E,H,I], the router renamed where v5 renames it (mixtral:
+  // block_sparse_moe.gate -> mlp.gate). Empty: the family has no such layout here.
+  std::string v5_experts;  // e.g. "mlp.experts."
+  std::string v5_router;   // the router's v5 name ("" : the same as `router`)
+  // This entry is the v5 variant of its family (v5_fused_variant): fused_gate_up/fused_down are set
+  // and the per-expert names are kept, for outputs whose experts are encoded (written per expert,
+  // which v5 loads through the same conversion mapping).
+  bool v5_layout = false;
+
   bool fused() const { return !fused_gate_up.empty(); }
+  // Fused with no per-expert spelling to fall back on (granitemoe, gpt_oss).
+  bool fused_only() const { return fused() && !v5_layout; }
   bool has_shared() const { return !shared_gate.empty(); }
 };
 
 // The family for a config (by model_type); throws NotSupported naming the model_type, the
 // architectures value and the supported list.
 const FamilyDesc& family_for(const Config& config);
+// The v5 fused-expert variant of `f` (same model_type; see FamilyDesc::v5_experts), or nullptr
+// when the family has none. The loader takes it when a layer holds `v5_experts`gate_up_proj.
+const FamilyDesc* v5_fused_variant(const FamilyDesc& f);
+// The family's per-expert entry: `f` itself, or for a v5 variant the table entry it was made from.
+const FamilyDesc& per_expert_layout(const FamilyDesc& f);
 const std::vector<FamilyDesc>& all_families();
 std::string supported_families();
 // The model_types whose entry has `flag` set, in table order, e.g. families_with(&FamilyDesc::forward).

@@ -225,6 +225,15 @@ Model Model::load(const io::Checkpoint& ckpt) {
   m.config_ = Config(ckpt.config(), ckpt.config_path());
   const Config& c = m.config_;
   m.family_ = &family_for(c);
+  // transformers v5's fused experts: a decoder layer holds <v5 experts>gate_up_proj.
+  if (const FamilyDesc* v5 = v5_fused_variant(*m.family_)) {
+    const std::string layers = v5->layer_prefix.substr(0, v5->layer_prefix.find("{l}")), fused = "." + v5->fused_gate_up;
+    for (const auto& name : ckpt.names())
+      if (name.starts_with(layers) && name.ends_with(fused)) {
+        m.family_ = v5;
+        break;
+      }
+  }
   const FamilyDesc& f = *m.family_;
   // A checkpoint quantized by another tool (gptq, awq, bitsandbytes, ...) stores packed weights
   // under other names: say so, not that a weight is missing.
@@ -528,6 +537,10 @@ void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_exp
     const std::string count = "config (" + f.expert_count_key + "=" + std::to_string(n_experts);
     expect(router, {n_experts, H}, count + ", hidden_size)");
     if (!f.router_bias.empty() && ckpt.has(prefix + f.router_bias)) expect(prefix + f.router_bias, {n_experts}, count + ")");
+    if (f.v5_layout && ckpt.has(prefix + f.fused_gate_up))
+      throw Error::unsupported(ckpt.shard_path(prefix + f.fused_gate_up).string() + ": tensor " + prefix + f.fused_gate_up +
+                               ": a multi-token-prediction layer's experts in the transformers v5 fused layout are not "
+                               "read (give them per expert, as the released checkpoints store them)" + where);
     std::set<int64_t> seen;
     for (const auto& [name, t] : m.extras_) {
       if (name.rfind(prefix + experts_prefix, 0) != 0) continue;

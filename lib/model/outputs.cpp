@@ -178,7 +178,8 @@ void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::
 }
 
 void add_layer(OutputBuilder& ob, const Model& m, int l) {
-  const FamilyDesc& f = m.family();
+  const FamilyDesc& f_in = m.family();
+  const FamilyDesc& f = f_in;
   const Layer& layer = m.layers().at(static_cast<size_t>(l));
   const std::string prefix = expand(f.layer_prefix, l);
   for (const auto& r : f.layer_roles) {
@@ -188,6 +189,17 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
   }
   if (layer.moe) {
     const MoeBlock& b = *layer.moe;
+    bool encoded = false;
+    for (const auto& e : b.experts)
+      encoded = encoded || e.gate.encoding() || e.up.encoding() || e.down.encoding();
+    const OutputOptions& opts = ob.options();
+    const bool written_dense = !encoded || opts.materialize ||
+                               (opts.dtype && b.experts[0].gate.encoding() &&
+                                b.experts[0].gate.encoding()->dtype_rule() == core::Encoding::DtypeRule::Materialize);
+    // A v5 fused layout (FamilyDesc::v5_layout) takes experts written dense; encoded experts and
+    // novices go per expert, in the family's per-expert spelling (router included), which
+    // transformers v4 reads and v5 converts on load.
+    const FamilyDesc& f = f_in.v5_layout && (!written_dense || b.num_novices() > 0) ? per_expert_layout(f_in) : f_in;
     ob.cls = "router";
     ob.add(prefix + f.router, b.router);
     // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
@@ -200,12 +212,7 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
       // Re-stack the experts into [E,2I,H] and [E,H,I]. Encoded experts are written dense here
       // (the fused layout has no place for parts) only when materializing.
       const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = m.dims().hidden;
-      bool encoded = false;
-      for (const auto& e : b.experts)
-        encoded = encoded || e.gate.encoding() || e.up.encoding() || e.down.encoding();
-      const OutputOptions& opts = ob.options();
-      if (encoded && !opts.materialize && !(opts.dtype && b.experts[0].gate.encoding() &&
-                                            b.experts[0].gate.encoding()->dtype_rule() == core::Encoding::DtypeRule::Materialize))
+      if (!written_dense)
         throw Error::unsupported("layer " + std::to_string(l) + ": encoded experts cannot be stored in the fused " +
                                  f.model_type + " layout; write them dense: --materialize on this command (a stock " +
                                  "checkpoint of the decoded values), \"materialize\": true in a recipe's output");

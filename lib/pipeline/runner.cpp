@@ -89,14 +89,14 @@ void check_native_only_passes(const model::Model& m, const Recipe& r) {
     if (i + 1 < r.passes.size())
       throw Error::unsupported(where + ".novices: no pass can run after novices are made (passes[" + std::to_string(i + 1) +
                                "] would have to); make it the last pass");
-    if (m.family().fused())
+    if (m.family().fused_only())
       throw Error::unsupported(where + ".novices: the fused " + m.family().model_type +
                                " expert layout has no place for a constant expert");
   }
   // The fused expert layouts (granitemoe, gpt_oss: one tensor per projection per layer) hold dense
   // experts only: a pass that writes the experts encoded needs them written dense, refused here
   // rather than when the first layer is written.
-  if (m.family().fused() && !r.output.materialize)
+  if (m.family().fused_only() && !r.output.materialize)
     for (size_t i = 0; i < r.passes.size(); ++i)
       if (r.passes[i]->encodes().count("experts"))
         throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
