@@ -90,10 +90,11 @@ def make_weights(c):
 
 # ----------------------------------------------------------------------------- the forward
 
-def attention(c, W, p, x, scaling, theta, window=None):
+def attention(c, W, p, x, scaling, theta, window=None, rope=None):
     """GraniteMoeAttention (and PhimoeAttention, phimoe_reference.py): head_dim = hidden_size //
     num_attention_heads, q/k/v/o biases iff attention_bias, rotate-half RoPE with base `theta`,
-    softmax scale `scaling`, causal; `window`: key j seen from query i iff i - j < window."""
+    softmax scale `scaling`, causal; `window`: key j seen from query i iff i - j < window;
+    `rope`: (inv_freq, mscale) of a scaled RoPE instead of the default one (cos and sin x mscale)."""
     s, H = x.shape
     nH, nKV = c["num_attention_heads"], c["num_key_value_heads"]
     hd = H // nH
@@ -105,10 +106,10 @@ def attention(c, W, p, x, scaling, theta, window=None):
         return y.reshape(s, heads, hd).transpose(1, 0, 2)  # [heads, s, hd]
 
     q, k, v = proj("q_proj", nH), proj("k_proj", nKV), proj("v_proj", nKV)
-    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    inv_freq, mscale = rope if rope is not None else (1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd), 1.0)
     freqs = np.arange(s, dtype=np.float64)[:, None] * inv_freq[None, :]
     emb = np.concatenate((freqs, freqs), axis=-1)
-    cos, sin = np.cos(emb), np.sin(emb)
+    cos, sin = np.cos(emb) * mscale, np.sin(emb) * mscale
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     rep = nH // nKV
     k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)  # repeat_kv

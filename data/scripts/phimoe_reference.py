@@ -146,6 +146,32 @@ def moe(c, W, p, x):
     return out, ids, wts, margin
 
 
+def longrope(c, hd, seq_len):
+    """PhimoeRotaryEmbedding with rope_scaling {"rope_type": "longrope", ...} (None without one):
+    _compute_longrope_parameters(config, device, seq_len) of modeling_rope_utils.py (v5: the
+    original context from rope_scaling's original_max_position_embeddings), inv_freq =
+    1 / (ext_factors * theta ** (arange(0, d, 2) / d)) with ext_factors = long_factor when
+    seq_len > original_max_position_embeddings else short_factor; cos and sin x long_mscale or
+    short_mscale by the same comparison (PhimoeRotaryEmbedding.forward), else x the attention
+    factor. seq_len is max(position_ids) + 1, the window length here."""
+    rs = c.get("rope_scaling")
+    if not rs:
+        return None
+    assert rs.get("rope_type", rs.get("type")) == "longrope"
+    orig = rs.get("original_max_position_embeddings") or c.get("original_max_position_embeddings") \
+        or c["max_position_embeddings"]
+    long = seq_len > orig
+    ext = np.array(rs["long_factor"] if long else rs["short_factor"], dtype=np.float64)
+    inv_freq = 1.0 / (ext * c.get("rope_theta", 1e6) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    mscale = rs.get("long_mscale" if long else "short_mscale")
+    if mscale is None:
+        mscale = rs.get("attention_factor")
+    if mscale is None:
+        factor = c["max_position_embeddings"] / orig
+        mscale = 1.0 if factor <= 1 else np.sqrt(1 + np.log(factor) / np.log(orig))
+    return inv_freq, mscale
+
+
 def forward(c, W, tokens):
     eps = c.get("rms_norm_eps", 1e-5)
 
@@ -160,7 +186,7 @@ def forward(c, W, tokens):
     for l in range(c["num_hidden_layers"]):
         p = f"model.layers.{l}."
         x = x + attention(c, W, p, norm(x, p + "input_layernorm"), hd ** -0.5, c.get("rope_theta", 1e6),
-                          c.get("sliding_window"))
+                          c.get("sliding_window"), longrope(c, hd, len(tokens)))
         y, ids, wts, m = moe(c, W, p, norm(x, p + "post_attention_layernorm"))
         x = x + y
         margin = min(margin, m)
@@ -171,8 +197,16 @@ def forward(c, W, tokens):
     return logits, layers, margin
 
 
+# Phi-3.5-MoE's rope_scaling shape (longrope, short/long factors per frequency, short/long mscale,
+# original context 4096) with factors drawn for head_dim 16; the second variant's original context
+# (16) is shorter than the window (T = 24), so it takes the long factors and long_mscale.
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.05, 1.2, 1.5, 2.0, 3.1, 4.4, 6.0],
+            "long_factor": [1.0, 1.3, 2.2, 4.5, 9.0, 17.0, 30.0, 48.0],
+            "short_mscale": 1.243163121016122, "long_mscale": 1.2, "original_max_position_embeddings": 4096}
 VARIANTS = (("phimoe-jitter-0.01", {"router_jitter_noise": 0.01}),
-            ("phimoe-no-window", {"sliding_window": None}))
+            ("phimoe-no-window", {"sliding_window": None}),
+            ("phimoe-longrope", {"rope_scaling": LONGROPE}),
+            ("phimoe-longrope-long", {"rope_scaling": dict(LONGROPE, original_max_position_embeddings=16)}))
 
 
 def sensitivity(c, W, tokens):
@@ -183,7 +217,10 @@ def sensitivity(c, W, tokens):
                         ("router_jitter_noise 0.01 instead of 0.2", {"router_jitter_noise": 0.01}),
                         ("weights renormalised", {"_renormalise": True}),
                         ("no lm_head bias", {"lm_head_bias": False}),
-                        ("no attention biases", {"attention_bias": False})):
+                        ("no attention biases", {"attention_bias": False}),
+                        ("longrope: short factors, short_mscale", {"rope_scaling": LONGROPE}),
+                        ("longrope: long factors, long_mscale",
+                         {"rope_scaling": dict(LONGROPE, original_max_position_embeddings=16)})):
         print(f"{what}: {np.abs(forward(dict(c, **patch), W, tokens)[0] - base).max():.3g}")
 
 

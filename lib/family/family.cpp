@@ -268,6 +268,7 @@ std::vector<FamilyDesc> build_families() {
     f.globals.push_back({"final_norm_bias", "model.norm.bias"});
     f.globals.push_back({"lm_head_bias", "lm_head.bias", if_config("lm_head_bias", false)});
     f.head_dim_from_hidden = true;
+    f.longrope_rope = true;
     f.default_rope_theta = 1e6;
     f.default_rms_norm_eps = 1e-5;
     f.forward = true;

@@ -118,6 +118,9 @@ struct FamilyDesc {
   bool attention_sinks = false;
   bool per_layer_types = false;
   bool yarn_rope = false;
+  // phimoe: longrope RoPE scaling (Phi-3.5-MoE's released config) with PhimoeRotaryEmbedding's
+  // short_mscale / long_mscale on cos and sin.
+  bool longrope_rope = false;
   // granitemoe: the scalar multipliers of configuration_granitemoe.py (a key left out is 1.0):
   // embeddings x embedding_multiplier, softmax scale attention_multiplier (instead of
   // head_dim^-0.5), each residual branch's output x residual_multiplier, logits / logits_scaling.

@@ -29,7 +29,8 @@ std::string yarn_families() {
 // same fields plus rope_theta). Both spellings are read with the same rules.
 // yarn is applied for the families that use it (`yarn`: the Multi-head Latent Attention families
 // and gpt_oss). `j` is the object (the config's, or the family's default when the config has none).
-RopeScaling parse_rope_object(const model::Config& c, const std::string& key, const nlohmann::json& j, bool yarn) {
+RopeScaling parse_rope_object(const model::Config& c, const std::string& key, const nlohmann::json& j, bool yarn,
+                              bool longrope) {
   RopeScaling s;
   if (!j.is_object()) throw Error::corruption(c.source() + ": " + key + ": expected an object or null, found " + j.dump());
   for (const char* per_layer : {"full_attention", "sliding_attention"})
@@ -72,6 +73,30 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, co
     }
     return s;
   }
+  if (type == "longrope" && longrope) {
+    // v5 standardisation: original_max_position_embeddings from the object, else the top level,
+    // else max_position_embeddings (0 here: the forward's max_positions).
+    s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
+    if (s.original_max_positions == 0) s.original_max_positions = c.get_int_or("original_max_position_embeddings", 0);
+    auto factors = [&](const char* k) {
+      if (!j.contains(k) || !j.at(k).is_array() || j.at(k).empty())
+        throw Error::corruption(c.source() + ": " + key + "." + k + ": expected a list of numbers (longrope), found " +
+                                (j.contains(k) ? j.at(k).dump() : std::string("nothing")));
+      std::vector<double> v;
+      for (const auto& x : j.at(k)) {
+        if (!x.is_number() || !std::isfinite(x.get<double>()) || x.get<double>() <= 0)
+          throw Error::corruption(c.source() + ": " + key + "." + k + ": expected positive numbers, found " + x.dump());
+        v.push_back(x.get<double>());
+      }
+      return v;
+    };
+    s.short_factor = factors("short_factor");
+    s.long_factor = factors("long_factor");
+    for (auto [k, dst] : {std::pair{"short_mscale", &s.short_mscale}, {"long_mscale", &s.long_mscale}})
+      if (j.contains(k) && !j.at(k).is_null()) *dst = num(k, 1.0);
+    if (j.contains("attention_factor") && !j.at("attention_factor").is_null()) s.attention_factor = num("attention_factor", 1.0);
+    return s;
+  }
   if (type == "llama3") {
     s.low_freq_factor = num("low_freq_factor", 1.0);
     s.high_freq_factor = num("high_freq_factor", 4.0);
@@ -80,7 +105,7 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, co
   }
   throw Error::unsupported(c.source() + ": " + key + ".rope_type '" + type +
                            "' not implemented by the forward (implemented: default, linear, dynamic, llama3; yarn for " +
-                           yarn_families() + ")");
+                           yarn_families() + "; longrope for phimoe)");
 }
 
 // rope_theta: rope_parameters.rope_theta (transformers v5), else the top-level rope_theta (v4),
@@ -110,12 +135,12 @@ double read_rope_theta(const model::Config& c, const model::FamilyDesc& f) {
 // scalings is refused.
 // Neither given: the family's default (gpt_oss: yarn, as configuration_gpt_oss.py fills it in).
 RopeScaling read_rope_scaling(const model::Config& c, const model::FamilyDesc& f) {
-  const bool yarn = f.attention == model::AttentionKind::MLA || f.yarn_rope;
+  const bool yarn = f.attention == model::AttentionKind::MLA || f.yarn_rope, longrope = f.longrope_rope;
   std::optional<RopeScaling> v4, v5;
-  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling", c.json().at("rope_scaling"), yarn);
-  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters", c.json().at("rope_parameters"), yarn);
+  if (c.has("rope_scaling")) v4 = parse_rope_object(c, "rope_scaling", c.json().at("rope_scaling"), yarn, longrope);
+  if (c.has("rope_parameters")) v5 = parse_rope_object(c, "rope_parameters", c.json().at("rope_parameters"), yarn, longrope);
   if (!v4 && !v5 && f.default_rope_parameters.is_object())
-    return parse_rope_object(c, "rope_parameters (" + f.model_type + " default)", f.default_rope_parameters, yarn);
+    return parse_rope_object(c, "rope_parameters (" + f.model_type + " default)", f.default_rope_parameters, yarn, longrope);
   if (v4 && v5 && (v4->type != v5->type || v4->factor != v5->factor))
     throw Error::corruption(c.source() + ": rope_parameters (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
                             v4->type + "')");
@@ -316,10 +341,16 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
                             std::to_string(d.heads) + ")");
   s.layer_norm = f.layer_norm;
   // PhimoeRotaryEmbedding multiplies cos/sin by the config's short_mscale / long_mscale whenever
-  // rope_scaling is set (and Phi-3.5-MoE's is longrope): only unscaled RoPE is implemented.
-  if (f.model_type == "phimoe" && s.rope_scaling.type != "default")
+  // rope_scaling is set: implemented with longrope (Phi-3.5-MoE's), refused with the other scalings.
+  if (f.model_type == "phimoe" && s.rope_scaling.type != "default" && s.rope_scaling.type != "longrope")
     throw Error::unsupported(c.source() + ": rope_scaling '" + s.rope_scaling.type + "' with phimoe not implemented by " +
-                             "the forward (its short_mscale / long_mscale scaling of cos and sin)");
+                             "the forward (its short_mscale / long_mscale scaling of cos and sin; longrope is)");
+  if (s.rope_scaling.type == "longrope")
+    for (const auto* v : {&s.rope_scaling.short_factor, &s.rope_scaling.long_factor})
+      if (static_cast<int64_t>(v->size()) != s.attn.rope_dim() / 2)
+        throw Error::corruption(c.source() + ": rope_scaling." + (v == &s.rope_scaling.short_factor ? "short" : "long") +
+                                "_factor: " + std::to_string(v->size()) + " values, but the rotary dimension " +
+                                std::to_string(s.attn.rope_dim()) + " has " + std::to_string(s.attn.rope_dim() / 2) + " frequencies");
   s.routing = RoutingRule::from_model(m);
   return s;
 }

@@ -152,7 +152,25 @@ double yarn_attention_factor(const RopeScaling& s, int64_t max_positions) {
   return yarn_mscale(factor, 1.0);
 }
 
+// longrope takes its long factors when the window (T positions) is longer than the original context.
+int64_t longrope_original(const RopeScaling& s, int64_t max_positions) {
+  return s.original_max_positions > 0 ? s.original_max_positions : max_positions;
+}
+bool longrope_long(const RopeScaling& s, int64_t T, int64_t max_positions) {
+  return T > longrope_original(s, max_positions);
+}
+
 }  // namespace
+
+double longrope_attention_factor(const RopeScaling& s, int64_t T, int64_t max_positions) {
+  const bool long_window = longrope_long(s, T, max_positions);
+  if (long_window && s.long_mscale) return *s.long_mscale;
+  if (!long_window && s.short_mscale) return *s.short_mscale;
+  if (s.attention_factor) return *s.attention_factor;
+  const double orig = double(longrope_original(s, max_positions));
+  const double factor = s.original_max_positions > 0 && max_positions > 0 ? double(max_positions) / orig : s.factor;
+  return factor <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(factor) / std::log(orig));
+}
 
 RopeTable RopeTable::make(int64_t T, int64_t d, double theta, const RopeScaling& s, int64_t max_positions) {
   if (d % 2 != 0) throw core::Error::unsupported("RoPE needs an even head_dim, got " + std::to_string(d));
@@ -182,10 +200,22 @@ RopeTable RopeTable::make(int64_t T, int64_t d, double theta, const RopeScaling&
     }
   } else if (s.type == "yarn") {
     yarn_inv_freq(inv, d, theta, s, max_positions);
+  } else if (s.type == "longrope") {
+    // inv_freq = 1 / (ext_factors * base ** (arange(0, d, 2) / d)), in float32 as torch computes it.
+    const auto& ext = longrope_long(s, T, max_positions) ? s.long_factor : s.short_factor;
+    if (static_cast<int64_t>(ext.size()) != h)
+      throw core::Error::corruption("longrope: " + std::to_string(ext.size()) + " factors for " + std::to_string(h) + " frequencies");
+    for (int64_t i = 0; i < h; ++i) {
+      const float expo = static_cast<float>(2 * i) / static_cast<float>(d);
+      const float pos = static_cast<float>(std::pow(theta, double(expo)));
+      inv[i] = 1.0f / (static_cast<float>(ext[i]) * pos);
+    }
   } else if (s.type != "default" && s.type != "dynamic") {
     throw core::Error::unsupported("rope_scaling type '" + s.type + "' not implemented by the forward");
   }
-  const float af = s.type == "yarn" ? static_cast<float>(yarn_attention_factor(s, max_positions)) : 1.0f;
+  const float af = s.type == "yarn"       ? static_cast<float>(yarn_attention_factor(s, max_positions))
+                   : s.type == "longrope" ? static_cast<float>(longrope_attention_factor(s, T, max_positions))
+                                          : 1.0f;
   RopeTable r;
   r.T = T;
   r.d = d;

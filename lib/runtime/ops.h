@@ -50,9 +50,19 @@ struct RopeScaling {
   double mscale = 0.0, mscale_all_dim = 0.0;  // 0: absent
   std::optional<double> attention_factor;     // absent: from factor, mscale, mscale_all_dim
   bool truncate = true;
+  // longrope (transformers' _compute_longrope_parameters; Phi-3.5-MoE): per-frequency divisors of
+  // the default inverse frequencies, [d/2] each; long_factor when the window is longer than
+  // original_max_positions, else short_factor. short_mscale / long_mscale (phimoe's
+  // PhimoeRotaryEmbedding) replace the attention factor on cos/sin for the same choice.
+  std::vector<double> short_factor, long_factor;
+  std::optional<double> short_mscale, long_mscale;
 };
 // yarn's get_mscale(scale, mscale): 1 for scale <= 1, else 0.1 * mscale * ln(scale) + 1.
 double yarn_mscale(double scale, double mscale);
+// longrope's factor on cos and sin for a window of T positions: the short/long mscale when given,
+// else attention_factor, else sqrt(1 + ln(f) / ln(original)) with f = max_positions / original
+// (1 when f <= 1).
+double longrope_attention_factor(const RopeScaling& s, int64_t T, int64_t max_positions);
 struct RopeTable {
   int64_t T = 0, d = 0;
   // [T * d/2], already multiplied by the scaling's attention factor (yarn; 1 for the others),

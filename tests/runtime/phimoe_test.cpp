@@ -29,7 +29,9 @@ const fs::path& phimoe_fixture() {
   return p;
 }
 
-TEST(PhiMoe, MatchesReference) { check_goldens({"phimoe", "phimoe-jitter-0.01", "phimoe-no-window"}); }
+TEST(PhiMoe, MatchesReference) {
+  check_goldens({"phimoe", "phimoe-jitter-0.01", "phimoe-no-window", "phimoe-longrope", "phimoe-longrope-long"});
+}
 
 // What is read: LayerNorm (eps 1e-5) with the norms' biases, the window, sparsemixer with its
 // jitter, the lm_head bias.
@@ -48,17 +50,24 @@ TEST(PhiMoe, ReadsLayerNormWindowAndSparseMixer) {
   EXPECT_TRUE(lm->model.layers().at(1).tensors.count("post_attn_norm_bias"));
 }
 
-// top-k other than 2, an unscaled-RoPE-only rope_scaling, longrope, a negative jitter: one error
-// naming the key.
+// top-k other than 2, a rope_scaling other than longrope (with short/long mscale), longrope
+// factors that do not fit the rotary dimension or are not positive numbers, a negative jitter: one
+// error naming the key.
 TEST(PhiMoe, Refusals) {
   const nlohmann::json longrope = {{"rope_type", "longrope"}, {"short_factor", {1.0}}, {"long_factor", {1.0}},
                                    {"short_mscale", 1.0}, {"long_mscale", 1.2}, {"original_max_position_embeddings", 64}};
+  nlohmann::json negative = longrope;
+  negative["short_factor"] = {1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, 1.0};
+  nlohmann::json missing = longrope;
+  missing.erase("long_factor");
   expect_forward_errors(
       phimoe_fixture(),
       {{{{"num_experts_per_tok", 3}}, "num_experts_per_tok 3: phimoe's sparsemixer routing chooses 2 experts"},
        {{{"rope_scaling", {{"rope_type", "linear"}, {"factor", 2.0}, {"short_mscale", 1.0}, {"long_mscale", 1.0}}}},
         "rope_scaling 'linear' with phimoe not implemented"},
-       {{{"rope_scaling", longrope}}, "rope_type 'longrope' not implemented"},
+       {{{"rope_scaling", longrope}}, "rope_scaling.short_factor: 1 values, but the rotary dimension 16 has 8 frequencies"},
+       {{{"rope_scaling", negative}}, "rope_scaling.short_factor: expected positive numbers, found -1.0"},
+       {{{"rope_scaling", missing}}, "rope_scaling.long_factor: expected a list of numbers (longrope), found nothing"},
        {{{"router_jitter_noise", -0.5}}, "router_jitter_noise: expected a finite number >= 0"}});
 }
 
