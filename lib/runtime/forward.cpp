@@ -315,6 +315,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
                             " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
                             std::to_string(d.heads) + ")");
   s.layer_norm = f.layer_norm;
+  s.attn.rope_interleaved = f.rope_interleaved;
   // PhimoeRotaryEmbedding multiplies cos/sin by the config's short_mscale / long_mscale whenever
   // rope_scaling is set (and Phi-3.5-MoE's is longrope): only unscaled RoPE is implemented.
   if (f.model_type == "phimoe" && s.rope_scaling.type != "default")
