@@ -383,7 +383,9 @@ std::vector<FamilyDesc> build_families() {
     f.default_rms_norm_eps = 1e-5;
     f.default_tie_word_embeddings = true;
     f.refused_true_key = "use_bias";
-    f.refused_true_what = "biases on the expert, shared-expert and dense MLP projections and lm_head";
+    // transformers v4's Ernie4_5_MoeMLP puts the biases on the routed experts too; v5's
+    // Ernie4_5_MoeExperts (MixtralExperts) has none: the two disagree (the configuration's default is false).
+    f.refused_true_what = "biases on every projection; transformers v4 gives the routed experts biases, v5 does not";
     f.forward = true;
     v.push_back(f);
   }
