@@ -113,9 +113,7 @@ def make_weights(c, seed):
         mat(p + "self_attn.kv_b_proj.weight", (nH * (dn + dv), r), 0.2)
         mat(p + "self_attn.o_proj.weight", (H, nH * dv), 0.1)
         if l < c["first_k_dense_replace"]:
-            mat(p + "mlp.gate_proj.weight", (Id, H), 0.1)
-            mat(p + "mlp.up_proj.weight", (Id, H), 0.1)
-            mat(p + "mlp.down_proj.weight", (H, Id), 0.1)
+            mlp_weights(mat, p + "mlp.", H, Id)
             continue
         moe_block_weights(c, W, rng, mat, p, c["model_type"] == "deepseek_v3")
     norm("model.norm.weight", H)
@@ -131,15 +129,22 @@ def moe_block_weights(c, W, rng, mat, p, bias):
     if bias:
         # small, so that choice scores stay positive (masked groups score 0.0 in transformers)
         W[p + "mlp.gate.e_score_correction_bias"] = (0.05 * rng.standard_normal(E), "F32")
+    experts_weights(mat, p, H, E, I, I * c["n_shared_experts"])
+
+
+def mlp_weights(mat, p, H, I):
+    """An MLP under prefix p: gate_proj and up_proj [I, H], down_proj [H, I], std 0.1, drawn in this order."""
+    mat(p + "gate_proj.weight", (I, H), 0.1)
+    mat(p + "up_proj.weight", (I, H), 0.1)
+    mat(p + "down_proj.weight", (H, I), 0.1)
+
+
+def experts_weights(mat, p, H, E, I, S):
+    """Layer prefix p's routed experts mlp.experts.{e}. (E of width I), then the shared experts
+    mlp.shared_experts. of width S (mlp_weights each)."""
     for e in range(E):
-        q = p + f"mlp.experts.{e}."
-        mat(q + "gate_proj.weight", (I, H), 0.1)
-        mat(q + "up_proj.weight", (I, H), 0.1)
-        mat(q + "down_proj.weight", (H, I), 0.1)
-    S = I * c["n_shared_experts"]
-    mat(p + "mlp.shared_experts.gate_proj.weight", (S, H), 0.1)
-    mat(p + "mlp.shared_experts.up_proj.weight", (S, H), 0.1)
-    mat(p + "mlp.shared_experts.down_proj.weight", (H, S), 0.1)
+        mlp_weights(mat, p + f"mlp.experts.{e}.", H, I)
+    mlp_weights(mat, p + "mlp.shared_experts.", H, S)
 
 
 def store(W):

@@ -16,6 +16,7 @@ const char* routing_name(Routing r) {
     case Routing::DeepSeekV3: return "deepseek-v3 (sigmoid + bias, group-limited, scaled)";
     case Routing::SparseMixer: return "sparsemixer top-2";
     case Routing::TopKSoftmax: return "top-k -> softmax";
+    case Routing::SoftmaxBiasTopK: return "softmax + bias for choice -> top-k, renormalised";
   }
   return "?";
 }
@@ -353,6 +354,42 @@ std::vector<FamilyDesc> build_families() {
     f.default_sliding_window = 128;
     f.default_rope_parameters = {{"rope_type", "yarn"}, {"factor", 32.0}, {"beta_fast", 32.0}, {"beta_slow", 1.0},
                                  {"truncate", false}, {"original_max_position_embeddings", 4096}};
+    f.forward = true;
+    v.push_back(f);
+  }
+  {
+    // ernie4_5_moe (ERNIE-4.5-21B-A3B / 300B-A47B "-PT"), as transformers' configuration_ernie4_5_moe.py
+    // and modeling_ernie4_5_moe.py define it: llama attention (GQA, head_dim key or hidden_size /
+    // num_attention_heads), RoPE on interleaved pairs (rope_theta 500000), RMSNorm eps 1e-5;
+    // Ernie4_5_MoeSparseMoeBlock: softmax over mlp.gate (f32), mlp.moe_statics.e_score_correction_bias
+    // [1,E] added for the choice only, top-k (moe_k), weights renormalised by max(sum, moe_norm_min);
+    // shared experts of moe_num_shared_experts x moe_intermediate_size (default 2) added unweighted;
+    // MoE layers by moe_layer_start_index / moe_layer_end_index / moe_layer_interval, the others dense
+    // (intermediate_size); tie_word_embeddings default true. use_bias (biases on every projection)
+    // is refused on load.
+    FamilyDesc f = llama_base("ernie4_5_moe", "Ernie4_5_MoeForCausalLM");
+    for (const char* r : {"q_bias", "k_bias", "v_bias", "o_bias"})
+      for (auto& role : f.layer_roles)
+        if (role.role == r) role.presence = if_config("use_bias", false);
+    for (auto& g : f.globals)
+      if (g.role == "lm_head") g.presence = unless_config("tie_word_embeddings", true);
+    qwen_style_experts(f, "moe_num_experts", "moe_intermediate_size");
+    f.topk_key = "moe_k";
+    f.routing = Routing::SoftmaxBiasTopK;
+    f.router_bias = "mlp.moe_statics.e_score_correction_bias";
+    f.router_bias_row = true;
+    f.moe_layers = MoeLayerRule::StartEndInterval;
+    shared_mlp_names(f, "mlp.shared_experts");
+    f.shared_count_key = "moe_num_shared_experts";
+    f.default_shared_count = 2;
+    f.rope_interleaved = true;
+    f.default_rope_theta = 500000.0;
+    f.default_rms_norm_eps = 1e-5;
+    f.default_tie_word_embeddings = true;
+    f.refused_true_key = "use_bias";
+    // transformers v4's Ernie4_5_MoeMLP puts the biases on the routed experts too; v5's
+    // Ernie4_5_MoeExperts (MixtralExperts) has none: the two disagree (the configuration's default is false).
+    f.refused_true_what = "biases on every projection; transformers v4 gives the routed experts biases, v5 does not";
     f.forward = true;
     v.push_back(f);
   }

@@ -19,12 +19,15 @@ enum class Routing {
   DeepSeekV3,      // sigmoid + bias for choice, group-limited top-2 sums, renorm, x scaling
   SparseMixer,     // phimoe top-2 sparsemixer
   TopKSoftmax,     // granitemoe: top-k of logits, softmax over the k
+  SoftmaxBiasTopK, // ernie4_5_moe: softmax, + correction bias for the choice, renorm (sum >= moe_norm_min)
 };
 const char* routing_name(Routing r);
 
 enum class AttentionKind { Standard, MLA };
 enum class QKNorm { None, PerHead, Full };  // qwen3: per head over d; olmoe: whole projection
-enum class MoeLayerRule { All, SparseStep, FirstKDense };
+// StartEndInterval (ernie4_5_moe): layer l is MoE iff (l + 1) % moe_layer_interval == 0 and
+// moe_layer_start_index <= l <= moe_layer_end_index (-1: the last layer).
+enum class MoeLayerRule { All, SparseStep, FirstKDense, StartEndInterval };
 
 // Whether a tensor must be present.
 struct Presence {
@@ -139,6 +142,17 @@ struct FamilyDesc {
   std::string dense_up = "mlp.up_proj.weight";
   std::string dense_down = "mlp.down_proj.weight";
   std::string dense_width_key = "intermediate_size";
+  // ernie4_5_moe: RoPE on pairs (2i, 2i+1) of each head (transformers' interleaved rotate_half)
+  // instead of rotate-half pairs (i, i + d/2).
+  bool rope_interleaved = false;
+  // ernie4_5_moe: the router bias is stored as [1, E] (Ernie4_5_MoeStatics); read as [E] ([1, E]
+  // or [E] accepted) and written back as [1, E].
+  bool router_bias_row = false;
+  // The value of tie_word_embeddings when config.json leaves it out (ernie4_5_moe: true).
+  bool default_tie_word_embeddings = false;
+  // A boolean config key whose value true is refused on load (ernie4_5_moe: use_bias, which puts
+  // biases on every expert, shared-expert and dense MLP projection), with what it turns on.
+  std::string refused_true_key, refused_true_what;
 
   // transformers v5's fused-expert layout of a per-expert family (conversion_mapping.py: what v5
   // writes with save_original_format=False and what checkpoints made for v5 hold): the routed

@@ -247,6 +247,10 @@ Model Model::load(const io::Checkpoint& ckpt) {
                                "give the unquantized checkpoint");
   }
 
+  if (!f.refused_true_key.empty() && c.get_bool_or(f.refused_true_key, false))
+    throw Error::unsupported(c.source() + ": " + f.refused_true_key + " true with " + f.model_type + " (" +
+                             f.refused_true_what + ") is not implemented");
+
   Dims& d = m.dims_;
   d.layers = c.get_int("num_hidden_layers");
   d.hidden = c.get_int("hidden_size");
@@ -304,7 +308,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   pick.expect(f.globals[0].name, m.globals_.at("embed"), {d.vocab, H}, "config (vocab_size, hidden_size)");
   if (m.globals_.count("lm_head"))
     pick.expect("lm_head.weight", m.globals_.at("lm_head"), {d.vocab, H}, "config (vocab_size, hidden_size)");
-  if (m.globals_.count("lm_head") && c.get_bool_or("tie_word_embeddings", false) &&
+  if (m.globals_.count("lm_head") && c.get_bool_or("tie_word_embeddings", f.default_tie_word_embeddings) &&
       stored_head_differs(m.globals_.at("lm_head"), m.globals_.at("embed"))) {
     core::warn_once(c.source() + ": tie_word_embeddings is true but lm_head.weight is stored and differs from " +
                     f.globals[0].name + "; following transformers (tie_weights), the embeddings are the output "
@@ -374,6 +378,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
                   "config (" + f.expert_count_key + "=" + std::to_string(n_experts) + ", hidden_size)");
       if (!f.router_bias.empty()) {
         b.router_bias = pick.need(prefix + f.router_bias, "router bias");
+        if (f.router_bias_row && b.router_bias->shape() == Shape{1, n_experts}) b.router_bias = b.router_bias->reshaped({n_experts});
         pick.expect(prefix + f.router_bias, *b.router_bias, {n_experts}, f.expert_count_key);
       }
       if (f.fused_in_out_interleaved) {

@@ -31,6 +31,14 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
       const int64_t freq = c.get_int_or("moe_layer_freq", 1, false);
       return layer >= first && layer % freq == 0;
     }
+    case MoeLayerRule::StartEndInterval: {
+      // configuration_ernie4_5_moe.py: end -1 (its default) is the last layer.
+      const int64_t start = c.get_int_or("moe_layer_start_index", 1);
+      const bool to_last = !c.has("moe_layer_end_index") || c.json().at("moe_layer_end_index") == -1;
+      const int64_t end = to_last ? c.get_int("num_hidden_layers") - 1 : c.get_int_or("moe_layer_end_index", 0);
+      const int64_t interval = c.get_int_or("moe_layer_interval", 1, false);
+      return (layer + 1) % interval == 0 && layer >= start && layer <= end;
+    }
   }
   return true;
 }

@@ -204,7 +204,10 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     ob.add(prefix + f.router, b.router);
     // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
     // gpt_oss's router bias (a logit bias, stored like the weights) follows the output dtype.
-    if (b.router_bias) ob.add(prefix + f.router_bias, *b.router_bias, f.router_bias_in_logits);
+    // ernie4_5_moe's is stored as [1, E].
+    if (b.router_bias)
+      ob.add(prefix + f.router_bias, f.router_bias_row ? b.router_bias->reshaped({1, b.router_bias->numel()}) : *b.router_bias,
+             f.router_bias_in_logits);
     if (f.fused()) {
       if (b.num_novices() > 0)
         throw Error::unsupported("layer " + std::to_string(l) + ": novice experts (MoNE) cannot be stored in the fused " +

@@ -1,5 +1,6 @@
 #include "model/summary.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include <map>
@@ -37,7 +38,7 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
       for (const auto& e : l.moe->experts)
         if (e.novice) novice_params += e.params();
       if (l.moe->shared) {
-        shared = f.shared_count_key.empty() ? 1 : model.config().get_int_or(f.shared_count_key, 1);
+        shared = f.shared_count_key.empty() ? 1 : model.config().get_int_or(f.shared_count_key, std::max<int64_t>(f.default_shared_count, 1));
         shared_width = l.moe->shared->width();
       }
     } else {

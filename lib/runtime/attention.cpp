@@ -92,8 +92,8 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
     v = v.cwiseMax(-c).cwiseMin(c);
   }
   if (rope.d != spec.rope_dim()) throw core::Error::internal("attention: RoPE table width != rotary width");
-  rope.apply(q.data(), N, q.cols(), nH, d, 0, false);
-  rope.apply(k.data(), N, k.cols(), nKV, d, 0, false);
+  rope.apply(q.data(), N, q.cols(), nH, d, 0, spec.rope_interleaved);
+  rope.apply(k.data(), N, k.cols(), nKV, d, 0, spec.rope_interleaved);
 
   phase.emplace(Phase::AttnCore);
   AttnOutput out;

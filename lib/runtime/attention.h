@@ -25,6 +25,7 @@ struct AttnSpec {
   int64_t sliding_window = 0;     // 0: none; else key j visible from query i iff i - j < window
   bool sinks = false;             // gpt_oss: AttnWeights::sinks [heads], one extra softmax logit per head
   std::optional<double> scale;    // softmax scale on q·k; absent: head_dim^-0.5 (granitemoe: attention_multiplier)
+  bool rope_interleaved = false;  // ernie4_5_moe: RoPE on pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
 };
 
 struct AttnOutput {

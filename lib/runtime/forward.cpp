@@ -340,6 +340,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
                             " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
                             std::to_string(d.heads) + ")");
   s.layer_norm = f.layer_norm;
+  s.attn.rope_interleaved = f.rope_interleaved;
   // PhimoeRotaryEmbedding multiplies cos/sin by the config's short_mscale / long_mscale whenever
   // rope_scaling is set: implemented with longrope (Phi-3.5-MoE's), refused with the other scalings.
   if (f.model_type == "phimoe" && s.rope_scaling.type != "default" && s.rope_scaling.type != "longrope")

@@ -27,7 +27,7 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
                      bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
 
 // The router logits x·routerᵀ [N,E] (+ the router bias when the rule adds it to the logits:
-// gpt_oss), and the bias route() takes for the choice (deepseek_v3's correction bias; null
+// gpt_oss), and the bias route() takes for the choice (deepseek_v3's and ernie4_5_moe's correction bias; null
 // otherwise). Every caller that routes uses both, so the forward and the passes agree.
 MatrixRM router_logits(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x);
 const RowVector* choice_bias(const MoeWeights& w, const RoutingRule& rule);

@@ -31,6 +31,12 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
       throw Error::corruption(c.source() + ": router_jitter_noise: expected a finite number >= 0, found " +
                               c.json().at("router_jitter_noise").dump());
   }
+  if (f.routing == Routing::SoftmaxBiasTopK) {
+    r.norm_min = c.get_double_or("moe_norm_min", 1e-12);
+    if (!std::isfinite(r.norm_min) || r.norm_min < 0)
+      throw Error::corruption(c.source() + ": moe_norm_min: expected a finite number >= 0, found " +
+                              c.json().at("moe_norm_min").dump());
+  }
   if (f.routing == Routing::DeepSeekV2 || f.routing == Routing::DeepSeekV3) {
     r.n_group = static_cast<int>(c.get_int_or("n_group", 1, false));
     r.topk_group = static_cast<int>(c.get_int_or("topk_group", 1, false));
@@ -48,7 +54,7 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
 }
 
 bool RoutingRule::has_probs() const {
-  return kind == Routing::SoftmaxTopK || kind == Routing::DeepSeekV2;
+  return kind == Routing::SoftmaxTopK || kind == Routing::DeepSeekV2 || kind == Routing::SoftmaxBiasTopK;
 }
 
 namespace {
@@ -200,6 +206,22 @@ RoutingResult route(const RoutingRule& rule, const MatrixRM& logits, const RowVe
           float w = rule.renormalize ? s[top[j]] / (sum + 1e-20f) : s[top[j]];
           r.ids(n, j) = top[j];
           r.weights(n, j) = static_cast<float>(w * rule.routed_scaling_factor);
+        }
+        break;
+      }
+      case Routing::SoftmaxBiasTopK: {
+        // ernie4_5_moe (Ernie4_5_MoeSparseMoeBlock): softmax over all logits; the correction bias
+        // is added for the choice only; the chosen softmax weights divided by max(sum, norm_min).
+        softmax_row(row.data(), p.data(), E);
+        std::vector<float> choice(E);
+        for (int e = 0; e < E; ++e) choice[e] = row[e] == ninf ? ninf : p[e] + (bias ? (*bias)(e) : 0.0f);
+        top_k_indices(choice.data(), E, k, top.data(), scratch);
+        float sum = 0;
+        for (int j = 0; j < k; ++j) sum += p[top[j]];
+        const float denom = std::max(sum, static_cast<float>(rule.norm_min));
+        for (int j = 0; j < k; ++j) {
+          r.ids(n, j) = top[j];
+          r.weights(n, j) = p[top[j]] / denom;
         }
         break;
       }

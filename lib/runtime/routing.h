@@ -31,6 +31,8 @@ struct RoutingRule {
   bool logit_bias = false;
   // phimoe sparsemixer: router_jitter_noise (the relative mask threshold is 2 x this).
   double jitter_eps = 0.01;
+  // ernie4_5_moe: the k weights are divided by max(their sum, moe_norm_min).
+  double norm_min = 1e-12;
 
   // The rule of this family with this config (norm_topk_prob, num_experts_per_tok, ...).
   static RoutingRule from_config(const model::FamilyDesc& f, const model::Config& c);
@@ -40,7 +42,7 @@ struct RoutingRule {
 };
 
 // logits [N,E] -> ids/weights [N,k] (+ probs [N,E] for softmax routers).
-// `bias` [E]: deepseek_v3 e_score_correction_bias (choice only). `active` (size E): experts with
+// `bias` [E]: deepseek_v3 / ernie4_5_moe e_score_correction_bias (choice only). `active` (size E): experts with
 // active[e] == false are never chosen (their logits count as -inf: softmax gives them 0), for
 // pruning what-ifs. Throws Error::unsupported for routing kinds without an implementation.
 RoutingResult route(const RoutingRule& rule, const MatrixRM& logits,

@@ -24,6 +24,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"phimoe", "PhiMoEForCausalLM"},        {"granitemoe", "GraniteMoeForCausalLM"},
       {"kimi_k2", "DeepseekV3ForCausalLM"},  // Kimi-K2: the deepseek_v3 layout
       {"glm4_moe", "Glm4MoeForCausalLM"},     {"gpt_oss", "GptOssForCausalLM"},
+      {"ernie4_5_moe", "Ernie4_5_MoeForCausalLM"},
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -95,6 +96,19 @@ TEST(Family, MoeKeysAndNames) {
   EXPECT_EQ(family_for(Config(json{{"model_type", "olmoe"}}, "c")).qk_norm, QKNorm::Full);
   EXPECT_EQ(family_for(Config(json{{"model_type", "qwen3"}}, "c")).qk_norm, QKNorm::PerHead);
   EXPECT_TRUE(family_for(Config(json{{"model_type", "phimoe"}}, "c")).layer_norm);
+  // ernie4_5_moe: its own count / width / top-k keys, the correction bias under mlp.moe_statics.
+  const auto& ernie = family_for(Config(json{{"model_type", "ernie4_5_moe"}}, "c"));
+  EXPECT_EQ(ernie.expert_count_key, "moe_num_experts");
+  EXPECT_EQ(ernie.expert_width_key, "moe_intermediate_size");
+  EXPECT_EQ(ernie.topk_key, "moe_k");
+  EXPECT_EQ(ernie.routing, Routing::SoftmaxBiasTopK);
+  EXPECT_EQ(ernie.router, "mlp.gate.weight");
+  EXPECT_EQ(ernie.router_bias, "mlp.moe_statics.e_score_correction_bias");
+  EXPECT_EQ(ernie.expert_gate, "mlp.experts.{e}.gate_proj.weight");
+  EXPECT_EQ(ernie.shared_gate, "mlp.shared_experts.gate_proj.weight");
+  EXPECT_EQ(ernie.shared_count_key, "moe_num_shared_experts");
+  EXPECT_EQ(ernie.moe_layers, MoeLayerRule::StartEndInterval);
+  EXPECT_TRUE(ernie.rope_interleaved && ernie.router_bias_row && ernie.default_tie_word_embeddings);
 }
 
 TEST(Family, UnknownOrMissingModelType) {
@@ -214,7 +228,7 @@ TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss"}));
+               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

@@ -79,40 +79,13 @@ TEST(PhiMoe, CalibrateCountsEqualReference) { check_calibrate_counts("phimoe", p
 // (M-SMoE), quantize (GPTQ int4, native) and factorize (SVD-LLM): each runs and its output runs.
 TEST(PhiMoeCli, EvalCalibrateAndEveryPass) {
   TempDir tmp;
-  const std::string model = phimoe_fixture().string(), text = (source_dir() / "data/text/heldout.txt").string();
-  const std::vector<std::string> calib = {"--text", text, "--ctx", "32", "--windows", "2"};
-  auto run = [&](std::vector<std::string> a) {
-    a.insert(a.end(), calib.begin(), calib.end());
-    return run_tool(a);
-  };
-  auto expect_runs = [&](const fs::path& out) {
-    const RunResult r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
-    ASSERT_EQ(r.exit_code, 0) << r.describe();
-    const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
-    EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << out << r.out;
-  };
-  expect_runs(phimoe_fixture());
-  const fs::path stats = tmp.path() / "calib.stats";
-  RunResult r = run_tool({"-q", "calibrate", model, "--text", text, "-o", stats.string(), "--ctx", "32", "--windows", "2"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  r = run_tool({"-q", "prune", model, (tmp.path() / "reap").string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_EQ(nlohmann::json::parse(read_file(tmp.path() / "reap" / "config.json")).at("num_local_experts"), 6);
+  const std::string model = phimoe_fixture().string();
+  ASSERT_NO_FATAL_FAILURE(eval_calibrate_reap(model, tmp.path(), "num_local_experts"));
   const TensorMap got = read_tensors(tmp.path() / "reap");
   EXPECT_TRUE(got.count("model.layers.1.block_sparse_moe.experts.5.w2.weight"));
   EXPECT_FALSE(got.count("model.layers.1.block_sparse_moe.experts.6.w2.weight"));
   EXPECT_TRUE(got.count("lm_head.bias") && got.count("model.layers.0.input_layernorm.bias"));
-  expect_runs(tmp.path() / "reap");
-  for (const auto& [dir, args] : std::vector<std::pair<std::string, std::vector<std::string>>>{
-           {"merged", {"merge", "--method", "msmoe", "--experts", "6"}},
-           {"q", {"quantize", "--method", "gptq", "--codec", "int4"}},
-           {"f", {"factorize", "--method", "svdllm", "--ratio", "0.5"}}}) {
-    std::vector<std::string> a = {"-q", args[0], model, (tmp.path() / dir).string()};
-    a.insert(a.end(), args.begin() + 1, args.end());
-    r = run(a);
-    ASSERT_EQ(r.exit_code, 0) << r.describe();
-    expect_runs(tmp.path() / dir);
-  }
+  merge_quantize_factorize_run(model, tmp.path());
 }
 
 }  // namespace

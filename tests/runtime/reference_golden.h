@@ -195,9 +195,10 @@ inline void check_calibrate_counts(const std::string& name, const std::filesyste
 }
 
 // eval (2 windows of 32: a finite perplexity > 1), calibrate (2 windows) and prune --method reap
-// --keep 6 with those statistics on the checkpoint `model` (a DeepSeek-layout family: the
-// config's n_routed_experts becomes 6), into `tmp`/reap; the pruned model's eval runs.
-inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp) {
+// --keep 6 with those statistics on the checkpoint `model` (the config's `count_key`, e.g. a
+// DeepSeek-layout family's n_routed_experts, becomes 6), into `tmp`/reap; the pruned model's eval runs.
+inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp,
+                                const std::string& count_key = "n_routed_experts") {
   namespace fs = std::filesystem;
   const std::string text = (source_dir() / "data/text/heldout.txt").string();
   RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
@@ -216,10 +217,37 @@ inline void eval_calibrate_reap(const std::string& model, const std::filesystem:
   r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
-  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
+  EXPECT_EQ(cfg.at(count_key), 6);
   // The pruned model runs too.
   r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
+}
+
+// eval of the checkpoint in `dir` on one window of 32: exit 0 and a finite perplexity > 1.
+inline void expect_eval_runs(const std::filesystem::path& dir) {
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  const RunResult r = run_tool({"-q", "eval", dir.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
+  EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << dir << r.out;
+}
+
+// merge (M-SMoE, 6 experts), quantize (GPTQ int4, native) and factorize (SVD-LLM, ratio 0.5) of
+// the checkpoint `model`, calibrated on 2 windows of 32, into `tmp`/merged, q and f: each exits 0
+// and its output evaluates (expect_eval_runs).
+inline void merge_quantize_factorize_run(const std::string& model, const std::filesystem::path& tmp) {
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  for (const auto& [dir, args] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"merged", {"merge", "--method", "msmoe", "--experts", "6"}},
+           {"q", {"quantize", "--method", "gptq", "--codec", "int4"}},
+           {"f", {"factorize", "--method", "svdllm", "--ratio", "0.5"}}}) {
+    std::vector<std::string> a = {"-q", args[0], model, (tmp / dir).string()};
+    a.insert(a.end(), args.begin() + 1, args.end());
+    a.insert(a.end(), {"--text", text, "--ctx", "32", "--windows", "2"});
+    const RunResult r = run_tool(a);
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    expect_eval_runs(tmp / dir);
+  }
 }
 
 }  // namespace moe::test
