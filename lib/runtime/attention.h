@@ -25,6 +25,9 @@ struct AttnSpec {
   int64_t sliding_window = 0;     // 0: none; else key j visible from query i iff i - j < window
   bool sinks = false;             // gpt_oss: AttnWeights::sinks [heads], one extra softmax logit per head
   std::optional<double> scale;    // softmax scale on q·k; absent: head_dim^-0.5 (granitemoe: attention_multiplier)
+  // qwen3_next: q_proj gives [heads, 2 * head_dim] per row, query then output gate per head; the
+  // attention output is multiplied by sigmoid(gate) before o_proj (AttnOutput::o_input is the product).
+  bool output_gate = false;
 };
 
 struct AttnOutput {
