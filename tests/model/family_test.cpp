@@ -24,6 +24,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"phimoe", "PhiMoEForCausalLM"},        {"granitemoe", "GraniteMoeForCausalLM"},
       {"kimi_k2", "DeepseekV3ForCausalLM"},  // Kimi-K2: the deepseek_v3 layout
       {"glm4_moe", "Glm4MoeForCausalLM"},     {"gpt_oss", "GptOssForCausalLM"},
+      {"qwen3_next", "Qwen3NextForCausalLM"},
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -54,6 +55,7 @@ TEST(Family, MoeKeysAndNames) {
       {"phimoe", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SparseMixer},
       {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
       {"gpt_oss", "num_local_experts", "intermediate_size", "mlp.router.weight", Routing::TopKSoftmax},
+      {"qwen3_next", "num_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
   };
   for (const auto& r : rows) {
     SCOPED_TRACE(r.type);
@@ -95,6 +97,12 @@ TEST(Family, MoeKeysAndNames) {
   EXPECT_EQ(family_for(Config(json{{"model_type", "olmoe"}}, "c")).qk_norm, QKNorm::Full);
   EXPECT_EQ(family_for(Config(json{{"model_type", "qwen3"}}, "c")).qk_norm, QKNorm::PerHead);
   EXPECT_TRUE(family_for(Config(json{{"model_type", "phimoe"}}, "c")).layer_norm);
+  // qwen3_next: hybrid layers, zero-centred norms, qwen2_moe's shared expert with its gate.
+  const auto& next = family_for(Config(json{{"model_type", "qwen3_next"}}, "c"));
+  EXPECT_TRUE(next.hybrid_linear_attention && next.zero_centred_norm && next.norm_topk_default);
+  EXPECT_EQ(next.shared_expert_gate, "mlp.shared_expert_gate.weight");
+  EXPECT_EQ(next.shared_width_key, "shared_expert_intermediate_size");
+  EXPECT_EQ(next.moe_layers, MoeLayerRule::SparseStep);
 }
 
 TEST(Family, UnknownOrMissingModelType) {
@@ -207,14 +215,14 @@ TEST(Family, Glm4MoeRow) {
   EXPECT_EQ(f.default_shared_count, 1);
   EXPECT_EQ(f.moe_layers, MoeLayerRule::FirstKDense);
   EXPECT_TRUE(f.extra_layers_allowed);
-  EXPECT_EQ(families_with(&FamilyDesc::partial_rotary), std::vector<std::string>{"glm4_moe"});
+  EXPECT_EQ(families_with(&FamilyDesc::partial_rotary), (std::vector<std::string>{"glm4_moe", "qwen3_next"}));
 }
 
 TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss"}));
+               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "qwen3_next"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

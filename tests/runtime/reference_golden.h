@@ -196,8 +196,9 @@ inline void check_calibrate_counts(const std::string& name, const std::filesyste
 
 // eval (2 windows of 32: a finite perplexity > 1), calibrate (2 windows) and prune --method reap
 // --keep 6 with those statistics on the checkpoint `model` (a DeepSeek-layout family: the
-// config's n_routed_experts becomes 6), into `tmp`/reap; the pruned model's eval runs.
-inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp) {
+// config's n_routed_experts, or `count_key`, becomes 6), into `tmp`/reap; the pruned model's eval runs.
+inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp,
+                                const std::string& count_key = "n_routed_experts") {
   namespace fs = std::filesystem;
   const std::string text = (source_dir() / "data/text/heldout.txt").string();
   RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
@@ -216,7 +217,7 @@ inline void eval_calibrate_reap(const std::string& model, const std::filesystem:
   r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
-  EXPECT_EQ(cfg.at("n_routed_experts"), 6);
+  EXPECT_EQ(cfg.at(count_key), 6);
   // The pruned model runs too.
   r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
