@@ -364,7 +364,7 @@ std::vector<FamilyDesc> build_families() {
     FamilyDesc f = llama_base("qwen3_next", "Qwen3NextForCausalLM");
     qk_norm(f, QKNorm::PerHead);
     for (auto& r : f.layer_roles)
-      if (r.role != "input_norm" && r.role != "post_attn_norm" && r.presence.kind == Presence::Required) r.presence = kOptional;
+      if (r.role != "input_norm" && r.role != "post_attn_norm") r.presence = kOptional;  // per kind: hybrid_layers.h
     for (const auto& [role, name] : std::vector<std::pair<std::string, std::string>>{
              {"in_proj_qkvz", "linear_attn.in_proj_qkvz.weight"},
              {"in_proj_ba", "linear_attn.in_proj_ba.weight"},

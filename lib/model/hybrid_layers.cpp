@@ -69,8 +69,11 @@ void check_hybrid_layer(const io::Checkpoint& ckpt, const FamilyDesc& f, const C
     return prefix + role;
   };
   const std::string kind = linear ? "linear_attention" : "full_attention";
-  const auto& own = linear ? linear_attention_roles() : full_attention_roles();
-  const auto& other = linear ? full_attention_roles() : linear_attention_roles();
+  std::vector<std::string> own = linear ? linear_attention_roles() : full_attention_roles();
+  std::vector<std::string> other = linear ? full_attention_roles() : linear_attention_roles();
+  // q/k/v/o biases (q_bias [heads * 2 * head_dim]) on full-attention layers iff attention_bias.
+  for (const char* b : {"q_bias", "k_bias", "v_bias", "o_bias"})
+    (!linear && c.get_bool_or("attention_bias", false) ? own : other).push_back(b);
   for (const auto& role : own)
     if (!layer.find(role))
       throw Error::corruption(ckpt.dir().string() + ": tensor " + name_of(role) + ": missing (layer " +

@@ -40,7 +40,8 @@ DeltaNetDims delta_net_dims(const Config& c);
 const std::vector<std::string>& linear_attention_roles();
 const std::vector<std::string>& full_attention_roles();
 
-// Checks that `layer` (its roles read as optional) has exactly the tensors of its type, with the
+// Checks that `layer` (its roles read as optional) has exactly the tensors of its type (a
+// full-attention layer's q/k/v/o biases iff attention_bias), with the
 // shapes the config implies: in_proj_qkvz [2*key_dim + 2*value_dim, H], in_proj_ba [2*v_heads, H],
 // conv1d [conv_dim, 1, conv_kernel], dt_bias and A_log [v_heads], linear_norm [v_dim],
 // out_proj [H, value_dim]. Error::corruption naming the tensor.

@@ -321,7 +321,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
       const int64_t qd = d.heads * d.head_dim, kvd = d.kv_heads * d.head_dim;
       const std::map<std::string, Shape> shapes = {
           {"q_proj", {f.hybrid_linear_attention ? 2 * qd : qd, H}}, {"k_proj", {kvd, H}}, {"v_proj", {kvd, H}}, {"o_proj", {H, qd}},
-          {"q_bias", {qd}}, {"k_bias", {kvd}}, {"v_bias", {kvd}}, {"o_bias", {H}},
+          {"q_bias", {f.hybrid_linear_attention ? 2 * qd : qd}}, {"k_bias", {kvd}}, {"v_bias", {kvd}}, {"o_bias", {H}},
           {"input_norm", {H}}, {"post_attn_norm", {H}}, {"input_norm_bias", {H}}, {"post_attn_norm_bias", {H}},
           {"sinks", {d.heads}},
           {"q_norm", {f.qk_norm == QKNorm::Full ? qd : d.head_dim}},

@@ -96,6 +96,8 @@ TEST(Qwen3Next, LoaderRefusals) {
                {"layer_types: expected a list of 4 entries"});
   expect_error([&] { load_patched({{"linear_num_value_heads", 3}}); }, core::ErrorKind::Corruption,
                {"linear_num_value_heads 3 is not a multiple of linear_num_key_heads 2"});
+  expect_error([&] { load_patched({{"attention_bias", true}}); }, core::ErrorKind::Corruption,
+               {"model.layers.3.self_attn.q_proj.bias: missing (layer 3 is full_attention)"});
   expect_error([&] { load_patched({{"linear_conv_kernel_dim", 3}}); }, core::ErrorKind::Corruption,
                {"model.layers.0.linear_attn.conv1d.weight: shape [64, 1, 4]"});
 }
