@@ -393,6 +393,42 @@ std::vector<FamilyDesc> build_families() {
     f.forward = true;
     v.push_back(f);
   }
+  {
+    // qwen3_next (Qwen3-Next-80B-A3B, after gpt_oss), as transformers' configuration_qwen3_next.py and
+    // modeling_qwen3_next.py define it: layer_types (else full_attention_interval, default 4: every
+    // 4th layer full) of "linear_attention" layers (Qwen3NextGatedDeltaNet) and "full_attention"
+    // layers (Qwen3NextAttention: q_proj gives query and gate per head, per-head q/k norms, partial
+    // rotary default 0.25, output x sigmoid(gate)); zero-centred RMSNorm x (1 + weight); the
+    // qwen2_moe MoE block (softmax top-k, norm_topk_prob default true, shared expert with a sigmoid
+    // gate), decoder_sparse_step / mlp_only_layers. head_dim default 256. mtp.* tensors (the
+    // multi-token-prediction head) are ignored as transformers ignores them (family/hybrid_layers.h).
+    FamilyDesc f = llama_base("qwen3_next", "Qwen3NextForCausalLM");
+    qk_norm(f, QKNorm::PerHead);
+    for (auto& r : f.layer_roles)
+      if (r.role != "input_norm" && r.role != "post_attn_norm") r.presence = kOptional;  // per kind: hybrid_layers.h
+    for (const auto& [role, name] : std::vector<std::pair<std::string, std::string>>{
+             {"in_proj_qkvz", "linear_attn.in_proj_qkvz.weight"},
+             {"in_proj_ba", "linear_attn.in_proj_ba.weight"},
+             {"conv1d", "linear_attn.conv1d.weight"},
+             {"dt_bias", "linear_attn.dt_bias"},
+             {"A_log", "linear_attn.A_log"},
+             {"linear_norm", "linear_attn.norm.weight"},
+             {"out_proj", "linear_attn.out_proj.weight"}})
+      set_role(f, role, name, kOptional);
+    qwen_style_experts(f, "num_experts", "moe_intermediate_size");
+    f.moe_layers = MoeLayerRule::SparseStep;
+    f.norm_topk_default = true;
+    shared_mlp_names(f, "mlp.shared_expert");
+    f.shared_expert_gate = "mlp.shared_expert_gate.weight";
+    f.shared_width_key = "shared_expert_intermediate_size";
+    f.partial_rotary = true;
+    f.default_partial_rotary_factor = 0.25;
+    f.default_head_dim = 256;
+    f.zero_centred_norm = true;
+    f.hybrid_linear_attention = true;
+    f.forward = true;
+    v.push_back(f);
+  }
   return v;
 }
 

@@ -166,6 +166,15 @@ struct FamilyDesc {
   // which v5 loads through the same conversion mapping).
   bool v5_layout = false;
 
+  // qwen3_next (modeling_qwen3_next.py): Qwen3NextRMSNorm is zero-centred, x_normed * (1 + weight),
+  // for the layer norms, the final norm and the q/k norms (the DeltaNet's gated norm is not).
+  bool zero_centred_norm = false;
+  // qwen3_next: hybrid decoder layers, "linear_attention" (Gated DeltaNet, runtime/gated_delta_net.h;
+  // roles in_proj_qkvz, in_proj_ba, conv1d, dt_bias, A_log, linear_norm, out_proj) or "full_attention"
+  // (family/hybrid_layers.h reads layer_types / full_attention_interval); the full-attention q_proj
+  // gives query and output gate per head ([heads * 2 * head_dim, H]), o_proj reads attn * sigmoid(gate).
+  bool hybrid_linear_attention = false;
+
   bool fused() const { return !fused_gate_up.empty(); }
   // Fused with no per-expert spelling to fall back on (granitemoe, gpt_oss).
   bool fused_only() const { return fused() && !v5_layout; }

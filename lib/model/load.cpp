@@ -10,6 +10,7 @@
 #include "io/gguf_model.h"
 #include "io/packed_input.h"
 #include "model/detail.h"
+#include "model/hybrid_layers.h"
 #include "model/model.h"
 #include "quant/registry.h"
 
@@ -318,6 +319,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
   }
   pick.expect("model.norm.weight", m.globals_.at("final_norm"), {H}, "hidden_size");
 
+  const std::vector<bool> linear_layers =
+      f.hybrid_linear_attention ? linear_attention_layers(c, d.layers) : std::vector<bool>{};
   for (int l = 0; l < d.layers; ++l) {
     Layer layer;
     layer.index = l;
@@ -330,8 +333,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
     if (f.attention == AttentionKind::Standard) {
       const int64_t qd = d.heads * d.head_dim, kvd = d.kv_heads * d.head_dim;
       const std::map<std::string, Shape> shapes = {
-          {"q_proj", {qd, H}}, {"k_proj", {kvd, H}}, {"v_proj", {kvd, H}}, {"o_proj", {H, qd}},
-          {"q_bias", {qd}}, {"k_bias", {kvd}}, {"v_bias", {kvd}}, {"o_bias", {H}},
+          {"q_proj", {f.hybrid_linear_attention ? 2 * qd : qd, H}}, {"k_proj", {kvd, H}}, {"v_proj", {kvd, H}}, {"o_proj", {H, qd}},
+          {"q_bias", {f.hybrid_linear_attention ? 2 * qd : qd}}, {"k_bias", {kvd}}, {"v_bias", {kvd}}, {"o_bias", {H}},
           {"input_norm", {H}}, {"post_attn_norm", {H}}, {"input_norm_bias", {H}}, {"post_attn_norm_bias", {H}},
           {"sinks", {d.heads}},
           {"q_norm", {f.qk_norm == QKNorm::Full ? qd : d.head_dim}},
@@ -358,6 +361,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
                                   " does not take hidden_size " + std::to_string(H) + " inputs");
       }
     }
+
+    if (f.hybrid_linear_attention) check_hybrid_layer(ckpt, f, c, d, layer, linear_layers.at(static_cast<size_t>(l)));
 
     auto read_mlp = [&](const std::string& g, const std::string& u, const std::string& dn, int64_t w,
                         const std::string& what) {
@@ -486,6 +491,12 @@ Model Model::load(const io::Checkpoint& ckpt) {
   const std::string layers_prefix = "model.layers.";
   for (const auto& name : ckpt.names()) {
     if (pick.used(name)) continue;
+    if (f.hybrid_linear_attention && name.rfind("mtp.", 0) == 0) {
+      // qwen3_next's multi-token-prediction head: transformers ignores it (_keys_to_ignore_on_load_unexpected).
+      core::warn_once(ckpt.dir().string() + ": tensors mtp.* (the " + f.model_type + " multi-token-prediction head) are "
+                      "ignored as transformers ignores them: not used by the forward, not written to outputs");
+      continue;
+    }
     if (name.rfind(layers_prefix, 0) == 0) {
       const std::string rest = name.substr(layers_prefix.size());
       int64_t idx = -1;

@@ -618,6 +618,11 @@ class Quantize final : public pipeline::Pass {
   // (kept, it would be written dense). Router alignment refits routers kept in their dtype.
   void check_smooth_align(const model::Model& m) const {
     if (!smooth_ && !align_router_) return;
+    // A zero-centred norm (qwen3_next: x (1 + w)) takes the scales as (1 + w) / s - 1, which its
+    // bf16 weight does not hold exactly, unlike w / s with power-of-two scales.
+    if (smooth_ && m.family().zero_centred_norm)
+      throw Error::unsupported(smooth_path_ + ": smoothing into " + m.family().model_type +
+                               "'s zero-centred post-attention norm is not implemented (give smooth false)");
     for (const auto& layer : m.layers()) {
       if (!layer.moe) continue;
       model::Layer L = layer;  // views: the slots point into this copy

@@ -31,6 +31,19 @@ void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0,
   }
 }
 
+// qwen3_next: q [N, heads * 2d] holds query then gate per head; q becomes the queries [N, heads * d]
+// and gate the gates [N, heads * d].
+void split_query_gate(MatrixRM& q, MatrixRM& gate, int64_t heads, int64_t d) {
+  if (q.cols() != heads * 2 * d) throw core::Error::corruption("attention: q_proj width is not heads x 2 x head_dim");
+  MatrixRM query(q.rows(), heads * d);
+  gate.resize(q.rows(), heads * d);
+  for (int64_t h = 0; h < heads; ++h) {
+    query.middleCols(h * d, d) = q.middleCols(h * 2 * d, d);
+    gate.middleCols(h * d, d) = q.middleCols(h * 2 * d + d, d);
+  }
+  q = std::move(query);
+}
+
 }  // namespace
 
 void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t q_stride, const float* k, int64_t ldk,
@@ -69,6 +82,8 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
   MatrixRM q = linear(x, w.q, w.q_bias ? &*w.q_bias : nullptr);
   MatrixRM k = linear(x, w.k, w.k_bias ? &*w.k_bias : nullptr);
   MatrixRM v = linear(x, w.v, w.v_bias ? &*w.v_bias : nullptr);
+  MatrixRM gate;
+  if (spec.output_gate) split_query_gate(q, gate, nH, d);
   phase.emplace(Phase::RopeQkNorm);
   if (q.cols() != nH * d || k.cols() != nKV * d || v.cols() != nKV * d)
     throw core::Error::corruption("attention: projection widths do not match heads x head_dim");
@@ -104,6 +119,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
                     spec.sinks ? w.sinks->data() : nullptr},
                    q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
                    out.o_input.cols());
+  if (spec.output_gate) out.o_input.array() *= (1.0f + (-gate.array()).exp()).inverse();
   phase.emplace(Phase::AttnProjections);
   out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);
   return out;

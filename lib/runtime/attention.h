@@ -26,6 +26,9 @@ struct AttnSpec {
   bool sinks = false;             // gpt_oss: AttnWeights::sinks [heads], one extra softmax logit per head
   std::optional<double> scale;    // softmax scale on q·k; absent: head_dim^-0.5 (granitemoe: attention_multiplier)
   bool rope_interleaved = false;  // ernie4_5_moe: RoPE on pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
+  // qwen3_next: q_proj gives [heads, 2 * head_dim] per row, query then output gate per head; the
+  // attention output is multiplied by sigmoid(gate) before o_proj (AttnOutput::o_input is the product).
+  bool output_gate = false;
 };
 
 struct AttnOutput {

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "model/hybrid_layers.h"
 #include "runtime/moe_block.h"
 #include "runtime/parallel.h"
 #include "runtime/profile.h"
@@ -352,6 +353,12 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
         throw Error::corruption(c.source() + ": rope_scaling." + (v == &s.rope_scaling.short_factor ? "short" : "long") +
                                 "_factor: " + std::to_string(v->size()) + " values, but the rotary dimension " +
                                 std::to_string(s.attn.rope_dim()) + " has " + std::to_string(s.attn.rope_dim() / 2) + " frequencies");
+  if (f.hybrid_linear_attention) {
+    s.zero_centred_norm = f.zero_centred_norm;
+    s.linear_layers = model::linear_attention_layers(c, s.layers);
+    s.delta_net = DeltaNetSpec{model::delta_net_dims(c), s.eps};
+    s.attn.output_gate = true;
+  }
   s.routing = RoutingRule::from_model(m);
   return s;
 }
@@ -360,6 +367,7 @@ Forward::Forward(const model::Model& m) : model_(m), spec_(ForwardSpec::from_mod
   final_norm_w_ = to_row(m.globals().at("final_norm"));
   if (m.globals().count("final_norm_bias")) final_norm_b_ = to_row(m.globals().at("final_norm_bias"));
   if (m.globals().count("lm_head_bias")) lm_head_b_ = to_row(m.globals().at("lm_head_bias"));
+  if (spec_.zero_centred_norm) final_norm_w_.array() += 1.0f;
 }
 
 const RopeTable& Forward::rope(int64_t T) const {
@@ -397,6 +405,11 @@ void Forward::load_layer_into(int l, LayerWeights& w, bool stream_experts) const
   const model::Layer& layer = model_.layers().at(l);
   const auto& release = model_.page_releaser();
   naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release); });
+  if (spec_.zero_centred_norm)  // x_normed * (1 + weight)
+    for (RowVector* v : {&w.input_norm, &w.post_attn_norm}) v->array() += 1.0f;
+  if (spec_.zero_centred_norm)
+    for (auto* v : {&w.attn.q_norm, &w.attn.k_norm})
+      if (*v) (*v)->array() += 1.0f;
   if (!release) return;
   auto hand_back = [&](const core::Tensor& t) { model_.release_pages(t); };
   if (!stream_experts || !layer.moe) {
@@ -424,7 +437,8 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
 
   {
     MatrixRM xn = timed_norm(spec_, X, w.input_norm, w.input_norm_bias);
-    AttnOutput a = spec_.mla ? core::with_context("layer " + std::to_string(l),
+    AttnOutput a = w.delta_net ? linear_attention(w, xn, T)
+                 : spec_.mla ? core::with_context("layer " + std::to_string(l),
                                                   [&] {
                                                     const PhaseScope timed(Phase::AttnCore);
                                                     return mla_attention(*spec_.mla, w.attn, rope(T), xn, T);
@@ -470,6 +484,14 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
     throw Error::internal("layer " + std::to_string(l) + ": neither MoE block nor MLP");
   }
   for (Observer* o : observers) o->on_layer_output(l, X);
+}
+
+AttnOutput Forward::linear_attention(const LayerWeights& w, const MatrixRM& xn, int64_t T) const {
+  if (!spec_.delta_net || spec_.linear_layers.empty() || !spec_.linear_layers.at(static_cast<size_t>(w.index)))
+    throw Error::internal("layer " + std::to_string(w.index) + ": Gated DeltaNet weights on a layer that is not linear_attention");
+  const PhaseScope timed(Phase::AttnCore);
+  DeltaNetOutput d = gated_delta_net(*spec_.delta_net, *w.delta_net, xn, T);
+  return AttnOutput{std::move(d.o_input), std::move(d.out)};
 }
 
 void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> observers) const {

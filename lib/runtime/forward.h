@@ -7,7 +7,8 @@
 // kimi_k2 (Multi-head Latent Attention, runtime/mla.h), glm4_moe (partial rotary, DeepSeek-V3
 // routing), gpt_oss (attention sinks, per-layer sliding windows, yarn, biased experts with the
 // clamped SwiGLU), granitemoe (embedding, attention, residual and logits multipliers), phimoe
-// (LayerNorm with bias, sparsemixer routing, lm_head bias), llama, mistral, qwen2, qwen3.
+// (LayerNorm with bias, sparsemixer routing, lm_head bias), qwen3_next (Gated DeltaNet and gated
+// attention layers, zero-centred RMSNorm), llama, mistral, qwen2, qwen3.
 // Every family in the table has one (model::FamilyDesc::forward).
 //
 // Step-by-step use (what calibration and compression pipelines do):
@@ -25,6 +26,7 @@
 
 #include "model/model.h"
 #include "runtime/attention.h"
+#include "runtime/gated_delta_net.h"
 #include "runtime/mla.h"
 #include "runtime/observer.h"
 #include "runtime/ops.h"
@@ -52,6 +54,11 @@ struct ForwardSpec {
   double embedding_multiplier = 1.0, residual_multiplier = 1.0, logits_scaling = 1.0;
   // phimoe: nn.LayerNorm with bias (eps) for the layer norms and the final norm instead of RMSNorm.
   bool layer_norm = false;
+  // qwen3_next: zero-centred RMSNorm (weights read as 1 + weight: layer norms, final norm, q/k
+  // norms); the Gated DeltaNet of each "linear_attention" layer (linear_layers[l]).
+  bool zero_centred_norm = false;
+  std::vector<bool> linear_layers;
+  std::optional<DeltaNetSpec> delta_net;
   AttnSpec layer_attn(int l) const {
     AttnSpec a = attn;
     if (!layer_window.empty()) a.sliding_window = layer_window.at(static_cast<size_t>(l));
@@ -117,6 +124,8 @@ class Forward {
   std::optional<RowVector> final_norm_b_, lm_head_b_;  // [H], [V] phimoe
   mutable RopeTable rope_;
   void load_layer_into(int l, LayerWeights& w, bool stream_experts) const;
+  // A "linear_attention" layer's token mixer (qwen3_next): o_input is out_proj's input [N, V].
+  AttnOutput linear_attention(const LayerWeights& w, const MatrixRM& xn, int64_t T) const;
   std::vector<std::vector<bool>> active_;  // per layer; empty: every expert routable
   bool stream_experts_ = false;
 };

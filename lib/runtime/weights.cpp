@@ -123,6 +123,20 @@ void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream 
   assign(w.shared_gate, b.shared_gate ? &*b.shared_gate : nullptr);
 }
 
+void assign_delta_net(DeltaNetWeights& w, const core::Tensor& qkvz, const core::Tensor& ba, const core::Tensor& conv,
+                      const core::Tensor& dt_bias, const core::Tensor& a_log, const core::Tensor& norm,
+                      const core::Tensor& out) {
+  assign(w.in_proj_qkvz, qkvz);
+  assign(w.in_proj_ba, ba);
+  if (conv.rank() != 3 || conv.dim(1) != 1)
+    throw Error::internal("conv1d: expected [channels, 1, kernel], got " + core::shape_str(conv.shape()));
+  assign(w.conv1d, conv.reshaped({conv.dim(0), conv.dim(2)}));
+  assign(w.dt_bias, dt_bias);
+  assign(w.A_log, a_log);
+  assign(w.norm, norm);
+  assign(w.out_proj, out);
+}
+
 }  // namespace
 
 const MlpWeights& MoeWeights::expert(int64_t e, MlpWeights& scratch) const {
@@ -186,34 +200,42 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored, b
     assign(w.post_attn_norm, need("post_attn_norm"));
     assign(w.input_norm_bias, l.find("input_norm_bias"));
     assign(w.post_attn_norm_bias, l.find("post_attn_norm_bias"));
-    assign(w.attn.o, need("o_proj"));
-    if (l.find("kv_a_proj")) {  // MLA
-      auto matrix_or_empty = [&](MatrixRM& m, const char* role) {
-        if (const core::Tensor* t = l.find(role)) assign(m, *t);
-        else m.resize(0, 0);
-      };
-      matrix_or_empty(w.attn.q, "q_proj");
-      matrix_or_empty(w.attn.q_a, "q_a_proj");
-      matrix_or_empty(w.attn.q_b, "q_b_proj");
-      assign(w.attn.q_a_norm, l.find("q_a_norm"));
-      assign(w.attn.kv_a, need("kv_a_proj"));
-      assign(w.attn.kv_a_norm, need("kv_a_norm"));
-      assign(w.attn.kv_b, need("kv_b_proj"));
-      w.attn.k.resize(0, 0);
-      w.attn.v.resize(0, 0);
+    if (l.find("in_proj_qkvz")) {  // qwen3_next Gated DeltaNet (a linear-attention layer): no attention
+      if (!w.delta_net) w.delta_net.emplace();
+      assign_delta_net(*w.delta_net, need("in_proj_qkvz"), need("in_proj_ba"), need("conv1d"), need("dt_bias"),
+                       need("A_log"), need("linear_norm"), need("out_proj"));
+      w.attn = AttnWeights{};
     } else {
-      assign(w.attn.q, need("q_proj"));
-      assign(w.attn.k, need("k_proj"));
-      assign(w.attn.v, need("v_proj"));
-      w.attn.kv_a.resize(0, 0);
+      w.delta_net.reset();
+      assign(w.attn.o, need("o_proj"));
+      if (l.find("kv_a_proj")) {  // MLA
+        auto matrix_or_empty = [&](MatrixRM& m, const char* role) {
+          if (const core::Tensor* t = l.find(role)) assign(m, *t);
+          else m.resize(0, 0);
+        };
+        matrix_or_empty(w.attn.q, "q_proj");
+        matrix_or_empty(w.attn.q_a, "q_a_proj");
+        matrix_or_empty(w.attn.q_b, "q_b_proj");
+        assign(w.attn.q_a_norm, l.find("q_a_norm"));
+        assign(w.attn.kv_a, need("kv_a_proj"));
+        assign(w.attn.kv_a_norm, need("kv_a_norm"));
+        assign(w.attn.kv_b, need("kv_b_proj"));
+        w.attn.k.resize(0, 0);
+        w.attn.v.resize(0, 0);
+      } else {
+        assign(w.attn.q, need("q_proj"));
+        assign(w.attn.k, need("k_proj"));
+        assign(w.attn.v, need("v_proj"));
+        w.attn.kv_a.resize(0, 0);
+      }
+      assign(w.attn.q_bias, l.find("q_bias"));
+      assign(w.attn.k_bias, l.find("k_bias"));
+      assign(w.attn.v_bias, l.find("v_bias"));
+      assign(w.attn.o_bias, l.find("o_bias"));
+      assign(w.attn.q_norm, l.find("q_norm"));
+      assign(w.attn.k_norm, l.find("k_norm"));
+      assign(w.attn.sinks, l.find("sinks"));
     }
-    assign(w.attn.q_bias, l.find("q_bias"));
-    assign(w.attn.k_bias, l.find("k_bias"));
-    assign(w.attn.v_bias, l.find("v_bias"));
-    assign(w.attn.o_bias, l.find("o_bias"));
-    assign(w.attn.q_norm, l.find("q_norm"));
-    assign(w.attn.k_norm, l.find("k_norm"));
-    assign(w.attn.sinks, l.find("sinks"));
     if (l.moe) {
       if (!w.moe) w.moe.emplace();
       assign(*w.moe, *l.moe, factored, stream_experts);

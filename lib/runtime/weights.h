@@ -82,8 +82,20 @@ struct AttnWeights {
   bool mla() const { return kv_a.size() != 0; }
 };
 
+// qwen3_next's Gated DeltaNet (a "linear_attention" layer, runtime/gated_delta_net.h), with
+// K = linear_num_key_heads * linear_key_head_dim, V = linear_num_value_heads * linear_value_head_dim.
+struct DeltaNetWeights {
+  MatrixRM in_proj_qkvz;  // [2K + 2V, H], rows grouped per key head (q, k, v, z of the head's group)
+  MatrixRM in_proj_ba;    // [2 * v_heads, H], grouped per key head (b, a)
+  MatrixRM conv1d;        // [2K + V, kernel] (the stored [2K + V, 1, kernel] depthwise weight)
+  RowVector dt_bias, A_log;  // [v_heads]
+  RowVector norm;         // [v_dim] gated RMSNorm weight (not zero-centred)
+  MatrixRM out_proj;      // [H, V]
+};
+
 struct LayerWeights {
   int index = 0;
+  std::optional<DeltaNetWeights> delta_net;  // qwen3_next linear-attention layers (attn then empty)
   RowVector input_norm, post_attn_norm;  // [H]
   std::optional<RowVector> input_norm_bias, post_attn_norm_bias;  // [H] phimoe's LayerNorm biases
   AttnWeights attn;

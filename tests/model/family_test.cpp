@@ -25,6 +25,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"kimi_k2", "DeepseekV3ForCausalLM"},  // Kimi-K2: the deepseek_v3 layout
       {"glm4_moe", "Glm4MoeForCausalLM"},     {"gpt_oss", "GptOssForCausalLM"},
       {"ernie4_5_moe", "Ernie4_5_MoeForCausalLM"},
+      {"qwen3_next", "Qwen3NextForCausalLM"},
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -55,6 +56,7 @@ TEST(Family, MoeKeysAndNames) {
       {"phimoe", "num_local_experts", "intermediate_size", "block_sparse_moe.gate.weight", Routing::SparseMixer},
       {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
       {"gpt_oss", "num_local_experts", "intermediate_size", "mlp.router.weight", Routing::TopKSoftmax},
+      {"qwen3_next", "num_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
   };
   for (const auto& r : rows) {
     SCOPED_TRACE(r.type);
@@ -109,6 +111,12 @@ TEST(Family, MoeKeysAndNames) {
   EXPECT_EQ(ernie.shared_count_key, "moe_num_shared_experts");
   EXPECT_EQ(ernie.moe_layers, MoeLayerRule::StartEndInterval);
   EXPECT_TRUE(ernie.rope_interleaved && ernie.router_bias_row && ernie.default_tie_word_embeddings);
+  // qwen3_next: hybrid layers, zero-centred norms, qwen2_moe's shared expert with its gate.
+  const auto& next = family_for(Config(json{{"model_type", "qwen3_next"}}, "c"));
+  EXPECT_TRUE(next.hybrid_linear_attention && next.zero_centred_norm && next.norm_topk_default);
+  EXPECT_EQ(next.shared_expert_gate, "mlp.shared_expert_gate.weight");
+  EXPECT_EQ(next.shared_width_key, "shared_expert_intermediate_size");
+  EXPECT_EQ(next.moe_layers, MoeLayerRule::SparseStep);
 }
 
 TEST(Family, UnknownOrMissingModelType) {
@@ -221,14 +229,14 @@ TEST(Family, Glm4MoeRow) {
   EXPECT_EQ(f.default_shared_count, 1);
   EXPECT_EQ(f.moe_layers, MoeLayerRule::FirstKDense);
   EXPECT_TRUE(f.extra_layers_allowed);
-  EXPECT_EQ(families_with(&FamilyDesc::partial_rotary), std::vector<std::string>{"glm4_moe"});
+  EXPECT_EQ(families_with(&FamilyDesc::partial_rotary), (std::vector<std::string>{"glm4_moe", "qwen3_next"}));
 }
 
 TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe"}));
+               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe", "qwen3_next"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

@@ -86,7 +86,7 @@ TEST(Glm4Moe, PartialRotaryRefusals) {
   TempDir q;
   synth_to(q.path(), "qwen3_moe", {.config_patch = {{"partial_rotary_factor", 0.5}}});
   const std::string m = forward_refusal(q.path());
-  EXPECT_NE(m.find("partial_rotary_factor != 1 not implemented by the forward for qwen3_moe (implemented: glm4_moe)"),
+  EXPECT_NE(m.find("partial_rotary_factor != 1 not implemented by the forward for qwen3_moe (implemented: glm4_moe, qwen3_next)"),
             std::string::npos)
       << m;
   // Bad values: an error naming the key and the value, the forward not built.

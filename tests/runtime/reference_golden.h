@@ -195,8 +195,8 @@ inline void check_calibrate_counts(const std::string& name, const std::filesyste
 }
 
 // eval (2 windows of 32: a finite perplexity > 1), calibrate (2 windows) and prune --method reap
-// --keep 6 with those statistics on the checkpoint `model` (the config's `count_key`, e.g. a
-// DeepSeek-layout family's n_routed_experts, becomes 6), into `tmp`/reap; the pruned model's eval runs.
+// --keep 6 with those statistics on the checkpoint `model` (the config's `count_key`, default
+// n_routed_experts, becomes 6), into `tmp`/reap; the pruned model's eval runs.
 inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp,
                                 const std::string& count_key = "n_routed_experts") {
   namespace fs = std::filesystem;
