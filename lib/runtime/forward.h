@@ -7,7 +7,8 @@
 // kimi_k2 (Multi-head Latent Attention, runtime/mla.h), glm4_moe (partial rotary, DeepSeek-V3
 // routing), gpt_oss (attention sinks, per-layer sliding windows, yarn, biased experts with the
 // clamped SwiGLU), granitemoe (embedding, attention, residual and logits multipliers), phimoe
-// (LayerNorm with bias, sparsemixer routing, lm_head bias), llama, mistral, qwen2, qwen3.
+// (LayerNorm with bias, sparsemixer routing, lm_head bias), llama4_text (runtime/llama4.h; router
+// scores scaling the experts' inputs), llama, mistral, qwen2, qwen3.
 // Every family in the table has one (model::FamilyDesc::forward).
 //
 // Step-by-step use (what calibration and compression pipelines do):
@@ -52,8 +53,11 @@ struct ForwardSpec {
   double embedding_multiplier = 1.0, residual_multiplier = 1.0, logits_scaling = 1.0;
   // phimoe: nn.LayerNorm with bias (eps) for the layer norms and the final norm instead of RMSNorm.
   bool layer_norm = false;
+  // llama4_text: each layer's attention (runtime/llama4.h: RoPE or NoPE, q/k L2 norm, temperature
+  // tuning, chunked attention); empty: attn for every layer.
+  std::vector<AttnSpec> layer_specs;
   AttnSpec layer_attn(int l) const {
-    AttnSpec a = attn;
+    AttnSpec a = layer_specs.empty() ? attn : layer_specs.at(static_cast<size_t>(l));
     if (!layer_window.empty()) a.sliding_window = layer_window.at(static_cast<size_t>(l));
     return a;
   }

@@ -31,6 +31,9 @@ struct RoutingRule {
   bool logit_bias = false;
   // phimoe sparsemixer: router_jitter_noise (the relative mask threshold is 2 x this).
   double jitter_eps = 0.01;
+  // llama4 (Llama4TextMoe): the weight multiplies the chosen expert's input (routed_in = x *
+  // score), and the expert outputs are summed unweighted.
+  bool scales_input = false;
 
   // The rule of this family with this config (norm_topk_prob, num_experts_per_tok, ...).
   static RoutingRule from_config(const model::FamilyDesc& f, const model::Config& c);

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "core/error.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/forward.h"
