@@ -20,8 +20,8 @@ transformers' modeling_llama4.py, configuration_llama4.py and modeling_rope_util
     shared_expert (Llama4TextMLP of width intermediate_size);
   llama3 RoPE scaling (_compute_llama3_parameters); attention_scaling 1.
 NumPy only. The safetensors writer, bf16 storage, weight drawers, RMSNorm / SiLU / MLP and the
-fixture / golden writers are imported from deepseek_reference.py, merge_patch from
-granitemoe_reference.py.
+fixture / golden writers are imported from deepseek_reference.py, merge_patch and the GQA softmax
+attention from granitemoe_reference.py.
 
 Builds data/llama4-tiny: 4 decoder layers (interleave_moe_layer_step 2: layers 1 and 3 MoE, 0 and 2
 dense of width 32), no_rope_layers [1, 1, 1, 0] (layer 3 NoPE), hidden 64, 4 heads of head_dim 16
@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deepseek_reference import T, drawers, mlp, rms_norm, silu, store  # noqa: E402
-from granitemoe_reference import merge_patch, write_all  # noqa: E402
+from granitemoe_reference import merge_patch, softmax_attention, write_all  # noqa: E402
 
 NAME = "llama4-tiny"
 SEED = 4404
@@ -174,20 +174,12 @@ def attention(c, W, p, x, use_rope, chunked):
     elif c.get("attn_temperature_tuning", True):
         scale = np.log1p(np.floor((pos + 1.0) / c.get("floor_scale", 8192))) * c.get("attn_scale", 0.1) + 1.0
         q = q * scale[None, :, None]
-    rep = nH // nKV
-    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
-    scores = q @ k.transpose(0, 2, 1) * hd ** -0.5
     i, j = np.arange(s)[:, None], np.arange(s)[None, :]
     visible = j <= i
     if chunked:
         C = c.get("attention_chunk_size", 8192)
         visible &= (j // C) == (i // C)
-    scores = np.where(visible, scores, -np.inf)
-    scores = scores - scores.max(-1, keepdims=True)
-    probs = np.exp(scores)
-    probs = probs / probs.sum(-1, keepdims=True)
-    out = (probs @ v).transpose(1, 0, 2).reshape(s, nH * hd)
-    y = out @ W[p + "self_attn.o_proj.weight"].T
+    y = softmax_attention(q, k, v, hd ** -0.5, visible) @ W[p + "self_attn.o_proj.weight"].T
     if c.get("attention_bias", False):
         y = y + W[p + "self_attn.o_proj.bias"]
     return y

@@ -33,15 +33,6 @@ const fs::path& llama4_fixture() {
 
 TEST(Llama4, MatchesReference) { check_goldens({"llama4", "llama4-no-qk-norm-no-tuning", "llama4-full-attention"}); }
 
-float llama4_bf16_at(const std::string& bytes, int64_t i) {
-  uint32_t b = static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i])) |
-               static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i + 1])) << 8;
-  b <<= 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
 // What is read: layers 0 and 2 dense (intermediate_size_mlp 32), 1 and 3 MoE with a shared expert;
 // expert 3's gate row 5 is column 5 of gate_up_proj[3] ([in, out], gate the first half), its up
 // row 5 column 16 + 5, its down column h row 5 of down_proj[3]; per layer: RoPE on pairs with the
@@ -66,9 +57,9 @@ TEST(Llama4, ReadsTheLayoutAndTheLayers) {
   const std::string& dn = raw.at("model.layers.1.feed_forward.experts.down_proj").bytes;     // [8, 16, 64]
   const std::vector<float> gate = e3.gate.to_f32(), up = e3.up.to_f32(), down = e3.down.to_f32();
   for (int64_t h : {0, 9, 63}) {
-    EXPECT_EQ(gate[5 * 64 + h], llama4_bf16_at(gu, (3 * 64 + h) * 32 + 5)) << h;
-    EXPECT_EQ(up[5 * 64 + h], llama4_bf16_at(gu, (3 * 64 + h) * 32 + 16 + 5)) << h;
-    EXPECT_EQ(down[h * 16 + 5], llama4_bf16_at(dn, (3 * 16 + 5) * 64 + h)) << h;
+    EXPECT_EQ(gate[5 * 64 + h], bf16_at(gu, (3 * 64 + h) * 32 + 5)) << h;
+    EXPECT_EQ(up[5 * 64 + h], bf16_at(gu, (3 * 64 + h) * 32 + 16 + 5)) << h;
+    EXPECT_EQ(down[h * 16 + 5], bf16_at(dn, (3 * 16 + 5) * 64 + h)) << h;
   }
   const runtime::ForwardSpec s = runtime::ForwardSpec::from_model(lm->model);
   EXPECT_EQ(s.routing.kind, model::Routing::TopKSigmoid);
@@ -120,19 +111,6 @@ TEST(Llama4, Refusals) {
 // the reference's.
 TEST(Llama4, CalibrateCountsEqualReference) { check_calibrate_counts("llama4", llama4_fixture(), 8); }
 
-const std::string& llama4_text() {
-  static const std::string t = (source_dir() / "data/text/heldout.txt").string();
-  return t;
-}
-
-void expect_llama4_runs(const fs::path& model) {
-  const RunResult r = run_tool({"-q", "eval", model.string(), "--text", llama4_text(), "--ctx", "32", "--max-windows", "1", "--json"});
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
-  if (r.exit_code == 0) {
-    EXPECT_TRUE(std::isfinite(nlohmann::json::parse(r.out).at("perplexity").get<double>())) << r.out;
-  }
-}
-
 // eval, calibrate --routed-only (all-token statistics are refused: an expert's input off its
 // routed tokens is not defined), prune --method reap --keep 6: the output is the fused layout with 6
 // experts whose router rows and gate_up_proj / down_proj slabs are the kept input experts' bytes,
@@ -140,12 +118,12 @@ void expect_llama4_runs(const fs::path& model) {
 TEST(Llama4Cli, EvalCalibrateReapWriteBack) {
   TempDir tmp;
   const std::string model = llama4_fixture().string();
-  RunResult r = run_tool({"-q", "eval", model, "--text", llama4_text(), "--ctx", "32", "--max-windows", "2", "--json"});
+  RunResult r = run_tool({"-q", "eval", model, "--text", heldout_text(), "--ctx", "32", "--max-windows", "2", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
   EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << r.out;
   const fs::path stats = tmp.path() / "calib.stats", out = tmp.path() / "reap";
-  const std::vector<std::string> calib = {"-q", "calibrate", model, "--text", llama4_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"};
+  const std::vector<std::string> calib = {"-q", "calibrate", model, "--text", heldout_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"};
   r = run_tool(calib);
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("use --routed-only"), std::string::npos) << r.err;
@@ -170,14 +148,7 @@ TEST(Llama4Cli, EvalCalibrateReapWriteBack) {
     EXPECT_TRUE(std::is_sorted(kept.begin(), kept.end())) << "layer " << l;
   }
   EXPECT_EQ(got.at("model.layers.2.feed_forward.gate_proj.weight").bytes, in.at("model.layers.2.feed_forward.gate_proj.weight").bytes);
-  expect_llama4_runs(out);
-}
-
-RunResult llama4_command(std::vector<std::string> a, const std::vector<std::string>& more) {
-  const std::vector<std::string> calib = {"--text", llama4_text(), "--ctx", "32", "--windows", "2"};
-  a.insert(a.end(), calib.begin(), calib.end());
-  a.insert(a.end(), more.begin(), more.end());
-  return run_tool(a);
+  expect_eval_runs(out);
 }
 
 // merge (M-SMoE) needs --routed-only (refused without, naming it), then writes the fused layout
@@ -186,17 +157,17 @@ TEST(Llama4Cli, MergeWritesTheFusedLayout) {
   TempDir tmp;
   const fs::path merged = tmp.path() / "merged";
   const std::vector<std::string> merge = {"-q", "merge", llama4_fixture().string(), merged.string(), "--method", "msmoe", "--experts", "6"};
-  RunResult r = llama4_command(merge, {});
+  RunResult r = run_with_calibration(merge, {});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("use --routed-only"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(merged));
-  r = llama4_command(merge, {"--routed-only"});
+  r = run_with_calibration(merge, {"--routed-only"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const TensorMap got = read_tensors(merged);
   EXPECT_EQ(got.at("model.layers.1.feed_forward.experts.gate_up_proj").shape, (core::Shape{6, 64, 32}));
   EXPECT_EQ(got.at("model.layers.3.feed_forward.experts.down_proj").shape, (core::Shape{6, 16, 64}));
   EXPECT_EQ(nlohmann::json::parse(read_file(merged / "config.json")).at("num_local_experts"), 6);
-  expect_llama4_runs(merged);
+  expect_eval_runs(merged);
 }
 
 // quantize (RTN int4) and factorize (SVD-LLM, from the Grams of what each expert receives) with
@@ -205,7 +176,7 @@ TEST(Llama4Cli, MergeWritesTheFusedLayout) {
 TEST(Llama4Cli, QuantizeFactorizeMaterializedGptqRefused) {
   TempDir tmp;
   const std::string model = llama4_fixture().string();
-  RunResult r = llama4_command({"-q", "quantize", model, (tmp.path() / "g").string(), "--method", "gptq", "--codec", "int4"},
+  RunResult r = run_with_calibration({"-q", "quantize", model, (tmp.path() / "g").string(), "--method", "gptq", "--codec", "int4"},
                                {"--materialize"});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("runs the experts on the MoE block's inputs, which llama4_text's router scales per expert"),
@@ -218,13 +189,13 @@ TEST(Llama4Cli, QuantizeFactorizeMaterializedGptqRefused) {
     const fs::path out = tmp.path() / dir;
     std::vector<std::string> a = {"-q", args[0], model, out.string()};
     a.insert(a.end(), args.begin() + 1, args.end());
-    r = llama4_command(a, {"--materialize"});
+    r = run_with_calibration(a, {"--materialize"});
     ASSERT_EQ(r.exit_code, 0) << r.describe();
     const TensorMap got = read_tensors(out);
     const std::string name = "model.layers.1.feed_forward.experts.gate_up_proj";
     EXPECT_EQ(got.at(name).shape, (core::Shape{8, 64, 32})) << dir;
     EXPECT_NE(got.at(name).bytes, in.at(name).bytes) << dir;
-    expect_llama4_runs(out);
+    expect_eval_runs(out);
   }
 }
 
