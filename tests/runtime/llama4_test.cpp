@@ -80,6 +80,28 @@ TEST(Llama4, ReadsTheLayoutAndTheLayers) {
   EXPECT_EQ(nope.attn_scale, 0.2);
 }
 
+// Llama4Router on hand-computed logits: the top-k of the logits, each weighing sigmoid(logit); a
+// masked expert is never chosen.
+TEST(Llama4, RouterTopKSigmoidOnHandLogits) {
+  runtime::RoutingRule rule;
+  rule.family = "llama4_text";
+  rule.kind = model::Routing::TopKSigmoid;
+  rule.top_k = 2;
+  rule.num_experts = 4;
+  runtime::MatrixRM logits(1, 4);
+  logits << 0.5f, 2.0f, -1.0f, 1.9f;
+  runtime::RoutingResult r = runtime::route(rule, logits);
+  EXPECT_EQ(r.ids(0, 0), 1);
+  EXPECT_EQ(r.ids(0, 1), 3);
+  EXPECT_NEAR(r.weights(0, 0), 1.0 / (1.0 + std::exp(-2.0)), 1e-6);
+  EXPECT_NEAR(r.weights(0, 1), 1.0 / (1.0 + std::exp(-1.9)), 1e-6);
+  const std::vector<bool> active = {true, false, true, true};
+  r = runtime::route(rule, logits, nullptr, &active);
+  EXPECT_EQ(r.ids(0, 0), 3);
+  EXPECT_EQ(r.ids(0, 1), 0);
+  EXPECT_NEAR(r.weights(0, 1), 1.0 / (1.0 + std::exp(-0.5)), 1e-6);
+}
+
 // Malformed llama4 keys: one error naming the key; the multimodal wrapper refused in one line.
 TEST(Llama4, Refusals) {
   expect_forward_errors(llama4_fixture(),
