@@ -90,6 +90,19 @@ def make_weights(c):
 
 # ----------------------------------------------------------------------------- the forward
 
+def softmax_attention(q, k, v, scaling, visible):
+    """q [nH, s, d] over k, v [nKV, s, d] (repeat_kv), scores times `scaling`, key j seen from
+    query i iff visible[i, j]: the heads' outputs [s, nH * d]."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)  # repeat_kv
+    scores = q @ k.transpose(0, 2, 1) * scaling
+    scores = np.where(visible, scores, -np.inf)
+    scores = scores - scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs = probs / probs.sum(-1, keepdims=True)
+    return (probs @ v).transpose(1, 0, 2).reshape(q.shape[1], -1)
+
+
 def attention(c, W, p, x, scaling, theta, window=None, rope=None):
     """GraniteMoeAttention (and PhimoeAttention, phimoe_reference.py): head_dim = hidden_size //
     num_attention_heads, q/k/v/o biases iff attention_bias, rotate-half RoPE with base `theta`,
@@ -111,19 +124,11 @@ def attention(c, W, p, x, scaling, theta, window=None, rope=None):
     emb = np.concatenate((freqs, freqs), axis=-1)
     cos, sin = np.cos(emb) * mscale, np.sin(emb) * mscale
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    rep = nH // nKV
-    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)  # repeat_kv
-    scores = q @ k.transpose(0, 2, 1) * scaling
     i, j = np.arange(s)[:, None], np.arange(s)[None, :]
     visible = j <= i
     if window:
         visible &= i - j < window
-    scores = np.where(visible, scores, -np.inf)
-    scores = scores - scores.max(-1, keepdims=True)
-    probs = np.exp(scores)
-    probs = probs / probs.sum(-1, keepdims=True)
-    out = (probs @ v).transpose(1, 0, 2).reshape(s, nH * hd)
-    y = out @ W[p + "self_attn.o_proj.weight"].T
+    y = softmax_attention(q, k, v, scaling, visible) @ W[p + "self_attn.o_proj.weight"].T
     if c.get("attention_bias", False):
         y = y + W[p + "self_attn.o_proj.bias"]
     return y

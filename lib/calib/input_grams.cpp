@@ -28,6 +28,7 @@ void InputGrams::keep_routed(const runtime::MoeTrace& t, const ActivationBudget&
   H_ = t.x.cols();
   N_ = N;
   rows_.assign(static_cast<size_t>(E), {});
+  row_scale_.assign(static_cast<size_t>(E), {});
   width_.assign(static_cast<size_t>(E), 0);
   h_offset_.assign(static_cast<size_t>(E), 0);
   in_.assign(static_cast<size_t>(E), {});
@@ -37,6 +38,12 @@ void InputGrams::keep_routed(const runtime::MoeTrace& t, const ActivationBudget&
   for (int64_t e = 0; e < E; ++e) {
     const size_t i = static_cast<size_t>(e);
     rows_[i] = t.tokens[i];
+    if (t.scaled_inputs) {  // llama4: what expert i receives is x times its routing weight
+      row_scale_[i].assign(rows_[i].size(), 1.0f);
+      for (size_t j = 0; j < rows_[i].size(); ++j)
+        for (int64_t s = 0; s < t.routing.ids.cols(); ++s)
+          if (t.routing.ids(rows_[i][j], s) == e) row_scale_[i][j] = t.routing.weights(rows_[i][j], s);
+    }
     width_[i] = t.weights.expert_width(i);
     h_offset_[i] = n;
     if (!rows_[i].empty()) n += static_cast<size_t>(t.h[i].size());
@@ -61,6 +68,7 @@ void InputGrams::compute(size_t e) {
   const ConstMap x(acts_.data(), N_, H_);
   runtime::MatrixRM xe(static_cast<int64_t>(tok.size()), H_);
   for (size_t j = 0; j < tok.size(); ++j) xe.row(static_cast<int64_t>(j)) = x.row(tok[j]);
+  for (size_t j = 0; j < row_scale_[e].size(); ++j) xe.row(static_cast<int64_t>(j)) *= row_scale_[e][j];
   add_gram(in_[e], xe);
   for (const Eigen::VectorXd& s : scales_) in_[e] = s.asDiagonal() * in_[e] * s.asDiagonal();
   const int64_t I = width_[e];
@@ -128,7 +136,7 @@ void recompute_moe_grams(InputGrams& grams, const runtime::MoeWeights& w, const 
                          const runtime::MatrixRM& x, const ActivationBudget& budget) {
   runtime::MoeDetail d;
   const runtime::MatrixRM out = runtime::moe_forward(w, rule, x, &d, true);
-  const runtime::MoeTrace t{x, d.logits, d.routing, d.tokens, d.h, d.y, d.shared_out, d.shared_gate, out, w};
+  const runtime::MoeTrace t{x, d.logits, d.routing, d.tokens, d.h, d.y, d.shared_out, d.shared_gate, out, w, rule.scales_input};
   grams.shared_in = calib::MatrixD();
   grams.shared_mid = calib::MatrixD();
   GramCapture c(budget);

@@ -65,6 +65,7 @@ class InputGrams {
  private:
   void compute(size_t e);
   std::vector<std::vector<int32_t>> rows_;  // per expert: its token rows in x (ascending)
+  std::vector<std::vector<float>> row_scale_;  // llama4: per expert, each row's input scale (empty: 1)
   std::vector<int64_t> width_;              // per expert: I_e
   std::vector<size_t> h_offset_;            // per expert: where h_e starts in acts_
   int64_t N_ = 0, H_ = 0;

@@ -133,7 +133,8 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
         mx = std::max(mx, std::fabs(r[i]));
       }
       a.absmax[e] = mx;
-      a.reap_sum[e] += double(wt[e][j]) * std::sqrt(ss);
+      // The weight on the expert's output (llama4: 1, the score scaled its input).
+      a.reap_sum[e] += (t.scaled_inputs ? 1.0 : double(wt[e][j])) * std::sqrt(ss);
     }
   }
 
@@ -145,12 +146,17 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
       const int64_t ne = static_cast<int64_t>(tok.size());
       xe.resize(ne, H);
       for (int64_t j = 0; j < ne; ++j) xe.row(j) = t.x.row(tok[j]);
+      if (t.scaled_inputs) runtime::scale_expert_inputs(xe, t.routing, tok, e);
       gram_update(a.gram_in[e], xe.data(), ne, H);
       gram_update(a.gram_mid[e], t.h[e].data(), t.h[e].rows(), t.h[e].cols());
     }
   }
 
   if (!opt_.all_token_stats) return;
+  if (t.scaled_inputs)
+    throw Error::unsupported("layer " + std::to_string(layer) + ": out_mean / out_cos (every expert on every sampled "
+                             "token) are not defined for a router that scales the experts' inputs (llama4_text): "
+                             "use --routed-only (calibration.routed_only)");
   // The all-experts statistics on the token sample: stream token offset_ + n is sampled when it is
   // a multiple of S = out_stride. For out_mean, rows routed to e count with weight 1 (their h is
   // in the trace); sampled rows not routed to e run through gate/up here and count with weight S.
@@ -355,7 +361,8 @@ LayerStats block_stats(int layer, const runtime::MoeWeights& w, const runtime::R
     const runtime::MatrixRM xs = x.middleRows(first, std::min(batch_rows, x.rows() - first));
     runtime::MoeDetail det;
     const runtime::MatrixRM out = runtime::moe_forward(w, r, xs, &det, /*keep_intermediates=*/true);
-    const runtime::MoeTrace t{xs, det.logits, det.routing, det.tokens, det.h, det.y, det.shared_out, det.shared_gate, out, w};
+    const runtime::MoeTrace t{xs, det.logits, det.routing, det.tokens, det.h, det.y, det.shared_out, det.shared_gate, out, w,
+                              r.scales_input};
     obs.set_token_offset(first);
     obs.on_moe(layer, t);
   }

@@ -17,6 +17,7 @@ const char* routing_name(Routing r) {
     case Routing::SparseMixer: return "sparsemixer top-2";
     case Routing::TopKSoftmax: return "top-k -> softmax";
     case Routing::SoftmaxBiasTopK: return "softmax + bias for choice -> top-k, renormalised";
+    case Routing::TopKSigmoid: return "top-k -> sigmoid (scales the expert input)";
   }
   return "?";
 }
@@ -429,6 +430,33 @@ std::vector<FamilyDesc> build_families() {
     f.forward = true;
     v.push_back(f);
   }
+  {
+    // llama4_text (Llama4ForCausalLM; after gpt_oss), as transformers' configuration_llama4.py and
+    // modeling_llama4.py define it: llama attention (biases iff attention_bias) with the llama4
+    // features (llama4_attention); Llama4TextMoe on the moe_layers (default every
+    // interleave_moe_layer_step-th): Llama4Router feed_forward.router [E,H] (top-k of the logits,
+    // sigmoid of each, the score multiplying the expert's input), Llama4TextExperts fused
+    // gate_up_proj [E,H,2I] / down_proj [E,I,H] (fused_in_out_chunked), the shared expert
+    // (intermediate_size) added; the other layers a dense MLP of intermediate_size_mlp.
+    // rope_theta 500000, rms_norm_eps 1e-5, head_dim 128.
+    FamilyDesc f = llama_base("llama4_text", "Llama4ForCausalLM");
+    fused_topk_experts(f, "feed_forward.router.weight", "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj");
+    f.routing = Routing::TopKSigmoid;
+    f.fused_in_out_chunked = true;
+    f.moe_layers = MoeLayerRule::Interleave;
+    shared_mlp_names(f, "feed_forward.shared_expert");
+    f.shared_width_key = "intermediate_size";
+    f.dense_gate = "feed_forward.gate_proj.weight";
+    f.dense_up = "feed_forward.up_proj.weight";
+    f.dense_down = "feed_forward.down_proj.weight";
+    f.dense_width_key = "intermediate_size_mlp";
+    f.llama4_attention = true;
+    f.default_rope_theta = 500000.0;
+    f.default_rms_norm_eps = 1e-5;
+    f.default_head_dim = 128;
+    f.forward = true;
+    v.push_back(f);
+  }
   return v;
 }
 
@@ -492,6 +520,9 @@ const FamilyDesc& family_for(const Config& config) {
   for (const auto& f : all_families())
     if (f.model_type == type) return f;
   std::string arch = config.has("architectures") ? config.json().at("architectures").dump() : "(none)";
+  if (type == "llama4")
+    throw Error::unsupported(config.source() + ": model_type 'llama4' (Llama4ForConditionalGeneration, the multimodal "
+                             "wrapper): not read; only llama4_text (Llama4ForCausalLM) is");
   if (type.empty())
     throw Error::unsupported(config.source() + ": model_type: missing (architectures " + arch +
                              "); supported: " + supported_families());

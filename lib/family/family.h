@@ -20,14 +20,16 @@ enum class Routing {
   SparseMixer,     // phimoe top-2 sparsemixer
   TopKSoftmax,     // granitemoe: top-k of logits, softmax over the k
   SoftmaxBiasTopK, // ernie4_5_moe: softmax, + correction bias for the choice, renorm (sum >= moe_norm_min)
+  TopKSigmoid,     // llama4: top-k of logits, sigmoid of each; the score scales the expert's input
 };
 const char* routing_name(Routing r);
 
 enum class AttentionKind { Standard, MLA };
 enum class QKNorm { None, PerHead, Full };  // qwen3: per head over d; olmoe: whole projection
 // StartEndInterval (ernie4_5_moe): layer l is MoE iff (l + 1) % moe_layer_interval == 0 and
-// moe_layer_start_index <= l <= moe_layer_end_index (-1: the last layer).
-enum class MoeLayerRule { All, SparseStep, FirstKDense, StartEndInterval };
+// moe_layer_start_index <= l <= moe_layer_end_index (-1: the last layer). Interleave: llama4
+// moe_layers / interleave_moe_layer_step.
+enum class MoeLayerRule { All, SparseStep, FirstKDense, StartEndInterval, Interleave };
 
 // Whether a tensor must be present.
 struct Presence {
@@ -131,6 +133,13 @@ struct FamilyDesc {
   // granitemoe, phimoe: attention head_dim is hidden_size / num_attention_heads (no head_dim key;
   // a head_dim that says otherwise is refused by the forward).
   bool head_dim_from_hidden = false;
+  // llama4: the fused experts are [in, out] as gpt_oss's but gate and up are the two halves of
+  // gate_up [E,H,2I] (gate = [..., :I], up = [..., I:]), down [E,I,H], no expert biases.
+  bool fused_in_out_chunked = false;
+  // llama4 (Llama4TextAttention): RoPE as the complex product on pairs (2i, 2i+1), only on the
+  // layers no_rope_layers marks; the weightless L2 norm of q/k after RoPE (use_qk_norm), the
+  // temperature tuning of q on the NoPE layers, chunked attention (layer_types / attention_chunk_size).
+  bool llama4_attention = false;
   // The RoPE parameters transformers' configuration fills in when the config gives none (null: none).
   nlohmann::json default_rope_parameters = nullptr;
   std::string shared_gate, shared_up, shared_down, shared_expert_gate;

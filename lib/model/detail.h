@@ -46,10 +46,12 @@ void scatter(const Tensor& t, Tensor& flat, Strides st);
 // The per-expert [out, in] views of gpt_oss's fused layout (transformers' GptOssExperts):
 // gate_up [E,H,2I] with gate = [..., 0::2] and up = [..., 1::2], gate_up_bias [E,2I] the same
 // way, down [E,I,H], down_bias [E,H]. Each returns the strides of expert e's tensor.
+// `chunked` (llama4's Llama4TextExperts): gate = [..., :I], up = [..., I:] instead, no biases.
 struct InterleavedLayout {
   int64_t H, I;
-  Strides gate(int64_t e) const { return {e * H * 2 * I, 2, 2 * I}; }          // [I,H]
-  Strides up(int64_t e) const { return {e * H * 2 * I + 1, 2, 2 * I}; }        // [I,H]
+  bool chunked = false;
+  Strides gate(int64_t e) const { return {e * H * 2 * I, chunked ? 1 : 2, 2 * I}; }                 // [I,H]
+  Strides up(int64_t e) const { return {e * H * 2 * I + (chunked ? I : 1), chunked ? 1 : 2, 2 * I}; }  // [I,H]
   Strides down(int64_t e) const { return {e * I * H, 1, H}; }                  // [H,I]
   Strides gate_bias(int64_t e) const { return {e * 2 * I, 2, 0}; }             // [I]
   Strides up_bias(int64_t e) const { return {e * 2 * I + 1, 2, 0}; }           // [I]

@@ -442,6 +442,24 @@ Model Model::load(const io::Checkpoint& ckpt) {
         // The mapped pages copied from are handed back (the copies are what the model holds).
         for (const Tensor* t : {&fgu, &fdn, &gu_b, &gu_s, &dn_b, &dn_s})
           if (t->data()) m.release_(t->data(), t->nbytes());
+      } else if (f.fused_in_out_chunked) {
+        // llama4: gate_up_proj [E,H,2I] (gate the first half), down_proj [E,I,H], copied out into
+        // per-expert [out, in] tensors.
+        const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
+        const std::string why = "config (" + f.expert_count_key + ", " + f.expert_width_key + ", hidden_size)";
+        Tensor fgu = pick.need(gu, "fused experts"), fdn = pick.need(dn, "fused experts");
+        pick.expect(gu, fgu, {n_experts, H, 2 * width}, why);
+        pick.expect(dn, fdn, {n_experts, width, H}, why);
+        for (const auto& [name, t] : {std::pair{&gu, &fgu}, {&dn, &fdn}})
+          if (t->encoding())
+            throw Error::unsupported(ckpt.shard_path(*name).string() + ": tensor " + *name +
+                                     ": an encoded fused expert tensor is not read (give the experts dense)");
+        const InterleavedLayout lay{H, width, true};
+        for (int64_t e = 0; e < n_experts; ++e)
+          b.experts.push_back(Mlp{gather(fgu, {width, H}, lay.gate(e)), gather(fgu, {width, H}, lay.up(e)),
+                                  gather(fdn, {H, width}, lay.down(e))});
+        for (const Tensor* t : {&fgu, &fdn})
+          if (t->data()) m.release_(t->data(), t->nbytes());
       } else if (f.fused()) {
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
         Tensor fgu = pick.need(gu, "fused experts"), fdn = pick.need(dn, "fused experts");

@@ -26,6 +26,14 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
       const int64_t step = c.get_int_or("decoder_sparse_step", 1, false);
       return (layer + 1) % step == 0;
     }
+    case MoeLayerRule::Interleave: {  // llama4: moe_layers, else range(step - 1, L, step)
+      if (c.has("moe_layers") && !c.json().at("moe_layers").is_null()) {
+        const auto list = c.get_int_list_or("moe_layers", {});
+        return std::find(list.begin(), list.end(), layer) != list.end();
+      }
+      const int64_t step = c.get_int_or("interleave_moe_layer_step", 1, false);
+      return (layer + 1) % step == 0;
+    }
     case MoeLayerRule::FirstKDense: {
       const int64_t first = c.get_int_or("first_k_dense_replace", 0);
       const int64_t freq = c.get_int_or("moe_layer_freq", 1, false);

@@ -137,19 +137,20 @@ void add_tail(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix,
   if (layer.mlp) add_mlp(ob, *layer.mlp, prefix + f.dense_gate, prefix + f.dense_up, prefix + f.dense_down);
 }
 
-// gpt_oss: the experts back into gate_up_proj [E,H,2I] (gate/up interleaved), gate_up_proj_bias
+// gpt_oss: the experts back into gate_up_proj [E,H,2I] (gate/up interleaved; llama4: the two halves, no biases), gate_up_proj_bias
 // [E,2I], down_proj [E,I,H], down_proj_bias [E,H] (InterleavedLayout), weights in `dst`, biases
 // in their stored dtype (converted to `dst` when it is given as the output dtype).
 void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix,
                              const std::vector<Mlp>& experts, DType dst, int64_t H) {
   const int64_t E = static_cast<int64_t>(experts.size()), I = experts.at(0).width();
+  const bool biases = !f.fused_gate_up_bias.empty();  // llama4 (fused_in_out_chunked): none
   for (const auto& x : experts)
-    if (!x.gate_bias || !x.up_bias || !x.down_bias)
+    if (biases && (!x.gate_bias || !x.up_bias || !x.down_bias))
       throw Error::internal(f.model_type + ": an expert without its biases");
   const OutputOptions& opts = ob.options();
-  const DType bsrc = experts[0].gate_bias->dtype();
+  const DType bsrc = biases ? experts[0].gate_bias->dtype() : dst;
   const DType bdst = opts.dtype && is_float(bsrc) ? *opts.dtype : bsrc;
-  const InterleavedLayout lay{H, I};
+  const InterleavedLayout lay{H, I, f.fused_in_out_chunked};
   using Part = std::function<void(const Mlp&, int64_t, Tensor&)>;
   auto out = [&](const std::string& name, DType d, const Shape& shape, Part put) {
     const std::string full = prefix + name;
@@ -165,13 +166,15 @@ void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::
     scatter(x.gate.converted(dst), t, lay.gate(e));
     scatter(x.up.converted(dst), t, lay.up(e));
   });
-  out(f.fused_gate_up_bias, bdst, {E, 2 * I}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
-    scatter(x.gate_bias->converted(bdst), t, lay.gate_bias(e));
-    scatter(x.up_bias->converted(bdst), t, lay.up_bias(e));
-  });
+  if (biases)
+    out(f.fused_gate_up_bias, bdst, {E, 2 * I}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
+      scatter(x.gate_bias->converted(bdst), t, lay.gate_bias(e));
+      scatter(x.up_bias->converted(bdst), t, lay.up_bias(e));
+    });
   out(f.fused_down, dst, {E, I, H}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
     scatter(x.down.converted(dst), t, lay.down(e));
   });
+  if (!biases) return;
   out(f.fused_down_bias, bdst, {E, H}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
     scatter(x.down_bias->converted(bdst), t, lay.down_bias(e));
   });
@@ -222,7 +225,7 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
       const DType src = b.experts[0].gate.dtype();
       const DType dst = encoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype()) : (opts.dtype && is_float(src)) ? *opts.dtype : src;
       auto experts = b.experts;
-      if (f.fused_in_out_interleaved) {
+      if (f.fused_in_out_interleaved || f.fused_in_out_chunked) {
         add_interleaved_experts(ob, f, prefix, experts, dst, H);
         return add_tail(ob, f, prefix, layer);
       }

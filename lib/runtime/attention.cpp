@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "runtime/llama4.h"
 #include "runtime/parallel.h"
 #include "runtime/profile.h"
 
@@ -16,11 +17,12 @@ namespace {
 // Causal softmax of a block of score rows in place. Row r (query position q0 + r) sees keys
 // [lo(q), q]; everything else is set to 0. S is [rows, ldS]. `sink` (gpt_oss): one more logit in
 // every row's softmax whose probability is dropped (the row then sums to less than 1).
-void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0, int64_t window, const float* sink) {
+void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0, int64_t window, const float* sink,
+                    int64_t chunk) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t q = q0 + r;
     float* s = S + r * ldS;
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, q - window + 1) : 0;
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, q - window + 1) : chunk > 0 ? q - q % chunk : 0;
     const int64_t a = lo - k0, b = q - k0 + 1;  // valid [a, b) in block coordinates
     Eigen::Map<Eigen::ArrayXf> v(s + a, b - a);
     const float m = sink ? std::max(v.maxCoeff(), *sink) : v.maxCoeff();
@@ -62,12 +64,12 @@ void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t
     for (int64_t q0 = 0; q0 < T; q0 += B) {
       const int64_t rows = std::min(B, T - q0);
       const int64_t kend = q0 + rows;
-      const int64_t k0 = c.window > 0 ? std::max<int64_t>(0, q0 - c.window + 1) : 0;
+      const int64_t k0 = c.window > 0 ? std::max<int64_t>(0, q0 - c.window + 1) : c.chunk > 0 ? q0 - q0 % c.chunk : 0;
       const int64_t nk = kend - k0;
       // S = scale * Q_blk K^T  [rows, nk]
       gemm_nt(rows, nk, c.dqk, c.scale, q + (r0 + q0) * ldq + h * q_stride, ldq, k + (r0 + k0) * ldk + g * k_stride,
               ldk, 0.0f, S.data(), nk);
-      masked_softmax(S.data(), rows, nk, q0, k0, c.window, c.sinks ? c.sinks + h : nullptr);
+      masked_softmax(S.data(), rows, nk, q0, k0, c.window, c.sinks ? c.sinks + h : nullptr, c.chunk);
       // O_blk = P V  [rows, dv]
       gemm_nn(rows, c.dv, nk, 1.0f, S.data(), nk, v + (r0 + k0) * ldv + g * v_stride, ldv, 0.0f,
               o + (r0 + q0) * ldo + h * c.dv, ldo);
@@ -107,8 +109,11 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
     v = v.cwiseMax(-c).cwiseMin(c);
   }
   if (rope.d != spec.rope_dim()) throw core::Error::internal("attention: RoPE table width != rotary width");
-  rope.apply(q.data(), N, q.cols(), nH, d, 0, spec.rope_interleaved);
-  rope.apply(k.data(), N, k.cols(), nKV, d, 0, spec.rope_interleaved);
+  if (spec.use_rope) {
+    rope.apply(q.data(), N, q.cols(), nH, d, 0, spec.rope_interleaved);
+    rope.apply(k.data(), N, k.cols(), nKV, d, 0, spec.rope_interleaved);
+  }
+  llama4_qk_after_rope(spec, q, k, T);
 
   phase.emplace(Phase::AttnCore);
   AttnOutput out;
@@ -116,7 +121,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
   if (spec.sinks && (!w.sinks || w.sinks->size() != nH)) throw core::Error::corruption("attention: sinks missing");
   const double scale = spec.scale ? *spec.scale : 1.0 / std::sqrt(double(d));
   causal_attention({N, T, nH, nKV, d, d, static_cast<float>(scale), spec.sliding_window,
-                    spec.sinks ? w.sinks->data() : nullptr},
+                    spec.sinks ? w.sinks->data() : nullptr, spec.chunk},
                    q.data(), q.cols(), d, k.data(), k.cols(), d, v.data(), v.cols(), d, out.o_input.data(),
                    out.o_input.cols());
   if (spec.output_gate) out.o_input.array() *= (1.0f + (-gate.array()).exp()).inverse();

@@ -25,10 +25,17 @@ struct AttnSpec {
   int64_t sliding_window = 0;     // 0: none; else key j visible from query i iff i - j < window
   bool sinks = false;             // gpt_oss: AttnWeights::sinks [heads], one extra softmax logit per head
   std::optional<double> scale;    // softmax scale on q·k; absent: head_dim^-0.5 (granitemoe: attention_multiplier)
-  bool rope_interleaved = false;  // ernie4_5_moe: RoPE on pairs (2i, 2i+1) instead of (i, i + rotary_dim/2)
   // qwen3_next: q_proj gives [heads, 2 * head_dim] per row, query then output gate per head; the
   // attention output is multiplied by sigmoid(gate) before o_proj (AttnOutput::o_input is the product).
   bool output_gate = false;
+  // ernie4_5_moe and llama4 (runtime/llama4.h): RoPE on pairs (2i, 2i+1) instead of rotate-half
+  // (i, i + rotary_dim/2) (rope_interleaved). llama4: no RoPE at all on a
+  // NoPE layer (use_rope false); after RoPE, q and k of each head times rsqrt(mean(x²) + eps)
+  // (l2_qk_norm, no weight); on a NoPE layer q times log1p(floor((pos + 1) / floor_scale)) *
+  // attn_scale + 1 (floor_scale > 0); key j seen from query i iff j / chunk == i / chunk (chunk > 0).
+  bool rope_interleaved = false, use_rope = true, l2_qk_norm = false;
+  double floor_scale = 0, attn_scale = 0;
+  int64_t chunk = 0;
 };
 
 struct AttnOutput {
@@ -46,6 +53,7 @@ struct CausalShape {
   // [heads] or null: per head an extra logit in each query's softmax (not scaled), its probability
   // dropped (gpt_oss's attention sinks, eager_attention_forward in modeling_gpt_oss.py).
   const float* sinks = nullptr;
+  int64_t chunk = 0;                // llama4 chunked attention (0: none): keys of the query's chunk only
 };
 // Causal softmax attention: head h reads its query at q + h*q_stride and key/value group
 // g = h / (heads/kv_heads) at k + g*k_stride, v + g*v_stride (row strides ldq, ldk, ldv), and

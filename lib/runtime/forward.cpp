@@ -1,6 +1,7 @@
 #include "runtime/forward.h"
 
 #include "runtime/finite.h"
+#include "runtime/llama4.h"
 
 #include <algorithm>
 #include <cmath>
@@ -360,6 +361,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
     s.attn.output_gate = true;
   }
   s.routing = RoutingRule::from_model(m);
+  if (f.llama4_attention) s.layer_specs = llama4_layer_attention(c, s.attn, s.layers);
   return s;
 }
 
@@ -463,7 +465,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
         if (o->wants_routing()) o->on_routing(l, det.logits, det.routing);
     if (want_moe) {
       const MoeTrace t{x2, det.logits, det.routing, det.tokens, det.h, det.y, det.shared_out, det.shared_gate, out,
-                       *w.moe};
+                       *w.moe, spec_.routing.scales_input};
       for (Observer* o : observers)
         if (o->wants_moe_trace()) o->on_moe(l, t);
     }

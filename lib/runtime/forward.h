@@ -8,7 +8,8 @@
 // routing), gpt_oss (attention sinks, per-layer sliding windows, yarn, biased experts with the
 // clamped SwiGLU), granitemoe (embedding, attention, residual and logits multipliers), phimoe
 // (LayerNorm with bias, sparsemixer routing, lm_head bias), qwen3_next (Gated DeltaNet and gated
-// attention layers, zero-centred RMSNorm), llama, mistral, qwen2, qwen3.
+// attention layers, zero-centred RMSNorm), llama4_text (runtime/llama4.h; router
+// scores scaling the experts' inputs), llama, mistral, qwen2, qwen3.
 // Every family in the table has one (model::FamilyDesc::forward).
 //
 // Step-by-step use (what calibration and compression pipelines do):
@@ -59,8 +60,11 @@ struct ForwardSpec {
   bool zero_centred_norm = false;
   std::vector<bool> linear_layers;
   std::optional<DeltaNetSpec> delta_net;
+  // llama4_text: each layer's attention (runtime/llama4.h: RoPE or NoPE, q/k L2 norm, temperature
+  // tuning, chunked attention); empty: attn for every layer.
+  std::vector<AttnSpec> layer_specs;
   AttnSpec layer_attn(int l) const {
-    AttnSpec a = attn;
+    AttnSpec a = layer_specs.empty() ? attn : layer_specs.at(static_cast<size_t>(l));
     if (!layer_window.empty()) a.sliding_window = layer_window.at(static_cast<size_t>(l));
     return a;
   }

@@ -52,6 +52,12 @@ std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int6
   return t;
 }
 
+void scale_expert_inputs(MatrixRM& xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e) {
+  for (size_t j = 0; j < tokens.size(); ++j)
+    for (int64_t s = 0; s < r.ids.cols(); ++s)
+      if (r.ids(tokens[j], s) == e) xe.row(static_cast<int64_t>(j)) *= r.weights(tokens[j], s);
+}
+
 MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail,
                      bool keep_intermediates, const std::vector<bool>* active) {
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
@@ -83,6 +89,7 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
     MatrixRM& xe = xs[e];
     xe.resize(static_cast<int64_t>(tok.size()), H);
     for (size_t j = 0; j < tok.size(); ++j) xe.row(static_cast<int64_t>(j)) = x.row(tok[j]);
+    if (rule.scales_input) scale_expert_inputs(xe, d.routing, tok, e);
   });
   phase.emplace(Phase::ExpertGemms);
   // Largest expert first, so that the last tasks to start are the short ones (less idle time at
@@ -116,7 +123,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
       out.row(n).setZero();
       for (int64_t s : order) {
         const int32_t e = ids(n, s);
-        out.row(n) += d.routing.weights(n, s) * ys[e].row(row[static_cast<size_t>(n * k + s)]);
+        const float wt = rule.scales_input ? 1.0f : d.routing.weights(n, s);
+        out.row(n) += wt * ys[e].row(row[static_cast<size_t>(n * k + s)]);
       }
     }
   });

@@ -41,6 +41,10 @@ MatrixRM mlp_hidden(const MlpWeights& w, const MatrixRM& x);
 // n_e on every row and an empty [N, 0] h_out.
 MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out = nullptr);
 
+// llama4 (RoutingRule::scales_input): row j of xe [n_e,H], the input of token tokens[j] to expert
+// e, times the routing weight of e for that token (what the expert receives).
+void scale_expert_inputs(MatrixRM& xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e);
+
 // Per-expert token lists (ascending) of a routing result over E experts.
 std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int64_t E);
 

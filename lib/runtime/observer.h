@@ -42,6 +42,9 @@ struct MoeTrace {
   const MatrixRM& shared_gate;
   const MatrixRM& out;            // [N,H] block output (added to the residual stream)
   const MoeWeights& weights;      // the layer's MoE weights as f32 (run experts yourself)
+  // llama4 (RoutingRule::scales_input): expert e's input for token n is x[n] times its routing
+  // weight (runtime::scale_expert_inputs), h/y are computed from it, and y enters `out` unweighted.
+  bool scaled_inputs = false;
 };
 
 struct AttnTrace {

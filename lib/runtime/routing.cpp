@@ -21,6 +21,7 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
   r.num_experts = static_cast<int>(c.get_int(f.expert_count_key));
   r.renormalize = f.norm_topk_forced || c.get_bool_or("norm_topk_prob", f.norm_topk_default);
   r.logit_bias = f.router_bias_in_logits;
+  r.scales_input = f.routing == Routing::TopKSigmoid;
   if (f.routing == Routing::SparseMixer) {
     // modeling_phimoe.py sparsemixer(): "top_k must be equal to 2".
     if (r.top_k != 2)
@@ -168,6 +169,14 @@ RoutingResult route(const RoutingRule& rule, const MatrixRM& logits, const RowVe
         for (int j = 0; j < k; ++j) {
           r.ids(n, j) = top[j];
           r.weights(n, j) = w[j];
+        }
+        break;
+      }
+      case Routing::TopKSigmoid: {  // llama4 Llama4Router: top-k of the logits, sigmoid of each
+        top_k_indices(row.data(), E, k, top.data(), scratch);
+        for (int j = 0; j < k; ++j) {
+          r.ids(n, j) = top[j];
+          r.weights(n, j) = static_cast<float>(1.0 / (1.0 + std::exp(-double(row[top[j]]))));
         }
         break;
       }

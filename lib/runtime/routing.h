@@ -33,6 +33,9 @@ struct RoutingRule {
   double jitter_eps = 0.01;
   // ernie4_5_moe: the k weights are divided by max(their sum, moe_norm_min).
   double norm_min = 1e-12;
+  // llama4 (Llama4TextMoe): the weight multiplies the chosen expert's input (routed_in = x *
+  // score), and the expert outputs are summed unweighted.
+  bool scales_input = false;
 
   // The rule of this family with this config (norm_topk_prob, num_experts_per_tok, ...).
   static RoutingRule from_config(const model::FamilyDesc& f, const model::Config& c);

@@ -26,6 +26,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"glm4_moe", "Glm4MoeForCausalLM"},     {"gpt_oss", "GptOssForCausalLM"},
       {"ernie4_5_moe", "Ernie4_5_MoeForCausalLM"},
       {"qwen3_next", "Qwen3NextForCausalLM"},
+      {"llama4_text", "Llama4ForCausalLM"},
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -57,6 +58,7 @@ TEST(Family, MoeKeysAndNames) {
       {"granitemoe", "num_local_experts", "intermediate_size", "block_sparse_moe.router.layer.weight", Routing::TopKSoftmax},
       {"gpt_oss", "num_local_experts", "intermediate_size", "mlp.router.weight", Routing::TopKSoftmax},
       {"qwen3_next", "num_experts", "moe_intermediate_size", "mlp.gate.weight", Routing::SoftmaxTopK},
+      {"llama4_text", "num_local_experts", "intermediate_size", "feed_forward.router.weight", Routing::TopKSigmoid},
   };
   for (const auto& r : rows) {
     SCOPED_TRACE(r.type);
@@ -89,6 +91,17 @@ TEST(Family, MoeKeysAndNames) {
   EXPECT_EQ(oss.fused_down, "mlp.experts.down_proj");
   EXPECT_EQ(oss.fused_down_bias, "mlp.experts.down_proj_bias");
   EXPECT_EQ(oss.router_bias, "mlp.router.bias");
+  // llama4_text: fused [in, out] with gate/up as the two halves, no biases; a shared expert; dense
+  // layers of intermediate_size_mlp under feed_forward.
+  const auto& l4 = family_for(Config(json{{"model_type", "llama4_text"}}, "c"));
+  EXPECT_TRUE(l4.fused() && l4.fused_in_out_chunked && !l4.fused_in_out_interleaved && l4.llama4_attention);
+  EXPECT_EQ(l4.fused_gate_up, "feed_forward.experts.gate_up_proj");
+  EXPECT_EQ(l4.fused_down, "feed_forward.experts.down_proj");
+  EXPECT_TRUE(l4.fused_gate_up_bias.empty());
+  EXPECT_EQ(l4.shared_gate, "feed_forward.shared_expert.gate_proj.weight");
+  EXPECT_EQ(l4.dense_down, "feed_forward.down_proj.weight");
+  EXPECT_EQ(l4.dense_width_key, "intermediate_size_mlp");
+  EXPECT_EQ(l4.moe_layers, MoeLayerRule::Interleave);
   const auto& v3 = family_for(Config(json{{"model_type", "deepseek_v3"}}, "c"));
   EXPECT_EQ(v3.router_bias, "mlp.gate.e_score_correction_bias");
   EXPECT_EQ(v3.shared_gate, "mlp.shared_experts.gate_proj.weight");
@@ -236,7 +249,7 @@ TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe", "qwen3_next"}));
+               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe", "qwen3_next", "llama4_text"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");

@@ -76,14 +76,7 @@ TEST(GptOss, ReadsTheFusedLayout) {
   EXPECT_FLOAT_EQ(e3.act.alpha, 1.702f);
   EXPECT_FLOAT_EQ(e3.act.limit, 7.0f);
   const TensorMap raw = read_tensors(fixture());
-  auto bf16 = [](const std::string& bytes, int64_t i) {
-    uint32_t b = static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i])) |
-                 static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i + 1])) << 8;
-    b <<= 16;
-    float f;
-    std::memcpy(&f, &b, 4);
-    return f;
-  };
+  const auto bf16 = bf16_at;
   const std::string& gu = raw.at("model.layers.1.mlp.experts.gate_up_proj").bytes;      // [8, 64, 32]
   const std::string& dn = raw.at("model.layers.1.mlp.experts.down_proj").bytes;         // [8, 16, 64]
   const std::string& gub = raw.at("model.layers.1.mlp.experts.gate_up_proj_bias").bytes;  // [8, 32]

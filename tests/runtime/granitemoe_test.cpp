@@ -35,15 +35,6 @@ const fs::path& granite_fixture() {
 
 TEST(GraniteMoe, MatchesReference) { check_goldens({"granitemoe", "granitemoe-default-multipliers"}); }
 
-float granite_bf16_at(const std::string& bytes, int64_t i) {
-  uint32_t b = static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i])) |
-               static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i + 1])) << 8;
-  b <<= 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
 // What is read: the four multipliers (absent: 1), head_dim 16 = hidden / heads, top-3 of the
 // router logits then a softmax, no router bias; expert 3's gate row 5 is row 5 of
 // input_linear[3] (the activated first half), its up row 5 is row 16 + 5, its down is
@@ -73,9 +64,9 @@ TEST(GraniteMoe, ReadsMultipliersAndTheFusedLayout) {
   const std::string& out = raw.at("model.layers.1.block_sparse_moe.output_linear.weight").bytes;  // [8, 64, 16]
   const std::vector<float> gate = e3.gate.to_f32(), up = e3.up.to_f32(), down = e3.down.to_f32();
   for (int64_t h : {0, 9, 63}) {
-    EXPECT_EQ(gate[5 * 64 + h], granite_bf16_at(in, (3 * 32 + 5) * 64 + h)) << h;
-    EXPECT_EQ(up[5 * 64 + h], granite_bf16_at(in, (3 * 32 + 16 + 5) * 64 + h)) << h;
-    EXPECT_EQ(down[h * 16 + 5], granite_bf16_at(out, (3 * 64 + h) * 16 + 5)) << h;
+    EXPECT_EQ(gate[5 * 64 + h], bf16_at(in, (3 * 32 + 5) * 64 + h)) << h;
+    EXPECT_EQ(up[5 * 64 + h], bf16_at(in, (3 * 32 + 16 + 5) * 64 + h)) << h;
+    EXPECT_EQ(down[h * 16 + 5], bf16_at(out, (3 * 64 + h) * 16 + 5)) << h;
   }
   // The multiplier keys left out: 1.0 each, and the softmax scale 1.0 (not head_dim^-0.5).
   TempDir dir;
@@ -108,31 +99,18 @@ TEST(GraniteMoe, Refusals) {
 // equal the reference's.
 TEST(GraniteMoe, CalibrateCountsEqualReference) { check_calibrate_counts("granitemoe", granite_fixture(), 8); }
 
-const std::string& granite_text() {
-  static const std::string t = (source_dir() / "data/text/heldout.txt").string();
-  return t;
-}
-
-void expect_granite_runs(const fs::path& model) {
-  const RunResult r = run_tool({"-q", "eval", model.string(), "--text", granite_text(), "--ctx", "32", "--max-windows", "1", "--json"});
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
-  if (r.exit_code == 0) {
-    EXPECT_TRUE(std::isfinite(nlohmann::json::parse(r.out).at("perplexity").get<double>())) << r.out;
-  }
-}
-
 // eval, calibrate, prune --method reap --keep 6: the output is the fused layout with 6 experts
 // whose router rows, input_linear and output_linear slabs are the kept input experts' bytes, and
 // it runs.
 TEST(GraniteMoeCli, EvalCalibrateReapWriteBack) {
   TempDir tmp;
   const std::string model = granite_fixture().string();
-  RunResult r = run_tool({"-q", "eval", model, "--text", granite_text(), "--ctx", "32", "--max-windows", "2", "--json"});
+  RunResult r = run_tool({"-q", "eval", model, "--text", heldout_text(), "--ctx", "32", "--max-windows", "2", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
   EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << r.out;
   const fs::path stats = tmp.path() / "calib.stats", out = tmp.path() / "reap";
-  r = run_tool({"-q", "calibrate", model, "--text", granite_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"});
+  r = run_tool({"-q", "calibrate", model, "--text", heldout_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
@@ -150,15 +128,7 @@ TEST(GraniteMoeCli, EvalCalibrateReapWriteBack) {
         expect_kept_expert_slabs(in, got, p + "router.layer.weight", {p + "input_linear.weight", p + "output_linear.weight"});
     EXPECT_TRUE(std::is_sorted(kept.begin(), kept.end())) << "layer " << l;  // in the input's order
   }
-  expect_granite_runs(out);
-}
-
-// A command on the fixture with the calibration text, and `more` after it.
-RunResult granite_command(std::vector<std::string> a, const std::vector<std::string>& more) {
-  const std::vector<std::string> calib = {"--text", granite_text(), "--ctx", "32", "--windows", "2"};
-  a.insert(a.end(), calib.begin(), calib.end());
-  a.insert(a.end(), more.begin(), more.end());
-  return run_tool(a);
+  expect_eval_runs(out);
 }
 
 // merge (M-SMoE) writes the fused layout with 6 experts, and it runs.
@@ -166,12 +136,12 @@ TEST(GraniteMoeCli, MergeWritesTheFusedLayout) {
   TempDir tmp;
   const fs::path merged = tmp.path() / "merged";
   const RunResult r =
-      granite_command({"-q", "merge", granite_fixture().string(), merged.string(), "--method", "msmoe", "--experts", "6"}, {});
+      run_with_calibration({"-q", "merge", granite_fixture().string(), merged.string(), "--method", "msmoe", "--experts", "6"}, {});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const TensorMap got = read_tensors(merged);
   EXPECT_EQ(got.at("model.layers.0.block_sparse_moe.input_linear.weight").shape, (core::Shape{6, 32, 64}));
   EXPECT_EQ(got.at("model.layers.1.block_sparse_moe.output_linear.weight").shape, (core::Shape{6, 64, 16}));
-  expect_granite_runs(merged);
+  expect_eval_runs(merged);
 }
 
 // quantize (GPTQ int4) and factorize (SVD-LLM) with --materialize write the fused layout dense and
@@ -179,14 +149,14 @@ TEST(GraniteMoeCli, MergeWritesTheFusedLayout) {
 TEST(GraniteMoeCli, QuantizeFactorizeMaterialized) {
   TempDir tmp;
   const std::string model = granite_fixture().string();
-  RunResult r = granite_command({"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "gptq", "--codec", "int4"}, {});
+  RunResult r = run_with_calibration({"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "gptq", "--codec", "int4"}, {});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("which the fused granitemoe expert layout cannot hold: --materialize writes them dense"), std::string::npos)
       << r.err;
   EXPECT_FALSE(fs::exists(tmp.path() / "q0"));
   for (const std::vector<std::string>& dry : {std::vector<std::string>{"-q", "quantize", model, (tmp.path() / "q0").string(), "--method", "rtn", "--dry-run"},
                                              {"-q", "factorize", model, (tmp.path() / "q0").string(), "--method", "svd", "--ratio", "0.5", "--dry-run"}}) {
-    r = granite_command(dry, {});  // refused by the plan, before any work
+    r = run_with_calibration(dry, {});  // refused by the plan, before any work
     EXPECT_EQ(r.exit_code, 2) << r.describe();
     EXPECT_NE(r.err.find("which the fused granitemoe expert layout cannot hold"), std::string::npos) << r.err;
   }
@@ -196,13 +166,13 @@ TEST(GraniteMoeCli, QuantizeFactorizeMaterialized) {
     const fs::path out = tmp.path() / dir;
     std::vector<std::string> a = {"-q", args[0], model, out.string()};
     a.insert(a.end(), args.begin() + 1, args.end());
-    r = granite_command(a, {"--materialize"});
+    r = run_with_calibration(a, {"--materialize"});
     ASSERT_EQ(r.exit_code, 0) << r.describe();
     const TensorMap got = read_tensors(out);
     const std::string name = "model.layers.1.block_sparse_moe.input_linear.weight";
     EXPECT_EQ(got.at(name).shape, (core::Shape{8, 32, 64})) << dir;
     EXPECT_NE(got.at(name).bytes, in.at(name).bytes) << dir;
-    expect_granite_runs(out);
+    expect_eval_runs(out);
   }
 }
 

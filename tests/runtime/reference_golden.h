@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <initializer_list>
 #include <map>
@@ -192,6 +193,39 @@ inline void check_calibrate_counts(const std::string& name, const std::filesyste
       EXPECT_NEAR(st.weight_sum[e], weight[e], 1e-4) << name << " layer " << l << " expert " << e;
     }
   }
+}
+
+// The held-out text the CLI tests calibrate and evaluate on.
+inline const std::string& heldout_text() {
+  static const std::string t = (source_dir() / "data/text/heldout.txt").string();
+  return t;
+}
+
+// eval of `model` on one window of 32 tokens of heldout_text() exits 0 with a finite perplexity.
+inline void expect_eval_runs(const std::filesystem::path& model) {
+  const RunResult r = run_tool({"-q", "eval", model.string(), "--text", heldout_text(), "--ctx", "32", "--max-windows", "1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  if (r.exit_code == 0) {
+    EXPECT_TRUE(std::isfinite(nlohmann::json::parse(r.out).at("perplexity").get<double>())) << r.out;
+  }
+}
+
+// The command `a` with heldout_text() as calibration text (2 windows of 32), then `more`.
+inline RunResult run_with_calibration(std::vector<std::string> a, const std::vector<std::string>& more) {
+  const std::vector<std::string> calib = {"--text", heldout_text(), "--ctx", "32", "--windows", "2"};
+  a.insert(a.end(), calib.begin(), calib.end());
+  a.insert(a.end(), more.begin(), more.end());
+  return run_tool(a);
+}
+
+// Element i of a little-endian BF16 tensor's bytes, as f32.
+inline float bf16_at(const std::string& bytes, int64_t i) {
+  uint32_t b = static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i])) |
+               static_cast<uint32_t>(static_cast<uint8_t>(bytes[2 * i + 1])) << 8;
+  b <<= 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
 }
 
 // eval (2 windows of 32: a finite perplexity > 1), calibrate (2 windows) and prune --method reap
