@@ -201,13 +201,12 @@ inline const std::string& heldout_text() {
   return t;
 }
 
-// eval of `model` on one window of 32 tokens of heldout_text() exits 0 with a finite perplexity.
+// eval of `model` on one window of 32 tokens of heldout_text() exits 0 with a finite perplexity > 1.
 inline void expect_eval_runs(const std::filesystem::path& model) {
   const RunResult r = run_tool({"-q", "eval", model.string(), "--text", heldout_text(), "--ctx", "32", "--max-windows", "1", "--json"});
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
-  if (r.exit_code == 0) {
-    EXPECT_TRUE(std::isfinite(nlohmann::json::parse(r.out).at("perplexity").get<double>())) << r.out;
-  }
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
+  EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << model << r.out;
 }
 
 // The command `a` with heldout_text() as calibration text (2 windows of 32), then `more`.
@@ -234,7 +233,7 @@ inline float bf16_at(const std::string& bytes, int64_t i) {
 inline void eval_calibrate_reap(const std::string& model, const std::filesystem::path& tmp,
                                 const std::string& count_key = "n_routed_experts") {
   namespace fs = std::filesystem;
-  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  const std::string& text = heldout_text();
   RunResult r = run_tool({"-q", "eval", model, "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto j = nlohmann::json::parse(r.out);
@@ -257,20 +256,11 @@ inline void eval_calibrate_reap(const std::string& model, const std::filesystem:
   EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
-// eval of the checkpoint in `dir` on one window of 32: exit 0 and a finite perplexity > 1.
-inline void expect_eval_runs(const std::filesystem::path& dir) {
-  const std::string text = (source_dir() / "data/text/heldout.txt").string();
-  const RunResult r = run_tool({"-q", "eval", dir.string(), "--text", text, "--ctx", "32", "--max-windows", "1", "--json"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
-  EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << dir << r.out;
-}
-
 // merge (M-SMoE, 6 experts), quantize (GPTQ int4, native) and factorize (SVD-LLM, ratio 0.5) of
 // the checkpoint `model`, calibrated on 2 windows of 32, into `tmp`/merged, q and f: each exits 0
 // and its output evaluates (expect_eval_runs).
 inline void merge_quantize_factorize_run(const std::string& model, const std::filesystem::path& tmp) {
-  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  const std::string& text = heldout_text();
   for (const auto& [dir, args] : std::vector<std::pair<std::string, std::vector<std::string>>>{
            {"merged", {"merge", "--method", "msmoe", "--experts", "6"}},
            {"q", {"quantize", "--method", "gptq", "--codec", "int4"}},
