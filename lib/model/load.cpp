@@ -509,12 +509,6 @@ Model Model::load(const io::Checkpoint& ckpt) {
   const std::string layers_prefix = "model.layers.";
   for (const auto& name : ckpt.names()) {
     if (pick.used(name)) continue;
-    if (f.hybrid_linear_attention && name.rfind("mtp.", 0) == 0) {
-      // qwen3_next's multi-token-prediction head: transformers ignores it (_keys_to_ignore_on_load_unexpected).
-      core::warn_once(ckpt.dir().string() + ": tensors mtp.* (the " + f.model_type + " multi-token-prediction head) are "
-                      "ignored as transformers ignores them: not used by the forward, not written to outputs");
-      continue;
-    }
     if (name.rfind(layers_prefix, 0) == 0) {
       const std::string rest = name.substr(layers_prefix.size());
       int64_t idx = -1;

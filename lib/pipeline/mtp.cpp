@@ -4,6 +4,7 @@
 #include <map>
 
 #include "core/error.h"
+#include "core/warn.h"
 #include "passes/experts.h"
 #include "passes/pass.h"  // moe::pipeline::Pass
 
@@ -45,6 +46,26 @@ void check_mtp_passes(const model::Model& m, const Recipe& r) {
         "both); only prune is carried over to it (same keep-map as the last decoder layer). Passes that keep the "
         "expert counts (quantize, factorize, ...) are accepted and leave the MTP layer as it is");
   }
+}
+
+size_t drop_stale_mtp_head(model::Model& m, const Recipe& r) {
+  auto& extras = m.mutable_extras();
+  auto in_head = [](const std::string& name) { return name.rfind("mtp.", 0) == 0; };
+  const bool has_experts = std::any_of(extras.begin(), extras.end(), [&](const auto& x) {
+    return in_head(x.first) && x.first.find(".experts.") != std::string::npos;
+  });
+  if (!has_experts) return 0;
+  for (const auto& p : r.passes) {
+    if (keeps_expert_counts(m, *p)) continue;
+    const size_t before = extras.size();
+    std::erase_if(extras, [&](const auto& x) { return in_head(x.first); });
+    core::warn_once(r.source + ": " + p->name() + " " + p->method() + " changes the expert counts, so the " + m.family().model_type +
+                    " multi-token-prediction head (mtp.*, " + std::to_string(before - extras.size()) +
+                    " tensors, whose MoE block keeps the input's count) is not written; passes that keep the counts "
+                    "(quantize, factorize) and convert pass it through");
+    return before - extras.size();
+  }
+  return 0;
 }
 
 std::vector<int> kept_from_origin(const nlohmann::json& origin) {

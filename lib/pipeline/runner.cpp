@@ -384,6 +384,7 @@ void check_run(RunState& s) {
     throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
                          " is dense: the passes of this recipe work on MoE layers");
   check_mtp_passes(model, r);
+  drop_stale_mtp_head(model, r);
   check_native_only_passes(model, r);
   for (const auto& p : r.passes) {
     try {
