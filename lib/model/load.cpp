@@ -374,6 +374,12 @@ Model Model::load(const io::Checkpoint& ckpt) {
       return mlp;
     };
 
+    // The fused layouts hold dense experts only.
+    auto refuse_encoded_fused = [&](const std::string& name, const Tensor& t) {
+      if (t.valid() && t.encoding())
+        throw Error::unsupported(ckpt.shard_path(name).string() + ": tensor " + name +
+                                 ": an encoded fused expert tensor is not read (give the experts dense)");
+    };
     if (is_moe_layer(f, c, l)) {
       // The layer's expert count: the config's, or its entry in a ragged native checkpoint.
       const int64_t n_experts = ragged.empty() ? n_experts_cfg : ragged[static_cast<size_t>(l)];
@@ -421,9 +427,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
         pick.expect(gub, fgub, {n_experts, 2 * width}, why);
         pick.expect(dnb, fdnb, {n_experts, H}, why);
         for (const auto& [name, t] : {std::pair{&gu, &fgu}, {&dn, &fdn}, {&gub, &fgub}, {&dnb, &fdnb}})
-          if (t->valid() && t->encoding())
-            throw Error::unsupported(ckpt.shard_path(*name).string() + ": tensor " + *name +
-                                     ": an encoded fused expert tensor is not read (give the experts dense)");
+          refuse_encoded_fused(*name, *t);
         // Copied out into per-expert [out, in] tensors (the layout every pass works on).
         const InterleavedLayout lay{H, width};
         GluActivation act{GluActivation::ClampedSwiGlu, static_cast<float>(c.get_double_or("swiglu_alpha", 1.702)),
@@ -450,10 +454,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
         Tensor fgu = pick.need(gu, "fused experts"), fdn = pick.need(dn, "fused experts");
         pick.expect(gu, fgu, {n_experts, H, 2 * width}, why);
         pick.expect(dn, fdn, {n_experts, width, H}, why);
-        for (const auto& [name, t] : {std::pair{&gu, &fgu}, {&dn, &fdn}})
-          if (t->encoding())
-            throw Error::unsupported(ckpt.shard_path(*name).string() + ": tensor " + *name +
-                                     ": an encoded fused expert tensor is not read (give the experts dense)");
+        refuse_encoded_fused(gu, fgu);
+        refuse_encoded_fused(dn, fdn);
         const InterleavedLayout lay{H, width, true};
         for (int64_t e = 0; e < n_experts; ++e)
           b.experts.push_back(Mlp{gather(fgu, {width, H}, lay.gate(e)), gather(fgu, {width, H}, lay.up(e)),

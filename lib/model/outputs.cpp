@@ -181,8 +181,7 @@ void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::
 }
 
 void add_layer(OutputBuilder& ob, const Model& m, int l) {
-  const FamilyDesc& f_in = m.family();
-  const FamilyDesc& f = f_in;
+  const FamilyDesc& f = m.family();
   const Layer& layer = m.layers().at(static_cast<size_t>(l));
   const std::string prefix = expand(f.layer_prefix, l);
   for (const auto& r : f.layer_roles) {
@@ -202,7 +201,8 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     // A v5 fused layout (FamilyDesc::v5_layout) takes experts written dense; encoded experts and
     // novices go per expert, in the family's per-expert spelling (router included), which
     // transformers v4 reads and v5 converts on load.
-    const FamilyDesc& f = f_in.v5_layout && (!written_dense || b.num_novices() > 0) ? per_expert_layout(f_in) : f_in;
+    const FamilyDesc& f =
+        m.family().v5_layout && (!written_dense || b.num_novices() > 0) ? per_expert_layout(m.family()) : m.family();
     ob.cls = "router";
     ob.add(prefix + f.router, b.router);
     // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).
