@@ -50,17 +50,21 @@ void check_mtp_passes(const model::Model& m, const Recipe& r) {
 
 size_t drop_stale_mtp_head(model::Model& m, const Recipe& r) {
   auto& extras = m.mutable_extras();
-  auto in_head = [](const std::string& name) { return name.rfind("mtp.", 0) == 0; };
-  const bool has_experts = std::any_of(extras.begin(), extras.end(), [&](const auto& x) {
-    return in_head(x.first) && x.first.find(".experts.") != std::string::npos;
-  });
-  if (!has_experts) return 0;
+  // qwen3_next's head is `mtp.*`, ERNIE-4.5's `model.mtp_*` (mtp_block, mtp_linear_proj, ...).
+  std::string prefix;
+  for (const char* p : {"mtp.", "model.mtp_"})
+    if (std::any_of(extras.begin(), extras.end(), [&](const auto& x) {
+          return x.first.rfind(p, 0) == 0 && x.first.find(".experts.") != std::string::npos;
+        }))
+      prefix = p;
+  if (prefix.empty()) return 0;
+  auto in_head = [&](const std::string& name) { return name.rfind(prefix, 0) == 0; };
   for (const auto& p : r.passes) {
     if (keeps_expert_counts(m, *p)) continue;
     const size_t before = extras.size();
     std::erase_if(extras, [&](const auto& x) { return in_head(x.first); });
     core::warn_once(r.source + ": " + p->name() + " " + p->method() + " changes the expert counts, so the " + m.family().model_type +
-                    " multi-token-prediction head (mtp.*, " + std::to_string(before - extras.size()) +
+                    " multi-token-prediction head (" + prefix + "*, " + std::to_string(before - extras.size()) +
                     " tensors, whose MoE block keeps the input's count) is not written; passes that keep the counts "
                     "(quantize, factorize) and convert pass it through");
     return before - extras.size();

@@ -22,9 +22,9 @@ namespace moe::pipeline {
 // decoder layers' expert counts.
 void check_mtp_passes(const model::Model& m, const Recipe& r);
 
-// qwen3_next's multi-token-prediction head (`mtp.*`, outside model.layers.: passed through as
-// extras, unused by the forward as transformers ignores it) holds an MoE block with the decoder
-// layers' expert count. A recipe whose passes keep every count leaves it as it is; one that
+// The multi-token-prediction heads stored outside model.layers. (qwen3_next's `mtp.*`, ERNIE-4.5's
+// `model.mtp_*`: passed through as extras, unused by the forward as transformers ignores them)
+// hold an MoE block with the decoder layers' expert count. A recipe whose passes keep every count leaves it as it is; one that
 // changes a count drops the head from the output (its experts would no longer match num_experts),
 // with a warning naming it. Returns the number of tensors dropped.
 size_t drop_stale_mtp_head(model::Model& m, const Recipe& r);

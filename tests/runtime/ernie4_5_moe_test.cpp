@@ -101,6 +101,13 @@ TEST(Ernie45Moe, CalibrateCountsEqualReference) { check_calibrate_counts("ernie4
 // eval, calibrate, prune --method reap --keep 6 (experts renumbered, each kept expert's correction
 // bias entry with it, written as [1, 6]), merge (M-SMoE), quantize (GPTQ int4, native) and
 // factorize (SVD-LLM): each runs and its output runs.
+// The released checkpoints' MTP weights (model.mtp_block.N..., model.mtp_linear_proj.N..., as
+// vLLM's ernie_mtp reads them) are extras: passed through unless a pass changes the counts.
+TEST(Ernie45MoeCli, MtpWeightsPassedThroughUnlessTheCountsChange) {
+  expect_mtp_head_passed_through(ernie_fixture(), "model.mtp_",
+                                 {"model.mtp_linear_proj.0.weight", "model.mtp_block.0.mlp.experts.0.down_proj.weight"}, "6");
+}
+
 TEST(Ernie45MoeCli, EvalCalibrateAndEveryPass) {
   TempDir tmp;
   const std::string model = ernie_fixture().string();

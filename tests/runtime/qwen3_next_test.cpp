@@ -108,40 +108,7 @@ TEST(Qwen3Next, LoaderRefusals) {
 // by passes that keep the expert counts, byte for byte; a pass that changes them (prune) leaves it
 // out with a warning naming it, since its MoE block would keep the input's count.
 TEST(Qwen3NextCli, MtpHeadPassedThroughUnlessTheCountsChange) {
-  TempDir tmp;
-  const fs::path in = tmp.path() / "in";
-  copy_folder(next_fixture(), in);
-  std::string data(16, '\0');
-  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i % 2 ? 0x3f : 0x10 + i);  // finite bf16
-  write_file(in / "model-mtp.safetensors",
-             raw_safetensors(R"({"mtp.fc.weight":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},)"
-                             R"("mtp.layers.0.mlp.experts.0.down_proj.weight":{"dtype":"BF16","shape":[2,2],"data_offsets":[8,16]}})",
-                             data));
-  nlohmann::json map;
-  for (const auto& [name, t] : read_tensors(next_fixture())) map[name] = "model.safetensors";
-  map["mtp.fc.weight"] = map["mtp.layers.0.mlp.experts.0.down_proj.weight"] = "model-mtp.safetensors";
-  write_file(in / "model.safetensors.index.json", nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", map}}.dump());
-  const TensorMap input = read_tensors(in);
-  for (const std::vector<std::string>& cmd : {std::vector<std::string>{"convert"},
-                                              std::vector<std::string>{"quantize", "--method", "rtn", "--codec", "int4"}}) {
-    const fs::path out = tmp.path() / cmd[0];
-    std::vector<std::string> a = {"-q", cmd[0], in.string(), out.string()};
-    a.insert(a.end(), cmd.begin() + 1, cmd.end());
-    const RunResult r = run_tool(a);
-    ASSERT_EQ(r.exit_code, 0) << r.describe();
-    const TensorMap got = read_tensors(out);
-    for (const char* name : {"mtp.fc.weight", "mtp.layers.0.mlp.experts.0.down_proj.weight"}) {
-      ASSERT_TRUE(got.count(name)) << cmd[0] << " " << name;
-      EXPECT_TRUE(got.at(name) == input.at(name)) << cmd[0] << " " << name;
-    }
-  }
-  const fs::path pruned = tmp.path() / "pruned";
-  const RunResult r = run_tool({"prune", in.string(), pruned.string(), "--method", "random", "--keep", "6"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_NE(r.err.find("multi-token-prediction head (mtp.*, 2 tensors"), std::string::npos) << r.err;
-  const TensorMap got = read_tensors(pruned);
-  for (const auto& [name, t] : got) EXPECT_NE(name.rfind("mtp.", 0), 0u) << name;
-  expect_eval_runs(pruned);
+  expect_mtp_head_passed_through(next_fixture(), "mtp.", {"mtp.fc.weight", "mtp.layers.0.mlp.experts.0.down_proj.weight"}, "6");
 }
 
 // calibrate on the golden's window: each expert's routed-token count and summed routing weight

@@ -209,6 +209,50 @@ inline void expect_eval_runs(const std::filesystem::path& model) {
   EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << model << r.out;
 }
 
+// A multi-token-prediction head stored outside model.layers. (qwen3_next's `mtp.*`, ERNIE-4.5's
+// `model.mtp_*`): the two BF16 [2, 2] tensors `names` (the second an expert's) added to a copy of
+// `fixture` in a second shard are written byte for byte by convert and quantize rtn; prune random
+// to `keep` experts leaves every tensor under `prefix` out with one warning naming it, and its
+// output evaluates.
+inline void expect_mtp_head_passed_through(const std::filesystem::path& fixture, const std::string& prefix,
+                                           const std::vector<std::string>& names, const std::string& keep) {
+  namespace fs = std::filesystem;
+  ASSERT_EQ(names.size(), 2u);
+  TempDir tmp;
+  const fs::path in = tmp.path() / "in";
+  copy_folder(fixture, in);
+  std::string data(16, '\0');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i % 2 ? 0x3f : 0x10 + i);  // finite bf16
+  write_file(in / "model-mtp.safetensors",
+             raw_safetensors("{\"" + names[0] + R"(":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},")" + names[1] +
+                                 R"(":{"dtype":"BF16","shape":[2,2],"data_offsets":[8,16]}})",
+                             data));
+  nlohmann::json map;
+  for (const auto& [name, t] : read_tensors(fixture)) map[name] = "model.safetensors";
+  for (const auto& n : names) map[n] = "model-mtp.safetensors";
+  write_file(in / "model.safetensors.index.json", nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", map}}.dump());
+  const TensorMap input = read_tensors(in);
+  for (const std::vector<std::string>& cmd : {std::vector<std::string>{"convert"},
+                                              std::vector<std::string>{"quantize", "--method", "rtn", "--codec", "int4"}}) {
+    const fs::path out = tmp.path() / cmd[0];
+    std::vector<std::string> a = {"-q", cmd[0], in.string(), out.string()};
+    a.insert(a.end(), cmd.begin() + 1, cmd.end());
+    const RunResult r = run_tool(a);
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    const TensorMap got = read_tensors(out);
+    for (const auto& name : names) {
+      ASSERT_TRUE(got.count(name)) << cmd[0] << " " << name;
+      EXPECT_TRUE(got.at(name) == input.at(name)) << cmd[0] << " " << name;
+    }
+  }
+  const fs::path pruned = tmp.path() / "pruned";
+  const RunResult r = run_tool({"prune", in.string(), pruned.string(), "--method", "random", "--keep", keep});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.err.find("multi-token-prediction head (" + prefix + "*, 2 tensors"), std::string::npos) << r.err;
+  for (const auto& [name, t] : read_tensors(pruned)) EXPECT_NE(name.rfind(prefix, 0), 0u) << name;
+  expect_eval_runs(pruned);
+}
+
 // The command `a` with heldout_text() as calibration text (2 windows of 32), then `more`.
 inline RunResult run_with_calibration(std::vector<std::string> a, const std::vector<std::string>& more) {
   const std::vector<std::string> calib = {"--text", heldout_text(), "--ctx", "32", "--windows", "2"};
