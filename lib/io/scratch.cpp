@@ -18,6 +18,49 @@ namespace moe::io {
 
 using core::Error;
 
+namespace {
+
+size_t page_size() {
+  static const size_t p = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  return p;
+}
+
+// The pages wholly inside [p, p + n) handed back to the kernel (a shared file mapping: the file
+// keeps the data).
+void drop_pages(const void* p, size_t n) {
+  const size_t ps = page_size();
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + ps - 1) / ps * ps, e = (reinterpret_cast<uintptr_t>(p) + n) / ps * ps;
+  if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+}
+
+// A new temporary file in `dir` (temp_name(dir, name)), unlinked at once: its descriptor keeps the
+// data until closed, and nothing is left in the folder whatever happens. Error::io naming the
+// folder and `what` the file is for.
+int open_unlinked(const fs::path& dir, const std::string& name, const std::string& what) {
+  const fs::path path = temp_name(dir, name);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0)
+    throw Error::io(dir.string() + ": cannot create a temporary file for " + what + ": " + std::strerror(errno));
+  ::unlink(path.c_str());
+  return fd;
+}
+
+// Bytes [offset, offset + bytes) of `fd` reserved on disk (posix_fallocate: a full disk is an
+// Error::io now, not a SIGBUS later) and mapped shared, read-write. `way_out` ends the message of
+// a failed reservation.
+void* reserve_and_map(int fd, uint64_t offset, size_t bytes, const fs::path& dir, const std::string& what,
+                      const std::string& way_out) {
+  const int rc = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+  if (rc != 0)
+    throw Error::io(dir.string() + ": cannot reserve " + std::to_string(bytes) + " bytes for " + what + ": " +
+                    std::strerror(rc) + " (" + way_out + ")");
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) throw Error::io(dir.string() + ": cannot map " + what + ": " + std::strerror(errno));
+  return p;
+}
+
+}  // namespace
+
 uint64_t available_memory() {
   std::ifstream in("/proc/meminfo");
   std::string key;
@@ -35,24 +78,16 @@ ScratchFloats::ScratchFloats(size_t n, const fs::path& spill_dir) : n_(n) {
     data_ = new float[n]();
     return;
   }
-  const fs::path path = temp_name(spill_dir, "activations");
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0)
-    throw Error::io(spill_dir.string() + ": cannot create a temporary file for the spilled calibration activations: " +
-                    std::strerror(errno));
-  ::unlink(path.c_str());  // the mapping keeps the data; the name goes now
-  const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes));
-  if (rc != 0) {
+  const int fd = open_unlinked(spill_dir, "activations", "the spilled calibration activations");
+  void* p = nullptr;
+  try {
+    p = reserve_and_map(fd, 0, bytes, spill_dir, "the spilled calibration activations",
+                        "free space there, or raise --memory-budget / calibration.memory_budget");
+  } catch (...) {
     ::close(fd);
-    throw Error::io(spill_dir.string() + ": cannot reserve " + std::to_string(bytes) +
-                    " bytes for the spilled calibration activations: " + std::strerror(rc) +
-                    " (free space there, or raise --memory-budget / calibration.memory_budget)");
+    throw;
   }
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  const int err = errno;
-  ::close(fd);
-  if (p == MAP_FAILED)
-    throw Error::io(spill_dir.string() + ": cannot map the spilled calibration activations: " + std::strerror(err));
+  ::close(fd);  // the mapping keeps the file
   data_ = static_cast<float*>(p);
   mapped_ = true;
 }
@@ -82,10 +117,7 @@ ScratchFloats& ScratchFloats::operator=(ScratchFloats&& o) noexcept {
 
 void ScratchFloats::evict(size_t offset, size_t count) const {
   if (!mapped_ || count == 0) return;
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-  const size_t begin = (offset * sizeof(float) + page - 1) / page * page;
-  const size_t end = (offset + count) * sizeof(float) / page * page;
-  if (end > begin) ::madvise(reinterpret_cast<char*>(data_) + begin, end - begin, MADV_DONTNEED);
+  drop_pages(data_ + offset, count * sizeof(float));
 }
 
 // The arena's temporary file: unlinked at once; its descriptor lives as long as a chunk does.
@@ -112,20 +144,6 @@ struct SpillArena::Chunk {
   }
 };
 
-namespace {
-size_t page_size() {
-  static const size_t p = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-  return p;
-}
-
-// The pages wholly inside [p, p + n) handed back to the kernel (a shared file mapping: the file
-// keeps the data).
-void drop_pages(const uint8_t* p, size_t n) {
-  const size_t ps = page_size();
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + ps - 1) / ps * ps, e = (reinterpret_cast<uintptr_t>(p) + n) / ps * ps;
-  if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
-}
-}  // namespace
 
 SpillArena::SpillArena(const fs::path& dir, size_t min_bytes, size_t evict_every)
     : dir_(dir), min_bytes_(std::max<size_t>(min_bytes, 1)), evict_every_(std::max<size_t>(evict_every, 1)) {}
@@ -138,11 +156,7 @@ core::TensorArena::Block SpillArena::allocate(size_t bytes) {
   std::lock_guard lk(m_);
   if (!file_) {
     auto f = std::make_shared<File>();
-    const fs::path path = temp_name(dir_, "encoded");
-    f->fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (f->fd < 0)
-      throw Error::io(dir_.string() + ": cannot create a temporary file for the encoded layer: " + std::strerror(errno));
-    ::unlink(path.c_str());
+    f->fd = open_unlinked(dir_, "encoded", "the encoded layer");
     file_ = std::move(f);
   }
   if (!current_ || used_ + need > current_->size) {
@@ -151,14 +165,8 @@ core::TensorArena::Block SpillArena::allocate(size_t bytes) {
     auto c = std::make_shared<Chunk>();
     c->file = file_;
     c->offset = file_->end;
-    const int rc = ::posix_fallocate(file_->fd, static_cast<off_t>(c->offset), static_cast<off_t>(size));
-    if (rc != 0)
-      throw Error::io(dir_.string() + ": cannot reserve " + std::to_string(size) +
-                      " bytes for the encoded layer's temporary file: " + std::strerror(rc) + " (free space there)");
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, file_->fd, static_cast<off_t>(c->offset));
-    if (p == MAP_FAILED)
-      throw Error::io(dir_.string() + ": cannot map the encoded layer's temporary file: " + std::strerror(errno));
-    c->data = static_cast<uint8_t*>(p);
+    c->data = static_cast<uint8_t*>(
+        reserve_and_map(file_->fd, c->offset, size, dir_, "the encoded layer's temporary file", "free space there"));
     c->size = size;
     file_->end += size;
     current_ = c;
