@@ -138,6 +138,8 @@ TEST(Llama4Mm, MalformedWrapperRefused) {
        "config.json: text_config.model_type: expected \"llama4_text\" (model_type llama4), found \"llama4_vision_model\""},
       {{{"text_config", {{"num_hidden_layers", nullptr}}}}, "config.json: text_config.num_hidden_layers: missing (required)"},
       {{{"text_config", {{"num_local_experts", "8"}}}}, "config.json: text_config.num_local_experts: expected a positive integer"},
+      {{{"text_config", {{"quantization_config", {{"quant_method", "fp8"}}}}}},
+       "config.json: text_config.quantization_config: not read (transformers reads the top-level quantization_config"},
   };
   for (const auto& [patch, want] : cases) {
     TempDir dir;
