@@ -13,11 +13,11 @@ constexpr int64_t kMaxConfigInt = 2147483647;
 void Config::fail(const std::string& key, const std::string& expected) const {
   std::string found = j_.contains(key) ? j_.at(key).dump() : "nothing";
   if (found.size() > 60) found = found.substr(0, 57) + "...";
-  throw Error::corruption(source_ + ": " + key + ": expected " + expected + ", found " + found);
+  throw Error::corruption(source_ + ": " + key_prefix_ + key + ": expected " + expected + ", found " + found);
 }
 
 int64_t Config::get_int(const std::string& key) const {
-  if (!has(key)) throw Error::corruption(source_ + ": " + key + ": missing (required)");
+  if (!has(key)) throw Error::corruption(source_ + ": " + key_prefix_ + key + ": missing (required)");
   const auto& v = j_.at(key);
   if (!v.is_number_integer() || v.get<int64_t>() <= 0) fail(key, "a positive integer");
   if (v.get<int64_t>() > kMaxConfigInt) fail(key, "at most " + std::to_string(kMaxConfigInt));

@@ -13,6 +13,9 @@ class Config {
  public:
   Config() = default;
   Config(nlohmann::json j, std::string source) : j_(std::move(j)), source_(std::move(source)) {}
+  // A section of a file (llama4's text_config): errors name its keys "<key_prefix><key>".
+  Config(nlohmann::json j, std::string source, std::string key_prefix)
+      : j_(std::move(j)), source_(std::move(source)), key_prefix_(std::move(key_prefix)) {}
 
   const nlohmann::json& json() const { return j_; }
   nlohmann::json& json() { return j_; }
@@ -30,6 +33,7 @@ class Config {
   [[noreturn]] void fail(const std::string& key, const std::string& expected) const;
   nlohmann::json j_;
   std::string source_;
+  std::string key_prefix_;  // "" or e.g. "text_config."
 };
 
 }  // namespace moe::model

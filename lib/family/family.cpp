@@ -456,6 +456,15 @@ std::vector<FamilyDesc> build_families() {
     f.default_head_dim = 128;
     f.forward = true;
     v.push_back(f);
+    // llama4 (Llama4ForConditionalGeneration: every released Llama-4 checkpoint), as transformers'
+    // modeling_llama4.py holds it: vision_model, multi_modal_projector and language_model (the
+    // Llama4ForCausalLM above), no conversion mapping; the text model read and run as llama4_text.
+    f.model_type = "llama4";
+    f.architectures = {"Llama4ForConditionalGeneration"};
+    f.text_model_type = "llama4_text";
+    f.layer_prefix = "language_model." + f.layer_prefix;
+    for (auto& g : f.globals) g.name = "language_model." + g.name;
+    v.push_back(f);
   }
   return v;
 }
@@ -520,9 +529,6 @@ const FamilyDesc& family_for(const Config& config) {
   for (const auto& f : all_families())
     if (f.model_type == type) return f;
   std::string arch = config.has("architectures") ? config.json().at("architectures").dump() : "(none)";
-  if (type == "llama4")
-    throw Error::unsupported(config.source() + ": model_type 'llama4' (Llama4ForConditionalGeneration, the multimodal "
-                             "wrapper): not read; only llama4_text (Llama4ForCausalLM) is");
   if (type.empty())
     throw Error::unsupported(config.source() + ": model_type: missing (architectures " + arch +
                              "); supported: " + supported_families());

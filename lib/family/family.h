@@ -184,6 +184,12 @@ struct FamilyDesc {
   // gives query and output gate per head ([heads * 2 * head_dim, H]), o_proj reads attn * sigmoid(gate).
   bool hybrid_linear_attention = false;
 
+  // llama4 (Llama4ForConditionalGeneration, the multimodal wrapper): the text model's
+  // hyper-parameters are config.json's text_config (whose model_type must be this), its tensors
+  // under this entry's "language_model." names; the vision tower and projector are extras, passed
+  // through; outputs write the changed keys back inside text_config (model/wrapped_config.h).
+  std::string text_model_type;  // "" : not a wrapper
+
   bool fused() const { return !fused_gate_up.empty(); }
   // Fused with no per-expert spelling to fall back on (granitemoe, gpt_oss).
   bool fused_only() const { return fused() && !v5_layout; }

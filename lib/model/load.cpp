@@ -12,6 +12,7 @@
 #include "model/detail.h"
 #include "model/hybrid_layers.h"
 #include "model/model.h"
+#include "model/wrapped_config.h"
 #include "quant/registry.h"
 
 namespace moe::model {
@@ -226,6 +227,10 @@ Model Model::load(const io::Checkpoint& ckpt) {
   m.config_ = Config(ckpt.config(), ckpt.config_path());
   const Config& c = m.config_;
   m.family_ = &family_for(c);
+  if (!m.family_->text_model_type.empty()) {  // llama4: the text model of a wrapper
+    m.wrapper_ = ckpt.config();
+    m.config_ = wrapped_text_config(m.config_, m.family_->text_model_type);
+  }
   // transformers v5's fused experts: a decoder layer holds <v5 experts>gate_up_proj.
   if (const FamilyDesc* v5 = v5_fused_variant(*m.family_)) {
     const std::string layers = v5->layer_prefix.substr(0, v5->layer_prefix.find("{l}")), fused = "." + v5->fused_gate_up;
@@ -308,7 +313,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   }
   pick.expect(f.globals[0].name, m.globals_.at("embed"), {d.vocab, H}, "config (vocab_size, hidden_size)");
   if (m.globals_.count("lm_head"))
-    pick.expect("lm_head.weight", m.globals_.at("lm_head"), {d.vocab, H}, "config (vocab_size, hidden_size)");
+    pick.expect(m.global_names_.at("lm_head"), m.globals_.at("lm_head"), {d.vocab, H}, "config (vocab_size, hidden_size)");
   if (m.globals_.count("lm_head") && c.get_bool_or("tie_word_embeddings", f.default_tie_word_embeddings) &&
       stored_head_differs(m.globals_.at("lm_head"), m.globals_.at("embed"))) {
     core::warn_once(c.source() + ": tie_word_embeddings is true but lm_head.weight is stored and differs from " +
@@ -317,8 +322,9 @@ Model Model::load(const io::Checkpoint& ckpt) {
     m.globals_.erase("lm_head");
     m.global_names_.erase("lm_head");
   }
-  pick.expect("model.norm.weight", m.globals_.at("final_norm"), {H}, "hidden_size");
+  pick.expect(m.global_names_.at("final_norm"), m.globals_.at("final_norm"), {H}, "hidden_size");
 
+  const std::string layers_prefix = f.layer_prefix.substr(0, f.layer_prefix.find("{l}"));  // "model.layers."
   const std::vector<bool> linear_layers =
       f.hybrid_linear_attention ? linear_attention_layers(c, d.layers) : std::vector<bool>{};
   for (int l = 0; l < d.layers; ++l) {
@@ -326,7 +332,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
     layer.index = l;
     const std::string prefix = expand(f.layer_prefix, l);
     for (const auto& r : f.layer_roles) {
-      if (pick.ignored_by_config(r.presence, c, prefix + r.name, "model.layers.N." + r.name)) continue;
+      if (pick.ignored_by_config(r.presence, c, prefix + r.name, layers_prefix + "N." + r.name)) continue;
       auto t = pick.get(prefix + r.name, r.presence.required(c), "required by " + f.model_type);
       if (t) layer.tensors[r.role] = *t;
     }
@@ -508,7 +514,6 @@ Model Model::load(const io::Checkpoint& ckpt) {
   }
 
   // Every other tensor: unexpected inside a decoder layer, passed through elsewhere.
-  const std::string layers_prefix = "model.layers.";
   for (const auto& name : ckpt.names()) {
     if (pick.used(name)) continue;
     if (name.rfind(layers_prefix, 0) == 0) {

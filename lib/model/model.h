@@ -189,7 +189,10 @@ class Model {
   }
 
   const FamilyDesc& family() const { return *family_; }
+  // The text model's config (for a wrapper family, FamilyDesc::text_model_type: its text_config).
   const Config& config() const { return config_; }
+  // A wrapper family's config.json as read (model/wrapped_config.h); null otherwise.
+  const nlohmann::json& wrapper_config() const { return wrapper_; }
   Config& mutable_config() { return config_; }
   const Dims& dims() const { return dims_; }
   std::vector<Layer>& layers() { return layers_; }
@@ -253,6 +256,7 @@ class Model {
  private:
   const FamilyDesc* family_ = nullptr;
   Config config_;
+  nlohmann::json wrapper_;  // llama4: config.json as read when config_ is its text_config (else null)
   Dims dims_;
   std::vector<Layer> layers_;
   std::map<std::string, Tensor> globals_;

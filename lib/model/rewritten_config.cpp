@@ -9,6 +9,7 @@
 #include "io/packed_input.h"
 #include "model/detail.h"
 #include "model/model.h"
+#include "model/wrapped_config.h"
 
 namespace moe::model {
 
@@ -117,6 +118,7 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
     if (has_new) j["dtype"] = name;
     if (has_old || !has_new) j["torch_dtype"] = name;
   }
+  if (!wrapper_.is_null()) return wrap_text_config(wrapper_, std::move(j));  // llama4: back into text_config
   return j;
 }
 

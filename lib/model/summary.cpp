@@ -18,7 +18,8 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
   json s;
   s["path"] = ckpt.dir().string();
   s["family"] = f.model_type;
-  s["architectures"] = model.config().json().value("architectures", json::array());
+  const json& top = model.wrapper_config().is_null() ? model.config().json() : model.wrapper_config();
+  s["architectures"] = top.value("architectures", json::array());
   s["layers"] = d.layers;
   s["hidden_size"] = d.hidden;
   s["attention_heads"] = d.heads;

@@ -27,6 +27,7 @@ TEST(Family, FamiliesWithTheirArchitectures) {
       {"ernie4_5_moe", "Ernie4_5_MoeForCausalLM"},
       {"qwen3_next", "Qwen3NextForCausalLM"},
       {"llama4_text", "Llama4ForCausalLM"},
+      {"llama4", "Llama4ForConditionalGeneration"},  // the multimodal wrapper, read as its text model
   };
   std::map<std::string, std::string> got;
   for (const auto& f : all_families()) {
@@ -102,6 +103,16 @@ TEST(Family, MoeKeysAndNames) {
   EXPECT_EQ(l4.dense_down, "feed_forward.down_proj.weight");
   EXPECT_EQ(l4.dense_width_key, "intermediate_size_mlp");
   EXPECT_EQ(l4.moe_layers, MoeLayerRule::Interleave);
+  // llama4 (Llama4ForConditionalGeneration): the same text model under language_model.
+  const auto& mm = family_for(Config(json{{"model_type", "llama4"}}, "c"));
+  EXPECT_EQ(mm.text_model_type, "llama4_text");
+  EXPECT_TRUE(l4.text_model_type.empty());
+  EXPECT_EQ(mm.layer_prefix, "language_model.model.layers.{l}.");
+  EXPECT_EQ(mm.globals.at(0).name, "language_model.model.embed_tokens.weight");
+  EXPECT_EQ(mm.globals.at(1).name, "language_model.model.norm.weight");
+  EXPECT_EQ(mm.globals.at(2).name, "language_model.lm_head.weight");
+  EXPECT_EQ(mm.fused_gate_up, l4.fused_gate_up);
+  EXPECT_EQ(mm.routing, l4.routing);
   const auto& v3 = family_for(Config(json{{"model_type", "deepseek_v3"}}, "c"));
   EXPECT_EQ(v3.router_bias, "mlp.gate.e_score_correction_bias");
   EXPECT_EQ(v3.shared_gate, "mlp.shared_experts.gate_proj.weight");
@@ -249,7 +260,8 @@ TEST(Family, ForwardAndUpcycleSupportAreFieldsOfTheTable) {
   using V = std::vector<std::string>;
   EXPECT_EQ(families_with(&FamilyDesc::forward),
             (V{"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe", "qwen3_next", "llama4_text"}));
+               "deepseek_v3", "phimoe", "granitemoe", "kimi_k2", "glm4_moe", "gpt_oss", "ernie4_5_moe", "qwen3_next", "llama4_text",
+               "llama4"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_source), (V{"llama", "mistral", "qwen2", "qwen3"}));
   EXPECT_EQ(families_with(&FamilyDesc::upcycle_target), (V{"mixtral", "qwen2_moe", "qwen3_moe"}));
   EXPECT_EQ(family_list(&FamilyDesc::upcycle_target), "mixtral, qwen2_moe, qwen3_moe");
