@@ -109,7 +109,8 @@ json matrix_entry(const json& rep, int l, const std::string& what) {
 // Hessian Σ_routed (x s)(x s)ᵀ + (64 − n)/N Σ_t (x_t s_te)(x_t s_te)ᵀ with s_te = sigmoid(logit_te)
 // (threshold 64, the gate's input width), the down Hessian likewise of the intermediates
 // (threshold 16), then GPTQ on them gives the bits written; GPTQ on the unscaled inputs' Hessians
-// does not (for some expert).
+// does not (for some expert). The router (--router int8) reads the unscaled inputs: its Hessian is
+// Σ_t x_t x_tᵀ.
 TEST(Llama4Gptq, HessiansAreOfTheScaledInputs) {
   TempDir tmp;
   const fs::path in = tmp.path() / "in", out = tmp.path() / "q";
@@ -119,7 +120,7 @@ TEST(Llama4Gptq, HessiansAreOfTheScaledInputs) {
   const size_t row = rb.size() / kExperts;
   patch_tensor_bytes(in / "model.safetensors", router, 7 * row, rb.substr(6 * row, row));
   const RunResult r = run_tool({"-q", "quantize", in.string(), out.string(), "--method", "gptq", "--codec", "int4", "--text",
-                                heldout_text(), "--ctx", "32", "--windows", "2", "--no-propagate", "--materialize"});
+                                heldout_text(), "--ctx", "32", "--windows", "2", "--no-propagate", "--materialize", "--router", "int8"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json rep = read_json(out / "moe_tool_report.json");
 
@@ -142,6 +143,19 @@ TEST(Llama4Gptq, HessiansAreOfTheScaledInputs) {
     const std::string p = "model.layers." + std::to_string(l) + ".feed_forward.experts.";
     const int64_t N = t.x.rows();
     ASSERT_EQ(N, 64);
+    {
+      Eigen::MatrixXd Hr;
+      add_gram(Hr, t.x);
+      const std::string name = "model.layers." + std::to_string(l) + ".feed_forward.router.weight";
+      const std::string codec = matrix_entry(rep, l, "router").at("codec");
+      EXPECT_EQ(codec, "int8:g128:asym");
+      MatrixRM w(kExperts, kHidden), written(kExperts, kHidden);
+      for (int64_t i = 0; i < w.size(); ++i) {
+        w.data()[i] = bf16_at(src.at(name).bytes, i);
+        written.data()[i] = bf16_at(got.at(name).bytes, i);
+      }
+      EXPECT_EQ(written, gptq_bf16(w, Hr, codec)) << "router";
+    }
     for (int e = 0; e < kExperts; ++e) {
       SCOPED_TRACE("expert " + std::to_string(e));
       const int64_t n = static_cast<int64_t>(t.tokens[e].size());
@@ -190,16 +204,19 @@ TEST(Llama4Gptq, HessiansAreOfTheScaledInputs) {
               2 * kExperts);
 }
 
-// int4, int3 and int8 GPTQ run on the fixture with calibration text: the fused layout is written
-// back dense (--materialize), its shapes unchanged and the experts' bytes changed, and eval runs.
+// int4, int3 (--min-tokens 4: only the experts under 4 routed tokens topped up) and int8 GPTQ
+// run on the fixture with calibration text: the fused layout is written back dense
+// (--materialize), its shapes unchanged and the experts' bytes changed, and eval runs.
 TEST(Llama4Gptq, QuantizeWritesTheFusedLayoutAndRuns) {
   TempDir tmp;
   const TensorMap in = read_tensors(llama4_fixture());
-  for (const char* codec : {"int4", "int3", "int8"}) {
+  for (const std::string codec : {"int4", "int3", "int8"}) {
     SCOPED_TRACE(codec);
     const fs::path out = tmp.path() / codec;
+    std::vector<std::string> more = {"--materialize"};
+    if (codec == "int3") more.insert(more.end(), {"--min-tokens", "4"});
     const RunResult r = run_with_calibration(
-        {"-q", "quantize", llama4_fixture().string(), out.string(), "--method", "gptq", "--codec", codec}, {"--materialize"});
+        {"-q", "quantize", llama4_fixture().string(), out.string(), "--method", "gptq", "--codec", codec}, more);
     ASSERT_EQ(r.exit_code, 0) << r.describe();
     const TensorMap got = read_tensors(out);
     for (const char* name : {"model.layers.1.feed_forward.experts.gate_up_proj", "model.layers.3.feed_forward.experts.down_proj"}) {
