@@ -227,6 +227,31 @@ TEST(Llama4Gptq, QuantizeWritesTheFusedLayoutAndRuns) {
   }
 }
 
+// The recipe form, after a pass that changes the experts (prune reap to 6, then gptq with
+// min_tokens 8): the second pass's Grams and top-ups are of the 6 experts left, routed by the
+// pruned router; the fused layout is written with 6 experts and runs.
+TEST(Llama4Gptq, RecipeAfterPrune) {
+  TempDir tmp;
+  const fs::path recipe = tmp.path() / "r.json", out = tmp.path() / "out";
+  const json j = {{"model", llama4_fixture().string()},
+                  {"calibration", {{"text", heldout_text()}, {"ctx", 32}, {"windows", 2}, {"routed_only", true}}},
+                  {"passes", {{{"pass", "prune"}, {"method", "reap"}, {"keep", 6}},
+                              {{"pass", "quantize"}, {"method", "gptq"}, {"codec", "int4"}, {"min_tokens", 8}}}},
+                  {"output", {{"path", out.string()}, {"materialize", true}}}};
+  write_file(recipe, j.dump(2));
+  const RunResult r = run_tool({"-q", "run", recipe.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_tensors(out).at("model.layers.3.feed_forward.experts.gate_up_proj").shape, (core::Shape{6, 64, 32}));
+  int topped = 0;
+  const json rep = read_json(out / "moe_tool_report.json");
+  for (const json& L : rep.at("layers"))
+    for (const json& p : L.at("passes"))
+      for (const json& m : p.value("matrices", json::array()))
+        if (m.value("hessian", std::string()).find("scaled by the expert's score") != std::string::npos) ++topped;
+  EXPECT_GT(topped, 0) << "no expert under 8 routed tokens topped up with its scaled inputs";
+  expect_eval_runs(out);
+}
+
 // What still runs the experts on the unscaled block inputs: refused with one line naming the
 // pass and the family, before any work (nothing written). (prune --novices is refused earlier by
 // the fused layout, which has no place for a constant expert.)
