@@ -166,6 +166,7 @@ class MergePass final : public pipeline::Pass {
     }
     if (protect_) r.stats_fields.push_back("out_absmax");  // super-expert flags derive from it
     r.block_inputs = router_ == "refit";
+    if (r.block_inputs) r.unscaled_expert_inputs = "merge " + method() + " with router refit";
     return r;
   }
 

@@ -52,6 +52,12 @@ struct Requirements {
   // preflight checks the run has them, naming the cause (calibration.windows or the text).
   int64_t min_windows = 0;
   std::string min_windows_keys;  // the pass keys that set it, e.g. "search_windows + heldout_windows"
+  // What of the pass runs the routed experts on the MoE block inputs (block_inputs, layer_inputs,
+  // reference_inputs) as a router that weighs the experts' outputs gives them, e.g. "prune
+  // enumerate": the runner refuses it, naming it, for a router that scales each expert's input instead
+  // (RoutingRule::scales_input, llama4). Empty: nothing (GPTQ's top-up reads the block inputs
+  // through the family's rule, passes/quantize.cpp).
+  std::string unscaled_expert_inputs{};
 };
 
 struct LayerContext {

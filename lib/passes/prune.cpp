@@ -242,6 +242,8 @@ class PrunePass final : public pipeline::Pass {
     r.plan_stats = keep_ratio_.has_value() && (*score_field(method_) || protect_);
     r.block_inputs = method_ == PruneMethod::Enumerate || method_ == PruneMethod::Search || novices_;
     r.layer_inputs = method_ == PruneMethod::Search;
+    if (method_ == PruneMethod::Enumerate || method_ == PruneMethod::Search) r.unscaled_expert_inputs = "prune " + method();
+    else if (novices_) r.unscaled_expert_inputs = "prune " + method() + " with novices";
     if (method_ == PruneMethod::Search) {
       r.min_windows = search_windows_ + heldout_windows_;
       r.min_windows_keys = "search_windows + heldout_windows";

@@ -292,6 +292,9 @@ class Quantize final : public pipeline::Pass {
     // Smoothing measures and rescales the block inputs (and their Grams) of the calibration tokens.
     r.input_grams = r.input_grams || smooth_ || align_router_;
     r.reference_inputs = align_router_;
+    // GPTQ alone reads the block inputs for its top-up through the family's routing (bind_expert).
+    for (const auto& [on, what] : {std::pair{avg_bits_.has_value(), "avg_bits"}, {smooth_, "smooth"}, {align_router_, "align_router"}})
+      if (on && r.unscaled_expert_inputs.empty()) r.unscaled_expert_inputs = "quantize " + method() + " with " + what;
     if (threshold_scale_) r.stats_fields = {"count"};
     r.plan_sweep = model_scope_budget();
     return r;
@@ -364,7 +367,7 @@ class Quantize final : public pipeline::Pass {
     // The MoE input over all tokens (Σ_e Gram_e counts every token top-k times), for the router and
     // the shared-expert gate and to top up few-token experts' gate/up Hessians: computed expert by
     // expert, only when one of them needs it.
-    if (L.moe && gptq) {
+    if (L.moe && gptq && !scaled_inputs_) {  // llama4: prepare_scaled_inputs
       bool need = false;
       for (size_t i = 0; i < slots.size(); ++i) {
         const Slot& s = slots[i];
@@ -376,6 +379,41 @@ class Quantize final : public pipeline::Pass {
     }
 
     return slots;
+  }
+
+  // llama4 (RoutingRule::scales_input): the router (and a shared-expert gate) read the block
+  // inputs x themselves, an expert x times its score; Σ_e Gram_e is of the scaled inputs. So the
+  // router's Hessian is xᵀx over the N tokens, and a few-token expert is topped up from what it
+  // would receive if routed (bind_expert, through every_expert_), computed from the router as it
+  // is before any slot of the layer is quantized.
+  void prepare_scaled_inputs(const pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+                             const std::vector<std::optional<quant::CodecSpec>>& codec) {
+    every_expert_.reset();
+    all_rows_.clear();
+    if (!ctx.block_inputs) throw Error::internal("quantize: the runner gave no block inputs");
+    const MatrixRM& X = *ctx.block_inputs;
+    bool reads = false, top_up = false;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const Slot& s = slots[i];
+      if (!codec[i]) continue;
+      reads = reads || s.cls == "router" || s.cls == "shared_gate";
+      top_up = top_up || (s.cls == "experts" && s.tokens < threshold(s.tensor->dim(1)));
+    }
+    if (reads) {
+      const Eigen::MatrixXd xd = X.cast<double>();
+      moe_all_ = xd.transpose() * xd;
+      moe_all_n_ = X.rows();
+      for (Slot& s : slots)
+        if (s.cls == "router" || s.cls == "shared_gate") s.tokens = moe_all_n_;
+    }
+    if (!top_up || X.rows() == 0) return;
+    const model::MoeBlock& moe = *ctx.target.moe;
+    runtime::MoeWeights router;
+    router.router = runtime::to_matrix(moe.router);
+    if (moe.router_bias) router.router_bias = runtime::to_row(*moe.router_bias);
+    every_expert_ = runtime::route_to_every_expert(router, ctx.routing, X);
+    all_rows_.resize(static_cast<size_t>(X.rows()));
+    for (size_t t = 0; t < all_rows_.size(); ++t) all_rows_[t] = static_cast<int32_t>(t);
   }
 
   // Model-scope mixed precision, the planning sweep: each MoE layer's experts measured at every
@@ -452,7 +490,9 @@ class Quantize final : public pipeline::Pass {
 
     const bool gptq = method_ == QuantizeMethod::Gptq;
     std::vector<std::optional<quant::CodecSpec>> codec;
+    scaled_inputs_ = ctx.routing.scales_input;
     std::vector<Slot> slots = prepare_slots(fam, L, g, codec);
+    if (gptq && L.moe && scaled_inputs_) prepare_scaled_inputs(ctx, slots, codec);
 
     if (threshold_scale_ && L.moe) scale_thresholds(ctx, slots, codec, rep);
 
@@ -749,10 +789,23 @@ class Quantize final : public pipeline::Pass {
   // the all-token one (gate/up: the MoE input over all tokens; down: the expert's intermediate
   // activations over all tokens, the expert run on every token, with its weights as they are
   // before any of its matrices is quantized). Topped up in place (the Grams are scratch of this
-  // layer; a later pass recomputes them), each Gram once.
+  // layer; a later pass recomputes them), each Gram once. llama4 (scaled_inputs_): the expert's
+  // all-token input is what it would receive if routed, x_t times sigmoid(router_e · x_t) for
+  // every token t; gate/up get that input's Gram over the N tokens, down its intermediate's.
   void bind_expert(pipeline::InputGrams& g, const MatrixRM* X, const model::MoeBlock& moe, std::vector<Slot>& slots,
                    const std::vector<std::optional<quant::CodecSpec>>& codec, int e) const {
     std::map<const calib::MatrixD*, int64_t> done;  // Gram -> the count it was topped up to
+    MatrixRM xs;  // llama4: expert e's input on every token (computed on first use)
+    auto all_token_inputs = [&]() -> const MatrixRM& {
+      if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
+      if (!scaled_inputs_) return *X;
+      if (!every_expert_) throw Error::internal("quantize: no routing of every token for the scaled top-up");
+      if (xs.size() == 0) {
+        xs = *X;
+        runtime::scale_expert_inputs(xs, *every_expert_, all_rows_, e);
+      }
+      return xs;
+    };
     for (size_t i = 0; i < slots.size(); ++i) {
       Slot& s = slots[i];
       if (s.expert != e || s.cls != "experts") continue;
@@ -765,17 +818,22 @@ class Quantize final : public pipeline::Pass {
         s.topped_to = it->second;
         continue;
       }
-      if (s.type < 2) {
+      auto top_up = [&](const MatrixRM& a) {  // + (need − n) tokens' worth of the Gram of a's rows
+        const Eigen::MatrixXd ad = a.cast<double>();
+        if (!gram.size()) gram = calib::MatrixD::Zero(ad.cols(), ad.cols());
+        gram.noalias() += (static_cast<double>(need - s.tokens) / static_cast<double>(ad.rows())) * (ad.transpose() * ad);
+      };
+      if (s.type < 2 && !scaled_inputs_) {
         if (moe_all_n_ <= 0) continue;  // no calibration token at all: nothing to top up from
         if (!gram.size()) gram = calib::MatrixD::Zero(moe_all_.rows(), moe_all_.cols());
         gram += moe_all_ * (static_cast<double>(need - s.tokens) / static_cast<double>(moe_all_n_));
+      } else if (s.type < 2) {
+        if (!X || X->rows() == 0) continue;  // no calibration token at all: nothing to top up from
+        top_up(all_token_inputs());
       } else {
-        if (!X || X->rows() == 0) throw Error::internal("quantize: no block inputs for the all-token Hessian");
         MatrixRM h;
-        runtime::mlp_forward(runtime::convert_mlp(moe.experts[static_cast<size_t>(e)]), *X, &h);
-        const Eigen::MatrixXd hd = h.cast<double>();
-        if (!gram.size()) gram = calib::MatrixD::Zero(hd.cols(), hd.cols());
-        gram.noalias() += (static_cast<double>(need - s.tokens) / static_cast<double>(hd.rows())) * (hd.transpose() * hd);
+        runtime::mlp_forward(runtime::convert_mlp(moe.experts[static_cast<size_t>(e)]), all_token_inputs(), &h);
+        top_up(h);
       }
       s.topped_to = need;
       done[s.gram] = need;
@@ -848,8 +906,11 @@ class Quantize final : public pipeline::Pass {
     m["method"] = info.rtn_fallback ? "rtn" : "gptq";
     m["tokens"] = s.tokens;
     if (s.topped_to > 0)
-      m["hessian"] = s.tokens == 0 ? "all tokens (no routed token), as " + std::to_string(s.topped_to) + " tokens"
-                                   : "routed tokens topped up with the all-token Hessian to " + std::to_string(s.topped_to) + " tokens";
+      m["hessian"] = (s.tokens == 0 ? "all tokens (no routed token), as " + std::to_string(s.topped_to) + " tokens"
+                                    : "routed tokens topped up with the all-token Hessian to " + std::to_string(s.topped_to) + " tokens") +
+                     (scaled_inputs_ ? std::string(", each token's input x scaled by the expert's score sigmoid(router_e · x) "
+                                                   "as if routed to it")
+                                     : std::string());
     else
       m["hessian"] = s.expert >= 0 ? "routed tokens" : "all tokens";
     m["damp"] = info.damp_used;
@@ -1200,6 +1261,13 @@ class Quantize final : public pipeline::Pass {
   double alpha_ = 1.0, beta_ = 1.5;
   calib::MatrixD moe_all_;             // Σ_e expert input Grams of the layer being run
   int64_t moe_all_n_ = 0;
+  // llama4 (RoutingRule::scales_input): the layer's router scales each expert's input, so
+  // moe_all_ is the block inputs' own Gram (the router's Hessian), and the experts' all-token
+  // top-ups are of the inputs each would receive: every token routed to every expert (set when an
+  // expert's top-up needs it), over the rows all_rows_ (0..N-1).
+  bool scaled_inputs_ = false;
+  std::optional<runtime::RoutingResult> every_expert_;
+  std::vector<int32_t> all_rows_;
 };
 
 }  // namespace

@@ -400,10 +400,10 @@ void check_run(RunState& s) {
   // model's thresholds, so those statistics are collected too when a later pass needs out_absmax.
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto req = r.passes[i]->requirements();
-    if ((req.block_inputs || req.layer_inputs || req.reference_inputs) && runtime::RoutingRule::from_model(model).scales_input)
-      throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
-                               r.passes[i]->method() + " runs the experts on the MoE block's inputs, which " +
-                               model.family().model_type + "'s router scales per expert (Llama4TextMoe): not implemented");
+    if (!req.unscaled_expert_inputs.empty() && runtime::RoutingRule::from_model(model).scales_input)
+      throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + req.unscaled_expert_inputs +
+                               " runs the experts on the MoE block's inputs, which " + model.family().model_type +
+                               "'s router scales per expert (Llama4TextMoe): not implemented");
     needs_inputs = needs_inputs || req.block_inputs || req.input_grams;
     needs_grams = needs_grams || req.input_grams;
     needs_inputs = needs_inputs || req.layer_inputs;

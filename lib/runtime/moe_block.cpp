@@ -58,6 +58,13 @@ void scale_expert_inputs(MatrixRM& xe, const RoutingResult& r, const std::vector
       if (r.ids(tokens[j], s) == e) xe.row(static_cast<int64_t>(j)) *= r.weights(tokens[j], s);
 }
 
+RoutingResult route_to_every_expert(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x) {
+  if (!rule.scales_input) throw core::Error::internal("route_to_every_expert: " + rule.family + "'s router weighs the outputs");
+  RoutingRule all = rule;
+  all.top_k = static_cast<int>(w.router.rows());
+  return route(all, router_logits(w, all, x), choice_bias(w, all));
+}
+
 MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail,
                      bool keep_intermediates, const std::vector<bool>* active) {
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;

@@ -45,6 +45,13 @@ MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out = n
 // e, times the routing weight of e for that token (what the expert receives).
 void scale_expert_inputs(MatrixRM& xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e);
 
+// llama4 (RoutingRule::scales_input): every row of x [N,H] routed to all E experts (the rule with
+// top_k = E, through router_logits and route()), so that scale_expert_inputs over all N rows gives
+// what expert e would receive on every token were it chosen (x times sigmoid of its logit).
+// `w` needs only the router (and its bias). Error::internal for a rule that weighs the outputs
+// (their weights depend on which k experts are chosen).
+RoutingResult route_to_every_expert(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x);
+
 // Per-expert token lists (ascending) of a routing result over E experts.
 std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int64_t E);
 

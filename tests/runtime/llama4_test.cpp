@@ -185,13 +185,14 @@ TEST(Llama4Cli, MergeWritesTheFusedLayout) {
 }
 
 // quantize (RTN int4) and factorize (SVD-LLM, from the Grams of what each expert receives) with
-// --materialize write the fused layout dense and run; GPTQ (which runs the experts on the block
-// inputs itself) is refused with one line, nothing written.
-TEST(Llama4Cli, QuantizeFactorizeMaterializedGptqRefused) {
+// --materialize write the fused layout dense and run; mixed precision (which runs the experts on
+// the block inputs itself) is refused with one line, nothing written (GPTQ: llama4_gptq_test.cpp).
+TEST(Llama4Cli, QuantizeFactorizeMaterializedAvgBitsRefused) {
   TempDir tmp;
   const std::string model = llama4_fixture().string();
-  RunResult r = run_with_calibration({"-q", "quantize", model, (tmp.path() / "g").string(), "--method", "gptq", "--codec", "int4"},
-                               {"--materialize"});
+  RunResult r = run_with_calibration(
+      {"-q", "quantize", model, (tmp.path() / "g").string(), "--method", "gptq", "--codec", "int4", "--avg-bits", "4"},
+      {"--materialize"});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("runs the experts on the MoE block's inputs, which llama4_text's router scales per expert"),
             std::string::npos)
