@@ -217,13 +217,14 @@ TEST(Llama4MmCli, PruneMergeWriteTheWrapper) {
   expect_wrapper_written(merged, 6);
 }
 
-// quantize --method rtn and factorize --method svdllm (--materialize: the fused layout is written
-// dense) write the wrapper with 8 experts; the quantized text tensors equal the text fixture's.
+// quantize --method gptq and factorize --method svdllm (--materialize: the fused layout is written
+// dense) write the wrapper with 8 experts; the quantized text tensors equal those of the same GPTQ
+// on the text fixture (the same calibration inputs, Hessians and codes).
 TEST(Llama4MmCli, QuantizeFactorizeWriteTheWrapper) {
   TempDir tmp;
   const fs::path q = tmp.path() / "q", tq = tmp.path() / "tq", f = tmp.path() / "f";
   for (const auto& [in, out] : {std::pair{mm_fixture(), q}, {text_fixture(), tq}}) {
-    const RunResult r = run_with_calibration({"-q", "quantize", in.string(), out.string(), "--method", "rtn", "--codec", "int4"},
+    const RunResult r = run_with_calibration({"-q", "quantize", in.string(), out.string(), "--method", "gptq", "--codec", "int4"},
                                              {"--materialize"});
     ASSERT_EQ(r.exit_code, 0) << r.describe();
   }
