@@ -69,6 +69,9 @@ void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t
       // S = scale * Q_blk K^T  [rows, nk]
       gemm_nt(rows, nk, c.dqk, c.scale, q + (r0 + q0) * ldq + h * q_stride, ldq, k + (r0 + k0) * ldk + g * k_stride,
               ldk, 0.0f, S.data(), nk);
+      if (c.k2)
+        gemm_nt(rows, nk, c.dqk2, c.scale, q + (r0 + q0) * ldq + h * q_stride + c.dqk, ldq, c.k2 + (r0 + k0) * c.ldk2,
+                c.ldk2, 1.0f, S.data(), nk);
       masked_softmax(S.data(), rows, nk, q0, k0, c.window, c.sinks ? c.sinks + h : nullptr, c.chunk);
       // O_blk = P V  [rows, dv]
       gemm_nn(rows, c.dv, nk, 1.0f, S.data(), nk, v + (r0 + k0) * ldv + g * v_stride, ldv, 0.0f,

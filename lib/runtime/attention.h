@@ -54,6 +54,11 @@ struct CausalShape {
   // dropped (gpt_oss's attention sinks, eager_attention_forward in modeling_gpt_oss.py).
   const float* sinks = nullptr;
   int64_t chunk = 0;                // llama4 chunked attention (0: none): keys of the query's chunk only
+  // A second key part (Multi-head Latent Attention's shared rope key), or null: q·k is then the
+  // first dqk query columns against the keys plus the next `dqk2` query columns against k2 (row
+  // stride ldk2; every head reads the same k2 row), so the keys need not be assembled per head.
+  const float* k2 = nullptr;
+  int64_t ldk2 = 0, dqk2 = 0;
 };
 // Causal softmax attention: head h reads its query at q + h*q_stride and key/value group
 // g = h / (heads/kv_heads) at k + g*k_stride, v + g*v_stride (row strides ldq, ldk, ldv), and

@@ -48,18 +48,16 @@ AttnOutput mla_attention(const MlaSpec& s, const AttnWeights& w, const RopeTable
   rope.apply(q.data(), N, q.cols(), nH, dqk, dn, s.interleaved);
   rope.apply(ckv.data(), N, ckv.cols(), 1, dr, r, s.interleaved);
 
-  // Keys per head [k_nope_h | k_rope]: the rope key is shared by every head.
-  MatrixRM k(N, nH * dqk);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t h = 0; h < nH; ++h) {
-      k.row(n).segment(h * dqk, dn) = kv.row(n).segment(h * (dn + dv), dn);
-      k.row(n).segment(h * dqk + dn, dr) = ckv.row(n).segment(r, dr);
-    }
-
+  // Keys per head: k_nope_h from kv, then the rope key every head shares (ckv's last dr columns),
+  // as a second key part rather than a copy per head.
   AttnOutput out;
   out.o_input.resize(N, nH * dv);
-  causal_attention({N, T, nH, nH, dqk, dv, static_cast<float>(s.scale), 0}, q.data(), q.cols(), dqk, k.data(),
-                   k.cols(), dqk, kv.data() + dn, kv.cols(), dn + dv, out.o_input.data(), out.o_input.cols());
+  CausalShape shape{N, T, nH, nH, dn, dv, static_cast<float>(s.scale), 0};
+  shape.k2 = ckv.data() + r;
+  shape.ldk2 = ckv.cols();
+  shape.dqk2 = dr;
+  causal_attention(shape, q.data(), q.cols(), dqk, kv.data(), kv.cols(), dn + dv, kv.data() + dn, kv.cols(), dn + dv,
+                   out.o_input.data(), out.o_input.cols());
   out.out = linear(out.o_input, w.o);
   return out;
 }
