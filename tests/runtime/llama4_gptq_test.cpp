@@ -116,7 +116,7 @@ TEST(Llama4Gptq, HessiansAreOfTheScaledInputs) {
   const fs::path in = tmp.path() / "in", out = tmp.path() / "q";
   copy_folder(llama4_fixture(), in);
   const std::string router = "model.layers.1.feed_forward.router.weight";
-  const std::string& rb = read_tensors(llama4_fixture()).at(router).bytes;
+  const std::string rb = read_tensors(llama4_fixture()).at(router).bytes;
   const size_t row = rb.size() / kExperts;
   patch_tensor_bytes(in / "model.safetensors", router, 7 * row, rb.substr(6 * row, row));
   const RunResult r = run_tool({"-q", "quantize", in.string(), out.string(), "--method", "gptq", "--codec", "int4", "--text",
