@@ -810,8 +810,10 @@ void run_layers(RunState& s) {
         const Requirements req = r.passes[i]->requirements();
         const calib::LayerStats* st = nullptr;
         std::optional<calib::LayerStats> fresh;
-        if (!req.stats_fields.empty() && i == 0 && stats) st = &stats->layers.at(l);  // none with task subsets
-        if (!req.stats_fields.empty() && i > 0) {
+        // Routing statistics exist for MoE layers only: a pass that also runs on dense layers
+        // (quantize) gets none there.
+        if (!req.stats_fields.empty() && i == 0 && stats && layer.moe) st = &stats->layers.at(l);  // none with task subsets
+        if (!req.stats_fields.empty() && i > 0 && layer.moe) {
           fresh = recompute_stats(model, l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
           if (stats)
             fresh->super_expert = calib::Stats::super_flags(super_th, *fresh, l, static_cast<int>(model.layers().size()));

@@ -226,6 +226,22 @@ TEST(Sub1bit, ThresholdScaledByImportanceFollowsTheRuleAndZerosRarelyUsedExperts
   EXPECT_EQ(read_json(o / "config.json").at("quantization_config").at("weights").at(kExpert).at("encoding"), "ternary-dict");
 }
 
+// A model with dense layers (deepseek-v2-tiny: layer 0 dense) whose dense MLPs take the ternary
+// codec too: the thresholds are scaled in the MoE layers only (no routing statistics elsewhere).
+TEST(Sub1bit, ThresholdScaleWithDenseLayers) {
+  const fs::path o = dir() / "importance-dense";
+  const RunResult r = run_tool({"-q", "quantize", (fs::path(MOE_SOURCE_DIR) / "data/deepseek-v2-tiny").string(), o.string(),
+                                "--method", "rtn", "--codec", "ternary", "--threshold-scale", "importance", "--text", kCalib,
+                                "--ctx", "32", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json report = read_json(o / "moe_tool_report.json");
+  ASSERT_EQ(report.at("layers").size(), 3u);
+  for (const json& layer : report.at("layers")) {
+    const json& pass = layer.at("passes").at(0);
+    EXPECT_EQ(pass.contains("threshold_scale"), layer.at("layer").get<int>() > 0) << layer.at("layer");
+  }
+}
+
 TEST(Sub1bit, BadInputFailsCleanly) {
   TempDir tmp;
   const std::string m = kModel.string();
