@@ -21,6 +21,7 @@
 #include "passes/pass.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
+#include "runtime/routing.h"
 
 namespace moe::app {
 
@@ -333,6 +334,8 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       const std::string identity = model_identity(ckpt, model_dir);
       const bool any_stats = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.needs_stats; });
       const bool gram = std::any_of(cells.begin(), cells.end(), [](const Cell& c) { return c.needs_gram; });
+      std::error_code exists_ec;
+      const bool made_dir = !fs::exists(dir, exists_ec);  // removed again if the calibration fails
       fs::create_directories(dir / "cells");
       const fs::path stats_path = dir / "stats.safetensors", stats_key_path = dir / "stats.json";
       const json stats_key = {{"model", identity}, {"text_sha256", calib::sha256_hex(text_body)}, {"calibration", calibration},
@@ -348,8 +351,16 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
           fs::remove(stats_key_path);
           pipeline::Recipe r = pipeline::parse_recipe(cells.front().recipe, ".", "sweep");
           r.calibration.gram = gram;
+          // A router that scales the experts' inputs has no all-token statistics (as in runs).
+          r.calibration.routed_only = runtime::RoutingRule::from_model(model).scales_input;
           if (!flags.quiet) std::fprintf(stderr, "sweep: calibrating once%s\n", gram ? " (with Gram matrices)" : "");
-          pipeline::collect_stats(ckpt, model, r.calibration, static_cast<uint64_t>(o->seed), flags.quiet, stats_path);
+          try {
+            pipeline::collect_stats(ckpt, model, r.calibration, static_cast<uint64_t>(o->seed), flags.quiet, stats_path);
+          } catch (...) {
+            std::error_code ec;
+            if (made_dir) fs::remove_all(dir, ec);  // nothing of a new sweep folder is left behind
+            throw;
+          }
           write_json_atomic(stats_key_path, stats_key);
         } else if (!flags.quiet) {
           std::fprintf(stderr, "sweep: statistics cached (%s)\n", stats_path.string().c_str());

@@ -451,6 +451,19 @@ void check_run(RunState& s) {
     check_tasks(r, ckpt, model, fields);
     needs_stats = false;
   }
+  // A router that scales each expert's input by its score (llama4) has no all-token statistics
+  // (out_mean / out_cos: every expert run on every sampled token, weighted by a score the router
+  // never gave it): a pass that reads them cannot apply; the others get the routed-token ones only.
+  if (runtime::RoutingRule::from_model(model).scales_input) {
+    for (size_t i = 0; i < r.passes.size(); ++i)
+      for (const auto& f : r.passes[i]->requirements().stats_fields)
+        if (f == "out_mean" || f == "out_cos")
+          throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
+                                   r.passes[i]->method() + " reads " + f + " (every expert run on every sampled token), "
+                                   "which " + model.family().model_type + "'s router does not define: it scales each "
+                                   "expert's input by its score (Llama4TextMoe); not applicable to this family");
+    r.calibration.routed_only = true;
+  }
   // Every check before any work (--dry-run stops after them); then the output folder exists from
   // the start, so nothing can take its place unnoticed while the statistics are computed.
   RunNeeds run_needs{needs_stats, needs_inputs, fields};

@@ -165,23 +165,36 @@ TEST(Llama4Cli, EvalCalibrateReapWriteBack) {
   expect_eval_runs(out);
 }
 
-// merge (M-SMoE) needs --routed-only (refused without, naming it), then writes the fused layout
-// with 6 experts, and it runs.
+// merge (M-SMoE) writes the fused layout with 6 experts and runs: a run on this router collects
+// the routed-token statistics only, without --routed-only; HC-SMoE, which reads out_mean (every
+// expert on every sampled token), is refused with one line saying it cannot apply; a sweep
+// calibrates the same way, its prune cell computed.
 TEST(Llama4Cli, MergeWritesTheFusedLayout) {
   TempDir tmp;
-  const fs::path merged = tmp.path() / "merged";
-  const std::vector<std::string> merge = {"-q", "merge", llama4_fixture().string(), merged.string(), "--method", "msmoe", "--experts", "6"};
-  RunResult r = run_with_calibration(merge, {});
+  const fs::path merged = tmp.path() / "merged", hc = tmp.path() / "hc";
+  RunResult r = run_with_calibration({"-q", "merge", llama4_fixture().string(), hc.string(), "--method", "hcsmoe", "--experts", "6"}, {});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
-  EXPECT_NE(r.err.find("use --routed-only"), std::string::npos) << r.err;
-  EXPECT_FALSE(fs::exists(merged));
-  r = run_with_calibration(merge, {"--routed-only"});
+  EXPECT_NE(r.err.find("merge hcsmoe reads out_mean (every expert run on every sampled token), which llama4_text's router "
+                       "does not define"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_FALSE(fs::exists(hc));
+  r = run_with_calibration({"-q", "merge", llama4_fixture().string(), merged.string(), "--method", "msmoe", "--experts", "6"}, {});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const TensorMap got = read_tensors(merged);
   EXPECT_EQ(got.at("model.layers.1.feed_forward.experts.gate_up_proj").shape, (core::Shape{6, 64, 32}));
   EXPECT_EQ(got.at("model.layers.3.feed_forward.experts.down_proj").shape, (core::Shape{6, 16, 64}));
   EXPECT_EQ(nlohmann::json::parse(read_file(merged / "config.json")).at("num_local_experts"), 6);
   expect_eval_runs(merged);
+  const fs::path sweep = tmp.path() / "sweep";
+  r = run_tool({"-q", "sweep", llama4_fixture().string(), "--text", heldout_text(), "--eval", heldout_text(), "--ctx", "32",
+                "--windows", "2", "--eval-ctx", "32", "--eval-max-windows", "1", "-o", sweep.string(), "--methods",
+                "prune:reap:0.75"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const nlohmann::json cells = nlohmann::json::parse(read_file(sweep / "sweep.json")).at("cells");
+  ASSERT_EQ(cells.size(), 1u) << cells.dump();
+  EXPECT_FALSE(cells.at(0).contains("error")) << cells.dump();
 }
 
 // quantize (RTN int4) and factorize (SVD-LLM, from the Grams of what each expert receives) with
