@@ -34,10 +34,15 @@ nlohmann::json wrap_text_config(const nlohmann::json& wrapper, nlohmann::json te
   } else {
     out.erase("quantization_config");
   }
+  // A dtype the output changed (under either spelling in text_config) is the wrapper's too, under
+  // whichever spellings it has (v5 writes `dtype`, v4 `torch_dtype`).
   const nlohmann::json& before = wrapper.at("text_config");
+  nlohmann::json changed;
   for (const char* key : {"dtype", "torch_dtype"})
-    if (out.contains(key) && text.contains(key) && (!before.contains(key) || before.at(key) != text.at(key)))
-      out[key] = text.at(key);
+    if (text.contains(key) && (!before.contains(key) || before.at(key) != text.at(key))) changed = text.at(key);
+  if (!changed.is_null())
+    for (const char* key : {"dtype", "torch_dtype"})
+      if (out.contains(key)) out[key] = changed;
   out["text_config"] = std::move(text);
   return out;
 }

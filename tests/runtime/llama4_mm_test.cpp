@@ -239,6 +239,25 @@ TEST(Llama4MmCli, QuantizeFactorizeWriteTheWrapper) {
   expect_wrapper_written(f, 8);
 }
 
+// convert --dtype f16 of a wrapper whose top level spells the dtype both ways (v5's `dtype`, v4's
+// `torch_dtype`) and whose text_config has neither: both top-level keys say float16.
+TEST(Llama4MmCli, DtypeChangedAtTheTopLevelToo) {
+  TempDir tmp;
+  const fs::path in = tmp.path() / "in", out = tmp.path() / "f16";
+  copy_folder(mm_fixture(), in);
+  json cfg = json::parse(read_file(in / "config.json"));
+  cfg["dtype"] = cfg["torch_dtype"] = "bfloat16";
+  cfg["text_config"].erase("dtype");
+  cfg["text_config"].erase("torch_dtype");
+  write_file(in / "config.json", cfg.dump(2));
+  const RunResult r = run_tool({"-q", "convert", in.string(), out.string(), "--dtype", "f16"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json got = json::parse(read_file(out / "config.json"));
+  EXPECT_EQ(got.at("dtype"), "float16") << got.dump();
+  EXPECT_EQ(got.at("torch_dtype"), "float16") << got.dump();
+  expect_eval_runs(out);
+}
+
 // convert writes every tensor back byte for byte and config.json as read.
 TEST(Llama4MmCli, ConvertRoundTrip) {
   TempDir tmp;
