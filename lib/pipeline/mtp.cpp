@@ -63,9 +63,13 @@ size_t drop_stale_mtp_head(model::Model& m, const Recipe& r) {
     if (keeps_expert_counts(m, *p)) continue;
     const size_t before = extras.size();
     std::erase_if(extras, [&](const auto& x) { return in_head(x.first); });
+    // The config no longer promises the head (speculative decoding would look for its weights).
+    nlohmann::json& cfg = m.mutable_config().json();
+    if (cfg.contains("num_nextn_predict_layers")) cfg["num_nextn_predict_layers"] = 0;
     core::warn_once(r.source + ": " + p->name() + " " + p->method() + " changes the expert counts, so the " + m.family().model_type +
                     " multi-token-prediction head (" + prefix + "*, " + std::to_string(before - extras.size()) +
-                    " tensors, whose MoE block keeps the input's count) is not written; passes that keep the counts "
+                    " tensors, whose MoE block keeps the input's count) is not written (num_nextn_predict_layers 0 where the config "
+                    "has it); passes that keep the counts "
                     "(quantize, factorize) and convert pass it through");
     return before - extras.size();
   }

@@ -212,8 +212,8 @@ inline void expect_eval_runs(const std::filesystem::path& model) {
 // A multi-token-prediction head stored outside model.layers. (qwen3_next's `mtp.*`, ERNIE-4.5's
 // `model.mtp_*`): the two BF16 [2, 2] tensors `names` (the second an expert's) added to a copy of
 // `fixture` in a second shard are written byte for byte by convert and quantize rtn; prune random
-// to `keep` experts leaves every tensor under `prefix` out with one warning naming it, and its
-// output evaluates.
+// to `keep` experts leaves every tensor under `prefix` out with one warning naming it, sets the
+// config's num_nextn_predict_layers (1 in the input) to 0, and its output evaluates.
 inline void expect_mtp_head_passed_through(const std::filesystem::path& fixture, const std::string& prefix,
                                            const std::vector<std::string>& names, const std::string& keep) {
   namespace fs = std::filesystem;
@@ -231,6 +231,12 @@ inline void expect_mtp_head_passed_through(const std::filesystem::path& fixture,
   for (const auto& [name, t] : read_tensors(fixture)) map[name] = "model.safetensors";
   for (const auto& n : names) map[n] = "model-mtp.safetensors";
   write_file(in / "model.safetensors.index.json", nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", map}}.dump());
+  nlohmann::json cfg = nlohmann::json::parse(read_file(in / "config.json"));
+  cfg["num_nextn_predict_layers"] = 1;  // as the released configs say
+  write_file(in / "config.json", cfg.dump(2));
+  auto nextn = [](const fs::path& dir) {
+    return nlohmann::json::parse(read_file(dir / "config.json")).at("num_nextn_predict_layers").get<int>();
+  };
   const TensorMap input = read_tensors(in);
   for (const std::vector<std::string>& cmd : {std::vector<std::string>{"convert"},
                                               std::vector<std::string>{"quantize", "--method", "rtn", "--codec", "int4"}}) {
@@ -244,12 +250,14 @@ inline void expect_mtp_head_passed_through(const std::filesystem::path& fixture,
       ASSERT_TRUE(got.count(name)) << cmd[0] << " " << name;
       EXPECT_TRUE(got.at(name) == input.at(name)) << cmd[0] << " " << name;
     }
+    EXPECT_EQ(nextn(out), 1) << cmd[0];
   }
   const fs::path pruned = tmp.path() / "pruned";
   const RunResult r = run_tool({"prune", in.string(), pruned.string(), "--method", "random", "--keep", keep});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_NE(r.err.find("multi-token-prediction head (" + prefix + "*, 2 tensors"), std::string::npos) << r.err;
   for (const auto& [name, t] : read_tensors(pruned)) EXPECT_NE(name.rfind(prefix, 0), 0u) << name;
+  EXPECT_EQ(nextn(pruned), 0);
   expect_eval_runs(pruned);
 }
 
