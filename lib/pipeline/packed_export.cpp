@@ -184,17 +184,27 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
                                    std::to_string(i % z.dim(1)) + ": zero point 0, which GPTQ's v1 layout (zero − 1) cannot "
                                    "hold: export --format compressed-tensors, or quantize with --sym");
     }
-  // Tensor specs in output order; per-layer module sets for the GPTQ config.
+  // Tensor specs in output order; per-layer module sets for the GPTQ config. The decoder's layers
+  // only: a vision tower's layers (llama4's vision_model.model.layers.N.) and the other Linears
+  // outside the decoder model stay dense and are excluded whole (`outside`).
   std::map<std::string, std::set<std::string>> quantized_in_layer;
-  std::set<std::string> dense_in_layers, layers;
+  std::set<std::string> dense_in_layers, layers, outside;
+  const std::string decoder = m.family().layer_prefix.substr(0, m.family().layer_prefix.find("{l}"));
+  auto decoder_layer = [&](const std::string& mod) {
+    auto lr = split_layer(mod);
+    if (mod.rfind(decoder, 0) != 0) lr.first.clear();
+    return lr;
+  };
   for (const auto& o : p.outs) {
     if (o.weight.empty()) {
       p.specs.push_back({o.name, o.dtype, o.shape});
       if (is_dense_linear(o)) {
         const std::string mod = module_of(o.name);
         p.ignore.push_back(mod);
-        const auto [layer, rel] = split_layer(mod);
+        const auto [layer, rel] = decoder_layer(mod);
         if (!layer.empty()) dense_in_layers.insert(rel), layers.insert(layer);
+        else if (o.cls != "lm_head" && mod.rfind(decoder.substr(0, decoder.find('.') + 1), 0) != 0)
+          outside.insert(mod.substr(0, mod.find('.')));  // vision_model, multi_modal_projector, mtp
       }
       continue;
     }
@@ -208,7 +218,7 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     }
     p.quantized_params += out * in;
     p.quantized.push_back(mod);
-    const auto [layer, rel] = split_layer(mod);
+    const auto [layer, rel] = decoder_layer(mod);
     if (!layer.empty()) quantized_in_layer[layer].insert(rel), layers.insert(layer);
   }
   const auto& sc = p.scheme;
@@ -243,12 +253,15 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     // the listed modules only; vLLM and GPTQModel skip the "-:" matches of `dynamic`.
     std::vector<std::string> rel;
     for (const auto& mod : p.quantized)
-      if (const auto [layer, r] = split_layer(mod); layer == *layers.begin()) rel.push_back(r);
+      if (const auto [layer, r] = decoder_layer(mod); layer == *layers.begin()) rel.push_back(r);
     p.quantization_config["modules_in_block_to_quantize"] = {rel};
     nlohmann::json dyn = nlohmann::json::object();
     for (const auto& r : dense_in_layers) dyn["-:.*\\.layers\\.\\d+\\." + regex_escape(r) + "$"] = nlohmann::json::object();
     p.quantization_config["dynamic"] = dyn;
   }
+  // Linears outside the decoder model (a vision tower and its projector, an MTP head stored apart)
+  // are dense: excluded whole from the GPTQ scheme, by their top-level module.
+  for (const auto& top : outside) p.quantization_config["dynamic"]["-:^" + regex_escape(top) + "\\..*"] = nlohmann::json::object();
   return p;
 }
 

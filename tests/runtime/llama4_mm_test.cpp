@@ -258,6 +258,28 @@ TEST(Llama4MmCli, DtypeChangedAtTheTopLevelToo) {
   expect_eval_runs(out);
 }
 
+// export --format gptq of a wrapper whose text attention is int4: the GPTQ config's per-layer
+// module set is the decoder's (the vision tower's layers are not decoder layers), and the vision
+// tower and projector are excluded whole by `dynamic`; their tensors are written as read.
+TEST(Llama4MmCli, GptqExportKeepsTheVisionTowerDense) {
+  TempDir tmp;
+  const fs::path q = tmp.path() / "q", g = tmp.path() / "g";
+  RunResult r = run_tool({"-q", "quantize", mm_fixture().string(), q.string(), "--method", "rtn", "--attention", "int4:g32:sym",
+                          "--experts", "keep", "--shared", "keep", "--dense", "keep"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "export", q.string(), g.string(), "--format", "gptq"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json qc = json::parse(read_file(g / "config.json")).at("quantization_config");
+  EXPECT_EQ(qc.at("modules_in_block_to_quantize"),
+            json::parse(R"([["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]])"));
+  EXPECT_TRUE(qc.at("dynamic").contains("-:^vision_model\\..*")) << qc.dump();
+  EXPECT_TRUE(qc.at("dynamic").contains("-:^multi_modal_projector\\..*")) << qc.dump();
+  const TensorMap in = read_tensors(mm_fixture()), got = read_tensors(g);
+  for (const auto& [name, t] : in)
+    if (is_vision(name)) EXPECT_EQ(got.at(name).bytes, t.bytes) << name;
+  EXPECT_TRUE(got.count("language_model.model.layers.0.self_attn.q_proj.qweight"));
+}
+
 // convert writes every tensor back byte for byte and config.json as read.
 TEST(Llama4MmCli, ConvertRoundTrip) {
   TempDir tmp;
