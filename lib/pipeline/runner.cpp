@@ -16,6 +16,7 @@
 #include "core/tensor_arena.h"
 #include "eval/eval.h"
 #include "io/checkpoint_writer.h"
+#include "io/gguf_names.h"
 #include "io/output_dir.h"
 #include "io/scratch.h"
 #include "pipeline/calibration_text.h"
@@ -383,6 +384,10 @@ void check_run(RunState& s) {
   if (!model.family().moe)
     throw Error::invalid(r.model.string() + ": family " + model.family().model_type +
                          " is dense: the passes of this recipe work on MoE layers");
+  // A family GGUF has no architecture for: said first, before what the passes would need.
+  if (r.output.format == "gguf" && !model.family().gguf && !s.ckpt.gguf())
+    throw Error::unsupported(r.model.string() + ": family " + model.family().model_type +
+                             " is not exported to GGUF yet (exported: " + io::gguf_exported_model_types() + ")");
   check_mtp_passes(model, r);
   drop_stale_mtp_head(model, r);
   check_native_only_passes(model, r);

@@ -187,6 +187,14 @@ TEST(Llama4MmCli, EvalEqualsTheTextModelsGgufRefused) {
   const RunResult r = run_tool({"-q", "export", mm_fixture().string(), (tmp.path() / "m.gguf").string(), "--type", "q8_0"});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("family llama4 is not exported to GGUF yet"), std::string::npos) << r.err;
+  // A run with a GGUF sink says so first (not what the passes would need on the fused layout).
+  const fs::path g = tmp.path() / "q.gguf";
+  const RunResult q = run_with_calibration({"-q", "quantize", mm_fixture().string(), g.string(), "--method", "gptq", "--format",
+                                            "gguf", "--gguf-type", "q8_0"},
+                                           {});
+  EXPECT_EQ(q.exit_code, 2) << q.describe();
+  EXPECT_NE(q.err.find("family llama4 is not exported to GGUF yet"), std::string::npos) << q.err;
+  EXPECT_FALSE(fs::exists(g));
 }
 
 // prune --method reap --keep 6 and merge --method msmoe --experts 6 (routed-only statistics) write
