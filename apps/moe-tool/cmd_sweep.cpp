@@ -21,7 +21,6 @@
 #include "passes/pass.h"
 #include "pipeline/recipe.h"
 #include "pipeline/runner.h"
-#include "runtime/routing.h"
 
 namespace moe::app {
 
@@ -351,8 +350,6 @@ void setup_sweep(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
           fs::remove(stats_key_path);
           pipeline::Recipe r = pipeline::parse_recipe(cells.front().recipe, ".", "sweep");
           r.calibration.gram = gram;
-          // A router that scales the experts' inputs has no all-token statistics (as in runs).
-          r.calibration.routed_only = runtime::RoutingRule::from_model(model).scales_input;
           if (!flags.quiet) std::fprintf(stderr, "sweep: calibrating once%s\n", gram ? " (with Gram matrices)" : "");
           try {
             pipeline::collect_stats(ckpt, model, r.calibration, static_cast<uint64_t>(o->seed), flags.quiet, stats_path);

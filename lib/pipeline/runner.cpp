@@ -403,12 +403,24 @@ void check_run(RunState& s) {
   // pass that needs statistics gets them recomputed per layer on the experts the earlier passes
   // left, from the layer's calibration inputs; super experts among them are judged by the input
   // model's thresholds, so those statistics are collected too when a later pass needs out_absmax.
+  // A router that scales each expert's input by its score (llama4): a pass that runs the experts on
+  // the block inputs as a router weighing their outputs would, or that reads the all-token
+  // statistics (out_mean / out_cos: every expert run on every sampled token, weighted by a score
+  // the router never gave it), cannot apply. The others get the routed-token statistics only
+  // (collect_stats).
+  const bool scales_input = runtime::RoutingRule::from_model(model).scales_input;
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const auto req = r.passes[i]->requirements();
-    if (!req.unscaled_expert_inputs.empty() && runtime::RoutingRule::from_model(model).scales_input)
+    if (scales_input && !req.unscaled_expert_inputs.empty())
       throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + req.unscaled_expert_inputs +
                                " runs the experts on the MoE block's inputs, which " + model.family().model_type +
                                "'s router scales per expert (Llama4TextMoe): not implemented");
+    for (const auto& f : req.stats_fields)
+      if (scales_input && (f == "out_mean" || f == "out_cos"))
+        throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
+                                 r.passes[i]->method() + " reads " + f + " (every expert run on every sampled token), "
+                                 "which " + model.family().model_type + "'s router does not define: it scales each "
+                                 "expert's input by its score (Llama4TextMoe); not applicable to this family");
     needs_inputs = needs_inputs || req.block_inputs || req.input_grams;
     needs_grams = needs_grams || req.input_grams;
     needs_inputs = needs_inputs || req.layer_inputs;
@@ -455,19 +467,6 @@ void check_run(RunState& s) {
   if (!r.calibration.tasks.empty()) {
     check_tasks(r, ckpt, model, fields);
     needs_stats = false;
-  }
-  // A router that scales each expert's input by its score (llama4) has no all-token statistics
-  // (out_mean / out_cos: every expert run on every sampled token, weighted by a score the router
-  // never gave it): a pass that reads them cannot apply; the others get the routed-token ones only.
-  if (runtime::RoutingRule::from_model(model).scales_input) {
-    for (size_t i = 0; i < r.passes.size(); ++i)
-      for (const auto& f : r.passes[i]->requirements().stats_fields)
-        if (f == "out_mean" || f == "out_cos")
-          throw Error::unsupported(r.source + ": passes[" + std::to_string(i) + "]: " + r.passes[i]->name() + " " +
-                                   r.passes[i]->method() + " reads " + f + " (every expert run on every sampled token), "
-                                   "which " + model.family().model_type + "'s router does not define: it scales each "
-                                   "expert's input by its score (Llama4TextMoe); not applicable to this family");
-    r.calibration.routed_only = true;
   }
   // Every check before any work (--dry-run stops after them); then the output folder exists from
   // the start, so nothing can take its place unnoticed while the statistics are computed.
