@@ -190,6 +190,7 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
   std::map<std::string, std::set<std::string>> quantized_in_layer;
   std::set<std::string> dense_in_layers, layers, outside;
   const std::string decoder = m.family().layer_prefix.substr(0, m.family().layer_prefix.find("{l}"));
+  const std::string decoder_model = decoder.substr(0, decoder.find('.') + 1);  // "model.", "language_model."
   auto decoder_layer = [&](const std::string& mod) {
     auto lr = split_layer(mod);
     if (mod.rfind(decoder, 0) != 0) lr.first.clear();
@@ -203,7 +204,7 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
         p.ignore.push_back(mod);
         const auto [layer, rel] = decoder_layer(mod);
         if (!layer.empty()) dense_in_layers.insert(rel), layers.insert(layer);
-        else if (o.cls != "lm_head" && mod.rfind(decoder.substr(0, decoder.find('.') + 1), 0) != 0)
+        else if (o.cls != "lm_head" && mod.rfind(decoder_model, 0) != 0)
           outside.insert(mod.substr(0, mod.find('.')));  // vision_model, multi_modal_projector, mtp
       }
       continue;
