@@ -351,6 +351,7 @@ struct RunState {
   std::optional<calib::Stats> stats;
   std::vector<calib::Stats> task_stats;  // calibration.tasks, in the recipe's order
   json tasks;                            // the report's "tasks" section (task subsets)
+  json inherited_tasks;                  // the input's, when the run keeps every expert in place
   std::vector<std::vector<int64_t>> counts;
   std::optional<model::Model> planned;
   std::vector<model::OutTensor> outs_after;
@@ -975,6 +976,11 @@ void write_globals(RunState& s) {
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");
   if (!mtp_note.empty()) notes.push_back(mtp_note);
+  if (s.tasks.is_null()) {  // the input's task subsets, where this run leaves them true
+    std::string tasks_note;
+    s.inherited_tasks = inherited_task_subsets(s.ckpt, layer_reports, tasks_note);
+    if (!tasks_note.empty()) notes.push_back(tasks_note);
+  }
   if (r.eval && written.format == "gguf" && s.ckpt.gguf())
     notes.push_back("eval: measured on the native output staged beside the GGUF file, whose weights were dequantized from "
                     "the input's blocks and stored as " + new_config.value("torch_dtype", std::string("the config's dtype")) +
@@ -1132,6 +1138,7 @@ json write_run_report(RunState& s) {
     report["memory"]["pass_output_bytes_spilled"] = s.made_spilled;
   }
   if (!s.tasks.is_null()) report["tasks"] = s.tasks;
+  else if (!s.inherited_tasks.is_null()) report["tasks"] = s.inherited_tasks;
   if (!eval_json.is_null()) report["eval"] = eval_json;
   if (!gate.is_null()) report["quality_gate"] = gate;
   if (!notes.empty()) report["notes"] = notes;

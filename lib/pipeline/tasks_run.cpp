@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "eval/task_subsets.h"
+#include "io/env.h"
 #include "pipeline/calibration_text.h"
 #include "pipeline/preflight.h"
 
@@ -87,6 +88,25 @@ json evaluate_tasks(const json& section, const model::Model& original, const mod
     }
   }
   return out;
+}
+
+json inherited_task_subsets(const io::Checkpoint& ckpt, const json& layer_reports, std::string& note) {
+  if (!eval::task_subsets_from_report(ckpt.dir())) return nullptr;  // checks the section too
+  const auto path = ckpt.dir() / "moe_tool_report.json";
+  const json section = io::parse_json_file_text(io::Env::posix().read_text(path), path.string()).at("tasks");
+  for (const auto& lr : layer_reports) {
+    if (!lr.contains("origin")) continue;
+    const json& origin = lr.at("origin");
+    bool in_place = lr.value("experts_before", int64_t{-1}) == static_cast<int64_t>(origin.size());
+    for (size_t e = 0; in_place && e < origin.size(); ++e)
+      in_place = origin[e].size() == 1 && origin[e][0][0] == e && origin[e][0][1] == 1.0;
+    if (!in_place) {
+      note = "tasks: the input's task subsets (" + path.string() + " \"tasks\") are not carried over: layer " +
+             lr.value("layer", json(nullptr)).dump() + "'s experts were moved, so their indices no longer hold";
+      return nullptr;
+    }
+  }
+  return section;
 }
 
 }  // namespace moe::pipeline

@@ -37,4 +37,10 @@ nlohmann::json evaluate_tasks(const nlohmann::json& section, const model::Model&
                               const eval::Windows& windows, const eval::EvalOptions& eo, bool against_input,
                               const eval::ExpertOrigin* origin);
 
+// The input's task subsets (the "tasks" section of its moe_tool_report.json: indices into its
+// experts), for the output's report when they still hold: every layer report's origin
+// (compose_origin) keeps each expert in place, as quantize and factorize do. Null when the input
+// has none; null, with `note` saying the subsets were dropped, when a pass moved experts.
+nlohmann::json inherited_task_subsets(const io::Checkpoint& ckpt, const nlohmann::json& layer_reports, std::string& note);
+
 }  // namespace moe::pipeline

@@ -315,5 +315,26 @@ TEST(TaskSubsets, InspectListsTheTasks) {
   EXPECT_EQ(t.at("experts_per_layer").at("code"), json({3, 3, 3, 3}));
 }
 
+// A run that keeps every expert in place (quantize) carries the input's task subsets over: the
+// report's "tasks" section is the input's and `eval --task` routes over the same experts; one that
+// moves experts (another prune) drops them and says so in its notes.
+TEST(TaskSubsets, QuantizeKeepsTheSubsetsAPruneDropsThemWithANote) {
+  const TaskFixture& f = mixtral_tasks();
+  TempDir tmp("moe-tasks-kept");
+  const fs::path q = tmp / "q", p = tmp / "p";
+  RunResult r = run_tool({"-q", "quantize", f.shared.string(), q.string(), "--method", "rtn", "--codec", "int8"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_json(q / "moe_tool_report.json").at("tasks"), read_json(f.shared / "moe_tool_report.json").at("tasks"));
+  r = run_tool({"-q", "eval", q.string(), "--task", "code", "--text", kHeldout.string(), "--ctx", "64", "--max-windows", "2"});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "prune", f.shared.string(), p.string(), "--method", "random", "--keep", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json report = read_json(p / "moe_tool_report.json");
+  EXPECT_FALSE(report.contains("tasks"));
+  ASSERT_TRUE(report.contains("notes"));
+  EXPECT_NE(report.at("notes").dump().find("task subsets"), std::string::npos) << report.at("notes");
+  expect_clean_failure(run_tool({"-q", "eval", p.string(), "--task", "code", "--text", kHeldout.string()}), p.string());
+}
+
 }  // namespace
 }  // namespace moe::test
