@@ -66,7 +66,11 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
       co.windows = c.windows;
       co.batch_windows = c.batch_windows;
       co.gram = c.gram;
-      co.routed_only = c.routed_only;
+      co.routed_only = calib::routed_statistics_only(model, c.routed_only);
+      if (co.routed_only && !c.routed_only && !flags.quiet)
+        std::fprintf(stderr, "calibrate: %s's router scales each expert's input by its score: routed-token statistics "
+                             "only (out_mean / out_cos are not defined for it; as --routed-only)\n",
+                     model.family().model_type.c_str());
       co.sample = c.sample == "random" ? calib::Sample::Random : calib::Sample::First;
       co.seed = seed;
       co.out_cos_tokens = c.out_cos_tokens;

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "io/scratch.h"
+#include "runtime/routing.h"
 #include "runtime/forward.h"
 
 namespace moe::calib {
@@ -58,6 +59,10 @@ std::vector<int64_t> choose_windows(int64_t available, int64_t n, Sample sample,
   ids.resize(n);
   std::sort(ids.begin(), ids.end());
   return ids;
+}
+
+bool routed_statistics_only(const model::Model& model, bool requested) {
+  return requested || runtime::RoutingRule::from_model(model).scales_input;
 }
 
 CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens, const CalibrateOptions& o) {

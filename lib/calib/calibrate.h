@@ -84,6 +84,12 @@ struct CalibrationPlan {
 // Throws Error::invalid for bad options (ctx < 2, too few tokens, ...), naming the flag.
 CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens, const CalibrateOptions& o);
 
+// Whether a calibration collects the routed-token statistics only: when asked (--routed-only), and
+// always for a router that scales each expert's input by its score (llama4), for which the
+// all-token statistics (out_mean / out_cos: every expert run on tokens the router did not give it,
+// weighted by a score it never applied) are not defined.
+bool routed_statistics_only(const model::Model& model, bool requested);
+
 struct CalibrateResult {
   Stats stats;  // Gram matrices only with keep_grams (they always go to the file); super experts flagged
   CalibrationPlan plan;

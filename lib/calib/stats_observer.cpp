@@ -155,7 +155,7 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
   if (!opt_.all_token_stats) return;
   if (t.scaled_inputs)
     throw Error::unsupported("layer " + std::to_string(layer) + ": out_mean / out_cos (every expert on every sampled "
-                             "token) are not defined for a router that scales the experts' inputs (llama4_text): "
+                             "token) are not defined for a router that scales the experts' inputs (llama4): "
                              "use --routed-only (calibration.routed_only)");
   // The all-experts statistics on the token sample: stream token offset_ + n is sampled when it is
   // a multiple of S = out_stride. For out_mean, rows routed to e count with weight 1 (their h is

@@ -21,6 +21,9 @@ class Config {
   nlohmann::json& json() { return j_; }
   const std::string& source() const { return source_; }
   bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+  // "<source>: <key_prefix><key>", the start of an error message about a key (or a key path such as
+  // "rope_scaling.rope_type") of this config.
+  std::string where(const std::string& key) const { return source_ + ": " + key_prefix_ + key; }
 
   int64_t get_int(const std::string& key) const;  // required, > 0 unless allow_zero
   int64_t get_int_or(const std::string& key, int64_t fallback, bool allow_zero = true) const;

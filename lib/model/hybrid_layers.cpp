@@ -13,12 +13,12 @@ std::vector<bool> linear_attention_layers(const Config& c, int64_t layers) {
   if (c.has("layer_types")) {
     const nlohmann::json& types = c.json().at("layer_types");
     if (!types.is_array() || static_cast<int64_t>(types.size()) != layers)
-      throw Error::corruption(c.source() + ": layer_types: expected a list of " + std::to_string(layers) +
+      throw Error::corruption(c.where("layer_types") + ": expected a list of " + std::to_string(layers) +
                               " entries (num_hidden_layers), found " + types.dump().substr(0, 80));
     for (int64_t l = 0; l < layers; ++l) {
       const auto& v = types[static_cast<size_t>(l)];
       if (!v.is_string() || (v != "linear_attention" && v != "full_attention"))
-        throw Error::corruption(c.source() + ": layer_types[" + std::to_string(l) +
+        throw Error::corruption(c.where("layer_types") + "[" + std::to_string(l) +
                                 "]: expected \"linear_attention\" or \"full_attention\", found " + v.dump());
       out[static_cast<size_t>(l)] = v == "linear_attention";
     }
@@ -26,7 +26,7 @@ std::vector<bool> linear_attention_layers(const Config& c, int64_t layers) {
   }
   const int64_t interval = c.get_int_or("full_attention_interval", 4);
   if (interval < 1)
-    throw Error::corruption(c.source() + ": full_attention_interval: expected a positive integer, found " +
+    throw Error::corruption(c.where("full_attention_interval") + ": expected a positive integer, found " +
                             std::to_string(interval));
   for (int64_t l = 0; l < layers; ++l) out[static_cast<size_t>(l)] = (l + 1) % interval != 0;
   return out;
@@ -42,9 +42,9 @@ DeltaNetDims delta_net_dims(const Config& c) {
   for (const auto& [key, v] : {std::pair{"linear_num_key_heads", d.k_heads}, {"linear_num_value_heads", d.v_heads},
                                {"linear_key_head_dim", d.k_dim}, {"linear_value_head_dim", d.v_dim},
                                {"linear_conv_kernel_dim", d.conv_kernel}})
-    if (v < 1) throw Error::corruption(c.source() + ": " + key + ": expected a positive integer, found " + std::to_string(v));
+    if (v < 1) throw Error::corruption(c.where(key) + ": expected a positive integer, found " + std::to_string(v));
   if (d.v_heads % d.k_heads != 0)
-    throw Error::corruption(c.source() + ": linear_num_value_heads " + std::to_string(d.v_heads) +
+    throw Error::corruption(c.where("linear_num_value_heads") + " " + std::to_string(d.v_heads) +
                             " is not a multiple of linear_num_key_heads " + std::to_string(d.k_heads));
   return d;
 }

@@ -203,7 +203,7 @@ void check_aliases(const Config& c, const std::string& key, int64_t value, const
     if (key == a || !c.has(a)) continue;
     const auto& v = c.json().at(a);
     if (v.is_number_integer() && v.get<int64_t>() == value) continue;
-    throw Error::corruption(c.source() + ": " + a + " " + v.dump() + " disagrees with " + key + " " +
+    throw Error::corruption(c.where(a) + " " + v.dump() + " disagrees with " + key + " " +
                             std::to_string(value) + " (" + model_type + " reads " + key +
                             "; transformers and other loaders may read " + a +
                             " for it): give one value, or remove " + a);
@@ -254,7 +254,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
   }
 
   if (!f.refused_true_key.empty() && c.get_bool_or(f.refused_true_key, false))
-    throw Error::unsupported(c.source() + ": " + f.refused_true_key + " true with " + f.model_type + " (" +
+    throw Error::unsupported(c.where(f.refused_true_key) + " true with " + f.model_type + " (" +
                              f.refused_true_what + ") is not implemented");
 
   Dims& d = m.dims_;
@@ -264,12 +264,12 @@ Model Model::load(const io::Checkpoint& ckpt) {
   d.heads = c.get_int("num_attention_heads");
   d.kv_heads = c.get_int_or("num_key_value_heads", d.heads, false);
   if (d.heads % d.kv_heads != 0)
-    throw Error::corruption(c.source() + ": num_key_value_heads: " + std::to_string(d.kv_heads) +
+    throw Error::corruption(c.where("num_key_value_heads") + ": " + std::to_string(d.kv_heads) +
                             " does not divide num_attention_heads " + std::to_string(d.heads));
   d.head_dim = c.get_int_or("head_dim", f.default_head_dim);
   if (d.head_dim == 0) {
     if (d.hidden % d.heads != 0)
-      throw Error::corruption(c.source() + ": hidden_size " + std::to_string(d.hidden) +
+      throw Error::corruption(c.where("hidden_size") + " " + std::to_string(d.hidden) +
                               " is not a multiple of num_attention_heads " + std::to_string(d.heads));
     d.head_dim = d.hidden / d.heads;
   }
@@ -281,7 +281,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
     n_experts_cfg = n_experts;
     width = c.get_int(f.expert_width_key);
     if (d.top_k > n_experts)
-      throw Error::corruption(c.source() + ": " + f.topk_key + ": " + std::to_string(d.top_k) + " exceeds " +
+      throw Error::corruption(c.where(f.topk_key) + ": " + std::to_string(d.top_k) + " exceeds " +
                               f.expert_count_key + " " + std::to_string(n_experts));
     check_aliases(c, f.expert_count_key, n_experts, kExpertCountKeys, f.model_type);
     check_aliases(c, f.topk_key, d.top_k, kTopKKeys, f.model_type);
@@ -316,7 +316,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
     pick.expect(m.global_names_.at("lm_head"), m.globals_.at("lm_head"), {d.vocab, H}, "config (vocab_size, hidden_size)");
   if (m.globals_.count("lm_head") && c.get_bool_or("tie_word_embeddings", f.default_tie_word_embeddings) &&
       stored_head_differs(m.globals_.at("lm_head"), m.globals_.at("embed"))) {
-    core::warn_once(c.source() + ": tie_word_embeddings is true but lm_head.weight is stored and differs from " +
+    core::warn_once(c.where("tie_word_embeddings") + " is true but lm_head.weight is stored and differs from " +
                     f.globals[0].name + "; following transformers (tie_weights), the embeddings are the output "
                     "projection and the stored lm_head.weight is ignored (not written to outputs)");
     m.globals_.erase("lm_head");

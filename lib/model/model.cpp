@@ -29,6 +29,11 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
     case MoeLayerRule::Interleave: {  // llama4: moe_layers, else range(step - 1, L, step)
       if (c.has("moe_layers") && !c.json().at("moe_layers").is_null()) {
         const auto list = c.get_int_list_or("moe_layers", {});
+        const int64_t layers = c.get_int("num_hidden_layers");
+        for (const int64_t v : list)
+          if (v < 0 || v >= layers)
+            throw core::Error::corruption(c.where("moe_layers") + ": layer " + std::to_string(v) +
+                                          " not in [0, num_hidden_layers " + std::to_string(layers) + ")");
         return std::find(list.begin(), list.end(), layer) != list.end();
       }
       const int64_t step = c.get_int_or("interleave_moe_layer_step", 1, false);
@@ -101,7 +106,10 @@ bool Model::has_encoded_weights() const {
 }
 
 int64_t Model::active_params() const {
+  // A text token runs the decoder: the extras (a vision tower, multi-token-prediction layers and
+  // heads, passed through) are not counted, as released models' "active" figures leave them out.
   int64_t n = total_params();
+  for (const auto& [name, t] : extras_) n -= t.numel();
   for (const auto& layer : layers_)
     if (layer.moe) n -= layer.moe->inactive_params(dims_.top_k);
   return n;

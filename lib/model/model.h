@@ -249,7 +249,8 @@ class Model {
 
   // Logical parameters (an encoded weight counts out * in, whatever it stores).
   int64_t total_params() const;
-  // Per token: every non-expert tensor and top_k routed experts (MoeBlock::inactive_params). A
+  // Per token: every non-expert tensor of the decoder and top_k routed experts (MoeBlock::inactive_params;
+  // extras such as a vision tower or multi-token-prediction layers not counted). A
   // novice counts what it stores, H parameters (its constant).
   int64_t active_params() const;
 

@@ -72,9 +72,12 @@ std::vector<Slot> layer_slots(const model::FamilyDesc& fam, model::Layer& L) {
     slots.push_back({&m.down, prefix + model::expand(down, L.index, expert), who + " down", cls, nullptr, 0, expert, 2});
   };
   if (L.moe) {
+    // A fused layout (every expert in one tensor per projection on disk) names each expert's
+    // matrices by the tensor that holds them, so a rule matches on-disk names there too.
+    const bool fused = fam.fused();
     for (size_t e = 0; e < L.moe->experts.size(); ++e)
-      add_mlp(L.moe->experts[e], "expert " + std::to_string(e), "experts", fam.expert_gate, fam.expert_up, fam.expert_down,
-              static_cast<int>(e));
+      add_mlp(L.moe->experts[e], "expert " + std::to_string(e), "experts", fused ? fam.fused_gate_up : fam.expert_gate,
+              fused ? fam.fused_gate_up : fam.expert_up, fused ? fam.fused_down : fam.expert_down, static_cast<int>(e));
     if (L.moe->shared)
       add_mlp(*L.moe->shared, "shared expert", "shared", fam.shared_gate, fam.shared_up, fam.shared_down, -1);
     if (L.moe->shared_gate)

@@ -5,7 +5,6 @@
 #include "core/error.h"
 #include "eval/eval.h"
 #include "io/checkpoint.h"
-#include "runtime/routing.h"
 
 namespace moe::pipeline {
 
@@ -47,9 +46,8 @@ calib::Stats collect_stats(const io::Checkpoint& ckpt, const model::Model& model
   o.quiet = quiet;
   o.gram = spec.gram;
   o.keep_grams = spec.gram;
-  // A router that scales each expert's input by its score (llama4) defines no all-token
-  // statistics (out_mean / out_cos; runner.cpp refuses the passes that read them): routed ones only.
-  o.routed_only = spec.routed_only || runtime::RoutingRule::from_model(model).scales_input;
+  // runner.cpp refuses the passes that read out_mean / out_cos where they are not defined.
+  o.routed_only = calib::routed_statistics_only(model, spec.routed_only);
   o.out_cos_tokens = spec.out_cos_tokens;
   o.sample = spec.sample == "random" ? calib::Sample::Random : calib::Sample::First;
   // Without `out` the statistics stay in memory (nothing to clean up after an interrupted run).

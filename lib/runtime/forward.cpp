@@ -34,21 +34,21 @@ std::string yarn_families() {
 RopeScaling parse_rope_object(const model::Config& c, const std::string& key, const nlohmann::json& j, bool yarn,
                               bool longrope) {
   RopeScaling s;
-  if (!j.is_object()) throw Error::corruption(c.source() + ": " + key + ": expected an object or null, found " + j.dump());
+  if (!j.is_object()) throw Error::corruption(c.where(key) + ": expected an object or null, found " + j.dump());
   for (const char* per_layer : {"full_attention", "sliding_attention"})
     if (j.contains(per_layer))
-      throw Error::unsupported(c.source() + ": " + key + "." + per_layer +
+      throw Error::unsupported(c.where(key) + "." + per_layer +
                                ": RoPE parameters per attention type are not implemented by the forward");
   auto str = [&](const char* k) -> std::optional<std::string> {
     if (!j.contains(k) || j.at(k).is_null()) return std::nullopt;
-    if (!j.at(k).is_string()) throw Error::corruption(c.source() + ": " + key + "." + k + ": expected a string, found " + j.at(k).dump());
+    if (!j.at(k).is_string()) throw Error::corruption(c.where(key) + "." + k + ": expected a string, found " + j.at(k).dump());
     return j.at(k).get<std::string>();
   };
   const std::string type = str("rope_type").value_or(str("type").value_or("default"));
   s.type = type;
   auto num = [&](const char* k, double fallback) {
     if (!j.contains(k) || j.at(k).is_null()) return fallback;
-    if (!j.at(k).is_number()) throw Error::corruption(c.source() + ": " + key + "." + k + ": expected a number, found " + j.at(k).dump());
+    if (!j.at(k).is_number()) throw Error::corruption(c.where(key) + "." + k + ": expected a number, found " + j.at(k).dump());
     return j.at(k).get<double>();
   };
   s.factor = num("factor", 1.0);
@@ -58,7 +58,7 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, co
     return s;
   }
   if (type == "yarn" && !yarn)
-    throw Error::unsupported(c.source() + ": " + key + ".rope_type 'yarn' not implemented by the forward for " +
+    throw Error::unsupported(c.where(key) + ".rope_type 'yarn' not implemented by the forward for " +
                              c.get_string_or("model_type", "?") + " (yarn: " + yarn_families() + ")");
   if (type == "yarn") {
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 0));
@@ -70,7 +70,7 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, co
     if (j.contains("attention_factor") && !j.at("attention_factor").is_null()) s.attention_factor = num("attention_factor", 1.0);
     if (j.contains("truncate") && !j.at("truncate").is_null()) {
       if (!j.at("truncate").is_boolean())
-        throw Error::corruption(c.source() + ": " + key + ".truncate: expected a boolean, found " + j.at("truncate").dump());
+        throw Error::corruption(c.where(key) + ".truncate: expected a boolean, found " + j.at("truncate").dump());
       s.truncate = j.at("truncate").get<bool>();
     }
     return s;
@@ -82,12 +82,12 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, co
     if (s.original_max_positions == 0) s.original_max_positions = c.get_int_or("original_max_position_embeddings", 0);
     auto factors = [&](const char* k) {
       if (!j.contains(k) || !j.at(k).is_array() || j.at(k).empty())
-        throw Error::corruption(c.source() + ": " + key + "." + k + ": expected a list of numbers (longrope), found " +
+        throw Error::corruption(c.where(key) + "." + k + ": expected a list of numbers (longrope), found " +
                                 (j.contains(k) ? j.at(k).dump() : std::string("nothing")));
       std::vector<double> v;
       for (const auto& x : j.at(k)) {
         if (!x.is_number() || !std::isfinite(x.get<double>()) || x.get<double>() <= 0)
-          throw Error::corruption(c.source() + ": " + key + "." + k + ": expected positive numbers, found " + x.dump());
+          throw Error::corruption(c.where(key) + "." + k + ": expected positive numbers, found " + x.dump());
         v.push_back(x.get<double>());
       }
       return v;
@@ -105,7 +105,7 @@ RopeScaling parse_rope_object(const model::Config& c, const std::string& key, co
     s.original_max_positions = static_cast<int64_t>(num("original_max_position_embeddings", 8192));
     return s;
   }
-  throw Error::unsupported(c.source() + ": " + key + ".rope_type '" + type +
+  throw Error::unsupported(c.where(key) + ".rope_type '" + type +
                            "' not implemented by the forward (implemented: default, linear, dynamic, llama3; yarn for " +
                            yarn_families() + "; longrope for phimoe)");
 }
@@ -118,17 +118,17 @@ double read_rope_theta(const model::Config& c, const model::FamilyDesc& f) {
     const auto& j = c.json().at("rope_parameters");
     if (j.contains("rope_theta") && !j.at("rope_theta").is_null()) {
       if (!j.at("rope_theta").is_number() || j.at("rope_theta").get<double>() <= 0)
-        throw Error::corruption(c.source() + ": rope_parameters.rope_theta: expected a positive number, found " +
+        throw Error::corruption(c.where("rope_parameters.rope_theta") + ": expected a positive number, found " +
                                 j.at("rope_theta").dump());
       v5 = j.at("rope_theta").get<double>();
     }
   }
   if (c.has("rope_theta")) {
     v4 = c.get_double_or("rope_theta", f.default_rope_theta);
-    if (*v4 <= 0) throw Error::corruption(c.source() + ": rope_theta: expected a positive number, found " + c.json().at("rope_theta").dump());
+    if (*v4 <= 0) throw Error::corruption(c.where("rope_theta") + ": expected a positive number, found " + c.json().at("rope_theta").dump());
   }
   if (v5 && v4 && *v5 != *v4)
-    throw Error::corruption(c.source() + ": rope_parameters.rope_theta " + c.json().at("rope_parameters").at("rope_theta").dump() +
+    throw Error::corruption(c.where("rope_parameters.rope_theta") + " " + c.json().at("rope_parameters").at("rope_theta").dump() +
                             " disagrees with rope_theta " + c.json().at("rope_theta").dump());
   return v5 ? *v5 : v4 ? *v4 : f.default_rope_theta;
 }
@@ -144,7 +144,7 @@ RopeScaling read_rope_scaling(const model::Config& c, const model::FamilyDesc& f
   if (!v4 && !v5 && f.default_rope_parameters.is_object())
     return parse_rope_object(c, "rope_parameters (" + f.model_type + " default)", f.default_rope_parameters, yarn, longrope);
   if (v4 && v5 && (v4->type != v5->type || v4->factor != v5->factor))
-    throw Error::corruption(c.source() + ": rope_parameters (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
+    throw Error::corruption(c.where("rope_parameters") + " (rope_type '" + v5->type + "') disagrees with rope_scaling (type '" +
                             v4->type + "')");
   return v5 ? *v5 : v4 ? *v4 : RopeScaling{};
 }
@@ -155,7 +155,7 @@ RopeScaling read_rope_scaling(const model::Config& c, const model::FamilyDesc& f
 double read_partial_rotary_factor(const model::Config& c, const model::FamilyDesc& f) {
   auto number = [&](const nlohmann::json& j, const std::string& where) {
     if (!j.is_number() || j.get<double>() <= 0 || j.get<double>() > 1)
-      throw Error::corruption(c.source() + ": " + where + ": expected a number in (0, 1], found " + j.dump());
+      throw Error::corruption(c.where(where) + ": expected a number in (0, 1], found " + j.dump());
     return j.get<double>();
   };
   std::optional<double> v5, v4;
@@ -167,7 +167,7 @@ double read_partial_rotary_factor(const model::Config& c, const model::FamilyDes
   if (c.has("partial_rotary_factor") && !c.json().at("partial_rotary_factor").is_null())
     v4 = number(c.json().at("partial_rotary_factor"), "partial_rotary_factor");
   if (v5 && v4 && *v5 != *v4)
-    throw Error::corruption(c.source() + ": rope_parameters.partial_rotary_factor " +
+    throw Error::corruption(c.where("rope_parameters.partial_rotary_factor") + " " +
                             c.json().at("rope_parameters").at("partial_rotary_factor").dump() +
                             " disagrees with partial_rotary_factor " + c.json().at("partial_rotary_factor").dump());
   return v5 ? *v5 : v4 ? *v4 : f.default_partial_rotary_factor;
@@ -178,7 +178,7 @@ double read_partial_rotary_factor(const model::Config& c, const model::FamilyDes
 int64_t rotary_width(const model::Config& c, int64_t head_dim, double factor) {
   const auto w = static_cast<int64_t>(double(head_dim) * factor);
   if (w <= 0 || w % 2 != 0)
-    throw Error::corruption(c.source() + ": partial_rotary_factor " + nlohmann::json(factor).dump() + " x head_dim " +
+    throw Error::corruption(c.where("partial_rotary_factor") + " " + nlohmann::json(factor).dump() + " x head_dim " +
                             std::to_string(head_dim) + " gives a rotary width of " + std::to_string(w) +
                             " (expected a positive even number)");
   return w;
@@ -193,7 +193,7 @@ MlaSpec read_mla(const model::Model& m, ForwardSpec& s) {
   a.heads = m.dims().heads;
   auto positive = [&](const char* key) {
     const int64_t v = c.get_int(key);
-    if (v <= 0) throw Error::corruption(c.source() + ": " + key + ": expected a positive integer, found " + std::to_string(v));
+    if (v <= 0) throw Error::corruption(c.where(key) + ": expected a positive integer, found " + std::to_string(v));
     return v;
   };
   a.q_lora_rank = c.has("q_lora_rank") && !c.json().at("q_lora_rank").is_null() ? positive("q_lora_rank") : 0;
@@ -202,13 +202,13 @@ MlaSpec read_mla(const model::Model& m, ForwardSpec& s) {
   a.qk_rope_head_dim = positive("qk_rope_head_dim");
   a.v_head_dim = positive("v_head_dim");
   if (a.qk_rope_head_dim % 2 != 0)
-    throw Error::corruption(c.source() + ": qk_rope_head_dim: expected an even number, found " + std::to_string(a.qk_rope_head_dim));
+    throw Error::corruption(c.where("qk_rope_head_dim") + ": expected an even number, found " + std::to_string(a.qk_rope_head_dim));
   if (m.dims().kv_heads != a.heads)
-    throw Error::unsupported(c.source() + ": num_key_value_heads " + std::to_string(m.dims().kv_heads) +
+    throw Error::unsupported(c.where("num_key_value_heads") + " " + std::to_string(m.dims().kv_heads) +
                              " != num_attention_heads " + std::to_string(a.heads) + ": grouped keys are not part of " +
                              "Multi-head Latent Attention as transformers defines it");
   if (c.get_bool_or("attention_bias", false))
-    throw Error::unsupported(c.source() + ": attention_bias with " + f.model_type + " not implemented by the forward");
+    throw Error::unsupported(c.where("attention_bias") + " with " + f.model_type + " not implemented by the forward");
   // v2 rotates pairs (2i, 2i+1) as complex numbers; v3 does the same when rope_interleave (its
   // default) and rotate-half otherwise.
   a.interleaved = f.routing == model::Routing::DeepSeekV2 || c.get_bool_or("rope_interleave", true);
@@ -231,14 +231,14 @@ std::vector<int64_t> read_layer_windows(const model::Config& c, const model::Fam
   std::vector<int64_t> out(static_cast<size_t>(layers));
   const nlohmann::json* types = c.has("layer_types") ? &c.json().at("layer_types") : nullptr;
   if (types && (!types->is_array() || static_cast<int64_t>(types->size()) != layers))
-    throw Error::corruption(c.source() + ": layer_types: expected a list of " + std::to_string(layers) +
+    throw Error::corruption(c.where("layer_types") + ": expected a list of " + std::to_string(layers) +
                             " entries (num_hidden_layers), found " + types->dump().substr(0, 80));
   for (int64_t l = 0; l < layers; ++l) {
     std::string t = (l + 1) % 2 ? "sliding_attention" : "full_attention";
     if (types) {
       const auto& v = (*types)[static_cast<size_t>(l)];
       if (!v.is_string() || (v != "sliding_attention" && v != "full_attention"))
-        throw Error::corruption(c.source() + ": layer_types[" + std::to_string(l) +
+        throw Error::corruption(c.where("layer_types") + "[" + std::to_string(l) +
                                 "]: expected \"sliding_attention\" or \"full_attention\", found " + v.dump());
       t = v.get<std::string>();
     }
@@ -255,7 +255,7 @@ void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
   auto multiplier = [&](const char* key) {
     const double v = c.get_double_or(key, 1.0);
     if (!std::isfinite(v) || v == 0)
-      throw Error::corruption(c.source() + ": " + key + ": expected a finite non-zero number, found " + c.json().at(key).dump());
+      throw Error::corruption(c.where(key) + ": expected a finite non-zero number, found " + c.json().at(key).dump());
     return v;
   };
   s.embedding_multiplier = multiplier("embedding_multiplier");
@@ -264,7 +264,7 @@ void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
   s.logits_scaling = multiplier("logits_scaling");
   const std::string pe = c.get_string_or("position_embedding_type", "rope");
   if (pe != "rope")
-    throw Error::unsupported(c.source() + ": position_embedding_type '" + pe + "' not implemented by the forward (rope only)");
+    throw Error::unsupported(c.where("position_embedding_type") + " '" + pe + "' not implemented by the forward (rope only)");
 }
 
 // RMSNorm, or (phimoe) LayerNorm with bias `b`.
@@ -305,12 +305,12 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   s.rope_theta = read_rope_theta(c, f);
   const std::string act = c.get_string_or("hidden_act", "silu");
   if (act != "silu" && act != "swish")
-    throw Error::unsupported(c.source() + ": hidden_act '" + act + "' not implemented by the forward (silu only)");
+    throw Error::unsupported(c.where("hidden_act") + " '" + act + "' not implemented by the forward (silu only)");
   if (c.get_bool_or("mlp_bias", false))
-    throw Error::unsupported(c.source() + ": mlp_bias not implemented by the forward");
+    throw Error::unsupported(c.where("mlp_bias") + " not implemented by the forward");
   const double prf = read_partial_rotary_factor(c, f);
   if (prf != 1.0 && !f.partial_rotary)
-    throw Error::unsupported(c.source() + ": partial_rotary_factor != 1 not implemented by the forward for " + f.model_type +
+    throw Error::unsupported(c.where("partial_rotary_factor") + " != 1 not implemented by the forward for " + f.model_type +
                              " (implemented: " + model::family_list(&model::FamilyDesc::partial_rotary) + ")");
   s.rope_scaling = read_rope_scaling(c, f);
   s.attn.heads = d.heads;
@@ -330,15 +330,15 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
     s.layer_window = read_layer_windows(c, f, s.layers);
     s.attn.sinks = f.attention_sinks;
   } else if (c.get_bool_or("use_sliding_window", false) && c.has("sliding_window")) {
-    throw Error::unsupported(c.source() + ": use_sliding_window with " + f.model_type +
+    throw Error::unsupported(c.where("use_sliding_window") + " with " + f.model_type +
                              " (per-layer sliding windows) not implemented by the forward");
   }
   if (d.heads <= 0 || d.kv_heads <= 0 || d.heads % d.kv_heads != 0)
-    throw Error::corruption(c.source() + ": num_attention_heads must be a multiple of num_key_value_heads");
+    throw Error::corruption(c.where("num_attention_heads") + " must be a multiple of num_key_value_heads");
   if (f.attention == model::AttentionKind::MLA) s.mla = read_mla(m, s);
   if (f.scalar_multipliers) read_scalar_multipliers(m, s);
   if (f.head_dim_from_hidden && d.head_dim * d.heads != d.hidden)
-    throw Error::corruption(c.source() + ": head_dim " + std::to_string(d.head_dim) + ": " + f.model_type +
+    throw Error::corruption(c.where("head_dim") + " " + std::to_string(d.head_dim) + ": " + f.model_type +
                             " uses hidden_size / num_attention_heads (" + std::to_string(d.hidden) + " / " +
                             std::to_string(d.heads) + ")");
   s.layer_norm = f.layer_norm;
@@ -346,13 +346,13 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   // PhimoeRotaryEmbedding multiplies cos/sin by the config's short_mscale / long_mscale whenever
   // rope_scaling is set: implemented with longrope (Phi-3.5-MoE's), refused with the other scalings.
   if (f.model_type == "phimoe" && s.rope_scaling.type != "default" && s.rope_scaling.type != "longrope")
-    throw Error::unsupported(c.source() + ": rope_scaling '" + s.rope_scaling.type + "' with phimoe not implemented by " +
+    throw Error::unsupported(c.where("rope_scaling") + " '" + s.rope_scaling.type + "' with phimoe not implemented by " +
                              "the forward (its short_mscale / long_mscale scaling of cos and sin; longrope is)");
   if (s.rope_scaling.type == "longrope")
     for (const auto* v : {&s.rope_scaling.short_factor, &s.rope_scaling.long_factor})
       if (static_cast<int64_t>(v->size()) != s.attn.rope_dim() / 2)
-        throw Error::corruption(c.source() + ": rope_scaling." + (v == &s.rope_scaling.short_factor ? "short" : "long") +
-                                "_factor: " + std::to_string(v->size()) + " values, but the rotary dimension " +
+        throw Error::corruption(c.where(std::string("rope_scaling.") + (v == &s.rope_scaling.short_factor ? "short" : "long") +
+                                        "_factor") + ": " + std::to_string(v->size()) + " values, but the rotary dimension " +
                                 std::to_string(s.attn.rope_dim()) + " has " + std::to_string(s.attn.rope_dim() / 2) + " frequencies");
   if (f.hybrid_linear_attention) {
     s.zero_centred_norm = f.zero_centred_norm;

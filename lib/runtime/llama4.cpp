@@ -17,7 +17,7 @@ bool truth(const model::Config& c, const char* key, bool fallback) {
   const auto& v = c.json().at(key);
   if (v.is_boolean()) return v.get<bool>();
   if (v.is_number()) return v.get<double>() != 0;
-  throw Error::corruption(c.source() + ": " + key + ": expected a boolean or a number, found " + v.dump());
+  throw Error::corruption(c.where(key) + ": expected a boolean or a number, found " + v.dump());
 }
 
 void l2_norm_heads(MatrixRM& x, int64_t d, double eps) {
@@ -41,16 +41,16 @@ std::vector<AttnSpec> llama4_layer_attention(const model::Config& c, const AttnS
     for (int64_t l = 0; l < layers; ++l) rope.push_back((l + 1) % every != 0);
   }
   if (static_cast<int64_t>(rope.size()) < layers)
-    throw Error::corruption(c.source() + ": no_rope_layers: " + std::to_string(rope.size()) + " entries for " +
+    throw Error::corruption(c.where("no_rope_layers") + ": " + std::to_string(rope.size()) + " entries for " +
                             std::to_string(layers) + " layers (num_hidden_layers)");
   const nlohmann::json* types = c.has("layer_types") ? &c.json().at("layer_types") : nullptr;
   if (types && (!types->is_array() || static_cast<int64_t>(types->size()) < layers))
-    throw Error::corruption(c.source() + ": layer_types: expected a list of " + std::to_string(layers) +
+    throw Error::corruption(c.where("layer_types") + ": expected a list of " + std::to_string(layers) +
                             " entries (num_hidden_layers), found " + types->dump().substr(0, 80));
   const bool qk_norm = truth(c, "use_qk_norm", true), tuning = truth(c, "attn_temperature_tuning", true);
   const double floor_scale = c.get_double_or("floor_scale", 8192), attn_scale = c.get_double_or("attn_scale", 0.1);
   if (tuning && !(floor_scale > 0))
-    throw Error::corruption(c.source() + ": floor_scale: expected a positive number, found " + c.json().at("floor_scale").dump());
+    throw Error::corruption(c.where("floor_scale") + ": expected a positive number, found " + c.json().at("floor_scale").dump());
   std::vector<AttnSpec> out;
   for (int64_t l = 0; l < layers; ++l) {
     AttnSpec a = base;
@@ -62,13 +62,13 @@ std::vector<AttnSpec> llama4_layer_attention(const model::Config& c, const AttnS
     if (types) {
       const auto& v = (*types)[static_cast<size_t>(l)];
       if (!v.is_string() || (v != "chunked_attention" && v != "full_attention"))
-        throw Error::corruption(c.source() + ": layer_types[" + std::to_string(l) +
+        throw Error::corruption(c.where("layer_types") + "[" + std::to_string(l) +
                                 "]: expected \"chunked_attention\" or \"full_attention\", found " + v.dump());
       t = v.get<std::string>();
     }
     if (t == "chunked_attention") {
       if (c.json().contains("attention_chunk_size") && c.json().at("attention_chunk_size").is_null())
-        throw Error::unsupported(c.source() + ": attention_chunk_size: null with chunked_attention layers (layer " +
+        throw Error::unsupported(c.where("attention_chunk_size") + ": null with chunked_attention layers (layer " +
                                  std::to_string(l) + "): llama4_text chunked attention needs a chunk size");
       a.chunk = c.get_int_or("attention_chunk_size", 8192, false);
     }

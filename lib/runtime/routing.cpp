@@ -25,17 +25,17 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
   if (f.routing == Routing::SparseMixer) {
     // modeling_phimoe.py sparsemixer(): "top_k must be equal to 2".
     if (r.top_k != 2)
-      throw Error::unsupported(c.source() + ": " + f.topk_key + " " + std::to_string(r.top_k) + ": " + f.model_type +
+      throw Error::unsupported(c.where(f.topk_key) + " " + std::to_string(r.top_k) + ": " + f.model_type +
                                "'s sparsemixer routing chooses 2 experts");
     r.jitter_eps = c.get_double_or("router_jitter_noise", 0.01);
     if (!std::isfinite(r.jitter_eps) || r.jitter_eps < 0)
-      throw Error::corruption(c.source() + ": router_jitter_noise: expected a finite number >= 0, found " +
+      throw Error::corruption(c.where("router_jitter_noise") + ": expected a finite number >= 0, found " +
                               c.json().at("router_jitter_noise").dump());
   }
   if (f.routing == Routing::SoftmaxBiasTopK) {
     r.norm_min = c.get_double_or("moe_norm_min", 1e-12);
     if (!std::isfinite(r.norm_min) || r.norm_min < 0)
-      throw Error::corruption(c.source() + ": moe_norm_min: expected a finite number >= 0, found " +
+      throw Error::corruption(c.where("moe_norm_min") + ": expected a finite number >= 0, found " +
                               c.json().at("moe_norm_min").dump());
   }
   if (f.routing == Routing::DeepSeekV2 || f.routing == Routing::DeepSeekV3) {
@@ -48,7 +48,7 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
       r.group_limited = c.get_string_or("topk_method", "greedy") == "group_limited_greedy";
     }
     if (r.num_experts % r.n_group != 0)
-      throw Error::corruption(c.source() + ": n_group " + std::to_string(r.n_group) +
+      throw Error::corruption(c.where("n_group") + " " + std::to_string(r.n_group) +
                               " does not divide the expert count " + std::to_string(r.num_experts));
   }
   return r;

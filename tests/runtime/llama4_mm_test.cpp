@@ -79,6 +79,12 @@ TEST(Llama4Mm, ReadsTheTextModel) {
   EXPECT_EQ(m.wrapper_config().at("model_type"), "llama4");
   EXPECT_EQ(m.extras().size(), 26u);
   for (const auto& [name, t] : m.extras()) EXPECT_TRUE(is_vision(name)) << name;
+  // A text token runs the text model: the vision tower counts in the total, not in the active.
+  auto text = load_model(text_fixture());
+  int64_t vision = 0;
+  for (const auto& [name, t] : m.extras()) vision += t.numel();
+  EXPECT_EQ(m.total_params(), text->model.total_params() + vision);
+  EXPECT_EQ(m.active_params(), text->model.active_params());
 }
 
 // The forward on the wrapper equals the text fixture's bit for bit (logits, experts, scores) on the
@@ -145,6 +151,28 @@ TEST(Llama4Mm, MalformedWrapperRefused) {
     TempDir dir;
     copy_with_config(mm_fixture(), dir.path(), patch);
     const RunResult r = run_tool({"-q", "inspect", dir.path().string()});
+    EXPECT_EQ(r.exit_code, 2) << patch.dump() << "\n" << r.describe();
+    EXPECT_NE(r.err.find(want), std::string::npos) << patch.dump() << "\n" << r.err;
+    EXPECT_LE(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+}
+
+// What the forward reads from text_config is named there too (eval: the forward's own checks).
+TEST(Llama4Mm, ForwardConfigErrorsNameTextConfig) {
+  const std::vector<std::pair<json, std::string>> cases = {
+      {{{"floor_scale", -1}}, "config.json: text_config.floor_scale: expected a positive number"},
+      {{{"hidden_act", "gelu"}}, "config.json: text_config.hidden_act 'gelu' not implemented"},
+      {{{"layer_types", json::array({"bogus", "bogus", "bogus", "bogus"})}}, "config.json: text_config.layer_types[0]: expected"},
+      {{{"moe_layers", json::array({1, 3, 7})}}, "config.json: text_config.moe_layers: layer 7 not in [0, num_hidden_layers 4)"},
+      {{{"no_rope_layers", json::array({1, "x"})}}, "config.json: text_config.no_rope_layers: expected a list of integers"},
+      {{{"num_experts_per_tok", 99}}, "config.json: text_config.num_experts_per_tok: 99 exceeds"},
+      {{{"rope_scaling", {{"rope_type", "weird"}, {"factor", 2.0}}}}, "config.json: text_config.rope_scaling.rope_type 'weird'"},
+  };
+  for (const auto& [patch, want] : cases) {
+    TempDir dir;
+    copy_with_config(mm_fixture(), dir.path(), {{"text_config", patch}});
+    const RunResult r = run_tool({"-q", "eval", dir.path().string(), "--text", heldout_text(), "--ctx", "16",
+                                  "--max-windows", "1"});
     EXPECT_EQ(r.exit_code, 2) << patch.dump() << "\n" << r.describe();
     EXPECT_NE(r.err.find(want), std::string::npos) << patch.dump() << "\n" << r.err;
     EXPECT_LE(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;

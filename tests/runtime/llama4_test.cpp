@@ -125,8 +125,8 @@ TEST(Llama4, Refusals) {
 // the reference's.
 TEST(Llama4, CalibrateCountsEqualReference) { check_calibrate_counts("llama4", llama4_fixture(), 8); }
 
-// eval, calibrate --routed-only (all-token statistics are refused: an expert's input off its
-// routed tokens is not defined), prune --method reap --keep 6: the output is the fused layout with 6
+// eval, calibrate (routed-token statistics only, with or without --routed-only: all-token ones are
+// not defined for an expert's input off its routed tokens), prune --method reap --keep 6: the output is the fused layout with 6
 // experts whose router rows and gate_up_proj / down_proj slabs are the kept input experts' bytes,
 // and it runs.
 TEST(Llama4Cli, EvalCalibrateReapWriteBack) {
@@ -137,14 +137,20 @@ TEST(Llama4Cli, EvalCalibrateReapWriteBack) {
   const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
   EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << r.out;
   const fs::path stats = tmp.path() / "calib.stats", out = tmp.path() / "reap";
-  const std::vector<std::string> calib = {"-q", "calibrate", model, "--text", heldout_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"};
-  r = run_tool(calib);
-  EXPECT_EQ(r.exit_code, 2) << r.describe();
-  EXPECT_NE(r.err.find("use --routed-only"), std::string::npos) << r.err;
+  std::vector<std::string> calib = {"-q", "calibrate", model, "--text", heldout_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"};
   std::vector<std::string> routed = calib;
   routed.push_back("--routed-only");
   r = run_tool(routed);
   ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const std::string with_flag = read_file(stats);
+  calib.erase(calib.begin());  // without -q: the note is printed
+  r = run_tool(calib);
+  ASSERT_EQ(r.exit_code, 2) << r.describe();  // the stats file exists: --force asked
+  calib.push_back("--force");
+  r = run_tool(calib);
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.err.find("routed-token statistics only"), std::string::npos) << r.err;
+  EXPECT_EQ(read_file(stats), with_flag);  // the same statistics as with --routed-only
   r = run_tool({"-q", "prune", model, out.string(), "--method", "reap", "--keep", "6", "--stats", stats.string()});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
@@ -225,6 +231,29 @@ TEST(Llama4Cli, QuantizeFactorizeMaterializedAvgBitsRefused) {
     EXPECT_NE(got.at(name).bytes, in.at(name).bytes) << dir;
     expect_eval_runs(out);
   }
+}
+
+// A --tensor-type rule on the fused layout goes by the fused tensor's name (as on disk): a rule on
+// layer 1's gate_up_proj changes gate and up of layer 1's experts only.
+TEST(Llama4Cli, TensorTypeRuleMatchesTheFusedTensorsName) {
+  TempDir tmp;
+  const std::string model = llama4_fixture().string();
+  const fs::path plain = tmp.path() / "plain", ruled = tmp.path() / "ruled";
+  const std::vector<std::string> q = {"-q", "quantize", model, "", "--method", "rtn", "--codec", "int4", "--materialize"};
+  std::vector<std::string> a = q;
+  a[3] = plain.string();
+  RunResult r = run_tool(a);
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  a[3] = ruled.string();
+  a.insert(a.end(), {"--tensor-type", "layers\\.1\\..*experts\\.gate_up_proj=int8"});
+  r = run_tool(a);
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const TensorMap p = read_tensors(plain), g = read_tensors(ruled), in = read_tensors(llama4_fixture());
+  const std::string l1 = "model.layers.1.feed_forward.experts.", l3 = "model.layers.3.feed_forward.experts.";
+  EXPECT_NE(g.at(l1 + "gate_up_proj").bytes, p.at(l1 + "gate_up_proj").bytes);
+  EXPECT_NE(g.at(l1 + "gate_up_proj").bytes, in.at(l1 + "gate_up_proj").bytes);
+  EXPECT_EQ(g.at(l1 + "down_proj").bytes, p.at(l1 + "down_proj").bytes);
+  EXPECT_EQ(g.at(l3 + "gate_up_proj").bytes, p.at(l3 + "gate_up_proj").bytes);
 }
 
 // convert writes the fused layout back byte for byte.
