@@ -105,10 +105,8 @@ TEST(GraniteMoe, CalibrateCountsEqualReference) { check_calibrate_counts("granit
 TEST(GraniteMoeCli, EvalCalibrateReapWriteBack) {
   TempDir tmp;
   const std::string model = granite_fixture().string();
-  RunResult r = run_tool({"-q", "eval", model, "--text", heldout_text(), "--ctx", "32", "--max-windows", "2", "--json"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  const double ppl = nlohmann::json::parse(r.out).at("perplexity").get<double>();
-  EXPECT_TRUE(std::isfinite(ppl) && ppl > 1.0) << r.out;
+  expect_eval_runs(model);
+  RunResult r;
   const fs::path stats = tmp.path() / "calib.stats", out = tmp.path() / "reap";
   r = run_tool({"-q", "calibrate", model, "--text", heldout_text(), "-o", stats.string(), "--ctx", "32", "--windows", "2"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
