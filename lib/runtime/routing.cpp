@@ -81,9 +81,11 @@ void softmax_row(const float* x, float* p, int E) {
 // DeepSeek group limitation: keep the topk_group best groups (group score = max (v2) or sum of
 // the top-2 (v3) of its members' choice scores), zero the others' choice scores (as transformers'
 // masked_fill(~mask, 0.0) does).
+// A layer whose expert count is no longer the config's (a pass of this run pruned or merged it) has
+// no trained groups: it routes plain top-k, as the written config (n_group 1) says it will.
 void limit_groups(std::vector<float>& choice, const RoutingRule& r, bool v3, std::vector<int>& scratch) {
   const int G = r.n_group, per = r.num_experts / G;
-  if (G <= 1) return;
+  if (G <= 1 || static_cast<int>(choice.size()) != r.num_experts) return;
   std::vector<float> gs(G);
   for (int g = 0; g < G; ++g) {
     const float* s = choice.data() + g * per;

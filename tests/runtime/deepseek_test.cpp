@@ -143,6 +143,40 @@ TEST(DeepSeekCli, EvalCalibrateAndReap) {
   eval_calibrate_reap(model, tmp.path());
 }
 
+// Group-limited routing (n_group 4) on a layer a pass of the same run pruned: enumerate runs its
+// candidates, and a second pass runs the pruned layers; both route plain top-k over the remaining
+// experts (as the written config, n_group 1, will) instead of reading past them as 4 groups of 2.
+TEST(DeepSeekCli, PrunedLayerRoutesWithoutGroupsInTheSameRun) {
+  TempDir tmp;
+  const std::string model = (source_dir() / "data/deepseek-v3-tiny").string();
+  RunResult r = run_with_calibration({"-q", "prune", model, (tmp.path() / "e").string(), "--method", "enumerate", "--keep", "6"}, {});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  expect_eval_runs(tmp.path() / "e");
+  const fs::path recipe = tmp.path() / "r.json";
+  write_file(recipe, nlohmann::json{{"model", model},
+                                    {"calibration", {{"text", heldout_text()}, {"ctx", 32}, {"windows", 2}}},
+                                    {"passes", {{{"pass", "prune"}, {"method", "reap"}, {"keep", 5}},
+                                                {{"pass", "quantize"}, {"method", "gptq"}, {"codec", "int4"}}}},
+                                    {"output", {{"path", (tmp.path() / "pq").string()}}}}
+                         .dump());
+  r = run_tool({"-q", "run", recipe.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  expect_eval_runs(tmp.path() / "pq");
+  // The same routing on hand logits: 6 experts under a rule of 8 in 4 groups is plain top-k.
+  auto lm = load_model(source_dir() / "data/deepseek-v3-tiny");
+  const runtime::RoutingRule rule = runtime::RoutingRule::from_model(lm->model);
+  ASSERT_EQ(rule.n_group, 4);
+  runtime::MatrixRM logits(1, 6);
+  logits << 0.1f, 2.0f, 1.9f, -1.0f, 0.5f, 0.4f;
+  const runtime::RoutingResult got = runtime::route(rule, logits);
+  runtime::RoutingRule plain = rule;
+  plain.n_group = plain.topk_group = 1;
+  plain.num_experts = 6;
+  const runtime::RoutingResult want = runtime::route(plain, logits);
+  EXPECT_TRUE(got.ids == want.ids);
+  EXPECT_TRUE(got.weights == want.weights);
+}
+
 // A DeepSeek-V3 checkpoint with a multi-token-prediction MoE block: quantize keeps every expert
 // count, so it runs (the MTP layer passed through as stored); merge changes the counts: refused.
 TEST(DeepSeekCli, MtpLayerTakesQuantizeNotMerge) {
