@@ -91,10 +91,16 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         }
         return 0;
       }
-      // The model's own report says which of the reference's experts each of its experts holds
-      // (prune/merge outputs); without one, experts are compared by index.
-      const std::optional<eval::ExpertOrigin> origin = eval::origin_from_report(ckpt.dir());
-      const auto c = eval::compare(*ref, model, w, o->e, origin ? &*origin : nullptr);
+      // The model's own report (and its input's, along a chain of runs) says which of the
+      // reference's experts each of its experts holds (prune/merge outputs); without one, experts
+      // are compared by index.
+      const eval::ReportedOrigin reported = eval::origin_against(ckpt.dir(), ref_ckpt->fingerprint());
+      const std::optional<eval::ExpertOrigin>& origin = reported.origin;
+      auto c = eval::compare(*ref, model, w, o->e, origin ? &*origin : nullptr);
+      if (!reported.broken.empty()) {
+        c.routing.available = false;
+        c.routing.unavailable = reported.broken;
+      }
       if (o->json) {
         put(j, c.model);
         if (!o->task.empty()) j["task"] = o->task;
@@ -103,7 +109,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         j["reference"] = rj;
         j["kl_mean"] = c.mean_kl();
         j["top1_agreement"] = c.top1_agreement();
-        j["routing_agreement"] = c.routing.to_json(origin ? "report origin" : "by index");
+        j["routing_agreement"] = c.routing.to_json(reported.label());
         std::cout << j.dump(2) << "\n";
       } else {
         std::printf("model: %s (%s)\n", o->model.c_str(), model.family().model_type.c_str());
@@ -119,8 +125,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         if (c.routing.available)
           std::printf("routing agreement: %.6f (top-k expert sets unchanged, %lld token x MoE-layer pairs; mean overlap "
                       "%.6f; experts matched %s)\n",
-                      c.routing.agreement(), (long long)c.routing.pairs, c.routing.overlap(),
-                      origin ? "through the model's report" : "by index");
+                      c.routing.agreement(), (long long)c.routing.pairs, c.routing.overlap(), reported.how.c_str());
         else
           std::printf("routing agreement: n/a (%s)\n", c.routing.unavailable.c_str());
         std::printf("tokens/s: %.1f (reference %.1f; tokens forwarded per second)\n", c.model.tokens_per_second,

@@ -319,6 +319,99 @@ std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& mode
   return origin_from_layers(j["layers"], path.string());
 }
 
+namespace {
+
+// origin of the model's experts in a middle model's (`acc`), then the middle model's in its input's
+// (`step`): the model's in the input's. Empty per-layer lists and nullopt are identities.
+std::optional<ExpertOrigin> compose(const std::optional<ExpertOrigin>& acc, const std::optional<ExpertOrigin>& step) {
+  if (!acc) return step;
+  if (!step) return acc;
+  ExpertOrigin out(std::max(acc->size(), step->size()));
+  for (size_t l = 0; l < out.size(); ++l) {
+    const bool a = l < acc->size() && !(*acc)[l].empty(), s = l < step->size() && !(*step)[l].empty();
+    if (!a || !s) {
+      out[l] = a ? (*acc)[l] : s ? (*step)[l] : std::vector<std::vector<int32_t>>{};
+      continue;
+    }
+    for (const auto& mids : (*acc)[l]) {
+      std::vector<int32_t> ins;
+      for (int32_t mid : mids) {
+        if (mid < 0 || static_cast<size_t>(mid) >= (*step)[l].size())
+          throw Error::corruption("layer " + std::to_string(l) + ": a report names expert " + std::to_string(mid) +
+                                  " of its input, whose own report records " + std::to_string((*step)[l].size()));
+        for (int32_t in : (*step)[l][static_cast<size_t>(mid)])
+          if (std::find(ins.begin(), ins.end(), in) == ins.end()) ins.push_back(in);
+      }
+      out[l].push_back(std::move(ins));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+ReportedOrigin origin_against(const std::filesystem::path& model_dir, const std::string& reference_fingerprint) {
+  ReportedOrigin r;
+  std::vector<std::string> chain;
+  std::optional<ExpertOrigin> acc;
+  std::filesystem::path dir = model_dir;
+  for (int depth = 0;; ++depth) {
+    const auto path = dir / "moe_tool_report.json";
+    std::ifstream f(path);
+    if (!f) {
+      if (depth == 0) {
+        r.how = "by index";
+      } else {
+        r.broken = "the model's reports lead to " + dir.string() + ", which has no moe_tool_report.json and is not the reference";
+      }
+      return r;
+    }
+    std::stringstream ss;
+    ss << f.rdbuf();
+    const nlohmann::json j = io::parse_json_file_text(ss.str(), path.string());
+    const nlohmann::json* input = j.contains("input") && j.at("input").is_object() ? &j.at("input") : nullptr;
+    if (!input || !input->contains("fingerprint") || !input->contains("path") || !input->at("path").is_string()) {
+      r.broken = path.string() + ": no input.path / input.fingerprint: which model its experts come from is not recorded";
+      return r;
+    }
+    if (j.contains("layers")) acc = compose(acc, origin_from_layers(j.at("layers"), path.string()));
+    chain.push_back(dir.string());
+    if (input->at("fingerprint") == reference_fingerprint) {
+      r.origin = acc;
+      r.reports = chain.size();
+      if (chain.size() == 1) {
+        r.how = "through the model's report";
+      } else {
+        r.how = "through " + std::to_string(chain.size()) + " reports (";
+        for (size_t i = 0; i < chain.size(); ++i) r.how += (i ? " <- " : "") + chain[i];
+        r.how += ")";
+      }
+      return r;
+    }
+    const std::filesystem::path next = input->at("path").get<std::string>();
+    const std::string why = path.string() + " names its input " + next.string() + ", not the reference";
+    if (depth >= 64) {
+      r.broken = why + " (more than 64 reports in the chain)";
+      return r;
+    }
+    std::error_code ec;
+    if (!std::filesystem::exists(next / "config.json", ec)) {
+      r.broken = why + ", and that folder is gone";
+      return r;
+    }
+    try {
+      if (io::Checkpoint::open(io::Env::posix(), next).fingerprint() != input->at("fingerprint")) {
+        r.broken = why + ", and that folder has changed since";
+        return r;
+      }
+    } catch (const Error&) {
+      r.broken = why + ", and that folder no longer reads as a checkpoint";
+      return r;
+    }
+    dir = next;
+  }
+}
+
 double nll_of_row(const float* logits, int64_t V, int32_t target) {
   if (target < 0 || target >= V)
     throw Error::invalid("token id " + std::to_string(target) + " outside the model's vocabulary (" + std::to_string(V) + ")");

@@ -120,6 +120,21 @@ std::optional<ExpertOrigin> origin_from_report(const std::filesystem::path& mode
 // The same from a report's `layers` array (a run's own layer reports); `where` prefixes errors.
 std::optional<ExpertOrigin> origin_from_layers(const nlohmann::json& layers, const std::string& where);
 
+// Which of a reference's experts a model's experts hold, from the model's report when the report's
+// input (`input.fingerprint`) is the reference, else composed along the chain of reports: the
+// report's input folder (unchanged since: same fingerprint) and its own report, up to the
+// reference (prune, then quantize, then merge, ... in separate runs).
+struct ReportedOrigin {
+  std::optional<ExpertOrigin> origin;  // nullopt: compared by index (identity)
+  std::string how;                     // "by index", "through the model's report", "through 2 reports (...)"
+  std::string broken;                  // non-empty: the reports do not lead to the reference (why)
+  size_t reports = 0;                  // reports composed (0: by index)
+  // For JSON: "by index", "report origin" (one report), "report chain" (several).
+  std::string label() const { return reports == 0 ? "by index" : reports == 1 ? "report origin" : "report chain"; }
+};
+// `model_dir` without a report: by index. Error::corruption for a malformed report.
+ReportedOrigin origin_against(const std::filesystem::path& model_dir, const std::string& reference_fingerprint);
+
 struct CompareResult {
   PerplexityResult model, reference;
   RoutingAgreement routing;

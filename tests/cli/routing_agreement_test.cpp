@@ -146,5 +146,36 @@ TEST(RoutingAgreement, MalformedOriginIsRefusedNamingThePath) {
   EXPECT_NE(r.err.find("moe_tool_report.json: layers[1].origin[2]"), std::string::npos) << r.err;
 }
 
+// A chain of runs (prune, then quantize int8 of the pruned model) evaluated against the original:
+// the experts are matched through both reports (the quantize report's input is the pruned model,
+// not the reference), so the agreement is the pruned model's up to int8 rounding; a second prune
+// (random, other experts) composes too. A chain whose middle folder is gone gives no figure.
+TEST(RoutingAgreement, ChainedRunsMatchThroughEveryReport) {
+  const fs::path& pruned = ra_pruned();
+  TempDir tmp("moe-routing-chain");
+  const fs::path q = tmp / "q", qp = tmp / "qp", mid = tmp / "mid", end = tmp / "end";
+  RunResult r = run_tool({"-q", "quantize", pruned.string(), q.string(), "--method", "rtn", "--codec", "int8"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json p = ra_eval(pruned, kModel).at("routing_agreement"), c = ra_eval(q, kModel).at("routing_agreement");
+  EXPECT_EQ(c.at("expert_map"), "report chain") << c.dump();
+  EXPECT_NEAR(c.at("overlap").get<double>(), p.at("overlap").get<double>(), 0.05) << c.dump() << p.dump();
+  EXPECT_GT(c.at("overlap").get<double>(), 0.5) << c.dump();
+  r = run_tool({"-q", "prune", q.string(), qp.string(), "--method", "random", "--keep", "4", "--seed", "7"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json qpj = ra_eval(qp, kModel).at("routing_agreement");
+  EXPECT_EQ(qpj.at("expert_map"), "report chain");
+  EXPECT_LE(qpj.at("overlap").get<double>(), c.at("overlap").get<double>() + 1e-9);
+  // The middle of a chain removed: no figure, and why.
+  fs::copy(pruned, mid, fs::copy_options::recursive);
+  r = run_tool({"-q", "quantize", mid.string(), end.string(), "--method", "rtn", "--codec", "int8"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  fs::remove_all(mid);
+  r = run_tool({"-q", "eval", end.string(), "--against", kModel.string(), "--text", kHeldout.string(), "--ctx", "64",
+                "--max-windows", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("routing agreement: n/a"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("that folder is gone"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace moe::test
