@@ -891,8 +891,11 @@ class Quantize final : public pipeline::Pass {
     g.release(e);
   }
 
-  // GPTQ or RTN of one slot; fills the report entry.
+  // GPTQ or RTN of one slot; fills the report entry. Errors (a NaN in the weight) name the tensor.
   std::shared_ptr<const core::Encoding> encode(const Slot& s, const quant::CodecSpec& c, json& m) const {
+    return core::with_context(s.name, [&] { return encode_named(s, c, m); });
+  }
+  std::shared_ptr<const core::Encoding> encode_named(const Slot& s, const quant::CodecSpec& c, json& m) const {
     const MatrixRM w = runtime::to_matrix(*s.tensor);
     if (method_ == QuantizeMethod::Rtn) {
       m["method"] = "rtn";

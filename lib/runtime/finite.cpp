@@ -39,7 +39,9 @@ void name_non_finite(const model::Model& m, int layer, NonFiniteError& e) {
   try {
     for (const auto& o : m.layer_outputs(layer)) {
       if (o.sources.size() != 1) continue;
-      if (o.make().data() != e.source()) continue;
+      // The tensor itself, or a fused tensor holding it (gpt_oss, llama4: one expert's slice).
+      const core::Tensor t = o.make();
+      if (!t.data() || e.source() < t.data() || e.source() >= t.data() + t.nbytes()) continue;
       const std::string dir = std::filesystem::path(m.config().source()).parent_path().string();
       // A part of an encoded weight names the weight (its parts are decoded together).
       e.with_frame((dir.empty() ? std::string() : dir + ": ") + "tensor " + (o.weight.empty() ? o.name : o.weight));
