@@ -22,6 +22,11 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
     case MoeLayerRule::All: return true;
     case MoeLayerRule::SparseStep: {
       const auto only = c.get_int_list_or("mlp_only_layers", {});
+      const int64_t layers = c.get_int("num_hidden_layers");
+      for (const int64_t v : only)
+        if (v < 0 || v >= layers)
+          throw core::Error::corruption(c.where("mlp_only_layers") + ": layer " + std::to_string(v) +
+                                        " not in [0, num_hidden_layers " + std::to_string(layers) + ")");
       if (std::find(only.begin(), only.end(), layer) != only.end()) return false;
       const int64_t step = c.get_int_or("decoder_sparse_step", 1, false);
       return (layer + 1) % step == 0;

@@ -302,6 +302,8 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   s.vocab = m.globals().at("embed").dim(0);
   s.max_positions = c.get_int_or("max_position_embeddings", 0);
   s.eps = c.get_double_or("rms_norm_eps", f.default_rms_norm_eps);
+  if (!(s.eps > 0) || !std::isfinite(s.eps))
+    throw Error::corruption(c.where("rms_norm_eps") + ": expected a finite number > 0, found " + c.json().at("rms_norm_eps").dump());
   s.rope_theta = read_rope_theta(c, f);
   const std::string act = c.get_string_or("hidden_act", "silu");
   if (act != "silu" && act != "swish")

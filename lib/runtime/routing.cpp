@@ -47,6 +47,9 @@ RoutingRule RoutingRule::from_config(const model::FamilyDesc& f, const model::Co
     } else {
       r.group_limited = c.get_string_or("topk_method", "greedy") == "group_limited_greedy";
     }
+    if (r.topk_group > r.n_group)  // transformers' topk over the n_group group scores would raise
+      throw Error::corruption(c.where("topk_group") + " " + std::to_string(r.topk_group) + " exceeds n_group " +
+                              std::to_string(r.n_group));
     if (r.num_experts % r.n_group != 0)
       throw Error::corruption(c.where("n_group") + " " + std::to_string(r.n_group) +
                               " does not divide the expert count " + std::to_string(r.num_experts));

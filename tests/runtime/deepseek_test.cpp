@@ -105,6 +105,13 @@ TEST(DeepSeek, UnsupportedSettingsSayWhich) {
   EXPECT_NE(m.find("num_key_value_heads 2 != num_attention_heads 4"), std::string::npos) << m;
 }
 
+// Config values transformers would refuse: topk_group above n_group, a non-positive norm epsilon.
+TEST(DeepSeek, OutOfRangeConfigValuesRefused) {
+  expect_forward_errors(source_dir() / "data/deepseek-v3-tiny",
+                        {{{{"topk_group", 5}}, "config.json: topk_group 5 exceeds n_group 4"},
+                         {{{"rms_norm_eps", -1}}, "config.json: rms_norm_eps: expected a finite number > 0, found -1"}});
+}
+
 // A config whose MLA shapes disagree with the stored tensors (q_lora_rank set, q_proj stored): an
 // error naming the layer and the projection, not a wrong answer.
 TEST(DeepSeek, ConfigDisagreeingWithTheTensorsIsAnError) {

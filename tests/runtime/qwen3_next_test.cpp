@@ -190,5 +190,14 @@ TEST(Qwen3NextCli, MergeQuantizeFactorize) {
   EXPECT_FALSE(fs::exists(tmp.path() / "s"));
 }
 
+// mlp_only_layers naming a layer the model does not have: refused naming the key.
+TEST(Qwen3NextCli, MlpOnlyLayersOutOfRangeRefused) {
+  TempDir dir;
+  copy_with_config(next_fixture(), dir.path(), {{"mlp_only_layers", nlohmann::json::array({7})}});
+  const RunResult r = run_tool({"-q", "inspect", dir.path().string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_NE(r.err.find("config.json: mlp_only_layers: layer 7 not in [0, num_hidden_layers 4)"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace moe::test
