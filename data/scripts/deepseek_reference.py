@@ -370,9 +370,10 @@ def moe(c, W, p, x, route):
     return out + mlp(W, p + "mlp.shared_experts.", x), ids, wts, margin
 
 
-def forward(c, W, tokens, attn=None, route=None):
+def forward(c, W, tokens, attn=None, route=None, hidden=False):
     """The decoder: `attn` (default: MLA) and `route` (default: the model_type's) per layer;
-    layers below first_k_dense_replace dense. Logits, each MoE layer's choices, the routing margin."""
+    layers below first_k_dense_replace dense. Logits, each MoE layer's choices, the routing margin
+    (and, with `hidden`, the last hidden states after the final norm, what lm_head reads, and before it)."""
     x = W["model.embed_tokens.weight"][tokens]
     eps = c["rms_norm_eps"]
     attn = attn or attention
@@ -389,8 +390,9 @@ def forward(c, W, tokens, attn=None, route=None):
             x = x + y
             margin = min(margin, m)
             layers.append({"layer": l, "topk_ids": ids.tolist(), "topk_weights": wts.tolist()})
-    logits = rms_norm(x, W["model.norm.weight"], eps) @ W["lm_head.weight"].T
-    return logits, layers, margin
+    xn = rms_norm(x, W["model.norm.weight"], eps)
+    logits = xn @ W["lm_head.weight"].T
+    return (logits, layers, margin, xn, x) if hidden else (logits, layers, margin)
 
 
 # Goldens of the same weights under another config (the C++ test applies config_patch to a copy):

@@ -20,7 +20,8 @@ Builds data/glm4-moe-tiny: 3 decoder layers (layer 0 dense), hidden 64, 4 heads 
 width 12), attention_bias, use_qk_norm, 8 routed experts of width 16, top-3, n_group 4 /
 topk_group 2, norm_topk_prob, routed_scaling_factor 1.5, 1 shared expert, and one
 multi-token-prediction layer (model.layers.3: eh_proj, enorm, hnorm, shared_head.norm and a
-full decoder layer with an MoE block), which the forward does not run (as Glm4MoeModel does not).
+full decoder layer with an MoE block), which Glm4MoeModel does not run; mtp() runs it as vLLM's
+glm4_moe_mtp.py does for speculative decoding (see there).
 Goldens in float64 on the stored (bf16-rounded) weights:
   data/golden/glm4_moe.json            the fixture as stored
   data/golden/glm4_moe-nogroup.json    the same weights with n_group 1 / topk_group 1
@@ -29,18 +30,21 @@ Goldens in float64 on the stored (bf16-rounded) weights:
 each: the token sequence, the logits of one window [T, V/16] (ids 0, 16, 32, ...; 8 significant
 digits), each position's argmax, and per MoE layer the chosen experts per token (sorted:
 torch.topk with sorted=False gives no order) and their routing weights in that order.
+  data/golden/glm4_moe-mtp.json        the multi-token-prediction layer on the same window (mtp()):
+the MTP logits [T-1, V/16], their argmax, and the MTP layer's choices (layer 3) per position.
 
 Usage: /usr/bin/python3 data/scripts/glm4_moe_reference.py [--sensitivity]
   --sensitivity also prints how far the logits move when one feature is computed another way.
 """
+import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from deepseek_reference import (EOT_ID, T, drawers, moe_block_weights, rms_norm, rotate_half, route_v3, store,  # noqa: E402
-                                write_fixture, write_golden)
+from deepseek_reference import (DATA, EOT_ID, LOGIT_STEP, T, drawers, moe, moe_block_weights, rms_norm,  # noqa: E402
+                                rotate_half, route_v3, store, write_fixture, write_golden)
 from deepseek_reference import forward as ds_forward  # noqa: E402
 
 NAME = "glm4-moe-tiny"
@@ -156,11 +160,66 @@ def attention(c, W, p, x):
     return out @ W[p + "self_attn.o_proj.weight"].T
 
 
-def forward(c, W, tokens):
+def forward(c, W, tokens, hidden=False):
     """Glm4MoeModel + lm_head: the decoder layers (not the MTP layer, as Glm4MoeModel.forward runs
     num_hidden_layers only) with Glm4MoeAttention and the DeepSeek-V3 rule; Glm4MoeDecoderLayer
     has DeepseekV3DecoderLayer's structure, so deepseek_reference's layer loop runs them."""
-    return ds_forward(c, W, tokens, attention, route_v3)
+    return ds_forward(c, W, tokens, attention, route_v3, hidden)
+
+
+def mtp(c, W, tokens, variant=""):
+    """The multi-token-prediction layer as vLLM runs it for speculative decoding, written from
+    vllm/model_executor/models/glm4_moe_mtp.py (Glm4MoeMultiTokenPredictorLayer.forward,
+    compute_logits) and vllm/v1/spec_decode/eagle.py (EagleProposer.propose, load_model):
+    - the previous hidden states are the target model's output, Glm4MoeModel's last hidden states
+      after the final norm (what lm_head reads);
+    - the input ids are shifted by one (position i gets token t_{i+1}, at position i); the last
+      position's token is the one the target model samples, unknown here, so the MTP sequence is
+      the window's first T-1 positions (causal: the others do not see it);
+    - the embeddings are the target model's embed_tokens (load_model shares them with an MTP draft),
+      zeroed at position 0 (inputs_embeds[positions == 0] = 0);
+    - eh_proj(cat([enorm(embeds), hnorm(hidden)])), then the decoder block (Glm4MoeDecoderLayer,
+      its residual added: hidden_states = residual + hidden_states);
+    - logits: shared_head.head(shared_head.norm(x)); this fixture stores no shared_head.head (it
+      would pass 1.5 MB), the released checkpoints' equals lm_head, so lm_head is read when absent.
+    Returns the MTP logits [T-1, V], the MTP layer's choices and routing margin. `variant` computes
+    one feature another way (--sensitivity): "unnormed" hidden states before the final norm,
+    "unmasked" position 0, "swapped" concatenation order, "unshifted" tokens."""
+    eps = c["rms_norm_eps"]
+    p = f"model.layers.{c['num_hidden_layers']}."
+    normed, unnormed = forward(c, W, tokens, hidden=True)[3:]
+    h = unnormed if variant == "unnormed" else normed
+    emb = W["model.embed_tokens.weight"][tokens[1:] if variant != "unshifted" else tokens[:-1]].copy()
+    if variant != "unmasked":
+        emb[0] = 0.0
+    e, hn = rms_norm(emb, W[p + "enorm.weight"], eps), rms_norm(h[:-1], W[p + "hnorm.weight"], eps)
+    x = np.concatenate((e, hn) if variant != "swapped" else (hn, e), axis=-1)
+    x = x @ W[p + "eh_proj.weight"].T
+    x = x + attention(c, W, p, rms_norm(x, W[p + "input_layernorm.weight"], eps))
+    y, ids, wts, margin = moe(c, W, p, rms_norm(x, W[p + "post_attention_layernorm.weight"], eps), route_v3)
+    x = x + y
+    head = W.get(p + "shared_head.head.weight", W["lm_head.weight"])
+    logits = rms_norm(x, W[p + "shared_head.norm.weight"], eps) @ head.T
+    return logits, [{"layer": c["num_hidden_layers"], "topk_ids": ids.tolist(), "topk_weights": wts.tolist()}], margin
+
+
+def write_mtp_golden(c, W, tokens, script):
+    """data/golden/glm4_moe-mtp.json (mtp() on the golden's window)."""
+    logits, layers, margin = mtp(c, W, tokens)
+    assert margin > 1e-4, f"glm4_moe-mtp: routing margin {margin} too small"
+
+    def r8(a):
+        return [[float("%.8g" % v) for v in row] for row in a]
+
+    layers[0]["topk_weights"] = r8(layers[0]["topk_weights"])
+    golden = {"model": f"data/{NAME}", "config_patch": {}, "script": script, "tokens": tokens.tolist(), "T": T,
+              "mtp_positions": T - 1, "min_routing_margin": margin, "logits_abs_max": float(np.abs(logits).max()),
+              "logit_ids_step": LOGIT_STEP, "logits": r8(logits[:, ::LOGIT_STEP]), "argmax": logits.argmax(-1).tolist(),
+              "moe_layers": layers}
+    with open(os.path.join(DATA, "golden", "glm4_moe-mtp.json"), "w") as f:
+        json.dump(golden, f)
+        f.write("\n")
+    print(f"glm4_moe-mtp: logits |max| {np.abs(logits).max():.4f}, routing margin {margin:.2e}")
 
 
 # Goldens of the same weights under another config (the C++ test applies config_patch to a copy).
@@ -190,6 +249,11 @@ def sensitivity(c, W, tokens):
     kept, apply_rotary_pos_emb = apply_rotary_pos_emb, interleaved
     print(f"interleaved RoPE pairs: {np.abs(forward(c, W, tokens)[0] - base).max():.3g}")
     apply_rotary_pos_emb = kept
+    base = mtp(c, W, tokens)[0]
+    print(f"MTP: tolerance 1e-4 x max |logit| = {1e-4 * np.abs(base).max():.2g}")
+    for what, variant in (("hidden states before the final norm", "unnormed"), ("position 0 not masked", "unmasked"),
+                          ("[hnorm(h), enorm(e)] order", "swapped"), ("tokens not shifted", "unshifted")):
+        print(f"MTP, {what}: {np.abs(mtp(c, W, tokens, variant)[0] - base).max():.3g}")
 
 
 def main():
@@ -201,6 +265,7 @@ def main():
     write_golden(NAME, "glm4_moe", c, W, tokens, {}, forward, script)
     for name, patch in VARIANTS:
         write_golden(NAME, name, dict(c, **patch), W, tokens, patch, forward, script)
+    write_mtp_golden(c, W, tokens, script)
     print(f"{NAME}: {os.path.getsize(os.path.join(out, 'model.safetensors'))} bytes")
     if "--sensitivity" in sys.argv:
         sensitivity(c, W, tokens)

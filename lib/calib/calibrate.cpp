@@ -12,6 +12,7 @@
 #include "io/scratch.h"
 #include "runtime/routing.h"
 #include "runtime/forward.h"
+#include "runtime/mtp.h"
 
 namespace moe::calib {
 
@@ -24,6 +25,16 @@ uint64_t splitmix64(uint64_t& s) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
+}
+
+// The model with its multi-token-prediction layer's decoder block as layer L (runtime/mtp.h), which
+// calibrate runs after the decoder layers: `m` itself when it has none or it is adopted already,
+// else a copy in `copy`.
+const model::Model& with_mtp_layer(const model::Model& m, std::optional<model::Model>& copy) {
+  if (m.mtp_moe_layers().empty() || runtime::adopted_mtp_layer(m) >= 0) return m;
+  copy.emplace(m);
+  runtime::adopt_mtp_layer(*copy);
+  return *copy;
 }
 
 uint64_t layer_f32_bytes(const model::Layer& l) {
@@ -65,7 +76,9 @@ bool routed_statistics_only(const model::Model& model, bool requested) {
   return requested || runtime::RoutingRule::from_model(model).scales_input;
 }
 
-CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens, const CalibrateOptions& o) {
+CalibrationPlan plan_calibration(const model::Model& input, int64_t text_tokens, const CalibrateOptions& o) {
+  std::optional<model::Model> copy;
+  const model::Model& model = with_mtp_layer(input, copy);
   if (o.ctx < 1) throw Error::invalid("--ctx must be at least 1 (got " + std::to_string(o.ctx) + ")");
   if (o.batch_windows < 1) throw Error::invalid("--batch-windows must be at least 1");
   if (o.out_cos_tokens < 1) throw Error::invalid("--out-cos-tokens must be at least 1");
@@ -77,6 +90,10 @@ CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens,
   if (maxpos > 0 && o.ctx > maxpos)
     throw Error::invalid("--ctx " + std::to_string(o.ctx) + " exceeds the model's max_position_embeddings " +
                          std::to_string(maxpos));
+  if (runtime::adopted_mtp_layer(model) >= 0 && o.ctx < 2)
+    throw Error::invalid("--ctx " + std::to_string(o.ctx) + ": the multi-token-prediction layer (model.layers." +
+                         std::to_string(runtime::adopted_mtp_layer(model)) +
+                         ") pairs each position with the next token, so a window needs 2 tokens or more");
   CalibrationPlan p;
   p.windows_available = text_tokens / o.ctx;
   if (p.windows_available == 0)
@@ -141,9 +158,11 @@ std::map<std::string, std::string> stats_metadata(const io::Checkpoint& ckpt, co
   return m;
 }
 
-CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model, std::span<const int32_t> tokens,
+CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& input, std::span<const int32_t> tokens,
                           const std::string& text_sha256, const CalibrateOptions& o, const std::filesystem::path& out) {
   const auto t0 = std::chrono::steady_clock::now();
+  std::optional<model::Model> copy;
+  const model::Model& model = with_mtp_layer(input, copy);
   CalibrateResult res;
   res.plan = plan_calibration(model, static_cast<int64_t>(tokens.size()), o);
   const CalibrationPlan& plan = res.plan;
@@ -167,19 +186,19 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
     fwd.set_stream_experts(avail > 0 && largest > avail / 4);
   }
   const int64_t T = o.ctx, W = static_cast<int64_t>(plan.window_ids.size()), B = o.batch_windows;
-  const int64_t L = model.dims().layers, N = plan.tokens;
-  // Hidden states of every window, in batches of B windows (window-major rows).
+  // L: the decoder layers, then the multi-token-prediction layer when the model has one (mtp).
+  const int64_t L = static_cast<int64_t>(model.layers().size()), N = plan.tokens;
+  const int mtp = runtime::adopted_mtp_layer(model);
+  // Hidden states of every window, in batches of B windows (window-major rows), and their tokens.
   std::vector<runtime::MatrixRM> X;
-  {
-    std::vector<int32_t> buf;
-    for (int64_t w0 = 0; w0 < W; w0 += B) {
-      buf.clear();
-      for (int64_t w = w0; w < std::min(W, w0 + B); ++w) {
-        const auto* p = tokens.data() + plan.window_ids[w] * T;
-        buf.insert(buf.end(), p, p + T);
-      }
-      X.push_back(core::with_context("calibration text", [&] { return fwd.embed(buf); }));
+  std::vector<std::vector<int32_t>> batch_tokens;
+  for (int64_t w0 = 0; w0 < W; w0 += B) {
+    std::vector<int32_t>& buf = batch_tokens.emplace_back();
+    for (int64_t w = w0; w < std::min(W, w0 + B); ++w) {
+      const auto* p = tokens.data() + plan.window_ids[w] * T;
+      buf.insert(buf.end(), p, p + T);
     }
+    X.push_back(core::with_context("calibration text", [&] { return fwd.embed(buf); }));
   }
 
   // No path: the statistics are only returned (a run that collects them on the fly).
@@ -199,10 +218,13 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
   int64_t done_rows = 0;  // token-layers
   for (int64_t l = 0; l < L; ++l) {
     runtime::LayerWeights w = fwd.load_layer(static_cast<int>(l));
+    // The MTP layer's inputs (runtime/mtp.h): T - 1 positions per window.
+    if (l == mtp)
+      for (size_t b = 0; b < X.size(); ++b) X[b] = runtime::MtpForward(fwd).input(batch_tokens[b], fwd.final_norm(X[b]), T);
     int64_t offset = 0;
     for (auto& x : X) {
       obs.set_token_offset(offset);
-      fwd.apply_layer(w, x, T, observers);
+      fwd.apply_layer(w, x, l == mtp ? T - 1 : T, observers);
       offset += x.rows();
       done_rows += x.rows();
       const uint64_t now = static_cast<uint64_t>(done_rows / L);
@@ -231,7 +253,7 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model,
     res.file_bytes = writer->file_bytes();
   }
   res.stats.source = out;
-  res.stats.flag_super_experts(static_cast<int>(L));
+  res.stats.flag_super_experts(static_cast<int>(model.dims().layers));
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return res;
 }

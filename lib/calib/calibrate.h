@@ -81,7 +81,8 @@ struct CalibrationPlan {
   uint64_t layer_weight_bytes = 0;  // the largest layer in f32
 };
 
-// Throws Error::invalid for bad options (ctx < 2, too few tokens, ...), naming the flag.
+// Throws Error::invalid for bad options (ctx < 1, or < 2 with a multi-token-prediction layer, too
+// few tokens, ...), naming the flag. The layout lists the MTP layer after the decoder layers.
 CalibrationPlan plan_calibration(const model::Model& model, int64_t text_tokens, const CalibrateOptions& o);
 
 // Whether a calibration collects the routed-token statistics only: when asked (--routed-only), and
@@ -98,6 +99,8 @@ struct CalibrateResult {
 };
 
 // Runs the calibration and writes the stats file `out` (atomically: temporary sibling + rename).
+// A model with a multi-token-prediction layer (runtime/mtp.h) gets its MoE block's statistics too,
+// as layer num_hidden_layers, on the T-1 positions per window the MTP layer runs on.
 // `tokens`: the whole text, tokenized once without special tokens. `text_sha256` goes into the
 // metadata.
 CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& model, std::span<const int32_t> tokens,

@@ -1,6 +1,7 @@
 // Model::load: a checkpoint's tensors, by family, into the logical model (lib/model/model.h).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <set>
 
@@ -513,6 +514,12 @@ Model Model::load(const io::Checkpoint& ckpt) {
     m.layers_.push_back(std::move(layer));
   }
 
+  // Encoded weights of the layers after the decoder layers (a multi-token-prediction layer's experts
+  // that a pass re-encoded) are read from their parts like the decoder layers', and passed through.
+  if (const nlohmann::json* native = native_weights(c); native && f.extra_layers_allowed)
+    for (const auto& [name, e] : native->items())
+      if (name.rfind(layers_prefix, 0) == 0 && std::atoll(name.c_str() + layers_prefix.size()) >= d.layers)
+        m.extras_.emplace_back(name, *pick.get(name, true, "extra tensor"));
   // Every other tensor: unexpected inside a decoder layer, passed through elsewhere.
   for (const auto& name : ckpt.names()) {
     if (pick.used(name)) continue;
@@ -557,21 +564,25 @@ void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_exp
   const int64_t H = m.dims_.hidden, L = m.dims_.layers;
   const int64_t nextn = c.get_int_or("num_nextn_predict_layers", 0);
   const std::string experts_prefix = f.expert_gate.substr(0, f.expert_gate.find("{e}"));  // "mlp.experts."
+  // The extras by name (an encoded weight is one, whatever parts it is stored as).
+  std::map<std::string, const Tensor*> extras;
+  for (const auto& [name, t] : m.extras_) extras[name] = &t;
+  auto file_of = [&](const std::string& name) { return ckpt.has(name) ? ckpt.shard_path(name) : ckpt.dir(); };
   for (int64_t idx = L; idx < L + nextn; ++idx) {
     const int l = static_cast<int>(idx);
     const std::string prefix = expand(f.layer_prefix, l);
     const std::string where = " (multi-token-prediction layer " + std::to_string(idx) + ")";
     auto expect = [&](const std::string& name, const Shape& shape, const std::string& why) {
-      const Shape got = ckpt.info(name).shape;
+      const Shape got = extras.at(name)->shape();
       if (got != shape)
-        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": shape " + core::shape_str(got) +
+        throw Error::corruption(file_of(name).string() + ": tensor " + name + ": shape " + core::shape_str(got) +
                                 " but " + why + " implies " + core::shape_str(shape) + where);
     };
     const std::string router = prefix + f.router;
-    if (!ckpt.has(router)) continue;  // no MoE block stored for this layer
+    if (!extras.count(router)) continue;  // no MoE block stored for this layer
     const std::string count = "config (" + f.expert_count_key + "=" + std::to_string(n_experts);
     expect(router, {n_experts, H}, count + ", hidden_size)");
-    if (!f.router_bias.empty() && ckpt.has(prefix + f.router_bias)) expect(prefix + f.router_bias, {n_experts}, count + ")");
+    if (!f.router_bias.empty() && extras.count(prefix + f.router_bias)) expect(prefix + f.router_bias, {n_experts}, count + ")");
     if (f.v5_layout && ckpt.has(prefix + f.fused_gate_up))
       throw Error::unsupported(ckpt.shard_path(prefix + f.fused_gate_up).string() + ": tensor " + prefix + f.fused_gate_up +
                                ": a multi-token-prediction layer's experts in the transformers v5 fused layout are not "
@@ -586,9 +597,9 @@ void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_exp
       } catch (...) {
       }
       if (e < 0)
-        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": not an expert tensor name" + where);
+        throw Error::corruption(file_of(name).string() + ": tensor " + name + ": not an expert tensor name" + where);
       if (e >= n_experts)
-        throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": expert " + std::to_string(e) +
+        throw Error::corruption(file_of(name).string() + ": tensor " + name + ": expert " + std::to_string(e) +
                                 " but " + f.expert_count_key + " is " + std::to_string(n_experts) + where);
       seen.insert(e);
       const int ei = static_cast<int>(e);
@@ -600,7 +611,7 @@ void Model::check_mtp_layers(Model& m, const io::Checkpoint& ckpt, int64_t n_exp
       for (int64_t e = 0; e < n_experts; ++e)
         for (const std::string* tmpl : {&f.expert_gate, &f.expert_up, &f.expert_down}) {
           const std::string name = prefix + expand(*tmpl, l, static_cast<int>(e));
-          if (!ckpt.has(name))
+          if (!extras.count(name))
             throw Error::corruption(ckpt.dir().string() + ": tensor " + name + ": missing (" + f.expert_count_key + " is " +
                                     std::to_string(n_experts) + ")" + where);
         }

@@ -1,12 +1,11 @@
 #include "pipeline/mtp.h"
 
 #include <algorithm>
-#include <map>
 
 #include "core/error.h"
 #include "core/warn.h"
-#include "passes/experts.h"
 #include "passes/pass.h"  // moe::pipeline::Pass
+#include "runtime/mtp.h"
 
 namespace moe::pipeline {
 
@@ -33,19 +32,42 @@ bool keeps_expert_counts(const model::Model& m, const Pass& p) {
 
 }  // namespace
 
-void check_mtp_passes(const model::Model& m, const Recipe& r) {
-  if (m.mtp_moe_layers().empty()) return;
+void check_mtp_passes(const model::Model& m, const Recipe& r, const std::vector<int64_t>& counts) {
+  const int L = runtime::adopted_mtp_layer(m);
+  if (L < 0) return;
+  const std::string mtp = "the multi-token-prediction layer (model.layers." + std::to_string(L) + ")";
   for (size_t i = 0; i < r.passes.size(); ++i) {
     const Pass& p = *r.passes[i];
-    if (p.name() == "prune" || keeps_expert_counts(m, p)) continue;
-    throw Error::unsupported(
-        r.source + ": passes[" + std::to_string(i) + "]: " + p.name() + " " + p.method() +
-        " changes the decoder layers' expert counts, and the model has a multi-token-prediction layer (model.layers." +
-        std::to_string(m.mtp_moe_layers().front()) +
-        ") with an MoE block, which must keep the decoder layers' expert count (n_routed_experts is one key for "
-        "both); only prune is carried over to it (same keep-map as the last decoder layer). Passes that keep the "
-        "expert counts (quantize, factorize, ...) are accepted and leave the MTP layer as it is");
+    const std::string where = r.source + ": passes[" + std::to_string(i) + "]: " + p.name() + " " + p.method();
+    if (p.counts_at_run())
+      throw Error::unsupported(where + " decides each layer's expert count while it runs, and " + mtp +
+                               " must end with the decoder layers' count (n_routed_experts is one key for both): give "
+                               "one count for every layer");
+    if (p.name() == "prune" && p.method() == "search")
+      throw Error::unsupported(where + " scores a layer by the final output's KL against the input model, which the "
+                               "predictions of " + mtp + " (its shared_head logits) do not enter: not implemented for "
+                               "a model with an MTP layer; use another prune method");
+    if (p.method() == "delta-ternary")
+      throw Error::unsupported(where + " stores experts as deltas from the dense parent's MLP of each MoE layer, "
+                               "which has none for " + mtp);
   }
+  for (const auto& l : m.layers())
+    if (l.moe && counts.at(static_cast<size_t>(l.index)) != counts.at(static_cast<size_t>(L)))
+      throw Error::unsupported(r.source + ": the passes leave layer " + std::to_string(l.index) + " with " +
+                               std::to_string(counts.at(static_cast<size_t>(l.index))) + " experts and " + mtp + " with " +
+                               std::to_string(counts.at(static_cast<size_t>(L))) +
+                               ": its count must equal the decoder layers' (n_routed_experts is one key for both)");
+  if (!r.calibration.text.empty() && r.calibration.ctx < 2)
+    throw Error::invalid(r.source + ": " + r.key("calibration.ctx") + " " + std::to_string(r.calibration.ctx) + ": " + mtp +
+                         " pairs each position with the next token, so a window needs 2 tokens or more");
+}
+
+void check_mtp_stats(const model::Model& m, const calib::Stats& stats, const std::string& path) {
+  const int L = runtime::adopted_mtp_layer(m);
+  if (L < 0 || stats.layers.count(L)) return;
+  throw Error::invalid(path + ": no statistics for the multi-token-prediction layer (model.layers." + std::to_string(L) +
+                       "), which the passes compress from its own statistics: the file was made before calibrate "
+                       "collected them; run `moe-tool calibrate` again on this model");
 }
 
 size_t drop_stale_mtp_head(model::Model& m, const Recipe& r) {
@@ -74,52 +96,6 @@ size_t drop_stale_mtp_head(model::Model& m, const Recipe& r) {
     return before - extras.size();
   }
   return 0;
-}
-
-std::vector<int> kept_from_origin(const nlohmann::json& origin) {
-  std::vector<int> kept;
-  for (const auto& row : origin) {
-    if (row.size() != 1) throw Error::internal("multi-token-prediction layer: an expert with several sources (a merge)");
-    kept.push_back(row.at(0).at(0).get<int>());
-  }
-  return kept;
-}
-
-void select_mtp_experts(model::Model& m, const std::vector<int>& kept) {
-  const model::FamilyDesc& f = m.family();
-  const std::string experts_prefix = f.expert_gate.substr(0, f.expert_gate.find("{e}"));  // "mlp.experts."
-  std::map<int, int> new_index;
-  for (size_t i = 0; i < kept.size(); ++i) new_index[kept[i]] = static_cast<int>(i);
-  for (const int l : m.mtp_moe_layers()) {
-    const std::string prefix = model::expand(f.layer_prefix, l);
-    const std::string router = prefix + f.router;
-    const std::string bias = f.router_bias.empty() ? std::string() : prefix + f.router_bias;
-    std::vector<std::pair<std::string, core::Tensor>> out;
-    std::vector<std::pair<std::string, core::Tensor>> experts;  // kept, renamed
-    for (auto& [name, t] : m.mutable_extras()) {
-      if (name == router || (!bias.empty() && name == bias)) {
-        out.emplace_back(name, passes::take_rows(t, kept));
-        continue;
-      }
-      if (name.rfind(prefix + experts_prefix, 0) == 0) {
-        const std::string rest = name.substr(prefix.size() + experts_prefix.size());
-        const size_t dot = rest.find('.');
-        const int e = std::stoi(rest.substr(0, dot));
-        auto it = new_index.find(e);
-        if (it == new_index.end()) continue;  // dropped
-        experts.emplace_back(prefix + experts_prefix + std::to_string(it->second) + rest.substr(dot), t);
-        continue;
-      }
-      out.emplace_back(name, t);
-    }
-    // Experts in their new order, where the layer's expert tensors were.
-    std::sort(experts.begin(), experts.end(), [&](const auto& a, const auto& b) {
-      auto idx = [&](const std::string& n) { return std::stoi(n.substr(prefix.size() + experts_prefix.size())); };
-      return idx(a.first) != idx(b.first) ? idx(a.first) < idx(b.first) : a.first < b.first;
-    });
-    out.insert(out.end(), experts.begin(), experts.end());
-    m.mutable_extras() = std::move(out);
-  }
 }
 
 }  // namespace moe::pipeline

@@ -1,26 +1,35 @@
-// DeepSeek-V3 multi-token-prediction (MTP) layers under the passes. An MTP layer
-// (num_nextn_predict_layers of them, after the decoder layers) carries a full MoE block whose
-// expert count must equal the decoder layers' (n_routed_experts is one key for both). The forward
-// runs the decoder layers only (as transformers' DeepseekV3Model does), so no statistics of the
-// MTP block are collected; the rule is: prune keeps in every MTP layer the experts the last MoE
-// decoder layer keeps (same original ids, same order: router rows, bias entries and expert
-// tensors, renumbered 0..E'-1); passes that keep every expert count (quantize, factorize, ...)
-// leave the MTP layer as it is; passes that change the counts otherwise (merge) are refused before
-// any work.
+// Multi-token-prediction (MTP) layers under the passes.
+// DeepSeek-V3 / Kimi-K2 / GLM-4.5 (num_nextn_predict_layers 1, model.layers.{L}.): the runner
+// adopts the MTP layer's decoder block as layer L (runtime/mtp.h adopt_mtp_layer), so every pass
+// runs on its MoE block as on any MoE layer, from its own statistics and its own calibration inputs
+// (runtime::MtpForward: the decoder's last hidden states and the shifted embeddings of the same
+// windows), streamed after the last decoder layer and written back under the same names. Its expert
+// count must equal the decoder layers' in the output (n_routed_experts is one key for both):
+// check_mtp_passes refuses, before any work, a run that would leave them different.
+// The heads stored outside model.layers. (qwen3_next's mtp.*, ERNIE-4.5's model.mtp_*), whose
+// forward is not run: drop_stale_mtp_head.
 #pragma once
 
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "calib/stats.h"
 #include "model/model.h"
 #include "pipeline/recipe.h"
 
 namespace moe::pipeline {
 
-// Error::unsupported (naming the MTP layer and the pass) when the model has MTP layers with an MoE
-// block and the recipe has a pass other than prune that changes (or decides at run time) the
-// decoder layers' expert counts.
-void check_mtp_passes(const model::Model& m, const Recipe& r);
+// With an adopted MTP layer L (runtime::adopted_mtp_layer): Error::unsupported (one line naming
+// the pass and the layer) when a pass decides expert counts while it runs (counts_at_run), when
+// `counts` (experts per layer after the passes, as planned) differ between an MoE layer and L, for
+// prune search (it scores by the main model's final output, which the MTP logits do not enter) and
+// quantize delta-ternary (its dense parent has no MLP for the MTP layer); Error::invalid when the
+// calibration windows are shorter than 2 tokens (the MTP input pairs each position with the next token).
+void check_mtp_passes(const model::Model& m, const Recipe& r, const std::vector<int64_t>& counts);
+
+// Error::invalid when `stats` (read from `path`) lack the adopted MTP layer: a file made before
+// calibrate collected the MTP layer's statistics (no fallback to another rule).
+void check_mtp_stats(const model::Model& m, const calib::Stats& stats, const std::string& path);
 
 // The multi-token-prediction heads stored outside model.layers. (qwen3_next's `mtp.*`, ERNIE-4.5's
 // `model.mtp_*`: passed through as extras, unused by the forward as transformers ignores them)
@@ -28,14 +37,5 @@ void check_mtp_passes(const model::Model& m, const Recipe& r);
 // changes a count drops the head from the output (its experts would no longer match num_experts),
 // with a warning naming it. Returns the number of tensors dropped.
 size_t drop_stale_mtp_head(model::Model& m, const Recipe& r);
-
-// Keeps experts `kept` (original ids, in order) in every MTP layer's MoE block of m: router rows,
-// e_score_correction_bias entries, expert tensors (weights and any _scale_inv) renamed to their
-// new index; every other MTP tensor unchanged.
-void select_mtp_experts(model::Model& m, const std::vector<int>& kept);
-
-// The kept ids of a layer from its composed origin ([[ [src, 1.0] ], ...]); Error::internal when
-// an expert has several sources (a merge).
-std::vector<int> kept_from_origin(const nlohmann::json& origin);
 
 }  // namespace moe::pipeline

@@ -32,6 +32,7 @@
 #include "runtime/finite.h"
 #include "runtime/forward.h"
 #include "runtime/mpi.h"
+#include "runtime/mtp.h"
 #include "runtime/weights.h"
 
 namespace moe::pipeline {
@@ -144,15 +145,6 @@ model::Model planned_model(const model::Model& m, const std::vector<int64_t>& ex
     b.experts.resize(static_cast<size_t>(e));
     b.router = b.router.slice0(0, e);
     if (b.router_bias) *b.router_bias = b.router_bias->reshaped({b.router_bias->numel(), 1}).slice0(0, e).reshaped({e});
-  }
-  // Multi-token-prediction layers follow the last MoE decoder layer (pipeline/mtp.h).
-  if (!p.mtp_moe_layers().empty()) {
-    int64_t e = -1;
-    for (const auto& layer : p.layers())
-      if (layer.moe) e = layer.moe->num_experts();
-    std::vector<int> first(static_cast<size_t>(std::max<int64_t>(e, 0)));
-    for (size_t i = 0; i < first.size(); ++i) first[i] = static_cast<int>(i);
-    if (e >= 0) select_mtp_experts(p, first);
   }
   return p;
 }
@@ -286,10 +278,11 @@ calib::LayerStats recompute_stats(const model::Model& model, int l, const model:
 // The planning sweep of `pass` (Requirements::plan_sweep): every layer it runs on is shown to
 // plan_layer() as the input model has it, with its Grams on the calibration windows X [N, H]
 // (copied: the layer loop starts from the embedding again) pushed through the input model's
-// layers; without a forward (no calibration inputs asked) the layers only. Returns the pass's plan
-// report with the sweep's seconds.
+// layers (the multi-token-prediction layer on its own inputs, made from the windows' `tokens`);
+// without a forward (no calibration inputs asked) the layers only. Returns the pass's plan report
+// with the sweep's seconds.
 json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* fwd, const runtime::MatrixRM& X, int64_t T,
-                const ActivationBudget& budget, bool quiet) {
+                std::span<const int32_t> tokens, const ActivationBudget& budget, bool quiet) {
   const auto t0 = std::chrono::steady_clock::now();
   const bool grams_wanted = pass.requirements().input_grams, inputs_wanted = pass.requirements().block_inputs;
   runtime::MatrixRM Xp;
@@ -300,6 +293,10 @@ json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* f
     GramCapture grams(budget);
     BlockInputCapture inputs;
     ResidualEnergy residual;
+    if (fwd && layer.index == runtime::adopted_mtp_layer(model)) {
+      Xp = runtime::MtpForward(*fwd).input(tokens, fwd->final_norm(Xp), T);
+      T -= 1;
+    }
     if (fwd) {
       std::vector<runtime::Observer*> obs = {&residual};
       if (runs && grams_wanted) obs.push_back(&grams);
@@ -363,7 +360,6 @@ struct RunState {
   model::OutputOptions out_opts;
   std::map<std::string, model::ClassAccount> acc_after;
   std::map<std::string, std::string> weight_class;  // encoded weight -> its tensor class
-  std::string mtp_note;
   // write_globals, evaluate_output
   json global_reports = json::array();
   SinkResult written;
@@ -389,7 +385,6 @@ void check_run(RunState& s) {
   if (r.output.format == "gguf" && !model.family().gguf && !s.ckpt.gguf())
     throw Error::unsupported(r.model.string() + ": family " + model.family().model_type +
                              " is not exported to GGUF yet (exported: " + io::gguf_exported_model_types() + ")");
-  check_mtp_passes(model, r);
   drop_stale_mtp_head(model, r);
   check_native_only_passes(model, r);
   for (const auto& p : r.passes) {
@@ -518,7 +513,9 @@ void check_run(RunState& s) {
   // take is refused here, not after the statistics, and the output must fit on its file system.
   // Outputs whose shapes are decided while the passes run go through spill files first (twice
   // their size until the shards are assembled); their estimate is the planned shapes'.
-  const model::Model estimated = planned_model(model, plan_passes(r, model, nullptr, false).back());
+  const std::vector<int64_t> estimated_counts = plan_passes(r, model, nullptr, false).back();
+  check_mtp_passes(model, r, estimated_counts);  // the MTP layer's count ends equal to the decoder layers'
+  const model::Model estimated = planned_model(model, estimated_counts);
   // Task subsets: the union of the tasks' experts is known after their statistics; the input's
   // size bounds it.
   const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
@@ -549,6 +546,7 @@ void load_statistics(RunState& s) {
     if (!r.calibration.stats.empty()) {
       stats = calib::Stats::load(r.calibration.stats);
       stats->check_model(ckpt, r.calibration.stats);
+      check_mtp_stats(model, *stats, r.calibration.stats.string());
     } else {
       stats = collect_stats(ckpt, model, r.calibration, r.seed, opts.quiet);
     }
@@ -734,14 +732,15 @@ void run_layers(RunState& s) {
   const model::OutputOptions& out_opts = s.out_opts;
   json& layer_reports = s.layer_reports;
   int64_t &params_fix = s.params_fix, &active_fix = s.active_fix;
-  std::string& mtp_note = s.mtp_note;
   // Calibration hidden states when a pass runs the block on real inputs.
   std::optional<runtime::Forward> fwd;
   runtime::MatrixRM X;
   int64_t T = 0;
+  std::vector<int32_t> tokens;  // the windows' tokens (the MTP layer's inputs are made from them too)
   if (needs_inputs) {
     const CalibrationTokens ct = calibration_tokens(r.model, r.calibration);
     T = ct.ctx;
+    tokens = ct.tokens;
     fwd.emplace(model);
     fwd->set_stream_experts(true);  // a layer holds a few experts in f32, not all (docs/memory.md)
     X = fwd->embed(ct.tokens);
@@ -759,7 +758,7 @@ void run_layers(RunState& s) {
   // only, checked above): the windows through the input model, layer by layer, on a copy of the
   // hidden states.
   if (!r.passes.empty() && r.passes[0]->requirements().plan_sweep)
-    plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, s.act_budget, opts.quiet));
+    plan_reports.push_back(plan_sweep(*r.passes[0], model, fwd ? &*fwd : nullptr, X, T, tokens, s.act_budget, opts.quiet));
 
   // Passes whose outputs' shapes are decided while they run (ranks, codes) write through spill
   // files; the others straight into the planned shards.
@@ -805,6 +804,13 @@ void run_layers(RunState& s) {
       progress.add(now - shown);
       shown = now;
     };
+    if (fwd && l == runtime::adopted_mtp_layer(model)) {
+      // The multi-token-prediction layer (runtime/mtp.h): its input from the decoder's last hidden
+      // states and the shifted embeddings of the same windows, T - 1 positions per window.
+      X = runtime::MtpForward(*fwd).input(tokens, fwd->final_norm(X), T);
+      if (ref_fwd) X_ref = runtime::MtpForward(*ref_fwd).input(tokens, ref_fwd->final_norm(X_ref), T);
+      T -= 1;
+    }
     BlockInputCapture ref_capture;
     if (ref_fwd) {
       runtime::Observer* ro[] = {&ref_capture};
@@ -834,7 +840,7 @@ void run_layers(RunState& s) {
         if (!req.stats_fields.empty() && i > 0 && layer.moe) {
           fresh = recompute_stats(model, l, layer, req, capture.x, T, r.calibration, runtime::RoutingRule::from_model(model));
           if (stats)
-            fresh->super_expert = calib::Stats::super_flags(super_th, *fresh, l, static_cast<int>(model.layers().size()));
+            fresh->super_expert = calib::Stats::super_flags(super_th, *fresh, l, static_cast<int>(model.dims().layers));
           st = &*fresh;
           pr["statistics"] = "recomputed on the experts left by the earlier passes";
         }
@@ -902,20 +908,6 @@ void run_layers(RunState& s) {
   }
   progress.finish();
   if (arena) s.made_spilled = arena->bytes_allocated();
-  // Multi-token-prediction layers keep the experts the last MoE decoder layer kept.
-  if (!model.mtp_moe_layers().empty())
-    for (auto it = layer_reports.rbegin(); it != layer_reports.rend(); ++it)
-      if (it->contains("origin")) {
-        const std::vector<int> kept = kept_from_origin(it->at("origin"));
-        select_mtp_experts(model, kept);
-        bool identity = static_cast<int64_t>(kept.size()) == it->at("experts_before").get<int64_t>();
-        for (size_t i = 0; i < kept.size(); ++i) identity = identity && kept[i] == static_cast<int>(i);
-        if (identity) break;  // nothing changed
-        mtp_note = "multi-token-prediction layer(s) " + json(model.mtp_moe_layers()).dump() + ": kept experts " +
-                   json(kept).dump() + ", the keep-map of layer " + it->at("layer").dump() +
-                   " (the last MoE decoder layer; no statistics exist for the MTP block)";
-        break;
-      }
 }
 
 // Globals and pass-through tensors, the sub-1-bit dictionary, config.json, and the sink's finish
@@ -931,10 +923,9 @@ void write_globals(RunState& s) {
   json& manifest = s.manifest;
   const model::OutputOptions& out_opts = s.out_opts;
   const json& layer_reports = s.layer_reports;
-  const std::string& mtp_note = s.mtp_note;
   // Globals and pass-through tensors: everything not written with a layer (this includes
   // per-layer tensors the family does not describe, such as rotary_emb.inv_freq buffers, and
-  // the MTP layers, taken from the model as the passes left it).
+  // the MTP layer's own tensors: enorm, hnorm, eh_proj, shared_head; its block is layer L).
   for (const auto& p : r.passes) {
     json gr;
     core::with_context("globals: " + p->name() + " " + p->method(), [&] { p->run_globals(model, gr); });
@@ -975,7 +966,6 @@ void write_globals(RunState& s) {
                     old_config.value("topk_group", json(1)).dump() +
                     " -> 1: the expert count changed, so the trained expert groups are gone; the written "
                     "model routes plain top-k over its experts (group-limited routing not preserved)");
-  if (!mtp_note.empty()) notes.push_back(mtp_note);
   if (s.tasks.is_null()) {  // the input's task subsets, where this run leaves them true
     std::string tasks_note;
     s.inherited_tasks = inherited_task_subsets(s.ckpt, layer_reports, tasks_note);
@@ -1202,6 +1192,7 @@ json run_recipe(Recipe& r, const RunOptions& opts) {
   auto& env = io::Env::posix();
   const io::Checkpoint ckpt = io::Checkpoint::open(env, r.model);
   model::Model model = model::Model::load(ckpt);
+  runtime::adopt_mtp_layer(model);  // the MTP layer's MoE block as layer L, like any MoE layer (pipeline/mtp.h)
   RunState s(r, opts, env, ckpt, model);
   s.t0 = t0;
   check_run(s);

@@ -297,7 +297,7 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
   ForwardSpec s;
   s.family = f.model_type;
   const auto& d = m.dims();
-  s.layers = static_cast<int64_t>(m.layers().size());
+  s.layers = d.layers;  // the decoder layers (an adopted multi-token-prediction layer follows them: runtime/mtp.h)
   s.hidden = d.hidden;
   s.vocab = m.globals().at("embed").dim(0);
   s.max_positions = c.get_int_or("max_position_embeddings", 0);

@@ -216,23 +216,14 @@ TEST_F(Field, DtypeKeyFollowsTheInput) {
 
 // ------------------------------------------------------------------ 5. DeepSeek-V3 MTP layers
 
-// The synthetic deepseek_v3 has 3 decoder layers (0 dense) and MTP layer 3 with router and bias;
-// these add its experts (4, width 16).
-std::vector<SynthTensor> mtp_experts(int64_t experts = 4) {
-  std::vector<SynthTensor> v;
-  for (int64_t e = 0; e < experts; ++e) {
-    const std::string p = "model.layers.3.mlp.experts." + std::to_string(e) + ".";
-    v.push_back(synth_tensor(p + "gate_proj.weight", DType::BF16, {16, 32}, 100 + e));
-    v.push_back(synth_tensor(p + "up_proj.weight", DType::BF16, {16, 32}, 200 + e));
-    v.push_back(synth_tensor(p + "down_proj.weight", DType::BF16, {32, 16}, 300 + e));
-  }
-  return v;
-}
-
+// The synthetic deepseek_v3 has 3 decoder layers (0 dense) and a full MTP layer 3 (enorm, hnorm,
+// eh_proj, shared_head.norm and a decoder block with 4 experts of width 16).
 std::string rows_of(const TensorBytes& t, int row, size_t row_bytes) { return t.bytes.substr(row * row_bytes, row_bytes); }
 
-TEST_F(Field, MtpLayerPrunedWithTheLastDecoderLayersKeepMap) {
-  const SynthCheckpoint ck = make_synth("deepseek_v3", {.extra = mtp_experts()});
+// The MTP layer's MoE block is pruned like any MoE layer, by its own choice (the report's layer 3),
+// router rows, bias entries and experts following it; the rest of the layer passes through.
+TEST_F(Field, MtpLayerPrunedLikeAnyMoeLayer) {
+  const SynthCheckpoint ck = make_synth("deepseek_v3");
   write_synth(ck, tmp / "in", {.tokenizer = true});
   RunResult r = run_tool({"inspect", (tmp / "in").string()});
   expect_ok(r);
@@ -241,11 +232,10 @@ TEST_F(Field, MtpLayerPrunedWithTheLastDecoderLayersKeepMap) {
                 "2", "--seed", "3"});
   expect_ok(r);
   const json report = read_json(tmp / "out" / "moe_tool_report.json");
-  const auto kept = report.at("layers")[2].at("passes")[0].at("kept").get<std::vector<int>>();
+  ASSERT_EQ(report.at("layers").size(), 4u);
+  EXPECT_EQ(report.at("layers")[3].at("layer"), 3);
+  const auto kept = report.at("layers")[3].at("passes")[0].at("kept").get<std::vector<int>>();
   ASSERT_EQ(kept.size(), 2u);
-  EXPECT_TRUE(contains(report.at("notes").dump(), "multi-token-prediction layer(s) [3]: kept experts " + json(kept).dump() +
-                                                    ", the keep-map of layer 2"))
-      << report.at("notes").dump();
   const TensorMap in = synth_tensors(ck), out = read_tensors(tmp / "out");
   const auto& router_in = in.at("model.layers.3.mlp.gate.weight");
   const auto& router_out = out.at("model.layers.3.mlp.gate.weight");
@@ -263,7 +253,9 @@ TEST_F(Field, MtpLayerPrunedWithTheLastDecoderLayersKeepMap) {
           << j << " " << part;
   }
   EXPECT_EQ(out.count("model.layers.3.mlp.experts.2.gate_proj.weight"), 0u);
-  EXPECT_EQ(out.at("model.layers.3.eh_proj.weight"), in.at("model.layers.3.eh_proj.weight"));
+  for (const char* name : {"model.layers.3.eh_proj.weight", "model.layers.3.hnorm.weight", "model.layers.3.self_attn.kv_b_proj.weight",
+                           "model.layers.3.mlp.shared_experts.up_proj.weight"})
+    EXPECT_EQ(out.at(name), in.at(name)) << name;
   // The written checkpoint is consistent: inspect and convert accept it.
   expect_ok(run_tool({"inspect", (tmp / "out").string()}));
   expect_ok(run_tool({"-q", "convert", (tmp / "out").string(), (tmp / "conv").string()}));
@@ -285,7 +277,7 @@ TEST_F(Field, MtpLayerFp8ExpertsFollowTheirScales) {
     for (const char* part : {"gate_proj", "up_proj", "down_proj"}) {
       const std::string name = "model.layers.3.mlp.experts." + std::to_string(e) + "." + part + ".weight";
       const core::Shape shape = std::string(part) == "down_proj" ? core::Shape{32, 16} : core::Shape{16, 32};
-      spec.extra.push_back(synth_tensor(name, DType::F8_E4M3, shape, 40 + e));
+      spec.dtypes[name] = DType::F8_E4M3;
       SynthTensor sc = synth_tensor(name + "_scale_inv", DType::F32, {shape[0] / 8, shape[1] / 8}, 50 + e);
       auto* f = reinterpret_cast<float*>(sc.data.data());
       for (int64_t i = 0; i < core::shape_numel(sc.shape); ++i) f[i] = 0.01f + std::fabs(f[i]);
@@ -295,7 +287,8 @@ TEST_F(Field, MtpLayerFp8ExpertsFollowTheirScales) {
   write_synth(ck, tmp / "in", {.tokenizer = true});
   expect_ok(run_tool({"-q", "prune", (tmp / "in").string(), (tmp / "out").string(), "--method", "random", "--keep", "2",
                       "--seed", "5"}));
-  const auto kept = read_json(tmp / "out" / "moe_tool_report.json")["layers"][2]["passes"][0]["kept"].get<std::vector<int>>();
+  const auto kept = read_json(tmp / "out" / "moe_tool_report.json")["layers"][3]["passes"][0]["kept"].get<std::vector<int>>();
+  ASSERT_EQ(kept.size(), 2u);
   const TensorMap in = synth_tensors(ck), out = read_tensors(tmp / "out");
   for (int j = 0; j < 2; ++j)
     for (const char* suffix : {".weight", ".weight_scale_inv"}) {
@@ -314,12 +307,24 @@ TEST_F(Field, MtpLayerFp8ExpertsFollowTheirScales) {
   EXPECT_FALSE(read_json(tmp / "bf16" / "config.json").contains("quantization_config"));
 }
 
-TEST_F(Field, MtpLayerRefusesMerge) {
-  write_synth(make_synth("deepseek_v3", {.extra = mtp_experts()}), tmp / "in", {.tokenizer = true});
-  const RunResult r = run_tool({"-q", "merge", (tmp / "in").string(), (tmp / "out").string(), "--method", "msmoe",
-                                "--experts", "2", "--text", kCalib});
-  expect_user_error(r, {"multi-token-prediction layer (model.layers.3)", "merge msmoe"});
-  EXPECT_FALSE(fs::exists(tmp / "out"));
+// merge runs on the MTP layer too (one n_routed_experts for all MoE layers); counts decided per
+// layer while the pass runs would leave the MTP layer's unlike the decoder layers': refused before
+// any work; so is an MTP layer whose block is incomplete.
+TEST_F(Field, MtpLayerMergedCountsKeptUniform) {
+  write_synth(make_synth("deepseek_v3"), tmp / "in", {.tokenizer = true});
+  expect_ok(run_tool({"-q", "merge", (tmp / "in").string(), (tmp / "out").string(), "--method", "msmoe", "--experts", "2",
+                      "--text", kCalib, "--ctx", "16", "--windows", "2"}));
+  EXPECT_EQ(read_json(tmp / "out" / "config.json").at("n_routed_experts"), 2);
+  EXPECT_EQ(read_tensors(tmp / "out").at("model.layers.3.mlp.gate.weight").shape, (core::Shape{2, 32}));
+  RunResult r = run_tool({"-q", "prune", (tmp / "in").string(), (tmp / "ragged").string(), "--method", "frequency",
+                          "--keep-ratio", "0.5", "--no-uniform", "--text", kCalib, "--ctx", "16"});
+  expect_user_error(r, {"prune frequency decides each layer's expert count while it runs",
+                        "multi-token-prediction layer (model.layers.3)"});
+  EXPECT_FALSE(fs::exists(tmp / "ragged"));
+  write_synth(make_synth("deepseek_v3", {.drop = {"model.layers.3.self_attn.o_proj.weight"}}), tmp / "cut", {.tokenizer = true});
+  r = run_tool({"-q", "prune", (tmp / "cut").string(), (tmp / "cut_out").string(), "--method", "random", "--keep", "2"});
+  expect_user_error(r, {"tensor model.layers.3.self_attn.o_proj.weight: missing", "multi-token-prediction layer 3"});
+  EXPECT_FALSE(fs::exists(tmp / "cut_out"));
 }
 
 // An MTP layer whose expert count disagrees with the config: refused by inspect, convert and the
@@ -327,7 +332,7 @@ TEST_F(Field, MtpLayerRefusesMerge) {
 TEST_F(Field, MtpLayerExpertCountChecked) {
   {
     TempDir t;
-    SynthSpec spec{.reshape = {{"model.layers.3.mlp.gate.weight", {6, 32}}}, .extra = mtp_experts()};
+    SynthSpec spec{.reshape = {{"model.layers.3.mlp.gate.weight", {6, 32}}}};
     write_synth(make_synth("deepseek_v3", spec), t / "in");
     for (const std::vector<std::string>& cmd :
          {std::vector<std::string>{"inspect", (t / "in").string()},
@@ -339,15 +344,17 @@ TEST_F(Field, MtpLayerExpertCountChecked) {
   }
   {
     TempDir t;
-    write_synth(make_synth("deepseek_v3", {.extra = mtp_experts(5)}), t / "in");
+    SynthSpec spec;
+    for (const char* part : {"gate_proj", "up_proj"})
+      spec.extra.push_back(synth_tensor(std::string("model.layers.3.mlp.experts.4.") + part + ".weight", DType::BF16, {16, 32}, 7));
+    spec.extra.push_back(synth_tensor("model.layers.3.mlp.experts.4.down_proj.weight", DType::BF16, {32, 16}, 7));
+    write_synth(make_synth("deepseek_v3", spec), t / "in");
     expect_user_error(run_tool({"inspect", (t / "in").string()}),
                       {"tensor model.layers.3.mlp.experts.4.", "expert 4 but n_routed_experts is 4"});
   }
   {
     TempDir t;
-    SynthSpec spec{.extra = mtp_experts()};
-    std::erase_if(spec.extra, [](const SynthTensor& t) { return t.name == "model.layers.3.mlp.experts.2.up_proj.weight"; });
-    write_synth(make_synth("deepseek_v3", spec), t / "in");
+    write_synth(make_synth("deepseek_v3", {.drop = {"model.layers.3.mlp.experts.2.up_proj.weight"}}), t / "in");
     expect_user_error(run_tool({"inspect", (t / "in").string()}),
                       {"tensor model.layers.3.mlp.experts.2.up_proj.weight: missing"});
   }

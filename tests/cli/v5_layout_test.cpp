@@ -4,6 +4,7 @@
 // came in — fused for dense experts, per expert for encoded ones.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -31,16 +32,18 @@ V4Names v4_names(const std::string& family) {
 
 // The v5 layout of a per-expert synthetic checkpoint, as transformers' WeightConverter builds it:
 // MergeModulelist(dim=0) then Concatenate(dim=1) for gate/up (so [E, 2I, H], each expert's gate
-// rows then its up rows), MergeModulelist(dim=0) for down.
+// rows then its up rows), MergeModulelist(dim=0) for down. A multi-token-prediction layer after
+// the decoder layers (deepseek_v3) keeps its per-expert tensors (v5 does not load it).
 SynthCheckpoint fuse_v5(const SynthCheckpoint& v4) {
   const V4Names n = v4_names(v4.family);
+  const int decoder_layers = v4.config.value("num_hidden_layers", std::numeric_limits<int>::max());
   SynthCheckpoint out{v4.family, v4.config, {}};
   std::map<int, std::map<int, std::map<std::string, const SynthTensor*>>> experts;  // layer -> e -> part
   for (const auto& t : v4.tensors) {
     int l = -1, e = -1;
     char part[32] = {0};
     const std::string pat = "model.layers.%d." + n.experts + "%d.%31[a-z_0-9].weight";
-    if (std::sscanf(t.name.c_str(), pat.c_str(), &l, &e, part) == 3) {
+    if (std::sscanf(t.name.c_str(), pat.c_str(), &l, &e, part) == 3 && l < decoder_layers) {
       experts[l][e][part] = &t;
       continue;
     }

@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <vector>
 
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "model/summary.h"
+#include "runtime/mtp.h"
 #include "support/expect_error.h"
 #include "support/synth.h"
 
@@ -70,7 +72,7 @@ const std::vector<Expect>& expectations() {
       {"qwen3_moe", 2, {}, 0, false, false, false, 0, 2},
       {"olmoe", 2, {}, 0, false, false, false, 0, 2},
       {"deepseek_v2", 3, {0}, 16, false, false, false, 0, 4},
-      {"deepseek_v3", 3, {0}, 16, false, true, false, 7, 4},
+      {"deepseek_v3", 3, {0}, 16, false, true, false, 30, 4},
       {"phimoe", 2, {}, 0, false, false, false, 0, 2},
       {"granitemoe", 2, {}, 0, false, false, true, 0, 2},
       {"llama", 2, {0, 1}, 0, false, false, false, 0, 2},
@@ -312,14 +314,25 @@ TEST(ModelFamilies, DeepSeekFirstKDenseAndLayerFreq) {
   }
 }
 
+// The synthetic v3's multi-token-prediction layer 3 (its own tensors and a full decoder block) is
+// read as extras; adopt_mtp_layer moves the block into the layers as layer 3, its own tensors stay.
 TEST(ModelFamilies, DeepSeekV3MtpLayersPassThrough) {
   auto l = load("deepseek_v3");
+  EXPECT_EQ(l->model->extras().size(), 30u);
+  EXPECT_EQ(l->model->mtp_moe_layers(), (std::vector<int>{3}));
+  model::Model m = *l->model;
+  EXPECT_EQ(runtime::adopt_mtp_layer(m), 3);
+  EXPECT_EQ(runtime::adopted_mtp_layer(m), 3);
   std::set<std::string> extras;
-  for (const auto& [name, t] : l->model->extras()) extras.insert(name);
+  for (const auto& [name, t] : m.extras()) extras.insert(name);
   EXPECT_EQ(extras, (std::set<std::string>{"model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight",
-                                           "model.layers.3.hnorm.weight", "model.layers.3.input_layernorm.weight",
-                                           "model.layers.3.mlp.gate.e_score_correction_bias",
-                                           "model.layers.3.mlp.gate.weight", "model.layers.3.shared_head.norm.weight"}));
+                                           "model.layers.3.hnorm.weight", "model.layers.3.shared_head.norm.weight"}));
+  ASSERT_EQ(m.layers().size(), 4u);
+  ASSERT_TRUE(m.layers()[3].moe);
+  EXPECT_EQ(m.layers()[3].moe->num_experts(), 4);
+  EXPECT_TRUE(m.layers()[3].moe->router_bias && m.layers()[3].moe->shared);
+  EXPECT_NE(m.layers()[3].find("kv_b_proj"), nullptr);
+  EXPECT_EQ(runtime::adopt_mtp_layer(m), -1);  // once
 }
 
 // DeepSeek-V3 keeps e_score_correction_bias in F32 whatever --dtype says: in the decoder layers and

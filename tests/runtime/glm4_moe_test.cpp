@@ -5,14 +5,19 @@
 // multi-token-prediction layer), and the same weights with n_group 1 and with
 // partial_rotary_factor 1: logits within 1e-4 of the largest |logit|, the same argmax, the same
 // experts per token with the same weights. Plus the hyper-parameters read, the refusals, and the
-// CLI on the fixture: eval, calibrate, prune --method reap (MTP layer carried along).
+// CLI on the fixture: eval, calibrate, prune --method reap, quantize, factorize and merge (the
+// multi-token-prediction layer's MoE block calibrated and compressed like the others).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <numeric>
 #include <vector>
 
 #include "calib/calibrate.h"
+#include "calib/stats.h"
 #include "core/error.h"
 #include "reference_golden.h"
 #include "runtime/forward.h"
@@ -45,7 +50,7 @@ TEST(Glm4Moe, MatchesReference) {
 
 // calibrate on the golden's window: each expert's routed-token count and summed routing weight
 // equal the reference's (from its per-token choices and weights).
-TEST(Glm4Moe, CalibrateCountsEqualReference) { check_calibrate_counts("glm4_moe", glm_fixture(), 8); }
+TEST(Glm4Moe, CalibrateCountsEqualReference) { check_calibrate_counts("glm4_moe", glm_fixture(), 8, "glm4_moe-mtp"); }
 
 // What is read from the fixture's config: head_dim from its key (not hidden/heads), the rotary
 // width int(24 * 0.5), per-head q/k norms, DeepSeek-V3 routing with its groups and scale, layer 0
@@ -112,8 +117,26 @@ TEST(Glm4Moe, PartialRotaryRefusals) {
   }
 }
 
-// The commands that sit on the forward run on the fixture; prune writes the glm4_moe layout back
-// and carries the last decoder layer's keep-map to the MTP layer.
+// The experts each layer kept (the report's first pass), by layer.
+std::map<int, std::vector<int>> kept_by_layer(const fs::path& out) {
+  std::map<int, std::vector<int>> kept;
+  const auto report = nlohmann::json::parse(read_file(out / "moe_tool_report.json"));
+  for (const auto& L : report.at("layers"))
+    if (L.contains("passes") && !L.at("passes").empty() && L.at("passes")[0].contains("kept"))
+      kept[L.at("layer").get<int>()] = L.at("passes")[0].at("kept").get<std::vector<int>>();
+  return kept;
+}
+
+// Row k of a 2-D tensor's bytes.
+std::string row_bytes(const TensorBytes& t, int k) {
+  const size_t n = t.bytes.size() / static_cast<size_t>(t.shape.at(0));
+  return t.bytes.substr(static_cast<size_t>(k) * n, n);
+}
+
+// The commands that sit on the forward run on the fixture; prune writes the glm4_moe layout back.
+// The multi-token-prediction layer (model.layers.3) is calibrated and pruned like the decoder's MoE
+// layers: it keeps the experts its own REAP statistics rank first, which are not the last decoder
+// layer's (the rule before the MTP forward existed), router rows, bias and experts following them.
 TEST(Glm4MoeCli, EvalCalibrateAndReap) {
   TempDir tmp;
   const std::string model = glm_fixture().string();
@@ -121,6 +144,7 @@ TEST(Glm4MoeCli, EvalCalibrateAndReap) {
   const fs::path out = tmp.path() / "reap";
   const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
   EXPECT_EQ(cfg.at("model_type"), "glm4_moe");
+  EXPECT_EQ(cfg.at("num_nextn_predict_layers"), 1);
   const TensorMap in_t = read_tensors(glm_fixture()), out_t = read_tensors(out);
   for (const char* name : {"model.layers.1.mlp.experts.5.gate_proj.weight", "model.layers.2.self_attn.q_proj.bias",
                            "model.layers.2.self_attn.k_norm.weight", "model.layers.2.mlp.gate.e_score_correction_bias",
@@ -129,20 +153,58 @@ TEST(Glm4MoeCli, EvalCalibrateAndReap) {
   EXPECT_FALSE(out_t.count("model.layers.1.mlp.experts.6.gate_proj.weight"));
   EXPECT_FALSE(out_t.count("model.layers.3.mlp.experts.6.gate_proj.weight"));
   EXPECT_EQ(out_t.at("model.layers.3.mlp.gate.weight").shape, (core::Shape{6, 64}));
-  EXPECT_EQ(out_t.at("model.layers.3.eh_proj.weight"), in_t.at("model.layers.3.eh_proj.weight"));
-  EXPECT_EQ(out_t.at("model.layers.0.mlp.gate_proj.weight"), in_t.at("model.layers.0.mlp.gate_proj.weight"));
+  for (const char* name : {"model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight", "model.layers.3.shared_head.norm.weight",
+                           "model.layers.3.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight"})
+    EXPECT_EQ(out_t.at(name), in_t.at(name)) << name;
+
+  const calib::Stats st = calib::Stats::load(tmp.path() / "calib.stats");
+  ASSERT_TRUE(st.layers.count(3)) << "the MTP layer's statistics";
+  const std::vector<double>& reap = st.layers.at(3).reap;
+  std::vector<int> want(reap.size());
+  std::iota(want.begin(), want.end(), 0);
+  std::stable_sort(want.begin(), want.end(), [&](int a, int b) { return reap[a] > reap[b]; });
+  want.resize(6);
+  std::sort(want.begin(), want.end());
+  auto kept = kept_by_layer(out);
+  ASSERT_TRUE(kept.count(2) && kept.count(3));
+  std::vector<int> got = kept.at(3);
+  std::sort(got.begin(), got.end());
+  EXPECT_EQ(got, want) << "the MTP layer's 6 largest REAP scores";
+  EXPECT_NE(kept.at(3), kept.at(2)) << "the last decoder layer's keep-map (the former rule) would give the same";
+  const TensorBytes &r_in = in_t.at("model.layers.3.mlp.gate.weight"), &r_out = out_t.at("model.layers.3.mlp.gate.weight");
+  const TensorBytes &b_in = in_t.at("model.layers.3.mlp.gate.e_score_correction_bias"),
+                    &b_out = out_t.at("model.layers.3.mlp.gate.e_score_correction_bias");
+  const std::string gate = ".gate_proj.weight";
+  for (int j = 0; j < 6; ++j) {
+    const int k = kept.at(3)[static_cast<size_t>(j)];
+    EXPECT_EQ(row_bytes(r_out, j), row_bytes(r_in, k)) << j;
+    EXPECT_EQ(b_out.bytes.substr(4 * j, 4), b_in.bytes.substr(4 * k, 4)) << j;
+    EXPECT_EQ(out_t.at("model.layers.3.mlp.experts." + std::to_string(j) + gate),
+              in_t.at("model.layers.3.mlp.experts." + std::to_string(k) + gate)) << j;
+  }
+  // A stats file without the MTP layer's statistics (made before they were collected) is refused.
+  calib::Stats old = st;
+  old.layers.erase(3);
+  old.save(tmp.path() / "old.stats");
+  const RunResult r = run_tool({"-q", "prune", model, (tmp.path() / "o").string(), "--method", "reap", "--keep", "6", "--stats",
+                                (tmp.path() / "old.stats").string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_NE(r.err.find("no statistics for the multi-token-prediction layer (model.layers.3)"), std::string::npos) << r.describe();
+  EXPECT_FALSE(fs::exists(tmp.path() / "o"));
 }
 
-// quantize (gptq) and factorize (svdllm) keep every expert count: they run on the decoder layers,
-// write the glm4_moe names back and pass the MTP layer through as stored; the outputs run. merge
-// changes the counts, which the MTP layer's MoE block cannot follow: refused, nothing written.
-TEST(Glm4MoeCli, QuantizeFactorizeRunMergeRefused) {
+// quantize (gptq) and factorize (svdllm) run on every MoE layer, the MTP layer's included (its
+// experts re-encoded, its other tensors as stored); merge (msmoe, 8 -> 4) merges the MTP layer's
+// experts on its own calibration inputs, one n_routed_experts for all. The outputs run. A run that
+// would leave the MTP layer's count unlike the decoder layers' is refused before any work.
+TEST(Glm4MoeCli, QuantizeFactorizeMergeRunOnTheMtpLayer) {
   TempDir tmp;
   const std::string model = glm_fixture().string();
   const std::string text = (source_dir() / "data/text/calib.txt").string();
   const TensorMap in_t = read_tensors(glm_fixture());
   const std::vector<std::vector<std::string>> passes = {{"quantize", "--method", "gptq"},
-                                                        {"factorize", "--method", "svdllm", "--ratio", "0.5"}};
+                                                        {"factorize", "--method", "svdllm", "--ratio", "0.5"},
+                                                        {"merge", "--method", "msmoe", "--experts", "4"}};
   for (const auto& pass : passes) {
     SCOPED_TRACE(pass[0]);
     const fs::path out = tmp.path() / pass[0];
@@ -152,49 +214,33 @@ TEST(Glm4MoeCli, QuantizeFactorizeRunMergeRefused) {
     RunResult r = run_tool(args);
     ASSERT_EQ(r.exit_code, 0) << r.describe();
     const TensorMap out_t = read_tensors(out);
-    for (const char* name : {"model.layers.3.mlp.experts.7.up_proj.weight", "model.layers.3.self_attn.q_norm.weight",
-                             "model.layers.3.mlp.gate.e_score_correction_bias", "model.layers.2.self_attn.v_proj.bias"})
+    for (const char* name : {"model.layers.3.self_attn.q_norm.weight", "model.layers.3.eh_proj.weight",
+                             "model.layers.3.hnorm.weight", "model.layers.2.self_attn.v_proj.bias"})
       EXPECT_EQ(out_t.at(name), in_t.at(name)) << name;
-    const std::string expert = "model.layers.2.mlp.experts.7.up_proj.weight";  // compressed: re-encoded or gone
-    EXPECT_FALSE(out_t.count(expert) && out_t.at(expert) == in_t.at(expert));
+    const auto cfg = nlohmann::json::parse(read_file(out / "config.json"));
+    EXPECT_EQ(cfg.at("num_nextn_predict_layers"), 1);
+    if (pass[0] == "merge") {
+      EXPECT_EQ(cfg.at("n_routed_experts"), 4);
+      EXPECT_TRUE(out_t.count("model.layers.3.mlp.experts.3.down_proj.weight"));
+      EXPECT_FALSE(out_t.count("model.layers.3.mlp.experts.4.down_proj.weight"));
+      EXPECT_EQ(out_t.at("model.layers.3.mlp.gate.e_score_correction_bias").shape, (core::Shape{4}));
+      EXPECT_EQ(out_t.at("model.layers.3.mlp.gate.weight").shape, (core::Shape{4, 64}));
+    } else {
+      for (const char* expert : {"model.layers.2.mlp.experts.7.up_proj.weight", "model.layers.3.mlp.experts.7.up_proj.weight"})
+        EXPECT_FALSE(out_t.count(expert) && out_t.at(expert) == in_t.at(expert)) << expert << ": compressed (re-encoded or gone)";
+      EXPECT_EQ(out_t.at("model.layers.3.mlp.gate.e_score_correction_bias"), in_t.at("model.layers.3.mlp.gate.e_score_correction_bias"));
+    }
+    if (pass[0] == "quantize")
+      EXPECT_TRUE(cfg.at("quantization_config").at("weights").contains("model.layers.3.mlp.experts.7.up_proj.weight")) << cfg.dump();
     r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "16", "--max-windows", "1", "--json"});
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
-  RunResult r = run_tool({"-q", "merge", model, (tmp.path() / "m").string(), "--method", "msmoe", "--experts", "4",
-                          "--text", text, "--ctx", "16", "--windows", "2"});
+  const RunResult r = run_tool({"-q", "prune", model, (tmp.path() / "p").string(), "--method", "frequency", "--keep-ratio",
+                                "0.5", "--no-uniform", "--text", text, "--ctx", "16", "--windows", "2"});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
-  EXPECT_NE(r.err.find("multi-token-prediction layer (model.layers.3)"), std::string::npos) << r.describe();
-  EXPECT_FALSE(fs::exists(tmp.path() / "m"));
-}
-
-// Without an MTP layer (the fixture with model.layers.3.* left out and num_nextn_predict_layers 0)
-// merge runs on glm4_moe: 8 -> 4 experts per MoE layer, the glm4_moe names written, the output runs.
-TEST(Glm4MoeCli, MergeWithoutMtpLayer) {
-  TempDir tmp;
-  const fs::path in = tmp.path() / "in";
-  fs::create_directories(in);
-  std::vector<SynthTensor> kept;
-  for (const auto& [name, t] : read_tensors(glm_fixture()))
-    if (!name.starts_with("model.layers.3."))
-      kept.push_back({name, t.dtype, t.shape, std::vector<uint8_t>(t.bytes.begin(), t.bytes.end())});
-  write_file(in / "model.safetensors", safetensors_bytes(kept));
-  nlohmann::json cfg = nlohmann::json::parse(read_file(glm_fixture() / "config.json"));
-  cfg["num_nextn_predict_layers"] = 0;
-  write_file(in / "config.json", cfg.dump(2));
-  for (const char* f : {"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
-    fs::copy_file(glm_fixture() / f, in / f);
-  const std::string text = (source_dir() / "data/text/calib.txt").string();
-  const fs::path out = tmp.path() / "m";
-  RunResult r = run_tool({"-q", "merge", in.string(), out.string(), "--method", "msmoe", "--experts", "4", "--text", text,
-                          "--ctx", "16", "--windows", "2"});
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_EQ(nlohmann::json::parse(read_file(out / "config.json")).at("n_routed_experts"), 4);
-  const TensorMap out_t = read_tensors(out);
-  EXPECT_TRUE(out_t.count("model.layers.2.mlp.experts.3.down_proj.weight"));
-  EXPECT_FALSE(out_t.count("model.layers.2.mlp.experts.4.down_proj.weight"));
-  EXPECT_EQ(out_t.at("model.layers.2.mlp.gate.e_score_correction_bias").shape, (core::Shape{4}));
-  r = run_tool({"-q", "eval", out.string(), "--text", text, "--ctx", "16", "--max-windows", "1", "--json"});
-  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.err.find("the multi-token-prediction layer (model.layers.3) must end with the decoder layers' count"),
+            std::string::npos) << r.describe();
+  EXPECT_FALSE(fs::exists(tmp.path() / "p"));
 }
 
 }  // namespace

@@ -44,6 +44,40 @@ inline void copy_with_config(const std::filesystem::path& src, const std::filesy
   write_file(dst / "config.json", cfg.dump(2));
 }
 
+// The largest |logit - golden| over the golden's logits (ids 0, step, 2 step, ...) of the first
+// `rows` rows, each row's argmax checked against the golden's.
+inline double golden_logit_diff(const std::string& name, const nlohmann::json& g, const runtime::MatrixRM& logits, int64_t rows) {
+  const int64_t step = g.at("logit_ids_step").get<int64_t>();
+  double diff = 0;
+  for (int64_t t = 0; t < rows; ++t) {
+    const auto& ref = g.at("logits")[t];
+    for (size_t j = 0; j < ref.size(); ++j) diff = std::max(diff, std::abs(double(logits(t, j * step)) - ref[j].get<double>()));
+    Eigen::Index am;
+    logits.row(t).maxCoeff(&am);
+    EXPECT_EQ(am, g.at("argmax")[t].get<int64_t>()) << name << " position " << t;
+  }
+  return diff;
+}
+
+// The experts and weights routed for the first `rows` tokens against a golden's MoE layer entry L
+// ({"layer", "topk_ids", "topk_weights"}).
+inline void expect_routing_equal(const std::string& name, const nlohmann::json& L, const runtime::RoutingResult& r, int64_t rows) {
+  const int l = L.at("layer").get<int>();
+  for (int64_t t = 0; t < rows; ++t) {
+    // The reference lists a token's experts ascending (torch.topk(sorted=False) has no order).
+    std::vector<std::pair<int, float>> ours;
+    for (int64_t j = 0; j < r.ids.cols(); ++j) ours.emplace_back(r.ids(t, j), r.weights(t, j));
+    std::sort(ours.begin(), ours.end());
+    const auto ids = L.at("topk_ids")[t].get<std::vector<int>>();
+    ASSERT_EQ(ours.size(), ids.size());
+    for (size_t j = 0; j < ids.size(); ++j) {
+      EXPECT_EQ(ours[j].first, ids[j]) << name << " layer " << l << " token " << t;
+      EXPECT_NEAR(ours[j].second, L.at("topk_weights")[t][j].get<double>(), 1e-5)
+          << name << " layer " << l << " token " << t << " expert " << ids[j];
+    }
+  }
+}
+
 // Fills `out` (void: the ASSERTs below return early). The golden names its fixture and the config
 // patch its reference ran with.
 inline void check_against_reference(const std::string& name, Checked& out) {
@@ -62,16 +96,9 @@ inline void check_against_reference(const std::string& name, Checked& out) {
   RoutingRecorder rec;
   runtime::Observer* obs[] = {&rec};
   const runtime::MatrixRM logits = fwd.run(tokens, T, obs);
-  const int64_t V = logits.cols(), step = g.at("logit_ids_step").get<int64_t>();
+  const int64_t V = logits.cols();
   out.logits_abs_max = g.at("logits_abs_max").get<double>();
-  for (int64_t t = 0; t < T; ++t) {
-    const auto& ref = g.at("logits")[t];
-    for (size_t j = 0; j < ref.size(); ++j)
-      out.max_logit_diff = std::max(out.max_logit_diff, std::abs(double(logits(t, j * step)) - ref[j].get<double>()));
-    Eigen::Index am;
-    logits.row(t).maxCoeff(&am);
-    EXPECT_EQ(am, g.at("argmax")[t].get<int64_t>()) << name << " position " << t;
-  }
+  out.max_logit_diff = golden_logit_diff(name, g, logits, T);
   EXPECT_EQ(V, 4096);
   EXPECT_LE(out.max_logit_diff, 1e-4 * out.logits_abs_max) << name << ": max |logit diff| vs the reference";
 
@@ -80,20 +107,7 @@ inline void check_against_reference(const std::string& name, Checked& out) {
   for (const auto& L : layers) {
     const int l = L.at("layer").get<int>();
     ASSERT_TRUE(rec.routing.count(l)) << name << " layer " << l;
-    const runtime::RoutingResult& r = rec.routing.at(l);
-    for (int64_t t = 0; t < T; ++t) {
-      // The reference lists a token's experts ascending (torch.topk(sorted=False) has no order).
-      std::vector<std::pair<int, float>> ours;
-      for (int64_t j = 0; j < r.ids.cols(); ++j) ours.emplace_back(r.ids(t, j), r.weights(t, j));
-      std::sort(ours.begin(), ours.end());
-      const auto ids = L.at("topk_ids")[t].get<std::vector<int>>();
-      ASSERT_EQ(ours.size(), ids.size());
-      for (size_t j = 0; j < ids.size(); ++j) {
-        EXPECT_EQ(ours[j].first, ids[j]) << name << " layer " << l << " token " << t;
-        EXPECT_NEAR(ours[j].second, L.at("topk_weights")[t][j].get<double>(), 1e-5)
-            << name << " layer " << l << " token " << t << " expert " << ids[j];
-      }
-    }
+    expect_routing_equal(name, L, rec.routing.at(l), T);
   }
 }
 
@@ -164,10 +178,18 @@ inline std::vector<int> expect_kept_expert_slabs(const TensorMap& in, const Tens
 
 // calibrate (routed-only statistics) on golden `name`'s window of its fixture `dir`: each of the
 // `experts` experts' routed-token count and summed routing weight equal the reference's (from its
-// per-token choices and weights).
-inline void check_calibrate_counts(const std::string& name, const std::filesystem::path& dir, int experts) {
-  const nlohmann::json g = read_json_or_fail(source_dir() / "data" / "golden" / (name + ".json"));
+// per-token choices and weights). `mtp_golden`: the golden of the fixture's multi-token-prediction
+// layer on the same window (its MoE layer calibrated too, on the window's T-1 positions).
+inline void check_calibrate_counts(const std::string& name, const std::filesystem::path& dir, int experts,
+                                   const std::string& mtp_golden = "") {
+  nlohmann::json g = read_json_or_fail(source_dir() / "data" / "golden" / (name + ".json"));
   ASSERT_FALSE(g.is_null());
+  if (!mtp_golden.empty()) {
+    const nlohmann::json m = read_json_or_fail(source_dir() / "data" / "golden" / (mtp_golden + ".json"));
+    ASSERT_FALSE(m.is_null());
+    ASSERT_EQ(m.at("tokens"), g.at("tokens"));
+    for (const auto& L : m.at("moe_layers")) g["moe_layers"].push_back(L);
+  }
   auto lm = load_model(dir);
   const auto tokens = g.at("tokens").get<std::vector<int32_t>>();
   calib::CalibrateOptions o;

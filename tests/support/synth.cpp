@@ -226,8 +226,17 @@ std::vector<Entry> layout(const std::string& f, const json& c, DType fd) {
   const int64_t dense = ival(c, "intermediate_size", 0);
 
   add("model.embed_tokens.weight", {V, H}, fd);
-  for (int64_t l = 0; l < L; ++l) {
+  // deepseek_v3: the multi-token-prediction layers follow the decoder layers (model.layers.{L+m}.):
+  // their own tensors (enorm, hnorm, eh_proj [H, 2H], shared_head.norm) and a full decoder block.
+  const int64_t mtp = f == "deepseek_v3" ? ival(c, "num_nextn_predict_layers", 0) : 0;
+  for (int64_t l = 0; l < L + mtp; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
+    if (l >= L) {
+      add(p + "enorm.weight", {H}, fd);
+      add(p + "hnorm.weight", {H}, fd);
+      add(p + "eh_proj.weight", {H, 2 * H}, fd);
+      add(p + "shared_head.norm.weight", {H}, fd);
+    }
     if (deepseek) {
       const int64_t nope = ival(c, "qk_nope_head_dim", 0), rope = ival(c, "qk_rope_head_dim", 0);
       const int64_t vd = ival(c, "v_head_dim", 0), kvr = ival(c, "kv_lora_rank", 0);
@@ -309,19 +318,6 @@ std::vector<Entry> layout(const std::string& f, const json& c, DType fd) {
       add(p + "mlp.gate_proj.weight", {dense, H}, fd);
       add(p + "mlp.up_proj.weight", {dense, H}, fd);
       add(p + "mlp.down_proj.weight", {H, dense}, fd);
-    }
-  }
-  if (f == "deepseek_v3") {
-    // Multi-token-prediction layers follow the decoder layers (a reduced set of their tensors).
-    for (int64_t m = 0; m < ival(c, "num_nextn_predict_layers", 0); ++m) {
-      const std::string p = "model.layers." + std::to_string(L + m) + ".";
-      add(p + "enorm.weight", {H}, fd);
-      add(p + "hnorm.weight", {H}, fd);
-      add(p + "eh_proj.weight", {H, 2 * H}, fd);
-      add(p + "shared_head.norm.weight", {H}, fd);
-      add(p + "input_layernorm.weight", {H}, fd);
-      add(p + "mlp.gate.weight", {E, H}, fd);
-      add(p + "mlp.gate.e_score_correction_bias", {E}, DType::F32);
     }
   }
   add("model.norm.weight", {H}, fd);
