@@ -33,17 +33,16 @@ void masked_softmax(float* S, int64_t rows, int64_t ldS, int64_t q0, int64_t k0,
   }
 }
 
-// qwen3_next: q [N, heads * 2d] holds query then gate per head; q becomes the queries [N, heads * d]
+// qwen3_next: qg [N, heads * 2d] holds query then gate per head; q becomes the queries [N, heads * d]
 // and gate the gates [N, heads * d].
-void split_query_gate(MatrixRM& q, MatrixRM& gate, int64_t heads, int64_t d) {
-  if (q.cols() != heads * 2 * d) throw core::Error::corruption("attention: q_proj width is not heads x 2 x head_dim");
-  MatrixRM query(q.rows(), heads * d);
-  gate.resize(q.rows(), heads * d);
+void split_query_gate(const MatrixRM& qg, MatrixRM& q, MatrixRM& gate, int64_t heads, int64_t d) {
+  if (qg.cols() != heads * 2 * d) throw core::Error::corruption("attention: q_proj width is not heads x 2 x head_dim");
+  q.resize(qg.rows(), heads * d);
+  gate.resize(qg.rows(), heads * d);
   for (int64_t h = 0; h < heads; ++h) {
-    query.middleCols(h * d, d) = q.middleCols(h * 2 * d, d);
-    gate.middleCols(h * d, d) = q.middleCols(h * 2 * d + d, d);
+    q.middleCols(h * d, d) = qg.middleCols(h * 2 * d, d);
+    gate.middleCols(h * d, d) = qg.middleCols(h * 2 * d + d, d);
   }
-  q = std::move(query);
 }
 
 }  // namespace
@@ -82,13 +81,21 @@ void causal_attention(const CausalShape& c, const float* q, int64_t ldq, int64_t
 
 AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                      int64_t T) {
+  AttnOutput out;
+  AttnWorkspace ws;
+  attention(spec, w, rope, x, T, out, ws);
+  return out;
+}
+
+void attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x, int64_t T,
+               AttnOutput& out, AttnWorkspace& ws) {
   const int64_t N = x.rows(), nH = spec.heads, nKV = spec.kv_heads, d = spec.head_dim;
   std::optional<PhaseScope> phase(std::in_place, Phase::AttnProjections);
-  MatrixRM q = linear(x, w.q, w.q_bias ? &*w.q_bias : nullptr);
-  MatrixRM k = linear(x, w.k, w.k_bias ? &*w.k_bias : nullptr);
-  MatrixRM v = linear(x, w.v, w.v_bias ? &*w.v_bias : nullptr);
-  MatrixRM gate;
-  if (spec.output_gate) split_query_gate(q, gate, nH, d);
+  MatrixRM &q = ws.q, &k = ws.k, &v = ws.v, &gate = ws.gate;
+  linear_into(x, w.q, w.q_bias ? &*w.q_bias : nullptr, spec.output_gate ? ws.q_gate : q);
+  linear_into(x, w.k, w.k_bias ? &*w.k_bias : nullptr, k);
+  linear_into(x, w.v, w.v_bias ? &*w.v_bias : nullptr, v);
+  if (spec.output_gate) split_query_gate(ws.q_gate, q, gate, nH, d);
   phase.emplace(Phase::RopeQkNorm);
   if (q.cols() != nH * d || k.cols() != nKV * d || v.cols() != nKV * d)
     throw core::Error::corruption("attention: projection widths do not match heads x head_dim");
@@ -119,7 +126,6 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
   llama4_qk_after_rope(spec, q, k, T);
 
   phase.emplace(Phase::AttnCore);
-  AttnOutput out;
   out.o_input.resize(N, nH * d);
   if (spec.sinks && (!w.sinks || w.sinks->size() != nH)) throw core::Error::corruption("attention: sinks missing");
   const double scale = spec.scale ? *spec.scale : 1.0 / std::sqrt(double(d));
@@ -129,8 +135,7 @@ AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable
                    out.o_input.cols());
   if (spec.output_gate) out.o_input.array() *= (1.0f + (-gate.array()).exp()).inverse();
   phase.emplace(Phase::AttnProjections);
-  out.out = linear(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr);
-  return out;
+  linear_into(out.o_input, w.o, w.o_bias ? &*w.o_bias : nullptr, out.out);
 }
 
 }  // namespace moe::runtime

@@ -43,6 +43,16 @@ struct AttnOutput {
   MatrixRM out;      // [N, H] o_proj output
 };
 
+// The attention's working matrices (projections, their norms), kept by a caller that runs many
+// layers or calls of one shape (runtime::Forward), so that their storage is allocated, and its
+// pages faulted in and zeroed by the kernel, once rather than on every call. Each is resized to the
+// call's shape (kept when the size is unchanged): one layer's working set, whatever the layer count.
+struct AttnWorkspace {
+  MatrixRM q, k, v;     // [N, heads*head_dim], [N, kv_heads*head_dim] x2 (MLA: q [N, heads*qk_head_dim])
+  MatrixRM q_gate, gate;  // qwen3_next: q_proj's output [N, heads*2*head_dim], the gates [N, heads*head_dim]
+  MatrixRM q_a, ckv, c, kv;  // MLA: q_a_proj [N, q_lora_rank], kv_a_proj [N, r+dr], its norm [N, r], kv_b_proj
+};
+
 // The shape of one causal attention over a batch of windows (what standard attention and MLA share).
 struct CausalShape {
   int64_t rows = 0, T = 0;          // rows = windows * T, window-major; positions restart per window
@@ -70,5 +80,8 @@ void causal_attention(const CausalShape& shape, const float* q, int64_t ldq, int
 // x: [N,H] input_layernorm output, N = windows * T, window-major; positions restart per window.
 AttnOutput attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                      int64_t T);
+// The same into `out`, the working matrices in `ws` (both keep their storage across calls of one shape).
+void attention(const AttnSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x, int64_t T,
+               AttnOutput& out, AttnWorkspace& ws);
 
 }  // namespace moe::runtime

@@ -267,12 +267,13 @@ void read_scalar_multipliers(const model::Model& m, ForwardSpec& s) {
     throw Error::unsupported(c.where("position_embedding_type") + " '" + pe + "' not implemented by the forward (rope only)");
 }
 
-// RMSNorm, or (phimoe) LayerNorm with bias `b`.
-MatrixRM timed_norm(const ForwardSpec& s, const MatrixRM& X, const RowVector& w, const std::optional<RowVector>& b) {
+// RMSNorm, or (phimoe) LayerNorm with bias `b`, into Y.
+void timed_norm(const ForwardSpec& s, const MatrixRM& X, const RowVector& w, const std::optional<RowVector>& b,
+                MatrixRM& Y) {
   const PhaseScope timed(Phase::Norms);
-  if (!s.layer_norm) return rms_norm(X, w, s.eps);
+  if (!s.layer_norm) return rms_norm_into(X.data(), X.rows(), X.cols(), X.cols(), w, s.eps, Y);
   if (!b) throw Error::internal("LayerNorm without its bias");
-  return layer_norm(X, w, *b, s.eps);
+  layer_norm_into(X, w, *b, s.eps, Y);
 }
 
 // X += m * out (granitemoe's residual_multiplier; m == 1 for the other families).
@@ -440,14 +441,18 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
   for (Observer* o : observers) o->on_layer_input(l, X);
 
   {
-    MatrixRM xn = timed_norm(spec_, X, w.input_norm, w.input_norm_bias);
-    AttnOutput a = w.delta_net ? linear_attention(w, xn, T)
-                 : spec_.mla ? core::with_context("layer " + std::to_string(l),
-                                                  [&] {
-                                                    const PhaseScope timed(Phase::AttnCore);
-                                                    return mla_attention(*spec_.mla, w.attn, rope(T), xn, T);
-                                                  })
-                             : attention(spec_.layer_attn(l), w.attn, rope(T), xn, T);
+    MatrixRM& xn = ws_.xn;
+    timed_norm(spec_, X, w.input_norm, w.input_norm_bias, xn);
+    AttnOutput& a = ws_.attn;
+    if (w.delta_net)
+      a = linear_attention(w, xn, T);
+    else if (spec_.mla)
+      core::with_context("layer " + std::to_string(l), [&] {
+        const PhaseScope timed(Phase::AttnCore);
+        mla_attention(*spec_.mla, w.attn, rope(T), xn, T, a, ws_.attn_ws);
+      });
+    else
+      attention(spec_.layer_attn(l), w.attn, rope(T), xn, T, a, ws_.attn_ws);
     if (want_attn) {
       const AttnTrace t{xn, a.o_input, a.out, w.attn};
       for (Observer* o : observers)
@@ -455,13 +460,15 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
     }
     add_residual(X, a.out, spec_.residual_multiplier);
   }
-  MatrixRM x2 = timed_norm(spec_, X, w.post_attn_norm, w.post_attn_norm_bias);
+  MatrixRM& x2 = ws_.x2;
+  timed_norm(spec_, X, w.post_attn_norm, w.post_attn_norm_bias, x2);
   if (w.moe) {
     MoeDetail det;
     const std::vector<bool>* active =
         static_cast<size_t>(l) < active_.size() && !active_[static_cast<size_t>(l)].empty() ? &active_[static_cast<size_t>(l)] : nullptr;
     // Streamed experts are converted inside the block: a non-finite weight is named there.
-    MatrixRM out = naming_non_finite(model_, l, [&] { return moe_forward(*w.moe, spec_.routing, x2, &det, want_moe, active); });
+    MatrixRM& out = ws_.moe_out;
+    naming_non_finite(model_, l, [&] { moe_forward(*w.moe, spec_.routing, x2, out, ws_.moe, &det, want_moe, active); });
     if (want_routing)
       for (Observer* o : observers)
         if (o->wants_routing()) o->on_routing(l, det.logits, det.routing);
@@ -474,10 +481,14 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
     add_residual(X, out, spec_.residual_multiplier);
   } else if (w.mlp) {
     MatrixRM h;
-    MatrixRM out = [&] {
+    MatrixRM& out = ws_.mlp_out;
+    {
       const PhaseScope timed(Phase::ExpertGemms);
-      return mlp_forward(*w.mlp, x2, want_mlp ? &h : nullptr);
-    }();
+      if (want_mlp)
+        out = mlp_forward(*w.mlp, x2, &h);
+      else
+        mlp_forward_into(*w.mlp, x2, out);
+    }
     if (want_mlp) {
       const DenseMlpTrace t{x2, h, out, *w.mlp};
       for (Observer* o : observers)
@@ -511,7 +522,11 @@ void Forward::run_layers(MatrixRM& X, int64_t T, std::span<Observer* const> obse
   }
 }
 
-MatrixRM Forward::final_norm(const MatrixRM& X) const { return timed_norm(spec_, X, final_norm_w_, final_norm_b_); }
+MatrixRM Forward::final_norm(const MatrixRM& X) const {
+  MatrixRM Y;
+  timed_norm(spec_, X, final_norm_w_, final_norm_b_, Y);
+  return Y;
+}
 
 MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
   const auto& g = model_.globals();

@@ -29,6 +29,7 @@
 #include "runtime/attention.h"
 #include "runtime/gated_delta_net.h"
 #include "runtime/mla.h"
+#include "runtime/moe_block.h"
 #include "runtime/observer.h"
 #include "runtime/ops.h"
 #include "runtime/routing.h"
@@ -132,6 +133,16 @@ class Forward {
   AttnOutput linear_attention(const LayerWeights& w, const MatrixRM& xn, int64_t T) const;
   std::vector<std::vector<bool>> active_;  // per layer; empty: every expert routable
   bool stream_experts_ = false;
+  // apply_layer's working matrices (norm outputs, attention, MoE block or MLP), kept across layers
+  // and calls so their storage is allocated, and its pages faulted in by the kernel, once per
+  // shape instead of every layer: one layer's working set. A Forward is not for two threads at once.
+  struct Workspace {
+    MatrixRM xn, x2, mlp_out, moe_out;
+    AttnOutput attn;
+    AttnWorkspace attn_ws;
+    MoeWorkspace moe;
+  };
+  mutable Workspace ws_;
 };
 
 }  // namespace moe::runtime

@@ -37,5 +37,10 @@ struct MlaSpec {
 // AttnOutput::o_input is [N, heads*v_head_dim].
 AttnOutput mla_attention(const MlaSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x,
                          int64_t T);
+// The same into `out`, the working matrices (q, q_a, ckv, c, kv) in `ws`: a caller running many
+// layers or windows of one shape keeps both, so their storage is not allocated (and faulted in by
+// the kernel) again on every call.
+void mla_attention(const MlaSpec& spec, const AttnWeights& w, const RopeTable& rope, const MatrixRM& x, int64_t T,
+                   AttnOutput& out, AttnWorkspace& ws);
 
 }  // namespace moe::runtime

@@ -23,6 +23,62 @@ MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out) {
   return y;
 }
 
+namespace {
+
+// Storage that grows to the largest request and is kept, aligned as a MatrixRM's (so that the
+// element-wise passes over it split into the same packets and give the same values).
+using Buffer = std::vector<float, Eigen::aligned_allocator<float>>;
+float* grown(Buffer& b, int64_t size) {
+  if (static_cast<int64_t>(b.size()) < size) b.resize(static_cast<size_t>(size));
+  return b.data();
+}
+
+void expect_width(const MatrixRM& w, int64_t in, const char* what) {
+  if (w.cols() != in)
+    throw core::Error::internal(std::string("mlp: ") + what + " is " + std::to_string(w.rows()) + "x" +
+                                std::to_string(w.cols()) + ", the input width " + std::to_string(in));
+}
+
+// mlp_forward on n rows x [n, H] (row stride H) into y [n, w's output width] (row stride the same),
+// the activations gate/up in this thread's kept buffers. A novice or a low-rank projection takes
+// mlp_forward itself (allocating; forwards of factorized models only).
+void mlp_rows(const MlpWeights& w, const float* x, int64_t n, int64_t H, float* y) {
+  if (n == 0) return;
+  if (w.novice || w.gate_lr || w.up_lr || w.down_lr) {
+    const MatrixRM xm = Eigen::Map<const MatrixRM>(x, n, H);
+    const MatrixRM ym = mlp_forward(w, xm);
+    std::copy(ym.data(), ym.data() + ym.size(), y);
+    return;
+  }
+  expect_width(w.gate, H, "gate_proj");
+  expect_width(w.up, H, "up_proj");
+  const int64_t I = w.gate.rows(), out = w.down.rows();
+  if (w.up.rows() != I) throw core::Error::internal("mlp: gate_proj and up_proj widths differ");
+  expect_width(w.down, I, "down_proj");
+  thread_local Buffer gate_buf, up_buf;
+  float* g = grown(gate_buf, n * I);
+  float* u = grown(up_buf, n * I);
+  gemm_nt(n, I, H, 1.0f, x, H, w.gate.data(), H, 0.0f, g, I);
+  gemm_nt(n, I, H, 1.0f, x, H, w.up.data(), H, 0.0f, u, I);
+  if (w.gate_bias) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *w.gate_bias;
+  if (w.up_bias) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *w.up_bias;
+  glu_inplace(g, u, n * I, w.act);
+  gemm_nt(n, out, I, 1.0f, g, I, w.down.data(), I, 0.0f, y, out);
+  if (w.down_bias) Eigen::Map<MatrixRM>(y, n, out).rowwise() += *w.down_bias;
+}
+
+// The output width of an expert or MLP (hidden_size).
+int64_t output_width(const MlpWeights& w) {
+  return w.novice ? w.novice->size() : w.down_lr ? w.down_lr->rows() : w.down.rows();
+}
+
+}  // namespace
+
+void mlp_forward_into(const MlpWeights& w, const MatrixRM& x, MatrixRM& y) {
+  y.resize(x.rows(), output_width(w));
+  mlp_rows(w, x.data(), x.rows(), x.cols(), y.data());
+}
+
 MatrixRM mlp_hidden(const MlpWeights& w, const MatrixRM& x) {
   if (w.novice) throw core::Error::internal("mlp_hidden: a novice expert has no intermediate activations");
   MatrixRM g = project(x, w.gate, w.gate_lr);
@@ -52,7 +108,7 @@ std::vector<std::vector<int32_t>> tokens_per_expert(const RoutingResult& r, int6
   return t;
 }
 
-void scale_expert_inputs(MatrixRM& xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e) {
+void scale_expert_inputs(Eigen::Ref<MatrixRM> xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e) {
   for (size_t j = 0; j < tokens.size(); ++j)
     for (int64_t s = 0; s < r.ids.cols(); ++s)
       if (r.ids(tokens[j], s) == e) xe.row(static_cast<int64_t>(j)) *= r.weights(tokens[j], s);
@@ -67,6 +123,14 @@ RoutingResult route_to_every_expert(const MoeWeights& w, const RoutingRule& rule
 
 MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail,
                      bool keep_intermediates, const std::vector<bool>* active) {
+  MatrixRM out;
+  MoeWorkspace ws;
+  moe_forward(w, rule, x, out, ws, detail, keep_intermediates, active);
+  return out;
+}
+
+void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MatrixRM& out, MoeWorkspace& ws,
+                 MoeDetail* detail, bool keep_intermediates, const std::vector<bool>* active) {
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
   MoeDetail local;
   MoeDetail& d = detail ? *detail : local;
@@ -77,24 +141,28 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   const auto& ids = d.routing.ids;
   if (ids.cols() != k)
     throw core::Error::internal("routing gave " + std::to_string(ids.cols()) + " choices, top_k " + std::to_string(k));
-  // row[n * k + s]: the row of token n in the list of its s-th expert.
+  // row[n * k + s]: the row of token n in the list of its s-th expert; first[e]: the first row of
+  // expert e in the workspace (the experts' rows one after the other, N·k in all).
   std::vector<int32_t> row(static_cast<size_t>(N * k), -1);
-  for (int64_t e = 0; e < E; ++e)
+  std::vector<int64_t> first(static_cast<size_t>(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) {
+    first[e + 1] = first[e] + static_cast<int64_t>(d.tokens[e].size());
     for (size_t j = 0; j < d.tokens[e].size(); ++j) {
       const int32_t n = d.tokens[e][j];
       for (int64_t s = 0; s < k; ++s)
         if (ids(n, s) == e) row[static_cast<size_t>(n * k + s)] = static_cast<int32_t>(j);
     }
+  }
+  auto rows_of = [&](MatrixRM& m, int64_t e) { return m.middleRows(first[e], first[e + 1] - first[e]); };
 
   // Each expert on its own tokens (gather, GEMMs), the experts spread over the threads (each
   // expert's GEMMs are too small to thread well). Every expert's rows are held at once: N·k rows
   // of inputs and of outputs.
   phase.emplace(Phase::GatherScatter);
-  std::vector<MatrixRM> xs(static_cast<size_t>(E)), ys(static_cast<size_t>(E)), hs(static_cast<size_t>(E));
+  ws.xs.resize(first[E], H);
   parallel_for(E, [&](int64_t e) {
     const auto& tok = d.tokens[e];
-    MatrixRM& xe = xs[e];
-    xe.resize(static_cast<int64_t>(tok.size()), H);
+    auto xe = rows_of(ws.xs, e);
     for (size_t j = 0; j < tok.size(); ++j) xe.row(static_cast<int64_t>(j)) = x.row(tok[j]);
     if (rule.scales_input) scale_expert_inputs(xe, d.routing, tok, e);
   });
@@ -103,25 +171,37 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   // the end of the region); the order of the tasks does not change any result.
   std::vector<int64_t> by_size(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) by_size[e] = e;
-  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return xs[a].rows() > xs[b].rows(); });
+  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return d.tokens[a].size() > d.tokens[b].size(); });
+  // Outputs: in the workspace, or (keep_intermediates) one matrix per expert handed out with its
+  // intermediate activations.
+  std::vector<MatrixRM> ys, hs;
+  if (keep_intermediates) {
+    ys.resize(static_cast<size_t>(E));
+    hs.resize(static_cast<size_t>(E));
+  } else {
+    ws.ys.resize(first[E], H);
+  }
   parallel_for(E, [&](int64_t i) {
     const int64_t e = by_size[i];
     // A streamed expert is converted here (every one, routed to or not, so a non-finite weight is
     // refused as when the layer is converted up front), into this thread's buffers.
     thread_local MlpWeights scratch;
     const MlpWeights& we = w.expert(e, scratch);
-    if (xs[e].rows() == 0) {
+    const int64_t n = first[e + 1] - first[e];
+    if (!keep_intermediates) {
+      if (output_width(we) != H) throw core::Error::internal("expert " + std::to_string(e) + ": output width is not hidden_size");
+      mlp_rows(we, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);
+    } else if (n == 0) {
       hs[e].resize(0, we.width());
       ys[e].resize(0, H);
-      return;
+    } else {
+      ys[e] = mlp_forward(we, rows_of(ws.xs, e), &hs[e]);
     }
-    ys[e] = mlp_forward(we, xs[e], keep_intermediates ? &hs[e] : nullptr);
-    xs[e] = MatrixRM();
   });
   // Scatter-add weighted, each row in expert index order (as transformers accumulates; the sum
   // does not depend on which thread ran which expert).
   phase.emplace(Phase::GatherScatter);
-  MatrixRM out(N, H);
+  out.resize(N, H);
   parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> order(static_cast<size_t>(k));
     for (int64_t n = r0; n < r1; ++n) {
@@ -131,7 +211,11 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
       for (int64_t s : order) {
         const int32_t e = ids(n, s);
         const float wt = rule.scales_input ? 1.0f : d.routing.weights(n, s);
-        out.row(n) += wt * ys[e].row(row[static_cast<size_t>(n * k + s)]);
+        const int64_t j = row[static_cast<size_t>(n * k + s)];
+        if (keep_intermediates)
+          out.row(n) += wt * ys[e].row(j);
+        else
+          out.row(n) += wt * ws.ys.row(first[e] + j);
       }
     }
   });
@@ -142,7 +226,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
   phase.reset();
   if (w.shared) {
     const PhaseScope timed(Phase::SharedExpert);
-    MatrixRM so = mlp_forward(*w.shared, x);
+    MatrixRM& so = keep_intermediates ? d.shared_out : ws.shared;
+    mlp_forward_into(*w.shared, x, so);
     MatrixRM sg(N, 1);
     if (w.shared_gate) {
       gemm_nt(N, 1, H, 1.0f, x.data(), H, w.shared_gate->data(), H, 0.0f, sg.data(), 1);
@@ -153,12 +238,8 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
     parallel_rows(N, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t n = r0; n < r1; ++n) out.row(n) += sg(n, 0) * so.row(n);
     });
-    if (keep_intermediates) {
-      d.shared_out = std::move(so);
-      d.shared_gate = std::move(sg);
-    }
+    if (keep_intermediates) d.shared_gate = std::move(sg);
   }
-  return out;
 }
 
 }  // namespace moe::runtime

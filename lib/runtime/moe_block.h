@@ -26,6 +26,17 @@ struct MoeDetail {
 MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MoeDetail* detail = nullptr,
                      bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
 
+// The block's working matrices, kept by a caller that runs many layers of one shape
+// (runtime::Forward) so that their storage is allocated, and its pages faulted in by the kernel,
+// once: N·k rows each, whatever the routing (every expert's rows one after the other).
+struct MoeWorkspace {
+  MatrixRM xs, ys;   // [N·k, H] the experts' gathered inputs and (without keep_intermediates) outputs
+  MatrixRM shared;   // [N, H] the shared expert's output (without keep_intermediates)
+};
+// moe_forward into `out` (resized to [N,H], its storage kept when the size is unchanged).
+void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MatrixRM& out, MoeWorkspace& ws,
+                 MoeDetail* detail = nullptr, bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
+
 // The router logits x·routerᵀ [N,E] (+ the router bias when the rule adds it to the logits:
 // gpt_oss), and the bias route() takes for the choice (deepseek_v3's and ernie4_5_moe's correction bias; null
 // otherwise). Every caller that routes uses both, so the forward and the passes agree.
@@ -40,10 +51,14 @@ MatrixRM mlp_hidden(const MlpWeights& w, const MatrixRM& x);
 // intermediate activations when given. A novice expert (MlpWeights::novice) gives its constant
 // n_e on every row and an empty [N, 0] h_out.
 MatrixRM mlp_forward(const MlpWeights& w, const MatrixRM& x, MatrixRM* h_out = nullptr);
+// mlp_forward into y (resized to [N, H], its storage kept when the size is unchanged), the
+// intermediate activations in buffers of the calling thread that grow to the largest call and are
+// kept (not handed out). The same values bit for bit.
+void mlp_forward_into(const MlpWeights& w, const MatrixRM& x, MatrixRM& y);
 
 // llama4 (RoutingRule::scales_input): row j of xe [n_e,H], the input of token tokens[j] to expert
 // e, times the routing weight of e for that token (what the expert receives).
-void scale_expert_inputs(MatrixRM& xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e);
+void scale_expert_inputs(Eigen::Ref<MatrixRM> xe, const RoutingResult& r, const std::vector<int32_t>& tokens, int64_t e);
 
 // llama4 (RoutingRule::scales_input): every row of x [N,H] routed to all E experts (the rule with
 // top_k = E, through router_logits and route()), so that scale_expert_inputs over all N rows gives

@@ -25,17 +25,22 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64
 }
 
 MatrixRM linear(const MatrixRM& X, const MatrixRM& W, const RowVector* bias) {
+  MatrixRM Y;
+  linear_into(X, W, bias, Y);
+  return Y;
+}
+
+void linear_into(const MatrixRM& X, const MatrixRM& W, const RowVector* bias, MatrixRM& Y) {
   if (X.cols() != W.cols())
     throw core::Error::internal("linear: input width " + std::to_string(X.cols()) + " vs weight " +
                                 std::to_string(W.rows()) + "x" + std::to_string(W.cols()));
-  MatrixRM Y(X.rows(), W.rows());
+  Y.resize(X.rows(), W.rows());
   if (bias) {
     Y.rowwise() = *bias;
     gemm_nt(X.rows(), W.rows(), X.cols(), 1.0f, X.data(), X.cols(), W.data(), W.cols(), 1.0f, Y.data(), Y.cols());
   } else {
     gemm_nt(X.rows(), W.rows(), X.cols(), 1.0f, X.data(), X.cols(), W.data(), W.cols(), 0.0f, Y.data(), Y.cols());
   }
-  return Y;
 }
 
 namespace {
@@ -51,17 +56,29 @@ inline void rms_row(const float* x, const float* w, int64_t n, double eps, float
 }  // namespace
 
 MatrixRM rms_norm(const MatrixRM& X, const RowVector& w, double eps) {
-  MatrixRM Y(X.rows(), X.cols());
-  parallel_rows(X.rows(), kMinRows, [&](int64_t r0, int64_t r1) {
-    for (int64_t n = r0; n < r1; ++n) rms_row(X.data() + n * X.cols(), w.data(), X.cols(), eps, Y.data() + n * Y.cols());
-  });
+  MatrixRM Y;
+  rms_norm_into(X.data(), X.rows(), X.cols(), X.cols(), w, eps, Y);
   return Y;
 }
 
+void rms_norm_into(const float* X, int64_t rows, int64_t cols, int64_t ldx, const RowVector& w, double eps,
+                   MatrixRM& Y) {
+  Y.resize(rows, cols);
+  parallel_rows(rows, kMinRows, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) rms_row(X + n * ldx, w.data(), cols, eps, Y.data() + n * cols);
+  });
+}
+
 MatrixRM layer_norm(const MatrixRM& X, const RowVector& w, const RowVector& b, double eps) {
+  MatrixRM Y;
+  layer_norm_into(X, w, b, eps, Y);
+  return Y;
+}
+
+void layer_norm_into(const MatrixRM& X, const RowVector& w, const RowVector& b, double eps, MatrixRM& Y) {
   const int64_t H = X.cols();
   if (w.size() != H || b.size() != H) throw core::Error::internal("layer_norm: width mismatch");
-  MatrixRM Y(X.rows(), H);
+  Y.resize(X.rows(), H);
   parallel_rows(X.rows(), kMinRows, [&](int64_t r0, int64_t r1) {
     for (int64_t n = r0; n < r1; ++n) {
       const float* x = X.data() + n * H;
@@ -74,7 +91,6 @@ MatrixRM layer_norm(const MatrixRM& X, const RowVector& w, const RowVector& b, d
       for (int64_t i = 0; i < H; ++i) y[i] = w[i] * static_cast<float>((x[i] - mean) * r) + b[i];
     }
   });
-  return Y;
 }
 
 void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps) {
@@ -91,15 +107,24 @@ void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps) {
 }
 
 void silu_mul_inplace(MatrixRM& G, const MatrixRM& U) {
-  auto g = G.array();
-  g = g / (1.0f + (-g).exp()) * U.array();
+  glu_inplace(G.data(), U.data(), G.size(), model::GluActivation{});
 }
 
 void glu_inplace(MatrixRM& G, const MatrixRM& U, const model::GluActivation& act) {
-  if (act.kind == model::GluActivation::Silu) return silu_mul_inplace(G, U);
-  auto g = G.array();
+  if (G.rows() != U.rows() || G.cols() != U.cols()) throw core::Error::internal("glu: gate and up shapes differ");
+  glu_inplace(G.data(), U.data(), G.size(), act);
+}
+
+void glu_inplace(float* gp, const float* up, int64_t size, const model::GluActivation& act) {
+  // One linear pass over the values, as on a MatrixRM's array (the same packets and tail).
+  Eigen::Map<Eigen::ArrayXf> g(gp, size);
+  const Eigen::Map<const Eigen::ArrayXf> u(up, size);
+  if (act.kind == model::GluActivation::Silu) {
+    g = g / (1.0f + (-g).exp()) * u;
+    return;
+  }
   g = g.min(act.limit);
-  g = g / (1.0f + (-act.alpha * g).exp()) * (U.array().max(-act.limit).min(act.limit) + 1.0f);
+  g = g / (1.0f + (-act.alpha * g).exp()) * (u.max(-act.limit).min(act.limit) + 1.0f);
 }
 
 void set_blas_threads(int n) { openblas_set_num_threads(n); }

@@ -20,12 +20,22 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64
 
 // X W^T (+ b): X [N,in], W [out,in] -> [N,out].
 MatrixRM linear(const MatrixRM& X, const MatrixRM& W, const RowVector* bias = nullptr);
+// The same into Y, resized to [N,out]. A Y already holding N*out elements keeps its storage, so a
+// working matrix reused across layers and calls is allocated (and its pages faulted in by the
+// kernel) once. Y must not be X.
+void linear_into(const MatrixRM& X, const MatrixRM& W, const RowVector* bias, MatrixRM& Y);
 
 // Row-wise RMSNorm x * rsqrt(mean(x^2) + eps) * w, mean accumulated in double.
 MatrixRM rms_norm(const MatrixRM& X, const RowVector& w, double eps);
+// rms_norm of `rows` rows of `cols` values at row stride ldx into Y [rows, cols] (storage kept as
+// linear_into's).
+void rms_norm_into(const float* X, int64_t rows, int64_t cols, int64_t ldx, const RowVector& w, double eps,
+                   MatrixRM& Y);
 // Row-wise LayerNorm (x - mean) * rsqrt(var + eps) * w + b (biased variance), moments in double
 // (phimoe's nn.LayerNorm). X [N,H], w and b [H].
 MatrixRM layer_norm(const MatrixRM& X, const RowVector& w, const RowVector& b, double eps);
+// The same into Y (storage kept as linear_into's).
+void layer_norm_into(const MatrixRM& X, const RowVector& w, const RowVector& b, double eps, MatrixRM& Y);
 // In place on `groups` consecutive column groups of width w.size() (per-head norms).
 void rms_norm_groups_inplace(MatrixRM& X, const RowVector& w, double eps);
 
@@ -34,6 +44,9 @@ void silu_mul_inplace(MatrixRM& G, const MatrixRM& U);
 // G <- act(G, U) for a model::GluActivation: silu_mul_inplace, or gpt_oss's clamped SwiGLU
 // g = min(g, limit), u = clamp(u, -limit, limit), G = (u + 1) * g * sigmoid(alpha * g).
 void glu_inplace(MatrixRM& G, const MatrixRM& U, const model::GluActivation& act);
+// The same on `size` contiguous values g and u (g at least as aligned as a MatrixRM's storage for
+// the same results bit for bit).
+void glu_inplace(float* g, const float* u, int64_t size, const model::GluActivation& act);
 
 // OpenBLAS threads (the process default is OpenBLAS's own choice).
 void set_blas_threads(int n);
