@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,18 @@ inline ChildResult run_child(const std::vector<std::string>& args, const std::st
                      1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
   return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
           cpu};
+}
+
+// Writes every dirty page out (`sync`), then with `drop` empties the page cache (3 into
+// /proc/sys/vm/drop_caches: root only) so the next timing reads its input from the disk. Returns
+// whether the cache was dropped.
+inline bool settle_page_cache(bool drop) {
+  run_child({"sync"});
+  if (!drop) return false;
+  std::ofstream f("/proc/sys/vm/drop_caches");
+  f << "3\n";
+  f.flush();
+  return static_cast<bool>(f);
 }
 
 }  // namespace moe::bench

@@ -22,6 +22,10 @@ class MappedFile {
   // Tells the OS the pages of [offset, offset+len) are no longer needed, so a streaming pass
   // over a large file keeps its resident set bounded. Data stays readable (re-faulted on use).
   virtual void release(uint64_t offset, uint64_t len) const = 0;
+  // Copies the n bytes at [offset, offset + n) into dst: PosixEnv reads them from the file (pread,
+  // no page mapped), this default from data(). Error::internal when the range is not inside the
+  // file, Error::io from the file system.
+  virtual void read_at(uint64_t offset, void* dst, size_t n) const;
 };
 
 class WritableFile {
@@ -29,6 +33,12 @@ class WritableFile {
   virtual ~WritableFile() = default;
   // Writes exactly n bytes at `offset` (positional; the file grows as needed).
   virtual void write_at(uint64_t offset, const void* data, size_t n) = 0;
+  // Writes the n bytes of `src` at [src_offset, src_offset + n) at `offset`: the bytes
+  // write_at(offset, src.data() + src_offset, n) writes. PosixEnv's files copy them inside the
+  // kernel (copy_file_range, no page of `src` mapped), falling back to write_at where the file
+  // systems do not support it; this default is write_at. Error::internal when the range is not
+  // inside `src`, Error::io from the file system.
+  virtual void copy_from(uint64_t offset, const MappedFile& src, uint64_t src_offset, uint64_t n);
   virtual void close() = 0;
 };
 

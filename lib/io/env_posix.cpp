@@ -20,14 +20,21 @@ namespace {
 
 std::string errno_text() { return std::strerror(errno); }
 
+void check_copy_range(const MappedFile& src, uint64_t src_offset, uint64_t n) {
+  if (src_offset > src.size() || n > src.size() - src_offset)
+    throw Error::internal(src.path().string() + ": copy of " + std::to_string(n) + " bytes at " +
+                          std::to_string(src_offset) + " past its end " + std::to_string(src.size()));
+}
+
 class PosixMappedFile final : public MappedFile {
  public:
-  PosixMappedFile(fs::path path, const uint8_t* data, uint64_t size)
-      : path_(std::move(path)), data_(data), size_(size) {}
+  PosixMappedFile(fs::path path, const uint8_t* data, uint64_t size, int fd)
+      : path_(std::move(path)), data_(data), size_(size), fd_(fd) {}
   PosixMappedFile(const PosixMappedFile&) = delete;
   PosixMappedFile& operator=(const PosixMappedFile&) = delete;
   ~PosixMappedFile() override {
     if (size_ > 0) munmap(const_cast<uint8_t*>(data_), size_);
+    ::close(fd_);
   }
   const uint8_t* data() const override { return data_; }
   uint64_t size() const override { return size_; }
@@ -40,10 +47,28 @@ class PosixMappedFile final : public MappedFile {
     madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_DONTNEED);
   }
 
+  void read_at(uint64_t offset, void* dst, size_t n) const override {
+    check_copy_range(*this, offset, n);
+    auto* p = static_cast<uint8_t*>(dst);
+    while (n > 0) {
+      const ssize_t r = ::pread(fd_, p, std::min<size_t>(n, size_t{1} << 30), static_cast<off_t>(offset));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) throw Error::io(path_.string() + ": read failed: " + errno_text());
+      if (r == 0) throw Error::io(path_.string() + ": shorter than when it was mapped (truncated while in use)");
+      p += r;
+      n -= static_cast<size_t>(r);
+      offset += static_cast<uint64_t>(r);
+    }
+  }
+  // The descriptor the mapping was made from, open while it lives: copies between descriptors
+  // (copy_file_range) and read_at read the mapped file itself, even when its path was renamed over.
+  int fd() const { return fd_; }
+
  private:
   fs::path path_;
   const uint8_t* data_;
   uint64_t size_;
+  int fd_;
 };
 
 class PosixWritableFile final : public WritableFile {
@@ -67,6 +92,30 @@ class PosixWritableFile final : public WritableFile {
       offset += static_cast<uint64_t>(w);
     }
   }
+  // copy_file_range from the mapped file's descriptor; the rest through write_at from the mapping
+  // when the file systems refuse it (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: the same bytes).
+  void copy_from(uint64_t offset, const MappedFile& src, uint64_t src_offset, uint64_t n) override {
+    check_copy_range(src, src_offset, n);
+    const auto* mapped = dynamic_cast<const PosixMappedFile*>(&src);
+    const int in = mapped && kernel_copy_ ? mapped->fd() : -1;
+    while (n > 0 && in >= 0) {
+      auto off_in = static_cast<loff_t>(src_offset), off_out = static_cast<loff_t>(offset);
+      const ssize_t c = ::copy_file_range(in, &off_in, fd_, &off_out, std::min<uint64_t>(n, uint64_t{1} << 30), 0);
+      if (c < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
+          kernel_copy_ = false;
+          break;
+        }
+        throw Error::io(path_.string() + ": copy from " + src.path().string() + " failed: " + errno_text());
+      }
+      if (c == 0) throw Error::io(src.path().string() + ": shorter than when it was mapped (truncated while in use)");
+      src_offset += static_cast<uint64_t>(c);
+      offset += static_cast<uint64_t>(c);
+      n -= static_cast<uint64_t>(c);
+    }
+    if (n > 0) write_at(offset, src.data() + src_offset, static_cast<size_t>(n));
+  }
   void close() override {
     if (fd_ >= 0 && ::close(fd_) != 0) {
       fd_ = -1;
@@ -78,6 +127,7 @@ class PosixWritableFile final : public WritableFile {
  private:
   fs::path path_;
   int fd_;
+  bool kernel_copy_ = true;  // false once the file systems refused copy_file_range
 };
 
 class PosixEnv final : public Env {
@@ -107,8 +157,7 @@ class PosixEnv final : public Env {
       }
       data = static_cast<const uint8_t*>(p);
     }
-    ::close(fd);
-    return std::make_shared<PosixMappedFile>(path, data, size);
+    return std::make_shared<PosixMappedFile>(path, data, size, fd);
   }
 
   std::unique_ptr<WritableFile> create_file(const fs::path& path) override {
@@ -174,13 +223,23 @@ void Env::write_text(const fs::path& path, const std::string& text) {
   f->close();
 }
 
+void MappedFile::read_at(uint64_t offset, void* dst, size_t n) const {
+  check_copy_range(*this, offset, n);
+  std::memcpy(dst, data() + offset, n);
+}
+
+void WritableFile::copy_from(uint64_t offset, const MappedFile& src, uint64_t src_offset, uint64_t n) {
+  check_copy_range(src, src_offset, n);
+  write_at(offset, src.data() + src_offset, static_cast<size_t>(n));
+}
+
 void Env::copy_file(const fs::path& from, const fs::path& to) {
   auto src = map_file(from);
   auto dst = create_file(to);
   constexpr uint64_t kChunk = uint64_t{64} << 20;
   for (uint64_t off = 0; off < src->size(); off += kChunk) {
     const uint64_t n = std::min(kChunk, src->size() - off);
-    dst->write_at(off, src->data() + off, n);
+    dst->copy_from(off, *src, off, n);
     src->release(off, n);
   }
   dst->close();

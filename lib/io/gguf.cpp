@@ -5,9 +5,6 @@
 #include <functional>
 #include <set>
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include "core/error.h"
 #include "core/tensor.h"
 
@@ -366,24 +363,25 @@ const GgufTensorInfo* GgufFile::find_tensor(const std::string& name) const {
 
 const uint8_t* GgufFile::tensor_data(const GgufTensorInfo& t) const { return map_->data() + data_offset_ + t.offset; }
 
+namespace {
+
+// Whether [p, p + n) starts inside m's mapping and ends inside it.
+bool inside(const MappedFile& m, const uint8_t* p, uint64_t n) {
+  return p >= m.data() && p < m.data() + m.size() && n <= m.size() - static_cast<uint64_t>(p - m.data());
+}
+
+}  // namespace
+
 bool GgufFile::release_range(const uint8_t* p, uint64_t n) const {
-  const uint8_t* base = map_->data();
-  if (p < base || p >= base + map_->size() || n > map_->size() - static_cast<uint64_t>(p - base)) return false;
-  map_->release(static_cast<uint64_t>(p - base), n);
+  if (!inside(*map_, p, n)) return false;
+  map_->release(static_cast<uint64_t>(p - map_->data()), n);
   return true;
 }
 
-void GgufFile::prefetch_range(const uint8_t* p, uint64_t n) const {
-#ifdef MADV_POPULATE_READ
-  const uint8_t* base = map_->data();
-  if (n == 0 || p < base || p >= base + map_->size() || n > map_->size() - static_cast<uint64_t>(p - base)) return;
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t b = reinterpret_cast<uintptr_t>(p) / page * page;
-  madvise(reinterpret_cast<void*>(b), reinterpret_cast<uintptr_t>(p) + n - b, MADV_POPULATE_READ);
-#else
-  (void)p;
-  (void)n;
-#endif
+const uint8_t* GgufFile::read_range(const uint8_t* p, uint64_t n, uint8_t* buf) const {
+  if (n == 0 || !inside(*map_, p, n)) return p;
+  map_->read_at(static_cast<uint64_t>(p - map_->data()), buf, n);
+  return buf;
 }
 
 std::vector<float> GgufFile::decode(const GgufTensorInfo& t) const {
@@ -396,6 +394,33 @@ std::vector<float> GgufFile::decode(const GgufTensorInfo& t) const {
     for (int64_t r = 0; r < rows; ++r) quant::decode_row(t.type, src + r * rb, cols, out.data() + r * cols);
   });
   return out;
+}
+
+std::optional<bool> gguf_scales_finite(quant::GgmlType t, const uint8_t* p, uint64_t n) {
+  using quant::GgmlType;
+  // The byte offsets of a block's f16 scales (ggml-common.h's block structs); -1 ends the list.
+  int at[2] = {-1, -1};
+  switch (t) {
+    case GgmlType::Q4_0: case GgmlType::Q5_0: case GgmlType::Q8_0: at[0] = 0; break;
+    case GgmlType::Q4_1: case GgmlType::Q5_1: case GgmlType::Q4_K: case GgmlType::Q5_K: at[0] = 0, at[1] = 2; break;
+    case GgmlType::Q2_K: at[0] = 80, at[1] = 82; break;
+    case GgmlType::Q3_K: at[0] = 108; break;
+    case GgmlType::Q6_K: at[0] = 208; break;
+    case GgmlType::TQ1_0: at[0] = 52; break;
+    case GgmlType::TQ2_0: at[0] = 64; break;
+    default: return std::nullopt;
+  }
+  const uint64_t bs = quant::ggml_type_info(t).type_size;
+  uint16_t bad = 0;  // 1 once a scale's exponent bits are all ones (Inf or NaN)
+  for (const int o : at) {
+    if (o < 0) break;
+    for (uint64_t b = static_cast<uint64_t>(o); b + 2 <= n; b += bs) {
+      uint16_t h;
+      std::memcpy(&h, p + b, 2);
+      bad |= static_cast<uint16_t>((h & 0x7c00) == 0x7c00);
+    }
+  }
+  return bad == 0;
 }
 
 // ---- GgufWriter ----
@@ -474,15 +499,16 @@ GgufWriter::GgufWriter(Env& env, const fs::path& path, GgufMetadata kv, std::vec
   while (current_ < tensors_.size() && tensors_[current_].nbytes() == 0) ++current_;
 }
 
-void GgufWriter::append(const void* data, size_t n) {
-  const auto* p = static_cast<const uint8_t*>(data);
+template <typename Write>
+void GgufWriter::advance(size_t n, Write&& write) {
+  uint64_t done = 0;
   while (n > 0) {
     if (current_ >= tensors_.size()) throw Error::internal("gguf writer: " + std::to_string(n) + " bytes past the last tensor");
     const auto& t = tensors_[current_];
     const uint64_t take = std::min<uint64_t>(n, t.nbytes() - written_);
-    file_->write_at(data_offset_ + t.offset + written_, p, take);
+    write(data_offset_ + t.offset + written_, done, take);
     written_ += take;
-    p += take;
+    done += take;
     n -= take;
     if (written_ == t.nbytes()) {
       // Zero padding up to the next tensor (or the end of the data section).
@@ -496,6 +522,18 @@ void GgufWriter::append(const void* data, size_t n) {
       while (current_ < tensors_.size() && tensors_[current_].nbytes() == 0);
     }
   }
+}
+
+void GgufWriter::append(const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  advance(n, [&](uint64_t at, uint64_t done, uint64_t take) { file_->write_at(at, p + done, take); });
+}
+
+void GgufWriter::append_copy(const GgufFile& src, const uint8_t* data, size_t n) {
+  const MappedFile& m = src.mapping();
+  if (!inside(m, data, n)) return append(data, n);
+  const auto from = static_cast<uint64_t>(data - m.data());
+  advance(n, [&](uint64_t at, uint64_t done, uint64_t take) { file_->copy_from(at, m, from + done, take); });
 }
 
 uint64_t GgufWriter::finish() {

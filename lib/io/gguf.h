@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -101,13 +102,14 @@ class GgufFile {
   // All numel() values as f32, in storage order (row r of ne[0] values at r * ne[0]).
   // Error::unsupported for types without a decoder, naming the tensor and the type.
   std::vector<float> decode(const GgufTensorInfo& t) const;
+  // The mapping of the whole file (GgufWriter::append_copy copies from it).
+  const MappedFile& mapping() const { return *map_; }
   // Hands the mapped pages of [p, p + n) back to the OS when they lie inside this file (the data
   // stays readable); returns whether they did.
   bool release_range(const uint8_t* p, uint64_t n) const;
-  // Maps the pages of [p, p + n) in one call (madvise MADV_POPULATE_READ) when they lie inside
-  // this file, before a sequential copy reads them: one system call instead of a page fault per
-  // few pages. A hint: nothing changes when the kernel does not support it.
-  void prefetch_range(const uint8_t* p, uint64_t n) const;
+  // The n bytes at p: when they lie inside this file, read into buf (n bytes) through the file
+  // (MappedFile::read_at: no page mapped) and buf returned; else p.
+  const uint8_t* read_range(const uint8_t* p, uint64_t n, uint8_t* buf) const;
 
  private:
   fs::path path_;
@@ -118,6 +120,12 @@ class GgufFile {
   std::vector<GgufTensorInfo> tensors_;
   std::map<std::string, size_t> tensor_index_;
 };
+
+// Whether every f16 scale in n bytes of whole blocks of type t is finite, read without decoding,
+// for the types whose values are those scales times bounded integers (q4_0, q4_1, q5_0, q5_1,
+// q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, tq1_0, tq2_0): finite scales there give finite values, and a
+// non-finite scale a NaN or Inf value. nullopt for the other types (decode them to know).
+std::optional<bool> gguf_scales_finite(quant::GgmlType t, const uint8_t* p, uint64_t n);
 
 // Writes a GGUF file at `path` (the caller owns atomicity: io::OutputFile gives a temporary
 // sibling and renames it on success). The header is written by the constructor, with the tensors'
@@ -131,6 +139,9 @@ class GgufWriter {
   GgufWriter(Env& env, const fs::path& path, GgufMetadata kv, std::vector<GgufTensorInfo> tensors);
   // Appends n bytes of the current tensor (moving to the next one when it is complete).
   void append(const void* data, size_t n);
+  // append(data, n) where [data, data + n) lies inside `src`'s mapping: the bytes are copied from
+  // its file inside the kernel (WritableFile::copy_from) without mapping them; elsewhere append.
+  void append_copy(const GgufFile& src, const uint8_t* data, size_t n);
   // Index of the tensor the next append() writes to (tensors().size() when all are written).
   size_t current() const { return current_; }
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
@@ -138,6 +149,11 @@ class GgufWriter {
   uint64_t finish();
 
  private:
+  // Moves the output n bytes of the current tensor(s) on; write(file offset, bytes done, take)
+  // writes each run.
+  template <typename Write>
+  void advance(size_t n, Write&& write);
+
   std::unique_ptr<WritableFile> file_;
   fs::path path_;
   std::vector<GgufTensorInfo> tensors_;

@@ -180,6 +180,14 @@ void check_finite(const Piece& p, GgmlType type, int64_t cols, const std::string
   }
 }
 
+// Whether the n bytes at p (whole rows) are finite, read without decoding (io::gguf_scales_finite
+// for the block types); nullopt for a type that must be decoded (check_finite).
+std::optional<bool> quick_finite(const uint8_t* p, uint64_t n, GgmlType type) {
+  if (const auto dt = gguf_plain_dtype(type))
+    return core::first_non_finite(*dt, p, static_cast<size_t>(n / core::dtype_size(*dt))) < 0;
+  return io::gguf_scales_finite(type, p, n);
+}
+
 }  // namespace
 
 GgufLikeSize gguf_like_size(const Model& m, const io::GgufModel& src) {
@@ -195,13 +203,28 @@ uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src,
   LikeLayout l = like_layout(m, src, path.string(), &pieces);
   const GgufFile& f = src.file();
   GgufWriter w(env, path, std::move(l.kv), l.infos);
-  for (size_t i = 0; i < pieces.size(); ++i)
+  std::vector<uint8_t> buf;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const GgmlType type = l.infos[i].type;
+    // A few whole rows at a time: read from the file into a small buffer (no page mapped) and
+    // checked there, then copied inside the kernel (owned rows: checked and written as they are).
+    // The decode (types without a scan; naming a non-finite value's row) reads the mapping.
+    const uint64_t rb = quant::ggml_row_bytes(type, l.infos[i].ne[0]);
+    const uint64_t step = std::max<uint64_t>(1, (uint64_t{256} << 10) / rb) * rb;
+    const bool scan = quick_finite(nullptr, 0, type).has_value();
+    const std::string name = f.path().string() + ": tensor " + l.infos[i].name;
+    buf.resize(std::max<size_t>(buf.size(), step));
     for (const auto& p : pieces[i]) {
-      f.prefetch_range(p.data, p.n);
-      check_finite(p, l.infos[i].type, l.infos[i].ne[0], f.path().string() + ": tensor " + l.infos[i].name);
-      w.append(p.data, p.n);
-      f.release_range(p.data, p.n);  // pages of the source already copied (a no-op for owned rows)
+      if (!scan) check_finite(p, type, l.infos[i].ne[0], name);
+      for (uint64_t at = 0; at < p.n; at += step) {
+        const uint64_t n = std::min(step, p.n - at);
+        if (scan && !*quick_finite(f.read_range(p.data + at, n, buf.data()), n, type))
+          check_finite(p, type, l.infos[i].ne[0], name);  // throws, naming the row
+        w.append_copy(f, p.data + at, n);
+      }
+      f.release_range(p.data, p.n);  // pages a decode read (a no-op for owned rows)
     }
+  }
   return w.finish();
 }
 

@@ -20,8 +20,10 @@ class Model;
 // bytes in the source's type) is refused with Error::unsupported naming the tensor, before the
 // file is created, as are novices and different expert counts per layer. A NaN or Inf among the
 // copied values (a block's scale, a plain tensor's element) is refused with Error::invalid naming
-// the input file and tensor (the blocks are decoded a row at a time to check; the partial file is
-// the caller's to remove). Returns the file size.
+// the input file and tensor (the block types with f16 scales are checked on their scales, read
+// from the file a few rows at a time, the others decoded a row at a time; the partial file is the
+// caller's to remove). The bytes from the input file are copied inside the kernel
+// (io::WritableFile::copy_from). Returns the file size.
 uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src, const std::filesystem::path& path);
 
 // The sizes write_gguf_like would write for `m` (only its expert counts are read: a planned model
