@@ -22,9 +22,9 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
     case MoeLayerRule::All: return true;
     case MoeLayerRule::SparseStep: {
       const auto only = c.get_int_list_or("mlp_only_layers", {});
-      const int64_t layers = c.get_int("num_hidden_layers");
+      const int64_t layers = c.get_int_or("num_hidden_layers", 0);  // 0: not checked here
       for (const int64_t v : only)
-        if (v < 0 || v >= layers)
+        if (v < 0 || (layers > 0 && v >= layers))
           throw core::Error::corruption(c.where("mlp_only_layers") + ": layer " + std::to_string(v) +
                                         " not in [0, num_hidden_layers " + std::to_string(layers) + ")");
       if (std::find(only.begin(), only.end(), layer) != only.end()) return false;
@@ -34,9 +34,9 @@ bool is_moe_layer(const FamilyDesc& f, const Config& c, int layer) {
     case MoeLayerRule::Interleave: {  // llama4: moe_layers, else range(step - 1, L, step)
       if (c.has("moe_layers") && !c.json().at("moe_layers").is_null()) {
         const auto list = c.get_int_list_or("moe_layers", {});
-        const int64_t layers = c.get_int("num_hidden_layers");
+        const int64_t layers = c.get_int_or("num_hidden_layers", 0);  // 0: not checked here
         for (const int64_t v : list)
-          if (v < 0 || v >= layers)
+          if (v < 0 || (layers > 0 && v >= layers))
             throw core::Error::corruption(c.where("moe_layers") + ": layer " + std::to_string(v) +
                                           " not in [0, num_hidden_layers " + std::to_string(layers) + ")");
         return std::find(list.begin(), list.end(), layer) != list.end();
