@@ -539,9 +539,14 @@ Model Model::load(const io::Checkpoint& ckpt) {
       if (idx >= 0 && idx < d.layers && !rotary)
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": not expected for " +
                                 f.model_type + " with this config.json (" + (f.moe ? f.expert_count_key + "=" + std::to_string(n_experts) : std::string("dense")) + ")");
-      if (idx >= d.layers && !f.extra_layers_allowed)
+      // After the decoder layers only the num_nextn_predict_layers multi-token-prediction layers
+      // (families that have them): a layer past those would be passed through unchecked and
+      // contradict a config a pass rewrites (its expert count).
+      const int64_t nextn = f.extra_layers_allowed ? c.get_int_or("num_nextn_predict_layers", 0) : 0;
+      if (idx >= d.layers + nextn)
         throw Error::corruption(ckpt.shard_path(name).string() + ": tensor " + name + ": layer " + std::to_string(idx) +
-                                " but num_hidden_layers is " + std::to_string(d.layers));
+                                " but num_hidden_layers is " + std::to_string(d.layers) +
+                                (f.extra_layers_allowed ? " and num_nextn_predict_layers " + std::to_string(nextn) : ""));
     }
     // A block-scaled FP8 weight among the extras (e.g. the experts of a DeepSeek-V3 MTP layer)
     // carries its scale as the decoder layers' weights do, so --dtype dequantizes it and the

@@ -112,6 +112,16 @@ TEST(DeepSeek, OutOfRangeConfigValuesRefused) {
                          {{{"rms_norm_eps", -1}}, "config.json: rms_norm_eps: expected a finite number > 0, found -1"}});
 }
 
+// A layer stored after the decoder layers that the config does not declare (num_hidden_layers
+// lowered, no num_nextn_predict_layers): refused, not passed through beside a rewritten config.
+TEST(DeepSeek, UndeclaredLayerPastTheDecoderRefused) {
+  TempDir dir;
+  copy_with_config(source_dir() / "data/deepseek-v3-tiny", dir.path(), {{"num_hidden_layers", 2}});
+  const RunResult r = run_tool({"-q", "inspect", dir.path().string()});
+  EXPECT_EQ(r.exit_code, 2) << r.describe();
+  EXPECT_NE(r.err.find(": layer 2 but num_hidden_layers is 2 and num_nextn_predict_layers 0"), std::string::npos) << r.err;
+}
+
 // A config whose MLA shapes disagree with the stored tensors (q_lora_rank set, q_proj stored): an
 // error naming the layer and the projection, not a wrong answer.
 TEST(DeepSeek, ConfigDisagreeingWithTheTensorsIsAnError) {
