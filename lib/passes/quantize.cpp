@@ -317,12 +317,17 @@ class Quantize final : public pipeline::Pass {
     for (const auto& layer : model.layers()) {
       if (!layer.moe || layer.moe->experts.empty()) continue;
       const auto& e = layer.moe->experts[0];
-      double lo = 1e300;
-      std::string narrowest;
+      double lo = 1e300, hi = 0;
+      std::string narrowest, widest;
       for (const auto& w : widths_) {
         const double b = expert_bits(w, e);
         if (b < lo) lo = b, narrowest = quant::to_string(w);
+        if (b > hi) hi = b, widest = quant::to_string(w);
       }
+      // A budget above the widest width buys nothing more: said, not silently spent short.
+      if (*avg_bits_ > hi)
+        budget_note_ = "avg_bits " + fmt(*avg_bits_) + " is above the widest width, " + widest + " at " + fmt(hi) +
+                       " bits per parameter (scales included): every expert takes " + widest;
       if (*avg_bits_ < lo)
         throw Error::invalid("quantize: avg_bits " + fmt(*avg_bits_) + " is below the narrowest width, " + narrowest +
                              " at " + fmt(lo) + " bits per parameter (scales included) for layer " +
@@ -688,10 +693,12 @@ class Quantize final : public pipeline::Pass {
   }
 
   std::vector<std::string> run_warnings() const override {
+    std::vector<std::string> w;
+    if (!budget_note_.empty()) w.push_back(budget_note_);
     if (align_router_ && align_layers_ > 0 && aligned_layers_ == 0)
-      return {"align_router: no MoE layer's top-k agreement with the input model rose on the calibration tokens, so every "
-              "router was kept as it was"};
-    return {};
+      w.push_back("align_router: no MoE layer's top-k agreement with the input model rose on the calibration tokens, so "
+                  "every router was kept as it was");
+    return w;
   }
 
   // Classes this pass quantizes that the input already encodes: dequantized, then coded anew.
@@ -1226,6 +1233,7 @@ class Quantize final : public pipeline::Pass {
   std::string smooth_path_, align_path_;
   MatrixRM smoothed_x_;  // x / s of the layer being run
   int align_layers_ = 0, aligned_layers_ = 0;
+  std::string budget_note_;  // avg_bits above the widest width (plan)
   std::string method_name_;
   QuantizeMethod method_;
   int64_t group_ = 128;

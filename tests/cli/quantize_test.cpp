@@ -304,6 +304,16 @@ TEST(Quantize, MoteLayoutUpcycleThenTernaryExperts) {
   EXPECT_LT(json::parse(ev.out).at("kl_mean").get<double>(), 0.05);
 }
 
+// A budget above the widest width is spent on the widest width everywhere, and the run says so.
+TEST(Quantize, AvgBitsAboveTheWidestWidthSaysSo) {
+  TempDir tmp;
+  const RunResult r = run_tool({"quantize", kModel.string(), (tmp / "q").string(), "--method", "rtn", "--avg-bits", "17",
+                                "--text", kCalib, "--ctx", "32", "--windows", "2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const json w = json::parse(r.out).at("warnings");
+  EXPECT_NE(w.dump().find("avg_bits 17 is above the widest width, int8:g128:asym"), std::string::npos) << w;
+}
+
 TEST(Quantize, BadInputFailsCleanly) {
   TempDir tmp;
   const std::string m = kModel.string();
