@@ -57,7 +57,7 @@ const char* packed_format_name(PackedFormat f) { return f == PackedFormat::Gptq 
 std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in) {
   if (bits != 4 && bits != 8) return std::to_string(bits) + "-bit codes (the layout holds 4 and 8 bits)";
   if (group != 0 && in % group != 0)
-    return "groups of " + std::to_string(group) + " do not divide the " + std::to_string(in) + " inputs";
+    return "groups of " + std::to_string(group) + ", which do not divide the " + std::to_string(in) + " inputs";
   const int64_t pf = 32 / bits;
   if (f == PackedFormat::Gptq && (in % pf != 0 || out % pf != 0))
     return "shape [" + std::to_string(out) + ", " + std::to_string(in) + "]: GPTQ packs " + std::to_string(pf) +

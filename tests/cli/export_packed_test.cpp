@@ -269,7 +269,7 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   refused({int2.string(), out, "--format", "compressed-tensors"}, "2-bit codes (the layout holds 4 and 8 bits)");
   // Groups of 48 leave a shorter last group of the 128 inputs.
   const fs::path g48 = quantize_rtn(dir.path(), "mixtral-tiny", "g48", {"--codec", "int4", "--group", "48", "--sym"});
-  refused({g48.string(), out, "--format", "gptq"}, "groups of 48 do not divide the 128 inputs");
+  refused({g48.string(), out, "--format", "gptq"}, "groups of 48, which do not divide the 128 inputs");
   // Attention at int8, experts at int4: one scheme per export.
   const fs::path mixed = quantize_rtn(dir.path(), "mixtral-tiny", "mixed", {"--codec", "int4", "--group", "32", "--sym", "--attention", "int8:g32:sym"});
   refused({mixed.string(), out, "--format", "compressed-tensors"}, "this export writes one scheme for every quantized Linear");

@@ -134,7 +134,7 @@ TEST(CompressedTensors, ShapeRules) {
   EXPECT_EQ(io::packed_shape_problem(PackedFormat::CompressedTensors, 4, 128, 64, 4096), "");
   EXPECT_EQ(io::packed_shape_problem(PackedFormat::CompressedTensors, 4, 0, 3, 5), "");
   EXPECT_NE(io::packed_shape_problem(PackedFormat::CompressedTensors, 2, 32, 64, 64).find("2-bit codes"), std::string::npos);
-  EXPECT_NE(io::packed_shape_problem(PackedFormat::Gptq, 4, 48, 64, 128).find("groups of 48 do not divide the 128 inputs"),
+  EXPECT_NE(io::packed_shape_problem(PackedFormat::Gptq, 4, 48, 64, 128).find("groups of 48, which do not divide the 128 inputs"),
             std::string::npos);
   EXPECT_NE(io::packed_shape_problem(PackedFormat::Gptq, 4, 0, 12, 64).find("multiples of 8"), std::string::npos);
   EXPECT_EQ(io::packed_shape_problem(PackedFormat::Gptq, 8, 0, 12, 64), "");
