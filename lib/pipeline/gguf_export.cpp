@@ -8,6 +8,7 @@
 #include "io/gguf_names.h"
 #include "quant/intn.h"
 #include "runtime/forward.h"
+#include "runtime/parallel.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moe::pipeline {
@@ -41,14 +42,11 @@ GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlTy
 
 // Rows of a [heads * d, cols] q or k projection reordered as llama.cpp's converter does for the
 // interleaved (non-NeoX) RoPE of arch llama: within each head, row 2i + s takes row s * d/2 + i.
-std::vector<float> permute_rows(const std::vector<float>& w, int64_t heads, int64_t rows, int64_t cols) {
+void permute_rows(const float* w, int64_t heads, int64_t rows, int64_t cols, float* out) {
   const int64_t d = rows / heads, half = d / 2;
-  std::vector<float> out(w.size());
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t i = 0; i < half; ++i)
-      for (int64_t s = 0; s < 2; ++s)
-        std::copy_n(w.data() + (h * d + s * half + i) * cols, cols, out.data() + (h * d + 2 * i + s) * cols);
-  return out;
+      for (int64_t s = 0; s < 2; ++s) std::copy_n(w + (h * d + s * half + i) * cols, cols, out + (h * d + 2 * i + s) * cols);
 }
 
 // The block type an encoded weight's codes are already on, so they are copied, not re-quantized:
@@ -293,42 +291,72 @@ int64_t permuted_source_row(int64_t r, int64_t heads, int64_t rows) {
   return h * d + s * (d / 2) + i;
 }
 
+// Buffers kept across the tensors of one export: a [rows, cols] float copy of the part being
+// encoded, its row-permuted copy and the encoded bytes. Each grows to the largest part and its pages
+// are faulted in once per export, not once per tensor (a fresh block of tens of MiB per expert cost
+// more than the encoding: docs/gguf.md "Export throughput").
+struct ExportBuffers {
+  std::vector<float> x, permuted;
+  std::vector<uint8_t> out;
+};
+
+// Encodes rows [0, rows) of `rows` x `cols` with `encode_one(r, dst)` into the kept bytes, the rows
+// split over the forward's threads (each row's bytes depend on that row only, so the bytes do not
+// depend on the threads), and appends them.
+template <typename Fn>
+void encode_rows(io::GgufWriter& w, ExportBuffers& b, int64_t rows, uint64_t row_bytes, const Fn& encode_one) {
+  b.out.resize(static_cast<size_t>(rows) * row_bytes);
+  uint8_t* dst = b.out.data();
+  runtime::parallel_rows(rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) encode_one(r, dst + r * row_bytes);
+  });
+  w.append(b.out.data(), b.out.size());
+}
+
 // Appends an encoded weight whose codes are already Q4_0 / Q8_0 blocks (direct_type), row by row.
-void write_codes(io::GgufWriter& w, const Item& it, const quant::IntN& q) {
+void write_codes(io::GgufWriter& w, ExportBuffers& b, const Item& it, const quant::IntN& q) {
   const int64_t rows = q.rows(), cols = q.cols();
-  const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
-  std::vector<uint8_t> codes(static_cast<size_t>(cols)), buf(static_cast<size_t>(rows) * rb);
-  std::vector<float> scales(static_cast<size_t>(q.ngroups()));
-  for (int64_t r = 0; r < rows; ++r) {
+  encode_rows(w, b, rows, quant::ggml_row_bytes(it.info.type, cols), [&](int64_t r, uint8_t* dst) {
     const int64_t src = it.permute_heads ? permuted_source_row(r, it.permute_heads, rows) : r;
+    thread_local std::vector<uint8_t> codes;
+    thread_local std::vector<float> scales;
+    codes.resize(static_cast<size_t>(cols));
+    scales.resize(static_cast<size_t>(q.ngroups()));
     q.codes_row(src, codes.data());
     for (int64_t g = 0; g < q.ngroups(); ++g) scales[g] = q.scale(src, g);
     core::with_context("row " + std::to_string(src), [&] {
-      quant::pack_codes_row(it.info.type, codes.data(), scales.data(), cols, buf.data() + r * rb);
+      quant::pack_codes_row(it.info.type, codes.data(), scales.data(), cols, dst);
     });
-  }
-  w.append(buf.data(), buf.size());
+  });
 }
 
 // Encodes and appends one item, one part (expert) at a time.
-void write_item(io::GgufWriter& w, const Item& it, const model::Model& m) {
+void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model::Model& m) {
   const int64_t cols = it.info.ne[0];
   const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
-  std::vector<uint8_t> buf;
   for (const auto& part : it.parts) {
     if (const auto* q = dynamic_cast<const quant::IntN*>(part.encoding())) {
-      write_codes(w, it, *q);
+      write_codes(w, b, it, *q);
       continue;
     }
-    std::vector<float> x = part.to_f32();
-    const int64_t rows = static_cast<int64_t>(x.size()) / cols;
-    if (it.permute_heads) x = permute_rows(x, it.permute_heads, rows, cols);
-    buf.resize(static_cast<size_t>(rows) * rb);
-    for (int64_t r = 0; r < rows; ++r)
-      core::with_context("row " + std::to_string(r), [&] {
-        quant::encode_row(it.info.type, x.data() + r * cols, cols, buf.data() + r * rb);
-      });
-    w.append(buf.data(), buf.size());
+    const auto n = static_cast<size_t>(part.numel());
+    if (b.x.size() < n) b.x.resize(n);
+    part.to_f32(b.x.data());
+    const int64_t rows = static_cast<int64_t>(n) / cols;
+    const float* x = b.x.data();
+    if (it.permute_heads) {
+      if (b.permuted.size() < n) b.permuted.resize(n);
+      permute_rows(x, it.permute_heads, rows, cols, b.permuted.data());
+      x = b.permuted.data();
+    }
+    encode_rows(w, b, rows, rb, [&](int64_t r, uint8_t* dst) {
+      try {
+        quant::encode_row(it.info.type, x + r * cols, cols, dst);
+      } catch (core::Error& e) {
+        e.with_frame("row " + std::to_string(r));
+        throw;
+      }
+    });
     if (const auto& release = m.page_releaser())
       for (const core::Tensor* s : part.stored_tensors()) release(s->data(), s->nbytes());
   }
@@ -380,7 +408,9 @@ GgufResult write_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Mod
   r.tensors = infos.size();
   io::GgufWriter w(env, path, plan.kv, infos);
   const std::string src = ckpt.dir().string();
-  for (const auto& it : plan.items) core::with_context(src + ": " + it.info.name, [&] { write_item(w, it, m); });
+  ExportBuffers buffers;
+  for (const auto& it : plan.items)
+    core::with_context(src + ": " + it.info.name, [&] { write_item(w, buffers, it, m); });
   r.file_bytes = w.finish();
   return r;
 }
