@@ -1,6 +1,7 @@
 #include "pipeline/gguf_export.h"
 
 #include <algorithm>
+#include <future>
 #include <optional>
 
 #include "core/error.h"
@@ -292,25 +293,40 @@ int64_t permuted_source_row(int64_t r, int64_t heads, int64_t rows) {
 }
 
 // Buffers kept across the tensors of one export: a [rows, cols] float copy of the part being
-// encoded, its row-permuted copy and the encoded bytes. Each grows to the largest part and its pages
-// are faulted in once per export, not once per tensor (a fresh block of tens of MiB per expert cost
-// more than the encoding: docs/gguf.md "Export throughput").
+// encoded, its row-permuted copy and two byte buffers, one being encoded while the other is
+// written by `pending` (the kernel's copy into the page cache overlaps the next part's encoding).
+// Each grows to the largest part and its pages are faulted in once per export, not once per
+// tensor (a fresh block of tens of MiB per expert cost more than the encoding: docs/gguf.md
+// "Export throughput").
 struct ExportBuffers {
   std::vector<float> x, permuted;
-  std::vector<uint8_t> out;
+  std::vector<uint8_t> out[2];
+  int next = 0;
+  std::future<void> pending;
+
+  // Waits for the write in flight, rethrowing its error.
+  void wait() {
+    if (pending.valid()) pending.get();
+  }
+  ~ExportBuffers() {
+    if (pending.valid()) pending.wait();
+  }
 };
 
-// Encodes rows [0, rows) of `rows` x `cols` with `encode_one(r, dst)` into the kept bytes, the rows
-// split over the forward's threads (each row's bytes depend on that row only, so the bytes do not
-// depend on the threads), and appends them.
+// Encodes rows [0, rows) of `rows` x `cols` with `encode_one(r, dst)`, the rows split over the
+// forward's threads (each row's bytes depend on that row only, so the bytes do not depend on the
+// threads), and appends them once the previous part's bytes are written (in order).
 template <typename Fn>
 void encode_rows(io::GgufWriter& w, ExportBuffers& b, int64_t rows, uint64_t row_bytes, const Fn& encode_one) {
-  b.out.resize(static_cast<size_t>(rows) * row_bytes);
-  uint8_t* dst = b.out.data();
+  std::vector<uint8_t>& out = b.out[b.next];
+  out.resize(static_cast<size_t>(rows) * row_bytes);
+  uint8_t* dst = out.data();
   runtime::parallel_rows(rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) encode_one(r, dst + r * row_bytes);
   });
-  w.append(b.out.data(), b.out.size());
+  b.wait();
+  b.pending = std::async(std::launch::async, [&w, &out] { w.append(out.data(), out.size()); });
+  b.next ^= 1;
 }
 
 // Appends an encoded weight whose codes are already Q4_0 / Q8_0 blocks (direct_type), row by row.
@@ -411,6 +427,7 @@ GgufResult write_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Mod
   ExportBuffers buffers;
   for (const auto& it : plan.items)
     core::with_context(src + ": " + it.info.name, [&] { write_item(w, buffers, it, m); });
+  core::with_context(path.string(), [&] { buffers.wait(); });
   r.file_bytes = w.finish();
   return r;
 }

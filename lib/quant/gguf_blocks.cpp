@@ -71,8 +71,13 @@ uint16_t get_u16(const uint8_t* p) {
   return v;
 }
 
-int clamp_round(float v, int lo, int hi) {
-  const float r = std::nearbyint(v);
+// std::nearbyint(v) clamped to [lo, hi], without a libm call so that the loops below vectorize:
+// v is clamped to [lo - 1, hi + 1] first (every grid here lies within [-128, 255]), and adding and
+// subtracting 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer, half to even, in the
+// default rounding mode: the same result as nearbyint then clamp.
+inline int clamp_round(float v, int lo, int hi) {
+  v = std::clamp(v, static_cast<float>(lo - 1), static_cast<float>(hi + 1));
+  const float r = (v + 12582912.0f) - 12582912.0f;
   return static_cast<int>(std::clamp(r, static_cast<float>(lo), static_cast<float>(hi)));
 }
 
@@ -264,19 +269,35 @@ struct KFit {
 // The nearest code of each of n values on the grid D * q - M, q in [qmin, qmax], computed as
 // decode computes it (the rounded quotient and its two neighbours compared on the decoded values).
 KFit nearest_codes(const KSpec& s, const float* x, int n, float D, float M, int* q) {
+  // The codes (as floats) and their errors first, in a loop of selects without branches that the
+  // compiler vectorizes (the block search calls this ~20 times per sub-block); then the sum in
+  // double in element order. Same codes as clamp_round and the neighbours compared one by one.
+  float code[32], err[32];
+  const float lo = static_cast<float>(s.qmin), hi = static_cast<float>(s.qmax);
+  if (D == 0.0f) {
+    for (int i = 0; i < n; ++i) code[i] = 0.0f, err[i] = std::fabs(x[i] + M);
+  } else {
+    for (int i = 0; i < n; ++i) {
+      float v = (x[i] + M) / D;
+      v = v < lo - 1.0f ? lo - 1.0f : (v > hi + 1.0f ? hi + 1.0f : v);
+      float r = (v + 12582912.0f) - 12582912.0f;
+      r = r < lo ? lo : (r > hi ? hi : r);
+      const float e0 = std::fabs(x[i] - (D * r - M));
+      const float em = std::fabs(x[i] - (D * (r - 1.0f) - M));
+      const float ep = std::fabs(x[i] - (D * (r + 1.0f) - M));
+      const bool take_m = r - 1.0f >= lo && em < e0;
+      const float e1 = take_m ? em : e0;
+      const float c1 = take_m ? r - 1.0f : r;
+      const bool take_p = r + 1.0f <= hi && ep < e1;
+      err[i] = take_p ? ep : e1;
+      code[i] = take_p ? r + 1.0f : c1;
+    }
+  }
   KFit f;
   for (int i = 0; i < n; ++i) {
-    const int q0 = D != 0.0f ? clamp_round((x[i] + M) / D, s.qmin, s.qmax) : 0;
-    int best = q0;
-    float err = std::fabs(x[i] - (D * static_cast<float>(q0) - M));
-    for (int c : {q0 - 1, q0 + 1}) {
-      if (c < s.qmin || c > s.qmax) continue;
-      const float e = std::fabs(x[i] - (D * static_cast<float>(c) - M));
-      if (e < err) err = e, best = c;
-    }
-    q[i] = best;
-    f.sse += static_cast<double>(err) * err;
-    f.max_err = std::max(f.max_err, err);
+    q[i] = static_cast<int>(code[i]);
+    f.sse += static_cast<double>(err[i]) * err[i];
+    f.max_err = std::max(f.max_err, err[i]);
   }
   return f;
 }
