@@ -14,7 +14,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -24,6 +26,24 @@
 namespace moe::core {
 
 class Tensor;
+class Encoding;
+
+// An encoding of the native format (docs/FORMAT.md) that decodes to exactly the same values as
+// another encoding (the same codes and scales), described without computing it: the manifest
+// entry's name and parameters and each part's name suffix, dtype and shape. `make()` computes it
+// (each call anew). What a writer that keeps codes writes in place of an input's layout that no
+// folder format stores (model::OutputOptions::keep_codes).
+struct NativeForm {
+  struct Part {
+    std::string role, suffix;
+    DType dtype;
+    std::vector<int64_t> shape;
+  };
+  std::string name;
+  nlohmann::json params;
+  std::vector<Part> parts;
+  std::function<std::shared_ptr<const Encoding>()> make;
+};
 
 // One stored part of an encoded weight (always a plain tensor).
 struct EncodedPart {
@@ -68,6 +88,9 @@ class Encoding {
   //                   blocks read from a .gguf input, io/gguf_model.h)
   enum class DtypeRule { Materialize, ConvertParts, Keep, Dequantize };
   virtual DtypeRule dtype_rule() const = 0;
+  // The native encoding holding exactly these values (NativeForm), when there is one; nullopt by
+  // default. make() must be called while this encoding is alive.
+  virtual std::optional<NativeForm> native_form() const { return std::nullopt; }
 
  protected:
   void check_rows(int64_t r0, int64_t r1) const;  // Error::internal outside [0, rows]

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "core/fp8_block.h"
+#include "quant/intn.h"
 
 namespace moe::io {
 
@@ -198,6 +199,36 @@ float PackedIntLinear::scale(int64_t o, int64_t g) const {
   float v;
   core::to_f32(s.dtype(), s.data() + idx * static_cast<int64_t>(core::dtype_size(s.dtype())), &v, 1);
   return v;
+}
+
+std::optional<core::NativeForm> PackedIntLinear::native_form() const {
+  if (!g_idx_.empty()) return std::nullopt;
+  const int bits = layout_.bits, maxq = (1 << bits) - 1;
+  const int64_t out = rows(), in = cols(), ng = ngroups_;
+  bool symmetric = true;
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t g = 0; g < ng; ++g) {
+      const float s = scale(o, g);
+      if (core::f16_to_f32(core::f32_to_f16(s)) != s) return std::nullopt;
+      const int z = zero(o, g);
+      if (z < 0 || z > maxq) return std::nullopt;
+      symmetric = symmetric && z == (maxq + 1) / 2;
+    }
+  const int64_t group = layout_.group;
+  core::NativeForm f;
+  f.name = "intN";
+  f.params = {{"bits", bits}, {"group", group}, {"symmetric", symmetric}, {"cols", in}};
+  f.parts = {{"codes", ".codes", DType::U8, {out, quant::IntN::row_bytes(bits, in)}}, {"scales", ".scales", DType::F16, {out, ng}}};
+  if (!symmetric) f.parts.push_back({"zeros", ".zeros", DType::U8, {out, ng}});
+  f.make = [this, bits, group, symmetric, out, in, ng]() -> std::shared_ptr<const core::Encoding> {
+    std::vector<uint8_t> q(static_cast<size_t>(out * in)), z(static_cast<size_t>(out * ng));
+    std::vector<float> s(static_cast<size_t>(out * ng));
+    codes(0, out, q.data());
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t g = 0; g < ng; ++g) s[o * ng + g] = scale(o, g), z[o * ng + g] = static_cast<uint8_t>(zero(o, g));
+    return quant::IntN::pack(bits, group, symmetric, out, in, q.data(), s.data(), symmetric ? nullptr : z.data());
+  };
+  return f;
 }
 
 void PackedIntLinear::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {

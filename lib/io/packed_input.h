@@ -84,6 +84,13 @@ class PackedIntLinear final : public core::Encoding {
   std::vector<core::EncodedPart> parts() const override;
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
   DtypeRule dtype_rule() const override { return DtypeRule::Dequantize; }
+  // moe-tool's intN with the same codes, zero points and scales, so a writer that keeps codes
+  // (a prune of such an input written as gptq / compressed-tensors) writes them unchanged:
+  // symmetric when every zero point is 2^(N−1). nullopt with act-order (a g_idx that is not
+  // i div G: intN groups are runs of consecutive inputs), a scale that f16 does not hold exactly
+  // (compressed-tensors bf16/f32 scales), or a zero point outside [0, 2^N − 1] (GPTQ v1's stored
+  // 15 + 1). Reads the scales and zero points (not the codes) to decide.
+  std::optional<core::NativeForm> native_form() const override;
 
   const Layout& layout() const { return layout_; }
   int64_t ngroups() const { return ngroups_; }

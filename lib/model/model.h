@@ -166,6 +166,11 @@ struct OutputOptions {
   // (DtypeRule::Dequantize: GGUF blocks, compressed-tensors / GPTQ / AWQ inputs) are listed as
   // their stored parts, so bits per parameter count the bytes the input holds.
   bool as_stored = false;
+  // Encoded weights that every writer dequantizes (DtypeRule::Dequantize) are written as the
+  // native encoding holding the same values (core::Encoding::native_form) where there is one:
+  // the codes of a GPTQ / AWQ / compressed-tensors input pass through a prune whose output is
+  // written as gptq or compressed-tensors (the staged native output and the export's plan).
+  bool keep_codes = false;
 };
 
 class Model {

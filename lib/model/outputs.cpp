@@ -43,6 +43,8 @@ class OutputBuilder {
       return;
     }
     const auto rule = enc->dtype_rule();
+    if (rule == core::Encoding::DtypeRule::Dequantize && opts_.keep_codes && !opts_.materialize && !opts_.as_stored)
+      if (auto form = enc->native_form()) return add_native_form(name, t, std::move(*form));
     if (opts_.materialize || (rule == core::Encoding::DtypeRule::Dequantize && !opts_.as_stored) ||
         (opts_.dtype && rule == core::Encoding::DtypeRule::Materialize)) {
       const DType d = opts_.dtype ? *opts_.dtype : materialize_;
@@ -81,6 +83,38 @@ class OutputBuilder {
       if (same != out.rend()) same->params += t.numel();
       else pending_[cls] += t.numel();
     }
+  }
+  // An encoded weight written as its native form: the manifest entry from the form's description,
+  // the parts computed when written (the form made once for all its parts, dropped after the last).
+  void add_native_form(const std::string& name, const Tensor& t, core::NativeForm form) {
+    nlohmann::json entry = form.params;
+    entry["encoding"] = form.name;
+    nlohmann::json parts = nlohmann::json::object();
+    struct Made {
+      std::function<std::shared_ptr<const core::Encoding>()> make;
+      std::shared_ptr<const core::Encoding> enc;
+      size_t count = 0, left = 0;
+    };
+    auto made = std::make_shared<Made>(Made{std::move(form.make), nullptr, form.parts.size(), 0});
+    bool first = true;
+    for (const auto& p : form.parts) {
+      const std::string pname = name + p.suffix;
+      parts[p.role] = pname;
+      out.push_back({pname, p.dtype, p.shape,
+                     [t, made, role = p.role] {
+                       if (!made->enc) made->enc = made->make(), made->left = made->count;
+                       std::shared_ptr<const Tensor> part;
+                       for (const auto& q : made->enc->parts())
+                         if (q.role == role) part = q.tensor;
+                       if (--made->left == 0) made->enc.reset();
+                       if (!part) throw Error::internal(role + ": no such part of the native form");
+                       return *part;
+                     },
+                     {name}, name, cls, first ? t.numel() + std::exchange(pending_[cls], 0) : 0});
+      first = false;
+    }
+    entry["parts"] = parts;
+    if (manifest_) (*manifest_)[name] = entry;
   }
   // A novice expert (docs/FORMAT.md "novice"): its constant [H] stored as `<down><suffix>` in
   // F32, listed under the expert's down projection `down`. Stock outputs cannot hold it.

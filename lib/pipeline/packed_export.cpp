@@ -99,9 +99,11 @@ IntNParts intn_parts(const nlohmann::json& entry, const std::map<std::string, co
 
 namespace {
 
-// A model read from a GPTQ / AWQ / compressed-tensors input holds no intN codes (its weights are
-// decoded from the stored layout): Error::unsupported saying so, with the ways out that work.
-void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt) {
+// A weight of a GPTQ / AWQ / compressed-tensors input whose codes moe-tool's intN cannot hold
+// (io::PackedIntLinear::native_form: act-order, a scale f16 does not hold, a zero point outside
+// the code range) is read decoded: Error::unsupported saying so, with the ways out that work.
+// `weight` names it ("" when not known). Returns without throwing for other inputs.
+void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt, const std::string& weight) {
   const nlohmann::json q = ckpt.config().value("quantization_config", nlohmann::json());
   const nlohmann::json qm = q.is_object() ? q.value("quant_method", nlohmann::json()) : nlohmann::json();
   const std::string method = qm.is_string() ? qm.get<std::string>() : "";
@@ -109,10 +111,11 @@ void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt) {
   const std::string src = ckpt.dir().string(), F = io::packed_format_name(fmt);
   const std::string label = method == "gptq" ? "GPTQ" : method == "awq" ? "AWQ" : "compressed-tensors";
   throw Error::unsupported(
-      src + ": the weights are in the " + label + " format already (quantization_config.quant_method \"" + method +
-      "\", read decoded), not moe-tool int4/int8 codes, which " + F + " is written from" +
-      (method == F ? " (the folder as it is already is a " + label + " checkpoint)" : "") +
-      ": export the native moe-tool checkpoint they were quantized in, or re-quantize the decoded weights with `moe-tool quantize " +
+      src + ": " + (weight.empty() ? "the weights are" : weight + " is") + " in the " + label +
+      " format already (quantization_config.quant_method \"" + method +
+      "\") with codes moe-tool's int4/int8 groups cannot hold (act-order g_idx, a scale f16 does not hold exactly, or a "
+      "zero point outside the code range), read decoded; " + F + " is written from moe-tool codes: " +
+      "export the native moe-tool checkpoint they were quantized in, or re-quantize the decoded weights with `moe-tool quantize " +
       src + " OUT --method rtn --codec int4 --group 128 --sym` and export OUT");
 }
 
@@ -128,7 +131,9 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
   check_packed_structure(m, fmt, src);
   PackedPlan p;
   p.fmt = fmt;
-  p.outs = m.outputs(model::OutputOptions{}, &p.manifest);
+  model::OutputOptions keep;
+  keep.keep_codes = true;  // a GPTQ / AWQ / compressed-tensors input's codes, as intN (native_form)
+  p.outs = m.outputs(keep, &p.manifest);
   std::map<std::string, const model::OutTensor*> first_part;
   std::string scheme_of;      // the weight that set p.scheme
   std::string dense_expert;  // the first routed expert weight stored dense
@@ -164,9 +169,10 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
       throw Error::unsupported(src + ": " + o.weight + " (intN " + params + "): " + F + " cannot hold " + why + ": " + way_out);
   }
   if (first_part.empty()) {
-    refuse_packed_input(ckpt, fmt);
+    refuse_packed_input(ckpt, fmt, "");
     throw Error::unsupported(src + ": no weight is quantized (intN); " + F + " stores int4/int8 codes: " + way_out);
   }
+  if (!dense_expert.empty()) refuse_packed_input(ckpt, fmt, dense_expert);
   if (!dense_expert.empty())
     throw Error::unsupported(src + ": " + dense_expert + ": a routed expert stored dense; vLLM's fused-MoE layer takes one " +
                              "scheme for all experts: " + way_out);

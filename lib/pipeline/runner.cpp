@@ -136,6 +136,15 @@ json keep_map(const json& layer_reports, int64_t layers) {
   return map;
 }
 
+// How the run's outputs are written: the output dtype and --materialize, and for the formats that
+// take intN codes (gptq, compressed-tensors) the codes of a GPTQ / AWQ / compressed-tensors input
+// kept (OutputOptions::keep_codes), so a prune of such an input writes its kept codes unchanged.
+model::OutputOptions output_options(const Recipe& r) {
+  model::OutputOptions o{r.output.dtype, r.output.materialize};
+  o.keep_codes = r.output.format == "gptq" || r.output.format == "compressed-tensors";
+  return o;
+}
+
 model::Model planned_model(const model::Model& m, const std::vector<int64_t>& experts) {
   model::Model p = m;
   for (auto& layer : p.layers()) {
@@ -519,7 +528,7 @@ void check_run(RunState& s) {
   // Task subsets: the union of the tasks' experts is known after their statistics; the input's
   // size bounds it.
   const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
-                                         .outputs(model::OutputOptions{r.output.dtype, r.output.materialize}));
+                                         .outputs(output_options(r)));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
   check_output_format(env, r, ckpt, estimated);
   // The export formats stage the native output beside theirs: room for both. A GGUF input written
@@ -589,7 +598,7 @@ void plan_run(RunState& s) {
   s.planned.emplace(planned_model(model, s.counts.back()));
   const auto& counts = s.counts;
   const model::Model& planned = *s.planned;
-  s.outs_after = planned.outputs(model::OutputOptions{r.output.dtype, r.output.materialize});
+  s.outs_after = planned.outputs(output_options(r));
 
   summary["model"] = r.model.string();
   summary["family"] = model.family().model_type;
@@ -782,7 +791,8 @@ void run_layers(RunState& s) {
     arena_scope.emplace(&*arena);
   }
   // Layer by layer into one output: a part shared across layers is written once.
-  s.out_opts = model::OutputOptions{r.output.dtype, r.output.materialize, std::make_shared<model::SharedPartNames>()};
+  s.out_opts = output_options(r);
+  s.out_opts.shared_parts = std::make_shared<model::SharedPartNames>();
   auto release = [&](const core::Tensor& t) {
     for (const core::Tensor* p : t.stored_tensors()) ckpt.release_range(p->data(), p->nbytes());
   };

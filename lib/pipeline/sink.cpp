@@ -405,7 +405,9 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
     // The routed experts keep the input's storage: they must be intN codes already.
     bool encoded = false;
     json manifest = json::object();
-    for (const auto& o : planned.outputs(model::OutputOptions{}, &manifest))
+    model::OutputOptions keep;
+    keep.keep_codes = true;  // a GPTQ / AWQ / compressed-tensors input's codes (native_form)
+    for (const auto& o : planned.outputs(keep, &manifest))
       encoded = encoded || (o.cls == "experts" && !o.weight.empty() && manifest.at(o.weight).value("encoding", "") == "intN");
     if (!encoded)
       throw Error::unsupported(where + ": the routed experts stay dense; vLLM's fused-MoE layer takes them quantized: "

@@ -10,12 +10,14 @@
 //  - bad input: exit 2, one line naming the file and tensor, nothing written.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "io/checkpoint.h"
 #include "io/env.h"
+#include "model/model.h"
 #include "support/ckpt_util.h"
 #include "support/cli_expect.h"
 #include "support/packed_fixture.h"
@@ -236,17 +238,81 @@ TEST(PackedInputRefusals, BadInputFailsWithOneLine) {
   }
 }
 
-// export --format of a GPTQ input: refused (its weights are GPTQ codes read decoded, not moe-tool
-// int4/int8 codes), saying so and naming a way out; the way out named works.
-TEST(PackedInputRefusals, ExportOfAPackedInputNamesTheWayOut) {
+// A GPTQ input's codes pass through: export --format writes them in the other layout, and a prune
+// written as gptq keeps the kept experts' codes unchanged — the same bytes as the prune of the
+// native checkpoint they were exported from.
+TEST(PackedInputCodes, ExportAndPruneOfAGptqInputKeepItsCodes) {
   TempDir dir{"moe-packed-in"};
   const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
   const fs::path in = dir / "gptq";
   ASSERT_FALSE(export_packed(native, in, "gptq").is_null());
+  ASSERT_FALSE(export_packed(in, dir / "ct", "compressed-tensors").is_null());
+  EXPECT_EQ(read_file(dir / "ct" / "model.safetensors"), [&] {
+    EXPECT_FALSE(export_packed(native, dir / "ct-native", "compressed-tensors").is_null());
+    return read_file(dir / "ct-native" / "model.safetensors");
+  }());
+  for (const std::string format : {"gptq", "compressed-tensors"}) {
+    SCOPED_TRACE(format);
+    const fs::path a = dir / ("pruned-" + format), b = dir / ("pruned-native-" + format);
+    for (const auto& [src, out] : {std::pair{in, a}, std::pair{native, b}}) {
+      const RunResult r = run_tool({"-q", "prune", src.string(), out.string(), "--method", "random", "--keep", "6", "--format", format});
+      ASSERT_EQ(r.exit_code, 0) << r.describe();
+    }
+    EXPECT_EQ(read_file(a / "model.safetensors"), read_file(b / "model.safetensors"));
+    EXPECT_EQ(json::parse(read_file(a / "config.json")), json::parse(read_file(b / "config.json")));
+  }
+}
+
+// An AWQ input (asymmetric groups of 16) pruned and written as gptq: every expert of the output
+// decodes to exactly one of the input's experts of its layer (codes, zero points and scales kept,
+// nothing re-quantized), and its experts are GPTQ codes.
+TEST(PackedInputCodes, PruneOfAnAwqInputWritesItsCodesAsGptq) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path src = kSrc / "data/packed-inputs/awq-tiny", out = dir / "pruned";
+  run_ok({"-q", "prune", src.string(), out.string(), "--method", "random", "--keep", "3", "--format", "gptq"});
+  auto& env = io::Env::posix();
+  const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
+  const auto in = model::Model::load(ic), pr = model::Model::load(oc);
+  EXPECT_EQ(read_json(out / "config.json")["quantization_config"]["quant_method"], "gptq");
+  size_t checked = 0;
+  for (size_t l = 0; l < pr.layers().size(); ++l) {
+    if (!pr.layers()[l].moe) continue;
+    const auto& ie = in.layers()[l].moe->experts;
+    for (const auto& e : pr.layers()[l].moe->experts) {
+      ASSERT_NE(e.up.encoding(), nullptr);
+      EXPECT_EQ(e.up.encoding()->name(), "gptq-int4");
+      const auto up = e.up.to_f32(), gate = e.gate.to_f32(), down = e.down.to_f32();
+      const bool found = std::any_of(ie.begin(), ie.end(), [&](const model::Mlp& x) {
+        return x.up.to_f32() == up && x.gate.to_f32() == gate && x.down.to_f32() == down;
+      });
+      EXPECT_TRUE(found) << "layer " << l;
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 0u);
+}
+
+// Makes one weight of a GPTQ folder act-order: inputs 0 and 32 swap groups (every group still
+// holds 32 inputs, so the input reads; its codes decode with the lookup).
+void make_act_order(const fs::path& in) {
+  const std::string t = "model.layers.0.mlp.experts.0.up_proj.g_idx";
+  patch_tensor_bytes(in / "model.safetensors", t, 0, std::string("\x01\x00\x00\x00", 4));
+  patch_tensor_bytes(in / "model.safetensors", t, 4 * 32, std::string("\x00\x00\x00\x00", 4));
+}
+
+// A GPTQ input whose codes moe-tool's intN cannot hold (act-order: a g_idx that is not i div G) is
+// refused by export --format, saying so and naming a way out; the way out named works.
+TEST(PackedInputRefusals, ExportOfAnActOrderInputNamesTheWayOut) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path in = dir / "gptq";
+  ASSERT_FALSE(export_packed(native, in, "gptq").is_null());
+  make_act_order(in);
   for (const std::string format : {"compressed-tensors", "gptq"}) {
     SCOPED_TRACE(format);
     const RunResult r = run_tool({"export", in.string(), (dir / "out").string(), "--format", format});
-    expect_clean_failure(r, in.string() + ": the weights are in the GPTQ format already");
+    expect_clean_failure(r, in.string() + ": model.layers.0.mlp.experts.0.up_proj.weight is in the GPTQ format already");
+    EXPECT_NE(r.err.find("cannot hold (act-order g_idx"), std::string::npos) << r.err;
     EXPECT_NE(r.err.find("moe-tool quantize " + in.string() + " OUT --method rtn --codec int4 --group 128 --sym"), std::string::npos)
         << r.err;
     EXPECT_EQ(r.err.find("no weight is quantized"), std::string::npos) << r.err;
