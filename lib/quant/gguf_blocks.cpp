@@ -163,13 +163,15 @@ void decode_q8_0(const uint8_t* b, float* y) {
   for (int j = 0; j < 32; ++j) y[j] = d * static_cast<float>(static_cast<int8_t>(b[2 + j]));
 }
 
-// Ternary 256-blocks: d = absmax (f16), t = round(x / d) + 1 in {0, 1, 2}, x = d * (t - 1).
+// Ternary 256-blocks as quantize_row_tq1_0_ref / tq2_0_ref round them (and the ternary-tq codec,
+// quant/ternary.h): d = absmax, stored f16(d); t = lroundf(x · (1/d)) + 1 in {0, 1, 2} with 1/d
+// of the unrounded d in f32 (ties away from zero: |x| = d/2 gives ±1); x = d * (t - 1).
 void ternary_codes(const float* x, float* d, uint16_t* dh, int* t) {
   float amax = 0.0f;
   for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
   *dh = f16_scale(amax, d);
-  const float id = *d != 0.0f ? 1.0f / *d : 0.0f;
-  for (int j = 0; j < kQK; ++j) t[j] = clamp_round(x[j] * id, -1, 1) + 1;
+  const float id = amax != 0.0f ? 1.0f / amax : 0.0f;
+  for (int j = 0; j < kQK; ++j) t[j] = static_cast<int>(std::clamp(std::lroundf(x[j] * id), -1L, 1L)) + 1;
 }
 
 // TQ2_0 {u8 qs[64]; f16 d}: element 128 * h + 32 * l + m in bits 2l..2l+1 of qs[32 * h + m].
