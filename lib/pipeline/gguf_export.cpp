@@ -8,6 +8,7 @@
 #include "io/gguf.h"
 #include "io/gguf_names.h"
 #include "quant/intn.h"
+#include "quant/ternary.h"
 #include "runtime/forward.h"
 #include "runtime/parallel.h"
 #include "tokenizer/tokenizer.h"
@@ -52,8 +53,15 @@ void permute_rows(const float* w, int64_t heads, int64_t rows, int64_t cols, flo
 
 // The block type an encoded weight's codes are already on, so they are copied, not re-quantized:
 // moe-tool's symmetric int4 / int8 groups of 32 (f16 scale, implied zero point 8 / 128) are Q4_0
-// / Q8_0 blocks exactly. nullopt for a plain tensor or any other encoding.
-std::optional<GgmlType> direct_type(const core::Tensor& t) {
+// / Q8_0 blocks exactly, and ternary-tq trits (groups of 256, one f16 d) are TQ1_0 or TQ2_0 blocks
+// exactly: `wanted` (the type --type / --tensor-type give the tensor) when it is one of the two,
+// else TQ1_0, the smaller. nullopt for a plain tensor or any other encoding.
+std::optional<GgmlType> direct_type(const core::Tensor& t, GgmlType wanted) {
+  if (const auto* tq = dynamic_cast<const quant::Ternary*>(t.encoding())) {
+    if (tq->grid() != quant::TernaryGrid::TQ || !tq->symmetric() || tq->group() != 256 || tq->cols() % 256 != 0)
+      return std::nullopt;
+    return wanted == GgmlType::TQ2_0 ? GgmlType::TQ2_0 : GgmlType::TQ1_0;
+  }
   const auto* q = dynamic_cast<const quant::IntN*>(t.encoding());
   if (!q || !q->symmetric() || q->group() != 32 || q->cols() % 32 != 0) return std::nullopt;
   if (q->bits() == 4) return GgmlType::Q4_0;
@@ -222,21 +230,23 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (parts.size() > 1) it.info.ne.push_back(static_cast<int64_t>(parts.size()));
     // A [1, H] gate is a vector to llama.cpp ({n_embd}).
     while (it.info.ne.size() > 1 && it.info.ne.back() == 1) it.info.ne.pop_back();
+    const GgmlType wanted = choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr);
     for (size_t e = 0; e < parts.size(); ++e)
-      if (const core::Encoding* enc = parts[e].encoding(); enc && !direct_type(parts[e]))
+      if (const core::Encoding* enc = parts[e].encoding(); enc && !direct_type(parts[e], wanted))
         throw Error::unsupported(src + ": " + name + (parts.size() > 1 ? ": expert " + std::to_string(e) : "") +
                                  " is encoded as '" + enc->name() + "' " + enc->params().dump() +
                                  ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as "
-                                 "q4_0/q8_0): write it dense first with `moe-tool convert " + src +
+                                 "q4_0/q8_0, ternary-tq trits as tq1_0/tq2_0): write it dense first with `moe-tool convert " + src +
                                  " DENSE --materialize`, then export DENSE");
-    const std::optional<GgmlType> direct = direct_type(parts.front());
+    const std::optional<GgmlType> direct = direct_type(parts.front(), wanted);
     for (const auto& part : parts)
-      if (direct_type(part) != direct)
+      if (direct_type(part, wanted) != direct)
         throw Error::unsupported(src + ": " + name + ": its experts are stored in different encodings; one GGUF tensor "
                                  "has one type: write them dense first with `moe-tool convert " + src +
                                  " DENSE --materialize`");
-    // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply).
-    it.info.type = direct ? *direct : choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr);
+    // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply,
+    // except to choose tq1_0 or tq2_0 for ternary-tq trits).
+    it.info.type = direct ? *direct : wanted;
     const auto& ti = quant::ggml_type_info(it.info.type);
     if (it.info.ne[0] % ti.block != 0)
       throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
@@ -329,17 +339,19 @@ void encode_rows(io::GgufWriter& w, ExportBuffers& b, int64_t rows, uint64_t row
   b.next ^= 1;
 }
 
-// Appends an encoded weight whose codes are already Q4_0 / Q8_0 blocks (direct_type), row by row.
-void write_codes(io::GgufWriter& w, ExportBuffers& b, const Item& it, const quant::IntN& q) {
-  const int64_t rows = q.rows(), cols = q.cols();
+// Appends an encoded weight whose codes are already Q4_0 / Q8_0 / TQ blocks (direct_type), row by
+// row: `codes_row(src, codes)` and `scale(src, g)` read the encoding's codes and group scales.
+template <typename Codes, typename Scale>
+void write_codes(io::GgufWriter& w, ExportBuffers& b, const Item& it, int64_t rows, int64_t cols, int64_t ngroups,
+                 const Codes& codes_row, const Scale& scale) {
   encode_rows(w, b, rows, quant::ggml_row_bytes(it.info.type, cols), [&](int64_t r, uint8_t* dst) {
     const int64_t src = it.permute_heads ? permuted_source_row(r, it.permute_heads, rows) : r;
     thread_local std::vector<uint8_t> codes;
     thread_local std::vector<float> scales;
     codes.resize(static_cast<size_t>(cols));
-    scales.resize(static_cast<size_t>(q.ngroups()));
-    q.codes_row(src, codes.data());
-    for (int64_t g = 0; g < q.ngroups(); ++g) scales[g] = q.scale(src, g);
+    scales.resize(static_cast<size_t>(ngroups));
+    codes_row(src, codes.data());
+    for (int64_t g = 0; g < ngroups; ++g) scales[g] = scale(src, g);
     core::with_context("row " + std::to_string(src), [&] {
       quant::pack_codes_row(it.info.type, codes.data(), scales.data(), cols, dst);
     });
@@ -352,7 +364,13 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
   const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
   for (const auto& part : it.parts) {
     if (const auto* q = dynamic_cast<const quant::IntN*>(part.encoding())) {
-      write_codes(w, b, it, *q);
+      write_codes(w, b, it, q->rows(), q->cols(), q->ngroups(), [q](int64_t r, uint8_t* c) { q->codes_row(r, c); },
+                  [q](int64_t r, int64_t g) { return q->scale(r, g); });
+      continue;
+    }
+    if (const auto* t = dynamic_cast<const quant::Ternary*>(part.encoding())) {
+      write_codes(w, b, it, t->rows(), t->cols(), t->ngroups(), [t](int64_t r, uint8_t* c) { t->trits_row(r, c); },
+                  [t](int64_t r, int64_t g) { return t->hi(r, g); });
       continue;
     }
     const auto n = static_cast<size_t>(part.numel());

@@ -175,14 +175,19 @@ void ternary_codes(const float* x, float* d, uint16_t* dh, int* t) {
 }
 
 // TQ2_0 {u8 qs[64]; f16 d}: element 128 * h + 32 * l + m in bits 2l..2l+1 of qs[32 * h + m].
+// t: stored values in {0, 1, 2} (trit + 1).
+void pack_tq2_0(const int* t, uint16_t dh, uint8_t* b) {
+  std::memset(b, 0, 64);
+  for (int e = 0; e < kQK; ++e) b[32 * (e / 128) + e % 32] |= static_cast<uint8_t>(t[e] << (2 * ((e % 128) / 32)));
+  put_u16(b + 64, dh);
+}
+
 void encode_tq2_0(const float* x, uint8_t* b) {
   float d;
   uint16_t dh;
   int t[kQK];
   ternary_codes(x, &d, &dh, t);
-  std::memset(b, 0, 64);
-  for (int e = 0; e < kQK; ++e) b[32 * (e / 128) + e % 32] |= static_cast<uint8_t>(t[e] << (2 * ((e % 128) / 32)));
-  put_u16(b + 64, dh);
+  pack_tq2_0(t, dh, b);
 }
 
 void decode_tq2_0(const uint8_t* b, float* y) {
@@ -204,11 +209,7 @@ Tq1Place tq1_place(int e) {
   return {48 + (e - 240) % 4, (e - 240) / 4};
 }
 
-void encode_tq1_0(const float* x, uint8_t* b) {
-  float d;
-  uint16_t dh;
-  int t[kQK];
-  ternary_codes(x, &d, &dh, t);
+void pack_tq1_0(const int* t, uint16_t dh, uint8_t* b) {
   int sum[52] = {};
   static constexpr int kPow3[5] = {81, 27, 9, 3, 1};
   for (int e = 0; e < kQK; ++e) {
@@ -217,6 +218,14 @@ void encode_tq1_0(const float* x, uint8_t* b) {
   }
   for (int k = 0; k < 52; ++k) b[k] = static_cast<uint8_t>((sum[k] * 256 + 242) / 243);
   put_u16(b + 52, dh);
+}
+
+void encode_tq1_0(const float* x, uint8_t* b) {
+  float d;
+  uint16_t dh;
+  int t[kQK];
+  ternary_codes(x, &d, &dh, t);
+  pack_tq1_0(t, dh, b);
 }
 
 void decode_tq1_0(const uint8_t* b, float* y) {
@@ -677,10 +686,25 @@ void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst) {
 }
 
 void pack_codes_row(GgmlType t, const uint8_t* codes, const float* scales, int64_t n, uint8_t* dst) {
-  if (t != GgmlType::Q4_0 && t != GgmlType::Q8_0)
-    throw Error::invalid(std::string("codes cannot be stored as ") + ggml_type_info(t).name + " without re-quantizing");
   const auto& info = ggml_type_info(t);
   (void)ggml_row_bytes(t, n);
+  if (t == GgmlType::TQ1_0 || t == GgmlType::TQ2_0) {
+    for (int64_t i = 0; i < n / kQK; ++i) {
+      float stored;
+      const uint16_t dh = f16_scale(scales[i], &stored);
+      if (stored != scales[i]) throw Error::invalid("scale " + std::to_string(scales[i]) + " of block " + std::to_string(i) + " is not exact in f16");
+      int v[kQK];
+      for (int j = 0; j < kQK; ++j) {
+        const uint8_t c = codes[i * kQK + j];
+        if (c > 2) throw Error::invalid("trit " + std::to_string(c) + " above 2");
+        v[j] = c == 0 ? 1 : c == 1 ? 0 : 2;  // zero, lo = -d, hi = +d -> stored t + 1
+      }
+      (t == GgmlType::TQ1_0 ? pack_tq1_0 : pack_tq2_0)(v, dh, dst + i * info.type_size);
+    }
+    return;
+  }
+  if (t != GgmlType::Q4_0 && t != GgmlType::Q8_0)
+    throw Error::invalid(std::string("codes cannot be stored as ") + info.name + " without re-quantizing");
   const int maxq = t == GgmlType::Q4_0 ? 15 : 255;
   for (int64_t i = 0; i < n / 32; ++i) {
     const uint8_t* q = codes + i * 32;

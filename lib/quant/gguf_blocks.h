@@ -94,7 +94,9 @@ void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst);
 // Stores integer codes already on a 32-block grid, without rounding anything: n unsigned codes
 // with an implied zero point (Q4_0: 0..15, x = d * (q - 8); Q8_0: 0..255, x = d * (q - 128)) and
 // one f16-exact scale per 32 values, as moe-tool's symmetric int4 / int8 groups of 32 store them
-// (quant/intn.h). Error::invalid for another type, a code out of range or a scale not exact in f16.
+// (quant/intn.h); or, for TQ1_0 / TQ2_0, n trits in moe-tool's convention (0 zero, 1 = −d, 2 = +d)
+// and one f16-exact d per 256 values, as the ternary-tq codec stores them (quant/ternary.h).
+// Error::invalid for another type, a code out of range or a scale not exact in f16.
 void pack_codes_row(GgmlType t, const uint8_t* codes, const float* scales, int64_t n, uint8_t* dst);
 
 }  // namespace moe::quant

@@ -289,6 +289,47 @@ TEST(Export, SymmetricGroupsOf32AreCopiedAsBlocks) {
                        "blk.0.ffn_gate_exps.weight: expert 0 is encoded as 'intN' {\"bits\":4,\"cols\":128,\"group\":64");
 }
 
+// ternary-tq trits (groups of 256, one f16 d) are TQ1_0 / TQ2_0 blocks exactly: copied, not
+// re-rounded, as the type --tensor-type gives (tq1_0 by default, the smaller), decoding to the
+// native weights bit for bit; in a recipe's GGUF output too.
+TEST(Export, TernaryTqTritsAreCopiedAsTqBlocks) {
+  TempDir dir{"moe-export"};
+  const fs::path tq = dir / "tq";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/models/mixtral-tiny").string(), tq.string(), "--method", "rtn",
+                      "--codec", "ternary-tq", "--experts", "keep", "--tensor-type", "experts\\.[0-9]+\\.w2=ternary-tq"})
+                .exit_code,
+            0);
+  auto& env = io::Env::posix();
+  const auto ckpt = io::Checkpoint::open(env, tq);
+  const auto model = model::Model::load(ckpt);
+  const auto& e3 = model.layers().at(1).moe->experts.at(3).down;
+  ASSERT_NE(e3.encoding(), nullptr);
+  ASSERT_EQ(e3.encoding()->name(), "ternary");
+  const auto want = e3.to_f32();
+  const auto n = static_cast<int64_t>(want.size());
+  for (const std::string type : {"", "tq1_0", "tq2_0"}) {
+    SCOPED_TRACE(type);
+    const fs::path out = dir / ("tq" + type + ".gguf");
+    std::vector<std::string> args = {"-q", "export", tq.string(), out.string(), "--type", "f32"};
+    if (!type.empty()) args.insert(args.end(), {"--tensor-type", "ffn_down_exps=" + type});
+    ASSERT_EQ(run_tool(args).exit_code, 0);
+    const auto f = io::GgufFile::open(env, out);
+    EXPECT_EQ(type_of(f, "blk.1.ffn_down_exps.weight"), type.empty() ? "tq1_0" : type);
+    const auto down = f.decode(*f.find_tensor("blk.1.ffn_down_exps.weight"));
+    EXPECT_EQ(std::vector<float>(down.begin() + 3 * n, down.begin() + 4 * n), want);
+  }
+  const fs::path direct = dir / "direct.gguf";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/models/mixtral-tiny").string(), direct.string(), "--method", "rtn",
+                      "--codec", "ternary-tq", "--experts", "keep", "--tensor-type", "experts\\.[0-9]+\\.w2=ternary-tq",
+                      "--format", "gguf", "--gguf-type", "f32", "--gguf-tensor-type", "ffn_down_exps=tq2_0"})
+                .exit_code,
+            0);
+  const auto f = io::GgufFile::open(env, direct);
+  EXPECT_EQ(type_of(f, "blk.1.ffn_down_exps.weight"), "tq2_0");
+  const auto down = f.decode(*f.find_tensor("blk.1.ffn_down_exps.weight"));
+  EXPECT_TRUE(std::equal(want.begin(), want.end(), down.begin() + 3 * n));
+}
+
 // Rows of 256 (a synthetic mixtral of hidden and expert width 256): every weight in the K-quant
 // main type, token_embd and output at Q6_K as llama-quantize puts output (Q8_0 when the main type
 // is Q8_0, and for rows of 128, as MixtralMetadataAndTypesAsLlamaCppExpects checks).
