@@ -432,7 +432,7 @@ PerplexityResult perplexity(const model::Model& m, const Windows& w, const EvalO
   for (int64_t b0 = 0; b0 < w.windows; b0 += B) {
     const int64_t nb = std::min(B, w.windows - b0);
     std::span<const int32_t> toks(w.tokens.data() + b0 * w.ctx, static_cast<size_t>(nb * w.ctx));
-    MatrixRM logits = fwd.run(toks, w.ctx);
+    const MatrixRM& logits = fwd.run_kept(toks, w.ctx);
     for (int64_t i = 0; i < nb; ++i)
       for (int64_t p = w.score_begin; p + 1 < w.ctx; ++p) {
         const double nll = nll_of_row(logits.data() + (i * w.ctx + p) * V, V, toks[i * w.ctx + p + 1]);
@@ -479,9 +479,9 @@ CompareResult compare(const model::Model& reference, const model::Model& m, cons
     const int64_t nb = std::min(B, w.windows - b0);
     std::span<const int32_t> toks(w.tokens.data() + b0 * w.ctx, static_cast<size_t>(nb * w.ctx));
     auto t0 = std::chrono::steady_clock::now();
-    MatrixRM lr = fr.run(toks, w.ctx, obs_r);
+    const MatrixRM& lr = fr.run_kept(toks, w.ctx, obs_r);
     auto t1 = std::chrono::steady_clock::now();
-    MatrixRM lm = fm.run(toks, w.ctx, obs_m);
+    const MatrixRM& lm = fm.run_kept(toks, w.ctx, obs_m);
     auto t2 = std::chrono::steady_clock::now();
     if (c.routing.available) add_agreement(c.routing, maps, rec_r, rec_m);
     secs_r += std::chrono::duration<double>(t1 - t0).count();

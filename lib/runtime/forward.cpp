@@ -529,16 +529,23 @@ MatrixRM Forward::final_norm(const MatrixRM& X) const {
 }
 
 MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
+  MatrixRM out;
+  lm_head_into(Xn, out);
+  return out;
+}
+
+void Forward::lm_head_into(const MatrixRM& Xn, MatrixRM& out) const {
   const auto& g = model_.globals();
   const core::Tensor& W = g.count("lm_head") ? g.at("lm_head") : g.at("embed");
   const int64_t V = W.dim(0), H = W.dim(1), N = Xn.rows();
   if (Xn.cols() != H) throw Error::internal("lm_head: width mismatch");
   const PhaseScope timed(Phase::LmHead);
-  MatrixRM out(N, V);
+  out.resize(N, V);
   const int64_t chunk = std::min<int64_t>(V, 4096);
   // logits / logits_scaling (granitemoe) as the GEMM's alpha; 1 for the other families.
   const float alpha = spec_.logits_scaling == 1.0 ? 1.0f : static_cast<float>(1.0 / spec_.logits_scaling);
-  std::vector<float> w(static_cast<size_t>(chunk * H));
+  std::vector<float>& w = ws_.head_w;
+  if (w.size() < static_cast<size_t>(chunk * H)) w.resize(static_cast<size_t>(chunk * H));
   for (int64_t r0 = 0; r0 < V; r0 += chunk) {
     const int64_t r1 = std::min(V, r0 + chunk);
     W.slice0(r0, r1).to_f32(w.data());
@@ -548,7 +555,6 @@ MatrixRM Forward::lm_head(const MatrixRM& Xn) const {
     gemm_nt(N, r1 - r0, H, alpha, Xn.data(), H, w.data(), H, 0.0f, out.data() + r0, V);
     if (lm_head_b_) out.middleCols(r0, r1 - r0).rowwise() += lm_head_b_->segment(r0, r1 - r0);
   }
-  return out;
 }
 
 MatrixRM Forward::run(std::span<const int32_t> tokens, int64_t T, std::span<Observer* const> observers) const {
@@ -557,6 +563,16 @@ MatrixRM Forward::run(std::span<const int32_t> tokens, int64_t T, std::span<Obse
   MatrixRM X = embed(tokens);
   run_layers(X, T, observers);
   return logits(X);
+}
+
+const MatrixRM& Forward::run_kept(std::span<const int32_t> tokens, int64_t T, std::span<Observer* const> observers) const {
+  if (T <= 0 || tokens.size() % static_cast<size_t>(T) != 0)
+    throw Error::internal("Forward::run_kept: token count not a multiple of the window length");
+  MatrixRM X = embed(tokens);
+  run_layers(X, T, observers);
+  timed_norm(spec_, X, final_norm_w_, final_norm_b_, ws_.final_xn);
+  lm_head_into(ws_.final_xn, ws_.logits);
+  return ws_.logits;
 }
 
 }  // namespace moe::runtime
