@@ -10,6 +10,7 @@
 #include "io/checkpoint_writer.h"
 #include "io/packed_input.h"
 #include "quant/intn.h"
+#include "runtime/parallel.h"
 
 namespace moe::pipeline {
 
@@ -289,6 +290,9 @@ size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model
   }
   io::CheckpointWriter w(env, dir, p.specs, max_shard_bytes);
   std::vector<io::PackedTensor> packed;  // buffers reused from weight to weight
+  // The rows of weight_packed / qweight packed on the forward's threads (the bytes do not depend
+  // on the split).
+  const io::RowSplit split = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) { runtime::parallel_rows(n, 16, fn); };
   for (const auto& o : p.outs) {
     if (o.weight.empty()) {
       const core::Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
@@ -300,7 +304,7 @@ size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model
     const std::string mod = module_of(o.weight);
     core::with_context(o.weight, [&] {
       const IntNParts parts = intn_parts(p.manifest.at(o.weight), by_name);
-      io::pack_linear(p.fmt, parts.codes, packed);
+      io::pack_linear(p.fmt, parts.codes, packed, split);
       for (const auto& t : packed) w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
     });
     // One release per weight over its parts (stored next to each other) and the kernel's
