@@ -80,15 +80,22 @@ std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, 
           {".g_idx", DType::I32, {in}, {}}};
 }
 
-void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& t, const RowSplit& split) {
+bool packed_rows_are_codes(PackedFormat f, const GroupCodes& c) {
+  return f == PackedFormat::CompressedTensors && c.row_bytes() % 4 == 0;
+}
+
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& t, const RowSplit& split,
+                 bool leave_stored_rows) {
   if (const std::string p = packed_shape_problem(f, c.bits, c.group, c.out, c.in); !p.empty())
     throw Error::internal("pack_linear: " + p);
   if (!c.codes || !c.scales || (!c.symmetric && !c.zeros)) throw Error::internal("pack_linear: missing codes, scales or zeros");
   std::vector<PackedTensor> specs = packed_specs(f, c.bits, c.group, c.symmetric, c.out, c.in);
+  const bool leave = leave_stored_rows && packed_rows_are_codes(f, c);  // weight_packed: t[0]
   t.resize(specs.size());
   for (size_t i = 0; i < specs.size(); ++i) {
     t[i].suffix = specs[i].suffix, t[i].dtype = specs[i].dtype, t[i].shape = specs[i].shape;
-    t[i].data.resize(static_cast<size_t>(core::dtype_size(t[i].dtype) * core::shape_numel(t[i].shape)));
+    if (i == 0 && leave) t[i].data.clear();
+    else t[i].data.resize(static_cast<size_t>(core::dtype_size(t[i].dtype) * core::shape_numel(t[i].shape)));
   }
   auto run = [&](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     if (split) split(n, fn);
@@ -102,7 +109,7 @@ void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>&
     // weight_packed: the row stream, each row zero-padded to whole words.
     const int64_t wb = t[0].shape[1] * 4;
     uint8_t* packed = t[0].data.data();
-    run(out, [&](int64_t o0, int64_t o1) {
+    if (!leave) run(out, [&](int64_t o0, int64_t o1) {
       if (wb == rb) {
         std::memcpy(packed + o0 * wb, codes + o0 * rb, static_cast<size_t>((o1 - o0) * rb));
         return;

@@ -172,7 +172,7 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
 
 // Widths that are not a multiple of the 16 outputs qweight is written in, packed whole and in
 // uneven blocks of rows taken in reverse order (as threads may): the same bytes, and the decoders
-// give scale · (q − z) exactly.
+// give scale · (q − z) exactly. weight_packed left to the caller only when it is the stored codes.
 TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
   std::mt19937 rng(11);
   const io::RowSplit blocks_of_3 = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
@@ -198,6 +198,15 @@ TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
           io::pack_linear(fmt, c.view(), split, blocks_of_3);
           ASSERT_EQ(whole.size(), split.size());
           for (size_t k = 0; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, split[k].data) << whole[k].suffix;
+          // Rows that fill whole words: weight_packed is the stored codes, left to the caller on request.
+          const bool plain = io::packed_rows_are_codes(fmt, c.view());
+          EXPECT_EQ(plain, fmt == PackedFormat::CompressedTensors && (in == 96 || bits == 8));
+          std::vector<io::PackedTensor> left;
+          io::pack_linear(fmt, c.view(), left, {}, /*leave_stored_rows=*/true);
+          ASSERT_EQ(left.size(), whole.size());
+          EXPECT_EQ(left[0].data, plain ? std::vector<uint8_t>{} : whole[0].data);
+          if (plain) EXPECT_EQ(c.stream, whole[0].data);
+          for (size_t k = 1; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, left[k].data) << whole[k].suffix;
           const auto w = fmt == PackedFormat::Gptq
                              ? decode_gptq(bits, out, in, find_part(whole, ".qweight").data, find_part(whole, ".qzeros").data,
                                            find_part(whole, ".scales").data, find_part(whole, ".g_idx").data)
