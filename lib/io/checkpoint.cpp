@@ -180,6 +180,17 @@ void Checkpoint::release_range(const uint8_t* p, uint64_t n) const {
   core::release_arena_range(p, n);  // a tensor a pass made (core/tensor_arena.h)
 }
 
+const MappedFile* Checkpoint::mapping_of(const uint8_t* p, uint64_t n) const {
+  auto holds = [&](const MappedFile& m) {
+    const uint8_t* base = m.data();
+    return base != nullptr && p >= base && static_cast<uint64_t>(p - base) <= m.size() && n <= m.size() - static_cast<uint64_t>(p - base);
+  };
+  if (gguf_ && holds(gguf_->file().mapping())) return &gguf_->file().mapping();
+  for (const auto& s : shards_)
+    if (holds(s->mapping())) return &s->mapping();
+  return nullptr;
+}
+
 const fs::path& Checkpoint::shard_path(std::string_view name) const {
   auto it = index_.find(name);
   if (it == index_.end()) throw Error::not_found(dir_.string() + ": tensor " + std::string(name) + " not found");

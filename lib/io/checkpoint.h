@@ -41,6 +41,9 @@ class Checkpoint {
   void release(std::string_view name) const;
   // Releases the mapped pages of [p, p+n) if they belong to one of the shards.
   void release_range(const uint8_t* p, uint64_t n) const;
+  // The mapped file (a shard, or the GGUF file) whose mapping holds all of [p, p+n); null when
+  // none does (a tensor made in memory).
+  const MappedFile* mapping_of(const uint8_t* p, uint64_t n) const;
   // All tensor names in storage order (shard by shard, by offset).
   const std::vector<std::string>& names() const { return names_; }
   const std::vector<std::shared_ptr<SafetensorsFile>>& shards() const { return shards_; }

@@ -63,7 +63,7 @@ CheckpointWriter::CheckpointWriter(Env& env, fs::path dir, std::vector<TensorSpe
 
 CheckpointWriter::~CheckpointWriter() = default;
 
-void CheckpointWriter::write(const std::string& name, uint64_t offset, const void* data, size_t n) {
+CheckpointWriter::Slot& CheckpointWriter::checked_slot(const std::string& name, uint64_t offset, const void* data, size_t n) {
   auto it = slots_.find(name);
   if (it == slots_.end()) throw Error::internal("writer: tensor " + name + " was not planned");
   Slot& slot = it->second;
@@ -77,7 +77,20 @@ void CheckpointWriter::write(const std::string& name, uint64_t offset, const voi
     throw Error::invalid("output tensor " + name + ": non-finite value at index " +
                          std::to_string(offset / es + static_cast<uint64_t>(bad)) + " (of " +
                          core::shape_str(plan_[slot.plan].shape) + "), which the output would carry");
+  return slot;
+}
+
+void CheckpointWriter::write(const std::string& name, uint64_t offset, const void* data, size_t n) {
+  Slot& slot = checked_slot(name, offset, data, n);
   shards_[slot.shard]->write_at(slot.abs_offset + offset, data, n);
+  slot.written += n;
+}
+
+void CheckpointWriter::copy(const std::string& name, uint64_t offset, const MappedFile& src, uint64_t src_offset, size_t n) {
+  if (src_offset > src.size() || n > src.size() - src_offset)
+    throw Error::internal("writer: tensor " + name + ": copy from outside " + src.path().string());
+  Slot& slot = checked_slot(name, offset, src.data() + src_offset, n);
+  shards_[slot.shard]->copy_from(slot.abs_offset + offset, src, src_offset, n);
   slot.written += n;
 }
 

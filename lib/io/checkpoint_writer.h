@@ -32,6 +32,9 @@ class CheckpointWriter {
   // element boundaries). Throws Error::invalid, naming the tensor and the element, when the bytes
   // hold a NaN or Inf of the planned dtype: the one finite check of every checkpoint the tool writes.
   void write(const std::string& name, uint64_t offset, const void* data, size_t n);
+  // write(name, offset, src.data() + src_offset, n), the bytes copied from src's file inside the
+  // kernel (WritableFile::copy_from: no user-space copy; the finite check still reads them).
+  void copy(const std::string& name, uint64_t offset, const MappedFile& src, uint64_t src_offset, size_t n);
   // Writes a whole tensor; dtype and shape must match the plan.
   void write(const std::string& name, const core::Tensor& t);
   // Checks every tensor was written completely, closes shards, writes the index when sharded.
@@ -48,6 +51,9 @@ class CheckpointWriter {
     uint64_t written = 0;
     size_t plan = 0;  // index in plan_
   };
+  // The slot of `name` after the checks every write makes (planned, inside its size, finite).
+  Slot& checked_slot(const std::string& name, uint64_t offset, const void* data, size_t n);
+
   Env& env_;
   fs::path dir_;
   std::vector<TensorSpec> plan_;

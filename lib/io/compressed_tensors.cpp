@@ -80,53 +80,85 @@ std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, 
           {".g_idx", DType::I32, {in}, {}}};
 }
 
-void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& t) {
+bool packed_rows_are_codes(PackedFormat f, const GroupCodes& c) {
+  return f == PackedFormat::CompressedTensors && c.row_bytes() % 4 == 0;
+}
+
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& t, const RowSplit& split,
+                 bool leave_stored_rows) {
   if (const std::string p = packed_shape_problem(f, c.bits, c.group, c.out, c.in); !p.empty())
     throw Error::internal("pack_linear: " + p);
   if (!c.codes || !c.scales || (!c.symmetric && !c.zeros)) throw Error::internal("pack_linear: missing codes, scales or zeros");
   std::vector<PackedTensor> specs = packed_specs(f, c.bits, c.group, c.symmetric, c.out, c.in);
+  const bool leave = leave_stored_rows && packed_rows_are_codes(f, c);  // weight_packed: t[0]
   t.resize(specs.size());
   for (size_t i = 0; i < specs.size(); ++i) {
     t[i].suffix = specs[i].suffix, t[i].dtype = specs[i].dtype, t[i].shape = specs[i].shape;
-    t[i].data.resize(static_cast<size_t>(core::dtype_size(t[i].dtype) * core::shape_numel(t[i].shape)));
+    if (i == 0 && leave) t[i].data.clear();
+    else t[i].data.resize(static_cast<size_t>(core::dtype_size(t[i].dtype) * core::shape_numel(t[i].shape)));
   }
-  const int64_t ng = c.ngroups(), rb = c.row_bytes(), pf = 32 / c.bits;
-  const int64_t offset = int64_t{1} << (c.bits - 1);
-  auto zero = [&](int64_t o, int64_t g) -> int64_t { return c.symmetric ? offset : c.zeros[o * ng + g]; };
+  auto run = [&](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    if (split) split(n, fn);
+    else fn(0, n);
+  };
+  // Locals: the compiler cannot keep c's fields in registers across the byte stores.
+  const int64_t out = c.out, ng = c.ngroups(), rb = c.row_bytes(), pf = 32 / c.bits;
+  const uint8_t* codes = c.codes;
   core::Shape shape;
   if (f == PackedFormat::CompressedTensors) {
     // weight_packed: the row stream, each row zero-padded to whole words.
     const int64_t wb = t[0].shape[1] * 4;
-    for (int64_t o = 0; o < c.out; ++o) {
-      uint8_t* dst = t[0].data.data() + o * wb;
-      std::memcpy(dst, c.codes + o * rb, static_cast<size_t>(rb));
-      std::memset(dst + rb, 0, static_cast<size_t>(wb - rb));
-    }
+    uint8_t* packed = t[0].data.data();
+    if (!leave) run(out, [&](int64_t o0, int64_t o1) {
+      if (wb == rb) {
+        std::memcpy(packed + o0 * wb, codes + o0 * rb, static_cast<size_t>((o1 - o0) * rb));
+        return;
+      }
+      for (int64_t o = o0; o < o1; ++o) {
+        std::memcpy(packed + o * wb, codes + o * rb, static_cast<size_t>(rb));
+        std::memset(packed + o * wb + rb, 0, static_cast<size_t>(wb - rb));
+      }
+    });
     std::memcpy(t[1].data.data(), c.scales, t[1].data.size());
     t[2].data = bytes_le(std::vector<int64_t>{c.out, c.in});
     if (!c.symmetric) t[3].data = pack_words(c.zeros, c.out, ng, c.bits, 0, shape);
     return;
   }
-  // GPTQ. qweight [in/pf, out]: word (j, o) is bytes [4j, 4j+4) of row o (in is a multiple of pf).
+  // GPTQ. A zero point of 0 is refused first, the first in row order.
+  if (!c.symmetric)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t g = 0; g < ng; ++g)
+        if (c.zeros[o * ng + g] == 0)
+          throw Error::invalid("row " + std::to_string(o) + ", group " + std::to_string(g) +
+                               ": zero point 0, which GPTQ's v1 layout (stored as zero − 1) cannot hold");
+  // qweight [in/pf, out]: word (j, o) is bytes [4j, 4j+4) of row o (in is a multiple of pf). Written
+  // in rows of qweight, 16 outputs (one 64-byte line of a row) at a time: each line is complete
+  // before the next, and the 16 source rows are read forward (a row of qweight lies out·4 bytes
+  // from the next, a multiple of 4 KiB for many widths: lines written one word at a time across
+  // the rows would share a few cache sets).
   const int64_t words = c.in / pf;
   uint8_t* qw = t[0].data.data();
-  constexpr int64_t kTile = 64;  // transposed in tiles to stay in cache
-  for (int64_t o0 = 0; o0 < c.out; o0 += kTile)
-    for (int64_t j0 = 0; j0 < words; j0 += kTile)
-      for (int64_t o = o0; o < std::min(c.out, o0 + kTile); ++o)
-        for (int64_t j = j0; j < std::min(words, j0 + kTile); ++j) std::memcpy(qw + (j * c.out + o) * 4, c.codes + o * rb + 4 * j, 4);
-  // qzeros: zero − 1, [ngroups, out] packed along out; scales transposed.
-  std::vector<uint8_t> zeros_t(static_cast<size_t>(ng * c.out));
-  for (int64_t o = 0; o < c.out; ++o)
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t z = zero(o, g);
-      if (z == 0)
-        throw Error::invalid("row " + std::to_string(o) + ", group " + std::to_string(g) +
-                             ": zero point 0, which GPTQ's v1 layout (stored as zero − 1) cannot hold");
-      zeros_t[g * c.out + o] = static_cast<uint8_t>(z - 1);
-      std::memcpy(t[2].data.data() + (g * c.out + o) * 2, c.scales + (o * ng + g) * 2, 2);
+  constexpr int64_t kLine = 16;
+  run(words, [&](int64_t j0, int64_t j1) {
+    for (int64_t o0 = 0; o0 < out; o0 += kLine) {
+      const int64_t n = std::min(kLine, out - o0);
+      const uint8_t* src = codes + o0 * rb;
+      for (int64_t j = j0; j < j1; ++j) {
+        uint8_t* dst = qw + (j * out + o0) * 4;
+        for (int64_t k = 0; k < n; ++k) std::memcpy(dst + 4 * k, src + k * rb + 4 * j, 4);
+      }
     }
-  t[1].data = pack_words(zeros_t.data(), ng, c.out, c.bits, 1, shape);
+  });
+  // qzeros: zero − 1, [ngroups, out] packed along out; scales transposed.
+  const int64_t offset = int64_t{1} << (c.bits - 1);
+  std::vector<uint8_t> zeros_t(static_cast<size_t>(ng * out));
+  uint8_t* scales_t = t[2].data.data();
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t o = 0; o < out; ++o) {
+      zeros_t[g * out + o] = static_cast<uint8_t>((c.symmetric ? offset : c.zeros[o * ng + g]) - 1);
+      std::memcpy(scales_t + (g * out + o) * 2, c.scales + (o * ng + g) * 2, 2);
+    }
+  t[1].data = pack_words(zeros_t.data(), ng, out, c.bits, 1, shape);
   std::vector<int32_t> g_idx(static_cast<size_t>(c.in));
   for (int64_t i = 0; i < c.in; ++i) g_idx[i] = static_cast<int32_t>(i / c.group_len());
   t[3].data = bytes_le(g_idx);

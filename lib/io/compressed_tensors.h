@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -80,7 +81,17 @@ std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, 
 // words' byte sequence (little endian): compressed-tensors' weight_packed is each row padded to
 // whole words, GPTQ's qweight the transposed [out, in/pf] word matrix. Throws Error::invalid naming
 // row and group when the layout cannot hold a value (GPTQ: a zero point of 0), Error::internal
-// when packed_shape_problem is not empty.
-void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& out);
+// when packed_shape_problem is not empty. `split`, when given, runs fn over [0, n) in blocks
+// (fn(begin, end), the blocks possibly on other threads, e.g. runtime::parallel_rows): the rows of
+// the large tensor (weight_packed, qweight) are packed that way; the bytes do not depend on it.
+// With `leave_stored_rows` and packed_rows_are_codes(f, c), weight_packed's data is left empty:
+// the caller writes the out · row_bytes() bytes at c.codes in its place.
+using RowSplit = std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& fn)>;
+void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>& out, const RowSplit& split = {},
+                 bool leave_stored_rows = false);
+
+// Whether compressed-tensors' weight_packed of `c` is the codes as stored, byte for byte (each row
+// fills whole words: no padding); false for GPTQ.
+bool packed_rows_are_codes(PackedFormat f, const GroupCodes& c);
 
 }  // namespace moe::io

@@ -54,6 +54,8 @@ class SafetensorsFile {
   // Releases [p, p+n) if it lies inside this file's mapping; returns whether it did.
   bool release_range(const uint8_t* p, uint64_t n) const;
   uint64_t file_size() const { return map_->size(); }
+  // The mapping of the whole file (CheckpointWriter::copy copies from it).
+  const MappedFile& mapping() const { return *map_; }
 
  private:
   std::shared_ptr<const MappedFile> map_;

@@ -10,6 +10,7 @@
 #include "io/checkpoint_writer.h"
 #include "io/packed_input.h"
 #include "quant/intn.h"
+#include "runtime/parallel.h"
 
 namespace moe::pipeline {
 
@@ -281,6 +282,13 @@ void release_around(const io::Checkpoint& ckpt, const uint8_t* lo, const uint8_t
   ckpt.release_range(reinterpret_cast<const uint8_t*>(start), b - start);  // nothing when before the file
 }
 
+// w.write(name, 0, data, n), the bytes copied inside the kernel from the input's file when they
+// are a view of its mapping (a tensor as stored: no user-space copy, no page mapped for it).
+void write_as_stored(io::CheckpointWriter& w, const io::Checkpoint& ckpt, const std::string& name, const uint8_t* data, size_t n) {
+  if (const io::MappedFile* f = ckpt.mapping_of(data, n)) w.copy(name, 0, *f, static_cast<uint64_t>(data - f->data()), n);
+  else w.write(name, 0, data, n);
+}
+
 // Writes the planned folder: side files, config.json with the quantization_config, tensors.
 size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir,
                     uint64_t max_shard_bytes) {
@@ -295,10 +303,14 @@ size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model
   }
   io::CheckpointWriter w(env, dir, p.specs, max_shard_bytes);
   std::vector<io::PackedTensor> packed;  // buffers reused from weight to weight
+  // The rows of weight_packed / qweight packed on the forward's threads (the bytes do not depend
+  // on the split).
+  const io::RowSplit split = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) { runtime::parallel_rows(n, 16, fn); };
   for (const auto& o : p.outs) {
     if (o.weight.empty()) {
       const core::Tensor t = core::with_context("tensor " + o.name, [&] { return o.make(); });
-      w.write(o.name, t.dtype() == o.dtype ? t : t.converted(o.dtype));
+      if (t.dtype() == o.dtype && t.shape() == o.shape) write_as_stored(w, ckpt, o.name, t.data(), t.nbytes());
+      else w.write(o.name, t.converted(o.dtype));
       if (!t.owns_data()) release_around(ckpt, t.data(), t.data() + t.nbytes());
       continue;
     }
@@ -306,8 +318,15 @@ size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model
     const std::string mod = module_of(o.weight);
     core::with_context(o.weight, [&] {
       const IntNParts parts = intn_parts(p.manifest.at(o.weight), by_name);
-      io::pack_linear(p.fmt, parts.codes, packed);
-      for (const auto& t : packed) w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
+      io::pack_linear(p.fmt, parts.codes, packed, split, /*leave_stored_rows=*/true);
+      const io::GroupCodes& c = parts.codes;
+      for (const auto& t : packed) {
+        // compressed-tensors' weight_packed of rows that fill whole words is the codes as stored.
+        if (t.suffix == ".weight_packed" && io::packed_rows_are_codes(p.fmt, c))
+          write_as_stored(w, ckpt, mod + t.suffix, c.codes, static_cast<size_t>(c.out * c.row_bytes()));
+        else
+          w.write(mod + t.suffix, 0, t.data.data(), t.data.size());
+      }
     });
     // One release per weight over its parts (stored next to each other) and the kernel's
     // fault-around window on both sides (pages faulted in around a neighbour's first read would

@@ -170,5 +170,58 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
       }
 }
 
+// Widths that are not a multiple of the 16 outputs qweight is written in, packed whole and in
+// uneven blocks of rows taken in reverse order (as threads may): the same bytes, and the decoders
+// give scale · (q − z) exactly. weight_packed left to the caller only when it is the stored codes.
+TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
+  std::mt19937 rng(11);
+  const io::RowSplit blocks_of_3 = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    for (int64_t b = (n - 1) / 3; b >= 0; --b) fn(b * 3, std::min(n, b * 3 + 3));
+  };
+  for (int bits : {4, 8})
+    for (bool sym : {true, false})
+      for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq})
+        for (int64_t in : {96, 100}) {
+          if (fmt == PackedFormat::Gptq && in % (32 / bits) != 0) continue;
+          SCOPED_TRACE(std::to_string(bits) + (sym ? " sym " : " asym ") + io::packed_format_name(fmt) + " in " + std::to_string(in));
+          LinearCodes c;
+          const int64_t out = 40, group = in == 96 ? 32 : 0, ng = group ? in / group : 1;
+          c.bits = bits, c.out = out, c.in = in, c.group = group, c.symmetric = sym;
+          const int maxq = (1 << bits) - 1;
+          for (int64_t i = 0; i < out * in; ++i) c.codes.push_back(static_cast<uint8_t>(rng() % (maxq + 1)));
+          for (int64_t i = 0; i < out * ng; ++i) {
+            c.scales.push_back(ct_f16_bits(std::ldexp(1.0f + static_cast<float>(rng() % 1024) / 1024, -static_cast<int>(rng() % 10))));
+            c.zeros.push_back(static_cast<uint8_t>(sym ? 1 << (bits - 1) : 1 + rng() % maxq));
+          }
+          const auto whole = c.pack(fmt);
+          std::vector<io::PackedTensor> split;
+          io::pack_linear(fmt, c.view(), split, blocks_of_3);
+          ASSERT_EQ(whole.size(), split.size());
+          for (size_t k = 0; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, split[k].data) << whole[k].suffix;
+          // Rows that fill whole words: weight_packed is the stored codes, left to the caller on request.
+          const bool plain = io::packed_rows_are_codes(fmt, c.view());
+          EXPECT_EQ(plain, fmt == PackedFormat::CompressedTensors && (in == 96 || bits == 8));
+          std::vector<io::PackedTensor> left;
+          io::pack_linear(fmt, c.view(), left, {}, /*leave_stored_rows=*/true);
+          ASSERT_EQ(left.size(), whole.size());
+          EXPECT_EQ(left[0].data, plain ? std::vector<uint8_t>{} : whole[0].data);
+          if (plain) EXPECT_EQ(c.stream, whole[0].data);
+          for (size_t k = 1; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, left[k].data) << whole[k].suffix;
+          const auto w = fmt == PackedFormat::Gptq
+                             ? decode_gptq(bits, out, in, find_part(whole, ".qweight").data, find_part(whole, ".qzeros").data,
+                                           find_part(whole, ".scales").data, find_part(whole, ".g_idx").data)
+                             : decode_compressed_tensors(bits, out, in, find_part(whole, ".weight_packed").data,
+                                                         find_part(whole, ".weight_scale").data, ng,
+                                                         sym ? std::vector<uint8_t>{} : find_part(whole, ".weight_zero_point").data);
+          for (int64_t o = 0; o < out; ++o)
+            for (int64_t i = 0; i < in; ++i) {
+              const int64_t g = group ? i / group : 0;
+              float s;
+              core::convert(core::DType::F16, &c.scales[o * ng + g], core::DType::F32, &s, 1);
+              ASSERT_EQ(w[o * in + i], s * static_cast<float>(c.codes[o * in + i] - c.zeros[o * ng + g])) << o << "," << i;
+            }
+        }
+}
+
 }  // namespace
 }  // namespace moe::test

@@ -233,6 +233,61 @@ TEST(CheckpointWriterFinite, RefusesNonFiniteValues) {
   w.finish();
 }
 
+// The finite check scans blocks of elements: the first NaN / Inf is found wherever it lies (in
+// the first block, across a block's end, in the tail), from any byte offset, and never one past n.
+TEST(CheckpointWriterFinite, FirstNonFiniteAtEveryPosition) {
+  for (core::DType dt : {core::DType::F32, core::DType::BF16, core::DType::F16}) {
+    SCOPED_TRACE(core::dtype_name(dt));
+    const size_t es = core::dtype_size(dt), n = 200;
+    std::vector<float> src(n + 1, 1.5f);
+    src[n] = std::numeric_limits<float>::infinity();  // just past the range: never reported
+    std::vector<uint8_t> bytes(1 + (n + 1) * es);     // from byte 1: not aligned to the element
+    core::convert(core::DType::F32, src.data(), dt, bytes.data() + 1, n + 1);
+    EXPECT_EQ(core::first_non_finite(dt, bytes.data() + 1, n), -1);
+    for (size_t at : {size_t{0}, size_t{5}, size_t{63}, size_t{64}, size_t{127}, size_t{130}, n - 1}) {
+      std::vector<uint8_t> b = bytes;
+      float nan = std::numeric_limits<float>::quiet_NaN();
+      core::convert(core::DType::F32, &nan, dt, b.data() + 1 + at * es, 1);
+      EXPECT_EQ(core::first_non_finite(dt, b.data() + 1, n), static_cast<int64_t>(at)) << at;
+      if (at + 10 < n) {  // a second one later: the first is reported
+        core::convert(core::DType::F32, &nan, dt, b.data() + 1 + (at + 10) * es, 1);
+        EXPECT_EQ(core::first_non_finite(dt, b.data() + 1, n), static_cast<int64_t>(at)) << at;
+      }
+    }
+  }
+}
+
+// CheckpointWriter::copy writes the bytes of a mapped file as write would (at an offset inside
+// the tensor, the rest written), with the same finite check and size check.
+TEST(CheckpointWriterFinite, CopyFromAMappedFile) {
+  test::TempDir tmp("moe-writer-copy");
+  std::vector<float> vals(64);
+  for (size_t i = 0; i < vals.size(); ++i) vals[i] = static_cast<float>(i) * 0.25f;
+  vals[50] = std::numeric_limits<float>::quiet_NaN();
+  {
+    auto f = Env::posix().create_file(tmp / "src.bin");
+    f->write_at(0, vals.data(), vals.size() * 4);
+    f->close();
+  }
+  const auto m = Env::posix().map_file(tmp / "src.bin");
+  fs::create_directories(tmp / "out");
+  {
+    CheckpointWriter w(Env::posix(), tmp / "out", {{"a", core::DType::F32, {8}}, {"b", core::DType::F32, {4}}}, 1 << 20);
+    w.write("a", 0, vals.data() + 4, 8);
+    w.copy("a", 8, *m, 24, 24);  // elements 6..11 of the file as elements 2..7 of a
+    expect_error([&] { w.copy("b", 0, *m, 48 * 4, 16); }, ErrorKind::InvalidArgument,
+                 {"output tensor b: non-finite value at index 2 (of [4])"});
+    expect_error([&] { w.copy("b", 0, *m, 4, 20); }, ErrorKind::Internal, {"writer: tensor b: write past its planned size"});
+    expect_error([&] { w.copy("b", 0, *m, 250, 16); }, ErrorKind::Internal, {"writer: tensor b: copy from outside"});
+    w.copy("b", 0, *m, 0, 16);
+    w.finish();
+  }
+  const auto out = SafetensorsFile::open(Env::posix(), tmp / "out" / "model.safetensors");
+  const core::Tensor a = out->tensor(*out->find("a")), b = out->tensor(*out->find("b"));
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(reinterpret_cast<const float*>(a.data())[i], vals[4 + i]) << i;
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(reinterpret_cast<const float*>(b.data())[i], vals[i]) << i;
+}
+
 // 29.10: JSON errors say where and why, without the library's internal id.
 TEST(JsonErrors, NoInternalIds) {
   const std::string m = expect_error([] { parse_json_file_text("{\"a\": tru}", "r.json"); }, ErrorKind::Corruption,
