@@ -17,6 +17,7 @@
 #include "model/model.h"
 #include "pipeline/gguf_export.h"
 #include "pipeline/packed_export.h"
+#include "pipeline/sink.h"
 
 namespace moe::app {
 
@@ -69,6 +70,13 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         auto& env = io::Env::posix();
         auto ckpt = io::Checkpoint::open(env, o->in);
         auto model = model::Model::load(ckpt);
+        if (fmt == io::PackedFormat::Gptq)
+          pipeline::check_gptq_layer_kinds(
+              model,
+              [](const model::OutTensor& o, const nlohmann::json& manifest) {
+                return !o.weight.empty() && manifest.at(o.weight).value("encoding", "") == "intN";
+              },
+              ckpt.dir().string() + ": --format gptq", "--format");
         pipeline::check_packed(ckpt, model, fmt);
         io::OutputDir out(env, o->out, {o->in}, o->force);
         const pipeline::PackedResult plan = pipeline::write_packed(env, ckpt, model, fmt, out.path());

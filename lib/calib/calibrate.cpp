@@ -220,7 +220,7 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& input,
     runtime::LayerWeights w = fwd.load_layer(static_cast<int>(l));
     // The MTP layer's inputs (runtime/mtp.h): T - 1 positions per window.
     if (l == mtp)
-      for (size_t b = 0; b < X.size(); ++b) X[b] = runtime::MtpForward(fwd).input(batch_tokens[b], fwd.final_norm(X[b]), T);
+      for (size_t b = 0; b < X.size(); ++b) X[b] = runtime::mtp_layer_input(fwd, batch_tokens[b], X[b], T).x;
     int64_t offset = 0;
     for (auto& x : X) {
       obs.set_token_offset(offset);

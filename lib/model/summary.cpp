@@ -120,7 +120,25 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
       s["expert_pool"] = {{"pooled_weights", encodings["pooled"]}, {"expert_params_logical", logical},
                           {"expert_params_stored", stored}};
     }
-    const auto acc = account(outs);
+    auto acc = account(outs);
+    // MXFP4 experts (gpt_oss, model/detail.h) are decoded at load, so the outputs list them as
+    // dense tensors: counted as stored, their blocks and scales.
+    int64_t mxfp4_tensors = 0, mxfp4_weights = 0;
+    uint64_t mxfp4_bytes = 0;
+    for (const auto& o : outs) {
+      if (ckpt.has(o.name) || !ckpt.has(o.name + "_blocks") || !ckpt.has(o.name + "_scales")) continue;
+      const uint64_t stored = ckpt.info(o.name + "_blocks").nbytes() + ckpt.info(o.name + "_scales").nbytes();
+      auto& a = acc[o.cls.empty() ? "other" : o.cls];
+      a.bytes = a.bytes - static_cast<uint64_t>(core::shape_numel(o.shape)) * core::dtype_size(o.dtype) + stored;
+      ++mxfp4_tensors;
+      mxfp4_weights += core::shape_numel(o.shape);
+      mxfp4_bytes += stored;
+    }
+    if (mxfp4_weights > 0)
+      s["quantization"] = {{"method", "mxfp4 (e2m1 codes, one e8m0 scale per block)"},
+                           {"block", 32},
+                           {"weights", mxfp4_tensors},
+                           {"bits_per_weight", 8.0 * static_cast<double>(mxfp4_bytes) / static_cast<double>(mxfp4_weights)}};
     s["tensor_classes"] = account_json(acc);
     int64_t params = 0;
     uint64_t bytes = 0;

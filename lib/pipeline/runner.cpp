@@ -303,8 +303,9 @@ json plan_sweep(Pass& pass, const model::Model& model, const runtime::Forward* f
     BlockInputCapture inputs;
     ResidualEnergy residual;
     if (fwd && layer.index == runtime::adopted_mtp_layer(model)) {
-      Xp = runtime::MtpForward(*fwd).input(tokens, fwd->final_norm(Xp), T);
-      T -= 1;
+      auto in = runtime::mtp_layer_input(*fwd, tokens, Xp, T);
+      Xp = std::move(in.x);
+      T = in.T;
     }
     if (fwd) {
       std::vector<runtime::Observer*> obs = {&residual};
@@ -817,9 +818,10 @@ void run_layers(RunState& s) {
     if (fwd && l == runtime::adopted_mtp_layer(model)) {
       // The multi-token-prediction layer (runtime/mtp.h): its input from the decoder's last hidden
       // states and the shifted embeddings of the same windows, T - 1 positions per window.
-      X = runtime::MtpForward(*fwd).input(tokens, fwd->final_norm(X), T);
-      if (ref_fwd) X_ref = runtime::MtpForward(*ref_fwd).input(tokens, ref_fwd->final_norm(X_ref), T);
-      T -= 1;
+      auto in = runtime::mtp_layer_input(*fwd, tokens, X, T);
+      if (ref_fwd) X_ref = runtime::mtp_layer_input(*ref_fwd, tokens, X_ref, T).x;
+      X = std::move(in.x);
+      T = in.T;
     }
     BlockInputCapture ref_capture;
     if (ref_fwd) {

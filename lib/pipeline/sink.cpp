@@ -1,5 +1,6 @@
 #include "pipeline/sink.h"
 
+#include <functional>
 #include <map>
 #include <set>
 
@@ -377,6 +378,15 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
   const io::PackedFormat fmt = parse_packed_format(r.output.format);
   const std::string where = output_where(r);
   const auto enc = pass_encodings(r, planned);
+  if (fmt == io::PackedFormat::Gptq)
+    check_gptq_layer_kinds(
+        planned,
+        [&](const model::OutTensor& o, const json& manifest) {
+          if (!o.weight.empty()) return manifest.at(o.weight).value("encoding", "") == "intN";
+          const auto it = enc.find(class_of(planned, o));
+          return it != enc.end() && it->second.codec.has_value();
+        },
+        where, r.key("output.format"));
   if (enc.empty()) {  // the input's own codes, pruned or merged: exactly what `export` checks
     core::with_context(where, [&] { check_packed(ckpt, planned, fmt); });
     return;
@@ -432,6 +442,27 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
 }
 
 }  // namespace
+
+void check_gptq_layer_kinds(const model::Model& m, const std::function<bool(const model::OutTensor&, const json&)>& quantized,
+                            const std::string& where, const std::string& format_key) {
+  const model::Layer* dense = nullptr;
+  const model::Layer* moe = nullptr;
+  for (const auto& l : m.layers()) {
+    if (l.moe && !moe) moe = &l;
+    if (!l.moe && l.mlp && !dense) dense = &l;
+  }
+  if (!dense || !moe) return;
+  // The classes only one kind of layer has; attention alone quantized is one set for both.
+  static const std::set<std::string> one_kind = {"dense_mlp", "experts", "shared_experts", "router"};
+  json manifest = json::object();
+  for (const auto& o : m.outputs(model::OutputOptions{}, &manifest)) {
+    if (!one_kind.count(o.cls) || !quantized(o, manifest)) continue;
+    throw Error::unsupported(where + ": " + (o.weight.empty() ? o.name : o.weight) + ": layer " +
+                             std::to_string(dense->index) + " has a dense MLP and layer " + std::to_string(moe->index) +
+                             " an MoE block, but the gptq config names one set of quantized modules for every decoder "
+                             "layer: write " + format_key + " compressed-tensors");
+  }
+}
 
 std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector<fs::path>& inputs) {
   if (r.output.format == "hf")

@@ -115,4 +115,14 @@ std::optional<OutputSize> copied_output_size(const Recipe& r, const io::Checkpoi
 // way out. Nothing for "hf".
 void check_output_format(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned);
 
+// GPTQ's config names one set of quantized modules for every decoder layer: a model with dense
+// decoder layers among its MoE layers (deepseek_v3 and glm4_moe's first_k_dense_replace, llama4's
+// interleave_moe_layer_step, ...) cannot be written as gptq once a dense MLP, an expert, a shared
+// expert or a router is quantized (`quantized`: whether an output of m.outputs() with its
+// manifest will be intN codes); attention alone can. Error::unsupported "<where>: <the first such
+// tensor>: ...: write <format_key> compressed-tensors"; nothing otherwise.
+void check_gptq_layer_kinds(const model::Model& m,
+                            const std::function<bool(const model::OutTensor&, const nlohmann::json&)>& quantized,
+                            const std::string& where, const std::string& format_key);
+
 }  // namespace moe::pipeline

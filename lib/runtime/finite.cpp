@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <string>
 
 namespace moe::runtime {
 
@@ -14,6 +15,28 @@ const uint8_t* identity(const core::Tensor& src) {
   for (const auto& p : src.encoding()->parts())
     if (!p.shared && p.tensor) return p.tensor->data();
   return nullptr;
+}
+
+bool holds(const core::Tensor& t, const uint8_t* p) { return t.data() && p >= t.data() && p < t.data() + t.nbytes(); }
+
+// A fused-layout family's experts (gpt_oss, llama4, granitemoe, the v5 layouts) are stored as one
+// [E, ...] tensor per projection and copied out per expert at load (model/load.cpp), so no output
+// holds the bad bytes: the expert whose tensor holds them names the stored tensor. "" when none.
+std::string fused_expert_tensor(const model::Model& m, int layer, const uint8_t* source) {
+  const model::FamilyDesc& f = m.family();
+  const model::Layer& l = m.layers()[static_cast<size_t>(layer)];
+  if (!f.fused() || !l.moe) return "";
+  const std::string prefix = model::expand(f.layer_prefix, layer);
+  for (size_t e = 0; e < l.moe->experts.size(); ++e) {
+    const model::Mlp& x = l.moe->experts[e];
+    std::string name;
+    if (holds(x.gate, source) || holds(x.up, source)) name = f.fused_gate_up;
+    else if (holds(x.down, source)) name = f.fused_down;
+    else if ((x.gate_bias && holds(*x.gate_bias, source)) || (x.up_bias && holds(*x.up_bias, source))) name = f.fused_gate_up_bias;
+    else if (x.down_bias && holds(*x.down_bias, source)) name = f.fused_down_bias;
+    if (!name.empty()) return prefix + name + " (expert " + std::to_string(e) + ")";
+  }
+  return "";
 }
 
 }  // namespace
@@ -36,13 +59,16 @@ void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& s
 
 void name_non_finite(const model::Model& m, int layer, NonFiniteError& e) {
   if (!e.source() || layer < 0 || layer >= static_cast<int>(m.layers().size())) return;
+  const std::string dir = std::filesystem::path(m.config().source()).parent_path().string();
+  if (const std::string fused = fused_expert_tensor(m, layer, e.source()); !fused.empty()) {
+    e.with_frame((dir.empty() ? std::string() : dir + ": ") + "tensor " + fused);
+    return;
+  }
   try {
     for (const auto& o : m.layer_outputs(layer)) {
       if (o.sources.size() != 1) continue;
-      // The tensor itself, or a fused tensor holding it (gpt_oss, llama4: one expert's slice).
       const core::Tensor t = o.make();
-      if (!t.data() || e.source() < t.data() || e.source() >= t.data() + t.nbytes()) continue;
-      const std::string dir = std::filesystem::path(m.config().source()).parent_path().string();
+      if (!holds(t, e.source())) continue;
       // A part of an encoded weight names the weight (its parts are decoded together).
       e.with_frame((dir.empty() ? std::string() : dir + ": ") + "tensor " + (o.weight.empty() ? o.name : o.weight));
       return;

@@ -156,6 +156,10 @@ MatrixRM MtpForward::input(std::span<const int32_t> tokens, const MatrixRM& hn, 
   return linear(cat, eh_proj_);
 }
 
+MtpLayerInput mtp_layer_input(const Forward& f, std::span<const int32_t> tokens, const MatrixRM& X, int64_t T) {
+  return {MtpForward(f).input(tokens, f.final_norm(X), T), T - 1};
+}
+
 LayerWeights MtpForward::load_block() const {
   if (adopted_mtp_layer(f_.model()) == index_) return f_.load_layer(index_);  // as the passes left it
   LayerWeights w;

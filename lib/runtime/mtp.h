@@ -41,6 +41,16 @@ int adopt_mtp_layer(model::Model& m);
 // The model's MTP layer when adopted (m.layers() longer than num_hidden_layers), else -1.
 int adopted_mtp_layer(const model::Model& m);
 
+// The step from the decoder into the MTP layer, as calibration and the pipeline's layer loops take
+// it: X the decoder's last hidden states before the final norm [windows*T, H], tokens the windows'
+// ids window-major (windows*T) -> the MTP layer's input [windows*(T-1), H] and its window, T - 1.
+// Errors as MtpForward's constructor; Error::internal when the sizes disagree.
+struct MtpLayerInput {
+  MatrixRM x;    // [windows*(T-1), H]
+  int64_t T = 0;  // the window of x: T - 1
+};
+MtpLayerInput mtp_layer_input(const Forward& f, std::span<const int32_t> tokens, const MatrixRM& X, int64_t T);
+
 class MtpForward {
  public:
   // The model's MTP layer (num_hidden_layers). Error::unsupported when the model has none with an

@@ -9,6 +9,7 @@
 #include "core/dtype.h"
 #include "support/cli_expect.h"
 #include "support/ckpt_util.h"
+#include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
 
@@ -131,6 +132,35 @@ TEST_F(Cli, InspectJsonQwen2MoeSharded) {
   expect_ok(t);
   EXPECT_NE(t.out.find(row("shared experts", "1 (width 32)")), std::string::npos) << t.out;
   EXPECT_NE(t.out.find(row("dense layers", "[0]")), std::string::npos) << t.out;
+}
+
+// gpt-oss-tiny-mxfp4: 2 layers of 8 experts, H 64, I 32, the experts' weights stored as MXFP4
+// (gate_up_proj_blocks [8, 64, 2, 16] + _scales [8, 64, 2], down_proj_blocks [8, 64, 1, 16] +
+// _scales [8, 64, 1], all U8): 98304 weights in 49152 + 3072 bytes, 4.25 bits each; with the BF16
+// expert biases (2 x 8 x (64 + 64)) the experts class is 56320 bytes for 100352 parameters.
+// Everything else is BF16, so the model's bits per parameter are its file's tensor bytes over
+// its parameters (658096 x 8 / 401240 = 13.12), not the 16 of the decoded experts.
+TEST_F(Cli, InspectCountsMxfp4ExpertsAsStored) {
+  const std::string dir = (kSrc / "data/gpt-oss-tiny-mxfp4").string();
+  const RunResult r = run_tool({"inspect", "--json", dir});
+  expect_ok(r);
+  const json s = json::parse(r.out);
+  const json& experts = s.at("tensor_classes").at("experts");
+  EXPECT_EQ(experts.at("params"), 100352);
+  EXPECT_EQ(experts.at("bytes"), 49152 + 3072 + 2 * 2 * 8 * (64 + 64));
+  EXPECT_DOUBLE_EQ(experts.at("bits_per_param").get<double>(), 8.0 * 56320 / 100352);
+  const json& q = s.at("quantization");
+  EXPECT_EQ(q.at("weights"), 4);  // gate_up_proj and down_proj of 2 layers
+  EXPECT_EQ(q.at("block"), 32);
+  EXPECT_DOUBLE_EQ(q.at("bits_per_weight").get<double>(), 4.25);
+  EXPECT_EQ(s.at("bytes_total"), 658096);
+  EXPECT_EQ(s.at("params_total"), 401240);
+  EXPECT_DOUBLE_EQ(s.at("bits_per_param").get<double>(), 8.0 * 658096 / 401240);
+  const RunResult t = run_tool({"inspect", dir});
+  expect_ok(t);
+  EXPECT_NE(t.out.find("13.121 overall; attention 16, embeddings 16, experts 4.49, norms 16, router 16"), std::string::npos)
+      << t.out;
+  EXPECT_NE(t.out.find(", 4 weights, 4.250 bits per weight"), std::string::npos) << t.out;
 }
 
 TEST_F(Cli, InspectTensors) {

@@ -279,6 +279,42 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"g48", "head", "int2", "mixed", "ternary"}));
 }
 
+// A dense first layer among MoE layers (deepseek_v3, glm4_moe: first_k_dense_replace 1): the gptq
+// config names one module set for every decoder layer. `quantize --format gptq` is refused before
+// the pass runs (--dry-run too), `export --format gptq` before the folder is made; one line
+// naming the dense layer's tensor and compressed-tensors as the way out, nothing written.
+TEST(ExportPackedRefusals, GptqRefusesDenseLayersAmongMoeLayers) {
+  TempDir dir{"moe-export-packed"};
+  const std::string out = (dir / "out").string();
+  const std::string why = "model.layers.0.mlp.gate_proj.weight: layer 0 has a dense MLP and layer 1 an MoE block, but the "
+                          "gptq config names one set of quantized modules for every decoder layer: write --format "
+                          "compressed-tensors";
+  std::vector<std::string> natives;
+  for (const std::string fixture : {"deepseek-v3-tiny", "glm4-moe-tiny"}) {
+    SCOPED_TRACE(fixture);
+    const std::string in = (kSrc / "data" / fixture).string();
+    const std::vector<std::string> q = {"quantize", in, out, "--method", "rtn", "--group", "16", "--format", "gptq"};
+    for (const bool dry : {true, false}) {
+      std::vector<std::string> a = q;
+      if (dry) a.push_back("--dry-run");
+      const RunResult r = run_tool(a);
+      expect_clean_failure(r, "--format gptq: " + why);
+      EXPECT_EQ(r.out, "") << r.describe();
+      EXPECT_TRUE(list_dir(dir.path()) == natives) << r.describe();
+    }
+    // The same model quantized in the native format, then exported.
+    const fs::path native = dir / ("native-" + fixture);
+    ASSERT_EQ(run_tool({"-q", "quantize", in, native.string(), "--method", "rtn", "--group", "16"}).exit_code, 0);
+    natives.push_back(native.filename().string());
+    expect_clean_failure(run_tool({"export", native.string(), out, "--format", "gptq"}),
+                         native.string() + ": --format gptq: " + why);
+    EXPECT_EQ(list_dir(dir.path()), natives);
+    // compressed-tensors, the way out, holds it.
+    ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
+    fs::remove_all(dir / "ct");
+  }
+}
+
 // Low-rank factors have no integer layout: refused naming the weight.
 TEST(ExportPackedRefusals, LowRankFactors) {
   TempDir dir{"moe-export-packed"};

@@ -5,11 +5,13 @@
 // the integer program, and bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 #include <nlohmann/json.hpp>
 
 #include "io/checkpoint.h"
+#include "io/env.h"
 #include "model/model.h"
 #include "quant/codec.h"
 #include "runtime/forward.h"
@@ -312,6 +314,34 @@ TEST(Quantize, AvgBitsAboveTheWidestWidthSaysSo) {
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json w = json::parse(r.out).at("warnings");
   EXPECT_NE(w.dump().find("avg_bits 17 is above the widest width, int8:g128:asym"), std::string::npos) << w;
+}
+
+// A group at least as wide as the row (docs/commands/quantize.md) is one group per row: the
+// codes, scales and zero points of --group 0, byte for byte (mixtral-tiny: rows of 128 and 256
+// inputs, --group 512), one scale per row; the config records the group as given.
+TEST(Quantize, GroupWiderThanTheRowIsOneGroupPerRow) {
+  TempDir tmp{"moe-quantize"};
+  const fs::path wide = tmp / "wide", row = tmp / "row";
+  for (const auto& [out, g] : {std::pair{wide, "512"}, {row, "0"}})
+    ASSERT_EQ(run_tool({"-q", "quantize", kModel.string(), out.string(), "--method", "rtn", "--codec", "int4", "--group", g})
+                  .exit_code,
+              0);
+  auto& env = io::Env::posix();
+  const auto a = io::Checkpoint::open(env, wide), b = io::Checkpoint::open(env, row);
+  ASSERT_EQ(a.names(), b.names());
+  size_t compared = 0;
+  for (const auto& name : a.names()) {
+    const core::Tensor x = a.tensor(name), y = b.tensor(name);
+    ASSERT_EQ(x.shape(), y.shape()) << name;
+    EXPECT_TRUE(std::equal(x.data(), x.data() + x.nbytes(), y.data())) << name;
+    ++compared;
+  }
+  EXPECT_GT(compared, 96u);
+  EXPECT_EQ(a.info(kExpert + ".scales").shape, (core::Shape{128, 1}));  // w2: [128, 256]
+  const json wa = a.config().at("quantization_config").at("weights").at(kExpert);
+  EXPECT_EQ(wa.at("group"), 512);
+  EXPECT_EQ(wa.at("cols"), 256);
+  EXPECT_EQ(b.config().at("quantization_config").at("weights").at(kExpert).at("group"), 0);
 }
 
 TEST(Quantize, BadInputFailsCleanly) {

@@ -149,6 +149,33 @@ TEST_F(Robust, NonFiniteWeightsRefusedByEveryCommandThatConvertsThem) {
   }
 }
 
+TEST_F(Robust, NonFiniteFusedExpertNamesTheStoredTensor) {
+  // gpt_oss and llama4 store a layer's experts as one [E, ...] tensor per projection, copied out
+  // per expert at load: the error names that stored tensor and the expert, as the per-expert
+  // families' errors name theirs.
+  struct Case {
+    std::string fixture, tensor;
+    uint64_t element;  // BF16 elements into the tensor
+    std::string expect;
+  };
+  const std::vector<Case> cases = {
+      // gate_up_proj [8, 64, 32]: element 2048 + 5 is expert 1's.
+      {"gpt-oss-tiny", "model.layers.0.mlp.experts.gate_up_proj", 2048 + 5,
+       "tensor model.layers.0.mlp.experts.gate_up_proj (expert 1)"},
+      // down_proj [8, 16, 64]: element 2048 + 70 is expert 2's.
+      {"llama4-tiny", "model.layers.1.feed_forward.experts.down_proj", 2048 + 70,
+       "tensor model.layers.1.feed_forward.experts.down_proj (expert 2)"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.fixture);
+    const fs::path m = tmp / ("nan-" + c.fixture);
+    copy_folder(kSrc / "data" / c.fixture, m);
+    patch_tensor_bytes(m / "model.safetensors", c.tensor, 2 * c.element, bf16_nan());
+    const RunResult r = run_tool({"eval", m.string(), "--text", kHeldout.string(), "--ctx", "16", "--max-windows", "1"});
+    expect_one_line_error(r, {m.string() + ": " + c.expect, "non-finite value nan"});
+  }
+}
+
 TEST_F(Robust, NonFiniteStatisticsRefusedAtLoad) {
   // A NaN REAP score of layer 0 expert 0 (prune reap used to keep that expert): every command that
   // loads the file refuses it, naming the file, the tensor, the expert and the index.
