@@ -182,14 +182,6 @@ void pack_tq2_0(const int* t, uint16_t dh, uint8_t* b) {
   put_u16(b + 64, dh);
 }
 
-void encode_tq2_0(const float* x, uint8_t* b) {
-  float d;
-  uint16_t dh;
-  int t[kQK];
-  ternary_codes(x, &d, &dh, t);
-  pack_tq2_0(t, dh, b);
-}
-
 void decode_tq2_0(const uint8_t* b, float* y) {
   const float d = core::f16_to_f32(get_u16(b + 64));
   for (int e = 0; e < kQK; ++e)
@@ -220,12 +212,14 @@ void pack_tq1_0(const int* t, uint16_t dh, uint8_t* b) {
   put_u16(b + 52, dh);
 }
 
-void encode_tq1_0(const float* x, uint8_t* b) {
+// TQ1_0 / TQ2_0 from floats: ternary_codes, then the type's packing.
+template <void (*Pack)(const int*, uint16_t, uint8_t*)>
+void encode_tq(const float* x, uint8_t* b) {
   float d;
   uint16_t dh;
   int t[kQK];
   ternary_codes(x, &d, &dh, t);
-  pack_tq1_0(t, dh, b);
+  Pack(t, dh, b);
 }
 
 void decode_tq1_0(const uint8_t* b, float* y) {
@@ -641,8 +635,8 @@ const BlockCodec kBlockCodecs[] = {
      [](const uint8_t* b, float* y) { decode_asym(b, y, false); }},
     {GgmlType::Q5_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 31, true); },
      [](const uint8_t* b, float* y) { decode_asym(b, y, true); }},
-    {GgmlType::TQ1_0, encode_tq1_0, decode_tq1_0},
-    {GgmlType::TQ2_0, encode_tq2_0, decode_tq2_0},
+    {GgmlType::TQ1_0, encode_tq<pack_tq1_0>, decode_tq1_0},
+    {GgmlType::TQ2_0, encode_tq<pack_tq2_0>, decode_tq2_0},
     {GgmlType::Q6_K, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::encode, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::decode},
     {GgmlType::Q4_K, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::encode, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::decode},
     {GgmlType::Q5_K, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::encode, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::decode},
