@@ -169,7 +169,7 @@ struct OutputOptions {
   // Encoded weights that every writer dequantizes (DtypeRule::Dequantize) are written as the
   // native encoding holding the same values (core::Encoding::native_form) where there is one:
   // the codes of a GPTQ / AWQ / compressed-tensors input pass through a prune whose output is
-  // written as gptq or compressed-tensors (the staged native output and the export's plan).
+  // written as gptq, compressed-tensors or gguf (the staged native output and the exports' plans).
   bool keep_codes = false;
 };
 

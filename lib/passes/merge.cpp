@@ -181,7 +181,9 @@ class MergePass final : public pipeline::Pass {
     };
     if (encoded.count("experts"))
       out.push_back("experts stored as " + names("experts") + " are dequantized to merge them; each merged expert is "
-                    "written dense (the model's dtype; block-scaled FP8 stays FP8), the experts left alone keep their encoding");
+                    "written dense (the model's dtype; block-scaled FP8 stays FP8), the experts left alone keep their encoding "
+                    "where the output stores it (an hf output writes GPTQ / AWQ / compressed-tensors and GGUF inputs' "
+                    "weights dequantized)");
     if (encoded.count("router"))
       out.push_back("the router stored as " + names("router") + " is dequantized; its new rows are written dense");
     return out;

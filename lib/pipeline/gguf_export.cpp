@@ -62,10 +62,21 @@ std::optional<GgmlType> direct_type(const core::Tensor& t, GgmlType wanted) {
       return std::nullopt;
     return wanted == GgmlType::TQ2_0 ? GgmlType::TQ2_0 : GgmlType::TQ1_0;
   }
-  const auto* q = dynamic_cast<const quant::IntN*>(t.encoding());
-  if (!q || !q->symmetric() || q->group() != 32 || q->cols() % 32 != 0) return std::nullopt;
-  if (q->bits() == 4) return GgmlType::Q4_0;
-  if (q->bits() == 8) return GgmlType::Q8_0;
+  if (const auto* q = dynamic_cast<const quant::IntN*>(t.encoding())) {
+    if (!q->symmetric() || q->group() != 32 || q->cols() % 32 != 0) return std::nullopt;
+    if (q->bits() == 4) return GgmlType::Q4_0;
+    if (q->bits() == 8) return GgmlType::Q8_0;
+    return std::nullopt;
+  }
+  // A GPTQ / AWQ / compressed-tensors input's codes that moe-tool's intN holds exactly
+  // (core::Encoding::native_form): the same rule on the intN they are.
+  const std::optional<core::NativeForm> f = t.encoding() ? t.encoding()->native_form() : std::nullopt;
+  if (!f || f->name != "intN" || !f->params.value("symmetric", false) || f->params.value("group", int64_t{0}) != 32 ||
+      t.encoding()->cols() % 32 != 0)
+    return std::nullopt;
+  const int bits = f->params.value("bits", 0);
+  if (bits == 4) return GgmlType::Q4_0;
+  if (bits == 8) return GgmlType::Q8_0;
   return std::nullopt;
 }
 
@@ -363,7 +374,11 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
   const int64_t cols = it.info.ne[0];
   const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
   for (const auto& part : it.parts) {
-    if (const auto* q = dynamic_cast<const quant::IntN*>(part.encoding())) {
+    std::shared_ptr<const core::Encoding> native;  // a packed input's codes as intN (direct_type)
+    if (part.encoding() && !dynamic_cast<const quant::IntN*>(part.encoding()) &&
+        !dynamic_cast<const quant::Ternary*>(part.encoding()))
+      if (auto f = part.encoding()->native_form()) native = f->make();
+    if (const auto* q = dynamic_cast<const quant::IntN*>(native ? native.get() : part.encoding())) {
       write_codes(w, b, it, q->rows(), q->cols(), q->ngroups(), [q](int64_t r, uint8_t* c) { q->codes_row(r, c); },
                   [q](int64_t r, int64_t g) { return q->scale(r, g); });
       continue;

@@ -166,8 +166,18 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
                                " otherwise; this export writes one scheme for every quantized Linear: " + way_out);
     }
     const int64_t out = o.shape.at(0), in = e.at("cols").get<int64_t>();
-    if (const std::string why = io::packed_shape_problem(fmt, s.bits, s.group, out, in); !why.empty())
-      throw Error::unsupported(src + ": " + o.weight + " (intN " + params + "): " + F + " cannot hold " + why + ": " + way_out);
+    if (const std::string why = io::packed_shape_problem(fmt, s.bits, s.group, out, in); !why.empty()) {
+      // The way out names a group this weight's shape takes (the largest of 128, 64, 32, else 0 =
+      // one group per row), not the default that may be the cause.
+      int64_t fits = -1;
+      for (const int64_t g : {int64_t{128}, int64_t{64}, int64_t{32}, int64_t{0}})
+        if (fits < 0 && io::packed_shape_problem(fmt, s.bits, g, out, in).empty()) fits = g;
+      const std::string fix = fits < 0 ? way_out
+                                       : "quantize it with a group this shape takes, e.g. `moe-tool quantize " + src +
+                                             " OUT --codec int" + std::to_string(s.bits) + " --group " + std::to_string(fits) +
+                                             (s.symmetric ? " --sym" : "") + "` (from a dense model)";
+      throw Error::unsupported(src + ": " + o.weight + " (intN " + params + "): " + F + " cannot hold " + why + ": " + fix);
+    }
   }
   if (first_part.empty()) {
     refuse_packed_input(ckpt, fmt, "");

@@ -137,11 +137,12 @@ json keep_map(const json& layer_reports, int64_t layers) {
 }
 
 // How the run's outputs are written: the output dtype and --materialize, and for the formats that
-// take intN codes (gptq, compressed-tensors) the codes of a GPTQ / AWQ / compressed-tensors input
-// kept (OutputOptions::keep_codes), so a prune of such an input writes its kept codes unchanged.
+// take intN codes (gptq, compressed-tensors; gguf copies symmetric int4/int8 groups of 32 as
+// Q4_0/Q8_0) the codes of a GPTQ / AWQ / compressed-tensors input kept
+// (OutputOptions::keep_codes), so a prune of such an input writes its kept codes unchanged.
 model::OutputOptions output_options(const Recipe& r) {
   model::OutputOptions o{r.output.dtype, r.output.materialize};
-  o.keep_codes = r.output.format == "gptq" || r.output.format == "compressed-tensors";
+  o.keep_codes = r.output.format == "gptq" || r.output.format == "compressed-tensors" || r.output.format == "gguf";
   return o;
 }
 

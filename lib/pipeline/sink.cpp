@@ -378,6 +378,13 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
   const io::PackedFormat fmt = parse_packed_format(r.output.format);
   const std::string where = output_where(r);
   const auto enc = pass_encodings(r, planned);
+  // A merge writes its merged experts dense, and no pass quantizes the experts.
+  for (size_t i = 0; i < r.passes.size() && !enc.count("experts"); ++i)
+    if (r.passes[i]->name() == "merge")
+      throw Error::unsupported(where + ": " + r.key("passes[" + std::to_string(i) + "]") +
+                               " writes the merged experts dense, and vLLM's fused-MoE layer takes the routed experts "
+                               "quantized: quantize the experts after the merge (int4 or int8 groups), or write " +
+                               r.key("output.format") + " hf");
   if (fmt == io::PackedFormat::Gptq)
     check_gptq_layer_kinds(
         planned,
@@ -387,7 +394,7 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
           return it != enc.end() && it->second.codec.has_value();
         },
         where, r.key("output.format"));
-  if (enc.empty()) {  // the input's own codes, pruned or merged: exactly what `export` checks
+  if (enc.empty()) {  // the input's own codes, pruned: exactly what `export` checks
     core::with_context(where, [&] { check_packed(ckpt, planned, fmt); });
     return;
   }
@@ -441,6 +448,25 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
   }
 }
 
+// What every export format cannot hold and the plan does not show (the statistics decide it at run
+// time): a prune pass's novices and its ragged expert counts (keep_ratio without uniform).
+void check_pass_structure(const Recipe& r) {
+  const std::string file = r.flag_names.empty() ? r.source + ": " : "";
+  const std::string out = output_where(r);
+  for (size_t i = 0; i < r.passes.size(); ++i) {
+    const std::string pass_key = "passes[" + std::to_string(i) + "]";
+    const json params = r.passes[i]->params();
+    if (params.value("novices", false))
+      throw Error::unsupported(file + r.key(pass_key + ".novices") + ": " + out +
+                               " has no place for a constant (novice) expert: leave it out, or write " +
+                               r.key("output.format") + " hf");
+    if (params.contains("keep_ratio") && !params.value("uniform", true))
+      throw Error::unsupported(file + r.key(pass_key + ".uniform") + ": layers would keep different expert counts, which " + out +
+                               " cannot hold (one expert count for every layer): leave it out, or write " +
+                               r.key("output.format") + " hf");
+  }
+}
+
 }  // namespace
 
 void check_gptq_layer_kinds(const model::Model& m, const std::function<bool(const model::OutTensor&, const json&)>& quantized,
@@ -473,6 +499,7 @@ std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector
 
 void check_output_format(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
   if (r.output.format == "hf") return;
+  if (!ckpt.gguf()) check_pass_structure(r);  // a GGUF input's own checks: check_gguf_like_plan
   if (r.output.format == "gguf") check_gguf_plan(env, r, ckpt, planned);
   else check_packed_plan(r, ckpt, planned);
 }

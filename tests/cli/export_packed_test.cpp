@@ -315,6 +315,53 @@ TEST(ExportPackedRefusals, GptqRefusesDenseLayersAmongMoeLayers) {
   }
 }
 
+// What the export formats cannot hold but the statistics decide only at run time is refused from the
+// flags, before any work (--dry-run too), nothing written: a merge whose experts stay dense
+// (gptq / compressed-tensors), novices and ragged counts (every export format).
+TEST(ExportPackedRefusals, MergeNovicesAndRaggedCountsBeforeAnyWork) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = quantize_rtn(dir.path(), "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const std::string in = native.string(), out = (dir / "out").string(), calib = kCalib.string();
+  const std::vector<std::string> text = {"--text", calib, "--ctx", "32", "--windows", "4"};
+  struct Case {
+    std::vector<std::string> args;
+    std::string needle;
+  };
+  std::vector<Case> cases = {
+      {{"merge", in, out, "--method", "msmoe", "--experts", "5", "--format", "gptq"}, "writes the merged experts dense"},
+      {{"merge", in, out, "--method", "msmoe", "--experts", "5", "--format", "compressed-tensors"}, "writes the merged experts dense"},
+      {{"prune", in, out, "--method", "reap", "--keep", "5", "--novices", "--format", "compressed-tensors"}, "constant (novice) expert"},
+      {{"prune", in, out + ".gguf", "--method", "reap", "--keep", "5", "--novices", "--format", "gguf", "--gguf-type", "q8_0"},
+       "constant (novice) expert"},
+      {{"prune", in, out, "--method", "reap", "--keep-ratio", "0.6", "--no-uniform", "--format", "gptq"},
+       "layers would keep different expert counts"},
+  };
+  for (auto& c : cases) {
+    c.args.insert(c.args.end(), text.begin(), text.end());
+    for (const bool dry : {true, false}) {
+      SCOPED_TRACE(c.args[0] + " " + c.args.back() + (dry ? " --dry-run" : ""));
+      std::vector<std::string> a = c.args;
+      if (dry) a.push_back("--dry-run");
+      const RunResult r = run_tool(a);
+      expect_clean_failure(r, c.needle);
+      EXPECT_EQ(list_dir(dir.path()), std::vector<std::string>{"native"}) << r.describe();
+    }
+  }
+}
+
+// A group the layout cannot take: the way out names one this weight's shape takes.
+TEST(ExportPackedRefusals, GroupThatDoesNotDivideNamesOneThatDoes) {
+  TempDir dir{"moe-export-packed"};
+  const fs::path native = dir / "native";
+  ASSERT_EQ(run_tool({"-q", "quantize", (kSrc / "data/deepseek-v2-tiny").string(), native.string(), "--method", "rtn",
+                      "--codec", "int4", "--sym"})
+                .exit_code,
+            0);
+  const RunResult r = run_tool({"export", native.string(), (dir / "ct").string(), "--format", "compressed-tensors"});
+  expect_clean_failure(r, "cannot hold groups of 128, which do not divide the 64 inputs");
+  EXPECT_NE(r.err.find("--codec int4 --group 64 --sym"), std::string::npos) << r.err;
+}
+
 // Low-rank factors have no integer layout: refused naming the weight.
 TEST(ExportPackedRefusals, LowRankFactors) {
   TempDir dir{"moe-export-packed"};

@@ -17,6 +17,8 @@
 
 #include "io/checkpoint.h"
 #include "io/env.h"
+#include "io/gguf.h"
+#include "quant/gguf_blocks.h"
 #include "model/model.h"
 #include "support/ckpt_util.h"
 #include "support/cli_expect.h"
@@ -261,6 +263,42 @@ TEST(PackedInputCodes, ExportAndPruneOfAGptqInputKeepItsCodes) {
     EXPECT_EQ(read_file(a / "model.safetensors"), read_file(b / "model.safetensors"));
     EXPECT_EQ(json::parse(read_file(a / "config.json")), json::parse(read_file(b / "config.json")));
   }
+}
+
+// Two GGUF files hold the same tensors: names, types, shapes and stored bytes.
+void expect_same_gguf_tensors(const fs::path& a, const fs::path& b) {
+  auto& env = io::Env::posix();
+  const auto fa = io::GgufFile::open(env, a), fb = io::GgufFile::open(env, b);
+  ASSERT_EQ(fa.tensors().size(), fb.tensors().size());
+  for (const auto& t : fa.tensors()) {
+    const io::GgufTensorInfo* u = fb.find_tensor(t.name);
+    ASSERT_NE(u, nullptr) << t.name;
+    EXPECT_EQ(t.type, u->type) << t.name;
+    EXPECT_EQ(t.ne, u->ne) << t.name;
+    EXPECT_EQ(0, std::memcmp(fa.tensor_data(t), fb.tensor_data(*u), t.nbytes())) << t.name;
+  }
+}
+
+// A GPTQ input's symmetric int4 groups of 32 are Q4_0 blocks: export and a prune written as gguf copy
+// them, the same tensors as from the native checkpoint they were exported from.
+TEST(PackedInputCodes, GptqGroupsOf32AreWrittenToGgufAsQ4_0) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_rtn(dir.path(), "mixtral-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  const fs::path in = dir / "gptq";
+  ASSERT_FALSE(export_packed(native, in, "gptq").is_null());
+  fs::create_directories(dir / "a");
+  fs::create_directories(dir / "b");
+  run_ok({"-q", "export", in.string(), (dir / "a" / "m.gguf").string(), "--type", "q8_0"});
+  run_ok({"-q", "export", native.string(), (dir / "b" / "m.gguf").string(), "--type", "q8_0"});
+  expect_same_gguf_tensors(dir / "a" / "m.gguf", dir / "b" / "m.gguf");
+  for (const auto& [src, sub] : {std::pair{in, "a"}, std::pair{native, "b"}})
+    run_ok({"-q", "prune", src.string(), (dir / sub / "p.gguf").string(), "--method", "random", "--keep", "6", "--format",
+            "gguf", "--gguf-type", "q8_0"});
+  expect_same_gguf_tensors(dir / "a" / "p.gguf", dir / "b" / "p.gguf");
+  const auto f = io::GgufFile::open(io::Env::posix(), dir / "a" / "p.gguf");
+  const io::GgufTensorInfo* t = f.find_tensor("blk.1.ffn_down_exps.weight");
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(std::string(quant::ggml_type_info(t->type).name), "q4_0");
 }
 
 // An AWQ input (asymmetric groups of 16) pruned and written as gptq: every expert of the output
