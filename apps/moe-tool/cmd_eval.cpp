@@ -61,7 +61,7 @@ void setup_eval(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       eval::check_context(model, o->e.ctx, o->e.force);
       if (ref) eval::check_context(*ref, o->e.ctx, o->e.force);
       const auto tok = eval::load_tokenizer(ref ? o->against : o->model);
-      const eval::Windows w = eval::make_windows(tok, text, o->e);
+      const eval::Windows w = core::with_context(o->text, [&] { return eval::make_windows(tok, text, o->e); });
 
       nlohmann::json j;
       auto put = [](nlohmann::json& d, const eval::PerplexityResult& r) {

@@ -63,6 +63,9 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         format = "gguf";
       }
       if (format != "gguf") {
+        if (fs::path(o->out).extension() == ".gguf")
+          throw Error::invalid("OUT '" + o->out + "': a .gguf name, but --format " + format +
+                               " writes a folder; name the folder without .gguf (or give --format gguf)");
         if (!o->type.empty() || !o->tensor_types.empty())
           throw Error::invalid(std::string(o->type.empty() ? "--tensor-type" : "--type") + ": gguf only; --format " + format +
                                " writes the model's intN codes as they are");

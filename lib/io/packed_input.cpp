@@ -201,19 +201,30 @@ float PackedIntLinear::scale(int64_t o, int64_t g) const {
   return v;
 }
 
-std::optional<core::NativeForm> PackedIntLinear::native_form() const {
-  if (!g_idx_.empty()) return std::nullopt;
-  const int bits = layout_.bits, maxq = (1 << bits) - 1;
-  const int64_t out = rows(), in = cols(), ng = ngroups_;
-  bool symmetric = true;
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t g = 0; g < ng; ++g) {
+std::string PackedIntLinear::native_form_problem(bool* symmetric) const {
+  if (!g_idx_.empty()) return "act-order: its g_idx puts inputs out of order in the groups";
+  const int maxq = (1 << layout_.bits) - 1;
+  bool sym = true;
+  for (int64_t o = 0; o < rows(); ++o)
+    for (int64_t g = 0; g < ngroups_; ++g) {
       const float s = scale(o, g);
-      if (core::f16_to_f32(core::f32_to_f16(s)) != s) return std::nullopt;
+      const std::string where = "row " + std::to_string(o) + ", group " + std::to_string(g) + ": ";
+      if (core::f16_to_f32(core::f32_to_f16(s)) != s)
+        return where + "scale " + nlohmann::json(s).dump() + " is not exact in f16";
       const int z = zero(o, g);
-      if (z < 0 || z > maxq) return std::nullopt;
-      symmetric = symmetric && z == (maxq + 1) / 2;
+      if (z < 0 || z > maxq)
+        return where + "zero point " + std::to_string(z) + " is outside [0, " + std::to_string(maxq) + "]";
+      sym = sym && z == (maxq + 1) / 2;
     }
+  if (symmetric) *symmetric = sym;
+  return "";
+}
+
+std::optional<core::NativeForm> PackedIntLinear::native_form() const {
+  bool symmetric = true;
+  if (!native_form_problem(&symmetric).empty()) return std::nullopt;
+  const int bits = layout_.bits;
+  const int64_t out = rows(), in = cols(), ng = ngroups_;
   const int64_t group = layout_.group;
   core::NativeForm f;
   f.name = "intN";

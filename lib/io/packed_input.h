@@ -91,6 +91,10 @@ class PackedIntLinear final : public core::Encoding {
   // (compressed-tensors bf16/f32 scales), or a zero point outside [0, 2^N − 1] (GPTQ v1's stored
   // 15 + 1). Reads the scales and zero points (not the codes) to decide.
   std::optional<core::NativeForm> native_form() const override;
+  // Why native_form() is nullopt ("act-order: ...", "row 3, group 1: scale 0.1 is not exact in
+  // f16", "row 0, group 2: zero point 16 is outside [0, 15]"), "" when it is not; `symmetric`
+  // (optional) is set when it is not.
+  std::string native_form_problem(bool* symmetric = nullptr) const;
 
   const Layout& layout() const { return layout_; }
   int64_t ngroups() const { return ngroups_; }

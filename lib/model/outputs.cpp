@@ -70,7 +70,7 @@ class OutputBuilder {
       const DType d = convert ? *opts_.dtype : p.tensor->dtype();
       auto part = p.tensor;
       out.push_back({pname, d, part->shape(), [part, d, rel = release_] { return converted(*part, d, rel); }, {pname}, name,
-                     cls, counted ? 0 : t.numel() + std::exchange(pending_[cls], 0)});
+                     cls, counted ? 0 : weight_params(t)});
       counted = true;
     }
     entry["parts"] = parts;
@@ -110,7 +110,7 @@ class OutputBuilder {
                        if (!part) throw Error::internal(role + ": no such part of the native form");
                        return *part;
                      },
-                     {name}, name, cls, first ? t.numel() + std::exchange(pending_[cls], 0) : 0});
+                     {name}, name, cls, first ? weight_params(t) : 0});
       first = false;
     }
     entry["parts"] = parts;
@@ -134,6 +134,9 @@ class OutputBuilder {
   std::map<std::string, int64_t> take_pending() { return std::exchange(pending_, {}); }
 
  private:
+  // The parameters an encoded weight's first written part carries: its own and those of earlier
+  // weights of its class left with nothing written (pending_).
+  int64_t weight_params(const Tensor& t) { return t.numel() + std::exchange(pending_[cls], 0); }
   std::map<std::string, int64_t> pending_;
   OutputOptions opts_;
   DType materialize_;

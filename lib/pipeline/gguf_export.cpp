@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "core/warn.h"
 #include "io/gguf.h"
 #include "io/gguf_names.h"
 #include "quant/intn.h"
@@ -26,6 +27,7 @@ namespace fs = std::filesystem;
 struct Item {
   io::GgufTensorInfo info;
   std::vector<core::Tensor> parts;
+  std::vector<std::optional<core::NativeForm>> native;  // per part: a packed input's codes as intN, or none
   int64_t permute_heads = 0;  // > 0: rows permuted for llama.cpp's RoPE, this many heads
 };
 
@@ -33,10 +35,16 @@ struct Item {
 // graph and llama-quantize keep them so); then the first matching --tensor-type; token_embd and
 // output, when the main type is a block type other than Q8_0, at Q6_K where the rows are a multiple
 // of 256 (as llama-quantize puts output), else Q8_0; else the main type.
-GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlType main, const std::vector<GgufTypeOverride>& ovr) {
+// `matched` (optional) is set to the --tensor-type that chose the type, else null.
+GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlType main, const std::vector<GgufTypeOverride>& ovr,
+                     const GgufTypeOverride** matched = nullptr) {
+  if (matched) *matched = nullptr;
   if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos) return GgmlType::F32;
   for (const auto& o : ovr)
-    if (std::regex_search(name, o.re)) return o.type;
+    if (std::regex_search(name, o.re)) {
+      if (matched) *matched = &o;
+      return o.type;
+    }
   if ((name == "token_embd.weight" || name == "output.weight") && quant::ggml_type_info(main).block > 1)
     return main != GgmlType::Q8_0 && row % quant::ggml_type_info(GgmlType::Q6_K).block == 0 ? GgmlType::Q6_K : GgmlType::Q8_0;
   return main;
@@ -51,33 +59,42 @@ void permute_rows(const float* w, int64_t heads, int64_t rows, int64_t cols, flo
       for (int64_t s = 0; s < 2; ++s) std::copy_n(w + (h * d + s * half + i) * cols, cols, out + (h * d + 2 * i + s) * cols);
 }
 
-// The block type an encoded weight's codes are already on, so they are copied, not re-quantized:
-// moe-tool's symmetric int4 / int8 groups of 32 (f16 scale, implied zero point 8 / 128) are Q4_0
-// / Q8_0 blocks exactly, and ternary-tq trits (groups of 256, one f16 d) are TQ1_0 or TQ2_0 blocks
-// exactly: `wanted` (the type --type / --tensor-type give the tensor) when it is one of the two,
-// else TQ1_0, the smaller. nullopt for a plain tensor or any other encoding.
-std::optional<GgmlType> direct_type(const core::Tensor& t, GgmlType wanted) {
-  if (const auto* tq = dynamic_cast<const quant::Ternary*>(t.encoding())) {
-    if (tq->grid() != quant::TernaryGrid::TQ || !tq->symmetric() || tq->group() != 256 || tq->cols() % 256 != 0)
-      return std::nullopt;
-    return wanted == GgmlType::TQ2_0 ? GgmlType::TQ2_0 : GgmlType::TQ1_0;
-  }
-  if (const auto* q = dynamic_cast<const quant::IntN*>(t.encoding())) {
-    if (!q->symmetric() || q->group() != 32 || q->cols() % 32 != 0) return std::nullopt;
-    if (q->bits() == 4) return GgmlType::Q4_0;
-    if (q->bits() == 8) return GgmlType::Q8_0;
-    return std::nullopt;
-  }
-  // A GPTQ / AWQ / compressed-tensors input's codes that moe-tool's intN holds exactly
-  // (core::Encoding::native_form): the same rule on the intN they are.
-  const std::optional<core::NativeForm> f = t.encoding() ? t.encoding()->native_form() : std::nullopt;
-  if (!f || f->name != "intN" || !f->params.value("symmetric", false) || f->params.value("group", int64_t{0}) != 32 ||
-      t.encoding()->cols() % 32 != 0)
-    return std::nullopt;
-  const int bits = f->params.value("bits", 0);
+// The block type of symmetric intN codes in groups of `group` (f16 scales, implied zero point
+// 2^(bits-1)): groups of 32 of int4 / int8 are Q4_0 / Q8_0 blocks exactly. nullopt otherwise.
+std::optional<GgmlType> int_block_type(int bits, int64_t group, bool symmetric, int64_t cols) {
+  if (!symmetric || group != 32 || cols % 32 != 0) return std::nullopt;
   if (bits == 4) return GgmlType::Q4_0;
   if (bits == 8) return GgmlType::Q8_0;
   return std::nullopt;
+}
+
+// A direct type and, for a packed input's codes (core::Encoding::native_form), the intN they are
+// (made when the part is written: write_item).
+struct Direct {
+  std::optional<GgmlType> type;
+  std::optional<core::NativeForm> form;
+};
+
+// The block type an encoded weight's codes are already on, so they are copied, not re-quantized:
+// moe-tool's symmetric int4 / int8 groups of 32 (int_block_type), and ternary-tq trits (groups of
+// 256, one f16 d) are TQ1_0 or TQ2_0 blocks exactly: `wanted` (the type --type / --tensor-type give
+// the tensor) when it is one of the two, else TQ1_0, the smaller. A GPTQ / AWQ / compressed-tensors
+// input's codes that moe-tool's intN holds exactly (core::Encoding::native_form) follow the intN
+// rule. No type for a plain tensor or any other encoding.
+Direct direct_type(const core::Tensor& t, GgmlType wanted) {
+  if (const auto* tq = dynamic_cast<const quant::Ternary*>(t.encoding())) {
+    if (tq->grid() != quant::TernaryGrid::TQ || !tq->symmetric() || tq->group() != 256 || tq->cols() % 256 != 0) return {};
+    return {wanted == GgmlType::TQ2_0 ? GgmlType::TQ2_0 : GgmlType::TQ1_0, std::nullopt};
+  }
+  if (const auto* q = dynamic_cast<const quant::IntN*>(t.encoding()))
+    return {int_block_type(q->bits(), q->group(), q->symmetric(), q->cols()), std::nullopt};
+  if (!t.encoding()) return {};
+  std::optional<core::NativeForm> f = t.encoding()->native_form();
+  if (!f || f->name != "intN") return {};
+  const auto type = int_block_type(f->params.value("bits", 0), f->params.value("group", int64_t{0}),
+                                   f->params.value("symmetric", false), t.encoding()->cols());
+  if (!type) return {};
+  return {type, std::move(f)};
 }
 
 // Refuses what this exporter cannot write faithfully, before any work (encodings without a block
@@ -241,28 +258,34 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (parts.size() > 1) it.info.ne.push_back(static_cast<int64_t>(parts.size()));
     // A [1, H] gate is a vector to llama.cpp ({n_embd}).
     while (it.info.ne.size() > 1 && it.info.ne.back() == 1) it.info.ne.pop_back();
-    const GgmlType wanted = choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr);
+    const GgufTypeOverride* rule = nullptr;
+    const GgmlType wanted = choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr, &rule);
+    std::vector<Direct> direct(parts.size());
     for (size_t e = 0; e < parts.size(); ++e)
-      if (const core::Encoding* enc = parts[e].encoding(); enc && !direct_type(parts[e], wanted))
+      if (const core::Encoding* enc = parts[e].encoding(); enc && !(direct[e] = direct_type(parts[e], wanted)).type)
         throw Error::unsupported(src + ": " + name + (parts.size() > 1 ? ": expert " + std::to_string(e) : "") +
                                  " is encoded as '" + enc->name() + "' " + enc->params().dump() +
                                  ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as "
                                  "q4_0/q8_0, ternary-tq trits as tq1_0/tq2_0): write it dense first with `moe-tool convert " + src +
                                  " DENSE --materialize`, then export DENSE");
-    const std::optional<GgmlType> direct = direct_type(parts.front(), wanted);
-    for (const auto& part : parts)
-      if (direct_type(part, wanted) != direct)
+    for (const auto& d : direct)
+      if (d.type != direct.front().type)
         throw Error::unsupported(src + ": " + name + ": its experts are stored in different encodings; one GGUF tensor "
                                  "has one type: write them dense first with `moe-tool convert " + src +
                                  " DENSE --materialize`");
     // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply,
     // except to choose tq1_0 or tq2_0 for ternary-tq trits).
-    it.info.type = direct ? *direct : wanted;
+    it.info.type = direct.front().type ? *direct.front().type : wanted;
+    if (rule && it.info.type != rule->type)
+      core::warn_once(src + ": " + name + ": --tensor-type " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name +
+                      " does not apply: its codes are copied as " + quant::ggml_type_info(it.info.type).name +
+                      ", not re-quantized (`moe-tool convert " + src + " DENSE --materialize` and export DENSE to choose its type)");
     const auto& ti = quant::ggml_type_info(it.info.type);
     if (it.info.ne[0] % ti.block != 0)
       throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
                                ti.name + " block size " + std::to_string(ti.block) + "; give it another type with --tensor-type");
     it.parts = std::move(parts);
+    for (auto& d : direct) it.native.push_back(std::move(d.form));
     it.permute_heads = permute_heads;
     p.items.push_back(std::move(it));
   };
@@ -373,11 +396,10 @@ void write_codes(io::GgufWriter& w, ExportBuffers& b, const Item& it, int64_t ro
 void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model::Model& m) {
   const int64_t cols = it.info.ne[0];
   const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
-  for (const auto& part : it.parts) {
-    std::shared_ptr<const core::Encoding> native;  // a packed input's codes as intN (direct_type)
-    if (part.encoding() && !dynamic_cast<const quant::IntN*>(part.encoding()) &&
-        !dynamic_cast<const quant::Ternary*>(part.encoding()))
-      if (auto f = part.encoding()->native_form()) native = f->make();
+  for (size_t e = 0; e < it.parts.size(); ++e) {
+    const core::Tensor& part = it.parts[e];
+    // A packed input's codes as intN (direct_type), made here: one weight's codes at a time.
+    const std::shared_ptr<const core::Encoding> native = it.native[e] ? it.native[e]->make() : nullptr;
     if (const auto* q = dynamic_cast<const quant::IntN*>(native ? native.get() : part.encoding())) {
       write_codes(w, b, it, q->rows(), q->cols(), q->ngroups(), [q](int64_t r, uint8_t* c) { q->codes_row(r, c); },
                   [q](int64_t r, int64_t g) { return q->scale(r, g); });

@@ -111,11 +111,19 @@ void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt, const
   if (!io::PackedInput::reads(method)) return;
   const std::string src = ckpt.dir().string(), F = io::packed_format_name(fmt);
   const std::string label = method == "gptq" ? "GPTQ" : method == "awq" ? "AWQ" : "compressed-tensors";
+  // The one cause, when the weight is known and its codes are read as io::PackedIntLinear.
+  std::string why = "act-order g_idx, a scale f16 does not hold exactly, or a zero point outside the code range";
+  if (!weight.empty()) {
+    std::set<std::string> used;
+    const auto t = io::PackedInput::open(ckpt)->weight(weight, used);
+    if (const auto* p = t ? dynamic_cast<const io::PackedIntLinear*>(t->encoding()) : nullptr)
+      if (std::string w = p->native_form_problem(); !w.empty()) why = std::move(w);
+  }
   throw Error::unsupported(
       src + ": " + (weight.empty() ? "the weights are" : weight + " is") + " in the " + label +
       " format already (quantization_config.quant_method \"" + method +
-      "\") with codes moe-tool's int4/int8 groups cannot hold (act-order g_idx, a scale f16 does not hold exactly, or a "
-      "zero point outside the code range), read decoded; " + F + " is written from moe-tool codes: " +
+      "\") with codes moe-tool's int4/int8 groups cannot hold (" + why + "), read decoded; " + F +
+      " is written from moe-tool codes: " +
       "export the native moe-tool checkpoint they were quantized in, or re-quantize the decoded weights with `moe-tool quantize " +
       src + " OUT --method rtn --codec int4 --group 128 --sym` and export OUT");
 }

@@ -1015,7 +1015,9 @@ void evaluate_output(RunState& s) {
     eo.ctx_name = r.key("eval.ctx");
     eo.max_windows_name = r.key("eval.max_windows");
     eval::check_context(original, eo.ctx, false, eo.ctx_name, "");
-    const auto windows = eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
+    const auto windows = core::with_context(r.eval->text.string(), [&] {
+      return eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
+    });
     if (r.eval->against_input) {
       // Experts matched through the whole recipe's origin (every pass composed).
       const std::optional<eval::ExpertOrigin> origin = eval::origin_from_layers(s.layer_reports, "run report");

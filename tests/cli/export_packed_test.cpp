@@ -261,6 +261,9 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   // A folder needs --format; --type is GGUF's.
   refused({mixtral, out}, "OUT '" + out + "': not a .gguf file; give --format compressed-tensors");
   refused({mixtral, out, "--format", "gptq", "--type", "q4_0"}, "--type: gguf only");
+  // A .gguf name for a folder format is a slip, not a folder to make.
+  refused({mixtral, out + ".gguf", "--format", "gptq"}, "OUT '" + out + ".gguf': a .gguf name, but --format gptq writes a folder");
+  EXPECT_FALSE(fs::exists(out + ".gguf"));
   const fs::path ternary = quantize_rtn(dir.path(), "mixtral-tiny", "ternary", {"--codec", "ternary"});
   refused({ternary.string(), out, "--format", "gptq"},
           "model.layers.0.block_sparse_moe.experts.0.w1.weight is encoded as 'ternary'");

@@ -61,6 +61,17 @@ struct Packed {
     if (used_out) *used_out = used;
     return t ? t->to_f32() : std::vector<float>{};
   }
+  // io::PackedIntLinear::native_form_problem of the weight (why moe-tool's intN cannot hold its
+  // codes; "" when it can), and native_form() must agree.
+  std::string native_problem(const std::string& weight, bool* symmetric = nullptr) {
+    std::set<std::string> used;
+    auto t = input->weight(weight, used);
+    const auto* p = t ? dynamic_cast<const io::PackedIntLinear*>(t->encoding()) : nullptr;
+    if (!p) return "not a PackedIntLinear";
+    const std::string why = p->native_form_problem(symmetric);
+    EXPECT_EQ(p->native_form().has_value(), why.empty()) << why;
+    return why;
+  }
 };
 
 json ct_config(int bits, bool symmetric, const json& group_size, const std::string& strategy = "group") {
@@ -107,6 +118,10 @@ TEST(PackedInput, CompressedTensorsInt4AsymmetricDecodes) {
       EXPECT_EQ(w[o * in + i], s(o, i / G) * (static_cast<float>(q(o, i)) - static_cast<float>(z(o, i / G)))) << o << "," << i;
   // By hand: o = 2, i = 1: q = (10 + 3) mod 16 = 13, z = 3, scale 1.5 -> 15.
   EXPECT_EQ(w[2 * in + 1], 15.0f);
+  // f16 scales, zero points 1..6: moe-tool's asymmetric intN holds these codes exactly.
+  bool sym = true;
+  EXPECT_EQ(p.native_problem(m + ".weight", &sym), "");
+  EXPECT_FALSE(sym);
   EXPECT_EQ(used.size(), 4u);
   // A module that is not quantized is read dense by the caller.
   std::set<std::string> none;
@@ -128,6 +143,24 @@ TEST(PackedInput, CompressedTensorsInt8ChannelDecodes) {
            tensor_of(m + ".weight_shape", DType::I64, {2}, std::vector<int64_t>{2, 4})});
   p.open();
   EXPECT_EQ(p.decode(m + ".weight"), (std::vector<float>{-64.0f, -0.5f, 0.0f, 63.5f, 4.0f, -4.0f, 144.0f, -254.0f}));
+  // bf16 scales 0.5 and 2 are exact in f16; the implied zero point 128: symmetric.
+  bool sym = false;
+  EXPECT_EQ(p.native_problem(m + ".weight", &sym), "");
+  EXPECT_TRUE(sym);
+}
+
+// A compressed-tensors f32 scale that f16 does not hold (0.1) keeps the codes from moe-tool's
+// intN; the problem names the row, the group and the value.
+TEST(PackedInput, ScaleThatF16DoesNotHoldIsNamed) {
+  std::vector<uint32_t> packed = {0x03020100u, 0x07060504u};
+  Packed p;
+  const std::string m = "model.layers.0.self_attn.q_proj";
+  p.write(ct_config(8, true, nullptr, "channel"),
+          {tensor_of(m + ".weight_packed", DType::I32, {2, 1}, packed),
+           tensor_of(m + ".weight_scale", DType::F32, {2, 1}, std::vector<float>{0.5f, 0.1f}),
+           tensor_of(m + ".weight_shape", DType::I64, {2}, std::vector<int64_t>{2, 4})});
+  p.open();
+  EXPECT_EQ(p.native_problem(m + ".weight"), "row 1, group 0: scale " + json(0.1f).dump() + " is not exact in f16");
 }
 
 // GPTQ v1, int4, asymmetric, desc_act with a permuted g_idx: qweight [in/8, out] packed along the
@@ -165,6 +198,8 @@ TEST(PackedInput, GptqActOrderAsymmetricDecodes) {
   // By hand: o = 1, i = 3: q = (7 + 15 + 3) mod 16 = 9; g_idx[3] = 9 div 8 = 1 (not 3 div 8 = 0);
   // z = 1 + (3 + 7) = 11; scale 0.125 · 10 = 1.25 -> −2.5.
   EXPECT_EQ(w[1 * in + 3], -2.5f);
+  // intN groups are runs of consecutive inputs: act-order codes are read decoded.
+  EXPECT_EQ(p.native_problem(m + ".weight"), "act-order: its g_idx puts inputs out of order in the groups");
 }
 
 // AWQ GEMM int4: qweight [in, out/8] packed along the OUTPUTS in AWQ_ORDER (shift 4k holds output

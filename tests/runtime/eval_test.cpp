@@ -199,7 +199,7 @@ TEST(EvalCli, Errors) {
                         "nope.txt");
   expect_one_line_error(run_tool({"eval", synthetic("qwen2").string(), "--text", (dir / "short.txt").string(),
                                   "--ctx", "64"}),
-                        "fewer than one window of --ctx 64");
+                        (dir / "short.txt").string() + ": text has 4 tokens, fewer than one window of --ctx 64");
   expect_one_line_error(run_tool({"eval", synthetic("qwen2").string(), "--text", heldout().string(), "--ctx", "5000"}),
                         "max_position_embeddings 4096");
   // --force: a warning line, then the run goes on (here into the too-few-tokens error).
