@@ -15,6 +15,7 @@
 #include "io/checkpoint.h"
 #include "io/output_dir.h"
 #include "model/model.h"
+#include "io/checkpoint_writer.h"
 #include "pipeline/gguf_export.h"
 #include "pipeline/packed_export.h"
 #include "pipeline/sink.h"
@@ -30,7 +31,7 @@ namespace fs = std::filesystem;
 
 void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   struct Opts {
-    std::string in, out, type, format;
+    std::string in, out, type, format, max_shard_size;
     std::vector<std::string> tensor_types;
     bool force = false, json = false;
   };
@@ -49,6 +50,9 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_option("--tensor-type", o->tensor_types,
                  "gguf: override by GGUF tensor name, REGEX=TYPE (std::regex search; the first match wins; 1-D tensors and "
                  "routers stay f32)");
+  sub.add_option("--max-shard-size", o->max_shard_size,
+                 "compressed-tensors, gptq: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB); a .gguf file "
+                 "is one file");
   sub.add_flag("--force", o->force, "Replace an existing output (file or folder the tool wrote)");
   sub.add_flag("--json", o->json, "Print the result as JSON");
   sub.callback([o, &handler, &flags] {
@@ -69,6 +73,9 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         if (!o->type.empty() || !o->tensor_types.empty())
           throw Error::invalid(std::string(o->type.empty() ? "--tensor-type" : "--type") + ": gguf only; --format " + format +
                                " writes the model's intN codes as they are");
+        const uint64_t max_shard_bytes =
+            o->max_shard_size.empty() ? 5'000'000'000ull
+                                      : core::with_context("--max-shard-size", [&] { return io::parse_size(o->max_shard_size); });
         const io::PackedFormat fmt = pipeline::parse_packed_format(format);
         auto& env = io::Env::posix();
         auto ckpt = io::Checkpoint::open(env, o->in);
@@ -82,7 +89,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
               ckpt.dir().string() + ": --format gptq", "--format");
         pipeline::check_packed(ckpt, model, fmt);
         io::OutputDir out(env, o->out, {o->in}, o->force);
-        const pipeline::PackedResult plan = pipeline::write_packed(env, ckpt, model, fmt, out.path());
+        const pipeline::PackedResult plan = pipeline::write_packed(env, ckpt, model, fmt, out.path(), max_shard_bytes);
         uint64_t bytes = 0;
         for (const auto& e : fs::directory_iterator(out.path())) bytes += e.is_regular_file() ? e.file_size() : 0;
         out.commit();
@@ -104,6 +111,8 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                     << " in " << secs << " s\n";
         return 0;
       }
+      if (!o->max_shard_size.empty())
+        throw Error::invalid("--max-shard-size: --format gguf writes one file, never shards: leave it out");
       if (o->type.empty()) throw Error::invalid("--type: required for --format gguf");
       pipeline::GgufOptions go;
       go.type = pipeline::gguf_writable_type(o->type, "--type");

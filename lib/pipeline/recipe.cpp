@@ -28,6 +28,7 @@ fs::path resolve(const fs::path& base, const std::string& p) {
 // by the sink.
 void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
   out.format = o.get_enum("format", "hf", {"hf", "gguf", "compressed-tensors", "gptq"});
+  out.format_given = spec.contains("format");
   if (auto t = o.opt_string("type")) out.type = *t;
   o.allow({"tensor_type"});
   const bool one_rule = o.has("tensor_type") && spec.at("tensor_type").is_string();

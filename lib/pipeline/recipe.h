@@ -78,6 +78,7 @@ struct OutputSpec {
   // The output format (pipeline/sink.h): hf (default), gguf, compressed-tensors or gptq. gguf: the
   // main ggml type (required) and REGEX=TYPE overrides by GGUF tensor name.
   std::string format = "hf";
+  bool format_given = false;  // output.format / --format was given (else a prune may follow its input's: runner.cpp)
   std::string type;
   std::vector<std::string> tensor_type;
 };

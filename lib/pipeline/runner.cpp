@@ -364,6 +364,7 @@ struct RunState {
   std::optional<model::Model> planned;
   std::vector<model::OutTensor> outs_after;
   json summary, passes;
+  std::string format_note, format_warning;  // follow_input_format's lines for the summary
   // run_layers
   json plan_reports = json::array(), layer_reports = json::array();
   int64_t params_fix = 0, active_fix = 0;  // written minus planned parameters (novices)
@@ -379,6 +380,42 @@ struct RunState {
 
 // Plan and preflight: every check before any work (--dry-run stops after them), what the run
 // will compute, how it writes, and the output's room on its file system.
+// A run whose passes only prune, given no output format (nor dtype or materialize), writes the
+// format of its input when moe-tool writes that format: a GPTQ or compressed-tensors
+// pack-quantized input as gptq / compressed-tensors (the kept experts' codes unchanged), a GGUF
+// input as GGUF (their blocks copied). When that format cannot hold the result (act-order codes,
+// novices, ...: the format's own check refuses it) the output is hf, the weights dequantized, and
+// a warning says why. Either way the summary says which (docs/outputs.md).
+void follow_input_format(RunState& s, const model::Model& planned) {
+  Recipe& r = s.r;
+  if (r.output.format_given || r.output.dtype || r.output.materialize || r.passes.empty()) return;
+  for (const auto& p : r.passes)
+    if (p->name() != "prune") return;
+  std::string fmt;
+  if (s.ckpt.gguf()) {
+    fmt = "gguf";
+  } else {
+    const json q = s.ckpt.config().value("quantization_config", json());
+    const json qm = q.is_object() ? q.value("quant_method", json()) : json();
+    if (qm == "gptq") fmt = "gptq";
+    else if (qm == "compressed-tensors" && q.value("format", json()) == "pack-quantized") fmt = "compressed-tensors";
+    else return;
+  }
+  r.output.format = fmt;
+  try {
+    check_output_format(s.env, r, s.ckpt, planned);
+  } catch (const Error& e) {
+    if (e.kind() != core::ErrorKind::NotSupported) throw;
+    r.output.format = "hf";
+    s.format_warning = "output: format hf, the weights dequantized: the input's format (" + fmt +
+                       ") cannot hold this output: " + e.message() + " (give " + r.key("output.format") + " to choose)";
+    return;
+  }
+  s.format_note = "output: format " + fmt + ", the input's (" +
+                  (fmt == "gguf" ? "the kept experts' blocks copied" : "the kept experts' codes written unchanged") +
+                  "); " + r.key("output.format") + " hf writes the weights dequantized";
+}
+
 void check_run(RunState& s) {
   Recipe& r = s.r;
   io::Env& env = s.env;
@@ -532,6 +569,7 @@ void check_run(RunState& s) {
   const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
                                          .outputs(output_options(r)));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
+  follow_input_format(s, estimated);
   check_output_format(env, r, ckpt, estimated);
   // The export formats stage the native output beside theirs: room for both. A GGUF input written
   // as GGUF copies its blocks: the file's exact size, and the staged output only for an evaluation.
@@ -664,6 +702,7 @@ void plan_run(RunState& s) {
                       (r.calibration.propagate ? " (through the compressed layers)" : " (of the input model)"));
   summary["computes"] = compute;
   summary["warnings"] = dequantize_warnings(r, model);
+  if (!s.format_warning.empty()) summary["warnings"].push_back(s.format_warning);
   if (r.calibration.memory_budget && !needs_grams)
     summary["warnings"].push_back(r.key("calibration.memory_budget") +
                                   ": no pass of this run computes Gram matrices (quantize gptq, factorize asvd, svdllm, "
@@ -677,6 +716,7 @@ json dry_run_summary(RunState& s) {
   {
     size_warning(summary);
     summary["dry_run"] = true;
+    if (!s.format_note.empty()) summary["notes"].push_back(s.format_note);
     bool at_run = false;
     for (const auto& p : r.passes) at_run = at_run || p->counts_at_run();
     at_run = at_run || (!r.calibration.tasks.empty() && s.task_stats.empty());  // task texts not calibrated
@@ -973,6 +1013,7 @@ void write_globals(RunState& s) {
   const SinkResult& written = s.written;
   json& notes = s.notes;
   notes = json::array();
+  if (!s.format_note.empty()) notes.push_back(s.format_note);
   const json& old_config = original.config().json();
   if (old_config.value("n_group", 1) > 1 && new_config.value("n_group", 1) == 1)
     notes.push_back("config: n_group " + old_config.at("n_group").dump() + " -> 1 and topk_group " +

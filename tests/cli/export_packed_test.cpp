@@ -437,6 +437,24 @@ TEST(ExportPackedOutput, InputAndForce) {
   EXPECT_EQ(forced.exit_code, 0) << forced.describe();
   EXPECT_EQ(read_json(dir / "ct/config.json").at("quantization_config").at("group_size"), -1);
   EXPECT_EQ(expect_same_weights(native, dir / "ct"), 96u);
+  // --max-shard-size: shards of at most that size, listed in the index, the same weights.
+  const RunResult sharded =
+      run_tool({"-q", "export", native.string(), (dir / "sh").string(), "--format", "gptq", "--max-shard-size", "200KB"});
+  ASSERT_EQ(sharded.exit_code, 0) << sharded.describe();
+  // HF's rule: a shard passes the size only when it holds one tensor.
+  std::map<std::string, int> per_shard;
+  const json index = read_json(dir / "sh/model.safetensors.index.json");
+  for (const auto& [tensor, file] : index.at("weight_map").items()) ++per_shard[file.get<std::string>()];
+  EXPECT_GT(per_shard.size(), 1u);
+  for (const auto& [file, n] : per_shard)
+    if (fs::file_size(dir / "sh" / file) > 200'000u) EXPECT_EQ(n, 1) << file;
+  EXPECT_EQ(expect_same_weights(native, dir / "sh"), 96u);
+  expect_clean_failure(run_tool({"export", native.string(), (dir / "sz").string(), "--format", "gptq", "--max-shard-size", "lots"}),
+                       "--max-shard-size");
+  expect_clean_failure(run_tool({"export", native.string(), (dir / "x.gguf").string(), "--type", "q8_0", "--max-shard-size", "1GB"}),
+                       "--max-shard-size: --format gguf writes one file, never shards");
+  EXPECT_FALSE(fs::exists(dir / "sz"));
+  EXPECT_FALSE(fs::exists(dir / "x.gguf"));
 }
 
 }  // namespace

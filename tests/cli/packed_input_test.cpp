@@ -137,10 +137,12 @@ TEST(PackedInputCommands, EveryCommandRunsOnAGptqInput) {
     const json e = eval_json(dir / out);
     EXPECT_TRUE(e.contains("perplexity"));
   }
-  // The pruned model keeps 2 experts, written dense (bf16), without the GPTQ config.
+  // The pruned model keeps 2 experts, in the input's format (a prune without --format); the merged
+  // one is written dense (bf16), without the GPTQ config.
   const json cfg = read_json(dir / "pruned/config.json");
-  EXPECT_FALSE(cfg.contains("quantization_config"));
+  EXPECT_EQ(cfg.at("quantization_config").at("quant_method"), "gptq");
   EXPECT_EQ(cfg.at("num_experts"), 2);
+  EXPECT_FALSE(read_json(dir / "merged/config.json").contains("quantization_config"));
 }
 
 // The AWQ and FP8 fixtures written by data/scripts/make_packed_inputs.py decode to its goldens
@@ -265,6 +267,49 @@ TEST(PackedInputCodes, ExportAndPruneOfAGptqInputKeepItsCodes) {
   }
 }
 
+// Makes one weight of a GPTQ folder act-order: inputs 0 and 32 swap groups (every group still
+// holds 32 inputs, so the input reads; its codes decode with the lookup).
+void make_act_order(const fs::path& in) {
+  const std::string t = "model.layers.0.mlp.experts.0.up_proj.g_idx";
+  patch_tensor_bytes(in / "model.safetensors", t, 0, std::string("\x01\x00\x00\x00", 4));
+  patch_tensor_bytes(in / "model.safetensors", t, 4 * 32, std::string("\x00\x00\x00\x00", 4));
+}
+
+// Without --format, a prune of a GPTQ / compressed-tensors input writes the input's format (the
+// same bytes as with --format), and says so; a run that does more than prune, or a prune the
+// input's format cannot hold (act-order codes), writes hf, the latter with a warning saying why.
+TEST(PackedInputCodes, PruneWithoutFormatWritesTheInputsFormat) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
+  for (const std::string format : {"gptq", "compressed-tensors"}) {
+    SCOPED_TRACE(format);
+    const fs::path in = dir / format;
+    ASSERT_FALSE(export_packed(native, in, format).is_null());
+    const fs::path given = dir / ("given-" + format), followed = dir / ("followed-" + format);
+    run_ok({"-q", "prune", in.string(), given.string(), "--method", "random", "--keep", "6", "--format", format});
+    const RunResult r = run_tool({"prune", in.string(), followed.string(), "--method", "random", "--keep", "6"});
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    EXPECT_NE(r.out.find("output: format " + format + ", the input's (the kept experts' codes written unchanged)"),
+              std::string::npos) << r.out;
+    EXPECT_EQ(read_file(followed / "model.safetensors"), read_file(given / "model.safetensors"));
+    EXPECT_EQ(json::parse(read_file(followed / "config.json")), json::parse(read_file(given / "config.json")));
+    // --format hf: the weights dequantized, as before.
+    const fs::path hf = dir / ("hf-" + format);
+    run_ok({"-q", "prune", in.string(), hf.string(), "--method", "random", "--keep", "6", "--format", "hf"});
+    EXPECT_FALSE(read_json(hf / "config.json").contains("quantization_config"));
+  }
+  // Act-order codes: the gptq output cannot hold them; hf, with the reason.
+  const fs::path act = dir / "act";
+  ASSERT_FALSE(export_packed(native, act, "gptq").is_null());
+  make_act_order(act);
+  const RunResult r = run_tool({"prune", act.string(), (dir / "pruned-act").string(), "--method", "random", "--keep", "6"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("output: format hf, the weights dequantized: the input's format (gptq) cannot hold this output"),
+            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("act-order"), std::string::npos) << r.out;
+  EXPECT_FALSE(read_json(dir / "pruned-act" / "config.json").contains("quantization_config"));
+}
+
 // Two GGUF files hold the same tensors: names, types, shapes and stored bytes.
 void expect_same_gguf_tensors(const fs::path& a, const fs::path& b) {
   auto& env = io::Env::posix();
@@ -328,14 +373,6 @@ TEST(PackedInputCodes, PruneOfAnAwqInputWritesItsCodesAsGptq) {
     }
   }
   EXPECT_GT(checked, 0u);
-}
-
-// Makes one weight of a GPTQ folder act-order: inputs 0 and 32 swap groups (every group still
-// holds 32 inputs, so the input reads; its codes decode with the lookup).
-void make_act_order(const fs::path& in) {
-  const std::string t = "model.layers.0.mlp.experts.0.up_proj.g_idx";
-  patch_tensor_bytes(in / "model.safetensors", t, 0, std::string("\x01\x00\x00\x00", 4));
-  patch_tensor_bytes(in / "model.safetensors", t, 4 * 32, std::string("\x00\x00\x00\x00", 4));
 }
 
 // A GPTQ input whose codes moe-tool's intN cannot hold (act-order: a g_idx that is not i div G) is

@@ -245,7 +245,11 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   const json summary = json::parse(r.out);
   EXPECT_EQ(summary.at("output_format").at("format"), "gguf");
   EXPECT_EQ(summary.at("output_format").at("types").at("q8_0").get<int>(), 42);  // the input's 42 q8_0 tensors, stacked experts sliced
-  ASSERT_EQ(run(folder, {}).exit_code, 0);
+  // Without --format the prune follows its input: the same file.
+  const fs::path implied = dir / "implied.gguf";
+  ASSERT_EQ(run(implied, {}).exit_code, 0);
+  EXPECT_TRUE(read_file(implied) == read_file(out));
+  ASSERT_EQ(run(folder, {"--format", "hf"}).exit_code, 0);
   const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
   const auto ck = io::Checkpoint::open(env, in);
   auto m = model::Model::load(ck);
