@@ -32,7 +32,7 @@ enum class Scope { Model, Layer };
 const std::vector<std::string> kTargets = {"experts", "shared", "attention", "dense"};
 
 // One matrix to factorize: where it lives in the layer, its f32 value and calibration inputs.
-struct Slot {
+struct FactorSlot {
   core::Tensor* tensor;      // replaced by the low-rank encoding
   std::string what;          // "expert 3 gate", "attention q_proj" (report, messages)
   const calib::MatrixD* gram = nullptr;  // Σ x xᵀ of its inputs (null: none)
@@ -223,8 +223,8 @@ class Factorize final : public pipeline::Pass {
     rep["matrices"] = json::array();
     notes_.clear();
     model_ = &ctx.model;
-    std::vector<Slot> singles;  // factorized one by one
-    std::vector<Slot> grouped;  // delta / latent: routed experts, by type
+    std::vector<FactorSlot> singles;  // factorized one by one
+    std::vector<FactorSlot> grouped;  // delta / latent: routed experts, by type
     collect(ctx.target, ctx.grams, singles, grouped);
     if (rule_ == Rule::Budget && scope_ == Scope::Model) {
       auto it = planned_.find(ctx.layer);
@@ -237,7 +237,7 @@ class Factorize final : public pipeline::Pass {
       // One matrix (or one group) decomposed and truncated at a time: memory one matrix. Over MPI
       // ranks, the routed experts' by their owners, exchanged (split_singles).
       std::vector<EncodedSlot> split(singles.size());
-      const bool routed = std::any_of(singles.begin(), singles.end(), [](const Slot& s) { return s.expert >= 0; });
+      const bool routed = std::any_of(singles.begin(), singles.end(), [](const FactorSlot& s) { return s.expert >= 0; });
       if (runtime::mpi::World::get().split() && routed) split_singles(singles, split, rep);
       for (size_t i = 0; i < singles.size(); ++i) {
         if (split[i].report.is_null()) factor_single(singles[i], decompose(singles[i]), std::nullopt, rep);
@@ -257,7 +257,7 @@ class Factorize final : public pipeline::Pass {
   // dropped one by one.
   void plan_layer(const model::Layer& layer, pipeline::InputGrams* grams, const runtime::MatrixRM*, double) override {
     model::Layer L = layer;  // the slots point into this copy; nothing is written back
-    std::vector<Slot> singles, grouped;
+    std::vector<FactorSlot> singles, grouped;
     notes_.clear();
     collect(L, grams, singles, grouped);
     LayerItems li = layer_items(singles, grouped, nullptr, nullptr);
@@ -303,7 +303,7 @@ class Factorize final : public pipeline::Pass {
   // 2 down), computed once and truncated at any rank.
   struct GroupDec {
     int type = 0;
-    std::vector<Slot*> slots;
+    std::vector<FactorSlot*> slots;
     int64_t m = 0, n = 0;
     MatrixRM base;                                  // delta: W_b
     std::vector<lowrank::Spectrum> each;            // delta: each expert's delta (not shared_v)
@@ -323,11 +323,11 @@ class Factorize final : public pipeline::Pass {
   };
 
   // The slots of one layer, with their (damped) Grams; starts a layer (whitening cache reset).
-  void collect(model::Layer& L, pipeline::InputGrams* g, std::vector<Slot>& singles, std::vector<Slot>& grouped) {
+  void collect(model::Layer& L, pipeline::InputGrams* g, std::vector<FactorSlot>& singles, std::vector<FactorSlot>& grouped) {
     end_layer();
     grams_ = method_ == FactorizeMethod::Svd ? nullptr : g;
     auto add_mlp = [&](model::Mlp& m, const std::string& who, const calib::MatrixD* gin, const calib::MatrixD* gmid,
-                       int64_t tokens, std::vector<Slot>& into) {
+                       int64_t tokens, std::vector<FactorSlot>& into) {
       into.push_back({&m.gate, who + " gate", gin, tokens, 0});
       into.push_back({&m.up, who + " up", gin, tokens, 1});
       into.push_back({&m.down, who + " down", gmid, tokens, 2});
@@ -391,7 +391,7 @@ class Factorize final : public pipeline::Pass {
     return &into.back();
   }
   // The Gram of a slot: a routed expert's own is computed now when another expert's is bound.
-  const calib::MatrixD* gram_of(const Slot& s) {
+  const calib::MatrixD* gram_of(const FactorSlot& s) {
     if (s.expert < 0 || !grams_) return s.gram;
     if (bound_ != s.expert) {
       unbind_expert();
@@ -430,7 +430,7 @@ class Factorize final : public pipeline::Pass {
 
   // The decomposition of a single matrix by the method (delta/latent fall back to svdllm
   // outside routed experts).
-  lowrank::Spectrum decompose(const Slot& s) {
+  lowrank::Spectrum decompose(const FactorSlot& s) {
     const MatrixRM w = runtime::to_matrix(*s.tensor);
     if (method_ == FactorizeMethod::Svd) return lowrank::svd(w);
     const calib::MatrixD* gram = gram_of(s);
@@ -445,7 +445,7 @@ class Factorize final : public pipeline::Pass {
   }
 
   // The delta / latent decomposition of the grouped slots of one type (no slots: empty result).
-  GroupDec decompose_group(std::vector<Slot>& all, int type) {
+  GroupDec decompose_group(std::vector<FactorSlot>& all, int type) {
     GroupDec gd;
     gd.type = type;
     for (auto& s : all)
@@ -509,7 +509,7 @@ class Factorize final : public pipeline::Pass {
   }
 
   // Truncates and stores one matrix; returns its encoding (null: kept dense).
-  std::shared_ptr<const core::Encoding> factor_single(Slot& s, const lowrank::Spectrum& sp, std::optional<int> forced,
+  std::shared_ptr<const core::Encoding> factor_single(FactorSlot& s, const lowrank::Spectrum& sp, std::optional<int> forced,
                                                       json& rep) {
     const int k = forced ? *forced : single_rank(sp, sp.rows, sp.cols, s.what);
     if (k == lowrank::kKeepDense) {
@@ -533,7 +533,7 @@ class Factorize final : public pipeline::Pass {
   // (passes/encoding_exchange.h) into `split`, indexed by slot: the encoding (null: kept dense)
   // and what the owner recorded ({"matrices": its report entry, "notes": the notes it added}).
   // The owner's own records are undone here; apply_split() redoes them in slot order on every rank.
-  void split_singles(std::vector<Slot>& singles, std::vector<EncodedSlot>& split, json& rep) {
+  void split_singles(std::vector<FactorSlot>& singles, std::vector<EncodedSlot>& split, json& rep) {
     const runtime::mpi::World& world = runtime::mpi::World::get();
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<EncodedSlot> mine;
@@ -563,7 +563,7 @@ class Factorize final : public pipeline::Pass {
     rep["mpi"] = mpi;
   }
   // A result split_singles received: stored, recorded and noted as factor_single would have.
-  void apply_split(Slot& s, EncodedSlot& e, json& rep) {
+  void apply_split(FactorSlot& s, EncodedSlot& e, json& rep) {
     if (e.encoding) {
       if (model_) model_->release_pages(*s.tensor);
       *s.tensor = core::Tensor::encoded(e.encoding, e.encoding->parts().front().tensor->dtype());
@@ -661,7 +661,7 @@ class Factorize final : public pipeline::Pass {
   // Every unit of the layer decomposed once, in the budget's item order, its items appended.
   // The decompositions are kept in *singles_dec / *groups_dec when given (to be truncated at the
   // allocated ranks), dropped otherwise (planning keeps the σ arrays only).
-  LayerItems layer_items(std::vector<Slot>& singles, std::vector<Slot>& grouped,
+  LayerItems layer_items(std::vector<FactorSlot>& singles, std::vector<FactorSlot>& grouped,
                          std::vector<lowrank::Spectrum>* singles_dec, std::vector<GroupDec>* groups_dec) {
     LayerItems li;
     for (auto& s : singles) {
@@ -694,7 +694,7 @@ class Factorize final : public pipeline::Pass {
 
   // Layer-scope budget: the layer's targeted dense parameters × R, allocated across its matrices
   // by loss; each matrix decomposed once (the layer's decompositions are kept, then truncated).
-  void run_budget(std::vector<Slot>& singles, std::vector<Slot>& grouped, json& rep) {
+  void run_budget(std::vector<FactorSlot>& singles, std::vector<FactorSlot>& grouped, json& rep) {
     std::vector<lowrank::Spectrum> sdec;
     std::vector<GroupDec> gdec;
     const LayerItems li = layer_items(singles, grouped, &sdec, &gdec);
@@ -716,7 +716,7 @@ class Factorize final : public pipeline::Pass {
 
   // Model-scope budget, layer loop: each unit decomposed on this layer's inputs and truncated at
   // its planned rank, one at a time (a matrix planned dense is not decomposed again).
-  void apply_planned(std::vector<Slot>& singles, std::vector<Slot>& grouped, const std::vector<int>& ranks, json& rep) {
+  void apply_planned(std::vector<FactorSlot>& singles, std::vector<FactorSlot>& grouped, const std::vector<int>& ranks, json& rep) {
     size_t i = 0;
     auto take = [&](size_t c) {
       if (i + c > ranks.size())

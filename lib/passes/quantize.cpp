@@ -45,7 +45,7 @@ const ClassKey kClasses[] = {{"experts", "codec"}, {"shared", "codec"},  {"dense
                              {"router", "keep"},   {"embeddings", "keep"}, {"lm_head", "keep"}};
 
 // One matrix to quantize.
-struct Slot {
+struct QuantSlot {
   core::Tensor* tensor = nullptr;
   std::string name;   // on-disk name (tensor_type patterns match it)
   std::string what;   // "expert 3 gate" (report)
@@ -61,9 +61,9 @@ struct Slot {
 // The matrices of a layer the pass can quantize, in order (routed experts, shared expert, its
 // gate, router, dense MLP, attention q/k/v/o), without Hessians. The shared-expert gate ([1, H],
 // class "shared_gate") has no option of its own: only a tensor_type rule quantizes it.
-std::vector<Slot> layer_slots(const model::FamilyDesc& fam, model::Layer& L) {
+std::vector<QuantSlot> layer_slots(const model::FamilyDesc& fam, model::Layer& L) {
   const std::string prefix = model::expand(fam.layer_prefix, L.index);
-  std::vector<Slot> slots;
+  std::vector<QuantSlot> slots;
   auto add_mlp = [&](model::Mlp& m, const std::string& who, const std::string& cls, const std::string& gate,
                      const std::string& up, const std::string& down, int expert) {
     if (m.is_novice()) return;
@@ -89,7 +89,7 @@ std::vector<Slot> layer_slots(const model::FamilyDesc& fam, model::Layer& L) {
     if (rn.role != "q_proj" && rn.role != "k_proj" && rn.role != "v_proj" && rn.role != "o_proj") continue;
     auto it = L.tensors.find(rn.role);
     if (it == L.tensors.end()) continue;
-    Slot s{&it->second, prefix + rn.name, "attention " + rn.role, "attention"};
+    QuantSlot s{&it->second, prefix + rn.name, "attention " + rn.role, "attention"};
     s.role = rn.role;
     slots.push_back(std::move(s));
   }
@@ -340,7 +340,7 @@ class Quantize final : public pipeline::Pass {
   // The layer's slots with their codecs (nullopt: kept) and, for gptq, their Hessians' tokens
   // and Hessians (a routed expert's are bound when it runs); the all-token MoE Hessian when a slot
   // needs it.
-  std::vector<Slot> prepare_slots(const model::FamilyDesc& fam, model::Layer& L, pipeline::InputGrams* g,
+  std::vector<QuantSlot> prepare_slots(const model::FamilyDesc& fam, model::Layer& L, pipeline::InputGrams* g,
                                   std::vector<std::optional<quant::CodecSpec>>& codec) {
     const bool gptq = method_ == QuantizeMethod::Gptq;
     if (L.moe && gptq && g->num_experts() != static_cast<int64_t>(L.moe->experts.size()))
@@ -350,9 +350,9 @@ class Quantize final : public pipeline::Pass {
     moe_all_n_ = 0;
     if (L.moe && gptq)
       for (int64_t e = 0; e < g->num_experts(); ++e) moe_all_n_ += g->expert_tokens(e);
-    std::vector<Slot> slots = layer_slots(fam, L);
+    std::vector<QuantSlot> slots = layer_slots(fam, L);
     if (gptq)
-      for (Slot& s : slots) {  // each matrix's Hessian: the Gram of its inputs (a routed expert's: bound when it runs)
+      for (QuantSlot& s : slots) {  // each matrix's Hessian: the Gram of its inputs (a routed expert's: bound when it runs)
         if (s.cls == "experts") {
           s.tokens = g->expert_tokens(s.expert);
         } else if (s.cls == "shared" || s.cls == "dense") {
@@ -378,7 +378,7 @@ class Quantize final : public pipeline::Pass {
     if (L.moe && gptq && !scaled_inputs_) {  // llama4: prepare_scaled_inputs
       bool need = false;
       for (size_t i = 0; i < slots.size(); ++i) {
-        const Slot& s = slots[i];
+        const QuantSlot& s = slots[i];
         if (!codec[i]) continue;
         need = need || s.cls == "router" || s.cls == "shared_gate" ||
                (s.cls == "experts" && s.type < 2 && s.tokens < threshold(s.tensor->dim(1)));
@@ -394,7 +394,7 @@ class Quantize final : public pipeline::Pass {
   // router's Hessian is xᵀx over the N tokens, and a few-token expert is topped up from what it
   // would receive if routed (bind_expert, through every_expert_), computed from the router as it
   // is before any slot of the layer is quantized.
-  void prepare_scaled_inputs(const pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+  void prepare_scaled_inputs(const pipeline::LayerContext& ctx, std::vector<QuantSlot>& slots,
                              const std::vector<std::optional<quant::CodecSpec>>& codec) {
     every_expert_.reset();
     all_rows_.clear();
@@ -402,7 +402,7 @@ class Quantize final : public pipeline::Pass {
     const MatrixRM& X = *ctx.block_inputs;
     bool reads = false, top_up = false;
     for (size_t i = 0; i < slots.size(); ++i) {
-      const Slot& s = slots[i];
+      const QuantSlot& s = slots[i];
       if (!codec[i]) continue;
       reads = reads || s.cls == "router" || s.cls == "shared_gate";
       top_up = top_up || (s.cls == "experts" && s.tokens < threshold(s.tensor->dim(1)));
@@ -411,7 +411,7 @@ class Quantize final : public pipeline::Pass {
       const Eigen::MatrixXd xd = X.cast<double>();
       moe_all_ = xd.transpose() * xd;
       moe_all_n_ = X.rows();
-      for (Slot& s : slots)
+      for (QuantSlot& s : slots)
         if (s.cls == "router" || s.cls == "shared_gate") s.tokens = moe_all_n_;
     }
     if (!top_up || X.rows() == 0) return;
@@ -433,7 +433,7 @@ class Quantize final : public pipeline::Pass {
     if (!family_) throw Error::internal("quantize: plan_layer before plan");
     model::Layer L = layer;  // the slots point into this copy; nothing is written back
     std::vector<std::optional<quant::CodecSpec>> codec;
-    std::vector<Slot> slots = prepare_slots(*family_, L, grams, codec);
+    std::vector<QuantSlot> slots = prepare_slots(*family_, L, grams, codec);
     ExpertItems ei = expert_items(*L.moe, routing_, block_inputs, grams, slots, codec, nullptr);
     if (plan_options_.empty()) plan_options_ = width_options(*L.moe);
     // Layers weighed against each other: an expert's relative output error, times its importance
@@ -499,7 +499,7 @@ class Quantize final : public pipeline::Pass {
     const bool gptq = method_ == QuantizeMethod::Gptq;
     std::vector<std::optional<quant::CodecSpec>> codec;
     scaled_inputs_ = ctx.routing.scales_input;
-    std::vector<Slot> slots = prepare_slots(fam, L, g, codec);
+    std::vector<QuantSlot> slots = prepare_slots(fam, L, g, codec);
     if (gptq && L.moe && scaled_inputs_) prepare_scaled_inputs(ctx, slots, codec);
 
     if (threshold_scale_ && L.moe) scale_thresholds(ctx, slots, codec, rep);
@@ -512,7 +512,7 @@ class Quantize final : public pipeline::Pass {
     std::vector<EncodedSlot> split(slots.size());
     if (runtime::mpi::World::get().split() && L.moe) split_experts(ctx, slots, codec, chosen, split, rep);
 
-    // Slot by slot; a routed expert's Grams are computed (and topped up) before its first slot and
+    // QuantSlot by slot; a routed expert's Grams are computed (and topped up) before its first slot and
     // dropped after its last, so memory holds one expert's Grams (calib/input_grams.h).
     int bound = -1;
     for (size_t i = 0; i < slots.size(); ++i) {
@@ -567,7 +567,7 @@ class Quantize final : public pipeline::Pass {
       std::string name;
       for (const auto& rn : model.family().globals)
         if (rn.role == global) name = rn.name;
-      Slot s{&it->second, name, global, key, nullptr, 0, -1, 0};
+      QuantSlot s{&it->second, name, global, key, nullptr, 0, -1, 0};
       const auto c = codec_for(s);
       if (!c) continue;
       json m;
@@ -775,7 +775,7 @@ class Quantize final : public pipeline::Pass {
     }
   }
 
-  std::optional<quant::CodecSpec> codec_for(const Slot& s) const {
+  std::optional<quant::CodecSpec> codec_for(const QuantSlot& s) const {
     for (const auto& ov : overrides_)
       if (std::regex_search(s.name, ov.re)) return ov.codec;
     const auto it = class_codec_.find(s.cls);
@@ -802,7 +802,7 @@ class Quantize final : public pipeline::Pass {
   // layer; a later pass recomputes them), each Gram once. llama4 (scaled_inputs_): the expert's
   // all-token input is what it would receive if routed, x_t times sigmoid(router_e · x_t) for
   // every token t; gate/up get that input's Gram over the N tokens, down its intermediate's.
-  void bind_expert(pipeline::InputGrams& g, const MatrixRM* X, const model::MoeBlock& moe, std::vector<Slot>& slots,
+  void bind_expert(pipeline::InputGrams& g, const MatrixRM* X, const model::MoeBlock& moe, std::vector<QuantSlot>& slots,
                    const std::vector<std::optional<quant::CodecSpec>>& codec, int e) const {
     std::map<const calib::MatrixD*, int64_t> done;  // Gram -> the count it was topped up to
     MatrixRM xs;  // llama4: expert e's input on every token (computed on first use)
@@ -817,7 +817,7 @@ class Quantize final : public pipeline::Pass {
       return xs;
     };
     for (size_t i = 0; i < slots.size(); ++i) {
-      Slot& s = slots[i];
+      QuantSlot& s = slots[i];
       if (s.expert != e || s.cls != "experts") continue;
       calib::MatrixD& gram = s.type < 2 ? g.expert_in(e) : g.expert_mid(e);
       s.gram = &gram;
@@ -853,7 +853,7 @@ class Quantize final : public pipeline::Pass {
   // their Grams), then every rank receives every encoding (passes/encoding_exchange.h) into
   // `split`, indexed by slot, with the report entry its owner measured. Experts whose encodings
   // mixed precision already chose (chosen[i]) are not encoded again.
-  void split_experts(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+  void split_experts(pipeline::LayerContext& ctx, std::vector<QuantSlot>& slots,
                      const std::vector<std::optional<quant::CodecSpec>>& codec,
                      const std::vector<std::shared_ptr<const core::Encoding>>& chosen, std::vector<EncodedSlot>& split,
                      json& rep) const {
@@ -892,17 +892,17 @@ class Quantize final : public pipeline::Pass {
   }
 
   // Drops routed expert e's Grams once its slots are done.
-  static void unbind_expert(pipeline::InputGrams& g, std::vector<Slot>& slots, int e) {
-    for (Slot& s : slots)
+  static void unbind_expert(pipeline::InputGrams& g, std::vector<QuantSlot>& slots, int e) {
+    for (QuantSlot& s : slots)
       if (s.expert == e && s.cls == "experts") s.gram = nullptr;
     g.release(e);
   }
 
   // GPTQ or RTN of one slot; fills the report entry. Errors (a NaN in the weight) name the tensor.
-  std::shared_ptr<const core::Encoding> encode(const Slot& s, const quant::CodecSpec& c, json& m) const {
+  std::shared_ptr<const core::Encoding> encode(const QuantSlot& s, const quant::CodecSpec& c, json& m) const {
     return core::with_context(s.name, [&] { return encode_named(s, c, m); });
   }
-  std::shared_ptr<const core::Encoding> encode_named(const Slot& s, const quant::CodecSpec& c, json& m) const {
+  std::shared_ptr<const core::Encoding> encode_named(const QuantSlot& s, const quant::CodecSpec& c, json& m) const {
     const MatrixRM w = runtime::to_matrix(*s.tensor);
     if (method_ == QuantizeMethod::Rtn) {
       m["method"] = "rtn";
@@ -939,7 +939,7 @@ class Quantize final : public pipeline::Pass {
 
   // Replaces the slot's tensor by its encoding, handing back the source's mapped pages first (read,
   // no longer needed: memory holds the experts being worked on, not the layer's source).
-  static void finish_slot(const model::Model& model, const Slot& s, std::shared_ptr<const core::Encoding> enc,
+  static void finish_slot(const model::Model& model, const QuantSlot& s, std::shared_ptr<const core::Encoding> enc,
                           const quant::CodecSpec& c, json& m) {
     model.release_pages(*s.tensor);
     const core::DType d = s.tensor->dtype();
@@ -958,7 +958,7 @@ class Quantize final : public pipeline::Pass {
   // with f_e the calibration tokens routed to e (count) and mean_f their mean over the layer's
   // experts: a rarely used expert gets a larger threshold (more zeros, fewer sub-1-bit bits), a
   // busy one a smaller one; an expert no token reached gets 2τ. Reported per expert.
-  void scale_thresholds(const pipeline::LayerContext& ctx, const std::vector<Slot>& slots,
+  void scale_thresholds(const pipeline::LayerContext& ctx, const std::vector<QuantSlot>& slots,
                         std::vector<std::optional<quant::CodecSpec>>& codec, json& rep) const {
     if (!ctx.stats) throw Error::internal("quantize: threshold_scale without statistics");
     const std::vector<double>& f = ctx.stats->count;
@@ -993,7 +993,7 @@ class Quantize final : public pipeline::Pass {
     double output_energy = 0;   // Σ_t ||MoE block output_t||² on the calibration tokens
   };
   ExpertItems expert_items(const model::MoeBlock& moe, const runtime::RoutingRule& routing, const MatrixRM* X,
-                           pipeline::InputGrams* grams, std::vector<Slot>& slots,
+                           pipeline::InputGrams* grams, std::vector<QuantSlot>& slots,
                            const std::vector<std::optional<quant::CodecSpec>>& codec, ExpertEncodings* encs) const {
     if (!X || X->rows() == 0)
       throw Error::invalid("quantize: avg_bits needs calibration text (the experts' output error is measured on it)");
@@ -1072,7 +1072,7 @@ class Quantize final : public pipeline::Pass {
   // experts (budget_scope layer), or take the widths the planning sweep chose over the whole model
   // (budget_scope model); set the experts' codecs in `codec` and, for a layer budget, keep the
   // chosen encodings in `chosen`.
-  void mixed_precision(pipeline::LayerContext& ctx, std::vector<Slot>& slots,
+  void mixed_precision(pipeline::LayerContext& ctx, std::vector<QuantSlot>& slots,
                        std::vector<std::optional<quant::CodecSpec>>& codec,
                        std::vector<std::shared_ptr<const core::Encoding>>& chosen, json& rep) {
     const model::MoeBlock& moe = *ctx.target.moe;

@@ -308,7 +308,7 @@ void write_as_stored(io::CheckpointWriter& w, const io::Checkpoint& ckpt, const 
 }
 
 // Writes the planned folder: side files, config.json with the quantization_config, tensors.
-size_t write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir,
+size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const PackedPlan& p, const fs::path& dir,
                     uint64_t max_shard_bytes) {
   write_side_files(env, ckpt, dir);
   nlohmann::json cfg = m.rewritten_config(model::OutputOptions{}, &p.manifest);
@@ -371,7 +371,7 @@ PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model:
                           const fs::path& dir, uint64_t max_shard_bytes) {
   const PackedPlan plan = plan_packed(ckpt, m, fmt);
   PackedResult r;
-  r.shards = core::with_context(ckpt.dir().string(), [&] { return write_packed(env, ckpt, m, plan, dir, max_shard_bytes); });
+  r.shards = core::with_context(ckpt.dir().string(), [&] { return write_packed_folder(env, ckpt, m, plan, dir, max_shard_bytes); });
   r.scheme = plan.scheme;
   r.quantized_linears = plan.quantized.size();
   r.dense_linears = plan.ignore.size();
