@@ -5,11 +5,13 @@
 # (build-san/: tests at -O0, the library at -O1) that runs the test labels of the parsers, the
 # CLI, the passes and the pipeline again (the quality tests skip themselves there; the runtime
 # label's kernels run under it through the CLI's eval, calibrate and passes), and runs the libFuzzer targets (the same build: the library carries
-# libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 10; 0 skips fuzzing). The benchmarks
+# libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 5, a smoke run over the committed seeds and past them; tests/fuzz/run.sh runs longer; 0 skips fuzzing). The benchmarks
 # are not built here (about 2.5 min of the 2 cores); `cmake --build build` builds them. The Release tests run while the sanitizer build compiles (both stages use the two
 # cores, and each has idle stretches the other fills). Prints each phase's time at the end.
 #
-# Environment: STAGES (default "release sanitizers": which stages run; fuzzing belongs to the
+# Environment: MOE_SAN_LINES (default OFF: the sanitizer build without line tables, a tenth less
+# compile time; a failure's stack names the functions; ON for line numbers), STAGES (default
+# "release sanitizers": which stages run; fuzzing belongs to the
 # sanitizers stage), SAN_EXCLUDE (ctest -E regex of test suites the sanitizer stage leaves out;
 # default none), FUZZ_SECONDS. CTest runs one test per GoogleTest suite (tests/discover_suites.cmake).
 set -euo pipefail
@@ -93,7 +95,7 @@ fuzz_targets=$(sed -n 's/^targets=(\(.*\))$/\1/p' tests/fuzz/run.sh)
 san_labels='core|io|model|cli|tokenizer|passes|quant|calib|pipeline'
 san_test_targets=$(printf '%s ' $test_targets | sed 's/test_mpi //; s/test_runtime //')
 if ! CC=clang CXX=clang++ BUILD_DIR=build-san \
-  EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
+  EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=OFF -DMOE_SAN_LINES=${MOE_SAN_LINES:-OFF} -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
   BUILD_TARGETS="moe-tool $san_test_targets $fuzz_targets" scripts/setup.sh; then
   wait_release
   exit 1
@@ -111,9 +113,9 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
   -L "^($san_labels)\$" ${SAN_EXCLUDE:+-E "$SAN_EXCLUDE"}
 phase "tests, sanitizers"
 
-if [ "${FUZZ_SECONDS:-10}" != "0" ]; then
-  echo "== fuzzing (${FUZZ_SECONDS:-10}s per target) [${SECONDS}s]"
-  MOE_FUZZ_BUILD="$PWD/build-san" tests/fuzz/run.sh "${FUZZ_SECONDS:-10}"
+if [ "${FUZZ_SECONDS:-5}" != "0" ]; then
+  echo "== fuzzing (${FUZZ_SECONDS:-5}s per target) [${SECONDS}s]"
+  MOE_FUZZ_BUILD="$PWD/build-san" tests/fuzz/run.sh "${FUZZ_SECONDS:-5}"
   phase "fuzzing"
 fi
 

@@ -22,7 +22,7 @@ void setup_convert(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
     FolderOutputFlags output;
   };
   auto o = std::make_shared<Opts>();
-  sub.add_option("IN", o->in, "Input checkpoint folder")->required();
+  sub.add_option("IN", o->in, "Input checkpoint folder, or a .gguf file")->required();
   sub.add_option("OUT", o->out, "Output folder (built in a temporary sibling, renamed on success)")->required();
   sub.add_option("--dtype", o->dtype, "Convert float tensors to bf16, f16 or f32 (default: as stored; F8 and integer tensors are kept)");
   sub.add_flag("--materialize", o->materialize,

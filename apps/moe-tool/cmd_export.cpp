@@ -5,6 +5,8 @@
 //   (docs/gguf.md).
 // - compressed-tensors / gptq (OUT a folder): the model's intN codes as they are, in the int4/int8
 //   layouts vLLM and transformers load (docs/compressed-tensors.md).
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <iostream>
 #include <map>
@@ -14,8 +16,8 @@
 #include "core/progress.h"
 #include "io/checkpoint.h"
 #include "io/output_dir.h"
-#include "model/model.h"
 #include "io/checkpoint_writer.h"
+#include "model/model.h"
 #include "pipeline/gguf_export.h"
 #include "pipeline/packed_export.h"
 #include "pipeline/sink.h"
@@ -26,6 +28,19 @@ namespace {
 
 using core::Error;
 namespace fs = std::filesystem;
+
+// fn(), with the temporary path `tmp` in an error's message replaced by the user's `out`.
+template <typename Fn>
+auto naming_output(const fs::path& tmp, const std::string& out, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Error& e) {
+    std::string m = e.message();
+    const std::string t = tmp.string();
+    for (size_t i = m.find(t); i != std::string::npos; i = m.find(t, i + out.size())) m.replace(i, t.size(), out);
+    throw Error(e.kind(), m);
+  }
+}
 
 }  // namespace
 
@@ -50,13 +65,13 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   sub.add_option("--tensor-type", o->tensor_types,
                  "gguf: override by GGUF tensor name, REGEX=TYPE (std::regex search; the first match wins; 1-D tensors and "
                  "routers stay f32)");
-  sub.add_option("--max-shard-size", o->max_shard_size,
+  CLI::Option* shard_opt = sub.add_option("--max-shard-size", o->max_shard_size,
                  "compressed-tensors, gptq: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB); a .gguf file "
                  "is one file");
   sub.add_flag("--force", o->force, "Replace an existing output (file or folder the tool wrote)");
   sub.add_flag("--json", o->json, "Print the result as JSON");
-  sub.callback([o, &handler, &flags] {
-    handler = [o, &flags] {
+  sub.callback([o, &handler, &flags, shard_opt] {
+    handler = [o, &flags, shard_given = shard_opt->count() > 0] {
       (void)flags;
       const auto t0 = std::chrono::steady_clock::now();
       std::string format = o->format;
@@ -67,14 +82,16 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         format = "gguf";
       }
       if (format != "gguf") {
-        if (fs::path(o->out).extension() == ".gguf")
+        std::string ext = fs::path(o->out).extension().string();
+        std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        if (ext == ".gguf")
           throw Error::invalid("OUT '" + o->out + "': a .gguf name, but --format " + format +
                                " writes a folder; name the folder without .gguf (or give --format gguf)");
         if (!o->type.empty() || !o->tensor_types.empty())
           throw Error::invalid(std::string(o->type.empty() ? "--tensor-type" : "--type") + ": gguf only; --format " + format +
                                " writes the model's intN codes as they are");
         const uint64_t max_shard_bytes =
-            o->max_shard_size.empty() ? 5'000'000'000ull
+            !shard_given ? 5'000'000'000ull
                                       : core::with_context("--max-shard-size", [&] { return io::parse_size(o->max_shard_size); });
         const io::PackedFormat fmt = pipeline::parse_packed_format(format);
         auto& env = io::Env::posix();
@@ -87,9 +104,13 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                 return !o.weight.empty() && manifest.at(o.weight).value("encoding", "") == "intN";
               },
               ckpt.dir().string() + ": --format gptq", "--format");
-        pipeline::check_packed(ckpt, model, fmt);
+        const uint64_t needs = pipeline::check_packed(ckpt, model, fmt);
+        io::check_free_space(o->out, needs, "OUT");
         io::OutputDir out(env, o->out, {o->in}, o->force);
-        const pipeline::PackedResult plan = pipeline::write_packed(env, ckpt, model, fmt, out.path(), max_shard_bytes);
+        // Errors name OUT, not the temporary folder it is written as.
+        const pipeline::PackedResult plan = naming_output(out.path(), o->out, [&] {
+          return pipeline::write_packed(env, ckpt, model, fmt, out.path(), max_shard_bytes);
+        });
         uint64_t bytes = 0;
         for (const auto& e : fs::directory_iterator(out.path())) bytes += e.is_regular_file() ? e.file_size() : 0;
         out.commit();
@@ -99,7 +120,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         nlohmann::json result = {{"output", o->out}, {"format", format}, {"bits", sc.bits},
                                  {"group_size", sc.group == 0 ? -1 : sc.group}, {"symmetric", sc.symmetric},
                                  {"quantized_linears", plan.quantized_linears}, {"dense_linears", plan.dense_linears},
-                                 {"tensors", plan.tensors}, {"bytes", bytes},
+                                 {"tensors", plan.tensors}, {"shards", plan.shards}, {"bytes", bytes},
                                  {"quantized_params", plan.quantized_params}, {"quantized_bytes", plan.quantized_bytes},
                                  {"quantized_bits_per_param", bpp}, {"seconds", secs}};
         if (o->json) std::cout << result.dump(2) << "\n";
@@ -108,10 +129,10 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                     << (sc.group == 0 ? std::string("per row") : "groups of " + std::to_string(sc.group)) << ", "
                     << (sc.symmetric ? "symmetric" : "asymmetric") << "): " << plan.quantized_linears << " quantized Linears at "
                     << bpp << " bits/param, " << plan.dense_linears << " dense, " << core::format_bytes(static_cast<double>(bytes))
-                    << " in " << secs << " s\n";
+                    << (plan.shards > 1 ? ", " + std::to_string(plan.shards) + " shards" : std::string()) << " in " << secs << " s\n";
         return 0;
       }
-      if (!o->max_shard_size.empty())
+      if (shard_given)
         throw Error::invalid("--max-shard-size: --format gguf writes one file, never shards: leave it out");
       if (o->type.empty()) throw Error::invalid("--type: required for --format gguf");
       pipeline::GgufOptions go;
@@ -120,10 +141,16 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
           o->tensor_types, [&](size_t i) { return "--tensor-type '" + o->tensor_types[i] + "'"; });
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);
+      if (ckpt.gguf())
+        throw Error::unsupported(o->in + ": already a GGUF file; export converts a folder. `moe-tool prune " + o->in +
+                                 " OUT.gguf` writes a GGUF with its blocks copied; for other types, `moe-tool convert " + o->in +
+                                 " DENSE --dtype f32` and export DENSE");
       auto model = model::Model::load(ckpt);
-      pipeline::check_gguf(env, ckpt, model, go);
+      const uint64_t needs = pipeline::check_gguf(env, ckpt, model, go);
+      io::check_free_space(o->out, needs, "OUT");
       io::OutputFile out(env, o->out, {o->in}, o->force);
-      const pipeline::GgufResult written = pipeline::write_gguf(env, ckpt, model, go, out.path());
+      const pipeline::GgufResult written =
+          naming_output(out.path(), o->out, [&] { return pipeline::write_gguf(env, ckpt, model, go, out.path()); });
       const uint64_t bytes = written.file_bytes;
       out.commit();
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

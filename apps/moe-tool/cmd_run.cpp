@@ -26,7 +26,7 @@ struct OnePass {
 };
 
 void add_common(CLI::App& sub, OnePass& o, const std::string& command) {
-  sub.add_option("MODEL", o.model, "Input checkpoint folder (recipe key model)")->required();
+  sub.add_option("MODEL", o.model, "Input checkpoint folder, or a .gguf file (recipe key model)")->required();
   sub.add_option("OUT", o.out, "Output folder (recipe key output.path)")->required();
   sub.add_option("--method", o.method, "Method: " + pass_methods(command) + " (see moe-tool list; recipe key passes[0].method)")
       ->required();

@@ -154,7 +154,8 @@ uint64_t parse_size(const std::string& text) {
   else if (unit == "KIB") mult = 1024.0;
   else if (unit == "MIB") mult = 1024.0 * 1024;
   else if (unit == "GIB") mult = 1024.0 * 1024 * 1024;
-  else throw Error::invalid("size '" + text + "': unknown unit '" + text.substr(i) + "' (use B, KB, MB, GB, KiB, MiB, GiB)");
+  else if (unit == "TIB") mult = 1024.0 * 1024 * 1024 * 1024;
+  else throw Error::invalid("size '" + text + "': unknown unit '" + text.substr(i) + "' (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)");
   const double bytes = v * mult;
   if (bytes < 1) throw Error::invalid("size '" + text + "' must be at least 1 byte");
   if (!(bytes <= 9.2e18)) throw Error::invalid("size '" + text + "' is beyond 9.2 EB (2^63 bytes)");

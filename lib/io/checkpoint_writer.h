@@ -63,7 +63,7 @@ class CheckpointWriter {
   bool finished_ = false;
 };
 
-// Parses "5GB", "500MB", "2GiB", "1000000" (bytes) as HF does (GB = 10^9, GiB = 2^30).
+// Parses "5GB", "500MB", "2GiB", "1TiB", "1000000" (bytes) as HF does (GB = 10^9, GiB = 2^30).
 uint64_t parse_size(const std::string& text);
 
 }  // namespace moe::io

@@ -220,6 +220,13 @@ OutputDir::OutputDir(Env& env, fs::path final_path, const std::vector<fs::path>&
   slot_ = register_temp(tmp_);
   try {
     env_.create_dirs(tmp_);
+  } catch (const Error& e) {
+    unregister_temp(slot_);
+    remove_created(target_.parent_path(), created_);
+    // The user's path, not the temporary sibling it is written as.
+    std::string m = e.message();
+    if (const size_t at = m.find(tmp_.string()); at != std::string::npos) m.replace(at, tmp_.string().size(), final_.string());
+    throw Error(e.kind(), m);
   } catch (...) {
     unregister_temp(slot_);
     remove_created(target_.parent_path(), created_);

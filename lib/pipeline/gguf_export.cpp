@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <future>
 #include <optional>
+#include <set>
 
 #include "core/error.h"
 #include "core/warn.h"
@@ -250,6 +251,9 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                                             : GgufValue::u32(static_cast<uint32_t>(static_cast<int64_t>(*v))));
   });
 
+  // --tensor-type rules that tensors of copied codes ignore: tensor names and the type they keep.
+  std::map<const GgufTypeOverride*, std::vector<std::pair<std::string, std::string>>> ignored;
+  std::set<const GgufTypeOverride*> used;  // rules that chose some tensor's type
   auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0) {
     Item it;
     it.info.name = name;
@@ -276,10 +280,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     // Codes already on a block grid are copied as that type (--type and --tensor-type do not apply,
     // except to choose tq1_0 or tq2_0 for ternary-tq trits).
     it.info.type = direct.front().type ? *direct.front().type : wanted;
-    if (rule && it.info.type != rule->type)
-      core::warn_once(src + ": " + name + ": --tensor-type " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name +
-                      " does not apply: its codes are copied as " + quant::ggml_type_info(it.info.type).name +
-                      ", not re-quantized (`moe-tool convert " + src + " DENSE --materialize` and export DENSE to choose its type)");
+    if (rule) used.insert(rule);
+    if (rule && it.info.type != rule->type) ignored[rule].push_back({name, quant::ggml_type_info(it.info.type).name});
     const auto& ti = quant::ggml_type_info(it.info.type);
     if (it.info.ne[0] % ti.block != 0)
       throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
@@ -327,6 +329,18 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   global("lm_head");
   const int64_t n_vocab = m.globals().at("embed").dim(0);
   core::with_context(src, [&] { tokenizer_metadata(env, ckpt.dir(), n_vocab, kv); });
+  // One warning per rule, naming no folder: the plan is also made on a run's staged native output.
+  for (const auto& o : ovr)
+    if (!used.count(&o))
+      core::warn_once("--tensor-type " + o.pattern + "=" + quant::ggml_type_info(o.type).name +
+                      " matches no tensor of this model (GGUF names: blk.N.ffn_down_exps.weight, blk.N.attn_q.weight, "
+                      "token_embd.weight, ...; 1-D tensors and routers stay f32)");
+  for (const auto& [rule, tensors] : ignored)
+    core::warn_once("--tensor-type " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name + " does not apply to " +
+                    std::to_string(tensors.size()) + " tensor(s) whose codes are copied, not re-quantized (" +
+                    tensors.front().first + " as " + tensors.front().second +
+                    (tensors.size() > 1 ? ", ..." : "") + "): write the model dense first (`moe-tool convert IN DENSE "
+                    "--materialize`) to choose their type");
   return p;
 }
 
@@ -462,8 +476,10 @@ std::vector<GgufTypeOverride> parse_gguf_overrides(const std::vector<std::string
   return out;
 }
 
-void check_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts) {
-  (void)plan_export(env, ckpt, m, opts);
+uint64_t check_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts) {
+  uint64_t bytes = 0;
+  for (const auto& it : plan_export(env, ckpt, m, opts).items) bytes += it.info.nbytes();
+  return bytes;
 }
 
 GgufResult write_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts,

@@ -46,7 +46,8 @@ std::vector<GgufTypeOverride> parse_gguf_overrides(const std::vector<std::string
 // no block type (the way out named), a row not a multiple of its block, and the tokenizer
 // (byte-level BPE with a pre-tokenizer llama.cpp names). `m` may be a plan (shapes only, views of
 // `ckpt`'s tensors). Error::unsupported / Error::corruption naming `ckpt`'s folder and the tensor.
-void check_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts);
+// Returns the tensors' bytes (the file is larger by its header and metadata only).
+uint64_t check_gguf(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, const GgufOptions& opts);
 
 struct GgufResult {
   size_t tensors = 0;

@@ -365,7 +365,15 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
 
 }  // namespace
 
-void check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) { (void)plan_packed(ckpt, m, fmt); }
+uint64_t check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) {
+  uint64_t bytes = 0;
+  for (const auto& o : plan_packed(ckpt, m, fmt).outs) {
+    uint64_t n = core::dtype_size(o.dtype);
+    for (const int64_t d : o.shape) n *= static_cast<uint64_t>(d);
+    bytes += n;
+  }
+  return bytes;
+}
 
 PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt,
                           const fs::path& dir, uint64_t max_shard_bytes) {

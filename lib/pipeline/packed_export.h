@@ -44,8 +44,8 @@ void check_packed_structure(const model::Model& m, io::PackedFormat fmt, const s
 // structure above, a weight encoded other than intN, a quantized embedding (and for GPTQ a
 // quantized lm_head), two schemes in one model, shapes the layout cannot hold, a routed expert
 // stored dense, nothing quantized, GPTQ zero points of 0. Error::unsupported naming `ckpt`'s
-// folder, the weight and the way out.
-void check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt);
+// folder, the weight and the way out. Returns the tensors' bytes.
+uint64_t check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt);
 
 // Writes the folder `dir` (the caller's io::OutputDir temporary): side files, config.json with the
 // quantization_config, the tensors (io::CheckpointWriter shards of at most max_shard_bytes, a

@@ -87,7 +87,8 @@ void preflight(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& 
     eo.max_windows_name = r.key("eval.max_windows");
     eval::check_context(model, eo.ctx, false, eo.ctx_name, "");
     core::with_context(r.key("eval.text"), [&] {
-      eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
+      const std::string text = eval::read_text(r.eval->text);  // its errors name the file
+      core::with_context(r.eval->text.string(), [&] { eval::make_windows(eval::load_tokenizer(r.model), text, eo); });
     });
   }
 }

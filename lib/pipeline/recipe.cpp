@@ -47,6 +47,10 @@ void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
     }
   }
   if (out.format != "gguf") {
+    if ((!out.type.empty() || !out.tensor_type.empty()) && !out.format_given)
+      throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
+                           ": GGUF only: give output.format gguf with it (a prune of a GGUF input writes GGUF without "
+                           "it, its blocks copied as stored, and takes no type)");
     if (!out.type.empty() || !out.tensor_type.empty())
       throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
                            ": GGUF only; output.format " + out.format + " writes the model's codes as they are");
@@ -193,8 +197,10 @@ Recipe parse_recipe(const json& j, const fs::path& base, const std::string& sour
         r.output.dtype = core::parse_user_dtype(*d);
         if (!r.output.dtype) throw Error::invalid("output.dtype: '" + *d + "' is not one of bf16, f16, f32");
       }
-      if (auto m = o.opt_string("max_shard_size"))
+      if (auto m = o.opt_string("max_shard_size")) {
         r.output.max_shard_bytes = core::with_context("output.max_shard_size", [&] { return io::parse_size(*m); });
+        r.output.max_shard_given = true;
+      }
       r.output.force = o.get_bool("force", false);
       r.output.materialize = o.get_bool("materialize", false);
       parse_output_format(o, j.at("output"), r.output);

@@ -73,6 +73,7 @@ struct OutputSpec {
   fs::path path;
   std::optional<core::DType> dtype;
   uint64_t max_shard_bytes = 5'000'000'000ull;
+  bool max_shard_given = false;
   bool force = false;
   bool materialize = false;  // encoded weights written dense (a stock checkpoint; model::OutputOptions)
   // The output format (pipeline/sink.h): hf (default), gguf, compressed-tensors or gptq. gguf: the

@@ -1,6 +1,7 @@
 #include "pipeline/runner.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -365,6 +366,7 @@ struct RunState {
   std::vector<model::OutTensor> outs_after;
   json summary, passes;
   std::string format_note, format_warning;  // follow_input_format's lines for the summary
+  bool format_followed = false;             // the output format is the input's (follow_input_format)
   // run_layers
   json plan_reports = json::array(), layer_reports = json::array();
   int64_t params_fix = 0, active_fix = 0;  // written minus planned parameters (novices)
@@ -380,15 +382,16 @@ struct RunState {
 
 // Plan and preflight: every check before any work (--dry-run stops after them), what the run
 // will compute, how it writes, and the output's room on its file system.
-// A run whose passes only prune, given no output format (nor dtype or materialize), writes the
-// format of its input when moe-tool writes that format: a GPTQ or compressed-tensors
-// pack-quantized input as gptq / compressed-tensors (the kept experts' codes unchanged), a GGUF
-// input as GGUF (their blocks copied). When that format cannot hold the result (act-order codes,
-// novices, ...: the format's own check refuses it) the output is hf, the weights dequantized, and
-// a warning says why. Either way the summary says which (docs/outputs.md).
-void follow_input_format(RunState& s, const model::Model& planned) {
+// A run whose passes only prune, given no output format (nor dtype or materialize; nor a shard
+// size for a GGUF input), writes the format of its input when moe-tool writes that format: a GPTQ
+// or compressed-tensors pack-quantized input as gptq / compressed-tensors (the kept experts' codes
+// unchanged), a GGUF input as GGUF (their blocks copied). Chosen first (the output checks depend
+// on it); settle_input_format then keeps it or, when that format cannot hold the result
+// (act-order codes, novices, ...: the format's own check refuses it), writes hf, the weights
+// dequantized, with a warning saying why. The summary says which (docs/recipes.md).
+void follow_input_format(RunState& s) {
   Recipe& r = s.r;
-  if (r.output.format_given || r.output.dtype || r.output.materialize || r.passes.empty()) return;
+  if (r.output.format_given || r.passes.empty()) return;
   for (const auto& p : r.passes)
     if (p->name() != "prune") return;
   std::string fmt;
@@ -401,19 +404,53 @@ void follow_input_format(RunState& s, const model::Model& planned) {
     else if (qm == "compressed-tensors" && q.value("format", json()) == "pack-quantized") fmt = "compressed-tensors";
     else return;
   }
+  std::string given;  // an option of the hf folder that keeps the input's format out
+  if (r.output.dtype) given = r.key("output.dtype");
+  else if (r.output.materialize) given = r.key("output.materialize");
+  else if (fmt == "gguf" && r.output.max_shard_given) given = r.key("output.max_shard_size");
+  if (!given.empty()) {
+    s.format_note = "output: format hf, the weights dequantized (" + given + " is an hf option; " + r.key("output.format") + " " +
+                    fmt + " keeps the input's " + (fmt == "gguf" ? "blocks" : "codes") + ")";
+    return;
+  }
   r.output.format = fmt;
+  s.format_followed = true;
+  s.format_note = "output: format " + fmt + ", the input's (" +
+                  (fmt == "gguf" ? "the kept experts' blocks copied" : "the kept experts' codes written unchanged") +
+                  "); " + r.key("output.format") + " hf writes the weights dequantized";
+}
+
+void settle_input_format(RunState& s, const model::Model& planned) {
+  if (!s.format_followed) return;
+  Recipe& r = s.r;
+  const std::string fmt = r.output.format;
   try {
     check_output_format(s.env, r, s.ckpt, planned);
   } catch (const Error& e) {
     if (e.kind() != core::ErrorKind::NotSupported) throw;
     r.output.format = "hf";
-    s.format_warning = "output: format hf, the weights dequantized: the input's format (" + fmt +
-                       ") cannot hold this output: " + e.message() + " (give " + r.key("output.format") + " to choose)";
+    s.format_followed = false;
+    s.format_note.clear();
+    s.format_warning = "output: written as hf (the weights dequantized), not in the input's format " + fmt +
+                       ", which cannot hold it: " + e.message();
+  }
+}
+
+// A folder output named like a GGUF file, or a GGUF file named like a folder (a trailing '/'), is
+// a slip: refused before any work (`why`: the reason the format is not the input's, if any).
+void check_output_name(const Recipe& r, const std::string& why) {
+  const std::string path = r.output.path.string();
+  if (r.output.format == "gguf") {
+    if (!path.empty() && path.back() == '/')
+      throw Error::invalid(r.key("output.path") + " " + path + ": a folder name (a trailing '/'), but the output is one GGUF file");
     return;
   }
-  s.format_note = "output: format " + fmt + ", the input's (" +
-                  (fmt == "gguf" ? "the kept experts' blocks copied" : "the kept experts' codes written unchanged") +
-                  "); " + r.key("output.format") + " hf writes the weights dequantized";
+  std::string ext = r.output.path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (ext == ".gguf")
+    throw Error::invalid(r.key("output.path") + " " + path + ": a .gguf name, but the output is a folder (format " + r.output.format +
+                         ")" + (why.empty() ? std::string("; name it without .gguf, or give ") + r.key("output.format") + " gguf"
+                                            : ": " + why));
 }
 
 void check_run(RunState& s) {
@@ -433,6 +470,7 @@ void check_run(RunState& s) {
   if (r.output.format == "gguf" && !model.family().gguf && !s.ckpt.gguf())
     throw Error::unsupported(r.model.string() + ": family " + model.family().model_type +
                              " is not exported to GGUF yet (exported: " + io::gguf_exported_model_types() + ")");
+  follow_input_format(s);
   drop_stale_mtp_head(model, r);
   check_native_only_passes(model, r);
   for (const auto& p : r.passes) {
@@ -569,7 +607,8 @@ void check_run(RunState& s) {
   const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
                                          .outputs(output_options(r)));
   // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
-  follow_input_format(s, estimated);
+  settle_input_format(s, estimated);
+  check_output_name(r, s.format_warning.empty() ? s.format_note : s.format_warning);
   check_output_format(env, r, ckpt, estimated);
   // The export formats stage the native output beside theirs: room for both. A GGUF input written
   // as GGUF copies its blocks: the file's exact size, and the staged output only for an evaluation.

@@ -281,11 +281,13 @@ TEST(Export, SymmetricGroupsOf32AreCopiedAsBlocks) {
     for (int64_t i = 0; i < d / 2; ++i)
       for (int64_t s = 0; s < 2; ++s)
         for (int64_t c = 0; c < H; ++c) ASSERT_EQ(y[(h * d + 2 * i + s) * H + c], q[(h * d + s * d / 2 + i) * H + c]);
-  // A --tensor-type for copied codes does not apply, and says so, naming each tensor.
+  // A --tensor-type for copied codes does not apply, and says so once.
   const RunResult o = run_tool({"export", q8.string(), (dir / "o.gguf").string(), "--type", "f16", "--tensor-type", "ffn_down_exps=q4_0"});
   ASSERT_EQ(o.exit_code, 0) << o.describe();
-  EXPECT_NE(o.err.find("blk.0.ffn_down_exps.weight: --tensor-type ffn_down_exps=q4_0 does not apply: its codes are copied as q8_0"),
+  EXPECT_NE(o.err.find("--tensor-type ffn_down_exps=q4_0 does not apply to 4 tensor(s) whose codes are copied, not re-quantized "
+                       "(blk.0.ffn_down_exps.weight as q8_0, ...)"),
             std::string::npos) << o.err;
+  EXPECT_EQ(o.err_lines().size(), 1u) << o.err;  // one line for the rule, not one per layer
   EXPECT_EQ(type_of(io::GgufFile::open(env, dir / "o.gguf"), "blk.0.ffn_down_exps.weight"), "q8_0");
   // Groups of 64 have no block type: refused, naming the encoding.
   const fs::path q64 = dir / "q64";

@@ -304,7 +304,7 @@ TEST(PackedInputCodes, PruneWithoutFormatWritesTheInputsFormat) {
   make_act_order(act);
   const RunResult r = run_tool({"prune", act.string(), (dir / "pruned-act").string(), "--method", "random", "--keep", "6"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_NE(r.out.find("output: format hf, the weights dequantized: the input's format (gptq) cannot hold this output"),
+  EXPECT_NE(r.out.find("output: written as hf (the weights dequantized), not in the input's format gptq, which cannot hold it"),
             std::string::npos) << r.out;
   EXPECT_NE(r.out.find("act-order"), std::string::npos) << r.out;
   EXPECT_FALSE(read_json(dir / "pruned-act" / "config.json").contains("quantization_config"));

@@ -245,10 +245,19 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   const json summary = json::parse(r.out);
   EXPECT_EQ(summary.at("output_format").at("format"), "gguf");
   EXPECT_EQ(summary.at("output_format").at("types").at("q8_0").get<int>(), 42);  // the input's 42 q8_0 tensors, stacked experts sliced
-  // Without --format the prune follows its input: the same file.
+  // Without --format the prune follows its input: the same file; run again, it asks for --force
+  // (a file, not a folder) and replaces the file with it.
   const fs::path implied = dir / "implied.gguf";
   ASSERT_EQ(run(implied, {}).exit_code, 0);
   EXPECT_TRUE(read_file(implied) == read_file(out));
+  expect_clean_failure(run(implied, {}), "output file exists (use --force");
+  ASSERT_EQ(run(implied, {"--force"}).exit_code, 0);
+  EXPECT_TRUE(read_file(implied) == read_file(out));
+  // An hf option keeps the input's format out: a folder, which a .gguf name does not fit.
+  expect_clean_failure(run(dir / "sharded.gguf", {"--max-shard-size", "100KB"}),
+                       "a .gguf name, but the output is a folder (format hf): output: format hf, the weights dequantized "
+                       "(--max-shard-size is an hf option; --format gguf keeps the input's blocks)");
+  EXPECT_FALSE(fs::exists(dir / "sharded.gguf"));
   ASSERT_EQ(run(folder, {"--format", "hf"}).exit_code, 0);
   const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
   const auto ck = io::Checkpoint::open(env, in);
@@ -281,6 +290,9 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   expect_clean_failure(run_tool({"-q", "prune", in.string(), none.string(), "--method", "random", "--keep-ratio", "0.5",
                                  "--no-uniform", "--format", "gguf"}),
                        "--no-uniform: layers would keep different expert counts");
+  // export converts folders; a GGUF input is pointed to prune (blocks copied) or convert.
+  expect_clean_failure(run_tool({"export", in.string(), none.string(), "--type", "q8_0"}),
+                       in.string() + ": already a GGUF file; export converts a folder");
   EXPECT_FALSE(fs::exists(none));
 }
 
