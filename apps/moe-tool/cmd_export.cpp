@@ -81,6 +81,8 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                                "for a folder (or --format gguf)");
         format = "gguf";
       }
+      if (format == "gguf" && !o->out.empty() && o->out.back() == '/')
+        throw Error::invalid("OUT '" + o->out + "': a folder name (a trailing '/'), but --format gguf writes one file");
       if (format != "gguf") {
         std::string ext = fs::path(o->out).extension().string();
         std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });

@@ -393,6 +393,10 @@ TEST(Export, RefusalsWriteNothing) {
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "tq2_0"}),
                        "blk.0.attn_k.weight: rows of 128 values are not a multiple of the tq2_0 block size 256");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q3_x"}), "--type: unknown ggml type 'q3_x'");
+  // A folder name for the one file: refused, nothing made.
+  expect_clean_failure(run_tool({"export", mixtral, (dir / "slash").string() + "/", "--format", "gguf", "--type", "q8_0"}),
+                       "a folder name (a trailing '/'), but --format gguf writes one file");
+  EXPECT_FALSE(fs::exists(dir / "slash"));
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "([=q8_0"}), "bad regex");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "exps"}), "expected REGEX=TYPE");
   expect_clean_failure(run_tool({"export", (kSrc / "data/models/llama-tiny").string(), out, "--type", "f16"}),
