@@ -5,8 +5,6 @@
 //   (docs/gguf.md).
 // - compressed-tensors / gptq (OUT a folder): the model's intN codes as they are, in the int4/int8
 //   layouts vLLM and transformers load (docs/compressed-tensors.md).
-#include <algorithm>
-#include <cctype>
 #include <chrono>
 #include <iostream>
 #include <map>
@@ -15,8 +13,9 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "io/checkpoint.h"
-#include "io/output_dir.h"
 #include "io/checkpoint_writer.h"
+#include "io/gguf_model.h"
+#include "io/output_dir.h"
 #include "model/model.h"
 #include "pipeline/gguf_export.h"
 #include "pipeline/packed_export.h"
@@ -28,19 +27,6 @@ namespace {
 
 using core::Error;
 namespace fs = std::filesystem;
-
-// fn(), with the temporary path `tmp` in an error's message replaced by the user's `out`.
-template <typename Fn>
-auto naming_output(const fs::path& tmp, const std::string& out, Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const Error& e) {
-    std::string m = e.message();
-    const std::string t = tmp.string();
-    for (size_t i = m.find(t); i != std::string::npos; i = m.find(t, i + out.size())) m.replace(i, t.size(), out);
-    throw Error(e.kind(), m);
-  }
-}
 
 }  // namespace
 
@@ -84,9 +70,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       if (format == "gguf" && !o->out.empty() && o->out.back() == '/')
         throw Error::invalid("OUT '" + o->out + "': a folder name (a trailing '/'), but --format gguf writes one file");
       if (format != "gguf") {
-        std::string ext = fs::path(o->out).extension().string();
-        std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-        if (ext == ".gguf")
+        if (io::has_gguf_name(o->out))
           throw Error::invalid("OUT '" + o->out + "': a .gguf name, but --format " + format +
                                " writes a folder; name the folder without .gguf (or give --format gguf)");
         if (!o->type.empty() || !o->tensor_types.empty())
@@ -110,7 +94,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
         io::check_free_space(o->out, needs, "OUT");
         io::OutputDir out(env, o->out, {o->in}, o->force);
         // Errors name OUT, not the temporary folder it is written as.
-        const pipeline::PackedResult plan = naming_output(out.path(), o->out, [&] {
+        const pipeline::PackedResult plan = core::with_path_shown(out.path().string(), o->out, [&] {
           return pipeline::write_packed(env, ckpt, model, fmt, out.path(), max_shard_bytes);
         });
         uint64_t bytes = 0;
@@ -152,7 +136,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       io::check_free_space(o->out, needs, "OUT");
       io::OutputFile out(env, o->out, {o->in}, o->force);
       const pipeline::GgufResult written =
-          naming_output(out.path(), o->out, [&] { return pipeline::write_gguf(env, ckpt, model, go, out.path()); });
+          core::with_path_shown(out.path().string(), o->out, [&] { return pipeline::write_gguf(env, ckpt, model, go, out.path()); });
       const uint64_t bytes = written.file_bytes;
       out.commit();
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -42,6 +42,14 @@ class Error : public std::exception {
     return *this;
   }
 
+  // Replaces every `from` in the message by `to` (a temporary path shown as the one the user
+  // gave; an empty `from` changes nothing); returns *this, as with_frame.
+  Error& with_path_shown(const std::string& from, const std::string& to) {
+    if (from.empty()) return *this;
+    for (size_t i = msg_.find(from); i != std::string::npos; i = msg_.find(from, i + to.size())) msg_.replace(i, from.size(), to);
+    return *this;
+  }
+
   // Exit status the CLI uses for this error: 2 for user-facing errors, 1 for internal ones.
   int exit_code() const { return kind_ == ErrorKind::Internal ? 1 : 2; }
 
@@ -58,6 +66,18 @@ auto with_context(const std::string& frame, Fn&& fn) -> decltype(fn()) {
     return fn();
   } catch (Error& e) {
     e.with_frame(frame);
+    throw;
+  }
+}
+
+// Runs fn(); any Error escaping it shows `to` wherever its message names `from`
+// (Error::with_path_shown): a temporary path reported as the path the user gave.
+template <typename Fn>
+auto with_path_shown(const std::string& from, const std::string& to, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (Error& e) {
+    e.with_path_shown(from, to);
     throw;
   }
 }

@@ -1,5 +1,7 @@
 #include "io/gguf_model.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +20,12 @@ using core::Error;
 using core::Tensor;
 using nlohmann::json;
 using quant::GgmlType;
+
+bool has_gguf_name(const fs::path& path) {
+  std::string ext = path.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return ext == ".gguf";
+}
 
 bool is_gguf_path(const fs::path& path) {
   std::error_code ec;

@@ -34,6 +34,8 @@ namespace moe::io {
 // Whether `path` is a GGUF file: a regular file whose name ends in .gguf or whose first four bytes
 // are the GGUF magic. A folder is never one.
 bool is_gguf_path(const fs::path& path);
+// Whether `path`'s name ends in .gguf, in any case (a name for a GGUF file, not a folder).
+bool has_gguf_name(const fs::path& path);
 
 // The dtype of a GGUF plain (unquantized) tensor type: F32, F16, BF16; nullopt for block types.
 std::optional<core::DType> gguf_plain_dtype(quant::GgmlType t);

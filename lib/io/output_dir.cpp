@@ -219,14 +219,8 @@ OutputDir::OutputDir(Env& env, fs::path final_path, const std::vector<fs::path>&
   tmp_ = temp_name(target_.parent_path(), target_.filename().string());
   slot_ = register_temp(tmp_);
   try {
-    env_.create_dirs(tmp_);
-  } catch (const Error& e) {
-    unregister_temp(slot_);
-    remove_created(target_.parent_path(), created_);
-    // The user's path, not the temporary sibling it is written as.
-    std::string m = e.message();
-    if (const size_t at = m.find(tmp_.string()); at != std::string::npos) m.replace(at, tmp_.string().size(), final_.string());
-    throw Error(e.kind(), m);
+    // Errors show the user's path, not the temporary sibling it is written as.
+    core::with_path_shown(tmp_.string(), final_.string(), [&] { env_.create_dirs(tmp_); });
   } catch (...) {
     unregister_temp(slot_);
     remove_created(target_.parent_path(), created_);

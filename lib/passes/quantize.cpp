@@ -512,7 +512,7 @@ class Quantize final : public pipeline::Pass {
     std::vector<EncodedSlot> split(slots.size());
     if (runtime::mpi::World::get().split() && L.moe) split_experts(ctx, slots, codec, chosen, split, rep);
 
-    // QuantSlot by slot; a routed expert's Grams are computed (and topped up) before its first slot and
+    // Slot by slot; a routed expert's Grams are computed (and topped up) before its first slot and
     // dropped after its last, so memory holds one expert's Grams (calib/input_grams.h).
     int bound = -1;
     for (size_t i = 0; i < slots.size(); ++i) {

@@ -367,11 +367,7 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
 
 uint64_t check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) {
   uint64_t bytes = 0;
-  for (const auto& o : plan_packed(ckpt, m, fmt).outs) {
-    uint64_t n = core::dtype_size(o.dtype);
-    for (const int64_t d : o.shape) n *= static_cast<uint64_t>(d);
-    bytes += n;
-  }
+  for (const auto& s : plan_packed(ckpt, m, fmt).specs) bytes += s.nbytes();  // as write_packed's tensor_bytes
   return bytes;
 }
 

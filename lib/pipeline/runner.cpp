@@ -1,7 +1,6 @@
 #include "pipeline/runner.h"
 
 #include <algorithm>
-#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -17,6 +16,7 @@
 #include "core/tensor_arena.h"
 #include "eval/eval.h"
 #include "io/checkpoint_writer.h"
+#include "io/gguf_model.h"
 #include "io/gguf_names.h"
 #include "io/output_dir.h"
 #include "io/scratch.h"
@@ -386,7 +386,7 @@ struct RunState {
 // size for a GGUF input), writes the format of its input when moe-tool writes that format: a GPTQ
 // or compressed-tensors pack-quantized input as gptq / compressed-tensors (the kept experts' codes
 // unchanged), a GGUF input as GGUF (their blocks copied). Chosen first (the output checks depend
-// on it); settle_input_format then keeps it or, when that format cannot hold the result
+// on it); check_planned_format then keeps it or, when that format cannot hold the result
 // (act-order codes, novices, ...: the format's own check refuses it), writes hf, the weights
 // dequantized, with a warning saying why. The summary says which (docs/recipes.md).
 void follow_input_format(RunState& s) {
@@ -420,9 +420,11 @@ void follow_input_format(RunState& s) {
                   "); " + r.key("output.format") + " hf writes the weights dequantized";
 }
 
-void settle_input_format(RunState& s, const model::Model& planned) {
-  if (!s.format_followed) return;
+// The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work; a
+// format followed from the input (follow_input_format) that refuses gives way to hf instead.
+void check_planned_format(RunState& s, const model::Model& planned) {
   Recipe& r = s.r;
+  if (!s.format_followed) return check_output_format(s.env, r, s.ckpt, planned);
   const std::string fmt = r.output.format;
   try {
     check_output_format(s.env, r, s.ckpt, planned);
@@ -445,9 +447,7 @@ void check_output_name(const Recipe& r, const std::string& why) {
       throw Error::invalid(r.key("output.path") + " " + path + ": a folder name (a trailing '/'), but the output is one GGUF file");
     return;
   }
-  std::string ext = r.output.path.extension().string();
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  if (ext == ".gguf")
+  if (io::has_gguf_name(r.output.path))
     throw Error::invalid(r.key("output.path") + " " + path + ": a .gguf name, but the output is a folder (format " + r.output.format +
                          ")" + (why.empty() ? std::string("; name it without .gguf, or give ") + r.key("output.format") + " gguf"
                                             : ": " + why));
@@ -455,7 +455,6 @@ void check_output_name(const Recipe& r, const std::string& why) {
 
 void check_run(RunState& s) {
   Recipe& r = s.r;
-  io::Env& env = s.env;
   const io::Checkpoint& ckpt = s.ckpt;
   const RunOptions& opts = s.opts;
   model::Model& model = s.model;
@@ -606,10 +605,8 @@ void check_run(RunState& s) {
   // size bounds it.
   const uint64_t estimate = bytes_of((r.calibration.tasks.empty() ? estimated : model)
                                          .outputs(output_options(r)));
-  // The output format's refusals (an encoding it cannot hold, ...) on the plan, before any work.
-  settle_input_format(s, estimated);
+  check_planned_format(s, estimated);
   check_output_name(r, s.format_warning.empty() ? s.format_note : s.format_warning);
-  check_output_format(env, r, ckpt, estimated);
   // The export formats stage the native output beside theirs: room for both. A GGUF input written
   // as GGUF copies its blocks: the file's exact size, and the staged output only for an evaluation.
   const uint64_t native = shapes_at_run ? 2 * estimate : estimate;
@@ -1095,9 +1092,9 @@ void evaluate_output(RunState& s) {
     eo.ctx_name = r.key("eval.ctx");
     eo.max_windows_name = r.key("eval.max_windows");
     eval::check_context(original, eo.ctx, false, eo.ctx_name, "");
-    const auto windows = core::with_context(r.eval->text.string(), [&] {
-      return eval::make_windows(eval::load_tokenizer(r.model), eval::read_text(r.eval->text), eo);
-    });
+    const std::string text = eval::read_text(r.eval->text);  // its errors name the file
+    const auto windows = core::with_context(r.eval->text.string(),
+                                            [&] { return eval::make_windows(eval::load_tokenizer(r.model), text, eo); });
     if (r.eval->against_input) {
       // Experts matched through the whole recipe's origin (every pass composed).
       const std::optional<eval::ExpertOrigin> origin = eval::origin_from_layers(s.layer_reports, "run report");

@@ -102,17 +102,12 @@ class ExportSink final : public Sink {
   SinkResult finish(const json& config) override {
     try {
       return convert(config);
-    } catch (const Error& e) {
+    } catch (Error& e) {
       // A refusal the values decide (GPTQ zero points of 0) names the staged folder, a temporary:
       // name the run's output instead.
-      std::string m = e.message();
-      auto rename = [&m](const std::string& tmp, const std::string& name) {
-        if (tmp.empty()) return;  // no staged folder
-        for (size_t i = m.find(tmp); i != std::string::npos; i = m.find(tmp, i + name.size())) m.replace(i, tmp.size(), name);
-      };
-      rename(staging_.string(), "the native output staged for " + r_.output.path.string());
-      if (file_) rename(file_->path().string(), r_.output.path.string());  // the file's temporary name
-      throw Error(e.kind(), m);
+      e.with_path_shown(staging_.string(), "the native output staged for " + r_.output.path.string());
+      if (file_) e.with_path_shown(file_->path().string(), r_.output.path.string());  // the file's temporary name
+      throw;
     }
   }
 
