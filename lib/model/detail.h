@@ -1,5 +1,5 @@
 // Internals shared by the files of lib/model (not a public header): the fused-expert strided
-// views, the MXFP4 decoder, the quantization_config readers and the key aliases.
+// views, the quantization_config readers and the key aliases.
 #pragma once
 
 #include <cstdint>
@@ -57,16 +57,6 @@ struct InterleavedLayout {
   Strides up_bias(int64_t e) const { return {e * 2 * I + 1, 2, 0}; }           // [I]
   Strides down_bias(int64_t e) const { return {e * H, 1, 0}; }                 // [H]
 };
-
-// MXFP4 (the released gpt-oss checkpoints' experts; transformers' integrations/mxfp4.py
-// convert_moe_packed_tensors): blocks [E, R, G, 16] U8 hold two FP4 e2m1 codes per byte (low
-// nibble first), scales [E, R, G] U8 one e8m0 exponent per 32 values: value = fp4(code) ·
-// 2^(scale − 127). Row r of expert e decoded is [G·32], the weight's input dim (the decoded
-// tensor transformers builds is its transpose, [E, G·32, R]). Rows r0, r0 + step, ... (n of them)
-// of expert e as a BF16 [n, G·32] tensor: FP4 values times a power of two are exact in BF16
-// (Error::corruption for the e8m0 NaN scale 255).
-Tensor mxfp4_rows(const Tensor& blocks, const Tensor& scales, int64_t e, int64_t r0, int64_t step, int64_t n,
-                  const std::string& name);
 
 // quantization_config {"quant_method": "fp8", "weight_block_size": [br, bc]}: the block size of
 // the checkpoint's block-scaled FP8 weights, or nullopt when the config has no fp8 quantization.

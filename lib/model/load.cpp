@@ -6,6 +6,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/mxfp4.h"
 #include "core/tensor_arena.h"
 #include "core/warn.h"
 #include "io/gguf_model.h"
@@ -23,7 +24,6 @@ using core::Error;
 using core::Shape;
 using detail::fp8_block_size;
 using detail::gather;
-using detail::mxfp4_rows;
 using detail::InterleavedLayout;
 using detail::is_float;
 using detail::kExpertCountKeys;
@@ -425,6 +425,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
           pick.expect(gu + "_scales", gu_s, {n_experts, 2 * width, H / 32}, why);
           pick.expect(dn + "_blocks", dn_b, {n_experts, H, width / 32, 16}, why);
           pick.expect(dn + "_scales", dn_s, {n_experts, H, width / 32}, why);
+          core::Mxfp4::check_scales(gu_s, gu);
+          core::Mxfp4::check_scales(dn_s, dn);
         } else {
           fgu = pick.need(gu, "fused experts");
           fdn = pick.need(dn, "fused experts");
@@ -440,18 +442,28 @@ Model Model::load(const io::Checkpoint& ckpt) {
         GluActivation act{GluActivation::ClampedSwiGlu, static_cast<float>(c.get_double_or("swiglu_alpha", 1.702)),
                           static_cast<float>(c.get_double_or("swiglu_limit", 7.0))};
         for (int64_t e = 0; e < n_experts; ++e) {
-          Mlp x = mxfp4 ? Mlp{mxfp4_rows(gu_b, gu_s, e, 0, 2, width, gu), mxfp4_rows(gu_b, gu_s, e, 1, 2, width, gu),
-                               mxfp4_rows(dn_b, dn_s, e, 0, 1, H, dn)}
-                        : Mlp{gather(fgu, {width, H}, lay.gate(e)), gather(fgu, {width, H}, lay.up(e)),
-                              gather(fdn, {H, width}, lay.down(e))};
+          Mlp x;
+          if (mxfp4) {
+            // Views of expert e's blocks and scales, gate and up sharing theirs (core/mxfp4.h).
+            auto view = [e](const Tensor& t, int64_t rows) {
+              return std::make_shared<const Tensor>(t.slice0(e, e + 1).reshaped({rows, t.numel() / t.dim(0) / rows}));
+            };
+            auto gub = view(gu_b, 2 * width), gus = view(gu_s, 2 * width), dnb = view(dn_b, H), dns = view(dn_s, H);
+            auto enc = [](std::shared_ptr<const core::Encoding> m) { return Tensor::encoded(std::move(m), DType::U8); };
+            x = Mlp{enc(std::make_shared<core::Mxfp4>(gub, gus, 0, 2, width)), enc(std::make_shared<core::Mxfp4>(gub, gus, 1, 2, width)),
+                    enc(std::make_shared<core::Mxfp4>(dnb, dns, 0, 1, H))};
+          } else {
+            x = Mlp{gather(fgu, {width, H}, lay.gate(e)), gather(fgu, {width, H}, lay.up(e)), gather(fdn, {H, width}, lay.down(e))};
+          }
           x.gate_bias = gather(fgub, {width}, lay.gate_bias(e));
           x.up_bias = gather(fgub, {width}, lay.up_bias(e));
           x.down_bias = gather(fdnb, {H}, lay.down_bias(e));
           x.act = act;
           b.experts.push_back(std::move(x));
         }
-        // The mapped pages copied from are handed back (the copies are what the model holds).
-        for (const Tensor* t : {&fgu, &fdn, &gu_b, &gu_s, &dn_b, &dn_s})
+        // The mapped pages copied from are handed back (the copies are what the model holds; the
+        // MXFP4 experts are views, read when used).
+        for (const Tensor* t : {&fgu, &fdn})
           if (t->data()) m.release_(t->data(), t->nbytes());
       } else if (f.fused_in_out_chunked) {
         // llama4: gate_up_proj [E,H,2I] (gate the first half), down_proj [E,I,H], copied out into

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "core/mxfp4.h"
 #include "core/warn.h"
 #include "model/detail.h"
 #include "model/model.h"
@@ -127,6 +128,10 @@ class OutputBuilder {
                    "experts", value.numel()});
     if (manifest_) (*manifest_)[down] = {{"encoding", kNoviceEncoding}, {"parts", {{"value", pname}}}};
   }
+  // A manifest entry written by the caller (the gpt_oss MXFP4 experts, add_layer).
+  void record(const std::string& name, nlohmann::json entry) {
+    if (manifest_) (*manifest_)[name] = std::move(entry);
+  }
   std::string cls = "other";  // class of the tensors added next
   // Parameters of weights whose parts were all written by an earlier builder (a pooled expert of
   // the previous layer) and that found no output of their class here: by class, for the caller to
@@ -177,8 +182,12 @@ void add_tail(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix,
 // gpt_oss: the experts back into gate_up_proj [E,H,2I] (gate/up interleaved; llama4: the two halves, no biases), gate_up_proj_bias
 // [E,2I], down_proj [E,I,H], down_proj_bias [E,H] (InterleavedLayout), weights in `dst`, biases
 // in their stored dtype (converted to `dst` when it is given as the output dtype).
+// With `mxfp4` (every expert weight a core::Mxfp4, add_layer) the weights are written as the
+// released checkpoints store them instead: gate_up_proj_blocks [E,2I,H/32,16] and _scales
+// [E,2I,H/32] (gate row k at 2k, up at 2k + 1), down_proj_blocks [E,H,I/32,16] and _scales
+// [E,H,I/32], each row's bytes copied as they are.
 void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::string& prefix,
-                             const std::vector<Mlp>& experts, DType dst, int64_t H) {
+                             const std::vector<Mlp>& experts, DType dst, int64_t H, bool mxfp4 = false) {
   const int64_t E = static_cast<int64_t>(experts.size()), I = experts.at(0).width();
   const bool biases = !f.fused_gate_up_bias.empty();  // llama4 (fused_in_out_chunked): none
   for (const auto& x : experts)
@@ -199,21 +208,67 @@ void add_interleaved_experts(OutputBuilder& ob, const FamilyDesc& f, const std::
     };
     ob.out.push_back(std::move(o));
   };
-  out(f.fused_gate_up, dst, {E, H, 2 * I}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
-    scatter(x.gate.converted(dst), t, lay.gate(e));
-    scatter(x.up.converted(dst), t, lay.up(e));
-  });
+  // MXFP4: row k of a weight's blocks (part 0) or scales (part 1) into row `r` of expert e's.
+  auto mx_rows = [&](const std::string& name, const std::vector<std::pair<const Tensor Mlp::*, int64_t>>& weights, int64_t R,
+                     int64_t in) {
+    const std::string full = prefix + name;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t row = part == 0 ? in / 2 : in / 32;
+      const Shape shape = part == 0 ? Shape{E, R, in / 32, 16} : Shape{E, R, in / 32};
+      const std::string pname = full + (part == 0 ? "_blocks" : "_scales");
+      OutTensor o{pname, DType::U8, shape, nullptr, {pname}, full, "experts", part == 0 ? E * R * in : 0};
+      o.make = [experts, weights, shape, part, row, R] {
+        Tensor t = Tensor::zeros(DType::U8, shape);
+        uint8_t* p = t.mutable_data();
+        const int64_t step = static_cast<int64_t>(weights.size());
+        for (size_t e = 0; e < experts.size(); ++e)
+          for (const auto& [w, first] : weights) {
+            const auto& m = dynamic_cast<const core::Mxfp4&>(*(experts[e].*w).encoding());
+            for (int64_t k = 0; k < m.rows(); ++k)
+              std::copy_n(part == 0 ? m.row_blocks(k) : m.row_scales(k), row,
+                          p + (static_cast<int64_t>(e) * R + first + k * step) * row);
+          }
+        return t;
+      };
+      ob.out.push_back(std::move(o));
+    }
+    ob.record(full, {{"encoding", "mxfp4"}, {"parts", {{"blocks", full + "_blocks"}, {"scales", full + "_scales"}}}});
+  };
+  if (mxfp4)
+    mx_rows(f.fused_gate_up, {{&Mlp::gate, 0}, {&Mlp::up, 1}}, 2 * I, H);
+  else
+    out(f.fused_gate_up, dst, {E, H, 2 * I}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
+      scatter(x.gate.converted(dst), t, lay.gate(e));
+      scatter(x.up.converted(dst), t, lay.up(e));
+    });
   if (biases)
     out(f.fused_gate_up_bias, bdst, {E, 2 * I}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
       scatter(x.gate_bias->converted(bdst), t, lay.gate_bias(e));
       scatter(x.up_bias->converted(bdst), t, lay.up_bias(e));
     });
-  out(f.fused_down, dst, {E, I, H}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
-    scatter(x.down.converted(dst), t, lay.down(e));
-  });
+  if (mxfp4)
+    mx_rows(f.fused_down, {{&Mlp::down, 0}}, H, I);
+  else
+    out(f.fused_down, dst, {E, I, H}, [dst, lay](const Mlp& x, int64_t e, Tensor& t) {
+      scatter(x.down.converted(dst), t, lay.down(e));
+    });
   if (!biases) return;
   out(f.fused_down_bias, bdst, {E, H}, [bdst, lay](const Mlp& x, int64_t e, Tensor& t) {
     scatter(x.down_bias->converted(bdst), t, lay.down_bias(e));
+  });
+}
+
+// Whether a gpt_oss layer's experts are written as MXFP4 blocks and scales (their bytes as read):
+// every expert weight is a core::Mxfp4 of the layer's shapes and the output asks for neither
+// decoded weights (materialize, an output dtype) nor another format's codes (keep_codes).
+bool keeps_mxfp4(const MoeBlock& b, const FamilyDesc& f, const OutputOptions& opts, int64_t H) {
+  if (!f.fused_in_out_interleaved || opts.materialize || opts.dtype || opts.keep_codes || b.experts.empty()) return false;
+  const int64_t I = b.experts[0].width();
+  auto is = [](const Tensor& t, int64_t rows, int64_t cols) {
+    return dynamic_cast<const core::Mxfp4*>(t.encoding()) && t.dim(0) == rows && t.dim(1) == cols;
+  };
+  return std::all_of(b.experts.begin(), b.experts.end(), [&](const Mlp& x) {
+    return !x.is_novice() && is(x.gate, I, H) && is(x.up, I, H) && is(x.down, H, I);
   });
 }
 
@@ -228,10 +283,18 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
   }
   if (layer.moe) {
     const MoeBlock& b = *layer.moe;
+    const OutputOptions& opts = ob.options();
+    // Encoded experts, but for those every writer decodes (DtypeRule::Dequantize: MXFP4, GGUF
+    // blocks) when neither their parts (as_stored) nor their codes (keep_codes, where they have a
+    // native form) are asked for.
+    auto kept_encoded = [&](const Tensor& t) {
+      const core::Encoding* enc = t.encoding();
+      return enc && (enc->dtype_rule() != core::Encoding::DtypeRule::Dequantize || opts.as_stored ||
+                     (opts.keep_codes && !opts.materialize && enc->native_form()));
+    };
     bool encoded = false;
     for (const auto& e : b.experts)
-      encoded = encoded || e.gate.encoding() || e.up.encoding() || e.down.encoding();
-    const OutputOptions& opts = ob.options();
+      encoded = encoded || kept_encoded(e.gate) || kept_encoded(e.up) || kept_encoded(e.down);
     const bool written_dense = !encoded || opts.materialize ||
                                (opts.dtype && b.experts[0].gate.encoding() &&
                                 b.experts[0].gate.encoding()->dtype_rule() == core::Encoding::DtypeRule::Materialize);
@@ -255,15 +318,17 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
       // Re-stack the experts into [E,2I,H] and [E,H,I]. Encoded experts are written dense here
       // (the fused layout has no place for parts) only when materializing.
       const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = m.dims().hidden;
-      if (!written_dense)
+      if (!written_dense && !keeps_mxfp4(b, f, opts, H))
         throw Error::unsupported("layer " + std::to_string(l) + ": encoded experts cannot be stored in the fused " +
                                  f.model_type + " layout; write them dense: --materialize on this command (a stock " +
                                  "checkpoint of the decoded values), \"materialize\": true in a recipe's output");
       const DType src = b.experts[0].gate.dtype();
-      const DType dst = encoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype()) : (opts.dtype && is_float(src)) ? *opts.dtype : src;
+      const bool decoded = b.experts[0].gate.encoding() != nullptr;  // MXFP4 / GGUF blocks
+      const DType dst = encoded || decoded ? (opts.dtype ? *opts.dtype : m.materialize_dtype())
+                                           : (opts.dtype && is_float(src)) ? *opts.dtype : src;
       auto experts = b.experts;
       if (f.fused_in_out_interleaved || f.fused_in_out_chunked) {
-        add_interleaved_experts(ob, f, prefix, experts, dst, H);
+        add_interleaved_experts(ob, f, prefix, experts, dst, H, keeps_mxfp4(b, f, opts, H));
         return add_tail(ob, f, prefix, layer);
       }
       OutTensor gu{prefix + f.fused_gate_up, dst, {E, 2 * I, H}, nullptr, {prefix + f.fused_gate_up}, "", "experts", E * 2 * I * H};

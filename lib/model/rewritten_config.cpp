@@ -84,10 +84,20 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
   }
   bool native = false;
   std::set<std::string> fp8_blocks;
+  // gpt_oss MXFP4 experts written as their blocks (model/outputs.cpp): the fused tensors'
+  // modules ("model.layers.3.mlp.experts"), and every MoE layer's module.
+  std::set<std::string> mxfp4_modules;
+  nlohmann::json kept = nlohmann::json::object();  // the manifest without them
   for (const auto& [name, e] : manifest->items()) {
+    if (e.at("encoding") == "mxfp4") {
+      mxfp4_modules.insert(name.substr(0, name.rfind('.')));
+      continue;
+    }
+    kept[name] = e;
     if (e.at("encoding") == "fp8-block") fp8_blocks.insert(e.at("block").dump());
     else native = true;
   }
+  manifest = &kept;
   const std::string qm = j.contains("quantization_config") && j.at("quantization_config").is_object()
                              ? j.at("quantization_config").value("quant_method", "") : "";
   if (native || fp8_blocks.size() > 1 || ragged) {
@@ -107,8 +117,22 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
     if (qm != "fp8")
       j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
                                   {"weight_block_size", nlohmann::json::parse(*fp8_blocks.begin())}};
+  } else if (!mxfp4_modules.empty()) {
+    // The input's MXFP4 config (modules_to_not_convert: attention, routers, embeddings, lm_head),
+    // with the expert modules of the layers written dense added (transformers'
+    // replace_with_mxfp4_linear skips a listed module).
+    nlohmann::json q = qm == "mxfp4" ? j.at("quantization_config") : nlohmann::json{{"quant_method", "mxfp4"}};
+    nlohmann::json skip = q.contains("modules_to_not_convert") && q.at("modules_to_not_convert").is_array()
+                              ? q.at("modules_to_not_convert") : nlohmann::json::array();
+    for (const auto& layer : layers_)
+      if (layer.moe) {
+        const std::string gu = expand(f.layer_prefix, layer.index) + f.fused_gate_up;
+        if (const std::string mod = gu.substr(0, gu.rfind('.')); !mxfp4_modules.count(mod)) skip.push_back(mod);
+      }
+    q["modules_to_not_convert"] = skip;
+    j["quantization_config"] = q;
   } else if (qm == "fp8" || qm == "moe_tool" || qm == "mxfp4" || io::PackedInput::reads(qm)) {
-    j.erase("quantization_config");  // every weight written dense (gpt_oss MXFP4 experts: decoded at load)
+    j.erase("quantization_config");  // every weight written dense (gpt_oss MXFP4 experts decoded)
   }
   // transformers >= 4.56 writes "dtype" (and prefers it), older versions "torch_dtype": update
   // whichever the input has, both when it has both, "torch_dtype" (read by every version) when none.

@@ -121,18 +121,14 @@ json summarize(const io::Checkpoint& ckpt, const Model& model, bool with_tensors
                           {"expert_params_stored", stored}};
     }
     auto acc = account(outs);
-    // MXFP4 experts (gpt_oss, model/detail.h) are decoded at load, so the outputs list them as
-    // dense tensors: counted as stored, their blocks and scales.
+    // MXFP4 experts (gpt_oss, core/mxfp4.h): listed as the blocks and scales they are stored in.
     int64_t mxfp4_tensors = 0, mxfp4_weights = 0;
     uint64_t mxfp4_bytes = 0;
     for (const auto& o : outs) {
-      if (ckpt.has(o.name) || !ckpt.has(o.name + "_blocks") || !ckpt.has(o.name + "_scales")) continue;
-      const uint64_t stored = ckpt.info(o.name + "_blocks").nbytes() + ckpt.info(o.name + "_scales").nbytes();
-      auto& a = acc[o.cls.empty() ? "other" : o.cls];
-      a.bytes = a.bytes - static_cast<uint64_t>(core::shape_numel(o.shape)) * core::dtype_size(o.dtype) + stored;
-      ++mxfp4_tensors;
-      mxfp4_weights += core::shape_numel(o.shape);
-      mxfp4_bytes += stored;
+      if (o.weight.empty() || !manifest.contains(o.weight) || manifest.at(o.weight).value("encoding", "") != "mxfp4") continue;
+      mxfp4_tensors += o.params > 0;
+      mxfp4_weights += o.params;
+      mxfp4_bytes += static_cast<uint64_t>(core::shape_numel(o.shape)) * core::dtype_size(o.dtype);
     }
     if (mxfp4_weights > 0)
       s["quantization"] = {{"method", "mxfp4 (e2m1 codes, one e8m0 scale per block)"},

@@ -19,6 +19,7 @@
 #include "calib/calibrate.h"
 #include "core/error.h"
 #include "reference_golden.h"
+#include "support/cli_expect.h"
 #include "runtime/forward.h"
 #include "runtime/moe_block.h"
 #include "runtime_test_util.h"
@@ -186,10 +187,12 @@ TEST(GptOss, QuantizeFactorizeMaterialized) {
   }
 }
 
-// MXFP4 experts (the released checkpoints' encoding): decoded on load (expert 2's gate row 3 =
-// row 6 of gate_up_proj_blocks[2], low nibble first, times 2^(scale - 127)); convert writes the
-// dense fused layout in bf16 without quantization_config, and it reads back to the same values.
-TEST(GptOss, Mxfp4ExpertsDecodedOnLoad) {
+// MXFP4 experts (the released checkpoints' encoding, core/mxfp4.h): read as encodings that decode
+// on use (expert 2's gate row 3 = row 6 of gate_up_proj_blocks[2], low nibble first, times
+// 2^(scale - 127)). convert without options writes them back as they are (blocks and scales byte
+// for byte, quantization_config kept); with --dtype bf16 the dense fused layout in bf16 without
+// quantization_config, which reads back to the same values.
+TEST(GptOss, Mxfp4ExpertsKeptOrDecoded) {
   const fs::path dir = source_dir() / "data/gpt-oss-tiny-mxfp4";
   auto lm = load_model(dir);
   const TensorMap raw = read_tensors(dir);
@@ -198,6 +201,8 @@ TEST(GptOss, Mxfp4ExpertsDecodedOnLoad) {
   static const float fp4[16] = {0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6};
   const model::Mlp& e2 = lm->model.layers().at(0).moe->experts.at(2);
   EXPECT_EQ(e2.gate.shape(), (core::Shape{32, 64}));
+  ASSERT_TRUE(e2.gate.encoding());
+  EXPECT_EQ(e2.gate.encoding()->name(), "mxfp4");
   const std::vector<float> gate = e2.gate.to_f32(), up = e2.up.to_f32();
   for (int64_t col : {0, 1, 33, 63}) {
     const int64_t g = col / 32, j = col % 32;
@@ -210,7 +215,19 @@ TEST(GptOss, Mxfp4ExpertsDecodedOnLoad) {
     EXPECT_EQ(up[3 * 64 + col], value(7)) << col;
   }
   TempDir tmp;
-  const RunResult r = run_tool({"-q", "convert", dir.string(), (tmp.path() / "out").string()});
+  // As stored: every tensor byte for byte, the input's quantization_config.
+  RunResult r = run_tool({"-q", "convert", dir.string(), (tmp.path() / "kept").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const TensorMap kept = read_tensors(tmp.path() / "kept");
+  EXPECT_EQ(kept.size(), raw.size());
+  for (const auto& [name, t] : raw) {
+    ASSERT_TRUE(kept.count(name)) << name;
+    EXPECT_TRUE(kept.at(name).bytes == t.bytes && kept.at(name).shape == t.shape) << name;
+  }
+  EXPECT_EQ(read_json(tmp.path() / "kept" / "config.json").at("quantization_config"),
+            read_json(dir / "config.json").at("quantization_config"));
+  // Decoded: bf16, no quantization_config, the same values.
+  r = run_tool({"-q", "convert", dir.string(), (tmp.path() / "out").string(), "--dtype", "bf16"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto cfg = nlohmann::json::parse(read_file(tmp.path() / "out" / "config.json"));
   EXPECT_FALSE(cfg.contains("quantization_config")) << cfg.dump();
@@ -220,6 +237,79 @@ TEST(GptOss, Mxfp4ExpertsDecodedOnLoad) {
   auto back = load_model(tmp.path() / "out");
   EXPECT_EQ(back->model.layers().at(0).moe->experts.at(2).gate.to_f32(), gate);
   EXPECT_EQ(back->model.layers().at(1).moe->experts.at(5).down.to_f32(), lm->model.layers().at(1).moe->experts.at(5).down.to_f32());
+}
+
+// prune of the MXFP4 checkpoint writes MXFP4 (no --format: hf is the input's format): the kept
+// experts' blocks, scales and biases are the input's bytes, the config keeps quant_method mxfp4
+// with 6 experts, bits per weight stay 4.25, and the output evaluates as the input's decoded
+// experts do (eval equal to the same prune written in bf16). A merge writes the merged experts
+// dense (bf16), each layer's experts listed in modules_to_not_convert.
+TEST(GptOss, Mxfp4PruneKeepsBlocks) {
+  const fs::path dir = source_dir() / "data/gpt-oss-tiny-mxfp4";
+  const std::string text = (source_dir() / "data/text/heldout.txt").string();
+  TempDir tmp;
+  const fs::path out = tmp.path() / "pruned", bf16 = tmp.path() / "pruned-bf16";
+  RunResult r = run_tool({"-q", "prune", dir.string(), out.string(), "--method", "random", "--keep", "6"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  r = run_tool({"-q", "prune", dir.string(), bf16.string(), "--method", "random", "--keep", "6", "--dtype", "bf16"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const TensorMap in = read_tensors(dir), got = read_tensors(out);
+  for (int l = 0; l < 2; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+    EXPECT_FALSE(got.count(p + "experts.gate_up_proj"));
+    EXPECT_EQ(got.at(p + "experts.gate_up_proj_blocks").shape, (core::Shape{6, 64, 2, 16}));
+    EXPECT_EQ(got.at(p + "experts.down_proj_scales").shape, (core::Shape{6, 64, 1}));
+    const auto kept = expect_kept_expert_slabs(in, got, p + "router.weight",
+                                               {p + "experts.gate_up_proj_blocks", p + "experts.gate_up_proj_scales",
+                                                p + "experts.down_proj_blocks", p + "experts.down_proj_scales",
+                                                p + "experts.gate_up_proj_bias", p + "experts.down_proj_bias"});
+    EXPECT_EQ(kept.size(), 6u);
+  }
+  const auto cfg = read_json(out / "config.json");
+  EXPECT_EQ(cfg.at("num_local_experts"), 6);
+  EXPECT_EQ(cfg.at("quantization_config"), read_json(dir / "config.json").at("quantization_config"));
+  r = run_tool({"inspect", out.string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto q = nlohmann::json::parse(r.out).at("quantization");
+  EXPECT_EQ(q.at("bits_per_weight"), 4.25) << q;
+  EXPECT_EQ(q.at("weights"), 4) << q;
+  auto ppl = [&](const fs::path& m) {
+    const RunResult e = run_tool({"-q", "eval", m.string(), "--text", text, "--ctx", "32", "--max-windows", "2", "--json"});
+    EXPECT_EQ(e.exit_code, 0) << e.describe();
+    return nlohmann::json::parse(e.out).at("perplexity").get<double>();
+  };
+  EXPECT_EQ(ppl(out), ppl(bf16));
+  // merge: the merged experts are dense, so the experts are written in bf16, without
+  // quantization_config.
+  const fs::path merged = tmp.path() / "merged";
+  r = run_tool({"-q", "merge", dir.string(), merged.string(), "--method", "msmoe", "--experts", "6", "--text", text, "--ctx",
+                "32", "--windows", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const TensorMap m = read_tensors(merged);
+  EXPECT_EQ(m.at("model.layers.0.mlp.experts.gate_up_proj").dtype, core::DType::BF16);
+  EXPECT_FALSE(m.count("model.layers.0.mlp.experts.gate_up_proj_blocks"));
+  EXPECT_FALSE(read_json(merged / "config.json").contains("quantization_config"));
+  // One layer's experts dense, the other's MXFP4: the dense layer's experts module is added to
+  // modules_to_not_convert (transformers then loads it unquantized).
+  auto lm = load_model(dir);
+  for (auto& x : lm->model.layers().at(1).moe->experts) {
+    x.gate = x.gate.converted(core::DType::BF16);
+    x.up = x.up.converted(core::DType::BF16);
+    x.down = x.down.converted(core::DType::BF16);
+  }
+  nlohmann::json manifest = nlohmann::json::object();
+  const auto outs = lm->model.outputs(model::OutputOptions{}, &manifest);
+  const auto has = [&](const std::string& n) {
+    return std::any_of(outs.begin(), outs.end(), [&](const model::OutTensor& o) { return o.name == n; });
+  };
+  EXPECT_TRUE(has("model.layers.0.mlp.experts.gate_up_proj_blocks"));
+  EXPECT_TRUE(has("model.layers.1.mlp.experts.gate_up_proj"));
+  EXPECT_FALSE(has("model.layers.1.mlp.experts.gate_up_proj_blocks"));
+  const auto qc = lm->model.rewritten_config(model::OutputOptions{}, &manifest).at("quantization_config");
+  EXPECT_EQ(qc.at("quant_method"), "mxfp4");
+  auto skip = read_json(dir / "config.json").at("quantization_config").at("modules_to_not_convert");
+  skip.push_back("model.layers.1.mlp.experts");
+  EXPECT_EQ(qc.at("modules_to_not_convert"), skip) << qc;
 }
 
 // Bad MXFP4 and config input: one error naming the tensor or key, exit 2 from the CLI.
