@@ -54,34 +54,58 @@ std::vector<uint8_t> pack_words(const uint8_t* v, int64_t rows, int64_t cols, in
 // nibble k of a word holds output 8c + kAwqOrder[k].
 constexpr int kAwqOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-// The 8 codes of row `r` at inputs [8j, 8j + 8) as one word (code 8j + t in bits [4t, 4t+4)): the
-// row stream's bytes [4j, 4j+4), those past the row's end read as 0.
-uint32_t awq_row_word(const uint8_t* codes, int64_t rb, int64_t r, int64_t j) {
+// The 8 codes of a row at inputs [8j, 8j + 8) as one word (code 8j + t in bits [4t, 4t+4)): the
+// row stream's bytes [4j, 4j+4), those past the row's end (rb bytes) read as 0.
+inline uint32_t awq_row_word(const uint8_t* row, int64_t rb, int64_t j) {
   uint32_t w = 0;
-  const int64_t n = std::min<int64_t>(4, rb - 4 * j);
-  std::memcpy(&w, codes + r * rb + 4 * j, static_cast<size_t>(n));  // little endian on every target
+  if (4 * j + 4 <= rb) std::memcpy(&w, row + 4 * j, 4);  // little endian on every target
+  else std::memcpy(&w, row + 4 * j, static_cast<size_t>(rb - 4 * j));
   return w;
 }
 
+// a[r] nibble c becomes a[c] nibble r (an 8 x 8 matrix of nibbles transposed): the 4 x 4 blocks of
+// 16-bit halves swapped, then the 2 x 2 blocks of bytes inside them, then single nibbles.
+void transpose_nibbles(uint32_t a[8]) {
+  for (int r = 0; r < 4; ++r) {
+    const uint32_t x = a[r], y = a[r + 4];
+    a[r] = (x & 0x0000FFFFu) | (y << 16);
+    a[r + 4] = (x >> 16) | (y & 0xFFFF0000u);
+  }
+  for (int r : {0, 1, 4, 5}) {
+    const uint32_t x = a[r], y = a[r + 2];
+    a[r] = (x & 0x00FF00FFu) | ((y & 0x00FF00FFu) << 8);
+    a[r + 2] = ((x >> 8) & 0x00FF00FFu) | (y & 0xFF00FF00u);
+  }
+  for (int r : {0, 2, 4, 6}) {
+    const uint32_t x = a[r], y = a[r + 1];
+    a[r] = (x & 0x0F0F0F0Fu) | ((y & 0x0F0F0F0Fu) << 4);
+    a[r + 1] = ((x >> 4) & 0x0F0F0F0Fu) | (y & 0xF0F0F0F0u);
+  }
+}
+
 // AWQ GEMM: qweight [in, out/8], qzeros [ngroups, out/8] (zero points as they are; symmetric: 8),
-// scales [ngroups, out]. qweight is built 8 inputs by 8 outputs at a time: the 8 words of the
-// outputs 8c + kAwqOrder[k] holding inputs [8j, 8j+8) are transposed nibble-wise into the words
-// [8j + u, c]; blocks of j (rows of qweight) may run on other threads.
+// scales [ngroups, out]. qweight is built 8 inputs by 8 outputs at a time: the words of the
+// outputs 8c + kAwqOrder[k] (k = 0..7) holding inputs [8j, 8j+8), transposed nibble-wise, are the
+// words [8j + u, c]. The j are split into ranges (possibly on other threads), each done in
+// blocks of 16 (one 64-byte line of each source row; 128 rows of qweight) for every c in turn.
 void pack_awq(const GroupCodes& c, std::vector<PackedTensor>& t,
               const std::function<void(int64_t, const std::function<void(int64_t, int64_t)>&)>& run) {
-  const int64_t out = c.out, in = c.in, ng = c.ngroups(), rb = c.row_bytes(), cols = out / 8;
+  const int64_t out = c.out, in = c.in, ng = c.ngroups(), rb = c.row_bytes(), cols = out / 8, nj = (in + 7) / 8;
+  constexpr int64_t kBlock = 16;
   const uint8_t* codes = c.codes;
   uint8_t* qw = t[0].data.data();
-  run((in + 7) / 8, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t n = std::min<int64_t>(8, in - 8 * j);  // inputs in this block
+  run(nj, [&](int64_t j0, int64_t j1) {
+    for (int64_t jb = j0; jb < j1; jb += kBlock) {
+      const int64_t je = std::min(j1, jb + kBlock);
       for (int64_t col = 0; col < cols; ++col) {
-        uint32_t src[8];
-        for (int k = 0; k < 8; ++k) src[k] = awq_row_word(codes, rb, 8 * col + kAwqOrder[k], j);
-        for (int64_t u = 0; u < n; ++u) {
-          uint32_t w = 0;
-          for (int k = 0; k < 8; ++k) w |= ((src[k] >> (4 * u)) & 15u) << (4 * k);
-          std::memcpy(qw + ((8 * j + u) * cols + col) * 4, &w, 4);
+        const uint8_t* rows[8];
+        for (int k = 0; k < 8; ++k) rows[k] = codes + (8 * col + kAwqOrder[k]) * rb;
+        for (int64_t j = jb; j < je; ++j) {
+          uint32_t a[8];
+          for (int k = 0; k < 8; ++k) a[k] = awq_row_word(rows[k], rb, j);
+          transpose_nibbles(a);
+          const int64_t n = std::min<int64_t>(8, in - 8 * j);  // inputs in this word (the last may hold fewer)
+          for (int64_t u = 0; u < n; ++u) std::memcpy(qw + ((8 * j + u) * cols + col) * 4, &a[u], 4);
         }
       }
     }
