@@ -373,9 +373,13 @@ TEST(ExportPackedRefusals, GptqRefusesDenseLayersAmongMoeLayers) {
     expect_clean_failure(run_tool({"export", native.string(), out, "--format", "gptq"}),
                          native.string() + ": --format gptq: " + why);
     EXPECT_EQ(list_dir(dir.path()), natives);
-    // compressed-tensors, the way out, holds it.
+    // compressed-tensors, the way out, holds it; so does awq (no per-layer module set: its
+    // modules_to_not_convert names the dense Linears one by one).
     ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
     fs::remove_all(dir / "ct");
+    ASSERT_FALSE(export_packed(native, dir / "awq", "awq").is_null());
+    EXPECT_EQ(expect_same_weights(native, dir / "awq"), fixture == "deepseek-v3-tiny" ? 57u : 84u);
+    fs::remove_all(dir / "awq");
   }
 }
 

@@ -415,8 +415,11 @@ TEST(PackedInputCodes, PruneOfAnAwqInputWithoutFormatKeepsItsTensors) {
   }
   EXPECT_EQ(checked, 2u * 3 * 3 * 3);
   // Only the experts are packed: the attention stays dense, as in the input, and is named.
-  for (const auto& n : oc.names())
-    if (n.ends_with(".qweight")) EXPECT_NE(n.find(".experts."), std::string::npos) << n;
+  for (const auto& n : oc.names()) {
+    if (n.ends_with(".qweight")) {
+      EXPECT_NE(n.find(".experts."), std::string::npos) << n;
+    }
+  }
   const auto skip = q.at("modules_to_not_convert").get<std::vector<std::string>>();
   EXPECT_NE(std::find(skip.begin(), skip.end(), "model.layers.1.self_attn.q_proj"), skip.end());
   EXPECT_NE(std::find(skip.begin(), skip.end(), "model.layers.0.block_sparse_moe.gate"), skip.end());
