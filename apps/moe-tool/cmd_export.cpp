@@ -1,10 +1,10 @@
-// moe-tool export MODEL OUT [--format gguf|compressed-tensors|gptq]: the flags of the export
+// moe-tool export MODEL OUT [--format gguf|compressed-tensors|gptq|awq]: the flags of the export
 // sinks (pipeline/gguf_export.h, pipeline/packed_export.h), which a recipe's "output" section
 // also reaches (pipeline/sink.h).
 // - gguf (OUT.gguf, --type TYPE [--tensor-type REGEX=TYPE]): a GGUF v3 file llama.cpp loads
 //   (docs/gguf.md).
-// - compressed-tensors / gptq (OUT a folder): the model's intN codes as they are, in the int4/int8
-//   layouts vLLM and transformers load (docs/compressed-tensors.md).
+// - compressed-tensors / gptq / awq (OUT a folder): the model's intN codes as they are, in the
+//   int4/int8 layouts vLLM and transformers load (awq: int4 only) (docs/compressed-tensors.md).
 #include <chrono>
 #include <iostream>
 #include <map>
@@ -39,12 +39,12 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->in, "Input checkpoint folder (mixtral, qwen2_moe, qwen3_moe, olmoe)")->required();
   sub.add_option("OUT", o->out,
-                 "Output: a .gguf file, or a folder for compressed-tensors and gptq (written as a temporary sibling, renamed "
+                 "Output: a .gguf file, or a folder for compressed-tensors, gptq and awq (written as a temporary sibling, renamed "
                  "on success)")->required();
   sub.add_option("--format", o->format,
-                 "gguf (llama.cpp), compressed-tensors (pack-quantized) or gptq (vLLM, transformers); default gguf for an "
+                 "gguf (llama.cpp), compressed-tensors (pack-quantized), gptq or awq (GEMM, int4) (vLLM, transformers); default gguf for an "
                  "OUT ending in .gguf, else required")
-      ->check(CLI::IsMember({"gguf", "compressed-tensors", "gptq"}));
+      ->check(CLI::IsMember({"gguf", "compressed-tensors", "gptq", "awq"}));
   sub.add_option("--type", o->type,
                  "gguf: main tensor type: f32, f16, bf16, q8_0, q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k, tq2_0, "
                  "tq1_0 (required for gguf)");
@@ -52,7 +52,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
                  "gguf: override by GGUF tensor name, REGEX=TYPE (std::regex search; the first match wins; 1-D tensors and "
                  "routers stay f32)");
   CLI::Option* shard_opt = sub.add_option("--max-shard-size", o->max_shard_size,
-                 "compressed-tensors, gptq: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB); a .gguf file "
+                 "compressed-tensors, gptq, awq: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB); a .gguf file "
                  "is one file");
   sub.add_flag("--force", o->force, "Replace an existing output (file or folder the tool wrote)");
   sub.add_flag("--json", o->json, "Print the result as JSON");
@@ -63,7 +63,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
       std::string format = o->format;
       if (format.empty()) {
         if (fs::path(o->out).extension() != ".gguf")
-          throw Error::invalid("OUT '" + o->out + "': not a .gguf file; give --format compressed-tensors or --format gptq "
+          throw Error::invalid("OUT '" + o->out + "': not a .gguf file; give --format compressed-tensors, gptq or awq "
                                "for a folder (or --format gguf)");
         format = "gguf";
       }

@@ -26,7 +26,7 @@ const Command kCommands[] = {
     {"merge", "Merge experts into fewer ({methods}) with a router for the merged experts", setup_merge},
     {"factorize", "Low-rank experts ({methods}) in the native checkpoint format", setup_factorize},
     {"quantize", "Integer-group and ternary experts ({methods}; mixed precision by --avg-bits) in the native checkpoint format", setup_quantize},
-    {"export", "GGUF file for llama.cpp (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, tq1_0, tq2_0), or a compressed-tensors / GPTQ folder of intN codes for vLLM and transformers", setup_export},
+    {"export", "GGUF file for llama.cpp (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k, tq1_0, tq2_0), or a compressed-tensors / GPTQ / AWQ folder of intN codes for vLLM and transformers", setup_export},
     {"share", "Cross-layer expert sharing ({methods}): experts of adjacent MoE layers pooled, stored once (convert --materialize expands)", setup_share},
     {"upcycle", "Dense checkpoint into an MoE one ({methods} experts; random, hidden or ridge router)", setup_upcycle},
     {"run", "Run a JSON recipe: calibration, a pipeline of passes, output, evaluation", setup_run},

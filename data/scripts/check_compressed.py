@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent check of `moe-tool export --format compressed-tensors|gptq` (NumPy only).
+"""Independent check of `moe-tool export --format compressed-tensors|gptq|awq` (NumPy only).
 
     check_compressed.py NATIVE EXPORT
     check_compressed.py --synthetic-mixtral OUT LAYERS   (a random bf16 mixtral for the timings)
@@ -19,6 +19,13 @@ Layouts, as read from
   GPTQ v1 (AutoGPTQ/AutoGPTQ, auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py, QuantLinear.forward):
     qweight [in/pf, out] packed along the input dim, qzeros [groups, out/pf] holding zero - 1,
     scales [groups, out] fp16, g_idx [in]; W[o, i] = scales[g, o] * (q - (qzero + 1)), g = g_idx[i].
+  AWQ GEMM (casper-hansen/AutoAWQ, awq/utils/packing_utils.py at commit 7ee28736: unpack_awq,
+  reverse_awq_order, dequantize_gemm; awq/modules/linear/gemm.py WQLinear_GEMM at d9dc8e56):
+    qweight [in, out/8] int32, qzeros [groups, out/8] int32, scales [groups, out] fp16, 4 bits;
+    unpack_awq shifts every word right by 0, 4, ..., 28 (columnwise: word c gives unpacked columns
+    8c .. 8c+7), reverse_awq_order reorders each run of 8 columns by AWQ_REVERSE_ORDER
+    (0, 4, 1, 5, 2, 6, 3, 7), both masked to 4 bits; W[o, i] = scales[i // G, o] * (q - z), the
+    zero point as stored (decoded here in f32; dequantize_gemm multiplies in fp16).
 """
 import json
 import os
@@ -88,6 +95,29 @@ def decode_gptq(t, mod, bits):
     return ((q - z[g_idx, :]).astype(np.float32) * scales[g_idx, :]).T
 
 
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def decode_awq(t, mod, bits):
+    assert bits == 4, "AWQ GEMM packs 4 bits"
+    qweight, qzeros = array(t[mod + ".qweight"]), array(t[mod + ".qzeros"])
+    scales = array(t[mod + ".scales"])
+    assert scales.dtype == np.float16
+
+    def unpack(x):  # unpack_awq: columnwise, shifts 0, 4, ..., 28
+        shifts = np.arange(0, 32, bits, dtype=np.uint32)
+        u = (x.astype(np.uint32)[:, :, None] >> shifts[None, None, :]).reshape(x.shape[0], -1)
+        return u
+
+    iw, iz = unpack(qweight), unpack(qzeros)
+    order = np.arange(iz.shape[-1]).reshape(-1, 32 // bits)[:, AWQ_REVERSE_ORDER].reshape(-1)  # reverse_awq_order
+    iw, iz = iw[:, order] & np.uint32(15), iz[:, order] & np.uint32(15)
+    group = iw.shape[0] // iz.shape[0]
+    s = np.repeat(scales.astype(np.float32), group, axis=0)
+    z = np.repeat(iz.astype(np.int64), group, axis=0)
+    return ((iw.astype(np.int64) - z).astype(np.float32) * s).T  # [out, in]
+
+
 def decode_native(t, entry):
     """An intN weight of docs/FORMAT.md: LSB-first bit stream codes, f16 scales, u8 zeros."""
     bits, group, cols, sym = entry["bits"], entry["group"], entry["cols"], entry["symmetric"]
@@ -147,17 +177,23 @@ def main():
     ncfg = json.load(open(os.path.join(native_dir, "config.json")))
     qc = json.load(open(os.path.join(export_dir, "config.json")))["quantization_config"]
     weights = ncfg["quantization_config"]["weights"]
-    gptq = qc["quant_method"] == "gptq"
-    if gptq:
+    method = qc["quant_method"]
+    if method == "gptq":
         bits, key = qc["bits"], ".qweight"
         assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] is False
+    elif method == "awq":
+        bits, key = qc["bits"], ".qweight"
+        assert qc["version"] == "gemm" and qc["zero_point"] is True and qc["group_size"] > 0
+        skip = qc.get("modules_to_not_convert") or []
     else:
         assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
         bits, key = qc["config_groups"]["group_0"]["weights"]["num_bits"], ".weight_packed"
     modules = sorted(n[: -len(key)] for n in et if n.endswith(key))
     bad, total, total_sq, parts = [], 0.0, 0.0, set()
     for mod in modules:
-        w = decode_gptq(et, mod, bits) if gptq else decode_ct(et, mod, bits)
+        w = {"gptq": decode_gptq, "awq": decode_awq}.get(method, decode_ct)(et, mod, bits)
+        if method == "awq" and any(d in mod for d in skip):  # the loaders match substrings
+            bad.append(mod + " (quantized, but matched by modules_to_not_convert)")
         ref = decode_native(nt, weights[mod + ".weight"])
         if w.shape != ref.shape or not np.array_equal(w, ref):
             bad.append(mod)

@@ -50,18 +50,102 @@ std::vector<uint8_t> pack_words(const uint8_t* v, int64_t rows, int64_t cols, in
   return bytes_le(w);
 }
 
+// AutoAWQ's packing order (WQLinear_GEMM.from_linear's order_map, packing_utils.py AWQ_ORDER):
+// nibble k of a word holds output 8c + kAwqOrder[k].
+constexpr int kAwqOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// The 8 codes of a row at inputs [8j, 8j + 8) as one word (code 8j + t in bits [4t, 4t+4)): the
+// row stream's bytes [4j, 4j+4), those past the row's end (rb bytes) read as 0.
+inline uint32_t awq_row_word(const uint8_t* row, int64_t rb, int64_t j) {
+  uint32_t w = 0;
+  if (4 * j + 4 <= rb) std::memcpy(&w, row + 4 * j, 4);  // little endian on every target
+  else std::memcpy(&w, row + 4 * j, static_cast<size_t>(rb - 4 * j));
+  return w;
+}
+
+// a[r] nibble c becomes a[c] nibble r (an 8 x 8 matrix of nibbles transposed): the 4 x 4 blocks of
+// 16-bit halves swapped, then the 2 x 2 blocks of bytes inside them, then single nibbles.
+void transpose_nibbles(uint32_t a[8]) {
+  for (int r = 0; r < 4; ++r) {
+    const uint32_t x = a[r], y = a[r + 4];
+    a[r] = (x & 0x0000FFFFu) | (y << 16);
+    a[r + 4] = (x >> 16) | (y & 0xFFFF0000u);
+  }
+  for (int r : {0, 1, 4, 5}) {
+    const uint32_t x = a[r], y = a[r + 2];
+    a[r] = (x & 0x00FF00FFu) | ((y & 0x00FF00FFu) << 8);
+    a[r + 2] = ((x >> 8) & 0x00FF00FFu) | (y & 0xFF00FF00u);
+  }
+  for (int r : {0, 2, 4, 6}) {
+    const uint32_t x = a[r], y = a[r + 1];
+    a[r] = (x & 0x0F0F0F0Fu) | ((y & 0x0F0F0F0Fu) << 4);
+    a[r + 1] = ((x >> 4) & 0x0F0F0F0Fu) | (y & 0xF0F0F0F0u);
+  }
+}
+
+// AWQ GEMM: qweight [in, out/8], qzeros [ngroups, out/8] (zero points as they are; symmetric: 8),
+// scales [ngroups, out]. qweight is built 8 inputs by 8 outputs at a time: the words of the
+// outputs 8c + kAwqOrder[k] (k = 0..7) holding inputs [8j, 8j+8), transposed nibble-wise, are the
+// words [8j + u, c]. The j are split into ranges (possibly on other threads), each done in
+// blocks of 16 (one 64-byte line of each source row; 128 rows of qweight) for every c in turn.
+void pack_awq(const GroupCodes& c, std::vector<PackedTensor>& t,
+              const std::function<void(int64_t, const std::function<void(int64_t, int64_t)>&)>& run) {
+  const int64_t out = c.out, in = c.in, ng = c.ngroups(), rb = c.row_bytes(), cols = out / 8, nj = (in + 7) / 8;
+  constexpr int64_t kBlock = 16;
+  const uint8_t* codes = c.codes;
+  uint8_t* qw = t[0].data.data();
+  run(nj, [&](int64_t j0, int64_t j1) {
+    for (int64_t jb = j0; jb < j1; jb += kBlock) {
+      const int64_t je = std::min(j1, jb + kBlock);
+      for (int64_t col = 0; col < cols; ++col) {
+        const uint8_t* rows[8];
+        for (int k = 0; k < 8; ++k) rows[k] = codes + (8 * col + kAwqOrder[k]) * rb;
+        for (int64_t j = jb; j < je; ++j) {
+          uint32_t a[8];
+          for (int k = 0; k < 8; ++k) a[k] = awq_row_word(rows[k], rb, j);
+          transpose_nibbles(a);
+          const int64_t n = std::min<int64_t>(8, in - 8 * j);  // inputs in this word (the last may hold fewer)
+          for (int64_t u = 0; u < n; ++u) std::memcpy(qw + ((8 * j + u) * cols + col) * 4, &a[u], 4);
+        }
+      }
+    }
+  });
+  uint8_t* qz = t[1].data.data();
+  uint8_t* scales_t = t[2].data.data();
+  for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t col = 0; col < cols; ++col) {
+      uint32_t w = 0;
+      for (int k = 0; k < 8; ++k) {
+        const int64_t o = 8 * col + kAwqOrder[k];
+        const uint32_t z = c.symmetric ? 8u : c.zeros[o * ng + g];
+        w |= (z & 15u) << (4 * k);
+      }
+      std::memcpy(qz + (g * cols + col) * 4, &w, 4);
+    }
+    for (int64_t o = 0; o < out; ++o) std::memcpy(scales_t + (g * out + o) * 2, c.scales + (o * ng + g) * 2, 2);
+  }
+}
+
 }  // namespace
 
-const char* packed_format_name(PackedFormat f) { return f == PackedFormat::Gptq ? "gptq" : "compressed-tensors"; }
+const char* packed_format_name(PackedFormat f) {
+  return f == PackedFormat::Gptq ? "gptq" : f == PackedFormat::Awq ? "awq" : "compressed-tensors";
+}
 
 std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in) {
   if (bits != 4 && bits != 8) return std::to_string(bits) + "-bit codes (the layout holds 4 and 8 bits)";
+  if (f == PackedFormat::Awq && bits != 4) return std::to_string(bits) + "-bit codes (AWQ GEMM packs 4 bits only)";
+  if (f == PackedFormat::Awq && group == 0)
+    return "one group per row (group 0): AWQ's layout and config need a group size (e.g. 128, 64 or 32 inputs)";
   if (group != 0 && in % group != 0)
     return "groups of " + std::to_string(group) + ", which do not divide the " + std::to_string(in) + " inputs";
   const int64_t pf = 32 / bits;
   if (f == PackedFormat::Gptq && (in % pf != 0 || out % pf != 0))
     return "shape [" + std::to_string(out) + ", " + std::to_string(in) + "]: GPTQ packs " + std::to_string(pf) +
            " values per int32 along both dims and needs multiples of " + std::to_string(pf);
+  if (f == PackedFormat::Awq && out % 8 != 0)
+    return "shape [" + std::to_string(out) + ", " + std::to_string(in) + "]: AWQ packs 8 outputs per int32 and needs a " +
+           "multiple of 8 outputs";
   return "";
 }
 
@@ -74,6 +158,8 @@ std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, 
     if (!symmetric) s.push_back({".weight_zero_point", DType::I32, {(out + pf - 1) / pf, ng}, {}});
     return s;
   }
+  if (f == PackedFormat::Awq)
+    return {{".qweight", DType::I32, {in, out / 8}, {}}, {".qzeros", DType::I32, {ng, out / 8}, {}}, {".scales", DType::F16, {ng, out}, {}}};
   return {{".qweight", DType::I32, {in / pf, out}, {}},
           {".qzeros", DType::I32, {ng, out / pf}, {}},
           {".scales", DType::F16, {ng, out}, {}},
@@ -122,6 +208,10 @@ void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>&
     std::memcpy(t[1].data.data(), c.scales, t[1].data.size());
     t[2].data = bytes_le(std::vector<int64_t>{c.out, c.in});
     if (!c.symmetric) t[3].data = pack_words(c.zeros, c.out, ng, c.bits, 0, shape);
+    return;
+  }
+  if (f == PackedFormat::Awq) {
+    pack_awq(c, t, run);
     return;
   }
   // GPTQ. A zero point of 0 is refused first, the first in row order.

@@ -1,4 +1,4 @@
-// Integer group codes laid out as the two int4/int8 checkpoint layouts vLLM and transformers load
+// Integer group codes laid out as the three int4/int8 checkpoint layouts vLLM and transformers load
 // (docs/compressed-tensors.md):
 //
 // compressed-tensors `pack-quantized` (read from vllm-project/compressed-tensors at commit
@@ -23,8 +23,19 @@
 //   W[o, i] = scales[g, o] · (q − (stored zero + 1)); a zero point of 0 cannot be stored (the
 //   loader reads 2^bits), so such a group is refused.
 //
+// AWQ GEMM (read from casper-hansen/AutoAWQ, awq/modules/linear/gemm.py WQLinear_GEMM.from_linear
+// at commit d9dc8e56 and awq/utils/packing_utils.py AWQ_ORDER / dequantize_gemm at 7ee28736),
+// 4 bits only:
+//   qweight  I32 [in, out / 8]        packed along OUT: word [i, c] holds in nibble k (bits
+//                                     [4k, 4k+4)) the code of input i, output 8c + AWQ_ORDER[k],
+//                                     AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+//   qzeros   I32 [in / G, out / 8]    the zero points, the same packing, stored as they are
+//   scales   F16 [in / G, out]
+//   no g_idx; a group size is required (no per-row form here); W[o, i] = scales[g, o] · (q − z).
+//   Symmetric codes are written with their zero point 8 stored.
+//
 // Our intN codes (quant/intn.h: unsigned q in [0, 2^bits), W = scale · (q − z), z = 2^(bits−1)
-// when symmetric) map onto both without re-rounding: the unsigned values are our codes and zero
+// when symmetric) map onto all three without re-rounding: the unsigned values are our codes and zero
 // points as they are.
 #pragma once
 
@@ -38,9 +49,9 @@
 
 namespace moe::io {
 
-enum class PackedFormat { CompressedTensors, Gptq };
+enum class PackedFormat { CompressedTensors, Gptq, Awq };
 
-// "compressed-tensors" / "gptq".
+// "compressed-tensors" / "gptq" / "awq".
 const char* packed_format_name(PackedFormat f);
 
 // One quantized Linear's integer groups as moe-tool stores them (docs/FORMAT.md, intN): borrowed
@@ -69,8 +80,9 @@ struct PackedTensor {
 };
 
 // Why the layout cannot hold codes of these dimensions ("" when it can): bits other than 4 or 8,
-// a group that does not divide `in`, and for GPTQ an `in` or `out` that is not a multiple of the
-// values per int32 word.
+// a group that does not divide `in`, for GPTQ an `in` or `out` that is not a multiple of the
+// values per int32 word, for AWQ 8-bit codes, one group per row (group 0) and an `out` that is not
+// a multiple of 8.
 std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in);
 
 // The tensors written for a Linear of these dimensions, in write order, with empty data.
@@ -79,7 +91,8 @@ std::vector<PackedTensor> packed_specs(PackedFormat f, int bits, int64_t group, 
 // The tensors of `c` packed (packed_specs order) into `out`, whose buffers are reused from an
 // earlier call when their sizes allow. For 4 and 8 bits our LSB-first row stream is already the
 // words' byte sequence (little endian): compressed-tensors' weight_packed is each row padded to
-// whole words, GPTQ's qweight the transposed [out, in/pf] word matrix. Throws Error::invalid naming
+// whole words, GPTQ's qweight the transposed [out, in/pf] word matrix; AWQ's qweight interleaves
+// the nibbles of 8 outputs per word (AWQ_ORDER). Throws Error::invalid naming
 // row and group when the layout cannot hold a value (GPTQ: a zero point of 0), Error::internal
 // when packed_shape_problem is not empty. `split`, when given, runs fn over [0, n) in blocks
 // (fn(begin, end), the blocks possibly on other threads, e.g. runtime::parallel_rows): the rows of
@@ -91,7 +104,7 @@ void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>&
                  bool leave_stored_rows = false);
 
 // Whether compressed-tensors' weight_packed of `c` is the codes as stored, byte for byte (each row
-// fills whole words: no padding); false for GPTQ.
+// fills whole words: no padding); false for GPTQ and AWQ.
 bool packed_rows_are_codes(PackedFormat f, const GroupCodes& c);
 
 }  // namespace moe::io

@@ -162,9 +162,9 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     if (o.cls == "embeddings")
       throw Error::unsupported(src + ": " + o.weight + ": a quantized embedding; " + F +
                                " quantizes Linear layers only: quantize with `--embeddings keep`");
-    if (fmt == io::PackedFormat::Gptq && o.cls == "lm_head")
-      throw Error::unsupported(src + ": " + o.weight + ": a quantized lm_head, which the gptq config does not hold here: "
-                               "quantize with `--lm-head keep`, or export --format compressed-tensors");
+    if (fmt != io::PackedFormat::CompressedTensors && o.cls == "lm_head")
+      throw Error::unsupported(src + ": " + o.weight + ": a quantized lm_head, which the " + F +
+                               " config does not hold here: quantize with `--lm-head keep`, or export --format compressed-tensors");
     const PackedScheme s{e.at("bits").get<int>(), e.at("group").get<int64_t>(), e.at("symmetric").get<bool>()};
     if (scheme_of.empty()) {
       p.scheme = s;
@@ -176,7 +176,12 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     const int64_t out = o.shape.at(0), in = e.at("cols").get<int64_t>();
     if (const std::string why = io::packed_shape_problem(fmt, s.bits, s.group, out, in); !why.empty()) {
       // The way out names a group this weight's shape takes (the largest of 128, 64, 32, else 0 =
-      // one group per row), not the default that may be the cause.
+      // one group per row), not the default that may be the cause. AWQ holds 4 bits only: int8
+      // codes go to the other layouts.
+      if (fmt == io::PackedFormat::Awq && s.bits != 4)
+        throw Error::unsupported(src + ": " + o.weight + " (intN " + params + "): " + F + " cannot hold " + why +
+                                 ": export --format gptq or compressed-tensors (they hold int8), or quantize with "
+                                 "`--codec int4 --group 128` (from a dense model)");
       int64_t fits = -1;
       for (const int64_t g : {int64_t{128}, int64_t{64}, int64_t{32}, int64_t{0}})
         if (fits < 0 && io::packed_shape_problem(fmt, s.bits, g, out, in).empty()) fits = g;
@@ -209,7 +214,8 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
                                    std::to_string(i % z.dim(1)) + ": zero point 0, which GPTQ's v1 layout (zero − 1) cannot "
                                    "hold: export --format compressed-tensors, or quantize with --sym");
     }
-  // Tensor specs in output order; per-layer module sets for the GPTQ config. The decoder's layers
+  // Tensor specs in output order; per-layer module sets for the GPTQ config (AWQ names its dense
+  // Linears one by one and has no per-layer rule). The decoder's layers
   // only: a vision tower's layers (llama4's vision_model.model.layers.N.) and the other Linears
   // outside the decoder model stay dense and are excluded whole (`outside`).
   std::map<std::string, std::set<std::string>> quantized_in_layer;
@@ -261,6 +267,24 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
                                         {"targets", {"Linear"}}, {"weights", weights}}}}},
         {"format", "pack-quantized"}, {"global_compression_ratio", nullptr}, {"ignore", p.ignore}, {"kv_cache_scheme", nullptr},
         {"quant_method", "compressed-tensors"}, {"quantization_status", "compressed"}};
+    return p;
+  }
+  if (fmt == io::PackedFormat::Awq) {
+    // As AutoAWQ saves it and transformers' AwqConfig / vLLM's AWQConfig read it (bits, group_size,
+    // zero_point, version, modules_to_not_convert). zero_point is always true: the zero points
+    // are stored (symmetric codes with 8), as the GEMM kernels and our reader need.
+    // modules_to_not_convert names every dense Linear by its full module name (the `ignore` of
+    // compressed-tensors); both loaders match its entries as substrings of a module's name, so
+    // an entry inside a quantized module's name would leave that module unquantized: refused.
+    for (const auto& d : p.ignore)
+      for (const auto& q : p.quantized)
+        if (q.find(d) != std::string::npos)
+          throw Error::unsupported(src + ": " + d + " is written dense and " + q +
+                                   " quantized, but AWQ's modules_to_not_convert matches names as substrings (the "
+                                   "entry " + d + " would leave " + q + " unquantized): export --format compressed-tensors");
+    p.quantization_config = {{"bits", sc.bits}, {"group_size", sc.group}, {"quant_method", "awq"}, {"version", "gemm"},
+                             {"zero_point", true},
+                             {"modules_to_not_convert", p.ignore.empty() ? nlohmann::json(nullptr) : nlohmann::json(p.ignore)}};
     return p;
   }
   // GPTQ names one set of quantized modules per decoder layer.
@@ -404,7 +428,7 @@ PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model:
 }
 
 io::PackedFormat parse_packed_format(const std::string& f) {
-  return f == "gptq" ? io::PackedFormat::Gptq : io::PackedFormat::CompressedTensors;
+  return f == "gptq" ? io::PackedFormat::Gptq : f == "awq" ? io::PackedFormat::Awq : io::PackedFormat::CompressedTensors;
 }
 
 }  // namespace moe::pipeline

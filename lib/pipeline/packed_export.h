@@ -1,9 +1,9 @@
 // A checkpoint's intN codes written as they are in the int4/int8 layouts vLLM and transformers
-// load (io/compressed_tensors.h, docs/compressed-tensors.md): compressed-tensors `pack-quantized`
-// or GPTQ (checkpoint_format "gptq"), every other weight dense under its stock name, config.json
-// with the format's quantization_config. What `moe-tool export --format compressed-tensors|gptq`
-// writes and what a recipe's `"output": {"format": ...}` converts its staged native output into
-// (pipeline/sink.h). Memory: one weight at a time.
+// load (io/compressed_tensors.h, docs/compressed-tensors.md): compressed-tensors `pack-quantized`,
+// GPTQ (checkpoint_format "gptq") or AWQ GEMM (int4), every other weight dense under its stock
+// name, config.json with the format's quantization_config. What `moe-tool export --format
+// compressed-tensors|gptq|awq` writes and what a recipe's `"output": {"format": ...}` converts its
+// staged native output into (pipeline/sink.h). Memory: one weight at a time.
 #pragma once
 
 #include <cstdint>
@@ -33,7 +33,7 @@ struct PackedResult {
   uint64_t quantized_bytes = 0;
 };
 
-// "gptq" -> Gptq, anything else -> CompressedTensors (the caller checks the name).
+// "gptq" -> Gptq, "awq" -> Awq, anything else -> CompressedTensors (the caller checks the name).
 io::PackedFormat parse_packed_format(const std::string& f);
 
 // What the layouts cannot hold in a model's structure, whatever its codes: novices and ragged
@@ -41,10 +41,11 @@ io::PackedFormat parse_packed_format(const std::string& f);
 void check_packed_structure(const model::Model& m, io::PackedFormat fmt, const std::string& where);
 
 // Every refusal of write_packed on `m` (loaded from `ckpt`) without writing anything: the
-// structure above, a weight encoded other than intN, a quantized embedding (and for GPTQ a
-// quantized lm_head), two schemes in one model, shapes the layout cannot hold, a routed expert
-// stored dense, nothing quantized, GPTQ zero points of 0. Error::unsupported naming `ckpt`'s
-// folder, the weight and the way out. Returns the tensors' bytes.
+// structure above, a weight encoded other than intN, a quantized embedding (and for GPTQ and AWQ
+// a quantized lm_head), two schemes in one model, shapes the layout cannot hold, a routed expert
+// stored dense, nothing quantized, GPTQ zero points of 0, an AWQ dense Linear whose name lies
+// inside a quantized one's (modules_to_not_convert matches substrings). Error::unsupported naming
+// `ckpt`'s folder, the weight and the way out. Returns the tensors' bytes.
 uint64_t check_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt);
 
 // Writes the folder `dir` (the caller's io::OutputDir temporary): side files, config.json with the

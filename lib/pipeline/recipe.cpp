@@ -27,7 +27,7 @@ fs::path resolve(const fs::path& base, const std::string& p) {
 // output.format, output.type and output.tensor_type (pipeline/sink.h): checked here, parsed again
 // by the sink.
 void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
-  out.format = o.get_enum("format", "hf", {"hf", "gguf", "compressed-tensors", "gptq"});
+  out.format = o.get_enum("format", "hf", {"hf", "gguf", "compressed-tensors", "gptq", "awq"});
   out.format_given = spec.contains("format");
   if (auto t = o.opt_string("type")) out.type = *t;
   o.allow({"tensor_type"});

@@ -76,7 +76,7 @@ struct OutputSpec {
   bool max_shard_given = false;
   bool force = false;
   bool materialize = false;  // encoded weights written dense (a stock checkpoint; model::OutputOptions)
-  // The output format (pipeline/sink.h): hf (default), gguf, compressed-tensors or gptq. gguf: the
+  // The output format (pipeline/sink.h): hf (default), gguf, compressed-tensors, gptq or awq. gguf: the
   // main ggml type (required) and REGEX=TYPE overrides by GGUF tensor name.
   std::string format = "hf";
   bool format_given = false;  // output.format / --format was given (else a prune may follow its input's: runner.cpp)

@@ -138,12 +138,13 @@ json keep_map(const json& layer_reports, int64_t layers) {
 }
 
 // How the run's outputs are written: the output dtype and --materialize, and for the formats that
-// take intN codes (gptq, compressed-tensors; gguf copies symmetric int4/int8 groups of 32 as
+// take intN codes (gptq, awq, compressed-tensors; gguf copies symmetric int4/int8 groups of 32 as
 // Q4_0/Q8_0) the codes of a GPTQ / AWQ / compressed-tensors input kept
 // (OutputOptions::keep_codes), so a prune of such an input writes its kept codes unchanged.
 model::OutputOptions output_options(const Recipe& r) {
   model::OutputOptions o{r.output.dtype, r.output.materialize};
-  o.keep_codes = r.output.format == "gptq" || r.output.format == "compressed-tensors" || r.output.format == "gguf";
+  o.keep_codes = r.output.format == "gptq" || r.output.format == "awq" || r.output.format == "compressed-tensors" ||
+                 r.output.format == "gguf";
   return o;
 }
 
@@ -383,12 +384,12 @@ struct RunState {
 // Plan and preflight: every check before any work (--dry-run stops after them), what the run
 // will compute, how it writes, and the output's room on its file system.
 // A run whose passes only prune, given no output format (nor dtype or materialize; nor a shard
-// size for a GGUF input), writes the format of its input when moe-tool writes that format: a GPTQ
-// or compressed-tensors pack-quantized input as gptq / compressed-tensors (the kept experts' codes
-// unchanged), a GGUF input as GGUF (their blocks copied). Chosen first (the output checks depend
-// on it); check_planned_format then keeps it or, when that format cannot hold the result
-// (act-order codes, novices, ...: the format's own check refuses it), writes hf, the weights
-// dequantized, with a warning saying why. The summary says which (docs/recipes.md).
+// size for a GGUF input), writes the format of its input when moe-tool writes that format: a GPTQ,
+// AWQ or compressed-tensors pack-quantized input as gptq / awq / compressed-tensors (the kept
+// experts' codes unchanged), a GGUF input as GGUF (their blocks copied). Chosen first (the output
+// checks depend on it); check_planned_format then keeps it or, when that format cannot hold the
+// result (act-order codes, novices, ...: the format's own check refuses it), writes hf, the
+// weights dequantized, with a warning saying why. The summary says which (docs/recipes.md).
 void follow_input_format(RunState& s) {
   Recipe& r = s.r;
   if (r.output.format_given || r.passes.empty()) return;
@@ -401,6 +402,7 @@ void follow_input_format(RunState& s) {
     const json q = s.ckpt.config().value("quantization_config", json());
     const json qm = q.is_object() ? q.value("quant_method", json()) : json();
     if (qm == "gptq") fmt = "gptq";
+    else if (qm == "awq") fmt = "awq";
     else if (qm == "compressed-tensors" && q.value("format", json()) == "pack-quantized") fmt = "compressed-tensors";
     else return;
   }

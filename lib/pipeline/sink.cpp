@@ -394,21 +394,28 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
     return;
   }
   check_packed_structure(planned, fmt, where);
-  const std::string way_out = "quantize with int4 or int8 groups (one scheme for every quantized class), or write " +
-                              r.key("output.format") + " hf";
+  const std::string way_out = std::string(fmt == io::PackedFormat::Awq
+                                              ? "quantize with int4 groups of a size the rows take (e.g. 128, 64 or 32; "
+                                              : "quantize with int4 or int8 groups (") +
+                              "one scheme for every quantized class), or write " + r.key("output.format") + " hf";
   const ClassEncoding* scheme = nullptr;
   std::string scheme_cls;
   for (const auto& [cls, e] : enc) {
     const auto& c = e.codec;
     if (!c || c->kind != quant::CodecSpec::Kind::Int || (c->bits != 4 && c->bits != 8))
       throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what + ", which " + r.output.format +
-                               " cannot hold (it holds int4/int8 groups): " + way_out);
+                               " cannot hold (it holds int4" + (fmt == io::PackedFormat::Awq ? "" : "/int8") +
+                               " groups): " + way_out);
+    if (fmt == io::PackedFormat::Awq && c->bits != 4)
+      throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what +
+                               ", which awq cannot hold (AWQ GEMM packs 4 bits only): quantize with int4 groups, or write " +
+                               r.key("output.format") + " gptq or compressed-tensors");
     if (cls == "embeddings")
       throw Error::unsupported(where + ": " + e.key + " quantizes the embeddings; " + r.output.format +
                                " quantizes Linear layers only: keep them (embeddings keep)");
-    if (fmt == io::PackedFormat::Gptq && cls == "lm_head")
-      throw Error::unsupported(where + ": " + e.key + " quantizes lm_head, which the gptq config does not hold here: "
-                               "keep it (lm_head keep), or write compressed-tensors");
+    if (fmt != io::PackedFormat::CompressedTensors && cls == "lm_head")
+      throw Error::unsupported(where + ": " + e.key + " quantizes lm_head, which the " + r.output.format +
+                               " config does not hold here: keep it (lm_head keep), or write compressed-tensors");
     if (!scheme) {
       scheme = &e;
       scheme_cls = cls;

@@ -5,6 +5,7 @@
 //   gguf                one GGUF v3 file (pipeline/gguf_export.h)
 //   compressed-tensors  a folder in vLLM's pack-quantized int4/int8 layout (pipeline/packed_export.h)
 //   gptq                a folder in the GPTQ (v1) layout (pipeline/packed_export.h)
+//   awq                 a folder in the AWQ GEMM int4 layout (pipeline/packed_export.h)
 //
 // A sink's life: begin(source, plan) once, write(group) per layer and once for the globals,
 // finish(config) once (the accounting of the report and the summary comes from it), write_report(), then
@@ -54,7 +55,7 @@ struct SinkResult {
 class Sink {
  public:
   virtual ~Sink() = default;
-  // "hf", "gguf", "compressed-tensors", "gptq".
+  // "hf", "gguf", "compressed-tensors", "gptq", "awq".
   virtual std::string format() const = 0;
   // The native checkpoint folder being written (a temporary until commit; staged for the export
   // formats): where an evaluation of the written model reads it.

@@ -1,4 +1,4 @@
-// `export --format compressed-tensors|gptq` through the CLI: the fixtures quantized by `quantize`
+// `export --format compressed-tensors|gptq|awq` through the CLI: the fixtures quantized by `quantize`
 // (int4/int8, symmetric and asymmetric groups) exported, read back with our safetensors reader and
 // decoded by the test-local decoders (support/packed_decode.h): every weight equals the native
 // checkpoint's dequantized weight exactly, every dense tensor is copied byte for byte, the config
@@ -36,19 +36,27 @@ std::vector<uint8_t> bytes_of(const io::Checkpoint& c, const std::string& name) 
   return {t.data(), t.data() + t.nbytes()};
 }
 
+std::vector<std::string> read_tensors_names(const fs::path& dir) {
+  return io::Checkpoint::open(io::Env::posix(), dir).names();
+}
+
 // Module name -> decoded [out, in] weight, for every packed Linear of an export.
 std::map<std::string, std::vector<float>> decode_export(const fs::path& dir) {
   auto& env = io::Env::posix();
   const auto c = io::Checkpoint::open(env, dir);
   const json q = c.config().at("quantization_config");
   std::map<std::string, std::vector<float>> out;
-  const bool gptq = q.at("quant_method") == "gptq";
-  const int bits = gptq ? q.at("bits").get<int>() : q["config_groups"]["group_0"]["weights"]["num_bits"].get<int>();
-  const std::string key = gptq ? ".qweight" : ".weight_packed";
+  const bool gptq = q.at("quant_method") == "gptq", awq = q.at("quant_method") == "awq";
+  const int bits = gptq || awq ? q.at("bits").get<int>() : q["config_groups"]["group_0"]["weights"]["num_bits"].get<int>();
+  const std::string key = gptq || awq ? ".qweight" : ".weight_packed";
   for (const auto& name : c.names()) {
     if (name.size() <= key.size() || name.compare(name.size() - key.size(), key.size(), key) != 0) continue;
     const std::string mod = name.substr(0, name.size() - key.size());
-    if (gptq) {
+    if (awq) {
+      EXPECT_EQ(bits, 4);
+      const int64_t out_f = c.info(mod + ".scales").shape.at(1), in_f = c.info(name).shape.at(0);
+      out[mod] = decode_awq(out_f, in_f, bytes_of(c, name), bytes_of(c, mod + ".qzeros"), bytes_of(c, mod + ".scales"));
+    } else if (gptq) {
       const int64_t out_f = c.info(mod + ".scales").shape.at(1), in_f = c.info(mod + ".g_idx").shape.at(0);
       out[mod] = decode_gptq(bits, out_f, in_f, bytes_of(c, name), bytes_of(c, mod + ".qzeros"), bytes_of(c, mod + ".scales"),
                              bytes_of(c, mod + ".g_idx"));
@@ -139,6 +147,24 @@ TEST_P(ExportPacked, DecodesToTheNativeWeightsAndTheGolden) {
     EXPECT_EQ(q.at("quant_method"), "gptq");
     EXPECT_EQ(q.at("checkpoint_format"), "gptq");
     EXPECT_EQ(q.at("desc_act"), false);
+  } else if (c.format == "awq") {
+    // As AutoAWQ writes it; zero points always stored (zero_point true, symmetric ones as 8).
+    EXPECT_EQ(q.at("quant_method"), "awq");
+    EXPECT_EQ(q.at("version"), "gemm");
+    EXPECT_EQ(q.at("bits"), 4);
+    EXPECT_EQ(q.at("zero_point"), true);
+    EXPECT_EQ(q.at("group_size"), r.at("group_size"));
+    EXPECT_FALSE(q.contains("g_idx") || q.contains("desc_act"));
+    // Every dense Linear is named (routers, lm_head, attention when kept), full names; none is
+    // inside a quantized module's name (the loaders match substrings).
+    const auto skip = q.at("modules_to_not_convert").get<std::vector<std::string>>();
+    const std::set<std::string> skipped(skip.begin(), skip.end());
+    EXPECT_TRUE(skipped.count("lm_head"));
+    EXPECT_TRUE(skipped.count("model.layers.0." + std::string(c.fixture == "mixtral-tiny" ? "block_sparse_moe.gate" : "mlp.gate")));
+    for (const auto& [m, w] : decoded)
+      for (const auto& d : skip) EXPECT_EQ(m.find(d), std::string::npos) << d << " inside " << m;
+    for (const auto& n : read_tensors_names(out))
+      if (n.ends_with(".g_idx")) ADD_FAILURE() << "AWQ has no g_idx: " << n;
   } else {
     EXPECT_EQ(q.at("quant_method"), "compressed-tensors");
     EXPECT_EQ(q.at("format"), "pack-quantized");
@@ -161,7 +187,10 @@ INSTANTIATE_TEST_SUITE_P(
              "qwen2moe-tiny ct int8 g64 asym"},
         PackedCase{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "0", "--sym", "--attention", "int4"},
              "qwen2moe-tiny gptq int4 row sym"},
-        PackedCase{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "128"}, "mixtral-tiny ct int4 g128 asym"}),
+        PackedCase{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "128"}, "mixtral-tiny ct int4 g128 asym"},
+        PackedCase{"mixtral-tiny", "awq", {"--codec", "int4", "--group", "32", "--sym"}, "mixtral-tiny awq int4 g32 sym"},
+        PackedCase{"qwen2moe-tiny", "awq", {"--codec", "int4", "--group", "64", "--attention", "int4"},
+             "qwen2moe-tiny awq int4 g64 asym attention"}),
     [](const auto& info) {
       std::string s = info.param.tag;
       for (char& ch : s)
@@ -192,7 +221,7 @@ TEST(ExportPackedConfig, GptqNamesTheDenseLinearsOfTheLayers) {
 TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
   TempDir dir{"moe-export-packed"};
   const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
-  for (const std::string format : {"compressed-tensors", "gptq"}) {
+  for (const std::string format : {"compressed-tensors", "gptq", "awq"}) {
     SCOPED_TRACE(format);
     const fs::path out = dir / ("out-" + format), back = dir / ("back-" + format);
     ASSERT_FALSE(export_packed(native, out, format).is_null());
@@ -206,7 +235,8 @@ TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
     for (auto& s : plan)
       if (s.shape.empty()) {
         const std::string mod = s.name.substr(0, s.name.size() - 7);
-        const int64_t in = format == "gptq" ? ec.info(mod + ".g_idx").shape.at(0) : [&] {
+        const int64_t in = format == "gptq" ? ec.info(mod + ".g_idx").shape.at(0)
+                           : format == "awq" ? ec.info(mod + ".qweight").shape.at(0) : [&] {
           const auto b = bytes_of(ec, mod + ".weight_shape");
           int64_t d[2];
           std::memcpy(d, b.data(), 16);
@@ -282,6 +312,37 @@ TEST(ExportPackedRefusals, EncodingsAndShapesNeitherLayoutHolds) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"g48", "head", "int2", "mixed", "ternary"}));
 }
 
+// AWQ: int4 groups only, whole words of 8 outputs, no quantized lm_head. Each refused before the
+// folder is made, exit 2, one line naming the weight and the way out.
+TEST(ExportPackedRefusals, AwqGroupBitsWidthAndLmHead) {
+  TempDir dir{"moe-export-packed"};
+  const std::string out = (dir / "out").string();
+  auto refused = [&](const fs::path& in, const std::string& needle) {
+    expect_clean_failure(run_tool({"export", in.string(), out, "--format", "awq"}), needle);
+    EXPECT_FALSE(fs::exists(out));
+  };
+  const fs::path row = quantize_rtn(dir.path(), "mixtral-tiny", "row", {"--codec", "int4", "--group", "0", "--sym"});
+  refused(row, "one group per row (group 0): AWQ's layout and config need a group size");
+  refused(row, "--codec int4 --group 128 --sym");  // the way out names a group the shape takes
+  const fs::path int8 = quantize_rtn(dir.path(), "mixtral-tiny", "int8", {"--codec", "int8", "--group", "32", "--sym"});
+  refused(int8, "8-bit codes (AWQ GEMM packs 4 bits only): export --format gptq or compressed-tensors");
+  const fs::path head = quantize_rtn(dir.path(), "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
+  refused(head, "lm_head.weight: a quantized lm_head, which the awq config does not hold here");
+  // Experts 20 wide: w1 and w3 have 20 outputs, not whole words of 8.
+  SynthSpec spec;
+  spec.config_patch = {{"intermediate_size", 20}};
+  const fs::path narrow = dir / "narrow", narrow_q = dir / "narrow-q";
+  write_synth(make_synth("mixtral", spec), narrow);
+  ASSERT_EQ(run_tool({"-q", "quantize", narrow.string(), narrow_q.string(), "--method", "rtn", "--codec", "int4", "--group", "4",
+                      "--sym"}).exit_code, 0);
+  refused(narrow_q, "AWQ packs 8 outputs per int32 and needs a multiple of 8 outputs");
+  // The flags of a run: refused before any pass runs (--dry-run too).
+  const RunResult r = run_tool({"quantize", (kSrc / "data/models/mixtral-tiny").string(), out, "--method", "rtn", "--codec",
+                                "int8", "--group", "32", "--format", "awq", "--dry-run"});
+  expect_clean_failure(r, "awq cannot hold (AWQ GEMM packs 4 bits only)");
+  EXPECT_FALSE(fs::exists(out));
+}
+
 // A dense first layer among MoE layers (deepseek_v3, glm4_moe: first_k_dense_replace 1): the gptq
 // config names one module set for every decoder layer. `quantize --format gptq` is refused before
 // the pass runs (--dry-run too), `export --format gptq` before the folder is made; one line
@@ -312,9 +373,13 @@ TEST(ExportPackedRefusals, GptqRefusesDenseLayersAmongMoeLayers) {
     expect_clean_failure(run_tool({"export", native.string(), out, "--format", "gptq"}),
                          native.string() + ": --format gptq: " + why);
     EXPECT_EQ(list_dir(dir.path()), natives);
-    // compressed-tensors, the way out, holds it.
+    // compressed-tensors, the way out, holds it; so does awq (no per-layer module set: its
+    // modules_to_not_convert names the dense Linears one by one).
     ASSERT_FALSE(export_packed(native, dir / "ct", "compressed-tensors").is_null());
     fs::remove_all(dir / "ct");
+    ASSERT_FALSE(export_packed(native, dir / "awq", "awq").is_null());
+    EXPECT_EQ(expect_same_weights(native, dir / "awq"), fixture == "deepseek-v3-tiny" ? 57u : 84u);
+    fs::remove_all(dir / "awq");
   }
 }
 

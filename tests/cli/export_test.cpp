@@ -497,7 +497,7 @@ TEST_P(RecipePackedSink, EqualsExportOfTheNativeOutput) {
   for (const char* f : {"model.safetensors", "config.json", "tokenizer.json"})
     EXPECT_EQ(read_file(direct / f), read_file(exported / f)) << f;
   EXPECT_EQ(read_json(direct / "config.json").at("quantization_config").at("quant_method"),
-            format == "gptq" ? "gptq" : "compressed-tensors");
+            format == "compressed-tensors" ? "compressed-tensors" : format);
   // The report is in the folder, its output section the packed one.
   const json rep = read_json(direct / "moe_tool_report.json");
   EXPECT_EQ(rep.at("output").at("format"), format);
@@ -506,7 +506,7 @@ TEST_P(RecipePackedSink, EqualsExportOfTheNativeOutput) {
   EXPECT_EQ(dir_entries(direct.parent_path()), std::vector<std::string>{"x"});  // no staging left
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, RecipePackedSink, ::testing::Values("compressed-tensors", "gptq"));
+INSTANTIATE_TEST_SUITE_P(Formats, RecipePackedSink, ::testing::Values("compressed-tensors", "gptq", "awq"));
 
 // Ternary experts cannot be held by compressed-tensors: refused by the checks (a dry run, which
 // computes nothing, refuses it too), one line naming the format key and the codec key, nothing written.

@@ -76,7 +76,8 @@ TEST_P(PackedInputRoundTrip, ExportReadBackEqualsTheNativeModel) {
   ASSERT_EQ(ins.exit_code, 0) << ins.describe();
   const json s = json::parse(ins.out);
   const auto ck = io::Checkpoint::open(io::Env::posix(), exported);
-  const std::string key = c.format == "gptq" ? ".qweight" : ".weight_packed";
+  const bool gptq_like = c.format == "gptq" || c.format == "awq";  // qweight / scales [groups, out]
+  const std::string key = gptq_like ? ".qweight" : ".weight_packed";
   uint64_t bytes = 0;
   int64_t params = 0, linears = 0;
   for (const auto& n : ck.names()) {
@@ -85,10 +86,11 @@ TEST_P(PackedInputRoundTrip, ExportReadBackEqualsTheNativeModel) {
     ++linears;
     for (const auto& m : ck.names())
       if (m.rfind(mod + ".", 0) == 0 && m.find('.', mod.size() + 1) == std::string::npos) bytes += ck.tensor(m).nbytes();
-    const auto& sc = ck.info(mod + (c.format == "gptq" ? ".scales" : ".weight_scale")).shape;
-    const int64_t out = c.format == "gptq" ? sc.at(1) : sc.at(0);
+    const auto& sc = ck.info(mod + (gptq_like ? ".scales" : ".weight_scale")).shape;
+    const int64_t out = gptq_like ? sc.at(1) : sc.at(0);
     int64_t in = 0;
     if (c.format == "gptq") in = ck.info(mod + ".g_idx").shape.at(0);
+    else if (c.format == "awq") in = ck.info(mod + ".qweight").shape.at(0);
     else std::memcpy(&in, ck.tensor(mod + ".weight_shape").data() + 8, 8);
     params += out * in;
   }
@@ -97,7 +99,7 @@ TEST_P(PackedInputRoundTrip, ExportReadBackEqualsTheNativeModel) {
                    8.0 * static_cast<double>(bytes) / static_cast<double>(params));
   int64_t encoded = 0;
   for (const auto& [name, n] : s.at("encodings").items()) {
-    EXPECT_EQ(name.rfind(c.format == "gptq" ? "gptq-int" : "compressed-tensors-int", 0), 0u) << name;
+    EXPECT_EQ(name.rfind(c.format == "compressed-tensors" ? "compressed-tensors-int" : c.format + "-int", 0), 0u) << name;
     encoded += n.get<int64_t>();
   }
   EXPECT_GE(encoded, linears);
@@ -112,7 +114,9 @@ INSTANTIATE_TEST_SUITE_P(
                   "ct int8 g64 asym attention"},
         RoundTrip{"qwen2moe-tiny", "gptq", {"--codec", "int4", "--group", "32"}, "gptq int4 g32 asym"},
         RoundTrip{"mixtral-tiny", "gptq", {"--codec", "int8", "--group", "0", "--sym"}, "gptq int8 row sym"},
-        RoundTrip{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "0"}, "ct int4 row asym"}),
+        RoundTrip{"mixtral-tiny", "compressed-tensors", {"--codec", "int4", "--group", "0"}, "ct int4 row asym"},
+        RoundTrip{"qwen2moe-tiny", "awq", {"--codec", "int4", "--group", "32", "--sym"}, "awq int4 g32 sym"},
+        RoundTrip{"mixtral-tiny", "awq", {"--codec", "int4", "--group", "64", "--attention", "int4"}, "awq int4 g64 asym attention"}),
     [](const auto& info) {
       std::string s = info.param.tag;
       for (char& ch : s)
@@ -275,13 +279,13 @@ void make_act_order(const fs::path& in) {
   patch_tensor_bytes(in / "model.safetensors", t, 4 * 32, std::string("\x00\x00\x00\x00", 4));
 }
 
-// Without --format, a prune of a GPTQ / compressed-tensors input writes the input's format (the
+// Without --format, a prune of a GPTQ / AWQ / compressed-tensors input writes the input's format (the
 // same bytes as with --format), and says so; a run that does more than prune, or a prune the
 // input's format cannot hold (act-order codes), writes hf, the latter with a warning saying why.
 TEST(PackedInputCodes, PruneWithoutFormatWritesTheInputsFormat) {
   TempDir dir{"moe-packed-in"};
   const fs::path native = quantize_rtn(dir.path(), "qwen2moe-tiny", "native", {"--codec", "int4", "--group", "32", "--sym"});
-  for (const std::string format : {"gptq", "compressed-tensors"}) {
+  for (const std::string format : {"gptq", "awq", "compressed-tensors"}) {
     SCOPED_TRACE(format);
     const fs::path in = dir / format;
     ASSERT_FALSE(export_packed(native, in, format).is_null());
@@ -373,6 +377,52 @@ TEST(PackedInputCodes, PruneOfAnAwqInputWritesItsCodesAsGptq) {
     }
   }
   EXPECT_GT(checked, 0u);
+}
+
+// An AWQ input (the NumPy-made fixture: asymmetric groups of 16) pruned without --format is written
+// as AWQ again: every kept expert's qweight, qzeros and scales are the input's bytes (the report's
+// kept ids say which input expert each one is), the config is AutoAWQ's, nothing else is packed.
+TEST(PackedInputCodes, PruneOfAnAwqInputWithoutFormatKeepsItsTensors) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path src = kSrc / "data/packed-inputs/awq-tiny", out = dir / "pruned";
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "3"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("output: format awq, the input's (the kept experts' codes written unchanged)"), std::string::npos) << r.out;
+  const json q = read_json(out / "config.json").at("quantization_config");
+  EXPECT_EQ(q.at("quant_method"), "awq");
+  EXPECT_EQ(q.at("version"), "gemm");
+  EXPECT_EQ(q.at("zero_point"), true);
+  EXPECT_EQ(q.at("group_size"), 16);
+  auto& env = io::Env::posix();
+  const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
+  const json rep = read_json(out / "moe_tool_report.json");
+  size_t checked = 0;
+  for (const auto& l : rep.at("layers")) {
+    const int layer = l.at("layer").get<int>();
+    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
+    ASSERT_EQ(kept.size(), 3u);
+    for (size_t e = 0; e < kept.size(); ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        for (const char* part : {".qweight", ".qzeros", ".scales"}) {
+          const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
+          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
+          const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
+          EXPECT_EQ(x.dtype(), y.dtype()) << a;
+          EXPECT_EQ(x.shape(), y.shape()) << a;
+          EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
+          ++checked;
+        }
+  }
+  EXPECT_EQ(checked, 2u * 3 * 3 * 3);
+  // Only the experts are packed: the attention stays dense, as in the input, and is named.
+  for (const auto& n : oc.names()) {
+    if (n.ends_with(".qweight")) {
+      EXPECT_NE(n.find(".experts."), std::string::npos) << n;
+    }
+  }
+  const auto skip = q.at("modules_to_not_convert").get<std::vector<std::string>>();
+  EXPECT_NE(std::find(skip.begin(), skip.end(), "model.layers.1.self_attn.q_proj"), skip.end());
+  EXPECT_NE(std::find(skip.begin(), skip.end(), "model.layers.0.block_sparse_moe.gate"), skip.end());
 }
 
 // A GPTQ input whose codes moe-tool's intN cannot hold (act-order: a g_idx that is not i div G) is

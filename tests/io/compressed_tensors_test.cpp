@@ -1,5 +1,5 @@
-// io/compressed_tensors.h: the int32 words of both layouts checked against values worked out by
-// hand from the libraries' packing loops, every shape rule, GPTQ's refusal of a zero point of 0,
+// io/compressed_tensors.h: the int32 words of the three layouts checked against values worked out
+// by hand from the libraries' packing loops, every shape rule, GPTQ's refusal of a zero point of 0,
 // and random codes round-tripped through the test-local decoders (support/packed_decode.h).
 #include <gtest/gtest.h>
 
@@ -130,6 +130,44 @@ TEST(CompressedTensors, GptqWordsAndTheZeroMinusOne) {
                {"row 1, group 1: zero point 0"});
 }
 
+// AWQ GEMM: qweight [in, out/8] packs 8 OUTPUTS per word, nibble k holding output 8c +
+// AWQ_ORDER[k] (0, 2, 4, 6, 1, 3, 5, 7), as WQLinear_GEMM.from_linear's order_map loop does;
+// qzeros the same, the zero point as it is; scales transposed; no g_idx. Two inputs (fewer than
+// the 8 a block of qweight rows takes), one group.
+TEST(CompressedTensors, AwqWordsInTheInterleavedOrder) {
+  LinearCodes c;
+  c.bits = 4, c.out = 8, c.in = 2, c.group = 2, c.symmetric = false;
+  for (int o = 0; o < 8; ++o)
+    for (int i = 0; i < 2; ++i) c.codes.push_back(static_cast<uint8_t>(o + 8 * i));  // codes 0..15
+  for (int o = 0; o < 8; ++o) c.scales.push_back(ct_f16_bits(0.125f * (o + 1))), c.zeros.push_back(static_cast<uint8_t>(o + 1));
+  const auto t = c.pack(PackedFormat::Awq);
+  ASSERT_EQ(t.size(), 3u);
+  const auto& qw = find_part(t, ".qweight");
+  EXPECT_EQ(qw.dtype, core::DType::I32);
+  EXPECT_EQ(qw.shape, (core::Shape{2, 1}));
+  // input 0: nibbles k = 0..7 hold outputs 0, 2, 4, 6, 1, 3, 5, 7, whose codes are those numbers.
+  EXPECT_EQ(static_cast<uint32_t>(packed_word(qw.data, 0)), 0x75316420u);
+  // input 1: codes 8 + o in the same order: 8, A, C, E, 9, B, D, F from the low nibble up.
+  EXPECT_EQ(static_cast<uint32_t>(packed_word(qw.data, 1)), 0xFDB9ECA8u);
+  const auto& qz = find_part(t, ".qzeros");
+  EXPECT_EQ(qz.shape, (core::Shape{1, 1}));
+  // zeros o + 1: outputs 0, 2, 4, 6, 1, 3, 5, 7 → 1, 3, 5, 7, 2, 4, 6, 8, stored as they are.
+  EXPECT_EQ(static_cast<uint32_t>(packed_word(qz.data, 0)), 0x86427531u);
+  const auto& sc = find_part(t, ".scales");
+  EXPECT_EQ(sc.dtype, core::DType::F16);
+  EXPECT_EQ(sc.shape, (core::Shape{1, 8}));
+  EXPECT_EQ(f16_value(sc.data, 3), 0.5f);
+  // Decoded as AutoAWQ's dequantize_gemm does: output 3, input 1 is 0.5 · (11 − 4).
+  const auto w = decode_awq(8, 2, qw.data, qz.data, sc.data);
+  EXPECT_EQ(w[3 * 2 + 1], 3.5f);
+  EXPECT_EQ(w[0], 0.125f * (0 - 1));
+  // Symmetric codes store their zero point 8 explicitly.
+  c.symmetric = true;
+  const auto ts = c.pack(PackedFormat::Awq);
+  EXPECT_EQ(static_cast<uint32_t>(packed_word(find_part(ts, ".qzeros").data, 0)), 0x88888888u);
+  EXPECT_EQ(find_part(ts, ".qweight").data, qw.data);
+}
+
 TEST(CompressedTensors, ShapeRules) {
   EXPECT_EQ(io::packed_shape_problem(PackedFormat::CompressedTensors, 4, 128, 64, 4096), "");
   EXPECT_EQ(io::packed_shape_problem(PackedFormat::CompressedTensors, 4, 0, 3, 5), "");
@@ -138,6 +176,18 @@ TEST(CompressedTensors, ShapeRules) {
             std::string::npos);
   EXPECT_NE(io::packed_shape_problem(PackedFormat::Gptq, 4, 0, 12, 64).find("multiples of 8"), std::string::npos);
   EXPECT_EQ(io::packed_shape_problem(PackedFormat::Gptq, 8, 0, 12, 64), "");
+  // AWQ: 4 bits, a group size, outputs in whole words of 8; any input count the group divides.
+  EXPECT_EQ(io::packed_shape_problem(PackedFormat::Awq, 4, 128, 64, 4096), "");
+  EXPECT_EQ(io::packed_shape_problem(PackedFormat::Awq, 4, 4, 8, 20), "");
+  EXPECT_NE(io::packed_shape_problem(PackedFormat::Awq, 8, 32, 64, 64).find("8-bit codes (AWQ GEMM packs 4 bits only)"),
+            std::string::npos);
+  EXPECT_NE(io::packed_shape_problem(PackedFormat::Awq, 4, 0, 64, 64).find("one group per row (group 0): AWQ's layout and "
+                                                                          "config need a group size"),
+            std::string::npos);
+  EXPECT_NE(io::packed_shape_problem(PackedFormat::Awq, 4, 32, 12, 64).find("needs a multiple of 8 outputs"), std::string::npos);
+  EXPECT_NE(io::packed_shape_problem(PackedFormat::Awq, 4, 48, 64, 128).find("groups of 48"), std::string::npos);
+  EXPECT_EQ(io::packed_specs(PackedFormat::Awq, 4, 32, true, 16, 64).size(), 3u);
+  EXPECT_EQ(io::packed_format_name(PackedFormat::Awq), std::string("awq"));
 }
 
 // Random codes of every bits/format/symmetry: the decoders give scale · (q − z) exactly.
@@ -145,7 +195,8 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
   std::mt19937 rng(7);
   for (int bits : {4, 8})
     for (bool sym : {true, false})
-      for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq}) {
+      for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq, PackedFormat::Awq}) {
+        if (fmt == PackedFormat::Awq && bits != 4) continue;
         SCOPED_TRACE(std::to_string(bits) + (sym ? " sym " : " asym ") + io::packed_format_name(fmt));
         LinearCodes c;
         c.bits = bits, c.out = 16, c.in = 64, c.group = 16, c.symmetric = sym;
@@ -156,7 +207,9 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
           c.zeros.push_back(static_cast<uint8_t>(sym ? 1 << (bits - 1) : 1 + rng() % maxq));
         }
         const auto t = c.pack(fmt);
-        const auto w = fmt == PackedFormat::Gptq
+        const auto w = fmt == PackedFormat::Awq
+                           ? decode_awq(16, 64, find_part(t, ".qweight").data, find_part(t, ".qzeros").data, find_part(t, ".scales").data)
+                       : fmt == PackedFormat::Gptq
                            ? decode_gptq(bits, 16, 64, find_part(t, ".qweight").data, find_part(t, ".qzeros").data,
                                          find_part(t, ".scales").data, find_part(t, ".g_idx").data)
                            : decode_compressed_tensors(bits, 16, 64, find_part(t, ".weight_packed").data, find_part(t, ".weight_scale").data,
@@ -180,12 +233,14 @@ TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
   };
   for (int bits : {4, 8})
     for (bool sym : {true, false})
-      for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq})
+      for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq, PackedFormat::Awq})
         for (int64_t in : {96, 100}) {
           if (fmt == PackedFormat::Gptq && in % (32 / bits) != 0) continue;
+          if (fmt == PackedFormat::Awq && bits != 4) continue;
           SCOPED_TRACE(std::to_string(bits) + (sym ? " sym " : " asym ") + io::packed_format_name(fmt) + " in " + std::to_string(in));
           LinearCodes c;
-          const int64_t out = 40, group = in == 96 ? 32 : 0, ng = group ? in / group : 1;
+          // AWQ needs a group size: 100 inputs in groups of 20 (and a last block of 4 inputs).
+          const int64_t out = 40, group = in == 96 ? 32 : fmt == PackedFormat::Awq ? 20 : 0, ng = group ? in / group : 1;
           c.bits = bits, c.out = out, c.in = in, c.group = group, c.symmetric = sym;
           const int maxq = (1 << bits) - 1;
           for (int64_t i = 0; i < out * in; ++i) c.codes.push_back(static_cast<uint8_t>(rng() % (maxq + 1)));
@@ -207,7 +262,10 @@ TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
           EXPECT_EQ(left[0].data, plain ? std::vector<uint8_t>{} : whole[0].data);
           if (plain) EXPECT_EQ(c.stream, whole[0].data);
           for (size_t k = 1; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, left[k].data) << whole[k].suffix;
-          const auto w = fmt == PackedFormat::Gptq
+          const auto w = fmt == PackedFormat::Awq
+                             ? decode_awq(out, in, find_part(whole, ".qweight").data, find_part(whole, ".qzeros").data,
+                                          find_part(whole, ".scales").data)
+                         : fmt == PackedFormat::Gptq
                              ? decode_gptq(bits, out, in, find_part(whole, ".qweight").data, find_part(whole, ".qzeros").data,
                                            find_part(whole, ".scales").data, find_part(whole, ".g_idx").data)
                              : decode_compressed_tensors(bits, out, in, find_part(whole, ".weight_packed").data,

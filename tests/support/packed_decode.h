@@ -1,7 +1,9 @@
-// Test-local decoders of the compressed-tensors pack-quantized and GPTQ (v1) layouts, written from
-// the formats' published sources (compressed-tensors `unpack_from_int32` and the dequantization of
-// compressed_tensors/quantization/lifecycle/forward.py; AutoGPTQ qlinear_cuda_old.py `forward`),
-// independently of lib/io/compressed_tensors.cpp. Header-only; GoogleTest-free.
+// Test-local decoders of the compressed-tensors pack-quantized, GPTQ (v1) and AWQ GEMM layouts,
+// written from the formats' published sources (compressed-tensors `unpack_from_int32` and the
+// dequantization of compressed_tensors/quantization/lifecycle/forward.py; AutoGPTQ
+// qlinear_cuda_old.py `forward`; AutoAWQ awq/utils/packing_utils.py `unpack_awq`,
+// `reverse_awq_order`, `dequantize_gemm`), independently of lib/io/compressed_tensors.cpp.
+// Header-only; GoogleTest-free.
 #pragma once
 
 #include <cstdint>
@@ -64,6 +66,32 @@ inline std::vector<float> decode_gptq(int bits, int64_t out, int64_t in, const s
       const int64_t q = (static_cast<uint32_t>(packed_word(qweight, (i / pf) * out + o)) >> (bits * (i % pf))) & mask;
       const int64_t z = ((static_cast<uint32_t>(packed_word(qzeros, g * (out / pf) + o / pf)) >> (bits * (o % pf))) & mask) + 1;
       w[o * in + i] = static_cast<float>(q - z) * f16_value(scales, g * out + o);
+    }
+  return w;
+}
+
+// AWQ GEMM: W [out, in] from qweight [in, out/8], qzeros [ngroups, out/8] (zero points as stored),
+// scales F16 [ngroups, out], as dequantize_gemm does it: unpack_awq shifts each word right by 0,
+// 4, ..., 28 (value v of word c at unpacked column 8c + v), reverse_awq_order then takes column
+// 8c + AWQ_REVERSE_ORDER[p] as output 8c + p; both masked to 4 bits; (q − z) · scale (here in
+// f32, exact, where the library multiplies in f16).
+inline std::vector<float> decode_awq(int64_t out, int64_t in, const std::vector<uint8_t>& qweight,
+                                     const std::vector<uint8_t>& qzeros, const std::vector<uint8_t>& scales) {
+  static const int kReverse[8] = {0, 4, 1, 5, 2, 6, 3, 7};  // AWQ_REVERSE_ORDER
+  const int64_t cols = out / 8, ngroups = static_cast<int64_t>(scales.size()) / 2 / out;
+  if (out % 8 != 0 || static_cast<int64_t>(qweight.size()) != 4 * in * cols) throw std::runtime_error("qweight: wrong size");
+  if (ngroups < 1 || in % ngroups != 0 || static_cast<int64_t>(qzeros.size()) != 4 * ngroups * cols)
+    throw std::runtime_error("qzeros / scales: wrong size");
+  const int64_t group = in / ngroups;
+  auto unpacked = [&](const std::vector<uint8_t>& words, int64_t row, int64_t o) {
+    const int64_t col = 8 * (o / 8) + kReverse[o % 8];  // the unpacked column holding output o
+    return static_cast<int64_t>((static_cast<uint32_t>(packed_word(words, row * cols + col / 8)) >> (4 * (col % 8))) & 15u);
+  };
+  std::vector<float> w(static_cast<size_t>(out * in));
+  for (int64_t i = 0; i < in; ++i)
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t g = i / group;
+      w[o * in + i] = static_cast<float>(unpacked(qweight, i, o) - unpacked(qzeros, g, o)) * f16_value(scales, g * out + o);
     }
   return w;
 }
