@@ -44,9 +44,6 @@ class Checkpoint {
   // The mapped file (a shard, or the GGUF file) whose mapping holds all of [p, p+n); null when
   // none does (a tensor made in memory).
   const MappedFile* mapping_of(const uint8_t* p, uint64_t n) const;
-  // MappedFile::will_need for [p, p + n) when it lies inside one of this checkpoint's mappings
-  // (nothing otherwise).
-  void will_need_range(const uint8_t* p, uint64_t n) const;
   // All tensor names in storage order (shard by shard, by offset).
   const std::vector<std::string>& names() const { return names_; }
   const std::vector<std::shared_ptr<SafetensorsFile>>& shards() const { return shards_; }

@@ -22,10 +22,6 @@ class MappedFile {
   // Tells the OS the pages of [offset, offset+len) are no longer needed, so a streaming pass
   // over a large file keeps its resident set bounded. Data stays readable (re-faulted on use).
   virtual void release(uint64_t offset, uint64_t len) const = 0;
-  // Tells the OS the pages of [offset, offset+len) will be read soon, so it can start reading them
-  // from the disk (asynchronously); a hint, nothing when the range is outside the file. Default:
-  // nothing.
-  virtual void will_need(uint64_t offset, uint64_t len) const;
   // Copies the n bytes at [offset, offset + n) into dst: PosixEnv reads them from the file (pread,
   // no page mapped), this default from data(). Error::internal when the range is not inside the
   // file, Error::io from the file system.

@@ -345,29 +345,6 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
   }
   io::CheckpointWriter w(env, dir, p.specs, max_shard_bytes);
   std::vector<io::PackedTensor> packed;  // buffers reused from weight to weight
-  // The input bytes of an encoded weight's parts (stored next to each other): [lo, hi) of the
-  // mapped views, lo null when every part is computed.
-  auto parts_range = [&](const std::string& weight) {
-    const uint8_t *lo = nullptr, *hi = nullptr;
-    for (const auto& [role, part] : p.manifest.at(weight).at("parts").items()) {
-      const core::Tensor t = by_name.at(part.get<std::string>())->make();
-      if (t.owns_data()) continue;
-      lo = lo ? std::min(lo, t.data()) : t.data();
-      hi = std::max(hi, t.data() + t.nbytes());
-    }
-    return std::pair{lo, hi};
-  };
-  // The next encoded weight's input is read ahead while this one is packed (a cold page cache:
-  // the disk reads it in order while the CPU transposes; GPTQ reads its codes 16 rows at a time).
-  std::vector<std::string> weights;
-  for (const auto& o : p.outs)
-    if (!o.weight.empty() && first_part.at(o.weight) == &o) weights.push_back(o.weight);
-  size_t next_weight = 0;
-  auto read_ahead = [&](size_t i) {
-    if (i >= weights.size()) return;
-    if (const auto [lo, hi] = parts_range(weights[i]); lo) ckpt.will_need_range(lo, static_cast<uint64_t>(hi - lo));
-  };
-  read_ahead(0);
   // The rows of weight_packed / qweight packed on the forward's threads (the bytes do not depend
   // on the split).
   const io::RowSplit split = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) { runtime::parallel_rows(n, 16, fn); };
@@ -380,7 +357,6 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
       continue;
     }
     if (first_part.at(o.weight) != &o) continue;
-    read_ahead(++next_weight);
     const std::string mod = module_of(o.weight);
     core::with_context(o.weight, [&] {
       const IntNParts parts = intn_parts(p.manifest.at(o.weight), by_name);
@@ -397,7 +373,14 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
     // One release per weight over its parts (stored next to each other) and the kernel's
     // fault-around window on both sides (pages faulted in around a neighbour's first read would
     // stay mapped otherwise): the pages stay readable, a later read faults them in again.
-    if (const auto [lo, hi] = parts_range(o.weight); lo) release_around(ckpt, lo, hi);
+    const uint8_t *lo = nullptr, *hi = nullptr;
+    for (const auto& [role, part] : p.manifest.at(o.weight).at("parts").items()) {
+      const core::Tensor t = by_name.at(part.get<std::string>())->make();
+      if (t.owns_data()) continue;
+      lo = lo ? std::min(lo, t.data()) : t.data();
+      hi = std::max(hi, t.data() + t.nbytes());
+    }
+    if (lo) release_around(ckpt, lo, hi);
   }
   w.finish();
   return w.shard_count();
