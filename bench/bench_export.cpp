@@ -7,7 +7,7 @@
 // child) for each size, to show it does not grow with the model. Prints JSON: wall and CPU (user +
 // system of the child) seconds and their ratios, with the load average at each row (the machine
 // may be shared).
-//   bench_export [--sizes-gb 1,2] [--types f16,q8_0,q4_0] [--formats compressed-tensors,gptq]
+//   bench_export [--sizes-gb 1,2] [--types f16,q8_0,q4_0] [--formats compressed-tensors,gptq,awq]
 //                [--dir /tmp/moe-bench-export] [--tool path/to/moe-tool] [--repeat 2] [--cold 1]
 #include <chrono>
 #include <cmath>
@@ -92,7 +92,7 @@ nlohmann::json time_export(const std::vector<std::string>& export_args, const fs
 
 int main(int argc, char** argv) {
   std::vector<double> sizes = {1, 2};
-  std::vector<std::string> types = {"f16", "q8_0", "q4_0"}, formats = {"compressed-tensors", "gptq"};
+  std::vector<std::string> types = {"f16", "q8_0", "q4_0"}, formats = {"compressed-tensors", "gptq", "awq"};
   fs::path dir = "/tmp/moe-bench-export";
   std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string();
   int repeat = 2;
