@@ -127,7 +127,8 @@ nlohmann::json Model::rewritten_config(const OutputOptions& opts, const nlohmann
     for (const auto& layer : layers_)
       if (layer.moe) {
         const std::string gu = expand(f.layer_prefix, layer.index) + f.fused_gate_up;
-        if (const std::string mod = gu.substr(0, gu.rfind('.')); !mxfp4_modules.count(mod)) skip.push_back(mod);
+        const std::string mod = gu.substr(0, gu.rfind('.'));
+        if (!mxfp4_modules.count(mod) && std::find(skip.begin(), skip.end(), mod) == skip.end()) skip.push_back(mod);
       }
     q["modules_to_not_convert"] = skip;
     j["quantization_config"] = q;

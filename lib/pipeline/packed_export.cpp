@@ -19,6 +19,12 @@ namespace fs = std::filesystem;
 
 void check_packed_structure(const model::Model& m, io::PackedFormat fmt, const std::string& where) {
   m.refuse_novices(where, std::string(io::packed_format_name(fmt)) + " has no constant expert; prune them instead");
+  // gpt_oss stores the routed experts of a layer as one fused tensor (bf16, or MXFP4 blocks), which
+  // no quantized-Linear config names: the experts cannot be written as per-Linear codes.
+  if (m.family().fused_in_out_interleaved)
+    throw Error::unsupported(where + ": " + m.family().model_type + " stores each layer's routed experts fused (" +
+                             "gate_up_proj / down_proj, bf16 or MXFP4 blocks), which " + io::packed_format_name(fmt) +
+                             " cannot hold as per-Linear codes: write the hf format (a prune keeps MXFP4 experts as they are)");
   int64_t experts = -1;
   for (const auto& layer : m.layers()) {
     if (!layer.moe) continue;
@@ -134,7 +140,8 @@ void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt, const
 PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) {
   const std::string src = ckpt.dir().string();
   const std::string F = io::packed_format_name(fmt);
-  const std::string way_out = "quantize it as int4/int8 groups first, e.g. `moe-tool quantize " + src +
+  const std::string bits = fmt == io::PackedFormat::Awq ? "int4" : "int4/int8";
+  const std::string way_out = "quantize it as " + bits + " groups first, e.g. `moe-tool quantize " + src +
                               " OUT --codec int4 --group 128 --sym` (from a dense model; `moe-tool convert " + src +
                               " DENSE --materialize` makes one)";
   check_packed_structure(m, fmt, src);
@@ -158,7 +165,7 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
     const std::string params = [&] { auto c = e; c.erase("parts"); c.erase("encoding"); return c.dump(); }();
     if (enc != "intN")
       throw Error::unsupported(src + ": " + o.weight + " is encoded as '" + enc + "' " + params + ", which " + F +
-                               " cannot hold (it holds int4/int8 groups): " + way_out);
+                               " cannot hold (it holds " + bits + " groups): " + way_out);
     if (o.cls == "embeddings")
       throw Error::unsupported(src + ": " + o.weight + ": a quantized embedding; " + F +
                                " quantizes Linear layers only: quantize with `--embeddings keep`");
@@ -194,7 +201,7 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
   }
   if (first_part.empty()) {
     refuse_packed_input(ckpt, fmt, "");
-    throw Error::unsupported(src + ": no weight is quantized (intN); " + F + " stores int4/int8 codes: " + way_out);
+    throw Error::unsupported(src + ": no weight is quantized (intN); " + F + " stores " + bits + " codes: " + way_out);
   }
   if (!dense_expert.empty()) refuse_packed_input(ckpt, fmt, dense_expert);
   if (!dense_expert.empty())

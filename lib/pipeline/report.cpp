@@ -1,18 +1,23 @@
 #include "pipeline/report.h"
 
+#include <set>
+
 namespace moe::pipeline {
 
 namespace {
-// Parameters and bytes of routed expert weights.
+// Parameters and bytes of routed expert weights, each stored tensor once (gpt-oss's MXFP4 gate and
+// up share their blocks and scales).
 std::pair<int64_t, uint64_t> expert_params_bytes(const model::Model& m) {
   int64_t p = 0;
   uint64_t b = 0;
+  std::set<const core::Tensor*> seen;
   for (const auto& l : m.layers()) {
     if (!l.moe) continue;
     for (const auto& e : l.moe->experts)
       for (const auto* t : {&e.gate, &e.up, &e.down}) {
         p += t->numel();
-        b += t->nbytes();
+        for (const core::Tensor* s : t->stored_tensors())
+          if (seen.insert(s).second) b += s->nbytes();
       }
   }
   return {p, b};

@@ -1183,8 +1183,14 @@ json write_run_report(RunState& s) {
   summary["params"]["active_after"] = planned.active_params() + active_fix;
   json report = make_report(opts.command, ckpt, original, planned, written, secs);
   report["params"] = summary["params"];
-  report["tensor_classes"] = {{"before", model::account_json(model::account(original.outputs()))},
-                              {"after", model::account_json(acc_after)}};
+  const auto acc_before = model::account(original.outputs());
+  report["tensor_classes"] = {{"before", model::account_json(acc_before)}, {"after", model::account_json(acc_after)}};
+  // Both sides as the experts class of the outputs (every stored byte: expert biases, shared parts
+  // once), the input's as stored (GGUF blocks, GPTQ / AWQ / compressed-tensors codes, MXFP4).
+  model::OutputOptions stored;
+  stored.as_stored = true;
+  if (const auto acc = model::account(original.outputs(stored)); acc.count("experts"))
+    report["expert_bits_per_param"]["before"] = acc.at("experts").bits_per_param();
   if (acc_after.count("experts"))
     report["expert_bits_per_param"]["after"] = acc_after.at("experts").bits_per_param();
   if (summary.contains("sub1bit")) report["sub1bit"] = summary["sub1bit"];

@@ -290,26 +290,48 @@ TEST(GptOss, Mxfp4PruneKeepsBlocks) {
   EXPECT_FALSE(m.count("model.layers.0.mlp.experts.gate_up_proj_blocks"));
   EXPECT_FALSE(read_json(merged / "config.json").contains("quantization_config"));
   // One layer's experts dense, the other's MXFP4: the dense layer's experts module is added to
-  // modules_to_not_convert (transformers then loads it unquantized).
-  auto lm = load_model(dir);
-  for (auto& x : lm->model.layers().at(1).moe->experts) {
-    x.gate = x.gate.converted(core::DType::BF16);
-    x.up = x.up.converted(core::DType::BF16);
-    x.down = x.down.converted(core::DType::BF16);
-  }
-  nlohmann::json manifest = nlohmann::json::object();
-  const auto outs = lm->model.outputs(model::OutputOptions{}, &manifest);
-  const auto has = [&](const std::string& n) {
-    return std::any_of(outs.begin(), outs.end(), [&](const model::OutTensor& o) { return o.name == n; });
-  };
-  EXPECT_TRUE(has("model.layers.0.mlp.experts.gate_up_proj_blocks"));
-  EXPECT_TRUE(has("model.layers.1.mlp.experts.gate_up_proj"));
-  EXPECT_FALSE(has("model.layers.1.mlp.experts.gate_up_proj_blocks"));
-  const auto qc = lm->model.rewritten_config(model::OutputOptions{}, &manifest).at("quantization_config");
-  EXPECT_EQ(qc.at("quant_method"), "mxfp4");
+  // modules_to_not_convert (transformers then loads it unquantized), once, also when the input's
+  // config lists it already (an output of such a model read again).
+  const std::string layer1 = "model.layers.1.mlp.experts";
   auto skip = read_json(dir / "config.json").at("quantization_config").at("modules_to_not_convert");
-  skip.push_back("model.layers.1.mlp.experts");
-  EXPECT_EQ(qc.at("modules_to_not_convert"), skip) << qc;
+  nlohmann::json listed = skip;
+  listed.push_back(layer1);
+  const fs::path relisted = tmp.path() / "relisted";
+  fs::create_directories(relisted);
+  copy_with_config(dir, relisted, {{"quantization_config", {{"quant_method", "mxfp4"}, {"modules_to_not_convert", listed}}}});
+  for (const fs::path& src : {dir, relisted}) {
+    auto lm = load_model(src);
+    for (auto& x : lm->model.layers().at(1).moe->experts) {
+      x.gate = x.gate.converted(core::DType::BF16);
+      x.up = x.up.converted(core::DType::BF16);
+      x.down = x.down.converted(core::DType::BF16);
+    }
+    nlohmann::json manifest = nlohmann::json::object();
+    const auto outs = lm->model.outputs(model::OutputOptions{}, &manifest);
+    const auto has = [&](const std::string& n) {
+      return std::any_of(outs.begin(), outs.end(), [&](const model::OutTensor& o) { return o.name == n; });
+    };
+    EXPECT_TRUE(has("model.layers.0.mlp.experts.gate_up_proj_blocks"));
+    EXPECT_TRUE(has("model.layers.1.mlp.experts.gate_up_proj"));
+    EXPECT_FALSE(has("model.layers.1.mlp.experts.gate_up_proj_blocks"));
+    const auto qc = lm->model.rewritten_config(model::OutputOptions{}, &manifest).at("quantization_config");
+    EXPECT_EQ(qc.at("quant_method"), "mxfp4");
+    EXPECT_EQ(qc.at("modules_to_not_convert"), listed) << qc;
+  }
+  // The report's expert bits: the blocks and scales (gate and up counted once) and the bf16 biases,
+  // before and after alike: (6 · 6144 · 4.25 / 8 + 6 · 128 · 2) · 8 / (6 · 6144 + 6 · 128).
+  const auto report = read_json(out / "moe_tool_report.json");
+  const double expected = (6 * 6144 * 4.25 / 8 + 6 * 128 * 2) * 8 / (6 * 6144 + 6 * 128);
+  EXPECT_DOUBLE_EQ(report.at("expert_bits_per_param").at("before").get<double>(), expected) << report.dump();
+  EXPECT_DOUBLE_EQ(report.at("expert_bits_per_param").at("after").get<double>(), expected) << report.dump();
+  // The per-Linear formats have no place for the fused experts: refused before anything is written.
+  for (const char* format : {"gptq", "awq", "compressed-tensors"}) {
+    const fs::path ex = tmp.path() / (std::string("export-") + format);
+    r = run_tool({"export", dir.string(), ex.string(), "--format", format});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    EXPECT_NE(r.err.find("stores each layer's routed experts fused"), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(ex));
+  }
 }
 
 // Bad MXFP4 and config input: one error naming the tensor or key, exit 2 from the CLI.
