@@ -132,6 +132,8 @@ const char* packed_format_name(PackedFormat f) {
   return f == PackedFormat::Gptq ? "gptq" : f == PackedFormat::Awq ? "awq" : "compressed-tensors";
 }
 
+const char* packed_codes_held(PackedFormat f) { return f == PackedFormat::Awq ? "int4" : "int4/int8"; }
+
 std::string packed_shape_problem(PackedFormat f, int bits, int64_t group, int64_t out, int64_t in) {
   if (bits != 4 && bits != 8) return std::to_string(bits) + "-bit codes (the layout holds 4 and 8 bits)";
   if (f == PackedFormat::Awq && bits != 4) return std::to_string(bits) + "-bit codes (AWQ GEMM packs 4 bits only)";

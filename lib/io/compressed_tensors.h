@@ -54,6 +54,9 @@ enum class PackedFormat { CompressedTensors, Gptq, Awq };
 // "compressed-tensors" / "gptq" / "awq".
 const char* packed_format_name(PackedFormat f);
 
+// The codes the layout holds, for messages: "int4" (awq), "int4/int8" (the others).
+const char* packed_codes_held(PackedFormat f);
+
 // One quantized Linear's integer groups as moe-tool stores them (docs/FORMAT.md, intN): borrowed
 // pointers, valid during pack_linear. Shapes [out, in] (HF orientation, y = W x).
 struct GroupCodes {

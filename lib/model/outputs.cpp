@@ -318,7 +318,8 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
       // Re-stack the experts into [E,2I,H] and [E,H,I]. Encoded experts are written dense here
       // (the fused layout has no place for parts) only when materializing.
       const int64_t E = b.num_experts(), I = b.experts.at(0).width(), H = m.dims().hidden;
-      if (!written_dense && !keeps_mxfp4(b, f, opts, H))
+      const bool mxfp4 = keeps_mxfp4(b, f, opts, H);
+      if (!written_dense && !mxfp4)
         throw Error::unsupported("layer " + std::to_string(l) + ": encoded experts cannot be stored in the fused " +
                                  f.model_type + " layout; write them dense: --materialize on this command (a stock " +
                                  "checkpoint of the decoded values), \"materialize\": true in a recipe's output");
@@ -328,7 +329,7 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
                                            : (opts.dtype && is_float(src)) ? *opts.dtype : src;
       auto experts = b.experts;
       if (f.fused_in_out_interleaved || f.fused_in_out_chunked) {
-        add_interleaved_experts(ob, f, prefix, experts, dst, H, keeps_mxfp4(b, f, opts, H));
+        add_interleaved_experts(ob, f, prefix, experts, dst, H, mxfp4);
         return add_tail(ob, f, prefix, layer);
       }
       OutTensor gu{prefix + f.fused_gate_up, dst, {E, 2 * I, H}, nullptr, {prefix + f.fused_gate_up}, "", "experts", E * 2 * I * H};

@@ -140,7 +140,7 @@ void refuse_packed_input(const io::Checkpoint& ckpt, io::PackedFormat fmt, const
 PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::PackedFormat fmt) {
   const std::string src = ckpt.dir().string();
   const std::string F = io::packed_format_name(fmt);
-  const std::string bits = fmt == io::PackedFormat::Awq ? "int4" : "int4/int8";
+  const std::string bits = io::packed_codes_held(fmt);
   const std::string way_out = "quantize it as " + bits + " groups first, e.g. `moe-tool quantize " + src +
                               " OUT --codec int4 --group 128 --sym` (from a dense model; `moe-tool convert " + src +
                               " DENSE --materialize` makes one)";

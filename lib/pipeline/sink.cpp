@@ -404,8 +404,7 @@ void check_packed_plan(const Recipe& r, const io::Checkpoint& ckpt, const model:
     const auto& c = e.codec;
     if (!c || c->kind != quant::CodecSpec::Kind::Int || (c->bits != 4 && c->bits != 8))
       throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what + ", which " + r.output.format +
-                               " cannot hold (it holds int4" + (fmt == io::PackedFormat::Awq ? "" : "/int8") +
-                               " groups): " + way_out);
+                               " cannot hold (it holds " + io::packed_codes_held(fmt) + " groups): " + way_out);
     if (fmt == io::PackedFormat::Awq && c->bits != 4)
       throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what +
                                ", which awq cannot hold (AWQ GEMM packs 4 bits only): quantize with int4 groups, or write " +

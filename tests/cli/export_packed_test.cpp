@@ -521,7 +521,7 @@ TEST(ExportPackedOutput, InputAndForce) {
   EXPECT_FALSE(fs::exists(dir / "sz"));
   EXPECT_FALSE(fs::exists(dir / "x.gguf"));
   // An output that cannot be made is named as the user gave it, never as its temporary sibling.
-  for (const std::vector<std::string> extra : {std::vector<std::string>{"--format", "gptq"}, {"--type", "q8_0"}}) {
+  for (const std::vector<std::string>& extra : {std::vector<std::string>{"--format", "gptq"}, {"--type", "q8_0"}}) {
     const bool gguf = extra[0] == "--type";  // a dense model for GGUF (int8 rows have no block type)
     std::vector<std::string> a = {"export", gguf ? (kSrc / "data/models/mixtral-tiny").string() : native.string(),
                                   "/proc/moe-export-out" + std::string(gguf ? ".gguf" : "")};
