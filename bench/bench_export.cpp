@@ -9,6 +9,7 @@
 // may be shared).
 //   bench_export [--sizes-gb 1,2] [--types f16,q8_0,q4_0] [--formats compressed-tensors,gptq,awq]
 //                [--dir /tmp/moe-bench-export] [--tool path/to/moe-tool] [--repeat 2] [--cold 1]
+//                [--keep 0]   (1: leave the last size's folders, src/ and int4/, for profiling)
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -96,7 +97,7 @@ int main(int argc, char** argv) {
   fs::path dir = "/tmp/moe-bench-export";
   std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string();
   int repeat = 2;
-  bool cold = true;
+  bool cold = true, keep = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--sizes-gb") {
@@ -108,6 +109,7 @@ int main(int argc, char** argv) {
     else if (k == "--tool") tool = v;
     else if (k == "--repeat") repeat = std::stoi(v);
     else if (k == "--cold") cold = v != "0";
+    else if (k == "--keep") keep = v != "0";
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 2;
@@ -159,7 +161,7 @@ int main(int argc, char** argv) {
         out["runs"].push_back(j);
       }
     }
-    fs::remove_all(dir);
+    if (!keep) fs::remove_all(dir);
   }
   std::cout << out.dump(2) << std::endl;
   return 0;

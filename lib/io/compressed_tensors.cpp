@@ -5,6 +5,10 @@
 
 #include "core/error.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace moe::io {
 
 namespace {
@@ -83,31 +87,87 @@ void transpose_nibbles(uint32_t a[8]) {
   }
 }
 
+#if defined(__SSE2__)
+// transpose_nibbles on 4 words side by side (lane m of each a[r]).
+inline void transpose_nibbles4(__m128i a[8]) {
+  auto mask = [](uint32_t m) { return _mm_set1_epi32(static_cast<int>(m)); };
+  for (int r = 0; r < 4; ++r) {
+    const __m128i x = a[r], y = a[r + 4];
+    a[r] = _mm_or_si128(_mm_and_si128(x, mask(0x0000FFFFu)), _mm_slli_epi32(y, 16));
+    a[r + 4] = _mm_or_si128(_mm_srli_epi32(x, 16), _mm_and_si128(y, mask(0xFFFF0000u)));
+  }
+  for (int r : {0, 1, 4, 5}) {
+    const __m128i x = a[r], y = a[r + 2];
+    a[r] = _mm_or_si128(_mm_and_si128(x, mask(0x00FF00FFu)), _mm_slli_epi32(_mm_and_si128(y, mask(0x00FF00FFu)), 8));
+    a[r + 2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(x, 8), mask(0x00FF00FFu)), _mm_and_si128(y, mask(0xFF00FF00u)));
+  }
+  for (int r : {0, 2, 4, 6}) {
+    const __m128i x = a[r], y = a[r + 1];
+    a[r] = _mm_or_si128(_mm_and_si128(x, mask(0x0F0F0F0Fu)), _mm_slli_epi32(_mm_and_si128(y, mask(0x0F0F0F0Fu)), 4));
+    a[r + 1] = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(x, 4), mask(0x0F0F0F0Fu)), _mm_and_si128(y, mask(0xF0F0F0F0u)));
+  }
+}
+
+// The words [8j + 8m + u, col + c] of AWQ's qweight (m < 4 whole words of inputs, c < 4 columns):
+// for each column the 8 source rows' words j..j+3 side by side, transposed nibble-wise
+// (transpose_nibbles4), then for each u the 4 columns' vectors transposed 4 x 4 so that each
+// store is 4 consecutive words of one row of qweight.
+inline void awq_quad(const uint8_t* codes, int64_t rb, int64_t cols, int64_t col, int64_t j, uint8_t* qw) {
+  __m128i a[4][8];
+  for (int c = 0; c < 4; ++c) {
+    for (int k = 0; k < 8; ++k)
+      a[c][k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (8 * (col + c) + kAwqOrder[k]) * rb + 4 * j));
+    transpose_nibbles4(a[c]);
+  }
+  for (int u = 0; u < 8; ++u) {
+    const __m128i t0 = _mm_unpacklo_epi32(a[0][u], a[1][u]), t1 = _mm_unpacklo_epi32(a[2][u], a[3][u]);
+    const __m128i t2 = _mm_unpackhi_epi32(a[0][u], a[1][u]), t3 = _mm_unpackhi_epi32(a[2][u], a[3][u]);
+    const __m128i m[4] = {_mm_unpacklo_epi64(t0, t1), _mm_unpackhi_epi64(t0, t1), _mm_unpacklo_epi64(t2, t3),
+                          _mm_unpackhi_epi64(t2, t3)};
+    for (int r = 0; r < 4; ++r)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qw + ((8 * (j + r) + u) * cols + col) * 4), m[r]);
+  }
+}
+#endif
+
 // AWQ GEMM: qweight [in, out/8], qzeros [ngroups, out/8] (zero points as they are; symmetric: 8),
 // scales [ngroups, out]. qweight is built 8 inputs by 8 outputs at a time: the words of the
 // outputs 8c + kAwqOrder[k] (k = 0..7) holding inputs [8j, 8j+8), transposed nibble-wise, are the
 // words [8j + u, c]. The j are split into ranges (possibly on other threads), each done in
-// blocks of 16 (one 64-byte line of each source row; 128 rows of qweight) for every c in turn.
+// blocks of 16 (one 64-byte line of each source row; 128 rows of qweight); with SSE2, 4 words of 4
+// columns at a time (awq_quad) in tiles of 16 columns, the edges one word at a time.
 void pack_awq(const GroupCodes& c, std::vector<PackedTensor>& t,
               const std::function<void(int64_t, const std::function<void(int64_t, int64_t)>&)>& run) {
   const int64_t out = c.out, in = c.in, ng = c.ngroups(), rb = c.row_bytes(), cols = out / 8, nj = (in + 7) / 8;
   constexpr int64_t kBlock = 16;
   const uint8_t* codes = c.codes;
   uint8_t* qw = t[0].data.data();
+  // One word (8 inputs) of 8 outputs: the scalar path, for the edges.
+  auto one = [&](int64_t col, int64_t j) {
+    uint32_t a[8];
+    for (int k = 0; k < 8; ++k) a[k] = awq_row_word(codes + (8 * col + kAwqOrder[k]) * rb, rb, j);
+    transpose_nibbles(a);
+    const int64_t n = std::min<int64_t>(8, in - 8 * j);  // inputs in this word (the last may hold fewer)
+    for (int64_t u = 0; u < n; ++u) std::memcpy(qw + ((8 * j + u) * cols + col) * 4, &a[u], 4);
+  };
   run(nj, [&](int64_t j0, int64_t j1) {
     for (int64_t jb = j0; jb < j1; jb += kBlock) {
       const int64_t je = std::min(j1, jb + kBlock);
-      for (int64_t col = 0; col < cols; ++col) {
-        const uint8_t* rows[8];
-        for (int k = 0; k < 8; ++k) rows[k] = codes + (8 * col + kAwqOrder[k]) * rb;
-        for (int64_t j = jb; j < je; ++j) {
-          uint32_t a[8];
-          for (int k = 0; k < 8; ++k) a[k] = awq_row_word(rows[k], rb, j);
-          transpose_nibbles(a);
-          const int64_t n = std::min<int64_t>(8, in - 8 * j);  // inputs in this word (the last may hold fewer)
-          for (int64_t u = 0; u < n; ++u) std::memcpy(qw + ((8 * j + u) * cols + col) * 4, &a[u], 4);
-        }
+      int64_t jv = jb;  // [jb, jv): whole quads of whole words, done 4 columns at a time
+#if defined(__SSE2__)
+      jv = jb + std::max<int64_t>(0, std::min(je, in / 8) - jb) / 4 * 4;
+      const int64_t cv = cols / 4 * 4;
+      // Columns in tiles of 16 (one 64-byte line of each of the 128 rows of qweight the block writes).
+      for (int64_t c0 = 0; c0 < cv; c0 += 16) {
+        const int64_t ce = std::min(cv, c0 + 16);
+        for (int64_t j = jb; j < jv; j += 4)
+          for (int64_t col = c0; col < ce; col += 4) awq_quad(codes, rb, cols, col, j, qw);
       }
+      for (int64_t col = cv; col < cols; ++col)
+        for (int64_t j = jb; j < jv; ++j) one(col, j);
+#endif
+      for (int64_t col = 0; col < cols; ++col)
+        for (int64_t j = jv; j < je; ++j) one(col, j);
     }
   });
   uint8_t* qz = t[1].data.data();
@@ -235,7 +295,28 @@ void pack_linear(PackedFormat f, const GroupCodes& c, std::vector<PackedTensor>&
     for (int64_t o0 = 0; o0 < out; o0 += kLine) {
       const int64_t n = std::min(kLine, out - o0);
       const uint8_t* src = codes + o0 * rb;
-      for (int64_t j = j0; j < j1; ++j) {
+      int64_t j = j0;
+#if defined(__SSE2__)
+      // 4 words of 4 rows at a time, a 4 x 4 transpose in registers (out is a multiple of 4: pf).
+      for (; j + 4 <= j1; j += 4) {
+        uint8_t* dst = qw + (j * out + o0) * 4;
+        for (int64_t k = 0; k < n; k += 4) {
+          const uint8_t* s = src + k * rb + 4 * j;
+          const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+          const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + rb));
+          const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * rb));
+          const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 3 * rb));
+          const __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpacklo_epi32(r2, r3);
+          const __m128i t2 = _mm_unpackhi_epi32(r0, r1), t3 = _mm_unpackhi_epi32(r2, r3);
+          uint8_t* d = dst + 4 * k;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi64(t0, t1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + out * 4), _mm_unpackhi_epi64(t0, t1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * out * 4), _mm_unpacklo_epi64(t2, t3));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 3 * out * 4), _mm_unpackhi_epi64(t2, t3));
+        }
+      }
+#endif
+      for (; j < j1; ++j) {
         uint8_t* dst = qw + (j * out + o0) * 4;
         for (int64_t k = 0; k < n; ++k) std::memcpy(dst + 4 * k, src + k * rb + 4 * j, 4);
       }

@@ -228,19 +228,24 @@ TEST(CompressedTensors, RandomCodesRoundTrip) {
 // give scale · (q − z) exactly. weight_packed left to the caller only when it is the stored codes.
 TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
   std::mt19937 rng(11);
-  const io::RowSplit blocks_of_3 = [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-    for (int64_t b = (n - 1) / 3; b >= 0; --b) fn(b * 3, std::min(n, b * 3 + 3));
+  // Blocks of 3 (no whole quad of words: the packers' scalar edge paths) and of 7 (a quad and 3).
+  auto blocks_of = [](int64_t k) {
+    return io::RowSplit([k](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+      for (int64_t b = (n - 1) / k; b >= 0; --b) fn(b * k, std::min(n, b * k + k));
+    });
   };
   for (int bits : {4, 8})
     for (bool sym : {true, false})
       for (auto fmt : {PackedFormat::CompressedTensors, PackedFormat::Gptq, PackedFormat::Awq})
-        for (int64_t in : {96, 100}) {
+        for (int64_t in : {96, 100, 232}) {
           if (fmt == PackedFormat::Gptq && in % (32 / bits) != 0) continue;
           if (fmt == PackedFormat::Awq && bits != 4) continue;
           SCOPED_TRACE(std::to_string(bits) + (sym ? " sym " : " asym ") + io::packed_format_name(fmt) + " in " + std::to_string(in));
           LinearCodes c;
           // AWQ needs a group size: 100 inputs in groups of 20 (and a last block of 4 inputs).
-          const int64_t out = 40, group = in == 96 ? 32 : fmt == PackedFormat::Awq ? 20 : 0, ng = group ? in / group : 1;
+          // 232 inputs in groups of 8; 72 outputs: 9 AWQ columns (two tiles of 4 and one alone).
+          const int64_t out = in == 232 ? 72 : 40;
+          const int64_t group = in == 232 ? 8 : in == 96 ? 32 : fmt == PackedFormat::Awq ? 20 : 0, ng = group ? in / group : 1;
           c.bits = bits, c.out = out, c.in = in, c.group = group, c.symmetric = sym;
           const int maxq = (1 << bits) - 1;
           for (int64_t i = 0; i < out * in; ++i) c.codes.push_back(static_cast<uint8_t>(rng() % (maxq + 1)));
@@ -249,13 +254,15 @@ TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
             c.zeros.push_back(static_cast<uint8_t>(sym ? 1 << (bits - 1) : 1 + rng() % maxq));
           }
           const auto whole = c.pack(fmt);
-          std::vector<io::PackedTensor> split;
-          io::pack_linear(fmt, c.view(), split, blocks_of_3);
-          ASSERT_EQ(whole.size(), split.size());
-          for (size_t k = 0; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, split[k].data) << whole[k].suffix;
+          for (int64_t k : {3, 7}) {
+            std::vector<io::PackedTensor> split;
+            io::pack_linear(fmt, c.view(), split, blocks_of(k));
+            ASSERT_EQ(whole.size(), split.size());
+            for (size_t t = 0; t < whole.size(); ++t) EXPECT_EQ(whole[t].data, split[t].data) << whole[t].suffix << " blocks of " << k;
+          }
           // Rows that fill whole words: weight_packed is the stored codes, left to the caller on request.
           const bool plain = io::packed_rows_are_codes(fmt, c.view());
-          EXPECT_EQ(plain, fmt == PackedFormat::CompressedTensors && (in == 96 || bits == 8));
+          EXPECT_EQ(plain, fmt == PackedFormat::CompressedTensors && (in != 100 || bits == 8));
           std::vector<io::PackedTensor> left;
           io::pack_linear(fmt, c.view(), left, {}, /*leave_stored_rows=*/true);
           ASSERT_EQ(left.size(), whole.size());
