@@ -180,6 +180,10 @@ void Checkpoint::release_range(const uint8_t* p, uint64_t n) const {
   core::release_arena_range(p, n);  // a tensor a pass made (core/tensor_arena.h)
 }
 
+void Checkpoint::populate_range(const uint8_t* p, uint64_t n) const {
+  if (const MappedFile* f = mapping_of(p, n)) f->populate(static_cast<uint64_t>(p - f->data()), n);
+}
+
 const MappedFile* Checkpoint::mapping_of(const uint8_t* p, uint64_t n) const {
   auto holds = [&](const MappedFile& m) {
     const uint8_t* base = m.data();

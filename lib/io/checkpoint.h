@@ -41,6 +41,9 @@ class Checkpoint {
   void release(std::string_view name) const;
   // Releases the mapped pages of [p, p+n) if they belong to one of the shards.
   void release_range(const uint8_t* p, uint64_t n) const;
+  // Maps the pages of [p, p+n) ahead of a read of them all (MappedFile::populate) when one file's
+  // mapping holds the range; nothing otherwise.
+  void populate_range(const uint8_t* p, uint64_t n) const;
   // The mapped file (a shard, or the GGUF file) whose mapping holds all of [p, p+n); null when
   // none does (a tensor made in memory).
   const MappedFile* mapping_of(const uint8_t* p, uint64_t n) const;

@@ -22,6 +22,10 @@ class MappedFile {
   // Tells the OS the pages of [offset, offset+len) are no longer needed, so a streaming pass
   // over a large file keeps its resident set bounded. Data stays readable (re-faulted on use).
   virtual void release(uint64_t offset, uint64_t len) const = 0;
+  // Maps the pages of [offset, offset+len) ahead of a read that will touch them all: a hint, one
+  // call instead of a page fault per fault-around window (PosixEnv: madvise MADV_POPULATE_READ,
+  // Linux 5.14; where the kernel refuses it, the read faults them in as before). Default: nothing.
+  virtual void populate(uint64_t offset, uint64_t len) const;
   // Copies the n bytes at [offset, offset + n) into dst: PosixEnv reads them from the file (pread,
   // no page mapped), this default from data(). Error::internal when the range is not inside the
   // file, Error::io from the file system.

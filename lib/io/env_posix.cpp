@@ -47,6 +47,17 @@ class PosixMappedFile final : public MappedFile {
     madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_DONTNEED);
   }
 
+  void populate(uint64_t offset, uint64_t len) const override {
+#if defined(MADV_POPULATE_READ)
+    if (size_ == 0 || offset >= size_) return;
+    const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    const uint64_t begin = offset / page * page, end = std::min(size_, offset + len);
+    madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_POPULATE_READ);  // a hint: errors ignored
+#else
+    (void)offset, (void)len;
+#endif
+  }
+
   void read_at(uint64_t offset, void* dst, size_t n) const override {
     check_copy_range(*this, offset, n);
     auto* p = static_cast<uint8_t*>(dst);
@@ -222,6 +233,8 @@ void Env::write_text(const fs::path& path, const std::string& text) {
   f->write_at(0, text.data(), text.size());
   f->close();
 }
+
+void MappedFile::populate(uint64_t, uint64_t) const {}
 
 void MappedFile::read_at(uint64_t offset, void* dst, size_t n) const {
   check_copy_range(*this, offset, n);
