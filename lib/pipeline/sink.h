@@ -94,6 +94,12 @@ std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector
 // Whether the recipe's output format is a single file (gguf) or a folder.
 bool output_is_file(const Recipe& r);
 
+// Whether the run writes compressed-tensors FP8 by copying its input's FP8 tensors: a
+// compressed-tensors float-quantized input (is_compressed_tensors_fp8), prune passes only, format
+// compressed-tensors (pipeline/packed_export.h write_fp8_copied; check_output_format checks the
+// plan with check_fp8_copy).
+bool copies_fp8_input(const Recipe& r, const io::Checkpoint& ckpt);
+
 // Whether the run writes a native output for the sink (the hf output itself excepted): the export
 // formats stage one and convert it, but a GGUF input written as GGUF copies its blocks from the
 // input and stages none unless the recipe evaluates the output (eval reads the staged folder).
