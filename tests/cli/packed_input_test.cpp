@@ -520,6 +520,66 @@ TEST(PackedInputCodes, PruneOfAnFp8InputWithoutFormatKeepsItsTensors) {
   EXPECT_NE(ins.out.find("fp8-block"), std::string::npos) << ins.out;
 }
 
+// The fixture with the experts' weight_scale stored F16 [out] (as vLLM's channel scales may be)
+// and a static input_scale per expert: both kept as stored by a prune, the scales not widened to
+// [out, 1] or F32; eval of the output equals that of the hf prune.
+TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path fixture = kSrc / "data/packed-inputs/fp8-tiny", src = dir / "fp8", out = dir / "pruned";
+  const auto fc = io::Checkpoint::open(io::Env::posix(), fixture);
+  SynthCheckpoint ck;
+  ck.family = "mixtral";
+  ck.config = read_json(fixture / "config.json");
+  json& g0 = ck.config["quantization_config"]["config_groups"]["group_0"];
+  g0["input_activations"] = {{"num_bits", 8}, {"type", "float"}, {"symmetric", true}, {"dynamic", false}, {"strategy", "tensor"}};
+  auto add = [&](const std::string& name, const core::Tensor& t) {
+    ck.tensors.push_back({name, t.dtype(), t.shape(), std::vector<uint8_t>(t.data(), t.data() + t.nbytes())});
+  };
+  for (const auto& n : fc.names()) {
+    const core::Tensor t = fc.tensor(n);
+    if (n.find(".experts.") != std::string::npos && n.ends_with(".weight_scale")) {
+      add(n, t.converted(core::DType::F16).reshaped({t.dim(0)}));
+      const float in_scale = 0.02f + 0.001f * static_cast<float>(ck.tensors.size());
+      core::Tensor is = core::Tensor::zeros(core::DType::F32, {1});
+      std::memcpy(is.mutable_data(), &in_scale, 4);
+      add(n.substr(0, n.size() - std::string("weight_scale").size()) + "input_scale", is);
+    } else {
+      add(n, t);
+    }
+  }
+  write_synth(ck, src);
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_json(out / "config.json").at("quantization_config"), ck.config.at("quantization_config"));
+  const auto ic = io::Checkpoint::open(io::Env::posix(), src), oc = io::Checkpoint::open(io::Env::posix(), out);
+  const json rep = read_json(out / "moe_tool_report.json");
+  size_t checked = 0;
+  for (const auto& l : rep.at("layers")) {
+    const int layer = l.at("layer").get<int>();
+    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
+    const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
+    for (size_t e = 0; e < kept.size(); ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
+          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
+          ASSERT_TRUE(oc.has(a)) << a;
+          const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
+          EXPECT_EQ(x.dtype(), y.dtype()) << a;
+          EXPECT_EQ(x.shape(), y.shape()) << a;
+          EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
+          ++checked;
+        }
+  }
+  EXPECT_EQ(checked, 2u * 2 * 3 * 3);
+  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").dtype, core::DType::F16);
+  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").shape, (core::Shape{64}));
+  // Decoded as the hf prune decodes (the F16 scales read as F32 either way).
+  run_ok({"-q", "prune", src.string(), (dir / "hf").string(), "--method", "random", "--keep", "2", "--format", "hf"});
+  run_ok({"-q", "convert", out.string(), (dir / "a").string(), "--dtype", "f32", "--materialize"});
+  run_ok({"-q", "convert", (dir / "hf").string(), (dir / "b").string(), "--dtype", "f32", "--materialize"});
+  EXPECT_EQ(first_difference(read_tensors(dir / "a"), read_tensors(dir / "b")), "");
+}
+
 // Entries of the quantization_config that name an expert module exactly follow the prune: a kept
 // expert's renumbered, a removed one's dropped (a group left with no target goes); patterns stay.
 TEST(PackedInputCodes, PruneOfAnFp8InputRenumbersExactTargets) {
