@@ -81,7 +81,8 @@ class Sink {
   virtual io::fs::path write_report(const nlohmann::json& report) = 0;
   // The run's keep-map, before finish(): per decoder layer (null for a layer the passes left
   // alone), the input expert id of each written expert (runner.cpp keep_map). The GGUF sink of a
-  // GGUF input copies those experts' blocks (model/gguf_write.h); the other sinks ignore it.
+  // GGUF input copies those experts' blocks (model/gguf_write.h), the compressed-tensors sink of an
+  // FP8 input their FP8 tensors (copies_fp8_input); the other sinks ignore it.
   virtual void set_keep_map(const nlohmann::json& /*keep_map*/) {}
   // Renames the output into place (io::OutputDir / io::OutputFile commit) and removes staging.
   virtual void commit() = 0;
