@@ -3,6 +3,17 @@
 
     check_compressed.py NATIVE EXPORT
     check_compressed.py --synthetic-mixtral OUT LAYERS   (a random bf16 mixtral for the timings)
+    check_compressed.py --fp8-prune INPUT PRUNED         (a prune of a compressed-tensors FP8 input)
+
+--fp8-prune: INPUT is a compressed-tensors float-quantized checkpoint, PRUNED its prune written
+without --format (compressed-tensors float-quantized again). Every FP8 Linear of PRUNED is decoded
+(E4M3 code times weight_scale, broadcast per tensor / per row / per block as the config group says)
+and must equal, exactly, the decoded INPUT module it came from (the expert index mapped through
+moe_tool_report.json's layers[].passes[0].kept); its weight_scale and input_scale must be the
+input's, dtype and shape included. Prints one JSON object and exits 1 on any difference.
+  E4M3 (OCP 8-bit floating point, the format compressed-tensors' float-quantized stores):
+    sign bit 7, exponent bits 6..3 with bias 7, mantissa bits 2..0; exponent 0 is subnormal
+    (m / 8 * 2**-6); S.1111.111 is NaN, there is no infinity.
 
 NATIVE: the moe-tool checkpoint that was exported (intN codes, docs/FORMAT.md); EXPORT: the
 exported folder. Decodes every packed Linear of EXPORT as the formats' published sources do and
@@ -166,7 +177,78 @@ def synthetic_mixtral(out, layers):
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
 
 
+def e4m3_table():
+    t = np.zeros(256, np.float32)
+    for c in range(256):
+        sign = -1.0 if c & 0x80 else 1.0
+        e, m = (c >> 3) & 0xF, c & 0x7
+        if e == 0xF and m == 0x7:
+            t[c] = np.nan
+        elif e == 0:
+            t[c] = sign * (m / 8.0) * 2.0 ** -6
+        else:
+            t[c] = sign * (1.0 + m / 8.0) * 2.0 ** (e - 7)
+    return t
+
+
+def scale_f32(t):
+    dt, shape, raw = t
+    if dt == "BF16":
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return array(t).astype(np.float32)
+
+
+def decode_fp8(t, mod, table):
+    codes = array(t[mod + ".weight"])
+    w = table[codes]
+    s = scale_f32(t[mod + ".weight_scale"])
+    out, inp = w.shape
+    if s.size == 1:
+        return w * s.reshape(())
+    if s.size == out:
+        return w * s.reshape(out, 1)
+    br, bc = -(-out // s.shape[0]), -(-inp // s.shape[1])  # block strategy: [ceil(out/br), ceil(in/bc)]
+    return w * np.repeat(np.repeat(s, br, axis=0), bc, axis=1)[:out, :inp]
+
+
+def check_fp8_prune(in_dir, out_dir):
+    import re
+    it, ot = tensors(in_dir), tensors(out_dir)
+    qc = json.load(open(os.path.join(out_dir, "config.json")))["quantization_config"]
+    qin = json.load(open(os.path.join(in_dir, "config.json")))["quantization_config"]
+    bad = []
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "float-quantized":
+        bad.append("config: not compressed-tensors float-quantized")
+        print(json.dumps({"mismatches": bad}))
+        return 1
+    for k in ("format", "quantization_status", "kv_cache_scheme"):
+        if qc.get(k) != qin.get(k):
+            bad.append("config: " + k + " differs from the input's")
+    kept = {}
+    for layer in json.load(open(os.path.join(out_dir, "moe_tool_report.json")))["layers"]:
+        kept[layer["layer"]] = layer["passes"][0]["kept"]
+    table = e4m3_table()
+    modules = sorted(n[: -len(".weight")] for n, t in ot.items() if n.endswith(".weight") and t[0] == "F8_E4M3")
+    total = 0.0
+    for mod in modules:
+        m = re.match(r"^(.*\.layers\.(\d+)\..*\.experts\.)(\d+)(\..+)$", mod)
+        src = mod
+        if m and int(m.group(2)) in kept:
+            src = m.group(1) + str(kept[int(m.group(2))][int(m.group(3))]) + m.group(4)
+        w, ref = decode_fp8(ot, mod, table), decode_fp8(it, src, table)
+        if w.shape != ref.shape or not np.array_equal(w, ref, equal_nan=True):
+            bad.append(mod + " (decoded: differs from the input's " + src + ")")
+        for part in (".weight_scale", ".input_scale"):
+            if (src + part in it) != (mod + part in ot) or (src + part in it and it[src + part] != ot[mod + part]):
+                bad.append(mod + part + " (not the input's " + src + part + " as stored)")
+        total += float(w.astype(np.float64).sum())
+    print(json.dumps({"fp8_modules": len(modules), "kept_experts": sum(len(v) for v in kept.values()), "sum": total, "mismatches": bad}))
+    return 1 if bad else 0
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--fp8-prune":
+        return check_fp8_prune(sys.argv[2], sys.argv[3])
     if len(sys.argv) == 4 and sys.argv[1] == "--synthetic-mixtral":
         synthetic_mixtral(sys.argv[2], int(sys.argv[3]))
         return 0

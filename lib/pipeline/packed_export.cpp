@@ -3,7 +3,9 @@
 #include "pipeline/hf_sink.h"
 
 #include <algorithm>
+#include <cstring>
 #include <future>
+#include <optional>
 #include <regex>
 #include <set>
 
@@ -449,6 +451,182 @@ PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model:
 
 io::PackedFormat parse_packed_format(const std::string& f) {
   return f == "gptq" ? io::PackedFormat::Gptq : f == "awq" ? io::PackedFormat::Awq : io::PackedFormat::CompressedTensors;
+}
+
+
+bool is_compressed_tensors_fp8(const io::Checkpoint& ckpt) {
+  if (ckpt.gguf()) return false;
+  const nlohmann::json q = ckpt.config().value("quantization_config", nlohmann::json());
+  return q.is_object() && q.value("quant_method", nlohmann::json()) == "compressed-tensors" &&
+         q.value("format", nlohmann::json()) == "float-quantized";
+}
+
+void check_fp8_copy(const model::Model& planned, const std::string& where) {
+  check_packed_structure(planned, io::PackedFormat::CompressedTensors, where);
+  for (const auto& layer : planned.layers())
+    if (layer.moe && layer.moe->router.encoding())
+      throw Error::unsupported(where + ": layer " + std::to_string(layer.index) + ": the router is stored quantized (" +
+                               layer.moe->router.encoding()->name() + "); a prune keeps some of its rows, which are no "
+                               "tensor of the input to copy");
+}
+
+namespace {
+
+// "model.layers.3.block_sparse_moe.experts.5.w1" -> {layer 3, expert 5, prefix, rest}; nullopt
+// for a module that is not a routed expert's.
+struct ExpertName {
+  size_t layer = 0;
+  int64_t expert = 0;
+  std::string head, tail;  // the name before and after the expert index
+};
+std::optional<ExpertName> expert_name(const std::string& module) {
+  static const std::regex re(R"(^(.*\.layers\.(\d+)\..*\.experts\.)(\d+)(\..+)?$)");
+  std::smatch m;
+  if (!std::regex_match(module, m, re)) return std::nullopt;
+  return ExpertName{std::stoul(m[2].str()), std::stoll(m[3].str()), m[1].str(), m[4].str()};
+}
+
+// The keep-map's row of `layer` (the input expert of each written expert), null when the run
+// left the layer's experts in place.
+const nlohmann::json* keep_row(const nlohmann::json& keep_map, size_t layer) {
+  if (!keep_map.is_array() || layer >= keep_map.size() || keep_map[layer].is_null()) return nullptr;
+  return &keep_map[layer];
+}
+
+int64_t kept_id(const nlohmann::json& id, size_t layer) {
+  if (!id.is_number_integer())
+    throw Error::unsupported("layer " + std::to_string(layer) + ": a written expert made of several input experts (" +
+                             id.dump() + "); only kept experts are copied");
+  return id.get<int64_t>();
+}
+
+// The input module an output module was written from.
+std::string source_module(const std::string& module, const nlohmann::json& keep_map) {
+  const auto e = expert_name(module);
+  const nlohmann::json* row = e ? keep_row(keep_map, e->layer) : nullptr;
+  if (!row) return module;
+  if (e->expert < 0 || static_cast<size_t>(e->expert) >= row->size())
+    throw Error::internal(module + ": expert " + std::to_string(e->expert) + " is not in the keep-map's row " + row->dump());
+  return e->head + std::to_string(kept_id((*row)[static_cast<size_t>(e->expert)], e->layer)) + e->tail;
+}
+
+// The output name of an input module named exactly (an `ignore` entry, a target), nullopt when
+// its expert was removed. Patterns ("re:...") and classes ("Linear") are returned as they are.
+std::optional<std::string> renamed_module(const std::string& name, const nlohmann::json& keep_map) {
+  if (name.rfind("re:", 0) == 0) return name;
+  const auto e = expert_name(name);
+  const nlohmann::json* row = e ? keep_row(keep_map, e->layer) : nullptr;
+  if (!row) return name;
+  for (size_t k = 0; k < row->size(); ++k)
+    if (kept_id((*row)[k], e->layer) == e->expert) return e->head + std::to_string(k) + e->tail;
+  return std::nullopt;
+}
+
+nlohmann::json renumbered_quantization_config(nlohmann::json q, const nlohmann::json& keep_map) {
+  auto rename_list = [&](const nlohmann::json& list) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& x : list) {
+      if (!x.is_string()) {
+        out.push_back(x);
+        continue;
+      }
+      if (auto n = renamed_module(x.get<std::string>(), keep_map)) out.push_back(*n);
+    }
+    return out;
+  };
+  if (q.contains("ignore") && q["ignore"].is_array()) q["ignore"] = rename_list(q["ignore"]);
+  if (q.contains("config_groups") && q["config_groups"].is_object()) {
+    nlohmann::json groups = nlohmann::json::object();
+    for (auto& [key, g] : q["config_groups"].items()) {
+      nlohmann::json group = g;
+      if (group.is_object() && group.contains("targets") && group["targets"].is_array()) {
+        const bool had = !group["targets"].empty();
+        group["targets"] = rename_list(group["targets"]);
+        if (had && group["targets"].empty()) continue;  // every module it named was removed
+      }
+      groups[key] = group;
+    }
+    q["config_groups"] = groups;
+  }
+  return q;
+}
+
+bool same_bytes(const core::Tensor& a, const core::Tensor& b) {
+  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+}  // namespace
+
+Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const io::Checkpoint& staged,
+                               const nlohmann::json& config, const nlohmann::json& keep_map, const fs::path& dir,
+                               uint64_t max_shard_bytes) {
+  const std::string src = input.dir().string();
+  const model::Model m = model::Model::load(staged);
+  nlohmann::json manifest = nlohmann::json::object();
+  const std::vector<model::OutTensor> outs = m.outputs(model::OutputOptions{}, &manifest);
+  // What each output tensor is written from: a staged output, or an input tensor as stored.
+  struct Item {
+    std::string name;
+    const model::OutTensor* staged = nullptr;
+    std::string input;  // the input tensor copied
+  };
+  std::vector<Item> items;
+  std::vector<io::TensorSpec> specs;
+  Fp8CopyResult r;
+  for (const auto& o : outs) {
+    if (o.weight.empty()) {
+      items.push_back({o.name, &o, ""});
+      specs.push_back({o.name, o.dtype, o.shape});
+      continue;
+    }
+    const nlohmann::json& e = manifest.at(o.weight);
+    if (e.at("encoding") != "fp8-block")
+      throw Error::unsupported(src + ": " + o.weight + " is written as '" + e.at("encoding").get<std::string>() +
+                               "', not as the FP8 weight of the input it came from: write hf");
+    if (e.at("parts").at("codes") != o.name) continue;  // the scale: the input's weight_scale instead
+    const std::string mod = module_of(o.weight), from = source_module(mod, keep_map);
+    core::with_context(o.weight, [&] {
+      if (!input.has(from + ".weight") || input.info(from + ".weight").dtype != core::DType::F8_E4M3 ||
+          !input.has(from + ".weight_scale"))
+        throw Error::internal("its input module " + from + " holds no FP8 weight with a weight_scale");
+      // The run's codes and scales are the input's: a check that the keep-map names the module.
+      const core::Tensor codes = o.make(), in_codes = input.tensor(from + ".weight");
+      if (!same_bytes(codes, in_codes))
+        throw Error::internal("its codes are not those of the input's " + from + ".weight");
+      const auto& sname = e.at("parts").at("scale_inv").get<std::string>();
+      const core::Tensor staged_scale = staged.tensor(sname).converted(core::DType::F32);
+      const core::Tensor in_scale = input.tensor(from + ".weight_scale").converted(core::DType::F32);
+      if (staged_scale.numel() != in_scale.numel() || !same_bytes(staged_scale, in_scale))
+        throw Error::internal("its scales are not those of the input's " + from + ".weight_scale");
+    });
+    for (const char* suffix : {".weight", ".weight_scale", ".input_scale"}) {
+      if (!input.has(from + suffix)) continue;
+      const io::TensorInfo& info = input.info(from + suffix);
+      items.push_back({mod + suffix, nullptr, from + suffix});
+      specs.push_back({mod + suffix, info.dtype, info.shape});
+      if (std::string(suffix) == ".input_scale") ++r.input_scales;
+    }
+    ++r.fp8_linears;
+  }
+  write_side_files(env, staged, dir);
+  nlohmann::json cfg = config;
+  cfg["quantization_config"] = renumbered_quantization_config(input.config().at("quantization_config"), keep_map);
+  env.write_text(dir / "config.json", cfg.dump(2) + "\n");
+  io::CheckpointWriter w(env, dir, specs, max_shard_bytes);
+  for (const auto& it : items) {
+    core::Tensor t = it.staged ? core::with_context("tensor " + it.name, [&] { return it.staged->make(); })
+                               : input.tensor(it.input);
+    const io::Checkpoint& from = it.staged ? staged : input;
+    if (!it.staged || (t.dtype() == it.staged->dtype && t.shape() == it.staged->shape))
+      write_as_stored(w, from, it.name, t.data(), t.nbytes());
+    else
+      w.write(it.name, t.converted(it.staged->dtype));
+  }
+  w.finish();
+  r.shards = w.shard_count();
+  r.tensors = specs.size();
+  for (const auto& s : specs) r.tensor_bytes += s.nbytes();
+  return r;
 }
 
 }  // namespace moe::pipeline

@@ -22,6 +22,7 @@
 #include "io/scratch.h"
 #include "pipeline/calibration_text.h"
 #include "pipeline/model_dictionary.h"
+#include "pipeline/packed_export.h"
 #include "pipeline/mtp.h"
 #include "pipeline/preflight.h"
 #include "pipeline/report.h"
@@ -386,7 +387,9 @@ struct RunState {
 // A run whose passes only prune, given no output format (nor dtype or materialize; nor a shard
 // size for a GGUF input), writes the format of its input when moe-tool writes that format: a GPTQ,
 // AWQ or compressed-tensors pack-quantized input as gptq / awq / compressed-tensors (the kept
-// experts' codes unchanged), a GGUF input as GGUF (their blocks copied). Chosen first (the output
+// experts' codes unchanged), a compressed-tensors float-quantized (FP8) input as
+// compressed-tensors float-quantized (its FP8 tensors copied, pipeline/sink.h copies_fp8_input),
+// a GGUF input as GGUF (their blocks copied). Chosen first (the output
 // checks depend on it); check_planned_format then keeps it or, when that format cannot hold the
 // result (act-order codes, novices, ...: the format's own check refuses it), writes hf, the
 // weights dequantized, with a warning saying why. The summary says which (docs/recipes.md).
@@ -396,6 +399,7 @@ void follow_input_format(RunState& s) {
   for (const auto& p : r.passes)
     if (p->name() != "prune") return;
   std::string fmt;
+  bool fp8 = false;  // compressed-tensors float-quantized: the FP8 tensors copied (pipeline/sink.h copies_fp8_input)
   if (s.ckpt.gguf()) {
     fmt = "gguf";
   } else {
@@ -404,6 +408,7 @@ void follow_input_format(RunState& s) {
     if (qm == "gptq") fmt = "gptq";
     else if (qm == "awq") fmt = "awq";
     else if (qm == "compressed-tensors" && q.value("format", json()) == "pack-quantized") fmt = "compressed-tensors";
+    else if (qm == "compressed-tensors" && q.value("format", json()) == "float-quantized") fmt = "compressed-tensors", fp8 = true;
     else return;
   }
   std::string given;  // an option of the hf folder that keeps the input's format out
@@ -417,6 +422,12 @@ void follow_input_format(RunState& s) {
   }
   r.output.format = fmt;
   s.format_followed = true;
+  if (fp8) {
+    s.format_note = "output: format compressed-tensors, the input's (float-quantized: the kept FP8 Linears' weight, "
+                    "weight_scale and input_scale copied as stored); " + r.key("output.format") +
+                    " hf writes the FP8 codes under moe-tool's own config";
+    return;
+  }
   s.format_note = "output: format " + fmt + ", the input's (" +
                   (fmt == "gguf" ? "the kept experts' blocks copied" : "the kept experts' codes written unchanged") +
                   "); " + r.key("output.format") + " hf writes the weights dequantized";
@@ -435,7 +446,10 @@ void check_planned_format(RunState& s, const model::Model& planned) {
     r.output.format = "hf";
     s.format_followed = false;
     s.format_note.clear();
-    s.format_warning = "output: written as hf (the weights dequantized), not in the input's format " + fmt +
+    s.format_warning = std::string("output: written as hf (") +
+                       (is_compressed_tensors_fp8(s.ckpt) ? "the FP8 codes under moe-tool's own config"
+                                                          : "the weights dequantized") +
+                       "), not in the input's format " + fmt +
                        ", which cannot hold it: " + e.message();
   }
 }

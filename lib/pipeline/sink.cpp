@@ -38,6 +38,13 @@ namespace {
 bool copies_gguf_blocks(const Recipe& r) { return r.output.format == "gguf" && io::is_gguf_path(r.model); }
 }  // namespace
 
+bool copies_fp8_input(const Recipe& r, const io::Checkpoint& ckpt) {
+  if (r.output.format != "compressed-tensors" || r.passes.empty() || !is_compressed_tensors_fp8(ckpt)) return false;
+  for (const auto& p : r.passes)
+    if (p->name() != "prune") return false;
+  return true;
+}
+
 bool stages_native_output(const Recipe& r) { return r.output.format != "hf" && !(copies_gguf_blocks(r) && !r.eval); }
 
 std::optional<OutputSize> copied_output_size(const Recipe& r, const io::Checkpoint& ckpt, const model::Model& planned) {
@@ -146,6 +153,20 @@ class ExportSink final : public Sink {
       r.details["type"] = r_.output.type;
       r.details["types"] = g.types;
       r.details["file_bytes"] = g.file_bytes;
+      return r;
+    }
+    if (source_ && copies_fp8_input(r_, *source_)) {
+      const Fp8CopyResult c = core::with_context(r_.key("output.format") + " " + format(), [&] {
+        return write_fp8_copied(env_, *source_, ckpt, config, keep_map_, folder_->path(), r_.output.max_shard_bytes);
+      });
+      r.tensors = c.tensors;
+      r.tensor_bytes = c.tensor_bytes;
+      r.shards = c.shards;
+      r.details["quantization_format"] = "float-quantized";
+      r.details["fp8_linears"] = c.fp8_linears;
+      r.details["input_scales"] = c.input_scales;
+      r.details["copied"] = "each kept FP8 Linear's weight, weight_scale and input_scale as the input stores them; "
+                            "quantization_config the input's";
       return r;
     }
     const PackedResult p = core::with_context(r_.key("output.format") + " " + format(), [&] {
@@ -502,6 +523,7 @@ void check_output_format(io::Env& env, const Recipe& r, const io::Checkpoint& ck
   if (r.output.format == "hf") return;
   if (!ckpt.gguf()) check_pass_structure(r);  // a GGUF input's own checks: check_gguf_like_plan
   if (r.output.format == "gguf") check_gguf_plan(env, r, ckpt, planned);
+  else if (copies_fp8_input(r, ckpt)) check_fp8_copy(planned, output_where(r));
   else check_packed_plan(r, ckpt, planned);
 }
 

@@ -81,7 +81,8 @@ class Sink {
   virtual io::fs::path write_report(const nlohmann::json& report) = 0;
   // The run's keep-map, before finish(): per decoder layer (null for a layer the passes left
   // alone), the input expert id of each written expert (runner.cpp keep_map). The GGUF sink of a
-  // GGUF input copies those experts' blocks (model/gguf_write.h); the other sinks ignore it.
+  // GGUF input copies those experts' blocks (model/gguf_write.h), the compressed-tensors sink of an
+  // FP8 input their FP8 tensors (copies_fp8_input); the other sinks ignore it.
   virtual void set_keep_map(const nlohmann::json& /*keep_map*/) {}
   // Renames the output into place (io::OutputDir / io::OutputFile commit) and removes staging.
   virtual void commit() = 0;
@@ -93,6 +94,12 @@ std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector
 
 // Whether the recipe's output format is a single file (gguf) or a folder.
 bool output_is_file(const Recipe& r);
+
+// Whether the run writes compressed-tensors FP8 by copying its input's FP8 tensors: a
+// compressed-tensors float-quantized input (is_compressed_tensors_fp8), prune passes only, format
+// compressed-tensors (pipeline/packed_export.h write_fp8_copied; check_output_format checks the
+// plan with check_fp8_copy).
+bool copies_fp8_input(const Recipe& r, const io::Checkpoint& ckpt);
 
 // Whether the run writes a native output for the sink (the hf output itself excepted): the export
 // formats stage one and convert it, but a GGUF input written as GGUF copies its blocks from the

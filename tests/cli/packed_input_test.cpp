@@ -425,6 +425,218 @@ TEST(PackedInputCodes, PruneOfAnAwqInputWithoutFormatKeepsItsTensors) {
   EXPECT_NE(std::find(skip.begin(), skip.end(), "model.layers.0.block_sparse_moe.gate"), skip.end());
 }
 
+// The compressed-tensors FP8 fixture pruned without --format is written as compressed-tensors
+// float-quantized: every kept FP8 Linear's weight, weight_scale (its stored dtype and shape) and
+// input_scale byte for byte the input's module it came from, the removed experts absent, the
+// input's quantization_config; eval equals that of the same prune written the old way (--format
+// hf: the FP8 codes under moe-tool's own config), so the codes and scales are unchanged.
+TEST(PackedInputCodes, PruneOfAnFp8InputWithoutFormatKeepsItsTensors) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path src = kSrc / "data/packed-inputs/fp8-tiny", out = dir / "pruned", hf = dir / "pruned-hf";
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "3"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("output: format compressed-tensors, the input's (float-quantized: the kept FP8 Linears' weight, "
+                       "weight_scale and input_scale copied as stored)"),
+            std::string::npos) << r.out;
+  const json cin = read_json(src / "config.json"), cout = read_json(out / "config.json");
+  const json q = cout.at("quantization_config");
+  EXPECT_EQ(q.at("quant_method"), "compressed-tensors");
+  EXPECT_EQ(q.at("format"), "float-quantized");
+  EXPECT_EQ(q.at("config_groups"), cin.at("quantization_config").at("config_groups"));
+  EXPECT_EQ(q, cin.at("quantization_config"));  // its ignore names no expert: nothing renumbered
+  EXPECT_EQ(cout.at("num_local_experts"), 3);
+  auto& env = io::Env::posix();
+  const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
+  auto expect_same = [&](const std::string& a, const std::string& b) {
+    ASSERT_TRUE(oc.has(a)) << a;
+    const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
+    EXPECT_EQ(x.dtype(), y.dtype()) << a;
+    EXPECT_EQ(x.shape(), y.shape()) << a;
+    EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
+  };
+  const json rep = read_json(out / "moe_tool_report.json");
+  size_t checked = 0;
+  for (const auto& l : rep.at("layers")) {
+    const int layer = l.at("layer").get<int>();
+    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
+    ASSERT_EQ(kept.size(), 3u);
+    const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
+    for (size_t e = 0; e < kept.size(); ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
+          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
+          EXPECT_EQ(oc.has(a), ic.has(b)) << a;
+          if (!ic.has(b)) continue;
+          expect_same(a, b);
+          ++checked;
+        }
+    // The attention projections (strategy tensor): BF16 [1] weight_scale and the static input_scale kept.
+    for (const char* m : {"q_proj", "k_proj", "v_proj", "o_proj"})
+      for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
+        const std::string a = "model.layers." + std::to_string(layer) + ".self_attn." + m + part;
+        expect_same(a, a);
+        ++checked;
+      }
+  }
+  EXPECT_EQ(checked, 2u * 3 * 3 * 2 + 2u * 4 * 3);
+  for (const auto& n : oc.names()) {
+    EXPECT_EQ(n.find(".experts.3."), std::string::npos) << n;  // 3 experts kept: indices 0..2
+    EXPECT_FALSE(n.ends_with("_scale_inv")) << n;
+  }
+  // Read back as the same encodings: eval equals the prune written as hf (FP8 codes, moe-tool's config).
+  run_ok({"-q", "prune", src.string(), hf.string(), "--method", "random", "--keep", "3", "--format", "hf"});
+  EXPECT_NE(read_json(hf / "config.json").at("quantization_config").at("quant_method"), "compressed-tensors");
+  EXPECT_EQ(read_json(hf / "moe_tool_report.json").at("layers"), rep.at("layers"));
+  // The fixture (vocabulary 64) has no tokenizer: one of single characters, no merges, is added to
+  // both outputs, and a text of those characters scored.
+  json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}, {"\u0120", 3}};
+  for (char c = 'a'; c <= 'z'; ++c) vocab[std::string(1, c)] = 4 + (c - 'a');
+  const json tok = {{"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr},
+                    {"added_tokens", json::array({{{"id", 0}, {"content", "<unk>"}, {"special", true}},
+                                                  {{"id", 1}, {"content", "<s>"}, {"special", true}},
+                                                  {{"id", 2}, {"content", "</s>"}, {"special", true}}})},
+                    {"normalizer", nullptr}, {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}}},
+                    {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", json::array()}, {"unk_token", "<unk>"}}}};
+  for (const fs::path& m : {out, hf}) {
+    write_file(m / "tokenizer.json", tok.dump(2) + "\n");
+    write_file(m / "tokenizer_config.json", json{{"bos_token", "<s>"}, {"eos_token", "</s>"}}.dump() + "\n");
+  }
+  std::string text;
+  for (int i = 0; i < 8; ++i) text += "the quick brown fox jumps over the lazy dog and keeps running ";
+  write_file(dir / "text.txt", text);
+  auto eval_of = [&](const fs::path& m) {
+    const RunResult e =
+        run_tool({"-q", "eval", m.string(), "--text", (dir / "text.txt").string(), "--ctx", "32", "--max-windows", "4", "--json"});
+    EXPECT_EQ(e.exit_code, 0) << e.describe();
+    return e.exit_code == 0 ? json::parse(e.out) : json();
+  };
+  const json a = eval_of(out), b = eval_of(hf);
+  ASSERT_TRUE(a.contains("nll_sum")) << a.dump();
+  EXPECT_GT(a.at("tokens_scored").get<int64_t>(), 64);
+  EXPECT_EQ(a.at("nll_sum"), b.at("nll_sum"));
+  EXPECT_EQ(a.at("perplexity"), b.at("perplexity"));
+  const RunResult ins = run_tool({"inspect", out.string()});
+  ASSERT_EQ(ins.exit_code, 0) << ins.describe();
+  EXPECT_NE(ins.out.find("fp8-block"), std::string::npos) << ins.out;
+}
+
+// The fixture with the experts' weight_scale stored F16 [out] (as vLLM's channel scales may be)
+// and a static input_scale per expert: both kept as stored by a prune, the scales not widened to
+// [out, 1] or F32; eval of the output equals that of the hf prune.
+TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path fixture = kSrc / "data/packed-inputs/fp8-tiny", src = dir / "fp8", out = dir / "pruned";
+  const auto fc = io::Checkpoint::open(io::Env::posix(), fixture);
+  SynthCheckpoint ck;
+  ck.family = "mixtral";
+  ck.config = read_json(fixture / "config.json");
+  json& g0 = ck.config["quantization_config"]["config_groups"]["group_0"];
+  g0["input_activations"] = {{"num_bits", 8}, {"type", "float"}, {"symmetric", true}, {"dynamic", false}, {"strategy", "tensor"}};
+  auto add = [&](const std::string& name, const core::Tensor& t) {
+    ck.tensors.push_back({name, t.dtype(), t.shape(), std::vector<uint8_t>(t.data(), t.data() + t.nbytes())});
+  };
+  for (const auto& n : fc.names()) {
+    const core::Tensor t = fc.tensor(n);
+    if (n.find(".experts.") != std::string::npos && n.ends_with(".weight_scale")) {
+      add(n, t.converted(core::DType::F16).reshaped({t.dim(0)}));
+      const float in_scale = 0.02f + 0.001f * static_cast<float>(ck.tensors.size());
+      core::Tensor is = core::Tensor::zeros(core::DType::F32, {1});
+      std::memcpy(is.mutable_data(), &in_scale, 4);
+      add(n.substr(0, n.size() - std::string("weight_scale").size()) + "input_scale", is);
+    } else {
+      add(n, t);
+    }
+  }
+  write_synth(ck, src);
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_json(out / "config.json").at("quantization_config"), ck.config.at("quantization_config"));
+  const auto ic = io::Checkpoint::open(io::Env::posix(), src), oc = io::Checkpoint::open(io::Env::posix(), out);
+  const json rep = read_json(out / "moe_tool_report.json");
+  size_t checked = 0;
+  for (const auto& l : rep.at("layers")) {
+    const int layer = l.at("layer").get<int>();
+    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
+    const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
+    for (size_t e = 0; e < kept.size(); ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
+          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
+          ASSERT_TRUE(oc.has(a)) << a;
+          const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
+          EXPECT_EQ(x.dtype(), y.dtype()) << a;
+          EXPECT_EQ(x.shape(), y.shape()) << a;
+          EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
+          ++checked;
+        }
+  }
+  EXPECT_EQ(checked, 2u * 2 * 3 * 3);
+  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").dtype, core::DType::F16);
+  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").shape, (core::Shape{64}));
+  // Decoded as the hf prune decodes (the F16 scales read as F32 either way).
+  run_ok({"-q", "prune", src.string(), (dir / "hf").string(), "--method", "random", "--keep", "2", "--format", "hf"});
+  run_ok({"-q", "convert", out.string(), (dir / "a").string(), "--dtype", "f32", "--materialize"});
+  run_ok({"-q", "convert", (dir / "hf").string(), (dir / "b").string(), "--dtype", "f32", "--materialize"});
+  EXPECT_EQ(first_difference(read_tensors(dir / "a"), read_tensors(dir / "b")), "");
+}
+
+// Entries of the quantization_config that name an expert module exactly follow the prune: a kept
+// expert's renumbered, a removed one's dropped (a group left with no target goes); patterns stay.
+TEST(PackedInputCodes, PruneOfAnFp8InputRenumbersExactTargets) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path src = dir / "fp8", out = dir / "pruned";
+  copy_folder(kSrc / "data/packed-inputs/fp8-tiny", src);
+  json cfg = read_json(src / "config.json");
+  json& groups = cfg["quantization_config"]["config_groups"];
+  const std::string p = "model.layers.0.block_sparse_moe.experts.";
+  groups["group_2"] = groups["group_0"];
+  groups["group_2"]["targets"] = {p + "0.w1", p + "1.w1", p + "2.w1", p + "3.w1"};
+  groups["group_3"] = groups["group_0"];
+  groups["group_3"]["targets"] = {p + "3.w2"};
+  write_file(src / "config.json", cfg.dump(2) + "\n");
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto kept = read_json(out / "moe_tool_report.json").at("layers").at(0).at("passes").at(0).at("kept").get<std::vector<int>>();
+  ASSERT_EQ(kept.size(), 2u);
+  const json q = read_json(out / "config.json").at("quantization_config");
+  auto w1 = q.at("config_groups").at("group_2").at("targets").get<std::vector<std::string>>();
+  std::sort(w1.begin(), w1.end());
+  EXPECT_EQ(w1, (std::vector<std::string>{p + "0.w1", p + "1.w1"}));
+  EXPECT_EQ(q.at("config_groups").at("group_0"), groups.at("group_0"));
+  EXPECT_EQ(q.at("config_groups").contains("group_3"), std::find(kept.begin(), kept.end(), 3) != kept.end());
+  if (q.at("config_groups").contains("group_3")) {
+    const size_t k = static_cast<size_t>(std::find(kept.begin(), kept.end(), 3) - kept.begin());
+    EXPECT_EQ(q.at("config_groups").at("group_3").at("targets"), json({p + std::to_string(k) + ".w2"}));
+  }
+  // The output reads back (a target naming no stored module would be refused).
+  const RunResult ins = run_tool({"inspect", out.string()});
+  EXPECT_EQ(ins.exit_code, 0) << ins.describe();
+}
+
+// --dtype given: an hf option, the weights dequantized, said in the summary; so is a prune the
+// format cannot hold (novices), with a warning.
+TEST(PackedInputCodes, PruneOfAnFp8InputWithDtypeIsWrittenHf) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path src = kSrc / "data/packed-inputs/fp8-tiny", out = dir / "pruned";
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "3", "--dtype", "bf16"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("output: format hf, the weights dequantized (--dtype is an hf option; --format compressed-tensors "
+                       "keeps the input's codes)"),
+            std::string::npos) << r.out;
+  EXPECT_FALSE(read_json(out / "config.json").contains("quantization_config"));
+  const auto oc = io::Checkpoint::open(io::Env::posix(), out);
+  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight").dtype, core::DType::BF16);
+  EXPECT_FALSE(oc.has("model.layers.0.self_attn.q_proj.input_scale"));
+  // Ragged counts: compressed-tensors names one expert count; hf (the FP8 codes), with the reason.
+  const RunResult g = run_tool({"prune", src.string(), (dir / "ragged").string(), "--method", "random", "--keep-ratio", "0.5",
+                                "--no-uniform"});
+  ASSERT_EQ(g.exit_code, 0) << g.describe();
+  EXPECT_NE(g.out.find("output: written as hf (the FP8 codes under moe-tool's own config), not in the input's format "
+                       "compressed-tensors, which cannot hold it: --no-uniform"),
+            std::string::npos) << g.out;
+  EXPECT_EQ(read_json(dir / "ragged" / "config.json").at("quantization_config").at("quant_method"), "moe_tool");
+}
+
 // A GPTQ input whose codes moe-tool's intN cannot hold (act-order: a g_idx that is not i div G) is
 // refused by export --format, saying so and naming a way out; the way out named works.
 TEST(PackedInputRefusals, ExportOfAnActOrderInputNamesTheWayOut) {
