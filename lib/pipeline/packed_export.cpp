@@ -598,6 +598,9 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
       const core::Tensor in_scale = input.tensor(from + ".weight_scale").converted(core::DType::F32);
       if (staged_scale.numel() != in_scale.numel() || !same_bytes(staged_scale, in_scale))
         throw Error::internal("its scales are not those of the input's " + from + ".weight_scale");
+      // The pages the comparison mapped handed back (peak RSS bounded by one weight).
+      release_around(staged, codes.data(), codes.data() + codes.nbytes());
+      release_around(input, in_codes.data(), in_codes.data() + in_codes.nbytes());
     });
     for (const char* suffix : {".weight", ".weight_scale", ".input_scale"}) {
       if (!input.has(from + suffix)) continue;
@@ -617,10 +620,12 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
     core::Tensor t = it.staged ? core::with_context("tensor " + it.name, [&] { return it.staged->make(); })
                                : input.tensor(it.input);
     const io::Checkpoint& from = it.staged ? staged : input;
+    if (!t.owns_data()) from.populate_range(t.data(), t.nbytes());  // the finite check reads them all
     if (!it.staged || (t.dtype() == it.staged->dtype && t.shape() == it.staged->shape))
       write_as_stored(w, from, it.name, t.data(), t.nbytes());
     else
       w.write(it.name, t.converted(it.staged->dtype));
+    if (!t.owns_data()) release_around(from, t.data(), t.data() + t.nbytes());
   }
   w.finish();
   r.shards = w.shard_count();
