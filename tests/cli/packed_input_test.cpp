@@ -38,6 +38,39 @@ void run_ok(const std::vector<std::string>& args) {
   EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
+// Tensor `a` of `oc` is tensor `b` of `ic`: dtype, shape and bytes.
+void expect_same_tensor(const io::Checkpoint& oc, const std::string& a, const io::Checkpoint& ic, const std::string& b) {
+  ASSERT_TRUE(oc.has(a)) << a;
+  const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
+  EXPECT_EQ(x.dtype(), y.dtype()) << a;
+  EXPECT_EQ(x.shape(), y.shape()) << a;
+  EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
+}
+
+// Each kept expert's tensors `parts` of w1, w2 and w3 (mixtral names) in the pruned `oc` are those
+// of the input expert the report's `kept` list names, as stored; a part the input lacks is absent
+// from the output too. `keep` experts per layer. Returns how many tensors were compared.
+size_t expect_kept_experts_copied(const io::Checkpoint& oc, const io::Checkpoint& ic, const json& rep,
+                                  std::initializer_list<const char*> parts, size_t keep) {
+  size_t checked = 0;
+  for (const auto& l : rep.at("layers")) {
+    const int layer = l.at("layer").get<int>();
+    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
+    EXPECT_EQ(kept.size(), keep);
+    const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
+    for (size_t e = 0; e < kept.size(); ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        for (const char* part : parts) {
+          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
+          EXPECT_EQ(oc.has(a), ic.has(b)) << a;
+          if (!ic.has(b) || !oc.has(a)) continue;
+          expect_same_tensor(oc, a, ic, b);
+          ++checked;
+        }
+  }
+  return checked;
+}
+
 json eval_json(const fs::path& m) {
   const RunResult r =
       run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "4", "--json"});
@@ -396,24 +429,7 @@ TEST(PackedInputCodes, PruneOfAnAwqInputWithoutFormatKeepsItsTensors) {
   auto& env = io::Env::posix();
   const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
   const json rep = read_json(out / "moe_tool_report.json");
-  size_t checked = 0;
-  for (const auto& l : rep.at("layers")) {
-    const int layer = l.at("layer").get<int>();
-    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
-    ASSERT_EQ(kept.size(), 3u);
-    for (size_t e = 0; e < kept.size(); ++e)
-      for (const char* w : {"w1", "w2", "w3"})
-        for (const char* part : {".qweight", ".qzeros", ".scales"}) {
-          const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
-          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
-          const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
-          EXPECT_EQ(x.dtype(), y.dtype()) << a;
-          EXPECT_EQ(x.shape(), y.shape()) << a;
-          EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
-          ++checked;
-        }
-  }
-  EXPECT_EQ(checked, 2u * 3 * 3 * 3);
+  EXPECT_EQ(expect_kept_experts_copied(oc, ic, rep, {".qweight", ".qzeros", ".scales"}, 3), 2u * 3 * 3 * 3);
   // Only the experts are packed: the attention stays dense, as in the input, and is named.
   for (const auto& n : oc.names()) {
     if (n.ends_with(".qweight")) {
@@ -447,34 +463,15 @@ TEST(PackedInputCodes, PruneOfAnFp8InputWithoutFormatKeepsItsTensors) {
   EXPECT_EQ(cout.at("num_local_experts"), 3);
   auto& env = io::Env::posix();
   const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
-  auto expect_same = [&](const std::string& a, const std::string& b) {
-    ASSERT_TRUE(oc.has(a)) << a;
-    const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
-    EXPECT_EQ(x.dtype(), y.dtype()) << a;
-    EXPECT_EQ(x.shape(), y.shape()) << a;
-    EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
-  };
   const json rep = read_json(out / "moe_tool_report.json");
-  size_t checked = 0;
+  size_t checked = expect_kept_experts_copied(oc, ic, rep, {".weight", ".weight_scale", ".input_scale"}, 3);
   for (const auto& l : rep.at("layers")) {
     const int layer = l.at("layer").get<int>();
-    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
-    ASSERT_EQ(kept.size(), 3u);
-    const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
-    for (size_t e = 0; e < kept.size(); ++e)
-      for (const char* w : {"w1", "w2", "w3"})
-        for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
-          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
-          EXPECT_EQ(oc.has(a), ic.has(b)) << a;
-          if (!ic.has(b)) continue;
-          expect_same(a, b);
-          ++checked;
-        }
     // The attention projections (strategy tensor): BF16 [1] weight_scale and the static input_scale kept.
     for (const char* m : {"q_proj", "k_proj", "v_proj", "o_proj"})
       for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
         const std::string a = "model.layers." + std::to_string(layer) + ".self_attn." + m + part;
-        expect_same(a, a);
+        expect_same_tensor(oc, a, ic, a);
         ++checked;
       }
   }
@@ -553,24 +550,7 @@ TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
   EXPECT_EQ(read_json(out / "config.json").at("quantization_config"), ck.config.at("quantization_config"));
   const auto ic = io::Checkpoint::open(io::Env::posix(), src), oc = io::Checkpoint::open(io::Env::posix(), out);
   const json rep = read_json(out / "moe_tool_report.json");
-  size_t checked = 0;
-  for (const auto& l : rep.at("layers")) {
-    const int layer = l.at("layer").get<int>();
-    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
-    const std::string p = "model.layers." + std::to_string(layer) + ".block_sparse_moe.experts.";
-    for (size_t e = 0; e < kept.size(); ++e)
-      for (const char* w : {"w1", "w2", "w3"})
-        for (const char* part : {".weight", ".weight_scale", ".input_scale"}) {
-          const std::string a = p + std::to_string(e) + "." + w + part, b = p + std::to_string(kept[e]) + "." + w + part;
-          ASSERT_TRUE(oc.has(a)) << a;
-          const core::Tensor x = oc.tensor(a), y = ic.tensor(b);
-          EXPECT_EQ(x.dtype(), y.dtype()) << a;
-          EXPECT_EQ(x.shape(), y.shape()) << a;
-          EXPECT_TRUE(x.nbytes() == y.nbytes() && std::memcmp(x.data(), y.data(), x.nbytes()) == 0) << a << " != " << b;
-          ++checked;
-        }
-  }
-  EXPECT_EQ(checked, 2u * 2 * 3 * 3);
+  EXPECT_EQ(expect_kept_experts_copied(oc, ic, rep, {".weight", ".weight_scale", ".input_scale"}, 2), 2u * 2 * 3 * 3);
   EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").dtype, core::DType::F16);
   EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").shape, (core::Shape{64}));
   // Decoded as the hf prune decodes (the F16 scales read as F32 either way).
