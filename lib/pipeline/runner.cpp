@@ -1205,7 +1205,10 @@ json write_run_report(RunState& s) {
   stored.as_stored = true;
   if (const auto acc = model::account(original.outputs(stored)); acc.count("experts"))
     report["expert_bits_per_param"]["before"] = acc.at("experts").bits_per_param();
-  if (acc_after.count("experts"))
+  // After: the written folder's own when a packed format counted it (sink.cpp), else the outputs'.
+  if (written.details.contains("expert_bits_per_param") && !written.details["expert_bits_per_param"].is_null())
+    report["expert_bits_per_param"]["after"] = written.details["expert_bits_per_param"];
+  else if (acc_after.count("experts"))
     report["expert_bits_per_param"]["after"] = acc_after.at("experts").bits_per_param();
   if (summary.contains("sub1bit")) report["sub1bit"] = summary["sub1bit"];
   report["recipe"] = r.json;

@@ -36,6 +36,17 @@ bool output_is_file(const Recipe& r) { return r.output.format == "gguf"; }
 namespace {
 // A GGUF input written as GGUF: the kept experts' blocks copied (model::write_gguf_like).
 bool copies_gguf_blocks(const Recipe& r) { return r.output.format == "gguf" && io::is_gguf_path(r.model); }
+
+// The experts' bits per parameter of the folder a packed format wrote, as its tensors store them
+// (the report's expert_bits_per_param.after: the staged native output's differ, e.g. AWQ's
+// zero points); null when the model has no routed experts.
+nlohmann::json written_expert_bits(io::Env& env, const fs::path& dir) {
+  const io::Checkpoint ck = io::Checkpoint::open(env, dir);
+  model::OutputOptions stored;
+  stored.as_stored = true;
+  const auto acc = model::account(model::Model::load(ck).outputs(stored));
+  return acc.count("experts") ? nlohmann::json(acc.at("experts").bits_per_param()) : nlohmann::json();
+}
 }  // namespace
 
 bool copies_fp8_input(const Recipe& r, const io::Checkpoint& ckpt) {
@@ -167,6 +178,7 @@ class ExportSink final : public Sink {
       r.details["input_scales"] = c.input_scales;
       r.details["copied"] = "each kept FP8 Linear's weight, weight_scale and input_scale as the input stores them; "
                             "quantization_config the input's";
+      r.details["expert_bits_per_param"] = written_expert_bits(env_, folder_->path());
       return r;
     }
     const PackedResult p = core::with_context(r_.key("output.format") + " " + format(), [&] {
@@ -180,6 +192,7 @@ class ExportSink final : public Sink {
     r.details["symmetric"] = p.scheme.symmetric;
     r.details["quantized_linears"] = p.quantized_linears;
     r.details["dense_linears"] = p.dense_linears;
+    r.details["expert_bits_per_param"] = written_expert_bits(env_, folder_->path());
     return r;
   }
 

@@ -430,6 +430,10 @@ TEST(PackedInputCodes, PruneOfAnAwqInputWithoutFormatKeepsItsTensors) {
   const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
   const json rep = read_json(out / "moe_tool_report.json");
   EXPECT_EQ(expect_kept_experts_copied(oc, ic, rep, {".qweight", ".qzeros", ".scales"}, 3), 2u * 3 * 3 * 3);
+  // The report counts the AWQ files written (4 + 16/16 + 4/16 bits at groups of 16: codes, F16
+  // scales, packed zero points), as the input's: a prune changes no expert's bits.
+  EXPECT_EQ(rep.at("expert_bits_per_param").at("after"), 5.25);
+  EXPECT_EQ(rep.at("expert_bits_per_param").at("before"), 5.25);
   // Only the experts are packed: the attention stays dense, as in the input, and is named.
   for (const auto& n : oc.names()) {
     if (n.ends_with(".qweight")) {
@@ -465,6 +469,7 @@ TEST(PackedInputCodes, PruneOfAnFp8InputWithoutFormatKeepsItsTensors) {
   const auto ic = io::Checkpoint::open(env, src), oc = io::Checkpoint::open(env, out);
   const json rep = read_json(out / "moe_tool_report.json");
   size_t checked = expect_kept_experts_copied(oc, ic, rep, {".weight", ".weight_scale", ".input_scale"}, 3);
+  EXPECT_EQ(rep.at("expert_bits_per_param").at("after"), rep.at("expert_bits_per_param").at("before"));
   for (const auto& l : rep.at("layers")) {
     const int layer = l.at("layer").get<int>();
     // The attention projections (strategy tensor): BF16 [1] weight_scale and the static input_scale kept.
