@@ -600,6 +600,28 @@ void check_run(RunState& s) {
           for (const core::Tensor* t : {&e.gate, &e.up, &e.down}) dense_after(*t);
         dense_after(l.moe->router);  // the merged router rows too
       }
+  // Experts of a layer stored unlike each other (one kept dense by a quantization config's
+  // `ignore`, scales of another dtype or shape): the plan names each written expert's tensors
+  // after the input expert at its index, which a pass that drops or moves experts changes: written
+  // through spill files too.
+  for (const auto& l : model.layers()) {
+    if (!l.moe || shapes_at_run) continue;
+    auto signature = [](const model::Mlp& e) {
+      std::string sig;
+      for (const core::Tensor* t : {&e.gate, &e.up, &e.down}) {
+        sig += core::dtype_name(t->dtype()) + core::shape_str(t->shape()) + ";";
+        if (const core::Encoding* enc = t->encoding()) {
+          sig += enc->name() + enc->params().dump();
+          for (const auto& part : enc->parts())
+            sig += part.role + part.suffix + core::dtype_name(part.tensor->dtype()) + core::shape_str(part.tensor->shape());
+        }
+        sig += "|";
+      }
+      return sig;
+    };
+    const std::string first = l.moe->experts.empty() ? "" : signature(l.moe->experts.front());
+    for (const auto& e : l.moe->experts) shapes_at_run = shapes_at_run || signature(e) != first;
+  }
   // Weights whose parts' shapes depend on their values (sub-1-bit code streams) cannot be planned
   // from the input's positions once a pass moves experts: written through spill files too.
   // Experts pooled across layers (`moe-tool share`): the pool's tensor is written once, under the

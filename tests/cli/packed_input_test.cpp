@@ -525,7 +525,11 @@ TEST(PackedInputCodes, PruneOfAnFp8InputWithoutFormatKeepsItsTensors) {
 // The fixture with the experts' weight_scale stored F16 [out] (as vLLM's channel scales may be)
 // and a static input_scale per expert: both kept as stored by a prune, the scales not widened to
 // [out, 1] or F32; eval of the output equals that of the hf prune.
-TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
+// A copy of the FP8 fixture whose experts carry a static input_scale and F16 [out] weight scales
+// (`mixed`: the odd experts BF16 [out, 1] instead, so that experts are stored unlike each other),
+// pruned to 2 experts without --format: every kept expert's tensors as stored, decoded as the hf
+// prune decodes.
+void prune_fp8_copy(bool mixed) {
   TempDir dir{"moe-packed-in"};
   const fs::path fixture = kSrc / "data/packed-inputs/fp8-tiny", src = dir / "fp8", out = dir / "pruned";
   const auto fc = io::Checkpoint::open(io::Env::posix(), fixture);
@@ -540,7 +544,8 @@ TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
   for (const auto& n : fc.names()) {
     const core::Tensor t = fc.tensor(n);
     if (n.find(".experts.") != std::string::npos && n.ends_with(".weight_scale")) {
-      add(n, t.converted(core::DType::F16).reshaped({t.dim(0)}));
+      const bool odd = mixed && std::stoi(n.substr(n.find(".experts.") + 9)) % 2 == 1;
+      add(n, odd ? t.converted(core::DType::BF16) : t.converted(core::DType::F16).reshaped({t.dim(0)}));
       const float in_scale = 0.02f + 0.001f * static_cast<float>(ck.tensors.size());
       core::Tensor is = core::Tensor::zeros(core::DType::F32, {1});
       std::memcpy(is.mutable_data(), &in_scale, 4);
@@ -556,14 +561,28 @@ TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
   const auto ic = io::Checkpoint::open(io::Env::posix(), src), oc = io::Checkpoint::open(io::Env::posix(), out);
   const json rep = read_json(out / "moe_tool_report.json");
   EXPECT_EQ(expect_kept_experts_copied(oc, ic, rep, {".weight", ".weight_scale", ".input_scale"}, 2), 2u * 2 * 3 * 3);
-  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").dtype, core::DType::F16);
-  EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").shape, (core::Shape{64}));
+  bool moved = false;  // an expert written at an index of the other parity (stored unlike the input's there)
+  for (const auto& l : rep.at("layers")) {
+    const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
+    for (size_t e = 0; e < kept.size(); ++e) moved = moved || kept[e] % 2 != static_cast<int>(e % 2);
+  }
+  if (mixed) EXPECT_TRUE(moved) << rep.at("layers").dump();
+  if (!mixed) {
+    EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").dtype, core::DType::F16);
+    EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").shape, (core::Shape{64}));
+  }
   // Decoded as the hf prune decodes (the F16 scales read as F32 either way).
   run_ok({"-q", "prune", src.string(), (dir / "hf").string(), "--method", "random", "--keep", "2", "--format", "hf"});
   run_ok({"-q", "convert", out.string(), (dir / "a").string(), "--dtype", "f32", "--materialize"});
   run_ok({"-q", "convert", (dir / "hf").string(), (dir / "b").string(), "--dtype", "f32", "--materialize"});
   EXPECT_EQ(first_difference(read_tensors(dir / "a"), read_tensors(dir / "b")), "");
 }
+
+TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) { prune_fp8_copy(false); }
+
+// Experts stored unlike each other are planned after the prune decides (they were planned by
+// index: "write past its planned size", exit 1).
+TEST(PackedInputCodes, PruneOfExpertsStoredUnlikeEachOther) { prune_fp8_copy(true); }
 
 // Entries of the quantization_config that name an expert module exactly follow the prune: a kept
 // expert's renumbered, a removed one's dropped (a group left with no target goes); patterns stay.
