@@ -536,7 +536,15 @@ void check_output_format(io::Env& env, const Recipe& r, const io::Checkpoint& ck
   if (r.output.format == "hf") return;
   if (!ckpt.gguf()) check_pass_structure(r);  // a GGUF input's own checks: check_gguf_like_plan
   if (r.output.format == "gguf") check_gguf_plan(env, r, ckpt, planned);
-  else if (copies_fp8_input(r, ckpt)) check_fp8_copy(planned, output_where(r));
+  else if (copies_fp8_input(r, ckpt)) {
+    // The FP8 weights are copied as stored: a dtype for the weights has no place (the folder
+    // would be dense under the input's float-quantized config, which no reader loads).
+    if (r.output.dtype || r.output.materialize)
+      throw Error::unsupported(r.key(r.output.dtype ? "output.dtype" : "output.materialize") + ": " + r.key("output.format") +
+                               " compressed-tensors of a compressed-tensors FP8 input copies its FP8 weights as stored; " +
+                               r.key("output.format") + " hf writes them dequantized");
+    check_fp8_copy(planned, output_where(r));
+  }
   else check_packed_plan(r, ckpt, planned);
 }
 

@@ -639,6 +639,17 @@ TEST(PackedInputCodes, PruneOfAnFp8InputWithDtypeIsWrittenHf) {
                        "compressed-tensors, which cannot hold it: --no-uniform"),
             std::string::npos) << g.out;
   EXPECT_EQ(read_json(dir / "ragged" / "config.json").at("quantization_config").at("quant_method"), "moe_tool");
+  // --format compressed-tensors with a dtype: refused (a dense folder under the input's FP8 config
+  // was written before, which no reader loads), nothing written.
+  for (const char* opt : {"--dtype", "--materialize"}) {
+    std::vector<std::string> args = {"prune", src.string(), (dir / "ct").string(), "--method", "random", "--keep", "3",
+                                     "--format", "compressed-tensors", opt};
+    if (std::string(opt) == "--dtype") args.push_back("f16");
+    const RunResult c = run_tool(args);
+    EXPECT_EQ(c.exit_code, 2) << c.describe();
+    EXPECT_NE(c.err.find(opt), std::string::npos) << c.err;
+    EXPECT_FALSE(fs::exists(dir / "ct"));
+  }
 }
 
 // A GPTQ input whose codes moe-tool's intN cannot hold (act-order: a g_idx that is not i div G) is
