@@ -522,6 +522,46 @@ std::optional<std::string> renamed_module(const std::string& name, const nlohman
   return std::nullopt;
 }
 
+// A `re:` entry of `ignore` or of a config group's `targets` that names experts by their index
+// (compressed-tensors matches it from the start of the module name, as Python's re.match) would
+// match other experts once the kept ones are renumbered: refused (Error::unsupported naming the
+// entry and a module it moves), as no pattern can be rewritten in general.
+void check_patterns_follow_experts(const io::Checkpoint& input, const nlohmann::json& q, const nlohmann::json& keep_map) {
+  std::vector<std::pair<std::string, std::string>> patterns;  // (JSON path, pattern)
+  if (q.contains("ignore") && q["ignore"].is_array())
+    for (size_t i = 0; i < q["ignore"].size(); ++i)
+      if (q["ignore"][i].is_string()) patterns.emplace_back("ignore[" + std::to_string(i) + "]", q["ignore"][i].get<std::string>());
+  if (q.contains("config_groups") && q["config_groups"].is_object())
+    for (const auto& [key, g] : q["config_groups"].items())
+      if (g.is_object() && g.contains("targets") && g["targets"].is_array())
+        for (size_t i = 0; i < g["targets"].size(); ++i)
+          if (g["targets"][i].is_string())
+            patterns.emplace_back("config_groups." + key + ".targets[" + std::to_string(i) + "]", g["targets"][i].get<std::string>());
+  std::vector<std::pair<std::string, std::string>> moved;  // (input module, its output name)
+  for (const auto& n : input.names()) {
+    if (!n.ends_with(".weight")) continue;
+    const std::string mod = n.substr(0, n.size() - 7);
+    if (!expert_name(mod)) continue;
+    if (const auto out = renamed_module(mod, keep_map); out && *out != mod) moved.emplace_back(mod, *out);
+  }
+  for (const auto& [where, p] : patterns) {
+    if (p.rfind("re:", 0) != 0) continue;
+    std::regex re;
+    try {
+      re = std::regex(p.substr(3));
+    } catch (const std::regex_error&) {
+      continue;  // not an ECMAScript pattern: not checked here
+    }
+    auto matches = [&](const std::string& m) { return std::regex_search(m, re, std::regex_constants::match_continuous); };
+    for (const auto& [from, to] : moved)
+      if (matches(from) != matches(to))
+        throw Error::unsupported((input.dir() / "config.json").string() + ": quantization_config." + where + ": \"" + p + "\" matches " +
+                                 (matches(from) ? from + " but not " + to : to + " but not " + from) + ", the name that expert " +
+                                 "takes after the prune (the pattern names experts by index); write --format hf, or name " +
+                                 "the experts without their index");
+  }
+}
+
 nlohmann::json renumbered_quantization_config(nlohmann::json q, const nlohmann::json& keep_map) {
   auto rename_list = [&](const nlohmann::json& list) {
     nlohmann::json out = nlohmann::json::array();
@@ -613,6 +653,7 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
   }
   write_side_files(env, staged, dir);
   nlohmann::json cfg = config;
+  check_patterns_follow_experts(input, input.config().at("quantization_config"), keep_map);
   cfg["quantization_config"] = renumbered_quantization_config(input.config().at("quantization_config"), keep_map);
   env.write_text(dir / "config.json", cfg.dump(2) + "\n");
   io::CheckpointWriter w(env, dir, specs, max_shard_bytes);

@@ -80,6 +80,12 @@ GgufOptions gguf_options(const Recipe& r) {
 // An export format: the native output staged in a temporary folder beside the output (in its
 // parent) and converted by finish(), as `moe-tool export` converts a native checkpoint.
 class ExportSink final : public Sink {
+  // The frame of an error while writing the format: the option the user gave, or the input's
+  // format a prune follows (runner.cpp follow_input_format) when none was given.
+  std::string format_context() const {
+    return r_.output.format_given ? r_.key("output.format") + " " + format() : "output format " + format() + " (the input's)";
+  }
+
  public:
   ExportSink(io::Env& env, const Recipe& r, const std::vector<fs::path>& inputs) : env_(env), r_(r) {
     const std::string force_name = r.key("output.force");
@@ -167,7 +173,7 @@ class ExportSink final : public Sink {
       return r;
     }
     if (source_ && copies_fp8_input(r_, *source_)) {
-      const Fp8CopyResult c = core::with_context(r_.key("output.format") + " " + format(), [&] {
+      const Fp8CopyResult c = core::with_context(format_context(), [&] {
         return write_fp8_copied(env_, *source_, ckpt, config, keep_map_, folder_->path(), r_.output.max_shard_bytes);
       });
       r.tensors = c.tensors;
@@ -181,7 +187,7 @@ class ExportSink final : public Sink {
       r.details["expert_bits_per_param"] = written_expert_bits(env_, folder_->path());
       return r;
     }
-    const PackedResult p = core::with_context(r_.key("output.format") + " " + format(), [&] {
+    const PackedResult p = core::with_context(format_context(), [&] {
       return write_packed(env_, ckpt, m, parse_packed_format(format()), folder_->path(), r_.output.max_shard_bytes);
     });
     r.tensors = p.tensors;

@@ -615,6 +615,19 @@ TEST(PackedInputCodes, PruneOfAnFp8InputRenumbersExactTargets) {
   // The output reads back (a target naming no stored module would be refused).
   const RunResult ins = run_tool({"inspect", out.string()});
   EXPECT_EQ(ins.exit_code, 0) << ins.describe();
+  // A `re:` target naming an expert by its index that the same prune renumbers: refused (it would
+  // match another expert after the prune), nothing written.
+  size_t e = 0;
+  while (e < kept.size() && kept[e] == static_cast<int>(e)) ++e;
+  ASSERT_LT(e, kept.size()) << "the prune moved no expert of layer 0";
+  groups["group_4"] = groups["group_0"];
+  groups["group_4"]["targets"] = {"re:model\\.layers\\.0\\.block_sparse_moe\\.experts\\." + std::to_string(kept[e]) + "\\..*"};
+  write_file(src / "config.json", cfg.dump(2) + "\n");
+  const RunResult m = run_tool({"prune", src.string(), (dir / "re").string(), "--method", "random", "--keep", "2"});
+  EXPECT_EQ(m.exit_code, 2) << m.describe();
+  EXPECT_NE(m.err.find("quantization_config.config_groups.group_4.targets[0]"), std::string::npos) << m.err;
+  EXPECT_NE(m.err.find("the pattern names experts by index"), std::string::npos) << m.err;
+  EXPECT_FALSE(fs::exists(dir / "re"));
 }
 
 // --dtype given: an hf option, the weights dequantized, said in the summary; so is a prune the
