@@ -9,7 +9,8 @@
 without --format (compressed-tensors float-quantized again). Every FP8 Linear of PRUNED is decoded
 (E4M3 code times weight_scale, broadcast per tensor / per row / per block as the config group says)
 and must equal, exactly, the decoded INPUT module it came from (the expert index mapped through
-moe_tool_report.json's layers[].passes[0].kept); its weight_scale and input_scale must be the
+moe_tool_report.json's layers[].origin, which composes every pass: one input expert each); its
+weight_scale and input_scale must be the
 input's, dtype and shape included. Prints one JSON object and exits 1 on any difference.
   E4M3 (OCP 8-bit floating point, the format compressed-tensors' float-quantized stores):
     sign bit 7, exponent bits 6..3 with bias 7, mantissa bits 2..0; exponent 0 is subnormal
@@ -226,7 +227,14 @@ def check_fp8_prune(in_dir, out_dir):
             bad.append("config: " + k + " differs from the input's")
     kept = {}
     for layer in json.load(open(os.path.join(out_dir, "moe_tool_report.json")))["layers"]:
-        kept[layer["layer"]] = layer["passes"][0]["kept"]
+        if layer.get("origin") is None:
+            continue
+        ids = []
+        for e, sources in enumerate(layer["origin"]):
+            if len(sources) != 1:
+                bad.append("layer %d expert %d: made of %d input experts (not a prune)" % (layer["layer"], e, len(sources)))
+            ids.append(int(sources[0][0]))
+        kept[layer["layer"]] = ids
     table = e4m3_table()
     modules = sorted(n[: -len(".weight")] for n, t in ot.items() if n.endswith(".weight") and t[0] == "F8_E4M3")
     total = 0.0
@@ -242,11 +250,17 @@ def check_fp8_prune(in_dir, out_dir):
             if (src + part in it) != (mod + part in ot) or (src + part in it and it[src + part] != ot[mod + part]):
                 bad.append(mod + part + " (not the input's " + src + part + " as stored)")
         total += float(w.astype(np.float64).sum())
+    if not modules:
+        bad.append("no F8_E4M3 weight in " + out_dir)
     print(json.dumps({"fp8_modules": len(modules), "kept_experts": sum(len(v) for v in kept.values()), "sum": total, "mismatches": bad}))
     return 1 if bad else 0
 
 
 def main():
+    for d in sys.argv[2:] if sys.argv[1:2] == ["--fp8-prune"] else sys.argv[1:] if len(sys.argv) == 3 else []:
+        if not os.path.isdir(d):
+            print(json.dumps({"error": d + ": not a folder"}))
+            return 2
     if len(sys.argv) == 4 and sys.argv[1] == "--fp8-prune":
         return check_fp8_prune(sys.argv[2], sys.argv[3])
     if len(sys.argv) == 4 and sys.argv[1] == "--synthetic-mixtral":
