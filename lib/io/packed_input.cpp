@@ -401,6 +401,9 @@ void PackedInput::open_compressed_tensors(const nlohmann::json& q) {
       G.is_float = true;
       G.m.kind = Module::Fp8;
       G.m.fp8_strategy = strategy;
+      if (g.contains("input_activations") && g.at("input_activations").is_object() &&
+          !json_bool(g.at("input_activations"), "dynamic", false, G.where + ".input_activations"))
+        G.m.static_inputs = G.where + ".input_activations";
       if (strategy == "block") {
         const auto& bs = w.contains("block_structure") ? w.at("block_structure") : nlohmann::json();
         if (!bs.is_array() || bs.size() != 2 || !bs[0].is_number_integer() || !bs[1].is_number_integer() ||
@@ -614,6 +617,9 @@ Tensor PackedInput::fp8_weight(const std::string& module, const Module& m, std::
   used.insert(wname);
   used.insert(sname);
   if (ckpt_.has(module + ".input_scale")) used.insert(module + ".input_scale");
+  else if (!m.static_inputs.empty())
+    throw Error::corruption(ckpt_.shard_path(wname).string() + ": tensor " + module + ".input_scale: missing (" + m.static_inputs +
+                            " are static, dynamic false: each module stores its activation scale)");
   if (w.rank() != 2)
     throw Error::corruption(ckpt_.shard_path(wname).string() + ": tensor " + wname + ": FP8 weight of shape " +
                             core::shape_str(w.shape()) + ", expected [out, in]");

@@ -140,6 +140,9 @@ class PackedInput {
     PackedIntLinear::Layout layout;
     bool symmetric = true;      // compressed-tensors int: no zero point decoded (2^(N−1))
     std::string fp8_strategy;   // "tensor", "channel", "block"
+    // The config group's `input_activations` key when they are static (an object whose `dynamic` is
+    // false or absent, compressed-tensors' default): every FP8 module of it stores `input_scale`.
+    std::string static_inputs;
     int64_t block_rows = 0, block_cols = 0;
   };
   PackedInput(const Checkpoint& ckpt, std::string method) : ckpt_(ckpt), method_(std::move(method)) {}

@@ -662,7 +662,10 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
                                : input.tensor(it.input);
     const io::Checkpoint& from = it.staged ? staged : input;
     if (!t.owns_data()) from.populate_range(t.data(), t.nbytes());  // the finite check reads them all
-    if (!it.staged || (t.dtype() == it.staged->dtype && t.shape() == it.staged->shape))
+    if (!it.staged)  // a NaN code or scale is named in the input, where it is stored
+      core::with_context(input.shard_path(it.input).string() + ": tensor " + it.input,
+                         [&] { write_as_stored(w, from, it.name, t.data(), t.nbytes()); });
+    else if (t.dtype() == it.staged->dtype && t.shape() == it.staged->shape)
       write_as_stored(w, from, it.name, t.data(), t.nbytes());
     else
       w.write(it.name, t.converted(it.staged->dtype));

@@ -270,6 +270,19 @@ TEST(PackedInput, CompressedTensorsFp8Decodes) {
     EXPECT_EQ(p.decode(m + ".weight", &used), (std::vector<float>{0.25f, 0.5f, -0.25f, 0.375f, 0.5f, 0.25f}));
     EXPECT_TRUE(used.count(m + ".input_scale"));
   }
+  {
+    // Static input activations (dynamic false) name an input_scale per module: one missing is refused.
+    json q = fp8_config("tensor");
+    q["config_groups"]["group_0"]["input_activations"]["dynamic"] = false;
+    q["config_groups"]["group_0"]["input_activations"]["strategy"] = "tensor";
+    Packed p;
+    p.write(q, {tensor_of(m + ".weight", DType::F8_E4M3, {2, 3}, codes),
+                tensor_of(m + ".weight_scale", DType::F32, {1}, std::vector<float>{0.25f})});
+    p.open();
+    std::set<std::string> used;
+    expect_error([&] { (void)p.input->weight(m + ".weight", used); }, ErrorKind::Corruption,
+                 {"model.safetensors: tensor " + m + ".input_scale: missing (", "config_groups.group_0.input_activations are static"});
+  }
 }
 
 // --- Refusals: one line naming the file or config key and the tensor ---
