@@ -566,7 +566,9 @@ void prune_fp8_copy(bool mixed) {
     const auto kept = l.at("passes").at(0).at("kept").get<std::vector<int>>();
     for (size_t e = 0; e < kept.size(); ++e) moved = moved || kept[e] % 2 != static_cast<int>(e % 2);
   }
-  if (mixed) EXPECT_TRUE(moved) << rep.at("layers").dump();
+  if (mixed) {
+    EXPECT_TRUE(moved) << rep.at("layers").dump();
+  }
   if (!mixed) {
     EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").dtype, core::DType::F16);
     EXPECT_EQ(oc.info("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale").shape, (core::Shape{64}));

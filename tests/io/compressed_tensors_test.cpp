@@ -267,7 +267,9 @@ TEST(CompressedTensors, RowBlocksAndOddWidthsGiveTheSameBytes) {
           io::pack_linear(fmt, c.view(), left, {}, /*leave_stored_rows=*/true);
           ASSERT_EQ(left.size(), whole.size());
           EXPECT_EQ(left[0].data, plain ? std::vector<uint8_t>{} : whole[0].data);
-          if (plain) EXPECT_EQ(c.stream, whole[0].data);
+          if (plain) {
+            EXPECT_EQ(c.stream, whole[0].data);
+          }
           for (size_t k = 1; k < whole.size(); ++k) EXPECT_EQ(whole[k].data, left[k].data) << whole[k].suffix;
           const auto w = fmt == PackedFormat::Awq
                              ? decode_awq(out, in, find_part(whole, ".qweight").data, find_part(whole, ".qzeros").data,
