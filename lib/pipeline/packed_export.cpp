@@ -195,7 +195,15 @@ PackedPlan plan_packed(const io::Checkpoint& ckpt, const model::Model& m, io::Pa
       int64_t fits = -1;
       for (const int64_t g : {int64_t{128}, int64_t{64}, int64_t{32}, int64_t{0}})
         if (fits < 0 && io::packed_shape_problem(fmt, s.bits, g, out, in).empty()) fits = g;
-      const std::string fix = fits < 0 ? way_out
+      // No group fits: the outputs (or GPTQ's inputs) are not whole words. Re-quantizing cannot
+      // help; keeping the Linear dense, or a format that packs along the inputs of each row, can.
+      const std::string keep = o.cls == "router"           ? "--router keep"
+                               : o.cls == "attention"      ? "--attention keep"
+                               : o.cls == "shared_experts" ? "--shared keep"
+                                                           : "";
+      const std::string fix = fits < 0 ? "no group size makes this shape fit: " +
+                                             (keep.empty() ? std::string() : "quantize with `" + keep + "` (kept dense), or ") +
+                                             "export --format compressed-tensors (it packs each row along its inputs)"
                                        : "quantize it with a group this shape takes, e.g. `moe-tool quantize " + src +
                                              " OUT --codec int" + std::to_string(s.bits) + " --group " + std::to_string(fits) +
                                              (s.symmetric ? " --sym" : "") + "` (from a dense model)";
@@ -452,7 +460,6 @@ PackedResult write_packed(io::Env& env, const io::Checkpoint& ckpt, const model:
 io::PackedFormat parse_packed_format(const std::string& f) {
   return f == "gptq" ? io::PackedFormat::Gptq : f == "awq" ? io::PackedFormat::Awq : io::PackedFormat::CompressedTensors;
 }
-
 
 bool is_compressed_tensors_fp8(const io::Checkpoint& ckpt) {
   if (ckpt.gguf()) return false;

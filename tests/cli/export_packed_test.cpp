@@ -336,6 +336,17 @@ TEST(ExportPackedRefusals, AwqGroupBitsWidthAndLmHead) {
   ASSERT_EQ(run_tool({"-q", "quantize", narrow.string(), narrow_q.string(), "--method", "rtn", "--codec", "int4", "--group", "4",
                       "--sym"}).exit_code, 0);
   refused(narrow_q, "AWQ packs 8 outputs per int32 and needs a multiple of 8 outputs");
+  // No group size helps a width that is not whole words: the way out is compressed-tensors (and,
+  // for a router, keeping it dense), not a re-quantization.
+  refused(narrow_q, "no group size makes this shape fit: export --format compressed-tensors");
+  SynthSpec six;
+  six.config_patch = {{"num_local_experts", 6}};
+  const fs::path routed = dir / "six", routed_q = dir / "six-q";
+  write_synth(make_synth("mixtral", six), routed);
+  ASSERT_EQ(run_tool({"-q", "quantize", routed.string(), routed_q.string(), "--method", "rtn", "--codec", "int4", "--group", "4",
+                      "--sym", "--router", "codec"}).exit_code, 0);
+  refused(routed_q, "gate.weight (intN");
+  refused(routed_q, "quantize with `--router keep` (kept dense), or export --format compressed-tensors");
   // The flags of a run: refused before any pass runs (--dry-run too).
   const RunResult r = run_tool({"quantize", (kSrc / "data/models/mixtral-tiny").string(), out, "--method", "rtn", "--codec",
                                 "int8", "--group", "32", "--format", "awq", "--dry-run"});
@@ -512,7 +523,9 @@ TEST(ExportPackedOutput, InputAndForce) {
   for (const auto& [tensor, file] : index.at("weight_map").items()) ++per_shard[file.get<std::string>()];
   EXPECT_GT(per_shard.size(), 1u);
   for (const auto& [file, n] : per_shard)
-    if (fs::file_size(dir / "sh" / file) > 200'000u) EXPECT_EQ(n, 1) << file;
+    if (fs::file_size(dir / "sh" / file) > 200'000u) {
+      EXPECT_EQ(n, 1) << file;
+    }
   EXPECT_EQ(expect_same_weights(native, dir / "sh"), 96u);
   expect_clean_failure(run_tool({"export", native.string(), (dir / "sz").string(), "--format", "gptq", "--max-shard-size", "lots"}),
                        "--max-shard-size");
