@@ -658,9 +658,9 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
     }
     ++r.fp8_linears;
   }
+  check_patterns_follow_experts(input, input.config().at("quantization_config"), keep_map);  // before any write
   write_side_files(env, staged, dir);
   nlohmann::json cfg = config;
-  check_patterns_follow_experts(input, input.config().at("quantization_config"), keep_map);
   cfg["quantization_config"] = renumbered_quantization_config(input.config().at("quantization_config"), keep_map);
   env.write_text(dir / "config.json", cfg.dump(2) + "\n");
   io::CheckpointWriter w(env, dir, specs, max_shard_bytes);
