@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 
@@ -67,57 +68,61 @@ inline uint32_t awq_row_word(const uint8_t* row, int64_t rb, int64_t j) {
   return w;
 }
 
-// a[r] nibble c becomes a[c] nibble r (an 8 x 8 matrix of nibbles transposed): the 4 x 4 blocks of
-// 16-bit halves swapped, then the 2 x 2 blocks of bytes inside them, then single nibbles.
-void transpose_nibbles(uint32_t a[8]) {
-  for (int r = 0; r < 4; ++r) {
-    const uint32_t x = a[r], y = a[r + 4];
-    a[r] = (x & 0x0000FFFFu) | (y << 16);
-    a[r + 4] = (x >> 16) | (y & 0xFFFF0000u);
-  }
-  for (int r : {0, 1, 4, 5}) {
-    const uint32_t x = a[r], y = a[r + 2];
-    a[r] = (x & 0x00FF00FFu) | ((y & 0x00FF00FFu) << 8);
-    a[r + 2] = ((x >> 8) & 0x00FF00FFu) | (y & 0xFF00FF00u);
-  }
-  for (int r : {0, 2, 4, 6}) {
-    const uint32_t x = a[r], y = a[r + 1];
-    a[r] = (x & 0x0F0F0F0Fu) | ((y & 0x0F0F0F0Fu) << 4);
-    a[r + 1] = ((x >> 4) & 0x0F0F0F0Fu) | (y & 0xF0F0F0F0u);
-  }
+
+// The bit operations on 32-bit lanes: one word (the edges), or 4 words side by side (SSE2).
+struct Word {
+  using V = uint32_t;
+  static uint32_t mask(uint32_t m) { return m; }
+  static uint32_t band(uint32_t a, uint32_t b) { return a & b; }
+  static uint32_t bor(uint32_t a, uint32_t b) { return a | b; }
+  template <int K>
+  static uint32_t shl(uint32_t a) { return a << K; }
+  template <int K>
+  static uint32_t shr(uint32_t a) { return a >> K; }
+};
+#if defined(__SSE2__)
+struct Words4 {
+  using V = __m128i;
+  static __m128i mask(uint32_t m) { return _mm_set1_epi32(static_cast<int>(m)); }
+  static __m128i band(__m128i a, __m128i b) { return _mm_and_si128(a, b); }
+  static __m128i bor(__m128i a, __m128i b) { return _mm_or_si128(a, b); }
+  template <int K>
+  static __m128i shl(__m128i a) { return _mm_slli_epi32(a, K); }
+  template <int K>
+  static __m128i shr(__m128i a) { return _mm_srli_epi32(a, K); }
+};
+#endif
+
+// a[r] nibble c becomes a[c] nibble r (an 8 x 8 matrix of nibbles transposed, in each 32-bit lane):
+// the 4 x 4 blocks of 16-bit halves swapped, then the 2 x 2 blocks of bytes inside them, then
+// single nibbles. Each step exchanges the bits `lo` does not select of a[r] with those it selects
+// of a[r + d], K bits apart.
+template <class L>
+void transpose_nibbles(typename L::V a[8]) {
+  using V = typename L::V;
+  auto step = [&](auto k, int r, int d, uint32_t lo) {
+    constexpr int K = decltype(k)::value;
+    const V x = a[r], y = a[r + d], m = L::mask(lo), h = L::mask(~lo);
+    a[r] = L::bor(L::band(x, m), L::template shl<K>(L::band(y, m)));
+    a[r + d] = L::bor(L::band(L::template shr<K>(x), m), L::band(y, h));
+  };
+  for (int r = 0; r < 4; ++r) step(std::integral_constant<int, 16>{}, r, 4, 0x0000FFFFu);
+  for (int r : {0, 1, 4, 5}) step(std::integral_constant<int, 8>{}, r, 2, 0x00FF00FFu);
+  for (int r : {0, 2, 4, 6}) step(std::integral_constant<int, 4>{}, r, 1, 0x0F0F0F0Fu);
 }
 
 #if defined(__SSE2__)
-// transpose_nibbles on 4 words side by side (lane m of each a[r]).
-inline void transpose_nibbles4(__m128i a[8]) {
-  auto mask = [](uint32_t m) { return _mm_set1_epi32(static_cast<int>(m)); };
-  for (int r = 0; r < 4; ++r) {
-    const __m128i x = a[r], y = a[r + 4];
-    a[r] = _mm_or_si128(_mm_and_si128(x, mask(0x0000FFFFu)), _mm_slli_epi32(y, 16));
-    a[r + 4] = _mm_or_si128(_mm_srli_epi32(x, 16), _mm_and_si128(y, mask(0xFFFF0000u)));
-  }
-  for (int r : {0, 1, 4, 5}) {
-    const __m128i x = a[r], y = a[r + 2];
-    a[r] = _mm_or_si128(_mm_and_si128(x, mask(0x00FF00FFu)), _mm_slli_epi32(_mm_and_si128(y, mask(0x00FF00FFu)), 8));
-    a[r + 2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(x, 8), mask(0x00FF00FFu)), _mm_and_si128(y, mask(0xFF00FF00u)));
-  }
-  for (int r : {0, 2, 4, 6}) {
-    const __m128i x = a[r], y = a[r + 1];
-    a[r] = _mm_or_si128(_mm_and_si128(x, mask(0x0F0F0F0Fu)), _mm_slli_epi32(_mm_and_si128(y, mask(0x0F0F0F0Fu)), 4));
-    a[r + 1] = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(x, 4), mask(0x0F0F0F0Fu)), _mm_and_si128(y, mask(0xF0F0F0F0u)));
-  }
-}
 
 // The words [8j + 8m + u, col + c] of AWQ's qweight (m < 4 whole words of inputs, c < 4 columns):
 // for each column the 8 source rows' words j..j+3 side by side, transposed nibble-wise
-// (transpose_nibbles4), then for each u the 4 columns' vectors transposed 4 x 4 so that each
+// (transpose_nibbles), then for each u the 4 columns' vectors transposed 4 x 4 so that each
 // store is 4 consecutive words of one row of qweight.
 inline void awq_quad(const uint8_t* codes, int64_t rb, int64_t cols, int64_t col, int64_t j, uint8_t* qw) {
   __m128i a[4][8];
   for (int c = 0; c < 4; ++c) {
     for (int k = 0; k < 8; ++k)
       a[c][k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (8 * (col + c) + kAwqOrder[k]) * rb + 4 * j));
-    transpose_nibbles4(a[c]);
+    transpose_nibbles<Words4>(a[c]);
   }
   for (int u = 0; u < 8; ++u) {
     const __m128i t0 = _mm_unpacklo_epi32(a[0][u], a[1][u]), t1 = _mm_unpacklo_epi32(a[2][u], a[3][u]);
@@ -146,7 +151,7 @@ void pack_awq(const GroupCodes& c, std::vector<PackedTensor>& t,
   auto one = [&](int64_t col, int64_t j) {
     uint32_t a[8];
     for (int k = 0; k < 8; ++k) a[k] = awq_row_word(codes + (8 * col + kAwqOrder[k]) * rb, rb, j);
-    transpose_nibbles(a);
+    transpose_nibbles<Word>(a);
     const int64_t n = std::min<int64_t>(8, in - 8 * j);  // inputs in this word (the last may hold fewer)
     for (int64_t u = 0; u < n; ++u) std::memcpy(qw + ((8 * j + u) * cols + col) * 4, &a[u], 4);
   };
