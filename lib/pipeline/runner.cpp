@@ -395,11 +395,8 @@ struct RunState {
 // weights dequantized, with a warning saying why. The summary says which (docs/recipes.md).
 void follow_input_format(RunState& s) {
   Recipe& r = s.r;
-  if (r.output.format_given || r.passes.empty()) return;
-  for (const auto& p : r.passes)
-    if (p->name() != "prune") return;
+  if (r.output.format_given || !prunes_only(r)) return;
   std::string fmt;
-  bool fp8 = false;  // compressed-tensors float-quantized: the FP8 tensors copied (pipeline/sink.h copies_fp8_input)
   if (s.ckpt.gguf()) {
     fmt = "gguf";
   } else {
@@ -407,8 +404,9 @@ void follow_input_format(RunState& s) {
     const json qm = q.is_object() ? q.value("quant_method", json()) : json();
     if (qm == "gptq") fmt = "gptq";
     else if (qm == "awq") fmt = "awq";
-    else if (qm == "compressed-tensors" && q.value("format", json()) == "pack-quantized") fmt = "compressed-tensors";
-    else if (qm == "compressed-tensors" && q.value("format", json()) == "float-quantized") fmt = "compressed-tensors", fp8 = true;
+    else if (qm == "compressed-tensors" &&
+             (q.value("format", json()) == "pack-quantized" || q.value("format", json()) == "float-quantized"))
+      fmt = "compressed-tensors";
     else return;
   }
   std::string given;  // an option of the hf folder that keeps the input's format out
@@ -422,7 +420,7 @@ void follow_input_format(RunState& s) {
   }
   r.output.format = fmt;
   s.format_followed = true;
-  if (fp8) {
+  if (copies_fp8_input(r, s.ckpt)) {
     s.format_note = "output: format compressed-tensors, the input's (float-quantized: the kept FP8 Linears' weight, "
                     "weight_scale and input_scale copied as stored); " + r.key("output.format") +
                     " hf writes the FP8 codes under moe-tool's own config";

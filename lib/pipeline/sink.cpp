@@ -49,11 +49,15 @@ nlohmann::json written_expert_bits(io::Env& env, const fs::path& dir) {
 }
 }  // namespace
 
-bool copies_fp8_input(const Recipe& r, const io::Checkpoint& ckpt) {
-  if (r.output.format != "compressed-tensors" || r.passes.empty() || !is_compressed_tensors_fp8(ckpt)) return false;
+bool prunes_only(const Recipe& r) {
+  if (r.passes.empty()) return false;
   for (const auto& p : r.passes)
     if (p->name() != "prune") return false;
   return true;
+}
+
+bool copies_fp8_input(const Recipe& r, const io::Checkpoint& ckpt) {
+  return r.output.format == "compressed-tensors" && prunes_only(r) && is_compressed_tensors_fp8(ckpt);
 }
 
 bool stages_native_output(const Recipe& r) { return r.output.format != "hf" && !(copies_gguf_blocks(r) && !r.eval); }

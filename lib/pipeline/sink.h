@@ -95,6 +95,10 @@ std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector
 // Whether the recipe's output format is a single file (gguf) or a folder.
 bool output_is_file(const Recipe& r);
 
+// Whether the recipe has passes and every one is a prune (the kept experts' tensors are the
+// input's: a prune may write its input's format, runner.cpp follow_input_format).
+bool prunes_only(const Recipe& r);
+
 // Whether the run writes compressed-tensors FP8 by copying its input's FP8 tensors: a
 // compressed-tensors float-quantized input (is_compressed_tensors_fp8), prune passes only, format
 // compressed-tensors (pipeline/packed_export.h write_fp8_copied; check_output_format checks the

@@ -328,23 +328,25 @@ TEST(ExportPackedRefusals, AwqGroupBitsWidthAndLmHead) {
   refused(int8, "8-bit codes (AWQ GEMM packs 4 bits only): export --format gptq or compressed-tensors");
   const fs::path head = quantize_rtn(dir.path(), "mixtral-tiny", "head", {"--codec", "int4", "--group", "32", "--sym", "--lm-head", "codec"});
   refused(head, "lm_head.weight: a quantized lm_head, which the awq config does not hold here");
+  // A synthetic mixtral with `patch` applied, quantized to int4 groups of 4 (and `more` flags).
+  auto patched_int4 = [&](const std::string& name, const json& patch, std::vector<std::string> more) {
+    SynthSpec spec;
+    spec.config_patch = patch;
+    const fs::path src = dir / name, q = dir / (name + "-q");
+    write_synth(make_synth("mixtral", spec), src);
+    std::vector<std::string> args = {"-q", "quantize", src.string(), q.string(), "--method", "rtn", "--codec", "int4", "--group", "4",
+                                     "--sym"};
+    args.insert(args.end(), more.begin(), more.end());
+    EXPECT_EQ(run_tool(args).exit_code, 0) << name;
+    return q;
+  };
   // Experts 20 wide: w1 and w3 have 20 outputs, not whole words of 8.
-  SynthSpec spec;
-  spec.config_patch = {{"intermediate_size", 20}};
-  const fs::path narrow = dir / "narrow", narrow_q = dir / "narrow-q";
-  write_synth(make_synth("mixtral", spec), narrow);
-  ASSERT_EQ(run_tool({"-q", "quantize", narrow.string(), narrow_q.string(), "--method", "rtn", "--codec", "int4", "--group", "4",
-                      "--sym"}).exit_code, 0);
+  const fs::path narrow_q = patched_int4("narrow", {{"intermediate_size", 20}}, {});
   refused(narrow_q, "AWQ packs 8 outputs per int32 and needs a multiple of 8 outputs");
   // No group size helps a width that is not whole words: the way out is compressed-tensors (and,
   // for a router, keeping it dense), not a re-quantization.
   refused(narrow_q, "no group size makes this shape fit: export --format compressed-tensors");
-  SynthSpec six;
-  six.config_patch = {{"num_local_experts", 6}};
-  const fs::path routed = dir / "six", routed_q = dir / "six-q";
-  write_synth(make_synth("mixtral", six), routed);
-  ASSERT_EQ(run_tool({"-q", "quantize", routed.string(), routed_q.string(), "--method", "rtn", "--codec", "int4", "--group", "4",
-                      "--sym", "--router", "codec"}).exit_code, 0);
+  const fs::path routed_q = patched_int4("six", {{"num_local_experts", 6}}, {"--router", "codec"});
   refused(routed_q, "gate.weight (intN");
   refused(routed_q, "quantize with `--router keep` (kept dense), or export --format compressed-tensors");
   // The flags of a run: refused before any pass runs (--dry-run too).
