@@ -14,7 +14,7 @@ using core::Error;
 using runtime::MatrixRM;
 
 EnumerateResult naee_enumerate(const runtime::MoeWeights& w, const runtime::RoutingRule& rule, const MatrixRM& x,
-                               int keep, uint64_t max_subsets, const std::vector<bool>* protect) {
+                               int keep, uint64_t max_subsets, const std::vector<bool>* protect, int64_t chunk_floats) {
   const int E = static_cast<int>(w.num_experts());
   const int64_t N = x.rows(), H = x.cols();
   if (keep < rule.top_k || keep > E)
@@ -51,8 +51,8 @@ EnumerateResult naee_enumerate(const runtime::MoeWeights& w, const runtime::Rout
 
   std::vector<double> sq(sets.size(), 0.0);
   const runtime::RowVector* bias = runtime::choice_bias(w, rule);
-  // Chunks of tokens: E expert outputs of a chunk stay under ~64 MB of floats.
-  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 24) / std::max<int64_t>(1, E * H), 16, std::max<int64_t>(N, 16));
+  // Chunks of tokens: E expert outputs of a chunk stay under chunk_floats floats.
+  const int64_t chunk = std::clamp<int64_t>(chunk_floats / std::max<int64_t>(1, E * H), 16, std::max<int64_t>(N, 16));
   std::vector<MatrixRM> Y(E);
   for (int64_t t0 = 0; t0 < N; t0 += chunk) {
     const int64_t n = std::min(chunk, N - t0);

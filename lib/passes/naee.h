@@ -23,12 +23,14 @@ struct EnumerateResult {
 // entries true, optional) are never in a dropped set. Refuses with Error::invalid when the number
 // of sets C(E − protected, E − keep) exceeds max_subsets, naming a cheaper method.
 //
-// Cost: every expert runs once on every token (chunks of tokens, so memory stays bounded); each
+// Cost: every expert runs once on every token (chunks of at least 16 tokens whose E expert outputs
+// hold at most `chunk_floats` floats, so memory stays bounded; 2^24 floats = 64 MB); each
 // set then only re-routes the logits and recombines the stored expert outputs. Tokens whose
 // routing (ids and weights) a set does not change contribute the same as under full routing.
 // The loss is the Frobenius norm over all calibration tokens at once (one batch), accumulated
 // in double; ties keep the first set in lexicographic order.
 EnumerateResult naee_enumerate(const runtime::MoeWeights& w, const runtime::RoutingRule& rule, const runtime::MatrixRM& x,
-                               int keep, uint64_t max_subsets, const std::vector<bool>* protect = nullptr);
+                               int keep, uint64_t max_subsets, const std::vector<bool>* protect = nullptr,
+                               int64_t chunk_floats = int64_t{1} << 24);
 
 }  // namespace moe::passes

@@ -403,8 +403,12 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
     // input), and released after their write, with the kernel's fault-around window on both
     // sides (pages faulted in around a neighbour's first read would stay mapped otherwise): the
     // pages stay readable, a later read faults them in again.
+    // Codes that are written as stored (compressed-tensors' rows of whole words) are copied inside
+    // the kernel and never read here: their pages are not mapped.
+    const bool codes_as_stored = io::packed_rows_are_codes(p.fmt, parts->codes);
     const uint8_t *lo = nullptr, *hi = nullptr;
     for (const auto& [role, part] : p.manifest.at(o.weight).at("parts").items()) {
+      if (role == "codes" && codes_as_stored) continue;
       const core::Tensor t = by_name.at(part.get<std::string>())->make();
       if (t.owns_data()) continue;
       lo = lo ? std::min(lo, t.data()) : t.data();
@@ -413,12 +417,12 @@ size_t write_packed_folder(io::Env& env, const io::Checkpoint& ckpt, const model
     if (lo) ckpt.populate_range(lo, static_cast<uint64_t>(hi - lo));
     core::with_context(o.weight, [&] { io::pack_linear(p.fmt, parts->codes, buf, split, /*leave_stored_rows=*/true); });
     wait();
-    pending = std::async(std::launch::async, [&w, &ckpt, &buf, &p, parts, mod, weight = o.weight, lo, hi] {
+    pending = std::async(std::launch::async, [&w, &ckpt, &buf, parts, mod, weight = o.weight, lo, hi, codes_as_stored] {
       core::with_context(weight, [&] {
         const io::GroupCodes& c = parts->codes;
         for (const auto& t : buf) {
           // compressed-tensors' weight_packed of rows that fill whole words is the codes as stored.
-          if (t.suffix == ".weight_packed" && io::packed_rows_are_codes(p.fmt, c))
+          if (t.suffix == ".weight_packed" && codes_as_stored)
             write_as_stored(w, ckpt, mod + t.suffix, c.codes, static_cast<size_t>(c.out * c.row_bytes()));
           else
             w.write(mod + t.suffix, 0, t.data.data(), t.data.size());

@@ -330,14 +330,15 @@ TEST(PruneEnumerate, PicksTheLeastLossSubset) {
 }
 
 TEST(PruneEnumerate, ChunkedTokensGiveTheSameLoss) {
-  // More tokens than one chunk: E*H large enough that a chunk holds 34 of the 50 tokens.
-  LayerSpec spec{.E = 4, .H = 120000, .I = 2, .seed = 8};
+  // More tokens than one chunk: a chunk budget of 34 tokens' E expert outputs (34·E·H floats)
+  // holds 34 of the 50 tokens.
+  LayerSpec spec{.E = 4, .H = 64, .I = 2, .seed = 8};
   std::mt19937_64 rng(1);
   model::Layer l = make_layer(spec);
   const runtime::MoeWeights w = runtime::convert_moe(*l.moe);
   const MatrixRM x = random_matrix(50, spec.H, rng, 0.05f);
   const auto rule = softmax_rule(4, 2);
-  const EnumerateResult r = naee_enumerate(w, rule, x, 3, 100);
+  const EnumerateResult r = naee_enumerate(w, rule, x, 3, 100, nullptr, 34 * 4 * spec.H);
   EXPECT_NEAR(r.loss, block_loss(w, rule, x, r.dropped), 1e-4 * (1 + r.loss));
   EXPECT_EQ(r.dropped, brute_force(w, rule, x, 3).first);
   for (int e = 0; e < 4; ++e) EXPECT_NEAR(r.min_loss_dropping[e], block_loss(w, rule, x, {e}), 1e-4 * (1 + r.loss));
