@@ -125,6 +125,11 @@ def load_native(folder):
             tr = np.array([[x for c in codes[off[i]:off[i + 1]] for x in w[c]][:cols] for i in range(len(off) - 1)],
                          np.int64).reshape(len(off) - 1, cols)
             out[name] = np.where(tr == 2, lv[:, 1:2], np.where(tr == 1, lv[:, 0:1], 0)).astype(np.float32)
+        elif e["encoding"].startswith("gguf-"):
+            # rows of GGUF blocks: check_gguf.py's decoder, written from ggml-common.h
+            from check_gguf import decode as gguf_decode
+            cols = e["cols"]
+            out[name] = np.stack([gguf_decode(e["type"], np.ascontiguousarray(row), cols) for row in r["blocks"]]).astype(np.float32)
         else:
             raise ValueError(f"{name}: unknown encoding {e['encoding']}")
     return out, novices

@@ -51,39 +51,6 @@ int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_
   return 0;
 }
 
-// ---- GgufBlocks ----
-
-GgufBlocks::GgufBlocks(GgmlType type, int64_t cols, Tensor bytes)
-    : Encoding(bytes.rank() == 2 ? bytes.dim(0) : 0, cols), type_(type) {
-  if (bytes.dtype() != DType::U8 || bytes.rank() != 2 || bytes.encoding() ||
-      static_cast<uint64_t>(bytes.dim(1)) != quant::ggml_row_bytes(type, cols))
-    throw Error::internal("GgufBlocks: bytes " + core::shape_str(bytes.shape()) + " do not hold rows of " +
-                          std::to_string(cols) + " " + quant::ggml_type_info(type).name + " values");
-  bytes_ = std::make_shared<const Tensor>(std::move(bytes));
-}
-
-std::string GgufBlocks::name() const { return std::string("gguf-") + quant::ggml_type_info(type_).name; }
-
-json GgufBlocks::params() const { return {{"type", quant::ggml_type_info(type_).name}}; }
-
-std::vector<core::EncodedPart> GgufBlocks::parts() const { return {{"blocks", "", bytes_, false}}; }
-
-void GgufBlocks::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
-  check_rows(r0, r1);
-  const int64_t n = cols();
-  const size_t rb = static_cast<size_t>(bytes_->dim(1));
-  for (int64_t r = r0; r < r1; ++r) quant::decode_row(type_, bytes_->data() + static_cast<size_t>(r) * rb, n, dst + (r - r0) * n);
-}
-
-std::shared_ptr<const core::Encoding> GgufBlocks::slice_rows(int64_t r0, int64_t r1) const {
-  check_rows(r0, r1);
-  return std::make_shared<GgufBlocks>(type_, cols(), bytes_->slice0(r0, r1));
-}
-
-std::shared_ptr<const core::Encoding> GgufBlocks::take_rows(const std::vector<int64_t>& rows) const {
-  return std::make_shared<GgufBlocks>(type_, cols(), bytes_->take_rows(rows));
-}
-
 // ---- GgufModel ----
 
 namespace {
@@ -320,7 +287,7 @@ Tensor GgufModel::tensor(std::string_view name) const {
     t = Tensor(*d, info.shape, data, file_);
   } else {
     const auto rb = static_cast<int64_t>(quant::ggml_row_bytes(s.tensor->type, cols));
-    t = Tensor::encoded(std::make_shared<GgufBlocks>(s.tensor->type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8);
+    t = Tensor::encoded(std::make_shared<quant::GgufBlocks>(s.tensor->type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8);
   }
   if (s.permute_heads > 0) {
     // Our row i is stored at the row r whose source row is i.

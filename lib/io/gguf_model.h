@@ -40,31 +40,6 @@ bool has_gguf_name(const fs::path& path);
 // The dtype of a GGUF plain (unquantized) tensor type: F32, F16, BF16; nullopt for block types.
 std::optional<core::DType> gguf_plain_dtype(quant::GgmlType t);
 
-// A weight [rows = out, cols = in] stored as GGUF blocks of one type: `bytes` is a U8 tensor
-// [rows, ggml_row_bytes(type, cols)] (a view of the file, or a row copy for un-permuted q/k).
-// Dequantizes rows with quant::decode_row; rows are sliced and taken as bytes (never re-encoded).
-// Written dequantized to checkpoint folders (DtypeRule::Dequantize); GGUF outputs copy the bytes.
-class GgufBlocks final : public core::Encoding {
- public:
-  // Error::internal when bytes is not U8 [rows, row bytes of cols values].
-  GgufBlocks(quant::GgmlType type, int64_t cols, core::Tensor bytes);
-
-  std::string name() const override;  // "gguf-q8_0"
-  nlohmann::json params() const override;
-  std::vector<core::EncodedPart> parts() const override;
-  void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
-  std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const override;
-  std::shared_ptr<const Encoding> take_rows(const std::vector<int64_t>& rows) const override;
-  DtypeRule dtype_rule() const override { return DtypeRule::Dequantize; }
-
-  quant::GgmlType type() const { return type_; }
-  const core::Tensor& bytes() const { return *bytes_; }
-
- private:
-  quant::GgmlType type_;
-  std::shared_ptr<const core::Tensor> bytes_;
-};
-
 // The GGUF file seen as a checkpoint.
 class GgufModel {
  public:

@@ -19,7 +19,7 @@ using io::Env;
 using io::GgufArch;
 using io::GgufFile;
 using io::GgufModel;
-using io::GgufBlocks;
+using quant::GgufBlocks;
 using io::GgufMetadata;
 using io::GgufTensorInfo;
 using io::GgufValue;

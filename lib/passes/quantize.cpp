@@ -627,6 +627,7 @@ class Quantize final : public pipeline::Pass {
   // Records the classes each rule's codec applies to (encodes()).
   void check_model(const model::Model& m) const override {
     check_smooth_align(m);
+    check_block_rows(m);
     const auto q = quantizable(m);
     std::vector<std::string> taken(overrides_.size());  // per rule: a tensor it matches that an earlier rule takes
     std::vector<bool> applies(overrides_.size(), false);
@@ -658,6 +659,34 @@ class Quantize final : public pipeline::Pass {
       }
       throw Error::invalid(rule + " matches no tensor of the model (a rule is a regular expression searched in on-disk "
                            "names such as " + (q.empty() ? std::string("?") : q.front().first) + ")");
+    }
+  }
+
+  // A ggml block codec (q4_k, ...) needs rows of whole blocks: refused before any work, naming the
+  // tensor, not when the layer is reached.
+  void check_block_rows(const model::Model& m) const {
+    auto check = [](const QuantSlot& s, const std::optional<quant::CodecSpec>& c) {
+      if (!c || c->kind != quant::CodecSpec::Kind::Ggml || s.tensor->rank() != 2 || s.tensor->dim(1) % c->group == 0) return;
+      throw Error::invalid(s.name + ": rows of " + std::to_string(s.tensor->dim(1)) + " values are not whole " +
+                           quant::to_string(*c) + " blocks of " + std::to_string(c->group) +
+                           ": give it another codec with a tensor_type rule (the blocks of 32 of q8_0, q4_0, q4_1, q5_0, q5_1, or an int "
+                           "codec) or keep " +
+                           s.cls);
+    };
+    for (const auto& layer : m.layers()) {
+      model::Layer L = layer;  // views: the slots point into this copy
+      for (const auto& sl : layer_slots(m.family(), L)) check(sl, codec_for(sl));
+    }
+    for (const char* key : {"embeddings", "lm_head"}) {
+      const char* global = std::string(key) == "embeddings" ? "embed" : "lm_head";
+      auto it = m.globals().find(global);
+      if (it == m.globals().end()) continue;
+      core::Tensor t = it->second;
+      std::string name;
+      for (const auto& rn : m.family().globals)
+        if (rn.role == global) name = rn.name;
+      const QuantSlot s{&t, name, global, key, nullptr, 0, -1, 0};
+      check(s, codec_for(s));
     }
   }
 
@@ -717,7 +746,10 @@ class Quantize final : public pipeline::Pass {
   EncodedClasses encodes() const override {
     EncodedClasses out;
     auto add = [&](const std::string& cls, const quant::CodecSpec& c) {
-      out[out_class(cls)].insert(sub1bit_ ? "ternary-dict" : c.kind == quant::CodecSpec::Kind::Int ? "intN" : "ternary");
+      out[out_class(cls)].insert(sub1bit_                                  ? std::string("ternary-dict")
+                                 : c.kind == quant::CodecSpec::Kind::Int  ? std::string("intN")
+                                 : c.kind == quant::CodecSpec::Kind::Ggml ? "gguf-" + quant::to_string(c)
+                                                                          : std::string("ternary"));
     };
     for (const auto& [cls, c] : class_codec_)
       if (c) add(cls, *c);

@@ -1,6 +1,7 @@
 #include "pipeline/gguf_export.h"
 
 #include <algorithm>
+#include <cstring>
 #include <future>
 #include <optional>
 #include <set>
@@ -81,8 +82,10 @@ struct Direct {
 // 256, one f16 d) are TQ1_0 or TQ2_0 blocks exactly: `wanted` (the type --type / --tensor-type give
 // the tensor) when it is one of the two, else TQ1_0, the smaller. A GPTQ / AWQ / compressed-tensors
 // input's codes that moe-tool's intN holds exactly (core::Encoding::native_form) follow the intN
-// rule. No type for a plain tensor or any other encoding.
+// rule. Blocks a ggml codec wrote (`quantize --codec q4_k`: GgufBlocks) are their own type. No
+// type for a plain tensor or any other encoding.
 Direct direct_type(const core::Tensor& t, GgmlType wanted) {
+  if (const auto* gb = dynamic_cast<const quant::GgufBlocks*>(t.encoding())) return {gb->type(), std::nullopt};
   if (const auto* tq = dynamic_cast<const quant::Ternary*>(t.encoding())) {
     if (tq->grid() != quant::TernaryGrid::TQ || !tq->symmetric() || tq->group() != 256 || tq->cols() % 256 != 0) return {};
     return {wanted == GgmlType::TQ2_0 ? GgmlType::TQ2_0 : GgmlType::TQ1_0, std::nullopt};
@@ -270,7 +273,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
         throw Error::unsupported(src + ": " + name + (parts.size() > 1 ? ": expert " + std::to_string(e) : "") +
                                  " is encoded as '" + enc->name() + "' " + enc->params().dump() +
                                  ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as "
-                                 "q4_0/q8_0, ternary-tq trits as tq1_0/tq2_0): write it dense first with `moe-tool convert " + src +
+                                 "q4_0/q8_0, ternary-tq trits as tq1_0/tq2_0, ggml codecs such as q4_k as their type): "
+                                 "write it dense first with `moe-tool convert " + src +
                                  " DENSE --materialize`, then export DENSE");
     for (const auto& d : direct)
       if (d.type != direct.front().type)
@@ -417,6 +421,16 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
     if (const auto* q = dynamic_cast<const quant::IntN*>(native ? native.get() : part.encoding())) {
       write_codes(w, b, it, q->rows(), q->cols(), q->ngroups(), [q](int64_t r, uint8_t* c) { q->codes_row(r, c); },
                   [q](int64_t r, int64_t g) { return q->scale(r, g); });
+      continue;
+    }
+    if (const auto* gb = dynamic_cast<const quant::GgufBlocks*>(part.encoding())) {
+      // Blocks of this type already: the rows copied (in the converter's q/k order where it applies).
+      const uint8_t* src = gb->bytes().data();
+      const int64_t rows = gb->rows();
+      encode_rows(w, b, rows, rb, [&](int64_t r, uint8_t* dst) {
+        const int64_t s = it.permute_heads ? permuted_source_row(r, it.permute_heads, rows) : r;
+        std::memcpy(dst, src + s * static_cast<int64_t>(rb), rb);
+      });
       continue;
     }
     if (const auto* t = dynamic_cast<const quant::Ternary*>(part.encoding())) {

@@ -392,22 +392,28 @@ void check_gguf_plan(io::Env& env, const Recipe& r, const io::Checkpoint& ckpt, 
     if (c && c->kind == quant::CodecSpec::Kind::Int && c->symmetric && c->group == 32 && (c->bits == 4 || c->bits == 8))
       continue;
     if (c && c->kind == quant::CodecSpec::Kind::Ternary && c->grid == quant::TernaryGrid::TQ) continue;  // tq1_0/tq2_0
+    if (c && c->kind == quant::CodecSpec::Kind::Ggml) continue;  // blocks of their own type
     throw Error::unsupported(where + ": " + e.key + " writes " + cls + " as " + e.what +
                              ", which has no GGUF block type here (int4/int8 symmetric groups of 32 are copied as q4_0/q8_0, "
-                             "ternary-tq trits as tq1_0/tq2_0): quantize with int4:g32:sym, int8:g32:sym or ternary-tq, or leave " +
+                             "ternary-tq trits as tq1_0/tq2_0, ggml codecs as their type): quantize with int4:g32:sym, "
+                             "int8:g32:sym, ternary-tq or a ggml codec (q4_k, q6_k, ...), or leave " +
                              cls + " dense and let " + r.key("output.type") + " round it");
   }
   // Groups copied as blocks need rows of whole blocks (a shorter last group has no block): 32
-  // values for q4_0/q8_0, 256 for tq1_0/tq2_0.
+  // values for q4_0/q8_0, 256 for tq1_0/tq2_0, the block of a ggml codec's type.
   for (const auto& o : planned.outputs(model::OutputOptions{})) {
     if (o.shape.size() != 2 || !o.weight.empty()) continue;
     const auto it = enc.find(class_of(planned, o));
     if (it == enc.end()) continue;
-    const bool tq = it->second.codec && it->second.codec->kind == quant::CodecSpec::Kind::Ternary;
-    const int64_t block = tq ? 256 : 32;
+    const auto& c = it->second.codec;
+    const bool tq = c && c->kind == quant::CodecSpec::Kind::Ternary;
+    const bool gg = c && c->kind == quant::CodecSpec::Kind::Ggml;
+    const int64_t block = gg ? c->group : tq ? 256 : 32;
     if (o.shape[1] % block == 0) continue;
+    const std::string blocks = gg ? quant::to_string(*c) + " blocks of " + std::to_string(block)
+                               : tq ? "tq1_0/tq2_0 blocks of 256" : "q4_0/q8_0 blocks of 32";
     throw Error::unsupported(where + ": " + it->second.key + " writes " + o.name + " as " + it->second.what + ", but its rows of " +
-                             std::to_string(o.shape[1]) + " values are not whole " + (tq ? "tq1_0/tq2_0 blocks of 256" : "q4_0/q8_0 blocks of 32") + ": keep " +
+                             std::to_string(o.shape[1]) + " values are not whole " + blocks + ": keep " +
                              it->first + " dense and let " + r.key("output.type") + " round it, or write " +
                              r.key("output.format") + " hf");
   }

@@ -58,6 +58,25 @@ CodecSpec parse_codec(std::string_view s) {
     names.push_back(c.name);
     if (name == c.name) nc = &c;
   }
+  const GgmlTypeInfo* gt = nullptr;
+  for (uint32_t id = 0; id < 64; ++id)
+    if (const GgmlTypeInfo* i = ggml_type_info(id); i && ggml_grid_info(i->type)) {
+      names.push_back(i->name);
+      if (name == i->name) gt = i;
+    }
+  if (gt) {
+    if (fields.size() > 1)
+      throw Error::invalid("codec \"" + whole + "\": " + name + " is a ggml block type with a fixed layout (blocks of " +
+                           std::to_string(gt->block) + "): no options");
+    CodecSpec c;
+    c.kind = CodecSpec::Kind::Ggml;
+    c.ggml = gt->type;
+    c.bits = 0;
+    c.group = gt->block;
+    c.symmetric = gt->type == GgmlType::Q8_0 || gt->type == GgmlType::Q4_0 || gt->type == GgmlType::Q5_0 ||
+                  gt->type == GgmlType::Q3_K || gt->type == GgmlType::Q6_K;
+    return c;
+  }
   if (!nc) throw Error::invalid("unknown codec \"" + name + "\"" + core::allowed_suffix(name, names));
   CodecSpec c;
   c.kind = nc->kind;
@@ -111,6 +130,7 @@ CodecSpec parse_codec(std::string_view s) {
 }
 
 std::string to_string(const CodecSpec& c) {
+  if (c.kind == CodecSpec::Kind::Ggml) return ggml_type_info(c.ggml).name;
   std::string s;
   if (c.kind == CodecSpec::Kind::Int) s = "int" + std::to_string(c.bits);
   else s = std::string("ternary-") + grid_name(c.grid);
@@ -127,13 +147,16 @@ std::string to_string(const CodecSpec& c) {
 
 bool operator==(const CodecSpec& a, const CodecSpec& b) {
   return a.kind == b.kind && a.bits == b.bits && a.group == b.group && a.symmetric == b.symmetric &&
-         a.grid == b.grid && a.threshold == b.threshold && a.refit_iters == b.refit_iters;
+         a.grid == b.grid && a.threshold == b.threshold && a.refit_iters == b.refit_iters &&
+         (a.kind != CodecSpec::Kind::Ggml || a.ggml == b.ggml);
 }
 
 double bits_per_param(const CodecSpec& c, int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) return 0.0;
   double per_row;
-  if (c.kind == CodecSpec::Kind::Int) {
+  if (c.kind == CodecSpec::Kind::Ggml) {
+    per_row = 8.0 * static_cast<double>(ggml_row_bytes(c.ggml, cols));
+  } else if (c.kind == CodecSpec::Kind::Int) {
     const int64_t ng = IntN::num_groups(c.group, cols);
     per_row = 8.0 * IntN::row_bytes(c.bits, cols) + 16.0 * ng + (c.symmetric ? 0.0 : 8.0 * ng);
   } else {
@@ -179,6 +202,14 @@ std::shared_ptr<const core::Encoding> rtn_int(const float* W, int64_t rows, int6
     zt = z;
   }
   return std::make_shared<const IntN>(c.bits, c.group, c.symmetric, cols, codes, st, zt);
+}
+
+// Rows encoded as export --type encodes them (encode_row: scales, then the nearest codes).
+std::shared_ptr<const core::Encoding> rtn_ggml(const float* W, int64_t rows, int64_t cols, GgmlType t) {
+  const int64_t rb = static_cast<int64_t>(ggml_row_bytes(t, cols));
+  core::Tensor bytes = core::Tensor::zeros(DType::U8, {rows, rb});
+  for (int64_t r = 0; r < rows; ++r) encode_row(t, W + r * cols, cols, bytes.mutable_data() + r * rb);
+  return std::make_shared<const GgufBlocks>(t, cols, std::move(bytes), /*stored=*/true);
 }
 
 double group_sse(const float* x, int64_t n, const uint8_t* t, const TernaryLevels& l) {
@@ -247,6 +278,7 @@ std::shared_ptr<const core::Encoding> rtn_ternary(const float* W, int64_t rows, 
 std::shared_ptr<const core::Encoding> rtn(const float* W, int64_t rows, int64_t cols, const CodecSpec& c) {
   if (rows < 0 || cols < 0) throw Error::internal("rtn: negative shape");
   check_finite(W, rows, cols);
+  if (c.kind == CodecSpec::Kind::Ggml) return rtn_ggml(W, rows, cols, c.ggml);
   if (c.kind == CodecSpec::Kind::Int) return rtn_int(W, rows, cols, c);
   return rtn_ternary(W, rows, cols, c);
 }

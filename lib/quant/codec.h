@@ -13,6 +13,10 @@
 //   refit[K]     ternary only: least-squares levels for the chosen trits, alternated with
 //          re-rounding, K rounds (default 4)
 //   tX     ternary absmean/minmax only: the threshold τ (default 0.5)
+// Or the name of a ggml block type with a rounding grid (quant/gguf_blocks.h: q8_0, q4_0, q4_1,
+// q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k), no options: the codes and scales llama.cpp stores,
+// as GGUF blocks (GgufBlocks), RTN as `export --type` rounds them, GPTQ within the grid of scales
+// chosen first (quant/gptq.h); `export` copies them (docs/gguf.md).
 #pragma once
 
 #include <cstdint>
@@ -21,12 +25,13 @@
 #include <string_view>
 
 #include "core/encoding.h"
+#include "quant/gguf_blocks.h"
 #include "quant/ternary.h"
 
 namespace moe::quant {
 
 struct CodecSpec {
-  enum class Kind { Int, Ternary };
+  enum class Kind { Int, Ternary, Ggml };
   using Grid = TernaryGrid;
   Kind kind = Kind::Int;
   int bits = 4;             // Int: 2, 3, 4, 8; Ternary: 0 (log2(3) ≈ 1.58 per trit, 1.6 stored)
@@ -35,6 +40,8 @@ struct CodecSpec {
   Grid grid = Grid::MinMax;  // Ternary only
   double threshold = 0.5;    // Ternary absmean/minmax: τ
   int refit_iters = 0;       // Ternary: rounds of least-squares refit (0 = none)
+  GgmlType ggml = GgmlType::Q4_K;  // Ggml only: the block type (group: its block size; symmetric:
+                                   // no mins; bits 0: bits_per_param gives the stored cost)
 };
 
 constexpr int kDefaultRefitIters = 4;
@@ -50,6 +57,8 @@ bool operator==(const CodecSpec& a, const CodecSpec& b);
 
 // Stored bits of a [rows, cols] weight under c divided by rows·cols: every byte of its parts
 // (codes with row padding, f16 scales, u8 zero points). Equals the parts' bytes · 8 / (rows·cols).
+// Ggml: the type's bytes per block · 8 / block; Error::invalid when cols is not a multiple of the
+// block size.
 double bits_per_param(const CodecSpec& c, int64_t rows, int64_t cols);
 
 // Round-to-nearest quantization of W [rows, cols] (row-major f32) under c, with c.refit_iters

@@ -619,30 +619,85 @@ uint64_t ggml_row_bytes(GgmlType t, int64_t n) {
 
 namespace {
 
-// The block types: one encoder and one decoder per block.
+// The grid of a block (ggml_block_grid): per sub-block, step and offset as decode applies them.
+void grid_q8_0(const uint8_t* b, float* step, float* offset) { step[0] = core::f16_to_f32(get_u16(b)), offset[0] = 0.0f; }
+void grid_asym(const uint8_t* b, float* step, float* offset) {
+  step[0] = core::f16_to_f32(get_u16(b));
+  offset[0] = -core::f16_to_f32(get_u16(b + 2));  // d * q - (-m) == d * q + m exactly
+}
+template <const KSpec& S, KBlock (*Unpack)(const uint8_t*)>
+void grid_k(const uint8_t* b, float* step, float* offset) {
+  const KBlock k = Unpack(b);
+  const float d = core::f16_to_f32(k.dh), dmin = core::f16_to_f32(k.dminh);
+  for (int j = 0; j < kQK / S.sub; ++j) step[j] = d * static_cast<float>(k.sc[j]), offset[j] = dmin * static_cast<float>(k.m[j]);
+}
+
+// A block's codes replaced, its scales kept (ggml_set_block_codes; codes as the grid numbers them).
+void set_q8_0(uint8_t* b, const int* q) {
+  for (int j = 0; j < 32; ++j) b[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q[j]));
+}
+template <int Half, bool Five>
+void set_sym(uint8_t* b, const int* q) {
+  int u[32];
+  for (int j = 0; j < 32; ++j) u[j] = q[j] + Half;
+  pack_nibbles(u, Five ? b + 6 : b + 2, Five ? b + 2 : nullptr);
+}
+template <bool Five>
+void set_asym(uint8_t* b, const int* q) { pack_nibbles(q, Five ? b + 8 : b + 4, Five ? b + 4 : nullptr); }
+template <void (*Pack)(const KBlock&, uint8_t*), KBlock (*Unpack)(const uint8_t*)>
+void set_k(uint8_t* b, const int* q) {
+  KBlock k = Unpack(b);
+  std::copy_n(q, kQK, k.q);
+  Pack(k, b);
+}
+
+// The block types: one encoder and one decoder per block; for the types GPTQ rounds within (every
+// block type but the ternary ones, whose GPTQ is the ternary-tq codec), the grid and the codes.
 struct BlockCodec {
   GgmlType type;
   void (*encode)(const float* x, uint8_t* b);
   void (*decode)(const uint8_t* b, float* y);
+  GgmlGridInfo grid_info = {};
+  void (*grid)(const uint8_t* b, float* step, float* offset) = nullptr;
+  void (*set)(uint8_t* b, const int* q) = nullptr;
 };
+template <const KSpec& S>
+constexpr GgmlGridInfo k_grid_info() { return {S.sub, S.qmin, S.qmax}; }
 const BlockCodec kBlockCodecs[] = {
-    {GgmlType::Q8_0, encode_q8_0, decode_q8_0},
+    {GgmlType::Q8_0, encode_q8_0, decode_q8_0, {32, -127, 127}, grid_q8_0, set_q8_0},
     {GgmlType::Q4_0, [](const float* x, uint8_t* b) { encode_sym(x, b, 8, false); },
-     [](const uint8_t* b, float* y) { decode_sym(b, y, 8, false); }},
+     [](const uint8_t* b, float* y) { decode_sym(b, y, 8, false); }, {32, -8, 7}, grid_q8_0, set_sym<8, false>},
     {GgmlType::Q5_0, [](const float* x, uint8_t* b) { encode_sym(x, b, 16, true); },
-     [](const uint8_t* b, float* y) { decode_sym(b, y, 16, true); }},
+     [](const uint8_t* b, float* y) { decode_sym(b, y, 16, true); }, {32, -16, 15}, grid_q8_0, set_sym<16, true>},
     {GgmlType::Q4_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 15, false); },
-     [](const uint8_t* b, float* y) { decode_asym(b, y, false); }},
+     [](const uint8_t* b, float* y) { decode_asym(b, y, false); }, {32, 0, 15}, grid_asym, set_asym<false>},
     {GgmlType::Q5_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 31, true); },
-     [](const uint8_t* b, float* y) { decode_asym(b, y, true); }},
+     [](const uint8_t* b, float* y) { decode_asym(b, y, true); }, {32, 0, 31}, grid_asym, set_asym<true>},
     {GgmlType::TQ1_0, encode_tq<pack_tq1_0>, decode_tq1_0},
     {GgmlType::TQ2_0, encode_tq<pack_tq2_0>, decode_tq2_0},
-    {GgmlType::Q6_K, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::encode, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::decode},
-    {GgmlType::Q4_K, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::encode, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::decode},
-    {GgmlType::Q5_K, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::encode, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::decode},
-    {GgmlType::Q3_K, KCodec<kQ3K, pack_q3_k, unpack_q3_k>::encode, KCodec<kQ3K, pack_q3_k, unpack_q3_k>::decode},
-    {GgmlType::Q2_K, KCodec<kQ2K, pack_q2_k, unpack_q2_k>::encode, KCodec<kQ2K, pack_q2_k, unpack_q2_k>::decode},
+    {GgmlType::Q6_K, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::encode, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::decode,
+     k_grid_info<kQ6K>(), grid_k<kQ6K, unpack_q6_k>, set_k<pack_q6_k, unpack_q6_k>},
+    {GgmlType::Q4_K, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::encode, KCodec<kQ4K, pack_q4_k, unpack_q4_k>::decode,
+     k_grid_info<kQ4K>(), grid_k<kQ4K, unpack_q4_k>, set_k<pack_q4_k, unpack_q4_k>},
+    {GgmlType::Q5_K, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::encode, KCodec<kQ5K, pack_q5_k, unpack_q5_k>::decode,
+     k_grid_info<kQ5K>(), grid_k<kQ5K, unpack_q5_k>, set_k<pack_q5_k, unpack_q5_k>},
+    {GgmlType::Q3_K, KCodec<kQ3K, pack_q3_k, unpack_q3_k>::encode, KCodec<kQ3K, pack_q3_k, unpack_q3_k>::decode,
+     k_grid_info<kQ3K>(), grid_k<kQ3K, unpack_q3_k>, set_k<pack_q3_k, unpack_q3_k>},
+    {GgmlType::Q2_K, KCodec<kQ2K, pack_q2_k, unpack_q2_k>::encode, KCodec<kQ2K, pack_q2_k, unpack_q2_k>::decode,
+     k_grid_info<kQ2K>(), grid_k<kQ2K, unpack_q2_k>, set_k<pack_q2_k, unpack_q2_k>},
 };
+
+const BlockCodec* gridded_codec(GgmlType t) {
+  for (const auto& c : kBlockCodecs)
+    if (c.type == t && c.grid) return &c;
+  return nullptr;
+}
+
+const BlockCodec& need_grid(GgmlType t) {
+  const BlockCodec* c = gridded_codec(t);
+  if (!c) throw Error::unsupported(std::string("ggml type ") + ggml_type_info(t).name + ": no rounding grid (grids: " + ggml_grid_names() + ")");
+  return *c;
+}
 
 // The dtype of a one-value-per-element type (F32, F16, BF16), else nullopt.
 std::optional<core::DType> element_dtype(GgmlType t) {
@@ -717,6 +772,80 @@ void pack_codes_row(GgmlType t, const uint8_t* codes, const float* scales, int64
       for (int j = 0; j < 32; ++j) b[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(c[j] - 128));
     }
   }
+}
+
+std::optional<GgmlGridInfo> ggml_grid_info(GgmlType t) {
+  if (const BlockCodec* c = gridded_codec(t)) return c->grid_info;
+  return std::nullopt;
+}
+
+std::string ggml_grid_names() {
+  std::string s;
+  for (const auto& c : kBlockCodecs)
+    if (c.grid) s += (s.empty() ? "" : ", ") + std::string(ggml_type_info(c.type).name);
+  return s;
+}
+
+void ggml_block_grid(GgmlType t, const uint8_t* block, float* step, float* offset) { need_grid(t).grid(block, step, offset); }
+
+int ggml_grid_code(float step, float offset, const GgmlGridInfo& g, float x, float* value) {
+  // The rounded quotient, then its neighbours compared on the values decode computes (as the K-quant
+  // encoders choose codes), so the code is the nearest point of the grid as decode sees it.
+  if (step == 0.0f) {
+    *value = 0.0f - offset;
+    return std::clamp(0, g.qmin, g.qmax);
+  }
+  int best = clamp_round((x + offset) / step, g.qmin, g.qmax);
+  float bv = step * static_cast<float>(best) - offset;
+  for (const int q : {best - 1, best + 1}) {
+    if (q < g.qmin || q > g.qmax) continue;
+    const float v = step * static_cast<float>(q) - offset;
+    if (std::fabs(x - v) < std::fabs(x - bv)) best = q, bv = v;
+  }
+  *value = bv;
+  return best;
+}
+
+void ggml_set_block_codes(GgmlType t, uint8_t* block, const int* codes) {
+  const BlockCodec& c = need_grid(t);
+  for (int64_t i = 0; i < ggml_type_info(t).block; ++i)
+    if (codes[i] < c.grid_info.qmin || codes[i] > c.grid_info.qmax)
+      throw Error::internal(std::string(ggml_type_info(t).name) + ": code " + std::to_string(codes[i]) + " outside [" +
+                            std::to_string(c.grid_info.qmin) + ", " + std::to_string(c.grid_info.qmax) + "]");
+  c.set(block, codes);
+}
+
+// ---- GgufBlocks ----
+
+GgufBlocks::GgufBlocks(GgmlType type, int64_t cols, core::Tensor bytes, bool stored)
+    : Encoding(bytes.rank() == 2 ? bytes.dim(0) : 0, cols), type_(type), stored_(stored) {
+  if (bytes.dtype() != core::DType::U8 || bytes.rank() != 2 || bytes.encoding() ||
+      static_cast<uint64_t>(bytes.dim(1)) != ggml_row_bytes(type, cols))
+    throw Error::internal("GgufBlocks: bytes " + core::shape_str(bytes.shape()) + " do not hold rows of " +
+                          std::to_string(cols) + " " + ggml_type_info(type).name + " values");
+  bytes_ = std::make_shared<const core::Tensor>(std::move(bytes));
+}
+
+std::string GgufBlocks::name() const { return std::string("gguf-") + ggml_type_info(type_).name; }
+
+nlohmann::json GgufBlocks::params() const { return {{"type", ggml_type_info(type_).name}, {"cols", cols()}}; }
+
+std::vector<core::EncodedPart> GgufBlocks::parts() const { return {{"blocks", "", bytes_, false}}; }
+
+void GgufBlocks::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
+  check_rows(r0, r1);
+  const int64_t n = cols();
+  const size_t rb = static_cast<size_t>(bytes_->dim(1));
+  for (int64_t r = r0; r < r1; ++r) decode_row(type_, bytes_->data() + static_cast<size_t>(r) * rb, n, dst + (r - r0) * n);
+}
+
+std::shared_ptr<const core::Encoding> GgufBlocks::slice_rows(int64_t r0, int64_t r1) const {
+  check_rows(r0, r1);
+  return std::make_shared<GgufBlocks>(type_, cols(), bytes_->slice0(r0, r1), stored_);
+}
+
+std::shared_ptr<const core::Encoding> GgufBlocks::take_rows(const std::vector<int64_t>& rows) const {
+  return std::make_shared<GgufBlocks>(type_, cols(), bytes_->take_rows(rows), stored_);
 }
 
 }  // namespace moe::quant

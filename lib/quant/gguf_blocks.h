@@ -53,6 +53,11 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "core/encoding.h"
+#include "core/tensor.h"
+
 namespace moe::quant {
 
 // ggml_type ids (stable: they are stored in files).
@@ -91,6 +96,31 @@ void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst);
 // Decodes n values from src (ggml_row_bytes(t, n) bytes).
 void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst);
 
+// Rounding within a block type's grid, value by value, for GPTQ (quant/gptq.h: the scales of a
+// block are chosen first, as encode_row chooses them; then each value is rounded on that grid with
+// the error of the values before it fed back). Every block type but TQ1_0/TQ2_0 (GPTQ's trits for
+// those are the ternary-tq codec) has one. A block of `block` values is split into sub-blocks of
+// `sub` values (32-blocks: one); in sub-block j the code q in [qmin, qmax] stands for
+// step[j] * q - offset[j], computed in float as decode computes it:
+//   Q8_0 q in [-127, 127], x = d·q;  Q4_0 / Q5_0 q = stored − 8 / − 16, x = d·q;
+//   Q4_1 / Q5_1 x = d·q + m (offset −m);  K-quants step d·sc, offset dmin·m (0 without mins),
+//   q as gguf_blocks.h's layout comment applies it (Q3_K / Q6_K: stored − 4 / − 32).
+struct GgmlGridInfo {
+  int sub = 0, qmin = 0, qmax = 0;
+};
+// The grid of type t, or nullopt for a type without one.
+std::optional<GgmlGridInfo> ggml_grid_info(GgmlType t);
+// The names of the types with a grid, comma separated.
+std::string ggml_grid_names();
+// Per sub-block j of an encoded block, step[j] and offset[j]. Error::unsupported without a grid.
+void ggml_block_grid(GgmlType t, const uint8_t* block, float* step, float* offset);
+// The code nearest to x on one sub-block's grid (the rounded quotient and its neighbours compared
+// on the decoded values), its value in *value.
+int ggml_grid_code(float step, float offset, const GgmlGridInfo& g, float x, float* value);
+// Replaces the `block` codes of an encoded block (numbered as the grid numbers them), keeping its
+// scales. Error::internal for a code outside [qmin, qmax].
+void ggml_set_block_codes(GgmlType t, uint8_t* block, const int* codes);
+
 // Stores integer codes already on a 32-block grid, without rounding anything: n unsigned codes
 // with an implied zero point (Q4_0: 0..15, x = d * (q - 8); Q8_0: 0..255, x = d * (q - 128)) and
 // one f16-exact scale per 32 values, as moe-tool's symmetric int4 / int8 groups of 32 store them
@@ -98,5 +128,36 @@ void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst);
 // and one f16-exact d per 256 values, as the ternary-tq codec stores them (quant/ternary.h).
 // Error::invalid for another type, a code out of range or a scale not exact in f16.
 void pack_codes_row(GgmlType t, const uint8_t* codes, const float* scales, int64_t n, uint8_t* dst);
+
+// A weight [rows = out, cols = in] stored as blocks of one ggml type: `bytes` is a U8 tensor
+// [rows, ggml_row_bytes(type, cols)]. Dequantizes rows with decode_row; rows are sliced and taken
+// as bytes (never re-encoded). Two origins:
+//   - a GGUF file's tensor (io/gguf_model.h: a view of the file, or a row copy for un-permuted
+//     q/k): written dequantized to checkpoint folders (DtypeRule::Dequantize), copied by GGUF
+//     outputs;
+//   - the block codecs of quant/codec.h (`--codec q4_k`, RTN or GPTQ; `stored` true): kept in
+//     native folders as the encoding "gguf-TYPE" (docs/FORMAT.md, part "blocks", stored under the
+//     weight's own name) and copied by GGUF exports as blocks of that type.
+class GgufBlocks final : public core::Encoding {
+ public:
+  // Error::internal when bytes is not U8 [rows, row bytes of cols values].
+  GgufBlocks(GgmlType type, int64_t cols, core::Tensor bytes, bool stored = false);
+
+  std::string name() const override;  // "gguf-q8_0"
+  nlohmann::json params() const override;  // {"type": "q8_0", "cols": 256}
+  std::vector<core::EncodedPart> parts() const override;
+  void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
+  std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const override;
+  std::shared_ptr<const Encoding> take_rows(const std::vector<int64_t>& rows) const override;
+  DtypeRule dtype_rule() const override { return stored_ ? DtypeRule::Keep : DtypeRule::Dequantize; }
+
+  GgmlType type() const { return type_; }
+  const core::Tensor& bytes() const { return *bytes_; }
+
+ private:
+  GgmlType type_;
+  std::shared_ptr<const core::Tensor> bytes_;
+  bool stored_;
+};
 
 }  // namespace moe::quant

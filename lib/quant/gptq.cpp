@@ -97,15 +97,31 @@ void sub_scaled(float u, const float* e, float* w, int64_t n) {
   for (; r < n; ++r) w[r] -= u * e[r];
 }
 
-// The quantizer of one codec, with per-(row, group) parameters.
+// The quantizer of one codec, with per-(row, group) parameters. A ggml block type's group is its
+// block: `find` chooses the block's scales as encode_row does (into the block's bytes) and keeps
+// each sub-block's grid; codes are stored as q − qmin and set into the blocks at the end.
 struct Quantizer {
   const CodecSpec& c;
   int64_t rows, ng, gl;
   int maxq = 0;
   std::vector<IntParams> ip;
   std::vector<TernaryLevels> tl;
+  GgmlGridInfo gg;
+  int64_t nsub = 0, rb = 0;
+  core::Tensor blocks;              // Ggml: [rows, row bytes]
+  std::vector<float> step, offset;  // Ggml: per (row, block, sub-block)
   Quantizer(const CodecSpec& c, int64_t rows, int64_t cols) : c(c), rows(rows) {
     gl = c.group == 0 ? cols : c.group;
+    if (c.kind == CodecSpec::Kind::Ggml) {
+      gg = *ggml_grid_info(c.ggml);
+      rb = static_cast<int64_t>(ggml_row_bytes(c.ggml, cols));  // Error::invalid unless whole blocks
+      ng = cols / gl;
+      nsub = gl / gg.sub;
+      blocks = core::Tensor::zeros(core::DType::U8, {rows, rb});
+      step.resize(static_cast<size_t>(rows * ng * nsub));
+      offset.resize(step.size());
+      return;
+    }
     ng = c.kind == CodecSpec::Kind::Int ? IntN::num_groups(c.group, cols) : Ternary::num_groups(c.group, cols);
     if (c.kind == CodecSpec::Kind::Int) {
       maxq = (1 << c.bits) - 1;
@@ -114,12 +130,25 @@ struct Quantizer {
       tl.resize(static_cast<size_t>(rows * ng));
     }
   }
-  void find(int64_t r, int64_t g, const float* x, int64_t n) {
-    if (c.kind == CodecSpec::Kind::Int) ip[r * ng + g] = int_params(x, n, 1, c.bits, c.symmetric);
-    else tl[r * ng + g] = ternary_levels(x, n, 1, c.grid, c.symmetric);
+  uint8_t* block(int64_t r, int64_t g) {
+    return blocks.mutable_data() + r * rb + g * static_cast<int64_t>(ggml_type_info(c.ggml).type_size);
   }
-  // The code of w and its value.
-  uint8_t code(int64_t r, int64_t g, float w, float* value) const {
+  void find(int64_t r, int64_t g, const float* x, int64_t n) {
+    if (c.kind == CodecSpec::Kind::Ggml) {
+      encode_row(c.ggml, x, n, block(r, g));
+      ggml_block_grid(c.ggml, block(r, g), step.data() + (r * ng + g) * nsub, offset.data() + (r * ng + g) * nsub);
+    } else if (c.kind == CodecSpec::Kind::Int) {
+      ip[r * ng + g] = int_params(x, n, 1, c.bits, c.symmetric);
+    } else {
+      tl[r * ng + g] = ternary_levels(x, n, 1, c.grid, c.symmetric);
+    }
+  }
+  // The code of w, the k-th value of its group, and its value.
+  uint8_t code(int64_t r, int64_t g, int64_t k, float w, float* value) const {
+    if (c.kind == CodecSpec::Kind::Ggml) {
+      const size_t s = static_cast<size_t>((r * ng + g) * nsub + k / gg.sub);
+      return static_cast<uint8_t>(ggml_grid_code(step[s], offset[s], gg, w, value) - gg.qmin);
+    }
     if (c.kind == CodecSpec::Kind::Int) {
       const IntParams& p = ip[r * ng + g];
       const int q = int_code(w, p, maxq);
@@ -287,7 +316,7 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
       const double d = U[a * n + a];
       for (int64_t r = 0; r < rows; ++r) {
         float v;
-        codes[r * n + j] = qz.code(r, g, w[r], &v);
+        codes[r * n + j] = qz.code(r, g, j - g * qz.gl, w[r], &v);
         e[r] = static_cast<float>((static_cast<double>(w[r]) - v) / d);
       }
       for (int64_t b = a + 1; b < i2; ++b) sub_scaled(static_cast<float>(U[a * n + b]), e, Wt.get() + b * rows, rows);
@@ -306,7 +335,15 @@ std::shared_ptr<const core::Encoding> gptq(const float* W, int64_t rows, int64_t
 
   // 6. The encoding, in the original column order (codes were written there).
   std::shared_ptr<const core::Encoding> enc;
-  if (c.kind == CodecSpec::Kind::Int) {
+  if (c.kind == CodecSpec::Kind::Ggml) {
+    std::vector<int> q(static_cast<size_t>(qz.gl));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < qz.ng; ++g) {
+        for (int64_t k = 0; k < qz.gl; ++k) q[k] = codes[r * n + g * qz.gl + k] + qz.gg.qmin;
+        ggml_set_block_codes(c.ggml, qz.block(r, g), q.data());
+      }
+    enc = std::make_shared<const GgufBlocks>(c.ggml, n, std::move(qz.blocks), /*stored=*/true);
+  } else if (c.kind == CodecSpec::Kind::Int) {
     std::vector<float> scales(qz.ip.size());
     std::vector<uint8_t> zeros(c.symmetric ? 0 : qz.ip.size());
     for (size_t i = 0; i < qz.ip.size(); ++i) {

@@ -18,6 +18,11 @@
 // the updates from earlier columns of the same block; the two agree whenever every group starts at
 // a block boundary (without act-order: the block size a multiple of the group size).
 // Ternary under GPTQ is QMoE's setting (per-row minmax; the caller passes damp 0.1).
+// A ggml block type (codec.h) is rounded within its grid: a block's scales (and mins) are chosen
+// as encode_row chooses them from the block's current values when its first column is quantized
+// (so, as for groups, after the updates from earlier blocks), then every value of the block is
+// rounded to the nearest point of that grid (quant/gguf_blocks.h: ggml_grid_code) with the error
+// fed back as for any codec.
 //
 // Cholesky failure (of H + damping, or of H⁻¹): the damping p is multiplied by 10 (0 becomes
 // 0.01) and the factorisation retried, up to 3 times; then the weight is quantized by RTN. Both

@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "core/fp8_block.h"
 #include "quant/delta_ternary.h"
+#include "quant/gguf_blocks.h"
 #include "quant/intn.h"
 #include "quant/lowrank.h"
 #include "quant/pooled.h"
@@ -17,7 +18,7 @@ using core::Error;
 using nlohmann::json;
 
 const std::vector<EncodingInfo>& known_encodings() {
-  static const std::vector<EncodingInfo> table = {
+  static std::vector<EncodingInfo> table = {
       {"lowrank", {"a", "b"}, {"base"}, "W = [base +] A·B: A [out, r], B [r, in], base [out, in] (float)"},
       {"fp8-block", {"codes", "scale_inv"}, {}, "W = f8e4m3(codes) * scale_inv per block [br, bc]"},
       {"intN", {"codes", "scales"}, {"zeros"},
@@ -29,6 +30,18 @@ const std::vector<EncodingInfo>& known_encodings() {
       {"delta-ternary", {"base", "stream", "scale"}, {},
        "W = base + scale * sign at the kept positions: base [out, in] (float) shared by a layer's experts, positions and signs Rice-coded, f32 scale (ComPEFT)"},
   };
+  // gguf-TYPE: the ggml block types a codec writes (quant/codec.h), rows of blocks as GGUF stores them.
+  static const bool with_gguf = [] {
+    static std::vector<std::string> names;
+    names.reserve(64);
+    for (uint32_t id = 0; id < 64; ++id)
+      if (const GgmlTypeInfo* i = ggml_type_info(id); i && ggml_grid_info(i->type))
+        names.push_back(std::string("gguf-") + i->name);
+    for (const auto& n : names)
+      table.push_back({n.c_str(), {"blocks"}, {}, "W = rows of ggml blocks of TYPE as GGUF stores them (ggml-common.h), U8 [out, row bytes]"});
+    return true;
+  }();
+  (void)with_gguf;
   return table;
 }
 
@@ -114,6 +127,20 @@ std::shared_ptr<const core::Encoding> decode(const json& entry, const std::map<s
     const StoredPart base = part("base");
     enc = std::make_shared<DeltaTernary>(base.tensor, part("stream").tensor, part("scale").tensor, int_param(entry, "nnz", 0),
                                          static_cast<int>(rice_k), base.shared, origin);
+  } else if (name.rfind("gguf-", 0) == 0) {
+    const GgmlTypeInfo* t = parse_ggml_type(name.substr(5));
+    if (!entry.contains("type") || entry["type"] != name.substr(5))
+      throw Error::corruption(name + ": type: expected \"" + name.substr(5) + "\", found " +
+                              (entry.contains("type") ? entry["type"].dump() : std::string("nothing")));
+    const int64_t cols = int_param(entry, "cols", 1);
+    const core::Tensor& b = *part("blocks").tensor;
+    if (b.dtype() != core::DType::U8 || b.rank() != 2 || cols % t->block != 0 ||
+        static_cast<uint64_t>(b.dim(1)) != ggml_row_bytes(t->type, cols))
+      throw Error::corruption(name + ": blocks: expected U8 [rows, " +
+                              (cols % t->block == 0 ? std::to_string(ggml_row_bytes(t->type, cols)) : std::string("?")) +
+                              "] (rows of " + std::to_string(cols) + " values in blocks of " + std::to_string(t->block) +
+                              "), found " + core::dtype_name(b.dtype()) + " " + core::shape_str(b.shape()));
+    enc = std::make_shared<GgufBlocks>(t->type, cols, b, /*stored=*/true);
   } else if (name == "pooled") {
     enc = std::make_shared<Pooled>(part("weight").tensor);
   } else {  // fp8-block

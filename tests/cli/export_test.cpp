@@ -20,6 +20,7 @@
 #include "io/env.h"
 #include "io/gguf.h"
 #include "model/model.h"
+#include "quant/gguf_blocks.h"
 #include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
@@ -336,6 +337,81 @@ TEST(Export, TernaryTqTritsAreCopiedAsTqBlocks) {
   EXPECT_EQ(type_of(f, "blk.1.ffn_down_exps.weight"), "tq2_0");
   const auto down = f.decode(*f.find_tensor("blk.1.ffn_down_exps.weight"));
   EXPECT_TRUE(std::equal(want.begin(), want.end(), down.begin() + 3 * n));
+}
+
+// GPTQ within the K-quant grid: `quantize --codec q4_k` (the routed experts' down projections, the
+// mixtral fixture's 256-wide rows) keeps GGUF blocks in the native folder ("gguf-q4_k"), `export`
+// copies those bytes as q4_k whatever --type says, and the GGUF read back evaluates exactly as the
+// native checkpoint (every other tensor f32). GPTQ's blocks differ from RTN's (error feedback) and
+// the refusals: rows that are not whole blocks, options on a block type.
+TEST(Export, GptqWithinTheKQuantGridIsCopiedAsItsBlocks) {
+  TempDir dir{"moe-export"};
+  const std::string src = (kSrc / "data/models/mixtral-tiny").string();
+  auto quantize = [&](const std::string& method, const fs::path& out, std::vector<std::string> extra = {}) {
+    std::vector<std::string> a = {"-q", "quantize", src, out.string(), "--method", method, "--experts", "keep",
+                                  "--tensor-type", "experts\\.[0-9]+\\.w2=q4_k", "--text", (kSrc / "data/text/calib.txt").string(),
+                                  "--ctx", "64", "--windows", "4"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    const RunResult r = run_tool(a);
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+  };
+  const fs::path gq = dir / "gptq", rq = dir / "rtn";
+  quantize("gptq", gq);
+  quantize("rtn", rq);
+  auto& env = io::Env::posix();
+  const auto cfg = read_json(gq / "config.json");
+  const std::string w2 = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
+  EXPECT_NE(cfg.dump().find("\"gguf-q4_k\""), std::string::npos) << "the native manifest names the encoding";
+  const auto gm = model::Model::load(io::Checkpoint::open(env, gq)), rm = model::Model::load(io::Checkpoint::open(env, rq));
+  const auto* gb = dynamic_cast<const quant::GgufBlocks*>(gm.layers().at(1).moe->experts.at(3).down.encoding());
+  const auto* rb = dynamic_cast<const quant::GgufBlocks*>(rm.layers().at(1).moe->experts.at(3).down.encoding());
+  ASSERT_NE(gb, nullptr);
+  ASSERT_NE(rb, nullptr);
+  EXPECT_EQ(gb->name(), "gguf-q4_k");
+  EXPECT_EQ(gm.layers().at(1).moe->experts.at(3).gate.encoding(), nullptr);  // only w2 quantized
+  const auto& gbytes = gb->bytes();
+  ASSERT_EQ(gbytes.nbytes(), rb->bytes().nbytes());
+  EXPECT_FALSE(std::equal(gbytes.data(), gbytes.data() + gbytes.nbytes(), rb->bytes().data()))
+      << "GPTQ's error feedback changed no code of " << w2;
+  // RTN's blocks are export --type q4_k's rounding of the same weight.
+  {
+    const auto in = model::Model::load(io::Checkpoint::open(env, src));
+    const auto x = in.layers().at(1).moe->experts.at(3).down.to_f32();
+    const int64_t cols = gb->cols();
+    std::vector<uint8_t> want(rb->bytes().nbytes());
+    const uint64_t row = quant::ggml_row_bytes(quant::GgmlType::Q4_K, cols);
+    for (int64_t r = 0; r < gb->rows(); ++r) quant::encode_row(quant::GgmlType::Q4_K, x.data() + r * cols, cols, want.data() + r * row);
+    EXPECT_TRUE(std::equal(want.begin(), want.end(), rb->bytes().data()));
+  }
+  // export copies the blocks; read back, the GGUF evaluates as the native checkpoint.
+  const fs::path out = dir / "gptq.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", gq.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(env, out);
+  EXPECT_EQ(type_of(f, "blk.1.ffn_down_exps.weight"), "q4_k");
+  EXPECT_EQ(type_of(f, "blk.1.ffn_gate_exps.weight"), "f32");
+  const io::GgufTensorInfo& t = *f.find_tensor("blk.1.ffn_down_exps.weight");
+  const uint8_t* stored = f.tensor_data(t) + 3 * gbytes.nbytes();
+  EXPECT_TRUE(std::equal(gbytes.data(), gbytes.data() + gbytes.nbytes(), stored));
+  auto eval = [&](const fs::path& m) {
+    const RunResult r = run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "2", "--json"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return r.exit_code == 0 ? json::parse(r.out) : json();
+  };
+  const json a = eval(gq), b = eval(out);
+  ASSERT_TRUE(a.contains("nll_sum")) << a.dump();
+  EXPECT_EQ(a.at("nll_sum"), b.at("nll_sum"));
+  EXPECT_EQ(a.at("perplexity"), b.at("perplexity"));
+  // The same in one run, written as GGUF by the quantize command.
+  const fs::path direct = dir / "direct.gguf";
+  quantize("gptq", direct, {"--format", "gguf", "--gguf-type", "f32"});
+  const auto fd = io::GgufFile::open(env, direct);
+  EXPECT_TRUE(std::equal(gbytes.data(), gbytes.data() + gbytes.nbytes(), fd.tensor_data(*fd.find_tensor("blk.1.ffn_down_exps.weight")) + 3 * gbytes.nbytes()));
+  // Refusals before any work: 128-wide rows (w1 reads the hidden size 128), options on a block type.
+  expect_clean_failure(run_tool({"quantize", src, (dir / "bad").string(), "--method", "rtn", "--codec", "q4_k"}),
+                       "rows of 128 values are not whole q4_k blocks of 256");
+  EXPECT_FALSE(fs::exists(dir / "bad"));
+  expect_clean_failure(run_tool({"quantize", src, (dir / "bad").string(), "--method", "rtn", "--codec", "q4_k:g32"}),
+                       "q4_k is a ggml block type with a fixed layout");
 }
 
 // Rows of 256 (a synthetic mixtral of hidden and expert width 256): every weight in the K-quant

@@ -109,7 +109,7 @@ TEST_P(GgufInput, Q8WeightsAreTheBlocksDecode) {
   ASSERT_EQ(m.layers()[1].moe->num_experts(), E);
   for (int64_t e = 0; e < E; ++e) {
     const core::Tensor& t = m.layers()[1].moe->experts[e].down;
-    const auto* enc = dynamic_cast<const io::GgufBlocks*>(t.encoding());
+    const auto* enc = dynamic_cast<const quant::GgufBlocks*>(t.encoding());
     ASSERT_NE(enc, nullptr);
     EXPECT_EQ(enc->bytes().data(), f.tensor_data(*down) + e * (down->nbytes() / E));  // a view, not a copy
     const std::vector<float> got = t.to_f32();

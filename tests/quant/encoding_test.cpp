@@ -10,6 +10,7 @@
 #include "passes/delta_ternary.h"
 #include "quant/delta_ternary.h"
 #include "quant/lowrank.h"
+#include "quant/codec.h"
 #include "quant/registry.h"
 #include "support/expect_error.h"
 
@@ -94,6 +95,31 @@ TEST(Registry, DecodesEntriesAndNamesWhatIsWrong) {
   auto extra = parts;
   extra["c"] = {a, false};
   EXPECT_NE(message({{"encoding", "lowrank"}, {"rank", 2}}, extra).find("unexpected part \"c\""), std::string::npos);
+  // gguf-TYPE (a ggml codec's blocks): the bytes back as they were, and what is wrong named.
+  {
+    std::vector<float> x(2 * 256);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 0.1f;
+    const auto enc4k = rtn(x.data(), 2, 256, parse_codec("q4_k"));
+    ASSERT_EQ(enc4k->name(), "gguf-q4_k");
+    json entry = enc4k->params();
+    entry["encoding"] = "gguf-q4_k";
+    const std::map<std::string, StoredPart> blocks = {{"blocks", {enc4k->parts()[0].tensor, false}}};
+    const auto back = decode(entry, blocks);
+    EXPECT_EQ(back->dtype_rule(), core::Encoding::DtypeRule::Keep);
+    std::vector<float> y0(512), y1(512);
+    enc4k->dequantize_rows(0, 2, y0.data());
+    back->dequantize_rows(0, 2, y1.data());
+    EXPECT_EQ(y0, y1);
+    json wrong = entry;
+    wrong["cols"] = 512;
+    EXPECT_NE(message(wrong, blocks).find("gguf-q4_k: blocks: expected U8 [rows, 288]"), std::string::npos) << message(wrong, blocks);
+    wrong = entry;
+    wrong["type"] = "q6_k";
+    EXPECT_NE(message(wrong, blocks).find("gguf-q4_k: type: expected \"q4_k\""), std::string::npos);
+    wrong["cols"] = 100;
+    wrong["type"] = "q4_k";
+    EXPECT_NE(message(wrong, blocks).find("rows of 100 values in blocks of 256"), std::string::npos);
+  }
   // fp8-block from its parts equals the Tensor-level construction.
   const Tensor q = Tensor::from_f32(std::vector<float>(35, 0.5f), {5, 7}).converted(DType::F8_E4M3);
   const Tensor sc = Tensor::from_f32({1, 2, 3, 4, 5, 6}, {3, 2});

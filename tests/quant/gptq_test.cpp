@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "quant/codec.h"
+#include "quant/gguf_blocks.h"
 #include "quant/gptq.h"
 #include "support/expect_error.h"
 #include "support/ckpt_util.h"
@@ -166,6 +167,72 @@ TEST(QuantGptq, IdentityHessianGivesRtn) {
     o.block = 16;
     EXPECT_EQ(dequant(*gptq(l.W.data(), 6, 40, I.data(), c, o, nullptr)), dequant(*rtn(l.W.data(), 6, 40, c))) << spec;
   }
+}
+
+// The ggml block types (codec "q4_k", ...): GPTQ within the grid of scales chosen first. Rows of
+// 512 (two K-quant super-blocks), a correlated Hessian: the proxy loss below RTN's (RTN: the
+// blocks export --type writes), every value on its block's grid; with a diagonal Hessian there is
+// no error feedback, and the bytes are RTN's exactly for the K-quants (whose RTN codes are the
+// same nearest-on-the-decoded-grid rule; the 32-blocks' RTN rounds x/d directly).
+TEST(QuantGptq, WithinTheGgmlBlockGrids) {
+  const Layer l = correlated(12, 512, 1200, 5);
+  std::vector<double> D(512 * 512, 0.0);
+  for (int i = 0; i < 512; ++i) D[i * 512 + i] = 1.0 + i % 7;
+  for (const char* spec : {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
+    SCOPED_TRACE(spec);
+    const CodecSpec c = parse_codec(spec);
+    ASSERT_EQ(c.kind, CodecSpec::Kind::Ggml);
+    EXPECT_EQ(to_string(c), spec);
+    EXPECT_EQ(parse_codec(to_string(c)), c);
+    const auto& info = ggml_type_info(c.ggml);
+    EXPECT_DOUBLE_EQ(bits_per_param(c, 12, 512), 8.0 * static_cast<double>(info.type_size) / static_cast<double>(info.block));
+    for (bool ao : {false, true}) {
+      GptqOptions o;
+      o.block = 64;
+      o.act_order = ao;
+      GptqInfo gi;
+      const auto e = gptq(l.W.data(), l.rows, l.cols, l.H.data(), c, o, &gi);
+      EXPECT_EQ(e->name(), "gguf-" + std::string(spec));
+      EXPECT_LT(gi.proxy_loss_gptq, gi.proxy_loss_rtn) << (ao ? "act-order" : "");
+      EXPECT_DOUBLE_EQ(gi.proxy_loss_gptq, proxy_loss(l.W.data(), l.rows, l.cols, l.H.data(), *e));
+      // Every decoded value is a point of its sub-block's grid: its own nearest code gives it back,
+      // and writing those codes into the block changes no byte.
+      const auto* gb = dynamic_cast<const GgufBlocks*>(e.get());
+      ASSERT_NE(gb, nullptr);
+      const GgmlGridInfo g = *ggml_grid_info(c.ggml);
+      std::vector<float> y(512);
+      std::vector<uint8_t> block(info.type_size);
+      float step[16], offset[16];
+      std::vector<int> q(static_cast<size_t>(info.block));
+      for (int64_t r = 0; r < l.rows; ++r) {
+        gb->dequantize_rows(r, r + 1, y.data());
+        for (int64_t b0 = 0; b0 < 512; b0 += info.block) {
+          const uint8_t* stored = gb->bytes().data() + r * gb->bytes().dim(1) + b0 / info.block * info.type_size;
+          std::copy_n(stored, info.type_size, block.data());
+          ggml_block_grid(c.ggml, block.data(), step, offset);
+          for (int64_t k = 0; k < info.block; ++k) {
+            float v;
+            q[k] = ggml_grid_code(step[k / g.sub], offset[k / g.sub], g, y[b0 + k], &v);
+            ASSERT_EQ(v, y[b0 + k]) << "row " << r << " value " << b0 + k;
+          }
+          ggml_set_block_codes(c.ggml, block.data(), q.data());
+          ASSERT_TRUE(std::equal(block.begin(), block.end(), stored)) << "row " << r << " block " << b0 / info.block;
+        }
+      }
+    }
+    GptqOptions o;
+    o.block = 64;
+    const auto diag = gptq(l.W.data(), l.rows, l.cols, D.data(), c, o, nullptr);
+    if (info.block == 256) {
+      EXPECT_EQ(dequant(*diag), dequant(*rtn(l.W.data(), l.rows, l.cols, c)));
+    }
+  }
+  test::expect_error([] { parse_codec("q4_k:g32"); }, core::ErrorKind::InvalidArgument, {"fixed layout"});
+  test::expect_error([] { parse_codec("tq1_0"); }, core::ErrorKind::InvalidArgument, {"unknown codec"});
+  test::expect_error([] { bits_per_param(parse_codec("q4_k"), 4, 128); }, core::ErrorKind::InvalidArgument, {"block size 256"});
+  const Layer n = correlated(2, 128, 200, 6);
+  test::expect_error([&] { gptq(n.W.data(), 2, 128, n.H.data(), parse_codec("q6_k"), GptqOptions{}, nullptr); },
+               core::ErrorKind::InvalidArgument, {"block size 256"});
 }
 
 TEST(QuantGptq, DeadColumnsQuantizeToZero) {
