@@ -187,6 +187,7 @@ class Quantize final : public pipeline::Pass {
     avg_bits_ = o.opt_number("avg_bits", 0, 64, true);
     const std::string w = o.opt_string("widths").value_or("ternary,int2,int3,int4,int8");
     widths_text_ = w;
+    widths_path_ = o.key_path("widths");
     const bool group_applied = group_applied_, sym_applied = sym_applied_;
     for (size_t i = 0; i <= w.size();) {
       size_t j = w.find(',', i);
@@ -677,6 +678,17 @@ class Quantize final : public pipeline::Pass {
       model::Layer L = layer;  // views: the slots point into this copy
       for (const auto& sl : layer_slots(m.family(), L)) check(sl, codec_for(sl));
     }
+    // Mixed precision gives every width to every routed expert matrix.
+    if (avg_bits_)
+      for (const auto& w : widths_)
+        for (const auto& layer : m.layers())
+          if (w.kind == quant::CodecSpec::Kind::Ggml && layer.moe && !layer.moe->experts.empty())
+            for (const core::Tensor* t : {&layer.moe->experts[0].gate, &layer.moe->experts[0].up, &layer.moe->experts[0].down})
+              if (t->rank() == 2 && t->dim(1) % w.group != 0)
+                throw Error::invalid(widths_path_ + ": " + quant::to_string(w) + " needs rows of whole blocks of " +
+                                     std::to_string(w.group) + ", but the routed experts of layer " +
+                                     std::to_string(layer.index) + " have rows of " + std::to_string(t->dim(1)) +
+                                     " values (mixed precision may give any width to any expert matrix)");
     for (const char* key : {"embeddings", "lm_head"}) {
       const char* global = std::string(key) == "embeddings" ? "embed" : "lm_head";
       auto it = m.globals().find(global);
@@ -1302,7 +1314,7 @@ class Quantize final : public pipeline::Pass {
   std::string dict_scope_;  // "model" or "layer" (passes/sub1bit.h)
   bool threshold_scale_ = false;  // ternary thresholds scaled per expert by routed tokens
   double gamma_ = 0.5;
-  std::string widths_text_;
+  std::string widths_text_, widths_path_;
   std::vector<quant::CodecSpec> widths_;
   double alpha_ = 1.0, beta_ = 1.5;
   calib::MatrixD moe_all_;             // Σ_e expert input Grams of the layer being run

@@ -412,6 +412,10 @@ TEST(Export, GptqWithinTheKQuantGridIsCopiedAsItsBlocks) {
   EXPECT_FALSE(fs::exists(dir / "bad"));
   expect_clean_failure(run_tool({"quantize", src, (dir / "bad").string(), "--method", "rtn", "--codec", "q4_k:g32"}),
                        "q4_k is a ggml block type with a fixed layout");
+  expect_clean_failure(run_tool({"quantize", src, (dir / "bad").string(), "--method", "rtn", "--avg-bits", "5", "--widths",
+                                 "q4_k,int8", "--text", (kSrc / "data/text/calib.txt").string()}),
+                       "--widths: q4_k needs rows of whole blocks of 256, but the routed experts of layer 0 have rows of 128");
+  EXPECT_FALSE(fs::exists(dir / "bad"));
 }
 
 // Rows of 256 (a synthetic mixtral of hidden and expert width 256): every weight in the K-quant

@@ -175,7 +175,7 @@ TEST(QuantGptq, IdentityHessianGivesRtn) {
 // no error feedback, and the bytes are RTN's exactly for the K-quants (whose RTN codes are the
 // same nearest-on-the-decoded-grid rule; the 32-blocks' RTN rounds x/d directly).
 TEST(QuantGptq, WithinTheGgmlBlockGrids) {
-  const Layer l = correlated(12, 512, 1200, 5);
+  const Layer l = correlated(12, 512, 600, 5);
   std::vector<double> D(512 * 512, 0.0);
   for (int i = 0; i < 512; ++i) D[i * 512 + i] = 1.0 + i % 7;
   for (const char* spec : {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
