@@ -4,7 +4,8 @@
 # the source and top-1 agreement of `moe-tool eval` over all windows of data/text/heldout.txt
 # (ctx 128). Every 2-D tensor not named below is our q8_0. Calibration: 64 windows of 128 tokens of
 # data/text/calib.txt. Rows: mixtral-tiny's expert down projections (its only 256-wide rows) in
-# q4_k, q3_k, q2_k; the routed experts of mixtral-tiny and validation-tiny in q4_0, q4_1, q5_0.
+# q4_k, q3_k, q2_k; qwen2moe-tiny's shared-expert down projection in q4_k, q2_k; the routed experts
+# of mixtral-tiny and validation-tiny in q4_0, q4_1, q5_0.
 # Outputs go to /tmp/ggml-gptq/ (removed first).
 #
 #   scripts/ggml_gptq_table.sh
@@ -26,6 +27,9 @@ row() {  # row MODEL NAME QUANTIZE-ARGS...
 }
 for t in q4_k q3_k q2_k; do
   row data/models/mixtral-tiny "down-$t" --experts keep --tensor-type "experts\.[0-9]+\.w2=$t"
+done
+for t in q4_k q2_k; do
+  row data/models/qwen2moe-tiny "shared-down-$t" --experts keep --shared keep --tensor-type "shared_expert\.down_proj=$t"
 done
 for m in data/models/mixtral-tiny data/models/validation-tiny; do
   for t in q4_0 q4_1 q5_0; do
