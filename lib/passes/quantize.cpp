@@ -185,6 +185,7 @@ class Quantize final : public pipeline::Pass {
       min_tokens_ = o.get_int("min_tokens", 0, 0, int64_t{1} << 40);
     }
     avg_bits_ = o.opt_number("avg_bits", 0, 64, true);
+    avg_path_ = o.key_path("avg_bits");
     const std::string w = o.opt_string("widths").value_or("ternary,int2,int3,int4,int8");
     widths_text_ = w;
     widths_path_ = o.key_path("widths");
@@ -630,6 +631,19 @@ class Quantize final : public pipeline::Pass {
     check_smooth_align(m);
     check_block_rows(m);
     const auto q = quantizable(m);
+    // Mixed precision sets the width of every routed expert matrix: a keep or a rule for them
+    // would be overridden silently.
+    if (avg_bits_) {
+      if (!class_codec_.at("experts"))
+        throw Error::invalid(avg_path_ + ": mixed precision plans the routed experts' widths, but they are kept (experts "
+                             "keep): quantize them, or drop avg_bits");
+      for (const auto& [name, cls] : q)
+        for (const auto& ov : overrides_)
+          if (cls == "experts" && std::regex_search(name, ov.re))
+            throw Error::invalid(ov.path + ": rule \"" + ov.pattern + "=" + ov.text + "\" matches " + name +
+                                 ", a routed expert tensor whose width avg_bits plans; the two do not combine (narrow the "
+                                 "rule to other tensors, or drop avg_bits)");
+    }
     std::vector<std::string> taken(overrides_.size());  // per rule: a tensor it matches that an earlier rule takes
     std::vector<bool> applies(overrides_.size(), false);
     override_classes_.clear();
@@ -1314,7 +1328,7 @@ class Quantize final : public pipeline::Pass {
   std::string dict_scope_;  // "model" or "layer" (passes/sub1bit.h)
   bool threshold_scale_ = false;  // ternary thresholds scaled per expert by routed tokens
   double gamma_ = 0.5;
-  std::string widths_text_, widths_path_;
+  std::string widths_text_, widths_path_, avg_path_;
   std::vector<quant::CodecSpec> widths_;
   double alpha_ = 1.0, beta_ = 1.5;
   calib::MatrixD moe_all_;             // Σ_e expert input Grams of the layer being run

@@ -289,7 +289,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     const auto& ti = quant::ggml_type_info(it.info.type);
     if (it.info.ne[0] % ti.block != 0)
       throw Error::unsupported(src + ": " + name + ": rows of " + std::to_string(it.info.ne[0]) + " values are not a multiple of the " +
-                               ti.name + " block size " + std::to_string(ti.block) + "; give it another type with --tensor-type");
+                               ti.name + " block size " + std::to_string(ti.block) + "; give it another type with " + opts.tensor_type_key);
     it.parts = std::move(parts);
     for (auto& d : direct) it.native.push_back(std::move(d.form));
     it.permute_heads = permute_heads;
@@ -336,15 +336,15 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   // One warning per rule, naming no folder: the plan is also made on a run's staged native output.
   for (const auto& o : ovr)
     if (!used.count(&o))
-      core::warn_once("--tensor-type " + o.pattern + "=" + quant::ggml_type_info(o.type).name +
+      core::warn_once(opts.tensor_type_key + " " + o.pattern + "=" + quant::ggml_type_info(o.type).name +
                       " matches no tensor of this model (GGUF names: blk.N.ffn_down_exps.weight, blk.N.attn_q.weight, "
                       "token_embd.weight, ...; 1-D tensors and routers stay f32)");
   for (const auto& [rule, tensors] : ignored)
-    core::warn_once("--tensor-type " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name + " does not apply to " +
-                    std::to_string(tensors.size()) + " tensor(s) whose codes are copied, not re-quantized (" +
-                    tensors.front().first + " as " + tensors.front().second +
-                    (tensors.size() > 1 ? ", ..." : "") + "): write the model dense first (`moe-tool convert IN DENSE "
-                    "--materialize`) to choose their type");
+    core::warn_once(opts.tensor_type_key + " " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name +
+                    " does not apply to " + std::to_string(tensors.size()) + " tensor(s) whose codes are copied, not re-quantized (" +
+                    tensors.front().first + " as " + tensors.front().second + (tensors.size() > 1 ? ", ..." : "") +
+                    (opts.staged ? "): the run's quantize codec gives them their type"
+                                 : "): write the model dense first (`moe-tool convert IN DENSE --materialize`) to choose their type"));
   return p;
 }
 
@@ -424,11 +424,18 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
       continue;
     }
     if (const auto* gb = dynamic_cast<const quant::GgufBlocks*>(part.encoding())) {
-      // Blocks of this type already: the rows copied (in the converter's q/k order where it applies).
+      // Blocks of this type already: the rows copied (in the converter's q/k order where it
+      // applies), each decoded first so that a non-finite scale is refused as for any weight.
       const uint8_t* src = gb->bytes().data();
       const int64_t rows = gb->rows();
       encode_rows(w, b, rows, rb, [&](int64_t r, uint8_t* dst) {
         const int64_t s = it.permute_heads ? permuted_source_row(r, it.permute_heads, rows) : r;
+        thread_local std::vector<float> y;
+        y.resize(static_cast<size_t>(cols));
+        gb->dequantize_rows(s, s + 1, y.data());
+        if (const int64_t bad = core::first_non_finite(core::DType::F32, y.data(), y.size()); bad >= 0)
+          throw Error::invalid("row " + std::to_string(s) + ": " + gb->name() + " block " + std::to_string(bad / quant::ggml_type_info(gb->type()).block) +
+                               " decodes to " + std::to_string(y[static_cast<size_t>(bad)]) + " (a scale is not finite)");
         std::memcpy(dst, src + s * static_cast<int64_t>(rb), rb);
       });
       continue;

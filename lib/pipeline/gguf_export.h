@@ -31,6 +31,12 @@ struct GgufOptions {
   quant::GgmlType type = quant::GgmlType::Q8_0;  // the main type
   std::vector<GgufTypeOverride> overrides;       // the first match wins
   std::string name;                              // general.name; empty: the input folder's name
+  // How messages name the override rules: the export's flag, or a run's key ("--gguf-tensor-type",
+  // "output.tensor_type").
+  std::string tensor_type_key = "--tensor-type";
+  // The model is a run's staged native output: a tensor whose codes are copied is re-typed by the
+  // run's quantize codec, not by converting a folder first.
+  bool staged = false;
 };
 
 // A type the writer produces, from its name ("q4_0"); Error::invalid (unknown) or

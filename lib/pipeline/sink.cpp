@@ -78,6 +78,8 @@ GgufOptions gguf_options(const Recipe& r) {
   });
   // general.name: the output's name without .gguf, as `export` names a file after its input folder.
   go.name = r.output.path.stem().string();
+  go.tensor_type_key = r.key("output.tensor_type");
+  go.staged = true;
   return go;
 }
 

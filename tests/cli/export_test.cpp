@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <nlohmann/json.hpp>
 
@@ -406,6 +407,22 @@ TEST(Export, GptqWithinTheKQuantGridIsCopiedAsItsBlocks) {
   quantize("gptq", direct, {"--format", "gguf", "--gguf-type", "f32"});
   const auto fd = io::GgufFile::open(env, direct);
   EXPECT_TRUE(std::equal(gbytes.data(), gbytes.data() + gbytes.nbytes(), fd.tensor_data(*fd.find_tensor("blk.1.ffn_down_exps.weight")) + 3 * gbytes.nbytes()));
+  // A block whose f16 scale is NaN (the first two bytes of a q4_k block) is refused by export,
+  // naming the tensor and row, as non-finite weights are.
+  {
+    const fs::path bad = dir / "nan-scale";
+    fs::copy(gq, bad);
+    std::string st = read_file(bad / "model.safetensors");
+    uint64_t n = 0;
+    std::memcpy(&n, st.data(), 8);
+    const json h = json::parse(st.substr(8, n));
+    const uint64_t at = 8 + n + h.at(w2).at("data_offsets").at(0).get<uint64_t>();
+    st[at] = '\x00', st[at + 1] = '\x7e';  // f16 NaN, little-endian
+    write_file(bad / "model.safetensors", st);
+    expect_clean_failure(run_tool({"export", bad.string(), (dir / "nan.gguf").string(), "--type", "q8_0"}),
+                         "blk.1.ffn_down_exps.weight: row 0: gguf-q4_k block 0 decodes to nan (a scale is not finite)");
+    EXPECT_FALSE(fs::exists(dir / "nan.gguf"));
+  }
   // Refusals before any work: 128-wide rows (w1 reads the hidden size 128), options on a block type.
   expect_clean_failure(run_tool({"quantize", src, (dir / "bad").string(), "--method", "rtn", "--codec", "q4_k"}),
                        "rows of 128 values are not whole q4_k blocks of 256");
