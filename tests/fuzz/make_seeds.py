@@ -130,6 +130,11 @@ def main():
             "encoding": "novice", "parts": {"value": "model.layers.1.block_sparse_moe.experts.1.w2.weight.novice"}}})),
         "bad-novice-extra-part": qc(dict(valid, **{"model.layers.1.block_sparse_moe.experts.1.w2.weight": {
             "encoding": "novice", "parts": {"value": w1 + ".lr_a", "other": w1 + ".lr_b"}}})),
+        # rows of ggml blocks (quantize --codec q8_0): the blocks part must be U8 [rows, row bytes]
+        "bad-gguf-blocks-dtype": qc({w1: {"encoding": "gguf-q8_0", "type": "q8_0", "cols": 32, "parts": {"blocks": w1 + ".lr_a"}},
+                                     w3: lr(w3, base=True)}),
+        "bad-gguf-blocks-cols": qc({w1: {"encoding": "gguf-q4_k", "type": "q4_k", "cols": 33, "parts": {"blocks": w1 + ".lr_a"}},
+                                    w3: lr(w3, base=True)}),
     }
     os.makedirs(NC, exist_ok=True)
     for name, obj in nc.items():
