@@ -61,6 +61,22 @@ struct QuantSlot {
 // The matrices of a layer the pass can quantize, in order (routed experts, shared expert, its
 // gate, router, dense MLP, attention q/k/v/o), without Hessians. The shared-expert gate ([1, H],
 // class "shared_gate") has no option of its own: only a tensor_type rule quantizes it.
+// The embeddings' and lm_head's slots, for the globals `g` holds (the model's own, or a copy of
+// its views): RTN only (run_globals).
+std::vector<QuantSlot> global_slots(const model::FamilyDesc& fam, std::map<std::string, core::Tensor>& g) {
+  std::vector<QuantSlot> out;
+  for (const char* key : {"embeddings", "lm_head"}) {
+    const char* global = std::string(key) == "embeddings" ? "embed" : "lm_head";
+    auto it = g.find(global);
+    if (it == g.end()) continue;
+    std::string name;
+    for (const auto& rn : fam.globals)
+      if (rn.role == global) name = rn.name;
+    out.push_back(QuantSlot{&it->second, name, global, key, nullptr, 0, -1, 0});
+  }
+  return out;
+}
+
 std::vector<QuantSlot> layer_slots(const model::FamilyDesc& fam, model::Layer& L) {
   const std::string prefix = model::expand(fam.layer_prefix, L.index);
   std::vector<QuantSlot> slots;
@@ -562,21 +578,14 @@ class Quantize final : public pipeline::Pass {
 
   void run_globals(model::Model& model, json& report) override {
     json list = json::array();
-    for (const char* key : {"embeddings", "lm_head"}) {
-      const char* global = std::string(key) == "embeddings" ? "embed" : "lm_head";
-      auto it = model.globals().find(global);
-      if (it == model.globals().end()) continue;
-      std::string name;
-      for (const auto& rn : model.family().globals)
-        if (rn.role == global) name = rn.name;
-      QuantSlot s{&it->second, name, global, key, nullptr, 0, -1, 0};
+    for (QuantSlot& s : global_slots(model.family(), model.globals())) {
       const auto c = codec_for(s);
       if (!c) continue;
       json m;
       const MatrixRM w = runtime::to_matrix(*s.tensor);
       auto enc = quant::rtn(w.data(), w.rows(), w.cols(), *c);
       m["method"] = "rtn";
-      if (method_ == QuantizeMethod::Gptq) m["note"] = "rtn: no Hessian is collected for " + std::string(key);
+      if (method_ == QuantizeMethod::Gptq) m["note"] = "rtn: no Hessian is collected for " + s.cls;
       finish_slot(model, s, std::move(enc), *c, m);
       list.push_back(m);
     }
@@ -703,17 +712,8 @@ class Quantize final : public pipeline::Pass {
                                      std::to_string(w.group) + ", but the routed experts of layer " +
                                      std::to_string(layer.index) + " have rows of " + std::to_string(t->dim(1)) +
                                      " values (mixed precision may give any width to any expert matrix)");
-    for (const char* key : {"embeddings", "lm_head"}) {
-      const char* global = std::string(key) == "embeddings" ? "embed" : "lm_head";
-      auto it = m.globals().find(global);
-      if (it == m.globals().end()) continue;
-      core::Tensor t = it->second;
-      std::string name;
-      for (const auto& rn : m.family().globals)
-        if (rn.role == global) name = rn.name;
-      const QuantSlot s{&t, name, global, key, nullptr, 0, -1, 0};
-      check(s, codec_for(s));
-    }
+    auto globals = m.globals();  // views: the slots point into this copy
+    for (const QuantSlot& s : global_slots(m.family(), globals)) check(s, codec_for(s));
   }
 
   // Smoothing folds into the post-attention norm and rescales every reader of its output: each

@@ -59,11 +59,10 @@ CodecSpec parse_codec(std::string_view s) {
     if (name == c.name) nc = &c;
   }
   const GgmlTypeInfo* gt = nullptr;
-  for (uint32_t id = 0; id < 64; ++id)
-    if (const GgmlTypeInfo* i = ggml_type_info(id); i && ggml_grid_info(i->type)) {
-      names.push_back(i->name);
-      if (name == i->name) gt = i;
-    }
+  for (const GgmlType t : ggml_grid_types()) {
+    names.push_back(ggml_type_info(t).name);
+    if (name == names.back()) gt = &ggml_type_info(t);
+  }
   if (gt) {
     if (fields.size() > 1)
       throw Error::invalid("codec \"" + whole + "\": " + name + " is a ggml block type with a fixed layout (blocks of " +
@@ -73,8 +72,7 @@ CodecSpec parse_codec(std::string_view s) {
     c.ggml = gt->type;
     c.bits = 0;
     c.group = gt->block;
-    c.symmetric = gt->type == GgmlType::Q8_0 || gt->type == GgmlType::Q4_0 || gt->type == GgmlType::Q5_0 ||
-                  gt->type == GgmlType::Q3_K || gt->type == GgmlType::Q6_K;
+    c.symmetric = ggml_grid_info(gt->type)->qmin < 0;  // codes centred on zero: no min
     return c;
   }
   if (!nc) throw Error::invalid("unknown codec \"" + name + "\"" + core::allowed_suffix(name, names));

@@ -273,12 +273,12 @@ struct KFit {
 
 // The nearest code of each of n values on the grid D * q - M, q in [qmin, qmax], computed as
 // decode computes it (the rounded quotient and its two neighbours compared on the decoded values).
-KFit nearest_codes(const KSpec& s, const float* x, int n, float D, float M, int* q) {
+KFit nearest_codes(int qmin, int qmax, const float* x, int n, float D, float M, int* q) {
   // The codes (as floats) and their errors first, in a loop of selects without branches that the
   // compiler vectorizes (the block search calls this ~20 times per sub-block); then the sum in
   // double in element order. Same codes as clamp_round and the neighbours compared one by one.
   float code[32], err[32];
-  const float lo = static_cast<float>(s.qmin), hi = static_cast<float>(s.qmax);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   if (D == 0.0f) {
     for (int i = 0; i < n; ++i) code[i] = 0.0f, err[i] = std::fabs(x[i] + M);
   } else {
@@ -324,11 +324,11 @@ KTarget k_target(const KSpec& s, const float* x) {
     const float a = signed_absmax(x, n);
     t.cover_s = t.s = a / static_cast<float>(s.qmin);
     if (a == 0.0f) return t;
-    double best = nearest_codes(s, x, n, t.s, 0.0f, q).sse;
+    double best = nearest_codes(s.qmin, s.qmax, x, n, t.s, 0.0f, q).sse;
     for (int k = -4; k <= 4; ++k) {
       float sk = a / (static_cast<float>(s.qmin) + 0.125f * static_cast<float>(k));
       for (int it = 0; it < 2; ++it) {
-        const double sse = nearest_codes(s, x, n, sk, 0.0f, q).sse;
+        const double sse = nearest_codes(s.qmin, s.qmax, x, n, sk, 0.0f, q).sse;
         if (sse < best) best = sse, t.s = sk;
         double sxq = 0, sqq = 0;
         for (int i = 0; i < n; ++i) sxq += static_cast<double>(x[i]) * q[i], sqq += static_cast<double>(q[i]) * q[i];
@@ -345,7 +345,7 @@ KTarget k_target(const KSpec& s, const float* x) {
   t.cover_s = t.s = (hi - lo) / static_cast<float>(s.qmax);
   t.cover_m = t.m = -lo;
   if (hi == lo) return t;
-  double best = nearest_codes(s, x, n, t.s, t.m, q).sse;
+  double best = nearest_codes(s.qmin, s.qmax, x, n, t.s, t.m, q).sse;
   float sk = t.s, mk = t.m;
   for (int it = 0; it < 4; ++it) {
     // Least squares x ~ s * q - m with m >= 0.
@@ -357,7 +357,7 @@ KTarget k_target(const KSpec& s, const float* x) {
     if (lm < 0) lm = 0, ls = sxq / sqq;
     if (ls <= 0) break;
     sk = static_cast<float>(ls), mk = static_cast<float>(lm);
-    const double sse = nearest_codes(s, x, n, sk, mk, q).sse;
+    const double sse = nearest_codes(s.qmin, s.qmax, x, n, sk, mk, q).sse;
     if (sse < best) best = sse, t.s = sk, t.m = mk;
   }
   return t;
@@ -421,7 +421,7 @@ KBlock k_encode(const KSpec& s, const float* x) {
         const int sc = sc_cand[a], m = m_cand[c];
         if (sc < sclo || sc > s.scmax || m < 0 || m > s.mmax) continue;
         const float D = d * static_cast<float>(sc), M = dmin * static_cast<float>(m);
-        const KFit f = nearest_codes(s, xj, s.sub, D, M, q);
+        const KFit f = nearest_codes(s.qmin, s.qmax, xj, s.sub, D, M, q);
         if (a == 0 && c == 0) cover = f;
         else if (f.max_err > std::max(std::fabs(D), cover.max_err) || f.sse >= best) continue;
         best = f.sse;
@@ -779,31 +779,28 @@ std::optional<GgmlGridInfo> ggml_grid_info(GgmlType t) {
   return std::nullopt;
 }
 
+std::vector<GgmlType> ggml_grid_types() {
+  std::vector<GgmlType> t;
+  for (const auto& c : kBlockCodecs)
+    if (c.grid) t.push_back(c.type);
+  return t;
+}
+
 std::string ggml_grid_names() {
   std::string s;
-  for (const auto& c : kBlockCodecs)
-    if (c.grid) s += (s.empty() ? "" : ", ") + std::string(ggml_type_info(c.type).name);
+  for (const GgmlType t : ggml_grid_types()) s += (s.empty() ? "" : ", ") + std::string(ggml_type_info(t).name);
   return s;
 }
 
 void ggml_block_grid(GgmlType t, const uint8_t* block, float* step, float* offset) { need_grid(t).grid(block, step, offset); }
 
 int ggml_grid_code(float step, float offset, const GgmlGridInfo& g, float x, float* value) {
-  // The rounded quotient, then its neighbours compared on the values decode computes (as the K-quant
-  // encoders choose codes), so the code is the nearest point of the grid as decode sees it.
-  if (step == 0.0f) {
-    *value = 0.0f - offset;
-    return std::clamp(0, g.qmin, g.qmax);
-  }
-  int best = clamp_round((x + offset) / step, g.qmin, g.qmax);
-  float bv = step * static_cast<float>(best) - offset;
-  for (const int q : {best - 1, best + 1}) {
-    if (q < g.qmin || q > g.qmax) continue;
-    const float v = step * static_cast<float>(q) - offset;
-    if (std::fabs(x - v) < std::fabs(x - bv)) best = q, bv = v;
-  }
-  *value = bv;
-  return best;
+  // The K-quant encoders' rule for one value (nearest_codes): the rounded quotient and its
+  // neighbours compared on the values decode computes.
+  int q;
+  nearest_codes(g.qmin, g.qmax, &x, 1, step, offset, &q);
+  *value = step * static_cast<float>(q) - offset;
+  return q;
 }
 
 void ggml_set_block_codes(GgmlType t, uint8_t* block, const int* codes) {

@@ -110,7 +110,8 @@ struct GgmlGridInfo {
 };
 // The grid of type t, or nullopt for a type without one.
 std::optional<GgmlGridInfo> ggml_grid_info(GgmlType t);
-// The names of the types with a grid, comma separated.
+// The types with a grid, and their names comma separated.
+std::vector<GgmlType> ggml_grid_types();
 std::string ggml_grid_names();
 // Per sub-block j of an encoded block, step[j] and offset[j]. Error::unsupported without a grid.
 void ggml_block_grid(GgmlType t, const uint8_t* block, float* step, float* offset);

@@ -107,7 +107,7 @@ struct Quantizer {
   std::vector<IntParams> ip;
   std::vector<TernaryLevels> tl;
   GgmlGridInfo gg;
-  int64_t nsub = 0, rb = 0;
+  int64_t nsub = 0, rb = 0, block_bytes = 0;
   core::Tensor blocks;              // Ggml: [rows, row bytes]
   std::vector<float> step, offset;  // Ggml: per (row, block, sub-block)
   Quantizer(const CodecSpec& c, int64_t rows, int64_t cols) : c(c), rows(rows) {
@@ -115,6 +115,7 @@ struct Quantizer {
     if (c.kind == CodecSpec::Kind::Ggml) {
       gg = *ggml_grid_info(c.ggml);
       rb = static_cast<int64_t>(ggml_row_bytes(c.ggml, cols));  // Error::invalid unless whole blocks
+      block_bytes = static_cast<int64_t>(ggml_type_info(c.ggml).type_size);
       ng = cols / gl;
       nsub = gl / gg.sub;
       blocks = core::Tensor::zeros(core::DType::U8, {rows, rb});
@@ -130,9 +131,7 @@ struct Quantizer {
       tl.resize(static_cast<size_t>(rows * ng));
     }
   }
-  uint8_t* block(int64_t r, int64_t g) {
-    return blocks.mutable_data() + r * rb + g * static_cast<int64_t>(ggml_type_info(c.ggml).type_size);
-  }
+  uint8_t* block(int64_t r, int64_t g) { return blocks.mutable_data() + r * rb + g * block_bytes; }
   void find(int64_t r, int64_t g, const float* x, int64_t n) {
     if (c.kind == CodecSpec::Kind::Ggml) {
       encode_row(c.ggml, x, n, block(r, g));

@@ -18,7 +18,8 @@ using core::Error;
 using nlohmann::json;
 
 const std::vector<EncodingInfo>& known_encodings() {
-  static std::vector<EncodingInfo> table = {
+  static const std::vector<EncodingInfo> table = [] {
+    std::vector<EncodingInfo> t = {
       {"lowrank", {"a", "b"}, {"base"}, "W = [base +] A·B: A [out, r], B [r, in], base [out, in] (float)"},
       {"fp8-block", {"codes", "scale_inv"}, {}, "W = f8e4m3(codes) * scale_inv per block [br, bc]"},
       {"intN", {"codes", "scales"}, {"zeros"},
@@ -29,19 +30,14 @@ const std::vector<EncodingInfo>& known_encodings() {
       {"pooled", {"weight"}, {}, "W = weight [out, in] (float), one expert of a cross-layer pool stored once for the weights of two layers"},
       {"delta-ternary", {"base", "stream", "scale"}, {},
        "W = base + scale * sign at the kept positions: base [out, in] (float) shared by a layer's experts, positions and signs Rice-coded, f32 scale (ComPEFT)"},
-  };
-  // gguf-TYPE: the ggml block types a codec writes (quant/codec.h), rows of blocks as GGUF stores them.
-  static const bool with_gguf = [] {
-    static std::vector<std::string> names;
-    names.reserve(64);
-    for (uint32_t id = 0; id < 64; ++id)
-      if (const GgmlTypeInfo* i = ggml_type_info(id); i && ggml_grid_info(i->type))
-        names.push_back(std::string("gguf-") + i->name);
+    };
+    // gguf-TYPE: the ggml block types a codec writes (quant/codec.h), rows of blocks as GGUF stores them.
+    static std::vector<std::string> names;  // the entries' names point into it
+    for (const GgmlType g : ggml_grid_types()) names.push_back(std::string("gguf-") + ggml_type_info(g).name);
     for (const auto& n : names)
-      table.push_back({n.c_str(), {"blocks"}, {}, "W = rows of ggml blocks of TYPE as GGUF stores them (ggml-common.h), U8 [out, row bytes]"});
-    return true;
+      t.push_back({n.c_str(), {"blocks"}, {}, "W = rows of ggml blocks of TYPE as GGUF stores them (ggml-common.h), U8 [out, row bytes]"});
+    return t;
   }();
-  (void)with_gguf;
   return table;
 }
 
