@@ -261,13 +261,7 @@ TEST(ExportPackedEval, DecodedExportEvaluatesAsTheNativeModel) {
     write_file(back / "config.json", cfg.dump(2));
     for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
       fs::copy_file(out / f, back / f);
-    auto eval = [&](const fs::path& m) {
-      const RunResult r = run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32",
-                                    "--max-windows", "4", "--json"});
-      EXPECT_EQ(r.exit_code, 0) << r.describe();
-      return r.exit_code == 0 ? json::parse(r.out) : json();
-    };
-    const json a = eval(native), b = eval(back);
+    const json a = eval_json(native, 4), b = eval_json(back, 4);
     ASSERT_TRUE(a.contains("perplexity")) << a.dump();
     EXPECT_EQ(a.at("perplexity"), b.at("perplexity"));
     EXPECT_EQ(a.at("nll_sum"), b.at("nll_sum"));

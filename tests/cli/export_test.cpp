@@ -393,12 +393,7 @@ TEST(Export, GptqWithinTheKQuantGridIsCopiedAsItsBlocks) {
   const io::GgufTensorInfo& t = *f.find_tensor("blk.1.ffn_down_exps.weight");
   const uint8_t* stored = f.tensor_data(t) + 3 * gbytes.nbytes();
   EXPECT_TRUE(std::equal(gbytes.data(), gbytes.data() + gbytes.nbytes(), stored));
-  auto eval = [&](const fs::path& m) {
-    const RunResult r = run_tool({"-q", "eval", m.string(), "--text", kHeldout.string(), "--ctx", "32", "--max-windows", "2", "--json"});
-    EXPECT_EQ(r.exit_code, 0) << r.describe();
-    return r.exit_code == 0 ? json::parse(r.out) : json();
-  };
-  const json a = eval(gq), b = eval(out);
+  const json a = eval_json(gq, 2), b = eval_json(out, 2);
   ASSERT_TRUE(a.contains("nll_sum")) << a.dump();
   EXPECT_EQ(a.at("nll_sum"), b.at("nll_sum"));
   EXPECT_EQ(a.at("perplexity"), b.at("perplexity"));
