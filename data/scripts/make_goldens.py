@@ -6,7 +6,7 @@ files byte for byte (single-threaded torch, fixed inputs).
 Usage: /usr/bin/python3 data/scripts/make_goldens.py [--only tokenizer|trained|synthetic]
 Writes data/golden/tokenizer_bytelevel.json, data/golden/<model>.json for the trained models
 (skipped if a model directory is missing) and data/golden/synthetic-<name>.json.  The validation
-fixture (validation-tiny) is scored on its own held-out text with its own tokenizer
+fixtures (validation-tiny, validation-256) are scored on their own held-out text with their own tokenizer
 (data/text-validation/heldout.txt, data/tokenizer-validation).
 """
 import argparse
@@ -22,9 +22,10 @@ import reference as R  # noqa: E402
 from bpe_tok import Encoder  # noqa: E402
 
 GOLD = os.path.join(C.DATA, "golden")
-TRAINED = ("mixtral-tiny", "qwen2moe-tiny", "llama-tiny", "validation-tiny")
+TRAINED = ("mixtral-tiny", "qwen2moe-tiny", "llama-tiny", "validation-tiny", "validation-256")
 # trained models on another corpus: name -> (held-out text, tokenizer dir), relative to data/
-OTHER_CORPUS = {"validation-tiny": ("text-validation/heldout.txt", "tokenizer-validation")}
+OTHER_CORPUS = {"validation-tiny": ("text-validation/heldout.txt", "tokenizer-validation"),
+                "validation-256": ("text-validation/heldout.txt", "tokenizer-validation")}
 SYNTH = ("qwen3moe", "olmoe", "mistral", "qwen2", "qwen3", "qwen2moe-sparse")
 
 TOKENIZER_TESTS = [

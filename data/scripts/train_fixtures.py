@@ -11,6 +11,9 @@ no default is ever chosen on it):
   data/models/validation-tiny/ qwen3_moe 4 layers, H 160, 4/2 heads of head_dim 48 (q/k RMSNorm
                               per head), 8 experts top-2, I_moe 192, no shared expert,
                               norm_topk_prob true, 250 steps
+  data/models/validation-256/ qwen3_moe as validation-tiny with H 256, head_dim 64, I_moe 256
+                              (rows that are whole 256-blocks: the K-quant and TQ measurements),
+                              250 steps, seed 5; a second validation fixture, never tuned on
 and write data/models/training/<name>.json (held-out perplexity vs unigram baseline, timings,
 expert usage, loss curve).
 
@@ -70,6 +73,12 @@ MODELS = {
                           moe_intermediate=192, norm_topk_prob=True, decoder_sparse_step=1,
                           mlp_only_layers=[], aux_coef=AUX_COEF),
         steps=250, seed=4, corpus="validation"),
+    "validation-256": dict(
+        cfg=C.make_config("qwen3_moe", hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
+                          intermediate=512, eps=1e-6, theta=1e6, experts=8, topk=2,
+                          moe_intermediate=256, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], aux_coef=AUX_COEF),
+        steps=250, seed=5, corpus="validation"),
 }
 
 # corpus name -> (training text, held-out text, tokenizer dir)

@@ -152,6 +152,7 @@ TEST(GoldenTrained, Qwen2MoeTiny) { check_model("data/models/qwen2moe-tiny", "qw
 TEST(GoldenTrained, LlamaTiny) { check_model("data/models/llama-tiny", "llama-tiny.json"); }
 // The validation fixture (qwen3_moe layout, its own corpus and tokenizer; data/README.md).
 TEST(GoldenTrained, ValidationTiny) { check_model("data/models/validation-tiny", "validation-tiny.json"); }
+TEST(GoldenTrained, Validation256) { check_model("data/models/validation-256", "validation-256.json"); }
 
 }  // namespace
 }  // namespace moe::test
