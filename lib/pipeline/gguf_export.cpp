@@ -212,6 +212,12 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const auto& d = m.dims();
   const auto& c = m.config();
   const std::string A = arch->arch;
+  // OLMoE's k_norm spans the whole k projection ([kv_heads * head_dim]); llama.cpp's olmoe loader
+  // requires attn_k_norm of [n_embd], so it loads only models without grouped-query attention.
+  if (fam.qk_norm == model::QKNorm::Full && d.kv_heads != d.heads)
+    throw Error::unsupported(src + ": num_key_value_heads " + std::to_string(d.kv_heads) + " != num_attention_heads " +
+                             std::to_string(d.heads) + ": llama.cpp's " + A +
+                             " graph needs a k_norm as wide as the hidden size (no grouped-query attention)");
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));

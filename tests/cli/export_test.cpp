@@ -230,10 +230,11 @@ TEST(Export, LlamaArchPermutesQKRowsOnly) {
 }
 
 // OLMoE: no permutation (NeoX RoPE), whole-projection q/k norms, clip_qkv as clamp_kqv, the expert
-// width as feed_forward_length.
+// width as feed_forward_length. llama.cpp's olmoe loader wants attn_k_norm as wide as the hidden
+// size, so grouped-query attention (a narrower k_norm) is refused.
 TEST(Export, OlmoeKeysAndUnpermutedAttention) {
   TempDir dir{"moe-export"};
-  const auto ck = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}, {"clip_qkv", 8.0}}});
+  const auto ck = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}, {"clip_qkv", 8.0}, {"num_key_value_heads", 4}}});
   const fs::path out = dir / "o.gguf";
   ASSERT_EQ(run_tool({"-q", "export", synth_with_tokenizer(dir, "olmoe", ck).string(), out.string(), "--type", "f32"}).exit_code, 0);
   const auto f = io::GgufFile::open(io::Env::posix(), out);
@@ -252,6 +253,13 @@ TEST(Export, OlmoeKeysAndUnpermutedAttention) {
                                  "--type", "f32"}),
                        "renormalizes the top-k weights (norm_topk_prob) but llama.cpp's olmoe graph does not");
   EXPECT_EQ(list_dir(dir2.path()), std::vector<std::string>{"olmoe"});
+  const auto gqa = make_synth("olmoe", {.config_patch = {{"vocab_size", 4096}}});
+  TempDir dir3{"moe-export"};
+  expect_clean_failure(run_tool({"export", synth_with_tokenizer(dir3, "olmoe", gqa).string(), (dir3 / "g.gguf").string(),
+                                 "--type", "f32"}),
+                       "num_key_value_heads 2 != num_attention_heads 4: llama.cpp's olmoe graph needs a k_norm as wide as the "
+                       "hidden size");
+  EXPECT_EQ(list_dir(dir3.path()), std::vector<std::string>{"olmoe"});
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
