@@ -18,6 +18,11 @@
 //   cores the process could get before and after the runs (`threads` threads spinning 0.5 s: CPU
 //   time over wall; below `threads` when other work shares the machine).
 //   bench_forward [--shape mixtral|small] [--windows N] [--ctx T] [--threads 2] [--dir /tmp] [--repeat 3]
+//                 [--keep-model DIR]
+// --keep-model writes the synthetic checkpoint into DIR (which must not exist) and keeps it, so the
+// same weights can be run elsewhere, e.g. exported to an F32 GGUF (copy a tokenizer in first:
+// data/tokenizer/* for vocab 4096; export pads the vocabulary up to the embedding rows) and timed by
+// llama.cpp (docs/benchmarks.md).
 #include <cblas.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -162,6 +167,7 @@ int main(int argc, char** argv) {
   int threads = 2;
   std::string shape_name = "mixtral";
   fs::path base = fs::temp_directory_path();
+  fs::path keep;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--windows") windows = std::stoll(argv[i + 1]);
@@ -170,6 +176,7 @@ int main(int argc, char** argv) {
     else if (a == "--repeat") repeat = std::stoll(argv[i + 1]);
     else if (a == "--dir") base = argv[i + 1];
     else if (a == "--shape") shape_name = argv[i + 1];
+    else if (a == "--keep-model") keep = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -196,7 +203,11 @@ int main(int argc, char** argv) {
   out["sgemm_gflops_by_size"] = by_size;
   out["sgemm_peak_gflops"] = peak;
 
-  const fs::path dir = base / ("moe-bench-forward-" + std::to_string(::getpid()));
+  if (!keep.empty() && fs::exists(keep)) {
+    std::fprintf(stderr, "--keep-model: %s exists\n", keep.c_str());
+    return 2;
+  }
+  const fs::path dir = keep.empty() ? base / ("moe-bench-forward-" + std::to_string(::getpid())) : keep;
   auto t0 = Clock::now();
   if (S.family == "mixtral") moe::bench::write_model(dir, D);
   else write_qwen2_moe(dir, S);
@@ -265,11 +276,12 @@ int main(int argc, char** argv) {
     out["moe_block_gflops"] = moe_flops / moe_seconds / 1e9;
     out["moe_block_ratio_to_peak"] = moe_flops / moe_seconds / 1e9 / peak;
   } catch (const std::exception& e) {
-    fs::remove_all(dir);
+    if (keep.empty()) fs::remove_all(dir);
     std::fprintf(stderr, "bench_forward: %s\n", e.what());
     return 1;
   }
-  fs::remove_all(dir);
+  if (keep.empty()) fs::remove_all(dir);
+  else out["model_dir"] = dir.string();
   std::cout << out.dump(2) << "\n";
   return 0;
 }
