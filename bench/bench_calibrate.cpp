@@ -147,6 +147,7 @@ int main(int argc, char** argv) {
     moe::calib::CalibrateOptions o;
     o.ctx = ctx;
     o.windows = windows;
+    o.force = true;  // every repeat rewrites the same stats file
     o.batch_windows = batch;
     o.quiet = true;
     struct Variant {
