@@ -53,6 +53,15 @@ LR = 3e-3
 WARMUP = 30
 AUX_COEF = 0.01
 
+
+def validation_config(*, hidden, head_dim, moe_intermediate):
+    """The validation fixtures' Qwen3-MoE: 4 layers, 4/2 heads, 8 experts top-2, norm_topk_prob."""
+    return C.make_config("qwen3_moe", hidden=hidden, layers=4, heads=4, kv_heads=2, head_dim=head_dim,
+                         intermediate=512, eps=1e-6, theta=1e6, experts=8, topk=2,
+                         moe_intermediate=moe_intermediate, norm_topk_prob=True,
+                         decoder_sparse_step=1, mlp_only_layers=[], aux_coef=AUX_COEF)
+
+
 MODELS = {
     "mixtral-tiny": dict(
         cfg=C.make_config("mixtral", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256,
@@ -67,18 +76,10 @@ MODELS = {
     "llama-tiny": dict(
         cfg=C.make_config("llama", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512),
         steps=600, seed=3),
-    "validation-tiny": dict(
-        cfg=C.make_config("qwen3_moe", hidden=160, layers=4, heads=4, kv_heads=2, head_dim=48,
-                          intermediate=512, eps=1e-6, theta=1e6, experts=8, topk=2,
-                          moe_intermediate=192, norm_topk_prob=True, decoder_sparse_step=1,
-                          mlp_only_layers=[], aux_coef=AUX_COEF),
-        steps=250, seed=4, corpus="validation"),
-    "validation-256": dict(
-        cfg=C.make_config("qwen3_moe", hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64,
-                          intermediate=512, eps=1e-6, theta=1e6, experts=8, topk=2,
-                          moe_intermediate=256, norm_topk_prob=True, decoder_sparse_step=1,
-                          mlp_only_layers=[], aux_coef=AUX_COEF),
-        steps=250, seed=5, corpus="validation"),
+    "validation-tiny": dict(cfg=validation_config(hidden=160, head_dim=48, moe_intermediate=192),
+                            steps=250, seed=4, corpus="validation"),
+    "validation-256": dict(cfg=validation_config(hidden=256, head_dim=64, moe_intermediate=256),
+                           steps=250, seed=5, corpus="validation"),
 }
 
 # corpus name -> (training text, held-out text, tokenizer dir)
