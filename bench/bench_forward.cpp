@@ -276,7 +276,7 @@ int main(int argc, char** argv) {
     out["moe_block_gflops"] = moe_flops / moe_seconds / 1e9;
     out["moe_block_ratio_to_peak"] = moe_flops / moe_seconds / 1e9 / peak;
   } catch (const std::exception& e) {
-    if (keep.empty()) fs::remove_all(dir);
+    fs::remove_all(dir);  // a kept model too: it may be half written
     std::fprintf(stderr, "bench_forward: %s\n", e.what());
     return 1;
   }

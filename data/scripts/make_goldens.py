@@ -6,8 +6,8 @@ files byte for byte (single-threaded torch, fixed inputs).
 Usage: /usr/bin/python3 data/scripts/make_goldens.py [--only tokenizer|trained|synthetic]
 Writes data/golden/tokenizer_bytelevel.json, data/golden/<model>.json for the trained models
 (skipped if a model directory is missing) and data/golden/synthetic-<name>.json.  The validation
-fixtures (validation-tiny, validation-256) are scored on their own held-out text with their own tokenizer
-(data/text-validation/heldout.txt, data/tokenizer-validation).
+fixtures (validation-tiny, validation-256) are scored on their own held-out text with their own
+tokenizer (data/text-validation/heldout.txt, data/tokenizer-validation).
 """
 import argparse
 import json
