@@ -24,8 +24,8 @@ from bpe_tok import Encoder  # noqa: E402
 GOLD = os.path.join(C.DATA, "golden")
 TRAINED = ("mixtral-tiny", "qwen2moe-tiny", "llama-tiny", "validation-tiny", "validation-256")
 # trained models on another corpus: name -> (held-out text, tokenizer dir), relative to data/
-OTHER_CORPUS = {"validation-tiny": ("text-validation/heldout.txt", "tokenizer-validation"),
-                "validation-256": ("text-validation/heldout.txt", "tokenizer-validation")}
+OTHER_CORPUS = {name: ("text-validation/heldout.txt", "tokenizer-validation")
+                for name in ("validation-tiny", "validation-256")}
 SYNTH = ("qwen3moe", "olmoe", "mistral", "qwen2", "qwen3", "qwen2moe-sparse")
 
 TOKENIZER_TESTS = [
