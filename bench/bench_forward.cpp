@@ -18,7 +18,13 @@
 //   cores the process could get before and after the runs (`threads` threads spinning 0.5 s: CPU
 //   time over wall; below `threads` when other work shares the machine).
 //   bench_forward [--shape mixtral|small] [--windows N] [--ctx T] [--threads 2] [--dir /tmp] [--repeat 3]
-//                 [--keep-model DIR]
+//                 [--keep-model DIR] [--codecs LIST] [--tool path/to/moe-tool]
+// --codecs (comma-separated; e.g. int4:g128,ternary-tq,sub1bit) also writes the synthetic model
+// with its expert and dense MLP weights encoded by `moe-tool quantize --method rtn --codec C`
+// (`sub1bit`: ternary-minmax:row with --sub1bit, QMoE's dictionary codes) and times each encoded
+// model in the same repeats as the source (runs alternate: source, then each codec), printing under
+// "encoded" its tokens/s, its ratio to the source's, its phase times, its weight bytes and the rate
+// at which its routed experts decode to f32 on one thread (the source's beside it).
 // --keep-model writes the synthetic checkpoint into DIR (which must not exist) and keeps it, so the
 // same weights can be run elsewhere, e.g. exported to an F32 GGUF (copy a tokenizer in first:
 // data/tokenizer/* for vocab 4096; export pads the vocabulary up to the embedding rows) and timed by
@@ -38,6 +44,7 @@
 #include <thread>
 #include <vector>
 
+#include "child_process.h"
 #include "io/checkpoint.h"
 #include "sgemm_peak.h"
 #include "synthetic_mixtral.h"
@@ -78,6 +85,29 @@ double cores_available(int threads, double seconds) {
     });
   for (auto& t : ts) t.join();
   return (cpu_seconds() - c0) / seconds_since(t0);
+}
+
+// Every routed expert weight of m converted to f32 (Tensor::to_f32, as the forward's conversion
+// does before its finite check) on one thread: G parameters per second, best of 3 passes.
+double expert_decode_gparams(const moe::model::Model& m) {
+  std::vector<float> buf;
+  double best = 1e30;
+  int64_t params = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    params = 0;
+    const auto t0 = Clock::now();
+    for (const auto& l : m.layers()) {
+      if (!l.moe) continue;
+      for (const auto& e : l.moe->experts)
+        e.for_each_tensor([&](const moe::core::Tensor& t) {
+          if (static_cast<int64_t>(buf.size()) < t.numel()) buf.resize(static_cast<size_t>(t.numel()));
+          t.to_f32(buf.data());
+          params += t.numel();
+        });
+    }
+    best = std::min(best, seconds_since(t0));
+  }
+  return double(params) / best / 1e9;
 }
 
 using moe::bench::sgemm_gflops;
@@ -168,6 +198,8 @@ int main(int argc, char** argv) {
   std::string shape_name = "mixtral";
   fs::path base = fs::temp_directory_path();
   fs::path keep;
+  std::vector<std::string> codecs;
+  std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string();
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--windows") windows = std::stoll(argv[i + 1]);
@@ -177,6 +209,15 @@ int main(int argc, char** argv) {
     else if (a == "--dir") base = argv[i + 1];
     else if (a == "--shape") shape_name = argv[i + 1];
     else if (a == "--keep-model") keep = argv[i + 1];
+    else if (a == "--tool") tool = argv[i + 1];
+    else if (a == "--codecs") {
+      std::string list = argv[i + 1];
+      for (size_t at = 0; at <= list.size();) {
+        const size_t comma = std::min(list.find(',', at), list.size());
+        if (comma > at) codecs.push_back(list.substr(at, comma - at));
+        at = comma + 1;
+      }
+    }
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -212,41 +253,96 @@ int main(int argc, char** argv) {
   if (S.family == "mixtral") moe::bench::write_model(dir, D);
   else write_qwen2_moe(dir, S);
   out["model_write_seconds"] = seconds_since(t0);
+  // Encoded copies of the model (removed at the end with it).
+  std::vector<fs::path> encoded_dirs;
+  auto remove_all_models = [&] {
+    for (const auto& d : encoded_dirs) fs::remove_all(d);
+  };
   try {
-    auto ckpt = moe::io::Checkpoint::open(moe::io::Env::posix(), dir);
-    auto model = moe::model::Model::load(ckpt);
-    moe::runtime::Forward fwd(model);
+    for (const auto& c : codecs) {
+      const fs::path edir = dir.string() + "-codec" + std::to_string(encoded_dirs.size());
+      encoded_dirs.push_back(edir);
+      std::vector<std::string> args = {tool, "-q", "quantize", dir.string(), edir.string(), "--method", "rtn", "--codec",
+                                       c == "sub1bit" ? std::string("ternary-minmax:row") : c};
+      if (c == "sub1bit") args.push_back("--sub1bit");
+      const auto r = moe::bench::run_child(args);
+      if (r.status != 0) throw std::runtime_error("moe-tool quantize --codec " + c + " failed (exit " + std::to_string(r.status) + ")");
+    }
+    struct Run {
+      std::string name;
+      std::unique_ptr<moe::io::Checkpoint> ckpt;
+      std::unique_ptr<moe::model::Model> model;
+      std::unique_ptr<moe::runtime::Forward> fwd;
+      double best = 1e30, best_cpu = 0;
+      std::vector<double> runs, cpu_ratio;
+      moe::runtime::PhaseTimes best_phases;
+      uint64_t weight_bytes = 0;
+      double decode_gparams = 0;  // routed experts' weights to f32, one thread, G params/s
+    };
+    std::vector<Run> models;
+    auto add_model = [&](const std::string& name, const fs::path& d) {
+      Run r;
+      r.name = name;
+      r.ckpt = std::make_unique<moe::io::Checkpoint>(moe::io::Checkpoint::open(moe::io::Env::posix(), d));
+      r.model = std::make_unique<moe::model::Model>(moe::model::Model::load(*r.ckpt));
+      r.fwd = std::make_unique<moe::runtime::Forward>(*r.model);
+      for (const auto& f : fs::directory_iterator(d))
+        if (f.path().extension() == ".safetensors") r.weight_bytes += fs::file_size(f.path());
+      r.decode_gparams = expert_decode_gparams(*r.model);
+      models.push_back(std::move(r));
+    };
+    add_model("source", dir);
+    for (size_t i = 0; i < codecs.size(); ++i) add_model(codecs[i], encoded_dirs[i]);
     std::vector<int32_t> tokens(size_t(windows * ctx));
     std::mt19937 g(5);
     for (auto& t : tokens) t = static_cast<int32_t>(g() % D.V);
     const double cores_before = cores_available(threads, 0.5);
-    double best = 1e30;
-    std::vector<double> runs, cpu_ratio;
-    nlohmann::json breakdown;
-    moe::runtime::PhaseTimes best_phases;
-    double best_cpu = 0;
-    for (int64_t r = 0; r < repeat; ++r) {
-      moe::runtime::PhaseTimes phases;
-      moe::runtime::set_phase_times(&phases);
-      const double c0 = cpu_seconds();
-      auto t1 = Clock::now();
-      (void)fwd.run_kept(tokens, ctx);
-      const double s = seconds_since(t1);
-      const double cpu = cpu_seconds() - c0;
-      moe::runtime::set_phase_times(nullptr);
-      runs.push_back(s);
-      cpu_ratio.push_back(cpu / s);
-      if (s < best) {
-        best = s;
-        best_phases = phases;
-        best_cpu = cpu;
+    for (int64_t r = 0; r < repeat; ++r)
+      for (auto& m : models) {
+        moe::runtime::PhaseTimes phases;
+        moe::runtime::set_phase_times(&phases);
+        const double c0 = cpu_seconds();
+        auto t1 = Clock::now();
+        (void)m.fwd->run_kept(tokens, ctx);
+        const double s = seconds_since(t1);
+        const double cpu = cpu_seconds() - c0;
+        moe::runtime::set_phase_times(nullptr);
+        m.runs.push_back(s);
+        m.cpu_ratio.push_back(cpu / s);
+        if (s < m.best) {
+          m.best = s;
+          m.best_phases = phases;
+          m.best_cpu = cpu;
+        }
       }
+    const Run& src = models.front();
+    const double best = src.best, best_cpu = src.best_cpu;
+    const moe::runtime::PhaseTimes& best_phases = src.best_phases;
+    const std::vector<double>& runs = src.runs;
+    const std::vector<double>& cpu_ratio = src.cpu_ratio;
+    auto phases_json = [](const Run& m) {
+      nlohmann::json j;
+      for (int p = 0; p < static_cast<int>(moe::runtime::Phase::Count); ++p)
+        j[moe::runtime::phase_name(static_cast<moe::runtime::Phase>(p))] = m.best_phases.seconds[p];
+      j["other"] = m.best - m.best_phases.total();
+      return j;
+    };
+    if (models.size() > 1) {
+      nlohmann::json enc = nlohmann::json::array();
+      for (size_t i = 1; i < models.size(); ++i) {
+        const Run& m = models[i];
+        enc.push_back({{"codec", m.name}, {"tokens_per_second", double(windows * ctx) / m.best},
+                       {"ratio_to_source", src.best / m.best}, {"run_seconds", m.runs},
+                       {"cpu_over_wall", m.best_cpu / m.best}, {"weight_bytes", m.weight_bytes},
+                       {"expert_decode_gparams_per_second", m.decode_gparams},
+                       {"breakdown_seconds", phases_json(m)}});
+      }
+      out["encoded"] = enc;
+      out["source_weight_bytes"] = src.weight_bytes;
+      out["source_expert_decode_gparams_per_second"] = src.decode_gparams;
     }
     using moe::runtime::Phase;
-    for (int p = 0; p < static_cast<int>(Phase::Count); ++p)
-      breakdown[moe::runtime::phase_name(static_cast<Phase>(p))] = best_phases.seconds[p];
-    breakdown["other"] = best - best_phases.total();
-    out["breakdown_seconds"] = breakdown;
+    out["breakdown_seconds"] = phases_json(src);
     out["cores_available_before_after"] = {cores_before, cores_available(threads, 0.5)};
     // Peak again after the run (the machine may be shared): the higher of the two is the peak.
     for (int n : {1024, 1536, 2048}) peak = std::max(peak, sgemm_gflops(n, 3));
@@ -276,10 +372,12 @@ int main(int argc, char** argv) {
     out["moe_block_gflops"] = moe_flops / moe_seconds / 1e9;
     out["moe_block_ratio_to_peak"] = moe_flops / moe_seconds / 1e9 / peak;
   } catch (const std::exception& e) {
+    remove_all_models();
     fs::remove_all(dir);  // a kept model too: it may be half written
     std::fprintf(stderr, "bench_forward: %s\n", e.what());
     return 1;
   }
+  remove_all_models();
   if (keep.empty()) fs::remove_all(dir);
   else out["model_dir"] = dir.string();
   std::cout << out.dump(2) << "\n";

@@ -149,15 +149,28 @@ void pack_trits(const uint8_t* trits, int64_t n, uint8_t* out) {
   }
 }
 
-void unpack_trits(const uint8_t* in, int64_t n, uint8_t* trits) {
-  for (int64_t j = 0; j < n; j += 5) {
-    unsigned b = *in++;
-    const int64_t k1 = std::min<int64_t>(n, j + 5);
-    for (int64_t k = j; k < k1; ++k) {
-      trits[k] = static_cast<uint8_t>(b % 3);
-      b /= 3;
+namespace {
+// The five trits of every byte value (values 243..255 never come from pack_trits; they unpack
+// by the same base-3 digits as the loop below always did).
+struct TritTable {
+  uint8_t t[256][5];
+  TritTable() {
+    for (unsigned v = 0; v < 256; ++v) {
+      unsigned b = v;
+      for (int k = 0; k < 5; ++k) {
+        t[v][k] = static_cast<uint8_t>(b % 3);
+        b /= 3;
+      }
     }
   }
+};
+const TritTable kTrits;
+}  // namespace
+
+void unpack_trits(const uint8_t* in, int64_t n, uint8_t* trits) {
+  int64_t j = 0;
+  for (; j + 5 <= n; j += 5) std::memcpy(trits + j, kTrits.t[*in++], 5);
+  if (j < n) std::memcpy(trits + j, kTrits.t[*in], static_cast<size_t>(n - j));
 }
 
 }  // namespace moe::quant

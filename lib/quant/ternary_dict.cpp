@@ -288,24 +288,28 @@ void TernaryDict::trits_row(int64_t r, uint8_t* dst) const {
 
 void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
   check_rows(r0, r1);
-  // Rows are mostly zeros: zero the row, then write each codeword's nonzero trits (validated rows
-  // decode to exactly their length, and an odd row's padding trit is 0, so every position is
-  // inside the row).
+  // Each codeword's trits are copied whole (a fixed 2·kMaxPairs bytes, the tail overwritten by the
+  // next codeword; validated rows decode to exactly their length, and an odd row's padding trit is
+  // 0), then the row's trits become levels as Ternary's do: 0 → 0, 1 → lo, 2 → hi.
   const int64_t n = cols();
-  std::fill(dst, dst + (r1 - r0) * n, 0.0f);
+  std::vector<uint8_t> t(static_cast<size_t>(n + 2 * kMaxPairs + 1));
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t h[2];
     std::memcpy(h, levels_->data() + 4 * r, 4);
-    const float lv[2] = {core::f16_to_f32(h[0]), core::f16_to_f32(h[1])};
-    float* d = dst + (r - r0) * n;
+    const float lo = core::f16_to_f32(h[0]), hi = core::f16_to_f32(h[1]);
     int64_t j = 0;
     const int64_t e = offset(r + 1);
     for (int64_t i = offset(r); i < e; ++i) {
       const uint16_t c = code(i);
-      const uint8_t* z = dict_->nonzeros(c);
-      for (int k = 0, m = dict_->nnz(c); k < m; ++k) d[j + (z[k] & 0x1f)] = lv[z[k] >> 7];
+      std::memcpy(t.data() + j, dict_->trits(c), 2 * kMaxPairs);
       j += 2 * dict_->length(c);
     }
+    float* __restrict d = dst + (r - r0) * n;
+    const uint8_t* __restrict tr = t.data();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+      for (int m = 0; m < 16; ++m) d[k + m] = tr[k + m] == 2 ? hi : tr[k + m] == 1 ? lo : 0.0f;
+    for (; k < n; ++k) d[k] = tr[k] == 2 ? hi : tr[k] == 1 ? lo : 0.0f;
   }
 }
 

@@ -124,6 +124,53 @@ TEST(QuantIntN, AllZeroRowDecodesToZeroAndAsymmetricZeroPoint) {
   EXPECT_EQ(n.zero(0, 0), 8);  // degenerate group: lo, hi = -1, 1 -> zero = round(7.5) = 8
 }
 
+// The decoders' table and select paths equal the per-element rule s·(q − z) / {0, lo, hi} for
+// every shape: odd and even widths, groups that do not divide the row, odd group lengths, one
+// group per row; each code value and trit appears.
+TEST(QuantIntN, DecodersEqualThePerElementRule) {
+  std::mt19937 g(11);
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t cols : {1, 7, 33, 128, 129, 300})
+      for (int64_t group : {0, 3, 4, 32, 128})
+        for (bool sym : {true, false}) {
+          const int64_t rows = 3, ng = IntN::num_groups(group, cols);
+          std::vector<uint8_t> q(static_cast<size_t>(rows * cols)), z(static_cast<size_t>(rows * ng));
+          std::vector<float> sc(static_cast<size_t>(rows * ng));
+          for (auto& c : q) c = static_cast<uint8_t>(g() % (1u << bits));
+          for (auto& v : z) v = static_cast<uint8_t>(g() % (1u << bits));
+          for (auto& v : sc) v = round_f16(0.001f * static_cast<float>(1 + g() % 1000));
+          const auto e = IntN::pack(bits, group, sym, rows, cols, q.data(), sc.data(), sym ? nullptr : z.data());
+          const auto v = dequant(*e);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < cols; ++j) {
+              const int64_t gi = group == 0 ? 0 : j / group;
+              const float want = e->scale(r, gi) * static_cast<float>(q[r * cols + j] - e->zero(r, gi));
+              ASSERT_EQ(v[r * cols + j], want) << bits << " bits, cols " << cols << ", group " << group << ", row " << r
+                                               << ", col " << j;
+            }
+        }
+  for (int64_t cols : {1, 7, 33, 129, 300})
+    for (int64_t group : {0, 3, 32}) {
+      const int64_t rows = 3, ng = Ternary::num_groups(group, cols);
+      std::vector<uint8_t> t(static_cast<size_t>(rows * cols));
+      std::vector<float> lo(static_cast<size_t>(rows * ng)), hi(lo.size());
+      for (auto& c : t) c = static_cast<uint8_t>(g() % 3);
+      for (size_t i = 0; i < lo.size(); ++i) {
+        lo[i] = round_f16(-0.001f * static_cast<float>(1 + g() % 1000));
+        hi[i] = round_f16(0.001f * static_cast<float>(1 + g() % 1000));
+      }
+      const auto e = Ternary::pack(TernaryGrid::MinMax, group, false, rows, cols, t.data(), lo.data(), hi.data());
+      const auto v = dequant(*e);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) {
+          const int64_t gi = group == 0 ? 0 : j / group;
+          const uint8_t c = t[r * cols + j];
+          ASSERT_EQ(v[r * cols + j], c == 0 ? 0.0f : c == 1 ? e->lo(r, gi) : e->hi(r, gi)) << "cols " << cols << ", group "
+                                                                                           << group << ", col " << j;
+        }
+    }
+}
+
 TEST(QuantCodec, BitsPerParamEqualsThePartsBytes) {
   const int64_t rows = 5, cols = 67;
   const auto W = randn(rows * cols, 3);
