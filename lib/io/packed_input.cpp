@@ -1,6 +1,7 @@
 #include "io/packed_input.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <regex>
 
@@ -479,6 +480,51 @@ void PackedInput::open_compressed_tensors(const nlohmann::json& q) {
     for (const auto& t : G.targets)
       if (t != "Linear" && t.rfind("re:", 0) != 0 && !modules_.count(t))
         throw Error::corruption(G.where + ".targets: \"" + t + "\" names no quantized module stored in the checkpoint");
+  open_kv_cache_scheme(q, where);
+}
+
+void PackedInput::open_kv_cache_scheme(const nlohmann::json& q, const std::string& where) {
+  // KV-cache scales (compressed-tensors `_initialize_attn_scales`: the attention module's k_scale
+  // and v_scale, one value each, the module's dtype). Names ending in .k_scale / .v_scale.
+  std::vector<std::string> stored;
+  for (const auto& name : ckpt_.names())
+    if (name.ends_with(".k_scale") || name.ends_with(".v_scale")) stored.push_back(name);
+  const nlohmann::json kv = q.contains("kv_cache_scheme") ? q.at("kv_cache_scheme") : nlohmann::json();
+  if (kv.is_null()) {
+    if (!stored.empty())
+      throw Error::corruption(ckpt_.shard_path(stored.front()).string() + ": tensor " + stored.front() +
+                              ": a KV-cache scale, but " + where + ".kv_cache_scheme is null or absent");
+    return;
+  }
+  const std::string kw = where + ".kv_cache_scheme";
+  if (!kv.is_object()) throw Error::corruption(kw + ": expected an object or null, found " + kv.dump());
+  const std::string type = json_str(kv, "type", "int", kw);
+  const int64_t bits = json_int(kv, "num_bits", 8, kw);
+  const std::string strategy = json_str(kv, "strategy", "tensor", kw);
+  if (bits != 8 || (type != "float" && type != "int"))
+    throw Error::unsupported(kw + ": " + std::to_string(bits) + "-bit " + type + " is not read (8-bit float or int is)");
+  if (strategy != "tensor")
+    throw Error::unsupported(kw + ".strategy: \"" + strategy + "\" is not read (tensor: one k_scale and v_scale per layer)");
+  if (stored.empty())
+    throw Error::corruption(kw + ": a KV-cache scheme, but no tensor ends in .k_scale or .v_scale");
+  for (const auto& name : stored) {
+    const TensorInfo& info = ckpt_.info(name);
+    const std::string file = ckpt_.shard_path(name).string();
+    if (info.dtype != DType::F32 && info.dtype != DType::BF16 && info.dtype != DType::F16)
+      throw Error::corruption(file + ": tensor " + name + ": KV-cache scale of dtype " + core::dtype_name(info.dtype) +
+                              " (F32, BF16 or F16 expected)");
+    int64_t n = 1;
+    for (int64_t d : info.shape) n *= d;
+    if (n != 1 || info.shape.size() > 1)
+      throw Error::corruption(file + ": tensor " + name + ": KV-cache scale of shape " + core::shape_str(info.shape) +
+                              " (strategy tensor: one value, [1] or [])");
+    const Tensor f = ckpt_.tensor(name).converted(DType::F32);
+    float v = 0.0f;
+    std::memcpy(&v, f.data(), sizeof v);
+    if (!std::isfinite(v) || v <= 0.0f)
+      throw Error::corruption(file + ": tensor " + name + ": KV-cache scale " + std::to_string(v) + " (a positive finite value expected)");
+  }
+  kv_scales_ = std::move(stored);
 }
 
 void PackedInput::open_gptq_awq(const nlohmann::json& q) {

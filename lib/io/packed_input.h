@@ -133,6 +133,13 @@ class PackedInput {
   std::optional<core::Tensor> weight(const std::string& name, std::set<std::string>& used) const;
 
   const std::string& quant_method() const { return method_; }
+  // compressed-tensors with a kv_cache_scheme (8-bit float or int, strategy tensor): the stored
+  // KV-cache scales (every tensor ending in .k_scale or .v_scale, e.g.
+  // model.layers.3.self_attn.k_scale), each checked at open: F32/BF16/F16, one value, finite and
+  // positive. They are consumed and not applied (the forward keeps its KV cache in f32); a prune
+  // that writes compressed-tensors FP8 again copies them as stored. A scale stored without a
+  // kv_cache_scheme, a scheme without scales, or another strategy is refused at open.
+  const std::vector<std::string>& kv_cache_scales() const { return kv_scales_; }
 
  private:
   struct Module {
@@ -148,6 +155,7 @@ class PackedInput {
   PackedInput(const Checkpoint& ckpt, std::string method) : ckpt_(ckpt), method_(std::move(method)) {}
   void open_compressed_tensors(const nlohmann::json& q);
   void open_gptq_awq(const nlohmann::json& q);
+  void open_kv_cache_scheme(const nlohmann::json& q, const std::string& where);
   core::Tensor int_weight(const std::string& module, const Module& m, std::set<std::string>& used) const;
   // Throws Error::corruption "<file>: tensor <name>: non-finite value at index i" for a NaN or
   // infinite scale (float dtypes; other dtypes are refused later by the encoding).
@@ -157,6 +165,7 @@ class PackedInput {
   const Checkpoint& ckpt_;
   std::string method_;
   std::map<std::string, Module> modules_;
+  std::vector<std::string> kv_scales_;
 };
 
 }  // namespace moe::io

@@ -79,6 +79,8 @@ class Picker {
                               core::shape_str(t.shape()) + " but " + why + " implies " + core::shape_str(shape));
   }
   bool used(const std::string& name) const { return used_.count(name) != 0; }
+  // A stored tensor read elsewhere (a KV-cache scale): not a parameter of the model, not unexpected.
+  void consume(const std::string& name) { used_.insert(name); }
   // A tensor the model does not have by its config.json (a bias under "attention_bias": false, a
   // norm under "use_qk_norm": false) but the files store: transformers does not load it (an
   // unexpected key), and neither does this loader. Warns once per key, and returns true; then it is
@@ -300,6 +302,8 @@ Model Model::load(const io::Checkpoint& ckpt) {
   Picker pick(ckpt, fp8, native_weights(c));
   const auto packed = io::PackedInput::open(ckpt);
   pick.packed_ = packed.get();
+  if (packed)
+    for (const auto& name : packed->kv_cache_scales()) pick.consume(name);  // not applied (io/packed_input.h)
   const std::vector<int64_t> ragged = f.moe ? native_expert_counts(c, f, d.layers, n_experts, d.top_k) : std::vector<int64_t>{};
   const int64_t H = d.hidden;
   const std::string dt = dims_text(d);

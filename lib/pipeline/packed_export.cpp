@@ -662,6 +662,15 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
     }
     ++r.fp8_linears;
   }
+  // The KV-cache scales of the input's kv_cache_scheme (per attention module, not per expert: every
+  // layer is kept), copied as stored, since the quantization_config written is the input's.
+  for (const auto& name : input.names())
+    if (name.ends_with(".k_scale") || name.ends_with(".v_scale")) {
+      const io::TensorInfo& info = input.info(name);
+      items.push_back({name, nullptr, name});
+      specs.push_back({name, info.dtype, info.shape});
+      ++r.kv_cache_scales;
+    }
   check_patterns_follow_experts(input, input.config().at("quantization_config"), keep_map);  // before any write
   write_side_files(env, staged, dir);
   nlohmann::json cfg = config;

@@ -44,7 +44,8 @@ bool is_compressed_tensors_fp8(const io::Checkpoint& ckpt);
 // (docs/compressed-tensors.md, "Outputs of such an input"): every FP8 Linear of the output is the
 // input's module it came from, its tensors copied as stored (`weight` F8_E4M3, `weight_scale` in
 // its stored dtype and shape, `input_scale` when the input has it), renamed to the expert's new
-// index by the run's keep-map (Sink::set_keep_map); every other tensor as the run wrote it.
+// index by the run's keep-map (Sink::set_keep_map); the KV-cache scales of a kv_cache_scheme
+// (`….k_scale`, `….v_scale`) copied as stored; every other tensor as the run wrote it.
 // What cannot be written so, on the plan, before any work: novices, ragged counts, fused experts
 // (check_packed_structure) and a router stored quantized (a prune keeps some of its rows, which
 // are no tensor of the input): Error::unsupported naming `where` and the layer.
@@ -53,7 +54,7 @@ void check_fp8_copy(const model::Model& planned, const std::string& where);
 struct Fp8CopyResult {
   size_t tensors = 0, shards = 0;
   uint64_t tensor_bytes = 0;
-  size_t fp8_linears = 0, input_scales = 0;
+  size_t fp8_linears = 0, input_scales = 0, kv_cache_scales = 0;
 };
 
 // Writes the folder `dir`: side files; config.json = `config` (the run's, counts rewritten) with

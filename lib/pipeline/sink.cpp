@@ -188,7 +188,9 @@ class ExportSink final : public Sink {
       r.details["quantization_format"] = "float-quantized";
       r.details["fp8_linears"] = c.fp8_linears;
       r.details["input_scales"] = c.input_scales;
-      r.details["copied"] = "each kept FP8 Linear's weight, weight_scale and input_scale as the input stores them; "
+      r.details["kv_cache_scales"] = c.kv_cache_scales;
+      r.details["copied"] = "each kept FP8 Linear's weight, weight_scale and input_scale as the input stores them, and "
+                            "the KV-cache scales (k_scale, v_scale) when its kv_cache_scheme has them; "
                             "quantization_config the input's";
       r.details["expert_bits_per_param"] = written_expert_bits(env_, folder_->path());
       return r;

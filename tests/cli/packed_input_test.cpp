@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
+#include <functional>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -581,6 +583,101 @@ void prune_fp8_copy(bool mixed) {
 }
 
 TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) { prune_fp8_copy(false); }
+
+// The FP8 fixture with a kv_cache_scheme and each attention module's k_scale / v_scale (shape [1],
+// BF16 in layer 0 and F32 in layer 1, as compressed-tensors' _initialize_attn_scales stores them in
+// the module's dtype): every command reads it, the scales are not applied (eval and the experts'
+// decoded weights equal the fixture's), a prune without --format copies them as stored under the
+// input's quantization_config, --format hf writes neither them nor the scheme, and a bad scale
+// or a scale without a scheme is refused naming the tensor or the key.
+TEST(PackedInputCodes, KvCacheScalesAreReadAndCopiedByAPruneOfAnFp8Input) {
+  TempDir dir{"moe-packed-in"};
+  const fs::path fixture = kSrc / "data/packed-inputs/fp8-tiny", src = dir / "kv", out = dir / "pruned";
+  const auto fc = io::Checkpoint::open(io::Env::posix(), fixture);
+  auto make = [&](const fs::path& to, const std::function<void(SynthCheckpoint&)>& edit) {
+    SynthCheckpoint ck;
+    ck.family = "mixtral";
+    ck.config = read_json(fixture / "config.json");
+    ck.config["quantization_config"]["kv_cache_scheme"] = {{"num_bits", 8}, {"type", "float"}, {"symmetric", true},
+                                                          {"dynamic", false}, {"strategy", "tensor"}};
+    for (const auto& n : fc.names()) {
+      const core::Tensor t = fc.tensor(n);
+      ck.tensors.push_back({n, t.dtype(), t.shape(), std::vector<uint8_t>(t.data(), t.data() + t.nbytes())});
+    }
+    for (int l = 0; l < 2; ++l)
+      for (const char* kv : {"k_scale", "v_scale"}) {
+        const float v = 0.01f * static_cast<float>(l + 1) + (kv[0] == 'v' ? 0.005f : 0.0f);
+        core::Tensor t = core::Tensor::zeros(core::DType::F32, {1});
+        std::memcpy(t.mutable_data(), &v, 4);
+        if (l == 0) t = t.converted(core::DType::BF16);
+        ck.tensors.push_back({"model.layers." + std::to_string(l) + ".self_attn." + kv, t.dtype(), t.shape(),
+                              std::vector<uint8_t>(t.data(), t.data() + t.nbytes())});
+      }
+    edit(ck);
+    WriteOptions o;
+    o.writer = Writer::HandRolled;  // writes a NaN scale as given
+    write_synth(ck, to, o);
+  };
+  make(src, [](SynthCheckpoint&) {});
+  // Read like the fixture: its weights decode to the same values.
+  run_ok({"-q", "convert", src.string(), (dir / "a").string(), "--dtype", "f32", "--materialize"});
+  run_ok({"-q", "convert", fixture.string(), (dir / "b").string(), "--dtype", "f32", "--materialize"});
+  EXPECT_EQ(first_difference(read_tensors(dir / "a"), read_tensors(dir / "b")), "");
+  const auto ac = io::Checkpoint::open(io::Env::posix(), dir / "a");
+  for (const auto& n : ac.names()) EXPECT_FALSE(n.ends_with("_scale")) << n;
+  // A prune without --format: the input's quantization_config (with the scheme) and its four scales as stored.
+  const RunResult r = run_tool({"prune", src.string(), out.string(), "--method", "random", "--keep", "3"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(read_json(out / "config.json").at("quantization_config"), read_json(src / "config.json").at("quantization_config"));
+  const auto ic = io::Checkpoint::open(io::Env::posix(), src), oc = io::Checkpoint::open(io::Env::posix(), out);
+  for (int l = 0; l < 2; ++l)
+    for (const char* kv : {"k_scale", "v_scale"}) {
+      const std::string n = "model.layers." + std::to_string(l) + ".self_attn." + kv;
+      expect_same_tensor(oc, n, ic, n);
+      EXPECT_EQ(oc.info(n).dtype, l == 0 ? core::DType::BF16 : core::DType::F32);
+    }
+  EXPECT_EQ(read_json(out / "moe_tool_report.json").at("output").at("kv_cache_scales"), 4);
+  run_ok({"-q", "inspect", out.string()});
+  // Written hf: the FP8 codes under moe-tool's config, no scheme and no scales.
+  run_ok({"-q", "prune", src.string(), (dir / "hf").string(), "--method", "random", "--keep", "3", "--format", "hf"});
+  EXPECT_FALSE(read_json(dir / "hf" / "config.json").at("quantization_config").contains("kv_cache_scheme"));
+  const auto hc = io::Checkpoint::open(io::Env::posix(), dir / "hf");
+  for (const auto& n : hc.names())
+    EXPECT_FALSE(n.ends_with(".k_scale") || n.ends_with(".v_scale")) << n;
+  // Refusals, nothing written.
+  auto refused = [&](const std::string& what, const std::function<void(SynthCheckpoint&)>& edit, const std::string& want) {
+    const fs::path bad = dir / ("bad-" + what), o = dir / ("out-" + what);
+    make(bad, edit);
+    const RunResult b = run_tool({"prune", bad.string(), o.string(), "--method", "random", "--keep", "3"});
+    EXPECT_EQ(b.exit_code, 2) << what << ": " << b.describe();
+    EXPECT_NE(b.err.find(want), std::string::npos) << what << ": " << b.err;
+    EXPECT_FALSE(fs::exists(o)) << what;
+  };
+  auto scale_of = [](SynthCheckpoint& ck, const std::string& n) -> SynthTensor& {
+    for (auto& t : ck.tensors)
+      if (t.name == n) return t;
+    throw std::out_of_range(n);
+  };
+  refused("nan", [&](SynthCheckpoint& ck) {
+    SynthTensor& t = scale_of(ck, "model.layers.1.self_attn.v_scale");
+    const float nan = std::nanf("");
+    std::memcpy(t.data.data(), &nan, 4);
+  }, "model.layers.1.self_attn.v_scale: KV-cache scale nan");
+  refused("zero", [&](SynthCheckpoint& ck) { std::fill(scale_of(ck, "model.layers.1.self_attn.k_scale").data.begin(),
+                                                       scale_of(ck, "model.layers.1.self_attn.k_scale").data.end(), 0); },
+          "model.layers.1.self_attn.k_scale: KV-cache scale 0");
+  refused("shape", [&](SynthCheckpoint& ck) {
+    SynthTensor& t = scale_of(ck, "model.layers.1.self_attn.k_scale");
+    t.shape = {1, 1};
+  }, "model.layers.1.self_attn.k_scale: KV-cache scale of shape [1, 1]");
+  refused("no-scheme", [&](SynthCheckpoint& ck) { ck.config["quantization_config"]["kv_cache_scheme"] = nullptr; },
+          "a KV-cache scale, but");
+  refused("head", [&](SynthCheckpoint& ck) { ck.config["quantization_config"]["kv_cache_scheme"]["strategy"] = "attn_head"; },
+          "kv_cache_scheme.strategy: \"attn_head\" is not read");
+  refused("no-scales", [&](SynthCheckpoint& ck) {
+    std::erase_if(ck.tensors, [](const SynthTensor& t) { return t.name.ends_with(".k_scale") || t.name.ends_with(".v_scale"); });
+  }, "a KV-cache scheme, but no tensor ends in .k_scale or .v_scale");
+}
 
 // Experts stored unlike each other are planned after the prune decides (they were planned by
 // index: "write past its planned size", exit 1).
