@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "child_process.h"
+#include "flags.h"
 #include "io/checkpoint.h"
 #include "sgemm_peak.h"
 #include "synthetic_mixtral.h"
@@ -200,29 +201,38 @@ int main(int argc, char** argv) {
   fs::path keep;
   std::vector<std::string> codecs;
   std::string tool = (fs::path(argv[0]).parent_path() / "moe-tool").string();
-  for (int i = 1; i + 1 < argc; i += 2) {
+  const char* prog = "bench_forward";
+  using moe::bench::bad_flag;
+  using moe::bench::flag_int;
+  for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--windows") windows = std::stoll(argv[i + 1]);
-    else if (a == "--ctx") ctx = std::stoll(argv[i + 1]);
-    else if (a == "--threads") threads = std::stoi(argv[i + 1]);
-    else if (a == "--repeat") repeat = std::stoll(argv[i + 1]);
-    else if (a == "--dir") base = argv[i + 1];
-    else if (a == "--shape") shape_name = argv[i + 1];
-    else if (a == "--keep-model") keep = argv[i + 1];
-    else if (a == "--tool") tool = argv[i + 1];
+    if (a == "--help" || a == "-h") {
+      std::printf("bench_forward [--shape mixtral|small] [--windows N] [--ctx T] [--threads 2] [--dir /tmp] [--repeat 3]\n"
+                  "              [--keep-model DIR] [--codecs LIST] [--tool path/to/moe-tool]   (see the source's header)\n");
+      return 0;
+    }
+    if (i + 1 >= argc) bad_flag(prog, a + ": expected a value");
+    const std::string v = argv[i + 1];
+    if (a == "--windows") windows = flag_int(prog, a, v, 1);
+    else if (a == "--ctx") ctx = flag_int(prog, a, v, 2);
+    else if (a == "--threads") threads = static_cast<int>(flag_int(prog, a, v, 1));
+    else if (a == "--repeat") repeat = flag_int(prog, a, v, 1);
+    else if (a == "--dir") base = v;
+    else if (a == "--shape") shape_name = v;
+    else if (a == "--keep-model") keep = v;
+    else if (a == "--tool") tool = v;
     else if (a == "--codecs") {
-      std::string list = argv[i + 1];
-      for (size_t at = 0; at <= list.size();) {
-        const size_t comma = std::min(list.find(',', at), list.size());
-        if (comma > at) codecs.push_back(list.substr(at, comma - at));
+      for (size_t at = 0; at <= v.size();) {
+        const size_t comma = std::min(v.find(',', at), v.size());
+        if (comma > at) codecs.push_back(v.substr(at, comma - at));
         at = comma + 1;
       }
-    }
-    else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
-      return 2;
+      if (codecs.empty()) bad_flag(prog, "--codecs: expected a comma-separated list of codecs, got '" + v + "'");
+    } else {
+      bad_flag(prog, "unknown option " + a);
     }
   }
+  if (!fs::is_directory(base)) bad_flag(prog, "--dir: " + base.string() + " is not a directory");
   if (shape_name != "mixtral" && shape_name != "small") {
     std::fprintf(stderr, "--shape: expected mixtral or small, found %s\n", shape_name.c_str());
     return 2;
@@ -250,8 +260,15 @@ int main(int argc, char** argv) {
   }
   const fs::path dir = keep.empty() ? base / ("moe-bench-forward-" + std::to_string(::getpid())) : keep;
   auto t0 = Clock::now();
-  if (S.family == "mixtral") moe::bench::write_model(dir, D);
-  else write_qwen2_moe(dir, S);
+  try {
+    if (S.family == "mixtral") moe::bench::write_model(dir, D);
+    else write_qwen2_moe(dir, S);
+  } catch (const std::exception& e) {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    std::fprintf(stderr, "bench_forward: writing the model into %s: %s\n", dir.c_str(), e.what());
+    return 1;
+  }
   out["model_write_seconds"] = seconds_since(t0);
   // Encoded copies of the model (removed at the end with it).
   std::vector<fs::path> encoded_dirs;
@@ -266,7 +283,11 @@ int main(int argc, char** argv) {
                                        c == "sub1bit" ? std::string("ternary-minmax:row") : c};
       if (c == "sub1bit") args.push_back("--sub1bit");
       const auto r = moe::bench::run_child(args);
-      if (r.status != 0) throw std::runtime_error("moe-tool quantize --codec " + c + " failed (exit " + std::to_string(r.status) + ")");
+      if (r.status != 0) {  // moe-tool said why on stderr
+        remove_all_models();
+        fs::remove_all(dir);
+        bad_flag(prog, "--codecs " + c + ": moe-tool quantize failed (exit " + std::to_string(r.status) + ")");
+      }
     }
     struct Run {
       std::string name;

@@ -135,10 +135,12 @@ class PackedInput {
   const std::string& quant_method() const { return method_; }
   // compressed-tensors with a kv_cache_scheme (8-bit float or int, strategy tensor): the stored
   // KV-cache scales (every tensor ending in .k_scale or .v_scale, e.g.
-  // model.layers.3.self_attn.k_scale), each checked at open: F32/BF16/F16, one value, finite and
-  // positive. They are consumed and not applied (the forward keeps its KV cache in f32); a prune
-  // that writes compressed-tensors FP8 again copies them as stored. A scale stored without a
-  // kv_cache_scheme, a scheme without scales, or another strategy is refused at open.
+  // model.layers.3.self_attn.k_scale), each checked at open: F32/BF16/F16, one value ([1] or a
+  // scalar), finite and positive. A scale stored without a kv_cache_scheme, a scheme without
+  // scales, or another strategy is refused at open. model::Model::load then takes each attention
+  // module's k_scale and v_scale (both required, consumed and not applied: the forward keeps its
+  // KV cache in f32) and refuses any other (a stray module or layer); a prune that writes
+  // compressed-tensors FP8 again copies them as stored.
   const std::vector<std::string>& kv_cache_scales() const { return kv_scales_; }
 
  private:

@@ -302,8 +302,6 @@ Model Model::load(const io::Checkpoint& ckpt) {
   Picker pick(ckpt, fp8, native_weights(c));
   const auto packed = io::PackedInput::open(ckpt);
   pick.packed_ = packed.get();
-  if (packed)
-    for (const auto& name : packed->kv_cache_scales()) pick.consume(name);  // not applied (io/packed_input.h)
   const std::vector<int64_t> ragged = f.moe ? native_expert_counts(c, f, d.layers, n_experts, d.top_k) : std::vector<int64_t>{};
   const int64_t H = d.hidden;
   const std::string dt = dims_text(d);
@@ -340,6 +338,17 @@ Model Model::load(const io::Checkpoint& ckpt) {
       if (pick.ignored_by_config(r.presence, c, prefix + r.name, layers_prefix + "N." + r.name)) continue;
       auto t = pick.get(prefix + r.name, r.presence.required(c), "required by " + f.model_type);
       if (t) layer.tensors[r.role] = *t;
+      // A kv_cache_scheme: the attention module (the one holding o_proj) stores k_scale and v_scale,
+      // read (checked by io::PackedInput) and not applied. Anywhere else they are unexpected.
+      if (t && r.role == "o_proj" && packed && !packed->kv_cache_scales().empty()) {
+        const std::string module = prefix + r.name.substr(0, r.name.rfind(".o_proj"));
+        for (const char* kv : {".k_scale", ".v_scale"}) {
+          if (!ckpt.has(module + kv))
+            throw Error::corruption(ckpt.dir().string() + ": tensor " + module + kv + ": missing (quantization_config."
+                                    "kv_cache_scheme is set: every attention module stores k_scale and v_scale)");
+          pick.consume(module + kv);
+        }
+      }
     }
     if (f.attention == AttentionKind::Standard) {
       const int64_t qd = d.heads * d.head_dim, kvd = d.kv_heads * d.head_dim;

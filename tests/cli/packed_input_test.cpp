@@ -588,8 +588,8 @@ TEST(PackedInputCodes, PruneOfAnFp8InputKeepsF16RowScalesAndStaticInputScales) {
 // BF16 in layer 0 and F32 in layer 1, as compressed-tensors' _initialize_attn_scales stores them in
 // the module's dtype): every command reads it, the scales are not applied (eval and the experts'
 // decoded weights equal the fixture's), a prune without --format copies them as stored under the
-// input's quantization_config, --format hf writes neither them nor the scheme, and a bad scale
-// or a scale without a scheme is refused naming the tensor or the key.
+// input's quantization_config, --format hf writes neither them nor the scheme, and a bad scale,
+// a missing or stray one, or a scale without a scheme is refused naming the tensor or the key.
 TEST(PackedInputCodes, KvCacheScalesAreReadAndCopiedByAPruneOfAnFp8Input) {
   TempDir dir{"moe-packed-in"};
   const fs::path fixture = kSrc / "data/packed-inputs/fp8-tiny", src = dir / "kv", out = dir / "pruned";
@@ -674,6 +674,13 @@ TEST(PackedInputCodes, KvCacheScalesAreReadAndCopiedByAPruneOfAnFp8Input) {
           "a KV-cache scale, but");
   refused("head", [&](SynthCheckpoint& ck) { ck.config["quantization_config"]["kv_cache_scheme"]["strategy"] = "attn_head"; },
           "kv_cache_scheme.strategy: \"attn_head\" is not read");
+  refused("missing-one", [&](SynthCheckpoint& ck) {
+    std::erase_if(ck.tensors, [](const SynthTensor& t) { return t.name == "model.layers.0.self_attn.v_scale"; });
+  }, "model.layers.0.self_attn.v_scale: missing (quantization_config.kv_cache_scheme is set");
+  refused("stray", [&](SynthCheckpoint& ck) {
+    ck.tensors.push_back(scale_of(ck, "model.layers.1.self_attn.k_scale"));
+    ck.tensors.back().name = "model.layers.1.self_attn.k_proj.k_scale";
+  }, "model.layers.1.self_attn.k_proj.k_scale: not expected for mixtral");
   refused("no-scales", [&](SynthCheckpoint& ck) {
     std::erase_if(ck.tensors, [](const SynthTensor& t) { return t.name.ends_with(".k_scale") || t.name.ends_with(".v_scale"); });
   }, "a KV-cache scheme, but no tensor ends in .k_scale or .v_scale");
