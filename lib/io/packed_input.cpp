@@ -485,10 +485,10 @@ void PackedInput::open_compressed_tensors(const nlohmann::json& q) {
 
 void PackedInput::open_kv_cache_scheme(const nlohmann::json& q, const std::string& where) {
   // KV-cache scales (compressed-tensors `_initialize_attn_scales`: the attention module's k_scale
-  // and v_scale, one value each, the module's dtype). Names ending in .k_scale / .v_scale.
+  // and v_scale, one value each, the module's dtype).
   std::vector<std::string> stored;
   for (const auto& name : ckpt_.names())
-    if (name.ends_with(".k_scale") || name.ends_with(".v_scale")) stored.push_back(name);
+    if (is_kv_cache_scale(name)) stored.push_back(name);
   const nlohmann::json kv = q.contains("kv_cache_scheme") ? q.at("kv_cache_scheme") : nlohmann::json();
   if (kv.is_null()) {
     if (!stored.empty())

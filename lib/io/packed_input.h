@@ -111,6 +111,12 @@ class PackedIntLinear final : public core::Encoding {
   std::vector<int32_t> g_idx_;  // empty: input i in group i / group
 };
 
+// A KV-cache scale's name by compressed-tensors' rule: it ends in ".k_scale" or ".v_scale"
+// (e.g. model.layers.3.self_attn.k_scale).
+inline bool is_kv_cache_scale(const std::string& name) {
+  return name.ends_with(".k_scale") || name.ends_with(".v_scale");
+}
+
 // The quantization of a checkpoint whose config.json quantization_config.quant_method is
 // "compressed-tensors", "gptq" or "awq".
 class PackedInput {
@@ -134,7 +140,7 @@ class PackedInput {
 
   const std::string& quant_method() const { return method_; }
   // compressed-tensors with a kv_cache_scheme (8-bit float or int, strategy tensor): the stored
-  // KV-cache scales (every tensor ending in .k_scale or .v_scale, e.g.
+  // KV-cache scales (every tensor is_kv_cache_scale names, e.g.
   // model.layers.3.self_attn.k_scale), each checked at open: F32/BF16/F16, one value ([1] or a
   // scalar), finite and positive. A scale stored without a kv_cache_scheme, a scheme without
   // scales, or another strategy is refused at open. model::Model::load then takes each attention

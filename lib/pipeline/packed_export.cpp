@@ -665,7 +665,7 @@ Fp8CopyResult write_fp8_copied(io::Env& env, const io::Checkpoint& input, const 
   // The KV-cache scales of the input's kv_cache_scheme (per attention module, not per expert: every
   // layer is kept), copied as stored, since the quantization_config written is the input's.
   for (const auto& name : input.names())
-    if (name.ends_with(".k_scale") || name.ends_with(".v_scale")) {
+    if (io::is_kv_cache_scale(name)) {
       const io::TensorInfo& info = input.info(name);
       items.push_back({name, nullptr, name});
       specs.push_back({name, info.dtype, info.shape});

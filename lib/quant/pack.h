@@ -37,5 +37,7 @@ void unpack_bits(const uint8_t* in, int64_t n, int bits, uint8_t* codes);
 // bytes (missing trits of the last byte are 0).
 void pack_trits(const uint8_t* trits, int64_t n, uint8_t* out);
 void unpack_trits(const uint8_t* in, int64_t n, uint8_t* trits);
+// dst[j] = the level of trits[j]: 0 → 0, 1 → lo, 2 → hi, for j < n (the ternary decoders' rule).
+void trit_levels(const uint8_t* trits, int64_t n, float lo, float hi, float* dst);
 
 }  // namespace moe::quant

@@ -196,15 +196,8 @@ void Ternary::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
     trits_row(r, t.data());
     float* d = dst + (r - r0) * n;
     for (int64_t g = 0; g < ng; ++g) {
-      const float l = lo(r, g), h = hi(r, g);
-      const int64_t j1 = std::min(n, (g + 1) * gl);
-      int64_t j = g * gl;
-      // Trit 0 → 0, 1 → lo, 2 → hi, 16 at a time (a fixed count the compiler vectorises).
-      const uint8_t* __restrict tj = t.data();
-      float* __restrict dj = d;
-      for (; j + 16 <= j1; j += 16)
-        for (int k = 0; k < 16; ++k) dj[j + k] = tj[j + k] == 2 ? h : tj[j + k] == 1 ? l : 0.0f;
-      for (; j < j1; ++j) d[j] = t[j] == 2 ? h : t[j] == 1 ? l : 0.0f;
+      const int64_t j0 = g * gl, j1 = std::min(n, j0 + gl);
+      trit_levels(t.data() + j0, j1 - j0, lo(r, g), hi(r, g), d + j0);
     }
   }
 }

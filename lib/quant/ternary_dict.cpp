@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "quant/pack.h"
 
 namespace moe::quant {
 
@@ -290,7 +291,7 @@ void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
   check_rows(r0, r1);
   // Each codeword's trits are copied whole (a fixed 2·kMaxPairs bytes, the tail overwritten by the
   // next codeword; validated rows decode to exactly their length, and an odd row's padding trit is
-  // 0), then the row's trits become levels as Ternary's do: 0 → 0, 1 → lo, 2 → hi.
+  // 0), then the row's trits become levels (trit_levels, as Ternary's do).
   const int64_t n = cols();
   std::vector<uint8_t> t(static_cast<size_t>(n + 2 * kMaxPairs + 1));
   for (int64_t r = r0; r < r1; ++r) {
@@ -304,12 +305,7 @@ void TernaryDict::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
       std::memcpy(t.data() + j, dict_->trits(c), 2 * kMaxPairs);
       j += 2 * dict_->length(c);
     }
-    float* __restrict d = dst + (r - r0) * n;
-    const uint8_t* __restrict tr = t.data();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-      for (int m = 0; m < 16; ++m) d[k + m] = tr[k + m] == 2 ? hi : tr[k + m] == 1 ? lo : 0.0f;
-    for (; k < n; ++k) d[k] = tr[k] == 2 ? hi : tr[k] == 1 ? lo : 0.0f;
+    trit_levels(t.data(), n, lo, hi, dst + (r - r0) * n);
   }
 }
 
