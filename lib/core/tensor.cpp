@@ -116,6 +116,19 @@ void Tensor::to_f32(float* dst) const {
   core::to_f32(dtype_, data_, dst, static_cast<size_t>(numel_));
 }
 
+void Tensor::rows_to_f32(int64_t r0, int64_t r1, float* dst) const {
+  if (shape_.empty() || r0 < 0 || r1 < r0 || r1 > shape_[0])
+    throw Error::internal("rows_to_f32 [" + std::to_string(r0) + ", " + std::to_string(r1) + ") out of range for shape " +
+                          shape_str(shape_));
+  if (enc_) {
+    enc_->dequantize_rows(r0, r1, dst);
+    return;
+  }
+  const size_t row_values = shape_[0] ? static_cast<size_t>(numel_ / shape_[0]) : 0;
+  const size_t row_bytes = shape_[0] ? nbytes() / static_cast<size_t>(shape_[0]) : 0;
+  core::to_f32(dtype_, data_ + static_cast<size_t>(r0) * row_bytes, dst, static_cast<size_t>(r1 - r0) * row_values);
+}
+
 Tensor Tensor::converted(DType to) const {
   if (!enc_) {
     if (to == dtype_) return *this;

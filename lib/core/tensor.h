@@ -53,6 +53,10 @@ class Tensor {
   // All elements as f32 (exact for bf16/f16/f8).
   std::vector<float> to_f32() const;
   void to_f32(float* dst) const;
+  // Rows [r0, r1) along dimension 0 as f32 into dst ((r1 - r0) · numel/dim(0) values): the same
+  // values to_f32() gives for those rows (an encoded tensor decodes only them:
+  // Encoding::dequantize_rows). Error::internal for a range out of bounds.
+  void rows_to_f32(int64_t r0, int64_t r1, float* dst) const;
   // A new tensor of dtype `to` (round to nearest even); returns *this when dtype matches (an
   // encoded tensor is always dequantized into a new plain tensor).
   Tensor converted(DType to) const;

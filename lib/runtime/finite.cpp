@@ -41,16 +41,17 @@ std::string fused_expert_tensor(const model::Model& m, int layer, const uint8_t*
 
 }  // namespace
 
-void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& src) {
+void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& src, int64_t first) {
   // Sum first (vectorises; NaN and Inf propagate), then find the index only when needed.
   float acc = 0.0f;
   for (int64_t i = 0; i < n; ++i) acc += v[i] * 0.0f;
   if (std::isfinite(acc)) return;
   for (int64_t i = 0; i < n; ++i) {
     if (std::isfinite(v[i])) continue;
-    std::string where = "index " + std::to_string(i);
+    const int64_t at = first + i;
+    std::string where = "index " + std::to_string(at);
     if (cols > 0 && src.rank() == 2)
-      where += " (row " + std::to_string(i / cols) + ", column " + std::to_string(i % cols) + ")";
+      where += " (row " + std::to_string(at / cols) + ", column " + std::to_string(at % cols) + ")";
     throw NonFiniteError(std::string("non-finite value ") + (std::isnan(v[i]) ? "nan" : v[i] > 0 ? "inf" : "-inf") +
                              " at " + where + " of " + core::shape_str(src.shape()),
                          identity(src));

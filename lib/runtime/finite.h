@@ -24,8 +24,9 @@ class NonFiniteError : public core::Error {
 };
 
 // Throws NonFiniteError when one of the n f32 values (converted from `src`, row-major with `cols`
-// columns) is NaN or Inf: "non-finite value nan at index 17 (row 0, column 17)".
-void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& src);
+// columns) is NaN or Inf: "non-finite value nan at index 17 (row 0, column 17)". `first`: the
+// index in `src` of v[0] (a tile of rows checked on its own names the index in the whole tensor).
+void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& src, int64_t first = 0);
 
 // Runs fn(); a NonFiniteError escaping it gets the on-disk tensor name of layer `layer` of `m`
 // (and the checkpoint folder) as a frame when the bad tensor is one of the layer's stored tensors.

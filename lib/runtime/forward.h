@@ -120,8 +120,9 @@ class Forward {
   void set_active_experts(std::vector<std::vector<bool>> active) { active_ = std::move(active); }
 
   // Streams the routed experts (MoeWeights::source): load_layer converts the layer without them and
-  // the MoE block converts each expert when it runs it, so a layer holds a few experts in f32, not
-  // E (and hands back each expert's mapped pages once converted). Same results, bit for bit; each
+  // the MoE block decodes each expert when it runs it, so a layer holds a few experts in f32, not
+  // E (and hands back each expert's mapped pages once decoded). Same results (bit for bit where each
+  // weight fits one of project_in_tiles' tiles, else up to OpenBLAS's summation order); each
   // apply_layer converts the experts again, so a caller that applies one LayerWeights many times
   // (search) should not stream. The LayerWeights then refers to the model's tensors: it must not
   // outlive them, and a layer changed in the model must be loaded again. Default: off.

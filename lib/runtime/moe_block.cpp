@@ -67,6 +67,42 @@ void mlp_rows(const MlpWeights& w, const float* x, int64_t n, int64_t H, float* 
   if (w.down_bias) Eigen::Map<MatrixRM>(y, n, out).rowwise() += *w.down_bias;
 }
 
+// Streamed expert e (MoeWeights::expert_in_tiles) on n rows x [n, H] into y [n, H]: mlp_rows with
+// each projection decoded from its stored weight a tile at a time (project_in_tiles), so no f32
+// copy of the expert is made. The same checks, in the same order, with the same messages, as the
+// whole conversion (MoeWeights::expert): gate, up and down, then their biases.
+void expert_rows_in_tiles(const MoeWeights& w, int64_t e, const float* x, int64_t n, int64_t H, float* y) {
+  const model::Mlp& m = w.source_expert(e);
+  const int64_t I = m.gate.rank() == 2 ? m.gate.dim(0) : -1;
+  if (m.gate.rank() != 2 || m.up.rank() != 2 || m.down.rank() != 2 || m.gate.dim(1) != H || m.up.dim(0) != I ||
+      m.up.dim(1) != H || m.down.dim(0) != H || m.down.dim(1) != I)
+    throw core::Error::internal("expert " + std::to_string(e) + ": projections " + core::shape_str(m.gate.shape()) + ", " +
+                                core::shape_str(m.up.shape()) + ", " + core::shape_str(m.down.shape()) +
+                                " do not fit hidden_size " + std::to_string(H));
+  thread_local Buffer gate_buf, up_buf;
+  thread_local std::vector<float> tile;
+  float* g = grown(gate_buf, n * I);
+  float* u = grown(up_buf, n * I);
+  std::optional<RowVector> gate_bias, up_bias, down_bias;
+  core::with_context("layer " + std::to_string(w.layer), [&] {
+    core::with_context("expert " + std::to_string(e), [&] {
+      core::with_context("gate", [&] { project_in_tiles(n, x, H, m.gate, g, I, tile); });
+      core::with_context("up", [&] { project_in_tiles(n, x, H, m.up, u, I, tile); });
+      // down reads the activations: the biases (gpt_oss; checked here, before down, as the whole
+      // conversion would after it: only the order of two reports of bad input can differ).
+      core::with_context("gate bias", [&] { if (m.gate_bias) gate_bias = to_row(*m.gate_bias); });
+      core::with_context("up bias", [&] { if (m.up_bias) up_bias = to_row(*m.up_bias); });
+      core::with_context("down bias", [&] { if (m.down_bias) down_bias = to_row(*m.down_bias); });
+      if (gate_bias) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *gate_bias;
+      if (up_bias) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *up_bias;
+      glu_inplace(g, u, n * I, m.act);
+      core::with_context("down", [&] { project_in_tiles(n, g, I, m.down, y, H, tile); });
+    });
+  });
+  if (down_bias) Eigen::Map<MatrixRM>(y, n, H).rowwise() += *down_bias;
+  w.release_expert(e);
+}
+
 // The output width of an expert or MLP (hidden_size).
 int64_t output_width(const MlpWeights& w) {
   return w.novice ? w.novice->size() : w.down_lr ? w.down_lr->rows() : w.down.rows();
@@ -183,11 +219,16 @@ void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x
   }
   parallel_for(E, [&](int64_t i) {
     const int64_t e = by_size[i];
-    // A streamed expert is converted here (every one, routed to or not, so a non-finite weight is
-    // refused as when the layer is converted up front), into this thread's buffers.
+    const int64_t n = first[e + 1] - first[e];
+    // A streamed expert is decoded here (every one, routed to or not, so a non-finite weight is
+    // refused as when the layer is converted up front): a tile at a time when it can be, else
+    // converted whole into this thread's buffers.
+    if (!keep_intermediates && w.expert_in_tiles(e)) {
+      expert_rows_in_tiles(w, e, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);
+      return;
+    }
     thread_local MlpWeights scratch;
     const MlpWeights& we = w.expert(e, scratch);
-    const int64_t n = first[e + 1] - first[e];
     if (!keep_intermediates) {
       if (output_width(we) != H) throw core::Error::internal("expert " + std::to_string(e) + ": output width is not hidden_size");
       mlp_rows(we, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);

@@ -1,5 +1,6 @@
 #include "runtime/weights.h"
 
+#include <algorithm>
 #include <thread>
 
 #include "core/error.h"
@@ -141,13 +142,43 @@ void assign_delta_net(DeltaNetWeights& w, const core::Tensor& qkvz, const core::
 
 const MlpWeights& MoeWeights::expert(int64_t e, MlpWeights& scratch) const {
   if (!source) return experts.at(static_cast<size_t>(e));
-  const model::Mlp& m = source->experts.at(static_cast<size_t>(e));
+  const model::Mlp& m = source_expert(e);
   core::with_context("layer " + std::to_string(layer), [&] { assign_expert(scratch, m, static_cast<size_t>(e), factored); });
-  if (release)
-    m.for_each_tensor([&](const core::Tensor& t) {
-      for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
-    });
+  release_expert(e);
   return scratch;
+}
+
+bool MoeWeights::expert_in_tiles(int64_t e) const {
+  if (!source) return false;
+  const model::Mlp& m = source_expert(e);
+  if (m.novice) return false;
+  if (!factored) return true;
+  for (const core::Tensor* t : {&m.gate, &m.up, &m.down})
+    if (dynamic_cast<const quant::LowRank*>(t->encoding())) return false;
+  return true;
+}
+
+void MoeWeights::release_expert(int64_t e) const {
+  if (!release) return;
+  source_expert(e).for_each_tensor([&](const core::Tensor& t) {
+    for (const core::Tensor* p : t.stored_tensors()) release(p->data(), p->nbytes());
+  });
+}
+
+void project_in_tiles(int64_t n, const float* X, int64_t ldx, const core::Tensor& W, float* Y, int64_t ldy,
+                      std::vector<float>& tile) {
+  if (W.rank() != 2) throw Error::internal("project_in_tiles: expected a 2-D weight, got " + core::shape_str(W.shape()));
+  const int64_t out = W.dim(0), in = W.dim(1);
+  // About 4 MB of f32 a tile (in the shared cache while it is multiplied), a multiple of 64 rows.
+  const int64_t rows = std::max<int64_t>(64, ((int64_t{1} << 20) / std::max<int64_t>(in, 1)) / 64 * 64);
+  const int64_t size = std::min(rows, out) * in;
+  if (static_cast<int64_t>(tile.size()) < size) tile.resize(static_cast<size_t>(size));
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t r1 = std::min(out, r0 + rows);
+    W.rows_to_f32(r0, r1, tile.data());
+    check_finite(tile.data(), (r1 - r0) * in, in, W, r0 * in);
+    gemm_nt(n, r1 - r0, in, 1.0f, X, ldx, tile.data(), in, 0.0f, Y + r0, ldy);
+  }
 }
 
 MatrixRM to_matrix(const core::Tensor& t) {

@@ -41,6 +41,16 @@ struct MlpWeights {  // down(act(gate x + gate_bias, up x + up_bias)) + down_bia
 // X Wᵀ for a projection held dense (`w`) or low-rank (`lr`): [N, out].
 MatrixRM project(const MatrixRM& X, const MatrixRM& w, const std::optional<LowRankWeights>& lr);
 
+// Y = X Wᵀ for a weight W [out, in] as stored (plain bf16/f16/f32/f8 or encoded: int4/int8 groups,
+// ternary, sub-1-bit codes, FP8 blocks, not low-rank), X [n, in] with row stride ldx, Y [n, out]
+// with row stride ldy. W is decoded to f32 a tile of rows at a time (about 4 MB of f32: 1,024 rows
+// of a 1,024-wide weight) into `tile` (the caller's, kept across calls) and each tile is
+// multiplied at once, while it is in cache, so no f32 copy of the whole matrix is written. Each
+// tile is checked as the whole conversion checks it: NonFiniteError with the same message (the
+// index in the whole tensor). n may be 0: W is still decoded and checked.
+void project_in_tiles(int64_t n, const float* X, int64_t ldx, const core::Tensor& W, float* Y, int64_t ldy,
+                      std::vector<float>& tile);
+
 struct MoeWeights {
   MatrixRM router;                      // [E,H]
   // [E] deepseek_v3 e_score_correction_bias (expert choice only) or gpt_oss router bias (added to
@@ -50,10 +60,14 @@ struct MoeWeights {
   std::optional<MlpWeights> shared;     // qwen2_moe shared expert
   std::optional<RowVector> shared_gate; // [H] (the [1,H] sigmoid gate row)
   // Streamed routed experts (convert_layer_into with stream_experts; Forward::set_stream_experts):
-  // `experts` stays empty and each expert is converted to f32 from `source` when it is needed
-  // (expert()), then dropped, so a layer holds a few experts in f32 instead of E. `release`
+  // `experts` stays empty and each expert is decoded from `source` when it is needed, so a layer
+  // holds a few experts in f32 instead of E: converted whole (expert()) where the caller keeps
+  // the intermediates or a projection is low-rank, else a tile of rows at a time
+  // (expert_in_tiles, project_in_tiles: no f32 copy of the expert at all). `release`
   // (model::Model::page_releaser, may be empty) hands back an expert's mapped source pages once
-  // it is converted. The results are the same bytes as with every expert converted up front.
+  // it is decoded. Converted whole, the results are the same bytes as with every expert converted
+  // up front; in tiles, the same where every weight fits one tile (about 2^20 values), else equal
+  // up to the order OpenBLAS sums in (a few outputs differ in their last bits).
   const model::MoeBlock* source = nullptr;
   int layer = 0;                        // for error messages ("layer 3: expert 5: gate: ...")
   bool factored = false;                // low-rank projections kept as factors (the forward's choice)
@@ -65,6 +79,13 @@ struct MoeWeights {
   // Expert e in f32: experts[e], or, when streamed, converted into `scratch` (reusing its buffers)
   // and returned. Throws what the conversion throws (NonFiniteError naming layer and expert).
   const MlpWeights& expert(int64_t e, MlpWeights& scratch) const;
+  // Whether streamed expert e is run from its stored weights a tile of rows at a time
+  // (project_in_tiles) instead of through expert(): streamed, not a novice, and no projection
+  // kept low-rank (a low-rank one runs as two thin GEMMs on its factors, through expert()).
+  bool expert_in_tiles(int64_t e) const;
+  const model::Mlp& source_expert(int64_t e) const { return source->experts.at(static_cast<size_t>(e)); }
+  // Hands streamed expert e's mapped source pages back (`release`; nothing when it is empty).
+  void release_expert(int64_t e) const;
 };
 
 struct AttnWeights {
