@@ -7,6 +7,10 @@
 #include "core/error.h"
 #include "quant/pack.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace moe::quant {
 
 using core::DType;
@@ -125,6 +129,27 @@ void IntN::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
         for (int q = 0; q < 16; ++q) lut[q] = s * static_cast<float>(q - z);
         const int64_t j0 = g * gl, j1 = std::min(n, j0 + gl);
         int64_t j = j0;
+#if defined(__SSE2__)
+        // 32 codes (16 bytes) at a time: the nibbles widened to int32, s · float(q − z) as the
+        // table holds it (the same one rounding), about twice the table's rate on one thread. j0 is even.
+        const __m128i low4 = _mm_set1_epi8(0x0f), none = _mm_setzero_si128(), zv = _mm_set1_epi32(z);
+        const __m128 sv = _mm_set1_ps(s);
+        for (; j + 32 <= j1; j += 32) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j / 2));
+          const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+          const __m128i q8[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // codes in order
+          for (int h = 0; h < 2; ++h) {
+            const __m128i q16[2] = {_mm_unpacklo_epi8(q8[h], none), _mm_unpackhi_epi8(q8[h], none)};
+            for (int k = 0; k < 2; ++k) {
+              const __m128i a = _mm_sub_epi32(_mm_unpacklo_epi16(q16[k], none), zv);
+              const __m128i e = _mm_sub_epi32(_mm_unpackhi_epi16(q16[k], none), zv);
+              float* o = d + j + 16 * h + 8 * k;
+              _mm_storeu_ps(o, _mm_mul_ps(sv, _mm_cvtepi32_ps(a)));
+              _mm_storeu_ps(o + 4, _mm_mul_ps(sv, _mm_cvtepi32_ps(e)));
+            }
+          }
+        }
+#endif
         for (; j + 2 <= j1; j += 2) {
           const uint8_t b = c[j / 2];
           d[j] = lut[b & 15];
