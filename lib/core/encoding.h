@@ -71,6 +71,11 @@ class Encoding {
   // Rows [r0, r1) as f32, row-major, into dst[(r1 - r0) * cols()]. Exact: the same values a
   // decoder following docs/FORMAT.md computes (up to f32 summation order for products).
   virtual void dequantize_rows(int64_t r0, int64_t r1, float* dst) const = 0;
+  // Whether dequantize_rows(r0, r1) costs about r1 − r0 rows' work (true by default). False where
+  // any range first decodes a stream of the whole weight (DeltaTernary's Rice-coded positions): a
+  // caller that would decode the weight a few rows at a time (runtime::project_in_tiles) decodes
+  // it whole instead.
+  virtual bool decodes_row_ranges_alone() const { return true; }
   // Rows [r0, r1) as an encoding of its own (zero-copy where the layout allows). Default: throws
   // Error::unsupported naming the encoding.
   virtual std::shared_ptr<const Encoding> slice_rows(int64_t r0, int64_t r1) const;

@@ -53,6 +53,8 @@ class DeltaTernary final : public core::Encoding {
   nlohmann::json params() const override { return {{"nnz", nnz_}, {"rice_k", rice_k_}}; }
   std::vector<core::EncodedPart> parts() const override;
   void dequantize_rows(int64_t r0, int64_t r1, float* dst) const override;
+  // Any row range decodes the whole Rice-coded stream of positions first.
+  bool decodes_row_ranges_alone() const override { return false; }
   DtypeRule dtype_rule() const override { return DtypeRule::Keep; }
 
   int64_t nnz() const { return nnz_; }

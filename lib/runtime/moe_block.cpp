@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "runtime/finite.h"
 #include "runtime/ops.h"
 #include "runtime/parallel.h"
 #include "runtime/profile.h"
@@ -70,7 +71,8 @@ void mlp_rows(const MlpWeights& w, const float* x, int64_t n, int64_t H, float* 
 // Streamed expert e (MoeWeights::expert_in_tiles) on n rows x [n, H] into y [n, H]: mlp_rows with
 // each projection decoded from its stored weight a tile at a time (project_in_tiles), so no f32
 // copy of the expert is made. The same checks, in the same order, with the same messages, as the
-// whole conversion (MoeWeights::expert): gate, up and down, then their biases.
+// whole conversion (MoeWeights::expert): gate, up, down, then the biases (gpt_oss), which are
+// converted first (gate and up are added before down) but checked after down.
 void expert_rows_in_tiles(const MoeWeights& w, int64_t e, const float* x, int64_t n, int64_t H, float* y) {
   const model::Mlp& m = w.source_expert(e);
   const int64_t I = m.gate.rank() == 2 ? m.gate.dim(0) : -1;
@@ -83,23 +85,28 @@ void expert_rows_in_tiles(const MoeWeights& w, int64_t e, const float* x, int64_
   thread_local std::vector<float> tile;
   float* g = grown(gate_buf, n * I);
   float* u = grown(up_buf, n * I);
-  std::optional<RowVector> gate_bias, up_bias, down_bias;
+  const core::Tensor* bias_tensors[3] = {m.gate_bias ? &*m.gate_bias : nullptr, m.up_bias ? &*m.up_bias : nullptr,
+                                         m.down_bias ? &*m.down_bias : nullptr};
+  std::optional<RowVector> bias[3];
+  for (int i = 0; i < 3; ++i)
+    if (bias_tensors[i]) {
+      bias[i].emplace(bias_tensors[i]->numel());
+      bias_tensors[i]->to_f32(bias[i]->data());
+    }
   core::with_context("layer " + std::to_string(w.layer), [&] {
     core::with_context("expert " + std::to_string(e), [&] {
       core::with_context("gate", [&] { project_in_tiles(n, x, H, m.gate, g, I, tile); });
       core::with_context("up", [&] { project_in_tiles(n, x, H, m.up, u, I, tile); });
-      // down reads the activations: the biases (gpt_oss; checked here, before down, as the whole
-      // conversion would after it: only the order of two reports of bad input can differ).
-      core::with_context("gate bias", [&] { if (m.gate_bias) gate_bias = to_row(*m.gate_bias); });
-      core::with_context("up bias", [&] { if (m.up_bias) up_bias = to_row(*m.up_bias); });
-      core::with_context("down bias", [&] { if (m.down_bias) down_bias = to_row(*m.down_bias); });
-      if (gate_bias) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *gate_bias;
-      if (up_bias) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *up_bias;
+      if (bias[0]) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *bias[0];
+      if (bias[1]) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *bias[1];
       glu_inplace(g, u, n * I, m.act);
       core::with_context("down", [&] { project_in_tiles(n, g, I, m.down, y, H, tile); });
+      const char* names[3] = {"gate bias", "up bias", "down bias"};
+      for (int i = 0; i < 3; ++i)
+        if (bias[i]) core::with_context(names[i], [&] { check_finite(bias[i]->data(), bias[i]->size(), 0, *bias_tensors[i]); });
     });
   });
-  if (down_bias) Eigen::Map<MatrixRM>(y, n, H).rowwise() += *down_bias;
+  if (bias[2]) Eigen::Map<MatrixRM>(y, n, H).rowwise() += *bias[2];
   w.release_expert(e);
 }
 

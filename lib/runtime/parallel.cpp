@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -33,7 +34,7 @@ class Pool {
       fn_ = &fn;
       n_ = n;
       next_.store(0);
-      failed_.store(false);
+      failed_at_.store(kNone);
       err_ = nullptr;
       wanted_ = helpers;
       closed_ = false;
@@ -55,13 +56,17 @@ class Pool {
     for (;;) {
       const int64_t i = next_.fetch_add(1);
       if (i >= n_) return;
-      if (failed_.load()) continue;
+      // After a failure the later indices are skipped; an earlier one still runs, and the error
+      // of the lowest index that fails is the one thrown (the same whichever thread ran first).
+      if (i > failed_at_.load()) continue;
       try {
         (*fn_)(i);
       } catch (...) {
         std::lock_guard g(m_);
-        if (!err_) err_ = std::current_exception();
-        failed_.store(true);
+        if (i < failed_at_.load()) {
+          err_ = std::current_exception();
+          failed_at_.store(i);
+        }
       }
     }
   }
@@ -91,7 +96,8 @@ class Pool {
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
-  std::atomic<bool> failed_{false};
+  static constexpr int64_t kNone = INT64_MAX;
+  std::atomic<int64_t> failed_at_{kNone};  // the lowest index whose task threw
   std::exception_ptr err_;
 };
 

@@ -16,8 +16,9 @@ int parallel_threads();
 // region (each task's GEMMs on its own core) and gets its setting back after. Serial (in index
 // order, on the caller) when one thread is set, n < 2, when called inside a region, or while
 // another thread runs a region. The tasks must write disjoint memory: results then do not depend
-// on the order or the thread a task runs on. The first exception a task throws is rethrown on the
-// caller after every started task has ended (tasks not yet started are skipped).
+// on the order or the thread a task runs on. The exception of the lowest index whose task throws
+// is rethrown on the caller after every started task has ended (tasks of higher indices not yet
+// started are skipped), as the serial loop would throw it.
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 
 // parallel_for over [0, rows) in contiguous blocks of at least `min_rows`: fn(begin, end).

@@ -152,9 +152,10 @@ bool MoeWeights::expert_in_tiles(int64_t e) const {
   if (!source) return false;
   const model::Mlp& m = source_expert(e);
   if (m.novice) return false;
-  if (!factored) return true;
-  for (const core::Tensor* t : {&m.gate, &m.up, &m.down})
-    if (dynamic_cast<const quant::LowRank*>(t->encoding())) return false;
+  for (const core::Tensor* t : {&m.gate, &m.up, &m.down}) {
+    const core::Encoding* enc = t->encoding();
+    if (enc && (!enc->decodes_row_ranges_alone() || (factored && dynamic_cast<const quant::LowRank*>(enc)))) return false;
+  }
   return true;
 }
 

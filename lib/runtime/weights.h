@@ -80,8 +80,9 @@ struct MoeWeights {
   // and returned. Throws what the conversion throws (NonFiniteError naming layer and expert).
   const MlpWeights& expert(int64_t e, MlpWeights& scratch) const;
   // Whether streamed expert e is run from its stored weights a tile of rows at a time
-  // (project_in_tiles) instead of through expert(): streamed, not a novice, and no projection
-  // kept low-rank (a low-rank one runs as two thin GEMMs on its factors, through expert()).
+  // (project_in_tiles) instead of through expert(): streamed, not a novice, no projection kept
+  // low-rank (a low-rank one runs as two thin GEMMs on its factors, through expert()) and none
+  // whose row ranges cost a decode of the whole weight (Encoding::decodes_row_ranges_alone).
   bool expert_in_tiles(int64_t e) const;
   const model::Mlp& source_expert(int64_t e) const { return source->experts.at(static_cast<size_t>(e)); }
   // Hands streamed expert e's mapped source pages back (`release`; nothing when it is empty).

@@ -4,6 +4,8 @@
 // which thread ran which expert) and, to rounding, the forward gives the one-thread numbers.
 #include <gtest/gtest.h>
 
+#include <chrono>
+
 #include <atomic>
 #include <random>
 #include <stdexcept>
@@ -74,6 +76,28 @@ TEST(ParallelFor, TheFirstErrorReachesTheCaller) {
   std::atomic<int> again{0};
   runtime::parallel_for(10, [&](int64_t) { again.fetch_add(1); });
   EXPECT_EQ(again.load(), 10);
+}
+
+// When several tasks throw, the caller gets the error of the lowest index, as a serial loop would
+// throw it, whichever thread got there first: index 1 throws after a delay, so index 2's task
+// (on the other thread) has thrown long before.
+TEST(ParallelFor, TheLowestIndexErrorReachesTheCaller) {
+  const Threads two(2);
+  for (int rep = 0; rep < 20; ++rep) {
+    std::string what;
+    try {
+      runtime::parallel_for(8, [&](int64_t i) {
+        if (i == 1) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+          throw std::runtime_error("task 1");
+        }
+        if (i >= 2) throw std::runtime_error("task " + std::to_string(i));
+      });
+    } catch (const std::runtime_error& e) {
+      what = e.what();
+    }
+    ASSERT_EQ(what, "task 1") << "repetition " << rep;
+  }
 }
 
 TEST(ParallelRows, BlocksCoverEveryRowOnce) {
