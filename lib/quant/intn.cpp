@@ -117,7 +117,8 @@ void IntN::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
   check_rows(r0, r1);
   const int64_t n = cols(), ng = ngroups(), gl = group_len();
   if (bits_ == 4 && gl % 2 == 0) {
-    // Two codes per byte, a group's 16 values s·(q − z) tabled once: the same floats as below.
+    // Two codes per byte, s·(q − z) with one rounding (SSE2, or a group's 16 values tabled): the
+    // same floats as below.
     const int64_t rb = codes_->dim(1);
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* c = codes_->data() + r * rb;
@@ -125,8 +126,6 @@ void IntN::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
       for (int64_t g = 0; g < ng; ++g) {
         const float s = scale(r, g);
         const int z = zero(r, g);
-        float lut[16];
-        for (int q = 0; q < 16; ++q) lut[q] = s * static_cast<float>(q - z);
         const int64_t j0 = g * gl, j1 = std::min(n, j0 + gl);
         int64_t j = j0;
 #if defined(__SSE2__)
@@ -150,6 +149,9 @@ void IntN::dequantize_rows(int64_t r0, int64_t r1, float* dst) const {
           }
         }
 #endif
+        if (j == j1) continue;
+        float lut[16];  // the rest of the group (all of it without SSE2)
+        for (int q = 0; q < 16; ++q) lut[q] = s * static_cast<float>(q - z);
         for (; j + 2 <= j1; j += 2) {
           const uint8_t b = c[j / 2];
           d[j] = lut[b & 15];

@@ -40,6 +40,30 @@ void expect_width(const MatrixRM& w, int64_t in, const char* what) {
                                 std::to_string(w.cols()) + ", the input width " + std::to_string(in));
 }
 
+// The gate/up activations of the MLPs run on rows (mlp_rows, expert_rows_in_tiles): this
+// thread's, grown to the largest call and kept.
+thread_local Buffer t_gate, t_up;
+
+// act(gate x + gate_bias, up x + up_bias), then down (+ down_bias), on n rows of x [n, H] into
+// y [n, out] (row strides H and out), the activations [n, I] in this thread's kept buffers.
+// project(k, in, dst) writes projection k of its input: 0 gate and 1 up (in = x, dst [n, I]),
+// 2 down (in = the activations, dst = y): the caller's GEMMs.
+template <typename Project>
+void glu_rows(const float* x, int64_t n, int64_t I, int64_t out, float* y, const model::GluActivation& act,
+              const RowVector* gate_bias, const RowVector* up_bias, const RowVector* down_bias, Project&& project) {
+  float* g = grown(t_gate, n * I);
+  float* u = grown(t_up, n * I);
+  project(0, x, g);
+  project(1, x, u);
+  if (gate_bias) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *gate_bias;
+  if (up_bias) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *up_bias;
+  glu_inplace(g, u, n * I, act);
+  project(2, g, y);
+  if (down_bias) Eigen::Map<MatrixRM>(y, n, out).rowwise() += *down_bias;
+}
+
+const RowVector* ptr(const std::optional<RowVector>& v) { return v ? &*v : nullptr; }
+
 // mlp_forward on n rows x [n, H] (row stride H) into y [n, w's output width] (row stride the same),
 // the activations gate/up in this thread's kept buffers. A novice or a low-rank projection takes
 // mlp_forward itself (allocating; forwards of factorized models only).
@@ -56,20 +80,16 @@ void mlp_rows(const MlpWeights& w, const float* x, int64_t n, int64_t H, float* 
   const int64_t I = w.gate.rows(), out = w.down.rows();
   if (w.up.rows() != I) throw core::Error::internal("mlp: gate_proj and up_proj widths differ");
   expect_width(w.down, I, "down_proj");
-  thread_local Buffer gate_buf, up_buf;
-  float* g = grown(gate_buf, n * I);
-  float* u = grown(up_buf, n * I);
-  gemm_nt(n, I, H, 1.0f, x, H, w.gate.data(), H, 0.0f, g, I);
-  gemm_nt(n, I, H, 1.0f, x, H, w.up.data(), H, 0.0f, u, I);
-  if (w.gate_bias) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *w.gate_bias;
-  if (w.up_bias) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *w.up_bias;
-  glu_inplace(g, u, n * I, w.act);
-  gemm_nt(n, out, I, 1.0f, g, I, w.down.data(), I, 0.0f, y, out);
-  if (w.down_bias) Eigen::Map<MatrixRM>(y, n, out).rowwise() += *w.down_bias;
+  const float* W[3] = {w.gate.data(), w.up.data(), w.down.data()};
+  glu_rows(x, n, I, out, y, w.act, ptr(w.gate_bias), ptr(w.up_bias), ptr(w.down_bias),
+           [&](int k, const float* in, float* dst) {
+             if (k < 2) gemm_nt(n, I, H, 1.0f, in, H, W[k], H, 0.0f, dst, I);
+             else gemm_nt(n, out, I, 1.0f, in, I, W[2], I, 0.0f, dst, out);
+           });
 }
 
-// Streamed expert e (MoeWeights::expert_in_tiles) on n rows x [n, H] into y [n, H]: mlp_rows with
-// each projection decoded from its stored weight a tile at a time (project_in_tiles), so no f32
+// Streamed expert e (MoeWeights::expert_in_tiles) on n rows x [n, H] into y [n, H]: glu_rows, as
+// mlp_rows runs it, with each projection decoded from its stored weight a tile at a time (project_in_tiles), so no f32
 // copy of the expert is made. The same checks, in the same order, with the same messages, as the
 // whole conversion (MoeWeights::expert): gate, up, down, then the biases (gpt_oss), which are
 // converted first (gate and up are added before down) but checked after down.
@@ -81,10 +101,7 @@ void expert_rows_in_tiles(const MoeWeights& w, int64_t e, const float* x, int64_
     throw core::Error::internal("expert " + std::to_string(e) + ": projections " + core::shape_str(m.gate.shape()) + ", " +
                                 core::shape_str(m.up.shape()) + ", " + core::shape_str(m.down.shape()) +
                                 " do not fit hidden_size " + std::to_string(H));
-  thread_local Buffer gate_buf, up_buf;
   thread_local std::vector<float> tile;
-  float* g = grown(gate_buf, n * I);
-  float* u = grown(up_buf, n * I);
   const core::Tensor* bias_tensors[3] = {m.gate_bias ? &*m.gate_bias : nullptr, m.up_bias ? &*m.up_bias : nullptr,
                                          m.down_bias ? &*m.down_bias : nullptr};
   std::optional<RowVector> bias[3];
@@ -93,20 +110,21 @@ void expert_rows_in_tiles(const MoeWeights& w, int64_t e, const float* x, int64_
       bias[i].emplace(bias_tensors[i]->numel());
       bias_tensors[i]->to_f32(bias[i]->data());
     }
+  const core::Tensor* W[3] = {&m.gate, &m.up, &m.down};
   core::with_context("layer " + std::to_string(w.layer), [&] {
     core::with_context("expert " + std::to_string(e), [&] {
-      core::with_context("gate", [&] { project_in_tiles(n, x, H, m.gate, g, I, tile); });
-      core::with_context("up", [&] { project_in_tiles(n, x, H, m.up, u, I, tile); });
-      if (bias[0]) Eigen::Map<MatrixRM>(g, n, I).rowwise() += *bias[0];
-      if (bias[1]) Eigen::Map<MatrixRM>(u, n, I).rowwise() += *bias[1];
-      glu_inplace(g, u, n * I, m.act);
-      core::with_context("down", [&] { project_in_tiles(n, g, I, m.down, y, H, tile); });
-      const char* names[3] = {"gate bias", "up bias", "down bias"};
+      glu_rows(x, n, I, H, y, m.act, ptr(bias[0]), ptr(bias[1]), ptr(bias[2]), [&](int k, const float* in, float* dst) {
+        static const char* const kNames[3] = {"gate", "up", "down"};
+        core::with_context(kNames[k], [&] {
+          if (k < 2) project_in_tiles(n, in, H, *W[k], dst, I, tile);
+          else project_in_tiles(n, in, I, *W[2], dst, H, tile);
+        });
+      });
+      static const char* const kBiasNames[3] = {"gate bias", "up bias", "down bias"};
       for (int i = 0; i < 3; ++i)
-        if (bias[i]) core::with_context(names[i], [&] { check_finite(bias[i]->data(), bias[i]->size(), 0, *bias_tensors[i]); });
+        if (bias[i]) core::with_context(kBiasNames[i], [&] { check_finite(bias[i]->data(), bias[i]->size(), 0, *bias_tensors[i]); });
     });
   });
-  if (bias[2]) Eigen::Map<MatrixRM>(y, n, H).rowwise() += *bias[2];
   w.release_expert(e);
 }
 
