@@ -16,7 +16,10 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/tensor.h"
+#include "model/model.h"
+#include "quant/delta_ternary.h"
 #include "quant/intn.h"
+#include "quant/lowrank.h"
 #include "runtime/finite.h"
 #include "runtime/ops.h"
 #include "runtime/weights.h"
@@ -126,6 +129,48 @@ TEST(ProjectInTiles, ANonFiniteWeightInALaterTileIsRefusedAsTheWholeConversionRe
   std::vector<float> tile;
   std::vector<float> y;
   EXPECT_EQ(message([&] { runtime::project_in_tiles(0, X.data(), 3000, W, y.data(), 700, tile); }), expected);
+}
+
+// Which streamed experts run in tiles: a delta-ternary weight's row ranges decode its whole
+// Rice-coded stream (Encoding::decodes_row_ranges_alone), so an expert holding one is converted
+// whole, once, as are novices and experts with a projection kept low-rank; the others run in tiles.
+TEST(ProjectInTiles, DeltaTernaryNoviceAndFactoredExpertsAreConvertedWhole) {
+  const int64_t H = 64, I = 96;
+  auto dense = [](int64_t r, int64_t c, uint32_t seed) { return bf16_weight(r, c, seed); };
+  auto plain = [&](uint32_t seed) {
+    model::Mlp m;
+    m.gate = dense(I, H, seed), m.up = dense(I, H, seed + 1), m.down = dense(H, I, seed + 2);
+    return m;
+  };
+  model::MoeBlock block;
+  block.experts.push_back(plain(10));  // 0: bf16
+  model::Mlp delta = plain(20);         // 1: down delta-ternary over a base
+  const auto base = std::make_shared<const core::Tensor>(dense(H, I, 30).converted(core::DType::F32));
+  delta.down = core::Tensor::encoded(quant::DeltaTernary::pack(base, {3, 70, 200}, {false, true, false}, 0.01f),
+                                     core::DType::BF16);
+  block.experts.push_back(delta);
+  model::Mlp novice;  // 2: a novice
+  novice.novice = core::Tensor::zeros(core::DType::F32, {H});
+  block.experts.push_back(novice);
+  model::Mlp factored = plain(40);  // 3: gate low-rank
+  const auto a = std::make_shared<const core::Tensor>(dense(I, 8, 50)), b = std::make_shared<const core::Tensor>(dense(8, H, 51));
+  factored.gate = core::Tensor::encoded(std::make_shared<quant::LowRank>(a, b), core::DType::BF16);
+  block.experts.push_back(factored);
+
+  runtime::MoeWeights w;
+  w.source = &block;
+  w.widths = {I, I, 0, I};
+  EXPECT_TRUE(w.expert_in_tiles(0));
+  EXPECT_FALSE(w.expert_in_tiles(1));
+  EXPECT_FALSE(w.expert_in_tiles(2));
+  EXPECT_TRUE(w.expert_in_tiles(3)) << "low-rank, not kept as factors: decoded in tiles like any encoding";
+  w.factored = true;
+  EXPECT_FALSE(w.expert_in_tiles(3));
+  // The delta-ternary expert's whole conversion is its decoded weights.
+  runtime::MlpWeights scratch;
+  const runtime::MlpWeights& got = w.expert(1, scratch);
+  EXPECT_TRUE(got.down == runtime::to_matrix(block.experts[1].down));
+  EXPECT_TRUE(got.gate == runtime::to_matrix(block.experts[1].gate));
 }
 
 }  // namespace
