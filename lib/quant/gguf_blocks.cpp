@@ -4,6 +4,9 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -81,12 +84,30 @@ inline int clamp_round(float v, int lo, int hi) {
   return static_cast<int>(std::clamp(r, static_cast<float>(lo), static_cast<float>(hi)));
 }
 
-// The element of largest magnitude, with its sign (the first one on ties).
+// The element of largest magnitude, with its sign (the first one on ties); +0 when every element
+// is ±0 (NaNs are never chosen). The largest magnitude is found first, with independent maxima
+// (SSE2: 8 lanes; one running element, compared and chosen, made a dependency chain of about 8
+// cycles per element), then its first element.
 float signed_absmax(const float* x, int n) {
-  float m = 0.0f;
-  for (int j = 0; j < n; ++j)
-    if (std::fabs(x[j]) > std::fabs(m)) m = x[j];
-  return m;
+  float a = 0.0f;
+  int j = 0;
+#if defined(__SSE2__)
+  const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+  __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps();
+  // _mm_max_ps(v, acc) returns acc when v is NaN: a NaN is skipped as the scalar comparison skips it.
+  for (; j + 8 <= n; j += 8) {
+    a0 = _mm_max_ps(_mm_and_ps(_mm_loadu_ps(x + j), abs_mask), a0);
+    a1 = _mm_max_ps(_mm_and_ps(_mm_loadu_ps(x + j + 4), abs_mask), a1);
+  }
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, _mm_max_ps(a0, a1));
+  for (const float l : lanes) a = std::max(a, l);
+#endif
+  for (; j < n; ++j) a = std::fabs(x[j]) > a ? std::fabs(x[j]) : a;
+  if (a == 0.0f) return 0.0f;
+  for (j = 0; j < n; ++j)
+    if (std::fabs(x[j]) == a) break;
+  return x[j];
 }
 
 // Packs 32 codes (0..31) into nibbles qs[16] (element j low, j + 16 high) and, when qh is not

@@ -306,6 +306,32 @@ TEST(GgufBlocks, ZerosAndEqualValuesAreExact) {
   }
 }
 
+// Q4_0/Q5_0 take the element of largest magnitude with its sign, the first one on ties: it lands
+// exactly on the grid's long end (-half), the other sign is clamped to half - 1. A block of zeros,
+// -0 included, has the scale (+0) / -half = -0: the f16 bytes 00 80, as ggml's reference rounding
+// (max / -8 with max = 0) stores it.
+TEST(GgufBlocks, SymmetricBlocksTakeTheFirstLargestMagnitudeWithItsSign) {
+  for (const auto& [t, half] : {std::pair{GgmlType::Q4_0, 8}, std::pair{GgmlType::Q5_0, 16}}) {
+    for (const bool negative_first : {true, false}) {
+      std::vector<float> x(32);
+      for (int j = 0; j < 32; ++j) x[j] = 0.01f * static_cast<float>(j % 7 - 3);
+      x[3] = negative_first ? -0.5f : 0.5f;
+      x[19] = -x[3];
+      const auto y = round_trip(t, x);
+      const float d = 0.5f / static_cast<float>(half);  // exact in f16
+      EXPECT_EQ(y[3], x[3]) << quant::ggml_type_info(t).name;
+      EXPECT_EQ(y[19], -x[3] / static_cast<float>(half) * static_cast<float>(half - 1)) << quant::ggml_type_info(t).name;
+      EXPECT_NEAR(y[5], x[5], d / 2) << quant::ggml_type_info(t).name;
+    }
+    std::vector<float> zeros(32, 0.0f);
+    zeros[0] = -0.0f;
+    std::vector<uint8_t> b(quant::ggml_type_info(t).type_size);
+    quant::encode_row(t, zeros.data(), 32, b.data());
+    EXPECT_EQ(b[0], 0x00);
+    EXPECT_EQ(b[1], 0x80) << quant::ggml_type_info(t).name << ": the scale of a block of zeros";
+  }
+}
+
 // A block spanning the grid exactly: every level once (or the range's ends), decoded without error.
 TEST(GgufBlocks, FullRangeOnTheGridIsExact) {
   std::vector<float> x(32);
