@@ -93,6 +93,58 @@ TEST(BF16, DecodeKnownValues) {
   EXPECT_TRUE(std::isnan(bf16_to_f32(0x7fc0)));
 }
 
+// from_f32 to f16 of an array (8 at a time with F16C where the CPU has it) gives f32_to_f16 of each
+// element, bit for bit: at every midpoint between neighbouring f16 values and one f32 ulp on each
+// side (ties to even), the subnormal and overflow edges, NaNs with payloads, and 2^32 / 65,521 patterns
+// spread over every exponent; from an odd address, with a tail that is not a whole block.
+TEST(DType, F16ArraysConvertAsEachElement) {
+  std::vector<float> x;
+  auto add_bits = [&](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    x.push_back(f);
+  };
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const float a = f16_to_f32(static_cast<uint16_t>(h)), b = f16_to_f32(static_cast<uint16_t>(h + 1));
+    const float m = a + (b - a) / 2;  // exact: 12 significant bits
+    for (float v : {m, std::nextafter(m, 0.0f), std::nextafter(m, 1e30f), a})
+      for (float sgn : {1.0f, -1.0f}) x.push_back(sgn * v);
+  }
+  for (uint32_t u : {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffc12345u, 0x7fbfffffu, 0x477fefffu, 0x477ff000u,
+                     0x38800000u, 0x387fffffu, 0x33000000u, 0x33000001u, 0x80000001u, 0x00000001u})
+    add_bits(u);
+  for (uint64_t u = 0; u < (uint64_t{1} << 32); u += 65521) add_bits(static_cast<uint32_t>(u));
+  x.push_back(1.0f), x.push_back(2.0f), x.push_back(3.0f);  // a tail of 3 after the blocks of 8 (x.size() % 8 checked below)
+  while (x.size() % 8 != 3) x.push_back(0.5f);
+  std::vector<uint8_t> out(1 + 2 * x.size());
+  from_f32(DType::F16, x.data(), out.data() + 1, x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint16_t got;
+    std::memcpy(&got, out.data() + 1 + 2 * i, 2);
+    ASSERT_EQ(got, f32_to_f16(x[i])) << "element " << i << " (" << x[i] << ")";
+  }
+}
+
+// to_f32 of a bf16 array (8 at a time where SSE2 is there) gives bf16_to_f32 of each element, bit
+// for bit: every one of the 65,536 patterns (NaNs and Infs included), from an odd address and with
+// a tail that is not a whole vector.
+TEST(DType, Bf16ArraysConvertAsEachElement) {
+  const size_t n = 65536 + 5;
+  std::vector<uint8_t> bytes(1 + 2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto h = static_cast<uint16_t>(i * 40503u);  // odd multiplier: every pattern once in the first 65,536
+    std::memcpy(bytes.data() + 1 + 2 * i, &h, 2);
+  }
+  std::vector<float> got(n);
+  to_f32(DType::BF16, bytes.data() + 1, got.data(), n);
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, bytes.data() + 1 + 2 * i, 2);
+    const float want = bf16_to_f32(h);
+    ASSERT_EQ(std::memcmp(&got[i], &want, 4), 0) << "element " << i << " (0x" << std::hex << h << ")";
+  }
+}
+
 TEST(BF16, EncodeRoundsToNearestEven) {
   EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
   // Tie between 0x3f80 (even) and 0x3f81: goes to even.
