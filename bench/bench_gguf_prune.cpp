@@ -3,7 +3,8 @@
 // synthetic mixtral-layout checkpoint (the tokenizer of data/models/mixtral-tiny) is exported to
 // GGUF with moe-tool, loaded, cut to the first --keep experts of every layer (router rows too) and
 // written. Each run maps the input afresh (as a `prune` process does). For each layer count, two
-// timings of each, best over --repeat runs: page cache warm (input and cp's source just written or
+// timings of each, best and median over --repeat runs (the medians are the figures to read on a
+// machine whose page costs vary from run to run: docs/compressed-tensors.md): page cache warm (input and cp's source just written or
 // read), and cold (`sync`, then the page cache dropped before each timing, when run as root; else
 // `"cold": "not root"`). Prints JSON: bytes, wall and CPU (user + system) seconds, throughputs,
 // the ratios, the load average.
@@ -11,6 +12,7 @@
 //                    [--tool path/to/moe-tool] [--repeat 3] [--cold 1]
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -32,13 +34,20 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Best-of-`repeat` seconds of the write and of `cp` of its output; `cold`: each timing starts with
+// Best-of-`repeat` seconds of the write and of `cp` of its output, and every run's; `cold`: each timing starts with
 // the page cache written out and dropped.
 struct Timing {
   double write = 1e30, cp = 1e30;          // wall seconds
   double write_cpu = 1e30, cp_cpu = 1e30;  // user + system seconds (steadier on a shared machine)
+  std::vector<double> writes, cps;         // every run's wall seconds, for the medians
   uint64_t bytes = 0;
 };
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 
 double cpu_seconds() {
   struct rusage ru {};
@@ -69,10 +78,12 @@ Timing time_prune(const fs::path& in, const fs::path& dir, int64_t keep, int rep
     const double c0 = cpu_seconds();
     t.bytes = moe::model::write_gguf_like(env, m, *ck.gguf(), out);
     t.write_cpu = std::min(t.write_cpu, cpu_seconds() - c0);
-    t.write = std::min(t.write, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t.writes.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    t.write = std::min(t.write, t.writes.back());
     moe::bench::settle_page_cache(cold);
     const auto c = moe::bench::run_child({"cp", out.string(), copy.string()});
     if (c.status != 0) throw std::runtime_error("cp failed");
+    t.cps.push_back(c.seconds);
     t.cp = std::min(t.cp, c.seconds);
     t.cp_cpu = std::min(t.cp_cpu, c.cpu_seconds);
   }
@@ -143,6 +154,9 @@ int main(int argc, char** argv) {
                 {"write_mb_per_s", static_cast<double>(t.bytes) / t.write / 1e6},
                 {"cp_mb_per_s", static_cast<double>(t.bytes) / t.cp / 1e6},
                 {"ratio_to_cp", t.cp / t.write},
+                {"write_seconds_median", median(t.writes)},
+                {"cp_seconds_median", median(t.cps)},
+                {"ratio_to_cp_median", median(t.cps) / median(t.writes)},
                 {"write_cpu_seconds", t.write_cpu},
                 {"cp_cpu_seconds", t.cp_cpu},
                 {"cpu_ratio_to_cp", t.cp_cpu / t.write_cpu},
