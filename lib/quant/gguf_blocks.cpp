@@ -768,7 +768,18 @@ void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst) {
   const BlockCodec* c = checked_codec(t, n, "encoder");
   const int64_t bad = core::first_non_finite(core::DType::F32, x, static_cast<size_t>(n));
   if (bad >= 0) throw Error::invalid("non-finite value " + std::to_string(x[bad]) + " at column " + std::to_string(bad));
-  if (!c) return core::from_f32(*element_dtype(t), x, dst, static_cast<size_t>(n));
+  if (!c) {
+    // A finite value beyond the element type's range rounds to inf (f16: from 65520 up): refused
+    // as the finite check of every safetensors output refuses it, never written.
+    const core::DType d = *element_dtype(t);
+    core::from_f32(d, x, dst, static_cast<size_t>(n));
+    const int64_t over = core::first_non_finite(d, dst, static_cast<size_t>(n));
+    if (over >= 0)
+      throw Error::invalid("value " + std::to_string(x[over]) + " at column " + std::to_string(over) + " is beyond " +
+                           ggml_type_info(t).name + "'s range and would be written as inf (give the tensor another type "
+                           "with --tensor-type, e.g. f32)");
+    return;
+  }
   const auto& info = ggml_type_info(t);
   for (int64_t i = 0; i < n / info.block; ++i) c->encode(x + i * info.block, dst + i * info.type_size);
 }

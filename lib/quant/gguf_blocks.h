@@ -91,7 +91,8 @@ uint64_t ggml_row_bytes(GgmlType t, int64_t n);
 // rounding each value to the nearest point of its block's grid (scales chosen per block as the
 // layout comment above says; the scale is rounded to f16 before the codes are chosen, so decode
 // uses exactly the scale the codes were rounded against). Error::unsupported for types without a
-// codec, Error::invalid for non-finite input.
+// codec, Error::invalid for non-finite input, for a block scale that overflows f16, and for F16/BF16
+// when a value is beyond the type's range (it would be written as inf; f16: 65520 and above).
 void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst);
 // Decodes n values from src (ggml_row_bytes(t, n) bytes).
 void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include "core/dtype.h"
@@ -330,6 +331,23 @@ TEST(GgufBlocks, SymmetricBlocksTakeTheFirstLargestMagnitudeWithItsSign) {
     EXPECT_EQ(b[0], 0x00);
     EXPECT_EQ(b[1], 0x80) << quant::ggml_type_info(t).name << ": the scale of a block of zeros";
   }
+}
+
+// F16 and BF16 hold no value beyond their range: one that would round to inf is refused, naming
+// the value and its column, as the finite check of a safetensors output refuses it.
+TEST(GgufBlocks, ElementTypesRefuseValuesBeyondTheirRange) {
+  std::vector<float> x(8, 1.0f);
+  std::vector<uint8_t> out(16);
+  x[3] = 65504.0f, x[4] = 65519.0f;  // the largest f16 and a value that rounds down to it
+  EXPECT_NO_THROW(quant::encode_row(GgmlType::F16, x.data(), 8, out.data()));
+  x[5] = -65520.0f;  // the first that rounds to -inf
+  expect_error([&] { quant::encode_row(GgmlType::F16, x.data(), 8, out.data()); }, core::ErrorKind::InvalidArgument,
+               {"value -65520.000000 at column 5 is beyond f16's range"});
+  std::vector<float> b(8, 1.0f);
+  b[6] = std::numeric_limits<float>::max();  // rounds to bf16 inf
+  expect_error([&] { quant::encode_row(GgmlType::BF16, b.data(), 8, out.data()); }, core::ErrorKind::InvalidArgument,
+               {"at column 6 is beyond bf16's range"});
+  EXPECT_NO_THROW(quant::encode_row(GgmlType::F32, b.data(), 8, std::vector<uint8_t>(32).data()));
 }
 
 // A block spanning the grid exactly: every level once (or the range's ends), decoded without error.
