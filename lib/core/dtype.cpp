@@ -7,6 +7,7 @@
 #include <emmintrin.h>
 #endif
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_F16C_DISPATCH 1
 #endif
@@ -228,8 +229,18 @@ __attribute__((target("avx,f16c"))) size_t f32_to_f16_f16c(const float* src, voi
   return i;
 }
 
+// CPUID leaf 1: F16C (ECX bit 29), AVX (bit 28) and OSXSAVE (bit 27), and the OS saving the YMM
+// state (XCR0 bits 1 and 2). Read directly: clang's __builtin_cpu_supports has no "f16c".
 bool has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    constexpr unsigned kNeed = (1u << 29) | (1u << 28) | (1u << 27);
+    if ((c & kNeed) != kNeed) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 6u) == 6u;
+  }();
   return yes;
 }
 #endif
