@@ -3,9 +3,10 @@
 // compressed-tensors / gptq folders of the same model quantized to int4 groups of 128 (RTN,
 // symmetric; the quantize is not timed). Each timing, of the export and of `cp`, starts after
 // `sync` (as bench_convert) and, when run as root with --cold 1, with the page cache dropped, so
-// each reads its input from the disk; then a user-space copy of the output (pread/pwrite, the floor
-// of a program that sees the bytes it writes). Best and median of --repeat rounds; the export's peak RSS (getrusage of the
-// child) for each size, to show it does not grow with the model. Prints JSON: wall and CPU (user +
+// each reads its input from the disk; then a user-space copy of the output (pread/pwrite, the
+// floor of a program that sees the bytes it writes). Best and median of --repeat rounds; the
+// export's peak RSS (getrusage of the child) for each size, to show it does not grow with the
+// model. Prints JSON: wall and CPU (user +
 // system of the child) seconds and their ratios, with the load average at each row (the machine
 // may be shared).
 //   bench_export [--sizes-gb 1,2] [--types f16,q8_0,q4_0] [--formats compressed-tensors,gptq,awq]
@@ -35,6 +36,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using moe::bench::median;
 using moe::bench::run_child;
 using moe::bench::settle_page_cache;
 
@@ -59,15 +61,9 @@ double load_average() {
   return l;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // The user-space copy this benchmark also times (`bench_export --user-copy FROM TO`, a child as
-// the export and `cp` are): every regular file of FROM read with pread and written with pwrite, 1 MiB
-// at a time, into the same names under TO. It is the floor of any program that must see the bytes
+// the export and `cp` are): every regular file of FROM read with pread and written with pwrite,
+// 1 MiB at a time, into the same names under TO. It is the floor of any program that must see the bytes
 // it writes (as the GPTQ/AWQ transposes do), where `cp` copies inside the kernel
 // (copy_file_range) without mapping a page.
 int user_copy(const fs::path& from, const fs::path& to) {

@@ -4,8 +4,8 @@
 // GGUF with moe-tool, loaded, cut to the first --keep experts of every layer (router rows too) and
 // written. Each run maps the input afresh (as a `prune` process does). For each layer count, two
 // timings of each, best and median over --repeat runs (the medians are the figures to read on a
-// machine whose page costs vary from run to run: docs/compressed-tensors.md): page cache warm (input and cp's source just written or
-// read), and cold (`sync`, then the page cache dropped before each timing, when run as root; else
+// machine whose page costs vary from run to run: docs/compressed-tensors.md): page cache warm
+// (input and cp's source just written or read), and cold (`sync`, then the page cache dropped before each timing, when run as root; else
 // `"cold": "not root"`). Prints JSON: bytes, wall and CPU (user + system) seconds, throughputs,
 // the ratios, the load average.
 //   bench_gguf_prune [--layers 4,8,28] [--type q8_0] [--keep 6] [--dir /tmp/moe-bench-gguf-prune]
@@ -34,20 +34,14 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Best-of-`repeat` seconds of the write and of `cp` of its output, and every run's; `cold`: each timing starts with
-// the page cache written out and dropped.
+// Best-of-`repeat` seconds of the write and of `cp` of its output, and every run's; `cold`: each
+// timing starts with the page cache written out and dropped.
 struct Timing {
   double write = 1e30, cp = 1e30;          // wall seconds
   double write_cpu = 1e30, cp_cpu = 1e30;  // user + system seconds (steadier on a shared machine)
   std::vector<double> writes, cps;         // every run's wall seconds, for the medians
   uint64_t bytes = 0;
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 double cpu_seconds() {
   struct rusage ru {};
@@ -154,9 +148,9 @@ int main(int argc, char** argv) {
                 {"write_mb_per_s", static_cast<double>(t.bytes) / t.write / 1e6},
                 {"cp_mb_per_s", static_cast<double>(t.bytes) / t.cp / 1e6},
                 {"ratio_to_cp", t.cp / t.write},
-                {"write_seconds_median", median(t.writes)},
-                {"cp_seconds_median", median(t.cps)},
-                {"ratio_to_cp_median", median(t.cps) / median(t.writes)},
+                {"write_seconds_median", moe::bench::median(t.writes)},
+                {"cp_seconds_median", moe::bench::median(t.cps)},
+                {"ratio_to_cp_median", moe::bench::median(t.cps) / moe::bench::median(t.writes)},
                 {"write_cpu_seconds", t.write_cpu},
                 {"cp_cpu_seconds", t.cp_cpu},
                 {"cpu_ratio_to_cp", t.cp_cpu / t.write_cpu},

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -49,6 +50,14 @@ inline ChildResult run_child(const std::vector<std::string>& args, const std::st
                      1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
   return {secs, ru.ru_maxrss, WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
           cpu};
+}
+
+// The median of timings (the mean of the middle two for an even count; 0 for none): on a machine
+// whose page costs vary from run to run, the figure to read beside the best.
+inline double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 // Writes every dirty page out (`sync`), then with `drop` empties the page cache (3 into

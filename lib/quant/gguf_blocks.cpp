@@ -296,7 +296,8 @@ struct KFit {
 // decode computes it (the rounded quotient and its two neighbours compared on the decoded values).
 KFit nearest_codes(int qmin, int qmax, const float* x, int n, float D, float M, int* q) {
   // The codes (as floats) and their errors first, in a loop of selects without branches (the block
-  // search calls this ~20 times per sub-block); then the sum in double in element order. Same codes as clamp_round and the neighbours compared one by one.
+  // search calls this ~20 times per sub-block); then the sum in double in element order. Same
+  // codes as clamp_round and the neighbours compared one by one.
   float code[32], err[32];
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   if (D == 0.0f) {
