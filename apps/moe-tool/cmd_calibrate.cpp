@@ -12,6 +12,7 @@
 #include "pipeline/keys.h"
 #include "pipeline/recipe.h"
 #include "runtime/forward.h"
+#include "runtime/mpi.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "eval/eval.h"
@@ -105,6 +106,16 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
         for (size_t e = 0; e < st.super_expert.size(); ++e)
           if (st.super_expert[e]) supers.push_back({{"layer", l}, {"expert", e}});
       const double tps = r.seconds > 0 ? static_cast<double>(plan.tokens) / r.seconds : 0.0;
+      // Over MPI ranks (docs/mpi.md): what the expert split exchanged (rank 0's view).
+      const auto& world = runtime::mpi::World::get();
+      const auto& traffic = world.traffic();
+      nlohmann::ordered_json mpi = nullptr;
+      if (world.split())
+        mpi = {{"ranks", world.size()},
+               {"exchanges", traffic.exchanges},
+               {"bytes_sent", traffic.bytes_sent},
+               {"bytes_gathered", traffic.bytes_gathered},
+               {"seconds", traffic.seconds}};
       if (o->json) {
         nlohmann::ordered_json j = {{"output", o->out},
                                     {"tokens", plan.tokens},
@@ -114,6 +125,7 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
                                     {"seconds", r.seconds},
                                     {"tokens_per_second", tps},
                                     {"super_experts", supers}};
+        if (!mpi.is_null()) j["mpi"] = mpi;
         std::cout << j.dump(2) << "\n";
       } else {
         std::cout << "wrote " << o->out << ": " << plan.tokens << " tokens, " << r.stats.layers.size()
@@ -122,6 +134,10 @@ void setup_calibrate(CLI::App& sub, Handler& handler, const GlobalFlags& flags) 
         if (supers.empty()) std::cout << " none";
         for (const auto& s : supers) std::cout << " L" << s.at("layer").get<int>() << "/E" << s.at("expert").get<int>();
         std::cout << "\n";
+        if (world.split())
+          std::cout << "mpi: " << world.size() << " ranks split the routed experts; "
+                    << core::format_bytes(static_cast<double>(traffic.bytes_gathered)) << " of expert outputs exchanged in "
+                    << traffic.exchanges << " exchanges, " << traffic.seconds << " s\n";
       }
       return 0;
     };

@@ -50,7 +50,7 @@ int report_error(bool json, const std::string& kind, const std::string& msg, int
 // Commands that run under several MPI ranks (docs/mpi.md): the runner's, where ranks other than 0
 // write nothing. The others would each write or print the same thing N times.
 bool runs_under_mpi(const std::string& command) {
-  for (const char* c : {"prune", "merge", "factorize", "quantize", "run"})
+  for (const char* c : {"calibrate", "prune", "merge", "factorize", "quantize", "run"})
     if (command == c) return true;
   return false;
 }
@@ -148,7 +148,7 @@ int run_command(int argc, char** argv, const Fail& fail) {
     if (!runs_under_mpi(command))
       return fail(core::error_kind_name(core::ErrorKind::InvalidArgument),
                   command + " does not run over MPI ranks (this is one of " + std::to_string(world.size()) +
-                      "): run it as one process; prune, merge, factorize, quantize and run do (docs/mpi.md)",
+                      "): run it as one process; calibrate, prune, merge, factorize, quantize and run do (docs/mpi.md)",
                   kExitBadInput);
   }
   flags.quiet = flags.quiet || quiet_rank;

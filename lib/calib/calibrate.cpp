@@ -12,6 +12,7 @@
 #include "io/scratch.h"
 #include "runtime/routing.h"
 #include "runtime/forward.h"
+#include "runtime/mpi.h"
 #include "runtime/mtp.h"
 
 namespace moe::calib {
@@ -201,14 +202,20 @@ CalibrateResult calibrate(const io::Checkpoint& ckpt, const model::Model& input,
     X.push_back(core::with_context("calibration text", [&] { return fwd.embed(buf); }));
   }
 
+  // Over several MPI ranks (runtime/mpi.h) the routed experts of each layer are split between the
+  // ranks, in the forward and in the statistics, and exchanged: every rank returns the single
+  // process's statistics; rank 0 alone writes the file.
+  const runtime::mpi::World& world = runtime::mpi::World::get();
+  fwd.set_split_experts(true);
   // No path: the statistics are only returned (a run that collects them on the fly).
   std::optional<StatsWriter> writer;
-  if (!out.empty()) writer.emplace(io::Env::posix(), out, plan.layout, res.stats.metadata, o.inputs, o.force, o.force_name);
+  if (!out.empty() && world.rank() == 0) writer.emplace(io::Env::posix(), out, plan.layout, res.stats.metadata, o.inputs, o.force, o.force_name);
   ObserverOptions oo;
   oo.all_token_stats = !o.routed_only;
   oo.gram = o.gram;
   oo.out_cos_tokens = o.out_cos_tokens;
   oo.out_stride = o.out_stride;
+  oo.split_experts = true;
   StatsObserver obs(oo);
   runtime::Observer* observers[] = {&obs};
 

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "runtime/moe_block.h"
+#include "runtime/mpi.h"
 #include "runtime/ops.h"
 
 namespace moe::calib {
@@ -47,6 +48,9 @@ struct StatsObserver::MoeAcc {
 StatsObserver::StatsObserver(ObserverOptions o) : opt_(o) {
   if (opt_.out_stride < 1) throw Error::invalid("--out-stride must be at least 1");
 }
+
+bool StatsObserver::split() const { return opt_.split_experts && runtime::mpi::World::get().split(); }
+bool StatsObserver::mine(int64_t e) const { return !split() || runtime::mpi::World::get().owns(e); }
 StatsObserver::~StatsObserver() = default;
 
 void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
@@ -142,6 +146,7 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
   if (opt_.gram) {
     MatrixRM xe;
     for (int64_t e = 0; e < E; ++e) {
+      if (!mine(e)) continue;  // its owner's Grams reach this rank in take_layer
       const auto& tok = t.tokens[e];
       const int64_t ne = static_cast<int64_t>(tok.size());
       xe.resize(ne, H);
@@ -178,6 +183,7 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
   std::vector<double> hsum;
   constexpr int32_t kSkip = INT32_MIN;  // neither routed to e nor sampled
   for (int64_t e = 0; e < E; ++e) {
+    if (!mine(e)) continue;  // its owner's out_sum row reaches this rank in take_layer, its ys below
     const runtime::MlpWeights& W = t.weights.expert(e, scratch);
     const int64_t I = W.width();
     const auto& tok = t.tokens[e];
@@ -252,6 +258,13 @@ void StatsObserver::on_moe(int layer, const runtime::MoeTrace& t) {
       if (W.down_bias) ys[e].rowwise() += *W.down_bias;
     }
   }
+  if (split() && ns > 0) {  // every expert's sampled outputs from its owner
+    for (int64_t e = 0; e < E; ++e)
+      if (!mine(e)) ys[e].resize(ns, H);
+    runtime::mpi::World::get().share_owned(E, [&](int64_t e) -> std::pair<void*, size_t> {
+      return {ys[e].data(), static_cast<size_t>(ys[e].size()) * sizeof(float)};
+    });
+  }
   // out_cos on the sampled tokens: normalise every expert's output row, then for a block of tokens
   // the rows of V [E, block*H] are the experts' concatenated unit outputs, and (V V^T)(i,j) is the
   // sum over the block's tokens of cos(y_i, y_j); blocks are summed in double. A zero output
@@ -307,6 +320,18 @@ std::optional<LayerStats> StatsObserver::take_layer(int l) {
   if (it == moe_.end()) return std::nullopt;
   MoeAcc& a = it->second;
   const int64_t E = a.E;
+  if (split()) {  // the per-expert sums each rank kept for the experts it owns, from their owners
+    auto& world = runtime::mpi::World::get();
+    if (opt_.all_token_stats)
+      world.share_owned(E, [&](int64_t e) -> std::pair<void*, size_t> {
+        return {a.out_sum.data() + e * a.H, static_cast<size_t>(a.H) * sizeof(double)};
+      });
+    if (opt_.gram)
+      for (std::vector<MatrixD>* g : {&a.gram_in, &a.gram_mid})
+        world.share_owned(E, [&](int64_t e) -> std::pair<void*, size_t> {
+          return {(*g)[e].data(), static_cast<size_t>((*g)[e].size()) * sizeof(double)};
+        });
+  }
   LayerStats s;
   s.layer = l;
   s.tokens = a.tokens;

@@ -46,6 +46,11 @@ struct ObserverOptions {
   bool gram = false;
   int64_t out_cos_tokens = 512;  // sampled tokens for out_cos
   int64_t out_stride = 16;       // S >= 1: every S-th stream token is sampled (1: every token, exact)
+  // In a run over several MPI ranks whose forward splits the experts (Forward::set_split_experts):
+  // each rank computes the per-expert work (the Grams, out_mean's unrouted rows, the sampled
+  // outputs of out_cos) for the experts it owns, and the ranks exchange it, so every rank ends
+  // with the single process's statistics bit for bit. on_moe and take_layer are then collectives.
+  bool split_experts = false;
 };
 
 class StatsObserver : public runtime::Observer {
@@ -73,6 +78,8 @@ class StatsObserver : public runtime::Observer {
 
  private:
   struct MoeAcc;
+  bool split() const;            // split_experts and more than one rank
+  bool mine(int64_t e) const;    // this rank computes expert e's per-expert statistics
   ObserverOptions opt_;
   int64_t offset_ = 0;
   std::map<int, MoeAcc> moe_;

@@ -409,7 +409,7 @@ void Forward::load_layer_into(int l, LayerWeights& w, bool stream_experts) const
   const PhaseScope timed(Phase::Dequantize);
   const model::Layer& layer = model_.layers().at(l);
   const auto& release = model_.page_releaser();
-  naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release); });
+  naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release, split_experts_); });
   if (spec_.zero_centred_norm)  // x_normed * (1 + weight)
     for (RowVector* v : {&w.input_norm, &w.post_attn_norm}) v->array() += 1.0f;
   if (spec_.zero_centred_norm)
@@ -468,7 +468,7 @@ void Forward::apply_layer(const LayerWeights& w, MatrixRM& X, int64_t T, std::sp
         static_cast<size_t>(l) < active_.size() && !active_[static_cast<size_t>(l)].empty() ? &active_[static_cast<size_t>(l)] : nullptr;
     // Streamed experts are converted inside the block: a non-finite weight is named there.
     MatrixRM& out = ws_.moe_out;
-    naming_non_finite(model_, l, [&] { moe_forward(*w.moe, spec_.routing, x2, out, ws_.moe, &det, want_moe, active); });
+    naming_non_finite(model_, l, [&] { moe_forward(*w.moe, spec_.routing, x2, out, ws_.moe, &det, want_moe, active, split_experts_); });
     if (want_routing)
       for (Observer* o : observers)
         if (o->wants_routing()) o->on_routing(l, det.logits, det.routing);

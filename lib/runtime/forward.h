@@ -128,6 +128,13 @@ class Forward {
   // outlive them, and a layer changed in the model must be loaded again. Default: off.
   void set_stream_experts(bool on) { stream_experts_ = on; }
 
+  // In a run over several MPI ranks (runtime/mpi.h): each MoE block runs only the routed experts
+  // this rank owns and the ranks exchange their outputs (moe_forward's split_experts), so every
+  // rank computes the single process's numbers; apply_layer is then a collective (every rank calls
+  // it for the same layer and batch). An observer of the MoE trace sees h only for the experts
+  // this rank owns. No effect with one rank. Default: off.
+  void set_split_experts(bool on) { split_experts_ = on; }
+
  private:
   const model::Model& model_;
   ForwardSpec spec_;
@@ -141,6 +148,7 @@ class Forward {
   AttnOutput linear_attention(const LayerWeights& w, const MatrixRM& xn, int64_t T) const;
   std::vector<std::vector<bool>> active_;  // per layer; empty: every expert routable
   bool stream_experts_ = false;
+  bool split_experts_ = false;
   // apply_layer's working matrices (norm outputs, attention, MoE block or MLP), kept across layers
   // and calls so their storage is allocated, and its pages faulted in by the kernel, once per
   // shape instead of every layer: one layer's working set. A Forward is not for two threads at once.

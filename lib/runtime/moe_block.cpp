@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "runtime/finite.h"
+#include "runtime/mpi.h"
 #include "runtime/ops.h"
 #include "runtime/parallel.h"
 #include "runtime/profile.h"
@@ -191,8 +192,10 @@ MatrixRM moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixR
 }
 
 void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MatrixRM& out, MoeWorkspace& ws,
-                 MoeDetail* detail, bool keep_intermediates, const std::vector<bool>* active) {
+                 MoeDetail* detail, bool keep_intermediates, const std::vector<bool>* active, bool split_experts) {
   const int64_t N = x.rows(), H = x.cols(), E = w.num_experts(), k = rule.top_k;
+  mpi::World& world = mpi::World::get();
+  const bool split = split_experts && world.split();
   MoeDetail local;
   MoeDetail& d = detail ? *detail : local;
   std::optional<PhaseScope> phase(std::in_place, Phase::Router);
@@ -245,6 +248,7 @@ void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x
   parallel_for(E, [&](int64_t i) {
     const int64_t e = by_size[i];
     const int64_t n = first[e + 1] - first[e];
+    if (split && !world.owns(e)) return;  // its owner runs it; its y arrives below
     // A streamed expert is decoded here (every one, routed to or not, so a non-finite weight is
     // refused as when the layer is converted up front): a tile at a time when it can be, else
     // converted whole into this thread's buffers.
@@ -264,6 +268,16 @@ void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x
       ys[e] = mlp_forward(we, rows_of(ws.xs, e), &hs[e]);
     }
   });
+  if (split) {
+    // Every expert's y from its owner, in one exchange per layer and batch.
+    if (keep_intermediates)
+      for (int64_t e = 0; e < E; ++e)
+        if (!world.owns(e)) ys[e].resize(first[e + 1] - first[e], H);
+    world.share_owned(E, [&](int64_t e) -> std::pair<void*, size_t> {
+      float* p = keep_intermediates ? ys[e].data() : ws.ys.data() + first[e] * H;
+      return {p, static_cast<size_t>((first[e + 1] - first[e]) * H) * sizeof(float)};
+    });
+  }
   // Scatter-add weighted, each row in expert index order (as transformers accumulates; the sum
   // does not depend on which thread ran which expert).
   phase.emplace(Phase::GatherScatter);

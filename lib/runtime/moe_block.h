@@ -34,8 +34,14 @@ struct MoeWorkspace {
   MatrixRM shared;   // [N, H] the shared expert's output (without keep_intermediates)
 };
 // moe_forward into `out` (resized to [N,H], its storage kept when the size is unchanged).
+// split_experts, in a run over several MPI ranks (runtime/mpi.h): this rank runs only the routed
+// experts it owns and the ranks exchange the experts' outputs y (the shared expert and the router
+// run on every rank), so `out` and the y of every expert are the single process's, bit for bit;
+// with keep_intermediates the h of an expert this rank does not own is left empty ([0, 0]). A
+// collective: every rank calls it for the same layer and batch. Ignored for one rank.
 void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x, MatrixRM& out, MoeWorkspace& ws,
-                 MoeDetail* detail = nullptr, bool keep_intermediates = false, const std::vector<bool>* active = nullptr);
+                 MoeDetail* detail = nullptr, bool keep_intermediates = false, const std::vector<bool>* active = nullptr,
+                 bool split_experts = false);
 
 // The router logits x·routerᵀ [N,E] (+ the router bias when the rule adds it to the logits:
 // gpt_oss), and the bias route() takes for the choice (deepseek_v3's and ernie4_5_moe's correction bias; null

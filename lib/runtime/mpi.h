@@ -11,7 +11,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moe::runtime::mpi {
@@ -49,6 +51,14 @@ class World {
   // calls). Sent root by root with MPI_Bcast in chunks of at most 1 GiB (counts are int).
   // One rank: {mine}.
   std::vector<std::vector<uint8_t>> allgather(const std::vector<uint8_t>& mine);
+
+  // Fills every expert's part from its owner (a collective, as allgather): part(e) for e in
+  // [0, experts) is expert e's storage {data, bytes}, sized alike on every rank before the call
+  // (the caller knows each size from what every rank holds, e.g. the routing: parts sized
+  // differently on two ranks are an MPI error); the owner's bytes are broadcast in place into the
+  // other ranks' parts, with no staging copy. One broadcast per rank (per GiB) however many
+  // experts. Counted in traffic() as one exchange. One rank: nothing.
+  void share_owned(int64_t experts, const std::function<std::pair<void*, size_t>(int64_t)>& part);
 
   const Traffic& traffic() const { return traffic_; }
 

@@ -33,6 +33,8 @@ struct MoeTrace {
   const RoutingResult& routing;   // ids/weights [N,k], probs [N,E]
   // Per expert e (size E): token rows routed to e (ascending), h = silu(gate x) * up x [n_e, I],
   // and y = down h [n_e, H] before the routing weight. Row j of h[e]/y[e] is token tokens[e][j].
+  // A forward that splits the experts over MPI ranks (Forward::set_split_experts) leaves h[e]
+  // empty ([0, 0]) for an expert this rank does not own; y is every expert's on every rank.
   const std::vector<std::vector<int32_t>>& tokens;
   const std::vector<MatrixRM>& h;
   const std::vector<MatrixRM>& y;

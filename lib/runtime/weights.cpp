@@ -7,6 +7,7 @@
 #include "quant/lowrank.h"
 #include "runtime/ops.h"
 #include "runtime/finite.h"
+#include "runtime/mpi.h"
 
 namespace moe::runtime {
 
@@ -81,7 +82,7 @@ void assign_expert(MlpWeights& w, const model::Mlp& m, size_t e, bool factored) 
   core::with_context("expert " + std::to_string(e), [&] { assign(w, m, factored); });
 }
 
-void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream = false) {
+void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream = false, bool owned_only = false) {
   core::with_context("router", [&] { assign(w.router, b.router); });
   assign(w.router_bias, b.router_bias ? &*b.router_bias : nullptr);
   // Streamed: no expert converted here, only their widths kept (MoeWeights::expert converts one).
@@ -89,23 +90,32 @@ void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream 
   w.source = stream ? &b : nullptr;
   w.factored = factored;
   w.widths.clear();
-  if (stream)
+  const mpi::World& world = mpi::World::get();
+  owned_only = owned_only && !stream && world.split();
+  if (stream || owned_only)
     for (const auto& e : b.experts) w.widths.push_back(e.width());
   w.experts.resize(E);
+  // Over MPI ranks (owned_only): the experts of the other ranks stay empty, never converted.
+  std::vector<size_t> todo;
+  for (size_t e = 0; e < E; ++e) {
+    if (owned_only && !world.owns(static_cast<int64_t>(e))) w.experts[e] = MlpWeights{};
+    else todo.push_back(e);
+  }
+  auto convert = [&](size_t i) { assign_expert(w.experts[todo[i]], b.experts[todo[i]], todo[i], factored); };
   // Dequantising is memory bound and single-threaded per tensor: split the experts over 2 threads.
   int64_t params = 0;
-  for (const auto& e : b.experts) params += e.params();
-  if (E >= 2 && params >= (int64_t{1} << 20)) {
+  for (const size_t e : todo) params += b.experts[e].params();
+  if (todo.size() >= 2 && params >= (int64_t{1} << 20)) {
     std::exception_ptr err;
     std::thread t([&] {
       try {
-        for (size_t e = 1; e < E; e += 2) assign_expert(w.experts[e], b.experts[e], e, factored);
+        for (size_t i = 1; i < todo.size(); i += 2) convert(i);
       } catch (...) {
         err = std::current_exception();
       }
     });
     try {
-      for (size_t e = 0; e < E; e += 2) assign_expert(w.experts[e], b.experts[e], e, factored);
+      for (size_t i = 0; i < todo.size(); i += 2) convert(i);
     } catch (...) {
       t.join();
       throw;
@@ -113,7 +123,7 @@ void assign(MoeWeights& w, const model::MoeBlock& b, bool factored, bool stream 
     t.join();
     if (err) std::rethrow_exception(err);
   } else {
-    for (size_t e = 0; e < E; ++e) assign_expert(w.experts[e], b.experts[e], e, factored);
+    for (size_t i = 0; i < todo.size(); ++i) convert(i);
   }
   if (b.shared) {
     if (!w.shared) w.shared.emplace();
@@ -220,7 +230,7 @@ LayerWeights convert_layer(const model::Layer& l, bool factored) {
 }
 
 void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored, bool stream_experts,
-                        const model::Model::PageReleaser& release) {
+                        const model::Model::PageReleaser& release, bool owned_experts_only) {
   core::with_context("layer " + std::to_string(l.index), [&] {
     w.index = l.index;
     auto need = [&](const char* role) -> const core::Tensor& {
@@ -270,7 +280,7 @@ void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored, b
     }
     if (l.moe) {
       if (!w.moe) w.moe.emplace();
-      assign(*w.moe, *l.moe, factored, stream_experts);
+      assign(*w.moe, *l.moe, factored, stream_experts, owned_experts_only);
       w.moe->layer = l.index;
       w.moe->release = stream_experts ? release : model::Model::PageReleaser{};
     } else {

@@ -71,11 +71,11 @@ struct MoeWeights {
   const model::MoeBlock* source = nullptr;
   int layer = 0;                        // for error messages ("layer 3: expert 5: gate: ...")
   bool factored = false;                // low-rank projections kept as factors (the forward's choice)
-  std::vector<int64_t> widths;          // [E] each streamed expert's width (0 for a novice)
+  std::vector<int64_t> widths;          // [E] each expert's width (0 for a novice) when streamed or converted owned-only; else empty
   model::Model::PageReleaser release;
   bool streamed() const { return source != nullptr; }
   int64_t num_experts() const { return streamed() ? static_cast<int64_t>(widths.size()) : static_cast<int64_t>(experts.size()); }
-  int64_t expert_width(int64_t e) const { return streamed() ? widths.at(static_cast<size_t>(e)) : experts.at(static_cast<size_t>(e)).width(); }
+  int64_t expert_width(int64_t e) const { return !widths.empty() ? widths.at(static_cast<size_t>(e)) : experts.at(static_cast<size_t>(e)).width(); }
   // Expert e in f32: experts[e], or, when streamed, converted into `scratch` (reusing its buffers)
   // and returned. Throws what the conversion throws (NonFiniteError naming layer and expert).
   const MlpWeights& expert(int64_t e, MlpWeights& scratch) const;
@@ -139,7 +139,11 @@ LayerWeights convert_layer(const model::Layer& l, bool factored = false);
 // consecutive layers have the same shapes: what the layer-sequential driver does).
 // `stream_experts`: the routed experts are not converted but streamed (MoeWeights::source, which
 // must outlive `w`), their pages handed back to `release` one expert at a time.
+// `owned_experts_only`, in a run over several MPI ranks (runtime/mpi.h) and without
+// stream_experts: only the routed experts this rank owns are converted; the others are left empty
+// (MoeWeights::expert_width still answers for them). For a forward that splits the experts
+// (Forward::set_split_experts), which never runs another rank's expert.
 void convert_layer_into(const model::Layer& l, LayerWeights& w, bool factored = false, bool stream_experts = false,
-                        const model::Model::PageReleaser& release = {});
+                        const model::Model::PageReleaser& release = {}, bool owned_experts_only = false);
 
 }  // namespace moe::runtime

@@ -1,6 +1,6 @@
 // Scale-out over MPI ranks (docs/mpi.md), through the built moe-tool under mpiexec on this
-// machine: quantize gptq split over 2 and 3 ranks, and factorize svdllm over 3 (a recipe), write
-// the bytes the single process writes
+// machine: quantize gptq split over 2 and 3 ranks, factorize svdllm over 3 (a recipe) and
+// calibrate over 2 and 3 (with and without --gram), write the bytes the single process writes
 // (every file but the report; the report too once its "mpi" section and run-specific fields are
 // removed), rank 0 alone prints and writes, and an error or a command that does not split ends
 // every rank with exit 2 and one line of its own. Built only when CMake finds MPI, and not in the
@@ -139,6 +139,39 @@ TEST_F(MpiRun, FactorizeSvdllmRecipeBytesEqualTheSingleProcess) {
   EXPECT_GT(dense, 0u) << "the energy rule should keep some matrix dense";
   EXPECT_GT(lowrank, 0u);
   EXPECT_EQ(json::parse(read_file(three / "moe_tool_report.json"))["mpi"]["ranks"], 3);
+}
+
+// calibrate splits each MoE layer's routed experts in the forward and in the statistics (the
+// experts' outputs, out_mean's sums, out_cos's sampled outputs and the Grams exchanged): the
+// stats file has the single process's bytes, over 2 ranks and over 3 (which own 3, 3 and 2 of the
+// 8 experts), with --gram and every 4th token sampled.
+TEST_F(MpiRun, CalibrateStatsBytesEqualTheSingleProcess) {
+  for (const bool gram : {false, true}) {
+    SCOPED_TRACE(gram ? "--gram" : "no --gram");
+    auto args = [&](const fs::path& out) {
+      std::vector<std::string> a = {"calibrate", model().string(), "--text", kCalib.string(), "--ctx", "32",
+                                    "--windows", "16", "--batch-windows", "4", "--out-stride", "4", "-o", out.string()};
+      if (gram) a.push_back("--gram");
+      return a;
+    };
+    const fs::path one = tmp / (gram ? "one-gram.safetensors" : "one.safetensors");
+    const RunResult r1 = run_tool(args(one));
+    ASSERT_EQ(r1.exit_code, 0) << r1.describe();
+    for (int ranks : {2, 3}) {
+      SCOPED_TRACE(std::to_string(ranks) + " ranks");
+      const fs::path out = tmp / ("ranks" + std::to_string(ranks) + (gram ? "-gram" : "") + ".safetensors");
+      const RunResult r = run_ranks(ranks, args(out));
+      ASSERT_EQ(r.exit_code, 0) << r.describe();
+      EXPECT_TRUE(read_file(one) == read_file(out)) << "the stats file differs from the single-process one";
+      // One summary (rank 0's), with what the split exchanged; no error line from any rank.
+      size_t wrote = 0;
+      for (size_t i = r.out.find("wrote "); i != std::string::npos; i = r.out.find("wrote ", i + 1)) ++wrote;
+      EXPECT_EQ(wrote, 1u) << r.out;
+      EXPECT_NE(r.out.find("mpi: " + std::to_string(ranks) + " ranks split the routed experts; "), std::string::npos) << r.out;
+      EXPECT_EQ(r.err.find("moe-tool:"), std::string::npos) << r.err;
+      EXPECT_TRUE(temp_leftovers(tmp.path()).empty());
+    }
+  }
 }
 
 TEST_F(MpiRun, ErrorEndsEveryRankWithOneLine) {
