@@ -1001,7 +1001,12 @@ void run_layers(RunState& s) {
       }
       if (fwd && r.calibration.propagate) {
         X = std::move(X_in);
+        // Over MPI ranks every rank now holds the whole compressed layer (split passes exchanged
+        // their results): each runs the routed experts it owns and the outputs are exchanged
+        // (Forward::set_split_experts), the same hidden states bit for bit. No observer here.
+        fwd->set_split_experts(true);
         fwd->apply_layer(fwd->load_layer(l), X, T);
+        fwd->set_split_experts(false);
         step_done();
       }
     } else {
