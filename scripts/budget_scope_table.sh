@@ -3,7 +3,8 @@
 # --avg-bits B --budget-scope layer|model; docs/commands/quantize.md) at the same average bits,
 # on the three fixtures (mixtral-tiny and qwen2moe-tiny on data/text, validation-tiny, the fixture
 # no default was chosen on, on data/text-validation). GPTQ, widths ternary,int2,int3,int4,int8,
-# calibration 64 windows of 128 tokens, `eval --against` the input on 16 held-out windows of 128.
+# calibration 64 windows of 128 tokens, `eval --against` the input on the held-out windows of 128
+# (every one: EVAL_WINDOWS, default 1000, caps them).
 # Prints one JSON object per run: fixture, budget, scope, the experts' stored bits per parameter,
 # mean KL, top-1 agreement, perplexity before/after, the run's seconds (and the planning sweep's),
 # and the model plan's objective, status and gap. Outputs go to /tmp/budget-scope/ (removed first).
@@ -29,7 +30,7 @@ for f in "${fixtures[@]}"; do
         continue
       fi
       t1=$(date +%s.%N)
-      $T -q eval "$o" --against "$M" --text "$TXT/heldout.txt" --ctx 128 --max-windows 16 --json >"$o.json"
+      $T -q eval "$o" --against "$M" --text "$TXT/heldout.txt" --ctx 128 --max-windows "${EVAL_WINDOWS:-1000}" --json >"$o.json"
       python3 - "$o" "$(basename "$M")" "$b" "$scope" "$t0" "$t1" <<'PY'
 import json, sys
 o, fixture, b, scope, t0, t1 = sys.argv[1:]

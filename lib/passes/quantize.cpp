@@ -455,8 +455,9 @@ class Quantize final : public pipeline::Pass {
     ExpertItems ei = expert_items(*L.moe, routing_, block_inputs, grams, slots, codec, nullptr);
     if (plan_options_.empty()) plan_options_ = width_options(*L.moe);
     // Layers weighed against each other: an expert's relative output error, times its importance
-    // within the layer (MC-MoE), perturbs the residual stream in proportion to the MoE block's
-    // share of it, ||block output||² / ||residual||² over the calibration tokens.
+    // within the layer (MC-MoE), perturbs the residual stream the next layer reads (and
+    // normalizes) in proportion to the MoE block's share of it, ||block output||² / ||residual
+    // leaving the layer||² over the calibration tokens (docs/commands/quantize.md).
     const double weight = residual_energy > 0 ? ei.output_energy / residual_energy : 1.0;
     plan_layers_.push_back({layer.index, plan_items_.size(), ei.items.size(), weight});
     for (auto& it : ei.items) {
@@ -1318,7 +1319,7 @@ class Quantize final : public pipeline::Pass {
   struct PlanLayer {
     int layer;
     size_t first, count;  // its experts in plan_items_
-    double weight;        // its losses' factor: ||MoE block output||² / ||residual||²
+    double weight;        // its losses' factor: ||MoE block output||² / ||residual leaving the layer||²
   };
   std::vector<quant::MixedItem> plan_items_;
   std::vector<quant::WidthOption> plan_options_;

@@ -61,14 +61,14 @@ class DiscardSink final : public Sink {
   io::fs::path dir_;
 };
 
-// Captures the MoE block input x of the layer being run.
-// Σ_t ||r_t||² of the residual stream entering a layer.
+// Σ_t ||r_t||² of the residual stream leaving a layer (plan_layer's residual_energy).
 class ResidualEnergy final : public runtime::Observer {
  public:
-  void on_layer_input(int, const runtime::MatrixRM& X) override { energy = static_cast<double>(X.cast<double>().squaredNorm()); }
+  void on_layer_output(int, const runtime::MatrixRM& X) override { energy = static_cast<double>(X.cast<double>().squaredNorm()); }
   double energy = 0;
 };
 
+// Captures the MoE block input x of the layer being run.
 class BlockInputCapture final : public runtime::Observer {
  public:
   bool wants_moe_trace() const override { return true; }
