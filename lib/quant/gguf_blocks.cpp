@@ -371,14 +371,35 @@ KTarget k_target(const KSpec& s, const float* x) {
     const float a = signed_absmax(x, n);
     t.cover_s = t.s = a / static_cast<float>(s.qmin);
     if (a == 0.0f) return t;
-    double best = nearest_codes(s.qmin, s.qmax, x, n, t.s, 0.0f, q).sse;
+    // The scales tried so far, with their codes and error: k = 0 below is the first scale again,
+    // and refits often land on a scale tried before (the same codes refit the same way). A scale
+    // seen before is looked up, not evaluated again: the same results, fewer evaluations.
+    struct Tried {
+      uint32_t bits;
+      double sse;
+      int q[32];
+    };
+    Tried tried[19];
+    int ntried = 0;
+    auto eval = [&](float sk) -> const Tried& {
+      uint32_t bits;
+      std::memcpy(&bits, &sk, 4);
+      for (int i = 0; i < ntried; ++i)
+        if (tried[i].bits == bits) return tried[i];
+      Tried& e = tried[ntried++];
+      e.bits = bits;
+      e.sse = nearest_codes(s.qmin, s.qmax, x, n, sk, 0.0f, e.q).sse;
+      return e;
+    };
+    double best = eval(t.s).sse;
     for (int k = -4; k <= 4; ++k) {
       float sk = a / (static_cast<float>(s.qmin) + 0.125f * static_cast<float>(k));
       for (int it = 0; it < 2; ++it) {
-        const double sse = nearest_codes(s.qmin, s.qmax, x, n, sk, 0.0f, q).sse;
-        if (sse < best) best = sse, t.s = sk;
+        const Tried& e = eval(sk);
+        if (e.sse < best) best = e.sse, t.s = sk;
+        if (it == 1) break;  // its refit would not be tried
         double sxq = 0, sqq = 0;
-        for (int i = 0; i < n; ++i) sxq += static_cast<double>(x[i]) * q[i], sqq += static_cast<double>(q[i]) * q[i];
+        for (int i = 0; i < n; ++i) sxq += static_cast<double>(x[i]) * e.q[i], sqq += static_cast<double>(e.q[i]) * e.q[i];
         if (sqq == 0) break;
         sk = static_cast<float>(sxq / sqq);
       }
@@ -403,6 +424,9 @@ KTarget k_target(const KSpec& s, const float* x) {
     double ls = (n * sxq - sq * sx) / det, lm = (ls * sq - sx) / n;
     if (lm < 0) lm = 0, ls = sxq / sqq;
     if (ls <= 0) break;
+    // The refit of the last try's codes gives its scale and min back: every further try
+    // would give the same codes, error and refit (converged; nothing would change).
+    if (static_cast<float>(ls) == sk && static_cast<float>(lm) == mk) break;
     sk = static_cast<float>(ls), mk = static_cast<float>(lm);
     const double sse = nearest_codes(s.qmin, s.qmax, x, n, sk, mk, q).sse;
     if (sse < best) best = sse, t.s = sk, t.m = mk;
