@@ -116,7 +116,8 @@ CalibrationPlan plan_calibration(const model::Model& input, int64_t text_tokens,
       for (const auto& e : layer.moe->experts) L.expert_widths.push_back(e.width());
     }
     if (layer.mlp) L.mlp_width = layer.mlp->width();
-    const auto* op = layer.find("o_proj");
+    // o_proj's input width; a linear-attention layer's (qwen3_next) out_proj's.
+    const auto* op = layer.find("o_proj") ? layer.find("o_proj") : layer.find("out_proj");
     L.attn_o_width = op ? op->dim(1) : d.heads * d.head_dim;
     p.layer_weight_bytes = std::max(p.layer_weight_bytes, layer_f32_bytes(layer));
     if (!L.moe && !L.gram) continue;

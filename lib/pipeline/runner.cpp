@@ -1188,9 +1188,16 @@ json mpi_report(const json& layer_reports) {
     }
   }
   const double n = layers.empty() ? 1.0 : static_cast<double>(layers.size());
+  // The rest of this rank's traffic: the forwards' routed experts split (Forward::set_split_experts:
+  // the statistics' forward and the propagating one), their outputs exchanged.
+  const runtime::mpi::Traffic& t = world.traffic();
+  const uint64_t forward_gathered = t.bytes_gathered > gathered ? t.bytes_gathered - gathered : 0;
+  const int64_t forward_exchanges = std::max<int64_t>(0, t.exchanges - static_cast<int64_t>(layers.size()));
   return {{"ranks", world.size()},
           {"rank_writing", 0},
           {"exchanges", layers.size()},
+          {"forward_exchanges", forward_exchanges},
+          {"forward_bytes_gathered", forward_gathered},
           {"bytes_sent_per_layer", static_cast<double>(sent) / n},
           {"bytes_gathered_per_layer", static_cast<double>(gathered) / n},
           {"seconds_per_layer", seconds / n},
@@ -1281,6 +1288,7 @@ json write_run_report(RunState& s) {
   if (const json mpi = mpi_report(layer_reports); !mpi.is_null()) {
     report["mpi"] = mpi;
     summary["mpi"] = {{"ranks", mpi["ranks"]}, {"exchanges", mpi["exchanges"]},
+                      {"forward_bytes_gathered", mpi["forward_bytes_gathered"]},
                       {"bytes_gathered_per_layer", mpi["bytes_gathered_per_layer"]},
                       {"seconds_per_layer", mpi["seconds_per_layer"]}};
   }
@@ -1401,8 +1409,12 @@ std::string render_run_summary(const json& s) {
   for (const auto& c : s.at("computes")) o << "  computes " << c.get<std::string>() << "\n";
   if (s.contains("mpi")) {  // a run over MPI ranks (runtime/mpi.h)
     const json& m = s.at("mpi");
-    char buf[160];
-    if (m.at("exchanges").get<int64_t>() == 0)
+    char buf[200];
+    const double fwd = m.value("forward_bytes_gathered", 0.0);
+    if (m.at("exchanges").get<int64_t>() == 0 && fwd > 0)
+      std::snprintf(buf, sizeof buf, "%d ranks: every pass ran on each rank; the forward's routed experts were split (%s of "
+                    "expert outputs exchanged)", m.at("ranks").get<int>(), core::format_bytes(fwd).c_str());
+    else if (m.at("exchanges").get<int64_t>() == 0)
       std::snprintf(buf, sizeof buf, "%d ranks, nothing split: every pass ran on each rank (no faster than one process)",
                     m.at("ranks").get<int>());
     else

@@ -245,6 +245,8 @@ void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x
   } else {
     ws.ys.resize(first[E], H);
   }
+  std::exception_ptr failed;  // split: this rank's error, agreed on with the others below
+  try {
   parallel_for(E, [&](int64_t i) {
     const int64_t e = by_size[i];
     const int64_t n = first[e + 1] - first[e];
@@ -268,7 +270,13 @@ void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x
       ys[e] = mlp_forward(we, rows_of(ws.xs, e), &hs[e]);
     }
   });
+  } catch (...) {
+    if (!split) throw;
+    failed = std::current_exception();
+  }
   if (split) {
+    // A streamed expert's bad weight is met by its owner alone: every rank stops with its error.
+    world.agree(failed);
     // Every expert's y from its owner, in one exchange per layer and batch.
     if (keep_intermediates)
       for (int64_t e = 0; e < E; ++e)

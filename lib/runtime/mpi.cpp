@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "core/error.h"
@@ -174,6 +175,45 @@ void World::share_owned(int64_t experts, const std::function<std::pair<void*, si
   (void)experts;
   (void)part;
   throw Error::internal("mpi: more than one rank in a build without MPI");
+#endif
+}
+
+void World::agree(std::exception_ptr err) {
+  if (size_ == 1) {
+    if (err) std::rethrow_exception(err);
+    return;
+  }
+#ifdef MOE_TOOL_HAVE_MPI
+  int mine = err ? rank_ : size_, first = size_;
+  check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+  if (first == size_) return;
+  // The failing rank's kind and message, from it to every rank.
+  int kind = static_cast<int>(core::ErrorKind::Internal);
+  std::string message;
+  if (rank_ == first) {
+    try {
+      std::rethrow_exception(err);
+    } catch (const Error& e) {
+      kind = static_cast<int>(e.kind());
+      message = e.message();
+    } catch (const std::bad_alloc&) {
+      message = "out of memory";
+    } catch (const std::exception& e) {
+      message = e.what();
+    } catch (...) {
+      message = "unknown error";
+    }
+  }
+  if (message.size() > (size_t{1} << 20)) message.resize(size_t{1} << 20);
+  uint64_t length = message.size();
+  check(MPI_Bcast(&kind, 1, MPI_INT, first, MPI_COMM_WORLD), "MPI_Bcast");
+  check(MPI_Bcast(&length, 1, MPI_UINT64_T, first, MPI_COMM_WORLD), "MPI_Bcast");
+  message.resize(static_cast<size_t>(length));
+  if (length) check(MPI_Bcast(message.data(), static_cast<int>(length), MPI_CHAR, first, MPI_COMM_WORLD), "MPI_Bcast");
+  if (rank_ == first) std::rethrow_exception(err);
+  throw Error(static_cast<core::ErrorKind>(kind), message);
+#else
+  std::rethrow_exception(err);
 #endif
 }
 

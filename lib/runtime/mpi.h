@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <string>
 #include <utility>
@@ -59,6 +60,14 @@ class World {
   // other ranks' parts, with no staging copy. One broadcast per rank (per GiB) however many
   // experts. Counted in traffic() as one exchange. One rank: nothing.
   void share_owned(int64_t experts, const std::function<std::pair<void*, size_t>(int64_t)>& part);
+
+  // Ends a step that may fail on some ranks only (a collective: every rank calls it at the same
+  // point, with its own error or null). Returns when no rank failed. Otherwise every rank throws
+  // the error of the lowest failing rank: that rank rethrows its own, the others a core::Error of
+  // the same kind and message (another exception type: ErrorKind::Internal with its what()), so
+  // rank 0 unwinds (removing its temporaries) and prints the message one process would have.
+  // One rank: rethrows `err` when set.
+  void agree(std::exception_ptr err);
 
   const Traffic& traffic() const { return traffic_; }
 

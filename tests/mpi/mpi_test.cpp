@@ -188,6 +188,47 @@ TEST_F(MpiRun, ErrorEndsEveryRankWithOneLine) {
   EXPECT_TRUE(temp_leftovers(tmp.path()).empty());
 }
 
+// A NaN in an expert that rank 1 owns (expert 1 of 8 over 2 ranks; expert 4 over 3 ranks is rank
+// 1's too): only that rank converts the expert, so only it meets the NaN. Every rank stops with its
+// message: exit 2, one error line, the single process's wording (no "rank 1:"), and nothing left
+// beside the output, for calibrate (a stats file) and prune (a folder).
+TEST_F(MpiRun, ErrorMetByOneRankEndsEveryRankWithTheSingleProcessMessage) {
+  const fs::path bad = tmp / "nan-model";
+  auto ck = make_synth("qwen2_moe", {.config_patch = {{"num_experts", 8}}});
+  bool planted = false;
+  for (auto& t : ck.tensors)
+    if (t.name == "model.layers.1.mlp.experts.1.up_proj.weight" || t.name == "model.layers.2.mlp.experts.4.up_proj.weight") {
+      t.data[6] = 0xc0, t.data[7] = 0x7f;  // bf16 NaN at element 3
+      planted = true;
+    }
+  ASSERT_TRUE(planted);
+  write_synth(ck, bad, {.writer = Writer::HandRolled, .tokenizer = true});  // the project writer refuses NaN
+  const std::vector<std::vector<std::string>> commands = {
+      {"-q", "calibrate", bad.string(), "--text", kCalib.string(), "--ctx", "32", "--windows", "8", "-o",
+       (tmp / "out" / "s.st").string()},
+      {"-q", "prune", bad.string(), (tmp / "out" / "pruned").string(), "--method", "reap", "--keep", "4", "--text", kCalib.string(),
+       "--ctx", "32", "--windows", "8"}};
+  for (const auto& args : commands) {
+    fs::create_directories(tmp / "out");
+    const RunResult one = run_tool(args);
+    ASSERT_EQ(one.exit_code, 2) << one.describe();
+    ASSERT_EQ(one.err_lines().size(), 1u) << one.describe();
+    EXPECT_NE(one.err.find("non-finite value nan"), std::string::npos) << one.describe();
+    for (int ranks : {2, 3}) {
+      SCOPED_TRACE(args[1] + " over " + std::to_string(ranks) + " ranks");
+      const RunResult r = run_ranks(ranks, args);
+      EXPECT_EQ(r.exit_code, 2) << r.describe();
+      std::vector<std::string> lines;
+      for (const auto& l : r.err_lines())
+        if (l.rfind("moe-tool: error:", 0) == 0) lines.push_back(l);
+      ASSERT_EQ(lines.size(), 1u) << r.err;
+      EXPECT_EQ(lines[0], one.err_lines()[0]) << r.err;
+      EXPECT_TRUE(list_dir(tmp / "out").empty()) << "left beside the output";
+    }
+    fs::remove_all(tmp / "out");
+  }
+}
+
 TEST_F(MpiRun, CommandThatDoesNotSplitIsRefused) {
   const RunResult r = run_ranks(2, {"inspect", model().string()});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
