@@ -154,6 +154,24 @@ TEST(Qwen3NextCli, EvalCalibrateReapWriteBack) {
   expect_mixers_unchanged(in, got);
 }
 
+// calibrate --gram: the attention Gram of a linear-attention layer is over out_proj's input (its
+// value width), that of a full-attention layer over o_proj's (the stats file is planned with
+// each; a plan from o_proj alone refused the linear layers' Grams).
+TEST(Qwen3NextCli, CalibrateGramsOfBothMixers) {
+  TempDir tmp;
+  const fs::path out = tmp.path() / "stats";
+  fs::create_directories(out);
+  const RunResult r = run_tool({"-q", "calibrate", next_fixture().string(), "--text", next_text(), "--ctx", "32",
+                                "--windows", "4", "--gram", "-o", (out / "model.safetensors").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const TensorMap in = read_tensors(next_fixture()), st = read_tensors(out);
+  const int64_t v = in.at("model.layers.0.linear_attn.out_proj.weight").shape[1];
+  const int64_t o = in.at("model.layers.3.self_attn.o_proj.weight").shape[1];
+  ASSERT_NE(v, o) << "the fixture should have different widths";
+  EXPECT_EQ(st.at("layers.0.attn.gram_o").shape, (core::Shape{v, v}));
+  EXPECT_EQ(st.at("layers.3.attn.gram_o").shape, (core::Shape{o, o}));
+}
+
 RunResult next_command(std::vector<std::string> a, const std::vector<std::string>& more) {
   const std::vector<std::string> calib = {"--text", next_text(), "--ctx", "32", "--windows", "2"};
   a.insert(a.end(), calib.begin(), calib.end());
