@@ -6,9 +6,8 @@
 // each reads its input from the disk; then a user-space copy of the output (pread/pwrite, the
 // floor of a program that sees the bytes it writes). Best and median of --repeat rounds; the
 // export's peak RSS (getrusage of the child) for each size, to show it does not grow with the
-// model. Prints JSON: wall and CPU (user +
-// system of the child) seconds and their ratios, with the load average at each row (the machine
-// may be shared).
+// model. Prints JSON: wall and CPU (user + system of the child) seconds and their ratios, with the
+// load average at each row (the machine may be shared).
 //   bench_export [--sizes-gb 1,2] [--types f16,q8_0,q4_0] [--formats compressed-tensors,gptq,awq]
 //                [--dir /tmp/moe-bench-export] [--tool path/to/moe-tool] [--repeat 2] [--cold 1]
 //                [--keep 0]   (1: leave the last size's folders, src/ and int4/, for profiling)
@@ -63,8 +62,8 @@ double load_average() {
 
 // The user-space copy this benchmark also times (`bench_export --user-copy FROM TO`, a child as
 // the export and `cp` are): every regular file of FROM read with pread and written with pwrite,
-// 1 MiB at a time, into the same names under TO. It is the floor of any program that must see the bytes
-// it writes (as the GPTQ/AWQ transposes do), where `cp` copies inside the kernel
+// 1 MiB at a time, into the same names under TO. It is the floor of any program that must see the
+// bytes it writes (as the GPTQ/AWQ transposes do), where `cp` copies inside the kernel
 // (copy_file_range) without mapping a page.
 int user_copy(const fs::path& from, const fs::path& to) {
   std::vector<char> buf(1 << 20);

@@ -5,9 +5,9 @@
 // written. Each run maps the input afresh (as a `prune` process does). For each layer count, two
 // timings of each, best and median over --repeat runs (the medians are the figures to read on a
 // machine whose page costs vary from run to run: docs/compressed-tensors.md): page cache warm
-// (input and cp's source just written or read), and cold (`sync`, then the page cache dropped before each timing, when run as root; else
-// `"cold": "not root"`). Prints JSON: bytes, wall and CPU (user + system) seconds, throughputs,
-// the ratios, the load average.
+// (input and cp's source just written or read), and cold (`sync`, then the page cache dropped
+// before each timing, when run as root; else `"cold": "not root"`). Prints JSON: bytes, wall and
+// CPU (user + system) seconds, throughputs, the ratios, the load average.
 //   bench_gguf_prune [--layers 4,8,28] [--type q8_0] [--keep 6] [--dir /tmp/moe-bench-gguf-prune]
 //                    [--tool path/to/moe-tool] [--repeat 3] [--cold 1]
 #include <sys/resource.h>

@@ -105,9 +105,8 @@ class Pass {
   // when the pass does not ask for input_grams), `block_inputs` its MoE block inputs [N,H] there
   // (null unless the pass asks for block_inputs), `residual_energy` Σ_t ||r_t||² of the residual
   // stream leaving the layer (what the next layer reads) on those tokens (0 without calibration
-  // inputs). Then finish_plan()
-  // once, which fills `report` (the pass's entry under "plans" in moe_tool_report.json; the runner
-  // adds the sweep's seconds).
+  // inputs). Then finish_plan() once, which fills `report` (the pass's entry under "plans" in
+  // moe_tool_report.json; the runner adds the sweep's seconds).
   virtual void plan_layer(const model::Layer& /*layer*/, InputGrams* /*grams*/, const runtime::MatrixRM* /*block_inputs*/,
                           double /*residual_energy*/) {}
   virtual void finish_plan(nlohmann::json& /*report*/) {}

@@ -410,19 +410,11 @@ void Forward::load_layer_into(int l, LayerWeights& w, bool stream_experts) const
   const PhaseScope timed(Phase::Dequantize);
   const model::Layer& layer = model_.layers().at(l);
   const auto& release = model_.page_releaser();
-  if (split_experts_) {
-    // Each rank converts (and checks) only the experts it owns: a bad weight is met by its owner
-    // alone, and every rank stops with the owner's message (mpi::World::agree).
-    std::exception_ptr err;
-    try {
-      naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release, true); });
-    } catch (...) {
-      err = std::current_exception();
-    }
-    mpi::World::get().agree(err);
-  } else {
-    naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release); });
-  }
+  // Split over MPI ranks, each rank converts (and checks) only the experts it owns: a bad weight
+  // is met by its owner alone, and every rank stops with the owner's message (mpi::World::agree).
+  mpi::World::get().run_agreed(split_experts_, [&] {
+    naming_non_finite(model_, l, [&] { convert_layer_into(layer, w, /*factored=*/true, stream_experts, release, split_experts_); });
+  });
   if (spec_.zero_centred_norm)  // x_normed * (1 + weight)
     for (RowVector* v : {&w.input_norm, &w.post_attn_norm}) v->array() += 1.0f;
   if (spec_.zero_centred_norm)

@@ -245,38 +245,34 @@ void moe_forward(const MoeWeights& w, const RoutingRule& rule, const MatrixRM& x
   } else {
     ws.ys.resize(first[E], H);
   }
-  std::exception_ptr failed;  // split: this rank's error, agreed on with the others below
-  try {
-  parallel_for(E, [&](int64_t i) {
-    const int64_t e = by_size[i];
-    const int64_t n = first[e + 1] - first[e];
-    if (split && !world.owns(e)) return;  // its owner runs it; its y arrives below
-    // A streamed expert is decoded here (every one, routed to or not, so a non-finite weight is
-    // refused as when the layer is converted up front): a tile at a time when it can be, else
-    // converted whole into this thread's buffers.
-    if (!keep_intermediates && w.expert_in_tiles(e)) {
-      expert_rows_in_tiles(w, e, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);
-      return;
-    }
-    thread_local MlpWeights scratch;
-    const MlpWeights& we = w.expert(e, scratch);
-    if (!keep_intermediates) {
-      if (output_width(we) != H) throw core::Error::internal("expert " + std::to_string(e) + ": output width is not hidden_size");
-      mlp_rows(we, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);
-    } else if (n == 0) {
-      hs[e].resize(0, we.width());
-      ys[e].resize(0, H);
-    } else {
-      ys[e] = mlp_forward(we, rows_of(ws.xs, e), &hs[e]);
-    }
+  // Split over MPI ranks, a streamed expert's bad weight is met by its owner alone: every rank
+  // stops with its error (mpi::World::agree) before the exchange below.
+  world.run_agreed(split, [&] {
+    parallel_for(E, [&](int64_t i) {
+      const int64_t e = by_size[i];
+      const int64_t n = first[e + 1] - first[e];
+      if (split && !world.owns(e)) return;  // its owner runs it; its y arrives below
+      // A streamed expert is decoded here (every one, routed to or not, so a non-finite weight is
+      // refused as when the layer is converted up front): a tile at a time when it can be, else
+      // converted whole into this thread's buffers.
+      if (!keep_intermediates && w.expert_in_tiles(e)) {
+        expert_rows_in_tiles(w, e, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);
+        return;
+      }
+      thread_local MlpWeights scratch;
+      const MlpWeights& we = w.expert(e, scratch);
+      if (!keep_intermediates) {
+        if (output_width(we) != H) throw core::Error::internal("expert " + std::to_string(e) + ": output width is not hidden_size");
+        mlp_rows(we, ws.xs.data() + first[e] * H, n, H, ws.ys.data() + first[e] * H);
+      } else if (n == 0) {
+        hs[e].resize(0, we.width());
+        ys[e].resize(0, H);
+      } else {
+        ys[e] = mlp_forward(we, rows_of(ws.xs, e), &hs[e]);
+      }
+    });
   });
-  } catch (...) {
-    if (!split) throw;
-    failed = std::current_exception();
-  }
   if (split) {
-    // A streamed expert's bad weight is met by its owner alone: every rank stops with its error.
-    world.agree(failed);
     // Every expert's y from its owner, in one exchange per layer and batch.
     if (keep_intermediates)
       for (int64_t e = 0; e < E; ++e)

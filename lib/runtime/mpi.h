@@ -68,6 +68,19 @@ class World {
   // rank 0 unwinds (removing its temporaries) and prints the message one process would have.
   // One rank: rethrows `err` when set.
   void agree(std::exception_ptr err);
+  // Runs fn(); when `collective`, ends with agree() on what it threw (every rank calls it at the
+  // same point), else lets it throw as usual.
+  template <typename Fn>
+  void run_agreed(bool collective, Fn&& fn) {
+    if (!collective) return fn();
+    std::exception_ptr err;
+    try {
+      fn();
+    } catch (...) {
+      err = std::current_exception();
+    }
+    agree(err);
+  }
 
   const Traffic& traffic() const { return traffic_; }
 

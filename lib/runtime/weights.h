@@ -71,7 +71,8 @@ struct MoeWeights {
   const model::MoeBlock* source = nullptr;
   int layer = 0;                        // for error messages ("layer 3: expert 5: gate: ...")
   bool factored = false;                // low-rank projections kept as factors (the forward's choice)
-  std::vector<int64_t> widths;          // [E] each expert's width (0 for a novice) when streamed or converted owned-only; else empty
+  // [E] each expert's width (0 for a novice) when streamed or converted owned-only; else empty
+  std::vector<int64_t> widths;
   model::Model::PageReleaser release;
   bool streamed() const { return source != nullptr; }
   int64_t num_experts() const { return streamed() ? static_cast<int64_t>(widths.size()) : static_cast<int64_t>(experts.size()); }
