@@ -43,11 +43,13 @@ namespace moe::model {
 namespace {
 
 // One piece of an output tensor's bytes: a view of stored bytes (the source file, or an owned copy
-// of a few rows) that stays alive while the file is written.
+// of a few rows) that stays alive while the file is written. `order` (when not empty) lists the
+// stored rows in the order they are written (q/k rows permuted back to the converter's order).
 struct Piece {
   core::Tensor keep;
   const uint8_t* data = nullptr;
   uint64_t n = 0;
+  std::vector<int64_t> order;
 };
 
 // The stored bytes of `t` as GGUF rows of `cols` values of type `type`, rows in the file's order
@@ -65,13 +67,13 @@ Piece stored_piece(const core::Tensor& t, GgmlType type, int64_t cols, int64_t p
                              "); a GGUF output copies blocks as they are and never re-quantizes: write a folder (-o DIR) "
                              "instead");
   }
+  Piece p{bytes, bytes.data(), bytes.nbytes(), {}};
   if (permute_heads > 0) {
     const int64_t rows = bytes.shape().at(0);
-    std::vector<int64_t> order(static_cast<size_t>(rows));
-    for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(r)] = gguf_permuted_source_row(r, permute_heads, rows);
-    bytes = bytes.take_rows(order);
+    p.order.resize(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) p.order[static_cast<size_t>(r)] = gguf_permuted_source_row(r, permute_heads, rows);
   }
-  return {bytes, bytes.data(), bytes.nbytes()};
+  return p;
 }
 
 }  // namespace
@@ -172,7 +174,8 @@ void check_finite(const Piece& p, GgmlType type, int64_t cols, const std::string
   const uint64_t rb = quant::ggml_row_bytes(type, cols);
   std::vector<float> row(static_cast<size_t>(cols));
   for (uint64_t r = 0; r * rb < p.n; ++r) {
-    quant::decode_row(type, p.data + r * rb, cols, row.data());
+    const uint64_t from = p.order.empty() ? r : static_cast<uint64_t>(p.order[r]);
+    quant::decode_row(type, p.data + from * rb, cols, row.data());
     const int64_t bad = core::first_non_finite(core::DType::F32, row.data(), row.size());
     if (bad >= 0)
       throw Error::invalid(name + ": non-finite value in row " + std::to_string(r) + " at column " + std::to_string(bad) +
@@ -203,12 +206,13 @@ uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src,
   LikeLayout l = like_layout(m, src, path.string(), &pieces);
   const GgufFile& f = src.file();
   GgufWriter w(env, path, std::move(l.kv), l.infos);
-  std::vector<uint8_t> buf;
+  std::vector<uint8_t> buf, whole, permuted;
   for (size_t i = 0; i < pieces.size(); ++i) {
     const GgmlType type = l.infos[i].type;
-    // A few whole rows at a time: read from the file into a small buffer (no page mapped) and
-    // checked there, then copied inside the kernel (owned rows: checked and written as they are).
-    // The decode (types without a scan; naming a non-finite value's row) reads the mapping.
+    // A few whole rows at a time: read from the file into a small buffer (no page mapped), checked
+    // there and written from it, so the input is read once (owned rows: checked and written as
+    // they are). Types without a scan are decoded through the mapping, then copied inside the
+    // kernel; the decode also names a non-finite value's row.
     const uint64_t rb = quant::ggml_row_bytes(type, l.infos[i].ne[0]);
     const uint64_t step = std::max<uint64_t>(1, (uint64_t{256} << 10) / rb) * rb;
     const bool scan = quick_finite(nullptr, 0, type).has_value();
@@ -216,11 +220,28 @@ uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src,
     buf.resize(std::max<size_t>(buf.size(), step));
     for (const auto& p : pieces[i]) {
       if (!scan) check_finite(p, type, l.infos[i].ne[0], name);
+      if (!p.order.empty()) {
+        // Rows written in another order (an attention weight, small): read whole, checked, the
+        // rows gathered into a second buffer.
+        whole.resize(std::max<size_t>(whole.size(), p.n));
+        permuted.resize(std::max<size_t>(permuted.size(), p.n));
+        const uint8_t* rows = f.read_range(p.data, p.n, whole.data());
+        if (scan && !*quick_finite(rows, p.n, type)) check_finite(p, type, l.infos[i].ne[0], name);
+        for (size_t r = 0; r < p.order.size(); ++r)
+          std::memcpy(permuted.data() + r * rb, rows + static_cast<uint64_t>(p.order[r]) * rb, rb);
+        w.append(permuted.data(), p.n);
+        f.release_range(p.data, p.n);
+        continue;
+      }
       for (uint64_t at = 0; at < p.n; at += step) {
         const uint64_t n = std::min(step, p.n - at);
-        if (scan && !*quick_finite(f.read_range(p.data + at, n, buf.data()), n, type))
-          check_finite(p, type, l.infos[i].ne[0], name);  // throws, naming the row
-        w.append_copy(f, p.data + at, n);
+        if (!scan) {
+          w.append_copy(f, p.data + at, n);
+          continue;
+        }
+        const uint8_t* rows = f.read_range(p.data + at, n, buf.data());
+        if (!*quick_finite(rows, n, type)) check_finite(p, type, l.infos[i].ne[0], name);  // throws, naming the row
+        w.append(rows, n);
       }
       f.release_range(p.data, p.n);  // pages a decode read (a no-op for owned rows)
     }

@@ -364,6 +364,30 @@ TEST(GgufInputPrune, NanScaleInACopiedBlockRefused) {
   }
 }
 
+// A NaN scale in a q row of arch llama (written in the converter's order, gathered from the loaded
+// rows): refused naming the tensor and the file's row, nothing written.
+TEST(GgufInputPrune, NanScaleInAPermutedRowRefused) {
+  TempDir dir{"moe-gguf-prune-nan-q"};
+  const fs::path in = dir / "nan.gguf";
+  fs::copy_file(exported("mixtral-tiny", "q8_0"), in);
+  {
+    const auto f = io::GgufFile::open(io::Env::posix(), in);
+    const io::GgufTensorInfo* t = f.find_tensor("blk.1.attn_q.weight");
+    ASSERT_NE(t, nullptr);
+    ASSERT_EQ(t->type, quant::GgmlType::Q8_0);
+    const uint64_t rb = quant::ggml_row_bytes(t->type, t->ne[0]);
+    std::fstream io(in, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(static_cast<std::streamoff>(f.data_offset() + t->offset + 5 * rb + 34));  // row 5, second block
+    io.write("\x00\x7e", 2);                                                           // f16 NaN
+  }
+  const fs::path out = dir / "out.gguf";
+  const RunResult r = run_tool({"-q", "prune", in.string(), out.string(), "--method", "random", "--keep", "3", "--format", "gguf"});
+  expect_clean_failure(r, "tensor blk.1.attn_q.weight (copied from the input): non-finite value in row 5 at column 32");
+  EXPECT_NE(r.err.find(in.string()), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_TRUE(temp_leftovers(dir.path()).empty());
+}
+
 // The q/k rows of arch llama go back to the converter's order: a write of the unchanged model is
 // the source file's tensors byte for byte.
 TEST(GgufInputPrune, UnchangedLlamaModelWritesTheSameBytes) {
