@@ -401,7 +401,7 @@ std::optional<bool> gguf_scales_finite(quant::GgmlType t, const uint8_t* p, uint
   // The byte offsets of a block's f16 scales (ggml-common.h's block structs); -1 ends the list.
   int at[2] = {-1, -1};
   switch (t) {
-    case GgmlType::Q4_0: case GgmlType::Q5_0: case GgmlType::Q8_0: at[0] = 0; break;
+    case GgmlType::Q4_0: case GgmlType::Q5_0: case GgmlType::Q8_0: case GgmlType::IQ4_NL: case GgmlType::IQ4_XS: at[0] = 0; break;
     case GgmlType::Q4_1: case GgmlType::Q5_1: case GgmlType::Q4_K: case GgmlType::Q5_K: at[0] = 0, at[1] = 2; break;
     case GgmlType::Q2_K: at[0] = 80, at[1] = 82; break;
     case GgmlType::Q3_K: at[0] = 108; break;

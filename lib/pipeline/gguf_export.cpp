@@ -478,9 +478,9 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
 
 GgmlType gguf_writable_type(const std::string& name, const std::string& key) {
   const auto* info = quant::parse_ggml_type(name);
-  if (!info) throw Error::invalid(key + ": unknown ggml type '" + name + "' (written: " + quant::ggml_codec_names() + ")");
-  if (!info->codec)
-    throw Error::unsupported(key + ": " + info->name + " is not written yet (written: " + quant::ggml_codec_names() + ")");
+  if (!info) throw Error::invalid(key + ": unknown ggml type '" + name + "' (written: " + quant::ggml_encoder_names() + ")");
+  if (!info->codec || info->decode_only)
+    throw Error::unsupported(key + ": " + info->name + " is not written yet (written: " + quant::ggml_encoder_names() + ")");
   return info->type;
 }
 

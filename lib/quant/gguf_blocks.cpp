@@ -39,10 +39,10 @@ const GgmlTypeInfo kTypes[] = {
     {GgmlType::IQ2_XS, "iq2_xs", kQK, 2 + kQK / 4 + kQK / 32, false},
     {GgmlType::IQ3_XXS, "iq3_xxs", kQK, 2 + kQK / 4 + kQK / 8, false},
     {GgmlType::IQ1_S, "iq1_s", kQK, 2 + kQK / 8 + kQK / 16, false},
-    {GgmlType::IQ4_NL, "iq4_nl", 32, 2 + 16, false},
+    {GgmlType::IQ4_NL, "iq4_nl", 32, 2 + 16, true, true},
     {GgmlType::IQ3_S, "iq3_s", kQK, 2 + kQK / 4 + kQK / 8 + kQK / 32 + 4, false},
     {GgmlType::IQ2_S, "iq2_s", kQK, 2 + kQK / 4 + kQK / 16, false},
-    {GgmlType::IQ4_XS, "iq4_xs", kQK, 2 + 2 + kQK / 2 + kQK / 64, false},
+    {GgmlType::IQ4_XS, "iq4_xs", kQK, 2 + 2 + kQK / 2 + kQK / 64, true, true},
     {GgmlType::I8, "i8", 1, 1, false},
     {GgmlType::I16, "i16", 1, 2, false},
     {GgmlType::I32, "i32", 1, 4, false},
@@ -54,9 +54,9 @@ const GgmlTypeInfo kTypes[] = {
     {GgmlType::TQ2_0, "tq2_0", kQK, 2 + 64, true},
 };
 
-[[noreturn]] void no_codec(GgmlType t, const char* what) {
+[[noreturn]] void no_codec(GgmlType t, const char* what, const std::string& names) {
   throw Error::unsupported(std::string("ggml type ") + ggml_type_info(t).name + ": no " + what +
-                           " yet (types with one: " + ggml_codec_names() + ")");
+                           " yet (types with one: " + names + ")");
 }
 
 // The f16 scale stored for `d` and its value as decode sees it.
@@ -182,6 +182,31 @@ void encode_q8_0(const float* x, uint8_t* b) {
 void decode_q8_0(const uint8_t* b, float* y) {
   const float d = core::f16_to_f32(get_u16(b));
   for (int j = 0; j < 32; ++j) y[j] = d * static_cast<float>(static_cast<int8_t>(b[2 + j]));
+}
+
+// The non-linear 4-bit grid of IQ4_NL and IQ4_XS (ggml-common.h's kvalues_iq4nl).
+constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// 32 values of 4-bit indices into kIq4nlValues (element j low nibble of qs[j], j + 16 high), times dl.
+void decode_iq4_32(const uint8_t* qs, float dl, float* y) {
+  for (int j = 0; j < 16; ++j) {
+    y[j] = dl * static_cast<float>(kIq4nlValues[qs[j] & 0xF]);
+    y[j + 16] = dl * static_cast<float>(kIq4nlValues[qs[j] >> 4]);
+  }
+}
+
+// IQ4_NL {f16 d; u8 qs[16]}: x = d * grid[q].
+void decode_iq4_nl(const uint8_t* b, float* y) { decode_iq4_32(b + 2, core::f16_to_f32(get_u16(b)), y); }
+
+// IQ4_XS {f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}: sub-block i of 32 has the 6-bit scale
+// ls = (nibble i of scales_l) | (bits 2i..2i+1 of scales_h) << 4, and x = (d * (ls - 32)) * grid[q].
+void decode_iq4_xs(const uint8_t* b, float* y) {
+  const float d = core::f16_to_f32(get_u16(b));
+  const uint16_t scales_h = get_u16(b + 2);
+  for (int i = 0; i < kQK / 32; ++i) {
+    const int ls = ((b[4 + i / 2] >> (4 * (i % 2))) & 0xF) | (((scales_h >> (2 * i)) & 3) << 4);
+    decode_iq4_32(b + 8 + 16 * i, d * static_cast<float>(ls - 32), y + 32 * i);
+  }
 }
 
 // Ternary 256-blocks as quantize_row_tq1_0_ref / tq2_0_ref round them (and the ternary-tq codec,
@@ -680,6 +705,13 @@ std::string ggml_codec_names() {
   return s;
 }
 
+std::string ggml_encoder_names() {
+  std::string s;
+  for (const auto& t : kTypes)
+    if (t.codec && !t.decode_only) s += (s.empty() ? "" : ", ") + std::string(t.name);
+  return s;
+}
+
 uint64_t ggml_row_bytes(GgmlType t, int64_t n) {
   const auto& info = ggml_type_info(t);
   if (n < 0 || n % info.block != 0)
@@ -744,6 +776,8 @@ const BlockCodec kBlockCodecs[] = {
      [](const uint8_t* b, float* y) { decode_asym(b, y, false); }, {32, 0, 15}, grid_asym, set_asym<false>},
     {GgmlType::Q5_1, [](const float* x, uint8_t* b) { encode_asym(x, b, 31, true); },
      [](const uint8_t* b, float* y) { decode_asym(b, y, true); }, {32, 0, 31}, grid_asym, set_asym<true>},
+    {GgmlType::IQ4_NL, nullptr, decode_iq4_nl},
+    {GgmlType::IQ4_XS, nullptr, decode_iq4_xs},
     {GgmlType::TQ1_0, encode_tq<pack_tq1_0>, decode_tq1_0},
     {GgmlType::TQ2_0, encode_tq<pack_tq2_0>, decode_tq2_0},
     {GgmlType::Q6_K, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::encode, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::decode,
@@ -780,7 +814,9 @@ std::optional<core::DType> element_dtype(GgmlType t) {
 
 // The codec of a block type after the checks both directions share.
 const BlockCodec* checked_codec(GgmlType t, int64_t n, const char* what) {
-  if (!ggml_type_info(t).codec) no_codec(t, what);
+  const auto& info = ggml_type_info(t);
+  const bool encoding = std::string_view(what) == "encoder";
+  if (!info.codec || (encoding && info.decode_only)) no_codec(t, what, encoding ? ggml_encoder_names() : ggml_codec_names());
   (void)ggml_row_bytes(t, n);
   for (const auto& c : kBlockCodecs)
     if (c.type == t) return &c;

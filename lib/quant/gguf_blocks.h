@@ -73,7 +73,8 @@ struct GgmlTypeInfo {
   const char* name;   // lower case, llama-quantize's spelling ("q4_0", "bf16")
   int64_t block;      // values per block
   size_t type_size;   // bytes per block
-  bool codec;         // encode_row/decode_row implemented
+  bool codec;         // decode_row implemented (and encode_row, unless decode_only)
+  bool decode_only = false;  // read from GGUF files, never written (iq4_nl, iq4_xs)
 };
 
 // The type with this id, or null when the id is not a ggml type we know.
@@ -81,8 +82,10 @@ const GgmlTypeInfo* ggml_type_info(uint32_t id);
 const GgmlTypeInfo& ggml_type_info(GgmlType t);
 // By name, case-insensitive ("Q4_0", "q4_0"); null when unknown.
 const GgmlTypeInfo* parse_ggml_type(std::string_view name);
-// The names of the types with a codec, comma separated (for messages and --help).
+// The names of the types decode_row reads, comma separated (for messages and --help).
 std::string ggml_codec_names();
+// The names of the types encode_row writes, comma separated.
+std::string ggml_encoder_names();
 
 // Bytes of a row of n values; Error::invalid when n is not a multiple of the block size.
 uint64_t ggml_row_bytes(GgmlType t, int64_t n);

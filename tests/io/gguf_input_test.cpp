@@ -5,9 +5,12 @@
 // a truncated file and an unknown architecture are refused with one line naming the file and key.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "eval/eval.h"
 #include "io/checkpoint.h"
@@ -362,6 +365,86 @@ TEST(GgufInputPrune, NanScaleInACopiedBlockRefused) {
     EXPECT_FALSE(fs::exists(out));
     EXPECT_TRUE(temp_leftovers(dir.path()).empty());
   }
+}
+
+// An IQ4_NL model: qwen2moe-tiny's Q4_0 export with every Q4_0 tensor's type id set to IQ4_NL (20),
+// whose blocks have the same size ({f16 d; u8 qs[16]}), so the same bytes are now indices into
+// IQ4_NL's non-linear grid. Each decoded value is d * grid[code] of its block; inspect and eval
+// read the file; prune to GGUF copies the kept experts' blocks byte for byte, and a NaN scale in
+// a kept IQ4_NL block is refused naming the tensor.
+TEST(GgufInputPrune, Iq4NlModelIsReadAndPruned) {
+  auto& env = io::Env::posix();
+  TempDir dir{"moe-gguf-iq4nl"};
+  const fs::path in = dir / "iq4nl.gguf";
+  {
+    std::ifstream is(exported("qwen2moe-tiny", "q4_0"), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(is)), std::istreambuf_iterator<char>());
+    const auto f = io::GgufFile::open(env, exported("qwen2moe-tiny", "q4_0"));
+    int retyped = 0;
+    for (const auto& t : f.tensors()) {
+      if (t.type != quant::GgmlType::Q4_0) continue;
+      // The tensor info: name (u64 length, bytes), n_dims (u32), dims (u64 each), type (u32).
+      const size_t at = bytes.find(t.name + std::string(1, static_cast<char>(t.ne.size())));
+      ASSERT_NE(at, std::string::npos) << t.name;
+      const size_t type_at = at + t.name.size() + 4 + 8 * t.ne.size();
+      ASSERT_EQ(bytes[type_at], 2) << t.name;  // q4_0
+      bytes[type_at] = 20;                      // iq4_nl
+      ++retyped;
+    }
+    EXPECT_GE(retyped, 30);
+    std::ofstream(in, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  constexpr int kGrid[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  const auto f = io::GgufFile::open(env, in);
+  const io::GgufTensorInfo* t = f.find_tensor("blk.1.ffn_up_exps.weight");
+  ASSERT_NE(t, nullptr);
+  ASSERT_EQ(t->type, quant::GgmlType::IQ4_NL);
+  const std::vector<float> y = f.decode(*t);
+  const uint8_t* b = f.tensor_data(*t);
+  for (size_t blk = 0; blk < y.size() / 32; ++blk, b += 18) {
+    uint16_t h;
+    std::memcpy(&h, b, 2);
+    const float d = core::f16_to_f32(h);
+    for (int j = 0; j < 32; ++j) {
+      const int q = j < 16 ? b[2 + j] & 0xF : b[2 + j - 16] >> 4;
+      ASSERT_EQ(y[blk * 32 + static_cast<size_t>(j)], d * static_cast<float>(kGrid[q])) << "block " << blk << " value " << j;
+    }
+  }
+
+  RunResult r = run_tool({"-q", "inspect", in.string(), "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("iq4_nl"), std::string::npos);
+  const json e = eval_json(in);
+  EXPECT_TRUE(std::isfinite(e.at("perplexity").get<double>())) << e.dump();
+
+  const fs::path out = dir / "pruned.gguf";
+  r = run_tool({"-q", "prune", in.string(), out.string(), "--method", "random", "--keep", "3", "--format", "gguf"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto p = io::GgufFile::open(env, out);
+  const io::GgufTensorInfo* pt = p.find_tensor("blk.1.ffn_up_exps.weight");
+  ASSERT_NE(pt, nullptr);
+  EXPECT_EQ(pt->type, quant::GgmlType::IQ4_NL);
+  EXPECT_EQ(pt->ne[2], 3);
+  const uint64_t slice = t->nbytes() / static_cast<uint64_t>(t->ne[2]);
+  for (int64_t k = 0; k < 3; ++k) {  // each kept expert is one of the input's, bytes equal
+    const uint8_t* kept = p.tensor_data(*pt) + static_cast<uint64_t>(k) * slice;
+    bool found = false;
+    for (int64_t e2 = 0; e2 < t->ne[2] && !found; ++e2)
+      found = std::equal(kept, kept + slice, f.tensor_data(*t) + static_cast<uint64_t>(e2) * slice);
+    EXPECT_TRUE(found) << "kept expert " << k;
+  }
+
+  {  // a NaN scale in every expert's first block of the tensor: whichever are kept
+    std::fstream io(in, std::ios::in | std::ios::out | std::ios::binary);
+    for (int64_t e2 = 0; e2 < t->ne[2]; ++e2) {
+      io.seekp(static_cast<std::streamoff>(f.data_offset() + t->offset + static_cast<uint64_t>(e2) * slice));
+      io.write("\x00\x7e", 2);  // f16 NaN
+    }
+  }
+  const fs::path out2 = dir / "pruned-nan.gguf";
+  r = run_tool({"-q", "prune", in.string(), out2.string(), "--method", "random", "--keep", "3", "--format", "gguf"});
+  expect_clean_failure(r, "tensor blk.1.ffn_up_exps.weight (copied from the input): non-finite");
+  EXPECT_FALSE(fs::exists(out2));
 }
 
 // A NaN scale in a q row of arch llama (written in the converter's order, gathered from the loaded

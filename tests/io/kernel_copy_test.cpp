@@ -115,8 +115,30 @@ TEST(KernelCopy, GgufScaleCheckMatchesTheDecode) {
                      t == GgmlType::Q5_K;
     EXPECT_EQ(fields, two ? 2 : 1);
   }
-  const uint8_t none[16] = {};
-  EXPECT_FALSE(io::gguf_scales_finite(GgmlType::IQ4_NL, none, 16).has_value());
+  // IQ4_NL / IQ4_XS (read, never encoded): hand-built blocks, d at offset 0 of each block.
+  for (const GgmlType t : {GgmlType::IQ4_NL, GgmlType::IQ4_XS}) {
+    SCOPED_TRACE(quant::ggml_type_info(t).name);
+    const int64_t n = 512;
+    const uint64_t bs = quant::ggml_type_info(t).type_size;
+    std::vector<uint8_t> row(quant::ggml_row_bytes(t, n));
+    std::mt19937 g(5);
+    for (auto& v : row) v = static_cast<uint8_t>(g());
+    for (uint64_t b = 0; b < row.size(); b += bs) {
+      const uint16_t d = 0x2000;  // f16 0.0078125
+      std::memcpy(row.data() + b, &d, 2);
+    }
+    ASSERT_EQ(io::gguf_scales_finite(t, row.data(), row.size()), std::optional<bool>(true));
+    std::vector<float> y(n);
+    for (const uint16_t bad : {uint16_t{0x7c00}, uint16_t{0x7e00}}) {
+      auto b = row;
+      std::memcpy(b.data() + row.size() - bs, &bad, 2);
+      EXPECT_FALSE(io::gguf_scales_finite(t, b.data(), b.size()).value());
+      quant::decode_row(t, b.data(), n, y.data());
+      EXPECT_FALSE(std::isfinite(y[n - 1]));
+    }
+  }
+  const uint8_t none[66] = {};
+  EXPECT_FALSE(io::gguf_scales_finite(GgmlType::IQ2_XXS, none, 66).has_value());
 }
 
 }  // namespace

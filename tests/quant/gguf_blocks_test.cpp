@@ -7,8 +7,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 
 #include "core/dtype.h"
 #include "quant/gguf_blocks.h"
@@ -430,6 +434,41 @@ TEST(GgufBlocks, PacksCodesExactly) {
                {"not exact in f16"});
   expect_error([&] { quant::pack_codes_row(GgmlType::Q4_1, codes, scales, 64, b); }, core::ErrorKind::InvalidArgument,
                {"q4_1 without re-quantizing"});
+}
+
+// IQ4_NL and IQ4_XS (read, never written): seeded random blocks and their values from an
+// independent NumPy decoder of ggml-common.h's layouts (data/scripts/make_iq4_goldens.py), bit for
+// bit; both are refused as encoder types, and named in the decoders' list only.
+TEST(GgufBlocks, DecodesIq4BlocksAsTheNumPyGoldens) {
+  const std::filesystem::path path = std::filesystem::path(MOE_SOURCE_DIR) / "data/golden/iq4_blocks.json";
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << "missing " << path << " (run data/scripts/make_iq4_goldens.py)";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto golden = nlohmann::json::parse(ss.str());
+  for (const GgmlType t : {GgmlType::IQ4_NL, GgmlType::IQ4_XS}) {
+    const auto& g = golden.at(quant::ggml_type_info(t).name);
+    const std::string hex = g.at("blocks");
+    std::vector<uint8_t> b(hex.size() / 2);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+    const auto& want = g.at("values");
+    const auto n = static_cast<int64_t>(want.size());
+    ASSERT_EQ(quant::ggml_row_bytes(t, n), b.size()) << quant::ggml_type_info(t).name;
+    std::vector<float> y(want.size());
+    quant::decode_row(t, b.data(), n, y.data());
+    for (size_t i = 0; i < y.size(); ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &y[i], 4);
+      ASSERT_EQ(bits, want[i].get<uint32_t>()) << quant::ggml_type_info(t).name << " value " << i << ": " << y[i];
+    }
+    std::vector<float> x(256, 1.0f);
+    expect_error([&] { quant::encode_row(t, x.data(), 256, b.data()); }, core::ErrorKind::NotSupported,
+                 {quant::ggml_type_info(t).name, "no encoder"});
+    EXPECT_NE(quant::ggml_codec_names().find(quant::ggml_type_info(t).name), std::string::npos);
+    EXPECT_EQ(quant::ggml_encoder_names().find(quant::ggml_type_info(t).name), std::string::npos);
+  }
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::IQ4_NL, 64), 36u);   // 4.5 bits a weight
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::IQ4_XS, 256), 136u);  // 4.25
 }
 
 TEST(GgufBlocks, Refusals) {
