@@ -149,7 +149,9 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
         throw Error::corruption(file + ": metadata key " + key + ": expected a positive finite number, found " +
                                 (std::isnan(d) ? std::string("nan") : json(d).dump()));
     }
-    const json value = h.boolean ? json(v->as_int(file + ": " + key) != 0)
+    if (h.boolean && v->type != GgufValueType::BOOL)
+      throw Error::corruption(file + ": metadata key " + key + ": expected a bool");
+    const json value = h.boolean ? json(v->integer != 0)
                        : h.real  ? json(f32_decimal(v->as_double(file + ": " + key)))
                                  : json(v->as_int(file + ": " + key));
     if (c.contains(ck) && c[ck] != value)
