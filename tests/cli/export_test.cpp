@@ -22,6 +22,7 @@
 #include "io/gguf.h"
 #include "model/model.h"
 #include "quant/gguf_blocks.h"
+#include "support/ckpt_util.h"
 #include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
@@ -305,17 +306,27 @@ TEST(Export, Glm4MoeKeysAsLlamaCppExpects) {
 }
 
 // glm4moe refusals: expert groups of one expert (llama.cpp's group score is the sum of a group's
-// top 2, and it asserts fewer groups than experts). Exit 2, one line, nothing written.
+// top 2, and it asserts fewer groups than experts); no q/k/v biases (llama.cpp's glm4moe loader
+// requires them). Exit 2, one line, nothing written.
 TEST(Export, Glm4MoeRefusalsWriteNothing) {
   TempDir dir{"moe-export"};
-  const fs::path model = dir / "glm4";
-  fs::copy(kSrc / "data/glm4-moe-tiny", model, fs::copy_options::recursive);
-  json c = read_json(model / "config.json");
-  c["n_group"] = 8;
-  write_file(model / "config.json", c.dump(2));
-  expect_clean_failure(run_tool({"export", model.string(), (dir / "g.gguf").string(), "--type", "f32"}),
+  const fs::path groups = dir / "groups", nobias = dir / "nobias";
+  auto copy_with = [](const fs::path& to, const json& patch) {
+    copy_folder(kSrc / "data/glm4-moe-tiny", to);
+    json c = read_json(to / "config.json");
+    c.merge_patch(patch);
+    write_file(to / "config.json", c.dump(2));
+  };
+  copy_with(groups, {{"n_group", 8}});
+  expect_clean_failure(run_tool({"export", groups.string(), (dir / "g.gguf").string(), "--type", "f32"}),
                        "n_group 8 makes groups of one expert of 8: llama.cpp's glm4moe graph scores a group by its top 2");
-  EXPECT_EQ(list_dir(dir.path()), std::vector<std::string>{"glm4"});
+  copy_with(nobias, {{"attention_bias", false}});
+  for (int l = 0; l < 4; ++l)  // the 3 decoder layers and the MTP layer
+    for (const char* p : {"q", "k", "v"})
+      remove_tensor(nobias / "model.safetensors", "model.layers." + std::to_string(l) + ".self_attn." + p + "_proj.bias");
+  expect_clean_failure(run_tool({"export", nobias.string(), (dir / "b.gguf").string(), "--type", "f32"}),
+                       "attention_bias false (no q_bias): llama.cpp's glm4moe loader requires attn_q/k/v biases");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"groups", "nobias"}));
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:

@@ -511,6 +511,24 @@ TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
     EXPECT_NE(r.err.find(name + ": expected a positive finite number, found nan"), std::string::npos) << r.err;
   }
 
+  // glm4moe: a gating function other than sigmoid (the u32 after the key's name and its value
+  // type, 4) is refused naming the key.
+  {
+    const std::string name = "glm4moe.expert_gating_func";
+    std::ifstream in(exported("glm4-moe-tiny", "q8_0"), std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t at = bytes.find(name) + name.size();
+    ASSERT_EQ(bytes[at], 4);  // GGUF value type u32
+    ASSERT_EQ(bytes[at + 4], 2);
+    bytes[at + 4] = 1;  // softmax
+    const fs::path p = dir / "softmax.gguf";
+    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    r = run_tool({"inspect", p.string()});
+    EXPECT_EQ(r.exit_code, 2) << r.describe();
+    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
+    EXPECT_NE(r.err.find(name + ": 1: only sigmoid gating (2) is read for glm4moe"), std::string::npos) << r.err;
+  }
+
   // A missing hyper-parameter: the key renamed.
   const fs::path key = altered(dir, "key.gguf", SIZE_MAX, "llama.expert_count", "llama.expert_cOunt");
   r = run_tool({"inspect", key.string()});
