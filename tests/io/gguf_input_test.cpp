@@ -477,57 +477,36 @@ TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
     EXPECT_NE(r.err.find("general.architecture 'gemma'"), std::string::npos) << r.err;
   }
 
-  // A block type without a decoder: blk.0.ffn_down_exps.weight's type id (after its name, n_dims
-  // and three u64 dims) set to iq2_xxs (16), whose rows of 256 are smaller than q8_0's.
-  {
-    const std::string name = "blk.0.ffn_down_exps.weight";
-    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
+  // The Q8_0 export of `model` with the byte `skip` bytes after `name` (a key or tensor name in the
+  // header) checked to be `type`, and `to` written `value_at` bytes after that byte: `inspect` of it
+  // is refused in one line containing `name` + `message`.
+  auto refused_when_patched = [&](const std::string& model, const std::string& name, size_t skip, char type, size_t value_at,
+                                  const std::string& to, const std::string& file, const std::string& message) {
+    SCOPED_TRACE(name);
+    std::ifstream in(exported(model, "q8_0"), std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t at = bytes.find(name) + name.size() + 4 + 3 * 8;
-    ASSERT_EQ(bytes[at], 8);  // q8_0
-    bytes[at] = 16;
-    const fs::path p = dir / "iq.gguf";
+    const size_t at = bytes.find(name) + name.size() + skip;
+    ASSERT_EQ(bytes[at], type);
+    bytes.replace(at + value_at, to.size(), to);
+    const fs::path p = dir / file;
     std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    r = run_tool({"inspect", p.string()});
-    EXPECT_EQ(r.exit_code, 2) << r.describe();
-    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
-    EXPECT_NE(r.err.find(name + ": type iq2_xxs has no decoder"), std::string::npos) << r.err;
-  }
-
+    const RunResult res = run_tool({"inspect", p.string()});
+    EXPECT_EQ(res.exit_code, 2) << res.describe();
+    ASSERT_EQ(res.err_lines().size(), 1u) << res.err;
+    EXPECT_NE(res.err.find(name + message), std::string::npos) << res.err;
+  };
+  // A block type without a decoder: blk.0.ffn_down_exps.weight's type id (after its name, n_dims
+  // and three u64 dims; 8, q8_0) set to iq2_xxs (16), whose rows of 256 are smaller than q8_0's.
+  refused_when_patched("mixtral-tiny", "blk.0.ffn_down_exps.weight", 4 + 3 * 8, 8, 0, "\x10", "iq.gguf",
+                       ": type iq2_xxs has no decoder");
   // A real hyper-parameter that is NaN (it reached config.json as null): the f32 after the key's
   // name and its value type (6, f32).
-  {
-    const std::string name = "llama.attention.layer_norm_rms_epsilon";
-    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t at = bytes.find(name) + name.size();
-    ASSERT_EQ(bytes[at], 6);  // GGUF value type f32
-    bytes.replace(at + 4, 4, std::string("\x00\x00\xc0\x7f", 4));
-    const fs::path p = dir / "nan-eps.gguf";
-    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    r = run_tool({"inspect", p.string()});
-    EXPECT_EQ(r.exit_code, 2) << r.describe();
-    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
-    EXPECT_NE(r.err.find(name + ": expected a positive finite number, found nan"), std::string::npos) << r.err;
-  }
-
+  refused_when_patched("mixtral-tiny", "llama.attention.layer_norm_rms_epsilon", 0, 6, 4, std::string("\x00\x00\xc0\x7f", 4),
+                       "nan-eps.gguf", ": expected a positive finite number, found nan");
   // glm4moe: a gating function other than sigmoid (the u32 after the key's name and its value
-  // type, 4) is refused naming the key.
-  {
-    const std::string name = "glm4moe.expert_gating_func";
-    std::ifstream in(exported("glm4-moe-tiny", "q8_0"), std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t at = bytes.find(name) + name.size();
-    ASSERT_EQ(bytes[at], 4);  // GGUF value type u32
-    ASSERT_EQ(bytes[at + 4], 2);
-    bytes[at + 4] = 1;  // softmax
-    const fs::path p = dir / "softmax.gguf";
-    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    r = run_tool({"inspect", p.string()});
-    EXPECT_EQ(r.exit_code, 2) << r.describe();
-    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
-    EXPECT_NE(r.err.find(name + ": 1: only sigmoid gating (2) is read for glm4moe"), std::string::npos) << r.err;
-  }
+  // type, 4: 2 made 1, softmax) is refused naming the key.
+  refused_when_patched("glm4-moe-tiny", "glm4moe.expert_gating_func", 0, 4, 4, "\x01", "softmax.gguf",
+                       ": 1: only sigmoid gating (2) is read for glm4moe");
 
   // A missing hyper-parameter: the key renamed.
   const fs::path key = altered(dir, "key.gguf", SIZE_MAX, "llama.expert_count", "llama.expert_cOunt");
