@@ -323,6 +323,9 @@ std::vector<FamilyDesc> build_families() {
     f.default_shared_count = 1;
     f.extra_layers_allowed = true;
     f.forward = true;
+    // llama.cpp's glm4moe: NeoX RoPE (no q/k permutation) on rope.dimension_count elements.
+    gguf_arch(f, "glm4moe", false, true, true, true);
+    f.gguf->routing_keys = f.gguf->leading_dense = f.gguf->shared_count = f.gguf->post_attention_norm = true;
     v.push_back(f);
   }
   {

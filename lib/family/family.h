@@ -62,6 +62,14 @@ struct GgufArch {
   bool renormalizes = false;      // llama.cpp's graph renormalizes the top-k routing weights (norm_w)
   bool expert_width_key = false;  // ARCH.expert_feed_forward_length written (else feed_forward_length is the expert width)
   bool shared_expert = false;     // ffn_*_shexp and ffn_gate_inp_shexp
+  // DeepSeek-style MoE keys (glm4moe): llama.cpp's graph takes the routing from the metadata
+  // (expert_gating_func, expert_weights_scale, expert_weights_norm, expert_group_count /
+  // expert_group_used_count), the choice bias as blk.N.exp_probs_b.bias; `renormalizes` is then
+  // not checked (expert_weights_norm says it).
+  bool routing_keys = false;
+  bool leading_dense = false;   // a prefix of dense layers: leading_dense_block_count, blk.N.ffn_{gate,up,down}
+  bool shared_count = false;    // shared experts counted (expert_shared_count; width = count x expert width)
+  bool post_attention_norm = false;  // post_attn_norm is blk.N.post_attention_norm (else ffn_norm)
 };
 
 struct FamilyDesc {

@@ -88,6 +88,7 @@ std::string config_key(const model::FamilyDesc& fam, const std::string& k) {
   if (k == "{topk}") return fam.topk_key;
   if (k == "{expert_width}") return fam.expert_width_key;
   if (k == "{shared_width}") return fam.shared_width_key;
+  if (k == "{shared_count}") return fam.shared_count_key;
   return k;
 }
 
@@ -101,6 +102,10 @@ const std::string& moe_template(const model::FamilyDesc& fam, const std::string&
   if (field == "shared_up") return fam.shared_up;
   if (field == "shared_down") return fam.shared_down;
   if (field == "shared_expert_gate") return fam.shared_expert_gate;
+  if (field == "router_bias") return fam.router_bias;
+  if (field == "dense_gate") return fam.dense_gate;
+  if (field == "dense_up") return fam.dense_up;
+  if (field == "dense_down") return fam.dense_down;
   throw Error::internal("no MoE field " + field);
 }
 
@@ -116,6 +121,7 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   const std::string file = f.path().string();
   const std::string A = arch.arch;
   json c = json::object();
+  std::optional<int64_t> rope_dim;  // rope.dimension_count ({rope_dim}): head_dim or the partial rotary width
   c["model_type"] = arch.model_type;
   c["architectures"] = json::array({fam.architectures.empty() ? std::string(arch.model_type) : fam.architectures.front()});
   for_each_gguf_hparam([&](const GgufHparam& h) {
@@ -128,6 +134,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
       if (h.when == W::Optional) return;
       throw Error::corruption(file + ": metadata key " + key + ": missing");
     }
+    if (std::string(h.config_key) == "{rope_dim}") {
+      rope_dim = v->as_int(file + ": " + key);
+      return;
+    }
     const std::string ck = config_key(fam, h.config_key);
     if (ck.empty())
       throw Error::unsupported(file + ": metadata key " + key + ": the " + fam.model_type + " layout has no config key for it");
@@ -139,7 +149,11 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
         throw Error::corruption(file + ": metadata key " + key + ": expected a positive finite number, found " +
                                 (std::isnan(d) ? std::string("nan") : json(d).dump()));
     }
-    const json value = h.real ? json(f32_decimal(v->as_double(file + ": " + key))) : json(v->as_int(file + ": " + key));
+    if (h.boolean && v->type != GgufValueType::BOOL)
+      throw Error::corruption(file + ": metadata key " + key + ": expected a bool");
+    const json value = h.boolean ? json(v->integer != 0)
+                       : h.real  ? json(f32_decimal(v->as_double(file + ": " + key)))
+                                 : json(v->as_int(file + ": " + key));
     if (c.contains(ck) && c[ck] != value)
       throw Error::corruption(file + ": metadata key " + key + ": " + value.dump() + " disagrees with " + c[ck].dump() +
                               " given for " + ck + " by another key");
@@ -159,11 +173,41 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   c["tie_word_embeddings"] = f.find_tensor("output.weight") == nullptr;
   c["rope_scaling"] = nullptr;
   c["sliding_window"] = nullptr;
-  if (!fam.norm_topk_forced) c["norm_topk_prob"] = arch.renormalizes;
+  // The RoPE width: the head's (a rope.dimension_count that says otherwise disagrees), or for a
+  // partial-rotary family the rotated share of it (llama.cpp's n_rot; absent: the whole head).
+  const int64_t head_dim = c.contains("head_dim") ? c["head_dim"].get<int64_t>()
+                                                  : c.at("hidden_size").get<int64_t>() / std::max<int64_t>(1, c.at("num_attention_heads").get<int64_t>());
+  if (fam.partial_rotary) {
+    const int64_t n_rot = rope_dim.value_or(head_dim);
+    const double factor = static_cast<double>(n_rot) / static_cast<double>(head_dim);
+    if (n_rot <= 0 || n_rot > head_dim || n_rot % 2 != 0 || static_cast<int64_t>(static_cast<double>(head_dim) * factor) != n_rot)
+      throw Error::corruption(file + ": metadata key " + A + ".rope.dimension_count: " + std::to_string(n_rot) +
+                              " is not an even part of the head (" + std::to_string(head_dim) + ")");
+    c["partial_rotary_factor"] = factor;
+  } else if (rope_dim) {
+    if (c.contains("head_dim") && c["head_dim"] != *rope_dim)
+      throw Error::corruption(file + ": metadata key " + A + ".rope.dimension_count: " + std::to_string(*rope_dim) +
+                              " disagrees with " + c["head_dim"].dump() + " given for head_dim by another key");
+    c["head_dim"] = *rope_dim;
+  }
+  if (arch.routing_keys) {
+    const std::string gk = A + ".expert_gating_func";
+    if (const GgufValue* v = f.find(gk); v && v->as_int(file + ": " + gk) != kGgufGatingSigmoid)
+      throw Error::unsupported(file + ": metadata key " + gk + ": " + std::to_string(v->as_int(file + ": " + gk)) +
+                               ": only sigmoid gating (" + std::to_string(kGgufGatingSigmoid) + ") is read for " + A);
+    // llama.cpp's defaults for the optional keys: no renormalization, no leading dense layer.
+    if (!c.contains("norm_topk_prob")) c["norm_topk_prob"] = false;
+  }
+  if (arch.leading_dense && !c.contains("first_k_dense_replace")) c["first_k_dense_replace"] = 0;
+  const std::string nk = A + ".nextn_predict_layers";
+  if (const GgufValue* v = f.find(nk); v && v->as_int(file + ": " + nk) != 0)
+    throw Error::unsupported(file + ": metadata key " + nk + ": " + std::to_string(v->as_int(file + ": " + nk)) +
+                             " multi-token-prediction layers are not read here");
+  if (!fam.norm_topk_forced && !c.contains("norm_topk_prob")) c["norm_topk_prob"] = arch.renormalizes;
   // A bias whose presence a config key decides (llama's attention_bias): true when stored.
   for (const auto& r : fam.layer_roles)
     if (r.presence.kind == model::Presence::IfConfig && r.presence.key && !c.contains(r.presence.key))
-      if (const char* g = gguf_layer_name(r.role))
+      if (const char* g = gguf_layer_name(arch, r.role))
         c[r.presence.key] = (f.find_tensor("blk.0." + std::string(g)) != nullptr) != r.presence.negate;
   const GgufValue* ft = f.find("general.file_type");
   c["torch_dtype"] = config_torch_dtype(ft ? static_cast<uint32_t>(ft->as_int(file + ": general.file_type")) : 1);
@@ -218,7 +262,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
       if (!idx.empty() && idx.size() < 7 && idx.find_first_not_of("0123456789") == std::string::npos) {
         const int layer = std::stoi(idx);
         const std::string rest = t.name.substr(dot + 1), prefix = model::expand(fam.layer_prefix, layer);
-        if (const char* role = gguf_layer_role(rest)) {
+        if (const char* role = gguf_layer_role(*arch, rest)) {
           for (const auto& r : fam.layer_roles)
             if (r.role == role) ours = prefix + r.name;
           heads = gguf_permute_heads(*arch, role, m->config_.at("num_attention_heads").get<int64_t>(),

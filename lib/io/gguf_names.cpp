@@ -25,7 +25,11 @@ constexpr GgufNamePair kGgufMoeNames[] = {
     {"expert_up", "ffn_up_exps.weight"},         {"expert_down", "ffn_down_exps.weight"},
     {"shared_gate", "ffn_gate_shexp.weight"},    {"shared_up", "ffn_up_shexp.weight"},
     {"shared_down", "ffn_down_shexp.weight"},    {"shared_expert_gate", "ffn_gate_inp_shexp.weight"},
+    {"router_bias", "exp_probs_b.bias"},         {"dense_gate", "ffn_gate.weight"},
+    {"dense_up", "ffn_up.weight"},               {"dense_down", "ffn_down.weight"},
 };
+// The post-attention norm's name where GgufArch::post_attention_norm (llama.cpp's LLM_TENSOR_ATTN_POST_NORM).
+constexpr const char* kGgufPostAttentionNorm = "post_attention_norm.weight";
 
 template <size_t N>
 const char* find_second(const GgufNamePair (&table)[N], const std::string& key) {
@@ -70,8 +74,15 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"expert_shared_feed_forward_length", "{shared_width}", false, GgufHparam::When::Optional},
     {"attention.key_length", "head_dim", false, GgufHparam::When::Optional},
     {"attention.value_length", "head_dim", false, GgufHparam::When::Optional},
-    {"rope.dimension_count", "head_dim", false, GgufHparam::When::Optional},
+    {"rope.dimension_count", "{rope_dim}", false, GgufHparam::When::Optional},
     {"attention.clamp_kqv", "clip_qkv", true, GgufHparam::When::Optional},
+    // DeepSeek-style MoE (GgufArch::routing_keys, leading_dense, shared_count).
+    {"leading_dense_block_count", "first_k_dense_replace", false, GgufHparam::When::Optional},
+    {"expert_shared_count", "{shared_count}", false, GgufHparam::When::Optional},
+    {"expert_weights_scale", "routed_scaling_factor", true, GgufHparam::When::Optional},
+    {"expert_weights_norm", "norm_topk_prob", false, GgufHparam::When::Optional, true},
+    {"expert_group_count", "n_group", false, GgufHparam::When::Optional},
+    {"expert_group_used_count", "topk_group", false, GgufHparam::When::Optional},
 };
 const size_t kGgufHparamCount = std::size(kGgufHparams);
 
@@ -94,8 +105,15 @@ std::string gguf_exported_model_types() {
   return s;
 }
 
-const char* gguf_layer_name(const std::string& role) { return find_second(kGgufLayerNames, role); }
-const char* gguf_layer_role(const std::string& gguf_name) { return find_first(kGgufLayerNames, gguf_name); }
+const char* gguf_layer_name(const GgufArch& arch, const std::string& role) {
+  if (arch.post_attention_norm && role == "post_attn_norm") return kGgufPostAttentionNorm;
+  return find_second(kGgufLayerNames, role);
+}
+const char* gguf_layer_role(const GgufArch& arch, const std::string& gguf_name) {
+  if (arch.post_attention_norm && gguf_name == kGgufPostAttentionNorm) return "post_attn_norm";
+  if (arch.post_attention_norm && gguf_name == "ffn_norm.weight") return nullptr;
+  return find_first(kGgufLayerNames, gguf_name);
+}
 const char* gguf_global_name(const std::string& role) { return find_second(kGgufGlobalNames, role); }
 const char* gguf_global_role(const std::string& gguf_name) { return find_first(kGgufGlobalNames, gguf_name); }
 

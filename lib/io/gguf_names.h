@@ -22,30 +22,37 @@ const GgufArch* gguf_arch_for_arch(const std::string& arch);
 std::string gguf_exported_model_types();
 
 // A layer role (family/family.h: q_proj, input_norm, ...) <-> its llama.cpp name under "blk.N."
-// ("attn_q.weight"); a global role (embed, final_norm, lm_head) <-> "token_embd.weight" etc.
-// nullptr when the name has no counterpart.
-const char* gguf_layer_name(const std::string& role);
-const char* gguf_layer_role(const std::string& gguf_name);
+// ("attn_q.weight") in `arch` (post_attn_norm: ffn_norm, or post_attention_norm where
+// GgufArch::post_attention_norm); a global role (embed, final_norm, lm_head) <-> "token_embd.weight"
+// etc. nullptr when the name has no counterpart.
+const char* gguf_layer_name(const GgufArch& arch, const std::string& role);
+const char* gguf_layer_role(const GgufArch& arch, const std::string& gguf_name);
 const char* gguf_global_name(const std::string& role);
 const char* gguf_global_role(const std::string& gguf_name);
 
-// The MoE block's tensors under "blk.N.": a model::FamilyDesc field name ("router", "expert_gate",
-// "shared_expert_gate", ...) <-> llama.cpp's name ("ffn_gate_inp.weight", "ffn_gate_exps.weight",
-// "ffn_gate_inp_shexp.weight"). The *_exps tensors stack the experts: ne = [in, out, E].
+// The MoE block's and dense MLP's tensors under "blk.N.": a model::FamilyDesc field name ("router",
+// "router_bias", "expert_gate", "shared_expert_gate", "dense_gate", ...) <-> llama.cpp's name
+// ("ffn_gate_inp.weight", "exp_probs_b.bias", "ffn_gate_exps.weight", "ffn_gate_inp_shexp.weight",
+// "ffn_gate.weight"). The *_exps tensors stack the experts: ne = [in, out, E].
 const char* gguf_moe_name(const std::string& field);
 const char* gguf_moe_field(const std::string& gguf_name);
 
 // Hyper-parameters: "ARCH.<key>" <-> a config.json key. `config_key` is a config.json key, or one
 // of the family's own key fields (model::FamilyDesc) in braces: {expert_count}, {topk},
-// {expert_width}, {shared_width}. `when` says for which architectures the pair applies.
+// {expert_width}, {shared_width}, {shared_count}, {rope_dim} (the RoPE width: head_dim, or for a
+// partial-rotary family head_dim x partial_rotary_factor). `when` says for which architectures the
+// pair applies.
 struct GgufHparam {
   enum class When { Always, ExpertWidthKey, NoExpertWidthKey, Optional };
   const char* key;         // after "ARCH."
   const char* config_key;
-  bool real;               // stored as f32 (else u32)
+  bool real;               // stored as f32 (else u32, or bool where `boolean`)
   When when;               // Always: required; ExpertWidthKey / NoExpertWidthKey: required where
                            // GgufArch::expert_width_key is / is not set; Optional: when present
+  bool boolean = false;    // stored as bool (config.json true/false)
 };
+// ARCH.expert_gating_func of a sigmoid router (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID).
+inline constexpr uint32_t kGgufGatingSigmoid = 2;
 // Calls f(const GgufHparam&) for each row.
 template <class F>
 void for_each_gguf_hparam(F&& f);

@@ -94,7 +94,11 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
   m.refuse_novices(out, "GGUF has no constant expert");
   int64_t experts = -1;
   for (const auto& layer : m.layers()) {
-    if (!layer.moe) throw Error::unsupported(out + ": layer " + std::to_string(layer.index) + " has no MoE block");
+    if (!layer.moe) {
+      // A leading dense layer of the input stays one (its ffn_gate/ffn_up/ffn_down are copied).
+      if (arch.leading_dense && src.file().find_tensor("blk." + std::to_string(layer.index) + ".ffn_gate.weight")) continue;
+      throw Error::unsupported(out + ": layer " + std::to_string(layer.index) + " has no MoE block");
+    }
     if (experts >= 0 && layer.moe->num_experts() != experts)
       throw Error::unsupported(out + ": layer " + std::to_string(layer.index) + " keeps " +
                                std::to_string(layer.moe->num_experts()) + " experts, other layers " + std::to_string(experts) +
@@ -104,10 +108,16 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
   const std::string A = arch.arch;
   LikeLayout l;
   l.kv = f.metadata();
+  const GgufValue* count = f.find(A + ".expert_count");
+  const bool changed = count && count->integer != static_cast<uint64_t>(experts);
   for (auto& [key, v] : l.kv) {
     if (key == A + ".expert_count") v = GgufValue::u32(static_cast<uint32_t>(experts));
     if (key == A + ".expert_used_count") v = GgufValue::u32(static_cast<uint32_t>(std::min(m.dims().top_k, experts)));
   }
+  // Group-limited routing: the groups were blocks of the input's experts; the kept ones have none
+  // (as a folder output writes n_group 1).
+  if (changed)
+    std::erase_if(l.kv, [&](const auto& kv) { return kv.first == A + ".expert_group_count" || kv.first == A + ".expert_group_used_count"; });
 
   // Every output tensor's header and pieces, checked before the file is created.
   for (const auto& t : f.tensors()) {
@@ -115,7 +125,7 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
     std::vector<Piece> ps;
     // The stored bytes of one weight (only when the pieces are asked for).
     auto add = [&](const core::Tensor& w, int64_t heads, const std::string& name) {
-      if (pieces) ps.push_back(stored_piece(w, t.type, t.ne[0], heads, name));
+      if (pieces) ps.push_back(stored_piece(w, t.type, info.ne[0], heads, name));
     };
     if (const char* role = gguf_global_role(t.name)) {
       auto g = m.globals().find(role);
@@ -126,25 +136,31 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
       const int layer = std::stoi(t.name.substr(4, dot - 4));
       const std::string rest = t.name.substr(dot + 1);
       const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
-      if (const char* role = gguf_layer_role(rest)) {
+      if (const char* role = gguf_layer_role(arch, rest)) {
         add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name);
       } else {
         const std::string field = gguf_moe_field(rest);
-        const model::MoeBlock& b = *L.moe;
-        if (field == "router") {
-          add(b.router, 0, t.name);
+        const model::MoeBlock* b = L.moe ? &*L.moe : nullptr;
+        if (field.rfind("dense_", 0) == 0) {
+          const model::Mlp& x = *L.mlp;
+          add(field == "dense_gate" ? x.gate : field == "dense_up" ? x.up : x.down, 0, t.name);
+        } else if (field == "router_bias") {  // [E]: the kept experts' entries
+          info.ne[0] = experts;
+          add(*b->router_bias, 0, t.name);
+        } else if (field == "router") {
+          add(b->router, 0, t.name);
           info.ne[1] = experts;
         } else if (field.rfind("expert_", 0) == 0) {
           for (int64_t e = 0; e < experts; ++e) {
-            const model::Mlp& x = b.experts[static_cast<size_t>(e)];
+            const model::Mlp& x = b->experts[static_cast<size_t>(e)];
             add(field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down, 0,
                 t.name + " expert " + std::to_string(e));
           }
           info.ne[2] = experts;
         } else if (field == "shared_expert_gate") {
-          add(*b.shared_gate, 0, t.name);
+          add(*b->shared_gate, 0, t.name);
         } else {
-          const model::Mlp& x = *b.shared;
+          const model::Mlp& x = *b->shared;
           add(field == "shared_gate" ? x.gate : field == "shared_up" ? x.up : x.down, 0, t.name);
         }
       }

@@ -101,22 +101,69 @@ Direct direct_type(const core::Tensor& t, GgmlType wanted) {
   return {type, std::move(f)};
 }
 
+// Whether an extra tensor (model::Model::extras) belongs to a multi-token-prediction layer, one
+// past the decoder layers (model.layers.{L + i}. of a family with extra_layers_allowed).
+bool mtp_extra(const model::Model& m, const std::string& name) {
+  const std::string prefix = "model.layers.";
+  if (!m.family().extra_layers_allowed || name.rfind(prefix, 0) != 0) return false;
+  const size_t dot = name.find('.', prefix.size());
+  const std::string idx = name.substr(prefix.size(), dot == std::string::npos ? std::string::npos : dot - prefix.size());
+  return !idx.empty() && idx.size() < 7 && idx.find_first_not_of("0123456789") == std::string::npos &&
+         std::stoll(idx) >= m.dims().layers;
+}
+
 // Refuses what this exporter cannot write faithfully, before any work (encodings without a block
-// type are refused by the plan, naming the tensor, before the file is created).
-void refuse_unsupported(const model::Model& m, const std::string& src) {
+// type are refused by the plan, naming the tensor, before the file is created). Returns the number
+// of leading dense layers (0 unless the architecture has them: GgufArch::leading_dense).
+int64_t refuse_unsupported(const model::Model& m, const model::GgufArch& arch, const std::string& src) {
   m.refuse_novices(src, "GGUF has no constant expert; prune them instead");
-  int64_t experts = -1;
+  int64_t experts = -1, lead = 0;
   for (const auto& layer : m.layers()) {
     const std::string where = "layer " + std::to_string(layer.index);
-    if (!layer.moe)
-      throw Error::unsupported(src + ": " + where + " is a dense layer; llama.cpp's MoE architectures need experts in every layer");
+    if (!layer.moe) {
+      if (arch.leading_dense && layer.index == lead) {
+        ++lead;
+        continue;
+      }
+      throw Error::unsupported(src + ": " + where + " is a dense layer; llama.cpp's " + arch.arch + " needs experts in every layer" +
+                               (arch.leading_dense ? " after the leading dense ones" : ""));
+    }
     if (experts >= 0 && layer.moe->num_experts() != experts)
       throw Error::unsupported(src + ": " + where + " has " + std::to_string(layer.moe->num_experts()) +
                                " experts, other layers " + std::to_string(experts) + "; GGUF has one expert_count per model");
     experts = layer.moe->num_experts();
   }
-  if (!m.extras().empty())
-    throw Error::unsupported(src + ": tensor " + m.extras().front().first + " has no GGUF name in this exporter");
+  if (experts < 0) throw Error::unsupported(src + ": no MoE layer; llama.cpp's " + arch.arch + " is an MoE architecture");
+  for (const auto& [name, t] : m.extras())
+    if (!mtp_extra(m, name)) throw Error::unsupported(src + ": tensor " + name + " has no GGUF name in this exporter");
+  return lead;
+}
+
+// Refuses a model whose MoE block llama.cpp's graph would compute differently where the
+// architecture takes the routing from the metadata (GgufArch::routing_keys: build_moe_ffn with
+// sigmoid gating, the choice bias exp_probs_b, group scores as the sum of each group's top 2).
+void refuse_routing(const model::Model& m, const model::GgufArch& arch, const runtime::ForwardSpec& spec,
+                    const model::MoeBlock& moe0, const std::string& src) {
+  const auto& r = spec.routing;
+  const std::string A = arch.arch;
+  if (r.kind != model::Routing::DeepSeekV3)
+    throw Error::unsupported(src + ": routing " + model::routing_name(r.kind) + ": llama.cpp's " + A +
+                             " graph routes as DeepSeek-V3 (sigmoid, choice bias)");
+  if (!moe0.router_bias)
+    throw Error::unsupported(src + ": no router bias (" + m.family().router_bias + "): llama.cpp's " + A +
+                             " loader requires exp_probs_b in every MoE layer");
+  if (r.group_limited && r.n_group > 1 && r.topk_group < r.n_group && r.num_experts / r.n_group < 2)
+    throw Error::unsupported(src + ": n_group " + std::to_string(r.n_group) + " makes groups of one expert of " +
+                             std::to_string(r.num_experts) + ": llama.cpp's " + A +
+                             " graph scores a group by its top 2 and needs fewer groups than experts");
+  if (moe0.shared && moe0.shared->width() % moe0.expert_width() != 0)
+    throw Error::unsupported(src + ": shared expert width " + std::to_string(moe0.shared->width()) +
+                             " is not a multiple of the expert width " + std::to_string(moe0.expert_width()) + ": llama.cpp's " +
+                             A + " sizes it as expert_shared_count experts");
+  for (const char* bias : {"q_bias", "k_bias", "v_bias"})
+    if (!m.layers().front().find(bias))
+      throw Error::unsupported(src + ": attention_bias false (no " + bias + "): llama.cpp's " + A +
+                               " loader requires attn_q/k/v biases");
 }
 
 // tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model).
@@ -198,14 +245,14 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   if (!arch)
     throw Error::unsupported(src + ": family " + fam.model_type + " is not exported to GGUF yet (exported: " +
                              io::gguf_exported_model_types() + ")");
-  refuse_unsupported(m, src);
+  const int64_t lead = refuse_unsupported(m, *arch, src);
   const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
   if (spec.rope_scaling.type != "default")
     throw Error::unsupported(src + ": rope_scaling '" + spec.rope_scaling.type + "' is not exported to GGUF yet");
   if (spec.attn.sliding_window > 0)
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
-  if (spec.routing.renormalize != arch->renormalizes)
+  if (!arch->routing_keys && spec.routing.renormalize != arch->renormalizes)
     throw Error::unsupported(src + ": routing " + (spec.routing.renormalize ? "renormalizes" : "does not renormalize") +
                              " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
                              (arch->renormalizes ? "does" : "does not"));
@@ -218,6 +265,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     throw Error::unsupported(src + ": num_key_value_heads " + std::to_string(d.kv_heads) + " != num_attention_heads " +
                              std::to_string(d.heads) + ": llama.cpp's " + A +
                              " graph needs a k_norm as wide as the hidden size (no grouped-query attention)");
+  const auto& moe0 = *std::find_if(m.layers().begin(), m.layers().end(), [](const model::Layer& l) { return l.moe.has_value(); })->moe;
+  if (arch->routing_keys) refuse_routing(m, *arch, spec, moe0, src);
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));
@@ -229,7 +278,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   kv.emplace_back("general.quantization_version", GgufValue::u32(2));
   // The hyper-parameters from the one table the GGUF reader maps back (io/gguf_names.h): each
   // row's value from the model, or nullopt where the row does not apply to this model.
-  const auto& moe0 = *m.layers().front().moe;
+  const auto& r = spec.routing;
   auto value = [&](const io::GgufHparam& h) -> std::optional<double> {
     using W = io::GgufHparam::When;
     if ((h.when == W::ExpertWidthKey && !arch->expert_width_key) || (h.when == W::NoExpertWidthKey && arch->expert_width_key))
@@ -247,18 +296,31 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (k == "rms_norm_eps") return spec.eps;
     if (k == "{expert_count}") return num(moe0.num_experts());
     if (k == "{topk}") return num(d.top_k);
-    if (k == "{shared_width}") return arch->shared_expert && moe0.shared ? num(moe0.shared->width()) : std::nullopt;
-    if (key == "rope.dimension_count") return arch->permute_qk ? num(d.head_dim) : std::nullopt;
+    if (k == "{shared_width}")
+      return arch->shared_expert && !arch->shared_count && moe0.shared ? num(moe0.shared->width()) : std::nullopt;
+    if (k == "{shared_count}")
+      return arch->shared_count ? num(moe0.shared ? moe0.shared->width() / moe0.expert_width() : 0) : std::nullopt;
+    // The RoPE width: llama.cpp's n_rot (partial rotary: the first rope_dim() elements of a head).
+    if (k == "{rope_dim}") return fam.partial_rotary ? num(spec.attn.rope_dim()) : arch->permute_qk ? num(d.head_dim) : std::nullopt;
     if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
     if (k == "clip_qkv") return spec.attn.clip_qkv ? std::optional<double>(*spec.attn.clip_qkv) : std::nullopt;
+    if (k == "first_k_dense_replace") return arch->leading_dense ? num(lead) : std::nullopt;
+    if (k == "routed_scaling_factor") return arch->routing_keys ? std::optional<double>(r.routed_scaling_factor) : std::nullopt;
+    if (k == "norm_topk_prob") return arch->routing_keys ? num(r.renormalize) : std::nullopt;
+    // Group-limited routing only where it limits (llama.cpp asserts expert_group_used_count < expert_group_count).
+    const bool groups = arch->routing_keys && r.group_limited && r.n_group > 1 && r.topk_group < r.n_group;
+    if (k == "n_group") return groups ? num(r.n_group) : std::nullopt;
+    if (k == "topk_group") return groups ? num(r.topk_group) : std::nullopt;
     throw Error::internal("GGUF export: no value for " + A + "." + key);
   };
   io::for_each_gguf_hparam([&](const io::GgufHparam& h) {
     const std::optional<double> v = value(h);
     if (!v) return;
-    kv.emplace_back(A + "." + h.key, h.real ? GgufValue::f32(static_cast<float>(*v))
-                                            : GgufValue::u32(static_cast<uint32_t>(static_cast<int64_t>(*v))));
+    kv.emplace_back(A + "." + h.key, h.boolean ? GgufValue::boolean(*v != 0)
+                                     : h.real  ? GgufValue::f32(static_cast<float>(*v))
+                                               : GgufValue::u32(static_cast<uint32_t>(static_cast<int64_t>(*v))));
   });
+  if (arch->routing_keys) kv.emplace_back(A + ".expert_gating_func", GgufValue::u32(io::kGgufGatingSigmoid));
 
   // --tensor-type rules that tensors of copied codes ignore: tensor names and the type they keep.
   std::map<const GgufTypeOverride*, std::vector<std::pair<std::string, std::string>>> ignored;
@@ -309,15 +371,26 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   for (const auto& layer : m.layers()) {
     const std::string blk = "blk." + std::to_string(layer.index) + ".";
     for (const auto& [role, t] : layer.tensors) {
-      const char* n = io::gguf_layer_name(role);
+      const char* n = io::gguf_layer_name(*arch, role);
       if (!n) throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + " " + role + " has no GGUF name in this exporter");
       int64_t heads = 0;
       if (arch->permute_qk && (role == "q_proj" || role == "q_bias")) heads = d.heads;
       if (arch->permute_qk && (role == "k_proj" || role == "k_bias")) heads = d.kv_heads;
       add(blk + n, {t}, heads);
     }
+    if (!layer.moe) {  // a leading dense layer (refuse_unsupported)
+      const model::Mlp& x = *layer.mlp;
+      add(blk + io::gguf_moe_name("dense_gate"), {x.gate});
+      add(blk + io::gguf_moe_name("dense_up"), {x.up});
+      add(blk + io::gguf_moe_name("dense_down"), {x.down});
+      continue;
+    }
     const auto& moe = *layer.moe;
     add(blk + "ffn_gate_inp.weight", {moe.router});
+    if (moe.router_bias) {
+      if (!arch->routing_keys) throw Error::unsupported(src + ": router bias: llama.cpp's " + A + " has none");
+      add(blk + io::gguf_moe_name("router_bias"), {*moe.router_bias});
+    }
     std::vector<core::Tensor> gate, up, down;
     for (const auto& e : moe.experts) {
       gate.push_back(e.gate);

@@ -22,6 +22,7 @@
 #include "io/gguf.h"
 #include "model/model.h"
 #include "quant/gguf_blocks.h"
+#include "support/ckpt_util.h"
 #include "support/paths.h"
 #include "support/cli_expect.h"
 #include "support/run.h"
@@ -260,6 +261,72 @@ TEST(Export, OlmoeKeysAndUnpermutedAttention) {
                        "num_key_value_heads 2 != num_attention_heads 4: llama.cpp's olmoe graph needs a k_norm as wide as the "
                        "hidden size");
   EXPECT_EQ(list_dir(dir3.path()), std::vector<std::string>{"olmoe"});
+}
+
+// glm4moe (glm4-moe-tiny: 3 layers, the first dense, 8 experts in 4 groups of which 2 are used,
+// one shared expert, partial rotary 0.5, q/k norms, q/k/v biases, one MTP layer): the keys llama.cpp's
+// glm4moe loader reads (the routing from metadata: sigmoid gating, weights norm and scale, expert
+// groups), the leading dense layer as ffn_gate/ffn_up/ffn_down, the choice bias as exp_probs_b, the
+// post-attention norm as post_attention_norm, no q/k permutation (NeoX RoPE) and no MTP layer.
+TEST(Export, Glm4MoeKeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/glm4-moe-tiny", out = dir / "g.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), "glm4moe");
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"block_count", 3}, {"leading_dense_block_count", 1}, {"feed_forward_length", 64}, {"expert_feed_forward_length", 16},
+      {"expert_count", 8}, {"expert_used_count", 3}, {"expert_shared_count", 1}, {"expert_gating_func", 2},
+      {"expert_group_count", 4}, {"expert_group_used_count", 2}, {"rope.dimension_count", 12}, {"attention.key_length", 24},
+      {"attention.head_count", 4}, {"attention.head_count_kv", 2}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, "glm4moe." + key), want) << key;
+  EXPECT_EQ(f.find("glm4moe.expert_weights_scale")->as_double("s"), 1.5);
+  EXPECT_EQ(f.find("glm4moe.expert_weights_norm")->type, io::GgufValueType::BOOL);
+  EXPECT_EQ(f.find("glm4moe.expert_weights_norm")->integer, 1u);
+  EXPECT_EQ(f.find("glm4moe.nextn_predict_layers"), nullptr);
+  EXPECT_EQ(f.find("glm4moe.expert_shared_feed_forward_length"), nullptr);
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) {
+    SCOPED_TRACE(gguf);
+    const io::GgufTensorInfo* t = f.find_tensor(gguf);
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
+  };
+  same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
+  same("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight");
+  same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.gate.e_score_correction_bias");
+  same("blk.1.post_attention_norm.weight", "model.layers.1.post_attention_layernorm.weight");
+  same("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight");  // not permuted
+  same("blk.1.attn_k.bias", "model.layers.1.self_attn.k_proj.bias");
+  same("blk.2.ffn_up_shexp.weight", "model.layers.2.mlp.shared_experts.up_proj.weight");
+  EXPECT_EQ(f.find_tensor("blk.0.ffn_gate_inp.weight"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.1.ffn_norm.weight"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.1.exp_probs_b.bias")->type, quant::GgmlType::F32);
+  for (const auto& t : f.tensors()) EXPECT_NE(t.name.rfind("blk.3.", 0), 0u) << t.name << ": the MTP layer is left out";
+}
+
+// glm4moe refusals: expert groups of one expert (llama.cpp's group score is the sum of a group's
+// top 2, and it asserts fewer groups than experts); no q/k/v biases (llama.cpp's glm4moe loader
+// requires them). Exit 2, one line, nothing written.
+TEST(Export, Glm4MoeRefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  const fs::path groups = dir / "groups", nobias = dir / "nobias";
+  auto copy_with = [](const fs::path& to, const json& patch) {
+    copy_folder(kSrc / "data/glm4-moe-tiny", to);
+    json c = read_json(to / "config.json");
+    c.merge_patch(patch);
+    write_file(to / "config.json", c.dump(2));
+  };
+  copy_with(groups, {{"n_group", 8}});
+  expect_clean_failure(run_tool({"export", groups.string(), (dir / "g.gguf").string(), "--type", "f32"}),
+                       "n_group 8 makes groups of one expert of 8: llama.cpp's glm4moe graph scores a group by its top 2");
+  copy_with(nobias, {{"attention_bias", false}});
+  for (int l = 0; l < 4; ++l)  // the 3 decoder layers and the MTP layer
+    for (const char* p : {"q", "k", "v"})
+      remove_tensor(nobias / "model.safetensors", "model.layers." + std::to_string(l) + ".self_attn." + p + "_proj.bias");
+  expect_clean_failure(run_tool({"export", nobias.string(), (dir / "b.gguf").string(), "--type", "f32"}),
+                       "attention_bias false (no q_bias): llama.cpp's glm4moe loader requires attn_q/k/v biases");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"groups", "nobias"}));
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:

@@ -30,17 +30,30 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-fs::path fixture(const std::string& model) { return kSrc / "data/models" / model; }
+fs::path fixture(const std::string& model) {
+  return model == "glm4-moe-tiny" ? kSrc / "data" / model : kSrc / "data/models" / model;
+}
 
 // The fixture exported once per test binary run (each export is a fraction of a second).
+// glm4-moe-tiny's down projections have rows of 16 (the expert width): f16 in a block-type export.
 fs::path exported(const std::string& model, const std::string& type) {
   static TempDir dir{"moe-gguf-in"};
   const fs::path out = dir / (model + "-" + type + ".gguf");
   if (!fs::exists(out)) {
-    const RunResult r = run_tool({"-q", "export", fixture(model).string(), out.string(), "--type", type});
+    std::vector<std::string> args = {"-q", "export", fixture(model).string(), out.string(), "--type", type};
+    if (model == "glm4-moe-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
+    const RunResult r = run_tool(args);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
   return out;
+}
+
+// Whether a source tensor belongs to a multi-token-prediction layer (past num_hidden_layers), which
+// the export leaves out (docs/gguf.md).
+bool mtp_tensor(const io::Checkpoint& src, const std::string& name) {
+  const std::string prefix = "model.layers.";
+  if (name.rfind(prefix, 0) != 0) return false;
+  return std::stoll(name.substr(prefix.size())) >= src.config().at("num_hidden_layers").get<int64_t>();
 }
 
 json eval_json(const fs::path& model) {
@@ -83,14 +96,17 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
   const auto src = io::Checkpoint::open(env, fixture(GetParam()));
   const auto gg = io::Checkpoint::open(env, exported(GetParam(), "f32"));
   ASSERT_NE(gg.gguf(), nullptr);
-  EXPECT_EQ(gg.names().size(), src.names().size());
+  size_t kept = 0;
   for (const auto& name : src.names()) {
+    if (mtp_tensor(src, name)) continue;
+    ++kept;
     SCOPED_TRACE(name);
     ASSERT_TRUE(gg.has(name));
     const core::Tensor a = src.tensor(name), b = gg.tensor(name);
     ASSERT_EQ(b.shape(), a.shape());
     EXPECT_EQ(b.to_f32(), a.to_f32());
   }
+  EXPECT_EQ(gg.names().size(), kept);
   const auto m = model::Model::load(gg);
   EXPECT_EQ(m.config().json().at("rms_norm_eps"), src.config().at("rms_norm_eps"));
   EXPECT_EQ(m.config().json().at("rope_theta"), src.config().at("rope_theta"));
@@ -104,17 +120,17 @@ TEST_P(GgufInput, Q8WeightsAreTheBlocksDecode) {
   const auto ck = io::Checkpoint::open(env, path);
   const auto m = model::Model::load(ck);
   const io::GgufFile& f = ck.gguf()->file();
-  const io::GgufTensorInfo* down = f.find_tensor("blk.1.ffn_down_exps.weight");
-  ASSERT_NE(down, nullptr);
-  ASSERT_EQ(down->type, quant::GgmlType::Q8_0);
-  const std::vector<float> all = f.decode(*down);
-  const int64_t E = down->ne[2], per = down->ne[0] * down->ne[1];
+  const io::GgufTensorInfo* gate = f.find_tensor("blk.1.ffn_gate_exps.weight");
+  ASSERT_NE(gate, nullptr);
+  ASSERT_EQ(gate->type, quant::GgmlType::Q8_0);
+  const std::vector<float> all = f.decode(*gate);
+  const int64_t E = gate->ne[2], per = gate->ne[0] * gate->ne[1];
   ASSERT_EQ(m.layers()[1].moe->num_experts(), E);
   for (int64_t e = 0; e < E; ++e) {
-    const core::Tensor& t = m.layers()[1].moe->experts[e].down;
+    const core::Tensor& t = m.layers()[1].moe->experts[e].gate;
     const auto* enc = dynamic_cast<const quant::GgufBlocks*>(t.encoding());
     ASSERT_NE(enc, nullptr);
-    EXPECT_EQ(enc->bytes().data(), f.tensor_data(*down) + e * (down->nbytes() / E));  // a view, not a copy
+    EXPECT_EQ(enc->bytes().data(), f.tensor_data(*gate) + e * (gate->nbytes() / E));  // a view, not a copy
     const std::vector<float> got = t.to_f32();
     EXPECT_TRUE(std::equal(got.begin(), got.end(), all.begin() + e * per)) << "expert " << e;
   }
@@ -145,7 +161,9 @@ TEST_P(GgufInput, InspectRuns) {
   const RunResult r = run_tool({"inspect", exported(GetParam(), "q8_0").string(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json j = json::parse(r.out);
-  EXPECT_EQ(j.at("family"), GetParam() == "mixtral-tiny" ? "mixtral" : "qwen2_moe");
+  const std::map<std::string, std::string> family = {
+      {"mixtral-tiny", "mixtral"}, {"qwen2moe-tiny", "qwen2_moe"}, {"glm4-moe-tiny", "glm4_moe"}};
+  EXPECT_EQ(j.at("family"), family.at(GetParam()));
   EXPECT_EQ(j.at("experts_per_layer"), 8);
   // Every stored byte of the file's tensors, the q8_0 blocks as U8.
   const auto f = io::GgufFile::open(io::Env::posix(), exported(GetParam(), "q8_0"));
@@ -158,8 +176,12 @@ TEST_P(GgufInput, InspectRuns) {
   EXPECT_EQ(j.at("bytes_by_dtype").at("U8"), blocks);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput, ::testing::Values("mixtral-tiny", "qwen2moe-tiny"),
-                         [](const auto& i) { return i.param == "mixtral-tiny" ? std::string("mixtral") : std::string("qwen2moe"); });
+INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput, ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny"),
+                         [](const auto& i) {
+                           std::string n = i.param.substr(0, i.param.find("-tiny"));
+                           std::erase(n, '-');
+                           return n;
+                         });
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
 fs::path altered(const TempDir& dir, const std::string& name, size_t keep, const std::string& from = "",
@@ -297,6 +319,47 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   expect_clean_failure(run_tool({"export", in.string(), none.string(), "--type", "q8_0"}),
                        in.string() + ": already a GGUF file; export converts a folder");
   EXPECT_FALSE(fs::exists(none));
+}
+
+// glm4moe: a Q8_0 export pruned to 3 experts as GGUF keeps the leading dense layer's tensors, the
+// kept experts' exp_probs_b entries and stacked slices, and drops the expert groups (blocks of the
+// input's experts, as a folder output writes n_group 1); the file reads back and evaluates.
+TEST(GgufInputPrune, Glm4MoeKeepsTheDenseLayerAndTheKeptExpertsBias) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("glm4-moe-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-glm4"};
+  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
+  auto prune = [&](const fs::path& to, const std::string& format) {
+    return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "3", "--seed", "4", "--format", format});
+  };
+  ASSERT_EQ(prune(out, "gguf").exit_code, 0);
+  ASSERT_EQ(prune(folder, "hf").exit_code, 0);  // the same keep-maps, in its report
+  const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
+  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
+  EXPECT_EQ(f.find("glm4moe.expert_count")->as_int("c"), 3);
+  EXPECT_NE(src.find("glm4moe.expert_group_count"), nullptr);
+  EXPECT_EQ(f.find("glm4moe.expert_group_count"), nullptr);
+  EXPECT_EQ(f.find("glm4moe.expert_group_used_count"), nullptr);
+  EXPECT_EQ(f.find("glm4moe.leading_dense_block_count")->as_int("l"), 1);
+  for (const char* dense : {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"})
+    EXPECT_EQ(f.decode(*f.find_tensor(dense)), src.decode(*src.find_tensor(dense))) << dense;
+  for (const int layer : {1, 2}) {
+    SCOPED_TRACE(layer);
+    const std::vector<int64_t> keep =
+        report.at("layers").at(static_cast<size_t>(layer)).at("passes").at(0).at("kept").get<std::vector<int64_t>>();
+    ASSERT_EQ(keep.size(), 3u);
+    const std::string blk = "blk." + std::to_string(layer) + ".";
+    const auto bias = f.decode(*f.find_tensor(blk + "exp_probs_b.bias")), all = src.decode(*src.find_tensor(blk + "exp_probs_b.bias"));
+    ASSERT_EQ(bias.size(), 3u);
+    const auto gate = f.decode(*f.find_tensor(blk + "ffn_gate_exps.weight")), gall = src.decode(*src.find_tensor(blk + "ffn_gate_exps.weight"));
+    const size_t per = gate.size() / 3;
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(bias[i], all[static_cast<size_t>(keep[i])]) << "expert " << keep[i];
+      EXPECT_TRUE(std::equal(gate.begin() + i * per, gate.begin() + (i + 1) * per, gall.begin() + keep[i] * per));
+    }
+  }
+  const json e = eval_json(out);
+  EXPECT_GT(e.at("nll_sum").get<double>(), 0);
 }
 
 // The plan of a GGUF-to-GGUF prune counts the file it will write (blocks copied), not a dequantized
@@ -521,39 +584,36 @@ TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
     EXPECT_NE(r.err.find("general.architecture 'gemma'"), std::string::npos) << r.err;
   }
 
-  // A block type without a decoder: blk.0.ffn_down_exps.weight's type id (after its name, n_dims
-  // and three u64 dims) set to iq2_xxs (16), whose rows of 256 are smaller than q8_0's.
-  {
-    const std::string name = "blk.0.ffn_down_exps.weight";
-    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
+  // The Q8_0 export of `model` with the byte `skip` bytes after `name` (a key or tensor name in the
+  // header) checked to be `type`, and `to` written `value_at` bytes after that byte: `inspect` of it
+  // is refused in one line containing `name` + `message`.
+  auto refused_when_patched = [&](const std::string& model, const std::string& name, size_t skip, char type, size_t value_at,
+                                  const std::string& to, const std::string& file, const std::string& message) {
+    SCOPED_TRACE(name);
+    std::ifstream in(exported(model, "q8_0"), std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t at = bytes.find(name) + name.size() + 4 + 3 * 8;
-    ASSERT_EQ(bytes[at], 8);  // q8_0
-    bytes[at] = 16;
-    const fs::path p = dir / "iq.gguf";
+    const size_t at = bytes.find(name) + name.size() + skip;
+    ASSERT_EQ(bytes[at], type);
+    bytes.replace(at + value_at, to.size(), to);
+    const fs::path p = dir / file;
     std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    r = run_tool({"inspect", p.string()});
-    EXPECT_EQ(r.exit_code, 2) << r.describe();
-    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
-    EXPECT_NE(r.err.find(name + ": type iq2_xxs has no decoder"), std::string::npos) << r.err;
-  }
-
+    const RunResult res = run_tool({"inspect", p.string()});
+    EXPECT_EQ(res.exit_code, 2) << res.describe();
+    ASSERT_EQ(res.err_lines().size(), 1u) << res.err;
+    EXPECT_NE(res.err.find(name + message), std::string::npos) << res.err;
+  };
+  // A block type without a decoder: blk.0.ffn_down_exps.weight's type id (after its name, n_dims
+  // and three u64 dims; 8, q8_0) set to iq2_xxs (16), whose rows of 256 are smaller than q8_0's.
+  refused_when_patched("mixtral-tiny", "blk.0.ffn_down_exps.weight", 4 + 3 * 8, 8, 0, "\x10", "iq.gguf",
+                       ": type iq2_xxs has no decoder");
   // A real hyper-parameter that is NaN (it reached config.json as null): the f32 after the key's
   // name and its value type (6, f32).
-  {
-    const std::string name = "llama.attention.layer_norm_rms_epsilon";
-    std::ifstream in(exported("mixtral-tiny", "q8_0"), std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t at = bytes.find(name) + name.size();
-    ASSERT_EQ(bytes[at], 6);  // GGUF value type f32
-    bytes.replace(at + 4, 4, std::string("\x00\x00\xc0\x7f", 4));
-    const fs::path p = dir / "nan-eps.gguf";
-    std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    r = run_tool({"inspect", p.string()});
-    EXPECT_EQ(r.exit_code, 2) << r.describe();
-    ASSERT_EQ(r.err_lines().size(), 1u) << r.err;
-    EXPECT_NE(r.err.find(name + ": expected a positive finite number, found nan"), std::string::npos) << r.err;
-  }
+  refused_when_patched("mixtral-tiny", "llama.attention.layer_norm_rms_epsilon", 0, 6, 4, std::string("\x00\x00\xc0\x7f", 4),
+                       "nan-eps.gguf", ": expected a positive finite number, found nan");
+  // glm4moe: a gating function other than sigmoid (the u32 after the key's name and its value
+  // type, 4: 2 made 1, softmax) is refused naming the key.
+  refused_when_patched("glm4-moe-tiny", "glm4moe.expert_gating_func", 0, 4, 4, "\x01", "softmax.gguf",
+                       ": 1: only sigmoid gating (2) is read for glm4moe");
 
   // A missing hyper-parameter: the key renamed.
   const fs::path key = altered(dir, "key.gguf", SIZE_MAX, "llama.expert_count", "llama.expert_cOunt");
