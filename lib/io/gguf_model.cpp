@@ -51,6 +51,18 @@ int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_
   return 0;
 }
 
+std::string gguf_fused_expert_name(const model::FamilyDesc& fam, const std::string& field) {
+  auto stem = [](const std::string& name) {
+    const std::string w = ".weight";
+    return name.size() > w.size() && name.compare(name.size() - w.size(), w.size(), w) == 0 ? name.substr(0, name.size() - w.size())
+                                                                                              : name;
+  };
+  if (field == "expert_gate") return stem(fam.fused_gate_up) + ".{e}.gate.weight";
+  if (field == "expert_up") return stem(fam.fused_gate_up) + ".{e}.up.weight";
+  if (field == "expert_down") return stem(fam.fused_down) + ".{e}.weight";
+  throw Error::internal("no fused expert field " + field);
+}
+
 // ---- GgufModel ----
 
 namespace {
@@ -159,7 +171,8 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   c["tie_word_embeddings"] = f.find_tensor("output.weight") == nullptr;
   c["rope_scaling"] = nullptr;
   c["sliding_window"] = nullptr;
-  if (!fam.norm_topk_forced) c["norm_topk_prob"] = arch.renormalizes;
+  // granitemoe (softmax over the top-k logits) has no norm_topk_prob.
+  if (!fam.norm_topk_forced && fam.routing != model::Routing::TopKSoftmax) c["norm_topk_prob"] = arch.renormalizes;
   // A bias whose presence a config key decides (llama's attention_bias): true when stored.
   for (const auto& r : fam.layer_roles)
     if (r.presence.kind == model::Presence::IfConfig && r.presence.key && !c.contains(r.presence.key))
@@ -228,6 +241,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
           if (!tmpl.empty()) ours = prefix + tmpl;
           stacked = std::strncmp(field, "expert_", 7) == 0;
           row_vector = std::string(field) == "shared_expert_gate";
+          if (ours.empty() && stacked && fam.fused()) ours = prefix + gguf_fused_expert_name(fam, field);
         }
       }
     }

@@ -205,8 +205,11 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   if (spec.attn.sliding_window > 0)
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
-  if (spec.routing.renormalize != arch->renormalizes)
-    throw Error::unsupported(src + ": routing " + (spec.routing.renormalize ? "renormalizes" : "does not renormalize") +
+  // granitemoe's softmax over the top-k logits equals llama.cpp's softmax over all experts with the
+  // top-k weights renormalized.
+  const bool renormalizes = spec.routing.renormalize || spec.routing.kind == model::Routing::TopKSoftmax;
+  if (renormalizes != arch->renormalizes)
+    throw Error::unsupported(src + ": routing " + (renormalizes ? "renormalizes" : "does not renormalize") +
                              " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
                              (arch->renormalizes ? "does" : "does not"));
   const auto& d = m.dims();
@@ -251,6 +254,12 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (key == "rope.dimension_count") return arch->permute_qk ? num(d.head_dim) : std::nullopt;
     if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
     if (k == "clip_qkv") return spec.attn.clip_qkv ? std::optional<double>(*spec.attn.clip_qkv) : std::nullopt;
+    // granitemoe's multipliers, each written (1 where config.json has none: llama.cpp requires them).
+    auto scalar = [&](double v) { return fam.scalar_multipliers ? std::optional<double>(v) : std::nullopt; };
+    if (k == "embedding_multiplier") return scalar(spec.embedding_multiplier);
+    if (k == "residual_multiplier") return scalar(spec.residual_multiplier);
+    if (k == "attention_multiplier") return scalar(spec.attn.scale.value_or(1.0));
+    if (k == "logits_scaling") return scalar(spec.logits_scaling);
     throw Error::internal("GGUF export: no value for " + A + "." + key);
   };
   io::for_each_gguf_hparam([&](const io::GgufHparam& h) {
