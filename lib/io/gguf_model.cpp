@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <optional>
 
 #include "core/error.h"
@@ -61,6 +62,21 @@ std::string gguf_fused_expert_name(const model::FamilyDesc& fam, const std::stri
   if (field == "expert_up") return stem(fam.fused_gate_up) + ".{e}.up.weight";
   if (field == "expert_down") return stem(fam.fused_down) + ".{e}.weight";
   throw Error::internal("no fused expert field " + field);
+}
+
+const model::FamilyDesc& gguf_split_layout(const model::FamilyDesc& fam) {
+  static std::mutex mu;
+  static std::map<std::string, model::FamilyDesc> split;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = split.find(fam.model_type);
+  if (it != split.end()) return it->second;
+  model::FamilyDesc f = fam;
+  f.expert_gate = gguf_fused_expert_name(fam, "expert_gate");
+  f.expert_up = gguf_fused_expert_name(fam, "expert_up");
+  f.expert_down = gguf_fused_expert_name(fam, "expert_down");
+  f.fused_gate_up.clear();
+  f.fused_down.clear();
+  return split.emplace(fam.model_type, std::move(f)).first->second;
 }
 
 // ---- GgufModel ----
@@ -304,9 +320,10 @@ Tensor GgufModel::tensor(std::string_view name) const {
     t = Tensor::encoded(std::make_shared<quant::GgufBlocks>(s.tensor->type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8);
   }
   if (s.permute_heads > 0) {
-    // Our row i is stored at the row r whose source row is i.
-    std::vector<int64_t> order(static_cast<size_t>(rows));
-    for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(gguf_permuted_source_row(r, s.permute_heads, rows))] = r;
+    // Our row i is stored at the row r whose source row is i (a bias: its values are the rows).
+    const int64_t n = info.shape.size() == 1 ? info.shape[0] : rows;
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) order[static_cast<size_t>(gguf_permuted_source_row(r, s.permute_heads, n))] = r;
     t = t.take_rows(order);
   }
   return t;

@@ -95,6 +95,9 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& file);
 // slices, named after the fused tensor ("block_sparse_moe.input_linear.{e}.gate.weight",
 // ".up.weight"; "block_sparse_moe.output_linear.{e}.weight"). model/load.cpp reads them.
 std::string gguf_fused_expert_name(const model::FamilyDesc& fam, const std::string& field);
+// `fam` with its experts spelled per expert by gguf_fused_expert_name and no fused tensors: the
+// layout a GGUF input's experts are listed in as stored (inspect, summaries). One copy per family.
+const model::FamilyDesc& gguf_split_layout(const model::FamilyDesc& fam);
 
 // The permutation the converter applies to the rows of a [heads * d, cols] q/k projection for
 // llama.cpp's interleaved RoPE: stored row r holds source row permuted_source_row(r, ...).

@@ -467,7 +467,9 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
     const float* x = b.x.data();
     if (it.permute_heads) {
       if (b.permuted.size() < n) b.permuted.resize(n);
-      permute_rows(x, it.permute_heads, rows, cols, b.permuted.data());
+      // A bias (1-D: one row of cols values) is permuted as a column, its values the rows.
+      const bool bias = it.info.ne.size() == 1;
+      permute_rows(x, it.permute_heads, bias ? cols : rows, bias ? 1 : cols, b.permuted.data());
       x = b.permuted.data();
     }
     encode_rows(w, b, rows, rb, [&](int64_t r, uint8_t* dst) {
