@@ -255,8 +255,8 @@ TEST(GgufInputPrune, KeptExpertsCopiedByteForByte) {
 
 // granitemoe (fused experts, read from GGUF as views of the split stacked tensors): `prune
 // --format gguf` of its Q8_0 export (down projections f16) keeps 3 experts, each with its gate, up
-// and down blocks copied
-// from one input expert's slices, and the file reads back as a model that evaluates.
+// and down blocks copied from one input expert's slices, every other tensor's bytes unchanged, and
+// the file reads back as a model that evaluates.
 TEST(GgufInputPrune, GraniteQ8PruneReadsBack) {
   auto& env = io::Env::posix();
   const fs::path in = exported("granitemoe-tiny", "q8_0");
@@ -284,6 +284,14 @@ TEST(GgufInputPrune, GraniteQ8PruneReadsBack) {
       EXPECT_EQ(slice(b, "ffn_up_exps", k), slice(a, "ffn_up_exps", from));
       EXPECT_EQ(slice(b, "ffn_down_exps", k), slice(a, "ffn_down_exps", from));
     }
+  }
+  // Every other tensor as stored, the q/k biases permuted back to the converter's order included.
+  for (const auto& ta : a.tensors()) {
+    if (ta.name.find("_exps.") != std::string::npos || ta.name.find("ffn_gate_inp.") != std::string::npos) continue;
+    const io::GgufTensorInfo* tb = b.find_tensor(ta.name);
+    ASSERT_NE(tb, nullptr) << ta.name;
+    ASSERT_EQ(tb->nbytes(), ta.nbytes()) << ta.name;
+    EXPECT_TRUE(std::equal(b.tensor_data(*tb), b.tensor_data(*tb) + tb->nbytes(), a.tensor_data(ta))) << ta.name;
   }
   const auto back = model::Model::load(io::Checkpoint::open(env, out));
   EXPECT_EQ(back.layers()[1].moe->num_experts(), 3);
