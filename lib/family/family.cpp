@@ -289,6 +289,10 @@ std::vector<FamilyDesc> build_families() {
     f.scalar_multipliers = true;
     f.head_dim_from_hidden = true;
     f.forward = true;
+    // llama.cpp's granitemoe: LlamaModel's q/k permutation (interleaved RoPE), softmax over all
+    // experts then the top-k renormalized (= the softmax over the k logits), the expert width as
+    // feed_forward_length.
+    gguf_arch(f, "granitemoe", true, true, false, false);
     v.push_back(f);
   }
   {

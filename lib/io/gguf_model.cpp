@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <optional>
 
 #include "core/error.h"
@@ -49,6 +50,33 @@ int64_t gguf_permute_heads(const GgufArch& arch, const std::string& role, int64_
   if (role == "q_proj" || role == "q_bias") return heads;
   if (role == "k_proj" || role == "k_bias") return kv_heads;
   return 0;
+}
+
+std::string gguf_fused_expert_name(const model::FamilyDesc& fam, const std::string& field) {
+  auto stem = [](const std::string& name) {
+    const std::string w = ".weight";
+    return name.size() > w.size() && name.compare(name.size() - w.size(), w.size(), w) == 0 ? name.substr(0, name.size() - w.size())
+                                                                                              : name;
+  };
+  if (field == "expert_gate") return stem(fam.fused_gate_up) + ".{e}.gate.weight";
+  if (field == "expert_up") return stem(fam.fused_gate_up) + ".{e}.up.weight";
+  if (field == "expert_down") return stem(fam.fused_down) + ".{e}.weight";
+  throw Error::internal("no fused expert field " + field);
+}
+
+const model::FamilyDesc& gguf_split_layout(const model::FamilyDesc& fam) {
+  static std::mutex mu;
+  static std::map<std::string, model::FamilyDesc> split;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = split.find(fam.model_type);
+  if (it != split.end()) return it->second;
+  model::FamilyDesc f = fam;
+  f.expert_gate = gguf_fused_expert_name(fam, "expert_gate");
+  f.expert_up = gguf_fused_expert_name(fam, "expert_up");
+  f.expert_down = gguf_fused_expert_name(fam, "expert_down");
+  f.fused_gate_up.clear();
+  f.fused_down.clear();
+  return split.emplace(fam.model_type, std::move(f)).first->second;
 }
 
 // ---- GgufModel ----
@@ -203,7 +231,9 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   if (const GgufValue* v = f.find(nk); v && v->as_int(file + ": " + nk) != 0)
     throw Error::unsupported(file + ": metadata key " + nk + ": " + std::to_string(v->as_int(file + ": " + nk)) +
                              " multi-token-prediction layers are not read here");
-  if (!fam.norm_topk_forced && !c.contains("norm_topk_prob")) c["norm_topk_prob"] = arch.renormalizes;
+  // granitemoe (softmax over the top-k logits) has no norm_topk_prob.
+  if (!fam.norm_topk_forced && fam.routing != model::Routing::TopKSoftmax && !c.contains("norm_topk_prob"))
+    c["norm_topk_prob"] = arch.renormalizes;
   // A bias whose presence a config key decides (llama's attention_bias): true when stored.
   for (const auto& r : fam.layer_roles)
     if (r.presence.kind == model::Presence::IfConfig && r.presence.key && !c.contains(r.presence.key))
@@ -272,6 +302,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
           if (!tmpl.empty()) ours = prefix + tmpl;
           stacked = std::strncmp(field, "expert_", 7) == 0;
           row_vector = std::string(field) == "shared_expert_gate";
+          if (ours.empty() && stacked && fam.fused()) ours = prefix + gguf_fused_expert_name(fam, field);
         }
       }
     }
@@ -334,9 +365,10 @@ Tensor GgufModel::tensor(std::string_view name) const {
     t = Tensor::encoded(std::make_shared<quant::GgufBlocks>(s.tensor->type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8);
   }
   if (s.permute_heads > 0) {
-    // Our row i is stored at the row r whose source row is i.
-    std::vector<int64_t> order(static_cast<size_t>(rows));
-    for (int64_t r = 0; r < rows; ++r) order[static_cast<size_t>(gguf_permuted_source_row(r, s.permute_heads, rows))] = r;
+    // Our row i is stored at the row r whose source row is i (a bias: its values are the rows).
+    const int64_t n = info.shape.size() == 1 ? info.shape[0] : rows;
+    std::vector<int64_t> order(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) order[static_cast<size_t>(gguf_permuted_source_row(r, s.permute_heads, n))] = r;
     t = t.take_rows(order);
   }
   return t;

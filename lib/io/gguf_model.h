@@ -88,6 +88,17 @@ struct GgufTokenizerText {
 };
 GgufTokenizerText gguf_tokenizer_json(const GgufFile& file);
 
+// The per-expert name, under the layer prefix, that a GGUF input gives expert {e}'s weight of MoE
+// field `field` ("expert_gate", "expert_up", "expert_down") of a family whose experts are stored
+// fused (granitemoe: input_linear [E,2I,H], output_linear [E,H,I]): GGUF stacks the three
+// projections apart, as llama.cpp's converter splits input_linear, so each expert is a view of its
+// slices, named after the fused tensor ("block_sparse_moe.input_linear.{e}.gate.weight",
+// ".up.weight"; "block_sparse_moe.output_linear.{e}.weight"). model/load.cpp reads them.
+std::string gguf_fused_expert_name(const model::FamilyDesc& fam, const std::string& field);
+// `fam` with its experts spelled per expert by gguf_fused_expert_name and no fused tensors: the
+// layout a GGUF input's experts are listed in as stored (inspect, summaries). One copy per family.
+const model::FamilyDesc& gguf_split_layout(const model::FamilyDesc& fam);
+
 // The permutation the converter applies to the rows of a [heads * d, cols] q/k projection for
 // llama.cpp's interleaved RoPE: stored row r holds source row permuted_source_row(r, ...).
 int64_t gguf_permuted_source_row(int64_t r, int64_t heads, int64_t rows);

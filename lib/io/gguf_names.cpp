@@ -75,6 +75,12 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"attention.key_length", "head_dim", false, GgufHparam::When::Optional},
     {"attention.value_length", "head_dim", false, GgufHparam::When::Optional},
     {"rope.dimension_count", "{rope_dim}", false, GgufHparam::When::Optional},
+    // granitemoe's scalar multipliers (GraniteModel's set_gguf_parameters; llama.cpp's loader
+    // requires all four for granitemoe, so the export writes each, 1 where config.json has none).
+    {"embedding_scale", "embedding_multiplier", true, GgufHparam::When::Optional},
+    {"residual_scale", "residual_multiplier", true, GgufHparam::When::Optional},
+    {"attention.scale", "attention_multiplier", true, GgufHparam::When::Optional},
+    {"logit_scale", "logits_scaling", true, GgufHparam::When::Optional},
     {"attention.clamp_kqv", "clip_qkv", true, GgufHparam::When::Optional},
     // DeepSeek-style MoE (GgufArch::routing_keys, leading_dense, shared_count).
     {"leading_dense_block_count", "first_k_dense_replace", false, GgufHparam::When::Optional},

@@ -243,8 +243,9 @@ uint64_t write_gguf_like(io::Env& env, const Model& m, const io::GgufModel& src,
         permuted.resize(std::max<size_t>(permuted.size(), p.n));
         const uint8_t* rows = f.read_range(p.data, p.n, whole.data());
         if (scan && !*quick_finite(rows, p.n, type)) check_finite(p, type, l.infos[i].ne[0], name);
+        const uint64_t row = p.n / p.order.size();  // a weight's row, or one value of a 1-D bias
         for (size_t r = 0; r < p.order.size(); ++r)
-          std::memcpy(permuted.data() + r * rb, rows + static_cast<uint64_t>(p.order[r]) * rb, rb);
+          std::memcpy(permuted.data() + r * row, rows + static_cast<uint64_t>(p.order[r]) * row, row);
         w.append(permuted.data(), p.n);
         f.release_range(p.data, p.n);
         continue;

@@ -494,6 +494,13 @@ Model Model::load(const io::Checkpoint& ckpt) {
                                   gather(fdn, {H, width}, lay.down(e))});
         for (const Tensor* t : {&fgu, &fdn})
           if (t->data()) m.release_(t->data(), t->nbytes());
+      } else if (f.fused() && ckpt.gguf() && !ckpt.has(prefix + f.fused_gate_up)) {
+        // A GGUF input (granitemoe): gate, up and down stacked apart, each expert a view of its
+        // slices under io::gguf_fused_expert_name's names.
+        for (int64_t e = 0; e < n_experts; ++e) {
+          auto name = [&](const char* field) { return prefix + expand(io::gguf_fused_expert_name(f, field), l, static_cast<int>(e)); };
+          b.experts.push_back(read_mlp(name("expert_gate"), name("expert_up"), name("expert_down"), width, "expert " + std::to_string(e)));
+        }
       } else if (f.fused()) {
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
         Tensor fgu = pick.need(gu, "fused experts"), fdn = pick.need(dn, "fused experts");

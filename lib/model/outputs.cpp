@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/mxfp4.h"
 #include "core/warn.h"
+#include "io/gguf_model.h"
 #include "model/detail.h"
 #include "model/model.h"
 
@@ -301,8 +302,13 @@ void add_layer(OutputBuilder& ob, const Model& m, int l) {
     // A v5 fused layout (FamilyDesc::v5_layout) takes experts written dense; encoded experts and
     // novices go per expert, in the family's per-expert spelling (router included), which
     // transformers v4 reads and v5 converts on load.
-    const FamilyDesc& f =
-        m.family().v5_layout && (!written_dense || b.num_novices() > 0) ? per_expert_layout(m.family()) : m.family();
+    // A GGUF input's experts of a fused family (granitemoe), listed as stored: per expert, as the
+    // GGUF reader names their blocks (io::gguf_split_layout).
+    const bool gguf_split = m.family().fused_only() && opts.as_stored && encoded && b.experts[0].gate.encoding() &&
+                            b.experts[0].gate.encoding()->name().rfind("gguf-", 0) == 0;
+    const FamilyDesc& f = gguf_split ? io::gguf_split_layout(m.family())
+                          : m.family().v5_layout && (!written_dense || b.num_novices() > 0) ? per_expert_layout(m.family())
+                                                                                               : m.family();
     ob.cls = "router";
     ob.add(prefix + f.router, b.router);
     // The correction bias stays in its own dtype (F32 in DeepSeek-V3 checkpoints).

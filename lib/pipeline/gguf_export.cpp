@@ -252,8 +252,11 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   if (spec.attn.sliding_window > 0)
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
-  if (!arch->routing_keys && spec.routing.renormalize != arch->renormalizes)
-    throw Error::unsupported(src + ": routing " + (spec.routing.renormalize ? "renormalizes" : "does not renormalize") +
+  // granitemoe's softmax over the top-k logits equals llama.cpp's softmax over all experts with the
+  // top-k weights renormalized.
+  const bool renormalizes = spec.routing.renormalize || spec.routing.kind == model::Routing::TopKSoftmax;
+  if (!arch->routing_keys && renormalizes != arch->renormalizes)
+    throw Error::unsupported(src + ": routing " + (renormalizes ? "renormalizes" : "does not renormalize") +
                              " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
                              (arch->renormalizes ? "does" : "does not"));
   const auto& d = m.dims();
@@ -311,6 +314,12 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     const bool groups = arch->routing_keys && r.group_limited && r.n_group > 1 && r.topk_group < r.n_group;
     if (k == "n_group") return groups ? num(r.n_group) : std::nullopt;
     if (k == "topk_group") return groups ? num(r.topk_group) : std::nullopt;
+    // granitemoe's multipliers, each written (1 where config.json has none: llama.cpp requires them).
+    auto scalar = [&](double v) { return fam.scalar_multipliers ? std::optional<double>(v) : std::nullopt; };
+    if (k == "embedding_multiplier") return scalar(spec.embedding_multiplier);
+    if (k == "residual_multiplier") return scalar(spec.residual_multiplier);
+    if (k == "attention_multiplier") return scalar(spec.attn.scale.value_or(1.0));
+    if (k == "logits_scaling") return scalar(spec.logits_scaling);
     throw Error::internal("GGUF export: no value for " + A + "." + key);
   };
   io::for_each_gguf_hparam([&](const io::GgufHparam& h) {
@@ -531,7 +540,9 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
     const float* x = b.x.data();
     if (it.permute_heads) {
       if (b.permuted.size() < n) b.permuted.resize(n);
-      permute_rows(x, it.permute_heads, rows, cols, b.permuted.data());
+      // A bias (1-D: one row of cols values) is permuted as a column, its values the rows.
+      const bool bias = it.info.ne.size() == 1;
+      permute_rows(x, it.permute_heads, bias ? cols : rows, bias ? 1 : cols, b.permuted.data());
       x = b.permuted.data();
     }
     encode_rows(w, b, rows, rb, [&](int64_t r, uint8_t* dst) {

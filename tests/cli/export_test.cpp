@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <tuple>
 #include <nlohmann/json.hpp>
 
@@ -185,6 +186,67 @@ TEST(Export, QwenFamiliesWriteTheirKeys) {
   EXPECT_EQ(meta_int(q3, "qwen3moe.expert_feed_forward_length"), 192);
   EXPECT_EQ(q3.find_tensor("blk.1.attn_q_norm.weight")->ne, (std::vector<int64_t>{48}));
   EXPECT_EQ(meta_int(q3, "general.file_type"), 32);
+}
+
+// granitemoe (data/granitemoe-tiny) as llama.cpp's granitemoe: the four multipliers as
+// ARCH.embedding_scale / residual_scale / attention.scale / logit_scale (f32), the expert width as
+// feed_forward_length, q/k rows (and biases) permuted as for arch llama (LlamaModel's converter),
+// no output.weight (tied), and input_linear [E,2I,H] split into ffn_gate_exps (its first I rows of
+// each expert) and ffn_up_exps (the next I), output_linear as ffn_down_exps. A granitemoe
+// llama.cpp's graph would compute differently (rope_scaling) is refused, nothing written.
+TEST(Export, GraniteMoeScalesAndSplitExperts) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/granitemoe-tiny", out = dir / "g.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), "granitemoe");
+  const std::vector<std::pair<const char*, float>> scales = {{"granitemoe.embedding_scale", 6.0f},
+                                                              {"granitemoe.residual_scale", 0.35f},
+                                                              {"granitemoe.attention.scale", 0.09f},
+                                                              {"granitemoe.logit_scale", 2.5f}};
+  for (const auto& [key, want] : scales) {
+    const io::GgufValue* v = f.find(key);
+    ASSERT_NE(v, nullptr) << key;
+    EXPECT_EQ(v->type, io::GgufValueType::F32) << key;
+    EXPECT_EQ(static_cast<float>(v->as_double(key)), want) << key;
+  }
+  EXPECT_EQ(meta_int(f, "granitemoe.feed_forward_length"), 16);
+  EXPECT_EQ(f.find("granitemoe.expert_feed_forward_length"), nullptr);
+  EXPECT_EQ(meta_int(f, "granitemoe.expert_count"), 8);
+  EXPECT_EQ(meta_int(f, "granitemoe.expert_used_count"), 3);
+  EXPECT_EQ(meta_int(f, "granitemoe.rope.dimension_count"), 16);
+  EXPECT_EQ(f.find_tensor("output.weight"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.1.ffn_gate_exps.weight")->ne, (std::vector<int64_t>{64, 16, 8}));
+  EXPECT_EQ(f.find_tensor("blk.1.ffn_down_exps.weight")->ne, (std::vector<int64_t>{16, 64, 8}));
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  const auto fused = ck.tensor("model.layers.1.block_sparse_moe.input_linear.weight").to_f32();  // [8, 32, 64]
+  const auto gate = f.decode(*f.find_tensor("blk.1.ffn_gate_exps.weight")), up = f.decode(*f.find_tensor("blk.1.ffn_up_exps.weight"));
+  const int64_t I = 16, H = 64;
+  for (int64_t e = 0; e < 8; ++e)
+    for (int64_t r = 0; r < I; ++r)
+      for (int64_t c = 0; c < H; ++c) {
+        ASSERT_EQ(gate[(e * I + r) * H + c], fused[(e * 2 * I + r) * H + c]) << "expert " << e << " row " << r;
+        ASSERT_EQ(up[(e * I + r) * H + c], fused[(e * 2 * I + I + r) * H + c]) << "expert " << e << " row " << r;
+      }
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.1.ffn_down_exps.weight")),
+            ck.tensor("model.layers.1.block_sparse_moe.output_linear.weight").to_f32());
+  // The k bias is permuted as the k rows: row 2i + s of each head of 16 <- row s * 8 + i.
+  const auto kb = f.decode(*f.find_tensor("blk.0.attn_k.bias"));
+  const auto kb_src = ck.tensor("model.layers.0.self_attn.k_proj.bias").to_f32();
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t i = 0; i < 8; ++i)
+      for (int64_t s = 0; s < 2; ++s) EXPECT_EQ(kb[h * 16 + 2 * i + s], kb_src[h * 16 + s * 8 + i]);
+  // rope_scaling: llama.cpp would rope as written in the file, not as the config says.
+  TempDir dir2{"moe-export"};
+  const fs::path scaled = dir2 / "scaled";
+  fs::create_directories(scaled);
+  for (const auto& e : fs::directory_iterator(src)) fs::copy_file(e.path(), scaled / e.path().filename());
+  json cfg = read_json(scaled / "config.json");
+  cfg["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  std::ofstream(scaled / "config.json") << cfg.dump(2);
+  expect_clean_failure(run_tool({"export", scaled.string(), (dir2 / "s.gguf").string(), "--type", "f32"}),
+                       "rope_scaling 'linear' is not exported to GGUF yet");
+  EXPECT_EQ(list_dir(dir2.path()), std::vector<std::string>{"scaled"});
 }
 
 // A synthetic checkpoint (hidden 32, 4 heads of 8, 4 experts of width 16) with the fixtures'

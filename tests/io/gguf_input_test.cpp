@@ -30,8 +30,10 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
+// data/models/<model>, else data/<model> (granitemoe-tiny).
 fs::path fixture(const std::string& model) {
-  return model == "glm4-moe-tiny" ? kSrc / "data" / model : kSrc / "data/models" / model;
+  const fs::path p = kSrc / "data/models" / model;
+  return fs::exists(p) ? p : kSrc / "data" / model;
 }
 
 // The fixture exported once per test binary run (each export is a fraction of a second).
@@ -42,6 +44,8 @@ fs::path exported(const std::string& model, const std::string& type) {
   if (!fs::exists(out)) {
     std::vector<std::string> args = {"-q", "export", fixture(model).string(), out.string(), "--type", type};
     if (model == "glm4-moe-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
+    // granitemoe-tiny's experts are 16 wide: down projection rows narrower than a block stay f16.
+    if (model == "granitemoe-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
     const RunResult r = run_tool(args);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
@@ -90,26 +94,51 @@ TEST_P(GgufInput, FolderOutputCarriesTheTokenizerAndEvaluatesTheSame) {
 }
 
 // F32 GGUF read as a checkpoint: every tensor of the source under its own name, values equal
-// (q/k rows un-permuted for arch llama, experts sliced out of the stacked tensors).
+// (q/k rows un-permuted for arch llama and granitemoe, experts sliced out of the stacked tensors).
+// granitemoe's fused experts (input_linear [E,2I,H], output_linear [E,H,I]) are stored split, as
+// llama.cpp's converter splits them: the loaded models' experts are compared instead.
 TEST_P(GgufInput, F32TensorsEqualTheSource) {
   auto& env = io::Env::posix();
   const auto src = io::Checkpoint::open(env, fixture(GetParam()));
   const auto gg = io::Checkpoint::open(env, exported(GetParam(), "f32"));
   ASSERT_NE(gg.gguf(), nullptr);
-  size_t kept = 0;
+  const auto m = model::Model::load(gg), ms = model::Model::load(src);
+  const auto& fam = ms.family();
+  size_t kept = 0, fused = 0;
   for (const auto& name : src.names()) {
     if (mtp_tensor(src, name)) continue;
     ++kept;
     SCOPED_TRACE(name);
+    if (fam.fused() && (name.ends_with(fam.fused_gate_up) || name.ends_with(fam.fused_down))) {
+      ++fused;
+      continue;
+    }
     ASSERT_TRUE(gg.has(name));
     const core::Tensor a = src.tensor(name), b = gg.tensor(name);
     ASSERT_EQ(b.shape(), a.shape());
     EXPECT_EQ(b.to_f32(), a.to_f32());
   }
-  EXPECT_EQ(gg.names().size(), kept);
-  const auto m = model::Model::load(gg);
+  int64_t E = 0;
+  for (const auto& layer : ms.layers())
+    if (layer.moe) E = layer.moe->num_experts();
+  EXPECT_EQ(gg.names().size(), kept + fused / 2 * static_cast<size_t>(3 * E - 2));  // 2 fused tensors -> 3 per expert
+  for (const auto& layer : ms.layers()) {
+    if (!layer.moe || static_cast<size_t>(layer.index) >= m.layers().size()) continue;  // dense and MTP layers
+    for (size_t e = 0; e < static_cast<size_t>(E); ++e) {
+      const model::Mlp &a = layer.moe->experts[e], &b = m.layers()[static_cast<size_t>(layer.index)].moe->experts[e];
+      SCOPED_TRACE("layer " + std::to_string(layer.index) + " expert " + std::to_string(e));
+      EXPECT_EQ(b.gate.to_f32(), a.gate.to_f32());
+      EXPECT_EQ(b.up.to_f32(), a.up.to_f32());
+      EXPECT_EQ(b.down.to_f32(), a.down.to_f32());
+    }
+  }
   EXPECT_EQ(m.config().json().at("rms_norm_eps"), src.config().at("rms_norm_eps"));
   EXPECT_EQ(m.config().json().at("rope_theta"), src.config().at("rope_theta"));
+  // granitemoe's multipliers come back as config.json gave them (ARCH.embedding_scale, ...).
+  if (fam.scalar_multipliers) {
+    for (const char* k : {"embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"})
+      EXPECT_EQ(m.config().json().at(k), src.config().at(k)) << k;
+  }
 }
 
 // Q8_0: the model's weights are the decode of the file's blocks (quant::decode_row), expert e of a
@@ -138,7 +167,7 @@ TEST_P(GgufInput, Q8WeightsAreTheBlocksDecode) {
   const io::GgufTensorInfo* q = f.find_tensor("blk.0.attn_q.weight");
   const std::vector<float> qf = f.decode(*q), ours = m.layers()[0].tensors.at("q_proj").to_f32();
   const int64_t rows = q->ne[1], cols = q->ne[0];
-  const bool permuted = GetParam() == "mixtral-tiny";
+  const bool permuted = m.family().gguf->permute_qk;
   const int64_t heads = m.dims().heads;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = permuted ? io::gguf_permuted_source_row(r, heads, rows) : r;
@@ -161,9 +190,7 @@ TEST_P(GgufInput, InspectRuns) {
   const RunResult r = run_tool({"inspect", exported(GetParam(), "q8_0").string(), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const json j = json::parse(r.out);
-  const std::map<std::string, std::string> family = {
-      {"mixtral-tiny", "mixtral"}, {"qwen2moe-tiny", "qwen2_moe"}, {"glm4-moe-tiny", "glm4_moe"}};
-  EXPECT_EQ(j.at("family"), family.at(GetParam()));
+  EXPECT_EQ(j.at("family"), model::Model::load(io::Checkpoint::open(io::Env::posix(), fixture(GetParam()))).family().model_type);
   EXPECT_EQ(j.at("experts_per_layer"), 8);
   // Every stored byte of the file's tensors, the q8_0 blocks as U8.
   const auto f = io::GgufFile::open(io::Env::posix(), exported(GetParam(), "q8_0"));
@@ -176,7 +203,8 @@ TEST_P(GgufInput, InspectRuns) {
   EXPECT_EQ(j.at("bytes_by_dtype").at("U8"), blocks);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput, ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
+                         ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny"),
                          [](const auto& i) {
                            std::string n = i.param.substr(0, i.param.find("-tiny"));
                            std::erase(n, '-');
@@ -247,6 +275,51 @@ TEST(GgufInputPrune, KeptExpertsCopiedByteForByte) {
   EXPECT_EQ(stacked, 12);
   const auto back = model::Model::load(io::Checkpoint::open(env, out));
   EXPECT_EQ(back.layers()[2].moe->num_experts(), 3);
+}
+
+// granitemoe (fused experts, read from GGUF as views of the split stacked tensors): `prune
+// --format gguf` of its Q8_0 export (down projections f16) keeps 3 experts, each with its gate, up
+// and down blocks copied from one input expert's slices, every other tensor's bytes unchanged, and
+// the file reads back as a model that evaluates.
+TEST(GgufInputPrune, GraniteQ8PruneReadsBack) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("granitemoe-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-granite"};
+  const fs::path out = dir / "pruned.gguf";
+  const RunResult r = run_tool({"-q", "prune", in.string(), out.string(), "--method", "random", "--keep", "3", "--seed", "4",
+                                "--format", "gguf"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, out);
+  EXPECT_EQ(b.find("granitemoe.expert_count")->integer, 3u);
+  EXPECT_EQ(b.find("granitemoe.expert_used_count")->integer, 3u);
+  EXPECT_NE(b.find("granitemoe.residual_scale"), nullptr);
+  for (int layer = 0; layer < 2; ++layer) {
+    auto slice = [&](const io::GgufFile& f, const char* what, int64_t e) {
+      const io::GgufTensorInfo* t = f.find_tensor("blk." + std::to_string(layer) + "." + what + ".weight");
+      EXPECT_EQ(t->type, std::string(what) == "ffn_down_exps" ? quant::GgmlType::F16 : quant::GgmlType::Q8_0);
+      const uint64_t n = t->nbytes() / static_cast<uint64_t>(t->ne[2]);
+      return std::string(reinterpret_cast<const char*>(f.tensor_data(*t)) + e * n, n);
+    };
+    for (int64_t k = 0; k < 3; ++k) {
+      int64_t from = -1;
+      for (int64_t e = 0; e < 8 && from < 0; ++e)
+        if (slice(b, "ffn_gate_exps", k) == slice(a, "ffn_gate_exps", e)) from = e;
+      ASSERT_GE(from, 0) << "layer " << layer << " kept expert " << k;
+      EXPECT_EQ(slice(b, "ffn_up_exps", k), slice(a, "ffn_up_exps", from));
+      EXPECT_EQ(slice(b, "ffn_down_exps", k), slice(a, "ffn_down_exps", from));
+    }
+  }
+  // Every other tensor as stored, the q/k biases permuted back to the converter's order included.
+  for (const auto& ta : a.tensors()) {
+    if (ta.name.find("_exps.") != std::string::npos || ta.name.find("ffn_gate_inp.") != std::string::npos) continue;
+    const io::GgufTensorInfo* tb = b.find_tensor(ta.name);
+    ASSERT_NE(tb, nullptr) << ta.name;
+    ASSERT_EQ(tb->nbytes(), ta.nbytes()) << ta.name;
+    EXPECT_TRUE(std::equal(b.tensor_data(*tb), b.tensor_data(*tb) + tb->nbytes(), a.tensor_data(ta))) << ta.name;
+  }
+  const auto back = model::Model::load(io::Checkpoint::open(env, out));
+  EXPECT_EQ(back.layers()[1].moe->num_experts(), 3);
+  EXPECT_GT(eval_json(out).at("nll_sum").get<double>(), 0);
 }
 
 // `prune --format gguf` of a GGUF input: the file equals model::write_gguf_like of the input with
