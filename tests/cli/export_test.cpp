@@ -329,6 +329,59 @@ TEST(Export, Glm4MoeRefusalsWriteNothing) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"groups", "nobias"}));
 }
 
+// ernie4_5-moe (ernie4_5_moe-tiny: 3 layers, the first dense, 8 experts, top 2, one shared expert
+// of the expert width, tied embeddings, the choice bias moe_statics.e_score_correction_bias): the
+// keys llama.cpp's ernie4_5-moe loader requires (leading_dense_block_count, interleave_moe_layer_step,
+// expert_feed_forward_length; the shared width as expert_shared_feed_forward_length), the dense
+// layer as ffn_gate/ffn_up/ffn_down, the bias as exp_probs_b, no q/k permutation (its RoPE is on
+// adjacent pairs, as ours), no output.weight.
+TEST(Export, Ernie45MoeKeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/ernie4_5_moe-tiny", out = dir / "e.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "ernie4_5-moe";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"block_count", 3}, {"leading_dense_block_count", 1}, {"interleave_moe_layer_step", 1}, {"feed_forward_length", 96},
+      {"expert_feed_forward_length", 32}, {"expert_shared_feed_forward_length", 32}, {"expert_count", 8},
+      {"expert_used_count", 2}, {"attention.head_count", 4}, {"attention.head_count_kv", 2}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  for (const char* absent : {"expert_gating_func", "expert_weights_norm", "expert_shared_count", "expert_group_count"})
+    EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) {
+    SCOPED_TRACE(gguf);
+    const io::GgufTensorInfo* t = f.find_tensor(gguf);
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
+  };
+  same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
+  same("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight");
+  same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.moe_statics.e_score_correction_bias");
+  same("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight");
+  same("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight");  // not permuted
+  same("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight");
+  same("blk.2.ffn_up_shexp.weight", "model.layers.2.mlp.shared_experts.up_proj.weight");
+  EXPECT_EQ(f.find_tensor("blk.1.exp_probs_b.bias")->ne, std::vector<int64_t>{8});
+  EXPECT_EQ(f.find_tensor("blk.0.ffn_gate_inp.weight"), nullptr);
+  EXPECT_EQ(f.find_tensor("output.weight"), nullptr);
+}
+
+// ernie4_5-moe refusal: moe_norm_min above llama.cpp's clamp of the top-k weight sum (2^-14).
+// Exit 2, one line, nothing written.
+TEST(Export, Ernie45MoeNormMinRefusedWritesNothing) {
+  TempDir dir{"moe-export"};
+  const fs::path norm = dir / "norm";
+  copy_folder(kSrc / "data/ernie4_5_moe-tiny", norm);
+  json c = read_json(norm / "config.json");
+  c["moe_norm_min"] = 0.001;
+  write_file(norm / "config.json", c.dump(2));
+  expect_clean_failure(run_tool({"export", norm.string(), (dir / "n.gguf").string(), "--type", "f32"}),
+                       "moe_norm_min 0.001: llama.cpp's ernie4_5-moe graph clamps the top-k weight sum at 6.103515625e-05 only");
+  EXPECT_EQ(list_dir(dir.path()), std::vector<std::string>{"norm"});
+}
+
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
 // copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
 // rows permuted for arch llama), whatever --type says for the dense tensors.
