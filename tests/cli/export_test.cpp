@@ -115,6 +115,14 @@ int64_t meta_int(const io::GgufFile& f, const std::string& key) {
   return v ? v->as_int(key) : -1;
 }
 
+// The GGUF tensor `gguf` decodes to the checkpoint's tensor `ours` exactly (not permuted).
+void expect_same_tensor(const io::GgufFile& f, const std::string& gguf, const io::Checkpoint& ck, const std::string& ours) {
+  SCOPED_TRACE(gguf);
+  const io::GgufTensorInfo* t = f.find_tensor(gguf);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
+}
+
 std::string type_of(const io::GgufFile& f, const std::string& name) {
   const io::GgufTensorInfo* t = f.find_tensor(name);
   EXPECT_NE(t, nullptr) << name;
@@ -286,12 +294,7 @@ TEST(Export, Glm4MoeKeysAsLlamaCppExpects) {
   EXPECT_EQ(f.find("glm4moe.nextn_predict_layers"), nullptr);
   EXPECT_EQ(f.find("glm4moe.expert_shared_feed_forward_length"), nullptr);
   const auto ck = io::Checkpoint::open(io::Env::posix(), src);
-  auto same = [&](const std::string& gguf, const std::string& ours) {
-    SCOPED_TRACE(gguf);
-    const io::GgufTensorInfo* t = f.find_tensor(gguf);
-    ASSERT_NE(t, nullptr);
-    EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
-  };
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
   same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
   same("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight");
   same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.gate.e_score_correction_bias");
@@ -350,12 +353,7 @@ TEST(Export, Ernie45MoeKeysAsLlamaCppExpects) {
   for (const char* absent : {"expert_gating_func", "expert_weights_norm", "expert_shared_count", "expert_group_count"})
     EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
   const auto ck = io::Checkpoint::open(io::Env::posix(), src);
-  auto same = [&](const std::string& gguf, const std::string& ours) {
-    SCOPED_TRACE(gguf);
-    const io::GgufTensorInfo* t = f.find_tensor(gguf);
-    ASSERT_NE(t, nullptr);
-    EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
-  };
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
   same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
   same("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight");
   same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.moe_statics.e_score_correction_bias");
