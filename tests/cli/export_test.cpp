@@ -20,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "io/env.h"
 #include "io/gguf.h"
+#include "io/safetensors.h"
 #include "model/model.h"
 #include "quant/gguf_blocks.h"
 #include "support/ckpt_util.h"
@@ -113,6 +114,14 @@ int64_t meta_int(const io::GgufFile& f, const std::string& key) {
   const io::GgufValue* v = f.find(key);
   EXPECT_NE(v, nullptr) << key;
   return v ? v->as_int(key) : -1;
+}
+
+// A copy of the fixture data/<fixture> at `to` with `patch` merged into its config.json.
+void copy_fixture_with(const std::string& fixture, const fs::path& to, const json& patch) {
+  copy_folder(kSrc / "data" / fixture, to);
+  json c = read_json(to / "config.json");
+  c.merge_patch(patch);
+  write_file(to / "config.json", c.dump(2));
 }
 
 // The GGUF tensor `gguf` decodes to the checkpoint's tensor `ours` exactly (not permuted).
@@ -314,12 +323,7 @@ TEST(Export, Glm4MoeKeysAsLlamaCppExpects) {
 TEST(Export, Glm4MoeRefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   const fs::path groups = dir / "groups", nobias = dir / "nobias";
-  auto copy_with = [](const fs::path& to, const json& patch) {
-    copy_folder(kSrc / "data/glm4-moe-tiny", to);
-    json c = read_json(to / "config.json");
-    c.merge_patch(patch);
-    write_file(to / "config.json", c.dump(2));
-  };
+  auto copy_with = [](const fs::path& to, const json& patch) { copy_fixture_with("glm4-moe-tiny", to, patch); };
   copy_with(groups, {{"n_group", 8}});
   expect_clean_failure(run_tool({"export", groups.string(), (dir / "g.gguf").string(), "--type", "f32"}),
                        "n_group 8 makes groups of one expert of 8: llama.cpp's glm4moe graph scores a group by its top 2");
@@ -366,18 +370,34 @@ TEST(Export, Ernie45MoeKeysAsLlamaCppExpects) {
   EXPECT_EQ(f.find_tensor("output.weight"), nullptr);
 }
 
-// ernie4_5-moe refusal: moe_norm_min above llama.cpp's clamp of the top-k weight sum (2^-14).
-// Exit 2, one line, nothing written.
-TEST(Export, Ernie45MoeNormMinRefusedWritesNothing) {
+// ernie4_5-moe refusals: a dense layer after an MoE one (moe_layer_interval 2 makes layer 2 dense;
+// llama.cpp's loader gives every layer from leading_dense_block_count on the MoE tensors);
+// moe_norm_min above llama.cpp's clamp of the top-k weight sum (2^-14). Exit 2, one line, nothing
+// written.
+TEST(Export, Ernie45MoeRefusalsWriteNothing) {
   TempDir dir{"moe-export"};
-  const fs::path norm = dir / "norm";
-  copy_folder(kSrc / "data/ernie4_5_moe-tiny", norm);
-  json c = read_json(norm / "config.json");
-  c["moe_norm_min"] = 0.001;
-  write_file(norm / "config.json", c.dump(2));
+  const fs::path interval = dir / "interval", norm = dir / "norm";
+  auto copy_with = [](const fs::path& to, const json& patch) { copy_fixture_with("ernie4_5_moe-tiny", to, patch); };
+  copy_with(interval, {{"moe_layer_interval", 2}});
+  {  // layer 2 as a dense layer: its MoE tensors out, layer 0's dense MLP in
+    TensorMap t = read_tensors(interval);
+    std::erase_if(t, [](const auto& kv) { return kv.first.rfind("model.layers.2.mlp.", 0) == 0; });
+    for (const char* p : {"gate_proj", "up_proj", "down_proj"})
+      t["model.layers.2.mlp." + std::string(p) + ".weight"] = t.at("model.layers.0.mlp." + std::string(p) + ".weight");
+    std::vector<io::TensorInfo> infos;
+    std::string data;
+    for (const auto& [name, b] : t) {
+      infos.push_back({name, b.dtype, b.shape, data.size(), data.size() + b.bytes.size()});
+      data += b.bytes;
+    }
+    write_file(interval / "model.safetensors", io::serialize_safetensors_header(infos, {}) + data);
+  }
+  expect_clean_failure(run_tool({"export", interval.string(), (dir / "i.gguf").string(), "--type", "f32"}),
+                       "layer 2 is a dense layer; llama.cpp's ernie4_5-moe needs experts in every layer after the leading dense ones");
+  copy_with(norm, {{"moe_norm_min", 0.001}});
   expect_clean_failure(run_tool({"export", norm.string(), (dir / "n.gguf").string(), "--type", "f32"}),
                        "moe_norm_min 0.001: llama.cpp's ernie4_5-moe graph clamps the top-k weight sum at 6.103515625e-05 only");
-  EXPECT_EQ(list_dir(dir.path()), std::vector<std::string>{"norm"});
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"interval", "norm"}));
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
