@@ -399,6 +399,11 @@ std::vector<FamilyDesc> build_families() {
     // Ernie4_5_MoeExperts (MixtralExperts) has none: the two disagree (the configuration's default is false).
     f.refused_true_what = "biases on every projection; transformers v4 gives the routed experts biases, v5 does not";
     f.forward = true;
+    // llama.cpp's ernie4_5-moe: RoPE on adjacent pairs (LLAMA_ROPE_TYPE_NORM) as ours, so q/k rows
+    // are not permuted (convert_hf_to_gguf.py's Ernie4_5Model does not); the softmax top-k weights
+    // renormalized; leading dense layers; shared experts sized by expert_shared_feed_forward_length.
+    gguf_arch(f, "ernie4_5-moe", false, true, true, true);
+    f.gguf->leading_dense = f.gguf->choice_bias = true;
     v.push_back(f);
   }
   {

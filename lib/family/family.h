@@ -70,6 +70,9 @@ struct GgufArch {
   bool leading_dense = false;   // a prefix of dense layers: leading_dense_block_count, blk.N.ffn_{gate,up,down}
   bool shared_count = false;    // shared experts counted (expert_shared_count; width = count x expert width)
   bool post_attention_norm = false;  // post_attn_norm is blk.N.post_attention_norm (else ffn_norm)
+  // The router bias as blk.N.exp_probs_b.bias without the routing keys (ernie4_5-moe: softmax
+  // gating, the bias added for the choice only, the chosen weights renormalized).
+  bool choice_bias = false;
 };
 
 struct FamilyDesc {

@@ -117,6 +117,8 @@ std::string config_key(const model::FamilyDesc& fam, const std::string& k) {
   if (k == "{expert_width}") return fam.expert_width_key;
   if (k == "{shared_width}") return fam.shared_width_key;
   if (k == "{shared_count}") return fam.shared_count_key;
+  if (k == "{dense_lead}")
+    return fam.moe_layers == model::MoeLayerRule::StartEndInterval ? "moe_layer_start_index" : "first_k_dense_replace";
   return k;
 }
 
@@ -150,6 +152,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   const std::string A = arch.arch;
   json c = json::object();
   std::optional<int64_t> rope_dim;  // rope.dimension_count ({rope_dim}): head_dim or the partial rotary width
+  // The shared experts' total width where the family counts them in expert widths but the
+  // architecture gives the width (ernie4_5-moe: expert_shared_feed_forward_length, no count).
+  const bool shared_width_as_count = fam.shared_width_key.empty() && !fam.shared_count_key.empty() && !arch.shared_count;
+  std::optional<int64_t> shared_width;
   c["model_type"] = arch.model_type;
   c["architectures"] = json::array({fam.architectures.empty() ? std::string(arch.model_type) : fam.architectures.front()});
   for_each_gguf_hparam([&](const GgufHparam& h) {
@@ -164,6 +170,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     }
     if (std::string(h.config_key) == "{rope_dim}") {
       rope_dim = v->as_int(file + ": " + key);
+      return;
+    }
+    if (shared_width_as_count && std::string(h.config_key) == "{shared_width}") {
+      shared_width = v->as_int(file + ": " + key);
       return;
     }
     const std::string ck = config_key(fam, h.config_key);
@@ -226,7 +236,19 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     // llama.cpp's defaults for the optional keys: no renormalization, no leading dense layer.
     if (!c.contains("norm_topk_prob")) c["norm_topk_prob"] = false;
   }
-  if (arch.leading_dense && !c.contains("first_k_dense_replace")) c["first_k_dense_replace"] = 0;
+  if (shared_width_as_count) {  // absent: no shared expert (llama.cpp's n_ff_shexp 0)
+    const int64_t ew = c.at(fam.expert_width_key).get<int64_t>(), w = shared_width.value_or(0);
+    if (w < 0 || (ew > 0 && w % ew != 0))
+      throw Error::corruption(file + ": metadata key " + A + ".expert_shared_feed_forward_length: " + std::to_string(w) +
+                              " is not a multiple of the expert width " + std::to_string(ew));
+    c[fam.shared_count_key] = ew > 0 ? w / ew : 0;
+  }
+  if (arch.leading_dense) {
+    const std::string lead = config_key(fam, "{dense_lead}");
+    if (!c.contains(lead)) c[lead] = 0;
+  }
+  // MoE layers from the leading dense ones to the last (llama.cpp: il >= n_layer_dense_lead).
+  if (fam.moe_layers == model::MoeLayerRule::StartEndInterval) c["moe_layer_end_index"] = -1;
   const std::string nk = A + ".nextn_predict_layers";
   if (const GgufValue* v = f.find(nk); v && v->as_int(file + ": " + nk) != 0)
     throw Error::unsupported(file + ": metadata key " + nk + ": " + std::to_string(v->as_int(file + ": " + nk)) +
@@ -301,7 +323,8 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
           const std::string& tmpl = moe_template(fam, field);
           if (!tmpl.empty()) ours = prefix + tmpl;
           stacked = std::strncmp(field, "expert_", 7) == 0;
-          row_vector = std::string(field) == "shared_expert_gate";
+          // [1, H] / [1, E] on our side, a vector in the file (ernie4_5_moe's moe_statics bias: router_bias_row).
+          row_vector = std::string(field) == "shared_expert_gate" || (std::string(field) == "router_bias" && fam.router_bias_row);
           if (ours.empty() && stacked && fam.fused()) ours = prefix + gguf_fused_expert_name(fam, field);
         }
       }

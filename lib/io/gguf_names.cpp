@@ -83,7 +83,8 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"logit_scale", "logits_scaling", true, GgufHparam::When::Optional},
     {"attention.clamp_kqv", "clip_qkv", true, GgufHparam::When::Optional},
     // DeepSeek-style MoE (GgufArch::routing_keys, leading_dense, shared_count).
-    {"leading_dense_block_count", "first_k_dense_replace", false, GgufHparam::When::Optional},
+    {"leading_dense_block_count", "{dense_lead}", false, GgufHparam::When::Optional},
+    {"interleave_moe_layer_step", "moe_layer_interval", false, GgufHparam::When::Optional},
     {"expert_shared_count", "{shared_count}", false, GgufHparam::When::Optional},
     {"expert_weights_scale", "routed_scaling_factor", true, GgufHparam::When::Optional},
     {"expert_weights_norm", "norm_topk_prob", false, GgufHparam::When::Optional, true},

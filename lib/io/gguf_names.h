@@ -40,7 +40,8 @@ const char* gguf_moe_field(const std::string& gguf_name);
 // Hyper-parameters: "ARCH.<key>" <-> a config.json key. `config_key` is a config.json key, or one
 // of the family's own key fields (model::FamilyDesc) in braces: {expert_count}, {topk},
 // {expert_width}, {shared_width}, {shared_count}, {rope_dim} (the RoPE width: head_dim, or for a
-// partial-rotary family head_dim x partial_rotary_factor). `when` says for which architectures the
+// partial-rotary family head_dim x partial_rotary_factor), {dense_lead} (the leading dense layers:
+// first_k_dense_replace, or moe_layer_start_index where MoeLayerRule::StartEndInterval). `when` says for which architectures the
 // pair applies.
 struct GgufHparam {
   enum class When { Always, ExpertWidthKey, NoExpertWidthKey, Optional };

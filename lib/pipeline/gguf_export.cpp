@@ -5,6 +5,7 @@
 #include <future>
 #include <optional>
 #include <set>
+#include <sstream>
 
 #include "core/error.h"
 #include "core/warn.h"
@@ -166,6 +167,25 @@ void refuse_routing(const model::Model& m, const model::GgufArch& arch, const ru
                                " loader requires attn_q/k/v biases");
 }
 
+// Refuses a model whose routing llama.cpp's softmax-with-choice-bias graph (GgufArch::choice_bias:
+// build_moe_ffn with softmax gating, exp_probs_b, norm_w) would compute differently.
+void refuse_choice_bias(const model::GgufArch& arch, const runtime::ForwardSpec& spec, const std::string& src) {
+  const auto& r = spec.routing;
+  if (r.kind != model::Routing::SoftmaxBiasTopK)
+    throw Error::unsupported(src + ": routing " + model::routing_name(r.kind) + ": llama.cpp's " + arch.arch +
+                             " graph routes as softmax, choice bias, top-k renormalized");
+  // llama.cpp divides the chosen weights by max(sum, 2^-14) (the smallest normal f16); ours by
+  // max(sum, moe_norm_min). Below 2^-14 they differ only on sums under 2^-14, above it on every
+  // sum under moe_norm_min, which a model may reach.
+  constexpr double kLlamaWeightsSumMin = 6.103515625e-5;
+  if (r.norm_min > kLlamaWeightsSumMin) {
+    std::ostringstream v;
+    v << r.norm_min;
+    throw Error::unsupported(src + ": moe_norm_min " + v.str() + ": llama.cpp's " + arch.arch +
+                             " graph clamps the top-k weight sum at 6.103515625e-05 only");
+  }
+}
+
 // tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model).
 void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::GgufMetadata& kv) {
   const fs::path tj = dir / "tokenizer.json";
@@ -253,8 +273,10 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
   // granitemoe's softmax over the top-k logits equals llama.cpp's softmax over all experts with the
-  // top-k weights renormalized.
-  const bool renormalizes = spec.routing.renormalize || spec.routing.kind == model::Routing::TopKSoftmax;
+  // top-k weights renormalized; ernie4_5_moe's routing renormalizes whatever norm_topk_prob says (by
+  // max(sum, moe_norm_min)).
+  const bool renormalizes = spec.routing.renormalize || spec.routing.kind == model::Routing::TopKSoftmax ||
+                            spec.routing.kind == model::Routing::SoftmaxBiasTopK;
   if (!arch->routing_keys && renormalizes != arch->renormalizes)
     throw Error::unsupported(src + ": routing " + (renormalizes ? "renormalizes" : "does not renormalize") +
                              " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
@@ -270,6 +292,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                              " graph needs a k_norm as wide as the hidden size (no grouped-query attention)");
   const auto& moe0 = *std::find_if(m.layers().begin(), m.layers().end(), [](const model::Layer& l) { return l.moe.has_value(); })->moe;
   if (arch->routing_keys) refuse_routing(m, *arch, spec, moe0, src);
+  if (arch->choice_bias) refuse_choice_bias(*arch, spec, src);
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));
@@ -307,7 +330,9 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (k == "{rope_dim}") return fam.partial_rotary ? num(spec.attn.rope_dim()) : arch->permute_qk ? num(d.head_dim) : std::nullopt;
     if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
     if (k == "clip_qkv") return spec.attn.clip_qkv ? std::optional<double>(*spec.attn.clip_qkv) : std::nullopt;
-    if (k == "first_k_dense_replace") return arch->leading_dense ? num(lead) : std::nullopt;
+    if (k == "{dense_lead}") return arch->leading_dense ? num(lead) : std::nullopt;
+    // llama.cpp's ernie4_5-moe requires the step; 1 as refuse_unsupported leaves no dense layer after the lead.
+    if (k == "moe_layer_interval") return fam.moe_layers == model::MoeLayerRule::StartEndInterval ? num(1) : std::nullopt;
     if (k == "routed_scaling_factor") return arch->routing_keys ? std::optional<double>(r.routed_scaling_factor) : std::nullopt;
     if (k == "norm_topk_prob") return arch->routing_keys ? num(r.renormalize) : std::nullopt;
     // Group-limited routing only where it limits (llama.cpp asserts expert_group_used_count < expert_group_count).
@@ -397,7 +422,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     const auto& moe = *layer.moe;
     add(blk + "ffn_gate_inp.weight", {moe.router});
     if (moe.router_bias) {
-      if (!arch->routing_keys) throw Error::unsupported(src + ": router bias: llama.cpp's " + A + " has none");
+      if (!arch->routing_keys && !arch->choice_bias) throw Error::unsupported(src + ": router bias: llama.cpp's " + A + " has none");
       add(blk + io::gguf_moe_name("router_bias"), {*moe.router_bias});
     }
     std::vector<core::Tensor> gate, up, down;

@@ -21,6 +21,7 @@
 #include "io/checkpoint.h"
 #include "io/env.h"
 #include "io/gguf.h"
+#include "io/safetensors.h"
 #include "model/model.h"
 #include "quant/gguf_blocks.h"
 #include "support/ckpt_util.h"
@@ -114,6 +115,22 @@ int64_t meta_int(const io::GgufFile& f, const std::string& key) {
   const io::GgufValue* v = f.find(key);
   EXPECT_NE(v, nullptr) << key;
   return v ? v->as_int(key) : -1;
+}
+
+// A copy of the fixture data/<fixture> at `to` with `patch` merged into its config.json.
+void copy_fixture_with(const std::string& fixture, const fs::path& to, const json& patch) {
+  copy_folder(kSrc / "data" / fixture, to);
+  json c = read_json(to / "config.json");
+  c.merge_patch(patch);
+  write_file(to / "config.json", c.dump(2));
+}
+
+// The GGUF tensor `gguf` decodes to the checkpoint's tensor `ours` exactly (not permuted).
+void expect_same_tensor(const io::GgufFile& f, const std::string& gguf, const io::Checkpoint& ck, const std::string& ours) {
+  SCOPED_TRACE(gguf);
+  const io::GgufTensorInfo* t = f.find_tensor(gguf);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
 }
 
 std::string type_of(const io::GgufFile& f, const std::string& name) {
@@ -348,12 +365,7 @@ TEST(Export, Glm4MoeKeysAsLlamaCppExpects) {
   EXPECT_EQ(f.find("glm4moe.nextn_predict_layers"), nullptr);
   EXPECT_EQ(f.find("glm4moe.expert_shared_feed_forward_length"), nullptr);
   const auto ck = io::Checkpoint::open(io::Env::posix(), src);
-  auto same = [&](const std::string& gguf, const std::string& ours) {
-    SCOPED_TRACE(gguf);
-    const io::GgufTensorInfo* t = f.find_tensor(gguf);
-    ASSERT_NE(t, nullptr);
-    EXPECT_EQ(f.decode(*t), ck.tensor(ours).to_f32());
-  };
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
   same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
   same("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight");
   same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.gate.e_score_correction_bias");
@@ -373,12 +385,7 @@ TEST(Export, Glm4MoeKeysAsLlamaCppExpects) {
 TEST(Export, Glm4MoeRefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   const fs::path groups = dir / "groups", nobias = dir / "nobias";
-  auto copy_with = [](const fs::path& to, const json& patch) {
-    copy_folder(kSrc / "data/glm4-moe-tiny", to);
-    json c = read_json(to / "config.json");
-    c.merge_patch(patch);
-    write_file(to / "config.json", c.dump(2));
-  };
+  auto copy_with = [](const fs::path& to, const json& patch) { copy_fixture_with("glm4-moe-tiny", to, patch); };
   copy_with(groups, {{"n_group", 8}});
   expect_clean_failure(run_tool({"export", groups.string(), (dir / "g.gguf").string(), "--type", "f32"}),
                        "n_group 8 makes groups of one expert of 8: llama.cpp's glm4moe graph scores a group by its top 2");
@@ -389,6 +396,70 @@ TEST(Export, Glm4MoeRefusalsWriteNothing) {
   expect_clean_failure(run_tool({"export", nobias.string(), (dir / "b.gguf").string(), "--type", "f32"}),
                        "attention_bias false (no q_bias): llama.cpp's glm4moe loader requires attn_q/k/v biases");
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"groups", "nobias"}));
+}
+
+// ernie4_5-moe (ernie4_5_moe-tiny: 3 layers, the first dense, 8 experts, top 2, one shared expert
+// of the expert width, tied embeddings, the choice bias moe_statics.e_score_correction_bias): the
+// keys llama.cpp's ernie4_5-moe loader requires (leading_dense_block_count, interleave_moe_layer_step,
+// expert_feed_forward_length; the shared width as expert_shared_feed_forward_length), the dense
+// layer as ffn_gate/ffn_up/ffn_down, the bias as exp_probs_b, no q/k permutation (its RoPE is on
+// adjacent pairs, as ours), no output.weight.
+TEST(Export, Ernie45MoeKeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/ernie4_5_moe-tiny", out = dir / "e.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "ernie4_5-moe";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"block_count", 3}, {"leading_dense_block_count", 1}, {"interleave_moe_layer_step", 1}, {"feed_forward_length", 96},
+      {"expert_feed_forward_length", 32}, {"expert_shared_feed_forward_length", 32}, {"expert_count", 8},
+      {"expert_used_count", 2}, {"attention.head_count", 4}, {"attention.head_count_kv", 2}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  for (const char* absent : {"expert_gating_func", "expert_weights_norm", "expert_shared_count", "expert_group_count"})
+    EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
+  same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
+  same("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight");
+  same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.moe_statics.e_score_correction_bias");
+  same("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight");
+  same("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight");  // not permuted
+  same("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight");
+  same("blk.2.ffn_up_shexp.weight", "model.layers.2.mlp.shared_experts.up_proj.weight");
+  EXPECT_EQ(f.find_tensor("blk.1.exp_probs_b.bias")->ne, std::vector<int64_t>{8});
+  EXPECT_EQ(f.find_tensor("blk.0.ffn_gate_inp.weight"), nullptr);
+  EXPECT_EQ(f.find_tensor("output.weight"), nullptr);
+}
+
+// ernie4_5-moe refusals: a dense layer after an MoE one (moe_layer_interval 2 makes layer 2 dense;
+// llama.cpp's loader gives every layer from leading_dense_block_count on the MoE tensors);
+// moe_norm_min above llama.cpp's clamp of the top-k weight sum (2^-14). Exit 2, one line, nothing
+// written.
+TEST(Export, Ernie45MoeRefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  const fs::path interval = dir / "interval", norm = dir / "norm";
+  auto copy_with = [](const fs::path& to, const json& patch) { copy_fixture_with("ernie4_5_moe-tiny", to, patch); };
+  copy_with(interval, {{"moe_layer_interval", 2}});
+  {  // layer 2 as a dense layer: its MoE tensors out, layer 0's dense MLP in
+    TensorMap t = read_tensors(interval);
+    std::erase_if(t, [](const auto& kv) { return kv.first.rfind("model.layers.2.mlp.", 0) == 0; });
+    for (const char* p : {"gate_proj", "up_proj", "down_proj"})
+      t["model.layers.2.mlp." + std::string(p) + ".weight"] = t.at("model.layers.0.mlp." + std::string(p) + ".weight");
+    std::vector<io::TensorInfo> infos;
+    std::string data;
+    for (const auto& [name, b] : t) {
+      infos.push_back({name, b.dtype, b.shape, data.size(), data.size() + b.bytes.size()});
+      data += b.bytes;
+    }
+    write_file(interval / "model.safetensors", io::serialize_safetensors_header(infos, {}) + data);
+  }
+  expect_clean_failure(run_tool({"export", interval.string(), (dir / "i.gguf").string(), "--type", "f32"}),
+                       "layer 2 is a dense layer; llama.cpp's ernie4_5-moe needs experts in every layer after the leading dense ones");
+  copy_with(norm, {{"moe_norm_min", 0.001}});
+  expect_clean_failure(run_tool({"export", norm.string(), (dir / "n.gguf").string(), "--type", "f32"}),
+                       "moe_norm_min 0.001: llama.cpp's ernie4_5-moe graph clamps the top-k weight sum at 6.103515625e-05 only");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"interval", "norm"}));
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:

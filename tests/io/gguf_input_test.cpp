@@ -203,13 +203,17 @@ TEST_P(GgufInput, InspectRuns) {
   EXPECT_EQ(j.at("bytes_by_dtype").at("U8"), blocks);
 }
 
+// The test name of a fixture: "glm4-moe-tiny" -> "glm4moe", "ernie4_5_moe-tiny" -> "ernie45moe".
+std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& i) {
+  std::string n = i.param.substr(0, i.param.find("-tiny"));
+  std::erase_if(n, [](char c) { return c == '-' || c == '_'; });
+  return n;
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
-                         ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny"),
-                         [](const auto& i) {
-                           std::string n = i.param.substr(0, i.param.find("-tiny"));
-                           std::erase(n, '-');
-                           return n;
-                         });
+                         ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny",
+                                           "ernie4_5_moe-tiny"),
+                         fixture_test_name);
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
 fs::path altered(const TempDir& dir, const std::string& name, size_t keep, const std::string& from = "",
@@ -394,13 +398,16 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   EXPECT_FALSE(fs::exists(none));
 }
 
-// glm4moe: a Q8_0 export pruned to 3 experts as GGUF keeps the leading dense layer's tensors, the
-// kept experts' exp_probs_b entries and stacked slices, and drops the expert groups (blocks of the
-// input's experts, as a folder output writes n_group 1); the file reads back and evaluates.
-TEST(GgufInputPrune, Glm4MoeKeepsTheDenseLayerAndTheKeptExpertsBias) {
+// Families with a leading dense layer and a choice bias (glm4moe, ernie4_5-moe): a Q8_0 export
+// pruned to 3 experts as GGUF keeps the dense layer's tensors, the kept experts' exp_probs_b
+// entries and stacked slices, and drops glm4moe's expert groups (blocks of the input's experts, as
+// a folder output writes n_group 1); the file reads back and evaluates.
+class GgufInputPruneDense : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GgufInputPruneDense, KeepsTheDenseLayerAndTheKeptExpertsBias) {
   auto& env = io::Env::posix();
-  const fs::path in = exported("glm4-moe-tiny", "q8_0");
-  TempDir dir{"moe-gguf-prune-glm4"};
+  const fs::path in = exported(GetParam(), "q8_0");
+  TempDir dir{"moe-gguf-prune-dense"};
   const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
   auto prune = [&](const fs::path& to, const std::string& format) {
     return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "3", "--seed", "4", "--format", format});
@@ -409,11 +416,14 @@ TEST(GgufInputPrune, Glm4MoeKeepsTheDenseLayerAndTheKeptExpertsBias) {
   ASSERT_EQ(prune(folder, "hf").exit_code, 0);  // the same keep-maps, in its report
   const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
   const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
-  EXPECT_EQ(f.find("glm4moe.expert_count")->as_int("c"), 3);
-  EXPECT_NE(src.find("glm4moe.expert_group_count"), nullptr);
-  EXPECT_EQ(f.find("glm4moe.expert_group_count"), nullptr);
-  EXPECT_EQ(f.find("glm4moe.expert_group_used_count"), nullptr);
-  EXPECT_EQ(f.find("glm4moe.leading_dense_block_count")->as_int("l"), 1);
+  const std::string A = src.find("general.architecture")->as_string("a");
+  EXPECT_EQ(f.find(A + ".expert_count")->as_int("c"), 3);
+  if (A == "glm4moe") {
+    EXPECT_NE(src.find(A + ".expert_group_count"), nullptr);
+  }
+  EXPECT_EQ(f.find(A + ".expert_group_count"), nullptr);
+  EXPECT_EQ(f.find(A + ".expert_group_used_count"), nullptr);
+  EXPECT_EQ(f.find(A + ".leading_dense_block_count")->as_int("l"), 1);
   for (const char* dense : {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"})
     EXPECT_EQ(f.decode(*f.find_tensor(dense)), src.decode(*src.find_tensor(dense))) << dense;
   for (const int layer : {1, 2}) {
@@ -434,6 +444,9 @@ TEST(GgufInputPrune, Glm4MoeKeepsTheDenseLayerAndTheKeptExpertsBias) {
   const json e = eval_json(out);
   EXPECT_GT(e.at("nll_sum").get<double>(), 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInputPruneDense, ::testing::Values("glm4-moe-tiny", "ernie4_5_moe-tiny"),
+                         fixture_test_name);
 
 // The plan of a GGUF-to-GGUF prune counts the file it will write (blocks copied), not a dequantized
 // output: --dry-run's bytes.after is the run's bytes.after exactly (the tensors' data), disk.needs
