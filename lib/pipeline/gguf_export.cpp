@@ -103,9 +103,10 @@ Direct direct_type(const core::Tensor& t, GgmlType wanted) {
 }
 
 // Whether an extra tensor (model::Model::extras) belongs to a multi-token-prediction layer, one
-// past the decoder layers (model.layers.{L + i}. of a family with extra_layers_allowed).
+// past the decoder layers (the layer prefix, layer L + i, of a family with extra_layers_allowed).
 bool mtp_extra(const model::Model& m, const std::string& name) {
-  const std::string prefix = "model.layers.";
+  const std::string& lp = m.family().layer_prefix;
+  const std::string prefix = lp.substr(0, lp.find("{l}"));  // "model.layers."
   if (!m.family().extra_layers_allowed || name.rfind(prefix, 0) != 0) return false;
   const size_t dot = name.find('.', prefix.size());
   const std::string idx = name.substr(prefix.size(), dot == std::string::npos ? std::string::npos : dot - prefix.size());
@@ -588,7 +589,7 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
 GgmlType gguf_writable_type(const std::string& name, const std::string& key) {
   const auto* info = quant::parse_ggml_type(name);
   if (!info) throw Error::invalid(key + ": unknown ggml type '" + name + "' (written: " + quant::ggml_encoder_names() + ")");
-  if (!info->codec || info->decode_only)
+  if (!info->encodes())
     throw Error::unsupported(key + ": " + info->name + " is not written yet (written: " + quant::ggml_encoder_names() + ")");
   return info->type;
 }

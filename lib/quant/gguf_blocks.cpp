@@ -708,7 +708,7 @@ std::string ggml_codec_names() {
 std::string ggml_encoder_names() {
   std::string s;
   for (const auto& t : kTypes)
-    if (t.codec && !t.decode_only) s += (s.empty() ? "" : ", ") + std::string(t.name);
+    if (t.encodes()) s += (s.empty() ? "" : ", ") + std::string(t.name);
   return s;
 }
 
@@ -813,10 +813,10 @@ std::optional<core::DType> element_dtype(GgmlType t) {
 }
 
 // The codec of a block type after the checks both directions share.
-const BlockCodec* checked_codec(GgmlType t, int64_t n, const char* what) {
+const BlockCodec* checked_codec(GgmlType t, int64_t n, bool encoding) {
   const auto& info = ggml_type_info(t);
-  const bool encoding = std::string_view(what) == "encoder";
-  if (!info.codec || (encoding && info.decode_only)) no_codec(t, what, encoding ? ggml_encoder_names() : ggml_codec_names());
+  if (encoding ? !info.encodes() : !info.codec)
+    no_codec(t, encoding ? "encoder" : "decoder", encoding ? ggml_encoder_names() : ggml_codec_names());
   (void)ggml_row_bytes(t, n);
   for (const auto& c : kBlockCodecs)
     if (c.type == t) return &c;
@@ -826,7 +826,7 @@ const BlockCodec* checked_codec(GgmlType t, int64_t n, const char* what) {
 }  // namespace
 
 void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst) {
-  const BlockCodec* c = checked_codec(t, n, "encoder");
+  const BlockCodec* c = checked_codec(t, n, /*encoding=*/true);
   const int64_t bad = core::first_non_finite(core::DType::F32, x, static_cast<size_t>(n));
   if (bad >= 0) throw Error::invalid("non-finite value " + std::to_string(x[bad]) + " at column " + std::to_string(bad));
   if (!c) {
@@ -846,7 +846,7 @@ void encode_row(GgmlType t, const float* x, int64_t n, uint8_t* dst) {
 }
 
 void decode_row(GgmlType t, const uint8_t* src, int64_t n, float* dst) {
-  const BlockCodec* c = checked_codec(t, n, "decoder");
+  const BlockCodec* c = checked_codec(t, n, /*encoding=*/false);
   if (!c) return core::to_f32(*element_dtype(t), src, dst, static_cast<size_t>(n));
   const auto& info = ggml_type_info(t);
   for (int64_t i = 0; i < n / info.block; ++i) c->decode(src + i * info.type_size, dst + i * info.block);

@@ -75,6 +75,8 @@ struct GgmlTypeInfo {
   size_t type_size;   // bytes per block
   bool codec;         // decode_row implemented (and encode_row, unless decode_only)
   bool decode_only = false;  // read from GGUF files, never written (iq4_nl, iq4_xs)
+
+  bool encodes() const { return codec && !decode_only; }  // encode_row implemented
 };
 
 // The type with this id, or null when the id is not a ggml type we know.

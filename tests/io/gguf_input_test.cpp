@@ -483,6 +483,22 @@ TEST(GgufInputPrune, DryRunCountsTheCopiedBlocks) {
   EXPECT_TRUE(temp_leftovers(dir.path()).empty());
 }
 
+// Sets the f16 scale at the start of every expert's first block of the stacked tensor `tensor` (of
+// type `type`) in the GGUF file `path` to NaN: whichever experts a prune keeps, one of its blocks is
+// non-finite.
+void nan_scale_in_every_expert(const fs::path& path, const std::string& tensor, quant::GgmlType type) {
+  const auto f = io::GgufFile::open(io::Env::posix(), path);
+  const io::GgufTensorInfo* t = f.find_tensor(tensor);
+  ASSERT_NE(t, nullptr);
+  ASSERT_EQ(t->type, type);
+  const uint64_t slice = t->nbytes() / static_cast<uint64_t>(t->ne[2]);
+  std::fstream io(path, std::ios::in | std::ios::out | std::ios::binary);
+  for (int64_t e = 0; e < t->ne[2]; ++e) {
+    io.seekp(static_cast<std::streamoff>(f.data_offset() + t->offset + static_cast<uint64_t>(e) * slice));
+    io.write("\x00\x7e", 2);  // f16 NaN
+  }
+}
+
 // Blocks copied from a GGUF input are checked for NaN/Inf as every written tensor is: a kept
 // expert's q8_0 scale set to NaN is refused with one line naming the input and the tensor, nothing
 // written (whether or not the native output is staged).
@@ -490,18 +506,7 @@ TEST(GgufInputPrune, NanScaleInACopiedBlockRefused) {
   TempDir dir{"moe-gguf-prune-nan"};
   const fs::path in = dir / "nan.gguf";
   fs::copy_file(exported("qwen2moe-tiny", "q8_0"), in);
-  {
-    const auto f = io::GgufFile::open(io::Env::posix(), in);
-    const io::GgufTensorInfo* t = f.find_tensor("blk.2.ffn_up_exps.weight");
-    ASSERT_NE(t, nullptr);
-    ASSERT_EQ(t->type, quant::GgmlType::Q8_0);
-    const uint64_t slice = t->nbytes() / static_cast<uint64_t>(t->ne[2]);
-    std::fstream io(in, std::ios::in | std::ios::out | std::ios::binary);
-    for (int64_t e = 0; e < t->ne[2]; ++e) {  // every expert's first block: whichever are kept
-      io.seekp(static_cast<std::streamoff>(f.data_offset() + t->offset + static_cast<uint64_t>(e) * slice));
-      io.write("\x00\x7e", 2);  // f16 NaN
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(nan_scale_in_every_expert(in, "blk.2.ffn_up_exps.weight", quant::GgmlType::Q8_0));
   const fs::path out = dir / "out.gguf";
   for (const std::vector<std::string>& extra : {std::vector<std::string>{}, {"--eval", (kSrc / "data/text/heldout.txt").string()}}) {
     std::vector<std::string> a = {"-q", "prune", in.string(), out.string(), "--method", "random", "--keep", "3", "--format", "gguf"};
@@ -583,13 +588,7 @@ TEST(GgufInputPrune, Iq4NlModelIsReadAndPruned) {
     EXPECT_TRUE(found) << "kept expert " << k;
   }
 
-  {  // a NaN scale in every expert's first block of the tensor: whichever are kept
-    std::fstream io(in, std::ios::in | std::ios::out | std::ios::binary);
-    for (int64_t e2 = 0; e2 < t->ne[2]; ++e2) {
-      io.seekp(static_cast<std::streamoff>(f.data_offset() + t->offset + static_cast<uint64_t>(e2) * slice));
-      io.write("\x00\x7e", 2);  // f16 NaN
-    }
-  }
+  ASSERT_NO_FATAL_FAILURE(nan_scale_in_every_expert(in, "blk.1.ffn_up_exps.weight", quant::GgmlType::IQ4_NL));
   const fs::path out2 = dir / "pruned-nan.gguf";
   r = run_tool({"-q", "prune", in.string(), out2.string(), "--method", "random", "--keep", "3", "--format", "gguf"});
   expect_clean_failure(r, "tensor blk.1.ffn_up_exps.weight (copied from the input): non-finite");
