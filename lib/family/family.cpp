@@ -440,6 +440,12 @@ std::vector<FamilyDesc> build_families() {
     f.zero_centred_norm = true;
     f.hybrid_linear_attention = true;
     f.forward = true;
+    // llama.cpp's qwen3next: NeoX RoPE (no q/k permutation), softmax top-k renormalized, expert and
+    // shared-expert widths as expert_(shared_)feed_forward_length, the post-attention norm as
+    // post_attention_norm; the DeltaNet as ssm_* (io/gguf_names.h), the zero-centred norms stored as
+    // 1 + w and A_log as -exp(A_log) (gguf_value_map).
+    gguf_arch(f, "qwen3next", false, true, true, true);
+    f.gguf->post_attention_norm = true;
     v.push_back(f);
   }
   {

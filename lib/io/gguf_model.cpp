@@ -156,6 +156,7 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   // architecture gives the width (ernie4_5-moe: expert_shared_feed_forward_length, no count).
   const bool shared_width_as_count = fam.shared_width_key.empty() && !fam.shared_count_key.empty() && !arch.shared_count;
   std::optional<int64_t> shared_width;
+  std::optional<int64_t> ssm_inner;  // ssm.inner_size ({ssm_inner}): linear_num_value_heads x linear_value_head_dim
   c["model_type"] = arch.model_type;
   c["architectures"] = json::array({fam.architectures.empty() ? std::string(arch.model_type) : fam.architectures.front()});
   for_each_gguf_hparam([&](const GgufHparam& h) {
@@ -170,6 +171,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     }
     if (std::string(h.config_key) == "{rope_dim}") {
       rope_dim = v->as_int(file + ": " + key);
+      return;
+    }
+    if (std::string(h.config_key) == "{ssm_inner}") {
+      ssm_inner = v->as_int(file + ": " + key);
       return;
     }
     if (shared_width_as_count && std::string(h.config_key) == "{shared_width}") {
@@ -215,6 +220,23 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   // partial-rotary family the rotated share of it (llama.cpp's n_rot; absent: the whole head).
   const int64_t head_dim = c.contains("head_dim") ? c["head_dim"].get<int64_t>()
                                                   : c.at("hidden_size").get<int64_t>() / std::max<int64_t>(1, c.at("num_attention_heads").get<int64_t>());
+  // llama.cpp's head width without attention.key_length is n_embd / n_head; a family whose own
+  // default differs (qwen3_next: 256) is given it.
+  if (fam.default_head_dim != 0 && !c.contains("head_dim")) c["head_dim"] = head_dim;
+  if (fam.hybrid_linear_attention) {
+    // llama.cpp's qwen3next: the DeltaNet's sizes (required), every 4th layer full attention
+    // (full_attention_interval is not read: (i + 1) % 4), an MoE block in every layer.
+    for (const char* k : {"linear_conv_kernel_dim", "linear_key_head_dim", "linear_num_key_heads", "linear_num_value_heads"})
+      if (!c.contains(k)) throw Error::corruption(file + ": metadata key " + A + ".ssm.*: missing (" + k + ")");
+    const int64_t vh = c["linear_num_value_heads"].get<int64_t>();
+    if (!ssm_inner || vh <= 0 || *ssm_inner <= 0 || *ssm_inner % vh != 0)
+      throw Error::corruption(file + ": metadata key " + A + ".ssm.inner_size: missing or not a multiple of " + A +
+                              ".ssm.time_step_rank");
+    c["linear_value_head_dim"] = *ssm_inner / vh;
+    c["full_attention_interval"] = 4;
+    c["decoder_sparse_step"] = 1;
+    c["mlp_only_layers"] = json::array();
+  }
   if (fam.partial_rotary) {
     const int64_t n_rot = rope_dim.value_or(head_dim);
     const double factor = static_cast<double>(n_rot) / static_cast<double>(head_dim);
@@ -303,11 +325,13 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
       throw Error::unsupported(file + ": tensor " + t.name + ": type " + ti.name + " has no decoder here (read: " +
                                quant::ggml_codec_names() + ")");
     std::string ours;  // our name, {e} for the experts of a stacked tensor
-    bool stacked = false, row_vector = false;
+    bool stacked = false, row_vector = false, conv = false;
     int64_t heads = 0;
+    GgufValueMap map = GgufValueMap::None;
     if (const char* role = gguf_global_role(t.name)) {
       for (const auto& g : fam.globals)
         if (g.role == role) ours = g.name;
+      map = gguf_value_map(fam, role);
     } else if (t.name.rfind("blk.", 0) == 0) {
       const size_t dot = t.name.find('.', 4);
       const std::string idx = dot == std::string::npos ? "" : t.name.substr(4, dot - 4);
@@ -319,6 +343,8 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
             if (r.role == role) ours = prefix + r.name;
           heads = gguf_permute_heads(*arch, role, m->config_.at("num_attention_heads").get<int64_t>(),
                                      m->config_.at("num_key_value_heads").get<int64_t>());
+          map = gguf_value_map(fam, role);
+          conv = std::string(role) == "conv1d";
         } else if (const char* field = gguf_moe_field(rest)) {
           const std::string& tmpl = moe_template(fam, field);
           if (!tmpl.empty()) ours = prefix + tmpl;
@@ -342,7 +368,12 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
       shape.erase(shape.begin());
     } else if (row_vector && t.ne.size() == 1) {
       shape = {1, t.ne[0]};
+    } else if (conv && t.ne.size() == 2) {
+      shape = {t.ne[1], 1, t.ne[0]};  // the converter squeezed conv1d's [conv_dim, 1, K]
     }
+    if (map != GgufValueMap::None && !gguf_plain_dtype(t.type))
+      throw Error::unsupported(file + ": tensor " + t.name + ": type " + ti.name + ": a transformed value (" +
+                               (map == GgufValueMap::NegExp ? "-exp(A_log)" : "1 + w") + ") is read from f32/f16/bf16 only");
     if (heads > 0 && (shape[0] % heads != 0 || (shape[0] / heads) % 2 != 0))
       throw Error::corruption(file + ": tensor " + t.name + ": " + std::to_string(shape[0]) + " rows are not " +
                               std::to_string(heads) + " heads of an even size");
@@ -358,7 +389,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
         throw Error::corruption(file + ": tensor " + t.name + ": maps to " + info.name + ", which another tensor also maps to");
       m->index_[info.name] = m->infos_.size();
       m->infos_.push_back(std::move(info));
-      m->sources_.push_back({&t, stacked ? e : -1, heads});
+      m->sources_.push_back({&t, stacked ? e : -1, heads, map});
     }
   }
   return m;
@@ -386,6 +417,11 @@ Tensor GgufModel::tensor(std::string_view name) const {
   } else {
     const auto rb = static_cast<int64_t>(quant::ggml_row_bytes(s.tensor->type, cols));
     t = Tensor::encoded(std::make_shared<quant::GgufBlocks>(s.tensor->type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8);
+  }
+  if (s.map != GgufValueMap::None) {
+    std::vector<float> v = t.to_f32();
+    gguf_map_from_file(s.map, v.data(), v.size());
+    t = Tensor::from_f32(v, info.shape);
   }
   if (s.permute_heads > 0) {
     // Our row i is stored at the row r whose source row is i (a bias: its values are the rows).

@@ -9,6 +9,9 @@
 //   - tensor names -> the family's names (family/family.h): "blk.3.attn_q.weight" ->
 //     "model.layers.3.self_attn.q_proj.weight"; a stacked "blk.3.ffn_gate_exps.weight"
 //     (ne = [in, out, E]) -> E weights [out, in], each a view of its slice of the file (no copy);
+//   - values the converter transformed given back (io::gguf_value_map: qwen3next's zero-centred
+//     norms stored - 1, A_log = log(-ssm_a)) as owned F32 tensors; ssm_conv1d {K, conv_dim} as
+//     conv1d [conv_dim, 1, K];
 //   - q/k rows of arch `llama` un-permuted (the converter permutes them for llama.cpp's
 //     interleaved RoPE): a row copy of those small tensors, exact for every type;
 //   - F32 / F16 / BF16 tensors -> plain tensors viewing the file; every block type with a decoder
@@ -27,6 +30,7 @@
 #include "core/tensor.h"
 #include "family/family.h"
 #include "io/gguf.h"
+#include "io/gguf_names.h"
 #include "io/safetensors.h"
 
 namespace moe::io {
@@ -62,6 +66,7 @@ class GgufModel {
     const GgufTensorInfo* tensor = nullptr;
     int64_t expert = -1;
     int64_t permute_heads = 0;
+    GgufValueMap map = GgufValueMap::None;  // the converter's value transform, undone by tensor()
   };
   const Source& source(std::string_view name) const;
   uint64_t total_tensor_bytes() const;

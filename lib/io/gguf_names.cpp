@@ -1,5 +1,6 @@
 #include "io/gguf_names.h"
 
+#include <cmath>
 #include <iterator>
 
 #include "core/error.h"
@@ -15,6 +16,11 @@ constexpr GgufNamePair kGgufLayerNames[] = {
     {"o_proj", "attn_output.weight"},  {"q_bias", "attn_q.bias"},         {"k_bias", "attn_k.bias"},
     {"v_bias", "attn_v.bias"},         {"o_bias", "attn_output.bias"},    {"q_norm", "attn_q_norm.weight"},
     {"k_norm", "attn_k_norm.weight"},  {"input_norm", "attn_norm.weight"}, {"post_attn_norm", "ffn_norm.weight"},
+    // qwen3_next's Gated DeltaNet (llama.cpp's qwen3next: LLM_TENSOR_SSM_*; dt_bias is ssm_dt.bias,
+    // A_log is stored as ssm_a = -exp(A_log): gguf_value_map).
+    {"in_proj_qkvz", "ssm_in.weight"}, {"in_proj_ba", "ssm_ba.weight"},   {"conv1d", "ssm_conv1d.weight"},
+    {"dt_bias", "ssm_dt.bias"},        {"A_log", "ssm_a"},                {"linear_norm", "ssm_norm.weight"},
+    {"out_proj", "ssm_out.weight"},
 };
 constexpr GgufNamePair kGgufGlobalNames[] = {
     {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
@@ -90,6 +96,12 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"expert_weights_norm", "norm_topk_prob", false, GgufHparam::When::Optional, true},
     {"expert_group_count", "n_group", false, GgufHparam::When::Optional},
     {"expert_group_used_count", "topk_group", false, GgufHparam::When::Optional},
+    // qwen3next's Gated DeltaNet (Qwen3NextModel's set_gguf_parameters).
+    {"ssm.conv_kernel", "linear_conv_kernel_dim", false, GgufHparam::When::Optional},
+    {"ssm.state_size", "linear_key_head_dim", false, GgufHparam::When::Optional},
+    {"ssm.group_count", "linear_num_key_heads", false, GgufHparam::When::Optional},
+    {"ssm.time_step_rank", "linear_num_value_heads", false, GgufHparam::When::Optional},
+    {"ssm.inner_size", "{ssm_inner}", false, GgufHparam::When::Optional},
 };
 const size_t kGgufHparamCount = std::size(kGgufHparams);
 
@@ -126,6 +138,28 @@ const char* gguf_global_role(const std::string& gguf_name) { return find_first(k
 
 const char* gguf_moe_name(const std::string& field) { return find_second(kGgufMoeNames, field); }
 const char* gguf_moe_field(const std::string& gguf_name) { return find_first(kGgufMoeNames, gguf_name); }
+
+GgufValueMap gguf_value_map(const model::FamilyDesc& fam, const std::string& role) {
+  if (role == "A_log") return GgufValueMap::NegExp;
+  if (fam.zero_centred_norm && (role == "input_norm" || role == "post_attn_norm" || role == "q_norm" || role == "k_norm" ||
+                                role == "final_norm"))
+    return GgufValueMap::PlusOne;
+  return GgufValueMap::None;
+}
+
+void gguf_map_to_file(GgufValueMap map, float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (map == GgufValueMap::PlusOne) x[i] = x[i] + 1.0f;
+    if (map == GgufValueMap::NegExp) x[i] = static_cast<float>(-std::exp(static_cast<double>(x[i])));
+  }
+}
+
+void gguf_map_from_file(GgufValueMap map, float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (map == GgufValueMap::PlusOne) x[i] = x[i] - 1.0f;
+    if (map == GgufValueMap::NegExp) x[i] = static_cast<float>(std::log(-static_cast<double>(x[i])));
+  }
+}
 
 const char* gguf_pre_tokenizer_name(const std::string& regex) {
   for (const auto& p : kGgufPreTokenizers)

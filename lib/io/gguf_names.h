@@ -41,8 +41,9 @@ const char* gguf_moe_field(const std::string& gguf_name);
 // of the family's own key fields (model::FamilyDesc) in braces: {expert_count}, {topk},
 // {expert_width}, {shared_width}, {shared_count}, {rope_dim} (the RoPE width: head_dim, or for a
 // partial-rotary family head_dim x partial_rotary_factor), {dense_lead} (the leading dense layers:
-// first_k_dense_replace, or moe_layer_start_index where MoeLayerRule::StartEndInterval). `when` says for which architectures the
-// pair applies.
+// first_k_dense_replace, or moe_layer_start_index where MoeLayerRule::StartEndInterval), {ssm_inner}
+// (the Gated DeltaNet's value width linear_num_value_heads x linear_value_head_dim). `when` says
+// for which architectures the pair applies.
 struct GgufHparam {
   enum class When { Always, ExpertWidthKey, NoExpertWidthKey, Optional };
   const char* key;         // after "ARCH."
@@ -65,6 +66,18 @@ const char* gguf_pre_tokenizer_regex(const std::string& name);
 // Calls f(name, regex) for each known pre-tokenizer.
 template <class F>
 void for_each_gguf_pre_tokenizer(F&& f);
+
+// A value transform the converter applies to a tensor (convert_hf_to_gguf.py's Qwen3NextModel):
+// PlusOne stores a zero-centred RMSNorm's weight w as 1 + w (llama.cpp's norm multiplies by the
+// stored weight); NegExp stores A_log as A = -exp(A_log) (blk.N.ssm_a). The export applies
+// gguf_map_to_file, the GGUF reader gguf_map_from_file (w = stored - 1, A_log = log(-A)).
+enum class GgufValueMap { None, PlusOne, NegExp };
+// The transform of layer or global role `role` ("input_norm", "final_norm", "A_log", ...) of `fam`:
+// PlusOne for the zero-centred norms (FamilyDesc::zero_centred_norm: input_norm, post_attn_norm,
+// q_norm, k_norm, final_norm; not the DeltaNet's gated linear_norm), NegExp for A_log.
+GgufValueMap gguf_value_map(const model::FamilyDesc& fam, const std::string& role);
+void gguf_map_to_file(GgufValueMap map, float* x, size_t n);
+void gguf_map_from_file(GgufValueMap map, float* x, size_t n);
 
 // llama_ftype (general.file_type) of a file whose main type is t. Throws core::Error::internal for
 // a type with no llama_ftype.

@@ -76,6 +76,26 @@ Piece stored_piece(const core::Tensor& t, GgmlType type, int64_t cols, int64_t p
   return p;
 }
 
+// A tensor the GGUF reader gave back transformed (io::gguf_value_map: qwen3next's 1 + w norms,
+// -exp(A_log)): the file's stored bytes, as long as the model's tensor is still the reader's value
+// of them (Error::unsupported naming it otherwise: a pass changed it).
+Piece mapped_piece(const core::Tensor& w, const GgufFile& f, const GgufTensorInfo& t, io::GgufValueMap map,
+                   const std::string& name) {
+  const auto dt = gguf_plain_dtype(t.type);
+  const uint8_t* data = f.tensor_data(t);
+  const int64_t n = static_cast<int64_t>(t.nbytes() / (dt ? core::dtype_size(*dt) : 1));
+  bool same = dt && !w.encoding() && w.numel() == n;
+  if (same) {
+    std::vector<float> v = core::Tensor(*dt, {n}, data, nullptr).to_f32();
+    io::gguf_map_from_file(map, v.data(), v.size());
+    same = v == w.to_f32();
+  }
+  if (!same)
+    throw Error::unsupported(name + ": changed by a pass; a GGUF output copies the input's stored values (write a folder (-o DIR) "
+                             "instead)");
+  return Piece{core::Tensor(), data, t.nbytes(), {}};
+}
+
 }  // namespace
 
 namespace {
@@ -124,20 +144,24 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
     GgufTensorInfo info = t;
     std::vector<Piece> ps;
     // The stored bytes of one weight (only when the pieces are asked for).
-    auto add = [&](const core::Tensor& w, int64_t heads, const std::string& name) {
-      if (pieces) ps.push_back(stored_piece(w, t.type, info.ne[0], heads, name));
+    auto add = [&](const core::Tensor& w, int64_t heads, const std::string& name,
+                   io::GgufValueMap map = io::GgufValueMap::None) {
+      if (!pieces) return;
+      ps.push_back(map != io::GgufValueMap::None ? mapped_piece(w, f, t, map, name)
+                                                 : stored_piece(w, t.type, info.ne[0], heads, name));
     };
     if (const char* role = gguf_global_role(t.name)) {
       auto g = m.globals().find(role);
       if (g == m.globals().end()) throw Error::internal(t.name + ": no global " + role);
-      add(g->second, 0, t.name);
+      add(g->second, 0, t.name, io::gguf_value_map(m.family(), role));
     } else {
       const size_t dot = t.name.find('.', 4);
       const int layer = std::stoi(t.name.substr(4, dot - 4));
       const std::string rest = t.name.substr(dot + 1);
       const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
       if (const char* role = gguf_layer_role(arch, rest)) {
-        add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name);
+        add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name,
+            io::gguf_value_map(m.family(), role));
       } else {
         const std::string field = gguf_moe_field(rest);
         const model::MoeBlock* b = L.moe ? &*L.moe : nullptr;

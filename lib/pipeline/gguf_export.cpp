@@ -11,6 +11,7 @@
 #include "core/warn.h"
 #include "io/gguf.h"
 #include "io/gguf_names.h"
+#include "model/hybrid_layers.h"
 #include "quant/intn.h"
 #include "quant/ternary.h"
 #include "runtime/forward.h"
@@ -32,17 +33,19 @@ struct Item {
   std::vector<core::Tensor> parts;
   std::vector<std::optional<core::NativeForm>> native;  // per part: a packed input's codes as intN, or none
   int64_t permute_heads = 0;  // > 0: rows permuted for llama.cpp's RoPE, this many heads
+  io::GgufValueMap map = io::GgufValueMap::None;  // the converter's value transform (io::gguf_value_map)
 };
 
-// The type of one tensor whose rows hold `row` values: 1-D tensors and routers stay F32 (llama.cpp's
-// graph and llama-quantize keep them so); then the first matching --tensor-type; token_embd and
+// The type of one tensor whose rows hold `row` values: 1-D tensors, routers and the DeltaNet's
+// ssm_conv1d stay F32 (llama.cpp's graph and llama-quantize keep them so); then the first matching --tensor-type; token_embd and
 // output, when the main type is a block type other than Q8_0, at Q6_K where the rows are a multiple
 // of 256 (as llama-quantize puts output), else Q8_0; else the main type.
 // `matched` (optional) is set to the --tensor-type that chose the type, else null.
 GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlType main, const std::vector<GgufTypeOverride>& ovr,
                      const GgufTypeOverride** matched = nullptr) {
   if (matched) *matched = nullptr;
-  if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos) return GgmlType::F32;
+  if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos || name.find("ssm_conv1d") != std::string::npos)
+    return GgmlType::F32;
   for (const auto& o : ovr)
     if (std::regex_search(name, o.re)) {
       if (matched) *matched = &o;
@@ -103,8 +106,11 @@ Direct direct_type(const core::Tensor& t, GgmlType wanted) {
 }
 
 // Whether an extra tensor (model::Model::extras) belongs to a multi-token-prediction layer, one
-// past the decoder layers (the layer prefix, layer L + i, of a family with extra_layers_allowed).
+// past the decoder layers (the layer prefix, layer L + i, of a family with extra_layers_allowed),
+// or to qwen3_next's mtp.* head.
 bool mtp_extra(const model::Model& m, const std::string& name) {
+  // qwen3_next's head is mtp.* (convert_hf_to_gguf.py's Qwen3NextModel leaves it out as well).
+  if (m.family().hybrid_linear_attention && name.rfind("mtp.", 0) == 0) return true;
   const std::string& lp = m.family().layer_prefix;
   const std::string prefix = lp.substr(0, lp.find("{l}"));  // "model.layers."
   if (!m.family().extra_layers_allowed || name.rfind(prefix, 0) != 0) return false;
@@ -184,6 +190,35 @@ void refuse_choice_bias(const model::GgufArch& arch, const runtime::ForwardSpec&
     v << r.norm_min;
     throw Error::unsupported(src + ": moe_norm_min " + v.str() + ": llama.cpp's " + arch.arch +
                              " graph clamps the top-k weight sum at 6.103515625e-05 only");
+  }
+}
+
+// Refuses a hybrid model (FamilyDesc::hybrid_linear_attention: qwen3_next) that llama.cpp's
+// qwen3next would load or compute differently: its loader takes layer i as linear attention iff
+// (i + 1) % 4 != 0 (full_attention_interval is not read), sizes the DeltaNet's values by
+// ssm.state_size (the key head width), requires the shared expert and its gate in every layer and
+// has no attention biases.
+void refuse_hybrid(const model::Model& m, const model::GgufArch& arch, const std::string& src) {
+  const std::string A = arch.arch;
+  const auto linear = model::linear_attention_layers(m.config(), m.dims().layers);
+  for (size_t i = 0; i < linear.size(); ++i)
+    if (linear[i] != ((i + 1) % 4 != 0))
+      throw Error::unsupported(src + ": layer " + std::to_string(i) + " is " + (linear[i] ? "linear" : "full") +
+                               " attention (layer_types / full_attention_interval): llama.cpp's " + A +
+                               " takes every 4th layer (3, 7, ...) as full attention and the others as linear");
+  const auto dn = model::delta_net_dims(m.config());
+  if (dn.k_dim != dn.v_dim)
+    throw Error::unsupported(src + ": linear_value_head_dim " + std::to_string(dn.v_dim) + " != linear_key_head_dim " +
+                             std::to_string(dn.k_dim) + ": llama.cpp's " + A + " sizes the value heads by ssm.state_size");
+  for (const auto& layer : m.layers()) {
+    const std::string where = "layer " + std::to_string(layer.index);
+    if (layer.moe && (!layer.moe->shared || !layer.moe->shared_gate))
+      throw Error::unsupported(src + ": " + where + " has no shared expert with its gate: llama.cpp's " + A +
+                               " loader requires ffn_*_shexp and ffn_gate_inp_shexp in every layer");
+    for (const char* bias : {"q_bias", "k_bias", "v_bias", "o_bias"})
+      if (layer.find(bias))
+        throw Error::unsupported(src + ": attention_bias true (" + where + " " + bias + "): llama.cpp's " + A +
+                                 " has no attention biases");
   }
 }
 
@@ -294,6 +329,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const auto& moe0 = *std::find_if(m.layers().begin(), m.layers().end(), [](const model::Layer& l) { return l.moe.has_value(); })->moe;
   if (arch->routing_keys) refuse_routing(m, *arch, spec, moe0, src);
   if (arch->choice_bias) refuse_choice_bias(*arch, spec, src);
+  if (fam.hybrid_linear_attention) refuse_hybrid(m, *arch, src);
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));
@@ -346,6 +382,16 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (k == "residual_multiplier") return scalar(spec.residual_multiplier);
     if (k == "attention_multiplier") return scalar(spec.attn.scale.value_or(1.0));
     if (k == "logits_scaling") return scalar(spec.logits_scaling);
+    // The Gated DeltaNet's sizes (hybrid families).
+    if (k.rfind("linear_", 0) == 0 || k == "{ssm_inner}") {
+      if (!fam.hybrid_linear_attention) return std::nullopt;
+      const auto dn = model::delta_net_dims(c);
+      if (k == "linear_conv_kernel_dim") return num(dn.conv_kernel);
+      if (k == "linear_key_head_dim") return num(dn.k_dim);
+      if (k == "linear_num_key_heads") return num(dn.k_heads);
+      if (k == "linear_num_value_heads") return num(dn.v_heads);
+      if (k == "{ssm_inner}") return num(dn.value_dim());
+    }
     throw Error::internal("GGUF export: no value for " + A + "." + key);
   };
   io::for_each_gguf_hparam([&](const io::GgufHparam& h) {
@@ -360,14 +406,20 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   // --tensor-type rules that tensors of copied codes ignore: tensor names and the type they keep.
   std::map<const GgufTypeOverride*, std::vector<std::pair<std::string, std::string>>> ignored;
   std::set<const GgufTypeOverride*> used;  // rules that chose some tensor's type
-  auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0) {
+  auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0,
+                 io::GgufValueMap map = io::GgufValueMap::None) {
     Item it;
     it.info.name = name;
     const auto& s = parts.front().shape();
     it.info.ne.assign(s.rbegin(), s.rend());
+    // Dimensions of 1 left out, as the converter's squeeze: a [1, H] gate is a vector to llama.cpp
+    // ({n_embd}), qwen3_next's conv1d [conv_dim, 1, K] is ssm_conv1d {K, conv_dim}.
+    if (parts.size() == 1) std::erase_if(it.info.ne, [](int64_t n) { return n == 1; });
+    if (it.info.ne.empty()) it.info.ne.push_back(1);
     if (parts.size() > 1) it.info.ne.push_back(static_cast<int64_t>(parts.size()));
-    // A [1, H] gate is a vector to llama.cpp ({n_embd}).
-    while (it.info.ne.size() > 1 && it.info.ne.back() == 1) it.info.ne.pop_back();
+    if (map != io::GgufValueMap::None && parts.front().encoding())
+      throw Error::unsupported(src + ": " + name + " is encoded as '" + parts.front().encoding()->name() +
+                               "'; its value is transformed for llama.cpp (1 + w, -exp(A_log)) and must be stored plain");
     const GgufTypeOverride* rule = nullptr;
     const GgmlType wanted = choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr, &rule);
     std::vector<Direct> direct(parts.size());
@@ -396,11 +448,12 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     it.parts = std::move(parts);
     for (auto& d : direct) it.native.push_back(std::move(d.form));
     it.permute_heads = permute_heads;
+    it.map = map;
     p.items.push_back(std::move(it));
   };
   auto global = [&](const char* role) {
     auto g = m.globals().find(role);
-    if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second});
+    if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second}, 0, io::gguf_value_map(fam, role));
   };
   global("embed");
   for (const auto& layer : m.layers()) {
@@ -411,7 +464,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
       int64_t heads = 0;
       if (arch->permute_qk && (role == "q_proj" || role == "q_bias")) heads = d.heads;
       if (arch->permute_qk && (role == "k_proj" || role == "k_bias")) heads = d.kv_heads;
-      add(blk + n, {t}, heads);
+      add(blk + n, {t}, heads, io::gguf_value_map(fam, role));
     }
     if (!layer.moe) {  // a leading dense layer (refuse_unsupported)
       const model::Mlp& x = *layer.mlp;
@@ -562,6 +615,7 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
     const auto n = static_cast<size_t>(part.numel());
     if (b.x.size() < n) b.x.resize(n);
     part.to_f32(b.x.data());
+    if (it.map != io::GgufValueMap::None) io::gguf_map_to_file(it.map, b.x.data(), n);
     const int64_t rows = static_cast<int64_t>(n) / cols;
     const float* x = b.x.data();
     if (it.permute_heads) {

@@ -462,6 +462,111 @@ TEST(Export, Ernie45MoeRefusalsWriteNothing) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"interval", "norm"}));
 }
 
+// qwen3next (qwen3_next-tiny: 4 layers, 0-2 Gated DeltaNet and 3 gated full attention; head_dim
+// 16, partial rotary 0.25; 8 experts top 2 of width 16, a shared expert of 32 with its sigmoid
+// gate): the keys llama.cpp's qwen3next loader reads (ssm.conv_kernel, ssm.state_size,
+// ssm.group_count, ssm.time_step_rank, ssm.inner_size, rope.dimension_count, the expert widths) and
+// the tensors as convert_hf_to_gguf.py's Qwen3NextModel writes them: in_proj_qkvz / in_proj_ba /
+// out_proj / the gated norm as stored (ssm_in, ssm_ba, ssm_out, ssm_norm), dt_bias as ssm_dt.bias,
+// A_log as ssm_a = -exp(A_log), conv1d squeezed to ssm_conv1d {K, conv_dim} (f32 in a block-type
+// export, as llama-quantize keeps it), the zero-centred norms as 1 + w (attn_norm,
+// post_attention_norm, attn_q_norm / attn_k_norm, output_norm), q_proj (query and gate per head) as
+// attn_q unpermuted.
+TEST(Export, Qwen3NextKeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/qwen3_next-tiny", out = dir / "n.gguf", q8 = dir / "q8.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "qwen3next";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"block_count", 4}, {"feed_forward_length", 48}, {"expert_feed_forward_length", 16},
+      {"expert_shared_feed_forward_length", 32}, {"expert_count", 8}, {"expert_used_count", 2},
+      {"attention.head_count", 4}, {"attention.head_count_kv", 2}, {"rope.dimension_count", 4},
+      {"ssm.conv_kernel", 4}, {"ssm.state_size", 8}, {"ssm.group_count", 2}, {"ssm.time_step_rank", 4},
+      {"ssm.inner_size", 32}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  EXPECT_EQ(f.find(A + ".rope.freq_base")->as_double("r"), 1e7);
+  for (const char* absent : {"expert_gating_func", "expert_weights_norm", "leading_dense_block_count", "attention.key_length"})
+    EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
+  const std::string l0 = "model.layers.0.linear_attn.";
+  same("blk.0.ssm_in.weight", l0 + "in_proj_qkvz.weight");
+  same("blk.0.ssm_ba.weight", l0 + "in_proj_ba.weight");
+  same("blk.0.ssm_out.weight", l0 + "out_proj.weight");
+  same("blk.0.ssm_norm.weight", l0 + "norm.weight");  // the gated norm is not zero-centred
+  same("blk.2.ssm_dt.bias", "model.layers.2.linear_attn.dt_bias");
+  same("blk.0.ssm_conv1d.weight", l0 + "conv1d.weight");  // [64, 1, 4] squeezed: the same values
+  same("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight");
+  same("blk.3.ffn_gate_inp_shexp.weight", "model.layers.3.mlp.shared_expert_gate.weight");
+  EXPECT_EQ(f.find_tensor("blk.0.ssm_conv1d.weight")->ne, (std::vector<int64_t>{4, 64}));
+  EXPECT_EQ(f.find_tensor("blk.0.ssm_in.weight")->ne, (std::vector<int64_t>{64, 96}));
+  EXPECT_EQ(f.find_tensor("blk.0.ssm_a")->ne, (std::vector<int64_t>{4}));
+  EXPECT_EQ(f.find_tensor("blk.3.attn_q.weight")->ne, (std::vector<int64_t>{64, 128}));
+  EXPECT_EQ(f.find_tensor("blk.3.ffn_gate_inp_shexp.weight")->ne, (std::vector<int64_t>{64}));
+  // A = -exp(A_log).
+  const std::vector<float> a = f.decode(*f.find_tensor("blk.1.ssm_a")), alog = ck.tensor("model.layers.1.linear_attn.A_log").to_f32();
+  ASSERT_EQ(a.size(), alog.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], static_cast<float>(-std::exp(static_cast<double>(alog[i])))) << i;
+  // The zero-centred norms as 1 + w.
+  auto plus_one = [&](const std::string& gguf, const std::string& ours) {
+    SCOPED_TRACE(gguf);
+    const std::vector<float> g = f.decode(*f.find_tensor(gguf)), w = ck.tensor(ours).to_f32();
+    ASSERT_EQ(g.size(), w.size());
+    for (size_t i = 0; i < g.size(); ++i) EXPECT_EQ(g[i], w[i] + 1.0f) << i;
+  };
+  plus_one("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight");
+  plus_one("blk.2.post_attention_norm.weight", "model.layers.2.post_attention_layernorm.weight");
+  plus_one("blk.3.attn_q_norm.weight", "model.layers.3.self_attn.q_norm.weight");
+  plus_one("blk.3.attn_k_norm.weight", "model.layers.3.self_attn.k_norm.weight");
+  plus_one("output_norm.weight", "model.norm.weight");
+  // Each layer has the tensors of its kind only.
+  for (const char* absent : {"blk.0.attn_q.weight", "blk.3.ssm_in.weight", "blk.0.ffn_norm.weight", "blk.3.ssm_a"})
+    EXPECT_EQ(f.find_tensor(absent), nullptr) << absent;
+  EXPECT_EQ(f.tensors().size(), 3u + 3u * (2u + 7u + 8u) + (2u + 6u + 8u));
+  // Q8_0: ssm_conv1d stays f32 (rows of 4), the narrow expert rows f16 by --tensor-type.
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), q8.string(), "--type", "q8_0", "--tensor-type", "ffn_down_exps=f16"}).exit_code, 0);
+  const auto g = io::GgufFile::open(io::Env::posix(), q8);
+  EXPECT_EQ(type_of(g, "blk.0.ssm_conv1d.weight"), "f32");
+  EXPECT_EQ(type_of(g, "blk.0.ssm_a"), "f32");
+  EXPECT_EQ(type_of(g, "blk.0.ssm_in.weight"), "q8_0");
+  EXPECT_EQ(type_of(g, "blk.0.ssm_out.weight"), "q8_0");
+  EXPECT_EQ(type_of(g, "blk.3.attn_q.weight"), "q8_0");
+}
+
+// qwen3next refusals: a full-attention layer where llama.cpp's loader puts a linear one (it takes
+// layer i as linear attention iff (i + 1) % 4 != 0: here 2 layers, full_attention_interval 2);
+// no renormalization of the top-k weights (llama.cpp's graph always renormalizes). Exit 2, one
+// line, nothing written.
+TEST(Export, Qwen3NextRefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  const fs::path interval = dir / "interval", norm = dir / "norm";
+  copy_fixture_with("qwen3_next-tiny", interval, {{"num_hidden_layers", 2}, {"full_attention_interval", 2}});
+  {  // layer 0 (linear) kept, layer 3 (full) as layer 1
+    TensorMap t = read_tensors(interval), kept;
+    for (auto& [name, b] : t) {
+      if (name.rfind("model.layers.", 0) != 0) kept[name] = b;
+      else if (name.rfind("model.layers.0.", 0) == 0) kept[name] = b;
+      else if (name.rfind("model.layers.3.", 0) == 0) kept["model.layers.1." + name.substr(15)] = b;
+    }
+    std::vector<io::TensorInfo> infos;
+    std::string data;
+    for (const auto& [name, b] : kept) {
+      infos.push_back({name, b.dtype, b.shape, data.size(), data.size() + b.bytes.size()});
+      data += b.bytes;
+    }
+    write_file(interval / "model.safetensors", io::serialize_safetensors_header(infos, {}) + data);
+  }
+  expect_clean_failure(run_tool({"export", interval.string(), (dir / "i.gguf").string(), "--type", "f32"}),
+                       "layer 1 is full attention (layer_types / full_attention_interval): llama.cpp's qwen3next takes every "
+                       "4th layer (3, 7, ...) as full attention and the others as linear");
+  copy_fixture_with("qwen3_next-tiny", norm, {{"norm_topk_prob", false}});
+  expect_clean_failure(run_tool({"export", norm.string(), (dir / "n.gguf").string(), "--type", "f32"}),
+                       "routing does not renormalize the top-k weights (norm_topk_prob) but llama.cpp's qwen3next graph does");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"interval", "norm"}));
+}
+
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
 // copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
 // rows permuted for arch llama), whatever --type says for the dense tensors.

@@ -45,7 +45,8 @@ fs::path exported(const std::string& model, const std::string& type) {
     std::vector<std::string> args = {"-q", "export", fixture(model).string(), out.string(), "--type", type};
     if (model == "glm4-moe-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
     // granitemoe-tiny's experts are 16 wide: down projection rows narrower than a block stay f16.
-    if (model == "granitemoe-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
+    if ((model == "granitemoe-tiny" || model == "qwen3_next-tiny") && type != "f32")
+      args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
     const RunResult r = run_tool(args);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
@@ -116,6 +117,11 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
     ASSERT_TRUE(gg.has(name));
     const core::Tensor a = src.tensor(name), b = gg.tensor(name);
     ASSERT_EQ(b.shape(), a.shape());
+    if (name.ends_with(".A_log")) {  // stored as -exp(A_log), read back as log(-A): to an f32 rounding
+      const auto va = a.to_f32(), vb = b.to_f32();
+      for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 2e-7 * std::max(1.0f, std::abs(va[i]))) << i;
+      continue;
+    }
     EXPECT_EQ(b.to_f32(), a.to_f32());
   }
   int64_t E = 0;
@@ -163,9 +169,12 @@ TEST_P(GgufInput, Q8WeightsAreTheBlocksDecode) {
     const std::vector<float> got = t.to_f32();
     EXPECT_TRUE(std::equal(got.begin(), got.end(), all.begin() + e * per)) << "expert " << e;
   }
-  // q rows: our row i is the file's row whose converter source row is i.
-  const io::GgufTensorInfo* q = f.find_tensor("blk.0.attn_q.weight");
-  const std::vector<float> qf = f.decode(*q), ours = m.layers()[0].tensors.at("q_proj").to_f32();
+  // q rows: our row i is the file's row whose converter source row is i (the first layer with
+  // attention: qwen3next's layers 0-2 are linear attention).
+  size_t ql = 0;
+  while (!f.find_tensor("blk." + std::to_string(ql) + ".attn_q.weight")) ++ql;
+  const io::GgufTensorInfo* q = f.find_tensor("blk." + std::to_string(ql) + ".attn_q.weight");
+  const std::vector<float> qf = f.decode(*q), ours = m.layers()[ql].tensors.at("q_proj").to_f32();
   const int64_t rows = q->ne[1], cols = q->ne[0];
   const bool permuted = m.family().gguf->permute_qk;
   const int64_t heads = m.dims().heads;
@@ -212,7 +221,7 @@ std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& i) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
                          ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny",
-                                           "ernie4_5_moe-tiny"),
+                                           "ernie4_5_moe-tiny", "qwen3_next-tiny"),
                          fixture_test_name);
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
@@ -705,6 +714,45 @@ TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
   r = run_tool({"inspect", key.string()});
   EXPECT_EQ(r.exit_code, 2) << r.describe();
   EXPECT_NE(r.err.find("llama.expert_count: missing"), std::string::npos) << r.err;
+}
+
+// qwen3next (qwen3_next-tiny: layers 0-2 Gated DeltaNet, layer 3 full attention, a shared expert
+// with its gate in every layer): `prune --format gguf` of its Q8_0 export keeps 3 experts and every
+// other tensor's bytes: the ssm_* tensors (ssm_a as -exp(A_log), ssm_conv1d f32), the norms stored
+// as 1 + w (the reader's w given back as the file's bytes), the shared expert and its gate; the
+// file reads back and evaluates as the folder prune of the same experts does.
+TEST(GgufInputPrune, Qwen3NextKeepsLinearAttentionAndSharedExpert) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("qwen3_next-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-qwen3next"};
+  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
+  auto prune = [&](const fs::path& to, const std::string& format) {
+    return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "3", "--seed", "4", "--format", format});
+  };
+  ASSERT_EQ(prune(out, "gguf").exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "prune", in.string(), folder.string(), "--method", "random", "--keep", "3", "--seed", "4", "--format",
+                      "hf", "--dtype", "f32"}).exit_code, 0);
+  const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, out);
+  EXPECT_EQ(b.find("qwen3next.expert_count")->integer, 3u);
+  EXPECT_EQ(b.find("qwen3next.ssm.inner_size")->integer, 32u);
+  ASSERT_EQ(b.tensors().size(), a.tensors().size());
+  size_t ssm = 0;
+  for (const auto& ta : a.tensors()) {
+    if (ta.name.find("_exps.") != std::string::npos || ta.name.find("ffn_gate_inp.") != std::string::npos) continue;
+    SCOPED_TRACE(ta.name);
+    const io::GgufTensorInfo* tb = b.find_tensor(ta.name);
+    ASSERT_NE(tb, nullptr);
+    ASSERT_EQ(tb->ne, ta.ne);
+    EXPECT_EQ(tb->type, ta.type);
+    EXPECT_TRUE(std::equal(b.tensor_data(*tb), b.tensor_data(*tb) + tb->nbytes(), a.tensor_data(ta)));
+    if (ta.name.find(".ssm_") != std::string::npos) ++ssm;
+  }
+  EXPECT_EQ(ssm, 3u * 7u);
+  EXPECT_EQ(b.find_tensor("blk.0.ssm_conv1d.weight")->type, quant::GgmlType::F32);
+  for (const char* shared : {"blk.3.ffn_up_shexp.weight", "blk.3.ffn_gate_inp_shexp.weight"}) EXPECT_NE(b.find_tensor(shared), nullptr);
+  const json e = eval_json(out), ef = eval_json(folder);
+  ASSERT_EQ(e.at("tokens_scored"), ef.at("tokens_scored"));
+  EXPECT_NEAR(e.at("nll_sum").get<double>(), ef.at("nll_sum").get<double>(), 1e-6 * ef.at("nll_sum").get<double>());
 }
 
 }  // namespace
