@@ -473,6 +473,12 @@ std::vector<FamilyDesc> build_families() {
     f.default_rms_norm_eps = 1e-5;
     f.default_head_dim = 128;
     f.forward = true;
+    // llama.cpp's llama4 (convert_hf_to_gguf.py's Llama4Model, a LlamaModel with undo_permute
+    // False): RoPE on adjacent pairs as ours, so no q/k permutation; no renormalization (sigmoid
+    // weights, build_moe_ffn norm_w false); expert_feed_forward_length the expert and shared width,
+    // feed_forward_length the dense layers' (intermediate_size_mlp).
+    gguf_arch(f, "llama4", false, false, true, true);
+    f.gguf->interleaved_dense = f.gguf->rope_freqs = f.gguf->llama4_graph = true;
     v.push_back(f);
     // llama4 (Llama4ForConditionalGeneration: every released Llama-4 checkpoint), as transformers'
     // modeling_llama4.py holds it: vision_model, multi_modal_projector and language_model (the

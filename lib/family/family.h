@@ -73,6 +73,18 @@ struct GgufArch {
   // The router bias as blk.N.exp_probs_b.bias without the routing keys (ernie4_5-moe: softmax
   // gating, the bias added for the choice only, the chosen weights renormalized).
   bool choice_bias = false;
+  // Dense layers between the MoE ones, every interleave_moe_layer_step-th layer MoE (llama4:
+  // blk.N.ffn_{gate,up,down} of feed_forward_length, the experts of expert_feed_forward_length).
+  bool interleaved_dense = false;
+  // llama3 RoPE scaling written as the per-frequency divisors rope_freqs.weight [head_dim / 2]
+  // (LlamaModel.generate_extra_tensors), with rope.dimension_count; no rope.scaling.* keys.
+  bool rope_freqs = false;
+  // llama.cpp's llama4 graph, whose attention is fixed by its loader rather than by keys: RoPE on
+  // pairs (2i, 2i+1) except every 4th layer (NoPE, full attention, q x the temperature of
+  // floor_scale 8192 / attn_scale 0.1), the other layers chunked by 8192 tokens, weightless q/k
+  // RMS norm after RoPE unless the model has 128 experts; the router's top-k logits through a
+  // sigmoid scale each expert's input.
+  bool llama4_graph = false;
 };
 
 struct FamilyDesc {

@@ -119,6 +119,10 @@ std::string config_key(const model::FamilyDesc& fam, const std::string& k) {
   if (k == "{shared_count}") return fam.shared_count_key;
   if (k == "{dense_lead}")
     return fam.moe_layers == model::MoeLayerRule::StartEndInterval ? "moe_layer_start_index" : "first_k_dense_replace";
+  // feed_forward_length is the dense layers' width where the experts have their own key
+  // (llama4: intermediate_size_mlp; the others: intermediate_size).
+  if (k == "intermediate_size") return fam.dense_width_key;
+  if (k == "moe_layer_interval" && fam.moe_layers == model::MoeLayerRule::Interleave) return "interleave_moe_layer_step";
   return k;
 }
 
@@ -145,6 +149,58 @@ const char* config_torch_dtype(uint32_t file_type) {
     case 1: return "float16";
     default: return "bfloat16";
   }
+}
+
+// llama.cpp's llama4 attention as llama4_text config keys (GgufArch::llama4_graph: fixed by its
+// loader, no key), and the llama3 RoPE scaling its rope_freqs.weight holds. The divisors are read
+// back as a llama3 scaling with low_freq_factor = high_freq_factor = 1 (Llama 4 Scout's): each 1 or
+// one factor, the 1s first; original_max_position_embeddings is then any length between the last
+// unscaled and the first scaled wavelength (the geometric mean, rounded, is taken). Divisors between
+// 1 and the factor (a smoothed band) are refused: they do not determine the scaling's keys.
+void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t head_dim) {
+  const std::string file = f.path().string();
+  const int64_t layers = c.at("num_hidden_layers").get<int64_t>();
+  json no_rope = json::array();
+  for (int64_t l = 0; l < layers; ++l) no_rope.push_back((l + 1) % 4 != 0 ? 1 : 0);
+  c["no_rope_layers"] = no_rope;
+  c["attention_chunk_size"] = 8192;
+  c["attn_temperature_tuning"] = true;
+  c["floor_scale"] = 8192;
+  c["attn_scale"] = 0.1;
+  c["use_qk_norm"] = c.at("num_local_experts").get<int64_t>() != 128;
+  c["attention_bias"] = false;
+  c["moe_layers"] = nullptr;
+  if (!c.contains("interleave_moe_layer_step"))
+    throw Error::corruption(file + ": metadata key " + arch.arch + ".interleave_moe_layer_step: missing");
+  const GgufTensorInfo* rf = f.find_tensor(kGgufRopeFreqs);
+  if (!rf) return;
+  const std::string where = file + ": tensor " + std::string(kGgufRopeFreqs) + ": ";
+  if (rf->type != GgmlType::F32 || rf->ne.size() != 1 || rf->ne[0] != head_dim / 2)
+    throw Error::corruption(where + "expected f32 [" + std::to_string(head_dim / 2) + "] (head_dim / 2)");
+  std::vector<float> div(static_cast<size_t>(rf->ne[0]));
+  std::memcpy(div.data(), f.tensor_data(*rf), div.size() * sizeof(float));
+  const float factor = *std::max_element(div.begin(), div.end());
+  size_t first = div.size();  // the first scaled frequency
+  for (size_t i = 0; i < div.size(); ++i) {
+    if (!std::isfinite(div[i]) || div[i] < 1)
+      throw Error::corruption(where + "divisor " + std::to_string(i) + " is " + std::to_string(div[i]) + ", expected >= 1");
+    if (div[i] != 1 && div[i] != factor)
+      throw Error::unsupported(where + "divisor " + std::to_string(i) + " (" + std::to_string(div[i]) +
+                               ") between 1 and the factor: a smoothed llama3 band is not read here (only low_freq_factor = high_freq_factor)");
+    if (div[i] == factor && factor != 1 && first == div.size()) first = i;
+    if (div[i] == 1 && first < i)
+      throw Error::unsupported(where + "divisor " + std::to_string(i) + " is 1 after a scaled lower frequency: not a llama3 scaling");
+  }
+  if (factor == 1) return;  // no scaling
+  const double theta = c.at("rope_theta").get<double>();
+  auto wavelength = [&](size_t i) {
+    return 2 * M_PI / static_cast<float>(1.0 / std::pow(theta, double(2 * i) / double(head_dim)));
+  };
+  const double hi = wavelength(first), lo = first > 0 ? wavelength(first - 1) : hi / 4;
+  auto orig = static_cast<int64_t>(std::llround(std::sqrt(lo * hi)));
+  if (!(double(orig) > lo && double(orig) < hi)) orig = static_cast<int64_t>(std::floor(hi - 1e-9));
+  c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", f32_decimal(factor)}, {"low_freq_factor", 1.0},
+                       {"high_freq_factor", 1.0}, {"original_max_position_embeddings", orig}};
 }
 
 json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDesc& fam) {
@@ -275,8 +331,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   if (const GgufValue* v = f.find(nk); v && v->as_int(file + ": " + nk) != 0)
     throw Error::unsupported(file + ": metadata key " + nk + ": " + std::to_string(v->as_int(file + ": " + nk)) +
                              " multi-token-prediction layers are not read here");
-  // granitemoe (softmax over the top-k logits) has no norm_topk_prob.
-  if (!fam.norm_topk_forced && fam.routing != model::Routing::TopKSoftmax && !c.contains("norm_topk_prob"))
+  if (arch.llama4_graph) llama4_config(f, arch, c, head_dim);
+  // granitemoe (softmax over the top-k logits) and llama4 (sigmoid of each) have no norm_topk_prob.
+  if (!fam.norm_topk_forced && fam.routing != model::Routing::TopKSoftmax && fam.routing != model::Routing::TopKSigmoid &&
+      !c.contains("norm_topk_prob"))
     c["norm_topk_prob"] = arch.renormalizes;
   // A bias whose presence a config key decides (llama's attention_bias): true when stored.
   for (const auto& r : fam.layer_roles)
@@ -324,6 +382,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
     if (!gguf_plain_dtype(t.type) && !ti.codec)
       throw Error::unsupported(file + ": tensor " + t.name + ": type " + ti.name + " has no decoder here (read: " +
                                quant::ggml_codec_names() + ")");
+    if (arch->rope_freqs && t.name == kGgufRopeFreqs) continue;  // read as rope_scaling (llama4_config)
     std::string ours;  // our name, {e} for the experts of a stacked tensor
     bool stacked = false, row_vector = false, conv = false;
     int64_t heads = 0;

@@ -119,8 +119,8 @@ const GgufArch* gguf_arch_for_arch(const std::string& arch) {
 
 std::string gguf_exported_model_types() {
   std::string s;
-  for (const auto& f : model::all_families())
-    if (f.gguf) s += (s.empty() ? "" : ", ") + f.gguf->model_type;
+  for (const auto& f : model::all_families())  // llama4 (the multimodal wrapper): its text model, read as llama4_text
+    if (f.gguf) s += (s.empty() ? "" : ", ") + f.model_type;
   return s;
 }
 

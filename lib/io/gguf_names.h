@@ -53,6 +53,8 @@ struct GgufHparam {
                            // GgufArch::expert_width_key is / is not set; Optional: when present
   bool boolean = false;    // stored as bool (config.json true/false)
 };
+// The llama3 RoPE divisors (GgufArch::rope_freqs), one global tensor [head_dim / 2] of f32.
+inline constexpr const char* kGgufRopeFreqs = "rope_freqs.weight";
 // ARCH.expert_gating_func of a sigmoid router (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID).
 inline constexpr uint32_t kGgufGatingSigmoid = 2;
 // Calls f(const GgufHparam&) for each row.

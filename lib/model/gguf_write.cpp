@@ -116,7 +116,10 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
   for (const auto& layer : m.layers()) {
     if (!layer.moe) {
       // A leading dense layer of the input stays one (its ffn_gate/ffn_up/ffn_down are copied).
-      if (arch.leading_dense && src.file().find_tensor("blk." + std::to_string(layer.index) + ".ffn_gate.weight")) continue;
+      // So does an interleaved one (llama4).
+      if ((arch.leading_dense || arch.interleaved_dense) &&
+          src.file().find_tensor("blk." + std::to_string(layer.index) + ".ffn_gate.weight"))
+        continue;
       throw Error::unsupported(out + ": layer " + std::to_string(layer.index) + " has no MoE block");
     }
     if (experts >= 0 && layer.moe->num_experts() != experts)
@@ -150,7 +153,11 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
       ps.push_back(map != io::GgufValueMap::None ? mapped_piece(w, f, t, map, name)
                                                  : stored_piece(w, t.type, info.ne[0], heads, name));
     };
-    if (const char* role = gguf_global_role(t.name)) {
+    if (arch.rope_freqs && t.name == io::kGgufRopeFreqs) {
+      // The llama3 RoPE divisors (not a tensor of the model: the reader made them rope_scaling),
+      // copied as stored.
+      if (pieces) ps.push_back(Piece{core::Tensor(), f.tensor_data(t), t.nbytes(), {}});
+    } else if (const char* role = gguf_global_role(t.name)) {
       auto g = m.globals().find(role);
       if (g == m.globals().end()) throw Error::internal(t.name + ": no global " + role);
       add(g->second, 0, t.name, io::gguf_value_map(m.family(), role));

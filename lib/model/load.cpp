@@ -478,7 +478,7 @@ Model Model::load(const io::Checkpoint& ckpt) {
         // MXFP4 experts are views, read when used).
         for (const Tensor* t : {&fgu, &fdn})
           if (t->data()) m.release_(t->data(), t->nbytes());
-      } else if (f.fused_in_out_chunked) {
+      } else if (f.fused_in_out_chunked && !(ckpt.gguf() && !ckpt.has(prefix + f.fused_gate_up))) {
         // llama4: gate_up_proj [E,H,2I] (gate the first half), down_proj [E,I,H], copied out into
         // per-expert [out, in] tensors.
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;

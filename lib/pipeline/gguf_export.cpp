@@ -1,6 +1,7 @@
 #include "pipeline/gguf_export.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <future>
 #include <optional>
@@ -133,6 +134,7 @@ int64_t refuse_unsupported(const model::Model& m, const model::GgufArch& arch, c
         ++lead;
         continue;
       }
+      if (arch.interleaved_dense) continue;  // the pattern: refuse_llama4
       throw Error::unsupported(src + ": " + where + " is a dense layer; llama.cpp's " + arch.arch + " needs experts in every layer" +
                                (arch.leading_dense ? " after the leading dense ones" : ""));
     }
@@ -142,9 +144,96 @@ int64_t refuse_unsupported(const model::Model& m, const model::GgufArch& arch, c
     experts = layer.moe->num_experts();
   }
   if (experts < 0) throw Error::unsupported(src + ": no MoE layer; llama.cpp's " + arch.arch + " is an MoE architecture");
-  for (const auto& [name, t] : m.extras())
-    if (!mtp_extra(m, name)) throw Error::unsupported(src + ": tensor " + name + " has no GGUF name in this exporter");
+  int64_t vision = 0;
+  for (const auto& [name, t] : m.extras()) {
+    if (mtp_extra(m, name)) continue;
+    // A wrapper's vision tower and projector (llama4): llama.cpp reads them from a separate mmproj
+    // file (convert_hf_to_gguf.py --mmproj), which this exporter does not write.
+    if (!m.family().text_model_type.empty() && (name.rfind("vision_model.", 0) == 0 || name.rfind("multi_modal_projector.", 0) == 0)) {
+      ++vision;
+      continue;
+    }
+    throw Error::unsupported(src + ": tensor " + name + " has no GGUF name in this exporter");
+  }
+  if (vision > 0)
+    core::warn_once(m.family().model_type + ": the text model is exported; the vision tower and projector (" + std::to_string(vision) +
+                    " tensors: vision_model.*, multi_modal_projector.*) are not written (llama.cpp reads them from a separate "
+                    "mmproj GGUF, which moe-tool does not write)");
   return lead;
+}
+
+// Refuses a model that llama.cpp's llama4 graph (GgufArch::llama4_graph) would compute differently:
+// its loader fixes the attention (not read from keys) to RoPE on every layer but each 4th, the RoPE
+// layers chunked by 8192 tokens, the NoPE layers full with the temperature tuning of floor_scale 8192
+// and attn_scale 0.1, the q/k RMS norm after RoPE unless the model has 128 experts; the MoE layers
+// every interleave_moe_layer_step-th; the shared expert as wide as the experts; no attention biases;
+// the router's top-k logits through a sigmoid scaling each expert's input. Returns the step.
+int64_t refuse_llama4(const model::Model& m, const model::GgufArch& arch, const runtime::ForwardSpec& spec,
+                      const model::MoeBlock& moe0, const std::string& src) {
+  const std::string A = "llama.cpp's " + arch.arch + " ";
+  constexpr int64_t kChunk = 8192, kFloor = 8192, kNoRopeStep = 4;
+  constexpr double kAttnScale = 0.1;
+  if (spec.routing.kind != model::Routing::TopKSigmoid)
+    throw Error::unsupported(src + ": routing " + model::routing_name(spec.routing.kind) + ": " + A +
+                             "graph routes as top-k logits, sigmoid, the weight on the expert's input");
+  for (const char* bias : {"q_bias", "k_bias", "v_bias", "o_bias"})
+    if (m.layers().front().find(bias))
+      throw Error::unsupported(src + ": attention_bias true: " + A + "loader has no attention biases");
+  int64_t step = 0, dense_layer = -1;
+  for (const auto& layer : m.layers())
+    if (layer.moe) {
+      step = layer.index + 1;
+      break;
+    }
+  const bool qk_norm = moe0.num_experts() != 128;  // llama.cpp: use_kq_norm = type != LLM_TYPE_17B_128E
+  std::optional<int64_t> dense_width;
+  for (const auto& layer : m.layers()) {
+    const int64_t l = layer.index;
+    const std::string where = src + ": layer " + std::to_string(l) + ": ";
+    if (layer.moe.has_value() != ((l + 1) % step == 0))
+      throw Error::unsupported(where + (layer.moe ? "MoE" : "dense") + " (moe_layers): " + A + "graph makes every " +
+                               std::to_string(step) + "th layer MoE (interleave_moe_layer_step), the others dense");
+    if (layer.moe) {
+      if (!layer.moe->shared || layer.moe->shared->width() != layer.moe->expert_width())
+        throw Error::unsupported(where + "the shared expert is " +
+                                 (layer.moe->shared ? std::to_string(layer.moe->shared->width()) + " wide" : std::string("missing")) +
+                                 ": " + A + "loader requires one as wide as the experts (" +
+                                 std::to_string(layer.moe->expert_width()) + ")");
+    } else {
+      if (dense_width && layer.mlp->width() != *dense_width)
+        throw Error::unsupported(where + "dense MLP " + std::to_string(layer.mlp->width()) + " wide, layer " +
+                                 std::to_string(dense_layer) + "'s " + std::to_string(*dense_width) +
+                                 ": GGUF has one feed_forward_length");
+      dense_width = layer.mlp->width();
+      dense_layer = l;
+    }
+    const runtime::AttnSpec a = spec.layer_specs.empty() ? spec.attn : spec.layer_specs.at(static_cast<size_t>(l));
+    const bool rope = (l + 1) % kNoRopeStep != 0;
+    if (a.use_rope != rope)
+      throw Error::unsupported(where + (a.use_rope ? "RoPE" : "NoPE") + " (no_rope_layers): " + A +
+                               "graph uses RoPE on every layer but each 4th");
+    if (rope && a.chunk != kChunk)
+      throw Error::unsupported(where + (a.chunk > 0 ? "attention_chunk_size " + std::to_string(a.chunk) : std::string("full attention (layer_types)")) +
+                               ": " + A + "graph chunks the RoPE layers' attention by 8192 tokens");
+    if (!rope && a.chunk != 0)
+      throw Error::unsupported(where + "chunked attention (layer_types): " + A + "graph gives the NoPE layers full attention");
+    if (!rope && a.floor_scale == 0)
+      throw Error::unsupported(src + ": attn_temperature_tuning false: " + A + "graph scales q on the NoPE layers (floor_scale 8192, attn_scale 0.1)");
+    if (!rope && a.floor_scale != kFloor) {
+      std::ostringstream v;
+      v << a.floor_scale;
+      throw Error::unsupported(src + ": floor_scale " + v.str() + ": " + A + "graph's temperature tuning has floor_scale 8192");
+    }
+    if (!rope && static_cast<float>(a.attn_scale) != static_cast<float>(kAttnScale)) {
+      std::ostringstream v;
+      v << a.attn_scale;
+      throw Error::unsupported(src + ": attn_scale " + v.str() + ": " + A + "graph's temperature tuning has attn_scale 0.1");
+    }
+    if (rope && a.l2_qk_norm != qk_norm)
+      throw Error::unsupported(src + ": use_qk_norm " + (a.l2_qk_norm ? "true" : "false") + ": " + A + "graph normalizes q/k " +
+                               (qk_norm ? "unless the model has 128 experts" : "not with 128 experts"));
+  }
+  return step;
 }
 
 // Refuses a model whose MoE block llama.cpp's graph would compute differently where the
@@ -303,7 +392,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                              io::gguf_exported_model_types() + ")");
   const int64_t lead = refuse_unsupported(m, *arch, src);
   const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
-  if (spec.rope_scaling.type != "default")
+  if (spec.rope_scaling.type != "default" && !(arch->rope_freqs && spec.rope_scaling.type == "llama3"))
     throw Error::unsupported(src + ": rope_scaling '" + spec.rope_scaling.type + "' is not exported to GGUF yet");
   if (spec.attn.sliding_window > 0)
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
@@ -330,6 +419,11 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   if (arch->routing_keys) refuse_routing(m, *arch, spec, moe0, src);
   if (arch->choice_bias) refuse_choice_bias(*arch, spec, src);
   if (fam.hybrid_linear_attention) refuse_hybrid(m, *arch, src);
+  const int64_t moe_step = arch->llama4_graph ? refuse_llama4(m, *arch, spec, moe0, src) : 0;
+  // The dense layers' width (feed_forward_length where the experts have their own key).
+  std::optional<int64_t> dense_width;
+  for (const auto& layer : m.layers())
+    if (!layer.moe && !dense_width) dense_width = layer.mlp->width();
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));
@@ -351,7 +445,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (k == "max_position_embeddings") return num(spec.max_positions > 0 ? spec.max_positions : 4096);
     if (k == "hidden_size") return num(d.hidden);
     if (k == "num_hidden_layers") return num(d.layers);
-    if (k == "intermediate_size") return num(c.get_int_or("intermediate_size", moe0.expert_width()));
+    if (k == "intermediate_size")
+      return num(arch->interleaved_dense && dense_width ? *dense_width : c.get_int_or(fam.dense_width_key, moe0.expert_width()));
     if (k == "{expert_width}") return num(moe0.expert_width());
     if (k == "num_attention_heads") return num(d.heads);
     if (k == "num_key_value_heads") return num(d.kv_heads);
@@ -359,17 +454,20 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (k == "rms_norm_eps") return spec.eps;
     if (k == "{expert_count}") return num(moe0.num_experts());
     if (k == "{topk}") return num(d.top_k);
+    // llama4: the shared expert is as wide as the experts (llama.cpp's n_ff_shexp = n_ff_exp), no key.
     if (k == "{shared_width}")
-      return arch->shared_expert && !arch->shared_count && moe0.shared ? num(moe0.shared->width()) : std::nullopt;
+      return arch->shared_expert && !arch->shared_count && !arch->llama4_graph && moe0.shared ? num(moe0.shared->width()) : std::nullopt;
     if (k == "{shared_count}")
       return arch->shared_count ? num(moe0.shared ? moe0.shared->width() / moe0.expert_width() : 0) : std::nullopt;
     // The RoPE width: llama.cpp's n_rot (partial rotary: the first rope_dim() elements of a head).
-    if (k == "{rope_dim}") return fam.partial_rotary ? num(spec.attn.rope_dim()) : arch->permute_qk ? num(d.head_dim) : std::nullopt;
+    if (k == "{rope_dim}")
+      return fam.partial_rotary ? num(spec.attn.rope_dim()) : arch->permute_qk || arch->rope_freqs ? num(d.head_dim) : std::nullopt;
     if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
     if (k == "clip_qkv") return spec.attn.clip_qkv ? std::optional<double>(*spec.attn.clip_qkv) : std::nullopt;
     if (k == "{dense_lead}") return arch->leading_dense ? num(lead) : std::nullopt;
     // llama.cpp's ernie4_5-moe requires the step; 1 as refuse_unsupported leaves no dense layer after the lead.
-    if (k == "moe_layer_interval") return fam.moe_layers == model::MoeLayerRule::StartEndInterval ? num(1) : std::nullopt;
+    if (k == "moe_layer_interval")
+      return fam.moe_layers == model::MoeLayerRule::StartEndInterval ? num(1) : arch->interleaved_dense ? num(moe_step) : std::nullopt;
     if (k == "routed_scaling_factor") return arch->routing_keys ? std::optional<double>(r.routed_scaling_factor) : std::nullopt;
     if (k == "norm_topk_prob") return arch->routing_keys ? num(r.renormalize) : std::nullopt;
     // Group-limited routing only where it limits (llama.cpp asserts expert_group_used_count < expert_group_count).
@@ -456,6 +554,28 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second}, 0, io::gguf_value_map(fam, role));
   };
   global("embed");
+  // llama3 RoPE scaling as LlamaModel.generate_extra_tensors writes it: per-frequency divisors of
+  // the RoPE frequencies (1 above the high-frequency wavelength, factor below the low one, smoothed
+  // between), as the forward's RopeTable scales them.
+  if (arch->rope_freqs && spec.rope_scaling.type == "llama3") {
+    const auto& s = spec.rope_scaling;
+    const double orig = double(s.original_max_positions);
+    const double low_wl = orig / s.low_freq_factor, high_wl = orig / s.high_freq_factor;
+    std::vector<float> div;
+    for (int64_t i = 0; i < d.head_dim / 2; ++i) {
+      const float f = static_cast<float>(1.0 / std::pow(spec.rope_theta, double(2 * i) / double(d.head_dim)));
+      const double wl = 2 * M_PI / f;
+      double v = 1.0;
+      if (wl > low_wl) {
+        v = s.factor;
+      } else if (wl >= high_wl) {
+        const double smooth = (orig / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        v = 1.0 / ((1 - smooth) / s.factor + smooth);
+      }
+      div.push_back(static_cast<float>(v));
+    }
+    add(io::kGgufRopeFreqs, {core::Tensor::from_f32(div, {static_cast<int64_t>(div.size())})});
+  }
   for (const auto& layer : m.layers()) {
     const std::string blk = "blk." + std::to_string(layer.index) + ".";
     for (const auto& [role, t] : layer.tensors) {
@@ -466,7 +586,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
       if (arch->permute_qk && (role == "k_proj" || role == "k_bias")) heads = d.kv_heads;
       add(blk + n, {t}, heads, io::gguf_value_map(fam, role));
     }
-    if (!layer.moe) {  // a leading dense layer (refuse_unsupported)
+    if (!layer.moe) {  // a leading or interleaved dense layer (refuse_unsupported)
       const model::Mlp& x = *layer.mlp;
       add(blk + io::gguf_moe_name("dense_gate"), {x.gate});
       add(blk + io::gguf_moe_name("dense_up"), {x.up});

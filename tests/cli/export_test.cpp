@@ -567,6 +567,113 @@ TEST(Export, Qwen3NextRefusalsWriteNothing) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"interval", "norm"}));
 }
 
+// llama4-tiny with the attention llama.cpp's llama4 graph computes (its loader fixes it): chunks of
+// 8192 tokens, temperature tuning with floor_scale 8192 and attn_scale 0.1.
+const json kLlama4LlamaCpp = {{"attention_chunk_size", 8192}, {"floor_scale", 8192}, {"attn_scale", 0.1}};
+
+// llama4 as convert_hf_to_gguf.py's Llama4Model writes it: the dense layers (0, 2) as ffn_*, the MoE
+// ones (1, 3) with the fused gate_up_proj [E,H,2I] split into gate (first half) and up and
+// transposed, down_proj [E,I,H] transposed, the shared expert as *_shexp; q/k not permuted; the
+// llama3 scaling as rope_freqs.weight (1 below wavelength 8192, the factor 16 above); the keys
+// llama.cpp's loader reads and none it does not.
+TEST(Export, Llama4KeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = dir / "l4", out = dir / "l4.gguf";
+  copy_fixture_with("llama4-tiny", src, kLlama4LlamaCpp);
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "llama4";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"block_count", 4}, {"interleave_moe_layer_step", 2}, {"feed_forward_length", 32}, {"expert_feed_forward_length", 16},
+      {"expert_count", 8}, {"expert_used_count", 1}, {"attention.head_count", 4}, {"attention.head_count_kv", 2},
+      {"rope.dimension_count", 16}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find(A + ".rope.freq_base")->as_double("b")), 500000.0f);
+  for (const char* absent : {"expert_shared_feed_forward_length", "expert_gating_func", "expert_weights_norm", "leading_dense_block_count",
+                             "attention.sliding_window", "rope.scaling.type", "rope.scaling.factor"})
+    EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
+  same("blk.0.ffn_gate.weight", "model.layers.0.feed_forward.gate_proj.weight");
+  same("blk.2.ffn_down.weight", "model.layers.2.feed_forward.down_proj.weight");
+  same("blk.1.ffn_gate_shexp.weight", "model.layers.1.feed_forward.shared_expert.gate_proj.weight");
+  same("blk.3.ffn_down_shexp.weight", "model.layers.3.feed_forward.shared_expert.down_proj.weight");
+  same("blk.1.ffn_gate_inp.weight", "model.layers.1.feed_forward.router.weight");
+  same("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight");
+  same("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight");  // not permuted
+  same("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight");
+  same("output.weight", "lm_head.weight");
+  EXPECT_EQ(f.find_tensor("blk.0.ffn_gate_inp.weight"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.1.ffn_gate.weight"), nullptr);
+  // Experts: gate_up_proj[e][h][j] (gate j < 16, up j >= 16) is row j of expert e's gate / up.
+  const std::vector<float> gu = ck.tensor("model.layers.3.feed_forward.experts.gate_up_proj").to_f32(),
+                           dn = ck.tensor("model.layers.3.feed_forward.experts.down_proj").to_f32();
+  const io::GgufTensorInfo* g = f.find_tensor("blk.3.ffn_gate_exps.weight");
+  ASSERT_NE(g, nullptr);
+  EXPECT_EQ(g->ne, (std::vector<int64_t>{64, 16, 8}));
+  EXPECT_EQ(f.find_tensor("blk.3.ffn_down_exps.weight")->ne, (std::vector<int64_t>{16, 64, 8}));
+  const auto gate = f.decode(*g), up = f.decode(*f.find_tensor("blk.3.ffn_up_exps.weight")),
+             down = f.decode(*f.find_tensor("blk.3.ffn_down_exps.weight"));
+  for (int64_t e = 0; e < 8; ++e)
+    for (int64_t j = 0; j < 16; ++j)
+      for (int64_t h = 0; h < 64; ++h) {
+        ASSERT_EQ(gate[(e * 16 + j) * 64 + h], gu[(e * 64 + h) * 32 + j]);
+        ASSERT_EQ(up[(e * 16 + j) * 64 + h], gu[(e * 64 + h) * 32 + 16 + j]);
+        ASSERT_EQ(down[(e * 64 + h) * 16 + j], dn[(e * 16 + j) * 64 + h]);
+      }
+  const io::GgufTensorInfo* rf = f.find_tensor("rope_freqs.weight");
+  ASSERT_NE(rf, nullptr);
+  EXPECT_EQ(f.decode(*rf), (std::vector<float>{1, 1, 1, 1, 1, 16, 16, 16}));
+}
+
+// The multimodal llama4 (Llama4ForConditionalGeneration): its text model is written, the same
+// tensors as llama4_text's; the vision tower and projector are left out with one warning (llama.cpp
+// reads them from an mmproj file, which moe-tool does not write).
+TEST(Export, Llama4MultimodalWritesTheTextModel) {
+  TempDir dir{"moe-export"};
+  const fs::path mm = dir / "mm", text = dir / "text";
+  copy_fixture_with("llama4-mm-tiny", mm, {{"text_config", kLlama4LlamaCpp}});
+  copy_fixture_with("llama4-tiny", text, kLlama4LlamaCpp);
+  const RunResult r = run_tool({"export", mm.string(), (dir / "mm.gguf").string(), "--type", "f32"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.err.find("vision tower and projector (26 tensors"), std::string::npos) << r.err;
+  ASSERT_EQ(run_tool({"-q", "export", text.string(), (dir / "text.gguf").string(), "--type", "f32"}).exit_code, 0);
+  const auto a = io::GgufFile::open(io::Env::posix(), dir / "mm.gguf"), b = io::GgufFile::open(io::Env::posix(), dir / "text.gguf");
+  ASSERT_EQ(a.tensors().size(), b.tensors().size());
+  for (size_t i = 0; i < a.tensors().size(); ++i) {
+    EXPECT_EQ(a.tensors()[i].name, b.tensors()[i].name);
+    EXPECT_EQ(a.tensors()[i].ne, b.tensors()[i].ne);
+  }
+  EXPECT_EQ(a.find("llama4.interleave_moe_layer_step")->as_int("s"), 2);
+}
+
+// llama4 refusals, each where llama.cpp's llama4 graph computes otherwise (its loader fixes the
+// attention): the fixture's own attention_chunk_size 8, floor_scale 4, attn_scale 0.2,
+// attn_temperature_tuning false, use_qk_norm false with 8 experts, NoPE on another layer than each
+// 4th. Exit 2, one line, nothing written.
+TEST(Export, Llama4RefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  auto refused = [&](const std::string& name, const json& patch, const std::string& needle) {
+    const fs::path m = dir / name;
+    json p = kLlama4LlamaCpp;
+    p.merge_patch(patch);
+    copy_fixture_with("llama4-tiny", m, p);
+    expect_clean_failure(run_tool({"export", m.string(), (dir / (name + ".gguf")).string(), "--type", "f32"}), needle);
+  };
+  refused("chunk", {{"attention_chunk_size", 8}},
+          "layer 0: attention_chunk_size 8: llama.cpp's llama4 graph chunks the RoPE layers' attention by 8192 tokens");
+  refused("floor", {{"floor_scale", 4}}, "floor_scale 4: llama.cpp's llama4 graph's temperature tuning has floor_scale 8192");
+  refused("scale", {{"attn_scale", 0.2}}, "attn_scale 0.2: llama.cpp's llama4 graph's temperature tuning has attn_scale 0.1");
+  refused("tuning", {{"attn_temperature_tuning", false}}, "attn_temperature_tuning false: llama.cpp's llama4 graph scales q");
+  refused("qknorm", {{"use_qk_norm", false}}, "use_qk_norm false: llama.cpp's llama4 graph normalizes q/k unless the model has 128 experts");
+  refused("nope", {{"no_rope_layers", {1, 0, 1, 1}}}, "layer 1: NoPE (no_rope_layers): llama.cpp's llama4 graph uses RoPE");
+  // The fixture as it is: its 8-token chunks first.
+  expect_clean_failure(run_tool({"export", (kSrc / "data/llama4-tiny").string(), (dir / "own.gguf").string(), "--type", "f32"}),
+                       "attention_chunk_size 8: llama.cpp's llama4 graph chunks");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"chunk", "floor", "nope", "qknorm", "scale", "tuning"}));
+}
+
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
 // copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
 // rows permuted for arch llama), whatever --type says for the dense tensors.

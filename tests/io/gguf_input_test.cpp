@@ -19,6 +19,7 @@
 #include "io/gguf_model.h"
 #include "model/gguf_write.h"
 #include "model/model.h"
+#include "support/ckpt_util.h"
 #include "support/cli_expect.h"
 #include "support/paths.h"
 #include "support/run.h"
@@ -30,8 +31,23 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-// data/models/<model>, else data/<model> (granitemoe-tiny).
+// llama4-tiny with the attention llama.cpp's llama4 graph computes (attention_chunk_size,
+// floor_scale 8192, attn_scale 0.1): the fixture's own 8 / 4 / 0.2 are refused by the export.
+fs::path llama4_llamacpp() {
+  static TempDir dir{"moe-gguf-llama4"};
+  const fs::path to = dir / "llama4-tiny";
+  if (!fs::exists(to)) {
+    copy_folder(kSrc / "data/llama4-tiny", to);
+    json c = read_json(to / "config.json");
+    c.merge_patch({{"attention_chunk_size", 8192}, {"floor_scale", 8192}, {"attn_scale", 0.1}});
+    write_file(to / "config.json", c.dump(2));
+  }
+  return to;
+}
+
+// data/models/<model>, else data/<model> (granitemoe-tiny); llama4-tiny as llama4_llamacpp.
 fs::path fixture(const std::string& model) {
+  if (model == "llama4-tiny") return llama4_llamacpp();
   const fs::path p = kSrc / "data/models" / model;
   return fs::exists(p) ? p : kSrc / "data" / model;
 }
@@ -47,6 +63,8 @@ fs::path exported(const std::string& model, const std::string& type) {
     // granitemoe-tiny's experts are 16 wide: down projection rows narrower than a block stay f16.
     if ((model == "granitemoe-tiny" || model == "qwen3_next-tiny") && type != "f32")
       args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
+    // llama4-tiny: experts and shared expert 16 wide.
+    if (model == "llama4-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
     const RunResult r = run_tool(args);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
@@ -221,7 +239,7 @@ std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& i) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
                          ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny",
-                                           "ernie4_5_moe-tiny", "qwen3_next-tiny"),
+                                           "ernie4_5_moe-tiny", "qwen3_next-tiny", "llama4-tiny"),
                          fixture_test_name);
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
@@ -452,6 +470,52 @@ TEST_P(GgufInputPruneDense, KeepsTheDenseLayerAndTheKeptExpertsBias) {
   }
   const json e = eval_json(out);
   EXPECT_GT(e.at("nll_sum").get<double>(), 0);
+}
+
+// llama4: a Q8_0 export pruned to 3 experts as GGUF keeps the interleaved dense layers (0, 2), the
+// shared experts and the rope_freqs divisors as stored, the kept experts' slices; the file reads
+// back and evaluates near the same pruning written as a (bf16) folder.
+TEST(GgufInputPrune, Llama4KeepsDenseLayersSharedExpertsAndRopeFreqs) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("llama4-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-llama4"};
+  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
+  auto prune = [&](const fs::path& to, const std::string& format) {
+    return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "3", "--seed", "4", "--format", format});
+  };
+  ASSERT_EQ(prune(out, "gguf").exit_code, 0);
+  ASSERT_EQ(prune(folder, "hf").exit_code, 0);
+  const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
+  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
+  EXPECT_EQ(f.find("llama4.expert_count")->as_int("c"), 3);
+  EXPECT_EQ(f.find("llama4.interleave_moe_layer_step")->as_int("s"), 2);
+  EXPECT_EQ(f.tensors().size(), src.tensors().size());
+  std::vector<std::string> same = {"rope_freqs.weight"};
+  for (const char* dense : {"ffn_gate", "ffn_up", "ffn_down"})
+    for (const char* layer : {"blk.0.", "blk.2."}) same.push_back(std::string(layer) + dense + ".weight");
+  for (const char* shexp : {"ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"})
+    for (const char* layer : {"blk.1.", "blk.3."}) same.push_back(std::string(layer) + shexp + ".weight");
+  for (const auto& name : same) {
+    ASSERT_NE(f.find_tensor(name), nullptr) << name;
+    EXPECT_EQ(f.decode(*f.find_tensor(name)), src.decode(*src.find_tensor(name))) << name;
+  }
+  for (const int layer : {1, 3}) {
+    SCOPED_TRACE(layer);
+    const std::vector<int64_t> keep =
+        report.at("layers").at(static_cast<size_t>(layer)).at("passes").at(0).at("kept").get<std::vector<int64_t>>();
+    ASSERT_EQ(keep.size(), 3u);
+    const std::string blk = "blk." + std::to_string(layer) + ".";
+    for (const char* t : {"ffn_gate_exps.weight", "ffn_down_exps.weight"}) {
+      const auto got = f.decode(*f.find_tensor(blk + t)), all = src.decode(*src.find_tensor(blk + t));
+      const size_t per = got.size() / 3;
+      for (size_t i = 0; i < 3; ++i)
+        EXPECT_TRUE(std::equal(got.begin() + i * per, got.begin() + (i + 1) * per, all.begin() + keep[i] * per)) << t << " " << i;
+    }
+  }
+  // Evaluates (the folder holds the same pruning dequantized to bf16, so its figure is near, not equal).
+  const json a = eval_json(out), b = eval_json(folder);
+  EXPECT_GT(a.at("nll_sum").get<double>(), 0);
+  EXPECT_NEAR(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>(), 1e-2 * b.at("nll_sum").get<double>());
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInputPruneDense, ::testing::Values("glm4-moe-tiny", "ernie4_5_moe-tiny"),
