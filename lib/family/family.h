@@ -73,6 +73,10 @@ struct GgufArch {
   // The router bias as blk.N.exp_probs_b.bias without the routing keys (ernie4_5-moe: softmax
   // gating, the bias added for the choice only, the chosen weights renormalized).
   bool choice_bias = false;
+  // Multi-head Latent Attention (deepseek2): attn_q_a / attn_q_a_norm / attn_q_b (or attn_q),
+  // attn_kv_a_mqa, attn_kv_a_norm, kv_b_proj split into attn_k_b (transposed) and attn_v_b, the
+  // MLA keys (q/kv_lora_rank, key/value_length(_mla), head_count_kv 1) and yarn RoPE keys.
+  bool mla = false;
 };
 
 struct FamilyDesc {

@@ -15,6 +15,9 @@ constexpr GgufNamePair kGgufLayerNames[] = {
     {"o_proj", "attn_output.weight"},  {"q_bias", "attn_q.bias"},         {"k_bias", "attn_k.bias"},
     {"v_bias", "attn_v.bias"},         {"o_bias", "attn_output.bias"},    {"q_norm", "attn_q_norm.weight"},
     {"k_norm", "attn_k_norm.weight"},  {"input_norm", "attn_norm.weight"}, {"post_attn_norm", "ffn_norm.weight"},
+    // Multi-head Latent Attention (deepseek2); kv_b_proj is stored split (kGgufMlaKB / kGgufMlaVB).
+    {"q_a_proj", "attn_q_a.weight"},   {"q_a_norm", "attn_q_a_norm.weight"}, {"q_b_proj", "attn_q_b.weight"},
+    {"kv_a_proj", "attn_kv_a_mqa.weight"}, {"kv_a_norm", "attn_kv_a_norm.weight"},
 };
 constexpr GgufNamePair kGgufGlobalNames[] = {
     {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
