@@ -226,6 +226,8 @@ MlaKeys mla_keys(const model::Model& m, const model::GgufArch& arch, const runti
                              " layers: llama.cpp's " + A + " loader takes 26 or 27 layers as DeepSeek-V2-Lite (attn_q, no q lora)");
   if (!a.interleaved)
     throw Error::unsupported(src + ": rope_interleave false: llama.cpp's " + A + " graph rotates interleaved pairs (2i, 2i+1)");
+  if (m.globals().find("lm_head") == m.globals().end())
+    throw Error::unsupported(src + ": tie_word_embeddings true: llama.cpp's " + A + " loader requires output.weight");
   if (static_cast<float>(spec.eps) != static_cast<float>(a.lora_norm_eps))
     throw Error::unsupported(src + ": rms_norm_eps " + num_str(spec.eps) + ": llama.cpp's " + A +
                              " graph normalizes q_a and kv_a with it, transformers with 1e-06");
