@@ -253,6 +253,11 @@ std::vector<FamilyDesc> build_families() {
     if (v3) f.router_bias = "mlp.gate.e_score_correction_bias";
     f.extra_layers_allowed = v3;  // multi-token-prediction layers follow the decoder layers
     f.forward = true;             // runtime/mla.h attention, routing.h DeepSeek routing
+    // llama.cpp's deepseek2: interleaved (normal) RoPE on the qk_rope_head_dim part, as
+    // transformers' v2 and v3 (rope_interleave) rotate it, so nothing is permuted; the routing
+    // from the metadata (expert_gating_func softmax for v2, sigmoid for v3).
+    gguf_arch(f, "deepseek2", false, false, true, true);
+    f.gguf->routing_keys = f.gguf->leading_dense = f.gguf->shared_count = f.gguf->mla = true;
     v.push_back(f);
   }
   {
@@ -301,6 +306,7 @@ std::vector<FamilyDesc> build_families() {
     auto v3 = std::find_if(v.begin(), v.end(), [](const FamilyDesc& f) { return f.model_type == "deepseek_v3"; });
     FamilyDesc f = *v3;
     f.model_type = "kimi_k2";
+    f.gguf->model_type = "kimi_k2";  // exported as deepseek2, read back as deepseek_v3 (the file does not tell them apart)
     v.push_back(f);
   }
   {

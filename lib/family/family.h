@@ -85,6 +85,10 @@ struct GgufArch {
   // RMS norm after RoPE unless the model has 128 experts; the router's top-k logits through a
   // sigmoid scale each expert's input.
   bool llama4_graph = false;
+  // Multi-head Latent Attention (deepseek2): attn_q_a / attn_q_a_norm / attn_q_b (or attn_q),
+  // attn_kv_a_mqa, attn_kv_a_norm, kv_b_proj split into attn_k_b (transposed) and attn_v_b, the
+  // MLA keys (q/kv_lora_rank, key/value_length(_mla), head_count_kv 1) and yarn RoPE keys.
+  bool mla = false;
 };
 
 struct FamilyDesc {

@@ -203,6 +203,49 @@ void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t hea
                        {"high_freq_factor", 1.0}, {"original_max_position_embeddings", orig}};
 }
 
+// Multi-head Latent Attention (GgufArch::mla): the deepseek2 keys back to config.json (the
+// export's mla_keys, pipeline/gguf_export.cpp, backwards). With yarn: llama.cpp's cos/sin factor
+// and softmax-scale factor from rope.scaling.attn_factor R and yarn_log_multiplier (0.1 L), given
+// back as attention_factor and mscale_all_dim (mscale = mscale_all_dim = L where R is 1, as the
+// converter's files have it).
+void read_mla_keys(const GgufFile& f, const std::string& A, bool yarn, json& c) {
+  const std::string file = f.path().string();
+  auto need = [&](const char* key) { return meta_need(f, A + "." + key).as_int(file + ": " + A + "." + key); };
+  auto real = [&](const char* key, double fallback) {
+    const GgufValue* v = f.find(A + "." + key);
+    if (!v) return fallback;
+    const double d = v->as_double(file + ": " + A + "." + key);
+    if (!std::isfinite(d)) throw Error::corruption(file + ": metadata key " + A + "." + key + ": not a finite number");
+    return d;
+  };
+  const GgufValue* q = f.find(A + ".attention.q_lora_rank");
+  c["q_lora_rank"] = q ? json(q->as_int(file + ": " + A + ".attention.q_lora_rank")) : json(nullptr);
+  c["kv_lora_rank"] = need("attention.kv_lora_rank");
+  const int64_t k = need("attention.key_length_mla"), rope = need("rope.dimension_count");
+  if (rope <= 0 || rope >= k || rope % 2 != 0)
+    throw Error::corruption(file + ": metadata key " + A + ".rope.dimension_count: " + std::to_string(rope) +
+                            " is not an even part of attention.key_length_mla (" + std::to_string(k) + ")");
+  c["qk_rope_head_dim"] = rope;
+  c["qk_nope_head_dim"] = k - rope;
+  c["v_head_dim"] = need("attention.value_length_mla");
+  c["num_key_value_heads"] = c.at("num_attention_heads");  // stored as 1: the latent kv head
+  if (!yarn) return;
+  const double factor = real("rope.scaling.factor", 0);
+  if (!(factor > 1)) throw Error::corruption(file + ": metadata key " + A + ".rope.scaling.factor: yarn needs a factor above 1");
+  const double R = real("rope.scaling.attn_factor", 1.0), L = real("rope.scaling.yarn_log_multiplier", 0.0) / 0.1;
+  const double lnf = std::log(factor), g1 = 1 + 0.1 * lnf;
+  json rs = {{"type", "yarn"}, {"factor", f32_decimal(factor)}, {"original_max_position_embeddings", need("rope.scaling.original_context_length")},
+             {"beta_fast", 32}, {"beta_slow", 1}};
+  if (L != 0 && R == 1) {
+    rs["mscale"] = rs["mscale_all_dim"] = f32_decimal(L);
+  } else {
+    rs["attention_factor"] = L != 0 ? R : R * g1;  // on cos/sin
+    const double root = L != 0 ? R * (1 + 0.1 * L * lnf) : R * g1;  // sqrt of the softmax scale's factor
+    if (root != 1) rs["mscale_all_dim"] = (root - 1) / (0.1 * lnf);
+  }
+  c["rope_scaling"] = rs;
+}
+
 json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDesc& fam) {
   const std::string file = f.path().string();
   const std::string A = arch.arch;
@@ -220,6 +263,9 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     if ((h.when == W::ExpertWidthKey && !arch.expert_width_key) || (h.when == W::NoExpertWidthKey && arch.expert_width_key))
       return;
     const std::string key = A + "." + h.key;
+    // MLA: key/value_length are the absorbed head sizes and rope.dimension_count the rope part
+    // (read below).
+    if (arch.mla && (std::string(h.config_key) == "head_dim" || std::string(h.config_key) == "{rope_dim}")) return;
     const GgufValue* v = f.find(key);
     if (!v) {
       if (h.when == W::Optional) return;
@@ -262,8 +308,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
                                                                    v->as_int(file + ": " + A + ".attention.value_length") != c["head_dim"])
     throw Error::unsupported(file + ": metadata key " + A + ".attention.value_length: differs from attention.key_length; "
                              "not read here");
-  if (const GgufValue* v = f.find(A + ".rope.scaling.type"); v && v->as_string(file + ": " + A + ".rope.scaling.type") != "none")
-    throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.type: '" + v->str + "' is not read yet");
+  const GgufValue* rope_type = f.find(A + ".rope.scaling.type");
+  const bool yarn = arch.mla && rope_type && rope_type->as_string(file + ": " + A + ".rope.scaling.type") == "yarn";
+  if (rope_type && !yarn && rope_type->as_string(file + ": " + A + ".rope.scaling.type") != "none")
+    throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.type: '" + rope_type->str + "' is not read yet");
   if (f.find(A + ".attention.sliding_window"))
     throw Error::unsupported(file + ": metadata key " + A + ".attention.sliding_window: a sliding window is not read yet");
   const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
@@ -272,6 +320,7 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   c["tie_word_embeddings"] = f.find_tensor("output.weight") == nullptr;
   c["rope_scaling"] = nullptr;
   c["sliding_window"] = nullptr;
+  if (arch.mla) read_mla_keys(f, A, yarn, c);
   // The RoPE width: the head's (a rope.dimension_count that says otherwise disagrees), or for a
   // partial-rotary family the rotated share of it (llama.cpp's n_rot; absent: the whole head).
   const int64_t head_dim = c.contains("head_dim") ? c["head_dim"].get<int64_t>()
@@ -308,9 +357,11 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   }
   if (arch.routing_keys) {
     const std::string gk = A + ".expert_gating_func";
-    if (const GgufValue* v = f.find(gk); v && v->as_int(file + ": " + gk) != kGgufGatingSigmoid)
+    const bool softmax = fam.routing == model::Routing::DeepSeekV2;  // deepseek2 with softmax gating (gguf_family)
+    if (const GgufValue* v = f.find(gk); v && v->as_int(file + ": " + gk) != (softmax ? kGgufGatingSoftmax : kGgufGatingSigmoid))
       throw Error::unsupported(file + ": metadata key " + gk + ": " + std::to_string(v->as_int(file + ": " + gk)) +
-                               ": only sigmoid gating (" + std::to_string(kGgufGatingSigmoid) + ") is read for " + A);
+                               ": only " + (softmax ? "softmax" : "sigmoid") + " gating (" +
+                               std::to_string(softmax ? kGgufGatingSoftmax : kGgufGatingSigmoid) + ") is read for " + A);
     // llama.cpp's defaults for the optional keys: no renormalization, no leading dense layer.
     if (!c.contains("norm_topk_prob")) c["norm_topk_prob"] = false;
   }
@@ -369,7 +420,20 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
   if (!arch)
     throw Error::unsupported(file + ": general.architecture '" + arch_name + "' is not read here (read: the architectures of " +
                              gguf_exported_model_types() + ")");
-  const model::FamilyDesc& fam = family_of(arch->model_type);
+  const model::FamilyDesc* famp = &family_of(arch->model_type);
+  if (arch->mla) {
+    // deepseek2 holds deepseek_v2 (softmax gating; absent: softmax, as llama.cpp reads old files)
+    // and deepseek_v3 / kimi_k2 (sigmoid): the gating names the family, deepseek_v3 for sigmoid.
+    const GgufValue* g = f.find(arch_name + ".expert_gating_func");
+    const bool sigmoid = g && g->as_int(file + ": " + arch_name + ".expert_gating_func") == kGgufGatingSigmoid;
+    for (const auto& fd : model::all_families())
+      if (fd.gguf && fd.gguf->arch == arch_name && (fd.routing == model::Routing::DeepSeekV3) == sigmoid) {
+        famp = &fd;
+        arch = &*fd.gguf;
+        break;
+      }
+  }
+  const model::FamilyDesc& fam = *famp;
   m->config_ = build_config(f, *arch, fam);
   m->config_text_ = m->config_.dump(2);
   const int64_t n_experts = m->config_.at(fam.expert_count_key).get<int64_t>();
@@ -397,6 +461,41 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
       if (!idx.empty() && idx.size() < 7 && idx.find_first_not_of("0123456789") == std::string::npos) {
         const int layer = std::stoi(idx);
         const std::string rest = t.name.substr(dot + 1), prefix = model::expand(fam.layer_prefix, layer);
+        if (arch->mla && rest == kGgufMlaVB) {
+          if (!f.find_tensor("blk." + idx + "." + kGgufMlaKB))
+            throw Error::corruption(file + ": tensor " + t.name + ": no blk." + idx + "." + kGgufMlaKB + " beside it");
+          continue;  // read with attn_k_b
+        }
+        if (arch->mla && rest == kGgufMlaKB) {
+          const GgufTensorInfo* vb = f.find_tensor("blk." + idx + "." + kGgufMlaVB);
+          const int64_t H = m->config_.at("num_attention_heads").get<int64_t>();
+          const int64_t nope = m->config_.at("qk_nope_head_dim").get<int64_t>(), vd = m->config_.at("v_head_dim").get<int64_t>();
+          const int64_t L = m->config_.at("kv_lora_rank").get<int64_t>();
+          if (t.ne != std::vector<int64_t>{nope, L, H})
+            throw Error::corruption(file + ": tensor " + t.name + ": ne " + core::shape_str(t.ne) + ", expected [" + std::to_string(nope) +
+                                    ", " + std::to_string(L) + ", " + std::to_string(H) + "] (qk_nope, kv_lora_rank, heads)");
+          if (!vb || vb->ne != std::vector<int64_t>{L, vd, H})
+            throw Error::corruption(file + ": tensor blk." + idx + "." + kGgufMlaVB + ": " +
+                                    (vb ? "ne " + core::shape_str(vb->ne) : std::string("missing")) + ", expected [" +
+                                    std::to_string(L) + ", " + std::to_string(vd) + ", " + std::to_string(H) + "]");
+          std::string ours_kv;
+          for (const auto& r : fam.layer_roles)
+            if (r.role == kGgufMlaRole) ours_kv = prefix + r.name;
+          TensorInfo info;
+          info.name = ours_kv;
+          info.dtype = DType::F32;  // decoded when read (tensor())
+          info.shape = {H * (nope + vd), L};
+          // The stored bytes: both halves where attn_v_b follows attn_k_b (as the export writes
+          // them), else attn_k_b's.
+          info.begin = t.offset;
+          info.end = t.offset + t.nbytes() + (vb->offset == t.offset + t.nbytes() ? vb->nbytes() : 0);
+          if (m->index_.count(info.name))
+            throw Error::corruption(file + ": tensor " + t.name + ": maps to " + info.name + ", which another tensor also maps to");
+          m->index_[info.name] = m->infos_.size();
+          m->infos_.push_back(std::move(info));
+          m->sources_.push_back({&t, -1, 0, GgufValueMap::None, vb});
+          continue;
+        }
         if (const char* role = gguf_layer_role(*arch, rest)) {
           for (const auto& r : fam.layer_roles)
             if (r.role == role) ours = prefix + r.name;
@@ -468,6 +567,7 @@ const GgufModel::Source& GgufModel::source(std::string_view name) const {
 Tensor GgufModel::tensor(std::string_view name) const {
   const Source& s = source(name);
   const TensorInfo& info = infos_[index_.find(name)->second];
+  if (s.mla_v) return mla_kv_b(*s.tensor, *s.mla_v, info.shape);
   const uint8_t* data = file_->tensor_data(*s.tensor) + (info.begin - s.tensor->offset);
   const int64_t cols = s.tensor->ne[0], rows = cols > 0 ? core::shape_numel(info.shape) / cols : 0;
   Tensor t;
@@ -490,6 +590,38 @@ Tensor GgufModel::tensor(std::string_view name) const {
     t = t.take_rows(order);
   }
   return t;
+}
+
+// A whole stored tensor decoded to F32 values (rows of ne[0]).
+std::vector<float> GgufModel::decoded(const GgufTensorInfo& t) const {
+  const uint8_t* data = file_->tensor_data(t);
+  const int64_t cols = t.ne[0], n = static_cast<int64_t>(t.numel()), rows = cols > 0 ? n / cols : 0;
+  std::vector<float> out(static_cast<size_t>(n));
+  if (auto d = gguf_plain_dtype(t.type)) {
+    Tensor(*d, {rows, cols}, data, file_).to_f32(out.data());
+  } else {
+    const auto rb = static_cast<int64_t>(quant::ggml_row_bytes(t.type, cols));
+    Tensor::encoded(std::make_shared<quant::GgufBlocks>(t.type, cols, Tensor(DType::U8, {rows, rb}, data, file_)), DType::U8)
+        .to_f32(out.data());
+  }
+  return out;
+}
+
+// kv_b_proj [H * (nope + v), L] from attn_k_b (ne [nope, L, H]: kv_b's nope rows transposed) and
+// attn_v_b (ne [L, v, H]: its v rows), as llama.cpp's converter split it.
+Tensor GgufModel::mla_kv_b(const GgufTensorInfo& kb, const GgufTensorInfo& vb, const core::Shape& shape) const {
+  const int64_t nope = kb.ne[0], L = kb.ne[1], H = kb.ne[2], v = vb.ne[1];
+  const std::vector<float> k = decoded(kb), vv = decoded(vb);
+  auto out = std::make_shared<std::vector<float>>(static_cast<size_t>(H * (nope + v) * L));
+  float* o = out->data();
+  for (int64_t h = 0; h < H; ++h) {
+    float* head = o + h * (nope + v) * L;
+    for (int64_t i = 0; i < nope; ++i)
+      for (int64_t l = 0; l < L; ++l) head[i * L + l] = k[static_cast<size_t>((h * L + l) * nope + i)];
+    std::copy_n(vv.data() + h * v * L, v * L, head + nope * L);
+  }
+  const auto* bytes = reinterpret_cast<const uint8_t*>(out->data());
+  return Tensor(DType::F32, shape, bytes, std::shared_ptr<const void>(out, out.get()));
 }
 
 uint64_t GgufModel::total_tensor_bytes() const {

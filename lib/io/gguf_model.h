@@ -67,11 +67,16 @@ class GgufModel {
     int64_t expert = -1;
     int64_t permute_heads = 0;
     GgufValueMap map = GgufValueMap::None;  // the converter's value transform, undone by tensor()
+    // Multi-head Latent Attention (GgufArch::mla): kv_b_proj rebuilt from `tensor` (attn_k_b) and
+    // this attn_v_b, decoded to F32 (io/gguf_names.h kGgufMlaKB).
+    const GgufTensorInfo* mla_v = nullptr;
   };
   const Source& source(std::string_view name) const;
   uint64_t total_tensor_bytes() const;
 
  private:
+  std::vector<float> decoded(const GgufTensorInfo& t) const;
+  core::Tensor mla_kv_b(const GgufTensorInfo& kb, const GgufTensorInfo& vb, const core::Shape& shape) const;
   std::shared_ptr<const GgufFile> file_;
   nlohmann::json config_;
   std::string config_text_;

@@ -21,6 +21,9 @@ constexpr GgufNamePair kGgufLayerNames[] = {
     {"in_proj_qkvz", "ssm_in.weight"}, {"in_proj_ba", "ssm_ba.weight"},   {"conv1d", "ssm_conv1d.weight"},
     {"dt_bias", "ssm_dt.bias"},        {"A_log", "ssm_a"},                {"linear_norm", "ssm_norm.weight"},
     {"out_proj", "ssm_out.weight"},
+    // Multi-head Latent Attention (deepseek2); kv_b_proj is stored split (kGgufMlaKB / kGgufMlaVB).
+    {"q_a_proj", "attn_q_a.weight"},   {"q_a_norm", "attn_q_a_norm.weight"}, {"q_b_proj", "attn_q_b.weight"},
+    {"kv_a_proj", "attn_kv_a_mqa.weight"}, {"kv_a_norm", "attn_kv_a_norm.weight"},
 };
 constexpr GgufNamePair kGgufGlobalNames[] = {
     {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};

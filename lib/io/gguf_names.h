@@ -55,6 +55,15 @@ struct GgufHparam {
 };
 // The llama3 RoPE divisors (GgufArch::rope_freqs), one global tensor [head_dim / 2] of f32.
 inline constexpr const char* kGgufRopeFreqs = "rope_freqs.weight";
+// Multi-head Latent Attention (GgufArch::mla): the layer role kv_b_proj ([heads * (nope + v),
+// kv_lora_rank], per head the nope rows then the v rows) is stored as two tensors, as llama.cpp's
+// converter splits it: attn_k_b = the nope rows transposed (ne [nope, kv_lora_rank, heads]) and
+// attn_v_b = the v rows (ne [kv_lora_rank, v, heads]).
+inline constexpr const char* kGgufMlaRole = "kv_b_proj";
+inline constexpr const char* kGgufMlaKB = "attn_k_b.weight";
+inline constexpr const char* kGgufMlaVB = "attn_v_b.weight";
+// ARCH.expert_gating_func of a softmax router (LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX).
+inline constexpr uint32_t kGgufGatingSoftmax = 1;
 // ARCH.expert_gating_func of a sigmoid router (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID).
 inline constexpr uint32_t kGgufGatingSigmoid = 2;
 // Calls f(const GgufHparam&) for each row.

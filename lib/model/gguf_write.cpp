@@ -166,7 +166,12 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
       const int layer = std::stoi(t.name.substr(4, dot - 4));
       const std::string rest = t.name.substr(dot + 1);
       const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
-      if (const char* role = gguf_layer_role(arch, rest)) {
+      if (arch.mla && (rest == io::kGgufMlaKB || rest == io::kGgufMlaVB)) {
+        // kv_b_proj's two stored halves (io/gguf_names.h), copied as stored: a GGUF output is
+        // written after passes that keep the attention as it is (prune), and its rebuilt F32 copy
+        // (io::GgufModel) is the same values.
+        if (pieces) ps.push_back(Piece{core::Tensor(), f.tensor_data(t), t.nbytes(), {}});
+      } else if (const char* role = gguf_layer_role(arch, rest)) {
         add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name,
             io::gguf_value_map(m.family(), role));
       } else {

@@ -35,6 +35,10 @@ struct Item {
   std::vector<std::optional<core::NativeForm>> native;  // per part: a packed input's codes as intN, or none
   int64_t permute_heads = 0;  // > 0: rows permuted for llama.cpp's RoPE, this many heads
   io::GgufValueMap map = io::GgufValueMap::None;  // the converter's value transform (io::gguf_value_map)
+  // Multi-head Latent Attention: the part is kv_b_proj, written as attn_k_b (1) or attn_v_b (2)
+  // (io/gguf_names.h kGgufMlaKB), from `mla_heads` heads of mla_nope + mla_v rows.
+  int mla_split = 0;
+  int64_t mla_heads = 0, mla_nope = 0, mla_v = 0;
 };
 
 // The type of one tensor whose rows hold `row` values: 1-D tensors, routers and the DeltaNet's
@@ -243,10 +247,16 @@ void refuse_routing(const model::Model& m, const model::GgufArch& arch, const ru
                     const model::MoeBlock& moe0, const std::string& src) {
   const auto& r = spec.routing;
   const std::string A = arch.arch;
-  if (r.kind != model::Routing::DeepSeekV3)
+  // deepseek2 also routes as DeepSeek-V2 (expert_gating_func softmax, no choice bias).
+  const bool softmax = arch.mla && r.kind == model::Routing::DeepSeekV2;
+  if (r.kind != model::Routing::DeepSeekV3 && !softmax)
     throw Error::unsupported(src + ": routing " + model::routing_name(r.kind) + ": llama.cpp's " + A +
                              " graph routes as DeepSeek-V3 (sigmoid, choice bias)");
-  if (!moe0.router_bias)
+  if (softmax && r.group_limited && r.n_group > 1 && r.topk_group < r.n_group)
+    throw Error::unsupported(src + ": topk_method group_limited_greedy (n_group " + std::to_string(r.n_group) + ", topk_group " +
+                             std::to_string(r.topk_group) + "): llama.cpp's " + A +
+                             " graph scores a group by the sum of its top 2 experts, DeepSeek-V2 by its best one");
+  if (!softmax && !moe0.router_bias)
     throw Error::unsupported(src + ": no router bias (" + m.family().router_bias + "): llama.cpp's " + A +
                              " loader requires exp_probs_b in every MoE layer");
   if (r.group_limited && r.n_group > 1 && r.topk_group < r.n_group && r.num_experts / r.n_group < 2)
@@ -258,7 +268,7 @@ void refuse_routing(const model::Model& m, const model::GgufArch& arch, const ru
                              " is not a multiple of the expert width " + std::to_string(moe0.expert_width()) + ": llama.cpp's " +
                              A + " sizes it as expert_shared_count experts");
   for (const char* bias : {"q_bias", "k_bias", "v_bias"})
-    if (!m.layers().front().find(bias))
+    if (!arch.mla && !m.layers().front().find(bias))
       throw Error::unsupported(src + ": attention_bias false (no " + bias + "): llama.cpp's " + A +
                                " loader requires attn_q/k/v biases");
 }
@@ -309,6 +319,88 @@ void refuse_hybrid(const model::Model& m, const model::GgufArch& arch, const std
         throw Error::unsupported(src + ": attention_bias true (" + where + " " + bias + "): llama.cpp's " + A +
                                  " has no attention biases");
   }
+}
+
+// The Multi-head Latent Attention keys of llama.cpp's deepseek2 (GgufArch::mla), as its converter
+// (DeepseekV2Model.set_gguf_parameters) writes them, after refusing what its loader or graph (src/
+// llama-model.cpp, src/models/deepseek2.cpp at ec98e2002) would read or compute differently.
+std::string num_str(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+struct MlaKeys {
+  int64_t nope = 0, v = 0;
+  io::GgufMetadata kv;  // keys after "ARCH."
+};
+MlaKeys mla_keys(const model::Model& m, const model::GgufArch& arch, const runtime::ForwardSpec& spec, const std::string& src) {
+  const runtime::MlaSpec& a = *spec.mla;
+  const std::string A = arch.arch;
+  const int64_t layers = m.dims().layers;
+  // The loader takes a model for DeepSeek-V2-Lite (q as one projection, no q_lora_rank) by its
+  // layer count alone: n_layer 26 or 27.
+  const bool lite = layers == 26 || layers == 27;
+  if (a.q_lora_rank == 0 && !lite)
+    throw Error::unsupported(src + ": q_lora_rank null with " + std::to_string(layers) + " layers: llama.cpp's " + A +
+                             " loader reads q as one projection (attn_q) only for 26 or 27 layers (DeepSeek-V2-Lite) and "
+                             "otherwise requires attn_q_a / attn_q_b");
+  if (a.q_lora_rank > 0 && lite)
+    throw Error::unsupported(src + ": q_lora_rank " + std::to_string(a.q_lora_rank) + " with " + std::to_string(layers) +
+                             " layers: llama.cpp's " + A + " loader takes 26 or 27 layers as DeepSeek-V2-Lite (attn_q, no q lora)");
+  if (!a.interleaved)
+    throw Error::unsupported(src + ": rope_interleave false: llama.cpp's " + A + " graph rotates interleaved pairs (2i, 2i+1)");
+  if (m.globals().find("lm_head") == m.globals().end())
+    throw Error::unsupported(src + ": tie_word_embeddings true: llama.cpp's " + A + " loader requires output.weight");
+  if (static_cast<float>(spec.eps) != static_cast<float>(a.lora_norm_eps))
+    throw Error::unsupported(src + ": rms_norm_eps " + num_str(spec.eps) + ": llama.cpp's " + A +
+                             " graph normalizes q_a and kv_a with it, transformers with 1e-06");
+  MlaKeys k;
+  k.nope = a.qk_nope_head_dim;
+  k.v = a.v_head_dim;
+  auto u32 = [&](const char* key, int64_t v) { k.kv.emplace_back(key, GgufValue::u32(static_cast<uint32_t>(v))); };
+  if (a.q_lora_rank > 0) u32("attention.q_lora_rank", a.q_lora_rank);
+  u32("attention.kv_lora_rank", a.kv_lora_rank);
+  // As the converter: the absorbed (MQA) head sizes, then the decompressed ones.
+  u32("attention.key_length", a.kv_lora_rank + a.qk_rope_head_dim);
+  u32("attention.value_length", a.kv_lora_rank);
+  u32("attention.key_length_mla", a.qk_head_dim());
+  u32("attention.value_length_mla", a.v_head_dim);
+  u32("rope.dimension_count", a.qk_rope_head_dim);
+  const runtime::RopeScaling& rs = spec.rope_scaling;
+  if (rs.type != "yarn") return k;
+  const double f = rs.factor;
+  const std::string y = src + ": rope_scaling yarn: ";
+  if (!(f > 1)) throw Error::unsupported(y + "factor " + num_str(f) + ": llama.cpp's yarn needs a factor above 1");
+  if (rs.original_max_positions <= 0)
+    throw Error::unsupported(y + "no original_max_position_embeddings (llama.cpp's rope.scaling.original_context_length)");
+  if (std::abs(double(spec.max_positions) / double(rs.original_max_positions) - f) > 1e-9 * f)
+    throw Error::unsupported(y + "factor " + num_str(f) + " is not max_position_embeddings / original_max_position_embeddings (" +
+                             std::to_string(spec.max_positions) + " / " + std::to_string(rs.original_max_positions) +
+                             "), which transformers' yarn frequencies use; llama.cpp uses the factor for both");
+  if (rs.beta_fast != 32 || rs.beta_slow != 1)
+    throw Error::unsupported(y + "beta_fast " + num_str(rs.beta_fast) + ", beta_slow " + num_str(rs.beta_slow) +
+                             ": llama.cpp's " + A + " loader reads no yarn_beta_fast / yarn_beta_slow and uses 32 / 1");
+  if (!rs.truncate) throw Error::unsupported(y + "truncate false: llama.cpp rounds the correction range outwards");
+  // transformers: cos/sin times `att` (attention_factor, else get_mscale(f, mscale) /
+  // get_mscale(f, mscale_all_dim) when both are set, else get_mscale(f)); the softmax scale times
+  // get_mscale(f, mscale_all_dim)^2 when mscale_all_dim is set. llama.cpp (llama-context.cpp,
+  // deepseek2.cpp): with yarn_log_multiplier L (the key holds 0.1 L) cos/sin times attn_factor R and
+  // the scale times (R (1 + 0.1 L ln f))^2; without it cos/sin times R get_mscale(f) and the scale
+  // times (R get_mscale(f))^2. The converter writes L = mscale_all_dim and no R, exact when mscale
+  // = mscale_all_dim (R = 1); otherwise R and L are solved for here.
+  const double g1 = runtime::yarn_mscale(f, 1.0);
+  const double att = rs.attention_factor          ? *rs.attention_factor
+                     : rs.mscale && rs.mscale_all_dim ? runtime::yarn_mscale(f, rs.mscale) / runtime::yarn_mscale(f, rs.mscale_all_dim)
+                                                      : g1;
+  const double root = rs.mscale_all_dim ? runtime::yarn_mscale(f, rs.mscale_all_dim) : 1.0;  // sqrt of the scale's factor
+  const double log_mul = (root / att - 1) / (0.1 * std::log(f));
+  const double R = std::abs(log_mul) > 1e-12 ? att : att / g1;
+  k.kv.emplace_back("rope.scaling.type", GgufValue::string("yarn"));
+  k.kv.emplace_back("rope.scaling.factor", GgufValue::f32(static_cast<float>(f)));
+  u32("rope.scaling.original_context_length", rs.original_max_positions);
+  if (std::abs(log_mul) > 1e-12) k.kv.emplace_back("rope.scaling.yarn_log_multiplier", GgufValue::f32(static_cast<float>(0.1 * log_mul)));
+  if (std::abs(R - 1) > 1e-12) k.kv.emplace_back("rope.scaling.attn_factor", GgufValue::f32(static_cast<float>(R)));
+  return k;
 }
 
 // tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model).
@@ -392,8 +484,10 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                              io::gguf_exported_model_types() + ")");
   const int64_t lead = refuse_unsupported(m, *arch, src);
   const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
-  if (spec.rope_scaling.type != "default" && !(arch->rope_freqs && spec.rope_scaling.type == "llama3"))
+  if (spec.rope_scaling.type != "default" && !(arch->rope_freqs && spec.rope_scaling.type == "llama3") &&
+      !(arch->mla && spec.rope_scaling.type == "yarn"))
     throw Error::unsupported(src + ": rope_scaling '" + spec.rope_scaling.type + "' is not exported to GGUF yet");
+  const std::optional<MlaKeys> mla = arch->mla ? std::optional<MlaKeys>(mla_keys(m, *arch, spec, src)) : std::nullopt;
   if (spec.attn.sliding_window > 0)
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
@@ -449,7 +543,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
       return num(arch->interleaved_dense && dense_width ? *dense_width : c.get_int_or(fam.dense_width_key, moe0.expert_width()));
     if (k == "{expert_width}") return num(moe0.expert_width());
     if (k == "num_attention_heads") return num(d.heads);
-    if (k == "num_key_value_heads") return num(d.kv_heads);
+    if (k == "num_key_value_heads") return num(arch->mla ? 1 : d.kv_heads);  // MLA: one latent kv head
     if (k == "rope_theta") return spec.rope_theta;
     if (k == "rms_norm_eps") return spec.eps;
     if (k == "{expert_count}") return num(moe0.num_experts());
@@ -460,6 +554,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     if (k == "{shared_count}")
       return arch->shared_count ? num(moe0.shared ? moe0.shared->width() / moe0.expert_width() : 0) : std::nullopt;
     // The RoPE width: llama.cpp's n_rot (partial rotary: the first rope_dim() elements of a head).
+    if (arch->mla && (k == "{rope_dim}" || k == "head_dim")) return std::nullopt;  // mla->kv below
     if (k == "{rope_dim}")
       return fam.partial_rotary ? num(spec.attn.rope_dim()) : arch->permute_qk || arch->rope_freqs ? num(d.head_dim) : std::nullopt;
     if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
@@ -468,7 +563,11 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     // llama.cpp's ernie4_5-moe requires the step; 1 as refuse_unsupported leaves no dense layer after the lead.
     if (k == "moe_layer_interval")
       return fam.moe_layers == model::MoeLayerRule::StartEndInterval ? num(1) : arch->interleaved_dense ? num(moe_step) : std::nullopt;
-    if (k == "routed_scaling_factor") return arch->routing_keys ? std::optional<double>(r.routed_scaling_factor) : std::nullopt;
+    // DeepSeek-V2 scales the weights only when it does not renormalize them; llama.cpp always scales.
+    if (k == "routed_scaling_factor")
+      return !arch->routing_keys ? std::nullopt
+             : r.kind == model::Routing::DeepSeekV2 && r.renormalize ? std::optional<double>(1.0)
+                                                                     : std::optional<double>(r.routed_scaling_factor);
     if (k == "norm_topk_prob") return arch->routing_keys ? num(r.renormalize) : std::nullopt;
     // Group-limited routing only where it limits (llama.cpp asserts expert_group_used_count < expert_group_count).
     const bool groups = arch->routing_keys && r.group_limited && r.n_group > 1 && r.topk_group < r.n_group;
@@ -499,13 +598,17 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                                      : h.real  ? GgufValue::f32(static_cast<float>(*v))
                                                : GgufValue::u32(static_cast<uint32_t>(static_cast<int64_t>(*v))));
   });
-  if (arch->routing_keys) kv.emplace_back(A + ".expert_gating_func", GgufValue::u32(io::kGgufGatingSigmoid));
+  if (arch->routing_keys)
+    kv.emplace_back(A + ".expert_gating_func", GgufValue::u32(r.kind == model::Routing::DeepSeekV2 ? io::kGgufGatingSoftmax
+                                                                                                   : io::kGgufGatingSigmoid));
+  if (mla)
+    for (const auto& [key, v] : mla->kv) kv.emplace_back(A + "." + key, v);
 
   // --tensor-type rules that tensors of copied codes ignore: tensor names and the type they keep.
   std::map<const GgufTypeOverride*, std::vector<std::pair<std::string, std::string>>> ignored;
   std::set<const GgufTypeOverride*> used;  // rules that chose some tensor's type
   auto add = [&](const std::string& name, std::vector<core::Tensor> parts, int64_t permute_heads = 0,
-                 io::GgufValueMap map = io::GgufValueMap::None) {
+                 io::GgufValueMap map = io::GgufValueMap::None, int mla_split = 0) {
     Item it;
     it.info.name = name;
     const auto& s = parts.front().shape();
@@ -514,6 +617,17 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     // ({n_embd}), qwen3_next's conv1d [conv_dim, 1, K] is ssm_conv1d {K, conv_dim}.
     if (parts.size() == 1) std::erase_if(it.info.ne, [](int64_t n) { return n == 1; });
     if (it.info.ne.empty()) it.info.ne.push_back(1);
+    if (mla_split) {  // kv_b_proj [heads * (nope + v), kv_lora_rank] -> attn_k_b / attn_v_b
+      it.mla_split = mla_split;
+      it.mla_heads = d.heads;
+      it.mla_nope = mla->nope;
+      it.mla_v = mla->v;
+      const int64_t lora = s.at(1);
+      if (s.at(0) != d.heads * (mla->nope + mla->v))
+        throw Error::corruption(src + ": kv_b_proj: " + std::to_string(s.at(0)) + " rows, expected num_attention_heads x " +
+                                "(qk_nope_head_dim + v_head_dim) = " + std::to_string(d.heads * (mla->nope + mla->v)));
+      it.info.ne = mla_split == 1 ? std::vector<int64_t>{mla->nope, lora, d.heads} : std::vector<int64_t>{lora, mla->v, d.heads};
+    }
     if (parts.size() > 1) it.info.ne.push_back(static_cast<int64_t>(parts.size()));
     if (map != io::GgufValueMap::None && parts.front().encoding())
       throw Error::unsupported(src + ": " + name + " is encoded as '" + parts.front().encoding()->name() +
@@ -521,7 +635,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     const GgufTypeOverride* rule = nullptr;
     const GgmlType wanted = choose_type(name, it.info.ne.size(), it.info.ne[0], main, ovr, &rule);
     std::vector<Direct> direct(parts.size());
-    for (size_t e = 0; e < parts.size(); ++e)
+    for (size_t e = 0; e < parts.size() && !mla_split; ++e)  // a split kv_b_proj is decoded and re-encoded
       if (const core::Encoding* enc = parts[e].encoding(); enc && !(direct[e] = direct_type(parts[e], wanted)).type)
         throw Error::unsupported(src + ": " + name + (parts.size() > 1 ? ": expert " + std::to_string(e) : "") +
                                  " is encoded as '" + enc->name() + "' " + enc->params().dump() +
@@ -579,6 +693,11 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   for (const auto& layer : m.layers()) {
     const std::string blk = "blk." + std::to_string(layer.index) + ".";
     for (const auto& [role, t] : layer.tensors) {
+      if (arch->mla && role == io::kGgufMlaRole) {
+        add(blk + io::kGgufMlaKB, {t}, 0, io::GgufValueMap::None, 1);
+        add(blk + io::kGgufMlaVB, {t}, 0, io::GgufValueMap::None, 2);
+        continue;
+      }
       const char* n = io::gguf_layer_name(*arch, role);
       if (!n) throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + " " + role + " has no GGUF name in this exporter");
       int64_t heads = 0;
@@ -703,6 +822,31 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
   const uint64_t rb = quant::ggml_row_bytes(it.info.type, cols);
   for (size_t e = 0; e < it.parts.size(); ++e) {
     const core::Tensor& part = it.parts[e];
+    if (it.mla_split) {
+      const auto n = static_cast<size_t>(part.numel());
+      if (b.x.size() < n) b.x.resize(n);
+      part.to_f32(b.x.data());
+      const float* x = b.x.data();
+      // kv_b_proj [H * (nope + v), L]: attn_k_b[h][l][i] = kv_b[h * (nope + v) + i][l] (transposed),
+      // attn_v_b[h][j][l] = kv_b[h * (nope + v) + nope + j][l].
+      if (b.permuted.size() < n) b.permuted.resize(n);
+      const int64_t H = it.mla_heads, nope = it.mla_nope, v = it.mla_v, L = part.shape().at(1);
+      float* o = b.permuted.data();
+      for (int64_t h = 0; h < H; ++h) {
+        const float* kv = x + h * (nope + v) * L;
+        if (it.mla_split == 1) {
+          for (int64_t l = 0; l < L; ++l)
+            for (int64_t i = 0; i < nope; ++i) o[(h * L + l) * nope + i] = kv[i * L + l];
+        } else {
+          std::copy_n(kv + nope * L, v * L, o + h * v * L);
+        }
+      }
+      const int64_t out_rows = it.mla_split == 1 ? H * L : H * v;
+      encode_rows(w, b, out_rows, rb, [&](int64_t r, uint8_t* dst) { quant::encode_row(it.info.type, o + r * cols, cols, dst); });
+      if (const auto& release = m.page_releaser())
+        for (const core::Tensor* s : part.stored_tensors()) release(s->data(), s->nbytes());
+      continue;
+    }
     // A packed input's codes as intN (direct_type), made here: one weight's codes at a time.
     const std::shared_ptr<const core::Encoding> native = it.native[e] ? it.native[e]->make() : nullptr;
     if (const auto* q = dynamic_cast<const quant::IntN*>(native ? native.get() : part.encoding())) {

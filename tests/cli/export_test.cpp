@@ -674,6 +674,88 @@ TEST(Export, Llama4RefusalsWriteNothing) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"chunk", "floor", "nope", "qknorm", "scale", "tuning"}));
 }
 
+// deepseek2 (deepseek-v3-tiny: 3 layers, the first dense, q_lora_rank 32, kv_lora_rank 32,
+// qk_nope/qk_rope/v_head 16, 8 experts in 4 groups of which 2 are used, one shared expert, sigmoid
+// routing with e_score_correction_bias, yarn factor 4 with mscale 0.9 / mscale_all_dim 0.8): the keys
+// llama.cpp's deepseek2 loader reads (MLA sizes as the converter writes them: key/value_length of
+// the absorbed MQA head, *_mla of the decompressed one, head_count_kv 1), kv_b_proj split into
+// attn_k_b (transposed) and attn_v_b, the other MLA tensors as stored, no attn_q / attn_kv_b, and
+// the yarn keys solved so that llama.cpp's cos/sin factor and softmax scale are transformers'.
+TEST(Export, DeepseekV3KeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/deepseek-v3-tiny", out = dir / "d.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "deepseek2";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"context_length", 256}, {"block_count", 3}, {"leading_dense_block_count", 1}, {"feed_forward_length", 96},
+      {"expert_feed_forward_length", 32}, {"expert_count", 8}, {"expert_used_count", 3}, {"expert_shared_count", 1},
+      {"expert_gating_func", 2}, {"expert_group_count", 4}, {"expert_group_used_count", 2}, {"attention.head_count", 4},
+      {"attention.head_count_kv", 1}, {"attention.q_lora_rank", 32}, {"attention.kv_lora_rank", 32},
+      {"attention.key_length", 48}, {"attention.value_length", 32}, {"attention.key_length_mla", 32},
+      {"attention.value_length_mla", 16}, {"rope.dimension_count", 16}, {"rope.scaling.original_context_length", 64}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  EXPECT_EQ(f.find(A + ".expert_weights_scale")->as_double("s"), 2.5);
+  EXPECT_EQ(f.find(A + ".expert_weights_norm")->integer, 1u);
+  EXPECT_EQ(f.find(A + ".rope.scaling.type")->as_string("t"), "yarn");
+  EXPECT_EQ(f.find(A + ".rope.scaling.factor")->as_double("f"), 4.0);
+  // cos/sin factor R = get_mscale(4, 0.9) / get_mscale(4, 0.8); (R (1 + 0.1 L ln 4))^2 =
+  // get_mscale(4, 0.8)^2, the key holding 0.1 L.
+  auto g = [](double m) { return 1 + 0.1 * m * std::log(4.0); };
+  const double R = g(0.9) / g(0.8), L = (g(0.8) / R - 1) / (0.1 * std::log(4.0));
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find(A + ".rope.scaling.attn_factor")->as_double("r")), static_cast<float>(R));
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find(A + ".rope.scaling.yarn_log_multiplier")->as_double("l")), static_cast<float>(0.1 * L));
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
+  same("blk.1.attn_q_a.weight", "model.layers.1.self_attn.q_a_proj.weight");
+  same("blk.1.attn_q_a_norm.weight", "model.layers.1.self_attn.q_a_layernorm.weight");
+  same("blk.1.attn_q_b.weight", "model.layers.1.self_attn.q_b_proj.weight");  // not permuted
+  same("blk.1.attn_kv_a_mqa.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight");
+  same("blk.1.attn_kv_a_norm.weight", "model.layers.1.self_attn.kv_a_layernorm.weight");
+  same("blk.1.attn_output.weight", "model.layers.1.self_attn.o_proj.weight");
+  same("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight");
+  same("blk.1.exp_probs_b.bias", "model.layers.1.mlp.gate.e_score_correction_bias");
+  same("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight");
+  same("blk.2.ffn_down_shexp.weight", "model.layers.2.mlp.shared_experts.down_proj.weight");
+  // kv_b_proj [4 * (16 + 16), 32]: attn_k_b[h][l][i] = kv_b[32 h + i][l], attn_v_b[h][j][l] = kv_b[32 h + 16 + j][l].
+  const std::vector<float> kv = ck.tensor("model.layers.2.self_attn.kv_b_proj.weight").to_f32();
+  const io::GgufTensorInfo *kb = f.find_tensor("blk.2.attn_k_b.weight"), *vb = f.find_tensor("blk.2.attn_v_b.weight");
+  ASSERT_NE(kb, nullptr);
+  ASSERT_NE(vb, nullptr);
+  EXPECT_EQ(kb->ne, (std::vector<int64_t>{16, 32, 4}));
+  EXPECT_EQ(vb->ne, (std::vector<int64_t>{32, 16, 4}));
+  const std::vector<float> k = f.decode(*kb), v = f.decode(*vb);
+  for (size_t h = 0; h < 4; ++h)
+    for (size_t l = 0; l < 32; ++l)
+      for (size_t i = 0; i < 16; ++i) {
+        ASSERT_EQ(k[(h * 32 + l) * 16 + i], kv[(h * 32 + i) * 32 + l]) << h << " " << l << " " << i;
+        ASSERT_EQ(v[(h * 16 + i) * 32 + l], kv[(h * 32 + 16 + i) * 32 + l]) << h << " " << i << " " << l;
+      }
+  for (const char* absent : {"blk.1.attn_q.weight", "blk.1.attn_kv_b.weight", "blk.0.ffn_gate_inp.weight"})
+    EXPECT_EQ(f.find_tensor(absent), nullptr) << absent;
+  EXPECT_NE(f.find_tensor("output.weight"), nullptr);
+}
+
+// deepseek2 refusals, exit 2, one line, nothing written: q_lora_rank null (deepseek-v2-tiny) with a
+// layer count other than 26 / 27 (llama.cpp's loader reads attn_q only for those, taking them as
+// DeepSeek-V2-Lite); rms_norm_eps other than the 1e-6 transformers normalizes q_a / kv_a with;
+// yarn beta_fast other than 32 (the loader reads none).
+TEST(Export, DeepseekRefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  expect_clean_failure(run_tool({"export", (kSrc / "data/deepseek-v2-tiny").string(), (dir / "v2.gguf").string(), "--type", "f32"}),
+                       "q_lora_rank null with 3 layers: llama.cpp's deepseek2 loader reads q as one projection (attn_q) only "
+                       "for 26 or 27 layers");
+  const fs::path eps = dir / "eps", beta = dir / "beta";
+  copy_fixture_with("deepseek-v3-tiny", eps, {{"rms_norm_eps", 1e-5}});
+  expect_clean_failure(run_tool({"export", eps.string(), (dir / "e.gguf").string(), "--type", "f32"}),
+                       "rms_norm_eps 1e-05: llama.cpp's deepseek2 graph normalizes q_a and kv_a with it, transformers with 1e-06");
+  copy_fixture_with("deepseek-v3-tiny", beta, {{"rope_scaling", {{"beta_fast", 16}}}});
+  expect_clean_failure(run_tool({"export", beta.string(), (dir / "b.gguf").string(), "--type", "f32"}),
+                       "beta_fast 16, beta_slow 1: llama.cpp's deepseek2 loader reads no yarn_beta_fast");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"beta", "eps"}));
+}
+
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
 // copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
 // rows permuted for arch llama), whatever --type says for the dense tensors.

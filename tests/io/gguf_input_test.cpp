@@ -65,6 +65,8 @@ fs::path exported(const std::string& model, const std::string& type) {
       args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
     // llama4-tiny: experts and shared expert 16 wide.
     if (model == "llama4-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
+    // deepseek-v3-tiny's attn_k_b rows are qk_nope_head_dim (16) wide.
+    if (model == "deepseek-v3-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "attn_k_b=f16"});
     const RunResult r = run_tool(args);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
@@ -189,10 +191,14 @@ TEST_P(GgufInput, Q8WeightsAreTheBlocksDecode) {
   }
   // q rows: our row i is the file's row whose converter source row is i (the first layer with
   // attention: qwen3next's layers 0-2 are linear attention).
+  // MLA: q_b_proj, not permuted.
+  const bool mla = m.family().gguf->mla;
+  const std::string qname = mla ? ".attn_q_b.weight" : ".attn_q.weight";
   size_t ql = 0;
-  while (!f.find_tensor("blk." + std::to_string(ql) + ".attn_q.weight")) ++ql;
-  const io::GgufTensorInfo* q = f.find_tensor("blk." + std::to_string(ql) + ".attn_q.weight");
-  const std::vector<float> qf = f.decode(*q), ours = m.layers()[ql].tensors.at("q_proj").to_f32();
+  while (ql < m.layers().size() && !f.find_tensor("blk." + std::to_string(ql) + qname)) ++ql;
+  ASSERT_LT(ql, m.layers().size());
+  const io::GgufTensorInfo* q = f.find_tensor("blk." + std::to_string(ql) + qname);
+  const std::vector<float> qf = f.decode(*q), ours = m.layers()[ql].tensors.at(mla ? "q_b_proj" : "q_proj").to_f32();
   const int64_t rows = q->ne[1], cols = q->ne[0];
   const bool permuted = m.family().gguf->permute_qk;
   const int64_t heads = m.dims().heads;
@@ -224,7 +230,8 @@ TEST_P(GgufInput, InspectRuns) {
   uint64_t bytes = 0, blocks = 0;
   for (const auto& t : f.tensors()) {
     bytes += t.nbytes();
-    if (t.type == quant::GgmlType::Q8_0) blocks += t.nbytes();
+    // MLA: kv_b_proj is read as F32 rebuilt from attn_k_b (f16 here) and attn_v_b, stored after it.
+    if (t.type == quant::GgmlType::Q8_0 && !t.name.ends_with("attn_v_b.weight")) blocks += t.nbytes();
   }
   EXPECT_EQ(j.at("bytes_total"), bytes);
   EXPECT_EQ(j.at("bytes_by_dtype").at("U8"), blocks);
@@ -239,7 +246,8 @@ std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& i) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
                          ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny",
-                                           "ernie4_5_moe-tiny", "qwen3_next-tiny", "llama4-tiny"),
+                                           "ernie4_5_moe-tiny", "qwen3_next-tiny", "llama4-tiny",
+                                           "deepseek-v3-tiny"),
                          fixture_test_name);
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
@@ -425,7 +433,7 @@ TEST(GgufInputPrune, PruneCommandCopiesTheInputsBlocks) {
   EXPECT_FALSE(fs::exists(none));
 }
 
-// Families with a leading dense layer and a choice bias (glm4moe, ernie4_5-moe): a Q8_0 export
+// Families with a leading dense layer and a choice bias (glm4moe, ernie4_5-moe, deepseek2): a Q8_0 export
 // pruned to 3 experts as GGUF keeps the dense layer's tensors, the kept experts' exp_probs_b
 // entries and stacked slices, and drops glm4moe's expert groups (blocks of the input's experts, as
 // a folder output writes n_group 1); the file reads back and evaluates.
@@ -445,7 +453,7 @@ TEST_P(GgufInputPruneDense, KeepsTheDenseLayerAndTheKeptExpertsBias) {
   const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
   const std::string A = src.find("general.architecture")->as_string("a");
   EXPECT_EQ(f.find(A + ".expert_count")->as_int("c"), 3);
-  if (A == "glm4moe") {
+  if (A == "glm4moe" || A == "deepseek2") {
     EXPECT_NE(src.find(A + ".expert_group_count"), nullptr);
   }
   EXPECT_EQ(f.find(A + ".expert_group_count"), nullptr);
@@ -453,6 +461,9 @@ TEST_P(GgufInputPruneDense, KeepsTheDenseLayerAndTheKeptExpertsBias) {
   EXPECT_EQ(f.find(A + ".leading_dense_block_count")->as_int("l"), 1);
   for (const char* dense : {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"})
     EXPECT_EQ(f.decode(*f.find_tensor(dense)), src.decode(*src.find_tensor(dense))) << dense;
+  if (A == "deepseek2")  // kv_b_proj's stored halves, copied as stored
+    for (const char* mla : {"blk.1.attn_k_b.weight", "blk.2.attn_v_b.weight"})
+      EXPECT_EQ(f.decode(*f.find_tensor(mla)), src.decode(*src.find_tensor(mla))) << mla;
   for (const int layer : {1, 2}) {
     SCOPED_TRACE(layer);
     const std::vector<int64_t> keep =
@@ -518,7 +529,7 @@ TEST(GgufInputPrune, Llama4KeepsDenseLayersSharedExpertsAndRopeFreqs) {
   EXPECT_NEAR(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>(), 1e-2 * b.at("nll_sum").get<double>());
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInputPruneDense, ::testing::Values("glm4-moe-tiny", "ernie4_5_moe-tiny"),
+INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInputPruneDense, ::testing::Values("glm4-moe-tiny", "ernie4_5_moe-tiny", "deepseek-v3-tiny"),
                          fixture_test_name);
 
 // The plan of a GGUF-to-GGUF prune counts the file it will write (blocks copied), not a dequantized
