@@ -38,7 +38,7 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   };
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->in,
-                 "Input checkpoint folder (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, granitemoe, ernie4_5_moe)")
+                 "Input checkpoint folder (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, granitemoe, ernie4_5_moe, gpt_oss)")
       ->required();
   sub.add_option("OUT", o->out,
                  "Output: a .gguf file, or a folder for compressed-tensors, gptq and awq (written as a temporary sibling, renamed "

@@ -481,7 +481,8 @@ TEST(GgufBlocks, DecodesMxfp4BlocksAsTheGoldens) {
   ASSERT_TRUE(in) << "missing " << path << " (run data/scripts/make_mxfp4_goldens.py)";
   std::stringstream ss;
   ss << in.rdbuf();
-  const auto& g = nlohmann::json::parse(ss.str()).at("mxfp4");
+  const auto golden = nlohmann::json::parse(ss.str());
+  const auto& g = golden.at("mxfp4");
   const std::string hex = g.at("blocks");
   std::vector<uint8_t> b(hex.size() / 2);
   for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
