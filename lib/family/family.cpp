@@ -369,6 +369,14 @@ std::vector<FamilyDesc> build_families() {
     f.default_rope_parameters = {{"rope_type", "yarn"}, {"factor", 32.0}, {"beta_fast", 32.0}, {"beta_slow", 1.0},
                                  {"truncate", false}, {"original_max_position_embeddings", 4096}};
     f.forward = true;
+    // llama.cpp's gpt-oss (LLM_ARCH_OPENAI_MOE, convert_hf_to_gguf.py GptOssModel): no q/k
+    // permutation, softmax over the top-k biased logits (the weights sum to 1), the expert width as
+    // expert_feed_forward_length, post_attention_norm, every other layer sliding.
+    gguf_arch(f, "gpt-oss", false, true, true, false);
+    f.gguf->post_attention_norm = true;
+    f.gguf->gate_inp_bias = f.gguf->expert_biases = f.gguf->output_required = f.gguf->swiglu_oai = true;
+    f.gguf->swa_pattern = 2;
+    f.gguf->yarn = true;
     v.push_back(f);
   }
   {

@@ -89,6 +89,19 @@ struct GgufArch {
   // attn_kv_a_mqa, attn_kv_a_norm, kv_b_proj split into attn_k_b (transposed) and attn_v_b, the
   // MLA keys (q/kv_lora_rank, key/value_length(_mla), head_count_kv 1) and yarn RoPE keys.
   bool mla = false;
+  // gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE): the router bias as blk.N.ffn_gate_inp.bias (added to
+  // the logits), the expert biases as blk.N.ffn_{gate,up,down}_exps.bias ([I, E], [H, E]), the
+  // attention sinks as blk.N.attn_sinks.weight, output.weight required (tied embeddings written
+  // twice), the clamped SwiGLU of the graph (alpha 1.702, limit 7 fixed in llama-graph.cpp).
+  bool gate_inp_bias = false;
+  bool expert_biases = false;
+  bool output_required = false;
+  bool swiglu_oai = false;
+  // The loader's sliding-window layer pattern (llama_hparams::set_swa_pattern(n): layer l slides
+  // when l % n < n - 1) with ARCH.attention.sliding_window; 0: no sliding window.
+  int swa_pattern = 0;
+  // yarn RoPE scaling written (rope.scaling.type/factor/original_context_length, yarn_beta_*).
+  bool yarn = false;
 };
 
 struct FamilyDesc {

@@ -408,6 +408,11 @@ std::optional<bool> gguf_scales_finite(quant::GgmlType t, const uint8_t* p, uint
     case GgmlType::Q6_K: at[0] = 208; break;
     case GgmlType::TQ1_0: at[0] = 52; break;
     case GgmlType::TQ2_0: at[0] = 64; break;
+    case GgmlType::MXFP4: {  // one E8M0 byte first in each block; 255 is its NaN
+      uint8_t nan = 0;
+      for (uint64_t b = 0; b < n; b += 17) nan |= static_cast<uint8_t>(p[b] == 0xFF);
+      return nan == 0;
+    }
     default: return std::nullopt;
   }
   const uint64_t bs = quant::ggml_type_info(t).type_size;

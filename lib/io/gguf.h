@@ -124,7 +124,8 @@ class GgufFile {
 // Whether every f16 scale in n bytes of whole blocks of type t is finite, read without decoding,
 // for the types whose values are those scales times bounded integers (q4_0, q4_1, q5_0, q5_1,
 // q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, tq1_0, tq2_0): finite scales there give finite values, and a
-// non-finite scale a NaN or Inf value. nullopt for the other types (decode them to know).
+// non-finite scale a NaN or Inf value; mxfp4: no E8M0 scale byte is 255 (its NaN). nullopt for the
+// other types (decode them to know).
 std::optional<bool> gguf_scales_finite(quant::GgmlType t, const uint8_t* p, uint64_t n);
 
 // Writes a GGUF file at `path` (the caller owns atomicity: io::OutputFile gives a temporary

@@ -61,6 +61,9 @@ std::string gguf_fused_expert_name(const model::FamilyDesc& fam, const std::stri
   if (field == "expert_gate") return stem(fam.fused_gate_up) + ".{e}.gate.weight";
   if (field == "expert_up") return stem(fam.fused_gate_up) + ".{e}.up.weight";
   if (field == "expert_down") return stem(fam.fused_down) + ".{e}.weight";
+  if (field == "expert_gate_bias") return stem(fam.fused_gate_up) + ".{e}.gate.bias";
+  if (field == "expert_up_bias") return stem(fam.fused_gate_up) + ".{e}.up.bias";
+  if (field == "expert_down_bias") return stem(fam.fused_down) + ".{e}.bias";
   throw Error::internal("no fused expert field " + field);
 }
 
@@ -140,6 +143,8 @@ const std::string& moe_template(const model::FamilyDesc& fam, const std::string&
   if (field == "dense_gate") return fam.dense_gate;
   if (field == "dense_up") return fam.dense_up;
   if (field == "dense_down") return fam.dense_down;
+  static const std::string none;  // the expert biases: named by gguf_fused_expert_name
+  if (field == "expert_gate_bias" || field == "expert_up_bias" || field == "expert_down_bias") return none;
   throw Error::internal("no MoE field " + field);
 }
 
@@ -308,19 +313,51 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
                                                                    v->as_int(file + ": " + A + ".attention.value_length") != c["head_dim"])
     throw Error::unsupported(file + ": metadata key " + A + ".attention.value_length: differs from attention.key_length; "
                              "not read here");
+  c["rope_scaling"] = nullptr;
   const GgufValue* rope_type = f.find(A + ".rope.scaling.type");
-  const bool yarn = arch.mla && rope_type && rope_type->as_string(file + ": " + A + ".rope.scaling.type") == "yarn";
-  if (rope_type && !yarn && rope_type->as_string(file + ": " + A + ".rope.scaling.type") != "none")
-    throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.type: '" + rope_type->str + "' is not read yet");
-  if (f.find(A + ".attention.sliding_window"))
-    throw Error::unsupported(file + ": metadata key " + A + ".attention.sliding_window: a sliding window is not read yet");
+  // deepseek2's yarn keys are read with its MLA keys (read_mla_keys).
+  const bool mla_yarn = arch.mla && rope_type && rope_type->as_string(file + ": " + A + ".rope.scaling.type") == "yarn";
+  if (const GgufValue* v = rope_type; v && !mla_yarn && v->as_string(file + ": " + A + ".rope.scaling.type") != "none") {
+    if (!arch.yarn || v->str != "yarn")
+      throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.type: '" + v->str + "' is not read yet");
+    // yarn (GgufArch::yarn): factor and original context as written; the betas llama.cpp's loader
+    // takes as 32 / 1 when absent; transformers' truncate as the family's configs give it (gpt-oss:
+    // false, what the export came from; llama.cpp itself always rounds the correction range).
+    auto real = [&](const char* key, std::optional<double> dflt) {
+      const GgufValue* r = f.find(A + "." + key);
+      if (!r && !dflt) throw Error::corruption(file + ": metadata key " + A + "." + key + ": missing (rope.scaling.type yarn)");
+      const double d = r ? r->as_double(file + ": " + A + "." + key) : *dflt;
+      if (!std::isfinite(d) || d <= 0)
+        throw Error::corruption(file + ": metadata key " + A + "." + key + ": expected a positive finite number");
+      return f32_decimal(d);
+    };
+    json rs = {{"rope_type", "yarn"}, {"factor", real("rope.scaling.factor", std::nullopt)},
+               {"beta_fast", real("rope.scaling.yarn_beta_fast", 32.0)}, {"beta_slow", real("rope.scaling.yarn_beta_slow", 1.0)}};
+    const std::string ok = A + ".rope.scaling.original_context_length";
+    if (const GgufValue* o = f.find(ok)) rs["original_max_position_embeddings"] = o->as_int(file + ": " + ok);
+    if (fam.default_rope_parameters.is_object() && fam.default_rope_parameters.contains("truncate"))
+      rs["truncate"] = fam.default_rope_parameters["truncate"];
+    c["rope_scaling"] = rs;
+  }
+  if (f.find(A + ".attention.sliding_window") && arch.swa_pattern == 0)
+    throw Error::unsupported(file + ": metadata key " + A + ".attention.sliding_window: a sliding window is not read for " + A);
   const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
   if (!embd || embd->ne.size() != 2) throw Error::corruption(file + ": tensor token_embd.weight: missing or not 2-D");
   c["vocab_size"] = embd->ne[1];
   c["tie_word_embeddings"] = f.find_tensor("output.weight") == nullptr;
-  c["rope_scaling"] = nullptr;
-  c["sliding_window"] = nullptr;
-  if (arch.mla) read_mla_keys(f, A, yarn, c);
+  if (arch.swa_pattern > 0) {
+    // llama.cpp's pattern (llama_hparams::set_swa_pattern): layer l slides when l % n < n - 1.
+    if (!c.contains("sliding_window") || c["sliding_window"].get<int64_t>() <= 0)
+      throw Error::corruption(file + ": metadata key " + A + ".attention.sliding_window: missing or 0 (" + A +
+                              " slides every other layer)");
+    json types = json::array();
+    for (int64_t l = 0; l < c.at("num_hidden_layers").get<int64_t>(); ++l)
+      types.push_back(l % arch.swa_pattern < arch.swa_pattern - 1 ? "sliding_attention" : "full_attention");
+    c["layer_types"] = types;
+  } else {
+    c["sliding_window"] = nullptr;
+  }
+  if (arch.mla) read_mla_keys(f, A, mla_yarn, c);
   // The RoPE width: the head's (a rope.dimension_count that says otherwise disagrees), or for a
   // partial-rotary family the rotated share of it (llama.cpp's n_rot; absent: the whole head).
   const int64_t head_dim = c.contains("head_dim") ? c["head_dim"].get<int64_t>()
@@ -503,7 +540,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
                                      m->config_.at("num_key_value_heads").get<int64_t>());
           map = gguf_value_map(fam, role);
           conv = std::string(role) == "conv1d";
-        } else if (const char* field = gguf_moe_field(rest)) {
+        } else if (const char* field = gguf_moe_field(*arch, rest)) {
           const std::string& tmpl = moe_template(fam, field);
           if (!tmpl.empty()) ours = prefix + tmpl;
           stacked = std::strncmp(field, "expert_", 7) == 0;
@@ -519,9 +556,12 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
     core::Shape shape(t.ne.rbegin(), t.ne.rend());
     int64_t experts = 1;
     if (stacked) {
-      if (t.ne.size() != 3 || t.ne[2] != n_experts)
-        throw Error::corruption(file + ": tensor " + t.name + ": ne " + core::shape_str(t.ne) + ", expected [in, out, " +
-                                std::to_string(n_experts) + "] (" + arch_name + ".expert_count)");
+      // Stacked weights [in, out, E]; stacked expert biases [out, E].
+      const bool bias = t.name.size() > 5 && t.name.compare(t.name.size() - 5, 5, ".bias") == 0;
+      const size_t dims = bias ? 2 : 3;
+      if (t.ne.size() != dims || t.ne[dims - 1] != n_experts)
+        throw Error::corruption(file + ": tensor " + t.name + ": ne " + core::shape_str(t.ne) + ", expected [" +
+                                (bias ? "out" : "in, out") + ", " + std::to_string(n_experts) + "] (" + arch_name + ".expert_count)");
       experts = n_experts;
       shape.erase(shape.begin());
     } else if (row_vector && t.ne.size() == 1) {

@@ -24,6 +24,7 @@ constexpr GgufNamePair kGgufLayerNames[] = {
     // Multi-head Latent Attention (deepseek2); kv_b_proj is stored split (kGgufMlaKB / kGgufMlaVB).
     {"q_a_proj", "attn_q_a.weight"},   {"q_a_norm", "attn_q_a_norm.weight"}, {"q_b_proj", "attn_q_b.weight"},
     {"kv_a_proj", "attn_kv_a_mqa.weight"}, {"kv_a_norm", "attn_kv_a_norm.weight"},
+    {"sinks", "attn_sinks.weight"},
 };
 constexpr GgufNamePair kGgufGlobalNames[] = {
     {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
@@ -36,7 +37,12 @@ constexpr GgufNamePair kGgufMoeNames[] = {
     {"shared_down", "ffn_down_shexp.weight"},    {"shared_expert_gate", "ffn_gate_inp_shexp.weight"},
     {"router_bias", "exp_probs_b.bias"},         {"dense_gate", "ffn_gate.weight"},
     {"dense_up", "ffn_up.weight"},               {"dense_down", "ffn_down.weight"},
+    // Expert biases (GgufArch::expert_biases), stacked as the weights: ne = [out, E].
+    {"expert_gate_bias", "ffn_gate_exps.bias"},  {"expert_up_bias", "ffn_up_exps.bias"},
+    {"expert_down_bias", "ffn_down_exps.bias"},
 };
+// The router bias added to the logits (GgufArch::gate_inp_bias: llama.cpp's ffn_gate_inp_b).
+constexpr const char* kGgufGateInpBias = "ffn_gate_inp.bias";
 // The post-attention norm's name where GgufArch::post_attention_norm (llama.cpp's LLM_TENSOR_ATTN_POST_NORM).
 constexpr const char* kGgufPostAttentionNorm = "post_attention_norm.weight";
 
@@ -91,6 +97,8 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"attention.scale", "attention_multiplier", true, GgufHparam::When::Optional},
     {"logit_scale", "logits_scaling", true, GgufHparam::When::Optional},
     {"attention.clamp_kqv", "clip_qkv", true, GgufHparam::When::Optional},
+    // gpt-oss's sliding window (GgufArch::swa_pattern: the sliding layers' window).
+    {"attention.sliding_window", "sliding_window", false, GgufHparam::When::Optional},
     // DeepSeek-style MoE (GgufArch::routing_keys, leading_dense, shared_count).
     {"leading_dense_block_count", "{dense_lead}", false, GgufHparam::When::Optional},
     {"interleave_moe_layer_step", "moe_layer_interval", false, GgufHparam::When::Optional},
@@ -141,6 +149,20 @@ const char* gguf_global_role(const std::string& gguf_name) { return find_first(k
 
 const char* gguf_moe_name(const std::string& field) { return find_second(kGgufMoeNames, field); }
 const char* gguf_moe_field(const std::string& gguf_name) { return find_first(kGgufMoeNames, gguf_name); }
+const char* gguf_moe_name(const GgufArch& arch, const std::string& field) {
+  if (field == "router_bias" && arch.gate_inp_bias) return kGgufGateInpBias;
+  if (field.rfind("expert_", 0) == 0 && field.size() > 5 && field.compare(field.size() - 5, 5, "_bias") == 0 && !arch.expert_biases)
+    return nullptr;
+  return gguf_moe_name(field);
+}
+const char* gguf_moe_field(const GgufArch& arch, const std::string& gguf_name) {
+  if (arch.gate_inp_bias) {
+    if (gguf_name == kGgufGateInpBias) return "router_bias";
+    if (gguf_name == gguf_moe_name("router_bias")) return nullptr;
+  }
+  const char* f = gguf_moe_field(gguf_name);
+  return f && !gguf_moe_name(arch, f) ? nullptr : f;
+}
 
 GgufValueMap gguf_value_map(const model::FamilyDesc& fam, const std::string& role) {
   if (role == "A_log") return GgufValueMap::NegExp;
@@ -193,6 +215,7 @@ uint32_t gguf_file_type_of(quant::GgmlType t) {
     case GgmlType::BF16: return 32;
     case GgmlType::TQ1_0: return 36;
     case GgmlType::TQ2_0: return 37;
+    case GgmlType::MXFP4: return 38;  // LLAMA_FTYPE_MOSTLY_MXFP4_MOE
     default: throw core::Error::internal(std::string("no llama_ftype for ") + quant::ggml_type_info(t).name);
   }
 }

@@ -36,6 +36,11 @@ const char* gguf_global_role(const std::string& gguf_name);
 // "ffn_gate.weight"). The *_exps tensors stack the experts: ne = [in, out, E].
 const char* gguf_moe_name(const std::string& field);
 const char* gguf_moe_field(const std::string& gguf_name);
+// As above within `arch`: the router bias is ffn_gate_inp.bias where GgufArch::gate_inp_bias (and
+// exp_probs_b.bias is then nothing), the expert biases (expert_gate_bias, expert_up_bias,
+// expert_down_bias <-> ffn_{gate,up,down}_exps.bias) exist only where GgufArch::expert_biases.
+const char* gguf_moe_name(const GgufArch& arch, const std::string& field);
+const char* gguf_moe_field(const GgufArch& arch, const std::string& gguf_name);
 
 // Hyper-parameters: "ARCH.<key>" <-> a config.json key. `config_key` is a config.json key, or one
 // of the family's own key fields (model::FamilyDesc) in braces: {expert_count}, {topk},

@@ -175,7 +175,7 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
         add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name,
             io::gguf_value_map(m.family(), role));
       } else {
-        const std::string field = gguf_moe_field(rest);
+        const std::string field = gguf_moe_field(arch, rest);
         const model::MoeBlock* b = L.moe ? &*L.moe : nullptr;
         if (field.rfind("dense_", 0) == 0) {
           const model::Mlp& x = *L.mlp;
@@ -187,12 +187,17 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
           add(b->router, 0, t.name);
           info.ne[1] = experts;
         } else if (field.rfind("expert_", 0) == 0) {
+          // Weights [in, out, E]; gpt-oss's expert biases [out, E]: the kept experts' slices.
           for (int64_t e = 0; e < experts; ++e) {
             const model::Mlp& x = b->experts[static_cast<size_t>(e)];
-            add(field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down, 0,
+            const std::optional<core::Tensor>* bias = field == "expert_gate_bias" ? &x.gate_bias
+                                                      : field == "expert_up_bias" ? &x.up_bias
+                                                      : field == "expert_down_bias" ? &x.down_bias : nullptr;
+            if (bias && !*bias) throw Error::internal(t.name + ": expert " + std::to_string(e) + " has no bias");
+            add(bias ? **bias : field == "expert_gate" ? x.gate : field == "expert_up" ? x.up : x.down, 0,
                 t.name + " expert " + std::to_string(e));
           }
-          info.ne[2] = experts;
+          info.ne.back() = experts;
         } else if (field == "shared_expert_gate") {
           add(*b->shared_gate, 0, t.name);
         } else {

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <functional>
 #include <set>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/mxfp4.h"
@@ -412,7 +413,10 @@ Model Model::load(const io::Checkpoint& ckpt) {
         if (f.router_bias_row && b.router_bias->shape() == Shape{1, n_experts}) b.router_bias = b.router_bias->reshaped({n_experts});
         pick.expect(prefix + f.router_bias, *b.router_bias, {n_experts}, f.expert_count_key);
       }
-      if (f.fused_in_out_interleaved) {
+      // A GGUF input of a fused family: gate, up and down stacked apart (io::gguf_fused_expert_name).
+      const bool gguf_split = f.fused() && ckpt.gguf() && !ckpt.has(prefix + f.fused_gate_up) &&
+                              !ckpt.has(prefix + f.fused_gate_up + "_blocks");
+      if (f.fused_in_out_interleaved && !gguf_split) {
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;
         const std::string gub = prefix + f.fused_gate_up_bias, dnb = prefix + f.fused_down_bias;
         const std::string why = "config (" + f.expert_count_key + ", " + f.expert_width_key + ", hidden_size)";
@@ -494,12 +498,22 @@ Model Model::load(const io::Checkpoint& ckpt) {
                                   gather(fdn, {H, width}, lay.down(e))});
         for (const Tensor* t : {&fgu, &fdn})
           if (t->data()) m.release_(t->data(), t->nbytes());
-      } else if (f.fused() && ckpt.gguf() && !ckpt.has(prefix + f.fused_gate_up)) {
-        // A GGUF input (granitemoe): gate, up and down stacked apart, each expert a view of its
-        // slices under io::gguf_fused_expert_name's names.
+      } else if (gguf_split) {
+        // A GGUF input (granitemoe, gpt_oss): gate, up and down stacked apart, each expert a view of
+        // its slices under io::gguf_fused_expert_name's names; gpt_oss's expert biases likewise.
         for (int64_t e = 0; e < n_experts; ++e) {
           auto name = [&](const char* field) { return prefix + expand(io::gguf_fused_expert_name(f, field), l, static_cast<int>(e)); };
-          b.experts.push_back(read_mlp(name("expert_gate"), name("expert_up"), name("expert_down"), width, "expert " + std::to_string(e)));
+          Mlp x = read_mlp(name("expert_gate"), name("expert_up"), name("expert_down"), width, "expert " + std::to_string(e));
+          if (f.fused_in_out_interleaved) {
+            for (const auto& [field, bias, n] : {std::tuple{"expert_gate_bias", &x.gate_bias, width},
+                                                 {"expert_up_bias", &x.up_bias, width}, {"expert_down_bias", &x.down_bias, H}}) {
+              *bias = pick.need(name(field), "expert biases");
+              pick.expect(name(field), **bias, {n}, "config (" + f.expert_width_key + ", hidden_size)");
+            }
+            x.act = GluActivation{GluActivation::ClampedSwiGlu, static_cast<float>(c.get_double_or("swiglu_alpha", 1.702)),
+                                  static_cast<float>(c.get_double_or("swiglu_limit", 7.0))};
+          }
+          b.experts.push_back(std::move(x));
         }
       } else if (f.fused()) {
         const std::string gu = prefix + f.fused_gate_up, dn = prefix + f.fused_down;

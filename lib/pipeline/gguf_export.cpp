@@ -13,6 +13,7 @@
 #include "io/gguf.h"
 #include "io/gguf_names.h"
 #include "model/hybrid_layers.h"
+#include "core/mxfp4.h"
 #include "quant/intn.h"
 #include "quant/ternary.h"
 #include "runtime/forward.h"
@@ -49,7 +50,8 @@ struct Item {
 GgmlType choose_type(const std::string& name, size_t n_dims, int64_t row, GgmlType main, const std::vector<GgufTypeOverride>& ovr,
                      const GgufTypeOverride** matched = nullptr) {
   if (matched) *matched = nullptr;
-  if (n_dims < 2 || name.find("ffn_gate_inp") != std::string::npos || name.find("ssm_conv1d") != std::string::npos)
+  const bool bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;  // stacked expert biases are 2-D
+  if (n_dims < 2 || bias || name.find("ffn_gate_inp") != std::string::npos || name.find("ssm_conv1d") != std::string::npos)
     return GgmlType::F32;
   for (const auto& o : ovr)
     if (std::regex_search(name, o.re)) {
@@ -94,6 +96,8 @@ struct Direct {
 // rule. Blocks a ggml codec wrote (`quantize --codec q4_k`: GgufBlocks) are their own type. No
 // type for a plain tensor or any other encoding.
 Direct direct_type(const core::Tensor& t, GgmlType wanted) {
+  // gpt-oss's MXFP4 experts (core/mxfp4.h): their E8M0 scales and E2M1 codes are MXFP4 blocks.
+  if (dynamic_cast<const core::Mxfp4*>(t.encoding())) return {GgmlType::MXFP4, std::nullopt};
   if (const auto* gb = dynamic_cast<const quant::GgufBlocks*>(t.encoding())) return {gb->type(), std::nullopt};
   if (const auto* tq = dynamic_cast<const quant::Ternary*>(t.encoding())) {
     if (tq->grid() != quant::TernaryGrid::TQ || !tq->symmetric() || tq->group() != 256 || tq->cols() % 256 != 0) return {};
@@ -238,6 +242,77 @@ int64_t refuse_llama4(const model::Model& m, const model::GgufArch& arch, const 
                                (qk_norm ? "unless the model has 128 experts" : "not with 128 experts"));
   }
   return step;
+}
+
+// Refuses a yarn RoPE llama.cpp's graph would compute differently (GgufArch::yarn): its loader
+// reads no yarn_beta_* / attention-factor keys for this architecture (beta_fast 32, beta_slow 1,
+// the attention factor 0.1 ln(factor) + 1 of transformers' default), so other values are refused.
+// transformers' truncate false (gpt-oss's released configs) leaves the correction range unrounded;
+// ggml_rope_yarn_corr_dims always floors / ceils it: exported with a warning, the difference
+// measured in docs/gguf.md.
+void refuse_yarn(const runtime::RopeScaling& rs, const model::GgufArch& arch, const std::string& src) {
+  auto num = [](double v) {
+    std::ostringstream o;
+    o << v;
+    return o.str();
+  };
+  if (rs.beta_fast != 32.0 || rs.beta_slow != 1.0)
+    throw Error::unsupported(src + ": rope_scaling beta_fast " + num(rs.beta_fast) + " / beta_slow " + num(rs.beta_slow) +
+                             ": llama.cpp's " + arch.arch + " loader uses 32 / 1 whatever the file says");
+  if (rs.attention_factor || rs.mscale != 0 || rs.mscale_all_dim != 0)
+    throw Error::unsupported(src + ": rope_scaling attention_factor / mscale: llama.cpp's " + arch.arch +
+                             " loader takes the yarn attention factor from the scaling factor only");
+}
+
+// The warning for transformers' truncate false (refuse_yarn), given once nothing is refused.
+void warn_untruncated_yarn(const runtime::RopeScaling& rs) {
+  if (!rs.truncate)
+    core::warn_once("rope_scaling truncate false: llama.cpp rounds the yarn correction range to whole dimensions "
+                    "(ggml_rope_yarn_corr_dims), transformers does not: the GGUF's RoPE differs slightly on a few "
+                    "dimensions (docs/gguf.md, gpt-oss)");
+}
+
+// The window of llama.cpp's sliding layers (GgufArch::swa_pattern: layer l slides when
+// l % n < n - 1), 0 for an architecture without one; refuses layer_types llama.cpp would not follow.
+int64_t sliding_window(const runtime::ForwardSpec& spec, const model::GgufArch& arch, const std::string& src) {
+  int64_t window = 0;
+  for (int64_t l = 0; l < spec.layers; ++l) {
+    const int64_t w = spec.layer_window.empty() ? 0 : spec.layer_window[static_cast<size_t>(l)];
+    const bool slides = arch.swa_pattern > 0 && l % arch.swa_pattern < arch.swa_pattern - 1;
+    if (w > 0 && !slides)
+      throw Error::unsupported(src + ": layer_types[" + std::to_string(l) + "] sliding_attention: llama.cpp's " + arch.arch +
+                               (arch.swa_pattern > 0 ? " attends fully in every " + std::to_string(arch.swa_pattern) + "th layer (l % " +
+                                                           std::to_string(arch.swa_pattern) + " == " + std::to_string(arch.swa_pattern - 1) + ")"
+                                                     : " graph has no sliding window"));
+    if (slides && w <= 0)
+      throw Error::unsupported(src + ": layer_types[" + std::to_string(l) + "] full_attention (or sliding_window null): llama.cpp's " +
+                               arch.arch + " slides layer l when l % " + std::to_string(arch.swa_pattern) + " < " +
+                               std::to_string(arch.swa_pattern - 1));
+    if (slides && window > 0 && w != window)
+      throw Error::unsupported(src + ": layer " + std::to_string(l) + " slides over " + std::to_string(w) + " positions, another over " +
+                               std::to_string(window) + ": GGUF has one attention.sliding_window");
+    if (slides) window = w;
+  }
+  return window;
+}
+
+// Refuses experts whose activation llama.cpp's graph does not compute (GgufArch::swiglu_oai:
+// ggml_swiglu_oai with alpha 1.702 and limit 7 fixed in llama-graph.cpp; else plain SiLU).
+void refuse_activation(const model::Model& m, const model::GgufArch& arch, const std::string& src) {
+  for (const auto& layer : m.layers()) {
+    if (!layer.moe) continue;
+    for (const auto& e : layer.moe->experts) {
+      const model::GluActivation& a = e.act;
+      if (arch.swiglu_oai && (a.kind != model::GluActivation::ClampedSwiGlu || a.alpha != 1.702f || a.limit != 7.0f)) {
+        std::ostringstream o;
+        o << "swiglu_alpha " << a.alpha << ", swiglu_limit " << a.limit;
+        throw Error::unsupported(src + ": " + (a.kind == model::GluActivation::ClampedSwiGlu ? o.str() : std::string("plain SwiGLU")) +
+                                 ": llama.cpp's " + arch.arch + " graph clamps with alpha 1.702 and limit 7 (fixed in llama-graph.cpp)");
+      }
+      if (!arch.swiglu_oai && a.kind != model::GluActivation::Silu)
+        throw Error::unsupported(src + ": clamped SwiGLU experts: llama.cpp's " + arch.arch + " graph applies plain SwiGLU");
+    }
+  }
 }
 
 // Refuses a model whose MoE block llama.cpp's graph would compute differently where the
@@ -484,13 +559,16 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                              io::gguf_exported_model_types() + ")");
   const int64_t lead = refuse_unsupported(m, *arch, src);
   const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
-  if (spec.rope_scaling.type != "default" && !(arch->rope_freqs && spec.rope_scaling.type == "llama3") &&
-      !(arch->mla && spec.rope_scaling.type == "yarn"))
-    throw Error::unsupported(src + ": rope_scaling '" + spec.rope_scaling.type + "' is not exported to GGUF yet");
+  const auto& rs = spec.rope_scaling;
+  const bool yarn = arch->yarn && rs.type == "yarn";
+  if (rs.type != "default" && !yarn && !(arch->rope_freqs && rs.type == "llama3") && !(arch->mla && rs.type == "yarn"))
+    throw Error::unsupported(src + ": rope_scaling '" + rs.type + "' is not exported to GGUF yet");
+  if (yarn) refuse_yarn(rs, *arch, src);
   const std::optional<MlaKeys> mla = arch->mla ? std::optional<MlaKeys>(mla_keys(m, *arch, spec, src)) : std::nullopt;
   if (spec.attn.sliding_window > 0)
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
+  const int64_t window = sliding_window(spec, *arch, src);
   // granitemoe's softmax over the top-k logits equals llama.cpp's softmax over all experts with the
   // top-k weights renormalized; ernie4_5_moe's routing renormalizes whatever norm_topk_prob says (by
   // max(sum, moe_norm_min)).
@@ -518,6 +596,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   std::optional<int64_t> dense_width;
   for (const auto& layer : m.layers())
     if (!layer.moe && !dense_width) dense_width = layer.mlp->width();
+  refuse_activation(m, *arch, src);
   ExportPlan p;
   auto& kv = p.kv;
   kv.emplace_back("general.architecture", GgufValue::string(A));
@@ -589,6 +668,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
       if (k == "linear_num_value_heads") return num(dn.v_heads);
       if (k == "{ssm_inner}") return num(dn.value_dim());
     }
+    if (k == "sliding_window") return window > 0 ? num(window) : std::nullopt;
     throw Error::internal("GGUF export: no value for " + A + "." + key);
   };
   io::for_each_gguf_hparam([&](const io::GgufHparam& h) {
@@ -603,6 +683,14 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                                                                                                    : io::kGgufGatingSigmoid));
   if (mla)
     for (const auto& [key, v] : mla->kv) kv.emplace_back(A + "." + key, v);
+  if (yarn) {  // as TextModel.set_gguf_parameters writes a yarn rope_scaling
+    kv.emplace_back(A + ".rope.scaling.type", GgufValue::string("yarn"));
+    kv.emplace_back(A + ".rope.scaling.factor", GgufValue::f32(static_cast<float>(rs.factor)));
+    kv.emplace_back(A + ".rope.scaling.original_context_length",
+                    GgufValue::u32(static_cast<uint32_t>(rs.original_max_positions > 0 ? rs.original_max_positions : spec.max_positions)));
+    kv.emplace_back(A + ".rope.scaling.yarn_beta_fast", GgufValue::f32(static_cast<float>(rs.beta_fast)));
+    kv.emplace_back(A + ".rope.scaling.yarn_beta_slow", GgufValue::f32(static_cast<float>(rs.beta_slow)));
+  }
 
   // --tensor-type rules that tensors of copied codes ignore: tensor names and the type they keep.
   std::map<const GgufTypeOverride*, std::vector<std::pair<std::string, std::string>>> ignored;
@@ -715,8 +803,12 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     const auto& moe = *layer.moe;
     add(blk + "ffn_gate_inp.weight", {moe.router});
     if (moe.router_bias) {
-      if (!arch->routing_keys && !arch->choice_bias) throw Error::unsupported(src + ": router bias: llama.cpp's " + A + " has none");
-      add(blk + io::gguf_moe_name("router_bias"), {*moe.router_bias});
+      if (!arch->routing_keys && !arch->choice_bias && !arch->gate_inp_bias)
+        throw Error::unsupported(src + ": router bias: llama.cpp's " + A + " has none");
+      add(blk + io::gguf_moe_name(*arch, "router_bias"), {*moe.router_bias});
+    } else if (arch->gate_inp_bias) {
+      throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + ": no router bias (" + fam.router_bias +
+                               "): llama.cpp's " + A + " loader requires ffn_gate_inp.bias");
     }
     std::vector<core::Tensor> gate, up, down;
     for (const auto& e : moe.experts) {
@@ -727,6 +819,24 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     add(blk + "ffn_gate_exps.weight", gate);
     add(blk + "ffn_up_exps.weight", up);
     add(blk + "ffn_down_exps.weight", down);
+    const bool biased = std::any_of(moe.experts.begin(), moe.experts.end(), [](const model::Mlp& e) { return e.has_bias(); });
+    if (biased != arch->expert_biases)
+      throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + ": " +
+                               (biased ? "expert biases: llama.cpp's " + A + " has none"
+                                       : "no expert biases: llama.cpp's " + A + " loader requires ffn_{gate,up,down}_exps.bias"));
+    if (biased) {
+      std::vector<core::Tensor> gb, ub, db;
+      for (const auto& e : moe.experts) {
+        if (!e.gate_bias || !e.up_bias || !e.down_bias)
+          throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + ": an expert without all three biases");
+        gb.push_back(*e.gate_bias);
+        ub.push_back(*e.up_bias);
+        db.push_back(*e.down_bias);
+      }
+      add(blk + io::gguf_moe_name(*arch, "expert_gate_bias"), gb);
+      add(blk + io::gguf_moe_name(*arch, "expert_up_bias"), ub);
+      add(blk + io::gguf_moe_name(*arch, "expert_down_bias"), db);
+    }
     if (moe.shared) {
       if (!arch->shared_expert) throw Error::unsupported(src + ": shared expert: llama.cpp's " + A + " has none");
       add(blk + "ffn_gate_shexp.weight", {moe.shared->gate});
@@ -737,6 +847,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   }
   global("final_norm");
   global("lm_head");
+  // Tied embeddings where llama.cpp's loader requires output.weight (gpt-oss): the embedding again.
+  if (arch->output_required && !m.globals().count("lm_head")) add(io::gguf_global_name("lm_head"), {m.globals().at("embed")});
   const int64_t n_vocab = m.globals().at("embed").dim(0);
   core::with_context(src, [&] { tokenizer_metadata(env, ckpt.dir(), n_vocab, kv); });
   // One warning per rule, naming no folder: the plan is also made on a run's staged native output.
@@ -745,6 +857,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
       core::warn_once(opts.tensor_type_key + " " + o.pattern + "=" + quant::ggml_type_info(o.type).name +
                       " matches no tensor of this model (GGUF names: blk.N.ffn_down_exps.weight, blk.N.attn_q.weight, "
                       "token_embd.weight, ...; 1-D tensors and routers stay f32)");
+  if (yarn) warn_untruncated_yarn(rs);
   for (const auto& [rule, tensors] : ignored)
     core::warn_once(opts.tensor_type_key + " " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name +
                     " does not apply to " + std::to_string(tensors.size()) + " tensor(s) whose codes are copied, not re-quantized (" +
@@ -868,6 +981,27 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
           throw Error::invalid("row " + std::to_string(s) + ": " + gb->name() + " block " + std::to_string(bad / quant::ggml_type_info(gb->type()).block) +
                                " decodes to " + std::to_string(y[static_cast<size_t>(bad)]) + " (a scale is not finite)");
         std::memcpy(dst, src + s * static_cast<int64_t>(rb), rb);
+      });
+      continue;
+    }
+    if (const auto* mx = dynamic_cast<const core::Mxfp4*>(part.encoding())) {
+      // gpt-oss's MXFP4 experts copied into MXFP4 blocks, nothing re-quantized: each block's E8M0
+      // scale byte, then its 32 E2M1 codes reordered from the checkpoint's (value 2j + h in nibble h
+      // of byte j, convert_moe_packed_tensors) to ggml's (value j in the low nibble of qs[j], j + 16
+      // in the high one), as convert_hf_to_gguf.py's GptOssModel.transform_nibble_layout does.
+      const int64_t groups = mx->groups();
+      encode_rows(w, b, mx->rows(), rb, [&](int64_t r, uint8_t* dst) {
+        const uint8_t* codes = mx->row_blocks(r);
+        const uint8_t* scales = mx->row_scales(r);
+        for (int64_t g = 0; g < groups; ++g) {
+          if (scales[g] == 0xFF)
+            throw Error::invalid("row " + std::to_string(r) + ": mxfp4 block " + std::to_string(g) + ": e8m0 scale 255 (NaN)");
+          const uint8_t* c = codes + 16 * g;
+          auto code = [c](int k) { return static_cast<uint8_t>((c[k / 2] >> (4 * (k % 2))) & 0xF); };
+          uint8_t* blk = dst + 17 * g;
+          blk[0] = scales[g];
+          for (int j = 0; j < 16; ++j) blk[1 + j] = static_cast<uint8_t>(code(j) | code(j + 16) << 4);
+        }
       });
       continue;
     }

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -52,6 +53,7 @@ const GgmlTypeInfo kTypes[] = {
     {GgmlType::BF16, "bf16", 1, 2, true},
     {GgmlType::TQ1_0, "tq1_0", kQK, 2 + 4 * 13, true},
     {GgmlType::TQ2_0, "tq2_0", kQK, 2 + 64, true},
+    {GgmlType::MXFP4, "mxfp4", 32, 1 + 16, true},
 };
 
 [[noreturn]] void no_codec(GgmlType t, const char* what, const std::string& names) {
@@ -207,6 +209,50 @@ void decode_iq4_xs(const uint8_t* b, float* y) {
     const int ls = ((b[4 + i / 2] >> (4 * (i % 2))) & 0xF) | (((scales_h >> (2 * i)) & 3) << 4);
     decode_iq4_32(b + 8 + 16 * i, d * static_cast<float>(ls - 32), y + 32 * i);
   }
+}
+
+// MXFP4 {u8 e; u8 qs[16]}: x = fp4(q) * 2^(e - 127), element j < 16 in the low nibble of qs[j],
+// j + 16 in the high one. E2M1 codes: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6. e = 255 is the
+// E8M0 NaN (every value NaN); e = 0 is 2^-127 (a subnormal f32, exact).
+constexpr float kE2m1Values[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+void decode_mxfp4(const uint8_t* b, float* y) {
+  const float d = b[0] == 0xFF ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(1.0f, static_cast<int>(b[0]) - 127);
+  for (int j = 0; j < 16; ++j) {
+    y[j] = kE2m1Values[b[1 + j] & 0xF] * d;
+    y[j + 16] = kE2m1Values[b[1 + j] >> 4] * d;
+  }
+}
+
+// MXFP4 encoder (OCP Microscaling Formats v1.0, section 6.3): the block's shared exponent is
+// floor(log2(amax)) - 2 (2 = the largest E2M1 exponent: 6 = 1.5 * 2^2), stored as E8M0 e = that + 127
+// clamped to [0, 254] (an all-zero block: e = 0); each x / 2^(e - 127) rounded to the nearest E2M1
+// value, ties to the even code (the one whose mantissa bit is 0), beyond 6 clamped to 6 (the spec's
+// saturation). x / 2^(e - 127) is exact in float (a power of two), so the rounding is on x itself.
+uint8_t e2m1_code(float v) {
+  const float a = std::fabs(v);
+  int code = 7;
+  for (int c = 0; c < 7; ++c) {
+    const float mid = 0.5f * (kE2m1Values[c] + kE2m1Values[c + 1]);
+    if (a < mid || (a == mid && c % 2 == 0)) {
+      code = c;
+      break;
+    }
+  }
+  return static_cast<uint8_t>(code | (std::signbit(v) && code != 0 ? 8 : 0));
+}
+void encode_mxfp4(const float* x, uint8_t* b) {
+  float amax = 0.0f;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+  int e = 0;
+  if (amax > 0.0f) {
+    int exp2 = 0;
+    std::frexp(amax, &exp2);  // amax = m * 2^exp2, m in [0.5, 1): floor(log2(amax)) = exp2 - 1
+    e = std::clamp(exp2 - 1 - 2 + 127, 0, 254);
+  }
+  b[0] = static_cast<uint8_t>(e);
+  const float inv = std::ldexp(1.0f, 127 - e);  // 1 / 2^(e - 127), at most 2^127: finite
+  for (int j = 0; j < 16; ++j) b[1 + j] = static_cast<uint8_t>(e2m1_code(x[j] * inv) | e2m1_code(x[j + 16] * inv) << 4);
 }
 
 // Ternary 256-blocks as quantize_row_tq1_0_ref / tq2_0_ref round them (and the ternary-tq codec,
@@ -778,6 +824,7 @@ const BlockCodec kBlockCodecs[] = {
      [](const uint8_t* b, float* y) { decode_asym(b, y, true); }, {32, 0, 31}, grid_asym, set_asym<true>},
     {GgmlType::IQ4_NL, nullptr, decode_iq4_nl},
     {GgmlType::IQ4_XS, nullptr, decode_iq4_xs},
+    {GgmlType::MXFP4, encode_mxfp4, decode_mxfp4},
     {GgmlType::TQ1_0, encode_tq<pack_tq1_0>, decode_tq1_0},
     {GgmlType::TQ2_0, encode_tq<pack_tq2_0>, decode_tq2_0},
     {GgmlType::Q6_K, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::encode, KCodec<kQ6K, pack_q6_k, unpack_q6_k>::decode,

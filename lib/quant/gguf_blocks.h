@@ -17,6 +17,12 @@
 //                                             in bits 2l..2l+1 of qs[32h + m]
 //   TQ1_0  {u8 qs[48]; u8 qh[4]; f16 d}, 256  x = d * (t - 1); five trits a byte (four in qh),
 //                                             byte = ceil(sum t_k 3^(4-k) * 256 / 243)
+//   MXFP4  {u8 e; u8 qs[16]}, 32 values       x = fp4(q) * 2^(e - 127) (OCP MX: E8M0 scale, E2M1
+//                                             codes, q of element j < 16 in the low nibble of qs[j],
+//                                             of j + 16 in the high one); e = 255 (the E8M0 NaN)
+//                                             decodes to NaN. Encoded with the OCP MX scale
+//                                             (floor(log2 amax) - 2) and the nearest E2M1 value
+//                                             (ties to even, beyond 6 saturated).
 // K-quants: super-blocks of 256 values in sub-blocks of 16 or 32, each with an integer sub-scale
 // sc (and sub-min m) against the f16 super-block scale d (and dmin); decode computes
 // x = (d * sc) * q - (dmin * m) in float, in that order, as llama.cpp's dequantize_row_q*_K.
@@ -65,7 +71,7 @@ enum class GgmlType : uint32_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
   Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15,
   IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19, IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23,
-  I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35,
+  I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, IQ1_M = 29, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35, MXFP4 = 39,
 };
 
 struct GgmlTypeInfo {

@@ -756,6 +756,145 @@ TEST(Export, DeepseekRefusalsWriteNothing) {
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"beta", "eps"}));
 }
 
+// gpt-oss (gpt-oss-tiny: 2 layers sliding / full, window 8, 8 experts top 4 of width 16, head_dim
+// 24, yarn factor 4 over 64 positions, attention sinks, q/k/v/o, router and expert biases, untied):
+// the keys llama.cpp's gpt-oss loader reads (expert_feed_forward_length, attention.sliding_window,
+// the yarn keys TextModel writes), the sinks as attn_sinks.weight, the router bias as
+// ffn_gate_inp.bias, the fused gate_up de-interleaved into ffn_gate_exps (even columns) and
+// ffn_up_exps (odd), transposed to [out, in] rows, their biases likewise as [I, E], no q/k permutation.
+TEST(Export, GptOssKeysAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/gpt-oss-tiny", out = dir / "g.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "gpt-oss";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"block_count", 2}, {"context_length", 256}, {"embedding_length", 64}, {"feed_forward_length", 16},
+      {"expert_feed_forward_length", 16}, {"expert_count", 8}, {"expert_used_count", 4}, {"attention.head_count", 4},
+      {"attention.head_count_kv", 2}, {"attention.key_length", 24}, {"attention.value_length", 24},
+      {"attention.sliding_window", 8}, {"rope.scaling.original_context_length", 64}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  EXPECT_EQ(f.find(A + ".rope.scaling.type")->as_string("t"), "yarn");
+  EXPECT_EQ(f.find(A + ".rope.scaling.factor")->as_double("f"), 4.0);
+  EXPECT_EQ(f.find(A + ".rope.freq_base")->as_double("b"), 150000.0);
+  EXPECT_EQ(f.find(A + ".attention.layer_norm_rms_epsilon")->as_double("e"), static_cast<double>(1e-5f));
+  for (const char* absent : {"expert_gating_func", "expert_weights_norm", "rope.dimension_count"})
+    EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
+  same("blk.0.attn_sinks.weight", "model.layers.0.self_attn.sinks");
+  same("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight");  // not permuted
+  same("blk.1.attn_k.bias", "model.layers.1.self_attn.k_proj.bias");
+  same("blk.1.attn_output.bias", "model.layers.1.self_attn.o_proj.bias");
+  same("blk.1.post_attention_norm.weight", "model.layers.1.post_attention_layernorm.weight");
+  same("blk.1.ffn_gate_inp.weight", "model.layers.1.mlp.router.weight");
+  same("blk.1.ffn_gate_inp.bias", "model.layers.1.mlp.router.bias");
+  same("output.weight", "lm_head.weight");
+  EXPECT_EQ(f.find_tensor("blk.1.exp_probs_b.bias"), nullptr);
+  EXPECT_EQ(f.find_tensor("blk.1.ffn_norm.weight"), nullptr);
+  const int64_t E = 8, I = 16, H = 64;
+  for (int l = 0; l < 2; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.", blk = "blk." + std::to_string(l) + ".";
+    const std::vector<float> gu = ck.tensor(p + "gate_up_proj").to_f32(), dn = ck.tensor(p + "down_proj").to_f32();
+    const std::vector<float> gub = ck.tensor(p + "gate_up_proj_bias").to_f32(), dnb = ck.tensor(p + "down_proj_bias").to_f32();
+    auto decoded = [&](const std::string& name, std::vector<int64_t> ne) {
+      const io::GgufTensorInfo* t = f.find_tensor(blk + name);
+      EXPECT_NE(t, nullptr) << name;
+      if (!t) return std::vector<float>{};
+      EXPECT_EQ(t->ne, ne) << name;
+      EXPECT_EQ(t->type, quant::GgmlType::F32) << name;
+      return f.decode(*t);
+    };
+    const auto gate = decoded("ffn_gate_exps.weight", {H, I, E}), up = decoded("ffn_up_exps.weight", {H, I, E});
+    const auto down = decoded("ffn_down_exps.weight", {I, H, E});
+    const auto gb = decoded("ffn_gate_exps.bias", {I, E}), ub = decoded("ffn_up_exps.bias", {I, E});
+    const auto db = decoded("ffn_down_exps.bias", {H, E});
+    ASSERT_EQ(gate.size(), static_cast<size_t>(E * I * H));
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = 0; i < I; ++i) {
+        for (int64_t h = 0; h < H; ++h) {  // gate_up_proj [E, H, 2I], down_proj [E, I, H]
+          ASSERT_EQ(gate[(e * I + i) * H + h], gu[(e * H + h) * 2 * I + 2 * i]) << l << " " << e << " " << i << " " << h;
+          ASSERT_EQ(up[(e * I + i) * H + h], gu[(e * H + h) * 2 * I + 2 * i + 1]);
+          ASSERT_EQ(down[(e * H + h) * I + i], dn[(e * I + i) * H + h]);
+        }
+        ASSERT_EQ(gb[e * I + i], gub[e * 2 * I + 2 * i]);
+        ASSERT_EQ(ub[e * I + i], gub[e * 2 * I + 2 * i + 1]);
+      }
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t h = 0; h < H; ++h) ASSERT_EQ(db[e * H + h], dnb[e * H + h]);
+  }
+}
+
+// gpt-oss-tiny-mxfp4 (the released checkpoints' MXFP4 experts, tied embeddings): the experts are
+// written as MXFP4 blocks from their codes, whatever --type says, nothing re-quantized: each block
+// is the checkpoint's E8M0 scale byte and its 16 code bytes reordered (value j low nibble, j + 16
+// high, as the converter's transform_nibble_layout), so the blocks decode to the checkpoint's
+// decoded experts exactly; output.weight (required by llama.cpp) is the embedding again.
+TEST(Export, GptOssMxfp4ExpertsCopiedAsBlocks) {
+  TempDir dir{"moe-export"};
+  const fs::path src = kSrc / "data/gpt-oss-tiny-mxfp4", out = dir / "m.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "q8_0"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  auto& env = io::Env::posix();
+  const auto ck = io::Checkpoint::open(env, src);
+  const auto m = model::Model::load(ck);
+  const int64_t E = 8, I = 32, H = 64;
+  for (int l = 0; l < 2; ++l) {
+    const std::string blk = "blk." + std::to_string(l) + ".";
+    const auto& experts = m.layers()[static_cast<size_t>(l)].moe->experts;
+    for (const auto& [name, which, rows, cols] : {std::tuple{"ffn_gate_exps.weight", 0, I, H}, {"ffn_up_exps.weight", 1, I, H},
+                                                 {"ffn_down_exps.weight", 2, H, I}}) {
+      SCOPED_TRACE(blk + name);
+      const io::GgufTensorInfo* t = f.find_tensor(blk + name);
+      ASSERT_NE(t, nullptr);
+      EXPECT_EQ(type_of(f, blk + name), "mxfp4");
+      EXPECT_EQ(t->ne, (std::vector<int64_t>{cols, rows, E}));
+      EXPECT_EQ(t->nbytes(), static_cast<uint64_t>(E * rows * cols / 32 * 17));
+      const std::vector<float> got = f.decode(*t);
+      for (int64_t e = 0; e < E; ++e) {
+        const model::Mlp& x = experts[static_cast<size_t>(e)];
+        const std::vector<float> want = (which == 0 ? x.gate : which == 1 ? x.up : x.down).to_f32();
+        ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin() + e * rows * cols)) << "expert " << e;
+      }
+    }
+    // The first block of expert 0's gate (gate_up row 0) byte for byte: the scale, then the codes reordered.
+    const std::string hf = "model.layers." + std::to_string(l) + ".mlp.experts.gate_up_proj_";
+    const core::Tensor blocks = ck.tensor(hf + "blocks"), scales = ck.tensor(hf + "scales");
+    const uint8_t* b = f.tensor_data(*f.find_tensor(blk + "ffn_gate_exps.weight"));
+    EXPECT_EQ(b[0], scales.data()[0]);
+    for (int j = 0; j < 16; ++j) {
+      auto code = [&](int k) { return (blocks.data()[k / 2] >> (4 * (k % 2))) & 0xF; };
+      EXPECT_EQ(b[1 + j], code(j) | code(j + 16) << 4) << "byte " << j;
+    }
+    EXPECT_EQ(type_of(f, blk + "attn_q.weight"), "q8_0");
+    EXPECT_EQ(type_of(f, blk + "ffn_gate_exps.bias"), "f32");
+  }
+  const auto* emb = f.find_tensor("token_embd.weight");
+  const auto* outw = f.find_tensor("output.weight");
+  ASSERT_NE(outw, nullptr);
+  EXPECT_EQ(f.decode(*outw), f.decode(*emb));
+}
+
+// gpt-oss refusals: a swiglu_limit other than llama.cpp's fixed 7; layer_types not in llama.cpp's
+// pattern (layer l slides when l % 2 == 0); yarn betas llama.cpp's gpt-oss loader does not read.
+// Exit 2, one line, nothing written.
+TEST(Export, GptOssRefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  const fs::path limit = dir / "limit", types = dir / "types", beta = dir / "beta";
+  auto copy_with = [](const fs::path& to, const json& patch) { copy_fixture_with("gpt-oss-tiny", to, patch); };
+  copy_with(limit, {{"swiglu_limit", 8.0}});
+  expect_clean_failure(run_tool({"export", limit.string(), (dir / "l.gguf").string(), "--type", "f32"}),
+                       "swiglu_alpha 1.702, swiglu_limit 8: llama.cpp's gpt-oss graph clamps with alpha 1.702 and limit 7");
+  copy_with(types, {{"layer_types", {"full_attention", "sliding_attention"}}});
+  expect_clean_failure(run_tool({"export", types.string(), (dir / "t.gguf").string(), "--type", "f32"}),
+                       "layer_types[0] full_attention (or sliding_window null): llama.cpp's gpt-oss slides layer l when l % 2 < 1");
+  copy_with(beta, {{"rope_scaling", {{"beta_fast", 16.0}}}});
+  expect_clean_failure(run_tool({"export", beta.string(), (dir / "b.gguf").string(), "--type", "f32"}),
+                       "rope_scaling beta_fast 16 / beta_slow 1: llama.cpp's gpt-oss loader uses 32 / 1");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"beta", "limit", "types"}));
+}
+
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
 // copied without re-quantizing, so the GGUF decodes to the quantized model's own values (q and k
 // rows permuted for arch llama), whatever --type says for the dense tensors.

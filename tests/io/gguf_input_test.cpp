@@ -67,6 +67,8 @@ fs::path exported(const std::string& model, const std::string& type) {
     if (model == "llama4-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
     // deepseek-v3-tiny's attn_k_b rows are qk_nope_head_dim (16) wide.
     if (model == "deepseek-v3-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "attn_k_b=f16"});
+    // gpt-oss-tiny's experts are 16 wide (its MXFP4 twin's experts are copied as MXFP4 blocks whatever the type).
+    if (model == "gpt-oss-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
     const RunResult r = run_tool(args);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
   }
@@ -130,7 +132,9 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
     if (mtp_tensor(src, name)) continue;
     ++kept;
     SCOPED_TRACE(name);
-    if (fam.fused() && (name.ends_with(fam.fused_gate_up) || name.ends_with(fam.fused_down))) {
+    // gpt_oss's expert biases are fused as the weights (gate_up_proj_bias [E,2I], down_proj_bias [E,H]).
+    if (fam.fused() && (name.ends_with(fam.fused_gate_up) || name.ends_with(fam.fused_down) ||
+                        (!fam.fused_gate_up_bias.empty() && (name.ends_with(fam.fused_gate_up_bias) || name.ends_with(fam.fused_down_bias))))) {
       ++fused;
       continue;
     }
@@ -147,7 +151,8 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
   int64_t E = 0;
   for (const auto& layer : ms.layers())
     if (layer.moe) E = layer.moe->num_experts();
-  EXPECT_EQ(gg.names().size(), kept + fused / 2 * static_cast<size_t>(3 * E - 2));  // 2 fused tensors -> 3 per expert
+  // 2 fused tensors -> 3 per expert (gpt_oss: their 2 biases -> 3 more)
+  EXPECT_EQ(gg.names().size(), kept + fused / 2 * static_cast<size_t>(3 * E - 2));
   for (const auto& layer : ms.layers()) {
     if (!layer.moe || static_cast<size_t>(layer.index) >= m.layers().size()) continue;  // dense and MTP layers
     for (size_t e = 0; e < static_cast<size_t>(E); ++e) {
@@ -156,6 +161,13 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
       EXPECT_EQ(b.gate.to_f32(), a.gate.to_f32());
       EXPECT_EQ(b.up.to_f32(), a.up.to_f32());
       EXPECT_EQ(b.down.to_f32(), a.down.to_f32());
+      ASSERT_EQ(b.has_bias(), a.has_bias());
+      if (a.has_bias()) {
+        EXPECT_EQ(b.gate_bias->to_f32(), a.gate_bias->to_f32());
+        EXPECT_EQ(b.up_bias->to_f32(), a.up_bias->to_f32());
+        EXPECT_EQ(b.down_bias->to_f32(), a.down_bias->to_f32());
+        EXPECT_EQ(b.act, a.act);
+      }
     }
   }
   EXPECT_EQ(m.config().json().at("rms_norm_eps"), src.config().at("rms_norm_eps"));
@@ -247,7 +259,7 @@ std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& i) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
                          ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny",
                                            "ernie4_5_moe-tiny", "qwen3_next-tiny", "llama4-tiny",
-                                           "deepseek-v3-tiny"),
+                                           "deepseek-v3-tiny", "gpt-oss-tiny"),
                          fixture_test_name);
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
@@ -531,6 +543,81 @@ TEST(GgufInputPrune, Llama4KeepsDenseLayersSharedExpertsAndRopeFreqs) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInputPruneDense, ::testing::Values("glm4-moe-tiny", "ernie4_5_moe-tiny", "deepseek-v3-tiny"),
                          fixture_test_name);
+
+// gpt-oss-tiny-mxfp4 (MXFP4 experts, tied embeddings): its export holds the experts as MXFP4 blocks
+// (copied from the checkpoint's codes), read back as such (the blocks decoded, views of the file),
+// and evaluates exactly as the folder (the same values: E2M1 codes times powers of two); the tied
+// embedding written twice reads back untied with the same rows.
+TEST(GgufInputGptOss, Mxfp4ExportEvaluatesAsTheSourceFolder) {
+  MOE_SKIP_UNDER_SANITIZERS();
+  auto& env = io::Env::posix();
+  const fs::path in = exported("gpt-oss-tiny-mxfp4", "f32");
+  const auto ck = io::Checkpoint::open(env, in);
+  const auto m = model::Model::load(ck), ms = model::Model::load(io::Checkpoint::open(env, fixture("gpt-oss-tiny-mxfp4")));
+  for (size_t l = 0; l < 2; ++l)
+    for (size_t e = 0; e < 8; ++e) {
+      const model::Mlp &a = ms.layers()[l].moe->experts[e], &b = m.layers()[l].moe->experts[e];
+      const auto* enc = dynamic_cast<const quant::GgufBlocks*>(b.gate.encoding());
+      ASSERT_NE(enc, nullptr);
+      EXPECT_EQ(enc->type(), quant::GgmlType::MXFP4);
+      EXPECT_EQ(b.gate.to_f32(), a.gate.to_f32());
+      EXPECT_EQ(b.up.to_f32(), a.up.to_f32());
+      EXPECT_EQ(b.down.to_f32(), a.down.to_f32());
+      EXPECT_EQ(b.gate_bias->to_f32(), a.gate_bias->to_f32());
+      EXPECT_EQ(b.down_bias->to_f32(), a.down_bias->to_f32());
+    }
+  EXPECT_EQ(m.globals().at("lm_head").to_f32(), ms.globals().at("embed").to_f32());
+  const json a = eval_json(fixture("gpt-oss-tiny-mxfp4")), b = eval_json(in);
+  ASSERT_EQ(b.at("tokens_scored"), a.at("tokens_scored"));
+  EXPECT_NEAR(b.at("nll_sum").get<double>(), a.at("nll_sum").get<double>(), 1e-6 * a.at("nll_sum").get<double>());
+  // The config read back: layer_types from llama.cpp's pattern, the window, yarn as the source's.
+  const json c = m.config().json(), sc = ms.config().json();
+  EXPECT_EQ(c.at("layer_types"), sc.at("layer_types"));
+  EXPECT_EQ(c.at("sliding_window"), sc.at("sliding_window"));
+  for (const char* k : {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate"})
+    EXPECT_EQ(c.at("rope_scaling").at(k), sc.at("rope_scaling").at(k)) << k;
+}
+
+// gpt-oss GGUF-to-GGUF prune (the MXFP4 export, 5 of 8 experts kept; top-k 4): the kept experts' MXFP4 slices,
+// expert biases ([I, E] / [H, E] columns) and router-bias entries (ffn_gate_inp.bias) are copied;
+// the file reads back and evaluates as the folder pruned with the same keep-maps.
+TEST(GgufInputGptOss, PruneKeepsTheKeptExpertsBiases) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("gpt-oss-tiny-mxfp4", "f32");
+  TempDir dir{"moe-gguf-prune-gptoss"};
+  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
+  auto prune = [&](const fs::path& to, const std::string& format) {
+    return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "5", "--seed", "4", "--format", format});
+  };
+  ASSERT_EQ(prune(out, "gguf").exit_code, 0);
+  ASSERT_EQ(prune(folder, "hf").exit_code, 0);
+  const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
+  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
+  EXPECT_EQ(f.find("gpt-oss.expert_count")->as_int("c"), 5);
+  EXPECT_EQ(f.find("gpt-oss.expert_used_count")->as_int("c"), 4);
+  for (const int layer : {0, 1}) {
+    SCOPED_TRACE(layer);
+    const std::vector<int64_t> keep =
+        report.at("layers").at(static_cast<size_t>(layer)).at("passes").at(0).at("kept").get<std::vector<int64_t>>();
+    ASSERT_EQ(keep.size(), 5u);
+    const std::string blk = "blk." + std::to_string(layer) + ".";
+    for (const char* name : {"ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias",
+                             "ffn_gate_exps.weight", "ffn_down_exps.weight"}) {
+      SCOPED_TRACE(name);
+      const io::GgufTensorInfo* t = f.find_tensor(blk + name);
+      ASSERT_NE(t, nullptr);
+      EXPECT_EQ(t->type, src.find_tensor(blk + name)->type);
+      EXPECT_EQ(t->ne.back(), 5);
+      const auto got = f.decode(*t), all = src.decode(*src.find_tensor(blk + name));
+      const size_t per = got.size() / 5;
+      for (size_t i = 0; i < 5; ++i)
+        EXPECT_TRUE(std::equal(got.begin() + i * per, got.begin() + (i + 1) * per, all.begin() + keep[i] * per)) << "expert " << keep[i];
+    }
+  }
+  const json a = eval_json(out), b = eval_json(folder);
+  ASSERT_EQ(a.at("tokens_scored"), b.at("tokens_scored"));
+  EXPECT_NEAR(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>(), 1e-6 * b.at("nll_sum").get<double>());
+}
 
 // The plan of a GGUF-to-GGUF prune counts the file it will write (blocks copied), not a dequantized
 // output: --dry-run's bytes.after is the run's bytes.after exactly (the tensors' data), disk.needs

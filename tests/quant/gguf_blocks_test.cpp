@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "core/dtype.h"
+#include "io/gguf.h"
 #include "quant/gguf_blocks.h"
 #include "support/expect_error.h"
 
@@ -469,6 +470,89 @@ TEST(GgufBlocks, DecodesIq4BlocksAsTheNumPyGoldens) {
   }
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::IQ4_NL, 64), 36u);   // 4.5 bits a weight
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::IQ4_XS, 256), 136u);  // 4.25
+}
+
+// MXFP4 (read, never written by --type): seeded random blocks and their values from an independent
+// Python decoder of ggml-common.h's block_mxfp4 (data/scripts/make_mxfp4_goldens.py), bit for bit,
+// E8M0 0 (subnormal 2^-127) included; the E8M0 NaN (255) decodes to NaN and the scale scan sees it.
+TEST(GgufBlocks, DecodesMxfp4BlocksAsTheGoldens) {
+  const std::filesystem::path path = std::filesystem::path(MOE_SOURCE_DIR) / "data/golden/mxfp4_blocks.json";
+  std::ifstream in(path);
+  ASSERT_TRUE(in) << "missing " << path << " (run data/scripts/make_mxfp4_goldens.py)";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto golden = nlohmann::json::parse(ss.str());
+  const auto& g = golden.at("mxfp4");
+  const std::string hex = g.at("blocks");
+  std::vector<uint8_t> b(hex.size() / 2);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+  const auto& want = g.at("values");
+  const auto n = static_cast<int64_t>(want.size());
+  ASSERT_EQ(quant::ggml_row_bytes(GgmlType::MXFP4, n), b.size());
+  EXPECT_EQ(quant::ggml_row_bytes(GgmlType::MXFP4, 64), 34u);  // 4.25 bits a weight
+  std::vector<float> y(want.size());
+  quant::decode_row(GgmlType::MXFP4, b.data(), n, y.data());
+  for (size_t i = 0; i < y.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &y[i], 4);
+    ASSERT_EQ(bits, want[i].get<uint32_t>()) << "value " << i << ": " << y[i];
+  }
+  EXPECT_TRUE(io::gguf_scales_finite(GgmlType::MXFP4, b.data(), b.size()).value());
+  b[17 * 5] = 0xFF;  // block 5's scale: the E8M0 NaN
+  quant::decode_row(GgmlType::MXFP4, b.data(), n, y.data());
+  EXPECT_TRUE(std::isnan(y[5 * 32])) << y[5 * 32];
+  EXPECT_TRUE(std::isfinite(y[4 * 32]));
+  EXPECT_FALSE(io::gguf_scales_finite(GgmlType::MXFP4, b.data(), b.size()).value());
+  EXPECT_NE(quant::ggml_codec_names().find("mxfp4"), std::string::npos);
+  EXPECT_EQ(quant::parse_ggml_type("MXFP4")->type, GgmlType::MXFP4);
+}
+
+// The MXFP4 encoder: the block's E8M0 exponent is floor(log2 amax) - 2 + 127 (OCP MX), every value
+// decodes to its nearest E2M1 point times that scale (ties to the even code, above 6 saturated),
+// the golden blocks' values (already on the grid, amax's exponent as the encoder chooses it) encode
+// back to themselves, and an all-zero block is e = 0 with zero codes.
+TEST(GgufBlocks, EncodesMxfp4WithTheOcpScaleAndNearestValues) {
+  const float grid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 0.03f);
+  std::vector<float> x(32 * 64), y(x.size());
+  for (auto& v : x) v = nd(rng);
+  x[5] = 0.0f;
+  std::vector<uint8_t> b(quant::ggml_row_bytes(GgmlType::MXFP4, static_cast<int64_t>(x.size())));
+  quant::encode_row(GgmlType::MXFP4, x.data(), static_cast<int64_t>(x.size()), b.data());
+  quant::decode_row(GgmlType::MXFP4, b.data(), static_cast<int64_t>(x.size()), y.data());
+  for (size_t blk = 0; blk < x.size() / 32; ++blk) {
+    float amax = 0;
+    for (size_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[blk * 32 + j]));
+    const int e = static_cast<int>(std::floor(std::log2(amax))) - 2 + 127;
+    ASSERT_EQ(b[blk * 17], e) << "block " << blk;
+    const float d = std::ldexp(1.0f, e - 127);
+    for (size_t j = 0; j < 32; ++j) {
+      const float v = x[blk * 32 + j] / d, got = y[blk * 32 + j] / d;
+      float best = 1e9f;
+      for (float g : grid) best = std::min(best, std::fabs(std::fabs(v) - g));
+      ASSERT_EQ(std::fabs(std::fabs(v) - std::fabs(got)), best) << "block " << blk << " value " << j << ": " << v << " -> " << got;
+      ASSERT_TRUE(got == 0.0f || std::signbit(got) == std::signbit(v));
+    }
+  }
+  // Ties to the even code; saturation; zero block.
+  std::vector<float> t(32, 0.0f);
+  t[0] = 4.0f;           // amax 4: e = 2 - 2 + 127, d = 1
+  t[1] = 0.25f;          // 0 | 0.5 -> 0
+  t[2] = 0.75f;          // 0.5 | 1 -> 1
+  t[3] = 2.5f;           // 2 | 3 -> 2
+  t[4] = -5.0f;          // 4 | 6 -> -4
+  t[5] = 1.75f;          // 1.5 | 2 -> 2
+  std::vector<uint8_t> tb(17);
+  std::vector<float> ty(32);
+  quant::encode_row(GgmlType::MXFP4, t.data(), 32, tb.data());
+  quant::decode_row(GgmlType::MXFP4, tb.data(), 32, ty.data());
+  EXPECT_EQ(tb[0], 127);
+  EXPECT_EQ((std::vector<float>{ty[0], ty[1], ty[2], ty[3], ty[4], ty[5]}), (std::vector<float>{4.0f, 0.0f, 1.0f, 2.0f, -4.0f, 2.0f}));
+  t.assign(32, 0.0f);
+  quant::encode_row(GgmlType::MXFP4, t.data(), 32, tb.data());
+  EXPECT_EQ(tb, std::vector<uint8_t>(17, 0));
+  EXPECT_NE(quant::ggml_encoder_names().find("mxfp4"), std::string::npos);
 }
 
 TEST(GgufBlocks, Refusals) {
