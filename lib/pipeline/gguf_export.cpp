@@ -24,6 +24,13 @@ namespace moe::pipeline {
 
 namespace {
 
+// A config value in a refusal message, as a stream prints it (1e-05, 0.2, 8).
+std::string num_str(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
 using core::Error;
 using io::GgufValue;
 using quant::GgmlType;
@@ -227,16 +234,12 @@ int64_t refuse_llama4(const model::Model& m, const model::GgufArch& arch, const 
       throw Error::unsupported(where + "chunked attention (layer_types): " + A + "graph gives the NoPE layers full attention");
     if (!rope && a.floor_scale == 0)
       throw Error::unsupported(src + ": attn_temperature_tuning false: " + A + "graph scales q on the NoPE layers (floor_scale 8192, attn_scale 0.1)");
-    if (!rope && a.floor_scale != kFloor) {
-      std::ostringstream v;
-      v << a.floor_scale;
-      throw Error::unsupported(src + ": floor_scale " + v.str() + ": " + A + "graph's temperature tuning has floor_scale 8192");
-    }
-    if (!rope && static_cast<float>(a.attn_scale) != static_cast<float>(kAttnScale)) {
-      std::ostringstream v;
-      v << a.attn_scale;
-      throw Error::unsupported(src + ": attn_scale " + v.str() + ": " + A + "graph's temperature tuning has attn_scale 0.1");
-    }
+    if (!rope && a.floor_scale != kFloor)
+      throw Error::unsupported(src + ": floor_scale " + num_str(a.floor_scale) + ": " + A +
+                               "graph's temperature tuning has floor_scale 8192");
+    if (!rope && static_cast<float>(a.attn_scale) != static_cast<float>(kAttnScale))
+      throw Error::unsupported(src + ": attn_scale " + num_str(a.attn_scale) + ": " + A +
+                               "graph's temperature tuning has attn_scale 0.1");
     if (rope && a.l2_qk_norm != qk_norm)
       throw Error::unsupported(src + ": use_qk_norm " + (a.l2_qk_norm ? "true" : "false") + ": " + A + "graph normalizes q/k " +
                                (qk_norm ? "unless the model has 128 experts" : "not with 128 experts"));
@@ -251,13 +254,8 @@ int64_t refuse_llama4(const model::Model& m, const model::GgufArch& arch, const 
 // ggml_rope_yarn_corr_dims always floors / ceils it: exported with a warning, the difference
 // measured in docs/gguf.md.
 void refuse_yarn(const runtime::RopeScaling& rs, const model::GgufArch& arch, const std::string& src) {
-  auto num = [](double v) {
-    std::ostringstream o;
-    o << v;
-    return o.str();
-  };
   if (rs.beta_fast != 32.0 || rs.beta_slow != 1.0)
-    throw Error::unsupported(src + ": rope_scaling beta_fast " + num(rs.beta_fast) + " / beta_slow " + num(rs.beta_slow) +
+    throw Error::unsupported(src + ": rope_scaling beta_fast " + num_str(rs.beta_fast) + " / beta_slow " + num_str(rs.beta_slow) +
                              ": llama.cpp's " + arch.arch + " loader uses 32 / 1 whatever the file says");
   if (rs.attention_factor || rs.mscale != 0 || rs.mscale_all_dim != 0)
     throw Error::unsupported(src + ": rope_scaling attention_factor / mscale: llama.cpp's " + arch.arch +
@@ -304,9 +302,8 @@ void refuse_activation(const model::Model& m, const model::GgufArch& arch, const
     for (const auto& e : layer.moe->experts) {
       const model::GluActivation& a = e.act;
       if (arch.swiglu_oai && (a.kind != model::GluActivation::ClampedSwiGlu || a.alpha != 1.702f || a.limit != 7.0f)) {
-        std::ostringstream o;
-        o << "swiglu_alpha " << a.alpha << ", swiglu_limit " << a.limit;
-        throw Error::unsupported(src + ": " + (a.kind == model::GluActivation::ClampedSwiGlu ? o.str() : std::string("plain SwiGLU")) +
+        const std::string clamp = "swiglu_alpha " + num_str(a.alpha) + ", swiglu_limit " + num_str(a.limit);
+        throw Error::unsupported(src + ": " + (a.kind == model::GluActivation::ClampedSwiGlu ? clamp : std::string("plain SwiGLU")) +
                                  ": llama.cpp's " + arch.arch + " graph clamps with alpha 1.702 and limit 7 (fixed in llama-graph.cpp)");
       }
       if (!arch.swiglu_oai && a.kind != model::GluActivation::Silu)
@@ -359,12 +356,9 @@ void refuse_choice_bias(const model::GgufArch& arch, const runtime::ForwardSpec&
   // max(sum, moe_norm_min). Below 2^-14 they differ only on sums under 2^-14, above it on every
   // sum under moe_norm_min, which a model may reach.
   constexpr double kLlamaWeightsSumMin = 6.103515625e-5;
-  if (r.norm_min > kLlamaWeightsSumMin) {
-    std::ostringstream v;
-    v << r.norm_min;
-    throw Error::unsupported(src + ": moe_norm_min " + v.str() + ": llama.cpp's " + arch.arch +
+  if (r.norm_min > kLlamaWeightsSumMin)
+    throw Error::unsupported(src + ": moe_norm_min " + num_str(r.norm_min) + ": llama.cpp's " + arch.arch +
                              " graph clamps the top-k weight sum at 6.103515625e-05 only");
-  }
 }
 
 // Refuses a hybrid model (FamilyDesc::hybrid_linear_attention: qwen3_next) that llama.cpp's
@@ -399,11 +393,6 @@ void refuse_hybrid(const model::Model& m, const model::GgufArch& arch, const std
 // The Multi-head Latent Attention keys of llama.cpp's deepseek2 (GgufArch::mla), as its converter
 // (DeepseekV2Model.set_gguf_parameters) writes them, after refusing what its loader or graph (src/
 // llama-model.cpp, src/models/deepseek2.cpp at ec98e2002) would read or compute differently.
-std::string num_str(double v) {
-  std::ostringstream o;
-  o << v;
-  return o.str();
-}
 struct MlaKeys {
   int64_t nope = 0, v = 0;
   io::GgufMetadata kv;  // keys after "ARCH."
