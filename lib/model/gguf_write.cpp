@@ -96,6 +96,20 @@ Piece mapped_piece(const core::Tensor& w, const GgufFile& f, const GgufTensorInf
   return Piece{core::Tensor(), data, t.nbytes(), {}};
 }
 
+// Refuses a GGUF output of an MLA model whose kv_b_proj (layer `layer`) is no longer the reader's
+// rebuild of the input's attn_k_b / attn_v_b (io::GgufModel): those halves are copied as stored,
+// so a pass that changed kv_b_proj would be lost (Error::unsupported naming it, as stored_piece).
+void refuse_changed_kv_b(const Model& m, const io::GgufModel& src, int layer, const std::string& name) {
+  const FamilyDesc& fam = m.family();
+  std::string ours;
+  for (const auto& r : fam.layer_roles)
+    if (r.role == io::kGgufMlaRole) ours = expand(fam.layer_prefix, layer) + r.name;
+  const core::Tensor& w = m.layers().at(static_cast<size_t>(layer)).tensors.at(io::kGgufMlaRole);
+  if (w.encoding() || w.to_f32() != src.tensor(ours).to_f32())
+    throw Error::unsupported(name + ": kv_b_proj changed by a pass; a GGUF output copies the input's stored attn_k_b / "
+                             "attn_v_b: write a folder (-o DIR) instead");
+}
+
 }  // namespace
 
 namespace {
@@ -167,10 +181,12 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
       const std::string rest = t.name.substr(dot + 1);
       const model::Layer& L = m.layers().at(static_cast<size_t>(layer));
       if (arch.mla && (rest == io::kGgufMlaKB || rest == io::kGgufMlaVB)) {
-        // kv_b_proj's two stored halves (io/gguf_names.h), copied as stored: a GGUF output is
-        // written after passes that keep the attention as it is (prune), and its rebuilt F32 copy
-        // (io::GgufModel) is the same values.
-        if (pieces) ps.push_back(Piece{core::Tensor(), f.tensor_data(t), t.nbytes(), {}});
+        // kv_b_proj's two stored halves (io/gguf_names.h), copied as stored once the model's
+        // kv_b_proj is checked to be still their rebuild (a pass that changed it is refused).
+        if (pieces) {
+          if (rest == io::kGgufMlaKB) refuse_changed_kv_b(m, src, layer, t.name);
+          ps.push_back(Piece{core::Tensor(), f.tensor_data(t), t.nbytes(), {}});
+        }
       } else if (const char* role = gguf_layer_role(arch, rest)) {
         add(L.tensors.at(role), gguf_permute_heads(arch, role, m.dims().heads, m.dims().kv_heads), t.name,
             io::gguf_value_map(m.family(), role));

@@ -818,6 +818,33 @@ TEST(GgufInputPrune, UnchangedLlamaModelWritesTheSameBytes) {
   EXPECT_FALSE(fs::exists(dir / "changed.gguf"));
 }
 
+// deepseek2: attn_k_b / attn_v_b are copied as stored, so an unchanged model writes them byte for
+// byte and a kv_b_proj a pass changed is refused, naming the tensor; nothing is written.
+TEST(GgufInputPrune, MlaKvBChangedByAPassIsRefused) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("deepseek-v3-tiny", "q8_0");
+  const auto ck = io::Checkpoint::open(env, in);
+  const auto m = model::Model::load(ck);
+  TempDir dir{"moe-gguf-mla"};
+  model::write_gguf_like(env, m, *ck.gguf(), dir / "same.gguf");
+  const auto a = io::GgufFile::open(env, in), b = io::GgufFile::open(env, dir / "same.gguf");
+  for (const char* name : {"blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight"}) {
+    const auto &ta = *a.find_tensor(name), &tb = *b.find_tensor(name);
+    EXPECT_TRUE(std::equal(b.tensor_data(tb), b.tensor_data(tb) + tb.nbytes(), a.tensor_data(ta))) << name;
+  }
+  auto changed = m;
+  std::vector<float> w = changed.layers()[1].tensors.at("kv_b_proj").to_f32();
+  w[0] += 1.0f;
+  changed.layers()[1].tensors.at("kv_b_proj") = core::Tensor::from_f32(w, changed.layers()[1].tensors.at("kv_b_proj").shape());
+  try {
+    model::write_gguf_like(env, changed, *ck.gguf(), dir / "changed.gguf");
+    ADD_FAILURE() << "not refused";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("blk.1.attn_k_b.weight: kv_b_proj changed by a pass"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir / "changed.gguf"));
+}
+
 TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
   TempDir dir{"moe-gguf-bad"};
   const fs::path trunc = altered(dir, "trunc.gguf", 200000);
