@@ -437,21 +437,31 @@ TEST(GgufBlocks, PacksCodesExactly) {
                {"q4_1 without re-quantizing"});
 }
 
+// A committed golden file of data/golden/ (made by the script `maker` names), parsed.
+nlohmann::json read_golden(const std::string& file, const std::string& maker) {
+  const std::filesystem::path path = std::filesystem::path(MOE_SOURCE_DIR) / "data/golden" / file;
+  std::ifstream in(path);
+  EXPECT_TRUE(in) << "missing " << path << " (run data/scripts/" << maker << ")";
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return nlohmann::json::parse(ss.str());
+}
+
+// The bytes a golden file spells as hex.
+std::vector<uint8_t> hex_bytes(const std::string& hex) {
+  std::vector<uint8_t> b(hex.size() / 2);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+  return b;
+}
+
 // IQ4_NL and IQ4_XS (read, never written): seeded random blocks and their values from an
 // independent NumPy decoder of ggml-common.h's layouts (data/scripts/make_iq4_goldens.py), bit for
 // bit; both are refused as encoder types, and named in the decoders' list only.
 TEST(GgufBlocks, DecodesIq4BlocksAsTheNumPyGoldens) {
-  const std::filesystem::path path = std::filesystem::path(MOE_SOURCE_DIR) / "data/golden/iq4_blocks.json";
-  std::ifstream in(path);
-  ASSERT_TRUE(in) << "missing " << path << " (run data/scripts/make_iq4_goldens.py)";
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const auto golden = nlohmann::json::parse(ss.str());
+  const auto golden = read_golden("iq4_blocks.json", "make_iq4_goldens.py");
   for (const GgmlType t : {GgmlType::IQ4_NL, GgmlType::IQ4_XS}) {
     const auto& g = golden.at(quant::ggml_type_info(t).name);
-    const std::string hex = g.at("blocks");
-    std::vector<uint8_t> b(hex.size() / 2);
-    for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+    std::vector<uint8_t> b = hex_bytes(g.at("blocks"));
     const auto& want = g.at("values");
     const auto n = static_cast<int64_t>(want.size());
     ASSERT_EQ(quant::ggml_row_bytes(t, n), b.size()) << quant::ggml_type_info(t).name;
@@ -472,20 +482,13 @@ TEST(GgufBlocks, DecodesIq4BlocksAsTheNumPyGoldens) {
   EXPECT_EQ(quant::ggml_row_bytes(GgmlType::IQ4_XS, 256), 136u);  // 4.25
 }
 
-// MXFP4 (read, never written by --type): seeded random blocks and their values from an independent
+// MXFP4 (read, and written by --type mxfp4: the encoder's test is below): seeded random blocks and their values from an independent
 // Python decoder of ggml-common.h's block_mxfp4 (data/scripts/make_mxfp4_goldens.py), bit for bit,
 // E8M0 0 (subnormal 2^-127) included; the E8M0 NaN (255) decodes to NaN and the scale scan sees it.
 TEST(GgufBlocks, DecodesMxfp4BlocksAsTheGoldens) {
-  const std::filesystem::path path = std::filesystem::path(MOE_SOURCE_DIR) / "data/golden/mxfp4_blocks.json";
-  std::ifstream in(path);
-  ASSERT_TRUE(in) << "missing " << path << " (run data/scripts/make_mxfp4_goldens.py)";
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const auto golden = nlohmann::json::parse(ss.str());
+  const auto golden = read_golden("mxfp4_blocks.json", "make_mxfp4_goldens.py");
   const auto& g = golden.at("mxfp4");
-  const std::string hex = g.at("blocks");
-  std::vector<uint8_t> b(hex.size() / 2);
-  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+  std::vector<uint8_t> b = hex_bytes(g.at("blocks"));
   const auto& want = g.at("values");
   const auto n = static_cast<int64_t>(want.size());
   ASSERT_EQ(quant::ggml_row_bytes(GgmlType::MXFP4, n), b.size());
