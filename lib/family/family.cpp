@@ -279,6 +279,11 @@ std::vector<FamilyDesc> build_families() {
     f.default_rope_theta = 1e6;
     f.default_rms_norm_eps = 1e-5;
     f.forward = true;
+    // llama.cpp's phimoe (the phi3 graph): NeoX RoPE (nothing permuted), softmax -> top-2 ->
+    // renormalized, the expert width as feed_forward_length; GgufArch::centre_residual makes its
+    // RMS norm + bias compute the LayerNorm; the routing differs (sparsemixer_differs).
+    gguf_arch(f, "phimoe", false, true, false, false);
+    f.gguf->centre_residual = f.gguf->sparsemixer_differs = f.gguf->longrope = true;
     v.push_back(f);
   }
   {

@@ -102,6 +102,18 @@ struct GgufArch {
   int swa_pattern = 0;
   // yarn RoPE scaling written (rope.scaling.type/factor/original_context_length, yarn_beta_*).
   bool yarn = false;
+  // phimoe (llama.cpp's phi3 graph): RMS norm plus bias where the model has LayerNorm with bias.
+  // The export writes the residual stream's writers mean-centred (token_embd rows; attn_output
+  // columns and bias; ffn_down_exps columns): every read of the stream is a LayerNorm, which
+  // ignores its mean, so the model is the same, and on a stream of mean 0 LayerNorm is RMS norm.
+  bool centre_residual = false;
+  // phimoe: llama.cpp routes softmax over the experts, top-2, renormalized, where transformers'
+  // PhiMoE runs sparsemixer (each of the two weighs its own masked softmax, often 1): written with a
+  // warning that llama.cpp computes a different MoE block.
+  bool sparsemixer_differs = false;
+  // longrope RoPE scaling (Phi3MiniModel.generate_extra_tensors): rope_factors_long /
+  // rope_factors_short [head_dim / 2], rope.scaling.attn_factor and original_context_length.
+  bool longrope = false;
 };
 
 struct FamilyDesc {

@@ -162,6 +162,45 @@ const char* config_torch_dtype(uint32_t file_type) {
 // one factor, the 1s first; original_max_position_embeddings is then any length between the last
 // unscaled and the first scaled wavelength (the geometric mean, rounded, is taken). Divisors between
 // 1 and the factor (a smoothed band) are refused: they do not determine the scaling's keys.
+// longrope (GgufArch::longrope) from rope_factors_long / rope_factors_short ([head_dim / 2] f32,
+// both or neither), rope.scaling.attn_factor (absent: transformers' default factor, which the
+// converter writes) as both windows' mscale, and rope.scaling.original_context_length.
+void longrope_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t head_dim) {
+  const std::string file = f.path().string(), A = arch.arch;
+  const GgufTensorInfo* lf = f.find_tensor(kGgufRopeFactorsLong);
+  const GgufTensorInfo* sf = f.find_tensor(kGgufRopeFactorsShort);
+  if (!lf && !sf) return;
+  auto factors = [&](const GgufTensorInfo* t, const char* name) {
+    if (!t) throw Error::corruption(file + ": tensor " + name + ": missing (the other longrope factors are given)");
+    if (t->type != GgmlType::F32 || t->ne.size() != 1 || t->ne[0] != head_dim / 2)
+      throw Error::corruption(file + ": tensor " + name + ": expected f32 [" + std::to_string(head_dim / 2) + "] (head_dim / 2)");
+    std::vector<float> v(static_cast<size_t>(t->ne[0]));
+    std::memcpy(v.data(), f.tensor_data(*t), v.size() * sizeof(float));
+    json a = json::array();
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (!std::isfinite(v[i]) || v[i] <= 0)
+        throw Error::corruption(file + ": tensor " + name + ": factor " + std::to_string(i) + " is " + std::to_string(v[i]) +
+                                ", expected a positive finite number");
+      a.push_back(f32_decimal(v[i]));
+    }
+    return a;
+  };
+  json rs = {{"rope_type", "longrope"},
+             {"long_factor", factors(lf, kGgufRopeFactorsLong)},
+             {"short_factor", factors(sf, kGgufRopeFactorsShort)}};
+  if (const GgufValue* a = f.find(A + ".rope.scaling.attn_factor")) {
+    const double v = a->as_double(file + ": " + A + ".rope.scaling.attn_factor");
+    if (!std::isfinite(v) || v <= 0)
+      throw Error::corruption(file + ": metadata key " + A + ".rope.scaling.attn_factor: expected a positive finite number");
+    rs["short_mscale"] = rs["long_mscale"] = f32_decimal(v);
+  }
+  const std::string ok = A + ".rope.scaling.original_context_length";
+  const GgufValue* o = f.find(ok);
+  if (!o) throw Error::corruption(file + ": metadata key " + ok + ": missing (longrope factors are given)");
+  c["original_max_position_embeddings"] = o->as_int(file + ": " + ok);
+  c["rope_scaling"] = rs;
+}
+
 void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t head_dim) {
   const std::string file = f.path().string();
   const int64_t layers = c.at("num_hidden_layers").get<int64_t>();
@@ -429,6 +468,16 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     if (r.presence.kind == model::Presence::IfConfig && r.presence.key && !c.contains(r.presence.key))
       if (const char* g = gguf_layer_name(arch, r.role))
         c[r.presence.key] = (f.find_tensor("blk.0." + std::string(g)) != nullptr) != r.presence.negate;
+  for (const auto& g : fam.globals)  // phimoe's lm_head_bias
+    if (g.presence.kind == model::Presence::IfConfig && g.presence.key && !c.contains(g.presence.key))
+      if (const char* n = gguf_global_name(g.role)) c[g.presence.key] = (f.find_tensor(n) != nullptr) != g.presence.negate;
+  if (arch.sparsemixer_differs)  // absent (a converter's file): transformers' default
+    if (const GgufValue* v = f.find(kGgufRouterJitterKey)) {
+      const double j = v->as_double(file + ": " + kGgufRouterJitterKey);
+      if (!std::isfinite(j) || j < 0) throw Error::corruption(file + ": metadata key " + kGgufRouterJitterKey + ": expected a finite number >= 0");
+      c["router_jitter_noise"] = f32_decimal(j);
+    }
+  if (arch.longrope) longrope_config(f, arch, c, head_dim);
   const GgufValue* ft = f.find("general.file_type");
   c["torch_dtype"] = config_torch_dtype(ft ? static_cast<uint32_t>(ft->as_int(file + ": general.file_type")) : 1);
   for (const char* id : {"bos_token_id", "eos_token_id"})
@@ -483,7 +532,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
     if (!gguf_plain_dtype(t.type) && !ti.codec)
       throw Error::unsupported(file + ": tensor " + t.name + ": type " + ti.name + " has no decoder here (read: " +
                                quant::ggml_codec_names() + ")");
-    if (arch->rope_freqs && t.name == kGgufRopeFreqs) continue;  // read as rope_scaling (llama4_config)
+    if (gguf_rope_tensor(*arch, t.name)) continue;  // read as rope_scaling (llama4_config, longrope_config)
     std::string ours;  // our name, {e} for the experts of a stacked tensor
     bool stacked = false, row_vector = false, conv = false;
     int64_t heads = 0;

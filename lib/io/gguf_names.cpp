@@ -25,9 +25,13 @@ constexpr GgufNamePair kGgufLayerNames[] = {
     {"q_a_proj", "attn_q_a.weight"},   {"q_a_norm", "attn_q_a_norm.weight"}, {"q_b_proj", "attn_q_b.weight"},
     {"kv_a_proj", "attn_kv_a_mqa.weight"}, {"kv_a_norm", "attn_kv_a_norm.weight"},
     {"sinks", "attn_sinks.weight"},
+    // phimoe's LayerNorm biases (llama.cpp's attn_norm_b / ffn_norm_b).
+    {"input_norm_bias", "attn_norm.bias"}, {"post_attn_norm_bias", "ffn_norm.bias"},
 };
 constexpr GgufNamePair kGgufGlobalNames[] = {
-    {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"}};
+    {"embed", "token_embd.weight"}, {"final_norm", "output_norm.weight"}, {"lm_head", "output.weight"},
+    // phimoe: the final LayerNorm's bias and the lm_head bias (llama.cpp's output_norm_b, output_b).
+    {"final_norm_bias", "output_norm.bias"}, {"lm_head_bias", "output.bias"}};
 
 // MoE block fields (family/family.h FamilyDesc) <-> llama.cpp tensor names under "blk.N.".
 constexpr GgufNamePair kGgufMoeNames[] = {
@@ -144,6 +148,11 @@ const char* gguf_layer_role(const GgufArch& arch, const std::string& gguf_name) 
   if (arch.post_attention_norm && gguf_name == "ffn_norm.weight") return nullptr;
   return find_first(kGgufLayerNames, gguf_name);
 }
+bool gguf_rope_tensor(const GgufArch& arch, const std::string& name) {
+  return (arch.rope_freqs && name == kGgufRopeFreqs) ||
+         (arch.longrope && (name == kGgufRopeFactorsLong || name == kGgufRopeFactorsShort));
+}
+
 const char* gguf_global_name(const std::string& role) { return find_second(kGgufGlobalNames, role); }
 const char* gguf_global_role(const std::string& gguf_name) { return find_first(kGgufGlobalNames, gguf_name); }
 

@@ -60,6 +60,16 @@ struct GgufHparam {
 };
 // The llama3 RoPE divisors (GgufArch::rope_freqs), one global tensor [head_dim / 2] of f32.
 inline constexpr const char* kGgufRopeFreqs = "rope_freqs.weight";
+// The longrope divisors (GgufArch::longrope): the long and the short window's, [head_dim / 2] of f32.
+inline constexpr const char* kGgufRopeFactorsLong = "rope_factors_long.weight";
+inline constexpr const char* kGgufRopeFactorsShort = "rope_factors_short.weight";
+// phimoe's router_jitter_noise (sparsemixer's mask threshold / 2), which llama.cpp's graph does not
+// use and has no key for: written by the export so that our reader routes the file as its source
+// (absent, as in a converter's file: transformers' default 0.01, the released models' value).
+inline constexpr const char* kGgufRouterJitterKey = "moe_tool.router_jitter_noise";
+// Whether `name` is one of the RoPE tensors above that `arch` writes: not a tensor of the model
+// (the reader makes them the config's rope_scaling; a GGUF-to-GGUF write copies them as stored).
+bool gguf_rope_tensor(const GgufArch& arch, const std::string& name);
 // Multi-head Latent Attention (GgufArch::mla): the layer role kv_b_proj ([heads * (nope + v),
 // kv_lora_rank], per head the nope rows then the v rows) is stored as two tensors, as llama.cpp's
 // converter splits it: attn_k_b = the nope rows transposed (ne [nope, kv_lora_rank, heads]) and

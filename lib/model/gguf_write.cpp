@@ -167,9 +167,9 @@ LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::stri
       ps.push_back(map != io::GgufValueMap::None ? mapped_piece(w, f, t, map, name)
                                                  : stored_piece(w, t.type, info.ne[0], heads, name));
     };
-    if (arch.rope_freqs && t.name == io::kGgufRopeFreqs) {
-      // The llama3 RoPE divisors (not a tensor of the model: the reader made them rope_scaling),
-      // copied as stored.
+    if (io::gguf_rope_tensor(arch, t.name)) {
+      // The llama3 / longrope RoPE divisors (not tensors of the model: the reader made them
+      // rope_scaling), copied as stored.
       if (pieces) ps.push_back(Piece{core::Tensor(), f.tensor_data(t), t.nbytes(), {}});
     } else if (const char* role = gguf_global_role(t.name)) {
       auto g = m.globals().find(role);

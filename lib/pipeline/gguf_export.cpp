@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <future>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -47,6 +48,9 @@ struct Item {
   // (io/gguf_names.h kGgufMlaKB), from `mla_heads` heads of mla_nope + mla_v rows.
   int mla_split = 0;
   int64_t mla_heads = 0, mla_nope = 0, mla_v = 0;
+  // GgufArch::centre_residual: each row (token_embd; a 1-D bias: its one row) or each column
+  // (attn_output, each expert's ffn_down) written with mean 0.
+  enum class Centre { None, Rows, Columns } centre = Centre::None;
 };
 
 // The type of one tensor whose rows hold `row` values: 1-D tensors, routers and the DeltaNet's
@@ -292,6 +296,27 @@ int64_t sliding_window(const runtime::ForwardSpec& spec, const model::GgufArch& 
     if (slides) window = w;
   }
   return window;
+}
+
+// The factor on cos and sin of a longrope RoPE (GgufArch::longrope), refused where llama.cpp
+// would compute another: its graph divides the frequencies by rope_factors_short or
+// rope_factors_long ([head_dim / 2] each) and multiplies cos and sin by one
+// rope.scaling.attn_factor whatever the window, where transformers takes short_mscale or
+// long_mscale (else the attention factor) with the factors of the same window.
+double longrope_attn_factor(const runtime::ForwardSpec& spec, int64_t head_dim, const model::GgufArch& arch, const std::string& src) {
+  const auto& rs = spec.rope_scaling;
+  for (const auto& [key, f] : {std::pair{"short_factor", &rs.short_factor}, {"long_factor", &rs.long_factor}})
+    if (static_cast<int64_t>(f->size()) != head_dim / 2)
+      throw Error::unsupported(src + ": rope_scaling." + key + ": " + std::to_string(f->size()) + " values, expected head_dim / 2 = " +
+                               std::to_string(head_dim / 2));
+  const int64_t orig = rs.original_max_positions > 0 ? rs.original_max_positions : spec.max_positions;
+  const double short_factor = runtime::longrope_attention_factor(rs, orig, spec.max_positions);
+  const double long_factor = runtime::longrope_attention_factor(rs, orig + 1, spec.max_positions);
+  if (std::abs(short_factor - long_factor) > 1e-6 * std::abs(short_factor))
+    throw Error::unsupported(src + ": rope_scaling: the short window's factor on cos and sin (" + num_str(short_factor) +
+                             ") differs from the long window's (" + num_str(long_factor) + "): llama.cpp's " + arch.arch +
+                             " applies one rope.scaling.attn_factor to both");
+  return short_factor;
 }
 
 // Refuses experts whose activation llama.cpp's graph does not compute (GgufArch::swiglu_oai:
@@ -549,12 +574,13 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const int64_t lead = refuse_unsupported(m, *arch, src);
   const auto spec = core::with_context(src, [&] { return runtime::ForwardSpec::from_model(m); });
   const auto& rs = spec.rope_scaling;
-  const bool yarn = arch->yarn && rs.type == "yarn";
-  if (rs.type != "default" && !yarn && !(arch->rope_freqs && rs.type == "llama3") && !(arch->mla && rs.type == "yarn"))
+  const bool yarn = arch->yarn && rs.type == "yarn", longrope = arch->longrope && rs.type == "longrope";
+  if (rs.type != "default" && !yarn && !longrope && !(arch->rope_freqs && rs.type == "llama3") && !(arch->mla && rs.type == "yarn"))
     throw Error::unsupported(src + ": rope_scaling '" + rs.type + "' is not exported to GGUF yet");
   if (yarn) refuse_yarn(rs, *arch, src);
   const std::optional<MlaKeys> mla = arch->mla ? std::optional<MlaKeys>(mla_keys(m, *arch, spec, src)) : std::nullopt;
-  if (spec.attn.sliding_window > 0)
+  // A window as long as the trained context (Phi-3.5-MoE's 131072) never limits within it.
+  if (spec.attn.sliding_window > 0 && (spec.max_positions <= 0 || spec.attn.sliding_window < spec.max_positions))
     throw Error::unsupported(src + ": sliding_window " + std::to_string(spec.attn.sliding_window) +
                              ": llama.cpp's " + arch->arch + " graph has no sliding window");
   const int64_t window = sliding_window(spec, *arch, src);
@@ -563,7 +589,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   // max(sum, moe_norm_min)).
   const bool renormalizes = spec.routing.renormalize || spec.routing.kind == model::Routing::TopKSoftmax ||
                             spec.routing.kind == model::Routing::SoftmaxBiasTopK;
-  if (!arch->routing_keys && renormalizes != arch->renormalizes)
+  const bool sparsemixer = arch->sparsemixer_differs && spec.routing.kind == model::Routing::SparseMixer;
+  if (!arch->routing_keys && !sparsemixer && renormalizes != arch->renormalizes)
     throw Error::unsupported(src + ": routing " + (renormalizes ? "renormalizes" : "does not renormalize") +
                              " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
                              (arch->renormalizes ? "does" : "does not"));
@@ -624,7 +651,9 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     // The RoPE width: llama.cpp's n_rot (partial rotary: the first rope_dim() elements of a head).
     if (arch->mla && (k == "{rope_dim}" || k == "head_dim")) return std::nullopt;  // mla->kv below
     if (k == "{rope_dim}")
-      return fam.partial_rotary ? num(spec.attn.rope_dim()) : arch->permute_qk || arch->rope_freqs ? num(d.head_dim) : std::nullopt;
+      return fam.partial_rotary                                       ? num(spec.attn.rope_dim())
+             : arch->permute_qk || arch->rope_freqs || arch->longrope ? num(d.head_dim)
+                                                                      : std::nullopt;
     if (k == "head_dim") return d.head_dim * d.heads != d.hidden ? num(d.head_dim) : std::nullopt;  // key/value_length
     if (k == "clip_qkv") return spec.attn.clip_qkv ? std::optional<double>(*spec.attn.clip_qkv) : std::nullopt;
     if (k == "{dense_lead}") return arch->leading_dense ? num(lead) : std::nullopt;
@@ -680,6 +709,13 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     kv.emplace_back(A + ".rope.scaling.yarn_beta_fast", GgufValue::f32(static_cast<float>(rs.beta_fast)));
     kv.emplace_back(A + ".rope.scaling.yarn_beta_slow", GgufValue::f32(static_cast<float>(rs.beta_slow)));
   }
+  if (longrope) {  // as Phi3MiniModel writes it (the factors: rope_factors_long / _short below)
+    kv.emplace_back(A + ".rope.scaling.attn_factor", GgufValue::f32(static_cast<float>(longrope_attn_factor(spec, d.head_dim, *arch, src))));
+    kv.emplace_back(A + ".rope.scaling.original_context_length",
+                    GgufValue::u32(static_cast<uint32_t>(rs.original_max_positions > 0 ? rs.original_max_positions : spec.max_positions)));
+  }
+  if (sparsemixer)  // llama.cpp has no key for it; our reader takes it back (io/gguf_model.h)
+    kv.emplace_back(io::kGgufRouterJitterKey, GgufValue::f32(static_cast<float>(spec.routing.jitter_eps)));
 
   // --tensor-type rules that tensors of copied codes ignore: tensor names and the type they keep.
   std::map<const GgufTypeOverride*, std::vector<std::pair<std::string, std::string>>> ignored;
@@ -744,7 +780,30 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     auto g = m.globals().find(role);
     if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second}, 0, io::gguf_value_map(fam, role));
   };
+  // GgufArch::centre_residual: the last item added written mean-centred (Item::centre), which a
+  // tensor of codes cannot be without re-quantizing.
+  auto centre_last = [&](Item::Centre how) {
+    if (!arch->centre_residual) return;
+    Item& it = p.items.back();
+    for (const auto& part : it.parts)
+      if (part.encoding())
+        throw Error::unsupported(src + ": " + it.info.name + " is encoded as '" + part.encoding()->name() + "'; llama.cpp's " + A +
+                                 " gets it mean-centred (its RMS norm then computes the model's LayerNorm), so it must be "
+                                 "stored plain: write it dense first with `moe-tool convert " + src +
+                                 " DENSE --materialize`, then export DENSE");
+    it.centre = how;
+  };
   global("embed");
+  centre_last(Item::Centre::Rows);
+  if (longrope) {
+    const auto& s = spec.rope_scaling;
+    auto factors = [](const std::vector<double>& v) {
+      std::vector<float> f(v.begin(), v.end());
+      return core::Tensor::from_f32(f, {static_cast<int64_t>(f.size())});
+    };
+    add(io::kGgufRopeFactorsLong, {factors(s.long_factor)});
+    add(io::kGgufRopeFactorsShort, {factors(s.short_factor)});
+  }
   // llama3 RoPE scaling as LlamaModel.generate_extra_tensors writes it: per-frequency divisors of
   // the RoPE frequencies (1 above the high-frequency wavelength, factor below the low one, smoothed
   // between), as the forward's RopeTable scales them.
@@ -781,6 +840,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
       if (arch->permute_qk && (role == "q_proj" || role == "q_bias")) heads = d.heads;
       if (arch->permute_qk && (role == "k_proj" || role == "k_bias")) heads = d.kv_heads;
       add(blk + n, {t}, heads, io::gguf_value_map(fam, role));
+      if (role == "o_proj") centre_last(Item::Centre::Columns);
+      if (role == "o_bias") centre_last(Item::Centre::Rows);
     }
     if (!layer.moe) {  // a leading or interleaved dense layer (refuse_unsupported)
       const model::Mlp& x = *layer.mlp;
@@ -808,6 +869,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     add(blk + "ffn_gate_exps.weight", gate);
     add(blk + "ffn_up_exps.weight", up);
     add(blk + "ffn_down_exps.weight", down);
+    centre_last(Item::Centre::Columns);
     const bool biased = std::any_of(moe.experts.begin(), moe.experts.end(), [](const model::Mlp& e) { return e.has_bias(); });
     if (biased != arch->expert_biases)
       throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + ": " +
@@ -835,7 +897,9 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     }
   }
   global("final_norm");
+  global("final_norm_bias");
   global("lm_head");
+  global("lm_head_bias");
   // Tied embeddings where llama.cpp's loader requires output.weight (gpt-oss): the embedding again.
   if (arch->output_required && !m.globals().count("lm_head")) add(io::gguf_global_name("lm_head"), {m.globals().at("embed")});
   const int64_t n_vocab = m.globals().at("embed").dim(0);
@@ -847,6 +911,11 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                       " matches no tensor of this model (GGUF names: blk.N.ffn_down_exps.weight, blk.N.attn_q.weight, "
                       "token_embd.weight, ...; 1-D tensors and routers stay f32)");
   if (yarn) warn_untruncated_yarn(rs);
+  if (sparsemixer)
+    core::warn_once(A + ": llama.cpp's graph weighs the top-2 experts by their softmax renormalized over the two; PhiMoE's "
+                    "sparsemixer weighs each by its own masked softmax (router_jitter_noise " + num_str(spec.routing.jitter_eps) +
+                    "; at the released 0.01 usually 1 each): llama.cpp computes a different MoE output from this file "
+                    "(docs/gguf.md, phimoe)");
   for (const auto& [rule, tensors] : ignored)
     core::warn_once(opts.tensor_type_key + " " + rule->pattern + "=" + quant::ggml_type_info(rule->type).name +
                     " does not apply to " + std::to_string(tensors.size()) + " tensor(s) whose codes are copied, not re-quantized (" +
@@ -854,6 +923,24 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                     (opts.staged ? "): the run's quantize codec gives them their type"
                                  : "): write the model dense first (`moe-tool convert IN DENSE --materialize`) to choose their type"));
   return p;
+}
+
+// Subtracts from each row (`rows_mean`) or each column of row-major x [rows, cols] its mean
+// (summed in double).
+void centre_values(float* x, int64_t rows, int64_t cols, bool rows_mean) {
+  if (rows_mean) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* v = x + r * cols;
+      const double mean = std::accumulate(v, v + cols, 0.0) / static_cast<double>(cols);
+      for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<float>(v[j] - mean);
+    }
+    return;
+  }
+  std::vector<double> mean(static_cast<size_t>(cols), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) mean[j] += x[r * cols + j];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) x[r * cols + j] = static_cast<float>(x[r * cols + j] - mean[j] / static_cast<double>(rows));
 }
 
 // Source row of output row r of a [heads * d, cols] projection permuted as permute_rows does.
@@ -1004,6 +1091,7 @@ void write_item(io::GgufWriter& w, ExportBuffers& b, const Item& it, const model
     part.to_f32(b.x.data());
     if (it.map != io::GgufValueMap::None) io::gguf_map_to_file(it.map, b.x.data(), n);
     const int64_t rows = static_cast<int64_t>(n) / cols;
+    if (it.centre != Item::Centre::None) centre_values(b.x.data(), rows, cols, it.centre == Item::Centre::Rows);
     const float* x = b.x.data();
     if (it.permute_heads) {
       if (b.permuted.size() < n) b.permuted.resize(n);

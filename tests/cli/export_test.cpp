@@ -119,10 +119,7 @@ int64_t meta_int(const io::GgufFile& f, const std::string& key) {
 
 // A copy of the fixture data/<fixture> at `to` with `patch` merged into its config.json.
 void copy_fixture_with(const std::string& fixture, const fs::path& to, const json& patch) {
-  copy_folder(kSrc / "data" / fixture, to);
-  json c = read_json(to / "config.json");
-  c.merge_patch(patch);
-  write_file(to / "config.json", c.dump(2));
+  copy_with_config(kSrc / "data" / fixture, to, patch);
 }
 
 // The GGUF tensor `gguf` decodes to the checkpoint's tensor `ours` exactly (not permuted).
@@ -893,6 +890,115 @@ TEST(Export, GptOssRefusalsWriteNothing) {
   expect_clean_failure(run_tool({"export", beta.string(), (dir / "b.gguf").string(), "--type", "f32"}),
                        "rope_scaling beta_fast 16 / beta_slow 1: llama.cpp's gpt-oss loader uses 32 / 1");
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"beta", "limit", "types"}));
+}
+
+// phimoe (phimoe-tiny with phimoe_llamacpp_patch: 2 layers, H 64, 4 heads / 2 kv heads of 16, 8
+// experts top 2 of width 16, q/k/v/o and lm_head biases): the keys and tensors llama.cpp's phimoe
+// loader reads (PhiMoeModel / Phi3MiniModel of convert_hf_to_gguf.py): the LayerNorm biases as
+// attn_norm.bias / ffn_norm.bias / output_norm.bias, output.bias, q/k not permuted (NeoX RoPE), the
+// longrope divisors as rope_factors_long / rope_factors_short with rope.scaling.attn_factor (the
+// mscale) and original_context_length; the residual stream's writers mean-centred (token_embd rows,
+// attn_output columns and bias, each expert's ffn_down columns), every other tensor as stored; the
+// routing warning printed; read back, the config has the source's longrope, biases and jitter, and
+// the file evaluates as the source folder (centring leaves the model unchanged: every read is a LayerNorm).
+TEST(Export, PhimoeKeysAndCentredWritersAsLlamaCppExpects) {
+  TempDir dir{"moe-export"};
+  const fs::path src = dir / "phimoe", out = dir / "p.gguf";
+  copy_fixture_with("phimoe-tiny", src, phimoe_llamacpp_patch());
+  const RunResult r = run_tool({"export", src.string(), out.string(), "--type", "f32"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.err.find("warning: phimoe: llama.cpp's graph weighs the top-2 experts by their softmax renormalized"), std::string::npos)
+      << r.err;
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  const std::string A = "phimoe";
+  EXPECT_EQ(f.find("general.architecture")->as_string("a"), A);
+  const std::vector<std::pair<std::string, int64_t>> ints = {
+      {"context_length", 256}, {"block_count", 2}, {"feed_forward_length", 16}, {"expert_count", 8},
+      {"expert_used_count", 2}, {"attention.head_count", 4}, {"attention.head_count_kv", 2},
+      {"rope.dimension_count", 16}, {"rope.scaling.original_context_length", 64}};
+  for (const auto& [key, want] : ints) EXPECT_EQ(meta_int(f, A + "." + key), want) << key;
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find(A + ".rope.scaling.attn_factor")->as_double("a")), 1.15f);
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find(A + ".attention.layer_norm_rms_epsilon")->as_double("e")), 1e-5f);
+  EXPECT_FLOAT_EQ(static_cast<float>(f.find("moe_tool.router_jitter_noise")->as_double("j")), 0.2f);
+  for (const char* absent : {"expert_feed_forward_length", "attention.sliding_window", "rope.scaling.type", "attention.key_length"})
+    EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+  const std::vector<float> lf = f.decode(*f.find_tensor("rope_factors_long.weight")), sf = f.decode(*f.find_tensor("rope_factors_short.weight"));
+  EXPECT_EQ(lf, (std::vector<float>{1.0f, 1.3f, 1.7f, 2.5f, 4.0f, 6.0f, 8.0f, 9.0f}));
+  EXPECT_EQ(sf, (std::vector<float>{1.0f, 1.1f, 1.2f, 1.5f, 2.0f, 3.0f, 4.0f, 5.0f}));
+  const auto ck = io::Checkpoint::open(io::Env::posix(), src);
+  auto same = [&](const std::string& gguf, const std::string& ours) { expect_same_tensor(f, gguf, ck, ours); };
+  const std::string l1 = "model.layers.1.";
+  same("blk.1.attn_norm.weight", l1 + "input_layernorm.weight");
+  same("blk.1.attn_norm.bias", l1 + "input_layernorm.bias");
+  same("blk.1.ffn_norm.bias", l1 + "post_attention_layernorm.bias");
+  same("output_norm.bias", "model.norm.bias");
+  same("output.weight", "lm_head.weight");
+  same("output.bias", "lm_head.bias");
+  same("blk.1.attn_q.weight", l1 + "self_attn.q_proj.weight");  // NeoX RoPE: not permuted
+  same("blk.1.attn_k.bias", l1 + "self_attn.k_proj.bias");
+  same("blk.1.ffn_gate_inp.weight", l1 + "block_sparse_moe.gate.weight");
+  // The writers, centred: [V, H] rows, [H, in] columns, the bias as one row.
+  auto expect_centred = [&](const std::vector<float>& got, const std::string& ours, size_t rows, size_t cols, bool rows_mean) {
+    SCOPED_TRACE(ours);
+    const std::vector<float> want = centred(ck.tensor(ours).to_f32(), rows, cols, rows_mean);
+    ASSERT_EQ(got.size(), want.size());
+    float scale = 0;
+    for (float w : want) scale = std::max(scale, std::abs(w));
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-6f * scale) << i;
+  };
+  expect_centred(f.decode(*f.find_tensor("token_embd.weight")), "model.embed_tokens.weight", 4096, 64, true);
+  expect_centred(f.decode(*f.find_tensor("blk.1.attn_output.weight")), l1 + "self_attn.o_proj.weight", 64, 64, false);
+  expect_centred(f.decode(*f.find_tensor("blk.1.attn_output.bias")), l1 + "self_attn.o_proj.bias", 1, 64, true);
+  const std::vector<float> down = f.decode(*f.find_tensor("blk.1.ffn_down_exps.weight"));
+  for (size_t e : {0u, 5u})
+    expect_centred(std::vector<float>(down.begin() + e * 64 * 16, down.begin() + (e + 1) * 64 * 16),
+                   l1 + "block_sparse_moe.experts." + std::to_string(e) + ".w2.weight", 64, 16, false);
+  EXPECT_EQ(f.tensors().size(), 5u + 2u + 2u * 16u);
+  // Read back: the source's longrope, biases and jitter; the same model.
+  const auto m = model::Model::load(io::Checkpoint::open(io::Env::posix(), out));
+  const json c = m.config().json(), rs = c.at("rope_scaling");
+  EXPECT_EQ(rs.at("rope_type"), "longrope");
+  EXPECT_EQ(rs.at("long_factor").get<std::vector<double>>(), (std::vector<double>{1.0, 1.3, 1.7, 2.5, 4.0, 6.0, 8.0, 9.0}));
+  EXPECT_EQ(rs.at("short_mscale"), 1.15);
+  EXPECT_EQ(rs.at("long_mscale"), 1.15);
+  EXPECT_EQ(c.at("original_max_position_embeddings"), 64);
+  EXPECT_EQ(c.at("router_jitter_noise"), 0.2);
+  EXPECT_EQ(c.at("lm_head_bias"), true);
+  EXPECT_EQ(c.at("attention_bias"), true);
+  // ctx 96 > 64: the long factors and mscale.
+  auto nll = [](const fs::path& p) {
+    const RunResult e = run_tool({"-q", "eval", p.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx", "96",
+                                  "--max-windows", "4", "--json"});
+    EXPECT_EQ(e.exit_code, 0) << e.describe();
+    return json::parse(e.out).at("nll_sum").get<double>();
+  };
+  const double a = nll(src), b = nll(out);
+  EXPECT_GT(a, 0);
+  EXPECT_NEAR(b, a, 1e-6 * a);
+}
+
+// phimoe refusals: the fixture's sliding window of 8 (llama.cpp's phimoe attends fully), a
+// longrope whose short and long mscale differ (llama.cpp has one attn_factor), and a residual
+// writer stored as codes (attn_output as q8_0 blocks: centring it would re-quantize). Exit 2, one
+// line, nothing written.
+TEST(Export, PhimoeRefusalsWriteNothing) {
+  TempDir dir{"moe-export"};
+  expect_clean_failure(run_tool({"export", (kSrc / "data/phimoe-tiny").string(), (dir / "w.gguf").string(), "--type", "f32"}),
+                       "sliding_window 8: llama.cpp's phimoe graph has no sliding window");
+  json patch = phimoe_llamacpp_patch();
+  patch["rope_scaling"]["long_mscale"] = 1.2;
+  copy_fixture_with("phimoe-tiny", dir / "mscale", patch);
+  expect_clean_failure(run_tool({"export", (dir / "mscale").string(), (dir / "m.gguf").string(), "--type", "f32"}),
+                       "the short window's factor on cos and sin (1.15) differs from the long window's (1.2): llama.cpp's phimoe "
+                       "applies one rope.scaling.attn_factor to both");
+  copy_fixture_with("phimoe-tiny", dir / "plain", phimoe_llamacpp_patch());
+  ASSERT_EQ(run_tool({"-q", "quantize", (dir / "plain").string(), (dir / "q").string(), "--method", "rtn", "--codec", "int8:g16",
+                      "--attention", "q8_0"})
+                .exit_code,
+            0);
+  expect_clean_failure(run_tool({"export", (dir / "q").string(), (dir / "q.gguf").string(), "--type", "f32"}),
+                       "blk.0.attn_output.weight is encoded as 'gguf-q8_0'; llama.cpp's phimoe gets it mean-centred");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"mscale", "plain", "q"}));
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:

@@ -36,18 +36,24 @@ namespace fs = std::filesystem;
 fs::path llama4_llamacpp() {
   static TempDir dir{"moe-gguf-llama4"};
   const fs::path to = dir / "llama4-tiny";
-  if (!fs::exists(to)) {
-    copy_folder(kSrc / "data/llama4-tiny", to);
-    json c = read_json(to / "config.json");
-    c.merge_patch({{"attention_chunk_size", 8192}, {"floor_scale", 8192}, {"attn_scale", 0.1}});
-    write_file(to / "config.json", c.dump(2));
-  }
+  if (!fs::exists(to))
+    copy_with_config(kSrc / "data/llama4-tiny", to, {{"attention_chunk_size", 8192}, {"floor_scale", 8192}, {"attn_scale", 0.1}});
   return to;
 }
 
-// data/models/<model>, else data/<model> (granitemoe-tiny); llama4-tiny as llama4_llamacpp.
+// phimoe-tiny as llama.cpp's phimoe computes it, with a longrope RoPE (phimoe_llamacpp_patch).
+fs::path phimoe_llamacpp() {
+  static TempDir dir{"moe-gguf-phimoe"};
+  const fs::path to = dir / "phimoe-tiny";
+  if (!fs::exists(to)) copy_with_config(kSrc / "data/phimoe-tiny", to, phimoe_llamacpp_patch());
+  return to;
+}
+
+// data/models/<model>, else data/<model> (granitemoe-tiny); llama4-tiny as llama4_llamacpp,
+// phimoe-tiny as phimoe_llamacpp.
 fs::path fixture(const std::string& model) {
   if (model == "llama4-tiny") return llama4_llamacpp();
+  if (model == "phimoe-tiny") return phimoe_llamacpp();
   const fs::path p = kSrc / "data/models" / model;
   return fs::exists(p) ? p : kSrc / "data" / model;
 }
@@ -61,7 +67,7 @@ fs::path exported(const std::string& model, const std::string& type) {
     std::vector<std::string> args = {"-q", "export", fixture(model).string(), out.string(), "--type", type};
     if (model == "glm4-moe-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
     // granitemoe-tiny's experts are 16 wide: down projection rows narrower than a block stay f16.
-    if ((model == "granitemoe-tiny" || model == "qwen3_next-tiny") && type != "f32")
+    if ((model == "granitemoe-tiny" || model == "qwen3_next-tiny" || model == "phimoe-tiny") && type != "f32")
       args.insert(args.end(), {"--tensor-type", "ffn_down_exps=f16"});
     // llama4-tiny: experts and shared expert 16 wide.
     if (model == "llama4-tiny" && type != "f32") args.insert(args.end(), {"--tensor-type", "ffn_down_(exps|shexp)=f16"});
@@ -116,8 +122,27 @@ TEST_P(GgufInput, FolderOutputCarriesTheTokenizerAndEvaluatesTheSame) {
   EXPECT_EQ(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>());
 }
 
+// The source's `v` as GgufArch::centre_residual writes it (centred: token_embd and attn_output.bias
+// by rows, attn_output and ffn_down by columns), else as it is.
+std::vector<float> as_written(const model::FamilyDesc& fam, const std::string& name, std::vector<float> v, const core::Shape& shape) {
+  if (!fam.gguf || !fam.gguf->centre_residual) return v;
+  const bool rows_mean = name.ends_with("embed_tokens.weight") || name.ends_with("o_proj.bias");
+  if (!rows_mean && !name.ends_with("o_proj.weight") && !name.ends_with(".w2.weight")) return v;
+  const size_t cols = static_cast<size_t>(shape.back()), rows = v.size() / cols;
+  return centred(std::move(v), rows, cols, rows_mean);
+}
+
+// Equal, or within 1e-6 of the largest magnitude (a centred tensor: the same sums in another order).
+void expect_values(const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  float scale = 0;
+  for (float w : want) scale = std::max(scale, std::abs(w));
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-6f * scale) << i;
+}
+
 // F32 GGUF read as a checkpoint: every tensor of the source under its own name, values equal
-// (q/k rows un-permuted for arch llama and granitemoe, experts sliced out of the stacked tensors).
+// (q/k rows un-permuted for arch llama and granitemoe, experts sliced out of the stacked tensors;
+// phimoe's residual writers centred: as_written).
 // granitemoe's fused experts (input_linear [E,2I,H], output_linear [E,H,I]) are stored split, as
 // llama.cpp's converter splits them: the loaded models' experts are compared instead.
 TEST_P(GgufInput, F32TensorsEqualTheSource) {
@@ -146,6 +171,10 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
       for (size_t i = 0; i < va.size(); ++i) EXPECT_NEAR(vb[i], va[i], 2e-7 * std::max(1.0f, std::abs(va[i]))) << i;
       continue;
     }
+    if (fam.gguf->centre_residual) {
+      expect_values(b.to_f32(), as_written(fam, name, a.to_f32(), a.shape()));
+      continue;
+    }
     EXPECT_EQ(b.to_f32(), a.to_f32());
   }
   int64_t E = 0;
@@ -160,7 +189,10 @@ TEST_P(GgufInput, F32TensorsEqualTheSource) {
       SCOPED_TRACE("layer " + std::to_string(layer.index) + " expert " + std::to_string(e));
       EXPECT_EQ(b.gate.to_f32(), a.gate.to_f32());
       EXPECT_EQ(b.up.to_f32(), a.up.to_f32());
-      EXPECT_EQ(b.down.to_f32(), a.down.to_f32());
+      if (fam.gguf->centre_residual)
+        expect_values(b.down.to_f32(), as_written(fam, ".w2.weight", a.down.to_f32(), a.down.shape()));
+      else
+        EXPECT_EQ(b.down.to_f32(), a.down.to_f32());
       ASSERT_EQ(b.has_bias(), a.has_bias());
       if (a.has_bias()) {
         EXPECT_EQ(b.gate_bias->to_f32(), a.gate_bias->to_f32());
@@ -259,7 +291,7 @@ std::string fixture_test_name(const ::testing::TestParamInfo<std::string>& i) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, GgufInput,
                          ::testing::Values("mixtral-tiny", "qwen2moe-tiny", "glm4-moe-tiny", "granitemoe-tiny",
                                            "ernie4_5_moe-tiny", "qwen3_next-tiny", "llama4-tiny",
-                                           "deepseek-v3-tiny", "gpt-oss-tiny"),
+                                           "deepseek-v3-tiny", "gpt-oss-tiny", "phimoe-tiny"),
                          fixture_test_name);
 
 // A copy of the Q8_0 export with `n` bytes, or with `from` replaced by `to` (same length).
@@ -495,6 +527,41 @@ TEST_P(GgufInputPruneDense, KeepsTheDenseLayerAndTheKeptExpertsBias) {
   EXPECT_GT(e.at("nll_sum").get<double>(), 0);
 }
 
+// `in` pruned by `prune --method random --keep K --seed 4` twice: as GGUF (`out`) and as a folder
+// (`folder`, whose report names each layer's kept experts).
+struct PrunedTwice {
+  fs::path out, folder;
+  json report;
+  // The experts layer `layer` kept.
+  std::vector<int64_t> kept(int layer) const {
+    return report.at("layers").at(static_cast<size_t>(layer)).at("passes").at(0).at("kept").get<std::vector<int64_t>>();
+  }
+};
+PrunedTwice prune_twice(const fs::path& in, const TempDir& dir, int keep) {
+  PrunedTwice p{dir / "pruned.gguf", dir / "pruned", {}};
+  for (const auto& [to, format] : {std::pair{p.out, "gguf"}, {p.folder, "hf"}}) {
+    const RunResult r = run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", std::to_string(keep),
+                                  "--seed", "4", "--format", format});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+  }
+  p.report = read_json(p.folder / "moe_tool_report.json");
+  return p;
+}
+
+// Stacked tensor `name` of the pruned file `f`: the slices of the `keep` experts of `src`'s, in
+// order, of the same type.
+void expect_kept_slices(const io::GgufFile& f, const io::GgufFile& src, const std::string& name, const std::vector<int64_t>& keep) {
+  SCOPED_TRACE(name);
+  const io::GgufTensorInfo* t = f.find_tensor(name);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->type, src.find_tensor(name)->type);
+  ASSERT_EQ(t->ne.back(), static_cast<int64_t>(keep.size()));
+  const auto got = f.decode(*t), all = src.decode(*src.find_tensor(name));
+  const size_t per = got.size() / keep.size();
+  for (size_t i = 0; i < keep.size(); ++i)
+    EXPECT_TRUE(std::equal(got.begin() + i * per, got.begin() + (i + 1) * per, all.begin() + keep[i] * per)) << "expert " << keep[i];
+}
+
 // llama4: a Q8_0 export pruned to 3 experts as GGUF keeps the interleaved dense layers (0, 2), the
 // shared experts and the rope_freqs divisors as stored, the kept experts' slices; the file reads
 // back and evaluates near the same pruning written as a (bf16) folder.
@@ -502,14 +569,8 @@ TEST(GgufInputPrune, Llama4KeepsDenseLayersSharedExpertsAndRopeFreqs) {
   auto& env = io::Env::posix();
   const fs::path in = exported("llama4-tiny", "q8_0");
   TempDir dir{"moe-gguf-prune-llama4"};
-  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
-  auto prune = [&](const fs::path& to, const std::string& format) {
-    return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "3", "--seed", "4", "--format", format});
-  };
-  ASSERT_EQ(prune(out, "gguf").exit_code, 0);
-  ASSERT_EQ(prune(folder, "hf").exit_code, 0);
-  const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
-  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
+  const PrunedTwice p = prune_twice(in, dir, 3);
+  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, p.out);
   EXPECT_EQ(f.find("llama4.expert_count")->as_int("c"), 3);
   EXPECT_EQ(f.find("llama4.interleave_moe_layer_step")->as_int("s"), 2);
   EXPECT_EQ(f.tensors().size(), src.tensors().size());
@@ -522,21 +583,11 @@ TEST(GgufInputPrune, Llama4KeepsDenseLayersSharedExpertsAndRopeFreqs) {
     ASSERT_NE(f.find_tensor(name), nullptr) << name;
     EXPECT_EQ(f.decode(*f.find_tensor(name)), src.decode(*src.find_tensor(name))) << name;
   }
-  for (const int layer : {1, 3}) {
-    SCOPED_TRACE(layer);
-    const std::vector<int64_t> keep =
-        report.at("layers").at(static_cast<size_t>(layer)).at("passes").at(0).at("kept").get<std::vector<int64_t>>();
-    ASSERT_EQ(keep.size(), 3u);
-    const std::string blk = "blk." + std::to_string(layer) + ".";
-    for (const char* t : {"ffn_gate_exps.weight", "ffn_down_exps.weight"}) {
-      const auto got = f.decode(*f.find_tensor(blk + t)), all = src.decode(*src.find_tensor(blk + t));
-      const size_t per = got.size() / 3;
-      for (size_t i = 0; i < 3; ++i)
-        EXPECT_TRUE(std::equal(got.begin() + i * per, got.begin() + (i + 1) * per, all.begin() + keep[i] * per)) << t << " " << i;
-    }
-  }
+  for (const int layer : {1, 3})
+    for (const char* t : {"ffn_gate_exps.weight", "ffn_down_exps.weight"})
+      expect_kept_slices(f, src, "blk." + std::to_string(layer) + "." + t, p.kept(layer));
   // Evaluates (the folder holds the same pruning dequantized to bf16, so its figure is near, not equal).
-  const json a = eval_json(out), b = eval_json(folder);
+  const json a = eval_json(p.out), b = eval_json(p.folder);
   EXPECT_GT(a.at("nll_sum").get<double>(), 0);
   EXPECT_NEAR(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>(), 1e-2 * b.at("nll_sum").get<double>());
 }
@@ -585,36 +636,15 @@ TEST(GgufInputGptOss, PruneKeepsTheKeptExpertsBiases) {
   auto& env = io::Env::posix();
   const fs::path in = exported("gpt-oss-tiny-mxfp4", "f32");
   TempDir dir{"moe-gguf-prune-gptoss"};
-  const fs::path out = dir / "pruned.gguf", folder = dir / "pruned";
-  auto prune = [&](const fs::path& to, const std::string& format) {
-    return run_tool({"-q", "prune", in.string(), to.string(), "--method", "random", "--keep", "5", "--seed", "4", "--format", format});
-  };
-  ASSERT_EQ(prune(out, "gguf").exit_code, 0);
-  ASSERT_EQ(prune(folder, "hf").exit_code, 0);
-  const json report = json::parse(std::ifstream(folder / "moe_tool_report.json"));
-  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, out);
+  const PrunedTwice p = prune_twice(in, dir, 5);
+  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, p.out);
   EXPECT_EQ(f.find("gpt-oss.expert_count")->as_int("c"), 5);
   EXPECT_EQ(f.find("gpt-oss.expert_used_count")->as_int("c"), 4);
-  for (const int layer : {0, 1}) {
-    SCOPED_TRACE(layer);
-    const std::vector<int64_t> keep =
-        report.at("layers").at(static_cast<size_t>(layer)).at("passes").at(0).at("kept").get<std::vector<int64_t>>();
-    ASSERT_EQ(keep.size(), 5u);
-    const std::string blk = "blk." + std::to_string(layer) + ".";
+  for (const int layer : {0, 1})
     for (const char* name : {"ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias",
-                             "ffn_gate_exps.weight", "ffn_down_exps.weight"}) {
-      SCOPED_TRACE(name);
-      const io::GgufTensorInfo* t = f.find_tensor(blk + name);
-      ASSERT_NE(t, nullptr);
-      EXPECT_EQ(t->type, src.find_tensor(blk + name)->type);
-      EXPECT_EQ(t->ne.back(), 5);
-      const auto got = f.decode(*t), all = src.decode(*src.find_tensor(blk + name));
-      const size_t per = got.size() / 5;
-      for (size_t i = 0; i < 5; ++i)
-        EXPECT_TRUE(std::equal(got.begin() + i * per, got.begin() + (i + 1) * per, all.begin() + keep[i] * per)) << "expert " << keep[i];
-    }
-  }
-  const json a = eval_json(out), b = eval_json(folder);
+                             "ffn_gate_exps.weight", "ffn_down_exps.weight"})
+      expect_kept_slices(f, src, "blk." + std::to_string(layer) + "." + name, p.kept(layer));
+  const json a = eval_json(p.out), b = eval_json(p.folder);
   ASSERT_EQ(a.at("tokens_scored"), b.at("tokens_scored"));
   EXPECT_NEAR(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>(), 1e-6 * b.at("nll_sum").get<double>());
 }
@@ -942,6 +972,35 @@ TEST(GgufInputPrune, Qwen3NextKeepsLinearAttentionAndSharedExpert) {
   const json e = eval_json(out), ef = eval_json(folder);
   ASSERT_EQ(e.at("tokens_scored"), ef.at("tokens_scored"));
   EXPECT_NEAR(e.at("nll_sum").get<double>(), ef.at("nll_sum").get<double>(), 1e-6 * ef.at("nll_sum").get<double>());
+}
+
+// phimoe GGUF-to-GGUF prune (the Q8_0 export of phimoe_llamacpp, 3 of 8 experts kept): the
+// longrope divisors, the LayerNorm and lm_head biases, the centred writers and the jitter key are
+// copied as stored, the kept experts' slices; the file reads back with the source's longrope and
+// jitter and evaluates near the same pruning written as a (bf16) folder.
+TEST(GgufInputPrune, PhimoeKeepsRopeFactorsBiasesAndJitter) {
+  auto& env = io::Env::posix();
+  const fs::path in = exported("phimoe-tiny", "q8_0");
+  TempDir dir{"moe-gguf-prune-phimoe"};
+  const PrunedTwice p = prune_twice(in, dir, 3);
+  const auto src = io::GgufFile::open(env, in), f = io::GgufFile::open(env, p.out);
+  EXPECT_EQ(f.find("phimoe.expert_count")->as_int("c"), 3);
+  EXPECT_EQ(f.find("moe_tool.router_jitter_noise")->as_double("j"), src.find("moe_tool.router_jitter_noise")->as_double("j"));
+  EXPECT_EQ(f.tensors().size(), src.tensors().size());
+  for (const char* name : {"rope_factors_long.weight", "rope_factors_short.weight", "output_norm.bias", "output.bias", "token_embd.weight",
+                           "blk.0.attn_norm.bias", "blk.1.ffn_norm.bias", "blk.1.attn_output.weight", "blk.1.attn_output.bias"}) {
+    ASSERT_NE(f.find_tensor(name), nullptr) << name;
+    EXPECT_EQ(f.decode(*f.find_tensor(name)), src.decode(*src.find_tensor(name))) << name;
+  }
+  for (const int layer : {0, 1})
+    for (const char* t : {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"})
+      expect_kept_slices(f, src, "blk." + std::to_string(layer) + "." + t, p.kept(layer));
+  const auto m = model::Model::load(io::Checkpoint::open(env, p.out));
+  EXPECT_EQ(m.config().json().at("rope_scaling").at("rope_type"), "longrope");
+  EXPECT_EQ(m.config().json().at("router_jitter_noise"), 0.2);
+  const json a = eval_json(p.out), b = eval_json(p.folder);
+  EXPECT_GT(a.at("nll_sum").get<double>(), 0);
+  EXPECT_NEAR(a.at("nll_sum").get<double>(), b.at("nll_sum").get<double>(), 1e-2 * b.at("nll_sum").get<double>());
 }
 
 }  // namespace

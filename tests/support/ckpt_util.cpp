@@ -121,6 +121,35 @@ void copy_folder(const std::filesystem::path& from, const std::filesystem::path&
     if (e.is_regular_file()) std::filesystem::copy_file(e.path(), to / e.path().filename());
 }
 
+void copy_with_config(const std::filesystem::path& from, const std::filesystem::path& to, const nlohmann::json& patch) {
+  copy_folder(from, to);
+  nlohmann::json c = nlohmann::json::parse(std::ifstream(to / "config.json"));
+  c.merge_patch(patch);
+  std::ofstream(to / "config.json") << c.dump(2);
+}
+
+nlohmann::json phimoe_llamacpp_patch() {
+  return {{"sliding_window", nullptr},
+          {"original_max_position_embeddings", 64},
+          {"rope_scaling",
+           {{"type", "longrope"},
+            {"short_factor", {1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0}},
+            {"long_factor", {1.0, 1.3, 1.7, 2.5, 4.0, 6.0, 8.0, 9.0}},
+            {"short_mscale", 1.15},
+            {"long_mscale", 1.15}}}};
+}
+
+std::vector<float> centred(std::vector<float> v, size_t rows, size_t cols, bool rows_mean) {
+  for (size_t a = 0; a < (rows_mean ? rows : cols); ++a) {
+    const size_t n = rows_mean ? cols : rows;
+    auto at = [&](size_t b) -> float& { return rows_mean ? v[a * cols + b] : v[b * cols + a]; };
+    double s = 0;
+    for (size_t b = 0; b < n; ++b) s += at(b);
+    for (size_t b = 0; b < n; ++b) at(b) = static_cast<float>(at(b) - s / double(n));
+  }
+  return v;
+}
+
 runtime::MatrixRM fixed_logits(const std::filesystem::path& dir) {
   auto m = model::Model::load(io::Checkpoint::open(io::Env::posix(), dir));
   runtime::Forward f(m);

@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -54,5 +55,16 @@ void patch_tensor_bytes(const std::filesystem::path& file, const std::string& na
 void remove_tensor(const std::filesystem::path& file, const std::string& name);
 // A copy of folder `from` at `to` (files only, one level).
 void copy_folder(const std::filesystem::path& from, const std::filesystem::path& to);
+// copy_folder, then `patch` merged into the copy's config.json (nlohmann::json::merge_patch: a null
+// value removes the key).
+void copy_with_config(const std::filesystem::path& from, const std::filesystem::path& to, const nlohmann::json& patch);
+// data/phimoe-tiny's config patch for llama.cpp's phimoe: no sliding window (removed: transformers'
+// default None; llama.cpp attends fully;
+// the fixture's 8 is refused by the export) and a longrope RoPE (8 short and 8 long divisors, one
+// mscale 1.15, original context 64).
+nlohmann::json phimoe_llamacpp_patch();
+// Row-major `v` [rows, cols] with each row's (rows_mean) or each column's mean subtracted, the
+// means summed in double: GgufArch::centre_residual's writers as the export writes them.
+std::vector<float> centred(std::vector<float> v, size_t rows, size_t cols, bool rows_mean);
 
 }  // namespace moe::test
