@@ -65,6 +65,11 @@ const char* find_first(const GgufNamePair (&table)[N], const std::string& key) {
 
 }  // namespace
 
+constexpr const char kO200kRegex[] =
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+    "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
 // llama.cpp's names (llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_*) for the byte-level BPE
 // pre-tokenizers our tokenizers use, by their Split regex.
 const GgufNamePair kGgufPreTokenizers[] = {
@@ -72,6 +77,11 @@ const GgufNamePair kGgufPreTokenizers[] = {
      "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
     {"llama-bpe",
      "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+    // o200k (gpt-oss, Llama 4): llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O, whose "original regex
+    // from tokenizer.json" this is. llama.cpp reads "llama4" (what its converter writes for Llama 4)
+    // as the same pre-tokenizer: the export writes the first name, the reader takes both.
+    {"gpt-4o", kO200kRegex},
+    {"llama4", kO200kRegex},
 };
 const size_t kGgufPreTokenizerCount = std::size(kGgufPreTokenizers);
 
@@ -196,7 +206,7 @@ void gguf_map_from_file(GgufValueMap map, float* x, size_t n) {
 }
 
 const char* gguf_pre_tokenizer_name(const std::string& regex) {
-  for (const auto& p : kGgufPreTokenizers)
+  for (const auto& p : kGgufPreTokenizers)  // the first name of a regex
     if (regex == p.second) return p.first;
   return nullptr;
 }

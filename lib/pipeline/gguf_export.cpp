@@ -504,10 +504,10 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
     throw Error::unsupported(tj.string() + ": pre_tokenizer: not byte-level; SentencePiece-style tokenizers are not exported yet");
   const char* pre = nullptr;
   io::for_each_gguf_pre_tokenizer([&](const char* name, const char* regex) {
-    if (pre_json.find(nlohmann::json(regex).dump()) != std::string::npos) pre = name;
+    if (!pre && pre_json.find(nlohmann::json(regex).dump()) != std::string::npos) pre = name;  // the first name of a regex
   });
   if (!pre)
-    throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regex is none llama.cpp knows by name here (qwen2, llama-bpe); "
+    throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regex is none llama.cpp knows by name here (qwen2, llama-bpe, gpt-4o); "
                              "llama.cpp would tokenize differently");
   if (static_cast<int64_t>(tok.vocab_size()) > n_vocab)
     throw Error::corruption(tj.string() + ": " + std::to_string(tok.vocab_size()) + " tokens, more than the embedding's " +

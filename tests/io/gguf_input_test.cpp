@@ -875,6 +875,48 @@ TEST(GgufInputPrune, MlaKvBChangedByAPassIsRefused) {
   EXPECT_FALSE(fs::exists(dir / "changed.gguf"));
 }
 
+// A tokenizer whose Split regex is o200k's (gpt-oss's and Llama 4's tokenizer.json): exported as
+// llama.cpp's pre-tokenizer "gpt-4o", read back from that name with the same regex (the text,
+// capitals inside words and long digit runs included, tokenizes as the source's; a folder written
+// from the file carries the regex); a file naming it "llama4" (llama.cpp's converter for Llama 4)
+// is read the same.
+TEST(GgufInputTokenizer, O200kWrittenAsGpt4oAndReadBack) {
+  TempDir dir{"moe-gguf-o200k"};
+  const fs::path src = dir / "src", out = dir / "o.gguf", l4 = dir / "l4.gguf";
+  copy_folder(kSrc / "data/gpt-oss-tiny", src);
+  json tj = read_json(src / "tokenizer.json");
+  const std::string o200k =
+      "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+      "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+      "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+  tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = o200k;
+  write_file(src / "tokenizer.json", tj.dump());
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(f.find("tokenizer.ggml.pre")->as_string("p"), "gpt-4o");
+  const auto a = eval::load_tokenizer(src), b = eval::load_tokenizer(out);
+  const std::string text = eval::read_text(kSrc / "data/text/heldout.txt").substr(0, 20000) +
+                           " CamelCaseWords HTTPServer 1234567 it'S\r\n\n  x";
+  const auto ids = a.encode(text, true);
+  EXPECT_EQ(b.encode(text, true), ids);
+  // "llama4" names the same pre-tokenizer.
+  std::string bytes = read_file(out);
+  const std::string from = std::string("\x06\x00\x00\x00\x00\x00\x00\x00gpt-4o", 14), to = std::string("\x06\x00\x00\x00\x00\x00\x00\x00llama4", 14);
+  const auto pos = bytes.find(from);
+  ASSERT_NE(pos, std::string::npos);
+  bytes.replace(pos, from.size(), to);
+  write_file(l4, bytes);
+  EXPECT_EQ(eval::load_tokenizer(l4).encode(text, true), ids);
+  // The regex taken back by name (this fixture's vocabulary has no merge across the pieces where
+  // o200k and qwen2 cut differently, so the ids alone would not tell): a folder written from
+  // either file carries it.
+  for (const fs::path& in : {out, l4}) {
+    const fs::path folder = dir / (in.stem().string() + "-folder");
+    ASSERT_EQ(run_tool({"-q", "convert", in.string(), folder.string(), "--dtype", "f32"}).exit_code, 0);
+    EXPECT_EQ(read_json(folder / "tokenizer.json").at("pre_tokenizer").dump().find(json(o200k).dump()) != std::string::npos, true) << in;
+  }
+}
+
 TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
   TempDir dir{"moe-gguf-bad"};
   const fs::path trunc = altered(dir, "trunc.gguf", 200000);
