@@ -727,10 +727,10 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
   if (model != "gpt2")
     throw Error::unsupported(file + ": tokenizer.ggml.model '" + model + "': only gpt2 (byte-level BPE) is read here");
   const std::string pre = meta_need(f, "tokenizer.ggml.pre").as_string(file + ": tokenizer.ggml.pre");
-  const char* regex = gguf_pre_tokenizer_regex(pre);
-  if (!regex) {
+  const std::vector<const char*>* splits = gguf_pre_tokenizer_splits(pre);
+  if (!splits) {
     std::string known;
-    for_each_gguf_pre_tokenizer([&](const char* n, const char*) { known += (known.empty() ? "" : ", ") + std::string(n); });
+    for (const auto& p : gguf_pre_tokenizers()) known += (known.empty() ? "" : ", ") + std::string(p.name);
     throw Error::unsupported(file + ": tokenizer.ggml.pre '" + pre + "': no Split regex known for it here (known: " + known + ")");
   }
   auto strings = [&](const char* key) -> const std::vector<GgufValue>& {
@@ -763,16 +763,16 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
   json merge_list = json::array();
   for (const auto& mv : merges) merge_list.push_back(mv.str);
   const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}};
+  json pretokenizers = json::array();
+  for (const char* regex : *splits)
+    pretokenizers.push_back({{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}});
+  pretokenizers.push_back(byte_level);
   json tj = {{"version", "1.0"},
              {"truncation", nullptr},
              {"padding", nullptr},
              {"added_tokens", added},
              {"normalizer", nullptr},
-             {"pre_tokenizer",
-              {{"type", "Sequence"},
-               {"pretokenizers",
-                json::array({{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}},
-                             byte_level})}}},
+             {"pre_tokenizer", {{"type", "Sequence"}, {"pretokenizers", pretokenizers}}},
              {"post_processor", byte_level},
              {"decoder", byte_level},
              {"model",

@@ -1,5 +1,6 @@
 #include "io/gguf_names.h"
 
+#include <algorithm>
 #include <cmath>
 #include <iterator>
 
@@ -70,20 +71,27 @@ constexpr const char kO200kRegex[] =
     "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
     "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-// llama.cpp's names (llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_*) for the byte-level BPE
-// pre-tokenizers our tokenizers use, by their Split regex.
-const GgufNamePair kGgufPreTokenizers[] = {
-    {"qwen2",
-     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-    {"llama-bpe",
-     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-    // o200k (gpt-oss, Llama 4): llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O, whose "original regex
-    // from tokenizer.json" this is. llama.cpp reads "llama4" (what its converter writes for Llama 4)
-    // as the same pre-tokenizer: the export writes the first name, the reader takes both.
-    {"gpt-4o", kO200kRegex},
-    {"llama4", kO200kRegex},
-};
-const size_t kGgufPreTokenizerCount = std::size(kGgufPreTokenizers);
+const std::vector<GgufPreTokenizer>& gguf_pre_tokenizers() {
+  static const std::vector<GgufPreTokenizer> table = {
+      {"qwen2",
+       {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+      {"llama-bpe",
+       {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}},
+      // o200k (gpt-oss, Llama 4): LLAMA_VOCAB_PRE_TYPE_GPT4O, whose "original regex from
+      // tokenizer.json" this is. llama.cpp reads "llama4" (what its converter writes for Llama 4)
+      // as the same pre-tokenizer: the export writes the first name, the reader takes both.
+      {"gpt-4o", {kO200kRegex}},
+      {"llama4", {kO200kRegex}},
+      // DeepSeek-V3 / R1: LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM's three regexes (digit runs, the CJK
+      // ranges, then the words), as tokenizer.json spells them (JSON-decoded: the CJK ranges as
+      // characters, CR and LF as the characters themselves in the third).
+      {"deepseek-v3",
+       {"\\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|"
+        "\\s*[\r\n]+|\\s+(?!\\S)|\\s+"}},
+  };
+  return table;
+}
 
 // ARCH.<key> <-> config.json, as llama.cpp's converter writes them (convert_hf_to_gguf.py's
 // set_gguf_parameters) for our families.
@@ -205,14 +213,14 @@ void gguf_map_from_file(GgufValueMap map, float* x, size_t n) {
   }
 }
 
-const char* gguf_pre_tokenizer_name(const std::string& regex) {
-  for (const auto& p : kGgufPreTokenizers)  // the first name of a regex
-    if (regex == p.second) return p.first;
+const char* gguf_pre_tokenizer_name(const std::vector<std::string>& splits) {
+  for (const auto& p : gguf_pre_tokenizers())
+    if (std::equal(splits.begin(), splits.end(), p.splits.begin(), p.splits.end())) return p.name;
   return nullptr;
 }
-const char* gguf_pre_tokenizer_regex(const std::string& name) {
-  for (const auto& p : kGgufPreTokenizers)
-    if (name == p.first) return p.second;
+const std::vector<const char*>* gguf_pre_tokenizer_splits(const std::string& name) {
+  for (const auto& p : gguf_pre_tokenizers())
+    if (name == p.name) return &p.splits;
   return nullptr;
 }
 

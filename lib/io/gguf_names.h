@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "family/family.h"
 #include "quant/gguf_blocks.h"
@@ -85,13 +86,18 @@ inline constexpr uint32_t kGgufGatingSigmoid = 2;
 template <class F>
 void for_each_gguf_hparam(F&& f);
 
-// llama.cpp's name (tokenizer.ggml.pre) of a byte-level BPE pre-tokenizer, by its Split regex,
-// and back. nullptr when unknown.
-const char* gguf_pre_tokenizer_name(const std::string& regex);
-const char* gguf_pre_tokenizer_regex(const std::string& name);
-// Calls f(name, regex) for each known pre-tokenizer.
-template <class F>
-void for_each_gguf_pre_tokenizer(F&& f);
+// A byte-level BPE pre-tokenizer llama.cpp knows by name (tokenizer.ggml.pre; llama-vocab.cpp's
+// LLAMA_VOCAB_PRE_TYPE_*): the Split regexes of tokenizer.json's pre_tokenizer Sequence, in order
+// (each Isolated, not inverted), then ByteLevel without its own regex.
+struct GgufPreTokenizer {
+  const char* name;
+  std::vector<const char*> splits;
+};
+const std::vector<GgufPreTokenizer>& gguf_pre_tokenizers();
+// The name of a pre-tokenizer by its splits (the first entry that has them), nullptr when unknown.
+const char* gguf_pre_tokenizer_name(const std::vector<std::string>& splits);
+// The splits of a name, nullptr when unknown.
+const std::vector<const char*>* gguf_pre_tokenizer_splits(const std::string& name);
 
 // A value transform the converter applies to a tensor (convert_hf_to_gguf.py's Qwen3NextModel):
 // PlusOne stores a zero-centred RMSNorm's weight w as 1 + w (llama.cpp's norm multiplies by the
@@ -114,17 +120,11 @@ struct GgufNamePair {
   const char* first;
   const char* second;
 };
-extern const GgufNamePair kGgufPreTokenizers[];
-extern const size_t kGgufPreTokenizerCount;
 extern const GgufHparam kGgufHparams[];
 extern const size_t kGgufHparamCount;
 template <class F>
 void for_each_gguf_hparam(F&& f) {
   for (size_t i = 0; i < kGgufHparamCount; ++i) f(kGgufHparams[i]);
-}
-template <class F>
-void for_each_gguf_pre_tokenizer(F&& f) {
-  for (size_t i = 0; i < kGgufPreTokenizerCount; ++i) f(kGgufPreTokenizers[i].first, kGgufPreTokenizers[i].second);
 }
 
 }  // namespace moe::io

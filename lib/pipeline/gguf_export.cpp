@@ -499,16 +499,34 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
   const auto j = io::parse_json_file_text(env.read_text(tj), tj.string());
   const std::string type = j.contains("model") ? j["model"].value("type", "") : "";
   if (type != "BPE") throw Error::unsupported(tj.string() + ": model.type '" + type + "': only byte-level BPE is exported");
-  const std::string pre_json = j.contains("pre_tokenizer") ? j["pre_tokenizer"].dump() : "null";
-  if (pre_json.find("\"ByteLevel\"") == std::string::npos)
+  // The pre_tokenizer's Split regexes in order (each Isolated, not inverted) and a ByteLevel without
+  // its own regex: what llama.cpp's named pre-tokenizers are (io::gguf_pre_tokenizers).
+  const nlohmann::json pt = j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json();
+  const nlohmann::json steps = pt.is_object() && pt.value("type", "") == "Sequence" ? pt.value("pretokenizers", nlohmann::json::array())
+                               : pt.is_object()                                   ? nlohmann::json::array({pt})
+                                                                                  : nlohmann::json::array();
+  std::vector<std::string> splits;
+  bool byte_level = false, other = false;
+  for (const auto& st : steps) {
+    const std::string t = st.is_object() ? st.value("type", "") : "";
+    if (t == "ByteLevel" && !byte_level && !st.value("use_regex", true)) {
+      byte_level = true;
+    } else if (t == "Split" && !byte_level && st.value("behavior", "") == "Isolated" && !st.value("invert", false) &&
+               st.contains("pattern") && st["pattern"].is_object() && st["pattern"].contains("Regex") && st["pattern"]["Regex"].is_string()) {
+      splits.push_back(st["pattern"]["Regex"].get<std::string>());
+    } else {
+      other = true;
+    }
+  }
+  if (!byte_level && steps.dump().find("\"ByteLevel\"") == std::string::npos)
     throw Error::unsupported(tj.string() + ": pre_tokenizer: not byte-level; SentencePiece-style tokenizers are not exported yet");
-  const char* pre = nullptr;
-  io::for_each_gguf_pre_tokenizer([&](const char* name, const char* regex) {
-    if (!pre && pre_json.find(nlohmann::json(regex).dump()) != std::string::npos) pre = name;  // the first name of a regex
-  });
-  if (!pre)
-    throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regex is none llama.cpp knows by name here (qwen2, llama-bpe, gpt-4o); "
-                             "llama.cpp would tokenize differently");
+  const char* pre = byte_level && !other ? io::gguf_pre_tokenizer_name(splits) : nullptr;
+  if (!pre) {
+    std::string known;
+    for (const auto& p : io::gguf_pre_tokenizers()) known += (known.empty() ? "" : ", ") + std::string(p.name);
+    throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regexes are none llama.cpp knows by name here (" + known +
+                             "); llama.cpp would tokenize differently");
+  }
   if (static_cast<int64_t>(tok.vocab_size()) > n_vocab)
     throw Error::corruption(tj.string() + ": " + std::to_string(tok.vocab_size()) + " tokens, more than the embedding's " +
                             std::to_string(n_vocab) + " rows");

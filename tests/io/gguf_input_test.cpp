@@ -875,45 +875,75 @@ TEST(GgufInputPrune, MlaKvBChangedByAPassIsRefused) {
   EXPECT_FALSE(fs::exists(dir / "changed.gguf"));
 }
 
-// A tokenizer whose Split regex is o200k's (gpt-oss's and Llama 4's tokenizer.json): exported as
-// llama.cpp's pre-tokenizer "gpt-4o", read back from that name with the same regex (the text,
-// capitals inside words and long digit runs included, tokenizes as the source's; a folder written
-// from the file carries the regex); a file naming it "llama4" (llama.cpp's converter for Llama 4)
-// is read the same.
-TEST(GgufInputTokenizer, O200kWrittenAsGpt4oAndReadBack) {
-  TempDir dir{"moe-gguf-o200k"};
-  const fs::path src = dir / "src", out = dir / "o.gguf", l4 = dir / "l4.gguf";
-  copy_folder(kSrc / "data/gpt-oss-tiny", src);
-  json tj = read_json(src / "tokenizer.json");
+// A copy of data/<fixture> at `to` whose tokenizer.json pre_tokenizer is `splits` (each an Isolated
+// Split), then ByteLevel.
+void copy_with_splits(const std::string& fixture, const fs::path& to, const std::vector<std::string>& splits) {
+  copy_folder(kSrc / "data" / fixture, to);
+  json tj = read_json(to / "tokenizer.json");
+  json steps = json::array();
+  for (const auto& r : splits) steps.push_back({{"type", "Split"}, {"pattern", {{"Regex", r}}}, {"behavior", "Isolated"}, {"invert", false}});
+  steps.push_back(tj["pre_tokenizer"]["pretokenizers"].back());  // ByteLevel
+  tj["pre_tokenizer"]["pretokenizers"] = steps;
+  write_file(to / "tokenizer.json", tj.dump());
+}
+
+// Named pre-tokenizers beyond the fixtures' qwen2: o200k (gpt-oss's and Llama 4's tokenizer.json)
+// exported as llama.cpp's "gpt-4o", DeepSeek-V3's three Splits as "deepseek-v3"; each read back
+// from its name with the same regexes (the text, capitals inside words, digit runs and CJK
+// included, tokenizes as the source's; a folder written from the file carries the Splits); a file
+// naming o200k "llama4" (llama.cpp's converter for Llama 4) is read the same. Splits no name has are
+// refused: exit 2, one line, nothing written.
+TEST(GgufInputTokenizer, NamedPreTokenizersWrittenAndReadBack) {
+  TempDir dir{"moe-gguf-pre"};
   const std::string o200k =
       "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
       "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
       "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-  tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = o200k;
-  write_file(src / "tokenizer.json", tj.dump());
-  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
-  const auto f = io::GgufFile::open(io::Env::posix(), out);
-  EXPECT_EQ(f.find("tokenizer.ggml.pre")->as_string("p"), "gpt-4o");
-  const auto a = eval::load_tokenizer(src), b = eval::load_tokenizer(out);
+  const std::vector<std::string> deepseek = {
+      "\\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+      "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|"
+      "\\s*[\r\n]+|\\s+(?!\\S)|\\s+"};
   const std::string text = eval::read_text(kSrc / "data/text/heldout.txt").substr(0, 20000) +
-                           " CamelCaseWords HTTPServer 1234567 it'S\r\n\n  x";
-  const auto ids = a.encode(text, true);
-  EXPECT_EQ(b.encode(text, true), ids);
-  // "llama4" names the same pre-tokenizer.
-  std::string bytes = read_file(out);
-  const std::string from = std::string("\x06\x00\x00\x00\x00\x00\x00\x00gpt-4o", 14), to = std::string("\x06\x00\x00\x00\x00\x00\x00\x00llama4", 14);
-  const auto pos = bytes.find(from);
-  ASSERT_NE(pos, std::string::npos);
-  bytes.replace(pos, from.size(), to);
-  write_file(l4, bytes);
-  EXPECT_EQ(eval::load_tokenizer(l4).encode(text, true), ids);
-  // The regex taken back by name (this fixture's vocabulary has no merge across the pieces where
-  // o200k and qwen2 cut differently, so the ids alone would not tell): a folder written from
-  // either file carries it.
-  for (const fs::path& in : {out, l4}) {
-    const fs::path folder = dir / (in.stem().string() + "-folder");
-    ASSERT_EQ(run_tool({"-q", "convert", in.string(), folder.string(), "--dtype", "f32"}).exit_code, 0);
-    EXPECT_EQ(read_json(folder / "tokenizer.json").at("pre_tokenizer").dump().find(json(o200k).dump()) != std::string::npos, true) << in;
+                           " CamelCaseWords HTTPServer 1234567 it'S 東京とカタカナ 한국\r\n\n  x";
+  struct Case {
+    std::string fixture, name;
+    std::vector<std::string> splits;
+  };
+  for (const Case& c : {Case{"gpt-oss-tiny", "gpt-4o", {o200k}}, Case{"deepseek-v3-tiny", "deepseek-v3", deepseek}}) {
+    SCOPED_TRACE(c.name);
+    const fs::path src = dir / c.name, out = dir / (c.name + ".gguf"), folder = dir / (c.name + "-folder");
+    copy_with_splits(c.fixture, src, c.splits);
+    ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+    const auto f = io::GgufFile::open(io::Env::posix(), out);
+    EXPECT_EQ(f.find("tokenizer.ggml.pre")->as_string("p"), c.name);
+    const auto ids = eval::load_tokenizer(src).encode(text, true);
+    EXPECT_EQ(eval::load_tokenizer(out).encode(text, true), ids);
+    // The Splits taken back by name (these fixtures' vocabularies have no merge across the pieces
+    // where the regexes cut differently, so the ids alone would not tell).
+    ASSERT_EQ(run_tool({"-q", "convert", out.string(), folder.string(), "--dtype", "f32"}).exit_code, 0);
+    std::vector<std::string> back;
+    const json written = read_json(folder / "tokenizer.json");
+    for (const auto& st : written.at("pre_tokenizer").at("pretokenizers"))
+      if (st.at("type") == "Split") back.push_back(st.at("pattern").at("Regex").get<std::string>());
+    EXPECT_EQ(back, c.splits);
+    if (c.name != "gpt-4o") continue;
+    // "llama4" names the same pre-tokenizer.
+    std::string bytes = read_file(out);
+    const std::string from = std::string("\x06\x00\x00\x00\x00\x00\x00\x00gpt-4o", 14), to = std::string("\x06\x00\x00\x00\x00\x00\x00\x00llama4", 14);
+    const auto pos = bytes.find(from);
+    ASSERT_NE(pos, std::string::npos);
+    bytes.replace(pos, from.size(), to);
+    write_file(dir / "l4.gguf", bytes);
+    EXPECT_EQ(eval::load_tokenizer(dir / "l4.gguf").encode(text, true), ids);
+  }
+  // DeepSeek-V3's Splits in another order, and o200k's with a Split before it: no name.
+  copy_with_splits("deepseek-v3-tiny", dir / "order", {deepseek[1], deepseek[0], deepseek[2]});
+  copy_with_splits("gpt-oss-tiny", dir / "extra", {"\\p{N}{1,3}", o200k});
+  for (const char* bad : {"order", "extra"}) {
+    expect_clean_failure(run_tool({"export", (dir / bad).string(), (dir / (std::string(bad) + ".gguf")).string(), "--type", "f32"}),
+                         "tokenizer.json: pre_tokenizer: its Split regexes are none llama.cpp knows by name here (qwen2, llama-bpe, "
+                         "gpt-4o, llama4, deepseek-v3); llama.cpp would tokenize differently");
+    EXPECT_FALSE(fs::exists(dir / (std::string(bad) + ".gguf")));
   }
 }
 
