@@ -798,17 +798,16 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     auto g = m.globals().find(role);
     if (g != m.globals().end()) add(io::gguf_global_name(role), {g->second}, 0, io::gguf_value_map(fam, role));
   };
-  // GgufArch::centre_residual: the last item added written mean-centred (Item::centre), which a
-  // tensor of codes cannot be without re-quantizing.
+  // GgufArch::centre_residual: the last item added written mean-centred (Item::centre). Codes are
+  // copied as they are (centring them would re-quantize them), named in one warning below.
+  std::vector<std::string> uncentred;
   auto centre_last = [&](Item::Centre how) {
     if (!arch->centre_residual) return;
     Item& it = p.items.back();
-    for (const auto& part : it.parts)
-      if (part.encoding())
-        throw Error::unsupported(src + ": " + it.info.name + " is encoded as '" + part.encoding()->name() + "'; llama.cpp's " + A +
-                                 " gets it mean-centred (its RMS norm then computes the model's LayerNorm), so it must be "
-                                 "stored plain: write it dense first with `moe-tool convert " + src +
-                                 " DENSE --materialize`, then export DENSE");
+    if (it.parts.front().encoding()) {
+      uncentred.push_back(it.info.name);
+      return;
+    }
     it.centre = how;
   };
   global("embed");
@@ -929,6 +928,12 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
                       " matches no tensor of this model (GGUF names: blk.N.ffn_down_exps.weight, blk.N.attn_q.weight, "
                       "token_embd.weight, ...; 1-D tensors and routers stay f32)");
   if (yarn) warn_untruncated_yarn(rs);
+  if (!uncentred.empty())
+    core::warn_once(A + ": " + uncentred.front() + (uncentred.size() > 1 ? " and " + std::to_string(uncentred.size() - 1) + " more" : "") +
+                    " are stored as codes, copied as they are without the export's mean-centring: unless they were quantized from "
+                    "centred weights (a GGUF this export wrote, quantized into a folder: docs/gguf.md, phimoe), llama.cpp's RMS norm "
+                    "sees the mean they add to the residual stream, which the model's LayerNorm removes (as in convert_hf_to_gguf.py's "
+                    "files)");
   if (sparsemixer)
     core::warn_once(A + ": llama.cpp's graph weighs the top-2 experts by their softmax renormalized over the two; PhiMoE's "
                     "sparsemixer weighs each by its own masked softmax (router_jitter_noise " + num_str(spec.routing.jitter_eps) +

@@ -977,10 +977,11 @@ TEST(Export, PhimoeKeysAndCentredWritersAsLlamaCppExpects) {
   EXPECT_NEAR(b, a, 1e-6 * a);
 }
 
-// phimoe refusals: the fixture's sliding window of 8 (llama.cpp's phimoe attends fully), a
-// longrope whose short and long mscale differ (llama.cpp has one attn_factor), and a residual
-// writer stored as codes (attn_output as q8_0 blocks: centring it would re-quantize). Exit 2, one
-// line, nothing written.
+// phimoe refusals: the fixture's sliding window of 8 (llama.cpp's phimoe attends fully) and a
+// longrope whose short and long mscale differ (llama.cpp has one attn_factor). Exit 2, one line,
+// nothing written. A residual writer stored as codes (attn_output as q8_0 blocks) is not refused:
+// its codes are copied as they are, not centred (that would re-quantize them), with one warning,
+// while the plain writers are still centred.
 TEST(Export, PhimoeRefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   expect_clean_failure(run_tool({"export", (kSrc / "data/phimoe-tiny").string(), (dir / "w.gguf").string(), "--type", "f32"}),
@@ -991,14 +992,26 @@ TEST(Export, PhimoeRefusalsWriteNothing) {
   expect_clean_failure(run_tool({"export", (dir / "mscale").string(), (dir / "m.gguf").string(), "--type", "f32"}),
                        "the short window's factor on cos and sin (1.15) differs from the long window's (1.2): llama.cpp's phimoe "
                        "applies one rope.scaling.attn_factor to both");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"mscale"}));
   copy_fixture_with("phimoe-tiny", dir / "plain", phimoe_llamacpp_patch());
-  ASSERT_EQ(run_tool({"-q", "quantize", (dir / "plain").string(), (dir / "q").string(), "--method", "rtn", "--codec", "int8:g16",
-                      "--attention", "q8_0"})
+  ASSERT_EQ(run_tool({"-q", "quantize", (dir / "plain").string(), (dir / "q").string(), "--method", "rtn", "--codec", "q8_0",
+                      "--tensor-type", "w2=keep", "--attention", "q8_0"})
                 .exit_code,
             0);
-  expect_clean_failure(run_tool({"export", (dir / "q").string(), (dir / "q.gguf").string(), "--type", "f32"}),
-                       "blk.0.attn_output.weight is encoded as 'gguf-q8_0'; llama.cpp's phimoe gets it mean-centred");
-  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"mscale", "plain", "q"}));
+  const RunResult r = run_tool({"export", (dir / "q").string(), (dir / "q.gguf").string(), "--type", "q8_0", "--tensor-type",
+                                "ffn_down_exps=f16"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.err.find("warning: phimoe: blk.0.attn_output.weight and 1 more are stored as codes, copied as they are without the "
+                       "export's mean-centring"),
+            std::string::npos)
+      << r.err;
+  const auto f = io::GgufFile::open(io::Env::posix(), dir / "q.gguf");
+  const auto m = model::Model::load(io::Checkpoint::open(io::Env::posix(), dir / "q"));
+  EXPECT_EQ(type_of(f, "blk.1.attn_output.weight"), "q8_0");
+  EXPECT_EQ(f.decode(*f.find_tensor("blk.1.attn_output.weight")), m.layers()[1].tensors.at("o_proj").to_f32());
+  const std::vector<float> down = f.decode(*f.find_tensor("blk.1.ffn_down_exps.weight")),
+                           want = centred(m.layers()[1].moe->experts[0].down.to_f32(), 64, 16, false);
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(down[i], want[i], 2e-3f * std::abs(want[i]) + 1e-6f) << i;  // f16
 }
 
 // Symmetric int8 groups of 32 from `quantize` (experts and attention) are Q8_0 blocks exactly:
