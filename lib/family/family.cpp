@@ -284,6 +284,8 @@ std::vector<FamilyDesc> build_families() {
     // RMS norm + bias compute the LayerNorm; the routing differs (sparsemixer_differs).
     gguf_arch(f, "phimoe", false, true, false, false);
     f.gguf->centre_residual = f.gguf->sparsemixer_differs = f.gguf->longrope = true;
+    // Its loader requires output.weight; tied embeddings are written twice, output uncentred.
+    f.gguf->output_required = true;
     v.push_back(f);
   }
   {

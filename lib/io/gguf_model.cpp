@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <optional>
 
@@ -169,7 +170,13 @@ void longrope_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t h
   const std::string file = f.path().string(), A = arch.arch;
   const GgufTensorInfo* lf = f.find_tensor(kGgufRopeFactorsLong);
   const GgufTensorInfo* sf = f.find_tensor(kGgufRopeFactorsShort);
-  if (!lf && !sf) return;
+  if (!lf && !sf) {
+    // llama.cpp multiplies cos and sin by rope.scaling.attn_factor with or without the factors.
+    if (f.find(A + ".rope.scaling.attn_factor"))
+      throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.attn_factor: without " + kGgufRopeFactorsLong +
+                               " and " + kGgufRopeFactorsShort + " (a longrope) it is not read here");
+    return;
+  }
   auto factors = [&](const GgufTensorInfo* t, const char* name) {
     if (!t) throw Error::corruption(file + ": tensor " + name + ": missing (the other longrope factors are given)");
     if (t->type != GgmlType::F32 || t->ne.size() != 1 || t->ne[0] != head_dim / 2)
@@ -197,7 +204,11 @@ void longrope_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t h
   const std::string ok = A + ".rope.scaling.original_context_length";
   const GgufValue* o = f.find(ok);
   if (!o) throw Error::corruption(file + ": metadata key " + ok + ": missing (longrope factors are given)");
-  c["original_max_position_embeddings"] = o->as_int(file + ": " + ok);
+  const int64_t orig = o->as_int(file + ": " + ok), max_pos = c.value("max_position_embeddings", int64_t{0});
+  if (orig < 1 || (max_pos > 0 && orig > max_pos))
+    throw Error::corruption(file + ": metadata key " + ok + ": " + std::to_string(orig) + ", expected 1 to " + A +
+                            ".context_length (" + std::to_string(max_pos) + ")");
+  c["original_max_position_embeddings"] = orig;
   c["rope_scaling"] = rs;
 }
 
@@ -317,6 +328,8 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     }
     if (std::string(h.config_key) == "{rope_dim}") {
       rope_dim = v->as_int(file + ": " + key);
+      if (*rope_dim <= 0 || *rope_dim % 2 != 0)
+        throw Error::corruption(file + ": metadata key " + key + ": " + std::to_string(*rope_dim) + ", expected a positive even width");
       return;
     }
     if (std::string(h.config_key) == "{ssm_inner}") {
@@ -464,10 +477,20 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
       !c.contains("norm_topk_prob"))
     c["norm_topk_prob"] = arch.renormalizes;
   // A bias whose presence a config key decides (llama's attention_bias): true when stored.
+  // Every role a key decides must agree (q/k/v/o biases: all stored or none), else the model read
+  // would not be the file's.
+  std::map<std::string, std::pair<bool, std::string>> decided;  // key -> (stored, the tensor that decided)
   for (const auto& r : fam.layer_roles)
-    if (r.presence.kind == model::Presence::IfConfig && r.presence.key && !c.contains(r.presence.key))
-      if (const char* g = gguf_layer_name(arch, r.role))
-        c[r.presence.key] = (f.find_tensor("blk.0." + std::string(g)) != nullptr) != r.presence.negate;
+    if (r.presence.kind == model::Presence::IfConfig && r.presence.key)
+      if (const char* g = gguf_layer_name(arch, r.role)) {
+        const std::string name = "blk.0." + std::string(g);
+        const bool stored = f.find_tensor(name) != nullptr;
+        const auto [it, fresh] = decided.emplace(r.presence.key, std::pair{stored, name});
+        if (!fresh && it->second.first != stored)
+          throw Error::corruption(file + ": tensor " + (stored ? it->second.second : name) + ": missing, but " +
+                                  (stored ? name : it->second.second) + " is stored (both or neither: " + r.presence.key + ")");
+        if (fresh && !c.contains(r.presence.key)) c[r.presence.key] = stored != r.presence.negate;
+      }
   for (const auto& g : fam.globals)  // phimoe's lm_head_bias
     if (g.presence.kind == model::Presence::IfConfig && g.presence.key && !c.contains(g.presence.key))
       if (const char* n = gguf_global_name(g.role)) c[g.presence.key] = (f.find_tensor(n) != nullptr) != g.presence.negate;

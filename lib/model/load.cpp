@@ -327,6 +327,11 @@ Model Model::load(const io::Checkpoint& ckpt) {
     m.global_names_.erase("lm_head");
   }
   pick.expect(m.global_names_.at("final_norm"), m.globals_.at("final_norm"), {H}, "hidden_size");
+  // phimoe's final LayerNorm bias and lm_head bias.
+  if (m.globals_.count("final_norm_bias"))
+    pick.expect(m.global_names_.at("final_norm_bias"), m.globals_.at("final_norm_bias"), {H}, "hidden_size");
+  if (m.globals_.count("lm_head_bias"))
+    pick.expect(m.global_names_.at("lm_head_bias"), m.globals_.at("lm_head_bias"), {d.vocab}, "vocab_size");
 
   const std::string layers_prefix = f.layer_prefix.substr(0, f.layer_prefix.find("{l}"));  // "model.layers."
   const std::vector<bool> linear_layers =

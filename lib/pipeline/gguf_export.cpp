@@ -312,6 +312,9 @@ double longrope_attn_factor(const runtime::ForwardSpec& spec, int64_t head_dim, 
   const int64_t orig = rs.original_max_positions > 0 ? rs.original_max_positions : spec.max_positions;
   const double short_factor = runtime::longrope_attention_factor(rs, orig, spec.max_positions);
   const double long_factor = runtime::longrope_attention_factor(rs, orig + 1, spec.max_positions);
+  if (!std::isfinite(short_factor) || short_factor <= 0)
+    throw Error::unsupported(src + ": rope_scaling: the factor on cos and sin (short_mscale / long_mscale, else the attention "
+                             "factor) is " + num_str(short_factor) + ": llama.cpp's rope.scaling.attn_factor must be positive");
   if (std::abs(short_factor - long_factor) > 1e-6 * std::abs(short_factor))
     throw Error::unsupported(src + ": rope_scaling: the short window's factor on cos and sin (" + num_str(short_factor) +
                              ") differs from the long window's (" + num_str(long_factor) + "): llama.cpp's " + arch.arch +
@@ -509,6 +512,9 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
   bool byte_level = false, other = false;
   for (const auto& st : steps) {
     const std::string t = st.is_object() ? st.value("type", "") : "";
+    if (t == "ByteLevel" && st.value("add_prefix_space", false))
+      throw Error::unsupported(tj.string() + ": pre_tokenizer: ByteLevel add_prefix_space true: llama.cpp's gpt2 tokenizer "
+                               "adds no space before the text, so it would tokenize differently");
     if (t == "ByteLevel" && !byte_level && !st.value("use_regex", true)) {
       byte_level = true;
     } else if (t == "Split" && !byte_level && st.value("behavior", "") == "Isolated" && !st.value("invert", false) &&

@@ -60,7 +60,9 @@ void check_finite(const float* v, int64_t n, int64_t cols, const core::Tensor& s
 
 void name_non_finite(const model::Model& m, int layer, NonFiniteError& e) {
   if (!e.source() || layer < 0 || layer >= static_cast<int>(m.layers().size())) return;
-  const std::string dir = std::filesystem::path(m.config().source()).parent_path().string();
+  // The checkpoint: a folder's config.json names its folder; a GGUF file's config is the file.
+  const std::filesystem::path config(m.config().source());
+  const std::string dir = (config.filename() == "config.json" ? config.parent_path() : config).string();
   if (const std::string fused = fused_expert_tensor(m, layer, e.source()); !fused.empty()) {
     e.with_frame((dir.empty() ? std::string() : dir + ": ") + "tensor " + fused);
     return;

@@ -370,9 +370,16 @@ ForwardSpec ForwardSpec::from_model(const model::Model& m) {
 }
 
 Forward::Forward(const model::Model& m) : model_(m), spec_(ForwardSpec::from_model(m)) {
-  final_norm_w_ = to_row(m.globals().at("final_norm"));
-  if (m.globals().count("final_norm_bias")) final_norm_b_ = to_row(m.globals().at("final_norm_bias"));
-  if (m.globals().count("lm_head_bias")) lm_head_b_ = to_row(m.globals().at("lm_head_bias"));
+  // A global vector, a non-finite value named by the tensor (its family name).
+  auto global_row = [&m](const std::string& role) {
+    std::string name = role;
+    for (const auto& g : m.family().globals)
+      if (g.role == role) name = g.name;
+    return core::with_context(name, [&] { return to_row(m.globals().at(role)); });
+  };
+  final_norm_w_ = global_row("final_norm");
+  if (m.globals().count("final_norm_bias")) final_norm_b_ = global_row("final_norm_bias");
+  if (m.globals().count("lm_head_bias")) lm_head_b_ = global_row("lm_head_bias");
   if (spec_.zero_centred_norm) final_norm_w_.array() += 1.0f;
 }
 

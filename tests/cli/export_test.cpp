@@ -977,11 +977,12 @@ TEST(Export, PhimoeKeysAndCentredWritersAsLlamaCppExpects) {
   EXPECT_NEAR(b, a, 1e-6 * a);
 }
 
-// phimoe refusals: the fixture's sliding window of 8 (llama.cpp's phimoe attends fully) and a
-// longrope whose short and long mscale differ (llama.cpp has one attn_factor). Exit 2, one line,
-// nothing written. A residual writer stored as codes (attn_output as q8_0 blocks) is not refused:
-// its codes are copied as they are, not centred (that would re-quantize them), with one warning,
-// while the plain writers are still centred.
+// phimoe refusals: the fixture's sliding window of 8 (llama.cpp's phimoe attends fully), a
+// longrope whose short and long mscale differ (llama.cpp has one attn_factor) or are not positive,
+// a ByteLevel adding a prefix space. Exit 2, one line, nothing written. Tied embeddings are
+// written twice (output.weight uncentred) and evaluate as the folder. A residual writer stored as
+// codes (attn_output as q8_0 blocks) is not refused: its codes are copied as they are, not centred
+// (that would re-quantize them), with one warning, while the plain writers are still centred.
 TEST(Export, PhimoeRefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   expect_clean_failure(run_tool({"export", (kSrc / "data/phimoe-tiny").string(), (dir / "w.gguf").string(), "--type", "f32"}),
@@ -992,7 +993,36 @@ TEST(Export, PhimoeRefusalsWriteNothing) {
   expect_clean_failure(run_tool({"export", (dir / "mscale").string(), (dir / "m.gguf").string(), "--type", "f32"}),
                        "the short window's factor on cos and sin (1.15) differs from the long window's (1.2): llama.cpp's phimoe "
                        "applies one rope.scaling.attn_factor to both");
-  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"mscale"}));
+  patch["rope_scaling"]["short_mscale"] = patch["rope_scaling"]["long_mscale"] = -1.15;
+  copy_fixture_with("phimoe-tiny", dir / "negative", patch);
+  expect_clean_failure(run_tool({"export", (dir / "negative").string(), (dir / "n.gguf").string(), "--type", "f32"}),
+                       "rope_scaling: the factor on cos and sin (short_mscale / long_mscale, else the attention factor) is -1.15: "
+                       "llama.cpp's rope.scaling.attn_factor must be positive");
+  // A ByteLevel that adds a space before the text: llama.cpp's gpt2 tokenizer does not.
+  copy_fixture_with("phimoe-tiny", dir / "prefix", phimoe_llamacpp_patch());
+  json tj = read_json(dir / "prefix" / "tokenizer.json");
+  tj["pre_tokenizer"]["pretokenizers"].back()["add_prefix_space"] = true;
+  write_file(dir / "prefix" / "tokenizer.json", tj.dump());
+  expect_clean_failure(run_tool({"export", (dir / "prefix").string(), (dir / "p.gguf").string(), "--type", "f32"}),
+                       "tokenizer.json: pre_tokenizer: ByteLevel add_prefix_space true: llama.cpp's gpt2 tokenizer adds no space "
+                       "before the text, so it would tokenize differently");
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"mscale", "negative", "prefix"}));
+  // Tied embeddings: token_embd centred, output.weight (required by llama.cpp's loader) the
+  // embedding as it is, so the file evaluates as the folder.
+  json tied = phimoe_llamacpp_patch();
+  tied["tie_word_embeddings"] = true;
+  copy_fixture_with("phimoe-tiny", dir / "tied", tied);
+  ASSERT_EQ(run_tool({"-q", "export", (dir / "tied").string(), (dir / "t.gguf").string(), "--type", "f32"}).exit_code, 0);
+  const auto t = io::GgufFile::open(io::Env::posix(), dir / "t.gguf");
+  const auto tied_ck = io::Checkpoint::open(io::Env::posix(), dir / "tied");
+  EXPECT_EQ(t.decode(*t.find_tensor("output.weight")), tied_ck.tensor("model.embed_tokens.weight").to_f32());
+  auto nll = [](const fs::path& p) {
+    const RunResult e = run_tool({"-q", "eval", p.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx", "64",
+                                  "--max-windows", "4", "--json"});
+    EXPECT_EQ(e.exit_code, 0) << e.describe();
+    return json::parse(e.out).at("nll_sum").get<double>();
+  };
+  EXPECT_NEAR(nll(dir / "t.gguf"), nll(dir / "tied"), 1e-6 * nll(dir / "tied"));
   copy_fixture_with("phimoe-tiny", dir / "plain", phimoe_llamacpp_patch());
   ASSERT_EQ(run_tool({"-q", "quantize", (dir / "plain").string(), (dir / "q").string(), "--method", "rtn", "--codec", "q8_0",
                       "--tensor-type", "w2=keep", "--attention", "q8_0"})

@@ -5,9 +5,11 @@
 // a truncated file and an unknown architecture are refused with one line naming the file and key.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "core/dtype.h"
@@ -944,6 +946,51 @@ TEST(GgufInputTokenizer, NamedPreTokenizersWrittenAndReadBack) {
                          "tokenizer.json: pre_tokenizer: its Split regexes are none llama.cpp knows by name here (qwen2, llama-bpe, "
                          "gpt-4o, llama4, deepseek-v3); llama.cpp would tokenize differently");
     EXPECT_FALSE(fs::exists(dir / (std::string(bad) + ".gguf")));
+  }
+}
+
+// A copy of GGUF `in` at `out` with `edit` applied to its metadata and tensor list; the tensors
+// left in the list are copied as stored.
+void rewrite_gguf(const fs::path& in, const fs::path& out,
+                  const std::function<void(io::GgufMetadata&, std::vector<io::GgufTensorInfo>&)>& edit) {
+  auto& env = io::Env::posix();
+  const auto f = io::GgufFile::open(env, in);
+  io::GgufMetadata kv = f.metadata();
+  std::vector<io::GgufTensorInfo> ts = f.tensors();
+  edit(kv, ts);
+  io::GgufWriter w(env, out, kv, ts);
+  for (const auto& t : ts) w.append(f.tensor_data(*f.find_tensor(t.name)), f.find_tensor(t.name)->nbytes());
+  w.finish();
+}
+
+// phimoe files our reader would read as another model than llama.cpp runs: attn_output.bias
+// stored without the q/k/v biases (attention_bias covers all four), rope.scaling.attn_factor
+// without the longrope divisors (llama.cpp applies it anyway), an original_context_length outside
+// 1..context_length. Each refused in one line naming the file and the tensor or key.
+TEST(GgufInputRefusals, PhimoeFilesReadOtherwiseThanLlamaCpp) {
+  TempDir dir{"moe-gguf-phimoe-bad"};
+  const fs::path in = exported("phimoe-tiny", "f32");
+  auto drop = [](std::vector<io::GgufTensorInfo>& ts, const std::vector<std::string>& names) {
+    std::erase_if(ts, [&](const io::GgufTensorInfo& t) { return std::find(names.begin(), names.end(), t.name) != names.end(); });
+  };
+  auto set_u32 = [](io::GgufMetadata& kv, const std::string& key, uint32_t v) {
+    for (auto& [k, val] : kv)
+      if (k == key) val = io::GgufValue::u32(v);
+  };
+  rewrite_gguf(in, dir / "bias.gguf", [&](auto&, auto& ts) { drop(ts, {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"}); });
+  rewrite_gguf(in, dir / "factor.gguf", [&](auto&, auto& ts) { drop(ts, {"rope_factors_long.weight", "rope_factors_short.weight"}); });
+  rewrite_gguf(in, dir / "orig0.gguf", [&](auto& kv, auto&) { set_u32(kv, "phimoe.rope.scaling.original_context_length", 0); });
+  rewrite_gguf(in, dir / "orig_big.gguf", [&](auto& kv, auto&) { set_u32(kv, "phimoe.rope.scaling.original_context_length", 4096); });
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"bias.gguf", "bias.gguf: tensor blk.0.attn_q.bias: missing, but blk.0.attn_output.bias is stored (both or neither: attention_bias)"},
+      {"factor.gguf", "factor.gguf: metadata key phimoe.rope.scaling.attn_factor: without rope_factors_long.weight and "
+                      "rope_factors_short.weight (a longrope) it is not read here"},
+      {"orig0.gguf", "orig0.gguf: metadata key phimoe.rope.scaling.original_context_length: 0, expected 1 to phimoe.context_length (256)"},
+      {"orig_big.gguf", "orig_big.gguf: metadata key phimoe.rope.scaling.original_context_length: 4096, expected 1 to "
+                        "phimoe.context_length (256)"}};
+  for (const auto& [file, message] : cases) {
+    SCOPED_TRACE(file);
+    expect_clean_failure(run_tool({"inspect", (dir / file).string()}), message);
   }
 }
 

@@ -479,6 +479,9 @@ TEST(ModelErrors, ShapesDisagreeWithConfig) {
   load_error("deepseek_v2", {.reshape = {{"model.layers.1.self_attn.kv_a_proj_with_mqa.weight", {20, 16}}}},
              {"layer 1 kv_a_proj", "[20, 16]", "hidden_size 32"});
   load_error("qwen3", {.reshape = {{"model.norm.weight", {33}}}}, {"model.norm.weight: shape [33]", "implies [32]"});
+  // phimoe's final LayerNorm bias and lm_head bias (read past their end before).
+  load_error("phimoe", {.reshape = {{"model.norm.bias", {16}}}}, {"model.norm.bias: shape [16] but hidden_size implies [32]"});
+  load_error("phimoe", {.reshape = {{"lm_head.bias", {1}}}}, {"lm_head.bias: shape [1] but vocab_size implies"});
 }
 
 TEST(ModelErrors, MissingTensors) {
