@@ -16,6 +16,7 @@ rearranged; no value is invented. Plain Python (no NumPy):
   kimi-k2              data/deepseek-v3-tiny with model_type kimi_k2
   gpt-oss-o200k        data/gpt-oss-tiny with o200k's Split regex and yarn truncate true
   deepseek-v3-pretok   data/deepseek-v3-tiny with DeepSeek-V3's three Split regexes
+  mixtral-sp           data/models/mixtral-tiny with data/tokenizer-sp's SentencePiece-style tokenizer
 
 Usage: scripts/make_gguf_check_copies.py OUT
 """
@@ -124,6 +125,10 @@ def main():
     c["rope_scaling"]["truncate"] = True
     (d / "config.json").write_text(json.dumps(c, indent=2))
     set_splits(copy("deepseek-v3-tiny", out / "deepseek-v3-pretok"), DEEPSEEK_V3)
+    d = copy("models/mixtral-tiny", out / "mixtral-sp")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(DATA / "tokenizer-sp" / name, d / name)
+    (d / "special_tokens_map.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

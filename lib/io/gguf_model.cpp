@@ -744,14 +744,96 @@ uint64_t GgufModel::total_tensor_bytes() const {
 
 // ---- tokenizer ----
 
+// tokenizer_config.json: the special tokens by content and whether they are added.
+json tokenizer_config_json(const GgufFile& f, const std::vector<GgufValue>& tokens) {
+  const std::string file = f.path().string();
+  json cfg = json::object();
+  for (const char* which : {"bos", "eos"}) {
+    const std::string key = std::string("tokenizer.ggml.") + which + "_token_id";
+    if (const GgufValue* v = f.find(key)) {
+      const int64_t id = v->as_int(file + ": " + key);
+      if (id < 0 || id >= static_cast<int64_t>(tokens.size()))
+        throw Error::corruption(file + ": metadata key " + key + ": " + std::to_string(id) + " is not a token id (" +
+                                std::to_string(tokens.size()) + " tokens)");
+      cfg[std::string(which) + "_token"] = tokens[static_cast<size_t>(id)].str;
+    }
+    const std::string add = std::string("tokenizer.ggml.add_") + which + "_token";
+    if (const GgufValue* v = f.find(add)) cfg[std::string("add_") + which + "_token"] = v->integer != 0;
+  }
+  return cfg;
+}
+
+// tokenizer.json for llama.cpp's "llama" (SentencePiece-style) vocabulary, as transformers'
+// LlamaConverter writes one: BPE with byte_fallback whose merges are every split of each piece
+// into two pieces, the pieces in descending tokenizer.ggml.scores (llama.cpp joins the adjacent pair
+// whose joined piece scores highest: the same choice), splits of one piece ordered by their parts'
+// ids; "▁" for spaces, prepended when tokenizer.ggml.add_space_prefix (absent: true, llama.cpp's
+// default). The unk token is tokenizer.ggml.unknown_token_id's, else the type-2 piece.
+json sentencepiece_tokenizer_json(const GgufFile& f, const std::vector<GgufValue>& tokens, const GgufValue* types,
+                                  const json& vocab, const json& added) {
+  const std::string file = f.path().string();
+  const GgufValue& sv = meta_need(f, "tokenizer.ggml.scores");
+  if (sv.type != GgufValueType::ARRAY || sv.items.size() != tokens.size())
+    throw Error::corruption(file + ": metadata key tokenizer.ggml.scores: expected an array of " + std::to_string(tokens.size()) +
+                            " numbers (one per token)");
+  std::vector<std::pair<double, int64_t>> order;  // (score, id) of the pieces a join can make
+  std::optional<int64_t> unk;
+  for (size_t id = 0; id < tokens.size(); ++id) {
+    const double score = sv.items[id].as_double(file + ": tokenizer.ggml.scores[" + std::to_string(id) + "]");
+    if (!std::isfinite(score))
+      throw Error::corruption(file + ": metadata key tokenizer.ggml.scores[" + std::to_string(id) + "]: not a finite number");
+    const int64_t ty = types ? types->items[id].as_int(file + ": tokenizer.ggml.token_type[" + std::to_string(id) + "]") : 1;
+    if (ty == 1) order.emplace_back(score, static_cast<int64_t>(id));
+    if (ty == 2 && !unk) unk = static_cast<int64_t>(id);
+  }
+  if (const GgufValue* u = f.find("tokenizer.ggml.unknown_token_id")) {
+    const int64_t id = u->as_int(file + ": tokenizer.ggml.unknown_token_id");
+    if (id < 0 || id >= static_cast<int64_t>(tokens.size()))
+      throw Error::corruption(file + ": metadata key tokenizer.ggml.unknown_token_id: " + std::to_string(id) + " is not a token id");
+    unk = id;
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  json merges = json::array();
+  for (const auto& [score, id] : order) {
+    const std::string& piece = tokens[static_cast<size_t>(id)].str;
+    std::vector<std::tuple<int64_t, int64_t, size_t>> splits;  // (left id, right id, cut)
+    for (size_t k = 1; k < piece.size(); ++k) {
+      if ((static_cast<unsigned char>(piece[k]) & 0xC0) == 0x80) continue;  // inside a UTF-8 character
+      const auto l = vocab.find(piece.substr(0, k)), r = vocab.find(piece.substr(k));
+      if (l != vocab.end() && r != vocab.end()) splits.emplace_back(l->get<int64_t>(), r->get<int64_t>(), k);
+    }
+    std::sort(splits.begin(), splits.end());
+    for (const auto& [l, r, k] : splits) merges.push_back(json::array({piece.substr(0, k), piece.substr(k)}));
+  }
+  const GgufValue* sp = f.find("tokenizer.ggml.add_space_prefix");
+  const bool prefix = !sp || sp->integer != 0;
+  json decoders = json::array({{{"type", "Replace"}, {"pattern", {{"String", "\u2581"}}}, {"content", " "}},
+                               {{"type", "ByteFallback"}}, {{"type", "Fuse"}}});
+  if (prefix) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
+  return {{"version", "1.0"},
+          {"truncation", nullptr},
+          {"padding", nullptr},
+          {"added_tokens", added},
+          {"normalizer", nullptr},
+          {"pre_tokenizer", {{"type", "Metaspace"}, {"replacement", "\u2581"}, {"prepend_scheme", prefix ? "first" : "never"}, {"split", false}}},
+          {"post_processor", nullptr},
+          {"decoder", {{"type", "Sequence"}, {"decoders", decoders}}},
+          {"model",
+           {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", unk ? json(tokens[static_cast<size_t>(*unk)].str) : json(nullptr)},
+            {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"fuse_unk", true}, {"byte_fallback", true},
+            {"ignore_merges", false}, {"vocab", vocab}, {"merges", merges}}}};
+}
+
 GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
   const std::string file = f.path().string();
   const std::string model = meta_need(f, "tokenizer.ggml.model").as_string(file + ": tokenizer.ggml.model");
-  if (model != "gpt2")
-    throw Error::unsupported(file + ": tokenizer.ggml.model '" + model + "': only gpt2 (byte-level BPE) is read here");
-  const std::string pre = meta_need(f, "tokenizer.ggml.pre").as_string(file + ": tokenizer.ggml.pre");
-  const std::vector<const char*>* splits = gguf_pre_tokenizer_splits(pre);
-  if (!splits) {
+  if (model != "gpt2" && model != "llama")
+    throw Error::unsupported(file + ": tokenizer.ggml.model '" + model +
+                             "': only gpt2 (byte-level BPE) and llama (SentencePiece-style BPE) are read here");
+  const bool spm = model == "llama";
+  const std::string pre = spm ? std::string() : meta_need(f, "tokenizer.ggml.pre").as_string(file + ": tokenizer.ggml.pre");
+  const std::vector<const char*>* splits = spm ? nullptr : gguf_pre_tokenizer_splits(pre);
+  if (!spm && !splits) {
     std::string known;
     for (const auto& p : gguf_pre_tokenizers()) known += (known.empty() ? "" : ", ") + std::string(p.name);
     throw Error::unsupported(file + ": tokenizer.ggml.pre '" + pre + "': no Split regex known for it here (known: " + known + ")");
@@ -763,7 +845,8 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
     return v.items;
   };
   const auto& tokens = strings("tokenizer.ggml.tokens");
-  const auto& merges = strings("tokenizer.ggml.merges");
+  static const std::vector<GgufValue> none;
+  const auto& merges = spm ? none : strings("tokenizer.ggml.merges");
   const GgufValue* types = f.find("tokenizer.ggml.token_type");
   if (types && (types->type != GgufValueType::ARRAY || types->items.size() != tokens.size()))
     throw Error::corruption(file + ": metadata key tokenizer.ggml.token_type: expected an array of " +
@@ -773,10 +856,10 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
     const int64_t ty = types ? types->items[id].as_int(file + ": tokenizer.ggml.token_type[" + std::to_string(id) + "]") : 1;
     const std::string& tok = tokens[id].str;
     if (ty == 5) continue;  // unused (padding rows)
-    if (ty == 3 || ty == 4) {
+    if (ty == 3 || ty == 4 || (spm && ty == 2)) {
       added.push_back({{"id", id}, {"content", tok}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                       {"normalized", false}, {"special", ty == 3}});
-      continue;
+                       {"normalized", false}, {"special", ty != 4}});
+      if (!spm) continue;  // SentencePiece: in the vocabulary too, as transformers' conversion keeps them
     }
     if (vocab.contains(tok))
       throw Error::corruption(file + ": metadata key tokenizer.ggml.tokens: token " + std::to_string(id) + " repeats token " +
@@ -785,6 +868,14 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
   }
   json merge_list = json::array();
   for (const auto& mv : merges) merge_list.push_back(mv.str);
+  if (spm) {
+    const json tj = sentencepiece_tokenizer_json(f, tokens, types, vocab, added);
+    try {
+      return {tj.dump(), tokenizer_config_json(f, tokens).dump()};
+    } catch (const json::exception&) {
+      throw Error::corruption(file + ": metadata key tokenizer.ggml.tokens: a string is not valid UTF-8");
+    }
+  }
   const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}};
   json pretokenizers = json::array();
   for (const char* regex : *splits)
@@ -802,22 +893,8 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
               {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
                {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false}, {"vocab", vocab},
                {"merges", merge_list}}}};
-  // tokenizer_config.json: the special tokens by content and whether they are added.
-  json cfg = json::object();
-  for (const char* which : {"bos", "eos"}) {
-    const std::string key = std::string("tokenizer.ggml.") + which + "_token_id";
-    if (const GgufValue* v = f.find(key)) {
-      const int64_t id = v->as_int(file + ": " + key);
-      if (id < 0 || id >= static_cast<int64_t>(tokens.size()))
-        throw Error::corruption(file + ": metadata key " + key + ": " + std::to_string(id) + " is not a token id (" +
-                                std::to_string(tokens.size()) + " tokens)");
-      cfg[std::string(which) + "_token"] = tokens[static_cast<size_t>(id)].str;
-    }
-    const std::string add = std::string("tokenizer.ggml.add_") + which + "_token";
-    if (const GgufValue* v = f.find(add)) cfg[std::string("add_") + which + "_token"] = v->integer != 0;
-  }
   try {
-    return {tj.dump(), cfg.dump()};
+    return {tj.dump(), tokenizer_config_json(f, tokens).dump()};
   } catch (const json::exception&) {
     throw Error::corruption(file + ": metadata keys tokenizer.ggml.tokens / merges: a string is not valid UTF-8");
   }

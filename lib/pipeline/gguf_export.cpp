@@ -1,6 +1,7 @@
 #include "pipeline/gguf_export.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -8,6 +9,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <unordered_map>
 
 #include "core/error.h"
 #include "core/warn.h"
@@ -496,12 +498,129 @@ MlaKeys mla_keys(const model::Model& m, const model::GgufArch& arch, const runti
 }
 
 // tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model).
+// Whether tokenizer.json is SentencePiece-style BPE (byte_fallback, "▁" for spaces: Llama 2's,
+// Mistral's, Phi-3's), as transformers' LlamaConverter writes it: the pre_tokenizer Metaspace
+// (replacement "▁", split false) or, in older files, the normalizer Prepend("▁") + Replace(" ",
+// "▁"). Its value: whether a "▁" is prepended (llama.cpp's add_space_prefix); nullopt otherwise.
+std::optional<bool> sentencepiece_space_prefix(const nlohmann::json& j) {
+  const nlohmann::json& m = j.contains("model") ? j["model"] : nlohmann::json();
+  if (!m.is_object() || m.value("type", "") != "BPE" || !m.value("byte_fallback", false)) return std::nullopt;
+  const nlohmann::json pt = j.value("pre_tokenizer", nlohmann::json()), norm = j.value("normalizer", nlohmann::json());
+  if (pt.is_object() && pt.value("type", "") == "Metaspace" && pt.value("replacement", "") == "\u2581" && !pt.value("split", true) &&
+      norm.is_null()) {
+    const std::string scheme = pt.value("prepend_scheme", pt.value("add_prefix_space", true) ? "always" : "never");
+    if (scheme == "first" || scheme == "always") return true;
+    if (scheme == "never") return false;
+    return std::nullopt;
+  }
+  if (pt.is_null() && norm.is_object() && norm.value("type", "") == "Sequence") {
+    const nlohmann::json ns = norm.value("normalizers", nlohmann::json::array());
+    const nlohmann::json prepend = {{"type", "Prepend"}, {"prepend", "\u2581"}};
+    const nlohmann::json replace = {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}};
+    if (ns.size() == 2 && ns[0] == prepend && ns[1] == replace) return true;
+    if (ns.size() == 1 && ns[0] == replace) return false;
+  }
+  return std::nullopt;
+}
+
+// tokenizer.ggml.* for a SentencePiece-style BPE tokenizer (sentencepiece_space_prefix) as
+// llama.cpp's "llama" vocabulary, which merges the adjacent pair whose joined piece has the highest
+// score. Each piece's score is minus the rank of the first merge that makes it: transformers'
+// SentencePieceExtractor lists every split of a piece at the rank of the piece's score, so the
+// lowest-rank merge is the highest-score piece; pieces no merge makes score 0 (characters, bytes,
+// specials: never a join). Types: 2 the unk token, 3 special added tokens, 4 other added tokens,
+// 6 the byte pieces <0xXX>, 5 padding rows, else 1.
+void sentencepiece_metadata(const tokenizer::Tokenizer& tok, const nlohmann::json& j, const fs::path& tj, int64_t n_vocab,
+                            bool space_prefix, io::GgufMetadata& kv) {
+  std::vector<std::string> tokens;
+  std::vector<int32_t> types;
+  std::unordered_map<std::string, int64_t> ids;
+  for (int64_t id = 0; id < n_vocab; ++id) {
+    std::string t;
+    int32_t ty = 1;
+    try {
+      t = tok.id_to_token(static_cast<int32_t>(id));
+      if (tok.is_special(static_cast<int32_t>(id))) ty = 3;
+      else if (t.size() == 6 && t.rfind("<0x", 0) == 0 && t[5] == '>' && std::isxdigit(static_cast<unsigned char>(t[3])) &&
+               std::isxdigit(static_cast<unsigned char>(t[4])))
+        ty = 6;
+    } catch (const Error&) {
+      t = "[PAD" + std::to_string(id) + "]";
+      ty = 5;
+    }
+    ids.emplace(t, id);
+    tokens.push_back(std::move(t));
+    types.push_back(ty);
+  }
+  for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
+    const int64_t id = a.value("id", -1);
+    if (id >= 0 && id < n_vocab && !a.value("special", false)) types[id] = 4;
+  }
+  const nlohmann::json& model = j["model"];
+  if (model.contains("unk_token") && model["unk_token"].is_string())
+    if (auto u = ids.find(model["unk_token"].get<std::string>()); u != ids.end()) types[u->second] = 2;
+  std::vector<float> scores(static_cast<size_t>(n_vocab), 0.0f);
+  std::vector<bool> scored(static_cast<size_t>(n_vocab), false);
+  int64_t rank = 0;
+  for (const auto& m : model.value("merges", nlohmann::json::array())) {
+    std::string joined;
+    if (m.is_string()) {
+      const std::string s = m.get<std::string>();
+      const auto sp = s.find(' ');
+      if (sp == std::string::npos) throw Error::corruption(tj.string() + ": model.merges: expected \"a b\", found " + m.dump());
+      joined = s.substr(0, sp) + s.substr(sp + 1);
+    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
+      joined = m[0].get<std::string>() + m[1].get<std::string>();
+    } else {
+      throw Error::corruption(tj.string() + ": model.merges: expected \"a b\" or [a, b], found " + m.dump());
+    }
+    ++rank;
+    const auto it = ids.find(joined);
+    if (it == ids.end())
+      throw Error::corruption(tj.string() + ": model.merges[" + std::to_string(rank - 1) + "]: joins to '" + joined +
+                              "', which is not in the vocabulary");
+    if (!scored[it->second]) {
+      scored[it->second] = true;
+      scores[it->second] = -static_cast<float>(rank);
+    }
+  }
+  kv.emplace_back("tokenizer.ggml.model", GgufValue::string("llama"));
+  kv.emplace_back("tokenizer.ggml.tokens", GgufValue::strings(tokens));
+  kv.emplace_back("tokenizer.ggml.scores", GgufValue::f32s(scores));
+  kv.emplace_back("tokenizer.ggml.token_type", GgufValue::i32s(types));
+  kv.emplace_back("tokenizer.ggml.add_space_prefix", GgufValue::boolean(space_prefix));
+  if (model.contains("unk_token") && model["unk_token"].is_string())
+    if (auto u = ids.find(model["unk_token"].get<std::string>()); u != ids.end())
+      kv.emplace_back("tokenizer.ggml.unknown_token_id", GgufValue::u32(static_cast<uint32_t>(u->second)));
+}
+
+void byte_level_metadata(const tokenizer::Tokenizer& tok, const nlohmann::json& j, const fs::path& tj, int64_t n_vocab,
+                         io::GgufMetadata& kv);
+void special_token_metadata(io::Env& env, const fs::path& dir, const tokenizer::Tokenizer& tok, int64_t n_vocab, io::GgufMetadata& kv);
+
+// tokenizer.ggml.*: SentencePiece-style BPE as llama.cpp's "llama" vocabulary, byte-level BPE as "gpt2".
 void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::GgufMetadata& kv) {
   const fs::path tj = dir / "tokenizer.json";
   const auto tok = tokenizer::Tokenizer::load(dir);
   const auto j = io::parse_json_file_text(env.read_text(tj), tj.string());
   const std::string type = j.contains("model") ? j["model"].value("type", "") : "";
-  if (type != "BPE") throw Error::unsupported(tj.string() + ": model.type '" + type + "': only byte-level BPE is exported");
+  if (type != "BPE")
+    throw Error::unsupported(tj.string() + ": model.type '" + type + "': only BPE (byte-level or SentencePiece-style) is exported");
+  if (static_cast<int64_t>(tok.vocab_size()) > n_vocab)
+    throw Error::corruption(tj.string() + ": " + std::to_string(tok.vocab_size()) + " tokens, more than the embedding's " +
+                            std::to_string(n_vocab) + " rows");
+  const std::optional<bool> space_prefix = sentencepiece_space_prefix(j);
+  if (space_prefix) {
+    sentencepiece_metadata(tok, j, tj, n_vocab, *space_prefix, kv);
+  } else {
+    byte_level_metadata(tok, j, tj, n_vocab, kv);
+  }
+  special_token_metadata(env, dir, tok, n_vocab, kv);
+}
+
+// tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model).
+void byte_level_metadata(const tokenizer::Tokenizer& tok, const nlohmann::json& j, const fs::path& tj, int64_t n_vocab,
+                         io::GgufMetadata& kv) {
   // The pre_tokenizer's Split regexes in order (each Isolated, not inverted) and a ByteLevel without
   // its own regex: what llama.cpp's named pre-tokenizers are (io::gguf_pre_tokenizers).
   const nlohmann::json pt = j.contains("pre_tokenizer") ? j["pre_tokenizer"] : nlohmann::json();
@@ -525,7 +644,8 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
     }
   }
   if (!byte_level && steps.dump().find("\"ByteLevel\"") == std::string::npos)
-    throw Error::unsupported(tj.string() + ": pre_tokenizer: not byte-level; SentencePiece-style tokenizers are not exported yet");
+    throw Error::unsupported(tj.string() + ": pre_tokenizer: neither byte-level nor SentencePiece-style (Metaspace \"\u2581\" with "
+                             "byte_fallback BPE): llama.cpp would tokenize differently");
   const char* pre = byte_level && !other ? io::gguf_pre_tokenizer_name(splits) : nullptr;
   if (!pre) {
     std::string known;
@@ -533,9 +653,6 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
     throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regexes are none llama.cpp knows by name here (" + known +
                              "); llama.cpp would tokenize differently");
   }
-  if (static_cast<int64_t>(tok.vocab_size()) > n_vocab)
-    throw Error::corruption(tj.string() + ": " + std::to_string(tok.vocab_size()) + " tokens, more than the embedding's " +
-                            std::to_string(n_vocab) + " rows");
   std::vector<std::string> tokens;
   std::vector<int32_t> types;
   for (int64_t id = 0; id < n_vocab; ++id) {
@@ -566,7 +683,11 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
   kv.emplace_back("tokenizer.ggml.tokens", GgufValue::strings(tokens));
   kv.emplace_back("tokenizer.ggml.token_type", GgufValue::i32s(types));
   kv.emplace_back("tokenizer.ggml.merges", GgufValue::strings(merges));
-  // As the converter: the tokenizer's special tokens, else config.json's ids.
+}
+
+// The special token ids and add_bos / add_eos, as the converter writes them: the tokenizer's
+// special tokens, else config.json's ids.
+void special_token_metadata(io::Env& env, const fs::path& dir, const tokenizer::Tokenizer& tok, int64_t n_vocab, io::GgufMetadata& kv) {
   auto special = [&](const char* key, std::optional<int32_t> id, const char* config_key) {
     if (!id) {
       const fs::path cj = dir / "config.json";

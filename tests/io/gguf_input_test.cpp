@@ -949,6 +949,65 @@ TEST(GgufInputTokenizer, NamedPreTokenizersWrittenAndReadBack) {
   }
 }
 
+// A SentencePiece-style tokenizer (data/tokenizer-sp: Metaspace "▁", byte_fallback BPE, as
+// transformers converts Llama 2's / Mistral's) on mixtral-tiny: exported as llama.cpp's "llama"
+// vocabulary (each piece scored minus the rank of the first merge that makes it, the merges' own
+// order; unk / control / byte types; add_space_prefix), read back into a tokenizer that tokenizes
+// as the source's (spaces, digits, bytes outside the vocabulary); the
+// legacy form (normalizer Prepend + Replace, no pre_tokenizer) is the same vocabulary.
+TEST(GgufInputTokenizer, SentencePieceWrittenAsLlamaAndReadBack) {
+  TempDir dir{"moe-gguf-spm"};
+  const fs::path src = dir / "src", legacy = dir / "legacy", out = dir / "s.gguf", out2 = dir / "l.gguf";
+  for (const fs::path& d : {src, legacy}) {
+    copy_folder(kSrc / "data/models/mixtral-tiny", d);
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"})
+      fs::copy_file(kSrc / "data/tokenizer-sp" / name, d / name, fs::copy_options::overwrite_existing);
+    fs::remove(d / "special_tokens_map.json");
+  }
+  json tj = read_json(legacy / "tokenizer.json");
+  tj["pre_tokenizer"] = nullptr;
+  tj["normalizer"] = {{"type", "Sequence"},
+                      {"normalizers", {{{"type", "Prepend"}, {"prepend", "\u2581"}},
+                                       {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}}}}};
+  write_file(legacy / "tokenizer.json", tj.dump());
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "export", legacy.string(), out2.string(), "--type", "f32"}).exit_code, 0);
+  const auto f = io::GgufFile::open(io::Env::posix(), out);
+  EXPECT_EQ(f.find("tokenizer.ggml.model")->as_string("m"), "llama");
+  EXPECT_EQ(f.find("tokenizer.ggml.pre"), nullptr);
+  EXPECT_EQ(f.find("tokenizer.ggml.merges"), nullptr);
+  EXPECT_EQ(f.find("tokenizer.ggml.add_space_prefix")->integer, 1u);
+  EXPECT_EQ(f.find("tokenizer.ggml.unknown_token_id")->as_int("u"), 0);
+  const auto& tokens = f.find("tokenizer.ggml.tokens")->items;
+  const auto& scores = f.find("tokenizer.ggml.scores")->items;
+  const auto& types = f.find("tokenizer.ggml.token_type")->items;
+  ASSERT_EQ(scores.size(), tokens.size());
+  const json src_tj = read_json(src / "tokenizer.json");
+  const auto& vocab = src_tj.at("model").at("vocab");
+  const auto& merges = src_tj.at("model").at("merges");
+  // The first merge ("▁" + "t") makes score -1; "he" (the second) -2; a character no merge makes 0.
+  EXPECT_EQ(scores[vocab.at(merges[0][0].get<std::string>() + merges[0][1].get<std::string>()).get<size_t>()].as_double("s"), -1.0);
+  EXPECT_EQ(scores[vocab.at(merges[1][0].get<std::string>() + merges[1][1].get<std::string>()).get<size_t>()].as_double("s"), -2.0);
+  EXPECT_EQ(scores[vocab.at("e").get<size_t>()].as_double("s"), 0.0);
+  EXPECT_EQ(types[0].as_int("t"), 2);                                      // <unk>
+  EXPECT_EQ(types[1].as_int("t"), 3);                                      // <s>
+  EXPECT_EQ(types[vocab.at("<0x41>").get<size_t>()].as_int("t"), 6);       // a byte
+  EXPECT_EQ(types[vocab.at("e").get<size_t>()].as_int("t"), 1);
+  EXPECT_EQ(types.back().as_int("t"), 5);                                  // padding up to the embedding rows
+  // (No special token inside the text: after one, the legacy form prepends "▁" again, as
+  // llama.cpp does, and Metaspace's prepend_scheme "first" does not: docs/gguf.md.)
+  const std::string text = eval::read_text(kSrc / "data/text/heldout.txt").substr(0, 20000) + " 12345 ünïcödé 東京 x  y\n\n z";
+  const auto ids = eval::load_tokenizer(src).encode(text, true);
+  EXPECT_EQ(eval::load_tokenizer(out).encode(text, true), ids);
+  EXPECT_EQ(eval::load_tokenizer(out2).encode(text, true), ids);
+  EXPECT_EQ(eval::load_tokenizer(legacy).encode(text, true), ids);
+  // The GGUF's metadata is the same for both forms.
+  const auto g = io::GgufFile::open(io::Env::posix(), out2);
+  EXPECT_EQ(g.find("tokenizer.ggml.scores")->items.size(), scores.size());
+  const auto& scores2 = g.find("tokenizer.ggml.scores")->items;
+  for (size_t i = 0; i < scores.size(); ++i) ASSERT_EQ(scores2[i].as_double("s"), scores[i].as_double("s")) << i;
+}
+
 // A copy of GGUF `in` at `out` with `edit` applied to its metadata and tensor list; the tensors
 // left in the list are copied as stored.
 void rewrite_gguf(const fs::path& in, const fs::path& out,
