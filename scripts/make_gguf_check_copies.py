@@ -17,6 +17,7 @@ rearranged; no value is invented. Plain Python (no NumPy):
   gpt-oss-o200k        data/gpt-oss-tiny with o200k's Split regex and yarn truncate true
   deepseek-v3-pretok   data/deepseek-v3-tiny with DeepSeek-V3's three Split regexes
   mixtral-sp           data/models/mixtral-tiny with data/tokenizer-sp's SentencePiece-style tokenizer
+  gpt-oss-bytelevel    gpt-oss-o200k with a ByteLevel pre_tokenizer using its own (GPT-2) regex
 
 Usage: scripts/make_gguf_check_copies.py OUT
 """
@@ -125,6 +126,13 @@ def main():
     c["rope_scaling"]["truncate"] = True
     (d / "config.json").write_text(json.dumps(c, indent=2))
     set_splits(copy("deepseek-v3-tiny", out / "deepseek-v3-pretok"), DEEPSEEK_V3)
+    d = copy("gpt-oss-tiny", out / "gpt-oss-bytelevel")
+    j = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    j["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (d / "tokenizer.json").write_text(json.dumps(j, ensure_ascii=False), encoding="utf-8")
+    c = json.loads((d / "config.json").read_text())
+    c["rope_scaling"]["truncate"] = True
+    (d / "config.json").write_text(json.dumps(c, indent=2))
     d = copy("models/mixtral-tiny", out / "mixtral-sp")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(DATA / "tokenizer-sp" / name, d / name)

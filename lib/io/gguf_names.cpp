@@ -71,6 +71,8 @@ constexpr const char kO200kRegex[] =
     "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
     "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
+constexpr const char kGpt2Regex[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+
 const std::vector<GgufPreTokenizer>& gguf_pre_tokenizers() {
   static const std::vector<GgufPreTokenizer> table = {
       {"qwen2",
@@ -80,6 +82,10 @@ const std::vector<GgufPreTokenizer>& gguf_pre_tokenizers() {
       // o200k (gpt-oss, Llama 4): LLAMA_VOCAB_PRE_TYPE_GPT4O, whose "original regex from
       // tokenizer.json" this is. llama.cpp reads "llama4" (what its converter writes for Llama 4)
       // as the same pre-tokenizer: the export writes the first name, the reader takes both.
+      // GPT-2's (a ByteLevel with use_regex true, OLMoE's GPT-NeoX tokenizer; the same string as
+      // tokenizer/pretokenize.h's kGpt2Pattern): LLAMA_VOCAB_PRE_TYPE_GPT2, also read as "olmo".
+      {"gpt-2", {kGpt2Regex}},
+      {"olmo", {kGpt2Regex}},
       {"gpt-4o", {kO200kRegex}},
       {"llama4", {kO200kRegex}},
       // DeepSeek-V3 / R1: LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM's three regexes (digit runs, the CJK

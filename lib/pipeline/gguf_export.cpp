@@ -21,6 +21,7 @@
 #include "quant/ternary.h"
 #include "runtime/forward.h"
 #include "runtime/parallel.h"
+#include "tokenizer/pretokenize.h"
 #include "tokenizer/tokenizer.h"
 
 namespace moe::pipeline {
@@ -635,6 +636,9 @@ void byte_level_metadata(const tokenizer::Tokenizer& tok, const nlohmann::json& 
       throw Error::unsupported(tj.string() + ": pre_tokenizer: ByteLevel add_prefix_space true: llama.cpp's gpt2 tokenizer "
                                "adds no space before the text, so it would tokenize differently");
     if (t == "ByteLevel" && !byte_level && !st.value("use_regex", true)) {
+      byte_level = true;
+    } else if (t == "ByteLevel" && !byte_level && splits.empty()) {  // its own regex: GPT-2's
+      splits.push_back(tokenizer::kGpt2Pattern);
       byte_level = true;
     } else if (t == "Split" && !byte_level && st.value("behavior", "") == "Isolated" && !st.value("invert", false) &&
                st.contains("pattern") && st["pattern"].is_object() && st["pattern"].contains("Regex") && st["pattern"]["Regex"].is_string()) {

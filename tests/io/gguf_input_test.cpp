@@ -26,6 +26,7 @@
 #include "support/paths.h"
 #include "support/run.h"
 #include "support/synth.h"
+#include "tokenizer/pretokenize.h"
 
 namespace moe::test {
 namespace {
@@ -944,7 +945,7 @@ TEST(GgufInputTokenizer, NamedPreTokenizersWrittenAndReadBack) {
   for (const char* bad : {"order", "extra"}) {
     expect_clean_failure(run_tool({"export", (dir / bad).string(), (dir / (std::string(bad) + ".gguf")).string(), "--type", "f32"}),
                          "tokenizer.json: pre_tokenizer: its Split regexes are none llama.cpp knows by name here (qwen2, llama-bpe, "
-                         "gpt-4o, llama4, deepseek-v3); llama.cpp would tokenize differently");
+                         "gpt-2, olmo, gpt-4o, llama4, deepseek-v3); llama.cpp would tokenize differently");
     EXPECT_FALSE(fs::exists(dir / (std::string(bad) + ".gguf")));
   }
 }
@@ -1051,6 +1052,31 @@ TEST(GgufInputRefusals, PhimoeFilesReadOtherwiseThanLlamaCpp) {
     SCOPED_TRACE(file);
     expect_clean_failure(run_tool({"inspect", (dir / file).string()}), message);
   }
+}
+
+// A ByteLevel pre-tokenizer with its own regex (use_regex true: GPT-2's, as OLMoE's GPT-NeoX
+// tokenizer.json has it): exported as llama.cpp's "gpt-2", read back as that regex's Split before a
+// ByteLevel without one, which tokenizes the same; a file naming it "olmo" (the converter's name
+// for OLMo tokenizers) is read the same.
+TEST(GgufInputTokenizer, ByteLevelRegexWrittenAsGpt2AndReadBack) {
+  TempDir dir{"moe-gguf-gpt2"};
+  const fs::path src = dir / "src", out = dir / "g.gguf", olmo = dir / "o.gguf";
+  copy_folder(kSrc / "data/gpt-oss-tiny", src);
+  json tj = read_json(src / "tokenizer.json");
+  tj["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  write_file(src / "tokenizer.json", tj.dump());
+  ASSERT_EQ(run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"}).exit_code, 0);
+  EXPECT_EQ(io::GgufFile::open(io::Env::posix(), out).find("tokenizer.ggml.pre")->as_string("p"), "gpt-2");
+  rewrite_gguf(out, olmo, [](io::GgufMetadata& kv, auto&) {
+    for (auto& [k, v] : kv)
+      if (k == "tokenizer.ggml.pre") v = io::GgufValue::string("olmo");
+  });
+  const std::string text = eval::read_text(kSrc / "data/text/heldout.txt").substr(0, 20000) + " 1234567 it's   x\n\n  y ";
+  const auto ids = eval::load_tokenizer(src).encode(text, true);
+  EXPECT_EQ(eval::load_tokenizer(out).encode(text, true), ids);
+  EXPECT_EQ(eval::load_tokenizer(olmo).encode(text, true), ids);
+  // The regex is the tokenizer's own GPT-2 pattern.
+  EXPECT_EQ(std::string(io::gguf_pre_tokenizer_splits("gpt-2")->front()), tokenizer::kGpt2Pattern);
 }
 
 TEST(GgufInputRefusals, TruncatedAndUnknownArchOneLine) {
