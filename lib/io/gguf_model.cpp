@@ -768,7 +768,9 @@ json tokenizer_config_json(const GgufFile& f, const std::vector<GgufValue>& toke
 // into two pieces, the pieces in descending tokenizer.ggml.scores (llama.cpp joins the adjacent pair
 // whose joined piece scores highest: the same choice), splits of one piece ordered by their parts'
 // ids; "▁" for spaces, prepended when tokenizer.ggml.add_space_prefix (absent: true, llama.cpp's
-// default). The unk token is tokenizer.ggml.unknown_token_id's, else the type-2 piece.
+// default), as llama.cpp does: before the text and after every special token, even where the text
+// already starts with a space (the legacy normalizer form, not Metaspace's "first"). The unk token is
+// tokenizer.ggml.unknown_token_id's, else the type-2 piece.
 json sentencepiece_tokenizer_json(const GgufFile& f, const std::vector<GgufValue>& tokens, const GgufValue* types,
                                   const json& vocab, const json& added) {
   const std::string file = f.path().string();
@@ -806,7 +808,14 @@ json sentencepiece_tokenizer_json(const GgufFile& f, const std::vector<GgufValue
     for (const auto& [l, r, k] : splits) merges.push_back(json::array({piece.substr(0, k), piece.substr(k)}));
   }
   const GgufValue* sp = f.find("tokenizer.ggml.add_space_prefix");
+  if (sp && sp->type != GgufValueType::BOOL)
+    throw Error::corruption(file + ": metadata key tokenizer.ggml.add_space_prefix: expected a bool");
   const bool prefix = !sp || sp->integer != 0;
+  // llama.cpp prepends "▁" to the text and after every special token, whatever the text starts
+  // with: the normalizer Prepend("▁") (applied to each piece between special tokens) + Replace.
+  json normalizers = json::array();
+  if (prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", "\u2581"}});
+  normalizers.push_back({{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}});
   json decoders = json::array({{{"type", "Replace"}, {"pattern", {{"String", "\u2581"}}}, {"content", " "}},
                                {{"type", "ByteFallback"}}, {{"type", "Fuse"}}});
   if (prefix) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
@@ -814,8 +823,8 @@ json sentencepiece_tokenizer_json(const GgufFile& f, const std::vector<GgufValue
           {"truncation", nullptr},
           {"padding", nullptr},
           {"added_tokens", added},
-          {"normalizer", nullptr},
-          {"pre_tokenizer", {{"type", "Metaspace"}, {"replacement", "\u2581"}, {"prepend_scheme", prefix ? "first" : "never"}, {"split", false}}},
+          {"normalizer", {{"type", "Sequence"}, {"normalizers", normalizers}}},
+          {"pre_tokenizer", nullptr},
           {"post_processor", nullptr},
           {"decoder", {{"type", "Sequence"}, {"decoders", decoders}}},
           {"model",
@@ -855,6 +864,14 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
   for (size_t id = 0; id < tokens.size(); ++id) {
     const int64_t ty = types ? types->items[id].as_int(file + ": tokenizer.ggml.token_type[" + std::to_string(id) + "]") : 1;
     const std::string& tok = tokens[id].str;
+    // llama.cpp's llama_token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    const bool byte_piece = tok.size() == 6 && tok.rfind("<0x", 0) == 0 && tok[5] == '>' &&
+                            std::isxdigit(static_cast<unsigned char>(tok[3])) && std::isxdigit(static_cast<unsigned char>(tok[4]));
+    if (ty < 1 || ty > 6 || (ty == 6 && !byte_piece) || (ty == 2 && !spm))
+      throw Error::corruption(file + ": metadata key tokenizer.ggml.token_type[" + std::to_string(id) + "]: " + std::to_string(ty) +
+                              (ty == 6 ? " (byte) for '" + tok + "', which is not <0xXX>"
+                                       : std::string(" is not a token type read here (1 normal, 3 control, 4 user-defined, 5 unused") +
+                                             (spm ? ", 2 unknown, 6 byte)" : ")")));
     if (ty == 5) continue;  // unused (padding rows)
     if (ty == 3 || ty == 4 || (spm && ty == 2)) {
       added.push_back({{"id", id}, {"content", tok}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},

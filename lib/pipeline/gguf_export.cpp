@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <future>
+#include <map>
 #include <numeric>
 #include <optional>
 #include <set>
@@ -560,30 +561,49 @@ void sentencepiece_metadata(const tokenizer::Tokenizer& tok, const nlohmann::jso
   const nlohmann::json& model = j["model"];
   if (model.contains("unk_token") && model["unk_token"].is_string())
     if (auto u = ids.find(model["unk_token"].get<std::string>()); u != ids.end()) types[u->second] = 2;
-  std::vector<float> scores(static_cast<size_t>(n_vocab), 0.0f);
-  std::vector<bool> scored(static_cast<size_t>(n_vocab), false);
-  int64_t rank = 0;
-  for (const auto& m : model.value("merges", nlohmann::json::array())) {
-    std::string joined;
+  // Each pair's rank is its last occurrence (a repeated merge takes its later rank, as the BPE
+  // model's merge map does); a piece's rank the lowest of the pairs that make it.
+  std::map<std::pair<std::string, std::string>, int64_t> pair_rank;
+  const nlohmann::json merges = model.value("merges", nlohmann::json::array());
+  for (size_t r = 0; r < merges.size(); ++r) {
+    const auto& m = merges[r];
+    std::pair<std::string, std::string> ab;
     if (m.is_string()) {
       const std::string s = m.get<std::string>();
       const auto sp = s.find(' ');
-      if (sp == std::string::npos) throw Error::corruption(tj.string() + ": model.merges: expected \"a b\", found " + m.dump());
-      joined = s.substr(0, sp) + s.substr(sp + 1);
+      if (sp == std::string::npos) throw Error::corruption(tj.string() + ": model.merges[" + std::to_string(r) + "]: expected \"a b\", found " + m.dump());
+      ab = {s.substr(0, sp), s.substr(sp + 1)};
     } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
-      joined = m[0].get<std::string>() + m[1].get<std::string>();
+      ab = {m[0].get<std::string>(), m[1].get<std::string>()};
     } else {
-      throw Error::corruption(tj.string() + ": model.merges: expected \"a b\" or [a, b], found " + m.dump());
+      throw Error::corruption(tj.string() + ": model.merges[" + std::to_string(r) + "]: expected \"a b\" or [a, b], found " + m.dump());
     }
-    ++rank;
-    const auto it = ids.find(joined);
+    pair_rank[ab] = static_cast<int64_t>(r) + 1;
+  }
+  std::vector<int64_t> rank(static_cast<size_t>(n_vocab), 0);
+  for (const auto& [ab, r] : pair_rank) {
+    const auto it = ids.find(ab.first + ab.second);
     if (it == ids.end())
-      throw Error::corruption(tj.string() + ": model.merges[" + std::to_string(rank - 1) + "]: joins to '" + joined +
+      throw Error::corruption(tj.string() + ": model.merges: " + ab.first + " + " + ab.second + " joins to '" + ab.first + ab.second +
                               "', which is not in the vocabulary");
-    if (!scored[it->second]) {
-      scored[it->second] = true;
-      scores[it->second] = -static_cast<float>(rank);
+    int64_t& k = rank[static_cast<size_t>(it->second)];
+    if (k == 0 || r < k) k = r;
+  }
+  std::vector<float> scores(static_cast<size_t>(n_vocab), 0.0f);
+  for (int64_t id = 0; id < n_vocab; ++id) {
+    const std::string& t = tokens[static_cast<size_t>(id)];
+    const size_t i = static_cast<size_t>(id);
+    if (rank[i] > 0) {
+      scores[i] = -static_cast<float>(rank[i]);
+      continue;
     }
+    // A piece of several characters that no merge makes: the BPE never produces it, but llama.cpp
+    // joins any adjacent pair whose join is in the vocabulary.
+    const auto chars = std::count_if(t.begin(), t.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; });
+    if (types[i] == 1 && chars > 1)
+      throw Error::unsupported(tj.string() + ": model.vocab: piece '" + t + "' (id " + std::to_string(id) +
+                               ") is made by no merge: llama.cpp's SentencePiece tokenizer would still join it, so it would "
+                               "tokenize differently");
   }
   kv.emplace_back("tokenizer.ggml.model", GgufValue::string("llama"));
   kv.emplace_back("tokenizer.ggml.tokens", GgufValue::strings(tokens));
@@ -610,6 +630,25 @@ void tokenizer_metadata(io::Env& env, const fs::path& dir, int64_t n_vocab, io::
   if (static_cast<int64_t>(tok.vocab_size()) > n_vocab)
     throw Error::corruption(tj.string() + ": " + std::to_string(tok.vocab_size()) + " tokens, more than the embedding's " +
                             std::to_string(n_vocab) + " rows");
+  // An added token is its vocabulary piece, or has an id of its own: one id holding two strings
+  // (or one string under two ids) would be read back as another vocabulary.
+  if (j.contains("model") && j["model"].contains("vocab") && j["model"]["vocab"].is_object()) {
+    const auto& vocab = j["model"]["vocab"];
+    std::unordered_map<int64_t, std::string> by_id;
+    for (const auto& [piece, id] : vocab.items())
+      if (id.is_number_integer()) by_id.emplace(id.get<int64_t>(), piece);
+    const auto added = j.value("added_tokens", nlohmann::json::array());
+    for (size_t i = 0; i < added.size(); ++i) {
+      const int64_t id = added[i].value("id", int64_t{-1});
+      const std::string content = added[i].value("content", "");
+      const auto at = by_id.find(id);
+      const auto same = vocab.find(content);
+      if ((at != by_id.end() && at->second != content) || (same != vocab.end() && same->is_number_integer() && same->get<int64_t>() != id))
+        throw Error::corruption(tj.string() + ": added_tokens[" + std::to_string(i) + "]: '" + content + "' with id " + std::to_string(id) +
+                                (at != by_id.end() && at->second != content ? ", which is the vocabulary's '" + at->second + "'"
+                                                                            : ", but the vocabulary has it as id " + std::to_string(same->get<int64_t>())));
+    }
+  }
   const std::optional<bool> space_prefix = sentencepiece_space_prefix(j);
   if (space_prefix) {
     sentencepiece_metadata(tok, j, tj, n_vocab, *space_prefix, kv);

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "pipeline/report.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moe::pipeline {
 
@@ -119,8 +120,14 @@ void write_side_files(io::Env& env, const io::Checkpoint& source, const io::fs::
     if (f.filename() == "config.json" || f.filename() == "moe_tool_report.json") continue;
     env.copy_file(f, dir / f.filename());
   }
-  // A GGUF input holds its tokenizer as metadata: written out as tokenizer.json and its config.
-  for (const auto& [name, text] : source.generated_side_files()) env.write_text(dir / name, text);
+  // A GGUF input holds its tokenizer as metadata: written out as tokenizer.json and its config,
+  // once they load (a tokenizer the folder's readers would refuse is refused here).
+  const auto generated = source.generated_side_files();
+  if (generated.size() == 2) {
+    const std::string src = source.dir().string() + ": tokenizer.ggml.*";
+    tokenizer::Tokenizer::from_json_text(generated[0].second, generated[1].second, src, src);
+  }
+  for (const auto& [name, text] : generated) env.write_text(dir / name, text);
 }
 
 SinkResult write_hf_checkpoint(Sink& sink, const model::Model& model, const io::Checkpoint& source,

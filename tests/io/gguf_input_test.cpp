@@ -878,6 +878,20 @@ TEST(GgufInputPrune, MlaKvBChangedByAPassIsRefused) {
   EXPECT_FALSE(fs::exists(dir / "changed.gguf"));
 }
 
+// A copy of GGUF `in` at `out` with `edit` applied to its metadata and tensor list; the tensors
+// left in the list are copied as stored.
+void rewrite_gguf(const fs::path& in, const fs::path& out,
+                  const std::function<void(io::GgufMetadata&, std::vector<io::GgufTensorInfo>&)>& edit) {
+  auto& env = io::Env::posix();
+  const auto f = io::GgufFile::open(env, in);
+  io::GgufMetadata kv = f.metadata();
+  std::vector<io::GgufTensorInfo> ts = f.tensors();
+  edit(kv, ts);
+  io::GgufWriter w(env, out, kv, ts);
+  for (const auto& t : ts) w.append(f.tensor_data(*f.find_tensor(t.name)), f.find_tensor(t.name)->nbytes());
+  w.finish();
+}
+
 // A copy of data/<fixture> at `to` whose tokenizer.json pre_tokenizer is `splits` (each an Isolated
 // Split), then ByteLevel.
 void copy_with_splits(const std::string& fixture, const fs::path& to, const std::vector<std::string>& splits) {
@@ -954,8 +968,11 @@ TEST(GgufInputTokenizer, NamedPreTokenizersWrittenAndReadBack) {
 // transformers converts Llama 2's / Mistral's) on mixtral-tiny: exported as llama.cpp's "llama"
 // vocabulary (each piece scored minus the rank of the first merge that makes it, the merges' own
 // order; unk / control / byte types; add_space_prefix), read back into a tokenizer that tokenizes
-// as the source's (spaces, digits, bytes outside the vocabulary); the
-// legacy form (normalizer Prepend + Replace, no pre_tokenizer) is the same vocabulary.
+// as the source's (spaces, digits, bytes outside the vocabulary) and, on text starting with a space,
+// as llama.cpp (the legacy form); the legacy form (normalizer Prepend + Replace, no pre_tokenizer)
+// is the same vocabulary; a repeated merge takes its later rank. Refused at export: a piece no
+// merge makes, an added token whose id is another piece; when read (tokenize, convert): token types
+// llama.cpp does not have, a byte type on another piece, a non-bool add_space_prefix.
 TEST(GgufInputTokenizer, SentencePieceWrittenAsLlamaAndReadBack) {
   TempDir dir{"moe-gguf-spm"};
   const fs::path src = dir / "src", legacy = dir / "legacy", out = dir / "s.gguf", out2 = dir / "l.gguf";
@@ -1007,20 +1024,64 @@ TEST(GgufInputTokenizer, SentencePieceWrittenAsLlamaAndReadBack) {
   EXPECT_EQ(g.find("tokenizer.ggml.scores")->items.size(), scores.size());
   const auto& scores2 = g.find("tokenizer.ggml.scores")->items;
   for (size_t i = 0; i < scores.size(); ++i) ASSERT_EQ(scores2[i].as_double("s"), scores[i].as_double("s")) << i;
-}
-
-// A copy of GGUF `in` at `out` with `edit` applied to its metadata and tensor list; the tensors
-// left in the list are copied as stored.
-void rewrite_gguf(const fs::path& in, const fs::path& out,
-                  const std::function<void(io::GgufMetadata&, std::vector<io::GgufTensorInfo>&)>& edit) {
-  auto& env = io::Env::posix();
-  const auto f = io::GgufFile::open(env, in);
-  io::GgufMetadata kv = f.metadata();
-  std::vector<io::GgufTensorInfo> ts = f.tensors();
-  edit(kv, ts);
-  io::GgufWriter w(env, out, kv, ts);
-  for (const auto& t : ts) w.append(f.tensor_data(*f.find_tensor(t.name)), f.find_tensor(t.name)->nbytes());
-  w.finish();
+  // Read back as llama.cpp tokenizes: "▁" before the text even where it starts with a space (the
+  // legacy form; Metaspace's "first" adds none there: docs/gguf.md).
+  for (const std::string t : {" x", "  leading spaces"})
+    EXPECT_EQ(eval::load_tokenizer(out).encode(t, true), eval::load_tokenizer(legacy).encode(t, true)) << t;
+  // A repeated merge takes its later rank, as the BPE does.
+  const fs::path dup = dir / "dup";
+  copy_folder(src, dup);
+  json dj = read_json(dup / "tokenizer.json");
+  dj["model"]["merges"].push_back(dj["model"]["merges"][0]);
+  write_file(dup / "tokenizer.json", dj.dump());
+  ASSERT_EQ(run_tool({"-q", "export", dup.string(), (dir / "dup.gguf").string(), "--type", "f32"}).exit_code, 0);
+  EXPECT_EQ(eval::load_tokenizer(dir / "dup.gguf").encode(text, true), eval::load_tokenizer(dup).encode(text, true));
+  // Refused at export: a piece of several characters no merge makes (llama.cpp would join it), an
+  // added token whose id is another vocabulary piece.
+  const fs::path orphan = dir / "orphan", clash = dir / "clash";
+  copy_folder(src, orphan);
+  json oj = read_json(orphan / "tokenizer.json");
+  oj["model"]["vocab"]["xq"] = oj["model"]["vocab"].size();  // a new id past the others
+  write_file(orphan / "tokenizer.json", oj.dump());
+  expect_clean_failure(run_tool({"export", orphan.string(), (dir / "o.gguf").string(), "--type", "f32"}),
+                       "model.vocab: piece 'xq' (id 1000) is made by no merge: llama.cpp's SentencePiece tokenizer would still join it");
+  copy_folder(kSrc / "data/gpt-oss-tiny", clash);
+  json cj = read_json(clash / "tokenizer.json");
+  cj["added_tokens"].push_back({{"id", 100}, {"content", "zzqq"}, {"special", false}, {"normalized", false}, {"lstrip", false},
+                                {"rstrip", false}, {"single_word", false}});
+  write_file(clash / "tokenizer.json", cj.dump());
+  expect_clean_failure(run_tool({"export", clash.string(), (dir / "c.gguf").string(), "--type", "f32"}),
+                       "' with id 100, which is the vocabulary's '");
+  EXPECT_FALSE(fs::exists(dir / "o.gguf"));
+  EXPECT_FALSE(fs::exists(dir / "c.gguf"));
+  // Refused when read (tokenize, and convert writes no folder): a token type llama.cpp does not
+  // have, a byte type on a piece that is not <0xXX>, add_space_prefix that is not a bool.
+  auto set = [&](const std::string& name, const std::function<void(io::GgufMetadata&)>& edit) {
+    rewrite_gguf(out, dir / name, [&](io::GgufMetadata& kv, auto&) { edit(kv); });
+  };
+  auto type_of_token = [](io::GgufMetadata& kv, size_t id, int32_t ty) {
+    for (auto& [k, v] : kv)
+      if (k == "tokenizer.ggml.token_type") v.items[id] = io::GgufValue::i32(ty);
+  };
+  const size_t e = vocab.at("e").get<size_t>();
+  set("t7.gguf", [&](auto& kv) { type_of_token(kv, e, 7); });
+  set("t6.gguf", [&](auto& kv) { type_of_token(kv, e, 6); });
+  set("asp.gguf", [](auto& kv) {
+    for (auto& [k, v] : kv)
+      if (k == "tokenizer.ggml.add_space_prefix") v = io::GgufValue::string("true");
+  });
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"t7.gguf", "tokenizer.ggml.token_type[" + std::to_string(e) + "]: 7 is not a token type read here"},
+      {"t6.gguf", "tokenizer.ggml.token_type[" + std::to_string(e) + "]: 6 (byte) for 'e', which is not <0xXX>"},
+      {"asp.gguf", "metadata key tokenizer.ggml.add_space_prefix: expected a bool"}};
+  for (const auto& [name, message] : bad) {
+    SCOPED_TRACE(name);
+    const fs::path t = dir / "t.txt";
+    write_file(t, "hello");
+    expect_clean_failure(run_tool({"tokenize", (dir / name).string(), "--text", t.string()}), message);
+    expect_clean_failure(run_tool({"convert", (dir / name).string(), (dir / (name + "-folder")).string(), "--dtype", "f32"}), message);
+    EXPECT_FALSE(fs::exists(dir / (name + "-folder")));
+  }
 }
 
 // phimoe files our reader would read as another model than llama.cpp runs: attn_output.bias
