@@ -157,12 +157,6 @@ const char* config_torch_dtype(uint32_t file_type) {
   }
 }
 
-// llama.cpp's llama4 attention as llama4_text config keys (GgufArch::llama4_graph: fixed by its
-// loader, no key), and the llama3 RoPE scaling its rope_freqs.weight holds. The divisors are read
-// back as a llama3 scaling with low_freq_factor = high_freq_factor = 1 (Llama 4 Scout's): each 1 or
-// one factor, the 1s first; original_max_position_embeddings is then any length between the last
-// unscaled and the first scaled wavelength (the geometric mean, rounded, is taken). Divisors between
-// 1 and the factor (a smoothed band) are refused: they do not determine the scaling's keys.
 // longrope (GgufArch::longrope) from rope_factors_long / rope_factors_short ([head_dim / 2] f32,
 // both or neither), rope.scaling.attn_factor (absent: transformers' default factor, which the
 // converter writes) as both windows' mscale, and rope.scaling.original_context_length.
@@ -212,6 +206,12 @@ void longrope_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t h
   c["rope_scaling"] = rs;
 }
 
+// llama.cpp's llama4 attention as llama4_text config keys (GgufArch::llama4_graph: fixed by its
+// loader, no key), and the llama3 RoPE scaling its rope_freqs.weight holds. The divisors are read
+// back as a llama3 scaling with low_freq_factor = high_freq_factor = 1 (Llama 4 Scout's): each 1 or
+// one factor, the 1s first; original_max_position_embeddings is then any length between the last
+// unscaled and the first scaled wavelength (the geometric mean, rounded, is taken). Divisors between
+// 1 and the factor (a smoothed band) are refused: they do not determine the scaling's keys.
 void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t head_dim) {
   const std::string file = f.path().string();
   const int64_t layers = c.at("num_hidden_layers").get<int64_t>();
@@ -867,11 +867,10 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
     // llama.cpp's llama_token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
     const bool byte_piece = tok.size() == 6 && tok.rfind("<0x", 0) == 0 && tok[5] == '>' &&
                             std::isxdigit(static_cast<unsigned char>(tok[3])) && std::isxdigit(static_cast<unsigned char>(tok[4]));
-    if (ty < 1 || ty > 6 || (ty == 6 && !byte_piece) || (ty == 2 && !spm))
+    if (ty < 1 || ty > 6 || (ty == 6 && !byte_piece))
       throw Error::corruption(file + ": metadata key tokenizer.ggml.token_type[" + std::to_string(id) + "]: " + std::to_string(ty) +
                               (ty == 6 ? " (byte) for '" + tok + "', which is not <0xXX>"
-                                       : std::string(" is not a token type read here (1 normal, 3 control, 4 user-defined, 5 unused") +
-                                             (spm ? ", 2 unknown, 6 byte)" : ")")));
+                                       : " is not a token type read here (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)"));
     if (ty == 5) continue;  // unused (padding rows)
     if (ty == 3 || ty == 4 || (spm && ty == 2)) {
       added.push_back({{"id", id}, {"content", tok}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
