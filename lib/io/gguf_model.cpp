@@ -865,9 +865,7 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
     const int64_t ty = types ? types->items[id].as_int(file + ": tokenizer.ggml.token_type[" + std::to_string(id) + "]") : 1;
     const std::string& tok = tokens[id].str;
     // llama.cpp's llama_token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-    const bool byte_piece = tok.size() == 6 && tok.rfind("<0x", 0) == 0 && tok[5] == '>' &&
-                            std::isxdigit(static_cast<unsigned char>(tok[3])) && std::isxdigit(static_cast<unsigned char>(tok[4]));
-    if (ty < 1 || ty > 6 || (ty == 6 && !byte_piece))
+    if (ty < 1 || ty > 6 || (ty == 6 && !gguf_byte_piece(tok)))
       throw Error::corruption(file + ": metadata key tokenizer.ggml.token_type[" + std::to_string(id) + "]: " + std::to_string(ty) +
                               (ty == 6 ? " (byte) for '" + tok + "', which is not <0xXX>"
                                        : " is not a token type read here (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)"));

@@ -1,6 +1,7 @@
 #include "io/gguf_names.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <iterator>
 
@@ -172,6 +173,11 @@ const char* gguf_layer_role(const GgufArch& arch, const std::string& gguf_name) 
   if (arch.post_attention_norm && gguf_name == "ffn_norm.weight") return nullptr;
   return find_first(kGgufLayerNames, gguf_name);
 }
+bool gguf_byte_piece(const std::string& piece) {
+  return piece.size() == 6 && piece.rfind("<0x", 0) == 0 && piece[5] == '>' && std::isxdigit(static_cast<unsigned char>(piece[3])) &&
+         std::isxdigit(static_cast<unsigned char>(piece[4]));
+}
+
 bool gguf_rope_tensor(const GgufArch& arch, const std::string& name) {
   return (arch.rope_freqs && name == kGgufRopeFreqs) ||
          (arch.longrope && (name == kGgufRopeFactorsLong || name == kGgufRopeFactorsShort));

@@ -68,6 +68,8 @@ inline constexpr const char* kGgufRopeFactorsShort = "rope_factors_short.weight"
 // use and has no key for: written by the export so that our reader routes the file as its source
 // (absent, as in a converter's file: transformers' default 0.01, the released models' value).
 inline constexpr const char* kGgufRouterJitterKey = "moe_tool.router_jitter_noise";
+// Whether a SentencePiece vocabulary piece is a byte piece, "<0xXX>" (llama.cpp's token type 6).
+bool gguf_byte_piece(const std::string& piece);
 // Whether `name` is one of the RoPE tensors above that `arch` writes: not a tensor of the model
 // (the reader makes them the config's rope_scaling; a GGUF-to-GGUF write copies them as stored).
 bool gguf_rope_tensor(const GgufArch& arch, const std::string& name);

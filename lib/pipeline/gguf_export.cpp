@@ -1,7 +1,6 @@
 #include "pipeline/gguf_export.h"
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -525,6 +524,34 @@ std::optional<bool> sentencepiece_space_prefix(const nlohmann::json& j) {
   return std::nullopt;
 }
 
+// The vocabulary as llama.cpp's token rows, one per embedding row: the tokenizer's pieces ("[PADn]"
+// past them) and their llama_token_type: 3 special tokens, 4 other added tokens, 5 padding, else 1.
+struct VocabRows {
+  std::vector<std::string> tokens;
+  std::vector<int32_t> types;
+};
+VocabRows vocab_rows(const tokenizer::Tokenizer& tok, const nlohmann::json& j, int64_t n_vocab) {
+  VocabRows v;
+  for (int64_t id = 0; id < n_vocab; ++id) {
+    std::string t;
+    int32_t ty = 1;  // normal
+    try {
+      t = tok.id_to_token(static_cast<int32_t>(id));
+      if (tok.is_special(static_cast<int32_t>(id))) ty = 3;  // control
+    } catch (const Error&) {
+      t = "[PAD" + std::to_string(id) + "]";
+      ty = 5;  // unused
+    }
+    v.tokens.push_back(std::move(t));
+    v.types.push_back(ty);
+  }
+  for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
+    const int64_t id = a.value("id", -1);
+    if (id >= 0 && id < n_vocab && !a.value("special", false)) v.types[id] = 4;  // user defined
+  }
+  return v;
+}
+
 // tokenizer.ggml.* for a SentencePiece-style BPE tokenizer (sentencepiece_space_prefix) as
 // llama.cpp's "llama" vocabulary, which merges the adjacent pair whose joined piece has the highest
 // score. Each piece's score is minus the rank of the first merge that makes it: transformers'
@@ -534,29 +561,12 @@ std::optional<bool> sentencepiece_space_prefix(const nlohmann::json& j) {
 // 6 the byte pieces <0xXX>, 5 padding rows, else 1.
 void sentencepiece_metadata(const tokenizer::Tokenizer& tok, const nlohmann::json& j, const fs::path& tj, int64_t n_vocab,
                             bool space_prefix, io::GgufMetadata& kv) {
-  std::vector<std::string> tokens;
-  std::vector<int32_t> types;
+  auto [tokens, types] = vocab_rows(tok, j, n_vocab);
   std::unordered_map<std::string, int64_t> ids;
   for (int64_t id = 0; id < n_vocab; ++id) {
-    std::string t;
-    int32_t ty = 1;
-    try {
-      t = tok.id_to_token(static_cast<int32_t>(id));
-      if (tok.is_special(static_cast<int32_t>(id))) ty = 3;
-      else if (t.size() == 6 && t.rfind("<0x", 0) == 0 && t[5] == '>' && std::isxdigit(static_cast<unsigned char>(t[3])) &&
-               std::isxdigit(static_cast<unsigned char>(t[4])))
-        ty = 6;
-    } catch (const Error&) {
-      t = "[PAD" + std::to_string(id) + "]";
-      ty = 5;
-    }
-    ids.emplace(t, id);
-    tokens.push_back(std::move(t));
-    types.push_back(ty);
-  }
-  for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
-    const int64_t id = a.value("id", -1);
-    if (id >= 0 && id < n_vocab && !a.value("special", false)) types[id] = 4;
+    const size_t i = static_cast<size_t>(id);
+    if (types[i] == 1 && io::gguf_byte_piece(tokens[i])) types[i] = 6;
+    ids.emplace(tokens[i], id);
   }
   const nlohmann::json& model = j["model"];
   if (model.contains("unk_token") && model["unk_token"].is_string())
@@ -696,25 +706,7 @@ void byte_level_metadata(const tokenizer::Tokenizer& tok, const nlohmann::json& 
     throw Error::unsupported(tj.string() + ": pre_tokenizer: its Split regexes are none llama.cpp knows by name here (" + known +
                              "); llama.cpp would tokenize differently");
   }
-  std::vector<std::string> tokens;
-  std::vector<int32_t> types;
-  for (int64_t id = 0; id < n_vocab; ++id) {
-    std::string t;
-    int32_t ty = 1;  // normal
-    try {
-      t = tok.id_to_token(static_cast<int32_t>(id));
-      if (tok.is_special(static_cast<int32_t>(id))) ty = 3;  // control
-    } catch (const Error&) {
-      t = "[PAD" + std::to_string(id) + "]";
-      ty = 5;  // unused
-    }
-    tokens.push_back(std::move(t));
-    types.push_back(ty);
-  }
-  for (const auto& a : j.value("added_tokens", nlohmann::json::array())) {
-    const int64_t id = a.value("id", -1);
-    if (id >= 0 && id < n_vocab && !a.value("special", false)) types[id] = 4;  // user defined
-  }
+  const auto [tokens, types] = vocab_rows(tok, j, n_vocab);
   std::vector<std::string> merges;
   for (const auto& m : j["model"].value("merges", nlohmann::json::array())) {
     if (m.is_string()) merges.push_back(m.get<std::string>());

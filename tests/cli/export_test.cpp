@@ -117,6 +117,14 @@ int64_t meta_int(const io::GgufFile& f, const std::string& key) {
   return v ? v->as_int(key) : -1;
 }
 
+// `moe-tool eval`'s nll_sum of a model on 4 windows of `ctx` tokens of the held-out text.
+double nll_sum(const fs::path& model, int ctx) {
+  const RunResult e = run_tool({"-q", "eval", model.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx",
+                                std::to_string(ctx), "--max-windows", "4", "--json"});
+  EXPECT_EQ(e.exit_code, 0) << e.describe();
+  return json::parse(e.out).at("nll_sum").get<double>();
+}
+
 // A copy of the fixture data/<fixture> at `to` with `patch` merged into its config.json.
 void copy_fixture_with(const std::string& fixture, const fs::path& to, const json& patch) {
   copy_with_config(kSrc / "data" / fixture, to, patch);
@@ -966,13 +974,7 @@ TEST(Export, PhimoeKeysAndCentredWritersAsLlamaCppExpects) {
   EXPECT_EQ(c.at("lm_head_bias"), true);
   EXPECT_EQ(c.at("attention_bias"), true);
   // ctx 96 > 64: the long factors and mscale.
-  auto nll = [](const fs::path& p) {
-    const RunResult e = run_tool({"-q", "eval", p.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx", "96",
-                                  "--max-windows", "4", "--json"});
-    EXPECT_EQ(e.exit_code, 0) << e.describe();
-    return json::parse(e.out).at("nll_sum").get<double>();
-  };
-  const double a = nll(src), b = nll(out);
+  const double a = nll_sum(src, 96), b = nll_sum(out, 96);
   EXPECT_GT(a, 0);
   EXPECT_NEAR(b, a, 1e-6 * a);
 }
@@ -1016,13 +1018,8 @@ TEST(Export, PhimoeRefusalsWriteNothing) {
   const auto t = io::GgufFile::open(io::Env::posix(), dir / "t.gguf");
   const auto tied_ck = io::Checkpoint::open(io::Env::posix(), dir / "tied");
   EXPECT_EQ(t.decode(*t.find_tensor("output.weight")), tied_ck.tensor("model.embed_tokens.weight").to_f32());
-  auto nll = [](const fs::path& p) {
-    const RunResult e = run_tool({"-q", "eval", p.string(), "--text", (kSrc / "data/text/heldout.txt").string(), "--ctx", "64",
-                                  "--max-windows", "4", "--json"});
-    EXPECT_EQ(e.exit_code, 0) << e.describe();
-    return json::parse(e.out).at("nll_sum").get<double>();
-  };
-  EXPECT_NEAR(nll(dir / "t.gguf"), nll(dir / "tied"), 1e-6 * nll(dir / "tied"));
+  const double tied_nll = nll_sum(dir / "tied", 64);
+  EXPECT_NEAR(nll_sum(dir / "t.gguf", 64), tied_nll, 1e-6 * tied_nll);
   copy_fixture_with("phimoe-tiny", dir / "plain", phimoe_llamacpp_patch());
   ASSERT_EQ(run_tool({"-q", "quantize", (dir / "plain").string(), (dir / "q").string(), "--method", "rtn", "--codec", "q8_0",
                       "--tensor-type", "w2=keep", "--attention", "q8_0"})
