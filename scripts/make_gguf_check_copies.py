@@ -2,7 +2,8 @@
 """Writes the fixture copies docs/gguf.md's llama.cpp checks were run on, under OUT (a new folder).
 
 Each copy is a data/ fixture with its config.json or tokenizer.json changed, or its tensors
-rearranged; no value is invented. Plain Python (no NumPy):
+rearranged; no value is invented but the neutral ones named below (qwen2-dense's zero biases,
+qwen3-dense's unit norm weights). Plain Python (no NumPy):
 
   phimoe-nowindow      data/phimoe-tiny without its sliding window (llama.cpp's phimoe attends fully)
   phimoe-longrope      the same with the tests' longrope (8 short / 8 long divisors, mscale 1.15,
@@ -18,6 +19,12 @@ rearranged; no value is invented. Plain Python (no NumPy):
   deepseek-v3-pretok   data/deepseek-v3-tiny with DeepSeek-V3's three Split regexes
   mixtral-sp           data/models/mixtral-tiny with data/tokenizer-sp's SentencePiece-style tokenizer
   gpt-oss-bytelevel    gpt-oss-o200k with a ByteLevel pre_tokenizer using its own (GPT-2) regex
+  llama-llama3         data/models/llama-tiny with a llama3 rope_scaling (factor 8, low_freq_factor
+                       1, high_freq_factor 4, original context 64: frequencies 2-4 in the smoothed band)
+  mistral-dense        data/models/llama-tiny as mistral (no sliding window)
+  qwen2-dense          data/models/llama-tiny as qwen2 with q/k/v biases of zeros (the same model)
+  qwen3-dense          data/models/llama-tiny as qwen3 with q/k norm weights of ones (the per-head
+                       RMS norms of q and k added: a different model, the same on both sides)
 
 Usage: scripts/make_gguf_check_copies.py OUT
 """
@@ -98,6 +105,14 @@ def grow_layers(tensors, layers):
     return out
 
 
+def add_layer_tensors(d, roles):
+    """Adds model.layers.L.<role> of bf16 `fill` (2 bytes) and `n` values to every layer: roles is a list of (role, n, fill)."""
+    def fn(t):
+        layers = sorted({int(m.group(1)) for k in t for m in [re.match(r"model\.layers\.(\d+)\.", k)] if m})
+        return list(t.items()) + [(f"model.layers.{l}.{role}", ("BF16", [n], fill * n)) for l in layers for role, n, fill in roles]
+    rewrite_tensors(d, fn)
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -137,6 +152,21 @@ def main():
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(DATA / "tokenizer-sp" / name, d / name)
     (d / "special_tokens_map.json").unlink(missing_ok=True)
+    patch_config(copy("models/llama-tiny", out / "llama-llama3"),
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64})
+    patch_config(copy("models/llama-tiny", out / "mistral-dense"), architectures=["MistralForCausalLM"], model_type="mistral",
+                 sliding_window=None)
+    c = json.loads((DATA / "models/llama-tiny/config.json").read_text())
+    hd, kv = c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    d = copy("models/llama-tiny", out / "qwen2-dense")
+    patch_config(d, architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_bias=None, mlp_bias=None,
+                 use_sliding_window=False, sliding_window=None)
+    add_layer_tensors(d, [("self_attn.q_proj.bias", c["num_attention_heads"] * hd, b"\0\0"),
+                          ("self_attn.k_proj.bias", kv, b"\0\0"), ("self_attn.v_proj.bias", kv, b"\0\0")])
+    d = copy("models/llama-tiny", out / "qwen3-dense")
+    patch_config(d, architectures=["Qwen3ForCausalLM"], model_type="qwen3", mlp_bias=None)
+    add_layer_tensors(d, [("self_attn.q_norm.weight", hd, b"\x80\x3f"), ("self_attn.k_norm.weight", hd, b"\x80\x3f")])
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
   auto o = std::make_shared<Opts>();
   sub.add_option("MODEL", o->in,
                  "Input checkpoint folder (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, granitemoe, ernie4_5_moe, deepseek_v3, "
-                 "kimi_k2, deepseek_v2, gpt_oss, qwen3_next, llama4_text, llama4: its text model, phimoe)")
+                 "kimi_k2, deepseek_v2, gpt_oss, qwen3_next, llama4_text, llama4: its text model, phimoe; dense: llama, mistral, qwen2, "
+                 "qwen3)")
       ->required();
   sub.add_option("OUT", o->out,
                  "Output: a .gguf file, or a folder for compressed-tensors, gptq and awq (written as a temporary sibling, renamed "

@@ -21,7 +21,7 @@ void setup_upcycle(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
     KeyFlags keys;
   };
   auto o = std::make_shared<Opts>();
-  sub.add_option("DENSE", o->model, "Dense checkpoint folder: llama, mistral, qwen2 or qwen3 (recipe key model)")->required();
+  sub.add_option("DENSE", o->model, "Dense checkpoint, a folder or a GGUF file: llama, mistral, qwen2 or qwen3 (recipe key model)")->required();
   sub.add_option("OUT", o->out, "Output folder (recipe key output.path)")->required();
   o->keys.declare(sub, "upcycle");
   sub.add_option("--seed", o->seed, "Seed of every random choice: router, dropped neurons, segments (recipe key seed, default 0)");

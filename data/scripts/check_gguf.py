@@ -5,7 +5,7 @@ Parses a GGUF v3 file from the published layout (gguf docs: header, typed metada
 aligned data section) and decodes every block type moe-tool writes from the block structs of
 ggml-common.h (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, with the bit order of
 the dequantize_row_q*_K functions), without any code of the tool or of llama.cpp. Then compares each tensor with the source checkpoint's safetensors (stacked experts,
-q/k rows permuted for arch llama as convert_hf_to_gguf.py does), checks every block is within one
+q/k rows permuted for arch llama as convert_hf_to_gguf.py does; a dense model's MLPs), checks every block is within one
 quantization step of its source (half a step for the ternary types; for the K-quants one step d * |sc| of
 each sub-block), and prints per tensor: type, max abs error, and checksums of the
 decoded values in float64: sum, sum of squares, and sum_w = sum of y[i] * (i % 97 + 1) (order-sensitive:
@@ -15,7 +15,7 @@ catches rows or blocks in the wrong place, e.g. a missing q/k permutation).
   check_gguf.py --golden MODEL_DIR:TYPE:FILE.gguf ...  # the same for several files, goldens JSON on stdout
 
 data/golden/gguf.json was made with (from the repository root, after building moe-tool):
-  M="mixtral-tiny qwen2moe-tiny validation-tiny"; T="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1"; mkdir -p /tmp/gg
+  M="mixtral-tiny qwen2moe-tiny validation-tiny llama-tiny"; T="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1"; mkdir -p /tmp/gg
   for m in $M; do for t in $T; do
     build/moe-tool -q export data/models/$m /tmp/gg/$m-$t.gguf --type $t --force; done; done
   D="tq1_0 tq2_0 q2_k q3_k q4_k q5_k q6_k"
@@ -254,7 +254,9 @@ def read_safetensors(path):
     return out
 
 
-ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+        "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+DENSE = ("llama", "qwen2", "qwen3")  # every layer an MLP: ffn_{gate,up,down}, no expert keys
 EXPERTS = {"mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.w1.weight",
                        "block_sparse_moe.experts.{e}.w3.weight", "block_sparse_moe.experts.{e}.w2.weight")}
 QWEN_EXPERTS = ("mlp.gate.weight", "mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
@@ -268,7 +270,9 @@ ATTN = {"attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.
         "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
         "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
         "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
-        "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight"}
+        "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+        "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight"}
 
 
 def permute(w, heads):  # as convert_hf_to_gguf.py's LlamaModel.permute
@@ -306,12 +310,16 @@ def check(model_dir, path):
     if kv["general.architecture"] != ARCH[cfg["model_type"]]:
         failures.append("general.architecture " + kv["general.architecture"])
     arch = kv["general.architecture"]
+    dense = cfg["model_type"] in DENSE
     for key, want in (("block_count", cfg["num_hidden_layers"]), ("embedding_length", cfg["hidden_size"]),
                       ("attention.head_count", cfg["num_attention_heads"]),
                       ("attention.head_count_kv", cfg["num_key_value_heads"]),
+                      ("feed_forward_length", cfg["intermediate_size"]) if dense else
                       ("expert_used_count", cfg["num_experts_per_tok"])):
         if kv.get(arch + "." + key) != want:
             failures.append("%s.%s = %s, config %s" % (arch, key, kv.get(arch + "." + key), want))
+    if dense and arch + ".expert_count" in kv:
+        failures.append(arch + ".expert_count in a dense model's file")
     if len(kv["tokenizer.ggml.tokens"]) != tensors["token_embd.weight"][1][1]:
         failures.append("tokenizer.ggml.tokens: %d tokens" % len(kv["tokenizer.ggml.tokens"]))
     stats = {}
@@ -339,7 +347,7 @@ def check(model_dir, path):
 
 
 GOLDEN_TENSORS = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.1.ffn_down_exps.weight",
-                  "blk.0.ffn_gate_inp.weight", "output_norm.weight", "output.weight"]
+                  "blk.0.ffn_gate_inp.weight", "output_norm.weight", "output.weight", "blk.1.ffn_down.weight"]
 
 
 def main(argv):

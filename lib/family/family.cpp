@@ -129,6 +129,12 @@ void gguf_arch(FamilyDesc& f, const char* arch, bool permute_qk, bool renormaliz
   f.gguf = GgufArch{f.model_type, arch, permute_qk, renormalizes, expert_width_key, shared_expert};
 }
 
+// A dense family's GGUF architecture (GgufArch::dense).
+void dense_gguf_arch(FamilyDesc& f, const char* arch, bool permute_qk) {
+  gguf_arch(f, arch, permute_qk, false, false, false);
+  f.gguf->dense = true;
+}
+
 // The shared expert's projections under `prefix` (per layer, e.g. "mlp.shared_expert").
 void shared_mlp_names(FamilyDesc& f, const std::string& prefix) {
   f.shared_gate = prefix + ".gate_proj.weight";
@@ -167,18 +173,25 @@ std::vector<FamilyDesc> build_families() {
   {
     FamilyDesc f = llama_base("llama", "LlamaForCausalLM");
     f.forward = f.upcycle_source = true;
+    dense_gguf_arch(f, "llama", true);
+    f.gguf->rope_freqs = true;  // llama3 RoPE scaling as rope_freqs.weight (LlamaModel.generate_extra_tensors)
     v.push_back(f);
   }
   {
     FamilyDesc f = llama_base("mistral", "MistralForCausalLM");
     f.default_sliding_window = 4096;
     f.forward = f.upcycle_source = true;
+    // convert_hf_to_gguf.py's LlamaModel (read back as llama: the file does not tell them apart).
+    // A sliding window shorter than the context is refused: llama.cpp's llama graph has none.
+    dense_gguf_arch(f, "llama", true);
+    f.gguf->rope_freqs = true;
     v.push_back(f);
   }
   {
     FamilyDesc f = llama_base("qwen2", "Qwen2ForCausalLM");
     qkv_bias_always(f);
     f.forward = f.upcycle_source = true;
+    dense_gguf_arch(f, "qwen2", false);  // Qwen2Model: NeoX RoPE, no q/k permutation
     v.push_back(f);
   }
   {
@@ -186,6 +199,7 @@ std::vector<FamilyDesc> build_families() {
     qk_norm(f, QKNorm::PerHead);
     f.default_head_dim = 128;
     f.forward = f.upcycle_source = true;
+    dense_gguf_arch(f, "qwen3", false);  // Qwen3Model: NeoX RoPE, q/k RMS norms as attn_{q,k}_norm
     v.push_back(f);
   }
   {

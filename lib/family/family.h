@@ -114,6 +114,10 @@ struct GgufArch {
   // longrope RoPE scaling (Phi3MiniModel.generate_extra_tensors): rope_factors_long /
   // rope_factors_short [head_dim / 2], rope.scaling.attn_factor and original_context_length.
   bool longrope = false;
+  // A dense architecture (llama.cpp's llama for llama/mistral, qwen2, qwen3): every layer a dense
+  // MLP as blk.N.ffn_{gate,up,down} of feed_forward_length, no expert keys. llama.cpp's "llama"
+  // holds both llama (dense) and mixtral (experts): the file's ARCH.expert_count tells them apart.
+  bool dense = false;
 };
 
 struct FamilyDesc {

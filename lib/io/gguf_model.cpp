@@ -207,12 +207,8 @@ void longrope_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t h
 }
 
 // llama.cpp's llama4 attention as llama4_text config keys (GgufArch::llama4_graph: fixed by its
-// loader, no key), and the llama3 RoPE scaling its rope_freqs.weight holds. The divisors are read
-// back as a llama3 scaling with low_freq_factor = high_freq_factor = 1 (Llama 4 Scout's): each 1 or
-// one factor, the 1s first; original_max_position_embeddings is then any length between the last
-// unscaled and the first scaled wavelength (the geometric mean, rounded, is taken). Divisors between
-// 1 and the factor (a smoothed band) are refused: they do not determine the scaling's keys.
-void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t head_dim) {
+// loader, no key).
+void llama4_config(const GgufFile& f, const GgufArch& arch, json& c) {
   const std::string file = f.path().string();
   const int64_t layers = c.at("num_hidden_layers").get<int64_t>();
   json no_rope = json::array();
@@ -227,6 +223,21 @@ void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t hea
   c["moe_layers"] = nullptr;
   if (!c.contains("interleave_moe_layer_step"))
     throw Error::corruption(file + ": metadata key " + arch.arch + ".interleave_moe_layer_step: missing");
+}
+
+// The llama3 RoPE scaling rope_freqs.weight holds (GgufArch::rope_freqs; absent: none). The
+// divisors are 1, then a smoothed band, then the factor (gguf_llama3_rope_divisors). The band is a
+// line in 1 / wavelength: s = (orig / wavelength - low) / (high - low) fixes orig / (high - low) and
+// low / (high - low), not the three keys, and every triple with the same two gives the same
+// divisors. They are given back with low_freq_factor 1 (Llama 3.1's and 3.2's): high_freq_factor
+// and original_max_position_embeddings from a least-squares fit of the band's points, rounded
+// (f32 decimals, a whole length), and the divisors they give checked against the file's to 1e-5.
+// Without a band (Llama 4 Scout's low = high = 1), original_max_position_embeddings is any length
+// between the last unscaled and the first scaled wavelength (the geometric mean, rounded, is taken).
+// Refused: a single divisor in the band (the line is not determined), divisors that fall, or that
+// the fitted keys do not reproduce.
+void rope_freqs_config(const GgufFile& f, json& c, int64_t head_dim) {
+  const std::string file = f.path().string();
   const GgufTensorInfo* rf = f.find_tensor(kGgufRopeFreqs);
   if (!rf) return;
   const std::string where = file + ": tensor " + std::string(kGgufRopeFreqs) + ": ";
@@ -235,27 +246,65 @@ void llama4_config(const GgufFile& f, const GgufArch& arch, json& c, int64_t hea
   std::vector<float> div(static_cast<size_t>(rf->ne[0]));
   std::memcpy(div.data(), f.tensor_data(*rf), div.size() * sizeof(float));
   const float factor = *std::max_element(div.begin(), div.end());
-  size_t first = div.size();  // the first scaled frequency
+  std::vector<size_t> band;  // divisors strictly between 1 and the factor
+  size_t first = div.size();  // the first divisor equal to the factor
   for (size_t i = 0; i < div.size(); ++i) {
     if (!std::isfinite(div[i]) || div[i] < 1)
       throw Error::corruption(where + "divisor " + std::to_string(i) + " is " + std::to_string(div[i]) + ", expected >= 1");
-    if (div[i] != 1 && div[i] != factor)
-      throw Error::unsupported(where + "divisor " + std::to_string(i) + " (" + std::to_string(div[i]) +
-                               ") between 1 and the factor: a smoothed llama3 band is not read here (only low_freq_factor = high_freq_factor)");
-    if (div[i] == factor && factor != 1 && first == div.size()) first = i;
-    if (div[i] == 1 && first < i)
-      throw Error::unsupported(where + "divisor " + std::to_string(i) + " is 1 after a scaled lower frequency: not a llama3 scaling");
+    if (i > 0 && div[i] < div[i - 1])
+      throw Error::unsupported(where + "divisor " + std::to_string(i) + " (" + std::to_string(div[i]) + ") is below divisor " +
+                               std::to_string(i - 1) + " (" + std::to_string(div[i - 1]) + "): not a llama3 scaling");
+    if (div[i] == factor && first == div.size()) first = i;
+    if (div[i] != 1 && div[i] != factor) band.push_back(i);
   }
   if (factor == 1) return;  // no scaling
   const double theta = c.at("rope_theta").get<double>();
-  auto wavelength = [&](size_t i) {
-    return 2 * M_PI / static_cast<float>(1.0 / std::pow(theta, double(2 * i) / double(head_dim)));
-  };
-  const double hi = wavelength(first), lo = first > 0 ? wavelength(first - 1) : hi / 4;
-  auto orig = static_cast<int64_t>(std::llround(std::sqrt(lo * hi)));
-  if (!(double(orig) > lo && double(orig) < hi)) orig = static_cast<int64_t>(std::floor(hi - 1e-9));
-  c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", f32_decimal(factor)}, {"low_freq_factor", 1.0},
-                       {"high_freq_factor", 1.0}, {"original_max_position_embeddings", orig}};
+  auto wavelength = [&](size_t i) { return gguf_rope_wavelength(theta, head_dim, static_cast<int64_t>(i)); };
+  double low = 1, high = 1;
+  int64_t orig = 0;
+  if (band.empty()) {
+    const double hi = wavelength(first), lo = first > 0 ? wavelength(first - 1) : hi / 4;
+    orig = static_cast<int64_t>(std::llround(std::sqrt(lo * hi)));
+    if (!(double(orig) > lo && double(orig) < hi)) orig = static_cast<int64_t>(std::floor(hi - 1e-9));
+  } else {
+    if (band.size() < 2)
+      throw Error::unsupported(where + "one divisor (" + std::to_string(band[0]) + ": " + std::to_string(div[band[0]]) +
+                               ") between 1 and the factor: the llama3 smoothing is not determined by one point");
+    // s = A x + B, x = 1 / wavelength: A = orig / (high - low), B = -low / (high - low).
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (size_t i : band) {
+      const double x = 1 / wavelength(i), y = (1 / double(div[i]) - 1 / double(factor)) / (1 - 1 / double(factor));
+      sx += x, sy += y, sxx += x * x, sxy += x * y;
+    }
+    const double n = double(band.size()), A = (n * sxy - sx * sy) / (n * sxx - sx * sx), B = (sy - A * sx) / n;
+    high = 1 - 1 / B;
+    orig = static_cast<int64_t>(std::llround(-A / B));
+    if (!(B < 0) || !(A > 0) || !(high > 1) || orig <= 0)
+      throw Error::unsupported(where + "the divisors between 1 and the factor are not a llama3 smoothing");
+    // The fewest significant digits of high_freq_factor that give the file's divisors to f32
+    // precision (4, not the fit's 3.9999998).
+    for (int p = 1; p <= 9; ++p) {
+      char buf[40];
+      std::snprintf(buf, sizeof buf, "%.*g", p, high);
+      const double h = std::strtod(buf, nullptr);
+      const std::vector<float> d = gguf_llama3_rope_divisors(theta, head_dim, factor, low, h, double(orig));
+      bool same = true;
+      for (size_t i = 0; i < div.size() && same; ++i) same = std::abs(double(d[i]) - double(div[i])) <= 2e-7 * double(div[i]);
+      if (same) {
+        high = h;
+        break;
+      }
+    }
+  }
+  const std::vector<float> again = gguf_llama3_rope_divisors(theta, head_dim, factor, low, high, double(orig));
+  for (size_t i = 0; i < div.size(); ++i)
+    if (std::abs(double(again[i]) - double(div[i])) > 1e-5 * double(div[i]))
+      throw Error::unsupported(where + "divisor " + std::to_string(i) + " (" + std::to_string(div[i]) +
+                               ") is not what a llama3 scaling gives (factor " + std::to_string(factor) + ", low_freq_factor 1, " +
+                               "high_freq_factor " + std::to_string(high) + ", original_max_position_embeddings " +
+                               std::to_string(orig) + ": " + std::to_string(again[i]) + ")");
+  c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", f32_decimal(factor)}, {"low_freq_factor", low},
+                       {"high_freq_factor", high}, {"original_max_position_embeddings", orig}};
 }
 
 // Multi-head Latent Attention (GgufArch::mla): the deepseek2 keys back to config.json (the
@@ -315,8 +364,7 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   c["architectures"] = json::array({fam.architectures.empty() ? std::string(arch.model_type) : fam.architectures.front()});
   for_each_gguf_hparam([&](const GgufHparam& h) {
     using W = GgufHparam::When;
-    if ((h.when == W::ExpertWidthKey && !arch.expert_width_key) || (h.when == W::NoExpertWidthKey && arch.expert_width_key))
-      return;
+    if (!gguf_hparam_applies(h, arch)) return;
     const std::string key = A + "." + h.key;
     // MLA: key/value_length are the absorbed head sizes and rope.dimension_count the rope part
     // (read below).
@@ -471,9 +519,10 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
   if (const GgufValue* v = f.find(nk); v && v->as_int(file + ": " + nk) != 0)
     throw Error::unsupported(file + ": metadata key " + nk + ": " + std::to_string(v->as_int(file + ": " + nk)) +
                              " multi-token-prediction layers are not read here");
-  if (arch.llama4_graph) llama4_config(f, arch, c, head_dim);
+  if (arch.llama4_graph) llama4_config(f, arch, c);
+  if (arch.rope_freqs) rope_freqs_config(f, c, head_dim);
   // granitemoe (softmax over the top-k logits) and llama4 (sigmoid of each) have no norm_topk_prob.
-  if (!fam.norm_topk_forced && fam.routing != model::Routing::TopKSoftmax && fam.routing != model::Routing::TopKSigmoid &&
+  if (fam.moe && !fam.norm_topk_forced && fam.routing != model::Routing::TopKSoftmax && fam.routing != model::Routing::TopKSigmoid &&
       !c.contains("norm_topk_prob"))
     c["norm_topk_prob"] = arch.renormalizes;
   // A bias whose presence a config key decides (llama's attention_bias): true when stored.
@@ -525,10 +574,18 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
   const GgufFile& f = *m->file_;
   const std::string file = path.string();
   const std::string arch_name = meta_need(f, "general.architecture").as_string(file + ": general.architecture");
-  const GgufArch* arch = gguf_arch_for_arch(arch_name);
-  if (!arch)
+  // Experts or not (llama.cpp's "llama" holds both: a dense llama has no expert_count, or 0).
+  const GgufValue* count = f.find(arch_name + ".expert_count");
+  const bool experts = count && count->as_int(file + ": " + arch_name + ".expert_count") != 0;
+  const GgufArch* arch = gguf_arch_for_arch(arch_name, experts);
+  if (!arch) {
+    if (gguf_arch_for_arch(arch_name, !experts))
+      throw Error::unsupported(file + ": metadata key " + arch_name + ".expert_count: " +
+                               (experts ? "present, but llama.cpp's " + arch_name + " is a dense architecture here"
+                                        : "missing or 0, but llama.cpp's " + arch_name + " is an MoE architecture here"));
     throw Error::unsupported(file + ": general.architecture '" + arch_name + "' is not read here (read: the architectures of " +
                              gguf_exported_model_types() + ")");
+  }
   const model::FamilyDesc* famp = &family_of(arch->model_type);
   if (arch->mla) {
     // deepseek2 holds deepseek_v2 (softmax gating; absent: softmax, as llama.cpp reads old files)
@@ -545,8 +602,8 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
   const model::FamilyDesc& fam = *famp;
   m->config_ = build_config(f, *arch, fam);
   m->config_text_ = m->config_.dump(2);
-  const int64_t n_experts = m->config_.at(fam.expert_count_key).get<int64_t>();
-  if (n_experts < 1)
+  const int64_t n_experts = arch->dense ? 0 : m->config_.at(fam.expert_count_key).get<int64_t>();
+  if (!arch->dense && n_experts < 1)
     throw Error::corruption(file + ": metadata key " + arch_key(*arch, "expert_count") + ": " + std::to_string(n_experts) +
                             ", expected at least 1");
 
@@ -555,7 +612,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
     if (!gguf_plain_dtype(t.type) && !ti.codec)
       throw Error::unsupported(file + ": tensor " + t.name + ": type " + ti.name + " has no decoder here (read: " +
                                quant::ggml_codec_names() + ")");
-    if (gguf_rope_tensor(*arch, t.name)) continue;  // read as rope_scaling (llama4_config, longrope_config)
+    if (gguf_rope_tensor(*arch, t.name)) continue;  // read as rope_scaling (rope_freqs_config, longrope_config)
     std::string ours;  // our name, {e} for the experts of a stacked tensor
     bool stacked = false, row_vector = false, conv = false;
     int64_t heads = 0;
@@ -622,6 +679,9 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
         }
       }
     }
+    if (ours.empty() && arch->dense && t.name.rfind("blk.", 0) == 0 && gguf_moe_field(*arch, t.name.substr(t.name.find('.', 4) + 1)))
+      throw Error::corruption(file + ": tensor " + t.name + ": an MoE tensor, but metadata key " + arch_name +
+                              ".expert_count is missing or 0 (a dense " + fam.model_type + ")");
     if (ours.empty())
       throw Error::corruption(file + ": tensor " + t.name + ": no counterpart in the " + fam.model_type + " layout (arch " +
                               arch_name + ")");

@@ -106,14 +106,14 @@ const GgufHparam kGgufHparams[] = {  // in the order the export writes them
     {"context_length", "max_position_embeddings", false, GgufHparam::When::Always},
     {"embedding_length", "hidden_size", false, GgufHparam::When::Always},
     {"block_count", "num_hidden_layers", false, GgufHparam::When::Always},
-    {"feed_forward_length", "intermediate_size", false, GgufHparam::When::ExpertWidthKey},
+    {"feed_forward_length", "intermediate_size", false, GgufHparam::When::DenseWidth},
     {"feed_forward_length", "{expert_width}", false, GgufHparam::When::NoExpertWidthKey},
     {"attention.head_count", "num_attention_heads", false, GgufHparam::When::Always},
     {"attention.head_count_kv", "num_key_value_heads", false, GgufHparam::When::Always},
     {"rope.freq_base", "rope_theta", true, GgufHparam::When::Always},
     {"attention.layer_norm_rms_epsilon", "rms_norm_eps", true, GgufHparam::When::Always},
-    {"expert_count", "{expert_count}", false, GgufHparam::When::Always},
-    {"expert_used_count", "{topk}", false, GgufHparam::When::Always},
+    {"expert_count", "{expert_count}", false, GgufHparam::When::Experts},
+    {"expert_used_count", "{topk}", false, GgufHparam::When::Experts},
     {"expert_feed_forward_length", "{expert_width}", false, GgufHparam::When::ExpertWidthKey},
     {"expert_shared_feed_forward_length", "{shared_width}", false, GgufHparam::When::Optional},
     {"attention.key_length", "head_dim", false, GgufHparam::When::Optional},
@@ -151,10 +151,43 @@ const GgufArch* gguf_arch_for_model_type(const std::string& model_type) {
   return nullptr;
 }
 
-const GgufArch* gguf_arch_for_arch(const std::string& arch) {
+const GgufArch* gguf_arch_for_arch(const std::string& arch, bool experts) {
   for (const auto& f : model::all_families())
-    if (f.gguf && arch == f.gguf->arch) return &*f.gguf;
+    if (f.gguf && arch == f.gguf->arch && f.gguf->dense != experts) return &*f.gguf;
   return nullptr;
+}
+
+double gguf_rope_wavelength(double theta, int64_t head_dim, int64_t i) {
+  const float f = static_cast<float>(1.0 / std::pow(theta, double(2 * i) / double(head_dim)));
+  return 2 * M_PI / f;
+}
+
+std::vector<float> gguf_llama3_rope_divisors(double theta, int64_t head_dim, double factor, double low, double high, double orig) {
+  const double low_wl = orig / low, high_wl = orig / high;
+  std::vector<float> div;
+  for (int64_t i = 0; i < head_dim / 2; ++i) {
+    const double wl = gguf_rope_wavelength(theta, head_dim, i);
+    double v = 1.0;
+    if (wl > low_wl) {
+      v = factor;
+    } else if (wl >= high_wl) {
+      const double smooth = (orig / wl - low) / (high - low);
+      v = 1.0 / ((1 - smooth) / factor + smooth);
+    }
+    div.push_back(static_cast<float>(v));
+  }
+  return div;
+}
+
+bool gguf_hparam_applies(const GgufHparam& h, const GgufArch& arch) {
+  using W = GgufHparam::When;
+  switch (h.when) {
+    case W::DenseWidth: return arch.expert_width_key || arch.dense;
+    case W::ExpertWidthKey: return arch.expert_width_key;
+    case W::NoExpertWidthKey: return !arch.expert_width_key && !arch.dense;
+    case W::Experts: return !arch.dense;
+    default: return true;
+  }
 }
 
 std::string gguf_exported_model_types() {

@@ -18,7 +18,9 @@ using model::GgufArch;
 
 // The row for our model_type, or for llama.cpp's general.architecture; nullptr when there is none.
 const GgufArch* gguf_arch_for_model_type(const std::string& model_type);
-const GgufArch* gguf_arch_for_arch(const std::string& arch);
+// `experts`: whether the file has experts (ARCH.expert_count): llama.cpp's "llama" is llama's and
+// mistral's (dense, read as llama) and mixtral's.
+const GgufArch* gguf_arch_for_arch(const std::string& arch, bool experts);
 // "mixtral, qwen2_moe, ..." (for error messages).
 std::string gguf_exported_model_types();
 
@@ -51,15 +53,28 @@ const char* gguf_moe_field(const GgufArch& arch, const std::string& gguf_name);
 // (the Gated DeltaNet's value width linear_num_value_heads x linear_value_head_dim). `when` says
 // for which architectures the pair applies.
 struct GgufHparam {
-  enum class When { Always, ExpertWidthKey, NoExpertWidthKey, Optional };
+  enum class When { Always, DenseWidth, ExpertWidthKey, NoExpertWidthKey, Experts, Optional };
   const char* key;         // after "ARCH."
   const char* config_key;
   bool real;               // stored as f32 (else u32, or bool where `boolean`)
-  When when;               // Always: required; ExpertWidthKey / NoExpertWidthKey: required where
-                           // GgufArch::expert_width_key is / is not set; Optional: when present
+  When when;               // gguf_hparam_applies; Optional rows only when present, the others required
   bool boolean = false;    // stored as bool (config.json true/false)
 };
-// The llama3 RoPE divisors (GgufArch::rope_freqs), one global tensor [head_dim / 2] of f32.
+// Whether row h belongs to `arch`'s files: Always and Optional rows always; DenseWidth (the dense
+// MLP's feed_forward_length) where GgufArch::expert_width_key or GgufArch::dense; ExpertWidthKey
+// where expert_width_key; NoExpertWidthKey (feed_forward_length as the expert width) where neither
+// expert_width_key nor dense; Experts (expert_count, expert_used_count) unless dense.
+bool gguf_hparam_applies(const GgufHparam& h, const GgufArch& arch);
+// The llama3 RoPE divisors (GgufArch::rope_freqs), one global tensor [head_dim / 2] of f32:
+// gguf_llama3_rope_divisors, as LlamaModel.generate_extra_tensors computes them from rope_theta,
+// head_dim and rope_scaling's factor, low_freq_factor, high_freq_factor and
+// original_max_position_embeddings: 1 for wavelengths under orig / high, the factor over
+// orig / low, smoothed between (1 / ((1 - s) / factor + s), s = (orig / wavelength - low) / (high - low)).
+std::vector<float> gguf_llama3_rope_divisors(double theta, int64_t head_dim, double factor, double low_freq_factor,
+                                             double high_freq_factor, double original_max_positions);
+// The wavelength (2 pi / frequency, in positions) of RoPE frequency i of a head of head_dim, the
+// frequency rounded to f32 as the forward's table holds it.
+double gguf_rope_wavelength(double theta, int64_t head_dim, int64_t i);
 inline constexpr const char* kGgufRopeFreqs = "rope_freqs.weight";
 // The longrope divisors (GgufArch::longrope): the long and the short window's, [head_dim / 2] of f32.
 inline constexpr const char* kGgufRopeFactorsLong = "rope_factors_long.weight";

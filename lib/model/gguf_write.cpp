@@ -124,7 +124,9 @@ struct LikeLayout {
 LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::string& out,
                        std::vector<std::vector<Piece>>* pieces) {
   const GgufFile& f = src.file();
-  const GgufArch& arch = *gguf_arch_for_arch(f.find("general.architecture")->str);
+  const std::string& arch_name = f.find("general.architecture")->str;
+  const GgufValue* n_expert = f.find(arch_name + ".expert_count");  // as io::GgufModel::open chose the row
+  const GgufArch& arch = *gguf_arch_for_arch(arch_name, n_expert && n_expert->integer != 0);
   m.refuse_novices(out, "GGUF has no constant expert");
   int64_t experts = -1;
   for (const auto& layer : m.layers()) {

@@ -151,6 +151,10 @@ int64_t refuse_unsupported(const model::Model& m, const model::GgufArch& arch, c
   int64_t experts = -1, lead = 0;
   for (const auto& layer : m.layers()) {
     const std::string where = "layer " + std::to_string(layer.index);
+    if (arch.dense) {  // a dense family's layers are all dense (model::Model); no expert keys to write
+      if (layer.moe) throw Error::internal(src + ": " + where + ": an MoE block in the dense family " + m.family().model_type);
+      continue;
+    }
     if (!layer.moe) {
       if (arch.leading_dense && layer.index == lead) {
         ++lead;
@@ -165,7 +169,7 @@ int64_t refuse_unsupported(const model::Model& m, const model::GgufArch& arch, c
                                " experts, other layers " + std::to_string(experts) + "; GGUF has one expert_count per model");
     experts = layer.moe->num_experts();
   }
-  if (experts < 0) throw Error::unsupported(src + ": no MoE layer; llama.cpp's " + arch.arch + " is an MoE architecture");
+  if (experts < 0 && !arch.dense) throw Error::unsupported(src + ": no MoE layer; llama.cpp's " + arch.arch + " is an MoE architecture");
   int64_t vision = 0;
   for (const auto& [name, t] : m.extras()) {
     if (mtp_extra(m, name)) continue;
@@ -329,7 +333,12 @@ double longrope_attn_factor(const runtime::ForwardSpec& spec, int64_t head_dim, 
 // ggml_swiglu_oai with alpha 1.702 and limit 7 fixed in llama-graph.cpp; else plain SiLU).
 void refuse_activation(const model::Model& m, const model::GgufArch& arch, const std::string& src) {
   for (const auto& layer : m.layers()) {
-    if (!layer.moe) continue;
+    if (!layer.moe) {  // every architecture's dense FFN is plain SwiGLU (LLM_FFN_SILU, LLM_FFN_PAR)
+      if (layer.mlp && layer.mlp->act.kind != model::GluActivation::Silu)
+        throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + ": a dense MLP with clamped SwiGLU: llama.cpp's " +
+                                 arch.arch + " graph applies plain SwiGLU");
+      continue;
+    }
     for (const auto& e : layer.moe->experts) {
       const model::GluActivation& a = e.act;
       if (arch.swiglu_oai && (a.kind != model::GluActivation::ClampedSwiGlu || a.alpha != 1.702f || a.limit != 7.0f)) {
@@ -770,7 +779,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const bool renormalizes = spec.routing.renormalize || spec.routing.kind == model::Routing::TopKSoftmax ||
                             spec.routing.kind == model::Routing::SoftmaxBiasTopK;
   const bool sparsemixer = arch->sparsemixer_differs && spec.routing.kind == model::Routing::SparseMixer;
-  if (!arch->routing_keys && !sparsemixer && renormalizes != arch->renormalizes)
+  if (!arch->dense && !arch->routing_keys && !sparsemixer && renormalizes != arch->renormalizes)
     throw Error::unsupported(src + ": routing " + (renormalizes ? "renormalizes" : "does not renormalize") +
                              " the top-k weights (norm_topk_prob) but llama.cpp's " + arch->arch + " graph " +
                              (arch->renormalizes ? "does" : "does not"));
@@ -783,11 +792,14 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     throw Error::unsupported(src + ": num_key_value_heads " + std::to_string(d.kv_heads) + " != num_attention_heads " +
                              std::to_string(d.heads) + ": llama.cpp's " + A +
                              " graph needs a k_norm as wide as the hidden size (no grouped-query attention)");
-  const auto& moe0 = *std::find_if(m.layers().begin(), m.layers().end(), [](const model::Layer& l) { return l.moe.has_value(); })->moe;
-  if (arch->routing_keys) refuse_routing(m, *arch, spec, moe0, src);
+  // The first MoE block (nullptr in a dense family: the keys that read it do not apply).
+  const model::MoeBlock* moe0 = nullptr;
+  for (const auto& layer : m.layers())
+    if (layer.moe && !moe0) moe0 = &*layer.moe;
+  if (arch->routing_keys) refuse_routing(m, *arch, spec, *moe0, src);
   if (arch->choice_bias) refuse_choice_bias(*arch, spec, src);
   if (fam.hybrid_linear_attention) refuse_hybrid(m, *arch, src);
-  const int64_t moe_step = arch->llama4_graph ? refuse_llama4(m, *arch, spec, moe0, src) : 0;
+  const int64_t moe_step = arch->llama4_graph ? refuse_llama4(m, *arch, spec, *moe0, src) : 0;
   // The dense layers' width (feed_forward_length where the experts have their own key).
   std::optional<int64_t> dense_width;
   for (const auto& layer : m.layers())
@@ -806,28 +818,27 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   // row's value from the model, or nullopt where the row does not apply to this model.
   const auto& r = spec.routing;
   auto value = [&](const io::GgufHparam& h) -> std::optional<double> {
-    using W = io::GgufHparam::When;
-    if ((h.when == W::ExpertWidthKey && !arch->expert_width_key) || (h.when == W::NoExpertWidthKey && arch->expert_width_key))
-      return std::nullopt;
+    if (!io::gguf_hparam_applies(h, *arch)) return std::nullopt;
     const std::string k = h.config_key, key = h.key;
     auto num = [](int64_t v) { return std::optional<double>(static_cast<double>(v)); };
     if (k == "max_position_embeddings") return num(spec.max_positions > 0 ? spec.max_positions : 4096);
     if (k == "hidden_size") return num(d.hidden);
     if (k == "num_hidden_layers") return num(d.layers);
     if (k == "intermediate_size")
-      return num(arch->interleaved_dense && dense_width ? *dense_width : c.get_int_or(fam.dense_width_key, moe0.expert_width()));
-    if (k == "{expert_width}") return num(moe0.expert_width());
+      return num((arch->interleaved_dense || arch->dense) && dense_width ? *dense_width
+                                                                         : c.get_int_or(fam.dense_width_key, moe0->expert_width()));
+    if (k == "{expert_width}") return num(moe0->expert_width());
     if (k == "num_attention_heads") return num(d.heads);
     if (k == "num_key_value_heads") return num(arch->mla ? 1 : d.kv_heads);  // MLA: one latent kv head
     if (k == "rope_theta") return spec.rope_theta;
     if (k == "rms_norm_eps") return spec.eps;
-    if (k == "{expert_count}") return num(moe0.num_experts());
+    if (k == "{expert_count}") return num(moe0->num_experts());
     if (k == "{topk}") return num(d.top_k);
     // llama4: the shared expert is as wide as the experts (llama.cpp's n_ff_shexp = n_ff_exp), no key.
     if (k == "{shared_width}")
-      return arch->shared_expert && !arch->shared_count && !arch->llama4_graph && moe0.shared ? num(moe0.shared->width()) : std::nullopt;
+      return arch->shared_expert && !arch->shared_count && !arch->llama4_graph && moe0->shared ? num(moe0->shared->width()) : std::nullopt;
     if (k == "{shared_count}")
-      return arch->shared_count ? num(moe0.shared ? moe0.shared->width() / moe0.expert_width() : 0) : std::nullopt;
+      return arch->shared_count ? num(moe0->shared ? moe0->shared->width() / moe0->expert_width() : 0) : std::nullopt;
     // The RoPE width: llama.cpp's n_rot (partial rotary: the first rope_dim() elements of a head).
     if (arch->mla && (k == "{rope_dim}" || k == "head_dim")) return std::nullopt;  // mla->kv below
     if (k == "{rope_dim}")
@@ -988,21 +999,8 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   // between), as the forward's RopeTable scales them.
   if (arch->rope_freqs && spec.rope_scaling.type == "llama3") {
     const auto& s = spec.rope_scaling;
-    const double orig = double(s.original_max_positions);
-    const double low_wl = orig / s.low_freq_factor, high_wl = orig / s.high_freq_factor;
-    std::vector<float> div;
-    for (int64_t i = 0; i < d.head_dim / 2; ++i) {
-      const float f = static_cast<float>(1.0 / std::pow(spec.rope_theta, double(2 * i) / double(d.head_dim)));
-      const double wl = 2 * M_PI / f;
-      double v = 1.0;
-      if (wl > low_wl) {
-        v = s.factor;
-      } else if (wl >= high_wl) {
-        const double smooth = (orig / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-        v = 1.0 / ((1 - smooth) / s.factor + smooth);
-      }
-      div.push_back(static_cast<float>(v));
-    }
+    const std::vector<float> div = io::gguf_llama3_rope_divisors(spec.rope_theta, d.head_dim, s.factor, s.low_freq_factor,
+                                                                 s.high_freq_factor, double(s.original_max_positions));
     add(io::kGgufRopeFreqs, {core::Tensor::from_f32(div, {static_cast<int64_t>(div.size())})});
   }
   for (const auto& layer : m.layers()) {

@@ -103,7 +103,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"mixtral-tiny", "tq1_0_down"}, Case{"mixtral-tiny", "tq2_0_down"},
                       Case{"mixtral-tiny", "q2_k_down"}, Case{"mixtral-tiny", "q3_k_down"}, Case{"mixtral-tiny", "q4_k_down"},
                       Case{"mixtral-tiny", "q5_k_down"}, Case{"mixtral-tiny", "q6_k_down"},
-                      Case{"qwen2moe-tiny", "q4_k_shexp"}),
+                      Case{"qwen2moe-tiny", "q4_k_shexp"}, Case{"llama-tiny", "f32"}, Case{"llama-tiny", "q8_0"},
+                      Case{"llama-tiny", "q4_0"}),
     [](const auto& info) {
       std::string n = info.param.model + "_" + info.param.type;
       for (auto& c : n)
@@ -1262,6 +1263,102 @@ TEST(Export, TensorTypeOverridesFirstMatchWins) {
   EXPECT_EQ(type_of(f, "blk.1.ffn_norm.weight"), "f32");  // 1-D: never quantized
 }
 
+// The dense families as convert_hf_to_gguf.py writes them (LlamaModel for llama and mistral, as
+// llama.cpp's llama; Qwen2Model, Qwen3Model): no expert keys, feed_forward_length the MLP's width,
+// every layer's MLP as blk.N.ffn_{gate,up,down}, q/k rows (and llama's attention biases) permuted
+// for llama only, qwen2's q/k/v biases and qwen3's per-head q/k norms under llama.cpp's names, tied
+// embeddings (qwen2, qwen3) without output.weight. Read back as the family (mistral as llama: the
+// file does not tell them apart) with every source tensor and the same nll.
+TEST(Export, DenseFamiliesAsLlamaCppNamesThem) {
+  TempDir dir{"moe-export-dense"};
+  auto& env = io::Env::posix();
+  for (const auto& [family, arch, read_as] : {std::tuple{"llama", "llama", "llama"}, std::tuple{"mistral", "llama", "llama"},
+                                              std::tuple{"qwen2", "qwen2", "qwen2"}, std::tuple{"qwen3", "qwen3", "qwen3"}}) {
+    SCOPED_TRACE(family);
+    json patch = {{"vocab_size", 4096}};
+    if (std::string(family) == "llama") patch["attention_bias"] = true;
+    const auto ck = make_synth(family, {.config_patch = patch});
+    const fs::path src = synth_with_tokenizer(dir, family, ck), out = dir / (std::string(family) + ".gguf");
+    const RunResult r = run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"});
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    const auto f = io::GgufFile::open(env, out);
+    const std::string A = arch;
+    EXPECT_EQ(f.find("general.architecture")->str, A);
+    for (const char* absent : {"expert_count", "expert_used_count", "expert_feed_forward_length"})
+      EXPECT_EQ(f.find(A + "." + absent), nullptr) << absent;
+    EXPECT_EQ(meta_int(f, A + ".feed_forward_length"), ck.config.at("intermediate_size").get<int64_t>());
+    EXPECT_EQ(meta_int(f, A + ".block_count"), 2);
+    EXPECT_EQ(f.find_tensor("output.weight") != nullptr, !ck.config.value("tie_word_embeddings", false));
+    const bool permuted = A == "llama";
+    for (int l = 0; l < 2; ++l) {
+      const std::string blk = "blk." + std::to_string(l) + ".", hf = "model.layers." + std::to_string(l) + ".";
+      EXPECT_EQ(f.find_tensor(blk + "ffn_gate_inp.weight"), nullptr);
+      EXPECT_EQ(f.decode(*f.find_tensor(blk + "ffn_gate.weight")), source_f32(ck, hf + "mlp.gate_proj.weight"));
+      EXPECT_EQ(f.decode(*f.find_tensor(blk + "ffn_up.weight")), source_f32(ck, hf + "mlp.up_proj.weight"));
+      EXPECT_EQ(f.decode(*f.find_tensor(blk + "ffn_down.weight")), source_f32(ck, hf + "mlp.down_proj.weight"));
+      EXPECT_EQ(f.decode(*f.find_tensor(blk + "attn_v.weight")), source_f32(ck, hf + "self_attn.v_proj.weight"));
+      const auto q = f.decode(*f.find_tensor(blk + "attn_q.weight")), qs = source_f32(ck, hf + "self_attn.q_proj.weight");
+      EXPECT_EQ(q == qs, !permuted);
+      if (std::string(family) == "qwen2" || std::string(family) == "llama")
+        for (const char* b : {"attn_q.bias", "attn_k.bias", "attn_v.bias"}) EXPECT_NE(f.find_tensor(blk + b), nullptr) << b;
+      if (std::string(family) == "qwen2")
+        EXPECT_EQ(f.decode(*f.find_tensor(blk + "attn_q.bias")), source_f32(ck, hf + "self_attn.q_proj.bias"));
+      if (std::string(family) == "qwen3")
+        EXPECT_EQ(f.decode(*f.find_tensor(blk + "attn_k_norm.weight")), source_f32(ck, hf + "self_attn.k_norm.weight"));
+    }
+    const auto gg = io::Checkpoint::open(env, out);
+    const auto m = model::Model::load(gg);
+    EXPECT_EQ(m.family().model_type, read_as);
+    for (const auto& layer : m.layers()) EXPECT_FALSE(layer.moe.has_value()) << layer.index;
+    for (const auto& name : ck.names()) {
+      SCOPED_TRACE(name);
+      ASSERT_TRUE(gg.has(name));
+      EXPECT_EQ(gg.tensor(name).to_f32(), source_f32(ck, name));
+    }
+    const double a = nll_sum(src, 48), b = nll_sum(out, 48);
+    EXPECT_NEAR(b, a, 1e-9 * a);
+  }
+}
+
+// llama3 RoPE scaling as rope_freqs.weight, read back. Llama 3.1's keys (factor 8, low_freq_factor
+// 1, high_freq_factor 4, original 8192, theta 500000, head_dim 128) come back as written. Keys with
+// the same band in another form (low 2, high 8, original 16384: the same divisors) come back as
+// low 1, high 4, original 8192, an equal model. A band of one divisor is refused: it does not fix
+// the smoothing.
+TEST(Export, Llama3RopeScalingReadBackFromItsDivisors) {
+  TempDir dir{"moe-export-llama3"};
+  auto& env = io::Env::posix();
+  auto config_back = [&](const json& rs, int64_t head_dim, const std::string& name) {
+    json patch = {{"vocab_size", 4096}, {"head_dim", head_dim}, {"rope_scaling", rs}, {"max_position_embeddings", 131072}};
+    const auto ck = make_synth("llama", {.layers = 1, .config_patch = patch});
+    const fs::path src = synth_with_tokenizer(dir, name, ck), out = dir / (name + ".gguf");
+    const RunResult r = run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"});
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    return std::pair{src, out};
+  };
+  const json llama31 = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                        {"original_max_position_embeddings", 8192}};
+  const auto [src, out] = config_back(llama31, 128, "llama31");
+  const auto f = io::GgufFile::open(env, out);
+  EXPECT_EQ(f.find_tensor("rope_freqs.weight")->ne, std::vector<int64_t>{64});
+  EXPECT_EQ(model::Model::load(io::Checkpoint::open(env, out)).config().json().at("rope_scaling"), llama31);
+  json other = llama31;
+  other["low_freq_factor"] = 2.0;
+  other["high_freq_factor"] = 8.0;
+  other["original_max_position_embeddings"] = 16384;
+  const auto [src2, out2] = config_back(other, 128, "other");
+  EXPECT_EQ(model::Model::load(io::Checkpoint::open(env, out2)).config().json().at("rope_scaling"), llama31);
+  const double a = nll_sum(src2, 48), b = nll_sum(out2, 48);
+  EXPECT_NEAR(b, a, 1e-6 * a);
+  // head_dim 8 (4 frequencies, wavelengths 6.3, 167, 4.4e3, 1.2e5 at theta 500000): with original
+  // 5000 (the band 1250..5000), only the third is in it.
+  json one = llama31;
+  one["original_max_position_embeddings"] = 5000;
+  const auto [src3, out3] = config_back(one, 8, "one");
+  const RunResult r = run_tool({"inspect", out3.string()});
+  expect_clean_failure(r, "rope_freqs.weight: one divisor (2");
+}
+
 TEST(Export, RefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   const std::string mixtral = (kSrc / "data/models/mixtral-tiny").string();
@@ -1278,8 +1375,11 @@ TEST(Export, RefusalsWriteNothing) {
   EXPECT_FALSE(fs::exists(dir / "slash"));
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "([=q8_0"}), "bad regex");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "exps"}), "expected REGEX=TYPE");
-  expect_clean_failure(run_tool({"export", (kSrc / "data/models/llama-tiny").string(), out, "--type", "f16"}),
-                       "family llama is not exported to GGUF yet");
+  // A sliding window shorter than the context: llama.cpp's llama graph has none.
+  const fs::path windowed = dir / "windowed";
+  write_synth(make_synth("mistral", {.config_patch = {{"sliding_window", 64}}}), windowed);
+  expect_clean_failure(run_tool({"export", windowed.string(), out, "--type", "f16"}),
+                       "sliding_window 64: llama.cpp's llama graph has no sliding window");
   expect_clean_failure(run_tool({"export", mixtral, mixtral + "/model.safetensors", "--type", "f16"}), "model.safetensors");
   // Rows narrower than a block: the synthetic mixtral's experts are 16 wide.
   const fs::path synth = dir / "synth";
@@ -1292,7 +1392,7 @@ TEST(Export, RefusalsWriteNothing) {
   const RunResult q = run_tool({"export", quantized.string(), out, "--type", "q4_0"});
   expect_clean_failure(q, "is encoded as 'intN'");
   EXPECT_NE(q.err.find("convert " + quantized.string() + " DENSE --materialize"), std::string::npos) << q.err;
-  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"int4", "synth"})) << "something was written";
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"int4", "synth", "windowed"})) << "something was written";
   // An existing output needs --force.
   ASSERT_EQ(run_tool({"-q", "export", mixtral, out, "--type", "f16"}).exit_code, 0);
   const auto size = fs::file_size(out);
