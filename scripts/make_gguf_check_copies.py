@@ -25,6 +25,9 @@ qwen3-dense's unit norm weights). Plain Python (no NumPy):
   qwen2-dense          data/models/llama-tiny as qwen2 with q/k/v biases of zeros (the same model)
   qwen3-dense          data/models/llama-tiny as qwen3 with q/k norm weights of ones (the per-head
                        RMS norms of q and k added: a different model, the same on both sides)
+  qwen3-dense-yarn     qwen3-dense with Qwen3's yarn form (factor 4 over an original context of 32,
+                       max_position_embeddings 128)
+  qwen2moe-yarn        data/models/qwen2moe-tiny with yarn (factor 4, original 1024, max 4096)
 
 Usage: scripts/make_gguf_check_copies.py OUT
 """
@@ -167,6 +170,12 @@ def main():
     d = copy("models/llama-tiny", out / "qwen3-dense")
     patch_config(d, architectures=["Qwen3ForCausalLM"], model_type="qwen3", mlp_bias=None)
     add_layer_tensors(d, [("self_attn.q_norm.weight", hd, b"\x80\x3f"), ("self_attn.k_norm.weight", hd, b"\x80\x3f")])
+    d = out / "qwen3-dense-yarn"
+    shutil.copytree(out / "qwen3-dense", d)
+    patch_config(d, max_position_embeddings=128,
+                 rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    patch_config(copy("models/qwen2moe-tiny", out / "qwen2moe-yarn"),
+                 rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024})
 
 
 if __name__ == "__main__":

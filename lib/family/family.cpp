@@ -192,6 +192,8 @@ std::vector<FamilyDesc> build_families() {
     qkv_bias_always(f);
     f.forward = f.upcycle_source = true;
     dense_gguf_arch(f, "qwen2", false);  // Qwen2Model: NeoX RoPE, no q/k permutation
+    f.gguf->yarn = true;                  // Qwen2.5's long-context yarn (rope.scaling.*)
+    f.yarn_rope = true;
     v.push_back(f);
   }
   {
@@ -200,6 +202,8 @@ std::vector<FamilyDesc> build_families() {
     f.default_head_dim = 128;
     f.forward = f.upcycle_source = true;
     dense_gguf_arch(f, "qwen3", false);  // Qwen3Model: NeoX RoPE, q/k RMS norms as attn_{q,k}_norm
+    f.gguf->yarn = true;                  // Qwen3's long-context yarn (rope.scaling.*)
+    f.yarn_rope = true;
     v.push_back(f);
   }
   {
@@ -213,6 +217,7 @@ std::vector<FamilyDesc> build_families() {
     f.default_rms_norm_eps = 1e-5;
     f.forward = f.upcycle_target = true;
     gguf_arch(f, "llama", true, true, false, false);
+    f.gguf->rope_freqs = true;  // llama.cpp's llama graph applies rope_freqs.weight with or without experts
     v.push_back(f);
   }
   {
@@ -225,6 +230,7 @@ std::vector<FamilyDesc> build_families() {
     f.shared_width_key = "shared_expert_intermediate_size";
     f.forward = f.upcycle_target = true;
     gguf_arch(f, "qwen2moe", false, false, true, true);
+    f.gguf->yarn = f.yarn_rope = true;
     v.push_back(f);
   }
   {
@@ -234,6 +240,7 @@ std::vector<FamilyDesc> build_families() {
     f.moe_layers = MoeLayerRule::SparseStep;
     f.forward = f.upcycle_target = true;
     gguf_arch(f, "qwen3moe", false, true, true, false);
+    f.gguf->yarn = f.yarn_rope = true;  // Qwen3-MoE's long-context yarn
     v.push_back(f);
   }
   {

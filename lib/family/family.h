@@ -175,7 +175,8 @@ struct FamilyDesc {
   // gpt_oss: experts apply the clamped SwiGLU (swiglu_alpha, swiglu_limit) with expert biases.
   bool clamped_swiglu = false;
   // gpt_oss: per-head attention sinks (layer role "sinks") and per-layer attention kinds from
-  // `layer_types` (sliding_attention / full_attention); yarn RoPE outside the MLA families.
+  // `layer_types` (sliding_attention / full_attention). yarn_rope: yarn RoPE outside the MLA
+  // families (gpt_oss; qwen2, qwen3, qwen2_moe, qwen3_moe for their long-context configs).
   bool attention_sinks = false;
   bool per_layer_types = false;
   bool yarn_rope = false;

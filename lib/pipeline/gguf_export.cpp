@@ -264,7 +264,14 @@ int64_t refuse_llama4(const model::Model& m, const model::GgufArch& arch, const 
 // transformers' truncate false (gpt-oss's released configs) leaves the correction range unrounded;
 // ggml_rope_yarn_corr_dims always floors / ceils it: exported with a warning, the difference
 // measured in docs/gguf.md.
-void refuse_yarn(const runtime::RopeScaling& rs, const model::GgufArch& arch, const std::string& src) {
+void refuse_yarn(const runtime::RopeScaling& rs, int64_t max_positions, const model::GgufArch& arch, const std::string& src) {
+  // transformers' yarn takes max_position_embeddings / original_max_position_embeddings as its
+  // factor (runtime::yarn_factor), llama.cpp rope.scaling.factor.
+  if (rs.original_max_positions > 0 && std::abs(runtime::yarn_factor(rs, max_positions) - rs.factor) > 1e-9 * rs.factor)
+    throw Error::unsupported(src + ": rope_scaling yarn: factor " + num_str(rs.factor) + " is not max_position_embeddings / " +
+                             "original_max_position_embeddings (" + num_str(runtime::yarn_factor(rs, max_positions)) +
+                             "), which transformers' yarn frequencies use; llama.cpp's " + arch.arch + " uses the factor: " +
+                             "set max_position_embeddings to factor x original_max_position_embeddings");
   if (rs.beta_fast != 32.0 || rs.beta_slow != 1.0)
     throw Error::unsupported(src + ": rope_scaling beta_fast " + num_str(rs.beta_fast) + " / beta_slow " + num_str(rs.beta_slow) +
                              ": llama.cpp's " + arch.arch + " loader uses 32 / 1 whatever the file says");
@@ -766,7 +773,7 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const bool yarn = arch->yarn && rs.type == "yarn", longrope = arch->longrope && rs.type == "longrope";
   if (rs.type != "default" && !yarn && !longrope && !(arch->rope_freqs && rs.type == "llama3") && !(arch->mla && rs.type == "yarn"))
     throw Error::unsupported(src + ": rope_scaling '" + rs.type + "' is not exported to GGUF yet");
-  if (yarn) refuse_yarn(rs, *arch, src);
+  if (yarn) refuse_yarn(rs, spec.max_positions, *arch, src);
   const std::optional<MlaKeys> mla = arch->mla ? std::optional<MlaKeys>(mla_keys(m, *arch, spec, src)) : std::nullopt;
   // A window as long as the trained context (Phi-3.5-MoE's 131072) never limits within it.
   if (spec.attn.sliding_window > 0 && (spec.max_positions <= 0 || spec.attn.sliding_window < spec.max_positions))

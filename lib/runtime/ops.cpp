@@ -132,14 +132,12 @@ int blas_threads() { return openblas_get_num_threads(); }
 
 double yarn_mscale(double scale, double mscale) { return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0; }
 
-namespace {
-
-// The scaling's factor as transformers' yarn uses it: max_position_embeddings /
-// original_max_position_embeddings when the latter is given, else `factor`.
 double yarn_factor(const RopeScaling& s, int64_t max_positions) {
   return s.original_max_positions > 0 && max_positions > 0 ? double(max_positions) / double(s.original_max_positions)
                                                            : s.factor;
 }
+
+namespace {
 
 // transformers' _compute_yarn_parameters: a per-frequency blend of interpolated (inv / factor) and
 // extrapolated (inv) frequencies, the blend a linear ramp between the correction dimensions of

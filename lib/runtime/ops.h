@@ -72,6 +72,9 @@ struct RopeScaling {
 };
 // yarn's get_mscale(scale, mscale): 1 for scale <= 1, else 0.1 * mscale * ln(scale) + 1.
 double yarn_mscale(double scale, double mscale);
+// The scaling's factor as transformers' yarn uses it: max_position_embeddings /
+// original_max_position_embeddings when the latter is given (and max_positions > 0), else `factor`.
+double yarn_factor(const RopeScaling& s, int64_t max_positions);
 // longrope's factor on cos and sin for a window of T positions: the short/long mscale when given,
 // else attention_factor, else sqrt(1 + ln(f) / ln(original)) with f = max_positions / original
 // (1 when f <= 1).

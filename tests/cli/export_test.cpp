@@ -1359,6 +1359,51 @@ TEST(Export, Llama3RopeScalingReadBackFromItsDivisors) {
   expect_clean_failure(r, "rope_freqs.weight: one divisor (2");
 }
 
+// Qwen's long-context yarn (qwen2, qwen3 and their MoE families) as rope.scaling.* keys, which
+// llama.cpp's loader reads for every architecture; read back as the same yarn and the same nll. A
+// factor other than max_position_embeddings / original_max_position_embeddings is refused:
+// transformers' yarn uses that ratio, llama.cpp the factor.
+TEST(Export, QwenYarnAsRopeScalingKeys) {
+  TempDir dir{"moe-export-yarn"};
+  auto& env = io::Env::posix();
+  for (const char* family : {"qwen3", "qwen2_moe"}) {
+    SCOPED_TRACE(family);
+    const json rs = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32}};
+    json patch = {{"vocab_size", 4096}, {"max_position_embeddings", 128}, {"rope_scaling", rs}};
+    if (std::string(family) == "qwen2_moe") patch.update({{"decoder_sparse_step", 1}, {"mlp_only_layers", json::array()}});
+    const auto ck = make_synth(family, {.config_patch = patch});
+    const fs::path src = synth_with_tokenizer(dir, family, ck), out = dir / (std::string(family) + ".gguf");
+    const RunResult r = run_tool({"-q", "export", src.string(), out.string(), "--type", "f32"});
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    const auto f = io::GgufFile::open(env, out);
+    const std::string A = f.find("general.architecture")->str;
+    EXPECT_EQ(f.find(A + ".rope.scaling.type")->str, "yarn");
+    EXPECT_EQ(f.find(A + ".rope.scaling.factor")->as_double("f"), 4.0);
+    EXPECT_EQ(meta_int(f, A + ".rope.scaling.original_context_length"), 32);
+    const json back = model::Model::load(io::Checkpoint::open(env, out)).config().json().at("rope_scaling");
+    EXPECT_EQ(back.at("rope_type"), "yarn");
+    EXPECT_EQ(back.at("factor"), 4.0);
+    EXPECT_EQ(back.at("original_max_position_embeddings"), 32);
+    const double a = nll_sum(src, 48), b = nll_sum(out, 48);
+    EXPECT_NEAR(b, a, 1e-9 * a);
+    EXPECT_NE(b, nll_sum(synth_with_tokenizer(dir, std::string(family) + "-plain",
+                                              make_synth(family, {.config_patch = [&] {
+                                                json plain = patch;
+                                                plain["rope_scaling"] = nullptr;  // removed: no scaling
+                                                return plain;
+                                              }()})),
+                         48))
+        << "yarn left the model unchanged";
+  }
+  const fs::path bad = synth_with_tokenizer(
+      dir, "ratio",
+      make_synth("qwen3", {.config_patch = {{"vocab_size", 4096}, {"max_position_embeddings", 160},
+                                            {"rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32}}}}}));
+  expect_clean_failure(run_tool({"export", bad.string(), (dir / "ratio.gguf").string(), "--type", "f32"}),
+                       "rope_scaling yarn: factor 4 is not max_position_embeddings / original_max_position_embeddings (5)");
+  EXPECT_FALSE(fs::exists(dir / "ratio.gguf"));
+}
+
 TEST(Export, RefusalsWriteNothing) {
   TempDir dir{"moe-export"};
   const std::string mixtral = (kSrc / "data/models/mixtral-tiny").string();
