@@ -28,6 +28,7 @@ qwen3-dense's unit norm weights). Plain Python (no NumPy):
   qwen3-dense-yarn     qwen3-dense with Qwen3's yarn form (factor 4 over an original context of 32,
                        max_position_embeddings 128)
   qwen2moe-yarn        data/models/qwen2moe-tiny with yarn (factor 4, original 1024, max 4096)
+  mixtral-llama3       data/models/mixtral-tiny with llama-llama3's llama3 rope_scaling
 
 Usage: scripts/make_gguf_check_copies.py OUT
 """
@@ -174,6 +175,9 @@ def main():
     shutil.copytree(out / "qwen3-dense", d)
     patch_config(d, max_position_embeddings=128,
                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    patch_config(copy("models/mixtral-tiny", out / "mixtral-llama3"),
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64})
     patch_config(copy("models/qwen2moe-tiny", out / "qwen2moe-yarn"),
                  rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024})
 
