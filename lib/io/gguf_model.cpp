@@ -914,6 +914,12 @@ GgufTokenizerText gguf_tokenizer_json(const GgufFile& f) {
     return v.items;
   };
   const auto& tokens = strings("tokenizer.ggml.tokens");
+  // llama.cpp's n_vocab is the token count, and its loader requires token_embd of that many rows.
+  if (const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
+      embd && embd->ne.size() == 2 && embd->ne[1] != static_cast<int64_t>(tokens.size()))
+    throw Error::corruption(file + ": metadata key tokenizer.ggml.tokens: " + std::to_string(tokens.size()) +
+                            " tokens, but token_embd.weight has " + std::to_string(embd->ne[1]) +
+                            " rows (llama.cpp requires one token per row)");
   static const std::vector<GgufValue> none;
   const auto& merges = spm ? none : strings("tokenizer.ggml.merges");
   const GgufValue* types = f.find("tokenizer.ggml.token_type");

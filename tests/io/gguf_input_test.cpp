@@ -1070,7 +1070,15 @@ TEST(GgufInputTokenizer, SentencePieceWrittenAsLlamaAndReadBack) {
     for (auto& [k, v] : kv)
       if (k == "tokenizer.ggml.add_space_prefix") v = io::GgufValue::string("true");
   });
+  // One token fewer than token_embd's rows (llama.cpp's loader refuses it too).
+  const int64_t vocab_rows = f.find_tensor("token_embd.weight")->ne[1];
+  set("short.gguf", [](auto& kv) {
+    for (auto& [k, v] : kv)
+      if (k == "tokenizer.ggml.tokens" || k == "tokenizer.ggml.token_type" || k == "tokenizer.ggml.scores") v.items.pop_back();
+  });
   const std::vector<std::pair<std::string, std::string>> bad = {
+      {"short.gguf", "tokenizer.ggml.tokens: " + std::to_string(vocab_rows - 1) + " tokens, but token_embd.weight has " +
+                         std::to_string(vocab_rows) + " rows"},
       {"t7.gguf", "tokenizer.ggml.token_type[" + std::to_string(e) + "]: 7 is not a token type read here"},
       {"t6.gguf", "tokenizer.ggml.token_type[" + std::to_string(e) + "]: 6 (byte) for 'e', which is not <0xXX>"},
       {"asp.gguf", "metadata key tokenizer.ggml.add_space_prefix: expected a bool"}};
