@@ -24,57 +24,6 @@ fs::path resolve(const fs::path& base, const std::string& p) {
   return x.is_absolute() ? x : (base / x).lexically_normal();
 }
 
-// output.format, output.type and output.tensor_type (pipeline/sink.h): checked here, parsed again
-// by the sink.
-void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
-  out.format = o.get_enum("format", "hf", {"hf", "gguf", "compressed-tensors", "gptq", "awq"});
-  out.format_given = spec.contains("format");
-  if (auto t = o.opt_string("type")) out.type = *t;
-  o.allow({"tensor_type"});
-  const bool one_rule = o.has("tensor_type") && spec.at("tensor_type").is_string();
-  if (o.has("tensor_type")) {
-    const json& t = spec.at("tensor_type");
-    if (t.is_string()) {
-      out.tensor_type.push_back(t.get<std::string>());
-    } else if (t.is_array()) {
-      for (size_t i = 0; i < t.size(); ++i) {
-        if (!t[i].is_string())
-          throw Error::invalid("output.tensor_type[" + std::to_string(i) + "]: expected \"REGEX=TYPE\", found " + json_found(t[i]));
-        out.tensor_type.push_back(t[i].get<std::string>());
-      }
-    } else {
-      throw Error::invalid("output.tensor_type: expected \"REGEX=TYPE\" or a list of them, found " + json_found(t));
-    }
-  }
-  if (out.format != "gguf") {
-    if ((!out.type.empty() || !out.tensor_type.empty()) && !out.format_given)
-      throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
-                           ": GGUF only: give output.format gguf with it (a prune of a GGUF input writes GGUF without "
-                           "it, its blocks copied as stored, and takes no type)");
-    if (!out.type.empty() || !out.tensor_type.empty())
-      throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
-                           ": GGUF only; output.format " + out.format + " writes the model's codes as they are");
-    if (out.format != "hf" && out.materialize)
-      throw Error::invalid("output.materialize: writes every weight dense, but output.format " + out.format +
-                           " stores int4/int8 codes: drop one of them");
-    return;
-  }
-  // A GGUF output is one file whose tensor types output.type and output.tensor_type choose: the
-  // hf folder's shard size has nothing to cut, and materialize (every weight dense) would undo the
-  // int4/int8 groups copied as q4_0/q8_0 blocks behind the types' back (docs/gguf.md). output.dtype
-  // stays: the float dtype of the native output the file is converted from.
-  if (spec.contains("max_shard_size"))
-    throw Error::invalid("output.max_shard_size: output.format gguf writes one file, never shards: leave it out");
-  if (out.materialize)
-    throw Error::invalid("output.materialize: output.format gguf chooses every tensor's type itself (output.type, "
-                         "output.tensor_type): leave it out, or write output.format hf with materialize and `moe-tool "
-                         "export` that folder");
-  // output.type: required unless the input is a GGUF file (checked with the input, check_gguf_plan).
-  if (!out.type.empty()) (void)gguf_writable_type(out.type, "output.type");
-  (void)parse_gguf_overrides(out.tensor_type, [&](size_t i) {
-    return one_rule ? std::string("output.tensor_type") : "output.tensor_type[" + std::to_string(i) + "]";
-  });
-}
 
 // calibration.tasks (recipe.h CalibrationSpec::tasks).
 std::vector<TaskCalibration> parse_tasks(const json& j, const fs::path& base) {
@@ -127,6 +76,56 @@ std::vector<TaskCalibration> parse_tasks(const json& j, const fs::path& base) {
 }
 
 }  // namespace
+
+void parse_output_format(Options& o, const json& spec, OutputSpec& out) {
+  out.format = o.get_enum("format", "hf", {"hf", "gguf", "compressed-tensors", "gptq", "awq"});
+  out.format_given = spec.contains("format");
+  if (auto t = o.opt_string("type")) out.type = *t;
+  o.allow({"tensor_type"});
+  const bool one_rule = o.has("tensor_type") && spec.at("tensor_type").is_string();
+  if (o.has("tensor_type")) {
+    const json& t = spec.at("tensor_type");
+    if (t.is_string()) {
+      out.tensor_type.push_back(t.get<std::string>());
+    } else if (t.is_array()) {
+      for (size_t i = 0; i < t.size(); ++i) {
+        if (!t[i].is_string())
+          throw Error::invalid("output.tensor_type[" + std::to_string(i) + "]: expected \"REGEX=TYPE\", found " + json_found(t[i]));
+        out.tensor_type.push_back(t[i].get<std::string>());
+      }
+    } else {
+      throw Error::invalid("output.tensor_type: expected \"REGEX=TYPE\" or a list of them, found " + json_found(t));
+    }
+  }
+  if (out.format != "gguf") {
+    if ((!out.type.empty() || !out.tensor_type.empty()) && !out.format_given)
+      throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
+                           ": GGUF only: give output.format gguf with it (a prune of a GGUF input writes GGUF without "
+                           "it, its blocks copied as stored, and takes no type)");
+    if (!out.type.empty() || !out.tensor_type.empty())
+      throw Error::invalid(std::string(out.type.empty() ? "output.tensor_type" : "output.type") +
+                           ": GGUF only; output.format " + out.format + " writes the model's codes as they are");
+    if (out.format != "hf" && out.materialize)
+      throw Error::invalid("output.materialize: writes every weight dense, but output.format " + out.format +
+                           " stores int4/int8 codes: drop one of them");
+    return;
+  }
+  // A GGUF output is one file whose tensor types output.type and output.tensor_type choose: the
+  // hf folder's shard size has nothing to cut, and materialize (every weight dense) would undo the
+  // int4/int8 groups copied as q4_0/q8_0 blocks behind the types' back (docs/gguf.md). output.dtype
+  // stays: the float dtype of the native output the file is converted from.
+  if (spec.contains("max_shard_size"))
+    throw Error::invalid("output.max_shard_size: output.format gguf writes one file, never shards: leave it out");
+  if (out.materialize)
+    throw Error::invalid("output.materialize: output.format gguf chooses every tensor's type itself (output.type, "
+                         "output.tensor_type): leave it out, or write output.format hf with materialize and `moe-tool "
+                         "export` that folder");
+  // output.type: required unless the input is a GGUF file (checked with the input, check_gguf_plan).
+  if (!out.type.empty()) (void)gguf_writable_type(out.type, "output.type");
+  (void)parse_gguf_overrides(out.tensor_type, [&](size_t i) {
+    return one_rule ? std::string("output.tensor_type") : "output.tensor_type[" + std::to_string(i) + "]";
+  });
+}
 
 CalibrationSpec parse_calibration(const json& j, const fs::path& base) {
   CalibrationSpec cs;

@@ -28,6 +28,7 @@
 
 #include "core/dtype.h"
 #include "passes/pass.h"
+#include "passes/options.h"
 
 namespace moe::pipeline {
 
@@ -118,6 +119,10 @@ struct Recipe {
   }
 };
 
+// output.format, output.type and output.tensor_type of an "output" section `spec` read with `o`
+// into `out` (pipeline/sink.h; the GGUF type names and rules checked, parsed again by the sink).
+// Error::invalid naming the key.
+void parse_output_format(passes::Options& o, const nlohmann::json& spec, OutputSpec& out);
 // The "calibration" section alone (what `moe-tool calibrate` takes from its flags).
 CalibrationSpec parse_calibration(const nlohmann::json& j, const fs::path& base);
 // Parses and validates; `base` resolves relative paths; `source` names the file in errors.

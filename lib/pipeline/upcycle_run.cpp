@@ -6,10 +6,15 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "io/checkpoint_writer.h"
+#include "io/gguf_model.h"
 #include "io/output_dir.h"
+#include "io/temp_files.h"
+#include "model/model.h"
 #include "passes/options.h"
 #include "passes/upcycle.h"
+#include "pipeline/gguf_export.h"
 #include "pipeline/hf_sink.h"
+#include "pipeline/recipe.h"
 
 namespace moe::pipeline {
 
@@ -33,6 +38,7 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
   passes::UpcycleOptions uo;
   fs::path model, out;
   bool force = false;
+  OutputSpec format;  // output.format: hf, or gguf with output.type / output.tensor_type
   core::with_context(source, [&] {
     passes::Options top(j, "", "an upcycle recipe");
     top.allow({"upcycle", "output"});
@@ -54,15 +60,44 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     if (auto m = o.opt_string("max_shard_size"))
       uo.max_shard_bytes = core::with_context("output.max_shard_size", [&] { return io::parse_size(*m); });
     force = o.get_bool("force", false);
+    parse_output_format(o, j.at("output"), format);
+    if (format.format != "hf" && format.format != "gguf")
+      throw Error::invalid("output.format: '" + format.format + "': an upcycle recipe writes hf or gguf (the upcycled experts "
+                           "are dense weights, which the packed formats do not hold)");
+    if (format.format == "gguf" && format.type.empty())
+      throw Error::invalid("output.type: missing (required with output.format gguf: the main ggml type, e.g. q8_0)");
     o.finish();
   });
+  const bool gguf = format.format == "gguf";
+  GgufOptions go;
+  if (gguf) {
+    go.type = gguf_writable_type(format.type, "output.type");
+    go.overrides = parse_gguf_overrides(format.tensor_type, [&](size_t i) {
+      return "output.tensor_type" + (format.tensor_type.size() > 1 ? "[" + std::to_string(i) + "]" : std::string());
+    });
+    go.name = out.stem().string();
+    go.tensor_type_key = "output.tensor_type";
+  }
   auto& env = io::Env::posix();
   // Every file the run reads is an input the output may not be, be inside or contain.
   std::vector<fs::path> inputs{model, uo.prompts, uo.text};
   for (const auto& s : uo.sources) inputs.push_back(s);
   inputs.insert(inputs.end(), opts.reads.begin(), opts.reads.end());
   const uint64_t bytes = core::with_context(source, [&] { return passes::check_upcycle(env, model, uo); });
-  io::check_output(out, inputs, force, io::OutputKind::Folder, "output.force");
+  io::check_output(out, inputs, force, gguf ? io::OutputKind::File : io::OutputKind::Folder, "output.force");
+  if (gguf && !io::is_gguf_path(model)) {
+    // Before any work, what the GGUF writer decides from the dense model: the main type's blocks
+    // against its widths, the tokenizer, RoPE scaling and sliding window, which the upcycled model
+    // keeps (the --tensor-type rules, named by the MoE's tensor names, and an expert width a split
+    // narrows are checked on the upcycled model, before its file is created; so is all of it for a
+  // GGUF source, whose tokenizer the staged folder holds as tokenizer.json).
+    core::with_context(source, [&] {
+      const io::Checkpoint dense = io::Checkpoint::open(env, model);
+      GgufOptions main_only = go;
+      main_only.overrides.clear();
+      core::with_context("output.format gguf", [&] { (void)check_gguf(env, dense, model::Model::load(dense), main_only); });
+    });
+  }
   io::check_free_space(out, bytes, "output.path");
   json summary = {{"command", opts.command}, {"model", model.string()}, {"output", out.string()}, {"to", uo.to},
                   {"method", uo.method}, {"experts", uo.experts}, {"top_k", uo.top_k},
@@ -72,7 +107,37 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     return summary;
   }
   const auto t0 = std::chrono::steady_clock::now();
-  HfSink sink(env, out, inputs, force, "output.force", uo.max_shard_bytes);
+  // GGUF: the upcycled checkpoint staged in a temporary folder beside the file and converted as
+  // `moe-tool export` converts a folder (the recipes' export sinks do the same, pipeline/sink.h).
+  std::optional<io::OutputFile> file;
+  fs::path staging;
+  int slot = -1;
+  auto remove_staging = [&]() noexcept {
+    if (slot < 0) return;
+    try {
+      env.remove_all(staging);
+    } catch (...) {
+    }
+    io::unregister_temp(slot);
+    slot = -1;
+  };
+  struct Guard {
+    std::function<void()> f;
+    ~Guard() { f(); }
+  } guard{remove_staging};
+  std::optional<HfSink> hf;
+  if (gguf) {
+    file.emplace(env, out, inputs, force, "output.force");
+    const std::string name = out.filename().string() + ".native";
+    io::remove_stale_temps(file->path().parent_path(), io::temp_prefix(name));
+    staging = io::temp_name(file->path().parent_path(), name);
+    env.create_dirs(staging);
+    slot = io::register_temp(staging);
+    hf.emplace(env, staging, uo.max_shard_bytes);
+  } else {
+    hf.emplace(env, out, inputs, force, "output.force", uo.max_shard_bytes);
+  }
+  HfSink& sink = *hf;
   const passes::Upcycler up(env, model, uo);
   const std::vector<io::TensorSpec> plan = up.plan();
   sink.begin(up.source(), plan);
@@ -97,6 +162,33 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
   report["command"] = opts.command;
   report["recipe"] = j;
   report["timings"]["total_seconds"] = secs;
+  if (gguf) {
+    const io::Checkpoint ckpt = io::Checkpoint::open(env, staging);
+    const GgufResult g = [&] {
+      try {
+        return core::with_context(source, [&] {
+          return core::with_context("output.format gguf", [&] { return write_gguf(env, ckpt, model::Model::load(ckpt), go, file->path()); });
+        });
+      } catch (Error& e) {
+        e.with_path_shown(staging.string(), "the upcycled model staged for " + out.string());
+        e.with_path_shown(file->path().string(), out.string());
+        throw;
+      }
+    }();
+    remove_staging();
+    file->commit();
+    summary["format"] = "gguf";
+    summary["bytes"] = g.tensor_bytes;
+    summary["file_bytes"] = g.file_bytes;
+    summary["tensors"] = g.tensors;
+    summary["types"] = g.types;
+    summary["shards"] = 1;
+    summary["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    summary["equals_dense_at_init"] = report["upcycle"]["equals_dense_at_init"];
+    summary["next"] = report["upcycle"]["next"];
+    summary["report"] = report;  // a GGUF file has no room for moe_tool_report.json
+    return summary;
+  }
   sink.write_report(report);
   sink.commit();
   summary["bytes"] = r.tensor_bytes;

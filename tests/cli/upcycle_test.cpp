@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "io/checkpoint.h"
@@ -387,6 +388,56 @@ TEST(Upcycle, RecipeRunsAsTheCommandDoes) {
     const RunResult rd = run_tool({"-q", "run", (kSrc / "recipes" / f).string(), "--dry-run", "--set",
                                    "output.path=" + (tmp / (std::string("dry-") + f)).string()});
     EXPECT_EQ(rd.exit_code, 0) << f << ": " << rd.describe();
+  }
+}
+
+// An upcycle recipe writing GGUF (output.format gguf): the upcycled checkpoint staged beside the
+// file and converted as `moe-tool export` converts it, so the file is the export of the recipe's
+// folder output, byte for byte, and nothing else is left. A dense GGUF as the source. Refused
+// before any work: a main type whose blocks the dense model's rows do not fill (checked on the
+// dense model), a format other than hf and gguf, gguf without output.type; refused once staged,
+// nothing written: a rule for the experts' rows (hidden 128) that they do not fill.
+TEST(Upcycle, RecipeWritesGguf) {
+  TempDir tmp("moe-upcycle-gguf");
+  const json up = {{"to", "mixtral"}, {"experts", 4}, {"top_k", 2}, {"method", "copy"}};
+  auto recipe = [&](const json& model, const json& output) {
+    return json{{"model", model}, {"seed", 3}, {"upcycle", up}, {"output", output}};
+  };
+  auto run = [&](const std::string& name, const json& r) {
+    write_file(tmp / (name + ".json"), r.dump());
+    return run_tool({"-q", "run", (tmp / (name + ".json")).string()});
+  };
+  const fs::path file = tmp / "u.gguf", folder = tmp / "u", again = tmp / "again.gguf";
+  const RunResult r = run("g", recipe(kLlama.string(), {{"path", file.string()}, {"format", "gguf"}, {"type", "q8_0"}}));
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  ASSERT_EQ(run("f", recipe(kLlama.string(), {{"path", folder.string()}})).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "export", folder.string(), again.string(), "--type", "q8_0"}).exit_code, 0);
+  EXPECT_EQ(read_file(file), read_file(again)) << "not the export of the recipe's folder output";
+  std::set<std::string> left;
+  for (const auto& e : fs::directory_iterator(tmp.path())) left.insert(e.path().filename().string());
+  EXPECT_EQ(left, (std::set<std::string>{"again.gguf", "f.json", "g.json", "u", "u.gguf"}));
+  // From the dense model's GGUF export: the same upcycled model.
+  const fs::path dense = tmp / "dense.gguf", from_gguf = tmp / "from-gguf.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", kLlama.string(), dense.string(), "--type", "f32"}).exit_code, 0);
+  ASSERT_EQ(run("d", recipe(dense.string(), {{"path", from_gguf.string()}, {"format", "gguf"}, {"type", "f32"}})).exit_code, 0);
+  EXPECT_LT(max_abs_diff(logits_of(kLlama), logits_of(from_gguf)), 1e-4);
+  // Refusals: one line, exit 2, nothing written.
+  const fs::path bad = tmp / "bad.gguf";
+  const std::vector<std::pair<json, std::string>> cases = {
+      {{{"path", bad.string()}, {"format", "gguf"}, {"type", "q4_k"}},
+       "output.format gguf: " + kLlama.string() + ": blk.0.attn_k.weight: rows of 128 values are not a multiple of the q4_k block size 256"},
+      {{{"path", bad.string()}, {"format", "gguf"}}, "output.type: missing (required with output.format gguf"},
+      {{{"path", bad.string()}, {"format", "gptq"}}, "output.format: 'gptq': an upcycle recipe writes hf or gguf"},
+      {{{"path", bad.string()}, {"format", "gguf"}, {"type", "q8_0"}, {"tensor_type", "ffn_up_exps=q4_k"}},
+       "the upcycled model staged for " + bad.string() + ": blk.0.ffn_up_exps.weight: rows of 128 values are not a multiple of the q4_k block size 256"},
+  };
+  for (const auto& [output, message] : cases) {
+    SCOPED_TRACE(output.dump());
+    write_file(tmp / "bad.json", recipe(kLlama.string(), output).dump());
+    ::moe::test::expect_clean_failure(run_tool({"-q", "run", (tmp / "bad.json").string()}), message);
+    EXPECT_FALSE(fs::exists(bad));
+    for (const auto& e : fs::directory_iterator(tmp.path()))
+      EXPECT_EQ(e.path().filename().string().find("moe-tool-tmp"), std::string::npos) << e.path();
   }
 }
 
