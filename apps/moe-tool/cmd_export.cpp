@@ -131,11 +131,12 @@ void setup_export(CLI::App& sub, Handler& handler, const GlobalFlags& flags) {
           o->tensor_types, [&](size_t i) { return "--tensor-type '" + o->tensor_types[i] + "'"; });
       auto& env = io::Env::posix();
       auto ckpt = io::Checkpoint::open(env, o->in);
-      if (ckpt.gguf())
-        throw Error::unsupported(o->in + ": already a GGUF file; export converts a folder. `moe-tool prune " + o->in +
-                                 " OUT.gguf` writes a GGUF with its blocks copied; for other types, `moe-tool convert " + o->in +
-                                 " DENSE --dtype f32` and export DENSE");
       auto model = model::Model::load(ckpt);
+      if (ckpt.gguf())  // a dense model has no experts to prune
+        throw Error::unsupported(o->in + ": already a GGUF file; export converts a folder. " +
+                                 (model.family().moe ? "`moe-tool prune " + o->in + " OUT.gguf` writes a GGUF with its blocks copied; for other types, "
+                                                     : std::string("For other types, ")) +
+                                 "`moe-tool convert " + o->in + " DENSE --dtype f32` and export DENSE");
       const uint64_t needs = pipeline::check_gguf(env, ckpt, model, go);
       io::check_free_space(o->out, needs, "OUT");
       io::OutputFile out(env, o->out, {o->in}, o->force);

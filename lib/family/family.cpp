@@ -193,6 +193,7 @@ std::vector<FamilyDesc> build_families() {
     f.forward = f.upcycle_source = true;
     dense_gguf_arch(f, "qwen2", false);  // Qwen2Model: NeoX RoPE, no q/k permutation
     f.gguf->yarn = true;                  // Qwen2.5's long-context yarn (rope.scaling.*)
+    f.gguf->square_q = true;
     f.yarn_rope = true;
     v.push_back(f);
   }
@@ -203,6 +204,7 @@ std::vector<FamilyDesc> build_families() {
     f.forward = f.upcycle_source = true;
     dense_gguf_arch(f, "qwen3", false);  // Qwen3Model: NeoX RoPE, q/k RMS norms as attn_{q,k}_norm
     f.gguf->yarn = true;                  // Qwen3's long-context yarn (rope.scaling.*)
+    f.gguf->no_attention_bias = true;
     f.yarn_rope = true;
     v.push_back(f);
   }
@@ -231,6 +233,7 @@ std::vector<FamilyDesc> build_families() {
     f.forward = f.upcycle_target = true;
     gguf_arch(f, "qwen2moe", false, false, true, true);
     f.gguf->yarn = f.yarn_rope = true;
+    f.gguf->square_q = true;
     v.push_back(f);
   }
   {
@@ -241,6 +244,7 @@ std::vector<FamilyDesc> build_families() {
     f.forward = f.upcycle_target = true;
     gguf_arch(f, "qwen3moe", false, true, true, false);
     f.gguf->yarn = f.yarn_rope = true;  // Qwen3-MoE's long-context yarn
+    f.gguf->no_attention_bias = true;
     v.push_back(f);
   }
   {

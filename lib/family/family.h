@@ -118,6 +118,11 @@ struct GgufArch {
   // MLP as blk.N.ffn_{gate,up,down} of feed_forward_length, no expert keys. llama.cpp's "llama"
   // holds both llama (dense) and mixtral (experts): the file's ARCH.expert_count tells them apart.
   bool dense = false;
+  // The loader's limits on the attention (llama-model.cpp): no q/k/v/o biases (qwen3, qwen3moe);
+  // attn_q fixed at [n_embd, n_embd], so num_attention_heads x head_dim must be the hidden size
+  // (qwen2, qwen2moe).
+  bool no_attention_bias = false;
+  bool square_q = false;
 };
 
 struct FamilyDesc {

@@ -245,6 +245,13 @@ void rope_freqs_config(const GgufFile& f, json& c, int64_t head_dim) {
     throw Error::corruption(where + "expected f32 [" + std::to_string(head_dim / 2) + "] (head_dim / 2)");
   std::vector<float> div(static_cast<size_t>(rf->ne[0]));
   std::memcpy(div.data(), f.tensor_data(*rf), div.size() * sizeof(float));
+  const json rs = gguf_llama3_scaling(div, c.at("rope_theta").get<double>(), head_dim, where);
+  if (!rs.is_null()) c["rope_scaling"] = rs;
+}
+
+}  // namespace
+
+json gguf_llama3_scaling(const std::vector<float>& div, double theta, int64_t head_dim, const std::string& where) {
   const float factor = *std::max_element(div.begin(), div.end());
   std::vector<size_t> band;  // divisors strictly between 1 and the factor
   size_t first = div.size();  // the first divisor equal to the factor
@@ -257,8 +264,7 @@ void rope_freqs_config(const GgufFile& f, json& c, int64_t head_dim) {
     if (div[i] == factor && first == div.size()) first = i;
     if (div[i] != 1 && div[i] != factor) band.push_back(i);
   }
-  if (factor == 1) return;  // no scaling
-  const double theta = c.at("rope_theta").get<double>();
+  if (factor == 1) return nullptr;  // no scaling
   auto wavelength = [&](size_t i) { return gguf_rope_wavelength(theta, head_dim, static_cast<int64_t>(i)); };
   double low = 1, high = 1;
   int64_t orig = 0;
@@ -303,9 +309,11 @@ void rope_freqs_config(const GgufFile& f, json& c, int64_t head_dim) {
                                ") is not what a llama3 scaling gives (factor " + std::to_string(factor) + ", low_freq_factor 1, " +
                                "high_freq_factor " + std::to_string(high) + ", original_max_position_embeddings " +
                                std::to_string(orig) + ": " + std::to_string(again[i]) + ")");
-  c["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", f32_decimal(factor)}, {"low_freq_factor", low},
-                       {"high_freq_factor", high}, {"original_max_position_embeddings", orig}};
+  return {{"rope_type", "llama3"}, {"factor", f32_decimal(factor)}, {"low_freq_factor", low},
+          {"high_freq_factor", high}, {"original_max_position_embeddings", orig}};
 }
+
+namespace {
 
 // Multi-head Latent Attention (GgufArch::mla): the deepseek2 keys back to config.json (the
 // export's mla_keys, pipeline/gguf_export.cpp, backwards). With yarn: llama.cpp's cos/sin factor
@@ -433,12 +441,38 @@ json build_config(const GgufFile& f, const GgufArch& arch, const model::FamilyDe
     };
     json rs = {{"rope_type", "yarn"}, {"factor", real("rope.scaling.factor", std::nullopt)},
                {"beta_fast", real("rope.scaling.yarn_beta_fast", 32.0)}, {"beta_slow", real("rope.scaling.yarn_beta_slow", 1.0)}};
+    // As the export refuses them (pipeline/gguf_export.cpp refuse_yarn): other betas, which these
+    // architectures' loaders do not read, and a factor other than context / original, which
+    // transformers' yarn (our forward) would replace by that ratio.
+    if (rs["beta_fast"] != 32.0 || rs["beta_slow"] != 1.0)
+      throw Error::unsupported(file + ": metadata key " + A + ".rope.scaling.yarn_beta_fast / yarn_beta_slow: " + rs["beta_fast"].dump() +
+                               " / " + rs["beta_slow"].dump() + ": llama.cpp's " + A + " uses 32 / 1, which moe-tool would not");
     const std::string ok = A + ".rope.scaling.original_context_length";
-    if (const GgufValue* o = f.find(ok)) rs["original_max_position_embeddings"] = o->as_int(file + ": " + ok);
+    if (const GgufValue* o = f.find(ok)) {
+      const int64_t orig = o->as_int(file + ": " + ok), ctx = c.value("max_position_embeddings", int64_t{0});
+      rs["original_max_position_embeddings"] = orig;
+      if (orig <= 0 || std::abs(double(ctx) / double(orig) - rs["factor"].get<double>()) > 1e-6 * rs["factor"].get<double>())
+        throw Error::unsupported(file + ": metadata key " + ok + ": " + std::to_string(orig) + ": context_length / it is not " +
+                                 A + ".rope.scaling.factor " + rs["factor"].dump() + " (llama.cpp scales by the factor, " +
+                                 "transformers' yarn by that ratio)");
+    }
     if (fam.default_rope_parameters.is_object() && fam.default_rope_parameters.contains("truncate"))
       rs["truncate"] = fam.default_rope_parameters["truncate"];
     c["rope_scaling"] = rs;
   }
+  // RoPE keys llama.cpp's loader applies for every architecture, which this reader would not:
+  // rope.scale_linear and a rope.scaling.factor without a type (both linear scaling), and
+  // rope.scaling.attn_factor on cos/sin where the architecture's reading takes none (longrope and
+  // deepseek2's yarn read it).
+  auto unread_real = [&](const std::string& key) {
+    const GgufValue* v = f.find(A + "." + key);
+    if (v && v->as_double(file + ": " + A + "." + key) != 1.0)
+      throw Error::unsupported(file + ": metadata key " + A + "." + key + ": " + json(v->as_double(file + ": " + A + "." + key)).dump() +
+                               ": llama.cpp applies it; not read here");
+  };
+  unread_real("rope.scale_linear");
+  if (!rope_type) unread_real("rope.scaling.factor");
+  if (!arch.longrope && !arch.mla) unread_real("rope.scaling.attn_factor");
   if (f.find(A + ".attention.sliding_window") && arch.swa_pattern == 0)
     throw Error::unsupported(file + ": metadata key " + A + ".attention.sliding_window: a sliding window is not read for " + A);
   const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");

@@ -44,6 +44,13 @@ bool has_gguf_name(const fs::path& path);
 // The dtype of a GGUF plain (unquantized) tensor type: F32, F16, BF16; nullopt for block types.
 std::optional<core::DType> gguf_plain_dtype(quant::GgmlType t);
 
+// The llama3 rope_scaling (config.json's object, low_freq_factor 1) whose divisors
+// (gguf_llama3_rope_divisors) are `div`, or null when every divisor is 1: what the reader makes
+// of rope_freqs.weight (docs/gguf.md). Error::corruption / Error::unsupported prefixed by `where`
+// when the divisors are not a llama3 scaling this reading determines (a divisor below 1 or
+// falling, a smoothed band of one divisor, keys that do not give the divisors back to 1e-5).
+nlohmann::json gguf_llama3_scaling(const std::vector<float>& div, double theta, int64_t head_dim, const std::string& where);
+
 // The GGUF file seen as a checkpoint.
 class GgufModel {
  public:

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/warn.h"
 #include "io/gguf.h"
+#include "io/gguf_model.h"
 #include "io/gguf_names.h"
 #include "model/hybrid_layers.h"
 #include "core/mxfp4.h"
@@ -793,6 +794,16 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
   const auto& d = m.dims();
   const auto& c = m.config();
   const std::string A = arch->arch;
+  if (arch->square_q && d.heads * d.head_dim != d.hidden)
+    throw Error::unsupported(src + ": num_attention_heads x head_dim = " + std::to_string(d.heads * d.head_dim) +
+                             " is not hidden_size " + std::to_string(d.hidden) + ": llama.cpp's " + A +
+                             " loader fixes attn_q at [hidden_size, hidden_size]");
+  if (arch->no_attention_bias)
+    for (const auto& layer : m.layers())
+      for (const char* b : {"q_bias", "k_bias", "v_bias", "o_bias"})
+        if (layer.tensors.count(b))
+          throw Error::unsupported(src + ": layer " + std::to_string(layer.index) + ": attention biases (attention_bias): llama.cpp's " +
+                                   A + " loader has none");
   // OLMoE's k_norm spans the whole k projection ([kv_heads * head_dim]); llama.cpp's olmoe loader
   // requires attn_k_norm of [n_embd], so it loads only models without grouped-query attention.
   if (fam.qk_norm == model::QKNorm::Full && d.kv_heads != d.heads)
@@ -1008,6 +1019,17 @@ ExportPlan plan_export(io::Env& env, const io::Checkpoint& ckpt, const model::Mo
     const auto& s = spec.rope_scaling;
     const std::vector<float> div = io::gguf_llama3_rope_divisors(spec.rope_theta, d.head_dim, s.factor, s.low_freq_factor,
                                                                  s.high_freq_factor, double(s.original_max_positions));
+    // A file moe-tool writes reads back as the same model: divisors the reader does not take back
+    // to keys (a smoothed band of one frequency, an original length the band's line puts between
+    // whole numbers, a factor below 1) are refused.
+    try {
+      (void)io::gguf_llama3_scaling(div, spec.rope_theta, d.head_dim, "rope_freqs.weight: ");
+    } catch (const Error& e) {
+      throw Error::unsupported(src + ": rope_scaling llama3 (factor " + num_str(s.factor) + ", low_freq_factor " +
+                               num_str(s.low_freq_factor) + ", high_freq_factor " + num_str(s.high_freq_factor) +
+                               ", original_max_position_embeddings " + std::to_string(s.original_max_positions) +
+                               "): its divisors would not read back from the file (" + e.what() + ")");
+    }
     add(io::kGgufRopeFreqs, {core::Tensor::from_f32(div, {static_cast<int64_t>(div.size())})});
   }
   for (const auto& layer : m.layers()) {

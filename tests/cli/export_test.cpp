@@ -1350,13 +1350,23 @@ TEST(Export, Llama3RopeScalingReadBackFromItsDivisors) {
   EXPECT_EQ(model::Model::load(io::Checkpoint::open(env, out2)).config().json().at("rope_scaling"), llama31);
   const double a = nll_sum(src2, 48), b = nll_sum(out2, 48);
   EXPECT_NEAR(b, a, 1e-6 * a);
-  // head_dim 8 (4 frequencies, wavelengths 6.3, 167, 4.4e3, 1.2e5 at theta 500000): with original
-  // 5000 (the band 1250..5000), only the third is in it.
+  // Refused at export, since the file would not read back: head_dim 8 (4 frequencies, wavelengths
+  // 6.3, 167, 4.4e3, 1.2e5 at theta 500000) with original 5000 (the band 1250..5000) has only the
+  // third in the band; a factor below 1.
   json one = llama31;
   one["original_max_position_embeddings"] = 5000;
-  const auto [src3, out3] = config_back(one, 8, "one");
-  const RunResult r = run_tool({"inspect", out3.string()});
-  expect_clean_failure(r, "rope_freqs.weight: one divisor (2");
+  json below = llama31;
+  below["factor"] = 0.5;
+  for (const auto& [rs, head_dim, message] :
+       {std::tuple{one, 8, std::string("its divisors would not read back from the file (rope_freqs.weight: one divisor (2")},
+        std::tuple{below, 128, std::string("its divisors would not read back from the file (rope_freqs.weight: divisor ")}}) {
+    const auto ck = make_synth("llama", {.layers = 1, .config_patch = {{"vocab_size", 4096}, {"head_dim", head_dim},
+                                                                        {"rope_scaling", rs}, {"max_position_embeddings", 131072}}});
+    const fs::path src3 = synth_with_tokenizer(dir, "refused", ck), out3 = dir / "refused.gguf";
+    expect_clean_failure(run_tool({"export", src3.string(), out3.string(), "--type", "f32"}), message);
+    EXPECT_FALSE(fs::exists(out3));
+    fs::remove_all(src3);
+  }
 }
 
 // Qwen's long-context yarn (qwen2, qwen3 and their MoE families) as rope.scaling.* keys, which
@@ -1420,6 +1430,15 @@ TEST(Export, RefusalsWriteNothing) {
   EXPECT_FALSE(fs::exists(dir / "slash"));
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "([=q8_0"}), "bad regex");
   expect_clean_failure(run_tool({"export", mixtral, out, "--type", "q4_0", "--tensor-type", "exps"}), "expected REGEX=TYPE");
+  // What llama.cpp's loaders cannot take: qwen3's attention biases (its loader has none), qwen2's
+  // attn_q other than [hidden, hidden] (4 heads of 16 on hidden 32).
+  const fs::path qb = dir / "qb", qw = dir / "qw";
+  write_synth(make_synth("qwen3", {.config_patch = {{"attention_bias", true}}}), qb);
+  expect_clean_failure(run_tool({"export", qb.string(), out, "--type", "f32"}),
+                       "layer 0: attention biases (attention_bias): llama.cpp's qwen3 loader has none");
+  write_synth(make_synth("qwen2", {.config_patch = {{"head_dim", 16}}}), qw);
+  expect_clean_failure(run_tool({"export", qw.string(), out, "--type", "f32"}),
+                       "num_attention_heads x head_dim = 64 is not hidden_size 32: llama.cpp's qwen2 loader fixes attn_q");
   // A sliding window shorter than the context: llama.cpp's llama graph has none.
   const fs::path windowed = dir / "windowed";
   write_synth(make_synth("mistral", {.config_patch = {{"sliding_window", 64}}}), windowed);
@@ -1437,7 +1456,7 @@ TEST(Export, RefusalsWriteNothing) {
   const RunResult q = run_tool({"export", quantized.string(), out, "--type", "q4_0"});
   expect_clean_failure(q, "is encoded as 'intN'");
   EXPECT_NE(q.err.find("convert " + quantized.string() + " DENSE --materialize"), std::string::npos) << q.err;
-  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"int4", "synth", "windowed"})) << "something was written";
+  EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"int4", "qb", "qw", "synth", "windowed"})) << "something was written";
   // An existing output needs --force.
   ASSERT_EQ(run_tool({"-q", "export", mixtral, out, "--type", "f16"}).exit_code, 0);
   const auto size = fs::file_size(out);

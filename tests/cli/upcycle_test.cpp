@@ -421,6 +421,17 @@ TEST(Upcycle, RecipeWritesGguf) {
   ASSERT_EQ(run_tool({"-q", "export", kLlama.string(), dense.string(), "--type", "f32"}).exit_code, 0);
   ASSERT_EQ(run("d", recipe(dense.string(), {{"path", from_gguf.string()}, {"format", "gguf"}, {"type", "f32"}})).exit_code, 0);
   EXPECT_LT(max_abs_diff(logits_of(kLlama), logits_of(from_gguf)), 1e-4);
+  // A quantized dense GGUF: its blocks are not float weights to copy: refused, also by --dry-run.
+  const fs::path q8 = tmp / "q8.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", kLlama.string(), q8.string(), "--type", "q8_0"}).exit_code, 0);
+  for (const std::vector<std::string>& extra : {std::vector<std::string>{}, std::vector<std::string>{"--dry-run"}})
+    expect_clean_failure(upcycle(q8, tmp / "q8-up", [&] {
+                           std::vector<std::string> a = {"--to", "mixtral", "--experts", "4", "--top-k", "2"};
+                           a.insert(a.end(), extra.begin(), extra.end());
+                           return a;
+                         }()),
+                         "is stored as codes ('gguf-q8_0'): upcycle takes float weights: write the model dense first with `moe-tool convert",
+                         tmp / "q8-up");
   // Refusals: one line, exit 2, nothing written.
   const fs::path bad = tmp / "bad.gguf";
   const std::vector<std::pair<json, std::string>> cases = {

@@ -1092,6 +1092,46 @@ TEST(GgufInputTokenizer, SentencePieceWrittenAsLlamaAndReadBack) {
   }
 }
 
+// RoPE keys llama.cpp's loader applies for every architecture, which the reader does not take into
+// the model: refused naming the key, not read as a model llama.cpp does not run (a dense llama:
+// rope.scaling.attn_factor, rope.scaling.factor without a type, rope.scale_linear; qwen2moe's yarn:
+// betas other than 32 / 1, which its loader does not read, and an original context whose ratio to
+// the context is not the factor, which transformers' yarn would use instead).
+TEST(GgufInputRefusals, RopeKeysLlamaCppAppliesAreRefused) {
+  TempDir dir{"moe-gguf-rope-keys"};
+  const fs::path llama = dir / "llama.gguf", yarn_src = dir / "yarn", yarn = dir / "yarn.gguf";
+  ASSERT_EQ(run_tool({"-q", "export", (kSrc / "data/models/llama-tiny").string(), llama.string(), "--type", "f32"}).exit_code, 0);
+  copy_with_config(kSrc / "data/models/qwen2moe-tiny", yarn_src,
+                   {{"rope_scaling", {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 1024}}}});
+  ASSERT_EQ(run_tool({"-q", "export", yarn_src.string(), yarn.string(), "--type", "f32"}).exit_code, 0);
+  ASSERT_EQ(run_tool({"-q", "inspect", yarn.string()}).exit_code, 0);
+  auto with = [&](const fs::path& in, const std::string& name, const std::string& key, const io::GgufValue& v) {
+    rewrite_gguf(in, dir / name, [&](io::GgufMetadata& kv, auto&) {
+      std::erase_if(kv, [&](const auto& e) { return e.first == key; });
+      kv.emplace_back(key, v);
+    });
+    return dir / name;
+  };
+  const std::vector<std::pair<fs::path, std::string>> bad = {
+      {with(llama, "attn.gguf", "llama.rope.scaling.attn_factor", io::GgufValue::f32(2)),
+       "metadata key llama.rope.scaling.attn_factor: 2.0: llama.cpp applies it; not read here"},
+      {with(llama, "factor.gguf", "llama.rope.scaling.factor", io::GgufValue::f32(2)),
+       "metadata key llama.rope.scaling.factor: 2.0: llama.cpp applies it; not read here"},
+      {with(llama, "linear.gguf", "llama.rope.scale_linear", io::GgufValue::f32(2)),
+       "metadata key llama.rope.scale_linear: 2.0: llama.cpp applies it; not read here"},
+      {with(yarn, "beta.gguf", "qwen2moe.rope.scaling.yarn_beta_fast", io::GgufValue::f32(16)),
+       "qwen2moe.rope.scaling.yarn_beta_fast / yarn_beta_slow: 16.0 / 1.0"},
+      {with(yarn, "orig.gguf", "qwen2moe.rope.scaling.original_context_length", io::GgufValue::u32(2048)),
+       "qwen2moe.rope.scaling.original_context_length: 2048: context_length / it is not qwen2moe.rope.scaling.factor 4.0"},
+  };
+  for (const auto& [path, message] : bad) {
+    SCOPED_TRACE(path.filename().string());
+    expect_clean_failure(run_tool({"inspect", path.string()}), message);
+  }
+  // 1 is no scaling: read.
+  EXPECT_EQ(run_tool({"-q", "inspect", with(llama, "one.gguf", "llama.rope.scaling.attn_factor", io::GgufValue::f32(1)).string()}).exit_code, 0);
+}
+
 // phimoe files our reader would read as another model than llama.cpp runs: attn_output.bias
 // stored without the q/k/v biases (attention_bias covers all four), rope.scaling.attn_factor
 // without the longrope divisors (llama.cpp applies it anyway), an original_context_length outside

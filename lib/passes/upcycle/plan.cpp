@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "core/encoding.h"
 #include "core/error.h"
 #include "passes/options.h"
 
@@ -45,6 +46,22 @@ void open_sources(Plan& p, io::Env& env, const fs::path& model_dir) {
     if (!f.upcycle_source)
       throw Error::invalid(d.string() + ": model_type " + f.model_type + " cannot be upcycled (dense sources: " +
                            model::family_list(&model::FamilyDesc::upcycle_source) + ")");
+    // A quantized GGUF's blocks: the builder copies and mixes float weights.
+    auto refuse_codes = [&](const std::string& what, const core::Tensor& t) {
+      if (const core::Encoding* e = t.encoding())
+        throw Error::invalid(d.string() + ": " + what + " is stored as codes ('" + e->name() + "'): upcycle takes float weights: " +
+                             "write the model dense first with `moe-tool convert " + d.string() + " DENSE --dtype bf16`, then upcycle DENSE");
+    };
+    for (const auto& [role, t] : s.model->globals()) refuse_codes(role, t);
+    for (const auto& layer : s.model->layers()) {
+      const std::string l = "layer " + std::to_string(layer.index) + " ";
+      for (const auto& [role, t] : layer.tensors) refuse_codes(l + role, t);
+      if (layer.mlp) {
+        refuse_codes(l + "mlp gate_proj", layer.mlp->gate);
+        refuse_codes(l + "mlp up_proj", layer.mlp->up);
+        refuse_codes(l + "mlp down_proj", layer.mlp->down);
+      }
+    }
     p.src.push_back(std::move(s));
   }
 }
