@@ -89,8 +89,8 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     // Before any work, what the GGUF writer decides from the dense model: the main type's blocks
     // against its widths, the tokenizer, RoPE scaling and sliding window, which the upcycled model
     // keeps (the --tensor-type rules, named by the MoE's tensor names, and an expert width a split
-    // narrows are checked on the upcycled model, before its file is created; so is all of it for a
-  // GGUF source, whose tokenizer the staged folder holds as tokenizer.json).
+    // narrows are checked on the upcycled model once it is staged, nothing written; so is all of it
+    // for a GGUF source, whose tokenizer the staged folder holds as tokenizer.json).
     core::with_context(source, [&] {
       const io::Checkpoint dense = io::Checkpoint::open(env, model);
       GgufOptions main_only = go;
@@ -183,21 +183,20 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     summary["tensors"] = g.tensors;
     summary["types"] = g.types;
     summary["shards"] = 1;
-    summary["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    summary["equals_dense_at_init"] = report["upcycle"]["equals_dense_at_init"];
-    summary["next"] = report["upcycle"]["next"];
-    summary["report"] = report;  // a GGUF file has no room for moe_tool_report.json
-    return summary;
+    // A GGUF file has no room for moe_tool_report.json: the report is in this summary only.
+    summary["report"] = nullptr;
+    summary["upcycle_report"] = report;
+  } else {
+    sink.write_report(report);
+    sink.commit();
+    summary["bytes"] = r.tensor_bytes;
+    summary["tensors"] = r.tensors;
+    summary["shards"] = r.shards;
+    summary["report"] = (out / "moe_tool_report.json").string();
   }
-  sink.write_report(report);
-  sink.commit();
-  summary["bytes"] = r.tensor_bytes;
-  summary["tensors"] = r.tensors;
-  summary["shards"] = r.shards;
-  summary["seconds"] = secs;
+  summary["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   summary["equals_dense_at_init"] = report["upcycle"]["equals_dense_at_init"];
   summary["next"] = report["upcycle"]["next"];
-  summary["report"] = (out / "moe_tool_report.json").string();
   return summary;
 }
 

@@ -421,6 +421,14 @@ TEST(Upcycle, RecipeWritesGguf) {
   ASSERT_EQ(run_tool({"-q", "export", kLlama.string(), dense.string(), "--type", "f32"}).exit_code, 0);
   ASSERT_EQ(run("d", recipe(dense.string(), {{"path", from_gguf.string()}, {"format", "gguf"}, {"type", "f32"}})).exit_code, 0);
   EXPECT_LT(max_abs_diff(logits_of(kLlama), logits_of(from_gguf)), 1e-4);
+  // Co-activation segments from a GGUF source: its tokenizer rebuilt from the file's keys, the same
+  // segments as from the folder.
+  const std::vector<std::string> coact = {"--to", "mixtral", "--experts", "4", "--top-k", "4", "--method", "split",
+                                          "--segments", "2", "--segmenting", "coact", "--router-std", "0",
+                                          "--text", (kSrc / "data/text/heldout.txt").string()};
+  ASSERT_EQ(upcycle(dense, tmp / "coact-gguf", coact).exit_code, 0);
+  ASSERT_EQ(upcycle(kLlama, tmp / "coact-folder", coact).exit_code, 0);
+  EXPECT_LT(max_abs_diff(logits_of(tmp / "coact-folder"), logits_of(tmp / "coact-gguf")), 1e-4);
   // A quantized dense GGUF: its blocks are not float weights to copy: refused, also by --dry-run.
   const fs::path q8 = tmp / "q8.gguf";
   ASSERT_EQ(run_tool({"-q", "export", kLlama.string(), q8.string(), "--type", "q8_0"}).exit_code, 0);

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "eval/eval.h"
 #include "io/checkpoint.h"
 #include "passes/clustering.h"
 #include "passes/options.h"
@@ -215,7 +216,7 @@ class CoactObserver : public runtime::Observer {
 }  // namespace
 
 void compute_coact(Plan& p) {
-  const auto tok = tokenizer::Tokenizer::load(p.src.front().dir);
+  const auto tok = eval::load_tokenizer(p.src.front().dir);  // a folder's tokenizer.json, or a GGUF's keys
   std::vector<int32_t> ids = tok.encode(io::Env::posix().read_text(p.o.text), false, false);
   if (ids.size() < 2) throw Error::invalid(p.o.text.string() + ": the calibration text tokenizes to fewer than 2 tokens");
   int64_t T = std::min<int64_t>(kCoactWindow, static_cast<int64_t>(ids.size()));

@@ -4,6 +4,7 @@
 #include <Eigen/Dense>
 
 #include "core/error.h"
+#include "eval/eval.h"
 #include "io/checkpoint.h"
 #include "passes/options.h"
 #include "runtime/forward.h"
@@ -105,7 +106,7 @@ class PromptObserver : public runtime::Observer {
 void compute_prompt_routers(Plan& p) {
   const int64_t E = p.o.experts, L = p.L, H = p.H;
   const auto prompts = read_prompts(p.o.prompts, E);
-  const auto tok = tokenizer::Tokenizer::load(p.src.front().dir);
+  const auto tok = eval::load_tokenizer(p.src.front().dir);  // a folder's tokenizer.json, or a GGUF's keys
   const bool ridge = p.o.router == "ridge";
   runtime::Forward fwd(first(p));
   PromptObserver obs(L, H, E, ridge);
