@@ -634,6 +634,7 @@ std::shared_ptr<const GgufModel> GgufModel::open(Env& env, const fs::path& path)
       }
   }
   const model::FamilyDesc& fam = *famp;
+  m->arch_ = arch;
   m->config_ = build_config(f, *arch, fam);
   m->config_text_ = m->config_.dump(2);
   const int64_t n_experts = arch->dense ? 0 : m->config_.at(fam.expert_count_key).get<int64_t>();

@@ -61,6 +61,9 @@ class GgufModel {
   const fs::path& path() const { return file_->path(); }
   const nlohmann::json& config() const { return config_; }
   const std::string& config_text() const { return config_text_; }
+  // The family table's GGUF row the file was read as (general.architecture, with or without
+  // experts; deepseek2 by its gating).
+  const GgufArch& arch() const { return *arch_; }
   // Our tensor names, in the file's order (a stacked tensor's experts in expert order); each
   // TensorInfo holds our name, the stored dtype (U8 for block types), the logical shape and the
   // byte range in the file's data section.
@@ -85,6 +88,7 @@ class GgufModel {
   std::vector<float> decoded(const GgufTensorInfo& t) const;
   core::Tensor mla_kv_b(const GgufTensorInfo& kb, const GgufTensorInfo& vb, const core::Shape& shape) const;
   std::shared_ptr<const GgufFile> file_;
+  const GgufArch* arch_ = nullptr;
   nlohmann::json config_;
   std::string config_text_;
   std::vector<TensorInfo> infos_;

@@ -282,6 +282,22 @@ OutputFile::OutputFile(Env& env, fs::path final_path, const std::vector<fs::path
   slot_ = register_temp(tmp_);
 }
 
+StagingFolder::StagingFolder(Env& env, const fs::path& dir, const std::string& name)
+    : env_(env), path_(temp_name(dir, name)) {
+  env.create_dirs(path_);
+  slot_ = register_temp(path_);
+}
+
+void StagingFolder::remove() noexcept {
+  if (slot_ < 0) return;
+  try {
+    env_.remove_all(path_);
+  } catch (...) {
+  }
+  unregister_temp(slot_);
+  slot_ = -1;
+}
+
 OutputFile::~OutputFile() {
   if (!committed_) {
     std::error_code ec;

@@ -83,6 +83,26 @@ class OutputDir {
   bool committed_ = false;
 };
 
+// A temporary folder beside an output, `temp_name(dir, name)`, created now and registered for
+// removal on SIGINT/SIGTERM/SIGHUP (io/temp_files.h); removed by remove() or when the object dies.
+// The export formats stage the native checkpoint they convert in one (pipeline/sink.h).
+class StagingFolder {
+ public:
+  StagingFolder(Env& env, const fs::path& dir, const std::string& name);
+  StagingFolder(const StagingFolder&) = delete;
+  StagingFolder& operator=(const StagingFolder&) = delete;
+  ~StagingFolder() { remove(); }
+
+  const fs::path& path() const { return path_; }
+  // Removes the folder and everything in it (errors ignored); idempotent.
+  void remove() noexcept;
+
+ private:
+  Env& env_;
+  fs::path path_;
+  int slot_ = -1;
+};
+
 class OutputFile {
  public:
   OutputFile(Env& env, fs::path final_path, const std::vector<fs::path>& inputs, bool force,

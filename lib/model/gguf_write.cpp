@@ -24,7 +24,6 @@ using io::GgufMetadata;
 using io::GgufTensorInfo;
 using io::GgufValue;
 using io::GgufWriter;
-using io::gguf_arch_for_arch;
 using io::gguf_permute_heads;
 using io::gguf_global_role;
 using io::gguf_layer_role;
@@ -124,9 +123,7 @@ struct LikeLayout {
 LikeLayout like_layout(const Model& m, const io::GgufModel& src, const std::string& out,
                        std::vector<std::vector<Piece>>* pieces) {
   const GgufFile& f = src.file();
-  const std::string& arch_name = f.find("general.architecture")->str;
-  const GgufValue* n_expert = f.find(arch_name + ".expert_count");  // as io::GgufModel::open chose the row
-  const GgufArch& arch = *gguf_arch_for_arch(arch_name, n_expert && n_expert->integer != 0);
+  const GgufArch& arch = src.arch();
   m.refuse_novices(out, "GGUF has no constant expert");
   int64_t experts = -1;
   for (const auto& layer : m.layers()) {

@@ -33,6 +33,18 @@ json SinkResult::to_json() const {
 
 bool output_is_file(const Recipe& r) { return r.output.format == "gguf"; }
 
+GgufOptions gguf_output_options(const OutputSpec& out, const std::function<std::string(const std::string&)>& key) {
+  GgufOptions go;
+  go.type = gguf_writable_type(out.type, key("output.type"));
+  go.overrides = parse_gguf_overrides(out.tensor_type, [&](size_t i) {
+    return key("output.tensor_type") + (out.tensor_type.size() > 1 ? "[" + std::to_string(i) + "]" : "");
+  });
+  // general.name: the output's name without .gguf, as `export` names a file after its input folder.
+  go.name = out.path.stem().string();
+  go.tensor_type_key = key("output.tensor_type");
+  return go;
+}
+
 namespace {
 // A GGUF input written as GGUF: the kept experts' blocks copied (model::write_gguf_like).
 bool copies_gguf_blocks(const Recipe& r) { return r.output.format == "gguf" && io::is_gguf_path(r.model); }
@@ -71,14 +83,7 @@ std::optional<OutputSize> copied_output_size(const Recipe& r, const io::Checkpoi
 namespace {
 
 GgufOptions gguf_options(const Recipe& r) {
-  GgufOptions go;
-  go.type = gguf_writable_type(r.output.type, r.key("output.type"));
-  go.overrides = parse_gguf_overrides(r.output.tensor_type, [&](size_t i) {
-    return r.key("output.tensor_type") + (r.output.tensor_type.size() > 1 ? "[" + std::to_string(i) + "]" : "");
-  });
-  // general.name: the output's name without .gguf, as `export` names a file after its input folder.
-  go.name = r.output.path.stem().string();
-  go.tensor_type_key = r.key("output.tensor_type");
+  GgufOptions go = gguf_output_options(r.output, [&](const std::string& k) { return r.key(k); });
   go.staged = true;
   return go;
 }
@@ -106,17 +111,18 @@ class ExportSink final : public Sink {
     const std::string name = r.output.path.filename().string() + ".native";
     io::remove_stale_temps(parent, io::temp_prefix(name));
     if (!stages_native_output(r)) return;  // a GGUF input's blocks copied, nothing evaluated: no native output
-    staging_ = io::temp_name(parent, name);
-    env.create_dirs(staging_);
-    slot_ = io::register_temp(staging_);
-    native_.emplace(env, staging_, r.output.max_shard_bytes);
+    staging_.emplace(env, parent, name);
+    native_.emplace(env, staging_->path(), r.output.max_shard_bytes);
   }
   ExportSink(const ExportSink&) = delete;
   ExportSink& operator=(const ExportSink&) = delete;
   ~ExportSink() override { remove_staging(); }
 
   std::string format() const override { return r_.output.format; }
-  const fs::path& native_dir() const override { return staging_; }
+  const fs::path& native_dir() const override {
+    static const fs::path none;
+    return staging_ ? staging_->path() : none;
+  }
   void begin(const io::Checkpoint& source, const std::optional<std::vector<io::TensorSpec>>& plan) override {
     source_ = &source;
     if (native_) native_->begin(source, plan);
@@ -135,7 +141,7 @@ class ExportSink final : public Sink {
     } catch (Error& e) {
       // A refusal the values decide (GPTQ zero points of 0) names the staged folder, a temporary:
       // name the run's output instead.
-      e.with_path_shown(staging_.string(), "the native output staged for " + r_.output.path.string());
+      e.with_path_shown(native_dir().string(), "the native output staged for " + r_.output.path.string());
       if (file_) e.with_path_shown(file_->path().string(), r_.output.path.string());  // the file's temporary name
       throw;
     }
@@ -164,7 +170,7 @@ class ExportSink final : public Sink {
                                       "converts it; removed once converted"}};
     }
     if (file_ && source_ && source_->gguf()) return copy_gguf_blocks(r);
-    const io::Checkpoint ckpt = io::Checkpoint::open(env_, staging_);
+    const io::Checkpoint ckpt = io::Checkpoint::open(env_, native_dir());
     const model::Model m = model::Model::load(ckpt);
     if (file_) {
       const GgufOptions go = gguf_options(r_);
@@ -248,13 +254,7 @@ class ExportSink final : public Sink {
 
   void remove_staging() noexcept {
     native_.reset();
-    if (slot_ < 0) return;
-    try {
-      env_.remove_all(staging_);
-    } catch (...) {
-    }
-    io::unregister_temp(slot_);
-    slot_ = -1;
+    staging_.reset();
   }
 
   io::Env& env_;
@@ -263,8 +263,7 @@ class ExportSink final : public Sink {
   json keep_map_;
   std::optional<io::OutputFile> file_;
   std::optional<io::OutputDir> folder_;
-  fs::path staging_;
-  int slot_ = -1;
+  std::optional<io::StagingFolder> staging_;
   std::optional<HfSink> native_;
 };
 

@@ -34,11 +34,13 @@
 #include "io/checkpoint.h"
 #include "io/checkpoint_writer.h"
 #include "model/model.h"
+#include "pipeline/gguf_export.h"
 
 namespace moe::pipeline {
 
 class SpillWriter;
 struct Recipe;
+struct OutputSpec;
 
 // What a sink wrote, for the report's "output" section and the summary.
 struct SinkResult {
@@ -94,6 +96,11 @@ std::unique_ptr<Sink> make_sink(io::Env& env, const Recipe& r, const std::vector
 
 // Whether the recipe's output format is a single file (gguf) or a folder.
 bool output_is_file(const Recipe& r);
+
+// The GGUF writer's options from an "output" section (format gguf): output.type, the
+// output.tensor_type rules, general.name from the file's name. `key` spells a JSON path in
+// messages (a recipe's flag names). Error::invalid / Error::unsupported naming the key.
+GgufOptions gguf_output_options(const OutputSpec& out, const std::function<std::string(const std::string&)>& key);
 
 // Whether the recipe has passes and every one is a prune (the kept experts' tensors are the
 // input's: a prune may write its input's format, runner.cpp follow_input_format).

@@ -69,15 +69,8 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
     o.finish();
   });
   const bool gguf = format.format == "gguf";
-  GgufOptions go;
-  if (gguf) {
-    go.type = gguf_writable_type(format.type, "output.type");
-    go.overrides = parse_gguf_overrides(format.tensor_type, [&](size_t i) {
-      return "output.tensor_type" + (format.tensor_type.size() > 1 ? "[" + std::to_string(i) + "]" : std::string());
-    });
-    go.name = out.stem().string();
-    go.tensor_type_key = "output.tensor_type";
-  }
+  format.path = out;
+  const GgufOptions go = gguf ? gguf_output_options(format, [](const std::string& k) { return k; }) : GgufOptions{};
   auto& env = io::Env::posix();
   // Every file the run reads is an input the output may not be, be inside or contain.
   std::vector<fs::path> inputs{model, uo.prompts, uo.text};
@@ -110,30 +103,14 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
   // GGUF: the upcycled checkpoint staged in a temporary folder beside the file and converted as
   // `moe-tool export` converts a folder (the recipes' export sinks do the same, pipeline/sink.h).
   std::optional<io::OutputFile> file;
-  fs::path staging;
-  int slot = -1;
-  auto remove_staging = [&]() noexcept {
-    if (slot < 0) return;
-    try {
-      env.remove_all(staging);
-    } catch (...) {
-    }
-    io::unregister_temp(slot);
-    slot = -1;
-  };
-  struct Guard {
-    std::function<void()> f;
-    ~Guard() { f(); }
-  } guard{remove_staging};
+  std::optional<io::StagingFolder> staging;
   std::optional<HfSink> hf;
   if (gguf) {
     file.emplace(env, out, inputs, force, "output.force");
     const std::string name = out.filename().string() + ".native";
     io::remove_stale_temps(file->path().parent_path(), io::temp_prefix(name));
-    staging = io::temp_name(file->path().parent_path(), name);
-    env.create_dirs(staging);
-    slot = io::register_temp(staging);
-    hf.emplace(env, staging, uo.max_shard_bytes);
+    staging.emplace(env, file->path().parent_path(), name);
+    hf.emplace(env, staging->path(), uo.max_shard_bytes);
   } else {
     hf.emplace(env, out, inputs, force, "output.force", uo.max_shard_bytes);
   }
@@ -163,19 +140,19 @@ json run_upcycle_recipe(const json& j, const fs::path& base, const std::string& 
   report["recipe"] = j;
   report["timings"]["total_seconds"] = secs;
   if (gguf) {
-    const io::Checkpoint ckpt = io::Checkpoint::open(env, staging);
+    const io::Checkpoint ckpt = io::Checkpoint::open(env, staging->path());
     const GgufResult g = [&] {
       try {
         return core::with_context(source, [&] {
           return core::with_context("output.format gguf", [&] { return write_gguf(env, ckpt, model::Model::load(ckpt), go, file->path()); });
         });
       } catch (Error& e) {
-        e.with_path_shown(staging.string(), "the upcycled model staged for " + out.string());
+        e.with_path_shown(staging->path().string(), "the upcycled model staged for " + out.string());
         e.with_path_shown(file->path().string(), out.string());
         throw;
       }
     }();
-    remove_staging();
+    staging->remove();
     file->commit();
     summary["format"] = "gguf";
     summary["bytes"] = g.tensor_bytes;
