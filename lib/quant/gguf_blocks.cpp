@@ -558,10 +558,17 @@ KBlock k_encode(const KSpec& s, const float* x) {
     int q[32];
     KFit cover;
     double best = 0;
+    // A pair tried before is skipped: the cover is often the rounded target or its neighbour, and
+    // a repeat gives the same error, which the rule below never takes twice (the same choice).
+    int tried_sc[16], tried_m[16], ntried = 0;
     for (int a = 0; a < 4; ++a)
       for (int c = 0; c < n_m; ++c) {
         const int sc = sc_cand[a], m = m_cand[c];
         if (sc < sclo || sc > s.scmax || m < 0 || m > s.mmax) continue;
+        bool repeat = false;
+        for (int k = 0; k < ntried; ++k) repeat = repeat || (tried_sc[k] == sc && tried_m[k] == m);
+        if (repeat) continue;
+        tried_sc[ntried] = sc, tried_m[ntried] = m, ++ntried;
         const float D = d * static_cast<float>(sc), M = dmin * static_cast<float>(m);
         const KFit f = nearest_codes(s.qmin, s.qmax, xj, s.sub, D, M, q);
         if (a == 0 && c == 0) cover = f;
