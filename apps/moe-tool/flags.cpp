@@ -53,8 +53,9 @@ nlohmann::json KeyFlags::value(const std::string& path) const {
                          "'); give it once");
   const std::string text = s.texts.empty() ? std::string() : s.texts[0];
   switch (s.key->type) {
-    case KeyType::Flag: return true;
-    case KeyType::NoFlag: return false;
+    // CLI11 also takes --flag=false (and --no-x=false), which sets the variable.
+    case KeyType::Flag: return s.flag;
+    case KeyType::NoFlag: return !s.flag;
     case KeyType::List:
     case KeyType::String: return text;
     case KeyType::Int: {

@@ -196,7 +196,7 @@ class Quantize final : public pipeline::Pass {
     }
     if (method_ == QuantizeMethod::Gptq) {
       damp_ = o.opt_number("damp", 0, 10);
-      act_order_ = o.get_bool("act_order", false);
+      act_order_ = o.opt_bool("act_order");
       block_ = o.get_int("block", 128, 1, int64_t{1} << 20);
       min_tokens_ = o.get_int("min_tokens", 0, 0, int64_t{1} << 40);
     }
@@ -280,7 +280,7 @@ class Quantize final : public pipeline::Pass {
     }
     if (method_ == QuantizeMethod::Gptq) {
       if (damp_) p["damp"] = *damp_;
-      p["act_order"] = act_order_;
+      p["act_order"] = act_order_ ? json(*act_order_) : json("auto");
       p["block"] = block_;
       p["min_tokens"] = min_tokens_;
     }
@@ -971,11 +971,12 @@ class Quantize final : public pipeline::Pass {
     quant::GptqOptions go;
     go.damp = damp_ ? *damp_ : (c.kind == quant::CodecSpec::Kind::Ternary ? 0.1 : 0.01);
     go.block = block_;
-    go.act_order = act_order_;
+    go.act_order = act_order_.value_or(k_quant(c));
     quant::GptqInfo info;
     const calib::MatrixD& H = *s.gram;  // symmetric: storage order does not matter
     auto enc = quant::gptq(w.data(), w.rows(), w.cols(), H.data(), c, go, &info);
     m["method"] = info.rtn_fallback ? "rtn" : "gptq";
+    m["act_order"] = go.act_order;
     m["tokens"] = s.tokens;
     if (s.topped_to > 0)
       m["hessian"] = (s.tokens == 0 ? "all tokens (no routed token), as " + std::to_string(s.topped_to) + " tokens"
@@ -1305,7 +1306,13 @@ class Quantize final : public pipeline::Pass {
   std::map<std::string, std::string> class_text_;
   std::vector<Override> overrides_;
   std::optional<double> damp_;
-  bool act_order_ = false;
+  // Unset: on for the K-quants, off for the other codecs (quantize.h).
+  std::optional<bool> act_order_;
+  static bool k_quant(const quant::CodecSpec& c) {
+    using T = quant::GgmlType;
+    return c.kind == quant::CodecSpec::Kind::Ggml &&
+           (c.ggml == T::Q2_K || c.ggml == T::Q3_K || c.ggml == T::Q4_K || c.ggml == T::Q5_K || c.ggml == T::Q6_K);
+  }
   int64_t block_ = 128;
   int64_t min_tokens_ = 0;
   std::optional<double> avg_bits_;

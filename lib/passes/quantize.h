@@ -30,7 +30,12 @@
 //   "tensor_type": ["REGEX=CODEC", ...]  overrides by on-disk tensor name (std::regex search,
 //                            ECMAScript), the first matching pattern wins; CODEC may be "keep"
 //   "damp": 0.01             gptq: H += damp · mean(diag H) · I (0.1 for ternary codecs when absent)
-//   "act_order": false       gptq: columns in order of decreasing H_ii
+//   "act_order": auto        gptq: columns in order of decreasing H_ii. Absent: on for the
+//                            K-quants (q2_k ... q6_k), off for every other codec. Within a block
+//                            type's grid it changes no stored layout (blocks are contiguous
+//                            columns either way); on the fixtures defaults are chosen on it lowered
+//                            the KL to the source in every K-quant cell, and was mixed for the
+//                            blocks of 32 (docs/gguf.md, "GPTQ within the ggml block grids").
 //   "block": 128             gptq: columns per lazy-update block
 //   "min_tokens": 0          gptq: an expert whose routed tokens n are fewer than this gets its
 //                            Hessian topped up with (min_tokens − n) tokens' worth of the layer's

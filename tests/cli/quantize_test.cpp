@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <set>
 #include <nlohmann/json.hpp>
 
@@ -188,6 +189,50 @@ TEST(Quantize, ExpertWithoutRoutedTokensUsesTheAllTokenHessian) {
   EXPECT_EQ(seen, 3);
   const RunResult ev = run_tool({"-q", "eval", out.string(), "--text", kHeldout, "--ctx", "128", "--max-windows", "2", "--json"});
   EXPECT_EQ(ev.exit_code, 0) << ev.describe();
+}
+
+// GPTQ's act-order: unset, on for the K-quants and off for the other codecs; given (--act-order,
+// --act-order=false), for every codec. The report says which per matrix; the codes of the default
+// equal those of --act-order for a K-quant and those of --act-order=false for q4_0.
+TEST(Quantize, ActOrderIsTheDefaultForTheKQuants) {
+  TempDir tmp;
+  auto quantize = [&](const std::string& name, const std::vector<std::string>& extra) {
+    std::vector<std::string> a = {"-q", "quantize", kModel.string(), (tmp / name).string(), "--method", "gptq",
+                                  "--experts", "keep", "--tensor-type", "layers\\.0\\..*experts\\.0\\.w2=q4_k",
+                                  "layers\\.0\\..*experts\\.1\\.w2=q4_0", "layers\\.0\\.self_attn\\.o_proj=int4",
+                                  "--text", kCalib.string(), "--ctx", "64", "--windows", "4"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    const RunResult r = run_tool(a);
+    EXPECT_EQ(r.exit_code, 0) << r.describe();
+    const json rep = read_json(tmp / name / "moe_tool_report.json");
+    std::map<std::string, bool> by_matrix;
+    for (const auto& m : rep.at("layers").at(0).at("passes").at(0).at("matrices"))
+      by_matrix[m.at("matrix").get<std::string>()] = m.at("act_order").get<bool>();
+    return std::make_pair(by_matrix, rep.at("passes").at(0).at("params").at("act_order"));
+  };
+  const auto [dflt, dflt_param] = quantize("default", {});
+  const auto [on, on_param] = quantize("on", {"--act-order"});
+  const auto [off, off_param] = quantize("off", {"--act-order=false"});
+  EXPECT_EQ(dflt_param, "auto");
+  EXPECT_EQ(on_param, true);
+  EXPECT_EQ(off_param, false);
+  ASSERT_EQ(dflt.size(), 3u);
+  for (const auto& [matrix, ao] : dflt) {
+    EXPECT_EQ(ao, matrix.rfind("expert 0 ", 0) == 0) << matrix;  // q4_k on; q4_0 and the int4 o_proj off
+    EXPECT_TRUE(on.at(matrix)) << matrix;
+    EXPECT_FALSE(off.at(matrix)) << matrix;
+  }
+  const TensorMap td = read_tensors(tmp / "default"), ton = read_tensors(tmp / "on"), toff = read_tensors(tmp / "off");
+  int seen = 0;
+  for (const auto& [name, t] : td) {
+    const bool k = name.rfind("model.layers.0.block_sparse_moe.experts.0.w2.weight", 0) == 0;
+    const bool q40 = name.rfind("model.layers.0.block_sparse_moe.experts.1.w2.weight", 0) == 0;
+    if (!k && !q40) continue;
+    ++seen;
+    EXPECT_EQ(t.bytes, (k ? ton : toff).at(name).bytes) << name;
+    EXPECT_NE(t.bytes, (k ? toff : ton).at(name).bytes) << name;
+  }
+  EXPECT_EQ(seen, 2);
 }
 
 TEST(Quantize, ClassesAndTensorTypeOverrides) {
