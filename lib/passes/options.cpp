@@ -101,6 +101,13 @@ std::optional<bool> Options::opt_bool(const std::string& key) {
 
 bool Options::get_bool(const std::string& key, bool dflt) { return opt_bool(key).value_or(dflt); }
 
+std::optional<bool> Options::opt_bool_or_auto(const std::string& key) {
+  const json* v = find(key);
+  if (!v || (v->is_string() && v->get<std::string>() == "auto")) return std::nullopt;
+  if (!v->is_boolean()) type_error(key, "true, false or \"auto\"");
+  return v->get<bool>();
+}
+
 std::optional<std::string> Options::opt_string(const std::string& key, bool non_empty) {
   const json* v = find(key);
   if (!v) return std::nullopt;

@@ -42,6 +42,8 @@ class Options {
   double get_number(const std::string& key, double dflt, double min, double max, bool min_open = false);
   bool get_bool(const std::string& key, bool dflt);
   std::optional<bool> opt_bool(const std::string& key);
+  // true, false or "auto" (the pass decides: nullopt, as when absent).
+  std::optional<bool> opt_bool_or_auto(const std::string& key);
   // Strings (non-empty unless non_empty is false); get_string: required ("missing (required)").
   std::optional<std::string> opt_string(const std::string& key, bool non_empty = true);
   std::string get_string(const std::string& key);

@@ -196,7 +196,7 @@ class Quantize final : public pipeline::Pass {
     }
     if (method_ == QuantizeMethod::Gptq) {
       damp_ = o.opt_number("damp", 0, 10);
-      act_order_ = o.opt_bool("act_order");
+      act_order_ = o.opt_bool_or_auto("act_order");
       block_ = o.get_int("block", 128, 1, int64_t{1} << 20);
       min_tokens_ = o.get_int("min_tokens", 0, 0, int64_t{1} << 40);
     }

@@ -30,7 +30,7 @@
 //   "tensor_type": ["REGEX=CODEC", ...]  overrides by on-disk tensor name (std::regex search,
 //                            ECMAScript), the first matching pattern wins; CODEC may be "keep"
 //   "damp": 0.01             gptq: H += damp · mean(diag H) · I (0.1 for ternary codecs when absent)
-//   "act_order": auto        gptq: columns in order of decreasing H_ii. Absent: on for the
+//   "act_order": "auto"      gptq: columns in order of decreasing H_ii. "auto" or absent: on for the
 //                            K-quants (q2_k ... q6_k), off for every other codec. Within a block
 //                            type's grid it changes no stored layout (blocks are contiguous
 //                            columns either way); on the fixtures defaults are chosen on it lowered

@@ -233,6 +233,31 @@ TEST(Quantize, ActOrderIsTheDefaultForTheKQuants) {
     EXPECT_NE(t.bytes, (k ? toff : ton).at(name).bytes) << name;
   }
   EXPECT_EQ(seen, 2);
+  // A recipe says the same with "auto" (the report's echo), and refuses anything else.
+  for (const std::string v : {"\"auto\"", "\"on\""}) {
+    const fs::path recipe = tmp / "r.json";
+    write_file(recipe, "{\"model\": " + json(kModel.string()).dump() + ", \"calibration\": {\"text\": " +
+                           json(kCalib.string()).dump() + ", \"ctx\": 64, \"windows\": 4}, \"passes\": [{\"pass\": "
+                           "\"quantize\", \"method\": \"gptq\", \"experts\": \"keep\", \"tensor_type\": "
+                           "[\"layers\\\\.0\\\\..*experts\\\\.0\\\\.w2=q4_k\", \"layers\\\\.0\\\\..*experts\\\\.1\\\\.w2=q4_0\", "
+                           "\"layers\\\\.0\\\\.self_attn\\\\.o_proj=int4\"], \"act_order\": " + v +
+                           "}], \"output\": {\"path\": " + json((tmp / "recipe").string()).dump() + "}}");
+    const RunResult r = run_tool({"-q", "run", recipe.string()});
+    if (v == "\"on\"") {
+      EXPECT_EQ(r.exit_code, 2) << r.describe();
+      EXPECT_NE(r.err.find("passes[0].act_order: expected true, false or \"auto\""), std::string::npos) << r.err;
+      continue;
+    }
+    ASSERT_EQ(r.exit_code, 0) << r.describe();
+    const TensorMap tr = read_tensors(tmp / "recipe");
+    int compared = 0;
+    for (const auto& [name, t] : tr)
+      if (name.rfind("model.layers.0.block_sparse_moe.experts.0.w2.weight", 0) == 0) {
+        EXPECT_EQ(t.bytes, ton.at(name).bytes) << name;
+        ++compared;
+      }
+    EXPECT_EQ(compared, 1);
+  }
 }
 
 TEST(Quantize, ClassesAndTensorTypeOverrides) {
