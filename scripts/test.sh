@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set-up (scripts/setup.sh: the Release -O2 build of moe-tool and the tests in build/, with clang
-# and Ninja when build/ is new), then every
-# test through CTest; then one clang build with AddressSanitizer + UndefinedBehaviorSanitizer
+# and Ninja when build/ is new), then the Release tests the sanitizer stage does not run (below,
+# release_select); then one clang build with AddressSanitizer + UndefinedBehaviorSanitizer
 # (build-san/: tests at -O0, the library at -O1) that runs the test labels of the parsers, the
-# CLI, the passes and the pipeline again (the quality tests skip themselves there; the runtime
+# CLI, the passes and the pipeline (the quality tests skip themselves there; the runtime
 # label's kernels run under it through the CLI's eval, calibrate and passes), and runs the libFuzzer targets (the same build: the library carries
 # libFuzzer's coverage hooks) for FUZZ_SECONDS each (default 5, a smoke run over the committed seeds and past them; tests/fuzz/run.sh runs longer; 0 skips fuzzing). The benchmarks
 # are not built here (about 2.5 min of the 2 cores); `cmake --build build` builds them. The Release tests run while the sanitizer build compiles (both stages use the two
@@ -29,7 +29,36 @@ finish() {
 }
 
 test_targets=$(cd tests && for d in */; do d=${d%/}; case $d in fuzz|corpus|support) ;; *) ls "$d"/*.cpp >/dev/null 2>&1 && printf 'test_%s ' "$d";; esac; done)
+# The labels the sanitizer stage runs (one per tests/ folder).
+san_labels='core|io|model|cli|tokenizer|passes|quant|calib|pipeline'
 stages=" ${STAGES:-release sanitizers} "
+# With both stages, every test runs once: a suite of a sanitizer label under ASan+UBSan, and in the
+# Release stage only when it must: the labels the sanitizer stage leaves out (runtime, mpi,
+# layers), and the suites of the files that skip or shorten tests under the sanitizers
+# (MOE_SKIP_UNDER_SANITIZERS, under_sanitizers(): the quality and end-to-end tests). A Release
+# target none of whose suites run there is not built. STAGES=release runs every test in Release.
+release_targets=$test_targets
+release_select=()
+if [[ $stages == *" release "* && $stages == *" sanitizers "* ]]; then
+  release_targets=""
+  suites=()
+  for t in $test_targets; do
+    d=${t#test_}
+    if ! [[ $d =~ ^($san_labels)$ ]]; then
+      release_targets+="$t "
+      suites+=("^$d\\..*")
+      continue
+    fi
+    marked=$(grep -l -E 'MOE_SKIP_UNDER_SANITIZERS|under_sanitizers\(\)' tests/"$d"/*.cpp || true)
+    [ -n "$marked" ] || continue
+    release_targets+="$t "
+    for s in $(sed -n -E 's/^[[:space:]]*TEST(_F|_P)?\([[:space:]]*([A-Za-z0-9_]+).*/\2/p' $marked | sort -u); do
+      suites+=("^$d\\.$s\$" "^$d\\.[A-Za-z0-9_]+/$s\$")  # parameterized: PREFIX/Suite
+    done
+  done
+  # CTest's regular expressions take few groups: one anchored alternative per suite, no group.
+  release_select=(-R "^layers\\..*|$(IFS='|'; echo "${suites[*]}")")
+fi
 release_pid=""
 release_log=build/ctest-release.log
 # clang for both stages: it compiles this code in about two thirds of gcc's time (the Release build
@@ -52,17 +81,17 @@ if [[ $stages == *" release "* ]]; then
   echo "== build (Release -O2: moe-tool and the tests) [${SECONDS}s]"
   release_cc=()
   [ -f build/CMakeCache.txt ] || release_cc=(CC=clang CXX=clang++)
-  env "${release_cc[@]}" BUILD_TARGETS="moe-tool $test_targets" scripts/setup.sh
+  env "${release_cc[@]}" BUILD_TARGETS="moe-tool $release_targets" scripts/setup.sh
   phase "build, Release"
 
   echo "== tests (Release -O2) [${SECONDS}s]"
   release_start=$SECONDS
   if [[ $stages == *" sanitizers "* ]]; then
     # In the background, beside the sanitizer build; its output is printed when it ends.
-    ( ctest --test-dir build --output-on-failure -j2 --timeout 1200 >"$release_log" 2>&1; echo $? >"$release_log.rc" ) &
+    ( ctest --test-dir build --output-on-failure -j2 --timeout 1200 "${release_select[@]}" >"$release_log" 2>&1; echo $? >"$release_log.rc" ) &
     release_pid=$!
   else
-    ctest --test-dir build --output-on-failure -j2 --timeout 1200
+    ctest --test-dir build --output-on-failure -j2 --timeout 1200 "${release_select[@]}"
     phase "tests, Release"
     finish
     echo "== all passed [${SECONDS}s]"
@@ -92,7 +121,6 @@ fuzz_targets=$(sed -n 's/^targets=(\(.*\))$/\1/p' tests/fuzz/run.sh)
 # runtime label (the forward's kernels, one family at a time) is left to the Release stage: its
 # code runs under the sanitizers through every CLI test that evaluates, calibrates or runs a pass,
 # and building and running it here cost about a tenth of the stage.
-san_labels='core|io|model|cli|tokenizer|passes|quant|calib|pipeline'
 san_test_targets=$(printf '%s ' $test_targets | sed 's/test_mpi //; s/test_runtime //')
 if ! CC=clang CXX=clang++ BUILD_DIR=build-san \
   EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=OFF -DMOE_SAN_LINES=${MOE_SAN_LINES:-OFF} -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
