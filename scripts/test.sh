@@ -31,6 +31,10 @@ finish() {
 test_targets=$(cd tests && for d in */; do d=${d%/}; case $d in fuzz|corpus|support) ;; *) ls "$d"/*.cpp >/dev/null 2>&1 && printf 'test_%s ' "$d";; esac; done)
 # The labels the sanitizer stage runs (one per tests/ folder).
 san_labels='core|io|model|cli|tokenizer|passes|quant|calib|pipeline'
+san_test_targets=""
+for t in $test_targets; do
+  [[ ${t#test_} =~ ^($san_labels)$ ]] && san_test_targets+="$t "
+done
 stages=" ${STAGES:-release sanitizers} "
 # With both stages, every test runs once: a suite of a sanitizer label under ASan+UBSan, and in the
 # Release stage only when it must: the labels the sanitizer stage leaves out (runtime, mpi,
@@ -44,7 +48,7 @@ if [[ $stages == *" release "* && $stages == *" sanitizers "* ]]; then
   suites=()
   for t in $test_targets; do
     d=${t#test_}
-    if ! [[ $d =~ ^($san_labels)$ ]]; then
+    if [[ " $san_test_targets " != *" $t "* ]]; then
       release_targets+="$t "
       suites+=("^$d\\..*")
       continue
@@ -121,7 +125,6 @@ fuzz_targets=$(sed -n 's/^targets=(\(.*\))$/\1/p' tests/fuzz/run.sh)
 # runtime label (the forward's kernels, one family at a time) is left to the Release stage: its
 # code runs under the sanitizers through every CLI test that evaluates, calibrates or runs a pass,
 # and building and running it here cost about a tenth of the stage.
-san_test_targets=$(printf '%s ' $test_targets | sed 's/test_mpi //; s/test_runtime //')
 if ! CC=clang CXX=clang++ BUILD_DIR=build-san \
   EXTRA_CMAKE="-DMOE_SANITIZE=ON -DMOE_FUZZ=ON -DMOE_BUILD_BENCH=OFF -DMOE_SAN_LINES=${MOE_SAN_LINES:-OFF} -DCMAKE_BUILD_TYPE=RelWithDebInfo" \
   BUILD_TARGETS="moe-tool $san_test_targets $fuzz_targets" scripts/setup.sh; then

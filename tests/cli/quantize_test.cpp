@@ -196,11 +196,14 @@ TEST(Quantize, ExpertWithoutRoutedTokensUsesTheAllTokenHessian) {
 // equal those of --act-order for a K-quant and those of --act-order=false for q4_0.
 TEST(Quantize, ActOrderIsTheDefaultForTheKQuants) {
   TempDir tmp;
+  const std::vector<std::string> rules = {"layers\\.0\\..*experts\\.0\\.w2=q4_k", "layers\\.0\\..*experts\\.1\\.w2=q4_0",
+                                          "layers\\.0\\.self_attn\\.o_proj=int4"};
+  const std::string k_weight = "model.layers.0.block_sparse_moe.experts.0.w2.weight";
   auto quantize = [&](const std::string& name, const std::vector<std::string>& extra) {
     std::vector<std::string> a = {"-q", "quantize", kModel.string(), (tmp / name).string(), "--method", "gptq",
-                                  "--experts", "keep", "--tensor-type", "layers\\.0\\..*experts\\.0\\.w2=q4_k",
-                                  "layers\\.0\\..*experts\\.1\\.w2=q4_0", "layers\\.0\\.self_attn\\.o_proj=int4",
-                                  "--text", kCalib.string(), "--ctx", "64", "--windows", "4"};
+                                  "--experts", "keep", "--text", kCalib.string(), "--ctx", "64", "--windows", "4",
+                                  "--tensor-type"};
+    a.insert(a.end(), rules.begin(), rules.end());
     a.insert(a.end(), extra.begin(), extra.end());
     const RunResult r = run_tool(a);
     EXPECT_EQ(r.exit_code, 0) << r.describe();
@@ -225,7 +228,7 @@ TEST(Quantize, ActOrderIsTheDefaultForTheKQuants) {
   const TensorMap td = read_tensors(tmp / "default"), ton = read_tensors(tmp / "on"), toff = read_tensors(tmp / "off");
   int seen = 0;
   for (const auto& [name, t] : td) {
-    const bool k = name.rfind("model.layers.0.block_sparse_moe.experts.0.w2.weight", 0) == 0;
+    const bool k = name.rfind(k_weight, 0) == 0;
     const bool q40 = name.rfind("model.layers.0.block_sparse_moe.experts.1.w2.weight", 0) == 0;
     if (!k && !q40) continue;
     ++seen;
@@ -234,16 +237,17 @@ TEST(Quantize, ActOrderIsTheDefaultForTheKQuants) {
   }
   EXPECT_EQ(seen, 2);
   // A recipe says the same with "auto" (the report's echo), and refuses anything else.
-  for (const std::string v : {"\"auto\"", "\"on\""}) {
+  for (const std::string v : {"auto", "on"}) {
     const fs::path recipe = tmp / "r.json";
-    write_file(recipe, "{\"model\": " + json(kModel.string()).dump() + ", \"calibration\": {\"text\": " +
-                           json(kCalib.string()).dump() + ", \"ctx\": 64, \"windows\": 4}, \"passes\": [{\"pass\": "
-                           "\"quantize\", \"method\": \"gptq\", \"experts\": \"keep\", \"tensor_type\": "
-                           "[\"layers\\\\.0\\\\..*experts\\\\.0\\\\.w2=q4_k\", \"layers\\\\.0\\\\..*experts\\\\.1\\\\.w2=q4_0\", "
-                           "\"layers\\\\.0\\\\.self_attn\\\\.o_proj=int4\"], \"act_order\": " + v +
-                           "}], \"output\": {\"path\": " + json((tmp / "recipe").string()).dump() + "}}");
+    const json passes = json::array({{{"pass", "quantize"}, {"method", "gptq"}, {"experts", "keep"},
+                                      {"tensor_type", rules}, {"act_order", v}}});
+    write_file(recipe, json{{"model", kModel.string()},
+                            {"calibration", {{"text", kCalib.string()}, {"ctx", 64}, {"windows", 4}}},
+                            {"passes", passes},
+                            {"output", {{"path", (tmp / "recipe").string()}}}}
+                           .dump());
     const RunResult r = run_tool({"-q", "run", recipe.string()});
-    if (v == "\"on\"") {
+    if (v == "on") {
       EXPECT_EQ(r.exit_code, 2) << r.describe();
       EXPECT_NE(r.err.find("passes[0].act_order: expected true, false or \"auto\""), std::string::npos) << r.err;
       continue;
@@ -252,7 +256,7 @@ TEST(Quantize, ActOrderIsTheDefaultForTheKQuants) {
     const TensorMap tr = read_tensors(tmp / "recipe");
     int compared = 0;
     for (const auto& [name, t] : tr)
-      if (name.rfind("model.layers.0.block_sparse_moe.experts.0.w2.weight", 0) == 0) {
+      if (name.rfind(k_weight, 0) == 0) {
         EXPECT_EQ(t.bytes, ton.at(name).bytes) << name;
         ++compared;
       }
